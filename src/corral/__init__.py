@@ -1,0 +1,1 @@
+"""Corral: isolated sandboxes for untrusted code, jobs and agents."""

@@ -1,0 +1,88 @@
+"""One typed Settings object for every entry point (CLI, server, tests, benchmarks).
+
+Library code never reads the environment: entry points build a ``Settings`` (usually
+with ``Settings.from_env()``) and pass it down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from corral.errors import InvalidRequest
+
+ENV_PREFIX = "CORRAL_"
+
+
+def _default_data_dir() -> Path:
+    system = Path("/var/lib/corral")
+    if os.geteuid() == 0 and (system.exists() or os.access(system.parent, os.W_OK)):
+        return system
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "corral"
+
+
+def _default_runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/corral")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "corral" if xdg else Path(f"/tmp/corral-{os.geteuid()}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Corral keeps its state and how it isolates sandboxes.
+
+    Every field can be set from the environment as ``CORRAL_<FIELD>`` (upper case).
+    """
+
+    data_dir: Path = field(default_factory=_default_data_dir)
+    # Per-sandbox directories, mounts and state files live here; the reaper scans it.
+    runtime_dir: Path = field(default_factory=_default_runtime_dir)
+    # Isolation tier used when a request says "auto" or nothing.
+    isolation: str = "auto"
+    # The `process` backend runs code with no isolation at all: only for development.
+    allow_process_backend: bool = False
+    # Sandboxes' cgroups go under this name in every hierarchy (v1) or the unified tree (v2).
+    cgroup_parent: str = "corral"
+    # When Corral runs as root, each sandbox runs as its own unprivileged host uid taken
+    # from [uid_base, uid_base + uid_count), so two sandboxes never share a host identity.
+    uid_base: int = 1_700_000_000
+    uid_count: int = 65_536
+    # The interpreter that runs the guest agent inside `host`-template sandboxes.
+    guest_python: str = "/usr/bin/python3"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, str(f.type), raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    if type_name == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise InvalidRequest(f"{var}={raw!r} is not a boolean; use 1 or 0")
+    if type_name == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidRequest(f"{var}={raw!r} is not an integer") from None
+    if type_name == "Path":
+        return Path(raw)
+    return raw

@@ -1,0 +1,111 @@
+"""Every error Corral raises that a caller can catch.
+
+    CorralError
+    ├── InvalidRequest            bad input: the call changed nothing
+    │   ├── UnknownTemplate
+    │   ├── UnknownBackend
+    │   └── InvalidLimits
+    ├── IsolationUnavailable      the host cannot give the isolation asked for
+    ├── SandboxError
+    │   ├── SandboxStartFailed
+    │   ├── SandboxNotRunning     destroyed, or paused when the call needs it running
+    │   └── GuestError            the guest agent broke the protocol or died
+    ├── CommandError              a command could not be started (bad cwd, bad user …)
+    └── FileError                 a file operation inside the sandbox failed
+        ├── FileNotFound
+        ├── FileExists
+        ├── NotADirectory
+        ├── IsADirectory
+        ├── PermissionDenied
+        ├── DirectoryNotEmpty
+        └── NoSpace
+
+The default message of each class is its docstring, so ``raise UnknownTemplate()`` still
+tells the user something useful; callers pass a message that names the bad value and
+what to do instead.
+"""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Corral failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InvalidRequest(CorralError, ValueError):
+    """The request is invalid; nothing was changed."""
+
+
+class UnknownTemplate(InvalidRequest):
+    """No template has that name."""
+
+
+class UnknownBackend(InvalidRequest):
+    """No isolation backend has that name."""
+
+
+class InvalidLimits(InvalidRequest):
+    """A resource limit is out of range."""
+
+
+class IsolationUnavailable(CorralError):
+    """The host cannot provide the isolation asked for; run `corral doctor`."""
+
+
+class SandboxError(CorralError):
+    """The sandbox failed."""
+
+
+class SandboxStartFailed(SandboxError):
+    """The sandbox could not be started."""
+
+
+class SandboxNotRunning(SandboxError):
+    """The sandbox is not running."""
+
+
+class GuestError(SandboxError):
+    """The guest agent inside the sandbox stopped answering or broke the protocol."""
+
+
+class CommandError(CorralError):
+    """The command could not be started."""
+
+
+class FileError(CorralError):
+    """The file operation failed."""
+
+
+class FileNotFound(FileError):
+    """No such file or directory in the sandbox."""
+
+
+class FileExists(FileError):
+    """A file already exists at that path in the sandbox."""
+
+
+class NotADirectory(FileError):
+    """A component of the path is not a directory."""
+
+
+class IsADirectory(FileError):
+    """The path is a directory; the operation needs a file."""
+
+
+class PermissionDenied(FileError):
+    """The sandbox user may not do that to this path."""
+
+
+class DirectoryNotEmpty(FileError):
+    """The directory is not empty; pass recursive=True to remove it with its contents."""
+
+
+class NoSpace(FileError):
+    """The sandbox's writable storage is full; raise its disk limit or delete files."""

@@ -1,0 +1,1 @@
+"""The sandbox engine (public names filled in once all modules land)."""

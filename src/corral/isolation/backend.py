@@ -1,0 +1,90 @@
+"""The seam between the sandbox lifecycle and the isolation tiers.
+
+A backend turns a `SandboxSpec` into a `LaunchPlan`: the argv that starts the guest agent
+inside its isolation, the host identity it runs as, and the workdir the agent sees.
+Everything common to all tiers — the footprint record, cgroups, rlimits, the guest agent
+connection, pause/resume/destroy — lives in `corral.isolation.sandbox`, once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from corral.config import Settings
+from corral.errors import InvalidRequest
+from corral.isolation.footprint import Footprint
+from corral.isolation.limits import Limits
+
+NETWORK_POLICIES = ("none",)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a caller asks for: a template, limits, a network policy and environment."""
+
+    template: str = "host"
+    limits: Limits = field(default_factory=Limits)
+    # "none": no interfaces but loopback. Outbound network is a later tier feature.
+    network: str = "none"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.network not in NETWORK_POLICIES:
+            raise InvalidRequest(
+                f"network policy {self.network!r} is not supported; use one of {NETWORK_POLICIES}"
+            )
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InvalidRequest(f"environment entries must be strings, got {key!r}={value!r}")
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidRequest(
+                    f"environment variable name {key!r} is invalid: no '=', no NUL, not empty"
+                )
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do on this host, and what to install or change when it can't."""
+
+    backend: str
+    available: bool
+    missing: tuple[str, ...] = ()
+    details: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchPlan:
+    """How to start the guest agent for one sandbox."""
+
+    argv: list[str]
+    env: dict[str, str]
+    # The agent's view of its working directory and user.
+    workdir: str
+    # Host identity to drop to before exec; None keeps the caller's.
+    uid: int | None = None
+    gid: int | None = None
+    # File descriptors the launcher inherits (e.g. the seccomp program); closed after spawn.
+    pass_fds: tuple[int, ...] = ()
+    # Working directory of the launcher on the host, when the tier has no chroot of its own.
+    host_cwd: str | None = None
+
+
+class Backend(ABC):
+    """One isolation tier. Subclasses are registered by name in `registry`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @classmethod
+    @abstractmethod
+    def probe(cls, settings: Settings) -> Capabilities:
+        """Say whether this tier works here; cheap enough to call at start-up."""
+
+    @abstractmethod
+    def plan(self, footprint: Footprint, spec: SandboxSpec) -> LaunchPlan:
+        """Prepare the host side of a sandbox (recorded in `footprint`) and say how to start it."""

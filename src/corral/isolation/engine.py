@@ -1,0 +1,132 @@
+"""The sandbox engine of one host: create sandboxes on any tier, reap what crashes left.
+
+    async with Engine(Settings.from_env()) as engine:
+        sandbox = await engine.create(template="host", limits=Limits(memory_mib=256))
+        result = await sandbox.run(["echo", "hi"])
+        await sandbox.destroy()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+
+from corral.config import Settings
+from corral.errors import CorralError, IsolationUnavailable
+from corral.isolation import registry
+from corral.isolation.backend import Backend, Capabilities, SandboxSpec
+from corral.isolation.cgroups import CgroupDriver
+from corral.isolation.footprint import Footprint, orphans
+from corral.isolation.limits import Limits
+from corral.isolation.sandbox import Sandbox, SandboxState
+from corral.isolation.templates import get_template
+
+log = logging.getLogger("corral.isolation")
+
+
+def new_sandbox_id() -> str:
+    return "sb_" + secrets.token_hex(10)
+
+
+class Engine:
+    """Creates and tracks the sandboxes of this process; cleans up after dead ones."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._backends: dict[str, Backend] = {}
+        self._cgroups: CgroupDriver | None | bool = False  # False: not probed yet
+        self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.settings.runtime_dir, 0o711)  # sandboxes' uids traverse it
+        self.reaped = self.reap()
+
+    # -- host ----------------------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, Capabilities]:
+        return registry.capabilities(self.settings)
+
+    def cgroups(self) -> CgroupDriver | None:
+        if self._cgroups is False:
+            try:
+                self._cgroups = CgroupDriver.detect(self.settings.cgroup_parent)
+            except IsolationUnavailable as exc:
+                log.warning("sandboxes will run without cgroup limits: %s", exc)
+                self._cgroups = None
+        assert self._cgroups is not True
+        return self._cgroups or None
+
+    def backend(self, name: str | None = None) -> Backend:
+        name = name or self.settings.isolation
+        if name not in self._backends:
+            backend = registry.resolve(name, self.settings)
+            self._backends[name] = self._backends[backend.name] = backend
+        return self._backends[name]
+
+    def reap(self) -> int:
+        """Remove what sandboxes of dead processes left: processes, cgroups, mounts, files."""
+        count = 0
+        for fp in orphans(self.settings.runtime_dir):
+            if fp.cgroup is not None and (driver := self.cgroups()) is not None:
+                cgroup = driver.open(fp.cgroup)
+                if cgroup is not None:
+                    cgroup.destroy()
+            fp.release()
+            count += 1
+            log.info("reaped sandbox %s left by dead process %d", fp.id, fp.owner_pid)
+        return count
+
+    # -- sandboxes -----------------------------------------------------------------------
+
+    async def create(
+        self,
+        template: str = "host",
+        limits: Limits | None = None,
+        network: str = "none",
+        env: Mapping[str, str] | None = None,
+        isolation: str | None = None,
+    ) -> Sandbox:
+        """Start a sandbox; the caller owns it and must `destroy` it."""
+        spec = SandboxSpec(template, limits or Limits(), network, dict(env or {}))
+        spec.limits.check_host()
+        backend = self.backend(isolation)
+        get_template(spec.template)  # refuse an unknown template before creating anything
+        driver = self.cgroups()
+        if driver is None and backend.name != "process":
+            raise IsolationUnavailable(
+                f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
+            )
+        self._forget_destroyed()
+        footprint = Footprint.create(self.settings.runtime_dir, new_sandbox_id(), backend.name)
+        sandbox = await Sandbox.launch(backend, spec, footprint, driver)
+        self.sandboxes[sandbox.id] = sandbox
+        return sandbox
+
+    def _forget_destroyed(self) -> None:
+        for sandbox_id in [k for k, s in self.sandboxes.items() if s.state is SandboxState.DESTROYED]:
+            del self.sandboxes[sandbox_id]
+
+    async def destroy(self, sandbox_id: str) -> None:
+        sandbox = self.sandboxes.pop(sandbox_id, None)
+        if sandbox is None:
+            raise CorralError(f"no sandbox {sandbox_id} in this engine")
+        await sandbox.destroy()
+
+    async def aclose(self) -> None:
+        """Destroy every sandbox this engine created."""
+        live = list(self.sandboxes.values())
+        self.sandboxes.clear()
+        results = await asyncio.gather(*(s.destroy() for s in live), return_exceptions=True)
+        for sandbox, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("could not destroy sandbox %s: %s", sandbox.id, result)
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            await self.aclose()

@@ -1,0 +1,147 @@
+"""What a sandbox leaves on the host, recorded so it can always be cleaned up.
+
+Each sandbox owns a directory under ``<runtime_dir>/sandboxes/<id>`` with a ``state.json``
+written *before* anything else is created (cgroup, tmpfs mount, uid slot). The record names
+its owner (host pid + process start time), so after the owner died — even by SIGKILL — the
+reaper in a new process knows which leftovers are orphans and removes exactly those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from corral.errors import SandboxStartFailed
+
+log = logging.getLogger("corral.isolation")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_MS_NOSUID, _MS_NODEV = 2, 4
+_MNT_DETACH = 2
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces, so split after its ')'.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _owner_alive(pid: int, start_time: int) -> bool:
+    return process_start_time(pid) == start_time
+
+
+@dataclass
+class Footprint:
+    """The record of one sandbox's host resources; `state.json` mirrors it."""
+
+    id: str
+    backend: str
+    path: Path
+    owner_pid: int = field(default_factory=os.getpid)
+    owner_start: int = 0
+    cgroup: str | None = None
+    mounts: list[str] = field(default_factory=list)
+    uid_slot: int | None = None
+    uid_slots_dir: str | None = None
+
+    @classmethod
+    def create(cls, runtime_dir: Path, sandbox_id: str, backend: str) -> Footprint:
+        root = runtime_dir / "sandboxes"
+        root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        path = root / sandbox_id
+        path.mkdir(mode=0o711)
+        fp = cls(sandbox_id, backend, path, owner_start=process_start_time(os.getpid()) or 0)
+        fp.save()
+        return fp
+
+    def save(self) -> None:
+        record = asdict(self)
+        record["path"] = str(self.path)
+        tmp = self.path / "state.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.path / "state.json")
+
+    @classmethod
+    def load(cls, path: Path) -> Footprint | None:
+        try:
+            record = json.loads((path / "state.json").read_text())
+            record["path"] = Path(record["path"])
+            return cls(**record)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def owner_alive(self) -> bool:
+        return _owner_alive(self.owner_pid, self.owner_start)
+
+    # -- resources ----------------------------------------------------------------------
+
+    def mount_tmpfs(self, target: Path, size_bytes: int, uid: int, gid: int) -> None:
+        """A size-bounded tmpfs owned by `uid`: the sandbox's whole writable storage."""
+        target.mkdir(mode=0o700, exist_ok=True)
+        self.mounts.append(str(target))
+        self.save()  # recorded first: a crash right after mounting still gets unmounted
+        options = f"size={size_bytes},mode=0700,uid={uid},gid={gid}".encode()
+        if _libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options):
+            err = ctypes.get_errno()
+            raise SandboxStartFailed(f"could not mount the sandbox's storage: {os.strerror(err)}")
+
+    def claim_uid_slot(self, slots_dir: Path, count: int) -> int:
+        """Take a free slot in [0, count): one unprivileged host uid per live sandbox."""
+        slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        start = int.from_bytes(os.urandom(4), "big") % count
+        for i in range(count):
+            slot = (start + i) % count
+            try:
+                (slots_dir / str(slot)).mkdir()
+            except FileExistsError:
+                continue
+            self.uid_slot, self.uid_slots_dir = slot, str(slots_dir)
+            self.save()
+            return slot
+        raise SandboxStartFailed(
+            f"all {count} sandbox uids are in use; destroy sandboxes or raise CORRAL_UID_COUNT"
+        )
+
+    def release(self) -> None:
+        """Unmount, free the uid slot and remove the directory. Idempotent."""
+        for target in reversed(self.mounts):
+            if _libc.umount2(target.encode(), _MNT_DETACH) and ctypes.get_errno() not in (
+                errno.EINVAL,
+                errno.ENOENT,
+            ):
+                log.warning("could not unmount %s: %s", target, os.strerror(ctypes.get_errno()))
+        if self.uid_slot is not None and self.uid_slots_dir:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(Path(self.uid_slots_dir) / str(self.uid_slot))
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def orphans(runtime_dir: Path) -> list[Footprint]:
+    """Footprints in `runtime_dir` whose owner process is gone."""
+    root = runtime_dir / "sandboxes"
+    found: list[Footprint] = []
+    if not root.is_dir():
+        return found
+    for path in root.iterdir():
+        fp = Footprint.load(path)
+        if fp is None:
+            # A directory without a readable record was never fully created: nothing in it
+            # was mounted (the record is written before any mount), so it can go.
+            if (path / "state.json.tmp").exists() or not any(path.iterdir()):
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        if not fp.owner_alive():
+            found.append(fp)
+    return found

@@ -1,0 +1,66 @@
+"""Resource limits of one sandbox, validated before anything is created."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from corral.errors import InvalidLimits
+
+MIB = 1024 * 1024
+
+# (minimum, maximum) accepted for each limit; the maximum is a sanity bound, the host's
+# own capacity is checked separately by `check_host`.
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "memory_mib": (16, 1024 * 1024),
+    "cpu": (0.01, 1024),
+    "pids": (8, 1_000_000),
+    "disk_mib": (1, 16 * 1024 * 1024),
+    "open_files": (16, 1_048_576),
+    "output_bytes": (1, 1 << 40),
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Kernel-enforced limits: memory (swap off), CPU cores, processes, writable storage."""
+
+    memory_mib: int = 512
+    cpu: float = 1.0
+    pids: int = 512
+    # Total size of the sandbox's writable storage: /workspace, /tmp and home together.
+    disk_mib: int = 1024
+    open_files: int = 1024
+    # Default cap on one command's stdout+stderr; a command past it ends with `output_limit`.
+    output_bytes: int = 64 * MIB
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if not numeric or (f.type == "int" and not isinstance(value, int)):
+                raise InvalidLimits(f"limit {f.name}={value!r} must be a {f.type}")
+            low, high = _BOUNDS[f.name]
+            if not low <= value <= high:
+                raise InvalidLimits(
+                    f"limit {f.name}={value!r} is out of range: use a value from {low:g} to {high:g}"
+                )
+
+    def check_host(self) -> None:
+        """Refuse limits this host cannot honour (more memory or cores than it has)."""
+        total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB
+        if self.memory_mib > total_mib:
+            raise InvalidLimits(
+                f"memory_mib={self.memory_mib} exceeds this host's {total_mib} MiB of memory"
+            )
+        cores = os.cpu_count() or 1
+        if self.cpu > cores:
+            raise InvalidLimits(f"cpu={self.cpu:g} exceeds this host's {cores} cores")
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * MIB
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk_mib * MIB

@@ -1,0 +1,410 @@
+"""One live sandbox: launch, commands and files through the guest agent, pause, destroy.
+
+All of this is the same for every isolation tier: a backend only supplies the
+`LaunchPlan`. The order of creation is what makes cleanup certain: footprint record,
+then cgroup, then storage, then the launcher process joined to the cgroup *before* exec,
+so every process a sandbox ever runs is inside its cgroup and dies with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import resource
+import signal
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from corral.errors import (
+    GuestError,
+    IsolationUnavailable,
+    SandboxNotRunning,
+    SandboxStartFailed,
+)
+from corral.guest import EntryInfo, ExecResult, GuestConnection, GuestProcess, OutputChunk
+from corral.guest import ProcessInfo as ProcessInfo
+from corral.isolation.backend import Backend, LaunchPlan, SandboxSpec
+from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits
+from corral.isolation.footprint import Footprint
+
+log = logging.getLogger("corral.isolation")
+
+_START_TIMEOUT = 30.0
+_STDERR_TAIL = 4096
+
+
+class SandboxState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    DESTROYED = "destroyed"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resource use of a whole sandbox, read from its cgroup."""
+
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    pids: int
+    oom_kills: int
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command with its whole output."""
+
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    signal: int | None
+    reason: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.reason == "exited"
+
+
+def _preexec(plan: LaunchPlan, procs_files: Sequence[str], spec: SandboxSpec) -> Callable[[], None]:
+    """What the launcher does between fork and exec: join the cgroup, set rlimits, drop uid.
+
+    Runs in the forked child, so it only makes system calls (no locks, no logging).
+    """
+    open_files = spec.limits.open_files
+    file_size = spec.limits.disk_bytes
+
+    def child() -> None:
+        pid = str(os.getpid()).encode()
+        for path in procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if plan.gid is not None:
+            os.setgroups([])
+            os.setresgid(plan.gid, plan.gid, plan.gid)
+        if plan.uid is not None:
+            os.setresuid(plan.uid, plan.uid, plan.uid)
+
+    return child
+
+
+class Command:
+    """A command running in a sandbox: its output chunks, stdin, signals and result."""
+
+    def __init__(self, sandbox: Sandbox, process: GuestProcess, oom_kills_before: int) -> None:
+        self._sandbox = sandbox
+        self._process = process
+        self._oom_kills_before = oom_kills_before
+        self._we_killed = False
+        self.pid = process.pid
+
+    def __aiter__(self) -> AsyncIterator[OutputChunk]:
+        return self._process.__aiter__()
+
+    async def wait(self) -> ExecResult:
+        return self._explain(await self._process.wait())
+
+    async def collect(self) -> CommandResult:
+        stdout, stderr, result = await self._process.collect()
+        result = self._explain(result)
+        return CommandResult(
+            stdout, stderr, result.exit_code, result.signal, result.reason, result.error
+        )
+
+    async def write_stdin(self, data: bytes) -> None:
+        await self._process.write_stdin(data)
+
+    async def close_stdin(self) -> None:
+        await self._process.close_stdin()
+
+    async def signal(self, signum: int, *, group: bool = False) -> None:
+        if signum == signal.SIGKILL:
+            self._we_killed = True
+        await self._process.signal(signum, group=group)
+
+    async def kill(self) -> None:
+        self._we_killed = True
+        await self._process.kill()
+
+    async def detach(self) -> None:
+        await self._process.detach()
+
+    def _explain(self, result: ExecResult) -> ExecResult:
+        """Tell an OOM kill from other kills: the agent sees only a SIGKILL."""
+        if (
+            result.reason == "killed"
+            and result.signal == signal.SIGKILL
+            and not self._we_killed
+            and self._sandbox.oom_kills() > self._oom_kills_before
+        ):
+            return ExecResult(
+                exit_code=result.exit_code,
+                signal=result.signal,
+                reason="oom_killed",
+                output_bytes=result.output_bytes,
+                error="the command ran out of memory; raise the sandbox's memory limit",
+            )
+        return result
+
+
+class Sandbox:
+    """A live sandbox. Create it with `Engine.create`; always `destroy` it."""
+
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        backend: Backend,
+        footprint: Footprint,
+        cgroup: Cgroup | None,
+    ) -> None:
+        self.id = footprint.id
+        self.spec = spec
+        self.backend = backend.name
+        self.state = SandboxState.RUNNING
+        self._backend = backend
+        self._footprint = footprint
+        self._cgroup = cgroup
+        self._launcher: asyncio.subprocess.Process | None = None
+        self._guest: GuestConnection | None = None
+        self._stderr_tail = b""
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._destroy_lock = asyncio.Lock()
+        self.workdir = ""
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @classmethod
+    async def launch(
+        cls, backend: Backend, spec: SandboxSpec, footprint: Footprint, driver: CgroupDriver | None
+    ) -> Sandbox:
+        cgroup = None
+        if driver is not None:
+            footprint.cgroup = footprint.id
+            footprint.save()
+            cgroup = driver.create(
+                footprint.id,
+                CgroupLimits(
+                    memory_bytes=spec.limits.memory_bytes,
+                    cpu_quota=spec.limits.cpu,
+                    pids=spec.limits.pids,
+                ),
+            )
+        sandbox = cls(spec, backend, footprint, cgroup)
+        try:
+            await sandbox._start()
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    async def _start(self) -> None:
+        plan = self._backend.plan(self._footprint, self.spec)
+        self.workdir = plan.workdir
+        procs = self._cgroup.procs_files() if self._cgroup else []
+        try:
+            self._launcher = await asyncio.create_subprocess_exec(
+                *plan.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=plan.env,
+                cwd=plan.host_cwd,
+                pass_fds=plan.pass_fds,
+                preexec_fn=_preexec(plan, procs, self.spec),
+                start_new_session=True,
+            )
+        finally:
+            for fd in plan.pass_fds:
+                os.close(fd)
+        assert self._launcher.stdout and self._launcher.stdin and self._launcher.stderr
+        self._stderr_task = asyncio.create_task(self._keep_stderr(self._launcher.stderr))
+        self._guest = GuestConnection(self._launcher.stdout, self._launcher.stdin)
+        await self._guest.start()
+        try:
+            await asyncio.wait_for(self._guest.ping(), _START_TIMEOUT)
+        except (GuestError, TimeoutError) as exc:
+            await self._launcher_gone()
+            detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            raise SandboxStartFailed(f"sandbox {self.id} did not start: {detail}") from None
+
+    async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
+        """Keep the tail of the launcher's stderr for error messages; log it too."""
+        while line := await stream.readline():
+            self._stderr_tail = (self._stderr_tail + line)[-_STDERR_TAIL:]
+            log.debug("sandbox %s: %s", self.id, line.decode(errors="replace").rstrip())
+
+    async def _launcher_gone(self) -> None:
+        if self._launcher is not None and self._launcher.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._launcher.wait(), 1.0)
+        if self._stderr_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
+
+    async def pause(self) -> None:
+        """Freeze every process: they stop using CPU until `resume`."""
+        self._require(SandboxState.RUNNING)
+        cgroup = self._require_cgroup("pause")
+        await asyncio.to_thread(cgroup.freeze)
+        self.state = SandboxState.PAUSED
+
+    async def resume(self) -> None:
+        self._require(SandboxState.PAUSED)
+        await asyncio.to_thread(self._require_cgroup("resume").thaw)
+        self.state = SandboxState.RUNNING
+
+    async def destroy(self) -> None:
+        """Kill every process and remove every trace: cgroup, mounts, files. Idempotent."""
+        async with self._destroy_lock:
+            if self.state is SandboxState.DESTROYED:
+                return
+            self.state = SandboxState.DESTROYED
+            if self._guest is not None:
+                await self._guest.aclose()
+            if self._cgroup is not None:
+                await asyncio.to_thread(self._cgroup.destroy)
+            if self._launcher is not None and self._launcher.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._launcher.pid, signal.SIGKILL)
+                await self._launcher.wait()
+            if self._stderr_task is not None:
+                self._stderr_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._stderr_task
+            await asyncio.to_thread(self._footprint.release)
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.destroy()
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def exec(
+        self,
+        command: Sequence[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        output_limit: int | None = None,
+        stdin: bool = False,
+        background: bool = False,
+        tag: str | None = None,
+    ) -> Command:
+        """Start a command; iterate the result for output, `wait()` for its end."""
+        guest = self._running_guest()
+        before = self.oom_kills()
+        process = await guest.exec(
+            command,
+            env=env,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            output_limit=output_limit or self.spec.limits.output_bytes,
+            stdin=stdin,
+            background=background,
+            tag=tag,
+        )
+        return Command(self, process, before)
+
+    async def run(
+        self,
+        command: Sequence[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        output_limit: int | None = None,
+    ) -> CommandResult:
+        """Run a command to its end and return its whole output."""
+        cmd = await self.exec(command, env=env, cwd=cwd, timeout=timeout, output_limit=output_limit)
+        return await cmd.collect()
+
+    async def attach(self, pid: int) -> Command:
+        guest = self._running_guest()
+        return Command(self, await guest.attach(pid), self.oom_kills())
+
+    async def processes(self) -> list[ProcessInfo]:
+        return await self._running_guest().processes()
+
+    async def signal(self, pid: int, signum: int, *, group: bool = False) -> None:
+        await self._running_guest().signal(pid, signum, group=group)
+
+    # -- files ------------------------------------------------------------------------
+
+    def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        return self._running_guest().read_file(path, offset=offset, length=length)
+
+    async def read_bytes(self, path: str) -> bytes:
+        return await self._running_guest().read_bytes(path)
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        mode: int = 0o644,
+        append: bool = False,
+    ) -> EntryInfo:
+        return await self._running_guest().write_file(path, data, mode=mode, append=append)
+
+    async def list_dir(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
+        return await self._running_guest().list_dir(path, depth=depth)
+
+    async def stat(self, path: str) -> EntryInfo:
+        return await self._running_guest().stat(path)
+
+    async def make_dir(self, path: str) -> bool:
+        return await self._running_guest().make_dir(path)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._running_guest().remove(path, recursive=recursive)
+
+    async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> EntryInfo | None:
+        return await self._running_guest().rename(src, dst, overwrite=overwrite)
+
+    # -- usage ------------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        u = self._require_cgroup("usage").usage()
+        return Usage(u.cpu_seconds, u.memory_bytes, u.memory_peak_bytes, u.pids, u.oom_kills)
+
+    def oom_kills(self) -> int:
+        if self._cgroup is None or self.state is SandboxState.DESTROYED:
+            return 0
+        return self._cgroup.usage().oom_kills
+
+    # -- guards -----------------------------------------------------------------------
+
+    def _require(self, state: SandboxState) -> None:
+        if self.state is not state:
+            raise SandboxNotRunning(
+                f"sandbox {self.id} is {self.state}; this needs it {state}"
+                + ("" if self.state is not SandboxState.PAUSED else " (resume it first)")
+            )
+
+    def _require_cgroup(self, what: str) -> Cgroup:
+        if self._cgroup is None:
+            raise IsolationUnavailable(
+                f"{what} needs cgroups, which this sandbox has none of; run `corral doctor`"
+            )
+        return self._cgroup
+
+    def _running_guest(self) -> GuestConnection:
+        self._require(SandboxState.RUNNING)
+        if self._guest is None or self._guest.closed:
+            raise GuestError(f"sandbox {self.id} has no working guest agent; destroy it")
+        return self._guest
+
