@@ -64,12 +64,22 @@ async def sandbox(engine: Engine, settings: Settings) -> AsyncIterator[Sandbox]:
 
 
 def host_processes_of_uid(uid: int) -> list[int]:
+    """Live host processes running as `uid`.
+
+    Zombies are left out: they are dead and hold nothing but a pid. After a host process is
+    SIGKILLed its sandboxes' dead processes are re-parented to the host's pid 1, whose job
+    it is to reap them (this CI machine's pid 1 does not).
+    """
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    found.append(int(entry))
-            except FileNotFoundError:
-                pass
+                if os.stat(f"/proc/{entry}").st_uid != uid:
+                    continue
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if state != b"Z":
+                found.append(int(entry))
     return found

@@ -1,1 +1,25 @@
-"""The sandbox engine (public names filled in once all modules land)."""
+"""The sandbox engine: isolation tiers, limits, and the sandbox lifecycle.
+
+Tiers (`Backend` subclasses, chosen by name or `auto`): `namespace` (bubblewrap),
+`process` (no isolation; development only). Later: `gvisor`, `microvm`.
+"""
+
+from corral.isolation.backend import Backend, Capabilities, SandboxSpec
+from corral.isolation.engine import Engine
+from corral.isolation.limits import Limits
+from corral.isolation.registry import capabilities
+from corral.isolation.sandbox import Command, CommandResult, Sandbox, SandboxState, Usage
+
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "Command",
+    "CommandResult",
+    "Engine",
+    "Limits",
+    "Sandbox",
+    "SandboxSpec",
+    "SandboxState",
+    "Usage",
+    "capabilities",
+]

@@ -17,6 +17,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "pids": (8, 1_000_000),
     "disk_mib": (1, 16 * 1024 * 1024),
     "open_files": (16, 1_048_576),
+    "file_size_mib": (1, 16 * 1024 * 1024),
     "output_bytes": (1, 1 << 40),
 }
 
@@ -31,6 +32,8 @@ class Limits:
     # Total size of the sandbox's writable storage: /workspace, /tmp and home together.
     disk_mib: int = 1024
     open_files: int = 1024
+    # Largest single file a command may write (RLIMIT_FSIZE; past it: SIGXFSZ).
+    file_size_mib: int = 4096
     # Default cap on one command's stdout+stderr; a command past it ends with `output_limit`.
     output_bytes: int = 64 * MIB
 

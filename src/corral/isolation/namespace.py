@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from corral.config import Settings
+from corral.errors import IsolationUnavailable
 from corral.isolation import seccomp
 from corral.isolation.agent_install import agent_command, install_agent
 from corral.isolation.backend import Backend, Capabilities, LaunchPlan, SandboxSpec
@@ -47,7 +48,7 @@ _WRITABLE = (
 def _userns_works(bwrap: str) -> str | None:
     """None when bwrap can create a user namespace here, else the reason it can't."""
     probe = subprocess.run(
-        [bwrap, "--unshare-user", "--ro-bind", "/usr", "/usr", "/usr/bin/true"],
+        [bwrap, "--unshare-user", "--ro-bind", "/", "/", "true"],
         capture_output=True,
         text=True,
     )
@@ -72,9 +73,11 @@ class NamespaceBackend(Backend):
                     f"user namespaces: bwrap cannot create one ({reason}); "
                     "enable them with sysctl kernel.unprivileged_userns_clone=1"
                 )
-        cgroups = CgroupDriver.probe(settings.cgroup_parent)
-        details["cgroups"] = cgroups.details
-        missing.extend(cgroups.missing)
+        try:
+            driver = CgroupDriver.detect(settings.cgroup_parent)
+            details["cgroups"] = f"v{driver.version}"
+        except IsolationUnavailable as exc:
+            missing.append(f"cgroups: {exc}")
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
         try:
@@ -92,8 +95,12 @@ class NamespaceBackend(Backend):
             "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
             "--unshare-uts", "--unshare-cgroup",
             "--disable-userns", "--die-with-parent", "--new-session",
+            # The agent is the pid namespace's init: the kernel then ignores SIGKILL and
+            # any signal it has no handler for when sent from inside, so sandbox code (same
+            # uid) cannot kill the agent with `kill -9 -1`. The agent reaps orphans.
+            "--as-pid-1",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--hostname", f"sb-{footprint.id[:12]}",
+            "--hostname", footprint.id.replace("_", "-"),
             "--proc", "/proc", "--dev", "/dev",
         ]  # fmt: skip
         for host_path, path in template.ro_binds:
@@ -158,6 +165,7 @@ class NamespaceBackend(Backend):
 
 
 def _write_identity_files(etc: Path, sandbox_id: str) -> None:
+    hostname = sandbox_id.replace("_", "-")
     files = {
         "passwd": (
             "root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -165,8 +173,8 @@ def _write_identity_files(etc: Path, sandbox_id: str) -> None:
             "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
         ),
         "group": f"root:x:0:\n{SANDBOX_USER}:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
-        "hosts": f"127.0.0.1\tlocalhost sb-{sandbox_id[:12]}\n::1\tlocalhost\n",
-        "hostname": f"sb-{sandbox_id[:12]}\n",
+        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n",
+        "hostname": f"{hostname}\n",
     }
     for name, text in files.items():
         (etc / name).write_text(text)

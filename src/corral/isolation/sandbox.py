@@ -29,6 +29,7 @@ from corral.guest import ProcessInfo as ProcessInfo
 from corral.isolation.backend import Backend, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from corral.isolation.footprint import Footprint
+from corral.isolation.limits import MIB
 
 log = logging.getLogger("corral.isolation")
 
@@ -75,7 +76,7 @@ def _preexec(plan: LaunchPlan, procs_files: Sequence[str], spec: SandboxSpec) ->
     Runs in the forked child, so it only makes system calls (no locks, no logging).
     """
     open_files = spec.limits.open_files
-    file_size = spec.limits.disk_bytes
+    file_size = spec.limits.file_size_mib * MIB
 
     def child() -> None:
         pid = str(os.getpid()).encode()
@@ -95,6 +96,14 @@ def _preexec(plan: LaunchPlan, procs_files: Sequence[str], spec: SandboxSpec) ->
             os.setresuid(plan.uid, plan.uid, plan.uid)
 
     return child
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 class Command:
@@ -171,7 +180,7 @@ class Sandbox:
         self.backend = backend.name
         self.state = SandboxState.RUNNING
         self._backend = backend
-        self._footprint = footprint
+        self.footprint = footprint
         self._cgroup = cgroup
         self._launcher: asyncio.subprocess.Process | None = None
         self._guest: GuestConnection | None = None
@@ -207,7 +216,7 @@ class Sandbox:
         return sandbox
 
     async def _start(self) -> None:
-        plan = self._backend.plan(self._footprint, self.spec)
+        plan = self._backend.plan(self.footprint, self.spec)
         self.workdir = plan.workdir
         procs = self._cgroup.procs_files() if self._cgroup else []
         try:
@@ -270,6 +279,7 @@ class Sandbox:
             self.state = SandboxState.DESTROYED
             if self._guest is not None:
                 await self._guest.aclose()
+            await self._stop_launcher()
             if self._cgroup is not None:
                 await asyncio.to_thread(self._cgroup.destroy)
             if self._launcher is not None and self._launcher.returncode is None:
@@ -280,7 +290,28 @@ class Sandbox:
                 self._stderr_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._stderr_task
-            await asyncio.to_thread(self._footprint.release)
+            await asyncio.to_thread(self.footprint.release)
+
+    async def _stop_launcher(self) -> None:
+        """Kill the launcher's children first, then the launcher.
+
+        For bubblewrap the child is the pid namespace's init: killing it takes down every
+        process in the namespace at once, and the launcher, still alive, reaps it. Killing
+        the launcher first would orphan the init to the host's pid 1, which on some hosts
+        never reaps, leaving zombies.
+        """
+        launcher = self._launcher
+        if launcher is None or launcher.returncode is not None:
+            return
+        if self._cgroup is not None and self._cgroup.frozen():
+            await asyncio.to_thread(self._cgroup.thaw)  # frozen tasks can't exit
+        for child in _children(launcher.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        try:
+            await asyncio.wait_for(launcher.wait(), 2.0)
+        except TimeoutError:
+            log.warning("sandbox %s: launcher %d did not exit; killing it", self.id, launcher.pid)
 
     async def __aenter__(self) -> Sandbox:
         return self
