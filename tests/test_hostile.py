@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.errors import FileNotFound, NoSpace, PermissionDenied, FileError
+from corral.errors import FileError, FileNotFound, NoSpace, PermissionDenied
 from corral.isolation import Engine, Limits, Sandbox
 from tests.conftest import require_backend
 

@@ -61,7 +61,9 @@ def run(
     command: Annotated[list[str], typer.Argument(help="the command and its arguments")],
     template: Annotated[str, typer.Option(envvar="CORRAL_TEMPLATE")] = "host",
     isolation: Annotated[str, typer.Option(envvar="CORRAL_ISOLATION")] = "auto",
-    timeout: Annotated[float | None, typer.Option(help="seconds before the command is killed")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="seconds before the command is killed")
+    ] = None,
     env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
 ) -> None:
     """Create a sandbox, run COMMAND in it with live output, destroy it; exit with its code."""

@@ -1,9 +1,9 @@
 """The sandbox engine of one host: create sandboxes on any tier, reap what crashes left.
 
-    async with Engine(Settings.from_env()) as engine:
-        sandbox = await engine.create(template="host", limits=Limits(memory_mib=256))
-        result = await sandbox.run(["echo", "hi"])
-        await sandbox.destroy()
+async with Engine(Settings.from_env()) as engine:
+    sandbox = await engine.create(template="host", limits=Limits(memory_mib=256))
+    result = await sandbox.run(["echo", "hi"])
+    await sandbox.destroy()
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Engine:
         self.settings = settings or Settings.from_env()
         self.sandboxes: dict[str, Sandbox] = {}
         self._backends: dict[str, Backend] = {}
-        self._cgroups: CgroupDriver | None | bool = False  # False: not probed yet
+        self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.settings.runtime_dir, 0o711)  # sandboxes' uids traverse it
         self.reaped = self.reap()
@@ -106,7 +106,9 @@ class Engine:
         return sandbox
 
     def _forget_destroyed(self) -> None:
-        for sandbox_id in [k for k, s in self.sandboxes.items() if s.state is SandboxState.DESTROYED]:
+        for sandbox_id in [
+            k for k, s in self.sandboxes.items() if s.state is SandboxState.DESTROYED
+        ]:
             del self.sandboxes[sandbox_id]
 
     async def destroy(self, sandbox_id: str) -> None:

@@ -46,7 +46,7 @@ class Limits:
             low, high = _BOUNDS[f.name]
             if not low <= value <= high:
                 raise InvalidLimits(
-                    f"limit {f.name}={value!r} is out of range: use a value from {low:g} to {high:g}"
+                    f"limit {f.name}={value!r} is out of range: use {low:g} to {high:g}"
                 )
 
     def check_host(self) -> None:

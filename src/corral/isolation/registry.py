@@ -22,7 +22,9 @@ def backend_class(name: str) -> type[Backend]:
         target = BACKENDS[name]
     except KeyError:
         known = ", ".join(["auto", *BACKENDS])
-        raise UnknownBackend(f"unknown isolation backend {name!r}; choose one of: {known}") from None
+        raise UnknownBackend(
+            f"unknown isolation backend {name!r}; choose one of: {known}"
+        ) from None
     module, _, cls = target.partition(":")
     backend: type[Backend] = getattr(importlib.import_module(module), cls)
     return backend

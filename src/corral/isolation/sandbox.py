@@ -375,7 +375,9 @@ class Sandbox:
 
     # -- files ------------------------------------------------------------------------
 
-    def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    def read_file(
+        self, path: str, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
         return self._running_guest().read_file(path, offset=offset, length=length)
 
     async def read_bytes(self, path: str) -> bytes:
@@ -438,4 +440,3 @@ class Sandbox:
         if self._guest is None or self._guest.closed:
             raise GuestError(f"sandbox {self.id} has no working guest agent; destroy it")
         return self._guest
-
