@@ -52,7 +52,10 @@ doctor: setup
 	@$(UV) run --frozen corral doctor
 
 run: setup
+	@echo "running a first command in a fresh namespace sandbox:"
 	@$(UV) run --frozen corral run -- sh -c 'echo "hello from $$(hostname) as $$(id -un), pid $$$$"; uname -sr'
+	@echo
+	@echo "next: uv run corral run -- python3 -c 'print(6 * 7)'   |   uv run corral doctor   |   make test"
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
