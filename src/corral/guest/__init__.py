@@ -1,0 +1,38 @@
+"""The guest agent that runs inside every sandbox, and the host's connection to it.
+
+``agent.py`` and ``protocol.py`` are copied into each sandbox (`AGENT_FILES`, from
+`agent_source_dir`) and run there with the sandbox's own Python, standard library only.
+The host talks to the agent through `GuestConnection`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from corral.guest.client import (
+    EntryInfo,
+    ExecResult,
+    GuestConnection,
+    GuestProcess,
+    OutputChunk,
+    ProcessInfo,
+)
+
+AGENT_FILES = ("agent.py", "protocol.py")
+
+
+def agent_source_dir() -> Path:
+    """The directory holding `AGENT_FILES`, to copy into a sandbox."""
+    return Path(__file__).resolve().parent
+
+
+__all__ = [
+    "AGENT_FILES",
+    "EntryInfo",
+    "ExecResult",
+    "GuestConnection",
+    "GuestProcess",
+    "OutputChunk",
+    "ProcessInfo",
+    "agent_source_dir",
+]
