@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -601,3 +602,45 @@ async def test_a_full_disk_is_no_space_and_leaves_no_temp_file(tmp_path: Path) -
     finally:
         await guest.aclose()
         await stop_agent(process)
+
+
+# A fake agent that answers an exec and then ignores its credit, as a hijacked one might.
+_FLOODING_AGENT = """
+import os, sys
+sys.path.insert(0, {source!r})
+from corral.guest import protocol
+header = os.read(0, protocol.HEADER_SIZE)
+length, kind, channel = protocol.unpack_header(header)
+os.read(0, length - 5)
+os.write(1, protocol.encode_frame(protocol.EVENT, channel, b'{{"pid": 7}}'))
+chunk = protocol.encode_frame(protocol.OUT, channel, b"x" * protocol.CHUNK)
+try:
+    while True:
+        os.write(1, chunk)
+except OSError:
+    pass
+"""
+
+
+async def test_an_agent_ignoring_its_credit_is_cut_off() -> None:
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    fake = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FLOODING_AGENT.format(source=source),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert fake.stdout is not None and fake.stdin is not None
+    guest = GuestConnection(fake.stdout, fake.stdin)
+    await guest.start()
+    try:
+        process = await guest.exec(["yes"])
+        await asyncio.sleep(0.5)  # the caller reads nothing meanwhile
+        with pytest.raises(GuestError, match="beyond its credit"):
+            await process.wait()
+        assert guest.closed
+    finally:
+        fake.kill()  # first, as Sandbox.destroy does: this agent would never stop on EOF
+        await guest.aclose()
+        await fake.wait()

@@ -52,6 +52,8 @@ except ImportError:
     import protocol  # type: ignore[no-redef,import-not-found]  # run in a sandbox, beside protocol.py
 
 EXIT_GRACE = 2.0
+# How many times a killed process group is swept again before the agent gives up (~10 s).
+SWEEP_ATTEMPTS = 30
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_HIGH_WATER = 1 << 20  # stop pumping files to the host while this much is unsent
 LIST_BATCH = 1000
@@ -345,10 +347,7 @@ class Command(Channel):
         if self.running:
             if self.kill_reason is None:
                 self.kill_reason = reason
-            try:  # noqa: SIM105 (contextlib would slow the agent's start)
-                os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            self.agent.sweep(self.pid)
 
     def on_close(self) -> None:
         """The host stopped listening: a foreground command dies, a background one goes on."""
@@ -532,6 +531,8 @@ class Agent:
         self.out = bytearray()
         self.channels: dict[int, Channel] = {}
         self.commands: dict[int, Command] = {}
+        # Killed process groups still to sweep: pgid -> (when next, attempts so far).
+        self.sweeps: dict[int, tuple[float, int]] = {}
         self.downloads: list[FileDownload] = []
         self.base_env = dict(os.environ)
         self.user_name: str | None = None
@@ -592,12 +593,36 @@ class Agent:
             for when in (command.deadline if command.running else None, command.grace_at):
                 if when and (soonest is None or when < soonest):
                     soonest = when
+        for when, _attempt in self.sweeps.values():
+            if soonest is None or when < soonest:
+                soonest = when
         if soonest is None:
             return -1
         return max(0.0, soonest - time.monotonic())
 
+    def sweep(self, pgid: int) -> None:
+        """SIGKILL a process group now and again until it is empty.
+
+        One killpg can miss children forked while it is delivered (a fork bomb); they
+        stay in the group, so repeating it until ESRCH gets them all, even after the
+        command's own process has died.
+        """
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            self.sweeps.pop(pgid, None)
+            return
+        attempt = self.sweeps.get(pgid, (0.0, 0))[1] + 1
+        if attempt > SWEEP_ATTEMPTS:
+            self.sweeps.pop(pgid, None)
+            return
+        self.sweeps[pgid] = (time.monotonic() + min(0.005 * 2**attempt, 0.5), attempt)
+
     def run_timers(self) -> None:
         now = time.monotonic()
+        for pgid, (when, _attempt) in list(self.sweeps.items()):
+            if when <= now:
+                self.sweep(pgid)
         for command in list(self.commands.values()):
             if command.deadline is not None and command.deadline <= now and command.running:
                 command.deadline = None
@@ -1118,7 +1143,27 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         os.write(2, f"corral-agent: cannot use workdir {workdir}: {exc}\n".encode())
         sys.exit(2)
+    _refuse_inspection()
     sys.exit(Agent(0, 1, workdir).run())
+
+
+def _refuse_inspection() -> None:
+    """Make the agent non-dumpable, so code in the sandbox cannot tamper with it.
+
+    Sandbox code runs as the agent's uid; without this it could open /proc/1/mem to
+    rewrite the agent, or /proc/1/fd/1 to forge frames to the host. A non-dumpable
+    process's /proc entries belong to root, which the sandbox does not have. (Yama would
+    also stop it, but many hosts don't enable Yama.) Children are dumpable again after
+    exec, as usual. ctypes costs ~3 ms of start-up; there is no stdlib prctl.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, SUID_DUMP_DISABLE
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+    except (ImportError, OSError) as exc:
+        os.write(2, f"corral-agent: cannot make itself non-dumpable: {exc}\n".encode())
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ from corral.errors import (
 )
 from corral.guest import protocol
 
+# How long `aclose` waits for the agent's stream to end before giving up on it.
+_CLOSE_GRACE = 1.0
+# Unread EVENT/REPLY bytes one channel may hold before the agent is deemed broken.
+_MAX_BACKLOG = 16 * 1024 * 1024
 # Grant credit back in batches: one CREDIT frame per this many consumed bytes.
 _CREDIT_BATCH = protocol.CHUNK
 
@@ -145,12 +149,25 @@ class _Channel:
         self.send_credit = protocol.WINDOW
         self.credit_waiter: asyncio.Future[None] | None = None
         self.unacked = 0
+        # OUT/ERR bytes the agent may still send: an agent that ignores its credit (a
+        # hijacked one, say) is cut off instead of growing the host's memory.
+        self.receive_allowance = protocol.WINDOW
+        # Other frames not yet taken by the caller; bounded for the same reason.
+        self.backlog = 0
 
     def deliver(self, kind: int, payload: bytes) -> None:
         if kind == protocol.CREDIT:
             self.send_credit += protocol.decode_credit(payload)
             _wake(self.credit_waiter)
             return
+        if kind in (protocol.OUT, protocol.ERR):
+            self.receive_allowance -= len(payload)
+            if self.receive_allowance < 0:
+                raise protocol.ProtocolError(f"channel {self.number}: output beyond its credit")
+        else:
+            self.backlog += len(payload) + protocol.HEADER_SIZE
+            if self.backlog > _MAX_BACKLOG:
+                raise protocol.ProtocolError(f"channel {self.number}: unread frames pile up")
         self.inbox.append((kind, payload))
         if kind == protocol.REPLY:
             self.open = False
@@ -177,7 +194,10 @@ class _Channel:
                 await self.waiter
             finally:
                 self.waiter = None
-        return self.inbox.popleft()
+        kind, payload = self.inbox.popleft()
+        if kind not in (protocol.OUT, protocol.ERR):
+            self.backlog -= len(payload) + protocol.HEADER_SIZE
+        return kind, payload
 
     async def reply(self, op: str) -> dict[str, Any]:
         """Wait for the REPLY (skipping anything else) and raise the error it carries."""
@@ -193,6 +213,7 @@ class _Channel:
             self.connection._send_nowait(
                 protocol.CREDIT, self.number, protocol.encode_credit(self.unacked)
             )
+            self.receive_allowance += self.unacked
             self.unacked = 0
 
     async def take_credit(self, wanted: int) -> int:
@@ -330,9 +351,14 @@ class GuestConnection:
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # The reader drains until the agent's stream ends (it exits on our EOF);
+            # cancelling it earlier would leave the pipe paused and the process unreaped.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), _CLOSE_GRACE)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
 
     # -- frames -----------------------------------------------------------------------
 
@@ -358,6 +384,11 @@ class GuestConnection:
         except protocol.ProtocolError as exc:
             reason = f"it broke the protocol: {exc}"
         self._fail(GuestError(f"the guest agent exited: {reason}"))
+        # Keep reading (and discarding) to the end of the stream: an unread pipe would
+        # block the agent and keep asyncio from ever reaping its process.
+        with contextlib.suppress(ConnectionError, OSError):
+            while await reader.read(1 << 16):
+                pass
 
     def _fail(self, failure: GuestError) -> None:
         if self._failure is None:

@@ -277,9 +277,9 @@ class Sandbox:
             if self.state is SandboxState.DESTROYED:
                 return
             self.state = SandboxState.DESTROYED
+            await self._stop_launcher()
             if self._guest is not None:
                 await self._guest.aclose()
-            await self._stop_launcher()
             if self._cgroup is not None:
                 await asyncio.to_thread(self._cgroup.destroy)
             if self._launcher is not None and self._launcher.returncode is None:
