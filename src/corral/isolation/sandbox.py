@@ -27,7 +27,7 @@ from corral.errors import (
 from corral.guest import EntryInfo, ExecResult, GuestConnection, GuestProcess, OutputChunk
 from corral.guest import ProcessInfo as ProcessInfo
 from corral.isolation.backend import Backend, LaunchPlan, SandboxSpec
-from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits
+from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.footprint import Footprint
 from corral.isolation.limits import MIB
 
@@ -43,15 +43,8 @@ class SandboxState(enum.StrEnum):
     DESTROYED = "destroyed"
 
 
-@dataclass(frozen=True)
-class Usage:
-    """Resource use of a whole sandbox, read from its cgroup."""
-
-    cpu_seconds: float
-    memory_bytes: int
-    memory_peak_bytes: int
-    pids: int
-    oom_kills: int
+# Resource use of a whole sandbox is exactly what its cgroup reports.
+Usage = CgroupUsage
 
 
 @dataclass(frozen=True)
@@ -411,8 +404,7 @@ class Sandbox:
     # -- usage ------------------------------------------------------------------------
 
     def usage(self) -> Usage:
-        u = self._require_cgroup("usage").usage()
-        return Usage(u.cpu_seconds, u.memory_bytes, u.memory_peak_bytes, u.pids, u.oom_kills)
+        return self._require_cgroup("usage").usage()
 
     def oom_kills(self) -> int:
         if self._cgroup is None or self.state is SandboxState.DESTROYED:
