@@ -5,6 +5,11 @@
     │   ├── UnknownTemplate
     │   ├── UnknownBackend
     │   └── InvalidLimits
+    ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
+    ├── AuthError
+    │   ├── Unauthenticated       no API key, or an unknown or revoked one
+    │   └── Forbidden             the key may not do that
+    ├── QuotaExceeded             the team's quota refuses it
     ├── IsolationUnavailable      the host cannot give the isolation asked for
     ├── SandboxError
     │   ├── SandboxStartFailed
@@ -53,6 +58,26 @@ class UnknownBackend(InvalidRequest):
 
 class InvalidLimits(InvalidRequest):
     """A resource limit is out of range."""
+
+
+class NotFound(CorralError):
+    """No such sandbox; check the id with `corral sandbox list`."""
+
+
+class AuthError(CorralError):
+    """The request was not authorized."""
+
+
+class Unauthenticated(AuthError):
+    """No valid API key: pass one with --api-key or CORRAL_API_KEY."""
+
+
+class Forbidden(AuthError):
+    """This API key may not do that."""
+
+
+class QuotaExceeded(CorralError):
+    """The team's quota does not allow this; destroy sandboxes or ask for a larger quota."""
 
 
 class IsolationUnavailable(CorralError):
