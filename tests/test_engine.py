@@ -21,6 +21,7 @@ from corral.errors import (
     InvalidRequest,
     IsolationUnavailable,
     SandboxNotRunning,
+    SandboxStartFailed,
     UnknownBackend,
     UnknownTemplate,
 )
@@ -249,6 +250,18 @@ async def test_environment_is_clean_and_settable(engine: Engine, settings: Setti
             assert per_command.stdout == b"y\n"
     finally:
         del os.environ["CORRAL_TEST_HOST_SECRET"]
+
+
+async def test_a_sandbox_that_cannot_start_fails_cleanly(settings: Settings) -> None:
+    require_backend(settings, "namespace")
+    engine = Engine(settings.with_(guest_python="/bin/true"))  # "starts", never answers
+    before = _sandbox_dirs(settings)
+    with pytest.raises(SandboxStartFailed, match="did not start") as failure:
+        await engine.create(isolation="namespace")
+    sandbox_id = str(failure.value).split()[1]
+    assert sandbox_id.startswith("sb_")
+    assert _sandbox_dirs(settings) == before
+    assert not _cgroup_dirs(sandbox_id)
 
 
 # -- bad input ----------------------------------------------------------------------------

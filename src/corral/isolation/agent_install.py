@@ -46,7 +46,15 @@ def install_agent(runtime_dir: Path, python: str) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent))
     for name in AGENT_FILES:
         shutil.copyfile(source / name, staging / name)
-    subprocess.run([python, "-m", "compileall", "-q", str(staging)], check=True)
+    compiled = subprocess.run(
+        [python, "-m", "compileall", "-q", str(staging)], capture_output=True, text=True
+    )
+    if compiled.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise IsolationUnavailable(
+            f"{python} could not compile the guest agent ({compiled.stderr.strip()[-200:]}); "
+            "point CORRAL_GUEST_PYTHON at a Python 3.9+ interpreter"
+        )
     for path in [staging, *staging.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     (staging / "ready").touch(mode=0o644)

@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import signal
+import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -192,14 +193,18 @@ class Sandbox:
         if driver is not None:
             footprint.cgroup = footprint.id
             footprint.save()
-            cgroup = driver.create(
-                footprint.id,
-                CgroupLimits(
-                    memory_bytes=spec.limits.memory_bytes,
-                    cpu_quota=spec.limits.cpu,
-                    pids=spec.limits.pids,
-                ),
-            )
+            try:
+                cgroup = driver.create(
+                    footprint.id,
+                    CgroupLimits(
+                        memory_bytes=spec.limits.memory_bytes,
+                        cpu_quota=spec.limits.cpu,
+                        pids=spec.limits.pids,
+                    ),
+                )
+            except BaseException:
+                footprint.release()
+                raise
         sandbox = cls(spec, backend, footprint, cgroup)
         try:
             await sandbox._start()
@@ -224,6 +229,8 @@ class Sandbox:
                 preexec_fn=_preexec(plan, procs, self.spec),
                 start_new_session=True,
             )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SandboxStartFailed(f"sandbox {self.id} could not be launched: {exc}") from exc
         finally:
             for fd in plan.pass_fds:
                 os.close(fd)
