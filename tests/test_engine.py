@@ -41,6 +41,8 @@ async def test_runs_a_command_as_an_unprivileged_user(sandbox: Sandbox) -> None:
     uid, user, cwd, host, home = result.stdout.decode().split()
     assert (uid, user, cwd, home) == ("1000", "user", "/workspace", "/home/user")
     assert host.startswith("sb-") and "_" not in host
+    usual = await sandbox.run(["sh", "-c", "touch /var/tmp/x && test -s /etc/os-release"])
+    assert usual.ok, usual
     assert result.reason == "exited" and result.signal is None
 
 

@@ -135,6 +135,7 @@ class NamespaceBackend(Backend):
 
         agent_dir = install_agent(self.settings.runtime_dir, self.settings.guest_python)
         args += ["--ro-bind", str(agent_dir), AGENT_DIR]
+        args += ["--symlink", "/tmp", "/var/tmp"]  # programs expect it; same bounded storage
         args += ["--remount-ro", "/"]
         seccomp_fd = seccomp.filter_fd()
         args += ["--seccomp", str(seccomp_fd)]
@@ -146,7 +147,7 @@ class NamespaceBackend(Backend):
             "LOGNAME": SANDBOX_USER,
             "LANG": "C.UTF-8",
             "TMPDIR": "/tmp",
-            "SHELL": "/bin/sh",
+            "SHELL": "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh",
             **spec.env,
         }
         args += ["--clearenv"]

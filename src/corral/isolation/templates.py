@@ -31,6 +31,7 @@ _HOST_ETC = (
     "profile",
     "inputrc",
     "magic",
+    "os-release",
     "python3",
     "python3.11",
     "python3.12",
