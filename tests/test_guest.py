@@ -644,3 +644,11 @@ async def test_an_agent_ignoring_its_credit_is_cut_off() -> None:
         fake.kill()  # first, as Sandbox.destroy does: this agent would never stop on EOF
         await guest.aclose()
         await fake.wait()
+
+
+async def test_output_cut_by_the_limit_is_reported_even_after_exit(guest: GuestConnection) -> None:
+    for _ in range(20):
+        process = await guest.exec(["echo", "truncated"], output_limit=5)
+        stdout, _, result = await process.collect()
+        assert stdout == b"trunc"
+        assert result.reason == "output_limit" and not result.ok

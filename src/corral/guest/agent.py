@@ -258,6 +258,8 @@ class Command(Channel):
             return True  # beyond the limit: drained, never sent
         if limit is not None and self.output_bytes + len(data) > limit:
             data = data[: limit - self.output_bytes]
+            # Output was dropped: say so even when the command had already exited.
+            self.kill_reason = self.kill_reason or "output_limit"
             self.kill("output_limit")
         self.output_bytes += len(data)
         if self.attached and data:
