@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 from collections.abc import Mapping
 
 from corral.config import Settings
-from corral.errors import CorralError, IsolationUnavailable
+from corral.errors import CorralError, InvalidRequest, IsolationUnavailable
 from corral.isolation import registry
 from corral.isolation.backend import Backend, Capabilities, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
@@ -26,6 +27,9 @@ from corral.isolation.sandbox import Sandbox, SandboxState
 from corral.isolation.templates import get_template
 
 log = logging.getLogger("corral.isolation")
+
+
+_SANDBOX_ID = re.compile(r"sb_[0-9a-f]{20}")
 
 
 def new_sandbox_id() -> str:
@@ -88,8 +92,13 @@ class Engine:
         network: str = "none",
         env: Mapping[str, str] | None = None,
         isolation: str | None = None,
+        sandbox_id: str | None = None,
     ) -> Sandbox:
-        """Start a sandbox; the caller owns it and must `destroy` it."""
+        """Start a sandbox; the caller owns it and must `destroy` it.
+
+        `sandbox_id` lets a caller that records the sandbox before it exists (the sandbox
+        manager) choose the id; it must come from `new_sandbox_id()`.
+        """
         spec = SandboxSpec(template, limits or Limits(), network, dict(env or {}))
         spec.limits.check_host()
         backend = self.backend(isolation)
@@ -100,7 +109,10 @@ class Engine:
                 f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
             )
         self._forget_destroyed()
-        footprint = Footprint.create(self.settings.runtime_dir, new_sandbox_id(), backend.name)
+        sandbox_id = sandbox_id or new_sandbox_id()
+        if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in self.sandboxes:
+            raise InvalidRequest(f"sandbox id {sandbox_id!r} is malformed or in use")
+        footprint = Footprint.create(self.settings.runtime_dir, sandbox_id, backend.name)
         sandbox = await Sandbox.launch(backend, spec, footprint, driver)
         self.sandboxes[sandbox.id] = sandbox
         return sandbox

@@ -17,10 +17,11 @@ import resource
 import signal
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from corral.errors import (
     GuestError,
+    InvalidLimits,
     IsolationUnavailable,
     SandboxNotRunning,
     SandboxStartFailed,
@@ -30,7 +31,7 @@ from corral.guest import ProcessInfo as ProcessInfo
 from corral.isolation.backend import Backend, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.footprint import Footprint
-from corral.isolation.limits import MIB
+from corral.isolation.limits import MIB, Limits
 
 log = logging.getLogger("corral.isolation")
 
@@ -407,6 +408,31 @@ class Sandbox:
 
     async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> EntryInfo | None:
         return await self._running_guest().rename(src, dst, overwrite=overwrite)
+
+    # -- limits and usage -------------------------------------------------------------
+
+    def set_limits(self, limits: Limits) -> None:
+        """Change memory, CPU, process and output limits of the live sandbox.
+
+        Storage size, open files and file size are fixed when the sandbox starts (a tmpfs
+        and rlimits); asking to change them is refused and changes nothing.
+        """
+        fixed = [
+            name
+            for name in ("disk_mib", "open_files", "file_size_mib")
+            if getattr(limits, name) != getattr(self.spec.limits, name)
+        ]
+        if fixed:
+            raise InvalidLimits(
+                f"{', '.join(fixed)} cannot change after a sandbox starts; create a new one"
+            )
+        self._require(SandboxState.RUNNING)
+        if limits == self.spec.limits:
+            return
+        self._require_cgroup("set_limits").set_limits(
+            CgroupLimits(memory_bytes=limits.memory_bytes, cpu_quota=limits.cpu, pids=limits.pids)
+        )
+        self.spec = replace(self.spec, limits=limits)
 
     # -- usage ------------------------------------------------------------------------
 

@@ -1,0 +1,341 @@
+"""The sandbox manager: teams' sandboxes on top of the engine, with durable state.
+
+    creating ──► running ◄──► paused
+        │           │            │
+        └──► failed └──► killed ◄┘        (and running/paused ──► failed on a crash)
+
+Every change of state is written with its event before the call returns. A team sees
+only its own sandboxes: another team's id gets the same NotFound as an unknown one.
+Background loops enforce lifetimes and inactivity TTLs (every `tick`), sample metrics
+(every `metrics_interval`) and keep the warm pool full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal
+
+from corral.config import Settings
+from corral.errors import CorralError, InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
+from corral.isolation import Engine, Sandbox
+from corral.isolation.engine import new_sandbox_id
+from corral.isolation.templates import get_template
+from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
+from corral.sandboxes.live import LiveSandbox, utc
+from corral.sandboxes.metrics import MetricRings, check_range, stored_series
+from corral.sandboxes.options import (
+    LIVE_STATES,
+    STATES,
+    CreateOptions,
+    SandboxRecord,
+    check_metadata,
+    check_timeout,
+    limits_json,
+)
+from corral.sandboxes.pool import WarmPool
+from corral.store import MetricPoint, SandboxRow, Store, Team
+
+log = logging.getLogger("corral.sandboxes")
+
+SHUT_DOWN = "killed: server shut down"
+
+
+class SandboxManager:
+    """Creates, tracks and ends the sandboxes of every team, in this server process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        engine: Engine | None = None,
+        pool_size: int = 2,
+        tick: float = 0.5,
+        metrics_interval: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._own_engine = engine is None
+        self.engine = engine or Engine(settings)
+        self.tick = tick
+        self.metrics_interval = metrics_interval
+        self.pool = WarmPool(self.engine, pool_size, "host", settings.isolation)
+        self._live = LiveSandboxes(store, self.engine, metrics_interval)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._owner = owner_identity()
+
+    # -- process lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Clean up after a crashed predecessor, then start the background loops."""
+        self.engine.reap()
+        self._live.fail_orphans(self._owner)
+        self.pool.start()
+        self._tasks = [
+            asyncio.create_task(_every(self.tick, self._live.enforce_timers), name="timers"),
+            asyncio.create_task(
+                _every(self.metrics_interval, self._live.sample_metrics), name="metrics"
+            ),
+        ]
+
+    async def aclose(self) -> None:
+        """Flush metrics and kill every live sandbox: none can outlive this process."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        live = list(self._live)
+        ends = [self._live.end(entry, "killed", SHUT_DOWN) for entry in live]
+        for entry, result in zip(
+            live, await asyncio.gather(*ends, return_exceptions=True), strict=True
+        ):
+            if isinstance(result, Exception):
+                log.error("could not end sandbox %s at shutdown: %r", entry.id, result)
+        await self.pool.aclose()
+        if self._own_engine:
+            await self.engine.aclose()
+
+    # -- lifecycle of sandboxes ---------------------------------------------------------
+
+    async def create(self, team: Team, options: CreateOptions) -> SandboxRecord:
+        if self._closing:
+            raise SandboxNotRunning("the server is shutting down; create the sandbox elsewhere")
+        limits = options.limits
+        if limits.memory_mib > team.max_memory_mib:
+            raise QuotaExceeded(
+                f"memory_mib={limits.memory_mib} exceeds the team's maximum of "
+                f"{team.max_memory_mib} MiB per sandbox (max_memory_mib)"
+            )
+        limits.check_host()
+        get_template(options.template)
+        backend = self.engine.backend(options.isolation).name
+        pooled = self.pool.claim() if self.pool.fits(options.template, backend, limits) else None
+        now = time.time()
+        row = SandboxRow(
+            id=pooled.id if pooled else new_sandbox_id(),
+            team_id=team.id,
+            template=options.template,
+            isolation=backend,
+            state="creating",
+            state_reason="creating",
+            metadata=dict(options.metadata),
+            limits=limits_json(limits),
+            envs=dict(options.envs),
+            timeout_seconds=options.timeout_seconds,
+            expires_at=utc(now + options.timeout_seconds),
+            idle_timeout_seconds=options.idle_timeout_seconds,
+            on_idle=options.on_idle,
+            created_at=utc(now),
+            updated_at=utc(now),
+            last_activity_at=utc(now),
+            owner_host=self._owner[0],
+            owner_pid=self._owner[1],
+            owner_start=self._owner[2],
+        )
+        try:
+            self.store.insert_sandbox(row, max_live=team.max_sandboxes)
+        except BaseException:
+            if pooled is not None:
+                self.pool.give_back(pooled)
+            raise
+        entry = LiveSandbox(
+            id=row.id,
+            team_id=team.id,
+            envs=dict(options.envs),
+            rings=MetricRings(self.metrics_interval),
+            expires_at=now + options.timeout_seconds,
+            idle_timeout=options.idle_timeout_seconds,
+            on_idle=options.on_idle,
+            last_activity=now,
+            saved_activity=now,
+        )
+        self._live.add(entry)
+        async with entry.lock:
+            try:
+                sandbox, warm = await self._start(row.id, options, pooled)
+            except BaseException as exc:
+                entry.state = "failed"
+                self._live.discard(row.id)
+                reason = f"failed: {exc}" if isinstance(exc, CorralError) else "failed: cancelled"
+                self.store.transition(row.id, "failed", reason, from_states=("creating",))
+                raise
+            entry.sandbox, entry.state = sandbox, "running"
+            self._live.baseline(entry)
+            reason = "created from the warm pool" if warm else "created"
+            created = self.store.transition(row.id, "running", reason, from_states=("creating",))
+        assert created is not None  # only this call changes a creating row of this process
+        log.info(
+            "sandbox created",
+            extra={"sandbox_id": row.id, "team_id": team.id, "warm": warm},
+        )
+        return SandboxRecord.from_row(created)
+
+    async def _start(
+        self, sandbox_id: str, options: CreateOptions, pooled: Sandbox | None
+    ) -> tuple[Sandbox, bool]:
+        """The engine sandbox for a new row: the pooled one with the asked limits, or a
+        cold one; and whether it came from the pool."""
+        if pooled is not None:
+            try:
+                pooled.set_limits(options.limits)
+                return pooled, True
+            except BaseException as exc:
+                # E.g. a memory limit under what the sandbox uses already: start afresh.
+                log.warning("pooled sandbox refused its limits: %s", exc)
+                await self._live.destroy(pooled)
+                if not isinstance(exc, CorralError):
+                    raise
+        cold = await self.engine.create(
+            template=options.template,
+            limits=options.limits,
+            env=options.envs,
+            isolation=options.isolation,
+            sandbox_id=sandbox_id,
+        )
+        return cold, False
+
+    async def get(self, team: Team, sandbox_id: str) -> SandboxRecord:
+        return self._record(self._owned(team, sandbox_id))
+
+    async def kill(self, team: Team, sandbox_id: str) -> None:
+        entry = self._entry(team, sandbox_id)
+        await self._live.locked(entry, ("running", "paused"), "kill")
+        await self._live.end(entry, "killed", "killed: by request")
+
+    async def pause(self, team: Team, sandbox_id: str) -> SandboxRecord:
+        entry = self._entry(team, sandbox_id)
+        live = self._live
+        row = await live.locked(entry, ("running",), "pause", live.pause, "paused: by request")
+        assert row is not None
+        return self._record(row)
+
+    async def resume(self, team: Team, sandbox_id: str) -> SandboxRecord:
+        entry = self._entry(team, sandbox_id)
+        row = await self._live.locked(entry, ("paused",), "resume", self._live.resume, "resumed")
+        assert row is not None
+        return self._record(row)
+
+    async def set_timeout(self, team: Team, sandbox_id: str, seconds: int) -> SandboxRecord:
+        """Kill the sandbox `seconds` from now instead of at its current deadline."""
+        check_timeout(seconds)
+        entry = self._entry(team, sandbox_id)
+        expires = time.time() + seconds
+        self.store.update_sandbox(sandbox_id, expires_at=utc(expires), timeout_seconds=seconds)
+        entry.expires_at = expires
+        return await self.get(team, sandbox_id)
+
+    async def ping(self, team: Team, sandbox_id: str) -> None:
+        """Reset the inactivity timer."""
+        self._entry(team, sandbox_id).touch(time.time())
+
+    # -- serving commands and files ----------------------------------------------------
+
+    async def running(self, team: Team, sandbox_id: str) -> Sandbox:
+        """The live engine sandbox, for commands and files; counts as activity."""
+        entry = self._live.get(sandbox_id)
+        if entry is not None and entry.team_id == team.id and entry.state == "creating":
+            async with entry.lock:  # wait for the creation to end
+                pass
+        entry = self._entry(team, sandbox_id)
+        if entry.state == "paused":
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is paused; resume it first")
+        if entry.state != "running" or entry.sandbox is None:
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is {entry.state}")
+        entry.touch(time.time())
+        return entry.sandbox
+
+    def touch(self, sandbox_id: str) -> None:
+        """Record activity (an exec chunk); O(1), saved to the store in batches."""
+        entry = self._live.get(sandbox_id)
+        if entry is not None:
+            entry.touch(time.time())
+
+    def envs(self, sandbox_id: str) -> dict[str, str]:
+        """The sandbox's environment, to merge under each command's own."""
+        entry = self._live.get(sandbox_id)
+        if entry is None:
+            raise NotFound(_not_found(sandbox_id))
+        return dict(entry.envs)
+
+    async def metrics(
+        self, team: Team, sandbox_id: str, range: Literal["10m", "2h", "24h"]
+    ) -> list[MetricPoint]:
+        check_range(range)
+        self._owned(team, sandbox_id)
+        entry = self._live.get(sandbox_id)
+        if entry is not None:
+            return entry.rings.series(range)
+        return stored_series(self.store, sandbox_id, range)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def _owned(self, team: Team, sandbox_id: str) -> SandboxRow:
+        row = self.store.sandbox(sandbox_id) if isinstance(sandbox_id, str) else None
+        if row is None or row.team_id != team.id:
+            raise NotFound(_not_found(sandbox_id))
+        return row
+
+    def _entry(self, team: Team, sandbox_id: str) -> LiveSandbox:
+        """The team's live sandbox, or the error that says why there is none."""
+        entry = self._live.get(sandbox_id)
+        if entry is not None and entry.team_id == team.id:
+            return entry
+        row = self._owned(team, sandbox_id)
+        if row.state in LIVE_STATES:
+            raise SandboxNotRunning(
+                f"sandbox {sandbox_id} is run by another server process "
+                f"(pid {row.owner_pid} on {row.owner_host})"
+            )
+        raise SandboxNotRunning(f"sandbox {sandbox_id} is {row.state} ({row.state_reason})")
+
+    def _record(self, row: SandboxRow) -> SandboxRecord:
+        entry = self._live.get(row.id)
+        return SandboxRecord.from_row(row, utc(entry.last_activity) if entry else None)
+
+    # Defined last: inside the class body the name `list` is this method from here on.
+    async def list(
+        self,
+        team: Team,
+        *,
+        states: Sequence[str] = (),
+        metadata: Mapping[str, str] | None = None,
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> tuple[list[SandboxRecord], str]:
+        """A page of the team's sandboxes, oldest first, and the next page's token ("": last)."""
+        unknown = [s for s in states if s not in STATES]
+        if unknown:
+            raise InvalidRequest(f"unknown states {unknown}; use some of {', '.join(STATES)}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int):
+            raise InvalidRequest(f"page_size={page_size!r} must be an integer")
+        if not 1 <= page_size <= 1000:
+            raise InvalidRequest(f"page_size={page_size} is out of range: use 1 to 1000")
+        rows, token = self.store.list_sandboxes(
+            team.id,
+            states=list(states or LIVE_STATES),
+            metadata=check_metadata(metadata or {}),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return [self._record(row) for row in rows], token
+
+
+def _not_found(sandbox_id: str) -> str:
+    return f"no sandbox {sandbox_id!r}; check the id with `corral sandbox list`"
+
+
+async def _every(interval: float, work: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await work()
+        except Exception:
+            log.exception("background loop failed; it goes on")

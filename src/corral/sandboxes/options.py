@@ -1,0 +1,125 @@
+"""What callers pass to the sandbox manager and what it returns, validated on the way in."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Literal, cast
+
+from corral.errors import InvalidRequest
+from corral.isolation import Limits, SandboxSpec
+from corral.store import SandboxRow
+
+State = Literal["creating", "running", "paused", "killed", "failed"]
+STATES: tuple[State, ...] = ("creating", "running", "paused", "killed", "failed")
+LIVE_STATES: tuple[State, ...] = ("creating", "running", "paused")
+MAX_TIMEOUT_SECONDS = 24 * 3600
+MAX_METADATA = 64
+MAX_METADATA_KEY = 128
+MAX_METADATA_VALUE = 512
+# Keys become JSON paths in List's filter queries: printable ASCII that needs no escaping.
+_METADATA_KEY = re.compile(r"[ !#-\[\]-~]+")
+
+
+def check_timeout(seconds: object, name: str = "timeout_seconds", *, zero_ok: bool = False) -> int:
+    low = 0 if zero_ok else 1
+    if isinstance(seconds, bool) or not isinstance(seconds, int):
+        raise InvalidRequest(f"{name}={seconds!r} must be a whole number of seconds")
+    if not low <= seconds <= MAX_TIMEOUT_SECONDS:
+        raise InvalidRequest(
+            f"{name}={seconds} is out of range: use {low} to {MAX_TIMEOUT_SECONDS} (24 hours)"
+        )
+    return seconds
+
+
+def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    if len(metadata) > MAX_METADATA:
+        raise InvalidRequest(f"metadata has {len(metadata)} entries; at most {MAX_METADATA}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequest(f"metadata entries must be strings, got {key!r}={value!r}")
+        if (
+            not _METADATA_KEY.fullmatch(key)
+            or len(key) > MAX_METADATA_KEY
+            or len(value) > MAX_METADATA_VALUE
+        ):
+            raise InvalidRequest(
+                f"metadata {key[:40]!r}: keys have 1 to {MAX_METADATA_KEY} printable ASCII "
+                f"characters but no '\"' or '\\', values at most {MAX_METADATA_VALUE} characters"
+            )
+    return dict(metadata)
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """What a new sandbox should be; every field has a default."""
+
+    template: str = "host"
+    isolation: str = "auto"
+    limits: Limits = field(default_factory=Limits)
+    # Environment of every command, under each command's own envs.
+    envs: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    # Lifetime: the sandbox is killed this long after creation unless set_timeout moves it.
+    timeout_seconds: int = 300
+    # Inactivity TTL: 0 means none.
+    idle_timeout_seconds: int = 0
+    on_idle: Literal["pause", "kill"] = "pause"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limits, Limits):
+            raise InvalidRequest(f"limits must be a corral.isolation.Limits, got {self.limits!r}")
+        for name in ("template", "isolation"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InvalidRequest(f"{name} must be a non-empty string")
+        # Copies: the caller's dicts may change after this; the spec checks the names.
+        object.__setattr__(self, "envs", dict(SandboxSpec(env=dict(self.envs)).env))
+        object.__setattr__(self, "metadata", check_metadata(self.metadata))
+        check_timeout(self.timeout_seconds)
+        check_timeout(self.idle_timeout_seconds, "idle_timeout_seconds", zero_ok=True)
+        if self.on_idle not in ("pause", "kill"):
+            raise InvalidRequest(f"on_idle={self.on_idle!r}: use 'pause' or 'kill'")
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """A sandbox as the API shows it to its team."""
+
+    id: str
+    team_id: str
+    template: str
+    isolation: str
+    state: State
+    # Why it is in this state: "created", "paused: idle for 300s", "killed: timeout" …
+    state_reason: str
+    metadata: dict[str, str]
+    limits: Limits
+    created_at: datetime
+    expires_at: datetime
+    idle_timeout_seconds: int
+    on_idle: str
+    last_activity_at: datetime
+
+    @classmethod
+    def from_row(cls, row: SandboxRow, last_activity_at: datetime | None = None) -> SandboxRecord:
+        return cls(
+            id=row.id,
+            team_id=row.team_id,
+            template=row.template,
+            isolation=row.isolation,
+            state=cast(State, row.state),
+            state_reason=row.state_reason,
+            metadata=dict(row.metadata),
+            limits=Limits(**row.limits),
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            idle_timeout_seconds=row.idle_timeout_seconds,
+            on_idle=row.on_idle,
+            last_activity_at=max(row.last_activity_at, last_activity_at or row.last_activity_at),
+        )
+
+
+def limits_json(limits: Limits) -> dict[str, float | int]:
+    return asdict(limits)

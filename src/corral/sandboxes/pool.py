@@ -1,0 +1,109 @@
+"""A warm pool: sandboxes started ahead of demand, so Create costs a claim, not a launch.
+
+The pool holds `size` sandboxes of one template and isolation tier, with default limits
+and no environment. A claim takes one (O(1)) and wakes the filler, which starts a
+replacement in the background. What a claim cannot change after start (storage size,
+open files, file size) must be the defaults; memory, CPU and processes are applied by
+the manager with `Sandbox.set_limits`, and environments are given per command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from corral.errors import CorralError
+from corral.isolation import Engine, Limits, Sandbox, SandboxState
+
+log = logging.getLogger("corral.sandboxes")
+
+_FIXED_LIMITS = ("disk_mib", "open_files", "file_size_mib")
+_RETRY_MAX = 30.0
+
+
+class WarmPool:
+    """Ready sandboxes of one (template, isolation); invisible to teams and quotas."""
+
+    def __init__(self, engine: Engine, size: int, template: str, isolation: str) -> None:
+        self.engine = engine
+        self.size = size
+        self.template = template
+        self.isolation = isolation
+        self.backend: str | None = None  # resolved when the pool starts
+        self._ready: deque[Sandbox] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.size <= 0:
+            return
+        try:
+            self.backend = self.engine.backend(self.isolation).name
+        except CorralError as exc:
+            log.warning("no warm pool: %s", exc, extra={"template": self.template})
+            return
+        self._task = asyncio.create_task(self._fill(), name="corral-warm-pool")
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def fits(self, template: str, backend: str, limits: Limits) -> bool:
+        """Whether a pooled sandbox can become one with these properties."""
+        default = Limits()
+        return (
+            self.backend == backend
+            and template == self.template
+            and all(getattr(limits, n) == getattr(default, n) for n in _FIXED_LIMITS)
+        )
+
+    def claim(self) -> Sandbox | None:
+        """A ready sandbox, now the caller's to destroy; None when the pool is empty."""
+        while self._ready:
+            sandbox = self._ready.popleft()
+            self._wake.set()
+            if sandbox.state is SandboxState.RUNNING:
+                return sandbox
+            self.engine.sandboxes.pop(sandbox.id, None)
+        return None
+
+    def give_back(self, sandbox: Sandbox) -> None:
+        """Return an unused claim (its limits untouched) to the front of the pool."""
+        self._ready.appendleft(sandbox)
+
+    async def _fill(self) -> None:
+        delay = 0.5
+        while True:
+            while len(self._ready) < self.size:
+                try:
+                    sandbox = await self.engine.create(
+                        template=self.template, isolation=self.isolation
+                    )
+                except CorralError as exc:
+                    log.warning(
+                        "warm pool could not start a sandbox; retrying in %.1fs: %s",
+                        delay,
+                        exc,
+                        extra={"template": self.template, "isolation": self.isolation},
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+                    continue
+                delay = 0.5
+                self._ready.append(sandbox)
+                log.debug("warm pool sandbox ready", extra={"sandbox_id": sandbox.id})
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def aclose(self) -> None:
+        """Stop filling and destroy every ready sandbox."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        ready, self._ready = list(self._ready), deque()
+        for sandbox in ready:
+            self.engine.sandboxes.pop(sandbox.id, None)
+        await asyncio.gather(*(s.destroy() for s in ready), return_exceptions=True)

@@ -1,0 +1,241 @@
+"""Sandbox rows and their state events.
+
+Every change of state is one transaction: the row's new state and the event that
+records it (when, from, to, why) commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from corral.errors import InvalidRequest, QuotaExceeded
+from corral.store.database import Database
+from corral.store.schema import LIVE_STATES, sandbox_events, sandboxes, teams
+
+
+@dataclass(frozen=True)
+class SandboxRow:
+    """One sandbox as stored."""
+
+    id: str
+    team_id: str
+    template: str
+    isolation: str
+    state: str
+    state_reason: str
+    metadata: dict[str, str]
+    limits: dict[str, Any]
+    envs: dict[str, str]
+    timeout_seconds: int
+    expires_at: datetime
+    idle_timeout_seconds: int
+    on_idle: str
+    created_at: datetime
+    updated_at: datetime
+    last_activity_at: datetime
+    owner_host: str
+    owner_pid: int
+    owner_start: int
+
+
+@dataclass(frozen=True)
+class SandboxEvent:
+    """One change of a sandbox's state."""
+
+    sandbox_id: str
+    at: datetime
+    from_state: str | None
+    to_state: str
+    reason: str
+
+
+_BAD_TOKEN = "page_token is invalid; pass the next_page_token of the previous List response"
+
+
+def _encode_token(row: SandboxRow) -> str:
+    cursor = json.dumps([row.created_at.isoformat(), row.id]).encode()
+    return base64.urlsafe_b64encode(cursor).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created, sandbox_id = json.loads(raw)
+        at = datetime.fromisoformat(created)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest(_BAD_TOKEN) from None
+    if not isinstance(sandbox_id, str) or at.tzinfo is None:
+        raise InvalidRequest(_BAD_TOKEN)
+    return at, sandbox_id
+
+
+def _row(row: sa.Row[Any]) -> SandboxRow:
+    return SandboxRow(**row._asdict())
+
+
+class SandboxStore(Database):
+    """Sandbox rows: insert under quota, change state with an event, list in pages."""
+
+    def insert_sandbox(self, row: SandboxRow, *, max_live: int | None = None) -> None:
+        """Record a new sandbox; with `max_live`, refuse it when its team has that many."""
+        with self._write() as conn:
+            if max_live is not None:
+                # Lock the team row so that concurrent inserts (PostgreSQL) count in turn;
+                # SQLite's BEGIN IMMEDIATE already serializes writers.
+                lock = sa.select(teams.c.id).where(teams.c.id == row.team_id).with_for_update()
+                conn.execute(lock)
+                live = conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(sandboxes)
+                    .where(sandboxes.c.team_id == row.team_id)
+                    .where(sandboxes.c.state.in_(LIVE_STATES))
+                ).scalar_one()
+                if live >= max_live:
+                    raise QuotaExceeded(
+                        f"the team's quota allows {max_live} live sandboxes (max_sandboxes) "
+                        f"and it has {live}; kill one or ask an admin for a larger quota"
+                    )
+            conn.execute(sandboxes.insert().values(**asdict(row)))
+            conn.execute(
+                sandbox_events.insert().values(
+                    sandbox_id=row.id,
+                    at=row.created_at,
+                    from_state=None,
+                    to_state=row.state,
+                    reason=row.state_reason,
+                )
+            )
+
+    def sandbox(self, sandbox_id: str) -> SandboxRow | None:
+        with self._read() as conn:
+            found = conn.execute(sa.select(sandboxes).where(sandboxes.c.id == sandbox_id)).first()
+        return None if found is None else _row(found)
+
+    def transition(
+        self,
+        sandbox_id: str,
+        to_state: str,
+        reason: str,
+        *,
+        from_states: Sequence[str],
+        **changes: Any,
+    ) -> SandboxRow | None:
+        """Move a sandbox to `to_state` if it is in one of `from_states`, with its event.
+
+        Returns the updated row, or None (and changes nothing) when the sandbox is
+        unknown or in another state.
+        """
+        now = datetime.now(UTC)
+        with self._write() as conn:
+            current = conn.execute(
+                sa.select(sandboxes.c.state)
+                .where(sandboxes.c.id == sandbox_id)
+                .with_for_update()  # PostgreSQL: no concurrent change between check and set
+            ).scalar_one_or_none()
+            if current is None or current not in from_states:
+                return None
+            conn.execute(
+                sandboxes.update()
+                .where(sandboxes.c.id == sandbox_id)
+                .values(state=to_state, state_reason=reason, updated_at=now, **changes)
+            )
+            conn.execute(
+                sandbox_events.insert().values(
+                    sandbox_id=sandbox_id,
+                    at=now,
+                    from_state=current,
+                    to_state=to_state,
+                    reason=reason,
+                )
+            )
+            found = conn.execute(sa.select(sandboxes).where(sandboxes.c.id == sandbox_id)).one()
+        return _row(found)
+
+    def update_sandbox(self, sandbox_id: str, **changes: Any) -> None:
+        """Change fields that are not the state (expires_at, last_activity_at …)."""
+        with self._write() as conn:
+            conn.execute(
+                sandboxes.update()
+                .where(sandboxes.c.id == sandbox_id)
+                .values(updated_at=datetime.now(UTC), **changes)
+            )
+
+    def record_activity(self, activity: Mapping[str, datetime]) -> None:
+        """Save the last-activity times of many sandboxes in one transaction."""
+        if not activity:
+            return
+        with self._write() as conn:
+            conn.execute(
+                sandboxes.update()
+                .where(sandboxes.c.id == sa.bindparam("sid"))
+                .values(last_activity_at=sa.bindparam("at")),
+                [{"sid": k, "at": v} for k, v in activity.items()],
+            )
+
+    def list_sandboxes(
+        self,
+        team_id: str,
+        *,
+        states: Sequence[str],
+        metadata: Mapping[str, str] | None = None,
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> tuple[list[SandboxRow], str]:
+        """A page of a team's sandboxes, oldest first, and the token of the next page."""
+        query = (
+            sa.select(sandboxes)
+            .where(sandboxes.c.team_id == team_id)
+            .where(sandboxes.c.state.in_(states))
+            .order_by(sandboxes.c.created_at, sandboxes.c.id)
+            .limit(page_size + 1)
+        )
+        for key, value in (metadata or {}).items():
+            query = query.where(sandboxes.c.metadata[key].as_string() == value)
+        if page_token:
+            at, last_id = _decode_token(page_token)
+            query = query.where(
+                sa.or_(
+                    sandboxes.c.created_at > at,
+                    sa.and_(sandboxes.c.created_at == at, sandboxes.c.id > last_id),
+                )
+            )
+        with self._read() as conn:
+            rows = [_row(r) for r in conn.execute(query)]
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            return rows, _encode_token(rows[-1])
+        return rows, ""
+
+    def live_sandboxes(self) -> list[SandboxRow]:
+        """Every sandbox of every team that is creating, running or paused."""
+        with self._read() as conn:
+            found = conn.execute(
+                sa.select(sandboxes)
+                .where(sandboxes.c.state.in_(LIVE_STATES))
+                .order_by(sandboxes.c.created_at)
+            )
+            return [_row(r) for r in found]
+
+    def events(self, sandbox_id: str) -> list[SandboxEvent]:
+        """A sandbox's state changes, oldest first."""
+        with self._read() as conn:
+            found = conn.execute(
+                sa.select(
+                    sandbox_events.c.sandbox_id,
+                    sandbox_events.c.at,
+                    sandbox_events.c.from_state,
+                    sandbox_events.c.to_state,
+                    sandbox_events.c.reason,
+                )
+                .where(sandbox_events.c.sandbox_id == sandbox_id)
+                .order_by(sandbox_events.c.id)
+            )
+            return [SandboxEvent(**r._asdict()) for r in found]

@@ -1,0 +1,17 @@
+"""The store: one object for every table, opened once per process."""
+
+from __future__ import annotations
+
+from corral.store.metrics import MetricStore
+from corral.store.sandboxes import SandboxStore
+from corral.store.teams import TeamStore
+
+
+class Store(TeamStore, SandboxStore, MetricStore):
+    """Corral's durable state: teams and keys, sandboxes and their events, metrics.
+
+    store = Store.open(settings)            # SQLite at <data_dir>/corral.db, migrated
+    store = Store.open(settings, url="postgresql+psycopg://…")
+
+    Calls are synchronous: each is one short transaction (~0.1 ms on SQLite).
+    """

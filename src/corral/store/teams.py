@@ -1,0 +1,207 @@
+"""Teams, their quotas and their API keys.
+
+A key is shown once, when it is created: the store keeps only its sha256 digest (to
+authenticate) and its first characters (to show and to revoke by).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from corral.errors import InvalidRequest, NotFound, Unauthenticated
+from corral.store.database import Database
+from corral.store.schema import api_keys, teams
+
+log = logging.getLogger("corral.store")
+
+KEY_PREFIX = "crl_"
+# "crl_" and 32 url-safe characters (192 random bits).
+_KEY = re.compile(r"crl_[A-Za-z0-9_-]{32}")
+# Shown in listings and accepted by revoke: "crl_" and the next 8 characters.
+DISPLAY_PREFIX_LENGTH = 12
+_TEAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DEFAULT_TEAM = "default"
+DEFAULT_KEY_FILE = "default.key"
+
+
+@dataclass(frozen=True)
+class Team:
+    """A tenant: it sees only its own sandboxes, within its quotas."""
+
+    id: str
+    name: str
+    max_sandboxes: int
+    max_memory_mib: int
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _team(row: sa.Row[*tuple[Any, ...]]) -> Team:
+    return Team(row.id, row.name, row.max_sandboxes, row.max_memory_mib)
+
+
+_TEAM_COLUMNS = (teams.c.id, teams.c.name, teams.c.max_sandboxes, teams.c.max_memory_mib)
+
+
+class TeamStore(Database):
+    """Teams and API keys: what `corral admin` manages and what the server authenticates."""
+
+    def create_team(
+        self, name: str, *, max_sandboxes: int = 20, max_memory_mib: int = 4096
+    ) -> Team:
+        if not isinstance(name, str) or not _TEAM_NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"team name {name!r} is malformed: use 1 to 63 lower-case letters, digits, "
+                "'-' or '_', starting with a letter or digit"
+            )
+        for field, value, low in (
+            ("max_sandboxes", max_sandboxes, 1),
+            ("max_memory_mib", max_memory_mib, 16),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidRequest(f"{field}={value!r} must be an integer of at least {low}")
+        team = Team("team_" + secrets.token_hex(8), name, max_sandboxes, max_memory_mib)
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    teams.insert().values(
+                        id=team.id,
+                        name=name,
+                        max_sandboxes=max_sandboxes,
+                        max_memory_mib=max_memory_mib,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+        except sa.exc.IntegrityError:
+            raise InvalidRequest(f"a team named {name!r} exists already") from None
+        log.info("team created", extra={"team": name, "team_id": team.id})
+        return team
+
+    def team(self, name: str) -> Team:
+        with self._read() as conn:
+            row = conn.execute(sa.select(*_TEAM_COLUMNS).where(teams.c.name == name)).first()
+        if row is None:
+            raise NotFound(
+                f"no team named {name!r}; create it with `corral admin team create {name}`"
+            )
+        return _team(row)
+
+    def teams(self) -> list[Team]:
+        with self._read() as conn:
+            rows = conn.execute(sa.select(*_TEAM_COLUMNS).order_by(teams.c.name)).all()
+        return [_team(row) for row in rows]
+
+    def create_api_key(self, team_name: str) -> str:
+        """A new key for the team; the plaintext is returned here and never again."""
+        team = self.team(team_name)
+        key = KEY_PREFIX + secrets.token_urlsafe(24)
+        with self._write() as conn:
+            conn.execute(
+                api_keys.insert().values(
+                    id="key_" + secrets.token_hex(8),
+                    team_id=team.id,
+                    prefix=key[:DISPLAY_PREFIX_LENGTH],
+                    key_hash=hash_key(key),
+                    created_at=datetime.now(UTC),
+                )
+            )
+        log.info(
+            "api key created",
+            extra={"team": team.name, "key_prefix": key[:DISPLAY_PREFIX_LENGTH]},
+        )
+        return key
+
+    def revoke_api_key(self, key_or_prefix: str) -> None:
+        """Revoke a key given whole or by its displayed prefix; revoking twice is a no-op."""
+        if _KEY.fullmatch(key_or_prefix):
+            where = api_keys.c.key_hash == hash_key(key_or_prefix)
+        else:
+            where = api_keys.c.prefix == key_or_prefix
+        with self._write() as conn:
+            found = conn.execute(sa.select(api_keys.c.id, api_keys.c.revoked_at).where(where)).all()
+            if not found:
+                raise NotFound(
+                    f"no API key {key_or_prefix[:DISPLAY_PREFIX_LENGTH]!r}…; pass the whole key "
+                    f"or its first {DISPLAY_PREFIX_LENGTH} characters"
+                )
+            if len(found) > 1:
+                raise InvalidRequest(
+                    f"{len(found)} keys start with {key_or_prefix!r}; pass the whole key"
+                )
+            if found[0].revoked_at is None:
+                conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == found[0].id)
+                    .values(revoked_at=datetime.now(UTC))
+                )
+        log.info("api key revoked", extra={"key_prefix": key_or_prefix[:DISPLAY_PREFIX_LENGTH]})
+
+    def authenticate(self, api_key: str) -> Team:
+        if isinstance(api_key, str) and _KEY.fullmatch(api_key):
+            with self._read() as conn:
+                row = conn.execute(
+                    sa.select(*_TEAM_COLUMNS)
+                    .join(api_keys, api_keys.c.team_id == teams.c.id)
+                    .where(api_keys.c.key_hash == hash_key(api_key))
+                    .where(api_keys.c.revoked_at.is_(None))
+                ).first()
+            if row is not None:
+                return _team(row)
+        raise Unauthenticated(
+            "unknown or revoked API key; pass a valid one with --api-key or CORRAL_API_KEY "
+            "(an admin creates one with `corral admin key create TEAM`)"
+        )
+
+    def ensure_default_team(self) -> tuple[Team, str | None]:
+        """The team "default" and a working key in <data_dir>/default.key (mode 0600).
+
+        Returns the new key when it had to create one, else None: then the key in the
+        file still authenticates.
+        """
+        try:
+            team = self.team(DEFAULT_TEAM)
+        except NotFound:
+            try:
+                team = self.create_team(DEFAULT_TEAM)
+            except InvalidRequest:  # another process created it just now
+                team = self.team(DEFAULT_TEAM)
+        path = self.settings.data_dir / DEFAULT_KEY_FILE
+        try:
+            existing = path.read_text().strip()
+        except OSError:
+            existing = ""
+        if existing:
+            try:
+                if self.authenticate(existing).id == team.id:
+                    return team, None
+            except Unauthenticated:
+                pass
+        key = self.create_api_key(DEFAULT_TEAM)
+        _write_secret(path, key + "\n")
+        return team, key
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically: readers see old or new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
