@@ -6,13 +6,14 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 DEBIAN_PACKAGES := bubblewrap python3 iproute2
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages python-env test lint bench run doctor clean
+.PHONY: help setup system-packages python-env test lint bench run doctor proto clean
 
 help:
-	@echo "make run    - set up, then run a first command in a sandbox"
+	@echo "make run    - set up, start the API server, run a first command through it"
 	@echo "make test   - set up, then run the whole test suite"
-	@echo "make lint   - ruff and mypy (strict)"
-	@echo "make bench  - the engine benchmark (prints JSON)"
+	@echo "make lint   - ruff, mypy (strict), and a check that the generated API code is fresh"
+	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
+	@echo "make proto  - regenerate src/corral/v1/ from proto/corral/v1/*.proto"
 
 setup: system-packages python-env
 
@@ -41,21 +42,26 @@ test: setup
 	@$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 lint: python-env
-	@$(UV) run --frozen ruff check src tests benchmarks && \
-	$(UV) run --frozen ruff format --check src tests benchmarks && \
-	$(UV) run --frozen mypy
+	@$(UV) run --frozen ruff check src tests benchmarks scripts && \
+	$(UV) run --frozen ruff format --check src tests benchmarks scripts && \
+	$(UV) run --frozen mypy && \
+	$(UV) run --frozen python scripts/protogen.py --check
+
+# Pinned generators (dev dependencies): protoc from grpcio-tools, protoc-gen-connect-python.
+proto: python-env
+	@$(UV) run --frozen python scripts/protogen.py
 
 bench: setup
 	@$(UV) run --frozen python benchmarks/engine.py --json
+	@$(UV) run --frozen python benchmarks/api.py --json
 
 doctor: setup
 	@$(UV) run --frozen corral doctor
 
+# The server in the foreground (embedded defaults: SQLite and the default team's key under
+# the data dir); once it answers, a first command runs through the API. Ctrl-C stops it.
 run: setup
-	@echo "running a first command in a fresh namespace sandbox:"
-	@$(UV) run --frozen corral run -- sh -c 'echo "hello from $$(hostname) as $$(id -un), pid $$$$"; uname -sr'
-	@echo
-	@echo "next: uv run corral run -- python3 -c 'print(6 * 7)'   |   uv run corral doctor   |   make test"
+	@$(UV) run --frozen corral server --demo
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 from corral.config import Settings
@@ -83,3 +90,108 @@ def host_processes_of_uid(uid: int) -> list[int]:
             if state != b"Z":
                 found.append(int(entry))
     return found
+
+
+# -- a real API server, as a subprocess ----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    """A `corral server` process on a free port, with its own data directory."""
+
+    url: str
+    key: str
+    data_dir: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def corral(
+        self, *args: str, timeout: float = 60, input: str | None = None, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """The `corral` CLI as a subprocess, pointed at this server with its default key."""
+        return subprocess.run(
+            [sys.executable, "-m", "corral.cli", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, "CORRAL_SERVER": self.url, "CORRAL_API_KEY": self.key, **env},
+            timeout=timeout,
+            input=input,
+        )
+
+    def new_team(self, name: str) -> str:
+        """Create a team in this server's store; its new API key."""
+        done = self.corral("admin", "team", "create", name)
+        assert done.returncode == 0, done.stderr
+        done = self.corral("admin", "key", "create", "--team", name)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_server(settings: Settings, data_dir: Path, *, pool_size: int = 2) -> LiveServer:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data_dir),
+        "CORRAL_RUNTIME_DIR": str(settings.runtime_dir),
+        "CORRAL_CGROUP_PARENT": settings.cgroup_parent,
+        "CORRAL_ALLOW_PROCESS_BACKEND": "1",
+        "CORRAL_CONFIG": str(data_dir.parent / f"config-{port}"),  # never ~/.corral
+        "CORRAL_POOL_SIZE": str(pool_size),
+    }
+    for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT"):
+        env.pop(name, None)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / f"server-{port}.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", "server", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=sink,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"corral server exited {process.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                key = (data_dir / "default.key").read_text().strip()
+                return LiveServer(url, key, data_dir, env, process, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"corral server did not answer in 30 s: {log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings) -> Iterator[LiveServer]:
+    """One server for the session; tests that stop servers start their own."""
+    live = start_server(settings, settings.runtime_dir / "server-data")
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@pytest.fixture
+def sandbox_host(settings: Settings) -> None:
+    """Skip (saying why) where the host cannot run namespace sandboxes."""
+    require_backend(settings, "namespace")

@@ -1,1 +1,75 @@
-"""Corral: isolated sandboxes for untrusted code, jobs and agents."""
+"""Corral: isolated sandboxes for untrusted code, jobs and agents.
+
+    from corral import Sandbox
+
+    with Sandbox.create() as sbx:
+        print(sbx.commands.run("echo hello").stdout)
+
+The SDK is imported on first use, so `import corral.config` (the engine, the server)
+does not load it.
+"""
+
+import importlib as _importlib
+import importlib.metadata as _metadata
+import typing as _typing
+
+try:
+    __version__ = _metadata.version("corral")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+if _typing.TYPE_CHECKING:
+    from corral.client import (
+        AsyncCommandHandle,
+        AsyncSandbox,
+        CommandHandle,
+        CommandResult,
+        EntryInfo,
+        Limits,
+        MetricPoint,
+        ProcessInfo,
+        Sandbox,
+        SandboxInfo,
+    )
+    from corral.errors import CorralError
+
+_LAZY = {
+    "AsyncCommandHandle": "corral.client",
+    "AsyncSandbox": "corral.client",
+    "CommandHandle": "corral.client",
+    "CommandResult": "corral.client",
+    "CorralError": "corral.errors",
+    "EntryInfo": "corral.client",
+    "Limits": "corral.client",
+    "MetricPoint": "corral.client",
+    "ProcessInfo": "corral.client",
+    "Sandbox": "corral.client",
+    "SandboxInfo": "corral.client",
+}
+
+__all__ = [
+    "AsyncCommandHandle",
+    "AsyncSandbox",
+    "CommandHandle",
+    "CommandResult",
+    "CorralError",
+    "EntryInfo",
+    "Limits",
+    "MetricPoint",
+    "ProcessInfo",
+    "Sandbox",
+    "SandboxInfo",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'corral' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -54,6 +54,13 @@ class Settings:
     uid_count: int = 65_536
     # The interpreter that runs the guest agent inside `host`-template sandboxes.
     guest_python: str = "/usr/bin/python3"
+    # The API server (`corral server`): where it listens, how many started sandboxes it
+    # keeps ready so that a create is instant, how long a shutdown waits for open calls.
+    host: str = "127.0.0.1"
+    port: int = 7878
+    pool_size: int = 2
+    shutdown_grace: int = 10
+    log_level: str = "info"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

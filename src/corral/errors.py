@@ -11,6 +11,7 @@
     │   └── Forbidden             the key may not do that
     ├── QuotaExceeded             the team's quota refuses it
     ├── IsolationUnavailable      the host cannot give the isolation asked for
+    ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
     ├── SandboxError
     │   ├── SandboxStartFailed
     │   ├── SandboxNotRunning     destroyed, or paused when the call needs it running
@@ -82,6 +83,10 @@ class QuotaExceeded(CorralError):
 
 class IsolationUnavailable(CorralError):
     """The host cannot provide the isolation asked for; run `corral doctor`."""
+
+
+class ServerUnavailable(CorralError):
+    """The Corral server did not answer; is `corral server` running at that address?"""
 
 
 class SandboxError(CorralError):

@@ -1,36 +1,83 @@
-"""The `corral` command.
+"""The `corral` command: a client of the API (through the SDK), plus the server itself.
 
-Until the API server lands, `run` and `doctor` drive the engine in this process; they
-become API calls through the SDK when the server exists (API-first).
+Every sandbox command is an API call any client can make; `doctor` (this host) and
+`admin` (the local store) are the only ones that work locally.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from corral.cli import admin, context, sandbox
+from corral.cli._common import EXIT_INTERRUPTED, Connect, err, fail
+from corral.cli.run import run
 from corral.config import Settings
-from corral.errors import CorralError, InvalidRequest
-
-# Named exit codes, documented in the README.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
+from corral.errors import CorralError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-err = Console(stderr=True)
+app.add_typer(sandbox.app, name="sandbox")
+app.add_typer(context.app, name="context")
+app.add_typer(admin.app, name="admin")
+app.command(context_settings={"allow_interspersed_args": False})(run)
 
 
-def _fail(exc: CorralError) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}")
-    code = EXIT_USAGE if isinstance(exc, InvalidRequest) else EXIT_UNAVAILABLE
-    return typer.Exit(code)
+@app.callback()
+def connection(
+    ctx: typer.Context,
+    server: Annotated[
+        str | None, typer.Option(envvar="CORRAL_SERVER", help="the API server, http://HOST:PORT")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="CORRAL_API_KEY", help="your team's API key")
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option(envvar="CORRAL_CONTEXT", help="a context of `corral context list`")
+    ] = None,
+) -> None:
+    """Where sandbox commands go: flags, else env vars, else the current context."""
+    ctx.obj = Connect(server, api_key, context)
+
+
+@app.command()
+def server(
+    host: Annotated[
+        str | None, typer.Option(envvar="CORRAL_HOST", help="address to listen on")
+    ] = None,
+    port: Annotated[int | None, typer.Option(envvar="CORRAL_PORT")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(envvar="CORRAL_DATA_DIR", help="the store and default key")
+    ] = None,
+    pool_size: Annotated[
+        int | None, typer.Option(envvar="CORRAL_POOL_SIZE", help="sandboxes kept ready")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(envvar="CORRAL_LOG_LEVEL")] = None,
+    demo: Annotated[
+        bool, typer.Option(help="once up, run a first command through the API and say what next")
+    ] = False,
+) -> None:
+    """Run the API server in the foreground (Ctrl-C stops it; twice forces)."""
+    from corral.server import serve
+
+    overrides = {
+        k: v
+        for k, v in {
+            "host": host,
+            "port": port,
+            "data_dir": data_dir,
+            "pool_size": pool_size,
+            "log_level": log_level,
+        }.items()
+        if v is not None
+    }
+    raise typer.Exit(serve(Settings.from_env(None, **overrides), demo=demo))
 
 
 @app.command()
@@ -46,50 +93,32 @@ def doctor() -> None:
     Console().print(table)
 
 
-def _parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"-e {pair!r} is not KEY=VALUE")
-        env[key] = value
-    return env
-
-
-@app.command(context_settings={"allow_interspersed_args": False})
-def run(
-    command: Annotated[list[str], typer.Argument(help="the command and its arguments")],
-    template: Annotated[str, typer.Option(envvar="CORRAL_TEMPLATE")] = "host",
-    isolation: Annotated[str, typer.Option(envvar="CORRAL_ISOLATION")] = "auto",
-    timeout: Annotated[
-        float | None, typer.Option(help="seconds before the command is killed")
-    ] = None,
-    env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
-) -> None:
-    """Create a sandbox, run COMMAND in it with live output, destroy it; exit with its code."""
-    from corral.isolation import Engine
-
-    async def main() -> int:
-        async with Engine(Settings.from_env()) as engine:
-            sandbox = await engine.create(
-                template=template, env=_parse_env(env or []), isolation=isolation
-            )
-            cmd = await sandbox.exec(command, timeout=timeout)
-            async for chunk in cmd:
-                out = sys.stdout if chunk.stream == "stdout" else sys.stderr
-                out.buffer.write(chunk.data)
-                out.flush()
-            result = await cmd.wait()
-            if result.reason != "exited":
-                err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")
-            return result.exit_code
-
-    try:
-        code = asyncio.run(main())
-    except CorralError as exc:
-        raise _fail(exc) from None
-    raise typer.Exit(code)
-
-
 def main() -> None:
-    app()
+    code: int | str | None = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    except CorralError as exc:
+        code = fail(exc)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        code = EXIT_INTERRUPTED
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> None:
+    """Leave without finalizing the interpreter.
+
+    The HTTP client's Rust runtime (pyqwest, under connect-python) keeps worker threads
+    that can panic while Python tears itself down, aborting about one short-lived process
+    in twenty with SIGABRT after all work is done. A CLI has nothing left to finalize once
+    its output is flushed, so it exits directly with its code.
+    """
+    if isinstance(code, str):
+        err.print(code)
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code or 0)

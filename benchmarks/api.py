@@ -1,0 +1,201 @@
+"""API benchmark: time to first command through the API, warm pool and cold, beside the engine.
+
+    uv run python benchmarks/api.py --json
+
+Time to first command (TTFC) is what the ComputeSDK benchmark measures of E2B, Daytona
+and Modal: from the create call to the result of `echo hi` in the new sandbox, through
+the SDK, the HTTP API and the server. Measured 100 times in sequence and as a burst of 50,
+against a server with a warm pool and one without; then the warm exec round trip through
+the API, and the engine's own figures (`benchmarks/engine.py`) in the same run. Prints one
+JSON object; latencies in milliseconds. Targets (2 cores): warm TTFC p50 <= 15 ms and
+p99 <= 50 ms, exec round trip p50 <= 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import create_to_first_output, exec_roundtrips, percentiles, raw_bwrap
+
+from corral import AsyncSandbox
+from corral.config import Settings
+from corral.errors import CorralError
+from corral.isolation import Engine
+from corral.store import Store
+
+CGROUP_PARENT = "corral-bench"
+# Between sequential warm measurements: the pool's filler starts a replacement meanwhile,
+# as it would between the requests of a client that is not hammering the server.
+WARM_PACE = 0.06
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running_server(root: Path, name: str, pool_size: int) -> Iterator[tuple[str, str]]:
+    """A `corral server` subprocess; yields (url, API key of a team with room for bursts)."""
+    data = root / name
+    settings = Settings(data_dir=data, runtime_dir=root / "run", cgroup_parent=CGROUP_PARENT)
+    store = Store.open(settings)
+    try:
+        store.create_team("bench", max_sandboxes=500, max_memory_mib=4096)
+        key = store.create_api_key("bench")
+    finally:
+        store.close()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_RUNTIME_DIR": str(settings.runtime_dir),
+        "CORRAL_CGROUP_PARENT": CGROUP_PARENT,
+        "CORRAL_POOL_SIZE": str(pool_size),
+        "CORRAL_LOG_LEVEL": "warning",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "server", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the {name} server did not start")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        time.sleep(1.0 if pool_size else 0)  # let the pool fill
+        yield url, key
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+async def first_command(url: str, key: str) -> float | None:
+    """ms from create to the result of `echo hi`; None if anything failed."""
+    started = time.perf_counter()
+    try:
+        sandbox = await AsyncSandbox.create(server=url, api_key=key, timeout=60)
+        try:
+            result = await sandbox.commands.run("echo hi")
+            elapsed = (time.perf_counter() - started) * 1000
+            return elapsed if result.stdout == "hi\n" else None
+        finally:
+            await sandbox.kill()
+            await sandbox.aclose()
+    except CorralError as exc:
+        print(f"ttfc failed: {exc}", file=sys.stderr)
+        return None
+
+
+async def ttfc(url: str, key: str, count: int, burst: int, pace: float) -> dict[str, Any]:
+    sequential: list[float | None] = []
+    for _ in range(count):
+        sequential.append(await first_command(url, key))
+        await asyncio.sleep(pace)
+    await asyncio.sleep(1.0)  # refill before the burst
+    bursted = await asyncio.gather(*(first_command(url, key) for _ in range(burst)))
+    return {"sequential": sequential, "burst": list(bursted)}
+
+
+async def api_roundtrips(url: str, key: str, count: int) -> list[float]:
+    async with await AsyncSandbox.create(server=url, api_key=key) as sandbox:
+        for _ in range(50):  # warm up
+            await sandbox.commands.run(["true"])
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            await sandbox.commands.run(["true"])
+            samples.append((time.perf_counter() - start) * 1000)
+        return samples
+
+
+async def engine_figures(root: Path, quick: bool) -> dict[str, Any]:
+    settings = Settings(runtime_dir=root / "engine", cgroup_parent=CGROUP_PARENT)
+    async with Engine(settings) as engine:
+        await create_to_first_output(engine)
+        created = [await create_to_first_output(engine) for _ in range(10 if quick else 30)]
+        sandbox = await engine.create(isolation="namespace")
+        await exec_roundtrips(sandbox, 50)
+        rt = await exec_roundtrips(sandbox, 200 if quick else 500)
+        await sandbox.destroy()
+    raw = raw_bwrap(10 if quick else 30)
+    return {
+        "engine_create_to_first_output_ms": {**percentiles(created, 50, 95, 99), "n": len(created)},
+        "engine_exec_roundtrip_ms": {**percentiles(rt, 50, 99), "n": len(rt)},
+        "raw_bwrap_ms": {**percentiles(raw, 50), "n": len(raw)},
+    }
+
+
+def summary(samples: list[float | None]) -> dict[str, Any]:
+    ok = [s for s in samples if s is not None]
+    figures: dict[str, Any] = percentiles(ok, 50, 95, 99) if ok else {}
+    return {**figures, "n": len(samples), "ok": len(ok)}
+
+
+def main(quick: bool) -> dict[str, Any]:
+    count, burst = (20, 10) if quick else (100, 50)
+    root = Path(tempfile.mkdtemp(prefix="corral-bench-api-"))
+    os.chmod(root, 0o711)
+    report: dict[str, Any] = {}
+    all_samples: list[float | None] = []
+    try:
+        with running_server(root, "warm", pool_size=4) as (url, key):
+            warm = asyncio.run(ttfc(url, key, count, burst, WARM_PACE))
+            rt = asyncio.run(api_roundtrips(url, key, 200 if quick else 1000))
+        with running_server(root, "cold", pool_size=0) as (url, key):
+            cold = asyncio.run(ttfc(url, key, count, burst, 0))
+        report["ttfc_warm_ms"] = summary(warm["sequential"])
+        report["ttfc_warm_burst_ms"] = summary(warm["burst"])
+        report["ttfc_cold_ms"] = summary(cold["sequential"])
+        report["ttfc_cold_burst_ms"] = summary(cold["burst"])
+        report["exec_roundtrip_ms"] = {**percentiles(rt, 50, 95, 99), "n": len(rt)}
+        for series in (warm, cold):
+            all_samples += series["sequential"] + series["burst"]
+        report["success_rate"] = round(
+            sum(s is not None for s in all_samples) / len(all_samples), 4
+        )
+        report.update(asyncio.run(engine_figures(root, quick)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="fewer samples, for smoke tests")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = main(args.quick)
+    result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        json.dump(result, sys.stdout, indent=2)
+        print()

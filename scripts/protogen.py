@@ -1,0 +1,80 @@
+"""Generate the Python code of the API from proto/corral/v1/*.proto (`make proto`).
+
+    uv run python scripts/protogen.py           # regenerate src/corral/v1/
+    uv run python scripts/protogen.py --check   # fail if the checked-in code is stale
+
+The tools are pinned dev dependencies (grpcio-tools ships protoc; the Connect plugin is
+protoc-gen-connect-python), so the output is byte-for-byte reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+PACKAGE = Path("corral") / "v1"
+OUT_DIR = ROOT / "src"
+INIT = '''"""Code generated from proto/corral/v1/*.proto by `make proto`. DO NOT EDIT."""
+'''
+
+
+def generate(out: Path) -> Path:
+    """Generate into `out`; returns the package directory written."""
+    plugin = shutil.which("protoc-gen-connect-python", path=str(Path(sys.executable).parent))
+    if plugin is None:
+        sys.exit("protoc-gen-connect-python is missing: run `uv sync` (it is a dev dependency)")
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / PACKAGE).glob("*.proto"))
+    subprocess.run(
+        [
+            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
+            f"--python_out={out}", f"--pyi_out={out}", f"--connect-python_out={out}",
+            f"--plugin=protoc-gen-connect-python={plugin}", *protos,
+        ],
+        check=True,
+        cwd=PROTO_DIR,
+    )  # fmt: skip
+    (out / PACKAGE / "__init__.py").write_text(INIT)
+    return out / PACKAGE
+
+
+def stale(generated: Path, checked_in: Path) -> list[str]:
+    names = {p.name for p in generated.iterdir()} | {
+        p.name for p in checked_in.glob("*") if p.is_file() and p.suffix in (".py", ".pyi")
+    }
+    return sorted(
+        name
+        for name in names
+        if not (checked_in / name).is_file()
+        or not (generated / name).is_file()
+        or not filecmp.cmp(generated / name, checked_in / name, shallow=False)
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check; change nothing")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        generated = generate(Path(tmp))
+        target = OUT_DIR / PACKAGE
+        if args.check:
+            if differ := stale(generated, target):
+                print(f"generated code is stale ({', '.join(differ)}): run `make proto`")
+                return 1
+            return 0
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(generated, target)
+    print(f"generated {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

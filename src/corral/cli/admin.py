@@ -1,0 +1,82 @@
+"""`corral admin …`: teams and API keys, straight in the local store (not through the API).
+
+Run it on the server's machine with the server's data directory; it is safe while the
+server runs (the store is SQLite in WAL mode, or PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from corral.cli._common import OUTPUT_OPTION, Output, out, show
+from corral.config import Settings
+
+app = typer.Typer(no_args_is_help=True, help="Manage teams and API keys (local store).")
+team_app = typer.Typer(no_args_is_help=True, help="Teams: tenants with quotas.")
+key_app = typer.Typer(no_args_is_help=True, help="API keys: each belongs to one team.")
+app.add_typer(team_app, name="team")
+app.add_typer(key_app, name="key")
+
+DATA_DIR: Any = typer.Option(
+    "--data-dir", envvar="CORRAL_DATA_DIR", help="the server's data directory (its store)"
+)
+
+
+@contextmanager
+def _store(data_dir: Path | None) -> Iterator[Any]:
+    from corral.store import Store
+
+    overrides = {} if data_dir is None else {"data_dir": data_dir}
+    store = Store.open(Settings.from_env(None, **overrides))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@team_app.command("create")
+def team_create(
+    name: Annotated[str, typer.Argument(help="lower-case letters, digits, - and _")],
+    max_sandboxes: Annotated[int, typer.Option(help="live sandboxes at once")] = 20,
+    max_memory_mib: Annotated[int, typer.Option(help="memory of its live sandboxes")] = 4096,
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Create a team; then give it a key with `corral admin key create --team NAME`."""
+    with _store(data_dir) as store:
+        team = store.create_team(name, max_sandboxes=max_sandboxes, max_memory_mib=max_memory_mib)
+    out.print(f"created team {team.name} ({team.id})")
+
+
+@team_app.command("list")
+def team_list(data_dir: Path | None = DATA_DIR, output: Output = OUTPUT_OPTION) -> None:
+    with _store(data_dir) as store:
+        teams = store.teams()
+    show(output, teams, ("name", "id", "max_sandboxes", "max_memory_mib"))
+
+
+@key_app.command("create")
+def key_create(
+    team: Annotated[str, typer.Option(help="the team the key acts for")],
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Create an API key; it is printed once, on the last line, and never shown again."""
+    with _store(data_dir) as store:
+        key = store.create_api_key(team)
+    out.print(f"API key for team {team} (store it now; it is not shown again):")
+    print(key)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key: Annotated[str, typer.Argument(help="the whole key, or its first 12 characters")],
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Revoke an API key: calls with it fail from now on."""
+    with _store(data_dir) as store:
+        store.revoke_api_key(key)
+    out.print(f"revoked {key[:12]}…")

@@ -1,0 +1,245 @@
+"""Commands in a sandbox (async): run to the end, or start in the background with a handle.
+
+Output arrives as it is produced; `on_stdout`/`on_stderr` get each chunk decoded as
+UTF-8 (a character split across chunks is kept whole). A background command's output is
+read continuously, so it never blocks on a full pipe whether or not anyone waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import inspect
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Literal, TypedDict, Unpack, overload
+
+from corral.client._connection import Connection
+from corral.client._models import CommandResult, ProcessInfo
+from corral.errors import ServerUnavailable
+from corral.v1 import sandbox_pb2 as pb
+
+OutputCallback = Callable[[str], object]
+DEFAULT_TIMEOUT = 60.0
+
+
+class RunOptions(TypedDict, total=False):
+    """How to run a command; every key is optional."""
+
+    envs: Mapping[str, str]  # on top of the sandbox's own
+    cwd: str  # default /workspace
+    user: str
+    # Seconds before it is killed with reason "timeout"; default 60, None or 0 for none.
+    timeout: float | None
+    on_stdout: OutputCallback  # called with each chunk of output, as text
+    on_stderr: OutputCallback
+    # Open stdin for send_stdin; default: in the background only.
+    stdin: bool
+    tag: str  # shown by `commands.list()`
+
+
+class _Output:
+    """One stream's text so far, decoded incrementally, and its callback."""
+
+    def __init__(self, callback: OutputCallback | None) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._parts: list[str] = []
+        self._callback = callback
+
+    async def add(self, data: bytes, final: bool = False) -> None:
+        text = self._decoder.decode(data, final)
+        if not text:
+            return
+        self._parts.append(text)
+        if self._callback is not None:
+            result = self._callback(text)
+            if inspect.isawaitable(result):
+                await result
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+
+def _seen(task: asyncio.Task[CommandResult]) -> None:
+    """A background reader's failure is raised by `wait`, if anyone waits: not logged."""
+    if not task.cancelled():
+        task.exception()
+
+
+class AsyncCommandHandle:
+    """A started command: its pid, stdin, signals, and its result when it ends."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        sandbox_id: str,
+        pid: int,
+        events: AsyncIterator[pb.ExecResponse],
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> None:
+        self.pid = pid
+        self.sandbox_id = sandbox_id
+        self._connection = connection
+        self._events = events
+        self._stdout = _Output(on_stdout)
+        self._stderr = _Output(on_stderr)
+        self._reader: asyncio.Task[CommandResult] | None = None
+
+    @property
+    def stdout(self) -> str:
+        """What the command wrote to stdout so far."""
+        return self._stdout.text
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr.text
+
+    async def _read_to_end(self) -> CommandResult:
+        async for event in self._events:
+            kind = event.WhichOneof("event")
+            if kind == "stdout":
+                await self._stdout.add(event.stdout)
+            elif kind == "stderr":
+                await self._stderr.add(event.stderr)
+            elif kind == "end":
+                await self._stdout.add(b"", final=True)
+                await self._stderr.add(b"", final=True)
+                end = event.end
+                return CommandResult(
+                    stdout=self._stdout.text,
+                    stderr=self._stderr.text,
+                    exit_code=end.exit_code,
+                    reason=end.reason,
+                    error=end.error or None,
+                    signal=end.signal or None,
+                )
+        raise ServerUnavailable(
+            f"the Corral server ended the output of process {self.pid} before it ended; "
+            "`corral sandbox ps` shows whether it still runs"
+        )
+
+    def _read_in_background(self) -> None:
+        self._reader = asyncio.create_task(self._read_to_end(), name=f"corral-pid-{self.pid}")
+        self._reader.add_done_callback(_seen)
+
+    async def wait(self) -> CommandResult:
+        """Wait for the end; a non-zero exit code is a result, not an error."""
+        if self._reader is None:
+            return await self._read_to_end()
+        return await asyncio.shield(self._reader)
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        """Write to the command's stdin (started with stdin=True, the default in background)."""
+        raw = data.encode() if isinstance(data, str) else data
+        request = pb.SendInputRequest(sandbox_id=self.sandbox_id, pid=self.pid, data=raw)
+        await self._connection.call(self._connection.rpc.send_input, request)
+
+    async def close_stdin(self) -> None:
+        request = pb.CloseInputRequest(sandbox_id=self.sandbox_id, pid=self.pid)
+        await self._connection.call(self._connection.rpc.close_input, request)
+
+    async def signal(self, signum: int, *, group: bool = True) -> None:
+        request = pb.SignalRequest(
+            sandbox_id=self.sandbox_id, pid=self.pid, signal=signum, group=group
+        )
+        await self._connection.call(self._connection.rpc.signal, request)
+
+    async def kill(self) -> CommandResult:
+        """SIGKILL the command and its process group; its result (reason "killed")."""
+        await self.signal(signal.SIGKILL)
+        return await self.wait()
+
+    async def disconnect(self) -> None:
+        """Stop following the command: a background one goes on running in the sandbox."""
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class AsyncCommands:
+    """`sandbox.commands`: run commands and manage the running ones."""
+
+    def __init__(self, connection: Connection, sandbox_id: str) -> None:
+        self._connection = connection
+        self._sandbox_id = sandbox_id
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        **options: Unpack[RunOptions],
+    ) -> CommandResult: ...
+
+    @overload
+    async def run(
+        self, cmd: str | Sequence[str], *, background: Literal[True], **options: Unpack[RunOptions]
+    ) -> AsyncCommandHandle: ...
+
+    async def run(
+        self, cmd: str | Sequence[str], *, background: bool = False, **options: Unpack[RunOptions]
+    ) -> CommandResult | AsyncCommandHandle:
+        """Run `cmd` (a shell line, or a program and its arguments); see `RunOptions`.
+
+        In the foreground, returns its `CommandResult` when it ends. With
+        `background=True`, returns a handle at once; the command goes on if this client
+        goes away.
+        """
+        timeout = options.get("timeout", DEFAULT_TIMEOUT)
+        stdin = options.get("stdin")
+        request = pb.ExecRequest(
+            sandbox_id=self._sandbox_id,
+            envs=dict(options.get("envs") or {}),
+            cwd=options.get("cwd") or "",
+            user=options.get("user") or "",
+            timeout_seconds=timeout or 0.0,
+            stdin=background if stdin is None else stdin,
+            background=background,
+            tag=options.get("tag") or "",
+        )
+        if isinstance(cmd, str):
+            request.cmd = cmd
+        else:
+            request.argv.extend(cmd)
+        events = self._connection.stream(self._connection.rpc.exec, request)
+        first = await anext(events, None)
+        if first is None or first.WhichOneof("event") != "start":
+            raise ServerUnavailable("the Corral server did not start the command; try again")
+        handle = AsyncCommandHandle(
+            self._connection,
+            self._sandbox_id,
+            first.start.pid,
+            events,
+            options.get("on_stdout"),
+            options.get("on_stderr"),
+        )
+        if not background:
+            return await handle.wait()
+        handle._read_in_background()
+        return handle
+
+    async def list(self) -> list[ProcessInfo]:
+        """The processes started in the sandbox that still run."""
+        request = pb.ListProcessesRequest(sandbox_id=self._sandbox_id)
+        reply = await self._connection.call(self._connection.rpc.list_processes, request)
+        return [ProcessInfo.from_proto(p) for p in reply.processes]
+
+    async def kill(self, pid: int) -> None:
+        """SIGKILL a process (and its group) by pid."""
+        request = pb.SignalRequest(
+            sandbox_id=self._sandbox_id, pid=pid, signal=signal.SIGKILL, group=True
+        )
+        await self._connection.call(self._connection.rpc.signal, request)
+
+    async def send_stdin(self, pid: int, data: str | bytes) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        request = pb.SendInputRequest(sandbox_id=self._sandbox_id, pid=pid, data=raw)
+        await self._connection.call(self._connection.rpc.send_input, request)

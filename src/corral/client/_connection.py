@@ -1,0 +1,73 @@
+"""The SDK's line to the server: the generated Connect client, the key, and the one place
+where Connect errors become Corral errors again (`corral._wire.from_connect`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from corral._wire import from_connect
+from corral.client._config import ClientSettings
+from corral.v1.sandbox_connect import SandboxServiceClient
+
+REQ = TypeVar("REQ")
+RES = TypeVar("RES")
+
+Unary = Callable[..., Awaitable[RES]]
+
+
+def _translate(exc: ConnectError) -> BaseException:
+    task = asyncio.current_task()
+    if exc.code is Code.CANCELED and task is not None and task.cancelling():
+        # connect-python turns our own cancellation into an error; give it back.
+        return asyncio.CancelledError()
+    return from_connect(exc)
+
+
+class Connection:
+    """One client of `corral.v1.SandboxService` with its key; shared by a sandbox's parts."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self.rpc = SandboxServiceClient(
+            settings.server,
+            accept_compression=(),  # loopback and LANs: compression costs more than it saves
+            send_compression=None,
+        )
+        self._headers: Mapping[str, str] = (
+            {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        )
+        self._timeout_ms = int(settings.timeout * 1000)
+
+    async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:
+        """A unary call, with the key and the timeout."""
+        try:
+            return await method(request, headers=self._headers, timeout_ms=self._timeout_ms)
+        except ConnectError as exc:
+            raise _translate(exc) from None
+
+    async def stream(
+        self, method: Callable[..., AsyncIterator[RES]], request: object
+    ) -> AsyncIterator[RES]:
+        """A server-streaming call (no timeout: it lasts as long as the work)."""
+        try:
+            async for message in method(request, headers=self._headers):
+                yield message
+        except ConnectError as exc:
+            raise _translate(exc) from None
+
+    async def upload(
+        self, method: Callable[..., Awaitable[RES]], requests: AsyncIterator[object]
+    ) -> RES:
+        """A client-streaming call (no timeout: it lasts as long as the upload)."""
+        try:
+            return await method(requests, headers=self._headers)
+        except ConnectError as exc:
+            raise _translate(exc) from None
+
+    async def aclose(self) -> None:
+        await self.rpc.close()

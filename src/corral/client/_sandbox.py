@@ -1,0 +1,237 @@
+"""`AsyncSandbox`: create, connect to, list and manage sandboxes on a Corral server.
+
+    async with await AsyncSandbox.create(timeout=120) as sbx:    # killed on exit
+        result = await sbx.commands.run("python3 -c 'print(6 * 7)'")
+        await sbx.files.write("data.csv", "a,b\\n1,2\\n")
+
+The server and API key come from the arguments, else `CORRAL_SERVER` and
+`CORRAL_API_KEY`, else the CLI's current context (see `corral context`).
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from corral.client._commands import AsyncCommands
+from corral.client._config import ClientSettings
+from corral.client._connection import Connection
+from corral.client._files import AsyncFiles
+from corral.client._models import STATE_NUMBERS, Limits, MetricPoint, SandboxInfo
+from corral.errors import InvalidRequest, NotFound
+from corral.v1 import sandbox_pb2 as pb
+
+MetricsRange = Literal["10m", "2h", "24h"]
+_RANGES = {"10m": pb.METRICS_RANGE_10M, "2h": pb.METRICS_RANGE_2H, "24h": pb.METRICS_RANGE_24H}
+
+
+def _connect(
+    server: str | None, api_key: str | None, context: str | None, request_timeout: float | None
+) -> Connection:
+    return Connection(
+        ClientSettings.resolve(
+            server=server, api_key=api_key, context=context, timeout=request_timeout
+        )
+    )
+
+
+class AsyncSandbox:
+    """A sandbox on a Corral server. Get one from `create` or `connect`."""
+
+    def __init__(self, info: SandboxInfo, connection: Connection) -> None:
+        self._info = info
+        self._connection = connection
+        self.commands = AsyncCommands(connection, info.sandbox_id)
+        self.files = AsyncFiles(connection, info.sandbox_id)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._info.sandbox_id
+
+    @property
+    def info(self) -> SandboxInfo:
+        """What the server said about the sandbox at the last call that returned it."""
+        return self._info
+
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.sandbox_id} {self._info.state}>"
+
+    # -- getting one ----------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        template: str = "host",
+        *,
+        timeout: int | None = None,
+        idle_timeout: int | None = None,
+        on_idle: Literal["pause", "kill"] = "pause",
+        envs: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        isolation: str = "auto",
+        limits: Limits | None = None,
+        api_key: str | None = None,
+        server: str | None = None,
+        context: str | None = None,
+        request_timeout: float | None = None,
+    ) -> AsyncSandbox:
+        """Start a sandbox; it lives `timeout` seconds (server default 300) unless moved.
+
+        `idle_timeout` seconds without activity (commands, files, pings) pause it, or
+        kill it with `on_idle="kill"`. `envs` apply to every command run in it.
+        """
+        if on_idle not in ("pause", "kill"):
+            raise InvalidRequest(f"on_idle={on_idle!r}: use 'pause' or 'kill'")
+        connection = _connect(server, api_key, context, request_timeout)
+        request = pb.CreateRequest(
+            template=template,
+            isolation=isolation,
+            limits=(limits or Limits()).to_proto(),
+            envs=dict(envs or {}),
+            metadata=dict(metadata or {}),
+            timeout_seconds=timeout or 0,
+            idle_timeout_seconds=idle_timeout or 0,
+            on_idle=pb.IDLE_ACTION_KILL if on_idle == "kill" else pb.IDLE_ACTION_PAUSE,
+        )
+        try:
+            reply = await connection.call(connection.rpc.create, request)
+        except BaseException:
+            await connection.aclose()
+            raise
+        return cls(SandboxInfo.from_proto(reply.sandbox), connection)
+
+    @classmethod
+    async def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        resume: bool = True,
+        api_key: str | None = None,
+        server: str | None = None,
+        context: str | None = None,
+        request_timeout: float | None = None,
+    ) -> AsyncSandbox:
+        """An existing sandbox of your team, resumed if it was paused.
+
+        With `resume=False` it is left as it is, even killed (to read its `info`).
+        """
+        connection = _connect(server, api_key, context, request_timeout)
+        try:
+            reply = await connection.call(connection.rpc.get, pb.GetRequest(sandbox_id=sandbox_id))
+            info = SandboxInfo.from_proto(reply.sandbox)
+            if not resume:
+                pass
+            elif info.state == "paused":
+                resumed = await connection.call(
+                    connection.rpc.resume, pb.ResumeRequest(sandbox_id=sandbox_id)
+                )
+                info = SandboxInfo.from_proto(resumed.sandbox)
+            elif info.state in ("killed", "failed"):
+                raise NotFound(f"sandbox {sandbox_id} is {info.state}: {info.state_reason}")
+        except BaseException:
+            await connection.aclose()
+            raise
+        return cls(info, connection)
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        states: Sequence[str] = (),
+        metadata: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: str | None = None,
+        context: str | None = None,
+        request_timeout: float | None = None,
+    ) -> list[SandboxInfo]:
+        """Your team's sandboxes (by default every one not killed or failed), all pages."""
+        unknown = [s for s in states if s not in STATE_NUMBERS]
+        if unknown:
+            raise InvalidRequest(f"unknown state {unknown[0]!r}: use {', '.join(STATE_NUMBERS)}")
+        connection = _connect(server, api_key, context, request_timeout)
+        found: list[SandboxInfo] = []
+        try:
+            token = ""
+            while True:
+                request = pb.ListRequest(
+                    states=[STATE_NUMBERS[s] for s in states],
+                    metadata=dict(metadata or {}),
+                    page_size=1000,
+                    page_token=token,
+                )
+                reply = await connection.call(connection.rpc.list, request)
+                found.extend(SandboxInfo.from_proto(s) for s in reply.sandboxes)
+                token = reply.next_page_token
+                if not token:
+                    return found
+        finally:
+            await connection.aclose()
+
+    # -- this one -------------------------------------------------------------------------
+
+    async def get_info(self) -> SandboxInfo:
+        reply = await self._connection.call(
+            self._connection.rpc.get, pb.GetRequest(sandbox_id=self.sandbox_id)
+        )
+        self._info = SandboxInfo.from_proto(reply.sandbox)
+        return self._info
+
+    async def is_running(self) -> bool:
+        return (await self.get_info()).state == "running"
+
+    async def kill(self) -> None:
+        """Kill every process and delete the sandbox; killing it twice is no error."""
+        await self._connection.call(
+            self._connection.rpc.kill, pb.KillRequest(sandbox_id=self.sandbox_id)
+        )
+
+    async def pause(self) -> SandboxInfo:
+        """Freeze it: its processes stop; memory and files stay, until `resume`."""
+        reply = await self._connection.call(
+            self._connection.rpc.pause, pb.PauseRequest(sandbox_id=self.sandbox_id)
+        )
+        self._info = SandboxInfo.from_proto(reply.sandbox)
+        return self._info
+
+    async def resume(self) -> SandboxInfo:
+        reply = await self._connection.call(
+            self._connection.rpc.resume, pb.ResumeRequest(sandbox_id=self.sandbox_id)
+        )
+        self._info = SandboxInfo.from_proto(reply.sandbox)
+        return self._info
+
+    async def set_timeout(self, timeout: int) -> SandboxInfo:
+        """Kill it `timeout` seconds from now (instead of at its current deadline)."""
+        request = pb.SetTimeoutRequest(sandbox_id=self.sandbox_id, timeout_seconds=timeout)
+        reply = await self._connection.call(self._connection.rpc.set_timeout, request)
+        self._info = SandboxInfo.from_proto(reply.sandbox)
+        return self._info
+
+    async def ping(self) -> None:
+        """Count as activity: restarts its idle timer."""
+        await self._connection.call(
+            self._connection.rpc.ping, pb.PingRequest(sandbox_id=self.sandbox_id)
+        )
+
+    async def get_metrics(self, range: MetricsRange = "10m") -> builtins.list[MetricPoint]:
+        if range not in _RANGES:
+            raise InvalidRequest(f"range={range!r}: use 10m, 2h or 24h")
+        request = pb.GetMetricsRequest(sandbox_id=self.sandbox_id, range=_RANGES[range])
+        reply = await self._connection.call(self._connection.rpc.get_metrics, request)
+        return [MetricPoint.from_proto(p) for p in reply.points]
+
+    async def aclose(self) -> None:
+        """Close the connection; the sandbox goes on (see `kill`)."""
+        await self._connection.aclose()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.kill()
+        except NotFound:
+            pass
+        finally:
+            await self.aclose()

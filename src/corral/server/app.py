@@ -1,0 +1,185 @@
+"""The ASGI app: Connect services for SandboxService and HealthService, and `GET /healthz`.
+
+    app = create_app(Settings.from_env())     # serve it with uvicorn (`corral server`)
+
+Routing is by path prefix (each Connect service owns `/<package.Service>/`), so no web
+framework is needed. The app's lifespan opens the store, makes sure the default team
+and its key exist, and starts the sandbox manager; its shutdown stops the manager,
+which kills every sandbox it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from corral import __version__
+from corral.config import Settings
+from corral.server import disconnect
+from corral.server.base import Services
+from corral.server.disconnect import Receive
+from corral.server.interceptors import ErrorInterceptor
+from corral.server.requests import MAX_MESSAGE_BYTES, limit_size, strict_codecs
+from corral.server.service import HealthService, SandboxService
+from corral.v1.health_connect import HealthServiceASGIApplication
+from corral.v1.sandbox_connect import SandboxServiceASGIApplication
+
+log = logging.getLogger("corral.server")
+
+Scope = dict[str, Any]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_SANDBOX_PREFIX = "/corral.v1.SandboxService/"
+_HEALTH_PREFIX = "/corral.v1.HealthService/"
+
+
+_NO_GRPC = {
+    "code": "unimplemented",
+    "message": "native gRPC needs HTTP/2 trailers, which this server (uvicorn, HTTP/1.1) "
+    "does not have: use the Connect protocol (any HTTP client, the Corral SDK) or gRPC-Web",
+}
+
+
+def _needs_trailers(scope: Scope) -> bool:
+    """A native gRPC call (not gRPC-Web) on a server without the ASGI trailers extension."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            grpc = value.startswith(b"application/grpc") and not value.startswith(
+                b"application/grpc-web"
+            )
+            return grpc and "http.response.trailers" not in scope.get("extensions", {})
+    return False
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+class CorralApp:
+    """One ASGI application for the whole API."""
+
+    def __init__(self, settings: Settings, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        strict_codecs()
+        self.settings = settings
+        self.services = Services()
+        self.default_key: str | None = None  # the key of the default team, after start-up
+        self._max_message_bytes = max_message_bytes
+        interceptors = [ErrorInterceptor()]
+        self._sandbox_app: ASGIApp = SandboxServiceASGIApplication(
+            SandboxService(self.services),
+            interceptors=interceptors,
+            read_max_bytes=max_message_bytes,
+        )
+        self._health_app: ASGIApp = HealthServiceASGIApplication(
+            HealthService(), interceptors=interceptors, read_max_bytes=64 * 1024
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # websockets: not spoken here
+            return
+        path: str = scope["path"]
+        if path.startswith((_SANDBOX_PREFIX, _HEALTH_PREFIX)) and _needs_trailers(scope):
+            await _send_json(send, 415, _NO_GRPC)
+        elif path.startswith(_SANDBOX_PREFIX):
+            headers = dict(scope.get("headers", ()))
+            receive = limit_size(receive, headers, self._max_message_bytes)
+            await self._sandbox_app(scope, disconnect.watch(receive), send)
+        elif path.startswith(_HEALTH_PREFIX):
+            await self._health_app(scope, receive, send)
+        elif path == "/healthz":
+            started = self.services.manager is not None
+            await _send_json(
+                send,
+                200 if started else 503,
+                {"status": "serving" if started else "starting", "version": __version__},
+            )
+        else:
+            await _send_json(
+                send,
+                404,
+                {
+                    "code": "not_found",
+                    "message": f"no endpoint {path}; the API is /corral.v1.SandboxService/<Method>",
+                },
+            )
+
+    # -- lifespan -------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        try:
+            await self._lifespan_events(receive, send)
+        except asyncio.CancelledError:  # a forced exit skips the shutdown event
+            log.debug("lifespan cancelled")
+
+    async def _lifespan_events(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    log.error("start-up failed", extra={"error": str(exc)})
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def start(self) -> None:
+        from corral.sandboxes import SandboxManager
+        from corral.store import Store
+
+        store = Store.open(self.settings)
+        try:
+            team, new_key = store.ensure_default_team()
+            key_file = self.settings.data_dir / "default.key"
+            self.default_key = new_key or key_file.read_text().strip()
+            manager = SandboxManager(self.settings, store, pool_size=self.settings.pool_size)
+            await manager.start()
+        except BaseException:
+            store.close()
+            raise
+        self.services.store = store
+        self.services.manager = manager
+        log.info(
+            "server started",
+            extra={
+                "data_dir": str(self.settings.data_dir),
+                "default_team": team.name,
+                "default_key_file": str(key_file),
+                "pool_size": self.settings.pool_size,
+            },
+        )
+
+    async def stop(self) -> None:
+        manager, store = self.services.manager, self.services.store
+        self.services.manager = None
+        if manager is not None:
+            try:
+                await manager.aclose()
+            except Exception:
+                log.exception("stopping the sandbox manager failed")
+        if store is not None:
+            store.close()
+            self.services.store = None
+        log.info("server stopped")
+
+
+def create_app(settings: Settings) -> CorralApp:
+    return CorralApp(settings)

@@ -1,0 +1,42 @@
+"""What every group of RPC handlers shares: the services, started with the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from connectrpc.request import RequestContext
+
+from corral.errors import ServerUnavailable
+from corral.server.auth import authenticate
+from corral.server.registry import CommandRegistry
+
+if TYPE_CHECKING:
+    from corral.sandboxes import SandboxManager
+    from corral.store import Store, Team
+
+
+@dataclass
+class Services:
+    """The services behind the API; `manager` and `store` exist once the app has started."""
+
+    store: Store | None = None
+    manager: SandboxManager | None = None
+    commands: CommandRegistry = field(default_factory=CommandRegistry)
+
+
+class Handlers:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._commands = services.commands
+
+    @property
+    def _manager(self) -> SandboxManager:
+        if self._services.manager is None:
+            raise ServerUnavailable("the Corral server is starting or stopping; try again")
+        return self._services.manager
+
+    def _team(self, ctx: RequestContext[Any, Any]) -> Team:
+        if self._services.store is None:
+            raise ServerUnavailable("the Corral server is starting or stopping; try again")
+        return authenticate(self._services.store, ctx)

@@ -1,0 +1,161 @@
+"""Between the services' records and the API's messages, both ways, and request checks.
+
+Every check of a request field that the services would not catch themselves (a NUL in a
+path, a negative timeout) is here, so each bad input gets one clear `InvalidRequest`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from corral.errors import InvalidRequest
+from corral.isolation import Limits
+from corral.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from corral.guest import EntryInfo, ProcessInfo
+    from corral.sandboxes import MetricPoint, SandboxRecord
+
+_MAX_PATH = 4096
+_MAX_ID = 64
+
+STATES = {
+    "creating": pb.SANDBOX_STATE_CREATING,
+    "running": pb.SANDBOX_STATE_RUNNING,
+    "paused": pb.SANDBOX_STATE_PAUSED,
+    "killed": pb.SANDBOX_STATE_KILLED,
+    "failed": pb.SANDBOX_STATE_FAILED,
+}
+STATE_NAMES = {number: name for name, number in STATES.items()}
+IDLE_ACTIONS = {"pause": pb.IDLE_ACTION_PAUSE, "kill": pb.IDLE_ACTION_KILL}
+IDLE_ACTION_NAMES = {
+    pb.IDLE_ACTION_UNSPECIFIED: "pause",
+    pb.IDLE_ACTION_PAUSE: "pause",
+    pb.IDLE_ACTION_KILL: "kill",
+}
+METRICS_RANGES = {
+    pb.METRICS_RANGE_UNSPECIFIED: "10m",
+    pb.METRICS_RANGE_10M: "10m",
+    pb.METRICS_RANGE_2H: "2h",
+    pb.METRICS_RANGE_24H: "24h",
+}
+FILE_TYPES = {
+    "file": pb.FILE_TYPE_FILE,
+    "dir": pb.FILE_TYPE_DIR,
+    "symlink": pb.FILE_TYPE_SYMLINK,
+    "other": pb.FILE_TYPE_OTHER,
+}
+
+
+def timestamp(value: datetime | float | None) -> Timestamp | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        value = datetime.fromtimestamp(value, UTC)
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def sandbox(record: SandboxRecord) -> pb.Sandbox:
+    limits = record.limits
+    return pb.Sandbox(
+        id=record.id,
+        template=record.template,
+        isolation=record.isolation,
+        state=STATES.get(record.state, pb.SANDBOX_STATE_UNSPECIFIED),
+        state_reason=record.state_reason,
+        metadata=record.metadata,
+        limits=pb.Limits(
+            memory_mib=limits.memory_mib, cpu=limits.cpu, pids=limits.pids, disk_mib=limits.disk_mib
+        ),
+        created_at=timestamp(record.created_at),
+        expires_at=timestamp(record.expires_at),
+        idle_timeout_seconds=record.idle_timeout_seconds,
+        on_idle=IDLE_ACTIONS.get(record.on_idle, pb.IDLE_ACTION_UNSPECIFIED),
+        last_activity_at=timestamp(record.last_activity_at),
+    )
+
+
+def metric_point(point: MetricPoint) -> pb.MetricPoint:
+    return pb.MetricPoint(
+        at=timestamp(point.at),
+        cpu_percent=point.cpu_percent,
+        memory_bytes=point.memory_bytes,
+        memory_peak_bytes=point.memory_peak_bytes,
+        pids=point.pids,
+    )
+
+
+def entry(info: EntryInfo) -> pb.EntryInfo:
+    return pb.EntryInfo(
+        name=info.name,
+        path=info.path,
+        type=FILE_TYPES.get(info.type, pb.FILE_TYPE_OTHER),
+        size=info.size,
+        mode=info.mode,
+        modified_at=timestamp(info.mtime),
+        symlink_target=info.symlink_target or "",
+    )
+
+
+def process(info: ProcessInfo) -> pb.ProcessInfo:
+    return pb.ProcessInfo(
+        pid=info.pid,
+        argv=info.argv or [],
+        cmd=info.cmd or "",
+        tag=info.tag or "",
+        background=info.background,
+        started_at=timestamp(info.started_at),
+    )
+
+
+# -- request checks ------------------------------------------------------------------------
+
+
+def sandbox_id(value: str) -> str:
+    if not value:
+        raise InvalidRequest("sandbox_id is empty; pass the id `corral sandbox list` shows")
+    if len(value) > _MAX_ID or "\x00" in value:
+        raise InvalidRequest("sandbox_id is malformed; pass the id `corral sandbox list` shows")
+    return value
+
+
+def path(value: str, field: str = "path") -> str:
+    if not value:
+        raise InvalidRequest(f"{field} is empty; pass a path inside the sandbox")
+    if "\x00" in value:
+        raise InvalidRequest(f"{field} contains a NUL character, which no path may hold")
+    if len(value.encode()) > _MAX_PATH:
+        raise InvalidRequest(f"{field} is longer than {_MAX_PATH} bytes")
+    return value
+
+
+def not_negative(value: float, field: str) -> None:
+    if value < 0:
+        raise InvalidRequest(f"{field}={value:g} is negative; pass 0 or more")
+
+
+def strings(values: dict[str, str], field: str) -> dict[str, str]:
+    for key, value in values.items():
+        if not key or "\x00" in key or "\x00" in value:
+            raise InvalidRequest(f"{field} has an empty key or a NUL character: {key!r}")
+        if field == "envs" and "=" in key:
+            raise InvalidRequest(f"envs key {key!r} contains '='")
+    return dict(values)
+
+
+def limits(value: pb.Limits) -> Limits:
+    """The limits asked for, zero fields taking the defaults; range errors say which."""
+    defaults = Limits()
+    for name in ("memory_mib", "cpu", "pids", "disk_mib"):
+        not_negative(getattr(value, name), f"limits.{name}")
+    return Limits(
+        memory_mib=value.memory_mib or defaults.memory_mib,
+        cpu=value.cpu or defaults.cpu,
+        pids=value.pids or defaults.pids,
+        disk_mib=value.disk_mib or defaults.disk_mib,
+    )

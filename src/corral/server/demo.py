@@ -1,0 +1,71 @@
+"""`corral server --demo` (what `make run` runs): once the server answers, a first command
+in a sandbox through the API, as any client would make it, and what to try next."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+import httpx
+import uvicorn
+
+from corral.client import AsyncSandbox
+from corral.errors import CorralError
+from corral.server.app import CorralApp
+
+log = logging.getLogger("corral.server")
+
+_COMMAND = 'echo "hello from $(hostname) as $(id -un), pid $$"; uname -sr'
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+async def _wait_healthy(server: uvicorn.Server, url: str) -> bool:
+    async with httpx.AsyncClient(timeout=2) as http:
+        while not server.should_exit:
+            if server.started:
+                try:
+                    if (await http.get(f"{url}/healthz")).status_code == 200:
+                        return True
+                except httpx.HTTPError:
+                    pass
+            await asyncio.sleep(0.05)
+    return False
+
+
+async def show(server: uvicorn.Server, app: CorralApp, url: str) -> None:
+    if not await _wait_healthy(server, url):
+        return
+    _say(f"corral server is up at {url} (Ctrl-C stops it)")
+    _say(f"the default team's API key is in {app.settings.data_dir / 'default.key'}")
+    _say(f"running a first command in a sandbox through the API:  sh -c '{_COMMAND}'")
+    started = time.perf_counter()
+    try:
+        async with await AsyncSandbox.create(server=url, api_key=app.default_key) as sbx:
+            result = await sbx.commands.run(
+                _COMMAND, on_stdout=lambda text: _say(text.rstrip("\n")), timeout=30
+            )
+            elapsed = (time.perf_counter() - started) * 1000
+            _say(
+                f"exit code {result.exit_code} ({result.reason}) in sandbox {sbx.sandbox_id}, "
+                f"{sbx.info.isolation} isolation, {elapsed:.0f} ms from create to result"
+            )
+    except CorralError as exc:
+        _say(f"the first command failed: {exc}")
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return
+    _say()
+    _say("next, in another terminal (this server keeps running):")
+    _say("  uv run corral run -- python3 -c 'print(6 * 7)'")
+    _say("  uv run corral sandbox create      then   uv run corral sandbox exec ID -- ls -la")
+    _say("  uv run corral sandbox list --output json")
+    _say(
+        f"  curl -H 'Content-Type: application/json' "
+        f'-H "Authorization: Bearer $(cat {app.settings.data_dir / "default.key"})" '
+        f"-d '{{}}' {url}/corral.v1.SandboxService/List"
+    )
+    _say("  uv run python -c 'from corral import Sandbox; print(Sandbox.list())'")

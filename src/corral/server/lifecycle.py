@@ -1,0 +1,100 @@
+"""SandboxService RPCs of a sandbox's life: create, get, list, kill, pause, resume, timeouts."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, cast
+
+from connectrpc.request import RequestContext
+
+from corral.errors import InvalidRequest
+from corral.sandboxes import CreateOptions
+from corral.server import convert
+from corral.server.base import Handlers
+from corral.v1 import sandbox_pb2 as pb
+
+Ctx = RequestContext[Any, Any]
+_MAX_PAGE = 1000
+
+
+class LifecycleHandlers(Handlers):
+    async def create(self, request: pb.CreateRequest, ctx: Ctx) -> pb.CreateResponse:
+        team = self._team(ctx)
+        convert.not_negative(request.timeout_seconds, "timeout_seconds")
+        convert.not_negative(request.idle_timeout_seconds, "idle_timeout_seconds")
+        if request.on_idle not in convert.IDLE_ACTION_NAMES:
+            raise InvalidRequest(f"on_idle={request.on_idle} is not an IdleAction")
+        options = CreateOptions(
+            template=request.template or "host",
+            isolation=request.isolation or "auto",
+            limits=convert.limits(request.limits),
+            envs=convert.strings(dict(request.envs), "envs"),
+            metadata=convert.strings(dict(request.metadata), "metadata"),
+            timeout_seconds=request.timeout_seconds or 300,
+            idle_timeout_seconds=request.idle_timeout_seconds,
+            on_idle=cast(Literal["pause", "kill"], convert.IDLE_ACTION_NAMES[request.on_idle]),
+        )
+        record = await self._manager.create(team, options)
+        return pb.CreateResponse(sandbox=convert.sandbox(record))
+
+    async def get(self, request: pb.GetRequest, ctx: Ctx) -> pb.GetResponse:
+        team = self._team(ctx)
+        record = await self._manager.get(team, convert.sandbox_id(request.sandbox_id))
+        return pb.GetResponse(sandbox=convert.sandbox(record))
+
+    async def list(self, request: pb.ListRequest, ctx: Ctx) -> pb.ListResponse:
+        team = self._team(ctx)
+        states = []
+        for state in request.states:
+            if state not in convert.STATE_NAMES:
+                raise InvalidRequest(f"states has {state}, which is not a SandboxState")
+            states.append(convert.STATE_NAMES[state])
+        if not 0 <= request.page_size <= _MAX_PAGE:
+            raise InvalidRequest(f"page_size={request.page_size} is out of range: use 0 to 1000")
+        records, next_token = await self._manager.list(
+            team,
+            states=tuple(states),
+            metadata=convert.strings(dict(request.metadata), "metadata") or None,
+            page_size=request.page_size or 100,
+            page_token=request.page_token,
+        )
+        return pb.ListResponse(
+            sandboxes=[convert.sandbox(r) for r in records], next_page_token=next_token
+        )
+
+    async def kill(self, request: pb.KillRequest, ctx: Ctx) -> pb.KillResponse:
+        team = self._team(ctx)
+        await self._manager.kill(team, convert.sandbox_id(request.sandbox_id))
+        return pb.KillResponse()
+
+    async def pause(self, request: pb.PauseRequest, ctx: Ctx) -> pb.PauseResponse:
+        team = self._team(ctx)
+        record = await self._manager.pause(team, convert.sandbox_id(request.sandbox_id))
+        return pb.PauseResponse(sandbox=convert.sandbox(record))
+
+    async def resume(self, request: pb.ResumeRequest, ctx: Ctx) -> pb.ResumeResponse:
+        team = self._team(ctx)
+        record = await self._manager.resume(team, convert.sandbox_id(request.sandbox_id))
+        return pb.ResumeResponse(sandbox=convert.sandbox(record))
+
+    async def set_timeout(self, request: pb.SetTimeoutRequest, ctx: Ctx) -> pb.SetTimeoutResponse:
+        team = self._team(ctx)
+        convert.not_negative(request.timeout_seconds, "timeout_seconds")
+        record = await self._manager.set_timeout(
+            team, convert.sandbox_id(request.sandbox_id), request.timeout_seconds
+        )
+        return pb.SetTimeoutResponse(sandbox=convert.sandbox(record))
+
+    async def ping(self, request: pb.PingRequest, ctx: Ctx) -> pb.PingResponse:
+        team = self._team(ctx)
+        await self._manager.ping(team, convert.sandbox_id(request.sandbox_id))
+        return pb.PingResponse()
+
+    async def get_metrics(self, request: pb.GetMetricsRequest, ctx: Ctx) -> pb.GetMetricsResponse:
+        team = self._team(ctx)
+        if request.range not in convert.METRICS_RANGES:
+            raise InvalidRequest(f"range={request.range} is not a MetricsRange")
+        resolution = cast(Literal["10m", "2h", "24h"], convert.METRICS_RANGES[request.range])
+        points = await self._manager.metrics(
+            team, convert.sandbox_id(request.sandbox_id), resolution
+        )
+        return pb.GetMetricsResponse(points=[convert.metric_point(p) for p in points])

@@ -1,0 +1,124 @@
+"""Running the server in the foreground: uvicorn, JSON logs, graceful shutdown.
+
+SIGINT or SIGTERM stops accepting connections, lets open calls finish (for at most
+`shutdown_grace` seconds), then stops the sandbox manager, which kills every sandbox.
+A second signal exits at once; the sandboxes die with the process and the next start
+marks their rows failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from types import FrameType
+
+import uvicorn
+
+from corral.config import Settings
+from corral.errors import InvalidRequest
+from corral.server import logs
+from corral.server.app import CorralApp
+
+log = logging.getLogger("corral.server")
+
+EXIT_FORCED = 130
+# A signal this soon after the first is the same one arriving twice (a terminal's Ctrl-C
+# reaches `uv run` and its child; `timeout` signals its whole group), not a second one.
+_SAME_SIGNAL = 0.5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with Corral's signal handling (and no re-raising of the signal)."""
+
+    _first_signal = 0.0
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if not self.should_exit:
+            self.should_exit = True
+            self._first_signal = now
+        elif now - self._first_signal > _SAME_SIGNAL:
+            self.force_exit = True
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+    # and without it every response waits out the peer's delayed ACK (40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidRequest(
+                f"{host}:{port} is in use: stop the other server or pass --port"
+            ) from None
+        raise InvalidRequest(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def local_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _run(server: _Server, sock: socket.socket, app: CorralApp, demo: bool) -> None:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    showing = None
+    if demo:
+        from corral.server.demo import show
+
+        url = local_url(app.settings.host, app.settings.port)
+        showing = asyncio.create_task(show(server, app, url))
+    await serving
+    if showing is not None and not showing.done():
+        showing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await showing
+
+
+def serve(settings: Settings, *, demo: bool = False) -> int:
+    """Run the API server until a signal; the process's exit code."""
+    logs.configure(settings.log_level)
+    sock = bind(settings.host, settings.port)
+    app = CorralApp(settings)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=settings.shutdown_grace,
+        timeout_keep_alive=30,
+    )
+    server = _Server(config)
+    log.info("listening", extra={"url": local_url(settings.host, settings.port)})
+    asyncio.run(_run(server, sock, app, demo))
+    if server.force_exit:
+        log.warning("forced exit: sandboxes die with this process")
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
+    if not server.started:
+        return 1
+    return 0

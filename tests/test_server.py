@@ -1,0 +1,124 @@
+"""The server as a process: signals, graceful shutdown, a crash and a restart, the demo."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corral import Sandbox
+from corral.config import Settings
+from tests.conftest import LiveServer, free_port, start_server
+
+pytestmark = pytest.mark.usefixtures("sandbox_host")
+
+
+def processes_with(marker: bytes) -> list[int]:
+    """Live (not zombie) host processes whose command line holds `marker`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def fresh_server(settings: Settings) -> LiveServer:
+    return start_server(settings, settings.runtime_dir / f"data-{secrets.token_hex(4)}")
+
+
+def info_after_restart(settings: Settings, live: LiveServer, sandbox_id: str) -> tuple[str, str]:
+    again = start_server(settings, live.data_dir)
+    try:
+        box = Sandbox.connect(sandbox_id, resume=False, server=again.url, api_key=again.key)
+        box.close()
+        return box.info.state, box.info.state_reason
+    finally:
+        assert again.stop() == 0
+
+
+def test_sigkill_leaves_nothing_running_and_a_restart_marks_it_failed(
+    settings: Settings,
+) -> None:
+    live = fresh_server(settings)
+    seconds = f"{secrets.randbelow(9000) + 1000}.{secrets.randbelow(999)}"
+    box = Sandbox.create(server=live.url, api_key=live.key)
+    handle = box.commands.run(["sleep", seconds], background=True)
+    handle.disconnect()
+    box.close()
+    assert processes_with(seconds.encode())
+    live.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while processes_with(seconds.encode()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_with(seconds.encode()) == [], "a sandbox outlived its server"
+    state, reason = info_after_restart(settings, live, box.sandbox_id)
+    assert state == "failed" and "stopped" in reason
+
+
+def test_sigterm_drains_and_kills_the_sandboxes(settings: Settings) -> None:
+    live = fresh_server(settings)
+    box = Sandbox.create(server=live.url, api_key=live.key)
+    box.close()
+    assert live.stop(signal.SIGTERM) == 0
+    assert "server stopped" in live.log.read_text()
+    state, reason = info_after_restart(settings, live, box.sandbox_id)
+    assert state == "killed" and "shut down" in reason
+
+
+def test_a_second_signal_forces_the_exit(settings: Settings) -> None:
+    live = fresh_server(settings)
+    box = Sandbox.create(server=live.url, api_key=live.key)
+    box.commands.run("sleep 60", background=True)  # an open stream: draining would wait
+    live.process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    started = time.monotonic()
+    live.process.send_signal(signal.SIGINT)
+    assert live.process.wait(10) == 130
+    assert time.monotonic() - started < 5
+
+
+def test_demo_runs_a_first_command_through_the_api(settings: Settings) -> None:
+    data = settings.runtime_dir / f"demo-{secrets.token_hex(4)}"
+    port = free_port()
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_RUNTIME_DIR": str(settings.runtime_dir),
+        "CORRAL_CGROUP_PARENT": settings.cgroup_parent,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "server", "--demo", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if not line or "Sandbox.list()" in line or "failed" in line:
+            break
+    output = "".join(lines)
+    assert "hello from sb-" in output and "exit code 0" in output, output
+    assert "next" in output and "corral run" in output
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    process.send_signal(signal.SIGINT)
+    process.stdout.close()
+    assert process.wait(30) == 0
