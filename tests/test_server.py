@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,25 +103,31 @@ def test_demo_runs_a_first_command_through_the_api(settings: Settings) -> None:
         "CORRAL_RUNTIME_DIR": str(settings.runtime_dir),
         "CORRAL_CGROUP_PARENT": settings.cgroup_parent,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", "server", "--demo", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    log = data.parent / f"demo-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", "server", "--demo", "--port", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            text=True,
+        )
     assert process.stdout is not None
-    lines = []
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()])
+    reader.start()
+    output = ""
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        lines.append(line)
-        if not line or "Sandbox.list()" in line or "failed" in line:
-            break
-    output = "".join(lines)
-    assert "hello from sb-" in output and "exit code 0" in output, output
-    assert "next" in output and "corral run" in output
-    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-    process.send_signal(signal.SIGINT)
-    process.stdout.close()
-    assert process.wait(30) == 0
+    while "uv run python" not in output and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            output += lines.get(timeout=0.5)
+    try:
+        assert "hello from sb-" in output and "exit code 0" in output, output + log.read_text()
+        assert "next" in output and "corral run" in output
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        returncode = process.wait(30)
+        reader.join(5)
+        process.stdout.close()
+    assert returncode == 0
