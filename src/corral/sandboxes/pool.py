@@ -21,6 +21,8 @@ log = logging.getLogger("corral.sandboxes")
 
 _FIXED_LIMITS = ("disk_mib", "open_files", "file_size_mib")
 _RETRY_MAX = 30.0
+# Pause between a claim and the refill it triggers (seconds).
+_REFILL_DELAY = 0.05
 
 
 class WarmPool:
@@ -96,6 +98,9 @@ class WarmPool:
                 log.debug("warm pool sandbox ready", extra={"sandbox_id": sandbox.id})
             self._wake.clear()
             await self._wake.wait()
+            # Let the claimer's first command run before the refill competes with it for
+            # the event loop and the CPU: launching a sandbox costs ~30 ms of both.
+            await asyncio.sleep(_REFILL_DELAY)
 
     async def aclose(self) -> None:
         """Stop filling and destroy every ready sandbox."""
