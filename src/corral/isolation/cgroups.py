@@ -320,6 +320,10 @@ class Cgroup(ABC):
         """CPU time, memory, processes and OOM kills so far."""
 
     @abstractmethod
+    def oom_kills(self) -> int:
+        """Processes the kernel's OOM killer has killed here; one file, for hot paths."""
+
+    @abstractmethod
     def frozen(self) -> bool:
         """Whether every process of the cgroup is frozen."""
 
@@ -511,15 +515,17 @@ class CgroupV2(Cgroup):
         memory = int(self._read(self._file("memory.current")))
         peak_text = self._read_optional(self._file("memory.peak"))  # Linux 5.19+
         self._peak_seen = max(self._peak_seen, memory)
-        events = parse_keyed(self._read(self._file("memory.events")))
         pids_text = self._read_optional(self._file("pids.current"))
         return CgroupUsage(
             cpu_seconds=cpu / 1e6,
             memory_bytes=memory,
             memory_peak_bytes=int(peak_text) if peak_text is not None else self._peak_seen,
             pids=int(pids_text) if pids_text is not None else len(self.pids()),
-            oom_kills=events.get("oom_kill", 0),
+            oom_kills=self.oom_kills(),
         )
+
+    def oom_kills(self) -> int:
+        return parse_keyed(self._read(self._file("memory.events"))).get("oom_kill", 0)
 
     def frozen(self) -> bool:
         return parse_keyed(self._read(self._file("cgroup.events"))).get("frozen") == 1
@@ -562,11 +568,13 @@ class CgroupV1(Cgroup):
             memory_bytes=int(self._read(self._file("memory", "memory.usage_in_bytes"))),
             memory_peak_bytes=int(self._read(self._file("memory", "memory.max_usage_in_bytes"))),
             pids=int(self._read(self._file("pids", "pids.current"))),
-            # memory.oom_control reports oom_kill from Linux 4.13 on.
-            oom_kills=parse_keyed(self._read(self._file("memory", "memory.oom_control"))).get(
-                "oom_kill", 0
-            ),
+            oom_kills=self.oom_kills(),
         )
+
+    def oom_kills(self) -> int:
+        # memory.oom_control reports oom_kill from Linux 4.13 on.
+        control = parse_keyed(self._read(self._file("memory", "memory.oom_control")))
+        return control.get("oom_kill", 0)
 
     def frozen(self) -> bool:
         # Reading freezer.state is also what moves FREEZING on to FROZEN.

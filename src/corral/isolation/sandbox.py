@@ -442,7 +442,7 @@ class Sandbox:
     def oom_kills(self) -> int:
         if self._cgroup is None or self.state is SandboxState.DESTROYED:
             return 0
-        return self._cgroup.usage().oom_kills
+        return self._cgroup.oom_kills()
 
     # -- guards -----------------------------------------------------------------------
 

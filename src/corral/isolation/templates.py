@@ -7,6 +7,7 @@ ssh keys), /root, /home or /var.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class Template:
     symlinks: tuple[tuple[str, str], ...]
 
 
+@functools.cache  # probed once per process: it is on every sandbox's creation path
 def _host_template() -> Template:
     binds: list[tuple[str, str]] = [("/usr", "/usr")]
     links: list[tuple[str, str]] = []
