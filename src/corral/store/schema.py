@@ -145,3 +145,100 @@ metric_points = sa.Table(
     sa.Column("memory_peak_bytes", sa.BigInteger, nullable=False),
     sa.Column("pids", sa.Integer, nullable=False),
 )
+
+# Job states: queued → running → one of the final ones; a retry or a lost worker's
+# lease puts a job back to queued.
+JOB_STATES = ("queued", "running", "succeeded", "failed", "timed_out", "canceled", "lost")
+JOB_FINAL_STATES = ("succeeded", "failed", "timed_out", "canceled", "lost")
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("team_id", ID, sa.ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("template", sa.String(128), nullable=False),
+    # Asked for ("auto" when left out); workers claim only what they can give.
+    sa.Column("isolation", sa.String(32), nullable=False),
+    sa.Column("spec", JSON, nullable=False),
+    sa.Column("labels", JSON, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state_reason", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    # Times a worker vanished mid-attempt; past the server's budget the job is lost.
+    sa.Column("lost_count", sa.Integer, nullable=False),
+    # A queued job is not claimed before this (retry backoff).
+    sa.Column("run_after", UTCDateTime, nullable=False),
+    sa.Column("worker", sa.String(255), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    sa.Column("cancel_reason", sa.Text, nullable=True),
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("next_log_seq", sa.BigInteger, nullable=False),
+    sa.Column("log_bytes", sa.BigInteger, nullable=False),
+    sa.Column("log_truncated", sa.Boolean, nullable=False),
+    sa.Column("next_event_seq", sa.Integer, nullable=False),
+    sa.Column("callback_url", sa.Text, nullable=True),
+    sa.Column("callback_secret", sa.String(64), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.CheckConstraint(sa.column("state").in_(JOB_STATES), name="state"),
+    sa.UniqueConstraint("team_id", "idempotency_key"),
+    # Claims: the queued jobs in priority order.
+    sa.Index(None, "state", "priority", "created_at"),
+    # List pages: a team's jobs, newest first.
+    sa.Index(None, "team_id", "created_at", "id"),
+    # Lease expiry: running jobs by deadline.
+    sa.Index(None, "state", "lease_expires_at"),
+)
+
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    sa.Column("job_id", ID, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    # state | step_start | step_end | log_truncated | retry_scheduled | requeued
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("data", JSON, nullable=False),
+)
+
+job_logs = sa.Table(
+    "job_logs",
+    metadata,
+    sa.Column("job_id", ID, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    # 1 stdout, 2 stderr (the LogStream numbers of the API)
+    sa.Column("stream", sa.SmallInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+)
+
+# The outbox of callback deliveries: written with the event they carry, delivered by
+# whichever process claims them, so none is lost when a process dies.
+job_callbacks = sa.Table(
+    "job_callbacks",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("job_id", ID, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("event_seq", sa.Integer, nullable=False),
+    sa.Column("critical", sa.Boolean, nullable=False),
+    # pending | delivered | failed
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False),
+    sa.Column("payload", JSON, nullable=False),
+    sa.Column("delivered_at", UTCDateTime, nullable=True),
+    sa.Index(None, "state", "next_attempt_at"),
+    sa.Index(None, "job_id"),
+)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from corral.store.jobs import JobStore
 from corral.store.metrics import MetricStore
 from corral.store.sandboxes import SandboxStore
 from corral.store.teams import TeamStore
 
 
-class Store(TeamStore, SandboxStore, MetricStore):
-    """Corral's durable state: teams and keys, sandboxes and their events, metrics.
+class Store(TeamStore, SandboxStore, MetricStore, JobStore):
+    """Corral's durable state: teams and keys, sandboxes and their events, metrics, jobs.
 
     store = Store.open(settings)            # SQLite at <data_dir>/corral.db, migrated
     store = Store.open(settings, url="postgresql+psycopg://…")

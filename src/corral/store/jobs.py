@@ -1,0 +1,679 @@
+"""The job queue in SQL: job rows, their events, log chunks and callback deliveries.
+
+Every change of a job's state is one transaction with its event (and, when the job has a
+callback URL, the event's delivery in the outbox), so what a reader sees has been
+written. Workers claim queued jobs with a lease they renew by heartbeat; writes from a
+worker name the attempt they belong to and change nothing once that attempt has lost
+its lease, so a worker that comes back from the dead cannot overwrite its successor.
+
+Claims lock rows with `FOR UPDATE SKIP LOCKED` on PostgreSQL (concurrent workers take
+different jobs); on SQLite `BEGIN IMMEDIATE` serializes them instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from corral.errors import InvalidRequest
+from corral.store.database import Database
+from corral.store.schema import JOB_FINAL_STATES, job_callbacks, job_events, job_logs, jobs
+
+# Events whose callback is retried (up to CALLBACK_ATTEMPTS); others are tried once.
+CRITICAL_EVENTS = ("done", "error", "step_end")
+CALLBACK_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as stored."""
+
+    id: str
+    team_id: str
+    idempotency_key: str | None
+    kind: str
+    template: str
+    isolation: str
+    spec: dict[str, Any]
+    labels: dict[str, str]
+    priority: int
+    state: str
+    state_reason: str
+    attempt: int
+    max_attempts: int
+    lost_count: int
+    run_after: datetime
+    worker: str | None
+    lease_expires_at: datetime | None
+    cancel_reason: str | None
+    exit_code: int | None
+    next_log_seq: int
+    log_bytes: int
+    log_truncated: bool
+    next_event_seq: int
+    callback_url: str | None
+    callback_secret: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def final(self) -> bool:
+        return self.state in JOB_FINAL_STATES
+
+
+@dataclass(frozen=True)
+class JobEventRow:
+    job_id: str
+    seq: int
+    at: datetime
+    attempt: int
+    type: str
+    state: str | None
+    reason: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LogChunkRow:
+    job_id: str
+    seq: int
+    attempt: int
+    step: int
+    stream: int  # 1 stdout, 2 stderr
+    data: bytes
+    at: datetime
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to record: its type, the state it moves the job to (if any), why."""
+
+    type: str
+    reason: str = ""
+    state: str | None = None
+    data: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class CallbackRow:
+    id: int
+    job_id: str
+    event_seq: int
+    critical: bool
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str
+    payload: dict[str, Any]
+    delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CallbackCounts:
+    delivered: int = 0
+    pending: int = 0
+    failed: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Which attempt of which job a worker's write belongs to."""
+
+    job_id: str
+    worker: str
+    attempt: int
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _job(row: sa.Row[Any]) -> JobRow:
+    return JobRow(**row._asdict())
+
+
+_BAD_TOKEN = "page_token is invalid; pass the next_page_token of the previous List response"
+
+
+def _encode_token(row: JobRow) -> str:
+    cursor = json.dumps([row.created_at.isoformat(), row.id]).encode()
+    return base64.urlsafe_b64encode(cursor).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created, job_id = json.loads(raw)
+        at = datetime.fromisoformat(created)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest(_BAD_TOKEN) from None
+    if not isinstance(job_id, str) or at.tzinfo is None:
+        raise InvalidRequest(_BAD_TOKEN)
+    return at, job_id
+
+
+class JobStore(Database):
+    """Jobs: submit, claim under lease, record output and events, end, requeue."""
+
+    # -- submitting and reading ---------------------------------------------------------
+
+    def insert_job(self, row: JobRow, reason: str = "queued") -> tuple[JobRow, bool]:
+        """Queue a job; with an idempotency key already used by its team, return that
+        team's earlier job instead (and False)."""
+        with self._write() as conn:
+            if row.idempotency_key is not None:
+                earlier = conn.execute(
+                    sa.select(jobs)
+                    .where(jobs.c.team_id == row.team_id)
+                    .where(jobs.c.idempotency_key == row.idempotency_key)
+                ).first()
+                if earlier is not None:
+                    return _job(earlier), False
+            conn.execute(jobs.insert().values(**asdict(row)))
+            self._add_events(conn, row, row.attempt, [NewEvent("state", reason, row.state)])
+            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()), True
+
+    def job(self, job_id: str) -> JobRow | None:
+        with self._read() as conn:
+            found = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return None if found is None else _job(found)
+
+    def list_jobs(
+        self,
+        team_id: str,
+        *,
+        states: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+        template: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> tuple[list[JobRow], str]:
+        """A page of a team's jobs, newest first, and the token of the next page."""
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.team_id == team_id)
+            .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+            .limit(page_size + 1)
+        )
+        if states:
+            query = query.where(jobs.c.state.in_(states))
+        if template:
+            query = query.where(jobs.c.template == template)
+        for key, value in (labels or {}).items():
+            query = query.where(jobs.c.labels[key].as_string() == value)
+        if page_token:
+            at, last_id = _decode_token(page_token)
+            query = query.where(
+                sa.or_(
+                    jobs.c.created_at < at,
+                    sa.and_(jobs.c.created_at == at, jobs.c.id < last_id),
+                )
+            )
+        with self._read() as conn:
+            rows = [_job(r) for r in conn.execute(query)]
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            return rows, _encode_token(rows[-1])
+        return rows, ""
+
+    def job_events(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[JobEventRow]:
+        with self._read() as conn:
+            found = conn.execute(
+                sa.select(job_events)
+                .where(job_events.c.job_id == job_id)
+                .where(job_events.c.seq >= offset)
+                .order_by(job_events.c.seq)
+                .limit(limit)
+            )
+            return [JobEventRow(**r._asdict()) for r in found]
+
+    def job_logs(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[LogChunkRow]:
+        with self._read() as conn:
+            found = conn.execute(
+                sa.select(job_logs)
+                .where(job_logs.c.job_id == job_id)
+                .where(job_logs.c.seq >= offset)
+                .order_by(job_logs.c.seq)
+                .limit(limit)
+            )
+            return [LogChunkRow(**r._asdict()) for r in found]
+
+    # -- workers ------------------------------------------------------------------------
+
+    def claim_jobs(
+        self, worker: str, isolations: Sequence[str], limit: int, lease: float
+    ) -> list[JobRow]:
+        """Take up to `limit` due queued jobs (highest priority, then oldest) that ask
+        for one of `isolations`; each becomes running under this worker's lease."""
+        now = _now()
+        with self._write() as conn:
+            ids = list(
+                conn.execute(
+                    sa.select(jobs.c.id)
+                    .where(jobs.c.state == "queued")
+                    .where(jobs.c.run_after <= now)
+                    .where(jobs.c.isolation.in_(isolations))
+                    .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not ids:
+                return []
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id.in_(ids))
+                .values(
+                    state="running",
+                    state_reason=f"running on {worker}",
+                    attempt=jobs.c.attempt + 1,
+                    worker=worker,
+                    lease_expires_at=now + timedelta(seconds=lease),
+                    started_at=now,
+                    exit_code=None,
+                    updated_at=now,
+                )
+            )
+            claimed = [_job(r) for r in conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids)))]
+            for row in claimed:
+                event = NewEvent("state", row.state_reason, "running", {"worker": worker})
+                self._add_events(conn, row, row.attempt, [event])
+        claimed.sort(key=lambda r: ids.index(r.id))
+        return claimed
+
+    def heartbeat(self, worker: str, job_ids: Iterable[str], lease: float) -> dict[str, str]:
+        """Extend the lease of this worker's running jobs. Returns the jobs it must stop,
+        with why: a cancel was asked, or the job is no longer this worker's."""
+        job_ids = list(job_ids)
+        if not job_ids:
+            return {}
+        now = _now()
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id.in_(job_ids))
+                .where(jobs.c.worker == worker)
+                .where(jobs.c.state == "running")
+                .values(lease_expires_at=now + timedelta(seconds=lease))
+            )
+            found = {
+                r.id: r
+                for r in conn.execute(
+                    sa.select(jobs.c.id, jobs.c.state, jobs.c.worker, jobs.c.cancel_reason).where(
+                        jobs.c.id.in_(job_ids)
+                    )
+                )
+            }
+        stop: dict[str, str] = {}
+        for job_id in job_ids:
+            r = found.get(job_id)
+            if r is None or r.state != "running" or r.worker != worker:
+                stop[job_id] = "lost"
+            elif r.cancel_reason is not None:
+                stop[job_id] = "cancel"
+        return stop
+
+    def append_logs(
+        self, attempt: Attempt, chunks: Sequence[tuple[int, int, bytes]], limit: int
+    ) -> tuple[bool, int]:
+        """Store output chunks (step, stream, data) of a running attempt, in order, up to
+        the job's log limit of `limit` bytes.
+
+        Returns (still the owner, bytes dropped by the limit). The first time output is
+        dropped the job is marked truncated and a `log_truncated` event says so.
+        """
+        now = _now()
+        with self._write() as conn:
+            row = self._owned(conn, attempt)
+            if row is None:
+                return False, 0
+            seq, used, dropped = row.next_log_seq, row.log_bytes, 0
+            values = []
+            for step, stream, data in chunks:
+                room = max(0, limit - used)
+                if len(data) > room:
+                    dropped += len(data) - room
+                    data = data[:room]
+                if data:
+                    values.append(
+                        {
+                            "job_id": attempt.job_id,
+                            "seq": seq,
+                            "attempt": attempt.attempt,
+                            "step": step,
+                            "stream": stream,
+                            "data": data,
+                            "at": now,
+                        }
+                    )
+                    seq += 1
+                    used += len(data)
+            if values:
+                conn.execute(job_logs.insert(), values)
+            truncate = dropped > 0 and not row.log_truncated
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == attempt.job_id)
+                .values(
+                    next_log_seq=seq, log_bytes=used, log_truncated=row.log_truncated or truncate
+                )
+            )
+            if truncate:
+                reason = f"output past the log limit of {limit} bytes is dropped"
+                info = {"limit_bytes": limit}
+                self._add_events(
+                    conn, row, attempt.attempt, [NewEvent("log_truncated", reason, None, info)]
+                )
+        return True, dropped
+
+    def add_events(self, attempt: Attempt, events: Sequence[NewEvent]) -> bool:
+        """Record events of a running attempt (step_start, step_end …); False when the
+        attempt is no longer its worker's."""
+        with self._write() as conn:
+            row = self._owned(conn, attempt)
+            if row is None:
+                return False
+            self._add_events(conn, row, attempt.attempt, events)
+        return True
+
+    def end_attempt(
+        self,
+        attempt: Attempt,
+        state: str,
+        reason: str,
+        *,
+        exit_code: int | None,
+        retry_at: datetime | None = None,
+    ) -> JobRow | None:
+        """End a running attempt: with `state` (a final one), or queued again at
+        `retry_at`. None when the attempt was no longer its worker's."""
+        now = _now()
+        with self._write() as conn:
+            row = self._owned(conn, attempt)
+            if row is None:
+                return None
+            changes: dict[str, Any] = {
+                "worker": None,
+                "lease_expires_at": None,
+                "exit_code": exit_code,
+                "updated_at": now,
+            }
+            events = []
+            if retry_at is not None:
+                events.append(
+                    NewEvent(
+                        "retry_scheduled",
+                        f"attempt {attempt.attempt} {state}: {reason}",
+                        None,
+                        {"run_after": retry_at.isoformat(), "exit_code": exit_code},
+                    )
+                )
+                state, reason = "queued", f"retry {attempt.attempt + 1} of {row.max_attempts - 1}"
+                changes["run_after"] = retry_at
+            else:
+                changes["finished_at"] = now
+            changes.update(state=state, state_reason=reason)
+            conn.execute(jobs.update().where(jobs.c.id == attempt.job_id).values(**changes))
+            events.append(NewEvent("state", reason, state, {"exit_code": exit_code}))
+            self._add_events(conn, row, attempt.attempt, events)
+            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == attempt.job_id)).one())
+
+    def expire_leases(self, max_lost: int) -> list[JobRow]:
+        """Jobs whose worker stopped heartbeating: requeued (attempt counter kept), or
+        lost once they have lost `max_lost` workers, or canceled when a cancel waits."""
+        now = _now()
+        changed = []
+        with self._write() as conn:
+            expired = [
+                _job(r)
+                for r in conn.execute(
+                    sa.select(jobs)
+                    .where(jobs.c.state == "running")
+                    .where(jobs.c.lease_expires_at < now)
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            for row in expired:
+                lost = row.lost_count + 1
+                gone = f"worker {row.worker} stopped heartbeating (attempt {row.attempt})"
+                if row.cancel_reason is not None:
+                    state, reason = "canceled", f"canceled: {row.cancel_reason}; {gone}"
+                elif lost > max_lost:
+                    state, reason = "lost", f"lost: {gone}; {lost} workers lost, giving up"
+                else:
+                    state, reason = "queued", f"requeued: {gone}"
+                changes: dict[str, Any] = dict(
+                    state=state,
+                    state_reason=reason,
+                    lost_count=lost,
+                    worker=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+                if state == "queued":
+                    changes["run_after"] = now
+                    # A lost worker does not spend one of the job's own retries.
+                    changes["max_attempts"] = row.max_attempts + 1
+                else:
+                    changes["finished_at"] = now
+                conn.execute(jobs.update().where(jobs.c.id == row.id).values(**changes))
+                self._add_events(conn, row, row.attempt, [NewEvent("state", reason, state)])
+                changed.append(_job(conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()))
+        return changed
+
+    # -- requests -----------------------------------------------------------------------
+
+    def cancel_job(self, job_id: str, reason: str) -> JobRow | None:
+        """A queued job is canceled now; a running one is marked for its worker, which
+        kills it at its next heartbeat (or at once, in the same process)."""
+        now = _now()
+        with self._write() as conn:
+            row = self._locked(conn, job_id)
+            if row is None:
+                return None
+            if row.state == "queued":
+                text = f"canceled: {reason}"
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        state="canceled",
+                        state_reason=text,
+                        cancel_reason=reason,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                )
+                self._add_events(conn, row, row.attempt, [NewEvent("state", text, "canceled")])
+            elif row.state == "running" and row.cancel_reason is None:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(cancel_reason=reason, updated_at=now)
+                )
+            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+
+    def retry_job(self, job_id: str) -> JobRow | None:
+        """Queue a finished job again for one more attempt; None if unknown. A job that
+        is not finished is returned unchanged (the caller says why)."""
+        now = _now()
+        with self._write() as conn:
+            row = self._locked(conn, job_id)
+            if row is None or not row.final:
+                return row
+            reason = f"queued again by request (after {row.state})"
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(
+                    state="queued",
+                    state_reason=reason,
+                    max_attempts=row.attempt + 1,
+                    lost_count=0,
+                    run_after=now,
+                    cancel_reason=None,
+                    finished_at=None,
+                    updated_at=now,
+                )
+            )
+            self._add_events(conn, row, row.attempt, [NewEvent("state", reason, "queued")])
+            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+
+    # -- callbacks ----------------------------------------------------------------------
+
+    def due_callbacks(self, limit: int, hold: float) -> list[CallbackRow]:
+        """Claim pending deliveries that are due: each is held for `hold` seconds (its
+        next attempt moves past that), so another process does not send it meanwhile."""
+        now = _now()
+        with self._write() as conn:
+            found = [
+                CallbackRow(**r._asdict())
+                for r in conn.execute(
+                    sa.select(job_callbacks)
+                    .where(job_callbacks.c.state == "pending")
+                    .where(job_callbacks.c.next_attempt_at <= now)
+                    .order_by(job_callbacks.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            if found:
+                conn.execute(
+                    job_callbacks.update()
+                    .where(job_callbacks.c.id.in_([c.id for c in found]))
+                    .values(next_attempt_at=now + timedelta(seconds=hold))
+                )
+        return found
+
+    def callback_done(
+        self, callback_id: int, *, error: str | None, retry_at: datetime | None
+    ) -> None:
+        """Record one delivery attempt: delivered (error None), retried at `retry_at`,
+        or failed for good (neither)."""
+        now = _now()
+        values: dict[str, Any] = {"attempts": job_callbacks.c.attempts + 1}
+        if error is None:
+            values.update(state="delivered", delivered_at=now)
+        else:
+            values.update(last_error=error[:2000])
+            if retry_at is None:
+                values["state"] = "failed"
+            else:
+                values["next_attempt_at"] = retry_at
+        with self._write() as conn:
+            conn.execute(
+                job_callbacks.update().where(job_callbacks.c.id == callback_id).values(**values)
+            )
+
+    def callback_counts(self, job_ids: Sequence[str]) -> dict[str, CallbackCounts]:
+        """Delivery state per job: how many delivered, pending, failed; the last error."""
+        if not job_ids:
+            return {}
+        with self._read() as conn:
+            counts = conn.execute(
+                sa.select(job_callbacks.c.job_id, job_callbacks.c.state, sa.func.count())
+                .where(job_callbacks.c.job_id.in_(job_ids))
+                .group_by(job_callbacks.c.job_id, job_callbacks.c.state)
+            ).all()
+            errors = conn.execute(
+                sa.select(job_callbacks.c.job_id, job_callbacks.c.last_error)
+                .where(job_callbacks.c.job_id.in_(job_ids))
+                .where(job_callbacks.c.last_error != "")
+                .order_by(job_callbacks.c.id)
+            ).all()
+        out: dict[str, dict[str, Any]] = {}
+        for job_id, state, count in counts:
+            out.setdefault(job_id, {})[state] = count
+        for job_id, error in errors:
+            out.setdefault(job_id, {})["last_error"] = error
+        return {job_id: CallbackCounts(**fields) for job_id, fields in out.items()}
+
+    # -- inside transactions ------------------------------------------------------------
+
+    def _locked(self, conn: sa.Connection, job_id: str) -> JobRow | None:
+        found = conn.execute(sa.select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
+        return None if found is None else _job(found)
+
+    def _owned(self, conn: sa.Connection, attempt: Attempt) -> JobRow | None:
+        row = self._locked(conn, attempt.job_id)
+        if (
+            row is None
+            or row.state != "running"
+            or row.worker != attempt.worker
+            or row.attempt != attempt.attempt
+        ):
+            return None
+        return row
+
+    def _add_events(
+        self, conn: sa.Connection, row: JobRow, attempt: int, events: Sequence[NewEvent]
+    ) -> None:
+        """Append events (and their callback deliveries) after the job's last one."""
+        seq = conn.execute(sa.select(jobs.c.next_event_seq).where(jobs.c.id == row.id)).scalar_one()
+        now = _now()
+        values, deliveries = [], []
+        for event in events:
+            values.append(
+                {
+                    "job_id": row.id,
+                    "seq": seq,
+                    "at": now,
+                    "attempt": attempt,
+                    "type": event.type,
+                    "state": event.state,
+                    "reason": event.reason,
+                    "data": dict(event.data or {}),
+                }
+            )
+            if row.callback_url:
+                deliveries.extend(self._deliveries(row, values[-1]))
+            seq += 1
+        conn.execute(job_events.insert(), values)
+        conn.execute(jobs.update().where(jobs.c.id == row.id).values(next_event_seq=seq))
+        if deliveries:
+            conn.execute(job_callbacks.insert(), deliveries)
+
+    @staticmethod
+    def _deliveries(row: JobRow, event: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The callback POSTs an event makes: itself, plus `done` or `error` when it
+        ends the job (the names receivers of Plue-style callbacks expect)."""
+        payloads = []
+        base = {"job_id": row.id, "attempt": event["attempt"], "at": event["at"].isoformat()}
+        kind = event["type"]
+        payloads.append(
+            {
+                **base,
+                "type": kind,
+                "seq": event["seq"],
+                "state": event["state"],
+                "reason": event["reason"],
+                "data": event["data"],
+            }
+        )
+        if kind == "state" and event["state"] in JOB_FINAL_STATES:
+            final = "done" if event["state"] == "succeeded" else "error"
+            payloads.append({**payloads[0], "type": final})
+        return [
+            {
+                "job_id": row.id,
+                "event_seq": event["seq"],
+                "critical": p["type"] in CRITICAL_EVENTS,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": event["at"],
+                "last_error": "",
+                "payload": p,
+                "delivered_at": None,
+            }
+            for p in payloads
+        ]
