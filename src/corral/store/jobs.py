@@ -428,6 +428,53 @@ class JobStore(Database):
             self._add_events(conn, row, attempt.attempt, events)
             return _job(conn.execute(sa.select(jobs).where(jobs.c.id == attempt.job_id)).one())
 
+    def release_attempt(self, attempt: Attempt, reason: str) -> JobRow | None:
+        """Give a running attempt back to the queue (its worker is shutting down): it
+        runs again from the start without spending one of the job's retries."""
+        now = _now()
+        with self._write() as conn:
+            row = self._owned(conn, attempt)
+            if row is None:
+                return None
+            state = "canceled" if row.cancel_reason is not None else "queued"
+            text = f"canceled: {row.cancel_reason}" if state == "canceled" else reason
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == attempt.job_id)
+                .values(
+                    state=state,
+                    state_reason=text,
+                    worker=None,
+                    lease_expires_at=None,
+                    run_after=now,
+                    max_attempts=row.max_attempts + (state == "queued"),
+                    finished_at=now if state == "canceled" else None,
+                    updated_at=now,
+                )
+            )
+            self._add_events(conn, row, attempt.attempt, [NewEvent("state", text, state)])
+            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == attempt.job_id)).one())
+
+    def expire_worker(self, worker: str) -> None:
+        """End the leases of a worker known to be dead, so `expire_leases` takes its jobs
+        now rather than when the leases run out."""
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.worker == worker)
+                .where(jobs.c.state == "running")
+                .values(lease_expires_at=_now() - timedelta(seconds=1))
+            )
+
+    def running_workers(self) -> list[str]:
+        """The workers that hold running jobs."""
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(jobs.c.worker).where(jobs.c.state == "running").distinct()
+                ).scalars()
+            )
+
     def expire_leases(self, max_lost: int) -> list[JobRow]:
         """Jobs whose worker stopped heartbeating: requeued (attempt counter kept), or
         lost once they have lost `max_lost` workers, or canceled when a cancel waits."""

@@ -1,0 +1,263 @@
+"""The job service: submit, read, cancel and retry a team's jobs; follow their output.
+
+    queue = JobQueue(store, settings, signals=signals, isolations=("auto", "namespace"))
+    job, created, secret = queue.submit(team, JobSpec.from_dict(data), idempotency_key="k1")
+    async for chunks in queue.follow_logs(team, job.id, offset=0, follow=True): ...
+
+Everything a reader sees comes from the store, so a reader never sees output that a
+crash could take back. Readers in the process that runs the job are woken at once
+(`JobSignals`); readers of jobs that other processes run poll the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Protocol, TypeVar
+
+from corral.config import Settings
+from corral.errors import InvalidRequest, IsolationUnavailable, NotFound
+from corral.isolation.templates import get_template
+from corral.jobs.spec import JobSpec
+from corral.store import Store, Team
+from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
+from corral.store.schema import JOB_STATES
+
+T = TypeVar("T", LogChunkRow, JobEventRow)
+
+
+class _Reader(Protocol[T]):
+    def __call__(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[T]: ...
+
+
+# How often a follower re-reads the store when no in-process signal can wake it (the
+# job runs in another process), and how many rows one read returns.
+POLL_SECONDS = 0.25
+PAGE_ROWS = 500
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class JobSignals:
+    """In-process wake-ups between the API and the workers of one process."""
+
+    def __init__(self) -> None:
+        self._queued = asyncio.Event()
+        self._changed: dict[str, asyncio.Event] = {}
+        # Running jobs of this process's workers: what stops each at once on a cancel.
+        self.cancels: dict[str, Callable[[], None]] = {}
+
+    def queued(self) -> None:
+        """A job was queued: wake the workers."""
+        self._queued.set()
+
+    async def wait_queued(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queued.wait(), timeout)
+        self._queued.clear()
+
+    def watch(self, job_id: str) -> asyncio.Event:
+        """An event set at the job's next change; take it *before* reading the store, so
+        a change between the read and the wait is not missed."""
+        return self._changed.setdefault(job_id, asyncio.Event())
+
+    def changed(self, job_id: str) -> None:
+        """The job has new output, events or state."""
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def cancel(self, job_id: str) -> None:
+        stop = self.cancels.get(job_id)
+        if stop is not None:
+            stop()
+
+
+def new_job_id() -> str:
+    return "j" + secrets.token_hex(10)
+
+
+class JobQueue:
+    """A team's view of the queue: every call checks the job is the team's."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        signals: JobSignals | None = None,
+        isolations: Sequence[str] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.signals = signals or JobSignals()
+        # What this process's workers can give; None: no workers here, any tier is
+        # accepted for workers elsewhere.
+        self.isolations = isolations
+
+    # -- requests -----------------------------------------------------------------------
+
+    def submit(
+        self, team: Team, spec: JobSpec, idempotency_key: str = ""
+    ) -> tuple[JobRow, bool, str]:
+        """Queue a job: (its row, whether this call created it, its callback secret)."""
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY or "\0" in idempotency_key:
+            raise InvalidRequest(
+                f"idempotency_key is {len(idempotency_key)} characters; "
+                f"use at most {MAX_IDEMPOTENCY_KEY} printable ones"
+            )
+        template = spec.template or "host"
+        get_template(template)
+        isolation = spec.isolation or "auto"
+        if self.isolations is not None and isolation not in self.isolations:
+            raise IsolationUnavailable(
+                f"isolation {isolation!r} is not available on this server's workers "
+                f"(they give {', '.join(self.isolations)}); run `corral doctor` to see "
+                "what is missing, or submit with another isolation"
+            )
+        now = datetime.now(UTC)
+        secret = secrets.token_hex(32) if spec.callback_url else None
+        row = JobRow(
+            id=new_job_id(),
+            team_id=team.id,
+            idempotency_key=idempotency_key or None,
+            kind=spec.kind,
+            template=template,
+            isolation=isolation,
+            spec=spec.to_dict(),
+            labels=dict(spec.labels),
+            priority=spec.priority,
+            state="queued",
+            state_reason="queued",
+            attempt=0,
+            max_attempts=spec.max_attempts,
+            lost_count=0,
+            run_after=now,
+            worker=None,
+            lease_expires_at=None,
+            cancel_reason=None,
+            exit_code=None,
+            next_log_seq=0,
+            log_bytes=0,
+            log_truncated=False,
+            next_event_seq=0,
+            callback_url=spec.callback_url,
+            callback_secret=secret,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+        )
+        stored, created = self.store.insert_job(row)
+        if created:
+            self.signals.queued()
+        return stored, created, (secret or "") if created else ""
+
+    def get(self, team: Team, job_id: str) -> JobRow:
+        row = self.store.job(job_id) if isinstance(job_id, str) and job_id else None
+        if row is None or row.team_id != team.id:
+            raise NotFound(f"no job {job_id!r}; check the id with `corral job list`")
+        return row
+
+    def list_jobs(
+        self,
+        team: Team,
+        *,
+        states: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+        template: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> tuple[list[JobRow], str]:
+        unknown = [s for s in states if s not in JOB_STATES]
+        if unknown:
+            raise InvalidRequest(f"unknown states {unknown}; use some of {', '.join(JOB_STATES)}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int):
+            raise InvalidRequest(f"page_size={page_size!r} must be an integer")
+        if not 1 <= page_size <= 1000:
+            raise InvalidRequest(f"page_size={page_size} is out of range: use 1 to 1000")
+        spec_labels = JobSpec.from_dict({"kind": "command", "command": ["x"], "labels": labels})
+        return self.store.list_jobs(
+            team.id,
+            states=states,
+            labels=spec_labels.labels,
+            template=template,
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+    def cancel(self, team: Team, job_id: str, reason: str = "") -> JobRow:
+        row = self.get(team, job_id)
+        if row.final:
+            return row
+        reason = (reason or "by request")[:500]
+        updated = self.store.cancel_job(row.id, reason)
+        assert updated is not None
+        self.signals.cancel(row.id)
+        self.signals.changed(row.id)
+        return updated
+
+    def retry(self, team: Team, job_id: str) -> JobRow:
+        row = self.get(team, job_id)
+        if not row.final:
+            raise InvalidRequest(
+                f"job {job_id} is {row.state}; only a finished job can be retried "
+                "(cancel it first to start over)"
+            )
+        updated = self.store.retry_job(row.id)
+        assert updated is not None
+        self.signals.queued()
+        self.signals.changed(row.id)
+        return updated
+
+    def callbacks(self, rows: Sequence[JobRow]) -> dict[str, CallbackCounts]:
+        return self.store.callback_counts([r.id for r in rows if r.callback_url])
+
+    # -- following ----------------------------------------------------------------------
+
+    async def follow_logs(
+        self, team: Team, job_id: str, *, offset: int = 0, follow: bool = False
+    ) -> AsyncIterator[tuple[list[LogChunkRow], JobRow | None]]:
+        """Batches of log chunks from `offset`; the last batch carries the finished job
+        when the stream ended because the job did (always with `follow`)."""
+        async for batch in self._follow(team, job_id, offset, follow, self.store.job_logs):
+            yield batch
+
+    async def follow_events(
+        self, team: Team, job_id: str, *, offset: int = 0, follow: bool = False
+    ) -> AsyncIterator[tuple[list[JobEventRow], JobRow | None]]:
+        async for batch in self._follow(team, job_id, offset, follow, self.store.job_events):
+            yield batch
+
+    async def _follow(
+        self,
+        team: Team,
+        job_id: str,
+        offset: int,
+        follow: bool,
+        read: _Reader[T],
+    ) -> AsyncIterator[tuple[list[T], JobRow | None]]:
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest(f"offset={offset!r} must be a whole number >= 0")
+        self.get(team, job_id)
+        while True:
+            wake = self.signals.watch(job_id)
+            # The job's state is read before its rows: if it had ended, every row it will
+            # ever have is written, and this read returns them.
+            job = self.store.job(job_id)
+            assert job is not None
+            rows = read(job_id, offset, PAGE_ROWS)
+            if rows:
+                offset = rows[-1].seq + 1
+            if len(rows) == PAGE_ROWS:
+                yield rows, None
+                continue
+            if job.final or not follow:
+                yield rows, job if job.final else None
+                return
+            if rows:
+                yield rows, None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), POLL_SECONDS)

@@ -1,0 +1,317 @@
+"""One attempt of one job: a fresh sandbox, the job's files, its steps in order, its
+output into the store, and how it ended.
+
+A workflow stops at its first failing step unless that step says `continue_on_error`;
+every step of a workflow has a `step_start` and a `step_end` event (exit code, duration).
+The job's timeout covers every step; a step's own timeout only that step. Whatever
+ends the attempt — its end, a timeout, a cancel, a lost lease — the sandbox is
+destroyed, which kills every process the job started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from corral.errors import CorralError
+from corral.isolation import Limits, Sandbox
+from corral.jobs.queue import JobSignals
+from corral.jobs.spec import LANGUAGES, JobSpec, Step
+from corral.store import Store
+from corral.store.jobs import Attempt, NewEvent
+
+log = logging.getLogger("corral.jobs")
+R = TypeVar("R")
+
+STDOUT, STDERR = 1, 2
+# Output is written to the store at most this often per job, in one transaction, so a
+# chatty job costs a few commits a second, not one per line; the first chunk after a
+# quiet spell goes out at once (queue latency is measured to the first output).
+FLUSH_SECONDS = 0.02
+FLUSH_BYTES = 256 * 1024
+# A job's commands may print this much before the agent stops them; the job's own log
+# limit (smaller) truncates what is kept, and the command goes on.
+EXEC_OUTPUT_LIMIT = 1 << 40
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The worker-wide defaults that fill what a job's spec leaves out."""
+
+    template: str = "host"
+    isolation: str = "auto"
+    limits: Limits = field(default_factory=Limits)
+    network: str = "none"
+    timeout: int = 300
+    workdir: str = "/workspace"
+    log_limit: int = 16 * 1024 * 1024
+
+    def limits_for(self, spec: JobSpec) -> Limits:
+        base = {name: getattr(self.limits, name) for name in Limits.__dataclass_fields__}
+        return Limits(**{**base, **spec.limits})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended: a final state (or "lost"/"shutdown": not this attempt's to
+    record), why, and the exit code of the last step run."""
+
+    state: str
+    reason: str
+    exit_code: int | None = None
+
+
+class AttemptLost(Exception):
+    """The attempt's lease is gone: another worker may run the job now."""
+
+
+class Stop:
+    """Why a running attempt must stop early: "cancel", "lost" or "shutdown"."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.why = ""
+
+    def set(self, why: str) -> None:
+        if not self.why:
+            self.why = why
+        self.event.set()
+
+
+class LogWriter:
+    """Buffers an attempt's output and writes it to the store in order."""
+
+    def __init__(self, store: Store, attempt: Attempt, limit: int, signals: JobSignals) -> None:
+        self.store = store
+        self.attempt = attempt
+        self.limit = limit
+        self.signals = signals
+        self.lost = False
+        self._chunks: list[tuple[int, int, bytes]] = []
+        self._size = 0
+        self._last_flush = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, step: int, stream: int, data: bytes) -> None:
+        if self.lost:
+            raise AttemptLost(self.attempt.job_id)
+        self._chunks.append((step, stream, data))
+        self._size += len(data)
+        now = time.monotonic()
+        if self._size >= FLUSH_BYTES or now - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+        elif self._timer is None:
+            wait = FLUSH_SECONDS - (now - self._last_flush)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        try:
+            self.flush()
+        except Exception:  # a timer callback has no caller to raise to
+            log.exception("writing job output failed", extra={"job_id": self.attempt.job_id})
+
+    def flush(self) -> None:
+        """Write what is buffered; raises AttemptLost when the job is no longer ours."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._last_flush = time.monotonic()
+        if not self._chunks or self.lost:
+            return
+        chunks, self._chunks, self._size = self._chunks, [], 0
+        owner, _ = self.store.append_logs(self.attempt, chunks, self.limit)
+        if not owner:
+            self.lost = True
+            raise AttemptLost(self.attempt.job_id)
+        self.signals.changed(self.attempt.job_id)
+
+
+Acquire = Callable[[JobSpec], Awaitable[Sandbox]]
+
+
+class AttemptRunner:
+    """Runs one attempt; `run()` returns its Outcome and always destroys the sandbox."""
+
+    def __init__(
+        self,
+        store: Store,
+        signals: JobSignals,
+        policy: Policy,
+        attempt: Attempt,
+        spec: JobSpec,
+        acquire: Acquire,
+        stop: Stop,
+    ) -> None:
+        self.store = store
+        self.signals = signals
+        self.policy = policy
+        self.attempt = attempt
+        self.spec = spec
+        self.acquire = acquire
+        self.stop = stop
+        self.logs = LogWriter(store, attempt, policy.log_limit, signals)
+        self.workdir = spec.workdir or policy.workdir
+        self.timeout = spec.timeout or policy.timeout
+
+    async def run(self) -> Outcome:
+        deadline = time.monotonic() + self.timeout
+        sandbox: Sandbox | None = None
+        try:
+            sandbox = await self._until_stopped(self.acquire(self.spec), deadline)
+            if sandbox is None:
+                return self._stopped(None, "while its sandbox started")
+            await self._place_files(sandbox)
+            return await self._steps(sandbox, deadline)
+        except AttemptLost:
+            return Outcome("lost", "the job's lease was lost")
+        except CorralError as exc:
+            return Outcome("failed", f"failed: {exc}")
+        finally:
+            if sandbox is not None:
+                try:
+                    await sandbox.destroy()
+                except Exception:
+                    log.exception("destroying a job's sandbox failed")
+
+    async def _until_stopped(self, work: Awaitable[R], deadline: float) -> R | None:
+        """`work`'s result, or None when the attempt is stopped or times out first (the
+        work is then cancelled)."""
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(self.stop.event.wait())
+        try:
+            await asyncio.wait(
+                (task, stopper),
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            return None
+        if isinstance(result, Sandbox):  # it started just as we gave up
+            await result.destroy()
+        return None
+
+    async def _place_files(self, sandbox: Sandbox) -> None:
+        for f in self.spec.files:
+            path = posixpath.join(self.workdir, f.path)
+            await sandbox.write_file(path, f.content, mode=f.mode)
+
+    async def _steps(self, sandbox: Sandbox, deadline: float) -> Outcome:
+        workflow = self.spec.kind == "workflow"
+        failed: Outcome | None = None
+        exit_code: int | None = None
+        for index, step in enumerate(self.spec.workloads):
+            if workflow:
+                self._event(
+                    "step_start", f"{step.label(index)} started", step=index, name=step.label(index)
+                )
+            started = time.monotonic()
+            outcome = await self._step(sandbox, index, step, deadline)
+            self.logs.flush()
+            exit_code = outcome.exit_code
+            if workflow:
+                self._event(
+                    "step_end",
+                    outcome.reason,
+                    step=index,
+                    name=step.label(index),
+                    exit_code=outcome.exit_code,
+                    state=outcome.state,
+                    duration_ms=round((time.monotonic() - started) * 1000, 1),
+                )
+            if outcome.state in ("canceled", "lost", "shutdown"):
+                return outcome
+            if outcome.state != "succeeded":
+                if outcome.state == "timed_out" and time.monotonic() >= deadline:
+                    return outcome  # the job's own time is up: no later step can run
+                if not step.continue_on_error:
+                    return outcome
+                failed = failed or outcome
+        if failed is not None:
+            return Outcome("succeeded", f"done; failed but continued: {failed.reason}", exit_code)
+        if workflow:
+            return Outcome("succeeded", "every step succeeded", exit_code)
+        return Outcome("succeeded", "exited with code 0", exit_code)
+
+    async def _step(self, sandbox: Sandbox, index: int, step: Step, deadline: float) -> Outcome:
+        label = f"{step.label(index)}: " if self.spec.kind == "workflow" else ""
+        source = ""
+        if step.workload.code:
+            source = f"/tmp/.corral-job/step-{index}{LANGUAGES[step.workload.language][1]}"
+            await sandbox.write_file(source, step.workload.code.encode(), mode=0o600)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return Outcome("timed_out", f"{label}timed out: the job's {self.timeout}s ran out")
+        timeout = min(float(step.timeout), left) if step.timeout else left
+        command = await sandbox.exec(
+            step.workload.argv(source),
+            env={**self.spec.env, **step.env},
+            cwd=self.workdir,
+            timeout=timeout,
+            output_limit=EXEC_OUTPUT_LIMIT,
+        )
+
+        async def pump() -> None:
+            async for chunk in command:
+                stream = STDOUT if chunk.stream == "stdout" else STDERR
+                self.logs.add(index, stream, chunk.data)
+
+        pumping = asyncio.ensure_future(pump())
+        stopper = asyncio.ensure_future(self.stop.event.wait())
+        try:
+            await asyncio.wait((pumping, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not pumping.done():
+            await command.kill()
+            pumping.cancel()
+            await asyncio.gather(pumping, return_exceptions=True)
+            why = self.stop.why
+            if why == "cancel":
+                return Outcome("canceled", f"canceled: {self._cancel_reason()}")
+            return Outcome(why, f"stopped: {why}")
+        pumping.result()  # AttemptLost from the writer goes up from here
+        result = await command.wait()
+        code = result.exit_code
+        if result.reason == "exited":
+            if code == 0:
+                return Outcome("succeeded", f"{label}exited with code 0", 0)
+            detail = f" ({result.error})" if result.error else ""
+            return Outcome("failed", f"{label}exited with code {code}{detail}", code)
+        if result.reason == "timeout":
+            if step.timeout and step.timeout < left:
+                return Outcome("timed_out", f"{label}timed out after its {step.timeout}s", code)
+            return Outcome(
+                "timed_out", f"{label}timed out: the job's {self.timeout}s ran out", code
+            )
+        if result.reason == "oom_killed":
+            return Outcome("failed", f"{label}ran out of memory (raise limits.memory_mib)", code)
+        return Outcome("failed", f"{label}{result.reason}: {result.error or f'exit {code}'}", code)
+
+    def _cancel_reason(self) -> str:
+        row = self.store.job(self.attempt.job_id)
+        return (row.cancel_reason if row else None) or "by request"
+
+    def _event(self, kind: str, reason: str, **data: object) -> None:
+        if not self.store.add_events(self.attempt, [NewEvent(kind, reason, None, data)]):
+            raise AttemptLost(self.attempt.job_id)
+        self.signals.changed(self.attempt.job_id)
+
+    def _stopped(self, exit_code: int | None, when: str) -> Outcome:
+        if self.stop.why == "cancel":
+            return Outcome("canceled", f"canceled: {self._cancel_reason()}", exit_code)
+        if self.stop.why:
+            return Outcome(self.stop.why, f"stopped {when}: {self.stop.why}", exit_code)
+        return Outcome("timed_out", f"timed out {when}: the job's {self.timeout}s ran out")

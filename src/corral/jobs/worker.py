@@ -1,0 +1,288 @@
+"""A worker: claims queued jobs under a lease, runs each in a fresh sandbox, ends them.
+
+    worker = Worker(settings, store, engine=engine, concurrency=4)
+    await worker.start()        # claim loop, heartbeats, lease expiry
+    ...
+    await worker.aclose()       # running jobs are stopped and queued again
+
+A worker renews the lease of its running jobs every third of the lease. A worker that
+stops (SIGKILL, machine gone) stops renewing; any worker then finds the expired lease
+and queues the job again (or marks it lost after `MAX_LOST` lost workers). So a job runs
+at least once, and may run more than once: jobs should be safe to repeat.
+
+Many workers may share a store (`corral server` runs one in-process, `corral worker`
+runs more); each claims only jobs whose isolation it can give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from corral.config import Settings
+from corral.errors import CorralError
+from corral.isolation import Engine, Limits, Sandbox
+from corral.isolation.footprint import process_start_time
+from corral.jobs.queue import POLL_SECONDS, JobSignals
+from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
+from corral.jobs.spec import JobSpec
+from corral.sandboxes.pool import WarmPool
+from corral.store import Store
+from corral.store.jobs import Attempt, JobRow
+
+log = logging.getLogger("corral.jobs")
+
+# Lost workers a job survives before it is marked lost (they do not spend its retries).
+MAX_LOST = 3
+MAX_BACKOFF_SECONDS = 3600.0
+SHUT_DOWN = "requeued: its worker shut down"
+
+
+def worker_name() -> str:
+    """host:pid:start-time — enough for a worker on the same host to tell whether the
+    worker of a running job is still alive."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{process_start_time(pid) or 0}"
+
+
+def _dead_local_worker(name: str) -> bool:
+    host, _, rest = name.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    return str(process_start_time(int(pid_text)) or "") != start
+
+
+def retry_delay(spec: JobSpec, attempt: int) -> float:
+    """Exponential backoff: the spec's first delay (1 s by default), doubled per retry."""
+    return float(min(MAX_BACKOFF_SECONDS, (spec.retry_backoff or 1.0) * 2 ** (attempt - 1)))
+
+
+class Worker:
+    """Runs up to `concurrency` jobs at once from the store's queue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        engine: Engine,
+        signals: JobSignals | None = None,
+        concurrency: int | None = None,
+        policy: Policy | None = None,
+        lease: float | None = None,
+        poll: float = POLL_SECONDS,
+        pool_size: int | None = None,
+        on_end: Callable[[JobRow], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.signals = signals or JobSignals()
+        self.concurrency = settings.job_workers if concurrency is None else concurrency
+        self.policy = policy or Policy(
+            isolation=settings.isolation,
+            timeout=settings.job_timeout,
+            log_limit=settings.job_log_limit,
+        )
+        self.lease = float(lease or settings.job_lease)
+        self.poll = poll
+        self.name = worker_name()
+        self.on_end = on_end
+        self.pool = WarmPool(
+            engine,
+            self.concurrency if pool_size is None else pool_size,
+            self.policy.template,
+            self.policy.isolation,
+        )
+        self.isolations = self._isolations()
+        self._running: dict[str, Stop] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runs: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def _isolations(self) -> tuple[str, ...]:
+        """The isolation names this worker can give: "auto" and each usable tier."""
+        names = ["auto"]
+        for name, caps in self.engine.capabilities().items():
+            if caps.available and (name != "process" or self.settings.allow_process_backend):
+                names.append(name)
+        return tuple(names)
+
+    # -- process lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        for name in self.store.running_workers():
+            if name and name != self.name and _dead_local_worker(name):
+                log.warning("requeueing the jobs of a dead worker", extra={"worker": name})
+                self.store.expire_worker(name)
+        self._expire()
+        if self.concurrency > 0:
+            self.pool.start()
+            self._tasks.append(asyncio.create_task(self._claim_loop(), name="job-claims"))
+            self._tasks.append(asyncio.create_task(self._heartbeats(), name="job-heartbeats"))
+        self._tasks.append(asyncio.create_task(self._expiry_loop(), name="job-leases"))
+        log.info(
+            "job worker started",
+            extra={"worker": self.name, "concurrency": self.concurrency},
+        )
+
+    async def aclose(self) -> None:
+        """Stop claiming; stop the running jobs and give them back to the queue."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for stop in self._running.values():
+            stop.set("shutdown")
+        if self._runs:
+            await asyncio.gather(*self._runs, return_exceptions=True)
+        await self.pool.aclose()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- loops --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            free = self.concurrency - len(self._running)
+            claimed: list[JobRow] = []
+            if free > 0:
+                try:
+                    claimed = self.store.claim_jobs(self.name, self.isolations, free, self.lease)
+                except Exception:
+                    log.exception("claiming jobs failed; trying again")
+                for row in claimed:
+                    self._start_run(row)
+            if claimed and len(claimed) == free:
+                await asyncio.sleep(0)  # let the runs start before claiming more
+                continue
+            await self._sleep(self.poll)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until a job is queued in this process, a run ends, or `seconds` pass."""
+        queued = asyncio.ensure_future(self.signals.wait_queued(seconds))
+        ended = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((queued, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            queued.cancel()
+            ended.cancel()
+        self._wake.clear()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                stops = self.store.heartbeat(self.name, list(self._running), self.lease)
+            except Exception:
+                log.exception("heartbeat failed; trying again")
+                continue
+            for job_id, why in stops.items():
+                stop = self._running.get(job_id)
+                if stop is not None:
+                    stop.set(why)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.lease / 3))
+            try:
+                self._expire()
+            except Exception:
+                log.exception("expiring leases failed; trying again")
+
+    def _expire(self) -> None:
+        for row in self.store.expire_leases(MAX_LOST):
+            log.warning(
+                "job's worker stopped heartbeating",
+                extra={"job_id": row.id, "state": row.state, "reason": row.state_reason},
+            )
+            self.signals.changed(row.id)
+            if row.state == "queued":
+                self.signals.queued()
+            elif self.on_end is not None:
+                self.on_end(row)
+
+    # -- one job ------------------------------------------------------------------------
+
+    def _start_run(self, row: JobRow) -> None:
+        stop = Stop()
+        self._running[row.id] = stop
+        self.signals.cancels[row.id] = lambda: stop.set("cancel")
+        task = asyncio.create_task(self._run(row, stop), name=f"job-{row.id}")
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+
+    async def _run(self, row: JobRow, stop: Stop) -> None:
+        attempt = Attempt(row.id, self.name, row.attempt)
+        self.signals.changed(row.id)
+        try:
+            if row.cancel_reason is not None:  # canceled between the claim and now
+                stop.set("cancel")
+            spec = JobSpec.from_dict(row.spec)
+            runner = AttemptRunner(
+                self.store, self.signals, self.policy, attempt, spec, self._acquire, stop
+            )
+            outcome = await runner.run()
+            ended = self._end(row, spec, attempt, outcome)
+            if ended is not None and self.on_end is not None:
+                self.on_end(ended)
+        except Exception as exc:
+            log.exception("running a job failed", extra={"job_id": row.id})
+            with contextlib.suppress(Exception):
+                self.store.end_attempt(attempt, "failed", f"failed: {exc}", exit_code=None)
+        finally:
+            self._running.pop(row.id, None)
+            self.signals.cancels.pop(row.id, None)
+            self.signals.changed(row.id)
+            self._wake.set()
+
+    def _end(self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome) -> JobRow | None:
+        if outcome.state == "lost":
+            log.warning("job lost its lease mid-run; left to the queue", extra={"job_id": row.id})
+            return None
+        if outcome.state == "shutdown":
+            return self.store.release_attempt(attempt, SHUT_DOWN)
+        retry_at = None
+        if outcome.state in ("failed", "timed_out") and row.attempt < row.max_attempts:
+            delay = retry_delay(spec, row.attempt)
+            retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+        ended = self.store.end_attempt(
+            attempt, outcome.state, outcome.reason, exit_code=outcome.exit_code, retry_at=retry_at
+        )
+        log.info(
+            "job attempt ended",
+            extra={"job_id": row.id, "state": outcome.state, "attempt": row.attempt},
+        )
+        return ended
+
+    async def _acquire(self, spec: JobSpec) -> Sandbox:
+        """A sandbox as the spec (filled by the policy) asks: from the pool when it fits."""
+        template = spec.template or self.policy.template
+        isolation = spec.isolation or self.policy.isolation
+        limits: Limits = self.policy.limits_for(spec)
+        network = spec.network or self.policy.network
+        backend = self.engine.backend(isolation).name
+        if network == "none" and self.pool.fits(template, backend, limits):
+            pooled = self.pool.claim()
+            if pooled is not None:
+                try:
+                    pooled.set_limits(limits)
+                    return pooled
+                except CorralError as exc:
+                    log.warning("pooled sandbox refused the job's limits: %s", exc)
+                    await pooled.destroy()
+        return await self.engine.create(
+            template=template, limits=limits, network=network, isolation=isolation
+        )
