@@ -1,4 +1,5 @@
-"""The ASGI app: Connect services for SandboxService and HealthService, and `GET /healthz`.
+"""The ASGI app: Connect services for SandboxService, JobService and HealthService, and
+`GET /healthz`.
 
     app = create_app(Settings.from_env())     # serve it with uvicorn (`corral server`)
 
@@ -14,7 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral import __version__
 from corral.config import Settings
@@ -22,10 +23,15 @@ from corral.server import disconnect
 from corral.server.base import Services
 from corral.server.disconnect import Receive
 from corral.server.interceptors import ErrorInterceptor
+from corral.server.jobs import JobHandlers
 from corral.server.requests import MAX_MESSAGE_BYTES, limit_size, strict_codecs
 from corral.server.service import HealthService, SandboxService
 from corral.v1.health_connect import HealthServiceASGIApplication
+from corral.v1.jobs_connect import JobServiceASGIApplication
 from corral.v1.sandbox_connect import SandboxServiceASGIApplication
+
+if TYPE_CHECKING:
+    from corral.jobs.runtime import JobRuntime
 
 log = logging.getLogger("corral.server")
 
@@ -35,6 +41,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _SANDBOX_PREFIX = "/corral.v1.SandboxService/"
 _HEALTH_PREFIX = "/corral.v1.HealthService/"
+_JOB_PREFIX = "/corral.v1.JobService/"
+_API_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _HEALTH_PREFIX)
 
 
 _NO_GRPC = {
@@ -74,10 +82,16 @@ class CorralApp:
         self.settings = settings
         self.services = Services()
         self.default_key: str | None = None  # the key of the default team, after start-up
+        self._jobs: JobRuntime | None = None
         self._max_message_bytes = max_message_bytes
         interceptors = [ErrorInterceptor()]
         self._sandbox_app: ASGIApp = SandboxServiceASGIApplication(
             SandboxService(self.services),
+            interceptors=interceptors,
+            read_max_bytes=max_message_bytes,
+        )
+        self._job_app: ASGIApp = JobServiceASGIApplication(
+            JobHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
         )
@@ -92,12 +106,13 @@ class CorralApp:
         if scope["type"] != "http":  # websockets: not spoken here
             return
         path: str = scope["path"]
-        if path.startswith((_SANDBOX_PREFIX, _HEALTH_PREFIX)) and _needs_trailers(scope):
+        if path.startswith(_API_PREFIXES) and _needs_trailers(scope):
             await _send_json(send, 415, _NO_GRPC)
-        elif path.startswith(_SANDBOX_PREFIX):
+        elif path.startswith((_SANDBOX_PREFIX, _JOB_PREFIX)):
             headers = dict(scope.get("headers", ()))
             receive = limit_size(receive, headers, self._max_message_bytes)
-            await self._sandbox_app(scope, disconnect.watch(receive), send)
+            app = self._sandbox_app if path.startswith(_SANDBOX_PREFIX) else self._job_app
+            await app(scope, disconnect.watch(receive), send)
         elif path.startswith(_HEALTH_PREFIX):
             await self._health_app(scope, receive, send)
         elif path == "/healthz":
@@ -113,7 +128,8 @@ class CorralApp:
                 404,
                 {
                     "code": "not_found",
-                    "message": f"no endpoint {path}; the API is /corral.v1.SandboxService/<Method>",
+                    "message": f"no endpoint {path}; the API is /corral.v1.SandboxService/<Method> "
+                    "and /corral.v1.JobService/<Method>",
                 },
             )
 
@@ -142,6 +158,7 @@ class CorralApp:
                 return
 
     async def start(self) -> None:
+        from corral.jobs.runtime import JobRuntime
         from corral.sandboxes import SandboxManager
         from corral.store import Store
 
@@ -152,11 +169,19 @@ class CorralApp:
             self.default_key = new_key or key_file.read_text().strip()
             manager = SandboxManager(self.settings, store, pool_size=self.settings.pool_size)
             await manager.start()
+            try:
+                jobs = JobRuntime(self.settings, store, manager.engine)
+                await jobs.start()
+            except BaseException:
+                await manager.aclose()
+                raise
         except BaseException:
             store.close()
             raise
         self.services.store = store
         self.services.manager = manager
+        self.services.jobs = jobs.queue
+        self._jobs = jobs
         log.info(
             "server started",
             extra={
@@ -164,12 +189,21 @@ class CorralApp:
                 "default_team": team.name,
                 "default_key_file": str(key_file),
                 "pool_size": self.settings.pool_size,
+                "job_workers": jobs.worker.concurrency,
             },
         )
 
     async def stop(self) -> None:
         manager, store = self.services.manager, self.services.store
         self.services.manager = None
+        self.services.jobs = None
+        if self._jobs is not None:
+            try:
+                # Before the manager: the workers' sandboxes are on the manager's engine.
+                await self._jobs.aclose()
+            except Exception:
+                log.exception("stopping the job workers failed")
+            self._jobs = None
         if manager is not None:
             try:
                 await manager.aclose()

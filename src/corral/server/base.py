@@ -12,6 +12,7 @@ from corral.server.auth import authenticate
 from corral.server.registry import CommandRegistry
 
 if TYPE_CHECKING:
+    from corral.jobs.queue import JobQueue
     from corral.sandboxes import SandboxManager
     from corral.store import Store, Team
 
@@ -22,6 +23,7 @@ class Services:
 
     store: Store | None = None
     manager: SandboxManager | None = None
+    jobs: JobQueue | None = None
     commands: CommandRegistry = field(default_factory=CommandRegistry)
 
 

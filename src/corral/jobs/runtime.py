@@ -1,0 +1,53 @@
+"""What runs jobs in one process: a worker pool, lease expiry and callback delivery.
+
+`corral server` runs one beside the API (its `queue` serves JobService); `corral worker`
+runs one alone against the same store.
+"""
+
+from __future__ import annotations
+
+from corral.config import Settings
+from corral.isolation import Engine
+from corral.jobs.callbacks import CallbackDispatcher
+from corral.jobs.queue import JobQueue, JobSignals
+from corral.jobs.worker import Worker
+from corral.store import Store
+from corral.store.jobs import JobRow
+
+
+class JobRuntime:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        engine: Engine,
+        *,
+        workers: int | None = None,
+        lease: float | None = None,
+    ) -> None:
+        self.signals = JobSignals()
+        self.callbacks = CallbackDispatcher(store)
+        self.worker = Worker(
+            settings,
+            store,
+            engine=engine,
+            signals=self.signals,
+            concurrency=workers,
+            lease=lease,
+            on_end=self._ended,
+        )
+        # With no workers here, any isolation is accepted for workers elsewhere.
+        isolations = self.worker.isolations if self.worker.concurrency > 0 else None
+        self.queue = JobQueue(store, settings, signals=self.signals, isolations=isolations)
+
+    def _ended(self, row: JobRow) -> None:
+        if row.callback_url:
+            self.callbacks.wake()  # the `done`/`error` POST goes out now, not at the next poll
+
+    async def start(self) -> None:
+        await self.worker.start()
+        self.callbacks.start()
+
+    async def aclose(self) -> None:
+        await self.worker.aclose()
+        await self.callbacks.aclose()

@@ -1,0 +1,182 @@
+"""JobService: the job queue's RPCs, each authenticated and checked, over `JobQueue`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from connectrpc.request import RequestContext
+from google.protobuf.struct_pb2 import Struct
+
+from corral.errors import InvalidRequest, ServerUnavailable
+from corral.jobs.queue import JobQueue
+from corral.jobs.spec import JobSpec
+from corral.server import convert
+from corral.server.base import Handlers, Services
+from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
+from corral.v1 import jobs_pb2 as pb
+
+Ctx = RequestContext[Any, Any]
+
+STATES = {
+    "queued": pb.JOB_STATE_QUEUED,
+    "running": pb.JOB_STATE_RUNNING,
+    "succeeded": pb.JOB_STATE_SUCCEEDED,
+    "failed": pb.JOB_STATE_FAILED,
+    "timed_out": pb.JOB_STATE_TIMED_OUT,
+    "canceled": pb.JOB_STATE_CANCELED,
+    "lost": pb.JOB_STATE_LOST,
+}
+STATE_NAMES = {number: name for name, number in STATES.items()}
+_MAX_PAGE = 1000
+
+
+def job_message(row: JobRow, callbacks: CallbackCounts | None, log_limit: int) -> pb.Job:
+    spec = JobSpec.from_dict(row.spec)
+    message = pb.Job(
+        id=row.id,
+        state=STATES[row.state],
+        state_reason=row.state_reason,
+        spec=spec.to_proto(),
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        created_at=convert.timestamp(row.created_at),
+        started_at=convert.timestamp(row.started_at),
+        finished_at=convert.timestamp(row.finished_at),
+        worker=row.worker or "",
+        log_bytes=row.log_bytes,
+        log_truncated=row.log_truncated,
+        log_limit_bytes=log_limit,
+        idempotency_key=row.idempotency_key or "",
+        run_after=convert.timestamp(row.run_after) if row.state == "queued" else None,
+    )
+    if row.exit_code is not None:
+        message.exit_code = row.exit_code
+    if row.callback_url:
+        counts = callbacks or CallbackCounts()
+        message.callback.CopyFrom(
+            pb.CallbackStatus(
+                url=row.callback_url,
+                delivered=counts.delivered,
+                pending=counts.pending,
+                failed=counts.failed,
+                last_error=counts.last_error,
+            )
+        )
+    return message
+
+
+def _chunk(row: LogChunkRow) -> pb.LogChunk:
+    return pb.LogChunk(
+        seq=row.seq,
+        stream=row.stream,  # type: ignore[arg-type]  # 1/2 are the LogStream numbers
+        data=row.data,
+        attempt=row.attempt,
+        step=row.step,
+        at=convert.timestamp(row.at),
+    )
+
+
+def _event(row: JobEventRow) -> pb.JobEvent:
+    data = Struct()
+    data.update(row.data)
+    return pb.JobEvent(
+        seq=row.seq,
+        type=row.type,
+        at=convert.timestamp(row.at),
+        attempt=row.attempt,
+        state=row.state or "",
+        reason=row.reason,
+        data=data,
+    )
+
+
+class JobHandlers(Handlers):
+    """Every RPC of `corral.v1.JobService`."""
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+
+    @property
+    def _queue(self) -> JobQueue:
+        if self._services.jobs is None:
+            raise ServerUnavailable("the Corral server is starting or stopping; try again")
+        return self._services.jobs
+
+    def _job(self, row: JobRow) -> pb.Job:
+        queue = self._queue
+        counts = queue.callbacks([row]).get(row.id)
+        return job_message(row, counts, queue.settings.job_log_limit)
+
+    async def submit(self, request: pb.SubmitJobRequest, ctx: Ctx) -> pb.SubmitJobResponse:
+        team = self._team(ctx)
+        if not request.HasField("spec"):
+            raise InvalidRequest("spec is missing: say what to run (kind and its fields)")
+        spec = JobSpec.from_proto(request.spec)
+        row, created, secret = self._queue.submit(team, spec, request.idempotency_key)
+        return pb.SubmitJobResponse(job=self._job(row), callback_secret=secret, created=created)
+
+    async def get(self, request: pb.GetJobRequest, ctx: Ctx) -> pb.GetJobResponse:
+        team = self._team(ctx)
+        return pb.GetJobResponse(job=self._job(self._queue.get(team, request.job_id)))
+
+    async def list(self, request: pb.ListJobsRequest, ctx: Ctx) -> pb.ListJobsResponse:
+        team = self._team(ctx)
+        states = []
+        for state in request.states:
+            if state not in STATE_NAMES:
+                raise InvalidRequest(f"states has {state}, which is not a JobState")
+            states.append(STATE_NAMES[state])
+        if not 0 <= request.page_size <= _MAX_PAGE:
+            raise InvalidRequest(f"page_size={request.page_size} is out of range: use 0 to 1000")
+        queue = self._queue
+        rows, token = queue.list_jobs(
+            team,
+            states=states,
+            labels=dict(request.labels),
+            template=request.template,
+            page_size=request.page_size or 100,
+            page_token=request.page_token,
+        )
+        counts = queue.callbacks(rows)
+        limit = queue.settings.job_log_limit
+        return pb.ListJobsResponse(
+            jobs=[job_message(r, counts.get(r.id), limit) for r in rows], next_page_token=token
+        )
+
+    async def stream_logs(
+        self, request: pb.StreamJobLogsRequest, ctx: Ctx
+    ) -> AsyncIterator[pb.StreamJobLogsResponse]:
+        team = self._team(ctx)
+        batches = self._queue.follow_logs(
+            team, request.job_id, offset=request.offset, follow=request.follow
+        )
+        async for rows, final in batches:
+            message = pb.StreamJobLogsResponse(chunks=[_chunk(r) for r in rows])
+            if final is not None:
+                message.final_state = STATES[final.state]
+            if rows or final is not None:
+                yield message
+
+    async def stream_events(
+        self, request: pb.StreamJobEventsRequest, ctx: Ctx
+    ) -> AsyncIterator[pb.StreamJobEventsResponse]:
+        team = self._team(ctx)
+        batches = self._queue.follow_events(
+            team, request.job_id, offset=request.offset, follow=request.follow
+        )
+        async for rows, final in batches:
+            message = pb.StreamJobEventsResponse(events=[_event(r) for r in rows])
+            if final is not None:
+                message.final_state = STATES[final.state]
+            if rows or final is not None:
+                yield message
+
+    async def cancel(self, request: pb.CancelJobRequest, ctx: Ctx) -> pb.CancelJobResponse:
+        team = self._team(ctx)
+        row = self._queue.cancel(team, request.job_id, request.reason)
+        return pb.CancelJobResponse(job=self._job(row))
+
+    async def retry(self, request: pb.RetryJobRequest, ctx: Ctx) -> pb.RetryJobResponse:
+        team = self._team(ctx)
+        return pb.RetryJobResponse(job=self._job(self._queue.retry(team, request.job_id)))
