@@ -59,6 +59,12 @@ def server(
         int | None, typer.Option(envvar="CORRAL_POOL_SIZE", help="sandboxes kept ready")
     ] = None,
     log_level: Annotated[str | None, typer.Option(envvar="CORRAL_LOG_LEVEL")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            envvar="CORRAL_JOB_WORKERS", help="jobs run at once in this process (0: none)"
+        ),
+    ] = None,
     demo: Annotated[
         bool, typer.Option(help="once up, run a first command through the API and say what next")
     ] = False,
@@ -74,10 +80,36 @@ def server(
             "data_dir": data_dir,
             "pool_size": pool_size,
             "log_level": log_level,
+            "job_workers": workers,
         }.items()
         if v is not None
     }
     raise typer.Exit(serve(Settings.from_env(None, **overrides), demo=demo))
+
+
+@app.command()
+def worker(
+    data_dir: Annotated[
+        Path | None, typer.Option(envvar="CORRAL_DATA_DIR", help="the store the server uses")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(envvar="CORRAL_JOB_WORKERS", help="jobs run at once")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(envvar="CORRAL_LOG_LEVEL")] = None,
+) -> None:
+    """Run jobs from the server's store in this process, beside the server's own workers
+    (Ctrl-C stops it: its running jobs go back to the queue)."""
+    from corral.jobs.daemon import run_worker
+    from corral.server import logs
+
+    overrides = {
+        k: v
+        for k, v in {"data_dir": data_dir, "job_workers": workers, "log_level": log_level}.items()
+        if v is not None
+    }
+    settings = Settings.from_env(None, **overrides)
+    logs.configure(settings.log_level)
+    raise typer.Exit(run_worker(settings))
 
 
 @app.command()
