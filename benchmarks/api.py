@@ -54,7 +54,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_server(root: Path, name: str, pool_size: int) -> Iterator[tuple[str, str]]:
+def running_server(
+    root: Path, name: str, pool_size: int, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str]]:
     """A `corral server` subprocess; yields (url, API key of a team with room for bursts)."""
     data = root / name
     settings = Settings(data_dir=data, runtime_dir=root / "run", cgroup_parent=CGROUP_PARENT)
@@ -72,6 +74,7 @@ def running_server(root: Path, name: str, pool_size: int) -> Iterator[tuple[str,
         "CORRAL_CGROUP_PARENT": CGROUP_PARENT,
         "CORRAL_POOL_SIZE": str(pool_size),
         "CORRAL_LOG_LEVEL": "warning",
+        **(extra_env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "corral.cli", "server", "--port", str(port)],

@@ -31,6 +31,7 @@ from corral.guest import ProcessInfo as ProcessInfo
 from corral.isolation.backend import Backend, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.footprint import Footprint
+from corral.isolation.launcher import Launcher, launch
 from corral.isolation.limits import MIB, Limits
 
 log = logging.getLogger("corral.isolation")
@@ -177,7 +178,7 @@ class Sandbox:
         self._backend = backend
         self.footprint = footprint
         self._cgroup = cgroup
-        self._launcher: asyncio.subprocess.Process | None = None
+        self._launcher: Launcher | None = None
         self._guest: GuestConnection | None = None
         self._stderr_tail = b""
         self._stderr_task: asyncio.Task[None] | None = None
@@ -219,23 +220,18 @@ class Sandbox:
         self.workdir = plan.workdir
         procs = self._cgroup.procs_files() if self._cgroup else []
         try:
-            self._launcher = await asyncio.create_subprocess_exec(
-                *plan.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            self._launcher = await launch(
+                plan.argv,
                 env=plan.env,
                 cwd=plan.host_cwd,
                 pass_fds=plan.pass_fds,
                 preexec_fn=_preexec(plan, procs, self.spec),
-                start_new_session=True,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise SandboxStartFailed(f"sandbox {self.id} could not be launched: {exc}") from exc
         finally:
             for fd in plan.pass_fds:
                 os.close(fd)
-        assert self._launcher.stdout and self._launcher.stdin and self._launcher.stderr
         self._stderr_task = asyncio.create_task(self._keep_stderr(self._launcher.stderr))
         self._guest = GuestConnection(self._launcher.stdout, self._launcher.stdin)
         await self._guest.start()

@@ -1,0 +1,169 @@
+"""Jobs benchmark: throughput and queue latency of sandboxed jobs through the API.
+
+    uv run python benchmarks/jobs.py --json
+
+Against a real `corral server` with its default worker pool (CORRAL_JOB_WORKERS), every
+job in a fresh sandbox:
+- jobs_per_s: 500 `true` jobs submitted at once, from the first Submit to the last job
+  final (each job: claim, sandbox, run, output and end written, sandbox destroyed);
+- queue_latency_ms: Submit → first output chunk read back through StreamLogs, 100 jobs
+  one after another (`echo hi`), p50/p99;
+and, in the same run, the engine's raw figures: sandbox create → first output and the
+throughput of create + `true` + destroy with the same concurrency and no queue, and a
+bare `bwrap true`. Targets (2 cores): jobs_per_s >= 50, queue_latency_ms p50 <= 25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from api import running_server
+from engine import create_to_first_output, percentiles, raw_bwrap
+
+from corral.config import Settings
+from corral.isolation import Engine
+from corral.v1 import jobs_pb2 as pb
+from corral.v1.jobs_connect import JobServiceClient
+
+CGROUP_PARENT = "corral-bench"
+FINAL = {
+    pb.JOB_STATE_SUCCEEDED,
+    pb.JOB_STATE_FAILED,
+    pb.JOB_STATE_TIMED_OUT,
+    pb.JOB_STATE_CANCELED,
+    pb.JOB_STATE_LOST,
+}
+
+
+def _client(url: str) -> JobServiceClient:
+    return JobServiceClient(url, accept_compression=(), send_compression=None)
+
+
+async def throughput(url: str, key: str, count: int) -> dict[str, Any]:
+    """Submit `count` `true` jobs at once; wall time until every one is final."""
+    headers = {"authorization": f"Bearer {key}"}
+    client = _client(url)
+    spec = pb.JobSpec(kind="command", command=["true"])
+    started = time.perf_counter()
+    submitted = await asyncio.gather(
+        *(client.submit(pb.SubmitJobRequest(spec=spec), headers=headers) for _ in range(count))
+    )
+    submit_s = time.perf_counter() - started
+    ids = {r.job.id for r in submitted}
+    unfinished = pb.ListJobsRequest(
+        states=[pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING], page_size=1
+    )
+    # One cheap question per poll (is any job left?), so the poll costs the server little.
+    while (await client.list(unfinished, headers=headers)).jobs:
+        await asyncio.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    states: dict[int, int] = {}
+    token = ""
+    while True:
+        page = await client.list(
+            pb.ListJobsRequest(page_size=1000, page_token=token), headers=headers
+        )
+        for job in page.jobs:
+            if job.id in ids:
+                states[job.state] = states.get(job.state, 0) + 1
+        token = page.next_page_token
+        if not token:
+            break
+    return {
+        "jobs": count,
+        "seconds": round(elapsed, 2),
+        "submit_seconds": round(submit_s, 2),
+        "succeeded": states.get(pb.JOB_STATE_SUCCEEDED, 0),
+        "jobs_per_s": round(count / elapsed, 1),
+    }
+
+
+async def latency(url: str, key: str, count: int, pace: float) -> list[float]:
+    """ms from Submit to the first output chunk read back through StreamLogs."""
+    headers = {"authorization": f"Bearer {key}"}
+    client = _client(url)
+    spec = pb.JobSpec(kind="command", command=["echo", "hi"])
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        job = (await client.submit(pb.SubmitJobRequest(spec=spec), headers=headers)).job
+        request = pb.StreamJobLogsRequest(job_id=job.id, follow=True)
+        async for message in client.stream_logs(request, headers=headers):
+            if message.chunks:
+                assert message.chunks[0].data == b"hi\n", message
+                samples.append((time.perf_counter() - started) * 1000)
+                break
+        await asyncio.sleep(pace)
+    return samples
+
+
+async def engine_throughput(engine: Engine, count: int, concurrency: int) -> float:
+    """create + `true` + destroy, `concurrency` at a time, no queue: jobs/s."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            sandbox = await engine.create(isolation="namespace")
+            assert (await sandbox.run(["true"])).ok
+            await sandbox.destroy()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    return round(count / (time.perf_counter() - started), 1)
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="corral-bench-jobs-", dir="/var/tmp"))
+    root.chmod(0o755)
+    workers = Settings.from_env().job_workers
+    report: dict[str, Any] = {"job_workers": workers}
+    try:
+        with running_server(root, "jobs", pool_size=0) as (url, key):
+            await throughput(url, key, 20)  # warm up (agent install, caches, pool)
+            await asyncio.sleep(0.5)
+            lat = await latency(url, key, 30 if quick else 100, pace=0.05)
+            await asyncio.sleep(0.5)
+            report["throughput"] = await throughput(url, key, 100 if quick else 500)
+        report["jobs_per_s"] = report["throughput"]["jobs_per_s"]
+        report["queue_latency_ms"] = {**percentiles(lat, 50, 95, 99), "n": len(lat)}
+        settings = Settings(runtime_dir=root / "engine", cgroup_parent=CGROUP_PARENT)
+        async with Engine(settings) as engine:
+            await create_to_first_output(engine)
+            first = [await create_to_first_output(engine) for _ in range(20 if quick else 50)]
+            raw_rate = await engine_throughput(engine, 100 if quick else 200, workers)
+        raw = raw_bwrap(20)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["engine"] = {
+        "create_to_first_output_ms": {**percentiles(first, 50, 99), "n": len(first)},
+        "sandboxes_per_s": raw_rate,
+        "raw_bwrap_ms": percentiles(raw, 50),
+    }
+    report["jobs_vs_raw_engine_throughput"] = round(report["jobs_per_s"] / raw_rate, 2)
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="fewer samples, for smoke tests")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = asyncio.run(main(args.quick))
+    result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        json.dump(result, sys.stdout, indent=2)
+        print()

@@ -1,0 +1,394 @@
+"""Job callbacks end to end: a real SQLite store, a real HTTP receiver on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import Settings
+from corral.jobs.callbacks import CallbackDispatcher, sign, verify
+from corral.store import Store
+from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, JobRow, NewEvent
+
+SECRET = "s3cret-for-tests"
+WORKER = "worker-1"
+
+
+# -- a callback receiver ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.body)
+        return loaded
+
+    @property
+    def delivery(self) -> int:
+        return int(self.headers["x-corral-delivery"])
+
+
+class CallbackReceiver:
+    """An HTTP server that records every POST and answers as told: `fail_first` 500s
+    per delivery for critical events (all events when `fail_all`), and it holds each
+    reply until `open` is set."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.fail_first = 0
+        self.fail_all = False
+        self.open = threading.Event()
+        self.open.set()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                status = receiver._record(Received(headers, body))
+                receiver.open.wait(30)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a reply to a client that hung up (a cancelled POST)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+
+    def _record(self, request: Received) -> int:
+        with self._lock:
+            tries = sum(r.delivery == request.delivery for r in self.received)
+            self.received.append(request)
+        if self.fail_all:
+            return 500
+        critical = request.headers["x-corral-event"] in CRITICAL_EVENTS
+        return 500 if critical and tries < self.fail_first else 204
+
+    def requests(self) -> list[Received]:
+        with self._lock:
+            return list(self.received)
+
+    def tries(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for r in self.requests():
+            counts[r.delivery] = counts.get(r.delivery, 0) + 1
+        return counts
+
+    def close(self) -> None:
+        self.open.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store.open(Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    receiver = CallbackReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
+    """Makes dispatchers on the store (fast by default); all are closed at the end."""
+    made: list[CallbackDispatcher] = []
+
+    def make(**options: Any) -> CallbackDispatcher:
+        options = {"interval": 0.01, "backoff": 0.01, "timeout": 5.0, "hold": 10.0, **options}
+        dispatcher = CallbackDispatcher(store, **options)
+        made.append(dispatcher)
+        return dispatcher
+
+    yield make
+    for dispatcher in made:
+        await dispatcher.aclose()
+
+
+def submit(store: Store, url: str | None, secret: str | None = SECRET) -> str:
+    team, _ = store.ensure_default_team()
+    now = datetime.now(UTC)
+    job_id = uuid.uuid4().hex
+    row = JobRow(
+        id=job_id,
+        team_id=team.id,
+        idempotency_key=None,
+        kind="command",
+        template="default",
+        isolation="process",
+        spec={},
+        labels={},
+        priority=0,
+        state="queued",
+        state_reason="queued",
+        attempt=0,
+        max_attempts=1,
+        lost_count=0,
+        run_after=now,
+        worker=None,
+        lease_expires_at=None,
+        cancel_reason=None,
+        exit_code=None,
+        next_log_seq=0,
+        log_bytes=0,
+        log_truncated=False,
+        next_event_seq=0,
+        callback_url=url,
+        callback_secret=secret,
+        created_at=now,
+        updated_at=now,
+        started_at=None,
+        finished_at=None,
+    )
+    store.insert_job(row)
+    return job_id
+
+
+def start(store: Store, job_id: str) -> Attempt:
+    (claimed,) = [r for r in store.claim_jobs(WORKER, ["process"], 10, 60) if r.id == job_id]
+    return Attempt(job_id, WORKER, claimed.attempt)
+
+
+def finish(store: Store, attempt: Attempt, *, ok: bool = True) -> None:
+    """What a worker records for a one-step job: the step, then the end of the attempt."""
+    code = 0 if ok else 1
+    steps = [NewEvent("step_start", "step 0"), NewEvent("step_end", f"exit {code}", None, {})]
+    assert store.add_events(attempt, steps)
+    state = "succeeded" if ok else "failed"
+    assert store.end_attempt(attempt, state, f"exit {code}", exit_code=code) is not None
+
+
+def run_job(store: Store, url: str | None, *, ok: bool = True, secret: str | None = SECRET) -> str:
+    job_id = submit(store, url, secret)
+    finish(store, start(store, job_id), ok=ok)
+    return job_id
+
+
+# Deliveries of a one-step job, in order: the state events, the step, the final state.
+OK_TYPES = ["state", "state", "step_start", "step_end", "state", "done"]
+FAILED_TYPES = ["state", "state", "step_start", "step_end", "state", "error"]
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# -- delivery -------------------------------------------------------------------------------
+
+
+async def test_every_event_is_posted_once_in_order_and_signed(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    failed = run_job(store, receiver.url, ok=False)
+    ok = submit(store, receiver.url)
+    attempt = start(store, ok)
+    dispatcher = dispatchers(interval=3600)  # only the first pass and wake() send anything
+    dispatcher.start()
+    await until(lambda: len(receiver.requests()) == 6 + 2, "the first pass")
+    finish(store, attempt)
+    dispatcher.wake()
+    await until(lambda: len(receiver.requests()) == 6 + 6, "the woken pass")
+
+    requests = receiver.requests()
+    assert len({r.delivery for r in requests}) == len(requests)  # each one once
+    for job_id, types in ((ok, OK_TYPES), (failed, FAILED_TYPES)):
+        mine = [r for r in requests if r.headers["x-corral-job"] == job_id]
+        assert [r.payload["type"] for r in mine] == types
+        assert [r.payload["seq"] for r in mine] == [0, 1, 2, 3, 4, 4]
+        assert [r.delivery for r in mine] == sorted(r.delivery for r in mine)
+    done = next(r for r in requests if r.payload["type"] == "done")
+    assert done.payload["job_id"] == ok and done.payload["state"] == "succeeded"
+    error = next(r for r in requests if r.payload["type"] == "error")
+    assert error.payload["job_id"] == failed and error.payload["state"] == "failed"
+
+    for r in requests:
+        assert "authorization" not in r.headers
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["user-agent"].startswith("corral/")
+        assert r.headers["x-corral-event"] == r.payload["type"]
+        signature = r.headers["x-corral-signature"]
+        assert verify(SECRET, signature, r.body)
+        assert not verify("not-the-secret", signature, r.body)
+        assert not verify(SECRET, signature, r.body.replace(b'"seq":', b'"seq":9'))
+        signed_at = int(signature.split(",")[0].removeprefix("t="))
+        assert not verify(SECRET, signature, r.body, now=signed_at + 301)
+
+    # The receiver records a POST before it replies, the dispatcher the reply after.
+    await until(
+        lambda: all(c.delivered == 6 for c in store.callback_counts([ok, failed]).values()),
+        "the replies to be recorded",
+    )
+    counts = store.callback_counts([ok, failed])
+    assert counts[ok].pending == counts[failed].pending == 0
+    assert counts[ok].last_error == ""
+
+
+async def test_critical_events_are_retried_until_the_receiver_takes_them(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    receiver.fail_first = 3
+    job_id = run_job(store, receiver.url)
+    dispatchers().start()
+    await until(lambda: store.callback_counts([job_id])[job_id].delivered == 6, "deliveries")
+
+    by_type = {r.payload["type"]: r.delivery for r in receiver.requests()}
+    tries = receiver.tries()
+    assert tries[by_type["step_end"]] == tries[by_type["done"]] == 4
+    assert tries[by_type["step_start"]] == 1
+    assert sum(tries.values()) == 4 + 4 + 4
+    counts = store.callback_counts([job_id])[job_id]
+    assert (counts.pending, counts.failed, counts.last_error) == (0, 0, "HTTP 500")
+
+
+async def test_a_receiver_that_always_fails_gets_ten_tries_for_critical_events(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    receiver.fail_all = True
+    job_id = run_job(store, receiver.url, ok=False)
+    dispatcher = dispatchers(backoff=0.001, max_backoff=0.01)
+    dispatcher.start()
+    await until(lambda: store.callback_counts([job_id])[job_id].pending == 0, "giving up")
+
+    tries = receiver.tries()
+    for r in receiver.requests():
+        expected = CALLBACK_ATTEMPTS if r.payload["type"] in ("step_end", "error") else 1
+        assert tries[r.delivery] == expected, r.payload["type"]
+    assert len(tries) == 6
+    counts = store.callback_counts([job_id])[job_id]
+    assert (counts.delivered, counts.failed, counts.last_error) == (0, 6, "HTTP 500")
+    assert await dispatcher.deliver_due() == 0  # nothing is left to send
+
+
+async def test_unreachable_receivers_and_jobs_without_a_secret_fail_with_a_reason(
+    store: Store, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"  # bound, not listening
+    unreachable = run_job(store, closed)
+    secretless = run_job(store, closed, secret=None)
+    dispatchers(backoff=0.001, max_backoff=0.01).start()
+    await until(
+        lambda: all(
+            c.pending == 0 for c in store.callback_counts([unreachable, secretless]).values()
+        ),
+        "giving up",
+    )
+    counts = store.callback_counts([unreachable, secretless])
+    assert counts[unreachable].failed == 6
+    assert counts[unreachable].last_error.startswith("ConnectError: ")
+    assert counts[secretless].failed == 6
+    assert counts[secretless].last_error == "job has no callback URL or secret"
+
+
+async def test_rows_cut_short_by_a_stop_are_sent_again_after_the_hold(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    receiver.open.clear()  # the receiver sits on every request
+    job_id = run_job(store, receiver.url)
+    first = dispatchers(timeout=2.0, hold=2.5)
+    first.start()
+    await until(lambda: len(receiver.requests()) == 1, "the first POST to arrive")
+    await first.aclose()
+    # The job's rows go one after another: only the first one was on its way.
+    assert store.callback_counts([job_id])[job_id].pending == 6
+
+    receiver.open.set()
+    second = dispatchers(timeout=2.0, hold=2.5)
+    assert await second.deliver_due() == 0  # still held by the first dispatcher's claim
+    second.start()
+    await until(lambda: store.callback_counts([job_id])[job_id].delivered == 6, "the resend")
+
+    requests = receiver.requests()
+    assert [r.payload["type"] for r in requests] == [OK_TYPES[0], *OK_TYPES]
+    assert requests[0].delivery == requests[1].delivery  # at least once: sent twice
+    assert len(receiver.tries()) == 6
+
+
+# -- signatures -----------------------------------------------------------------------------
+
+
+def test_sign_is_hmac_sha256_over_timestamp_and_body() -> None:
+    body = b'{"type":"done"}'
+    digest = hmac.new(b"key", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert sign("key", body, 1700000000) == f"t=1700000000,v1={digest}"
+    assert verify("key", sign("key", body, 1700000000), body, now=1700000000 + 299)
+    assert verify("key", f"t=1700000000,v1=00,v1={digest}", body, now=1700000000)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "garbage",
+        "t=1700000000",  # no signature
+        "v1={digest}",  # no timestamp
+        "t=soon,v1={digest}",
+        "t=1700000000,v1",
+        "t=1700000000,v1={digest}x",
+        "t=1700000000,v2={digest}",  # an unknown scheme is not v1
+        "t=1699999000,v1={digest}",  # right signature of another time
+        "t=1700000000,v1=\u00e9{digest}",  # not ASCII
+        "t=1700000000,,v1={digest}",
+    ],
+)
+def test_verify_refuses_malformed_headers(header: str) -> None:
+    body = b"{}"
+    digest = sign("key", body, 1700000000).split("v1=")[1]
+    assert not verify("key", header.format(digest=digest), body, now=1700000000)
+
+
+def test_verify_refuses_timestamps_outside_the_tolerance() -> None:
+    header = sign("key", b"{}", 1700000000)
+    assert not verify("key", header, b"{}", now=1700000000 + 301)
+    assert not verify("key", header, b"{}", now=1700000000 - 301)  # from the future
+    assert verify("key", header, b"{}", now=1700000000 + 30, tolerance=60)
+
+
+def test_a_hold_no_longer_than_the_timeout_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError, match="hold"):
+        CallbackDispatcher(store, timeout=10, hold=10)
