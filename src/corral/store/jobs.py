@@ -618,8 +618,13 @@ class JobStore(Database):
             else:
                 values["next_attempt_at"] = retry_at
         with self._write() as conn:
+            # Only a pending row: a late reply of a dispatcher whose hold ran out must not
+            # undo a delivery another dispatcher recorded meanwhile.
             conn.execute(
-                job_callbacks.update().where(job_callbacks.c.id == callback_id).values(**values)
+                job_callbacks.update()
+                .where(job_callbacks.c.id == callback_id)
+                .where(job_callbacks.c.state == "pending")
+                .values(**values)
             )
 
     def callback_counts(self, job_ids: Sequence[str]) -> dict[str, CallbackCounts]:
