@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,7 +144,14 @@ class LiveServer:
             return self.process.wait()
 
 
-def start_server(settings: Settings, data_dir: Path, *, pool_size: int = 2) -> LiveServer:
+def start_server(
+    settings: Settings,
+    data_dir: Path,
+    *,
+    pool_size: int = 2,
+    extra_env: Mapping[str, str] | None = None,
+) -> LiveServer:
+    """A `corral server` on a free port; `extra_env` adds settings (e.g. CORRAL_JOB_LEASE)."""
     port = free_port()
     env = {
         **os.environ,
@@ -153,6 +161,7 @@ def start_server(settings: Settings, data_dir: Path, *, pool_size: int = 2) -> L
         "CORRAL_ALLOW_PROCESS_BACKEND": "1",
         "CORRAL_CONFIG": str(data_dir.parent / f"config-{port}"),  # never ~/.corral
         "CORRAL_POOL_SIZE": str(pool_size),
+        **(extra_env or {}),
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT"):
         env.pop(name, None)
@@ -179,6 +188,42 @@ def start_server(settings: Settings, data_dir: Path, *, pool_size: int = 2) -> L
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"corral server did not answer in 30 s: {log.read_text()}")
+
+
+@dataclass
+class LiveWorker:
+    """A `corral worker` process on a server's store."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
+    """`corral worker` with the server's environment (plus `extra_env`), once it runs."""
+    env = {**server.env, **extra_env}
+    log = server.data_dir.parent / f"worker-{secrets.token_hex(4)}.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", "worker"], env=env, stdout=sink, stderr=sink
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"corral worker exited {process.returncode}: {log.read_text()}")
+        if "job worker started" in log.read_text():
+            return LiveWorker(process, log)
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"corral worker did not start in 30 s: {log.read_text()}")
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, IsolationUnavailable, NotFound
+from corral.errors import InvalidRequest, IsolationUnavailable, NotFound, QuotaExceeded
+from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
 from corral.jobs.spec import JobSpec
 from corral.store import Store, Team
@@ -110,6 +112,13 @@ class JobQueue:
             )
         template = spec.template or "host"
         get_template(template)
+        limits = Limits(**{**asdict(Limits()), **spec.limits})
+        if limits.memory_mib > team.max_memory_mib:
+            raise QuotaExceeded(
+                f"limits.memory_mib={limits.memory_mib} exceeds the team's maximum of "
+                f"{team.max_memory_mib} MiB per sandbox (max_memory_mib)"
+            )
+        limits.check_host()
         isolation = spec.isolation or "auto"
         if self.isolations is not None and isolation not in self.isolations:
             raise IsolationUnavailable(

@@ -204,6 +204,8 @@ class AttemptRunner:
         return None
 
     async def _place_files(self, sandbox: Sandbox) -> None:
+        if self.spec.workdir:
+            await sandbox.make_dir(self.workdir)
         for f in self.spec.files:
             path = posixpath.join(self.workdir, f.path)
             await sandbox.write_file(path, f.content, mode=f.mode)

@@ -67,6 +67,7 @@ _LABEL_KEY = re.compile(r"[ !#-\[\]-~]{1,128}")
 
 
 def _fail(where: str, message: str) -> InvalidRequest:
+    where = where.rstrip(".")  # a step's prefix ("steps[0].") naming the step itself
     return InvalidRequest(f"{where}: {message}" if where else message)
 
 

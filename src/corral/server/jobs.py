@@ -31,7 +31,11 @@ STATE_NAMES = {number: name for name, number in STATES.items()}
 _MAX_PAGE = 1000
 
 
-def job_message(row: JobRow, callbacks: CallbackCounts | None, log_limit: int) -> pb.Job:
+def job_message(
+    row: JobRow, callbacks: CallbackCounts | None, log_limit: int, *, file_contents: bool = True
+) -> pb.Job:
+    """The API's view of a job; List leaves files' contents out (a page of jobs with
+    megabytes of files each would not fit a response)."""
     spec = JobSpec.from_dict(row.spec)
     message = pb.Job(
         id=row.id,
@@ -50,6 +54,9 @@ def job_message(row: JobRow, callbacks: CallbackCounts | None, log_limit: int) -
         idempotency_key=row.idempotency_key or "",
         run_after=convert.timestamp(row.run_after) if row.state == "queued" else None,
     )
+    if not file_contents:
+        for f in message.spec.files:
+            f.content = b""
     if row.exit_code is not None:
         message.exit_code = row.exit_code
     if row.callback_url:
@@ -141,7 +148,8 @@ class JobHandlers(Handlers):
         counts = queue.callbacks(rows)
         limit = queue.settings.job_log_limit
         return pb.ListJobsResponse(
-            jobs=[job_message(r, counts.get(r.id), limit) for r in rows], next_page_token=token
+            jobs=[job_message(r, counts.get(r.id), limit, file_contents=False) for r in rows],
+            next_page_token=token,
         )
 
     async def stream_logs(

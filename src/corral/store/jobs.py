@@ -418,7 +418,7 @@ class JobStore(Database):
                         {"run_after": retry_at.isoformat(), "exit_code": exit_code},
                     )
                 )
-                state, reason = "queued", f"retry {attempt.attempt + 1} of {row.max_attempts - 1}"
+                state, reason = "queued", f"retry {attempt.attempt} of {row.max_attempts - 1}"
                 changes["run_after"] = retry_at
             else:
                 changes["finished_at"] = now
