@@ -1,9 +1,11 @@
 """Corral: isolated sandboxes for untrusted code, jobs and agents.
 
-    from corral import Sandbox
+    from corral import Jobs, Sandbox
 
     with Sandbox.create() as sbx:
         print(sbx.commands.run("echo hello").stdout)
+    with Jobs() as jobs:
+        print(jobs.wait(jobs.submit(run="echo hello").job.id).state)
 
 The SDK is imported on first use, so `import corral.config` (the engine, the server)
 does not load it.
@@ -21,11 +23,18 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 if _typing.TYPE_CHECKING:
     from corral.client import (
         AsyncCommandHandle,
+        AsyncJobs,
         AsyncSandbox,
+        CallbackStatus,
         CommandHandle,
         CommandResult,
         EntryInfo,
+        Job,
+        JobEvent,
+        Jobs,
+        JobSubmission,
         Limits,
+        LogChunk,
         MetricPoint,
         ProcessInfo,
         Sandbox,
@@ -35,12 +44,19 @@ if _typing.TYPE_CHECKING:
 
 _LAZY = {
     "AsyncCommandHandle": "corral.client",
+    "AsyncJobs": "corral.client",
     "AsyncSandbox": "corral.client",
+    "CallbackStatus": "corral.client",
     "CommandHandle": "corral.client",
     "CommandResult": "corral.client",
     "CorralError": "corral.errors",
     "EntryInfo": "corral.client",
+    "Job": "corral.client",
+    "JobEvent": "corral.client",
+    "JobSubmission": "corral.client",
+    "Jobs": "corral.client",
     "Limits": "corral.client",
+    "LogChunk": "corral.client",
     "MetricPoint": "corral.client",
     "ProcessInfo": "corral.client",
     "Sandbox": "corral.client",
@@ -49,12 +65,19 @@ _LAZY = {
 
 __all__ = [
     "AsyncCommandHandle",
+    "AsyncJobs",
     "AsyncSandbox",
+    "CallbackStatus",
     "CommandHandle",
     "CommandResult",
     "CorralError",
     "EntryInfo",
+    "Job",
+    "JobEvent",
+    "JobSubmission",
+    "Jobs",
     "Limits",
+    "LogChunk",
     "MetricPoint",
     "ProcessInfo",
     "Sandbox",

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from corral.cli import admin, context, sandbox
+from corral.cli import admin, context, job, sandbox
 from corral.cli._common import EXIT_INTERRUPTED, Connect, err, fail
 from corral.cli.run import run
 from corral.config import Settings
@@ -24,6 +24,7 @@ from corral.errors import CorralError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(sandbox.app, name="sandbox")
+app.add_typer(job.app, name="job")
 app.add_typer(context.app, name="context")
 app.add_typer(admin.app, name="admin")
 app.command(context_settings={"allow_interspersed_args": False})(run)

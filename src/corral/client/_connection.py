@@ -12,6 +12,7 @@ from connectrpc.errors import ConnectError
 
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
+from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 
 REQ = TypeVar("REQ")
@@ -29,7 +30,10 @@ def _translate(exc: ConnectError) -> BaseException:
 
 
 class Connection:
-    """One client of `corral.v1.SandboxService` with its key; shared by a sandbox's parts."""
+    """One client of `corral.v1.SandboxService` with its key; shared by a sandbox's parts.
+
+    `jobs` is a client of `corral.v1.JobService` on the same server, made on first use.
+    """
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
@@ -42,6 +46,15 @@ class Connection:
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         )
         self._timeout_ms = int(settings.timeout * 1000)
+        self._jobs: JobServiceClient | None = None
+
+    @property
+    def jobs(self) -> JobServiceClient:
+        if self._jobs is None:
+            self._jobs = JobServiceClient(
+                self.settings.server, accept_compression=(), send_compression=None
+            )
+        return self._jobs
 
     async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:
         """A unary call, with the key and the timeout."""
@@ -71,3 +84,5 @@ class Connection:
 
     async def aclose(self) -> None:
         await self.rpc.close()
+        if self._jobs is not None:
+            await self._jobs.close()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from corral.errors import InvalidRequest
+from corral.jobs.spec import JobSpec, proto_to_dict
+from corral.v1 import jobs_pb2 as jobs_pb
 from corral.v1 import sandbox_pb2 as pb
 
 FileType = Literal["file", "dir", "symlink", "other"]
@@ -178,3 +182,180 @@ class MetricPoint:
             memory_peak_bytes=point.memory_peak_bytes,
             pids=point.pids,
         )
+
+
+# -- jobs ----------------------------------------------------------------------------------
+
+JOB_STATES = {
+    jobs_pb.JOB_STATE_QUEUED: "queued",
+    jobs_pb.JOB_STATE_RUNNING: "running",
+    jobs_pb.JOB_STATE_SUCCEEDED: "succeeded",
+    jobs_pb.JOB_STATE_FAILED: "failed",
+    jobs_pb.JOB_STATE_TIMED_OUT: "timed_out",
+    jobs_pb.JOB_STATE_CANCELED: "canceled",
+    jobs_pb.JOB_STATE_LOST: "lost",
+}
+JOB_STATE_NUMBERS = {name: number for number, name in JOB_STATES.items()}
+FINAL_JOB_STATES = frozenset({"succeeded", "failed", "timed_out", "canceled", "lost"})
+_LOG_STREAMS = {jobs_pb.LOG_STREAM_STDOUT: "stdout", jobs_pb.LOG_STREAM_STDERR: "stderr"}
+
+
+def _spec_dict(message: jobs_pb.JobSpec) -> dict[str, Any]:
+    """The spec as its YAML mapping; a spec this SDK cannot validate (a newer server's)
+    is shown as sent rather than refused."""
+    try:
+        return JobSpec.from_proto(message).to_dict()
+    except InvalidRequest:
+        return {k: v for k, v in proto_to_dict(message).items() if v not in ("", 0, [], {})}
+
+
+@dataclass(frozen=True)
+class CallbackStatus:
+    """How the POSTs of a job's events to its callback URL are going."""
+
+    url: str
+    delivered: int
+    pending: int
+    failed: int  # gave up on these
+    last_error: str
+
+    @classmethod
+    def from_proto(cls, status: jobs_pb.CallbackStatus) -> CallbackStatus:
+        return cls(
+            url=status.url,
+            delivered=status.delivered,
+            pending=status.pending,
+            failed=status.failed,
+            last_error=status.last_error,
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as the server last described it.
+
+    `state` is queued, running, succeeded, failed, timed_out, canceled or lost; `spec` is
+    what was submitted, as its YAML mapping (fields left out take the worker's defaults).
+    """
+
+    id: str
+    state: str
+    state_reason: str
+    spec: dict[str, Any]
+    attempt: int  # attempts started so far
+    max_attempts: int
+    created_at: datetime | None
+    started_at: datetime | None  # of the latest attempt
+    finished_at: datetime | None
+    exit_code: int | None  # of the last step run
+    worker: str
+    log_bytes: int
+    log_truncated: bool  # output past log_limit_bytes was dropped
+    log_limit_bytes: int
+    callback: CallbackStatus | None
+    idempotency_key: str
+    run_after: datetime | None = None  # queued for a retry: not before this
+
+    @property
+    def done(self) -> bool:
+        """Whether it has ended (until a `retry` queues it again)."""
+        return self.state in FINAL_JOB_STATES
+
+    @classmethod
+    def from_proto(cls, job: jobs_pb.Job) -> Job:
+        return cls(
+            id=job.id,
+            state=JOB_STATES.get(job.state, "unknown"),
+            state_reason=job.state_reason,
+            spec=_spec_dict(job.spec),
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            created_at=_time(job.created_at, job.HasField("created_at")),
+            started_at=_time(job.started_at, job.HasField("started_at")),
+            finished_at=_time(job.finished_at, job.HasField("finished_at")),
+            exit_code=job.exit_code if job.HasField("exit_code") else None,
+            worker=job.worker,
+            log_bytes=job.log_bytes,
+            log_truncated=job.log_truncated,
+            log_limit_bytes=job.log_limit_bytes,
+            callback=CallbackStatus.from_proto(job.callback) if job.HasField("callback") else None,
+            idempotency_key=job.idempotency_key,
+            run_after=_time(job.run_after, job.HasField("run_after")),
+        )
+
+
+@dataclass(frozen=True)
+class JobSubmission:
+    """What `submit` returns: the job, and whether this call created it.
+
+    `callback_secret` keys the signature of the job's callbacks; it is given only here,
+    only when the job has a callback_url and this call created it (else "").
+    """
+
+    job: Job
+    callback_secret: str
+    created: bool  # False: an earlier submit with the same idempotency_key made it
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """Output of a job: `seq` counts 0, 1, 2 … across its attempts."""
+
+    seq: int
+    stream: str  # stdout | stderr
+    data: bytes
+    attempt: int
+    step: int  # the workflow step's index; 0 otherwise
+    at: datetime | None
+
+    @classmethod
+    def from_proto(cls, chunk: jobs_pb.LogChunk) -> LogChunk:
+        return cls(
+            seq=chunk.seq,
+            stream=_LOG_STREAMS.get(chunk.stream, "stdout"),
+            data=chunk.data,
+            attempt=chunk.attempt,
+            step=chunk.step,
+            at=_time(chunk.at, chunk.HasField("at")),
+        )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A state change or a workflow step's start or end, in order (`seq`).
+
+    `type` is state, step_start, step_end, log_truncated, retry_scheduled, requeued or
+    callback; `state` is the new state of a `state` event; `data` holds the step's index,
+    name, exit_code, duration_ms and the like.
+    """
+
+    seq: int
+    type: str
+    at: datetime | None
+    attempt: int
+    state: str
+    reason: str
+    data: dict[str, Any]
+
+    @classmethod
+    def from_proto(cls, event: jobs_pb.JobEvent) -> JobEvent:
+        return cls(
+            seq=event.seq,
+            type=event.type,
+            at=_time(event.at, event.HasField("at")),
+            attempt=event.attempt,
+            state=event.state,
+            reason=event.reason,
+            data=_plain_numbers(MessageToDict(event.data)),
+        )
+
+
+def _plain_numbers(value: Any) -> Any:
+    """Struct numbers are floats; whole ones (a step index, an exit code) become ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(v) for v in value]
+    return value

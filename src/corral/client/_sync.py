@@ -1,19 +1,26 @@
 """The sync SDK: each class wraps its async twin and runs it on the portal (`_portal`).
 
-Methods returning plain data are derived with `bridge`; only methods returning another
-SDK object (a sandbox, a command handle) are written out, to wrap what they return.
+Methods returning plain data are derived with `bridge`, async iterators with
+`_bridge_iterator`; only methods returning another SDK object (a sandbox, a command
+handle) are written out, to wrap what they return.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, Unpack, overload
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
 
 from corral.client._commands import AsyncCommandHandle, AsyncCommands, RunOptions
 from corral.client._files import AsyncFiles
+from corral.client._jobs import DEFAULT_RECONNECT_TIMEOUT, AsyncJobs
 from corral.client._models import CommandResult, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
 from corral.client._sandbox import AsyncSandbox
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class CommandHandle:
@@ -132,3 +139,86 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         run(self._async.__aexit__(*exc))
+
+
+def _bridge_iterator(
+    method: Callable[Concatenate[Any, P], AsyncIterator[R]],
+) -> Callable[Concatenate[Any, P], Iterator[R]]:
+    """The sync version of an async-iterator method: each item fetched on the portal."""
+
+    def sync_method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
+        return _iterate(method(self._async, *args, **kwargs))
+
+    functools.update_wrapper(sync_method, method)
+    return sync_method
+
+
+async def _next(iterator: AsyncIterator[R]) -> R:
+    return await anext(iterator)
+
+
+def _iterate(iterator: AsyncIterator[R]) -> Iterator[R]:
+    try:
+        while True:
+            try:
+                item = run(_next(iterator))
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        # Left early (break, an error, Ctrl-C): close the async side's stream too.
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                run(aclose())
+
+
+class Jobs:
+    """Your team's jobs on a Corral server (sync API; `AsyncJobs` for asyncio).
+
+    with Jobs() as jobs:
+        job = jobs.submit(run="make test", retries=2).job
+        for chunk in jobs.logs(job.id, follow=True):
+            print(chunk.data.decode(), end="")
+        print(jobs.wait(job.id).state)
+    """
+
+    def __init__(
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        context: str | None = None,
+        *,
+        request_timeout: float | None = None,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+    ) -> None:
+        self._async = AsyncJobs(
+            server,
+            api_key,
+            context,
+            request_timeout=request_timeout,
+            reconnect_timeout=reconnect_timeout,
+        )
+
+    @property
+    def server(self) -> str:
+        return self._async.server
+
+    def __repr__(self) -> str:
+        return f"<Jobs {self.server}>"
+
+    submit = bridge(AsyncJobs.submit)
+    get = bridge(AsyncJobs.get)
+    list = _bridge_iterator(AsyncJobs.list)
+    logs = _bridge_iterator(AsyncJobs.logs)
+    events = _bridge_iterator(AsyncJobs.events)
+    wait = bridge(AsyncJobs.wait)
+    cancel = bridge(AsyncJobs.cancel)
+    retry = bridge(AsyncJobs.retry)
+    close = bridge(AsyncJobs.aclose)
+
+    def __enter__(self) -> Jobs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -108,6 +108,10 @@ def _strings(where: str, value: object, *, limit: int, names: bool) -> dict[str,
         raise _fail(where, f"has {len(value)} entries; at most {limit}")
     out: dict[str, str] = {}
     for key, item in value.items():
+        if isinstance(item, bool):  # YAML's `DEBUG: true` means the text "true"
+            item = "true" if item else "false"
+        elif isinstance(item, int | float):  # and `PORT: 8080` the text "8080"
+            item = str(item)
         if not isinstance(key, str) or not isinstance(item, str):
             raise _fail(where, f"entries must be strings, got {key!r}: {item!r}")
         if names:

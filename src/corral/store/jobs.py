@@ -403,7 +403,6 @@ class JobStore(Database):
             if row is None:
                 return None
             changes: dict[str, Any] = {
-                "worker": None,
                 "lease_expires_at": None,
                 "exit_code": exit_code,
                 "updated_at": now,
@@ -444,7 +443,6 @@ class JobStore(Database):
                 .values(
                     state=state,
                     state_reason=text,
-                    worker=None,
                     lease_expires_at=None,
                     run_after=now,
                     max_attempts=row.max_attempts + (state == "queued"),
@@ -503,7 +501,6 @@ class JobStore(Database):
                     state=state,
                     state_reason=reason,
                     lost_count=lost,
-                    worker=None,
                     lease_expires_at=None,
                     updated_at=now,
                 )
