@@ -191,7 +191,7 @@ def test_an_environment_too_big_is_refused() -> None:
     assert message.startswith("env: ") and "bytes" in message
     assert refused({"steps": [{"run": "x", "env": huge}]}).startswith("steps[0].env: ")
     assert refused({"command": ["x"], "env": {"A=B": "x"}}).startswith("env: ")
-    assert refused({"command": ["x"], "env": {"A": 1}}).startswith("env: ")
+    assert refused({"command": ["x"], "env": {"A": [1]}}).startswith("env: ")
 
 
 @pytest.mark.parametrize("path", ["../x", "a/../../x", "/workspace/../etc/passwd", ".."])
@@ -343,3 +343,11 @@ def test_a_spec_keeps_only_what_was_asked() -> None:
         "kind": "command",
         "command": ["true"],
     }
+
+
+def test_numbers_and_booleans_in_env_and_labels_are_text() -> None:
+    spec = JobSpec.from_dict(
+        {"command": ["x"], "env": {"PORT": 8080, "DEBUG": True}, "labels": {"suite": 19409665}}
+    )
+    assert spec.env == {"PORT": "8080", "DEBUG": "true"}
+    assert spec.labels == {"suite": "19409665"}

@@ -316,7 +316,7 @@ def test_expired_leases_requeue_then_give_up_after_max_lost(store: Store, team: 
         expire_now(store, running)
         (changed,) = store.expire_leases(MAX_LOST)
         assert changed.state == "queued" and changed.lost_count == lost
-        assert changed.worker is None and changed.finished_at is None
+        assert changed.worker == f"w{lost}" and changed.finished_at is None  # its last worker
         assert f"worker w{lost} stopped heartbeating" in changed.state_reason
         # A lost worker does not spend one of the job's retries.
         assert changed.max_attempts == 2 + lost
@@ -423,7 +423,7 @@ def test_release_attempt_requeues_without_spending_a_retry(store: Store, team: T
     released = store.release_attempt(first, "requeued: its worker shut down")
     assert released is not None and released.id == row.id and released.state == "queued"
     assert released.state_reason == "requeued: its worker shut down"
-    assert released.attempt == 1 and released.max_attempts == 2 and released.worker is None
+    assert released.attempt == 1 and released.max_attempts == 2 and released.worker == "w1"
     again = claim_one(store, "w2")
     assert again.attempt == 2
 
