@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import shutil
 import sys
 import tempfile
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,7 @@ async def throughput(url: str, key: str, count: int) -> dict[str, Any]:
     )
     submit_s = time.perf_counter() - started
     ids = {r.job.id for r in submitted}
-    unfinished = pb.ListJobsRequest(
-        states=[pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING], page_size=1
-    )
+    unfinished = pb.ListJobsRequest(states=[pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING], page_size=1)
     # One cheap question per poll (is any job left?), so the poll costs the server little.
     while (await client.list(unfinished, headers=headers)).jobs:
         await asyncio.sleep(0.05)
