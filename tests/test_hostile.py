@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import os
 import secrets
 import socket
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -202,7 +202,7 @@ async def test_fork_bomb_left_running_stays_contained(small: Sandbox) -> None:
     while time.monotonic() < deadline and peak < 32:
         peak = max(peak, small.usage().pids)
         await asyncio.sleep(0.05)
-    assert 32 <= peak
+    assert peak >= 32
     for _ in range(20):
         assert small.usage().pids <= 64
         await asyncio.sleep(0.05)
