@@ -55,11 +55,17 @@ def _free_port() -> int:
 
 @contextmanager
 def running_server(
-    root: Path, name: str, pool_size: int, extra_env: dict[str, str] | None = None
+    root: Path,
+    name: str,
+    pool_size: int,
+    extra_env: dict[str, str] | None = None,
+    runtime_dir: Path | None = None,
 ) -> Iterator[tuple[str, str]]:
     """A `corral server` subprocess; yields (url, API key of a team with room for bursts)."""
     data = root / name
-    settings = Settings(data_dir=data, runtime_dir=root / "run", cgroup_parent=CGROUP_PARENT)
+    settings = Settings(
+        data_dir=data, runtime_dir=runtime_dir or root / "run", cgroup_parent=CGROUP_PARENT
+    )
     store = Store.open(settings)
     try:
         store.create_team("bench", max_sandboxes=500, max_memory_mib=4096)

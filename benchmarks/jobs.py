@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -123,10 +124,15 @@ async def engine_throughput(engine: Engine, count: int, concurrency: int) -> flo
 async def main(quick: bool) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="corral-bench-jobs-", dir="/var/tmp"))
     root.chmod(0o755)
+    # Sandboxes' runtime files on tmpfs, as with the default runtime dir (/run/corral as
+    # root); the store stays on disk.
+    tmpfs = Path("/run") if os.access("/run", os.W_OK) else root
+    runtime = Path(tempfile.mkdtemp(prefix="corral-bench-jobs-", dir=tmpfs))
+    runtime.chmod(0o755)
     workers = Settings.from_env().job_workers
     report: dict[str, Any] = {"job_workers": workers}
     try:
-        with running_server(root, "jobs", pool_size=0) as (url, key):
+        with running_server(root, "jobs", pool_size=0, runtime_dir=runtime) as (url, key):
             await throughput(url, key, 20)  # warm up (agent install, caches, pool)
             await asyncio.sleep(0.5)
             lat = await latency(url, key, 30 if quick else 100, pace=0.05)
@@ -134,7 +140,7 @@ async def main(quick: bool) -> dict[str, Any]:
             report["throughput"] = await throughput(url, key, 100 if quick else 500)
         report["jobs_per_s"] = report["throughput"]["jobs_per_s"]
         report["queue_latency_ms"] = {**percentiles(lat, 50, 95, 99), "n": len(lat)}
-        settings = Settings(runtime_dir=root / "engine", cgroup_parent=CGROUP_PARENT)
+        settings = Settings(runtime_dir=runtime / "engine", cgroup_parent=CGROUP_PARENT)
         async with Engine(settings) as engine:
             await create_to_first_output(engine)
             first = [await create_to_first_output(engine) for _ in range(20 if quick else 50)]
@@ -142,6 +148,7 @@ async def main(quick: bool) -> dict[str, Any]:
         raw = raw_bwrap(20)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(runtime, ignore_errors=True)
     report["engine"] = {
         "create_to_first_output_ms": {**percentiles(first, 50, 99), "n": len(first)},
         "sandboxes_per_s": raw_rate,
