@@ -54,6 +54,7 @@ proto: python-env
 bench: setup
 	@$(UV) run --frozen python benchmarks/engine.py --json
 	@$(UV) run --frozen python benchmarks/api.py --json
+	@$(UV) run --frozen python benchmarks/jobs.py --json
 
 doctor: setup
 	@$(UV) run --frozen corral doctor
