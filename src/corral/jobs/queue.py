@@ -23,9 +23,10 @@ from corral.config import Settings
 from corral.errors import InvalidRequest, IsolationUnavailable, NotFound, QuotaExceeded
 from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
-from corral.jobs.spec import JobSpec
+from corral.jobs.spec import JobSpec, check_labels
 from corral.store import Store, Team
 from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
+from corral.store.pages import check_page_size
 from corral.store.schema import JOB_STATES
 
 T = TypeVar("T", LogChunkRow, JobEventRow)
@@ -183,17 +184,12 @@ class JobQueue:
         unknown = [s for s in states if s not in JOB_STATES]
         if unknown:
             raise InvalidRequest(f"unknown states {unknown}; use some of {', '.join(JOB_STATES)}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise InvalidRequest(f"page_size={page_size!r} must be an integer")
-        if not 1 <= page_size <= 1000:
-            raise InvalidRequest(f"page_size={page_size} is out of range: use 1 to 1000")
-        spec_labels = JobSpec.from_dict({"kind": "command", "command": ["x"], "labels": labels})
         return self.store.list_jobs(
             team.id,
             states=states,
-            labels=spec_labels.labels,
+            labels=check_labels(labels or {}),
             template=template,
-            page_size=page_size,
+            page_size=check_page_size(page_size),
             page_token=page_token,
         )
 

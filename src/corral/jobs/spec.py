@@ -131,6 +131,11 @@ def _strings(where: str, value: object, *, limit: int, names: bool) -> dict[str,
     return out
 
 
+def check_labels(value: object, where: str = "labels") -> dict[str, str]:
+    """Labels (or metadata): at most 64 printable-ASCII keys with short text values."""
+    return _strings(where, value, limit=MAX_LABELS, names=False)
+
+
 def _check_fields(where: str, data: object, known: Sequence[str]) -> None:
     if not isinstance(data, Mapping):
         raise _fail(where, f"must be a mapping, got {type(data).__name__}")
@@ -391,10 +396,8 @@ class JobSpec:
             retries=_int("retries", data.get("retries") or 0, 0, MAX_RETRIES),
             retry_backoff=_backoff(data.get("retry_backoff")),
             priority=_int("priority", data.get("priority") or 0, -MAX_PRIORITY, MAX_PRIORITY),
-            labels=_strings("labels", data.get("labels") or {}, limit=MAX_LABELS, names=False),
-            metadata=_strings(
-                "metadata", data.get("metadata") or {}, limit=MAX_LABELS, names=False
-            ),
+            labels=check_labels(data.get("labels") or {}),
+            metadata=check_labels(data.get("metadata") or {}, "metadata"),
             callback_url=_url(data.get("callback_url")),
         )
         return spec

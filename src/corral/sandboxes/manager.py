@@ -38,6 +38,7 @@ from corral.sandboxes.options import (
 )
 from corral.sandboxes.pool import WarmPool
 from corral.store import MetricPoint, SandboxRow, Store, Team
+from corral.store.pages import check_page_size
 
 log = logging.getLogger("corral.sandboxes")
 
@@ -314,15 +315,11 @@ class SandboxManager:
         unknown = [s for s in states if s not in STATES]
         if unknown:
             raise InvalidRequest(f"unknown states {unknown}; use some of {', '.join(STATES)}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise InvalidRequest(f"page_size={page_size!r} must be an integer")
-        if not 1 <= page_size <= 1000:
-            raise InvalidRequest(f"page_size={page_size} is out of range: use 1 to 1000")
         rows, token = self.store.list_sandboxes(
             team.id,
             states=list(states or LIVE_STATES),
             metadata=check_metadata(metadata or {}),
-            page_size=page_size,
+            page_size=check_page_size(page_size),
             page_token=page_token,
         )
         return [self._record(row) for row in rows], token

@@ -12,7 +12,7 @@ from corral.errors import InvalidRequest, ServerUnavailable
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.server import convert
-from corral.server.base import Handlers, Services
+from corral.server.base import Handlers
 from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
 from corral.v1 import jobs_pb2 as pb
 
@@ -100,9 +100,6 @@ def _event(row: JobEventRow) -> pb.JobEvent:
 
 class JobHandlers(Handlers):
     """Every RPC of `corral.v1.JobService`."""
-
-    def __init__(self, services: Services) -> None:
-        super().__init__(services)
 
     @property
     def _queue(self) -> JobQueue:

@@ -12,9 +12,6 @@ different jobs); on SQLite `BEGIN IMMEDIATE` serializes them instead.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,8 +19,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.errors import InvalidRequest
 from corral.store.database import Database
+from corral.store.pages import decode_token, encode_token
 from corral.store.schema import JOB_FINAL_STATES, job_callbacks, job_events, job_logs, jobs
 
 # Events whose callback is retried (up to CALLBACK_ATTEMPTS); others are tried once.
@@ -142,26 +139,6 @@ def _job(row: sa.Row[Any]) -> JobRow:
     return JobRow(**row._asdict())
 
 
-_BAD_TOKEN = "page_token is invalid; pass the next_page_token of the previous List response"
-
-
-def _encode_token(row: JobRow) -> str:
-    cursor = json.dumps([row.created_at.isoformat(), row.id]).encode()
-    return base64.urlsafe_b64encode(cursor).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created, job_id = json.loads(raw)
-        at = datetime.fromisoformat(created)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest(_BAD_TOKEN) from None
-    if not isinstance(job_id, str) or at.tzinfo is None:
-        raise InvalidRequest(_BAD_TOKEN)
-    return at, job_id
-
-
 class JobStore(Database):
     """Jobs: submit, claim under lease, record output and events, end, requeue."""
 
@@ -212,7 +189,7 @@ class JobStore(Database):
         for key, value in (labels or {}).items():
             query = query.where(jobs.c.labels[key].as_string() == value)
         if page_token:
-            at, last_id = _decode_token(page_token)
+            at, last_id = decode_token(page_token)
             query = query.where(
                 sa.or_(
                     jobs.c.created_at < at,
@@ -223,7 +200,7 @@ class JobStore(Database):
             rows = [_job(r) for r in conn.execute(query)]
         if len(rows) > page_size:
             rows = rows[:page_size]
-            return rows, _encode_token(rows[-1])
+            return rows, encode_token(rows[-1].created_at, rows[-1].id)
         return rows, ""
 
     def job_events(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[JobEventRow]:

@@ -6,9 +6,6 @@ records it (when, from, to, why) commit together or not at all.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -16,8 +13,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.errors import InvalidRequest, QuotaExceeded
+from corral.errors import QuotaExceeded
 from corral.store.database import Database
+from corral.store.pages import decode_token, encode_token
 from corral.store.schema import LIVE_STATES, sandbox_events, sandboxes, teams
 
 
@@ -55,26 +53,6 @@ class SandboxEvent:
     from_state: str | None
     to_state: str
     reason: str
-
-
-_BAD_TOKEN = "page_token is invalid; pass the next_page_token of the previous List response"
-
-
-def _encode_token(row: SandboxRow) -> str:
-    cursor = json.dumps([row.created_at.isoformat(), row.id]).encode()
-    return base64.urlsafe_b64encode(cursor).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created, sandbox_id = json.loads(raw)
-        at = datetime.fromisoformat(created)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest(_BAD_TOKEN) from None
-    if not isinstance(sandbox_id, str) or at.tzinfo is None:
-        raise InvalidRequest(_BAD_TOKEN)
-    return at, sandbox_id
 
 
 def _row(row: sa.Row[Any]) -> SandboxRow:
@@ -200,7 +178,7 @@ class SandboxStore(Database):
         for key, value in (metadata or {}).items():
             query = query.where(sandboxes.c.metadata[key].as_string() == value)
         if page_token:
-            at, last_id = _decode_token(page_token)
+            at, last_id = decode_token(page_token)
             query = query.where(
                 sa.or_(
                     sandboxes.c.created_at > at,
@@ -211,7 +189,7 @@ class SandboxStore(Database):
             rows = [_row(r) for r in conn.execute(query)]
         if len(rows) > page_size:
             rows = rows[:page_size]
-            return rows, _encode_token(rows[-1])
+            return rows, encode_token(rows[-1].created_at, rows[-1].id)
         return rows, ""
 
     def live_sandboxes(self) -> list[SandboxRow]:
