@@ -158,6 +158,8 @@ class AttemptRunner:
         self.logs = LogWriter(store, attempt, policy.log_limit, signals)
         self.workdir = spec.workdir or policy.workdir
         self.timeout = spec.timeout or policy.timeout
+        # Which run this is, for commands that must be safe to repeat (at-least-once).
+        self.job_env = {"CORRAL_JOB_ID": attempt.job_id, "CORRAL_JOB_ATTEMPT": str(attempt.attempt)}
 
     async def run(self) -> Outcome:
         deadline = time.monotonic() + self.timeout
@@ -259,7 +261,7 @@ class AttemptRunner:
         timeout = min(float(step.timeout), left) if step.timeout else left
         command = await sandbox.exec(
             step.workload.argv(source),
-            env={**self.spec.env, **step.env},
+            env={**self.job_env, **self.spec.env, **step.env},
             cwd=self.workdir,
             timeout=timeout,
             output_limit=EXEC_OUTPUT_LIMIT,
