@@ -540,20 +540,23 @@ async def test_a_worker_back_from_the_dead_cannot_overwrite_its_successor(
     frozen = remote.worker()
     api = remote.api
     marker = f"{secrets.randbelow(10**6):06d}"
-    stale = f"sleep 600.{marker}".encode()
+    stale = b"sleep\x00600." + marker.encode()  # the exec'd sleep's argv, not a script
     # The first attempt never ends by itself, so it is still running when the second
     # starts however slow the host is; the second prints every line.
     first_only = f'if [ "$CORRAL_JOB_ATTEMPT" = 1 ]; then echo line 1; exec sleep 600.{marker}; fi'
     submitted = await api.submit({"run": f"{first_only}\n{lines(40, 0.05, marker)}"})
     job_id = submitted.job.id
     await api.first_logs(job_id)
+    deadline = time.monotonic() + 10
+    while not processes_with(stale) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(processes_with(stale)) == 1  # attempt 1 runs
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
         remote.worker()
         await api.wait_until(
             job_id, lambda j: j.attempt == 2 and j.state == pb.JOB_STATE_RUNNING, timeout=30
         )
-        assert len(processes_with(stale)) == 1  # the stale attempt still runs, unseen
     finally:
         os.kill(frozen.process.pid, signal.SIGCONT)
     deadline = time.monotonic() + 15
