@@ -4,7 +4,7 @@ Tiers (`Backend` subclasses, chosen by name or `auto`): `namespace` (bubblewrap)
 `process` (no isolation; development only). Later: `gvisor`, `microvm`.
 """
 
-from corral.isolation.backend import Backend, Capabilities, SandboxSpec
+from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec, SeedFile
 from corral.isolation.engine import Engine
 from corral.isolation.limits import Limits
 from corral.isolation.registry import capabilities
@@ -16,10 +16,12 @@ __all__ = [
     "Command",
     "CommandResult",
     "Engine",
+    "Entrypoint",
     "Limits",
     "Sandbox",
     "SandboxSpec",
     "SandboxState",
+    "SeedFile",
     "Usage",
     "capabilities",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from corral.config import Settings
 from corral.errors import CorralError, InvalidRequest, IsolationUnavailable
 from corral.isolation import registry
-from corral.isolation.backend import Backend, Capabilities, SandboxSpec
+from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint, orphans
 from corral.isolation.limits import Limits
@@ -93,15 +93,20 @@ class Engine:
         env: Mapping[str, str] | None = None,
         isolation: str | None = None,
         sandbox_id: str | None = None,
+        entrypoint: Entrypoint | None = None,
     ) -> Sandbox:
         """Start a sandbox; the caller owns it and must `destroy` it.
 
         `sandbox_id` lets a caller that records the sandbox before it exists (the sandbox
-        manager) choose the id; it must come from `new_sandbox_id()`.
+        manager) choose the id; it must come from `new_sandbox_id()`. With `entrypoint`,
+        a one-shot sandbox: it runs that command (`sandbox.entry`) instead of a guest
+        agent, where the tier can (`Backend.entrypoints`).
         """
         spec = SandboxSpec(template, limits or Limits(), network, dict(env or {}))
         spec.limits.check_host()
         backend = self.backend(isolation)
+        if entrypoint is not None and not backend.entrypoints:
+            raise InvalidRequest(f"the {backend.name} tier cannot start one-shot sandboxes")
         get_template(spec.template)  # refuse an unknown template before creating anything
         driver = self.cgroups()
         if driver is None and backend.name != "process":
@@ -112,8 +117,13 @@ class Engine:
         sandbox_id = sandbox_id or new_sandbox_id()
         if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in self.sandboxes:
             raise InvalidRequest(f"sandbox id {sandbox_id!r} is malformed or in use")
-        footprint = Footprint.create(self.settings.runtime_dir, sandbox_id, backend.name)
-        sandbox = await Sandbox.launch(backend, spec, footprint, driver)
+        footprint = Footprint.create(
+            self.settings.runtime_dir,
+            sandbox_id,
+            backend.name,
+            cgroup=sandbox_id if driver is not None else None,
+        )
+        sandbox = await Sandbox.launch(backend, spec, footprint, driver, entrypoint)
         self.sandboxes[sandbox.id] = sandbox
         return sandbox
 

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from corral.errors import SandboxStartFailed
@@ -57,21 +57,35 @@ class Footprint:
     uid_slots_dir: str | None = None
 
     @classmethod
-    def create(cls, runtime_dir: Path, sandbox_id: str, backend: str) -> Footprint:
+    def create(
+        cls, runtime_dir: Path, sandbox_id: str, backend: str, cgroup: str | None = None
+    ) -> Footprint:
+        """The record of a new sandbox, saved; `cgroup` names the one it is about to get."""
         root = runtime_dir / "sandboxes"
         root.mkdir(parents=True, exist_ok=True, mode=0o711)
         path = root / sandbox_id
         path.mkdir(mode=0o711)
-        fp = cls(sandbox_id, backend, path, owner_start=process_start_time(os.getpid()) or 0)
+        fp = cls(
+            sandbox_id,
+            backend,
+            path,
+            owner_start=process_start_time(os.getpid()) or 0,
+            cgroup=cgroup,
+        )
         fp.save()
         return fp
 
     def save(self) -> None:
-        record = asdict(self)
+        # Written several times per sandbox creation, so kept cheap: no deep copies, one write.
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
         record["path"] = str(self.path)
-        tmp = self.path / "state.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path / "state.json")
+        tmp = f"{self.path}/state.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(record).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, f"{self.path}/state.json")
 
     @classmethod
     def load(cls, path: Path) -> Footprint | None:

@@ -1,19 +1,30 @@
-"""Starting a sandbox's launcher process without blocking the event loop.
+"""Starting a sandbox's launcher process, cheaply and confined from its first instruction.
 
-`asyncio.create_subprocess_exec` forks in the loop's thread and then waits there until
-the child has run its `preexec_fn` and exec'd: ~10 ms with a large parent, ~25 ms on a
-busy machine, during which nothing else on the loop moves. Here the fork runs in a
-worker thread; the pipes are then handed to the loop as streams, and the exit is awaited
-through a pidfd, so waiting costs no thread either.
+Forking the server (a large process) costs milliseconds with the GIL held, and a
+`preexec_fn` forces a real fork. So the launcher is spawned with vfork (no preexec, no
+uid change in the child) as a tiny POSIX shell that waits at a gate — a line on its
+stdin — while the host moves it into the sandbox's cgroup; only then does it set its
+rlimits and exec the launcher proper, through `setpriv` to drop to the sandbox's host
+uid when there is one. Everything the launcher ever starts is thus in the cgroup. Its
+exit is awaited through a pidfd, so waiting costs no thread either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import functools
 import os
+import shutil
+import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+# $1: open files, $2: file size in 512-byte blocks (POSIX ulimit units), then the argv.
+_GATE = (
+    'read -r _ || exit 125; ulimit -n "$1" && ulimit -f "$2" && ulimit -c 0 && shift 2 && exec "$@"'
+)
 # The guest protocol's frames are at most a few hundred KiB; the reader's buffer limit
 # must exceed the largest line-less read (asyncio's default, 64 KiB, is per readline).
 _READ_LIMIT = 1 << 20
@@ -39,6 +50,22 @@ class Launcher:
     def returncode(self) -> int | None:
         return self._popen.poll()
 
+    def children(self) -> list[int]:
+        """The launcher's child processes (for bubblewrap: the pid namespace's init)."""
+        return children(self.pid)
+
+    def kill_tree(self) -> None:
+        """SIGKILL the launcher's children, or the launcher itself while it has none.
+
+        Killing the child first lets the launcher, still alive, reap it; killing the
+        launcher first would orphan the child to the host's pid 1, which on some hosts
+        never reaps, leaving zombies.
+        """
+        targets = self.children() or ([self.pid] if self.returncode is None else [])
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     async def wait(self) -> int:
         """The exit status, once the process has exited (and been reaped)."""
         code = self._popen.poll()
@@ -63,28 +90,91 @@ class Launcher:
         return self._popen.wait()
 
 
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def data_fd(name: str, data: bytes) -> int:
+    """A sealed, close-on-exec memory file holding `data`, positioned at its start: for
+    handing data to a launcher through `pass_fds` (the caller closes it)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(
+            fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
+        )
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@functools.cache
+def setpriv() -> str | None:
+    """util-linux's setpriv, which drops to the sandbox's host uid before exec."""
+    return shutil.which("setpriv")
+
+
 async def launch(
     argv: Sequence[str],
     *,
     env: dict[str, str],
     cwd: str | None,
     pass_fds: Sequence[int],
-    preexec_fn: Callable[[], None],
+    cgroup_procs: Sequence[str],
+    open_files: int,
+    file_size: int,
+    uid: int | None,
+    gid: int | None,
 ) -> Launcher:
-    """Start `argv` in a new session with piped stdio; raises OSError/SubprocessError."""
-    popen = await asyncio.to_thread(
-        subprocess.Popen,
-        list(argv),
+    """Start `argv` in a new session with piped stdio, joined to the cgroup whose procs
+    files are `cgroup_procs`, with rlimits on open files and file size (bytes) and no
+    core dumps, as `uid`/`gid` (no supplementary groups) when given.
+
+    Raises OSError/SubprocessError.
+    """
+    command = ["/bin/sh", "-c", _GATE, "corral-launch", str(open_files), str(file_size // 512)]
+    if uid is not None or gid is not None:
+        tool = setpriv()
+        if tool is None:
+            raise OSError("setpriv is missing: apt-get install util-linux")
+        command += [tool, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    popen = subprocess.Popen(
+        command + list(argv),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
         cwd=cwd,
         pass_fds=tuple(pass_fds),
-        preexec_fn=preexec_fn,
         start_new_session=True,
     )
     assert popen.stdin and popen.stdout and popen.stderr
+    try:
+        pid = str(popen.pid).encode()
+        for path in cgroup_procs:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        popen.stdin.write(b"\n")  # open the gate: the pipe is empty, this never blocks
+        popen.stdin.flush()
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        for pipe in (popen.stdin, popen.stdout, popen.stderr):
+            pipe.close()
+        raise
     loop = asyncio.get_running_loop()
     stdout = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
     await loop.connect_read_pipe(

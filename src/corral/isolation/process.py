@@ -11,7 +11,7 @@ import os
 
 from corral.config import Settings
 from corral.isolation.agent_install import agent_command, install_agent
-from corral.isolation.backend import Backend, Capabilities, LaunchPlan, SandboxSpec
+from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.footprint import Footprint
 
 
@@ -30,7 +30,10 @@ class ProcessBackend(Backend):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
         return Capabilities(cls.name, not missing, tuple(missing), {"isolation": "none"})
 
-    def plan(self, footprint: Footprint, spec: SandboxSpec) -> LaunchPlan:
+    def plan(
+        self, footprint: Footprint, spec: SandboxSpec, entrypoint: Entrypoint | None = None
+    ) -> LaunchPlan:
+        assert entrypoint is None, "the process tier starts no entrypoints"
         dirs = {name: footprint.path / name for name in ("workspace", "home", "tmp")}
         for path in dirs.values():
             path.mkdir(mode=0o700)

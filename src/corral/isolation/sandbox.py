@@ -4,6 +4,9 @@ All of this is the same for every isolation tier: a backend only supplies the
 `LaunchPlan`. The order of creation is what makes cleanup certain: footprint record,
 then cgroup, then storage, then the launcher process joined to the cgroup *before* exec,
 so every process a sandbox ever runs is inside its cgroup and dies with it.
+
+A one-shot sandbox runs its `Entrypoint` in place of the agent: its `entry` is that
+command, and it has no exec or file operations.
 """
 
 from __future__ import annotations
@@ -13,23 +16,25 @@ import contextlib
 import enum
 import logging
 import os
-import resource
 import signal
 import subprocess
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from corral.errors import (
     GuestError,
     InvalidLimits,
+    InvalidRequest,
     IsolationUnavailable,
     SandboxNotRunning,
     SandboxStartFailed,
 )
-from corral.guest import EntryInfo, ExecResult, GuestConnection, GuestProcess, OutputChunk
+from corral.guest import EntryInfo, ExecResult, GuestConnection, OutputChunk
 from corral.guest import ProcessInfo as ProcessInfo
-from corral.isolation.backend import Backend, LaunchPlan, SandboxSpec
+from corral.isolation.backend import Backend, Entrypoint, SandboxSpec
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
+from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
 from corral.isolation.limits import MIB, Limits
@@ -66,46 +71,26 @@ class CommandResult:
         return self.exit_code == 0 and self.reason == "exited"
 
 
-def _preexec(plan: LaunchPlan, procs_files: Sequence[str], spec: SandboxSpec) -> Callable[[], None]:
-    """What the launcher does between fork and exec: join the cgroup, set rlimits, drop uid.
+class _Process(Protocol):
+    """A running command: one the guest agent started (`GuestProcess`) or a one-shot
+    sandbox's entrypoint (`EntryProcess`)."""
 
-    Runs in the forked child, so it only makes system calls (no locks, no logging).
-    """
-    open_files = spec.limits.open_files
-    file_size = spec.limits.file_size_mib * MIB
+    pid: int
 
-    def child() -> None:
-        pid = str(os.getpid()).encode()
-        for path in procs_files:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if plan.gid is not None:
-            os.setgroups([])
-            os.setresgid(plan.gid, plan.gid, plan.gid)
-        if plan.uid is not None:
-            os.setresuid(plan.uid, plan.uid, plan.uid)
-
-    return child
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
+    def __aiter__(self) -> AsyncIterator[OutputChunk]: ...
+    async def wait(self) -> ExecResult: ...
+    async def collect(self) -> tuple[bytes, bytes, ExecResult]: ...
+    async def write_stdin(self, data: bytes) -> None: ...
+    async def close_stdin(self) -> None: ...
+    async def signal(self, signum: int, *, group: bool = False) -> None: ...
+    async def kill(self) -> None: ...
+    async def detach(self) -> None: ...
 
 
 class Command:
     """A command running in a sandbox: its output chunks, stdin, signals and result."""
 
-    def __init__(self, sandbox: Sandbox, process: GuestProcess, oom_kills_before: int) -> None:
+    def __init__(self, sandbox: Sandbox, process: _Process, oom_kills_before: int) -> None:
         self._sandbox = sandbox
         self._process = process
         self._oom_kills_before = oom_kills_before
@@ -180,6 +165,9 @@ class Sandbox:
         self._cgroup = cgroup
         self._launcher: Launcher | None = None
         self._guest: GuestConnection | None = None
+        self._entry: EntryProcess | None = None
+        # The command of a one-shot sandbox; None when the sandbox has a guest agent.
+        self.entry: Command | None = None
         self._stderr_tail = b""
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
@@ -189,15 +177,21 @@ class Sandbox:
 
     @classmethod
     async def launch(
-        cls, backend: Backend, spec: SandboxSpec, footprint: Footprint, driver: CgroupDriver | None
+        cls,
+        backend: Backend,
+        spec: SandboxSpec,
+        footprint: Footprint,
+        driver: CgroupDriver | None,
+        entrypoint: Entrypoint | None = None,
     ) -> Sandbox:
         cgroup = None
         if driver is not None:
-            footprint.cgroup = footprint.id
-            footprint.save()
+            if footprint.cgroup is None:  # recorded before it is created
+                footprint.cgroup = footprint.id
+                footprint.save()
             try:
                 cgroup = driver.create(
-                    footprint.id,
+                    footprint.cgroup,
                     CgroupLimits(
                         memory_bytes=spec.limits.memory_bytes,
                         cpu_quota=spec.limits.cpu,
@@ -209,14 +203,14 @@ class Sandbox:
                 raise
         sandbox = cls(spec, backend, footprint, cgroup)
         try:
-            await sandbox._start()
+            await sandbox._start(entrypoint)
         except BaseException:
             await sandbox.destroy()
             raise
         return sandbox
 
-    async def _start(self) -> None:
-        plan = self._backend.plan(self.footprint, self.spec)
+    async def _start(self, entrypoint: Entrypoint | None) -> None:
+        plan = self._backend.plan(self.footprint, self.spec, entrypoint)
         self.workdir = plan.workdir
         procs = self._cgroup.procs_files() if self._cgroup else []
         try:
@@ -225,13 +219,21 @@ class Sandbox:
                 env=plan.env,
                 cwd=plan.host_cwd,
                 pass_fds=plan.pass_fds,
-                preexec_fn=_preexec(plan, procs, self.spec),
+                cgroup_procs=procs,
+                open_files=self.spec.limits.open_files,
+                file_size=self.spec.limits.file_size_mib * MIB,
+                uid=plan.uid,
+                gid=plan.gid,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise SandboxStartFailed(f"sandbox {self.id} could not be launched: {exc}") from exc
         finally:
             for fd in plan.pass_fds:
                 os.close(fd)
+        if entrypoint is not None:
+            self._entry = EntryProcess(self._launcher, entrypoint.timeout, plan.exec_failure)
+            self.entry = Command(self, self._entry, 0)
+            return
         self._stderr_task = asyncio.create_task(self._keep_stderr(self._launcher.stderr))
         self._guest = GuestConnection(self._launcher.stdout, self._launcher.stdin)
         await self._guest.start()
@@ -275,6 +277,8 @@ class Sandbox:
                 return
             self.state = SandboxState.DESTROYED
             await self._stop_launcher()
+            if self._entry is not None:
+                self._entry.close()
             if self._guest is not None:
                 await self._guest.aclose()
             if self._cgroup is not None:
@@ -293,16 +297,14 @@ class Sandbox:
         """Kill the launcher's children first, then the launcher.
 
         For bubblewrap the child is the pid namespace's init: killing it takes down every
-        process in the namespace at once, and the launcher, still alive, reaps it. Killing
-        the launcher first would orphan the init to the host's pid 1, which on some hosts
-        never reaps, leaving zombies.
+        process in the namespace at once, and the launcher, still alive, reaps it.
         """
         launcher = self._launcher
         if launcher is None or launcher.returncode is not None:
             return
         if self._cgroup is not None and self._cgroup.frozen():
             await asyncio.to_thread(self._cgroup.thaw)  # frozen tasks can't exit
-        for child in _children(launcher.pid):
+        for child in launcher.children():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
         try:
@@ -458,6 +460,11 @@ class Sandbox:
 
     def _running_guest(self) -> GuestConnection:
         self._require(SandboxState.RUNNING)
+        if self.entry is not None:
+            raise InvalidRequest(
+                f"sandbox {self.id} runs one command and has no guest agent: "
+                "it takes no commands or file operations"
+            )
         if self._guest is None or self._guest.closed:
             raise GuestError(f"sandbox {self.id} has no working guest agent; destroy it")
         return self._guest

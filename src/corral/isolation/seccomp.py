@@ -25,7 +25,6 @@ verifier, but it has never run on an aarch64 host.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import os
 import platform
@@ -34,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.errors import IsolationUnavailable
+from corral.isolation.launcher import data_fd
 
 __all__ = ["DENIED_SYSCALLS", "build_filter", "filter_fd"]
 
@@ -527,16 +527,4 @@ def filter_fd(arch: str | None = None) -> int:
     program = build_filter(arch)
     if not hasattr(os, "memfd_create"):
         raise IsolationUnavailable("this platform has no memfd_create; seccomp needs Linux")
-    fd = os.memfd_create("corral-seccomp", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.write(fd, program)
-        fcntl.fcntl(
-            fd,
-            fcntl.F_ADD_SEALS,
-            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
-        )
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return data_fd("corral-seccomp", program)

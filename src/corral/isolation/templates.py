@@ -42,11 +42,13 @@ _HOST_ETC = (
 
 @dataclass(frozen=True)
 class Template:
-    """A root filesystem: read-only binds plus symlinks, as (host path, sandbox path)."""
+    """A root filesystem: read-only binds plus symlinks, as (host path, sandbox path),
+    and the host's /etc entries (relative paths) its /etc holds."""
 
     name: str
     ro_binds: tuple[tuple[str, str], ...]
     symlinks: tuple[tuple[str, str], ...]
+    etc: tuple[str, ...] = ()
 
 
 @functools.cache  # probed once per process: it is on every sandbox's creation path
@@ -60,10 +62,8 @@ def _host_template() -> Template:
             links.append((os.readlink(host), f"/{top}"))
         elif host.is_dir():
             binds.append((str(host), f"/{top}"))
-    for entry in _HOST_ETC:
-        if os.path.lexists(f"/etc/{entry}"):
-            binds.append((f"/etc/{entry}", f"/etc/{entry}"))
-    return Template("host", tuple(binds), tuple(links))
+    etc = tuple(entry for entry in _HOST_ETC if os.path.lexists(f"/etc/{entry}"))
+    return Template("host", tuple(binds), tuple(links), etc)
 
 
 TEMPLATE_NAMES = ("host",)

@@ -1,0 +1,162 @@
+"""The running command of a one-shot sandbox (see `Entrypoint`).
+
+Its stdout and stderr are the launcher's pipes, read here; its timeout is kept here, on
+the host; killing it kills the sandbox's init, which takes every process of the sandbox
+with it. It ends when the launcher exits, whose exit status is the command's: a death by
+signal N comes through as 128 + N, as a shell reports it, and is told apart that way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from corral.errors import CommandError, InvalidRequest
+from corral.guest import ExecResult, OutputChunk
+from corral.isolation.launcher import Launcher, children
+
+_READ_SIZE = 64 * 1024
+Stream = Literal["stdout", "stderr"]
+_STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
+_LAST_SIGNAL = 64
+
+
+class EntryProcess:
+    """The entrypoint's output, signals and result; the same surface as a command the
+    guest agent runs, so `Command` wraps either."""
+
+    def __init__(
+        self, launcher: Launcher, timeout: float | None, exec_failure: bytes | None
+    ) -> None:
+        self.pid = launcher.pid  # a host pid: the launcher's
+        self._launcher = launcher
+        self._timeout = timeout
+        self._exec_failure = exec_failure
+        self._kill_reason: str | None = None
+        self._stderr_head = b""
+        self._output_bytes = 0
+        self._result: ExecResult | None = None
+        self._ready: deque[OutputChunk] = deque()
+        self._reads: dict[asyncio.Future[bytes], Stream] = {
+            self._read(name): name for name in _STREAMS
+        }
+        self._timer = (
+            asyncio.get_running_loop().call_later(timeout, self._kill_now, "timeout")
+            if timeout
+            else None
+        )
+        launcher.stdin.close()  # the command reads end-of-file, as from /dev/null
+
+    def _read(self, stream: Stream) -> asyncio.Future[bytes]:
+        reader = self._launcher.stdout if stream == "stdout" else self._launcher.stderr
+        return asyncio.ensure_future(reader.read(_READ_SIZE))
+
+    def __aiter__(self) -> AsyncIterator[OutputChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[OutputChunk]:
+        while (chunk := await self._next_chunk()) is not None:
+            yield chunk
+
+    async def _next_chunk(self) -> OutputChunk | None:
+        while not self._ready and self._reads:
+            reads = dict(self._reads)
+            done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: _STREAMS.index(reads[f])):
+                stream = reads[future]
+                if self._reads.pop(future, None) is None or future.cancelled():
+                    continue  # closed meanwhile
+                data = future.result()
+                if not data:
+                    continue  # end of file
+                if stream == "stderr" and len(self._stderr_head) < 256:
+                    self._stderr_head += data[:256]
+                self._output_bytes += len(data)
+                self._ready.append(OutputChunk(stream, data))
+                self._reads[self._read(stream)] = stream
+        return self._ready.popleft() if self._ready else None
+
+    async def wait(self) -> ExecResult:
+        """Wait for the end, discarding output nobody read."""
+        while await self._next_chunk() is not None:
+            pass
+        if self._result is None:
+            code = await self._launcher.wait()
+            self.close()
+            self._result = self._explain(code)
+        return self._result
+
+    async def collect(self) -> tuple[bytes, bytes, ExecResult]:
+        """Wait for the end and return (stdout, stderr, result) not yet iterated."""
+        stdout, stderr = bytearray(), bytearray()
+        while (chunk := await self._next_chunk()) is not None:
+            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+        return bytes(stdout), bytes(stderr), await self.wait()
+
+    def _explain(self, code: int) -> ExecResult:
+        if code < 0:  # the launcher itself was killed
+            code = 128 - code
+        signum = code - 128 if 128 < code <= 128 + _LAST_SIGNAL else None
+        if self._kill_reason == "timeout":
+            error = f"the command ran longer than its timeout of {self._timeout}s"
+            return ExecResult(code, signum, "timeout", self._output_bytes, error)
+        if self._kill_reason is not None or signum is not None:
+            return ExecResult(code, signum, "killed", self._output_bytes)
+        failure = self._exec_failure
+        if code == 1 and failure and self._stderr_head.startswith(failure):
+            # The launcher could not exec the command: say so as a shell would.
+            line = self._stderr_head[len(failure) :].split(b"\n")[0].decode(errors="replace")
+            name, _, why = line.rpartition(": ")
+            missing = why == "No such file or directory"
+            error = f"{'command not found' if missing else 'command not executable'}: {name}"
+            return ExecResult(127 if missing else 126, None, "exited", 0, error)
+        return ExecResult(code, None, "exited", self._output_bytes)
+
+    # -- control ------------------------------------------------------------------------
+
+    def _kill_now(self, reason: str) -> None:
+        if self._result is not None:
+            return
+        self._kill_reason = self._kill_reason or reason
+        self._launcher.kill_tree()
+
+    async def kill(self) -> None:
+        """SIGKILL the command and every process of its sandbox."""
+        self._kill_now("killed")
+
+    async def signal(self, signum: int, *, group: bool = False) -> None:
+        """Send `signum` to the command (its whole process group with `group`)."""
+        if signum == signal.SIGKILL and group:
+            self._kill_now("killed")
+            return
+        for init in self._launcher.children():
+            # The init's first child is the command; orphans it adopts come after.
+            for pid in children(init)[:1]:
+                with contextlib.suppress(ProcessLookupError):
+                    if group:  # the command leads its own session (bwrap --new-session)
+                        os.killpg(pid, signum)
+                    else:
+                        os.kill(pid, signum)
+
+    async def write_stdin(self, data: bytes) -> None:
+        raise CommandError("a one-shot sandbox's command reads no stdin")
+
+    async def close_stdin(self) -> None:
+        return None
+
+    async def detach(self) -> None:
+        raise InvalidRequest("a one-shot sandbox's command cannot be detached; kill it")
+
+    def close(self) -> None:
+        """Stop the timer and any pending reads (the end, or the sandbox's destruction)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for future in self._reads:
+            future.cancel()
+        self._reads.clear()
