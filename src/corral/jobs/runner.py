@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from corral.errors import CorralError
-from corral.isolation import Limits, Sandbox
+from corral.isolation import Entrypoint, Limits, Sandbox, SeedFile
 from corral.jobs.queue import JobSignals
 from corral.jobs.spec import LANGUAGES, JobSpec, Step
 from corral.store import Store
@@ -132,7 +132,9 @@ class LogWriter:
         self.signals.changed(self.attempt.job_id)
 
 
-Acquire = Callable[[JobSpec], Awaitable[Sandbox]]
+# A sandbox for the spec: one-shot, running the entrypoint, when it is given and the tier
+# can; else one with a guest agent.
+Acquire = Callable[[JobSpec, Entrypoint | None], Awaitable[Sandbox]]
 
 
 class AttemptRunner:
@@ -165,10 +167,12 @@ class AttemptRunner:
         deadline = time.monotonic() + self.timeout
         sandbox: Sandbox | None = None
         try:
-            sandbox = await self._until_stopped(self.acquire(self.spec), deadline)
+            entrypoint = self._entrypoint(deadline)
+            sandbox = await self._until_stopped(self.acquire(self.spec, entrypoint), deadline)
             if sandbox is None:
                 return self._stopped(None, "while its sandbox started")
-            await self._place_files(sandbox)
+            if sandbox.entry is None:
+                await self._place_files(sandbox)
             return await self._steps(sandbox, deadline)
         except AttemptLost:
             return Outcome("lost", "the job's lease was lost")
@@ -204,6 +208,30 @@ class AttemptRunner:
         if isinstance(result, Sandbox):  # it started just as we gave up
             await result.destroy()
         return None
+
+    def _entrypoint(self, deadline: float) -> Entrypoint | None:
+        """A job of one command needs no guest agent: its sandbox can start as that
+        command (a third cheaper). Workflows run their steps through the agent."""
+        if self.spec.kind == "workflow":
+            return None
+        step = self.spec.workloads[0]
+        files = [
+            SeedFile(posixpath.join(self.workdir, f.path), f.content, f.mode)
+            for f in self.spec.files
+        ]
+        source = _source_path(0, step)
+        if source:
+            files.append(SeedFile(source, step.workload.code.encode(), 0o600))
+        return Entrypoint(
+            argv=step.workload.argv(source),
+            env=self._env(step),
+            cwd=self.workdir,
+            files=files,
+            timeout=max(0.001, deadline - time.monotonic()),
+        )
+
+    def _env(self, step: Step) -> dict[str, str]:
+        return {**self.job_env, **self.spec.env, **step.env}
 
     async def _place_files(self, sandbox: Sandbox) -> None:
         if self.spec.workdir:
@@ -251,21 +279,22 @@ class AttemptRunner:
 
     async def _step(self, sandbox: Sandbox, index: int, step: Step, deadline: float) -> Outcome:
         label = f"{step.label(index)}: " if self.spec.kind == "workflow" else ""
-        source = ""
-        if step.workload.code:
-            source = f"/tmp/.corral-job/step-{index}{LANGUAGES[step.workload.language][1]}"
-            await sandbox.write_file(source, step.workload.code.encode(), mode=0o600)
         left = deadline - time.monotonic()
         if left <= 0:
             return Outcome("timed_out", f"{label}timed out: the job's {self.timeout}s ran out")
-        timeout = min(float(step.timeout), left) if step.timeout else left
-        command = await sandbox.exec(
-            step.workload.argv(source),
-            env={**self.job_env, **self.spec.env, **step.env},
-            cwd=self.workdir,
-            timeout=timeout,
-            output_limit=EXEC_OUTPUT_LIMIT,
-        )
+        if sandbox.entry is not None:
+            command = sandbox.entry  # started as the sandbox, with the job's timeout
+        else:
+            source = _source_path(index, step)
+            if source:
+                await sandbox.write_file(source, step.workload.code.encode(), mode=0o600)
+            command = await sandbox.exec(
+                step.workload.argv(source),
+                env=self._env(step),
+                cwd=self.workdir,
+                timeout=min(float(step.timeout), left) if step.timeout else left,
+                output_limit=EXEC_OUTPUT_LIMIT,
+            )
 
         async def pump() -> None:
             async for chunk in command:
@@ -319,3 +348,10 @@ class AttemptRunner:
         if self.stop.why:
             return Outcome(self.stop.why, f"stopped {when}: {self.stop.why}", exit_code)
         return Outcome("timed_out", f"timed out {when}: the job's {self.timeout}s ran out")
+
+
+def _source_path(index: int, step: Step) -> str:
+    """Where a code step's source is put in the sandbox ("" for other steps)."""
+    if not step.workload.code:
+        return ""
+    return f"/tmp/.corral-job/step-{index}{LANGUAGES[step.workload.language][1]}"

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 from corral.config import Settings
 from corral.errors import CorralError
-from corral.isolation import Engine, Limits, Sandbox
+from corral.isolation import Engine, Entrypoint, Limits, Sandbox
 from corral.isolation.footprint import process_start_time
 from corral.jobs.queue import POLL_SECONDS, JobSignals
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
@@ -267,14 +267,23 @@ class Worker:
         )
         return ended
 
-    async def _acquire(self, spec: JobSpec) -> Sandbox:
-        """A sandbox as the spec (filled by the policy) asks: from the pool when it fits."""
+    async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
+        """A sandbox as the spec (filled by the policy) asks: one-shot, running
+        `entrypoint`, where the tier can; else from the pool when it fits."""
         template = spec.template or self.policy.template
         isolation = spec.isolation or self.policy.isolation
         limits: Limits = self.policy.limits_for(spec)
         network = spec.network or self.policy.network
-        backend = self.engine.backend(isolation).name
-        if network == "none" and self.pool.fits(template, backend, limits):
+        backend = self.engine.backend(isolation)
+        if entrypoint is not None and backend.entrypoints:
+            return await self.engine.create(
+                template=template,
+                limits=limits,
+                network=network,
+                isolation=isolation,
+                entrypoint=entrypoint,
+            )
+        if network == "none" and self.pool.fits(template, backend.name, limits):
             pooled = self.pool.claim()
             if pooled is not None:
                 try:
