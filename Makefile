@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 # uv from PATH, else the copy pip installs as a module (`python3 -m uv`).
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
-DEBIAN_PACKAGES := bubblewrap python3 iproute2
+DEBIAN_PACKAGES := bubblewrap python3 iproute2 util-linux
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-packages python-env test lint bench run doctor proto clean

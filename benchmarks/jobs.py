@@ -8,9 +8,11 @@ job in a fresh sandbox:
   final (each job: claim, sandbox, run, output and end written, sandbox destroyed);
 - queue_latency_ms: Submit → first output chunk read back through StreamLogs, 100 jobs
   one after another (`echo hi`), p50/p99;
-and, in the same run, the engine's raw figures: sandbox create → first output and the
-throughput of create + `true` + destroy with the same concurrency and no queue, and a
-bare `bwrap true`. Targets (2 cores): jobs_per_s >= 50, queue_latency_ms p50 <= 25.
+and, in the same run, the engine's raw figures with the same concurrency and no queue:
+create + `true` + destroy per second for one-shot sandboxes (what a busy worker runs) and
+for sandboxes with a guest agent (what the warm pool holds), create → first output of
+each, and a bare `bwrap true`. Targets (2 cores): jobs_per_s >= 50, queue_latency_ms
+p50 <= 25.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from api import running_server
 from engine import create_to_first_output, percentiles, raw_bwrap
 
 from corral.config import Settings
-from corral.isolation import Engine
+from corral.isolation import Engine, Entrypoint
 from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
 
@@ -106,12 +108,27 @@ async def latency(url: str, key: str, count: int, pace: float) -> list[float]:
     return samples
 
 
-async def engine_throughput(engine: Engine, count: int, concurrency: int) -> float:
-    """create + `true` + destroy, `concurrency` at a time, no queue: jobs/s."""
+async def oneshot_to_first_output(engine: Engine) -> float:
+    """ms from the create call to the end of `true` as a one-shot sandbox."""
+    start = time.perf_counter()
+    sandbox = await engine.create(isolation="namespace", entrypoint=Entrypoint(["true"]))
+    assert sandbox.entry is not None
+    result = await sandbox.entry.wait()
+    elapsed = (time.perf_counter() - start) * 1000
+    assert result.ok, result
+    await sandbox.destroy()
+    return elapsed
+
+
+async def engine_throughput(engine: Engine, count: int, concurrency: int, oneshot: bool) -> float:
+    """create + `true` + destroy, `concurrency` at a time, no queue: sandboxes/s."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> None:
         async with gate:
+            if oneshot:
+                await oneshot_to_first_output(engine)
+                return
             sandbox = await engine.create(isolation="namespace")
             assert (await sandbox.run(["true"])).ok
             await sandbox.destroy()
@@ -141,20 +158,28 @@ async def main(quick: bool) -> dict[str, Any]:
         report["jobs_per_s"] = report["throughput"]["jobs_per_s"]
         report["queue_latency_ms"] = {**percentiles(lat, 50, 95, 99), "n": len(lat)}
         settings = Settings(runtime_dir=runtime / "engine", cgroup_parent=CGROUP_PARENT)
+        samples = 20 if quick else 50
         async with Engine(settings) as engine:
             await create_to_first_output(engine)
-            first = [await create_to_first_output(engine) for _ in range(20 if quick else 50)]
-            raw_rate = await engine_throughput(engine, 100 if quick else 200, workers)
+            await oneshot_to_first_output(engine)
+            first = [await create_to_first_output(engine) for _ in range(samples)]
+            oneshot_first = [await oneshot_to_first_output(engine) for _ in range(samples)]
+            count = 100 if quick else 200
+            oneshot_rate = await engine_throughput(engine, count, workers, oneshot=True)
+            agent_rate = await engine_throughput(engine, count, workers, oneshot=False)
         raw = raw_bwrap(20)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(runtime, ignore_errors=True)
     report["engine"] = {
-        "create_to_first_output_ms": {**percentiles(first, 50, 99), "n": len(first)},
-        "sandboxes_per_s": raw_rate,
+        "oneshot_per_s": oneshot_rate,
+        "oneshot_create_to_exit_ms": {**percentiles(oneshot_first, 50, 99), "n": samples},
+        "sandboxes_per_s": agent_rate,
+        "create_to_first_output_ms": {**percentiles(first, 50, 99), "n": samples},
         "raw_bwrap_ms": percentiles(raw, 50),
     }
-    report["jobs_vs_raw_engine_throughput"] = round(report["jobs_per_s"] / raw_rate, 2)
+    # Under load the worker runs one-shot sandboxes: that is the engine's figure to beat.
+    report["jobs_vs_raw_engine_throughput"] = round(report["jobs_per_s"] / oneshot_rate, 2)
     return report
 
 

@@ -73,6 +73,8 @@ class Entrypoint:
     cwd: str | None = None  # created when missing; the tier's workdir when None
     files: Sequence[SeedFile] = ()
     timeout: float | None = None
+    # stdout+stderr bytes before it is killed ("output_limit"); the sandbox's limit if None.
+    output_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) and "\0" not in a for a in self.argv):
@@ -83,6 +85,8 @@ class Entrypoint:
                 raise InvalidRequest(f"{path!r} must be an absolute path in the sandbox")
         if self.timeout is not None and self.timeout <= 0:
             raise InvalidRequest(f"timeout must be positive, got {self.timeout}")
+        if self.output_limit is not None and self.output_limit <= 0:
+            raise InvalidRequest(f"output_limit must be positive, got {self.output_limit}")
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,16 @@ class EntryProcess:
     guest agent runs, so `Command` wraps either."""
 
     def __init__(
-        self, launcher: Launcher, timeout: float | None, exec_failure: bytes | None
+        self,
+        launcher: Launcher,
+        timeout: float | None,
+        output_limit: int,
+        exec_failure: bytes | None,
     ) -> None:
         self.pid = launcher.pid  # a host pid: the launcher's
         self._launcher = launcher
         self._timeout = timeout
+        self._output_limit = output_limit
         self._exec_failure = exec_failure
         self._kill_reason: str | None = None
         self._stderr_head = b""
@@ -76,9 +81,14 @@ class EntryProcess:
                     continue  # end of file
                 if stream == "stderr" and len(self._stderr_head) < 256:
                     self._stderr_head += data[:256]
-                self._output_bytes += len(data)
-                self._ready.append(OutputChunk(stream, data))
-                self._reads[self._read(stream)] = stream
+                room = self._output_limit - self._output_bytes
+                if len(data) > room:  # past the limit: keep what fits, end the command
+                    data = data[:room]
+                    self._kill_now("output_limit")
+                if data:
+                    self._output_bytes += len(data)
+                    self._ready.append(OutputChunk(stream, data))
+                self._reads[self._read(stream)] = stream  # read on to the end, discarding
         return self._ready.popleft() if self._ready else None
 
     async def wait(self) -> ExecResult:
@@ -105,6 +115,9 @@ class EntryProcess:
         if self._kill_reason == "timeout":
             error = f"the command ran longer than its timeout of {self._timeout}s"
             return ExecResult(code, signum, "timeout", self._output_bytes, error)
+        if self._kill_reason == "output_limit":
+            error = f"the command wrote more than its output limit of {self._output_limit} bytes"
+            return ExecResult(code, signum, "output_limit", self._output_bytes, error)
         if self._kill_reason is not None or signum is not None:
             return ExecResult(code, signum, "killed", self._output_bytes)
         failure = self._exec_failure

@@ -118,6 +118,15 @@ def data_fd(name: str, data: bytes) -> int:
     return fd
 
 
+def _join(pid: int, cgroup_procs: Sequence[str]) -> None:
+    for path in cgroup_procs:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+
+
 @functools.cache
 def setpriv() -> str | None:
     """util-linux's setpriv, which drops to the sandbox's host uid before exec."""
@@ -160,13 +169,9 @@ async def launch(
     )
     assert popen.stdin and popen.stdout and popen.stderr
     try:
-        pid = str(popen.pid).encode()
-        for path in cgroup_procs:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
+        # In a thread: on cgroup v1 the kernel may wait a whole RCU grace period (~10 ms)
+        # before a process can move, and the event loop has better things to do.
+        await asyncio.to_thread(_join, popen.pid, cgroup_procs)
         popen.stdin.write(b"\n")  # open the gate: the pipe is empty, this never blocks
         popen.stdin.flush()
     except BaseException:

@@ -29,7 +29,7 @@ from corral.isolation.agent_install import agent_command, install_agent
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint
-from corral.isolation.launcher import data_fd
+from corral.isolation.launcher import data_fd, setpriv
 from corral.isolation.templates import Template, get_template
 
 SANDBOX_UID = 1000
@@ -88,6 +88,8 @@ class NamespaceBackend(Backend):
             details["cgroups"] = f"v{driver.version}"
         except IsolationUnavailable as exc:
             missing.append(f"cgroups: {exc}")
+        if os.geteuid() == 0 and setpriv() is None:
+            missing.append("setpriv (each sandbox runs as its own uid): apt-get install util-linux")
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
         try:

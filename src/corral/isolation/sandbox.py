@@ -231,7 +231,12 @@ class Sandbox:
             for fd in plan.pass_fds:
                 os.close(fd)
         if entrypoint is not None:
-            self._entry = EntryProcess(self._launcher, entrypoint.timeout, plan.exec_failure)
+            self._entry = EntryProcess(
+                self._launcher,
+                entrypoint.timeout,
+                entrypoint.output_limit or self.spec.limits.output_bytes,
+                plan.exec_failure,
+            )
             self.entry = Command(self, self._entry, 0)
             return
         self._stderr_task = asyncio.create_task(self._keep_stderr(self._launcher.stderr))
@@ -294,7 +299,7 @@ class Sandbox:
             await asyncio.to_thread(self.footprint.release)
 
     async def _stop_launcher(self) -> None:
-        """Kill the launcher's children first, then the launcher.
+        """Kill the launcher's children (or, before it has any, the launcher itself).
 
         For bubblewrap the child is the pid namespace's init: killing it takes down every
         process in the namespace at once, and the launcher, still alive, reaps it.
@@ -304,9 +309,7 @@ class Sandbox:
             return
         if self._cgroup is not None and self._cgroup.frozen():
             await asyncio.to_thread(self._cgroup.thaw)  # frozen tasks can't exit
-        for child in launcher.children():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+        launcher.kill_tree()
         try:
             await asyncio.wait_for(launcher.wait(), 2.0)
         except TimeoutError:

@@ -34,8 +34,8 @@ STDOUT, STDERR = 1, 2
 # quiet spell goes out at once (queue latency is measured to the first output).
 FLUSH_SECONDS = 0.02
 FLUSH_BYTES = 256 * 1024
-# A job's commands may print this much before the agent stops them; the job's own log
-# limit (smaller) truncates what is kept, and the command goes on.
+# A job's commands may print this much before they are stopped; the job's own log limit
+# (smaller) truncates what is kept, and the command goes on.
 EXEC_OUTPUT_LIMIT = 1 << 40
 
 
@@ -228,6 +228,7 @@ class AttemptRunner:
             cwd=self.workdir,
             files=files,
             timeout=max(0.001, deadline - time.monotonic()),
+            output_limit=EXEC_OUTPUT_LIMIT,
         )
 
     def _env(self, step: Step) -> dict[str, str]:

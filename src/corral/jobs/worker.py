@@ -94,11 +94,15 @@ class Worker:
         self.poll = poll
         self.name = worker_name()
         self.on_end = on_end
+        # Warm sandboxes give the lowest latency, one-shot ones the lowest cost: a job takes
+        # a warm one when one is ready, and the pool refills only while a slot is free, so
+        # a busy worker runs one-shot sandboxes and spends nothing on refills.
         self.pool = WarmPool(
             engine,
             self.concurrency if pool_size is None else pool_size,
             self.policy.template,
             self.policy.isolation,
+            may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
         )
         self.isolations = self._isolations()
         self._running: dict[str, Stop] = {}
@@ -247,6 +251,7 @@ class Worker:
             self.signals.cancels.pop(row.id, None)
             self.signals.changed(row.id)
             self._wake.set()
+            self.pool.wake()
 
     def _end(self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome) -> JobRow | None:
         if outcome.state == "lost":
@@ -268,21 +273,14 @@ class Worker:
         return ended
 
     async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
-        """A sandbox as the spec (filled by the policy) asks: one-shot, running
-        `entrypoint`, where the tier can; else from the pool when it fits."""
+        """A sandbox as the spec (filled by the policy) asks: a warm one from the pool when
+        one is ready and fits; else one-shot, running `entrypoint`, where the tier can;
+        else a new one."""
         template = spec.template or self.policy.template
         isolation = spec.isolation or self.policy.isolation
         limits: Limits = self.policy.limits_for(spec)
         network = spec.network or self.policy.network
         backend = self.engine.backend(isolation)
-        if entrypoint is not None and backend.entrypoints:
-            return await self.engine.create(
-                template=template,
-                limits=limits,
-                network=network,
-                isolation=isolation,
-                entrypoint=entrypoint,
-            )
         if network == "none" and self.pool.fits(template, backend.name, limits):
             pooled = self.pool.claim()
             if pooled is not None:
@@ -293,5 +291,9 @@ class Worker:
                     log.warning("pooled sandbox refused the job's limits: %s", exc)
                     await pooled.destroy()
         return await self.engine.create(
-            template=template, limits=limits, network=network, isolation=isolation
+            template=template,
+            limits=limits,
+            network=network,
+            isolation=isolation,
+            entrypoint=entrypoint if backend.entrypoints else None,
         )

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from corral.errors import CorralError
 from corral.isolation import Engine, Limits, Sandbox, SandboxState
@@ -28,11 +29,22 @@ _REFILL_DELAY = 0.05
 class WarmPool:
     """Ready sandboxes of one (template, isolation); invisible to teams and quotas."""
 
-    def __init__(self, engine: Engine, size: int, template: str, isolation: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        size: int,
+        template: str,
+        isolation: str,
+        *,
+        may_fill: Callable[[], bool] | None = None,
+    ) -> None:
         self.engine = engine
         self.size = size
         self.template = template
         self.isolation = isolation
+        # When given, the pool starts sandboxes only while this says so (and after
+        # `wake`): a busy job worker keeps its CPU for the jobs it runs.
+        self.may_fill = may_fill
         self.backend: str | None = None  # resolved when the pool starts
         self._ready: deque[Sandbox] = deque()
         self._wake = asyncio.Event()
@@ -71,6 +83,10 @@ class WarmPool:
             self.engine.sandboxes.pop(sandbox.id, None)
         return None
 
+    def wake(self) -> None:
+        """Look again whether to fill (`may_fill` may have changed its mind)."""
+        self._wake.set()
+
     def give_back(self, sandbox: Sandbox) -> None:
         """Return an unused claim (its limits untouched) to the front of the pool."""
         self._ready.appendleft(sandbox)
@@ -78,7 +94,7 @@ class WarmPool:
     async def _fill(self) -> None:
         delay = 0.5
         while True:
-            while len(self._ready) < self.size:
+            while len(self._ready) < self.size and (self.may_fill is None or self.may_fill()):
                 try:
                     sandbox = await self.engine.create(
                         template=self.template, isolation=self.isolation

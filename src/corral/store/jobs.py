@@ -13,7 +13,7 @@ different jobs); on SQLite `BEGIN IMMEDIATE` serializes them instead.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -401,8 +401,8 @@ class JobStore(Database):
             changes.update(state=state, state_reason=reason)
             conn.execute(jobs.update().where(jobs.c.id == attempt.job_id).values(**changes))
             events.append(NewEvent("state", reason, state, {"exit_code": exit_code}))
-            self._add_events(conn, row, attempt.attempt, events)
-            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == attempt.job_id)).one())
+            seq = self._add_events(conn, row, attempt.attempt, events)
+            return replace(row, **changes, next_event_seq=seq)  # what was just written
 
     def release_attempt(self, attempt: Attempt, reason: str) -> JobRow | None:
         """Give a running attempt back to the queue (its worker is shutting down): it
@@ -643,9 +643,11 @@ class JobStore(Database):
 
     def _add_events(
         self, conn: sa.Connection, row: JobRow, attempt: int, events: Sequence[NewEvent]
-    ) -> None:
-        """Append events (and their callback deliveries) after the job's last one."""
-        seq = conn.execute(sa.select(jobs.c.next_event_seq).where(jobs.c.id == row.id)).scalar_one()
+    ) -> int:
+        """Append events (and their callback deliveries) after the job's last one; returns
+        the job's next event seq. `row` was read in this transaction, under its lock (or
+        just inserted), so its `next_event_seq` is current."""
+        seq = row.next_event_seq
         now = _now()
         values, deliveries = [], []
         for event in events:
@@ -668,6 +670,7 @@ class JobStore(Database):
         conn.execute(jobs.update().where(jobs.c.id == row.id).values(next_event_seq=seq))
         if deliveries:
             conn.execute(job_callbacks.insert(), deliveries)
+        return seq
 
     @staticmethod
     def _deliveries(row: JobRow, event: Mapping[str, Any]) -> list[dict[str, Any]]:
