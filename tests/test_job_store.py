@@ -111,6 +111,52 @@ def expire_now(store: Store, row: JobRow) -> None:
 # -- submitting -----------------------------------------------------------------------------
 
 
+def test_every_write_returns_the_row_as_stored_and_event_seqs_have_no_gaps(
+    store: Store, team: Team
+) -> None:
+    """Writes return the row they wrote without reading it back: it must be the stored one."""
+    row = submit(store, team, max_attempts=3, callback_url="http://127.0.0.1:9/")
+    assert row == job(store, row.id)
+    running = claim_one(store)
+    assert running == job(store, row.id)
+    owner, _ = store.append_logs(attempt_of(running), [(0, 1, b"x" * 10)], limit=4)  # truncates
+    assert owner and store.add_events(attempt_of(running), [NewEvent("step_end", "s")])
+    retry_at = datetime.now(UTC) - timedelta(seconds=1)
+    ended = store.end_attempt(
+        attempt_of(running), "failed", "exit 1", exit_code=1, retry_at=retry_at
+    )
+    assert ended is not None
+    assert ended == job(store, row.id)
+    running = claim_one(store, "w2")
+    expire_now(store, running)
+    (requeued,) = store.expire_leases(MAX_LOST)
+    assert requeued == job(store, row.id)
+    running = claim_one(store, "w3")
+    released = store.release_attempt(attempt_of(running), "shutting down")
+    assert released is not None and released == job(store, row.id)
+    canceled = store.cancel_job(row.id, "enough")
+    assert canceled is not None and canceled.state == "canceled"
+    assert canceled == job(store, row.id)
+    again = store.retry_job(row.id)
+    assert again is not None and again.state == "queued" and again == job(store, row.id)
+    seqs = [e.seq for e in store.job_events(row.id)]
+    assert seqs == list(range(len(seqs))) and job(store, row.id).next_event_seq == len(seqs)
+    assert event_types(store, row.id) == [
+        ("state", "queued"),
+        ("state", "running"),
+        ("log_truncated", None),
+        ("step_end", None),
+        ("retry_scheduled", None),
+        ("state", "queued"),
+        ("state", "running"),
+        ("state", "queued"),
+        ("state", "running"),
+        ("state", "queued"),
+        ("state", "canceled"),
+        ("state", "queued"),
+    ]
+
+
 def test_a_submitted_job_is_queued_with_its_first_event(store: Store, team: Team) -> None:
     row = submit(store, team)
     assert row.state == "queued" and row.attempt == 0 and row.next_event_seq == 1

@@ -156,9 +156,10 @@ class JobStore(Database):
                 ).first()
                 if earlier is not None:
                     return _job(earlier), False
-            conn.execute(jobs.insert().values(**asdict(row)))
+            inserted = replace(row, next_event_seq=row.next_event_seq + 1)
+            conn.execute(jobs.insert().values(**asdict(inserted)))
             self._add_events(conn, row, row.attempt, [NewEvent("state", reason, row.state)])
-            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()), True
+            return inserted, True
 
     def job(self, job_id: str) -> JobRow | None:
         with self._read() as conn:
@@ -234,39 +235,43 @@ class JobStore(Database):
         for one of `isolations`; each becomes running under this worker's lease."""
         now = _now()
         with self._write() as conn:
-            ids = list(
-                conn.execute(
-                    sa.select(jobs.c.id)
+            due = [
+                _job(r)
+                for r in conn.execute(
+                    sa.select(jobs)
                     .where(jobs.c.state == "queued")
                     .where(jobs.c.run_after <= now)
                     .where(jobs.c.isolation.in_(isolations))
                     .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
                     .limit(limit)
                     .with_for_update(skip_locked=True)
-                ).scalars()
-            )
-            if not ids:
+                )
+            ]
+            if not due:
                 return []
+            claim: dict[str, Any] = dict(
+                state="running",
+                state_reason=f"running on {worker}",
+                worker=worker,
+                lease_expires_at=now + timedelta(seconds=lease),
+                started_at=now,
+                exit_code=None,
+                updated_at=now,
+            )
             conn.execute(
                 jobs.update()
-                .where(jobs.c.id.in_(ids))
+                .where(jobs.c.id.in_([row.id for row in due]))
                 .values(
-                    state="running",
-                    state_reason=f"running on {worker}",
                     attempt=jobs.c.attempt + 1,
-                    worker=worker,
-                    lease_expires_at=now + timedelta(seconds=lease),
-                    started_at=now,
-                    exit_code=None,
-                    updated_at=now,
+                    next_event_seq=jobs.c.next_event_seq + 1,  # the "running" event below
+                    **claim,
                 )
             )
-            claimed = [_job(r) for r in conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids)))]
+            claimed = [replace(row, attempt=row.attempt + 1, **claim) for row in due]
             for row in claimed:
                 event = NewEvent("state", row.state_reason, "running", {"worker": worker})
                 self._add_events(conn, row, row.attempt, [event])
-        claimed.sort(key=lambda r: ids.index(r.id))
-        return claimed
+        return [replace(row, next_event_seq=row.next_event_seq + 1) for row in claimed]
 
     def heartbeat(self, worker: str, job_ids: Iterable[str], lease: float) -> dict[str, str]:
         """Extend the lease of this worker's running jobs. Returns the jobs it must stop,
@@ -338,19 +343,21 @@ class JobStore(Database):
             if values:
                 conn.execute(job_logs.insert(), values)
             truncate = dropped > 0 and not row.log_truncated
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == attempt.job_id)
-                .values(
-                    next_log_seq=seq, log_bytes=used, log_truncated=row.log_truncated or truncate
-                )
-            )
+            next_event_seq = row.next_event_seq
             if truncate:
                 reason = f"output past the log limit of {limit} bytes is dropped"
                 info = {"limit_bytes": limit}
-                self._add_events(
+                next_event_seq = self._add_events(
                     conn, row, attempt.attempt, [NewEvent("log_truncated", reason, None, info)]
                 )
+            self._update(
+                conn,
+                attempt.job_id,
+                next_log_seq=seq,
+                log_bytes=used,
+                log_truncated=row.log_truncated or truncate,
+                next_event_seq=next_event_seq,
+            )
         return True, dropped
 
     def add_events(self, attempt: Attempt, events: Sequence[NewEvent]) -> bool:
@@ -360,7 +367,8 @@ class JobStore(Database):
             row = self._owned(conn, attempt)
             if row is None:
                 return False
-            self._add_events(conn, row, attempt.attempt, events)
+            seq = self._add_events(conn, row, attempt.attempt, events)
+            self._update(conn, attempt.job_id, next_event_seq=seq)
         return True
 
     def end_attempt(
@@ -399,10 +407,10 @@ class JobStore(Database):
             else:
                 changes["finished_at"] = now
             changes.update(state=state, state_reason=reason)
-            conn.execute(jobs.update().where(jobs.c.id == attempt.job_id).values(**changes))
             events.append(NewEvent("state", reason, state, {"exit_code": exit_code}))
-            seq = self._add_events(conn, row, attempt.attempt, events)
-            return replace(row, **changes, next_event_seq=seq)  # what was just written
+            changes["next_event_seq"] = self._add_events(conn, row, attempt.attempt, events)
+            self._update(conn, attempt.job_id, **changes)
+            return replace(row, **changes)  # what was just written
 
     def release_attempt(self, attempt: Attempt, reason: str) -> JobRow | None:
         """Give a running attempt back to the queue (its worker is shutting down): it
@@ -414,21 +422,20 @@ class JobStore(Database):
                 return None
             state = "canceled" if row.cancel_reason is not None else "queued"
             text = f"canceled: {row.cancel_reason}" if state == "canceled" else reason
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == attempt.job_id)
-                .values(
-                    state=state,
-                    state_reason=text,
-                    lease_expires_at=None,
-                    run_after=now,
-                    max_attempts=row.max_attempts + (state == "queued"),
-                    finished_at=now if state == "canceled" else None,
-                    updated_at=now,
-                )
+            changes: dict[str, Any] = dict(
+                state=state,
+                state_reason=text,
+                lease_expires_at=None,
+                run_after=now,
+                max_attempts=row.max_attempts + (state == "queued"),
+                finished_at=now if state == "canceled" else None,
+                updated_at=now,
+                next_event_seq=self._add_events(
+                    conn, row, attempt.attempt, [NewEvent("state", text, state)]
+                ),
             )
-            self._add_events(conn, row, attempt.attempt, [NewEvent("state", text, state)])
-            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == attempt.job_id)).one())
+            self._update(conn, attempt.job_id, **changes)
+            return replace(row, **changes)
 
     def expire_worker(self, worker: str) -> None:
         """End the leases of a worker known to be dead, so `expire_leases` takes its jobs
@@ -487,9 +494,10 @@ class JobStore(Database):
                     changes["max_attempts"] = row.max_attempts + 1
                 else:
                     changes["finished_at"] = now
-                conn.execute(jobs.update().where(jobs.c.id == row.id).values(**changes))
-                self._add_events(conn, row, row.attempt, [NewEvent("state", reason, state)])
-                changed.append(_job(conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()))
+                event = NewEvent("state", reason, state)
+                changes["next_event_seq"] = self._add_events(conn, row, row.attempt, [event])
+                self._update(conn, row.id, **changes)
+                changed.append(replace(row, **changes))
         return changed
 
     # -- requests -----------------------------------------------------------------------
@@ -502,27 +510,24 @@ class JobStore(Database):
             row = self._locked(conn, job_id)
             if row is None:
                 return None
+            changes: dict[str, Any] = {}
             if row.state == "queued":
                 text = f"canceled: {reason}"
-                conn.execute(
-                    jobs.update()
-                    .where(jobs.c.id == job_id)
-                    .values(
-                        state="canceled",
-                        state_reason=text,
-                        cancel_reason=reason,
-                        finished_at=now,
-                        updated_at=now,
-                    )
+                changes = dict(
+                    state="canceled",
+                    state_reason=text,
+                    cancel_reason=reason,
+                    finished_at=now,
+                    updated_at=now,
+                    next_event_seq=self._add_events(
+                        conn, row, row.attempt, [NewEvent("state", text, "canceled")]
+                    ),
                 )
-                self._add_events(conn, row, row.attempt, [NewEvent("state", text, "canceled")])
             elif row.state == "running" and row.cancel_reason is None:
-                conn.execute(
-                    jobs.update()
-                    .where(jobs.c.id == job_id)
-                    .values(cancel_reason=reason, updated_at=now)
-                )
-            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+                changes = dict(cancel_reason=reason, updated_at=now)
+            if changes:
+                self._update(conn, job_id, **changes)
+            return replace(row, **changes)
 
     def retry_job(self, job_id: str) -> JobRow | None:
         """Queue a finished job again for one more attempt; None if unknown. A job that
@@ -533,22 +538,21 @@ class JobStore(Database):
             if row is None or not row.final:
                 return row
             reason = f"queued again by request (after {row.state})"
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id)
-                .values(
-                    state="queued",
-                    state_reason=reason,
-                    max_attempts=row.attempt + 1,
-                    lost_count=0,
-                    run_after=now,
-                    cancel_reason=None,
-                    finished_at=None,
-                    updated_at=now,
-                )
+            changes: dict[str, Any] = dict(
+                state="queued",
+                state_reason=reason,
+                max_attempts=row.attempt + 1,
+                lost_count=0,
+                run_after=now,
+                cancel_reason=None,
+                finished_at=None,
+                updated_at=now,
+                next_event_seq=self._add_events(
+                    conn, row, row.attempt, [NewEvent("state", reason, "queued")]
+                ),
             )
-            self._add_events(conn, row, row.attempt, [NewEvent("state", reason, "queued")])
-            return _job(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+            self._update(conn, job_id, **changes)
+            return replace(row, **changes)
 
     # -- callbacks ----------------------------------------------------------------------
 
@@ -626,6 +630,10 @@ class JobStore(Database):
 
     # -- inside transactions ------------------------------------------------------------
 
+    @staticmethod
+    def _update(conn: sa.Connection, job_id: str, **values: Any) -> None:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
     def _locked(self, conn: sa.Connection, job_id: str) -> JobRow | None:
         found = conn.execute(sa.select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
         return None if found is None else _job(found)
@@ -644,9 +652,10 @@ class JobStore(Database):
     def _add_events(
         self, conn: sa.Connection, row: JobRow, attempt: int, events: Sequence[NewEvent]
     ) -> int:
-        """Append events (and their callback deliveries) after the job's last one; returns
-        the job's next event seq. `row` was read in this transaction, under its lock (or
-        just inserted), so its `next_event_seq` is current."""
+        """Append events (and their callback deliveries) after the job's last one and
+        return the job's next event seq, which the caller writes with its own update of
+        the job (one statement fewer per transaction). `row` was read in this transaction
+        under its lock (or is being inserted), so its `next_event_seq` is current."""
         seq = row.next_event_seq
         now = _now()
         values, deliveries = [], []
@@ -667,7 +676,6 @@ class JobStore(Database):
                 deliveries.extend(self._deliveries(row, values[-1]))
             seq += 1
         conn.execute(job_events.insert(), values)
-        conn.execute(jobs.update().where(jobs.c.id == row.id).values(next_event_seq=seq))
         if deliveries:
             conn.execute(job_callbacks.insert(), deliveries)
         return seq
