@@ -388,9 +388,17 @@ async def test_rlimits_and_cgroup_hold_every_process(ns_engine: Engine) -> None:
     try:
         # bash counts `ulimit -f` in 1024-byte blocks: 8 MiB.
         assert (await first_output(box, lines=3)).split() == [b"256", b"0", b"8192"]
+
+        def names() -> list[str]:
+            found = []
+            for pid in process_tree(launcher_pid(box)):
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    found.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            return found
+
+        # bash forks `sleep` after its third line: wait until the walk sees it.
+        assert await until(lambda: "sleep" in names()), names()
         tree = process_tree(launcher_pid(box))
-        names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in tree]
-        assert "sleep" in names, names  # the command's own process is in the walk
         for pid in tree:
             assert cgroup_of(pid).split("/")[-1] == box.id, (pid, cgroup_of(pid))
         limits = Path(f"/proc/{launcher_pid(box)}/limits").read_text()

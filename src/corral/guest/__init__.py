@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corral.guest.client import (
+    CommandOutput,
     EntryInfo,
     ExecResult,
     GuestConnection,
@@ -28,6 +29,7 @@ def agent_source_dir() -> Path:
 
 __all__ = [
     "AGENT_FILES",
+    "CommandOutput",
     "EntryInfo",
     "ExecResult",
     "GuestConnection",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -245,7 +246,34 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
-class GuestProcess:
+class CommandOutput(ABC):
+    """A running command's output, pulled one chunk at a time: iterate it, or `collect`
+    it all with the result. Subclasses say how the next chunk and the result come."""
+
+    @abstractmethod
+    async def _next_chunk(self) -> OutputChunk | None:
+        """The next chunk not yet read, or None once the command's output has ended."""
+
+    @abstractmethod
+    async def wait(self) -> ExecResult:
+        """Wait for the end, discarding output nobody read."""
+
+    def __aiter__(self) -> AsyncIterator[OutputChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[OutputChunk]:
+        while (chunk := await self._next_chunk()) is not None:
+            yield chunk
+
+    async def collect(self) -> tuple[bytes, bytes, ExecResult]:
+        """Wait for the end and return (stdout, stderr, result) not yet iterated."""
+        stdout, stderr = bytearray(), bytearray()
+        while (chunk := await self._next_chunk()) is not None:
+            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+        return bytes(stdout), bytes(stderr), await self.wait()
+
+
+class GuestProcess(CommandOutput):
     """A command started by the agent: its output, its stdin, signals and its result.
 
     `pid` is the process id inside the sandbox, or 0 when the program could not be
@@ -257,13 +285,6 @@ class GuestProcess:
         self._connection = connection
         self._channel = channel
         self._result: ExecResult | None = None
-
-    def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[OutputChunk]:
-        while (chunk := await self._next_chunk()) is not None:
-            yield chunk
 
     async def _next_chunk(self) -> OutputChunk | None:
         while self._result is None:
@@ -289,14 +310,6 @@ class GuestProcess:
             pass
         assert self._result is not None
         return self._result
-
-    async def collect(self) -> tuple[bytes, bytes, ExecResult]:
-        """Wait for the end and return (stdout, stderr, result) not yet iterated."""
-        stdout, stderr = bytearray(), bytearray()
-        while (chunk := await self._next_chunk()) is not None:
-            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
-        assert self._result is not None
-        return bytes(stdout), bytes(stderr), self._result
 
     async def write_stdin(self, data: bytes) -> None:
         """Send bytes to the command's stdin (exec with stdin=True); waits for credit."""

@@ -13,11 +13,10 @@ import contextlib
 import os
 import signal
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Literal
 
 from corral.errors import CommandError, InvalidRequest
-from corral.guest import ExecResult, OutputChunk
+from corral.guest import CommandOutput, ExecResult, OutputChunk
 from corral.isolation.launcher import Launcher, children
 
 _READ_SIZE = 64 * 1024
@@ -26,7 +25,7 @@ _STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 _LAST_SIGNAL = 64
 
 
-class EntryProcess:
+class EntryProcess(CommandOutput):
     """The entrypoint's output, signals and result; the same surface as a command the
     guest agent runs, so `Command` wraps either."""
 
@@ -61,13 +60,6 @@ class EntryProcess:
         reader = self._launcher.stdout if stream == "stdout" else self._launcher.stderr
         return asyncio.ensure_future(reader.read(_READ_SIZE))
 
-    def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[OutputChunk]:
-        while (chunk := await self._next_chunk()) is not None:
-            yield chunk
-
     async def _next_chunk(self) -> OutputChunk | None:
         while not self._ready and self._reads:
             reads = dict(self._reads)
@@ -100,13 +92,6 @@ class EntryProcess:
             self.close()
             self._result = self._explain(code)
         return self._result
-
-    async def collect(self) -> tuple[bytes, bytes, ExecResult]:
-        """Wait for the end and return (stdout, stderr, result) not yet iterated."""
-        stdout, stderr = bytearray(), bytearray()
-        while (chunk := await self._next_chunk()) is not None:
-            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
-        return bytes(stdout), bytes(stderr), await self.wait()
 
     def _explain(self, code: int) -> ExecResult:
         if code < 0:  # the launcher itself was killed
