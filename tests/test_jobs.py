@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -614,6 +614,29 @@ async def test_a_queued_job_is_canceled_at_once(remote: Remote) -> None:
     job = await api.cancel(submitted.job.id, "never mind")
     assert job.state == pb.JOB_STATE_CANCELED and job.attempt == 0
     assert job.state_reason == "canceled: never mind"
+
+
+async def test_a_follow_whose_client_went_away_ends_on_the_server(settings: Settings) -> None:
+    """connect-python notices a gone client only when it sends: a follow of a job with
+    nothing new would keep its handler, and the server's shutdown, waiting."""
+    data_dir = settings.runtime_dir / f"gone-{secrets.token_hex(4)}"
+    live = start_server(settings, data_dir, pool_size=0, extra_env={"CORRAL_JOB_WORKERS": "0"})
+    try:
+        api = JobApi(live.url, live.key)
+        job = (await api.submit({"command": ["true"]})).job  # no worker: it stays queued
+        request = pb.StreamJobEventsRequest(job_id=job.id, follow=True)
+        stream = cast(
+            AsyncGenerator[pb.StreamJobEventsResponse, None],
+            api.rpc.stream_events(request, headers=api.headers),
+        )
+        assert (await anext(stream)).events  # the "queued" event: the follow is open
+        await stream.aclose()  # the client hangs up
+        await api.aclose()
+        started = time.monotonic()
+        assert live.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5  # not the 10 s shutdown grace
+    finally:
+        live.stop(signal.SIGKILL)
 
 
 async def test_a_log_follower_survives_a_server_killed_mid_job(settings: Settings) -> None:

@@ -223,17 +223,32 @@ class JobQueue:
     # -- following ----------------------------------------------------------------------
 
     async def follow_logs(
-        self, team: Team, job_id: str, *, offset: int = 0, follow: bool = False
+        self,
+        team: Team,
+        job_id: str,
+        *,
+        offset: int = 0,
+        follow: bool = False,
+        stop: asyncio.Event | None = None,
     ) -> AsyncIterator[tuple[list[LogChunkRow], JobRow | None]]:
         """Batches of log chunks from `offset`; the last batch carries the finished job
-        when the stream ended because the job did (always with `follow`)."""
-        async for batch in self._follow(team, job_id, offset, follow, self.store.job_logs):
+        when the stream ended because the job did (always with `follow`). A follow also
+        ends, within a poll, once `stop` is set (its reader went away)."""
+        batches = self._follow(team, job_id, offset, follow, stop, self.store.job_logs)
+        async for batch in batches:
             yield batch
 
     async def follow_events(
-        self, team: Team, job_id: str, *, offset: int = 0, follow: bool = False
+        self,
+        team: Team,
+        job_id: str,
+        *,
+        offset: int = 0,
+        follow: bool = False,
+        stop: asyncio.Event | None = None,
     ) -> AsyncIterator[tuple[list[JobEventRow], JobRow | None]]:
-        async for batch in self._follow(team, job_id, offset, follow, self.store.job_events):
+        batches = self._follow(team, job_id, offset, follow, stop, self.store.job_events)
+        async for batch in batches:
             yield batch
 
     async def _follow(
@@ -242,12 +257,13 @@ class JobQueue:
         job_id: str,
         offset: int,
         follow: bool,
+        stop: asyncio.Event | None,
         read: _Reader[T],
     ) -> AsyncIterator[tuple[list[T], JobRow | None]]:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest(f"offset={offset!r} must be a whole number >= 0")
         self.get(team, job_id)
-        while True:
+        while stop is None or not stop.is_set():
             wake = self.signals.watch(job_id)
             # The job's state is read before its rows: if it had ended, every row it will
             # ever have is written, and this read returns them.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from connectrpc.request import RequestContext
 from google.protobuf.struct_pb2 import Struct
@@ -11,7 +11,7 @@ from google.protobuf.struct_pb2 import Struct
 from corral.errors import InvalidRequest, ServerUnavailable
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
-from corral.server import convert
+from corral.server import convert, disconnect
 from corral.server.base import Handlers
 from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
 from corral.v1 import jobs_pb2 as pb
@@ -71,6 +71,23 @@ def job_message(
             )
         )
     return message
+
+
+Row = TypeVar("Row")
+Message = TypeVar("Message", pb.StreamJobLogsResponse, pb.StreamJobEventsResponse)
+
+
+async def _messages(
+    batches: AsyncIterator[tuple[list[Row], JobRow | None]],
+    message: Callable[[list[Row]], Message],
+) -> AsyncIterator[Message]:
+    """One stream message per non-empty batch; the last says how the job ended."""
+    async for rows, final in batches:
+        if rows or final is not None:
+            out = message(rows)
+            if final is not None:
+                out.final_state = STATES[final.state]
+            yield out
 
 
 def _chunk(row: LogChunkRow) -> pb.LogChunk:
@@ -152,30 +169,34 @@ class JobHandlers(Handlers):
     async def stream_logs(
         self, request: pb.StreamJobLogsRequest, ctx: Ctx
     ) -> AsyncIterator[pb.StreamJobLogsResponse]:
-        team = self._team(ctx)
         batches = self._queue.follow_logs(
-            team, request.job_id, offset=request.offset, follow=request.follow
+            self._team(ctx),
+            request.job_id,
+            offset=request.offset,
+            follow=request.follow,
+            stop=disconnect.current(),  # an abandoned follow ends with its client
         )
-        async for rows, final in batches:
-            message = pb.StreamJobLogsResponse(chunks=[_chunk(r) for r in rows])
-            if final is not None:
-                message.final_state = STATES[final.state]
-            if rows or final is not None:
-                yield message
+        messages = _messages(
+            batches, lambda rows: pb.StreamJobLogsResponse(chunks=[_chunk(r) for r in rows])
+        )
+        async for message in messages:
+            yield message
 
     async def stream_events(
         self, request: pb.StreamJobEventsRequest, ctx: Ctx
     ) -> AsyncIterator[pb.StreamJobEventsResponse]:
-        team = self._team(ctx)
         batches = self._queue.follow_events(
-            team, request.job_id, offset=request.offset, follow=request.follow
+            self._team(ctx),
+            request.job_id,
+            offset=request.offset,
+            follow=request.follow,
+            stop=disconnect.current(),
         )
-        async for rows, final in batches:
-            message = pb.StreamJobEventsResponse(events=[_event(r) for r in rows])
-            if final is not None:
-                message.final_state = STATES[final.state]
-            if rows or final is not None:
-                yield message
+        messages = _messages(
+            batches, lambda rows: pb.StreamJobEventsResponse(events=[_event(r) for r in rows])
+        )
+        async for message in messages:
+            yield message
 
     async def cancel(self, request: pb.CancelJobRequest, ctx: Ctx) -> pb.CancelJobResponse:
         team = self._team(ctx)
