@@ -12,6 +12,7 @@
     ├── QuotaExceeded             the team's quota refuses it
     ├── IsolationUnavailable      the host cannot give the isolation asked for
     ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
+    ├── WaitTimedOut              a wait ran out of time (also a TimeoutError)
     ├── SandboxError
     │   ├── SandboxStartFailed
     │   ├── SandboxNotRunning     destroyed, or paused when the call needs it running
@@ -87,6 +88,10 @@ class IsolationUnavailable(CorralError):
 
 class ServerUnavailable(CorralError):
     """The Corral server did not answer; is `corral server` running at that address?"""
+
+
+class WaitTimedOut(CorralError, TimeoutError):
+    """The wait ran out of time before what it waited for happened; it may still happen."""
 
 
 class SandboxError(CorralError):

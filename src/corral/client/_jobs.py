@@ -28,7 +28,7 @@ from corral.client._models import (
     JobSubmission,
     LogChunk,
 )
-from corral.errors import InvalidRequest, ServerUnavailable
+from corral.errors import InvalidRequest, ServerUnavailable, WaitTimedOut
 from corral.jobs.spec import JobSpec
 from corral.v1 import jobs_pb2 as pb
 
@@ -187,14 +187,15 @@ class AsyncJobs:
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """The job once it has ended (follows its events; survives a server restart).
 
-        Raises TimeoutError if it is still queued or running after `timeout` seconds.
+        Raises WaitTimedOut (a TimeoutError) if it is still queued or running after
+        `timeout` seconds.
         """
         try:
             async with asyncio.timeout(timeout):
                 async for _ in self.events(job_id, follow=True):
                     pass
         except TimeoutError:
-            raise TimeoutError(
+            raise WaitTimedOut(
                 f"job {job_id} had not ended after {timeout:g} s; wait again, "
                 f"or stop it with cancel({job_id!r})"
             ) from None
