@@ -36,7 +36,7 @@ _TABLE: tuple[tuple[type[CorralError], Code], ...] = (
     (errors.FileExists, Code.ALREADY_EXISTS),
     (errors.FileError, Code.FAILED_PRECONDITION),
     (errors.ServerUnavailable, Code.UNAVAILABLE),
-    (errors.IsolationUnavailable, Code.UNAVAILABLE),
+    (errors.IsolationUnavailable, Code.FAILED_PRECONDITION),  # retrying will not help
     (errors.CorralError, Code.INTERNAL),
 )
 
