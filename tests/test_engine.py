@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -225,6 +227,20 @@ async def test_reaper_cleans_up_after_a_killed_host_process(settings: Settings) 
     assert not _cgroup_dirs(sandbox_id)
     if slot != "None":
         assert host_processes_of_uid(settings.uid_base + int(slot)) == []
+
+
+def test_the_reaper_spares_a_sandbox_another_process_is_creating(settings: Settings) -> None:
+    """A directory with no record yet is removed only once it is old: a fresh one may be
+    a sandbox that another process has just made and is about to record."""
+    root = settings.runtime_dir / "sandboxes"
+    fresh, stale = root / f"sb_{secrets.token_hex(10)}", root / f"sb_{secrets.token_hex(10)}"
+    for path in (fresh, stale):
+        path.mkdir(parents=True)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    Engine(settings)  # reaps at start
+    assert fresh.exists() and not stale.exists()
+    fresh.rmdir()
 
 
 async def test_limits_reach_the_kernel(engine: Engine, settings: Settings) -> None:

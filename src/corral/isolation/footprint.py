@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -142,6 +143,17 @@ class Footprint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+# A sandbox directory gets its record within milliseconds of being made.
+_UNFINISHED_GRACE = 60.0
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def orphans(runtime_dir: Path) -> list[Footprint]:
     """Footprints in `runtime_dir` whose owner process is gone."""
     root = runtime_dir / "sandboxes"
@@ -152,8 +164,10 @@ def orphans(runtime_dir: Path) -> list[Footprint]:
         fp = Footprint.load(path)
         if fp is None:
             # A directory without a readable record was never fully created: nothing in it
-            # was mounted (the record is written before any mount), so it can go.
-            if (path / "state.json.tmp").exists() or not any(path.iterdir()):
+            # was mounted (the record is written before any mount), so it can go — once it
+            # is old enough not to be one that another process is creating right now.
+            unfinished = (path / "state.json.tmp").exists() or not any(path.iterdir())
+            if unfinished and _age(path) > _UNFINISHED_GRACE:
                 shutil.rmtree(path, ignore_errors=True)
             continue
         if not fp.owner_alive():
