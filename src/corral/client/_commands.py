@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import inspect
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Literal, TypedDict, Unpack, overload
 
+from corral._aio import stop_tasks
 from corral.client._connection import Connection
 from corral.client._models import CommandResult, ProcessInfo
 from corral.errors import ServerUnavailable
@@ -154,10 +154,7 @@ class AsyncCommandHandle:
 
     async def disconnect(self) -> None:
         """Stop following the command: a background one goes on running in the sandbox."""
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await stop_tasks(self._reader)
         aclose = getattr(self._events, "aclose", None)
         if aclose is not None:
             await aclose()

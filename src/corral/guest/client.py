@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Seq
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from corral._aio import stop_tasks
 from corral.errors import (
     CommandError,
     CorralError,
@@ -369,9 +370,7 @@ class GuestConnection:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), _CLOSE_GRACE)
             except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await stop_tasks(self._task)
 
     # -- frames -----------------------------------------------------------------------
 

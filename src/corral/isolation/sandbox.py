@@ -22,6 +22,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from corral._aio import stop_tasks
 from corral.errors import (
     GuestError,
     InvalidLimits,
@@ -292,10 +293,7 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._launcher.pid, signal.SIGKILL)
                 await self._launcher.wait()
-            if self._stderr_task is not None:
-                self._stderr_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._stderr_task
+            await stop_tasks(self._stderr_task)
             await asyncio.to_thread(self.footprint.release)
 
     async def _stop_launcher(self) -> None:

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import CorralError
 from corral.isolation import Engine, Entrypoint, Limits, Sandbox
@@ -140,11 +141,7 @@ class Worker:
     async def aclose(self) -> None:
         """Stop claiming; stop the running jobs and give them back to the queue."""
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(*self._tasks)
         self._tasks = []
         for stop in self._running.values():
             stop.set("shutdown")

@@ -13,12 +13,12 @@ Background loops enforce lifetimes and inactivity TTLs (every `tick`), sample me
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
+from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import CorralError, InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
 from corral.isolation import Engine, Sandbox
@@ -87,11 +87,7 @@ class SandboxManager:
     async def aclose(self) -> None:
         """Flush metrics and kill every live sandbox: none can outlive this process."""
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(*self._tasks)
         self._tasks = []
         live = list(self._live)
         ends = [self._live.end(entry, "killed", SHUT_DOWN) for entry in live]

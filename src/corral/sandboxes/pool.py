@@ -10,11 +10,11 @@ the manager with `Sandbox.set_limits`, and environments are given per command.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
 
+from corral._aio import stop_tasks
 from corral.errors import CorralError
 from corral.isolation import Engine, Limits, Sandbox, SandboxState
 
@@ -120,10 +120,7 @@ class WarmPool:
 
     async def aclose(self) -> None:
         """Stop filling and destroy every ready sandbox."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
         ready, self._ready = list(self._ready), deque()
         for sandbox in ready:
             self.engine.sandboxes.pop(sandbox.id, None)

@@ -21,6 +21,7 @@ from types import FrameType
 
 import uvicorn
 
+from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.server import logs
@@ -93,10 +94,7 @@ async def _run(server: _Server, sock: socket.socket, app: CorralApp, demo: bool)
         url = local_url(app.settings.host, app.settings.port)
         showing = asyncio.create_task(show(server, app, url))
     await serving
-    if showing is not None and not showing.done():
-        showing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await showing
+    await stop_tasks(showing)
 
 
 def serve(settings: Settings, *, demo: bool = False) -> int:
