@@ -164,6 +164,28 @@ async def api(server: LiveServer) -> AsyncIterator[JobApi]:
     await client.aclose()
 
 
+@pytest.fixture(scope="module")
+def oneshot_server(settings: Settings) -> Iterator[LiveServer]:
+    """A server whose workers keep no warm sandboxes: every job of one command runs in a
+    one-shot sandbox (what a busy worker does)."""
+    data_dir = settings.runtime_dir / f"oneshot-{secrets.token_hex(4)}"
+    live = start_server(settings, data_dir, pool_size=0, extra_env={"CORRAL_JOB_POOL": "0"})
+    yield live
+    live.stop()
+
+
+@pytest.fixture(params=["warm", "one-shot"])
+async def run_api(
+    request: pytest.FixtureRequest, server: LiveServer, oneshot_server: LiveServer
+) -> AsyncIterator[JobApi]:
+    """A client of a server running jobs in warm sandboxes when it can, or of one running
+    them in one-shot sandboxes: the two must not differ in what a job sees or does."""
+    live = server if request.param == "warm" else oneshot_server
+    client = JobApi(live.url, live.key)
+    yield client
+    await client.aclose()
+
+
 async def refused(call: Any, code: Code) -> str:
     with pytest.raises(ConnectError) as caught:
         await call
@@ -220,8 +242,8 @@ class Remote:
     api: JobApi
     workers: list[LiveWorker]
 
-    def worker(self) -> LiveWorker:
-        worker = start_worker(self.live, CORRAL_JOB_WORKERS="1")
+    def worker(self, **env: str) -> LiveWorker:
+        worker = start_worker(self.live, **{"CORRAL_JOB_WORKERS": "1", **env})
         self.workers.append(worker)
         return worker
 
@@ -316,8 +338,23 @@ async def test_a_step_that_may_fail_lets_the_workflow_go_on(api: JobApi) -> None
     ]
 
 
-async def test_files_env_and_workdir_reach_the_job(api: JobApi) -> None:
-    submitted = await api.submit(
+async def test_without_warm_sandboxes_a_command_runs_one_shot_and_a_workflow_gets_an_agent(
+    oneshot_server: LiveServer,
+) -> None:
+    api = JobApi(oneshot_server.url, oneshot_server.key)
+    try:
+        alone = await api.submit({"command": ["cat", "/proc/1/comm"]})
+        steps = await api.submit({"kind": "workflow", "steps": [{"run": "cat /proc/1/comm"}]})
+        for submitted, init in ((alone, b"bwrap\n"), (steps, b"python3\n")):
+            job = await api.wait(submitted.job.id)
+            assert job.state == pb.JOB_STATE_SUCCEEDED, job
+            assert await api.output(job.id) == init  # pid 1: bwrap's init, or the agent
+    finally:
+        await api.aclose()
+
+
+async def test_files_env_and_workdir_reach_the_job(run_api: JobApi) -> None:
+    submitted = await run_api.submit(
         {
             "kind": "code",
             "language": "python",
@@ -331,44 +368,44 @@ async def test_files_env_and_workdir_reach_the_job(api: JobApi) -> None:
             ],
         }
     )
-    job = await api.wait(submitted.job.id)
+    job = await run_api.wait(submitted.job.id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job
-    assert await api.output(job.id) == b"from a file hi /workspace/job 0o750\n"
+    assert await run_api.output(job.id) == b"from a file hi /workspace/job 0o750\n"
 
 
-async def test_a_workdir_without_files_is_made(api: JobApi) -> None:
-    submitted = await api.submit({"command": ["pwd"], "workdir": "/tmp/empty-workdir"})
-    job = await api.wait(submitted.job.id)
+async def test_a_workdir_without_files_is_made(run_api: JobApi) -> None:
+    submitted = await run_api.submit({"command": ["pwd"], "workdir": "/tmp/empty-workdir"})
+    job = await run_api.wait(submitted.job.id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job
-    assert await api.output(job.id) == b"/tmp/empty-workdir\n"
+    assert await run_api.output(job.id) == b"/tmp/empty-workdir\n"
 
 
 # -- cancel ---------------------------------------------------------------------------------
 
 
-async def test_cancel_kills_every_process_of_a_running_job(api: JobApi) -> None:
+async def test_cancel_kills_every_process_of_a_running_job(run_api: JobApi) -> None:
     marker = f"60.{secrets.randbelow(10**6):06d}"
     script = f"trap '' TERM INT HUP; sleep {marker} & echo started; sleep {marker}"
-    submitted = await api.submit({"run": script})
+    submitted = await run_api.submit({"run": script})
     job_id = submitted.job.id
-    await api.first_logs(job_id, lambda seen: b"started" in b"".join(c.data for c in seen))
+    await run_api.first_logs(job_id, lambda seen: b"started" in b"".join(c.data for c in seen))
     assert len(processes_with(marker.encode())) >= 2  # the shell, its two sleeps
     started = time.monotonic()
-    asked = await api.cancel(job_id, "changed my mind")
+    asked = await run_api.cancel(job_id, "changed my mind")
     assert asked.id == job_id
-    job = await api.wait(job_id, timeout=10)
+    job = await run_api.wait(job_id, timeout=10)
     assert time.monotonic() - started < 5
     assert job.state == pb.JOB_STATE_CANCELED, job
     assert "changed my mind" in job.state_reason
     assert processes_with(marker.encode()) == []
     # Canceling a finished job changes nothing; Retry runs it again.
-    again = await api.cancel(job_id, "twice")
+    again = await run_api.cancel(job_id, "twice")
     assert again.state == pb.JOB_STATE_CANCELED and again.state_reason == job.state_reason
-    events = await api.events(job_id)
+    events = await run_api.events(job_id)
     assert states(events) == ["queued", "running", "canceled"]
 
 
-async def test_a_process_that_leaves_the_job_dies_with_its_sandbox(api: JobApi) -> None:
+async def test_a_process_that_leaves_the_job_dies_with_its_sandbox(run_api: JobApi) -> None:
     """A daemonized child (new session, double fork, signals ignored) outlives its job's
     command, but not the job."""
     marker = f"60.{secrets.randbelow(10**6):06d}"
@@ -376,19 +413,19 @@ async def test_a_process_that_leaves_the_job_dies_with_its_sandbox(api: JobApi) 
         f"(trap '' TERM HUP INT; setsid sleep {marker} </dev/null >/dev/null 2>&1 &) ; "
         f"nohup sleep {marker} </dev/null >/dev/null 2>&1 & echo left"
     )
-    submitted = await api.submit({"run": script})
-    job = await api.wait(submitted.job.id)
+    submitted = await run_api.submit({"run": script})
+    job = await run_api.wait(submitted.job.id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job
-    assert await api.output(job.id) == b"left\n"
+    assert await run_api.output(job.id) == b"left\n"
     assert processes_with(marker.encode()) == []
 
 
-async def test_output_is_kept_byte_for_byte_on_both_streams(api: JobApi) -> None:
+async def test_output_is_kept_byte_for_byte_on_both_streams(run_api: JobApi) -> None:
     script = r"printf 'a\377\000b'; printf 'err\376' >&2; printf '\n'"
-    submitted = await api.submit({"run": script})
-    job = await api.wait(submitted.job.id)
+    submitted = await run_api.submit({"run": script})
+    job = await run_api.wait(submitted.job.id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job
-    chunks = await api.logs(job.id)
+    chunks = await run_api.logs(job.id)
     out = b"".join(c.data for c in chunks if c.stream == pb.LOG_STREAM_STDOUT)
     err = b"".join(c.data for c in chunks if c.stream == pb.LOG_STREAM_STDERR)
     assert (out, err) == (b"a\xff\x00b\n", b"err\xfe")
@@ -398,11 +435,11 @@ async def test_output_is_kept_byte_for_byte_on_both_streams(api: JobApi) -> None
 # -- timeouts and retries -------------------------------------------------------------------
 
 
-async def test_a_job_timeout_stops_it(api: JobApi) -> None:
+async def test_a_job_timeout_stops_it(run_api: JobApi) -> None:
     marker = f"30.{secrets.randbelow(10**6):06d}"
     started = time.monotonic()
-    submitted = await api.submit({"command": ["sleep", marker], "timeoutSeconds": 1})
-    job = await api.wait(submitted.job.id)
+    submitted = await run_api.submit({"command": ["sleep", marker], "timeoutSeconds": 1})
+    job = await run_api.wait(submitted.job.id)
     assert 1 <= time.monotonic() - started < 4
     assert job.state == pb.JOB_STATE_TIMED_OUT, job
     assert "timed out" in job.state_reason
@@ -434,34 +471,34 @@ async def test_a_step_timeout_fails_the_workflow_at_that_step(api: JobApi) -> No
     assert await api.output(job.id) == b"before\n"
 
 
-async def test_retries_run_a_failing_job_again_then_give_up(api: JobApi) -> None:
-    submitted = await api.submit(
+async def test_retries_run_a_failing_job_again_then_give_up(run_api: JobApi) -> None:
+    submitted = await run_api.submit(
         {"run": "echo try; exit 1", "retries": 2, "retryBackoffSeconds": 0.1}
     )
     assert submitted.job.max_attempts == 3
-    job = await api.wait(submitted.job.id)
+    job = await run_api.wait(submitted.job.id)
     assert job.state == pb.JOB_STATE_FAILED, job
     assert job.attempt == 3 and job.exit_code == 1
-    events = await api.events(job.id)
+    events = await run_api.events(job.id)
     retries = [e for e in events if e.type == "retry_scheduled"]
     assert [e.attempt for e in retries] == [1, 2]
     queued = [e.reason for e in events if e.state == "queued"][1:]
     assert queued == ["retry 1 of 2", "retry 2 of 2"]
     assert states(events) == ["queued"] + ["running", "queued"] * 2 + ["running", "failed"]
-    chunks = await api.logs(job.id)
+    chunks = await run_api.logs(job.id)
     assert [(c.attempt, c.data) for c in chunks] == [(1, b"try\n"), (2, b"try\n"), (3, b"try\n")]
 
 
-async def test_retry_runs_a_finished_job_again(api: JobApi) -> None:
-    submitted = await api.submit({"command": ["sh", "-c", "echo run; exit 4"]})
-    first = await api.wait(submitted.job.id)
+async def test_retry_runs_a_finished_job_again(run_api: JobApi) -> None:
+    submitted = await run_api.submit({"command": ["sh", "-c", "echo run; exit 4"]})
+    first = await run_api.wait(submitted.job.id)
     assert first.state == pb.JOB_STATE_FAILED and first.attempt == 1
-    retried = await api.retry(first.id)
+    retried = await run_api.retry(first.id)
     assert retried.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
-    second = await api.wait(first.id)
+    second = await run_api.wait(first.id)
     assert second.state == pb.JOB_STATE_FAILED and second.attempt == 2 and second.exit_code == 4
-    assert await api.output(first.id) == b"run\nrun\n"
-    assert [c.attempt for c in await api.logs(first.id)] == [1, 2]
+    assert await run_api.output(first.id) == b"run\nrun\n"
+    assert [c.attempt for c in await run_api.logs(first.id)] == [1, 2]
 
 
 async def test_only_a_finished_job_can_be_retried(api: JobApi) -> None:
@@ -476,18 +513,29 @@ async def test_only_a_finished_job_can_be_retried(api: JobApi) -> None:
 # -- workers and servers that die -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("pool", ["1", "0"], ids=["warm", "one-shot"])
 async def test_a_job_whose_worker_is_killed_runs_again_and_keeps_its_logs(
-    remote: Remote,
+    remote: Remote, pool: str
 ) -> None:
-    remote.worker()
+    remote.worker(CORRAL_JOB_POOL=pool)
     api = remote.api
-    submitted = await api.submit({"run": lines(20, 0.2)})
+    marker = f"{secrets.randbelow(10**6):06d}"
+    stale = b"sleep\x00600." + marker.encode()
+    # Attempt 1 prints a little, then waits until its worker is killed.
+    first_only = (
+        f'if [ "$CORRAL_JOB_ATTEMPT" = 1 ]; then {lines(3, 0.05)}; exec sleep 600.{marker}; fi'
+    )
+    submitted = await api.submit({"run": f"{first_only}\n{lines(20, 0.05)}"})
     job_id = submitted.job.id
-    seen = await api.first_logs(job_id, lambda seen: len(seen) >= 3)
+    seen = await api.first_logs(job_id, lambda seen: b"line 3" in b"".join(c.data for c in seen))
     running = await api.get(job_id)
     assert running.state == pb.JOB_STATE_RUNNING and running.attempt == 1
     remote.workers[0].stop(signal.SIGKILL)
-    remote.worker()
+    deadline = time.monotonic() + 15
+    while processes_with(stale) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert processes_with(stale) == [], "the killed worker's sandbox outlived it"
+    remote.worker(CORRAL_JOB_POOL=pool)
     job = await api.wait(job_id, timeout=60)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job
     assert job.attempt == 2

@@ -62,10 +62,12 @@ class Settings:
     shutdown_grace: int = 10
     log_level: str = "info"
     # Jobs: how many a process's worker pool runs at once (`corral server` runs one pool;
-    # 0 leaves jobs to `corral worker` processes), the default timeout of a job, how much
-    # output a job keeps, and the lease a worker renews by heartbeat: a job whose worker
-    # is silent this long is requeued.
+    # 0 leaves jobs to `corral worker` processes), how many warm sandboxes it keeps for
+    # them (at most one per worker; 0: every job of one command starts a one-shot
+    # sandbox), the default timeout of a job, how much output a job keeps, and the lease
+    # a worker renews by heartbeat: a job whose worker is silent this long is requeued.
     job_workers: int = 4
+    job_pool: int = 4
     job_timeout: int = 300
     job_log_limit: int = 16 * 1024 * 1024
     job_lease: int = 30

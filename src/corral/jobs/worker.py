@@ -100,7 +100,7 @@ class Worker:
         # a busy worker runs one-shot sandboxes and spends nothing on refills.
         self.pool = WarmPool(
             engine,
-            self.concurrency if pool_size is None else pool_size,
+            min(settings.job_pool, self.concurrency) if pool_size is None else pool_size,
             self.policy.template,
             self.policy.isolation,
             may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
