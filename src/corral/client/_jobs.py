@@ -203,7 +203,8 @@ class AsyncJobs:
 
     async def cancel(self, job_id: str, reason: str = "") -> Job:
         """Stop a queued or running job (its sandbox is killed); a finished one is left
-        as it is."""
+        as it is. A running job comes back stopped, or still running after 5 s when its
+        worker is another process (which stops it at its next heartbeat)."""
         request = pb.CancelJobRequest(job_id=job_id, reason=reason)
         reply = await self._connection.call(self._connection.jobs.cancel, request)
         return Job.from_proto(reply.job)

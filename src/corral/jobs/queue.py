@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -203,6 +204,19 @@ class JobQueue:
         self.signals.cancel(row.id)
         self.signals.changed(row.id)
         return updated
+
+    async def wait_final(self, job_id: str, timeout: float) -> JobRow:
+        """The job once it has ended, or as it is after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wake = self.signals.watch(job_id)  # before the read: no change is missed
+            row = self.store.job(job_id)
+            assert row is not None
+            left = deadline - time.monotonic()
+            if row.final or left <= 0:
+                return row
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), min(left, POLL_SECONDS))
 
     def retry(self, team: Team, job_id: str) -> JobRow:
         row = self.get(team, job_id)

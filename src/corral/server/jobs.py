@@ -29,6 +29,10 @@ STATES = {
 }
 STATE_NAMES = {number: name for name, number in STATES.items()}
 _MAX_PAGE = 1000
+# How long Cancel waits for a running job to stop: a worker in this process stops it at
+# once; one elsewhere at its next heartbeat (a third of its lease), and Cancel may answer
+# before that with the job still running.
+CANCEL_WAIT = 5.0
 
 
 def job_message(
@@ -201,6 +205,8 @@ class JobHandlers(Handlers):
     async def cancel(self, request: pb.CancelJobRequest, ctx: Ctx) -> pb.CancelJobResponse:
         team = self._team(ctx)
         row = self._queue.cancel(team, request.job_id, request.reason)
+        if not row.final:  # running: answer once its worker has stopped it, if that is soon
+            row = await self._queue.wait_final(row.id, CANCEL_WAIT)
         return pb.CancelJobResponse(job=self._job(row))
 
     async def retry(self, request: pb.RetryJobRequest, ctx: Ctx) -> pb.RetryJobResponse:
