@@ -554,10 +554,13 @@ async def test_a_job_whose_worker_is_killed_runs_again_and_keeps_its_logs(
     assert job.max_attempts == 2  # the lost worker did not spend a retry
 
 
-async def test_a_worker_stopped_by_sigterm_gives_its_job_back(remote: Remote) -> None:
-    first = remote.worker()
+@pytest.mark.parametrize("pool", ["1", "0"], ids=["warm", "one-shot"])
+async def test_a_worker_stopped_by_sigterm_gives_its_job_back(remote: Remote, pool: str) -> None:
+    first = remote.worker(CORRAL_JOB_POOL=pool)
     api = remote.api
-    submitted = await api.submit({"run": lines(10, 0.2)})
+    digits = f"{secrets.randbelow(10**6):06d}"
+    marker = f"0.2{digits}"  # what its sleeps' command lines hold
+    submitted = await api.submit({"run": lines(10, 0.2, digits)})
     job_id = submitted.job.id
     await api.first_logs(job_id)
     started = time.monotonic()
@@ -568,7 +571,8 @@ async def test_a_worker_stopped_by_sigterm_gives_its_job_back(remote: Remote) ->
     assert job.state == pb.JOB_STATE_QUEUED, job
     assert "shut down" in job.state_reason
     assert job.attempt == 1 and job.max_attempts == 2
-    remote.worker()
+    assert processes_with(marker.encode()) == []  # its sandbox went with it
+    remote.worker(CORRAL_JOB_POOL=pool)
     job = await api.wait(job_id, timeout=60)
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.attempt == 2
     assert states(await api.events(job_id)) == [
