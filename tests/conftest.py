@@ -32,12 +32,18 @@ def settings() -> Iterator[Settings]:
     # Not under pytest's tmp_path: its parents are mode 0700, which the sandboxes' own
     # unprivileged uids could not traverse.
     runtime = Path(tempfile.mkdtemp(prefix="corral-test-"))
-    yield Settings(
+    session = Settings(
         data_dir=runtime / "data",
         runtime_dir=runtime,
         cgroup_parent=TEST_CGROUP_PARENT,
         allow_process_backend=True,
     )
+    yield session
+    from corral.isolation import Engine
+
+    # Servers and workers the tests killed with SIGKILL left sandboxes (mounts, cgroups)
+    # that only a later start in this runtime dir would reap: reap them now.
+    Engine(session)
     shutil.rmtree(runtime, ignore_errors=True)
 
 
