@@ -287,14 +287,24 @@ class Sandbox:
                 self._entry.close()
             if self._guest is not None:
                 await self._guest.aclose()
-            if self._cgroup is not None:
-                await asyncio.to_thread(self._cgroup.destroy)
+            released = await asyncio.to_thread(self._remove_host_state)
             if self._launcher is not None and self._launcher.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._launcher.pid, signal.SIGKILL)
                 await self._launcher.wait()
             await stop_tasks(self._stderr_task)
-            await asyncio.to_thread(self.footprint.release)
+            if not released:
+                await asyncio.to_thread(self.footprint.release)
+
+    def _remove_host_state(self) -> bool:
+        """Destroy the cgroup (killing every process in it) and, once the launcher has
+        exited, release the footprint — one trip to a thread. True if released."""
+        if self._cgroup is not None:
+            self._cgroup.destroy()
+        if self._launcher is not None and self._launcher.returncode is None:
+            return False  # still exiting: released after it is reaped
+        self.footprint.release()
+        return True
 
     async def _stop_launcher(self) -> None:
         """Kill the launcher's children (or, before it has any, the launcher itself).
