@@ -135,6 +135,17 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# The statements of a job's hot path (claim, output, end, follow), built once: building
+# and keying a statement costs SQLAlchemy ~60 µs, five times what SQLite takes to run it.
+_JOB = sa.select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
+_LOCK_JOB = _JOB.with_for_update()
+_UPDATE_JOB = jobs.update().where(jobs.c.id == sa.bindparam("job_id"))  # SET: the params
+_INSERT_JOB = jobs.insert()
+_INSERT_EVENTS = job_events.insert()
+_INSERT_LOGS = job_logs.insert()
+_INSERT_CALLBACKS = job_callbacks.insert()
+
+
 def _job(row: sa.Row[Any]) -> JobRow:
     return JobRow(**row._asdict())
 
@@ -157,13 +168,13 @@ class JobStore(Database):
                 if earlier is not None:
                     return _job(earlier), False
             inserted = replace(row, next_event_seq=row.next_event_seq + 1)
-            conn.execute(jobs.insert().values(**asdict(inserted)))
+            conn.execute(_INSERT_JOB, asdict(inserted))
             self._add_events(conn, row, row.attempt, [NewEvent("state", reason, row.state)])
             return inserted, True
 
     def job(self, job_id: str) -> JobRow | None:
         with self._read() as conn:
-            found = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            found = conn.execute(_JOB, {"job_id": job_id}).first()
         return None if found is None else _job(found)
 
     def list_jobs(
@@ -341,7 +352,7 @@ class JobStore(Database):
                     seq += 1
                     used += len(data)
             if values:
-                conn.execute(job_logs.insert(), values)
+                conn.execute(_INSERT_LOGS, values)
             truncate = dropped > 0 and not row.log_truncated
             next_event_seq = row.next_event_seq
             if truncate:
@@ -632,10 +643,10 @@ class JobStore(Database):
 
     @staticmethod
     def _update(conn: sa.Connection, job_id: str, **values: Any) -> None:
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        conn.execute(_UPDATE_JOB, {**values, "job_id": job_id})
 
     def _locked(self, conn: sa.Connection, job_id: str) -> JobRow | None:
-        found = conn.execute(sa.select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
+        found = conn.execute(_LOCK_JOB, {"job_id": job_id}).first()
         return None if found is None else _job(found)
 
     def _owned(self, conn: sa.Connection, attempt: Attempt) -> JobRow | None:
@@ -675,9 +686,9 @@ class JobStore(Database):
             if row.callback_url:
                 deliveries.extend(self._deliveries(row, values[-1]))
             seq += 1
-        conn.execute(job_events.insert(), values)
+        conn.execute(_INSERT_EVENTS, values)
         if deliveries:
-            conn.execute(job_callbacks.insert(), deliveries)
+            conn.execute(_INSERT_CALLBACKS, deliveries)
         return seq
 
     @staticmethod
