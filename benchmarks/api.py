@@ -13,9 +13,7 @@ p99 <= 50 ms, exec round trip p50 <= 5 ms.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -32,7 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import create_to_first_output, exec_roundtrips, percentiles, raw_bwrap
+from engine import create_to_first_output, exec_roundtrips, percentiles, raw_bwrap, run_cli
 
 from corral import AsyncSandbox
 from corral.config import Settings
@@ -198,15 +196,4 @@ def main(quick: bool) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="fewer samples, for smoke tests")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    result = main(args.quick)
-    result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        json.dump(result, sys.stdout, indent=2)
-        print()
+    run_cli(__doc__, main)

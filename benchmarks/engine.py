@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from corral.config import Settings
 from corral.isolation import Engine, Sandbox
@@ -100,7 +102,7 @@ def idle_cost(sandbox: Sandbox) -> dict[str, int]:
     }
 
 
-async def main(quick: bool) -> dict[str, object]:
+async def main(quick: bool) -> dict[str, Any]:
     runtime = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     settings = Settings(runtime_dir=runtime, cgroup_parent="corral-bench")
     report: dict[str, object] = {}
@@ -130,16 +132,25 @@ async def main(quick: bool) -> dict[str, object]:
     return report
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+Report = dict[str, Any]
+
+
+def run_cli(doc: str, main: Callable[[bool], Report | Coroutine[Any, Any, Report]]) -> None:
+    """A benchmark's command line: --json prints one JSON object, --quick samples less."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="fewer samples, for smoke tests")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = asyncio.run(main(args.quick))
+    outcome = main(args.quick)
+    result = outcome if isinstance(outcome, dict) else asyncio.run(outcome)
     result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps(result))
     else:
         json.dump(result, sys.stdout, indent=2)
         print()
+
+
+if __name__ == "__main__":
+    run_cli(__doc__, main)

@@ -17,9 +17,7 @@ p50 <= 25.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import shutil
 import sys
@@ -31,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from api import running_server
-from engine import create_to_first_output, percentiles, raw_bwrap
+from engine import create_to_first_output, percentiles, raw_bwrap, run_cli
 
 from corral.config import Settings
 from corral.isolation import Engine, Entrypoint
@@ -201,15 +199,4 @@ async def main(quick: bool) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="fewer samples, for smoke tests")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    result = asyncio.run(main(args.quick))
-    result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        json.dump(result, sys.stdout, indent=2)
-        print()
+    run_cli(__doc__, main)

@@ -11,15 +11,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from corral.config import Settings
+from corral.store import Team
+from corral.store.jobs import JobRow
 
 if TYPE_CHECKING:
     from corral.isolation import Engine, Sandbox
@@ -246,3 +250,40 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 def sandbox_host(settings: Settings) -> None:
     """Skip (saying why) where the host cannot run namespace sandboxes."""
     require_backend(settings, "namespace")
+
+
+def new_job_row(team: Team, **changes: Any) -> JobRow:
+    """A queued job row as the store keeps it, for tests of the store's job queue."""
+    now = datetime.now(UTC)
+    row = JobRow(
+        id="j" + uuid.uuid4().hex[:20],
+        team_id=team.id,
+        idempotency_key=None,
+        kind="command",
+        template="host",
+        isolation="auto",
+        spec={"kind": "command", "command": ["true"]},
+        labels={},
+        priority=0,
+        state="queued",
+        state_reason="queued",
+        attempt=0,
+        max_attempts=1,
+        lost_count=0,
+        run_after=now,
+        worker=None,
+        lease_expires_at=None,
+        cancel_reason=None,
+        exit_code=None,
+        next_log_seq=0,
+        log_bytes=0,
+        log_truncated=False,
+        next_event_seq=0,
+        callback_url=None,
+        callback_secret=None,
+        created_at=now,
+        updated_at=now,
+        started_at=None,
+        finished_at=None,
+    )
+    return replace(row, **changes)

@@ -9,10 +9,8 @@ import json
 import socket
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,8 @@ import pytest
 from corral.config import Settings
 from corral.jobs.callbacks import CallbackDispatcher, sign, verify
 from corral.store import Store
-from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, JobRow, NewEvent
+from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, NewEvent
+from tests.conftest import new_job_row
 
 SECRET = "s3cret-for-tests"
 WORKER = "worker-1"
@@ -147,41 +146,16 @@ async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispa
 
 def submit(store: Store, url: str | None, secret: str | None = SECRET) -> str:
     team, _ = store.ensure_default_team()
-    now = datetime.now(UTC)
-    job_id = uuid.uuid4().hex
-    row = JobRow(
-        id=job_id,
-        team_id=team.id,
-        idempotency_key=None,
-        kind="command",
+    row = new_job_row(
+        team,
         template="default",
         isolation="process",
         spec={},
-        labels={},
-        priority=0,
-        state="queued",
-        state_reason="queued",
-        attempt=0,
-        max_attempts=1,
-        lost_count=0,
-        run_after=now,
-        worker=None,
-        lease_expires_at=None,
-        cancel_reason=None,
-        exit_code=None,
-        next_log_seq=0,
-        log_bytes=0,
-        log_truncated=False,
-        next_event_seq=0,
         callback_url=url,
         callback_secret=secret,
-        created_at=now,
-        updated_at=now,
-        started_at=None,
-        finished_at=None,
     )
     store.insert_job(row)
-    return job_id
+    return row.id
 
 
 def start(store: Store, job_id: str) -> Attempt:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.store import Store, Team
 from corral.store.jobs import Attempt, JobRow, NewEvent
+from tests.conftest import new_job_row
 
 MAX_LOST = 3
 ISOLATIONS = ("auto", "namespace")
@@ -40,44 +39,8 @@ def team(store: Store) -> Team:
     return store.create_team("acme")
 
 
-def new_row(team: Team, **changes: Any) -> JobRow:
-    now = datetime.now(UTC)
-    row = JobRow(
-        id="j" + uuid.uuid4().hex[:20],
-        team_id=team.id,
-        idempotency_key=None,
-        kind="command",
-        template="host",
-        isolation="auto",
-        spec={"kind": "command", "command": ["true"]},
-        labels={},
-        priority=0,
-        state="queued",
-        state_reason="queued",
-        attempt=0,
-        max_attempts=1,
-        lost_count=0,
-        run_after=now,
-        worker=None,
-        lease_expires_at=None,
-        cancel_reason=None,
-        exit_code=None,
-        next_log_seq=0,
-        log_bytes=0,
-        log_truncated=False,
-        next_event_seq=0,
-        callback_url=None,
-        callback_secret=None,
-        created_at=now,
-        updated_at=now,
-        started_at=None,
-        finished_at=None,
-    )
-    return replace(row, **changes)
-
-
 def submit(store: Store, team: Team, **changes: Any) -> JobRow:
-    row, created = store.insert_job(new_row(team, **changes))
+    row, created = store.insert_job(new_job_row(team, **changes))
     assert created
     return row
 
@@ -166,10 +129,10 @@ def test_a_submitted_job_is_queued_with_its_first_event(store: Store, team: Team
 
 def test_an_idempotency_key_is_per_team(store: Store, team: Team) -> None:
     first = submit(store, team, idempotency_key="k1")
-    again, created = store.insert_job(new_row(team, idempotency_key="k1", priority=9))
+    again, created = store.insert_job(new_job_row(team, idempotency_key="k1", priority=9))
     assert not created and again.id == first.id and again.priority == 0
     other = store.create_team("other")
-    theirs, created = store.insert_job(new_row(other, idempotency_key="k1"))
+    theirs, created = store.insert_job(new_job_row(other, idempotency_key="k1"))
     assert created and theirs.id != first.id
     assert len(store.job_events(first.id)) == 1  # the second Submit recorded nothing
 

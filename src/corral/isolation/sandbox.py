@@ -186,10 +186,8 @@ class Sandbox:
         entrypoint: Entrypoint | None = None,
     ) -> Sandbox:
         cgroup = None
-        if driver is not None:
-            if footprint.cgroup is None:  # recorded before it is created
-                footprint.cgroup = footprint.id
-                footprint.save()
+        # The footprint names the cgroup (recorded before it exists) when there is a driver.
+        if driver is not None and footprint.cgroup is not None:
             try:
                 cgroup = driver.create(
                     footprint.cgroup,

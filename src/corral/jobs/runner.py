@@ -132,8 +132,9 @@ class LogWriter:
         self.signals.changed(self.attempt.job_id)
 
 
-# A sandbox for the spec: one-shot, running the entrypoint, when it is given and the tier
-# can; else one with a guest agent.
+# A sandbox for the spec: a warm one with a guest agent when one is ready; else one-shot,
+# running the entrypoint, when it is given and the tier can; else a new one with an agent.
+# `sandbox.entry` says which.
 Acquire = Callable[[JobSpec, Entrypoint | None], Awaitable[Sandbox]]
 
 

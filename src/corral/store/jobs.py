@@ -216,26 +216,24 @@ class JobStore(Database):
         return rows, ""
 
     def job_events(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[JobEventRow]:
-        with self._read() as conn:
-            found = conn.execute(
-                sa.select(job_events)
-                .where(job_events.c.job_id == job_id)
-                .where(job_events.c.seq >= offset)
-                .order_by(job_events.c.seq)
-                .limit(limit)
-            )
-            return [JobEventRow(**r._asdict()) for r in found]
+        return [JobEventRow(**r) for r in self._from_seq(job_events, job_id, offset, limit)]
 
     def job_logs(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[LogChunkRow]:
+        return [LogChunkRow(**r) for r in self._from_seq(job_logs, job_id, offset, limit)]
+
+    def _from_seq(
+        self, table: sa.Table, job_id: str, offset: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """A job's rows of `table` (events or log chunks) from seq `offset`, in order."""
         with self._read() as conn:
             found = conn.execute(
-                sa.select(job_logs)
-                .where(job_logs.c.job_id == job_id)
-                .where(job_logs.c.seq >= offset)
-                .order_by(job_logs.c.seq)
+                sa.select(table)
+                .where(table.c.job_id == job_id)
+                .where(table.c.seq >= offset)
+                .order_by(table.c.seq)
                 .limit(limit)
             )
-            return [LogChunkRow(**r._asdict()) for r in found]
+            return [r._asdict() for r in found]
 
     # -- workers ------------------------------------------------------------------------
 
