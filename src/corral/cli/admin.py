@@ -42,21 +42,44 @@ def _store(data_dir: Path | None) -> Iterator[Any]:
 @team_app.command("create")
 def team_create(
     name: Annotated[str, typer.Argument(help="lower-case letters, digits, - and _")],
-    max_sandboxes: Annotated[int, typer.Option(help="live sandboxes at once")] = 20,
-    max_memory_mib: Annotated[int, typer.Option(help="memory of its live sandboxes")] = 4096,
+    max_sandboxes: Annotated[int | None, typer.Option(help="live sandboxes at once")] = None,
+    max_memory_mib: Annotated[
+        int | None, typer.Option(help="memory of its live sandboxes, in total")
+    ] = None,
+    max_cpu: Annotated[
+        float | None, typer.Option(help="CPU cores of its live sandboxes, in total")
+    ] = None,
+    max_disk_mib: Annotated[
+        int | None, typer.Option(help="writable storage of its live sandboxes, in total")
+    ] = None,
+    max_running_jobs: Annotated[int | None, typer.Option(help="its jobs running at once")] = None,
+    max_log_mib: Annotated[int | None, typer.Option(help="its stored job logs")] = None,
     data_dir: Path | None = DATA_DIR,
 ) -> None:
-    """Create a team; then give it a key with `corral admin key create --team NAME`."""
+    """Create a team; then give it a key with `corral admin key create --team NAME`.
+
+    A quota left out takes its default (`corral admin team list` shows them).
+    """
+    quotas = {
+        "max_sandboxes": max_sandboxes,
+        "max_memory_mib": max_memory_mib,
+        "max_cpu": max_cpu,
+        "max_disk_mib": max_disk_mib,
+        "max_running_jobs": max_running_jobs,
+        "max_log_mib": max_log_mib,
+    }
     with _store(data_dir) as store:
-        team = store.create_team(name, max_sandboxes=max_sandboxes, max_memory_mib=max_memory_mib)
+        team = store.create_team(name, **{k: v for k, v in quotas.items() if v is not None})
     out.print(f"created team {team.name} ({team.id})")
 
 
 @team_app.command("list")
 def team_list(data_dir: Path | None = DATA_DIR, output: Output = OUTPUT_OPTION) -> None:
+    from corral.store.teams import QUOTAS
+
     with _store(data_dir) as store:
         teams = store.teams()
-    show(output, teams, ("name", "id", "max_sandboxes", "max_memory_mib"))
+    show(output, teams, ("name", "id", *(name for name, _ in QUOTAS)))
 
 
 @key_app.command("create")

@@ -63,7 +63,13 @@ teams = sa.Table(
     sa.Column("id", ID, primary_key=True),
     sa.Column("name", sa.String(64), nullable=False, unique=True),
     sa.Column("max_sandboxes", sa.Integer, nullable=False),
+    # Totals over the team's live sandboxes (and running jobs' sandboxes).
     sa.Column("max_memory_mib", sa.Integer, nullable=False),
+    sa.Column("max_cpu", sa.Float, nullable=False),
+    sa.Column("max_disk_mib", sa.Integer, nullable=False),
+    # Jobs of the team running at once, and the job logs it may keep stored.
+    sa.Column("max_running_jobs", sa.Integer, nullable=False),
+    sa.Column("max_log_mib", sa.Integer, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
 

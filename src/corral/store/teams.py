@@ -36,12 +36,34 @@ DEFAULT_KEY_FILE = "default.key"
 
 @dataclass(frozen=True)
 class Team:
-    """A tenant: it sees only its own sandboxes, within its quotas."""
+    """A tenant: it sees only its own sandboxes and jobs, within its quotas.
+
+    The quotas bound the team's totals: its live sandboxes (pooled job sandboxes
+    included) together hold at most `max_memory_mib`, `max_cpu` cores and `max_disk_mib`
+    of writable storage; at most `max_running_jobs` of its jobs run at once, and its
+    stored job logs take at most `max_log_mib`.
+    """
 
     id: str
     name: str
-    max_sandboxes: int
-    max_memory_mib: int
+    max_sandboxes: int = 20
+    max_memory_mib: int = 8192
+    max_cpu: float = 16.0
+    max_disk_mib: int = 20480
+    max_running_jobs: int = 8
+    max_log_mib: int = 1024
+
+
+# (field, lowest accepted value) of every quota, in the order of Team's fields.
+QUOTAS: tuple[tuple[str, float], ...] = (
+    ("max_sandboxes", 1),
+    ("max_memory_mib", 16),
+    ("max_cpu", 0.01),
+    ("max_disk_mib", 1),
+    ("max_running_jobs", 1),
+    ("max_log_mib", 1),
+)
+DEFAULT_QUOTAS: dict[str, Any] = {name: getattr(Team, name) for name, _ in QUOTAS}
 
 
 def hash_key(api_key: str) -> str:
@@ -49,39 +71,41 @@ def hash_key(api_key: str) -> str:
 
 
 def _team(row: sa.Row[*tuple[Any, ...]]) -> Team:
-    return Team(row.id, row.name, row.max_sandboxes, row.max_memory_mib)
+    return Team(row.id, row.name, **{name: getattr(row, name) for name, _ in QUOTAS})
 
 
-_TEAM_COLUMNS = (teams.c.id, teams.c.name, teams.c.max_sandboxes, teams.c.max_memory_mib)
+_TEAM_COLUMNS = (teams.c.id, teams.c.name, *(teams.c[name] for name, _ in QUOTAS))
 
 
 class TeamStore(Database):
     """Teams and API keys: what `corral admin` manages and what the server authenticates."""
 
-    def create_team(
-        self, name: str, *, max_sandboxes: int = 20, max_memory_mib: int = 4096
-    ) -> Team:
+    def create_team(self, name: str, **quotas: Any) -> Team:
+        """A new team; `quotas` are Team's `max_*` fields, the defaults where left out."""
         if not isinstance(name, str) or not _TEAM_NAME.fullmatch(name):
             raise InvalidRequest(
                 f"team name {name!r} is malformed: use 1 to 63 lower-case letters, digits, "
                 "'-' or '_', starting with a letter or digit"
             )
-        for field, value, low in (
-            ("max_sandboxes", max_sandboxes, 1),
-            ("max_memory_mib", max_memory_mib, 16),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InvalidRequest(f"{field}={value!r} must be an integer of at least {low}")
-        team = Team("team_" + secrets.token_hex(8), name, max_sandboxes, max_memory_mib)
+        unknown = sorted(set(quotas) - set(DEFAULT_QUOTAS))
+        if unknown:
+            raise InvalidRequest(f"no quota {unknown[0]!r}; quotas are {', '.join(DEFAULT_QUOTAS)}")
+        values = {**DEFAULT_QUOTAS, **quotas}
+        for field, low in QUOTAS:
+            value = values[field]
+            kind = float if field == "max_cpu" else int
+            numeric = isinstance(value, int | kind) and not isinstance(value, bool)
+            if not numeric or value < low:
+                raise InvalidRequest(
+                    f"{field}={value!r} must be {'a number' if kind is float else 'an integer'} "
+                    f"of at least {low:g}"
+                )
+        team = Team("team_" + secrets.token_hex(8), name, **values)
         try:
             with self._write() as conn:
                 conn.execute(
                     teams.insert().values(
-                        id=team.id,
-                        name=name,
-                        max_sandboxes=max_sandboxes,
-                        max_memory_mib=max_memory_mib,
-                        created_at=datetime.now(UTC),
+                        id=team.id, name=name, **values, created_at=datetime.now(UTC)
                     )
                 )
         except sa.exc.IntegrityError:
