@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from corral.config import Settings
 from corral.errors import InvalidRequest, IsADirectory
+from corral.guest import agent_source_dir
 from corral.isolation import Engine, Limits, Sandbox
 from tests.conftest import require_backend
 
@@ -87,6 +89,24 @@ async def test_filling_tmp_under_default_limits_leaves_the_agent_alive(sandbox: 
     await assert_agent_serves(sandbox)
 
 
+async def test_an_agent_that_cannot_set_oom_scores_refuses_to_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    require_backend(settings, "namespace")
+    # No /proc in its mount namespace: the agent cannot open its oom_score_adj.
+    agent = await asyncio.create_subprocess_exec(
+        *("bwrap", "--ro-bind", "/", "/", "--tmpfs", "/proc", "--dev", "/dev"),
+        *("--bind", str(tmp_path), str(tmp_path)),
+        *("/usr/bin/python3", "-E", "-s", "-S"),
+        *(str(agent_source_dir() / "agent.py"), "--workdir", str(tmp_path)),
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await answered(agent.communicate())
+    assert agent.returncode == 2
+    assert b"cannot set oom_score_adj" in stderr and b"refusing to start" in stderr
+
+
 # -- signals from inside the sandbox ----------------------------------------------------
 
 
@@ -110,8 +130,10 @@ async def test_append_to_a_fifo_is_refused_and_blocks_nothing(sandbox: Sandbox) 
     with pytest.raises(InvalidRequest, match="/tmp/fifo is a FIFO"):
         await answered(sandbox.write_file("/tmp/fifo", b"x", append=True))
     # With a reader at the other end the open would succeed: still refused, by fstat.
-    reader = await sandbox.exec(["sh", "-c", "exec cat /tmp/fifo > /dev/null"], background=True)
-    await asyncio.sleep(0.2)
+    # (Opened read-write, the reader stays open whatever the agent does to its end.)
+    holder = "exec 3<>/tmp/fifo; echo ready; exec sleep 60"
+    reader = await sandbox.exec(["sh", "-c", holder], background=True)
+    assert (await answered(anext(aiter(reader)))).data == b"ready\n"
     with pytest.raises(InvalidRequest, match="/tmp/fifo is a FIFO"):
         await answered(sandbox.write_file("/tmp/fifo", b"x", append=True))
     await reader.kill()

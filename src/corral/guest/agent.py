@@ -13,8 +13,8 @@ Choices worth knowing:
 
 * Commands run in their own session (process group) with ``oom_score_adj`` 1000, so the
   kernel's OOM killer takes them before the agent. ``posix_spawn`` cannot run code in
-  the child, so the agent raises its own score for the few microseconds of the spawn and
-  restores it: the child inherits 1000 from birth. That is ~2x faster than a Python
+  the child, so the agent raises its own score for the spawn and restores it as soon as
+  ``posix_spawn`` returns: the child inherits 1000 from birth. That is ~2x faster than a Python
   ``fork`` with a pre-exec step, and ~2x faster than an extra ``/bin/sh`` exec. The agent
   keeps the score it started with: an unprivileged process may not go below the floor
   (``oom_score_adj_min``) it inherited, and its children inherit that floor too, so a
@@ -25,7 +25,7 @@ Choices worth knowing:
   it has a handler for; it keeps one for SIGCHLD alone (Python's SIGINT handler would
   turn ``kill -INT 1`` into a KeyboardInterrupt).
 * File operations never block the loop: files are opened with ``O_NONBLOCK`` (a FIFO
-  opens, or fails, at once) and anything but a regular file or directory is refused.
+  opens, or fails, at once) and anything but a regular file is refused.
 * A command ends when its process has exited and its stdout and stderr reached EOF. A
   daemon it started may keep those pipes open forever, so once the process has exited
   the agent waits at most ``EXIT_GRACE`` seconds for EOF, then reads what the pipes

@@ -135,11 +135,7 @@ class Command:
         killed = (result.reason == "killed" and result.signal == signal.SIGKILL) or (
             result.reason == "exited" and result.exit_code == 128 + signal.SIGKILL
         )
-        if (
-            killed
-            and not self._we_killed
-            and self._sandbox.oom_kills() > self._oom_kills_before
-        ):
+        if killed and not self._we_killed and self._sandbox.oom_kills() > self._oom_kills_before:
             return ExecResult(
                 exit_code=result.exit_code,
                 signal=result.signal,
