@@ -36,7 +36,7 @@ async def answered(call: Awaitable[T]) -> T:
 
 
 async def assert_agent_serves(box: Sandbox) -> None:
-    """The agent is still the same pid 1, runs commands and does file operations."""
+    """Pid 1 is still the agent, and it runs commands and does file operations."""
     ps = await answered(box.run(["cat", "/proc/1/cmdline"]))
     assert ps.exit_code == 0 and b"agent" in ps.stdout, ps
     await answered(box.write_file("probe.txt", b"alive"))
@@ -84,6 +84,11 @@ async def test_filling_tmp_under_default_limits_leaves_the_agent_alive(sandbox: 
     fill = f"dd if=/dev/zero of=/tmp/fill bs=1M count={limits.disk_mib + 16}"
     result = await answered(sandbox.run(["sh", "-c", fill]))
     assert result.reason == "oom_killed" or b"No space left" in result.stderr, result
+    # With the memory still full, a new command is the OOM killer's choice, not the agent.
+    for _ in range(3):
+        again = await answered(sandbox.run(["python3", "-c", "print('ran')"]))
+        assert again.reason in ("exited", "oom_killed"), again
+    assert (await answered(sandbox.stat("/tmp/fill"))).size > 0
     # The agent frees the space through a file operation, which needs no new process.
     await answered(sandbox.remove("/tmp/fill"))
     await assert_agent_serves(sandbox)
@@ -111,9 +116,9 @@ async def test_an_agent_that_cannot_set_oom_scores_refuses_to_start(
 
 
 async def test_every_signal_sandbox_code_sends_to_pid_1_is_ignored(sandbox: Sandbox) -> None:
+    # Each signal three times, KILL and STOP included (`kill -n N`: bash takes a number).
     signals = " ".join(str(n) for n in range(1, signal.SIGRTMAX + 1))
     script = f"for round in 1 2 3; do for s in {signals}; do kill -n $s 1; done; done; echo sent"
-    # `kill -n N`: bash takes a number; each signal three times, KILL and STOP included.
     result = await answered(sandbox.run(["bash", "-c", script]))
     assert result.stdout == b"sent\n", result
     await assert_agent_serves(sandbox)
