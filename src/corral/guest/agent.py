@@ -13,9 +13,19 @@ Choices worth knowing:
 
 * Commands run in their own session (process group) with ``oom_score_adj`` 1000, so the
   kernel's OOM killer takes them before the agent. ``posix_spawn`` cannot run code in
-  the child, so the agent raises its own score for the few microseconds of the spawn and
-  restores it: the child inherits 1000 from birth. That is ~2x faster than a Python
-  ``fork`` with a pre-exec step, and ~2x faster than an extra ``/bin/sh`` exec.
+  the child, so the agent raises its own score for the spawn and restores it as soon as
+  ``posix_spawn`` returns: the child inherits 1000 from birth. That is ~2x faster than a Python
+  ``fork`` with a pre-exec step, and ~2x faster than an extra ``/bin/sh`` exec. The agent
+  keeps the score it started with: an unprivileged process may not go below the floor
+  (``oom_score_adj_min``) it inherited, and its children inherit that floor too, so a
+  lower agent score set with privilege would only let sandbox code lower its own to the
+  same value (and below the host's processes in a host-wide OOM). An agent that cannot
+  set the score refuses to start.
+* As the pid namespace's init, the agent gets from inside the sandbox only the signals
+  it has a handler for; it keeps one for SIGCHLD alone (Python's SIGINT handler would
+  turn ``kill -INT 1`` into a KeyboardInterrupt).
+* File operations never block the loop: files are opened with ``O_NONBLOCK`` (a FIFO
+  opens, or fails, at once) and anything but a regular file is refused.
 * A command ends when its process has exited and its stdout and stderr reached EOF. A
   daemon it started may keep those pipes open forever, so once the process has exited
   the agent waits at most ``EXIT_GRACE`` seconds for EOF, then reads what the pipes
@@ -56,6 +66,7 @@ EXIT_GRACE = 2.0
 SWEEP_ATTEMPTS = 30
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_HIGH_WATER = 1 << 20  # stop pumping files to the host while this much is unsent
+COMMAND_OOM_SCORE = b"1000"  # the OOM killer's first choice: commands, never the agent
 LIST_BATCH = 1000
 LIST_MAX_ENTRIES = 100_000
 EPOLLIN = select.EPOLLIN
@@ -77,6 +88,7 @@ _ERRNO_TYPES = {
     errno.ELOOP: "invalid_argument",
     errno.EINVAL: "invalid_argument",
     errno.EXDEV: "unsupported",
+    errno.ENXIO: "invalid_argument",  # a FIFO nobody reads, a socket: see open_regular
 }
 _HINTS = {
     "not_found": "{path} does not exist in the sandbox; check the path",
@@ -105,6 +117,47 @@ def refusal_from_os_error(exc: OSError) -> Refusal:
     reason = exc.strerror or str(exc)
     hint = _HINTS.get(kind, "{path}: {reason}")
     return Refusal(kind, hint.format(path=path, reason=reason))
+
+
+def open_regular(path: str, flags: int, mode: int = 0o644) -> tuple[int, os.stat_result]:
+    """Open a regular file for the file ops, never blocking the agent's loop.
+
+    A FIFO's open blocks until the other end opens it, and its reads and writes block or
+    never end, as do a device's (/dev/zero): O_NONBLOCK makes the open return (or fail
+    with ENXIO) at once, and fstat on what was opened refuses all but regular files.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader, a socket: name what it is
+            raise not_regular(path, os.stat(path).st_mode) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise Refusal("is_a_directory", f"{path} is a directory; this needs a file (list it)")
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def not_regular(path: str, mode: int) -> Refusal:
+    if stat.S_ISFIFO(mode):
+        kind = "a FIFO"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    else:
+        kind = "not a regular file"
+    return Refusal(
+        "invalid_argument",
+        f"{path} is {kind}: file operations read and write regular files only "
+        "(reading or writing it could block forever); use a command for it",
+    )
 
 
 def entry_of(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
@@ -462,7 +515,7 @@ class FileUpload(Channel):
         self.written = 0
         if append:
             self.temp = None
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+            self.fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)[0]
         else:
             directory, name = os.path.split(path)
             self.temp = os.path.join(directory, f".{name}.corral-{os.getpid()}-{channel}.tmp")
@@ -517,10 +570,53 @@ class FileUpload(Channel):
             self.temp = None
 
 
+class OomScore:
+    """The agent's own ``oom_score_adj``, which its children inherit at spawn.
+
+    Opened before the agent makes itself non-dumpable: after that its /proc files belong
+    to root (of the host, unmapped in the sandbox), and the open would be refused. An
+    open descriptor stays writable. `open` checks both writes a spawn makes, so an agent
+    that could not protect itself refuses to start instead of failing silently later.
+    """
+
+    def __init__(self, fd: int, own: bytes) -> None:
+        self.fd = fd
+        self.own = own
+
+    @classmethod
+    def open(cls) -> OomScore:
+        fd = os.open("/proc/self/oom_score_adj", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            score = cls(fd, os.read(fd, 16).strip() or b"0")
+            os.write(fd, COMMAND_OOM_SCORE)
+            score.restore()
+        except BaseException:
+            os.close(fd)
+            raise
+        return score
+
+    def raise_for_spawn(self) -> None:
+        try:
+            os.write(self.fd, COMMAND_OOM_SCORE)
+        except OSError as exc:
+            reason = f"could not give the command oom_score_adj {COMMAND_OOM_SCORE.decode()}"
+            raise Refusal("internal", f"{reason}: {exc}") from None
+
+    def restore(self) -> None:
+        """Back to the agent's own score; failing leaves it the OOM killer's first choice,
+        so the agent says so and stops (the host then sees its sandbox fail)."""
+        try:
+            os.write(self.fd, self.own)
+        except OSError as exc:
+            message = f"corral-agent: cannot restore its oom_score_adj ({exc}); exiting\n"
+            os.write(2, message.encode())
+            os._exit(3)
+
+
 class Agent:
     """The agent's event loop: frames in on `rfd`, frames out on `wfd`, children between."""
 
-    def __init__(self, rfd: int, wfd: int, workdir: str) -> None:
+    def __init__(self, rfd: int, wfd: int, workdir: str, oom: OomScore) -> None:
         hide_inherited_fds()
         if wfd == rfd:  # a socket: watch each direction on its own descriptor
             wfd = os.dup(rfd)
@@ -553,18 +649,16 @@ class Agent:
             "remove": self.op_remove,
             "rename": self.op_rename,
         }
-        try:
-            self.oom_fd: int | None = os.open("/proc/self/oom_score_adj", os.O_RDWR)
-            self.own_oom = os.read(self.oom_fd, 16).strip() or b"0"
-        except OSError:
-            self.oom_fd = None
-            self.own_oom = b"0"
+        self.oom = oom
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         os.set_blocking(self.wake_r, False)
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
         signal.signal(signal.SIGCHLD, _wake)
+        # Python's own SIGINT handler raises KeyboardInterrupt: without it, the kernel
+        # drops the SIGINT sandbox code sends its pid namespace's init (this agent).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         self.watch(self.wake_r, EPOLLIN, self.on_children)
         self.watch(rfd, EPOLLIN, self.on_input)
@@ -872,6 +966,16 @@ class Agent:
     ) -> tuple[int, dict[int, int], int | None]:
         """posix_spawn a command in its own session; pid < 0 is -(exit code) of a failure."""
         os.chdir(cwd)  # posix_spawn has no chdir action; the agent's own cwd does not matter
+        self.oom.raise_for_spawn()
+        try:
+            return self.spawn_inheriting_score(program, argv, env, stdin)
+        finally:
+            self.oom.restore()
+
+    def spawn_inheriting_score(
+        self, program: str, argv: list[str], env: dict[str, str], stdin: bool
+    ) -> tuple[int, dict[int, int], int | None]:
+        """`spawn` while the agent holds the command's oom_score_adj."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if stdin else (None, None)
@@ -883,18 +987,14 @@ class Agent:
             else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         ]
         try:
-            self.set_oom_score(b"1000")
-            try:
-                pid = os.posix_spawn(
-                    program,
-                    argv,
-                    env,
-                    file_actions=actions,
-                    setsid=True,
-                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores both
-                )
-            finally:
-                self.set_oom_score(self.own_oom)
+            pid = os.posix_spawn(
+                program,
+                argv,
+                env,
+                file_actions=actions,
+                setsid=True,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores both
+            )
         except OSError as exc:
             for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
                 if fd is not None:
@@ -913,15 +1013,6 @@ class Agent:
         if in_w is not None:
             os.set_blocking(in_w, False)
         return pid, {out_r: protocol.OUT, err_r: protocol.ERR}, in_w
-
-    def set_oom_score(self, value: bytes) -> None:
-        """Children inherit the agent's oom_score_adj at spawn: see the module docstring."""
-        if self.oom_fd is not None:
-            try:
-                os.write(self.oom_fd, value)
-            except OSError:  # not allowed here: children keep the agent's score
-                os.close(self.oom_fd)
-                self.oom_fd = None
 
     def not_started(self, channel: int, name: str, code: int) -> None:
         """Report a missing or unexecutable program the way a shell would."""
@@ -983,16 +1074,7 @@ class Agent:
             raise Refusal("invalid_argument", "offset must be a non-negative integer")
         if length is not None and (not isinstance(length, int) or length < 0):
             raise Refusal("invalid_argument", "length must be a non-negative integer or null")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise Refusal("is_a_directory", f"{path} is a directory; list it instead")
-            if not stat.S_ISREG(st.st_mode):
-                raise Refusal("invalid_argument", f"{path} is not a regular file")
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, st = open_regular(path, os.O_RDONLY)
         info = {"size": st.st_size, "mode": stat.S_IMODE(st.st_mode), "mtime": st.st_mtime}
         self.send_json(protocol.EVENT, channel, info)
         download = FileDownload(self, channel, fd, offset, length)
@@ -1145,8 +1227,17 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         os.write(2, f"corral-agent: cannot use workdir {workdir}: {exc}\n".encode())
         sys.exit(2)
+    try:
+        oom = OomScore.open()  # before _refuse_inspection: see OomScore
+    except OSError as exc:
+        os.write(
+            2,
+            f"corral-agent: cannot set oom_score_adj ({exc}), so commands would not be the "
+            "OOM killer's first choice; refusing to start\n".encode(),
+        )
+        sys.exit(2)
     _refuse_inspection()
-    sys.exit(Agent(0, 1, workdir).run())
+    sys.exit(Agent(0, 1, workdir, oom).run())
 
 
 def _refuse_inspection() -> None:

@@ -54,7 +54,8 @@ Ops (CALL payloads; paths are absolute or relative to the workdir, never with NU
 ``read {path, offset, length}``
     EVENT ``{size, mode, mtime}``, OUT chunks, REPLY ``{bytes}``.
 ``write {path, mode, append, make_parents}``
-    IN chunks and EOF from the host, then REPLY ``{bytes, entry}``.
+    IN chunks and EOF from the host, then REPLY ``{bytes, entry}``. Both take regular
+    files only: a FIFO, socket or device is refused (``invalid_argument``), never waited on.
 ``list {path, depth}``
     Zero or more EVENT ``{entries}`` batches, then REPLY ``{entries}``.
 ``stat {path}``, ``mkdir {path}``, ``remove {path, recursive}``, ``rename {src, dst, overwrite}``

@@ -130,13 +130,12 @@ class Command:
         await self._process.detach()
 
     def _explain(self, result: ExecResult) -> ExecResult:
-        """Tell an OOM kill from other kills: the agent sees only a SIGKILL."""
-        if (
-            result.reason == "killed"
-            and result.signal == signal.SIGKILL
-            and not self._we_killed
-            and self._sandbox.oom_kills() > self._oom_kills_before
-        ):
+        """Tell an OOM kill from other kills: the agent sees only a SIGKILL, or (under a
+        shell that outlived its child) an exit code of 128 + SIGKILL."""
+        killed = (result.reason == "killed" and result.signal == signal.SIGKILL) or (
+            result.reason == "exited" and result.exit_code == 128 + signal.SIGKILL
+        )
+        if killed and not self._we_killed and self._sandbox.oom_kills() > self._oom_kills_before:
             return ExecResult(
                 exit_code=result.exit_code,
                 signal=result.signal,
