@@ -1026,11 +1026,11 @@ def test_unauthenticated_calls_are_refused(server: LiveServer) -> None:
 
 
 async def test_a_job_over_the_teams_memory_quota_is_refused(team_api: JobApi) -> None:
-    """A sandbox asking for more memory than the team's max_memory_mib (4096 by default)
+    """A sandbox asking for more memory than the team's max_memory_mib (8192 by default)
     is refused with RESOURCE_EXHAUSTED; a job's sandbox must be held to the same quota."""
     before = await count(team_api)
     message = await refused(
-        team_api.submit({"command": ["true"], "limits": {"memoryMib": 8192}}),
+        team_api.submit({"command": ["true"], "limits": {"memoryMib": 8193}}),
         Code.RESOURCE_EXHAUSTED,
     )
     assert "max_memory_mib" in message

@@ -74,7 +74,7 @@ SANDBOX_TOTALS: tuple[tuple[str, str, str], ...] = (
     ("max_cpu", "cpu", "cores"),
     ("max_disk_mib", "disk_mib", "MiB"),
 )
-_ASK_LESS = "ask for less, or ask an admin for a larger quota (`corral admin team create`)"
+_ASK_LESS = "ask for less, or ask an admin for a larger quota"
 
 
 def check_totals(
