@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 import textwrap
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -386,3 +389,16 @@ def _row(team: Team, **limits: float) -> SandboxRow:
         owner_pid=1,
         owner_start=0,
     )
+
+
+def test_doctor_prints_the_memory_capacity(settings: Settings) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "doctor"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CORRAL_MEMORY_OVERCOMMIT": "0.5", "COLUMNS": "300"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "sandbox memory capacity per process" in done.stdout
+    assert "x overcommit 0.5" in done.stdout and "CORRAL_MEMORY_OVERCOMMIT" in done.stdout
