@@ -28,7 +28,7 @@ class MemoryCapacity:
     @classmethod
     def of_host(cls, settings: Settings) -> MemoryCapacity:
         """This host's capacity under `settings`; a setting that leaves none is refused."""
-        ratio, reserve, physical = settings.memory_overcommit, settings.memory_reserve_mib, 0
+        ratio, reserve = settings.memory_overcommit, settings.memory_reserve_mib
         if not isinstance(ratio, int | float) or not math.isfinite(ratio) or ratio <= 0:
             raise InvalidRequest(
                 f"CORRAL_MEMORY_OVERCOMMIT={ratio!r} must be a number above 0 "

@@ -164,9 +164,10 @@ class Engine:
     async def _admit(
         self, memory_mib: int, *, resizing: Sandbox | None = None, make_room: bool = True
     ) -> None:
-        """Return once `memory_mib` fits in the host's capacity (with `resizing`'s own
-        limit given back), destroying spare sandboxes to make room if need be and
-        `make_room`; raise CapacityExceeded when it cannot fit."""
+        """Return once `memory_mib` more fits in the host's capacity (`resizing`'s current
+        limit given back first), destroying spare sandboxes to make room if `make_room`;
+        else raise CapacityExceeded. No await follows the last check: the caller takes
+        the memory before another admission can look."""
         while True:
             committed = self.committed_memory_mib()
             if resizing is not None and resizing.state is not _GONE:
