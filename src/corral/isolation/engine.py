@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Callable, Mapping
 
 from corral.config import Settings
-from corral.errors import CorralError, InvalidRequest, IsolationUnavailable
+from corral.errors import CapacityExceeded, CorralError, InvalidRequest, IsolationUnavailable
 from corral.isolation import registry
 from corral.isolation.admission import MemoryCapacity
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec
@@ -180,7 +180,12 @@ class Engine:
             log.info("destroying a spare sandbox to make room", extra={"sandbox_id": spare.id})
             self.sandboxes.pop(spare.id, None)
             await spare.destroy()
-        self.memory_capacity.check(memory_mib, committed)
+        try:
+            self.memory_capacity.check(memory_mib, committed)
+        except CapacityExceeded as exc:
+            if make_room:  # a real sandbox, not a spare: the operator may want more room
+                log.info("sandbox refused: %s", exc)
+            raise
 
     def _forget_destroyed(self) -> None:
         for sandbox_id in [
