@@ -66,7 +66,14 @@ def running_server(
     )
     store = Store.open(settings)
     try:
-        store.create_team("bench", max_sandboxes=500, max_memory_mib=4096)
+        # Quotas are totals: room for 500 sandboxes of the default limits.
+        store.create_team(
+            "bench",
+            max_sandboxes=500,
+            max_memory_mib=500 * 512,
+            max_cpu=500,
+            max_disk_mib=500 << 10,
+        )
         key = store.create_api_key("bench")
     finally:
         store.close()
@@ -78,6 +85,9 @@ def running_server(
         "CORRAL_CGROUP_PARENT": CGROUP_PARENT,
         "CORRAL_POOL_SIZE": str(pool_size),
         "CORRAL_LOG_LEVEL": "warning",
+        # A burst of 50 sandboxes of 512 MiB passes a small host's capacity; each runs
+        # `echo hi` and uses a few MiB, so the bench may promise more than the host has.
+        "CORRAL_MEMORY_OVERCOMMIT": "8",
         **(extra_env or {}),
     }
     process = subprocess.Popen(

@@ -1030,7 +1030,7 @@ async def test_a_job_over_the_teams_memory_quota_is_refused(team_api: JobApi) ->
     is refused with RESOURCE_EXHAUSTED; a job's sandbox must be held to the same quota."""
     before = await count(team_api)
     message = await refused(
-        team_api.submit({"command": ["true"], "limits": {"memoryMib": 16384}}),
+        team_api.submit({"command": ["true"], "limits": {"memoryMib": 8193}}),
         Code.RESOURCE_EXHAUSTED,
     )
     assert "max_memory_mib" in message

@@ -51,7 +51,7 @@ def store(msettings: Settings) -> Iterator[Store]:
 
 @pytest.fixture
 def team(store: Store) -> Team:
-    return store.create_team("acme", max_sandboxes=5, max_memory_mib=1024)
+    return store.create_team("acme", max_sandboxes=5, max_memory_mib=4096)
 
 
 @pytest.fixture
@@ -282,15 +282,15 @@ async def test_teams_never_see_each_others_sandboxes(
 async def test_quotas_refuse_with_the_limit_and_the_figure(
     manager: SandboxManager, store: Store
 ) -> None:
-    small = store.create_team("small", max_sandboxes=2, max_memory_mib=512)
+    small = store.create_team("small", max_sandboxes=2, max_memory_mib=1024)
     first = await manager.create(small, CreateOptions())
     await manager.create(small, CreateOptions())
-    with pytest.raises(QuotaExceeded, match=r"allows 2 live sandboxes \(max_sandboxes\)"):
+    with pytest.raises(QuotaExceeded, match=r"has 2 live .* allows 2 \(max_sandboxes\)"):
         await manager.create(small, CreateOptions())
-    with pytest.raises(QuotaExceeded, match=r"memory_mib=1024 .* 512 MiB .*max_memory_mib"):
-        await manager.create(small, CreateOptions(limits=Limits(memory_mib=1024)))
     assert len((await manager.list(small, states=["creating", "running", "failed"]))[0]) == 2
     await manager.kill(small, first.id)
+    with pytest.raises(QuotaExceeded, match=r"memory_mib=1024 .* hold 512 of 1024 MiB"):
+        await manager.create(small, CreateOptions(limits=Limits(memory_mib=1024)))
     await manager.create(small, CreateOptions())  # a killed one no longer counts
 
 

@@ -216,12 +216,12 @@ def _row(team_id: str, sandbox_id: str, at: datetime, **changes: object) -> Sand
 def test_sandbox_rows_keep_aware_utc_times_and_events(store: Store) -> None:
     team = store.create_team("acme", max_sandboxes=1)
     at = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    store.insert_sandbox(_row(team.id, "sb_1", at), max_live=1)
+    store.insert_sandbox(_row(team.id, "sb_1", at))
     row = store.sandbox("sb_1")
     assert row is not None and row.created_at == at and row.created_at.tzinfo is UTC
     assert row.metadata == {"app": "x"} and row.limits == {"memory_mib": 256}
-    with pytest.raises(QuotaExceeded, match="allows 1 live sandboxes"):
-        store.insert_sandbox(_row(team.id, "sb_2", at), max_live=1)
+    with pytest.raises(QuotaExceeded, match=r"allows 1 \(max_sandboxes\)"):
+        store.insert_sandbox(_row(team.id, "sb_2", at))
     assert store.transition("sb_1", "paused", "no", from_states=("running",)) is None
     running = store.transition("sb_1", "running", "created", from_states=("creating",))
     assert running is not None and running.state == "running"

@@ -30,6 +30,7 @@ _TABLE: tuple[tuple[type[CorralError], Code], ...] = (
     (errors.PermissionDenied, Code.PERMISSION_DENIED),
     (errors.AuthError, Code.UNAUTHENTICATED),
     (errors.QuotaExceeded, Code.RESOURCE_EXHAUSTED),
+    (errors.CapacityExceeded, Code.RESOURCE_EXHAUSTED),
     (errors.NoSpace, Code.RESOURCE_EXHAUSTED),
     (errors.SandboxNotRunning, Code.FAILED_PRECONDITION),
     (errors.CommandError, Code.FAILED_PRECONDITION),

@@ -6,6 +6,7 @@ with ``Settings.from_env()``) and pass it down.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -71,6 +72,14 @@ class Settings:
     job_timeout: int = 300
     job_log_limit: int = 16 * 1024 * 1024
     job_lease: int = 30
+    # Host admission: the memory limits of every live sandbox of this process (API, pooled,
+    # job and one-shot ones) add up to at most (physical memory - memory_reserve_mib) x
+    # memory_overcommit. 1.0 is safe: with no swap, and storage on tmpfs charged to each
+    # sandbox's memory, every sandbox can use all it was promised at once. Above 1.0 the
+    # host bets that they won't, and the kernel's OOM killer settles the bet.
+    memory_overcommit: float = 1.0
+    # Memory kept out of the sandboxes' reach: the server, its workers and the kernel.
+    memory_reserve_mib: int = 512
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -100,6 +109,14 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise InvalidRequest(f"{var}={raw!r} is not an integer") from None
+    if type_name == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{var}={raw!r} is not a number")
+        return value
     if type_name == "Path":
         return Path(raw)
     return raw

@@ -10,6 +10,7 @@
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
     │   └── Forbidden             the key may not do that
     ├── QuotaExceeded             the team's quota refuses it
+    ├── CapacityExceeded          the host has no room for it (memory committed)
     ├── IsolationUnavailable      the host cannot give the isolation asked for
     ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
     ├── WaitTimedOut              a wait ran out of time (also a TimeoutError)
@@ -80,6 +81,10 @@ class Forbidden(AuthError):
 
 class QuotaExceeded(CorralError):
     """The team's quota does not allow this; destroy sandboxes or ask for a larger quota."""
+
+
+class CapacityExceeded(CorralError):
+    """This host cannot hold the sandbox: its memory is committed to live sandboxes."""
 
 
 class IsolationUnavailable(CorralError):

@@ -115,8 +115,10 @@ def worker(
 
 @app.command()
 def doctor() -> None:
-    """Say which isolation tiers this host offers and what is missing for the others."""
+    """Say which isolation tiers this host offers, what is missing for the others, and how
+    much memory it admits sandboxes to."""
     from corral.isolation import capabilities
+    from corral.isolation.admission import MemoryCapacity
 
     settings = Settings.from_env()
     table = Table("backend", "available", "missing / details")
@@ -124,6 +126,10 @@ def doctor() -> None:
         note = "\n".join(caps.missing) or ", ".join(f"{k}={v}" for k, v in caps.details.items())
         table.add_row(name, "[green]yes[/green]" if caps.available else "[red]no[/red]", note)
     Console().print(table)
+    Console().print(
+        f"sandbox memory capacity per process: {MemoryCapacity.of_host(settings).describe()} "
+        "(CORRAL_MEMORY_RESERVE_MIB, CORRAL_MEMORY_OVERCOMMIT)"
+    )
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ _EXIT_CODES: tuple[tuple[type[errors.CorralError], int], ...] = (
     (errors.FileNotFound, EXIT_NOT_FOUND),
     (errors.AuthError, EXIT_AUTH),
     (errors.QuotaExceeded, EXIT_QUOTA),
+    (errors.CapacityExceeded, EXIT_QUOTA),
     (errors.NoSpace, EXIT_QUOTA),
     (errors.ServerUnavailable, EXIT_UNREACHABLE),
     (errors.SandboxNotRunning, EXIT_STATE),

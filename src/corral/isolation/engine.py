@@ -14,11 +14,12 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from corral.config import Settings
-from corral.errors import CorralError, InvalidRequest, IsolationUnavailable
+from corral.errors import CapacityExceeded, CorralError, InvalidRequest, IsolationUnavailable
 from corral.isolation import registry
+from corral.isolation.admission import MemoryCapacity
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint, orphans
@@ -29,6 +30,7 @@ from corral.isolation.templates import get_template
 log = logging.getLogger("corral.isolation")
 
 
+_GONE = SandboxState.DESTROYED
 _SANDBOX_ID = re.compile(r"sb_[0-9a-f]{20}")
 
 
@@ -44,6 +46,12 @@ class Engine:
         self.sandboxes: dict[str, Sandbox] = {}
         self._backends: dict[str, Backend] = {}
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
+        self.memory_capacity = MemoryCapacity.of_host(self.settings)
+        # Memory limits of the sandboxes being launched, admitted but not yet in `sandboxes`.
+        self._launching: dict[str, int] = {}
+        # Where idle sandboxes come from that may be destroyed to admit a real one (the
+        # warm pools): each call hands one over, None when it has no more.
+        self.spares: list[Callable[[], Sandbox | None]] = []
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.settings.runtime_dir, 0o711)  # sandboxes' uids traverse it
         self.reaped = self.reap()
@@ -94,8 +102,13 @@ class Engine:
         isolation: str | None = None,
         sandbox_id: str | None = None,
         entrypoint: Entrypoint | None = None,
+        make_room: bool = True,
     ) -> Sandbox:
         """Start a sandbox; the caller owns it and must `destroy` it.
+
+        The host admits it only if its memory limit fits (`MemoryCapacity`); to make it
+        fit, spare sandboxes are destroyed, unless `make_room` is False (a spare itself):
+        else CapacityExceeded.
 
         `sandbox_id` lets a caller that records the sandbox before it exists (the sandbox
         manager) choose the id; it must come from `new_sandbox_id()`. With `entrypoint`,
@@ -115,17 +128,64 @@ class Engine:
             )
         self._forget_destroyed()
         sandbox_id = sandbox_id or new_sandbox_id()
-        if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in self.sandboxes:
+        if (
+            not _SANDBOX_ID.fullmatch(sandbox_id)
+            or sandbox_id in self.sandboxes
+            or sandbox_id in self._launching
+        ):
             raise InvalidRequest(f"sandbox id {sandbox_id!r} is malformed or in use")
-        footprint = Footprint.create(
-            self.settings.runtime_dir,
-            sandbox_id,
-            backend.name,
-            cgroup=sandbox_id if driver is not None else None,
-        )
-        sandbox = await Sandbox.launch(backend, spec, footprint, driver, entrypoint)
-        self.sandboxes[sandbox.id] = sandbox
+        await self._admit(spec.limits.memory_mib, make_room=make_room)
+        # No await since the admission: the memory is taken before another create looks.
+        self._launching[sandbox_id] = spec.limits.memory_mib
+        try:
+            footprint = Footprint.create(
+                self.settings.runtime_dir,
+                sandbox_id,
+                backend.name,
+                cgroup=sandbox_id if driver is not None else None,
+            )
+            sandbox = await Sandbox.launch(backend, spec, footprint, driver, entrypoint)
+            self.sandboxes[sandbox.id] = sandbox
+        finally:
+            del self._launching[sandbox_id]
         return sandbox
+
+    async def set_limits(self, sandbox: Sandbox, limits: Limits) -> None:
+        """`sandbox.set_limits(limits)`, once the host admits its new memory limit."""
+        if limits.memory_mib > sandbox.spec.limits.memory_mib:
+            await self._admit(limits.memory_mib, resizing=sandbox)
+        sandbox.set_limits(limits)
+
+    def committed_memory_mib(self) -> int:
+        """The memory limits of every live sandbox of this engine, those starting included."""
+        live = (s.spec.limits.memory_mib for s in self.sandboxes.values() if s.state is not _GONE)
+        return sum(live) + sum(self._launching.values())
+
+    async def _admit(
+        self, memory_mib: int, *, resizing: Sandbox | None = None, make_room: bool = True
+    ) -> None:
+        """Return once `memory_mib` more fits in the host's capacity (`resizing`'s current
+        limit given back first), destroying spare sandboxes to make room if `make_room`;
+        else raise CapacityExceeded. No await follows the last check: the caller takes
+        the memory before another admission can look."""
+        while True:
+            committed = self.committed_memory_mib()
+            if resizing is not None and resizing.state is not _GONE:
+                committed -= resizing.spec.limits.memory_mib
+            if committed + memory_mib <= self.memory_capacity.mib or not make_room:
+                break
+            spare = next((s for take in self.spares if (s := take()) is not None), None)
+            if spare is None:
+                break
+            log.info("destroying a spare sandbox to make room", extra={"sandbox_id": spare.id})
+            self.sandboxes.pop(spare.id, None)
+            await spare.destroy()
+        try:
+            self.memory_capacity.check(memory_mib, committed)
+        except CapacityExceeded as exc:
+            if make_room:  # a real sandbox, not a spare: the operator may want more room
+                log.info("sandbox refused: %s", exc)
+            raise
 
     def _forget_destroyed(self) -> None:
         for sandbox_id in [

@@ -51,7 +51,7 @@ class Limits:
 
     def check_host(self) -> None:
         """Refuse limits this host cannot honour (more memory or cores than it has)."""
-        total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB
+        total_mib = host_memory_mib()
         if self.memory_mib > total_mib:
             raise InvalidLimits(
                 f"memory_mib={self.memory_mib} exceeds this host's {total_mib} MiB of memory"
@@ -67,3 +67,8 @@ class Limits:
     @property
     def disk_bytes(self) -> int:
         return self.disk_mib * MIB
+
+
+def host_memory_mib() -> int:
+    """This host's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB

@@ -2,7 +2,7 @@
 
 Inside, the guest agent (and all code it runs) — or, in a one-shot sandbox, its one
 command — sees:
-- the template's root filesystem read-only, a fresh /proc and a minimal /dev;
+- the template's root filesystem read-only, a fresh /proc and a minimal read-only /dev;
 - /workspace, /tmp, /home/user and /dev/shm, writable, all on ONE tmpfs whose size is the
   sandbox's disk limit (when Corral runs as root; otherwise each is its own bounded tmpfs);
 - no network but loopback; its own pid, ipc, uts and cgroup namespaces; a user namespace
@@ -178,7 +178,9 @@ class NamespaceBackend(Backend):
                     fds.append(data_fd("corral-file", f.content))
                     options += ["--perms", f"{f.mode & 0o777:04o}", "--file", str(fds[-1]), f.path]
                 options += ["--dir", workdir]
-            options += ["--remount-ro", "/"]
+            # bubblewrap's /dev is a tmpfs of its own, unbounded: read-only, so that all
+            # the sandbox can write is its storage (/dev/shm included), within disk_mib.
+            options += ["--remount-ro", "/", "--remount-ro", "/dev"]
             fds.append(seccomp.filter_fd())
             options += ["--seccomp", str(fds[-1])]
             options += ["--clearenv"]

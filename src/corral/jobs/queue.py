@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, IsolationUnavailable, NotFound, QuotaExceeded
+from corral.errors import InvalidRequest, IsolationUnavailable, NotFound
 from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
 from corral.jobs.spec import JobSpec, check_labels
@@ -29,6 +29,7 @@ from corral.store import Store, Team
 from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
 from corral.store.pages import check_page_size
 from corral.store.schema import JOB_STATES
+from corral.store.teams import check_totals
 
 T = TypeVar("T", LogChunkRow, JobEventRow)
 
@@ -115,11 +116,7 @@ class JobQueue:
         template = spec.template or "host"
         get_template(template)
         limits = Limits(**{**asdict(Limits()), **spec.limits})
-        if limits.memory_mib > team.max_memory_mib:
-            raise QuotaExceeded(
-                f"limits.memory_mib={limits.memory_mib} exceeds the team's maximum of "
-                f"{team.max_memory_mib} MiB per sandbox (max_memory_mib)"
-            )
+        check_totals(team, asdict(limits))  # the job's sandbox alone must fit the quotas
         limits.check_host()
         isolation = spec.isolation or "auto"
         if self.isolations is not None and isolation not in self.isolations:

@@ -282,7 +282,7 @@ class Worker:
             pooled = self.pool.claim()
             if pooled is not None:
                 try:
-                    pooled.set_limits(limits)
+                    await self.engine.set_limits(pooled, limits)
                     return pooled
                 except CorralError as exc:
                     log.warning("pooled sandbox refused the job's limits: %s", exc)

@@ -20,7 +20,13 @@ from typing import Literal
 
 from corral._aio import stop_tasks
 from corral.config import Settings
-from corral.errors import CorralError, InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
+from corral.errors import (
+    CapacityExceeded,
+    CorralError,
+    InvalidRequest,
+    NotFound,
+    SandboxNotRunning,
+)
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
@@ -106,11 +112,6 @@ class SandboxManager:
         if self._closing:
             raise SandboxNotRunning("the server is shutting down; create the sandbox elsewhere")
         limits = options.limits
-        if limits.memory_mib > team.max_memory_mib:
-            raise QuotaExceeded(
-                f"memory_mib={limits.memory_mib} exceeds the team's maximum of "
-                f"{team.max_memory_mib} MiB per sandbox (max_memory_mib)"
-            )
         limits.check_host()
         get_template(options.template)
         backend = self.engine.backend(options.isolation).name
@@ -138,7 +139,7 @@ class SandboxManager:
             owner_start=self._owner[2],
         )
         try:
-            self.store.insert_sandbox(row, max_live=team.max_sandboxes)
+            self.store.insert_sandbox(row)  # within the team's quotas, or QuotaExceeded
         except BaseException:
             if pooled is not None:
                 self.pool.give_back(pooled)
@@ -182,8 +183,11 @@ class SandboxManager:
         cold one; and whether it came from the pool."""
         if pooled is not None:
             try:
-                pooled.set_limits(options.limits)
+                await self.engine.set_limits(pooled, options.limits)
                 return pooled, True
+            except CapacityExceeded:
+                await self._live.destroy(pooled)  # a cold one would not fit either
+                raise
             except BaseException as exc:
                 # E.g. a memory limit under what the sandbox uses already: start afresh.
                 log.warning("pooled sandbox refused its limits: %s", exc)

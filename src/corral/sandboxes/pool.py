@@ -4,30 +4,37 @@ The pool holds `size` sandboxes of one template and isolation tier, with default
 and no environment. A claim takes one (O(1)) and wakes the filler, which starts a
 replacement in the background. What a claim cannot change after start (storage size,
 open files, file size) must be the defaults; memory, CPU and processes are applied by
-the manager with `Sandbox.set_limits`, and environments are given per command.
+the manager with `Engine.set_limits`, and environments are given per command.
+
+Pooled sandboxes hold host memory like any other (the engine's admission counts them),
+but they are spares: a real sandbox that does not fit makes the engine destroy them, and a
+refill that does not fit is not an error, the pool just stays short until there is room.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
 
 from corral._aio import stop_tasks
-from corral.errors import CorralError
+from corral.errors import CapacityExceeded, CorralError
 from corral.isolation import Engine, Limits, Sandbox, SandboxState
 
 log = logging.getLogger("corral.sandboxes")
 
 _FIXED_LIMITS = ("disk_mib", "open_files", "file_size_mib")
 _RETRY_MAX = 30.0
+# How often a pool that the host has no room for looks again (admission costs nothing).
+_FULL_RETRY = 1.0
 # Pause between a claim and the refill it triggers (seconds).
 _REFILL_DELAY = 0.05
 
 
 class WarmPool:
-    """Ready sandboxes of one (template, isolation); invisible to teams and quotas."""
+    """Ready sandboxes of one (template, isolation); invisible to teams and their quotas."""
 
     def __init__(
         self,
@@ -58,6 +65,7 @@ class WarmPool:
         except CorralError as exc:
             log.warning("no warm pool: %s", exc, extra={"template": self.template})
             return
+        self.engine.spares.append(self.surrender)
         self._task = asyncio.create_task(self._fill(), name="corral-warm-pool")
 
     @property
@@ -83,6 +91,10 @@ class WarmPool:
             self.engine.sandboxes.pop(sandbox.id, None)
         return None
 
+    def surrender(self) -> Sandbox | None:
+        """The newest ready sandbox, for the engine to destroy to make room; no refill."""
+        return self._ready.pop() if self._ready else None
+
     def wake(self) -> None:
         """Look again whether to fill (`may_fill` may have changed its mind)."""
         self._wake.set()
@@ -93,12 +105,21 @@ class WarmPool:
 
     async def _fill(self) -> None:
         delay = 0.5
+        full = False  # the host had no room for the last refill
         while True:
             while len(self._ready) < self.size and (self.may_fill is None or self.may_fill()):
                 try:
                     sandbox = await self.engine.create(
-                        template=self.template, isolation=self.isolation
+                        template=self.template, isolation=self.isolation, make_room=False
                     )
+                except CapacityExceeded as exc:
+                    if not full:
+                        log.info("warm pool waits for room on the host: %s", exc)
+                        full = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), _FULL_RETRY)
+                    self._wake.clear()
+                    continue
                 except CorralError as exc:
                     log.warning(
                         "warm pool could not start a sandbox; retrying in %.1fs: %s",
@@ -109,7 +130,7 @@ class WarmPool:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _RETRY_MAX)
                     continue
-                delay = 0.5
+                delay, full = 0.5, False
                 self._ready.append(sandbox)
                 log.debug("warm pool sandbox ready", extra={"sandbox_id": sandbox.id})
             self._wake.clear()
@@ -121,6 +142,8 @@ class WarmPool:
     async def aclose(self) -> None:
         """Stop filling and destroy every ready sandbox."""
         await stop_tasks(self._task)
+        with contextlib.suppress(ValueError):
+            self.engine.spares.remove(self.surrender)
         ready, self._ready = list(self._ready), deque()
         for sandbox in ready:
             self.engine.sandboxes.pop(sandbox.id, None)

@@ -13,10 +13,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.errors import QuotaExceeded
 from corral.store.database import Database
 from corral.store.pages import decode_token, encode_token
-from corral.store.schema import LIVE_STATES, sandbox_events, sandboxes, teams
+from corral.store.schema import LIVE_STATES, sandbox_events, sandboxes
+from corral.store.teams import check_totals, lock_team
 
 
 @dataclass(frozen=True)
@@ -62,25 +62,18 @@ def _row(row: sa.Row[Any]) -> SandboxRow:
 class SandboxStore(Database):
     """Sandbox rows: insert under quota, change state with an event, list in pages."""
 
-    def insert_sandbox(self, row: SandboxRow, *, max_live: int | None = None) -> None:
-        """Record a new sandbox; with `max_live`, refuse it when its team has that many."""
+    def insert_sandbox(self, row: SandboxRow) -> None:
+        """Record a new sandbox, or refuse it (QuotaExceeded) when it would take its team
+        past a quota: the count and the totals are checked in the insert's transaction,
+        so concurrent creates (other threads, processes, hosts) count in turn."""
         with self._write() as conn:
-            if max_live is not None:
-                # Lock the team row so that concurrent inserts (PostgreSQL) count in turn;
-                # SQLite's BEGIN IMMEDIATE already serializes writers.
-                lock = sa.select(teams.c.id).where(teams.c.id == row.team_id).with_for_update()
-                conn.execute(lock)
-                live = conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(sandboxes)
-                    .where(sandboxes.c.team_id == row.team_id)
-                    .where(sandboxes.c.state.in_(LIVE_STATES))
-                ).scalar_one()
-                if live >= max_live:
-                    raise QuotaExceeded(
-                        f"the team's quota allows {max_live} live sandboxes (max_sandboxes) "
-                        f"and it has {live}; kill one or ask an admin for a larger quota"
-                    )
+            team = lock_team(conn, row.team_id)
+            live = conn.execute(
+                sa.select(sandboxes.c.limits)
+                .where(sandboxes.c.team_id == row.team_id)
+                .where(sandboxes.c.state.in_(LIVE_STATES))
+            ).scalars()
+            check_totals(team, row.limits, list(live))
             conn.execute(sandboxes.insert().values(**asdict(row)))
             conn.execute(
                 sandbox_events.insert().values(

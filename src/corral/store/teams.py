@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.errors import InvalidRequest, NotFound, Unauthenticated
+from corral.errors import InvalidRequest, NotFound, QuotaExceeded, Unauthenticated
 from corral.store.database import Database
 from corral.store.schema import api_keys, teams
 
@@ -38,10 +39,11 @@ DEFAULT_KEY_FILE = "default.key"
 class Team:
     """A tenant: it sees only its own sandboxes and jobs, within its quotas.
 
-    The quotas bound the team's totals: its live sandboxes (pooled job sandboxes
-    included) together hold at most `max_memory_mib`, `max_cpu` cores and `max_disk_mib`
-    of writable storage; at most `max_running_jobs` of its jobs run at once, and its
-    stored job logs take at most `max_log_mib`.
+    The quotas bound the team's totals: its live sandboxes (paused ones included: they
+    keep their memory) number at most `max_sandboxes` and together hold at most
+    `max_memory_mib`, `max_cpu` cores and `max_disk_mib` of writable storage; a job's
+    sandbox must fit in these totals too. At most `max_running_jobs` of its jobs run at
+    once, and its stored job logs take at most `max_log_mib`.
     """
 
     id: str
@@ -66,6 +68,45 @@ QUOTAS: tuple[tuple[str, float], ...] = (
 DEFAULT_QUOTAS: dict[str, Any] = {name: getattr(Team, name) for name, _ in QUOTAS}
 
 
+# What a team's live sandboxes add up against its quotas: (quota, sandbox limit, unit).
+SANDBOX_TOTALS: tuple[tuple[str, str, str], ...] = (
+    ("max_memory_mib", "memory_mib", "MiB"),
+    ("max_cpu", "cpu", "cores"),
+    ("max_disk_mib", "disk_mib", "MiB"),
+)
+_ASK_LESS = "ask for less, or ask an admin for a larger quota"
+
+
+def check_totals(
+    team: Team, asked: Mapping[str, Any], live: Sequence[Mapping[str, Any]] | None = None
+) -> None:
+    """Refuse (QuotaExceeded) a sandbox with limits `asked` that would take the team past
+    a quota, given the limits of its `live` sandboxes (None: could it ever fit, as a
+    job's sandbox at submit)."""
+    if live is not None and len(live) >= team.max_sandboxes:
+        raise QuotaExceeded(
+            f"the team has {len(live)} live sandboxes (paused ones included) and its quota "
+            f"allows {team.max_sandboxes} (max_sandboxes); kill one it no longer needs or "
+            "ask an admin for a larger quota"
+        )
+    for quota, limit, unit in SANDBOX_TOTALS:
+        allowed, want = getattr(team, quota), asked.get(limit, 0)
+        if live is None:
+            if want > allowed:
+                raise QuotaExceeded(
+                    f"{limit}={want:g} is more than the team's quota of {allowed:g} {unit} "
+                    f"for all its live sandboxes together ({quota}); {_ASK_LESS}"
+                )
+            continue
+        used = sum(limits.get(limit, 0) for limits in live)
+        if used + want > allowed:
+            raise QuotaExceeded(
+                f"{limit}={want:g} does not fit in the team's quota ({quota}): its "
+                f"{len(live)} live sandboxes (paused ones included) hold {used:g} of "
+                f"{allowed:g} {unit}; kill sandboxes it no longer needs, {_ASK_LESS}"
+            )
+
+
 def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
@@ -75,6 +116,17 @@ def _team(row: sa.Row[*tuple[Any, ...]]) -> Team:
 
 
 _TEAM_COLUMNS = (teams.c.id, teams.c.name, *(teams.c[name] for name, _ in QUOTAS))
+
+
+def lock_team(conn: sa.Connection, team_id: str) -> Team:
+    """The team, its row locked until `conn`'s transaction ends (PostgreSQL; SQLite's
+    BEGIN IMMEDIATE serializes writers already): quota checks in it count in turn."""
+    row = conn.execute(
+        sa.select(*_TEAM_COLUMNS).where(teams.c.id == team_id).with_for_update()
+    ).first()
+    if row is None:
+        raise NotFound(f"no team with id {team_id!r}")
+    return _team(row)
 
 
 class TeamStore(Database):
