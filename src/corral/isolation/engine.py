@@ -140,13 +140,17 @@ class Engine:
         await sandbox.destroy()
 
     async def aclose(self) -> None:
-        """Destroy every sandbox this engine created."""
+        """Destroy every sandbox this engine created, then release what its tiers hold."""
         live = list(self.sandboxes.values())
         self.sandboxes.clear()
         results = await asyncio.gather(*(s.destroy() for s in live), return_exceptions=True)
         for sandbox, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("could not destroy sandbox %s: %s", sandbox.id, result)
+        backends = {id(b): b for b in self._backends.values()}.values()
+        self._backends.clear()
+        for backend in backends:
+            await asyncio.to_thread(backend.close)
 
     async def __aenter__(self) -> Engine:
         return self

@@ -102,12 +102,14 @@ class Footprint:
 
     # -- resources ----------------------------------------------------------------------
 
-    def mount_tmpfs(self, target: Path, size_bytes: int, uid: int, gid: int) -> None:
+    def mount_tmpfs(
+        self, target: Path, size_bytes: int, uid: int, gid: int, mode: int = 0o700
+    ) -> None:
         """A size-bounded tmpfs owned by `uid`: the sandbox's whole writable storage."""
         target.mkdir(mode=0o700, exist_ok=True)
         self.mounts.append(str(target))
         self.save()  # recorded first: a crash right after mounting still gets unmounted
-        options = f"size={size_bytes},mode=0700,uid={uid},gid={gid}".encode()
+        options = f"size={size_bytes},mode={mode:o},uid={uid},gid={gid}".encode()
         if _libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options):
             err = ctypes.get_errno()
             raise SandboxStartFailed(f"could not mount the sandbox's storage: {os.strerror(err)}")

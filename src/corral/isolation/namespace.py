@@ -10,6 +10,10 @@ command — sees:
 - the seccomp filter of `corral.isolation.seccomp`.
 As root, each sandbox also runs as its own unprivileged host uid, so even a kernel escape
 from the namespaces lands in an identity that owns nothing on the host.
+
+What the sandbox can read of the host through /proc is trimmed: the /proc files that tell
+about the host's hardware and kernel (`_PROC_MASKED`) are covered, and as root nothing it
+binds comes from a path that names the host's runtime dir (see `_shared_root`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 from corral.config import Settings
@@ -48,6 +54,37 @@ _WRITABLE = (
 )
 
 
+# The /proc entries that describe the host (memory map, kernel config and symbols, keys,
+# timers, firmware tables, devices): the list Docker and runc mask, where they exist.
+_PROC_MASKED = (
+    "acpi", "asound", "config.gz", "iomem", "ioports", "kallsyms", "kcore",
+    "keys", "latency_stats", "sched_debug", "scsi", "sysrq-trigger", "timer_list",
+    "timer_stats",
+)  # fmt: skip
+# The shared tmpfs holds the sandboxes' /etc and the guest agent (~1.5 MiB).
+_SHARED_SIZE = 64 << 20
+
+
+@functools.cache
+def _proc_masks() -> tuple[str, ...]:
+    """bwrap options that cover `_PROC_MASKED`, probed once: /dev/null over each file
+    (it reads nothing), an empty read-only tmpfs over each directory. An entry only root
+    may read needs no mask: the sandbox's user namespace maps no uid to the host's root.
+    Every mask is a mount (~0.1 ms of each start), so only what is there and readable."""
+    options: list[str] = []
+    for name in _PROC_MASKED:
+        path = f"/proc/{name}"
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if os.path.isdir(path):
+            options += ["--tmpfs", path, "--remount-ro", path]
+        elif st.st_mode & 0o006:  # others may read or write it
+            options += ["--ro-bind", "/dev/null", path]
+    return tuple(options)
+
+
 @functools.cache
 def _bwrap() -> str:
     return shutil.which("bwrap") or "bwrap"
@@ -67,6 +104,11 @@ def _userns_works(bwrap: str) -> str | None:
 class NamespaceBackend(Backend):
     name = "namespace"
     entrypoints = True
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._shared: Path | None = None
+        self._release_shared: weakref.finalize[[], NamespaceBackend] | None = None
 
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
@@ -110,7 +152,7 @@ class NamespaceBackend(Backend):
             "--disable-userns", "--die-with-parent", "--new-session",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--hostname", footprint.id.replace("_", "-"),
-            "--proc", "/proc", "--dev", "/dev",
+            "--proc", "/proc", *_proc_masks(), "--dev", "/dev",
         ]  # fmt: skip
         if entrypoint is None:
             # The agent is the pid namespace's init: the kernel then ignores SIGKILL and
@@ -144,9 +186,12 @@ class NamespaceBackend(Backend):
                 options += ["--perms", oct(mode)[2:], "--size", str(limits.disk_bytes)]
                 options += ["--tmpfs", path]
 
-        options += ["--ro-bind", str(_shared_etc(self.settings.runtime_dir, template)), "/etc"]
+        shared = self._shared_root()
+        options += ["--ro-bind", str(_shared_etc(shared, template)), "/etc"]
         if entrypoint is None:
             agent_dir = install_agent(self.settings.runtime_dir, self.settings.guest_python)
+            if shared != self.settings.runtime_dir:
+                agent_dir = _copy_once(agent_dir, shared / "guest" / agent_dir.name)
             options += ["--ro-bind", str(agent_dir), AGENT_DIR]
             command = agent_command(AGENT_DIR, self.settings.guest_python, WORKSPACE)
             workdir = WORKSPACE
@@ -201,6 +246,47 @@ class NamespaceBackend(Backend):
             pass_fds=tuple(fds),
             exec_failure=b"bwrap: execvp ",
         )
+
+    def _shared_root(self) -> Path:
+        """Where this backend's sandboxes bind their /etc and guest agent from.
+
+        A sandbox's /proc/self/mountinfo shows each bind's source as its path within its
+        file system: from the host's disk, that is the runtime dir's path. So as root the
+        files are copied (once) into a small tmpfs of this backend's own, where the path
+        is only `/etc/host-…`. The tmpfs is recorded like a sandbox: `close` (or garbage
+        collection, or exit) unmounts it, and after a SIGKILL the reaper does. Without
+        root no tmpfs can be mounted: the files are bound from the runtime dir.
+        """
+        if os.geteuid() != 0:
+            return self.settings.runtime_dir
+        if self._shared is None:
+            footprint = Footprint.create(
+                self.settings.runtime_dir, f"shared_{secrets.token_hex(10)}", self.name
+            )
+            try:
+                footprint.mount_tmpfs(footprint.path / "files", _SHARED_SIZE, 0, 0, mode=0o755)
+            except BaseException:
+                footprint.release()
+                raise
+            self._release_shared = weakref.finalize(self, footprint.release)
+            self._shared = footprint.path / "files"
+        return self._shared
+
+    def close(self) -> None:
+        if self._release_shared is not None:
+            self._release_shared()
+        self._shared = self._release_shared = None
+
+
+def _copy_once(source: Path, target: Path) -> Path:
+    """`target`, a copy of the directory `source` unless it is there already."""
+    if not target.is_dir():
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        staging.chmod(0o755)
+        shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
+        staging.rename(target)
+    return target
 
 
 def _host_files(sandbox_id: str) -> dict[str, str]:
