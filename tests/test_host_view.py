@@ -140,7 +140,6 @@ async def test_what_sandboxes_share_is_released_with_the_engine(settings: Settin
     """The tmpfs their /etc and agent are bound from goes when the engine closes."""
     require_backend(settings, "namespace")
     before = shared_leftovers(settings)
-    async with Engine(settings) as engine:
-        async with await engine.create(isolation="namespace") as box:
-            assert (await box.run(["true"])).ok
+    async with Engine(settings) as engine, await engine.create(isolation="namespace") as box:
+        assert (await box.run(["true"])).ok
     assert shared_leftovers(settings) == before

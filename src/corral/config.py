@@ -71,6 +71,9 @@ class Settings:
     job_timeout: int = 300
     job_log_limit: int = 16 * 1024 * 1024
     job_lease: int = 30
+    # How often a running server or worker removes what the sandboxes of dead Corral
+    # processes left (mounts, cgroups, uid slots, files); every process also does at start.
+    reap_interval: int = 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
