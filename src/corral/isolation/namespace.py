@@ -152,7 +152,7 @@ class NamespaceBackend(Backend):
             "--disable-userns", "--die-with-parent", "--new-session",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--hostname", footprint.id.replace("_", "-"),
-            "--proc", "/proc", *_proc_masks(), "--dev", "/dev",
+            "--proc", "/proc", "--dev", "/dev",
         ]  # fmt: skip
         if entrypoint is None:
             # The agent is the pid namespace's init: the kernel then ignores SIGKILL and
@@ -162,6 +162,7 @@ class NamespaceBackend(Backend):
         # Else bubblewrap's own init is pid 1 (as confined as the command: same uid,
         # seccomp, no capabilities): it reaps orphans, and when the command exits it
         # exits too, which ends every process left in the namespace.
+        options += _proc_masks()
         for host_path, path in template.ro_binds:
             options += ["--ro-bind", host_path, path]
         for target, path in template.symlinks:
