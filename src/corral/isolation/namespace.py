@@ -54,8 +54,8 @@ _WRITABLE = (
 )
 
 
-# The /proc entries that describe the host (memory map, kernel config and symbols, keys,
-# timers, firmware tables, devices): the list Docker and runc mask, where they exist.
+# The /proc entries that describe the host: what Docker and runc mask (keys, timers,
+# firmware tables, devices, kernel memory), plus the kernel's config, memory map and symbols.
 _PROC_MASKED = (
     "acpi", "asound", "config.gz", "iomem", "kallsyms", "kcore",
     "keys", "latency_stats", "sched_debug", "scsi", "sysrq-trigger", "timer_list",
