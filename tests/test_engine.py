@@ -272,10 +272,10 @@ async def test_environment_is_clean_and_settable(engine: Engine, settings: Setti
 
 async def test_a_sandbox_that_cannot_start_fails_cleanly(settings: Settings) -> None:
     require_backend(settings, "namespace")
-    engine = Engine(settings.with_(guest_python="/bin/true"))  # "starts", never answers
     before = _sandbox_dirs(settings)
-    with pytest.raises(SandboxStartFailed, match="did not start") as failure:
-        await engine.create(isolation="namespace")
+    async with Engine(settings.with_(guest_python="/bin/true")) as engine:  # never answers
+        with pytest.raises(SandboxStartFailed, match="did not start") as failure:
+            await engine.create(isolation="namespace")
     sandbox_id = str(failure.value).split()[1]
     assert sandbox_id.startswith("sb_")
     assert _sandbox_dirs(settings) == before
@@ -286,8 +286,9 @@ async def test_a_sandbox_that_cannot_start_fails_cleanly(settings: Settings) -> 
 
 
 def _sandbox_dirs(settings: Settings) -> list[Path]:
+    """Sandboxes' footprints (not what an engine's sandboxes share, `shared_…`)."""
     root = settings.runtime_dir / "sandboxes"
-    return list(root.iterdir()) if root.exists() else []
+    return [p for p in root.iterdir() if p.name.startswith("sb_")] if root.exists() else []
 
 
 async def test_unknown_template_is_refused_and_creates_nothing(

@@ -80,6 +80,9 @@ class Settings:
     memory_overcommit: float = 1.0
     # Memory kept out of the sandboxes' reach: the server, its workers and the kernel.
     memory_reserve_mib: int = 512
+    # How often a running server or worker removes what the sandboxes of dead Corral
+    # processes left (mounts, cgroups, uid slots, files); every process also does at start.
+    reap_interval: int = 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

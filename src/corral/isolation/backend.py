@@ -142,3 +142,6 @@ class Backend(ABC):
         With `entrypoint` (only when `entrypoints` is true), the plan starts that command
         where it would start the agent, with the same isolation.
         """
+
+    def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
+        """Release what the tier holds for all its sandboxes, once they are destroyed."""

@@ -1,5 +1,8 @@
 """The sandbox engine of one host: create sandboxes on any tier, reap what crashes left.
 
+A long-lived process (server, worker) also calls `start_reaper`: then what another process
+left when it died is reaped while this one runs, not only when some Corral process starts.
+
 async with Engine(Settings.from_env()) as engine:
     sandbox = await engine.create(template="host", limits=Limits(memory_mib=256))
     result = await sandbox.run(["echo", "hi"])
@@ -16,6 +19,7 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 
+from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import CapacityExceeded, CorralError, InvalidRequest, IsolationUnavailable
 from corral.isolation import registry
@@ -52,6 +56,7 @@ class Engine:
         # Where idle sandboxes come from that may be destroyed to admit a real one (the
         # warm pools): each call hands one over, None when it has no more.
         self.spares: list[Callable[[], Sandbox | None]] = []
+        self._reaper: asyncio.Task[None] | None = None
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.settings.runtime_dir, 0o711)  # sandboxes' uids traverse it
         self.reaped = self.reap()
@@ -90,6 +95,25 @@ class Engine:
             count += 1
             log.info("reaped sandbox %s left by dead process %d", fp.id, fp.owner_pid)
         return count
+
+    def start_reaper(self) -> None:
+        """Reap every `settings.reap_interval` seconds until `aclose`, in a thread: reaping
+        is blocking I/O (a cgroup's removal waits for its processes to die)."""
+        interval = self.settings.reap_interval
+        if interval <= 0:
+            raise InvalidRequest(
+                f"CORRAL_REAP_INTERVAL={interval} must be a positive number of seconds"
+            )
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_every(interval), name="reaper")
+
+    async def _reap_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.reap)
+            except Exception:
+                log.exception("reaping what dead processes left failed; trying again later")
 
     # -- sandboxes -----------------------------------------------------------------------
 
@@ -200,13 +224,19 @@ class Engine:
         await sandbox.destroy()
 
     async def aclose(self) -> None:
-        """Destroy every sandbox this engine created."""
+        """Destroy every sandbox this engine created, then release what its tiers hold."""
+        await stop_tasks(self._reaper)
+        self._reaper = None
         live = list(self.sandboxes.values())
         self.sandboxes.clear()
         results = await asyncio.gather(*(s.destroy() for s in live), return_exceptions=True)
         for sandbox, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("could not destroy sandbox %s: %s", sandbox.id, result)
+        backends = {id(b): b for b in self._backends.values()}.values()
+        self._backends.clear()
+        for backend in backends:
+            await asyncio.to_thread(backend.close)
 
     async def __aenter__(self) -> Engine:
         return self

@@ -3,7 +3,8 @@
 Each sandbox owns a directory under ``<runtime_dir>/sandboxes/<id>`` with a ``state.json``
 written *before* anything else is created (cgroup, tmpfs mount, uid slot). The record names
 its owner (host pid + process start time), so after the owner died — even by SIGKILL — the
-reaper in a new process knows which leftovers are orphans and removes exactly those.
+reaper of any other process (at its start, then periodically) knows which leftovers are
+orphans and removes exactly those.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -102,12 +105,14 @@ class Footprint:
 
     # -- resources ----------------------------------------------------------------------
 
-    def mount_tmpfs(self, target: Path, size_bytes: int, uid: int, gid: int) -> None:
+    def mount_tmpfs(
+        self, target: Path, size_bytes: int, uid: int, gid: int, mode: int = 0o700
+    ) -> None:
         """A size-bounded tmpfs owned by `uid`: the sandbox's whole writable storage."""
         target.mkdir(mode=0o700, exist_ok=True)
         self.mounts.append(str(target))
         self.save()  # recorded first: a crash right after mounting still gets unmounted
-        options = f"size={size_bytes},mode=0700,uid={uid},gid={gid}".encode()
+        options = f"size={size_bytes},mode={mode:o},uid={uid},gid={gid}".encode()
         if _libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options):
             err = ctypes.get_errno()
             raise SandboxStartFailed(f"could not mount the sandbox's storage: {os.strerror(err)}")
@@ -154,22 +159,48 @@ def _age(path: Path) -> float:
         return 0.0
 
 
-def orphans(runtime_dir: Path) -> list[Footprint]:
-    """Footprints in `runtime_dir` whose owner process is gone."""
+def orphans(runtime_dir: Path) -> Iterator[Footprint]:
+    """Footprints in `runtime_dir` whose owner process is gone, each yielded while this
+    process holds a lock on it: several live processes reap the same runtime dir, and two
+    releasing one footprint at once could free a uid slot that a new sandbox just took."""
     root = runtime_dir / "sandboxes"
-    found: list[Footprint] = []
     if not root.is_dir():
-        return found
+        return
     for path in root.iterdir():
         fp = Footprint.load(path)
         if fp is None:
             # A directory without a readable record was never fully created: nothing in it
             # was mounted (the record is written before any mount), so it can go — once it
             # is old enough not to be one that another process is creating right now.
-            unfinished = (path / "state.json.tmp").exists() or not any(path.iterdir())
-            if unfinished and _age(path) > _UNFINISHED_GRACE:
-                shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                unfinished = (path / "state.json.tmp").exists() or not any(path.iterdir())
+                if unfinished and _age(path) > _UNFINISHED_GRACE:
+                    shutil.rmtree(path, ignore_errors=True)
             continue
-        if not fp.owner_alive():
-            found.append(fp)
-    return found
+        if fp.owner_alive():
+            continue
+        with _locked(path) as locked:
+            # Read again under the lock: gone if another reaper released it meanwhile.
+            if locked and (fp := Footprint.load(path)) is not None:
+                yield fp
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[bool]:
+    """An exclusive lock on the directory `path`, False if another process holds it (or
+    it is gone). The kernel drops it when its holder dies, so a crashed reaper blocks
+    nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -22,7 +22,8 @@ EXIT_FORCED = 130
 
 
 async def _run(settings: Settings, store: Store, stop: asyncio.Event) -> None:
-    engine = Engine(settings)
+    engine = Engine(settings)  # reaps what dead processes left, then again periodically
+    engine.start_reaper()
     runtime = JobRuntime(settings, store, engine)
     try:
         await runtime.start()

@@ -81,6 +81,7 @@ class SandboxManager:
     async def start(self) -> None:
         """Clean up after a crashed predecessor, then start the background loops."""
         self.engine.reap()
+        self.engine.start_reaper()
         self._live.fail_orphans(self._owner)
         self.pool.start()
         self._tasks = [

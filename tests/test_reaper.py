@@ -1,0 +1,113 @@
+"""A live server reaps what a SIGKILLed `corral worker` left — mounts, cgroups, uid slots,
+footprint directories — while it runs, without any process being restarted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral import Jobs
+from corral.config import Settings
+from corral.errors import InvalidRequest
+from corral.isolation import Engine
+from corral.isolation.cgroups import CgroupDriver
+from tests.conftest import host_processes_of_uid, start_server, start_worker
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
+
+REAP_INTERVAL = 1
+
+
+@pytest.fixture
+def own_runtime(settings: Settings) -> Iterator[Settings]:
+    """Settings with a runtime dir of this test's own: no other process of the session
+    (whose engines reap at start) touches what the killed worker leaves there."""
+    runtime = Path(tempfile.mkdtemp(prefix="corral-test-reaper-"))
+    own = settings.with_(runtime_dir=runtime, data_dir=runtime / "data")
+    yield own
+    Engine(own)  # anything the test did not see reaped
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def footprints_of(runtime_dir: Path, pid: int) -> list[dict[str, Any]]:
+    """The records of the sandboxes (and shared files) that process `pid` owns."""
+    found = []
+    for state in (runtime_dir / "sandboxes").glob("*/state.json"):
+        record = json.loads(state.read_text())
+        if record["owner_pid"] == pid:
+            found.append(record)
+    return found
+
+
+def running_sandbox(records: list[dict[str, Any]]) -> bool:
+    """Whether one of `records` is a sandbox with its storage mounted and its cgroup."""
+    return any(r["id"].startswith("sb_") and r["mounts"] and r["cgroup"] for r in records)
+
+
+def leftovers(records: list[dict[str, Any]], settings: Settings) -> list[str]:
+    """What of `records` is still on the host, described."""
+    driver = CgroupDriver.detect(settings.cgroup_parent)
+    mounts = Path("/proc/self/mounts").read_text()
+    left = []
+    for record in records:
+        if Path(record["path"]).exists():
+            left.append(f"directory {record['path']}")
+        left += [f"mount {m}" for m in record["mounts"] if f" {m} " in mounts]
+        if record["cgroup"] and driver.open(record["cgroup"]) is not None:
+            left.append(f"cgroup {record['cgroup']}")
+        if record["uid_slot"] is not None:
+            if (Path(record["uid_slots_dir"]) / str(record["uid_slot"])).exists():
+                left.append(f"uid slot {record['uid_slot']}")
+            uid = settings.uid_base + record["uid_slot"]
+            left += [f"process {pid} of uid {uid}" for pid in host_processes_of_uid(uid)]
+    return left
+
+
+@pytest.mark.parametrize("pool", ["1", "0"], ids=["warm", "one-shot"])
+def test_a_live_server_reaps_what_a_killed_worker_left(own_runtime: Settings, pool: str) -> None:
+    server = start_server(
+        own_runtime,
+        own_runtime.data_dir,
+        pool_size=0,
+        extra_env={
+            "CORRAL_JOB_WORKERS": "0",  # the worker runs the job; the server only reaps
+            "CORRAL_REAP_INTERVAL": str(REAP_INTERVAL),
+        },
+    )
+    try:
+        worker = start_worker(server, CORRAL_JOB_WORKERS="1", CORRAL_JOB_POOL=pool)
+        with Jobs(server=server.url, api_key=server.key) as jobs:
+            job = jobs.submit(run="sleep 600").job
+            deadline = time.monotonic() + 30
+            while True:  # until the job runs in a sandbox that is all set up
+                records = footprints_of(own_runtime.runtime_dir, worker.process.pid)
+                if jobs.get(job.id).state == "running" and running_sandbox(records):
+                    break
+                assert time.monotonic() < deadline, (jobs.get(job.id), records)
+                time.sleep(0.05)
+        assert leftovers(records, own_runtime)  # all there while the worker lives
+
+        worker.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 10 * REAP_INTERVAL + 10
+        while (left := leftovers(records, own_runtime)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == [], "the live server did not reap what the killed worker left"
+        assert server.process.poll() is None  # the same server, never restarted
+        assert "reaped sandbox" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+async def test_a_reap_interval_that_is_not_positive_is_refused(settings: Settings) -> None:
+    engine = Engine(settings.with_(reap_interval=0))
+    with pytest.raises(InvalidRequest, match="CORRAL_REAP_INTERVAL=0 must be a positive"):
+        engine.start_reaper()
+    await engine.aclose()
