@@ -71,6 +71,9 @@ class Settings:
     job_timeout: int = 300
     job_log_limit: int = 16 * 1024 * 1024
     job_lease: int = 30
+    # Finished jobs are deleted, with their events and logs, this many seconds after they
+    # end (by a sweep in every server and worker process); 0 keeps them forever.
+    job_retention: int = 7 * 24 * 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
