@@ -165,9 +165,11 @@ _INSERT_JOB = jobs.insert()
 _INSERT_EVENTS = job_events.insert()
 _INSERT_LOGS = job_logs.insert()
 _INSERT_CALLBACKS = job_callbacks.insert()
-_LOCK_TEAM_LOGS = (
-    sa.select(teams.c.max_log_mib, teams.c.log_bytes)
-    .where(teams.c.id == sa.bindparam("team_id"))
+# A log write reads (and locks) the job with its team's quota and total in one statement.
+_LOCK_JOB_AND_TEAM_LOGS = (
+    sa.select(jobs, teams.c.max_log_mib, teams.c.log_bytes.label("team_log_bytes"))
+    .join(teams, teams.c.id == jobs.c.team_id)
+    .where(jobs.c.id == sa.bindparam("job_id"))
     .with_for_update()
 )
 _ADD_TEAM_LOGS = (
@@ -179,6 +181,13 @@ _ADD_TEAM_LOGS = (
 
 def _job(row: sa.Row[Any]) -> JobRow:
     return JobRow(**row._asdict())
+
+
+def _owns(row: JobRow, attempt: Attempt) -> bool:
+    """Whether `attempt` is the job's running attempt (the only one that may write)."""
+    return (
+        row.state == "running" and row.worker == attempt.worker and row.attempt == attempt.attempt
+    )
 
 
 def _coalesce(chunks: Sequence[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
@@ -410,12 +419,16 @@ class JobStore(Database):
         """
         now = _now()
         with self._write() as conn:
-            row = self._owned(conn, attempt)
-            if row is None:
+            found = conn.execute(_LOCK_JOB_AND_TEAM_LOGS, {"job_id": attempt.job_id}).first()
+            if found is None:
                 return False, 0
-            team = conn.execute(_LOCK_TEAM_LOGS, {"team_id": row.team_id}).one()
-            quota = team.max_log_mib * MIB
-            job_room, team_room = limit - row.log_bytes, quota - team.log_bytes
+            fields = found._asdict()
+            quota_mib, team_used = fields.pop("max_log_mib"), fields.pop("team_log_bytes")
+            row = JobRow(**fields)
+            if not _owns(row, attempt):
+                return False, 0
+            quota = quota_mib * MIB
+            job_room, team_room = limit - row.log_bytes, quota - team_used
             kept: list[tuple[int, int, bytes]] = []
             dropped, by_quota = 0, False
             for step, stream, data in _coalesce(chunks):
@@ -438,7 +451,7 @@ class JobStore(Database):
             if truncate:
                 if by_quota:
                     reason = (
-                        f"output past the team's log quota of {team.max_log_mib} MiB "
+                        f"output past the team's log quota of {quota_mib} MiB "
                         "(max_log_mib) is dropped: its jobs' stored logs fill it until "
                         "finished jobs are deleted (CORRAL_JOB_RETENTION)"
                     )
@@ -826,14 +839,7 @@ class JobStore(Database):
 
     def _owned(self, conn: sa.Connection, attempt: Attempt) -> JobRow | None:
         row = self._locked(conn, attempt.job_id)
-        if (
-            row is None
-            or row.state != "running"
-            or row.worker != attempt.worker
-            or row.attempt != attempt.attempt
-        ):
-            return None
-        return row
+        return row if row is not None and _owns(row, attempt) else None
 
     def _add_events(
         self, conn: sa.Connection, row: JobRow, attempt: int, events: Sequence[NewEvent]
