@@ -22,7 +22,8 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from corral.config import Settings
-from corral.errors import NotFound
+from corral.errors import InvalidRequest, NotFound
+from corral.jobs.retention import BATCH_JOBS, Retention
 from corral.store import Store, Team
 from corral.store.database import MIGRATIONS
 from corral.store.jobs import INLINE_LOG_BYTES, MIB, Attempt, JobRow
@@ -166,6 +167,29 @@ def test_retention_deletes_old_finished_jobs_and_keeps_recent_and_running_ones(
     store.delete_finished_jobs(datetime.now(UTC) + timedelta(days=1), 100)
     assert job(store, live.id).state == "running" and job(store, queued.id).state == "queued"
     assert output(store, live.id) == b"live" * 10_000
+
+
+async def test_a_sweep_deletes_every_expired_job_in_batches(store: Store) -> None:
+    team = store.create_team("acme")
+    expired = []
+    for _ in range(BATCH_JOBS + 10):
+        row, attempt = running(store, team)
+        store.append_logs(attempt, [(0, 1, b"x" * 20_000)], LIMIT)
+        finish(store, attempt)
+        expired.append(row.id)
+    await asyncio.sleep(1.1)
+    kept, kept_attempt = running(store, team)
+    finish(store, kept_attempt)
+    assert await Retention(store, 1).sweep() == BATCH_JOBS + 10
+    assert all(store.job(job_id) is None for job_id in expired)
+    assert job(store, kept.id).state == "succeeded"
+    assert store.team_log_bytes(team.id) == 0
+
+
+@pytest.mark.parametrize("seconds", [-1, True, "7d"])
+def test_a_bad_retention_is_refused_saying_what_to_use(store: Store, seconds: Any) -> None:
+    with pytest.raises(InvalidRequest, match=r"CORRAL_JOB_RETENTION=.* whole number of seconds"):
+        Retention(store, seconds)
 
 
 def test_logs_whose_file_is_gone_read_as_deleted_not_as_an_error(

@@ -321,7 +321,8 @@ class JobQueue:
             if rows:
                 offset = rows[-1].seq + 1
             if rows and offset < end(job):
-                # A page short of what the job had when it was read: more is there.
+                # The page (bounded in rows and bytes) ended before the rows the job had
+                # when it was read: read on at once.
                 yield rows, None
                 continue
             if job.final or not follow:

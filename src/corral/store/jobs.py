@@ -285,8 +285,10 @@ class JobStore(Database):
                     break
         in_file = [r for r in rows if r["file_offset"] is not None]
         if in_file:
+            if self._log_files is None:
+                raise RuntimeError(f"job {job_id} has logs in files, but this store has none")
             try:
-                found = self._log_files_or_fail(job_id).read(
+                found = self._log_files.read(
                     job_id, [(r["file_offset"], r["size"]) for r in in_file]
                 )
             except FileNotFoundError:
@@ -308,11 +310,6 @@ class JobStore(Database):
         if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
             return None
         return LogFiles(Path(url.database).parent / "job-logs")
-
-    def _log_files_or_fail(self, job_id: str) -> LogFiles:
-        if self._log_files is None:
-            raise RuntimeError(f"job {job_id} has logs in files but this store has none")
-        return self._log_files
 
     def _from_seq(
         self, table: sa.Table, job_id: str, offset: int, limit: int
@@ -434,7 +431,8 @@ class JobStore(Database):
             for step, stream, data in _coalesce(chunks):
                 room = max(0, min(job_room, team_room))
                 if len(data) > room:
-                    by_quota = by_quota or (not dropped and team_room < job_room)
+                    if not dropped:  # the first bound reached is the one the event names
+                        by_quota = team_room < job_room
                     dropped += len(data) - room
                     data = data[:room]
                 if data:

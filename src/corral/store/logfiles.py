@@ -15,6 +15,10 @@ row that points at them is committed, and neither is fsynced per write (SQLite r
 with synchronous=NORMAL), so an acknowledged chunk survives a crash of the process. A
 power loss may cut a file short under rows that survived; readers then get the bytes
 that are there.
+
+A file goes with its job: the retention sweep (`JobStore.delete_finished_jobs`) unlinks
+it with the rows. Whatever else deletes jobs must too (Corral deletes teams nowhere yet;
+a database-level cascade from a team would leave its jobs' files behind).
 """
 
 from __future__ import annotations
