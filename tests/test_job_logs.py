@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import signal
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +29,7 @@ from corral.store import Store, Team
 from corral.store.database import MIGRATIONS
 from corral.store.jobs import INLINE_LOG_BYTES, MIB, Attempt, JobRow
 from corral.v1 import jobs_pb2 as pb
-from tests.conftest import LiveServer, new_job_row, start_server
+from tests.conftest import LiveServer, new_job_row, start_server, start_worker
 from tests.test_jobs import JobApi, data
 
 LIMIT = 16 * MIB  # the default per-job log limit
@@ -238,6 +239,23 @@ def test_logs_read_in_order_from_any_seq_across_the_file_boundary(
     assert [c.seq for c in store.job_logs(row.id, 39, max_bytes=1)] == [39]
 
 
+def test_bytes_of_a_write_that_never_committed_are_skipped(
+    store: Store, store_settings: Settings
+) -> None:
+    """A worker killed between its file write and its commit leaves bytes no row points
+    at; the next write (its job's next attempt) goes after them."""
+    team = store.create_team("acme")
+    row, attempt = running(store, team)
+    store.append_logs(attempt, [(0, 1, b"a" * 40_000)], LIMIT)
+    with log_file(store_settings, row.id).open("ab") as f:
+        f.write(b"never committed")
+    store.append_logs(attempt, [(0, 2, b"b" * 40_000)], LIMIT)
+    assert [(c.stream, c.data) for c in store.job_logs(row.id)] == [
+        (1, b"a" * 40_000),
+        (2, b"b" * 40_000),
+    ]
+
+
 def test_adjacent_reads_of_one_stream_are_stored_as_one_chunk(store: Store) -> None:
     team = store.create_team("acme")
     row, attempt = running(store, team)
@@ -310,10 +328,10 @@ def db_file_bytes(data_dir: Path) -> int:
     return (data_dir / "corral.db").stat().st_size
 
 
-def sixteen_mib(tag: str) -> bytes:
-    """What `print_mib(16, tag)` prints."""
+def mib_of(tag: str, mib: int) -> bytes:
+    """What `print_mib(mib, tag)` prints."""
     line = (tag * 64)[:63].encode() + b"\n"
-    return (line * (16 * MIB // 64))[: 16 * MIB]
+    return line * (mib * MIB // 64)
 
 
 def print_mib(mib: int, tag: str) -> str:
@@ -366,7 +384,7 @@ async def test_the_database_stays_small_while_jobs_print_many_mib_and_reads_surv
         chunks = await api.logs(job_id)
         assert [c.seq for c in chunks] == list(range(len(chunks)))
         got = b"".join(c.data for c in chunks)
-        assert hashlib.sha256(got).digest() == hashlib.sha256(sixteen_mib(tag)).digest()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(mib_of(tag, 16)).digest()
     middle = len(chunks) // 2
     tail = await api.logs(ids[-1], offset=middle)
     assert [c.seq for c in tail] == list(range(middle, len(chunks)))
@@ -442,3 +460,47 @@ async def test_retention_deletes_finished_jobs_and_a_read_says_why(
     assert await api.output(slow) == b"started\n"
     await api.cancel(slow)
     await api.aclose()
+
+
+@pytest.mark.sandbox
+@pytest.mark.usefixtures("sandbox_host")
+async def test_worker_processes_share_the_log_files_and_a_killed_one_loses_nothing_acknowledged(
+    settings: Settings, restarted: list[LiveServer]
+) -> None:
+    """`corral worker`s on one host write their jobs' files in the data directory the
+    server reads; a worker SIGKILLed mid-write leaves every acknowledged chunk readable,
+    and the job's next attempt appends after whatever it left."""
+    data_dir = settings.runtime_dir / f"workers-{secrets.token_hex(4)}"
+    env = {"CORRAL_JOB_WORKERS": "0", "CORRAL_JOB_LEASE": "2"}
+    live = start_server(settings, data_dir, pool_size=0, extra_env=env)
+    restarted.append(live)
+    workers = [start_worker(live, CORRAL_JOB_WORKERS="2") for _ in range(2)]
+    api = JobApi(live.url, live.key)
+    try:
+        first_only = (
+            f'if [ "$CORRAL_JOB_ATTEMPT" = 1 ]; then {print_mib(1, "a")}; exec sleep 600; fi'
+        )
+        killed = (await api.submit({"run": f"{first_only}\n{print_mib(2, 'b')}"})).job.id
+        others = [(await api.submit({"run": print_mib(1, f"o{i}")})).job.id for i in range(3)]
+        running = await api.wait_until(killed, lambda job: job.log_bytes == MIB)
+        seen = await api.logs(killed)
+        pid = int(running.worker.split(":")[1])
+        (victim,) = [w for w in workers if w.process.pid == pid]
+        victim.stop(signal.SIGKILL)
+
+        job = await api.wait(killed, timeout=120)
+        assert job.state == pb.JOB_STATE_SUCCEEDED and job.attempt == 2, job
+        chunks = await api.logs(killed)
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        assert [(c.seq, c.data) for c in chunks[: len(seen)]] == [(c.seq, c.data) for c in seen]
+        first = b"".join(c.data for c in chunks if c.attempt == 1)
+        second = b"".join(c.data for c in chunks if c.attempt == 2)
+        assert first == mib_of("a", 1) and second == mib_of("b", 2)
+        for i, job_id in enumerate(others):  # some may have run on the killed worker too
+            other = await api.wait(job_id, timeout=120)
+            assert other.state == pb.JOB_STATE_SUCCEEDED
+            assert await api.output(job_id, other.attempt) == mib_of(f"o{i}", 1)
+    finally:
+        await api.aclose()
+        for worker in workers:
+            worker.stop(signal.SIGKILL)
