@@ -72,6 +72,9 @@ class Settings:
     job_timeout: int = 300
     job_log_limit: int = 16 * 1024 * 1024
     job_lease: int = 30
+    # Finished jobs are deleted, with their events and logs, this many seconds after they
+    # end (by a sweep in every server and worker process); 0 keeps them forever.
+    job_retention: int = 7 * 24 * 3600
     # Host admission: the memory limits of every live sandbox of this process (API, pooled,
     # job and one-shot ones) add up to at most (physical memory - memory_reserve_mib) x
     # memory_overcommit. 1.0 is safe: with no swap, and storage on tmpfs charged to each

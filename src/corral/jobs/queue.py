@@ -35,13 +35,14 @@ T = TypeVar("T", LogChunkRow, JobEventRow)
 
 
 class _Reader(Protocol[T]):
-    def __call__(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[T]: ...
+    def __call__(self, job_id: str, offset: int) -> list[T]: ...
 
 
 # How often a follower re-reads the store when no in-process signal can wake it (the
-# job runs in another process), and how many rows one read returns.
+# job runs in another process), and how many rows (and bytes of logs) one read returns.
 POLL_SECONDS = 0.25
 PAGE_ROWS = 500
+PAGE_BYTES = 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -78,6 +79,12 @@ class JobSignals:
         stop = self.cancels.get(job_id)
         if stop is not None:
             stop()
+
+
+def _duration(seconds: int) -> str:
+    if seconds % 86400 == 0:
+        return f"{seconds // 86400} days" if seconds > 86400 else "1 day"
+    return f"{seconds} s"
 
 
 def new_job_id() -> str:
@@ -166,8 +173,18 @@ class JobQueue:
     def get(self, team: Team, job_id: str) -> JobRow:
         row = self.store.job(job_id) if isinstance(job_id, str) and job_id else None
         if row is None or row.team_id != team.id:
-            raise NotFound(f"no job {job_id!r}; check the id with `corral job list`")
+            raise self._not_found(job_id)
         return row
+
+    def _not_found(self, job_id: str) -> NotFound:
+        kept = ""
+        retention = self.settings.job_retention
+        if retention > 0:
+            kept = (
+                f" (finished jobs are deleted, with their logs, {_duration(retention)} "
+                "after they end: CORRAL_JOB_RETENTION)"
+            )
+        return NotFound(f"no job {job_id!r}; check the id with `corral job list`{kept}")
 
     def list_jobs(
         self,
@@ -208,7 +225,8 @@ class JobQueue:
         while True:
             wake = self.signals.watch(job_id)  # before the read: no change is missed
             row = self.store.job(job_id)
-            assert row is not None
+            if row is None:  # deleted by retention since
+                raise self._not_found(job_id)
             left = deadline - time.monotonic()
             if row.final or left <= 0:
                 return row
@@ -245,7 +263,14 @@ class JobQueue:
         """Batches of log chunks from `offset`; the last batch carries the finished job
         when the stream ended because the job did (always with `follow`). A follow also
         ends, within a poll, once `stop` is set (its reader went away)."""
-        batches = self._follow(team, job_id, offset, follow, stop, self.store.job_logs)
+
+        def read(job_id: str, offset: int) -> list[LogChunkRow]:
+            return self.store.job_logs(job_id, offset, PAGE_ROWS, max_bytes=PAGE_BYTES)
+
+        def end(job: JobRow) -> int:
+            return job.next_log_seq
+
+        batches = self._follow(team, job_id, offset, follow, stop, read, end)
         async for batch in batches:
             yield batch
 
@@ -258,7 +283,13 @@ class JobQueue:
         follow: bool = False,
         stop: asyncio.Event | None = None,
     ) -> AsyncIterator[tuple[list[JobEventRow], JobRow | None]]:
-        batches = self._follow(team, job_id, offset, follow, stop, self.store.job_events)
+        def read(job_id: str, offset: int) -> list[JobEventRow]:
+            return self.store.job_events(job_id, offset, PAGE_ROWS)
+
+        def end(job: JobRow) -> int:
+            return job.next_event_seq
+
+        batches = self._follow(team, job_id, offset, follow, stop, read, end)
         async for batch in batches:
             yield batch
 
@@ -270,7 +301,9 @@ class JobQueue:
         follow: bool,
         stop: asyncio.Event | None,
         read: _Reader[T],
+        end: Callable[[JobRow], int],
     ) -> AsyncIterator[tuple[list[T], JobRow | None]]:
+        """Pages of rows from `read`; `end` is the job's next seq of them."""
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest(f"offset={offset!r} must be a whole number >= 0")
         self.get(team, job_id)
@@ -279,11 +312,14 @@ class JobQueue:
             # The job's state is read before its rows: if it had ended, every row it will
             # ever have is written, and this read returns them.
             job = self.store.job(job_id)
-            assert job is not None
-            rows = read(job_id, offset, PAGE_ROWS)
+            if job is None:  # deleted by retention since
+                raise self._not_found(job_id)
+            rows = read(job_id, offset)
             if rows:
                 offset = rows[-1].seq + 1
-            if len(rows) == PAGE_ROWS:
+            if rows and offset < end(job):
+                # The page (bounded in rows and bytes) ended before the rows the job had
+                # when it was read: read on at once.
                 yield rows, None
                 continue
             if job.final or not follow:

@@ -1,4 +1,5 @@
-"""What runs jobs in one process: a worker pool, lease expiry and callback delivery.
+"""What runs jobs in one process: a worker pool, lease expiry, callback delivery and the
+retention sweep.
 
 `corral server` runs one beside the API (its `queue` serves JobService); `corral worker`
 runs one alone against the same store.
@@ -10,6 +11,7 @@ from corral.config import Settings
 from corral.isolation import Engine
 from corral.jobs.callbacks import CallbackDispatcher
 from corral.jobs.queue import JobQueue, JobSignals
+from corral.jobs.retention import Retention
 from corral.jobs.worker import Worker
 from corral.store import Store
 from corral.store.jobs import JobRow
@@ -26,6 +28,7 @@ class JobRuntime:
         lease: float | None = None,
     ) -> None:
         self.signals = JobSignals()
+        self.retention = Retention(store, settings.job_retention)
         self.callbacks = CallbackDispatcher(store)
         self.worker = Worker(
             settings,
@@ -47,7 +50,9 @@ class JobRuntime:
     async def start(self) -> None:
         await self.worker.start()
         self.callbacks.start()
+        self.retention.start()
 
     async def aclose(self) -> None:
+        await self.retention.aclose()
         await self.worker.aclose()
         await self.callbacks.aclose()

@@ -71,6 +71,9 @@ teams = sa.Table(
     sa.Column("max_running_jobs", sa.Integer, nullable=False),
     sa.Column("max_log_mib", sa.Integer, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Bytes of job logs the team's jobs keep (the sum of their `log_bytes`), kept up to
+    # date with every log write and deletion, so the quota check reads one row.
+    sa.Column("log_bytes", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 api_keys = sa.Table(
@@ -200,6 +203,8 @@ jobs = sa.Table(
     sa.Index(None, "team_id", "created_at", "id"),
     # Lease expiry: running jobs by deadline.
     sa.Index(None, "state", "lease_expires_at"),
+    # Retention: finished jobs, oldest first (only final jobs have a finished_at).
+    sa.Index(None, "finished_at"),
 )
 
 job_events = sa.Table(
@@ -216,6 +221,10 @@ job_events = sa.Table(
     sa.Column("data", JSON, nullable=False),
 )
 
+# A job's output, one row per run of one stream in one write. A job's first bytes are in
+# `data`; the rest (SQLite) in the job's log file beside the database (see
+# `corral.store.logfiles`): `file_offset` says where, `data` is then empty. `size` is
+# the chunk's length either way.
 job_logs = sa.Table(
     "job_logs",
     metadata,
@@ -227,6 +236,8 @@ job_logs = sa.Table(
     sa.Column("stream", sa.SmallInteger, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
     sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("file_offset", sa.BigInteger, nullable=True),
 )
 
 # The outbox of callback deliveries: written with the event they carry, delivered by
