@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -18,7 +19,8 @@ from typing import Any
 import pytest
 
 from corral.config import Settings
-from corral.jobs.callbacks import CallbackDispatcher, sign, verify
+from corral.jobs.callback_policy import CallbackPolicy
+from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher, sign, verify
 from corral.store import Store
 from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, NewEvent
 from tests.conftest import new_job_row
@@ -115,8 +117,16 @@ class CallbackReceiver:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run"))
+def local_settings(tmp_path: Path) -> Settings:
+    # The receivers are on loopback, which only an operator's allowlist lets callbacks reach.
+    return Settings(
+        data_dir=tmp_path / "data", runtime_dir=tmp_path / "run", callback_allow="127.0.0.1"
+    )
+
+
+@pytest.fixture
+def store(local_settings: Settings) -> Iterator[Store]:
+    store = Store.open(local_settings)
     yield store
     store.close()
 
@@ -129,13 +139,16 @@ def receiver() -> Iterator[CallbackReceiver]:
 
 
 @pytest.fixture
-async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
+async def dispatchers(
+    store: Store, local_settings: Settings
+) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
     """Makes dispatchers on the store (fast by default); all are closed at the end."""
     made: list[CallbackDispatcher] = []
 
-    def make(**options: Any) -> CallbackDispatcher:
+    def make(policy: CallbackPolicy | None = None, **options: Any) -> CallbackDispatcher:
         options = {"interval": 0.01, "backoff": 0.01, "timeout": 5.0, "hold": 10.0, **options}
-        dispatcher = CallbackDispatcher(store, **options)
+        policy = policy or CallbackPolicy.parse(local_settings.callback_allow)
+        dispatcher = CallbackDispatcher(store, policy, **options)
         made.append(dispatcher)
         return dispatcher
 
@@ -255,12 +268,17 @@ async def test_critical_events_are_retried_until_the_receiver_takes_them(
     assert tries[by_type["step_start"]] == 1
     assert sum(tries.values()) == 4 + 4 + 4
     counts = store.callback_counts([job_id])[job_id]
-    assert (counts.pending, counts.failed, counts.last_error) == (0, 0, "HTTP 500")
+    # The receiver is internal (allowed on loopback): the tenant is not told how it failed.
+    assert (counts.pending, counts.failed, counts.last_error) == (0, 0, INTERNAL_FAILED)
 
 
 async def test_a_receiver_that_always_fails_gets_ten_tries_for_critical_events(
-    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+    store: Store,
+    receiver: CallbackReceiver,
+    dispatchers: Callable[..., CallbackDispatcher],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "corral.jobs.callbacks")
     receiver.fail_all = True
     job_id = run_job(store, receiver.url, ok=False)
     dispatcher = dispatchers(backoff=0.001, max_backoff=0.01)
@@ -273,8 +291,10 @@ async def test_a_receiver_that_always_fails_gets_ten_tries_for_critical_events(
         assert tries[r.delivery] == expected, r.payload["type"]
     assert len(tries) == 6
     counts = store.callback_counts([job_id])[job_id]
-    assert (counts.delivered, counts.failed, counts.last_error) == (0, 6, "HTTP 500")
+    assert (counts.delivered, counts.failed, counts.last_error) == (0, 6, INTERNAL_FAILED)
     assert await dispatcher.deliver_due() == 0  # nothing is left to send
+    # The operator's log has what the tenant is not told.
+    assert "callback to an internal address failed: HTTP 500" in caplog.text
 
 
 async def test_unreachable_receivers_and_jobs_without_a_secret_fail_with_a_reason(
@@ -294,7 +314,7 @@ async def test_unreachable_receivers_and_jobs_without_a_secret_fail_with_a_reaso
     )
     counts = store.callback_counts([unreachable, secretless])
     assert counts[unreachable].failed == 6
-    assert counts[unreachable].last_error.startswith("ConnectError: ")
+    assert counts[unreachable].last_error == INTERNAL_FAILED  # not "ConnectError: refused"
     assert counts[secretless].failed == 6
     assert counts[secretless].last_error == "job has no callback URL or secret"
 

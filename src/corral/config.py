@@ -71,6 +71,13 @@ class Settings:
     job_timeout: int = 300
     job_log_limit: int = 16 * 1024 * 1024
     job_lease: int = 30
+    # Job callbacks: internal receivers the server may POST to (comma-separated CIDRs,
+    # addresses and host names; by default only public addresses are called back), and
+    # how many POSTs a process has in flight at once: in all, to one host:port, per team.
+    callback_allow: str = ""
+    callback_concurrency: int = 64
+    callback_per_destination: int = 4
+    callback_per_team: int = 16
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
