@@ -7,7 +7,9 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,7 +23,7 @@ import pytest
 from corral.config import Settings
 from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher, sign, verify
-from corral.store import Store
+from corral.store import Store, Team
 from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, NewEvent
 from tests.conftest import new_job_row
 
@@ -50,9 +52,9 @@ class Received:
 class CallbackReceiver:
     """An HTTP server that records every POST and answers as told: `fail_first` 500s
     per delivery for critical events (all events when `fail_all`), and it holds each
-    reply until `open` is set."""
+    reply until `open` is set. With `tls`, it speaks HTTPS."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Received] = []
         self.fail_first = 0
         self.fail_all = False
@@ -81,7 +83,10 @@ class CallbackReceiver:
                 pass  # a reply to a client that hung up (a cancelled POST)
 
         self._server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}/hook"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
@@ -157,8 +162,36 @@ async def dispatchers(
         await dispatcher.aclose()
 
 
-def submit(store: Store, url: str | None, secret: str | None = SECRET) -> str:
-    team, _ = store.ensure_default_team()
+class SilentReceiver:
+    """A TCP endpoint on loopback that accepts every connection and never answers."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join()
+        for conn in self.accepted:
+            conn.close()
+
+
+def submit(
+    store: Store, url: str | None, secret: str | None = SECRET, team: Team | None = None
+) -> str:
+    team = team or store.ensure_default_team()[0]
     row = new_job_row(
         team,
         template="default",
@@ -185,8 +218,15 @@ def finish(store: Store, attempt: Attempt, *, ok: bool = True) -> None:
     assert store.end_attempt(attempt, state, f"exit {code}", exit_code=code) is not None
 
 
-def run_job(store: Store, url: str | None, *, ok: bool = True, secret: str | None = SECRET) -> str:
-    job_id = submit(store, url, secret)
+def run_job(
+    store: Store,
+    url: str | None,
+    *,
+    ok: bool = True,
+    secret: str | None = SECRET,
+    team: Team | None = None,
+) -> str:
+    job_id = submit(store, url, secret, team)
     finish(store, start(store, job_id), ok=ok)
     return job_id
 
@@ -341,6 +381,56 @@ async def test_rows_cut_short_by_a_stop_are_sent_again_after_the_hold(
     assert [r.payload["type"] for r in requests] == [OK_TYPES[0], *OK_TYPES]
     assert requests[0].delivery == requests[1].delivery  # at least once: sent twice
     assert len(receiver.tries()) == 6
+
+
+# -- fairness -------------------------------------------------------------------------------
+
+
+async def test_a_receiver_that_never_answers_delays_only_its_own_callbacks(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    # Issue 9, finding 4: 40 jobs of one team calling back to an endpoint that never
+    # answers held another team's callback back by minutes, because a pass claimed the
+    # oldest rows (all theirs) and waited for every POST of the pass to time out.
+    silent = SilentReceiver()
+    try:
+        stalled = [run_job(store, silent.url) for _ in range(40)]
+        other = store.create_team(f"other-{secrets.token_hex(3)}")
+        healthy = run_job(store, receiver.url, team=other)
+        dispatchers(timeout=5.0, hold=10.0, per_destination=4).start()
+
+        await until(
+            lambda: store.callback_counts([healthy])[healthy].delivered == 6,
+            "the healthy receiver's deliveries",
+        )
+        # Delivered while the stalled POSTs still wait for their timeout: none has ended
+        # (a timed-out row is failed, or pending again with an error) ...
+        counts = store.callback_counts(stalled)
+        assert all((c.delivered, c.failed, c.last_error) == (0, 0, "") for c in counts.values())
+        # ... and they were under way meanwhile, no more than 4 at once to one host:port.
+        assert 1 <= len(silent.accepted) <= 4
+        assert [r.payload["type"] for r in receiver.requests()] == OK_TYPES
+    finally:
+        silent.close()
+
+
+async def test_the_total_bound_holds_every_flight(
+    store: Store, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    silents = [SilentReceiver() for _ in range(3)]
+    try:
+        for silent in silents:
+            for _ in range(3):
+                run_job(store, silent.url)
+        dispatcher = dispatchers(timeout=5.0, hold=10.0, concurrency=5, per_destination=2)
+        dispatcher.start()
+        await until(lambda: sum(len(s.accepted) for s in silents) == 5, "five POSTs")
+        await asyncio.sleep(0.5)  # room for a sixth, were the bound not kept
+        assert sum(len(s.accepted) for s in silents) == 5
+        assert all(len(s.accepted) <= 2 for s in silents)
+    finally:
+        for silent in silents:
+            silent.close()
 
 
 # -- signatures -----------------------------------------------------------------------------
