@@ -266,6 +266,27 @@ async def test_the_post_goes_to_the_checked_address_naming_the_host(
     assert resolver.asked == ["hooks.corral.test"] * 6  # once per POST, none in between
 
 
+async def test_proxy_variables_are_not_used(
+    store: Store,
+    receiver: CallbackReceiver,
+    dispatchers: Callable[..., CallbackDispatcher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A proxy would connect wherever it likes, not to the address checked.
+    proxy = CallbackReceiver()
+    try:
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url.removesuffix("/hook"))
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        job_id = run_job(store, receiver.url)
+        dispatchers(CallbackPolicy.parse("127.0.0.1")).start()
+        await until(lambda: store.callback_counts([job_id])[job_id].delivered == 6, "deliveries")
+        assert proxy.requests() == []
+    finally:
+        proxy.close()
+
+
 class Redirector:
     """Answers every POST with a redirect to `location`."""
 

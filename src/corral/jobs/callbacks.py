@@ -164,13 +164,16 @@ class CallbackDispatcher:
         self._per_team = per_team
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            # Each POST connects to the address just checked, with the URL's host in Host
-            # and the TLS server name: a pooled connection, keyed by address, could carry
-            # one host's POST over a TLS session verified for another.
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=0),
+            # A transport of our own: no proxy from the environment, so the POST goes to
+            # the address checked (SSL_CERT_FILE still names the CAs to trust). Each POST
+            # connects to that address with the URL's host in Host and the TLS server
+            # name, so no connection is kept: one pooled by address could carry a host's
+            # POST over a TLS session verified for another.
+            transport=httpx.AsyncHTTPTransport(
+                verify=verify,
+                limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=0),
+            ),
             follow_redirects=False,  # a redirect is not an acknowledgement
-            trust_env=False,  # no proxy from the environment: the POST goes where checked
-            verify=verify,
             headers={"User-Agent": f"corral/{__version__}"},
         )
         self._wake = asyncio.Event()
