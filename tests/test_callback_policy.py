@@ -9,6 +9,7 @@ these tests let through goes to a receiver on loopback, which they allow explici
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import secrets
@@ -27,6 +28,7 @@ import pytest
 
 from corral.config import Settings
 from corral.errors import CallbackRefused, InvalidRequest
+from corral.jobs import callback_policy
 from corral.jobs.callback_policy import ALLOW_SETTING, CallbackPolicy, StaticResolver
 from corral.jobs.callbacks import REFUSED, CallbackDispatcher
 from corral.jobs.queue import JobQueue
@@ -120,6 +122,22 @@ async def test_a_name_with_any_internal_address_is_refused_without_echoing_it() 
     assert "link-local" in message and "169.254" not in message.split("(")[0]
     message = await refusal(policy, "http://nowhere.example.com/")
     assert "does not resolve" in message
+
+
+class HangingResolver:
+    """A resolver whose server never answers."""
+
+    async def resolve(self, host: str) -> list[str]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_resolver_that_never_answers_is_a_refusal_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(callback_policy, "RESOLVE_TIMEOUT", 0.05)
+    message = await refusal(CallbackPolicy(resolver=HangingResolver()), "http://slow.example.com/")
+    assert message.endswith("does not resolve from this server (no answer in time)")
 
 
 async def test_the_allowlist_lets_networks_and_names_through_and_nothing_else() -> None:

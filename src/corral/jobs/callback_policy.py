@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 ALLOW_SETTING = "CORRAL_CALLBACK_ALLOW"
+RESOLVE_TIMEOUT = 5.0  # seconds a check waits for the resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -171,11 +172,13 @@ class CallbackPolicy:
             addresses = [literal]
         else:
             try:
-                answers = await self.resolver.resolve(host)
+                async with asyncio.timeout(RESOLVE_TIMEOUT):
+                    answers = await self.resolver.resolve(host)
                 addresses = [_unmapped(ipaddress.ip_address(a)) for a in answers]
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError) as exc:  # TimeoutError is an OSError
                 raise CallbackRefused(
-                    f"callback_url: host {host!r} does not resolve from this server ({exc})"
+                    f"callback_url: host {host!r} does not resolve from this server "
+                    f"({str(exc) or 'no answer in time'})"
                 ) from None
             if not addresses:
                 raise CallbackRefused(f"callback_url: host {host!r} has no address")

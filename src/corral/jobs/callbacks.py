@@ -150,7 +150,10 @@ class CallbackDispatcher:
             # and sent again by another dispatcher meanwhile.
             raise ValueError(f"hold ({hold}s) must be longer than timeout ({timeout}s)")
         if min(concurrency, per_destination, per_team) < 1:
-            raise ValueError("concurrency, per_destination and per_team must be at least 1")
+            raise ValueError(
+                "callback concurrency limits must be at least 1: check CORRAL_CALLBACK_"
+                "CONCURRENCY, CORRAL_CALLBACK_PER_DESTINATION and CORRAL_CALLBACK_PER_TEAM"
+            )
         self.store = store
         self.policy = policy or CallbackPolicy()
         self._interval = interval
