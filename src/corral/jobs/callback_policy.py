@@ -15,8 +15,8 @@ host names, comma-separated.
 The host is resolved once per check and every address must pass; the caller connects to
 a checked address rather than the name, so a DNS answer that changes between the check
 and the connection (rebinding) cannot point the POST somewhere else. Resolution goes
-through a `Resolver`: `SystemResolver` in production, `StaticResolver` where a test or
-an operator wants fixed answers.
+through a `Resolver`: `SystemResolver` in production, `StaticResolver` (a fake with fixed
+answers, rebinding included) in tests.
 """
 
 from __future__ import annotations
