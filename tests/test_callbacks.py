@@ -436,6 +436,52 @@ async def test_the_total_bound_holds_every_flight(
             silent.close()
 
 
+class EndlessReplies:
+    """Acknowledges every POST with a 200 whose body never ends."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.send_response(200)
+                self.send_header("Content-Length", str(1 << 40))
+                self.end_headers()
+                chunk = b"x" * 65536
+                try:
+                    while True:
+                        self.wfile.write(chunk)
+                except OSError:
+                    return  # the client hung up
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+async def test_a_reply_body_is_never_read(
+    store: Store, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    # A receiver could answer with gigabytes: the status is the acknowledgement.
+    endless = EndlessReplies()
+    try:
+        job_id = run_job(store, endless.url)
+        dispatchers(timeout=5.0).start()
+        await until(lambda: store.callback_counts([job_id])[job_id].delivered == 6, "deliveries")
+        assert store.callback_counts([job_id])[job_id].last_error == ""
+    finally:
+        endless.close()
+
+
 # -- signatures -----------------------------------------------------------------------------
 
 

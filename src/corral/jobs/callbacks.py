@@ -337,13 +337,17 @@ class CallbackDispatcher:
         extensions = {} if target.literal else {"sni_hostname": target.host}
         error: Exception | None = None
         for address in target.addresses:
+            request = self._client.build_request(
+                "POST",
+                url.copy_with(host=str(address), port=target.port),
+                content=body,
+                headers=headers,
+                extensions=extensions,
+            )
             try:
-                reply = await self._client.post(
-                    url.copy_with(host=str(address), port=target.port),
-                    content=body,
-                    headers=headers,
-                    extensions=extensions,
-                )
+                # Only the status is read: a receiver's body, however large, is not.
+                reply = await self._client.send(request, stream=True)
+                await reply.aclose()
             except httpx.ConnectError as exc:
                 error = exc  # the next address may answer
                 continue
