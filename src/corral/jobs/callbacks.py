@@ -310,7 +310,8 @@ class CallbackDispatcher:
             # POST past the claim's hold.
             async with asyncio.timeout(self._timeout):
                 target = await self.policy.check(url)
-                return await self._send(row, target, secret)
+                await self._send(row, target, secret)
+                return None
         except CallbackRefused as exc:
             log.warning("callback refused by the policy: %s", exc, extra=extra)
             return REFUSED
@@ -323,7 +324,9 @@ class CallbackDispatcher:
             return INTERNAL_FAILED
         return detail
 
-    async def _send(self, row: CallbackRow, target: CallbackTarget, secret: str) -> str | None:
+    async def _send(self, row: CallbackRow, target: CallbackTarget, secret: str) -> None:
+        """POST to the target's addresses in turn until one connects; _Failed unless the
+        receiver acknowledged it."""
         body = _body(row.payload)
         headers = {
             "Content-Type": "application/json",
@@ -355,7 +358,7 @@ class CallbackDispatcher:
                 error = exc
                 break
             if reply.is_success:
-                return None
+                return
             raise _Failed(f"HTTP {reply.status_code}")
         assert error is not None
         raise _Failed(f"{type(error).__name__}: {str(error) or 'no detail'}")
