@@ -238,8 +238,10 @@ def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
 
 @pytest.fixture(scope="session")
 def server(settings: Settings) -> Iterator[LiveServer]:
-    """One server for the session; tests that stop servers start their own."""
-    live = start_server(settings, settings.runtime_dir / "server-data")
+    """One server for the session; tests that stop servers start their own. Its callbacks
+    may go to receivers on loopback (the tests'), which a server refuses by default."""
+    allow = {"CORRAL_CALLBACK_ALLOW": "127.0.0.1"}
+    live = start_server(settings, settings.runtime_dir / "server-data", extra_env=allow)
     try:
         yield live
     finally:

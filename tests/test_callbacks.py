@@ -6,7 +6,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
+import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,8 +21,9 @@ from typing import Any
 import pytest
 
 from corral.config import Settings
-from corral.jobs.callbacks import CallbackDispatcher, sign, verify
-from corral.store import Store
+from corral.jobs.callback_policy import CallbackPolicy
+from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher, sign, verify
+from corral.store import Store, Team
 from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, NewEvent
 from tests.conftest import new_job_row
 
@@ -48,9 +52,9 @@ class Received:
 class CallbackReceiver:
     """An HTTP server that records every POST and answers as told: `fail_first` 500s
     per delivery for critical events (all events when `fail_all`), and it holds each
-    reply until `open` is set."""
+    reply until `open` is set. With `tls`, it speaks HTTPS."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Received] = []
         self.fail_first = 0
         self.fail_all = False
@@ -79,7 +83,10 @@ class CallbackReceiver:
                 pass  # a reply to a client that hung up (a cancelled POST)
 
         self._server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}/hook"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
@@ -115,8 +122,16 @@ class CallbackReceiver:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run"))
+def local_settings(tmp_path: Path) -> Settings:
+    # The receivers are on loopback, which only an operator's allowlist lets callbacks reach.
+    return Settings(
+        data_dir=tmp_path / "data", runtime_dir=tmp_path / "run", callback_allow="127.0.0.1"
+    )
+
+
+@pytest.fixture
+def store(local_settings: Settings) -> Iterator[Store]:
+    store = Store.open(local_settings)
     yield store
     store.close()
 
@@ -129,13 +144,16 @@ def receiver() -> Iterator[CallbackReceiver]:
 
 
 @pytest.fixture
-async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
+async def dispatchers(
+    store: Store, local_settings: Settings
+) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
     """Makes dispatchers on the store (fast by default); all are closed at the end."""
     made: list[CallbackDispatcher] = []
 
-    def make(**options: Any) -> CallbackDispatcher:
+    def make(policy: CallbackPolicy | None = None, **options: Any) -> CallbackDispatcher:
         options = {"interval": 0.01, "backoff": 0.01, "timeout": 5.0, "hold": 10.0, **options}
-        dispatcher = CallbackDispatcher(store, **options)
+        policy = policy or CallbackPolicy.parse(local_settings.callback_allow)
+        dispatcher = CallbackDispatcher(store, policy, **options)
         made.append(dispatcher)
         return dispatcher
 
@@ -144,8 +162,36 @@ async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispa
         await dispatcher.aclose()
 
 
-def submit(store: Store, url: str | None, secret: str | None = SECRET) -> str:
-    team, _ = store.ensure_default_team()
+class SilentReceiver:
+    """A TCP endpoint on loopback that accepts every connection and never answers."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join()
+        for conn in self.accepted:
+            conn.close()
+
+
+def submit(
+    store: Store, url: str | None, secret: str | None = SECRET, team: Team | None = None
+) -> str:
+    team = team or store.ensure_default_team()[0]
     row = new_job_row(
         team,
         template="default",
@@ -172,8 +218,15 @@ def finish(store: Store, attempt: Attempt, *, ok: bool = True) -> None:
     assert store.end_attempt(attempt, state, f"exit {code}", exit_code=code) is not None
 
 
-def run_job(store: Store, url: str | None, *, ok: bool = True, secret: str | None = SECRET) -> str:
-    job_id = submit(store, url, secret)
+def run_job(
+    store: Store,
+    url: str | None,
+    *,
+    ok: bool = True,
+    secret: str | None = SECRET,
+    team: Team | None = None,
+) -> str:
+    job_id = submit(store, url, secret, team)
     finish(store, start(store, job_id), ok=ok)
     return job_id
 
@@ -255,12 +308,17 @@ async def test_critical_events_are_retried_until_the_receiver_takes_them(
     assert tries[by_type["step_start"]] == 1
     assert sum(tries.values()) == 4 + 4 + 4
     counts = store.callback_counts([job_id])[job_id]
-    assert (counts.pending, counts.failed, counts.last_error) == (0, 0, "HTTP 500")
+    # The receiver is internal (allowed on loopback): the tenant is not told how it failed.
+    assert (counts.pending, counts.failed, counts.last_error) == (0, 0, INTERNAL_FAILED)
 
 
 async def test_a_receiver_that_always_fails_gets_ten_tries_for_critical_events(
-    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+    store: Store,
+    receiver: CallbackReceiver,
+    dispatchers: Callable[..., CallbackDispatcher],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "corral.jobs.callbacks")
     receiver.fail_all = True
     job_id = run_job(store, receiver.url, ok=False)
     dispatcher = dispatchers(backoff=0.001, max_backoff=0.01)
@@ -273,8 +331,10 @@ async def test_a_receiver_that_always_fails_gets_ten_tries_for_critical_events(
         assert tries[r.delivery] == expected, r.payload["type"]
     assert len(tries) == 6
     counts = store.callback_counts([job_id])[job_id]
-    assert (counts.delivered, counts.failed, counts.last_error) == (0, 6, "HTTP 500")
+    assert (counts.delivered, counts.failed, counts.last_error) == (0, 6, INTERNAL_FAILED)
     assert await dispatcher.deliver_due() == 0  # nothing is left to send
+    # The operator's log has what the tenant is not told.
+    assert "callback to an internal address failed: HTTP 500" in caplog.text
 
 
 async def test_unreachable_receivers_and_jobs_without_a_secret_fail_with_a_reason(
@@ -294,7 +354,7 @@ async def test_unreachable_receivers_and_jobs_without_a_secret_fail_with_a_reaso
     )
     counts = store.callback_counts([unreachable, secretless])
     assert counts[unreachable].failed == 6
-    assert counts[unreachable].last_error.startswith("ConnectError: ")
+    assert counts[unreachable].last_error == INTERNAL_FAILED  # not "ConnectError: refused"
     assert counts[secretless].failed == 6
     assert counts[secretless].last_error == "job has no callback URL or secret"
 
@@ -321,6 +381,105 @@ async def test_rows_cut_short_by_a_stop_are_sent_again_after_the_hold(
     assert [r.payload["type"] for r in requests] == [OK_TYPES[0], *OK_TYPES]
     assert requests[0].delivery == requests[1].delivery  # at least once: sent twice
     assert len(receiver.tries()) == 6
+
+
+# -- fairness -------------------------------------------------------------------------------
+
+
+async def test_a_receiver_that_never_answers_delays_only_its_own_callbacks(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    # Issue 9, finding 4: 40 jobs of one team calling back to an endpoint that never
+    # answers held another team's callback back by minutes, because a pass claimed the
+    # oldest rows (all theirs) and waited for every POST of the pass to time out.
+    silent = SilentReceiver()
+    try:
+        stalled = [run_job(store, silent.url) for _ in range(40)]
+        other = store.create_team(f"other-{secrets.token_hex(3)}")
+        healthy = run_job(store, receiver.url, team=other)
+        dispatchers(timeout=5.0, hold=10.0, per_destination=4).start()
+
+        await until(
+            lambda: store.callback_counts([healthy])[healthy].delivered == 6,
+            "the healthy receiver's deliveries",
+        )
+        # Delivered while the stalled POSTs still wait for their timeout: none has ended
+        # (a timed-out row is failed, or pending again with an error) ...
+        counts = store.callback_counts(stalled)
+        connections = len(silent.accepted)
+        assert all((c.delivered, c.failed, c.last_error) == (0, 0, "") for c in counts.values())
+        # ... no more than 4 at once to one host:port (none has timed out yet, so each
+        # connection so far is still open), and they were under way meanwhile.
+        assert connections <= 4
+        await until(lambda: len(silent.accepted) >= 1, "the stalled POSTs", timeout=3)
+        assert [r.payload["type"] for r in receiver.requests()] == OK_TYPES
+    finally:
+        silent.close()
+
+
+async def test_the_total_bound_holds_every_flight(
+    store: Store, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    silents = [SilentReceiver() for _ in range(3)]
+    try:
+        for silent in silents:
+            for _ in range(3):
+                run_job(store, silent.url)
+        dispatcher = dispatchers(timeout=5.0, hold=10.0, concurrency=5, per_destination=2)
+        dispatcher.start()
+        await until(lambda: sum(len(s.accepted) for s in silents) == 5, "five POSTs")
+        await asyncio.sleep(0.5)  # room for a sixth, were the bound not kept
+        assert sum(len(s.accepted) for s in silents) == 5
+        assert all(len(s.accepted) <= 2 for s in silents)
+    finally:
+        for silent in silents:
+            silent.close()
+
+
+class EndlessReplies:
+    """Acknowledges every POST with a 200 whose body never ends."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.send_response(200)
+                self.send_header("Content-Length", str(1 << 40))
+                self.end_headers()
+                chunk = b"x" * 65536
+                try:
+                    while True:
+                        self.wfile.write(chunk)
+                except OSError:
+                    return  # the client hung up
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+async def test_a_reply_body_is_never_read(
+    store: Store, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    # A receiver could answer with gigabytes: the status is the acknowledgement.
+    endless = EndlessReplies()
+    try:
+        job_id = run_job(store, endless.url)
+        dispatchers(timeout=5.0).start()
+        await until(lambda: store.callback_counts([job_id])[job_id].delivered == 6, "deliveries")
+        assert store.callback_counts([job_id])[job_id].last_error == ""
+    finally:
+        endless.close()
 
 
 # -- signatures -----------------------------------------------------------------------------

@@ -75,6 +75,13 @@ class Settings:
     # Finished jobs are deleted, with their events and logs, this many seconds after they
     # end (by a sweep in every server and worker process); 0 keeps them forever.
     job_retention: int = 7 * 24 * 3600
+    # Job callbacks: internal receivers the server may POST to (comma-separated CIDRs,
+    # addresses and host names; by default only public addresses are called back), and
+    # how many POSTs a process has in flight at once: in all, to one host:port, per team.
+    callback_allow: str = ""
+    callback_concurrency: int = 64
+    callback_per_destination: int = 4
+    callback_per_team: int = 16
     # Host admission: the memory limits of every live sandbox of this process (API, pooled,
     # job and one-shot ones) add up to at most (physical memory - memory_reserve_mib) x
     # memory_overcommit. 1.0 is safe: with no swap, and storage on tmpfs charged to each

@@ -4,7 +4,8 @@
     ├── InvalidRequest            bad input: the call changed nothing
     │   ├── UnknownTemplate
     │   ├── UnknownBackend
-    │   └── InvalidLimits
+    │   ├── InvalidLimits
+    │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
     ├── AuthError
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
@@ -61,6 +62,11 @@ class UnknownBackend(InvalidRequest):
 
 class InvalidLimits(InvalidRequest):
     """A resource limit is out of range."""
+
+
+class CallbackRefused(InvalidRequest):
+    """The server's callback policy refuses this callback URL; use a public address, or
+    ask the operator to allow it (CORRAL_CALLBACK_ALLOW)."""
 
 
 class NotFound(CorralError):

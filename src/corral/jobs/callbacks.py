@@ -14,11 +14,14 @@ receiving side. No API key or token is ever sent: the secret proves the sender.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import ssl
 import time
+from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,9 +29,11 @@ from typing import Any
 import httpx
 
 from corral import __version__
+from corral.errors import CallbackRefused
+from corral.jobs.callback_policy import CallbackPolicy, CallbackTarget, destination
 from corral.store.jobs import CALLBACK_ATTEMPTS, CallbackRow, JobStore
 
-__all__ = ["CallbackDispatcher", "sign", "verify"]
+__all__ = ["INTERNAL_FAILED", "REFUSED", "CallbackDispatcher", "sign", "verify"]
 
 log = logging.getLogger("corral.jobs.callbacks")
 
@@ -84,6 +89,20 @@ def _digest(secret: str, body: bytes, timestamp: int) -> str:
     return hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
+# What the tenant sees (the job's callback last_error) for a refused URL, and for any
+# failure to reach an address the operator allowed: whether an internal host:port
+# answered, and how, would map the server's network for them. The log has the detail.
+REFUSED = "refused by the server's callback policy"
+INTERNAL_FAILED = "delivery failed (the server's log has the details)"
+
+# How many due jobs a pass looks at to find ones whose limits have room.
+_SCAN = 10_000
+
+
+class _Failed(Exception):
+    """A POST that got no acknowledgement; the message says how."""
+
+
 def _body(payload: Mapping[str, Any]) -> bytes:
     # Compact and key-sorted: a row sent again is the same bytes.
     return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
@@ -92,10 +111,18 @@ def _body(payload: Mapping[str, Any]) -> bytes:
 class CallbackDispatcher:
     """Delivers due outbox rows in the background of a server or worker process.
 
-        dispatcher = CallbackDispatcher(store)
+        dispatcher = CallbackDispatcher(store, CallbackPolicy.parse(settings.callback_allow))
         dispatcher.start()
         dispatcher.wake()          # a job ended: send its `done` now, not next tick
         await dispatcher.aclose()
+
+    Each job's rows go one after another, in outbox (event) order; jobs go at once, up to
+    `concurrency` in all, `per_destination` to one host:port and `per_team` of one team,
+    so a receiver that never answers holds only its own slots (each POST is bounded by
+    `connect_timeout` and `timeout`) and the others' deliveries pass it by.
+
+    Every POST goes to an address the policy checked just before (see callback_policy):
+    a refused URL is not contacted, and the tenant learns only that it was refused.
 
     Critical events (`done`, `error`, `step_end`) are retried with exponential backoff
     up to CALLBACK_ATTEMPTS times; the others are tried once.
@@ -104,32 +131,58 @@ class CallbackDispatcher:
     def __init__(
         self,
         store: JobStore,
+        policy: CallbackPolicy | None = None,
         *,
         interval: float = 0.2,
+        connect_timeout: float = 5.0,
         timeout: float = 10.0,
         backoff: float = 1.0,
         max_backoff: float = 300.0,
         batch: int = 32,
         hold: float = 60.0,
+        concurrency: int = 64,
+        per_destination: int = 4,
+        per_team: int = 16,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if hold <= timeout:
             # A POST still waiting for its reply when the hold runs out would be claimed
             # and sent again by another dispatcher meanwhile.
             raise ValueError(f"hold ({hold}s) must be longer than timeout ({timeout}s)")
+        if min(concurrency, per_destination, per_team) < 1:
+            raise ValueError(
+                "callback concurrency limits must be at least 1: check CORRAL_CALLBACK_"
+                "CONCURRENCY, CORRAL_CALLBACK_PER_DESTINATION and CORRAL_CALLBACK_PER_TEAM"
+            )
         self.store = store
+        self.policy = policy or CallbackPolicy()
         self._interval = interval
         self._timeout = timeout
         self._backoff = backoff
         self._max_backoff = max_backoff
         self._batch = batch
         self._hold = hold
+        self._concurrency = concurrency
+        self._per_destination = per_destination
+        self._per_team = per_team
         self._client = httpx.AsyncClient(
-            timeout=timeout,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            # A transport of our own: no proxy from the environment, so the POST goes to
+            # the address checked (SSL_CERT_FILE still names the CAs to trust). Each POST
+            # connects to that address with the URL's host in Host and the TLS server
+            # name, so no connection is kept: one pooled by address could carry a host's
+            # POST over a TLS session verified for another.
+            transport=httpx.AsyncHTTPTransport(
+                verify=verify,
+                limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=0),
+            ),
             follow_redirects=False,  # a redirect is not an acknowledgement
             headers={"User-Agent": f"corral/{__version__}"},
         )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._flights: dict[str, asyncio.Task[int]] = {}  # job id -> its deliveries
+        self._busy: Counter[str] = Counter()  # "team <id>" / "host:port" -> flights
 
     def start(self) -> None:
         if self._client.is_closed:
@@ -145,54 +198,79 @@ class CallbackDispatcher:
         """Stop the loop. POSTs in flight are cut short: their rows stay pending and are
         sent again once their hold runs out."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                # Our own cancellation of the task, unless the caller is cancelled too.
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-        await self._client.aclose()
+        tasks = [t for t in (task, *self._flights.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        try:
+            # Their own cancellations come back as results; the caller's, if it is
+            # cancelled too, is raised.
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await self._client.aclose()
 
     async def deliver_due(self) -> int:
-        """One pass: claim due rows, POST them, record each outcome. Returns how many
-        rows were attempted."""
-        rows = self.store.due_callbacks(self._batch, self._hold)
-        if not rows:
-            return 0
-        # No POST may start so late that it could outlive the claim's hold.
-        deadline = asyncio.get_running_loop().time() + self._hold - self._timeout
-        # Rows of one job go one after another, in outbox (event) order; jobs in parallel.
-        by_job: dict[str, list[CallbackRow]] = {}
-        for row in rows:
-            by_job.setdefault(row.job_id, []).append(row)
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(self._deliver_job(job_id, job_rows, deadline))
-                for job_id, job_rows in by_job.items()
-            ]
-        return sum(t.result() for t in tasks)
+        """One pass: claim what is due and may go now, POST it, record each outcome.
+        Returns how many rows were attempted."""
+        started = self._start_due()
+        return sum(await asyncio.gather(*started))
 
-    # -- inside a pass ------------------------------------------------------------------
+    # -- passes ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
             self._wake.clear()
             try:
-                attempted = await self.deliver_due()
+                self._start_due()
             except Exception:
                 log.exception("callback pass failed; trying again next tick")
-                attempted = 0
-            if attempted >= self._batch:
-                await asyncio.sleep(0)  # more may be due: go again, but let others run
-                continue
             try:
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    def _start_due(self) -> list[asyncio.Task[int]]:
+        """Start the due jobs whose limits have room; each runs until its rows are done.
+        A job over a limit is not claimed, so it waits without holding anything."""
+        free = self._concurrency - len(self._flights)
+        if free <= 0:
+            return []
+        chosen: dict[str, tuple[str, str]] = {}
+        busy = Counter(self._busy)
+        for due in self.store.due_callback_jobs(_SCAN, exclude=list(self._flights)):
+            keys = (f"team {due.team_id}", destination(due.callback_url or ""))
+            if busy[keys[0]] >= self._per_team or busy[keys[1]] >= self._per_destination:
+                continue
+            busy.update(keys)
+            chosen[due.job_id] = keys
+            if len(chosen) == free:
+                break
+        if not chosen:
+            return []
+        rows = self.store.due_callbacks(self._batch, self._hold, job_ids=list(chosen))
+        # No POST may start so late that it could outlive the claim's hold.
+        deadline = asyncio.get_running_loop().time() + self._hold - self._timeout
+        by_job: dict[str, list[CallbackRow]] = {}
+        for row in rows:
+            by_job.setdefault(row.job_id, []).append(row)
+        started = []
+        for job_id, job_rows in by_job.items():  # a job missing here: another took it
+            keys = chosen[job_id]
+            self._busy.update(keys)
+            task = asyncio.create_task(
+                self._deliver_job(job_id, job_rows, deadline), name=f"corral-callbacks-{job_id}"
+            )
+            self._flights[job_id] = task
+            task.add_done_callback(functools.partial(self._landed, job_id, keys))
+            started.append(task)
+        return started
+
+    def _landed(self, job_id: str, keys: tuple[str, ...], _: asyncio.Task[int]) -> None:
+        self._flights.pop(job_id, None)
+        self._busy.subtract(keys)
+        self._wake.set()  # a slot is free: what waited for it goes now
+
+    # -- one job --------------------------------------------------------------------------
 
     async def _deliver_job(self, job_id: str, rows: list[CallbackRow], deadline: float) -> int:
         loop = asyncio.get_running_loop()
@@ -222,7 +300,33 @@ class CallbackDispatcher:
         return attempted
 
     async def _post(self, row: CallbackRow, url: str, secret: str) -> str | None:
-        """POST one row; None when the receiver acknowledged it, else why not."""
+        """POST one row; None when the receiver acknowledged it, else why not, as the
+        tenant may see it: nothing about refused or internal hosts (the log has it)."""
+        extra = {"job_id": row.job_id, "delivery": row.id, "url": url}
+        target: CallbackTarget | None = None
+        try:
+            # httpx's timeouts bound the connect and each read; this the whole exchange
+            # (resolving included), so a receiver trickling its reply cannot hold the
+            # POST past the claim's hold.
+            async with asyncio.timeout(self._timeout):
+                target = await self.policy.check(url)
+                await self._send(row, target, secret)
+                return None
+        except CallbackRefused as exc:
+            log.warning("callback refused by the policy: %s", exc, extra=extra)
+            return REFUSED
+        except TimeoutError:
+            detail = f"Timeout: no reply within {self._timeout:g}s"
+        except _Failed as exc:
+            detail = str(exc)
+        if target is None or not target.public:
+            log.info("callback to an internal address failed: %s", detail, extra=extra)
+            return INTERNAL_FAILED
+        return detail
+
+    async def _send(self, row: CallbackRow, target: CallbackTarget, secret: str) -> None:
+        """POST to the target's addresses in turn until one connects; _Failed unless the
+        receiver acknowledged it."""
         body = _body(row.payload)
         headers = {
             "Content-Type": "application/json",
@@ -231,18 +335,33 @@ class CallbackDispatcher:
             "X-Corral-Job": row.job_id,
             "X-Corral-Delivery": str(row.id),
         }
-        try:
-            # httpx's timeout bounds each read; this bounds the whole exchange, so a
-            # receiver trickling its reply cannot hold the POST past the claim's hold.
-            async with asyncio.timeout(self._timeout):
-                reply = await self._client.post(url, content=body, headers=headers)
-        except TimeoutError:
-            return f"Timeout: no reply within {self._timeout:g}s"
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {str(exc) or 'no detail'}"
-        if reply.is_success:
-            return None
-        return f"HTTP {reply.status_code}"
+        url = httpx.URL(target.url)
+        headers["Host"] = url.netloc.decode("ascii")
+        extensions = {} if target.literal else {"sni_hostname": target.host}
+        error: Exception | None = None
+        for address in target.addresses:
+            request = self._client.build_request(
+                "POST",
+                url.copy_with(host=str(address), port=target.port),
+                content=body,
+                headers=headers,
+                extensions=extensions,
+            )
+            try:
+                # Only the status is read: a receiver's body, however large, is not.
+                reply = await self._client.send(request, stream=True)
+                await reply.aclose()
+            except httpx.ConnectError as exc:
+                error = exc  # the next address may answer
+                continue
+            except httpx.HTTPError as exc:
+                error = exc
+                break
+            if reply.is_success:
+                return
+            raise _Failed(f"HTTP {reply.status_code}")
+        assert error is not None
+        raise _Failed(f"{type(error).__name__}: {str(error) or 'no detail'}")
 
     def _record(self, row: CallbackRow, error: str | None, *, final: bool = False) -> None:
         extra = {

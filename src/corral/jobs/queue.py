@@ -1,7 +1,7 @@
 """The job service: submit, read, cancel and retry a team's jobs; follow their output.
 
     queue = JobQueue(store, settings, signals=signals, isolations=("auto", "namespace"))
-    job, created, secret = queue.submit(team, JobSpec.from_dict(data), idempotency_key="k1")
+    job, created, secret = await queue.submit(team, JobSpec.from_dict(data), idempotency_key="k1")
     async for chunks in queue.follow_logs(team, job.id, offset=0, follow=True): ...
 
 Everything a reader sees comes from the store, so a reader never sees output that a
@@ -24,6 +24,7 @@ from corral.config import Settings
 from corral.errors import InvalidRequest, IsolationUnavailable, NotFound
 from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
+from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.spec import JobSpec, check_labels
 from corral.store import Store, Team
 from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
@@ -101,9 +102,12 @@ class JobQueue:
         *,
         signals: JobSignals | None = None,
         isolations: Sequence[str] | None = None,
+        callback_policy: CallbackPolicy | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
+        # Which callback URLs Submit accepts (the dispatcher checks them again).
+        self.callback_policy = callback_policy or CallbackPolicy.parse(settings.callback_allow)
         self.signals = signals or JobSignals()
         # What this process's workers can give; None: no workers here, any tier is
         # accepted for workers elsewhere.
@@ -111,7 +115,7 @@ class JobQueue:
 
     # -- requests -----------------------------------------------------------------------
 
-    def submit(
+    async def submit(
         self, team: Team, spec: JobSpec, idempotency_key: str = ""
     ) -> tuple[JobRow, bool, str]:
         """Queue a job: (its row, whether this call created it, its callback secret)."""
@@ -132,6 +136,8 @@ class JobQueue:
                 f"(they give {', '.join(self.isolations)}); run `corral doctor` to see "
                 "what is missing, or submit with another isolation"
             )
+        if spec.callback_url:
+            await self.callback_policy.check(spec.callback_url)  # CallbackRefused names the rule
         now = datetime.now(UTC)
         secret = secrets.token_hex(32) if spec.callback_url else None
         row = JobRow(

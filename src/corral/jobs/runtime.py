@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from corral.config import Settings
 from corral.isolation import Engine
+from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.callbacks import CallbackDispatcher
 from corral.jobs.queue import JobQueue, JobSignals
 from corral.jobs.retention import Retention
@@ -29,7 +30,15 @@ class JobRuntime:
     ) -> None:
         self.signals = JobSignals()
         self.retention = Retention(store, settings.job_retention)
-        self.callbacks = CallbackDispatcher(store)
+        # One policy for both ends: what Submit accepts and where deliveries may go.
+        policy = CallbackPolicy.parse(settings.callback_allow)
+        self.callbacks = CallbackDispatcher(
+            store,
+            policy,
+            concurrency=settings.callback_concurrency,
+            per_destination=settings.callback_per_destination,
+            per_team=settings.callback_per_team,
+        )
         self.worker = Worker(
             settings,
             store,
@@ -41,7 +50,9 @@ class JobRuntime:
         )
         # With no workers here, any isolation is accepted for workers elsewhere.
         isolations = self.worker.isolations if self.worker.concurrency > 0 else None
-        self.queue = JobQueue(store, settings, signals=self.signals, isolations=isolations)
+        self.queue = JobQueue(
+            store, settings, signals=self.signals, isolations=isolations, callback_policy=policy
+        )
 
     def _ended(self, row: JobRow) -> None:
         if row.callback_url:

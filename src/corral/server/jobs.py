@@ -138,7 +138,7 @@ class JobHandlers(Handlers):
         if not request.HasField("spec"):
             raise InvalidRequest("spec is missing: say what to run (kind and its fields)")
         spec = JobSpec.from_proto(request.spec)
-        row, created, secret = self._queue.submit(team, spec, request.idempotency_key)
+        row, created, secret = await self._queue.submit(team, spec, request.idempotency_key)
         return pb.SubmitJobResponse(job=self._job(row), callback_secret=secret, created=created)
 
     async def get(self, request: pb.GetJobRequest, ctx: Ctx) -> pb.GetJobResponse:

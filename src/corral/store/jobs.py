@@ -136,6 +136,15 @@ class CallbackRow:
 
 
 @dataclass(frozen=True)
+class DueCallbacks:
+    """A job with callback deliveries due, and what limits how many go at once."""
+
+    job_id: str
+    team_id: str
+    callback_url: str | None
+
+
+@dataclass(frozen=True)
 class CallbackCounts:
     delivered: int = 0
     pending: int = 0
@@ -753,22 +762,44 @@ class JobStore(Database):
 
     # -- callbacks ----------------------------------------------------------------------
 
-    def due_callbacks(self, limit: int, hold: float) -> list[CallbackRow]:
-        """Claim pending deliveries that are due: each is held for `hold` seconds (its
-        next attempt moves past that), so another process does not send it meanwhile."""
+    def due_callback_jobs(self, limit: int, exclude: Sequence[str] = ()) -> list[DueCallbacks]:
+        """Jobs with deliveries due now, the one waiting longest first, unclaimed: what a
+        dispatcher chooses from (`exclude`: the jobs it is sending already)."""
+        first = sa.func.min(job_callbacks.c.id).label("first")
+        query = (
+            sa.select(job_callbacks.c.job_id, jobs.c.team_id, jobs.c.callback_url, first)
+            .join(jobs, jobs.c.id == job_callbacks.c.job_id)
+            .where(job_callbacks.c.state == "pending")
+            .where(job_callbacks.c.next_attempt_at <= _now())
+            .group_by(job_callbacks.c.job_id, jobs.c.team_id, jobs.c.callback_url)
+            .order_by(first)
+            .limit(limit)
+        )
+        if exclude:
+            query = query.where(job_callbacks.c.job_id.not_in(list(exclude)))
+        with self._read() as conn:
+            return [DueCallbacks(r.job_id, r.team_id, r.callback_url) for r in conn.execute(query)]
+
+    def due_callbacks(
+        self, limit: int, hold: float, job_ids: Sequence[str] | None = None
+    ) -> list[CallbackRow]:
+        """Claim pending deliveries that are due (with `job_ids`: theirs, up to `limit`
+        per job), oldest first: each is held for `hold` seconds (its next attempt moves
+        past that), so another process does not send it meanwhile."""
         now = _now()
+        due = (
+            sa.select(job_callbacks)
+            .where(job_callbacks.c.state == "pending")
+            .where(job_callbacks.c.next_attempt_at <= now)
+            .order_by(job_callbacks.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        queries = (
+            [due] if job_ids is None else [due.where(job_callbacks.c.job_id == j) for j in job_ids]
+        )
         with self._write() as conn:
-            found = [
-                CallbackRow(**r._asdict())
-                for r in conn.execute(
-                    sa.select(job_callbacks)
-                    .where(job_callbacks.c.state == "pending")
-                    .where(job_callbacks.c.next_attempt_at <= now)
-                    .order_by(job_callbacks.c.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-            ]
+            found = [CallbackRow(**r._asdict()) for q in queries for r in conn.execute(q)]
             if found:
                 conn.execute(
                     job_callbacks.update()
