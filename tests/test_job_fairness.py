@@ -95,12 +95,11 @@ def test_priorities_order_only_a_teams_own_jobs(store: Store) -> None:
         order.append(row.id)
         finish(store, row)
     names = [{v: k for k, v in {**a_jobs, **b_jobs}.items()}[i] for i in order]
-    # Each team's own order is priority, then age; the teams take turns (the one served
-    # longest ago first) while both have jobs.
+    # Each team's own order is priority, then age (a-top's 900 does not pass b's jobs);
+    # the teams take turns while both have jobs (which goes first is a tie).
     assert [n for n in names if n.startswith("a")] == ["a-top", "a-mid", "a-low"]
     assert [n for n in names if n.startswith("b")] == ["b-old", "b-new"]
-    assert names[4] == "a-low" and {n[0] for n in names[0:2]} == {n[0] for n in names[2:4]}
-    assert names[0][0] != names[1][0]
+    assert "".join(n[0] for n in names) in ("ababa", "babaa")
 
 
 def test_one_claim_shares_the_free_slots_between_teams(store: Store) -> None:
@@ -123,7 +122,7 @@ def test_a_team_at_its_cap_gets_nothing_more_until_one_of_its_jobs_ends(store: S
     other = store.create_team("other")
     for _ in range(5):
         submit(store, capped, priority=1000)
-    waiting = submit(store, other)
+    submit(store, other)
     got = claim(store, limit=10)
     assert sorted(r.team_id for r in got) == sorted([capped.id, capped.id, other.id])
     assert claim(store, limit=10) == []  # 3 of capped's jobs are due, but it is at its cap
@@ -133,7 +132,6 @@ def test_a_team_at_its_cap_gets_nothing_more_until_one_of_its_jobs_ends(store: S
     (again,) = claim(store, limit=10)
     assert again.team_id == capped.id
     assert claim(store, limit=10) == []
-    assert job(store, waiting.id).state == "running"
 
 
 def test_workers_on_one_database_never_pass_a_teams_cap(
@@ -252,7 +250,10 @@ async def test_a_team_runs_at_most_its_max_running_jobs_on_a_live_server(
         spans = sorted((j.started_at.ToDatetime(), j.finished_at.ToDatetime()) for j in ended)
         for (_, end), (begin, _) in itertools.pairwise(spans):
             assert end <= begin, f"two of the capped team's jobs ran at once: {spans}"
-        assert (await other.wait(theirs, timeout=60)).state == pb.JOB_STATE_SUCCEEDED
+        their = await other.wait(theirs, timeout=60)
+        assert their.state == pb.JOB_STATE_SUCCEEDED, their
+        # A free slot went to the other team while the capped one waited.
+        assert their.started_at.ToDatetime() < spans[1][0]
     finally:
         await capped.aclose()
         await other.aclose()
