@@ -379,8 +379,9 @@ class JobStore(Database):
 
         On PostgreSQL the team row is locked first (a claimer that holds it already makes
         this one skip the team) and its running jobs are counted after the lock, so two
-        claimers cannot both take its last free place. On SQLite both are no-ops: the
-        claim's write transaction holds the whole database."""
+        claimers cannot both take its last free place. On SQLite the lock is a plain read
+        and the count finds what the claim read already: its write transaction holds the
+        whole database."""
         team = {"team_id": turn.team_id}
         if conn.execute(_LOCK_TEAM, team).first() is None:
             return []
