@@ -17,9 +17,9 @@ _MISSING = (
 )
 
 
-def bearer_key(ctx: RequestContext[Any, Any]) -> str:
-    header = ctx.request_headers().get("authorization", "")
-    scheme, _, key = header.strip().partition(" ")
+def bearer_key(authorization: str) -> str:
+    """The key of an `Authorization` header's value."""
+    scheme, _, key = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthenticated(_MISSING)
     return key.strip()
@@ -27,4 +27,4 @@ def bearer_key(ctx: RequestContext[Any, Any]) -> str:
 
 def authenticate(store: Store, ctx: RequestContext[Any, Any]) -> Team:
     """The caller's team; a revoked key fails on its next call (nothing is cached)."""
-    return store.authenticate(bearer_key(ctx))
+    return store.authenticate(bearer_key(ctx.request_headers().get("authorization", "")))

@@ -1,9 +1,22 @@
-"""What the server refuses before a handler sees a request: oversized or malformed messages.
+"""What the server refuses before a handler sees a request: callers without a valid key,
+oversized, compressed-bomb or malformed messages.
+
+Key: a Sandbox or Job RPC from a caller without a valid API key is refused before one
+byte of its body is read (`refuse`), so an anonymous client cannot make the server buffer
+or decompress anything. HealthService needs no key; its messages are limited to 64 KiB.
 
 Size: connect-python buffers a whole unary body, or a whole streamed message, before it
 checks `read_max_bytes`; a client declaring a 4 GiB message would have it buffer 4 GiB.
 `limit_size` counts bytes as they arrive (and reads the length prefix of each streamed
 envelope) and refuses the request at the first byte past the limit.
+
+Compression: connect-python's gzip decompresses a body (`Content-Encoding: gzip`, or a
+streamed message with the compressed flag) in full before it checks the size: 300 KiB of
+gzip became 300 MiB in memory. `BoundedGzip`, registered with every service through
+connect-python's `compressions` hook, stops inflating at the message limit
+(`resource_exhausted`) and calls corrupt gzip `invalid_argument`. A compressed flag on a
+stream that declared no compression is `invalid_argument` too (connect-python calls it
+`internal`).
 
 Malformed: connect-python reports a body it cannot decode as `unknown`, an internal
 error; `strict_codecs` makes that `invalid_argument`, with the decoder's own words.
@@ -11,9 +24,13 @@ error; `strict_codecs` makes that `invalid_argument`, with the decoder's own wor
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from typing import Any
 
 from connectrpc import _codec  # the codec registry has no public hook in 0.9.0
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from google.protobuf.message import Message
 
 from corral._wire import to_connect
@@ -22,7 +39,10 @@ from corral.server.disconnect import Message as AsgiMessage
 from corral.server.disconnect import Receive
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+HEALTH_MESSAGE_BYTES = 64 * 1024  # a CheckRequest is empty
 _STREAM_TYPES = ("application/connect+", "application/grpc")
+# The header naming a stream's compression: Connect streaming, then gRPC-Web.
+_STREAM_ENCODINGS = (b"connect-content-encoding", b"grpc-encoding")
 
 
 def _too_large(size: int, limit: int) -> Exception:
@@ -34,11 +54,64 @@ def _too_large(size: int, limit: int) -> Exception:
     )
 
 
-class _EnvelopeSizes:
-    """Reads the 5-byte prefix (flags, big-endian length) of each streamed message."""
+def refuse(error: Exception) -> Receive:
+    """A `receive` that raises `error` at once: connect-python answers it in the form the
+    request's protocol expects, without reading the body."""
+
+    async def receive_refused() -> AsgiMessage:
+        raise error
+
+    return receive_refused
+
+
+class BoundedGzip:
+    """gzip that inflates at most `limit` bytes (a `connectrpc.compression.Compression`).
+
+    One gzip member only: concatenated members are legal gzip but no Connect client sends
+    them, and a body of a million empty members would cost a million rounds of the loop.
+    """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+
+    def name(self) -> str:
+        return "gzip"
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return gzip.compress(data, compresslevel=6)
+
+    def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
+        try:
+            out = inflater.decompress(data, self._limit + 1)
+        except zlib.error as exc:
+            raise to_connect(
+                InvalidRequest(f"malformed gzip request body ({exc}); send valid gzip or none")
+            ) from None
+        if len(out) > self._limit:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED,
+                f"request message decompresses to more than the limit of {self._limit} bytes; "
+                "send large files with WriteFile in chunks",
+            )
+        if not inflater.eof:
+            raise to_connect(InvalidRequest("truncated gzip request body: the stream ends early"))
+        if inflater.unused_data:
+            raise to_connect(
+                InvalidRequest(
+                    f"{len(inflater.unused_data)} bytes after the end of the gzip request body; "
+                    "send one gzip stream"
+                )
+            )
+        return out
+
+
+class _Envelopes:
+    """Reads the 5-byte prefix (flags, big-endian length) of each streamed message."""
+
+    def __init__(self, limit: int, compressed: bool) -> None:
+        self._limit = limit
+        self._compressed = compressed  # whether the stream declared a compression
         self._prefix = bytearray()
         self._skip = 0
 
@@ -54,22 +127,43 @@ class _EnvelopeSizes:
             self._prefix += data[i : i + take]
             i += take
             if len(self._prefix) == 5:
+                if self._prefix[0] & 0x01 and not self._compressed:
+                    raise to_connect(
+                        InvalidRequest(
+                            "a streamed message has the compressed flag but the request "
+                            "declared no compression: send Connect-Content-Encoding: gzip "
+                            "(gRPC-Web: grpc-encoding: gzip) or clear the flag"
+                        )
+                    )
                 length = int.from_bytes(self._prefix[1:5], "big")
                 if length > self._limit:
                     raise _too_large(length, self._limit)
                 self._skip = length
                 self._prefix.clear()
 
+    def end(self) -> None:
+        """The body ended: it must not end inside a message."""
+        if self._prefix or self._skip:
+            raise to_connect(
+                InvalidRequest(
+                    "the request body ends inside a streamed message: each message is a "
+                    "5-byte prefix (flags, big-endian length) and exactly that many bytes"
+                )
+            )
+
 
 def limit_size(receive: Receive, headers: dict[bytes, bytes], limit: int) -> Receive:
     content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
     if content_type.startswith(_STREAM_TYPES):
-        envelopes = _EnvelopeSizes(limit)
+        encoding = next((headers[h] for h in _STREAM_ENCODINGS if h in headers), b"")
+        envelopes = _Envelopes(limit, compressed=encoding.strip().lower() == b"gzip")
 
         async def receive_stream() -> AsgiMessage:
             message = await receive()
             if message["type"] == "http.request":
                 envelopes.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    envelopes.end()
             return message
 
         return receive_stream
