@@ -31,6 +31,7 @@ from corral.server.requests import (
     HEALTH_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
     BoundedGzip,
+    header_problem,
     limit_size,
     refuse,
     strict_codecs,
@@ -124,6 +125,8 @@ class CorralApp:
         path: str = scope["path"]
         if path.startswith(_API_PREFIXES) and _needs_trailers(scope):
             await _send_json(send, 415, _NO_GRPC)
+        elif path.startswith(_API_PREFIXES) and (problem := header_problem(scope["headers"])):
+            await _send_json(send, 400, {"code": "invalid_argument", "message": problem})
         elif path.startswith((_SANDBOX_PREFIX, _JOB_PREFIX)):
             headers = dict(scope.get("headers", ()))
             refusal = self._refusal(headers)

@@ -20,12 +20,16 @@ stream that declared no compression is `invalid_argument` too (connect-python ca
 
 Malformed: connect-python reports a body it cannot decode as `unknown`, an internal
 error; `strict_codecs` makes that `invalid_argument`, with the decoder's own words.
+Headers it would fail on the same way (not UTF-8, a gRPC timeout it cannot parse) are
+refused by `header_problem` first.
 """
 
 from __future__ import annotations
 
 import gzip
+import re
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 from connectrpc import _codec  # the codec registry has no public hook in 0.9.0
@@ -43,6 +47,7 @@ HEALTH_MESSAGE_BYTES = 64 * 1024  # a CheckRequest is empty
 _STREAM_TYPES = ("application/connect+", "application/grpc")
 # The header naming a stream's compression: Connect streaming, then gRPC-Web.
 _STREAM_ENCODINGS = (b"connect-content-encoding", b"grpc-encoding")
+_GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
 
 
 def _too_large(size: int, limit: int) -> Exception:
@@ -52,6 +57,22 @@ def _too_large(size: int, limit: int) -> Exception:
             "send large files with WriteFile in chunks"
         )
     )
+
+
+def header_problem(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """What is wrong with a request's headers that connect-python would call `unknown`
+    (an internal error): a value that is not UTF-8, a gRPC timeout it cannot parse."""
+    for name, value in headers:
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            return f"the value of header {name.decode('latin-1')!r} is not UTF-8"
+        if name == b"grpc-timeout" and not _GRPC_TIMEOUT.fullmatch(value):
+            return (
+                f"grpc-timeout {value.decode()!r} is not a timeout: up to 8 digits and a "
+                "unit (H, M, S, m, u or n), e.g. 30S"
+            )
+    return None
 
 
 def refuse(error: Exception) -> Receive:
