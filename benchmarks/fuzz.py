@@ -60,6 +60,7 @@ def main() -> None:
             result.update(report.as_dict())
             result["server_alive"] = server.process.poll() is None
             result["sandbox_still_works"] = playground.works()
+            result["playground_notes"] = playground.notes
         finally:
             playground.close()
     finally:

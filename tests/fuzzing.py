@@ -683,6 +683,7 @@ class Playground:
     def __init__(self, url: str, key: str) -> None:
         self.url = url
         self.ids = Ids()
+        self.notes: list[str] = []  # what went wrong keeping the sandbox usable
         self._client = httpx.Client(
             timeout=60,
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
@@ -694,7 +695,8 @@ class Playground:
 
     def _call(self, service: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
         response = self._client.post(f"{self.url}/corral.v1.{service}/{method}", json=body)
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"{service}/{method} {body}: {response.text}")
         answer: dict[str, Any] = response.json()
         return answer
 
@@ -703,14 +705,22 @@ class Playground:
         try:
             state = self._call("SandboxService", "Get", {"sandboxId": self.ids.sandbox})
             state = state["sandbox"]["state"]
-        except httpx.HTTPStatusError:
+        except RuntimeError:
             state = "gone"
         if state == "SANDBOX_STATE_PAUSED":
-            self._call("SandboxService", "Resume", {"sandboxId": self.ids.sandbox})
-        elif state != "SANDBOX_STATE_RUNNING":
-            created = self._call(
-                "SandboxService", "Create", {"timeoutSeconds": 3600, "isolation": "namespace"}
-            )
+            try:
+                self._call("SandboxService", "Resume", {"sandboxId": self.ids.sandbox})
+                return
+            except RuntimeError as exc:  # noted for the report; fuzzing goes on in a new one
+                self.notes.append(str(exc)[:300])
+        if state != "SANDBOX_STATE_RUNNING":
+            create = {"timeoutSeconds": 3600, "isolation": "namespace"}
+            try:
+                created = self._call("SandboxService", "Create", create)
+            except RuntimeError as exc:  # the fuzzed Creates filled the team's quota
+                self.notes.append(str(exc)[:300])
+                self.kill_all()
+                created = self._call("SandboxService", "Create", create)
             self.ids.sandbox = created["sandbox"]["id"]
 
     def works(self) -> bool:
@@ -725,13 +735,16 @@ class Playground:
         )
         return b"b2sK" in response.content  # "ok\n", base64
 
-    def close(self) -> None:
-        """Kill every sandbox of the key and cancel its jobs: the fuzzing made some."""
+    def kill_all(self) -> None:
         listed = self._call("SandboxService", "List", {"pageSize": 1000})
         for sandbox in listed.get("sandboxes", []):
             self._client.post(
                 f"{self.url}/corral.v1.SandboxService/Kill", json={"sandboxId": sandbox["id"]}
             )
+
+    def close(self) -> None:
+        """Kill every sandbox of the key and cancel its jobs: the fuzzing made some."""
+        self.kill_all()
         jobs = self._call("JobService", "List", {"pageSize": 1000})
         for job in jobs.get("jobs", []):
             self._client.post(f"{self.url}/corral.v1.JobService/Cancel", json={"jobId": job["id"]})
