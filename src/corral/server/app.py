@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 from corral import __version__
 from corral._wire import to_connect
 from corral.config import Settings
-from corral.errors import Unauthenticated
 from corral.server import disconnect
-from corral.server.auth import bearer_key
+from corral.server.auth import authenticate_headers
 from corral.server.base import Services
 from corral.server.disconnect import Receive
 from corral.server.interceptors import ErrorInterceptor
@@ -159,17 +158,15 @@ class CorralApp:
             )
 
     def _refusal(self, headers: dict[bytes, bytes]) -> Exception | None:
-        """Why a request must be refused before its body is read: no valid key.
-
-        The handler authenticates again (it needs the team); this check only makes sure an
-        anonymous caller costs no body reading and no decompression.
-        """
+        """Why a request must be refused before its body is read: no valid key. An
+        anonymous caller costs no body reading and no decompression; the handler gets the
+        team found here (`auth.authenticate`)."""
         store = self.services.store
         if store is None:  # starting or stopping: the handler says so
             return None
         try:
-            store.authenticate(bearer_key(headers.get(b"authorization", b"").decode("latin-1")))
-        except Unauthenticated as exc:
+            authenticate_headers(store, headers.get(b"authorization", b"").decode())
+        except Exception as exc:  # Unauthenticated; anything else is logged as internal
             return to_connect(exc)
         return None
 
