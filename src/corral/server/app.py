@@ -23,13 +23,13 @@ from corral.config import Settings
 from corral.server import disconnect
 from corral.server.auth import authenticate_headers
 from corral.server.base import Services
+from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
 from corral.server.requests import (
     HEALTH_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
-    BoundedGzip,
     header_problem,
     limit_size,
     refuse,
@@ -133,11 +133,13 @@ class CorralApp:
                 receive = refuse(refusal)
             else:
                 receive = limit_size(receive, headers, self._max_message_bytes)
+                scope, receive = inflate(scope, receive, self._max_message_bytes)
             app = self._sandbox_app if path.startswith(_SANDBOX_PREFIX) else self._job_app
             await app(scope, disconnect.watch(receive), send)
         elif path.startswith(_HEALTH_PREFIX):
             headers = dict(scope.get("headers", ()))
             receive = limit_size(receive, headers, HEALTH_MESSAGE_BYTES)
+            scope, receive = inflate(scope, receive, HEALTH_MESSAGE_BYTES)
             await self._health_app(scope, receive, send)
         elif path == "/healthz":
             started = self.services.manager is not None

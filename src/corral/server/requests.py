@@ -10,13 +10,9 @@ checks `read_max_bytes`; a client declaring a 4 GiB message would have it buffer
 `limit_size` counts bytes as they arrive (and reads the length prefix of each streamed
 envelope) and refuses the request at the first byte past the limit.
 
-Compression: connect-python's gzip decompresses a body (`Content-Encoding: gzip`, or a
-streamed message with the compressed flag) in full before it checks the size: 300 KiB of
-gzip became 300 MiB in memory. `BoundedGzip`, registered with every service through
-connect-python's `compressions` hook, stops inflating at the message limit
-(`resource_exhausted`) and calls corrupt gzip `invalid_argument`. A compressed flag on a
-stream that declared no compression is `invalid_argument` too (connect-python calls it
-`internal`).
+Compression (inflating is `corral.server.compression`'s): a compressed flag on a streamed
+message of a request that declared no compression is `invalid_argument` (connect-python
+calls it `internal`).
 
 Malformed: connect-python reports a body it cannot decode as `unknown`, an internal
 error; `strict_codecs` makes that `invalid_argument`, with the decoder's own words.
@@ -26,27 +22,22 @@ refused by `header_problem` first.
 
 from __future__ import annotations
 
-import gzip
 import re
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
 from connectrpc import _codec  # the codec registry has no public hook in 0.9.0
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
 from google.protobuf.message import Message
 
 from corral._wire import to_connect
 from corral.errors import InvalidRequest
+from corral.server.compression import gzip_declared
 from corral.server.disconnect import Message as AsgiMessage
 from corral.server.disconnect import Receive
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 HEALTH_MESSAGE_BYTES = 64 * 1024  # a CheckRequest is empty
 _STREAM_TYPES = ("application/connect+", "application/grpc")
-# The header naming a stream's compression: Connect streaming, then gRPC-Web.
-_STREAM_ENCODINGS = (b"connect-content-encoding", b"grpc-encoding")
 _GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
 
 
@@ -83,48 +74,6 @@ def refuse(error: Exception) -> Receive:
         raise error
 
     return receive_refused
-
-
-class BoundedGzip:
-    """gzip that inflates at most `limit` bytes (a `connectrpc.compression.Compression`).
-
-    One gzip member only: concatenated members are legal gzip but no Connect client sends
-    them, and a body of a million empty members would cost a million rounds of the loop.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-
-    def name(self) -> str:
-        return "gzip"
-
-    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
-        return gzip.compress(data, compresslevel=6)
-
-    def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
-        try:
-            out = inflater.decompress(data, self._limit + 1)
-        except zlib.error as exc:
-            raise to_connect(
-                InvalidRequest(f"malformed gzip request body ({exc}); send valid gzip or none")
-            ) from None
-        if len(out) > self._limit:
-            raise ConnectError(
-                Code.RESOURCE_EXHAUSTED,
-                f"request message decompresses to more than the limit of {self._limit} bytes; "
-                "send large files with WriteFile in chunks",
-            )
-        if not inflater.eof:
-            raise to_connect(InvalidRequest("truncated gzip request body: the stream ends early"))
-        if inflater.unused_data:
-            raise to_connect(
-                InvalidRequest(
-                    f"{len(inflater.unused_data)} bytes after the end of the gzip request body; "
-                    "send one gzip stream"
-                )
-            )
-        return out
 
 
 class _Envelopes:
@@ -176,8 +125,7 @@ class _Envelopes:
 def limit_size(receive: Receive, headers: dict[bytes, bytes], limit: int) -> Receive:
     content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
     if content_type.startswith(_STREAM_TYPES):
-        encoding = next((headers[h] for h in _STREAM_ENCODINGS if h in headers), b"")
-        envelopes = _Envelopes(limit, compressed=encoding.strip().lower() == b"gzip")
+        envelopes = _Envelopes(limit, compressed=gzip_declared(headers, stream=True))
 
         async def receive_stream() -> AsgiMessage:
             message = await receive()
