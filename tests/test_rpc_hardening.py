@@ -3,6 +3,7 @@ before authentication, and durations past what the guest agent's event loop can 
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import struct
@@ -137,6 +138,37 @@ def test_a_body_ending_inside_a_streamed_message_is_invalid_argument(
     end = json.loads(response.content[5:])
     assert end["error"]["code"] == "invalid_argument", end
     assert "ends inside a streamed message" in end["error"]["message"]
+
+
+def test_gzip_streams_are_inflated_message_by_message(server: LiveServer, box: str) -> None:
+    """A client stream with some messages compressed and some not, on Connect and gRPC-Web."""
+    for content_type, encoding in [
+        ("application/connect+json", "connect-content-encoding"),
+        ("application/grpc-web+json", "grpc-encoding"),
+    ]:
+        parts = [
+            {"header": {"sandboxId": box, "path": "/tmp/gz.txt"}},
+            {"data": base64.b64encode(b"compressed ").decode()},
+            {"data": base64.b64encode(b"plain").decode()},
+        ]
+        body = b"".join(
+            struct.pack(">BI", flag, len(data)) + data
+            for flag, data in [
+                (1, gzip.compress(json.dumps(parts[0]).encode())),
+                (1, gzip.compress(json.dumps(parts[1]).encode())),
+                (0, json.dumps(parts[2]).encode()),
+            ]
+        )
+        headers = {
+            "Content-Type": content_type,
+            encoding: "gzip",
+            "Authorization": f"Bearer {server.key}",
+        }
+        response = post(server, SANDBOX + "WriteFile", body, headers)
+        assert response.status_code == 200 and b"gz.txt" in response.content, response.content
+        messages, end = stream(server, "ReadFile", {"sandboxId": box, "path": "/tmp/gz.txt"})
+        assert not end.get("error"), end
+        assert b"".join(base64.b64decode(m["data"]) for m in messages) == b"compressed plain"
 
 
 # -- finding 8: every duration is bounded at the API ------------------------------------------
