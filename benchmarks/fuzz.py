@@ -59,7 +59,7 @@ def main() -> None:
             )
             result.update(report.as_dict())
             result["server_alive"] = server.process.poll() is None
-            result["sandbox_still_works"] = playground.works()
+            result["sandbox_broken"] = playground.broken()
             result["playground_notes"] = playground.notes
         finally:
             playground.close()

@@ -723,17 +723,24 @@ class Playground:
                 created = self._call("SandboxService", "Create", create)
             self.ids.sandbox = created["sandbox"]["id"]
 
-    def works(self) -> bool:
-        """Whether the sandbox still runs a command (its guest agent survived)."""
-        self.refresh()
-        response = self._client.post(
-            f"{self.url}/corral.v1.SandboxService/Exec",
-            content=envelope(
-                0, json.dumps({"sandboxId": self.ids.sandbox, "cmd": "echo ok"}).encode()
-            ),
-            headers={"Content-Type": "application/connect+json"},
-        )
-        return b"b2sK" in response.content  # "ok\n", base64
+    def broken(self) -> str:
+        """Why the sandbox no longer runs a command (its guest agent died …), or ""."""
+        answer = b""
+        for _ in range(3):
+            self.refresh()
+            payload = json.dumps({"sandboxId": self.ids.sandbox, "cmd": "echo ok"}).encode()
+            answer = self._client.post(
+                f"{self.url}/corral.v1.SandboxService/Exec",
+                content=envelope(0, payload),
+                headers={"Content-Type": "application/connect+json"},
+            ).content
+            if b"b2sK" in answer:  # "ok\n", base64
+                return ""
+            if b"failed_precondition" not in answer:
+                break
+            # Killed or paused since `refresh` looked (a fuzzed SetTimeout of 1 s, say).
+            time.sleep(0.5)
+        return f"{self.ids.sandbox}: {answer[:500]!r}"
 
     def kill_all(self) -> None:
         listed = self._call("SandboxService", "List", {"pageSize": 1000})
