@@ -608,6 +608,7 @@ class Report:
     hangs: int = 0
     seconds: float = 0.0
     codes: Counter[str] = field(default_factory=Counter)
+    codes_5xx: Counter[str] = field(default_factory=Counter)  # the codes of the 5xx answers
     failures: list[Failure] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -618,6 +619,7 @@ class Report:
             "hangs": self.hangs,
             "seconds": round(self.seconds, 1),
             "codes": dict(self.codes.most_common()),
+            "codes_of_5xx": dict(self.codes_5xx.most_common()),
             "failures": [vars(f) for f in self.failures[:50]],
         }
 
@@ -644,6 +646,7 @@ def send(client: httpx.Client, url: str, request: Request, report: Report) -> No
     report.codes[code] += 1
     if response.status_code >= 500:
         report.http_5xx += 1
+        report.codes_5xx[code] += 1
     if code in SERVER_ERROR_CODES or response.status_code == 500:
         report.server_errors += 1
         detail = response.content[:300].decode("utf-8", "replace")
