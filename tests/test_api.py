@@ -228,7 +228,7 @@ def test_paths_with_nul_are_refused(server: LiveServer, box: str) -> None:
 
 def test_oversized_requests(server: LiveServer, box: str) -> None:
     big = {"sandboxId": box, "pid": 1, "data": base64.b64encode(b"x" * (9 << 20)).decode()}
-    message = error(call(server, "SendInput", big), 400, "invalid_argument")
+    message = error(call(server, "SendInput", big), 429, "resource_exhausted")
     assert "limit" in message
     # a streamed message declaring 100 MiB is refused from its length prefix
     response = httpx.post(
@@ -240,7 +240,7 @@ def test_oversized_requests(server: LiveServer, box: str) -> None:
         },
     )
     assert response.status_code == 200  # streams report errors in their end message
-    assert b"invalid_argument" in response.content and b"limit" in response.content
+    assert b"resource_exhausted" in response.content and b"limit" in response.content
     assert_serving(server)
 
 

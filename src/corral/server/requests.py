@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from connectrpc import _codec  # the codec registry has no public hook in 0.9.0
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from google.protobuf.message import Message
 
 from corral._wire import to_connect
@@ -42,11 +44,12 @@ _GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
 
 
 def _too_large(size: int, limit: int) -> Exception:
-    return to_connect(
-        InvalidRequest(
-            f"request message of {size} bytes is over the limit of {limit} bytes; "
-            "send large files with WriteFile in chunks"
-        )
+    # resource_exhausted, as connect-go answers, and as a message that inflates past the
+    # limit is answered (corral.server.compression).
+    return ConnectError(
+        Code.RESOURCE_EXHAUSTED,
+        f"request message of {size} bytes is over the limit of {limit} bytes; "
+        "send large files with WriteFile in chunks",
     )
 
 
