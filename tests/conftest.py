@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from corral.config import Settings
-from corral.store import Team
+from corral.store import Store, Team
 from corral.store.jobs import JobRow
 
 if TYPE_CHECKING:
@@ -49,6 +49,19 @@ def settings() -> Iterator[Settings]:
     # that only a later start in this runtime dir would reap: reap them now.
     Engine(session)
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def store_settings(tmp_path: Path) -> Settings:
+    """Settings of a store of its own (SQLite in the test's tmp_path), for store tests."""
+    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run")
+
+
+@pytest.fixture
+def store(store_settings: Settings) -> Iterator[Store]:
+    store = Store.open(store_settings)
+    yield store
+    store.close()
 
 
 def require_backend(settings: Settings, name: str) -> None:

@@ -172,13 +172,6 @@ def test_the_allowlist_is_a_setting() -> None:
 # -- at submit -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run"))
-    yield store
-    store.close()
-
-
 async def test_submit_refuses_an_internal_url_and_queues_nothing(
     store: Store, tmp_path: Path
 ) -> None:

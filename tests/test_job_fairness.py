@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import secrets
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,18 +26,6 @@ from tests.test_job_store import ISOLATIONS, expire_now, job, submit
 from tests.test_jobs import FINAL, JobApi
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-@pytest.fixture
-def store_settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run")
-
-
-@pytest.fixture
-def store(store_settings: Settings) -> Iterator[Store]:
-    store = Store.open(store_settings)
-    yield store
-    store.close()
 
 
 def claim(store: Store, limit: int = 1, worker: str = "w1") -> list[JobRow]:

@@ -35,18 +35,6 @@ from tests.test_jobs import JobApi, data
 LIMIT = 16 * MIB  # the default per-job log limit
 
 
-@pytest.fixture
-def store_settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run")
-
-
-@pytest.fixture
-def store(store_settings: Settings) -> Iterator[Store]:
-    store = Store.open(store_settings)
-    yield store
-    store.close()
-
-
 def running(store: Store, team: Team, **changes: Any) -> tuple[JobRow, Attempt]:
     """A job of `team` claimed by a worker: its row and the attempt that may write."""
     row, created = store.insert_job(new_job_row(team, **changes))

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,18 +18,6 @@ from corral.store.jobs import Attempt, JobRow, NewEvent
 from tests.conftest import new_job_row
 
 ISOLATIONS = ("auto", "namespace")
-
-
-@pytest.fixture
-def store_settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run")
-
-
-@pytest.fixture
-def store(store_settings: Settings) -> Iterator[Store]:
-    store = Store.open(store_settings)
-    yield store
-    store.close()
 
 
 @pytest.fixture

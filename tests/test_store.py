@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib
 import sqlite3
 import stat
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -20,18 +18,6 @@ from corral.errors import InvalidRequest, NotFound, QuotaExceeded, Unauthenticat
 from corral.store import MetricPoint, SandboxRow, Store
 from corral.store.database import MIGRATIONS
 from corral.store.schema import metadata
-
-
-@pytest.fixture
-def store_settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run")
-
-
-@pytest.fixture
-def store(store_settings: Settings) -> Iterator[Store]:
-    store = Store.open(store_settings)
-    yield store
-    store.close()
 
 
 def _db_bytes(settings: Settings) -> bytes:
