@@ -49,9 +49,14 @@ class JobRuntime:
             on_end=self._ended,
         )
         # With no workers here, any isolation is accepted for workers elsewhere.
-        isolations = self.worker.isolations if self.worker.concurrency > 0 else None
+        here = self.worker.concurrency > 0
         self.queue = JobQueue(
-            store, settings, signals=self.signals, isolations=isolations, callback_policy=policy
+            store,
+            settings,
+            signals=self.signals,
+            isolations=self.worker.isolations if here else None,
+            callback_policy=policy,
+            capacity=engine.memory_capacity if here else None,
         )
 
     def _ended(self, row: JobRow) -> None:

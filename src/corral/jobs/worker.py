@@ -31,7 +31,7 @@ from corral.config import Settings
 from corral.errors import CorralError
 from corral.isolation import Engine, Entrypoint, Limits, Sandbox
 from corral.isolation.footprint import process_start_time
-from corral.jobs.queue import POLL_SECONDS, JobSignals
+from corral.jobs.queue import POLL_SECONDS, JobSignals, never_fits
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
 from corral.jobs.spec import JobSpec
 from corral.sandboxes.pool import WarmPool
@@ -45,6 +45,11 @@ log = logging.getLogger("corral.jobs")
 MAX_LOST = 3
 MAX_BACKOFF_SECONDS = 3600.0
 SHUT_DOWN = "requeued: its worker shut down"
+# A job whose sandbox the host has no room for yet goes back to the queue, unspent, and is
+# claimed again this long after, doubled at each wait up to the maximum: room comes back
+# as other sandboxes end, and a worker must not spin on a full host meanwhile.
+ROOM_WAIT_SECONDS = 1.0
+MAX_ROOM_WAIT_SECONDS = 10.0
 
 
 def worker_name() -> str:
@@ -259,6 +264,8 @@ class Worker:
             return None
         if outcome.state == "shutdown":
             return self.store.release_attempt(attempt, SHUT_DOWN)
+        if outcome.state == "no_room":
+            return self._wait_for_room(row, spec, attempt, outcome.reason)
         retry_at = None
         if outcome.state in ("failed", "timed_out") and row.attempt < row.max_attempts:
             delay = retry_delay(spec, row.attempt)
@@ -272,6 +279,35 @@ class Worker:
         )
         return ended
 
+    def _wait_for_room(
+        self, row: JobRow, spec: JobSpec, attempt: Attempt, why: str
+    ) -> JobRow | None:
+        """The host refused the job's sandbox (`why`): back to the queue for a later try,
+        neither a retry nor a lost worker spent; or, when it could never fit, failed now."""
+        memory_mib = self.policy.limits_for(spec).memory_mib
+        capacity = self.engine.memory_capacity
+        if never_fits(memory_mib, capacity) is not None:
+            return self.store.end_attempt(attempt, "failed", f"failed: {why}", exit_code=None)
+        waits = self.store.count_events(row.id, "requeued")
+        delay = min(MAX_ROOM_WAIT_SECONDS, ROOM_WAIT_SECONDS * 2 ** min(waits, 16))
+        run_after = datetime.now(UTC) + timedelta(seconds=delay)
+        log.info(
+            "job waits for host memory",
+            extra={"job_id": row.id, "memory_mib": memory_mib, "delay": delay},
+        )
+        return self.store.release_attempt(
+            attempt,
+            f"waiting for host memory (tried again in {delay:g} s): {why}",
+            started=False,
+            run_after=run_after,
+            data={
+                "memory_mib": memory_mib,
+                "capacity_mib": capacity.mib,
+                "waits": waits + 1,
+                "run_after": run_after.isoformat(),
+            },
+        )
+
     async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
         """A sandbox as the spec (filled by the policy) asks: a warm one from the pool when
         one is ready and fits; else one-shot, running `entrypoint`, where the tier can;
@@ -280,6 +316,8 @@ class Worker:
         isolation = spec.isolation or self.policy.isolation
         limits: Limits = self.policy.limits_for(spec)
         network = spec.network or self.policy.network
+        if (too_big := never_fits(limits.memory_mib, self.engine.memory_capacity)) is not None:
+            raise too_big  # before the engine destroys warm spares to make room in vain
         backend = self.engine.backend(isolation)
         if network == "none" and self.pool.fits(template, backend.name, limits):
             pooled = self.pool.claim()
