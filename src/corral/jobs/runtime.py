@@ -48,7 +48,7 @@ class JobRuntime:
             lease=lease,
             on_end=self._ended,
         )
-        # With no workers here, any isolation is accepted for workers elsewhere.
+        # With no workers here, any isolation and size is accepted for workers elsewhere.
         here = self.worker.concurrency > 0
         self.queue = JobQueue(
             store,

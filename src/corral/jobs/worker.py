@@ -14,6 +14,10 @@ Many workers may share a store (`corral server` runs one in-process, `corral wor
 runs more); each claims only jobs whose isolation it can give, and the store shares
 free slots between teams (`JobStore.claim_jobs`): a team's priorities order only its
 own jobs, and it runs at most its `max_running_jobs` at once.
+
+A job whose sandbox the host has no memory for yet (`CapacityExceeded`) is given back to
+the queue unspent and claimed again a little later (`ROOM_WAIT_SECONDS`); one that could
+never fit the host fails at once.
 """
 
 from __future__ import annotations
