@@ -25,10 +25,12 @@ from connectrpc.code import Code
 from corral.config import Settings
 from corral.isolation import Engine
 from corral.isolation.limits import host_memory_mib
+from corral.jobs import worker as worker_module
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
 from corral.store import Store, Team
+from corral.store.jobs import JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import LiveServer, require_backend, start_server
 from tests.test_job_store import attempt_of, claim_one, event_types, job, submit
@@ -80,6 +82,17 @@ def test_an_attempt_that_never_started_is_taken_back(store: Store, team: Team) -
     assert requeued.reason == "waiting for host memory: full" and requeued.data == {"n": 1}
     assert requeued.attempt == 1
     assert store.count_events(row.id, "requeued") == 1
+
+
+def test_make_due_lets_a_waiting_job_be_claimed_now(store: Store, team: Team) -> None:
+    row = submit(store, team, run_after=datetime.now(UTC) + timedelta(hours=1))
+    other = submit(store, team)
+    running = claim_one(store)
+    assert running.id == other.id
+    store.make_due(row.id)
+    store.make_due(running.id)  # not queued: unchanged
+    assert job(store, running.id) == running
+    assert claim_one(store).id == row.id
 
 
 def test_a_cancel_waiting_wins_over_the_requeue(store: Store, team: Team) -> None:
@@ -166,18 +179,54 @@ async def test_a_job_larger_than_the_host_is_refused_at_submit(api: JobApi) -> N
     assert len(await api.list_all()) == before
 
 
-# -- a worker that finds a job that could never fit -----------------------------------------
+# -- in-process workers ---------------------------------------------------------------------
 
 
-async def test_a_worker_fails_a_job_larger_than_its_host_at_once(
-    settings: Settings, tmp_path: Path
-) -> None:
-    """Queued by a process that runs no workers (it cannot know the workers' hosts): the
-    worker fails it on its first attempt, retries unspent, rather than wait forever."""
+@pytest.fixture
+def tiny(settings: Settings, tmp_path: Path) -> Settings:
     require_backend(settings, "namespace")
-    tiny = settings.with_(
+    return settings.with_(
         data_dir=tmp_path / "data", memory_overcommit=overcommit_for(settings, CAPACITY_MIB)
     )
+
+
+async def wait_final(store: Store, job_id: str, timeout: float = 30) -> JobRow:
+    async with asyncio.timeout(timeout):
+        while not (row := job(store, job_id)).final:
+            await asyncio.sleep(0.05)
+    return row
+
+
+async def test_a_job_that_frees_room_wakes_a_waiting_one(
+    tiny: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting job is claimed again when its worker's running job ends, not at its
+    run_after: with a wait of an hour, only that wake-up can run it within the test."""
+    monkeypatch.setattr(worker_module, "ROOM_WAIT_SECONDS", 3600.0)
+    monkeypatch.setattr(worker_module, "MAX_ROOM_WAIT_SECONDS", 3600.0)
+    store = Store.open(tiny)
+    try:
+        team = store.create_team("waits")
+        async with Engine(tiny) as engine:
+            queue = JobQueue(store, tiny, capacity=engine.memory_capacity)
+            first, _, _ = await queue.submit(team, JobSpec.from_dict({"command": ["sleep", "1"]}))
+            second, _, _ = await queue.submit(team, JobSpec.from_dict({"command": ["true"]}))
+            worker = Worker(tiny, store, engine=engine, concurrency=2, pool_size=0)
+            await worker.start()
+            try:
+                ended = [await wait_final(store, row.id) for row in (first, second)]
+            finally:
+                await worker.aclose()
+        assert [(r.state, r.attempt) for r in ended] == [("succeeded", 1), ("succeeded", 1)]
+        assert store.count_events(second.id, "requeued") == 1
+        assert store.count_events(first.id, "requeued") == 0
+    finally:
+        store.close()
+
+
+async def test_a_worker_fails_a_job_larger_than_its_host_at_once(tiny: Settings) -> None:
+    """Queued by a process that runs no workers (it cannot know the workers' hosts): the
+    worker fails it on its first attempt, retries unspent, rather than wait forever."""
     store = Store.open(tiny)
     try:
         team = store.create_team("big")
@@ -189,9 +238,7 @@ async def test_a_worker_fails_a_job_larger_than_its_host_at_once(
             worker = Worker(tiny, store, engine=engine, concurrency=1, pool_size=0)
             await worker.start()
             try:
-                async with asyncio.timeout(20):
-                    while not (ended := job(store, row.id)).final:
-                        await asyncio.sleep(0.05)
+                ended = await wait_final(store, row.id)
             finally:
                 await worker.aclose()
             assert engine.sandboxes == {}

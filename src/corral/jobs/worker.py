@@ -119,6 +119,8 @@ class Worker:
         )
         self.isolations = self._isolations()
         self._running: dict[str, Stop] = {}
+        # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
+        self._waiting_for_room: dict[str, None] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -230,6 +232,7 @@ class Worker:
     # -- one job ------------------------------------------------------------------------
 
     def _start_run(self, row: JobRow) -> None:
+        self._waiting_for_room.pop(row.id, None)
         stop = Stop()
         self._running[row.id] = stop
         self.signals.cancels[row.id] = lambda: stop.set("cancel")
@@ -248,6 +251,8 @@ class Worker:
                 self.store, self.signals, self.policy, attempt, spec, self._acquire, stop
             )
             outcome = await runner.run()
+            if outcome.state != "no_room":
+                self._room_freed()
             ended = self._end(row, spec, attempt, outcome)
             if ended is not None and self.on_end is not None:
                 self.on_end(ended)
@@ -299,9 +304,9 @@ class Worker:
             "job waits for host memory",
             extra={"job_id": row.id, "memory_mib": memory_mib, "delay": delay},
         )
-        return self.store.release_attempt(
+        released = self.store.release_attempt(
             attempt,
-            f"waiting for host memory (tried again in {delay:g} s): {why}",
+            f"waiting for host memory (tried again within {delay:g} s): {why}",
             started=False,
             run_after=run_after,
             data={
@@ -311,6 +316,18 @@ class Worker:
                 "run_after": run_after.isoformat(),
             },
         )
+        if released is not None and released.state == "queued":
+            self._waiting_for_room[row.id] = None
+        return released
+
+    def _room_freed(self) -> None:
+        """A job's sandbox is gone: the oldest job this worker sent to wait for room may
+        take it now rather than at its run_after. One per freed sandbox, so a full host
+        costs one extra claim per job that ends, never a claim of every waiting job."""
+        for job_id in self._waiting_for_room:
+            del self._waiting_for_room[job_id]
+            self.store.make_due(job_id)
+            return
 
     async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
         """A sandbox as the spec (filled by the policy) asks: a warm one from the pool when

@@ -719,6 +719,18 @@ class JobStore(Database):
             self._update(conn, attempt.job_id, **changes)
             return replace(row, **changes)
 
+    def make_due(self, job_id: str) -> None:
+        """A queued job waiting for its run_after may be claimed now (room was freed)."""
+        now = _now()
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .where(jobs.c.state == "queued")
+                .where(jobs.c.run_after > now)
+                .values(run_after=now)
+            )
+
     def count_events(self, job_id: str, type: str) -> int:
         """How many events of `type` the job has (e.g. how often it waited for room)."""
         with self._read() as conn:
