@@ -243,6 +243,7 @@ class Worker:
     async def _run(self, row: JobRow, stop: Stop) -> None:
         attempt = Attempt(row.id, self.name, row.attempt)
         self.signals.changed(row.id)
+        freed = False  # whether the attempt had (or may have had) a sandbox, now gone
         try:
             if row.cancel_reason is not None:  # canceled between the claim and now
                 stop.set("cancel")
@@ -251,8 +252,7 @@ class Worker:
                 self.store, self.signals, self.policy, attempt, spec, self._acquire, stop
             )
             outcome = await runner.run()
-            if outcome.state != "no_room":
-                self._room_freed()
+            freed = outcome.state != "no_room"
             ended = self._end(row, spec, attempt, outcome)
             if ended is not None and self.on_end is not None:
                 self.on_end(ended)
@@ -264,6 +264,8 @@ class Worker:
             self._running.pop(row.id, None)
             self.signals.cancels.pop(row.id, None)
             self.signals.changed(row.id)
+            if freed:
+                self._room_freed()
             self._wake.set()
             self.pool.wake()
 
@@ -324,10 +326,14 @@ class Worker:
         """A job's sandbox is gone: the oldest job this worker sent to wait for room may
         take it now rather than at its run_after. One per freed sandbox, so a full host
         costs one extra claim per job that ends, never a claim of every waiting job."""
-        for job_id in self._waiting_for_room:
-            del self._waiting_for_room[job_id]
-            self.store.make_due(job_id)
+        job_id = next(iter(self._waiting_for_room), None)
+        if job_id is None:
             return
+        del self._waiting_for_room[job_id]
+        try:
+            self.store.make_due(job_id)
+        except Exception:  # it is claimed at its run_after instead
+            log.exception("waking a job that waits for room failed", extra={"job_id": job_id})
 
     async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
         """A sandbox as the spec (filled by the policy) asks: a warm one from the pool when
