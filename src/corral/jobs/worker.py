@@ -16,8 +16,8 @@ free slots between teams (`JobStore.claim_jobs`): a team's priorities order only
 own jobs, and it runs at most its `max_running_jobs` at once.
 
 A job whose sandbox the host has no memory for yet (`CapacityExceeded`) is given back to
-the queue unspent and claimed again a little later (`ROOM_WAIT_SECONDS`); one that could
-never fit the host fails at once.
+the queue unspent and claimed again when one of this worker's jobs ends, or a little
+later (`ROOM_WAIT_SECONDS`, growing); one that could never fit the host fails at once.
 """
 
 from __future__ import annotations
