@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, IsolationUnavailable, NotFound
+from corral.errors import CapacityExceeded, InvalidRequest, IsolationUnavailable, NotFound
+from corral.isolation.admission import MemoryCapacity
 from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
 from corral.jobs.callback_policy import CallbackPolicy
@@ -88,6 +89,19 @@ def _duration(seconds: int) -> str:
     return f"{seconds} s"
 
 
+def never_fits(memory_mib: int, capacity: MemoryCapacity) -> CapacityExceeded | None:
+    """The error for a job whose sandbox needs more memory than the host's whole capacity:
+    unlike a full host, which frees room as sandboxes end, waiting would never help."""
+    if memory_mib <= capacity.mib:
+        return None
+    return CapacityExceeded(
+        f"the job's sandbox asks for memory_mib={memory_mib}, more than this host can ever "
+        f"give sandboxes ({capacity.describe()}), so it could never start here: ask for at "
+        f"most {capacity.mib} MiB, or (knowing the risk: no swap) raise "
+        "CORRAL_MEMORY_OVERCOMMIT or lower CORRAL_MEMORY_RESERVE_MIB"
+    )
+
+
 def new_job_id() -> str:
     return "j" + secrets.token_hex(10)
 
@@ -103,6 +117,7 @@ class JobQueue:
         signals: JobSignals | None = None,
         isolations: Sequence[str] | None = None,
         callback_policy: CallbackPolicy | None = None,
+        capacity: MemoryCapacity | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -112,6 +127,9 @@ class JobQueue:
         # What this process's workers can give; None: no workers here, any tier is
         # accepted for workers elsewhere.
         self.isolations = isolations
+        # The memory this process's workers' host can give sandboxes; None: no workers
+        # here (workers elsewhere may run on larger hosts, and refuse what never fits).
+        self.capacity = capacity
 
     # -- requests -----------------------------------------------------------------------
 
@@ -129,6 +147,8 @@ class JobQueue:
         limits = Limits(**{**asdict(Limits()), **spec.limits})
         check_totals(team, asdict(limits))  # the job's sandbox alone must fit the quotas
         limits.check_host()
+        if self.capacity is not None and (error := never_fits(limits.memory_mib, self.capacity)):
+            raise error
         isolation = spec.isolation or "auto"
         if self.isolations is not None and isolation not in self.isolations:
             raise IsolationUnavailable(

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from corral.errors import CorralError
+from corral.errors import CapacityExceeded, CorralError
 from corral.isolation import Entrypoint, Limits, Sandbox, SeedFile
 from corral.jobs.queue import JobSignals
 from corral.jobs.spec import LANGUAGES, JobSpec, Step
@@ -58,8 +58,9 @@ class Policy:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How an attempt ended: a final state (or "lost"/"shutdown": not this attempt's to
-    record), why, and the exit code of the last step run."""
+    """How an attempt ended: a final state (or, not this attempt's to record: "lost",
+    "shutdown", or "no_room": the host had no room for its sandbox, so nothing ran), why,
+    and the exit code of the last step run."""
 
     state: str
     reason: str
@@ -169,7 +170,10 @@ class AttemptRunner:
         sandbox: Sandbox | None = None
         try:
             entrypoint = self._entrypoint(deadline)
-            sandbox = await self._until_stopped(self.acquire(self.spec, entrypoint), deadline)
+            try:
+                sandbox = await self._until_stopped(self.acquire(self.spec, entrypoint), deadline)
+            except CapacityExceeded as exc:
+                return Outcome("no_room", str(exc))
             if sandbox is None:
                 return self._stopped(None, "while its sandbox started")
             if sandbox.entry is None:

@@ -48,10 +48,15 @@ class JobRuntime:
             lease=lease,
             on_end=self._ended,
         )
-        # With no workers here, any isolation is accepted for workers elsewhere.
-        isolations = self.worker.isolations if self.worker.concurrency > 0 else None
+        # With no workers here, any isolation and size is accepted for workers elsewhere.
+        here = self.worker.concurrency > 0
         self.queue = JobQueue(
-            store, settings, signals=self.signals, isolations=isolations, callback_policy=policy
+            store,
+            settings,
+            signals=self.signals,
+            isolations=self.worker.isolations if here else None,
+            callback_policy=policy,
+            capacity=engine.memory_capacity if here else None,
         )
 
     def _ended(self, row: JobRow) -> None:

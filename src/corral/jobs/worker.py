@@ -14,6 +14,10 @@ Many workers may share a store (`corral server` runs one in-process, `corral wor
 runs more); each claims only jobs whose isolation it can give, and the store shares
 free slots between teams (`JobStore.claim_jobs`): a team's priorities order only its
 own jobs, and it runs at most its `max_running_jobs` at once.
+
+A job whose sandbox the host has no memory for yet (`CapacityExceeded`) is given back to
+the queue unspent and claimed again when one of this worker's jobs ends, or a little
+later (`ROOM_WAIT_SECONDS`, growing); one that could never fit the host fails at once.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from corral.config import Settings
 from corral.errors import CorralError
 from corral.isolation import Engine, Entrypoint, Limits, Sandbox
 from corral.isolation.footprint import process_start_time
-from corral.jobs.queue import POLL_SECONDS, JobSignals
+from corral.jobs.queue import POLL_SECONDS, JobSignals, never_fits
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
 from corral.jobs.spec import JobSpec
 from corral.sandboxes.pool import WarmPool
@@ -45,6 +49,11 @@ log = logging.getLogger("corral.jobs")
 MAX_LOST = 3
 MAX_BACKOFF_SECONDS = 3600.0
 SHUT_DOWN = "requeued: its worker shut down"
+# A job whose sandbox the host has no room for yet goes back to the queue, unspent, and is
+# claimed again this long after, doubled at each wait up to the maximum: room comes back
+# as other sandboxes end, and a worker must not spin on a full host meanwhile.
+ROOM_WAIT_SECONDS = 1.0
+MAX_ROOM_WAIT_SECONDS = 10.0
 
 
 def worker_name() -> str:
@@ -110,6 +119,8 @@ class Worker:
         )
         self.isolations = self._isolations()
         self._running: dict[str, Stop] = {}
+        # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
+        self._waiting_for_room: dict[str, None] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -221,6 +232,7 @@ class Worker:
     # -- one job ------------------------------------------------------------------------
 
     def _start_run(self, row: JobRow) -> None:
+        self._waiting_for_room.pop(row.id, None)
         stop = Stop()
         self._running[row.id] = stop
         self.signals.cancels[row.id] = lambda: stop.set("cancel")
@@ -231,6 +243,7 @@ class Worker:
     async def _run(self, row: JobRow, stop: Stop) -> None:
         attempt = Attempt(row.id, self.name, row.attempt)
         self.signals.changed(row.id)
+        freed = False  # whether the attempt had (or may have had) a sandbox, now gone
         try:
             if row.cancel_reason is not None:  # canceled between the claim and now
                 stop.set("cancel")
@@ -239,6 +252,7 @@ class Worker:
                 self.store, self.signals, self.policy, attempt, spec, self._acquire, stop
             )
             outcome = await runner.run()
+            freed = outcome.state != "no_room"
             ended = self._end(row, spec, attempt, outcome)
             if ended is not None and self.on_end is not None:
                 self.on_end(ended)
@@ -250,6 +264,8 @@ class Worker:
             self._running.pop(row.id, None)
             self.signals.cancels.pop(row.id, None)
             self.signals.changed(row.id)
+            if freed:
+                self._room_freed()
             self._wake.set()
             self.pool.wake()
 
@@ -259,6 +275,8 @@ class Worker:
             return None
         if outcome.state == "shutdown":
             return self.store.release_attempt(attempt, SHUT_DOWN)
+        if outcome.state == "no_room":
+            return self._wait_for_room(row, spec, attempt, outcome.reason)
         retry_at = None
         if outcome.state in ("failed", "timed_out") and row.attempt < row.max_attempts:
             delay = retry_delay(spec, row.attempt)
@@ -272,6 +290,51 @@ class Worker:
         )
         return ended
 
+    def _wait_for_room(
+        self, row: JobRow, spec: JobSpec, attempt: Attempt, why: str
+    ) -> JobRow | None:
+        """The host refused the job's sandbox (`why`): back to the queue for a later try,
+        neither a retry nor a lost worker spent; or, when it could never fit, failed now."""
+        memory_mib = self.policy.limits_for(spec).memory_mib
+        capacity = self.engine.memory_capacity
+        if never_fits(memory_mib, capacity) is not None:
+            return self.store.end_attempt(attempt, "failed", f"failed: {why}", exit_code=None)
+        waits = self.store.count_events(row.id, "requeued")
+        delay = min(MAX_ROOM_WAIT_SECONDS, ROOM_WAIT_SECONDS * 2 ** min(waits, 16))
+        run_after = datetime.now(UTC) + timedelta(seconds=delay)
+        log.info(
+            "job waits for host memory",
+            extra={"job_id": row.id, "memory_mib": memory_mib, "delay": delay},
+        )
+        released = self.store.release_attempt(
+            attempt,
+            f"waiting for host memory (tried again within {delay:g} s): {why}",
+            started=False,
+            run_after=run_after,
+            data={
+                "memory_mib": memory_mib,
+                "capacity_mib": capacity.mib,
+                "waits": waits + 1,
+                "run_after": run_after.isoformat(),
+            },
+        )
+        if released is not None and released.state == "queued":
+            self._waiting_for_room[row.id] = None
+        return released
+
+    def _room_freed(self) -> None:
+        """A job's sandbox is gone: the oldest job this worker sent to wait for room may
+        take it now rather than at its run_after. One per freed sandbox, so a full host
+        costs one extra claim per job that ends, never a claim of every waiting job."""
+        job_id = next(iter(self._waiting_for_room), None)
+        if job_id is None:
+            return
+        del self._waiting_for_room[job_id]
+        try:
+            self.store.make_due(job_id)
+        except Exception:  # it is claimed at its run_after instead
+            log.exception("waking a job that waits for room failed", extra={"job_id": job_id})
+
     async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
         """A sandbox as the spec (filled by the policy) asks: a warm one from the pool when
         one is ready and fits; else one-shot, running `entrypoint`, where the tier can;
@@ -280,6 +343,8 @@ class Worker:
         isolation = spec.isolation or self.policy.isolation
         limits: Limits = self.policy.limits_for(spec)
         network = spec.network or self.policy.network
+        if (too_big := never_fits(limits.memory_mib, self.engine.memory_capacity)) is not None:
+            raise too_big  # before the engine destroys warm spares to make room in vain
         backend = self.engine.backend(isolation)
         if network == "none" and self.pool.fits(template, backend.name, limits):
             pooled = self.pool.claim()

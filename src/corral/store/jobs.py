@@ -677,9 +677,24 @@ class JobStore(Database):
             self._update(conn, attempt.job_id, **changes)
             return replace(row, **changes)  # what was just written
 
-    def release_attempt(self, attempt: Attempt, reason: str) -> JobRow | None:
-        """Give a running attempt back to the queue (its worker is shutting down): it
-        runs again from the start without spending one of the job's retries."""
+    def release_attempt(
+        self,
+        attempt: Attempt,
+        reason: str,
+        *,
+        started: bool = True,
+        run_after: datetime | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> JobRow | None:
+        """Give a running attempt back to the queue without spending one of the job's
+        retries (or cancel it, when a cancel waits). Two cases:
+
+        - `started` (its worker is shutting down): it runs again from the start, as a
+          new attempt, and one more attempt is allowed;
+        - not `started` (the host had no room for its sandbox: nothing ran): the claim is
+          taken back, attempt counter included (the attempt never ran), a `requeued`
+          event says why (with `data`), and the job is claimed again from `run_after`.
+        """
         now = _now()
         with self._write() as conn:
             row = self._owned(conn, attempt)
@@ -687,20 +702,46 @@ class JobStore(Database):
                 return None
             state = "canceled" if row.cancel_reason is not None else "queued"
             text = f"canceled: {row.cancel_reason}" if state == "canceled" else reason
+            events = [NewEvent("state", text, state)]
+            if state == "queued" and not started:
+                events.insert(0, NewEvent("requeued", reason, None, data))
             changes: dict[str, Any] = dict(
                 state=state,
                 state_reason=text,
                 lease_expires_at=None,
-                run_after=now,
-                max_attempts=row.max_attempts + (state == "queued"),
+                run_after=run_after or now,
+                attempt=row.attempt - (not started),
+                max_attempts=row.max_attempts + (state == "queued" and started),
                 finished_at=now if state == "canceled" else None,
                 updated_at=now,
-                next_event_seq=self._add_events(
-                    conn, row, attempt.attempt, [NewEvent("state", text, state)]
-                ),
+                next_event_seq=self._add_events(conn, row, attempt.attempt, events),
             )
             self._update(conn, attempt.job_id, **changes)
             return replace(row, **changes)
+
+    def make_due(self, job_id: str) -> None:
+        """A queued job waiting for its run_after may be claimed now (room was freed)."""
+        now = _now()
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .where(jobs.c.state == "queued")
+                .where(jobs.c.run_after > now)
+                .values(run_after=now)
+            )
+
+    def count_events(self, job_id: str, type: str) -> int:
+        """How many events of `type` the job has (e.g. how often it waited for room)."""
+        with self._read() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(job_events)
+                    .where(job_events.c.job_id == job_id)
+                    .where(job_events.c.type == type)
+                ).scalar_one()
+            )
 
     def expire_worker(self, worker: str) -> None:
         """End the leases of a worker known to be dead, so `expire_leases` takes its jobs

@@ -1,0 +1,251 @@
+"""A job the host has no memory for yet waits in the queue (issue 9, finding 2, for jobs).
+
+Host admission (`corral.isolation.admission`) refuses a sandbox whose memory limit does
+not fit beside the live ones. For a job that is the host's condition, not the job's
+fault: it goes back to the queue without spending an attempt (nor counting as a lost
+worker), says why, and is claimed again a little later, until room frees up. A job whose
+sandbox could never fit, even on an idle host, is refused at submit, or failed at once
+by a worker that finds it queued.
+
+On real SQLite files through the store; then with a real server, real workers and real
+sandboxes on a host whose capacity is made tiny (CORRAL_MEMORY_OVERCOMMIT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from connectrpc.code import Code
+
+from corral.config import Settings
+from corral.isolation import Engine
+from corral.isolation.limits import host_memory_mib
+from corral.jobs import worker as worker_module
+from corral.jobs.queue import JobQueue
+from corral.jobs.spec import JobSpec
+from corral.jobs.worker import Worker
+from corral.store import Store, Team
+from corral.store.jobs import JobRow
+from corral.v1 import jobs_pb2 as pb
+from tests.conftest import LiveServer, require_backend, start_server
+from tests.test_job_store import attempt_of, claim_one, event_types, job, submit
+from tests.test_jobs import JobApi, data, refused
+
+# The tiny host: room for one sandbox of 512 MiB (the default job limit), not two.
+CAPACITY_MIB = 700
+
+
+def overcommit_for(settings: Settings, capacity_mib: int) -> float:
+    """The CORRAL_MEMORY_OVERCOMMIT under which this host admits ~`capacity_mib`."""
+    return capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store.open(Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def team(store: Store) -> Team:
+    return store.create_team("acme")
+
+
+def test_an_attempt_that_never_started_is_taken_back(store: Store, team: Team) -> None:
+    row = submit(store, team, max_attempts=2)
+    attempt = attempt_of(claim_one(store))
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    released = store.release_attempt(
+        attempt, "waiting for host memory: full", started=False, run_after=later, data={"n": 1}
+    )
+    assert released is not None and released == job(store, row.id)
+    assert released.state == "queued" and released.state_reason == "waiting for host memory: full"
+    # Neither an attempt, nor a retry, nor a lost worker spent.
+    assert (released.attempt, released.max_attempts, released.lost_count) == (0, 2, 0)
+    assert released.run_after == later
+    assert store.claim_jobs("w2", ("auto",), 1, 60) == []  # not before run_after
+    assert event_types(store, row.id)[-3:] == [
+        ("state", "running"),
+        ("requeued", None),
+        ("state", "queued"),
+    ]
+    (requeued,) = [e for e in store.job_events(row.id) if e.type == "requeued"]
+    assert requeued.reason == "waiting for host memory: full" and requeued.data == {"n": 1}
+    assert requeued.attempt == 1
+    assert store.count_events(row.id, "requeued") == 1
+
+
+def test_make_due_lets_a_waiting_job_be_claimed_now(store: Store, team: Team) -> None:
+    row = submit(store, team, run_after=datetime.now(UTC) + timedelta(hours=1))
+    other = submit(store, team)
+    running = claim_one(store)
+    assert running.id == other.id
+    store.make_due(row.id)
+    store.make_due(running.id)  # not queued: unchanged
+    assert job(store, running.id) == running
+    assert claim_one(store).id == row.id
+
+
+def test_a_cancel_waiting_wins_over_the_requeue(store: Store, team: Team) -> None:
+    row = submit(store, team)
+    attempt = attempt_of(claim_one(store))
+    store.cancel_job(row.id, "no longer needed")
+    released = store.release_attempt(attempt, "waiting for host memory", started=False)
+    assert released is not None and released.state == "canceled"
+    assert released.attempt == 0 and released.finished_at is not None
+    assert store.count_events(row.id, "requeued") == 0
+
+
+# -- a real server on a tiny host -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_server(settings: Settings) -> Iterator[LiveServer]:
+    """Two worker slots, no warm sandboxes, room for one 512 MiB sandbox at a time."""
+    require_backend(settings, "namespace")
+    live = start_server(
+        settings,
+        settings.runtime_dir / f"tiny-{secrets.token_hex(4)}",
+        pool_size=0,
+        extra_env={
+            "CORRAL_MEMORY_OVERCOMMIT": repr(overcommit_for(settings, CAPACITY_MIB)),
+            "CORRAL_JOB_WORKERS": "2",
+            "CORRAL_JOB_POOL": "0",
+        },
+    )
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+async def api(tiny_server: LiveServer) -> AsyncIterator[JobApi]:
+    client = JobApi(tiny_server.url, tiny_server.key)
+    yield client
+    await client.aclose()
+
+
+async def test_a_job_the_full_host_cannot_start_waits_then_runs(api: JobApi) -> None:
+    """Two jobs of 512 MiB, room for one, two worker slots: the second is refused by the
+    host while the first runs, goes back to the queue saying why, attempt unspent, and
+    runs once the first has ended."""
+    first = (await api.submit({"command": ["sh", "-c", "sleep 3; echo first"]})).job
+    second = (await api.submit({"command": ["echo", "second"]})).job
+    waiting = await api.wait_until(
+        second.id,
+        lambda j: j.state == pb.JOB_STATE_QUEUED and "waiting for host memory" in j.state_reason,
+        timeout=20,
+    )
+    assert waiting.attempt == 0, waiting  # nothing ran: no attempt counted
+    assert "memory_mib=512" in waiting.state_reason, waiting.state_reason
+    assert (await api.get(first.id)).state == pb.JOB_STATE_RUNNING
+
+    ended = {j.id: await api.wait(j.id, timeout=60) for j in (first, second)}
+    for done in ended.values():
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done
+        assert (done.attempt, done.max_attempts) == (1, 1), done
+    # It started once the first's sandbox was gone: after the first's 3 s of sleep.
+    started, first_started = ended[second.id].started_at, ended[first.id].started_at
+    assert started.ToDatetime() - first_started.ToDatetime() >= timedelta(seconds=3)
+    assert await api.output(second.id) == b"second\n"
+
+    events = await api.events(second.id)
+    requeued = [e for e in events if e.type == "requeued"]
+    # Tried again after 1 s, 2 s, 4 s …: a few tries while the first runs, not a spin.
+    assert 1 <= len(requeued) <= 5, [e.reason for e in requeued]
+    for event in requeued:
+        assert event.reason.startswith("waiting for host memory"), event.reason
+        assert "memory_mib=512" in event.reason and "capacity of" in event.reason
+        assert event.attempt == 1
+        assert data(event)["memory_mib"] == 512
+    assert [e.type for e in await api.events(first.id)].count("requeued") == 0
+
+
+async def test_a_job_larger_than_the_host_is_refused_at_submit(api: JobApi) -> None:
+    before = len(await api.list_all())
+    message = await refused(
+        api.submit({"command": ["true"], "limits": {"memoryMib": 1024}}), Code.RESOURCE_EXHAUSTED
+    )
+    assert "memory_mib=1024" in message and "could never start here" in message, message
+    assert "CORRAL_MEMORY_OVERCOMMIT" in message
+    assert len(await api.list_all()) == before
+
+
+# -- in-process workers ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny(settings: Settings, tmp_path: Path) -> Settings:
+    require_backend(settings, "namespace")
+    return settings.with_(
+        data_dir=tmp_path / "data", memory_overcommit=overcommit_for(settings, CAPACITY_MIB)
+    )
+
+
+async def wait_final(store: Store, job_id: str, timeout: float = 30) -> JobRow:
+    async with asyncio.timeout(timeout):
+        while not (row := job(store, job_id)).final:
+            await asyncio.sleep(0.05)
+    return row
+
+
+async def test_a_job_that_frees_room_wakes_a_waiting_one(
+    tiny: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting job is claimed again when its worker's running job ends, not at its
+    run_after: with a wait of an hour, only that wake-up can run it within the test."""
+    monkeypatch.setattr(worker_module, "ROOM_WAIT_SECONDS", 3600.0)
+    monkeypatch.setattr(worker_module, "MAX_ROOM_WAIT_SECONDS", 3600.0)
+    store = Store.open(tiny)
+    try:
+        team = store.create_team("waits")
+        async with Engine(tiny) as engine:
+            queue = JobQueue(store, tiny, capacity=engine.memory_capacity)
+            first, _, _ = await queue.submit(team, JobSpec.from_dict({"command": ["sleep", "1"]}))
+            second, _, _ = await queue.submit(team, JobSpec.from_dict({"command": ["true"]}))
+            worker = Worker(tiny, store, engine=engine, concurrency=2, pool_size=0)
+            await worker.start()
+            try:
+                ended = [await wait_final(store, row.id) for row in (first, second)]
+            finally:
+                await worker.aclose()
+        assert [(r.state, r.attempt) for r in ended] == [("succeeded", 1), ("succeeded", 1)]
+        assert store.count_events(second.id, "requeued") == 1
+        assert store.count_events(first.id, "requeued") == 0
+    finally:
+        store.close()
+
+
+async def test_a_worker_fails_a_job_larger_than_its_host_at_once(tiny: Settings) -> None:
+    """Queued by a process that runs no workers (it cannot know the workers' hosts): the
+    worker fails it on its first attempt, retries unspent, rather than wait forever."""
+    store = Store.open(tiny)
+    try:
+        team = store.create_team("big")
+        spec = JobSpec.from_dict(
+            {"command": ["true"], "limits": {"memory_mib": 1024}, "retries": 2}
+        )
+        row, _, _ = await JobQueue(store, tiny).submit(team, spec)
+        async with Engine(tiny) as engine:
+            worker = Worker(tiny, store, engine=engine, concurrency=1, pool_size=0)
+            await worker.start()
+            try:
+                ended = await wait_final(store, row.id)
+            finally:
+                await worker.aclose()
+            assert engine.sandboxes == {}
+        assert ended.state == "failed" and ended.attempt == 1, ended
+        assert "could never start here" in ended.state_reason, ended.state_reason
+        assert "memory_mib=1024" in ended.state_reason
+        types = [t for t, _ in event_types(store, row.id)]
+        assert "retry_scheduled" not in types and "requeued" not in types, types
+    finally:
+        store.close()
