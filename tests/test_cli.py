@@ -135,6 +135,24 @@ def test_admin_keys_work_until_revoked(server: LiveServer) -> None:
     assert "cli-team" in [t["name"] for t in teams]
 
 
+def test_admin_team_set_changes_quotas_at_the_next_request(server: LiveServer) -> None:
+    assert server.corral("admin", "team", "create", "set-team").returncode == 0
+    made = server.corral("admin", "key", "create", "--team", "set-team")
+    key = made.stdout.strip().splitlines()[-1]
+    nothing = server.corral("admin", "team", "set", "set-team")
+    assert nothing.returncode == 2 and "at least one quota" in nothing.stderr
+    bad = server.corral("admin", "team", "set", "set-team", "--max-cpu", "0")
+    assert bad.returncode == 2 and "max_cpu=0" in bad.stderr
+    done = server.corral("admin", "team", "set", "set-team", "--max-sandboxes", "1")
+    assert done.returncode == 0 and "max_sandboxes=1" in done.stdout
+    first = server.corral("sandbox", "create", CORRAL_API_KEY=key)
+    assert first.returncode == 0, first.stderr
+    second = server.corral("sandbox", "create", CORRAL_API_KEY=key)  # the live server sees it
+    assert second.returncode == 6 and "max_sandboxes" in second.stderr
+    teams = json.loads(server.corral("admin", "team", "list", "-o", "json").stdout)
+    assert [t["max_sandboxes"] for t in teams if t["name"] == "set-team"] == [1]
+
+
 def test_help_shows_each_option_s_environment_variable(server: LiveServer) -> None:
     for args, variables in [
         ((), ["CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT"]),

@@ -107,6 +107,25 @@ def test_create_team_and_refuse_a_duplicate_or_malformed_name(store: Store) -> N
     assert [t.name for t in store.teams()] == ["acme"]
 
 
+def test_a_teams_quotas_change_and_bad_ones_change_nothing(store: Store) -> None:
+    team = store.create_team("acme")
+    assert (team.max_memory_mib, team.max_cpu, team.max_running_jobs) == (8192, 16.0, 8)
+    changed = store.set_quotas("acme", max_memory_mib=2048, max_cpu=1.5)
+    assert (changed.max_memory_mib, changed.max_cpu) == (2048, 1.5)
+    assert changed.max_running_jobs == 8 and store.team("acme") == changed
+    for bad, match in (
+        ({"max_cpu": 0}, "max_cpu=0 must be a number of at least 0.01"),
+        ({"max_sandboxes": 2.5}, "max_sandboxes=2.5 must be an integer"),
+        ({"max_memory_mib": True}, "max_memory_mib=True"),
+        ({"max_gpus": 1}, "no quota 'max_gpus'"),
+    ):
+        with pytest.raises(InvalidRequest, match=match):
+            store.set_quotas("acme", **bad)
+    assert store.team("acme") == changed
+    with pytest.raises(NotFound, match="corral admin team create ghost"):
+        store.set_quotas("ghost", max_cpu=1)
+
+
 def test_unknown_team_says_how_to_create_it(store: Store) -> None:
     with pytest.raises(NotFound, match="corral admin team create ghost"):
         store.team("ghost")

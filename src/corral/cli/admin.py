@@ -39,38 +39,77 @@ def _store(data_dir: Path | None) -> Iterator[Any]:
         store.close()
 
 
+# The quota options of `team create` and `team set`; None: left out.
+MaxSandboxes = Annotated[int | None, typer.Option(help="live sandboxes at once")]
+MaxMemory = Annotated[int | None, typer.Option(help="memory of its live sandboxes, in total")]
+MaxCpu = Annotated[float | None, typer.Option(help="CPU cores of its live sandboxes, in total")]
+MaxDisk = Annotated[
+    int | None, typer.Option(help="writable storage of its live sandboxes, in total")
+]
+MaxRunningJobs = Annotated[int | None, typer.Option(help="its jobs running at once")]
+MaxLogs = Annotated[int | None, typer.Option(help="its stored job logs")]
+
+
+def _given(**quotas: Any) -> dict[str, Any]:
+    return {name: value for name, value in quotas.items() if value is not None}
+
+
 @team_app.command("create")
 def team_create(
     name: Annotated[str, typer.Argument(help="lower-case letters, digits, - and _")],
-    max_sandboxes: Annotated[int | None, typer.Option(help="live sandboxes at once")] = None,
-    max_memory_mib: Annotated[
-        int | None, typer.Option(help="memory of its live sandboxes, in total")
-    ] = None,
-    max_cpu: Annotated[
-        float | None, typer.Option(help="CPU cores of its live sandboxes, in total")
-    ] = None,
-    max_disk_mib: Annotated[
-        int | None, typer.Option(help="writable storage of its live sandboxes, in total")
-    ] = None,
-    max_running_jobs: Annotated[int | None, typer.Option(help="its jobs running at once")] = None,
-    max_log_mib: Annotated[int | None, typer.Option(help="its stored job logs")] = None,
+    max_sandboxes: MaxSandboxes = None,
+    max_memory_mib: MaxMemory = None,
+    max_cpu: MaxCpu = None,
+    max_disk_mib: MaxDisk = None,
+    max_running_jobs: MaxRunningJobs = None,
+    max_log_mib: MaxLogs = None,
     data_dir: Path | None = DATA_DIR,
 ) -> None:
     """Create a team; then give it a key with `corral admin key create --team NAME`.
 
     A quota left out takes its default (`corral admin team list` shows them).
     """
-    quotas = {
-        "max_sandboxes": max_sandboxes,
-        "max_memory_mib": max_memory_mib,
-        "max_cpu": max_cpu,
-        "max_disk_mib": max_disk_mib,
-        "max_running_jobs": max_running_jobs,
-        "max_log_mib": max_log_mib,
-    }
+    quotas = _given(
+        max_sandboxes=max_sandboxes,
+        max_memory_mib=max_memory_mib,
+        max_cpu=max_cpu,
+        max_disk_mib=max_disk_mib,
+        max_running_jobs=max_running_jobs,
+        max_log_mib=max_log_mib,
+    )
     with _store(data_dir) as store:
-        team = store.create_team(name, **{k: v for k, v in quotas.items() if v is not None})
+        team = store.create_team(name, **quotas)
     out.print(f"created team {team.name} ({team.id})")
+
+
+@team_app.command("set")
+def team_set(
+    name: Annotated[str, typer.Argument(help="the team")],
+    max_sandboxes: MaxSandboxes = None,
+    max_memory_mib: MaxMemory = None,
+    max_cpu: MaxCpu = None,
+    max_disk_mib: MaxDisk = None,
+    max_running_jobs: MaxRunningJobs = None,
+    max_log_mib: MaxLogs = None,
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Change a team's quotas; those left out stay. Takes effect at its next request.
+
+    A quota lowered under what the team uses ends nothing: it is held to it from then on.
+    """
+    quotas = _given(
+        max_sandboxes=max_sandboxes,
+        max_memory_mib=max_memory_mib,
+        max_cpu=max_cpu,
+        max_disk_mib=max_disk_mib,
+        max_running_jobs=max_running_jobs,
+        max_log_mib=max_log_mib,
+    )
+    if not quotas:
+        raise typer.BadParameter("name at least one quota to change, e.g. --max-memory-mib 4096")
+    with _store(data_dir) as store:
+        team = store.set_quotas(name, **quotas)
+    out.print(f"team {team.name}: " + ", ".join(f"{k}={v:g}" for k, v in quotas.items()))
 
 
 @team_app.command("list")

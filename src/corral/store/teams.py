@@ -107,6 +107,25 @@ def check_totals(
             )
 
 
+def _checked_quotas(quotas: Mapping[str, Any]) -> dict[str, Any]:
+    """`quotas` (Team's `max_*` fields), each checked; InvalidRequest names a bad one."""
+    unknown = sorted(set(quotas) - set(DEFAULT_QUOTAS))
+    if unknown:
+        raise InvalidRequest(f"no quota {unknown[0]!r}; quotas are {', '.join(DEFAULT_QUOTAS)}")
+    for field, low in QUOTAS:
+        if field not in quotas:
+            continue
+        value = quotas[field]
+        kind = float if field == "max_cpu" else int
+        numeric = isinstance(value, int | kind) and not isinstance(value, bool)
+        if not numeric or value < low:
+            raise InvalidRequest(
+                f"{field}={value!r} must be {'a number' if kind is float else 'an integer'} "
+                f"of at least {low:g}"
+            )
+    return dict(quotas)
+
+
 def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
@@ -139,19 +158,7 @@ class TeamStore(Database):
                 f"team name {name!r} is malformed: use 1 to 63 lower-case letters, digits, "
                 "'-' or '_', starting with a letter or digit"
             )
-        unknown = sorted(set(quotas) - set(DEFAULT_QUOTAS))
-        if unknown:
-            raise InvalidRequest(f"no quota {unknown[0]!r}; quotas are {', '.join(DEFAULT_QUOTAS)}")
-        values = {**DEFAULT_QUOTAS, **quotas}
-        for field, low in QUOTAS:
-            value = values[field]
-            kind = float if field == "max_cpu" else int
-            numeric = isinstance(value, int | kind) and not isinstance(value, bool)
-            if not numeric or value < low:
-                raise InvalidRequest(
-                    f"{field}={value!r} must be {'a number' if kind is float else 'an integer'} "
-                    f"of at least {low:g}"
-                )
+        values = {**DEFAULT_QUOTAS, **_checked_quotas(quotas)}
         team = Team("team_" + secrets.token_hex(8), name, **values)
         try:
             with self._write() as conn:
@@ -164,6 +171,20 @@ class TeamStore(Database):
             raise InvalidRequest(f"a team named {name!r} exists already") from None
         log.info("team created", extra={"team": name, "team_id": team.id})
         return team
+
+    def set_quotas(self, name: str, **quotas: Any) -> Team:
+        """Change a team's quotas (Team's `max_*` fields); those left out stay as they are.
+
+        A quota lowered under what the team uses now ends nothing: its live sandboxes and
+        running jobs go on, and what it asks next is refused until it is back under.
+        """
+        values = _checked_quotas(quotas)
+        with self._write() as conn:
+            found = conn.execute(teams.update().where(teams.c.name == name).values(**values))
+        if found.rowcount == 0:
+            self.team(name)  # raises NotFound, saying how to create it
+        log.info("team quotas set", extra={"team": name, **values})
+        return self.team(name)
 
     def team(self, name: str) -> Team:
         with self._read() as conn:
