@@ -163,3 +163,17 @@ async def test_reads_of_what_is_not_a_regular_file_are_refused(sandbox: Sandbox)
     with pytest.raises(IsADirectory):
         await answered(sandbox.read_bytes("/tmp"))
     await assert_agent_serves(sandbox)
+
+
+async def test_moves_across_mounts_and_removing_mount_points_are_bad_requests(
+    sandbox: Sandbox,
+) -> None:
+    """Found by the API fuzzer: both answered `internal` (EXDEV read as an agent too old,
+    EBUSY unmapped). They are the caller's to change, with a hint of what works."""
+    await answered(sandbox.write_file("/tmp/a.txt", b"a"))
+    with pytest.raises(InvalidRequest, match="crosses mounts"):
+        await answered(sandbox.rename("/tmp/a.txt", "/workspace/a.txt"))
+    with pytest.raises(InvalidRequest, match="mount point"):
+        await answered(sandbox.remove("/"))
+    assert await answered(sandbox.read_bytes("/tmp/a.txt")) == b"a"
+    await assert_agent_serves(sandbox)

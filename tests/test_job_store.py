@@ -14,11 +14,11 @@ import pytest
 
 from corral.config import Settings
 from corral.errors import InvalidRequest
+from corral.jobs.worker import MAX_LOST
 from corral.store import Store, Team
 from corral.store.jobs import Attempt, JobRow, NewEvent
 from tests.conftest import new_job_row
 
-MAX_LOST = 3
 ISOLATIONS = ("auto", "namespace")
 
 
@@ -207,6 +207,7 @@ def test_two_stores_never_claim_the_same_job(
 ) -> None:
     """Two processes' stores on one file, each with threads claiming as fast as they can."""
     total = 120
+    team = store.create_team("many", max_running_jobs=total)  # no cap in the way
     for _ in range(total):
         submit(store, team)
     other = Store.open(store_settings)
@@ -318,7 +319,7 @@ def test_writes_of_a_stale_attempt_change_nothing(store: Store, team: Team) -> N
 
 def test_expired_leases_requeue_then_give_up_after_max_lost(store: Store, team: Team) -> None:
     row = submit(store, team, max_attempts=2)
-    for lost in range(1, MAX_LOST + 1):
+    for lost in range(1, MAX_LOST):
         running = claim_one(store, f"w{lost}")
         assert running.attempt == lost
         assert store.expire_leases(MAX_LOST) == []  # the lease has not run out yet
@@ -334,8 +335,9 @@ def test_expired_leases_requeue_then_give_up_after_max_lost(store: Store, team: 
     (gone,) = store.expire_leases(MAX_LOST)
     assert gone.state == "lost" and gone.finished_at is not None
     assert "giving up" in gone.state_reason
+    assert gone.lost_count == MAX_LOST
     states = [s for t, s in event_types(store, row.id) if t == "state"]
-    assert states == ["queued"] + ["running", "queued"] * MAX_LOST + ["running", "lost"]
+    assert states == ["queued"] + ["running", "queued"] * (MAX_LOST - 1) + ["running", "lost"]
     assert store.claim_jobs("w1", ISOLATIONS, 10, 60) == []
 
 

@@ -184,7 +184,9 @@ def submit(
     retries: Annotated[int | None, typer.Option(help="extra attempts after a failure")] = None,
     template: Annotated[str | None, typer.Option(help="the sandbox's template")] = None,
     isolation: Annotated[str | None, typer.Option(help="auto, namespace, …")] = None,
-    priority: Annotated[int | None, typer.Option(help="higher runs first")] = None,
+    priority: Annotated[
+        int | None, typer.Option(help="higher runs first, among the team's own jobs")
+    ] = None,
     idempotency_key: Annotated[
         str, typer.Option(help="submitting the same key again returns the first job")
     ] = "",

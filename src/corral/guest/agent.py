@@ -87,8 +87,18 @@ _ERRNO_TYPES = {
     errno.ENAMETOOLONG: "invalid_argument",
     errno.ELOOP: "invalid_argument",
     errno.EINVAL: "invalid_argument",
-    errno.EXDEV: "unsupported",
+    errno.EXDEV: "invalid_argument",
+    errno.EBUSY: "invalid_argument",
     errno.ENXIO: "invalid_argument",  # a FIFO nobody reads, a socket: see open_regular
+}
+# Errors whose kind alone would not tell the caller what to do instead.
+_ERRNO_HINTS = {
+    # /workspace, /tmp and the home are separate mounts: rename(2) cannot cross them, and
+    # copying a tree here would block the agent's loop for as long as the copy takes.
+    errno.EXDEV: "{path} crosses mounts (/workspace, /tmp and the home directory are "
+    "separate): move within one, or copy across with a command such as `mv`",
+    errno.EBUSY: "{path} is a mount point or in use by the sandbox; it cannot be removed "
+    "or replaced",
 }
 _HINTS = {
     "not_found": "{path} does not exist in the sandbox; check the path",
@@ -115,7 +125,7 @@ def refusal_from_os_error(exc: OSError) -> Refusal:
     if exc.filename2 is not None:
         path = f"{path} -> {exc.filename2}"
     reason = exc.strerror or str(exc)
-    hint = _HINTS.get(kind, "{path}: {reason}")
+    hint = _ERRNO_HINTS.get(exc.errno or 0) or _HINTS.get(kind, "{path}: {reason}")
     return Refusal(kind, hint.format(path=path, reason=reason))
 
 

@@ -20,6 +20,26 @@ from corral.isolation.footprint import Footprint
 from corral.isolation.limits import Limits
 
 NETWORK_POLICIES = ("none",)
+# A command's timeout is a day at most: the guest agent waits in poll(), whose timeout is
+# milliseconds in a C int, and a timeout past ~24.8 days overflowed it and killed the agent.
+MAX_COMMAND_TIMEOUT = 24 * 3600
+
+
+def check_command_timeout(seconds: float | None, name: str = "timeout") -> float | None:
+    """`seconds` if it is a usable timeout for a command (None: no timeout)."""
+    if seconds is None:
+        return None
+    # `not 0 < x <= max` also refuses NaN and infinity.
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds <= MAX_COMMAND_TIMEOUT
+    ):
+        raise InvalidRequest(
+            f"{name} must be positive and at most {MAX_COMMAND_TIMEOUT} seconds (24 hours), "
+            f"got {seconds!r}; leave it out (0) for no timeout"
+        )
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -83,8 +103,7 @@ class Entrypoint:
         for path in [f.path for f in self.files] + ([self.cwd] if self.cwd else []):
             if not path.startswith("/") or "\0" in path:
                 raise InvalidRequest(f"{path!r} must be an absolute path in the sandbox")
-        if self.timeout is not None and self.timeout <= 0:
-            raise InvalidRequest(f"timeout must be positive, got {self.timeout}")
+        check_command_timeout(self.timeout)
         if self.output_limit is not None and self.output_limit <= 0:
             raise InvalidRequest(f"output_limit must be positive, got {self.output_limit}")
 

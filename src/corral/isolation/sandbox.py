@@ -33,7 +33,7 @@ from corral.errors import (
 )
 from corral.guest import EntryInfo, ExecResult, GuestConnection, OutputChunk
 from corral.guest import ProcessInfo as ProcessInfo
-from corral.isolation.backend import Backend, Entrypoint, SandboxSpec
+from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
@@ -342,6 +342,7 @@ class Sandbox:
         tag: str | None = None,
     ) -> Command:
         """Start a command; iterate the result for output, `wait()` for its end."""
+        check_command_timeout(timeout)
         guest = self._running_guest()
         before = self.oom_kills()
         process = await guest.exec(

@@ -7,11 +7,13 @@
 
 A worker renews the lease of its running jobs every third of the lease. A worker that
 stops (SIGKILL, machine gone) stops renewing; any worker then finds the expired lease
-and queues the job again (or marks it lost after `MAX_LOST` lost workers). So a job runs
-at least once, and may run more than once: jobs should be safe to repeat.
+and queues the job again, or marks it lost when it has lost `MAX_LOST` workers. So a job
+runs at least once, and may run more than once: jobs should be safe to repeat.
 
 Many workers may share a store (`corral server` runs one in-process, `corral worker`
-runs more); each claims only jobs whose isolation it can give.
+runs more); each claims only jobs whose isolation it can give, and the store shares
+free slots between teams (`JobStore.claim_jobs`): a team's priorities order only its
+own jobs, and it runs at most its `max_running_jobs` at once.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from corral.store.jobs import Attempt, JobRow
 
 log = logging.getLogger("corral.jobs")
 
-# Lost workers a job survives before it is marked lost (they do not spend its retries).
+# A job is marked lost when its third worker is lost (the README says "after 3 lost
+# workers it is `lost`"); lost workers do not spend its retries.
 MAX_LOST = 3
 MAX_BACKOFF_SECONDS = 3600.0
 SHUT_DOWN = "requeued: its worker shut down"

@@ -18,13 +18,23 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from corral import __version__
+from corral._wire import to_connect
 from corral.config import Settings
 from corral.server import disconnect
+from corral.server.auth import authenticate_headers
 from corral.server.base import Services
+from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
-from corral.server.requests import MAX_MESSAGE_BYTES, limit_size, strict_codecs
+from corral.server.requests import (
+    HEALTH_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES,
+    header_problem,
+    limit_size,
+    refuse,
+    strict_codecs,
+)
 from corral.server.service import HealthService, SandboxService
 from corral.v1.health_connect import HealthServiceASGIApplication
 from corral.v1.jobs_connect import JobServiceASGIApplication
@@ -85,18 +95,24 @@ class CorralApp:
         self._jobs: JobRuntime | None = None
         self._max_message_bytes = max_message_bytes
         interceptors = [ErrorInterceptor()]
+        gzip = [BoundedGzip(max_message_bytes)]
         self._sandbox_app: ASGIApp = SandboxServiceASGIApplication(
             SandboxService(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
+            compressions=gzip,
         )
         self._job_app: ASGIApp = JobServiceASGIApplication(
             JobHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
+            compressions=gzip,
         )
         self._health_app: ASGIApp = HealthServiceASGIApplication(
-            HealthService(), interceptors=interceptors, read_max_bytes=64 * 1024
+            HealthService(),
+            interceptors=interceptors,
+            read_max_bytes=HEALTH_MESSAGE_BYTES,
+            compressions=[BoundedGzip(HEALTH_MESSAGE_BYTES)],
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,12 +124,22 @@ class CorralApp:
         path: str = scope["path"]
         if path.startswith(_API_PREFIXES) and _needs_trailers(scope):
             await _send_json(send, 415, _NO_GRPC)
+        elif path.startswith(_API_PREFIXES) and (problem := header_problem(scope["headers"])):
+            await _send_json(send, 400, {"code": "invalid_argument", "message": problem})
         elif path.startswith((_SANDBOX_PREFIX, _JOB_PREFIX)):
             headers = dict(scope.get("headers", ()))
-            receive = limit_size(receive, headers, self._max_message_bytes)
+            refusal = self._refusal(headers)
+            if refusal is not None:
+                receive = refuse(refusal)
+            else:
+                receive = limit_size(receive, headers, self._max_message_bytes)
+                scope, receive = inflate(scope, receive, self._max_message_bytes)
             app = self._sandbox_app if path.startswith(_SANDBOX_PREFIX) else self._job_app
             await app(scope, disconnect.watch(receive), send)
         elif path.startswith(_HEALTH_PREFIX):
+            headers = dict(scope.get("headers", ()))
+            receive = limit_size(receive, headers, HEALTH_MESSAGE_BYTES)
+            scope, receive = inflate(scope, receive, HEALTH_MESSAGE_BYTES)
             await self._health_app(scope, receive, send)
         elif path == "/healthz":
             started = self.services.manager is not None
@@ -132,6 +158,19 @@ class CorralApp:
                     "and /corral.v1.JobService/<Method>",
                 },
             )
+
+    def _refusal(self, headers: dict[bytes, bytes]) -> Exception | None:
+        """Why a request must be refused before its body is read: no valid key. An
+        anonymous caller costs no body reading and no decompression; the handler gets the
+        team found here (`auth.authenticate`)."""
+        store = self.services.store
+        if store is None:  # starting or stopping: the handler says so
+            return None
+        try:
+            authenticate_headers(store, headers.get(b"authorization", b"").decode())
+        except Exception as exc:  # Unauthenticated; anything else is logged as internal
+            return to_connect(exc)
+        return None
 
     # -- lifespan -------------------------------------------------------------------------
 

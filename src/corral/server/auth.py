@@ -1,7 +1,13 @@
-"""Who is calling: the API key of `Authorization: Bearer <key>`, resolved to a team."""
+"""Who is calling: the API key of `Authorization: Bearer <key>`, resolved to a team.
+
+The app authenticates a request from its headers before it reads the body
+(`authenticate_headers`); the handler's `authenticate` then takes that team, from the
+request's own context, instead of asking the store a second time.
+"""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from connectrpc.request import RequestContext
@@ -17,14 +23,30 @@ _MISSING = (
 )
 
 
-def bearer_key(ctx: RequestContext[Any, Any]) -> str:
-    header = ctx.request_headers().get("authorization", "")
-    scheme, _, key = header.strip().partition(" ")
+# The team `authenticate_headers` found for the request being handled (None: not asked).
+_caller: ContextVar[Team | None] = ContextVar("corral_caller", default=None)
+
+
+def bearer_key(authorization: str) -> str:
+    """The key of an `Authorization` header's value."""
+    scheme, _, key = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthenticated(_MISSING)
     return key.strip()
 
 
+def authenticate_headers(store: Store, authorization: str) -> Team:
+    """The team of an `Authorization` header's value, remembered for this request."""
+    _caller.set(None)
+    team = store.authenticate(bearer_key(authorization))
+    _caller.set(team)
+    return team
+
+
 def authenticate(store: Store, ctx: RequestContext[Any, Any]) -> Team:
-    """The caller's team; a revoked key fails on its next call (nothing is cached)."""
-    return store.authenticate(bearer_key(ctx))
+    """The caller's team; a revoked key fails on its next call (nothing is cached across
+    requests)."""
+    team = _caller.get()
+    if team is not None:
+        return team
+    return store.authenticate(bearer_key(ctx.request_headers().get("authorization", "")))

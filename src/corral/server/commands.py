@@ -12,6 +12,7 @@ from connectrpc.request import RequestContext
 
 from corral.errors import InvalidRequest
 from corral.isolation import Command
+from corral.isolation.backend import check_command_timeout
 from corral.server import convert, disconnect
 from corral.server.base import Handlers
 from corral.v1 import sandbox_pb2 as pb
@@ -24,7 +25,8 @@ def _check_exec(request: pb.ExecRequest) -> list[str] | str:
         raise InvalidRequest("pass either argv (a program and its arguments) or cmd (a shell line)")
     if any("\x00" in arg for arg in request.argv) or "\x00" in request.cmd:
         raise InvalidRequest("the command contains a NUL character")
-    convert.not_negative(request.timeout_seconds, "timeout_seconds")
+    # 0 is no timeout; anything else must be in range (negative, NaN and 1e300 are not).
+    check_command_timeout(request.timeout_seconds or None, "timeout_seconds")
     convert.not_negative(request.output_limit, "output_limit")
     if request.cwd:
         convert.path(request.cwd, "cwd")

@@ -1,16 +1,29 @@
-"""What the server refuses before a handler sees a request: oversized or malformed messages.
+"""What the server refuses before a handler sees a request: callers without a valid key,
+oversized, compressed-bomb or malformed messages.
+
+Key: a Sandbox or Job RPC from a caller without a valid API key is refused before one
+byte of its body is read (`refuse`), so an anonymous client cannot make the server buffer
+or decompress anything. HealthService needs no key; its messages are limited to 64 KiB.
 
 Size: connect-python buffers a whole unary body, or a whole streamed message, before it
 checks `read_max_bytes`; a client declaring a 4 GiB message would have it buffer 4 GiB.
 `limit_size` counts bytes as they arrive (and reads the length prefix of each streamed
 envelope) and refuses the request at the first byte past the limit.
 
+Compression (inflating is `corral.server.compression`'s): a compressed flag on a streamed
+message of a request that declared no compression is `invalid_argument` (connect-python
+calls it `internal`).
+
 Malformed: connect-python reports a body it cannot decode as `unknown`, an internal
 error; `strict_codecs` makes that `invalid_argument`, with the decoder's own words.
+Headers it would fail on the same way (not UTF-8, a gRPC timeout it cannot parse) are
+refused by `header_problem` first.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from connectrpc import _codec  # the codec registry has no public hook in 0.9.0
@@ -18,11 +31,14 @@ from google.protobuf.message import Message
 
 from corral._wire import to_connect
 from corral.errors import InvalidRequest
+from corral.server.compression import gzip_declared
 from corral.server.disconnect import Message as AsgiMessage
 from corral.server.disconnect import Receive
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+HEALTH_MESSAGE_BYTES = 64 * 1024  # a CheckRequest is empty
 _STREAM_TYPES = ("application/connect+", "application/grpc")
+_GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
 
 
 def _too_large(size: int, limit: int) -> Exception:
@@ -34,11 +50,38 @@ def _too_large(size: int, limit: int) -> Exception:
     )
 
 
-class _EnvelopeSizes:
+def header_problem(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """What is wrong with a request's headers that connect-python would call `unknown`
+    (an internal error): a value that is not UTF-8, a gRPC timeout it cannot parse."""
+    for name, value in headers:
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            return f"the value of header {name.decode('latin-1')!r} is not UTF-8"
+        if name == b"grpc-timeout" and not _GRPC_TIMEOUT.fullmatch(value):
+            return (
+                f"grpc-timeout {value.decode()!r} is not a timeout: up to 8 digits and a "
+                "unit (H, M, S, m, u or n), e.g. 30S"
+            )
+    return None
+
+
+def refuse(error: Exception) -> Receive:
+    """A `receive` that raises `error` at once: connect-python answers it in the form the
+    request's protocol expects, without reading the body."""
+
+    async def receive_refused() -> AsgiMessage:
+        raise error
+
+    return receive_refused
+
+
+class _Envelopes:
     """Reads the 5-byte prefix (flags, big-endian length) of each streamed message."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, compressed: bool) -> None:
         self._limit = limit
+        self._compressed = compressed  # whether the stream declared a compression
         self._prefix = bytearray()
         self._skip = 0
 
@@ -54,22 +97,42 @@ class _EnvelopeSizes:
             self._prefix += data[i : i + take]
             i += take
             if len(self._prefix) == 5:
+                if self._prefix[0] & 0x01 and not self._compressed:
+                    raise to_connect(
+                        InvalidRequest(
+                            "a streamed message has the compressed flag but the request "
+                            "declared no compression: send Connect-Content-Encoding: gzip "
+                            "(gRPC-Web: grpc-encoding: gzip) or clear the flag"
+                        )
+                    )
                 length = int.from_bytes(self._prefix[1:5], "big")
                 if length > self._limit:
                     raise _too_large(length, self._limit)
                 self._skip = length
                 self._prefix.clear()
 
+    def end(self) -> None:
+        """The body ended: it must not end inside a message."""
+        if self._prefix or self._skip:
+            raise to_connect(
+                InvalidRequest(
+                    "the request body ends inside a streamed message: each message is a "
+                    "5-byte prefix (flags, big-endian length) and exactly that many bytes"
+                )
+            )
+
 
 def limit_size(receive: Receive, headers: dict[bytes, bytes], limit: int) -> Receive:
     content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
     if content_type.startswith(_STREAM_TYPES):
-        envelopes = _EnvelopeSizes(limit)
+        envelopes = _Envelopes(limit, compressed=gzip_declared(headers, stream=True))
 
         async def receive_stream() -> AsgiMessage:
             message = await receive()
             if message["type"] == "http.request":
                 envelopes.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    envelopes.end()
             return message
 
         return receive_stream

@@ -6,8 +6,17 @@ written. Workers claim queued jobs with a lease they renew by heartbeat; writes 
 worker name the attempt they belong to and change nothing once that attempt has lost
 its lease, so a worker that comes back from the dead cannot overwrite its successor.
 
-Claims lock rows with `FOR UPDATE SKIP LOCKED` on PostgreSQL (concurrent workers take
-different jobs); on SQLite `BEGIN IMMEDIATE` serializes them instead.
+Claims are fair between teams: a job's priority orders only its own team's jobs, and a
+free worker slot goes to the team with the fewest running jobs (of those with a job to
+claim and below their `max_running_jobs`), the team whose last job started longest ago
+first among equals; then to that team's highest priority, oldest job. So a team that
+floods the queue, at any priority, cannot hold another team's jobs back beyond an equal
+share of the workers: the next free slot goes to a team with fewer running jobs.
+
+Claims lock rows with `FOR UPDATE SKIP LOCKED` on PostgreSQL: concurrent workers take
+different jobs, and the team row is locked while its jobs are claimed, so its running
+count (read after the lock) cannot pass its cap; on SQLite `BEGIN IMMEDIATE` serializes
+claims instead.
 
 Logs are bounded three ways: per job (the worker's log limit), per team (its
 `max_log_mib`, against a running total kept with every write), and by age (finished
@@ -188,6 +197,65 @@ _ADD_TEAM_LOGS = (
 )
 
 
+# Claims: the statements of `claim_jobs`, for one team (a parameter, or each team row).
+def _due(team_id: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """The team's queued jobs that are due and ask for one of the worker's isolations."""
+    return (
+        sa.select(jobs)
+        .where(jobs.c.team_id == team_id)
+        .where(jobs.c.state == "queued")
+        .where(jobs.c.run_after <= sa.bindparam("now"))
+        .where(jobs.c.isolation.in_(sa.bindparam("isolations", expanding=True)))
+    )
+
+
+def _running(team_id: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    return (
+        sa.select(sa.func.count())
+        .select_from(jobs)
+        .where(jobs.c.team_id == team_id)
+        .where(jobs.c.state == "running")
+    )
+
+
+_TEAM: sa.BindParameter[str] = sa.bindparam("team_id")
+# Teams with a due job: cap, running count, last start. Each is one lookup in an index
+# (the claim index, or team_id + started_at): no scan of the queue.
+_TEAMS_DUE = sa.select(
+    teams.c.id,
+    teams.c.max_running_jobs,
+    _running(teams.c.id).scalar_subquery().label("running"),
+    sa.select(sa.func.max(jobs.c.started_at))
+    .where(jobs.c.team_id == teams.c.id)
+    .scalar_subquery()
+    .label("last_start"),
+).where(_due(teams.c.id).with_only_columns(jobs.c.id).exists())
+_LOCK_TEAM = sa.select(teams.c.id).where(teams.c.id == _TEAM).with_for_update(skip_locked=True)
+_TEAM_RUNNING = _running(_TEAM)
+_TEAM_DUE = (
+    _due(_TEAM)
+    .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+    .limit(sa.bindparam("n"))
+    .with_for_update(skip_locked=True)
+)
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass
+class _Turn:
+    """A team in a claim: its running jobs (those claimed so far included), when its last
+    job started, and its due jobs once looked up (best first)."""
+
+    team_id: str
+    cap: int
+    running: int
+    last_start: datetime
+    due: list[JobRow] | None = None
+
+    def order(self) -> tuple[int, datetime, str]:
+        return (self.running, self.last_start, self.team_id)
+
+
 def _job(row: sa.Row[Any]) -> JobRow:
     return JobRow(**row._asdict())
 
@@ -339,22 +407,12 @@ class JobStore(Database):
     def claim_jobs(
         self, worker: str, isolations: Sequence[str], limit: int, lease: float
     ) -> list[JobRow]:
-        """Take up to `limit` due queued jobs (highest priority, then oldest) that ask
-        for one of `isolations`; each becomes running under this worker's lease."""
+        """Take up to `limit` due queued jobs that ask for one of `isolations`, shared
+        between teams as the module's docstring says; each becomes running under this
+        worker's lease."""
         now = _now()
         with self._write() as conn:
-            due = [
-                _job(r)
-                for r in conn.execute(
-                    sa.select(jobs)
-                    .where(jobs.c.state == "queued")
-                    .where(jobs.c.run_after <= now)
-                    .where(jobs.c.isolation.in_(isolations))
-                    .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-            ]
+            due = self._fair_share(conn, list(isolations), limit, now)
             if not due:
                 return []
             claim: dict[str, Any] = dict(
@@ -380,6 +438,50 @@ class JobStore(Database):
                 event = NewEvent("state", row.state_reason, "running", {"worker": worker})
                 self._add_events(conn, row, row.attempt, [event])
         return [replace(row, next_event_seq=row.next_event_seq + 1) for row in claimed]
+
+    def _fair_share(
+        self, conn: sa.Connection, isolations: list[str], limit: int, now: datetime
+    ) -> list[JobRow]:
+        """Up to `limit` due jobs, picked one at a time: each from the team whose turn it
+        is (fewest running, then served longest ago), its best job (priority, then age)."""
+        params = {"now": now, "isolations": isolations}
+        turns = [
+            _Turn(r.id, r.max_running_jobs, r.running, r.last_start or _NEVER)
+            for r in conn.execute(_TEAMS_DUE, params)
+        ]
+        picked: list[JobRow] = []
+        while len(picked) < limit:
+            waiting = [t for t in turns if t.running < t.cap and t.due != []]
+            if not waiting:
+                break
+            turn = min(waiting, key=_Turn.order)
+            if turn.due is None:
+                turn.due = self._team_due(conn, turn, limit - len(picked), params)
+                continue  # its running count was read again: choose again
+            picked.append(turn.due.pop(0))
+            turn.running += 1
+            turn.last_start = now
+        return picked
+
+    @staticmethod
+    def _team_due(
+        conn: sa.Connection, turn: _Turn, room: int, params: dict[str, Any]
+    ) -> list[JobRow]:
+        """The team's best due jobs, as many as `room` and its cap allow, locked.
+
+        On PostgreSQL the team row is locked first (a claimer that holds it already makes
+        this one skip the team) and its running jobs are counted after the lock, so two
+        claimers cannot both take its last free place. On SQLite the lock is a plain read
+        and the count finds what the claim read already: its write transaction holds the
+        whole database."""
+        team = {"team_id": turn.team_id}
+        if conn.execute(_LOCK_TEAM, team).first() is None:
+            return []
+        turn.running = conn.execute(_TEAM_RUNNING, team).scalar_one()
+        room = min(room, turn.cap - turn.running)
+        if room <= 0:
+            return []
+        return [_job(r) for r in conn.execute(_TEAM_DUE, {**params, **team, "n": room})]
 
     def heartbeat(self, worker: str, job_ids: Iterable[str], lease: float) -> dict[str, str]:
         """Extend the lease of this worker's running jobs. Returns the jobs it must stop,
@@ -622,7 +724,8 @@ class JobStore(Database):
 
     def expire_leases(self, max_lost: int) -> list[JobRow]:
         """Jobs whose worker stopped heartbeating: requeued (attempt counter kept), or
-        lost once they have lost `max_lost` workers, or canceled when a cancel waits."""
+        lost when this is the `max_lost`-th worker they lost, or canceled when a cancel
+        waits."""
         now = _now()
         changed = []
         with self._write() as conn:
@@ -640,7 +743,7 @@ class JobStore(Database):
                 gone = f"worker {row.worker} stopped heartbeating (attempt {row.attempt})"
                 if row.cancel_reason is not None:
                     state, reason = "canceled", f"canceled: {row.cancel_reason}; {gone}"
-                elif lost > max_lost:
+                elif lost >= max_lost:
                     state, reason = "lost", f"lost: {gone}; {lost} workers lost, giving up"
                 else:
                     state, reason = "queued", f"requeued: {gone}"

@@ -197,8 +197,8 @@ jobs = sa.Table(
     sa.Column("finished_at", UTCDateTime, nullable=True),
     sa.CheckConstraint(sa.column("state").in_(JOB_STATES), name="state"),
     sa.UniqueConstraint("team_id", "idempotency_key"),
-    # Claims: the queued jobs in priority order.
-    sa.Index(None, "state", "priority", "created_at"),
+    # Claims: when a team's last job started (teams served longest ago go first).
+    sa.Index(None, "team_id", "started_at"),
     # List pages: a team's jobs, newest first.
     sa.Index(None, "team_id", "created_at", "id"),
     # Lease expiry: running jobs by deadline.
@@ -206,6 +206,9 @@ jobs = sa.Table(
     # Retention: finished jobs, oldest first (only final jobs have a finished_at).
     sa.Index(None, "finished_at"),
 )
+# Claims (corral.store.jobs): a team's queued jobs in its own priority order, and the
+# count of its running ones.
+sa.Index(None, jobs.c.team_id, jobs.c.state, jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
 
 job_events = sa.Table(
     "job_events",
