@@ -141,7 +141,8 @@ class MemoryLedger:
             await asyncio.sleep(_LOCK_POLL)
 
     def record(self, sandbox_id: str, memory_mib: int, replacing: str | None = None) -> str:
-        """Record `sandbox_id`'s (new) memory limit without a check: to give memory back."""
+        """Record `sandbox_id`'s (new) memory limit with no check: `admit` checked it, or
+        it gives memory back."""
         entry = f"{self.dir}/{sandbox_id}.{memory_mib}.{self._owner}"
         if replacing is not None:
             os.rename(replacing, entry)

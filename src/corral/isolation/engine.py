@@ -190,9 +190,10 @@ class Engine:
     async def set_limits(self, sandbox: Sandbox, limits: Limits) -> None:
         """`sandbox.set_limits(limits)`, once the host admits its new memory limit."""
         footprint, old, new = sandbox.footprint, sandbox.spec.limits.memory_mib, limits.memory_mib
-        if new <= old or footprint.memory_entry is None:
+        assert footprint.memory_entry is not None  # every sandbox of an engine has one
+        if new <= old:
             sandbox.set_limits(limits)
-            if new < old and footprint.memory_entry is not None:  # memory given back
+            if new < old:  # memory given back
                 footprint.memory_entry = self.ledger.record(sandbox.id, new, footprint.memory_entry)
             return
         try:
@@ -203,7 +204,12 @@ class Engine:
         try:
             sandbox.set_limits(limits)
         except BaseException:
-            footprint.memory_entry = self.ledger.record(sandbox.id, old, footprint.memory_entry)
+            if sandbox.state is SandboxState.DESTROYED:
+                # Its release (in a thread) may have read the entry's old name: remove it.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry)
+            else:
+                footprint.memory_entry = self.ledger.record(sandbox.id, old, entry)
             raise
 
     def committed_memory_mib(self) -> int:
