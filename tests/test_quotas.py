@@ -188,7 +188,7 @@ async def test_paused_sandboxes_count_and_killed_ones_do_not(managers: Start, st
     await manager.kill(team, second.id)
 
 
-def test_a_job_must_fit_the_teams_totals_at_submit(msettings: Settings, store: Store) -> None:
+async def test_a_job_must_fit_the_teams_totals_at_submit(msettings: Settings, store: Store) -> None:
     team = store.create_team("jobs", max_memory_mib=1024, max_cpu=2, max_disk_mib=2048)
     queue = JobQueue(store, msettings)
     for limits, refusal in [
@@ -197,9 +197,9 @@ def test_a_job_must_fit_the_teams_totals_at_submit(msettings: Settings, store: S
         ({"disk_mib": 4096}, r"disk_mib=4096 is more than .* 2048 MiB .*\(max_disk_mib\)"),
     ]:
         with pytest.raises(QuotaExceeded, match=refusal):
-            queue.submit(team, JobSpec.from_dict({"command": ["true"], "limits": limits}))
+            await queue.submit(team, JobSpec.from_dict({"command": ["true"], "limits": limits}))
     assert store.list_jobs(team.id)[0] == []
-    queue.submit(
+    await queue.submit(
         team, JobSpec.from_dict({"command": ["true"], "limits": {"memory_mib": 1024, "cpu": 2}})
     )
 
