@@ -262,6 +262,18 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
+def own_runtime(settings: Settings) -> Iterator[Settings]:
+    """`settings` with a runtime dir of its own: the host's admission counts every sandbox
+    of a runtime dir, so those of the session's server (its warm pool) would count too."""
+    runtime = Path(tempfile.mkdtemp(prefix="corral-test-"))
+    yield settings.with_(runtime_dir=runtime, data_dir=runtime / "data")
+    from corral.isolation import Engine
+
+    Engine(settings.with_(runtime_dir=runtime))  # reaps what killed processes left
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
 def sandbox_host(settings: Settings) -> None:
     """Skip (saying why) where the host cannot run namespace sandboxes."""
     require_backend(settings, "namespace")

@@ -56,9 +56,9 @@ def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
 
 
 @pytest.fixture
-def msettings(settings: Settings, tmp_path: Path) -> Settings:
-    require_backend(settings, "namespace")
-    return settings.with_(data_dir=tmp_path / "data")
+def msettings(own_runtime: Settings, tmp_path: Path) -> Settings:
+    require_backend(own_runtime, "namespace")
+    return own_runtime.with_(data_dir=tmp_path / "data")
 
 
 @pytest.fixture
@@ -288,8 +288,9 @@ async def test_a_claimed_pool_sandbox_makes_room_by_destroying_spares(
 
 
 def test_the_server_answers_resource_exhausted_with_the_figures(
-    settings: Settings, tmp_path: Path
+    own_runtime: Settings, tmp_path: Path
 ) -> None:
+    settings = own_runtime
     require_backend(settings, "namespace")
     ratio = 300 / (host_memory_mib() - settings.memory_reserve_mib)
     live = start_server(

@@ -17,13 +17,20 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Protocol
 
 from corral._aio import stop_tasks
 from corral.config import Settings
-from corral.errors import CapacityExceeded, CorralError, InvalidRequest, IsolationUnavailable
+from corral.errors import (
+    CapacityExceeded,
+    CorralError,
+    InvalidRequest,
+    IsolationUnavailable,
+    SandboxNotRunning,
+)
 from corral.isolation import registry
-from corral.isolation.admission import MemoryCapacity
+from corral.isolation.admission import MemoryCapacity, MemoryLedger
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint, orphans
@@ -33,13 +40,23 @@ from corral.isolation.templates import get_template
 
 log = logging.getLogger("corral.isolation")
 
-
-_GONE = SandboxState.DESTROYED
 _SANDBOX_ID = re.compile(r"sb_[0-9a-f]{20}")
 
 
 def new_sandbox_id() -> str:
     return "sb_" + secrets.token_hex(10)
+
+
+class Spares(Protocol):
+    """Idle sandboxes of this process that may be destroyed to admit a real one (a warm
+    pool). Only this process's: the ledger counts other processes' spares too, but a
+    process can destroy only its own sandboxes, so each makes room from its own pools."""
+
+    def surrender(self) -> Sandbox | None:
+        """One spare, now the engine's to destroy; None when there are no more."""
+
+    def spare_mib(self) -> int:
+        """The memory limits of the spares it holds."""
 
 
 class Engine:
@@ -51,14 +68,11 @@ class Engine:
         self._backends: dict[str, Backend] = {}
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
         self.memory_capacity = MemoryCapacity.of_host(self.settings)
-        # Memory limits of the sandboxes being launched, admitted but not yet in `sandboxes`.
-        self._launching: dict[str, int] = {}
-        # Where idle sandboxes come from that may be destroyed to admit a real one (the
-        # warm pools): each call hands one over, None when it has no more.
-        self.spares: list[Callable[[], Sandbox | None]] = []
+        self.spares: list[Spares] = []  # the warm pools
         self._reaper: asyncio.Task[None] | None = None
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.settings.runtime_dir, 0o711)  # sandboxes' uids traverse it
+        self.ledger = MemoryLedger(self.settings.runtime_dir, self.memory_capacity)
         self.reaped = self.reap()
 
     # -- host ----------------------------------------------------------------------------
@@ -130,9 +144,10 @@ class Engine:
     ) -> Sandbox:
         """Start a sandbox; the caller owns it and must `destroy` it.
 
-        The host admits it only if its memory limit fits (`MemoryCapacity`); to make it
-        fit, spare sandboxes are destroyed, unless `make_room` is False (a spare itself):
-        else CapacityExceeded.
+        The host admits it only if its memory limit fits (`MemoryCapacity`, counting the
+        sandboxes of every process of the runtime dir); to make it fit, this process's
+        spare sandboxes are destroyed, unless `make_room` is False (a spare itself): else
+        CapacityExceeded.
 
         `sandbox_id` lets a caller that records the sandbox before it exists (the sandbox
         manager) choose the id; it must come from `new_sandbox_id()`. With `entrypoint`,
@@ -152,64 +167,90 @@ class Engine:
             )
         self._forget_destroyed()
         sandbox_id = sandbox_id or new_sandbox_id()
-        if (
-            not _SANDBOX_ID.fullmatch(sandbox_id)
-            or sandbox_id in self.sandboxes
-            or sandbox_id in self._launching
-        ):
+        if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in self.sandboxes:
             raise InvalidRequest(f"sandbox id {sandbox_id!r} is malformed or in use")
-        await self._admit(spec.limits.memory_mib, make_room=make_room)
-        # No await since the admission: the memory is taken before another create looks.
-        self._launching[sandbox_id] = spec.limits.memory_mib
+        entry = await self._admit(sandbox_id, spec.limits.memory_mib, make_room=make_room)
+        # No await since the admission: its ledger entry is in the footprint before this
+        # task can be cancelled, and releasing the footprint gives the memory back.
         try:
             footprint = Footprint.create(
                 self.settings.runtime_dir,
                 sandbox_id,
                 backend.name,
                 cgroup=sandbox_id if driver is not None else None,
+                memory_entry=entry,
             )
-            sandbox = await Sandbox.launch(backend, spec, footprint, driver, entrypoint)
-            self.sandboxes[sandbox.id] = sandbox
-        finally:
-            del self._launching[sandbox_id]
+        except BaseException:
+            os.unlink(entry)
+            raise
+        sandbox = await Sandbox.launch(backend, spec, footprint, driver, entrypoint)
+        self.sandboxes[sandbox.id] = sandbox
         return sandbox
 
     async def set_limits(self, sandbox: Sandbox, limits: Limits) -> None:
         """`sandbox.set_limits(limits)`, once the host admits its new memory limit."""
-        if limits.memory_mib > sandbox.spec.limits.memory_mib:
-            await self._admit(limits.memory_mib, resizing=sandbox)
-        sandbox.set_limits(limits)
+        footprint, old, new = sandbox.footprint, sandbox.spec.limits.memory_mib, limits.memory_mib
+        assert footprint.memory_entry is not None  # every sandbox of an engine has one
+        if new <= old:
+            sandbox.set_limits(limits)
+            if new < old:  # memory given back
+                footprint.memory_entry = self.ledger.record(sandbox.id, new, footprint.memory_entry)
+            return
+        try:
+            entry = await self._admit(sandbox.id, new, replacing=footprint.memory_entry)
+        except FileNotFoundError:  # destroyed meanwhile: its entry went with its footprint
+            raise SandboxNotRunning(f"sandbox {sandbox.id} is {sandbox.state}") from None
+        footprint.memory_entry = entry
+        try:
+            sandbox.set_limits(limits)
+        except BaseException:
+            if sandbox.state is SandboxState.DESTROYED:
+                # Its release (in a thread) may have read the entry's old name: remove it.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry)
+            else:
+                footprint.memory_entry = self.ledger.record(sandbox.id, old, entry)
+            raise
 
     def committed_memory_mib(self) -> int:
-        """The memory limits of every live sandbox of this engine, those starting included."""
-        live = (s.spec.limits.memory_mib for s in self.sandboxes.values() if s.state is not _GONE)
-        return sum(live) + sum(self._launching.values())
+        """The memory limits of every live sandbox of the host (every Corral process of
+        the runtime dir), those starting included."""
+        return self.ledger.committed_mib()
+
+    def check_room(self, memory_mib: int, *, resizing: Sandbox | None = None) -> None:
+        """Raise CapacityExceeded now if `create` (or `set_limits` of `resizing`) would
+        refuse `memory_mib` even after destroying this process's spares: a caller with
+        records to write refuses before writing them. Only a hint (other processes admit
+        meanwhile): `create` and `set_limits` check again under the ledger's lock."""
+        committed = self.ledger.committed_mib(excluding=resizing.id if resizing else None)
+        committed -= sum(spares.spare_mib() for spares in self.spares)
+        self.memory_capacity.check(memory_mib, max(committed, 0))
 
     async def _admit(
-        self, memory_mib: int, *, resizing: Sandbox | None = None, make_room: bool = True
-    ) -> None:
-        """Return once `memory_mib` more fits in the host's capacity (`resizing`'s current
-        limit given back first), destroying spare sandboxes to make room if `make_room`;
-        else raise CapacityExceeded. No await follows the last check: the caller takes
-        the memory before another admission can look."""
+        self,
+        sandbox_id: str,
+        memory_mib: int,
+        *,
+        replacing: str | None = None,
+        make_room: bool = True,
+    ) -> str:
+        """Enter `sandbox_id` holding `memory_mib` in the host's ledger (in place of its
+        entry `replacing`) once that fits, destroying this process's spare sandboxes to
+        make room if `make_room`; else raise CapacityExceeded. The new entry's path."""
         while True:
-            committed = self.committed_memory_mib()
-            if resizing is not None and resizing.state is not _GONE:
-                committed -= resizing.spec.limits.memory_mib
-            if committed + memory_mib <= self.memory_capacity.mib or not make_room:
-                break
-            spare = next((s for take in self.spares if (s := take()) is not None), None)
-            if spare is None:
-                break
+            try:
+                return await self.ledger.admit(sandbox_id, memory_mib, replacing)
+            except CapacityExceeded as exc:
+                spare = None
+                if make_room:
+                    spare = next((s for p in self.spares if (s := p.surrender()) is not None), None)
+                if spare is None:
+                    if make_room:  # a real sandbox, not a spare: the operator may want more room
+                        log.info("sandbox refused: %s", exc)
+                    raise
             log.info("destroying a spare sandbox to make room", extra={"sandbox_id": spare.id})
             self.sandboxes.pop(spare.id, None)
             await spare.destroy()
-        try:
-            self.memory_capacity.check(memory_mib, committed)
-        except CapacityExceeded as exc:
-            if make_room:  # a real sandbox, not a spare: the operator may want more room
-                log.info("sandbox refused: %s", exc)
-            raise
 
     def _forget_destroyed(self) -> None:
         for sandbox_id in [

@@ -42,7 +42,8 @@ def process_start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
-def _owner_alive(pid: int, start_time: int) -> bool:
+def process_alive(pid: int, start_time: int) -> bool:
+    """Whether process `pid` is the one that started at `start_time` (pids are reused)."""
     return process_start_time(pid) == start_time
 
 
@@ -59,10 +60,17 @@ class Footprint:
     mounts: list[str] = field(default_factory=list)
     uid_slot: int | None = None
     uid_slots_dir: str | None = None
+    # Its entry in the host's memory ledger (`admission.MemoryLedger`), removed on release.
+    memory_entry: str | None = None
 
     @classmethod
     def create(
-        cls, runtime_dir: Path, sandbox_id: str, backend: str, cgroup: str | None = None
+        cls,
+        runtime_dir: Path,
+        sandbox_id: str,
+        backend: str,
+        cgroup: str | None = None,
+        memory_entry: str | None = None,
     ) -> Footprint:
         """The record of a new sandbox, saved; `cgroup` names the one it is about to get."""
         root = runtime_dir / "sandboxes"
@@ -75,6 +83,7 @@ class Footprint:
             path,
             owner_start=process_start_time(os.getpid()) or 0,
             cgroup=cgroup,
+            memory_entry=memory_entry,
         )
         fp.save()
         return fp
@@ -101,7 +110,7 @@ class Footprint:
             return None
 
     def owner_alive(self) -> bool:
-        return _owner_alive(self.owner_pid, self.owner_start)
+        return process_alive(self.owner_pid, self.owner_start)
 
     # -- resources ----------------------------------------------------------------------
 
@@ -145,6 +154,9 @@ class Footprint:
         if self.uid_slot is not None and self.uid_slots_dir:
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir(Path(self.uid_slots_dir) / str(self.uid_slot))
+        if self.memory_entry is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.memory_entry)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

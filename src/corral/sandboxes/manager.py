@@ -117,6 +117,13 @@ class SandboxManager:
         get_template(options.template)
         backend = self.engine.backend(options.isolation).name
         pooled = self.pool.claim() if self.pool.fits(options.template, backend, limits) else None
+        try:
+            # Refused for room before its row is written; the engine checks again.
+            self.engine.check_room(limits.memory_mib, resizing=pooled)
+        except BaseException:
+            if pooled is not None:
+                self.pool.give_back(pooled)
+            raise
         now = time.time()
         row = SandboxRow(
             id=pooled.id if pooled else new_sandbox_id(),
@@ -163,6 +170,11 @@ class SandboxManager:
             except BaseException as exc:
                 entry.state = "failed"
                 self._live.discard(row.id)
+                if isinstance(exc, CapacityExceeded):
+                    # Another process took the room since `check_room`: refused like a
+                    # quota, so nothing is left of it (no row for the team to list).
+                    self.store.delete_creating_sandbox(row.id)
+                    raise
                 reason = f"failed: {exc}" if isinstance(exc, CorralError) else "failed: cancelled"
                 self.store.transition(row.id, "failed", reason, from_states=("creating",))
                 raise

@@ -7,8 +7,10 @@ open files, file size) must be the defaults; memory, CPU and processes are appli
 the manager with `Engine.set_limits`, and environments are given per command.
 
 Pooled sandboxes hold host memory like any other (the engine's admission counts them),
-but they are spares: a real sandbox that does not fit makes the engine destroy them, and a
-refill that does not fit is not an error, the pool just stays short until there is room.
+but they are spares: a real sandbox of this process that does not fit makes the engine
+destroy them (a process can destroy only its own: another process's pool is not a spare
+of this one), and a refill that does not fit is not an error, the pool just stays short
+until there is room.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class WarmPool:
         except CorralError as exc:
             log.warning("no warm pool: %s", exc, extra={"template": self.template})
             return
-        self.engine.spares.append(self.surrender)
+        self.engine.spares.append(self)
         self._task = asyncio.create_task(self._fill(), name="corral-warm-pool")
 
     @property
@@ -94,6 +96,9 @@ class WarmPool:
     def surrender(self) -> Sandbox | None:
         """The newest ready sandbox, for the engine to destroy to make room; no refill."""
         return self._ready.pop() if self._ready else None
+
+    def spare_mib(self) -> int:
+        return sum(s.spec.limits.memory_mib for s in self._ready)
 
     def wake(self) -> None:
         """Look again whether to fill (`may_fill` may have changed its mind)."""
@@ -143,7 +148,7 @@ class WarmPool:
         """Stop filling and destroy every ready sandbox."""
         await stop_tasks(self._task)
         with contextlib.suppress(ValueError):
-            self.engine.spares.remove(self.surrender)
+            self.engine.spares.remove(self)
         ready, self._ready = list(self._ready), deque()
         for sandbox in ready:
             self.engine.sandboxes.pop(sandbox.id, None)

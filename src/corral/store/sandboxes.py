@@ -85,6 +85,16 @@ class SandboxStore(Database):
                 )
             )
 
+    def delete_creating_sandbox(self, sandbox_id: str) -> None:
+        """Remove a sandbox refused while `creating` (it never ran); its events go with it
+        (ON DELETE CASCADE)."""
+        with self._write() as conn:
+            conn.execute(
+                sandboxes.delete()
+                .where(sandboxes.c.id == sandbox_id)
+                .where(sandboxes.c.state == "creating")
+            )
+
     def sandbox(self, sandbox_id: str) -> SandboxRow | None:
         with self._read() as conn:
             found = conn.execute(sa.select(sandboxes).where(sandboxes.c.id == sandbox_id)).first()
