@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -261,8 +262,8 @@ def server(settings: Settings) -> Iterator[LiveServer]:
         live.stop()
 
 
-@pytest.fixture
-def own_runtime(settings: Settings) -> Iterator[Settings]:
+@contextmanager
+def private_runtime(settings: Settings) -> Iterator[Settings]:
     """`settings` with a runtime dir of its own: the host's admission counts every sandbox
     of a runtime dir, so those of the session's server (its warm pool) would count too."""
     runtime = Path(tempfile.mkdtemp(prefix="corral-test-"))
@@ -271,6 +272,12 @@ def own_runtime(settings: Settings) -> Iterator[Settings]:
 
     Engine(settings.with_(runtime_dir=runtime))  # reaps what killed processes left
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def own_runtime(settings: Settings) -> Iterator[Settings]:
+    with private_runtime(settings) as own:
+        yield own
 
 
 @pytest.fixture

@@ -14,10 +14,8 @@ sandboxes on a host whose capacity is made tiny (CORRAL_MEMORY_OVERCOMMIT).
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from connectrpc.code import Code
@@ -32,7 +30,7 @@ from corral.jobs.worker import Worker
 from corral.store import Store, Team
 from corral.store.jobs import JobRow
 from corral.v1 import jobs_pb2 as pb
-from tests.conftest import LiveServer, require_backend, start_server
+from tests.conftest import LiveServer, private_runtime, require_backend, start_server
 from tests.test_job_store import attempt_of, claim_one, event_types, job, submit
 from tests.test_jobs import JobApi, data, refused
 
@@ -46,13 +44,6 @@ def overcommit_for(settings: Settings, capacity_mib: int) -> float:
 
 
 # -- the store ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run"))
-    yield store
-    store.close()
 
 
 @pytest.fixture
@@ -112,18 +103,19 @@ def test_a_cancel_waiting_wins_over_the_requeue(store: Store, team: Team) -> Non
 def tiny_server(settings: Settings) -> Iterator[LiveServer]:
     """Two worker slots, no warm sandboxes, room for one 512 MiB sandbox at a time."""
     require_backend(settings, "namespace")
-    live = start_server(
-        settings,
-        settings.runtime_dir / f"tiny-{secrets.token_hex(4)}",
-        pool_size=0,
-        extra_env={
-            "CORRAL_MEMORY_OVERCOMMIT": repr(overcommit_for(settings, CAPACITY_MIB)),
-            "CORRAL_JOB_WORKERS": "2",
-            "CORRAL_JOB_POOL": "0",
-        },
-    )
-    yield live
-    live.stop()
+    with private_runtime(settings) as own:  # the session server's pool must not count
+        live = start_server(
+            own,
+            own.data_dir,
+            pool_size=0,
+            extra_env={
+                "CORRAL_MEMORY_OVERCOMMIT": repr(overcommit_for(settings, CAPACITY_MIB)),
+                "CORRAL_JOB_WORKERS": "2",
+                "CORRAL_JOB_POOL": "0",
+            },
+        )
+        yield live
+        live.stop()
 
 
 @pytest.fixture
@@ -183,11 +175,9 @@ async def test_a_job_larger_than_the_host_is_refused_at_submit(api: JobApi) -> N
 
 
 @pytest.fixture
-def tiny(settings: Settings, tmp_path: Path) -> Settings:
-    require_backend(settings, "namespace")
-    return settings.with_(
-        data_dir=tmp_path / "data", memory_overcommit=overcommit_for(settings, CAPACITY_MIB)
-    )
+def tiny(own_runtime: Settings) -> Settings:
+    require_backend(own_runtime, "namespace")
+    return own_runtime.with_(memory_overcommit=overcommit_for(own_runtime, CAPACITY_MIB))
 
 
 async def wait_final(store: Store, job_id: str, timeout: float = 30) -> JobRow:
