@@ -296,6 +296,7 @@ def new_job_row(team: Team, **changes: Any) -> JobRow:
         kind="command",
         template="host",
         isolation="auto",
+        memory_mib=512,
         spec={"kind": "command", "command": ["true"]},
         labels={},
         priority=0,

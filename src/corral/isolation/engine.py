@@ -222,9 +222,17 @@ class Engine:
         refuse `memory_mib` even after destroying this process's spares: a caller with
         records to write refuses before writing them. Only a hint (other processes admit
         meanwhile): `create` and `set_limits` check again under the ledger's lock."""
-        committed = self.ledger.committed_mib(excluding=resizing.id if resizing else None)
+        free = self.free_memory_mib(excluding=resizing.id if resizing else None)
+        self.memory_capacity.check(memory_mib, self.memory_capacity.mib - free)
+
+    def free_memory_mib(self, *, excluding: str | None = None) -> int:
+        """The memory `create` could admit now: the host's capacity less what its live
+        sandboxes (of every process, but `excluding`) hold, this process's spares counted
+        as free since `create` destroys them to make room. A hint: another process may
+        take it meanwhile, and `create` checks again under the ledger's lock."""
+        committed = self.ledger.committed_mib(excluding=excluding)
         committed -= sum(spares.spare_mib() for spares in self.spares)
-        self.memory_capacity.check(memory_mib, max(committed, 0))
+        return self.memory_capacity.mib - max(committed, 0)
 
     async def _admit(
         self,

@@ -167,6 +167,7 @@ class JobQueue:
             kind=spec.kind,
             template=template,
             isolation=isolation,
+            memory_mib=limits.memory_mib,
             spec=spec.to_dict(),
             labels=dict(spec.labels),
             priority=spec.priority,

@@ -15,9 +15,12 @@ runs more); each claims only jobs whose isolation it can give, and the store sha
 free slots between teams (`JobStore.claim_jobs`): a team's priorities order only its
 own jobs, and it runs at most its `max_running_jobs` at once.
 
-A job whose sandbox the host has no memory for yet (`CapacityExceeded`) is given back to
-the queue unspent and claimed again when one of this worker's jobs ends, or a little
-later (`ROOM_WAIT_SECONDS`, growing); one that could never fit the host fails at once.
+A worker claims only jobs that fit the host's free memory (`Engine.free_memory_mib`, less
+what the jobs it claimed and has not yet given a sandbox will take), so a job waiting for
+room stays queued. Should the host still refuse its sandbox (`CapacityExceeded`: another
+process took the room meanwhile), the job is given back to the queue unspent and claimed
+again when one of this worker's jobs ends, or a little later (`ROOM_WAIT_SECONDS`,
+growing); one that could never fit the host fails at once.
 """
 
 from __future__ import annotations
@@ -121,6 +124,9 @@ class Worker:
         self._running: dict[str, Stop] = {}
         # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
         self._waiting_for_room: dict[str, None] = {}
+        # Memory of the jobs claimed whose sandbox is not yet in the host's ledger: the
+        # next claim must not hand it out again.
+        self._unadmitted: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -175,7 +181,15 @@ class Worker:
             claimed: list[JobRow] = []
             if free > 0:
                 try:
-                    claimed = self.store.claim_jobs(self.name, self.isolations, free, self.lease)
+                    room = self.engine.free_memory_mib() - sum(self._unadmitted.values())
+                    claimed = self.store.claim_jobs(
+                        self.name,
+                        self.isolations,
+                        free,
+                        self.lease,
+                        room_mib=room,
+                        capacity_mib=self.engine.memory_capacity.mib,
+                    )
                 except Exception:
                     log.exception("claiming jobs failed; trying again")
                 for row in claimed:
@@ -233,6 +247,7 @@ class Worker:
 
     def _start_run(self, row: JobRow) -> None:
         self._waiting_for_room.pop(row.id, None)
+        self._unadmitted[row.id] = row.memory_mib
         stop = Stop()
         self._running[row.id] = stop
         self.signals.cancels[row.id] = lambda: stop.set("cancel")
@@ -248,8 +263,15 @@ class Worker:
             if row.cancel_reason is not None:  # canceled between the claim and now
                 stop.set("cancel")
             spec = JobSpec.from_dict(row.spec)
+
+            async def acquire(spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
+                try:
+                    return await self._acquire(spec, entrypoint)
+                finally:  # in the ledger now (or refused): counted there, not here
+                    self._unadmitted.pop(row.id, None)
+
             runner = AttemptRunner(
-                self.store, self.signals, self.policy, attempt, spec, self._acquire, stop
+                self.store, self.signals, self.policy, attempt, spec, acquire, stop
             )
             outcome = await runner.run()
             freed = outcome.state != "no_room"
@@ -262,6 +284,7 @@ class Worker:
                 self.store.end_attempt(attempt, "failed", f"failed: {exc}", exit_code=None)
         finally:
             self._running.pop(row.id, None)
+            self._unadmitted.pop(row.id, None)
             self.signals.cancels.pop(row.id, None)
             self.signals.changed(row.id)
             if freed:

@@ -13,6 +13,15 @@ first among equals; then to that team's highest priority, oldest job. So a team 
 floods the queue, at any priority, cannot hold another team's jobs back beyond an equal
 share of the workers: the next free slot goes to a team with fewer running jobs.
 
+Claims fit the host: a worker says how much memory it has free (`room_mib`), and a slot
+goes only to a job whose sandbox fits in what is left of it, so a job waiting for room
+stays queued (no claim, no events, no callbacks) rather than being claimed and given back.
+A team waits for room for its best job (its smaller jobs do not pass it), while teams
+after it in the turn take jobs that fit. So that a big job is not starved by a stream of
+smaller ones of other teams, once it has been due for `ROOM_RESERVE_SECONDS` it reserves
+its memory: the claim gives other teams only the room beyond it, and the host drains
+until it fits.
+
 Claims lock rows with `FOR UPDATE SKIP LOCKED` on PostgreSQL: concurrent workers take
 different jobs, and the team row is locked while its jobs are claimed, so its running
 count (read after the lock) cannot pass its cap; on SQLite `BEGIN IMMEDIATE` serializes
@@ -56,6 +65,10 @@ CALLBACK_ATTEMPTS = 10
 # need no file); the rest goes to its log file when the store has one (SQLite).
 INLINE_LOG_BYTES = 16 * 1024
 MIB = 1024 * 1024
+# A job due this long that does not fit the worker's free memory holds its memory back
+# from other teams' smaller jobs (see the module docstring): long enough that small jobs
+# fill a busy host, short enough that a big one waits minutes, not forever.
+ROOM_RESERVE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class JobRow:
     kind: str
     template: str
     isolation: str
+    memory_mib: int
     spec: dict[str, Any]
     labels: dict[str, str]
     priority: int
@@ -256,6 +270,29 @@ class _Turn:
         return (self.running, self.last_start, self.team_id)
 
 
+@dataclass
+class _Room:
+    """The memory a claim may still hand out (None: no bound), and the host's capacity."""
+
+    mib: int | None
+    capacity_mib: int | None
+    now: datetime
+
+    def take(self, job: JobRow) -> bool:
+        """Whether `job` fits; if so its memory is taken, else, once it has waited
+        `ROOM_RESERVE_SECONDS`, reserved (so nothing smaller takes the room it waits for)."""
+        if self.mib is None or (
+            self.capacity_mib is not None and job.memory_mib > self.capacity_mib
+        ):
+            return True
+        if job.memory_mib <= self.mib:
+            self.mib -= job.memory_mib
+            return True
+        if (self.now - job.run_after).total_seconds() >= ROOM_RESERVE_SECONDS:
+            self.mib -= job.memory_mib
+        return False
+
+
 def _job(row: sa.Row[Any]) -> JobRow:
     return JobRow(**row._asdict())
 
@@ -405,14 +442,24 @@ class JobStore(Database):
     # -- workers ------------------------------------------------------------------------
 
     def claim_jobs(
-        self, worker: str, isolations: Sequence[str], limit: int, lease: float
+        self,
+        worker: str,
+        isolations: Sequence[str],
+        limit: int,
+        lease: float,
+        *,
+        room_mib: int | None = None,
+        capacity_mib: int | None = None,
     ) -> list[JobRow]:
         """Take up to `limit` due queued jobs that ask for one of `isolations`, shared
         between teams as the module's docstring says; each becomes running under this
-        worker's lease."""
+        worker's lease. With `room_mib`, only jobs whose memory fits in it together; a job
+        above `capacity_mib` (the host's whole capacity) is taken regardless, since it
+        needs no room: its worker fails it at once."""
         now = _now()
         with self._write() as conn:
-            due = self._fair_share(conn, list(isolations), limit, now)
+            room = _Room(room_mib, capacity_mib, now)
+            due = self._fair_share(conn, list(isolations), limit, now, room)
             if not due:
                 return []
             claim: dict[str, Any] = dict(
@@ -440,10 +487,11 @@ class JobStore(Database):
         return [replace(row, next_event_seq=row.next_event_seq + 1) for row in claimed]
 
     def _fair_share(
-        self, conn: sa.Connection, isolations: list[str], limit: int, now: datetime
+        self, conn: sa.Connection, isolations: list[str], limit: int, now: datetime, room: _Room
     ) -> list[JobRow]:
         """Up to `limit` due jobs, picked one at a time: each from the team whose turn it
-        is (fewest running, then served longest ago), its best job (priority, then age)."""
+        is (fewest running, then served longest ago), its best job (priority, then age)
+        if that fits the `room` left, else none of the team's."""
         params = {"now": now, "isolations": isolations}
         turns = [
             _Turn(r.id, r.max_running_jobs, r.running, r.last_start or _NEVER)
@@ -458,6 +506,9 @@ class JobStore(Database):
             if turn.due is None:
                 turn.due = self._team_due(conn, turn, limit - len(picked), params)
                 continue  # its running count was read again: choose again
+            if not room.take(turn.due[0]):
+                turn.due = []  # the team waits for room for its best job
+                continue
             picked.append(turn.due.pop(0))
             turn.running += 1
             turn.last_start = now

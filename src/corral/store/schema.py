@@ -170,6 +170,9 @@ jobs = sa.Table(
     sa.Column("template", sa.String(128), nullable=False),
     # Asked for ("auto" when left out); workers claim only what they can give.
     sa.Column("isolation", sa.String(32), nullable=False),
+    # The memory limit of its sandbox (its limits, defaults filled at submit): a worker
+    # claims only jobs that fit the host's free memory.
+    sa.Column("memory_mib", sa.Integer, nullable=False),
     sa.Column("spec", JSON, nullable=False),
     sa.Column("labels", JSON, nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
