@@ -19,8 +19,8 @@ stays queued (no claim, no events, no callbacks) rather than being claimed and g
 A team waits for room for its best job (its smaller jobs do not pass it), while teams
 after it in the turn take jobs that fit. So that a big job is not starved by a stream of
 smaller ones of other teams, once it has been due for `ROOM_RESERVE_SECONDS` it reserves
-its memory: the claim gives other teams only the room beyond it, and the host drains
-until it fits.
+its memory: the claim gives the teams after it in the turn only the room beyond it, and
+the host drains until it fits. (Its team, with fewer running jobs, usually comes first.)
 
 Claims lock rows with `FOR UPDATE SKIP LOCKED` on PostgreSQL: concurrent workers take
 different jobs, and the team row is locked while its jobs are claimed, so its running
@@ -281,10 +281,10 @@ class _Room:
     def take(self, job: JobRow) -> bool:
         """Whether `job` fits; if so its memory is taken, else, once it has waited
         `ROOM_RESERVE_SECONDS`, reserved (so nothing smaller takes the room it waits for)."""
-        if self.mib is None or (
-            self.capacity_mib is not None and job.memory_mib > self.capacity_mib
-        ):
+        if self.mib is None:
             return True
+        if self.capacity_mib is not None and job.memory_mib > self.capacity_mib:
+            return True  # it never fits: its worker fails it, with no sandbox
         if job.memory_mib <= self.mib:
             self.mib -= job.memory_mib
             return True
