@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -138,9 +138,18 @@ class LiveServer:
     log: Path
 
     def corral(
-        self, *args: str, timeout: float = 60, input: str | None = None, **env: str
+        self,
+        *args: str,
+        timeout: float = 60,
+        input: str | None = None,
+        stdin: int | IO[Any] | None = None,
+        **env: str,
     ) -> subprocess.CompletedProcess[str]:
-        """The `corral` CLI as a subprocess, pointed at this server with its default key."""
+        """The `corral` CLI as a subprocess, pointed at this server with its default key.
+
+        Its stdin is `input`, or the `stdin` file, or else empty (/dev/null): `run` and
+        `exec` pass a stdin that is not a terminal on to the command.
+        """
         return subprocess.run(
             [sys.executable, "-m", "corral.cli", *args],
             capture_output=True,
@@ -148,6 +157,7 @@ class LiveServer:
             env={**self.env, "CORRAL_SERVER": self.url, "CORRAL_API_KEY": self.key, **env},
             timeout=timeout,
             input=input,
+            stdin=subprocess.DEVNULL if input is None and stdin is None else stdin,
         )
 
     def new_team(self, name: str) -> str:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from corral.cli._common import connect_options, err, interruptible, parse_pairs
+from corral.cli._stdin import StdinOption, stdin_source
 from corral.client import Sandbox
 from corral.errors import InvalidRequest
 
@@ -56,6 +57,7 @@ def run(
     metadata: Annotated[
         list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE")
     ] = None,
+    stdin: StdinOption = None,
 ) -> None:
     """Create a sandbox, run COMMAND in it with live output, destroy it; exit with its code."""
     envs = parse_pairs(env, "-e")
@@ -74,7 +76,13 @@ def run(
     ):
         for data, remote in uploads:
             box.files.write(remote, data)
-        result = box.commands.run(command, timeout=timeout, on_stdout=_out, on_stderr=_err)
+        result = box.commands.run(
+            command,
+            timeout=timeout,
+            on_stdout=_out,
+            on_stderr=_err,
+            input=stdin_source(stdin),
+        )
     if result.reason != "exited":
         err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")
     raise typer.Exit(result.exit_code)

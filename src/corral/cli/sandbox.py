@@ -21,6 +21,7 @@ from corral.cli._common import (
     parse_pairs,
     show,
 )
+from corral.cli._stdin import StdinOption, stdin_source
 from corral.client import Limits, Sandbox
 from corral.errors import InvalidRequest
 
@@ -151,6 +152,7 @@ def exec(
         float | None, typer.Option(envvar="CORRAL_EXEC_TIMEOUT", help="seconds; default none")
     ] = None,
     background: Annotated[bool, typer.Option(help="start it, print its pid, return")] = False,
+    stdin: StdinOption = None,
 ) -> None:
     """Run a command in a sandbox with live output; exit with its exit code."""
     if command[:1] == ["--"]:  # `exec ID -- CMD`: after ID every word is the command's
@@ -175,6 +177,7 @@ def exec(
                 timeout=timeout,
                 on_stdout=_write(sys.stdout),
                 on_stderr=_write(sys.stderr),
+                input=stdin_source(stdin),
             )
     if result.reason != "exited":
         err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")

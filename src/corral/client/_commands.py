@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import inspect
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -16,8 +17,9 @@ from typing import Literal, TypedDict, Unpack, overload
 
 from corral._aio import stop_tasks
 from corral.client._connection import Connection
+from corral.client._input import Input, chunks
 from corral.client._models import CommandResult, ProcessInfo
-from corral.errors import ServerUnavailable
+from corral.errors import InvalidRequest, NotFound, ServerUnavailable
 from corral.v1 import sandbox_pb2 as pb
 
 OutputCallback = Callable[[str], object]
@@ -36,6 +38,9 @@ class RunOptions(TypedDict, total=False):
     on_stderr: OutputCallback
     # Open stdin for send_stdin; default: in the background only.
     stdin: bool
+    # In the foreground: fed to stdin in chunks, then stdin is closed (bytes, text, an
+    # iterable of byte chunks read on a thread of its own, or an async iterable); None: none.
+    input: Input | None
     tag: str  # shown by `commands.list()`
 
 
@@ -131,6 +136,32 @@ class AsyncCommandHandle:
             return await self._read_to_end()
         return await asyncio.shield(self._reader)
 
+    async def _feed(self, source: Input) -> None:
+        async with contextlib.aclosing(chunks(source)) as stream:
+            async for chunk in stream:
+                await self.send_stdin(chunk)
+        await self.close_stdin()
+
+    async def _wait_feeding(self, source: Input) -> CommandResult:
+        """Wait for the end while `source` goes to stdin; a command that ends without
+        reading it all ends this too (the rest is not read)."""
+        reader = asyncio.ensure_future(self._read_to_end())
+        feeder = asyncio.ensure_future(self._feed(source))
+        try:
+            await asyncio.wait({reader, feeder}, return_when=asyncio.FIRST_COMPLETED)
+            failure = feeder.exception() if feeder.done() else None
+            # NotFound: the server no longer has the command, so its end is on the way.
+            if failure is not None and not reader.done() and not isinstance(failure, NotFound):
+                # Its input cannot be delivered: do not leave it waiting for the rest.
+                with contextlib.suppress(Exception):
+                    await self.signal(signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    await reader
+                raise failure
+            return await reader
+        finally:
+            await stop_tasks(feeder, reader)
+
     async def send_stdin(self, data: str | bytes) -> None:
         """Write to the command's stdin (started with stdin=True, the default in background)."""
         raw = data.encode() if isinstance(data, str) else data
@@ -192,6 +223,14 @@ class AsyncCommands:
         """
         timeout = options.get("timeout", DEFAULT_TIMEOUT)
         stdin = options.get("stdin")
+        source = options.get("input")
+        if source is not None:
+            if background:
+                raise InvalidRequest(
+                    "input= is for a command in the foreground; in the background, "
+                    "pass stdin=True and call send_stdin and close_stdin on its handle"
+                )
+            stdin = True
         request = pb.ExecRequest(
             sandbox_id=self._sandbox_id,
             envs=dict(options.get("envs") or {}),
@@ -219,6 +258,8 @@ class AsyncCommands:
             options.get("on_stderr"),
         )
         if not background:
+            if source is not None:
+                return await handle._wait_feeding(source)
             return await handle.wait()
         handle._read_in_background()
         return handle

@@ -1,0 +1,87 @@
+"""`corral run` and `corral sandbox exec` pass a piped stdin to the command, as `docker run -i`
+and `ssh` do: streamed in chunks, closed at its end; a command that reads none of it ends
+the CLI all the same."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LiveServer
+
+pytestmark = pytest.mark.usefixtures("sandbox_host")
+
+
+@pytest.fixture
+def sandbox_id(server: LiveServer) -> Iterator[str]:
+    created = server.corral("sandbox", "create", "--output", "json")
+    assert created.returncode == 0, created.stderr
+    sandbox_id = json.loads(created.stdout)["sandbox_id"]
+    yield sandbox_id
+    server.corral("sandbox", "kill", sandbox_id)
+
+
+def test_run_passes_piped_stdin(server: LiveServer) -> None:
+    done = server.corral("run", "--", "cat", input="hello\n")
+    assert (done.returncode, done.stdout) == (0, "hello\n"), done.stderr
+
+
+def test_run_closes_stdin_at_its_end(server: LiveServer) -> None:
+    # wc counts only once it reads EOF: an unclosed stdin would hang it.
+    done = server.corral("run", "--", "wc", "-l", input="a\nb\nc\n")
+    assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr
+
+
+def test_run_streams_ten_mib_intact(server: LiveServer, tmp_path: Path) -> None:
+    data = os.urandom(10 * 1024 * 1024)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    with source.open("rb") as stdin:
+        done = server.corral("run", "--", "sha256sum", stdin=stdin, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_run_is_not_held_by_a_stdin_it_does_not_read(server: LiveServer) -> None:
+    # `yes` never stops writing: the CLI must end with the command, not with its stdin.
+    with subprocess.Popen(["yes"], stdout=subprocess.PIPE) as yes:
+        try:
+            done = server.corral("run", "--", "true", stdin=yes.stdout)
+        finally:
+            yes.kill()
+    assert done.returncode == 0, done.stderr
+
+
+def test_run_is_not_held_by_a_stdin_that_never_ends(server: LiveServer) -> None:
+    # A producer that writes nothing and never closes: the read of stdin never returns.
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(read_end, "rb") as stdin:
+            done = server.corral("run", "--", "sh", "-c", "echo done; exit 4", stdin=stdin)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stdout) == (4, "done\n"), done.stderr
+
+
+def test_no_stdin_passes_nothing(server: LiveServer) -> None:
+    # With --no-stdin the command's stdin is not the piped one (cat gets EOF at once).
+    done = server.corral("run", "--no-stdin", "--", "cat", input="not for cat\n")
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+
+
+def test_sandbox_exec_passes_piped_stdin(server: LiveServer, sandbox_id: str) -> None:
+    done = server.corral("sandbox", "exec", sandbox_id, "--", "cat", input="to exec\n")
+    assert (done.returncode, done.stdout) == (0, "to exec\n"), done.stderr
+    done = server.corral(
+        "sandbox", "exec", "-i", sandbox_id, "--", "sh", "-c", "cat > f", input="kept\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert server.corral("sandbox", "cat", sandbox_id, "f").stdout == "kept\n"
+    done = server.corral("sandbox", "exec", "--no-stdin", sandbox_id, "cat", input="no\n")
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
