@@ -1,6 +1,6 @@
 """`corral run` and `corral sandbox exec` pass a piped stdin to the command, as `docker run -i`
 and `ssh` do: streamed in chunks, closed at its end; a command that reads none of it ends
-the CLI all the same."""
+the CLI all the same. The SDK's `commands.run(input=...)` does the feeding."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from corral import AsyncSandbox, Sandbox
+from corral.errors import InvalidRequest
 from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
@@ -55,7 +58,7 @@ def test_run_is_not_held_by_a_stdin_it_does_not_read(server: LiveServer) -> None
             done = server.corral("run", "--", "true", stdin=yes.stdout)
         finally:
             yes.kill()
-    assert done.returncode == 0, done.stderr
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_run_is_not_held_by_a_stdin_that_never_ends(server: LiveServer) -> None:
@@ -66,7 +69,7 @@ def test_run_is_not_held_by_a_stdin_that_never_ends(server: LiveServer) -> None:
             done = server.corral("run", "--", "sh", "-c", "echo done; exit 4", stdin=stdin)
     finally:
         os.close(write_end)
-    assert (done.returncode, done.stdout) == (4, "done\n"), done.stderr
+    assert (done.returncode, done.stdout, done.stderr) == (4, "done\n", "")
 
 
 def test_no_stdin_passes_nothing(server: LiveServer) -> None:
@@ -85,3 +88,30 @@ def test_sandbox_exec_passes_piped_stdin(server: LiveServer, sandbox_id: str) ->
     assert server.corral("sandbox", "cat", sandbox_id, "f").stdout == "kept\n"
     done = server.corral("sandbox", "exec", "--no-stdin", sandbox_id, "cat", input="no\n")
     assert (done.returncode, done.stdout) == (0, ""), done.stderr
+
+
+# -- the SDK's input=, which the CLI uses ----------------------------------------------------
+
+
+def opts(server: LiveServer) -> dict[str, Any]:
+    return {"server": server.url, "api_key": server.key}
+
+
+def test_sdk_input_takes_bytes_text_and_chunks(server: LiveServer) -> None:
+    with Sandbox.create(**opts(server)) as sbx:
+        assert sbx.commands.run("cat", input=b"raw\x00bytes").stdout == "raw\x00bytes"
+        assert sbx.commands.run("cat", input="text é").stdout == "text é"
+        chunks = iter([b"one ", b"two ", b"three"])
+        assert sbx.commands.run(["cat"], input=chunks).stdout == "one two three"
+        with pytest.raises(InvalidRequest, match="send_stdin"):
+            sbx.commands.run("cat", background=True, input=b"x")
+
+
+async def test_async_sdk_input_takes_an_async_iterable(server: LiveServer) -> None:
+    async def lines() -> AsyncIterator[bytes]:
+        for n in range(3):
+            yield f"{n}\n".encode()
+
+    async with await AsyncSandbox.create(**opts(server)) as sbx:
+        result = await sbx.commands.run("wc -l", input=lines())
+        assert (result.exit_code, result.stdout.strip()) == (0, "3")
