@@ -42,7 +42,7 @@ from corral.cli._common import (
 )
 from corral.client import Job, Jobs, JobSubmission
 from corral.errors import InvalidRequest
-from corral.jobs.spec import LANGUAGES, JobSpec
+from corral.jobs.spec import LANGUAGES, JobSpec, split_idempotency_key
 
 app = typer.Typer(
     no_args_is_help=True, help="Queue jobs, follow their output, cancel or retry them."
@@ -228,15 +228,16 @@ def submit(
         "isolation": isolation,
         "priority": priority,
         "callback_url": callback_url,
+        "idempotency_key": idempotency_key or None,
     }
     spec.update({k: v for k, v in options.items() if v is not None})
     if file is not None:
         try:  # the SDK checks it too; here the error can name the file
-            JobSpec.from_dict(spec)
+            JobSpec.from_dict(split_idempotency_key(spec)[0])
         except InvalidRequest as exc:
             raise InvalidRequest(f"{'stdin' if file == '-' else file}: {exc}") from None
     with _jobs(ctx) as jobs:
-        submission = jobs.submit(spec, idempotency_key=idempotency_key)
+        submission = jobs.submit(spec)  # its idempotency_key goes with the request
         job = submission.job
         if follow:
             err.print(f"job {job.id} {'queued' if submission.created else 'already submitted'}")
