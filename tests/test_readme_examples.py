@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +83,21 @@ def test_the_readme_states_the_output_cap() -> None:
     """The cap on one command's output (a reason it can end with) is in the README."""
     text = " ".join(README.read_text().split())
     assert f"stderr together may be {Limits().output_bytes // MIB} MiB" in text
+
+
+def test_the_sdk_example_prints_its_output_once(server: LiveServer) -> None:
+    """README's SDK example, as written: `on_stdout=print` prints each line once."""
+    example = readme_block("## Python SDK", "python")
+    assert "on_stdout=print" in example
+    done = subprocess.run(
+        [sys.executable, "-c", example],
+        capture_output=True,
+        text=True,
+        env={**server.env, "CORRAL_SERVER": server.url, "CORRAL_API_KEY": server.key},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # echo $A; python3 -V: two lines from the callback, then the result's own print.
+    assert lines[0] == "1" and lines[1].startswith("Python 3."), done.stdout
+    assert lines[2] == "0 exited 1", done.stdout

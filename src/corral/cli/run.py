@@ -74,7 +74,9 @@ def run(
     ):
         for data, remote in uploads:
             box.files.write(remote, data)
-        result = box.commands.run(command, timeout=timeout, on_stdout=_out, on_stderr=_err)
+        result = box.commands.run(
+            command, timeout=timeout, on_stdout=_out, on_stderr=_err, raw_output=True
+        )
     if result.reason != "exited":
         err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")
     raise typer.Exit(result.exit_code)

@@ -175,6 +175,7 @@ def exec(
                 timeout=timeout,
                 on_stdout=_write(sys.stdout),
                 on_stderr=_write(sys.stderr),
+                raw_output=True,
             )
     if result.reason != "exited":
         err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")
