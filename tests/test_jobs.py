@@ -964,7 +964,7 @@ async def test_an_isolation_this_server_cannot_give_is_refused(team_api: JobApi)
 async def test_an_idempotency_key_returns_the_first_job(team_api: JobApi) -> None:
     before = await count(team_api)
     first = await team_api.submit({"command": ["true"]}, idempotency_key="deploy-42")
-    second = await team_api.submit({"command": ["false"]}, idempotency_key="deploy-42")
+    second = await team_api.submit({"command": ["true"]}, idempotency_key="deploy-42")
     assert first.created and not second.created
     assert second.job.id == first.job.id
     assert list(second.job.spec.command) == ["true"]

@@ -35,6 +35,7 @@ _TABLE: tuple[tuple[type[CorralError], Code], ...] = (
     (errors.SandboxNotRunning, Code.FAILED_PRECONDITION),
     (errors.CommandError, Code.FAILED_PRECONDITION),
     (errors.FileExists, Code.ALREADY_EXISTS),
+    (errors.IdempotencyConflict, Code.ALREADY_EXISTS),
     (errors.FileError, Code.FAILED_PRECONDITION),
     (errors.ServerUnavailable, Code.UNAVAILABLE),
     (errors.IsolationUnavailable, Code.FAILED_PRECONDITION),  # retrying will not help

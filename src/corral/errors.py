@@ -7,6 +7,7 @@
     │   ├── InvalidLimits
     │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
+    ├── IdempotencyConflict       an idempotency key already names a job with another spec
     ├── AuthError
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
     │   └── Forbidden             the key may not do that
@@ -71,6 +72,10 @@ class CallbackRefused(InvalidRequest):
 
 class NotFound(CorralError):
     """No such sandbox; check the id with `corral sandbox list`."""
+
+
+class IdempotencyConflict(CorralError):
+    """That idempotency key was already used for a job with another spec; use a new key."""
 
 
 class AuthError(CorralError):

@@ -27,6 +27,10 @@ EXIT_AUTH = 5
 EXIT_QUOTA = 6
 EXIT_UNREACHABLE = 7
 EXIT_STATE = 8
+# How a job that timed out or was canceled ends `job logs -f`, `submit --wait`/`--follow`
+# (124 as coreutils `timeout`), whatever its killed command's own code (137) was.
+EXIT_TIMED_OUT = 124
+EXIT_CANCELED = 125
 EXIT_INTERRUPTED = 130
 
 # Most specific first, as in corral._wire.

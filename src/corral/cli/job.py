@@ -5,8 +5,9 @@
     corral job submit -f job.yaml --label ci=1 --follow    # a spec file; stream its output
     corral job logs ID -f                                  # exits with the job's exit code
 
-A job that did not succeed makes `logs -f`, `submit --wait` and `--follow` exit with its
-exit code, or with a code for how it ended when it has none (`exit_code_of`).
+A job that did not succeed makes `logs -f`, `submit --wait` and `--follow` exit with a
+code for how it ended if it timed out or was canceled, else with its exit code
+(`exit_code_of`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import yaml
 from rich.table import Table
 
 from corral.cli._common import (
+    EXIT_CANCELED,
     EXIT_ERROR,
+    EXIT_TIMED_OUT,
     OUTPUT_OPTION,
     Output,
     _cell,
@@ -39,17 +42,15 @@ from corral.cli._common import (
 )
 from corral.client import Job, Jobs, JobSubmission
 from corral.errors import InvalidRequest
-from corral.jobs.spec import LANGUAGES, JobSpec
+from corral.jobs.spec import LANGUAGES, JobSpec, split_idempotency_key
 
 app = typer.Typer(
     no_args_is_help=True, help="Queue jobs, follow their output, cancel or retry them."
 )
 
 JOB_COLUMNS = ("id", "state", "attempt", "exit_code", "created_at", "state_reason")
-# How `job logs -f`, `submit --wait` and `--follow` exit when the job did not succeed and
-# has no exit code of its own (it never ran a command, or was stopped).
-EXIT_TIMED_OUT = 124
-EXIT_CANCELED = 125
+# How `job logs -f`, `submit --wait` and `--follow` exit for a job stopped from outside: its
+# command was killed (137), which would look like a kill or an out-of-memory.
 EXIT_FOR_STATE = {"timed_out": EXIT_TIMED_OUT, "canceled": EXIT_CANCELED}
 
 JobId = Annotated[str, typer.Argument(help="the job's id (`corral job list`)")]
@@ -65,9 +66,11 @@ def _jobs(ctx: typer.Context) -> Iterator[Jobs]:
 
 
 def exit_code_of(job: Job) -> int:
-    """0 if the job succeeded, else its exit code, else a code for how it ended."""
+    """0 if it succeeded; 124 timed out, 125 canceled; else its exit code, else 1."""
     if job.state == "succeeded":
         return 0
+    if job.state in EXIT_FOR_STATE:
+        return EXIT_FOR_STATE[job.state]
     if job.exit_code is not None and 0 < job.exit_code < 256:
         return job.exit_code
     return EXIT_FOR_STATE.get(job.state, EXIT_ERROR)
@@ -225,15 +228,16 @@ def submit(
         "isolation": isolation,
         "priority": priority,
         "callback_url": callback_url,
+        "idempotency_key": idempotency_key or None,
     }
     spec.update({k: v for k, v in options.items() if v is not None})
     if file is not None:
         try:  # the SDK checks it too; here the error can name the file
-            JobSpec.from_dict(spec)
+            JobSpec.from_dict(split_idempotency_key(spec)[0])
         except InvalidRequest as exc:
             raise InvalidRequest(f"{'stdin' if file == '-' else file}: {exc}") from None
     with _jobs(ctx) as jobs:
-        submission = jobs.submit(spec, idempotency_key=idempotency_key)
+        submission = jobs.submit(spec)  # its idempotency_key goes with the request
         job = submission.job
         if follow:
             err.print(f"job {job.id} {'queued' if submission.created else 'already submitted'}")

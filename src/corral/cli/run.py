@@ -82,6 +82,7 @@ def run(
             on_stdout=_out,
             on_stderr=_err,
             input=stdin_source(stdin),
+            raw_output=True,
         )
     if result.reason != "exited":
         err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")

@@ -178,6 +178,7 @@ def exec(
                 on_stdout=_write(sys.stdout),
                 on_stderr=_write(sys.stderr),
                 input=stdin_source(stdin),
+                raw_output=True,
             )
     if result.reason != "exited":
         err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")

@@ -1,7 +1,10 @@
 """Commands in a sandbox (async): run to the end, or start in the background with a handle.
 
-Output arrives as it is produced; `on_stdout`/`on_stderr` get each chunk decoded as
-UTF-8 (a character split across chunks is kept whole). A background command's output is
+Output arrives as it is produced; `on_stdout`/`on_stderr` get each whole line decoded as
+UTF-8, without its newline, so `on_stdout=print` prints the output once (the last line
+comes at the end even without a newline). With `raw_output=True` they get each chunk as
+it arrives, newlines kept, to write through as it comes (a character split across
+chunks is kept whole either way). A background command's output is
 read continuously, so it never blocks on a full pipe whether or not anyone waits.
 """
 
@@ -34,8 +37,10 @@ class RunOptions(TypedDict, total=False):
     user: str
     # Seconds before it is killed with reason "timeout"; default 60, None or 0 for none.
     timeout: float | None
-    on_stdout: OutputCallback  # called with each chunk of output, as text
+    on_stdout: OutputCallback  # called with each line of output, without its newline
     on_stderr: OutputCallback
+    # The callbacks get each chunk as it arrives, newlines kept (to write it through).
+    raw_output: bool
     # Open stdin for send_stdin; default: in the background only.
     stdin: bool
     # In the foreground: fed to stdin in chunks, then stdin is closed (bytes, text, an
@@ -45,22 +50,38 @@ class RunOptions(TypedDict, total=False):
 
 
 class _Output:
-    """One stream's text so far, decoded incrementally, and its callback."""
+    """One stream's text so far, decoded incrementally, and its callback (given lines,
+    or chunks when `raw`)."""
 
-    def __init__(self, callback: OutputCallback | None) -> None:
+    def __init__(self, callback: OutputCallback | None, *, raw: bool = False) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._parts: list[str] = []
         self._callback = callback
+        self._raw = raw
+        self._line = ""  # the start of a line whose newline has not come yet
 
     async def add(self, data: bytes, final: bool = False) -> None:
         text = self._decoder.decode(data, final)
-        if not text:
+        if text:
+            self._parts.append(text)
+        if self._callback is None:
             return
-        self._parts.append(text)
-        if self._callback is not None:
-            result = self._callback(text)
-            if inspect.isawaitable(result):
-                await result
+        if self._raw:
+            if text:
+                await self._call(text)
+            return
+        *lines, self._line = (self._line + text).split("\n")
+        if final and self._line:
+            lines.append(self._line)
+            self._line = ""
+        for line in lines:
+            await self._call(line)
+
+    async def _call(self, text: str) -> None:
+        assert self._callback is not None
+        result = self._callback(text)
+        if inspect.isawaitable(result):
+            await result
 
     @property
     def text(self) -> str:
@@ -84,13 +105,14 @@ class AsyncCommandHandle:
         events: AsyncIterator[pb.ExecResponse],
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
+        raw_output: bool = False,
     ) -> None:
         self.pid = pid
         self.sandbox_id = sandbox_id
         self._connection = connection
         self._events = events
-        self._stdout = _Output(on_stdout)
-        self._stderr = _Output(on_stderr)
+        self._stdout = _Output(on_stdout, raw=raw_output)
+        self._stderr = _Output(on_stderr, raw=raw_output)
         self._reader: asyncio.Task[CommandResult] | None = None
 
     @property
@@ -256,6 +278,7 @@ class AsyncCommands:
             events,
             options.get("on_stdout"),
             options.get("on_stderr"),
+            options.get("raw_output", False),
         )
         if not background:
             if source is not None:

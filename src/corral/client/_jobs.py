@@ -29,7 +29,7 @@ from corral.client._models import (
     LogChunk,
 )
 from corral.errors import InvalidRequest, ServerUnavailable, WaitTimedOut
-from corral.jobs.spec import JobSpec
+from corral.jobs.spec import JobSpec, split_idempotency_key
 from corral.v1 import jobs_pb2 as pb
 
 M = TypeVar("M", pb.StreamJobLogsResponse, pb.StreamJobEventsResponse)
@@ -108,9 +108,19 @@ class AsyncJobs:
             await jobs.submit(run="echo hi", retries=2)
             await jobs.submit({"kind": "workflow", "steps": [{"run": "make"}]})
 
-        With an `idempotency_key`, submitting the same key again returns the first job
-        (`created` is False) instead of queueing another.
+        With an `idempotency_key` (an argument, or a field of the `spec` mapping as in a
+        spec file), submitting the same key again returns the first job (`created` is
+        False) instead of queueing another; the same key with another spec is refused
+        (IdempotencyConflict).
         """
+        if isinstance(spec, Mapping):
+            spec, key = split_idempotency_key(spec)
+            if key and idempotency_key and key != idempotency_key:
+                raise InvalidRequest(
+                    f"idempotency_key {idempotency_key!r} differs from the spec's {key!r}; "
+                    "give one of them"
+                )
+            idempotency_key = idempotency_key or key
         request = pb.SubmitJobRequest(
             spec=build_spec(spec, fields).to_proto(), idempotency_key=idempotency_key
         )

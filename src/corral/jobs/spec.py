@@ -318,6 +318,21 @@ FIELDS = (
 )
 
 
+def split_idempotency_key(data: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A spec mapping without its `idempotency_key`, and that key ("" when it has none).
+
+    A spec file may carry the key beside the spec's fields, but the key belongs to the
+    submit request (the same spec may be submitted under many keys), not to the spec.
+    """
+    spec = dict(data)
+    key = spec.pop("idempotency_key", None)
+    if key is None:
+        return spec, ""
+    if not isinstance(key, str):
+        raise _fail("idempotency_key", f"must be a string, got {type(key).__name__}")
+    return spec, key
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A validated job spec; build it with `from_dict` or `from_proto`."""

@@ -35,6 +35,7 @@ jobs are deleted after the retention period, their logs with them). Past a job's
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -45,7 +46,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.errors import NotFound
+from corral.errors import IdempotencyConflict, NotFound
 from corral.store.database import Database
 from corral.store.logfiles import LogFiles
 from corral.store.pages import decode_token, encode_token
@@ -297,6 +298,11 @@ def _job(row: sa.Row[Any]) -> JobRow:
     return JobRow(**row._asdict())
 
 
+def _canonical(spec: Mapping[str, Any]) -> str:
+    """A spec as JSON with sorted keys: equal for equal specs, before and after the store."""
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
 def _owns(row: JobRow, attempt: Attempt) -> bool:
     """Whether `attempt` is the job's running attempt (the only one that may write)."""
     return (
@@ -323,7 +329,8 @@ class JobStore(Database):
 
     def insert_job(self, row: JobRow, reason: str = "queued") -> tuple[JobRow, bool]:
         """Queue a job; with an idempotency key already used by its team, return that
-        team's earlier job instead (and False)."""
+        team's earlier job instead (and False) if its spec is the same, else refuse the
+        key (IdempotencyConflict, as Stripe does: a key names one request, not a slot)."""
         with self._write() as conn:
             if row.idempotency_key is not None:
                 earlier = conn.execute(
@@ -332,7 +339,14 @@ class JobStore(Database):
                     .where(jobs.c.idempotency_key == row.idempotency_key)
                 ).first()
                 if earlier is not None:
-                    return _job(earlier), False
+                    first = _job(earlier)
+                    if _canonical(first.spec) != _canonical(row.spec):
+                        raise IdempotencyConflict(
+                            f"idempotency key {row.idempotency_key!r} was used for job "
+                            f"{first.id} with another spec; submit with a new key, or the "
+                            "same spec to get that job"
+                        )
+                    return first, False
             inserted = replace(row, next_event_seq=row.next_event_seq + 1)
             conn.execute(_INSERT_JOB, asdict(inserted))
             self._add_events(conn, row, row.attempt, [NewEvent("state", reason, row.state)])
