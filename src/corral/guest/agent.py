@@ -25,7 +25,8 @@ Choices worth knowing:
   it has a handler for; it keeps one for SIGCHLD alone (Python's SIGINT handler would
   turn ``kill -INT 1`` into a KeyboardInterrupt).
 * File operations never block the loop: files are opened with ``O_NONBLOCK`` (a FIFO
-  opens, or fails, at once) and anything but a regular file is refused.
+  opens, or fails, at once) and anything but a regular file is refused. A rename across
+  mounts is a copy (`Move`), made a slice of time per turn of the loop.
 * A command ends when its process has exited and its stdout and stderr reached EOF. A
   daemon it started may keep those pipes open forever, so once the process has exited
   the agent waits at most ``EXIT_GRACE`` seconds for EOF, then reads what the pipes
@@ -68,9 +69,9 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_HIGH_WATER = 1 << 20  # stop pumping files to the host while this much is unsent
 COMMAND_OOM_SCORE = b"1000"  # the OOM killer's first choice: commands, never the agent
 LIST_BATCH = 1000
+LIST_MAX_ENTRIES = 100_000
 MOVE_SLICE = 0.005  # seconds of copying per turn of the loop: other calls go on meanwhile
 MOVE_CHUNK = 1 << 20
-LIST_MAX_ENTRIES = 100_000
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 
@@ -601,7 +602,7 @@ class Move(Channel):
         self.device = top.st_dev
         self.src_is_dir = stat.S_ISDIR(top.st_mode)
         if not os.access(os.path.dirname(src) or "/", os.W_OK):
-            # Checked first: the source could not be removed after the copy.
+            # Checked before copying: otherwise the copy would be made, and the source stay.
             raise Refusal(
                 "permission_denied",
                 f"{src} cannot be moved: the sandbox user may not remove it from its directory",
