@@ -17,7 +17,7 @@ from typing import TypeVar
 import pytest
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, IsADirectory
+from corral.errors import InvalidRequest, IsADirectory, PermissionDenied
 from corral.guest import agent_source_dir
 from corral.isolation import Engine, Limits, Sandbox
 from tests.conftest import require_backend
@@ -165,15 +165,16 @@ async def test_reads_of_what_is_not_a_regular_file_are_refused(sandbox: Sandbox)
     await assert_agent_serves(sandbox)
 
 
-async def test_moves_across_mounts_and_removing_mount_points_are_bad_requests(
-    sandbox: Sandbox,
-) -> None:
+async def test_moves_across_mounts_work_and_mount_points_stay(sandbox: Sandbox) -> None:
     """Found by the API fuzzer: both answered `internal` (EXDEV read as an agent too old,
-    EBUSY unmapped). They are the caller's to change, with a hint of what works."""
+    EBUSY unmapped). A move across mounts copies and removes, as mv does (see
+    test_moves_and_kills); removing or moving a mount point is the caller's to change."""
     await answered(sandbox.write_file("/tmp/a.txt", b"a"))
-    with pytest.raises(InvalidRequest, match="crosses mounts"):
-        await answered(sandbox.rename("/tmp/a.txt", "/workspace/a.txt"))
+    await answered(sandbox.rename("/tmp/a.txt", "/workspace/a.txt"))
+    assert await answered(sandbox.read_bytes("/workspace/a.txt")) == b"a"
     with pytest.raises(InvalidRequest, match="mount point"):
         await answered(sandbox.remove("/"))
-    assert await answered(sandbox.read_bytes("/tmp/a.txt")) == b"a"
+    with pytest.raises(PermissionDenied, match="may not remove it"):
+        await answered(sandbox.rename("/workspace", "/tmp/w"))
+    assert await answered(sandbox.read_bytes("/workspace/a.txt")) == b"a"
     await assert_agent_serves(sandbox)

@@ -25,7 +25,8 @@ Choices worth knowing:
   it has a handler for; it keeps one for SIGCHLD alone (Python's SIGINT handler would
   turn ``kill -INT 1`` into a KeyboardInterrupt).
 * File operations never block the loop: files are opened with ``O_NONBLOCK`` (a FIFO
-  opens, or fails, at once) and anything but a regular file is refused.
+  opens, or fails, at once) and anything but a regular file is refused. A rename across
+  mounts is a copy (`Move`), made a slice of time per turn of the loop.
 * A command ends when its process has exited and its stdout and stderr reached EOF. A
   daemon it started may keep those pipes open forever, so once the process has exited
   the agent waits at most ``EXIT_GRACE`` seconds for EOF, then reads what the pipes
@@ -69,6 +70,8 @@ OUTPUT_HIGH_WATER = 1 << 20  # stop pumping files to the host while this much is
 COMMAND_OOM_SCORE = b"1000"  # the OOM killer's first choice: commands, never the agent
 LIST_BATCH = 1000
 LIST_MAX_ENTRIES = 100_000
+MOVE_SLICE = 0.005  # seconds of copying per turn of the loop: other calls go on meanwhile
+MOVE_CHUNK = 1 << 20
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 
@@ -87,16 +90,11 @@ _ERRNO_TYPES = {
     errno.ENAMETOOLONG: "invalid_argument",
     errno.ELOOP: "invalid_argument",
     errno.EINVAL: "invalid_argument",
-    errno.EXDEV: "invalid_argument",
     errno.EBUSY: "invalid_argument",
     errno.ENXIO: "invalid_argument",  # a FIFO nobody reads, a socket: see open_regular
 }
 # Errors whose kind alone would not tell the caller what to do instead.
 _ERRNO_HINTS = {
-    # /workspace, /tmp and the home are separate mounts: rename(2) cannot cross them, and
-    # copying a tree here would block the agent's loop for as long as the copy takes.
-    errno.EXDEV: "{path} crosses mounts (/workspace, /tmp and the home directory are "
-    "separate): move within one, or copy across with a command such as `mv`",
     errno.EBUSY: "{path} is a mount point or in use by the sandbox; it cannot be removed "
     "or replaced",
 }
@@ -114,9 +112,10 @@ _HINTS = {
 class Refusal(Exception):
     """A CALL the agent answers with an error REPLY of this type."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, unknown_op: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.unknown_op = unknown_op  # the op named in the CALL, when the agent has none
 
 
 def refusal_from_os_error(exc: OSError) -> Refusal:
@@ -155,19 +154,22 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> tuple[int, os.stat
 
 
 def not_regular(path: str, mode: int) -> Refusal:
-    if stat.S_ISFIFO(mode):
-        kind = "a FIFO"
-    elif stat.S_ISSOCK(mode):
-        kind = "a socket"
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        kind = "a device"
-    else:
-        kind = "not a regular file"
     return Refusal(
         "invalid_argument",
-        f"{path} is {kind}: file operations read and write regular files only "
+        f"{path} is {special_kind(mode)}: file operations read and write regular files only "
         "(reading or writing it could block forever); use a command for it",
     )
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is neither a regular file, a directory nor a symlink is."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 def entry_of(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
@@ -580,6 +582,178 @@ class FileUpload(Channel):
             self.temp = None
 
 
+class Move(Channel):
+    """A ``rename`` across mounts (/workspace, /tmp, the home): copy, then remove, as mv.
+
+    rename(2) cannot cross mounts (EXDEV). The copy goes to a hidden sibling of `dst`,
+    MOVE_SLICE of work per turn of the loop, so a big tree never stalls other calls; one
+    rename(2) then puts it in place with rename's own rules (a file replaces a file, a
+    directory an empty directory), and only then is the source removed. A failure (no
+    space, say) discards the copy and leaves the source as it was. Symlinks stay
+    symlinks, modes and times are kept; hard links within the tree become separate files.
+    """
+
+    def __init__(self, agent: Agent, channel: int, src: str, dst: str, overwrite: bool):
+        super().__init__(agent, channel)
+        self.src = src
+        self.dst = dst
+        self.overwrite = overwrite
+        top = os.lstat(src)
+        self.device = top.st_dev
+        self.src_is_dir = stat.S_ISDIR(top.st_mode)
+        if not os.access(os.path.dirname(src) or "/", os.W_OK):
+            # Checked before copying: otherwise the copy would be made, and the source stay.
+            raise Refusal(
+                "permission_denied",
+                f"{src} cannot be moved: the sandbox user may not remove it from its directory",
+            )
+        self.refuse_replacing(dst)
+        directory, name = os.path.split(dst)
+        self.temp: str | None = os.path.join(
+            directory, f".{name}.corral-{os.getpid()}-{channel}.tmp"
+        )
+        self.pending = [(src, self.temp)]  # entries still to copy, depth first
+        # Directories copied, parents first: (the copy, the source, the source's stat).
+        self.dirs: list[tuple[str, str, os.stat_result]] = []
+        self.current = self.temp  # the copy being made, named in errors
+        self.reader = -1
+        self.writer = -1
+        self.file_stat: os.stat_result | None = None
+
+    def refuse_replacing(self, dst: str) -> None:
+        """Fail early, before any copying, as the final rename(2) would fail late."""
+        try:
+            target = os.lstat(dst)
+        except FileNotFoundError:
+            return
+        if self.src_is_dir and not stat.S_ISDIR(target.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), dst)
+        if stat.S_ISDIR(target.st_mode):
+            if not self.src_is_dir:
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), dst)
+            if os.listdir(dst):
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), dst)
+
+    def pump(self) -> None:
+        """Copy for one slice of time; finish when all is copied; fail on an error."""
+        deadline = time.monotonic() + MOVE_SLICE
+        try:
+            while time.monotonic() < deadline:
+                if self.writer >= 0:
+                    self.copy_chunk()
+                elif self.pending:
+                    self.copy_entry(*self.pending.pop())
+                else:
+                    self.finish()
+                    return
+        except Refusal as refusal:
+            self.fail(refusal)
+        except OSError as exc:
+            if exc.filename is None:  # a read or write: the file being copied
+                exc.filename = self.current
+            temp = self.temp
+            if temp and isinstance(exc.filename, str) and exc.filename.startswith(temp):
+                exc.filename = self.dst + exc.filename[len(temp) :]  # name no hidden copy
+            exc.filename2 = None
+            self.fail(refusal_from_os_error(exc))
+
+    def copy_entry(self, src: str, dst: str) -> None:
+        self.current = dst
+        st = os.lstat(src)
+        mode = st.st_mode
+        if st.st_dev != self.device:  # a mount point inside the tree: it cannot be removed
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), src)
+        if stat.S_ISDIR(mode):
+            os.mkdir(dst, 0o700)  # its own mode once its content is in
+            self.dirs.append((dst, src, st))
+            with os.scandir(src) as entries:
+                self.pending.extend((e.path, os.path.join(dst, e.name)) for e in entries)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        elif stat.S_ISREG(mode):
+            self.reader = open_regular(src, os.O_RDONLY | os.O_NOFOLLOW)[0]
+            self.writer = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.file_stat = st
+        else:
+            raise Refusal(
+                "unsupported",
+                f"{src} is {special_kind(mode)}: moving one across mounts is not supported; "
+                "move it within its mount, or create it anew where it should be",
+            )
+
+    def copy_chunk(self) -> None:
+        data = os.read(self.reader, MOVE_CHUNK)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.writer, view) :]
+        if data:
+            return
+        st = self.file_stat
+        assert st is not None
+        os.fchmod(self.writer, stat.S_IMODE(st.st_mode))
+        os.utime(self.writer, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.close_files()
+
+    def finish(self) -> None:
+        temp = self.temp
+        assert temp is not None
+        self.current = temp
+        for path, _src, st in reversed(self.dirs):  # children first: a parent may be read-only
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if not self.overwrite and os.path.lexists(self.dst):  # created while we copied
+            raise Refusal("exists", f"{self.dst} already exists; pass overwrite=True to replace it")
+        os.rename(temp, self.dst)
+        self.temp = None
+        self.agent.moves.remove(self)
+        try:
+            if self.src_is_dir:
+                for _copy, path, st in self.dirs:  # a read-only directory is moved all the same
+                    if st.st_mode & 0o700 != 0o700:
+                        os.chmod(path, 0o700)
+                remove_tree(self.src)
+            else:
+                os.unlink(self.src)
+        except OSError as exc:
+            refusal = refusal_from_os_error(exc)
+            message = f"{self.src} was copied to {self.dst} but not all removed: {refusal}"
+            self.agent.reply_error(self.channel, Refusal(refusal.kind, message))
+            return
+        self.agent.reply(self.channel, {"ok": True, "entry": entry_of(self.dst)})
+
+    def fail(self, refusal: Refusal) -> None:
+        self.on_close()
+        self.agent.reply_error(self.channel, refusal)
+
+    def close_files(self) -> None:
+        for fd in (self.reader, self.writer):
+            if fd >= 0:
+                os.close(fd)
+        self.reader = self.writer = -1
+
+    def on_close(self) -> None:
+        """Failed, or the host stopped waiting: discard the copy, keep the source."""
+        self.close_files()
+        if self in self.agent.moves:
+            self.agent.moves.remove(self)
+        temp, self.temp = self.temp, None
+        if temp is None:
+            return
+        for path, _src, _st in self.dirs:  # a copied mode may forbid removing what is inside
+            try:  # noqa: SIM105 (contextlib would slow the agent's start)
+                os.chmod(path, 0o700)
+            except OSError:
+                pass
+        try:
+            if stat.S_ISDIR(os.lstat(temp).st_mode):
+                remove_tree(temp)
+            else:
+                os.unlink(temp)
+        except OSError:
+            pass
+
+
 class OomScore:
     """The agent's own ``oom_score_adj``, which its children inherit at spawn.
 
@@ -642,6 +816,7 @@ class Agent:
         # Killed process groups still to sweep: pgid -> (when next, attempts so far).
         self.sweeps: dict[int, tuple[float, int]] = {}
         self.downloads: list[FileDownload] = []
+        self.moves: list[Move] = []
         self.base_env = dict(os.environ)
         self.user_name: str | None = None
         self.exit_code: int | None = None
@@ -685,6 +860,8 @@ class Agent:
             if len(self.out) < OUTPUT_HIGH_WATER:
                 for download in [d for d in self.downloads if d.ready]:
                     download.pump()
+            for move in list(self.moves):
+                move.pump()
             self.flush()
         for command in list(self.commands.values()):
             if not command.background:
@@ -692,7 +869,9 @@ class Agent:
         return self.exit_code
 
     def next_timeout(self) -> float:
-        if len(self.out) < OUTPUT_HIGH_WATER and any(d.ready for d in self.downloads):
+        if self.moves or (
+            len(self.out) < OUTPUT_HIGH_WATER and any(d.ready for d in self.downloads)
+        ):
             return 0
         soonest = None
         for command in self.commands.values():
@@ -822,6 +1001,7 @@ class Agent:
                 raise Refusal(
                     "unsupported",
                     f"unknown op {op!r}: this agent (protocol {protocol.VERSION}) knows {known}",
+                    unknown_op=str(op),
                 )
             handler(channel, args)
         except Refusal as refusal:
@@ -856,6 +1036,8 @@ class Agent:
 
     def reply_error(self, channel: int, refusal: Refusal) -> None:
         error = {"type": refusal.kind, "message": str(refusal)}
+        if refusal.unknown_op is not None:  # the host is newer than this agent
+            error["unknown_op"] = refusal.unknown_op
         self.reply(channel, {"ok": False, "error": error})
 
     def grant(self, channel: int, amount: int) -> None:
@@ -1166,9 +1348,18 @@ class Agent:
 
     def op_rename(self, channel: int, args: Args) -> None:
         src, dst = self.path(args, "src"), self.path(args, "dst")
-        if not args.get("overwrite", True) and os.path.lexists(dst):
+        overwrite = bool(args.get("overwrite", True))
+        if not overwrite and os.path.lexists(dst):
             raise Refusal("exists", f"{dst} already exists; pass overwrite=True to replace it")
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            move = Move(self, channel, src, dst, overwrite)  # replies when it is done
+            self.channels[channel] = move
+            self.moves.append(move)
+            return
         self.reply(channel, {"ok": True, "entry": entry_of(dst)})
 
 

@@ -31,6 +31,7 @@ from corral.errors import (
     NoSpace,
     NotADirectory,
     PermissionDenied,
+    SandboxNotRunning,
 )
 from corral.guest import protocol
 
@@ -40,6 +41,8 @@ _CLOSE_GRACE = 1.0
 _MAX_BACKLOG = 16 * 1024 * 1024
 # Grant credit back in batches: one CREDIT frame per this many consumed bytes.
 _CREDIT_BATCH = protocol.CHUNK
+# How a sandbox's end kills its commands (with the agent, pid 1 of their namespace).
+_SIGKILL = 9
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,9 @@ def _error_for(op: str, reply: Mapping[str, Any]) -> CorralError:
     kind = error.get("type")
     message = str(error.get("message") or f"{op} failed ({kind})")
     if kind == "unsupported":
-        return GuestError(f"{message}; the agent is older than this client")
+        if error.get("unknown_op") is not None:  # not the caller's doing: the versions differ
+            return GuestError(f"{message}; the agent is older than this client")
+        return InvalidRequest(message)  # a request this agent does not do: the caller's
     if op == "exec":  # a bad cwd, user or environment: the command could not start
         return CommandError(message)
     return _ERRORS.get(str(kind), GuestError)(message)
@@ -286,12 +291,20 @@ class GuestProcess(CommandOutput):
         self._connection = connection
         self._channel = channel
         self._result: ExecResult | None = None
+        self._output_bytes = 0
 
     async def _next_chunk(self) -> OutputChunk | None:
         while self._result is None:
-            kind, payload = await self._channel.next()
+            try:
+                kind, payload = await self._channel.next()
+            except SandboxNotRunning as exc:  # see `GuestConnection.abort`
+                self._result = ExecResult(
+                    128 + _SIGKILL, _SIGKILL, "killed", self._output_bytes, str(exc)
+                )
+                return None
             if kind == protocol.OUT or kind == protocol.ERR:
                 self._channel.consumed(len(payload))
+                self._output_bytes += len(payload)
                 return OutputChunk("stdout" if kind == protocol.OUT else "stderr", payload)
             if kind == protocol.REPLY:
                 reply = self._connection._check_reply("exec", payload)
@@ -347,7 +360,7 @@ class GuestConnection:
         self._writer = writer
         self._channels: dict[int, _Channel] = {}
         self._next_number = 1
-        self._failure: GuestError | None = None
+        self._failure: CorralError | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -402,7 +415,13 @@ class GuestConnection:
             while await reader.read(1 << 16):
                 pass
 
-    def _fail(self, failure: GuestError) -> None:
+    def abort(self, message: str) -> None:
+        """The host is ending the sandbox on purpose: the agent's death that follows is
+        no fault. Calls in flight and later ones fail with `SandboxNotRunning` (a caller's
+        error, not an internal one), and commands end with reason "killed"."""
+        self._fail(SandboxNotRunning(message))
+
+    def _fail(self, failure: CorralError) -> None:
         if self._failure is None:
             self._failure = failure
         channels, self._channels = self._channels, {}
@@ -411,7 +430,7 @@ class GuestConnection:
 
     def _check_open(self) -> None:
         if self._failure is not None:
-            raise GuestError(str(self._failure))
+            raise type(self._failure)(str(self._failure))
 
     def _send_nowait(self, kind: int, number: int, payload: bytes = b"") -> None:
         self._check_open()

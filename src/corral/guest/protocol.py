@@ -19,7 +19,8 @@ CALL   (1)  H → G    JSON ``{"op": ..., **args}``; opens a new channel (never 
                      while open)
 REPLY  (2)  G → H    JSON, final answer; closes the channel. ``{"ok": true, ...}`` or
                      ``{"ok": false, "error": {"type": T, "message": M}}``, T one of
-                     ``ERROR_TYPES``
+                     ``ERROR_TYPES`` (``unsupported`` has ``"unknown_op": op`` when the
+                     op itself is unknown: the host is newer than the agent)
 EVENT  (3)  G → H    JSON, intermediate (an exec started: ``{"pid": N}``)
 OUT    (4)  G → H    bytes: a command's stdout, or the content of a file being read
 ERR    (5)  G → H    bytes: a command's stderr
@@ -59,7 +60,8 @@ Ops (CALL payloads; paths are absolute or relative to the workdir, never with NU
 ``list {path, depth}``
     Zero or more EVENT ``{entries}`` batches, then REPLY ``{entries}``.
 ``stat {path}``, ``mkdir {path}``, ``remove {path, recursive}``, ``rename {src, dst, overwrite}``
-    REPLY ``{entry}``, ``{created}``, ``{}``, ``{entry}``.
+    REPLY ``{entry}``, ``{created}``, ``{}``, ``{entry}``. A rename across mounts copies
+    and then removes the source, as ``mv`` does, and replies when that is done.
 
 An entry is ``{name, path, type: file|dir|symlink|other, size, mode, mtime,
 symlink_target?}`` with lstat semantics.

@@ -279,6 +279,8 @@ class Sandbox:
             if self.state is SandboxState.DESTROYED:
                 return
             self.state = SandboxState.DESTROYED
+            if self._guest is not None:  # before the agent dies: its death is no failure
+                self._guest.abort(f"sandbox {self.id} was killed")
             await self._stop_launcher()
             if self._entry is not None:
                 self._entry.close()
