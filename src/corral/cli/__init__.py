@@ -30,6 +30,14 @@ app.add_typer(admin.app, name="admin")
 app.command(context_settings={"allow_interspersed_args": False})(run)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from corral import __version__
+
+        print(f"corral {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def connection(
     ctx: typer.Context,
@@ -42,6 +50,12 @@ def connection(
     context: Annotated[
         str | None, typer.Option(envvar="CORRAL_CONTEXT", help="a context of `corral context list`")
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
     """Where sandbox commands go: flags, else env vars, else the current context."""
     ctx.obj = Connect(server, api_key, context)
