@@ -158,3 +158,10 @@ def test_piped_tables_keep_one_line_per_row_and_round_cpu(server: LiveServer) ->
             assert len(cpu.partition(".")[2]) <= 2, row
     finally:
         assert server.corral("sandbox", "kill", sandbox_id).returncode == 0
+
+
+def test_piped_doctor_does_not_wrap(server: LiveServer) -> None:
+    done = server.corral("doctor", COLUMNS="")
+    assert done.returncode == 0, done.stderr
+    capacity = [line for line in done.stdout.splitlines() if "memory capacity" in line]
+    assert len(capacity) == 1 and capacity[0].endswith("CORRAL_MEMORY_OVERCOMMIT)")

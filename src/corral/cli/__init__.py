@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from corral.cli import admin, context, job, sandbox
-from corral.cli._common import EXIT_INTERRUPTED, Connect, err, fail
+from corral.cli._common import EXIT_INTERRUPTED, Connect, err, fail, out
 from corral.cli.run import run
 from corral.config import Settings
 from corral.errors import CorralError
@@ -139,8 +138,8 @@ def doctor() -> None:
     for name, caps in capabilities(settings).items():
         note = "\n".join(caps.missing) or ", ".join(f"{k}={v}" for k, v in caps.details.items())
         table.add_row(name, "[green]yes[/green]" if caps.available else "[red]no[/red]", note)
-    Console().print(table)
-    Console().print(
+    out.print(table)
+    out.print(
         f"sandbox memory capacity per process: {MemoryCapacity.of_host(settings).describe()} "
         "(CORRAL_MEMORY_RESERVE_MIB, CORRAL_MEMORY_OVERCOMMIT)"
     )
