@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from corral.cli import admin, context, job, sandbox
-from corral.cli._common import EXIT_INTERRUPTED, Connect, err, fail
+from corral.cli._common import EXIT_INTERRUPTED, Connect, err, fail, out
 from corral.cli.run import run
 from corral.config import Settings
 from corral.errors import CorralError
@@ -28,6 +27,14 @@ app.add_typer(job.app, name="job")
 app.add_typer(context.app, name="context")
 app.add_typer(admin.app, name="admin")
 app.command(context_settings={"allow_interspersed_args": False})(run)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from corral import __version__
+
+        print(f"corral {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -42,6 +49,12 @@ def connection(
     context: Annotated[
         str | None, typer.Option(envvar="CORRAL_CONTEXT", help="a context of `corral context list`")
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
     """Where sandbox commands go: flags, else env vars, else the current context."""
     ctx.obj = Connect(server, api_key, context)
@@ -125,8 +138,8 @@ def doctor() -> None:
     for name, caps in capabilities(settings).items():
         note = "\n".join(caps.missing) or ", ".join(f"{k}={v}" for k, v in caps.details.items())
         table.add_row(name, "[green]yes[/green]" if caps.available else "[red]no[/red]", note)
-    Console().print(table)
-    Console().print(
+    out.print(table)
+    out.print(
         f"sandbox memory capacity per process: {MemoryCapacity.of_host(settings).describe()} "
         "(CORRAL_MEMORY_RESERVE_MIB, CORRAL_MEMORY_OVERCOMMIT)"
     )

@@ -50,7 +50,9 @@ _EXIT_CODES: tuple[tuple[type[errors.CorralError], int], ...] = (
 )
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped, a table's rows stay one line each (for grep, awk, cut) instead of wrapping at 80
+# columns mid-word; rich sizes a table to the console's width.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 100_000)
 
 
 def exit_code_for(exc: errors.CorralError) -> int:
@@ -144,6 +146,9 @@ def _cell(value: Any) -> str:
         return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
     if isinstance(value, list):
         return " ".join(map(str, value))
+    if isinstance(value, float):
+        # Two decimals at most (a CPU percentage, not its 17 digits), no trailing zeros.
+        return f"{value:.2f}".rstrip("0").rstrip(".")
     return str(value)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from corral.cli._common import OUTPUT_OPTION, Output, out, show
+from corral.cli._common import OUTPUT_OPTION, Output, err, out, show
 from corral.config import Settings
 
 app = typer.Typer(no_args_is_help=True, help="Manage teams and API keys (local store).")
@@ -23,7 +23,11 @@ app.add_typer(team_app, name="team")
 app.add_typer(key_app, name="key")
 
 DATA_DIR: Any = typer.Option(
-    "--data-dir", envvar="CORRAL_DATA_DIR", help="the server's data directory (its store)"
+    None,
+    "--data-dir",
+    envvar="CORRAL_DATA_DIR",
+    show_default="the server's: /var/lib/corral as root, else ~/.local/share/corral",
+    help="the server's data directory (its store)",
 )
 
 
@@ -33,6 +37,8 @@ def _store(data_dir: Path | None) -> Iterator[Any]:
 
     overrides = {} if data_dir is None else {"data_dir": data_dir}
     store = Store.open(Settings.from_env(None, **overrides))
+    # On stderr: a key printed on stdout's last line stays easy to capture in a script.
+    err.print(f"store: {store.url}", soft_wrap=True)
     try:
         yield store
     finally:

@@ -48,7 +48,9 @@ def run(
     isolation: Annotated[str, typer.Option(envvar="CORRAL_ISOLATION")] = "auto",
     timeout: Annotated[
         float | None,
-        typer.Option(envvar="CORRAL_RUN_TIMEOUT", help="seconds before the command is killed"),
+        typer.Option(
+            envvar="CORRAL_RUN_TIMEOUT", min=0, help="seconds before the command is killed"
+        ),
     ] = None,
     env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
     file: Annotated[

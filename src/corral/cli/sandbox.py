@@ -48,22 +48,27 @@ def create(
     template: Annotated[str, typer.Option(envvar="CORRAL_TEMPLATE")] = "host",
     isolation: Annotated[str, typer.Option(envvar="CORRAL_ISOLATION")] = "auto",
     timeout: Annotated[
-        int, typer.Option(envvar="CORRAL_SANDBOX_TIMEOUT", help="lifetime in seconds")
+        int, typer.Option(envvar="CORRAL_SANDBOX_TIMEOUT", min=1, help="lifetime in seconds")
     ] = 300,
     idle_timeout: Annotated[
         int,
-        typer.Option(envvar="CORRAL_IDLE_TIMEOUT", help="seconds idle before on-idle; 0: never"),
+        typer.Option(
+            envvar="CORRAL_IDLE_TIMEOUT", min=0, help="seconds idle before on-idle; 0: never"
+        ),
     ] = 0,
     on_idle: Annotated[str, typer.Option(envvar="CORRAL_ON_IDLE", help="pause or kill")] = "pause",
     env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
     metadata: Annotated[
         list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE")
     ] = None,
-    memory_mib: Annotated[int | None, typer.Option(envvar="CORRAL_MEMORY_MIB")] = None,
+    memory_mib: Annotated[
+        int | None, typer.Option(envvar="CORRAL_MEMORY_MIB", min=1, help="default: the server's")
+    ] = None,
     cpu: Annotated[float | None, typer.Option(envvar="CORRAL_CPU")] = None,
     output: Output = OUTPUT_OPTION,
 ) -> None:
-    """Start a sandbox and print its id; it runs until killed or its timeout."""
+    """Start a sandbox and print its id (`-o json`: all of it); it runs until killed or its
+    timeout."""
     box = Sandbox.create(
         template,
         timeout=timeout,
@@ -76,7 +81,10 @@ def create(
         **connect_options(ctx).kwargs(),
     )
     box.close()
-    show(output, [box.info], SANDBOX_COLUMNS, single=True)
+    if output is Output.json:
+        show(output, [box.info], SANDBOX_COLUMNS, single=True)
+    else:
+        print(box.sandbox_id)  # the id alone, for `ID=$(corral sandbox create)`
 
 
 @app.command("list")
@@ -149,7 +157,8 @@ def exec(
     cwd: Annotated[str | None, typer.Option(help="default /workspace")] = None,
     env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
     timeout: Annotated[
-        float | None, typer.Option(envvar="CORRAL_EXEC_TIMEOUT", help="seconds; default none")
+        float | None,
+        typer.Option(envvar="CORRAL_EXEC_TIMEOUT", min=0, help="seconds; default none"),
     ] = None,
     background: Annotated[bool, typer.Option(help="start it, print its pid, return")] = False,
     stdin: StdinOption = None,

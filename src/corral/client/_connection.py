@@ -12,6 +12,7 @@ from connectrpc.errors import ConnectError
 
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
+from corral.errors import ServerUnavailable
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 
@@ -21,12 +22,22 @@ RES = TypeVar("RES")
 Unary = Callable[..., Awaitable[RES]]
 
 
-def _translate(exc: ConnectError) -> BaseException:
+def _translate(exc: ConnectError, server: str) -> BaseException:
     task = asyncio.current_task()
     if exc.code is Code.CANCELED and task is not None and task.cancelling():
         # connect-python turns our own cancellation into an error; give it back.
         return asyncio.CancelledError()
-    return from_connect(exc)
+    error = from_connect(exc)
+    if isinstance(error, ServerUnavailable) and not exc.details:
+        # No detail: the transport failed before any Corral server answered. Its message is
+        # a chain of wrapped errors; the last link is the cause (e.g. connection refused).
+        cause = exc.message.rsplit(": ", 1)[-1] or exc.code.value
+        return ServerUnavailable(
+            f"the Corral server at {server} did not answer ({cause}); start one with"
+            " `corral server` (`make run` in a clone), or name yours with --server,"
+            " CORRAL_SERVER or `corral context use`"
+        )
+    return error
 
 
 class Connection:
@@ -61,7 +72,7 @@ class Connection:
         try:
             return await method(request, headers=self._headers, timeout_ms=self._timeout_ms)
         except ConnectError as exc:
-            raise _translate(exc) from None
+            raise _translate(exc, self.settings.server) from None
 
     async def stream(
         self, method: Callable[..., AsyncIterator[RES]], request: object
@@ -71,7 +82,7 @@ class Connection:
             async for message in method(request, headers=self._headers):
                 yield message
         except ConnectError as exc:
-            raise _translate(exc) from None
+            raise _translate(exc, self.settings.server) from None
 
     async def upload(
         self, method: Callable[..., Awaitable[RES]], requests: AsyncIterator[object]
@@ -80,7 +91,7 @@ class Connection:
         try:
             return await method(requests, headers=self._headers)
         except ConnectError as exc:
-            raise _translate(exc) from None
+            raise _translate(exc, self.settings.server) from None
 
     async def aclose(self) -> None:
         await self.rpc.close()

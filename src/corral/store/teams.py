@@ -258,7 +258,7 @@ class TeamStore(Database):
                 return _team(row)
         raise Unauthenticated(
             "unknown or revoked API key; pass a valid one with --api-key or CORRAL_API_KEY "
-            "(an admin creates one with `corral admin key create TEAM`)"
+            "(an admin creates one with `corral admin key create --team TEAM`)"
         )
 
     def ensure_default_team(self) -> tuple[Team, str | None]:
