@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import inspect
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Literal, TypedDict, Unpack, overload
 
 from corral._aio import stop_tasks
@@ -76,7 +77,7 @@ class AsyncCommandHandle:
         connection: Connection,
         sandbox_id: str,
         pid: int,
-        events: AsyncIterator[pb.ExecResponse],
+        events: AsyncGenerator[pb.ExecResponse, None],
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
     ) -> None:
@@ -98,7 +99,14 @@ class AsyncCommandHandle:
         return self._stderr.text
 
     async def _read_to_end(self) -> CommandResult:
-        async for event in self._events:
+        # The stream is closed by whoever reads it, when it stops (the end, an error, a
+        # cancel at exit): a stream left open is closed later by the loop, out of its task,
+        # which prints "error occurred during closing of asynchronous generator".
+        async with contextlib.aclosing(self._events) as events:
+            return await self._read_events(events)
+
+    async def _read_events(self, events: AsyncIterator[pb.ExecResponse]) -> CommandResult:
+        async for event in events:
             kind = event.WhichOneof("event")
             if kind == "stdout":
                 await self._stdout.add(event.stdout)
