@@ -18,7 +18,7 @@ from typing import Literal, TypedDict, Unpack, overload
 from corral._aio import stop_tasks
 from corral.client._connection import Connection
 from corral.client._models import CommandResult, ProcessInfo
-from corral.errors import ServerUnavailable
+from corral.errors import InvalidRequest, ServerUnavailable
 from corral.v1 import sandbox_pb2 as pb
 
 OutputCallback = Callable[[str], object]
@@ -30,7 +30,7 @@ class RunOptions(TypedDict, total=False):
 
     envs: Mapping[str, str]  # on top of the sandbox's own
     cwd: str  # default /workspace
-    user: str
+    user: str  # only the sandbox's own user, "user" (there is no root)
     # Seconds before it is killed with reason "timeout"; default 60, None or 0 for none.
     timeout: float | None
     on_stdout: OutputCallback  # called with each chunk of output, as text
@@ -61,6 +61,17 @@ class _Output:
     @property
     def text(self) -> str:
         return "".join(self._parts)
+
+
+def _check_user(user: str | None) -> None:
+    """E2B habit: `user="root"`. A Corral sandbox has one unprivileged user, on purpose."""
+    if user in ("root", "0"):
+        raise InvalidRequest(
+            f"user={user!r}: a Corral sandbox has no root; its commands run as its one "
+            "unprivileged user, 'user', so the code in it gets no privileges. Leave `user` "
+            "out; install Python packages with `pip install --user` (or in a venv under "
+            "/workspace); system packages come from the sandbox's template"
+        )
 
 
 def _seen(task: asyncio.Task[CommandResult]) -> None:
@@ -198,6 +209,7 @@ class AsyncCommands:
         `background=True`, returns a handle at once; the command goes on if this client
         goes away.
         """
+        _check_user(options.get("user"))
         timeout = options.get("timeout", DEFAULT_TIMEOUT)
         stdin = options.get("stdin")
         request = pb.ExecRequest(
