@@ -12,7 +12,7 @@ import codecs
 import contextlib
 import inspect
 import signal
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Literal, TypedDict, Unpack, overload
 
 from corral._aio import stop_tasks
@@ -110,35 +110,37 @@ class AsyncCommandHandle:
         return self._stderr.text
 
     async def _read_to_end(self) -> CommandResult:
-        # The stream is closed by whoever reads it, when it stops (the end, an error, a
-        # cancel at exit): a stream left open is closed later by the loop, out of its task,
-        # which prints "error occurred during closing of asynchronous generator".
+        # The stream is read to its own end (the server closes it after the "end" event),
+        # so the HTTP response completes; it is closed here, in the reading task, when the
+        # reading stops early (an error, a cancel at exit). A stream left open was closed
+        # later by the loop, out of its task: "error occurred during closing of
+        # asynchronous generator" at exit.
+        result: CommandResult | None = None
         async with contextlib.aclosing(self._events) as events:
-            return await self._read_events(events)
-
-    async def _read_events(self, events: AsyncIterator[pb.ExecResponse]) -> CommandResult:
-        async for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "stdout":
-                await self._stdout.add(event.stdout)
-            elif kind == "stderr":
-                await self._stderr.add(event.stderr)
-            elif kind == "end":
-                await self._stdout.add(b"", final=True)
-                await self._stderr.add(b"", final=True)
-                end = event.end
-                return CommandResult(
-                    stdout=self._stdout.text,
-                    stderr=self._stderr.text,
-                    exit_code=end.exit_code,
-                    reason=end.reason,
-                    error=end.error or None,
-                    signal=end.signal or None,
-                )
-        raise ServerUnavailable(
-            f"the Corral server ended the output of process {self.pid} before it ended; "
-            "`corral sandbox ps` shows whether it still runs"
-        )
+            async for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "stdout":
+                    await self._stdout.add(event.stdout)
+                elif kind == "stderr":
+                    await self._stderr.add(event.stderr)
+                elif kind == "end":
+                    await self._stdout.add(b"", final=True)
+                    await self._stderr.add(b"", final=True)
+                    end = event.end
+                    result = CommandResult(
+                        stdout=self._stdout.text,
+                        stderr=self._stderr.text,
+                        exit_code=end.exit_code,
+                        reason=end.reason,
+                        error=end.error or None,
+                        signal=end.signal or None,
+                    )
+        if result is None:
+            raise ServerUnavailable(
+                f"the Corral server ended the output of process {self.pid} before it ended; "
+                "`corral sandbox ps` shows whether it still runs"
+            )
+        return result
 
     def _read_in_background(self) -> None:
         self._reader = asyncio.create_task(self._read_to_end(), name=f"corral-pid-{self.pid}")
