@@ -56,6 +56,9 @@ def test_sync_constructor_starts_a_sandbox_like_create(server: LiveServer) -> No
         assert sbx.is_running()
         assert sbx.commands.run("echo $WHO").stdout == "e2b\n"
     assert sbx.get_info().state == "killed"
+    sbx.close()
+    with pytest.raises(InvalidRequest, match=r"Sandbox\.create"):
+        Sandbox(sbx._async)  # type: ignore[arg-type]
 
 
 def test_sync_user_root_is_refused_with_the_reason_and_user_works(server: LiveServer) -> None:

@@ -19,6 +19,7 @@ from corral.client._jobs import DEFAULT_RECONNECT_TIMEOUT, AsyncJobs
 from corral.client._models import CommandResult, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
 from corral.client._sandbox import AsyncSandbox, kill_by_id
+from corral.errors import InvalidRequest
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -157,6 +158,11 @@ class Sandbox:
 
     def __init__(self, template: str = "host", **options: Any) -> None:
         """`Sandbox(...)` starts one, as `Sandbox.create(...)` does (E2B's SDK has both)."""
+        if not isinstance(template, str):
+            raise InvalidRequest(
+                f"Sandbox(template) takes a template name, not {type(template).__name__}: "
+                "start one with `Sandbox.create(...)`, reach one with `Sandbox.connect(id)`"
+            )
         self._bind(run(AsyncSandbox.create(template, **options)))
 
     def _bind(self, sandbox: AsyncSandbox) -> None:
