@@ -39,6 +39,7 @@ if _typing.TYPE_CHECKING:
         ProcessInfo,
         Sandbox,
         SandboxInfo,
+        WriteEntry,
     )
     from corral.errors import CorralError
 
@@ -61,6 +62,7 @@ _LAZY = {
     "ProcessInfo": "corral.client",
     "Sandbox": "corral.client",
     "SandboxInfo": "corral.client",
+    "WriteEntry": "corral.client",
 }
 
 __all__ = [
@@ -82,6 +84,7 @@ __all__ = [
     "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
+    "WriteEntry",
     "__version__",
 ]
 

@@ -17,6 +17,7 @@ from corral.client._models import (
     MetricPoint,
     ProcessInfo,
     SandboxInfo,
+    WriteEntry,
 )
 from corral.client._sandbox import AsyncSandbox
 from corral.client._sync import CommandHandle, Commands, Files, Jobs, Sandbox
@@ -46,4 +47,5 @@ __all__ = [
     "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
+    "WriteEntry",
 ]

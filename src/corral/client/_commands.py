@@ -15,7 +15,7 @@ import codecs
 import contextlib
 import inspect
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Literal, TypedDict, Unpack, overload
 
 from corral._aio import stop_tasks
@@ -34,7 +34,7 @@ class RunOptions(TypedDict, total=False):
 
     envs: Mapping[str, str]  # on top of the sandbox's own
     cwd: str  # default /workspace
-    user: str
+    user: str  # only the sandbox's own user, "user" (there is no root)
     # Seconds before it is killed with reason "timeout"; default 60, None or 0 for none.
     timeout: float | None
     on_stdout: OutputCallback  # called with each line of output, without its newline
@@ -88,6 +88,17 @@ class _Output:
         return "".join(self._parts)
 
 
+def _check_user(user: str | None) -> None:
+    """E2B habit: `user="root"`. A Corral sandbox has one unprivileged user, on purpose."""
+    if user in ("root", "0"):
+        raise InvalidRequest(
+            f"user={user!r}: a Corral sandbox has no root; its commands run as its one "
+            "unprivileged user, 'user', so the code in it gets no privileges. Leave `user` "
+            "out; install Python packages with `pip install --user` (or in a venv under "
+            "/workspace); system packages come from the sandbox's template"
+        )
+
+
 def _seen(task: asyncio.Task[CommandResult]) -> None:
     """A background reader's failure is raised by `wait`, if anyone waits: not logged."""
     if not task.cancelled():
@@ -102,7 +113,7 @@ class AsyncCommandHandle:
         connection: Connection,
         sandbox_id: str,
         pid: int,
-        events: AsyncIterator[pb.ExecResponse],
+        events: AsyncGenerator[pb.ExecResponse, None],
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
         raw_output: bool = False,
@@ -125,28 +136,37 @@ class AsyncCommandHandle:
         return self._stderr.text
 
     async def _read_to_end(self) -> CommandResult:
-        async for event in self._events:
-            kind = event.WhichOneof("event")
-            if kind == "stdout":
-                await self._stdout.add(event.stdout)
-            elif kind == "stderr":
-                await self._stderr.add(event.stderr)
-            elif kind == "end":
-                await self._stdout.add(b"", final=True)
-                await self._stderr.add(b"", final=True)
-                end = event.end
-                return CommandResult(
-                    stdout=self._stdout.text,
-                    stderr=self._stderr.text,
-                    exit_code=end.exit_code,
-                    reason=end.reason,
-                    error=end.error or None,
-                    signal=end.signal or None,
-                )
-        raise ServerUnavailable(
-            f"the Corral server ended the output of process {self.pid} before it ended; "
-            "`corral sandbox ps` shows whether it still runs"
-        )
+        # The stream is read to its own end (the server closes it after the "end" event),
+        # so the HTTP response completes; it is closed here, in the reading task, when the
+        # reading stops early (an error, a cancel at exit). A stream left open was closed
+        # later by the loop, out of its task: "error occurred during closing of
+        # asynchronous generator" at exit.
+        result: CommandResult | None = None
+        async with contextlib.aclosing(self._events) as events:
+            async for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "stdout":
+                    await self._stdout.add(event.stdout)
+                elif kind == "stderr":
+                    await self._stderr.add(event.stderr)
+                elif kind == "end":
+                    await self._stdout.add(b"", final=True)
+                    await self._stderr.add(b"", final=True)
+                    end = event.end
+                    result = CommandResult(
+                        stdout=self._stdout.text,
+                        stderr=self._stderr.text,
+                        exit_code=end.exit_code,
+                        reason=end.reason,
+                        error=end.error or None,
+                        signal=end.signal or None,
+                    )
+        if result is None:
+            raise ServerUnavailable(
+                f"the Corral server ended the output of process {self.pid} before it ended; "
+                "`corral sandbox ps` shows whether it still runs"
+            )
+        return result
 
     def _read_in_background(self) -> None:
         self._reader = asyncio.create_task(self._read_to_end(), name=f"corral-pid-{self.pid}")
@@ -243,6 +263,7 @@ class AsyncCommands:
         `background=True`, returns a handle at once; the command goes on if this client
         goes away.
         """
+        _check_user(options.get("user"))
         timeout = options.get("timeout", DEFAULT_TIMEOUT)
         stdin = options.get("stdin")
         source = options.get("input")

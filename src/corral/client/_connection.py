@@ -4,7 +4,7 @@ where Connect errors become Corral errors again (`corral._wire.from_connect`).""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from connectrpc.code import Code
@@ -76,13 +76,21 @@ class Connection:
 
     async def stream(
         self, method: Callable[..., AsyncIterator[RES]], request: object
-    ) -> AsyncIterator[RES]:
+    ) -> AsyncGenerator[RES, None]:
         """A server-streaming call (no timeout: it lasts as long as the work)."""
+        # Closed here, in the task that reads it, when the reader stops early (a command's
+        # end, a cancel): left to the garbage collector or the loop's shutdown, the RPC's
+        # own generator is closed from another task and prints a traceback at exit.
+        messages = method(request, headers=self._headers)
         try:
-            async for message in method(request, headers=self._headers):
+            async for message in messages:
                 yield message
         except ConnectError as exc:
             raise _translate(exc, self.settings.server) from None
+        finally:
+            aclose = getattr(messages, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def upload(
         self, method: Callable[..., Awaitable[RES]], requests: AsyncIterator[object]

@@ -141,6 +141,14 @@ class EntryInfo:
 
 
 @dataclass(frozen=True)
+class WriteEntry:
+    """One file for `files.write([...])`: its path and its data (as E2B's `WriteEntry`)."""
+
+    path: str
+    data: str | bytes
+
+
+@dataclass(frozen=True)
 class ProcessInfo:
     """A process started in the sandbox that is still running."""
 

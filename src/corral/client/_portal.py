@@ -55,6 +55,12 @@ def _shutdown() -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await loop.shutdown_asyncgens()
+        # The RPC client's HTTP transport (pyqwest: Rust threads) reports results to this
+        # loop from its own threads; one that does so while the interpreter finalizes
+        # aborts the process. Closed, it has nothing left in flight.
+        import pyqwest
+
+        await pyqwest.get_default_transport().aclose()
 
     with contextlib.suppress(Exception):
         asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=5)

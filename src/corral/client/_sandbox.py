@@ -18,6 +18,7 @@ from corral.client._commands import AsyncCommands
 from corral.client._config import ClientSettings
 from corral.client._connection import Connection
 from corral.client._files import AsyncFiles
+from corral.client._hybrid import hybridmethod
 from corral.client._models import STATE_NUMBERS, Limits, MetricPoint, SandboxInfo
 from corral.errors import InvalidRequest, NotFound
 from corral.v1 import sandbox_pb2 as pb
@@ -36,14 +37,56 @@ def _connect(
     )
 
 
+async def kill_by_id(
+    sandbox_id: str,
+    *,
+    api_key: str | None = None,
+    server: str | None = None,
+    context: str | None = None,
+    request_timeout: float | None = None,
+) -> bool:
+    """Kill a sandbox by id: True if it was running or paused, False if already gone."""
+    if not isinstance(sandbox_id, str):
+        raise InvalidRequest(
+            f"kill(sandbox_id) takes the sandbox id as a str, not {type(sandbox_id).__name__}"
+        )
+    connection = _connect(server, api_key, context, request_timeout)
+    try:
+        reply = await connection.call(connection.rpc.get, pb.GetRequest(sandbox_id=sandbox_id))
+        if SandboxInfo.from_proto(reply.sandbox).state in ("killed", "failed"):
+            return False
+        await connection.call(connection.rpc.kill, pb.KillRequest(sandbox_id=sandbox_id))
+        return True
+    except NotFound:
+        return False
+    finally:
+        await connection.aclose()
+
+
 class AsyncSandbox:
     """A sandbox on a Corral server. Get one from `create` or `connect`."""
 
-    def __init__(self, info: SandboxInfo, connection: Connection) -> None:
-        self._info = info
-        self._connection = connection
-        self.commands = AsyncCommands(connection, info.sandbox_id)
-        self.files = AsyncFiles(connection, info.sandbox_id)
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # E2B habit: its `Sandbox()` starts a sandbox; an async constructor cannot.
+        raise InvalidRequest(
+            "AsyncSandbox() does not start a sandbox: use `await AsyncSandbox.create(...)`, "
+            "or `await AsyncSandbox.connect(sandbox_id)` for an existing one"
+        )
+
+    @classmethod
+    def _of(cls, info: SandboxInfo, connection: Connection) -> AsyncSandbox:
+        """The handle on a sandbox the server told us about (from `create` or `connect`)."""
+        sandbox = cls.__new__(cls)
+        sandbox._info = info
+        sandbox._connection = connection
+        sandbox.commands = AsyncCommands(connection, info.sandbox_id)
+        sandbox.files = AsyncFiles(connection, info.sandbox_id)
+        return sandbox
+
+    _info: SandboxInfo
+    _connection: Connection
+    commands: AsyncCommands
+    files: AsyncFiles
 
     @property
     def sandbox_id(self) -> str:
@@ -99,7 +142,7 @@ class AsyncSandbox:
         except BaseException:
             await connection.aclose()
             raise
-        return cls(SandboxInfo.from_proto(reply.sandbox), connection)
+        return cls._of(SandboxInfo.from_proto(reply.sandbox), connection)
 
     @classmethod
     async def connect(
@@ -132,7 +175,7 @@ class AsyncSandbox:
         except BaseException:
             await connection.aclose()
             raise
-        return cls(info, connection)
+        return cls._of(info, connection)
 
     @classmethod
     async def list(
@@ -180,11 +223,17 @@ class AsyncSandbox:
     async def is_running(self) -> bool:
         return (await self.get_info()).state == "running"
 
-    async def kill(self) -> None:
-        """Kill every process and delete the sandbox; killing it twice is no error."""
+    async def _kill(self) -> None:
+        """Kill every process and delete the sandbox; killing it twice is no error.
+
+        `await AsyncSandbox.kill(sandbox_id)` kills one by id (as E2B's SDK does): True
+        if it ran, False if it was already killed or is not your team's.
+        """
         await self._connection.call(
             self._connection.rpc.kill, pb.KillRequest(sandbox_id=self.sandbox_id)
         )
+
+    kill = hybridmethod(_kill, kill_by_id)
 
     async def pause(self) -> SandboxInfo:
         """Freeze it: its processes stop; memory and files stay, until `resume`."""

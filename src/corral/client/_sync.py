@@ -13,14 +13,48 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
 
 from corral.client._commands import AsyncCommandHandle, AsyncCommands, RunOptions
-from corral.client._files import AsyncFiles
+from corral.client._files import AsyncFiles, ReadFormat, check_format
+from corral.client._hybrid import hybridmethod
 from corral.client._jobs import DEFAULT_RECONNECT_TIMEOUT, AsyncJobs
 from corral.client._models import CommandResult, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
-from corral.client._sandbox import AsyncSandbox
+from corral.client._sandbox import AsyncSandbox, kill_by_id
+from corral.errors import InvalidRequest
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _bridge_iterator(
+    method: Callable[Concatenate[Any, P], AsyncIterator[R]],
+) -> Callable[Concatenate[Any, P], Iterator[R]]:
+    """The sync version of an async-iterator method: each item fetched on the portal."""
+
+    def sync_method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
+        return _iterate(method(self._async, *args, **kwargs))
+
+    functools.update_wrapper(sync_method, method)
+    return sync_method
+
+
+async def _next(iterator: AsyncIterator[R]) -> R:
+    return await anext(iterator)
+
+
+def _iterate(iterator: AsyncIterator[R]) -> Iterator[R]:
+    try:
+        while True:
+            try:
+                item = run(_next(iterator))
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        # Left early (break, an error, Ctrl-C): close the async side's stream too.
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                run(aclose())
 
 
 class CommandHandle:
@@ -86,7 +120,25 @@ class Files:
     def __init__(self, files: AsyncFiles) -> None:
         self._async = files
 
-    read = bridge(AsyncFiles.read)
+    @overload
+    def read(self, path: str, format: Literal["text"] = "text") -> str: ...
+
+    @overload
+    def read(self, path: str, format: Literal["bytes"]) -> bytes: ...
+
+    @overload
+    def read(self, path: str, format: Literal["stream"]) -> Iterator[bytes]: ...
+
+    def read(self, path: str, format: ReadFormat = "text") -> str | bytes | Iterator[bytes]:
+        check_format(format)
+        if format == "stream":
+            return _iterate(self._async.read_stream(path))
+        if format == "bytes":
+            return run(self._async.read_bytes(path))
+        return run(self._async.read(path))
+
+    read.__doc__ = AsyncFiles.read.__doc__
+    read_stream = _bridge_iterator(AsyncFiles.read_stream)
     read_bytes = bridge(AsyncFiles.read_bytes)
     write = bridge(AsyncFiles.write)
     list = bridge(AsyncFiles.list)
@@ -104,10 +156,25 @@ class Sandbox:
         print(sbx.commands.run("echo hi").stdout)
     """
 
-    def __init__(self, sandbox: AsyncSandbox) -> None:
+    def __init__(self, template: str = "host", **options: Any) -> None:
+        """`Sandbox(...)` starts one, as `Sandbox.create(...)` does (E2B's SDK has both)."""
+        if not isinstance(template, str):
+            raise InvalidRequest(
+                f"Sandbox(template) takes a template name, not {type(template).__name__}: "
+                "start one with `Sandbox.create(...)`, reach one with `Sandbox.connect(id)`"
+            )
+        self._bind(run(AsyncSandbox.create(template, **options)))
+
+    def _bind(self, sandbox: AsyncSandbox) -> None:
         self._async = sandbox
         self.commands = Commands(sandbox.commands)
         self.files = Files(sandbox.files)
+
+    @classmethod
+    def _of(cls, sandbox: AsyncSandbox) -> Sandbox:
+        wrapped = cls.__new__(cls)
+        wrapped._bind(sandbox)
+        return wrapped
 
     @property
     def sandbox_id(self) -> str:
@@ -120,13 +187,15 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"<Sandbox {self.sandbox_id} {self.info.state}>"
 
-    create = staticmethod(bridge_factory(AsyncSandbox.create, lambda box: Sandbox(box)))
-    connect = staticmethod(bridge_factory(AsyncSandbox.connect, lambda box: Sandbox(box)))
+    create = staticmethod(bridge_factory(AsyncSandbox.create, lambda box: Sandbox._of(box)))
+    connect = staticmethod(bridge_factory(AsyncSandbox.connect, lambda box: Sandbox._of(box)))
     list = staticmethod(bridge_factory(AsyncSandbox.list, lambda infos: infos))
 
     get_info = bridge(AsyncSandbox.get_info)
     is_running = bridge(AsyncSandbox.is_running)
-    kill = bridge(AsyncSandbox.kill)
+    kill = hybridmethod(
+        bridge(AsyncSandbox._kill), bridge_factory(kill_by_id, lambda killed: killed)
+    )
     pause = bridge(AsyncSandbox.pause)
     resume = bridge(AsyncSandbox.resume)
     set_timeout = bridge(AsyncSandbox.set_timeout)
@@ -139,38 +208,6 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         run(self._async.__aexit__(*exc))
-
-
-def _bridge_iterator(
-    method: Callable[Concatenate[Any, P], AsyncIterator[R]],
-) -> Callable[Concatenate[Any, P], Iterator[R]]:
-    """The sync version of an async-iterator method: each item fetched on the portal."""
-
-    def sync_method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
-        return _iterate(method(self._async, *args, **kwargs))
-
-    functools.update_wrapper(sync_method, method)
-    return sync_method
-
-
-async def _next(iterator: AsyncIterator[R]) -> R:
-    return await anext(iterator)
-
-
-def _iterate(iterator: AsyncIterator[R]) -> Iterator[R]:
-    try:
-        while True:
-            try:
-                item = run(_next(iterator))
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        # Left early (break, an error, Ctrl-C): close the async side's stream too.
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                run(aclose())
 
 
 class Jobs:
