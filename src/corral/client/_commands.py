@@ -202,7 +202,12 @@ class AsyncCommandHandle:
                 raise failure
             return await reader
         finally:
-            await stop_tasks(feeder, reader)
+            await stop_tasks(reader)
+            # Once the command has ended its input no longer matters: a send in flight as
+            # the cancel lands may still fail (NotFound: the command is gone), unheard.
+            feeder.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await feeder
 
     async def send_stdin(self, data: str | bytes) -> None:
         """Write to the command's stdin (started with stdin=True, the default in background)."""
