@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.config import Settings
 from corral.errors import CapacityExceeded, InvalidRequest
-from corral.isolation.footprint import process_alive, process_start_time
+from corral.isolation.footprint import process_alive, process_start_time, try_lock
 from corral.isolation.limits import host_memory_mib
 
 # Another process holds the ledger's lock only for a listing and a file creation (tens of
@@ -127,7 +125,7 @@ class MemoryLedger:
         so a slow holder never blocks this process's event loop."""
         deadline = time.monotonic() + _LOCK_PATIENCE
         while True:
-            with self._locked() as locked:
+            with try_lock(self._lock_path, os.O_CREAT) as locked:
                 if locked:
                     committed = self.committed_mib(excluding=sandbox_id, prune=True)
                     self.capacity.check(memory_mib, committed)
@@ -149,19 +147,3 @@ class MemoryLedger:
         else:
             os.close(os.open(entry, os.O_WRONLY | os.O_CREAT, 0o600))
         return entry
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[bool]:
-        """The ledger's exclusive lock, if free (else False). A new open file each time:
-        flock excludes open files, so threads of one process exclude each other too; and
-        the kernel drops it when its holder dies."""
-        fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)

@@ -191,19 +191,20 @@ def orphans(runtime_dir: Path) -> Iterator[Footprint]:
             continue
         if fp.owner_alive():
             continue
-        with _locked(path) as locked:
+        with try_lock(path) as locked:
             # Read again under the lock: gone if another reaper released it meanwhile.
             if locked and (fp := Footprint.load(path)) is not None:
                 yield fp
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[bool]:
-    """An exclusive lock on the directory `path`, False if another process holds it (or
-    it is gone). The kernel drops it when its holder dies, so a crashed reaper blocks
-    nothing."""
+def try_lock(path: Path, flags: int = os.O_DIRECTORY) -> Iterator[bool]:
+    """An exclusive flock on `path` (a directory, or with `flags` e.g. O_CREAT a lock
+    file), False if another holder has it (or it is gone). A new open file each time:
+    flock excludes open files, so threads of one process exclude each other too; and the
+    kernel drops it when its holder dies, so a crashed one blocks nothing."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | flags, 0o600)
     except FileNotFoundError:
         yield False
         return
