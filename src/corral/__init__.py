@@ -7,20 +7,15 @@
     with Jobs() as jobs:
         print(jobs.wait(jobs.submit(run="echo hello").job.id).state)
 
-The SDK is imported on first use, so `import corral.config` (the engine, the server)
-does not load it.
+The SDK (and `__version__`) is imported on first use, so `import corral.config` (the
+engine, the server) does not load it.
 """
 
 import importlib as _importlib
-import importlib.metadata as _metadata
 import typing as _typing
 
-try:
-    __version__ = _metadata.version("corral")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
-
 if _typing.TYPE_CHECKING:
+    __version__: str
     from corral.client import (
         AsyncCommandHandle,
         AsyncJobs,
@@ -89,7 +84,20 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    # On first use: importlib.metadata costs ~20 ms, more than the CLI's whole start-up.
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("corral")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree
+        return "0.0.0"
+
+
 def __getattr__(name: str) -> _typing.Any:
+    if name == "__version__":
+        globals()[name] = version = _version()
+        return version
     if name in _LAZY:
         value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

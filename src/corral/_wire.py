@@ -4,42 +4,47 @@ The server sends a `CorralError` as the code of its most specific class in `_TAB
 message (which says what to do), and an `ErrorDetail` naming its class; the SDK raises
 the same class again from the detail, or, for errors without one (the HTTP stack's own,
 or a server that could not be reached), the first class listed for the code.
+
+Codes are keyed by their wire name ("not_found"), so that a client can map an error
+without importing connectrpc (the CLI's fast path, `corral.client._unary`, does).
 """
 
 from __future__ import annotations
 
 import logging
-
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from corral import errors
-from corral.errors import CorralError
+from corral.errors import CorralError, ServerUnavailable
 from corral.v1.errors_pb2 import ErrorDetail
+
+if TYPE_CHECKING:
+    from connectrpc.errors import ConnectError
 
 log = logging.getLogger("corral.server")
 
 # Most specific first: a class is sent as the code of the first entry it is a subclass of.
 # For a code, the first class listed is what a client raises when no detail names one.
-_TABLE: tuple[tuple[type[CorralError], Code], ...] = (
-    (errors.InvalidRequest, Code.INVALID_ARGUMENT),
-    (errors.FileNotFound, Code.NOT_FOUND),
-    (errors.NotFound, Code.NOT_FOUND),
-    (errors.Unauthenticated, Code.UNAUTHENTICATED),
-    (errors.Forbidden, Code.PERMISSION_DENIED),
-    (errors.PermissionDenied, Code.PERMISSION_DENIED),
-    (errors.AuthError, Code.UNAUTHENTICATED),
-    (errors.QuotaExceeded, Code.RESOURCE_EXHAUSTED),
-    (errors.CapacityExceeded, Code.RESOURCE_EXHAUSTED),
-    (errors.NoSpace, Code.RESOURCE_EXHAUSTED),
-    (errors.SandboxNotRunning, Code.FAILED_PRECONDITION),
-    (errors.CommandError, Code.FAILED_PRECONDITION),
-    (errors.FileExists, Code.ALREADY_EXISTS),
-    (errors.IdempotencyConflict, Code.ALREADY_EXISTS),
-    (errors.FileError, Code.FAILED_PRECONDITION),
-    (errors.ServerUnavailable, Code.UNAVAILABLE),
-    (errors.IsolationUnavailable, Code.FAILED_PRECONDITION),  # retrying will not help
-    (errors.CorralError, Code.INTERNAL),
+_TABLE: tuple[tuple[type[CorralError], str], ...] = (
+    (errors.InvalidRequest, "invalid_argument"),
+    (errors.FileNotFound, "not_found"),
+    (errors.NotFound, "not_found"),
+    (errors.Unauthenticated, "unauthenticated"),
+    (errors.Forbidden, "permission_denied"),
+    (errors.PermissionDenied, "permission_denied"),
+    (errors.AuthError, "unauthenticated"),
+    (errors.QuotaExceeded, "resource_exhausted"),
+    (errors.CapacityExceeded, "resource_exhausted"),
+    (errors.NoSpace, "resource_exhausted"),
+    (errors.SandboxNotRunning, "failed_precondition"),
+    (errors.CommandError, "failed_precondition"),
+    (errors.FileExists, "already_exists"),
+    (errors.IdempotencyConflict, "already_exists"),
+    (errors.FileError, "failed_precondition"),
+    (errors.ServerUnavailable, "unavailable"),
+    (errors.IsolationUnavailable, "failed_precondition"),  # retrying will not help
+    (errors.CorralError, "internal"),
 )
 
 _CLASSES: dict[str, type[CorralError]] = {
@@ -47,27 +52,32 @@ _CLASSES: dict[str, type[CorralError]] = {
     for name, value in vars(errors).items()
     if isinstance(value, type) and issubclass(value, CorralError)
 }
-_DEFAULT_FOR_CODE: dict[Code, type[CorralError]] = {}
+_DEFAULT_FOR_CODE: dict[str, type[CorralError]] = {}
 for _cls, _code in reversed(_TABLE):
     _DEFAULT_FOR_CODE[_code] = _cls
-_DEFAULT_FOR_CODE[Code.DEADLINE_EXCEEDED] = errors.ServerUnavailable
-_DEFAULT_FOR_CODE[Code.CANCELED] = errors.ServerUnavailable
+_DEFAULT_FOR_CODE["deadline_exceeded"] = errors.ServerUnavailable
+_DEFAULT_FOR_CODE["canceled"] = errors.ServerUnavailable
 
 
-def code_for(exc: CorralError) -> Code:
+def code_for(exc: CorralError) -> str:
+    """The wire name of the Connect code the server sends for `exc`."""
     for cls, code in _TABLE:
         if isinstance(exc, cls):
             return code
-    return Code.INTERNAL  # pragma: no cover - CorralError is the last entry
+    return "internal"  # pragma: no cover - CorralError is the last entry
 
 
 def to_connect(exc: BaseException) -> ConnectError:
     """What the server sends for `exc`: never a stack trace, always a next step."""
+    # Imported here: the server has them loaded already; a client must not need them.
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError
+
     if isinstance(exc, ConnectError):
         return exc
     if isinstance(exc, CorralError):
         detail = ErrorDetail(type=type(exc).__name__)
-        return ConnectError(code_for(exc), str(exc), details=[detail])
+        return ConnectError(Code(code_for(exc)), str(exc), details=[detail])
     log.error("internal error", exc_info=exc)
     return ConnectError(
         Code.INTERNAL,
@@ -76,16 +86,42 @@ def to_connect(exc: BaseException) -> ConnectError:
     )
 
 
-def from_connect(exc: ConnectError) -> CorralError:
-    """The Corral error a client raises for a Connect error from the server."""
+def no_answer(server: str, cause: str) -> ServerUnavailable:
+    """The error for a server that did not answer: which URL, why, and how to start one."""
+    return ServerUnavailable(
+        f"the Corral server at {server} did not answer ({cause}); start one with"
+        " `corral server` (`make run` in a clone), or name yours with --server,"
+        " CORRAL_SERVER or `corral context use`"
+    )
+
+
+def error_for(code: str, message: str, detail_types: Iterable[str], server: str) -> CorralError:
+    """The Corral error a client raises for a Connect error from `server`.
+
+    `code` is the Connect code's wire name, `detail_types` the `type` of each ErrorDetail
+    the error carried (the class the server raised).
+    """
     cls: type[CorralError] | None = None
+    named = False
+    for name in detail_types:
+        named = True
+        cls = _CLASSES.get(name)
+    if cls is None:
+        cls = _DEFAULT_FOR_CODE.get(code, CorralError)
+    if cls is ServerUnavailable and not named:
+        # No detail: the transport failed before any Corral server answered. Its message
+        # may be a chain of wrapped errors; the last link is the cause (connection refused).
+        return no_answer(server, message.rsplit(": ", 1)[-1] or code)
+    if cls is ServerUnavailable and not message.startswith("the Corral server"):
+        message = f"the Corral server did not answer ({message or code})"
+    return cls(message or None)
+
+
+def from_connect(exc: ConnectError, server: str) -> CorralError:
+    """The Corral error a client raises for a `ConnectError` (the async SDK's calls)."""
+    detail_types = []
     for any_detail in exc.details:
         detail = ErrorDetail()
         if any_detail.Unpack(detail):
-            cls = _CLASSES.get(detail.type)
-    if cls is None:
-        cls = _DEFAULT_FOR_CODE.get(exc.code, CorralError)
-    message = exc.message
-    if cls is errors.ServerUnavailable and not message.startswith("the Corral server"):
-        message = f"the Corral server did not answer ({message or exc.code.value})"
-    return cls(message or None)
+            detail_types.append(detail.type)
+    return error_for(exc.code.value, exc.message, detail_types, server)

@@ -1,26 +1,75 @@
 """The Python SDK: `Sandbox` and `Jobs` (sync), `AsyncSandbox` and `AsyncJobs`, one
-implementation (see `_portal`)."""
+implementation (see `_portal`).
 
-from corral.client._commands import AsyncCommandHandle, AsyncCommands
-from corral.client._config import ClientSettings, ConfigFile, Context
-from corral.client._files import AsyncFiles
-from corral.client._jobs import AsyncJobs
-from corral.client._models import (
-    CallbackStatus,
-    CommandResult,
-    EntryInfo,
-    Job,
-    JobEvent,
-    JobSubmission,
-    Limits,
-    LogChunk,
-    MetricPoint,
-    ProcessInfo,
-    SandboxInfo,
-    WriteEntry,
-)
-from corral.client._sandbox import AsyncSandbox
-from corral.client._sync import CommandHandle, Commands, Files, Jobs, Sandbox
+Each name is imported on first use, so that a light module of the SDK (`_listing`, which
+the CLI uses to list sandboxes) loads without the rest (asyncio, the RPC runtime).
+"""
+
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from corral.client._commands import (
+        AsyncCommandHandle,
+        AsyncCommands,
+    )
+    from corral.client._config import (
+        ClientSettings,
+        ConfigFile,
+        Context,
+    )
+    from corral.client._files import AsyncFiles
+    from corral.client._jobs import AsyncJobs
+    from corral.client._models import (
+        CallbackStatus,
+        CommandResult,
+        EntryInfo,
+        Job,
+        JobEvent,
+        JobSubmission,
+        Limits,
+        LogChunk,
+        MetricPoint,
+        ProcessInfo,
+        SandboxInfo,
+        WriteEntry,
+    )
+    from corral.client._sandbox import AsyncSandbox
+    from corral.client._sync import (
+        CommandHandle,
+        Commands,
+        Files,
+        Jobs,
+        Sandbox,
+    )
+
+_LAZY = {
+    "AsyncCommandHandle": "corral.client._commands",
+    "AsyncCommands": "corral.client._commands",
+    "AsyncFiles": "corral.client._files",
+    "AsyncJobs": "corral.client._jobs",
+    "AsyncSandbox": "corral.client._sandbox",
+    "CallbackStatus": "corral.client._models",
+    "ClientSettings": "corral.client._config",
+    "CommandHandle": "corral.client._sync",
+    "CommandResult": "corral.client._models",
+    "Commands": "corral.client._sync",
+    "ConfigFile": "corral.client._config",
+    "Context": "corral.client._config",
+    "EntryInfo": "corral.client._models",
+    "Files": "corral.client._sync",
+    "Job": "corral.client._models",
+    "JobEvent": "corral.client._models",
+    "JobSubmission": "corral.client._models",
+    "Jobs": "corral.client._sync",
+    "Limits": "corral.client._models",
+    "LogChunk": "corral.client._models",
+    "MetricPoint": "corral.client._models",
+    "ProcessInfo": "corral.client._models",
+    "Sandbox": "corral.client._sync",
+    "SandboxInfo": "corral.client._models",
+    "WriteEntry": "corral.client._models",
+}
 
 __all__ = [
     "AsyncCommandHandle",
@@ -49,3 +98,15 @@ __all__ = [
     "SandboxInfo",
     "WriteEntry",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'corral.client' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from corral.config import Settings
 from corral.errors import InvalidRequest, NotFound
 
@@ -77,10 +75,16 @@ class ConfigFile:
     def load(cls, path: Path | None = None) -> ConfigFile:
         path = path or config_path()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
         except FileNotFoundError:
             return cls(path)
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read the config {path}: {exc}") from None
+        import yaml  # only now: most runs have no config file, and yaml costs ~10 ms
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
             raise InvalidRequest(f"cannot read the config {path}: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("contexts") or {}, dict):
             raise InvalidRequest(f"{path} is not a Corral config: see `corral context --help`")
@@ -98,6 +102,8 @@ class ConfigFile:
         return cls(path, None if current is None else str(current), contexts)
 
     def save(self) -> None:
+        import yaml
+
         data: dict[str, Any] = {
             "currentContext": self.current,
             "contexts": {name: ctx.to_yaml() for name, ctx in sorted(self.contexts.items())},

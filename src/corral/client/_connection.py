@@ -12,7 +12,6 @@ from connectrpc.errors import ConnectError
 
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
-from corral.errors import ServerUnavailable
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 
@@ -27,17 +26,7 @@ def _translate(exc: ConnectError, server: str) -> BaseException:
     if exc.code is Code.CANCELED and task is not None and task.cancelling():
         # connect-python turns our own cancellation into an error; give it back.
         return asyncio.CancelledError()
-    error = from_connect(exc)
-    if isinstance(error, ServerUnavailable) and not exc.details:
-        # No detail: the transport failed before any Corral server answered. Its message is
-        # a chain of wrapped errors; the last link is the cause (e.g. connection refused).
-        cause = exc.message.rsplit(": ", 1)[-1] or exc.code.value
-        return ServerUnavailable(
-            f"the Corral server at {server} did not answer ({cause}); start one with"
-            " `corral server` (`make run` in a clone), or name yours with --server,"
-            " CORRAL_SERVER or `corral context use`"
-        )
-    return error
+    return from_connect(exc, server)
 
 
 class Connection:

@@ -6,11 +6,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from corral.errors import InvalidRequest
-from corral.jobs.spec import JobSpec, proto_to_dict
 from corral.v1 import jobs_pb2 as jobs_pb
 from corral.v1 import sandbox_pb2 as pb
 
@@ -211,6 +209,10 @@ _LOG_STREAMS = {jobs_pb.LOG_STREAM_STDOUT: "stdout", jobs_pb.LOG_STREAM_STDERR: 
 def _spec_dict(message: jobs_pb.JobSpec) -> dict[str, Any]:
     """The spec as its YAML mapping; a spec this SDK cannot validate (a newer server's)
     is shown as sent rather than refused."""
+    # Imported here: the spec pulls in the engine's validation, which listing sandboxes
+    # (the CLI's fast path) must not load.
+    from corral.jobs.spec import JobSpec, proto_to_dict
+
     try:
         return JobSpec.from_proto(message).to_dict()
     except InvalidRequest:
@@ -347,6 +349,8 @@ class JobEvent:
 
     @classmethod
     def from_proto(cls, event: jobs_pb.JobEvent) -> JobEvent:
+        from google.protobuf.json_format import MessageToDict  # only jobs need it
+
         return cls(
             seq=event.seq,
             type=event.type,

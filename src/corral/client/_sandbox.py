@@ -19,7 +19,8 @@ from corral.client._config import ClientSettings
 from corral.client._connection import Connection
 from corral.client._files import AsyncFiles
 from corral.client._hybrid import hybridmethod
-from corral.client._models import STATE_NUMBERS, Limits, MetricPoint, SandboxInfo
+from corral.client._listing import list_request
+from corral.client._models import Limits, MetricPoint, SandboxInfo
 from corral.errors import InvalidRequest, NotFound
 from corral.v1 import sandbox_pb2 as pb
 
@@ -189,25 +190,16 @@ class AsyncSandbox:
         request_timeout: float | None = None,
     ) -> list[SandboxInfo]:
         """Your team's sandboxes (by default every one not killed or failed), all pages."""
-        unknown = [s for s in states if s not in STATE_NUMBERS]
-        if unknown:
-            raise InvalidRequest(f"unknown state {unknown[0]!r}: use {', '.join(STATE_NUMBERS)}")
+        request = list_request(states, metadata)
         connection = _connect(server, api_key, context, request_timeout)
         found: list[SandboxInfo] = []
         try:
-            token = ""
             while True:
-                request = pb.ListRequest(
-                    states=[STATE_NUMBERS[s] for s in states],
-                    metadata=dict(metadata or {}),
-                    page_size=1000,
-                    page_token=token,
-                )
                 reply = await connection.call(connection.rpc.list, request)
                 found.extend(SandboxInfo.from_proto(s) for s in reply.sandboxes)
-                token = reply.next_page_token
-                if not token:
+                if not reply.next_page_token:
                     return found
+                request.page_token = reply.next_page_token
         finally:
             await connection.aclose()
 

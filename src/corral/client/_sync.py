@@ -16,6 +16,7 @@ from corral.client._commands import AsyncCommandHandle, AsyncCommands, RunOption
 from corral.client._files import AsyncFiles, ReadFormat, check_format
 from corral.client._hybrid import hybridmethod
 from corral.client._jobs import DEFAULT_RECONNECT_TIMEOUT, AsyncJobs
+from corral.client._listing import list_sandboxes
 from corral.client._models import CommandResult, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
 from corral.client._sandbox import AsyncSandbox, kill_by_id
@@ -189,7 +190,7 @@ class Sandbox:
 
     create = staticmethod(bridge_factory(AsyncSandbox.create, lambda box: Sandbox._of(box)))
     connect = staticmethod(bridge_factory(AsyncSandbox.connect, lambda box: Sandbox._of(box)))
-    list = staticmethod(bridge_factory(AsyncSandbox.list, lambda infos: infos))
+    list = staticmethod(list_sandboxes)  # plain HTTP: no event loop needed
 
     get_info = bridge(AsyncSandbox.get_info)
     is_running = bridge(AsyncSandbox.is_running)
