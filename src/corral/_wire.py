@@ -11,7 +11,6 @@ without importing connectrpc (the CLI's fast path, `corral.client._unary`, does)
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -21,8 +20,6 @@ from corral.v1.errors_pb2 import ErrorDetail
 
 if TYPE_CHECKING:
     from connectrpc.errors import ConnectError
-
-log = logging.getLogger("corral.server")
 
 # Most specific first: a class is sent as the code of the first entry it is a subclass of.
 # For a code, the first class listed is what a client raises when no detail names one.
@@ -70,6 +67,8 @@ def code_for(exc: CorralError) -> str:
 def to_connect(exc: BaseException) -> ConnectError:
     """What the server sends for `exc`: never a stack trace, always a next step."""
     # Imported here: the server has them loaded already; a client must not need them.
+    import logging
+
     from connectrpc.code import Code
     from connectrpc.errors import ConnectError
 
@@ -78,7 +77,7 @@ def to_connect(exc: BaseException) -> ConnectError:
     if isinstance(exc, CorralError):
         detail = ErrorDetail(type=type(exc).__name__)
         return ConnectError(Code(code_for(exc)), str(exc), details=[detail])
-    log.error("internal error", exc_info=exc)
+    logging.getLogger("corral.server").error("internal error", exc_info=exc)
     return ConnectError(
         Code.INTERNAL,
         "internal error in the Corral server; the server log has the details",
