@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from corral import AsyncSandbox, Sandbox
+from corral import AsyncSandbox, Sandbox, errors
+from corral._wire import code_for, from_connect, to_connect
 from corral.client import SandboxInfo, _listing
 from corral.client._listing import list_sandboxes
 from corral.errors import (
@@ -221,3 +222,34 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in forbidden or m.startsw
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.NotFound("no sandbox sb_1"),
+        errors.FileNotFound("no /x"),
+        errors.Forbidden("not yours"),
+        errors.IdempotencyConflict("key reused"),
+        errors.ServerUnavailable("the Corral server is shutting down"),
+        errors.IsolationUnavailable("no bwrap"),
+    ],
+)
+def test_the_one_table_maps_both_ways(error: CorralError) -> None:
+    sent = to_connect(error)
+    assert sent.code.value == code_for(error)
+    back = from_connect(sent, "http://127.0.0.1:1")
+    assert (type(back), str(back)) == (type(error), str(error))
+
+
+def test_an_internal_error_is_logged_and_sent_without_its_trace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failure = RuntimeError("secret detail")
+    sent = to_connect(failure)
+    assert (sent.code.value, "secret" in sent.message) == ("internal", False)
+    assert "the server log has the details" in sent.message
+    logged = [r for r in caplog.records if r.name == "corral.server"]
+    assert [(r.getMessage(), r.exc_info and r.exc_info[1]) for r in logged] == [
+        ("internal error", failure)
+    ]
