@@ -11,6 +11,7 @@ import dataclasses
 import http.server
 import json
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -118,6 +119,15 @@ async def test_a_dead_server_gives_the_async_paths_message() -> None:
         assert message.startswith(f"the Corral server at {dead} did not answer ("), message
         assert message.endswith(hint), message
         assert "onnection refused" in message, message
+
+
+def test_a_server_that_never_answers_times_out_with_the_same_message() -> None:
+    # The kernel accepts the connection into the backlog; nobody ever reads or replies.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(ServerUnavailable) as error:
+            list_sandboxes(server=url, api_key="crl_x", request_timeout=0.5)
+    assert str(error.value).startswith(f"the Corral server at {url} did not answer (timed out)")
 
 
 class _Fixed(http.server.BaseHTTPRequestHandler):
