@@ -35,7 +35,7 @@ WARMUP = 3
 
 def _wall_ms(argv: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = subprocess.run(argv, env=env, capture_output=True)
     elapsed = (time.perf_counter() - start) * 1000
     if done.returncode != 0:
         raise SystemExit(f"{argv} failed ({done.returncode}): {done.stderr.decode()}")
@@ -52,8 +52,7 @@ def main(quick: bool) -> dict[str, Any]:
     try:
         with running_server(root, "cli", pool_size=0) as (url, key):
             boxes = [
-                Sandbox.create(server=url, api_key=key, metadata={"bench": "cli"})
-                for _ in range(3)
+                Sandbox.create(server=url, api_key=key, metadata={"bench": "cli"}) for _ in range(3)
             ]
             try:
                 commands = {
