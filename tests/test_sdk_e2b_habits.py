@@ -48,7 +48,10 @@ def test_sync_kill_by_id_on_the_class(server: LiveServer) -> None:
     other = Sandbox.create(timeout=120, **opts(server))
     other.kill()  # the instance form is unchanged
     assert other.get_info().state == "killed"
+    other.kill()  # killing it twice is no error, as its docstring says
     other.close()
+    with Sandbox.create(timeout=120, **opts(server)) as third:
+        third.kill()  # then the `with` block's own kill at its end: no error either
 
 
 def test_sync_constructor_starts_a_sandbox_like_create(server: LiveServer) -> None:
