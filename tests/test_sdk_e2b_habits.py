@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from corral import AsyncSandbox, Sandbox, WriteEntry
+from corral import AsyncSandbox, Limits, Sandbox, WriteEntry
 from corral.errors import InvalidRequest
 from tests.conftest import LiveServer
 
@@ -119,3 +119,10 @@ async def test_async_read_formats_and_write_entries(server: LiveServer) -> None:
         assert b"".join([chunk async for chunk in stream]) == b"\x00"
         with pytest.raises(InvalidRequest, match="needs the data"):
             await sbx.files.write("c.txt")  # type: ignore[arg-type]
+
+
+def test_a_zero_limit_is_refused_not_taken_as_the_default(server: LiveServer) -> None:
+    for limits in (Limits(memory_mib=0), Limits(cpu=0), Limits(pids=-1), Limits(disk_mib=0)):
+        with pytest.raises(InvalidRequest, match="positive number, or None"):
+            Sandbox.create(limits=limits, metadata={"by": "zero-limit"}, **opts(server))
+    assert Sandbox.list(metadata={"by": "zero-limit"}, **opts(server)) == []
