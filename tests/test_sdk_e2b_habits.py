@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from corral import AsyncSandbox, Sandbox, WriteEntry
+from corral import AsyncSandbox, Limits, Sandbox, WriteEntry
 from corral.errors import InvalidRequest
 from tests.conftest import LiveServer
 
@@ -48,7 +48,10 @@ def test_sync_kill_by_id_on_the_class(server: LiveServer) -> None:
     other = Sandbox.create(timeout=120, **opts(server))
     other.kill()  # the instance form is unchanged
     assert other.get_info().state == "killed"
+    other.kill()  # killing it twice is no error, as its docstring says
     other.close()
+    with Sandbox.create(timeout=120, **opts(server)) as third:
+        third.kill()  # then the `with` block's own kill at its end: no error either
 
 
 def test_sync_constructor_starts_a_sandbox_like_create(server: LiveServer) -> None:
@@ -116,3 +119,10 @@ async def test_async_read_formats_and_write_entries(server: LiveServer) -> None:
         assert b"".join([chunk async for chunk in stream]) == b"\x00"
         with pytest.raises(InvalidRequest, match="needs the data"):
             await sbx.files.write("c.txt")  # type: ignore[arg-type]
+
+
+def test_a_zero_limit_is_refused_not_taken_as_the_default(server: LiveServer) -> None:
+    for limits in (Limits(memory_mib=0), Limits(cpu=0), Limits(pids=-1), Limits(disk_mib=0)):
+        with pytest.raises(InvalidRequest, match="positive number, or None"):
+            Sandbox.create(limits=limits, metadata={"by": "zero-limit"}, **opts(server))
+    assert Sandbox.list(metadata={"by": "zero-limit"}, **opts(server)) == []

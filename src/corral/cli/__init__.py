@@ -6,155 +6,166 @@ Every sandbox command is an API call any client can make; `doctor` (this host) a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING
 
-import typer
-from rich.table import Table
+from corral.cli import admin, context, job, run, sandbox
+from corral.cli._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Parser,
+    command,
+    env_option,
+    err,
+    fail,
+    print_table,
+    whole,
+)
 
-from corral.cli import admin, context, job, sandbox
-from corral.cli._common import EXIT_INTERRUPTED, Connect, err, fail, out
-from corral.cli.run import run
-from corral.config import Settings
-from corral.errors import CorralError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-app.add_typer(sandbox.app, name="sandbox")
-app.add_typer(job.app, name="job")
-app.add_typer(context.app, name="context")
-app.add_typer(admin.app, name="admin")
-app.command(context_settings={"allow_interspersed_args": False})(run)
+if TYPE_CHECKING:
+    from corral.cli._common import Commands
 
 
-def _print_version(value: bool) -> None:
-    if value:
+class _Version(argparse.Action):
+    """`--version`: the version is read (importlib.metadata) only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
         from corral import __version__
 
         print(f"corral {__version__}")
-        raise typer.Exit()
+        parser.exit()
 
 
-@app.callback()
-def connection(
-    ctx: typer.Context,
-    server: Annotated[
-        str | None, typer.Option(envvar="CORRAL_SERVER", help="the API server, http://HOST:PORT")
-    ] = None,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="CORRAL_API_KEY", help="your team's API key")
-    ] = None,
-    context: Annotated[
-        str | None, typer.Option(envvar="CORRAL_CONTEXT", help="a context of `corral context list`")
-    ] = None,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
-        ),
-    ] = False,
-) -> None:
-    """Where sandbox commands go: flags, else env vars, else the current context."""
-    ctx.obj = Connect(server, api_key, context)
+def parser() -> Parser:
+    root = Parser(prog="corral", description=__doc__)
+    root.set_defaults(handler=lambda args: root.print_help())
+    env_option(root, "--server", env="CORRAL_SERVER", help="the API server, http://HOST:PORT")
+    env_option(root, "--api-key", env="CORRAL_API_KEY", help="your team's API key")
+    env_option(root, "--context", env="CORRAL_CONTEXT", help="a context of `corral context list`")
+    root.add_argument(
+        "--version", action=_Version, nargs=0, default=None, help="print the version and exit"
+    )
+    commands = root.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
+    run.add_commands(commands)
+    _add_server_commands(commands)
+    sandbox.add_commands(commands)
+    job.add_commands(commands)
+    context.add_commands(commands)
+    admin.add_commands(commands)
+    return root
 
 
-@app.command()
-def server(
-    host: Annotated[
-        str | None, typer.Option(envvar="CORRAL_HOST", help="address to listen on")
-    ] = None,
-    port: Annotated[int | None, typer.Option(envvar="CORRAL_PORT")] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(envvar="CORRAL_DATA_DIR", help="the store and default key")
-    ] = None,
-    pool_size: Annotated[
-        int | None, typer.Option(envvar="CORRAL_POOL_SIZE", help="sandboxes kept ready")
-    ] = None,
-    log_level: Annotated[str | None, typer.Option(envvar="CORRAL_LOG_LEVEL")] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            envvar="CORRAL_JOB_WORKERS", help="jobs run at once in this process (0: none)"
-        ),
-    ] = None,
-    demo: Annotated[
-        bool, typer.Option(help="once up, run a first command through the API and say what next")
-    ] = False,
-) -> None:
+# -- the server's side: these run here, not through the API -------------------------------
+
+
+def server(args: argparse.Namespace) -> int:
     """Run the API server in the foreground (Ctrl-C stops it; twice forces)."""
+    from corral.config import Settings
     from corral.server import serve
 
     overrides = {
         k: v
         for k, v in {
-            "host": host,
-            "port": port,
-            "data_dir": data_dir,
-            "pool_size": pool_size,
-            "log_level": log_level,
-            "job_workers": workers,
+            "host": args.host,
+            "port": args.port,
+            "data_dir": args.data_dir,
+            "pool_size": args.pool_size,
+            "log_level": args.log_level,
+            "job_workers": args.workers,
         }.items()
         if v is not None
     }
-    raise typer.Exit(serve(Settings.from_env(None, **overrides), demo=demo))
+    return serve(Settings.from_env(None, **overrides), demo=args.demo)
 
 
-@app.command()
-def worker(
-    data_dir: Annotated[
-        Path | None, typer.Option(envvar="CORRAL_DATA_DIR", help="the store the server uses")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(envvar="CORRAL_JOB_WORKERS", help="jobs run at once")
-    ] = None,
-    log_level: Annotated[str | None, typer.Option(envvar="CORRAL_LOG_LEVEL")] = None,
-) -> None:
+def worker(args: argparse.Namespace) -> int:
     """Run jobs from the server's store in this process, beside the server's own workers
     (Ctrl-C stops it: its running jobs go back to the queue)."""
+    from corral.config import Settings
     from corral.jobs.daemon import run_worker
     from corral.server import logs
 
     overrides = {
         k: v
-        for k, v in {"data_dir": data_dir, "job_workers": workers, "log_level": log_level}.items()
+        for k, v in {
+            "data_dir": args.data_dir,
+            "job_workers": args.workers,
+            "log_level": args.log_level,
+        }.items()
         if v is not None
     }
     settings = Settings.from_env(None, **overrides)
     logs.configure(settings.log_level)
-    raise typer.Exit(run_worker(settings))
+    return run_worker(settings)
 
 
-@app.command()
-def doctor() -> None:
+def doctor(args: argparse.Namespace) -> None:
     """Say which isolation tiers this host offers, what is missing for the others, and how
     much memory it admits sandboxes to."""
+    from corral.config import Settings
     from corral.isolation import capabilities
     from corral.isolation.admission import MemoryCapacity
 
     settings = Settings.from_env()
-    table = Table("backend", "available", "missing / details")
+    rows = []
     for name, caps in capabilities(settings).items():
-        note = "\n".join(caps.missing) or ", ".join(f"{k}={v}" for k, v in caps.details.items())
-        table.add_row(name, "[green]yes[/green]" if caps.available else "[red]no[/red]", note)
-    out.print(table)
-    out.print(
+        notes = caps.missing or [", ".join(f"{k}={v}" for k, v in caps.details.items())]
+        rows.append([name, "yes" if caps.available else "no", notes[0]])
+        rows.extend(["", "", note] for note in notes[1:])
+    print_table(rows, header=("backend", "available", "missing / details"))
+    print(
         f"sandbox memory capacity per process: {MemoryCapacity.of_host(settings).describe()} "
         "(CORRAL_MEMORY_RESERVE_MIB, CORRAL_MEMORY_OVERCOMMIT)"
     )
 
 
-def main() -> None:
-    code: int | str | None = 0
+def _add_server_commands(commands: Commands) -> None:
+    p = command(commands, "server", server)
+    env_option(p, "--host", env="CORRAL_HOST", help="address to listen on")
+    env_option(p, "--port", env="CORRAL_PORT", type=whole(0), help="port to listen on")
+    env_option(p, "--data-dir", env="CORRAL_DATA_DIR", type=Path, help="the store and default key")
+    env_option(p, "--pool-size", env="CORRAL_POOL_SIZE", type=whole(0), help="sandboxes kept ready")
+    env_option(p, "--log-level", env="CORRAL_LOG_LEVEL", help="debug, info, warning or error")
+    env_option(
+        p,
+        "--workers",
+        env="CORRAL_JOB_WORKERS",
+        type=whole(0),
+        help="jobs run at once in this process (0: none)",
+    )
+    p.add_argument(
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="once up, run a first command through the API and say what next",
+    )
+
+    p = command(commands, "worker", worker)
+    env_option(p, "--data-dir", env="CORRAL_DATA_DIR", type=Path, help="the store the server uses")
+    env_option(p, "--workers", env="CORRAL_JOB_WORKERS", type=whole(0), help="jobs run at once")
+    env_option(p, "--log-level", env="CORRAL_LOG_LEVEL", help="debug, info, warning or error")
+
+    command(commands, "doctor", doctor)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from corral.errors import CorralError
+
+    code: int | str | None = EXIT_OK
     try:
-        app()
+        args = parser().parse_args(argv)
+        code = args.handler(args)
     except SystemExit as exc:
         code = exc.code
     except CorralError as exc:
         code = fail(exc)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err("interrupted")
         code = EXIT_INTERRUPTED
     _exit(code)
 
@@ -168,7 +179,7 @@ def _exit(code: int | str | None) -> None:
     its output is flushed, so it exits directly with its code.
     """
     if isinstance(code, str):
-        err.print(code)
+        err(code)
         code = 1
     with contextlib.suppress(Exception):
         sys.stdout.flush()

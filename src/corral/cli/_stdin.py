@@ -10,26 +10,24 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from argparse import ArgumentParser, BooleanOptionalAction
 from collections.abc import Iterator
-from typing import Annotated
 
-import typer
 
-from corral.client._input import CHUNK
-
-StdinOption = Annotated[
-    bool | None,
-    typer.Option(
-        "--stdin/--no-stdin",
+def add_stdin_option(parser: ArgumentParser) -> None:
+    parser.add_argument(
         "-i",
+        "--stdin",
+        action=BooleanOptionalAction,
+        default=None,
         help="pass this stdin to the command; default: yes unless it is a terminal",
-        show_default=False,
-    ),
-]
+    )
 
 
 def stdin_source(forward: bool | None) -> Iterator[bytes] | None:
     """The chunks of this process's stdin to feed the command, or None to feed nothing."""
+    from corral.client._input import CHUNK
+
     if sys.stdin is None or forward is False:
         return None
     try:

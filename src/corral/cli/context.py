@@ -2,66 +2,72 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import argparse
+from typing import TYPE_CHECKING
 
-import typer
-from rich.table import Table
+from corral.cli._common import command, group, number, out, print_table, usage_error
 
-from corral.cli._common import out
-from corral.client import ConfigFile, Context
-from corral.client._config import normalize_server
-
-app = typer.Typer(no_args_is_help=True, help="Named servers and keys (~/.corral/config).")
+if TYPE_CHECKING:
+    from corral.cli._common import Commands
 
 
-@app.command("list")
-def list_() -> None:
+def list_(args: argparse.Namespace) -> None:
     """The contexts; * marks the current one."""
+    from corral.client._config import ConfigFile
+
     config = ConfigFile.load()
-    table = Table("", "name", "server", "api key", "timeout", box=None, pad_edge=False)
+    rows = []
     for name, ctx in sorted(config.contexts.items()):
         key = f"{ctx.api_key[:12]}…" if ctx.api_key else "-"
         timeout = "-" if ctx.timeout_seconds is None else f"{ctx.timeout_seconds:g}s"
-        table.add_row("*" if name == config.current else "", name, ctx.server, key, timeout)
-    out.print(table)
+        rows.append(["*" if name == config.current else "", name, ctx.server, key, timeout])
+    print_table(rows, header=("", "name", "server", "api key", "timeout"))
     if not config.contexts:
-        out.print(
-            f"no contexts in {config.path}; add one with `corral context set NAME --server URL`"
-        )
+        out(f"no contexts in {config.path}; add one with `corral context set NAME --server URL`")
 
 
-@app.command()
-def use(name: Annotated[str, typer.Argument(help="a context from `corral context list`")]) -> None:
+def use(args: argparse.Namespace) -> None:
     """Make NAME the current context."""
+    from corral.client._config import ConfigFile
+
     config = ConfigFile.load()
-    config.context(name)  # refuses an unknown name, saying how to add it
-    config.current = name
+    config.context(args.name)  # refuses an unknown name, saying how to add it
+    config.current = args.name
     config.save()
-    out.print(f"current context: {name}")
+    out(f"current context: {args.name}")
 
 
-@app.command("set")
-def set_(
-    name: Annotated[str, typer.Argument(help="the context to add or change")],
-    server: Annotated[str | None, typer.Option(help="http://HOST:PORT")] = None,
-    api_key: Annotated[str | None, typer.Option(help="the team's API key")] = None,
-    timeout: Annotated[float | None, typer.Option(help="seconds per call")] = None,
-    use: Annotated[bool, typer.Option("--use", help="also make it current")] = False,
-) -> None:
+def set_(args: argparse.Namespace) -> None:
     """Add a context or change its fields (the file is readable by you only)."""
+    from corral.client._config import ConfigFile, Context, normalize_server
+
     config = ConfigFile.load()
+    name = args.name
     ctx = config.contexts.get(name)
     if ctx is None:
-        if server is None:
-            raise typer.BadParameter("a new context needs --server", param_hint="--server")
-        ctx = config.contexts[name] = Context(normalize_server(server))
-    if server is not None:
-        ctx.server = normalize_server(server)
-    if api_key is not None:
-        ctx.api_key = api_key or None
-    if timeout is not None:
-        ctx.timeout_seconds = timeout
-    if use or config.current is None:
+        if args.server is None:
+            usage_error(f"context {name!r} is new: give its --server URL")
+        ctx = config.contexts[name] = Context(normalize_server(args.server))
+    if args.server is not None:
+        ctx.server = normalize_server(args.server)
+    if args.api_key is not None:
+        ctx.api_key = args.api_key or None
+    if args.timeout is not None:
+        ctx.timeout_seconds = args.timeout
+    if args.use or config.current is None:
         config.current = name
     config.save()
-    out.print(f"context {name}: {ctx.server}" + (" (current)" if config.current == name else ""))
+    out(f"context {name}: {ctx.server}" + (" (current)" if config.current == name else ""))
+
+
+def add_commands(commands: Commands) -> None:
+    sub = group(commands, "context", "Named servers and keys (~/.corral/config).")
+    command(sub, "list", list_)
+    p = command(sub, "use", use)
+    p.add_argument("name", metavar="NAME", help="a context from `corral context list`")
+    p = command(sub, "set", set_)
+    p.add_argument("name", metavar="NAME", help="the context to add or change")
+    p.add_argument("--server", help="http://HOST:PORT")
+    p.add_argument("--api-key", help="the team's API key")
+    p.add_argument("--timeout", type=number(float, minimum=0), help="seconds per call")
+    p.add_argument("--use", action="store_true", help="also make it current")

@@ -12,6 +12,7 @@ code for how it ended if it timed out or was canceled, else with its exit code
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -19,46 +20,43 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
-
-import typer
-import yaml
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from corral.cli._common import (
     EXIT_CANCELED,
     EXIT_ERROR,
     EXIT_TIMED_OUT,
-    OUTPUT_OPTION,
-    Output,
-    _cell,
-    _plain,
-    connect_options,
+    add_output,
+    add_pairs,
+    cell,
+    command,
+    connect_kwargs,
     err,
+    group,
     interruptible,
-    out,
     parse_pairs,
+    plain,
+    print_table,
     show,
+    whole,
+    words_after_dashes,
 )
-from corral.client import Job, Jobs, JobSubmission
-from corral.errors import InvalidRequest
-from corral.jobs.spec import LANGUAGES, JobSpec, split_idempotency_key
 
-app = typer.Typer(
-    no_args_is_help=True, help="Queue jobs, follow their output, cancel or retry them."
-)
+if TYPE_CHECKING:
+    from corral.cli._common import Commands, Parser
+    from corral.client import Job, Jobs, JobSubmission
 
 JOB_COLUMNS = ("id", "state", "attempt", "exit_code", "created_at", "state_reason")
 # How `job logs -f`, `submit --wait` and `--follow` exit for a job stopped from outside: its
 # command was killed (137), which would look like a kill or an out-of-memory.
 EXIT_FOR_STATE = {"timed_out": EXIT_TIMED_OUT, "canceled": EXIT_CANCELED}
 
-JobId = Annotated[str, typer.Argument(help="the job's id (`corral job list`)")]
-
 
 @contextmanager
-def _jobs(ctx: typer.Context) -> Iterator[Jobs]:
-    jobs = Jobs(**connect_options(ctx).kwargs())
+def _jobs(args: argparse.Namespace) -> Iterator[Jobs]:
+    from corral.client import Jobs
+
+    jobs = Jobs(**connect_kwargs(args))
     try:
         yield jobs
     finally:
@@ -76,9 +74,9 @@ def exit_code_of(job: Job) -> int:
     return EXIT_FOR_STATE.get(job.state, EXIT_ERROR)
 
 
-def show_job(output: Output, job: Job) -> None:
+def show_job(output: str, job: Job) -> None:
     """One job: every field as JSON, or the ones people read, one per line."""
-    if output is Output.json:
+    if output == "json":
         show(output, [job], (), single=True)
         return
     spec = job.spec
@@ -108,12 +106,7 @@ def show_job(output: Output, job: Job) -> None:
         c = job.callback
         status = f"{c.delivered} delivered, {c.pending} pending, {c.failed} failed"
         fields.append(("callback", f"{c.url} ({status}) {c.last_error}".rstrip()))
-    table = Table(box=None, pad_edge=False, show_header=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    for name, value in fields:
-        table.add_row(name, _cell(value))
-    out.print(table)
+    print_table([[name, cell(value)] for name, value in fields])
 
 
 # -- submit --------------------------------------------------------------------------------
@@ -121,6 +114,10 @@ def show_job(output: Output, job: Job) -> None:
 
 def read_spec(source: str) -> dict[str, Any]:
     """The spec mapping in a YAML or JSON file (`-`: stdin)."""
+    import yaml
+
+    from corral.errors import InvalidRequest
+
     name = "stdin" if source == "-" else source
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
@@ -142,7 +139,9 @@ def read_spec(source: str) -> dict[str, Any]:
     return data
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc: Any) -> str:
+    import yaml
+
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         problem = " ".join(filter(None, (exc.context, exc.problem)))
@@ -151,6 +150,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _inline_spec(command: list[str], shell: bool, code: str | None) -> dict[str, Any]:
+    from corral.errors import InvalidRequest
+    from corral.jobs.spec import LANGUAGES
+
     if shell and code:
         raise InvalidRequest("--shell and --code are two kinds of job: give one")
     if not command:
@@ -167,68 +169,37 @@ def _inline_spec(command: list[str], shell: bool, code: str | None) -> dict[str,
     return {"kind": "command", "command": command}
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
-def submit(
-    ctx: typer.Context,
-    command: Annotated[
-        list[str] | None,
-        typer.Argument(help="after --: the command and its arguments (or script, or source)"),
-    ] = None,
-    file: Annotated[
-        str | None, typer.Option("--file", "-f", help="a YAML or JSON spec; - reads stdin")
-    ] = None,
-    shell: Annotated[bool, typer.Option("--shell", help="COMMAND is a sh script")] = False,
-    code: Annotated[
-        str | None, typer.Option("--code", metavar="LANG", help="COMMAND is source in LANG")
-    ] = None,
-    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
-    timeout: Annotated[int | None, typer.Option(help="seconds for the whole job")] = None,
-    retries: Annotated[int | None, typer.Option(help="extra attempts after a failure")] = None,
-    template: Annotated[str | None, typer.Option(help="the sandbox's template")] = None,
-    isolation: Annotated[str | None, typer.Option(help="auto, namespace, …")] = None,
-    priority: Annotated[
-        int | None, typer.Option(help="higher runs first, among the team's own jobs")
-    ] = None,
-    idempotency_key: Annotated[
-        str, typer.Option(help="submitting the same key again returns the first job")
-    ] = "",
-    callback_url: Annotated[
-        str | None, typer.Option(help="POST the job's events here, signed")
-    ] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="wait for the end; exit with its code")
-    ] = False,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-F", help="stream its output; exit with its code")
-    ] = False,
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def submit(args: argparse.Namespace) -> int:
     """Queue a job from a spec file (-f) or from the command after --.
 
     Options given with -f add to the file's fields (labels, env) or replace them.
     """
-    command = command or []
-    if command[:1] == ["--"]:
-        command = command[1:]
+    from corral.client import JobSubmission
+    from corral.errors import InvalidRequest
+    from corral.jobs.spec import JobSpec, split_idempotency_key
+
+    command, file, output = words_after_dashes(args.command), args.file, args.output
     if file is not None:
-        if command or shell or code is not None:
+        if command or args.shell or args.code is not None:
             raise InvalidRequest("give either -f FILE or a command after --, not both")
         spec = read_spec(file)
     else:
-        spec = _inline_spec(command, shell, code)
-    for name, pairs in (("labels", parse_pairs(label, "--label")), ("env", parse_pairs(env, "-e"))):
+        spec = _inline_spec(command, args.shell, args.code)
+    for name, pairs in (
+        ("labels", parse_pairs(args.label, "--label")),
+        ("env", parse_pairs(args.env, "-e")),
+    ):
         if pairs:
             given = spec.get(name)
             spec[name] = {**(given if isinstance(given, dict) else {}), **pairs}
     options = {
-        "timeout": timeout,
-        "retries": retries,
-        "template": template,
-        "isolation": isolation,
-        "priority": priority,
-        "callback_url": callback_url,
-        "idempotency_key": idempotency_key or None,
+        "timeout": args.timeout,
+        "retries": args.retries,
+        "template": args.template,
+        "isolation": args.isolation,
+        "priority": args.priority,
+        "callback_url": args.callback_url,
+        "idempotency_key": args.idempotency_key or None,
     }
     spec.update({k: v for k, v in options.items() if v is not None})
     if file is not None:
@@ -236,69 +207,55 @@ def submit(
             JobSpec.from_dict(split_idempotency_key(spec)[0])
         except InvalidRequest as exc:
             raise InvalidRequest(f"{'stdin' if file == '-' else file}: {exc}") from None
-    with _jobs(ctx) as jobs:
+    with _jobs(args) as jobs:
         submission = jobs.submit(spec)  # its idempotency_key goes with the request
         job = submission.job
-        if follow:
-            err.print(f"job {job.id} {'queued' if submission.created else 'already submitted'}")
+        if args.follow:
+            err(f"job {job.id} {'queued' if submission.created else 'already submitted'}")
             _secret(submission, output, to_stderr=True)
             with interruptible():
                 _print_logs(jobs, job.id, 0, follow=True)
                 job = jobs.get(job.id)
-            raise typer.Exit(exit_code_of(job))
-        if wait:
+            return exit_code_of(job)
+        if args.wait:
             with interruptible():
                 job = jobs.wait(job.id)
             submission = JobSubmission(job, submission.callback_secret, submission.created)
-    if output is Output.json:
+    if output == "json":
         show(output, [submission], (), single=True)
     else:
         show_job(output, job)
         _secret(submission, output, to_stderr=False)
-    if wait:
-        raise typer.Exit(exit_code_of(job))
+    return exit_code_of(job) if args.wait else 0
 
 
-def _secret(submission: JobSubmission, output: Output, *, to_stderr: bool) -> None:
-    if submission.callback_secret and (output is Output.table or to_stderr):
-        console = err if to_stderr else out
-        console.print(f"callback secret: {submission.callback_secret}", soft_wrap=True)
+def _secret(submission: JobSubmission, output: str, *, to_stderr: bool) -> None:
+    if submission.callback_secret and (output == "table" or to_stderr):
+        line = f"callback secret: {submission.callback_secret}"
+        err(line) if to_stderr else print(line)
 
 
 # -- reading -------------------------------------------------------------------------------
 
 
-@app.command()
-def get(ctx: typer.Context, job_id: JobId, output: Output = OUTPUT_OPTION) -> None:
+def get(args: argparse.Namespace) -> None:
     """One job, whatever its state."""
-    with _jobs(ctx) as jobs:
-        show_job(output, jobs.get(job_id))
+    with _jobs(args) as jobs:
+        show_job(args.output, jobs.get(args.job_id))
 
 
-@app.command("list")
-def list_(
-    ctx: typer.Context,
-    state: Annotated[
-        list[str] | None,
-        typer.Option(help="queued, running, succeeded, failed, timed_out, canceled or lost"),
-    ] = None,
-    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
-    template: Annotated[str, typer.Option(help="only jobs of this template")] = "",
-    limit: Annotated[int, typer.Option(help="at most this many, newest first; 0: all")] = 100,
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def list_(args: argparse.Namespace) -> None:
     """Your team's jobs, newest first."""
-    if limit < 0:
-        raise InvalidRequest(f"--limit {limit}: use a number of jobs, or 0 for all")
-    with _jobs(ctx) as jobs:
+    limit = args.limit
+    with _jobs(args) as jobs:
         found = jobs.list(
-            states=state or (),
-            labels=parse_pairs(label, "--label"),
-            template=template,
+            states=args.state,
+            labels=parse_pairs(args.label, "--label"),
+            template=args.template,
             page_size=min(limit, 1000) if limit else 1000,
         )
         rows = list(islice(found, limit or None))
-    show(output, rows, JOB_COLUMNS)
+    show(args.output, rows, JOB_COLUMNS)
 
 
 def _print_logs(jobs: Jobs, job_id: str, offset: int, *, follow: bool) -> None:
@@ -309,35 +266,19 @@ def _print_logs(jobs: Jobs, job_id: str, offset: int, *, follow: bool) -> None:
         sink.flush()
 
 
-@app.command()
-def logs(
-    ctx: typer.Context,
-    job_id: JobId,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="until the job ends; exit with its code")
-    ] = False,
-    offset: Annotated[int, typer.Option(help="the first chunk: 0, or a chunk's seq + 1")] = 0,
-) -> None:
+def logs(args: argparse.Namespace) -> int:
     """A job's output as it was written: stdout to stdout, stderr to stderr."""
-    with _jobs(ctx) as jobs, interruptible():
-        _print_logs(jobs, job_id, offset, follow=follow)
-        if follow:
-            raise typer.Exit(exit_code_of(jobs.get(job_id)))
+    with _jobs(args) as jobs, interruptible():
+        _print_logs(jobs, args.job_id, args.offset, follow=args.follow)
+        return exit_code_of(jobs.get(args.job_id)) if args.follow else 0
 
 
-@app.command()
-def events(
-    ctx: typer.Context,
-    job_id: JobId,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="until the job ends")] = False,
-    offset: Annotated[int, typer.Option(help="the first event: 0, or an event's seq + 1")] = 0,
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def events(args: argparse.Namespace) -> None:
     """A job's state changes and workflow steps, one line each (JSON lines with -o json)."""
-    with _jobs(ctx) as jobs, interruptible():
-        for event in jobs.events(job_id, offset=offset, follow=follow):
-            if output is Output.json:
-                line = json.dumps(_plain(event))
+    with _jobs(args) as jobs, interruptible():
+        for event in jobs.events(args.job_id, offset=args.offset, follow=args.follow):
+            if args.output == "json":
+                line = json.dumps(plain(event))
             else:
                 at = event.at.strftime("%H:%M:%S.%f")[:-3] if event.at else "-"
                 what = f"{event.type} {event.state}" if event.state else event.type
@@ -350,20 +291,85 @@ def events(
 # -- changing ------------------------------------------------------------------------------
 
 
-@app.command()
-def cancel(
-    ctx: typer.Context,
-    job_id: JobId,
-    reason: Annotated[str, typer.Option(help="recorded as the job's state reason")] = "",
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def cancel(args: argparse.Namespace) -> None:
     """Stop a queued or running job; its processes and sandbox are killed."""
-    with _jobs(ctx) as jobs:
-        show_job(output, jobs.cancel(job_id, reason))
+    with _jobs(args) as jobs:
+        show_job(args.output, jobs.cancel(args.job_id, args.reason))
 
 
-@app.command()
-def retry(ctx: typer.Context, job_id: JobId, output: Output = OUTPUT_OPTION) -> None:
+def retry(args: argparse.Namespace) -> None:
     """Queue a finished job again (failed, timed out, canceled, lost, or succeeded)."""
-    with _jobs(ctx) as jobs:
-        show_job(output, jobs.retry(job_id))
+    with _jobs(args) as jobs:
+        show_job(args.output, jobs.retry(args.job_id))
+
+
+def add_commands(commands: Commands) -> None:
+    sub = group(commands, "job", "Queue jobs, follow their output, cancel or retry them.")
+
+    def with_id(name: str, handler: Any) -> Parser:
+        p = command(sub, name, handler)
+        p.add_argument("job_id", metavar="ID", help="the job's id (`corral job list`)")
+        return p
+
+    p = command(sub, "submit", submit)
+    p.add_argument("-f", "--file", help="a YAML or JSON spec; - reads stdin")
+    p.add_argument("--shell", action="store_true", help="COMMAND is a sh script")
+    p.add_argument("--code", metavar="LANG", help="COMMAND is source in LANG")
+    add_pairs(p, "-l", "--label", help="a label of the job; repeatable")
+    add_pairs(p, "-e", "--env", help="an environment variable; repeatable")
+    p.add_argument("--timeout", type=whole(1), help="seconds for the whole job")
+    p.add_argument("--retries", type=whole(0), help="extra attempts after a failure")
+    p.add_argument("--template", help="the sandbox's template")
+    p.add_argument("--isolation", help="auto, namespace, …")
+    p.add_argument("--priority", type=whole(), help="higher runs first, among the team's own jobs")
+    p.add_argument(
+        "--idempotency-key", default="", help="submitting the same key again returns the first job"
+    )
+    p.add_argument("--callback-url", help="POST the job's events here, signed")
+    p.add_argument("--wait", action="store_true", help="wait for the end; exit with its code")
+    p.add_argument(
+        "-F", "--follow", action="store_true", help="stream its output; exit with its code"
+    )
+    add_output(p)
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND",
+        help="after --: the command and its arguments (or script, or source)",
+    )
+
+    add_output(with_id("get", get))
+
+    p = command(sub, "list", list_)
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        help="queued, running, succeeded, failed, timed_out, canceled or lost; repeatable",
+    )
+    add_pairs(p, "-l", "--label", help="KEY=VALUE: only jobs with it; repeatable")
+    p.add_argument("--template", default="", help="only jobs of this template")
+    p.add_argument(
+        "--limit", type=whole(0), default=100, help="at most this many, newest first; 0: all"
+    )
+    add_output(p)
+
+    p = with_id("logs", logs)
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="until the job ends; exit with its code"
+    )
+    p.add_argument(
+        "--offset", type=whole(), default=0, help="the first chunk: 0, or a chunk's seq + 1"
+    )
+
+    p = with_id("events", events)
+    p.add_argument("-f", "--follow", action="store_true", help="until the job ends")
+    p.add_argument(
+        "--offset", type=whole(), default=0, help="the first event: 0, or an event's seq + 1"
+    )
+    add_output(p)
+
+    p = with_id("cancel", cancel)
+    p.add_argument("--reason", default="", help="recorded as the job's state reason")
+    add_output(p)
+    add_output(with_id("retry", retry))

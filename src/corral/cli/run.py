@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING
 
-import typer
-
-from corral.cli._common import connect_options, err, interruptible, parse_pairs
-from corral.cli._stdin import StdinOption, stdin_source
-from corral.client import Sandbox
-from corral.errors import InvalidRequest
+from corral.cli._common import (
+    add_pairs,
+    command,
+    connect_kwargs,
+    env_option,
+    interruptible,
+    number,
+    parse_pairs,
+    usage_error,
+    warn,
+    words_after_dashes,
+)
+from corral.cli._stdin import add_stdin_option, stdin_source
 
 # The sandbox of a command without a timeout lives at most this long.
 DEFAULT_LIFETIME = 3600
 
+if TYPE_CHECKING:
+    from corral.cli._common import Commands
+
 
 def _files(pairs: list[str] | None) -> list[tuple[bytes, str]]:
+    from corral.errors import InvalidRequest
+
     files = []
     for pair in pairs or ():
         local, sep, remote = pair.partition(":")
@@ -41,51 +54,60 @@ def _err(text: str) -> None:
     sys.stderr.flush()
 
 
-def run(
-    ctx: typer.Context,
-    command: Annotated[list[str], typer.Argument(help="the command and its arguments")],
-    template: Annotated[str, typer.Option(envvar="CORRAL_TEMPLATE")] = "host",
-    isolation: Annotated[str, typer.Option(envvar="CORRAL_ISOLATION")] = "auto",
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            envvar="CORRAL_RUN_TIMEOUT", min=0, help="seconds before the command is killed"
-        ),
-    ] = None,
-    env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
-    file: Annotated[
-        list[str] | None, typer.Option("--file", "-f", help="LOCAL:REMOTE, uploaded first")
-    ] = None,
-    metadata: Annotated[
-        list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE")
-    ] = None,
-    stdin: StdinOption = None,
-) -> None:
+def run(args: argparse.Namespace) -> int:
     """Create a sandbox, run COMMAND in it with live output, destroy it; exit with its code."""
-    envs = parse_pairs(env, "-e")
-    uploads = _files(file)
+    words = words_after_dashes(args.command)
+    if not words:
+        usage_error("say what to run: `corral run -- COMMAND ARGS…`")
+    from corral.client import Sandbox
+
+    envs = parse_pairs(args.env, "-e")
+    uploads = _files(args.file)
+    timeout = args.timeout
     lifetime = math.ceil(timeout) + 30 if timeout else DEFAULT_LIFETIME
     with (
         interruptible(),
         Sandbox.create(
-            template,
-            isolation=isolation,
+            args.template,
+            isolation=args.isolation,
             envs=envs,
-            metadata=parse_pairs(metadata, "--metadata"),
+            metadata=parse_pairs(args.metadata, "--metadata"),
             timeout=lifetime,
-            **connect_options(ctx).kwargs(),
+            **connect_kwargs(args),
         ) as box,
     ):
         for data, remote in uploads:
             box.files.write(remote, data)
         result = box.commands.run(
-            command,
+            words,
             timeout=timeout,
             on_stdout=_out,
             on_stderr=_err,
-            input=stdin_source(stdin),
+            input=stdin_source(args.stdin),
             raw_output=True,
         )
     if result.reason != "exited":
-        err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")
-    raise typer.Exit(result.exit_code)
+        warn(f"command ended: {result.reason}", result.error or "")
+    return result.exit_code
+
+
+def add_commands(commands: Commands) -> None:
+    p = command(commands, "run", run)
+    env_option(p, "--template", env="CORRAL_TEMPLATE", default="host", help="the template")
+    env_option(p, "--isolation", env="CORRAL_ISOLATION", default="auto", help="auto, namespace, …")
+    env_option(
+        p,
+        "--timeout",
+        env="CORRAL_RUN_TIMEOUT",
+        type=number(float, minimum=0),
+        help="seconds before the command is killed",
+    )
+    add_pairs(p, "-e", "--env", help="an environment variable; repeatable")
+    p.add_argument(
+        "-f", "--file", action="append", default=[], metavar="LOCAL:REMOTE", help="uploaded first"
+    )
+    add_pairs(p, "-m", "--metadata", help="a metadata entry; repeatable")
+    add_stdin_option(p)
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments"
+    )

@@ -2,196 +2,152 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Literal, TextIO, cast
-
-import typer
+from typing import TYPE_CHECKING, Any, TextIO
 
 from corral.cli._common import (
-    OUTPUT_OPTION,
-    Output,
-    connect_options,
+    add_output,
+    add_pairs,
+    command,
+    connect_kwargs,
+    env_option,
     err,
+    group,
     interruptible,
+    number,
     out,
     parse_pairs,
     show,
+    usage_error,
+    warn,
+    whole,
+    words_after_dashes,
 )
-from corral.cli._stdin import StdinOption, stdin_source
-from corral.client import Limits, Sandbox
-from corral.errors import InvalidRequest
+from corral.cli._stdin import add_stdin_option, stdin_source
 
-app = typer.Typer(no_args_is_help=True, help="Create, inspect and use sandboxes on the server.")
+if TYPE_CHECKING:
+    from corral.cli._common import Commands, Parser
+    from corral.client import Sandbox
 
 SANDBOX_COLUMNS = ("sandbox_id", "state", "template", "isolation", "expires_at", "state_reason")
 _REMOTE = re.compile(r"^(sb_[0-9a-zA-Z]+):(.*)$")
-
-SandboxId = Annotated[str, typer.Argument(help="the sandbox's id (`corral sandbox list`)")]
+STATES = "creating, running, paused, killed or failed"
 
 
 @contextmanager
-def _sandbox(ctx: typer.Context, sandbox_id: str) -> Iterator[Sandbox]:
-    box = Sandbox.connect(sandbox_id, resume=False, **connect_options(ctx).kwargs())
+def _sandbox(args: argparse.Namespace, sandbox_id: str | None = None) -> Iterator[Sandbox]:
+    from corral.client import Sandbox
+
+    box = Sandbox.connect(sandbox_id or args.sandbox_id, resume=False, **connect_kwargs(args))
     try:
         yield box
     finally:
         box.close()
 
 
-@app.command()
-def create(
-    ctx: typer.Context,
-    template: Annotated[str, typer.Option(envvar="CORRAL_TEMPLATE")] = "host",
-    isolation: Annotated[str, typer.Option(envvar="CORRAL_ISOLATION")] = "auto",
-    timeout: Annotated[
-        int, typer.Option(envvar="CORRAL_SANDBOX_TIMEOUT", min=1, help="lifetime in seconds")
-    ] = 300,
-    idle_timeout: Annotated[
-        int,
-        typer.Option(
-            envvar="CORRAL_IDLE_TIMEOUT", min=0, help="seconds idle before on-idle; 0: never"
-        ),
-    ] = 0,
-    on_idle: Annotated[str, typer.Option(envvar="CORRAL_ON_IDLE", help="pause or kill")] = "pause",
-    env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
-    metadata: Annotated[
-        list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE")
-    ] = None,
-    memory_mib: Annotated[
-        int | None, typer.Option(envvar="CORRAL_MEMORY_MIB", min=1, help="default: the server's")
-    ] = None,
-    cpu: Annotated[float | None, typer.Option(envvar="CORRAL_CPU")] = None,
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def create(args: argparse.Namespace) -> None:
     """Start a sandbox and print its id (`-o json`: all of it); it runs until killed or its
     timeout."""
+    from corral.client import Limits, Sandbox
+
     box = Sandbox.create(
-        template,
-        timeout=timeout,
-        idle_timeout=idle_timeout,
-        on_idle=cast(Literal["pause", "kill"], on_idle),
-        envs=parse_pairs(env, "-e"),
-        metadata=parse_pairs(metadata, "--metadata"),
-        isolation=isolation,
-        limits=Limits(memory_mib=memory_mib, cpu=cpu),
-        **connect_options(ctx).kwargs(),
+        args.template,
+        timeout=args.timeout,
+        idle_timeout=args.idle_timeout,
+        on_idle=args.on_idle,
+        envs=parse_pairs(args.env, "-e"),
+        metadata=parse_pairs(args.metadata, "--metadata"),
+        isolation=args.isolation,
+        limits=Limits(memory_mib=args.memory_mib, cpu=args.cpu),
+        **connect_kwargs(args),
     )
     box.close()
-    if output is Output.json:
-        show(output, [box.info], SANDBOX_COLUMNS, single=True)
+    if args.output == "json":
+        show(args.output, [box.info], SANDBOX_COLUMNS, single=True)
     else:
         print(box.sandbox_id)  # the id alone, for `ID=$(corral sandbox create)`
 
 
-@app.command("list")
-def list_(
-    ctx: typer.Context,
-    state: Annotated[
-        list[str] | None, typer.Option(help="creating, running, paused, killed or failed")
-    ] = None,
-    metadata: Annotated[
-        list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE")
-    ] = None,
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def list_(args: argparse.Namespace) -> None:
     """Your team's sandboxes (by default those not killed or failed)."""
-    infos = Sandbox.list(
-        states=state or (),
-        metadata=parse_pairs(metadata, "--metadata"),
-        **connect_options(ctx).kwargs(),
+    # Not through `Sandbox.list`: the same call without the streaming stack's imports,
+    # so that `corral sandbox list` starts fast (`benchmarks/cli.py`).
+    from corral.client._listing import list_sandboxes
+
+    infos = list_sandboxes(
+        states=args.state, metadata=parse_pairs(args.metadata, "--metadata"), **connect_kwargs(args)
     )
-    show(output, infos, SANDBOX_COLUMNS)
+    show(args.output, infos, SANDBOX_COLUMNS)
 
 
-@app.command()
-def get(ctx: typer.Context, sandbox_id: SandboxId, output: Output = OUTPUT_OPTION) -> None:
+def get(args: argparse.Namespace) -> None:
     """One sandbox, whatever its state."""
-    with _sandbox(ctx, sandbox_id) as box:
-        show(output, [box.info], (*SANDBOX_COLUMNS, "metadata"), single=True)
+    with _sandbox(args) as box:
+        show(args.output, [box.info], (*SANDBOX_COLUMNS, "metadata"), single=True)
 
 
-@app.command()
-def kill(ctx: typer.Context, sandbox_id: SandboxId) -> None:
+def kill(args: argparse.Namespace) -> None:
     """Kill every process of a sandbox and delete it."""
-    with _sandbox(ctx, sandbox_id) as box:
+    with _sandbox(args) as box:
         box.kill()
-    out.print(f"killed {sandbox_id}")
+    out(f"killed {args.sandbox_id}")
 
 
-@app.command()
-def pause(ctx: typer.Context, sandbox_id: SandboxId) -> None:
+def pause(args: argparse.Namespace) -> None:
     """Freeze a sandbox: its processes stop, its memory and files stay."""
-    with _sandbox(ctx, sandbox_id) as box:
+    with _sandbox(args) as box:
         info = box.pause()
-    out.print(f"{sandbox_id} {info.state}")
+    out(f"{args.sandbox_id} {info.state}")
 
 
-@app.command()
-def resume(ctx: typer.Context, sandbox_id: SandboxId) -> None:
-    with _sandbox(ctx, sandbox_id) as box:
+def resume(args: argparse.Namespace) -> None:
+    """Thaw a paused sandbox: its processes go on where they stopped."""
+    with _sandbox(args) as box:
         info = box.resume()
-    out.print(f"{sandbox_id} {info.state}")
+    out(f"{args.sandbox_id} {info.state}")
 
 
-@app.command()
-def timeout(
-    ctx: typer.Context,
-    sandbox_id: SandboxId,
-    seconds: Annotated[int, typer.Argument(help="kill it this many seconds from now")],
-) -> None:
+def timeout(args: argparse.Namespace) -> None:
     """Move a sandbox's deadline to SECONDS from now."""
-    with _sandbox(ctx, sandbox_id) as box:
-        info = box.set_timeout(seconds)
-    out.print(f"{sandbox_id} expires at {info.expires_at}")
+    with _sandbox(args) as box:
+        info = box.set_timeout(args.seconds)
+    out(f"{args.sandbox_id} expires at {info.expires_at}")
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
-def exec(
-    ctx: typer.Context,
-    sandbox_id: SandboxId,
-    command: Annotated[list[str], typer.Argument(help="the program and its arguments")],
-    cwd: Annotated[str | None, typer.Option(help="default /workspace")] = None,
-    env: Annotated[list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE")] = None,
-    timeout: Annotated[
-        float | None,
-        typer.Option(envvar="CORRAL_EXEC_TIMEOUT", min=0, help="seconds; default none"),
-    ] = None,
-    background: Annotated[bool, typer.Option(help="start it, print its pid, return")] = False,
-    stdin: StdinOption = None,
-) -> None:
+def exec_(args: argparse.Namespace) -> int:
     """Run a command in a sandbox with live output; exit with its exit code."""
-    if command[:1] == ["--"]:  # `exec ID -- CMD`: after ID every word is the command's
-        command = command[1:]
-    with _sandbox(ctx, sandbox_id) as box:
-        if background:
-            handle = box.commands.run(
-                command,
-                background=True,
-                cwd=cwd or "",
-                envs=parse_pairs(env, "-e"),
-                timeout=timeout,
-            )
+    words = words_after_dashes(args.command)
+    if not words:
+        usage_error("say what to run: `corral sandbox exec ID -- COMMAND ARGS…`")
+    options: dict[str, Any] = {
+        "cwd": args.cwd or "",
+        "envs": parse_pairs(args.env, "-e"),
+        "timeout": args.timeout,
+    }
+    with _sandbox(args) as box:
+        if args.background:
+            handle = box.commands.run(words, background=True, **options)
             handle.disconnect()
-            out.print(handle.pid)
-            return
+            out(handle.pid)
+            return 0
         with interruptible():
             result = box.commands.run(
-                command,
-                cwd=cwd or "",
-                envs=parse_pairs(env, "-e"),
-                timeout=timeout,
+                words,
                 on_stdout=_write(sys.stdout),
                 on_stderr=_write(sys.stderr),
-                input=stdin_source(stdin),
+                input=stdin_source(args.stdin),
                 raw_output=True,
+                **options,
             )
     if result.reason != "exited":
-        err.print(f"[yellow]command ended: {result.reason}[/yellow] {result.error or ''}")
-    raise typer.Exit(result.exit_code)
+        warn(f"command ended: {result.reason}", result.error or "")
+    code: int = result.exit_code
+    return code
 
 
 def _write(stream: TextIO) -> Callable[[str], None]:
@@ -202,80 +158,159 @@ def _write(stream: TextIO) -> Callable[[str], None]:
     return write
 
 
-@app.command()
-def ps(ctx: typer.Context, sandbox_id: SandboxId, output: Output = OUTPUT_OPTION) -> None:
+def ps(args: argparse.Namespace) -> None:
     """The processes still running in a sandbox."""
-    with _sandbox(ctx, sandbox_id) as box:
-        show(output, box.commands.list(), ("pid", "tag", "background", "cmd", "argv", "started_at"))
+    with _sandbox(args) as box:
+        processes = box.commands.list()
+    show(args.output, processes, ("pid", "tag", "background", "cmd", "argv", "started_at"))
 
 
-@app.command()
-def ls(
-    ctx: typer.Context,
-    sandbox_id: SandboxId,
-    path: Annotated[str, typer.Argument(help="relative to /workspace")] = ".",
-    depth: Annotated[int, typer.Option(help="levels to descend")] = 1,
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def ls(args: argparse.Namespace) -> None:
     """List a directory in a sandbox."""
-    with _sandbox(ctx, sandbox_id) as box:
-        show(output, box.files.list(path, depth=depth), ("type", "size", "modified_at", "path"))
+    with _sandbox(args) as box:
+        entries = box.files.list(args.path, depth=args.depth)
+    show(args.output, entries, ("type", "size", "modified_at", "path"))
 
 
-@app.command()
-def cat(
-    ctx: typer.Context,
-    sandbox_id: SandboxId,
-    path: Annotated[str, typer.Argument(help="relative to /workspace")],
-) -> None:
+def cat(args: argparse.Namespace) -> None:
     """Print a file of a sandbox (bytes as they are)."""
-    with _sandbox(ctx, sandbox_id) as box:
-        data = box.files.read_bytes(path)
+    with _sandbox(args) as box:
+        data = box.files.read_bytes(args.path)
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
 
 
-@app.command()
-def cp(
-    ctx: typer.Context,
-    source: Annotated[str, typer.Argument(help="LOCAL, or ID:PATH in a sandbox; - is stdin")],
-    destination: Annotated[str, typer.Argument(help="ID:PATH or LOCAL; - is stdout")],
-) -> None:
+def cp(args: argparse.Namespace) -> None:
     """Copy one file into or out of a sandbox (ID:PATH names the sandbox side)."""
+    source, destination = args.source, args.destination
     src, dst = _REMOTE.match(source), _REMOTE.match(destination)
     if bool(src) == bool(dst):
-        raise InvalidRequest("exactly one of SOURCE and DESTINATION must be ID:PATH")
+        usage_error("exactly one of SOURCE and DESTINATION must be ID:PATH")
     if dst:
         data = sys.stdin.buffer.read() if source == "-" else _read_local(source)
-        with _sandbox(ctx, dst.group(1)) as box:
+        with _sandbox(args, dst.group(1)) as box:
             entry = box.files.write(dst.group(2), data)
-        err.print(f"wrote {entry.size} bytes to {dst.group(1)}:{entry.path}")
+        err(f"wrote {entry.size} bytes to {dst.group(1)}:{entry.path}")
         return
     assert src is not None
-    with _sandbox(ctx, src.group(1)) as box:
+    with _sandbox(args, src.group(1)) as box:
         data = box.files.read_bytes(src.group(2))
     if destination == "-":
         sys.stdout.buffer.write(data)
     else:
         Path(destination).write_bytes(data)
-        err.print(f"wrote {len(data)} bytes to {destination}")
+        err(f"wrote {len(data)} bytes to {destination}")
 
 
 def _read_local(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
+        from corral.errors import InvalidRequest
+
         raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
 
 
-@app.command()
-def metrics(
-    ctx: typer.Context,
-    sandbox_id: SandboxId,
-    range: Annotated[str, typer.Option("--range", help="10m, 2h or 24h")] = "10m",
-    output: Output = OUTPUT_OPTION,
-) -> None:
+def metrics(args: argparse.Namespace) -> None:
     """CPU, memory and process counts of a sandbox over a range."""
-    with _sandbox(ctx, sandbox_id) as box:
-        points = box.get_metrics(cast(Literal["10m", "2h", "24h"], range))
-    show(output, points, ("at", "cpu_percent", "memory_bytes", "memory_peak_bytes", "pids"))
+    with _sandbox(args) as box:
+        points = box.get_metrics(args.range)
+    show(args.output, points, ("at", "cpu_percent", "memory_bytes", "memory_peak_bytes", "pids"))
+
+
+def add_commands(commands: Commands) -> None:
+    sub = group(commands, "sandbox", "Create, inspect and use sandboxes on the server.")
+
+    def with_id(name: str, handler: Callable[[argparse.Namespace], Any]) -> Parser:
+        p = command(sub, name, handler)
+        p.add_argument("sandbox_id", metavar="ID", help="the sandbox's id (`corral sandbox list`)")
+        return p
+
+    p = command(sub, "create", create)
+    env_option(p, "--template", env="CORRAL_TEMPLATE", default="host", help="the template")
+    env_option(p, "--isolation", env="CORRAL_ISOLATION", default="auto", help="auto, namespace, …")
+    env_option(
+        p,
+        "--timeout",
+        env="CORRAL_SANDBOX_TIMEOUT",
+        default="300",
+        type=whole(1),
+        help="lifetime in seconds",
+    )
+    env_option(
+        p,
+        "--idle-timeout",
+        env="CORRAL_IDLE_TIMEOUT",
+        default="0",
+        type=whole(0),
+        help="seconds idle before --on-idle; 0: never",
+    )
+    env_option(
+        p,
+        "--on-idle",
+        env="CORRAL_ON_IDLE",
+        default="pause",
+        choices=("pause", "kill"),
+        help="what idleness does",
+    )
+    add_pairs(p, "-e", "--env", help="an environment variable; repeatable")
+    add_pairs(p, "-m", "--metadata", help="a metadata entry; repeatable")
+    env_option(
+        p,
+        "--memory-mib",
+        env="CORRAL_MEMORY_MIB",
+        type=whole(1),
+        help="memory limit; default: the server's",
+    )
+    env_option(
+        p,
+        "--cpu",
+        env="CORRAL_CPU",
+        type=number(float, minimum=0.01),
+        help="CPU cores; default: the server's",
+    )
+    add_output(p)
+
+    p = command(sub, "list", list_)
+    p.add_argument("--state", action="append", default=[], help=f"{STATES}; repeatable")
+    add_pairs(p, "-m", "--metadata", help="KEY=VALUE: only sandboxes with it; repeatable")
+    add_output(p)
+
+    add_output(with_id("get", get))
+    with_id("kill", kill)
+    with_id("pause", pause)
+    with_id("resume", resume)
+    p = with_id("timeout", timeout)
+    p.add_argument("seconds", type=whole(1), metavar="SECONDS", help="kill it this long from now")
+
+    p = with_id("exec", exec_)
+    p.add_argument("--cwd", help="the working directory; default /workspace")
+    add_pairs(p, "-e", "--env", help="an environment variable; repeatable")
+    env_option(
+        p,
+        "--timeout",
+        env="CORRAL_EXEC_TIMEOUT",
+        type=number(float, minimum=0),
+        help="seconds; default none",
+    )
+    p.add_argument("--background", action="store_true", help="start it, print its pid, return")
+    add_stdin_option(p)
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the program and its arguments"
+    )
+
+    add_output(with_id("ps", ps))
+    p = with_id("ls", ls)
+    p.add_argument("path", nargs="?", default=".", help="relative to /workspace")
+    p.add_argument("--depth", type=whole(1), default=1, help="levels to descend")
+    add_output(p)
+    p = with_id("cat", cat)
+    p.add_argument("path", help="relative to /workspace")
+
+    p = command(sub, "cp", cp)
+    p.add_argument("source", metavar="SOURCE", help="LOCAL, or ID:PATH in a sandbox; - is stdin")
+    p.add_argument("destination", metavar="DESTINATION", help="ID:PATH or LOCAL; - is stdout")
+
+    p = with_id("metrics", metrics)
+    p.add_argument("--range", choices=("10m", "2h", "24h"), default="10m", help="how far back")
+    add_output(p)

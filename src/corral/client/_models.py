@@ -44,6 +44,13 @@ class Limits:
     disk_mib: int | None = None
 
     def to_proto(self) -> pb.Limits:
+        for name in ("memory_mib", "cpu", "pids", "disk_mib"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # 0 on the wire means "the default"
+                raise InvalidRequest(
+                    f"Limits({name}={value!r}): give a positive number, or None for the"
+                    " server's default"
+                )
         return pb.Limits(
             memory_mib=self.memory_mib or 0,
             cpu=self.cpu or 0.0,

@@ -21,7 +21,7 @@ from corral.client._files import AsyncFiles
 from corral.client._hybrid import hybridmethod
 from corral.client._listing import list_request
 from corral.client._models import Limits, MetricPoint, SandboxInfo
-from corral.errors import InvalidRequest, NotFound
+from corral.errors import InvalidRequest, NotFound, SandboxNotRunning
 from corral.v1 import sandbox_pb2 as pb
 
 MetricsRange = Literal["10m", "2h", "24h"]
@@ -221,9 +221,15 @@ class AsyncSandbox:
         `await AsyncSandbox.kill(sandbox_id)` kills one by id (as E2B's SDK does): True
         if it ran, False if it was already killed or is not your team's.
         """
-        await self._connection.call(
-            self._connection.rpc.kill, pb.KillRequest(sandbox_id=self.sandbox_id)
-        )
+        try:
+            await self._connection.call(
+                self._connection.rpc.kill, pb.KillRequest(sandbox_id=self.sandbox_id)
+            )
+        except SandboxNotRunning:
+            # Killed already (by us, its timeout, or another client): done, as asked. Any
+            # other state that refuses a kill (still creating) is the caller's to know.
+            if (await self.get_info()).state not in ("killed", "failed"):
+                raise
 
     kill = hybridmethod(_kill, kill_by_id)
 
