@@ -1,8 +1,8 @@
 """The guest agent that runs inside every sandbox, and the host's connection to it.
 
-``agent.py`` and ``protocol.py`` are copied into each sandbox (`AGENT_FILES`, from
-`agent_source_dir`) and run there with the sandbox's own Python, standard library only.
-The host talks to the agent through `GuestConnection`.
+``agent.py``, the modules it imports and ``protocol.py`` are copied into each sandbox
+(`AGENT_FILES`, from `agent_source_dir`) and run there with the sandbox's own Python,
+standard library only. The host talks to the agent through `GuestConnection`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ from corral.guest.client import (
     ProcessInfo,
 )
 
-AGENT_FILES = ("agent.py", "protocol.py")
+# Every file the agent imports: a sandbox has these and the standard library, nothing else.
+AGENT_FILES = (
+    "agent.py",
+    "agent_channels.py",
+    "agent_command.py",
+    "agent_exec.py",
+    "agent_files.py",
+    "agent_move.py",
+    "protocol.py",
+)
 
 
 def agent_source_dir() -> Path:

@@ -1,6 +1,6 @@
 """Put the guest agent where every sandbox can read it.
 
-The agent's two files are copied once per process into ``<runtime_dir>/guest/<digest>``
+The agent's files (`AGENT_FILES`) are copied once per process into ``<runtime_dir>/guest/<digest>``
 (world-readable, so sandboxes running as unprivileged host uids can read it even when
 Corral itself is installed under /root) and byte-compiled with the interpreter that will
 run them, so the agent starts without compiling anything.
