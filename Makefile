@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
 	@echo "make test   - set up, then run the whole test suite"
-	@echo "make lint   - ruff, mypy (strict), and a check that the generated API code is fresh"
+	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
 	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
 	@echo "make proto  - regenerate src/corral/v1/ from proto/corral/v1/*.proto"
 
@@ -45,6 +45,7 @@ lint: python-env
 	@$(UV) run --frozen ruff check src tests benchmarks scripts && \
 	$(UV) run --frozen ruff format --check src tests benchmarks scripts && \
 	$(UV) run --frozen mypy && \
+	$(UV) run --frozen lint-imports --no-logo --no-cache && \
 	$(UV) run --frozen python scripts/protogen.py --check
 
 # Pinned generators (dev dependencies): protoc from grpcio-tools, protoc-gen-connect-python.
@@ -66,4 +67,4 @@ run: setup
 	@$(UV) run --frozen corral server --demo
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache

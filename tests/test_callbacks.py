@@ -22,7 +22,8 @@ import pytest
 
 from corral.config import Settings
 from corral.jobs.callback_policy import CallbackPolicy
-from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher, sign, verify
+from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher
+from corral.jobs.signing import sign, verify
 from corral.store import Store, Team
 from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, NewEvent
 from tests.conftest import new_job_row

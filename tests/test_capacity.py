@@ -22,7 +22,7 @@ from corral.config import Settings
 from corral.errors import CapacityExceeded
 from corral.isolation import Engine, Limits
 from corral.isolation.engine import new_sandbox_id
-from corral.isolation.limits import host_memory_mib
+from corral.limits import host_memory_mib
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.options import STATES
 from corral.store import Store

@@ -24,11 +24,11 @@ from connectrpc.code import Code
 
 from corral.config import Settings
 from corral.isolation import Engine
-from corral.isolation.limits import host_memory_mib
 from corral.jobs import worker as worker_module
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
+from corral.limits import host_memory_mib
 from corral.store import Store, Team
 from corral.store.jobs import JobRow
 from corral.v1 import jobs_pb2 as pb

@@ -25,7 +25,8 @@ from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 
 from corral.config import Settings
-from corral.jobs.callbacks import INTERNAL_FAILED, verify
+from corral.jobs.callbacks import INTERNAL_FAILED
+from corral.jobs.signing import verify
 from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
 from tests.conftest import LiveServer, LiveWorker, start_server, start_worker

@@ -28,9 +28,9 @@ from corral.client import Limits as ClientLimits
 from corral.config import Settings
 from corral.errors import CapacityExceeded, InvalidRequest, QuotaExceeded
 from corral.isolation import Engine, Entrypoint, Limits
-from corral.isolation.limits import host_memory_mib
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
+from corral.limits import host_memory_mib
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.pool import WarmPool
 from corral.store import SandboxRow, Store, Team

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from corral.isolation.limits import MIB, Limits
+from corral.limits import MIB, Limits
 from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")

@@ -65,6 +65,9 @@ def parser() -> Parser:
 
 def server(args: argparse.Namespace) -> int:
     """Run the API server in the foreground (Ctrl-C stops it; twice forces)."""
+    import functools
+
+    from corral.cli.demo import show
     from corral.config import Settings
     from corral.server import serve
 
@@ -80,7 +83,9 @@ def server(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    return serve(Settings.from_env(None, **overrides), demo=args.demo)
+    settings = Settings.from_env(None, **overrides)
+    demo = functools.partial(show, settings.data_dir / "default.key") if args.demo else None
+    return serve(settings, companion=demo)
 
 
 def worker(args: argparse.Namespace) -> int:

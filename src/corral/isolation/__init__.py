@@ -6,9 +6,9 @@ Tiers (`Backend` subclasses, chosen by name or `auto`): `namespace` (bubblewrap)
 
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec, SeedFile
 from corral.isolation.engine import Engine
-from corral.isolation.limits import Limits
 from corral.isolation.registry import capabilities
 from corral.isolation.sandbox import Command, CommandResult, Sandbox, SandboxState, Usage
+from corral.limits import Limits
 
 __all__ = [
     "Backend",

@@ -29,7 +29,7 @@ from pathlib import Path
 from corral.config import Settings
 from corral.errors import CapacityExceeded, InvalidRequest
 from corral.isolation.footprint import process_alive, process_start_time, try_lock
-from corral.isolation.limits import host_memory_mib
+from corral.limits import host_memory_mib
 
 # Another process holds the ledger's lock only for a listing and a file creation (tens of
 # microseconds): look again this often rather than block the event loop on it, and give up

@@ -17,7 +17,7 @@ from typing import ClassVar
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation.footprint import Footprint
-from corral.isolation.limits import Limits
+from corral.limits import Limits
 
 NETWORK_POLICIES = ("none",)
 # A command's timeout is a day at most: the guest agent waits in poll(), whose timeout is

@@ -34,9 +34,9 @@ from corral.isolation.admission import MemoryCapacity, MemoryLedger
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint, orphans
-from corral.isolation.limits import Limits
 from corral.isolation.sandbox import Sandbox, SandboxState
 from corral.isolation.templates import get_template
+from corral.limits import Limits
 
 log = logging.getLogger("corral.isolation")
 

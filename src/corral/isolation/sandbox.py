@@ -38,7 +38,7 @@ from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupU
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
-from corral.isolation.limits import MIB, Limits
+from corral.limits import MIB, Limits
 
 log = logging.getLogger("corral.isolation")
 

@@ -7,16 +7,15 @@ reply never came) stays pending and is sent again once its claim's hold runs out
 receiver dedupes on `X-Corral-Delivery` and orders on the payload's `seq`.
 
 Each request carries `X-Corral-Signature: t=<unix time>,v1=<hex HMAC-SHA256>` over
-`"<t>." + body`, keyed with the job's callback secret; `verify` checks it on the
-receiving side. No API key or token is ever sent: the secret proves the sender.
+`"<t>." + body`, keyed with the job's callback secret (`corral.jobs.signing`, which also
+holds the receiver's `verify`). No API key or token is ever sent: the secret proves the
+sender.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import hmac
 import json
 import logging
 import ssl
@@ -31,62 +30,12 @@ import httpx
 from corral import __version__
 from corral.errors import CallbackRefused
 from corral.jobs.callback_policy import CallbackPolicy, CallbackTarget, destination
+from corral.jobs.signing import sign
 from corral.store.jobs import CALLBACK_ATTEMPTS, CallbackRow, JobStore
 
-__all__ = ["INTERNAL_FAILED", "REFUSED", "CallbackDispatcher", "sign", "verify"]
+__all__ = ["INTERNAL_FAILED", "REFUSED", "CallbackDispatcher"]
 
 log = logging.getLogger("corral.jobs.callbacks")
-
-
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """The `X-Corral-Signature` value for `body` sent at `timestamp` (Unix seconds)."""
-    return f"t={timestamp},v1={_digest(secret, body, timestamp)}"
-
-
-def verify(
-    secret: str, header: str, body: bytes, *, tolerance: float = 300, now: float | None = None
-) -> bool:
-    """Whether `header` is a signature of `body` by `secret`, made within `tolerance`
-    seconds of `now` (default: the current time). A receiver checks every POST:
-
-        body = request.body()                       # the raw bytes, before parsing
-        header = request.headers.get("X-Corral-Signature", "")
-        if not verify(secret, header, body):
-            return Response(status=400)             # forged, tampered with or replayed
-        event = json.loads(body)                    # dedupe on X-Corral-Delivery
-
-    Several `v1=` entries are allowed (any one matching is enough); a malformed header
-    is simply not a valid signature.
-    """
-    timestamp: int | None = None
-    signatures = []
-    for part in header.split(","):
-        key, sep, value = part.strip().partition("=")
-        if not sep:
-            return False
-        if key == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                return False
-        elif key == "v1":
-            signatures.append(value)
-    if timestamp is None or not signatures:
-        return False
-    current = time.time() if now is None else now
-    # A signature from too far in the past (or future) may be a captured request replayed.
-    if abs(current - timestamp) > tolerance:
-        return False
-    expected = _digest(secret, body, timestamp).encode()
-    # Every candidate is compared, so timing does not reveal which (if any) matched; as
-    # bytes, because compare_digest refuses str with non-ASCII characters.
-    matches = [hmac.compare_digest(expected, s.encode()) for s in signatures]
-    return any(matches)
-
-
-def _digest(secret: str, body: bytes, timestamp: int) -> str:
-    signed = f"{timestamp}.".encode() + body
-    return hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
 # What the tenant sees (the job's callback last_error) for a refused URL, and for any

@@ -23,10 +23,10 @@ from typing import Protocol, TypeVar
 from corral.config import Settings
 from corral.errors import CapacityExceeded, InvalidRequest, IsolationUnavailable, NotFound
 from corral.isolation.admission import MemoryCapacity
-from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
 from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.spec import JobSpec, check_labels
+from corral.limits import Limits
 from corral.store import Store, Team
 from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
 from corral.store.pages import check_page_size

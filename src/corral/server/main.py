@@ -16,8 +16,9 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -30,6 +31,9 @@ from corral.server.app import CorralApp
 log = logging.getLogger("corral.server")
 
 EXIT_FORCED = 130
+# A client run beside the server (`corral server --demo`), given the server's URL; it is
+# cancelled when the server stops.
+Companion = Callable[[str], Coroutine[Any, Any, None]]
 # A signal this soon after the first is the same one arriving twice (a terminal's Ctrl-C
 # reaches `uv run` and its child; `timeout` signals its whole group), not a second one.
 _SAME_SIGNAL = 0.5
@@ -85,19 +89,19 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def _run(server: _Server, sock: socket.socket, app: CorralApp, demo: bool) -> None:
+async def _run(
+    server: _Server, sock: socket.socket, app: CorralApp, companion: Companion | None
+) -> None:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    showing = None
-    if demo:
-        from corral.server.demo import show
-
+    beside = None
+    if companion is not None:
         url = local_url(app.settings.host, app.settings.port)
-        showing = asyncio.create_task(show(server, app, url))
+        beside = asyncio.create_task(companion(url))
     await serving
-    await stop_tasks(showing)
+    await stop_tasks(beside)
 
 
-def serve(settings: Settings, *, demo: bool = False) -> int:
+def serve(settings: Settings, *, companion: Companion | None = None) -> int:
     """Run the API server until a signal; the process's exit code."""
     logs.configure(settings.log_level)
     sock = bind(settings.host, settings.port)
@@ -112,7 +116,7 @@ def serve(settings: Settings, *, demo: bool = False) -> int:
     )
     server = _Server(config)
     log.info("listening", extra={"url": local_url(settings.host, settings.port)})
-    asyncio.run(_run(server, sock, app, demo))
+    asyncio.run(_run(server, sock, app, companion))
     if server.force_exit:
         log.warning("forced exit: sandboxes die with this process")
         logging.shutdown()

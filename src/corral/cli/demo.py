@@ -1,21 +1,21 @@
 """`corral server --demo` (what `make run` runs): once the server answers, a first command
-in a sandbox through the API, as any client would make it, and what to try next."""
+in a sandbox through the API, as any client would make it, and what to try next.
+
+A client like the rest of the CLI: the server runs it beside itself (`serve`'s
+`companion`) and knows nothing of it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
+from pathlib import Path
 
 import httpx
-import uvicorn
 
 from corral.client import AsyncSandbox
 from corral.errors import CorralError
-from corral.server.app import CorralApp
-
-log = logging.getLogger("corral.server")
 
 _COMMAND = 'echo "hello from $(hostname) as $(id -un), pid $$"; uname -sr'
 
@@ -24,28 +24,29 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def _wait_healthy(server: uvicorn.Server, url: str) -> bool:
+async def _wait_healthy(url: str) -> None:
+    # Until it answers; if the server never does, it stops and cancels this wait.
     async with httpx.AsyncClient(timeout=2) as http:
-        while not server.should_exit:
-            if server.started:
-                try:
-                    if (await http.get(f"{url}/healthz")).status_code == 200:
-                        return True
-                except httpx.HTTPError:
-                    pass
+        while True:
+            try:
+                if (await http.get(f"{url}/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
             await asyncio.sleep(0.05)
-    return False
 
 
-async def show(server: uvicorn.Server, app: CorralApp, url: str) -> None:
-    if not await _wait_healthy(server, url):
-        return
+async def show(key_file: Path, url: str) -> None:
+    """Wait for the server at `url`, run a first command there with the default team's
+    API key (which the server writes to `key_file` as it starts), say what to try next."""
+    await _wait_healthy(url)
+    api_key = key_file.read_text().strip()
     _say(f"corral server is up at {url} (Ctrl-C stops it)")
-    _say(f"the default team's API key is in {app.settings.data_dir / 'default.key'}")
+    _say(f"the default team's API key is in {key_file}")
     _say(f"running a first command in a sandbox through the API:  sh -c '{_COMMAND}'")
     started = time.perf_counter()
     try:
-        async with await AsyncSandbox.create(server=url, api_key=app.default_key) as sbx:
+        async with await AsyncSandbox.create(server=url, api_key=api_key) as sbx:
             result = await sbx.commands.run(
                 _COMMAND, on_stdout=lambda text: _say(text.rstrip("\n")), timeout=30
             )
@@ -65,7 +66,7 @@ async def show(server: uvicorn.Server, app: CorralApp, url: str) -> None:
     _say("  uv run corral sandbox list --output json")
     _say(
         f"  curl -H 'Content-Type: application/json' "
-        f'-H "Authorization: Bearer $(cat {app.settings.data_dir / "default.key"})" '
+        f'-H "Authorization: Bearer $(cat {key_file})" '
         f"-d '{{}}' {url}/corral.v1.SandboxService/List"
     )
     _say("  uv run python -c 'from corral import Sandbox; print(Sandbox.list())'")

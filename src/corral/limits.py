@@ -1,4 +1,8 @@
-"""Resource limits of one sandbox, validated before anything is created."""
+"""Resource limits of one sandbox, validated before anything is created.
+
+A policy object shared by the SDK's job specs, the services and every isolation tier, so
+it imports nothing of the engine: checking a spec's limits must not load cgroups.
+"""
 
 from __future__ import annotations
 
