@@ -91,7 +91,7 @@ class Engine:
         return self._cgroups or None
 
     def backend(self, name: str | None = None) -> Backend:
-        name = name or self.settings.isolation
+        name = name or self.settings.default_isolation
         if name not in self._backends:
             backend = registry.resolve(name, self.settings)
             self._backends[name] = self._backends[backend.name] = backend

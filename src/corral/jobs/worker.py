@@ -102,7 +102,7 @@ class Worker:
         self.signals = signals or JobSignals()
         self.concurrency = settings.job_workers if concurrency is None else concurrency
         self.policy = policy or Policy(
-            isolation=settings.isolation,
+            isolation=settings.default_isolation,
             timeout=settings.job_timeout,
             log_limit=settings.job_log_limit,
         )

@@ -70,7 +70,7 @@ class SandboxManager:
         self.engine = engine or Engine(settings)
         self.tick = tick
         self.metrics_interval = metrics_interval
-        self.pool = WarmPool(self.engine, pool_size, "host", settings.isolation)
+        self.pool = WarmPool(self.engine, pool_size, "host", settings.default_isolation)
         self._live = LiveSandboxes(store, self.engine, metrics_interval)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
