@@ -86,9 +86,9 @@ def server(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     """Run jobs from the server's store in this process, beside the server's own workers
     (Ctrl-C stops it: its running jobs go back to the queue)."""
+    from corral import logs
     from corral.config import Settings
     from corral.jobs.daemon import run_worker
-    from corral.server import logs
 
     overrides = {
         k: v
@@ -107,11 +107,13 @@ def worker(args: argparse.Namespace) -> int:
 def doctor(args: argparse.Namespace) -> None:
     """Say which isolation tiers this host offers, what is missing for the others, and how
     much memory it admits sandboxes to."""
+    from corral import logs
     from corral.config import Settings
     from corral.isolation import capabilities
     from corral.isolation.admission import MemoryCapacity
 
     settings = Settings.from_env()
+    logs.configure(settings.log_level)
     rows = []
     for name, caps in capabilities(settings).items():
         notes = caps.missing or [", ".join(f"{k}={v}" for k, v in caps.details.items())]

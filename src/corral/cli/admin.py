@@ -41,11 +41,14 @@ if TYPE_CHECKING:
 
 @contextmanager
 def _store(args: argparse.Namespace) -> Iterator[Any]:
+    from corral import logs
     from corral.config import Settings
     from corral.store import Store
 
     overrides = {} if args.data_dir is None else {"data_dir": args.data_dir}
-    store = Store.open(Settings.from_env(None, **overrides))
+    settings = Settings.from_env(None, **overrides)
+    logs.configure(settings.log_level)
+    store = Store.open(settings)
     # On stderr: a key printed on stdout's last line stays easy to capture in a script.
     err(f"store: {store.url}")
     try:

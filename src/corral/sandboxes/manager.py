@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
+from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import (
@@ -146,6 +147,7 @@ class SandboxManager:
             owner_pid=self._owner[1],
             owner_start=self._owner[2],
         )
+        logs.bind(sandbox_id=row.id)
         try:
             self.store.insert_sandbox(row)  # within the team's quotas, or QuotaExceeded
         except BaseException:
@@ -292,6 +294,7 @@ class SandboxManager:
     # -- lookups ------------------------------------------------------------------------
 
     def _owned(self, team: Team, sandbox_id: str) -> SandboxRow:
+        logs.bind(sandbox_id=sandbox_id if isinstance(sandbox_id, str) else None)
         row = self.store.sandbox(sandbox_id) if isinstance(sandbox_id, str) else None
         if row is None or row.team_id != team.id:
             raise NotFound(_not_found(sandbox_id))
@@ -299,6 +302,7 @@ class SandboxManager:
 
     def _entry(self, team: Team, sandbox_id: str) -> LiveSandbox:
         """The team's live sandbox, or the error that says why there is none."""
+        logs.bind(sandbox_id=sandbox_id)
         entry = self._live.get(sandbox_id)
         if entry is not None and entry.team_id == team.id:
             return entry

@@ -21,10 +21,10 @@ from types import FrameType
 
 import uvicorn
 
+from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
-from corral.server import logs
 from corral.server.app import CorralApp
 
 log = logging.getLogger("corral.server")
