@@ -109,4 +109,5 @@ def test_a_job_s_log_lines_carry_its_job_and_team(server: LiveServer) -> None:
         server.log, lambda line: line["msg"] == "job attempt ended" and line["job_id"] == job.id
     )
     assert ended["team_id"] == team_id
+    assert ended["sandbox_id"].startswith("s")  # the sandbox the job ran in
     assert "request_id" not in ended  # run by the worker, not within the submitting request

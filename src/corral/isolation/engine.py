@@ -107,7 +107,10 @@ class Engine:
                     cgroup.destroy()
             fp.release()
             count += 1
-            log.info("reaped sandbox %s left by dead process %d", fp.id, fp.owner_pid)
+            log.info(
+                "reaped sandbox left by a dead process",
+                extra={"sandbox_id": fp.id, "owner_pid": fp.owner_pid},
+            )
         return count
 
     def start_reaper(self) -> None:
@@ -281,7 +284,10 @@ class Engine:
         results = await asyncio.gather(*(s.destroy() for s in live), return_exceptions=True)
         for sandbox, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
-                log.error("could not destroy sandbox %s: %s", sandbox.id, result)
+                log.error(
+                    "could not destroy sandbox",
+                    extra={"sandbox_id": sandbox.id, "error": str(result)},
+                )
         backends = {id(b): b for b in self._backends.values()}.values()
         self._backends.clear()
         for backend in backends:

@@ -103,7 +103,10 @@ class SandboxManager:
             live, await asyncio.gather(*ends, return_exceptions=True), strict=True
         ):
             if isinstance(result, Exception):
-                log.error("could not end sandbox %s at shutdown: %r", entry.id, result)
+                log.error(
+                    "could not end sandbox at shutdown",
+                    extra={"sandbox_id": entry.id, "error": repr(result)},
+                )
         await self.pool.aclose()
         if self._own_engine:
             await self.engine.aclose()
