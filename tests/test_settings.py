@@ -95,6 +95,25 @@ def test_no_cli_option_reuses_a_server_setting_s_variable() -> None:
     assert ((("run",), "CORRAL_ISOLATION")) in _cli_variables()
 
 
+def test_the_options_of_local_commands_are_settings_read_by_settings(tmp_path: Path) -> None:
+    server_variables = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+    local = [(p, v) for p, v in _cli_variables() if p[:1] and p[0] in _LOCAL_COMMANDS]
+    # CORRAL_OUTPUT (table or json) is how the CLI prints, for every command alike.
+    strays = [(p, v) for p, v in local if v not in server_variables and v != "CORRAL_OUTPUT"]
+    assert len(local) > 1 and strays == []
+    # Read and checked once, by Settings: a bad value names its variable.
+    env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path), "CORRAL_JOB_WORKERS": "-1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "CORRAL_JOB_WORKERS='-1' is negative: use 0 or more" in done.stderr
+
+
 def test_corral_isolation_is_the_cli_s_and_the_server_default_has_its_own() -> None:
     settings = Settings.from_env({"CORRAL_ISOLATION": "process"})
     assert settings.default_isolation == "auto"

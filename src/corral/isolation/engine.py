@@ -62,8 +62,8 @@ class Spares(Protocol):
 class Engine:
     """Creates and tracks the sandboxes of this process; cleans up after dead ones."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings.from_env()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings  # built by the entry point: the engine reads no environment
         self.sandboxes: dict[str, Sandbox] = {}
         self._backends: dict[str, Backend] = {}
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
