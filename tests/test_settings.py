@@ -121,6 +121,25 @@ def test_corral_isolation_is_the_cli_s_and_the_server_default_has_its_own() -> N
     assert settings.default_isolation == "namespace"
 
 
+def test_a_worker_started_with_the_old_variable_says_which_one_to_set(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(tmp_path),
+        "CORRAL_ISOLATION": "process",
+        "CORRAL_LOG_LEVEL": "none",  # so that it stops right after the note
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "CORRAL_ISOLATION=process only sets the tier `corral run`" in done.stderr
+    assert "set CORRAL_DEFAULT_ISOLATION" in done.stderr
+
+
 # -- the database URL -------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from corral.cli._common import (
     print_table,
     setting_option,
     settings_from,
+    warn,
     whole,
 )
 
@@ -69,6 +70,7 @@ def server(args: argparse.Namespace) -> int:
     """Run the API server in the foreground (Ctrl-C stops it; twice forces)."""
     from corral.server import serve
 
+    _note_old_isolation()
     return serve(settings_from(args), demo=args.demo)
 
 
@@ -78,9 +80,22 @@ def worker(args: argparse.Namespace) -> int:
     from corral import logs
     from corral.jobs.daemon import run_worker
 
+    _note_old_isolation()
     settings = settings_from(args)
     logs.configure(settings.log_level)
     return run_worker(settings)
+
+
+def _note_old_isolation() -> None:
+    """Tell an operator who set CORRAL_ISOLATION for a server or worker (its meaning there
+    until it became the CLI's alone) which variable sets that default now."""
+    old = os.environ.get("CORRAL_ISOLATION")
+    if old and "CORRAL_DEFAULT_ISOLATION" not in os.environ:
+        warn(
+            "note:",
+            f"CORRAL_ISOLATION={old} only sets the tier `corral run` and `sandbox create` ask "
+            "for; set CORRAL_DEFAULT_ISOLATION for this process's default tier (auto)",
+        )
 
 
 def doctor(args: argparse.Namespace) -> None:
