@@ -16,6 +16,18 @@ import pytest
 from corral.config import ENV_PREFIX, Settings
 from corral.errors import InvalidRequest
 
+
+def corral_here(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A `corral` command that runs Corral here (server, worker, admin) on `data_dir`."""
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", *args],
+        env={**os.environ, "CORRAL_DATA_DIR": str(data_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 # A value of each type a setting can have, as the environment spells it, and as parsed.
 _SAMPLES: dict[str, tuple[str, Any]] = {
     "Path": ("/x/y", Path("/x/y")),
@@ -102,14 +114,7 @@ def test_the_options_of_local_commands_are_settings_read_by_settings(tmp_path: P
     strays = [(p, v) for p, v in local if v not in server_variables and v != "CORRAL_OUTPUT"]
     assert len(local) > 1 and strays == []
     # Read and checked once, by Settings: a bad value names its variable.
-    env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path), "CORRAL_JOB_WORKERS": "-1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "worker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = corral_here(tmp_path, "worker", CORRAL_JOB_WORKERS="-1")
     assert done.returncode == 2
     assert "CORRAL_JOB_WORKERS='-1' is negative: use 0 or more" in done.stderr
 
@@ -122,19 +127,8 @@ def test_corral_isolation_is_the_cli_s_and_the_server_default_has_its_own() -> N
 
 
 def test_a_worker_started_with_the_old_variable_says_which_one_to_set(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "CORRAL_DATA_DIR": str(tmp_path),
-        "CORRAL_ISOLATION": "process",
-        "CORRAL_LOG_LEVEL": "none",  # so that it stops right after the note
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "worker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # A bad log level stops it right after the note.
+    done = corral_here(tmp_path, "worker", CORRAL_ISOLATION="process", CORRAL_LOG_LEVEL="none")
     assert done.returncode == 2
     assert "CORRAL_ISOLATION=process only sets the tier `corral run`" in done.stderr
     assert "set CORRAL_DEFAULT_ISOLATION" in done.stderr
@@ -188,17 +182,7 @@ def test_a_database_url_the_store_cannot_use_is_refused_clearly(
 
 
 def test_corral_admin_says_what_is_wrong_with_the_database_url(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "CORRAL_DATA_DIR": str(tmp_path),
-        "CORRAL_DATABASE_URL": "postgresql://db.example/corral",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "admin", "team", "list"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    url = "postgresql://db.example/corral"
+    done = corral_here(tmp_path, "admin", "team", "list", CORRAL_DATABASE_URL=url)
     assert done.returncode == 2
     assert "CORRAL_DATABASE_URL='postgresql://db.example/corral' needs" in done.stderr

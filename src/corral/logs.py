@@ -23,47 +23,32 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import IO, Any
+from typing import IO, Any, TypedDict, Unpack
 
 from corral.config import LOG_LEVELS
 
 # The ids of the work being done, by field name; replaced, never mutated, so that a task
 # started for the work keeps what was bound when it started.
-_ids: ContextVar[Mapping[str, str]] = ContextVar("corral_log_ids", default=MappingProxyType({}))
+_ids: ContextVar[Mapping[str, object]] = ContextVar("corral_log_ids", default=MappingProxyType({}))
 
 
-def start(
-    *,
-    request_id: str | None = None,
-    team_id: str | None = None,
-    sandbox_id: str | None = None,
-    job_id: str | None = None,
-) -> None:
+class Ids(TypedDict, total=False):
+    """The ids a log line can carry from its context."""
+
+    request_id: str
+    team_id: str
+    sandbox_id: str
+    job_id: str
+
+
+def start(**ids: Unpack[Ids]) -> None:
     """New work begins in this task: forget the ids of earlier work, bind these."""
-    _ids.set(MappingProxyType({}))
-    bind(request_id=request_id, team_id=team_id, sandbox_id=sandbox_id, job_id=job_id)
+    _ids.set(MappingProxyType(dict(ids)))
 
 
-def bind(
-    *,
-    request_id: str | None = None,
-    team_id: str | None = None,
-    sandbox_id: str | None = None,
-    job_id: str | None = None,
-) -> None:
-    """Add ids to the current work's (a None leaves that id as it was)."""
-    given = {
-        "request_id": request_id,
-        "team_id": team_id,
-        "sandbox_id": sandbox_id,
-        "job_id": job_id,
-    }
-    _ids.set({**_ids.get(), **{k: v for k, v in given.items() if v is not None}})
-
-
-def bound() -> dict[str, str]:
-    """The ids bound to the current work."""
-    return dict(_ids.get())
+def bind(**ids: Unpack[Ids]) -> None:
+    """Add ids to the current work's."""
+    _ids.set(MappingProxyType({**_ids.get(), **ids}))
 
 
 def new_request_id() -> str:

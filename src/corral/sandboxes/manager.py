@@ -297,10 +297,10 @@ class SandboxManager:
     # -- lookups ------------------------------------------------------------------------
 
     def _owned(self, team: Team, sandbox_id: str) -> SandboxRow:
-        logs.bind(sandbox_id=sandbox_id if isinstance(sandbox_id, str) else None)
         row = self.store.sandbox(sandbox_id) if isinstance(sandbox_id, str) else None
         if row is None or row.team_id != team.id:
             raise NotFound(_not_found(sandbox_id))
+        logs.bind(sandbox_id=row.id)
         return row
 
     def _entry(self, team: Team, sandbox_id: str) -> LiveSandbox:
