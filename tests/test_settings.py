@@ -57,6 +57,7 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
         ("CORRAL_MEMORY_OVERCOMMIT", "nan", "is not a number"),
         ("CORRAL_LOG_LEVEL", "loud", "CORRAL_LOG_LEVEL='loud' is unknown: use debug, info"),
         ("CORRAL_DATABASE_URL", "corral.db", "is not a database URL: use e.g. sqlite:"),
+        ("CORRAL_DATABASE_URL", "me:secret@db/corral", r"URL='…@db/corral' is not a database"),
     ],
 )
 def test_a_bad_value_names_its_variable_and_what_to_use(var: str, value: str, message: str) -> None:

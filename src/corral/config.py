@@ -163,7 +163,8 @@ def check_database_url(url: str) -> None:
     scheme, sep, _ = url.partition("://")
     dialect = scheme.partition("+")[0]
     if not sep or not dialect or not dialect.replace("_", "").isalnum():
+        shown = "…@" + url.rpartition("@")[2] if "@" in url else url  # never a password
         raise InvalidRequest(
-            f"CORRAL_DATABASE_URL={url!r} is not a database URL: use e.g. "
+            f"CORRAL_DATABASE_URL={shown!r} is not a database URL: use e.g. "
             "sqlite:////var/lib/corral/corral.db, or leave it empty for SQLite in the data dir"
         )
