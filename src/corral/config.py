@@ -16,6 +16,7 @@ from typing import Any
 from corral.errors import InvalidRequest
 
 ENV_PREFIX = "CORRAL_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _default_data_dir() -> Path:
@@ -43,10 +44,14 @@ class Settings:
     data_dir: Path = field(default_factory=_default_data_dir)
     # Per-sandbox directories, mounts and state files live here; the reaper scans it.
     runtime_dir: Path = field(default_factory=_default_runtime_dir)
-    # Isolation tier used when a request says "auto" or nothing.
-    isolation: str = "auto"
+    # The isolation tier of this server's or worker's warm pools and of the jobs that name
+    # none (`auto`: the strongest the host offers). Not CORRAL_ISOLATION: that one is the
+    # CLI's, the tier `corral run` and `corral sandbox create` ask for.
+    default_isolation: str = "auto"
     # The `process` backend runs code with no isolation at all: only for development.
     allow_process_backend: bool = False
+    # The store: any SQLAlchemy URL; empty means SQLite at <data_dir>/corral.db.
+    database_url: str = ""
     # Sandboxes' cgroups go under this name in every hierarchy (v1) or the unified tree (v2).
     cgroup_parent: str = "corral"
     # When Corral runs as root, each sandbox runs as its own unprivileged host uid taken
@@ -103,7 +108,18 @@ class Settings:
             if raw is not None:
                 values[f.name] = _parse(f.name, str(f.type), raw)
         values.update(overrides)
-        return cls(**values)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values no entry point could use, naming the variable to fix."""
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise InvalidRequest(
+                f"CORRAL_LOG_LEVEL={self.log_level!r} is unknown: use {', '.join(LOG_LEVELS)}"
+            )
+        if self.database_url:
+            check_database_url(self.database_url)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -119,9 +135,12 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
         raise InvalidRequest(f"{var}={raw!r} is not a boolean; use 1 or 0")
     if type_name == "int":
         try:
-            return int(raw)
+            number = int(raw)
         except ValueError:
             raise InvalidRequest(f"{var}={raw!r} is not an integer") from None
+        if number < 0:  # every count, size, port and duration here is 0 or more
+            raise InvalidRequest(f"{var}={raw!r} is negative: use 0 or more")
+        return number
     if type_name == "float":
         try:
             value = float(raw)
@@ -133,3 +152,19 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
     if type_name == "Path":
         return Path(raw)
     return raw
+
+
+def check_database_url(url: str) -> None:
+    """A URL of the form SQLAlchemy takes (`dialect[+driver]://…`), or InvalidRequest.
+
+    Only the form: whether the dialect and its driver exist is the store's to say when it
+    opens the database (config stays free of SQLAlchemy).
+    """
+    scheme, sep, _ = url.partition("://")
+    dialect = scheme.partition("+")[0]
+    if not sep or not dialect or not dialect.replace("_", "").isalnum():
+        shown = "…@" + url.rpartition("@")[2] if "@" in url else url  # never a password
+        raise InvalidRequest(
+            f"CORRAL_DATABASE_URL={shown!r} is not a database URL: use e.g. "
+            "sqlite:////var/lib/corral/corral.db, or leave it empty for SQLite in the data dir"
+        )

@@ -24,6 +24,9 @@ from corral.cli._common import (
     err,
     fail,
     print_table,
+    setting_option,
+    settings_from,
+    warn,
     whole,
 )
 
@@ -68,22 +71,10 @@ def server(args: argparse.Namespace) -> int:
     import functools
 
     from corral.cli.demo import show
-    from corral.config import Settings
     from corral.server import serve
 
-    overrides = {
-        k: v
-        for k, v in {
-            "host": args.host,
-            "port": args.port,
-            "data_dir": args.data_dir,
-            "pool_size": args.pool_size,
-            "log_level": args.log_level,
-            "job_workers": args.workers,
-        }.items()
-        if v is not None
-    }
-    settings = Settings.from_env(None, **overrides)
+    _note_old_isolation()
+    settings = settings_from(args)
     demo = functools.partial(show, settings.data_dir / "default.key") if args.demo else None
     return serve(settings, companion=demo)
 
@@ -91,32 +82,36 @@ def server(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     """Run jobs from the server's store in this process, beside the server's own workers
     (Ctrl-C stops it: its running jobs go back to the queue)."""
-    from corral.config import Settings
+    from corral import logs
     from corral.jobs.daemon import run_worker
-    from corral.server import logs
 
-    overrides = {
-        k: v
-        for k, v in {
-            "data_dir": args.data_dir,
-            "job_workers": args.workers,
-            "log_level": args.log_level,
-        }.items()
-        if v is not None
-    }
-    settings = Settings.from_env(None, **overrides)
+    _note_old_isolation()
+    settings = settings_from(args)
     logs.configure(settings.log_level)
     return run_worker(settings)
+
+
+def _note_old_isolation() -> None:
+    """Tell an operator who set CORRAL_ISOLATION for a server or worker (its meaning there
+    until it became the CLI's alone) which variable sets that default now."""
+    old = os.environ.get("CORRAL_ISOLATION")
+    if old and "CORRAL_DEFAULT_ISOLATION" not in os.environ:
+        warn(
+            "note:",
+            f"CORRAL_ISOLATION={old} only sets the tier `corral run` and `sandbox create` ask "
+            "for; set CORRAL_DEFAULT_ISOLATION for this process's default tier (auto)",
+        )
 
 
 def doctor(args: argparse.Namespace) -> None:
     """Say which isolation tiers this host offers, what is missing for the others, and how
     much memory it admits sandboxes to."""
-    from corral.config import Settings
+    from corral import logs
     from corral.isolation import capabilities
     from corral.isolation.admission import MemoryCapacity
 
-    settings = Settings.from_env()
+    settings = settings_from(args)
+    logs.configure(settings.log_level)
     rows = []
     for name, caps in capabilities(settings).items():
         notes = caps.missing or [", ".join(f"{k}={v}" for k, v in caps.details.items())]
@@ -131,15 +126,17 @@ def doctor(args: argparse.Namespace) -> None:
 
 def _add_server_commands(commands: Commands) -> None:
     p = command(commands, "server", server)
-    env_option(p, "--host", env="CORRAL_HOST", help="address to listen on")
-    env_option(p, "--port", env="CORRAL_PORT", type=whole(0), help="port to listen on")
-    env_option(p, "--data-dir", env="CORRAL_DATA_DIR", type=Path, help="the store and default key")
-    env_option(p, "--pool-size", env="CORRAL_POOL_SIZE", type=whole(0), help="sandboxes kept ready")
-    env_option(p, "--log-level", env="CORRAL_LOG_LEVEL", help="debug, info, warning or error")
-    env_option(
+    setting_option(p, "--host", setting="host", help="address to listen on")
+    setting_option(p, "--port", setting="port", type=whole(0), help="port to listen on")
+    setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store and default key")
+    setting_option(
+        p, "--pool-size", setting="pool_size", type=whole(0), help="sandboxes kept ready"
+    )
+    setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")
+    setting_option(
         p,
         "--workers",
-        env="CORRAL_JOB_WORKERS",
+        setting="job_workers",
         type=whole(0),
         help="jobs run at once in this process (0: none)",
     )
@@ -151,9 +148,9 @@ def _add_server_commands(commands: Commands) -> None:
     )
 
     p = command(commands, "worker", worker)
-    env_option(p, "--data-dir", env="CORRAL_DATA_DIR", type=Path, help="the store the server uses")
-    env_option(p, "--workers", env="CORRAL_JOB_WORKERS", type=whole(0), help="jobs run at once")
-    env_option(p, "--log-level", env="CORRAL_LOG_LEVEL", help="debug, info, warning or error")
+    setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store the server uses")
+    setting_option(p, "--workers", setting="job_workers", type=whole(0), help="jobs run at once")
+    setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")
 
     command(commands, "doctor", doctor)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from corral import errors
+    from corral.config import Settings
 
     # What a command group adds its subcommands to (`corral sandbox` → create, list, …).
     Commands = argparse._SubParsersAction["Parser"]
@@ -158,6 +159,28 @@ def env_option(
     """
     default = os.environ.get(env, kwargs.pop("default", None))
     parser.add_argument(*flags, default=default, help=f"{help} [env: {env}]", **kwargs)
+
+
+def setting_option(
+    parser: argparse.ArgumentParser, *flags: str, setting: str, help: str, **kwargs: Any
+) -> None:
+    """An option of a command that runs Corral here (server, worker, admin): it overrides
+    the `Settings` field `setting`, whose variable `Settings.from_env` reads (not argparse:
+    each variable is read, and checked, in one place)."""
+    variable = "CORRAL_" + setting.upper()
+    parser.add_argument(
+        *flags, dest=setting, default=None, help=f"{help} [env: {variable}]", **kwargs
+    )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The Settings of the environment, with the `setting_option`s given on the command line."""
+    from dataclasses import fields
+
+    from corral.config import Settings
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return Settings.from_env(None, **{k: v for k, v in given.items() if v is not None})
 
 
 def number(

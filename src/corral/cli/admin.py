@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 from corral.cli._common import (
     add_output,
     command,
-    env_option,
     err,
     group,
     number,
     out,
+    setting_option,
+    settings_from,
     show,
     usage_error,
     whole,
@@ -41,11 +42,12 @@ if TYPE_CHECKING:
 
 @contextmanager
 def _store(args: argparse.Namespace) -> Iterator[Any]:
-    from corral.config import Settings
+    from corral import logs
     from corral.store import Store
 
-    overrides = {} if args.data_dir is None else {"data_dir": args.data_dir}
-    store = Store.open(Settings.from_env(None, **overrides))
+    settings = settings_from(args)
+    logs.configure(settings.log_level)
+    store = Store.open(settings)
     # On stderr: a key printed on stdout's last line stays easy to capture in a script.
     err(f"store: {store.url}")
     try:
@@ -114,10 +116,10 @@ def add_commands(commands: Commands) -> None:
 
     def in_store(sub: Any, name: str, handler: Any) -> Parser:
         p = command(sub, name, handler)
-        env_option(
+        setting_option(
             p,
             "--data-dir",
-            env="CORRAL_DATA_DIR",
+            setting="data_dir",
             type=Path,
             help="the server's data directory (its store); default: the server's,"
             " /var/lib/corral as root, else ~/.local/share/corral",

@@ -62,8 +62,8 @@ class Spares(Protocol):
 class Engine:
     """Creates and tracks the sandboxes of this process; cleans up after dead ones."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings.from_env()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings  # built by the entry point: the engine reads no environment
         self.sandboxes: dict[str, Sandbox] = {}
         self._backends: dict[str, Backend] = {}
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
@@ -91,7 +91,7 @@ class Engine:
         return self._cgroups or None
 
     def backend(self, name: str | None = None) -> Backend:
-        name = name or self.settings.isolation
+        name = name or self.settings.default_isolation
         if name not in self._backends:
             backend = registry.resolve(name, self.settings)
             self._backends[name] = self._backends[backend.name] = backend
@@ -107,7 +107,10 @@ class Engine:
                     cgroup.destroy()
             fp.release()
             count += 1
-            log.info("reaped sandbox %s left by dead process %d", fp.id, fp.owner_pid)
+            log.info(
+                "reaped sandbox left by a dead process",
+                extra={"sandbox_id": fp.id, "owner_pid": fp.owner_pid},
+            )
         return count
 
     def start_reaper(self) -> None:
@@ -281,7 +284,10 @@ class Engine:
         results = await asyncio.gather(*(s.destroy() for s in live), return_exceptions=True)
         for sandbox, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
-                log.error("could not destroy sandbox %s: %s", sandbox.id, result)
+                log.error(
+                    "could not destroy sandbox",
+                    extra={"sandbox_id": sandbox.id, "error": str(result)},
+                )
         backends = {id(b): b for b in self._backends.values()}.values()
         self._backends.clear()
         for backend in backends:

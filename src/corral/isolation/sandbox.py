@@ -251,7 +251,10 @@ class Sandbox:
         """Keep the tail of the launcher's stderr for error messages; log it too."""
         while line := await stream.readline():
             self._stderr_tail = (self._stderr_tail + line)[-_STDERR_TAIL:]
-            log.debug("sandbox %s: %s", self.id, line.decode(errors="replace").rstrip())
+            log.debug(
+                "launcher said",
+                extra={"sandbox_id": self.id, "line": line.decode(errors="replace").rstrip()},
+            )
 
     async def _launcher_gone(self) -> None:
         if self._launcher is not None and self._launcher.returncode is None:
@@ -320,7 +323,10 @@ class Sandbox:
         try:
             await asyncio.wait_for(launcher.wait(), 2.0)
         except TimeoutError:
-            log.warning("sandbox %s: launcher %d did not exit; killing it", self.id, launcher.pid)
+            log.warning(
+                "launcher did not exit; killing it",
+                extra={"sandbox_id": self.id, "launcher_pid": launcher.pid},
+            )
 
     async def __aenter__(self) -> Sandbox:
         return self

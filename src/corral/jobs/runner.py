@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from corral import logs
 from corral.errors import CapacityExceeded, CorralError
 from corral.isolation import Entrypoint, Limits, Sandbox, SeedFile
 from corral.jobs.queue import JobSignals
@@ -176,6 +177,7 @@ class AttemptRunner:
                 return Outcome("no_room", str(exc))
             if sandbox is None:
                 return self._stopped(None, "while its sandbox started")
+            logs.bind(sandbox_id=sandbox.id)  # the job's later lines name its sandbox
             if sandbox.entry is None:
                 await self._place_files(sandbox)
             return await self._steps(sandbox, deadline)

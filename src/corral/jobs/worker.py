@@ -33,6 +33,7 @@ import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import CorralError
@@ -102,7 +103,7 @@ class Worker:
         self.signals = signals or JobSignals()
         self.concurrency = settings.job_workers if concurrency is None else concurrency
         self.policy = policy or Policy(
-            isolation=settings.isolation,
+            isolation=settings.default_isolation,
             timeout=settings.job_timeout,
             log_limit=settings.job_log_limit,
         )
@@ -256,6 +257,7 @@ class Worker:
         task.add_done_callback(self._runs.discard)
 
     async def _run(self, row: JobRow, stop: Stop) -> None:
+        logs.start(job_id=row.id, team_id=row.team_id)  # this task runs this job only
         attempt = Attempt(row.id, self.name, row.attempt)
         self.signals.changed(row.id)
         freed = False  # whether the attempt had (or may have had) a sandbox, now gone

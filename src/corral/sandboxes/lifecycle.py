@@ -176,7 +176,9 @@ class LiveSandboxes:
         results = await asyncio.gather(*(self._expire(e) for e in due), return_exceptions=True)
         for entry, result in zip(due, results, strict=True):
             if isinstance(result, Exception):
-                log.error("timer of sandbox %s failed: %r", entry.id, result)
+                log.error(
+                    "sandbox timer failed", extra={"sandbox_id": entry.id, "error": repr(result)}
+                )
         if time.monotonic() - self._activity_saved >= ACTIVITY_SAVE_INTERVAL:
             self.save_activity()
 
@@ -193,7 +195,10 @@ class LiveSandboxes:
                     await self.pause(entry, reason)
                     return
                 except CorralError as exc:  # e.g. a tier without a freezer: kill instead
-                    log.warning("could not pause idle sandbox %s: %s", entry.id, exc)
+                    log.warning(
+                        "could not pause idle sandbox",
+                        extra={"sandbox_id": entry.id, "error": str(exc)},
+                    )
                     reason = f"killed: idle for {entry.idle_timeout}s (could not pause: {exc})"
             await self._end_locked(entry, "killed", reason)
 
@@ -212,7 +217,9 @@ class LiveSandboxes:
                 try:
                     usage = entry.sandbox.usage()
                 except (CorralError, OSError) as exc:
-                    log.debug("no usage for sandbox %s: %s", entry.id, exc)
+                    log.debug(
+                        "no usage for sandbox", extra={"sandbox_id": entry.id, "error": str(exc)}
+                    )
                     continue
                 entry.rings.sample(usage, utc(time.time()), time.monotonic())
 

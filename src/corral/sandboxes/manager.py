@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
+from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import (
@@ -70,7 +71,7 @@ class SandboxManager:
         self.engine = engine or Engine(settings)
         self.tick = tick
         self.metrics_interval = metrics_interval
-        self.pool = WarmPool(self.engine, pool_size, "host", settings.isolation)
+        self.pool = WarmPool(self.engine, pool_size, "host", settings.default_isolation)
         self._live = LiveSandboxes(store, self.engine, metrics_interval)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -102,7 +103,10 @@ class SandboxManager:
             live, await asyncio.gather(*ends, return_exceptions=True), strict=True
         ):
             if isinstance(result, Exception):
-                log.error("could not end sandbox %s at shutdown: %r", entry.id, result)
+                log.error(
+                    "could not end sandbox at shutdown",
+                    extra={"sandbox_id": entry.id, "error": repr(result)},
+                )
         await self.pool.aclose()
         if self._own_engine:
             await self.engine.aclose()
@@ -146,6 +150,7 @@ class SandboxManager:
             owner_pid=self._owner[1],
             owner_start=self._owner[2],
         )
+        logs.bind(sandbox_id=row.id)
         try:
             self.store.insert_sandbox(row)  # within the team's quotas, or QuotaExceeded
         except BaseException:
@@ -295,10 +300,12 @@ class SandboxManager:
         row = self.store.sandbox(sandbox_id) if isinstance(sandbox_id, str) else None
         if row is None or row.team_id != team.id:
             raise NotFound(_not_found(sandbox_id))
+        logs.bind(sandbox_id=row.id)
         return row
 
     def _entry(self, team: Team, sandbox_id: str) -> LiveSandbox:
         """The team's live sandbox, or the error that says why there is none."""
+        logs.bind(sandbox_id=sandbox_id)
         entry = self._live.get(sandbox_id)
         if entry is not None and entry.team_id == team.id:
             return entry

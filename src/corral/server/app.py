@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from corral import __version__
+from corral import __version__, logs
 from corral._wire import to_connect
 from corral.config import Settings
 from corral.server import disconnect
@@ -121,6 +121,7 @@ class CorralApp:
             return
         if scope["type"] != "http":  # websockets: not spoken here
             return
+        logs.start(request_id=logs.new_request_id())
         path: str = scope["path"]
         if path.startswith(_API_PREFIXES) and _needs_trailers(scope):
             await _send_json(send, 415, _NO_GRPC)

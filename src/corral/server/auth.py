@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectrpc.request import RequestContext
 
+from corral import logs
 from corral.errors import Unauthenticated
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def authenticate_headers(store: Store, authorization: str) -> Team:
     _caller.set(None)
     team = store.authenticate(bearer_key(authorization))
     _caller.set(team)
+    logs.bind(team_id=team.id)
     return team
 
 
@@ -49,4 +51,6 @@ def authenticate(store: Store, ctx: RequestContext[Any, Any]) -> Team:
     team = _caller.get()
     if team is not None:
         return team
-    return store.authenticate(bearer_key(ctx.request_headers().get("authorization", "")))
+    team = store.authenticate(bearer_key(ctx.request_headers().get("authorization", "")))
+    logs.bind(team_id=team.id)
+    return team

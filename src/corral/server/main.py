@@ -22,10 +22,10 @@ from typing import Any
 
 import uvicorn
 
+from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
-from corral.server import logs
 from corral.server.app import CorralApp
 
 log = logging.getLogger("corral.server")

@@ -21,7 +21,8 @@ from typing import Any, Self
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from corral.config import Settings
+from corral.config import Settings, check_database_url
+from corral.errors import InvalidRequest
 
 log = logging.getLogger("corral.store")
 
@@ -59,6 +60,37 @@ def _sqlite_engine(url: str) -> sa.Engine:
     return db
 
 
+def _engine(url: str) -> sa.Engine:
+    """The SQLAlchemy engine of `url`; a URL it cannot use says what to do instead."""
+    check_database_url(url)
+    try:
+        dialect = sa.engine.make_url(url).get_backend_name()
+        if dialect == "sqlite":
+            return _sqlite_engine(url)
+        return sa.create_engine(url)
+    except sa.exc.NoSuchModuleError:
+        raise InvalidRequest(
+            f"CORRAL_DATABASE_URL={_shown(url)} names a database SQLAlchemy does not know: "
+            "use sqlite:///PATH (or postgresql://…, once its driver is installed)"
+        ) from None
+    except sa.exc.ArgumentError as exc:
+        raise InvalidRequest(f"CORRAL_DATABASE_URL={_shown(url)} is not usable: {exc}") from None
+    except ImportError as exc:  # the dialect's driver (e.g. psycopg) is not installed
+        raise InvalidRequest(
+            f"CORRAL_DATABASE_URL={_shown(url)} needs the Python package {exc.name!r}, which "
+            "is not installed; install it beside Corral, or leave CORRAL_DATABASE_URL empty "
+            "for SQLite in the data dir"
+        ) from None
+
+
+def _shown(url: str) -> str:
+    """The URL as a message may show it: without its password."""
+    try:
+        return repr(sa.engine.make_url(url).render_as_string(hide_password=True))
+    except sa.exc.ArgumentError:
+        return "(unparsable)"
+
+
 def migrate(conn: sa.Connection) -> None:
     """Bring the schema to the newest revision (a no-op when it is there already)."""
     from alembic import command
@@ -79,14 +111,16 @@ class Database:
 
     @classmethod
     def open(cls, settings: Settings, url: str | None = None) -> Self:
-        """Open (and create, and migrate) the store; `url` overrides the SQLite default."""
-        if url is None:
+        """Open (and create, and migrate) the store at `url`, else `settings.database_url`,
+        else SQLite in the data directory."""
+        url = url or settings.database_url
+        if not url:
             settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Created owner-only before SQLite opens it (its -wal and -shm files copy
             # the mode): it holds sandboxes' environments.
             os.close(os.open(settings.data_dir / "corral.db", os.O_RDWR | os.O_CREAT, 0o600))
             url = sqlite_url(settings)
-        db = _sqlite_engine(url) if url.startswith("sqlite") else sa.create_engine(url)
+        db = _engine(url)
         store = cls(db, settings)
         try:
             with store._write() as conn:
