@@ -71,7 +71,7 @@ class SandboxManager:
         self.tick = tick
         self.metrics_interval = metrics_interval
         self.pool = WarmPool(self.engine, pool_size, "host", settings.isolation)
-        self._live = LiveSandboxes(store, self.engine, metrics_interval)
+        self._live = LiveSandboxes(store, metrics_interval)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._owner = owner_identity()
@@ -199,12 +199,12 @@ class SandboxManager:
                 await self.engine.set_limits(pooled, options.limits)
                 return pooled, True
             except CapacityExceeded:
-                await self._live.destroy(pooled)  # a cold one would not fit either
+                await pooled.destroy()  # a cold one would not fit either
                 raise
             except BaseException as exc:
                 # E.g. a memory limit under what the sandbox uses already: start afresh.
                 log.warning("pooled sandbox refused its limits: %s", exc)
-                await self._live.destroy(pooled)
+                await pooled.destroy()
                 if not isinstance(exc, CorralError):
                     raise
         cold = await self.engine.create(
