@@ -5,13 +5,16 @@ Real namespace sandboxes, a real engine and a real SQLite store: no mocks.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+import corral.server
 from corral.config import Settings
 from corral.errors import FileNotFound, NotFound, SandboxNotRunning
 from corral.guest import ExecResult, OutputChunk
@@ -21,8 +24,6 @@ from corral.sandboxes.commands import ExecEvent, Started
 from corral.store import Store, Team
 from tests.conftest import require_backend
 from tests.test_manager import eventually_async
-
-pytestmark = pytest.mark.sandbox
 
 
 @pytest.fixture
@@ -43,9 +44,29 @@ def team(store: Store) -> Team:
     return store.create_team("acme")
 
 
+# -- the doors ------------------------------------------------------------------------------
+
+
+def test_the_api_server_never_takes_the_engine_sandbox() -> None:
+    """Handlers call the service (`manager.commands`, `manager.files`, …): none takes the
+    engine's Sandbox (`manager.running`) to drive it, merges environments or records
+    activity itself."""
+    offenders = []
+    for path in sorted(Path(corral.server.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("running", "envs", "touch")
+                and ast.unparse(node.value).endswith("manager")
+            ):
+                offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == []
+
+
 # -- the engine's bookkeeping ---------------------------------------------------------------
 
 
+@pytest.mark.sandbox
 async def test_engine_sandboxes_is_read_only_and_forgets_a_destroyed_sandbox(
     engine: Engine, settings: Settings
 ) -> None:
@@ -74,6 +95,7 @@ def _output(events: list[ExecEvent]) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, OutputChunk))
 
 
+@pytest.mark.sandbox
 async def test_exec_streams_start_output_and_end_under_the_sandbox_environment(
     manager: SandboxManager, team: Team
 ) -> None:
@@ -91,6 +113,7 @@ async def test_exec_streams_start_output_and_end_under_the_sandbox_environment(
     assert len(manager.commands.attached) == 0  # an ended command is no longer attached
 
 
+@pytest.mark.sandbox
 async def test_an_attached_command_takes_stdin_until_it_ends(
     manager: SandboxManager, team: Team
 ) -> None:
@@ -109,6 +132,7 @@ async def test_an_attached_command_takes_stdin_until_it_ends(
         await manager.commands.send_input(team, record.id, start.pid, b"late\n")
 
 
+@pytest.mark.sandbox
 async def test_signal_reaches_an_attached_command_and_a_detached_one(
     manager: SandboxManager, team: Team
 ) -> None:
@@ -137,6 +161,7 @@ async def test_signal_reaches_an_attached_command_and_a_detached_one(
     await eventually_async(gone)
 
 
+@pytest.mark.sandbox
 async def test_closing_an_exec_stream_or_losing_the_client_kills_a_foreground_command(
     manager: SandboxManager, team: Team
 ) -> None:
@@ -168,6 +193,7 @@ async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
         yield part
 
 
+@pytest.mark.sandbox
 async def test_files_write_read_list_stat_mkdir_move_remove(
     manager: SandboxManager, team: Team
 ) -> None:
@@ -194,6 +220,7 @@ async def test_files_write_read_list_stat_mkdir_move_remove(
         await files.stat(team, record.id, "data")
 
 
+@pytest.mark.sandbox
 async def test_commands_and_files_check_the_team_and_the_state(
     manager: SandboxManager, team: Team, store: Store
 ) -> None:
