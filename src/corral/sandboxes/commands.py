@@ -100,7 +100,7 @@ class SandboxCommands:
         foreground command is killed at once and a background one left running.
         """
         box = await self._manager.running(team, sandbox_id)
-        started = await box.exec(
+        process = await box.exec(
             command,
             env={**self._manager.envs(sandbox_id), **(envs or {})},
             cwd=cwd,
@@ -112,29 +112,29 @@ class SandboxCommands:
             tag=tag,
         )
         watcher = (
-            asyncio.create_task(_stop_when_gone(client_gone, started, background))
+            asyncio.create_task(_stop_when_gone(client_gone, process, background))
             if client_gone is not None
             else None
         )
-        self.attached.add(sandbox_id, started)
+        self.attached.add(sandbox_id, process)
         ended = False
         try:
-            yield Started(started.pid)
-            async for chunk in started:
+            yield Started(process.pid)
+            async for chunk in process:
                 self._manager.touch(sandbox_id)
                 yield chunk
-            result = await started.wait()
+            result = await process.wait()
             ended = True
             yield result
         finally:
             if watcher is not None:
                 watcher.cancel()
-            self.attached.discard(sandbox_id, started)
+            self.attached.discard(sandbox_id, process)
             if not ended:
                 with contextlib.suppress(Exception):
                     if not background:
-                        await started.kill()
-                    await started.detach()
+                        await process.kill()
+                    await process.detach()
 
     async def send_input(self, team: Team, sandbox_id: str, pid: int, data: bytes) -> None:
         """Write to the stdin of a command that `exec` started with `stdin`."""
