@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Protocol
 
 from corral._aio import stop_tasks
@@ -64,11 +65,11 @@ class Engine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings  # built by the entry point: the engine reads no environment
-        self.sandboxes: dict[str, Sandbox] = {}
+        self._sandboxes: dict[str, Sandbox] = {}
         self._backends: dict[str, Backend] = {}
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
         self.memory_capacity = MemoryCapacity.of_host(self.settings)
-        self.spares: list[Spares] = []  # the warm pools
+        self._spares: list[Spares] = []  # the warm pools
         self._reaper: asyncio.Task[None] | None = None
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.settings.runtime_dir, 0o711)  # sandboxes' uids traverse it
@@ -134,6 +135,13 @@ class Engine:
 
     # -- sandboxes -----------------------------------------------------------------------
 
+    @property
+    def sandboxes(self) -> Mapping[str, Sandbox]:
+        """This engine's sandboxes that are not destroyed, by id; read-only: `create` adds
+        one and destroying it (`Sandbox.destroy`, by whoever owns it) takes it out."""
+        self._forget_destroyed()
+        return MappingProxyType(self._sandboxes)
+
     async def create(
         self,
         template: str = "host",
@@ -168,7 +176,6 @@ class Engine:
             raise IsolationUnavailable(
                 f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
             )
-        self._forget_destroyed()
         sandbox_id = sandbox_id or new_sandbox_id()
         if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in self.sandboxes:
             raise InvalidRequest(f"sandbox id {sandbox_id!r} is malformed or in use")
@@ -187,7 +194,7 @@ class Engine:
             os.unlink(entry)
             raise
         sandbox = await Sandbox.launch(backend, spec, footprint, driver, entrypoint)
-        self.sandboxes[sandbox.id] = sandbox
+        self._sandboxes[sandbox.id] = sandbox
         return sandbox
 
     async def set_limits(self, sandbox: Sandbox, limits: Limits) -> None:
@@ -215,6 +222,15 @@ class Engine:
                 footprint.memory_entry = self.ledger.record(sandbox.id, old, entry)
             raise
 
+    def add_spares(self, spares: Spares) -> None:
+        """Count `spares` (a warm pool) as free memory that `create` may take back."""
+        self._spares.append(spares)
+
+    def remove_spares(self, spares: Spares) -> None:
+        """Stop counting `spares` (a pool that closes); no error if it was not added."""
+        with contextlib.suppress(ValueError):
+            self._spares.remove(spares)
+
     def committed_memory_mib(self) -> int:
         """The memory limits of every live sandbox of the host (every Corral process of
         the runtime dir), those starting included."""
@@ -234,7 +250,7 @@ class Engine:
         as free since `create` destroys them to make room. A hint: another process may
         take it meanwhile, and `create` checks again under the ledger's lock."""
         committed = self.ledger.committed_mib(excluding=excluding)
-        committed -= sum(spares.spare_mib() for spares in self.spares)
+        committed -= sum(spares.spare_mib() for spares in self._spares)
         return self.memory_capacity.mib - max(committed, 0)
 
     async def _admit(
@@ -254,23 +270,23 @@ class Engine:
             except CapacityExceeded as exc:
                 spare = None
                 if make_room:
-                    spare = next((s for p in self.spares if (s := p.surrender()) is not None), None)
+                    spares = (s for p in self._spares if (s := p.surrender()) is not None)
+                    spare = next(spares, None)
                 if spare is None:
                     if make_room:  # a real sandbox, not a spare: the operator may want more room
                         log.info("sandbox refused: %s", exc)
                     raise
             log.info("destroying a spare sandbox to make room", extra={"sandbox_id": spare.id})
-            self.sandboxes.pop(spare.id, None)
             await spare.destroy()
 
     def _forget_destroyed(self) -> None:
         for sandbox_id in [
-            k for k, s in self.sandboxes.items() if s.state is SandboxState.DESTROYED
+            k for k, s in self._sandboxes.items() if s.state is SandboxState.DESTROYED
         ]:
-            del self.sandboxes[sandbox_id]
+            del self._sandboxes[sandbox_id]
 
     async def destroy(self, sandbox_id: str) -> None:
-        sandbox = self.sandboxes.pop(sandbox_id, None)
+        sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is None:
             raise CorralError(f"no sandbox {sandbox_id} in this engine")
         await sandbox.destroy()
@@ -279,8 +295,8 @@ class Engine:
         """Destroy every sandbox this engine created, then release what its tiers hold."""
         await stop_tasks(self._reaper)
         self._reaper = None
-        live = list(self.sandboxes.values())
-        self.sandboxes.clear()
+        live = list(self._sandboxes.values())
+        self._sandboxes.clear()
         results = await asyncio.gather(*(s.destroy() for s in live), return_exceptions=True)
         for sandbox, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):

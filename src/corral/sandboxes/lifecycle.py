@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from corral.errors import CorralError, InvalidRequest, SandboxNotRunning
-from corral.isolation import Engine, Sandbox
 from corral.isolation.footprint import process_start_time
 from corral.sandboxes.live import LiveSandbox, utc
 from corral.sandboxes.options import LIVE_STATES
@@ -42,9 +41,8 @@ def owner_identity() -> Owner:
 class LiveSandboxes:
     """Sandboxes from the start of their creation to their end, by id."""
 
-    def __init__(self, store: Store, engine: Engine, metrics_interval: float) -> None:
+    def __init__(self, store: Store, metrics_interval: float) -> None:
         self.store = store
-        self.engine = engine
         self.metrics_interval = metrics_interval
         self._entries: dict[str, LiveSandbox] = {}
         self._activity_saved = time.monotonic()
@@ -149,7 +147,7 @@ class LiveSandboxes:
         self.flush(entry, final=True)
         if entry.sandbox is not None:
             try:
-                await self.destroy(entry.sandbox)
+                await entry.sandbox.destroy()
             except Exception as exc:
                 log.exception("could not destroy sandbox", extra={"sandbox_id": entry.id})
                 state, reason = "failed", f"failed: could not destroy it: {exc}"
@@ -162,10 +160,6 @@ class LiveSandboxes:
             last_activity_at=utc(entry.last_activity),
         )
         log.info("sandbox ended", extra={"sandbox_id": entry.id, "reason": reason})
-
-    async def destroy(self, sandbox: Sandbox) -> None:
-        self.engine.sandboxes.pop(sandbox.id, None)
-        await sandbox.destroy()
 
     # -- timers ---------------------------------------------------------------------------
 

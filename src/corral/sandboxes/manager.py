@@ -6,6 +6,9 @@
 
 Every change of state is written with its event before the call returns. A team sees
 only its own sandboxes: another team's id gets the same NotFound as an unknown one.
+The manager is the only door to a live sandbox: its commands go through
+`manager.commands`, its files through `manager.files`, each a check of the team and the
+state away from the engine's sandbox.
 Background loops enforce lifetimes and inactivity TTLs (every `tick`), sample metrics
 (every `metrics_interval`) and keep the warm pool full.
 """
@@ -31,6 +34,8 @@ from corral.errors import (
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
+from corral.sandboxes.commands import SandboxCommands
+from corral.sandboxes.files import SandboxFiles
 from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
 from corral.sandboxes.live import LiveSandbox, utc
 from corral.sandboxes.metrics import MetricRings, check_range, stored_series
@@ -72,7 +77,9 @@ class SandboxManager:
         self.tick = tick
         self.metrics_interval = metrics_interval
         self.pool = WarmPool(self.engine, pool_size, "host", settings.default_isolation)
-        self._live = LiveSandboxes(store, self.engine, metrics_interval)
+        self._live = LiveSandboxes(store, metrics_interval)
+        self.commands = SandboxCommands(self)
+        self.files = SandboxFiles(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._owner = owner_identity()
@@ -204,12 +211,12 @@ class SandboxManager:
                 await self.engine.set_limits(pooled, options.limits)
                 return pooled, True
             except CapacityExceeded:
-                await self._live.destroy(pooled)  # a cold one would not fit either
+                await pooled.destroy()  # a cold one would not fit either
                 raise
             except BaseException as exc:
                 # E.g. a memory limit under what the sandbox uses already: start afresh.
                 log.warning("pooled sandbox refused its limits: %s", exc)
-                await self._live.destroy(pooled)
+                await pooled.destroy()
                 if not isinstance(exc, CorralError):
                     raise
         cold = await self.engine.create(
@@ -258,7 +265,8 @@ class SandboxManager:
     # -- serving commands and files ----------------------------------------------------
 
     async def running(self, team: Team, sandbox_id: str) -> Sandbox:
-        """The live engine sandbox, for commands and files; counts as activity."""
+        """The live engine sandbox, for `commands` and `files` (and in-process callers
+        that run it directly); counts as activity. The API server never takes it."""
         entry = self._live.get(sandbox_id)
         if entry is not None and entry.team_id == team.id and entry.state == "creating":
             async with entry.lock:  # wait for the creation to end

@@ -67,7 +67,7 @@ class WarmPool:
         except CorralError as exc:
             log.warning("no warm pool: %s", exc, extra={"template": self.template})
             return
-        self.engine.spares.append(self)
+        self.engine.add_spares(self)
         self._task = asyncio.create_task(self._fill(), name="corral-warm-pool")
 
     @property
@@ -90,7 +90,6 @@ class WarmPool:
             self._wake.set()
             if sandbox.state is SandboxState.RUNNING:
                 return sandbox
-            self.engine.sandboxes.pop(sandbox.id, None)
         return None
 
     def surrender(self) -> Sandbox | None:
@@ -147,9 +146,6 @@ class WarmPool:
     async def aclose(self) -> None:
         """Stop filling and destroy every ready sandbox."""
         await stop_tasks(self._task)
-        with contextlib.suppress(ValueError):
-            self.engine.spares.remove(self)
+        self.engine.remove_spares(self)
         ready, self._ready = list(self._ready), deque()
-        for sandbox in ready:
-            self.engine.sandboxes.pop(sandbox.id, None)
         await asyncio.gather(*(s.destroy() for s in ready), return_exceptions=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from connectrpc.request import RequestContext
 
 from corral.errors import ServerUnavailable
 from corral.server.auth import authenticate
-from corral.server.registry import CommandRegistry
 
 if TYPE_CHECKING:
     from corral.jobs.queue import JobQueue
@@ -24,13 +23,11 @@ class Services:
     store: Store | None = None
     manager: SandboxManager | None = None
     jobs: JobQueue | None = None
-    commands: CommandRegistry = field(default_factory=CommandRegistry)
 
 
 class Handlers:
     def __init__(self, services: Services) -> None:
         self._services = services
-        self._commands = services.commands
 
     @property
     def _manager(self) -> SandboxManager:
