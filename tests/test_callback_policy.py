@@ -34,7 +34,7 @@ from corral.jobs.callbacks import REFUSED, CallbackDispatcher
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.store import Store
-from corral.store.jobs import Attempt
+from corral.store.job_rows import Attempt
 from tests.conftest import LiveServer
 from tests.test_callbacks import OK_TYPES, CallbackReceiver, finish, run_job, until
 

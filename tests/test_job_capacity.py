@@ -30,7 +30,7 @@ from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
 from corral.store import Store, Team
-from corral.store.jobs import JobRow
+from corral.store.job_rows import JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import LiveServer, private_runtime, require_backend, start_server
 from tests.test_job_store import attempt_of, claim_one, event_types, job, submit

@@ -30,8 +30,9 @@ from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
 from corral.store import Store
+from corral.store.claims import ROOM_RESERVE_SECONDS
 from corral.store.database import MIGRATIONS
-from corral.store.jobs import ROOM_RESERVE_SECONDS, JobRow
+from corral.store.job_rows import JobRow
 from corral.store.schema import jobs
 from tests.conftest import new_job_row, require_backend
 from tests.test_job_capacity import CAPACITY_MIB, overcommit_for, wait_final

@@ -27,10 +27,12 @@ from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
 from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.spec import JobSpec, check_labels
+from corral.states import JOB_STATES
 from corral.store import Store, Team
-from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
+from corral.store.callback_outbox import CallbackCounts
+from corral.store.job_logs import LogChunkRow
+from corral.store.job_rows import JobEventRow, JobRow
 from corral.store.pages import check_page_size
-from corral.store.schema import JOB_STATES
 from corral.store.teams import check_totals
 
 T = TypeVar("T", LogChunkRow, JobEventRow)

@@ -23,7 +23,7 @@ from corral.isolation import Entrypoint, Limits, Sandbox, SeedFile
 from corral.jobs.queue import JobSignals
 from corral.jobs.spec import LANGUAGES, JobSpec, Step
 from corral.store import Store
-from corral.store.jobs import Attempt, NewEvent
+from corral.store.job_rows import Attempt, NewEvent
 
 log = logging.getLogger("corral.jobs")
 R = TypeVar("R")

@@ -43,7 +43,7 @@ from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
 from corral.jobs.spec import JobSpec
 from corral.sandboxes.pool import WarmPool
 from corral.store import Store
-from corral.store.jobs import Attempt, JobRow
+from corral.store.job_rows import Attempt, JobRow
 
 log = logging.getLogger("corral.jobs")
 

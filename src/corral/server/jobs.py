@@ -8,26 +8,19 @@ from typing import Any, TypeVar
 from connectrpc.request import RequestContext
 from google.protobuf.struct_pb2 import Struct
 
+from corral._state_enums import JOB_STATE_NAMES, JOB_STATE_NUMBERS
 from corral.errors import InvalidRequest, ServerUnavailable
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.server import convert, disconnect
 from corral.server.base import Handlers
-from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
+from corral.store.callback_outbox import CallbackCounts
+from corral.store.job_logs import LogChunkRow
+from corral.store.job_rows import JobEventRow, JobRow
 from corral.v1 import jobs_pb2 as pb
 
 Ctx = RequestContext[Any, Any]
 
-STATES = {
-    "queued": pb.JOB_STATE_QUEUED,
-    "running": pb.JOB_STATE_RUNNING,
-    "succeeded": pb.JOB_STATE_SUCCEEDED,
-    "failed": pb.JOB_STATE_FAILED,
-    "timed_out": pb.JOB_STATE_TIMED_OUT,
-    "canceled": pb.JOB_STATE_CANCELED,
-    "lost": pb.JOB_STATE_LOST,
-}
-STATE_NAMES = {number: name for name, number in STATES.items()}
 _MAX_PAGE = 1000
 # How long Cancel waits for a running job to stop: a worker in this process stops it at
 # once; one elsewhere at its next heartbeat (a third of its lease), and Cancel may answer
@@ -43,7 +36,7 @@ def job_message(
     spec = JobSpec.from_dict(row.spec)
     message = pb.Job(
         id=row.id,
-        state=STATES[row.state],
+        state=JOB_STATE_NUMBERS[row.state],
         state_reason=row.state_reason,
         spec=spec.to_proto(),
         attempt=row.attempt,
@@ -90,7 +83,7 @@ async def _messages(
         if rows or final is not None:
             out = message(rows)
             if final is not None:
-                out.final_state = STATES[final.state]
+                out.final_state = JOB_STATE_NUMBERS[final.state]
             yield out
 
 
@@ -149,9 +142,9 @@ class JobHandlers(Handlers):
         team = self._team(ctx)
         states = []
         for state in request.states:
-            if state not in STATE_NAMES:
+            if state not in JOB_STATE_NAMES:
                 raise InvalidRequest(f"states has {state}, which is not a JobState")
-            states.append(STATE_NAMES[state])
+            states.append(JOB_STATE_NAMES[state])
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise InvalidRequest(f"page_size={request.page_size} is out of range: use 0 to 1000")
         queue = self._queue
