@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.jobs.worker import MAX_LOST
+from corral.job_lifecycle import MAX_LOST
 from corral.store import Store
 from corral.store.job_rows import Attempt, JobRow
 from corral.v1 import jobs_pb2 as pb

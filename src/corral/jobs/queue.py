@@ -25,6 +25,7 @@ from corral.errors import CapacityExceeded, InvalidRequest, IsolationUnavailable
 from corral.isolation.admission import MemoryCapacity
 from corral.isolation.limits import Limits
 from corral.isolation.templates import get_template
+from corral.job_lifecycle import may_retry_by_request
 from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.spec import JobSpec, check_labels
 from corral.states import JOB_STATES
@@ -264,7 +265,7 @@ class JobQueue:
 
     def retry(self, team: Team, job_id: str) -> JobRow:
         row = self.get(team, job_id)
-        if not row.final:
+        if not may_retry_by_request(row.state):
             raise InvalidRequest(
                 f"job {job_id} is {row.state}; only a finished job can be retried "
                 "(cancel it first to start over)"

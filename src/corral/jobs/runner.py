@@ -16,10 +16,11 @@ import posixpath
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from corral.errors import CapacityExceeded, CorralError
 from corral.isolation import Entrypoint, Limits, Sandbox, SeedFile
+from corral.job_lifecycle import StopReason
 from corral.jobs.queue import JobSignals
 from corral.jobs.spec import LANGUAGES, JobSpec, Step
 from corral.store import Store
@@ -72,13 +73,13 @@ class AttemptLost(Exception):
 
 
 class Stop:
-    """Why a running attempt must stop early: "cancel", "lost" or "shutdown"."""
+    """Why a running attempt must stop early (`StopReason`), once it must."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.why = ""
+        self.why: StopReason | Literal[""] = ""
 
-    def set(self, why: str) -> None:
+    def set(self, why: StopReason) -> None:
         if not self.why:
             self.why = why
         self.event.set()

@@ -38,6 +38,7 @@ from corral.config import Settings
 from corral.errors import CorralError
 from corral.isolation import Engine, Entrypoint, Limits, Sandbox
 from corral.isolation.footprint import process_start_time
+from corral.job_lifecycle import MAX_LOST, retries, retry_delay, room_wait
 from corral.jobs.queue import POLL_SECONDS, JobSignals, never_fits
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
 from corral.jobs.spec import JobSpec
@@ -47,16 +48,7 @@ from corral.store.job_rows import Attempt, JobRow
 
 log = logging.getLogger("corral.jobs")
 
-# A job is marked lost when its third worker is lost (the README says "after 3 lost
-# workers it is `lost`"); lost workers do not spend its retries.
-MAX_LOST = 3
-MAX_BACKOFF_SECONDS = 3600.0
 SHUT_DOWN = "requeued: its worker shut down"
-# A job whose sandbox the host has no room for yet goes back to the queue, unspent, and is
-# claimed again this long after, doubled at each wait up to the maximum: room comes back
-# as other sandboxes end, and a worker must not spin on a full host meanwhile.
-ROOM_WAIT_SECONDS = 1.0
-MAX_ROOM_WAIT_SECONDS = 10.0
 
 
 def worker_name() -> str:
@@ -72,11 +64,6 @@ def _dead_local_worker(name: str) -> bool:
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     return str(process_start_time(int(pid_text)) or "") != start
-
-
-def retry_delay(spec: JobSpec, attempt: int) -> float:
-    """Exponential backoff: the spec's first delay (1 s by default), doubled per retry."""
-    return float(min(MAX_BACKOFF_SECONDS, (spec.retry_backoff or 1.0) * 2 ** (attempt - 1)))
 
 
 class Worker:
@@ -238,7 +225,7 @@ class Worker:
                 extra={"job_id": row.id, "state": row.state, "reason": row.state_reason},
             )
             self.signals.changed(row.id)
-            if row.state == "queued":
+            if not row.final:  # queued again
                 self.signals.queued()
             elif self.on_end is not None:
                 self.on_end(row)
@@ -301,8 +288,8 @@ class Worker:
         if outcome.state == "no_room":
             return self._wait_for_room(row, spec, attempt, outcome.reason)
         retry_at = None
-        if outcome.state in ("failed", "timed_out") and row.attempt < row.max_attempts:
-            delay = retry_delay(spec, row.attempt)
+        if retries(outcome.state, row.attempt, row.max_attempts):
+            delay = retry_delay(spec.retry_backoff, row.attempt)
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
         ended = self.store.end_attempt(
             attempt, outcome.state, outcome.reason, exit_code=outcome.exit_code, retry_at=retry_at
@@ -323,7 +310,7 @@ class Worker:
         if never_fits(memory_mib, capacity) is not None:
             return self.store.end_attempt(attempt, "failed", f"failed: {why}", exit_code=None)
         waits = self.store.count_events(row.id, "requeued")
-        delay = min(MAX_ROOM_WAIT_SECONDS, ROOM_WAIT_SECONDS * 2 ** min(waits, 16))
+        delay = room_wait(waits)
         run_after = datetime.now(UTC) + timedelta(seconds=delay)
         log.info(
             "job waits for host memory",
@@ -341,7 +328,7 @@ class Worker:
                 "run_after": run_after.isoformat(),
             },
         )
-        if released is not None and released.state == "queued":
+        if released is not None and not released.final:
             self._waiting_for_room[row.id] = None
         return released
 

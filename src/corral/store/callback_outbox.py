@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.states import JOB_FINAL_STATES
+from corral.job_lifecycle import is_final
 from corral.store.database import Database
 from corral.store.schema import job_callbacks, jobs
 
@@ -71,7 +71,7 @@ def deliveries(job_id: str, event: Mapping[str, Any]) -> list[dict[str, Any]]:
             "data": event["data"],
         }
     )
-    if kind == "state" and event["state"] in JOB_FINAL_STATES:
+    if kind == "state" and is_final(event["state"]):
         final = "done" if event["state"] == "succeeded" else "error"
         payloads.append({**payloads[0], "type": final})
     return [

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.states import JOB_FINAL_STATES
+from corral.job_lifecycle import is_final
 from corral.store.callback_outbox import deliveries
 from corral.store.database import Database
 from corral.store.schema import job_callbacks, job_events, jobs
@@ -60,7 +60,7 @@ class JobRow:
 
     @property
     def final(self) -> bool:
-        return self.state in JOB_FINAL_STATES
+        return is_final(self.state)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from corral.errors import IdempotencyConflict
+from corral.job_lifecycle import (
+    StopReason,
+    cancel_action,
+    heartbeat_stop,
+    may_retry_by_request,
+    on_lease_expiry,
+    on_release,
+    unspent,
+)
 from corral.states import JOB_FINAL_STATES
 from corral.store.callback_outbox import CallbackOutbox
 from corral.store.claims import JobClaims
@@ -122,7 +131,7 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
 
     # -- workers ------------------------------------------------------------------------
 
-    def heartbeat(self, worker: str, job_ids: Iterable[str], lease: float) -> dict[str, str]:
+    def heartbeat(self, worker: str, job_ids: Iterable[str], lease: float) -> dict[str, StopReason]:
         """Extend the lease of this worker's running jobs. Returns the jobs it must stop,
         with why: a cancel was asked, or the job is no longer this worker's."""
         job_ids = list(job_ids)
@@ -145,13 +154,15 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
                     )
                 )
             }
-        stop: dict[str, str] = {}
+        stop: dict[str, StopReason] = {}
         for job_id in job_ids:
             r = found.get(job_id)
-            if r is None or r.state != "running" or r.worker != worker:
-                stop[job_id] = "lost"
-            elif r.cancel_reason is not None:
-                stop[job_id] = "cancel"
+            if r is None:
+                why: StopReason | None = "lost"  # deleted: no longer anyone's
+            else:
+                why = heartbeat_stop(r.state, r.worker, worker, r.cancel_reason is not None)
+            if why is not None:
+                stop[job_id] = why
         return stop
 
     def add_events(self, attempt: Attempt, events: Sequence[NewEvent]) -> bool:
@@ -229,10 +240,11 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
             row = self._owned(conn, attempt)
             if row is None:
                 return None
-            state = "canceled" if row.cancel_reason is not None else "queued"
-            text = f"canceled: {row.cancel_reason}" if state == "canceled" else reason
+            move = on_release(row.cancel_reason, reason)
+            state, text = move.state, move.reason
             events = [NewEvent("state", text, state)]
-            if state == "queued" and not started:
+            requeued = not move.final
+            if requeued and not started:
                 events.insert(0, NewEvent("requeued", reason, None, data))
             changes: dict[str, Any] = dict(
                 state=state,
@@ -240,8 +252,10 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
                 lease_expires_at=None,
                 run_after=run_after or now,
                 attempt=row.attempt - (not started),
-                max_attempts=row.max_attempts + (state == "queued" and started),
-                finished_at=now if state == "canceled" else None,
+                max_attempts=unspent(row.max_attempts)
+                if requeued and started
+                else row.max_attempts,
+                finished_at=now if move.final else None,
                 updated_at=now,
                 next_event_seq=self._add_events(conn, row, attempt.attempt, events),
             )
@@ -310,13 +324,8 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
             ]
             for row in expired:
                 lost = row.lost_count + 1
-                gone = f"worker {row.worker} stopped heartbeating (attempt {row.attempt})"
-                if row.cancel_reason is not None:
-                    state, reason = "canceled", f"canceled: {row.cancel_reason}; {gone}"
-                elif lost >= max_lost:
-                    state, reason = "lost", f"lost: {gone}; {lost} workers lost, giving up"
-                else:
-                    state, reason = "queued", f"requeued: {gone}"
+                move = on_lease_expiry(row.worker, row.attempt, lost, row.cancel_reason, max_lost)
+                state, reason = move.state, move.reason
                 changes: dict[str, Any] = dict(
                     state=state,
                     state_reason=reason,
@@ -324,10 +333,9 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
                     lease_expires_at=None,
                     updated_at=now,
                 )
-                if state == "queued":
+                if not move.final:
                     changes["run_after"] = now
-                    # A lost worker does not spend one of the job's own retries.
-                    changes["max_attempts"] = row.max_attempts + 1
+                    changes["max_attempts"] = unspent(row.max_attempts)
                 else:
                     changes["finished_at"] = now
                 event = NewEvent("state", reason, state)
@@ -347,7 +355,8 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
             if row is None:
                 return None
             changes: dict[str, Any] = {}
-            if row.state == "queued":
+            action = cancel_action(row.state, row.cancel_reason is not None)
+            if action == "cancel":
                 text = f"canceled: {reason}"
                 changes = dict(
                     state="canceled",
@@ -359,7 +368,7 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
                         conn, row, row.attempt, [NewEvent("state", text, "canceled")]
                     ),
                 )
-            elif row.state == "running" and row.cancel_reason is None:
+            elif action == "mark":
                 changes = dict(cancel_reason=reason, updated_at=now)
             if changes:
                 self._update(conn, job_id, **changes)
@@ -371,7 +380,7 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
         now = utcnow()
         with self._write() as conn:
             row = self._locked(conn, job_id)
-            if row is None or not row.final:
+            if row is None or not may_retry_by_request(row.state):
                 return row
             reason = f"queued again by request (after {row.state})"
             changes: dict[str, Any] = dict(
