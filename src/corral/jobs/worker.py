@@ -35,12 +35,12 @@ from datetime import UTC, datetime, timedelta
 
 from corral._aio import stop_tasks
 from corral.config import Settings
-from corral.errors import CorralError
-from corral.isolation import Engine, Entrypoint, Limits, Sandbox
+from corral.isolation import Engine
 from corral.isolation.footprint import process_start_time
 from corral.job_lifecycle import MAX_LOST, retries, retry_delay, room_wait
 from corral.jobs.queue import POLL_SECONDS, JobSignals, never_fits
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
+from corral.jobs.sandbox import JobSandboxes
 from corral.jobs.spec import JobSpec
 from corral.sandboxes.pool import WarmPool
 from corral.store import Store
@@ -107,13 +107,11 @@ class Worker:
             self.policy.isolation,
             may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
         )
+        self.sandboxes = JobSandboxes(engine, self.pool)
         self.isolations = self._isolations()
         self._running: dict[str, Stop] = {}
         # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
         self._waiting_for_room: dict[str, None] = {}
-        # Memory of the jobs claimed whose sandbox is not yet in the host's ledger: the
-        # next claim must not hand it out again.
-        self._unadmitted: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -168,13 +166,12 @@ class Worker:
             claimed: list[JobRow] = []
             if free > 0:
                 try:
-                    room = self.engine.free_memory_mib() - sum(self._unadmitted.values())
                     claimed = self.store.claim_jobs(
                         self.name,
                         self.isolations,
                         free,
                         self.lease,
-                        room_mib=room,
+                        room_mib=self.sandboxes.free_memory_mib(),
                         capacity_mib=self.engine.memory_capacity.mib,
                     )
                 except Exception:
@@ -234,7 +231,7 @@ class Worker:
 
     def _start_run(self, row: JobRow) -> None:
         self._waiting_for_room.pop(row.id, None)
-        self._unadmitted[row.id] = row.memory_mib
+        self.sandboxes.claimed(row.id, row.memory_mib)
         stop = Stop()
         self._running[row.id] = stop
         self.signals.cancels[row.id] = lambda: stop.set("cancel")
@@ -250,15 +247,8 @@ class Worker:
             if row.cancel_reason is not None:  # canceled between the claim and now
                 stop.set("cancel")
             spec = JobSpec.from_dict(row.spec)
-
-            async def acquire(spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
-                try:
-                    return await self._acquire(spec, entrypoint)
-                finally:  # in the ledger now (or refused): counted there, not here
-                    self._unadmitted.pop(row.id, None)
-
             runner = AttemptRunner(
-                self.store, self.signals, self.policy, attempt, spec, acquire, stop
+                self.store, self.signals, self.policy, attempt, spec, self.sandboxes, stop
             )
             outcome = await runner.run()
             freed = outcome.state != "no_room"
@@ -271,7 +261,7 @@ class Worker:
                 self.store.end_attempt(attempt, "failed", f"failed: {exc}", exit_code=None)
         finally:
             self._running.pop(row.id, None)
-            self._unadmitted.pop(row.id, None)
+            self.sandboxes.forget(row.id)
             self.signals.cancels.pop(row.id, None)
             self.signals.changed(row.id)
             if freed:
@@ -344,31 +334,3 @@ class Worker:
             self.store.make_due(job_id)
         except Exception:  # it is claimed at its run_after instead
             log.exception("waking a job that waits for room failed", extra={"job_id": job_id})
-
-    async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
-        """A sandbox as the spec (filled by the policy) asks: a warm one from the pool when
-        one is ready and fits; else one-shot, running `entrypoint`, where the tier can;
-        else a new one."""
-        template = spec.template or self.policy.template
-        isolation = spec.isolation or self.policy.isolation
-        limits: Limits = self.policy.limits_for(spec)
-        network = spec.network or self.policy.network
-        if (too_big := never_fits(limits.memory_mib, self.engine.memory_capacity)) is not None:
-            raise too_big  # before the engine destroys warm spares to make room in vain
-        backend = self.engine.backend(isolation)
-        if network == "none" and self.pool.fits(template, backend.name, limits):
-            pooled = self.pool.claim()
-            if pooled is not None:
-                try:
-                    await self.engine.set_limits(pooled, limits)
-                    return pooled
-                except CorralError as exc:
-                    log.warning("pooled sandbox refused the job's limits: %s", exc)
-                    await pooled.destroy()
-        return await self.engine.create(
-            template=template,
-            limits=limits,
-            network=network,
-            isolation=isolation,
-            entrypoint=entrypoint if backend.entrypoints else None,
-        )
