@@ -1,4 +1,5 @@
-"""Claims: workers take queued jobs under a lease, fairly between teams, as the host fits.
+"""Claims and leases: workers take queued jobs under a lease, fairly between teams, as the
+host fits, renew the lease by heartbeat, and lose the job when it runs out.
 
 Claims are fair between teams: a job's priority orders only its own team's jobs, and a
 free worker slot goes to the team with the fewest running jobs (of those with a job to
@@ -24,13 +25,14 @@ claims instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from corral.job_lifecycle import StopReason, heartbeat_stop, on_lease_expiry, unspent
 from corral.store.job_rows import JobRow, JobRows, NewEvent, job_row, utcnow
 from corral.store.schema import jobs, teams
 
@@ -123,7 +125,8 @@ class _Room:
 
 
 class JobClaims(JobRows):
-    """The claim of queued jobs by a worker: fair between teams, within the host's room."""
+    """The claim of queued jobs by a worker (fair between teams, within the host's room),
+    and the leases it then holds."""
 
     def claim_jobs(
         self,
@@ -217,3 +220,97 @@ class JobClaims(JobRows):
         if room <= 0:
             return []
         return [job_row(r) for r in conn.execute(_TEAM_DUE, {**params, **team, "n": room})]
+
+    # -- leases -------------------------------------------------------------------------
+
+    def heartbeat(self, worker: str, job_ids: Iterable[str], lease: float) -> dict[str, StopReason]:
+        """Extend the lease of this worker's running jobs. Returns the jobs it must stop,
+        with why: a cancel was asked, or the job is no longer this worker's."""
+        job_ids = list(job_ids)
+        if not job_ids:
+            return {}
+        now = utcnow()
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id.in_(job_ids))
+                .where(jobs.c.worker == worker)
+                .where(jobs.c.state == "running")
+                .values(lease_expires_at=now + timedelta(seconds=lease))
+            )
+            found = {
+                r.id: r
+                for r in conn.execute(
+                    sa.select(jobs.c.id, jobs.c.state, jobs.c.worker, jobs.c.cancel_reason).where(
+                        jobs.c.id.in_(job_ids)
+                    )
+                )
+            }
+        stop: dict[str, StopReason] = {}
+        for job_id in job_ids:
+            r = found.get(job_id)
+            if r is None:
+                why: StopReason | None = "lost"  # deleted: no longer anyone's
+            else:
+                why = heartbeat_stop(r.state, r.worker, worker, r.cancel_reason is not None)
+            if why is not None:
+                stop[job_id] = why
+        return stop
+
+    def expire_worker(self, worker: str) -> None:
+        """End the leases of a worker known to be dead, so `expire_leases` takes its jobs
+        now rather than when the leases run out."""
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.worker == worker)
+                .where(jobs.c.state == "running")
+                .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+            )
+
+    def running_workers(self) -> list[str]:
+        """The workers that hold running jobs."""
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(jobs.c.worker).where(jobs.c.state == "running").distinct()
+                ).scalars()
+            )
+
+    def expire_leases(self, max_lost: int) -> list[JobRow]:
+        """Jobs whose worker stopped heartbeating: requeued (attempt counter kept), or
+        lost when this is the `max_lost`-th worker they lost, or canceled when a cancel
+        waits."""
+        now = utcnow()
+        changed = []
+        with self._write() as conn:
+            expired = [
+                job_row(r)
+                for r in conn.execute(
+                    sa.select(jobs)
+                    .where(jobs.c.state == "running")
+                    .where(jobs.c.lease_expires_at < now)
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            for row in expired:
+                lost = row.lost_count + 1
+                move = on_lease_expiry(row.worker, row.attempt, lost, row.cancel_reason, max_lost)
+                state, reason = move.state, move.reason
+                changes: dict[str, Any] = dict(
+                    state=state,
+                    state_reason=reason,
+                    lost_count=lost,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+                if not move.final:
+                    changes["run_after"] = now
+                    changes["max_attempts"] = unspent(row.max_attempts)
+                else:
+                    changes["finished_at"] = now
+                event = NewEvent("state", reason, state)
+                changes["next_event_seq"] = self._add_events(conn, row, row.attempt, [event])
+                self._update(conn, row.id, **changes)
+                changed.append(replace(row, **changes))
+        return changed
