@@ -2,11 +2,15 @@
 
     spec.py      what a job is (workload + sandbox), validated from YAML, JSON or proto
     queue.py     the job service: submit, get, list, cancel, retry, logs and events
+    records.py   a job as the service returns it (what the API renders)
     worker.py    claims jobs with leases and heartbeats, runs them, ends them
     runner.py    one attempt of one job in one sandbox: files, steps, output, timeout
+    sandbox.py   the sandbox a job runs in (warm or one-shot) and where a worker gets it
     callbacks.py signed POSTs of a job's events to its callback URL, with retries
     callback_policy.py  which callback URLs may be called: public addresses + the allowlist
 
-Delivery is at least once: a job whose worker dies is requeued when its lease expires
-and runs again from the start.
+Which state a job moves to, and when (retries, lost workers, cancels), is decided by
+`corral.job_lifecycle`, whose docstring draws the diagram; the state names are
+`corral.states`. Delivery is at least once: a job whose worker dies is requeued when its
+lease expires and runs again from the start.
 """
