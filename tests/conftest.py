@@ -24,7 +24,7 @@ import pytest
 
 from corral.config import Settings
 from corral.store import Store, Team
-from corral.store.jobs import JobRow
+from corral.store.job_rows import JobRow
 
 if TYPE_CHECKING:
     from corral.isolation import Engine, Sandbox

@@ -34,7 +34,7 @@ from corral.jobs.callbacks import REFUSED, CallbackDispatcher
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.store import Store
-from corral.store.jobs import Attempt
+from corral.store.job_rows import Attempt
 from tests.conftest import LiveServer
 from tests.test_callbacks import OK_TYPES, CallbackReceiver, finish, run_job, until
 
@@ -251,7 +251,7 @@ async def test_a_name_that_rebinds_after_submit_is_refused_at_connect_time(
     )
     row, _, secret = await JobQueue(store, settings, callback_policy=policy).submit(team, spec)
     assert secret and resolver.asked == ["rebind.example.com"]  # the public answer is spent
-    (claimed,) = store.claim_jobs(WORKER, [row.isolation], 1, 60)
+    (claimed,) = store.claim_jobs(WORKER, ["auto"], 1, 60)
     finish(store, Attempt(row.id, WORKER, claimed.attempt))
 
     dispatchers(policy).start()

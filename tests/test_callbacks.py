@@ -25,7 +25,8 @@ from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher
 from corral.jobs.signing import sign, verify
 from corral.store import Store, Team
-from corral.store.jobs import CALLBACK_ATTEMPTS, CRITICAL_EVENTS, Attempt, NewEvent
+from corral.store.callback_outbox import CALLBACK_ATTEMPTS, CRITICAL_EVENTS
+from corral.store.job_rows import Attempt, NewEvent
 from tests.conftest import new_job_row
 
 SECRET = "s3cret-for-tests"

@@ -24,7 +24,7 @@ from corral.isolation import Engine, Limits
 from corral.isolation.engine import new_sandbox_id
 from corral.limits import host_memory_mib
 from corral.sandboxes import CreateOptions, SandboxManager
-from corral.sandboxes.options import STATES
+from corral.states import SANDBOX_STATES
 from corral.store import Store
 from tests.conftest import require_backend
 
@@ -192,7 +192,7 @@ async def manager(tiny: Settings) -> AsyncIterator[SandboxManager]:
 
 async def all_rows(manager: SandboxManager, team_name: str) -> list[str]:
     team = manager.store.team(team_name)
-    return [r.id for r in (await manager.list(team, states=STATES))[0]]
+    return [r.id for r in (await manager.list(team, states=SANDBOX_STATES))[0]]
 
 
 async def test_a_create_refused_for_room_leaves_no_row(

@@ -22,15 +22,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from connectrpc.code import Code
 
+from corral import job_lifecycle
 from corral.config import Settings
 from corral.isolation import Engine
-from corral.jobs import worker as worker_module
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
 from corral.limits import host_memory_mib
 from corral.store import Store, Team
-from corral.store.jobs import JobRow
+from corral.store.job_rows import JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import LiveServer, private_runtime, require_backend, start_server
 from tests.test_job_store import attempt_of, claim_one, event_types, job, submit
@@ -187,8 +187,8 @@ async def test_a_job_the_host_refuses_after_its_claim_waits_unspent(
     just before another process's admission. The host refuses the second job's sandbox;
     it goes back to the queue unspent and is claimed again when its worker's running job
     ends, not at its run_after: with a wait of an hour, only that wake-up can run it."""
-    monkeypatch.setattr(worker_module, "ROOM_WAIT_SECONDS", 3600.0)
-    monkeypatch.setattr(worker_module, "MAX_ROOM_WAIT_SECONDS", 3600.0)
+    monkeypatch.setattr(job_lifecycle, "ROOM_WAIT_SECONDS", 3600.0)
+    monkeypatch.setattr(job_lifecycle, "MAX_ROOM_WAIT_SECONDS", 3600.0)
     store = Store.open(tiny)
     try:
         team = store.create_team("waits")

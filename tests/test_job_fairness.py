@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.jobs.worker import MAX_LOST
+from corral.job_lifecycle import MAX_LOST
 from corral.store import Store
-from corral.store.jobs import Attempt, JobRow
+from corral.store.job_rows import Attempt, JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import start_server
 from tests.test_job_store import ISOLATIONS, expire_now, job, submit

@@ -27,7 +27,8 @@ from corral.errors import InvalidRequest, NotFound
 from corral.jobs.retention import BATCH_JOBS, Retention
 from corral.store import Store, Team
 from corral.store.database import MIGRATIONS
-from corral.store.jobs import INLINE_LOG_BYTES, MIB, Attempt, JobRow
+from corral.store.job_logs import INLINE_LOG_BYTES, MIB
+from corral.store.job_rows import Attempt, JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import LiveServer, new_job_row, start_server, start_worker
 from tests.test_jobs import JobApi, data

@@ -30,8 +30,9 @@ from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
 from corral.store import Store
+from corral.store.claims import ROOM_RESERVE_SECONDS
 from corral.store.database import MIGRATIONS
-from corral.store.jobs import ROOM_RESERVE_SECONDS, JobRow
+from corral.store.job_rows import JobRow
 from corral.store.schema import jobs
 from tests.conftest import new_job_row, require_backend
 from tests.test_job_capacity import CAPACITY_MIB, overcommit_for, wait_final
@@ -154,6 +155,7 @@ async def test_a_job_the_host_has_no_room_for_stays_queued_until_room_frees(
             queue = JobQueue(store, tiny, capacity=engine.memory_capacity)
             first, _, _ = await queue.submit(team, spec(["sleep", "3"]))
             second, _, _ = await queue.submit(team, spec(["true"]))
+            submitted = job(store, second.id)
             worker = Worker(tiny, store, engine=engine, concurrency=2, pool_size=0)
             await worker.start()
             try:
@@ -163,7 +165,7 @@ async def test_a_job_the_host_has_no_room_for_stays_queued_until_room_frees(
                 ended = [await wait_final(store, row.id) for row in (first, second)]
             finally:
                 await worker.aclose()
-        assert waiting == second  # untouched while the first ran
+        assert waiting == submitted  # untouched while the first ran
         assert [(r.state, r.attempt) for r in ended] == [("succeeded", 1), ("succeeded", 1)]
         assert ended[1].started_at is not None and ended[0].started_at is not None
         assert ended[1].started_at - ended[0].started_at >= timedelta(seconds=3)
@@ -184,6 +186,7 @@ async def test_a_small_job_of_another_team_runs_while_a_big_one_waits(tiny: Sett
             queue = JobQueue(store, tiny, capacity=engine.memory_capacity)
             first, _, _ = await queue.submit(a, spec(["sleep", "4"]))
             big, _, _ = await queue.submit(a, spec(["true"]))
+            submitted = job(store, big.id)
             worker = Worker(tiny, store, engine=engine, concurrency=3, pool_size=0)
             await worker.start()
             try:
@@ -198,7 +201,7 @@ async def test_a_small_job_of_another_team_runs_while_a_big_one_waits(tiny: Sett
         assert (small_ended.state, small_ended.attempt) == ("succeeded", 1)
         assert ended[0].finished_at is not None and small_ended.finished_at is not None
         assert small_ended.finished_at < ended[0].finished_at  # while the first still ran
-        assert big_meanwhile == big  # the big one waited, untouched
+        assert big_meanwhile == submitted  # the big one waited, untouched
         assert [(r.state, r.attempt) for r in ended] == [("succeeded", 1), ("succeeded", 1)]
         for row in (first, big, small):
             assert store.count_events(row.id, "requeued") == 0

@@ -12,9 +12,9 @@ import pytest
 
 from corral.config import Settings
 from corral.errors import InvalidRequest
-from corral.jobs.worker import MAX_LOST
+from corral.job_lifecycle import MAX_LOST
 from corral.store import Store, Team
-from corral.store.jobs import Attempt, JobRow, NewEvent
+from corral.store.job_rows import Attempt, JobRow, NewEvent
 from tests.conftest import new_job_row
 
 ISOLATIONS = ("auto", "namespace")

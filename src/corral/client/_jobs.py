@@ -19,10 +19,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from corral._state_enums import JOB_STATE_NUMBERS
 from corral.client._config import ClientSettings
 from corral.client._connection import Connection
 from corral.client._models import (
-    JOB_STATE_NUMBERS,
     Job,
     JobEvent,
     JobSubmission,

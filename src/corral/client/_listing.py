@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from corral._state_enums import SANDBOX_STATE_NUMBERS as STATE_NUMBERS
 from corral.client import _unary
 from corral.client._config import ClientSettings
-from corral.client._models import STATE_NUMBERS, SandboxInfo
+from corral.client._models import SandboxInfo
 from corral.errors import InvalidRequest
 from corral.v1 import sandbox_pb2 as pb
 

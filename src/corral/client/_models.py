@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from corral._state_enums import JOB_STATE_NAMES, SANDBOX_STATE_NAMES
 from corral.errors import InvalidRequest
+from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as jobs_pb
 from corral.v1 import sandbox_pb2 as pb
 
@@ -18,14 +20,6 @@ _FILE_TYPES: dict[int, FileType] = {
     pb.FILE_TYPE_DIR: "dir",
     pb.FILE_TYPE_SYMLINK: "symlink",
 }
-_STATES = {
-    pb.SANDBOX_STATE_CREATING: "creating",
-    pb.SANDBOX_STATE_RUNNING: "running",
-    pb.SANDBOX_STATE_PAUSED: "paused",
-    pb.SANDBOX_STATE_KILLED: "killed",
-    pb.SANDBOX_STATE_FAILED: "failed",
-}
-STATE_NUMBERS = {name: number for number, name in _STATES.items()}
 
 
 def _time(stamp: Timestamp, present: bool = True) -> datetime | None:
@@ -82,7 +76,7 @@ class SandboxInfo:
             sandbox_id=sandbox.id,
             template=sandbox.template,
             isolation=sandbox.isolation,
-            state=_STATES.get(sandbox.state, "unknown"),
+            state=SANDBOX_STATE_NAMES.get(sandbox.state, "unknown"),
             state_reason=sandbox.state_reason,
             metadata=dict(sandbox.metadata),
             limits=Limits(
@@ -199,17 +193,6 @@ class MetricPoint:
 
 # -- jobs ----------------------------------------------------------------------------------
 
-JOB_STATES = {
-    jobs_pb.JOB_STATE_QUEUED: "queued",
-    jobs_pb.JOB_STATE_RUNNING: "running",
-    jobs_pb.JOB_STATE_SUCCEEDED: "succeeded",
-    jobs_pb.JOB_STATE_FAILED: "failed",
-    jobs_pb.JOB_STATE_TIMED_OUT: "timed_out",
-    jobs_pb.JOB_STATE_CANCELED: "canceled",
-    jobs_pb.JOB_STATE_LOST: "lost",
-}
-JOB_STATE_NUMBERS = {name: number for number, name in JOB_STATES.items()}
-FINAL_JOB_STATES = frozenset({"succeeded", "failed", "timed_out", "canceled", "lost"})
 _LOG_STREAMS = {jobs_pb.LOG_STREAM_STDOUT: "stdout", jobs_pb.LOG_STREAM_STDERR: "stderr"}
 
 
@@ -276,13 +259,13 @@ class Job:
     @property
     def done(self) -> bool:
         """Whether it has ended (until a `retry` queues it again)."""
-        return self.state in FINAL_JOB_STATES
+        return self.state in JOB_FINAL_STATES
 
     @classmethod
     def from_proto(cls, job: jobs_pb.Job) -> Job:
         return cls(
             id=job.id,
-            state=JOB_STATES.get(job.state, "unknown"),
+            state=JOB_STATE_NAMES.get(job.state, "unknown"),
             state_reason=job.state_reason,
             spec=_spec_dict(job.spec),
             attempt=job.attempt,

@@ -31,7 +31,8 @@ from corral import __version__
 from corral.errors import CallbackRefused
 from corral.jobs.callback_policy import CallbackPolicy, CallbackTarget, destination
 from corral.jobs.signing import sign
-from corral.store.jobs import CALLBACK_ATTEMPTS, CallbackRow, JobStore
+from corral.store.callback_outbox import CALLBACK_ATTEMPTS, CallbackRow
+from corral.store.jobs import JobStore
 
 __all__ = ["INTERNAL_FAILED", "REFUSED", "CallbackDispatcher"]
 

@@ -24,13 +24,16 @@ from corral.config import Settings
 from corral.errors import CapacityExceeded, InvalidRequest, IsolationUnavailable, NotFound
 from corral.isolation.admission import MemoryCapacity
 from corral.isolation.templates import get_template
+from corral.job_lifecycle import may_retry_by_request
 from corral.jobs.callback_policy import CallbackPolicy
+from corral.jobs.records import JobRecord
 from corral.jobs.spec import JobSpec, check_labels
 from corral.limits import Limits
+from corral.states import JOB_STATES
 from corral.store import Store, Team
-from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
+from corral.store.job_logs import LogChunkRow
+from corral.store.job_rows import JobEventRow, JobRow
 from corral.store.pages import check_page_size
-from corral.store.schema import JOB_STATES
 from corral.store.teams import check_totals
 
 T = TypeVar("T", LogChunkRow, JobEventRow)
@@ -135,8 +138,8 @@ class JobQueue:
 
     async def submit(
         self, team: Team, spec: JobSpec, idempotency_key: str = ""
-    ) -> tuple[JobRow, bool, str]:
-        """Queue a job: (its row, whether this call created it, its callback secret)."""
+    ) -> tuple[JobRecord, bool, str]:
+        """Queue a job: (the job, whether this call created it, its callback secret)."""
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY or "\0" in idempotency_key:
             raise InvalidRequest(
                 f"idempotency_key is {len(idempotency_key)} characters; "
@@ -195,9 +198,13 @@ class JobQueue:
         stored, created = self.store.insert_job(row)
         if created:
             self.signals.queued()
-        return stored, created, (secret or "") if created else ""
+        return self._record(stored), created, (secret or "") if created else ""
 
-    def get(self, team: Team, job_id: str) -> JobRow:
+    def get(self, team: Team, job_id: str) -> JobRecord:
+        return self._record(self._row(team, job_id))
+
+    def _row(self, team: Team, job_id: str) -> JobRow:
+        """The team's job as stored; NotFound for another team's."""
         row = self.store.job(job_id) if isinstance(job_id, str) and job_id else None
         if row is None or row.team_id != team.id:
             raise self._not_found(job_id)
@@ -222,11 +229,11 @@ class JobQueue:
         template: str = "",
         page_size: int = 100,
         page_token: str = "",
-    ) -> tuple[list[JobRow], str]:
+    ) -> tuple[list[JobRecord], str]:
         unknown = [s for s in states if s not in JOB_STATES]
         if unknown:
             raise InvalidRequest(f"unknown states {unknown}; use some of {', '.join(JOB_STATES)}")
-        return self.store.list_jobs(
+        rows, token = self.store.list_jobs(
             team.id,
             states=states,
             labels=check_labels(labels or {}),
@@ -234,19 +241,20 @@ class JobQueue:
             page_size=check_page_size(page_size),
             page_token=page_token,
         )
+        return self._records(rows), token
 
-    def cancel(self, team: Team, job_id: str, reason: str = "") -> JobRow:
-        row = self.get(team, job_id)
+    def cancel(self, team: Team, job_id: str, reason: str = "") -> JobRecord:
+        row = self._row(team, job_id)
         if row.final:
-            return row
+            return self._record(row)
         reason = (reason or "by request")[:500]
         updated = self.store.cancel_job(row.id, reason)
         assert updated is not None
         self.signals.cancel(row.id)
         self.signals.changed(row.id)
-        return updated
+        return self._record(updated)
 
-    async def wait_final(self, job_id: str, timeout: float) -> JobRow:
+    async def wait_final(self, job_id: str, timeout: float) -> JobRecord:
         """The job once it has ended, or as it is after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
@@ -256,13 +264,13 @@ class JobQueue:
                 raise self._not_found(job_id)
             left = deadline - time.monotonic()
             if row.final or left <= 0:
-                return row
+                return self._record(row)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), min(left, POLL_SECONDS))
 
-    def retry(self, team: Team, job_id: str) -> JobRow:
-        row = self.get(team, job_id)
-        if not row.final:
+    def retry(self, team: Team, job_id: str) -> JobRecord:
+        row = self._row(team, job_id)
+        if not may_retry_by_request(row.state):
             raise InvalidRequest(
                 f"job {job_id} is {row.state}; only a finished job can be retried "
                 "(cancel it first to start over)"
@@ -271,10 +279,17 @@ class JobQueue:
         assert updated is not None
         self.signals.queued()
         self.signals.changed(row.id)
-        return updated
+        return self._record(updated)
 
-    def callbacks(self, rows: Sequence[JobRow]) -> dict[str, CallbackCounts]:
-        return self.store.callback_counts([r.id for r in rows if r.callback_url])
+    def _record(self, row: JobRow) -> JobRecord:
+        (record,) = self._records([row])
+        return record
+
+    def _records(self, rows: Sequence[JobRow]) -> list[JobRecord]:
+        """The jobs as the service shows them, with their callbacks' delivery counts."""
+        counts = self.store.callback_counts([r.id for r in rows if r.callback_url])
+        limit = self.settings.job_log_limit
+        return [JobRecord.from_row(r, counts.get(r.id), limit) for r in rows]
 
     # -- following ----------------------------------------------------------------------
 
@@ -286,7 +301,7 @@ class JobQueue:
         offset: int = 0,
         follow: bool = False,
         stop: asyncio.Event | None = None,
-    ) -> AsyncIterator[tuple[list[LogChunkRow], JobRow | None]]:
+    ) -> AsyncIterator[tuple[list[LogChunkRow], JobRecord | None]]:
         """Batches of log chunks from `offset`; the last batch carries the finished job
         when the stream ended because the job did (always with `follow`). A follow also
         ends, within a poll, once `stop` is set (its reader went away)."""
@@ -309,7 +324,7 @@ class JobQueue:
         offset: int = 0,
         follow: bool = False,
         stop: asyncio.Event | None = None,
-    ) -> AsyncIterator[tuple[list[JobEventRow], JobRow | None]]:
+    ) -> AsyncIterator[tuple[list[JobEventRow], JobRecord | None]]:
         def read(job_id: str, offset: int) -> list[JobEventRow]:
             return self.store.job_events(job_id, offset, PAGE_ROWS)
 
@@ -329,11 +344,11 @@ class JobQueue:
         stop: asyncio.Event | None,
         read: _Reader[T],
         end: Callable[[JobRow], int],
-    ) -> AsyncIterator[tuple[list[T], JobRow | None]]:
+    ) -> AsyncIterator[tuple[list[T], JobRecord | None]]:
         """Pages of rows from `read`; `end` is the job's next seq of them."""
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest(f"offset={offset!r} must be a whole number >= 0")
-        self.get(team, job_id)
+        self._row(team, job_id)
         while stop is None or not stop.is_set():
             wake = self.signals.watch(job_id)
             # The job's state is read before its rows: if it had ended, every row it will
@@ -350,7 +365,7 @@ class JobQueue:
                 yield rows, None
                 continue
             if job.final or not follow:
-                yield rows, job if job.final else None
+                yield rows, self._record(job) if job.final else None
                 return
             if rows:
                 yield rows, None

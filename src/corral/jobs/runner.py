@@ -14,17 +14,19 @@ import asyncio
 import logging
 import posixpath
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from corral import logs
 from corral.errors import CapacityExceeded, CorralError
-from corral.isolation import Entrypoint, Limits, Sandbox, SeedFile
+from corral.isolation import Entrypoint, Limits, SeedFile
+from corral.job_lifecycle import StopReason
 from corral.jobs.queue import JobSignals
-from corral.jobs.spec import LANGUAGES, JobSpec, Step
+from corral.jobs.sandbox import JobSandbox, JobSandboxes, source_path
+from corral.jobs.spec import JobSpec, Step
 from corral.store import Store
-from corral.store.jobs import Attempt, NewEvent
+from corral.store.job_rows import Attempt, NewEvent
 
 log = logging.getLogger("corral.jobs")
 R = TypeVar("R")
@@ -73,13 +75,13 @@ class AttemptLost(Exception):
 
 
 class Stop:
-    """Why a running attempt must stop early: "cancel", "lost" or "shutdown"."""
+    """Why a running attempt must stop early (`StopReason`), once it must."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.why = ""
+        self.why: StopReason | Literal[""] = ""
 
-    def set(self, why: str) -> None:
+    def set(self, why: StopReason) -> None:
         if not self.why:
             self.why = why
         self.event.set()
@@ -134,12 +136,6 @@ class LogWriter:
         self.signals.changed(self.attempt.job_id)
 
 
-# A sandbox for the spec: a warm one with a guest agent when one is ready; else one-shot,
-# running the entrypoint, when it is given and the tier can; else a new one with an agent.
-# `sandbox.entry` says which.
-Acquire = Callable[[JobSpec, Entrypoint | None], Awaitable[Sandbox]]
-
-
 class AttemptRunner:
     """Runs one attempt; `run()` returns its Outcome and always destroys the sandbox."""
 
@@ -150,7 +146,7 @@ class AttemptRunner:
         policy: Policy,
         attempt: Attempt,
         spec: JobSpec,
-        acquire: Acquire,
+        sandboxes: JobSandboxes,
         stop: Stop,
     ) -> None:
         self.store = store
@@ -158,7 +154,7 @@ class AttemptRunner:
         self.policy = policy
         self.attempt = attempt
         self.spec = spec
-        self.acquire = acquire
+        self.sandboxes = sandboxes
         self.stop = stop
         self.logs = LogWriter(store, attempt, policy.log_limit, signals)
         self.workdir = spec.workdir or policy.workdir
@@ -168,18 +164,16 @@ class AttemptRunner:
 
     async def run(self) -> Outcome:
         deadline = time.monotonic() + self.timeout
-        sandbox: Sandbox | None = None
+        sandbox: JobSandbox | None = None
         try:
-            entrypoint = self._entrypoint(deadline)
             try:
-                sandbox = await self._until_stopped(self.acquire(self.spec, entrypoint), deadline)
+                sandbox = await self._until_stopped(self._open(deadline), deadline)
             except CapacityExceeded as exc:
                 return Outcome("no_room", str(exc))
             if sandbox is None:
                 return self._stopped(None, "while its sandbox started")
-            logs.bind(sandbox_id=sandbox.id)  # the job's later lines name its sandbox
-            if sandbox.entry is None:
-                await self._place_files(sandbox)
+            logs.bind(sandbox_id=sandbox.sandbox.id)  # the job's later lines name its sandbox
+            await sandbox.place_files(self.workdir, self.spec.files, bool(self.spec.workdir))
             return await self._steps(sandbox, deadline)
         except AttemptLost:
             return Outcome("lost", "the job's lease was lost")
@@ -212,9 +206,20 @@ class AttemptRunner:
             result = await task
         except asyncio.CancelledError:
             return None
-        if isinstance(result, Sandbox):  # it started just as we gave up
+        if isinstance(result, JobSandbox):  # it started just as we gave up
             await result.destroy()
         return None
+
+    def _open(self, deadline: float) -> Awaitable[JobSandbox]:
+        """The attempt's sandbox as the spec asks, the policy filling what it leaves out."""
+        return self.sandboxes.open(
+            self.attempt.job_id,
+            template=self.spec.template or self.policy.template,
+            isolation=self.spec.isolation or self.policy.isolation,
+            limits=self.policy.limits_for(self.spec),
+            network=self.spec.network or self.policy.network,
+            entrypoint=self._entrypoint(deadline),
+        )
 
     def _entrypoint(self, deadline: float) -> Entrypoint | None:
         """A job of one command needs no guest agent: its sandbox can start as that
@@ -226,7 +231,7 @@ class AttemptRunner:
             SeedFile(posixpath.join(self.workdir, f.path), f.content, f.mode)
             for f in self.spec.files
         ]
-        source = _source_path(0, step)
+        source = source_path(0, step)
         if source:
             files.append(SeedFile(source, step.workload.code.encode(), 0o600))
         return Entrypoint(
@@ -241,14 +246,7 @@ class AttemptRunner:
     def _env(self, step: Step) -> dict[str, str]:
         return {**self.job_env, **self.spec.env, **step.env}
 
-    async def _place_files(self, sandbox: Sandbox) -> None:
-        if self.spec.workdir:
-            await sandbox.make_dir(self.workdir)
-        for f in self.spec.files:
-            path = posixpath.join(self.workdir, f.path)
-            await sandbox.write_file(path, f.content, mode=f.mode)
-
-    async def _steps(self, sandbox: Sandbox, deadline: float) -> Outcome:
+    async def _steps(self, sandbox: JobSandbox, deadline: float) -> Outcome:
         workflow = self.spec.kind == "workflow"
         failed: Outcome | None = None
         exit_code: int | None = None
@@ -285,24 +283,19 @@ class AttemptRunner:
             return Outcome("succeeded", "every step succeeded", exit_code)
         return Outcome("succeeded", "exited with code 0", exit_code)
 
-    async def _step(self, sandbox: Sandbox, index: int, step: Step, deadline: float) -> Outcome:
+    async def _step(self, sandbox: JobSandbox, index: int, step: Step, deadline: float) -> Outcome:
         label = f"{step.label(index)}: " if self.spec.kind == "workflow" else ""
         left = deadline - time.monotonic()
         if left <= 0:
             return Outcome("timed_out", f"{label}timed out: the job's {self.timeout}s ran out")
-        if sandbox.entry is not None:
-            command = sandbox.entry  # started as the sandbox, with the job's timeout
-        else:
-            source = _source_path(index, step)
-            if source:
-                await sandbox.write_file(source, step.workload.code.encode(), mode=0o600)
-            command = await sandbox.exec(
-                step.workload.argv(source),
-                env=self._env(step),
-                cwd=self.workdir,
-                timeout=min(float(step.timeout), left) if step.timeout else left,
-                output_limit=EXEC_OUTPUT_LIMIT,
-            )
+        command = await sandbox.start(
+            index,
+            step,
+            env=self._env(step),
+            cwd=self.workdir,
+            timeout=min(float(step.timeout), left) if step.timeout else left,
+            output_limit=EXEC_OUTPUT_LIMIT,
+        )
 
         async def pump() -> None:
             async for chunk in command:
@@ -356,10 +349,3 @@ class AttemptRunner:
         if self.stop.why:
             return Outcome(self.stop.why, f"stopped {when}: {self.stop.why}", exit_code)
         return Outcome("timed_out", f"timed out {when}: the job's {self.timeout}s ran out")
-
-
-def _source_path(index: int, step: Step) -> str:
-    """Where a code step's source is put in the sandbox ("" for other steps)."""
-    if not step.workload.code:
-        return ""
-    return f"/tmp/.corral-job/step-{index}{LANGUAGES[step.workload.language][1]}"

@@ -15,7 +15,7 @@ from corral.jobs.queue import JobQueue, JobSignals
 from corral.jobs.retention import Retention
 from corral.jobs.worker import Worker
 from corral.store import Store
-from corral.store.jobs import JobRow
+from corral.store.job_rows import JobRow
 
 
 class JobRuntime:

@@ -36,28 +36,20 @@ from datetime import UTC, datetime, timedelta
 from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
-from corral.errors import CorralError
-from corral.isolation import Engine, Entrypoint, Limits, Sandbox
+from corral.isolation import Engine
 from corral.isolation.footprint import process_start_time
+from corral.job_lifecycle import MAX_LOST, retries, retry_delay, room_wait
 from corral.jobs.queue import POLL_SECONDS, JobSignals, never_fits
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
+from corral.jobs.sandbox import JobSandboxes
 from corral.jobs.spec import JobSpec
 from corral.sandboxes.pool import WarmPool
 from corral.store import Store
-from corral.store.jobs import Attempt, JobRow
+from corral.store.job_rows import Attempt, JobRow
 
 log = logging.getLogger("corral.jobs")
 
-# A job is marked lost when its third worker is lost (the README says "after 3 lost
-# workers it is `lost`"); lost workers do not spend its retries.
-MAX_LOST = 3
-MAX_BACKOFF_SECONDS = 3600.0
 SHUT_DOWN = "requeued: its worker shut down"
-# A job whose sandbox the host has no room for yet goes back to the queue, unspent, and is
-# claimed again this long after, doubled at each wait up to the maximum: room comes back
-# as other sandboxes end, and a worker must not spin on a full host meanwhile.
-ROOM_WAIT_SECONDS = 1.0
-MAX_ROOM_WAIT_SECONDS = 10.0
 
 
 def worker_name() -> str:
@@ -73,11 +65,6 @@ def _dead_local_worker(name: str) -> bool:
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     return str(process_start_time(int(pid_text)) or "") != start
-
-
-def retry_delay(spec: JobSpec, attempt: int) -> float:
-    """Exponential backoff: the spec's first delay (1 s by default), doubled per retry."""
-    return float(min(MAX_BACKOFF_SECONDS, (spec.retry_backoff or 1.0) * 2 ** (attempt - 1)))
 
 
 class Worker:
@@ -121,13 +108,11 @@ class Worker:
             self.policy.isolation,
             may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
         )
+        self.sandboxes = JobSandboxes(engine, self.pool)
         self.isolations = self._isolations()
         self._running: dict[str, Stop] = {}
         # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
         self._waiting_for_room: dict[str, None] = {}
-        # Memory of the jobs claimed whose sandbox is not yet in the host's ledger: the
-        # next claim must not hand it out again.
-        self._unadmitted: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -182,13 +167,12 @@ class Worker:
             claimed: list[JobRow] = []
             if free > 0:
                 try:
-                    room = self.engine.free_memory_mib() - sum(self._unadmitted.values())
                     claimed = self.store.claim_jobs(
                         self.name,
                         self.isolations,
                         free,
                         self.lease,
-                        room_mib=room,
+                        room_mib=self.sandboxes.free_memory_mib(),
                         capacity_mib=self.engine.memory_capacity.mib,
                     )
                 except Exception:
@@ -239,7 +223,7 @@ class Worker:
                 extra={"job_id": row.id, "state": row.state, "reason": row.state_reason},
             )
             self.signals.changed(row.id)
-            if row.state == "queued":
+            if not row.final:  # queued again
                 self.signals.queued()
             elif self.on_end is not None:
                 self.on_end(row)
@@ -248,7 +232,7 @@ class Worker:
 
     def _start_run(self, row: JobRow) -> None:
         self._waiting_for_room.pop(row.id, None)
-        self._unadmitted[row.id] = row.memory_mib
+        self.sandboxes.claimed(row.id, row.memory_mib)
         stop = Stop()
         self._running[row.id] = stop
         self.signals.cancels[row.id] = lambda: stop.set("cancel")
@@ -265,15 +249,8 @@ class Worker:
             if row.cancel_reason is not None:  # canceled between the claim and now
                 stop.set("cancel")
             spec = JobSpec.from_dict(row.spec)
-
-            async def acquire(spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
-                try:
-                    return await self._acquire(spec, entrypoint)
-                finally:  # in the ledger now (or refused): counted there, not here
-                    self._unadmitted.pop(row.id, None)
-
             runner = AttemptRunner(
-                self.store, self.signals, self.policy, attempt, spec, acquire, stop
+                self.store, self.signals, self.policy, attempt, spec, self.sandboxes, stop
             )
             outcome = await runner.run()
             freed = outcome.state != "no_room"
@@ -286,7 +263,7 @@ class Worker:
                 self.store.end_attempt(attempt, "failed", f"failed: {exc}", exit_code=None)
         finally:
             self._running.pop(row.id, None)
-            self._unadmitted.pop(row.id, None)
+            self.sandboxes.forget(row.id)
             self.signals.cancels.pop(row.id, None)
             self.signals.changed(row.id)
             if freed:
@@ -303,8 +280,8 @@ class Worker:
         if outcome.state == "no_room":
             return self._wait_for_room(row, spec, attempt, outcome.reason)
         retry_at = None
-        if outcome.state in ("failed", "timed_out") and row.attempt < row.max_attempts:
-            delay = retry_delay(spec, row.attempt)
+        if retries(outcome.state, row.attempt, row.max_attempts):
+            delay = retry_delay(spec.retry_backoff, row.attempt)
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
         ended = self.store.end_attempt(
             attempt, outcome.state, outcome.reason, exit_code=outcome.exit_code, retry_at=retry_at
@@ -325,7 +302,7 @@ class Worker:
         if never_fits(memory_mib, capacity) is not None:
             return self.store.end_attempt(attempt, "failed", f"failed: {why}", exit_code=None)
         waits = self.store.count_events(row.id, "requeued")
-        delay = min(MAX_ROOM_WAIT_SECONDS, ROOM_WAIT_SECONDS * 2 ** min(waits, 16))
+        delay = room_wait(waits)
         run_after = datetime.now(UTC) + timedelta(seconds=delay)
         log.info(
             "job waits for host memory",
@@ -343,7 +320,7 @@ class Worker:
                 "run_after": run_after.isoformat(),
             },
         )
-        if released is not None and released.state == "queued":
+        if released is not None and not released.final:
             self._waiting_for_room[row.id] = None
         return released
 
@@ -359,31 +336,3 @@ class Worker:
             self.store.make_due(job_id)
         except Exception:  # it is claimed at its run_after instead
             log.exception("waking a job that waits for room failed", extra={"job_id": job_id})
-
-    async def _acquire(self, spec: JobSpec, entrypoint: Entrypoint | None) -> Sandbox:
-        """A sandbox as the spec (filled by the policy) asks: a warm one from the pool when
-        one is ready and fits; else one-shot, running `entrypoint`, where the tier can;
-        else a new one."""
-        template = spec.template or self.policy.template
-        isolation = spec.isolation or self.policy.isolation
-        limits: Limits = self.policy.limits_for(spec)
-        network = spec.network or self.policy.network
-        if (too_big := never_fits(limits.memory_mib, self.engine.memory_capacity)) is not None:
-            raise too_big  # before the engine destroys warm spares to make room in vain
-        backend = self.engine.backend(isolation)
-        if network == "none" and self.pool.fits(template, backend.name, limits):
-            pooled = self.pool.claim()
-            if pooled is not None:
-                try:
-                    await self.engine.set_limits(pooled, limits)
-                    return pooled
-                except CorralError as exc:
-                    log.warning("pooled sandbox refused the job's limits: %s", exc)
-                    await pooled.destroy()
-        return await self.engine.create(
-            template=template,
-            limits=limits,
-            network=network,
-            isolation=isolation,
-            entrypoint=entrypoint if backend.entrypoints else None,
-        )

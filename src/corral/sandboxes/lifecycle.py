@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from corral.errors import CorralError, InvalidRequest, SandboxNotRunning
 from corral.isolation.footprint import process_start_time
 from corral.sandboxes.live import LiveSandbox, utc
-from corral.sandboxes.options import LIVE_STATES
+from corral.states import LIVE_SANDBOX_STATES
 from corral.store import SandboxRow, Store
 
 log = logging.getLogger("corral.sandboxes")
@@ -78,7 +78,7 @@ class LiveSandboxes:
                 continue
             if process_start_time(row.owner_pid) == row.owner_start:
                 continue  # another server, alive: its sandboxes are its business
-            if self.store.transition(row.id, "failed", ORPHANED, from_states=LIVE_STATES):
+            if self.store.transition(row.id, "failed", ORPHANED, from_states=LIVE_SANDBOX_STATES):
                 failed += 1
                 log.warning(
                     "sandbox marked failed: its server died",
@@ -156,7 +156,7 @@ class LiveSandboxes:
             entry.id,
             state,
             reason,
-            from_states=LIVE_STATES,
+            from_states=LIVE_SANDBOX_STATES,
             last_activity_at=utc(entry.last_activity),
         )
         log.info("sandbox ended", extra={"sandbox_id": entry.id, "reason": reason})

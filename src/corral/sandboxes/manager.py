@@ -40,8 +40,6 @@ from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
 from corral.sandboxes.live import LiveSandbox, utc
 from corral.sandboxes.metrics import MetricRings, check_range, stored_series
 from corral.sandboxes.options import (
-    LIVE_STATES,
-    STATES,
     CreateOptions,
     SandboxRecord,
     check_metadata,
@@ -49,6 +47,7 @@ from corral.sandboxes.options import (
     limits_json,
 )
 from corral.sandboxes.pool import WarmPool
+from corral.states import LIVE_SANDBOX_STATES, SANDBOX_STATES
 from corral.store import MetricPoint, SandboxRow, Store, Team
 from corral.store.pages import check_page_size
 
@@ -318,7 +317,7 @@ class SandboxManager:
         if entry is not None and entry.team_id == team.id:
             return entry
         row = self._owned(team, sandbox_id)
-        if row.state in LIVE_STATES:
+        if row.state in LIVE_SANDBOX_STATES:
             raise SandboxNotRunning(
                 f"sandbox {sandbox_id} is run by another server process "
                 f"(pid {row.owner_pid} on {row.owner_host})"
@@ -340,12 +339,14 @@ class SandboxManager:
         page_token: str = "",
     ) -> tuple[list[SandboxRecord], str]:
         """A page of the team's sandboxes, oldest first, and the next page's token ("": last)."""
-        unknown = [s for s in states if s not in STATES]
+        unknown = [s for s in states if s not in SANDBOX_STATES]
         if unknown:
-            raise InvalidRequest(f"unknown states {unknown}; use some of {', '.join(STATES)}")
+            raise InvalidRequest(
+                f"unknown states {unknown}; use some of {', '.join(SANDBOX_STATES)}"
+            )
         rows, token = self.store.list_sandboxes(
             team.id,
-            states=list(states or LIVE_STATES),
+            states=list(states or LIVE_SANDBOX_STATES),
             metadata=check_metadata(metadata or {}),
             page_size=check_page_size(page_size),
             page_token=page_token,

@@ -10,11 +10,9 @@ from typing import Literal, cast
 
 from corral.errors import InvalidRequest
 from corral.isolation import Limits, SandboxSpec
+from corral.states import SandboxState
 from corral.store import SandboxRow
 
-State = Literal["creating", "running", "paused", "killed", "failed"]
-STATES: tuple[State, ...] = ("creating", "running", "paused", "killed", "failed")
-LIVE_STATES: tuple[State, ...] = ("creating", "running", "paused")
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MAX_METADATA = 64
 MAX_METADATA_KEY = 128
@@ -91,7 +89,7 @@ class SandboxRecord:
     team_id: str
     template: str
     isolation: str
-    state: State
+    state: SandboxState
     # Why it is in this state: "created", "paused: idle for 300s", "killed: timeout" …
     state_reason: str
     metadata: dict[str, str]
@@ -109,7 +107,7 @@ class SandboxRecord:
             team_id=row.team_id,
             template=row.template,
             isolation=row.isolation,
-            state=cast(State, row.state),
+            state=cast(SandboxState, row.state),
             state_reason=row.state_reason,
             metadata=dict(row.metadata),
             limits=Limits(**row.limits),

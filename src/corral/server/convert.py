@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from corral._state_enums import SANDBOX_STATE_NUMBERS
 from corral.errors import InvalidRequest
 from corral.isolation import Limits
 from corral.v1 import sandbox_pb2 as pb
@@ -22,14 +23,6 @@ if TYPE_CHECKING:
 _MAX_PATH = 4096
 _MAX_ID = 64
 
-STATES = {
-    "creating": pb.SANDBOX_STATE_CREATING,
-    "running": pb.SANDBOX_STATE_RUNNING,
-    "paused": pb.SANDBOX_STATE_PAUSED,
-    "killed": pb.SANDBOX_STATE_KILLED,
-    "failed": pb.SANDBOX_STATE_FAILED,
-}
-STATE_NAMES = {number: name for name, number in STATES.items()}
 IDLE_ACTIONS = {"pause": pb.IDLE_ACTION_PAUSE, "kill": pb.IDLE_ACTION_KILL}
 IDLE_ACTION_NAMES = {
     pb.IDLE_ACTION_UNSPECIFIED: "pause",
@@ -66,7 +59,7 @@ def sandbox(record: SandboxRecord) -> pb.Sandbox:
         id=record.id,
         template=record.template,
         isolation=record.isolation,
-        state=STATES.get(record.state, pb.SANDBOX_STATE_UNSPECIFIED),
+        state=SANDBOX_STATE_NUMBERS.get(record.state, pb.SANDBOX_STATE_UNSPECIFIED),
         state_reason=record.state_reason,
         metadata=record.metadata,
         limits=pb.Limits(

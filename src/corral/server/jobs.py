@@ -8,26 +8,19 @@ from typing import Any, TypeVar
 from connectrpc.request import RequestContext
 from google.protobuf.struct_pb2 import Struct
 
+from corral._state_enums import JOB_STATE_NAMES, JOB_STATE_NUMBERS
 from corral.errors import InvalidRequest, ServerUnavailable
 from corral.jobs.queue import JobQueue
+from corral.jobs.records import JobRecord
 from corral.jobs.spec import JobSpec
 from corral.server import convert, disconnect
 from corral.server.base import Handlers
-from corral.store.jobs import CallbackCounts, JobEventRow, JobRow, LogChunkRow
+from corral.store.job_logs import LogChunkRow
+from corral.store.job_rows import JobEventRow
 from corral.v1 import jobs_pb2 as pb
 
 Ctx = RequestContext[Any, Any]
 
-STATES = {
-    "queued": pb.JOB_STATE_QUEUED,
-    "running": pb.JOB_STATE_RUNNING,
-    "succeeded": pb.JOB_STATE_SUCCEEDED,
-    "failed": pb.JOB_STATE_FAILED,
-    "timed_out": pb.JOB_STATE_TIMED_OUT,
-    "canceled": pb.JOB_STATE_CANCELED,
-    "lost": pb.JOB_STATE_LOST,
-}
-STATE_NAMES = {number: name for name, number in STATES.items()}
 _MAX_PAGE = 1000
 # How long Cancel waits for a running job to stop: a worker in this process stops it at
 # once; one elsewhere at its next heartbeat (a third of its lease), and Cancel may answer
@@ -35,43 +28,39 @@ _MAX_PAGE = 1000
 CANCEL_WAIT = 5.0
 
 
-def job_message(
-    row: JobRow, callbacks: CallbackCounts | None, log_limit: int, *, file_contents: bool = True
-) -> pb.Job:
+def job_message(job: JobRecord, *, file_contents: bool = True) -> pb.Job:
     """The API's view of a job; List leaves files' contents out (a page of jobs with
     megabytes of files each would not fit a response)."""
-    spec = JobSpec.from_dict(row.spec)
     message = pb.Job(
-        id=row.id,
-        state=STATES[row.state],
-        state_reason=row.state_reason,
-        spec=spec.to_proto(),
-        attempt=row.attempt,
-        max_attempts=row.max_attempts,
-        created_at=convert.timestamp(row.created_at),
-        started_at=convert.timestamp(row.started_at),
-        finished_at=convert.timestamp(row.finished_at),
-        worker=row.worker or "",
-        log_bytes=row.log_bytes,
-        log_truncated=row.log_truncated,
-        log_limit_bytes=log_limit,
-        idempotency_key=row.idempotency_key or "",
-        run_after=convert.timestamp(row.run_after) if row.state == "queued" else None,
+        id=job.id,
+        state=JOB_STATE_NUMBERS[job.state],
+        state_reason=job.state_reason,
+        spec=job.spec.to_proto(),
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        created_at=convert.timestamp(job.created_at),
+        started_at=convert.timestamp(job.started_at),
+        finished_at=convert.timestamp(job.finished_at),
+        worker=job.worker or "",
+        log_bytes=job.log_bytes,
+        log_truncated=job.log_truncated,
+        log_limit_bytes=job.log_limit_bytes,
+        idempotency_key=job.idempotency_key or "",
+        run_after=convert.timestamp(job.run_after) if job.run_after is not None else None,
     )
     if not file_contents:
         for f in message.spec.files:
             f.content = b""
-    if row.exit_code is not None:
-        message.exit_code = row.exit_code
-    if row.callback_url:
-        counts = callbacks or CallbackCounts()
+    if job.exit_code is not None:
+        message.exit_code = job.exit_code
+    if job.callback is not None:
         message.callback.CopyFrom(
             pb.CallbackStatus(
-                url=row.callback_url,
-                delivered=counts.delivered,
-                pending=counts.pending,
-                failed=counts.failed,
-                last_error=counts.last_error,
+                url=job.callback.url,
+                delivered=job.callback.delivered,
+                pending=job.callback.pending,
+                failed=job.callback.failed,
+                last_error=job.callback.last_error,
             )
         )
     return message
@@ -82,7 +71,7 @@ Message = TypeVar("Message", pb.StreamJobLogsResponse, pb.StreamJobEventsRespons
 
 
 async def _messages(
-    batches: AsyncIterator[tuple[list[Row], JobRow | None]],
+    batches: AsyncIterator[tuple[list[Row], JobRecord | None]],
     message: Callable[[list[Row]], Message],
 ) -> AsyncIterator[Message]:
     """One stream message per non-empty batch; the last says how the job ended."""
@@ -90,7 +79,7 @@ async def _messages(
         if rows or final is not None:
             out = message(rows)
             if final is not None:
-                out.final_state = STATES[final.state]
+                out.final_state = JOB_STATE_NUMBERS[final.state]
             yield out
 
 
@@ -128,34 +117,28 @@ class JobHandlers(Handlers):
             raise ServerUnavailable("the Corral server is starting or stopping; try again")
         return self._services.jobs
 
-    def _job(self, row: JobRow) -> pb.Job:
-        queue = self._queue
-        counts = queue.callbacks([row]).get(row.id)
-        return job_message(row, counts, queue.settings.job_log_limit)
-
     async def submit(self, request: pb.SubmitJobRequest, ctx: Ctx) -> pb.SubmitJobResponse:
         team = self._team(ctx)
         if not request.HasField("spec"):
             raise InvalidRequest("spec is missing: say what to run (kind and its fields)")
         spec = JobSpec.from_proto(request.spec)
-        row, created, secret = await self._queue.submit(team, spec, request.idempotency_key)
-        return pb.SubmitJobResponse(job=self._job(row), callback_secret=secret, created=created)
+        job, created, secret = await self._queue.submit(team, spec, request.idempotency_key)
+        return pb.SubmitJobResponse(job=job_message(job), callback_secret=secret, created=created)
 
     async def get(self, request: pb.GetJobRequest, ctx: Ctx) -> pb.GetJobResponse:
         team = self._team(ctx)
-        return pb.GetJobResponse(job=self._job(self._queue.get(team, request.job_id)))
+        return pb.GetJobResponse(job=job_message(self._queue.get(team, request.job_id)))
 
     async def list(self, request: pb.ListJobsRequest, ctx: Ctx) -> pb.ListJobsResponse:
         team = self._team(ctx)
         states = []
         for state in request.states:
-            if state not in STATE_NAMES:
+            if state not in JOB_STATE_NAMES:
                 raise InvalidRequest(f"states has {state}, which is not a JobState")
-            states.append(STATE_NAMES[state])
+            states.append(JOB_STATE_NAMES[state])
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise InvalidRequest(f"page_size={request.page_size} is out of range: use 0 to 1000")
-        queue = self._queue
-        rows, token = queue.list_jobs(
+        jobs, token = self._queue.list_jobs(
             team,
             states=states,
             labels=dict(request.labels),
@@ -163,10 +146,8 @@ class JobHandlers(Handlers):
             page_size=request.page_size or 100,
             page_token=request.page_token,
         )
-        counts = queue.callbacks(rows)
-        limit = queue.settings.job_log_limit
         return pb.ListJobsResponse(
-            jobs=[job_message(r, counts.get(r.id), limit, file_contents=False) for r in rows],
+            jobs=[job_message(job, file_contents=False) for job in jobs],
             next_page_token=token,
         )
 
@@ -204,11 +185,11 @@ class JobHandlers(Handlers):
 
     async def cancel(self, request: pb.CancelJobRequest, ctx: Ctx) -> pb.CancelJobResponse:
         team = self._team(ctx)
-        row = self._queue.cancel(team, request.job_id, request.reason)
-        if not row.final:  # running: answer once its worker has stopped it, if that is soon
-            row = await self._queue.wait_final(row.id, CANCEL_WAIT)
-        return pb.CancelJobResponse(job=self._job(row))
+        job = self._queue.cancel(team, request.job_id, request.reason)
+        if not job.final:  # running: answer once its worker has stopped it, if that is soon
+            job = await self._queue.wait_final(job.id, CANCEL_WAIT)
+        return pb.CancelJobResponse(job=job_message(job))
 
     async def retry(self, request: pb.RetryJobRequest, ctx: Ctx) -> pb.RetryJobResponse:
         team = self._team(ctx)
-        return pb.RetryJobResponse(job=self._job(self._queue.retry(team, request.job_id)))
+        return pb.RetryJobResponse(job=job_message(self._queue.retry(team, request.job_id)))

@@ -6,6 +6,7 @@ from typing import Any, Literal, cast
 
 from connectrpc.request import RequestContext
 
+from corral._state_enums import SANDBOX_STATE_NAMES
 from corral.errors import InvalidRequest
 from corral.sandboxes import CreateOptions
 from corral.server import convert
@@ -45,9 +46,9 @@ class LifecycleHandlers(Handlers):
         team = self._team(ctx)
         states = []
         for state in request.states:
-            if state not in convert.STATE_NAMES:
+            if state not in SANDBOX_STATE_NAMES:
                 raise InvalidRequest(f"states has {state}, which is not a SandboxState")
-            states.append(convert.STATE_NAMES[state])
+            states.append(SANDBOX_STATE_NAMES[state])
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise InvalidRequest(f"page_size={request.page_size} is out of range: use 0 to 1000")
         records, next_token = await self._manager.list(

@@ -13,9 +13,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from corral.states import LIVE_SANDBOX_STATES
 from corral.store.database import Database
 from corral.store.pages import decode_token, encode_token
-from corral.store.schema import LIVE_STATES, sandbox_events, sandboxes
+from corral.store.schema import sandbox_events, sandboxes
 from corral.store.teams import check_totals, lock_team
 
 
@@ -71,7 +72,7 @@ class SandboxStore(Database):
             live = conn.execute(
                 sa.select(sandboxes.c.limits)
                 .where(sandboxes.c.team_id == row.team_id)
-                .where(sandboxes.c.state.in_(LIVE_STATES))
+                .where(sandboxes.c.state.in_(LIVE_SANDBOX_STATES))
             ).scalars()
             check_totals(team, row.limits, list(live))
             conn.execute(sandboxes.insert().values(**asdict(row)))
@@ -200,7 +201,7 @@ class SandboxStore(Database):
         with self._read() as conn:
             found = conn.execute(
                 sa.select(sandboxes)
-                .where(sandboxes.c.state.in_(LIVE_STATES))
+                .where(sandboxes.c.state.in_(LIVE_SANDBOX_STATES))
                 .order_by(sandboxes.c.created_at)
             )
             return [_row(r) for r in found]

@@ -15,9 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
-# Sandbox states, in the order of the state machine.
-SANDBOX_STATES = ("creating", "running", "paused", "killed", "failed")
-LIVE_STATES = ("creating", "running", "paused")
+from corral.states import JOB_STATES, SANDBOX_STATES
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -155,11 +153,6 @@ metric_points = sa.Table(
     sa.Column("pids", sa.Integer, nullable=False),
 )
 
-# Job states: queued → running → one of the final ones; a retry or a lost worker's
-# lease puts a job back to queued.
-JOB_STATES = ("queued", "running", "succeeded", "failed", "timed_out", "canceled", "lost")
-JOB_FINAL_STATES = ("succeeded", "failed", "timed_out", "canceled", "lost")
-
 jobs = sa.Table(
     "jobs",
     metadata,
@@ -209,7 +202,7 @@ jobs = sa.Table(
     # Retention: finished jobs, oldest first (only final jobs have a finished_at).
     sa.Index(None, "finished_at"),
 )
-# Claims (corral.store.jobs): a team's queued jobs in its own priority order, and the
+# Claims (corral.store.claims): a team's queued jobs in its own priority order, and the
 # count of its running ones.
 sa.Index(None, jobs.c.team_id, jobs.c.state, jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
 
