@@ -32,6 +32,39 @@ if TYPE_CHECKING:
 TEST_CGROUP_PARENT = "corral-test"
 
 
+# -- tiers: every test gets exactly one of unit, integration, acceptance ---------------------
+
+TIERS = ("unit", "integration", "acceptance")
+# Fixtures that bring up real engines, sandboxes, servers or kernel state: a test using any
+# of them (directly or through another fixture) is an integration test. `settings` is the
+# session's runtime dir for real engines and servers; unit tests use `store_settings`.
+INTEGRATION_FIXTURES = frozenset(
+    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime"}
+)
+# Markers that already say a test needs a real sandbox.
+INTEGRATION_MARKERS = ("sandbox", "hostile")
+
+
+def tier_of(item: pytest.Item) -> str:
+    """An explicit tier marker wins (the nearest one: function over class over module);
+    else a test is integration when it needs a sandbox or uses a fixture above; else unit."""
+    for marker in item.iter_markers():
+        if marker.name in TIERS:
+            return marker.name
+    if any(item.get_closest_marker(name) for name in INTEGRATION_MARKERS):
+        return "integration"
+    if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "integration"
+    return "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(item)
+        if not item.get_closest_marker(tier):
+            item.add_marker(tier)
+
+
 @pytest.fixture(scope="session")
 def settings() -> Iterator[Settings]:
     # Not under pytest's tmp_path: its parents are mode 0700, which the sandboxes' own

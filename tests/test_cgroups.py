@@ -740,6 +740,7 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+@pytest.mark.integration
 def test_host_limits_are_written(make: Callable[[CgroupLimits], Cgroup]) -> None:
     cgroup = make(CgroupLimits(memory_bytes=64 * MiB, cpu_quota=0.5, pids=32))
     assert all(os.path.isfile(p) for p in cgroup.procs_files())
@@ -758,6 +759,7 @@ def test_host_limits_are_written(make: Callable[[CgroupLimits], Cgroup]) -> None
         assert text(path, "pids.max") == "32"
 
 
+@pytest.mark.integration
 def test_host_memory_limit_can_be_raised_and_lowered(
     make: Callable[[CgroupLimits], Cgroup],
 ) -> None:
@@ -770,6 +772,7 @@ def test_host_memory_limit_can_be_raised_and_lowered(
         assert text(cgroup.directories()[0], "memory.max") == str(48 * MiB)
 
 
+@pytest.mark.integration
 def test_host_child_joins_every_hierarchy(
     host: CgroupDriver,
     make: Callable[[CgroupLimits], Cgroup],
@@ -784,6 +787,7 @@ def test_host_child_joins_every_hierarchy(
     assert len(inside) == len(cgroup.directories())  # v1: one line per hierarchy
 
 
+@pytest.mark.integration
 def test_host_memory_hog_is_oom_killed(
     make: Callable[[CgroupLimits], Cgroup], spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -795,6 +799,7 @@ def test_host_memory_hog_is_oom_killed(
     assert 32 * MiB <= usage.memory_peak_bytes <= 64 * MiB
 
 
+@pytest.mark.integration
 def test_host_fork_bomb_is_held_then_killed_and_destroyed(
     host: CgroupDriver, make: Callable[[CgroupLimits], Cgroup]
 ) -> None:
@@ -815,6 +820,7 @@ def test_host_fork_bomb_is_held_then_killed_and_destroyed(
         reaper.wait()
 
 
+@pytest.mark.integration
 def test_host_freeze_stops_cpu_time(
     make: Callable[[CgroupLimits], Cgroup], spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -832,6 +838,7 @@ def test_host_freeze_stops_cpu_time(
     assert cgroup.usage().cpu_seconds - before > 0.05
 
 
+@pytest.mark.integration
 def test_host_cpu_quota_caps_a_busy_loop(
     make: Callable[[CgroupLimits], Cgroup], spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -844,6 +851,7 @@ def test_host_cpu_quota_caps_a_busy_loop(
     assert 0.05 < cores < 0.3
 
 
+@pytest.mark.integration
 def test_host_list_open_and_idempotent_destroy(
     host: CgroupDriver,
     make: Callable[[CgroupLimits], Cgroup],
@@ -867,6 +875,7 @@ def test_host_list_open_and_idempotent_destroy(
     assert second.name in host.list()
 
 
+@pytest.mark.integration
 def test_kill_all_without_freezer_or_cgroup_kill_signals_through_pidfds(
     tmp_path: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:

@@ -13,6 +13,8 @@ import pytest
 from corral.config import Settings
 from tests.conftest import LiveServer, free_port
 
+pytestmark = pytest.mark.acceptance
+
 sandboxes = pytest.mark.usefixtures("sandbox_host")
 
 

@@ -15,6 +15,8 @@ import pytest
 from corral import __version__
 from tests.conftest import LiveServer, free_port
 
+pytestmark = pytest.mark.acceptance
+
 sandboxes = pytest.mark.usefixtures("sandbox_host")
 
 

@@ -18,7 +18,7 @@ from corral import AsyncSandbox, Sandbox
 from corral.errors import InvalidRequest
 from tests.conftest import LiveServer
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+pytestmark = [pytest.mark.acceptance, pytest.mark.usefixtures("sandbox_host")]
 
 
 @pytest.fixture

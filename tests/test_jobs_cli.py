@@ -18,7 +18,7 @@ import pytest
 from corral.config import Settings
 from tests.conftest import LiveServer, start_server
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+pytestmark = [pytest.mark.acceptance, pytest.mark.usefixtures("sandbox_host")]
 
 # The issue's example, as written: its `test` step fails (no tests in a fresh sandbox).
 ISSUE_EXAMPLE = """\
