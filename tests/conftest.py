@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +24,8 @@ import pytest
 from corral.config import Settings
 from corral.store import Store, Team
 from corral.store.jobs import JobRow
+from tests.kit import processes
+from tests.kit.polling import wait_until
 
 if TYPE_CHECKING:
     from corral.isolation import Engine, Sandbox
@@ -56,6 +57,16 @@ def tier_of(item: pytest.Item) -> str:
     if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
         return "integration"
     return "unit"
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes() -> Iterator[None]:
+    """No process a test spawned (through the kit) outlives it, even when it fails."""
+    start = processes.mark()
+    try:
+        yield
+    finally:
+        processes.reap_since(start)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -193,6 +204,17 @@ class LiveServer:
             stdin=subprocess.DEVNULL if input is None and stdin is None else stdin,
         )
 
+    def cli_process(self, *args: str) -> subprocess.Popen[str]:
+        """The `corral` CLI started in the background (a follower, a run to interrupt),
+        pointed at this server, its output in text pipes; reaped after the test."""
+        return processes.spawn(
+            [sys.executable, "-m", "corral.cli", *args],
+            env={**self.env, "CORRAL_SERVER": self.url, "CORRAL_API_KEY": self.key},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def new_team(self, name: str) -> str:
         """Create a team in this server's store; its new API key."""
         done = self.corral("admin", "team", "create", name)
@@ -202,13 +224,7 @@ class LiveServer:
         return done.stdout.strip().splitlines()[-1]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return processes.stop(self.process, sig, timeout)
 
 
 def start_server(
@@ -234,27 +250,36 @@ def start_server(
         env.pop(name, None)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
+    process = serve(port, env, log)
+    key = (data_dir / "default.key").read_text().strip()
+    return LiveServer(f"http://127.0.0.1:{port}", key, data_dir, env, process, log)
+
+
+def serve(port: int, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`corral server --port port` with `env`, its output appended to `log`, once it answers
+    /healthz (also how a test restarts a server on the same address)."""
     with log.open("ab") as sink:
-        process = subprocess.Popen(
+        process = processes.spawn(
             [sys.executable, "-m", "corral.cli", "server", "--port", str(port)],
             env=env,
             stdout=sink,
             stderr=sink,
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def answering() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"corral server exited {process.returncode}: {log.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                key = (data_dir / "default.key").read_text().strip()
-                return LiveServer(url, key, data_dir, env, process, log)
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"corral server did not answer in 30 s: {log.read_text()}")
+            return False
+
+    try:
+        wait_until(answering, "the corral server to answer /healthz")
+    except AssertionError as error:
+        processes.stop(process, signal.SIGKILL)
+        raise RuntimeError(f"{error}: {log.read_text()}") from None
+    return process
 
 
 @dataclass
@@ -265,13 +290,7 @@ class LiveWorker:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return processes.stop(self.process, sig, timeout)
 
 
 def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
@@ -279,18 +298,21 @@ def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
     env = {**server.env, **extra_env}
     log = server.data_dir.parent / f"worker-{secrets.token_hex(4)}.log"
     with log.open("ab") as sink:
-        process = subprocess.Popen(
+        process = processes.spawn(
             [sys.executable, "-m", "corral.cli", "worker"], env=env, stdout=sink, stderr=sink
         )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def started() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"corral worker exited {process.returncode}: {log.read_text()}")
-        if "job worker started" in log.read_text():
-            return LiveWorker(process, log)
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"corral worker did not start in 30 s: {log.read_text()}")
+        return "job worker started" in log.read_text()
+
+    try:
+        wait_until(started, "the corral worker to start")
+    except AssertionError as error:
+        processes.stop(process, signal.SIGKILL)
+        raise RuntimeError(f"{error}: {log.read_text()}") from None
+    return LiveWorker(process, log)
 
 
 @pytest.fixture(scope="session")

@@ -177,14 +177,9 @@ def test_doctor_lists_the_tiers(settings: Settings) -> None:
 
 @sandboxes
 def test_ctrl_c_kills_the_sandbox_of_run(server: LiveServer) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", "run", "-m", "by=ctrl-c", "--", "sh", "-c",
-         "echo started; sleep 30"],
-        env={**server.env, "CORRAL_SERVER": server.url, "CORRAL_API_KEY": server.key},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    process = server.cli_process(
+        "run", "-m", "by=ctrl-c", "--", "sh", "-c", "echo started; sleep 30"
+    )
     assert process.stdout is not None
     assert process.stdout.readline() == "started\n"
     process.send_signal(signal.SIGINT)
