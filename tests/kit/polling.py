@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -35,13 +35,21 @@ def wait_until(
     return value
 
 
+@overload
 async def until(
-    condition: Callable[[], T | Awaitable[T]],
-    what: str,
-    *,
-    timeout: float = TIMEOUT,
-    interval: float = INTERVAL,
-) -> T:
+    condition: Callable[[], Awaitable[T]], what: str, *, timeout: float = ..., interval: float = ...
+) -> T: ...
+
+
+@overload
+async def until(
+    condition: Callable[[], T], what: str, *, timeout: float = ..., interval: float = ...
+) -> T: ...
+
+
+async def until(
+    condition: Callable[[], Any], what: str, *, timeout: float = TIMEOUT, interval: float = INTERVAL
+) -> Any:
     """`wait_until` for async tests: `condition` may be a plain or an async function, and
     the event loop runs while it waits."""
     deadline = time.monotonic() + timeout
