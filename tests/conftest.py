@@ -187,9 +187,11 @@ class LiveServer:
         timeout: float = 60,
         input: str | None = None,
         stdin: int | IO[Any] | None = None,
-        **env: str,
+        env: Mapping[str, str] | None = None,
+        **more_env: str,
     ) -> subprocess.CompletedProcess[str]:
-        """The `corral` CLI as a subprocess, pointed at this server with its default key.
+        """The `corral` CLI as a subprocess, pointed at this server with its default key,
+        its environment changed by `env` and `more_env`.
 
         Its stdin is `input`, or the `stdin` file, or else empty (/dev/null): `run` and
         `exec` pass a stdin that is not a terminal on to the command.
@@ -198,7 +200,13 @@ class LiveServer:
             [sys.executable, "-m", "corral.cli", *args],
             capture_output=True,
             text=True,
-            env={**self.env, "CORRAL_SERVER": self.url, "CORRAL_API_KEY": self.key, **env},
+            env={
+                **self.env,
+                "CORRAL_SERVER": self.url,
+                "CORRAL_API_KEY": self.key,
+                **(env or {}),
+                **more_env,
+            },
             timeout=timeout,
             input=input,
             stdin=subprocess.DEVNULL if input is None and stdin is None else stdin,

@@ -384,7 +384,7 @@ async def test_https_verifies_the_name_and_sends_it_as_sni(
     def seen(_socket: ssl.SSLObject, given: str | None, _context: ssl.SSLContext) -> None:
         sni.append(given)
 
-    server_context.sni_callback = seen  # type: ignore[assignment]
+    server_context.sni_callback = seen
     receiver = CallbackReceiver(tls=server_context)
     port = httpx.URL(receiver.url).port
     resolver = StaticResolver({name: [["127.0.0.1"]], "other.corral.test": [["127.0.0.1"]]})

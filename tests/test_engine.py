@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,7 @@ async def test_fifty_megabyte_file_streams_both_ways(sandbox: Sandbox) -> None:
     block = os.urandom(1 << 20)
     digest = hashlib.sha256()
 
-    def blocks():  # type: ignore[no-untyped-def]
+    def blocks() -> Iterator[bytes]:
         for i in range(50):
             chunk = block[i:] + block[:i]
             digest.update(chunk)

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ class RunningAgent:
     workdir: Path
 
 
-async def spawn_agent(workdir: Path, **streams: int) -> asyncio.subprocess.Process:
+async def spawn_agent(workdir: Path, **streams: Any) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         PYTHON,
         "-E",

@@ -196,14 +196,15 @@ def test_wait_can_time_out(server: LiveServer) -> None:
 def test_bad_specs_fail_before_the_network_naming_the_field() -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: a sent spec would fail so
     with Jobs(server=dead, api_key="crl_" + "x" * 32) as jobs:
-        for fields, message in [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"comand": ["echo"]}, "unknown field 'comand'"),
             ({"command": "echo hi"}, "command: must be a non-empty list"),
             ({"run": "x", "retries": -1}, "retries: -1 is out of range"),
             ({"code": "print(1)"}, "language"),
             ({"kind": "workflow", "steps": [{"run": "x", "bogus": 1}]}, r"steps\[0\]: unknown"),
             ({}, "say what to run"),
-        ]:
+        ]
+        for fields, message in cases:
             with pytest.raises(InvalidRequest, match=message):
                 jobs.submit(**fields)
         with pytest.raises(InvalidRequest, match="spec must be a mapping"):
@@ -214,7 +215,7 @@ def test_unknown_jobs_are_not_found(server: LiveServer) -> None:
     with Jobs(**opts(server)) as jobs:
         for call in (jobs.get, jobs.cancel, jobs.retry, jobs.wait):
             with pytest.raises(NotFound, match="corral job list"):
-                call("j0000000000000000000")  # type: ignore[operator]
+                call("j0000000000000000000")
         with pytest.raises(NotFound):
             list(jobs.logs("j0000000000000000000"))
 

@@ -191,7 +191,7 @@ async def test_bad_options_are_refused_and_create_nothing(
         {"metadata": {"k": "x" * 513}},
     ):
         with pytest.raises(InvalidRequest):
-            CreateOptions(**kwargs)  # type: ignore[arg-type]
+            CreateOptions(**kwargs)
     with pytest.raises(UnknownTemplate):
         await manager.create(team, CreateOptions(template="nope"))
     with pytest.raises(InvalidLimits):

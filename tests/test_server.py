@@ -114,7 +114,12 @@ def test_demo_runs_a_first_command_through_the_api(settings: Settings) -> None:
         )
     assert process.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()])
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read)
     reader.start()
     output = ""
     deadline = time.monotonic() + 60
