@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -25,10 +25,12 @@ from corral.config import Settings
 from corral.store import Store, Team
 from corral.store.jobs import JobRow
 from tests.kit import processes
+from tests.kit.http import CallbackReceiver
 from tests.kit.polling import wait_until
 
 if TYPE_CHECKING:
     from corral.isolation import Engine, Sandbox
+    from corral.jobs.callbacks import CallbackDispatcher
 
 TEST_CGROUP_PARENT = "corral-test"
 
@@ -107,6 +109,45 @@ def store(store_settings: Settings) -> Iterator[Store]:
     store = Store.open(store_settings)
     yield store
     store.close()
+
+
+# The tests' callback receivers are on loopback, which only an operator's allowlist lets
+# callbacks reach.
+LOOPBACK_ALLOW = "127.0.0.1"
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    """A callback receiver on loopback that takes every POST (see its knobs)."""
+    receiver = CallbackReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+@pytest.fixture
+async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
+    """Makes callback dispatchers on `store`: fast retries, the loopback allowlist unless
+    given a policy; all are closed at the end."""
+    from corral.jobs.callback_policy import CallbackPolicy
+    from corral.jobs.callbacks import CallbackDispatcher
+
+    made: list[CallbackDispatcher] = []
+
+    def make(policy: CallbackPolicy | None = None, **options: Any) -> CallbackDispatcher:
+        fast = {"interval": 0.01, "backoff": 0.001, "max_backoff": 0.01}
+        options = {**fast, "timeout": 5.0, "hold": 10.0, **options}
+        policy = policy or CallbackPolicy.parse(LOOPBACK_ALLOW)
+        dispatcher = CallbackDispatcher(store, policy, **options)
+        made.append(dispatcher)
+        return dispatcher
+
+    try:
+        yield make
+    finally:
+        for dispatcher in made:
+            await dispatcher.aclose()
 
 
 def require_backend(settings: Settings, name: str) -> None:

@@ -11,11 +11,9 @@ import json
 import os
 import secrets
 import signal
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import httpx
@@ -29,6 +27,7 @@ from corral.jobs.callbacks import INTERNAL_FAILED, verify
 from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
 from tests.conftest import LiveServer, LiveWorker, start_server, start_worker
+from tests.kit.http import CallbackReceiver
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
 
@@ -773,56 +772,10 @@ async def test_two_hundred_jobs_submitted_at_once_all_finish(api: JobApi) -> Non
 # -- callbacks ------------------------------------------------------------------------------
 
 
-class CallbackReceiver:
-    """A real HTTP endpoint: answers 500 to the first `fail_first` POSTs of each critical
-    delivery, 200 after; records every request."""
-
-    def __init__(self, fail_first: int = 2) -> None:
-        self.requests: list[tuple[dict[str, str], bytes, int]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with receiver.lock:
-                    delivery = headers.get("x-corral-delivery")
-                    tries = sum(
-                        h.get("x-corral-delivery") == delivery for h, _, _ in receiver.requests
-                    )
-                    critical = headers.get("x-corral-event") in ("done", "error", "step_end")
-                    status = 500 if critical and tries < fail_first else 200
-                    receiver.requests.append((headers, body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/corral"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    receiver = CallbackReceiver()
-    yield receiver
-    receiver.close()
-
-
 async def test_callbacks_are_signed_retried_and_delivered(
     api: JobApi, receiver: CallbackReceiver
 ) -> None:
+    receiver.fail_first = 2
     submitted = await api.submit(
         {
             "kind": "workflow",
@@ -841,25 +794,21 @@ async def test_callbacks_are_signed_retried_and_delivered(
     assert secret.encode() not in job.SerializeToString()  # given once, in Submit only
     listed = await api.list_page(labels={}, page_size=1000)
     assert secret.encode() not in listed.SerializeToString()
-    with receiver.lock:
-        got = list(receiver.requests)
-    for headers, body, _ in got:
-        assert verify(secret, headers["x-corral-signature"], body), headers
-        assert not verify("not-the-secret", headers["x-corral-signature"], body)
-        assert "authorization" not in headers
-        assert headers["x-corral-job"] == job.id
-    ok = [json.loads(body) for _, body, status in got if status == 200]
+    got = receiver.requests()
+    for r in got:
+        assert verify(secret, r.headers["x-corral-signature"], r.body), r.headers
+        assert not verify("not-the-secret", r.headers["x-corral-signature"], r.body)
+        assert "authorization" not in r.headers
+        assert r.headers["x-corral-job"] == job.id
+    ok = [r.payload for r in got if r.status < 300]
     kinds = [p["type"] for p in ok]
     assert kinds.count("done") == 1 and kinds.count("step_end") == 2 and "error" not in kinds
     assert job.callback.delivered == len(ok)
     (done,) = [p for p in ok if p["type"] == "done"]
     assert done["job_id"] == job.id and done["state"] == "succeeded"
     # Each critical delivery failed twice before it got through.
-    tries: dict[str, int] = {}
-    for headers, _, _ in got:
-        if headers["x-corral-event"] in ("done", "step_end"):
-            tries[headers["x-corral-delivery"]] = tries.get(headers["x-corral-delivery"], 0) + 1
-    assert sorted(tries.values()) == [3, 3, 3]
+    critical = {r.delivery for r in got if r.event in ("done", "step_end")}
+    assert sorted(n for delivery, n in receiver.tries().items() if delivery in critical) == [3] * 3
     # The receiver is internal (allowed on loopback): the tenant is not told how it failed.
     assert job.callback.last_error == INTERNAL_FAILED
 
