@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -31,6 +31,7 @@ from tests.kit.polling import wait_until
 if TYPE_CHECKING:
     from corral.isolation import Engine, Sandbox
     from corral.jobs.callbacks import CallbackDispatcher
+    from corral.sandboxes import SandboxManager
 
 TEST_CGROUP_PARENT = "corral-test"
 
@@ -392,6 +393,40 @@ def private_runtime(settings: Settings) -> Iterator[Settings]:
 def own_runtime(settings: Settings) -> Iterator[Settings]:
     with private_runtime(settings) as own:
         yield own
+
+
+@pytest.fixture
+def msettings(own_runtime: Settings, store_settings: Settings) -> Settings:
+    """Settings for the test's own SandboxManagers: a private runtime dir (the host's
+    admission counts every sandbox of one), the data dir of `store`; skips (saying why)
+    where the host cannot run namespace sandboxes."""
+    require_backend(own_runtime, "namespace")
+    return own_runtime.with_(data_dir=store_settings.data_dir)
+
+
+StartManager = Callable[..., Awaitable["SandboxManager"]]
+
+
+@pytest.fixture
+async def managers(msettings: Settings, store: Store) -> AsyncIterator[StartManager]:
+    """Starts SandboxManagers on `store` (`msettings` unless given settings; no warm pool
+    and fast ticks unless given options); all are closed at the end."""
+    from corral.sandboxes import SandboxManager
+
+    started: list[SandboxManager] = []
+
+    async def start(settings: Settings | None = None, **options: Any) -> SandboxManager:
+        options = {"pool_size": 0, "tick": 0.1, "metrics_interval": 0.1, **options}
+        manager = SandboxManager(settings or msettings, store, **options)
+        await manager.start()
+        started.append(manager)
+        return manager
+
+    try:
+        yield start
+    finally:
+        for manager in started:
+            await manager.aclose()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,22 +31,13 @@ from corral.isolation.footprint import process_start_time
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.lifecycle import ORPHANED
 from corral.store import MetricPoint, SandboxRow, Store, Team
-from tests.conftest import TEST_CGROUP_PARENT, host_processes_of_uid, require_backend
+from tests.conftest import (
+    TEST_CGROUP_PARENT,
+    StartManager,
+    host_processes_of_uid,
+)
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture
-def msettings(settings: Settings, tmp_path: Path) -> Settings:
-    require_backend(settings, "namespace")
-    return settings.with_(data_dir=tmp_path / "data")
-
-
-@pytest.fixture
-def store(msettings: Settings) -> Iterator[Store]:
-    store = Store.open(msettings)
-    yield store
-    store.close()
 
 
 @pytest.fixture
@@ -57,26 +48,6 @@ def team(store: Store) -> Team:
 @pytest.fixture
 def other(store: Store) -> Team:
     return store.create_team("rival")
-
-
-StartManager = Callable[..., Awaitable[SandboxManager]]
-
-
-@pytest.fixture
-async def managers(msettings: Settings, store: Store) -> AsyncIterator[StartManager]:
-    started: list[SandboxManager] = []
-
-    async def start(**kwargs: object) -> SandboxManager:
-        options: dict[str, object] = {"pool_size": 0, "tick": 0.1, "metrics_interval": 0.1}
-        options.update(kwargs)
-        manager = SandboxManager(msettings, store, **options)  # type: ignore[arg-type]
-        await manager.start()
-        started.append(manager)
-        return manager
-
-    yield start
-    for manager in started:
-        await manager.aclose()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,10 +31,10 @@ from corral.isolation import Engine, Entrypoint, Limits
 from corral.isolation.limits import host_memory_mib
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
-from corral.sandboxes import CreateOptions, SandboxManager
+from corral.sandboxes import CreateOptions
 from corral.sandboxes.pool import WarmPool
 from corral.store import SandboxRow, Store, Team
-from tests.conftest import LiveServer, require_backend, start_server
+from tests.conftest import LiveServer, StartManager, require_backend, start_server
 
 pytestmark = pytest.mark.sandbox
 
@@ -53,37 +53,6 @@ def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
     """Settings under which this host admits about `capacity_mib` of sandbox memory."""
     ratio = capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
     return settings.with_(memory_overcommit=ratio)
-
-
-@pytest.fixture
-def msettings(own_runtime: Settings, tmp_path: Path) -> Settings:
-    require_backend(own_runtime, "namespace")
-    return own_runtime.with_(data_dir=tmp_path / "data")
-
-
-@pytest.fixture
-def store(msettings: Settings) -> Iterator[Store]:
-    store = Store.open(msettings)
-    yield store
-    store.close()
-
-
-Start = Callable[..., Awaitable[SandboxManager]]
-
-
-@pytest.fixture
-async def managers(msettings: Settings, store: Store) -> AsyncIterator[Start]:
-    started: list[SandboxManager] = []
-
-    async def start(settings: Settings | None = None, pool_size: int = 0) -> SandboxManager:
-        manager = SandboxManager(settings or msettings, store, pool_size=pool_size, tick=0.1)
-        await manager.start()
-        started.append(manager)
-        return manager
-
-    yield start
-    for manager in started:
-        await manager.aclose()
 
 
 # -- team totals ---------------------------------------------------------------------------
@@ -174,7 +143,9 @@ def test_concurrent_creates_cannot_pass_the_quota(msettings: Settings, store: St
     assert sum(row.limits["memory_mib"] for row in live) == 3 * 512
 
 
-async def test_paused_sandboxes_count_and_killed_ones_do_not(managers: Start, store: Store) -> None:
+async def test_paused_sandboxes_count_and_killed_ones_do_not(
+    managers: StartManager, store: Store
+) -> None:
     """A paused sandbox is frozen, not swapped out: it keeps its memory, so it counts."""
     manager = await managers()
     team = store.create_team("pausing", max_memory_mib=1024)
@@ -274,7 +245,7 @@ async def test_a_full_host_does_not_refill_the_pool_nor_starve_real_sandboxes(
 
 
 async def test_a_claimed_pool_sandbox_makes_room_by_destroying_spares(
-    managers: Start, msettings: Settings, store: Store
+    managers: StartManager, msettings: Settings, store: Store
 ) -> None:
     manager = await managers(tiny_host(msettings, 1100), pool_size=2)
     await eventually(lambda: manager.pool.ready == 2)
