@@ -37,6 +37,7 @@ from corral.isolation.cgroups import (
     v1_limit_writes,
     v2_limit_writes,
 )
+from tests.kit import processes
 
 MiB = 1 << 20
 V1_UNLIMITED = "9223372036854771712"
@@ -280,7 +281,7 @@ def hybrid_host(kernel: FakeKernel, layout: dict[str, tuple[str, ...]] = V1_LAYO
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     """A real process whose pid the fake cgroups can hold; nothing else risks a signal."""
-    process = subprocess.Popen(["sleep", "60"])
+    process = processes.spawn(["sleep", "60"])
     yield process
     process.kill()
     process.wait()
@@ -692,7 +693,7 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def spawn(cgroup: Cgroup, *argv: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
+        process = processes.spawn(
             argv,
             preexec_fn=lambda: cgroup.join(os.getpid()),
             stdout=subprocess.DEVNULL,
@@ -804,7 +805,7 @@ def test_host_fork_bomb_is_held_then_killed_and_destroyed(
     host: CgroupDriver, make: Callable[[CgroupLimits], Cgroup]
 ) -> None:
     cgroup = make(CgroupLimits(memory_bytes=256 * MiB, pids=40))
-    reaper = subprocess.Popen([*python(FORK_BOMB), *cgroup.procs_files()])
+    reaper = processes.spawn([*python(FORK_BOMB), *cgroup.procs_files()])
     try:
         assert wait_for(lambda: cgroup.usage().pids >= 36, 10), cgroup.usage()
         time.sleep(0.5)

@@ -30,6 +30,7 @@ from corral.errors import (
 )
 from corral.isolation import Engine, Limits, Sandbox
 from tests.conftest import TEST_CGROUP_PARENT, host_processes_of_uid, require_backend
+from tests.kit import processes
 
 pytestmark = pytest.mark.sandbox
 
@@ -216,7 +217,7 @@ async def test_reaper_cleans_up_after_a_killed_host_process(settings: Settings) 
             await asyncio.sleep(300)
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    proc = processes.spawn([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     sandbox_id, slot = proc.stdout.readline().split()
     proc.kill()  # SIGKILL: no cleanup code runs in the host process

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import signal
@@ -10,8 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,6 +33,8 @@ from tests.conftest import (
     StartManager,
     host_processes_of_uid,
 )
+from tests.kit import processes
+from tests.kit.polling import until
 
 pytestmark = pytest.mark.sandbox
 
@@ -53,20 +52,6 @@ def other(store: Store) -> Team:
 @pytest.fixture
 async def manager(managers: StartManager) -> SandboxManager:
     return await managers()
-
-
-async def eventually(check: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-async def eventually_async(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def _cgroup_dirs(sandbox_id: str) -> list[Path]:
@@ -277,7 +262,7 @@ async def test_lifetime_timeout_kills_and_set_timeout_moves_it(
     assert moved.expires_at > extended.expires_at + timedelta(seconds=25)
     with pytest.raises(InvalidRequest, match="timeout_seconds"):
         await manager.set_timeout(team, extended.id, 0)
-    await eventually(lambda: _state(store, short.id)[0] == "killed")
+    await until(lambda: _state(store, short.id)[0] == "killed", "the timeout to kill it")
     assert _state(store, short.id) == ("killed", "killed: timeout")
     assert (await manager.get(team, extended.id)).state == "running"
 
@@ -289,11 +274,13 @@ async def test_idle_sandboxes_pause_unless_pinged(
     idle = await manager.create(team, options)
     pinged = await manager.create(team, options)
     streaming = await manager.create(team, options)
-    started = time.monotonic()
-    while time.monotonic() - started < 1.6:
+
+    async def idle_paused_while_the_others_are_busy() -> bool:
         await manager.ping(team, pinged.id)
         manager.touch(streaming.id)
-        await asyncio.sleep(0.2)
+        return _state(store, idle.id)[0] == "paused"
+
+    await until(idle_paused_while_the_others_are_busy, "the idle one to pause", interval=0.2)
     assert _state(store, idle.id) == ("paused", "paused: idle for 1s")
     assert _state(store, pinged.id)[0] == "running"
     assert _state(store, streaming.id)[0] == "running"
@@ -306,7 +293,7 @@ async def test_idle_sandboxes_can_be_killed_instead(
     manager: SandboxManager, team: Team, store: Store
 ) -> None:
     record = await manager.create(team, CreateOptions(idle_timeout_seconds=1, on_idle="kill"))
-    await eventually(lambda: _state(store, record.id)[0] == "killed")
+    await until(lambda: _state(store, record.id)[0] == "killed", "the idle kill")
     assert _state(store, record.id) == ("killed", "killed: idle for 1s")
 
 
@@ -325,7 +312,7 @@ async def test_metrics_rings_then_the_store(
         points[:] = await manager.metrics(team, record.id, "10m")
         return len(points) >= 8
 
-    await eventually_async(sampled)
+    await until(sampled, "eight metric points")
     assert all(p.cpu_percent >= 0 and p.memory_bytes > 0 and p.pids >= 1 for p in points)
     assert max(p.cpu_percent for p in points) > 20  # the busy loop shows
     assert max(p.memory_bytes for p in points) > 32 << 20
@@ -348,7 +335,7 @@ async def test_warm_pool_hands_out_ready_sandboxes_and_refills(
 ) -> None:
     team = store.create_team("pooled", max_sandboxes=1)
     manager = await managers(pool_size=2)
-    await eventually(lambda: manager.pool.ready == 2)
+    await until(lambda: manager.pool.ready == 2, "a full pool")
     pooled_ids = {s.id for s in manager.pool._ready}
     # Pool sandboxes are nobody's: not listed, not counted against the team's quota of 1.
     assert await manager.list(team) == ([], "")
@@ -361,7 +348,7 @@ async def test_warm_pool_hands_out_ready_sandboxes_and_refills(
         assert int((memory / "memory.limit_in_bytes").read_text()) == 200 << 20
     box = await manager.running(team, record.id)
     assert (await box.run(["sh", "-c", "echo ${X:-unset}"], env=manager.envs(record.id))).ok
-    await eventually(lambda: manager.pool.ready == 2)  # refilled in the background
+    await until(lambda: manager.pool.ready == 2, "the pool refilled in the background")
     await manager.kill(team, record.id)
     cold = await manager.create(team, CreateOptions(limits=Limits(disk_mib=64)))
     assert cold.id not in pooled_ids and cold.state_reason == "created"
@@ -452,8 +439,8 @@ async def test_restart_after_sigkill_fails_orphans_and_leaves_nothing(
             await asyncio.sleep(300)
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
-    alive = subprocess.Popen(["sleep", "60"])
+    proc = processes.spawn([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    alive = processes.spawn(["sleep", "60"])
     try:
         assert proc.stdout is not None
         running_id, paused_id, *slots = proc.stdout.readline().split()

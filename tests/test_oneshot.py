@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import secrets
-import subprocess
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,6 +19,7 @@ from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation import CommandResult, Engine, Entrypoint, Limits, Sandbox, SeedFile
 from tests.conftest import TEST_CGROUP_PARENT, host_processes_of_uid, require_backend
+from tests.kit import processes
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -479,7 +479,7 @@ async def test_seed_files_cannot_land_on_read_only_paths(
 
 @pytest.mark.hostile
 async def test_kill_everything_leaves_the_host_alone(ns_engine: Engine) -> None:
-    bystander = subprocess.Popen(["sleep", "60"])
+    bystander = processes.spawn(["sleep", "60"])
     try:
         script = f"kill -9 -1; kill -9 {bystander.pid}; kill -9 1; echo still here"
         result = await run_oneshot(ns_engine, ["sh", "-c", script])

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,18 +34,11 @@ from corral.sandboxes import CreateOptions
 from corral.sandboxes.pool import WarmPool
 from corral.store import SandboxRow, Store, Team
 from tests.conftest import LiveServer, StartManager, require_backend, start_server
+from tests.kit.polling import until
 
 pytestmark = pytest.mark.sandbox
 
 MIB = 1 << 20
-
-
-async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
@@ -227,7 +219,7 @@ async def test_a_full_host_does_not_refill_the_pool_nor_starve_real_sandboxes(
         pool = WarmPool(engine, 3, "host", "namespace")
         pool.start()
         try:
-            await eventually(lambda: pool.ready == 2)  # 2 x 512 MiB; the third does not fit
+            await until(lambda: pool.ready == 2, "two in the pool")  # 2 x 512 MiB; no third fits
             await asyncio.sleep(1.5)
             assert pool.ready == 2
             real = await engine.create(isolation="namespace", limits=Limits(memory_mib=1024))
@@ -235,7 +227,7 @@ async def test_a_full_host_does_not_refill_the_pool_nor_starve_real_sandboxes(
             await asyncio.sleep(1.5)
             assert pool.ready == 0  # no room: no refill
             await real.destroy()
-            await eventually(lambda: pool.ready == 2)  # room again: refilled
+            await until(lambda: pool.ready == 2, "the pool refilled")  # room again
         finally:
             await pool.aclose()
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -248,7 +240,7 @@ async def test_a_claimed_pool_sandbox_makes_room_by_destroying_spares(
     managers: StartManager, msettings: Settings, store: Store
 ) -> None:
     manager = await managers(tiny_host(msettings, 1100), pool_size=2)
-    await eventually(lambda: manager.pool.ready == 2)
+    await until(lambda: manager.pool.ready == 2, "a full pool")
     team = store.create_team("big", max_memory_mib=4096)
     record = await manager.create(team, CreateOptions(limits=Limits(memory_mib=1024)))
     assert record.state_reason == "created from the warm pool"

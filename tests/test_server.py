@@ -19,6 +19,7 @@ import pytest
 from corral import Sandbox
 from corral.config import Settings
 from tests.conftest import LiveServer, free_port, start_server
+from tests.kit import processes
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
 
@@ -105,7 +106,7 @@ def test_demo_runs_a_first_command_through_the_api(settings: Settings) -> None:
     }
     log = data.parent / f"demo-{port}.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(
+        process = processes.spawn(
             [sys.executable, "-m", "corral.cli", "server", "--demo", "--port", str(port)],
             env=env,
             stdout=subprocess.PIPE,

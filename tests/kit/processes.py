@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 _spawned: list[subprocess.Popen[Any]] = []
 
 
-def spawn(argv: list[str], **popen: Any) -> subprocess.Popen[Any]:
+def spawn(argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
     """`subprocess.Popen(argv, **popen)`, remembered so that it is reaped."""
-    process: subprocess.Popen[Any] = subprocess.Popen(argv, **popen)
+    process: subprocess.Popen[Any] = subprocess.Popen(list(argv), **popen)
     _spawned.append(process)
     return process
 
