@@ -13,8 +13,8 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -22,8 +22,10 @@ import httpx
 import pytest
 
 from corral.config import Settings
+from corral.isolation.limits import Limits
 from corral.store import Store, Team
 from corral.store.jobs import JobRow
+from corral.store.sandboxes import SandboxRow
 from tests.kit import processes
 from tests.kit.http import CallbackReceiver
 from tests.kit.polling import wait_until
@@ -433,6 +435,34 @@ async def managers(msettings: Settings, store: Store) -> AsyncIterator[StartMana
 def sandbox_host(settings: Settings) -> None:
     """Skip (saying why) where the host cannot run namespace sandboxes."""
     require_backend(settings, "namespace")
+
+
+def new_sandbox_row(team: Team, **changes: Any) -> SandboxRow:
+    """A running sandbox row as the store keeps it (default limits, owned by no live
+    process), for tests of the store's sandbox rows and quotas."""
+    now = datetime.now(UTC)
+    row = SandboxRow(
+        id="sb_" + secrets.token_hex(10),
+        team_id=team.id,
+        template="host",
+        isolation="namespace",
+        state="running",
+        state_reason="created",
+        metadata={},
+        limits=asdict(Limits()),
+        envs={},
+        timeout_seconds=300,
+        expires_at=now + timedelta(seconds=300),
+        idle_timeout_seconds=0,
+        on_idle="pause",
+        created_at=now,
+        updated_at=now,
+        last_activity_at=now,
+        owner_host="test",
+        owner_pid=1,
+        owner_start=0,
+    )
+    return replace(row, **changes)
 
 
 def new_job_row(team: Team, **changes: Any) -> JobRow:

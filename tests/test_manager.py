@@ -27,11 +27,12 @@ from corral.isolation import Limits
 from corral.isolation.footprint import process_start_time
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.lifecycle import ORPHANED
-from corral.store import MetricPoint, SandboxRow, Store, Team
+from corral.store import MetricPoint, Store, Team
 from tests.conftest import (
     TEST_CGROUP_PARENT,
     StartManager,
     host_processes_of_uid,
+    new_sandbox_row,
 )
 from tests.kit import processes
 from tests.kit.polling import until
@@ -386,25 +387,11 @@ async def test_aclose_kills_every_live_sandbox(
 
 
 def _orphan_row(store: Store, team: Team, sandbox_id: str, pid: int) -> None:
-    now = datetime.now(UTC)
     store.insert_sandbox(
-        SandboxRow(
+        new_sandbox_row(
+            team,
             id=sandbox_id,
-            team_id=team.id,
-            template="host",
-            isolation="namespace",
-            state="running",
-            state_reason="created",
-            metadata={},
             limits={},
-            envs={},
-            timeout_seconds=300,
-            expires_at=now + timedelta(seconds=300),
-            idle_timeout_seconds=0,
-            on_idle="pause",
-            created_at=now,
-            updated_at=now,
-            last_activity_at=now,
             owner_host=socket.gethostname(),
             owner_pid=pid,
             owner_start=process_start_time(pid) or 0,

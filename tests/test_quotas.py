@@ -16,7 +16,6 @@ import sys
 import textwrap
 import threading
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -33,7 +32,7 @@ from corral.jobs.spec import JobSpec
 from corral.sandboxes import CreateOptions
 from corral.sandboxes.pool import WarmPool
 from corral.store import SandboxRow, Store, Team
-from tests.conftest import LiveServer, StartManager, require_backend, start_server
+from tests.conftest import LiveServer, StartManager, new_sandbox_row, require_backend, start_server
 from tests.kit.polling import until
 
 pytestmark = pytest.mark.sandbox
@@ -331,28 +330,7 @@ async def test_no_writable_path_escapes_the_disk_limit(engine: Engine, settings:
 
 
 def _row(team: Team, **limits: float) -> SandboxRow:
-    now = datetime.now(UTC)
-    return SandboxRow(
-        id="sb_" + secrets.token_hex(10),
-        team_id=team.id,
-        template="host",
-        isolation="namespace",
-        state="running",
-        state_reason="created",
-        metadata={},
-        limits={**asdict(Limits()), **limits},
-        envs={},
-        timeout_seconds=300,
-        expires_at=now + timedelta(seconds=300),
-        idle_timeout_seconds=0,
-        on_idle="pause",
-        created_at=now,
-        updated_at=now,
-        last_activity_at=now,
-        owner_host="test",
-        owner_pid=1,
-        owner_start=0,
-    )
+    return new_sandbox_row(team, limits={**asdict(Limits()), **limits})
 
 
 def test_doctor_prints_the_memory_capacity(settings: Settings) -> None:
