@@ -279,6 +279,11 @@ class LiveServer:
         return processes.stop(self.process, sig, timeout)
 
 
+def opts(server: LiveServer) -> dict[str, Any]:
+    """The SDK's options to reach `server` with its default key."""
+    return {"server": server.url, "api_key": server.key}
+
+
 def start_server(
     settings: Settings,
     data_dir: Path,

@@ -38,6 +38,7 @@ from corral.isolation.cgroups import (
     v2_limit_writes,
 )
 from tests.kit import processes
+from tests.kit.polling import wait_until
 
 MiB = 1 << 20
 V1_UNLIMITED = "9223372036854771712"
@@ -732,15 +733,6 @@ while True:
 """
 
 
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 @pytest.mark.integration
 def test_host_limits_are_written(make: Callable[[CgroupLimits], Cgroup]) -> None:
     cgroup = make(CgroupLimits(memory_bytes=64 * MiB, cpu_quota=0.5, pids=32))
@@ -781,7 +773,7 @@ def test_host_child_joins_every_hierarchy(
 ) -> None:
     cgroup = make(CgroupLimits(pids=8))
     child = spawn(cgroup, "sleep", "30")
-    assert wait_for(lambda: cgroup.pids() == [child.pid], 5)
+    wait_until(lambda: cgroup.pids() == [child.pid], "the child in the cgroup", timeout=5)
     assert cgroup.usage().pids == 1
     membership = Path(f"/proc/{child.pid}/cgroup").read_text().splitlines()
     inside = [line for line in membership if line.endswith(f"/{host.parent}/{cgroup.name}")]
@@ -807,7 +799,7 @@ def test_host_fork_bomb_is_held_then_killed_and_destroyed(
     cgroup = make(CgroupLimits(memory_bytes=256 * MiB, pids=40))
     reaper = processes.spawn([*python(FORK_BOMB), *cgroup.procs_files()])
     try:
-        assert wait_for(lambda: cgroup.usage().pids >= 36, 10), cgroup.usage()
+        wait_until(lambda: cgroup.usage().pids >= 36, "36 pids in the cgroup", timeout=10)
         time.sleep(0.5)
         assert cgroup.usage().pids <= 40
         cgroup.kill_all()
@@ -827,7 +819,7 @@ def test_host_freeze_stops_cpu_time(
 ) -> None:
     cgroup = make(CgroupLimits())
     spawn(cgroup, *BUSY)
-    assert wait_for(lambda: cgroup.usage().cpu_seconds > 0.1, 5)
+    wait_until(lambda: cgroup.usage().cpu_seconds > 0.1, "CPU time", timeout=5)
     cgroup.freeze()
     assert cgroup.frozen()
     before = cgroup.usage().cpu_seconds
@@ -866,7 +858,7 @@ def test_host_list_open_and_idempotent_destroy(
     assert host.open("t-none") is None
 
     child = spawn(first, "sleep", "30")
-    assert wait_for(lambda: first.pids() == [child.pid], 5)
+    wait_until(lambda: first.pids() == [child.pid], "the child in the cgroup", timeout=5)
     opened.destroy()  # through the reaper's handle: kills the child too
     assert child.wait(timeout=5) == -9
     assert not first.exists()

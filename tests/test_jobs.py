@@ -28,6 +28,7 @@ from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
 from tests.conftest import LiveServer, LiveWorker, start_server, start_worker
 from tests.kit.http import CallbackReceiver
+from tests.kit.polling import until
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
 
@@ -143,14 +144,12 @@ class JobApi:
 
     async def wait_until(self, job_id: str, check: Any, timeout: float = 30) -> pb.Job:
         """Poll Get until `check(job)` holds."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def there() -> pb.Job | None:
             job = await self.get(job_id)
-            if check(job):
-                return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job never got there: {job}")
-            await asyncio.sleep(0.05)
+            return job if check(job) else None
+
+        return await until(there, f"job {job_id} to get there", timeout=timeout)
 
     async def aclose(self) -> None:
         await self.rpc.close()
@@ -531,10 +530,7 @@ async def test_a_job_whose_worker_is_killed_runs_again_and_keeps_its_logs(
     running = await api.get(job_id)
     assert running.state == pb.JOB_STATE_RUNNING and running.attempt == 1
     remote.workers[0].stop(signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while processes_with(stale) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert processes_with(stale) == [], "the killed worker's sandbox outlived it"
+    await until(lambda: processes_with(stale) == [], "the killed worker's sandbox to die")
     remote.worker(CORRAL_JOB_POOL=pool)
     job = await api.wait(job_id, timeout=60)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job
@@ -599,10 +595,8 @@ async def test_a_worker_back_from_the_dead_cannot_overwrite_its_successor(
     submitted = await api.submit({"run": f"{first_only}\n{lines(40, 0.05, marker)}"})
     job_id = submitted.job.id
     await api.first_logs(job_id)
-    deadline = time.monotonic() + 10
-    while not processes_with(stale) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert len(processes_with(stale)) == 1  # attempt 1 runs
+    await until(lambda: processes_with(stale), "attempt 1 to run")
+    assert len(processes_with(stale)) == 1
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
         remote.worker()
@@ -750,12 +744,12 @@ async def test_two_hundred_jobs_submitted_at_once_all_finish(api: JobApi) -> Non
     )
     ids = {r.job.id for r in replies}
     assert len(ids) == 200 and all(r.created for r in replies)
-    deadline = time.monotonic() + 90
-    while True:
+
+    async def all_over() -> list[pb.Job] | None:
         done = await api.list_all(labels={"batch": batch}, states=sorted(FINAL), page_size=1000)
-        if len(done) == 200 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
+        return done if len(done) == 200 else None
+
+    done = await until(all_over, "the 200 jobs to end", timeout=90, interval=0.5)
     assert {j.id for j in done} == ids
     assert {state_name(j.state) for j in done} == {"JOB_STATE_SUCCEEDED"}
     # Pages of 30, newest first, every job once.

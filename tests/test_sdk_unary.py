@@ -31,13 +31,9 @@ from corral.errors import (
     ServerUnavailable,
     Unauthenticated,
 )
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, opts
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
-
-
-def opts(server: LiveServer) -> dict[str, Any]:
-    return {"server": server.url, "api_key": server.key}
 
 
 def comparable(infos: list[SandboxInfo]) -> list[SandboxInfo]:

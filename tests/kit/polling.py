@@ -23,9 +23,14 @@ def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
 
 
 def wait_until(
-    condition: Callable[[], T], what: str, *, timeout: float = TIMEOUT, interval: float = INTERVAL
+    condition: Callable[[], T | None],
+    what: str,
+    *,
+    timeout: float = TIMEOUT,
+    interval: float = INTERVAL,
 ) -> T:
-    """Call `condition` until it returns something true, and return that; fail with
+    """Call `condition` until it returns something true (not None, not false), and return
+    that; fail with
     `what` (and the last value seen) after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -37,13 +42,17 @@ def wait_until(
 
 @overload
 async def until(
-    condition: Callable[[], Awaitable[T]], what: str, *, timeout: float = ..., interval: float = ...
+    condition: Callable[[], Awaitable[T | None]],
+    what: str,
+    *,
+    timeout: float = ...,
+    interval: float = ...,
 ) -> T: ...
 
 
 @overload
 async def until(
-    condition: Callable[[], T], what: str, *, timeout: float = ..., interval: float = ...
+    condition: Callable[[], T | None], what: str, *, timeout: float = ..., interval: float = ...
 ) -> T: ...
 
 
