@@ -183,6 +183,13 @@ async def sandbox(engine: Engine, settings: Settings) -> AsyncIterator[Sandbox]:
         await box.destroy()
 
 
+def cgroup_dirs(sandbox_id: str) -> list[Path]:
+    """The sandbox's cgroup directories, one a hierarchy (v1) or the one (v2)."""
+    # Not a recursive glob: it would walk other tests' cgroups, which vanish under it.
+    root = Path("/sys/fs/cgroup")
+    return [d for top in ("", "*/") for d in root.glob(f"{top}{TEST_CGROUP_PARENT}/{sandbox_id}")]
+
+
 def host_processes_of_uid(uid: int) -> list[int]:
     """Live host processes running as `uid`.
 

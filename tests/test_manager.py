@@ -31,6 +31,7 @@ from corral.store import MetricPoint, Store, Team
 from tests.conftest import (
     TEST_CGROUP_PARENT,
     StartManager,
+    cgroup_dirs,
     host_processes_of_uid,
     new_sandbox_row,
 )
@@ -53,10 +54,6 @@ def other(store: Store) -> Team:
 @pytest.fixture
 async def manager(managers: StartManager) -> SandboxManager:
     return await managers()
-
-
-def _cgroup_dirs(sandbox_id: str) -> list[Path]:
-    return list(Path("/sys/fs/cgroup").glob(f"**/{TEST_CGROUP_PARENT}/{sandbox_id}"))
 
 
 def _transitions(store: Store, sandbox_id: str) -> list[tuple[str | None, str]]:
@@ -180,7 +177,7 @@ async def test_pause_resume_kill_record_events_in_order(
         ("running", "killed"),
     ]
     assert not (msettings.runtime_dir / "sandboxes" / record.id).exists()
-    assert not _cgroup_dirs(record.id)
+    assert not cgroup_dirs(record.id)
 
 
 async def test_illegal_transitions_are_refused_and_change_nothing(
@@ -443,7 +440,7 @@ async def test_restart_after_sigkill_fails_orphans_and_leaves_nothing(
                 assert _state(store, sandbox_id) == ("failed", ORPHANED)
                 assert _transitions(store, sandbox_id)[-1][1] == "failed"
                 assert not (msettings.runtime_dir / "sandboxes" / sandbox_id).exists()
-                assert not _cgroup_dirs(sandbox_id)
+                assert not cgroup_dirs(sandbox_id)
                 assert sandbox_id not in Path("/proc/self/mountinfo").read_text()
             for slot in slots:
                 if slot != "None":

@@ -18,7 +18,7 @@ import pytest
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation import CommandResult, Engine, Entrypoint, Limits, Sandbox, SeedFile
-from tests.conftest import TEST_CGROUP_PARENT, host_processes_of_uid, require_backend
+from tests.conftest import cgroup_dirs, host_processes_of_uid, require_backend
 from tests.kit import processes
 from tests.kit.polling import until
 
@@ -95,11 +95,7 @@ def cgroup_of(pid: int) -> str:
 
 def cgroup_members(box: Sandbox) -> list[int]:
     """Processes in the sandbox's cgroup, in every hierarchy it has one."""
-    # Not a recursive glob: it would walk other tests' cgroups, which vanish under it.
-    root = Path("/sys/fs/cgroup")
-    dirs = [
-        d for pattern in ("", "*/") for d in root.glob(f"{pattern}{TEST_CGROUP_PARENT}/{box.id}")
-    ]
+    dirs = cgroup_dirs(box.id)
     assert dirs, f"no cgroup for {box.id}"
     return sorted({int(p) for d in dirs for p in (d / "cgroup.procs").read_text().split()})
 
