@@ -35,6 +35,9 @@ from corral.errors import (
 )
 from corral.guest import AGENT_FILES, GuestConnection, OutputChunk, agent_source_dir, protocol
 
+# Every test runs the real agent as a process (no sandbox): integration, not unit.
+pytestmark = pytest.mark.integration
+
 PYTHON = "/usr/bin/python3"
 AGENT = str(agent_source_dir() / "agent.py")
 MiB = 1 << 20

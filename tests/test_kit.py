@@ -24,6 +24,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.integration  # a pytest process of its own
 def test_a_failing_test_leaks_no_process_into_the_next(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     (tmp_path / "test_leak.py").write_text(
