@@ -605,10 +605,7 @@ async def test_a_worker_back_from_the_dead_cannot_overwrite_its_successor(
         )
     finally:
         os.kill(frozen.process.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 15
-    while processes_with(stale) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert processes_with(stale) == [], "the thawed worker did not stop its attempt"
+    await until(lambda: processes_with(stale) == [], "the thawed worker to stop its attempt")
     job = await api.wait(job_id, timeout=60)
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.attempt == 2, job
     assert frozen.process.poll() is None  # it lives on, and took nothing back
