@@ -6,11 +6,12 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 DEBIAN_PACKAGES := bubblewrap python3 iproute2 util-linux
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages python-env test lint bench run doctor proto clean
+.PHONY: help setup system-packages python-env test test-unit test-integration test-acceptance lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
-	@echo "make test   - set up, then run the whole test suite"
+	@echo "make test   - set up, then run the whole test suite (all three tiers)"
+	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
 	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
 	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
 	@echo "make proto  - regenerate src/corral/v1/ from proto/corral/v1/*.proto"
@@ -40,6 +41,16 @@ python-env:
 
 test: setup
 	@$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+# The tiers (assigned in tests/conftest.py): unit is pure logic and needs no system packages.
+test-unit: python-env
+	@$(UV) run --frozen pytest -m unit $(PYTEST_ARGS)
+
+test-integration: setup
+	@$(UV) run --frozen pytest -m integration $(PYTEST_ARGS)
+
+test-acceptance: setup
+	@$(UV) run --frozen pytest -m acceptance $(PYTEST_ARGS)
 
 lint: python-env
 	@$(UV) run --frozen ruff check src tests benchmarks scripts && \

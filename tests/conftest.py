@@ -10,12 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -23,13 +22,63 @@ import httpx
 import pytest
 
 from corral.config import Settings
+from corral.limits import Limits
 from corral.store import Store, Team
 from corral.store.job_rows import JobRow
+from corral.store.sandboxes import SandboxRow
+from tests.kit import processes
+from tests.kit.http import CallbackReceiver
+from tests.kit.polling import wait_until
 
 if TYPE_CHECKING:
     from corral.isolation import Engine, Sandbox
+    from corral.jobs.callbacks import CallbackDispatcher
+    from corral.sandboxes import SandboxManager
 
 TEST_CGROUP_PARENT = "corral-test"
+
+
+# -- tiers: every test gets exactly one of unit, integration, acceptance ---------------------
+
+TIERS = ("unit", "integration", "acceptance")
+# Fixtures that bring up real engines, sandboxes, servers or kernel state: a test using any
+# of them (directly or through another fixture) is an integration test. `settings` is the
+# session's runtime dir for real engines and servers; unit tests use `store_settings`.
+INTEGRATION_FIXTURES = frozenset(
+    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime"}
+)
+# Markers that already say a test needs a real sandbox.
+INTEGRATION_MARKERS = ("sandbox", "hostile")
+
+
+def tier_of(item: pytest.Item) -> str:
+    """An explicit tier marker wins (the nearest one: function over class over module);
+    else a test is integration when it needs a sandbox or uses a fixture above; else unit."""
+    for marker in item.iter_markers():
+        if marker.name in TIERS:
+            return marker.name
+    if any(item.get_closest_marker(name) for name in INTEGRATION_MARKERS):
+        return "integration"
+    if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "integration"
+    return "unit"
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes() -> Iterator[None]:
+    """No process a test spawned (through the kit) outlives it, even when it fails."""
+    start = processes.mark()
+    try:
+        yield
+    finally:
+        processes.reap_since(start)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(item)
+        if not item.get_closest_marker(tier):
+            item.add_marker(tier)
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +114,45 @@ def store(store_settings: Settings) -> Iterator[Store]:
     store.close()
 
 
+# The tests' callback receivers are on loopback, which only an operator's allowlist lets
+# callbacks reach.
+LOOPBACK_ALLOW = "127.0.0.1"
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    """A callback receiver on loopback that takes every POST (see its knobs)."""
+    receiver = CallbackReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+@pytest.fixture
+async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
+    """Makes callback dispatchers on `store`: fast retries, the loopback allowlist unless
+    given a policy; all are closed at the end."""
+    from corral.jobs.callback_policy import CallbackPolicy
+    from corral.jobs.callbacks import CallbackDispatcher
+
+    made: list[CallbackDispatcher] = []
+
+    def make(policy: CallbackPolicy | None = None, **options: Any) -> CallbackDispatcher:
+        fast = {"interval": 0.01, "backoff": 0.001, "max_backoff": 0.01}
+        options = {**fast, "timeout": 5.0, "hold": 10.0, **options}
+        policy = policy or CallbackPolicy.parse(LOOPBACK_ALLOW)
+        dispatcher = CallbackDispatcher(store, policy, **options)
+        made.append(dispatcher)
+        return dispatcher
+
+    try:
+        yield make
+    finally:
+        for dispatcher in made:
+            await dispatcher.aclose()
+
+
 def require_backend(settings: Settings, name: str) -> None:
     from corral.isolation.registry import backend_class
 
@@ -93,6 +181,13 @@ async def sandbox(engine: Engine, settings: Settings) -> AsyncIterator[Sandbox]:
         yield box
     finally:
         await box.destroy()
+
+
+def cgroup_dirs(sandbox_id: str) -> list[Path]:
+    """The sandbox's cgroup directories, one a hierarchy (v1) or the one (v2)."""
+    # Not a recursive glob: it would walk other tests' cgroups, which vanish under it.
+    root = Path("/sys/fs/cgroup")
+    return [d for top in ("", "*/") for d in root.glob(f"{top}{TEST_CGROUP_PARENT}/{sandbox_id}")]
 
 
 def host_processes_of_uid(uid: int) -> list[int]:
@@ -143,9 +238,11 @@ class LiveServer:
         timeout: float = 60,
         input: str | None = None,
         stdin: int | IO[Any] | None = None,
-        **env: str,
+        env: Mapping[str, str] | None = None,
+        **more_env: str,
     ) -> subprocess.CompletedProcess[str]:
-        """The `corral` CLI as a subprocess, pointed at this server with its default key.
+        """The `corral` CLI as a subprocess, pointed at this server with its default key,
+        its environment changed by `env` and `more_env`.
 
         Its stdin is `input`, or the `stdin` file, or else empty (/dev/null): `run` and
         `exec` pass a stdin that is not a terminal on to the command.
@@ -154,10 +251,27 @@ class LiveServer:
             [sys.executable, "-m", "corral.cli", *args],
             capture_output=True,
             text=True,
-            env={**self.env, "CORRAL_SERVER": self.url, "CORRAL_API_KEY": self.key, **env},
+            env={
+                **self.env,
+                "CORRAL_SERVER": self.url,
+                "CORRAL_API_KEY": self.key,
+                **(env or {}),
+                **more_env,
+            },
             timeout=timeout,
             input=input,
             stdin=subprocess.DEVNULL if input is None and stdin is None else stdin,
+        )
+
+    def cli_process(self, *args: str) -> subprocess.Popen[str]:
+        """The `corral` CLI started in the background (a follower, a run to interrupt),
+        pointed at this server, its output in text pipes; reaped after the test."""
+        return processes.spawn(
+            [sys.executable, "-m", "corral.cli", *args],
+            env={**self.env, "CORRAL_SERVER": self.url, "CORRAL_API_KEY": self.key},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def new_team(self, name: str) -> str:
@@ -169,13 +283,12 @@ class LiveServer:
         return done.stdout.strip().splitlines()[-1]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return processes.stop(self.process, sig, timeout)
+
+
+def opts(server: LiveServer) -> dict[str, Any]:
+    """The SDK's options to reach `server` with its default key."""
+    return {"server": server.url, "api_key": server.key}
 
 
 def start_server(
@@ -201,27 +314,36 @@ def start_server(
         env.pop(name, None)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
+    process = serve(port, env, log)
+    key = (data_dir / "default.key").read_text().strip()
+    return LiveServer(f"http://127.0.0.1:{port}", key, data_dir, env, process, log)
+
+
+def serve(port: int, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`corral server --port port` with `env`, its output appended to `log`, once it answers
+    /healthz (also how a test restarts a server on the same address)."""
     with log.open("ab") as sink:
-        process = subprocess.Popen(
+        process = processes.spawn(
             [sys.executable, "-m", "corral.cli", "server", "--port", str(port)],
             env=env,
             stdout=sink,
             stderr=sink,
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def answering() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"corral server exited {process.returncode}: {log.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                key = (data_dir / "default.key").read_text().strip()
-                return LiveServer(url, key, data_dir, env, process, log)
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"corral server did not answer in 30 s: {log.read_text()}")
+            return False
+
+    try:
+        wait_until(answering, "the corral server to answer /healthz")
+    except AssertionError as error:
+        processes.stop(process, signal.SIGKILL)
+        raise RuntimeError(f"{error}: {log.read_text()}") from None
+    return process
 
 
 @dataclass
@@ -232,13 +354,7 @@ class LiveWorker:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return processes.stop(self.process, sig, timeout)
 
 
 def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
@@ -246,18 +362,21 @@ def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
     env = {**server.env, **extra_env}
     log = server.data_dir.parent / f"worker-{secrets.token_hex(4)}.log"
     with log.open("ab") as sink:
-        process = subprocess.Popen(
+        process = processes.spawn(
             [sys.executable, "-m", "corral.cli", "worker"], env=env, stdout=sink, stderr=sink
         )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def started() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"corral worker exited {process.returncode}: {log.read_text()}")
-        if "job worker started" in log.read_text():
-            return LiveWorker(process, log)
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"corral worker did not start in 30 s: {log.read_text()}")
+        return "job worker started" in log.read_text()
+
+    try:
+        wait_until(started, "the corral worker to start")
+    except AssertionError as error:
+        processes.stop(process, signal.SIGKILL)
+        raise RuntimeError(f"{error}: {log.read_text()}") from None
+    return LiveWorker(process, log)
 
 
 @pytest.fixture(scope="session")
@@ -291,9 +410,71 @@ def own_runtime(settings: Settings) -> Iterator[Settings]:
 
 
 @pytest.fixture
+def msettings(own_runtime: Settings, store_settings: Settings) -> Settings:
+    """Settings for the test's own SandboxManagers: a private runtime dir (the host's
+    admission counts every sandbox of one), the data dir of `store`; skips (saying why)
+    where the host cannot run namespace sandboxes."""
+    require_backend(own_runtime, "namespace")
+    return own_runtime.with_(data_dir=store_settings.data_dir)
+
+
+StartManager = Callable[..., Awaitable["SandboxManager"]]
+
+
+@pytest.fixture
+async def managers(msettings: Settings, store: Store) -> AsyncIterator[StartManager]:
+    """Starts SandboxManagers on `store` (`msettings` unless given settings; no warm pool
+    and fast ticks unless given options); all are closed at the end."""
+    from corral.sandboxes import SandboxManager
+
+    started: list[SandboxManager] = []
+
+    async def start(settings: Settings | None = None, **options: Any) -> SandboxManager:
+        options = {"pool_size": 0, "tick": 0.1, "metrics_interval": 0.1, **options}
+        manager = SandboxManager(settings or msettings, store, **options)
+        await manager.start()
+        started.append(manager)
+        return manager
+
+    try:
+        yield start
+    finally:
+        for manager in started:
+            await manager.aclose()
+
+
+@pytest.fixture
 def sandbox_host(settings: Settings) -> None:
     """Skip (saying why) where the host cannot run namespace sandboxes."""
     require_backend(settings, "namespace")
+
+
+def new_sandbox_row(team: Team, **changes: Any) -> SandboxRow:
+    """A running sandbox row as the store keeps it (default limits, owned by no live
+    process), for tests of the store's sandbox rows and quotas."""
+    now = datetime.now(UTC)
+    row = SandboxRow(
+        id="sb_" + secrets.token_hex(10),
+        team_id=team.id,
+        template="host",
+        isolation="namespace",
+        state="running",
+        state_reason="created",
+        metadata={},
+        limits=asdict(Limits()),
+        envs={},
+        timeout_seconds=300,
+        expires_at=now + timedelta(seconds=300),
+        idle_timeout_seconds=0,
+        on_idle="pause",
+        created_at=now,
+        updated_at=now,
+        last_activity_at=now,
+        owner_host="test",
+        owner_pid=1,
+        owner_start=0,
+    )
+    return replace(row, **changes)
 
 
 def new_job_row(team: Team, **changes: Any) -> JobRow:

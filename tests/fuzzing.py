@@ -197,9 +197,11 @@ class Values:
             size = rng.choice([0, 1, 10, 1000]) if rng.random() < 0.98 else 200_000
             return base64.b64encode(rng.randbytes(size)).decode()
         if t == FieldDescriptor.TYPE_ENUM:
+            assert fd.enum_type is not None  # an enum field has its enum's descriptor
             names = [v.name for v in fd.enum_type.values]
             return rng.choice([*names, "NOT_A_VALUE", 999, -1, 0])
         if t == FieldDescriptor.TYPE_MESSAGE:
+            assert fd.message_type is not None  # a message field has its message's descriptor
             return self.message(fd.message_type, depth=1)
         value = rng.choice(_INTS) if rng.random() < 0.7 else rng.randrange(-1000, 1000)
         return str(value) if rng.random() < 0.2 else value  # JSON allows int64s as strings
@@ -276,8 +278,8 @@ def _as_proto(descriptor: Descriptor, data: dict[str, Any]) -> bytes:
     return bytes(message.SerializeToString())
 
 
-def _mutate(rng: random.Random, data: bytes) -> bytes:
-    data = bytearray(data)
+def _mutate(rng: random.Random, original: bytes) -> bytes:
+    data = bytearray(original)
     for _ in range(rng.randrange(1, 6)):
         roll = rng.random()
         if roll < 0.3 and data:
@@ -706,8 +708,8 @@ class Playground:
     def refresh(self) -> None:
         """Resume the sandbox if the fuzzing paused it; a new one if it killed it."""
         try:
-            state = self._call("SandboxService", "Get", {"sandboxId": self.ids.sandbox})
-            state = state["sandbox"]["state"]
+            got = self._call("SandboxService", "Get", {"sandboxId": self.ids.sandbox})
+            state = str(got["sandbox"]["state"])
         except RuntimeError:
             state = "gone"
         if state == "SANDBOX_STATE_PAUSED":

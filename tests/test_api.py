@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer
+from tests.kit.polling import wait_until
 
 SERVICE = "/corral.v1.SandboxService/"
 
@@ -266,15 +266,14 @@ def test_grpc_web_works(server: LiveServer) -> None:
 # -- lifetimes -----------------------------------------------------------------------------
 
 
-def wait_for_state(
-    server: LiveServer, sandbox_id: str, state: str, within: float
-) -> dict[str, Any]:
-    deadline = time.monotonic() + within
-    while True:
+def in_state(server: LiveServer, sandbox_id: str, state: str) -> dict[str, Any]:
+    """The sandbox once Get shows it in `state`."""
+
+    def got() -> dict[str, Any] | None:
         sandbox: dict[str, Any] = call(server, "Get", {"sandboxId": sandbox_id}).json()["sandbox"]
-        if sandbox["state"] == state or time.monotonic() > deadline:
-            return sandbox
-        time.sleep(0.1)
+        return sandbox if sandbox["state"] == state else None
+
+    return wait_until(got, f"{sandbox_id} in {state}", timeout=10)
 
 
 def test_timeout_kills_and_idle_pauses(server: LiveServer, sandbox_host: None) -> None:
@@ -284,10 +283,10 @@ def test_timeout_kills_and_idle_pauses(server: LiveServer, sandbox_host: None) -
         "Create",
         {"timeoutSeconds": 60, "idleTimeoutSeconds": 1, "onIdle": "IDLE_ACTION_PAUSE"},
     ).json()["sandbox"]["id"]
-    killed = wait_for_state(server, short, "SANDBOX_STATE_KILLED", 10)
-    assert killed["state"] == "SANDBOX_STATE_KILLED" and "timeout" in killed["stateReason"]
-    paused = wait_for_state(server, idle, "SANDBOX_STATE_PAUSED", 10)
-    assert paused["state"] == "SANDBOX_STATE_PAUSED" and "idle" in paused["stateReason"]
+    killed = in_state(server, short, "SANDBOX_STATE_KILLED")
+    assert "timeout" in killed["stateReason"]
+    paused = in_state(server, idle, "SANDBOX_STATE_PAUSED")
+    assert "idle" in paused["stateReason"]
     _, end = stream(server, "Exec", {"sandboxId": idle, "cmd": "true"})
     assert end["error"]["code"] == "failed_precondition"
     assert "resume" in end["error"]["message"]

@@ -17,9 +17,7 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,9 @@ from corral.jobs.spec import JobSpec
 from corral.store import Store
 from corral.store.job_rows import Attempt
 from tests.conftest import LiveServer
-from tests.test_callbacks import OK_TYPES, CallbackReceiver, finish, run_job, until
+from tests.kit.http import CallbackReceiver, Redirector
+from tests.kit.polling import until
+from tests.test_callbacks import OK_TYPES, finish, run_job
 
 WORKER = "worker-1"
 
@@ -189,28 +189,6 @@ async def test_submit_refuses_an_internal_url_and_queues_nothing(
 # -- at delivery ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    receiver = CallbackReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-async def dispatchers(store: Store) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
-    made: list[CallbackDispatcher] = []
-
-    def make(policy: CallbackPolicy, **options: Any) -> CallbackDispatcher:
-        options = {"interval": 0.01, "backoff": 0.001, "max_backoff": 0.01, **options}
-        dispatcher = CallbackDispatcher(store, policy, timeout=5.0, hold=10.0, **options)
-        made.append(dispatcher)
-        return dispatcher
-
-    yield make
-    for dispatcher in made:
-        await dispatcher.aclose()
-
-
 def settled(store: Store, *job_ids: str) -> Callable[[], bool]:
     return lambda: all(c.pending == 0 for c in store.callback_counts(list(job_ids)).values())
 
@@ -298,37 +276,6 @@ async def test_proxy_variables_are_not_used(
         proxy.close()
 
 
-class Redirector:
-    """Answers every POST with a redirect to `location`."""
-
-    def __init__(self, location: str) -> None:
-        self.posts = 0
-        redirector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                redirector.posts += 1
-                self.send_response(307)
-                self.send_header("Location", location)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-
 async def test_redirects_are_not_followed(
     store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
 ) -> None:
@@ -384,7 +331,7 @@ async def test_https_verifies_the_name_and_sends_it_as_sni(
     def seen(_socket: ssl.SSLObject, given: str | None, _context: ssl.SSLContext) -> None:
         sni.append(given)
 
-    server_context.sni_callback = seen  # type: ignore[assignment]
+    server_context.sni_callback = seen
     receiver = CallbackReceiver(tls=server_context)
     port = httpx.URL(receiver.url).port
     resolver = StaticResolver({name: [["127.0.0.1"]], "other.corral.test": [["127.0.0.1"]]})

@@ -5,189 +5,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import socket
-import ssl
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from corral.config import Settings
-from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher
 from corral.jobs.signing import sign, verify
 from corral.store import Store, Team
-from corral.store.callback_outbox import CALLBACK_ATTEMPTS, CRITICAL_EVENTS
+from corral.store.callback_outbox import CALLBACK_ATTEMPTS
 from corral.store.job_rows import Attempt, NewEvent
 from tests.conftest import new_job_row
+from tests.kit.http import CallbackReceiver, EndlessReplies, SilentReceiver
+from tests.kit.polling import until
 
 SECRET = "s3cret-for-tests"
 WORKER = "worker-1"
-
-
-# -- a callback receiver ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Received:
-    headers: dict[str, str]  # lower-cased names
-    body: bytes
-
-    @property
-    def payload(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads(self.body)
-        return loaded
-
-    @property
-    def delivery(self) -> int:
-        return int(self.headers["x-corral-delivery"])
-
-
-class CallbackReceiver:
-    """An HTTP server that records every POST and answers as told: `fail_first` 500s
-    per delivery for critical events (all events when `fail_all`), and it holds each
-    reply until `open` is set. With `tls`, it speaks HTTPS."""
-
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.received: list[Received] = []
-        self.fail_first = 0
-        self.fail_all = False
-        self.open = threading.Event()
-        self.open.set()
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                status = receiver._record(Received(headers, body))
-                receiver.open.wait(30)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a reply to a client that hung up (a cancelled POST)
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
-        scheme = "http" if tls is None else "https"
-        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}/hook"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-
-    def _record(self, request: Received) -> int:
-        with self._lock:
-            tries = sum(r.delivery == request.delivery for r in self.received)
-            self.received.append(request)
-        if self.fail_all:
-            return 500
-        critical = request.headers["x-corral-event"] in CRITICAL_EVENTS
-        return 500 if critical and tries < self.fail_first else 204
-
-    def requests(self) -> list[Received]:
-        with self._lock:
-            return list(self.received)
-
-    def tries(self) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for r in self.requests():
-            counts[r.delivery] = counts.get(r.delivery, 0) + 1
-        return counts
-
-    def close(self) -> None:
-        self.open.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-
-# -- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def local_settings(tmp_path: Path) -> Settings:
-    # The receivers are on loopback, which only an operator's allowlist lets callbacks reach.
-    return Settings(
-        data_dir=tmp_path / "data", runtime_dir=tmp_path / "run", callback_allow="127.0.0.1"
-    )
-
-
-@pytest.fixture
-def store(local_settings: Settings) -> Iterator[Store]:
-    store = Store.open(local_settings)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    receiver = CallbackReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-async def dispatchers(
-    store: Store, local_settings: Settings
-) -> AsyncIterator[Callable[..., CallbackDispatcher]]:
-    """Makes dispatchers on the store (fast by default); all are closed at the end."""
-    made: list[CallbackDispatcher] = []
-
-    def make(policy: CallbackPolicy | None = None, **options: Any) -> CallbackDispatcher:
-        options = {"interval": 0.01, "backoff": 0.01, "timeout": 5.0, "hold": 10.0, **options}
-        policy = policy or CallbackPolicy.parse(local_settings.callback_allow)
-        dispatcher = CallbackDispatcher(store, policy, **options)
-        made.append(dispatcher)
-        return dispatcher
-
-    yield make
-    for dispatcher in made:
-        await dispatcher.aclose()
-
-
-class SilentReceiver:
-    """A TCP endpoint on loopback that accepts every connection and never answers."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
-        self.accepted: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            self.accepted.append(conn)
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join()
-        for conn in self.accepted:
-            conn.close()
 
 
 def submit(
@@ -236,14 +71,6 @@ def run_job(
 # Deliveries of a one-step job, in order: the state events, the step, the final state.
 OK_TYPES = ["state", "state", "step_start", "step_end", "state", "done"]
 FAILED_TYPES = ["state", "state", "step_start", "step_end", "state", "error"]
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # -- delivery -------------------------------------------------------------------------------
@@ -436,38 +263,6 @@ async def test_the_total_bound_holds_every_flight(
     finally:
         for silent in silents:
             silent.close()
-
-
-class EndlessReplies:
-    """Acknowledges every POST with a 200 whose body never ends."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self.send_response(200)
-                self.send_header("Content-Length", str(1 << 40))
-                self.end_headers()
-                chunk = b"x" * 65536
-                try:
-                    while True:
-                        self.wfile.write(chunk)
-                except OSError:
-                    return  # the client hung up
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
 
 async def test_a_reply_body_is_never_read(

@@ -27,6 +27,7 @@ from corral.sandboxes import CreateOptions, SandboxManager
 from corral.states import SANDBOX_STATES
 from corral.store import Store
 from tests.conftest import require_backend
+from tests.kit import processes
 
 pytestmark = pytest.mark.sandbox
 
@@ -73,7 +74,7 @@ class Holder:
             "CORRAL_MEMORY_OVERCOMMIT": repr(settings.memory_overcommit),
             "CORRAL_MEMORY_RESERVE_MIB": str(settings.memory_reserve_mib),
         }
-        self.process = subprocess.Popen(
+        self.process = processes.spawn(
             [sys.executable, "-c", _HOLDER, str(memory_mib), str(count)],
             env=env,
             stdin=subprocess.PIPE,

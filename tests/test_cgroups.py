@@ -37,6 +37,8 @@ from corral.isolation.cgroups import (
     v1_limit_writes,
     v2_limit_writes,
 )
+from tests.kit import processes
+from tests.kit.polling import wait_until
 
 MiB = 1 << 20
 V1_UNLIMITED = "9223372036854771712"
@@ -280,7 +282,7 @@ def hybrid_host(kernel: FakeKernel, layout: dict[str, tuple[str, ...]] = V1_LAYO
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     """A real process whose pid the fake cgroups can hold; nothing else risks a signal."""
-    process = subprocess.Popen(["sleep", "60"])
+    process = processes.spawn(["sleep", "60"])
     yield process
     process.kill()
     process.wait()
@@ -692,7 +694,7 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def spawn(cgroup: Cgroup, *argv: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
+        process = processes.spawn(
             argv,
             preexec_fn=lambda: cgroup.join(os.getpid()),
             stdout=subprocess.DEVNULL,
@@ -731,15 +733,7 @@ while True:
 """
 
 
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
+@pytest.mark.integration
 def test_host_limits_are_written(make: Callable[[CgroupLimits], Cgroup]) -> None:
     cgroup = make(CgroupLimits(memory_bytes=64 * MiB, cpu_quota=0.5, pids=32))
     assert all(os.path.isfile(p) for p in cgroup.procs_files())
@@ -758,6 +752,7 @@ def test_host_limits_are_written(make: Callable[[CgroupLimits], Cgroup]) -> None
         assert text(path, "pids.max") == "32"
 
 
+@pytest.mark.integration
 def test_host_memory_limit_can_be_raised_and_lowered(
     make: Callable[[CgroupLimits], Cgroup],
 ) -> None:
@@ -770,6 +765,7 @@ def test_host_memory_limit_can_be_raised_and_lowered(
         assert text(cgroup.directories()[0], "memory.max") == str(48 * MiB)
 
 
+@pytest.mark.integration
 def test_host_child_joins_every_hierarchy(
     host: CgroupDriver,
     make: Callable[[CgroupLimits], Cgroup],
@@ -777,13 +773,14 @@ def test_host_child_joins_every_hierarchy(
 ) -> None:
     cgroup = make(CgroupLimits(pids=8))
     child = spawn(cgroup, "sleep", "30")
-    assert wait_for(lambda: cgroup.pids() == [child.pid], 5)
+    wait_until(lambda: cgroup.pids() == [child.pid], "the child in the cgroup", timeout=5)
     assert cgroup.usage().pids == 1
     membership = Path(f"/proc/{child.pid}/cgroup").read_text().splitlines()
     inside = [line for line in membership if line.endswith(f"/{host.parent}/{cgroup.name}")]
     assert len(inside) == len(cgroup.directories())  # v1: one line per hierarchy
 
 
+@pytest.mark.integration
 def test_host_memory_hog_is_oom_killed(
     make: Callable[[CgroupLimits], Cgroup], spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -795,13 +792,14 @@ def test_host_memory_hog_is_oom_killed(
     assert 32 * MiB <= usage.memory_peak_bytes <= 64 * MiB
 
 
+@pytest.mark.integration
 def test_host_fork_bomb_is_held_then_killed_and_destroyed(
     host: CgroupDriver, make: Callable[[CgroupLimits], Cgroup]
 ) -> None:
     cgroup = make(CgroupLimits(memory_bytes=256 * MiB, pids=40))
-    reaper = subprocess.Popen([*python(FORK_BOMB), *cgroup.procs_files()])
+    reaper = processes.spawn([*python(FORK_BOMB), *cgroup.procs_files()])
     try:
-        assert wait_for(lambda: cgroup.usage().pids >= 36, 10), cgroup.usage()
+        wait_until(lambda: cgroup.usage().pids >= 36, "36 pids in the cgroup", timeout=10)
         time.sleep(0.5)
         assert cgroup.usage().pids <= 40
         cgroup.kill_all()
@@ -815,12 +813,13 @@ def test_host_fork_bomb_is_held_then_killed_and_destroyed(
         reaper.wait()
 
 
+@pytest.mark.integration
 def test_host_freeze_stops_cpu_time(
     make: Callable[[CgroupLimits], Cgroup], spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     cgroup = make(CgroupLimits())
     spawn(cgroup, *BUSY)
-    assert wait_for(lambda: cgroup.usage().cpu_seconds > 0.1, 5)
+    wait_until(lambda: cgroup.usage().cpu_seconds > 0.1, "CPU time", timeout=5)
     cgroup.freeze()
     assert cgroup.frozen()
     before = cgroup.usage().cpu_seconds
@@ -832,6 +831,7 @@ def test_host_freeze_stops_cpu_time(
     assert cgroup.usage().cpu_seconds - before > 0.05
 
 
+@pytest.mark.integration
 def test_host_cpu_quota_caps_a_busy_loop(
     make: Callable[[CgroupLimits], Cgroup], spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -844,6 +844,7 @@ def test_host_cpu_quota_caps_a_busy_loop(
     assert 0.05 < cores < 0.3
 
 
+@pytest.mark.integration
 def test_host_list_open_and_idempotent_destroy(
     host: CgroupDriver,
     make: Callable[[CgroupLimits], Cgroup],
@@ -857,7 +858,7 @@ def test_host_list_open_and_idempotent_destroy(
     assert host.open("t-none") is None
 
     child = spawn(first, "sleep", "30")
-    assert wait_for(lambda: first.pids() == [child.pid], 5)
+    wait_until(lambda: first.pids() == [child.pid], "the child in the cgroup", timeout=5)
     opened.destroy()  # through the reaper's handle: kills the child too
     assert child.wait(timeout=5) == -9
     assert not first.exists()
@@ -867,6 +868,7 @@ def test_host_list_open_and_idempotent_destroy(
     assert second.name in host.list()
 
 
+@pytest.mark.integration
 def test_kill_all_without_freezer_or_cgroup_kill_signals_through_pidfds(
     tmp_path: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:

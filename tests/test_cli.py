@@ -13,6 +13,8 @@ import pytest
 from corral.config import Settings
 from tests.conftest import LiveServer, free_port
 
+pytestmark = pytest.mark.acceptance
+
 sandboxes = pytest.mark.usefixtures("sandbox_host")
 
 
@@ -104,20 +106,20 @@ def test_contexts_choose_the_server_and_key(server: LiveServer, tmp_path: Path) 
     config = str(tmp_path / "config")
     env = {"CORRAL_CONFIG": config, "CORRAL_SERVER": "", "CORRAL_API_KEY": ""}
     dead = f"http://127.0.0.1:{free_port()}"
-    assert server.corral("context", "set", "dead", "--server", dead, **env).returncode == 0
+    assert server.corral("context", "set", "dead", "--server", dead, env=env).returncode == 0
     done = server.corral(
-        "context", "set", "live", "--server", server.url, "--api-key", server.key, **env
+        "context", "set", "live", "--server", server.url, "--api-key", server.key, env=env
     )
     assert done.returncode == 0
-    listing = server.corral("context", "list", **env).stdout
+    listing = server.corral("context", "list", env=env).stdout
     assert "* dead" in listing.replace("  ", " ") or listing.index("*") < listing.index("dead")
-    assert server.corral("sandbox", "list", **env).returncode == 7  # current: dead
-    assert server.corral("--context", "live", "sandbox", "list", **env).returncode == 0
-    assert server.corral("context", "use", "live", **env).returncode == 0
-    assert server.corral("sandbox", "list", **env).returncode == 0
-    assert server.corral("--server", dead, "sandbox", "list", **env).returncode == 7
+    assert server.corral("sandbox", "list", env=env).returncode == 7  # current: dead
+    assert server.corral("--context", "live", "sandbox", "list", env=env).returncode == 0
+    assert server.corral("context", "use", "live", env=env).returncode == 0
+    assert server.corral("sandbox", "list", env=env).returncode == 0
+    assert server.corral("--server", dead, "sandbox", "list", env=env).returncode == 7
     assert oct(Path(config).stat().st_mode & 0o777) == "0o600"  # it holds keys
-    done = server.corral("context", "use", "nope", **env)
+    done = server.corral("context", "use", "nope", env=env)
     assert done.returncode == 4 and "corral context set nope" in done.stderr
 
 
@@ -175,14 +177,9 @@ def test_doctor_lists_the_tiers(settings: Settings) -> None:
 
 @sandboxes
 def test_ctrl_c_kills_the_sandbox_of_run(server: LiveServer) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", "run", "-m", "by=ctrl-c", "--", "sh", "-c",
-         "echo started; sleep 30"],
-        env={**server.env, "CORRAL_SERVER": server.url, "CORRAL_API_KEY": server.key},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    process = server.cli_process(
+        "run", "-m", "by=ctrl-c", "--", "sh", "-c", "echo started; sleep 30"
+    )
     assert process.stdout is not None
     assert process.stdout.readline() == "started\n"
     process.send_signal(signal.SIGINT)

@@ -7,13 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from corral import __version__
 from tests.conftest import LiveServer, free_port
+from tests.kit.polling import wait_until
+
+pytestmark = pytest.mark.acceptance
 
 sandboxes = pytest.mark.usefixtures("sandbox_host")
 
@@ -147,12 +149,11 @@ def test_piped_tables_keep_one_line_per_row_and_round_cpu(server: LiveServer) ->
         lines = table.stdout.splitlines()
         assert len(lines) == 2, table.stdout  # the header and one row, not wrapped
         assert long_value in lines[1]
-        rows: list[str] = []
-        deadline = time.monotonic() + 30  # a point needs two samples, 5 s apart
-        while not rows and time.monotonic() < deadline:
-            time.sleep(1)
-            rows = server.corral("sandbox", "metrics", sandbox_id).stdout.splitlines()[1:]
-        assert rows, "no metrics point in 30 s"
+        rows = wait_until(  # a point needs two samples, 5 s apart
+            lambda: server.corral("sandbox", "metrics", sandbox_id).stdout.splitlines()[1:],
+            "a metrics point",
+            interval=1,
+        )
         for row in rows:
             cpu = row.split()[2]  # at is two words: date and time
             assert len(cpu.partition(".")[2]) <= 2, row

@@ -13,7 +13,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import LiveServer
+
+pytestmark = pytest.mark.acceptance
 
 # Loaded by nothing that only prints help, the version, or a list of sandboxes.
 HEAVY = (

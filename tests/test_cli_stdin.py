@@ -10,15 +10,14 @@ import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from corral import AsyncSandbox, Sandbox
 from corral.errors import InvalidRequest
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, opts
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+pytestmark = [pytest.mark.acceptance, pytest.mark.usefixtures("sandbox_host")]
 
 
 @pytest.fixture
@@ -91,10 +90,6 @@ def test_sandbox_exec_passes_piped_stdin(server: LiveServer, sandbox_id: str) ->
 
 
 # -- the SDK's input=, which the CLI uses ----------------------------------------------------
-
-
-def opts(server: LiveServer) -> dict[str, Any]:
-    return {"server": server.url, "api_key": server.key}
 
 
 def test_sdk_input_takes_bytes_text_and_chunks(server: LiveServer) -> None:

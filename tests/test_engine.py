@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,10 @@ from corral.errors import (
     UnknownTemplate,
 )
 from corral.isolation import Engine, Limits, Sandbox
-from tests.conftest import TEST_CGROUP_PARENT, host_processes_of_uid, require_backend
+from tests.conftest import TEST_CGROUP_PARENT, cgroup_dirs, host_processes_of_uid, require_backend
+from tests.kit import processes
 
 pytestmark = pytest.mark.sandbox
-
-
-def _cgroup_dirs(sandbox_id: str) -> list[Path]:
-    return [p for p in Path("/sys/fs/cgroup").glob(f"**/{TEST_CGROUP_PARENT}/{sandbox_id}")]
 
 
 async def test_runs_a_command_as_an_unprivileged_user(sandbox: Sandbox) -> None:
@@ -121,7 +119,7 @@ async def test_fifty_megabyte_file_streams_both_ways(sandbox: Sandbox) -> None:
     block = os.urandom(1 << 20)
     digest = hashlib.sha256()
 
-    def blocks():  # type: ignore[no-untyped-def]
+    def blocks() -> Iterator[bytes]:
         for i in range(50):
             chunk = block[i:] + block[:i]
             digest.update(chunk)
@@ -189,11 +187,11 @@ async def test_destroy_leaves_nothing(engine: Engine, settings: Settings) -> Non
     box = await engine.create(isolation="namespace")
     await box.exec(["sleep", "300"], background=True)
     fp = box.footprint
-    assert _cgroup_dirs(box.id) and fp.path.exists()
+    assert cgroup_dirs(box.id) and fp.path.exists()
     await box.destroy()
     await box.destroy()  # idempotent
     assert not fp.path.exists()
-    assert not _cgroup_dirs(box.id)
+    assert not cgroup_dirs(box.id)
     assert str(fp.path) not in Path("/proc/self/mounts").read_text()
     if fp.uid_slot is not None:
         assert host_processes_of_uid(settings.uid_base + fp.uid_slot) == []
@@ -215,7 +213,7 @@ async def test_reaper_cleans_up_after_a_killed_host_process(settings: Settings) 
             await asyncio.sleep(300)
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    proc = processes.spawn([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     sandbox_id, slot = proc.stdout.readline().split()
     proc.kill()  # SIGKILL: no cleanup code runs in the host process
@@ -224,7 +222,7 @@ async def test_reaper_cleans_up_after_a_killed_host_process(settings: Settings) 
     engine = Engine(settings)
     assert engine.reaped >= 1
     assert not (settings.runtime_dir / "sandboxes" / sandbox_id).exists()
-    assert not _cgroup_dirs(sandbox_id)
+    assert not cgroup_dirs(sandbox_id)
     if slot != "None":
         assert host_processes_of_uid(settings.uid_base + int(slot)) == []
 
@@ -279,7 +277,7 @@ async def test_a_sandbox_that_cannot_start_fails_cleanly(settings: Settings) -> 
     sandbox_id = str(failure.value).split()[1]
     assert sandbox_id.startswith("sb_")
     assert _sandbox_dirs(settings) == before
-    assert not _cgroup_dirs(sandbox_id)
+    assert not cgroup_dirs(sandbox_id)
 
 
 # -- bad input ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,9 @@ from corral.errors import (
 )
 from corral.guest import AGENT_FILES, GuestConnection, OutputChunk, agent_source_dir, protocol
 
+# Every test runs the real agent as a process (no sandbox): integration, not unit.
+pytestmark = pytest.mark.integration
+
 PYTHON = "/usr/bin/python3"
 AGENT = str(agent_source_dir() / "agent.py")
 MiB = 1 << 20
@@ -46,7 +50,7 @@ class RunningAgent:
     workdir: Path
 
 
-async def spawn_agent(workdir: Path, **streams: int) -> asyncio.subprocess.Process:
+async def spawn_agent(workdir: Path, **streams: Any) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         PYTHON,
         "-E",

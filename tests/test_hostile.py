@@ -7,7 +7,6 @@ import os
 import secrets
 import socket
 import textwrap
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from corral.config import Settings
 from corral.errors import CommandError, FileError, FileNotFound, NoSpace, PermissionDenied
 from corral.isolation import Engine, Limits, Sandbox
 from tests.conftest import require_backend
+from tests.kit.polling import until
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.hostile]
 
@@ -182,13 +182,14 @@ async def test_fork_bomb_is_held_by_the_pids_limit(small: Sandbox) -> None:
     assert result.reason == "timeout" and not result.ok
     assert small.usage().pids <= 64
     # The agent sweeps the killed process group until it is empty: the sandbox recovers.
-    for _ in range(40):
+
+    async def alive() -> bytes | None:
         try:
-            after = await small.run(["echo", "alive"], timeout=10)
-            break
+            return (await small.run(["echo", "alive"], timeout=10)).stdout
         except CommandError:  # EAGAIN: the pids limit still full
-            await asyncio.sleep(0.05)
-    assert after.stdout == b"alive\n"
+            return None
+
+    assert await until(alive, "the sandbox to run a command again") == b"alive\n"
     assert os.getloadavg()[0] < 50  # the host is fine
 
 
@@ -197,12 +198,7 @@ async def test_fork_bomb_left_running_stays_contained(small: Sandbox) -> None:
     await small.run(["bash", "-c", ":(){ :|:& };:"])
     # It grows to the limit (slowly on a busy host: the sandbox has a fraction of a CPU)
     # and never past it.
-    deadline = time.monotonic() + 20
-    peak = 0
-    while time.monotonic() < deadline and peak < 32:
-        peak = max(peak, small.usage().pids)
-        await asyncio.sleep(0.05)
-    assert peak >= 32
+    await until(lambda: small.usage().pids >= 32, "the bomb to grow to 32", timeout=20)
     for _ in range(20):
         assert small.usage().pids <= 64
         await asyncio.sleep(0.05)

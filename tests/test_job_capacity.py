@@ -33,6 +33,7 @@ from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import LiveServer, private_runtime, require_backend, start_server
+from tests.kit.polling import until
 from tests.test_job_store import attempt_of, claim_one, event_types, job, submit
 from tests.test_jobs import JobApi, refused
 
@@ -172,11 +173,14 @@ def tiny(own_runtime: Settings) -> Settings:
     return own_runtime.with_(memory_overcommit=overcommit_for(own_runtime, CAPACITY_MIB))
 
 
-async def wait_final(store: Store, job_id: str, timeout: float = 30) -> JobRow:
-    async with asyncio.timeout(timeout):
-        while not (row := job(store, job_id)).final:
-            await asyncio.sleep(0.05)
-    return row
+async def wait_final(store: Store, job_id: str) -> JobRow:
+    """The job's row once it has ended."""
+
+    def final() -> JobRow | None:
+        row = job(store, job_id)
+        return row if row.final else None
+
+    return await until(final, f"job {job_id} to end")
 
 
 async def test_a_job_the_host_refuses_after_its_claim_waits_unspent(

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import LiveServer
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+pytestmark = [pytest.mark.acceptance, pytest.mark.usefixtures("sandbox_host")]
 
 EXIT_TIMED_OUT = 124
 EXIT_KILLED = 137

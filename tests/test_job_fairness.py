@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from corral.store import Store
 from corral.store.job_rows import Attempt, JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import start_server
+from tests.kit.claimers import race_claims
 from tests.test_job_store import ISOLATIONS, expire_now, job, submit
 from tests.test_jobs import FINAL, JobApi
 
@@ -130,29 +130,8 @@ def test_workers_on_one_database_never_pass_a_teams_cap(
     for team in teams:
         for _ in range(20):
             submit(store, team)
-    other = Store.open(store_settings)
-    claimed: list[JobRow] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
-
-    def claimer(name: str, on: Store) -> None:
-        try:
-            start.wait()
-            while rows := on.claim_jobs(name, ISOLATIONS, 2, 60):
-                claimed.extend(rows)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=claimer, args=(f"w{i}", s))
-        for i, s in enumerate([store, other, store, other])
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    other.close()
-    assert errors == []
+    claims = race_claims(store, store_settings, ISOLATIONS)
+    claimed = [row for rows in claims.values() for row in rows]
     assert len({r.id for r in claimed}) == len(claimed) == 9
     for team in teams:
         running = store.list_jobs(team.id, states=["running"])[0]

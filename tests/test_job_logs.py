@@ -31,6 +31,7 @@ from corral.store.job_logs import INLINE_LOG_BYTES, MIB
 from corral.store.job_rows import Attempt, JobRow
 from corral.v1 import jobs_pb2 as pb
 from tests.conftest import LiveServer, new_job_row, start_server, start_worker
+from tests.kit.polling import until
 from tests.test_jobs import JobApi, data
 
 LIMIT = 16 * MIB  # the default per-job log limit
@@ -430,16 +431,15 @@ async def test_retention_deletes_finished_jobs_and_a_read_says_why(
     slow = (await api.submit({"run": "echo started; sleep 60"})).job.id
     await api.first_logs(slow)
 
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    async def deleted() -> bool:
         try:
             await api.get(done.id)
         except ConnectError as exc:
             assert exc.code == Code.NOT_FOUND and "CORRAL_JOB_RETENTION" in str(exc), exc
-            break
-        await asyncio.sleep(0.2)
-    else:
-        raise AssertionError("the finished job was never deleted")
+            return True
+        return False
+
+    await until(deleted, "the finished job to be deleted", interval=0.2)
     with pytest.raises(ConnectError) as caught:
         await api.logs(done.id)
     assert caught.value.code == Code.NOT_FOUND

@@ -15,7 +15,6 @@ on a host whose capacity is made tiny (CORRAL_MEMORY_OVERCOMMIT).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
@@ -35,6 +34,7 @@ from corral.store.database import MIGRATIONS
 from corral.store.job_rows import JobRow
 from corral.store.schema import jobs
 from tests.conftest import new_job_row, require_backend
+from tests.kit.polling import until
 from tests.test_job_capacity import CAPACITY_MIB, overcommit_for, wait_final
 from tests.test_job_store import event_types, job, submit
 
@@ -159,8 +159,7 @@ async def test_a_job_the_host_has_no_room_for_stays_queued_until_room_frees(
             worker = Worker(tiny, store, engine=engine, concurrency=2, pool_size=0)
             await worker.start()
             try:
-                while job(store, first.id).state == "queued":
-                    await asyncio.sleep(0.05)
+                await until(lambda: job(store, first.id).state != "queued", "the first claim")
                 waiting = job(store, second.id)
                 ended = [await wait_final(store, row.id) for row in (first, second)]
             finally:
@@ -190,8 +189,7 @@ async def test_a_small_job_of_another_team_runs_while_a_big_one_waits(tiny: Sett
             worker = Worker(tiny, store, engine=engine, concurrency=3, pool_size=0)
             await worker.start()
             try:
-                while job(store, first.id).state == "queued":
-                    await asyncio.sleep(0.05)
+                await until(lambda: job(store, first.id).state != "queued", "the first claim")
                 small, _, _ = await queue.submit(b, spec(["true"], memory_mib=128))
                 small_ended = await wait_final(store, small.id)
                 big_meanwhile = job(store, big.id)

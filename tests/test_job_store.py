@@ -3,8 +3,6 @@ cancels and retries, the log cap, the callback outbox and List pages."""
 
 from __future__ import annotations
 
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +14,7 @@ from corral.job_lifecycle import MAX_LOST
 from corral.store import Store, Team
 from corral.store.job_rows import Attempt, JobRow, NewEvent
 from tests.conftest import new_job_row
+from tests.kit.claimers import race_claims
 
 ISOLATIONS = ("auto", "namespace")
 
@@ -196,35 +195,10 @@ def test_two_stores_never_claim_the_same_job(
     team = store.create_team("many", max_running_jobs=total)  # no cap in the way
     for _ in range(total):
         submit(store, team)
-    other = Store.open(store_settings)
-    claims: dict[str, list[str]] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
-
-    def claimer(name: str, on: Store) -> None:
-        got: list[str] = []
-        try:
-            start.wait()
-            while True:
-                rows = on.claim_jobs(name, ISOLATIONS, 2, 60)
-                if not rows:
-                    break
-                got.extend(r.id for r in rows)
-                time.sleep(0.001)  # a worker between claims: the others get their turn
-        except BaseException as exc:
-            errors.append(exc)
-        claims[name] = got
-
-    threads = [
-        threading.Thread(target=claimer, args=(f"w{i}", s))
-        for i, s in enumerate([store, other, store, other])
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    other.close()
-    assert errors == []
+    claims = {
+        name: [row.id for row in rows]
+        for name, rows in race_claims(store, store_settings, ISOLATIONS).items()
+    }
     every = [job_id for got in claims.values() for job_id in got]
     assert len(every) == total and len(set(every)) == total
     assert sum(1 for got in claims.values() if got) >= 2  # they really raced

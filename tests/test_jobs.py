@@ -11,11 +11,9 @@ import json
 import os
 import secrets
 import signal
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import httpx
@@ -30,6 +28,8 @@ from corral.jobs.signing import verify
 from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
 from tests.conftest import LiveServer, LiveWorker, start_server, start_worker
+from tests.kit.http import CallbackReceiver
+from tests.kit.polling import until
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
 
@@ -145,14 +145,12 @@ class JobApi:
 
     async def wait_until(self, job_id: str, check: Any, timeout: float = 30) -> pb.Job:
         """Poll Get until `check(job)` holds."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def there() -> pb.Job | None:
             job = await self.get(job_id)
-            if check(job):
-                return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job never got there: {job}")
-            await asyncio.sleep(0.05)
+            return job if check(job) else None
+
+        return await until(there, f"job {job_id} to get there", timeout=timeout)
 
     async def aclose(self) -> None:
         await self.rpc.close()
@@ -533,10 +531,7 @@ async def test_a_job_whose_worker_is_killed_runs_again_and_keeps_its_logs(
     running = await api.get(job_id)
     assert running.state == pb.JOB_STATE_RUNNING and running.attempt == 1
     remote.workers[0].stop(signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while processes_with(stale) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert processes_with(stale) == [], "the killed worker's sandbox outlived it"
+    await until(lambda: processes_with(stale) == [], "the killed worker's sandbox to die")
     remote.worker(CORRAL_JOB_POOL=pool)
     job = await api.wait(job_id, timeout=60)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job
@@ -601,10 +596,8 @@ async def test_a_worker_back_from_the_dead_cannot_overwrite_its_successor(
     submitted = await api.submit({"run": f"{first_only}\n{lines(40, 0.05, marker)}"})
     job_id = submitted.job.id
     await api.first_logs(job_id)
-    deadline = time.monotonic() + 10
-    while not processes_with(stale) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert len(processes_with(stale)) == 1  # attempt 1 runs
+    await until(lambda: processes_with(stale), "attempt 1 to run")
+    assert len(processes_with(stale)) == 1
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
         remote.worker()
@@ -613,10 +606,7 @@ async def test_a_worker_back_from_the_dead_cannot_overwrite_its_successor(
         )
     finally:
         os.kill(frozen.process.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 15
-    while processes_with(stale) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert processes_with(stale) == [], "the thawed worker did not stop its attempt"
+    await until(lambda: processes_with(stale) == [], "the thawed worker to stop its attempt")
     job = await api.wait(job_id, timeout=60)
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.attempt == 2, job
     assert frozen.process.poll() is None  # it lives on, and took nothing back
@@ -752,12 +742,12 @@ async def test_two_hundred_jobs_submitted_at_once_all_finish(api: JobApi) -> Non
     )
     ids = {r.job.id for r in replies}
     assert len(ids) == 200 and all(r.created for r in replies)
-    deadline = time.monotonic() + 90
-    while True:
+
+    async def all_over() -> list[pb.Job] | None:
         done = await api.list_all(labels={"batch": batch}, states=sorted(FINAL), page_size=1000)
-        if len(done) == 200 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
+        return done if len(done) == 200 else None
+
+    done = await until(all_over, "the 200 jobs to end", timeout=90, interval=0.5)
     assert {j.id for j in done} == ids
     assert {state_name(j.state) for j in done} == {"JOB_STATE_SUCCEEDED"}
     # Pages of 30, newest first, every job once.
@@ -774,56 +764,10 @@ async def test_two_hundred_jobs_submitted_at_once_all_finish(api: JobApi) -> Non
 # -- callbacks ------------------------------------------------------------------------------
 
 
-class CallbackReceiver:
-    """A real HTTP endpoint: answers 500 to the first `fail_first` POSTs of each critical
-    delivery, 200 after; records every request."""
-
-    def __init__(self, fail_first: int = 2) -> None:
-        self.requests: list[tuple[dict[str, str], bytes, int]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with receiver.lock:
-                    delivery = headers.get("x-corral-delivery")
-                    tries = sum(
-                        h.get("x-corral-delivery") == delivery for h, _, _ in receiver.requests
-                    )
-                    critical = headers.get("x-corral-event") in ("done", "error", "step_end")
-                    status = 500 if critical and tries < fail_first else 200
-                    receiver.requests.append((headers, body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/corral"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    receiver = CallbackReceiver()
-    yield receiver
-    receiver.close()
-
-
 async def test_callbacks_are_signed_retried_and_delivered(
     api: JobApi, receiver: CallbackReceiver
 ) -> None:
+    receiver.fail_first = 2
     submitted = await api.submit(
         {
             "kind": "workflow",
@@ -842,25 +786,21 @@ async def test_callbacks_are_signed_retried_and_delivered(
     assert secret.encode() not in job.SerializeToString()  # given once, in Submit only
     listed = await api.list_page(labels={}, page_size=1000)
     assert secret.encode() not in listed.SerializeToString()
-    with receiver.lock:
-        got = list(receiver.requests)
-    for headers, body, _ in got:
-        assert verify(secret, headers["x-corral-signature"], body), headers
-        assert not verify("not-the-secret", headers["x-corral-signature"], body)
-        assert "authorization" not in headers
-        assert headers["x-corral-job"] == job.id
-    ok = [json.loads(body) for _, body, status in got if status == 200]
+    got = receiver.requests()
+    for r in got:
+        assert verify(secret, r.headers["x-corral-signature"], r.body), r.headers
+        assert not verify("not-the-secret", r.headers["x-corral-signature"], r.body)
+        assert "authorization" not in r.headers
+        assert r.headers["x-corral-job"] == job.id
+    ok = [r.payload for r in got if r.status < 300]
     kinds = [p["type"] for p in ok]
     assert kinds.count("done") == 1 and kinds.count("step_end") == 2 and "error" not in kinds
     assert job.callback.delivered == len(ok)
     (done,) = [p for p in ok if p["type"] == "done"]
     assert done["job_id"] == job.id and done["state"] == "succeeded"
     # Each critical delivery failed twice before it got through.
-    tries: dict[str, int] = {}
-    for headers, _, _ in got:
-        if headers["x-corral-event"] in ("done", "step_end"):
-            tries[headers["x-corral-delivery"]] = tries.get(headers["x-corral-delivery"], 0) + 1
-    assert sorted(tries.values()) == [3, 3, 3]
+    critical = {r.delivery for r in got if r.event in ("done", "step_end")}
+    assert sorted(n for delivery, n in receiver.tries().items() if delivery in critical) == [3] * 3
     # The receiver is internal (allowed on loopback): the tenant is not told how it failed.
     assert job.callback.last_error == INTERNAL_FAILED
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 from typing import Any
 
 import pytest
@@ -12,15 +11,12 @@ import corral
 from corral import AsyncJobs, Job, JobEvent, Jobs, LogChunk
 from corral.errors import InvalidRequest, NotFound, ServerUnavailable, WaitTimedOut
 from corral.jobs.spec import JobSpec
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, opts
+from tests.kit.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
 
 FINAL = {"succeeded", "failed", "timed_out", "canceled", "lost"}
-
-
-def opts(server: LiveServer) -> dict[str, Any]:
-    return {"server": server.url, "api_key": server.key}
 
 
 def tag() -> dict[str, str]:
@@ -28,13 +24,9 @@ def tag() -> dict[str, str]:
     return {"suite": secrets.token_hex(4)}
 
 
-def wait_for_state(jobs: Jobs, job_id: str, states: set[str], within: float = 30) -> Job:
-    deadline = time.monotonic() + within
-    while True:
-        job = jobs.get(job_id)
-        if job.state in states or time.monotonic() > deadline:
-            return job
-        time.sleep(0.05)
+def running_or_over(jobs: Jobs, job_id: str) -> Job | None:
+    job = jobs.get(job_id)
+    return job if job.state in {"running", *FINAL} else None
 
 
 def test_job_names_are_public() -> None:
@@ -166,7 +158,7 @@ def test_cancel_a_running_job_and_retry_it(server: LiveServer) -> None:
 
         retried = jobs.retry(job.id)
         assert retried.state == "queued" and retried.max_attempts == 2
-        again = wait_for_state(jobs, job.id, {"running", *FINAL})
+        again = wait_until(lambda: running_or_over(jobs, job.id), "it to run again")
         assert again.state == "running" and again.attempt == 2
         with pytest.raises(InvalidRequest, match="only a finished job can be retried"):
             jobs.retry(job.id)
@@ -196,14 +188,15 @@ def test_wait_can_time_out(server: LiveServer) -> None:
 def test_bad_specs_fail_before_the_network_naming_the_field() -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: a sent spec would fail so
     with Jobs(server=dead, api_key="crl_" + "x" * 32) as jobs:
-        for fields, message in [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"comand": ["echo"]}, "unknown field 'comand'"),
             ({"command": "echo hi"}, "command: must be a non-empty list"),
             ({"run": "x", "retries": -1}, "retries: -1 is out of range"),
             ({"code": "print(1)"}, "language"),
             ({"kind": "workflow", "steps": [{"run": "x", "bogus": 1}]}, r"steps\[0\]: unknown"),
             ({}, "say what to run"),
-        ]:
+        ]
+        for fields, message in cases:
             with pytest.raises(InvalidRequest, match=message):
                 jobs.submit(**fields)
         with pytest.raises(InvalidRequest, match="spec must be a mapping"):
@@ -214,7 +207,7 @@ def test_unknown_jobs_are_not_found(server: LiveServer) -> None:
     with Jobs(**opts(server)) as jobs:
         for call in (jobs.get, jobs.cancel, jobs.retry, jobs.wait):
             with pytest.raises(NotFound, match="corral job list"):
-                call("j0000000000000000000")  # type: ignore[operator]
+                call("j0000000000000000000")
         with pytest.raises(NotFound):
             list(jobs.logs("j0000000000000000000"))
 

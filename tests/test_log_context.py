@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 
 from corral import Jobs, Sandbox, logs
 from tests.conftest import LiveServer
+from tests.kit.polling import wait_until
 
 Line = dict[str, Any]
 
@@ -29,20 +29,18 @@ def log_lines(path: Path) -> Iterator[Line]:
 
 def wait_for_line(path: Path, matches: Callable[[Line], bool], within: float = 30) -> Line:
     """The first line of the log at `path` that `matches`, once it is written."""
-    deadline = time.monotonic() + within
-    while True:
-        found = [line for line in log_lines(path) if matches(line)]
-        if found:
-            return found[0]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no such line in {path} after {within} s")
-        time.sleep(0.05)
+    return wait_until(
+        lambda: next((line for line in log_lines(path) if matches(line)), None),
+        f"a matching line in {path}",
+        timeout=within,
+    )
 
 
 def default_team_id(server: LiveServer) -> str:
     done = server.corral("admin", "team", "list", "-o", "json")
     assert done.returncode == 0, done.stderr
-    return next(t["id"] for t in json.loads(done.stdout) if t["name"] == "default")
+    team_id: str = next(t["id"] for t in json.loads(done.stdout) if t["name"] == "default")
+    return team_id
 
 
 def test_a_record_carries_the_ids_bound_to_its_work() -> None:

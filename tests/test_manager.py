@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import signal
@@ -10,8 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,23 +27,18 @@ from corral.isolation import Limits
 from corral.isolation.footprint import process_start_time
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.lifecycle import ORPHANED
-from corral.store import MetricPoint, SandboxRow, Store, Team
-from tests.conftest import TEST_CGROUP_PARENT, host_processes_of_uid, require_backend
+from corral.store import MetricPoint, Store, Team
+from tests.conftest import (
+    TEST_CGROUP_PARENT,
+    StartManager,
+    cgroup_dirs,
+    host_processes_of_uid,
+    new_sandbox_row,
+)
+from tests.kit import processes
+from tests.kit.polling import until
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture
-def msettings(settings: Settings, tmp_path: Path) -> Settings:
-    require_backend(settings, "namespace")
-    return settings.with_(data_dir=tmp_path / "data")
-
-
-@pytest.fixture
-def store(msettings: Settings) -> Iterator[Store]:
-    store = Store.open(msettings)
-    yield store
-    store.close()
 
 
 @pytest.fixture
@@ -59,47 +51,9 @@ def other(store: Store) -> Team:
     return store.create_team("rival")
 
 
-StartManager = Callable[..., Awaitable[SandboxManager]]
-
-
-@pytest.fixture
-async def managers(msettings: Settings, store: Store) -> AsyncIterator[StartManager]:
-    started: list[SandboxManager] = []
-
-    async def start(**kwargs: object) -> SandboxManager:
-        options: dict[str, object] = {"pool_size": 0, "tick": 0.1, "metrics_interval": 0.1}
-        options.update(kwargs)
-        manager = SandboxManager(msettings, store, **options)  # type: ignore[arg-type]
-        await manager.start()
-        started.append(manager)
-        return manager
-
-    yield start
-    for manager in started:
-        await manager.aclose()
-
-
 @pytest.fixture
 async def manager(managers: StartManager) -> SandboxManager:
     return await managers()
-
-
-async def eventually(check: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-async def eventually_async(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-def _cgroup_dirs(sandbox_id: str) -> list[Path]:
-    return list(Path("/sys/fs/cgroup").glob(f"**/{TEST_CGROUP_PARENT}/{sandbox_id}"))
 
 
 def _transitions(store: Store, sandbox_id: str) -> list[tuple[str | None, str]]:
@@ -191,7 +145,7 @@ async def test_bad_options_are_refused_and_create_nothing(
         {"metadata": {"k": "x" * 513}},
     ):
         with pytest.raises(InvalidRequest):
-            CreateOptions(**kwargs)  # type: ignore[arg-type]
+            CreateOptions(**kwargs)
     with pytest.raises(UnknownTemplate):
         await manager.create(team, CreateOptions(template="nope"))
     with pytest.raises(InvalidLimits):
@@ -223,7 +177,7 @@ async def test_pause_resume_kill_record_events_in_order(
         ("running", "killed"),
     ]
     assert not (msettings.runtime_dir / "sandboxes" / record.id).exists()
-    assert not _cgroup_dirs(record.id)
+    assert not cgroup_dirs(record.id)
 
 
 async def test_illegal_transitions_are_refused_and_change_nothing(
@@ -306,7 +260,7 @@ async def test_lifetime_timeout_kills_and_set_timeout_moves_it(
     assert moved.expires_at > extended.expires_at + timedelta(seconds=25)
     with pytest.raises(InvalidRequest, match="timeout_seconds"):
         await manager.set_timeout(team, extended.id, 0)
-    await eventually(lambda: _state(store, short.id)[0] == "killed")
+    await until(lambda: _state(store, short.id)[0] == "killed", "the timeout to kill it")
     assert _state(store, short.id) == ("killed", "killed: timeout")
     assert (await manager.get(team, extended.id)).state == "running"
 
@@ -318,11 +272,13 @@ async def test_idle_sandboxes_pause_unless_pinged(
     idle = await manager.create(team, options)
     pinged = await manager.create(team, options)
     streaming = await manager.create(team, options)
-    started = time.monotonic()
-    while time.monotonic() - started < 1.6:
+
+    async def idle_paused_while_the_others_are_busy() -> bool:
         await manager.ping(team, pinged.id)
         manager.touch(streaming.id)
-        await asyncio.sleep(0.2)
+        return _state(store, idle.id)[0] == "paused"
+
+    await until(idle_paused_while_the_others_are_busy, "the idle one to pause", interval=0.2)
     assert _state(store, idle.id) == ("paused", "paused: idle for 1s")
     assert _state(store, pinged.id)[0] == "running"
     assert _state(store, streaming.id)[0] == "running"
@@ -335,7 +291,7 @@ async def test_idle_sandboxes_can_be_killed_instead(
     manager: SandboxManager, team: Team, store: Store
 ) -> None:
     record = await manager.create(team, CreateOptions(idle_timeout_seconds=1, on_idle="kill"))
-    await eventually(lambda: _state(store, record.id)[0] == "killed")
+    await until(lambda: _state(store, record.id)[0] == "killed", "the idle kill")
     assert _state(store, record.id) == ("killed", "killed: idle for 1s")
 
 
@@ -354,7 +310,7 @@ async def test_metrics_rings_then_the_store(
         points[:] = await manager.metrics(team, record.id, "10m")
         return len(points) >= 8
 
-    await eventually_async(sampled)
+    await until(sampled, "eight metric points")
     assert all(p.cpu_percent >= 0 and p.memory_bytes > 0 and p.pids >= 1 for p in points)
     assert max(p.cpu_percent for p in points) > 20  # the busy loop shows
     assert max(p.memory_bytes for p in points) > 32 << 20
@@ -377,7 +333,7 @@ async def test_warm_pool_hands_out_ready_sandboxes_and_refills(
 ) -> None:
     team = store.create_team("pooled", max_sandboxes=1)
     manager = await managers(pool_size=2)
-    await eventually(lambda: manager.pool.ready == 2)
+    await until(lambda: manager.pool.ready == 2, "a full pool")
     pooled_ids = {s.id for s in manager.pool._ready}
     # Pool sandboxes are nobody's: not listed, not counted against the team's quota of 1.
     assert await manager.list(team) == ([], "")
@@ -390,7 +346,7 @@ async def test_warm_pool_hands_out_ready_sandboxes_and_refills(
         assert int((memory / "memory.limit_in_bytes").read_text()) == 200 << 20
     box = await manager.running(team, record.id)
     assert (await box.run(["sh", "-c", "echo ${X:-unset}"], env=manager.envs(record.id))).ok
-    await eventually(lambda: manager.pool.ready == 2)  # refilled in the background
+    await until(lambda: manager.pool.ready == 2, "the pool refilled in the background")
     await manager.kill(team, record.id)
     cold = await manager.create(team, CreateOptions(limits=Limits(disk_mib=64)))
     assert cold.id not in pooled_ids and cold.state_reason == "created"
@@ -428,25 +384,11 @@ async def test_aclose_kills_every_live_sandbox(
 
 
 def _orphan_row(store: Store, team: Team, sandbox_id: str, pid: int) -> None:
-    now = datetime.now(UTC)
     store.insert_sandbox(
-        SandboxRow(
+        new_sandbox_row(
+            team,
             id=sandbox_id,
-            team_id=team.id,
-            template="host",
-            isolation="namespace",
-            state="running",
-            state_reason="created",
-            metadata={},
             limits={},
-            envs={},
-            timeout_seconds=300,
-            expires_at=now + timedelta(seconds=300),
-            idle_timeout_seconds=0,
-            on_idle="pause",
-            created_at=now,
-            updated_at=now,
-            last_activity_at=now,
             owner_host=socket.gethostname(),
             owner_pid=pid,
             owner_start=process_start_time(pid) or 0,
@@ -481,8 +423,8 @@ async def test_restart_after_sigkill_fails_orphans_and_leaves_nothing(
             await asyncio.sleep(300)
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
-    alive = subprocess.Popen(["sleep", "60"])
+    proc = processes.spawn([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    alive = processes.spawn(["sleep", "60"])
     try:
         assert proc.stdout is not None
         running_id, paused_id, *slots = proc.stdout.readline().split()
@@ -498,7 +440,7 @@ async def test_restart_after_sigkill_fails_orphans_and_leaves_nothing(
                 assert _state(store, sandbox_id) == ("failed", ORPHANED)
                 assert _transitions(store, sandbox_id)[-1][1] == "failed"
                 assert not (msettings.runtime_dir / "sandboxes" / sandbox_id).exists()
-                assert not _cgroup_dirs(sandbox_id)
+                assert not cgroup_dirs(sandbox_id)
                 assert sandbox_id not in Path("/proc/self/mountinfo").read_text()
             for slot in slots:
                 if slot != "None":

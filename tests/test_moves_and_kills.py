@@ -35,6 +35,7 @@ from corral.errors import (
 from corral.guest import EntryInfo
 from corral.isolation import Engine, Limits, Sandbox
 from tests.conftest import LiveServer, require_backend, start_server
+from tests.kit.polling import until
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -260,12 +261,11 @@ async def test_a_stream_ends_as_killed_when_its_sandbox_is_killed(
     live: LiveServer, remote: AsyncSandbox
 ) -> None:
     running = asyncio.create_task(remote.commands.run("sleep 60"))
-    for _ in range(200):
-        if [p.cmd for p in await remote.commands.list()] == ["sleep 60"]:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("sleep 60 never started")
+
+    async def started() -> bool:
+        return [p.cmd for p in await remote.commands.list()] == ["sleep 60"]
+
+    await until(started, "sleep 60 to start")
     await remote.kill()
     result = await asyncio.wait_for(running, 20)
     assert (result.reason, result.exit_code, result.signal) == ("killed", 137, 9)

@@ -7,10 +7,9 @@ import contextlib
 import json
 import os
 import secrets
-import subprocess
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,9 @@ import pytest
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation import CommandResult, Engine, Entrypoint, Limits, Sandbox, SeedFile
-from tests.conftest import TEST_CGROUP_PARENT, host_processes_of_uid, require_backend
+from tests.conftest import cgroup_dirs, host_processes_of_uid, require_backend
+from tests.kit import processes
+from tests.kit.polling import until
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -94,18 +95,9 @@ def cgroup_of(pid: int) -> str:
 
 def cgroup_members(box: Sandbox) -> list[int]:
     """Processes in the sandbox's cgroup, in every hierarchy it has one."""
-    dirs = list(Path("/sys/fs/cgroup").glob(f"**/{TEST_CGROUP_PARENT}/{box.id}"))
+    dirs = cgroup_dirs(box.id)
     assert dirs, f"no cgroup for {box.id}"
     return sorted({int(p) for d in dirs for p in (d / "cgroup.procs").read_text().split()})
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 # -- the command's output, environment and files -------------------------------------------
@@ -269,9 +261,9 @@ async def test_daemons_do_not_outlive_the_command(ns_engine: Engine, settings: S
         assert result.ok and result.stdout == b"forked\n"
         # pids.current lags on cgroup v1 (it counts tasks until they are freed): read the
         # members themselves.
-        assert await until(lambda: cgroup_members(box) == []), cgroup_members(box)
+        await until(lambda: cgroup_members(box) == [], "an empty cgroup")
         if uid is not None:
-            assert await until(lambda: host_processes_of_uid(uid) == [])
+            await until(lambda: host_processes_of_uid(uid) == [], f"no process of uid {uid}")
     finally:
         await box.destroy()
     assert not fp.path.exists()
@@ -397,7 +389,7 @@ async def test_rlimits_and_cgroup_hold_every_process(ns_engine: Engine) -> None:
             return found
 
         # bash forks `sleep` after its third line: wait until the walk sees it.
-        assert await until(lambda: "sleep" in names()), names()
+        await until(lambda: "sleep" in names(), "sleep among the processes")
         tree = process_tree(launcher_pid(box))
         for pid in tree:
             assert cgroup_of(pid).split("/")[-1] == box.id, (pid, cgroup_of(pid))
@@ -479,7 +471,7 @@ async def test_seed_files_cannot_land_on_read_only_paths(
 
 @pytest.mark.hostile
 async def test_kill_everything_leaves_the_host_alone(ns_engine: Engine) -> None:
-    bystander = subprocess.Popen(["sleep", "60"])
+    bystander = processes.spawn(["sleep", "60"])
     try:
         script = f"kill -9 -1; kill -9 {bystander.pid}; kill -9 1; echo still here"
         result = await run_oneshot(ns_engine, ["sh", "-c", script])

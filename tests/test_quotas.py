@@ -15,9 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -31,59 +29,21 @@ from corral.isolation import Engine, Entrypoint, Limits
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.limits import host_memory_mib
-from corral.sandboxes import CreateOptions, SandboxManager
+from corral.sandboxes import CreateOptions
 from corral.sandboxes.pool import WarmPool
 from corral.store import SandboxRow, Store, Team
-from tests.conftest import LiveServer, require_backend, start_server
+from tests.conftest import LiveServer, StartManager, new_sandbox_row, require_backend, start_server
+from tests.kit.polling import until
 
 pytestmark = pytest.mark.sandbox
 
 MIB = 1 << 20
 
 
-async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
     """Settings under which this host admits about `capacity_mib` of sandbox memory."""
     ratio = capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
     return settings.with_(memory_overcommit=ratio)
-
-
-@pytest.fixture
-def msettings(own_runtime: Settings, tmp_path: Path) -> Settings:
-    require_backend(own_runtime, "namespace")
-    return own_runtime.with_(data_dir=tmp_path / "data")
-
-
-@pytest.fixture
-def store(msettings: Settings) -> Iterator[Store]:
-    store = Store.open(msettings)
-    yield store
-    store.close()
-
-
-Start = Callable[..., Awaitable[SandboxManager]]
-
-
-@pytest.fixture
-async def managers(msettings: Settings, store: Store) -> AsyncIterator[Start]:
-    started: list[SandboxManager] = []
-
-    async def start(settings: Settings | None = None, pool_size: int = 0) -> SandboxManager:
-        manager = SandboxManager(settings or msettings, store, pool_size=pool_size, tick=0.1)
-        await manager.start()
-        started.append(manager)
-        return manager
-
-    yield start
-    for manager in started:
-        await manager.aclose()
 
 
 # -- team totals ---------------------------------------------------------------------------
@@ -174,7 +134,9 @@ def test_concurrent_creates_cannot_pass_the_quota(msettings: Settings, store: St
     assert sum(row.limits["memory_mib"] for row in live) == 3 * 512
 
 
-async def test_paused_sandboxes_count_and_killed_ones_do_not(managers: Start, store: Store) -> None:
+async def test_paused_sandboxes_count_and_killed_ones_do_not(
+    managers: StartManager, store: Store
+) -> None:
     """A paused sandbox is frozen, not swapped out: it keeps its memory, so it counts."""
     manager = await managers()
     team = store.create_team("pausing", max_memory_mib=1024)
@@ -256,7 +218,7 @@ async def test_a_full_host_does_not_refill_the_pool_nor_starve_real_sandboxes(
         pool = WarmPool(engine, 3, "host", "namespace")
         pool.start()
         try:
-            await eventually(lambda: pool.ready == 2)  # 2 x 512 MiB; the third does not fit
+            await until(lambda: pool.ready == 2, "two in the pool")  # 2 x 512 MiB; no third fits
             await asyncio.sleep(1.5)
             assert pool.ready == 2
             real = await engine.create(isolation="namespace", limits=Limits(memory_mib=1024))
@@ -264,7 +226,7 @@ async def test_a_full_host_does_not_refill_the_pool_nor_starve_real_sandboxes(
             await asyncio.sleep(1.5)
             assert pool.ready == 0  # no room: no refill
             await real.destroy()
-            await eventually(lambda: pool.ready == 2)  # room again: refilled
+            await until(lambda: pool.ready == 2, "the pool refilled")  # room again
         finally:
             await pool.aclose()
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -274,10 +236,10 @@ async def test_a_full_host_does_not_refill_the_pool_nor_starve_real_sandboxes(
 
 
 async def test_a_claimed_pool_sandbox_makes_room_by_destroying_spares(
-    managers: Start, msettings: Settings, store: Store
+    managers: StartManager, msettings: Settings, store: Store
 ) -> None:
     manager = await managers(tiny_host(msettings, 1100), pool_size=2)
-    await eventually(lambda: manager.pool.ready == 2)
+    await until(lambda: manager.pool.ready == 2, "a full pool")
     team = store.create_team("big", max_memory_mib=4096)
     record = await manager.create(team, CreateOptions(limits=Limits(memory_mib=1024)))
     assert record.state_reason == "created from the warm pool"
@@ -368,28 +330,7 @@ async def test_no_writable_path_escapes_the_disk_limit(engine: Engine, settings:
 
 
 def _row(team: Team, **limits: float) -> SandboxRow:
-    now = datetime.now(UTC)
-    return SandboxRow(
-        id="sb_" + secrets.token_hex(10),
-        team_id=team.id,
-        template="host",
-        isolation="namespace",
-        state="running",
-        state_reason="created",
-        metadata={},
-        limits={**asdict(Limits()), **limits},
-        envs={},
-        timeout_seconds=300,
-        expires_at=now + timedelta(seconds=300),
-        idle_timeout_seconds=0,
-        on_idle="pause",
-        created_at=now,
-        updated_at=now,
-        last_activity_at=now,
-        owner_host="test",
-        owner_pid=1,
-        owner_start=0,
-    )
+    return new_sandbox_row(team, limits={**asdict(Limits()), **limits})
 
 
 def test_doctor_prints_the_memory_capacity(settings: Settings) -> None:

@@ -14,7 +14,7 @@ import pytest
 from corral.limits import MIB, Limits
 from tests.conftest import LiveServer
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+pytestmark = [pytest.mark.acceptance, pytest.mark.usefixtures("sandbox_host")]
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

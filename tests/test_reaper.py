@@ -4,11 +4,7 @@ footprint directories — while it runs, without any process being restarted."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +16,11 @@ from corral.errors import InvalidRequest
 from corral.isolation import Engine
 from corral.isolation.cgroups import CgroupDriver
 from tests.conftest import host_processes_of_uid, start_server, start_worker
+from tests.kit.polling import wait_until
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
 
 REAP_INTERVAL = 1
-
-
-@pytest.fixture
-def own_runtime(settings: Settings) -> Iterator[Settings]:
-    """Settings with a runtime dir of this test's own: no other process of the session
-    (whose engines reap at start) touches what the killed worker leaves there."""
-    runtime = Path(tempfile.mkdtemp(prefix="corral-test-reaper-"))
-    own = settings.with_(runtime_dir=runtime, data_dir=runtime / "data")
-    yield own
-    Engine(own)  # anything the test did not see reaped
-    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def footprints_of(runtime_dir: Path, pid: int) -> list[dict[str, Any]]:
@@ -86,20 +72,22 @@ def test_a_live_server_reaps_what_a_killed_worker_left(own_runtime: Settings, po
         worker = start_worker(server, CORRAL_JOB_WORKERS="1", CORRAL_JOB_POOL=pool)
         with Jobs(server=server.url, api_key=server.key) as jobs:
             job = jobs.submit(run="sleep 600").job
-            deadline = time.monotonic() + 30
-            while True:  # until the job runs in a sandbox that is all set up
+
+            def set_up() -> list[dict[str, Any]] | None:
                 records = footprints_of(own_runtime.runtime_dir, worker.process.pid)
-                if jobs.get(job.id).state == "running" and running_sandbox(records):
-                    break
-                assert time.monotonic() < deadline, (jobs.get(job.id), records)
-                time.sleep(0.05)
+                running = jobs.get(job.id).state == "running" and running_sandbox(records)
+                return records if running else None
+
+            records = wait_until(set_up, "the job to run in a sandbox that is all set up")
         assert leftovers(records, own_runtime)  # all there while the worker lives
 
         worker.stop(signal.SIGKILL)
-        deadline = time.monotonic() + 10 * REAP_INTERVAL + 10
-        while (left := leftovers(records, own_runtime)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert left == [], "the live server did not reap what the killed worker left"
+        wait_until(
+            lambda: leftovers(records, own_runtime) == [],
+            "the live server to reap what the killed worker left",
+            timeout=10 * REAP_INTERVAL + 10,
+            interval=0.2,
+        )
         assert server.process.poll() is None  # the same server, never restarted
         assert "reaped sandbox" in server.log.read_text()
     finally:

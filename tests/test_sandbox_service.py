@@ -23,7 +23,7 @@ from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.commands import ExecEvent, Started
 from corral.store import Store, Team
 from tests.conftest import require_backend
-from tests.test_manager import eventually_async
+from tests.kit.polling import until
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ async def test_signal_reaches_an_attached_command_and_a_detached_one(
     async def gone() -> bool:
         return start.pid not in [p.pid for p in await manager.commands.processes(team, record.id)]
 
-    await eventually_async(gone)
+    await until(gone, "the command is gone")
 
 
 @pytest.mark.sandbox
@@ -181,7 +181,7 @@ async def test_closing_an_exec_stream_or_losing_the_client_kills_a_foreground_co
     async def gone() -> bool:
         return start.pid not in [p.pid for p in await manager.commands.processes(team, record.id)]
 
-    await eventually_async(gone)
+    await until(gone, "the command is gone")
     assert len(manager.commands.attached) == 0
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import secrets
-import time
-from typing import Any
 
 import pytest
 
@@ -21,13 +19,10 @@ from corral.errors import (
     ServerUnavailable,
     Unauthenticated,
 )
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, opts
+from tests.kit.polling import until
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
-
-
-def opts(server: LiveServer) -> dict[str, Any]:
-    return {"server": server.url, "api_key": server.key}
 
 
 def test_public_names_are_exactly_all() -> None:
@@ -163,15 +158,6 @@ async def test_async_run_with_async_callbacks(server: LiveServer) -> None:
         assert (await handle.wait()).stdout == "through stdin"
 
 
-async def wait_until(predicate: Any, within: float = 10) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
 async def test_a_foreground_command_dies_with_its_client(server: LiveServer) -> None:
     async with await AsyncSandbox.create(**opts(server)) as sbx:
         run = asyncio.create_task(sbx.commands.run("sleep 30", timeout=None, tag="fg"))
@@ -179,7 +165,7 @@ async def test_a_foreground_command_dies_with_its_client(server: LiveServer) -> 
         async def started() -> bool:
             return [p.tag for p in await sbx.commands.list()] == ["fg"]
 
-        assert await wait_until(started)
+        await until(started, "the command to start")
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await run
@@ -187,7 +173,7 @@ async def test_a_foreground_command_dies_with_its_client(server: LiveServer) -> 
         async def gone() -> bool:
             return await sbx.commands.list() == []
 
-        assert await wait_until(gone), "the server left a foreground command running"
+        await until(gone, "the server to end the foreground command")
 
 
 async def test_a_background_command_outlives_its_client(server: LiveServer) -> None:
@@ -202,4 +188,4 @@ async def test_a_background_command_outlives_its_client(server: LiveServer) -> N
         async def gone() -> bool:
             return await sbx.commands.list() == []
 
-        assert await wait_until(gone)
+        await until(gone, "the command to be gone")

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pytest
 
 from corral import AsyncSandbox, Limits, Sandbox, WriteEntry
 from corral.errors import InvalidRequest
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, opts
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
-
-
-def opts(server: LiveServer) -> dict[str, Any]:
-    return {"server": server.url, "api_key": server.key}
 
 
 class E2BWriteEntry(NamedTuple):

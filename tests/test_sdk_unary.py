@@ -31,13 +31,9 @@ from corral.errors import (
     ServerUnavailable,
     Unauthenticated,
 )
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, opts
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
-
-
-def opts(server: LiveServer) -> dict[str, Any]:
-    return {"server": server.url, "api_key": server.key}
 
 
 def comparable(infos: list[SandboxInfo]) -> list[SandboxInfo]:
@@ -66,8 +62,8 @@ async def test_the_list_is_the_async_sdks_list_page_by_page(
             {"metadata": {"suite": tag}, "states": ["killed"]},
             {"metadata": {"suite": tag}, "states": ["running", "killed"]},
         ):
-            listed = list_sandboxes(**query, **opts(server))  # type: ignore[arg-type]
-            expected = await AsyncSandbox.list(**query, **opts(server))  # type: ignore[arg-type]
+            listed = list_sandboxes(**query, **opts(server))
+            expected = await AsyncSandbox.list(**query, **opts(server))
             assert comparable(listed) == comparable(expected), query
         ids = [b.sandbox_id for b in boxes]
         assert {i.sandbox_id for i in list_sandboxes(metadata={"suite": tag}, **opts(server))} == {
@@ -88,7 +84,7 @@ def test_sandbox_list_is_the_loop_free_list() -> None:
 
 
 async def test_a_bad_key_gives_the_async_paths_error(server: LiveServer) -> None:
-    bad = {"server": server.url, "api_key": "crl_" + "y" * 32}
+    bad: dict[str, Any] = {"server": server.url, "api_key": "crl_" + "y" * 32}
     with pytest.raises(Unauthenticated) as sync_error:
         list_sandboxes(**bad)
     with pytest.raises(Unauthenticated) as async_error:

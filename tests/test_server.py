@@ -19,6 +19,8 @@ import pytest
 from corral import Sandbox
 from corral.config import Settings
 from tests.conftest import LiveServer, free_port, start_server
+from tests.kit import processes
+from tests.kit.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
 
@@ -37,6 +39,14 @@ def processes_with(marker: bytes) -> list[int]:
         if marker in cmdline and state != b"Z":
             found.append(int(entry))
     return found
+
+
+def answers(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=1)
+    except httpx.TransportError:
+        return False
+    return True
 
 
 def fresh_server(settings: Settings) -> LiveServer:
@@ -64,10 +74,7 @@ def test_sigkill_leaves_nothing_running_and_a_restart_marks_it_failed(
     box.close()
     assert processes_with(seconds.encode())
     live.stop(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while processes_with(seconds.encode()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert processes_with(seconds.encode()) == [], "a sandbox outlived its server"
+    wait_until(lambda: processes_with(seconds.encode()) == [], "the sandbox to die with its server")
     state, reason = info_after_restart(settings, live, box.sandbox_id)
     assert state == "failed" and "stopped" in reason
 
@@ -87,7 +94,8 @@ def test_a_second_signal_forces_the_exit(settings: Settings) -> None:
     box = Sandbox.create(server=live.url, api_key=live.key)
     box.commands.run("sleep 60", background=True)  # an open stream: draining would wait
     live.process.send_signal(signal.SIGINT)
-    time.sleep(1)
+    wait_until(lambda: not answers(live.url), "the first signal to close the listener")
+    time.sleep(0.6)  # a signal within 0.5 s of the first is that one twice (server/main.py)
     started = time.monotonic()
     live.process.send_signal(signal.SIGINT)
     assert live.process.wait(10) == 130
@@ -105,7 +113,7 @@ def test_demo_runs_a_first_command_through_the_api(settings: Settings) -> None:
     }
     log = data.parent / f"demo-{port}.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(
+        process = processes.spawn(
             [sys.executable, "-m", "corral.cli", "server", "--demo", "--port", str(port)],
             env=env,
             stdout=subprocess.PIPE,
@@ -114,7 +122,12 @@ def test_demo_runs_a_first_command_through_the_api(settings: Settings) -> None:
         )
     assert process.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()])
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read)
     reader.start()
     output = ""
     deadline = time.monotonic() + 60

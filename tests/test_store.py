@@ -15,9 +15,10 @@ from alembic.script import ScriptDirectory
 
 from corral.config import Settings
 from corral.errors import InvalidRequest, NotFound, QuotaExceeded, Unauthenticated
-from corral.store import MetricPoint, SandboxRow, Store
+from corral.store import MetricPoint, SandboxRow, Store, Team
 from corral.store.database import MIGRATIONS
 from corral.store.schema import metadata
+from tests.conftest import new_sandbox_row
 
 
 def _db_bytes(settings: Settings) -> bytes:
@@ -192,41 +193,30 @@ def test_ensure_default_team_is_idempotent_and_writes_the_key(
 # -- sandbox rows and metric points --------------------------------------------------------
 
 
-def _row(team_id: str, sandbox_id: str, at: datetime, **changes: object) -> SandboxRow:
-    values: dict[str, object] = dict(
+def _row(team: Team, sandbox_id: str, at: datetime) -> SandboxRow:
+    return new_sandbox_row(
+        team,
         id=sandbox_id,
-        team_id=team_id,
-        template="host",
-        isolation="namespace",
         state="creating",
         state_reason="creating",
         metadata={"app": "x"},
         limits={"memory_mib": 256},
-        envs={},
-        timeout_seconds=300,
         expires_at=at + timedelta(seconds=300),
-        idle_timeout_seconds=0,
-        on_idle="pause",
         created_at=at,
         updated_at=at,
         last_activity_at=at,
-        owner_host="test",
-        owner_pid=1,
-        owner_start=0,
     )
-    values.update(changes)
-    return SandboxRow(**values)  # type: ignore[arg-type]
 
 
 def test_sandbox_rows_keep_aware_utc_times_and_events(store: Store) -> None:
     team = store.create_team("acme", max_sandboxes=1)
     at = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    store.insert_sandbox(_row(team.id, "sb_1", at))
+    store.insert_sandbox(_row(team, "sb_1", at))
     row = store.sandbox("sb_1")
     assert row is not None and row.created_at == at and row.created_at.tzinfo is UTC
     assert row.metadata == {"app": "x"} and row.limits == {"memory_mib": 256}
     with pytest.raises(QuotaExceeded, match=r"allows 1 \(max_sandboxes\)"):
-        store.insert_sandbox(_row(team.id, "sb_2", at))
+        store.insert_sandbox(_row(team, "sb_2", at))
     assert store.transition("sb_1", "paused", "no", from_states=("running",)) is None
     running = store.transition("sb_1", "running", "created", from_states=("creating",))
     assert running is not None and running.state == "running"
@@ -241,7 +231,7 @@ def test_sandbox_rows_keep_aware_utc_times_and_events(store: Store) -> None:
 def test_metric_points_are_kept_for_a_window(store: Store) -> None:
     team = store.create_team("acme")
     at = datetime.now(UTC)
-    store.insert_sandbox(_row(team.id, "sb_1", at))
+    store.insert_sandbox(_row(team, "sb_1", at))
     points = [MetricPoint(at + timedelta(seconds=i), 1.5, 100, 200, 3) for i in range(10)]
     store.add_metric_points("sb_1", "10m", points[:6], keep=timedelta(seconds=4))
     store.add_metric_points("sb_1", "10m", points[6:], keep=timedelta(seconds=4))

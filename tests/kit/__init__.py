@@ -1,0 +1,7 @@
+"""The tests' kit: the helpers and fakes every test module shares.
+
+Fixtures live in tests/conftest.py; what they and the tests build on lives here, one
+concept a module: `polling` (wait until a condition holds), `http` (loopback HTTP
+servers: the callback receiver and its misbehaving kin), `claimers` (threads racing for
+the store's job claims).
+"""
