@@ -107,5 +107,7 @@ def configure(level: str = "info", stream: IO[str] | None = None) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    # Migrations say what they do at info, every start: only their warnings matter here.
-    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
+    # Migrations say what they do at info, every start, and httpx logs every request it
+    # sends (callback deliveries, the demo's health poll): only their warnings matter here.
+    for name in ("alembic", "httpx"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
