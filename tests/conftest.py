@@ -479,11 +479,9 @@ def new_sandbox_row(team: Team, **changes: Any) -> SandboxRow:
 
 def new_job_row(team: Team, **changes: Any) -> JobRow:
     """A queued job row as the store keeps it, for tests of the store's job queue."""
-    now = datetime.now(UTC)
-    row = JobRow(
+    row = JobRow.queued(
         id="j" + uuid.uuid4().hex[:20],
         team_id=team.id,
-        idempotency_key=None,
         kind="command",
         template="host",
         isolation="auto",
@@ -491,25 +489,7 @@ def new_job_row(team: Team, **changes: Any) -> JobRow:
         spec={"kind": "command", "command": ["true"]},
         labels={},
         priority=0,
-        state="queued",
-        state_reason="queued",
-        attempt=0,
         max_attempts=1,
-        lost_count=0,
-        run_after=now,
-        worker=None,
-        lease_expires_at=None,
-        cancel_reason=None,
-        exit_code=None,
-        next_log_seq=0,
-        log_bytes=0,
-        log_truncated=False,
-        next_event_seq=0,
-        callback_url=None,
-        callback_secret=None,
-        created_at=now,
-        updated_at=now,
-        started_at=None,
-        finished_at=None,
+        now=datetime.now(UTC),
     )
     return replace(row, **changes)

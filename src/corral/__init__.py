@@ -11,8 +11,9 @@ The SDK (and `__version__`) is imported on first use, so `import corral.config` 
 engine, the server) does not load it.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from corral._lazy import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     __version__: str
@@ -94,16 +95,11 @@ def _version() -> str:
         return "0.0.0"
 
 
+_lazy_getattr, __dir__ = _lazy_exports(__name__, _LAZY, __all__)
+
+
 def __getattr__(name: str) -> _typing.Any:
     if name == "__version__":
         globals()[name] = version = _version()
         return version
-    if name in _LAZY:
-        value = getattr(_importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'corral' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+    return _lazy_getattr(name)

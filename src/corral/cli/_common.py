@@ -161,6 +161,15 @@ def env_option(
     parser.add_argument(*flags, default=default, help=f"{help} [env: {env}]", **kwargs)
 
 
+def add_sandbox_choice(parser: argparse.ArgumentParser) -> None:
+    """--template and --isolation of a command that creates a sandbox (`run`, `sandbox
+    create`): what CORRAL_TEMPLATE and CORRAL_ISOLATION mean to the CLI, in one place."""
+    env_option(parser, "--template", env="CORRAL_TEMPLATE", default="host", help="the template")
+    env_option(
+        parser, "--isolation", env="CORRAL_ISOLATION", default="auto", help="auto, namespace, …"
+    )
+
+
 def setting_option(
     parser: argparse.ArgumentParser, *flags: str, setting: str, help: str, **kwargs: Any
 ) -> None:

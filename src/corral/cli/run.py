@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from corral.cli._common import (
     add_pairs,
+    add_sandbox_choice,
     command,
     connect_kwargs,
     env_option,
@@ -93,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_commands(commands: Commands) -> None:
     p = command(commands, "run", run)
-    env_option(p, "--template", env="CORRAL_TEMPLATE", default="host", help="the template")
-    env_option(p, "--isolation", env="CORRAL_ISOLATION", default="auto", help="auto, namespace, …")
+    add_sandbox_choice(p)
     env_option(
         p,
         "--timeout",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from corral.cli._common import (
     add_output,
     add_pairs,
+    add_sandbox_choice,
     command,
     connect_kwargs,
     env_option,
@@ -227,8 +228,7 @@ def add_commands(commands: Commands) -> None:
         return p
 
     p = command(sub, "create", create)
-    env_option(p, "--template", env="CORRAL_TEMPLATE", default="host", help="the template")
-    env_option(p, "--isolation", env="CORRAL_ISOLATION", default="auto", help="auto, namespace, …")
+    add_sandbox_choice(p)
     env_option(
         p,
         "--timeout",

@@ -5,8 +5,9 @@ Each name is imported on first use, so that a light module of the SDK (`_listing
 the CLI uses to list sandboxes) loads without the rest (asyncio, the RPC runtime).
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from corral._lazy import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from corral.client._commands import (
@@ -100,13 +101,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> _typing.Any:
-    if name in _LAZY:
-        value = getattr(_importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'corral.client' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY, __all__)

@@ -5,9 +5,10 @@ Tiers (`Backend` subclasses, chosen by name or `auto`): `namespace` (bubblewrap)
 """
 
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxSpec, SeedFile
+from corral.isolation.command import Command, CommandResult
 from corral.isolation.engine import Engine
 from corral.isolation.registry import capabilities
-from corral.isolation.sandbox import Command, CommandResult, Sandbox, SandboxState, Usage
+from corral.isolation.sandbox import Sandbox, SandboxState, Usage
 from corral.limits import Limits
 
 __all__ = [

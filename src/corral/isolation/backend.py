@@ -4,7 +4,8 @@ A backend turns a `SandboxSpec` into a `LaunchPlan`: the argv that starts the gu
 (or, for a one-shot sandbox, the caller's `Entrypoint` in its place) inside its
 isolation, the host identity it runs as, and the workdir the agent sees.
 Everything common to all tiers — the footprint record, cgroups, rlimits, the guest agent
-connection, pause/resume/destroy — lives in `corral.isolation.sandbox`, once.
+connection, pause/resume/destroy — lives in `corral.isolation.sandbox` (commands in
+`corral.isolation.command`), once.
 """
 
 from __future__ import annotations

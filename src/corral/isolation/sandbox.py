@@ -19,8 +19,7 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
 from corral._aio import stop_tasks
 from corral.errors import (
@@ -31,10 +30,11 @@ from corral.errors import (
     SandboxNotRunning,
     SandboxStartFailed,
 )
-from corral.guest import EntryInfo, ExecResult, GuestConnection, OutputChunk
+from corral.guest import EntryInfo, GuestConnection
 from corral.guest import ProcessInfo as ProcessInfo
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
+from corral.isolation.command import Command, CommandResult
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
@@ -54,96 +54,6 @@ class SandboxState(enum.StrEnum):
 
 # Resource use of a whole sandbox is exactly what its cgroup reports.
 Usage = CgroupUsage
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """A finished command with its whole output."""
-
-    stdout: bytes
-    stderr: bytes
-    exit_code: int
-    signal: int | None
-    reason: str
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and self.reason == "exited"
-
-
-class _Process(Protocol):
-    """A running command: one the guest agent started (`GuestProcess`) or a one-shot
-    sandbox's entrypoint (`EntryProcess`)."""
-
-    pid: int
-
-    def __aiter__(self) -> AsyncIterator[OutputChunk]: ...
-    async def wait(self) -> ExecResult: ...
-    async def collect(self) -> tuple[bytes, bytes, ExecResult]: ...
-    async def write_stdin(self, data: bytes) -> None: ...
-    async def close_stdin(self) -> None: ...
-    async def signal(self, signum: int, *, group: bool = False) -> None: ...
-    async def kill(self) -> None: ...
-    async def detach(self) -> None: ...
-
-
-class Command:
-    """A command running in a sandbox: its output chunks, stdin, signals and result."""
-
-    def __init__(self, sandbox: Sandbox, process: _Process, oom_kills_before: int) -> None:
-        self._sandbox = sandbox
-        self._process = process
-        self._oom_kills_before = oom_kills_before
-        self._we_killed = False
-        self.pid = process.pid
-
-    def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        return self._process.__aiter__()
-
-    async def wait(self) -> ExecResult:
-        return self._explain(await self._process.wait())
-
-    async def collect(self) -> CommandResult:
-        stdout, stderr, result = await self._process.collect()
-        result = self._explain(result)
-        return CommandResult(
-            stdout, stderr, result.exit_code, result.signal, result.reason, result.error
-        )
-
-    async def write_stdin(self, data: bytes) -> None:
-        await self._process.write_stdin(data)
-
-    async def close_stdin(self) -> None:
-        await self._process.close_stdin()
-
-    async def signal(self, signum: int, *, group: bool = False) -> None:
-        if signum == signal.SIGKILL:
-            self._we_killed = True
-        await self._process.signal(signum, group=group)
-
-    async def kill(self) -> None:
-        self._we_killed = True
-        await self._process.kill()
-
-    async def detach(self) -> None:
-        await self._process.detach()
-
-    def _explain(self, result: ExecResult) -> ExecResult:
-        """Tell an OOM kill from other kills: the agent sees only a SIGKILL, or (under a
-        shell that outlived its child) an exit code of 128 + SIGKILL."""
-        killed = (result.reason == "killed" and result.signal == signal.SIGKILL) or (
-            result.reason == "exited" and result.exit_code == 128 + signal.SIGKILL
-        )
-        if killed and not self._we_killed and self._sandbox.oom_kills() > self._oom_kills_before:
-            return ExecResult(
-                exit_code=result.exit_code,
-                signal=result.signal,
-                reason="oom_killed",
-                output_bytes=result.output_bytes,
-                error="the command ran out of memory; raise the sandbox's memory limit",
-            )
-        return result
 
 
 class Sandbox:
@@ -235,7 +145,7 @@ class Sandbox:
                 entrypoint.output_limit or self.spec.limits.output_bytes,
                 plan.exec_failure,
             )
-            self.entry = Command(self, self._entry, 0)
+            self.entry = Command(self._entry, self.oom_kills, 0)
             return
         self._stderr_task = asyncio.create_task(self._keep_stderr(self._launcher.stderr))
         self._guest = GuestConnection(self._launcher.stdout, self._launcher.stdin)
@@ -364,7 +274,7 @@ class Sandbox:
             background=background,
             tag=tag,
         )
-        return Command(self, process, before)
+        return Command(process, self.oom_kills, before)
 
     async def run(
         self,
@@ -381,7 +291,7 @@ class Sandbox:
 
     async def attach(self, pid: int) -> Command:
         guest = self._running_guest()
-        return Command(self, await guest.attach(pid), self.oom_kills())
+        return Command(await guest.attach(pid), self.oom_kills, self.oom_kills())
 
     async def processes(self) -> list[ProcessInfo]:
         return await self._running_guest().processes()

@@ -163,7 +163,7 @@ class JobQueue:
             await self.callback_policy.check(spec.callback_url)  # CallbackRefused names the rule
         now = datetime.now(UTC)
         secret = secrets.token_hex(32) if spec.callback_url else None
-        row = JobRow(
+        row = JobRow.queued(
             id=new_job_id(),
             team_id=team.id,
             idempotency_key=idempotency_key or None,
@@ -174,26 +174,10 @@ class JobQueue:
             spec=spec.to_dict(),
             labels=dict(spec.labels),
             priority=spec.priority,
-            state="queued",
-            state_reason="queued",
-            attempt=0,
             max_attempts=spec.max_attempts,
-            lost_count=0,
-            run_after=now,
-            worker=None,
-            lease_expires_at=None,
-            cancel_reason=None,
-            exit_code=None,
-            next_log_seq=0,
-            log_bytes=0,
-            log_truncated=False,
-            next_event_seq=0,
             callback_url=spec.callback_url,
             callback_secret=secret,
-            created_at=now,
-            updated_at=now,
-            started_at=None,
-            finished_at=None,
+            now=now,
         )
         stored, created = self.store.insert_job(row)
         if created:

@@ -6,8 +6,9 @@ path, a negative timeout) is here, so each bad input gets one clear `InvalidRequ
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 
 _MAX_PATH = 4096
 _MAX_ID = 64
+_MAX_PAGE = 1000
+_DEFAULT_PAGE = 100
+
+E = TypeVar("E")  # a wire enum
 
 IDLE_ACTIONS = {"pause": pb.IDLE_ACTION_PAUSE, "kill": pb.IDLE_ACTION_KILL}
 IDLE_ACTION_NAMES = {
@@ -130,6 +135,23 @@ def path(value: str, field: str = "path") -> str:
 def not_negative(value: float, field: str) -> None:
     if value < 0:
         raise InvalidRequest(f"{field}={value:g} is negative; pass 0 or more")
+
+
+def states(values: Iterable[E], names: Mapping[E, str], enum: str) -> list[str]:
+    """A list request's state filter: each wire enum number as its state's name."""
+    chosen = []
+    for value in values:
+        if value not in names:
+            raise InvalidRequest(f"states has {value}, which is not a {enum}")
+        chosen.append(names[value])
+    return chosen
+
+
+def page_size(value: int) -> int:
+    """A list request's page size; 0 asks for the default."""
+    if not 0 <= value <= _MAX_PAGE:
+        raise InvalidRequest(f"page_size={value} is out of range: use 0 to {_MAX_PAGE}")
+    return value or _DEFAULT_PAGE
 
 
 def strings(values: dict[str, str], field: str) -> dict[str, str]:

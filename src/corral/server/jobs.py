@@ -21,7 +21,6 @@ from corral.v1 import jobs_pb2 as pb
 
 Ctx = RequestContext[Any, Any]
 
-_MAX_PAGE = 1000
 # How long Cancel waits for a running job to stop: a worker in this process stops it at
 # once; one elsewhere at its next heartbeat (a third of its lease), and Cancel may answer
 # before that with the job still running.
@@ -131,19 +130,14 @@ class JobHandlers(Handlers):
 
     async def list(self, request: pb.ListJobsRequest, ctx: Ctx) -> pb.ListJobsResponse:
         team = self._team(ctx)
-        states = []
-        for state in request.states:
-            if state not in JOB_STATE_NAMES:
-                raise InvalidRequest(f"states has {state}, which is not a JobState")
-            states.append(JOB_STATE_NAMES[state])
-        if not 0 <= request.page_size <= _MAX_PAGE:
-            raise InvalidRequest(f"page_size={request.page_size} is out of range: use 0 to 1000")
+        states = convert.states(request.states, JOB_STATE_NAMES, "JobState")
+        page_size = convert.page_size(request.page_size)
         jobs, token = self._queue.list_jobs(
             team,
             states=states,
             labels=dict(request.labels),
             template=request.template,
-            page_size=request.page_size or 100,
+            page_size=page_size,
             page_token=request.page_token,
         )
         return pb.ListJobsResponse(

@@ -14,7 +14,6 @@ from corral.server.base import Handlers
 from corral.v1 import sandbox_pb2 as pb
 
 Ctx = RequestContext[Any, Any]
-_MAX_PAGE = 1000
 
 
 class LifecycleHandlers(Handlers):
@@ -44,18 +43,13 @@ class LifecycleHandlers(Handlers):
 
     async def list(self, request: pb.ListRequest, ctx: Ctx) -> pb.ListResponse:
         team = self._team(ctx)
-        states = []
-        for state in request.states:
-            if state not in SANDBOX_STATE_NAMES:
-                raise InvalidRequest(f"states has {state}, which is not a SandboxState")
-            states.append(SANDBOX_STATE_NAMES[state])
-        if not 0 <= request.page_size <= _MAX_PAGE:
-            raise InvalidRequest(f"page_size={request.page_size} is out of range: use 0 to 1000")
+        states = convert.states(request.states, SANDBOX_STATE_NAMES, "SandboxState")
+        page_size = convert.page_size(request.page_size)
         records, next_token = await self._manager.list(
             team,
             states=tuple(states),
             metadata=convert.strings(dict(request.metadata), "metadata") or None,
-            page_size=request.page_size or 100,
+            page_size=page_size,
             page_token=request.page_token,
         )
         return pb.ListResponse(

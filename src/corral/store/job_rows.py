@@ -62,6 +62,59 @@ class JobRow:
     def final(self) -> bool:
         return is_final(self.state)
 
+    @classmethod
+    def queued(
+        cls,
+        *,
+        id: str,
+        team_id: str,
+        kind: str,
+        template: str,
+        isolation: str,
+        memory_mib: int,
+        spec: dict[str, Any],
+        labels: dict[str, str],
+        priority: int,
+        max_attempts: int,
+        now: datetime,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        callback_secret: str | None = None,
+    ) -> JobRow:
+        """A job as it is first stored: queued now, no attempt yet, nothing logged."""
+        return cls(
+            id=id,
+            team_id=team_id,
+            idempotency_key=idempotency_key,
+            kind=kind,
+            template=template,
+            isolation=isolation,
+            memory_mib=memory_mib,
+            spec=spec,
+            labels=labels,
+            priority=priority,
+            state="queued",
+            state_reason="queued",
+            attempt=0,
+            max_attempts=max_attempts,
+            lost_count=0,
+            run_after=now,
+            worker=None,
+            lease_expires_at=None,
+            cancel_reason=None,
+            exit_code=None,
+            next_log_seq=0,
+            log_bytes=0,
+            log_truncated=False,
+            next_event_seq=0,
+            callback_url=callback_url,
+            callback_secret=callback_secret,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+        )
+
 
 @dataclass(frozen=True)
 class JobEventRow:
