@@ -3,7 +3,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 # uv from PATH, else the copy pip installs as a module (`python3 -m uv`).
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
-DEBIAN_PACKAGES := bubblewrap python3 iproute2 util-linux
+# nftables, passt (pasta) and slirp4netns: the sandboxes' network (issue 12) and its tests.
+DEBIAN_PACKAGES := bubblewrap python3 iproute2 util-linux nftables passt slirp4netns
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-packages python-env test test-unit test-integration test-acceptance lint bench run doctor proto clean
