@@ -26,6 +26,7 @@ from corral.limits import Limits
 from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.store.sandboxes import SandboxRow
+from tests.kit import internet as fake_internet
 from tests.kit import processes
 from tests.kit.http import CallbackReceiver
 from tests.kit.polling import wait_until
@@ -45,7 +46,7 @@ TIERS = ("unit", "integration", "acceptance")
 # of them (directly or through another fixture) is an integration test. `settings` is the
 # session's runtime dir for real engines and servers; unit tests use `store_settings`.
 INTEGRATION_FIXTURES = frozenset(
-    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime"}
+    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime", "internet"}
 )
 # Markers that already say a test needs a real sandbox.
 INTEGRATION_MARKERS = ("sandbox", "hostile")
@@ -210,6 +211,15 @@ def host_processes_of_uid(uid: int) -> list[int]:
             if state != b"Z":
                 found.append(int(entry))
     return found
+
+
+@pytest.fixture(scope="session")
+def internet() -> Iterator[fake_internet.Internet]:
+    """The session's fake internet (tests/kit/internet.py); skipped with the reason when
+    this host cannot build one."""
+    if reason := fake_internet.unavailable():
+        pytest.skip(reason)
+    yield from fake_internet.fake_internet()
 
 
 # -- a real API server, as a subprocess ----------------------------------------------------
