@@ -8,12 +8,14 @@ will be; the fake hosts' own request log proves which host a request reached.
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 import sys
 
 import pytest
 
 from tests.kit import internet as fake
 from tests.kit.internet import Client, Internet
+from tests.kit.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +44,7 @@ def test_every_host_answers_by_address(
 ) -> None:
     host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
     assert http_get(internet, client, f"http://{host}:{port}/") == fake.HTTP_HOSTS[address]
-    assert internet.saw(service="http", address=address, port=port, path="/")
+    assert internet.wait_for(service="http", address=address, port=port, path="/")
 
 
 def test_names_resolve_through_the_fake_dns_v4_and_v6(internet: Internet, client: Client) -> None:
@@ -65,7 +67,7 @@ def test_names_resolve_through_the_fake_dns_v4_and_v6(internet: Internet, client
     ]
     assert http_get(internet, client, "http://allowed.test:8080/") == "allowed.test"
     assert http_get(internet, client, "http://denied.test/") == "denied.test"
-    assert internet.saw(service="dns", client=client.v4, question="allowed.test. IN A")
+    assert internet.wait_for(service="dns", client=client.v4, question="allowed.test. IN A")
 
 
 def test_dns_answers_over_tcp_and_udp_at_every_resolver(internet: Internet, client: Client) -> None:
@@ -84,7 +86,7 @@ def test_dns_answers_over_tcp_and_udp_at_every_resolver(internet: Internet, clie
         for server in fake.DNS_SERVERS
         for transport in ("udp", "tcp")
     ]
-    assert internet.saw(service="dns", transport="tcp", address=fake.OTHER_DNS_V4)
+    assert internet.wait_for(service="dns", transport="tcp", address=fake.OTHER_DNS_V4)
 
 
 def test_udp_echo_v4_and_v6(internet: Internet, client: Client) -> None:
@@ -100,39 +102,26 @@ def test_udp_echo_v4_and_v6(internet: Internet, client: Client) -> None:
     assert python_in(internet, client, code).splitlines() == ["ping", "ping"]
 
 
-def within(
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
-    outer: ipaddress.IPv4Network | ipaddress.IPv6Network,
-) -> bool:
-    return network.version == outer.version and network.subnet_of(outer)  # type: ignore[arg-type]
-
-
 def test_no_namespace_has_a_route_out(internet: Internet, client: Client) -> None:
-    """Read every routing table of every namespace: no default route, and every route
-    leads into the test prefixes, the client pools or a link of the fake internet."""
-    allowed = [
-        ipaddress.ip_network(n)
-        for n in (*fake.TEST_PREFIXES, fake.CLIENT_POOL_V4, fake.CLIENT_POOL_V6, "fe80::/10")
-    ]
     names = internet.namespaces()
     assert {internet.netns(fake.GATEWAY), internet.netns(fake.INTERNET), client.netns} <= set(names)
     for netns in names:
-        for family in ("-4", "-6"):
-            # `table main`: the kernel's local/broadcast/multicast routes (table local) only
-            # deliver to this namespace's own addresses; nothing else is routed anywhere.
-            for line in fake.ip(family, "route", "show", "table", "all", netns=netns).splitlines():
-                words = line.split()
-                if words[0] in ("local", "broadcast", "multicast", "anycast"):
-                    continue
-                assert words[0] != "default", f"{netns} has a default route: {line}"
-                destination = ipaddress.ip_network(words[0])
-                assert any(within(destination, a) for a in allowed), (
-                    f"{netns} routes outside the fake internet: {line}"
-                )
+        assert fake.escape_routes(netns) == [], f"{netns} routes out of the fake internet"
+        for lookup in ("192.88.99.1", "2001:4860::1"):
             # A route lookup (no packet is sent) for an address outside: unreachable.
-            lookup = "192.88.99.1" if family == "-4" else "2001:4860::1"
             with pytest.raises(RuntimeError, match="unreachable"):
-                fake.ip(family, "route", "get", lookup, netns=netns)
+                fake.ip("route", "get", lookup, netns=netns)
+
+
+def test_the_gateway_reaches_the_hosts_by_name(internet: Internet) -> None:
+    # Where the server and the sandboxes' uplinks (veth, pasta, slirp4netns) will run.
+    code = "import urllib.request as u; print(u.urlopen('http://allowed.test/', timeout=10).read())"
+    done = internet.run(fake.GATEWAY, [sys.executable, "-c", code])
+    assert (done.returncode, done.stdout) == (0, "b'allowed.test\\n'\n"), done.stderr
+    wait_until(
+        lambda: [r for r in internet.saw(service="http") if r["client"] in fake.GATEWAY_ADDRESSES],
+        "a request from the gateway",
+    )
 
 
 def test_close_leaves_nothing_behind_even_after_a_failure_half_way() -> None:
@@ -151,3 +140,37 @@ def test_close_leaves_nothing_behind_even_after_a_failure_half_way() -> None:
     links = fake.ip("-o", "link", "show")
     assert other.prefix not in links
     assert not any(fake.NETNS_DIR.glob(f"{other.prefix}-*"))
+    assert not (fake.OWNERS_DIR / other.prefix).exists()
+
+
+def test_the_route_check_sees_a_way_out() -> None:
+    """`escape_routes` is what proves there is no way out: it must see one when there is."""
+    if reason := fake.unavailable():
+        pytest.skip(reason)
+    other = fake.build()
+    try:
+        gateway = other.netns(fake.GATEWAY)
+        assert fake.escape_routes(gateway) == []
+        fake.ip("route", "add", "default", "via", fake.ALLOWED_V4, netns=gateway)
+        fake.ip("-6", "route", "add", "2001:4860::/32", "via", fake.ALLOWED_V6, netns=gateway)
+        escapes = fake.escape_routes(gateway)
+        assert [line.split()[0] for line in escapes] == ["default", "2001:4860::/32"], escapes
+    finally:
+        other.close()
+
+
+def test_a_killed_session_is_swept_by_the_next() -> None:
+    if reason := fake.unavailable():
+        pytest.skip(reason)
+    other = fake.build()
+    try:
+        other.attach("c1")
+        # As if its session had been SIGKILLed: its owner is a pid that has exited.
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        (fake.OWNERS_DIR / other.prefix).write_text(str(gone.pid))
+        assert other.prefix in fake.sweep()
+        assert other.namespaces() == []
+        assert not any(fake.NETNS_DIR.glob(f"{other.prefix}-*"))
+    finally:
+        other.close()  # after a sweep: nothing left to do, and no error

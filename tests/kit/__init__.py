@@ -3,5 +3,6 @@
 Fixtures live in tests/conftest.py; what they and the tests build on lives here, one
 concept a module: `polling` (wait until a condition holds), `http` (loopback HTTP
 servers: the callback receiver and its misbehaving kin), `claimers` (threads racing for
-the store's job claims).
+the store's job claims), `internet` (a fake internet of network namespaces for the network
+tests, with its hosts' servers in `fakehosts`).
 """

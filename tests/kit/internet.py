@@ -48,6 +48,8 @@ from typing import IO, Any
 from tests.kit import processes
 from tests.kit.polling import wait_until
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 ALLOWED_V4, ALLOWED_V6 = "192.0.2.10", "2001:db8::10"
 DENIED_V4, DENIED_V6 = "198.51.100.10", "2001:db8::20"
 PRIVATE_V4 = "10.99.0.10"
@@ -76,6 +78,7 @@ ZONE = {
 
 # The gateway's side of the internet link, and the only prefixes routed anywhere.
 GATEWAY_V4, GATEWAY_V6 = "192.0.2.1", "2001:db8::1"
+GATEWAY_ADDRESSES = (GATEWAY_V4, GATEWAY_V6)
 TEST_PREFIXES = (
     "192.0.2.0/24",
     "198.51.100.0/24",
@@ -89,6 +92,9 @@ CLIENT_POOL_V4, CLIENT_POOL_V6 = "10.250.0.0/16", "fd00:250::/32"
 
 GATEWAY, INTERNET = "gw", "inet"  # the namespaces' short names (see Internet.netns)
 NETNS_DIR = Path("/etc/netns")
+# One file a live fake internet, named by its prefix, holding the pid of the session that
+# built it: a session killed with SIGKILL cannot clean up, the next one does (`sweep`).
+OWNERS_DIR = Path("/run/corral-test-internet")
 
 
 def unavailable() -> str | None:
@@ -108,6 +114,11 @@ def ip(*args: str, netns: str | None = None) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
     return done.stdout
+
+
+def delete_netns(netns: str) -> None:
+    """`ip netns del`, quiet when it is already gone (a sweep may have been first)."""
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
 
 
 @dataclass
@@ -151,7 +162,7 @@ class Internet:
     def _add_netns(self, name: str) -> str:
         netns = self.netns(name)
         ip("netns", "add", netns)
-        self._cleanup.callback(ip, "netns", "del", netns)
+        self._cleanup.callback(delete_netns, netns)
         ip("link", "set", "lo", "up", netns=netns)
         resolv = NETNS_DIR / netns / "resolv.conf"
         resolv.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +246,11 @@ class Internet:
         with self._seen_lock:
             return [e for e in self.seen if all(e.get(k) == v for k, v in match.items())]
 
+    def wait_for(self, what: str = "a request", **match: Any) -> list[dict[str, Any]]:
+        """`saw(**match)` once it is not empty: a host reports a request before it answers,
+        but the report reaches this process a moment later."""
+        return wait_until(lambda: self.saw(**match), f"the fake hosts to see {what} {match}")
+
     def attach(self, name: str) -> Client:
         """A new namespace `name` (at most 5 characters) linked to the gateway, routing only
         the test prefixes through it."""
@@ -262,13 +278,74 @@ class Internet:
     def close(self) -> None:
         """Remove everything this internet made (in reverse order); safe to call twice."""
         self._cleanup.close()
-        if NETNS_DIR.is_dir() and not any(NETNS_DIR.iterdir()):
-            NETNS_DIR.rmdir()
+        for directory in (NETNS_DIR, OWNERS_DIR):
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+
+
+def escape_routes(netns: str) -> list[str]:
+    """The routes of `netns` (every table, v4 and v6) that lead anywhere but into the fake
+    internet: a default route, or a destination outside the test prefixes, the client pools
+    and link-local. Read from the tables: no packet is sent."""
+    inside = [
+        ipaddress.ip_network(n)
+        for n in (*TEST_PREFIXES, CLIENT_POOL_V4, CLIENT_POOL_V6, "fe80::/10")
+    ]
+    escapes = []
+    for family in ("-4", "-6"):
+        for line in ip(family, "route", "show", "table", "all", netns=netns).splitlines():
+            words = line.split()
+            # Table local's routes deliver to this namespace's own addresses only.
+            if words[0] in ("local", "broadcast", "multicast", "anycast"):
+                continue
+            if words[0] == "default":
+                escapes.append(line)
+                continue
+            destination = ipaddress.ip_network(words[0])
+            if not any(_within(destination, n) for n in inside):
+                escapes.append(line)
+    return escapes
+
+
+def _within(network: IPNetwork, outer: IPNetwork) -> bool:
+    if isinstance(network, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return network.subnet_of(outer)
+    if isinstance(network, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return network.subnet_of(outer)
+    return False
+
+
+def sweep() -> list[str]:
+    """Remove the fake internets whose session died without cleaning up (SIGKILL); the
+    prefixes removed. Live sessions (other worktrees' runs) are left alone."""
+    removed = []
+    for owner in OWNERS_DIR.glob("cfi*") if OWNERS_DIR.is_dir() else ():
+        try:
+            os.kill(int(owner.read_text()), 0)
+            continue  # its session still runs
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        prefix = owner.name
+        for netns in ip("netns", "list").split():
+            if netns.startswith(f"{prefix}-"):
+                delete_netns(netns)
+        for directory in NETNS_DIR.glob(f"{prefix}-*"):
+            shutil.rmtree(directory, ignore_errors=True)
+        owner.unlink(missing_ok=True)
+        removed.append(prefix)
+    return removed
 
 
 def build() -> Internet:
     """A fresh fake internet; on any failure, what was built is removed before raising."""
+    sweep()
     internet = Internet(prefix=f"cfi{secrets.token_hex(2)}")
+    OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+    owner = OWNERS_DIR / internet.prefix
+    owner.write_text(str(os.getpid()))
+    internet._cleanup.callback(owner.unlink, missing_ok=True)
     try:
         internet._build()
         internet._start_hosts()
