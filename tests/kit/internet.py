@@ -5,13 +5,15 @@ sandbox can and cannot reach. So they get their own internet: two network namesp
 as root with `ip netns`, and clients attached to it on demand.
 
 ```
- client ns (attach)      gateway ns ("the host")       internet ns
- 10.250.K.2 ─veth─ 10.250.K.1                          192.0.2.10    2001:db8::10  allowed.test
- fd00:250:0:K::2   fd00:250:0:K::1                     198.51.100.10 2001:db8::20  denied.test
-                   192.0.2.1 ───────veth─────────      10.99.0.10                  private.test
-                   2001:db8::1                         169.254.169.254             metadata
-                                                       203.0.113.53  2001:db8::53  DNS
-                                                       198.51.100.53               another DNS
+ client ns (attach)         gateway ns ("the host")           internet ns
+ 10.250.K.2      ──veth──  10.250.K.1
+ fd00:250:0:K::2           fd00:250:0:K::1
+                           192.0.2.1     ──veth──  192.0.2.10     2001:db8::10  allowed.test
+                           2001:db8::1             198.51.100.10  2001:db8::20  denied.test
+                                                   10.99.0.10                   private.test
+                                                   169.254.169.254              metadata
+                                                   203.0.113.53   2001:db8::53  DNS
+                                                   198.51.100.53                another DNS
 ```
 
 The gateway namespace plays the host: the Corral server (or a sandbox's uplink: a veth, or
@@ -26,7 +28,8 @@ fake DNS server.
 
 Names carry a random per-session prefix: test runs in other worktrees build their own
 internet at the same time, in namespaces of their own. `Internet.close` removes every
-namespace, veth and file it made, also after a failure half-way through building.
+namespace, veth and file it made, also after a failure half-way through building; what a
+SIGKILLed session leaves is swept by the next one (`sweep`).
 """
 
 from __future__ import annotations
@@ -172,20 +175,7 @@ class Internet:
 
     def _add_veth(self, name: str, netns: str, peer: str, peer_netns: str) -> None:
         # Made inside both namespaces at once: never, even briefly, in the host's.
-        ip(
-            "link",
-            "add",
-            name,
-            "netns",
-            netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            peer,
-            "netns",
-            peer_netns,
-        )
+        ip(*f"link add {name} netns {netns} type veth peer name {peer} netns {peer_netns}".split())
         ip("link", "set", name, "up", netns=netns)
         ip("link", "set", peer, "up", netns=peer_netns)
 
