@@ -23,16 +23,7 @@ from typing import Any
 import pytest
 
 import corral.guest
-from corral.errors import (
-    CommandError,
-    DirectoryNotEmpty,
-    FileExists,
-    FileNotFound,
-    GuestError,
-    InvalidRequest,
-    IsADirectory,
-    NoSpace,
-)
+from corral import errors
 from corral.guest import AGENT_FILES, GuestConnection, OutputChunk, agent_source_dir, protocol
 
 # Every test runs the real agent as a process (no sandbox): integration, not unit.
@@ -196,7 +187,7 @@ async def test_stdin_back_pressure(guest: GuestConnection) -> None:
     assert not writing.done()  # held back by the agent's credit, not buffered somewhere
     await sleeper.kill()
     assert (await sleeper.wait()).reason == "killed"
-    with contextlib.suppress(CommandError):  # unless the last credit came before the end
+    with contextlib.suppress(errors.CommandError):  # unless the last credit came before the end
         await asyncio.wait_for(writing, 5)
 
 
@@ -218,7 +209,7 @@ async def test_env_and_cwd(agent: RunningAgent) -> None:
 
 
 async def test_missing_cwd_is_a_command_error_naming_it(agent: RunningAgent) -> None:
-    with pytest.raises(CommandError, match=f"{agent.workdir}/nowhere does not exist"):
+    with pytest.raises(errors.CommandError, match=f"{agent.workdir}/nowhere does not exist"):
         await agent.guest.exec(["true"], cwd="nowhere")
 
 
@@ -226,7 +217,7 @@ async def test_only_the_agents_own_user(guest: GuestConnection) -> None:
     me = str((await guest.ping())["user"])
     stdout, _, _ = await (await guest.exec(["id", "-u"], user=me)).collect()
     assert stdout.strip() == str(os.getuid()).encode()
-    with pytest.raises(CommandError, match=f"only '{me}' is available"):
+    with pytest.raises(errors.CommandError, match=f"only '{me}' is available"):
         await guest.exec(["true"], user="no-such-user")
 
 
@@ -258,7 +249,7 @@ async def test_sigterm_ends_a_command_as_killed(guest: GuestConnection) -> None:
 
 
 async def test_signal_to_an_unknown_process(guest: GuestConnection) -> None:
-    with pytest.raises(CommandError, match="not running"):
+    with pytest.raises(errors.CommandError, match="not running"):
         await guest.signal(999_999, signal.SIGTERM)
 
 
@@ -294,7 +285,7 @@ async def test_background_command_outlives_detach(guest: GuestConnection) -> Non
         result = await attached.wait()
         assert (result.reason, result.signal) == ("killed", 9)
         assert process.pid not in [p.pid for p in await guest.processes()]
-        with pytest.raises(CommandError, match="not running"):
+        with pytest.raises(errors.CommandError, match="not running"):
             await guest.attach(process.pid)
     finally:
         kill_group(process.pid)
@@ -308,7 +299,7 @@ async def test_closing_a_foreground_command_kills_it(guest: GuestConnection) -> 
             break
         await asyncio.sleep(0.02)
     assert process_is_gone(process.pid)
-    with pytest.raises(InvalidRequest, match="detached"):
+    with pytest.raises(errors.InvalidRequest, match="detached"):
         await process.wait()
 
 
@@ -433,7 +424,7 @@ async def test_make_dir(agent: RunningAgent) -> None:
     assert (agent.workdir / "x" / "y" / "z").is_dir()
     assert await agent.guest.make_dir("x/y/z") is False
     (agent.workdir / "file").write_text("")
-    with pytest.raises(FileExists):
+    with pytest.raises(errors.FileExists):
         await agent.guest.make_dir("file")
 
 
@@ -444,7 +435,7 @@ async def test_remove(agent: RunningAgent, tmp_path_factory: pytest.TempPathFact
     (agent.workdir / "d" / "e" / "f.txt").write_text("f")
     (agent.workdir / "d" / "out").symlink_to(outside)
 
-    with pytest.raises(DirectoryNotEmpty, match="recursive=True"):
+    with pytest.raises(errors.DirectoryNotEmpty, match="recursive=True"):
         await agent.guest.remove("d")
     await agent.guest.remove("d", recursive=True)
     assert not (agent.workdir / "d").exists()
@@ -452,7 +443,7 @@ async def test_remove(agent: RunningAgent, tmp_path_factory: pytest.TempPathFact
 
     (agent.workdir / "g").write_text("")
     await agent.guest.remove("g")
-    with pytest.raises(FileNotFound):
+    with pytest.raises(errors.FileNotFound):
         await agent.guest.remove("g")
 
 
@@ -461,20 +452,20 @@ async def test_rename(agent: RunningAgent) -> None:
     (agent.workdir / "taken").write_text("other")
     entry = await agent.guest.rename("old", "new")
     assert entry is not None and entry.path == str(agent.workdir / "new") and entry.size == 7
-    with pytest.raises(FileExists):
+    with pytest.raises(errors.FileExists):
         await agent.guest.rename("new", "taken", overwrite=False)
     await agent.guest.rename("new", "taken")
     assert (agent.workdir / "taken").read_text() == "content"
 
 
 async def test_file_errors(agent: RunningAgent) -> None:
-    with pytest.raises(FileNotFound, match=f"{agent.workdir}/missing.txt"):
+    with pytest.raises(errors.FileNotFound, match=f"{agent.workdir}/missing.txt"):
         await agent.guest.read_bytes("missing.txt")
-    with pytest.raises(InvalidRequest, match="NUL"):
+    with pytest.raises(errors.InvalidRequest, match="NUL"):
         await agent.guest.stat("bad\0name")
-    with pytest.raises(IsADirectory):
+    with pytest.raises(errors.IsADirectory):
         await agent.guest.read_bytes(".")
-    with pytest.raises(InvalidRequest, match="/dev/full is a device"):  # only regular files
+    with pytest.raises(errors.InvalidRequest, match="/dev/full is a device"):  # only regular files
         await agent.guest.write_file("/dev/full", b"x" * 1000, append=True)
     # The agent is still serving.
     assert (await agent.guest.ping())["version"] == protocol.VERSION
@@ -484,7 +475,7 @@ async def test_file_errors(agent: RunningAgent) -> None:
 
 
 async def test_unknown_op(guest: GuestConnection) -> None:
-    with pytest.raises(GuestError, match="unknown op 'bogus'"):
+    with pytest.raises(errors.GuestError, match="unknown op 'bogus'"):
         await guest.request("bogus", x=1)
 
 
@@ -525,7 +516,7 @@ async def test_agent_exits_when_stdin_closes(agent: RunningAgent) -> None:
             break
         await asyncio.sleep(0.02)
     assert process_is_gone(sleeper.pid)
-    with pytest.raises(GuestError):
+    with pytest.raises(errors.GuestError):
         await agent.guest.ping()
 
 
@@ -533,10 +524,10 @@ async def test_pending_calls_fail_when_the_agent_dies(agent: RunningAgent) -> No
     sleeper = await agent.guest.exec(["sleep", "30"])
     try:
         agent.process.kill()
-        with pytest.raises(GuestError, match="the guest agent exited"):
+        with pytest.raises(errors.GuestError, match="the guest agent exited"):
             await sleeper.wait()
         assert agent.guest.closed
-        with pytest.raises(GuestError):
+        with pytest.raises(errors.GuestError):
             await agent.guest.ping()
     finally:
         kill_group(sleeper.pid)
@@ -599,7 +590,7 @@ async def test_a_full_disk_is_no_space_and_leaves_no_temp_file(tmp_path: Path) -
     guest = GuestConnection(process.stdout, process.stdin)
     await guest.start()
     try:
-        with pytest.raises(NoSpace, match=f"{tmp_path}/big.bin"):
+        with pytest.raises(errors.NoSpace, match=f"{tmp_path}/big.bin"):
             await guest.write_file("big.bin", b"x" * MiB)
         assert list(tmp_path.iterdir()) == []
         assert (await guest.write_file("small.txt", b"fits")).size == 4
@@ -641,7 +632,7 @@ async def test_an_agent_ignoring_its_credit_is_cut_off() -> None:
     try:
         process = await guest.exec(["yes"])
         await asyncio.sleep(0.5)  # the caller reads nothing meanwhile
-        with pytest.raises(GuestError, match="beyond its credit"):
+        with pytest.raises(errors.GuestError, match="beyond its credit"):
             await process.wait()
         assert guest.closed
     finally:
