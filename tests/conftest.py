@@ -27,6 +27,7 @@ from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.store.sandboxes import SandboxRow
 from tests.kit import processes
+from tests.kit.connect import call
 from tests.kit.http import CallbackReceiver
 from tests.kit.polling import wait_until
 
@@ -389,6 +390,16 @@ def server(settings: Settings) -> Iterator[LiveServer]:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture
+def box(server: LiveServer, sandbox_host: None) -> Iterator[str]:
+    """A sandbox on the session's server, created and killed over the raw API: its id."""
+    response = call(server, "Create", {"timeoutSeconds": 120})
+    assert response.status_code == 200, response.text
+    sandbox_id: str = response.json()["sandbox"]["id"]
+    yield sandbox_id
+    call(server, "Kill", {"sandboxId": sandbox_id})
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import pytest
 from corral.config import Settings
 from tests.conftest import LiveServer, start_server
 from tests.fuzzing import Playground, run
-from tests.test_api import assert_serving
+from tests.kit.connect import assert_serving
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
 

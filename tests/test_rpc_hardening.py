@@ -16,7 +16,7 @@ import pytest
 
 from corral.config import Settings
 from tests.conftest import LiveServer, start_server
-from tests.test_api import assert_serving, call, error, stream
+from tests.kit.connect import assert_serving, call, error, stream
 
 HEALTH = "/corral.v1.HealthService/Check"
 SANDBOX = "/corral.v1.SandboxService/"
@@ -172,15 +172,6 @@ def test_gzip_streams_are_inflated_message_by_message(server: LiveServer, box: s
 
 
 # -- finding 8: every duration is bounded at the API ------------------------------------------
-
-
-@pytest.fixture
-def box(server: LiveServer, sandbox_host: None) -> Iterator[str]:
-    response = call(server, "Create", {"timeoutSeconds": 120})
-    assert response.status_code == 200, response.text
-    sandbox_id = response.json()["sandbox"]["id"]
-    yield sandbox_id
-    call(server, "Kill", {"sandboxId": sandbox_id})
 
 
 @pytest.mark.parametrize("timeout", [30 * 86400, 1e300, "Infinity", "NaN", -2, 86400.5])
