@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from corral.config import Settings
-from corral.limits import Limits
+from corral.limits import Limits, host_memory_mib
 from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.store.sandboxes import SandboxRow
@@ -452,6 +452,30 @@ async def managers(msettings: Settings, store: Store) -> AsyncIterator[StartMana
     finally:
         for manager in started:
             await manager.aclose()
+
+
+def overcommit_for(settings: Settings, capacity_mib: int) -> float:
+    """The CORRAL_MEMORY_OVERCOMMIT under which this host admits about `capacity_mib` of
+    sandbox memory (a tiny host, whatever this machine's memory)."""
+    return capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
+
+
+def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
+    """`settings` on a host that admits about `capacity_mib` of sandbox memory."""
+    return settings.with_(memory_overcommit=overcommit_for(settings, capacity_mib))
+
+
+# Room for one job's sandbox of 512 MiB (the default job limit), not two, and one of 128
+# MiB beside it.
+ONE_JOB_MIB = 700
+
+
+@pytest.fixture
+def tiny(own_runtime: Settings) -> Settings:
+    """A private runtime on a host with room for one sandbox of 512 MiB, not two (see
+    ONE_JOB_MIB); skips where the host cannot run namespace sandboxes."""
+    require_backend(own_runtime, "namespace")
+    return tiny_host(own_runtime, ONE_JOB_MIB)
 
 
 @pytest.fixture

@@ -22,11 +22,10 @@ from corral.config import Settings
 from corral.errors import CapacityExceeded
 from corral.isolation import Engine, Limits
 from corral.isolation.engine import new_sandbox_id
-from corral.limits import host_memory_mib
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.states import SANDBOX_STATES
 from corral.store import Store
-from tests.conftest import require_backend
+from tests.conftest import require_backend, tiny_host
 from tests.kit import processes
 
 pytestmark = pytest.mark.sandbox
@@ -106,12 +105,6 @@ def holders() -> Iterator[list[Holder]]:
     yield started
     for holder in started:
         holder.stop()
-
-
-def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
-    """Settings under which this host admits about `capacity_mib` of sandbox memory."""
-    ratio = capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
-    return settings.with_(memory_overcommit=ratio)
 
 
 @pytest.fixture
