@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +41,15 @@ class RunningAgent:
     workdir: Path
 
 
-async def spawn_agent(workdir: Path, **streams: Any) -> asyncio.subprocess.Process:
+async def spawn_agent(
+    workdir: Path, *, wrapper: Sequence[str] = (), **streams: Any
+) -> asyncio.subprocess.Process:
+    """The agent as a sandbox starts it, run through `wrapper` (a shell that sets a limit,
+    say) when given."""
+    argv = [PYTHON, "-E", "-s", "-S", AGENT, "--workdir", str(workdir)]
     return await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-E",
-        "-s",
-        "-S",
-        AGENT,
-        "--workdir",
-        str(workdir),
+        *wrapper,
+        *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         **streams,
@@ -66,16 +66,24 @@ async def stop_agent(process: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(workdir: Path) -> AsyncIterator[RunningAgent]:
-    process = await spawn_agent(workdir)
+async def connected(process: asyncio.subprocess.Process) -> AsyncIterator[GuestConnection]:
+    """A started `GuestConnection` over the agent `process`'s pipes; at the end it is closed
+    and the agent stopped."""
     assert process.stdout is not None and process.stdin is not None
     guest = GuestConnection(process.stdout, process.stdin)
     await guest.start()
     try:
-        yield RunningAgent(process, guest, workdir)
+        yield guest
     finally:
         await guest.aclose()
         await stop_agent(process)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(workdir: Path) -> AsyncIterator[RunningAgent]:
+    process = await spawn_agent(workdir)
+    async with connected(process) as guest:
+        yield RunningAgent(process, guest, workdir)
 
 
 @pytest.fixture
@@ -562,41 +570,20 @@ async def test_commands_inherit_no_descriptors(tmp_path: Path) -> None:
     finally:
         os.close(leaked_r)
         os.close(leaked_w)
-    assert process.stdout is not None and process.stdin is not None
-    guest = GuestConnection(process.stdout, process.stdin)
-    await guest.start()
-    try:
+    async with connected(process) as guest:
         stdout, _, _ = await (await guest.exec(["ls", "/proc/self/fd"])).collect()
-    finally:
-        await guest.aclose()
-        await stop_agent(process)
     # stdin, stdout, stderr, and the directory ls is reading
     assert sorted(int(fd) for fd in stdout.split()) == [0, 1, 2, 3]
 
 
 async def test_a_full_disk_is_no_space_and_leaves_no_temp_file(tmp_path: Path) -> None:
     # RLIMIT_FSIZE is how a sandbox's disk limit reaches the agent: writes fail with EFBIG.
-    argv = [PYTHON, "-E", "-s", "-S", AGENT, "--workdir", str(tmp_path)]
-    process = await asyncio.create_subprocess_exec(
-        "/bin/sh",
-        "-c",
-        'ulimit -f 64 && exec "$@"',
-        "sh",
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None and process.stdin is not None
-    guest = GuestConnection(process.stdout, process.stdin)
-    await guest.start()
-    try:
+    wrapper = ["/bin/sh", "-c", 'ulimit -f 64 && exec "$@"', "sh"]
+    async with connected(await spawn_agent(tmp_path, wrapper=wrapper)) as guest:
         with pytest.raises(errors.NoSpace, match=f"{tmp_path}/big.bin"):
             await guest.write_file("big.bin", b"x" * MiB)
         assert list(tmp_path.iterdir()) == []
         assert (await guest.write_file("small.txt", b"fits")).size == 4
-    finally:
-        await guest.aclose()
-        await stop_agent(process)
 
 
 # A fake agent that answers an exec and then ignores its credit, as a hijacked one might.
@@ -626,6 +613,8 @@ async def test_an_agent_ignoring_its_credit_is_cut_off() -> None:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
+    # Not `connected`: this agent is killed, never waited for (its unread output would
+    # hold asyncio's wait), and first, as Sandbox.destroy does: it would never stop on EOF.
     assert fake.stdout is not None and fake.stdin is not None
     guest = GuestConnection(fake.stdout, fake.stdin)
     await guest.start()
@@ -636,7 +625,7 @@ async def test_an_agent_ignoring_its_credit_is_cut_off() -> None:
             await process.wait()
         assert guest.closed
     finally:
-        fake.kill()  # first, as Sandbox.destroy does: this agent would never stop on EOF
+        fake.kill()
         await guest.aclose()
         await fake.wait()
 
