@@ -25,6 +25,7 @@ import pytest
 import corral.guest
 from corral import errors
 from corral.guest import AGENT_FILES, GuestConnection, OutputChunk, agent_source_dir, protocol
+from tests.kit.processes import proc_number
 
 # Every test runs the real agent as a process (no sandbox): integration, not unit.
 pytestmark = pytest.mark.integration
@@ -111,19 +112,7 @@ def process_is_gone(pid: int) -> bool:
 
 
 def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def written_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no wchar for {pid}")
+    return proc_number(pid, "status", "VmRSS")
 
 
 # -- the package --------------------------------------------------------------------------
@@ -338,7 +327,7 @@ async def test_output_back_pressure_reaches_the_command(agent: RunningAgent) -> 
     received = len((await anext(chunks)).data)
     await asyncio.sleep(0.5)  # a consumer that stopped reading
     # The command is blocked on its pipe: it wrote what we took, one window and the pipe.
-    assert written_bytes(process.pid) < received + protocol.WINDOW + 2 * MiB
+    assert proc_number(process.pid, "io", "wchar") < received + protocol.WINDOW + 2 * MiB
     peak = 0
     async for chunk in chunks:
         received += len(chunk.data)

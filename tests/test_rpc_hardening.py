@@ -8,7 +8,6 @@ import gzip
 import json
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 from corral.config import Settings
 from tests.conftest import LiveServer, start_server
 from tests.kit.connect import assert_serving, call, error, stream
+from tests.kit.processes import proc_number
 
 HEALTH = "/corral.v1.HealthService/Check"
 SANDBOX = "/corral.v1.SandboxService/"
@@ -31,10 +31,7 @@ def post(server: LiveServer, path: str, body: bytes, headers: dict[str, str]) ->
 
 
 def peak_rss_mib(server: LiveServer) -> float:
-    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return proc_number(server.process.pid, "status", "VmHWM") / 1024
 
 
 @pytest.fixture(scope="module")
