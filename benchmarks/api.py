@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,10 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import free_port, wait_answering
 from engine import create_to_first_output, exec_roundtrips, percentiles, raw_bwrap, run_cli
 
 from corral import AsyncSandbox
@@ -43,12 +41,6 @@ CGROUP_PARENT = "corral-bench"
 # (one takes ~100 ms), so each create finds a warm sandbox, as a client sending fewer than
 # ~8 creates a second would. The burst shows what happens past that rate.
 WARM_PACE = 0.1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -77,7 +69,7 @@ def running_server(
         key = store.create_api_key("bench")
     finally:
         store.close()
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CORRAL_DATA_DIR": str(data),
@@ -97,16 +89,7 @@ def running_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the {name} server did not start")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        wait_answering(url, process, f"the {name} server", timeout=30)
         time.sleep(1.0 if pool_size else 0)  # let the pool fill
         yield url, key
     finally:

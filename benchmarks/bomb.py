@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import free_port, print_report, wait_answering
 
 BOMB_MIB = 300
 # 60 MiB of zeros is ~60 KiB of gzip: under HealthService's 64 KiB wire limit, so only
@@ -40,12 +38,7 @@ BOMB_MIB = 300
 SMALL_BOMB = gzip.compress(bytes(60 << 20), compresslevel=9)
 HEALTH = "/corral.v1.HealthService/Check"
 LIST = "/corral.v1.SandboxService/List"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+GZIP_JSON = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -59,7 +52,7 @@ class Server:
     """A `corral server` of `checkout` on a free loopback port, in its own data dir."""
 
     def __init__(self, checkout: Path, root: Path) -> None:
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         data = root / f"data-{port}"
         env = {
@@ -81,16 +74,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server of {checkout} did not start")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        wait_answering(self.url, self.process, f"the server of {checkout}", timeout=60)
         self.key = (data / "default.key").read_text().strip()
         time.sleep(1.0)  # let start-up settle before the baseline
 
@@ -133,34 +117,18 @@ class StallProbe:
 def _cases(bomb: bytes, key: str) -> dict[str, tuple[str, bytes, dict[str, str]]]:
     envelope = struct.pack(">BI", 1, len(bomb)) + bomb
     return {
-        "health_unary_gzip_no_key_60_mib": (
-            HEALTH,
-            SMALL_BOMB,
-            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
-        ),
-        "health_unary_gzip_no_key": (
-            HEALTH,
-            bomb,
-            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
-        ),
+        "health_unary_gzip_no_key_60_mib": (HEALTH, SMALL_BOMB, GZIP_JSON),
+        "health_unary_gzip_no_key": (HEALTH, bomb, GZIP_JSON),
         "health_grpc_web_compressed_flag_no_key": (
             HEALTH,
             envelope,
             {"Content-Type": "application/grpc-web+proto", "grpc-encoding": "gzip"},
         ),
-        "sandbox_list_gzip_no_key": (
-            LIST,
-            bomb,
-            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
-        ),
+        "sandbox_list_gzip_no_key": (LIST, bomb, GZIP_JSON),
         "sandbox_list_gzip_valid_key": (
             LIST,
             bomb,
-            {
-                "Content-Type": "application/json",
-                "Content-Encoding": "gzip",
-                "Authorization": f"Bearer {key}",
-            },
+            {**GZIP_JSON, "Authorization": f"Bearer {key}"},
         ),
     }
 
@@ -226,11 +194,7 @@ def main() -> None:
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        json.dump(report, sys.stdout, indent=2)
-        print()
+    print_report(report, args.json)
 
 
 if __name__ == "__main__":

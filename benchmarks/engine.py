@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+
+from common import print_report
 
 from corral.config import Settings
 from corral.isolation import Engine, Sandbox
@@ -147,11 +147,7 @@ def run_cli(doc: str, main: Callable[[bool], Report | Coroutine[Any, Any, Report
     outcome = main(args.quick)
     result = outcome if isinstance(outcome, dict) else asyncio.run(outcome)
     result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        json.dump(result, sys.stdout, indent=2)
-        print()
+    print_report(result, args.json)
 
 
 if __name__ == "__main__":

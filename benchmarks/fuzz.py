@@ -14,7 +14,6 @@ version (`tests/test_fuzz.py`).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -23,9 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import print_report
+
 from corral.config import Settings
 from tests.conftest import start_server
-from tests.fuzzing import Playground, run
+from tests.fuzzing import fuzz_server
 
 
 def main() -> None:
@@ -45,24 +46,18 @@ def main() -> None:
     )
     result: dict[str, Any] = {"seed": args.seed}
     try:
-        playground = Playground(server.url, server.key)
-        try:
-            report = run(
-                server.url,
-                server.key,
-                playground.ids,
-                seed=args.seed,
-                count=args.count,
-                seconds=args.seconds,
-                timeout=args.timeout,
-                between=playground.refresh,
-            )
-            result.update(report.as_dict())
-            result["server_alive"] = server.process.poll() is None
-            result["sandbox_broken"] = playground.broken()
-            result["playground_notes"] = playground.notes
-        finally:
-            playground.close()
+        found = fuzz_server(
+            server.url,
+            server.key,
+            seed=args.seed,
+            count=args.count,
+            seconds=args.seconds,
+            timeout=args.timeout,
+        )
+        result.update(found.report.as_dict())
+        result["server_alive"] = server.process.poll() is None
+        result["sandbox_broken"] = found.broken
+        result["playground_notes"] = found.notes
     finally:
         server.stop()
         result["server_log_errors"] = [
@@ -71,11 +66,7 @@ def main() -> None:
             if '"level": "ERROR"' in line or "Traceback" in line
         ][:20]
         shutil.rmtree(runtime, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        json.dump(result, sys.stdout, indent=2)
-        print()
+    print_report(result, args.json)
 
 
 if __name__ == "__main__":

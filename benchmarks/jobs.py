@@ -31,19 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api import running_server
 from engine import create_to_first_output, percentiles, raw_bwrap, run_cli
 
+from corral._state_enums import JOB_STATE_NUMBERS
 from corral.config import Settings
 from corral.isolation import Engine, Entrypoint
+from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
 
 CGROUP_PARENT = "corral-bench"
-FINAL = {
-    pb.JOB_STATE_SUCCEEDED,
-    pb.JOB_STATE_FAILED,
-    pb.JOB_STATE_TIMED_OUT,
-    pb.JOB_STATE_CANCELED,
-    pb.JOB_STATE_LOST,
-}
+FINAL = {JOB_STATE_NUMBERS[state] for state in JOB_FINAL_STATES}
 
 
 def _client(url: str) -> JobServiceClient:

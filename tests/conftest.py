@@ -22,12 +22,13 @@ import httpx
 import pytest
 
 from corral.config import Settings
-from corral.limits import Limits
+from corral.limits import Limits, host_memory_mib
 from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.store.sandboxes import SandboxRow
 from tests.kit import internet as fake_internet
 from tests.kit import processes
+from tests.kit.connect import call
 from tests.kit.http import CallbackReceiver
 from tests.kit.polling import wait_until
 
@@ -401,6 +402,16 @@ def server(settings: Settings) -> Iterator[LiveServer]:
         live.stop()
 
 
+@pytest.fixture
+def box(server: LiveServer, sandbox_host: None) -> Iterator[str]:
+    """A sandbox on the session's server, created and killed over the raw API: its id."""
+    response = call(server, "Create", {"timeoutSeconds": 120})
+    assert response.status_code == 200, response.text
+    sandbox_id: str = response.json()["sandbox"]["id"]
+    yield sandbox_id
+    call(server, "Kill", {"sandboxId": sandbox_id})
+
+
 @contextmanager
 def private_runtime(settings: Settings) -> Iterator[Settings]:
     """`settings` with a runtime dir of its own: the host's admission counts every sandbox
@@ -451,6 +462,30 @@ async def managers(msettings: Settings, store: Store) -> AsyncIterator[StartMana
     finally:
         for manager in started:
             await manager.aclose()
+
+
+def overcommit_for(settings: Settings, capacity_mib: int) -> float:
+    """The CORRAL_MEMORY_OVERCOMMIT under which this host admits about `capacity_mib` of
+    sandbox memory (a tiny host, whatever this machine's memory)."""
+    return capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
+
+
+def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
+    """`settings` on a host that admits about `capacity_mib` of sandbox memory."""
+    return settings.with_(memory_overcommit=overcommit_for(settings, capacity_mib))
+
+
+# Room for one job's sandbox of 512 MiB (the default job limit), not two, and one of 128
+# MiB beside it.
+ONE_JOB_MIB = 700
+
+
+@pytest.fixture
+def tiny(own_runtime: Settings) -> Settings:
+    """A private runtime on a host with room for one sandbox of 512 MiB, not two (see
+    ONE_JOB_MIB); skips where the host cannot run namespace sandboxes."""
+    require_backend(own_runtime, "namespace")
+    return tiny_host(own_runtime, ONE_JOB_MIB)
 
 
 @pytest.fixture

@@ -761,3 +761,34 @@ class Playground:
         for job in jobs.get("jobs", []):
             self._client.post(f"{self.url}/corral.v1.JobService/Cancel", json={"jobId": job["id"]})
         self._client.close()
+
+
+@dataclass
+class Fuzzed:
+    """What `fuzz_server` found, and whether its sandbox survived."""
+
+    report: Report
+    broken: str  # why the fuzzer's sandbox no longer runs a command, or ""
+    notes: list[str]  # what went wrong keeping that sandbox usable
+
+
+def fuzz_server(
+    url: str, key: str, *, seed: int, count: int, seconds: float, timeout: float = 20.0
+) -> Fuzzed:
+    """`run` against the server at `url` with a `Playground` of its own (closed at the end,
+    whatever happens): the short run of the tests and the long one of the benchmark."""
+    playground = Playground(url, key)
+    try:
+        report = run(
+            url,
+            key,
+            playground.ids,
+            seed=seed,
+            count=count,
+            seconds=seconds,
+            timeout=timeout,
+            between=playground.refresh,
+        )
+        return Fuzzed(report, playground.broken(), playground.notes)
+    finally:
+        playground.close()

@@ -4,84 +4,15 @@ real server process. Every bad request gets a clear status and the server keeps 
 from __future__ import annotations
 
 import base64
-import json
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import LiveServer
+from tests.kit.connect import SERVICE, assert_serving, call, error, stream
 from tests.kit.polling import wait_until
-
-SERVICE = "/corral.v1.SandboxService/"
-
-
-def call(
-    server: LiveServer,
-    method: str,
-    body: Any = None,
-    *,
-    key: str | None = "",
-    raw: bytes | None = None,
-) -> httpx.Response:
-    headers = {"Content-Type": "application/json"}
-    key = server.key if key == "" else key
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    content = raw if raw is not None else json.dumps(body or {}).encode()
-    return httpx.post(server.url + SERVICE + method, content=content, headers=headers, timeout=30)
-
-
-def stream(
-    server: LiveServer, method: str, body: dict[str, Any], key: str | None = None
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A server-streaming call with the Connect JSON envelopes: (messages, end message)."""
-    payload = json.dumps(body).encode()
-    response = httpx.post(
-        server.url + SERVICE + method,
-        content=struct.pack(">BI", 0, len(payload)) + payload,
-        headers={
-            "Content-Type": "application/connect+json",
-            "Authorization": f"Bearer {key or server.key}",
-        },
-        timeout=30,
-    )
-    assert response.status_code == 200, response.text
-    messages, end, data = [], {}, response.content
-    while data:
-        flags, length = struct.unpack(">BI", data[:5])
-        message = json.loads(data[5 : 5 + length])
-        data = data[5 + length :]
-        if flags & 0x02:
-            end = message
-        else:
-            messages.append(message)
-    return messages, end
-
-
-def assert_serving(server: LiveServer) -> None:
-    response = call(server, "List")
-    assert response.status_code == 200, response.text
-
-
-def error(response: httpx.Response, status: int, code: str) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["code"] == code, body
-    assert "Traceback" not in body["message"]
-    return str(body["message"])
-
-
-@pytest.fixture
-def box(server: LiveServer, sandbox_host: None) -> Iterator[str]:
-    response = call(server, "Create", {"timeoutSeconds": 120})
-    assert response.status_code == 200, response.text
-    sandbox_id = response.json()["sandbox"]["id"]
-    yield sandbox_id
-    call(server, "Kill", {"sandboxId": sandbox_id})
-
 
 # -- health and auth -----------------------------------------------------------------------
 

@@ -22,11 +22,10 @@ from corral.config import Settings
 from corral.errors import CapacityExceeded
 from corral.isolation import Engine, Limits
 from corral.isolation.engine import new_sandbox_id
-from corral.limits import host_memory_mib
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.states import SANDBOX_STATES
 from corral.store import Store
-from tests.conftest import require_backend
+from tests.conftest import require_backend, tiny_host
 from tests.kit import processes
 
 pytestmark = pytest.mark.sandbox
@@ -108,12 +107,6 @@ def holders() -> Iterator[list[Holder]]:
         holder.stop()
 
 
-def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
-    """Settings under which this host admits about `capacity_mib` of sandbox memory."""
-    ratio = capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
-    return settings.with_(memory_overcommit=ratio)
-
-
 @pytest.fixture
 def tiny(own_runtime: Settings) -> Settings:
     """A host with room for two sandboxes of 256 MiB, not three."""
@@ -125,6 +118,13 @@ async def off_loop(holder: Holder) -> int:
     return await asyncio.to_thread(holder.held)
 
 
+async def holding(holders: list[Holder], settings: Settings, mib: int, count: int) -> Holder:
+    """A Holder once it holds `count` sandboxes of `mib` MiB (stopped after the test)."""
+    holders.append(holder := Holder(settings, mib, count))
+    assert await off_loop(holder) == count
+    return holder
+
+
 QUARTER = Limits(memory_mib=256)
 
 
@@ -132,8 +132,7 @@ async def test_a_second_process_is_refused_while_the_first_holds_the_capacity(
     tiny: Settings, holders: list[Holder]
 ) -> None:
     """On main each process counted only its own sandboxes: this one was admitted."""
-    holders.append(first := Holder(tiny, 256, 2))
-    assert await off_loop(first) == 2
+    first = await holding(holders, tiny, 256, 2)
     async with Engine(tiny) as engine:
         assert engine.committed_memory_mib() == 512
         with pytest.raises(CapacityExceeded, match="hold 512 MiB"):
@@ -148,8 +147,7 @@ async def test_a_second_process_is_refused_while_the_first_holds_the_capacity(
 async def test_the_sandboxes_of_a_killed_process_stop_counting(
     tiny: Settings, holders: list[Holder]
 ) -> None:
-    holders.append(first := Holder(tiny, 256, 2))
-    assert await off_loop(first) == 2
+    first = await holding(holders, tiny, 256, 2)
     async with Engine(tiny) as engine:
         with pytest.raises(CapacityExceeded):
             await engine.create(isolation="namespace", limits=QUARTER)
@@ -207,8 +205,7 @@ async def test_a_create_refused_for_room_leaves_no_row(
     assert await all_rows(manager, "roomless") == [r.id for r in held]
     await manager.kill(team, held[0].id)
     # Room taken by another process refuses it just the same.
-    holders.append(other := Holder(tiny, 256, 1))
-    assert await off_loop(other) == 1
+    other = await holding(holders, tiny, 256, 1)
     with pytest.raises(CapacityExceeded):
         await manager.create(team, CreateOptions(limits=QUARTER))
     assert await all_rows(manager, "roomless") == [r.id for r in held]

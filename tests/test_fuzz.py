@@ -12,8 +12,8 @@ import pytest
 
 from corral.config import Settings
 from tests.conftest import LiveServer, start_server
-from tests.fuzzing import Playground, run
-from tests.test_api import assert_serving
+from tests.fuzzing import fuzz_server
+from tests.kit.connect import assert_serving
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
 
@@ -34,22 +34,10 @@ def fuzzed(settings: Settings) -> Iterator[LiveServer]:
 
 
 def test_fuzzing_finds_no_server_error(fuzzed: LiveServer) -> None:
-    playground = Playground(fuzzed.url, fuzzed.key)
-    try:
-        report = run(
-            fuzzed.url,
-            fuzzed.key,
-            playground.ids,
-            seed=9,
-            count=1200,
-            seconds=30,
-            timeout=20,
-            between=playground.refresh,
-        )
-        assert report.requests >= 200, report.as_dict()
-        assert report.server_errors == 0 and report.hangs == 0, report.as_dict()
-        assert fuzzed.process.poll() is None, "the server died"
-        assert not playground.broken(), "the fuzzer's sandbox no longer runs a command"
-    finally:
-        playground.close()
+    found = fuzz_server(fuzzed.url, fuzzed.key, seed=9, count=1200, seconds=30)
+    report = found.report.as_dict()
+    assert found.report.requests >= 200, report
+    assert found.report.server_errors == 0 and found.report.hangs == 0, report
+    assert fuzzed.process.poll() is None, "the server died"
+    assert not found.broken, "the fuzzer's sandbox no longer runs a command"
     assert_serving(fuzzed)

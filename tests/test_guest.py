@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,9 @@ from typing import Any
 import pytest
 
 import corral.guest
-from corral.errors import (
-    CommandError,
-    DirectoryNotEmpty,
-    FileExists,
-    FileNotFound,
-    GuestError,
-    InvalidRequest,
-    IsADirectory,
-    NoSpace,
-)
+from corral import errors
 from corral.guest import AGENT_FILES, GuestConnection, OutputChunk, agent_source_dir, protocol
+from tests.kit.processes import proc_number
 
 # Every test runs the real agent as a process (no sandbox): integration, not unit.
 pytestmark = pytest.mark.integration
@@ -50,15 +42,15 @@ class RunningAgent:
     workdir: Path
 
 
-async def spawn_agent(workdir: Path, **streams: Any) -> asyncio.subprocess.Process:
+async def spawn_agent(
+    workdir: Path, *, wrapper: Sequence[str] = (), **streams: Any
+) -> asyncio.subprocess.Process:
+    """The agent as a sandbox starts it, run through `wrapper` (a shell that sets a limit,
+    say) when given."""
+    argv = [PYTHON, "-E", "-s", "-S", AGENT, "--workdir", str(workdir)]
     return await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-E",
-        "-s",
-        "-S",
-        AGENT,
-        "--workdir",
-        str(workdir),
+        *wrapper,
+        *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         **streams,
@@ -75,16 +67,24 @@ async def stop_agent(process: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(workdir: Path) -> AsyncIterator[RunningAgent]:
-    process = await spawn_agent(workdir)
+async def connected(process: asyncio.subprocess.Process) -> AsyncIterator[GuestConnection]:
+    """A started `GuestConnection` over the agent `process`'s pipes; at the end it is closed
+    and the agent stopped."""
     assert process.stdout is not None and process.stdin is not None
     guest = GuestConnection(process.stdout, process.stdin)
     await guest.start()
     try:
-        yield RunningAgent(process, guest, workdir)
+        yield guest
     finally:
         await guest.aclose()
         await stop_agent(process)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(workdir: Path) -> AsyncIterator[RunningAgent]:
+    process = await spawn_agent(workdir)
+    async with connected(process) as guest:
+        yield RunningAgent(process, guest, workdir)
 
 
 @pytest.fixture
@@ -112,19 +112,7 @@ def process_is_gone(pid: int) -> bool:
 
 
 def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def written_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no wchar for {pid}")
+    return proc_number(pid, "status", "VmRSS")
 
 
 # -- the package --------------------------------------------------------------------------
@@ -196,7 +184,7 @@ async def test_stdin_back_pressure(guest: GuestConnection) -> None:
     assert not writing.done()  # held back by the agent's credit, not buffered somewhere
     await sleeper.kill()
     assert (await sleeper.wait()).reason == "killed"
-    with contextlib.suppress(CommandError):  # unless the last credit came before the end
+    with contextlib.suppress(errors.CommandError):  # unless the last credit came before the end
         await asyncio.wait_for(writing, 5)
 
 
@@ -218,7 +206,7 @@ async def test_env_and_cwd(agent: RunningAgent) -> None:
 
 
 async def test_missing_cwd_is_a_command_error_naming_it(agent: RunningAgent) -> None:
-    with pytest.raises(CommandError, match=f"{agent.workdir}/nowhere does not exist"):
+    with pytest.raises(errors.CommandError, match=f"{agent.workdir}/nowhere does not exist"):
         await agent.guest.exec(["true"], cwd="nowhere")
 
 
@@ -226,7 +214,7 @@ async def test_only_the_agents_own_user(guest: GuestConnection) -> None:
     me = str((await guest.ping())["user"])
     stdout, _, _ = await (await guest.exec(["id", "-u"], user=me)).collect()
     assert stdout.strip() == str(os.getuid()).encode()
-    with pytest.raises(CommandError, match=f"only '{me}' is available"):
+    with pytest.raises(errors.CommandError, match=f"only '{me}' is available"):
         await guest.exec(["true"], user="no-such-user")
 
 
@@ -258,7 +246,7 @@ async def test_sigterm_ends_a_command_as_killed(guest: GuestConnection) -> None:
 
 
 async def test_signal_to_an_unknown_process(guest: GuestConnection) -> None:
-    with pytest.raises(CommandError, match="not running"):
+    with pytest.raises(errors.CommandError, match="not running"):
         await guest.signal(999_999, signal.SIGTERM)
 
 
@@ -294,7 +282,7 @@ async def test_background_command_outlives_detach(guest: GuestConnection) -> Non
         result = await attached.wait()
         assert (result.reason, result.signal) == ("killed", 9)
         assert process.pid not in [p.pid for p in await guest.processes()]
-        with pytest.raises(CommandError, match="not running"):
+        with pytest.raises(errors.CommandError, match="not running"):
             await guest.attach(process.pid)
     finally:
         kill_group(process.pid)
@@ -308,7 +296,7 @@ async def test_closing_a_foreground_command_kills_it(guest: GuestConnection) -> 
             break
         await asyncio.sleep(0.02)
     assert process_is_gone(process.pid)
-    with pytest.raises(InvalidRequest, match="detached"):
+    with pytest.raises(errors.InvalidRequest, match="detached"):
         await process.wait()
 
 
@@ -339,7 +327,7 @@ async def test_output_back_pressure_reaches_the_command(agent: RunningAgent) -> 
     received = len((await anext(chunks)).data)
     await asyncio.sleep(0.5)  # a consumer that stopped reading
     # The command is blocked on its pipe: it wrote what we took, one window and the pipe.
-    assert written_bytes(process.pid) < received + protocol.WINDOW + 2 * MiB
+    assert proc_number(process.pid, "io", "wchar") < received + protocol.WINDOW + 2 * MiB
     peak = 0
     async for chunk in chunks:
         received += len(chunk.data)
@@ -433,7 +421,7 @@ async def test_make_dir(agent: RunningAgent) -> None:
     assert (agent.workdir / "x" / "y" / "z").is_dir()
     assert await agent.guest.make_dir("x/y/z") is False
     (agent.workdir / "file").write_text("")
-    with pytest.raises(FileExists):
+    with pytest.raises(errors.FileExists):
         await agent.guest.make_dir("file")
 
 
@@ -444,7 +432,7 @@ async def test_remove(agent: RunningAgent, tmp_path_factory: pytest.TempPathFact
     (agent.workdir / "d" / "e" / "f.txt").write_text("f")
     (agent.workdir / "d" / "out").symlink_to(outside)
 
-    with pytest.raises(DirectoryNotEmpty, match="recursive=True"):
+    with pytest.raises(errors.DirectoryNotEmpty, match="recursive=True"):
         await agent.guest.remove("d")
     await agent.guest.remove("d", recursive=True)
     assert not (agent.workdir / "d").exists()
@@ -452,7 +440,7 @@ async def test_remove(agent: RunningAgent, tmp_path_factory: pytest.TempPathFact
 
     (agent.workdir / "g").write_text("")
     await agent.guest.remove("g")
-    with pytest.raises(FileNotFound):
+    with pytest.raises(errors.FileNotFound):
         await agent.guest.remove("g")
 
 
@@ -461,20 +449,20 @@ async def test_rename(agent: RunningAgent) -> None:
     (agent.workdir / "taken").write_text("other")
     entry = await agent.guest.rename("old", "new")
     assert entry is not None and entry.path == str(agent.workdir / "new") and entry.size == 7
-    with pytest.raises(FileExists):
+    with pytest.raises(errors.FileExists):
         await agent.guest.rename("new", "taken", overwrite=False)
     await agent.guest.rename("new", "taken")
     assert (agent.workdir / "taken").read_text() == "content"
 
 
 async def test_file_errors(agent: RunningAgent) -> None:
-    with pytest.raises(FileNotFound, match=f"{agent.workdir}/missing.txt"):
+    with pytest.raises(errors.FileNotFound, match=f"{agent.workdir}/missing.txt"):
         await agent.guest.read_bytes("missing.txt")
-    with pytest.raises(InvalidRequest, match="NUL"):
+    with pytest.raises(errors.InvalidRequest, match="NUL"):
         await agent.guest.stat("bad\0name")
-    with pytest.raises(IsADirectory):
+    with pytest.raises(errors.IsADirectory):
         await agent.guest.read_bytes(".")
-    with pytest.raises(InvalidRequest, match="/dev/full is a device"):  # only regular files
+    with pytest.raises(errors.InvalidRequest, match="/dev/full is a device"):  # only regular files
         await agent.guest.write_file("/dev/full", b"x" * 1000, append=True)
     # The agent is still serving.
     assert (await agent.guest.ping())["version"] == protocol.VERSION
@@ -484,7 +472,7 @@ async def test_file_errors(agent: RunningAgent) -> None:
 
 
 async def test_unknown_op(guest: GuestConnection) -> None:
-    with pytest.raises(GuestError, match="unknown op 'bogus'"):
+    with pytest.raises(errors.GuestError, match="unknown op 'bogus'"):
         await guest.request("bogus", x=1)
 
 
@@ -525,7 +513,7 @@ async def test_agent_exits_when_stdin_closes(agent: RunningAgent) -> None:
             break
         await asyncio.sleep(0.02)
     assert process_is_gone(sleeper.pid)
-    with pytest.raises(GuestError):
+    with pytest.raises(errors.GuestError):
         await agent.guest.ping()
 
 
@@ -533,10 +521,10 @@ async def test_pending_calls_fail_when_the_agent_dies(agent: RunningAgent) -> No
     sleeper = await agent.guest.exec(["sleep", "30"])
     try:
         agent.process.kill()
-        with pytest.raises(GuestError, match="the guest agent exited"):
+        with pytest.raises(errors.GuestError, match="the guest agent exited"):
             await sleeper.wait()
         assert agent.guest.closed
-        with pytest.raises(GuestError):
+        with pytest.raises(errors.GuestError):
             await agent.guest.ping()
     finally:
         kill_group(sleeper.pid)
@@ -571,41 +559,20 @@ async def test_commands_inherit_no_descriptors(tmp_path: Path) -> None:
     finally:
         os.close(leaked_r)
         os.close(leaked_w)
-    assert process.stdout is not None and process.stdin is not None
-    guest = GuestConnection(process.stdout, process.stdin)
-    await guest.start()
-    try:
+    async with connected(process) as guest:
         stdout, _, _ = await (await guest.exec(["ls", "/proc/self/fd"])).collect()
-    finally:
-        await guest.aclose()
-        await stop_agent(process)
     # stdin, stdout, stderr, and the directory ls is reading
     assert sorted(int(fd) for fd in stdout.split()) == [0, 1, 2, 3]
 
 
 async def test_a_full_disk_is_no_space_and_leaves_no_temp_file(tmp_path: Path) -> None:
     # RLIMIT_FSIZE is how a sandbox's disk limit reaches the agent: writes fail with EFBIG.
-    argv = [PYTHON, "-E", "-s", "-S", AGENT, "--workdir", str(tmp_path)]
-    process = await asyncio.create_subprocess_exec(
-        "/bin/sh",
-        "-c",
-        'ulimit -f 64 && exec "$@"',
-        "sh",
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None and process.stdin is not None
-    guest = GuestConnection(process.stdout, process.stdin)
-    await guest.start()
-    try:
-        with pytest.raises(NoSpace, match=f"{tmp_path}/big.bin"):
+    wrapper = ["/bin/sh", "-c", 'ulimit -f 64 && exec "$@"', "sh"]
+    async with connected(await spawn_agent(tmp_path, wrapper=wrapper)) as guest:
+        with pytest.raises(errors.NoSpace, match=f"{tmp_path}/big.bin"):
             await guest.write_file("big.bin", b"x" * MiB)
         assert list(tmp_path.iterdir()) == []
         assert (await guest.write_file("small.txt", b"fits")).size == 4
-    finally:
-        await guest.aclose()
-        await stop_agent(process)
 
 
 # A fake agent that answers an exec and then ignores its credit, as a hijacked one might.
@@ -635,17 +602,19 @@ async def test_an_agent_ignoring_its_credit_is_cut_off() -> None:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
+    # Not `connected`: this agent is killed, never waited for (its unread output would
+    # hold asyncio's wait), and first, as Sandbox.destroy does: it would never stop on EOF.
     assert fake.stdout is not None and fake.stdin is not None
     guest = GuestConnection(fake.stdout, fake.stdin)
     await guest.start()
     try:
         process = await guest.exec(["yes"])
         await asyncio.sleep(0.5)  # the caller reads nothing meanwhile
-        with pytest.raises(GuestError, match="beyond its credit"):
+        with pytest.raises(errors.GuestError, match="beyond its credit"):
             await process.wait()
         assert guest.closed
     finally:
-        fake.kill()  # first, as Sandbox.destroy does: this agent would never stop on EOF
+        fake.kill()
         await guest.aclose()
         await fake.wait()
 

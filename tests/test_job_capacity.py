@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -28,23 +29,20 @@ from corral.isolation import Engine
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
-from corral.limits import host_memory_mib
 from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.v1 import jobs_pb2 as pb
-from tests.conftest import LiveServer, private_runtime, require_backend, start_server
+from tests.conftest import (
+    ONE_JOB_MIB,
+    LiveServer,
+    overcommit_for,
+    private_runtime,
+    require_backend,
+    start_server,
+)
 from tests.kit.polling import until
 from tests.test_job_store import attempt_of, claim_one, event_types, job, submit
 from tests.test_jobs import JobApi, refused
-
-# The tiny host: room for one sandbox of 512 MiB (the default job limit), not two.
-CAPACITY_MIB = 700
-
-
-def overcommit_for(settings: Settings, capacity_mib: int) -> float:
-    """The CORRAL_MEMORY_OVERCOMMIT under which this host admits ~`capacity_mib`."""
-    return capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
-
 
 # -- the store ------------------------------------------------------------------------------
 
@@ -112,7 +110,7 @@ def tiny_server(settings: Settings) -> Iterator[LiveServer]:
             own.data_dir,
             pool_size=0,
             extra_env={
-                "CORRAL_MEMORY_OVERCOMMIT": repr(overcommit_for(settings, CAPACITY_MIB)),
+                "CORRAL_MEMORY_OVERCOMMIT": repr(overcommit_for(settings, ONE_JOB_MIB)),
                 "CORRAL_JOB_WORKERS": "2",
                 "CORRAL_JOB_POOL": "0",
             },
@@ -167,10 +165,17 @@ async def test_a_job_larger_than_the_host_is_refused_at_submit(api: JobApi) -> N
 # -- in-process workers ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny(own_runtime: Settings) -> Settings:
-    require_backend(own_runtime, "namespace")
-    return own_runtime.with_(memory_overcommit=overcommit_for(own_runtime, CAPACITY_MIB))
+@asynccontextmanager
+async def running_worker(
+    settings: Settings, store: Store, engine: Engine, concurrency: int
+) -> AsyncIterator[Worker]:
+    """An in-process `Worker` with `concurrency` slots and no warm pool, closed on exit."""
+    worker = Worker(settings, store, engine=engine, concurrency=concurrency, pool_size=0)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.aclose()
 
 
 async def wait_final(store: Store, job_id: str) -> JobRow:
@@ -202,12 +207,8 @@ async def test_a_job_the_host_refuses_after_its_claim_waits_unspent(
             queue = JobQueue(store, tiny, capacity=engine.memory_capacity)
             first, _, _ = await queue.submit(team, JobSpec.from_dict({"command": ["sleep", "1"]}))
             second, _, _ = await queue.submit(team, JobSpec.from_dict({"command": ["true"]}))
-            worker = Worker(tiny, store, engine=engine, concurrency=2, pool_size=0)
-            await worker.start()
-            try:
+            async with running_worker(tiny, store, engine, concurrency=2):
                 ended = [await wait_final(store, row.id) for row in (first, second)]
-            finally:
-                await worker.aclose()
         assert [(r.state, r.attempt) for r in ended] == [("succeeded", 1), ("succeeded", 1)]
         assert store.count_events(second.id, "requeued") == 1
         assert store.count_events(first.id, "requeued") == 0
@@ -226,12 +227,8 @@ async def test_a_worker_fails_a_job_larger_than_its_host_at_once(tiny: Settings)
         )
         row, _, _ = await JobQueue(store, tiny).submit(team, spec)
         async with Engine(tiny) as engine:
-            worker = Worker(tiny, store, engine=engine, concurrency=1, pool_size=0)
-            await worker.start()
-            try:
+            async with running_worker(tiny, store, engine, concurrency=1):
                 ended = await wait_final(store, row.id)
-            finally:
-                await worker.aclose()
             assert engine.sandboxes == {}
         assert ended.state == "failed" and ended.attempt == 1, ended
         assert "could never start here" in ended.state_reason, ended.state_reason

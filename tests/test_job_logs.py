@@ -13,7 +13,6 @@ import secrets
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from corral.store.database import MIGRATIONS
 from corral.store.job_logs import INLINE_LOG_BYTES, MIB
 from corral.store.job_rows import Attempt, JobRow
 from corral.v1 import jobs_pb2 as pb
-from tests.conftest import LiveServer, new_job_row, start_server, start_worker
+from tests.conftest import new_job_row, start_server, start_worker
 from tests.kit.polling import until
 from tests.test_jobs import JobApi, data
 
@@ -329,24 +328,14 @@ def print_mib(mib: int, tag: str) -> str:
     return f"yes {(tag * 64)[:63]} | head -c {mib * MIB}"
 
 
-@pytest.fixture
-def servers() -> Iterator[list[LiveServer]]:
-    """The servers a test starts (and restarts); each is stopped at the test's end."""
-    started: list[LiveServer] = []
-    yield started
-    for live in started:
-        live.stop()
-
-
 @pytest.mark.sandbox
 @pytest.mark.usefixtures("sandbox_host")
 async def test_the_database_stays_small_while_jobs_print_many_mib_and_reads_survive_a_restart(
-    settings: Settings, servers: list[LiveServer]
+    settings: Settings,
 ) -> None:
     """The attack: six jobs printing 16 MiB each grew the database by 95 MiB."""
     data_dir = settings.runtime_dir / f"logsize-{secrets.token_hex(4)}"
     live = start_server(settings, data_dir, pool_size=0)
-    servers.append(live)
     api = JobApi(live.url, live.key)
     warmup = await api.submit({"command": ["true"]})
     await api.wait(warmup.job.id, timeout=60)
@@ -354,7 +343,6 @@ async def test_the_database_stays_small_while_jobs_print_many_mib_and_reads_surv
     before = db_file_bytes(data_dir)
 
     live = start_server(settings, data_dir, pool_size=0)
-    servers.append(live)
     api = JobApi(live.url, live.key)
     tags = [f"job{i}-" for i in range(6)]
     ids = [(await api.submit({"run": print_mib(16, tag)})).job.id for tag in tags]
@@ -369,7 +357,6 @@ async def test_the_database_stays_small_while_jobs_print_many_mib_and_reads_surv
 
     # After a restart every byte reads back, in order, from the start or from any seq.
     live = start_server(settings, data_dir, pool_size=0)
-    servers.append(live)
     api = JobApi(live.url, live.key)
     for job_id, tag in zip(ids, tags, strict=True):
         chunks = await api.logs(job_id)
@@ -386,10 +373,9 @@ async def test_the_database_stays_small_while_jobs_print_many_mib_and_reads_surv
 @pytest.mark.sandbox
 @pytest.mark.usefixtures("sandbox_host")
 async def test_a_team_over_its_log_quota_gets_its_output_dropped_not_its_jobs_failed(
-    settings: Settings, servers: list[LiveServer]
+    settings: Settings,
 ) -> None:
     live = start_server(settings, settings.runtime_dir / f"quota-{secrets.token_hex(4)}")
-    servers.append(live)
     created = live.corral("admin", "team", "create", "tiny", "--max-log-mib", "1")
     assert created.returncode == 0, created.stderr
     key = live.corral("admin", "key", "create", "--team", "tiny")
@@ -418,12 +404,9 @@ async def test_a_team_over_its_log_quota_gets_its_output_dropped_not_its_jobs_fa
 
 @pytest.mark.sandbox
 @pytest.mark.usefixtures("sandbox_host")
-async def test_retention_deletes_finished_jobs_and_a_read_says_why(
-    settings: Settings, servers: list[LiveServer]
-) -> None:
+async def test_retention_deletes_finished_jobs_and_a_read_says_why(settings: Settings) -> None:
     data_dir = settings.runtime_dir / f"retention-{secrets.token_hex(4)}"
     live = start_server(settings, data_dir, extra_env={"CORRAL_JOB_RETENTION": "2"})
-    servers.append(live)
     api = JobApi(live.url, live.key)
     done = await api.wait((await api.submit({"run": print_mib(1, "r")})).job.id)
     assert done.state == pb.JOB_STATE_SUCCEEDED
@@ -455,7 +438,7 @@ async def test_retention_deletes_finished_jobs_and_a_read_says_why(
 @pytest.mark.sandbox
 @pytest.mark.usefixtures("sandbox_host")
 async def test_worker_processes_share_the_log_files_and_a_killed_one_loses_nothing_acknowledged(
-    settings: Settings, servers: list[LiveServer]
+    settings: Settings,
 ) -> None:
     """`corral worker`s on one host write their jobs' files in the data directory the
     server reads; a worker SIGKILLed mid-write leaves every acknowledged chunk readable,
@@ -463,7 +446,6 @@ async def test_worker_processes_share_the_log_files_and_a_killed_one_loses_nothi
     data_dir = settings.runtime_dir / f"workers-{secrets.token_hex(4)}"
     env = {"CORRAL_JOB_WORKERS": "0", "CORRAL_JOB_LEASE": "2"}
     live = start_server(settings, data_dir, pool_size=0, extra_env=env)
-    servers.append(live)
     workers = [start_worker(live, CORRAL_JOB_WORKERS="2") for _ in range(2)]
     api = JobApi(live.url, live.key)
     try:

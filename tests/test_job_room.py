@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -27,15 +26,14 @@ from corral.config import Settings
 from corral.isolation import Engine
 from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
-from corral.jobs.worker import Worker
 from corral.store import Store
 from corral.store.claims import ROOM_RESERVE_SECONDS
 from corral.store.database import MIGRATIONS
 from corral.store.job_rows import JobRow
 from corral.store.schema import jobs
-from tests.conftest import new_job_row, require_backend
+from tests.conftest import new_job_row
 from tests.kit.polling import until
-from tests.test_job_capacity import CAPACITY_MIB, overcommit_for, wait_final
+from tests.test_job_capacity import running_worker, wait_final
 from tests.test_job_store import event_types, job, submit
 
 
@@ -131,13 +129,6 @@ def test_the_migration_fills_memory_from_the_specs_limits(store_settings: Settin
 # -- in-process workers on a tiny host ------------------------------------------------------
 
 
-@pytest.fixture
-def tiny(own_runtime: Settings) -> Settings:
-    """Room for one sandbox of 512 MiB (the default job limit), not two."""
-    require_backend(own_runtime, "namespace")
-    return own_runtime.with_(memory_overcommit=overcommit_for(own_runtime, CAPACITY_MIB))
-
-
 def spec(command: list[str], memory_mib: int | None = None) -> JobSpec:
     limits = {} if memory_mib is None else {"limits": {"memory_mib": memory_mib}}
     return JobSpec.from_dict({"command": command, **limits})
@@ -156,14 +147,10 @@ async def test_a_job_the_host_has_no_room_for_stays_queued_until_room_frees(
             first, _, _ = await queue.submit(team, spec(["sleep", "3"]))
             second, _, _ = await queue.submit(team, spec(["true"]))
             submitted = job(store, second.id)
-            worker = Worker(tiny, store, engine=engine, concurrency=2, pool_size=0)
-            await worker.start()
-            try:
+            async with running_worker(tiny, store, engine, concurrency=2):
                 await until(lambda: job(store, first.id).state != "queued", "the first claim")
                 waiting = job(store, second.id)
                 ended = [await wait_final(store, row.id) for row in (first, second)]
-            finally:
-                await worker.aclose()
         assert waiting == submitted  # untouched while the first ran
         assert [(r.state, r.attempt) for r in ended] == [("succeeded", 1), ("succeeded", 1)]
         assert ended[1].started_at is not None and ended[0].started_at is not None
@@ -186,16 +173,12 @@ async def test_a_small_job_of_another_team_runs_while_a_big_one_waits(tiny: Sett
             first, _, _ = await queue.submit(a, spec(["sleep", "4"]))
             big, _, _ = await queue.submit(a, spec(["true"]))
             submitted = job(store, big.id)
-            worker = Worker(tiny, store, engine=engine, concurrency=3, pool_size=0)
-            await worker.start()
-            try:
+            async with running_worker(tiny, store, engine, concurrency=3):
                 await until(lambda: job(store, first.id).state != "queued", "the first claim")
                 small, _, _ = await queue.submit(b, spec(["true"], memory_mib=128))
                 small_ended = await wait_final(store, small.id)
                 big_meanwhile = job(store, big.id)
                 ended = [await wait_final(store, row.id) for row in (first, big)]
-            finally:
-                await worker.aclose()
         assert (small_ended.state, small_ended.attempt) == ("succeeded", 1)
         assert ended[0].finished_at is not None and small_ended.finished_at is not None
         assert small_ended.finished_at < ended[0].finished_at  # while the first still ran

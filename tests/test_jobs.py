@@ -22,9 +22,11 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 
+from corral._state_enums import JOB_STATE_NUMBERS
 from corral.config import Settings
 from corral.jobs.callbacks import INTERNAL_FAILED
 from corral.jobs.signing import verify
+from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
 from tests.conftest import LiveServer, LiveWorker, start_server, start_worker
@@ -33,13 +35,7 @@ from tests.kit.polling import until
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
 
-FINAL = {
-    pb.JOB_STATE_SUCCEEDED,
-    pb.JOB_STATE_FAILED,
-    pb.JOB_STATE_TIMED_OUT,
-    pb.JOB_STATE_CANCELED,
-    pb.JOB_STATE_LOST,
-}
+FINAL = {JOB_STATE_NUMBERS[state] for state in JOB_FINAL_STATES}
 LEASE = "2"
 
 

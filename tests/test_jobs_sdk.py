@@ -11,12 +11,11 @@ import corral
 from corral import AsyncJobs, Job, JobEvent, Jobs, LogChunk
 from corral.errors import InvalidRequest, NotFound, ServerUnavailable, WaitTimedOut
 from corral.jobs.spec import JobSpec
+from corral.states import JOB_FINAL_STATES
 from tests.conftest import LiveServer, free_port, opts
 from tests.kit.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
-
-FINAL = {"succeeded", "failed", "timed_out", "canceled", "lost"}
 
 
 def tag() -> dict[str, str]:
@@ -26,7 +25,7 @@ def tag() -> dict[str, str]:
 
 def running_or_over(jobs: Jobs, job_id: str) -> Job | None:
     job = jobs.get(job_id)
-    return job if job.state in {"running", *FINAL} else None
+    return job if job.state in {"running", *JOB_FINAL_STATES} else None
 
 
 def test_job_names_are_public() -> None:

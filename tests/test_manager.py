@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -58,6 +59,18 @@ async def manager(managers: StartManager) -> SandboxManager:
 
 def _transitions(store: Store, sandbox_id: str) -> list[tuple[str | None, str]]:
     return [(e.from_state, e.to_state) for e in store.events(sandbox_id)]
+
+
+def calls_on(manager: SandboxManager, team: Team, sandbox_id: str) -> list[Awaitable[object]]:
+    """Every call of `team` that acts on a live sandbox (not yet awaited)."""
+    return [
+        manager.kill(team, sandbox_id),
+        manager.pause(team, sandbox_id),
+        manager.resume(team, sandbox_id),
+        manager.set_timeout(team, sandbox_id, 60),
+        manager.ping(team, sandbox_id),
+        manager.running(team, sandbox_id),
+    ]
 
 
 def _state(store: Store, sandbox_id: str) -> tuple[str, str]:
@@ -193,14 +206,7 @@ async def test_illegal_transitions_are_refused_and_change_nothing(
     assert len(store.events(record.id)) == 3
     await manager.kill(team, record.id)
     events = store.events(record.id)
-    for call in (
-        manager.kill(team, record.id),
-        manager.pause(team, record.id),
-        manager.resume(team, record.id),
-        manager.set_timeout(team, record.id, 60),
-        manager.ping(team, record.id),
-        manager.running(team, record.id),
-    ):
+    for call in calls_on(manager, team, record.id):
         with pytest.raises(SandboxNotRunning, match="is killed"):
             await call
     assert store.events(record.id) == events
@@ -215,12 +221,7 @@ async def test_teams_never_see_each_others_sandboxes(
         await manager.get(other, "sb_00000000000000000000")
     calls = [
         manager.get(other, record.id),
-        manager.kill(other, record.id),
-        manager.pause(other, record.id),
-        manager.resume(other, record.id),
-        manager.set_timeout(other, record.id, 60),
-        manager.ping(other, record.id),
-        manager.running(other, record.id),
+        *calls_on(manager, other, record.id),
         manager.metrics(other, record.id, "10m"),
     ]
     for call in calls:

@@ -19,19 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from corral import AsyncSandbox
+from corral import AsyncSandbox, errors
 from corral.config import Settings
-from corral.errors import (
-    DirectoryNotEmpty,
-    FileExists,
-    FileNotFound,
-    GuestError,
-    InvalidRequest,
-    IsADirectory,
-    NoSpace,
-    NotADirectory,
-    SandboxNotRunning,
-)
 from corral.guest import EntryInfo
 from corral.isolation import Engine, Limits, Sandbox
 from tests.conftest import LiveServer, require_backend, start_server
@@ -95,7 +84,7 @@ async def test_a_tree_moves_across_mounts_with_its_modes_times_and_symlinks(
     assert await tree_of(sandbox, "/workspace/d") == before
     assert await digest(sandbox, "/workspace/d/sub/deeper/blob") == blob
     assert await sandbox.read_bytes("/workspace/d/link") == b"alpha"  # still a symlink
-    with pytest.raises(FileNotFound):
+    with pytest.raises(errors.FileNotFound):
         await sandbox.stat("/tmp/d")
     assert await hidden_copies(sandbox, "/workspace") == []
 
@@ -113,7 +102,7 @@ async def test_a_move_across_mounts_replaces_as_rename_does(sandbox: Sandbox) ->
     before copying, and the source stays as it was."""
     await sandbox.write_file("/tmp/f", b"new")
     await sandbox.write_file("/workspace/f", b"old")
-    with pytest.raises(FileExists, match="overwrite=True"):
+    with pytest.raises(errors.FileExists, match="overwrite=True"):
         await sandbox.rename("/tmp/f", "/workspace/f", overwrite=False)
     assert await sandbox.read_bytes("/workspace/f") == b"old"
     await sandbox.rename("/tmp/f", "/workspace/f")
@@ -124,10 +113,10 @@ async def test_a_move_across_mounts_replaces_as_rename_does(sandbox: Sandbox) ->
     await sandbox.write_file("/workspace/full/other", b"y")
     await sandbox.write_file("/tmp/g", b"g")
     refusals = [
-        ("/tmp/dir", "/workspace/full", DirectoryNotEmpty),
-        ("/tmp/dir", "/workspace/f", NotADirectory),
-        ("/tmp/g", "/workspace/full", IsADirectory),
-        ("/tmp/missing", "/workspace/m", FileNotFound),
+        ("/tmp/dir", "/workspace/full", errors.DirectoryNotEmpty),
+        ("/tmp/dir", "/workspace/f", errors.NotADirectory),
+        ("/tmp/g", "/workspace/full", errors.IsADirectory),
+        ("/tmp/missing", "/workspace/m", errors.FileNotFound),
     ]
     for src, dst, error in refusals:
         with pytest.raises(error):
@@ -157,7 +146,7 @@ async def test_a_big_move_does_not_stall_other_calls(sandbox: Sandbox) -> None:
     entry = await moving
     assert entry is not None and entry.size == 1 << 27
     assert partial_copies_seen > 0
-    with pytest.raises(FileNotFound):
+    with pytest.raises(errors.FileNotFound):
         await sandbox.stat("/tmp/big")
 
 
@@ -172,10 +161,10 @@ async def test_no_space_during_a_move_leaves_the_source_intact(
         made = await box.run(["sh", "-c", "head -c 12582912 /dev/urandom > /tmp/big"])
         assert made.ok, made
         before = await digest(box, "/tmp/big")
-        with pytest.raises(NoSpace, match="/workspace/big"):
+        with pytest.raises(errors.NoSpace, match="/workspace/big"):
             await box.rename("/tmp/big", "/workspace/big")
         assert await digest(box, "/tmp/big") == before
-        with pytest.raises(FileNotFound):
+        with pytest.raises(errors.FileNotFound):
             await box.stat("/workspace/big")
         assert await hidden_copies(box, "/workspace") == []
         # The space the failed copy took is free again.
@@ -188,7 +177,7 @@ async def test_an_unsupported_move_is_a_plain_bad_request(sandbox: Sandbox) -> N
     """A FIFO cannot be copied across mounts: the caller is told so, and not that the
     agent is too old (that is said only of an op the agent does not know)."""
     assert (await sandbox.run(["mkfifo", "/tmp/pipe"])).ok
-    with pytest.raises(InvalidRequest, match="FIFO: moving one across mounts") as refused:
+    with pytest.raises(errors.InvalidRequest, match="FIFO: moving one across mounts") as refused:
         await sandbox.rename("/tmp/pipe", "/workspace/pipe")
     assert "older" not in str(refused.value)
     assert (await sandbox.stat("/tmp/pipe")).type == "other"
@@ -196,7 +185,7 @@ async def test_an_unsupported_move_is_a_plain_bad_request(sandbox: Sandbox) -> N
     assert moved is not None and moved.path == "/tmp/pipe2"
 
     guest = sandbox._running_guest()
-    with pytest.raises(GuestError, match=r"unknown op 'bogus'.*older than this client"):
+    with pytest.raises(errors.GuestError, match=r"unknown op 'bogus'.*older than this client"):
         await guest.request("bogus")
 
 
@@ -220,7 +209,7 @@ async def test_destroying_a_sandbox_ends_its_commands_as_killed(
     assert (result.reason, result.exit_code, result.signal) == ("killed", 137, 9)
     assert result.output_bytes == len(b"started\n")
     assert result.error and "was killed" in result.error
-    with pytest.raises(SandboxNotRunning, match="was killed"):  # not a GuestError
+    with pytest.raises(errors.SandboxNotRunning, match="was killed"):  # not a GuestError
         async for _ in reading:
             pass
 
@@ -247,7 +236,7 @@ async def remote(live: LiveServer) -> AsyncIterator[AsyncSandbox]:
     try:
         yield sbx
     finally:
-        with contextlib.suppress(SandboxNotRunning):  # a test killed it
+        with contextlib.suppress(errors.SandboxNotRunning):  # a test killed it
             await sbx.kill()
         await sbx.aclose()
 
@@ -280,7 +269,7 @@ async def test_moves_across_mounts_through_the_api(live: LiveServer, remote: Asy
     assert not await remote.files.exists("/tmp/notes")
 
     assert (await remote.commands.run("mkfifo /tmp/pipe")).ok
-    with pytest.raises(InvalidRequest, match="not supported") as refused:
+    with pytest.raises(errors.InvalidRequest, match="not supported") as refused:
         await remote.files.rename("/tmp/pipe", "/workspace/pipe")
     assert "older" not in str(refused.value)
     assert failed_rpcs(live) == []  # the caller's mistake is no failure of the server

@@ -32,18 +32,20 @@ from corral.limits import host_memory_mib
 from corral.sandboxes import CreateOptions
 from corral.sandboxes.pool import WarmPool
 from corral.store import SandboxRow, Store, Team
-from tests.conftest import LiveServer, StartManager, new_sandbox_row, require_backend, start_server
+from tests.conftest import (
+    LiveServer,
+    StartManager,
+    new_sandbox_row,
+    overcommit_for,
+    require_backend,
+    start_server,
+    tiny_host,
+)
 from tests.kit.polling import until
 
 pytestmark = pytest.mark.sandbox
 
 MIB = 1 << 20
-
-
-def tiny_host(settings: Settings, capacity_mib: int) -> Settings:
-    """Settings under which this host admits about `capacity_mib` of sandbox memory."""
-    ratio = capacity_mib / (host_memory_mib() - settings.memory_reserve_mib)
-    return settings.with_(memory_overcommit=ratio)
 
 
 # -- team totals ---------------------------------------------------------------------------
@@ -254,12 +256,11 @@ def test_the_server_answers_resource_exhausted_with_the_figures(
 ) -> None:
     settings = own_runtime
     require_backend(settings, "namespace")
-    ratio = 300 / (host_memory_mib() - settings.memory_reserve_mib)
     live = start_server(
         settings,
         tmp_path / "data",
         pool_size=0,
-        extra_env={"CORRAL_MEMORY_OVERCOMMIT": repr(ratio)},
+        extra_env={"CORRAL_MEMORY_OVERCOMMIT": repr(overcommit_for(settings, 300))},
     )
     try:
         response = httpx.post(

@@ -8,7 +8,6 @@ import gzip
 import json
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +15,8 @@ import pytest
 
 from corral.config import Settings
 from tests.conftest import LiveServer, start_server
-from tests.test_api import assert_serving, call, error, stream
+from tests.kit.connect import assert_serving, call, error, stream
+from tests.kit.processes import proc_number
 
 HEALTH = "/corral.v1.HealthService/Check"
 SANDBOX = "/corral.v1.SandboxService/"
@@ -31,10 +31,7 @@ def post(server: LiveServer, path: str, body: bytes, headers: dict[str, str]) ->
 
 
 def peak_rss_mib(server: LiveServer) -> float:
-    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return proc_number(server.process.pid, "status", "VmHWM") / 1024
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +169,6 @@ def test_gzip_streams_are_inflated_message_by_message(server: LiveServer, box: s
 
 
 # -- finding 8: every duration is bounded at the API ------------------------------------------
-
-
-@pytest.fixture
-def box(server: LiveServer, sandbox_host: None) -> Iterator[str]:
-    response = call(server, "Create", {"timeoutSeconds": 120})
-    assert response.status_code == 200, response.text
-    sandbox_id = response.json()["sandbox"]["id"]
-    yield sandbox_id
-    call(server, "Kill", {"sandboxId": sandbox_id})
 
 
 @pytest.mark.parametrize("timeout", [30 * 86400, 1e300, "Infinity", "NaN", -2, 86400.5])

@@ -53,3 +53,14 @@ def reap_since(start: int) -> list[list[str]]:
                 pipe.close()
     del _spawned[start:]
     return leaked
+
+
+def proc_number(pid: int, file: str, field: str) -> int:
+    """The number of `field` in /proc/<pid>/<file>: `status` (VmRSS, VmHWM: KiB) or `io`
+    (wchar: bytes)."""
+    with open(f"/proc/{pid}/{file}") as lines:
+        for line in lines:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+    raise AssertionError(f"no {field} in /proc/{pid}/{file}")
