@@ -321,6 +321,17 @@ def test_bad_limits_are_refused(kwargs: dict[str, object]) -> None:
         Limits(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("memory_mib", "disk_mib", "storage_mib"),
+    [(512, 1024, 448), (512, 64, 64), (512, 448, 448), (512, 449, 448), (100, 1024, 50)],
+)
+def test_storage_stays_under_the_memory_limit(
+    memory_mib: int, disk_mib: int, storage_mib: int
+) -> None:
+    limits = Limits(memory_mib=memory_mib, disk_mib=disk_mib)
+    assert limits.storage_bytes == storage_mib * 1024 * 1024
+
+
 async def test_limits_beyond_the_host_are_refused(engine: Engine) -> None:
     with pytest.raises(InvalidLimits, match="exceeds this host"):
         await engine.create(limits=Limits(memory_mib=1024 * 1024 - 1), isolation="process")

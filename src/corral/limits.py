@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from corral.errors import InvalidLimits
 
 MIB = 1024 * 1024
+# Memory kept free of tmpfs storage for the agent and a command (see Limits.storage_bytes).
+STORAGE_HEADROOM_MIB = 64
 
 # (minimum, maximum) accepted for each limit; the maximum is a sanity bound, the host's
 # own capacity is checked separately by `check_host`.
@@ -71,6 +73,20 @@ class Limits:
     @property
     def disk_bytes(self) -> int:
         return self.disk_mib * MIB
+
+    @property
+    def storage_bytes(self) -> int:
+        """The size of the sandbox's tmpfs storage: the disk limit, but never so large that
+        full storage leaves no memory for the guest agent and a command.
+
+        tmpfs pages are charged to the sandbox's memory and cannot be reclaimed (no swap):
+        storage as large as the memory limit lets a `dd` fill the memory, after which the
+        agent itself cannot allocate and the OOM killer takes it (the sandbox is lost).
+        Keeping STORAGE_HEADROOM_MIB (or half the memory, if less) free makes a full disk
+        an ENOSPC the writer sees instead.
+        """
+        headroom = min(STORAGE_HEADROOM_MIB, self.memory_mib // 2)
+        return min(self.disk_mib, self.memory_mib - headroom) * MIB
 
 
 def host_memory_mib() -> int:

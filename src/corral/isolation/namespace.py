@@ -4,7 +4,8 @@ Inside, the guest agent (and all code it runs) — or, in a one-shot sandbox, it
 command — sees:
 - the template's root filesystem read-only, a fresh /proc and a minimal read-only /dev;
 - /workspace, /tmp, /home/user and /dev/shm, writable, all on ONE tmpfs whose size is the
-  sandbox's disk limit (when Corral runs as root; otherwise each is its own bounded tmpfs);
+  sandbox's disk limit, kept under its memory limit (`Limits.storage_bytes`) (when Corral
+  runs as root; otherwise each is its own bounded tmpfs);
 - no network but loopback; its own pid, ipc, uts and cgroup namespaces; a user namespace
   in which it is uid 1000 with no capabilities and may create no further user namespaces;
 - the seccomp filter of `corral.isolation.seccomp`.
@@ -176,7 +177,7 @@ class NamespaceBackend(Backend):
             )
             uid = gid = self.settings.uid_base + slot
             storage = footprint.path / "rw"
-            footprint.mount_tmpfs(storage, limits.disk_bytes, uid, gid)
+            footprint.mount_tmpfs(storage, limits.storage_bytes, uid, gid)
             for name, path, mode in _WRITABLE:
                 (storage / name).mkdir(mode=mode)
                 os.chmod(storage / name, mode)
