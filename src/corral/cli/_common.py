@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from corral import errors  # the error classes only: the standard library, nothing else
+from corral.errors import InvalidRequest
+
 if TYPE_CHECKING:
-    from corral import errors
     from corral.config import Settings
 
     # What a command group adds its subcommands to (`corral sandbox` → create, list, …).
@@ -42,25 +44,25 @@ EXIT_INTERRUPTED = 130
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def exit_code_for(exc: errors.CorralError) -> int:
-    from corral import errors
+# Most specific first, as in corral._wire.
+_EXIT_CODES: tuple[tuple[type[errors.CorralError], int], ...] = (
+    (errors.InvalidRequest, EXIT_USAGE),
+    (errors.IsolationUnavailable, EXIT_UNAVAILABLE),
+    (errors.NotFound, EXIT_NOT_FOUND),
+    (errors.FileNotFound, EXIT_NOT_FOUND),
+    (errors.AuthError, EXIT_AUTH),
+    (errors.QuotaExceeded, EXIT_QUOTA),
+    (errors.CapacityExceeded, EXIT_QUOTA),
+    (errors.NoSpace, EXIT_QUOTA),
+    (errors.ServerUnavailable, EXIT_UNREACHABLE),
+    (errors.SandboxNotRunning, EXIT_STATE),
+    (errors.CommandError, EXIT_STATE),
+    (errors.FileError, EXIT_STATE),
+)
 
-    # Most specific first, as in corral._wire.
-    table: tuple[tuple[type[errors.CorralError], int], ...] = (
-        (errors.InvalidRequest, EXIT_USAGE),
-        (errors.IsolationUnavailable, EXIT_UNAVAILABLE),
-        (errors.NotFound, EXIT_NOT_FOUND),
-        (errors.FileNotFound, EXIT_NOT_FOUND),
-        (errors.AuthError, EXIT_AUTH),
-        (errors.QuotaExceeded, EXIT_QUOTA),
-        (errors.CapacityExceeded, EXIT_QUOTA),
-        (errors.NoSpace, EXIT_QUOTA),
-        (errors.ServerUnavailable, EXIT_UNREACHABLE),
-        (errors.SandboxNotRunning, EXIT_STATE),
-        (errors.CommandError, EXIT_STATE),
-        (errors.FileError, EXIT_STATE),
-    )
-    for cls, code in table:
+
+def exit_code_for(exc: errors.CorralError) -> int:
+    for cls, code in _EXIT_CODES:
         if isinstance(exc, cls):
             return code
     return EXIT_ERROR
@@ -90,15 +92,19 @@ def warn(label: str, detail: str = "") -> None:
     err(f"{_colored(label, 'yellow', sys.stderr)} {detail}".rstrip())
 
 
+def _error_line(message: object) -> None:
+    err(f"{_colored('error:', 'red', sys.stderr)} {message}")
+
+
 def fail(exc: errors.CorralError) -> int:
     """Print the one line that says what went wrong and what to do; the exit code."""
-    err(f"{_colored('error:', 'red', sys.stderr)} {exc}")
+    _error_line(exc)
     return exit_code_for(exc)
 
 
 def usage_error(message: str) -> NoReturn:
     """A mistake on the command line: one line, exit 2, nothing done."""
-    err(f"{_colored('error:', 'red', sys.stderr)} {message}")
+    _error_line(message)
     raise SystemExit(EXIT_USAGE)
 
 
@@ -233,8 +239,6 @@ def add_pairs(parser: argparse.ArgumentParser, *flags: str, help: str) -> None:
 
 
 def parse_pairs(pairs: Sequence[str] | None, flag: str) -> dict[str, str]:
-    from corral.errors import InvalidRequest
-
     result = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")

@@ -34,6 +34,7 @@ from corral.cli._common import (
     err,
     group,
     interruptible,
+    out,
     parse_pairs,
     plain,
     print_table,
@@ -41,6 +42,7 @@ from corral.cli._common import (
     whole,
     words_after_dashes,
 )
+from corral.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from corral.cli._common import Commands, Parser
@@ -116,8 +118,6 @@ def read_spec(source: str) -> dict[str, Any]:
     """The spec mapping in a YAML or JSON file (`-`: stdin)."""
     import yaml
 
-    from corral.errors import InvalidRequest
-
     name = "stdin" if source == "-" else source
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
@@ -150,7 +150,6 @@ def _yaml_problem(exc: Any) -> str:
 
 
 def _inline_spec(command: list[str], shell: bool, code: str | None) -> dict[str, Any]:
-    from corral.errors import InvalidRequest
     from corral.jobs.spec import LANGUAGES
 
     if shell and code:
@@ -175,7 +174,6 @@ def submit(args: argparse.Namespace) -> int:
     Options given with -f add to the file's fields (labels, env) or replace them.
     """
     from corral.client import JobSubmission
-    from corral.errors import InvalidRequest
     from corral.jobs.spec import JobSpec, split_idempotency_key
 
     command, file, output = words_after_dashes(args.command), args.file, args.output
@@ -231,8 +229,7 @@ def submit(args: argparse.Namespace) -> int:
 
 def _secret(submission: JobSubmission, output: str, *, to_stderr: bool) -> None:
     if submission.callback_secret and (output == "table" or to_stderr):
-        line = f"callback secret: {submission.callback_secret}"
-        err(line) if to_stderr else print(line)
+        (err if to_stderr else out)(f"callback secret: {submission.callback_secret}")
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from corral.cli._common import (
     words_after_dashes,
 )
 from corral.cli._stdin import add_stdin_option, stdin_source
+from corral.errors import InvalidRequest
 
 # The sandbox of a command without a timeout lives at most this long.
 DEFAULT_LIFETIME = 3600
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 
 
 def _files(pairs: list[str] | None) -> list[tuple[bytes, str]]:
-    from corral.errors import InvalidRequest
-
     files = []
     for pair in pairs or ():
         local, sep, remote = pair.partition(":")

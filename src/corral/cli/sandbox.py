@@ -30,6 +30,7 @@ from corral.cli._common import (
     words_after_dashes,
 )
 from corral.cli._stdin import add_stdin_option, stdin_source
+from corral.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from corral.cli._common import Commands, Parser
@@ -207,8 +208,6 @@ def _read_local(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        from corral.errors import InvalidRequest
-
         raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
 
 
