@@ -133,6 +133,8 @@ class LaunchPlan:
     host_cwd: str | None = None
     # What the launcher writes to stderr (then exits 1) when it cannot exec an entrypoint.
     exec_failure: bytes | None = None
+    # The network namespace (a bind-mounted nsfs file) the launcher joins before exec.
+    netns: str | None = None
 
 
 class Backend(ABC):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from corral.errors import SandboxStartFailed
+from corral.isolation import netns
 
 log = logging.getLogger("corral.isolation")
 
@@ -62,6 +63,12 @@ class Footprint:
     uid_slots_dir: str | None = None
     # Its entry in the host's memory ledger (`admission.MemoryLedger`), removed on release.
     memory_entry: str | None = None
+    # Its network namespace (a bind-mounted nsfs file), the host end of its veth and its
+    # slot in the address pool, when it has an uplink (`corral.isolation.netns`).
+    netns: str | None = None
+    veth: str | None = None
+    net_slot: int | None = None
+    net_slots_dir: str | None = None
 
     @classmethod
     def create(
@@ -128,36 +135,58 @@ class Footprint:
 
     def claim_uid_slot(self, slots_dir: Path, count: int) -> int:
         """Take a free slot in [0, count): one unprivileged host uid per live sandbox."""
-        slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        start = int.from_bytes(os.urandom(4), "big") % count
-        for i in range(count):
-            slot = (start + i) % count
-            try:
-                (slots_dir / str(slot)).mkdir()
-            except FileExistsError:
-                continue
-            self.uid_slot, self.uid_slots_dir = slot, str(slots_dir)
-            self.save()
-            return slot
-        raise SandboxStartFailed(
-            f"all {count} sandbox uids are in use; destroy sandboxes or raise CORRAL_UID_COUNT"
-        )
+        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_COUNT")
+        self.uid_slot, self.uid_slots_dir = slot, str(slots_dir)
+        self.save()
+        return slot
+
+    def claim_net_slot(self, slots_dir: Path, count: int) -> int:
+        """Take a free slot in [0, count) of the sandboxes' address pool."""
+        slot = _claim_slot(slots_dir, count, "sandbox network addresses", "")
+        self.net_slot, self.net_slots_dir = slot, str(slots_dir)
+        self.save()
+        return slot
 
     def release(self) -> None:
-        """Unmount, free the uid slot and remove the directory. Idempotent."""
+        """Remove the network, unmount, free the slots and remove the directory. Idempotent."""
         for target in reversed(self.mounts):
             if _libc.umount2(target.encode(), _MNT_DETACH) and ctypes.get_errno() not in (
                 errno.EINVAL,
                 errno.ENOENT,
             ):
                 log.warning("could not unmount %s: %s", target, os.strerror(ctypes.get_errno()))
-        if self.uid_slot is not None and self.uid_slots_dir:
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(Path(self.uid_slots_dir) / str(self.uid_slot))
+        if self.netns or self.veth:
+            try:
+                netns.remove(self.netns, self.veth)
+            except OSError as exc:
+                log.warning("could not remove the network of sandbox %s: %s", self.id, exc)
+        slots = ((self.uid_slot, self.uid_slots_dir), (self.net_slot, self.net_slots_dir))
+        for slot, slots_dir in slots:
+            if slot is not None and slots_dir:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(Path(slots_dir) / str(slot))
         if self.memory_entry is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.memory_entry)
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _claim_slot(slots_dir: Path, count: int, what: str, setting: str) -> int:
+    """A free slot in [0, count) of `slots_dir` (a directory per slot taken: mkdir is
+    atomic across processes), tried from a random start."""
+    slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    start = int.from_bytes(os.urandom(4), "big") % count
+    for i in range(count):
+        slot = (start + i) % count
+        try:
+            (slots_dir / str(slot)).mkdir()
+        except FileExistsError:
+            continue
+        return slot
+    raise SandboxStartFailed(
+        f"all {count} {what} are in use; destroy sandboxes"
+        + (f" or raise {setting}" if setting else "")
+    )
 
 
 # A sandbox directory gets its record within milliseconds of being made.

@@ -133,6 +133,12 @@ def setpriv() -> str | None:
     return shutil.which("setpriv")
 
 
+@functools.cache
+def nsenter() -> str:
+    """util-linux's nsenter, which joins a sandbox's network namespace before exec."""
+    return shutil.which("nsenter") or "nsenter"
+
+
 async def launch(
     argv: Sequence[str],
     *,
@@ -144,14 +150,18 @@ async def launch(
     file_size: int,
     uid: int | None,
     gid: int | None,
+    netns: str | None = None,
 ) -> Launcher:
     """Start `argv` in a new session with piped stdio, joined to the cgroup whose procs
     files are `cgroup_procs`, with rlimits on open files and file size (bytes) and no
-    core dumps, as `uid`/`gid` (no supplementary groups) when given.
+    core dumps, as `uid`/`gid` (no supplementary groups) when given, in the network
+    namespace bind-mounted at `netns` when given (joined before the uid is dropped).
 
     Raises OSError/SubprocessError.
     """
     command = ["/bin/sh", "-c", _GATE, "corral-launch", str(open_files), str(file_size // 512)]
+    if netns is not None:
+        command += [nsenter(), f"--net={netns}", "--"]
     if uid is not None or gid is not None:
         tool = setpriv()
         if tool is None:

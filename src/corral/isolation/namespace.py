@@ -6,8 +6,10 @@ command — sees:
 - /workspace, /tmp, /home/user and /dev/shm, writable, all on ONE tmpfs whose size is the
   sandbox's disk limit, kept under its memory limit (`Limits.storage_bytes`) (when Corral
   runs as root; otherwise each is its own bounded tmpfs);
-- no network but loopback; its own pid, ipc, uts and cgroup namespaces; a user namespace
-  in which it is uid 1000 with no capabilities and may create no further user namespaces;
+- no network but loopback (network `none`), or its own network namespace made by
+  `corral.isolation.netns` with the policy's rules loaded before it starts;
+- its own pid, ipc, uts and cgroup namespaces; a user namespace in which it is uid 1000
+  with no capabilities and may create no further user namespaces;
 - the seccomp filter of `corral.isolation.seccomp`.
 As root, each sandbox also runs as its own unprivileged host uid, so even a kernel escape
 from the namespaces lands in an identity that owns nothing on the host.
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from corral.config import Settings
 from corral.errors import IsolationUnavailable
-from corral.isolation import seccomp
+from corral.isolation import netns, seccomp
 from corral.isolation.agent_install import agent_command, install_agent
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
@@ -112,6 +114,11 @@ class NamespaceBackend(Backend):
         self._shared: Path | None = None
         self._release_shared: weakref.finalize[[], NamespaceBackend] | None = None
 
+    def network_modes(self) -> frozenset[str]:
+        if netns.tools_missing():
+            return frozenset({"none"})
+        return frozenset({"none", "internet", "allowlist"})
+
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
@@ -141,6 +148,10 @@ class NamespaceBackend(Backend):
             details["seccomp"] = "on"
         except Exception as exc:
             missing.append(f"seccomp: {exc}")
+        network_missing = netns.tools_missing()
+        details["network"] = "none" if network_missing else "none, internet, allowlist"
+        if network_missing:
+            details["network_needs"] = "; ".join(network_missing)
         return Capabilities(cls.name, not missing, tuple(missing), details)
 
     def plan(
@@ -149,13 +160,16 @@ class NamespaceBackend(Backend):
         template = get_template(spec.template)
         limits = spec.limits
         options = [
-            "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--unshare-user", "--unshare-pid", "--unshare-ipc",
             "--unshare-uts", "--unshare-cgroup",
             "--disable-userns", "--die-with-parent", "--new-session",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--hostname", footprint.id.replace("_", "-"),
             "--proc", "/proc", "--dev", "/dev",
         ]  # fmt: skip
+        if footprint.netns is None:
+            options.append("--unshare-net")  # loopback only
+        # Else the launcher joins the namespace made for it, rules loaded (`netns`).
         if entrypoint is None:
             # The agent is the pid namespace's init: the kernel then ignores SIGKILL and
             # any signal it has no handler for when sent from inside, so sandbox code (same
@@ -217,7 +231,7 @@ class NamespaceBackend(Backend):
         fds: list[int] = []
         try:
             # What names this sandbox (its hostname), from memory: no file to clean up.
-            for name, text in _host_files(footprint.id).items():
+            for name, text in _host_files(footprint.id, footprint.netns is not None).items():
                 fds.append(data_fd("corral-etc", text.encode()))
                 options += ["--perms", "0644", "--ro-bind-data", str(fds[-1]), f"/etc/{name}"]
             if entrypoint is not None:
@@ -250,6 +264,7 @@ class NamespaceBackend(Backend):
             gid=gid,
             pass_fds=tuple(fds),
             exec_failure=b"bwrap: execvp ",
+            netns=footprint.netns,
         )
 
     def _shared_root(self) -> Path:
@@ -294,12 +309,15 @@ def _copy_once(source: Path, target: Path) -> Path:
     return target
 
 
-def _host_files(sandbox_id: str) -> dict[str, str]:
+def _host_files(sandbox_id: str, network: bool = False) -> dict[str, str]:
     hostname = sandbox_id.replace("_", "-")
-    return {
+    files = {
         "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n",
         "hostname": f"{hostname}\n",
     }
+    if network:  # names are resolved by the sandbox's own resolver, on its loopback
+        files["resolv.conf"] = f"nameserver {netns.RESOLVER}\noptions edns0\n"
+    return files
 
 
 def _shared_etc(runtime_dir: Path, template: Template) -> Path:
@@ -309,7 +327,7 @@ def _shared_etc(runtime_dir: Path, template: Template) -> Path:
     One bind of this directory replaces a bind per entry, each ~0.3 ms of every sandbox's
     start. A fresh copy is made when an entry changes on the host (mtime or size).
     """
-    signature = hashlib.sha256()
+    signature = hashlib.sha256(b"resolv.conf")  # the places for `_host_files` changed
     for entry in template.etc:
         st = os.lstat(f"/etc/{entry}")
         signature.update(f"{entry}:{st.st_mtime_ns}:{st.st_size}\0".encode())
@@ -335,7 +353,7 @@ def _shared_etc(runtime_dir: Path, template: Template) -> Path:
                 "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
             ),
             "group": f"root:x:0:\n{SANDBOX_USER}:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
-            **{name: "" for name in _host_files("")},
+            **{name: "" for name in _host_files("", network=True)},
         }
         for name, text in files.items():
             (staging / name).write_text(text)

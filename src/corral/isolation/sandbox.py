@@ -32,6 +32,7 @@ from corral.errors import (
 )
 from corral.guest import EntryInfo, GuestConnection
 from corral.guest import ProcessInfo as ProcessInfo
+from corral.isolation import netns
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.command import Command, CommandResult
@@ -39,11 +40,15 @@ from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
 from corral.limits import MIB, Limits
-from corral.network.policy import NetworkPolicy
+from corral.network import nftables
+from corral.network.events import NetworkEventLog
+from corral.network.policy import INTERNET, NetworkPolicy, Rule
 
 log = logging.getLogger("corral.isolation")
 
 _START_TIMEOUT = 30.0
+# The NFLOG group of every sandbox's log rules: each sandbox has a namespace of its own.
+NFLOG_GROUP = 1
 _STDERR_TAIL = 4096
 
 
@@ -82,7 +87,10 @@ class Sandbox:
         self._stderr_tail = b""
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
+        self._network_lock = asyncio.Lock()
         self.workdir = ""
+        # What its network did (DNS queries, connections), for the services to store.
+        self.network_events = NetworkEventLog()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -118,7 +126,18 @@ class Sandbox:
             raise
         return sandbox
 
+    @property
+    def netns_path(self) -> str | None:
+        """The sandbox's network namespace (a file for setns), None with network none."""
+        return self.footprint.netns
+
     async def _start(self, entrypoint: Entrypoint | None) -> None:
+        if self.spec.network.mode != "none":
+            script = self._ruleset(self.spec.network)
+            settings = self._backend.settings
+            await asyncio.to_thread(
+                netns.create, self.footprint, settings.runtime_dir, self.spec.limits, script
+            )
         plan = self._backend.plan(self.footprint, self.spec, entrypoint)
         self.workdir = plan.workdir
         procs = self._cgroup.procs_files() if self._cgroup else []
@@ -133,6 +152,7 @@ class Sandbox:
                 file_size=self.spec.limits.file_size_mib * MIB,
                 uid=plan.uid,
                 gid=plan.gid,
+                netns=plan.netns,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise SandboxStartFailed(f"sandbox {self.id} could not be launched: {exc}") from exc
@@ -338,13 +358,43 @@ class Sandbox:
     # -- limits and usage -------------------------------------------------------------
 
     async def set_network(self, policy: NetworkPolicy) -> None:
-        """Change what the sandbox may reach; connections already open stay open."""
-        if self.state is SandboxState.DESTROYED:
-            raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
-        if policy == self.spec.network:
-            return
-        raise IsolationUnavailable(
-            f"the {self.backend} tier cannot change a running sandbox's network yet"
+        """Change what the sandbox may reach, in one atomic swap of its rules; connections
+        already open stay open. A sandbox made with network `none` has no uplink to
+        open: it stays `none`."""
+        async with self._network_lock:
+            if self.state is SandboxState.DESTROYED:
+                raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
+            if policy == self.spec.network:
+                return
+            path = self.netns_path
+            if path is None:
+                raise IsolationUnavailable(
+                    f"sandbox {self.id} was created with network 'none' and has no uplink; "
+                    "create a new sandbox with network 'internet' or 'allowlist' to change "
+                    "its network later"
+                )
+            await asyncio.to_thread(netns.load, path, self._ruleset(policy))
+            self.spec = replace(self.spec, network=policy)
+
+    async def allow(self, rule: Rule, addresses: list[str], ttl: float) -> None:
+        """Let the sandbox connect to `addresses`, which its resolver just answered for a
+        name `rule` allows, on `rule`'s ports, for `ttl` seconds (at least a minute).
+        The resolver awaits this before it answers, so the connection that follows is
+        allowed."""
+        path, policy = self.netns_path, self.spec.network
+        if path is None or not addresses or rule == INTERNET or rule not in policy.allow:
+            return  # nothing to add: `internet` allows public addresses anyway
+        await asyncio.to_thread(
+            netns.load, path, nftables.allow_elements(rule, addresses, ttl, policy)
+        )
+
+    def _ruleset(self, policy: NetworkPolicy) -> str:
+        return nftables.render(
+            policy,
+            resolver=netns.RESOLVER,
+            also_denied=(netns.POOL4, netns.POOL6),
+            limits=self.spec.limits,
+            log_group=NFLOG_GROUP,
         )
 
     def set_limits(self, limits: Limits) -> None:

@@ -1,0 +1,248 @@
+"""A sandbox's own network namespace and its uplink, made before the sandbox starts.
+
+The namespace is created by the host, outside the sandbox's user namespace, and its
+rules (`corral.network.nftables`) are loaded before the sandbox's first instruction;
+bubblewrap then joins it (`nsenter --net=…`, no `--unshare-net`). Code in the sandbox can
+neither change the rules nor make a namespace of its own: it holds no capability over a
+namespace its user namespace does not own.
+
+The uplink, as root: a veth pair, the host end `crl<12 hex>` in the host's namespace and
+`eth0` inside, with addresses from a pool (a /30 of `POOL4` and a /64 of `POOL6` per
+sandbox, slot n, allocated through the runtime dir like uid slots), a default route
+through the host end, and one host table `inet corral_host` that masquerades the pool,
+keeps sandboxes from each other and keeps them from opening connections to the host
+itself. Without root there is no uplink here (the tier then offers only `none`).
+
+Everything is recorded in the sandbox's `Footprint` before it is made, so `release` (and
+the reaper, after a crash) removes it: the namespace's bind mount, the veth, the slot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import ipaddress
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from corral.errors import SandboxStartFailed
+from corral.limits import Limits
+
+if TYPE_CHECKING:
+    from corral.isolation.footprint import Footprint
+
+POOL4 = ipaddress.IPv4Network("10.213.0.0/16")
+POOL6 = ipaddress.IPv6Network("fd00:213::/48")
+SLOTS = POOL4.num_addresses // 4  # a /30 each
+HOST_TABLE = "corral_host"
+VETH_PREFIX = "crl"
+RESOLVER = "127.0.0.53"
+
+_CLONE_NEWNET = 0x40000000
+_MS_BIND = 4096
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """The uplink's addresses for pool slot `slot`: host end and sandbox end."""
+
+    slot: int
+
+    @property
+    def host4(self) -> ipaddress.IPv4Address:
+        return POOL4[4 * self.slot + 1]
+
+    @property
+    def sandbox4(self) -> ipaddress.IPv4Address:
+        return POOL4[4 * self.slot + 2]
+
+    @property
+    def host6(self) -> ipaddress.IPv6Address:
+        return POOL6[(self.slot << 64) + 1]
+
+    @property
+    def sandbox6(self) -> ipaddress.IPv6Address:
+        return POOL6[(self.slot << 64) + 2]
+
+
+@functools.cache
+def tools_missing() -> tuple[str, ...]:
+    """What this host lacks to give sandboxes a network, as install hints."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (sandbox uplinks are veth pairs; rootless networking is not done)")
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("nsenter", "util-linux")):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool}: apt-get install {package}")
+    return tuple(missing)
+
+
+def create(footprint: Footprint, runtime_dir: Path, limits: Limits, script: str) -> None:
+    """Make the sandbox's namespace with its uplink and load `script` (its nft rules)
+    there. Blocking (a few execs); every step is recorded in `footprint` first."""
+    ensure_host()
+    slot = footprint.claim_net_slot(runtime_dir / "netslots", SLOTS)
+    addresses = Addresses(slot)
+    path = footprint.path / "netns"
+    footprint.netns = str(path)
+    footprint.veth = VETH_PREFIX + footprint.id[-12:]
+    footprint.save()
+    _in_thread(lambda: _new_netns(path))
+    veth = footprint.veth
+    host = [
+        f"link add {veth} type veth peer name eth0 netns {path}",
+        f"addr add {addresses.host4}/30 dev {veth}",
+        f"addr add {addresses.host6}/64 dev {veth} nodad",
+        f"link set {veth} up",
+    ]
+    inside = [
+        "link set lo up",
+        f"addr add {addresses.sandbox4}/30 dev eth0",
+        f"addr add {addresses.sandbox6}/64 dev eth0 nodad",
+        "link set eth0 up",
+        f"route add default via {addresses.host4}",
+        f"route add default via {addresses.host6}",
+    ]
+    _run(["ip", "-batch", "-"], "\n".join(host))
+    if limits.bandwidth_mbit:  # downloads leave through the host end
+        _run(["tc", "-batch", "-"], _shape(veth, limits.bandwidth_mbit))
+
+    def configure() -> None:
+        _run(["ip", "-batch", "-"], "\n".join(inside))
+        if limits.bandwidth_mbit:
+            _run(["tc", "-batch", "-"], _shape("eth0", limits.bandwidth_mbit))
+        _run(["nft", "-f", "-"], script)
+
+    inside_netns(str(path), configure)
+
+
+def load(netns_path: str, script: str) -> None:
+    """Load nft `script` inside the namespace at `netns_path` (one atomic transaction)."""
+    inside_netns(netns_path, lambda: _run(["nft", "-f", "-"], script))
+
+
+def remove(netns_path: str | None, veth: str | None) -> None:
+    """Remove a sandbox's uplink and namespace; quiet about what is already gone."""
+    if veth:
+        done = subprocess.run(["ip", "link", "del", veth], capture_output=True, text=True)
+        if done.returncode != 0 and "Cannot find device" not in done.stderr:
+            raise OSError(f"ip link del {veth}: {done.stderr.strip()}")
+    if netns_path:
+        if _libc.umount2(netns_path.encode(), _MNT_DETACH) and ctypes.get_errno() not in (
+            errno.EINVAL,
+            errno.ENOENT,
+        ):
+            raise OSError(ctypes.get_errno(), f"umount {netns_path}")
+        Path(netns_path).unlink(missing_ok=True)
+
+
+def inside_netns(netns_path: str, work: Callable[[], T]) -> T:
+    """`work()` run by a fresh thread that joined the namespace at `netns_path` (what it
+    spawns is in there too); the thread ends with it, so no thread is left astray."""
+
+    def enter() -> T:
+        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET):
+                raise OSError(ctypes.get_errno(), f"setns {netns_path}")
+        finally:
+            os.close(fd)
+        return work()
+
+    return _in_thread(enter)
+
+
+@functools.cache
+def ensure_host() -> None:
+    """The host side every uplink needs, once per process: forwarding on, and the table
+    `inet corral_host` (replaced whole: the same for every Corral process)."""
+    for knob in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+        path = Path("/proc/sys/net") / knob
+        if path.read_text().strip() != "1":
+            path.write_text("1\n")
+    _run(["nft", "-f", "-"], host_table())
+
+
+def host_table() -> str:
+    sandboxes = f'iifname "{VETH_PREFIX}*"'
+    return "\n".join(
+        [
+            f"table inet {HOST_TABLE} {{}}",
+            f"delete table inet {HOST_TABLE}",
+            f"table inet {HOST_TABLE} {{",
+            "  chain postrouting {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            f"    ip saddr {POOL4} ip daddr != {POOL4} masquerade",
+            f"    ip6 saddr {POOL6} ip6 daddr != {POOL6} masquerade",
+            "  }",
+            # Sandboxes never reach each other, whatever their own rules say.
+            "  chain forward {",
+            "    type filter hook forward priority filter; policy accept;",
+            f'    {sandboxes} oifname "{VETH_PREFIX}*" drop',
+            "  }",
+            # Nor the host's own services, on any of its addresses: a sandbox's DNS
+            # resolver and port proxy are reached through its own loopback instead.
+            "  chain input {",
+            "    type filter hook input priority filter; policy accept;",
+            f"    {sandboxes} ct state established,related accept",
+            f"    {sandboxes} icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept",
+            f"    {sandboxes} meta l4proto tcp reject with tcp reset",
+            f"    {sandboxes} drop",
+            "  }",
+            "}",
+            "",
+        ]
+    )
+
+
+def _shape(device: str, mbit: int) -> str:
+    # The bucket holds ~20 ms of traffic (at least a few full-size packets).
+    burst = max(mbit * 1_000_000 // 8 // 50, 16 * 1024)
+    return f"qdisc add dev {device} root tbf rate {mbit}mbit burst {burst} latency 100ms\n"
+
+
+def _new_netns(path: Path) -> None:
+    """A new network namespace, kept alive by a bind mount on `path`. Call it in a
+    thread of its own: unshare moves the calling thread into the new namespace."""
+    if _libc.unshare(_CLONE_NEWNET):
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    path.touch(mode=0o444)
+    source = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+    if _libc.mount(source, str(path).encode(), None, _MS_BIND, None):
+        raise OSError(ctypes.get_errno(), f"bind mount of a network namespace on {path}")
+
+
+def _run(argv: list[str], script: str) -> None:
+    done = subprocess.run(argv, input=script, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SandboxStartFailed(
+            f"setting up the sandbox's network failed: {' '.join(argv)}: {done.stderr.strip()}"
+        )
+
+
+def _in_thread(work: Callable[[], T]) -> T:
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="corral-netns")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -1,0 +1,96 @@
+"""An engine driven over stdin/stdout, for running sandboxes inside the fake internet.
+
+The network tests start this module in the fake internet's gateway namespace
+(`Internet.exec_argv(GATEWAY, ...)`) so that sandbox uplinks hang off the gateway, whose
+only routes lead into the fake internet; the test process stays outside and sends one
+JSON request a line, getting one JSON answer a line:
+
+    {"op": "create", "network": "allowlist", "allow": ["192.0.2.0/24:80"], "limits": {...}}
+    {"op": "run", "id": ..., "argv": [...], "timeout": 30}     -> exit_code, stdout, stderr
+    {"op": "set_network", "id": ..., "network": ..., "allow": [...]}
+    {"op": "footprint", "id": ...}                             -> the sandbox's host record
+    {"op": "destroy", "id": ...}
+
+An error comes back as {"error": class name, "message": ...}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from corral.config import Settings
+from corral.errors import CorralError
+from corral.isolation import Engine, Sandbox
+from corral.limits import Limits
+from corral.network.policy import NetworkPolicy
+
+
+async def serve(settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    sandboxes: dict[str, Sandbox] = {}
+    async with Engine(settings) as engine:
+        print(json.dumps({"ready": True}), flush=True)
+        while line := await reader.readline():
+            request = json.loads(line)
+            try:
+                answer = await handle(engine, sandboxes, request)
+            except CorralError as exc:
+                answer = {"error": type(exc).__name__, "message": str(exc)}
+            print(json.dumps(answer), flush=True)
+            if request["op"] == "exit":
+                break
+
+
+async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[str, Any]) -> Any:
+    op = request["op"]
+    if op == "create":
+        sandbox = await engine.create(
+            network=NetworkPolicy.parse(request.get("network", "none"), request.get("allow", [])),
+            limits=Limits(**request.get("limits", {})),
+        )
+        sandboxes[sandbox.id] = sandbox
+        record = dataclasses.asdict(sandbox.footprint)
+        record["path"] = str(record["path"])
+        return {"id": sandbox.id, "footprint": record}
+    if op == "exit":
+        return {}
+    sandbox = sandboxes[request["id"]]
+    if op == "run":
+        result = await sandbox.run(request["argv"], timeout=request.get("timeout", 60))
+        return {
+            "exit_code": result.exit_code,
+            "stdout": result.stdout.decode(errors="replace"),
+            "stderr": result.stderr.decode(errors="replace"),
+        }
+    if op == "set_network":
+        policy = NetworkPolicy.parse(request["network"], request.get("allow", []))
+        await sandbox.set_network(policy)
+        return {}
+    if op == "allow":
+        rule = next(r for r in sandbox.spec.network.allow if r.text == request["rule"])
+        await sandbox.allow(rule, request["addresses"], request.get("ttl", 60))
+        return {}
+    if op == "destroy":
+        await sandbox.destroy()
+        return {}
+    raise ValueError(f"unknown op {op!r}")
+
+
+if __name__ == "__main__":
+    config = json.loads(sys.argv[1])
+    asyncio.run(
+        serve(
+            Settings(
+                runtime_dir=Path(config["runtime_dir"]),
+                data_dir=Path(config["data_dir"]),
+                cgroup_parent=config["cgroup_parent"],
+            )
+        )
+    )
