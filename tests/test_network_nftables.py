@@ -82,7 +82,7 @@ def test_cidr_entries_come_before_the_deny_maps_and_keep_their_ports() -> None:
 
 def _last_jump(decide: str) -> str:
     body = decide[: decide.index("\n  }")]
-    return re.findall(r"jump l(\d+)", body)[-1]
+    return str(re.findall(r"jump l(\d+)", body)[-1])
 
 
 def test_resolved_addresses_are_added_with_their_rule_ports_and_a_timeout() -> None:

@@ -9,6 +9,7 @@ JSON request a line, getting one JSON answer a line:
     {"op": "run", "id": ..., "argv": [...], "timeout": 30}     -> exit_code, stdout, stderr
     {"op": "set_network", "id": ..., "network": ..., "allow": [...]}
     {"op": "footprint", "id": ...}                             -> the sandbox's host record
+    {"op": "spawn", "id": ..., "argv": [...], "key": "k"}  then  {"op": "collect", "key": "k"}
     {"op": "destroy", "id": ...}
 
 An error comes back as {"error": class name, "message": ...}.
@@ -19,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from corral.config import Settings
 from corral.errors import CorralError
-from corral.isolation import Engine, Sandbox
+from corral.isolation import Command, Engine, Sandbox
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 
@@ -48,6 +50,9 @@ async def serve(settings: Settings) -> None:
                 break
 
 
+spawned: dict[str, Command] = {}
+
+
 async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[str, Any]) -> Any:
     op = request["op"]
     if op == "create":
@@ -56,11 +61,16 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
             limits=Limits(**request.get("limits", {})),
         )
         sandboxes[sandbox.id] = sandbox
-        record = dataclasses.asdict(sandbox.footprint)
-        record["path"] = str(record["path"])
-        return {"id": sandbox.id, "footprint": record}
+        return {"id": sandbox.id}
     if op == "exit":
         return {}
+    if op == "collect":
+        result = await spawned.pop(request["key"]).collect()
+        return {
+            "exit_code": result.exit_code,
+            "stdout": result.stdout.decode(errors="replace"),
+            "stderr": result.stderr.decode(errors="replace"),
+        }
     sandbox = sandboxes[request["id"]]
     if op == "run":
         result = await sandbox.run(request["argv"], timeout=request.get("timeout", 60))
@@ -69,6 +79,13 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
             "stdout": result.stdout.decode(errors="replace"),
             "stderr": result.stderr.decode(errors="replace"),
         }
+    if op == "footprint":
+        record = dataclasses.asdict(sandbox.footprint)
+        record["path"] = str(record["path"])
+        return record
+    if op == "spawn":  # started now, its result read later with "collect"
+        spawned[request["key"]] = await sandbox.exec(request["argv"], timeout=60)
+        return {}
     if op == "set_network":
         policy = NetworkPolicy.parse(request["network"], request.get("allow", []))
         await sandbox.set_network(policy)
@@ -94,3 +111,58 @@ if __name__ == "__main__":
             )
         )
     )
+
+
+class Driver:
+    """The test side: a driver process in the gateway, and calls to it."""
+
+    def __init__(self, argv: list[str]) -> None:
+        from tests.kit import processes
+
+        self.process = processes.spawn(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=_ROOT
+        )
+        ready = self._read()
+        assert ready == {"ready": True}, ready
+
+    @classmethod
+    def in_gateway(cls, gateway_netns: str, settings: Settings) -> Driver:
+        """A driver in the fake internet's gateway: its sandboxes' uplinks hang off it.
+        Joined with nsenter, not `ip netns exec`, which would remount /sys (cgroups)."""
+        config = {
+            "runtime_dir": str(settings.runtime_dir),
+            "data_dir": str(settings.data_dir),
+            "cgroup_parent": settings.cgroup_parent,
+        }
+        argv = [
+            "nsenter", f"--net=/run/netns/{gateway_netns}", "--",
+            sys.executable, "-m", "tests.kit.netdriver", json.dumps(config),
+        ]  # fmt: skip
+        return cls(argv)
+
+    def _read(self) -> Any:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, f"the driver exited ({self.process.poll()})"
+        return json.loads(line)
+
+    def call(self, **request: Any) -> Any:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def ok(self, **request: Any) -> Any:
+        answer = self.call(**request)
+        assert "error" not in answer, answer
+        return answer
+
+    def close(self) -> None:
+        from tests.kit import processes
+
+        if self.process.poll() is None:
+            self.call(op="exit")
+        processes.stop(self.process)
+
+
+_ROOT = str(Path(__file__).resolve().parents[2])
