@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 # $1: open files, $2: file size in 512-byte blocks (POSIX ulimit units), then the argv.
 _GATE = (
@@ -151,11 +151,13 @@ async def launch(
     uid: int | None,
     gid: int | None,
     netns: str | None = None,
+    ready: Awaitable[None] | None = None,
 ) -> Launcher:
     """Start `argv` in a new session with piped stdio, joined to the cgroup whose procs
     files are `cgroup_procs`, with rlimits on open files and file size (bytes) and no
     core dumps, as `uid`/`gid` (no supplementary groups) when given, in the network
-    namespace bind-mounted at `netns` when given (joined before the uid is dropped).
+    namespace bind-mounted at `netns` when given (joined before the uid is dropped). The
+    gate opens once `ready` (the network namespace being made meanwhile) is done.
 
     Raises OSError/SubprocessError.
     """
@@ -182,6 +184,8 @@ async def launch(
         # In a thread: on cgroup v1 the kernel may wait a whole RCU grace period (~10 ms)
         # before a process can move, and the event loop has better things to do.
         await asyncio.to_thread(_join, popen.pid, cgroup_procs)
+        if ready is not None:
+            await ready
         popen.stdin.write(b"\n")  # open the gate: the pipe is empty, this never blocks
         popen.stdin.flush()
     except BaseException:

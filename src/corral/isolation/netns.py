@@ -87,18 +87,24 @@ def tools_missing() -> tuple[str, ...]:
     return tuple(missing)
 
 
-def create(footprint: Footprint, runtime_dir: Path, limits: Limits, script: str) -> None:
-    """Make the sandbox's namespace with its uplink and load `script` (its nft rules)
-    there. Blocking (a few execs); every step is recorded in `footprint` first."""
-    ensure_host()
+def reserve(footprint: Footprint, runtime_dir: Path) -> Addresses:
+    """Take an address slot and record the namespace and veth `build` will make, in
+    `footprint`, before anything exists: a crash from here on leaves nothing unrecorded."""
     slot = footprint.claim_net_slot(runtime_dir / "netslots", SLOTS)
-    addresses = Addresses(slot)
-    path = footprint.path / "netns"
-    footprint.netns = str(path)
+    footprint.netns = str(footprint.path / "netns")
     footprint.veth = VETH_PREFIX + footprint.id[-12:]
     footprint.save()
+    return Addresses(slot)
+
+
+def build(footprint: Footprint, addresses: Addresses, limits: Limits, script: str) -> None:
+    """Make the namespace and uplink `reserve` recorded and load `script` (the sandbox's
+    nft rules) in it. Blocking (a few execs); it writes nothing to `footprint`, so it
+    may run while the sandbox's launch is prepared."""
+    assert footprint.netns is not None and footprint.veth is not None
+    ensure_host()
+    path, veth = Path(footprint.netns), footprint.veth
     _in_thread(lambda: _new_netns(path))
-    veth = footprint.veth
     host = [
         f"link add {veth} type veth peer name eth0 netns {path}",
         f"addr add {addresses.host4}/30 dev {veth}",

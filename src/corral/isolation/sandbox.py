@@ -132,12 +132,27 @@ class Sandbox:
         return self.footprint.netns
 
     async def _start(self, entrypoint: Entrypoint | None) -> None:
+        network: asyncio.Future[None] | None = None
         if self.spec.network.mode != "none":
-            script = self._ruleset(self.spec.network)
-            settings = self._backend.settings
-            await asyncio.to_thread(
-                netns.create, self.footprint, settings.runtime_dir, self.spec.limits, script
+            # Made in a thread while the launch is prepared; the launcher's gate opens
+            # only once it is done, so no sandbox code runs before its rules are in.
+            addresses = netns.reserve(self.footprint, self._backend.settings.runtime_dir)
+            script = self._ruleset(self.spec.network, fresh=True)
+            network = asyncio.ensure_future(
+                asyncio.to_thread(netns.build, self.footprint, addresses, self.spec.limits, script)
             )
+        try:
+            await self._launch(entrypoint, network)
+        except BaseException:
+            if network is not None:  # never remove a namespace while it is being made
+                await asyncio.wait({network})
+                if not network.cancelled():
+                    network.exception()  # seen: the error to report is the one raised
+            raise
+
+    async def _launch(
+        self, entrypoint: Entrypoint | None, network: asyncio.Future[None] | None
+    ) -> None:
         plan = self._backend.plan(self.footprint, self.spec, entrypoint)
         self.workdir = plan.workdir
         procs = self._cgroup.procs_files() if self._cgroup else []
@@ -153,6 +168,7 @@ class Sandbox:
                 uid=plan.uid,
                 gid=plan.gid,
                 netns=plan.netns,
+                ready=network,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise SandboxStartFailed(f"sandbox {self.id} could not be launched: {exc}") from exc
@@ -388,13 +404,14 @@ class Sandbox:
             netns.load, path, nftables.allow_elements(rule, addresses, ttl, policy)
         )
 
-    def _ruleset(self, policy: NetworkPolicy) -> str:
+    def _ruleset(self, policy: NetworkPolicy, *, fresh: bool = False) -> str:
         return nftables.render(
             policy,
             resolver=netns.RESOLVER,
             also_denied=(netns.POOL4, netns.POOL6),
             limits=self.spec.limits,
             log_group=NFLOG_GROUP,
+            fresh=fresh,
         )
 
     def set_limits(self, limits: Limits) -> None:

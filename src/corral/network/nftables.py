@@ -84,10 +84,13 @@ def render(
     also_denied: Iterable[IPNetwork] = (),
     limits: Limits | None = None,
     log_group: int = 0,
+    fresh: bool = False,
 ) -> str:
     """The `nft -f` script that makes table `inet corral` enforce `policy` (see the
     module docstring). `resolver` is the sandbox's DNS resolver, on its loopback;
-    `also_denied` the host's networks (the sandbox pool); `log_group` the NFLOG group."""
+    `also_denied` the host's networks (the sandbox pool); `log_group` the NFLOG group.
+    `fresh`: for a namespace that has no such table yet; the script then only creates
+    it (deleting even an empty table costs the kernel a grace period, ~10 ms)."""
     limits = limits or Limits()
     found = labels(policy)
     index = {label: n for n, label in enumerate(found)}
@@ -95,13 +98,10 @@ def render(
     def jump(allowed: bool, rule: str) -> str:
         return f"jump l{index[Label(allowed, rule)]}"
 
-    lines = [
-        # Create the table if it is missing, so that deleting it never fails: then the
-        # whole new table, all in the one transaction `nft -f` makes of a script.
-        f"table inet {TABLE} {{}}",
-        f"delete table inet {TABLE}",
-        f"table inet {TABLE} {{",
-    ]
+    # Create the table if it is missing, so that deleting it never fails: then the whole
+    # new table, all in the one transaction `nft -f` makes of a script.
+    lines = [] if fresh else [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}"]
+    lines.append(f"table inet {TABLE} {{")
     deny = deny_elements(also_denied)
     for version, family in ((4, "ipv4_addr"), (6, "ipv6_addr")):
         elements = ", ".join(f"{net} : {jump(False, why)}" for net, why in deny[version])
