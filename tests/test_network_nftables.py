@@ -115,3 +115,21 @@ def test_the_kernel_parser_accepts_every_mode(policy: NetworkPolicy) -> None:
             script += nftables.allow_elements(rule, ["192.0.2.10", "2001:db8::10"], 30, policy)
     done = subprocess.run(["nft", "-c", "-f", "-"], input=script, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_log_prefix_names_the_rule_that_decided() -> None:
+    policy = POLICIES[3]
+    found = nftables.labels(policy)
+    n = found.index(nftables.Label(True, "203.0.113.0/24"))
+    event = nftables.event(f"corral allowed {n}", "tcp", "203.0.113.7", 443, found)
+    assert event is not None
+    assert (event.kind, event.decision, event.rule, event.address, event.port) == (
+        "connect",
+        "allowed",
+        "203.0.113.0/24",
+        "203.0.113.7",
+        443,
+    )
+    # Not ours, out of range, or a decision the label does not have: no event.
+    for prefix in ("other 1", f"corral denied {n}", f"corral allowed {len(found)}", "corral x"):
+        assert nftables.event(prefix, "tcp", "203.0.113.7", 443, found) is None

@@ -9,6 +9,7 @@ lead into the fake internet.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 import signal
@@ -23,6 +24,9 @@ import pytest
 
 from corral.config import Settings
 from corral.isolation import netns
+from corral.network import nftables
+from corral.network.addresses import DENIED
+from corral.network.policy import NetworkPolicy
 from tests.kit import internet as fake
 from tests.kit import processes
 from tests.kit.internet import Internet
@@ -30,6 +34,8 @@ from tests.kit.netdriver import Driver
 from tests.kit.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.sandbox]
+
+LINK_LOCAL = ipaddress.ip_network("169.254.0.0/16")
 
 # Run in the sandbox: each probe [kind, address, port, path] -> "ok:<answer>" or "err:<why>".
 PROBE = r"""
@@ -400,3 +406,71 @@ def test_the_reaper_removes_the_network_of_a_killed_owner(
     # Any later engine of the runtime dir reaps it (here: a new one, at its start).
     Driver.in_gateway(gateway, settings).close()
     assert left_behind(record, gateway) == []
+
+
+def counters(netns_path: str, policy: NetworkPolicy) -> dict[str, int]:
+    """The packets each label's named counter holds in the sandbox's namespace."""
+    done = subprocess.run(
+        ["nsenter", f"--net={netns_path}", "--", "nft", "-j", "list", "counters"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = nftables.labels(policy)
+    return {
+        found[int(item["counter"]["name"][1:])].rule: item["counter"]["packets"]
+        for item in json.loads(done.stdout)["nftables"]
+        if "counter" in item and item["counter"]["packets"]
+    }
+
+
+def test_every_decision_is_counted_exactly_a_flood_too(driver: Driver) -> None:
+    policy = NetworkPolicy.parse("internet")
+    sandbox = create(driver, "internet")
+    path = driver.ok(op="footprint", id=sandbox)["netns"]
+    flood = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "refused = 0\n"
+        "for _ in range(300):\n"
+        "    try: s.sendto(b'x', ('169.254.169.254', 7))\n"
+        "    except PermissionError: refused += 1\n"
+        "print(refused)\n"
+    )
+    assert driver.ok(op="run", id=sandbox, argv=["python3", "-c", flood])["stdout"].strip() == "300"
+    path_ = token()
+    assert probe(driver, sandbox, [("http", fake.ALLOWED_V4, 80, path_)]) == ["ok:allowed.test"]
+    counted = counters(path, policy)
+    driver.ok(op="destroy", id=sandbox)
+    metadata = next(e.reason for e in DENIED if e.network.overlaps(LINK_LOCAL))
+    # 300 refusals, however few log lines the rate limit let through; one new connection.
+    assert counted == {metadata: 300, "internet": 1}
+
+
+def test_resolved_addresses_open_only_their_rule_ports(driver: Driver, internet: Internet) -> None:
+    # What the sandbox's resolver does before it answers a name the allowlist names.
+    sandbox = create(driver, "allowlist", ["allowed.test:80"])
+    before, after = token(), token()
+    assert probe(driver, sandbox, [("http", fake.ALLOWED_V4, 80, before)]) == ["err:ECONNREFUSED"]
+    driver.ok(
+        op="allow",
+        id=sandbox,
+        rule="allowed.test:80",
+        addresses=[fake.ALLOWED_V4, fake.ALLOWED_V6, fake.PRIVATE_V4],  # the last: rebinding
+        ttl=5,
+    )
+    got = probe(
+        driver,
+        sandbox,
+        [
+            ("http", fake.ALLOWED_V4, 80, after),
+            ("http", fake.ALLOWED_V6, 80, after),
+            ("http", fake.ALLOWED_V4, 8080, after),
+            ("http", fake.PRIVATE_V4, 80, after),
+            ("http", fake.DENIED_V4, 80, after),
+        ],
+    )
+    driver.ok(op="destroy", id=sandbox)
+    assert got == ["ok:allowed.test", "ok:allowed.test"] + ["err:ECONNREFUSED"] * 3
+    assert internet.saw(path=before) == []
+    assert {e["address"] for e in internet.saw(path=after)} == {fake.ALLOWED_V4, fake.ALLOWED_V6}

@@ -91,6 +91,8 @@ class Sandbox:
         self.workdir = ""
         # What its network did (DNS queries, connections), for the services to store.
         self.network_events = NetworkEventLog()
+        # What the `corral <decision> <n>` prefixes of its kernel log lines stand for.
+        self._labels = nftables.labels(spec.network)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -391,6 +393,14 @@ class Sandbox:
                 )
             await asyncio.to_thread(netns.load, path, self._ruleset(policy))
             self.spec = replace(self.spec, network=policy)
+            self._labels = nftables.labels(policy)
+
+    def record_log(self, prefix: str, protocol: str, address: str, port: int) -> None:
+        """Record the connection a line of the sandbox's kernel log (NFLOG group
+        `NFLOG_GROUP` in `netns_path`) reports, as a network event."""
+        found = nftables.event(prefix, protocol, address, port, self._labels)
+        if found is not None:
+            self.network_events.add(found)
 
     async def allow(self, rule: Rule, addresses: list[str], ttl: float) -> None:
         """Let the sandbox connect to `addresses`, which its resolver just answered for a

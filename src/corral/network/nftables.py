@@ -32,6 +32,7 @@ from typing import Any
 
 from corral.limits import Limits
 from corral.network.addresses import DENIED, IPNetwork
+from corral.network.events import NetworkEvent
 from corral.network.policy import INTERNET, NetworkPolicy, Rule
 
 TABLE = "corral"
@@ -75,6 +76,20 @@ def labels(policy: NetworkPolicy) -> list[Label]:
         Label(False, NOT_LISTED),
     ]
     return found
+
+
+def event(
+    prefix: str, protocol: str, address: str, port: int, found: Sequence[Label]
+) -> NetworkEvent | None:
+    """The connection event a kernel log line with `prefix` stands for, given the labels
+    of the ruleset that logged it; None for a prefix that is not one of ours."""
+    words = prefix.split()
+    if len(words) != 3 or words[0] != "corral" or not words[2].isdigit():
+        return None
+    n = int(words[2])
+    if n >= len(found) or found[n].decision != words[1]:
+        return None
+    return NetworkEvent("connect", found[n].decision, found[n].rule, protocol, address, port)
 
 
 def render(
