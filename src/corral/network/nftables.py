@@ -179,6 +179,8 @@ def render(
         f'    oifname "lo" accept comment "the resolver: {resolver}"',
         # IPv6 finds its neighbours (the uplink's host end) with these; not traffic.
         "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
+        # The kernel's own multicast listener reports: no decision of the sandbox's.
+        "    icmpv6 type { mld-listener-report, mld-listener-done, mld2-listener-report } drop",
         "    jump decide",
         "  }",
         # What a gVisor or microVM guest sends through a tap in this namespace: the same.
