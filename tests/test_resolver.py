@@ -29,7 +29,13 @@ import pytest
 from corral.errors import InvalidRequest
 from corral.network.events import NetworkEvent, NetworkEventLog
 from corral.network.policy import NetworkPolicy, Rule
-from corral.network.resolver import ADDRESS, SandboxResolver, host_nameservers, parse_upstream
+from corral.network.resolver import (
+    ADDRESS,
+    SandboxResolver,
+    filter_answer,
+    host_nameservers,
+    parse_upstream,
+)
 from corral.network.setns import call_in_netns, enter_netns
 from tests.kit import internet as fake
 from tests.kit.internet import Internet
@@ -386,7 +392,8 @@ def test_a_udp_flood_is_bounded(start: Callable[..., Running]) -> None:
     assert stats.overloaded > 0  # answered SERVFAIL rather than queued
     assert stats.malformed > 0 and stats.denied > 0 and stats.forwarded > 0
     # Every well-formed query was answered one way or another.
-    assert stats.queries == stats.denied + stats.forwarded + stats.overloaded + stats.refused
+    answered = stats.denied + stats.forwarded + stats.overloaded + stats.upstream_failures
+    assert stats.queries == answered + stats.refused
     # The events are the log's to rate-limit: a burst kept, the rest counted.
     events = running.take_events()
     suppressed = sum(e.count for e in events if e.kind == "suppressed")
@@ -459,3 +466,88 @@ def test_the_hosts_nameservers_are_the_default_upstream(tmp_path: Path) -> None:
     )
     assert host_nameservers(str(resolv)) == ["203.0.113.53", "2001:db8::53"]
     assert host_nameservers(str(tmp_path / "missing")) == []
+
+
+def upstream_reply(
+    query: dns.message.Message, answer: str, authority: str = ""
+) -> dns.message.Message:
+    """An upstream server's reply to `query` with these sections (zone-file lines), and
+    a glue address in the additional section."""
+    [question] = query.question
+    lines = [
+        f"id {query.id}", "opcode QUERY", "rcode NOERROR", "flags QR RD RA",
+        ";QUESTION", f"{question.name} IN {dns.rdatatype.to_text(question.rdtype)}",
+        ";ANSWER", answer.strip(), ";AUTHORITY", authority.strip(),
+        ";ADDITIONAL", "ns.test. 60 IN A 10.1.1.1",
+    ]  # fmt: skip
+    text = "\n".join(line for line in lines if line)
+    return dns.message.from_text(text)
+
+
+@pytest.mark.unit
+def test_a_cname_chains_final_addresses_go_under_the_name_asked() -> None:
+    policy = NetworkPolicy.parse("allowlist", ["www.allowed.test"])
+    query = dns.message.make_query("www.allowed.test", "A")
+    upstream = upstream_reply(
+        query,
+        "www.allowed.test. 300 IN CNAME cdn.elsewhere.test.\n"
+        "cdn.elsewhere.test. 300 IN CNAME edge.cdn.test.\n"
+        "edge.cdn.test. 120 IN A 192.0.2.10\n"
+        "edge.cdn.test. 120 IN A 10.0.0.1\n"
+        "edge.cdn.test. 120 IN AAAA 2001:db8::10\n",  # not asked: not passed
+        "test. 60 IN NS ns.test.\ntest. 60 IN SOA ns.test. admin.test. 1 2 3 4 5",
+    )
+    answer = filter_answer(policy, query, upstream)
+    assert answer.allowed == ["192.0.2.10"]
+    assert list(answer.dropped.values()) == [["10.0.0.1"]]
+    assert [str(rrset).split() for rrset in answer.reply.answer] == [
+        ["www.allowed.test.", "300", "IN", "CNAME", "cdn.elsewhere.test."],
+        ["cdn.elsewhere.test.", "300", "IN", "CNAME", "edge.cdn.test."],
+        ["edge.cdn.test.", "120", "IN", "A", "192.0.2.10"],
+    ]
+    # Only the SOA of the authority section, and no glue.
+    assert [rrset.rdtype for rrset in answer.reply.authority] == [dns.rdatatype.SOA]
+    assert answer.reply.additional == []
+    assert answer.ttl == 120
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("ttl", "allowed_for", "cached_for"), [(5, 60, 5), (300, 300, 300),
+                                                                (10**7, 86400, 86400)])  # fmt: skip
+def test_an_address_stays_allowed_at_least_as_long_as_it_is_cached(
+    ttl: int, allowed_for: float, cached_for: int
+) -> None:
+    query = dns.message.make_query("allowed.test", "AAAA")
+    upstream = upstream_reply(query, f"allowed.test. {ttl} IN AAAA 2001:db8::10")
+    answer = filter_answer(NetworkPolicy.parse("internet"), query, upstream)
+    assert (answer.allowed, answer.ttl) == (["2001:db8::10"], allowed_for)
+    assert answer.reply.answer[0].ttl == cached_for
+
+
+@pytest.mark.unit
+def test_other_types_pass_without_addresses() -> None:
+    query = dns.message.make_query("allowed.test", "MX")
+    upstream = upstream_reply(
+        query, "allowed.test. 60 IN MX 10 mail.allowed.test.\nallowed.test. 60 IN A 192.0.2.10"
+    )
+    answer = filter_answer(NetworkPolicy.parse("internet"), query, upstream)
+    assert answer.allowed == [] and answer.dropped == {}
+    assert [rrset.rdtype for rrset in answer.reply.answer] == [dns.rdatatype.MX]
+
+
+@pytest.mark.unit
+def test_ipv4_mapped_and_translated_answers_are_dropped() -> None:
+    query = dns.message.make_query("allowed.test", "AAAA")
+    upstream = upstream_reply(
+        query,
+        "allowed.test. 60 IN AAAA ::ffff:192.0.2.10\n"
+        "allowed.test. 60 IN AAAA 64:ff9b::a63:a\n"
+        "allowed.test. 60 IN AAAA fe80::1\n"
+        "allowed.test. 60 IN AAAA 2001:db8::10",
+    )
+    policy = NetworkPolicy.parse("allowlist", ["allowed.test", "192.0.2.0/24"])
+    answer = filter_answer(policy, query, upstream)
+    assert answer.allowed == ["2001:db8::10"]
+    assert sorted(a for dropped in answer.dropped.values() for a in dropped) == [
+        "64:ff9b::a63:a", "::ffff:192.0.2.10", "fe80::1"
+    ]  # fmt: skip

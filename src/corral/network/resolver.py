@@ -47,7 +47,7 @@ import dns.rdatatype
 import dns.rrset
 
 from corral.errors import InvalidRequest
-from corral.network.addresses import denied_range, unmapped
+from corral.network.addresses import DENIED, denied_range, unmapped
 from corral.network.events import NetworkEvent, NetworkEventLog
 from corral.network.policy import DNS_PORT, NetworkPolicy, Rule
 from corral.network.setns import run_in_netns
@@ -60,6 +60,7 @@ MAX_TCP_CLIENTS = 16
 TCP_IDLE = 10.0  # seconds a TCP client may wait between queries (RFC 7766: a few)
 UPSTREAM_TIMEOUT = 2.0  # per upstream server, per query
 MIN_TTL = 60  # an address stays allowed at least this long after it was answered
+MAX_TTL = 86400  # and a sandbox caches an answer at most this long (Unbound's default)
 UDP_PAYLOAD = 1232  # what we advertise upstream (the DNS flag day 2020 size)
 
 Allow = Callable[[Rule, list[str], float], Awaitable[None]]
@@ -67,6 +68,7 @@ Allow = Callable[[Rule, list[str], float], Awaitable[None]]
 _ADDRESS_TYPES = frozenset({dns.rdatatype.A, dns.rdatatype.AAAA})
 _CHAIN_TYPES = frozenset({dns.rdatatype.CNAME, dns.rdatatype.DNAME})
 _REFUSED_TYPES = frozenset({dns.rdatatype.ANY, dns.rdatatype.AXFR, dns.rdatatype.IXFR})
+_MAPPED = next(e.reason for e in DENIED if e.network == ipaddress.ip_network("::ffff:0:0/96"))
 # A label of a host name, as bytes: a "." inside a label (`a\.allowed.test` is the label
 # "a.allowed" under "test") must not pass for a subdomain of an allowed name.
 _HOST_LABEL = re.compile(rb"[A-Za-z0-9_-]{1,63}")
@@ -267,21 +269,21 @@ class SandboxResolver:
         if upstream is None:
             self.stats.upstream_failures += 1
             return _render(_reply(ask.query, dns.rcode.SERVFAIL), ask.query, ask.protocol)
-        reply, allowed, dropped, ttl = self._filter(ask.query, upstream)
-        if allowed:
+        answer = filter_answer(self._policy, ask.query, upstream)
+        if answer.allowed:
             try:
-                await self._allow(rule, allowed, ttl)
+                await self._allow(rule, answer.allowed, answer.ttl)
             except Exception:  # fail closed: no address the rules may not have opened
                 log.exception("could not allow the addresses of %s", ask.name)
                 self.stats.upstream_failures += 1
                 return _render(_reply(ask.query, dns.rcode.SERVFAIL), ask.query, ask.protocol)
         self.stats.forwarded += 1
-        for reason, addresses in dropped.items():
+        for reason, addresses in answer.dropped.items():
             self.stats.rebinding += len(addresses)
             self._record(ask, "denied", reason, addresses)
-        if allowed or not dropped:
-            self._record(ask, "allowed", rule.text, allowed)
-        return _render(reply, ask.query, ask.protocol)
+        if answer.allowed or not answer.dropped:
+            self._record(ask, "allowed", rule.text, answer.allowed)
+        return _render(answer.reply, ask.query, ask.protocol)
 
     def _record(self, ask: _Forward, decision: str, rule: str, answers: list[str]) -> None:
         event = NetworkEvent(
@@ -308,50 +310,6 @@ class SandboxResolver:
                 return response
             last = response
         return last
-
-    def _filter(
-        self, query: dns.message.Message, upstream: dns.message.Message
-    ) -> tuple[dns.message.Message, list[str], dict[str, list[str]], float]:
-        """(the reply, the addresses it gives, the addresses dropped by reason, the time
-        they stay allowed) from an upstream answer."""
-        reply = _reply(query, upstream.rcode())
-        asked = query.question[0].rdtype
-        allowed: list[str] = []
-        dropped: dict[str, list[str]] = {}
-        ttl = 0
-        for rrset in upstream.answer:
-            if rrset.rdtype not in _ADDRESS_TYPES:
-                # Only an address query's answer may carry a chain to its addresses.
-                if asked not in _ADDRESS_TYPES or rrset.rdtype in _CHAIN_TYPES:
-                    reply.answer.append(rrset)
-                continue
-            if rrset.rdtype != asked:
-                continue
-            kept = []
-            for rdata in rrset:
-                reason = self._rebinding(rdata.address)
-                if reason is None:
-                    kept.append(rdata)
-                    allowed.append(str(rdata.address))
-                else:
-                    dropped.setdefault(reason, []).append(str(rdata.address))
-            if kept:
-                reply.answer.append(dns.rrset.from_rdata_list(rrset.name, rrset.ttl, kept))
-                ttl = max(ttl, rrset.ttl)
-        # The negative answer's SOA lets the sandbox cache a "no such name"; nothing else
-        # of the authority and additional sections (glue addresses) reaches it.
-        reply.authority = [r for r in upstream.authority if r.rdtype == dns.rdatatype.SOA]
-        return reply, allowed, dropped, float(max(ttl, MIN_TTL))
-
-    def _rebinding(self, text: str) -> str | None:
-        """Why an answered address is dropped (its always-denied range), or None when the
-        sandbox may have it: public, or named by one of the policy's CIDR entries."""
-        address = unmapped(ipaddress.ip_address(text))
-        for rule in self._policy.allow:
-            if rule.network is not None and address in rule.network:
-                return None
-        always = denied_range(address)
-        return None if always is None else always.reason
 
     # -- transports --------------------------------------------------------------------------------
 
@@ -408,6 +366,68 @@ class SandboxResolver:
             self._tcp_clients.discard(writer)
             self._tasks.discard(task)
             writer.close()
+
+
+@dataclass
+class Answer:
+    """What the sandbox is told about an allowed name, and what that lets it reach."""
+
+    reply: dns.message.Message
+    allowed: list[str]  # the addresses in the reply
+    dropped: dict[str, list[str]]  # always-denied addresses left out, by range
+    ttl: float  # how long `allowed` stay allowed: at least as long as the reply is cached
+
+
+def filter_answer(
+    policy: NetworkPolicy, query: dns.message.Message, upstream: dns.message.Message
+) -> Answer:
+    """The reply to `query` made from `upstream`'s answer, under `policy`.
+
+    Only an address query's answer carries addresses (with the CNAME/DNAME chain that
+    leads to them, whose final addresses all count for the name asked); other types'
+    answers pass without any A or AAAA. Addresses in always-denied ranges are dropped
+    unless a CIDR entry of `policy` names them. Of the other sections only a negative
+    answer's SOA passes (so the sandbox can cache a "no such name"), never glue."""
+    reply = _reply(query, upstream.rcode())
+    asked = query.question[0].rdtype
+    allowed: list[str] = []
+    dropped: dict[str, list[str]] = {}
+    ttl = 0
+    for rrset in upstream.answer:
+        if rrset.rdtype not in _ADDRESS_TYPES:
+            if asked not in _ADDRESS_TYPES or rrset.rdtype in _CHAIN_TYPES:
+                reply.answer.append(rrset)
+            continue
+        if rrset.rdtype != asked:
+            continue
+        kept = []
+        for rdata in rrset:
+            reason = _always_denied(policy, rdata.address)
+            if reason is None:
+                kept.append(rdata)
+                allowed.append(str(rdata.address))
+            else:
+                dropped.setdefault(reason, []).append(str(rdata.address))
+        if kept:
+            reply.answer.append(dns.rrset.from_rdata_list(rrset.name, rrset.ttl, kept))
+            ttl = max(ttl, rrset.ttl)
+    reply.authority = [r for r in upstream.authority if r.rdtype == dns.rdatatype.SOA]
+    for rrset in (*reply.answer, *reply.authority):
+        rrset.update_ttl(MAX_TTL)
+    return Answer(reply, allowed, dropped, float(min(max(ttl, MIN_TTL), MAX_TTL)))
+
+
+def _always_denied(policy: NetworkPolicy, text: str) -> str | None:
+    """The always-denied range an answered address is in, or None when the sandbox may
+    have it: public, or named by one of the policy's CIDR entries."""
+    address = ipaddress.ip_address(text)
+    if unmapped(address) is not address:
+        return _MAPPED  # an AAAA answer naming an IPv4 address only smuggles it
+    for rule in policy.allow:
+        if rule.network is not None and address in rule.network:
+            return None
+    always = denied_range(address)
+    return None if always is None else always.reason
 
 
 class _UDPService(asyncio.DatagramProtocol):
