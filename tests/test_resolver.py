@@ -494,7 +494,9 @@ def test_a_cname_chains_final_addresses_go_under_the_name_asked() -> None:
         "cdn.elsewhere.test. 300 IN CNAME edge.cdn.test.\n"
         "edge.cdn.test. 120 IN A 192.0.2.10\n"
         "edge.cdn.test. 120 IN A 10.0.0.1\n"
-        "edge.cdn.test. 120 IN AAAA 2001:db8::10\n",  # not asked: not passed
+        "edge.cdn.test. 120 IN AAAA 2001:db8::10\n"  # not asked: not passed
+        "elsewhere.test. 120 IN A 192.0.2.99\n"  # not on the chain: not passed
+        "edge.cdn.test. 120 IN CNAME www.allowed.test.\n",  # a loop ends the chain
         "test. 60 IN NS ns.test.\ntest. 60 IN SOA ns.test. admin.test. 1 2 3 4 5",
     )
     answer = filter_answer(policy, query, upstream)
@@ -504,6 +506,7 @@ def test_a_cname_chains_final_addresses_go_under_the_name_asked() -> None:
         ["www.allowed.test.", "300", "IN", "CNAME", "cdn.elsewhere.test."],
         ["cdn.elsewhere.test.", "300", "IN", "CNAME", "edge.cdn.test."],
         ["edge.cdn.test.", "120", "IN", "A", "192.0.2.10"],
+        ["edge.cdn.test.", "120", "IN", "CNAME", "www.allowed.test."],
     ]
     # Only the SOA of the authority section, and no glue.
     assert [rrset.rdtype for rrset in answer.reply.authority] == [dns.rdatatype.SOA]

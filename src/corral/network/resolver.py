@@ -66,7 +66,6 @@ UDP_PAYLOAD = 1232  # what we advertise upstream (the DNS flag day 2020 size)
 Allow = Callable[[Rule, list[str], float], Awaitable[None]]
 
 _ADDRESS_TYPES = frozenset({dns.rdatatype.A, dns.rdatatype.AAAA})
-_CHAIN_TYPES = frozenset({dns.rdatatype.CNAME, dns.rdatatype.DNAME})
 _REFUSED_TYPES = frozenset({dns.rdatatype.ANY, dns.rdatatype.AXFR, dns.rdatatype.IXFR})
 _MAPPED = next(e.reason for e in DENIED if e.network == ipaddress.ip_network("::ffff:0:0/96"))
 # A label of a host name, as bytes: a "." inside a label (`a\.allowed.test` is the label
@@ -87,6 +86,7 @@ class ResolverStats:
     malformed: int = 0  # packets dropped: not a DNS query
     overloaded: int = 0  # SERVFAIL: `max_in_flight` queries already upstream
     tcp_rejected: int = 0  # TCP connections closed at once: MAX_TCP_CLIENTS open
+    unsent: int = 0  # UDP replies dropped: the socket's send buffer is full
     peak_in_flight: int = 0
 
 
@@ -165,6 +165,7 @@ class SandboxResolver:
         self._in_flight = 0
         self.stats = ResolverStats()
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp_paused = False
         self._tcp: asyncio.Server | None = None
         self._tcp_clients: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -303,7 +304,7 @@ class SandboxResolver:
                 response, _ = await dns.asyncquery.udp_with_fallback(
                     request, host, timeout=self._timeout, port=port
                 )
-            except (dns.exception.DNSException, OSError, EOFError) as exc:
+            except (dns.exception.DNSException, OSError, EOFError, ValueError) as exc:
                 log.debug("DNS upstream %s:%d failed: %s", host, port, exc)
                 continue
             if response.rcode() not in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
@@ -330,8 +331,14 @@ class SandboxResolver:
         self._send(await self._resolve(ask), client)
 
     def _send(self, reply: bytes, client: tuple[str, int]) -> None:
-        if self._udp is not None and not self._udp.is_closing():
-            self._udp.sendto(reply, client)
+        if self._udp is None or self._udp.is_closing():
+            return
+        # Replies the kernel would not take wait in the transport's buffer; past its
+        # high-water mark (64 KiB) the transport pauses us: drop rather than grow it.
+        if self._udp_paused:
+            self.stats.unsent += 1
+            return
+        self._udp.sendto(reply, client)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._tcp_clients) >= MAX_TCP_CLIENTS:
@@ -383,19 +390,23 @@ def filter_answer(
 ) -> Answer:
     """The reply to `query` made from `upstream`'s answer, under `policy`.
 
-    Only an address query's answer carries addresses (with the CNAME/DNAME chain that
-    leads to them, whose final addresses all count for the name asked); other types'
-    answers pass without any A or AAAA. Addresses in always-denied ranges are dropped
-    unless a CIDR entry of `policy` names them. Of the other sections only a negative
-    answer's SOA passes (so the sandbox can cache a "no such name"), never glue."""
+    Only records about the name asked pass: its own and those of the CNAME chain that
+    starts at it. Only an address query's answer carries addresses (the chain's final
+    addresses all count for the name asked); other types' answers pass without any A or
+    AAAA. Addresses in always-denied ranges are dropped unless a CIDR entry of `policy`
+    names them. Of the other sections only a negative answer's SOA passes (so the sandbox
+    can cache a "no such name"), never glue."""
     reply = _reply(query, upstream.rcode())
     asked = query.question[0].rdtype
+    chain = _chain(query.question[0].name, upstream.answer)
     allowed: list[str] = []
     dropped: dict[str, list[str]] = {}
     ttl = 0
     for rrset in upstream.answer:
+        if rrset.name not in chain:
+            continue
         if rrset.rdtype not in _ADDRESS_TYPES:
-            if asked not in _ADDRESS_TYPES or rrset.rdtype in _CHAIN_TYPES:
+            if asked not in _ADDRESS_TYPES or rrset.rdtype == dns.rdatatype.CNAME:
                 reply.answer.append(rrset)
             continue
         if rrset.rdtype != asked:
@@ -417,6 +428,17 @@ def filter_answer(
     return Answer(reply, allowed, dropped, float(min(max(ttl, MIN_TTL), MAX_TTL)))
 
 
+def _chain(name: dns.name.Name, answer: list[dns.rrset.RRset]) -> set[dns.name.Name]:
+    """`name` and the names its CNAME chain in `answer` leads to (a loop ends it)."""
+    targets = {r.name: r[0].target for r in answer if r.rdtype == dns.rdatatype.CNAME and r}
+    chain = {name}
+    target = targets.get(name)
+    while target is not None and target not in chain:
+        chain.add(target)
+        target = targets.get(target)
+    return chain
+
+
 def _always_denied(policy: NetworkPolicy, text: str) -> str | None:
     """The always-denied range an answered address is in, or None when the sandbox may
     have it: public, or named by one of the policy's CIDR entries."""
@@ -436,6 +458,12 @@ class _UDPService(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self._resolver._datagram(data, addr)
+
+    def pause_writing(self) -> None:
+        self._resolver._udp_paused = True
+
+    def resume_writing(self) -> None:
+        self._resolver._udp_paused = False
 
     def error_received(self, exc: Exception) -> None:
         log.debug("the sandbox's resolver could not send a reply: %s", exc)
