@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import dns.flags
 import dns.message
+import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdatatype
@@ -370,6 +371,35 @@ def test_malformed_packets_are_dropped_and_counted(start: Callable[..., Running]
     assert addresses(running.ask("allowed.test")) == [fake.ALLOWED_V4]
     stats = running.resolver.stats
     assert (stats.malformed, stats.queries) == (5, 1)
+
+
+def test_other_classes_opcodes_and_question_counts_get_an_error(
+    start: Callable[..., Running],
+) -> None:
+    running = start(NetworkPolicy.parse("internet"))
+    chaos = dns.message.make_query("version.bind", "TXT", "CH")  # the classic fingerprint
+    notify = dns.message.make_query("allowed.test", "SOA")
+    notify.set_opcode(dns.opcode.NOTIFY)
+    two = dns.message.make_query("allowed.test", "A")
+    two.question.append(dns.message.make_query("denied.test", "A").question[0])
+    with running.socket() as sock:
+        replies = [dns.query.udp(q, ADDRESS, timeout=10, sock=sock) for q in (chaos, notify, two)]
+    assert [dns.rcode.to_text(r.rcode()) for r in replies] == ["REFUSED", "NOTIMP", "FORMERR"]
+    assert all(not r.answer for r in replies) and running.allowed == []
+    assert running.resolver.stats.refused == 3
+
+
+def test_a_closed_resolver_answers_nothing_and_frees_its_address(
+    start: Callable[..., Running],
+) -> None:
+    first = start(NetworkPolicy.parse("internet"))
+    assert addresses(first.ask("allowed.test")) == [fake.ALLOWED_V4]
+    first.host.run(first.resolver.close())
+    first.host.run(first.resolver.close())  # twice: no error
+    with first.socket(socket.SOCK_STREAM) as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect((ADDRESS, 53))
+    second = start(NetworkPolicy.parse("allowlist", ["allowed.test"]))
+    assert addresses(second.ask("allowed.test", tcp=True)) == [fake.ALLOWED_V4]
 
 
 def test_a_udp_flood_is_bounded(start: Callable[..., Running]) -> None:
