@@ -14,6 +14,7 @@ import pytest
 
 from corral.config import Settings
 from corral.isolation import netns
+from corral.network import resolver
 from tests.kit import internet as fake
 from tests.kit.internet import Internet
 from tests.kit.netdriver import Driver
@@ -127,7 +128,7 @@ def test_code_in_the_sandbox_cannot_change_its_network(driver: Driver, internet:
     ]
     assert state(path) == before
     assert driver.ok(op="run", id=sandbox, argv=["cat", "/etc/resolv.conf"])["stdout"].startswith(
-        f"nameserver {netns.RESOLVER}\n"
+        f"nameserver {resolver.ADDRESS}\n"
     )
     # Still enforced: the metadata address refused, a public host reached.
     assert fetch(driver, sandbox, fake.METADATA_V4) == "URLError"

@@ -474,3 +474,60 @@ def test_resolved_addresses_open_only_their_rule_ports(driver: Driver, internet:
     assert got == ["ok:allowed.test", "ok:allowed.test"] + ["err:ECONNREFUSED"] * 3
     assert internet.saw(path=before) == []
     assert {e["address"] for e in internet.saw(path=after)} == {fake.ALLOWED_V4, fake.ALLOWED_V6}
+
+
+def test_names_resolve_through_the_sandbox_resolver(driver: Driver, internet: Internet) -> None:
+    sandbox = create(driver, "allowlist", ["allowed.test:80", "*.allowed.test:8080"])
+    path = token()
+    code = textwrap.dedent("""
+        import socket, sys, urllib.request as u
+        for url in sys.argv[2:]:
+            try:
+                print(u.urlopen(url + sys.argv[1], timeout=5).read().decode().strip())
+            except OSError as e:
+                reason = getattr(e, "reason", e)
+                print(type(reason).__name__)
+    """)
+    urls = [
+        "http://allowed.test",  # listed, port 80
+        "http://allowed.test:8080",  # listed on 80 only
+        "http://www.allowed.test:8080",  # the wildcard, on its port
+        "http://denied.test",  # not listed: NXDOMAIN
+        f"http://{fake.DENIED_V4}",  # by address: nothing resolved it
+        "http://rebind.test",  # not listed either
+    ]
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", code, path, *urls])
+    driver.ok(op="destroy", id=sandbox)
+    assert done["stdout"].split() == [
+        "allowed.test",
+        "ConnectionRefusedError",
+        "allowed.test",
+        "gaierror",
+        "ConnectionRefusedError",
+        "gaierror",
+    ], done
+    assert {(e["address"], e["port"]) for e in internet.saw(path=path)} <= {
+        (fake.ALLOWED_V4, 80),
+        (fake.ALLOWED_V6, 80),
+        (fake.ALLOWED_V4, 8080),
+        (fake.ALLOWED_V6, 8080),
+    }
+    asked = [e["question"] for e in internet.saw(service="dns") if "denied.test" in e["question"]]
+    assert asked == []  # a name off the list never leaves the host
+
+
+def test_dns_rebinding_fails_under_internet(driver: Driver, internet: Internet) -> None:
+    sandbox = create(driver, "internet")
+    code = (
+        "import socket\n"
+        "for name in ('allowed.test', 'rebind.test', 'metadata.test'):\n"
+        "    try: print(name, sorted({a[4][0] for a in socket.getaddrinfo(name, 80)}))\n"
+        "    except socket.gaierror: print(name, 'none')\n"
+    )
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", code])
+    driver.ok(op="destroy", id=sandbox)
+    assert done["stdout"].splitlines() == [
+        f"allowed.test {sorted([fake.ALLOWED_V4, fake.ALLOWED_V6])}",
+        "rebind.test none",
+        "metadata.test none",
+    ], done

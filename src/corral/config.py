@@ -84,6 +84,9 @@ class Settings:
     # addresses and host names; by default only public addresses are called back), and
     # how many POSTs a process has in flight at once: in all, to one host:port, per team.
     callback_allow: str = ""
+    # The DNS servers sandboxes' own resolvers ask (comma-separated addresses, each with
+    # an optional port); empty: the host's, from its /etc/resolv.conf.
+    network_dns: str = ""
     callback_concurrency: int = 64
     callback_per_destination: int = 4
     callback_per_team: int = 16

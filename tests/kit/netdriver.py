@@ -30,6 +30,7 @@ from corral.errors import CorralError
 from corral.isolation import Command, Engine, Sandbox
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
+from tests.kit import internet
 
 
 async def serve(settings: Settings) -> None:
@@ -108,6 +109,7 @@ if __name__ == "__main__":
                 runtime_dir=Path(config["runtime_dir"]),
                 data_dir=Path(config["data_dir"]),
                 cgroup_parent=config["cgroup_parent"],
+                network_dns=config.get("network_dns", ""),
             )
         )
     )
@@ -133,6 +135,8 @@ class Driver:
             "runtime_dir": str(settings.runtime_dir),
             "data_dir": str(settings.data_dir),
             "cgroup_parent": settings.cgroup_parent,
+            # The fake internet's DNS: never the host's, which the gateway cannot reach.
+            "network_dns": f"{internet.DNS_V4},{internet.DNS_V6}",
         }
         argv = [
             "nsenter", f"--net=/run/netns/{gateway_netns}", "--",

@@ -40,6 +40,7 @@ from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
 from corral.isolation.templates import Template, get_template
+from corral.network import resolver
 
 SANDBOX_UID = 1000
 SANDBOX_USER = "user"
@@ -316,7 +317,7 @@ def _host_files(sandbox_id: str, network: bool = False) -> dict[str, str]:
         "hostname": f"{hostname}\n",
     }
     if network:  # names are resolved by the sandbox's own resolver, on its loopback
-        files["resolv.conf"] = f"nameserver {netns.RESOLVER}\noptions edns0\n"
+        files["resolv.conf"] = f"nameserver {resolver.ADDRESS}\noptions edns0\n"
     return files
 
 

@@ -27,13 +27,13 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from corral.errors import SandboxStartFailed
 from corral.limits import Limits
+from corral.network.setns import CLONE_NEWNET, call_in_netns
 
 if TYPE_CHECKING:
     from corral.isolation.footprint import Footprint
@@ -43,13 +43,10 @@ POOL6 = ipaddress.IPv6Network("fd00:213::/48")
 SLOTS = POOL4.num_addresses // 4  # a /30 each
 HOST_TABLE = "corral_host"
 VETH_PREFIX = "crl"
-RESOLVER = "127.0.0.53"
 
-_CLONE_NEWNET = 0x40000000
 _MS_BIND = 4096
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,8 @@ def build(footprint: Footprint, addresses: Addresses, limits: Limits, script: st
     assert footprint.netns is not None and footprint.veth is not None
     ensure_host()
     path, veth = Path(footprint.netns), footprint.veth
-    _in_thread(lambda: _new_netns(path))
+    # In a fresh thread (of the host's namespace): unshare moves its caller.
+    call_in_netns("/proc/self/ns/net", lambda: _new_netns(path))
     host = [
         f"link add {veth} type veth peer name eth0 netns {path}",
         f"addr add {addresses.host4}/30 dev {veth}",
@@ -129,12 +127,12 @@ def build(footprint: Footprint, addresses: Addresses, limits: Limits, script: st
             _run(["tc", "-batch", "-"], _shape("eth0", limits.bandwidth_mbit))
         _run(["nft", "-f", "-"], script)
 
-    inside_netns(str(path), configure)
+    call_in_netns(str(path), configure)
 
 
 def load(netns_path: str, script: str) -> None:
     """Load nft `script` inside the namespace at `netns_path` (one atomic transaction)."""
-    inside_netns(netns_path, lambda: _run(["nft", "-f", "-"], script))
+    call_in_netns(netns_path, lambda: _run(["nft", "-f", "-"], script))
 
 
 def remove(netns_path: str | None, veth: str | None) -> None:
@@ -150,22 +148,6 @@ def remove(netns_path: str | None, veth: str | None) -> None:
         ):
             raise OSError(ctypes.get_errno(), f"umount {netns_path}")
         Path(netns_path).unlink(missing_ok=True)
-
-
-def inside_netns(netns_path: str, work: Callable[[], T]) -> T:
-    """`work()` run by a fresh thread that joined the namespace at `netns_path` (what it
-    spawns is in there too); the thread ends with it, so no thread is left astray."""
-
-    def enter() -> T:
-        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.setns(fd, _CLONE_NEWNET):
-                raise OSError(ctypes.get_errno(), f"setns {netns_path}")
-        finally:
-            os.close(fd)
-        return work()
-
-    return _in_thread(enter)
 
 
 @functools.cache
@@ -220,7 +202,7 @@ def _shape(device: str, mbit: int) -> str:
 def _new_netns(path: Path) -> None:
     """A new network namespace, kept alive by a bind mount on `path`. Call it in a
     thread of its own: unshare moves the calling thread into the new namespace."""
-    if _libc.unshare(_CLONE_NEWNET):
+    if _libc.unshare(CLONE_NEWNET):
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
     path.touch(mode=0o444)
     source = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
@@ -234,21 +216,3 @@ def _run(argv: list[str], script: str) -> None:
         raise SandboxStartFailed(
             f"setting up the sandbox's network failed: {' '.join(argv)}: {done.stderr.strip()}"
         )
-
-
-def _in_thread(work: Callable[[], T]) -> T:
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(work())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name="corral-netns")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]

@@ -40,7 +40,7 @@ from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
 from corral.limits import MIB, Limits
-from corral.network import nftables
+from corral.network import nftables, resolver
 from corral.network.events import NetworkEventLog
 from corral.network.policy import INTERNET, NetworkPolicy, Rule
 
@@ -91,6 +91,7 @@ class Sandbox:
         self.workdir = ""
         # What its network did (DNS queries, connections), for the services to store.
         self.network_events = NetworkEventLog()
+        self._resolver: resolver.SandboxResolver | None = None
         # What the `corral <decision> <n>` prefixes of its kernel log lines stand for.
         self._labels = nftables.labels(spec.network)
 
@@ -139,10 +140,7 @@ class Sandbox:
             # Made in a thread while the launch is prepared; the launcher's gate opens
             # only once it is done, so no sandbox code runs before its rules are in.
             addresses = netns.reserve(self.footprint, self._backend.settings.runtime_dir)
-            script = self._ruleset(self.spec.network, fresh=True)
-            network = asyncio.ensure_future(
-                asyncio.to_thread(netns.build, self.footprint, addresses, self.spec.limits, script)
-            )
+            network = asyncio.ensure_future(self._make_network(addresses))
         try:
             await self._launch(entrypoint, network)
         except BaseException:
@@ -151,6 +149,26 @@ class Sandbox:
                 if not network.cancelled():
                     network.exception()  # seen: the error to report is the one raised
             raise
+
+    async def _make_network(self, addresses: netns.Addresses) -> None:
+        """The sandbox's namespace, uplink and rules, then its resolver listening there."""
+        script = self._ruleset(self.spec.network, fresh=True)
+        await asyncio.to_thread(netns.build, self.footprint, addresses, self.spec.limits, script)
+        settings = self._backend.settings
+        upstream = [s for s in settings.network_dns.split(",") if s.strip()]
+        upstream = upstream or resolver.host_nameservers()
+        if not upstream:
+            log.warning(
+                "no DNS server for the sandbox's resolver: names will not resolve in it; "
+                "set CORRAL_NETWORK_DNS or give the host a nameserver",
+                extra={"sandbox_id": self.id},
+            )
+            return
+        self._resolver = resolver.SandboxResolver(
+            self.spec.network, upstream, self.network_events, self.allow
+        )
+        assert self.netns_path is not None
+        await self._resolver.start(self.netns_path)
 
     async def _launch(
         self, entrypoint: Entrypoint | None, network: asyncio.Future[None] | None
@@ -234,6 +252,8 @@ class Sandbox:
             if self._guest is not None:  # before the agent dies: its death is no failure
                 self._guest.abort(f"sandbox {self.id} was killed")
             await self._stop_launcher()
+            if self._resolver is not None:
+                await self._resolver.close()
             if self._entry is not None:
                 self._entry.close()
             if self._guest is not None:
@@ -393,6 +413,8 @@ class Sandbox:
                 )
             await asyncio.to_thread(netns.load, path, self._ruleset(policy))
             self.spec = replace(self.spec, network=policy)
+            if self._resolver is not None:
+                self._resolver.set_policy(policy)
             self._labels = nftables.labels(policy)
 
     def record_log(self, prefix: str, protocol: str, address: str, port: int) -> None:
@@ -417,7 +439,7 @@ class Sandbox:
     def _ruleset(self, policy: NetworkPolicy, *, fresh: bool = False) -> str:
         return nftables.render(
             policy,
-            resolver=netns.RESOLVER,
+            resolver=resolver.ADDRESS,
             also_denied=(netns.POOL4, netns.POOL6),
             limits=self.spec.limits,
             log_group=NFLOG_GROUP,
