@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.errors import SandboxStartFailed
+from corral.isolation import rtnetlink
 from corral.limits import Limits
 from corral.network.setns import CLONE_NEWNET, call_in_netns
 
@@ -78,9 +79,11 @@ def tools_missing() -> tuple[str, ...]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root (sandbox uplinks are veth pairs; rootless networking is not done)")
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("nsenter", "util-linux")):
+    for tool, package in (("tc", "iproute2"), ("nsenter", "util-linux")):
         if shutil.which(tool) is None:
             missing.append(f"{tool}: apt-get install {package}")
+    if _libnftables() is None:
+        missing.append("libnftables: apt-get install nftables")
     return tuple(missing)
 
 
@@ -96,51 +99,61 @@ def reserve(footprint: Footprint, runtime_dir: Path) -> Addresses:
 
 def build(footprint: Footprint, addresses: Addresses, limits: Limits, script: str) -> None:
     """Make the namespace and uplink `reserve` recorded and load `script` (the sandbox's
-    nft rules) in it. Blocking (a few execs); it writes nothing to `footprint`, so it
-    may run while the sandbox's launch is prepared."""
+    nft rules) in it, all in-process (netlink, libnftables; `tc` only for a bandwidth
+    cap). Blocking; it writes nothing to `footprint`, so it may run while the sandbox's
+    launch is prepared."""
     assert footprint.netns is not None and footprint.veth is not None
     ensure_host()
     path, veth = Path(footprint.netns), footprint.veth
     # In a fresh thread (of the host's namespace): unshare moves its caller.
     call_in_netns("/proc/self/ns/net", lambda: _new_netns(path))
-    host = [
-        f"link add {veth} type veth peer name eth0 netns {path}",
-        f"addr add {addresses.host4}/30 dev {veth}",
-        f"addr add {addresses.host6}/64 dev {veth} nodad",
-        f"link set {veth} up",
-    ]
-    inside = [
-        "link set lo up",
-        f"addr add {addresses.sandbox4}/30 dev eth0",
-        f"addr add {addresses.sandbox6}/64 dev eth0 nodad",
-        "link set eth0 up",
-        f"route add default via {addresses.host4}",
-        f"route add default via {addresses.host6}",
-    ]
-    _run(["ip", "-batch", "-"], "\n".join(host))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with rtnetlink.netlink() as host:
+                host.add_veth(veth, "eth0", fd)
+                host.add_address(veth, addresses.host4, 30)
+                host.add_address(veth, addresses.host6, 64)
+                host.set_up(veth)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise SandboxStartFailed(f"could not make the sandbox's uplink {veth}: {exc}") from exc
     if limits.bandwidth_mbit:  # downloads leave through the host end
         _run(["tc", "-batch", "-"], _shape(veth, limits.bandwidth_mbit))
 
     def configure() -> None:
-        _run(["ip", "-batch", "-"], "\n".join(inside))
+        try:
+            with rtnetlink.netlink() as inside:
+                inside.set_up("lo")
+                inside.add_address("eth0", addresses.sandbox4, 30)
+                inside.add_address("eth0", addresses.sandbox6, 64)
+                inside.set_up("eth0")
+                inside.add_default_route("eth0", addresses.host4)
+                inside.add_default_route("eth0", addresses.host6)
+        except OSError as exc:
+            raise SandboxStartFailed(f"could not set up the sandbox's network: {exc}") from exc
         if limits.bandwidth_mbit:
             _run(["tc", "-batch", "-"], _shape("eth0", limits.bandwidth_mbit))
-        _run(["nft", "-f", "-"], script)
+        nft(script)
 
     call_in_netns(str(path), configure)
 
 
 def load(netns_path: str, script: str) -> None:
     """Load nft `script` inside the namespace at `netns_path` (one atomic transaction)."""
-    call_in_netns(netns_path, lambda: _run(["nft", "-f", "-"], script))
+    call_in_netns(netns_path, lambda: nft(script))
 
 
 def remove(netns_path: str | None, veth: str | None) -> None:
     """Remove a sandbox's uplink and namespace; quiet about what is already gone."""
     if veth:
-        done = subprocess.run(["ip", "link", "del", veth], capture_output=True, text=True)
-        if done.returncode != 0 and "Cannot find device" not in done.stderr:
-            raise OSError(f"ip link del {veth}: {done.stderr.strip()}")
+        try:
+            with rtnetlink.netlink() as host:
+                host.delete_link(veth)  # and its peer with it
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
     if netns_path:
         if _libc.umount2(netns_path.encode(), _MNT_DETACH) and ctypes.get_errno() not in (
             errno.EINVAL,
@@ -158,7 +171,7 @@ def ensure_host() -> None:
         path = Path("/proc/sys/net") / knob
         if path.read_text().strip() != "1":
             path.write_text("1\n")
-    _run(["nft", "-f", "-"], host_table())
+    nft(host_table())
 
 
 def host_table() -> str:
@@ -191,6 +204,41 @@ def host_table() -> str:
             "",
         ]
     )
+
+
+def nft(script: str) -> None:
+    """Run an nft script in the calling thread's network namespace, as one transaction.
+    Through libnftables in-process: an `nft -f` exec costs ~4 ms more per sandbox."""
+    lib = _libnftables()
+    if lib is None:
+        raise SandboxStartFailed("libnftables is missing: apt-get install nftables")
+    ctx = lib.nft_ctx_new(0)
+    if not ctx:
+        raise SandboxStartFailed("libnftables could not make a context")
+    try:
+        lib.nft_ctx_buffer_output(ctx)
+        lib.nft_ctx_buffer_error(ctx)
+        if lib.nft_run_cmd_from_buffer(ctx, script.encode()) != 0:
+            error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+            raise SandboxStartFailed(f"loading the sandbox's network rules failed: {error}")
+    finally:
+        lib.nft_ctx_free(ctx)
+
+
+@functools.cache
+def _libnftables() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL("libnftables.so.1")
+    except OSError:
+        return None
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+    for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error", "nft_ctx_free"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+    return lib
 
 
 def _shape(device: str, mbit: int) -> str:
