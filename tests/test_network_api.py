@@ -3,11 +3,20 @@ policies, jobs' network fields, and the SDK (real server, real SQLite)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
 import pytest
 
 from corral.config import Settings
 from corral.errors import Forbidden, InvalidRequest
 from corral.network.policy import NetworkCap, NetworkPolicy, Rule
+from corral.sandboxes.options import SandboxRecord, network_json
+from corral.server import convert
+from corral.store import Store
+from tests.conftest import LiveServer, new_sandbox_row, start_server
+from tests.kit.connect import call, error
 
 # -- the server's cap (pure) -----------------------------------------------------------------
 
@@ -116,3 +125,127 @@ def test_a_worker_ceiling_is_never_exceeded() -> None:
         NetworkPolicy.parse("allowlist", ["pypi.org", "198.51.100.0/24"]).exceeds(internet) is None
     )
     assert NetworkPolicy.parse("internet", ["10.0.0.1"]).exceeds(internet) is not None
+
+
+# -- sandboxes over the API (a real server; its own caps) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def capped(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server where only team `ops` may use `internet` and an allowlist may name
+    10.99.0.0/16 of the private ranges."""
+    live = start_server(
+        settings,
+        tmp_path_factory.mktemp("capped") / "data",
+        pool_size=0,
+        extra_env={
+            "CORRAL_NETWORK_INTERNET_TEAMS": "ops",
+            "CORRAL_NETWORK_PRIVATE_ALLOW": "10.99.0.0/16",
+        },
+    )
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def _listed(server: LiveServer, key: str | None = None) -> list[str]:
+    response = call(server, "List", {}, key=key or server.key)
+    assert response.status_code == 200, response.text
+    return [s["id"] for s in response.json().get("sandboxes", [])]
+
+
+def _create(server: LiveServer, network: dict[str, Any], key: str = "") -> httpx.Response:
+    # The process tier (allowed on test servers) enforces only `none`, and always will.
+    body = {"isolation": "process", "timeoutSeconds": 60, "network": network}
+    return call(server, "Create", body, key=key)
+
+
+def test_create_refuses_what_the_server_does_not_allow_and_changes_nothing(
+    capped: LiveServer,
+) -> None:
+    before = _listed(capped)
+    message = error(_create(capped, {"mode": "internet"}), 403, "permission_denied")
+    assert "'default'" in message and "CORRAL_NETWORK_INTERNET_TEAMS" in message
+    message = error(
+        _create(capped, {"mode": "allowlist", "allow": ["pypi.org", "10.0.0.1"]}),
+        403,
+        "permission_denied",
+    )
+    assert "'10.0.0.1/32'" in message and "CORRAL_NETWORK_PRIVATE_ALLOW" in message
+    message = error(
+        _create(capped, {"mode": "allowlist", "allow": ["exa mple.com"]}), 400, "invalid_argument"
+    )
+    assert "'exa mple.com'" in message and "pypi.org:443" in message
+    message = error(_create(capped, {"mode": "everything"}), 400, "invalid_argument")
+    assert "none, internet, allowlist" in message
+    message = error(
+        _create(capped, {"mode": "none", "allow": ["pypi.org"]}), 400, "invalid_argument"
+    )
+    assert "'allowlist'" in message
+    # Within the caps, but the tier cannot enforce it: refused by the tier, saying so.
+    allowed = {"mode": "allowlist", "allow": ["pypi.org:443", "10.99.0.10"]}
+    message = error(_create(capped, allowed), 400, "failed_precondition")
+    assert "network mode 'allowlist'" in message
+    assert _listed(capped) == before
+
+
+def test_a_team_named_by_the_operator_gets_internet_past_the_cap(capped: LiveServer) -> None:
+    ops = capped.new_team("ops")
+    message = error(_create(capped, {"mode": "allow_all"}, key=ops), 400, "failed_precondition")
+    assert "network mode 'internet'" in message  # the cap let it through to the tier
+
+
+def test_get_and_list_show_the_policy_and_update_network_goes_to_the_sandbox(
+    capped: LiveServer,
+) -> None:
+    created = _create(capped, {})
+    assert created.status_code == 200, created.text
+    sandbox = created.json()["sandbox"]
+    try:
+        assert sandbox["network"] == {"mode": "none"}
+        got = call(capped, "Get", {"sandboxId": sandbox["id"]}).json()["sandbox"]
+        assert got["network"] == {"mode": "none"}
+        listed = call(capped, "List", {}).json()["sandboxes"]
+        assert [s["network"] for s in listed if s["id"] == sandbox["id"]] == [{"mode": "none"}]
+        # The same policy again: the sandbox takes it.
+        same = call(
+            capped, "UpdateNetwork", {"sandboxId": sandbox["id"], "network": {"mode": "deny_all"}}
+        )
+        assert same.status_code == 200, same.text
+        assert same.json()["sandbox"]["network"] == {"mode": "none"}
+        # A change the tier refuses: FAILED_PRECONDITION with its reason; nothing changed.
+        change = {
+            "sandboxId": sandbox["id"],
+            "network": {"mode": "allowlist", "allow": ["pypi.org"]},
+        }
+        message = error(call(capped, "UpdateNetwork", change), 400, "failed_precondition")
+        assert "cannot change a running sandbox's network" in message
+        # Refused by the cap before the sandbox is asked.
+        internet = {"sandboxId": sandbox["id"], "network": {"mode": "internet"}}
+        error(call(capped, "UpdateNetwork", internet), 403, "permission_denied")
+        got = call(capped, "Get", {"sandboxId": sandbox["id"]}).json()["sandbox"]
+        assert got["network"] == {"mode": "none"}
+    finally:
+        call(capped, "Kill", {"sandboxId": sandbox["id"]})
+    gone = {"sandboxId": sandbox["id"], "network": {"mode": "none"}}
+    error(call(capped, "UpdateNetwork", gone), 400, "failed_precondition")
+    unknown = {"sandboxId": "sb_nope", "network": {"mode": "none"}}
+    error(call(capped, "UpdateNetwork", unknown), 404, "not_found")
+
+
+def test_a_stored_policy_comes_back_as_written(store: Store) -> None:
+    """What Get and List show is what the row holds (real SQLite)."""
+    team = store.create_team("acme")
+    policy = NetworkPolicy.parse("allowlist", ["PyPI.org:443", "*.example.com", "2001:db8::/32"])
+    row = new_sandbox_row(team, network=network_json(policy))
+    store.insert_sandbox(row)
+    stored = store.sandbox(row.id)
+    assert stored is not None
+    record = SandboxRecord.from_row(stored)
+    assert record.network == policy
+    message = convert.sandbox(record).network
+    assert (message.mode, list(message.allow)) == (
+        "allowlist",
+        ["pypi.org:443", "*.example.com", "[2001:db8::/32]"],
+    )
