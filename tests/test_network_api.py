@@ -11,12 +11,19 @@ import pytest
 
 from corral.config import Settings
 from corral.errors import Forbidden, InvalidRequest
+from corral.isolation import Engine
+from corral.jobs.queue import JobQueue
+from corral.jobs.runner import Policy
+from corral.jobs.spec import JobSpec
+from corral.jobs.worker import Worker
 from corral.network.policy import NetworkCap, NetworkPolicy, Rule
 from corral.sandboxes.options import SandboxRecord, network_json
 from corral.server import convert
 from corral.store import Store
-from tests.conftest import LiveServer, new_sandbox_row, start_server
+from corral.store.job_rows import JobRow
+from tests.conftest import LiveServer, new_sandbox_row, private_runtime, start_server
 from tests.kit.connect import call, error
+from tests.kit.polling import until
 
 # -- the server's cap (pure) -----------------------------------------------------------------
 
@@ -249,3 +256,106 @@ def test_a_stored_policy_comes_back_as_written(store: Store) -> None:
         "allowlist",
         ["pypi.org:443", "*.example.com", "[2001:db8::/32]"],
     )
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def test_job_specs_carry_a_mode_and_entries_in_normal_form() -> None:
+    spec = JobSpec.from_dict(
+        {
+            "command": ["true"],
+            "network": "allowlist",
+            "network_allow": ["PyPI.org:443", "203.0.113.0/24"],
+            "limits": {"bandwidth_mbit": 10, "connections": 32},
+        }
+    )
+    assert (spec.network, spec.network_allow) == ("allowlist", ("pypi.org:443", "203.0.113.0/24"))
+    assert spec.limits == {"bandwidth_mbit": 10, "connections": 32}
+    assert JobSpec.from_dict(spec.to_dict()) == spec
+    assert JobSpec.from_proto(spec.to_proto()) == spec
+    assert JobSpec.from_dict({"command": ["true"], "network": "allow_all"}).network == "internet"
+    assert JobSpec.from_dict({"command": ["true"]}).network_policy == NetworkPolicy()
+
+
+@pytest.mark.parametrize(
+    ("data", "starts", "says"),
+    [({"network_allow": ["pypi.org"]}, "network_allow: ", "use mode 'allowlist'"),
+     ({"network": "allowlist", "network_allow": ["pypi.org:https"]}, "network_allow: ", "1-65535"),
+     ({"network": "allowlist", "network_allow": "pypi.org"}, "network_allow: ", "a list"),
+     ({"network": "host"}, "network: ", "none, internet, allowlist"),
+     ({"limits": {"connections": -1}}, "limits: ", "connections")],
+)  # fmt: skip
+def test_bad_job_networks_are_refused_naming_the_field(
+    data: dict[str, Any], starts: str, says: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        JobSpec.from_dict({"command": ["true"], **data})
+    assert str(caught.value).startswith(starts) and says in str(caught.value)
+
+
+def _submit(server: LiveServer, spec: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/corral.v1.JobService/Submit",
+        json={"spec": spec},
+        headers={"Authorization": f"Bearer {server.key}"},
+        timeout=30,
+    )
+
+
+def test_submit_refuses_what_the_server_does_not_allow(capped: LiveServer) -> None:
+    message = error(
+        _submit(capped, {"command": ["true"], "network": "internet"}), 403, "permission_denied"
+    )
+    assert "CORRAL_NETWORK_INTERNET_TEAMS" in message
+    private = {"command": ["true"], "network": "allowlist", "networkAllow": ["169.254.169.254"]}
+    message = error(_submit(capped, private), 403, "permission_denied")
+    assert "'169.254.169.254/32'" in message and "link-local" in message
+    listed = httpx.post(
+        f"{capped.url}/corral.v1.JobService/List",
+        json={},
+        headers={"Authorization": f"Bearer {capped.key}"},
+        timeout=30,
+    )
+    assert listed.status_code == 200 and listed.json().get("jobs", []) == []
+    allowed = {"command": ["true"], "network": "allowlist", "networkAllow": ["10.99.0.10:80"]}
+    queued = _submit(capped, allowed)
+    assert queued.status_code == 200, queued.text
+    spec = queued.json()["job"]["spec"]
+    assert (spec["network"], spec["networkAllow"]) == ("allowlist", ["10.99.0.10/32:80"])
+
+
+@pytest.mark.usefixtures("sandbox_host")
+async def test_a_worker_runs_no_job_that_asks_more_than_it_allows(settings: Settings) -> None:
+    with private_runtime(settings) as own:
+        store = Store.open(own)
+        try:
+            team = store.create_team("acme")
+            queue = JobQueue(store, own)
+            wants = JobSpec.from_dict(
+                {"command": ["true"], "network": "allowlist", "network_allow": ["pypi.org"]}
+            )
+            more, _, _ = await queue.submit(team, wants)
+            within, _, _ = await queue.submit(team, JobSpec.from_dict({"command": ["true"]}))
+            ceiling = Policy(network=NetworkPolicy.parse("allowlist", ["*.example.com"]))
+            async with Engine(own) as engine:
+                worker = Worker(own, store, engine=engine, policy=ceiling, pool_size=0)
+                await worker.start()
+                try:
+                    ended = [await _final(store, row.id) for row in (more, within)]
+                finally:
+                    await worker.aclose()
+        finally:
+            store.close()
+    assert ended[0].state == "failed", ended[0]
+    assert "network allowlist entry 'pypi.org'" in ended[0].state_reason
+    assert "more than this worker allows" in ended[0].state_reason
+    assert ended[1].state == "succeeded", ended[1]
+
+
+async def _final(store: Store, job_id: str) -> JobRow:
+    def final() -> JobRow | None:
+        row = store.job(job_id)
+        return row if row is not None and row.final else None
+
+    return await until(final, f"job {job_id} to end")
