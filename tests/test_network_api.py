@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from corral.client import AsyncSandbox, Jobs, Limits, Network, Sandbox
 from corral.config import Settings
-from corral.errors import Forbidden, InvalidRequest
+from corral.errors import Forbidden, InvalidRequest, IsolationUnavailable
 from corral.isolation import Engine
 from corral.jobs.queue import JobQueue
 from corral.jobs.runner import Policy
@@ -21,7 +22,7 @@ from corral.sandboxes.options import SandboxRecord, network_json
 from corral.server import convert
 from corral.store import Store
 from corral.store.job_rows import JobRow
-from tests.conftest import LiveServer, new_sandbox_row, private_runtime, start_server
+from tests.conftest import LiveServer, new_sandbox_row, opts, private_runtime, start_server
 from tests.kit.connect import call, error
 from tests.kit.polling import until
 
@@ -359,3 +360,62 @@ async def _final(store: Store, job_id: str) -> JobRow:
         return row if row is not None and row.final else None
 
     return await until(final, f"job {job_id} to end")
+
+
+# -- the SDK ---------------------------------------------------------------------------------
+
+
+def test_the_sdk_checks_a_policy_before_any_call() -> None:
+    nowhere: dict[str, Any] = {"server": "http://127.0.0.1:9", "api_key": "k"}  # never reached
+    with pytest.raises(InvalidRequest, match=r"'exa mple\.com'"):
+        Sandbox.create(network={"mode": "allowlist", "allow": ["exa mple.com"]}, **nowhere)
+    with pytest.raises(InvalidRequest, match="not both"):
+        Sandbox.create(network="internet", allow_internet_access=True, **nowhere)
+    with pytest.raises(InvalidRequest, match="unknown keys"):
+        Sandbox.create(network={"mode": "allowlist", "hosts": ["pypi.org"]}, **nowhere)
+    with pytest.raises(InvalidRequest, match="none, internet, allowlist"):
+        Sandbox.create(network="everything", **nowhere)
+    assert Network.of({"mode": "allow_all"}) == Network("internet")
+    assert Network.parse("allowlist", ["PyPI.org"]) == Network("allowlist", ("pypi.org",))
+    assert (
+        str(Network("allowlist", ("pypi.org", "*.x.org:443"))) == "allowlist: pypi.org, *.x.org:443"
+    )
+
+
+def test_the_sync_sdk_shows_and_changes_a_sandboxs_network(capped: LiveServer) -> None:
+    with pytest.raises(Forbidden, match="CORRAL_NETWORK_INTERNET_TEAMS"):
+        Sandbox.create(isolation="process", allow_internet_access=True, **opts(capped))
+    with Sandbox.create(isolation="process", allow_internet_access=False, **opts(capped)) as sbx:
+        assert sbx.network == Network("none") == sbx.info.network
+        assert sbx.info.limits.connections == 1024 and sbx.info.limits.bandwidth_mbit == 0
+        assert sbx.update_network("none").network == Network("none")
+        with pytest.raises(IsolationUnavailable, match="cannot change a running sandbox's"):
+            sbx.update_network("allowlist", allow=["pypi.org"])
+        with pytest.raises(Forbidden, match="CORRAL_NETWORK_PRIVATE_ALLOW"):
+            sbx.update_network({"mode": "allowlist", "allow": ["192.168.1.1"]})
+        assert sbx.get_info().network == Network("none")
+        listed = [s.network for s in Sandbox.list(**opts(capped)) if s.sandbox_id == sbx.sandbox_id]
+        assert listed == [Network("none")]
+
+
+async def test_the_async_sdk_creates_with_a_network_and_changes_it(capped: LiveServer) -> None:
+    with pytest.raises(IsolationUnavailable, match="network mode 'allowlist'"):
+        await AsyncSandbox.create(
+            isolation="process",
+            network={"mode": "allowlist", "allow": ["pypi.org:443"]},
+            **opts(capped),
+        )
+    async with await AsyncSandbox.create(
+        isolation="process", network="deny_all", limits=Limits(connections=64), **opts(capped)
+    ) as sbx:
+        assert sbx.network == Network("none") and sbx.info.limits.connections == 64
+        info = await sbx.update_network(Network("none"))
+        assert info.network == Network("none")
+
+
+def test_jobs_submit_takes_a_network_and_its_entries(capped: LiveServer) -> None:
+    with Jobs(**opts(capped)) as jobs:
+        with pytest.raises(Forbidden, match="CORRAL_NETWORK_INTERNET_TEAMS"):
+            jobs.submit(command=["true"], network="allow_all")
+        job = jobs.submit(command=["true"], network="allowlist", network_allow=["PyPI.org:443"]).job
+        assert (job.spec["network"], job.spec["network_allow"]) == ("allowlist", ["pypi.org:443"])
