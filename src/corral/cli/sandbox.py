@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from corral.cli._common import (
+    add_allow,
+    add_network_options,
     add_output,
     add_pairs,
     add_sandbox_choice,
@@ -20,6 +22,7 @@ from corral.cli._common import (
     err,
     group,
     interruptible,
+    network_choice,
     number,
     out,
     parse_pairs,
@@ -36,7 +39,15 @@ if TYPE_CHECKING:
     from corral.cli._common import Commands, Parser
     from corral.client import Sandbox
 
-SANDBOX_COLUMNS = ("sandbox_id", "state", "template", "isolation", "expires_at", "state_reason")
+SANDBOX_COLUMNS = (
+    "sandbox_id",
+    "state",
+    "template",
+    "isolation",
+    "network",
+    "expires_at",
+    "state_reason",
+)
 _REMOTE = re.compile(r"^(sb_[0-9a-zA-Z]+):(.*)$")
 STATES = "creating, running, paused, killed or failed"
 
@@ -57,6 +68,7 @@ def create(args: argparse.Namespace) -> None:
     timeout."""
     from corral.client import Limits, Sandbox
 
+    network = network_choice(args)
     box = Sandbox.create(
         args.template,
         timeout=args.timeout,
@@ -65,7 +77,13 @@ def create(args: argparse.Namespace) -> None:
         envs=parse_pairs(args.env, "-e"),
         metadata=parse_pairs(args.metadata, "--metadata"),
         isolation=args.isolation,
-        limits=Limits(memory_mib=args.memory_mib, cpu=args.cpu),
+        limits=Limits(
+            memory_mib=args.memory_mib,
+            cpu=args.cpu,
+            bandwidth_mbit=args.bandwidth_mbit,
+            connections=args.connections,
+        ),
+        network={"mode": network[0], "allow": network[1]} if network else None,
         **connect_kwargs(args),
     )
     box.close()
@@ -119,6 +137,15 @@ def timeout(args: argparse.Namespace) -> None:
     with _sandbox(args) as box:
         info = box.set_timeout(args.seconds)
     out(f"{args.sandbox_id} expires at {info.expires_at}")
+
+
+def network(args: argparse.Namespace) -> None:
+    """Change what a sandbox may reach: MODE none, internet or allowlist (with --allow
+    ENTRY, repeatable). Connections already open stay open."""
+    mode, allow = network_choice(args) or ("none", [])
+    with _sandbox(args) as box:
+        info = box.update_network(mode, allow=allow)
+    out(f"{args.sandbox_id} network {info.network}")
 
 
 def exec_(args: argparse.Namespace) -> int:
@@ -268,6 +295,7 @@ def add_commands(commands: Commands) -> None:
         type=number(float, minimum=0.01),
         help="CPU cores; default: the server's",
     )
+    add_network_options(p)
     add_output(p)
 
     p = command(sub, "list", list_)
@@ -279,6 +307,9 @@ def add_commands(commands: Commands) -> None:
     with_id("kill", kill)
     with_id("pause", pause)
     with_id("resume", resume)
+    p = with_id("network", network)
+    p.add_argument("network", metavar="MODE", help="none, internet (alias allow_all) or allowlist")
+    add_allow(p)
     p = with_id("timeout", timeout)
     p.add_argument("seconds", type=whole(1), metavar="SECONDS", help="kill it this long from now")
 

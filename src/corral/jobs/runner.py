@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from corral import logs
-from corral.errors import CapacityExceeded, CorralError
+from corral.errors import CapacityExceeded, CorralError, Forbidden
 from corral.isolation import Entrypoint, Limits, SeedFile
 from corral.job_lifecycle import StopReason
 from corral.jobs.queue import JobSignals
 from corral.jobs.sandbox import JobSandbox, JobSandboxes, source_path
 from corral.jobs.spec import JobSpec, Step
+from corral.network.policy import NetworkPolicy
 from corral.store import Store
 from corral.store.job_rows import Attempt, NewEvent
 
@@ -49,7 +50,10 @@ class Policy:
     template: str = "host"
     isolation: str = "auto"
     limits: Limits = field(default_factory=Limits)
-    network: str = "none"
+    # The most a job's network may be (Warrant's runner tightens: a job that asks for
+    # more fails, saying what); None: what the server's caps let it submit. A job that
+    # names no network gets `none`.
+    network: NetworkPolicy | None = None
     timeout: int = 300
     workdir: str = "/workspace"
     log_limit: int = 16 * 1024 * 1024
@@ -212,12 +216,19 @@ class AttemptRunner:
 
     def _open(self, deadline: float) -> Awaitable[JobSandbox]:
         """The attempt's sandbox as the spec asks, the policy filling what it leaves out."""
+        network = self.spec.network_policy
+        if self.policy.network is not None and (more := network.exceeds(self.policy.network)):
+            self.sandboxes.forget(self.attempt.job_id)
+            raise Forbidden(
+                f"the job asks for {more}, more than this worker allows (network "
+                f"{self.policy.network}); submit it with less, or to workers that allow it"
+            )
         return self.sandboxes.open(
             self.attempt.job_id,
             template=self.spec.template or self.policy.template,
             isolation=self.spec.isolation or self.policy.isolation,
             limits=self.policy.limits_for(self.spec),
-            network=self.spec.network or self.policy.network,
+            network=network,
             entrypoint=self._entrypoint(deadline),
         )
 

@@ -32,6 +32,7 @@ class LifecycleHandlers(Handlers):
             timeout_seconds=request.timeout_seconds or 300,
             idle_timeout_seconds=request.idle_timeout_seconds,
             on_idle=cast(Literal["pause", "kill"], convert.IDLE_ACTION_NAMES[request.on_idle]),
+            network=convert.network(request.network),
         )
         record = await self._manager.create(team, options)
         return pb.CreateResponse(sandbox=convert.sandbox(record))
@@ -78,6 +79,15 @@ class LifecycleHandlers(Handlers):
             team, convert.sandbox_id(request.sandbox_id), request.timeout_seconds
         )
         return pb.SetTimeoutResponse(sandbox=convert.sandbox(record))
+
+    async def update_network(
+        self, request: pb.UpdateNetworkRequest, ctx: Ctx
+    ) -> pb.UpdateNetworkResponse:
+        team = self._team(ctx)
+        record = await self._manager.update_network(
+            team, convert.sandbox_id(request.sandbox_id), convert.network(request.network)
+        )
+        return pb.UpdateNetworkResponse(sandbox=convert.sandbox(record))
 
     async def ping(self, request: pb.PingRequest, ctx: Ctx) -> pb.PingResponse:
         team = self._team(ctx)

@@ -7,7 +7,7 @@ records it (when, from, to, why) commit together or not at all.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +43,7 @@ class SandboxRow:
     owner_host: str
     owner_pid: int
     owner_start: int
+    network: dict[str, Any] = field(default_factory=lambda: {"mode": "none", "allow": []})
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 ID = sa.String(32)
+# A sandbox row's network before one was asked for (and rows older than the column).
+NO_NETWORK = '{"mode": "none", "allow": []}'
 
 metadata = sa.MetaData(naming_convention=NAMING)
 
@@ -114,6 +116,8 @@ sandboxes = sa.Table(
     sa.Column("owner_host", sa.String(255), nullable=False),
     sa.Column("owner_pid", sa.Integer, nullable=False),
     sa.Column("owner_start", sa.BigInteger, nullable=False),
+    # Its network policy: {"mode": "none" | "internet" | "allowlist", "allow": [entries]}.
+    sa.Column("network", JSON, nullable=False, server_default=NO_NETWORK),
     sa.CheckConstraint(sa.column("state").in_(SANDBOX_STATES), name="state"),
     sa.CheckConstraint(sa.column("on_idle").in_(("pause", "kill")), name="on_idle"),
     # List pages: a team's sandboxes in creation order, filtered by state.

@@ -80,6 +80,9 @@ class SandboxService(Protocol):
     async def get_metrics(self, request: corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def update_network(self, request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
     def __init__(self, service: SandboxService | AsyncGenerator[SandboxService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -295,6 +298,16 @@ class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.get_metrics,
+                ),
+                "/corral.v1.SandboxService/UpdateNetwork": Endpoint.unary(
+                    method=MethodInfo(
+                        name="UpdateNetwork",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.update_network,
                 ),
             },
             interceptors=interceptors,
@@ -729,6 +742,26 @@ class SandboxServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def update_network(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateNetwork",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class SandboxServiceSync(Protocol):
     def create(self, request: corral_dot_v1_dot_sandbox__pb2.CreateRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.CreateResponse:
@@ -772,6 +805,8 @@ class SandboxServiceSync(Protocol):
     def move(self, request: corral_dot_v1_dot_sandbox__pb2.MoveRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.MoveResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def get_metrics(self, request: corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def update_network(self, request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -988,6 +1023,16 @@ class SandboxServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.get_metrics,
+                ),
+                "/corral.v1.SandboxService/UpdateNetwork": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="UpdateNetwork",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.update_network,
                 ),
             },
             interceptors=interceptors,
@@ -1416,6 +1461,26 @@ class SandboxServiceClientSync(ConnectClientSync):
                 service_name="corral.v1.SandboxService",
                 input=corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest,
                 output=corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def update_network(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateNetwork",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
