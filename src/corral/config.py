@@ -98,6 +98,9 @@ class Settings:
     # How often a running server or worker removes what the sandboxes of dead Corral
     # processes left (mounts, cgroups, uid slots, files); every process also does at start.
     reap_interval: int = 60
+    # Network events kept per sandbox (DNS answers, connections allowed and denied); past
+    # this the oldest are deleted, and the count deleted is shown with the rest.
+    network_events_max: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -120,6 +123,11 @@ class Settings:
             )
         if self.database_url:
             check_database_url(self.database_url)
+        if self.network_events_max < 1:
+            raise InvalidRequest(
+                f"CORRAL_NETWORK_EVENTS_MAX={self.network_events_max} keeps no event: use 1 "
+                "or more (the default keeps 10000 per sandbox)"
+            )
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -1,0 +1,166 @@
+"""Network events: rate limited in memory, stored per sandbox under a cap, shown in the
+job's event stream, read through the API, the SDK and the CLI."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from corral.config import Settings
+from corral.errors import InvalidRequest
+from corral.network.events import NetworkEvent, NetworkEventLog
+from corral.store import Store, Team
+from corral.store.job_rows import NewEvent
+from tests.conftest import new_sandbox_row
+from tests.test_job_store import attempt_of, claim_one, submit
+
+DENIED = NetworkEvent("connect", "denied", "private", "tcp", "10.99.0.10", 80)
+
+
+@pytest.fixture
+def team(store: Store) -> Team:
+    return store.create_team("acme")
+
+
+def connect(port: int, decision: str = "denied") -> NetworkEvent:
+    return replace(DENIED, port=port, decision=decision)
+
+
+# -- rate limiting ------------------------------------------------------------------------
+
+
+async def test_a_flood_of_denied_events_is_stored_as_few_rows_with_exact_counts(
+    store: Store,
+) -> None:
+    clock = [0.0]
+    log = NetworkEventLog(clock=lambda: clock[0])
+    for i in range(100_000):
+        clock[0] = i / 10_000  # 100k attempts in 10 s of the log's clock
+        log.add(connect(i % 65536, "denied"))
+    store.append_network_events("sb_flood", await log.next_batch())
+
+    rows = store.network_events("sb_flood")
+    kept = [r for r in rows if r.kind != "suppressed"]
+    suppressed = [r for r in rows if r.kind == "suppressed"]
+    assert len(rows) < 1000, "the flood must not become one row per attempt"
+    assert kept and suppressed
+    # Nothing lost: every attempt is a row or in a suppressed row's count.
+    assert len(kept) + sum(r.count for r in suppressed) == 100_000
+    assert {(r.decision, r.rule) for r in suppressed} == {("denied", "private")}
+
+
+async def test_suppressed_counts_are_per_decision_and_rule() -> None:
+    log = NetworkEventLog(burst=1, rate=0.0, clock=lambda: 0.0)
+    log.add(connect(1))
+    for _ in range(5):
+        log.add(connect(2))
+    for _ in range(3):
+        log.add(replace(connect(3, "allowed"), rule="internet"))
+    batch = await log.next_batch()
+    assert batch[0] == connect(1)
+    assert Counter({(e.decision, e.rule): e.count for e in batch[1:]}) == {
+        ("denied", "private"): 5,
+        ("allowed", "internet"): 3,
+    }
+    assert all(e.kind == "suppressed" for e in batch[1:])
+    assert log.drain() == []
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+def test_events_are_appended_in_order_and_read_after_a_cursor(store: Store) -> None:
+    dns = NetworkEvent(
+        "dns", "allowed", "allowed.test", name="allowed.test", answers=("192.0.2.10",)
+    )
+    store.append_network_events("sb_a", [dns, connect(443, "allowed")])
+    store.append_network_events("sb_a", [connect(22)])
+    store.append_network_events("sb_b", [connect(25)])
+
+    rows = store.network_events("sb_a")
+    assert [r.seq for r in rows] == [0, 1, 2]
+    assert rows[0].kind == "dns" and rows[0].answers == ("192.0.2.10",)
+    assert rows[0].name == "allowed.test" and rows[0].job_id is None
+    assert [(r.decision, r.port) for r in rows[1:]] == [("allowed", 443), ("denied", 22)]
+    assert [r.seq for r in store.network_events("sb_a", offset=2)] == [2]
+    assert store.network_events("sb_a", offset=3) == []
+    assert [r.port for r in store.network_events("sb_b")] == [25]
+
+
+def test_past_the_cap_the_oldest_go_and_the_count_of_those_dropped_is_kept(
+    store_settings: Settings,
+) -> None:
+    store = Store.open(store_settings.with_(network_events_max=5))
+    try:
+        dropped = [store.append_network_events("sb_c", [connect(p)]) for p in range(1, 9)]
+        assert dropped == [0, 0, 0, 0, 0, 1, 1, 1]
+        assert [r.port for r in store.network_events("sb_c")] == [4, 5, 6, 7, 8]
+        assert store.network_events_dropped("sb_c") == 3
+        assert store.network_events_dropped("sb_unknown") == 0
+        # A batch larger than the cap keeps its newest.
+        assert store.append_network_events("sb_c", [connect(p) for p in range(100, 110)]) == 10
+        assert [r.port for r in store.network_events("sb_c")] == list(range(105, 110))
+        assert store.network_events_dropped("sb_c") == 13
+    finally:
+        store.close()
+
+
+def test_a_cap_of_zero_is_refused_with_what_to_use() -> None:
+    with pytest.raises(InvalidRequest, match="CORRAL_NETWORK_EVENTS_MAX=0 keeps no event"):
+        Settings.from_env({"CORRAL_NETWORK_EVENTS_MAX": "0"})
+
+
+def test_a_refused_sandbox_leaves_no_network_events(store: Store, team: Team) -> None:
+    row = new_sandbox_row(team, state="creating")
+    store.insert_sandbox(row)
+    store.append_network_events(row.id, [connect(80)])
+    store.delete_creating_sandbox(row.id)
+    assert store.network_events(row.id) == []
+
+
+def test_a_jobs_network_events_are_in_its_event_stream_in_order(store: Store, team: Team) -> None:
+    job = submit(store, team)
+    attempt = attempt_of(claim_one(store))
+    store.append_network_events("sb_job", [connect(80), connect(443, "allowed")], attempt=attempt)
+    assert store.add_events(attempt, [NewEvent("step_start", "step 0")])
+    store.append_network_events("sb_job", [connect(8080)], attempt=attempt)
+
+    events = store.job_events(job.id)
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert [e.type for e in events] == [
+        "state",
+        "state",
+        "network",
+        "network",
+        "step_start",
+        "network",
+    ]
+    network = [e for e in events if e.type == "network"]
+    assert [e.data["port"] for e in network] == [80, 443, 8080]
+    assert network[0].data["decision"] == "denied" and network[0].attempt == 1
+    assert network[0].reason == "denied connect tcp 10.99.0.10:80 (rule: private)"
+    assert [e.seq for e in store.job_events(job.id, offset=events[3].seq)] == [3, 4, 5]
+    assert [r.job_id for r in store.network_events("sb_job")] == [job.id] * 3
+
+
+def test_events_after_the_attempt_ended_stay_with_the_sandbox_not_the_job(
+    store: Store, team: Team
+) -> None:
+    job = submit(store, team)
+    attempt = attempt_of(claim_one(store))
+    store.end_attempt(attempt, "failed", "failed", exit_code=1)
+    store.append_network_events("sb_lost", [connect(80)], attempt=attempt)
+    assert "network" not in [e.type for e in store.job_events(job.id)]
+    assert [r.job_seq for r in store.network_events("sb_lost")] == [None]
+
+
+def test_a_deleted_job_takes_its_network_events(store: Store, team: Team) -> None:
+    submit(store, team)
+    attempt = attempt_of(claim_one(store))
+    store.append_network_events("sb_gone", [connect(80)], attempt=attempt)
+    store.end_attempt(attempt, "succeeded", "done", exit_code=0)
+    assert store.delete_finished_jobs(datetime.now(UTC) + timedelta(seconds=1), 10) == 1
+    assert store.network_events("sb_gone") == []
