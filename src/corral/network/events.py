@@ -1,7 +1,10 @@
-"""A sandbox's network events in memory: recorded without blocking, rate limited, read
-in batches.
+"""Network events: each decision about a sandbox's traffic, recorded, rate limited.
 
-Provisional (the lead's version replaces it on merge); the same interface.
+The sandbox's resolver records DNS queries and the kernel's log records connections;
+both `add` to the sandbox's `NetworkEventLog`, and the services drain it into the store.
+A scanning sandbox must not flood the store, so the log passes a burst and then a steady
+rate; what it holds back is not lost but counted, exactly, and reported as one
+"suppressed" event per (kind, decision, rule) in the next batch.
 """
 
 from __future__ import annotations
@@ -9,78 +12,65 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# Per sandbox: a burst of this many events, then this many a second; the rest are
-# counted, not kept ("suppressed" events carry the exact counts).
-BURST = 100
+# Events per second kept once a burst is spent, and the burst.
 RATE = 20.0
-# Events kept while nobody reads them, whatever the bucket says.
-MAX_PENDING = 10_000
+BURST = 200
 
 
 @dataclass(frozen=True)
 class NetworkEvent:
     kind: str  # "dns" | "connect" | "suppressed"
     decision: str  # "allowed" | "denied"
-    rule: str  # the rule that decided: the allowlist entry as written, or a label
-    protocol: str = ""  # "tcp" | "udp" | ""
-    address: str = ""
+    rule: str  # the entry or rule that decided (see NetworkPolicy.decide)
+    protocol: str = ""  # "tcp" | "udp"
+    address: str = ""  # the destination
     port: int = 0
-    name: str = ""  # the DNS name asked (dns)
-    answers: tuple[str, ...] = ()
-    count: int = 1  # "suppressed": how many events were folded into this one
+    name: str = ""  # the name asked (dns); for "suppressed", the kind it stands for
+    answers: tuple[str, ...] = ()  # what the resolver answered (dns, allowed)
+    count: int = 1  # how many events a "suppressed" one stands for
     at: float = field(default_factory=time.time)
 
 
 class NetworkEventLog:
-    """One sandbox's events between the recorders (resolver, NFLOG) and the store."""
+    """One sandbox's events waiting to be stored. Use it from the event loop's thread."""
 
-    def __init__(
-        self,
-        *,
-        rate: float = RATE,
-        burst: int = BURST,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, rate: float = RATE, burst: int = BURST) -> None:
         self._rate = rate
-        self._burst = burst
-        self._clock = clock
+        self._burst = float(burst)
         self._tokens = float(burst)
-        self._filled = clock()
+        self._refilled = time.monotonic()
         self._pending: list[NetworkEvent] = []
-        self._suppressed: Counter[tuple[str, str]] = Counter()
+        self._suppressed: Counter[tuple[str, str, str]] = Counter()
         self._ready = asyncio.Event()
 
     def add(self, event: NetworkEvent) -> None:
-        """Record an event, or count it when the sandbox is over its rate. Never blocks;
-        call it on the event loop."""
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._filled) * self._rate)
-        self._filled = now
-        if self._tokens >= 1 and len(self._pending) < MAX_PENDING:
+        """Keep `event`, or count it as suppressed when over the rate. Never blocks."""
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens >= 1:
             self._tokens -= 1
             self._pending.append(event)
         else:
-            self._suppressed[(event.decision, event.rule)] += event.count
+            self._suppressed[event.kind, event.decision, event.rule] += event.count
         self._ready.set()
 
-    def drain(self) -> list[NetworkEvent]:
-        """What is recorded and not yet read, without waiting: the kept events, then one
-        "suppressed" event per (decision, rule) with the exact count folded away."""
+    def take(self) -> list[NetworkEvent]:
+        """What is waiting, without waiting: kept events, then one per suppressed kind."""
         batch, self._pending = self._pending, []
-        now = time.time()
-        for (decision, rule), count in sorted(self._suppressed.items()):
-            batch.append(NetworkEvent("suppressed", decision, rule, count=count, at=now))
+        batch += [
+            NetworkEvent("suppressed", decision, rule, name=kind, count=count)
+            for (kind, decision, rule), count in self._suppressed.items()
+        ]
         self._suppressed.clear()
         self._ready.clear()
         return batch
 
     async def next_batch(self) -> list[NetworkEvent]:
-        """Wait for events and return every one recorded so far (see `drain`)."""
-        while True:
+        """Wait for events, then take them."""
+        while not (self._pending or self._suppressed):
             await self._ready.wait()
-            batch = self.drain()
-            if batch:
-                return batch
+            self._ready.clear()
+        return self.take()
