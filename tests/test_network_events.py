@@ -3,6 +3,7 @@ job's event stream, read through the API, the SDK and the CLI."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -10,12 +11,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from corral.config import Settings
-from corral.errors import InvalidRequest
+from corral.errors import InvalidRequest, NotFound
+from corral.isolation import Engine
+from corral.jobs.queue import JobQueue, JobSignals
+from corral.jobs.spec import JobSpec
+from corral.jobs.worker import Worker
 from corral.network.events import NetworkEvent, NetworkEventLog
+from corral.sandboxes import CreateOptions
 from corral.store import Store, Team
 from corral.store.job_rows import NewEvent
-from tests.conftest import new_sandbox_row
-from tests.test_job_store import attempt_of, claim_one, submit
+from tests.conftest import StartManager, new_sandbox_row
+from tests.kit.polling import until
+from tests.test_job_store import attempt_of, claim_one, job, submit
 
 DENIED = NetworkEvent("connect", "denied", "private", "tcp", "10.99.0.10", 80)
 
@@ -162,3 +169,90 @@ def test_a_deleted_job_takes_its_network_events(store: Store, team: Team) -> Non
     store.end_attempt(attempt, "succeeded", "done", exit_code=0)
     assert store.delete_finished_jobs(datetime.now(UTC) + timedelta(seconds=1), 10) == 1
     assert store.network_events("sb_gone") == []
+
+
+# -- the pump: live sandboxes and jobs ------------------------------------------------------
+
+
+async def test_a_sandboxs_events_are_stored_as_it_runs_and_the_last_ones_at_its_kill(
+    managers: StartManager, store: Store, team: Team, sandbox_host: None
+) -> None:
+    manager = await managers()
+    record = await manager.create(team, CreateOptions())
+    sandbox = await manager.running(team, record.id)
+    followed: list[int] = []
+
+    async def follow() -> None:
+        async for rows, _dropped in manager.network_events(team, record.id, follow=True):
+            followed.extend(r.port for r in rows)
+
+    follower = asyncio.create_task(follow())
+    for port in (1, 2, 3):
+        sandbox.network_events.add(connect(port))
+    await until(lambda: len(store.network_events(record.id)) == 3, "3 events stored")
+    # Recorded just before the end: stored by the kill, not lost with the sandbox.
+    sandbox.network_events.add(connect(4))
+    sandbox.network_events.add(connect(5, "allowed"))
+    await manager.kill(team, record.id)
+    assert [r.port for r in store.network_events(record.id)] == [1, 2, 3, 4, 5]
+    # The follower ends with the sandbox, having seen every event once.
+    await asyncio.wait_for(follower, 10)
+    assert followed == [1, 2, 3, 4, 5]
+
+
+async def test_another_teams_sandbox_events_are_not_found(
+    managers: StartManager, store: Store, team: Team, sandbox_host: None
+) -> None:
+    manager = await managers()
+    record = await manager.create(team, CreateOptions())
+    other = store.create_team("other")
+    with pytest.raises(NotFound, match="no sandbox"):
+        manager.network_events(other, record.id)
+    with pytest.raises(InvalidRequest, match="offset=-1 must be a whole number"):
+        await anext(manager.network_events(team, record.id, offset=-1))
+
+
+async def test_a_jobs_network_events_are_in_its_stream_before_its_end(
+    own_runtime: Settings, store_settings: Settings, sandbox_host: None
+) -> None:
+    """A job's events, the last ones recorded just before it is canceled included, are in
+    its event stream before the state event that ends it."""
+    settings = own_runtime.with_(data_dir=store_settings.data_dir)
+    store = Store.open(settings)
+    try:
+        team = store.create_team("jobs")
+        signals = JobSignals()  # shared: the cancel reaches the worker at once
+        queue = JobQueue(store, settings, signals=signals)
+        spec = JobSpec.from_dict({"command": ["sleep", "60"]})
+        row, _, _ = await queue.submit(team, spec)
+        async with Engine(settings) as engine:
+            worker = Worker(
+                settings, store, engine=engine, concurrency=1, pool_size=0, signals=signals
+            )
+            await worker.start()
+            try:
+                sandbox = await until(
+                    lambda: next(iter(engine.sandboxes.values()), None), "the job's sandbox"
+                )
+                sandbox.network_events.add(connect(80))
+                await until(
+                    lambda: any(e.type == "network" for e in store.job_events(row.id)),
+                    "the first event in the job's stream",
+                )
+                sandbox.network_events.add(connect(443, "allowed"))
+                queue.cancel(team, row.id, "enough")
+                await until(lambda: job(store, row.id).final, "the job to end")
+            finally:
+                await worker.aclose()
+        events = store.job_events(row.id)
+        assert [e.seq for e in events] == list(range(len(events)))
+        network = [e for e in events if e.type == "network"]
+        assert [(e.data["decision"], e.data["port"]) for e in network] == [
+            ("denied", 80),
+            ("allowed", 443),
+        ]
+        assert events[-1].type == "state" and events[-1].state == "canceled"
+        assert all(e.attempt == 1 for e in network)
+        assert [r.job_id for r in store.network_events(sandbox.id)] == [row.id, row.id]
+    finally:
+        store.close()

@@ -202,6 +202,7 @@ class Sandbox:
     set_timeout = bridge(AsyncSandbox.set_timeout)
     ping = bridge(AsyncSandbox.ping)
     get_metrics = bridge(AsyncSandbox.get_metrics)
+    events = _bridge_iterator(AsyncSandbox.events)
     close = bridge(AsyncSandbox.aclose)
 
     def __enter__(self) -> Sandbox:

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.network.events import NetworkEvent
+from corral.network.events import NetworkEvent, describe
 from corral.store.job_rows import Attempt, JobEventRow, JobRows
 from corral.store.schema import network_events
 
@@ -76,22 +76,9 @@ class NetworkEventRow:
             attempt=self.attempt,
             type="network",
             state=None,
-            reason=summary(self),
+            reason=describe(self),
             data=self.fields(),
         )
-
-
-def summary(event: NetworkEventRow) -> str:
-    """One line a person reads: "denied connect tcp 198.51.100.10:443 (rule: …)"."""
-    if event.kind == "suppressed":
-        return f"{event.count} {event.decision} events not recorded (rate limit; rule {event.rule})"
-    if event.kind == "dns":
-        answer = ", ".join(event.answers) or "no answer"
-        return f"{event.decision} dns {event.name} -> {answer} (rule: {event.rule})"
-    where = f"[{event.address}]" if ":" in event.address else event.address
-    return (
-        f"{event.decision} {event.kind} {event.protocol} {where}:{event.port} (rule: {event.rule})"
-    )
 
 
 def _row(found: sa.Row[Any]) -> NetworkEventRow:

@@ -80,6 +80,9 @@ class SandboxService(Protocol):
     async def get_metrics(self, request: corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    def stream_events(self, request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest, ctx: RequestContext) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
     def __init__(self, service: SandboxService | AsyncGenerator[SandboxService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -295,6 +298,16 @@ class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.get_metrics,
+                ),
+                "/corral.v1.SandboxService/StreamEvents": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="StreamEvents",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.stream_events,
                 ),
             },
             interceptors=interceptors,
@@ -729,6 +742,26 @@ class SandboxServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    def stream_events(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="StreamEvents",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class SandboxServiceSync(Protocol):
     def create(self, request: corral_dot_v1_dot_sandbox__pb2.CreateRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.CreateResponse:
@@ -772,6 +805,8 @@ class SandboxServiceSync(Protocol):
     def move(self, request: corral_dot_v1_dot_sandbox__pb2.MoveRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.MoveResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def get_metrics(self, request: corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def stream_events(self, request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest, ctx: RequestContext) -> Iterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -988,6 +1023,16 @@ class SandboxServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.get_metrics,
+                ),
+                "/corral.v1.SandboxService/StreamEvents": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="StreamEvents",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.stream_events,
                 ),
             },
             interceptors=interceptors,
@@ -1416,6 +1461,26 @@ class SandboxServiceClientSync(ConnectClientSync):
                 service_name="corral.v1.SandboxService",
                 input=corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest,
                 output=corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def stream_events(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Iterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="StreamEvents",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
