@@ -4,12 +4,15 @@ job's event stream, read through the API, the SDK and the CLI."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from corral.client import AsyncSandbox, Sandbox
 from corral.config import Settings
 from corral.errors import InvalidRequest, NotFound
 from corral.isolation import Engine
@@ -20,7 +23,7 @@ from corral.network.events import NetworkEvent, NetworkEventLog
 from corral.sandboxes import CreateOptions
 from corral.store import Store, Team
 from corral.store.job_rows import NewEvent
-from tests.conftest import StartManager, new_sandbox_row
+from tests.conftest import LiveServer, StartManager, new_sandbox_row, opts
 from tests.kit.polling import until
 from tests.test_job_store import attempt_of, claim_one, job, submit
 
@@ -256,3 +259,87 @@ async def test_a_jobs_network_events_are_in_its_stream_before_its_end(
         assert [r.job_id for r in store.network_events(sandbox.id)] == [row.id, row.id]
     finally:
         store.close()
+
+
+# -- the API, the SDK and the CLI -----------------------------------------------------------
+
+
+@pytest.fixture
+def server_store(server: LiveServer) -> Iterator[Store]:
+    """The live server's own store (SQLite, shared as with `corral admin`): where its
+    pumps write, and where these tests put the events a sandbox's network would make."""
+    store = Store.open(Settings(data_dir=server.data_dir))
+    yield store
+    store.close()
+
+
+DNS = NetworkEvent(
+    "dns", "allowed", "*.allowed.test", name="a.allowed.test", answers=("192.0.2.10",)
+)
+SUPPRESSED = NetworkEvent("suppressed", "denied", "private", name="connect", count=41)
+
+
+def test_the_sdk_and_the_cli_show_a_sandboxs_events(
+    server: LiveServer, server_store: Store, sandbox_host: None
+) -> None:
+    with Sandbox.create(timeout=60, **opts(server)) as box:
+        server_store.append_network_events(box.sandbox_id, [DNS, connect(80), SUPPRESSED])
+        events = list(box.events())
+        assert [(e.seq, e.kind, e.decision) for e in events] == [
+            (0, "dns", "allowed"),
+            (1, "connect", "denied"),
+            (2, "suppressed", "denied"),
+        ]
+        assert events[0].name == "a.allowed.test" and events[0].answers == ("192.0.2.10",)
+        assert (events[1].protocol, events[1].address, events[1].port) == ("tcp", "10.99.0.10", 80)
+        assert events[2].count == 41 and events[0].at is not None
+        assert [e.seq for e in box.events(offset=2)] == [2]
+
+        done = server.corral("sandbox", "events", box.sandbox_id)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == 3
+        assert lines[0].endswith("allowed dns a.allowed.test -> 192.0.2.10 (rule: *.allowed.test)")
+        assert lines[1].endswith("denied connect tcp 10.99.0.10:80 (rule: private)")
+        assert "41 more connect events" in lines[2]
+
+        done = server.corral("sandbox", "events", box.sandbox_id, "-o", "json", "--offset", "1")
+        assert done.returncode == 0, done.stderr
+        rows = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [(r["seq"], r["kind"], r["port"]) for r in rows] == [
+            (1, "connect", 80),
+            (2, "suppressed", 0),
+        ]
+
+
+async def test_a_follow_gets_events_as_stored_and_ends_with_the_sandbox(
+    server: LiveServer, server_store: Store, sandbox_host: None
+) -> None:
+    box = await AsyncSandbox.create(timeout=60, **opts(server))
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for event in box.events(follow=True):
+            seen.append(event.port)
+
+    follower = asyncio.create_task(follow())
+    try:
+        server_store.append_network_events(box.sandbox_id, [connect(1)])
+        await until(lambda: seen == [1], "the first event followed")
+        server_store.append_network_events(box.sandbox_id, [connect(2)])
+        await until(lambda: seen == [1, 2], "the second event followed")
+    finally:
+        await box.kill()
+    await asyncio.wait_for(follower, 10)
+    assert seen == [1, 2]
+    # A killed sandbox's events can still be read.
+    assert [e.port for e in [e async for e in box.events()]] == [1, 2]
+    await box.aclose()
+
+
+def test_events_of_an_unknown_sandbox_or_a_bad_offset_are_refused(server: LiveServer) -> None:
+    done = server.corral("sandbox", "events", "sb_nosuchsandbox0000")
+    assert done.returncode != 0
+    assert "sandbox" in done.stderr and "sb_nosuchsandbox0000" in done.stderr, done.stderr
+    done = server.corral("sandbox", "events", "sb_nosuchsandbox0000", "--offset", "-1")
+    assert done.returncode != 0 and "--offset" in done.stderr, done.stderr
