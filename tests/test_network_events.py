@@ -16,11 +16,13 @@ from corral.client import AsyncSandbox, Sandbox
 from corral.config import Settings
 from corral.errors import InvalidRequest, NotFound
 from corral.isolation import Engine
+from corral.isolation import Sandbox as IsolatedSandbox
 from corral.jobs.queue import JobQueue, JobSignals
 from corral.jobs.spec import JobSpec
 from corral.jobs.worker import Worker
 from corral.network.events import NetworkEvent, NetworkEventLog
 from corral.sandboxes import CreateOptions
+from corral.sandboxes.network_events import NetworkEventPump
 from corral.store import Store, Team
 from corral.store.job_rows import NewEvent
 from tests.conftest import LiveServer, StartManager, new_sandbox_row, opts
@@ -201,6 +203,18 @@ async def test_a_sandboxs_events_are_stored_as_it_runs_and_the_last_ones_at_its_
     # The follower ends with the sandbox, having seen every event once.
     await asyncio.wait_for(follower, 10)
     assert followed == [1, 2, 3, 4, 5]
+
+
+async def test_stopping_the_pump_stores_what_was_recorded_just_before(
+    sandbox: IsolatedSandbox, store: Store
+) -> None:
+    """Events recorded with no chance for the pump to run (the sandbox's last moment)
+    are stored by `stop`, not lost."""
+    pump = NetworkEventPump(store, sandbox)
+    sandbox.network_events.add(connect(1))
+    sandbox.network_events.add(connect(2))
+    await pump.stop()
+    assert [r.port for r in store.network_events(sandbox.id)] == [1, 2]
 
 
 async def test_another_teams_sandbox_events_are_not_found(

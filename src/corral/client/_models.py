@@ -362,9 +362,10 @@ class LogChunk:
 class JobEvent:
     """A state change or a workflow step's start or end, in order (`seq`).
 
-    `type` is state, step_start, step_end, log_truncated, retry_scheduled, requeued or
-    callback; `state` is the new state of a `state` event; `data` holds the step's index,
-    name, exit_code, duration_ms and the like.
+    `type` is state, step_start, step_end, log_truncated, retry_scheduled, requeued,
+    callback or network; `state` is the new state of a `state` event; `data` holds the
+    step's index, name, exit_code, duration_ms and the like (a `network` event's: the
+    fields of a `NetworkEvent` but its seq and time).
     """
 
     seq: int
