@@ -26,6 +26,7 @@ from corral.sandboxes.network_events import NetworkEventPump
 from corral.store import Store, Team
 from corral.store.job_rows import NewEvent
 from tests.conftest import LiveServer, StartManager, new_sandbox_row, opts
+from tests.kit.connect import stream
 from tests.kit.polling import until
 from tests.test_job_store import attempt_of, claim_one, job, submit
 
@@ -357,3 +358,17 @@ def test_events_of_an_unknown_sandbox_or_a_bad_offset_are_refused(server: LiveSe
     assert "sandbox" in done.stderr and "sb_nosuchsandbox0000" in done.stderr, done.stderr
     done = server.corral("sandbox", "events", "sb_nosuchsandbox0000", "--offset", "-1")
     assert done.returncode != 0 and "--offset" in done.stderr, done.stderr
+
+
+def test_over_the_wire_another_team_gets_not_found_and_a_bad_offset_is_invalid(
+    server: LiveServer, server_store: Store, box: str
+) -> None:
+    server_store.append_network_events(box, [connect(80)])
+    messages, end = stream(server, "StreamEvents", {"sandboxId": box})
+    assert [m["events"][0]["port"] for m in messages] == [80] and "error" not in end
+    other = server.new_team("events-tenant")
+    messages, end = stream(server, "StreamEvents", {"sandboxId": box}, key=other)
+    assert messages == [] and end["error"]["code"] == "not_found"
+    messages, end = stream(server, "StreamEvents", {"sandboxId": box, "offset": "-1"})
+    assert end["error"]["code"] == "invalid_argument"
+    assert "offset=-1 must be a whole number >= 0" in end["error"]["message"]
