@@ -58,6 +58,11 @@ def netns() -> Iterator[str]:
         run("ip", "-n", name, "link", "set", "d1", "up")
         run("ip", "-n", name, "addr", "add", "192.0.2.2/24", "dev", "d0")
         run("ip", "-n", name, "addr", "add", "2001:db8::2/64", "dev", "d0", "nodad")
+        # The destinations' link addresses are fixed: packets leave at once rather than
+        # queue for an answer to ARP / neighbour discovery that nothing would give.
+        for address in ("192.0.2.1", "2001:db8::1"):
+            lladdr = "02:00:00:00:00:01"
+            run("ip", "-n", name, "neigh", "add", address, "lladdr", lladdr, "dev", "d0")
         ruleset = f"""
         table inet t {{
           chain out {{
@@ -160,3 +165,37 @@ def test_short_and_foreign_packets_yield_nothing() -> None:
     # ICMP: an address, no port.
     icmp = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 192, 0, 2, 2, 192, 0, 2, 1]) + bytes(8)
     assert destination(icmp) == ("icmp", "192.0.2.1", 0)
+
+
+FLOOD = """
+import socket
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+    for i in range(30000):
+        udp.sendto(b"x", ("192.0.2.1", 1 + i % 1000))
+    udp.sendto(b"x", ("192.0.2.1", 9999))
+"""
+
+
+async def test_a_reader_that_falls_behind_counts_the_overrun_and_reads_on(netns: str) -> None:
+    """A flood the socket's buffer cannot hold: the kernel drops records and says so
+    (ENOBUFS); the reader counts it and goes on to the records that follow."""
+    reader = NflogReader.open(Path("/run/netns") / netns, GROUP)
+    try:
+        sender = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", netns, sys.executable, "-c", FLOOD
+        )
+        assert await sender.wait() == 0  # all sent before a single record is read
+        received = 0
+
+        async def until_last() -> None:
+            nonlocal received
+            async for record in reader.records():
+                received += 1
+                if record.port == 9999:
+                    return
+
+        await asyncio.wait_for(until_last(), 20)
+        assert reader.overruns >= 1
+        assert received < 30001, "some records must have been dropped"
+    finally:
+        reader.close()

@@ -164,7 +164,9 @@ class NflogReader:
 
     reader = NflogReader.open(Path("/proc/1234/ns/net"), group=1)
     async for record in reader.records(): ...
-    reader.close()
+    reader.close()   # once the task reading `records` is done or cancelled
+
+    One reader per group per namespace: the kernel refuses a second bind (EBUSY).
     """
 
     def __init__(self, sock: socket.socket, group: int) -> None:
@@ -197,21 +199,17 @@ class NflogReader:
         return cls(made, group)
 
     async def records(self) -> AsyncIterator[LogRecord]:
-        """Every record from now on, as the kernel sends them; ends when closed."""
+        """Every record from now on, as the kernel sends them, until cancelled."""
         loop = asyncio.get_running_loop()
-        while self._sock.fileno() != -1:
+        while True:
             try:
                 data = await loop.sock_recv(self._sock, 65536)
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.overruns += 1
-                    log.warning(
-                        "NFLOG records lost (socket buffer full)", extra={"group": self.group}
-                    )
-                    continue
-                if self._sock.fileno() == -1:
-                    return
-                raise
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overruns += 1
+                log.warning("NFLOG records lost (socket buffer full)", extra={"group": self.group})
+                continue
             for record in parse(data):
                 yield record
 

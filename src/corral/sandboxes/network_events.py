@@ -88,5 +88,8 @@ async def follow(
             if not rows:
                 yield [], store.network_events_dropped(sandbox_id)
             return
+        if stop is None:
+            await asyncio.sleep(POLL_SECONDS)
+            continue
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for((stop or asyncio.Event()).wait(), POLL_SECONDS)
+            await asyncio.wait_for(stop.wait(), POLL_SECONDS)
