@@ -40,6 +40,7 @@ from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
+from corral.network.policy import NetworkPolicy
 
 log = logging.getLogger("corral.isolation")
 
@@ -338,6 +339,16 @@ class Sandbox:
         return await self._running_guest().rename(src, dst, overwrite=overwrite)
 
     # -- limits and usage -------------------------------------------------------------
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        """Change what the sandbox may reach; connections already open stay open."""
+        if self.state is SandboxState.DESTROYED:
+            raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
+        if policy == self.spec.network:
+            return
+        raise IsolationUnavailable(
+            f"the {self.backend} tier cannot change a running sandbox's network yet"
+        )
 
     def set_limits(self, limits: Limits) -> None:
         """Change memory, CPU, process and output limits of the live sandbox.
