@@ -175,7 +175,12 @@ class AttemptRunner:
             if sandbox is None:
                 return self._stopped(None, "while its sandbox started")
             logs.bind(sandbox_id=sandbox.sandbox.id)  # the job's later lines name its sandbox
-            network = NetworkEventPump(self.store, sandbox.sandbox, attempt=self.attempt)
+            network = NetworkEventPump(
+                self.store,
+                sandbox.sandbox,
+                attempt=self.attempt,
+                on_stored=lambda: self.signals.changed(self.attempt.job_id),
+            )
             await sandbox.place_files(self.workdir, self.spec.files, bool(self.spec.workdir))
             return await self._steps(sandbox, deadline)
         except AttemptLost:

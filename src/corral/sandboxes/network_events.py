@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from corral._aio import stop_tasks
 from corral.errors import InvalidRequest
@@ -33,10 +33,20 @@ PAGE_ROWS = 500
 class NetworkEventPump:
     """Stores one sandbox's network events as they come; `stop` when the sandbox ends."""
 
-    def __init__(self, store: Store, sandbox: Sandbox, *, attempt: Attempt | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sandbox: Sandbox,
+        *,
+        attempt: Attempt | None = None,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        """`attempt`: the job attempt the sandbox runs; `on_stored` is called after each
+        batch is stored (to wake the job's followers in this process at once)."""
         self._store = store
         self._sandbox = sandbox
         self._attempt = attempt
+        self._on_stored = on_stored
         self._task = asyncio.create_task(self._run(), name=f"network-events-{sandbox.id}")
 
     async def _run(self) -> None:
@@ -53,6 +63,9 @@ class NetworkEventPump:
                 "could not store network events",
                 extra={"sandbox_id": self._sandbox.id, "events": len(batch)},
             )
+            return
+        if self._on_stored is not None:
+            self._on_stored()
 
     async def stop(self) -> None:
         """Stop waiting and store what the sandbox recorded until now."""
