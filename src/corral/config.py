@@ -108,6 +108,9 @@ class Settings:
     network_internet_teams: str = "*"
     network_allow_cap: str = ""
     network_private_allow: str = ""
+    # Network events kept per sandbox (DNS answers, connections allowed and denied); past
+    # this the oldest are deleted, and the count deleted is shown with the rest.
+    network_events_max: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -130,6 +133,11 @@ class Settings:
             )
         if self.database_url:
             check_database_url(self.database_url)
+        if self.network_events_max < 1:
+            raise InvalidRequest(
+                f"CORRAL_NETWORK_EVENTS_MAX={self.network_events_max} keeps no event: use 1 "
+                "or more (the default keeps 10000 per sandbox)"
+            )
         self.network_cap()
 
     def network_cap(self) -> NetworkCap:

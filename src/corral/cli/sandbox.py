@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from corral.cli._common import (
     number,
     out,
     parse_pairs,
+    plain,
     show,
     usage_error,
     warn,
@@ -245,6 +247,28 @@ def metrics(args: argparse.Namespace) -> None:
     show(args.output, points, ("at", "cpu_percent", "memory_bytes", "memory_peak_bytes", "pids"))
 
 
+def events(args: argparse.Namespace) -> None:
+    """A sandbox's network events, one line each (JSON lines with -o json): DNS answers
+    and refusals, connections allowed and denied, what the rate limit held back."""
+    from corral.network.events import describe
+
+    with _sandbox(args) as box, interruptible():
+        expected = args.offset
+        for event in box.events(offset=args.offset, follow=args.follow):
+            if event.seq > expected:  # seqs have no gaps: the server's cap deleted these
+                warn(
+                    f"{event.seq - expected} older events were deleted (CORRAL_NETWORK_EVENTS_MAX)"
+                )
+            expected = event.seq + 1
+            if args.output == "json":
+                line = json.dumps(plain(event))
+            else:
+                at = event.at.strftime("%H:%M:%S.%f")[:-3] if event.at else "-"
+                line = f"{event.seq:>4}  {at}  {describe(event)}"
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+
 def add_commands(commands: Commands) -> None:
     sub = group(commands, "sandbox", "Create, inspect and use sandboxes on the server.")
 
@@ -340,6 +364,13 @@ def add_commands(commands: Commands) -> None:
     p = command(sub, "cp", cp)
     p.add_argument("source", metavar="SOURCE", help="LOCAL, or ID:PATH in a sandbox; - is stdin")
     p.add_argument("destination", metavar="DESTINATION", help="ID:PATH or LOCAL; - is stdout")
+
+    p = with_id("events", events)
+    p.add_argument("-f", "--follow", action="store_true", help="until the sandbox ends")
+    p.add_argument(
+        "--offset", type=whole(0), default=0, help="the first event: 0, or an event's seq + 1"
+    )
+    add_output(p)
 
     p = with_id("metrics", metrics)
     p.add_argument("--range", choices=("10m", "2h", "24h"), default="10m", help="how far back")

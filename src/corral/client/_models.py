@@ -246,6 +246,44 @@ class MetricPoint:
         )
 
 
+@dataclass(frozen=True)
+class NetworkEvent:
+    """One decision about a sandbox's traffic, in order (`seq`, from 0 per sandbox).
+
+    `kind` is dns (`name` asked, `answers` given), connect (`protocol`, `address`, `port`)
+    or suppressed: `count` events of kind `name` the rate limit held back. `decision` is
+    allowed or denied; `rule` the allowlist entry as written, or a label like "private".
+    """
+
+    seq: int
+    at: datetime | None
+    kind: str
+    decision: str
+    rule: str
+    protocol: str = ""
+    address: str = ""
+    port: int = 0
+    name: str = ""
+    answers: tuple[str, ...] = ()
+    count: int = 1
+
+    @classmethod
+    def from_proto(cls, event: pb.NetworkEvent) -> NetworkEvent:
+        return cls(
+            seq=event.seq,
+            at=_time(event.at, event.HasField("at")),
+            kind=event.kind,
+            decision=event.decision,
+            rule=event.rule,
+            protocol=event.protocol,
+            address=event.address,
+            port=event.port,
+            name=event.name,
+            answers=tuple(event.answers),
+            count=event.count,
+        )
+
+
 # -- jobs ----------------------------------------------------------------------------------
 
 _LOG_STREAMS = {jobs_pb.LOG_STREAM_STDOUT: "stdout", jobs_pb.LOG_STREAM_STDERR: "stderr"}
@@ -379,9 +417,10 @@ class LogChunk:
 class JobEvent:
     """A state change or a workflow step's start or end, in order (`seq`).
 
-    `type` is state, step_start, step_end, log_truncated, retry_scheduled, requeued or
-    callback; `state` is the new state of a `state` event; `data` holds the step's index,
-    name, exit_code, duration_ms and the like.
+    `type` is state, step_start, step_end, log_truncated, retry_scheduled, requeued,
+    callback or network; `state` is the new state of a `state` event; `data` holds the
+    step's index, name, exit_code, duration_ms and the like (a `network` event's: the
+    fields of a `NetworkEvent` but its seq and time).
     """
 
     seq: int

@@ -11,7 +11,7 @@ The server and API key come from the arguments, else `CORRAL_SERVER` and
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal
 
 from corral.client._commands import AsyncCommands
@@ -20,7 +20,7 @@ from corral.client._connection import Connection
 from corral.client._files import AsyncFiles
 from corral.client._hybrid import hybridmethod
 from corral.client._listing import list_request
-from corral.client._models import Limits, MetricPoint, Network, SandboxInfo
+from corral.client._models import Limits, MetricPoint, Network, NetworkEvent, SandboxInfo
 from corral.errors import InvalidRequest, NotFound, SandboxNotRunning
 from corral.v1 import sandbox_pb2 as pb
 
@@ -316,6 +316,18 @@ class AsyncSandbox:
         request = pb.GetMetricsRequest(sandbox_id=self.sandbox_id, range=_RANGES[range])
         reply = await self._connection.call(self._connection.rpc.get_metrics, request)
         return [MetricPoint.from_proto(p) for p in reply.points]
+
+    async def events(self, offset: int = 0, follow: bool = False) -> AsyncIterator[NetworkEvent]:
+        """The sandbox's network events from seq `offset` on: DNS answers and refusals,
+        connections allowed and denied, and counts of what the rate limit held back. With
+        `follow`, until the sandbox ends. Seqs have no gaps: a first seq above `offset`
+        is the count of older events the server's cap deleted."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest(f"offset={offset!r} must be a whole number >= 0")
+        request = pb.StreamEventsRequest(sandbox_id=self.sandbox_id, offset=offset, follow=follow)
+        async for message in self._connection.stream(self._connection.rpc.stream_events, request):
+            for event in message.events:
+                yield NetworkEvent.from_proto(event)
 
     async def aclose(self) -> None:
         """Close the connection; the sandbox goes on (see `kill`)."""

@@ -207,6 +207,7 @@ class Sandbox:
     update_network = bridge(AsyncSandbox.update_network)
     ping = bridge(AsyncSandbox.ping)
     get_metrics = bridge(AsyncSandbox.get_metrics)
+    events = _bridge_iterator(AsyncSandbox.events)
     close = bridge(AsyncSandbox.aclose)
 
     def __enter__(self) -> Sandbox:

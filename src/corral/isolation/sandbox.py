@@ -39,6 +39,7 @@ from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
 from corral.limits import MIB, Limits
+from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy
 
 log = logging.getLogger("corral.isolation")
@@ -83,6 +84,8 @@ class Sandbox:
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
         self.workdir = ""
+        # What its network did (DNS, connections), for the services to store.
+        self.network_events = NetworkEventLog()
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from corral.jobs.queue import JobSignals
 from corral.jobs.sandbox import JobSandbox, JobSandboxes, source_path
 from corral.jobs.spec import JobSpec, Step
 from corral.network.policy import NetworkPolicy
+from corral.sandboxes.network_events import NetworkEventPump
 from corral.store import Store
 from corral.store.job_rows import Attempt, NewEvent
 
@@ -169,6 +170,7 @@ class AttemptRunner:
     async def run(self) -> Outcome:
         deadline = time.monotonic() + self.timeout
         sandbox: JobSandbox | None = None
+        network: NetworkEventPump | None = None
         try:
             try:
                 sandbox = await self._until_stopped(self._open(deadline), deadline)
@@ -177,6 +179,12 @@ class AttemptRunner:
             if sandbox is None:
                 return self._stopped(None, "while its sandbox started")
             logs.bind(sandbox_id=sandbox.sandbox.id)  # the job's later lines name its sandbox
+            network = NetworkEventPump(
+                self.store,
+                sandbox.sandbox,
+                attempt=self.attempt,
+                on_stored=lambda: self.signals.changed(self.attempt.job_id),
+            )
             await sandbox.place_files(self.workdir, self.spec.files, bool(self.spec.workdir))
             return await self._steps(sandbox, deadline)
         except AttemptLost:
@@ -189,6 +197,8 @@ class AttemptRunner:
                     await sandbox.destroy()
                 except Exception:
                     log.exception("destroying a job's sandbox failed")
+            if network is not None:  # stored before the attempt's end is
+                await network.stop()
 
     async def _until_stopped(self, work: Awaitable[R], deadline: float) -> R | None:
         """`work`'s result, or None when the attempt is stopped or times out first (the

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
 from corral import logs
@@ -35,11 +35,13 @@ from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
 from corral.network.policy import NetworkPolicy
+from corral.sandboxes import network_events
 from corral.sandboxes.commands import SandboxCommands
 from corral.sandboxes.files import SandboxFiles
 from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
 from corral.sandboxes.live import LiveSandbox, utc
 from corral.sandboxes.metrics import MetricRings, check_range, stored_series
+from corral.sandboxes.network_events import NetworkEventPump
 from corral.sandboxes.options import (
     CreateOptions,
     SandboxRecord,
@@ -51,6 +53,7 @@ from corral.sandboxes.options import (
 from corral.sandboxes.pool import WarmPool
 from corral.states import LIVE_SANDBOX_STATES, SANDBOX_STATES
 from corral.store import MetricPoint, SandboxRow, Store, Team
+from corral.store.network_events import NetworkEventRow
 from corral.store.pages import check_page_size
 
 log = logging.getLogger("corral.sandboxes")
@@ -197,6 +200,7 @@ class SandboxManager:
                 self.store.transition(row.id, "failed", reason, from_states=("creating",))
                 raise
             entry.sandbox, entry.state = sandbox, "running"
+            entry.network = NetworkEventPump(self.store, sandbox)
             self._live.baseline(entry)
             reason = "created from the warm pool" if warm else "created"
             created = self.store.transition(row.id, "running", reason, from_states=("creating",))
@@ -327,6 +331,22 @@ class SandboxManager:
         if entry is not None:
             return entry.rings.series(range)
         return stored_series(self.store, sandbox_id, range)
+
+    def network_events(
+        self,
+        team: Team,
+        sandbox_id: str,
+        *,
+        offset: int = 0,
+        follow: bool = False,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[tuple[list[NetworkEventRow], int]]:
+        """Pages of the sandbox's network events from seq `offset`, each with the count
+        of its events the cap deleted; with `follow`, until the sandbox ends."""
+        self._owned(team, sandbox_id)
+        return network_events.follow(
+            self.store, sandbox_id, offset=offset, follow=follow, stop=stop
+        )
 
     # -- lookups ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from corral.v1 import sandbox_pb2 as pb
 if TYPE_CHECKING:
     from corral.guest import EntryInfo, ProcessInfo
     from corral.sandboxes import MetricPoint, SandboxRecord
+    from corral.store.network_events import NetworkEventRow
 
 _MAX_PATH = 4096
 _MAX_ID = 64
@@ -96,6 +97,22 @@ def metric_point(point: MetricPoint) -> pb.MetricPoint:
         memory_bytes=point.memory_bytes,
         memory_peak_bytes=point.memory_peak_bytes,
         pids=point.pids,
+    )
+
+
+def network_event(row: NetworkEventRow) -> pb.NetworkEvent:
+    return pb.NetworkEvent(
+        seq=row.seq,
+        at=timestamp(row.at),
+        kind=row.kind,
+        decision=row.decision,
+        rule=row.rule,
+        protocol=row.protocol,
+        address=row.address,
+        port=row.port,
+        name=row.name,
+        answers=row.answers,
+        count=row.count,
     )
 
 

@@ -1,7 +1,9 @@
-"""SandboxService RPCs of a sandbox's life: create, get, list, kill, pause, resume, timeouts."""
+"""SandboxService RPCs of a sandbox's life: create, get, list, kill, pause, resume, timeouts,
+metrics and network events."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
 
 from connectrpc.request import RequestContext
@@ -9,7 +11,7 @@ from connectrpc.request import RequestContext
 from corral._state_enums import SANDBOX_STATE_NAMES
 from corral.errors import InvalidRequest
 from corral.sandboxes import CreateOptions
-from corral.server import convert
+from corral.server import convert, disconnect
 from corral.server.base import Handlers
 from corral.v1 import sandbox_pb2 as pb
 
@@ -103,3 +105,19 @@ class LifecycleHandlers(Handlers):
             team, convert.sandbox_id(request.sandbox_id), resolution
         )
         return pb.GetMetricsResponse(points=[convert.metric_point(p) for p in points])
+
+    async def stream_events(
+        self, request: pb.StreamEventsRequest, ctx: Ctx
+    ) -> AsyncIterator[pb.StreamEventsResponse]:
+        team = self._team(ctx)
+        batches = self._manager.network_events(
+            team,
+            convert.sandbox_id(request.sandbox_id),
+            offset=request.offset,
+            follow=request.follow,
+            stop=disconnect.current(),  # an abandoned follow ends with its client
+        )
+        async for rows, dropped in batches:
+            yield pb.StreamEventsResponse(
+                events=[convert.network_event(r) for r in rows], dropped=dropped
+            )

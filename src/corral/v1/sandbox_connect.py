@@ -83,6 +83,9 @@ class SandboxService(Protocol):
     async def update_network(self, request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    def stream_events(self, request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest, ctx: RequestContext) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
     def __init__(self, service: SandboxService | AsyncGenerator[SandboxService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -308,6 +311,16 @@ class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.update_network,
+                ),
+                "/corral.v1.SandboxService/StreamEvents": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="StreamEvents",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.stream_events,
                 ),
             },
             interceptors=interceptors,
@@ -762,6 +775,26 @@ class SandboxServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    def stream_events(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="StreamEvents",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class SandboxServiceSync(Protocol):
     def create(self, request: corral_dot_v1_dot_sandbox__pb2.CreateRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.CreateResponse:
@@ -807,6 +840,8 @@ class SandboxServiceSync(Protocol):
     def get_metrics(self, request: corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def update_network(self, request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def stream_events(self, request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest, ctx: RequestContext) -> Iterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -1033,6 +1068,16 @@ class SandboxServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.update_network,
+                ),
+                "/corral.v1.SandboxService/StreamEvents": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="StreamEvents",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.stream_events,
                 ),
             },
             interceptors=interceptors,
@@ -1481,6 +1526,26 @@ class SandboxServiceClientSync(ConnectClientSync):
                 service_name="corral.v1.SandboxService",
                 input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
                 output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def stream_events(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Iterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="StreamEvents",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
