@@ -531,3 +531,44 @@ def test_dns_rebinding_fails_under_internet(driver: Driver, internet: Internet) 
         "rebind.test none",
         "metadata.test none",
     ], done
+
+
+def test_connections_are_events_and_a_flood_keeps_its_count(driver: Driver) -> None:
+    sandbox = create(driver, "internet")
+    code = textwrap.dedent("""
+        import socket, urllib.request as u
+        print(u.urlopen("http://allowed.test/", timeout=5).read().decode().strip())
+        try:
+            socket.create_connection(("169.254.169.254", 80), timeout=5)
+        except OSError as e:
+            print(type(e).__name__)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(300):
+            try:
+                s.sendto(b"x", ("169.254.169.254", 7))
+            except PermissionError:
+                pass
+    """)
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", code])
+    assert done["stdout"].split() == ["allowed.test", "ConnectionRefusedError"], done
+    driver.ok(op="destroy", id=sandbox)  # the last count is taken as it ends
+    events = driver.ok(op="events", id=sandbox)
+    metadata = next(e.reason for e in DENIED if e.network.overlaps(LINK_LOCAL))
+
+    def having(**match: Any) -> list[dict[str, Any]]:
+        return [e for e in events if all(e[k] == v for k, v in match.items())]
+
+    assert having(kind="dns", decision="allowed", name="allowed.test")
+    assert having(
+        kind="connect", decision="allowed", rule="internet", protocol="tcp",
+        address=fake.ALLOWED_V4, port=80,
+    )  # fmt: skip
+    assert having(
+        kind="connect", decision="denied", rule=metadata, protocol="tcp",
+        address=fake.METADATA_V4, port=80,
+    )  # fmt: skip
+    # 301 refusals: some one by one, the rest (the kernel's log is rate limited) summed.
+    one_by_one = having(kind="connect", decision="denied", rule=metadata)
+    summed = having(kind="suppressed", decision="denied", rule=metadata)
+    assert summed, "a flood of 300 was logged one by one"
+    assert len(one_by_one) + sum(e["count"] for e in summed) == 301

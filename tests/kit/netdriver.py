@@ -11,6 +11,7 @@ JSON request a line, getting one JSON answer a line:
     {"op": "footprint", "id": ...}                             -> the sandbox's host record
     {"op": "spawn", "id": ..., "argv": [...], "key": "k"}  then  {"op": "collect", "key": "k"}
     {"op": "destroy", "id": ...}
+    {"op": "events", "id": ...}                                -> its network events
 
 An error comes back as {"error": class name, "message": ...}.
 """
@@ -98,6 +99,8 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
     if op == "destroy":
         await sandbox.destroy()
         return {}
+    if op == "events":  # what the sandbox recorded so far (after a destroy too)
+        return [dataclasses.asdict(e) for e in sandbox.network_events.take()]
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from corral.config import Settings
-from corral.errors import InvalidRequest
+from corral.errors import InvalidRequest, IsolationUnavailable
 from corral.isolation.footprint import Footprint
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
@@ -147,6 +147,16 @@ class Backend(ABC):
     def network_modes(self) -> frozenset[str]:
         """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""
         return frozenset({"none"})
+
+    def check_network(self, policy: NetworkPolicy) -> None:
+        """Raise IsolationUnavailable unless this tier can enforce `policy` here."""
+        modes = self.network_modes()
+        if policy.mode not in modes:
+            raise IsolationUnavailable(
+                f"the {self.name} tier cannot enforce network mode {policy.mode!r} "
+                f"on this host (it can: {', '.join(sorted(modes))}); "
+                "`corral doctor` says what to install"
+            )
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -171,12 +171,7 @@ class Engine:
         backend = self.backend(isolation)
         if entrypoint is not None and not backend.entrypoints:
             raise InvalidRequest(f"the {backend.name} tier cannot start one-shot sandboxes")
-        if spec.network.mode not in backend.network_modes():
-            raise IsolationUnavailable(
-                f"the {backend.name} tier cannot enforce network mode {spec.network.mode!r} "
-                f"on this host (it can: {', '.join(sorted(backend.network_modes()))}); "
-                "`corral doctor` says what to install"
-            )
+        backend.check_network(spec.network)
         get_template(spec.template)  # refuse an unknown template before creating anything
         driver = self.cgroups()
         if driver is None and backend.name != "process":

@@ -32,23 +32,20 @@ from corral.errors import (
 )
 from corral.guest import EntryInfo, GuestConnection
 from corral.guest import ProcessInfo as ProcessInfo
-from corral.isolation import netns
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.command import Command, CommandResult
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
+from corral.isolation.network import SandboxNetwork
 from corral.limits import MIB, Limits
-from corral.network import nftables, resolver
 from corral.network.events import NetworkEventLog
-from corral.network.policy import INTERNET, NetworkPolicy, Rule
+from corral.network.policy import NetworkPolicy, Rule
 
 log = logging.getLogger("corral.isolation")
 
 _START_TIMEOUT = 30.0
-# The NFLOG group of every sandbox's log rules: each sandbox has a namespace of its own.
-NFLOG_GROUP = 1
 _STDERR_TAIL = 4096
 
 
@@ -87,13 +84,10 @@ class Sandbox:
         self._stderr_tail = b""
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
-        self._network_lock = asyncio.Lock()
         self.workdir = ""
         # What its network did (DNS queries, connections), for the services to store.
         self.network_events = NetworkEventLog()
-        self._resolver: resolver.SandboxResolver | None = None
-        # What the `corral <decision> <n>` prefixes of its kernel log lines stand for.
-        self._labels = nftables.labels(spec.network)
+        self._network: SandboxNetwork | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -135,40 +129,28 @@ class Sandbox:
         return self.footprint.netns
 
     async def _start(self, entrypoint: Entrypoint | None) -> None:
-        network: asyncio.Future[None] | None = None
+        made: asyncio.Future[None] | None = None
         if self.spec.network.mode != "none":
             # Made in a thread while the launch is prepared; the launcher's gate opens
             # only once it is done, so no sandbox code runs before its rules are in.
-            addresses = netns.reserve(self.footprint, self._backend.settings.runtime_dir)
-            network = asyncio.ensure_future(self._make_network(addresses))
-        try:
-            await self._launch(entrypoint, network)
-        except BaseException:
-            if network is not None:  # never remove a namespace while it is being made
-                await asyncio.wait({network})
-                if not network.cancelled():
-                    network.exception()  # seen: the error to report is the one raised
-            raise
-
-    async def _make_network(self, addresses: netns.Addresses) -> None:
-        """The sandbox's namespace, uplink and rules, then its resolver listening there."""
-        script = self._ruleset(self.spec.network, fresh=True)
-        await asyncio.to_thread(netns.build, self.footprint, addresses, self.spec.limits, script)
-        settings = self._backend.settings
-        upstream = [s for s in settings.network_dns.split(",") if s.strip()]
-        upstream = upstream or resolver.host_nameservers()
-        if not upstream:
-            log.warning(
-                "no DNS server for the sandbox's resolver: names will not resolve in it; "
-                "set CORRAL_NETWORK_DNS or give the host a nameserver",
-                extra={"sandbox_id": self.id},
+            self._network = SandboxNetwork(
+                self.id,
+                self.footprint,
+                self._backend.settings,
+                self.spec.network,
+                self.spec.limits,
+                self.network_events,
             )
-            return
-        self._resolver = resolver.SandboxResolver(
-            self.spec.network, upstream, self.network_events, self.allow
-        )
-        assert self.netns_path is not None
-        await self._resolver.start(self.netns_path)
+            self._network.reserve()
+            made = asyncio.ensure_future(self._network.make())
+        try:
+            await self._launch(entrypoint, made)
+        except BaseException:
+            if made is not None:  # never remove a namespace while it is being made
+                await asyncio.wait({made})
+                if not made.cancelled():
+                    made.exception()  # seen: the error to report is the one raised
+            raise
 
     async def _launch(
         self, entrypoint: Entrypoint | None, network: asyncio.Future[None] | None
@@ -252,8 +234,8 @@ class Sandbox:
             if self._guest is not None:  # before the agent dies: its death is no failure
                 self._guest.abort(f"sandbox {self.id} was killed")
             await self._stop_launcher()
-            if self._resolver is not None:
-                await self._resolver.close()
+            if self._network is not None:
+                await self._network.close()
             if self._entry is not None:
                 self._entry.close()
             if self._guest is not None:
@@ -399,52 +381,27 @@ class Sandbox:
         """Change what the sandbox may reach, in one atomic swap of its rules; connections
         already open stay open. A sandbox made with network `none` has no uplink to
         open: it stays `none`."""
-        async with self._network_lock:
-            if self.state is SandboxState.DESTROYED:
-                raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
-            if policy == self.spec.network:
-                return
-            path = self.netns_path
-            if path is None:
-                raise IsolationUnavailable(
-                    f"sandbox {self.id} was created with network 'none' and has no uplink; "
-                    "create a new sandbox with network 'internet' or 'allowlist' to change "
-                    "its network later"
-                )
-            await asyncio.to_thread(netns.load, path, self._ruleset(policy))
-            self.spec = replace(self.spec, network=policy)
-            if self._resolver is not None:
-                self._resolver.set_policy(policy)
-            self._labels = nftables.labels(policy)
-
-    def record_log(self, prefix: str, protocol: str, address: str, port: int) -> None:
-        """Record the connection a line of the sandbox's kernel log (NFLOG group
-        `NFLOG_GROUP` in `netns_path`) reports, as a network event."""
-        found = nftables.event(prefix, protocol, address, port, self._labels)
-        if found is not None:
-            self.network_events.add(found)
+        if self.state is SandboxState.DESTROYED:
+            raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
+        if policy == self.spec.network:
+            return
+        self._backend.check_network(policy)
+        if self._network is None:
+            raise IsolationUnavailable(
+                f"sandbox {self.id} was created with network 'none' and has no uplink; "
+                "create a new sandbox with network 'internet' or 'allowlist' to change "
+                "its network later"
+            )
+        await self._network.set_policy(policy)
+        self.spec = replace(self.spec, network=policy)
 
     async def allow(self, rule: Rule, addresses: list[str], ttl: float) -> None:
         """Let the sandbox connect to `addresses`, which its resolver just answered for a
         name `rule` allows, on `rule`'s ports, for `ttl` seconds (at least a minute).
         The resolver awaits this before it answers, so the connection that follows is
         allowed."""
-        path, policy = self.netns_path, self.spec.network
-        if path is None or not addresses or rule == INTERNET or rule not in policy.allow:
-            return  # nothing to add: `internet` allows public addresses anyway
-        await asyncio.to_thread(
-            netns.load, path, nftables.allow_elements(rule, addresses, ttl, policy)
-        )
-
-    def _ruleset(self, policy: NetworkPolicy, *, fresh: bool = False) -> str:
-        return nftables.render(
-            policy,
-            resolver=resolver.ADDRESS,
-            also_denied=(netns.POOL4, netns.POOL6),
-            limits=self.spec.limits,
-            log_group=NFLOG_GROUP,
-            fresh=fresh,
-        )
+        if self._network is not None:
+            await self._network.allow(rule, addresses, ttl)
 
     def set_limits(self, limits: Limits) -> None:
         """Change memory, CPU, process and output limits of the live sandbox.

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # Events per second kept once a burst is spent, and the burst.
 RATE = 20.0
@@ -74,3 +76,41 @@ class NetworkEventLog:
             await self._ready.wait()
             self._ready.clear()
         return self.take()
+
+
+class Described(Protocol):
+    """What `describe` reads: a NetworkEvent, a stored row, the SDK's event."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def decision(self) -> str: ...
+    @property
+    def rule(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def answers(self) -> Sequence[str]: ...
+    @property
+    def count(self) -> int: ...
+
+
+def describe(event: Described) -> str:
+    """The event in one line for people: "denied connect tcp 198.51.100.10:443 (rule: …)"."""
+    if event.kind == "suppressed":
+        return (
+            f"{event.decision} {event.count} more {event.name or 'network'} events "
+            f"(rate limited, not recorded one by one; rule: {event.rule})"
+        )
+    if event.kind == "dns":
+        answer = ", ".join(event.answers) or "no answer"
+        return f"{event.decision} dns {event.name} -> {answer} (rule: {event.rule})"
+    host = f"[{event.address}]" if ":" in event.address else event.address
+    where = f"{host}:{event.port}" if event.port else host
+    return f"{event.decision} {event.kind} {event.protocol} {where} (rule: {event.rule})"

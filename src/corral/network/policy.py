@@ -30,8 +30,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from corral.errors import InvalidRequest
-from corral.network.addresses import IPAddress, IPNetwork, denied_range, unmapped
+from corral.errors import Forbidden, InvalidRequest
+from corral.network.addresses import (
+    DENIED,
+    DeniedRange,
+    IPAddress,
+    IPNetwork,
+    denied_range,
+    unmapped,
+)
 
 MODES = ("none", "internet", "allowlist")
 # Other systems' names for the same modes (Agent/krunvm's --network none|allow_all).
@@ -93,6 +100,40 @@ class Rule:
     def admits(self, port: int) -> bool:
         return self.ports is None or self.ports[0] <= port <= self.ports[1]
 
+    def within(self, other: Rule) -> bool:
+        """Whether everything this entry allows, `other` allows too (a domain is within
+        itself and within a wildcard above it; a CIDR within a larger one; never a name
+        within a CIDR or the reverse: what a name resolves to is not known in advance)."""
+        if other.ports is not None and (
+            self.ports is None
+            or not other.ports[0] <= self.ports[0] <= self.ports[1] <= other.ports[1]
+        ):
+            return False
+        if self.network is not None or other.network is not None:
+            return (
+                self.network is not None
+                and other.network is not None
+                and self.network.version == other.network.version
+                and self.network.subnet_of(other.network)  # type: ignore[arg-type]
+            )
+        if other.kind == "domain":
+            return self.kind == "domain" and self.host == other.host
+        # `other` is a wildcard: it names every name under its suffix, not the suffix.
+        same = self.host == other.host and self.kind == "wildcard"
+        return same or self.host.endswith("." + other.host)
+
+    def private(self) -> DeniedRange | None:
+        """The first always-denied range a CIDR entry reaches into (naming one is how a
+        sandbox gets in, so the server's operator decides), or None."""
+        if self.network is None:
+            return None
+        for entry in DENIED:
+            if entry.network.version == self.network.version and entry.network.overlaps(
+                self.network
+            ):
+                return entry
+        return None
+
 
 # What answers a name in `internet` mode: every public name, on every port.
 INTERNET = Rule("internet", "internet")
@@ -151,6 +192,22 @@ class NetworkPolicy:
     def __str__(self) -> str:
         return f"{self.mode}: {', '.join(self.entries)}" if self.allow else self.mode
 
+    def exceeds(self, ceiling: NetworkPolicy) -> str | None:
+        """What this policy asks beyond `ceiling`, or None (it is within it).
+
+        Modes rank none < allowlist < internet. Each entry must be within one of the
+        ceiling's entries, except that under an `internet` ceiling a public entry (a name,
+        or a CIDR clear of the always-denied ranges) asks for nothing more."""
+        if _RANK[self.mode] > _RANK[ceiling.mode]:
+            return f"network mode {self.mode!r}"
+        for rule in self.allow:
+            if any(rule.within(limit) for limit in ceiling.allow):
+                continue
+            if ceiling.mode == "internet" and rule.private() is None:
+                continue
+            return f"network allowlist entry {rule.text!r}"
+        return None
+
     def answer(self, name: str) -> Rule | None:
         """The rule under which the sandbox's resolver may resolve `name`, or None
         (the resolver then answers NXDOMAIN)."""
@@ -195,6 +252,104 @@ class NetworkPolicy:
         if self.mode == "internet":
             return Decision(True, INTERNET.text)
         return Decision(False, "not on the allowlist")
+
+
+_RANK = {"none": 0, "allowlist": 1, "internet": 2}
+_OPERATOR = "ask the server's operator"
+
+
+@dataclass(frozen=True)
+class NetworkCap:
+    """What a server lets its teams ask for: its operator's settings, checked when a
+    sandbox is created, its policy changed, or a job submitted.
+
+    `none` is always allowed. `internet_teams` None means every team. An allowlist entry
+    must fall within one of `allow_cap` (empty: any entry). A CIDR entry that reaches into
+    an always-denied range (private, link-local, …) must fall within `private_allow`:
+    naming such a range is the only way a sandbox gets into it, so the operator decides.
+    """
+
+    modes: frozenset[str] = frozenset(MODES)
+    internet_teams: frozenset[str] | None = None
+    allow_cap: tuple[Rule, ...] = ()
+    private_allow: tuple[Rule, ...] = ()
+
+    @classmethod
+    def parse(
+        cls,
+        modes: str = "",
+        internet_teams: str = "*",
+        allow_cap: str = "",
+        private_allow: str = "",
+    ) -> NetworkCap:
+        """The cap from the settings' comma-separated texts (CORRAL_NETWORK_*)."""
+        chosen = set()
+        for name in _items(modes) or MODES:
+            mode = ALIASES.get(name.lower(), name.lower())
+            if mode not in MODES:
+                raise InvalidRequest(
+                    f"CORRAL_NETWORK_MODES has {name!r}; use a comma list of {', '.join(MODES)}"
+                )
+            chosen.add(mode)
+        teams = _items(internet_teams)
+        return cls(
+            frozenset(chosen | {"none"}),
+            None if "*" in teams else frozenset(teams),
+            _rules("CORRAL_NETWORK_ALLOW_CAP", allow_cap),
+            _rules("CORRAL_NETWORK_PRIVATE_ALLOW", private_allow, cidrs=True),
+        )
+
+    def check(self, policy: NetworkPolicy, team: str) -> None:
+        """Refuse (Forbidden) a policy this server does not let `team` have, saying why
+        and whom to ask."""
+        if policy.mode not in self.modes:
+            raise Forbidden(
+                f"this server does not allow network mode {policy.mode!r} (it allows "
+                f"{', '.join(m for m in MODES if m in self.modes)}); {_OPERATOR} "
+                "(CORRAL_NETWORK_MODES)"
+            )
+        if policy.mode == "internet" and not (
+            self.internet_teams is None or team in self.internet_teams
+        ):
+            raise Forbidden(
+                f"team {team!r} may not use network mode 'internet' on this server; use "
+                f"'allowlist' with the destinations you need, or {_OPERATOR} to add the "
+                "team to CORRAL_NETWORK_INTERNET_TEAMS"
+            )
+        for rule in policy.allow:
+            private = rule.private()
+            if private is not None and not any(rule.within(p) for p in self.private_allow):
+                raise Forbidden(
+                    f"network allowlist entry {rule.text!r} reaches into {private.network}, "
+                    f"{private.reason} range; sandboxes "
+                    f"reach those only where the server's operator allows them: name a "
+                    f"public range, or {_OPERATOR} (CORRAL_NETWORK_PRIVATE_ALLOW)"
+                )
+            if self.allow_cap and not any(rule.within(c) for c in self.allow_cap):
+                raise Forbidden(
+                    f"network allowlist entry {rule.text!r} is outside what this server "
+                    f"lets an allowlist name ({', '.join(c.text for c in self.allow_cap)}); "
+                    f"{_OPERATOR} (CORRAL_NETWORK_ALLOW_CAP)"
+                )
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _rules(setting: str, text: str, *, cidrs: bool = False) -> tuple[Rule, ...]:
+    rules = []
+    for item in _items(text):
+        try:
+            rule = Rule.parse(item)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{setting}: {exc}") from None
+        if cidrs and rule.network is None:
+            raise InvalidRequest(
+                f"{setting} has {item!r}; write address ranges (10.0.0.0/8, fd00::/8)"
+            )
+        rules.append(rule)
+    return tuple(rules)
 
 
 def _split_port(raw: str, entry: str) -> tuple[str, tuple[int, int] | None]:

@@ -1,0 +1,185 @@
+"""The live network of one sandbox: its namespace's rules, resolver and kernel log.
+
+`Sandbox` holds one of these when it was created with `internet` or `allowlist`. It makes
+the namespace (`corral.isolation.netns`), then listens to the rules' kernel log (NFLOG)
+and starts the sandbox's DNS resolver there, all before the sandbox's first instruction;
+it swaps the rules when the policy changes, opens the addresses the resolver answers,
+and turns log lines into network events.
+
+Counting what the kernel did not log: each decision's log rule is rate limited, its
+named counter is not. `reconcile` reads the counters and records what the log lines
+missed as one "suppressed" event per rule, so a flood costs a few events and loses no
+count; a log line that arrives after its packet was already counted so is absorbed.
+It runs a moment after log lines arrive, before a policy change (the counters restart
+with the new rules) and when the sandbox ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+
+from corral._aio import stop_tasks
+from corral.config import Settings
+from corral.isolation import netns
+from corral.isolation.footprint import Footprint
+from corral.limits import Limits
+from corral.network import nftables, resolver
+from corral.network.events import NetworkEvent, NetworkEventLog
+from corral.network.nflog import NflogReader
+from corral.network.policy import INTERNET, NetworkPolicy, Rule
+
+log = logging.getLogger("corral.isolation")
+
+# The NFLOG group of every sandbox's log rules: each sandbox has a namespace of its own.
+NFLOG_GROUP = 1
+# How long after a log line the counters are read: a flood is summed up this often.
+RECONCILE_DELAY = 2.0
+
+
+class SandboxNetwork:
+    """One sandbox's network (see the module docstring). Use it from one event loop."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        footprint: Footprint,
+        settings: Settings,
+        policy: NetworkPolicy,
+        limits: Limits,
+        events: NetworkEventLog,
+    ) -> None:
+        self._id = sandbox_id
+        self._footprint = footprint
+        self._settings = settings
+        self.policy = policy
+        self._limits = limits
+        self._events = events
+        self._labels = nftables.labels(policy)
+        self._addresses: netns.Addresses | None = None
+        self._resolver: resolver.SandboxResolver | None = None
+        self._nflog: NflogReader | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reconciling: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        # Per label index: packets accounted for (an event each, or in a "suppressed"
+        # one), and how many of those were counted before their log line came.
+        self._accounted: Counter[int] = Counter()
+        self._ahead: Counter[int] = Counter()
+
+    @property
+    def path(self) -> str:
+        assert self._footprint.netns is not None
+        return self._footprint.netns
+
+    def reserve(self) -> None:
+        """Record the namespace, veth and address slot in the footprint (before the
+        sandbox's launch is planned: the plan joins that namespace)."""
+        self._addresses = netns.reserve(self._footprint, self._settings.runtime_dir)
+
+    async def make(self) -> None:
+        """The namespace, uplink and rules, then the log reader and the resolver."""
+        addresses = self._addresses
+        assert addresses is not None, "reserve first"
+        script = self._ruleset(self.policy, fresh=True)
+        await asyncio.to_thread(netns.build, self._footprint, addresses, self._limits, script)
+        # Listening before the sandbox's first packet: the kernel keeps no log for later.
+        self._nflog = await asyncio.to_thread(NflogReader.open, self.path, NFLOG_GROUP)
+        self._tasks.append(asyncio.create_task(self._read_log(self._nflog)))
+        upstream = [s for s in self._settings.network_dns.split(",") if s.strip()]
+        upstream = upstream or resolver.host_nameservers()
+        if not upstream:
+            log.warning(
+                "no DNS server for the sandbox's resolver: names will not resolve in it; "
+                "set CORRAL_NETWORK_DNS or give the host a nameserver",
+                extra={"sandbox_id": self._id},
+            )
+            return
+        self._resolver = resolver.SandboxResolver(self.policy, upstream, self._events, self.allow)
+        await self._resolver.start(self.path)
+
+    async def set_policy(self, policy: NetworkPolicy) -> None:
+        """Swap the rules for `policy`'s in one transaction; open connections stay."""
+        async with self._lock:
+            await self.reconcile()
+            await asyncio.to_thread(netns.load, self.path, self._ruleset(policy))
+            self.policy, self._labels = policy, nftables.labels(policy)
+            self._accounted.clear()
+            self._ahead.clear()
+            if self._resolver is not None:
+                self._resolver.set_policy(policy)
+
+    async def allow(self, rule: Rule, addresses: list[str], ttl: float) -> None:
+        """Let the sandbox connect to `addresses`, which its resolver answered for a name
+        `rule` allows, on `rule`'s ports, for `ttl` seconds (at least a minute)."""
+        policy = self.policy
+        if not addresses or rule == INTERNET or rule not in policy.allow:
+            return  # nothing to add: `internet` allows public addresses anyway
+        script = nftables.allow_elements(rule, addresses, ttl, policy)
+        await asyncio.to_thread(netns.load, self.path, script)
+
+    def record_log(self, prefix: str, protocol: str, address: str, port: int) -> None:
+        """Record the connection a kernel log line reports, as a network event."""
+        found = nftables.event(prefix, protocol, address, port, self._labels)
+        if found is None:
+            return
+        n = int(prefix.rsplit(" ", 1)[1])
+        if self._ahead[n]:  # already counted in a "suppressed" event
+            self._ahead[n] -= 1
+        else:
+            self._accounted[n] += 1
+            self._events.add(found)
+        if self._reconciling is None or self._reconciling.done():
+            self._reconciling = asyncio.create_task(self._reconcile_soon())
+
+    async def reconcile(self) -> None:
+        """Record what the counters saw and the log did not, as "suppressed" events."""
+        try:
+            counted = await asyncio.to_thread(netns.counters, self.path)
+        except Exception as exc:  # the namespace is going: nothing more to count
+            log.debug("could not read the network counters", extra={"error": str(exc)})
+            return
+        for name, packets in counted.items():
+            n = int(name[1:])
+            missing = packets - self._accounted[n]
+            if n < len(self._labels) and missing > 0:
+                label = self._labels[n]
+                self._events.add(
+                    NetworkEvent(
+                        "suppressed", label.decision, label.rule, name="connect", count=missing
+                    )
+                )
+                self._accounted[n] += missing
+                self._ahead[n] += missing
+
+    async def close(self) -> None:
+        """Count what is left, then stop the log reader and the resolver."""
+        await stop_tasks(self._reconciling)
+        with contextlib.suppress(Exception):
+            await self.reconcile()
+        await stop_tasks(*self._tasks)
+        if self._nflog is not None:
+            self._nflog.close()
+        if self._resolver is not None:
+            await self._resolver.close()
+
+    async def _reconcile_soon(self) -> None:
+        await asyncio.sleep(RECONCILE_DELAY)
+        async with self._lock:
+            await self.reconcile()
+
+    async def _read_log(self, reader: NflogReader) -> None:
+        async for record in reader.records():
+            self.record_log(record.prefix, record.protocol, record.address, record.port)
+
+    def _ruleset(self, policy: NetworkPolicy, *, fresh: bool = False) -> str:
+        return nftables.render(
+            policy,
+            resolver=resolver.ADDRESS,
+            also_denied=(netns.POOL4, netns.POOL6),
+            limits=self._limits,
+            log_group=NFLOG_GROUP,
+            fresh=fresh,
+        )
