@@ -572,3 +572,26 @@ def test_connections_are_events_and_a_flood_keeps_its_count(driver: Driver) -> N
     summed = having(kind="suppressed", decision="denied", rule=metadata)
     assert summed, "a flood of 300 was logged one by one"
     assert len(one_by_one) + sum(e["count"] for e in summed) == 301
+
+
+def test_without_root_the_tier_offers_none_only() -> None:
+    # Rootless uplinks (slirp4netns) are not built: a server without root must refuse
+    # internet and allowlist rather than pretend, and say why.
+    code = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from corral.config import Settings
+        from corral.isolation.namespace import NamespaceBackend
+        backend = NamespaceBackend(Settings(runtime_dir=Path(sys.argv[1])))
+        print(sorted(backend.network_modes()))
+        print(NamespaceBackend.probe(backend.settings).details["network_needs"])
+    """)
+    done = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         code, "/nonexistent"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    modes, needs = done.stdout.splitlines()
+    assert modes == "['none']"
+    assert needs.startswith("root")

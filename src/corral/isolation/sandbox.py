@@ -85,7 +85,7 @@ class Sandbox:
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
         self.workdir = ""
-        # What its network did (DNS queries, connections), for the services to store.
+        # What its network did (DNS, connections), for the services to store.
         self.network_events = NetworkEventLog()
         self._network: SandboxNetwork | None = None
 
@@ -393,7 +393,8 @@ class Sandbox:
                 "its network later"
             )
         await self._network.set_policy(policy)
-        self.spec = replace(self.spec, network=policy)
+        # The policy last loaded (another change may have finished after this one).
+        self.spec = replace(self.spec, network=self._network.policy)
 
     async def allow(self, rule: Rule, addresses: list[str], ttl: float) -> None:
         """Let the sandbox connect to `addresses`, which its resolver just answered for a
