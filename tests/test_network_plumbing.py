@@ -357,9 +357,16 @@ def test_the_bandwidth_cap_slows_a_download(driver: Driver) -> None:
     )
     capped = create(driver, "internet", bandwidth_mbit=8)
     size, seconds = driver.ok(op="run", id=capped, argv=["python3", "-c", code])["stdout"].split()
+    record = driver.ok(op="footprint", id=capped)
+    # Uploads are shaped on the sandbox's side of the link the same way (not timed here).
+    inside = subprocess.run(
+        ["nsenter", f"--net={record['netns']}", "--", "tc", "qdisc", "show", "dev", "eth0"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
     driver.ok(op="destroy", id=capped)
     assert int(size) == 2_000_000
     assert float(seconds) >= 1.5
+    assert "tbf" in inside and "rate 8Mbit" in inside
 
 
 def links_in(namespace: str) -> str:
