@@ -67,6 +67,11 @@ class Settings:
     pool_size: int = 2
     shutdown_grace: int = 10
     log_level: str = "info"
+    # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
+    # followed by this domain (E2B's form; point a wildcard DNS record at the server), as
+    # well as paths `/sandboxes/<id>/ports/<port>/`. "localhost": `*.localhost` is
+    # loopback, so `8000-<id>.localhost:<server port>` works on the server's own machine.
+    ports_domain: str = "localhost"
     # Jobs: how many a process's worker pool runs at once (`corral server` runs one pool;
     # 0 leaves jobs to `corral worker` processes), how many warm sandboxes it keeps for
     # them (at most one per worker; 0: every job of one command starts a one-shot

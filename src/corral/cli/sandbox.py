@@ -66,6 +66,7 @@ def create(args: argparse.Namespace) -> None:
         metadata=parse_pairs(args.metadata, "--metadata"),
         isolation=args.isolation,
         limits=Limits(memory_mib=args.memory_mib, cpu=args.cpu),
+        public_ports=args.public_ports,
         **connect_kwargs(args),
     )
     box.close()
@@ -218,6 +219,13 @@ def metrics(args: argparse.Namespace) -> None:
     show(args.output, points, ("at", "cpu_percent", "memory_bytes", "memory_peak_bytes", "pids"))
 
 
+def url(args: argparse.Namespace) -> None:
+    """A URL of PORT inside a sandbox, through the server's port proxy, with the
+    sandbox's traffic token unless its ports are public."""
+    with _sandbox(args) as box:
+        print(box.get_url(args.port, args.path, host_form=args.host_form))
+
+
 def add_commands(commands: Commands) -> None:
     sub = group(commands, "sandbox", "Create, inspect and use sandboxes on the server.")
 
@@ -268,6 +276,11 @@ def add_commands(commands: Commands) -> None:
         type=number(float, minimum=0.01),
         help="CPU cores; default: the server's",
     )
+    p.add_argument(
+        "--public-ports",
+        action="store_true",
+        help="anyone may reach its ports through the server (default: with its token)",
+    )
     add_output(p)
 
     p = command(sub, "list", list_)
@@ -309,6 +322,16 @@ def add_commands(commands: Commands) -> None:
     p = command(sub, "cp", cp)
     p.add_argument("source", metavar="SOURCE", help="LOCAL, or ID:PATH in a sandbox; - is stdin")
     p.add_argument("destination", metavar="DESTINATION", help="ID:PATH or LOCAL; - is stdout")
+
+    p = with_id("url", url)
+    p.add_argument("port", type=whole(1), metavar="PORT", help="a TCP port inside the sandbox")
+    p.add_argument("path", nargs="?", default="/", help="the path on that port; default /")
+    p.add_argument(
+        "--host-form",
+        action="store_true",
+        help="http://PORT-ID.DOMAIN/ (needs DNS for the server's ports domain) instead of "
+        "SERVER/sandboxes/ID/ports/PORT/",
+    )
 
     p = with_id("metrics", metrics)
     p.add_argument("--range", choices=("10m", "2h", "24h"), default="10m", help="how far back")

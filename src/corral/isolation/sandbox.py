@@ -17,6 +17,7 @@ import enum
 import logging
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import replace
@@ -38,6 +39,7 @@ from corral.isolation.command import Command, CommandResult
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import Launcher, launch
+from corral.isolation.netns import connect_port, open_netns
 from corral.limits import MIB, Limits
 
 log = logging.getLogger("corral.isolation")
@@ -333,6 +335,33 @@ class Sandbox:
 
     async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> EntryInfo | None:
         return await self._running_guest().rename(src, dst, overwrite=overwrite)
+
+    # -- ports ------------------------------------------------------------------------
+
+    async def open_port(self, port: int) -> socket.socket:
+        """A TCP connection from the host to 127.0.0.1:`port` inside this sandbox (its
+        network namespace), for the port proxy; the caller closes it. PortClosed when
+        nothing listens there."""
+        self._require(SandboxState.RUNNING)
+        launcher = self._launcher
+        if launcher is None:
+            raise SandboxNotRunning(f"sandbox {self.id} has not started")
+        # bubblewrap's child is the sandbox's init, in its namespaces; a tier without
+        # one of its own (process) is in the launcher's, which is the host's.
+        inside = (launcher.children() or [launcher.pid])[0]
+        fd = open_netns(
+            inside,
+            lambda: (
+                launcher.returncode is None
+                and (inside == launcher.pid or inside in launcher.children())
+            ),
+        )
+        if fd < 0:
+            raise SandboxNotRunning(f"sandbox {self.id} has exited")
+        try:
+            return await connect_port(fd, port, where=f"sandbox {self.id}")
+        finally:
+            os.close(fd)
 
     # -- limits and usage -------------------------------------------------------------
 

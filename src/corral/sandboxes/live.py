@@ -35,6 +35,9 @@ class LiveSandbox:
     idle_timeout: int
     on_idle: Action
     last_activity: float
+    # Port exposure, checked by the port proxy on every connection without a query.
+    traffic_token: str = ""
+    public_ports: bool = False
     state: str = "creating"
     sandbox: Sandbox | None = None
     # The last activity written to the store.

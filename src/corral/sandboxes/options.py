@@ -65,6 +65,9 @@ class CreateOptions:
     # Inactivity TTL: 0 means none.
     idle_timeout_seconds: int = 0
     on_idle: Literal["pause", "kill"] = "pause"
+    # Port exposure: anyone may reach the sandbox's ports through the port proxy (True),
+    # or only callers with its traffic access token (False).
+    public_ports: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, Limits):
@@ -79,6 +82,8 @@ class CreateOptions:
         check_timeout(self.idle_timeout_seconds, "idle_timeout_seconds", zero_ok=True)
         if self.on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={self.on_idle!r}: use 'pause' or 'kill'")
+        if not isinstance(self.public_ports, bool):
+            raise InvalidRequest(f"public_ports={self.public_ports!r}: use True or False")
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,16 @@ class SandboxRecord:
     idle_timeout_seconds: int
     on_idle: str
     last_activity_at: datetime
+    # Port exposure: what the port proxy asks for (empty when the ports are public), and
+    # the domain of its host names (`<port>-<id>.<ports_domain>`).
+    traffic_token: str = ""
+    public_ports: bool = False
+    ports_domain: str = ""
 
     @classmethod
-    def from_row(cls, row: SandboxRow, last_activity_at: datetime | None = None) -> SandboxRecord:
+    def from_row(
+        cls, row: SandboxRow, last_activity_at: datetime | None = None, ports_domain: str = ""
+    ) -> SandboxRecord:
         return cls(
             id=row.id,
             team_id=row.team_id,
@@ -116,6 +128,9 @@ class SandboxRecord:
             idle_timeout_seconds=row.idle_timeout_seconds,
             on_idle=row.on_idle,
             last_activity_at=max(row.last_activity_at, last_activity_at or row.last_activity_at),
+            traffic_token=row.traffic_token,
+            public_ports=row.public_ports,
+            ports_domain=ports_domain,
         )
 
 

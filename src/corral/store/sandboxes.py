@@ -43,6 +43,9 @@ class SandboxRow:
     owner_host: str
     owner_pid: int
     owner_start: int
+    # Port exposure: the traffic access token, or public ports (and an empty token).
+    traffic_token: str = ""
+    public_ports: bool = False
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,9 @@ sandboxes = sa.Table(
     sa.Column("owner_host", sa.String(255), nullable=False),
     sa.Column("owner_pid", sa.Integer, nullable=False),
     sa.Column("owner_start", sa.BigInteger, nullable=False),
+    # Port exposure: the token the port proxy asks for (empty when the ports are public).
+    sa.Column("traffic_token", sa.String(64), nullable=False, server_default=""),
+    sa.Column("public_ports", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint(sa.column("state").in_(SANDBOX_STATES), name="state"),
     sa.CheckConstraint(sa.column("on_idle").in_(("pause", "kill")), name="on_idle"),
     # List pages: a team's sandboxes in creation order, filtered by state.

@@ -1,0 +1,84 @@
+"""TCP connections that the host opens inside a sandbox's network namespace.
+
+A socket belongs to the network namespace of the thread that created it, for its whole
+life, whatever thread later uses it. So the host reaches `127.0.0.1:<port>` of a sandbox
+(the port proxy's byte path) by creating the socket in a thread that has entered the
+sandbox's namespace with setns(2), then connecting it from the event loop. That works
+with network "none": the sandbox needs no interface but loopback, no route and no uplink,
+and the connection is inbound, not outbound.
+
+The thread is one dedicated worker that does nothing else: it never has to go back to
+the host's namespace, so no other code (a database connection, an HTTP call) can ever
+run in a sandbox's namespace by mistake. setns needs CAP_SYS_ADMIN in the host's user
+namespace: as root; without it `connect_port` refuses with IsolationUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from corral.errors import IsolationUnavailable, PortClosed
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+# One thread, only for this: it stays in the namespace of the last sandbox it entered.
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-netns")
+
+
+def _socket_in(netns_fd: int) -> socket.socket:
+    if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setblocking(False)
+    return sock
+
+
+def open_netns(pid: int, still_ours: Callable[[], bool]) -> int:
+    """A file descriptor of process `pid`'s network namespace, or -1 when that process
+    is gone. `still_ours()` is asked after the open: a pid can be reused once its process
+    is reaped, so the caller says it has not been (its parent still has it)."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return -1
+    if not still_ours():
+        os.close(fd)
+        return -1
+    return fd
+
+
+async def connect_port(netns_fd: int, port: int, *, where: str) -> socket.socket:
+    """A non-blocking TCP socket connected to 127.0.0.1:`port` in the network namespace
+    `netns_fd` (the caller closes both). `where` names the sandbox in errors."""
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await loop.run_in_executor(_worker, _socket_in, netns_fd)
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            raise IsolationUnavailable(
+                "exposing a sandbox's ports needs the Corral server to run as root "
+                "(entering the sandbox's network namespace needs CAP_SYS_ADMIN)"
+            ) from None
+        raise
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT):
+            raise PortClosed(
+                f"nothing listens on port {port} in {where}: start a server there on "
+                f"0.0.0.0:{port} or 127.0.0.1:{port}"
+            ) from None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,311 @@
+"""The port proxy: HTTP traffic to a port inside a sandbox, through the Corral server.
+
+    http://8000-<sandbox id>.<ports_domain>[:server port]/any/path     E2B's host form
+    http://<server>/sandboxes/<sandbox id>/ports/8000/any/path          path form
+
+In the path form the prefix is stripped: the sandbox's server sees `/any/path` (and the
+prefix in `X-Forwarded-Prefix`). The credential is the sandbox's traffic access token, not
+an API key (a browser opens these URLs): the header `X-Corral-Traffic-Token` or
+`e2b-traffic-access-token`, or the query parameter `corral_token`, each removed before
+the request goes on; a sandbox created with public ports needs none.
+
+Each request is relayed on its own connection into the sandbox (`Sandbox.open_port`),
+with h11 on that side, bodies streamed both ways. WebSocket upgrades are relayed byte for
+byte by `corral.server.port_relay`, with the routing and errors of this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+import h11
+
+from corral import errors
+from corral._wire import code_for
+from corral.errors import CorralError, InvalidRequest, ServerUnavailable
+from corral.server.disconnect import Receive
+
+if TYPE_CHECKING:
+    from corral.server.base import Services
+
+Scope = dict[str, Any]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+TOKEN_HEADERS = (b"x-corral-traffic-token", b"e2b-traffic-access-token")
+TOKEN_PARAM = b"corral_token"
+_PATH_PREFIX = b"/sandboxes/"
+# Headers of one hop only (RFC 9110 7.6.1), never forwarded; nor are those `Connection`
+# names. `Host` goes on unchanged: the sandbox's app may build links from it.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_READ_SIZE = 64 * 1024
+
+# The proxy's statuses: its own, not the API's (a closed port is a bad gateway).
+_STATUS: tuple[tuple[type[CorralError], int], ...] = (
+    (errors.InvalidRequest, 400),
+    (errors.Unauthenticated, 401),
+    (errors.Forbidden, 403),
+    (errors.NotFound, 404),
+    (errors.SandboxNotRunning, 409),
+    (errors.PortClosed, 502),
+    (errors.ServerUnavailable, 503),
+    (errors.IsolationUnavailable, 501),
+)
+
+
+@dataclass(frozen=True)
+class PortRoute:
+    """Where a request goes: a port of a sandbox, and the target to send there."""
+
+    sandbox_id: str
+    port: int
+    target: bytes  # path and query as the sandbox's server gets them (no token)
+    prefix: bytes  # what the path form stripped ("" for the host form)
+    token: str | None
+
+
+def parse_host(host: str, domain: str) -> tuple[str, str] | None:
+    """(port text, sandbox id) of a Host `<port>-<sandbox id>.<domain>[:server port]`;
+    None when the host names no sandbox port. The one parser of E2B's host form."""
+    name = host.lower()
+    if not name.startswith("["):  # an IPv6 literal is never a sandbox's name
+        name = name.rpartition(":")[0] or name if ":" in name else name
+    suffix = "." + domain.lower().strip(".")
+    if not name.endswith(suffix):
+        return None
+    port, dash, sandbox_id = name[: -len(suffix)].partition("-")
+    if not dash or not sandbox_id or "." in sandbox_id:
+        return None
+    return port, sandbox_id
+
+
+def check_port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise InvalidRequest(f"port {text[:16]!r} is not a TCP port: use a number 1 to 65535")
+    return int(text)
+
+
+def route(scope: Scope, domain: str) -> PortRoute | None:
+    """The sandbox port an HTTP or WebSocket request is for; None when it is for the API.
+    InvalidRequest when it is for a port but malformed."""
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string", b"")
+    host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1")
+    by_host = parse_host(host, domain)
+    prefix = b""
+    if by_host is not None:
+        port_text, sandbox_id = by_host
+        path = raw_path
+    elif raw_path.startswith(_PATH_PREFIX):
+        sandbox_id_b, _, rest = raw_path[len(_PATH_PREFIX) :].partition(b"/")
+        ports, _, rest = rest.partition(b"/")
+        port_b, slash, rest = rest.partition(b"/")
+        if ports != b"ports" or not sandbox_id_b or not port_b:
+            raise InvalidRequest(
+                "a sandbox port's URL is /sandboxes/<sandbox id>/ports/<port>/<path>"
+            )
+        sandbox_id, port_text = sandbox_id_b.decode("latin-1"), port_b.decode("latin-1")
+        prefix = raw_path[: len(raw_path) - len(rest) - len(slash)]
+        path = b"/" + rest
+    else:
+        return None
+    port = check_port(port_text)
+    token = _header_token(scope["headers"])
+    kept = []
+    for param in query.split(b"&") if query else ():
+        name, _, value = param.partition(b"=")
+        if name == TOKEN_PARAM:
+            token = token or unquote_to_bytes(value.replace(b"+", b" ")).decode("latin-1")
+        else:
+            kept.append(param)
+    target = path + (b"?" + b"&".join(kept) if kept else b"")
+    return PortRoute(sandbox_id, port, target, prefix, token)
+
+
+def _header_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name in TOKEN_HEADERS and value:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def forwarded_headers(scope: Scope, route: PortRoute, *, upgrade: bool) -> Headers:
+    """The request's headers for the sandbox's server: no token, no hop-by-hop ones
+    (except, for a WebSocket upgrade, `Connection` and `Upgrade`, which make it one),
+    and `X-Forwarded-*` saying where it came from."""
+    headers: Headers = scope["headers"]
+    named = {b"connection"} if upgrade else set(_HOP_BY_HOP)
+    for name, value in headers:
+        if name == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    if upgrade:
+        named -= {b"connection", b"upgrade"}
+    named.update(TOKEN_HEADERS)
+    named.update({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+    out = [(k, v) for k, v in headers if k not in named]
+    client = scope.get("client")
+    if client:
+        out.append((b"x-forwarded-for", str(client[0]).encode()))
+    secure = scope.get("scheme") in ("https", "wss")
+    out.append((b"x-forwarded-proto", b"https" if secure else b"http"))
+    host = next((v for k, v in headers if k == b"host"), None)
+    if host is not None:
+        out.append((b"x-forwarded-host", host))
+    if route.prefix:
+        out.append((b"x-forwarded-prefix", route.prefix))
+    return out
+
+
+def error_body(exc: CorralError) -> tuple[int, bytes]:
+    """The status and short JSON body the proxy answers `exc` with."""
+    status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+    message = str(exc) if status != 500 else "the port proxy failed; see the server's log"
+    body = {"code": code_for(exc) if status != 500 else "internal", "message": message}
+    return status, json.dumps(body).encode()
+
+
+class PortProxy:
+    """Opens connections into sandboxes' ports for HTTP requests and WebSocket upgrades."""
+
+    def __init__(self, services: Services, domain: str) -> None:
+        self._services = services
+        self.domain = domain
+
+    async def open(self, route: PortRoute) -> socket.socket:
+        manager = self._services.manager
+        if manager is None:
+            raise ServerUnavailable("the Corral server is starting or stopping; try again")
+        return await manager.open_port(route.sandbox_id, route.port, route.token)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Relay an HTTP request for a sandbox's port and its response; False (and
+        nothing done) when the request is not for a sandbox's port."""
+        try:
+            port_route = route(scope, self.domain)
+            if port_route is None:
+                return False
+            sock = await self.open(port_route)
+        except CorralError as exc:
+            await _send_error(send, exc)
+            return True
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            await _relay(port_route, scope, receive, send, reader, writer)
+        finally:
+            writer.close()
+        return True
+
+
+async def _send_error(send: Send, exc: CorralError) -> None:
+    status, body = error_body(exc)
+    headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _relay(
+    route: PortRoute,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    conn = h11.Connection(h11.CLIENT)
+    headers = forwarded_headers(scope, route, upgrade=False)
+    incoming = {k for k, _ in scope["headers"]}
+    chunked = b"content-length" not in incoming and b"transfer-encoding" in incoming
+    if chunked:
+        headers.append((b"transfer-encoding", b"chunked"))
+    # One request per connection: the sandbox's server closes it after its answer.
+    headers.append((b"connection", b"close"))
+    request = h11.Request(method=scope["method"], target=route.target, headers=headers)
+    writer.write(conn.send(request))
+    # The body goes up while the answer comes down (a server may answer before reading
+    # it all); the same task notices when the client goes away, which ends the relay.
+    client_gone = asyncio.Event()
+    uploading = asyncio.create_task(_upload(conn, writer, receive, client_gone))
+    try:
+        await _download(conn, reader, send)
+    except (h11.ProtocolError, OSError) as exc:
+        if client_gone.is_set():
+            return
+        if conn.their_state is not h11.SEND_RESPONSE:  # the response has begun: cut it
+            raise ConnectionError(f"the sandbox's server broke its response: {exc}") from exc
+        await _send_error(
+            send,
+            errors.PortClosed(
+                f"the server on port {route.port} of sandbox {route.sandbox_id} closed the "
+                f"connection without an answer ({exc}); check its log"
+            ),
+        )
+    finally:
+        uploading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await uploading
+
+
+async def _upload(
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    receive: Receive,
+    client_gone: asyncio.Event,
+) -> None:
+    ended = False
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            client_gone.set()
+            writer.transport.abort()  # nobody to answer: stop reading the sandbox's server
+            return
+        if ended:
+            continue
+        body = message.get("body", b"")
+        try:
+            if body:
+                writer.write(conn.send(h11.Data(data=body)))
+                await writer.drain()
+            if not message.get("more_body", False):
+                writer.write(conn.send(h11.EndOfMessage()))
+                ended = True
+        except (OSError, h11.LocalProtocolError):
+            ended = True  # it stopped reading; its answer (or its absence) says why
+
+
+async def _download(conn: h11.Connection, reader: asyncio.StreamReader, send: Send) -> None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(_READ_SIZE))
+        elif isinstance(event, h11.Response):
+            headers = [(k, v) for k, v in event.headers if k not in _HOP_BY_HOP and k != b"date"]
+            await send(
+                {"type": "http.response.start", "status": event.status_code, "headers": headers}
+            )
+        elif isinstance(event, h11.Data):
+            await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
+        elif isinstance(event, h11.EndOfMessage):
+            await send({"type": "http.response.body", "body": b""})
+            return
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ConnectionError("closed before the end of the response")
+        # h11.InformationalResponse (100 Continue): the client's server sends its own.

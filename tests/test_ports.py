@@ -1,0 +1,259 @@
+"""Port exposure: a web app inside a sandbox (network "none"), reached through the server.
+
+Both routing forms (`<port>-<id>.<domain>` and `/sandboxes/<id>/ports/<port>/`), the
+traffic token in each of its places, refusals (no token, a wrong one, another sandbox's,
+an unknown sandbox, a closed or bad port) that say why and never reach a service, bodies
+streamed both ways, and a WebSocket round trip; then the SDK's and the CLI's URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from corral import Sandbox
+from tests.conftest import LiveServer, opts
+from tests.kit import webapp
+from tests.kit.polling import wait_until
+
+PORT = 8000
+
+pytestmark = pytest.mark.usefixtures("sandbox_host")
+
+
+def start_app(sbx: Sandbox, port: int = PORT) -> None:
+    """The web app of `tests.kit.webapp` listening on 127.0.0.1:`port` in the sandbox."""
+    sbx.files.write("webapp.py", webapp.SOURCE)
+    sbx.commands.run(f"python3 /workspace/webapp.py {port}", background=True)
+    url = sbx.get_url(port)
+    wait_until(lambda: httpx.get(url).status_code == 200, f"the web app on port {port}")
+
+
+@pytest.fixture(scope="module")
+def web(server: LiveServer) -> Iterator[Sandbox]:
+    """A sandbox serving the web app; its ports need its token."""
+    with Sandbox.create(timeout=300, **opts(server)) as sbx:
+        start_app(sbx)
+        yield sbx
+
+
+@pytest.fixture(scope="module")
+def other(server: LiveServer) -> Iterator[Sandbox]:
+    """Another sandbox serving the web app on the same port."""
+    with Sandbox.create(timeout=300, **opts(server)) as sbx:
+        start_app(sbx)
+        yield sbx
+
+
+def path_url(server: LiveServer, sandbox_id: str, port: int | str, rest: str = "/") -> str:
+    return f"{server.url}/sandboxes/{sandbox_id}/ports/{port}{rest}"
+
+
+def host_of(server: LiveServer, sandbox_id: str, port: int | str) -> str:
+    return f"{port}-{sandbox_id}.localhost:{urlsplit(server.url).port}"
+
+
+def refusal(response: httpx.Response, status: int, *words: str) -> None:
+    """`response` is the proxy's own short JSON refusal, with a message naming `words`."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"code", "message"}, body
+    for word in words:
+        assert word in body["message"], body
+
+
+def test_http_through_both_forms_with_the_token(server: LiveServer, web: Sandbox) -> None:
+    token = web.traffic_token
+    assert token and web.info.ports_domain == "localhost" and not web.info.public_ports
+    by_path = httpx.get(
+        path_url(server, web.sandbox_id, PORT, "/some/page?a=1&b=two"),
+        headers={"X-Corral-Traffic-Token": token, "X-App": "kept"},
+    )
+    assert by_path.status_code == 200, by_path.text
+    seen = by_path.json()
+    # The prefix is stripped, the query kept, the token never forwarded.
+    assert seen["path"] == "/some/page?a=1&b=two"
+    assert seen["headers"]["x-app"] == "kept"
+    assert "x-corral-traffic-token" not in seen["headers"]
+    assert seen["headers"]["x-forwarded-prefix"] == f"/sandboxes/{web.sandbox_id}/ports/{PORT}"
+
+    # The token as a query parameter (what a browser can carry) is removed too.
+    in_query = httpx.get(path_url(server, web.sandbox_id, PORT, f"/q?corral_token={token}&x=1"))
+    assert in_query.status_code == 200 and in_query.json()["path"] == "/q?x=1"
+
+    # E2B's host form, and E2B's header name.
+    host = host_of(server, web.sandbox_id, PORT)
+    by_host = httpx.get(
+        f"{server.url}/any/path?z=9",
+        headers={"Host": host, "e2b-traffic-access-token": token},
+    )
+    assert by_host.status_code == 200, by_host.text
+    assert by_host.json()["path"] == "/any/path?z=9"
+    assert by_host.json()["headers"]["host"] == host
+    assert "e2b-traffic-access-token" not in by_host.json()["headers"]
+    # Even an API path on a port's host name is the sandbox's, not the API's.
+    api_path = httpx.post(
+        f"{server.url}/corral.v1.SandboxService/List",
+        headers={"Host": host, "X-Corral-Traffic-Token": token},
+        content=b"{}",
+    )
+    assert api_path.json()["path"] == "/corral.v1.SandboxService/List"
+
+    # Any method; HEAD has no body.
+    for method in ("PUT", "DELETE", "PATCH"):
+        answer = httpx.request(method, web.get_url(PORT, "/m"), content=b"x")
+        assert answer.json()["method"] == method and answer.json()["length"] == 1
+    head = httpx.head(web.get_url(PORT, "/h"))
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_bodies_stream_both_ways(web: Sandbox) -> None:
+    data = secrets.token_bytes(5 << 20)
+
+    def chunks() -> Iterator[bytes]:  # no length: sent chunked, as it comes
+        for i in range(0, len(data), 1 << 16):
+            yield data[i : i + (1 << 16)]
+
+    upload = httpx.post(web.get_url(PORT, "/up"), content=chunks(), timeout=60)
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["length"] == len(data)
+    assert upload.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    sized = httpx.post(web.get_url(PORT, "/up"), content=data, timeout=60)
+    assert sized.json()["sha256"] == hashlib.sha256(data).hexdigest()
+
+    with httpx.stream("GET", web.get_url(PORT, "/stream?n=200")) as streamed:
+        assert streamed.status_code == 200
+        lines = list(streamed.iter_lines())
+    assert lines == [f"chunk {i}" for i in range(200)]
+
+
+def test_refusals_say_why_and_never_reach_another_sandbox(
+    server: LiveServer, web: Sandbox, other: Sandbox
+) -> None:
+    url = path_url(server, web.sandbox_id, PORT, "/")
+    refusal(httpx.get(url), 401, "traffic access token", "X-Corral-Traffic-Token")
+    refusal(httpx.get(url, headers={"X-Corral-Traffic-Token": "nope"}), 403, "wrong")
+    refusal(httpx.get(url + "?corral_token=nope"), 403, "wrong")
+    # Each sandbox's token opens its own ports only, in either form.
+    refusal(httpx.get(url, headers={"X-Corral-Traffic-Token": other.traffic_token}), 403)
+    host = host_of(server, web.sandbox_id, PORT)
+    refusal(httpx.get(server.url, headers={"Host": host, "X-Corral-Traffic-Token": "x"}), 403)
+    refusal(httpx.get(server.url, headers={"Host": host}), 401)
+    assert httpx.get(other.get_url(PORT)).status_code == 200
+    # An API key is no traffic token.
+    refusal(httpx.get(url, headers={"Authorization": f"Bearer {server.key}"}), 401)
+
+
+def test_unknown_sandbox_closed_port_and_bad_ports(server: LiveServer, web: Sandbox) -> None:
+    refusal(httpx.get(path_url(server, "sb_" + "0" * 20, PORT)), 404, "no sandbox")
+    unknown_host = {"Host": host_of(server, "sb_" + "0" * 20, PORT)}
+    refusal(httpx.get(server.url, headers=unknown_host), 404)
+    refusal(httpx.get(web.get_url(8001)), 502, "nothing listens on port 8001")
+    for bad in ("0", "65536", "http", "-1"):
+        refusal(httpx.get(path_url(server, web.sandbox_id, bad)), 400, "not a TCP port")
+        bad_host = {"Host": f"{bad}-{web.sandbox_id}.localhost"}
+        refusal(httpx.get(server.url, headers=bad_host), 400, "not a TCP port")
+    refusal(httpx.get(f"{server.url}/sandboxes/{web.sandbox_id}/nope/8000/"), 400, "/ports/")
+    # The API is still the API (a host that is not a port's, a path not under /sandboxes/).
+    assert httpx.get(f"{server.url}/healthz").json()["status"] == "serving"
+
+
+def test_public_ports_need_no_token(server: LiveServer) -> None:
+    with Sandbox.create(timeout=120, public_ports=True, **opts(server)) as sbx:
+        assert sbx.info.public_ports and sbx.traffic_token == ""
+        start_app(sbx)
+        assert "corral_token" not in sbx.get_url(PORT)
+        assert httpx.get(path_url(server, sbx.sandbox_id, PORT)).status_code == 200
+        host = {"Host": host_of(server, sbx.sandbox_id, PORT)}
+        assert httpx.get(server.url, headers=host).status_code == 200
+        refusal(httpx.get(sbx.get_url(8001)), 502)
+
+
+def websocket_open(server: LiveServer, target: str, headers: dict[str, str]) -> socket.socket:
+    """A raw client connection to the server that has sent a WebSocket upgrade request."""
+    netloc = urlsplit(server.url)
+    sock = socket.create_connection((netloc.hostname, netloc.port), timeout=30)
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {headers.pop('Host', netloc.netloc)}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock
+
+
+def read_head(stream: Any) -> tuple[int, dict[str, str]]:
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def test_websocket_round_trip(server: LiveServer, web: Sandbox) -> None:
+    target = f"/sandboxes/{web.sandbox_id}/ports/{PORT}/ws?corral_token={web.traffic_token}"
+    by_host = {
+        "Host": host_of(server, web.sandbox_id, PORT),
+        "X-Corral-Traffic-Token": web.traffic_token,
+    }
+    for sock in (websocket_open(server, target, {}), websocket_open(server, "/ws", by_host)):
+        with sock, sock.makefile("rb") as stream:
+            status, headers = read_head(stream)
+            assert status == 101 and headers["upgrade"].lower() == "websocket"
+            for message in (b"hello", secrets.token_bytes(70_000)):  # one long: 64-bit length
+                opcode = 1 if message == b"hello" else 2
+                sock.sendall(webapp.frame(opcode, message, mask=os.urandom(4)))
+                assert webapp.read_frame(stream) == (opcode, message)
+            sock.sendall(webapp.frame(8, b"\x03\xe8", mask=os.urandom(4)))
+            assert webapp.read_frame(stream) == (8, b"\x03\xe8")
+
+
+def test_websocket_refusals(server: LiveServer, web: Sandbox, other: Sandbox) -> None:
+    base = f"/sandboxes/{web.sandbox_id}/ports"
+    cases: list[tuple[str, dict[str, str], int]] = [
+        (f"{base}/{PORT}/ws", {}, 401),
+        (f"{base}/{PORT}/ws?corral_token={other.traffic_token}", {}, 403),
+        (f"/sandboxes/sb_{'0' * 20}/ports/{PORT}/ws", {}, 404),
+        (f"{base}/8001/ws?corral_token={web.traffic_token}", {}, 502),
+        (f"{base}/0/ws", {}, 400),
+        ("/healthz", {}, 404),  # the API speaks no WebSocket
+    ]
+    for target, headers, status in cases:
+        with websocket_open(server, target, headers) as sock, sock.makefile("rb") as stream:
+            got, found = read_head(stream)
+            body = json.loads(stream.read(int(found["content-length"])))
+            assert got == status and body["message"], (target, got, body)
+
+
+def test_sdk_and_cli_give_usable_urls(server: LiveServer, web: Sandbox) -> None:
+    server_port = urlsplit(server.url).port
+    assert web.get_host(PORT) == f"{PORT}-{web.sandbox_id}.localhost:{server_port}"
+    assert httpx.get(web.get_url(PORT, "/x?y=1")).json()["path"] == "/x?y=1"
+    host_url = web.get_url(PORT, host_form=True)
+    assert urlsplit(host_url).netloc == web.get_host(PORT)
+
+    done = server.corral("sandbox", "url", web.sandbox_id, str(PORT))
+    assert done.returncode == 0, done.stderr
+    url = done.stdout.strip()
+    assert url == web.get_url(PORT)
+    assert httpx.get(url).json()["path"] == "/"
+    done = server.corral("sandbox", "url", web.sandbox_id, str(PORT), "--host-form")
+    assert done.returncode == 0 and done.stdout.strip() == host_url
+    done = server.corral("sandbox", "url", web.sandbox_id, "70000")
+    assert done.returncode != 0 and "not a TCP port" in done.stderr
