@@ -28,6 +28,7 @@ class Reader(Protocol):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    wbufsize = 1 << 16  # a response in one write (flushed after each), not a write per line
 
     def log_message(self, format: str, *args: object) -> None:
         pass

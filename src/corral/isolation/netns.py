@@ -31,10 +31,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-netns")
 
 
-def _socket_in(netns_fd: int) -> socket.socket:
+def enter_netns(netns_fd: int) -> None:
+    """Move the calling thread (only it) into the network namespace `netns_fd`."""
     if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _socket_in(netns_fd: int) -> socket.socket:
+    enter_netns(netns_fd)
     # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setblocking(False)

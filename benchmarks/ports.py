@@ -1,0 +1,143 @@
+"""Port proxy benchmark: a small HTTP GET through the server's port proxy, against the same
+GET straight to the same web server over loopback.
+
+    sudo uv run python benchmarks/ports.py --json
+
+Root only (the proxy enters sandboxes' network namespaces; so does the baseline). A
+`corral server` subprocess runs one sandbox (network "none") serving tests/kit/webapp.py
+on port 8000. In alternating rounds, with one keep-alive HTTP client each:
+- `proxy`: GET /sandboxes/<id>/ports/8000/ping through the server (path form, token in
+  the header): client -> server -> a new connection into the sandbox -> the web app;
+- `direct`: the same GET to 127.0.0.1:8000 from a thread of this process that entered the
+  sandbox's network namespace: client -> the web app, over the same loopback.
+Prints p50/p95 (ms) of each, the overhead (p50 proxy - p50 direct) and the ratio, and the
+load average before and after (the machine is shared). Target: overhead p50 <= 1 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' kit
+
+import httpx
+from api import running_server
+from engine import percentiles, run_cli
+
+from corral import Sandbox
+from corral.isolation.netns import enter_netns
+from tests.kit import webapp
+
+PORT = 8000
+
+
+def app_pid(marker: str) -> int:
+    """The host pid of the process whose command line names `marker`."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        return int(entry)
+            except OSError:
+                continue
+    raise SystemExit(f"no process runs {marker}")
+
+
+def timed_gets(client: httpx.Client, url: str, count: int, headers: dict[str, str]) -> list[float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        response = client.get(url, headers=headers)
+        samples.append((time.perf_counter() - start) * 1000)
+        if response.status_code != 200:
+            raise SystemExit(f"GET {url}: {response.status_code} {response.text}")
+    return samples
+
+
+def direct_gets(pid: int, count: int, rounds: int, ready: threading.Barrier) -> list[float]:
+    """`count` GETs per round from inside the sandbox's network namespace, in a thread of
+    its own; `ready` alternates the rounds with the proxy's."""
+    samples: list[float] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            try:
+                enter_netns(fd)
+            finally:
+                os.close(fd)
+            with httpx.Client(trust_env=False) as client:
+                for _ in range(rounds):
+                    ready.wait()
+                    samples.extend(timed_gets(client, f"http://127.0.0.1:{PORT}/ping", count, {}))
+                    ready.wait()
+        except BaseException as exc:
+            failure.append(exc)
+            ready.abort()
+
+    thread = threading.Thread(target=run, name="in-sandbox")
+    thread.start()
+    return_value: list[Any] = [thread, samples, failure]
+    return return_value  # type: ignore[return-value]
+
+
+def main(quick: bool) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the port proxy and the baseline enter network namespaces")
+    count, rounds = (50, 4) if quick else (200, 10)
+    root = Path(tempfile.mkdtemp(prefix="corral-bench-ports-"))
+    os.chmod(root, 0o711)
+    load_before = os.getloadavg()
+    try:
+        with running_server(root, "ports", pool_size=1) as (url, key):
+            with Sandbox.create(timeout=600, server=url, api_key=key) as sbx:
+                marker = f"bench-web-{secrets.token_hex(6)}.py"
+                sbx.files.write(marker, webapp.SOURCE)
+                sbx.commands.run(f"python3 /workspace/{marker} {PORT}", background=True)
+                proxied = sbx.get_url(PORT, "/ping").split("?")[0]
+                headers = {"X-Corral-Traffic-Token": sbx.traffic_token}
+                deadline = time.monotonic() + 30
+                while httpx.get(proxied, headers=headers).status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the web app did not answer through the proxy")
+                    time.sleep(0.05)
+                ready = threading.Barrier(2)
+                thread, direct, failure = direct_gets(app_pid(marker), count, rounds, ready)
+                proxy: list[float] = []
+                with httpx.Client(trust_env=False) as client:
+                    timed_gets(client, proxied, 20, headers)  # warm-up
+                    for _ in range(rounds):
+                        ready.wait()  # the direct round
+                        ready.wait()
+                        proxy.extend(timed_gets(client, proxied, count, headers))
+                thread.join()
+                if failure:
+                    raise failure[0]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    p_proxy, p_direct = percentiles(proxy, 50, 95), percentiles(direct, 50, 95)
+    return {
+        "proxy_get_ms": {**p_proxy, "n": len(proxy)},
+        "direct_get_ms": {**p_direct, "n": len(direct)},
+        "overhead_p50_ms": round(p_proxy["p50"] - p_direct["p50"], 3),
+        "ratio_p50": round(p_proxy["p50"] / p_direct["p50"], 2),
+        "target_overhead_p50_ms": 1.0,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+    }
+
+
+if __name__ == "__main__":
+    run_cli(__doc__, main)
