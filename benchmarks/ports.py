@@ -64,32 +64,63 @@ def timed_gets(client: httpx.Client, url: str, count: int, headers: dict[str, st
     return samples
 
 
-def direct_gets(pid: int, count: int, rounds: int, ready: threading.Barrier) -> list[float]:
-    """`count` GETs per round from inside the sandbox's network namespace, in a thread of
-    its own; `ready` alternates the rounds with the proxy's."""
-    samples: list[float] = []
-    failure: list[BaseException] = []
+class DirectClient(threading.Thread):
+    """GETs to the web app from inside the sandbox's network namespace, in a thread of
+    their own (only it enters the namespace), round by round when `turn` says so."""
 
-    def run() -> None:
+    def __init__(self, pid: int, count: int, rounds: int, turn: threading.Barrier) -> None:
+        super().__init__(name="in-sandbox")
+        self.pid, self.count, self.rounds, self.turn = pid, count, rounds, turn
+        self.samples: list[float] = []
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            fd = os.open(f"/proc/{self.pid}/ns/net", os.O_RDONLY)
             try:
                 enter_netns(fd)
             finally:
                 os.close(fd)
+            url = f"http://127.0.0.1:{PORT}/ping"
             with httpx.Client(trust_env=False) as client:
-                for _ in range(rounds):
-                    ready.wait()
-                    samples.extend(timed_gets(client, f"http://127.0.0.1:{PORT}/ping", count, {}))
-                    ready.wait()
+                for _ in range(self.rounds):
+                    self.turn.wait()
+                    self.samples += timed_gets(client, url, self.count, {})
+                    self.turn.wait()
         except BaseException as exc:
-            failure.append(exc)
-            ready.abort()
+            self.failure = exc
+            self.turn.abort()
 
-    thread = threading.Thread(target=run, name="in-sandbox")
-    thread.start()
-    return_value: list[Any] = [thread, samples, failure]
-    return return_value  # type: ignore[return-value]
+
+def measure(url: str, key: str, count: int, rounds: int) -> tuple[list[float], list[float]]:
+    """(proxy, direct) GET latencies in ms, in alternating rounds."""
+    with Sandbox.create(timeout=600, server=url, api_key=key) as sbx:
+        marker = f"bench-web-{secrets.token_hex(6)}.py"
+        sbx.files.write(marker, webapp.SOURCE)
+        sbx.commands.run(f"python3 /workspace/{marker} {PORT}", background=True)
+        proxied = sbx.get_url(PORT, "/ping").split("?")[0]
+        headers = {"X-Corral-Traffic-Token": sbx.traffic_token}
+        deadline = time.monotonic() + 30
+        while httpx.get(proxied, headers=headers).status_code != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit("the web app did not answer through the proxy")
+            time.sleep(0.05)
+        turn = threading.Barrier(2)
+        direct = DirectClient(app_pid(marker), count, rounds, turn)
+        direct.start()
+        proxy: list[float] = []
+        try:
+            with httpx.Client(trust_env=False) as client:
+                timed_gets(client, proxied, 20, headers)  # warm-up
+                for _ in range(rounds):
+                    turn.wait()  # the direct client's round
+                    turn.wait()
+                    proxy += timed_gets(client, proxied, count, headers)
+        finally:
+            direct.join()
+        if direct.failure is not None:
+            raise direct.failure
+        return proxy, direct.samples
 
 
 def main(quick: bool) -> dict[str, Any]:
@@ -101,29 +132,7 @@ def main(quick: bool) -> dict[str, Any]:
     load_before = os.getloadavg()
     try:
         with running_server(root, "ports", pool_size=1) as (url, key):
-            with Sandbox.create(timeout=600, server=url, api_key=key) as sbx:
-                marker = f"bench-web-{secrets.token_hex(6)}.py"
-                sbx.files.write(marker, webapp.SOURCE)
-                sbx.commands.run(f"python3 /workspace/{marker} {PORT}", background=True)
-                proxied = sbx.get_url(PORT, "/ping").split("?")[0]
-                headers = {"X-Corral-Traffic-Token": sbx.traffic_token}
-                deadline = time.monotonic() + 30
-                while httpx.get(proxied, headers=headers).status_code != 200:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the web app did not answer through the proxy")
-                    time.sleep(0.05)
-                ready = threading.Barrier(2)
-                thread, direct, failure = direct_gets(app_pid(marker), count, rounds, ready)
-                proxy: list[float] = []
-                with httpx.Client(trust_env=False) as client:
-                    timed_gets(client, proxied, 20, headers)  # warm-up
-                    for _ in range(rounds):
-                        ready.wait()  # the direct round
-                        ready.wait()
-                        proxy.extend(timed_gets(client, proxied, count, headers))
-                thread.join()
-                if failure:
-                    raise failure[0]
+            proxy, direct = measure(url, key, count, rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     p_proxy, p_direct = percentiles(proxy, 50, 95), percentiles(direct, 50, 95)

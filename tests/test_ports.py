@@ -137,6 +137,17 @@ def test_bodies_stream_both_ways(web: Sandbox) -> None:
     assert lines == [f"chunk {i}" for i in range(200)]
 
 
+def test_kept_connections_closed_by_the_sandbox_are_replaced(web: Sandbox) -> None:
+    """The proxy keeps connections into a sandbox for the next request; one its server
+    has closed meanwhile costs the client nothing."""
+    with httpx.Client() as client:
+        for i in range(20):
+            bye = client.get(web.get_url(PORT, f"/bye?{i}"))
+            assert bye.status_code == 200 and bye.json()["path"] == f"/bye?{i}"
+            after = client.get(web.get_url(PORT, f"/after?{i}"))
+            assert after.status_code == 200 and after.json()["path"] == f"/after?{i}"
+
+
 def test_refusals_say_why_and_never_reach_another_sandbox(
     server: LiveServer, web: Sandbox, other: Sandbox
 ) -> None:
@@ -144,7 +155,9 @@ def test_refusals_say_why_and_never_reach_another_sandbox(
     refusal(httpx.get(url), 401, "traffic access token", "X-Corral-Traffic-Token")
     refusal(httpx.get(url, headers={"X-Corral-Traffic-Token": "nope"}), 403, "wrong")
     refusal(httpx.get(url + "?corral_token=nope"), 403, "wrong")
-    # Each sandbox's token opens its own ports only, in either form.
+    # Each sandbox's token opens its own ports only, in either form, even when the proxy
+    # keeps a connection into that port from an earlier request.
+    assert httpx.get(web.get_url(PORT)).status_code == 200
     refusal(httpx.get(url, headers={"X-Corral-Traffic-Token": other.traffic_token}), 403)
     host = host_of(server, web.sandbox_id, PORT)
     refusal(httpx.get(server.url, headers={"Host": host, "X-Corral-Traffic-Token": "x"}), 403)

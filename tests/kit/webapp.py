@@ -1,8 +1,11 @@
 """A web app for inside a sandbox, standard library only: `python3 webapp.py PORT`.
 
 It answers every HTTP request with JSON describing it (method, path and query, headers,
-the body's length and SHA-256), `/stream?n=N` with N chunks of a chunked response, and a
-WebSocket upgrade with an echo of every message until the client closes. Tests copy this
+the body's length and SHA-256) on a kept-alive connection; after `/bye` it drops the
+next request on that connection unanswered (as a server does that closes an idle
+connection just as a request comes);
+`/stream?n=N` with N chunks of a chunked response; and a WebSocket upgrade with an echo of
+every message until the client closes. Tests copy this
 file into a sandbox (`SOURCE`) and reach it through the port proxy.
 """
 
@@ -34,6 +37,9 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def _any(self) -> None:
+        if getattr(self, "drop_next", False):
+            self.close_connection = True
+            return
         if self.headers.get("Upgrade", "").lower() == "websocket":
             self._websocket()
             return
@@ -56,6 +62,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+        self.drop_next = target.path == "/bye"
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
 

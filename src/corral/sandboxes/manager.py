@@ -19,7 +19,6 @@ import asyncio
 import hmac
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
@@ -313,8 +312,9 @@ class SandboxManager:
 
     # -- exposed ports ------------------------------------------------------------------
 
-    async def open_port(self, sandbox_id: str, port: int, token: str | None) -> socket.socket:
-        """A connection to `port` inside a sandbox of this process, for the port proxy.
+    def exposed(self, sandbox_id: str, token: str | None) -> Sandbox:
+        """A running sandbox of this process whose ports `token` may reach, for the port
+        proxy (`Sandbox.open_port`); counts as activity.
 
         No team here: the sandbox's traffic access token is the credential (none for
         public ports), checked before anything else about the sandbox is told. A wrong
@@ -345,7 +345,7 @@ class SandboxManager:
         if entry.state != "running" or entry.sandbox is None:
             raise SandboxNotRunning(f"sandbox {sandbox_id} is {entry.state}")
         entry.touch(time.time())
-        return await entry.sandbox.open_port(port)
+        return entry.sandbox
 
     # -- lookups ------------------------------------------------------------------------
 

@@ -241,6 +241,7 @@ class CorralApp:
 
     async def stop(self) -> None:
         manager, store = self.services.manager, self.services.store
+        self.ports.close()
         self.services.manager = None
         self.services.jobs = None
         if self._jobs is not None:

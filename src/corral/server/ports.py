@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from corral.errors import CorralError, InvalidRequest, ServerUnavailable
 from corral.server.disconnect import Receive
 
 if TYPE_CHECKING:
+    from corral.isolation import Sandbox
     from corral.server.base import Services
 
 Scope = dict[str, Any]
@@ -58,6 +60,8 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _READ_SIZE = 64 * 1024
+_KEEP_IDLE = 4.0  # seconds a connection into a sandbox is kept for the next request
+_KEEP_PER_PORT = 8
 
 # The proxy's statuses: its own, not the API's (a closed port is a bad gateway).
 _STATUS: tuple[tuple[type[CorralError], int], ...] = (
@@ -184,17 +188,23 @@ def error_body(exc: CorralError) -> tuple[int, bytes]:
 
 
 class PortProxy:
-    """Opens connections into sandboxes' ports for HTTP requests and WebSocket upgrades."""
+    """Serves HTTP requests for sandboxes' ports; opens connections into them for
+    WebSocket upgrades too (`corral.server.port_relay`)."""
 
     def __init__(self, services: Services, domain: str) -> None:
         self._services = services
         self.domain = domain
+        self._idle = _IdleConnections()
 
-    async def open(self, route: PortRoute) -> socket.socket:
+    def _sandbox(self, route: PortRoute) -> Sandbox:
         manager = self._services.manager
         if manager is None:
             raise ServerUnavailable("the Corral server is starting or stopping; try again")
-        return await manager.open_port(route.sandbox_id, route.port, route.token)
+        return manager.exposed(route.sandbox_id, route.token)
+
+    async def open(self, route: PortRoute) -> socket.socket:
+        """A new connection to the route's port, once its token has been checked."""
+        return await self._sandbox(route).open_port(route.port)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Relay an HTTP request for a sandbox's port and its response; False (and
@@ -203,16 +213,140 @@ class PortProxy:
             port_route = route(scope, self.domain)
             if port_route is None:
                 return False
-            sock = await self.open(port_route)
+            sandbox = self._sandbox(port_route)  # the token is checked on every request
+            key = (port_route.sandbox_id, port_route.port)
+            upstream = self._idle.take(key)
+            if upstream is None:
+                upstream = await _Upstream.open(sandbox, port_route.port)
+            elif not _has_body(scope):
+                # A kept connection the sandbox's server may have closed meanwhile: if
+                # it has, the request (without a body: nothing was consumed) is sent
+                # again on a new one.
+                try:
+                    await self._exchange(key, port_route, scope, receive, send, upstream, True)
+                    return True
+                except _Stale:
+                    upstream = await _Upstream.open(sandbox, port_route.port)
         except CorralError as exc:
             await _send_error(send, exc)
             return True
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            await _relay(port_route, scope, receive, send, reader, writer)
-        finally:
-            writer.close()
+        await self._exchange(key, port_route, scope, receive, send, upstream, False)
         return True
+
+    async def _exchange(
+        self,
+        key: tuple[str, int],
+        port_route: PortRoute,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        upstream: _Upstream,
+        reused: bool,
+    ) -> None:
+        try:
+            await _relay(port_route, scope, receive, send, upstream, reused)
+        except BaseException:
+            upstream.close()
+            raise
+        if upstream.reusable():
+            self._idle.give(key, upstream)
+        else:
+            upstream.close()
+
+    def close(self) -> None:
+        self._idle.close()
+
+
+class _Stale(Exception):
+    """A kept connection failed before any answer: the sandbox's server had closed it."""
+
+
+def _has_body(scope: Scope) -> bool:
+    return any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+
+
+@dataclass(eq=False)
+class _Upstream:
+    """One HTTP/1.1 connection into a sandbox's port."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: h11.Connection
+    idle_since: float = 0.0
+    answering: bool = False  # the response to the current request has begun
+
+    @classmethod
+    async def open(cls, sandbox: Sandbox, port: int) -> _Upstream:
+        sock = await sandbox.open_port(port)
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_SIZE)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(reader, writer, h11.Connection(h11.CLIENT))
+
+    def reusable(self) -> bool:
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    def fresh(self, now: float) -> bool:
+        return (
+            now - self.idle_since < _KEEP_IDLE
+            and not self.reader.at_eof()
+            and not self.writer.is_closing()
+        )
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+class _IdleConnections:
+    """Kept-alive connections into sandboxes' ports, each reused only for the same
+    sandbox and port (after that request's own token check), and dropped after
+    `_KEEP_IDLE` seconds: less than the 5 s idle timeout of common servers (Node,
+    uvicorn), so a kept connection is seldom one its server is closing."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[_Upstream]] = {}
+        self._swept = 0.0
+
+    def take(self, key: tuple[str, int]) -> _Upstream | None:
+        now = time.monotonic()
+        self._sweep(now)
+        idle = self._idle.get(key)
+        while idle:
+            upstream = idle.pop()
+            if upstream.fresh(now):
+                return upstream
+            upstream.close()
+        return None
+
+    def give(self, key: tuple[str, int], upstream: _Upstream) -> None:
+        upstream.conn.start_next_cycle()
+        upstream.idle_since = time.monotonic()
+        idle = self._idle.setdefault(key, [])
+        if len(idle) < _KEEP_PER_PORT:
+            idle.append(upstream)
+        else:
+            upstream.close()
+
+    def _sweep(self, now: float) -> None:
+        """Close what has been idle too long (a killed sandbox's connections too)."""
+        if now - self._swept < _KEEP_IDLE:
+            return
+        self._swept = now
+        for key, idle in list(self._idle.items()):
+            for upstream in idle:
+                if not upstream.fresh(now):
+                    upstream.close()
+            self._idle[key] = [u for u in idle if not u.writer.is_closing()]
+            if not self._idle[key]:
+                del self._idle[key]
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for upstream in idle:
+                upstream.close()
+        self._idle.clear()
 
 
 async def _send_error(send: Send, exc: CorralError) -> None:
@@ -227,30 +361,33 @@ async def _relay(
     scope: Scope,
     receive: Receive,
     send: Send,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    upstream: _Upstream,
+    reused: bool,
 ) -> None:
-    conn = h11.Connection(h11.CLIENT)
+    conn, writer = upstream.conn, upstream.writer
     headers = forwarded_headers(scope, route, upgrade=False)
     incoming = {k for k, _ in scope["headers"]}
-    chunked = b"content-length" not in incoming and b"transfer-encoding" in incoming
-    if chunked:
+    if b"content-length" not in incoming and b"transfer-encoding" in incoming:
         headers.append((b"transfer-encoding", b"chunked"))
-    # One request per connection: the sandbox's server closes it after its answer.
-    headers.append((b"connection", b"close"))
     request = h11.Request(method=scope["method"], target=route.target, headers=headers)
-    writer.write(conn.send(request))
     # The body goes up while the answer comes down (a server may answer before reading
     # it all); the same task notices when the client goes away, which ends the relay.
     client_gone = asyncio.Event()
-    uploading = asyncio.create_task(_upload(conn, writer, receive, client_gone))
+    uploading = None
     try:
-        await _download(conn, reader, send)
+        writer.write(conn.send(request))
+        bodyless = not _has_body(scope)
+        if bodyless:  # all sent now (a retry must not wait for a body already taken)
+            writer.write(conn.send(h11.EndOfMessage()))
+        uploading = asyncio.create_task(_upload(conn, writer, receive, client_gone, bodyless))
+        await _download(upstream, send)
     except (h11.ProtocolError, OSError) as exc:
         if client_gone.is_set():
             return
-        if conn.their_state is not h11.SEND_RESPONSE:  # the response has begun: cut it
+        if upstream.answering:  # the response has begun: cut it
             raise ConnectionError(f"the sandbox's server broke its response: {exc}") from exc
+        if reused:
+            raise _Stale() from exc
         await _send_error(
             send,
             errors.PortClosed(
@@ -259,9 +396,10 @@ async def _relay(
             ),
         )
     finally:
-        uploading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await uploading
+        if uploading is not None:
+            uploading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await uploading
 
 
 async def _upload(
@@ -269,13 +407,14 @@ async def _upload(
     writer: asyncio.StreamWriter,
     receive: Receive,
     client_gone: asyncio.Event,
+    ended: bool,
 ) -> None:
-    ended = False
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            client_gone.set()
-            writer.transport.abort()  # nobody to answer: stop reading the sandbox's server
+            if conn.their_state is not h11.DONE:
+                client_gone.set()
+                writer.transport.abort()  # nobody to answer: stop reading the sandbox's
             return
         if ended:
             continue
@@ -291,12 +430,15 @@ async def _upload(
             ended = True  # it stopped reading; its answer (or its absence) says why
 
 
-async def _download(conn: h11.Connection, reader: asyncio.StreamReader, send: Send) -> None:
+async def _download(upstream: _Upstream, send: Send) -> None:
+    conn, reader = upstream.conn, upstream.reader
+    upstream.answering = False
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             conn.receive_data(await reader.read(_READ_SIZE))
         elif isinstance(event, h11.Response):
+            upstream.answering = True
             headers = [(k, v) for k, v in event.headers if k not in _HOP_BY_HOP and k != b"date"]
             await send(
                 {"type": "http.response.start", "status": event.status_code, "headers": headers}
