@@ -8,23 +8,31 @@ streamed both ways, and a WebSocket round trip; then the SDK's and the CLI's URL
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from corral import Sandbox
+from corral.errors import IsolationUnavailable, PortClosed, SandboxNotRunning
 from tests.conftest import LiveServer, opts
 from tests.kit import webapp
 from tests.kit.polling import wait_until
+
+if TYPE_CHECKING:
+    from corral.isolation import Engine
+    from corral.isolation import Sandbox as EngineSandbox
 
 PORT = 8000
 
@@ -270,3 +278,87 @@ def test_sdk_and_cli_give_usable_urls(server: LiveServer, web: Sandbox) -> None:
     assert done.returncode == 0 and done.stdout.strip() == host_url
     done = server.corral("sandbox", "url", web.sandbox_id, "70000")
     assert done.returncode != 0 and "not a TCP port" in done.stderr
+
+
+def test_paused_and_killed_sandboxes(server: LiveServer) -> None:
+    with Sandbox.create(timeout=120, **opts(server)) as sbx:
+        start_app(sbx)
+        sbx.pause()
+        refusal(httpx.get(sbx.get_url(PORT)), 409, "paused", "resume")
+        refusal(httpx.get(sbx.get_url(PORT).split("?")[0]), 401)  # the token comes first
+        sbx.resume()
+        assert httpx.get(sbx.get_url(PORT)).status_code == 200
+        url = sbx.get_url(PORT)
+    refusal(httpx.get(url), 404, "no sandbox")
+
+
+# -- the byte path, in the engine ---------------------------------------------------------
+
+ONE_ANSWER = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print('listening', flush=True)\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()\n"
+)
+
+
+async def test_open_port_reaches_the_sandboxs_own_loopback_only(
+    engine: Engine, sandbox: EngineSandbox
+) -> None:
+    with pytest.raises(PortClosed, match="nothing listens on port 9000"):
+        await sandbox.open_port(9000)
+    other = await engine.create(isolation="namespace")
+    try:
+        for box, word in ((sandbox, b"mine"), (other, b"other")):
+            listening = await box.exec(
+                ["python3", "-c", ONE_ANSWER, "9000", word.decode()], background=True
+            )
+            async for chunk in listening:
+                if b"listening" in chunk.data:
+                    break
+        for box, word in ((sandbox, b"mine"), (other, b"other")):
+            sock = await box.open_port(9000)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            assert await reader.read() == word
+            writer.close()
+        await sandbox.pause()
+        with pytest.raises(SandboxNotRunning, match="paused"):
+            await sandbox.open_port(9000)
+        await sandbox.resume()
+    finally:
+        await other.destroy()
+    with pytest.raises(SandboxNotRunning):
+        await other.open_port(9000)
+
+
+async def test_a_sandbox_without_its_own_network_namespace_exposes_nothing(
+    engine: Engine,
+) -> None:
+    box = await engine.create(isolation="process")
+    try:
+        with pytest.raises(IsolationUnavailable, match="no network namespace of its own"):
+            await box.open_port(9000)
+    finally:
+        await box.destroy()
+
+
+def test_without_root_port_exposure_says_it_needs_root() -> None:
+    """setns needs CAP_SYS_ADMIN: a server without it refuses, saying so."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged uid")
+    script = (
+        "import asyncio, os\n"
+        "from corral.isolation.netns import connect_port\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "fd = os.open('/proc/self/ns/net', os.O_RDONLY)\n"
+        "try:\n"
+        "    asyncio.run(connect_port(fd, 9, where='sandbox x'))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.startswith("IsolationUnavailable"), (done.stdout, done.stderr)
+    assert "needs the Corral server to run as root" in done.stdout

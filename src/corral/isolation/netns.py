@@ -49,7 +49,8 @@ def _socket_in(netns_fd: int) -> socket.socket:
 def open_netns(pid: int, still_ours: Callable[[], bool]) -> int:
     """A file descriptor of process `pid`'s network namespace, or -1 when that process
     is gone. `still_ours()` is asked after the open: a pid can be reused once its process
-    is reaped, so the caller says it has not been (its parent still has it)."""
+    is reaped, so the caller says it has not been (its parent still has it). The host's
+    own namespace is refused (IsolationUnavailable)."""
     try:
         fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
@@ -57,6 +58,14 @@ def open_netns(pid: int, still_ours: Callable[[], bool]) -> int:
     if not still_ours():
         os.close(fd)
         return -1
+    if os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+        os.close(fd)
+        # Its 127.0.0.1 is the host's: it would reach the host's and other sandboxes'
+        # services, never only its own.
+        raise IsolationUnavailable(
+            "this sandbox has no network namespace of its own (process tier): its ports "
+            "cannot be exposed; use the namespace tier"
+        )
     return fd
 
 
