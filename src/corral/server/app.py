@@ -29,7 +29,7 @@ from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
-from corral.server.ports import PortProxy
+from corral.server.port_http import PortProxy
 from corral.server.requests import (
     HEALTH_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,

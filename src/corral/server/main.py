@@ -27,7 +27,7 @@ from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.server.app import CorralApp
-from corral.server.port_relay import relay_protocol
+from corral.server.port_websocket import relay_protocol
 
 log = logging.getLogger("corral.server")
 

@@ -22,7 +22,7 @@ import h11
 
 from corral.errors import CorralError, InvalidRequest, NotFound
 from corral.server import ports
-from corral.server.ports import PortProxy
+from corral.server.port_http import PortProxy
 
 log = logging.getLogger("corral.server")
 
@@ -137,6 +137,12 @@ class PortRelay(asyncio.Protocol):
             if route is None:
                 raise _NOT_A_PORT
             sock = await self._proxy.open(route)
+            try:
+                loop = asyncio.get_running_loop()
+                upstream, _ = await loop.create_connection(lambda: _Upstream(self), sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         except CorralError as exc:
             self._refuse(exc)
             return
@@ -144,19 +150,13 @@ class PortRelay(asyncio.Protocol):
             log.exception("WebSocket relay failed")
             client.close()
             return
-        loop = asyncio.get_running_loop()
-        try:
-            transport, _ = await loop.create_connection(lambda: _Upstream(self), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        if client.is_closing():
-            transport.close()
+        if client.is_closing():  # the client left meanwhile
+            upstream.close()
             return
-        self._upstream = transport
+        self._upstream = upstream
         lines = [f"{scope['method']} ".encode() + route.target + b" HTTP/1.1"]
         lines += [k + b": " + v for k, v in ports.forwarded_headers(scope, route, upgrade=True)]
-        transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
+        upstream.write(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
         client.resume_reading()
 
     def _scope(self, head: bytes, client: asyncio.Transport) -> dict[str, Any]:
