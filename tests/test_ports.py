@@ -303,6 +303,13 @@ ONE_ANSWER = (
 )
 
 
+async def listen(box: EngineSandbox, program: str, *args: str) -> None:
+    started = await box.exec(["python3", "-c", program, *args], background=True)
+    async for chunk in started:
+        if b"listening" in chunk.data:
+            return
+
+
 async def test_open_port_reaches_the_sandboxs_own_loopback_only(
     engine: Engine, sandbox: EngineSandbox
 ) -> None:
@@ -310,17 +317,12 @@ async def test_open_port_reaches_the_sandboxs_own_loopback_only(
         await sandbox.open_port(9000)
     other = await engine.create(isolation="namespace")
     try:
-        for box, word in ((sandbox, b"mine"), (other, b"other")):
-            listening = await box.exec(
-                ["python3", "-c", ONE_ANSWER, "9000", word.decode()], background=True
-            )
-            async for chunk in listening:
-                if b"listening" in chunk.data:
-                    break
-        for box, word in ((sandbox, b"mine"), (other, b"other")):
+        for box, word in ((sandbox, "mine"), (other, "other")):
+            await listen(box, ONE_ANSWER, "9000", word)
+        for box, word in ((sandbox, "mine"), (other, "other")):
             sock = await box.open_port(9000)
             reader, writer = await asyncio.open_connection(sock=sock)
-            assert await reader.read() == word
+            assert await reader.read() == word.encode()
             writer.close()
         await sandbox.pause()
         with pytest.raises(SandboxNotRunning, match="paused"):
@@ -343,8 +345,9 @@ async def test_a_sandbox_without_its_own_network_namespace_exposes_nothing(
         await box.destroy()
 
 
-def test_without_root_port_exposure_says_it_needs_root() -> None:
-    """setns needs CAP_SYS_ADMIN: a server without it refuses, saying so."""
+def test_without_root_the_host_cannot_enter_a_namespace() -> None:
+    """Why `open_port` falls back to the guest agent without root: setns needs
+    CAP_SYS_ADMIN, and `connect_port` says so with PermissionError."""
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to an unprivileged uid")
     script = (
@@ -355,10 +358,50 @@ def test_without_root_port_exposure_says_it_needs_root() -> None:
         "try:\n"
         "    asyncio.run(connect_port(fd, 9, where='sandbox x'))\n"
         "except Exception as exc:\n"
-        "    print(type(exc).__name__, exc)\n"
+        "    print(type(exc).__name__)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert done.stdout.startswith("IsolationUnavailable"), (done.stdout, done.stderr)
-    assert "needs the Corral server to run as root" in done.stdout
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "PermissionError", (done.stdout, done.stderr)
+
+
+ECHO = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print('listening', flush=True)\n"
+    "while True:\n"
+    "    c, _ = s.accept()\n"
+    "    while data := c.recv(65536):\n"
+    "        c.sendall(data)\n"
+    "    c.close()\n"
+)
+
+
+async def test_the_guest_agent_relays_a_port_when_the_host_cannot_enter(
+    sandbox: EngineSandbox,
+) -> None:
+    """The path without root (and for tiers whose network the host cannot enter): the
+    agent connects inside the sandbox; bytes go both ways with flow control."""
+    with pytest.raises(PortClosed, match="nothing listens on port 9000"):
+        await sandbox.open_port_via_agent(9000)
+    await listen(sandbox, ECHO, "9000")
+    data = secrets.token_bytes(3 << 20)  # well past the channel's window, both ways
+    sock = await sandbox.open_port_via_agent(9000)
+    reader, writer = await asyncio.open_connection(sock=sock)
+
+    async def send() -> None:
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()  # the echo server ends after the last byte
+
+    sending = asyncio.create_task(send())
+    assert await reader.read() == data  # all of it, then the end
+    await sending
+    writer.close()
+
+    await listen(sandbox, ONE_ANSWER, "9001", "hello")
+    for _ in range(20):  # one after another: each ends cleanly
+        sock = await sandbox.open_port_via_agent(9001)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        assert await reader.read() == b"hello"
+        writer.close()

@@ -10,7 +10,8 @@ and the connection is inbound, not outbound.
 The thread is one dedicated worker that does nothing else: it never has to go back to
 the host's namespace, so no other code (a database connection, an HTTP call) can ever
 run in a sandbox's namespace by mistake. setns needs CAP_SYS_ADMIN in the host's user
-namespace: as root; without it `connect_port` refuses with IsolationUnavailable.
+namespace: as root; without it `connect_port` raises PermissionError, and the sandbox
+is reached through its guest agent instead (`corral.isolation.guest_socket`).
 """
 
 from __future__ import annotations
@@ -71,17 +72,11 @@ def open_netns(pid: int, still_ours: Callable[[], bool]) -> int:
 
 async def connect_port(netns_fd: int, port: int, *, where: str) -> socket.socket:
     """A non-blocking TCP socket connected to 127.0.0.1:`port` in the network namespace
-    `netns_fd` (the caller closes both). `where` names the sandbox in errors."""
+    `netns_fd` (the caller closes both). `where` names the sandbox in errors;
+    PermissionError when this process may not enter the namespace."""
     loop = asyncio.get_running_loop()
-    try:
-        sock = await loop.run_in_executor(_worker, _socket_in, netns_fd)
-    except OSError as exc:
-        if exc.errno == errno.EPERM:
-            raise IsolationUnavailable(
-                "exposing a sandbox's ports needs the Corral server to run as root "
-                "(entering the sandbox's network namespace needs CAP_SYS_ADMIN)"
-            ) from None
-        raise
+    # PermissionError (EPERM) without CAP_SYS_ADMIN: the caller goes through the agent.
+    sock = await loop.run_in_executor(_worker, _socket_in, netns_fd)
     try:
         await loop.sock_connect(sock, ("127.0.0.1", port))
     except OSError as exc:

@@ -38,6 +38,7 @@ from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupU
 from corral.isolation.command import Command, CommandResult
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
+from corral.isolation.guest_socket import bridge
 from corral.isolation.launcher import Launcher, launch
 from corral.isolation.netns import connect_port, open_netns
 from corral.limits import MIB, Limits
@@ -83,6 +84,8 @@ class Sandbox:
         self._stderr_tail = b""
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
+        # Connections relayed by the guest agent (`open_port` without root), ended on destroy.
+        self._relays: set[asyncio.Task[None]] = set()
         self.workdir = ""
 
     # -- lifecycle --------------------------------------------------------------------
@@ -206,7 +209,7 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._launcher.pid, signal.SIGKILL)
                 await self._launcher.wait()
-            await stop_tasks(self._stderr_task)
+            await stop_tasks(self._stderr_task, *self._relays)
             if not released:
                 await asyncio.to_thread(self.footprint.release)
 
@@ -360,8 +363,19 @@ class Sandbox:
             raise SandboxNotRunning(f"sandbox {self.id} has exited")
         try:
             return await connect_port(fd, port, where=f"sandbox {self.id}")
+        except PermissionError:  # the host may not enter it (not root): the agent may
+            return await self.open_port_via_agent(port)
         finally:
             os.close(fd)
+
+    async def open_port_via_agent(self, port: int) -> socket.socket:
+        """`open_port` through the guest agent: its `connect`, relayed to a local socket.
+        The path where the host cannot enter the sandbox's network namespace."""
+        stream = await self._running_guest().connect(port)
+        sock, relay = await bridge(stream)
+        self._relays.add(relay)
+        relay.add_done_callback(self._relays.discard)
+        return sock
 
     # -- limits and usage -------------------------------------------------------------
 
