@@ -12,10 +12,16 @@ on port 8000. In alternating rounds, with one keep-alive HTTP client each:
   sandbox's network namespace: client -> the web app, over the same loopback.
 Prints p50/p95 (ms) of each, the overhead (p50 proxy - p50 direct) and the ratio, and the
 load average before and after (the machine is shared). Target: overhead p50 <= 1 ms.
+
+Then the two byte paths into a sandbox, in the engine (no server): a new connection and
+one GET (`Connection: close`) over `Sandbox.open_port` (the host in the sandbox's
+namespace: the root path) and over `open_port_via_agent` (the guest agent relays: the
+path without root).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -30,10 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' kit
 
 import httpx
-from api import running_server
+from api import CGROUP_PARENT, running_server
 from engine import percentiles, run_cli
 
 from corral import Sandbox
+from corral.config import Settings
+from corral.isolation import Engine
+from corral.isolation import Sandbox as EngineSandbox
 from corral.isolation.netns import enter_netns
 from tests.kit import webapp
 
@@ -123,6 +132,47 @@ def measure(url: str, key: str, count: int, rounds: int) -> tuple[list[float], l
         return proxy, direct.samples
 
 
+async def one_get(opened: Any) -> float:
+    """ms for a new connection (from `opened()`) and one GET over it, to the end."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(sock=await opened())
+    writer.write(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    elapsed = (time.perf_counter() - start) * 1000
+    writer.close()
+    if not answer.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"unexpected answer: {answer[:80]!r}")
+    return elapsed
+
+
+async def byte_paths(root: Path, count: int) -> dict[str, Any]:
+    settings = Settings(runtime_dir=root / "engine", cgroup_parent=CGROUP_PARENT)
+    async with Engine(settings) as engine:
+        box: EngineSandbox = await engine.create(isolation="namespace")
+        try:
+            await box.write_file("web.py", webapp.SOURCE.encode())
+            await box.exec(["python3", "web.py", str(PORT)], background=True)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await one_get(lambda: box.open_port(PORT))
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+            netns, agent = [], []
+            for _ in range(count):
+                netns.append(await one_get(lambda: box.open_port(PORT)))
+                agent.append(await one_get(lambda: box.open_port_via_agent(PORT)))
+        finally:
+            await box.destroy()
+    return {
+        "engine_connect_get_netns_ms": {**percentiles(netns, 50, 95), "n": len(netns)},
+        "engine_connect_get_agent_ms": {**percentiles(agent, 50, 95), "n": len(agent)},
+    }
+
+
 def main(quick: bool) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise SystemExit("run as root: the port proxy and the baseline enter network namespaces")
@@ -133,6 +183,7 @@ def main(quick: bool) -> dict[str, Any]:
     try:
         with running_server(root, "ports", pool_size=1) as (url, key):
             proxy, direct = measure(url, key, count, rounds)
+        paths = asyncio.run(byte_paths(root, count))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     p_proxy, p_direct = percentiles(proxy, 50, 95), percentiles(direct, 50, 95)
@@ -142,6 +193,7 @@ def main(quick: bool) -> dict[str, Any]:
         "overhead_p50_ms": round(p_proxy["p50"] - p_direct["p50"], 3),
         "ratio_p50": round(p_proxy["p50"] / p_direct["p50"], 2),
         "target_overhead_p50_ms": 1.0,
+        **paths,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
