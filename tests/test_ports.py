@@ -25,8 +25,9 @@ import httpx
 import pytest
 
 from corral import Sandbox
+from corral.config import Settings
 from corral.errors import IsolationUnavailable, PortClosed, SandboxNotRunning
-from tests.conftest import LiveServer, opts
+from tests.conftest import LiveServer, opts, start_server
 from tests.kit import webapp
 from tests.kit.polling import wait_until
 
@@ -243,6 +244,31 @@ def test_websocket_round_trip(server: LiveServer, web: Sandbox) -> None:
                 assert webapp.read_frame(stream) == (opcode, message)
             sock.sendall(webapp.frame(8, b"\x03\xe8", mask=os.urandom(4)))
             assert webapp.read_frame(stream) == (8, b"\x03\xe8")
+
+
+def test_a_server_shutting_down_ends_its_websocket_relays(settings: Settings) -> None:
+    """A graceful shutdown closes relayed WebSockets instead of waiting for them (its
+    grace here is a minute: the stop below would kill it first)."""
+    data_dir = settings.runtime_dir / f"ports-{secrets.token_hex(4)}"
+    live = start_server(settings, data_dir, pool_size=0, extra_env={"CORRAL_SHUTDOWN_GRACE": "60"})
+    try:
+        sbx = Sandbox.create(timeout=120, **opts(live))  # the shutdown kills it
+        # Started in a session of its own by a command that ends: no call stays open
+        # (a background command's output stream would hold the shutdown by itself).
+        sbx.files.write("webapp.py", webapp.SOURCE)
+        sbx.commands.run(f"setsid -f python3 /workspace/webapp.py {PORT}")
+        url = sbx.get_url(PORT)
+        wait_until(lambda: httpx.get(url).status_code == 200, "the web app")
+        target = f"/sandboxes/{sbx.sandbox_id}/ports/{PORT}/ws?corral_token={sbx.traffic_token}"
+        with websocket_open(live, target, {}) as sock, sock.makefile("rb") as stream:
+            assert read_head(stream)[0] == 101
+            sock.sendall(webapp.frame(1, b"still here", mask=os.urandom(4)))
+            assert webapp.read_frame(stream) == (1, b"still here")
+            sbx.close()
+            assert live.stop(timeout=30) == 0
+            assert stream.read() == b""  # the relay was closed, not left hanging
+    finally:
+        live.stop()
 
 
 def test_websocket_refusals(server: LiveServer, web: Sandbox, other: Sandbox) -> None:
