@@ -43,7 +43,7 @@ from corral import Sandbox
 from corral.config import Settings
 from corral.isolation import Engine
 from corral.isolation import Sandbox as EngineSandbox
-from corral.isolation.netns import enter_netns
+from corral.network.setns import enter_netns
 from tests.kit import webapp
 
 PORT = 8000
@@ -85,11 +85,7 @@ class DirectClient(threading.Thread):
 
     def run(self) -> None:
         try:
-            fd = os.open(f"/proc/{self.pid}/ns/net", os.O_RDONLY)
-            try:
-                enter_netns(fd)
-            finally:
-                os.close(fd)
+            enter_netns(f"/proc/{self.pid}/ns/net")
             url = f"http://127.0.0.1:{PORT}/ping"
             with httpx.Client(trust_env=False) as client:
                 for _ in range(self.rounds):

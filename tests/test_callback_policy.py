@@ -64,12 +64,12 @@ INTERNAL = [
     ("http://100.64.0.1/", "CGNAT"),
     ("http://224.0.0.1/", "multicast"),
     ("http://[ff02::1]/", "multicast"),
-    ("http://240.0.0.1/", "private"),
-    ("http://255.255.255.255/", "private"),
+    ("http://240.0.0.1/", "reserved"),
+    ("http://255.255.255.255/", "reserved"),
     ("http://192.0.0.8/", "reserved"),
     ("http://[2002:7f00:1::]/", "transition"),  # 6to4 of 127.0.0.1
-    ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/", "private"),  # Teredo
-    ("http://[64:ff9b::a9fe:a9fe]/", "reserved"),  # NAT64 of the metadata address
+    ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/", "transition"),  # Teredo
+    ("http://[64:ff9b::a9fe:a9fe]/", "translated"),  # NAT64 of the metadata address
 ]
 
 

@@ -342,7 +342,7 @@ async def test_limits_beyond_the_host_are_refused(engine: Engine) -> None:
 async def test_bad_environment_and_network_are_refused(engine: Engine) -> None:
     with pytest.raises(InvalidRequest, match="environment variable name"):
         await engine.create(env={"A=B": "x"}, isolation="process")
-    with pytest.raises(InvalidRequest, match="network policy"):
+    with pytest.raises(InvalidRequest, match="network mode"):
         await engine.create(network="everything", isolation="process")
 
 
@@ -367,3 +367,11 @@ async def test_process_backend_runs_commands(engine: Engine) -> None:
         result = await box.run(["sh", "-c", "echo hi; pwd"])
         lines = result.stdout.decode().split()
         assert lines[0] == "hi" and lines[1].endswith("/workspace")
+
+
+async def test_a_network_mode_the_tier_cannot_enforce_is_refused_before_anything_starts(
+    engine: Engine,
+) -> None:
+    with pytest.raises(IsolationUnavailable, match="cannot enforce network mode 'internet'"):
+        await engine.create(network="internet", isolation="process")
+    assert not engine.sandboxes

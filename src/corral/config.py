@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import InvalidRequest
+from corral.network.policy import NetworkCap
 
 ENV_PREFIX = "CORRAL_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -103,6 +104,18 @@ class Settings:
     # How often a running server or worker removes what the sandboxes of dead Corral
     # processes left (mounts, cgroups, uid slots, files); every process also does at start.
     reap_interval: int = 60
+    # Sandboxes' and jobs' network: the modes this server allows at all (a comma list of
+    # none, internet, allowlist; `none` is always allowed), the teams (by name) that may
+    # use `internet` ("*": every team), what every allowlist entry must fall within
+    # (domains, wildcards, CIDRs; empty: any public destination), and the always-denied
+    # ranges (private, link-local …) an allowlist may name (CIDRs; empty: none).
+    network_modes: str = "none,internet,allowlist"
+    network_internet_teams: str = "*"
+    network_allow_cap: str = ""
+    network_private_allow: str = ""
+    # Network events kept per sandbox (DNS answers, connections allowed and denied); past
+    # this the oldest are deleted, and the count deleted is shown with the rest.
+    network_events_max: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -125,6 +138,21 @@ class Settings:
             )
         if self.database_url:
             check_database_url(self.database_url)
+        if self.network_events_max < 1:
+            raise InvalidRequest(
+                f"CORRAL_NETWORK_EVENTS_MAX={self.network_events_max} keeps no event: use 1 "
+                "or more (the default keeps 10000 per sandbox)"
+            )
+        self.network_cap()
+
+    def network_cap(self) -> NetworkCap:
+        """What this server lets its teams' sandboxes and jobs reach (CORRAL_NETWORK_*)."""
+        return NetworkCap.parse(
+            self.network_modes,
+            self.network_internet_teams,
+            self.network_allow_cap,
+            self.network_private_allow,
+        )
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

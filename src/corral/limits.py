@@ -25,6 +25,8 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "open_files": (16, 1_048_576),
     "file_size_mib": (1, 16 * 1024 * 1024),
     "output_bytes": (1, 1 << 40),
+    "bandwidth_mbit": (0, 1_000_000),
+    "connections": (1, 1_000_000),
 }
 
 
@@ -42,6 +44,10 @@ class Limits:
     file_size_mib: int = 4096
     # Default cap on one command's stdout+stderr; a command past it ends with `output_limit`.
     output_bytes: int = 64 * MIB
+    # Network (when the sandbox's policy lets it out): megabits per second each way, 0 for
+    # no cap; and how many connections (TCP, or UDP flows) may be open at once.
+    bandwidth_mbit: int = 0
+    connections: int = 1024
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -176,6 +176,50 @@ def add_sandbox_choice(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_network_options(parser: argparse.ArgumentParser, *, env: bool = True) -> None:
+    """--network, --allow, --bandwidth-mbit and --connections of a command that makes a
+    sandbox (`run`, `sandbox create`, `job submit`)."""
+    help = (
+        "what the sandbox may reach: none (the default), internet (alias allow_all) or "
+        "allowlist (--allow alone means allowlist)"
+    )
+    if env:
+        env_option(parser, "--network", env="CORRAL_NETWORK", help=help)
+    else:
+        parser.add_argument("--network", help=help)
+    add_allow(parser)
+    parser.add_argument(
+        "--bandwidth-mbit", type=whole(1), help="megabits per second each way; default: no cap"
+    )
+    parser.add_argument(
+        "--connections", type=whole(1), help="connections open at once; default: the server's"
+    )
+
+
+def add_allow(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ENTRY",
+        help="an allowlist entry: pypi.org, *.example.com:443, 203.0.113.0/24; repeatable",
+    )
+
+
+def network_choice(args: argparse.Namespace) -> tuple[str, list[str]] | None:
+    """(mode, allowlist entries) from --network and --allow, checked as the server checks
+    them (so a typo exits 2 before any call); None when neither was given."""
+    from corral.network.policy import NetworkPolicy
+
+    if args.network is None and not args.allow:
+        return None
+    try:
+        policy = NetworkPolicy.parse(args.network or "allowlist", args.allow)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"--network/--allow: {exc}") from None
+    return policy.mode, list(policy.entries)
+
+
 def setting_option(
     parser: argparse.ArgumentParser, *flags: str, setting: str, help: str, **kwargs: Any
 ) -> None:

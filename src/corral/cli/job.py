@@ -26,6 +26,7 @@ from corral.cli._common import (
     EXIT_CANCELED,
     EXIT_ERROR,
     EXIT_TIMED_OUT,
+    add_network_options,
     add_output,
     add_pairs,
     cell,
@@ -34,6 +35,7 @@ from corral.cli._common import (
     err,
     group,
     interruptible,
+    network_choice,
     out,
     parse_pairs,
     plain,
@@ -200,6 +202,13 @@ def submit(args: argparse.Namespace) -> int:
         "idempotency_key": args.idempotency_key or None,
     }
     spec.update({k: v for k, v in options.items() if v is not None})
+    if network := network_choice(args):
+        spec["network"], spec["network_allow"] = network
+    given = {"bandwidth_mbit": args.bandwidth_mbit, "connections": args.connections}
+    if any(v is not None for v in given.values()):
+        limits = spec.get("limits")
+        limits = dict(limits) if isinstance(limits, dict) else {}
+        spec["limits"] = {**limits, **{k: v for k, v in given.items() if v is not None}}
     if file is not None:
         try:  # the SDK checks it too; here the error can name the file
             JobSpec.from_dict(split_idempotency_key(spec)[0])
@@ -318,6 +327,7 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--retries", type=whole(0), help="extra attempts after a failure")
     p.add_argument("--template", help="the sandbox's template")
     p.add_argument("--isolation", help="auto, namespace, …")
+    add_network_options(p, env=False)
     p.add_argument("--priority", type=whole(), help="higher runs first, among the team's own jobs")
     p.add_argument(
         "--idempotency-key", default="", help="submitting the same key again returns the first job"

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.cli._common import (
+    add_network_options,
     add_pairs,
     add_sandbox_choice,
     command,
     connect_kwargs,
     env_option,
     interruptible,
+    network_choice,
     number,
     parse_pairs,
     usage_error,
@@ -59,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     words = words_after_dashes(args.command)
     if not words:
         usage_error("say what to run: `corral run -- COMMAND ARGS…`")
-    from corral.client import Sandbox
+    from corral.client import Limits, Sandbox
 
+    network = network_choice(args)
     envs = parse_pairs(args.env, "-e")
     uploads = _files(args.file)
     timeout = args.timeout
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
             envs=envs,
             metadata=parse_pairs(args.metadata, "--metadata"),
             timeout=lifetime,
+            limits=Limits(bandwidth_mbit=args.bandwidth_mbit, connections=args.connections),
+            network={"mode": network[0], "allow": network[1]} if network else None,
             **connect_kwargs(args),
         ) as box,
     ):
@@ -106,6 +111,7 @@ def add_commands(commands: Commands) -> None:
         "-f", "--file", action="append", default=[], metavar="LOCAL:REMOTE", help="uploaded first"
     )
     add_pairs(p, "-m", "--metadata", help="a metadata entry; repeatable")
+    add_network_options(p)
     add_stdin_option(p)
     p.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments"

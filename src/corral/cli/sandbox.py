@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from corral.cli._common import (
+    add_allow,
+    add_network_options,
     add_output,
     add_pairs,
     add_sandbox_choice,
@@ -20,9 +23,11 @@ from corral.cli._common import (
     err,
     group,
     interruptible,
+    network_choice,
     number,
     out,
     parse_pairs,
+    plain,
     show,
     usage_error,
     warn,
@@ -36,7 +41,15 @@ if TYPE_CHECKING:
     from corral.cli._common import Commands, Parser
     from corral.client import Sandbox
 
-SANDBOX_COLUMNS = ("sandbox_id", "state", "template", "isolation", "expires_at", "state_reason")
+SANDBOX_COLUMNS = (
+    "sandbox_id",
+    "state",
+    "template",
+    "isolation",
+    "network",
+    "expires_at",
+    "state_reason",
+)
 _REMOTE = re.compile(r"^(sb_[0-9a-zA-Z]+):(.*)$")
 STATES = "creating, running, paused, killed or failed"
 
@@ -57,6 +70,7 @@ def create(args: argparse.Namespace) -> None:
     timeout."""
     from corral.client import Limits, Sandbox
 
+    network = network_choice(args)
     box = Sandbox.create(
         args.template,
         timeout=args.timeout,
@@ -65,7 +79,13 @@ def create(args: argparse.Namespace) -> None:
         envs=parse_pairs(args.env, "-e"),
         metadata=parse_pairs(args.metadata, "--metadata"),
         isolation=args.isolation,
-        limits=Limits(memory_mib=args.memory_mib, cpu=args.cpu),
+        limits=Limits(
+            memory_mib=args.memory_mib,
+            cpu=args.cpu,
+            bandwidth_mbit=args.bandwidth_mbit,
+            connections=args.connections,
+        ),
+        network={"mode": network[0], "allow": network[1]} if network else None,
         public_ports=args.public_ports,
         **connect_kwargs(args),
     )
@@ -120,6 +140,15 @@ def timeout(args: argparse.Namespace) -> None:
     with _sandbox(args) as box:
         info = box.set_timeout(args.seconds)
     out(f"{args.sandbox_id} expires at {info.expires_at}")
+
+
+def network(args: argparse.Namespace) -> None:
+    """Change what a sandbox may reach: MODE none, internet or allowlist (with --allow
+    ENTRY, repeatable). Connections already open stay open."""
+    mode, allow = network_choice(args) or ("none", [])
+    with _sandbox(args) as box:
+        info = box.update_network(mode, allow=allow)
+    out(f"{args.sandbox_id} network {info.network}")
 
 
 def exec_(args: argparse.Namespace) -> int:
@@ -219,6 +248,28 @@ def metrics(args: argparse.Namespace) -> None:
     show(args.output, points, ("at", "cpu_percent", "memory_bytes", "memory_peak_bytes", "pids"))
 
 
+def events(args: argparse.Namespace) -> None:
+    """A sandbox's network events, one line each (JSON lines with -o json): DNS answers
+    and refusals, connections allowed and denied, what the rate limit held back."""
+    from corral.network.events import describe
+
+    with _sandbox(args) as box, interruptible():
+        expected = args.offset
+        for event in box.events(offset=args.offset, follow=args.follow):
+            if event.seq > expected:  # seqs have no gaps: the server's cap deleted these
+                warn(
+                    f"{event.seq - expected} older events were deleted (CORRAL_NETWORK_EVENTS_MAX)"
+                )
+            expected = event.seq + 1
+            if args.output == "json":
+                line = json.dumps(plain(event))
+            else:
+                at = event.at.strftime("%H:%M:%S.%f")[:-3] if event.at else "-"
+                line = f"{event.seq:>4}  {at}  {describe(event)}"
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+
 def url(args: argparse.Namespace) -> None:
     """A URL of PORT inside a sandbox, through the server's port proxy, with the
     sandbox's traffic token unless its ports are public."""
@@ -276,6 +327,7 @@ def add_commands(commands: Commands) -> None:
         type=number(float, minimum=0.01),
         help="CPU cores; default: the server's",
     )
+    add_network_options(p)
     p.add_argument(
         "--public-ports",
         action="store_true",
@@ -292,6 +344,9 @@ def add_commands(commands: Commands) -> None:
     with_id("kill", kill)
     with_id("pause", pause)
     with_id("resume", resume)
+    p = with_id("network", network)
+    p.add_argument("network", metavar="MODE", help="none, internet (alias allow_all) or allowlist")
+    add_allow(p)
     p = with_id("timeout", timeout)
     p.add_argument("seconds", type=whole(1), metavar="SECONDS", help="kill it this long from now")
 
@@ -323,6 +378,12 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("source", metavar="SOURCE", help="LOCAL, or ID:PATH in a sandbox; - is stdin")
     p.add_argument("destination", metavar="DESTINATION", help="ID:PATH or LOCAL; - is stdout")
 
+    p = with_id("events", events)
+    p.add_argument("-f", "--follow", action="store_true", help="until the sandbox ends")
+    p.add_argument(
+        "--offset", type=whole(0), default=0, help="the first event: 0, or an event's seq + 1"
+    )
+    add_output(p)
     p = with_id("url", url)
     p.add_argument("port", type=whole(1), metavar="PORT", help="a TCP port inside the sandbox")
     p.add_argument("path", nargs="?", default="/", help="the path on that port; default /")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -10,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from corral._state_enums import JOB_STATE_NAMES, SANDBOX_STATE_NAMES
 from corral.errors import InvalidRequest
+from corral.network.policy import NetworkPolicy
 from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as jobs_pb
 from corral.v1 import sandbox_pb2 as pb
@@ -36,9 +38,11 @@ class Limits:
     cpu: float | None = None
     pids: int | None = None
     disk_mib: int | None = None
+    bandwidth_mbit: int | None = None  # each way; None: no cap
+    connections: int | None = None  # open at once
 
     def to_proto(self) -> pb.Limits:
-        for name in ("memory_mib", "cpu", "pids", "disk_mib"):
+        for name in ("memory_mib", "cpu", "pids", "disk_mib", "bandwidth_mbit", "connections"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # 0 on the wire means "the default"
                 raise InvalidRequest(
@@ -50,7 +54,54 @@ class Limits:
             cpu=self.cpu or 0.0,
             pids=self.pids or 0,
             disk_mib=self.disk_mib or 0,
+            bandwidth_mbit=self.bandwidth_mbit or 0,
+            connections=self.connections or 0,
         )
+
+
+@dataclass(frozen=True)
+class Network:
+    """What a sandbox may reach: `none` (loopback only), `internet` (public addresses),
+    or `allowlist` (only `allow`: domains, `*.` wildcards, CIDRs, optional ports)."""
+
+    mode: str = "none"
+    allow: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, mode: str = "none", allow: Iterable[str] = ()) -> Network:
+        """Checked here, as the server checks it (aliases resolved, entries normalised)."""
+        policy = NetworkPolicy.parse(mode, allow)
+        return cls(policy.mode, policy.entries)
+
+    @classmethod
+    def of(cls, value: Network | str | Mapping[str, Any] | None) -> Network:
+        """A policy from a Network, a mode, {"mode": …, "allow": […]}, or None (none)."""
+        if isinstance(value, Network):
+            return value
+        if value is None or isinstance(value, str):
+            return cls.parse(value or "none")
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"mode", "allow"}
+            if unknown:
+                raise InvalidRequest(
+                    f"network has unknown keys {sorted(unknown)}; write "
+                    '{"mode": "allowlist", "allow": ["pypi.org", ...]}'
+                )
+            return cls.parse(value.get("mode") or "none", value.get("allow") or ())
+        raise InvalidRequest(
+            f"network must be a mode (none, internet, allowlist), a mapping with mode and "
+            f"allow, or a Network; got {type(value).__name__}"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.mode}: {', '.join(self.allow)}" if self.allow else self.mode
+
+    @classmethod
+    def from_proto(cls, message: pb.NetworkPolicy) -> Network:
+        return cls(message.mode or "none", tuple(message.allow))
+
+    def to_proto(self) -> pb.NetworkPolicy:
+        return pb.NetworkPolicy(mode=self.mode, allow=self.allow)
 
 
 @dataclass(frozen=True)
@@ -69,6 +120,7 @@ class SandboxInfo:
     idle_timeout: int
     on_idle: str
     last_activity_at: datetime | None
+    network: Network = field(default_factory=Network)
     # Port exposure: the token the port proxy asks for ("" when the ports are public),
     # and the domain of the ports' host names.
     traffic_token: str = ""
@@ -89,12 +141,15 @@ class SandboxInfo:
                 cpu=sandbox.limits.cpu,
                 pids=sandbox.limits.pids,
                 disk_mib=sandbox.limits.disk_mib,
+                bandwidth_mbit=sandbox.limits.bandwidth_mbit,
+                connections=sandbox.limits.connections,
             ),
             created_at=_time(sandbox.created_at, sandbox.HasField("created_at")),
             expires_at=_time(sandbox.expires_at, sandbox.HasField("expires_at")),
             idle_timeout=sandbox.idle_timeout_seconds,
             on_idle="kill" if sandbox.on_idle == pb.IDLE_ACTION_KILL else "pause",
             last_activity_at=_time(sandbox.last_activity_at, sandbox.HasField("last_activity_at")),
+            network=Network.from_proto(sandbox.network),
             traffic_token=sandbox.traffic_access_token,
             public_ports=sandbox.public_ports,
             ports_domain=sandbox.ports_domain,
@@ -196,6 +251,44 @@ class MetricPoint:
             memory_bytes=point.memory_bytes,
             memory_peak_bytes=point.memory_peak_bytes,
             pids=point.pids,
+        )
+
+
+@dataclass(frozen=True)
+class NetworkEvent:
+    """One decision about a sandbox's traffic, in order (`seq`, from 0 per sandbox).
+
+    `kind` is dns (`name` asked, `answers` given), connect (`protocol`, `address`, `port`)
+    or suppressed: `count` events of kind `name` the rate limit held back. `decision` is
+    allowed or denied; `rule` the allowlist entry as written, or a label like "private".
+    """
+
+    seq: int
+    at: datetime | None
+    kind: str
+    decision: str
+    rule: str
+    protocol: str = ""
+    address: str = ""
+    port: int = 0
+    name: str = ""
+    answers: tuple[str, ...] = ()
+    count: int = 1
+
+    @classmethod
+    def from_proto(cls, event: pb.NetworkEvent) -> NetworkEvent:
+        return cls(
+            seq=event.seq,
+            at=_time(event.at, event.HasField("at")),
+            kind=event.kind,
+            decision=event.decision,
+            rule=event.rule,
+            protocol=event.protocol,
+            address=event.address,
+            port=event.port,
+            name=event.name,
+            answers=tuple(event.answers),
+            count=event.count,
         )
 
 
@@ -332,9 +425,10 @@ class LogChunk:
 class JobEvent:
     """A state change or a workflow step's start or end, in order (`seq`).
 
-    `type` is state, step_start, step_end, log_truncated, retry_scheduled, requeued or
-    callback; `state` is the new state of a `state` event; `data` holds the step's index,
-    name, exit_code, duration_ms and the like.
+    `type` is state, step_start, step_end, log_truncated, retry_scheduled, requeued,
+    callback or network; `state` is the new state of a `state` event; `data` holds the
+    step's index, name, exit_code, duration_ms and the like (a `network` event's: the
+    fields of a `NetworkEvent` but its seq and time).
     """
 
     seq: int

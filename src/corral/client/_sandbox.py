@@ -11,8 +11,8 @@ The server and API key come from the arguments, else `CORRAL_SERVER` and
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Literal
 
 from corral.client._commands import AsyncCommands
 from corral.client._config import ClientSettings
@@ -20,7 +20,7 @@ from corral.client._connection import Connection
 from corral.client._files import AsyncFiles
 from corral.client._hybrid import hybridmethod
 from corral.client._listing import list_request
-from corral.client._models import Limits, MetricPoint, SandboxInfo
+from corral.client._models import Limits, MetricPoint, Network, NetworkEvent, SandboxInfo
 from corral.client._ports import port_host, port_url
 from corral.errors import InvalidRequest, NotFound, SandboxNotRunning
 from corral.v1 import sandbox_pb2 as pb
@@ -65,6 +65,32 @@ async def kill_by_id(
         await connection.aclose()
 
 
+def _network(
+    network: Network | str | Mapping[str, Any] | None, allow_internet_access: bool | None
+) -> Network:
+    if allow_internet_access is None:
+        return Network.of(network)
+    if network is not None:
+        raise InvalidRequest(
+            "give network or allow_internet_access, not both (allow_internet_access=True "
+            'is network="internet", False is network="none")'
+        )
+    if not isinstance(allow_internet_access, bool):
+        raise InvalidRequest(
+            f"allow_internet_access must be True or False, not {allow_internet_access!r}"
+        )
+    return Network.parse("internet" if allow_internet_access else "none")
+
+
+def _mode(mode: object) -> str:
+    if not isinstance(mode, str):
+        raise InvalidRequest(
+            "update_network(mode, allow=[...]) takes the mode as a string with allow; "
+            "or pass a Network (or mapping) alone"
+        )
+    return mode
+
+
 class AsyncSandbox:
     """A sandbox on a Corral server. Get one from `create` or `connect`."""
 
@@ -98,6 +124,11 @@ class AsyncSandbox:
     def info(self) -> SandboxInfo:
         """What the server said about the sandbox at the last call that returned it."""
         return self._info
+
+    @property
+    def network(self) -> Network:
+        """Its network policy, as of the last call that returned the sandbox."""
+        return self._info.network
 
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.sandbox_id} {self._info.state}>"
@@ -136,6 +167,8 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         isolation: str = "auto",
         limits: Limits | None = None,
+        network: Network | str | Mapping[str, Any] | None = None,
+        allow_internet_access: bool | None = None,
         public_ports: bool = False,
         api_key: str | None = None,
         server: str | None = None,
@@ -145,12 +178,16 @@ class AsyncSandbox:
         """Start a sandbox; it lives `timeout` seconds (server default 300) unless moved.
 
         `idle_timeout` seconds without activity (commands, files, pings) pause it, or
-        kill it with `on_idle="kill"`. `envs` apply to every command run in it. Its ports
-        are reached through the server (`get_url`) with its `traffic_token`, or by
-        anyone with `public_ports=True`.
+        kill it with `on_idle="kill"`. `envs` apply to every command run in it.
+        `network` is what it may reach: "none" (the default), "internet", or
+        {"mode": "allowlist", "allow": ["pypi.org", "*.example.com:443", "203.0.113.0/24"]};
+        E2B's `allow_internet_access=True` is "internet", False is "none". Its ports are
+        reached through the server (`get_url`) with its `traffic_token`, or by anyone
+        with `public_ports=True`.
         """
         if on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={on_idle!r}: use 'pause' or 'kill'")
+        policy = _network(network, allow_internet_access)
         connection = _connect(server, api_key, context, request_timeout)
         request = pb.CreateRequest(
             template=template,
@@ -161,6 +198,7 @@ class AsyncSandbox:
             timeout_seconds=timeout or 0,
             idle_timeout_seconds=idle_timeout or 0,
             on_idle=pb.IDLE_ACTION_KILL if on_idle == "kill" else pb.IDLE_ACTION_PAUSE,
+            network=policy.to_proto(),
             public_ports=bool(public_ports),
         )
         try:
@@ -280,6 +318,17 @@ class AsyncSandbox:
         self._info = SandboxInfo.from_proto(reply.sandbox)
         return self._info
 
+    async def update_network(
+        self, mode: Network | str | Mapping[str, Any], allow: Sequence[str] = ()
+    ) -> SandboxInfo:
+        """Change what it may reach (connections already open stay open):
+        `update_network("allowlist", allow=["pypi.org"])`, `update_network("none")`."""
+        policy = Network.of(mode) if not allow else Network.parse(_mode(mode), allow)
+        request = pb.UpdateNetworkRequest(sandbox_id=self.sandbox_id, network=policy.to_proto())
+        reply = await self._connection.call(self._connection.rpc.update_network, request)
+        self._info = SandboxInfo.from_proto(reply.sandbox)
+        return self._info
+
     async def ping(self) -> None:
         """Count as activity: restarts its idle timer."""
         await self._connection.call(
@@ -292,6 +341,18 @@ class AsyncSandbox:
         request = pb.GetMetricsRequest(sandbox_id=self.sandbox_id, range=_RANGES[range])
         reply = await self._connection.call(self._connection.rpc.get_metrics, request)
         return [MetricPoint.from_proto(p) for p in reply.points]
+
+    async def events(self, offset: int = 0, follow: bool = False) -> AsyncIterator[NetworkEvent]:
+        """The sandbox's network events from seq `offset` on: DNS answers and refusals,
+        connections allowed and denied, and counts of what the rate limit held back. With
+        `follow`, until the sandbox ends. Seqs have no gaps: a first seq above `offset`
+        is the count of older events the server's cap deleted."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest(f"offset={offset!r} must be a whole number >= 0")
+        request = pb.StreamEventsRequest(sandbox_id=self.sandbox_id, offset=offset, follow=follow)
+        async for message in self._connection.stream(self._connection.rpc.stream_events, request):
+            for event in message.events:
+                yield NetworkEvent.from_proto(event)
 
     async def aclose(self) -> None:
         """Close the connection; the sandbox goes on (see `kill`)."""

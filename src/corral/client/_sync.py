@@ -17,7 +17,7 @@ from corral.client._files import AsyncFiles, ReadFormat, check_format
 from corral.client._hybrid import hybridmethod
 from corral.client._jobs import DEFAULT_RECONNECT_TIMEOUT, AsyncJobs
 from corral.client._listing import list_sandboxes
-from corral.client._models import CommandResult, SandboxInfo
+from corral.client._models import CommandResult, Network, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
 from corral.client._sandbox import AsyncSandbox, kill_by_id
 from corral.errors import InvalidRequest
@@ -185,6 +185,10 @@ class Sandbox:
     def info(self) -> SandboxInfo:
         return self._async.info
 
+    @property
+    def network(self) -> Network:
+        return self._async.network
+
     def __repr__(self) -> str:
         return f"<Sandbox {self.sandbox_id} {self.info.state}>"
 
@@ -210,8 +214,10 @@ class Sandbox:
     pause = bridge(AsyncSandbox.pause)
     resume = bridge(AsyncSandbox.resume)
     set_timeout = bridge(AsyncSandbox.set_timeout)
+    update_network = bridge(AsyncSandbox.update_network)
     ping = bridge(AsyncSandbox.ping)
     get_metrics = bridge(AsyncSandbox.get_metrics)
+    events = _bridge_iterator(AsyncSandbox.events)
     close = bridge(AsyncSandbox.aclose)
 
     def __enter__(self) -> Sandbox:

@@ -19,8 +19,8 @@ from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation.footprint import Footprint
 from corral.limits import Limits
+from corral.network.policy import NetworkPolicy
 
-NETWORK_POLICIES = ("none",)
 # A command's timeout is a day at most: the guest agent waits in poll(), whose timeout is
 # milliseconds in a C int, and a timeout past ~24.8 days overflowed it and killed the agent.
 MAX_COMMAND_TIMEOUT = 24 * 3600
@@ -49,15 +49,12 @@ class SandboxSpec:
 
     template: str = "host"
     limits: Limits = field(default_factory=Limits)
-    # "none": no interfaces but loopback. Outbound network is a later tier feature.
-    network: str = "none"
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.network not in NETWORK_POLICIES:
-            raise InvalidRequest(
-                f"network policy {self.network!r} is not supported; use one of {NETWORK_POLICIES}"
-            )
+        if not isinstance(self.network, NetworkPolicy):
+            raise InvalidRequest(f"network must be a NetworkPolicy, got {self.network!r}")
         _check_env(self.env)
 
 
@@ -144,6 +141,10 @@ class Backend(ABC):
     name: ClassVar[str]
     # Whether `plan` can start an `Entrypoint` in place of the agent.
     entrypoints: ClassVar[bool] = False
+
+    def network_modes(self) -> frozenset[str]:
+        """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""
+        return frozenset({"none"})
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

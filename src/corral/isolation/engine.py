@@ -38,6 +38,7 @@ from corral.isolation.footprint import Footprint, orphans
 from corral.isolation.sandbox import Sandbox, SandboxState
 from corral.isolation.templates import get_template
 from corral.limits import Limits
+from corral.network.policy import NetworkPolicy
 
 log = logging.getLogger("corral.isolation")
 
@@ -146,7 +147,7 @@ class Engine:
         self,
         template: str = "host",
         limits: Limits | None = None,
-        network: str = "none",
+        network: NetworkPolicy | str = "none",
         env: Mapping[str, str] | None = None,
         isolation: str | None = None,
         sandbox_id: str | None = None,
@@ -165,11 +166,17 @@ class Engine:
         a one-shot sandbox: it runs that command (`sandbox.entry`) instead of a guest
         agent, where the tier can (`Backend.entrypoints`).
         """
-        spec = SandboxSpec(template, limits or Limits(), network, dict(env or {}))
+        spec = SandboxSpec(template, limits or Limits(), NetworkPolicy.of(network), dict(env or {}))
         spec.limits.check_host()
         backend = self.backend(isolation)
         if entrypoint is not None and not backend.entrypoints:
             raise InvalidRequest(f"the {backend.name} tier cannot start one-shot sandboxes")
+        if spec.network.mode not in backend.network_modes():
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot enforce network mode {spec.network.mode!r} "
+                f"on this host (it can: {', '.join(sorted(backend.network_modes()))}); "
+                "`corral doctor` says what to install"
+            )
         get_template(spec.template)  # refuse an unknown template before creating anything
         driver = self.cgroups()
         if driver is None and backend.name != "process":

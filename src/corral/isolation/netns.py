@@ -17,7 +17,6 @@ is reached through its guest agent instead (`corral.isolation.guest_socket`).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 import socket
@@ -25,22 +24,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from corral.errors import IsolationUnavailable, PortClosed
+from corral.network.setns import enter_netns
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 # One thread, only for this: it stays in the namespace of the last sandbox it entered.
+# (`corral.network.setns.run_in_netns` starts a thread per call, for occasional sockets;
+# the port proxy makes one per connection.)
 _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-netns")
 
 
-def enter_netns(netns_fd: int) -> None:
-    """Move the calling thread (only it) into the network namespace `netns_fd`."""
-    if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 def _socket_in(netns_fd: int) -> socket.socket:
-    enter_netns(netns_fd)
+    # Through the open descriptor, not /proc/PID: it is the namespace checked against
+    # pid reuse (`open_netns`), whatever the pid names by now.
+    enter_netns(f"/proc/self/fd/{netns_fd}")
     # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setblocking(False)

@@ -42,6 +42,8 @@ from corral.isolation.guest_socket import bridge
 from corral.isolation.launcher import Launcher, launch
 from corral.isolation.netns import connect_port, open_netns
 from corral.limits import MIB, Limits
+from corral.network.events import NetworkEventLog
+from corral.network.policy import NetworkPolicy
 
 log = logging.getLogger("corral.isolation")
 
@@ -87,6 +89,8 @@ class Sandbox:
         # Connections relayed by the guest agent (`open_port` without root), ended on destroy.
         self._relays: set[asyncio.Task[None]] = set()
         self.workdir = ""
+        # What its network did (DNS, connections), for the services to store.
+        self.network_events = NetworkEventLog()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -378,6 +382,16 @@ class Sandbox:
         return sock
 
     # -- limits and usage -------------------------------------------------------------
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        """Change what the sandbox may reach; connections already open stay open."""
+        if self.state is SandboxState.DESTROYED:
+            raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
+        if policy == self.spec.network:
+            return
+        raise IsolationUnavailable(
+            f"the {self.backend} tier cannot change a running sandbox's network yet"
+        )
 
     def set_limits(self, limits: Limits) -> None:
         """Change memory, CPU, process and output limits of the live sandbox.

@@ -32,6 +32,7 @@ from typing import Protocol
 import httpx
 
 from corral.errors import CallbackRefused, InvalidRequest
+from corral.network.addresses import IPAddress, IPNetwork, denied_range, unmapped
 
 __all__ = [
     "ALLOW_SETTING",
@@ -46,11 +47,6 @@ __all__ = [
 ALLOW_SETTING = "CORRAL_CALLBACK_ALLOW"
 RESOLVE_TIMEOUT = 5.0  # seconds a check waits for the resolver
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
-_IETF_ASSIGNMENTS = ipaddress.IPv4Network("192.0.0.0/24")  # 3.11 calls most of it global
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _HOST_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_-]+")
 
@@ -174,7 +170,7 @@ class CallbackPolicy:
             try:
                 async with asyncio.timeout(RESOLVE_TIMEOUT):
                     answers = await self.resolver.resolve(host)
-                addresses = [_unmapped(ipaddress.ip_address(a)) for a in answers]
+                addresses = [unmapped(ipaddress.ip_address(a)) for a in answers]
             except (OSError, ValueError) as exc:  # TimeoutError is an OSError
                 raise CallbackRefused(
                     f"callback_url: host {host!r} does not resolve from this server "
@@ -201,27 +197,23 @@ class CallbackPolicy:
 
 
 def refusal(address: IPAddress) -> str | None:
-    """The rule a callback to `address` breaks, or None for a public address."""
-    address = _unmapped(address)
-    if address.is_unspecified:
-        return "an unspecified"
-    if address.is_loopback:
-        return "a loopback"
-    if address.is_link_local:
-        return "a link-local (169.254.0.0/16, fe80::/10: cloud metadata included)"
-    if address.is_multicast:
-        return "a multicast"
-    if isinstance(address, ipaddress.IPv4Address) and address in _CGNAT:
-        return "a shared (CGNAT 100.64.0.0/10)"
-    if address.is_private:
-        return "a private (RFC 1918, fc00::/7 or another non-routable range)"
+    """The rule a callback to `address` breaks, or None for a public address.
+
+    Stricter than a sandbox's egress: beyond the always-denied table, a callback refuses
+    every address that is not global (documentation ranges included) and IPv6
+    transition forms (6to4, Teredo, NAT64) of a refused IPv4 address.
+    """
+    address = unmapped(address)
+    denied = denied_range(address)
+    if denied is not None:
+        return denied.reason
     if isinstance(address, ipaddress.IPv6Address):
-        if address.is_reserved or address.is_site_local:
+        if address.is_reserved:
             return "a reserved"
         inner = _embedded(address)
         if inner is not None and refusal(inner) is not None:
             return "an IPv6 transition (6to4, Teredo, NAT64) of a non-public"
-    elif address.is_reserved or address in _IETF_ASSIGNMENTS:
+    elif address.is_reserved:
         return "a reserved"
     if not address.is_global:
         return "a non-global"
@@ -236,7 +228,7 @@ def _literal(host: str) -> IPAddress | None:
     """The address a URL host names, in any form a resolver would read as one: IPv6,
     dotted quad, and the legacy forms inet_aton takes (127.1, 0x7f.1, 2130706433)."""
     try:
-        return _unmapped(ipaddress.ip_address(host.strip("[]")))
+        return unmapped(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
         pass
     if not re.fullmatch(r"[0-9a-fx.]+", host.lower()):
@@ -245,12 +237,6 @@ def _literal(host: str) -> IPAddress | None:
         return ipaddress.IPv4Address(socket.inet_aton(host))
     except OSError:
         return None
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def _embedded(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

@@ -126,6 +126,8 @@ class JobQueue:
         self.settings = settings
         # Which callback URLs Submit accepts (the dispatcher checks them again).
         self.callback_policy = callback_policy or CallbackPolicy.parse(settings.callback_allow)
+        # What the team's jobs may reach (each worker may allow less: `Policy.network`).
+        self.network_cap = settings.network_cap()
         self.signals = signals or JobSignals()
         # What this process's workers can give; None: no workers here, any tier is
         # accepted for workers elsewhere.
@@ -159,6 +161,7 @@ class JobQueue:
                 f"(they give {', '.join(self.isolations)}); run `corral doctor` to see "
                 "what is missing, or submit with another isolation"
             )
+        self.network_cap.check(spec.network_policy, team.name)
         if spec.callback_url:
             await self.callback_policy.check(spec.callback_url)  # CallbackRefused names the rule
         now = datetime.now(UTC)

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from corral import logs
-from corral.errors import CapacityExceeded, CorralError
+from corral.errors import CapacityExceeded, CorralError, Forbidden
 from corral.isolation import Entrypoint, Limits, SeedFile
 from corral.job_lifecycle import StopReason
 from corral.jobs.queue import JobSignals
 from corral.jobs.sandbox import JobSandbox, JobSandboxes, source_path
 from corral.jobs.spec import JobSpec, Step
+from corral.network.policy import NetworkPolicy
+from corral.sandboxes.network_events import NetworkEventPump
 from corral.store import Store
 from corral.store.job_rows import Attempt, NewEvent
 
@@ -49,7 +51,10 @@ class Policy:
     template: str = "host"
     isolation: str = "auto"
     limits: Limits = field(default_factory=Limits)
-    network: str = "none"
+    # The most a job's network may be (Warrant's runner tightens: a job that asks for
+    # more fails, saying what); None: what the server's caps let it submit. A job that
+    # names no network gets `none`.
+    network: NetworkPolicy | None = None
     timeout: int = 300
     workdir: str = "/workspace"
     log_limit: int = 16 * 1024 * 1024
@@ -165,6 +170,7 @@ class AttemptRunner:
     async def run(self) -> Outcome:
         deadline = time.monotonic() + self.timeout
         sandbox: JobSandbox | None = None
+        network: NetworkEventPump | None = None
         try:
             try:
                 sandbox = await self._until_stopped(self._open(deadline), deadline)
@@ -173,6 +179,12 @@ class AttemptRunner:
             if sandbox is None:
                 return self._stopped(None, "while its sandbox started")
             logs.bind(sandbox_id=sandbox.sandbox.id)  # the job's later lines name its sandbox
+            network = NetworkEventPump(
+                self.store,
+                sandbox.sandbox,
+                attempt=self.attempt,
+                on_stored=lambda: self.signals.changed(self.attempt.job_id),
+            )
             await sandbox.place_files(self.workdir, self.spec.files, bool(self.spec.workdir))
             return await self._steps(sandbox, deadline)
         except AttemptLost:
@@ -185,6 +197,8 @@ class AttemptRunner:
                     await sandbox.destroy()
                 except Exception:
                     log.exception("destroying a job's sandbox failed")
+            if network is not None:  # stored before the attempt's end is
+                await network.stop()
 
     async def _until_stopped(self, work: Awaitable[R], deadline: float) -> R | None:
         """`work`'s result, or None when the attempt is stopped or times out first (the
@@ -212,12 +226,19 @@ class AttemptRunner:
 
     def _open(self, deadline: float) -> Awaitable[JobSandbox]:
         """The attempt's sandbox as the spec asks, the policy filling what it leaves out."""
+        network = self.spec.network_policy
+        if self.policy.network is not None and (more := network.exceeds(self.policy.network)):
+            self.sandboxes.forget(self.attempt.job_id)
+            raise Forbidden(
+                f"the job asks for {more}, more than this worker allows (network "
+                f"{self.policy.network}); submit it with less, or to workers that allow it"
+            )
         return self.sandboxes.open(
             self.attempt.job_id,
             template=self.spec.template or self.policy.template,
             isolation=self.spec.isolation or self.policy.isolation,
             limits=self.policy.limits_for(self.spec),
-            network=self.spec.network or self.policy.network,
+            network=network,
             entrypoint=self._entrypoint(deadline),
         )
 

@@ -24,6 +24,7 @@ from corral.errors import CorralError
 from corral.isolation import Command, Engine, Entrypoint, Limits, Sandbox
 from corral.jobs.queue import never_fits
 from corral.jobs.spec import LANGUAGES, JobFile, Step
+from corral.network.policy import NetworkPolicy
 from corral.sandboxes.pool import WarmPool
 
 log = logging.getLogger("corral.jobs")
@@ -110,7 +111,7 @@ class JobSandboxes:
         template: str,
         isolation: str,
         limits: Limits,
-        network: str,
+        network: NetworkPolicy,
         entrypoint: Entrypoint | None,
     ) -> JobSandbox:
         """A sandbox as asked: a warm one from the pool when one is ready and fits; else
@@ -125,13 +126,14 @@ class JobSandboxes:
         template: str,
         isolation: str,
         limits: Limits,
-        network: str,
+        network: NetworkPolicy,
         entrypoint: Entrypoint | None,
     ) -> Sandbox:
         if (too_big := never_fits(limits.memory_mib, self.engine.memory_capacity)) is not None:
             raise too_big  # before the engine destroys warm spares to make room in vain
         backend = self.engine.backend(isolation)
-        if network == "none" and self.pool.fits(template, backend.name, limits):
+        # Pooled sandboxes have no network: a job with one starts its own.
+        if network.mode == "none" and self.pool.fits(template, backend.name, limits):
             pooled = self.pool.claim()
             if pooled is not None:
                 try:

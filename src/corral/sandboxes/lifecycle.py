@@ -151,6 +151,8 @@ class LiveSandboxes:
             except Exception as exc:
                 log.exception("could not destroy sandbox", extra={"sandbox_id": entry.id})
                 state, reason = "failed", f"failed: could not destroy it: {exc}"
+        if entry.network is not None:
+            await entry.network.stop()  # what it recorded up to its end
         self.discard(entry.id)
         self.store.transition(
             entry.id,

@@ -14,6 +14,7 @@ from typing import Literal
 
 from corral.isolation import Sandbox
 from corral.sandboxes.metrics import MetricRings
+from corral.sandboxes.network_events import NetworkEventPump
 
 Action = Literal["pause", "kill"]
 
@@ -40,6 +41,8 @@ class LiveSandbox:
     public_ports: bool = False
     state: str = "creating"
     sandbox: Sandbox | None = None
+    # Stores its network events while it runs (from the end of its creation).
+    network: NetworkEventPump | None = None
     # The last activity written to the store.
     saved_activity: float = 0.0
     # Serializes lifecycle changes (create, pause, resume, kill) of this sandbox.

@@ -20,7 +20,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
 from corral import logs
@@ -38,21 +38,26 @@ from corral.errors import (
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
+from corral.network.policy import NetworkPolicy
+from corral.sandboxes import network_events
 from corral.sandboxes.commands import SandboxCommands
 from corral.sandboxes.files import SandboxFiles
 from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
 from corral.sandboxes.live import LiveSandbox, utc
 from corral.sandboxes.metrics import MetricRings, check_range, stored_series
+from corral.sandboxes.network_events import NetworkEventPump
 from corral.sandboxes.options import (
     CreateOptions,
     SandboxRecord,
     check_metadata,
     check_timeout,
     limits_json,
+    network_json,
 )
 from corral.sandboxes.pool import WarmPool
 from corral.states import LIVE_SANDBOX_STATES, SANDBOX_STATES
 from corral.store import MetricPoint, SandboxRow, Store, Team
+from corral.store.network_events import NetworkEventRow
 from corral.store.pages import check_page_size
 
 log = logging.getLogger("corral.sandboxes")
@@ -86,6 +91,7 @@ class SandboxManager:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._owner = owner_identity()
+        self.network_cap = settings.network_cap()
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -128,9 +134,12 @@ class SandboxManager:
             raise SandboxNotRunning("the server is shutting down; create the sandbox elsewhere")
         limits = options.limits
         limits.check_host()
+        self.network_cap.check(options.network, team.name)
         get_template(options.template)
         backend = self.engine.backend(options.isolation).name
-        pooled = self.pool.claim() if self.pool.fits(options.template, backend, limits) else None
+        # Pooled sandboxes have no network: one with a network starts cold.
+        fits = options.network.mode == "none" and self.pool.fits(options.template, backend, limits)
+        pooled = self.pool.claim() if fits else None
         try:
             # Refused for room before its row is written; the engine checks again.
             self.engine.check_room(limits.memory_mib, resizing=pooled)
@@ -160,6 +169,7 @@ class SandboxManager:
             owner_host=self._owner[0],
             owner_pid=self._owner[1],
             owner_start=self._owner[2],
+            network=network_json(options.network),
             traffic_token=token,
             public_ports=options.public_ports,
         )
@@ -199,6 +209,7 @@ class SandboxManager:
                 self.store.transition(row.id, "failed", reason, from_states=("creating",))
                 raise
             entry.sandbox, entry.state = sandbox, "running"
+            entry.network = NetworkEventPump(self.store, sandbox)
             self._live.baseline(entry)
             reason = "created from the warm pool" if warm else "created"
             created = self.store.transition(row.id, "running", reason, from_states=("creating",))
@@ -230,6 +241,7 @@ class SandboxManager:
         cold = await self.engine.create(
             template=options.template,
             limits=options.limits,
+            network=options.network,
             env=options.envs,
             isolation=options.isolation,
             sandbox_id=sandbox_id,
@@ -264,6 +276,25 @@ class SandboxManager:
         expires = time.time() + seconds
         self.store.update_sandbox(sandbox_id, expires_at=utc(expires), timeout_seconds=seconds)
         entry.expires_at = expires
+        return await self.get(team, sandbox_id)
+
+    async def update_network(
+        self, team: Team, sandbox_id: str, policy: NetworkPolicy
+    ) -> SandboxRecord:
+        """Change what a running (or paused) sandbox may reach: the tier applies the new
+        policy (or refuses it, changing nothing), then the row records it."""
+        self.network_cap.check(policy, team.name)
+        entry = self._entry(team, sandbox_id)
+
+        async def change(entry: LiveSandbox, reason: str) -> None:
+            assert entry.sandbox is not None
+            await entry.sandbox.set_network(policy)
+            self.store.update_sandbox(sandbox_id, network=network_json(policy))
+
+        await self._live.locked(entry, ("running", "paused"), "change the network of", change)
+        log.info(
+            "sandbox network changed", extra={"sandbox_id": sandbox_id, "network": str(policy)}
+        )
         return await self.get(team, sandbox_id)
 
     async def ping(self, team: Team, sandbox_id: str) -> None:
@@ -309,6 +340,22 @@ class SandboxManager:
         if entry is not None:
             return entry.rings.series(range)
         return stored_series(self.store, sandbox_id, range)
+
+    def network_events(
+        self,
+        team: Team,
+        sandbox_id: str,
+        *,
+        offset: int = 0,
+        follow: bool = False,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[tuple[list[NetworkEventRow], int]]:
+        """Pages of the sandbox's network events from seq `offset`, each with the count
+        of its events the cap deleted; with `follow`, until the sandbox ends."""
+        self._owned(team, sandbox_id)
+        return network_events.follow(
+            self.store, sandbox_id, offset=offset, follow=follow, stop=stop
+        )
 
     # -- exposed ports ------------------------------------------------------------------
 

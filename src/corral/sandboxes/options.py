@@ -10,6 +10,7 @@ from typing import Literal, cast
 
 from corral.errors import InvalidRequest
 from corral.isolation import Limits, SandboxSpec
+from corral.network.policy import NetworkPolicy
 from corral.states import SandboxState
 from corral.store import SandboxRow
 
@@ -65,6 +66,8 @@ class CreateOptions:
     # Inactivity TTL: 0 means none.
     idle_timeout_seconds: int = 0
     on_idle: Literal["pause", "kill"] = "pause"
+    # What it may reach (the server's NetworkCap has the last word).
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     # Port exposure: anyone may reach the sandbox's ports through the port proxy (True),
     # or only callers with its traffic access token (False).
     public_ports: bool = False
@@ -72,6 +75,8 @@ class CreateOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.limits, Limits):
             raise InvalidRequest(f"limits must be a corral.isolation.Limits, got {self.limits!r}")
+        if not isinstance(self.network, NetworkPolicy):
+            raise InvalidRequest(f"network must be a NetworkPolicy, got {self.network!r}")
         for name in ("template", "isolation"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InvalidRequest(f"{name} must be a non-empty string")
@@ -104,6 +109,7 @@ class SandboxRecord:
     idle_timeout_seconds: int
     on_idle: str
     last_activity_at: datetime
+    network: NetworkPolicy
     # Port exposure: what the port proxy asks for (empty when the ports are public), and
     # the domain of its host names (`<port>-<id>.<ports_domain>`).
     traffic_token: str = ""
@@ -128,6 +134,7 @@ class SandboxRecord:
             idle_timeout_seconds=row.idle_timeout_seconds,
             on_idle=row.on_idle,
             last_activity_at=max(row.last_activity_at, last_activity_at or row.last_activity_at),
+            network=NetworkPolicy.parse(row.network["mode"], row.network["allow"]),
             traffic_token=row.traffic_token,
             public_ports=row.public_ports,
             ports_domain=ports_domain,
@@ -136,3 +143,8 @@ class SandboxRecord:
 
 def limits_json(limits: Limits) -> dict[str, float | int]:
     return asdict(limits)
+
+
+def network_json(policy: NetworkPolicy) -> dict[str, str | list[str]]:
+    """A policy as a sandbox row stores it (`NetworkPolicy.parse` reads it back)."""
+    return {"mode": policy.mode, "allow": list(policy.entries)}

@@ -15,11 +15,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from corral._state_enums import SANDBOX_STATE_NUMBERS
 from corral.errors import InvalidRequest
 from corral.isolation import Limits
+from corral.network.policy import NetworkPolicy
 from corral.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
     from corral.guest import EntryInfo, ProcessInfo
     from corral.sandboxes import MetricPoint, SandboxRecord
+    from corral.store.network_events import NetworkEventRow
 
 _MAX_PATH = 4096
 _MAX_ID = 64
@@ -68,17 +70,27 @@ def sandbox(record: SandboxRecord) -> pb.Sandbox:
         state_reason=record.state_reason,
         metadata=record.metadata,
         limits=pb.Limits(
-            memory_mib=limits.memory_mib, cpu=limits.cpu, pids=limits.pids, disk_mib=limits.disk_mib
+            memory_mib=limits.memory_mib,
+            cpu=limits.cpu,
+            pids=limits.pids,
+            disk_mib=limits.disk_mib,
+            bandwidth_mbit=limits.bandwidth_mbit,
+            connections=limits.connections,
         ),
         created_at=timestamp(record.created_at),
         expires_at=timestamp(record.expires_at),
         idle_timeout_seconds=record.idle_timeout_seconds,
         on_idle=IDLE_ACTIONS.get(record.on_idle, pb.IDLE_ACTION_UNSPECIFIED),
         last_activity_at=timestamp(record.last_activity_at),
+        network=network_message(record.network),
         traffic_access_token=record.traffic_token,
         public_ports=record.public_ports,
         ports_domain=record.ports_domain,
     )
+
+
+def network_message(policy: NetworkPolicy) -> pb.NetworkPolicy:
+    return pb.NetworkPolicy(mode=policy.mode, allow=policy.entries)
 
 
 def metric_point(point: MetricPoint) -> pb.MetricPoint:
@@ -88,6 +100,22 @@ def metric_point(point: MetricPoint) -> pb.MetricPoint:
         memory_bytes=point.memory_bytes,
         memory_peak_bytes=point.memory_peak_bytes,
         pids=point.pids,
+    )
+
+
+def network_event(row: NetworkEventRow) -> pb.NetworkEvent:
+    return pb.NetworkEvent(
+        seq=row.seq,
+        at=timestamp(row.at),
+        kind=row.kind,
+        decision=row.decision,
+        rule=row.rule,
+        protocol=row.protocol,
+        address=row.address,
+        port=row.port,
+        name=row.name,
+        answers=row.answers,
+        count=row.count,
     )
 
 
@@ -169,11 +197,19 @@ def strings(values: dict[str, str], field: str) -> dict[str, str]:
 def limits(value: pb.Limits) -> Limits:
     """The limits asked for, zero fields taking the defaults; range errors say which."""
     defaults = Limits()
-    for name in ("memory_mib", "cpu", "pids", "disk_mib"):
+    names = ("memory_mib", "cpu", "pids", "disk_mib", "bandwidth_mbit", "connections")
+    for name in names:
         not_negative(getattr(value, name), f"limits.{name}")
     return Limits(
         memory_mib=value.memory_mib or defaults.memory_mib,
         cpu=value.cpu or defaults.cpu,
         pids=value.pids or defaults.pids,
         disk_mib=value.disk_mib or defaults.disk_mib,
+        bandwidth_mbit=value.bandwidth_mbit or defaults.bandwidth_mbit,
+        connections=value.connections or defaults.connections,
     )
+
+
+def network(value: pb.NetworkPolicy) -> NetworkPolicy:
+    """The policy asked for; an unset message (or mode "") is `none`."""
+    return NetworkPolicy.parse(value.mode, list(value.allow))

@@ -1,7 +1,9 @@
-"""SandboxService RPCs of a sandbox's life: create, get, list, kill, pause, resume, timeouts."""
+"""SandboxService RPCs of a sandbox's life: create, get, list, kill, pause, resume, timeouts,
+metrics and network events."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
 
 from connectrpc.request import RequestContext
@@ -9,7 +11,7 @@ from connectrpc.request import RequestContext
 from corral._state_enums import SANDBOX_STATE_NAMES
 from corral.errors import InvalidRequest
 from corral.sandboxes import CreateOptions
-from corral.server import convert
+from corral.server import convert, disconnect
 from corral.server.base import Handlers
 from corral.v1 import sandbox_pb2 as pb
 
@@ -32,6 +34,7 @@ class LifecycleHandlers(Handlers):
             timeout_seconds=request.timeout_seconds or 300,
             idle_timeout_seconds=request.idle_timeout_seconds,
             on_idle=cast(Literal["pause", "kill"], convert.IDLE_ACTION_NAMES[request.on_idle]),
+            network=convert.network(request.network),
             public_ports=request.public_ports,
         )
         record = await self._manager.create(team, options)
@@ -80,6 +83,15 @@ class LifecycleHandlers(Handlers):
         )
         return pb.SetTimeoutResponse(sandbox=convert.sandbox(record))
 
+    async def update_network(
+        self, request: pb.UpdateNetworkRequest, ctx: Ctx
+    ) -> pb.UpdateNetworkResponse:
+        team = self._team(ctx)
+        record = await self._manager.update_network(
+            team, convert.sandbox_id(request.sandbox_id), convert.network(request.network)
+        )
+        return pb.UpdateNetworkResponse(sandbox=convert.sandbox(record))
+
     async def ping(self, request: pb.PingRequest, ctx: Ctx) -> pb.PingResponse:
         team = self._team(ctx)
         await self._manager.ping(team, convert.sandbox_id(request.sandbox_id))
@@ -94,3 +106,19 @@ class LifecycleHandlers(Handlers):
             team, convert.sandbox_id(request.sandbox_id), resolution
         )
         return pb.GetMetricsResponse(points=[convert.metric_point(p) for p in points])
+
+    async def stream_events(
+        self, request: pb.StreamEventsRequest, ctx: Ctx
+    ) -> AsyncIterator[pb.StreamEventsResponse]:
+        team = self._team(ctx)
+        batches = self._manager.network_events(
+            team,
+            convert.sandbox_id(request.sandbox_id),
+            offset=request.offset,
+            follow=request.follow,
+            stop=disconnect.current(),  # an abandoned follow ends with its client
+        )
+        async for rows, dropped in batches:
+            yield pb.StreamEventsResponse(
+                events=[convert.network_event(r) for r in rows], dropped=dropped
+            )

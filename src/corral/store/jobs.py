@@ -39,8 +39,9 @@ from corral.store.job_rows import (
     job_row,
     utcnow,
 )
+from corral.store.network_events import NetworkEventStore
 from corral.store.pages import decode_token, encode_token
-from corral.store.schema import job_callbacks, job_events, job_logs, jobs
+from corral.store.schema import job_callbacks, job_events, job_logs, jobs, network_events
 
 _INSERT_JOB = jobs.insert()
 
@@ -50,7 +51,7 @@ def _canonical(spec: Mapping[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
 
-class JobStore(JobClaims, JobLogStore, CallbackOutbox):
+class JobStore(JobClaims, JobLogStore, CallbackOutbox, NetworkEventStore):
     """Jobs: submit, claim under lease, record output and events, end, requeue."""
 
     # -- submitting and reading ---------------------------------------------------------
@@ -124,7 +125,13 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
         return rows, ""
 
     def job_events(self, job_id: str, offset: int = 0, limit: int = 1000) -> list[JobEventRow]:
-        return [JobEventRow(**r) for r in self._from_seq(job_events, job_id, offset, limit)]
+        """A job's events from seq `offset`, in order: its own and its sandboxes' network
+        events, which share its seqs (a seq whose network event the cap removed is skipped)."""
+        rows = [JobEventRow(**r) for r in self._from_seq(job_events, job_id, offset, limit)]
+        network = self.job_network_events(job_id, offset, limit)
+        if network:
+            rows = sorted(rows + network, key=lambda row: row.seq)[:limit]
+        return rows
 
     # -- workers ------------------------------------------------------------------------
 
@@ -326,7 +333,7 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox):
             if not found:
                 return 0
             ids = [r.id for r in found]
-            for table in (job_logs, job_events, job_callbacks):
+            for table in (job_logs, job_events, job_callbacks, network_events):
                 conn.execute(table.delete().where(table.c.job_id.in_(ids)))
             conn.execute(jobs.delete().where(jobs.c.id.in_(ids)))
             freed: Counter[str] = Counter()

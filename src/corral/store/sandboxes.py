@@ -7,7 +7,7 @@ records it (when, from, to, why) commit together or not at all.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from corral.states import LIVE_SANDBOX_STATES
 from corral.store.database import Database
 from corral.store.pages import decode_token, encode_token
-from corral.store.schema import sandbox_events, sandboxes
+from corral.store.schema import network_events, sandbox_events, sandboxes
 from corral.store.teams import check_totals, lock_team
 
 
@@ -43,6 +43,7 @@ class SandboxRow:
     owner_host: str
     owner_pid: int
     owner_start: int
+    network: dict[str, Any] = field(default_factory=lambda: {"mode": "none", "allow": []})
     # Port exposure: the traffic access token, or public ports (and an empty token).
     traffic_token: str = ""
     public_ports: bool = False
@@ -91,8 +92,9 @@ class SandboxStore(Database):
 
     def delete_creating_sandbox(self, sandbox_id: str) -> None:
         """Remove a sandbox refused while `creating` (it never ran); its events go with it
-        (ON DELETE CASCADE)."""
+        (ON DELETE CASCADE; its network events, which have no foreign key, by hand)."""
         with self._write() as conn:
+            conn.execute(network_events.delete().where(network_events.c.sandbox_id == sandbox_id))
             conn.execute(
                 sandboxes.delete()
                 .where(sandboxes.c.id == sandbox_id)

@@ -52,6 +52,8 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 ID = sa.String(32)
+# A sandbox row's network before one was asked for (and rows older than the column).
+NO_NETWORK = '{"mode": "none", "allow": []}'
 
 metadata = sa.MetaData(naming_convention=NAMING)
 
@@ -114,6 +116,8 @@ sandboxes = sa.Table(
     sa.Column("owner_host", sa.String(255), nullable=False),
     sa.Column("owner_pid", sa.Integer, nullable=False),
     sa.Column("owner_start", sa.BigInteger, nullable=False),
+    # Its network policy: {"mode": "none" | "internet" | "allowlist", "allow": [entries]}.
+    sa.Column("network", JSON, nullable=False, server_default=NO_NETWORK),
     # Port exposure: the token the port proxy asks for (empty when the ports are public).
     sa.Column("traffic_token", sa.String(64), nullable=False, server_default=""),
     sa.Column("public_ports", sa.Boolean, nullable=False, server_default=sa.false()),
@@ -260,4 +264,33 @@ job_callbacks = sa.Table(
     sa.Column("delivered_at", UTCDateTime, nullable=True),
     sa.Index(None, "state", "next_attempt_at"),
     sa.Index(None, "job_id"),
+)
+
+# What a sandbox's network did: DNS answers and refusals, connections allowed and denied,
+# and "suppressed" rows counting what the rate limit folded away. `seq` counts per
+# sandbox from 0 with no gaps, so the rows a per-sandbox cap removed are the seqs below
+# the first one kept. A job's sandbox also records the job, and `job_seq` places the row
+# in the job's event stream (the seqs of `job_events`, shared). No foreign key on
+# `sandbox_id`: a job's sandbox has no row in `sandboxes`.
+network_events = sa.Table(
+    "network_events",
+    metadata,
+    sa.Column("sandbox_id", ID, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("job_id", ID, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("job_seq", sa.Integer, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+    # dns | connect | suppressed
+    sa.Column("kind", sa.String(16), nullable=False),
+    # allowed | denied
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("rule", sa.Text, nullable=False),
+    sa.Column("protocol", sa.String(8), nullable=False),
+    sa.Column("address", sa.String(64), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("answers", JSON, nullable=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Index(None, "job_id", "job_seq"),
 )

@@ -80,6 +80,12 @@ class SandboxService(Protocol):
     async def get_metrics(self, request: corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def update_network(self, request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    def stream_events(self, request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest, ctx: RequestContext) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
     def __init__(self, service: SandboxService | AsyncGenerator[SandboxService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -295,6 +301,26 @@ class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.get_metrics,
+                ),
+                "/corral.v1.SandboxService/UpdateNetwork": Endpoint.unary(
+                    method=MethodInfo(
+                        name="UpdateNetwork",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.update_network,
+                ),
+                "/corral.v1.SandboxService/StreamEvents": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="StreamEvents",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.stream_events,
                 ),
             },
             interceptors=interceptors,
@@ -729,6 +755,46 @@ class SandboxServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def update_network(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateNetwork",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def stream_events(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="StreamEvents",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class SandboxServiceSync(Protocol):
     def create(self, request: corral_dot_v1_dot_sandbox__pb2.CreateRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.CreateResponse:
@@ -772,6 +838,10 @@ class SandboxServiceSync(Protocol):
     def move(self, request: corral_dot_v1_dot_sandbox__pb2.MoveRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.MoveResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def get_metrics(self, request: corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def update_network(self, request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def stream_events(self, request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest, ctx: RequestContext) -> Iterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -988,6 +1058,26 @@ class SandboxServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.get_metrics,
+                ),
+                "/corral.v1.SandboxService/UpdateNetwork": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="UpdateNetwork",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.update_network,
+                ),
+                "/corral.v1.SandboxService/StreamEvents": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="StreamEvents",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.stream_events,
                 ),
             },
             interceptors=interceptors,
@@ -1416,6 +1506,46 @@ class SandboxServiceClientSync(ConnectClientSync):
                 service_name="corral.v1.SandboxService",
                 input=corral_dot_v1_dot_sandbox__pb2.GetMetricsRequest,
                 output=corral_dot_v1_dot_sandbox__pb2.GetMetricsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def update_network(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateNetwork",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.UpdateNetworkResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def stream_events(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Iterator[corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="StreamEvents",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.StreamEventsRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.StreamEventsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

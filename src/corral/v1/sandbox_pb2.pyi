@@ -59,19 +59,31 @@ METRICS_RANGE_2H: MetricsRange
 METRICS_RANGE_24H: MetricsRange
 
 class Limits(_message.Message):
-    __slots__ = ("memory_mib", "cpu", "pids", "disk_mib")
+    __slots__ = ("memory_mib", "cpu", "pids", "disk_mib", "bandwidth_mbit", "connections")
     MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
     PIDS_FIELD_NUMBER: _ClassVar[int]
     DISK_MIB_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_MBIT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     memory_mib: int
     cpu: float
     pids: int
     disk_mib: int
-    def __init__(self, memory_mib: _Optional[int] = ..., cpu: _Optional[float] = ..., pids: _Optional[int] = ..., disk_mib: _Optional[int] = ...) -> None: ...
+    bandwidth_mbit: int
+    connections: int
+    def __init__(self, memory_mib: _Optional[int] = ..., cpu: _Optional[float] = ..., pids: _Optional[int] = ..., disk_mib: _Optional[int] = ..., bandwidth_mbit: _Optional[int] = ..., connections: _Optional[int] = ...) -> None: ...
+
+class NetworkPolicy(_message.Message):
+    __slots__ = ("mode", "allow")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mode: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "template", "isolation", "state", "state_reason", "metadata", "limits", "created_at", "expires_at", "idle_timeout_seconds", "on_idle", "last_activity_at", "traffic_access_token", "public_ports", "ports_domain")
+    __slots__ = ("id", "template", "isolation", "state", "state_reason", "metadata", "limits", "created_at", "expires_at", "idle_timeout_seconds", "on_idle", "last_activity_at", "network", "traffic_access_token", "public_ports", "ports_domain")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +103,7 @@ class Sandbox(_message.Message):
     IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ON_IDLE_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVITY_AT_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_PORTS_FIELD_NUMBER: _ClassVar[int]
     PORTS_DOMAIN_FIELD_NUMBER: _ClassVar[int]
@@ -106,13 +119,14 @@ class Sandbox(_message.Message):
     idle_timeout_seconds: int
     on_idle: IdleAction
     last_activity_at: _timestamp_pb2.Timestamp
+    network: NetworkPolicy
     traffic_access_token: str
     public_ports: bool
     ports_domain: str
-    def __init__(self, id: _Optional[str] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., state_reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., traffic_access_token: _Optional[str] = ..., public_ports: _Optional[bool] = ..., ports_domain: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., state_reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., traffic_access_token: _Optional[str] = ..., public_ports: _Optional[bool] = ..., ports_domain: _Optional[str] = ...) -> None: ...
 
 class CreateRequest(_message.Message):
-    __slots__ = ("template", "isolation", "limits", "envs", "metadata", "timeout_seconds", "idle_timeout_seconds", "on_idle", "public_ports")
+    __slots__ = ("template", "isolation", "limits", "envs", "metadata", "timeout_seconds", "idle_timeout_seconds", "on_idle", "network", "public_ports")
     class EnvsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +149,7 @@ class CreateRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ON_IDLE_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_PORTS_FIELD_NUMBER: _ClassVar[int]
     template: str
     isolation: str
@@ -144,8 +159,9 @@ class CreateRequest(_message.Message):
     timeout_seconds: int
     idle_timeout_seconds: int
     on_idle: IdleAction
+    network: NetworkPolicy
     public_ports: bool
-    def __init__(self, template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., envs: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., public_ports: _Optional[bool] = ...) -> None: ...
+    def __init__(self, template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., envs: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., public_ports: _Optional[bool] = ...) -> None: ...
 
 class CreateResponse(_message.Message):
     __slots__ = ("sandbox",)
@@ -550,3 +566,61 @@ class GetMetricsResponse(_message.Message):
     POINTS_FIELD_NUMBER: _ClassVar[int]
     points: _containers.RepeatedCompositeFieldContainer[MetricPoint]
     def __init__(self, points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ...) -> None: ...
+
+class UpdateNetworkRequest(_message.Message):
+    __slots__ = ("sandbox_id", "network")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    network: NetworkPolicy
+    def __init__(self, sandbox_id: _Optional[str] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ...) -> None: ...
+
+class UpdateNetworkResponse(_message.Message):
+    __slots__ = ("sandbox",)
+    SANDBOX_FIELD_NUMBER: _ClassVar[int]
+    sandbox: Sandbox
+    def __init__(self, sandbox: _Optional[_Union[Sandbox, _Mapping]] = ...) -> None: ...
+
+class NetworkEvent(_message.Message):
+    __slots__ = ("seq", "at", "kind", "decision", "rule", "protocol", "address", "port", "name", "answers", "count")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    at: _timestamp_pb2.Timestamp
+    kind: str
+    decision: str
+    rule: str
+    protocol: str
+    address: str
+    port: int
+    name: str
+    answers: _containers.RepeatedScalarFieldContainer[str]
+    count: int
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., decision: _Optional[str] = ..., rule: _Optional[str] = ..., protocol: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., name: _Optional[str] = ..., answers: _Optional[_Iterable[str]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class StreamEventsRequest(_message.Message):
+    __slots__ = ("sandbox_id", "offset", "follow")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    offset: int
+    follow: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., offset: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class StreamEventsResponse(_message.Message):
+    __slots__ = ("events", "dropped")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[NetworkEvent]
+    dropped: int
+    def __init__(self, events: _Optional[_Iterable[_Union[NetworkEvent, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...

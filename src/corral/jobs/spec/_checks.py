@@ -12,6 +12,7 @@ from typing import Any
 
 from corral.errors import InvalidLimits, InvalidRequest
 from corral.limits import Limits
+from corral.network.policy import NetworkPolicy
 
 KINDS = ("command", "shell", "code", "workflow")
 # Kinds the design has and this version does not run yet: refused by name.
@@ -23,7 +24,6 @@ LANGUAGES: dict[str, tuple[str, str]] = {
     "node": ("node", ".js"),
     "bash": ("bash", ".sh"),
 }
-NETWORKS = ("none",)
 ISOLATIONS = ("auto", "namespace", "gvisor", "microvm", "process")
 
 MAX_STEPS = 100
@@ -40,7 +40,7 @@ MAX_PRIORITY = 1000
 MAX_LABELS = 64
 MAX_LABEL_TEXT = 512
 MAX_URL = 2048
-LIMIT_FIELDS = ("memory_mib", "cpu", "pids", "disk_mib")
+LIMIT_FIELDS = ("memory_mib", "cpu", "pids", "disk_mib", "bandwidth_mbit", "connections")
 _LABEL_KEY = re.compile(r"[ !#-\[\]-~]{1,128}")
 
 
@@ -161,6 +161,24 @@ def choice(name: str, data: Mapping[str, Any], choices: Sequence[str]) -> str | 
     if value is not None and value not in choices:
         raise fail(name, f"{value!r} is not supported; use one of {', '.join(choices)}")
     return value
+
+
+def check_network(data: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """A spec's network mode (None when it names none: the job gets `none`) and allowlist
+    entries, each in its normal form (aliases resolved)."""
+    mode = optional_text("network", data, 64)
+    allow = data.get("network_allow") or ()
+    if isinstance(allow, str) or not isinstance(allow, Sequence):
+        raise fail("network_allow", "must be a list of entries, e.g. [pypi.org, '*.x.org:443']")
+    try:
+        NetworkPolicy.parse(mode or "none")
+    except InvalidRequest as exc:
+        raise fail("network", str(exc)) from None
+    try:
+        policy = NetworkPolicy.parse(mode or "none", allow)
+    except InvalidRequest as exc:
+        raise fail("network_allow", str(exc)) from None
+    return (policy.mode if mode else None), policy.entries
 
 
 def check_workdir(value: object) -> str | None:

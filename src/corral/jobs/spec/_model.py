@@ -25,13 +25,13 @@ from corral.jobs.spec._checks import (
     MAX_RETRIES,
     MAX_STEPS,
     MAX_TIMEOUT,
-    NETWORKS,
     SHELLS,
     argv_of,
     check_backoff,
     check_fields,
     check_labels,
     check_limits,
+    check_network,
     check_url,
     check_workdir,
     choice,
@@ -42,6 +42,7 @@ from corral.jobs.spec._checks import (
     whole,
 )
 from corral.jobs.spec._wire import proto_to_dict, spec_to_dict, spec_to_proto
+from corral.network.policy import NetworkPolicy
 from corral.v1 import jobs_pb2
 
 
@@ -192,6 +193,7 @@ FIELDS = (
     "isolation",
     "limits",
     "network",
+    "network_allow",
     "env",
     "files",
     "workdir",
@@ -215,7 +217,8 @@ class JobSpec:
     template: str | None = None
     isolation: str | None = None
     limits: Mapping[str, int | float] = field(default_factory=dict)
-    network: str | None = None
+    network: str | None = None  # a mode; None: `none`
+    network_allow: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     files: tuple[JobFile, ...] = ()
     workdir: str | None = None
@@ -230,6 +233,10 @@ class JobSpec:
     @property
     def max_attempts(self) -> int:
         return 1 + self.retries
+
+    @property
+    def network_policy(self) -> NetworkPolicy:
+        return NetworkPolicy.parse(self.network or "none", self.network_allow)
 
     @property
     def workloads(self) -> tuple[Step, ...]:
@@ -266,6 +273,7 @@ class JobSpec:
             if data.get("steps"):
                 raise fail("steps", f"only a workflow has steps, this job's kind is {kind}")
             workload = _workload("", data, kind)
+        network, network_allow = check_network(data)
         spec = cls(
             kind=kind,
             workload=workload,
@@ -273,7 +281,8 @@ class JobSpec:
             template=optional_text("template", data, 128),
             isolation=choice("isolation", data, ISOLATIONS),
             limits=check_limits(data.get("limits") or {}),
-            network=choice("network", data, NETWORKS),
+            network=network,
+            network_allow=network_allow,
             env=strings("env", data.get("env") or {}, limit=MAX_ENV, names=True),
             files=_files(data.get("files") or ()),
             workdir=check_workdir(data.get("workdir")),

@@ -32,7 +32,9 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
             continue
         value = getattr(spec, f.name)
         if value not in (None, 0, {}, ()):
-            out[f.name] = dict(value) if isinstance(value, Mapping) else value
+            if isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
 
@@ -55,6 +57,7 @@ def spec_to_proto(spec: JobSpec) -> jobs_pb2.JobSpec:
     message.template = spec.template or ""
     message.isolation = spec.isolation or ""
     message.network = spec.network or ""
+    message.network_allow.extend(spec.network_allow)
     message.env.update(spec.env)
     message.workdir = spec.workdir or ""
     message.timeout_seconds = spec.timeout or 0
@@ -140,6 +143,7 @@ def proto_to_dict(message: jobs_pb2.JobSpec) -> dict[str, Any]:
         if message.HasField("limits")
         else {},
         "network": message.network,
+        "network_allow": list(message.network_allow),
         "env": dict(message.env),
         "files": [{"path": f.path, "content": f.content, "mode": f.mode} for f in message.files],
         "workdir": message.workdir,
