@@ -155,6 +155,11 @@ def test_kept_connections_closed_by_the_sandbox_are_replaced(web: Sandbox) -> No
             assert bye.status_code == 200 and bye.json()["path"] == f"/bye?{i}"
             after = client.get(web.get_url(PORT, f"/after?{i}"))
             assert after.status_code == 200 and after.json()["path"] == f"/after?{i}"
+            # A request with a body (which could not be sent again) is never put on a
+            # kept connection.
+            client.get(web.get_url(PORT, "/bye"))
+            posted = client.post(web.get_url(PORT, "/post"), content=b"body")
+            assert posted.status_code == 200 and posted.json()["length"] == 4
 
 
 def test_refusals_say_why_and_never_reach_another_sandbox(

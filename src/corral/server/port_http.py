@@ -64,18 +64,17 @@ class PortProxy:
                 return False
             sandbox = self._sandbox(port_route)  # the token is checked on every request
             key = (port_route.sandbox_id, port_route.port)
-            upstream = self._idle.take(key)
-            if upstream is None:
-                upstream = await _Upstream.open(sandbox, port_route.port)
-            elif not _has_body(scope):
-                # A kept connection the sandbox's server may have closed meanwhile: if
-                # it has, the request (without a body: nothing was consumed) is sent
-                # again on a new one.
+            # Only a request without a body goes on a kept connection: if the sandbox's
+            # server has closed it meanwhile, the request (nothing of it consumed) is
+            # sent again on a new one.
+            upstream = None if _has_body(scope) else self._idle.take(key)
+            if upstream is not None:
                 try:
                     await self._exchange(key, port_route, scope, receive, send, upstream, True)
                     return True
                 except _Stale:
-                    upstream = await _Upstream.open(sandbox, port_route.port)
+                    pass
+            upstream = await _Upstream.open(sandbox, port_route.port)
         except CorralError as exc:
             await _send_error(send, exc)
             return True
