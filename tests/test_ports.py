@@ -146,6 +146,16 @@ def test_bodies_stream_both_ways(web: Sandbox) -> None:
     assert lines == [f"chunk {i}" for i in range(200)]
 
 
+def test_a_client_leaving_ends_the_stream_from_the_sandbox(web: Sandbox) -> None:
+    """A client that stops reading an endless response (server-sent events, a log tail)
+    ends the proxy's connection into the sandbox: its server sees the write fail."""
+    mark = f"/tmp/left-{secrets.token_hex(4)}"
+    with httpx.stream("GET", web.get_url(PORT, f"/forever?mark={mark}")) as endless:
+        lines = endless.iter_lines()
+        assert [next(lines) for _ in range(3)] == ["chunk 0", "chunk 1", "chunk 2"]
+    wait_until(lambda: web.files.exists(mark), "the sandbox's server to see the client leave")
+
+
 def test_kept_connections_closed_by_the_sandbox_are_replaced(web: Sandbox) -> None:
     """The proxy keeps connections into a sandbox for the next request; one its server
     has closed meanwhile costs the client nothing."""

@@ -4,8 +4,9 @@ It answers every HTTP request with JSON describing it (method, path and query, h
 the body's length and SHA-256) on a kept-alive connection; after `/bye` it drops the
 next request on that connection unanswered (as a server does that closes an idle
 connection just as a request comes);
-`/stream?n=N` with N chunks of a chunked response; and a WebSocket upgrade with an echo of
-every message until the client closes. Tests copy this
+`/stream?n=N` with N chunks of a chunked response (`/forever?mark=PATH`: chunks until
+a write fails, then it creates PATH); and a WebSocket upgrade with an echo of every
+message until the client closes. Tests copy this
 file into a sandbox (`SOURCE`) and reach it through the port proxy.
 """
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import struct
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +48,12 @@ class Handler(BaseHTTPRequestHandler):
         target = urlsplit(self.path)
         if target.path == "/stream":
             self._stream(int(parse_qs(target.query).get("n", ["3"])[0]))
+            return
+        if target.path == "/forever":
+            try:
+                self._stream(1 << 40)
+            except OSError:  # the reader went away
+                Path(parse_qs(target.query)["mark"][0]).touch()
             return
         body = self._body()
         described = {
@@ -85,6 +93,8 @@ class Handler(BaseHTTPRequestHandler):
             chunk = f"chunk {i}\n".encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             self.wfile.flush()
+            if n > 1000:
+                time.sleep(0.01)  # an endless stream: a chunk every 10 ms
         self.wfile.write(b"0\r\n\r\n")
 
     def _websocket(self) -> None:
