@@ -27,7 +27,9 @@ from corral.server.ports import error_body, forwarded_headers, parse_host, route
         ("8000-sb_abc.localhost:7878", "localhost", ("8000", "sb_abc")),
         ("8000-SB_ABC.LocalHost", "localhost", ("8000", "sb_abc")),
         ("49983-sb_abc.sbx.example.com", "sbx.example.com", ("49983", "sb_abc")),
-        ("x-sb_abc.localhost", "localhost", ("x", "sb_abc")),  # named, refused as a port
+        ("99999-sb_abc.localhost", "localhost", ("99999", "sb_abc")),  # refused as a port
+        ("corral-dev.localhost:7878", "localhost", None),  # the API by another name
+        ("-1-sb_abc.localhost", "localhost", None),
         ("localhost:7878", "localhost", None),  # the API itself
         ("api.localhost", "localhost", None),
         ("8000-sb_abc.evil.localhost", "localhost", None),

@@ -198,8 +198,12 @@ def test_unknown_sandbox_closed_port_and_bad_ports(server: LiveServer, web: Sand
     refusal(httpx.get(web.get_url(8001)), 502, "nothing listens on port 8001")
     for bad in ("0", "65536", "http", "-1"):
         refusal(httpx.get(path_url(server, web.sandbox_id, bad)), 400, "not a TCP port")
+    for bad in ("0", "65536"):
         bad_host = {"Host": f"{bad}-{web.sandbox_id}.localhost"}
         refusal(httpx.get(server.url, headers=bad_host), 400, "not a TCP port")
+    # A host name under the domain that names no port is the API's.
+    api_host = {"Host": f"corral-dev.localhost:{urlsplit(server.url).port}"}
+    assert httpx.get(f"{server.url}/healthz", headers=api_host).json()["status"] == "serving"
     refusal(httpx.get(f"{server.url}/sandboxes/{web.sandbox_id}/nope/8000/"), 400, "/ports/")
     # The API is still the API (a host that is not a port's, a path not under /sandboxes/).
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "serving"

@@ -72,7 +72,7 @@ class PortRoute:
 
 
 def parse_host(host: str, domain: str) -> tuple[str, str] | None:
-    """(port text, sandbox id) of a Host `<port>-<sandbox id>.<domain>[:server port]`;
+    """(port digits, sandbox id) of a Host `<port>-<sandbox id>.<domain>[:server port]`;
     None when the host names no sandbox port. The one parser of E2B's host form."""
     name = host.lower()
     if ":" in name and not name.startswith("["):  # (an IPv6 literal names no sandbox)
@@ -81,7 +81,9 @@ def parse_host(host: str, domain: str) -> tuple[str, str] | None:
     if not name.endswith(suffix):
         return None
     port, dash, sandbox_id = name[: -len(suffix)].partition("-")
-    if not dash or not sandbox_id or "." in sandbox_id:
+    # Only digits claim a host for the proxy: the API stays reachable by any other name
+    # under the domain (a server called `corral-dev.localhost`, say).
+    if not dash or not sandbox_id or "." in sandbox_id or not (port.isascii() and port.isdigit()):
         return None
     return port, sandbox_id
 
