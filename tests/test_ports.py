@@ -339,9 +339,11 @@ def test_paused_and_killed_sandboxes(server: LiveServer) -> None:
 
 # -- the byte path, in the engine ---------------------------------------------------------
 
-ONE_ANSWER = (
+ONE_ANSWER = (  # PORT WORD [HOST]: answers WORD to each connection
     "import socket, sys\n"
-    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "host = sys.argv[3] if len(sys.argv) > 3 else '127.0.0.1'\n"
+    "s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)\n"
+    "s.bind((host, int(sys.argv[1]))); s.listen()\n"
     "print('listening', flush=True)\n"
     "while True:\n"
     "    c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()\n"
@@ -450,3 +452,15 @@ async def test_the_guest_agent_relays_a_port_when_the_host_cannot_enter(
         reader, writer = await asyncio.open_connection(sock=sock)
         assert await reader.read() == b"hello"
         writer.close()
+
+
+async def test_a_server_on_ipv6_loopback_alone_is_reached(sandbox: EngineSandbox) -> None:
+    """Node and Vite dev servers on "localhost" may listen on ::1 only."""
+    await listen(sandbox, ONE_ANSWER, "9002", "six", "::1")
+    for opened in (sandbox.open_port, sandbox.open_port_via_agent):
+        sock = await opened(9002)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        assert await reader.read() == b"six"
+        writer.close()
+        with pytest.raises(PortClosed, match="nothing listens on port 9003"):
+            await opened(9003)

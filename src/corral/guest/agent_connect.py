@@ -1,5 +1,6 @@
-"""The guest agent's `connect` call: a TCP connection to 127.0.0.1:PORT inside the
-sandbox, its bytes relayed over the channel (OUT what the peer sends, IN what it is sent).
+"""The guest agent's `connect` call: a TCP connection to 127.0.0.1:PORT (else ::1:PORT)
+inside the sandbox, its bytes relayed over the channel (OUT what the peer sends, IN what
+it is sent).
 
 The port proxy's path into a sandbox the host cannot enter: a server without the
 privilege to join the sandbox's network namespace, and tiers whose network is not the
@@ -32,56 +33,64 @@ except ImportError:  # run in a sandbox, beside this file
         Refusal,
     )
 
-_REFUSED = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT)
-
 
 def op_connect(agent: Agent, channel: int, args: Args) -> None:
     port = args.get("port")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise Refusal("invalid_argument", f"port {port!r} is not a TCP port (1 to 65535)")
-    import _socket
-
-    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        code = sock.connect_ex(("127.0.0.1", port))
-        if code in _REFUSED:
-            raise Refusal("refused", f"nothing listens on port {port} in the sandbox")
-        if code not in (0, errno.EINPROGRESS):
-            raise OSError(code, f"connecting to port {port} failed")
-    except BaseException:
-        sock.close()
-        raise
-    connection = Connection(agent, channel, sock, port)
+    connection = Connection(agent, channel, port)
     agent.channels[channel] = connection
-    if code == 0:
-        connection.connected()
-    else:
-        agent.watch(sock.fileno(), EPOLLOUT, connection.on_connect)
+    connection.attempt()
 
 
 class Connection(Channel):
     """One relayed TCP connection, from its connect to its end."""
 
-    def __init__(self, agent: Agent, channel: int, sock: _socket.socket, port: int) -> None:
+    def __init__(self, agent: Agent, channel: int, port: int) -> None:
         super().__init__(agent, channel)
-        self.sock = sock
-        self.fd = sock.fileno()
         self.port = port
+        # Loopback over IPv4, then IPv6: a server on "localhost" may be on ::1 alone.
+        self.targets = ["127.0.0.1", "::1"]
+        self.sock: _socket.socket | None = None
+        self.fd = -1
         self.credit = protocol.WINDOW  # OUT bytes the host lets us send
         self.pending = bytearray()  # IN bytes the socket has not taken yet
         self.host_eof = False
         self.open = False
 
+    def attempt(self) -> None:
+        """Connect to the next loopback address; when none answers, reply so."""
+        import _socket
+
+        while self.targets:
+            host = self.targets.pop(0)
+            family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+            try:
+                sock = _socket.socket(family, _socket.SOCK_STREAM)
+            except OSError:
+                continue  # no IPv6 here
+            sock.setblocking(False)
+            code = sock.connect_ex((host, self.port))
+            if code in (0, errno.EINPROGRESS):
+                self.sock, self.fd = sock, sock.fileno()
+                if code == 0:
+                    self.connected()
+                else:
+                    self.agent.watch(self.fd, EPOLLOUT, self.on_connect)
+                return
+            sock.close()
+        message = f"nothing listens on port {self.port} in the sandbox (127.0.0.1 or ::1)"
+        self.end({"ok": False, "error": {"type": "refused", "message": message}})
+
     def on_connect(self, fd: int, events: int) -> None:
         import _socket
 
-        code = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
-        if code:
-            self.end({"ok": False, "error": {"type": "refused", "message": (
-                f"nothing listens on port {self.port} in the sandbox"
-                if code in _REFUSED else f"connecting to port {self.port} failed (errno {code})"
-            )}})  # fmt: skip
+        assert self.sock is not None
+        if self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR):
+            self.agent.unwatch(self.fd)
+            self.sock.close()
+            self.sock, self.fd = None, -1
+            self.attempt()
             return
         self.connected()
 
@@ -107,6 +116,7 @@ class Connection(Channel):
         self.update_watch()
 
     def read(self) -> None:
+        assert self.sock is not None
         try:
             data = self.sock.recv(min(protocol.CHUNK, self.credit))
         except BlockingIOError:
@@ -120,6 +130,7 @@ class Connection(Channel):
         self.agent.send(protocol.OUT, self.channel, data)
 
     def write_pending(self) -> None:
+        assert self.sock is not None
         written = 0
         try:
             while self.pending:
@@ -166,5 +177,7 @@ class Connection(Channel):
 
     def close(self) -> None:
         self.open = False
-        self.agent.unwatch(self.fd)
-        self.sock.close()
+        if self.sock is not None:
+            self.agent.unwatch(self.fd)
+            self.sock.close()
+            self.sock, self.fd = None, -1

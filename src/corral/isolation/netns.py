@@ -26,18 +26,23 @@ from concurrent.futures import ThreadPoolExecutor
 from corral.errors import IsolationUnavailable, PortClosed
 from corral.network.setns import enter_netns
 
+# Nothing listens there (or, for ::1, no IPv6 in the sandbox).
+_NOT_THERE = (
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EADDRNOTAVAIL,
+    errno.ENETUNREACH,
+)  # fmt: skip
 # One thread, only for this: it stays in the namespace of the last sandbox it entered.
 # (`corral.network.setns.run_in_netns` starts a thread per call, for occasional sockets;
 # the port proxy makes one per connection.)
 _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-netns")
 
 
-def _socket_in(netns_fd: int) -> socket.socket:
+def _socket_in(netns_fd: int, family: int) -> socket.socket:
     # Through the open descriptor, not /proc/PID: it is the namespace checked against
     # pid reuse (`open_netns`), whatever the pid names by now.
     enter_netns(f"/proc/self/fd/{netns_fd}")
     # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setblocking(False)
     return sock
 
@@ -66,23 +71,24 @@ def open_netns(pid: int, still_ours: Callable[[], bool]) -> int:
 
 
 async def connect_port(netns_fd: int, port: int, *, where: str) -> socket.socket:
-    """A non-blocking TCP socket connected to 127.0.0.1:`port` in the network namespace
-    `netns_fd` (the caller closes both). `where` names the sandbox in errors;
-    PermissionError when this process may not enter the namespace."""
+    """A non-blocking TCP socket connected to 127.0.0.1:`port` (else [::1]:`port`: a
+    server on "localhost" may be on ::1 alone) in the network namespace `netns_fd` (the
+    caller closes both). `where` names the sandbox in errors; PermissionError when this
+    process may not enter the namespace."""
     loop = asyncio.get_running_loop()
-    # PermissionError (EPERM) without CAP_SYS_ADMIN: the caller goes through the agent.
-    sock = await loop.run_in_executor(_worker, _socket_in, netns_fd)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT):
-            raise PortClosed(
-                f"nothing listens on port {port} in {where}: start a server there on "
-                f"0.0.0.0:{port} or 127.0.0.1:{port}"
-            ) from None
-        raise
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        sock = await loop.run_in_executor(_worker, _socket_in, netns_fd, family)
+        try:
+            await loop.sock_connect(sock, (host, port))
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in _NOT_THERE:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+    raise PortClosed(
+        f"nothing listens on port {port} in {where}: start a server there on "
+        f"0.0.0.0:{port} or 127.0.0.1:{port}"
+    )
