@@ -324,6 +324,15 @@ def test_sdk_and_cli_give_usable_urls(server: LiveServer, web: Sandbox) -> None:
     done = server.corral("sandbox", "url", web.sandbox_id, "70000")
     assert done.returncode != 0 and "not a TCP port" in done.stderr
 
+    done = server.corral("sandbox", "create", "--public-ports", "--timeout", "60", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)
+    try:
+        assert created["public_ports"] is True and created["traffic_token"] == ""
+        assert created["ports_domain"] == "localhost"
+    finally:
+        server.corral("sandbox", "kill", created["sandbox_id"])
+
 
 def test_paused_and_killed_sandboxes(server: LiveServer) -> None:
     with Sandbox.create(timeout=120, **opts(server)) as sbx:
