@@ -9,6 +9,7 @@ import pytest
 
 from corral.client._models import Limits, SandboxInfo
 from corral.client._ports import port_host, port_url
+from corral.config import Settings
 from corral.errors import (
     Forbidden,
     InvalidRequest,
@@ -178,3 +179,10 @@ def test_sdk_urls() -> None:
             port_url(info(), server, bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="start with '/'"):
         port_url(info(), server, 80, "a")
+
+
+def test_the_ports_domain_is_checked() -> None:
+    Settings.from_env({"CORRAL_PORTS_DOMAIN": "sandboxes.example.com"})
+    for bad in ("", ".", "example.com:8080", "exa mple.com", "a/b"):
+        with pytest.raises(InvalidRequest, match="CORRAL_PORTS_DOMAIN"):
+            Settings.from_env({"CORRAL_PORTS_DOMAIN": bad})

@@ -138,6 +138,13 @@ class Settings:
             )
         if self.database_url:
             check_database_url(self.database_url)
+        domain = self.ports_domain.strip(".")
+        if not domain or not all(c.isascii() and (c.isalnum() or c in ".-") for c in domain):
+            raise InvalidRequest(
+                f"CORRAL_PORTS_DOMAIN={self.ports_domain!r} is not a domain name: use one like "
+                "sandboxes.example.com (its wildcard record pointing at this server), or "
+                "localhost (the default)"
+            )
         if self.network_events_max < 1:
             raise InvalidRequest(
                 f"CORRAL_NETWORK_EVENTS_MAX={self.network_events_max} keeps no event: use 1 "

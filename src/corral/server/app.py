@@ -6,9 +6,9 @@
 Routing is by path prefix (each Connect service owns `/<package.Service>/`), so no web
 framework is needed; a sandbox port's host name or `/sandboxes/` path goes to the proxy
 first, before any API key is asked for (the proxy checks the sandbox's traffic token).
-The app's lifespan opens the store, makes sure the default team
-and its key exist, and starts the sandbox manager; its shutdown stops the manager,
-which kills every sandbox it ran.
+The app's lifespan opens the store, makes sure the default team and its key exist, and
+starts the sandbox manager; its shutdown stops the manager, which kills every sandbox
+it ran.
 """
 
 from __future__ import annotations
