@@ -10,8 +10,10 @@ on port 8000. In alternating rounds, with one keep-alive HTTP client each:
   the header): client -> server -> a new connection into the sandbox -> the web app;
 - `direct`: the same GET to 127.0.0.1:8000 from a thread of this process that entered the
   sandbox's network namespace: client -> the web app, over the same loopback.
-Prints p50/p95 (ms) of each, the overhead (p50 proxy - p50 direct) and the ratio, and the
-load average before and after (the machine is shared). Target: overhead p50 <= 1 ms.
+Then the same for a WebSocket: round trips of a small message to the app's echo, through
+the proxy's byte relay and directly. Prints p50/p95 (ms) of each, the overhead (p50 proxy
+- p50 direct) and the ratio, and the load average before and after (the machine is
+shared). Target: GET overhead p50 <= 1 ms.
 
 Then the two byte paths into a sandbox, in the engine (no server): a new connection and
 one GET (`Connection: close`) over `Sandbox.open_port` (the host in the sandbox's
@@ -25,12 +27,14 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' kit
@@ -73,14 +77,37 @@ def timed_gets(client: httpx.Client, url: str, count: int, headers: dict[str, st
     return samples
 
 
+def websocket_echoes(
+    address: tuple[str, int], target: str, headers: dict[str, str], count: int
+) -> list[float]:
+    """ms per round trip of a small message over one WebSocket to the web app's echo."""
+    with socket.create_connection(address, timeout=30) as sock, sock.makefile("rb") as stream:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(webapp.upgrade_request(f"{address[0]}:{address[1]}", target, headers))
+        status, _ = webapp.read_head(stream)
+        if status != 101:
+            raise SystemExit(f"WebSocket upgrade of {target}: {status}")
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            sock.sendall(webapp.frame(1, b"ping", mask=b"abcd"))
+            if webapp.read_frame(stream) != (1, b"ping"):
+                raise SystemExit("the echo answered something else")
+            samples.append((time.perf_counter() - start) * 1000)
+        sock.sendall(webapp.frame(8, b"", mask=b"abcd"))
+    return samples
+
+
 class DirectClient(threading.Thread):
-    """GETs to the web app from inside the sandbox's network namespace, in a thread of
-    their own (only it enters the namespace), round by round when `turn` says so."""
+    """The same requests to the web app from inside the sandbox's network namespace, in
+    a thread of their own (only it enters the namespace), round by round when `turn`
+    says so: GETs, then WebSocket round trips."""
 
     def __init__(self, pid: int, count: int, rounds: int, turn: threading.Barrier) -> None:
         super().__init__(name="in-sandbox")
         self.pid, self.count, self.rounds, self.turn = pid, count, rounds, turn
         self.samples: list[float] = []
+        self.echoes: list[float] = []
         self.failure: BaseException | None = None
 
     def run(self) -> None:
@@ -92,13 +119,19 @@ class DirectClient(threading.Thread):
                     self.turn.wait()
                     self.samples += timed_gets(client, url, self.count, {})
                     self.turn.wait()
+            self.turn.wait()
+            self.echoes = websocket_echoes(("127.0.0.1", PORT), "/ws", {}, self.count * 2)
+            self.turn.wait()
         except BaseException as exc:
             self.failure = exc
             self.turn.abort()
 
 
-def measure(url: str, key: str, count: int, rounds: int) -> tuple[list[float], list[float]]:
-    """(proxy, direct) GET latencies in ms, in alternating rounds."""
+Series = dict[str, list[float]]
+
+
+def measure(url: str, key: str, count: int, rounds: int) -> Series:
+    """Latencies in ms, proxy and direct, in alternating rounds: GETs, WebSocket echoes."""
     with Sandbox.create(timeout=600, server=url, api_key=key) as sbx:
         marker = f"bench-web-{secrets.token_hex(6)}.py"
         sbx.files.write(marker, webapp.SOURCE)
@@ -121,11 +154,22 @@ def measure(url: str, key: str, count: int, rounds: int) -> tuple[list[float], l
                     turn.wait()  # the direct client's round
                     turn.wait()
                     proxy += timed_gets(client, proxied, count, headers)
+            turn.wait()  # the direct client's echoes
+            turn.wait()
+            server = urlsplit(url)
+            address = (server.hostname or "127.0.0.1", server.port or 80)
+            target = f"/sandboxes/{sbx.sandbox_id}/ports/{PORT}/ws"
+            echoes = websocket_echoes(address, target, headers, count * 2)
         finally:
             direct.join()
         if direct.failure is not None:
             raise direct.failure
-        return proxy, direct.samples
+        return {
+            "proxy_get": proxy,
+            "direct_get": direct.samples,
+            "proxy_ws": echoes,
+            "direct_ws": direct.echoes,
+        }
 
 
 async def one_get(opened: Any) -> float:
@@ -178,17 +222,21 @@ def main(quick: bool) -> dict[str, Any]:
     load_before = os.getloadavg()
     try:
         with running_server(root, "ports", pool_size=1) as (url, key):
-            proxy, direct = measure(url, key, count, rounds)
+            series = measure(url, key, count, rounds)
         paths = asyncio.run(byte_paths(root, count))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    p_proxy, p_direct = percentiles(proxy, 50, 95), percentiles(direct, 50, 95)
+    report: dict[str, Any] = {}
+    for kind in ("get", "ws"):
+        proxied = percentiles(series[f"proxy_{kind}"], 50, 95)
+        direct = percentiles(series[f"direct_{kind}"], 50, 95)
+        report[f"proxy_{kind}_ms"] = {**proxied, "n": len(series[f"proxy_{kind}"])}
+        report[f"direct_{kind}_ms"] = {**direct, "n": len(series[f"direct_{kind}"])}
+        report[f"{kind}_overhead_p50_ms"] = round(proxied["p50"] - direct["p50"], 3)
+        report[f"{kind}_ratio_p50"] = round(proxied["p50"] / direct["p50"], 2)
     return {
-        "proxy_get_ms": {**p_proxy, "n": len(proxy)},
-        "direct_get_ms": {**p_direct, "n": len(direct)},
-        "overhead_p50_ms": round(p_proxy["p50"] - p_direct["p50"], 3),
-        "ratio_p50": round(p_proxy["p50"] / p_direct["p50"], 2),
-        "target_overhead_p50_ms": 1.0,
+        **report,
+        "target_get_overhead_p50_ms": 1.0,
         **paths,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],

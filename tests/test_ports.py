@@ -9,7 +9,6 @@ streamed both ways, and a WebSocket round trip; then the SDK's and the CLI's URL
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
@@ -224,27 +223,9 @@ def websocket_open(server: LiveServer, target: str, headers: dict[str, str]) -> 
     """A raw client connection to the server that has sent a WebSocket upgrade request."""
     netloc = urlsplit(server.url)
     sock = socket.create_connection((netloc.hostname, netloc.port), timeout=30)
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {target} HTTP/1.1",
-        f"Host: {headers.pop('Host', netloc.netloc)}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *(f"{k}: {v}" for k, v in headers.items()),
-    ]
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    host = headers.pop("Host", netloc.netloc)
+    sock.sendall(webapp.upgrade_request(host, target, headers))
     return sock
-
-
-def read_head(stream: Any) -> tuple[int, dict[str, str]]:
-    status = int(stream.readline().split()[1])
-    headers = {}
-    while (line := stream.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers
 
 
 def test_websocket_round_trip(server: LiveServer, web: Sandbox) -> None:
@@ -255,7 +236,7 @@ def test_websocket_round_trip(server: LiveServer, web: Sandbox) -> None:
     }
     for sock in (websocket_open(server, target, {}), websocket_open(server, "/ws", by_host)):
         with sock, sock.makefile("rb") as stream:
-            status, headers = read_head(stream)
+            status, headers = webapp.read_head(stream)
             assert status == 101 and headers["upgrade"].lower() == "websocket"
             for message in (b"hello", secrets.token_bytes(70_000)):  # one long: 64-bit length
                 opcode = 1 if message == b"hello" else 2
@@ -280,7 +261,7 @@ def test_a_server_shutting_down_ends_its_websocket_relays(settings: Settings) ->
         wait_until(lambda: httpx.get(url).status_code == 200, "the web app")
         target = f"/sandboxes/{sbx.sandbox_id}/ports/{PORT}/ws?corral_token={sbx.traffic_token}"
         with websocket_open(live, target, {}) as sock, sock.makefile("rb") as stream:
-            assert read_head(stream)[0] == 101
+            assert webapp.read_head(stream)[0] == 101
             sock.sendall(webapp.frame(1, b"still here", mask=os.urandom(4)))
             assert webapp.read_frame(stream) == (1, b"still here")
             sbx.close()
@@ -302,7 +283,7 @@ def test_websocket_refusals(server: LiveServer, web: Sandbox, other: Sandbox) ->
     ]
     for target, headers, status in cases:
         with websocket_open(server, target, headers) as sock, sock.makefile("rb") as stream:
-            got, found = read_head(stream)
+            got, found = webapp.read_head(stream)
             body = json.loads(stream.read(int(found["content-length"])))
             assert got == status and body["message"], (target, got, body)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import struct
 import sys
 import time
@@ -29,6 +30,10 @@ _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 class Reader(Protocol):
     def read(self, size: int, /) -> bytes: ...
+
+
+class LineReader(Reader, Protocol):
+    def readline(self) -> bytes: ...
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -141,6 +146,31 @@ def frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
     if mask:
         return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return head + payload
+
+
+def upgrade_request(host: str, target: str, headers: dict[str, str]) -> bytes:
+    """A client's WebSocket upgrade request for `target` on `host`."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_head(stream: LineReader) -> tuple[int, dict[str, str]]:
+    """The status and headers of an HTTP response head read from `stream`."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
 
 
 if __name__ == "__main__":
