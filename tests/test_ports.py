@@ -389,7 +389,7 @@ def test_without_root_the_host_cannot_enter_a_namespace() -> None:
         pytest.skip("needs root to drop to an unprivileged uid")
     script = (
         "import asyncio, os\n"
-        "from corral.isolation.netns import connect_port\n"
+        "from corral.isolation.port_socket import connect_port\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "fd = os.open('/proc/self/ns/net', os.O_RDONLY)\n"
         "try:\n"

@@ -4,7 +4,7 @@ Where the host cannot enter a sandbox's network namespace (a server without root
 tiers whose network is not the host kernel's), the port proxy still gets a plain socket:
 one end of a socket pair, the other end relayed to a `GuestStream` by a task, until
 either side ends. It costs a copy and the agent's framing: the namespace path is the
-fast one (`corral.isolation.netns`).
+fast one (`corral.isolation.port_socket`).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
 from corral.isolation.guest_socket import bridge
 from corral.isolation.launcher import Launcher, launch
-from corral.isolation.netns import connect_port, open_netns
+from corral.isolation.port_socket import connect_port, open_netns
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy
