@@ -35,6 +35,7 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.CapacityExceeded, "resource_exhausted"),
     (errors.NoSpace, "resource_exhausted"),
     (errors.SandboxNotRunning, "failed_precondition"),
+    (errors.PortClosed, "failed_precondition"),
     (errors.CommandError, "failed_precondition"),
     (errors.FileExists, "already_exists"),
     (errors.IdempotencyConflict, "already_exists"),

@@ -68,6 +68,11 @@ class Settings:
     pool_size: int = 2
     shutdown_grace: int = 10
     log_level: str = "info"
+    # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
+    # followed by this domain (E2B's form; point a wildcard DNS record at the server), as
+    # well as paths `/sandboxes/<id>/ports/<port>/`. "localhost": `*.localhost` is
+    # loopback, so `8000-<id>.localhost:<server port>` works on the server's own machine.
+    ports_domain: str = "localhost"
     # Jobs: how many a process's worker pool runs at once (`corral server` runs one pool;
     # 0 leaves jobs to `corral worker` processes), how many warm sandboxes it keeps for
     # them (at most one per worker; 0: every job of one command starts a one-shot
@@ -136,6 +141,13 @@ class Settings:
             )
         if self.database_url:
             check_database_url(self.database_url)
+        domain = self.ports_domain.strip(".")
+        if not domain or not all(c.isascii() and (c.isalnum() or c in ".-") for c in domain):
+            raise InvalidRequest(
+                f"CORRAL_PORTS_DOMAIN={self.ports_domain!r} is not a domain name: use one like "
+                "sandboxes.example.com (its wildcard record pointing at this server), or "
+                "localhost (the default)"
+            )
         if self.network_events_max < 1:
             raise InvalidRequest(
                 f"CORRAL_NETWORK_EVENTS_MAX={self.network_events_max} keeps no event: use 1 "

@@ -19,7 +19,8 @@
     ├── SandboxError
     │   ├── SandboxStartFailed
     │   ├── SandboxNotRunning     destroyed, or paused when the call needs it running
-    │   └── GuestError            the guest agent broke the protocol or died
+    │   ├── GuestError            the guest agent broke the protocol or died
+    │   └── PortClosed            nothing listens on the port asked for inside the sandbox
     ├── CommandError              a command could not be started (bad cwd, bad user …)
     └── FileError                 a file operation inside the sandbox failed
         ├── FileNotFound
@@ -124,6 +125,10 @@ class SandboxNotRunning(SandboxError):
 
 class GuestError(SandboxError):
     """The guest agent inside the sandbox stopped answering or broke the protocol."""
+
+
+class PortClosed(SandboxError):
+    """Nothing listens on that port inside the sandbox: start a server there first."""
 
 
 class CommandError(CorralError):

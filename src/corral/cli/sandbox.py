@@ -86,6 +86,7 @@ def create(args: argparse.Namespace) -> None:
             connections=args.connections,
         ),
         network={"mode": network[0], "allow": network[1]} if network else None,
+        public_ports=args.public_ports,
         **connect_kwargs(args),
     )
     box.close()
@@ -269,6 +270,13 @@ def events(args: argparse.Namespace) -> None:
             sys.stdout.flush()
 
 
+def url(args: argparse.Namespace) -> None:
+    """A URL of PORT inside a sandbox, through the server's port proxy, with the
+    sandbox's traffic token unless its ports are public."""
+    with _sandbox(args) as box:
+        print(box.get_url(args.port, args.path, host_form=args.host_form))
+
+
 def add_commands(commands: Commands) -> None:
     sub = group(commands, "sandbox", "Create, inspect and use sandboxes on the server.")
 
@@ -320,6 +328,11 @@ def add_commands(commands: Commands) -> None:
         help="CPU cores; default: the server's",
     )
     add_network_options(p)
+    p.add_argument(
+        "--public-ports",
+        action="store_true",
+        help="anyone may reach its ports through the server (default: with its token)",
+    )
     add_output(p)
 
     p = command(sub, "list", list_)
@@ -371,6 +384,15 @@ def add_commands(commands: Commands) -> None:
         "--offset", type=whole(0), default=0, help="the first event: 0, or an event's seq + 1"
     )
     add_output(p)
+    p = with_id("url", url)
+    p.add_argument("port", type=whole(1), metavar="PORT", help="a TCP port inside the sandbox")
+    p.add_argument("path", nargs="?", default="/", help="the path on that port; default /")
+    p.add_argument(
+        "--host-form",
+        action="store_true",
+        help="http://PORT-ID.DOMAIN/ (needs DNS for the server's ports domain) instead of "
+        "SERVER/sandboxes/ID/ports/PORT/",
+    )
 
     p = with_id("metrics", metrics)
     p.add_argument("--range", choices=("10m", "2h", "24h"), default="10m", help="how far back")

@@ -121,6 +121,11 @@ class SandboxInfo:
     on_idle: str
     last_activity_at: datetime | None
     network: Network = field(default_factory=Network)
+    # Port exposure: the token the port proxy asks for ("" when the ports are public),
+    # and the domain of the ports' host names.
+    traffic_token: str = ""
+    public_ports: bool = False
+    ports_domain: str = ""
 
     @classmethod
     def from_proto(cls, sandbox: pb.Sandbox) -> SandboxInfo:
@@ -145,6 +150,9 @@ class SandboxInfo:
             on_idle="kill" if sandbox.on_idle == pb.IDLE_ACTION_KILL else "pause",
             last_activity_at=_time(sandbox.last_activity_at, sandbox.HasField("last_activity_at")),
             network=Network.from_proto(sandbox.network),
+            traffic_token=sandbox.traffic_access_token,
+            public_ports=sandbox.public_ports,
+            ports_domain=sandbox.ports_domain,
         )
 
 

@@ -21,6 +21,7 @@ from corral.client._files import AsyncFiles
 from corral.client._hybrid import hybridmethod
 from corral.client._listing import list_request
 from corral.client._models import Limits, MetricPoint, Network, NetworkEvent, SandboxInfo
+from corral.client._ports import port_host, port_url
 from corral.errors import InvalidRequest, NotFound, SandboxNotRunning
 from corral.v1 import sandbox_pb2 as pb
 
@@ -132,6 +133,26 @@ class AsyncSandbox:
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.sandbox_id} {self._info.state}>"
 
+    # -- exposed ports --------------------------------------------------------------------
+
+    @property
+    def traffic_token(self) -> str:
+        """What the port proxy asks for (header `X-Corral-Traffic-Token`); "" when the
+        sandbox's ports are public."""
+        return self._info.traffic_token
+
+    def get_host(self, port: int) -> str:
+        """The host name (and server port) of `port` inside the sandbox, as E2B's
+        `get_host`: `<port>-<sandbox id>.<ports domain>`."""
+        return port_host(self._info, self._connection.settings.server, port)
+
+    def get_url(self, port: int, path: str = "/", *, host_form: bool = False) -> str:
+        """A URL of `path` on `port` inside the sandbox, through the server, with the
+        traffic token unless the ports are public; `host_form` uses `get_host`."""
+        return port_url(
+            self._info, self._connection.settings.server, port, path, host_form=host_form
+        )
+
     # -- getting one ----------------------------------------------------------------------
 
     @classmethod
@@ -148,6 +169,7 @@ class AsyncSandbox:
         limits: Limits | None = None,
         network: Network | str | Mapping[str, Any] | None = None,
         allow_internet_access: bool | None = None,
+        public_ports: bool = False,
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
@@ -159,7 +181,9 @@ class AsyncSandbox:
         kill it with `on_idle="kill"`. `envs` apply to every command run in it.
         `network` is what it may reach: "none" (the default), "internet", or
         {"mode": "allowlist", "allow": ["pypi.org", "*.example.com:443", "203.0.113.0/24"]};
-        E2B's `allow_internet_access=True` is "internet", False is "none".
+        E2B's `allow_internet_access=True` is "internet", False is "none". Its ports are
+        reached through the server (`get_url`) with its `traffic_token`, or by anyone
+        with `public_ports=True`.
         """
         if on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={on_idle!r}: use 'pause' or 'kill'")
@@ -175,6 +199,7 @@ class AsyncSandbox:
             idle_timeout_seconds=idle_timeout or 0,
             on_idle=pb.IDLE_ACTION_KILL if on_idle == "kill" else pb.IDLE_ACTION_PAUSE,
             network=policy.to_proto(),
+            public_ports=bool(public_ports),
         )
         try:
             reply = await connection.call(connection.rpc.create, request)

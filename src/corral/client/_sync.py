@@ -192,6 +192,16 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"<Sandbox {self.sandbox_id} {self.info.state}>"
 
+    @property
+    def traffic_token(self) -> str:
+        return self._async.traffic_token
+
+    def get_host(self, port: int) -> str:
+        return self._async.get_host(port)
+
+    def get_url(self, port: int, path: str = "/", *, host_form: bool = False) -> str:
+        return self._async.get_url(port, path, host_form=host_form)
+
     create = staticmethod(bridge_factory(AsyncSandbox.create, lambda box: Sandbox._of(box)))
     connect = staticmethod(bridge_factory(AsyncSandbox.connect, lambda box: Sandbox._of(box)))
     list = staticmethod(list_sandboxes)  # plain HTTP: no event loop needed

@@ -15,6 +15,7 @@ from corral.guest.client import (
     ExecResult,
     GuestConnection,
     GuestProcess,
+    GuestStream,
     OutputChunk,
     ProcessInfo,
 )
@@ -24,6 +25,7 @@ AGENT_FILES = (
     "agent.py",
     "agent_channels.py",
     "agent_command.py",
+    "agent_connect.py",
     "agent_exec.py",
     "agent_files.py",
     "agent_move.py",
@@ -43,6 +45,7 @@ __all__ = [
     "ExecResult",
     "GuestConnection",
     "GuestProcess",
+    "GuestStream",
     "OutputChunk",
     "ProcessInfo",
     "agent_source_dir",

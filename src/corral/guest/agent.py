@@ -9,11 +9,11 @@ Standard library only, Python 3.9 syntax, and quick to start: it is on the criti
 of every sandbox creation, so it avoids ``subprocess``, ``selectors``, ``json``, ``signal``
 (all pull in ``re`` or ``enum``) and uses ``posix_spawn``, ``epoll`` and ``_signal``.
 
-The agent is five modules beside this one, copied into each sandbox together
+The agent is six modules beside this one, copied into each sandbox together
 (`corral.guest.AGENT_FILES`): `agent_channels` (what every call shares), `agent_exec`
 (exec, attach, signal, ps) and `agent_command` (one running command), `agent_files` (read,
-write, list, stat, mkdir, remove) and `agent_move` (rename). This module is the loop:
-frames in, dispatch to the calls, frames out, timers and reaping.
+write, list, stat, mkdir, remove), `agent_move` (rename) and `agent_connect` (connect).
+This module is the loop: frames in, dispatch to the calls, frames out, timers and reaping.
 
 Choices worth knowing (the modules of the calls say theirs):
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     Op = Callable[["Agent", int, Args], None]
 
 try:
-    from corral.guest import agent_exec, agent_files, agent_move, protocol
+    from corral.guest import agent_connect, agent_exec, agent_files, agent_move, protocol
     from corral.guest.agent_channels import (
         EPOLLIN,
         EPOLLOUT,
@@ -52,6 +52,7 @@ try:
         signal,
     )
 except ImportError:  # run in a sandbox, beside this file
+    import agent_connect  # type: ignore[no-redef,import-not-found]
     import agent_exec  # type: ignore[no-redef,import-not-found]
     import agent_files  # type: ignore[no-redef,import-not-found]
     import agent_move  # type: ignore[no-redef,import-not-found]
@@ -371,6 +372,7 @@ OPS: dict[str, Op] = {
     "mkdir": agent_files.op_mkdir,
     "remove": agent_files.op_remove,
     "rename": agent_move.op_rename,
+    "connect": agent_connect.op_connect,
 }
 
 

@@ -185,6 +185,44 @@ class GuestProcess(CommandOutput):
         )
 
 
+class GuestStream:
+    """A TCP connection the agent made to a port inside the sandbox (`connect`): what the
+    peer sends (`read`, b"" at its end) and what it is sent (`write`, `write_eof`)."""
+
+    def __init__(self, connection: GuestConnection, channel: Channel) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._ended = False
+
+    async def read(self) -> bytes:
+        while not self._ended:
+            kind, payload = await self._channel.next()
+            if kind == protocol.OUT:
+                self._channel.consumed(len(payload))
+                return payload
+            if kind == protocol.REPLY:
+                self._ended = True
+                self._connection._check_reply("connect", payload)
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._channel.send_data(data)
+        except ChannelEnded:
+            raise ConnectionResetError("the peer in the sandbox closed the connection") from None
+
+    async def write_eof(self) -> None:
+        if self._channel.open:
+            self._connection._send_nowait(protocol.EOF, self._channel.number)
+            await self._connection._drain()
+
+    def close(self) -> None:
+        """End the connection (the agent closes its socket) unless it has ended."""
+        self._connection._close_channel(
+            self._channel, SandboxNotRunning("the connection into the sandbox was closed")
+        )
+
+
 class GuestConnection(Multiplexer):
     """A connection to one guest agent over a byte stream (its stdin and stdout)."""
 
@@ -256,6 +294,20 @@ class GuestConnection(Multiplexer):
             )
             for p in reply["processes"]
         ]
+
+    # -- ports ------------------------------------------------------------------------
+
+    async def connect(self, port: int) -> GuestStream:
+        """A TCP connection from inside the sandbox to its 127.0.0.1:`port`, made by the
+        agent; PortClosed when nothing listens there."""
+        channel = await self._open_channel("connect", {"port": port})
+        kind, payload = await channel.next()
+        while kind not in (protocol.EVENT, protocol.REPLY):
+            kind, payload = await channel.next()
+        if kind == protocol.REPLY:
+            self._check_reply("connect", payload)  # raises the refusal
+            raise GuestError("the guest agent ended a connect without connecting")
+        return GuestStream(self, channel)
 
     # -- files ------------------------------------------------------------------------
 

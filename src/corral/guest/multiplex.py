@@ -30,6 +30,7 @@ from corral.errors import (
     NoSpace,
     NotADirectory,
     PermissionDenied,
+    PortClosed,
     SandboxNotRunning,
 )
 from corral.guest import protocol
@@ -52,6 +53,7 @@ _ERRORS: dict[str, type[CorralError]] = {
     "no_space": NoSpace,
     "invalid_argument": InvalidRequest,
     "not_running": CommandError,
+    "refused": PortClosed,
 }
 
 

@@ -63,6 +63,13 @@ Ops (CALL payloads; paths are absolute or relative to the workdir, never with NU
     REPLY ``{entry}``, ``{created}``, ``{}``, ``{entry}``. A rename across mounts copies
     and then removes the source, as ``mv`` does, and replies when that is done.
 
+``connect {port}``
+    A TCP connection to 127.0.0.1:port (else [::1]:port) inside the sandbox (the port
+    proxy's path where the host cannot enter the sandbox's network): EVENT
+    ``{connected: true}``, then OUT
+    what the peer sends and IN what it is sent (EOF shuts its write side), then REPLY
+    ``{}`` when the peer has closed. Error ``refused`` when nothing listens there.
+
 An entry is ``{name, path, type: file|dir|symlink|other, size, mode, mtime,
 symlink_target?}`` with lstat semantics.
 """
@@ -114,6 +121,7 @@ ERROR_TYPES = (
     "no_space",
     "invalid_argument",
     "not_running",
+    "refused",
     "unsupported",
     "internal",
 )

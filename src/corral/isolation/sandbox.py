@@ -17,6 +17,7 @@ import enum
 import logging
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import replace
@@ -37,8 +38,10 @@ from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupU
 from corral.isolation.command import Command, CommandResult
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
+from corral.isolation.guest_socket import bridge
 from corral.isolation.launcher import Launcher, launch
 from corral.isolation.network import SandboxNetwork
+from corral.isolation.port_socket import connect_port, open_netns
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy, Rule
@@ -84,6 +87,8 @@ class Sandbox:
         self._stderr_tail = b""
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
+        # Connections relayed by the guest agent (`open_port` without root), ended on destroy.
+        self._relays: set[asyncio.Task[None]] = set()
         self.workdir = ""
         # What its network did (DNS, connections), for the services to store.
         self.network_events = NetworkEventLog()
@@ -245,7 +250,7 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._launcher.pid, signal.SIGKILL)
                 await self._launcher.wait()
-            await stop_tasks(self._stderr_task)
+            await stop_tasks(self._stderr_task, *self._relays)
             if not released:
                 await asyncio.to_thread(self.footprint.release)
 
@@ -374,6 +379,44 @@ class Sandbox:
 
     async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> EntryInfo | None:
         return await self._running_guest().rename(src, dst, overwrite=overwrite)
+
+    # -- ports ------------------------------------------------------------------------
+
+    async def open_port(self, port: int) -> socket.socket:
+        """A TCP connection from the host to 127.0.0.1:`port` inside this sandbox (its
+        network namespace), for the port proxy; the caller closes it. PortClosed when
+        nothing listens there."""
+        self._require(SandboxState.RUNNING)
+        launcher = self._launcher
+        if launcher is None:
+            raise SandboxNotRunning(f"sandbox {self.id} has not started")
+        # bubblewrap's child is the sandbox's init, in its namespaces; a tier without
+        # one of its own (process) is in the launcher's, which is the host's.
+        inside = (launcher.children() or [launcher.pid])[0]
+        fd = open_netns(
+            inside,
+            lambda: (
+                launcher.returncode is None
+                and (inside == launcher.pid or inside in launcher.children())
+            ),
+        )
+        if fd < 0:
+            raise SandboxNotRunning(f"sandbox {self.id} has exited")
+        try:
+            return await connect_port(fd, port, where=f"sandbox {self.id}")
+        except PermissionError:  # the host may not enter it (not root): the agent may
+            return await self.open_port_via_agent(port)
+        finally:
+            os.close(fd)
+
+    async def open_port_via_agent(self, port: int) -> socket.socket:
+        """`open_port` through the guest agent: its `connect`, relayed to a local socket.
+        The path where the host cannot enter the sandbox's network namespace."""
+        stream = await self._running_guest().connect(port)
+        sock, relay = await bridge(stream)
+        self._relays.add(relay)
+        relay.add_done_callback(self._relays.discard)
+        return sock
 
     # -- limits and usage -------------------------------------------------------------
 

@@ -36,6 +36,9 @@ class LiveSandbox:
     idle_timeout: int
     on_idle: Action
     last_activity: float
+    # Port exposure, checked by the port proxy on every connection without a query.
+    traffic_token: str = ""
+    public_ports: bool = False
     state: str = "creating"
     sandbox: Sandbox | None = None
     # Stores its network events while it runs (from the end of its creation).

@@ -16,7 +16,9 @@ Background loops enforce lifetimes and inactivity TTLs (every `tick`), sample me
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Literal
@@ -27,9 +29,11 @@ from corral.config import Settings
 from corral.errors import (
     CapacityExceeded,
     CorralError,
+    Forbidden,
     InvalidRequest,
     NotFound,
     SandboxNotRunning,
+    Unauthenticated,
 )
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
@@ -144,6 +148,7 @@ class SandboxManager:
                 self.pool.give_back(pooled)
             raise
         now = time.time()
+        token = "" if options.public_ports else secrets.token_urlsafe(24)
         row = SandboxRow(
             id=pooled.id if pooled else new_sandbox_id(),
             team_id=team.id,
@@ -165,6 +170,8 @@ class SandboxManager:
             owner_pid=self._owner[1],
             owner_start=self._owner[2],
             network=network_json(options.network),
+            traffic_token=token,
+            public_ports=options.public_ports,
         )
         logs.bind(sandbox_id=row.id)
         try:
@@ -183,6 +190,8 @@ class SandboxManager:
             on_idle=options.on_idle,
             last_activity=now,
             saved_activity=now,
+            traffic_token=token,
+            public_ports=options.public_ports,
         )
         self._live.add(entry)
         async with entry.lock:
@@ -209,7 +218,7 @@ class SandboxManager:
             "sandbox created",
             extra={"sandbox_id": row.id, "team_id": team.id, "warm": warm},
         )
-        return SandboxRecord.from_row(created)
+        return self._record(created)
 
     async def _start(
         self, sandbox_id: str, options: CreateOptions, pooled: Sandbox | None
@@ -348,6 +357,43 @@ class SandboxManager:
             self.store, sandbox_id, offset=offset, follow=follow, stop=stop
         )
 
+    # -- exposed ports ------------------------------------------------------------------
+
+    def exposed(self, sandbox_id: str, token: str | None) -> Sandbox:
+        """A running sandbox of this process whose ports `token` may reach, for the port
+        proxy (`Sandbox.open_port`); counts as activity.
+
+        No team here: the sandbox's traffic access token is the credential (none for
+        public ports), checked before anything else about the sandbox is told. A wrong
+        token is refused, never answered by another sandbox.
+        """
+        entry = self._live.get(sandbox_id)
+        if entry is None:
+            raise NotFound(
+                f"no sandbox {sandbox_id!r} is running on this server; check the id in the "
+                "URL (`corral sandbox list`)"
+            )
+        if not entry.public_ports:
+            if not token:
+                raise Unauthenticated(
+                    f"sandbox {sandbox_id}'s ports need its traffic access token: send the "
+                    "header `X-Corral-Traffic-Token` (or `e2b-traffic-access-token`), or add "
+                    "`?corral_token=<token>`; `corral sandbox url` prints a URL with it"
+                )
+            if not entry.traffic_token or not hmac.compare_digest(
+                token.encode(), entry.traffic_token.encode()
+            ):
+                raise Forbidden(
+                    f"wrong traffic access token for sandbox {sandbox_id}: use the "
+                    "`traffic_token` that creating or getting that sandbox returned"
+                )
+        if entry.state == "paused":
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is paused; resume it first")
+        if entry.state != "running" or entry.sandbox is None:
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is {entry.state}")
+        entry.touch(time.time())
+        return entry.sandbox
+
     # -- lookups ------------------------------------------------------------------------
 
     def _owned(self, team: Team, sandbox_id: str) -> SandboxRow:
@@ -373,7 +419,9 @@ class SandboxManager:
 
     def _record(self, row: SandboxRow) -> SandboxRecord:
         entry = self._live.get(row.id)
-        return SandboxRecord.from_row(row, utc(entry.last_activity) if entry else None)
+        return SandboxRecord.from_row(
+            row, utc(entry.last_activity) if entry else None, self.settings.ports_domain
+        )
 
     # Defined last: inside the class body the name `list` is this method from here on.
     async def list(

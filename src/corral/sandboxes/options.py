@@ -68,6 +68,9 @@ class CreateOptions:
     on_idle: Literal["pause", "kill"] = "pause"
     # What it may reach (the server's NetworkCap has the last word).
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    # Port exposure: anyone may reach the sandbox's ports through the port proxy (True),
+    # or only callers with its traffic access token (False).
+    public_ports: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, Limits):
@@ -84,6 +87,8 @@ class CreateOptions:
         check_timeout(self.idle_timeout_seconds, "idle_timeout_seconds", zero_ok=True)
         if self.on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={self.on_idle!r}: use 'pause' or 'kill'")
+        if not isinstance(self.public_ports, bool):
+            raise InvalidRequest(f"public_ports={self.public_ports!r}: use True or False")
 
 
 @dataclass(frozen=True)
@@ -105,9 +110,16 @@ class SandboxRecord:
     on_idle: str
     last_activity_at: datetime
     network: NetworkPolicy
+    # Port exposure: what the port proxy asks for (empty when the ports are public), and
+    # the domain of its host names (`<port>-<id>.<ports_domain>`).
+    traffic_token: str = ""
+    public_ports: bool = False
+    ports_domain: str = ""
 
     @classmethod
-    def from_row(cls, row: SandboxRow, last_activity_at: datetime | None = None) -> SandboxRecord:
+    def from_row(
+        cls, row: SandboxRow, last_activity_at: datetime | None = None, ports_domain: str = ""
+    ) -> SandboxRecord:
         return cls(
             id=row.id,
             team_id=row.team_id,
@@ -123,6 +135,9 @@ class SandboxRecord:
             on_idle=row.on_idle,
             last_activity_at=max(row.last_activity_at, last_activity_at or row.last_activity_at),
             network=NetworkPolicy.parse(row.network["mode"], row.network["allow"]),
+            traffic_token=row.traffic_token,
+            public_ports=row.public_ports,
+            ports_domain=ports_domain,
         )
 
 

@@ -1,12 +1,14 @@
-"""The ASGI app: Connect services for SandboxService, JobService and HealthService, and
-`GET /healthz`.
+"""The ASGI app: Connect services for SandboxService, JobService and HealthService,
+`GET /healthz`, and the port proxy to sandboxes' ports (`corral.server.ports`).
 
     app = create_app(Settings.from_env())     # serve it with uvicorn (`corral server`)
 
 Routing is by path prefix (each Connect service owns `/<package.Service>/`), so no web
-framework is needed. The app's lifespan opens the store, makes sure the default team
-and its key exist, and starts the sandbox manager; its shutdown stops the manager,
-which kills every sandbox it ran.
+framework is needed; a sandbox port's host name or `/sandboxes/` path goes to the proxy
+first, before any API key is asked for (the proxy checks the sandbox's traffic token).
+The app's lifespan opens the store, makes sure the default team and its key exist, and
+starts the sandbox manager; its shutdown stops the manager, which kills every sandbox
+it ran.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
+from corral.server.port_http import PortProxy
 from corral.server.requests import (
     HEALTH_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -94,6 +97,7 @@ class CorralApp:
         self.default_key: str | None = None  # the key of the default team, after start-up
         self._jobs: JobRuntime | None = None
         self._max_message_bytes = max_message_bytes
+        self.ports = PortProxy(self.services, settings.ports_domain)
         interceptors = [ErrorInterceptor()]
         gzip = [BoundedGzip(max_message_bytes)]
         self._sandbox_app: ASGIApp = SandboxServiceASGIApplication(
@@ -123,6 +127,8 @@ class CorralApp:
             return
         logs.start(request_id=logs.new_request_id())
         path: str = scope["path"]
+        if await self.ports.serve(scope, receive, send):
+            return  # it was for a sandbox's port
         if path.startswith(_API_PREFIXES) and _needs_trailers(scope):
             await _send_json(send, 415, _NO_GRPC)
         elif path.startswith(_API_PREFIXES) and (problem := header_problem(scope["headers"])):
@@ -235,6 +241,7 @@ class CorralApp:
 
     async def stop(self) -> None:
         manager, store = self.services.manager, self.services.store
+        self.ports.close()
         self.services.manager = None
         self.services.jobs = None
         if self._jobs is not None:

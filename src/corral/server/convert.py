@@ -83,6 +83,9 @@ def sandbox(record: SandboxRecord) -> pb.Sandbox:
         on_idle=IDLE_ACTIONS.get(record.on_idle, pb.IDLE_ACTION_UNSPECIFIED),
         last_activity_at=timestamp(record.last_activity_at),
         network=network_message(record.network),
+        traffic_access_token=record.traffic_token,
+        public_ports=record.public_ports,
+        ports_domain=record.ports_domain,
     )
 
 

@@ -35,6 +35,7 @@ class LifecycleHandlers(Handlers):
             idle_timeout_seconds=request.idle_timeout_seconds,
             on_idle=cast(Literal["pause", "kill"], convert.IDLE_ACTION_NAMES[request.on_idle]),
             network=convert.network(request.network),
+            public_ports=request.public_ports,
         )
         record = await self._manager.create(team, options)
         return pb.CreateResponse(sandbox=convert.sandbox(record))

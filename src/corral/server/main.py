@@ -27,6 +27,7 @@ from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.server.app import CorralApp
+from corral.server.port_websocket import relay_protocol
 
 log = logging.getLogger("corral.server")
 
@@ -113,6 +114,8 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
         lifespan="on",
         timeout_graceful_shutdown=settings.shutdown_grace,
         timeout_keep_alive=30,
+        # WebSocket upgrades: relayed to sandboxes' ports, byte for byte.
+        ws=relay_protocol(app.ports),
     )
     server = _Server(config)
     log.info("listening", extra={"url": local_url(settings.host, settings.port)})

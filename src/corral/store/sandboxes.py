@@ -44,6 +44,9 @@ class SandboxRow:
     owner_pid: int
     owner_start: int
     network: dict[str, Any] = field(default_factory=lambda: {"mode": "none", "allow": []})
+    # Port exposure: the traffic access token, or public ports (and an empty token).
+    traffic_token: str = ""
+    public_ports: bool = False
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,9 @@ sandboxes = sa.Table(
     sa.Column("owner_start", sa.BigInteger, nullable=False),
     # Its network policy: {"mode": "none" | "internet" | "allowlist", "allow": [entries]}.
     sa.Column("network", JSON, nullable=False, server_default=NO_NETWORK),
+    # Port exposure: the token the port proxy asks for (empty when the ports are public).
+    sa.Column("traffic_token", sa.String(64), nullable=False, server_default=""),
+    sa.Column("public_ports", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint(sa.column("state").in_(SANDBOX_STATES), name="state"),
     sa.CheckConstraint(sa.column("on_idle").in_(("pause", "kill")), name="on_idle"),
     # List pages: a team's sandboxes in creation order, filtered by state.
