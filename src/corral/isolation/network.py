@@ -114,11 +114,12 @@ class SandboxNetwork:
     async def allow(self, rule: Rule, addresses: list[str], ttl: float) -> None:
         """Let the sandbox connect to `addresses`, which its resolver answered for a name
         `rule` allows, on `rule`'s ports, for `ttl` seconds (at least a minute)."""
-        policy = self.policy
-        if not addresses or rule == INTERNET or rule not in policy.allow:
+        if not addresses or rule == INTERNET:
             return  # nothing to add: `internet` allows public addresses anyway
-        script = nftables.allow_elements(rule, addresses, ttl, policy)
-        await asyncio.to_thread(netns.load, self.path, script)
+        async with self._lock:  # not while the rules (and their chains) are swapped
+            if rule in self.policy.allow:  # else a policy change took it away meanwhile
+                script = nftables.allow_elements(rule, addresses, ttl, self.policy)
+                await asyncio.to_thread(netns.load, self.path, script)
 
     def record_log(self, prefix: str, protocol: str, address: str, port: int) -> None:
         """Record the connection a kernel log line reports, as a network event."""
