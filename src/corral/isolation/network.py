@@ -17,7 +17,6 @@ with the new rules) and when the sandbox ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 
@@ -61,7 +60,7 @@ class SandboxNetwork:
         self._addresses: netns.Addresses | None = None
         self._resolver: resolver.SandboxResolver | None = None
         self._nflog: NflogReader | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None
         self._reconciling: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         # Per label index: packets accounted for (an event each, or in a "suppressed"
@@ -87,7 +86,7 @@ class SandboxNetwork:
         await asyncio.to_thread(netns.build, self._footprint, addresses, self._limits, script)
         # Listening before the sandbox's first packet: the kernel keeps no log for later.
         self._nflog = await asyncio.to_thread(NflogReader.open, self.path, NFLOG_GROUP)
-        self._tasks.append(asyncio.create_task(self._read_log(self._nflog)))
+        self._reader = asyncio.create_task(self._read_log(self._nflog))
         upstream = [s for s in self._settings.network_dns.split(",") if s.strip()]
         upstream = upstream or resolver.host_nameservers()
         if not upstream:
@@ -158,9 +157,8 @@ class SandboxNetwork:
     async def close(self) -> None:
         """Count what is left, then stop the log reader and the resolver."""
         await stop_tasks(self._reconciling)
-        with contextlib.suppress(Exception):
-            await self.reconcile()
-        await stop_tasks(*self._tasks)
+        await self.reconcile()
+        await stop_tasks(self._reader)
         if self._nflog is not None:
             self._nflog.close()
         if self._resolver is not None:
