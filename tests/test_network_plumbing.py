@@ -602,3 +602,14 @@ def test_without_root_the_tier_offers_none_only() -> None:
     modes, needs = done.stdout.splitlines()
     assert modes == "['none']"
     assert needs.startswith("root")
+
+
+def test_a_policy_change_drops_what_the_old_names_opened(driver: Driver) -> None:
+    sandbox = create(driver, "allowlist", ["allowed.test:80"])
+    driver.ok(op="allow", id=sandbox, rule="allowed.test:80", addresses=[fake.ALLOWED_V4])
+    path = token()
+    assert probe(driver, sandbox, [("http", fake.ALLOWED_V4, 80, path)]) == ["ok:allowed.test"]
+    driver.ok(op="set_network", id=sandbox, network="allowlist", allow=["denied.test:80"])
+    # The address allowed.test resolved to is not the new list's, even before it expires.
+    assert probe(driver, sandbox, [("http", fake.ALLOWED_V4, 80, path)]) == ["err:ECONNREFUSED"]
+    driver.ok(op="destroy", id=sandbox)
