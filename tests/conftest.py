@@ -76,6 +76,27 @@ def _reap_processes() -> Iterator[None]:
         processes.reap_since(start)
 
 
+# Whether the host's own namespace forwards packets, when the session started. A sandbox
+# uplink made in the host's namespace turns forwarding on and NATs the sandbox to the
+# real network: tests must make networked sandboxes inside the fake internet
+# (tests/kit/netdriver.py), never here.
+_HOST_FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
+_FORWARDING_AT_START = _HOST_FORWARDING.read_text().strip()
+
+
+@pytest.fixture(autouse=True)
+def _no_uplink_in_the_host_namespace() -> Iterator[None]:
+    yield
+    if _FORWARDING_AT_START == "0" and _HOST_FORWARDING.read_text().strip() != "0":
+        _HOST_FORWARDING.write_text("0\n")
+        Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("0\n")
+        pytest.fail(
+            "this test gave a sandbox an uplink in the host's own network namespace (it "
+            "turned forwarding on): make networked sandboxes in the fake internet "
+            "(tests/kit/netdriver.py), or ask a server without job workers"
+        )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = tier_of(item)

@@ -149,6 +149,9 @@ def capped(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
         extra_env={
             "CORRAL_NETWORK_INTERNET_TEAMS": "ops",
             "CORRAL_NETWORK_PRIVATE_ALLOW": "10.99.0.0/16",
+            # Its jobs stay queued: a networked one would get an uplink in the host's
+            # own namespace, which is the real network (see tests/conftest.py).
+            "CORRAL_JOB_WORKERS": "0",
         },
     )
     try:
