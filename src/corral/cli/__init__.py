@@ -32,6 +32,8 @@ from corral.cli._common import (
 
 if TYPE_CHECKING:
     from corral.cli._common import Commands
+    from corral.config import Settings
+    from corral.isolation import Capabilities
 
 
 class _Version(argparse.Action):
@@ -104,24 +106,48 @@ def _note_old_isolation() -> None:
 
 
 def doctor(args: argparse.Namespace) -> None:
-    """Say which isolation tiers this host offers, what is missing for the others, and how
-    much memory it admits sandboxes to."""
+    """Say which isolation tiers this host offers, what is missing for the others, which
+    network modes each can enforce, and how much memory it admits sandboxes to."""
     from corral import logs
     from corral.isolation import capabilities
     from corral.isolation.admission import MemoryCapacity
 
     settings = settings_from(args)
     logs.configure(settings.log_level)
+    tiers = capabilities(settings)
     rows = []
-    for name, caps in capabilities(settings).items():
+    for name, caps in tiers.items():
         notes = caps.missing or [", ".join(f"{k}={v}" for k, v in caps.details.items())]
         rows.append([name, "yes" if caps.available else "no", notes[0]])
         rows.extend(["", "", note] for note in notes[1:])
     print_table(rows, header=("backend", "available", "missing / details"))
+    print()
+    print_table(_network_rows(settings, tiers), header=("backend", "network", "for the others"))
     print(
         f"sandbox memory capacity per process: {MemoryCapacity.of_host(settings).describe()} "
         "(CORRAL_MEMORY_RESERVE_MIB, CORRAL_MEMORY_OVERCOMMIT)"
     )
+
+
+def _network_rows(settings: Settings, tiers: dict[str, Capabilities]) -> list[list[str]]:
+    """Per tier: the network modes it enforces on this host (the tier's own answer, the
+    one that refuses a sandbox) and what to install for the modes it lacks."""
+    from corral.isolation.registry import backend_class
+    from corral.network.policy import MODES
+
+    rows = []
+    for name, caps in tiers.items():
+        modes = backend_class(name)(settings).network_modes()
+        if set(MODES) <= modes:
+            hint = "-"
+        elif needs := caps.details.get("network_needs"):
+            hint = str(needs)
+        else:
+            hint = f"the {name} tier has no network of its own: use another tier"
+        if not caps.available:
+            hint = "the tier is unavailable (see above)"
+        rows.append([name, ", ".join(m for m in MODES if m in modes), hint])
+    return rows
 
 
 def _add_server_commands(commands: Commands) -> None:

@@ -1,0 +1,68 @@
+"""`corral doctor` says which network modes each tier enforces here, and what to install
+for the others."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral.isolation import netns
+from corral.network.policy import MODES
+
+
+def doctor_network(env: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    """`corral doctor`'s network table: tier -> (modes, what to install for the others)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "doctor"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CORRAL_ALLOW_PROCESS_BACKEND": "1", **(env or {})},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.split()[:2] == ["backend", "network"])
+    header = lines[start]
+    modes_at, hint_at = header.index("network"), header.index("for the others")
+    table = {}
+    for line in lines[start + 1 :]:
+        if not line.strip() or "memory capacity" in line:
+            break
+        table[line[:modes_at].strip()] = (
+            line[modes_at:hint_at].strip(),
+            line[hint_at:].strip(),
+        )
+    return table
+
+
+def test_doctor_says_every_mode_when_the_host_has_what_networking_needs() -> None:
+    if missing := netns.tools_missing():
+        pytest.skip(f"this host cannot give sandboxes a network: {missing}")
+    table = doctor_network()
+    assert table["namespace"] == (", ".join(MODES), "-")
+    # A tier with no network of its own offers `none` and says to use another tier.
+    modes, hint = table["process"]
+    assert modes == "none" and "use another tier" in hint
+
+
+def test_doctor_says_what_to_install_for_the_modes_a_tier_lacks(tmp_path: Path) -> None:
+    # A PATH holding every command this host has but `tc` and `nsenter`: the namespace
+    # tier still works, with network `none` only, and doctor names the packages to add.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        if not Path(directory).is_dir():
+            continue
+        for tool in Path(directory).iterdir():
+            link = bin_dir / tool.name
+            if tool.name not in ("tc", "nsenter") and not link.exists():
+                link.symlink_to(tool)
+    table = doctor_network({"PATH": str(bin_dir)})
+    modes, hint = table["namespace"]
+    assert modes == "none"
+    assert "tc: apt-get install iproute2" in hint or "nsenter" in hint, hint
+    assert "apt-get install" in hint
