@@ -1,0 +1,318 @@
+"""Issue 12 as a user gets it: `corral server` (the CLI, default settings) runs in the fake
+internet's gateway namespace, and the CLI and the SDK (also run there: the server listens
+on the gateway's loopback) create networked sandboxes and jobs, read their network events,
+change their policies and reach their ports.
+
+The server resolves names the way a host does, from its /etc/resolv.conf: it runs in a
+mount namespace of its own where the gateway's resolv.conf (the fake DNS server) is bound
+over /etc/resolv.conf, as `ip netns exec` does (which would also remount /sys, hiding
+the cgroups). Nothing here reaches past the fake internet: the gateway has no route out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import Settings
+from corral.isolation import netns
+from tests.conftest import free_port
+from tests.kit import internet as fake
+from tests.kit import processes
+from tests.kit.internet import Internet
+from tests.kit.polling import wait_until
+
+pytestmark = [pytest.mark.acceptance, pytest.mark.sandbox]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class GatewayServer:
+    """A `corral server` in the gateway namespace, and the CLI and SDK next to it."""
+
+    internet: Internet
+    url: str
+    key: str
+    data_dir: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def in_gateway(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.internet.netns(fake.GATEWAY)}", "--", *argv]
+
+    def corral(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The `corral` CLI, in the gateway, pointed at this server by its options."""
+        argv = [sys.executable, "-m", "corral.cli", "--server", self.url, "--api-key", self.key]
+        return subprocess.run(
+            self.in_gateway([*argv, *args]),
+            capture_output=True, text=True, env=self.env, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def ok(self, *args: str, timeout: float = 120) -> str:
+        done = self.corral(*args, timeout=timeout)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done.stdout
+
+    def sdk(self, code: str, timeout: float = 120) -> Any:
+        """Run `code` (SDK calls; `opts` holds the server's options) in the gateway; the
+        JSON it prints last."""
+        options = {"server": self.url, "api_key": self.key}
+        prelude = f"import json\nfrom corral import Sandbox\nopts = {options!r}\n"
+        done = subprocess.run(
+            self.in_gateway([sys.executable, "-c", prelude + textwrap.dedent(code)]),
+            capture_output=True, text=True, env=self.env, timeout=timeout, check=False, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def gw(internet: Internet, settings: Settings) -> Iterator[GatewayServer]:
+    if missing := netns.tools_missing():
+        pytest.skip(f"sandbox networks need {', '.join(missing)}")
+    # Under the session's runtime dir: sandboxes' own uids must traverse the data dir.
+    base = Path(tempfile.mkdtemp(prefix="accept-", dir=settings.runtime_dir))
+    base.chmod(0o755)
+    data_dir, port = base / "data", free_port()
+    # Test hygiene only: the session's runtime dir and cgroup parent (swept after the
+    # session) and a config file that is not ~/.corral's; every other setting is default.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env |= {
+        "CORRAL_RUNTIME_DIR": str(settings.runtime_dir),
+        "CORRAL_CGROUP_PARENT": settings.cgroup_parent,
+        "CORRAL_CONFIG": str(base / "config"),
+    }
+    gateway = internet.netns(fake.GATEWAY)
+    resolv = fake.NETNS_DIR / gateway / "resolv.conf"
+    server = [sys.executable, "-m", "corral.cli", "server", "--port", str(port),
+              "--data-dir", str(data_dir), "--pool-size", "0"]  # fmt: skip
+    argv = [
+        "nsenter", f"--net=/run/netns/{gateway}", "--",
+        "unshare", "--mount", "--propagation", "slave", "--",
+        "sh", "-c", f'mount --bind {resolv} /etc/resolv.conf && exec "$@"', "sh", *server,
+    ]  # fmt: skip
+    log = base / "server.log"
+    with log.open("ab") as sink:
+        process = processes.spawn(argv, env=env, stdout=sink, stderr=sink, cwd=ROOT)
+    live = GatewayServer(internet, f"http://127.0.0.1:{port}", "", data_dir, env, process, log)
+    probe = f"import urllib.request as u; u.urlopen('{live.url}/healthz', timeout=1)"
+
+    def answering() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"corral server exited {process.returncode}: {log.read_text()}")
+        check = [sys.executable, "-c", probe]
+        return subprocess.run(live.in_gateway(check), capture_output=True).returncode == 0
+
+    try:
+        wait_until(answering, "the corral server in the gateway to answer /healthz", timeout=60)
+    except BaseException:
+        processes.stop(process, signal.SIGKILL)
+        raise
+    live.key = (data_dir / "default.key").read_text().strip()
+    try:
+        yield live
+    finally:
+        processes.stop(process)
+
+
+FETCH = textwrap.dedent("""
+    import json, sys, urllib.request as u
+    out = {}
+    for url in sys.argv[1:]:
+        try:
+            out[url] = u.urlopen(url, timeout=5).read().decode().strip()
+        except Exception as e:
+            out[url] = type(e).__name__ + ": " + str(getattr(e, "reason", e))
+    print(json.dumps(out))
+""")
+
+
+def fetched(stdout: str) -> dict[str, str]:
+    return dict(json.loads(stdout.strip().splitlines()[-1]))
+
+
+def test_run_internet_reaches_a_host_by_name(gw: GatewayServer) -> None:
+    for mode in ("internet", "allow_all"):
+        out = gw.ok("run", "--network", mode, "--", "python3", "-c", FETCH, "http://allowed.test/")
+        assert fetched(out) == {"http://allowed.test/": "allowed.test"}, mode
+
+
+def events(gw: GatewayServer, sandbox_id: str) -> list[dict[str, Any]]:
+    out = gw.ok("sandbox", "events", sandbox_id, "-o", "json")
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wait_for_events(
+    gw: GatewayServer, sandbox_id: str, *wanted: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The sandbox's events once each of `wanted` (fields to match) is among them: the
+    kernel's log of a connection reaches the server a moment after the connection."""
+
+    def all_there() -> list[dict[str, Any]] | None:
+        found = events(gw, sandbox_id)
+        for want in wanted:
+            if not any(all(e.get(k) == v for k, v in want.items()) for e in found):
+                return None
+        return found
+
+    return wait_until(all_there, f"events {wanted} of {sandbox_id}")
+
+
+def test_run_none_reaches_nothing(gw: GatewayServer) -> None:
+    out = gw.ok("run", "--network", "none", "--", "python3", "-c", FETCH,
+                "http://allowed.test/", f"http://{fake.ALLOWED_V4}/")  # fmt: skip
+    assert all(r.startswith("URLError") for r in fetched(out).values()), out
+
+
+def test_run_allowlist_reaches_its_entry_only(gw: GatewayServer) -> None:
+    urls = ["http://allowed.test/", "http://denied.test/", "http://allowed.test:8080/",
+            f"http://{fake.DENIED_V4}/", f"http://[{fake.ALLOWED_V6}]/"]  # fmt: skip
+    out = gw.ok("run", "--allow", "allowed.test:80", "--", "python3", "-c", FETCH, *urls)
+    result = fetched(out)
+    assert result.pop("http://allowed.test/") == "allowed.test"
+    # The name resolved, so its v6 address was opened too, on port 80 only.
+    assert result.pop(f"http://[{fake.ALLOWED_V6}]/") == "allowed.test"
+    assert all(r.startswith("URLError") for r in result.values()), result
+
+
+# Hostile code: each attempt prints what it got; anything but an error is a way out.
+PROBE = textwrap.dedent("""
+    import json, socket, struct, sys
+
+    def tcp(address, port):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(3)
+                s.connect((address, port))
+                s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                return "reached: " + s.recv(200).decode(errors="replace")
+        except OSError as e:
+            return type(e).__name__
+
+    def by_name(name, port):
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            return type(e).__name__
+        return [tcp(info[4][0], port) for info in infos]
+
+    def dns_query(name):
+        header = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+        labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+        return header + labels + b"\\0" + struct.pack(">HH", 1, 1)
+
+    def raw_dns_udp(server):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(3)
+                s.sendto(dns_query("allowed.test"), (server, 53))
+                return "reached: %d bytes" % len(s.recv(512))
+        except OSError as e:
+            return type(e).__name__
+
+    def dns_tcp(server):
+        try:
+            with socket.create_connection((server, 53), timeout=3) as s:
+                query = dns_query("allowed.test")
+                s.sendall(struct.pack(">H", len(query)) + query)
+                return "reached: %d bytes" % len(s.recv(512))
+        except OSError as e:
+            return type(e).__name__
+
+    def gateway():
+        for line in open("/proc/net/route").read().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == "00000000":
+                return socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+
+    targets = json.loads(sys.argv[1])
+    out = {
+        "metadata": tcp("169.254.169.254", 80),
+        "metadata, v4-mapped v6": tcp("::ffff:169.254.169.254", 80),
+        "private host": tcp("10.99.0.10", 80),
+        "private.test": by_name("private.test", 80),
+        "rebind.test": by_name("rebind.test", 80),
+        "metadata.test": by_name("metadata.test", 80),
+        "uplink gateway": tcp(gateway(), targets["host_port"]),
+        "host, internet side": tcp("192.0.2.1", targets["host_port"]),
+        "host, v6": tcp("2001:db8::1", targets["host_port"]),
+        "host loopback, v4-mapped": tcp("::ffff:127.0.0.1", targets["host_port"]),
+        "dns to another resolver": raw_dns_udp("198.51.100.53"),
+        "dns over tcp outside": dns_tcp("203.0.113.53"),
+        "another sandbox": tcp(targets["other"], 8000),
+        "public host": tcp("192.0.2.10", 80),
+    }
+    print(json.dumps(out))
+""")
+
+OWN_ADDRESS = (
+    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+    "s.connect(('192.0.2.10', 7)); print(s.getsockname()[0])"
+)
+
+
+def test_hostile_code_under_internet_reaches_only_public_hosts(
+    gw: GatewayServer, internet: Internet
+) -> None:
+    # Listening where a way out would land: a web server on every address of the host
+    # (the gateway), and one in another internet sandbox.
+    port = free_port()
+    host_web = processes.spawn(
+        gw.in_gateway([sys.executable, "-m", "http.server", str(port), "--bind", "::"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    other = gw.ok("sandbox", "create", "--network", "internet").strip()
+    gw.ok("sandbox", "exec", "--background", other, "--", "python3", "-m", "http.server", "8000")
+    other_address = gw.ok("sandbox", "exec", other, "--", "python3", "-c", OWN_ADDRESS).strip()
+    probe = """import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3): print("up")"""
+    wait_until(
+        lambda: gw.corral("sandbox", "exec", other, "--", "python3", "-c", probe,
+                          "127.0.0.1", "8000").returncode == 0,
+        "the other sandbox's web server",
+    )  # fmt: skip
+    wait_until(
+        lambda: subprocess.run(gw.in_gateway([sys.executable, "-c", probe, "127.0.0.1",
+                               str(port)]), capture_output=True).returncode == 0,
+        "the host's web server",
+    )  # fmt: skip
+
+    def hits() -> list[dict[str, Any]]:
+        return [
+            e for e in internet.seen
+            if e.get("address") in (fake.PRIVATE_V4, fake.METADATA_V4, fake.OTHER_DNS_V4)
+            or (e.get("service") == "dns" and e.get("transport") == "tcp")
+        ]  # fmt: skip
+
+    before = len(hits())
+    hostile = gw.ok("sandbox", "create", "--network", "internet").strip()
+    targets = json.dumps({"host_port": port, "other": other_address})
+    out = gw.ok("sandbox", "exec", hostile, "--", "python3", "-c", PROBE, targets)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result.pop("public host").endswith("allowed.test\n"), out
+    reached = {k: v for k, v in result.items() if "reached" in json.dumps(v)}
+    assert reached == {}, reached
+    # Names that resolve only to denied addresses get no usable address at all.
+    for name in ("private.test", "rebind.test", "metadata.test"):
+        assert result[name] in ("gaierror", []), (name, result[name])
+    assert len(hits()) == before, hits()[before:]
+    # The same host answers the other sandbox itself (it was listening all along).
+    out = gw.ok("sandbox", "exec", other, "--", "python3", "-c", probe, other_address, "8000")
+    assert out.strip() == "up"
+    for sandbox_id in (hostile, other):
+        gw.ok("sandbox", "kill", sandbox_id)
+    processes.stop(host_web)
