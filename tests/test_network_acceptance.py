@@ -316,3 +316,110 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3): print
     for sandbox_id in (hostile, other):
         gw.ok("sandbox", "kill", sandbox_id)
     processes.stop(host_web)
+
+
+FLOOD = textwrap.dedent("""
+    import socket, sys
+    refused = 0
+    for _ in range(int(sys.argv[2])):
+        try:
+            socket.create_connection((sys.argv[1], 80), timeout=3).close()
+        except OSError:
+            refused += 1
+    print(refused)
+""")
+
+
+def test_events_name_the_rule_and_a_flood_keeps_its_count(gw: GatewayServer) -> None:
+    sid = gw.ok("sandbox", "create", "--allow", "allowed.test:80").strip()
+    gw.ok("sandbox", "exec", sid, "--", "python3", "-c", FETCH,
+          "http://allowed.test/", "http://denied.test/", "http://allowed.test:8080/")  # fmt: skip
+    found = wait_for_events(
+        gw, sid,
+        {"kind": "dns", "decision": "allowed", "name": "allowed.test", "rule": "allowed.test:80"},
+        {"kind": "dns", "decision": "denied", "name": "denied.test"},
+        {"kind": "connect", "decision": "allowed", "address": fake.ALLOWED_V4, "port": 80,
+         "rule": "allowed.test:80"},
+        {"kind": "connect", "decision": "denied", "address": fake.ALLOWED_V4, "port": 8080},
+    )  # fmt: skip
+    denied = [e for e in found if e["decision"] == "denied"]
+    assert all(e["rule"] for e in denied), denied
+    table = gw.ok("sandbox", "events", sid)
+    assert "denied dns denied.test" in table and "(rule: allowed.test:80)" in table, table
+
+    # 2000 connections refused in a burst: a bounded number of rows, the count exact.
+    flood = gw.ok("sandbox", "create", "--network", "internet").strip()
+    out = gw.ok("sandbox", "exec", flood, "--", "python3", "-c", FLOOD, fake.PRIVATE_V4, "2000")
+    assert out.strip() == "2000"
+
+    def counted() -> list[dict[str, Any]] | None:
+        rows = [e for e in events(gw, flood) if e["decision"] == "denied"]
+        return rows if sum(e["count"] for e in rows) >= 2000 else None
+
+    rows = wait_until(counted, "the flood's 2000 denied connections to be counted")
+    assert sum(e["count"] for e in rows) == 2000, rows[-3:]
+    suppressed = [e for e in rows if e["kind"] == "suppressed"]
+    assert suppressed and {e["name"] for e in suppressed} == {"connect"}, suppressed
+    assert len(rows) < 500, len(rows)
+    assert {e["address"] for e in rows if e["kind"] == "connect"} == {fake.PRIVATE_V4}
+    for sandbox_id in (sid, flood):
+        gw.ok("sandbox", "kill", sandbox_id)
+
+
+def reach(gw: GatewayServer, sandbox_id: str) -> dict[str, bool]:
+    """Which of allowed.test and denied.test (port 80, by name) the sandbox reaches now."""
+    urls = {"allowed": "http://allowed.test/", "denied": "http://denied.test/"}
+    argv = ["python3", "-c", FETCH, *urls.values()]
+    out = fetched(gw.ok("sandbox", "exec", sandbox_id, "--", *argv))
+    return {host: out[url] == f"{host}.test" for host, url in urls.items()}
+
+
+def test_cli_changes_a_running_sandboxs_network(gw: GatewayServer) -> None:
+    sid = gw.ok("sandbox", "create", "--allow", "allowed.test:80").strip()
+    assert reach(gw, sid) == {"allowed": True, "denied": False}
+    gw.ok("sandbox", "network", sid, "allowlist", "--allow", "denied.test:80")
+    assert reach(gw, sid) == {"allowed": False, "denied": True}
+    gw.ok("sandbox", "network", sid, "internet")
+    assert reach(gw, sid) == {"allowed": True, "denied": True}
+    gw.ok("sandbox", "network", sid, "none")
+    assert reach(gw, sid) == {"allowed": False, "denied": False}
+    # A bad entry changes nothing and says what to write.
+    done = gw.corral("sandbox", "network", sid, "allowlist", "--allow", "allowed.test:99999")
+    assert done.returncode == 2 and "allowed.test:99999" in done.stderr, done
+    assert reach(gw, sid) == {"allowed": False, "denied": False}
+    gw.ok("sandbox", "kill", sid)
+
+
+SDK_FETCH = f"FETCH = {FETCH!r}\n" + textwrap.dedent("""
+    def reach(sbx):
+        urls = {"allowed": "http://allowed.test/", "denied": "http://denied.test/"}
+        result = sbx.commands.run(["python3", "-c", FETCH, *urls.values()])
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        return {host: out[url] == host + ".test" for host, url in urls.items()}
+""")
+
+
+def test_sdk_creates_and_updates_a_networked_sandbox(gw: GatewayServer) -> None:
+    got = gw.sdk(
+        SDK_FETCH
+        + textwrap.dedent("""
+        seen = {}
+        with Sandbox.create(network={"mode": "allowlist", "allow": ["allowed.test:80"]},
+                            **opts) as sbx:
+            seen["allowlist"] = [sbx.network.mode, reach(sbx)]
+            sbx.update_network("allowlist", allow=["denied.test"])
+            seen["updated"] = [sbx.network.mode, reach(sbx)]
+            sbx.update_network("none")
+            seen["none"] = [sbx.network.mode, reach(sbx)]
+            kinds = {(e.kind, e.decision) for e in sbx.events()}
+            seen["events"] = sorted(" ".join(k) for k in kinds)
+        with Sandbox.create(allow_internet_access=True, **opts) as sbx:
+            seen["e2b"] = [sbx.network.mode, reach(sbx)]
+        print(json.dumps(seen))
+    """)
+    )
+    assert got["allowlist"] == ["allowlist", {"allowed": True, "denied": False}]
+    assert got["updated"] == ["allowlist", {"allowed": False, "denied": True}]
+    assert got["none"] == ["none", {"allowed": False, "denied": False}]
+    assert {"dns allowed", "dns denied"} <= set(got["events"]), got["events"]
+    assert got["e2b"] == ["internet", {"allowed": True, "denied": True}]
