@@ -199,7 +199,10 @@ PROBE = textwrap.dedent("""
                 s.settimeout(3)
                 s.connect((address, port))
                 s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-                return "reached: " + s.recv(200).decode(errors="replace")
+                reply = b""
+                while chunk := s.recv(4096):
+                    reply += chunk
+                return "reached: " + reply.decode(errors="replace")
         except OSError as e:
             return type(e).__name__
 
@@ -423,3 +426,24 @@ def test_sdk_creates_and_updates_a_networked_sandbox(gw: GatewayServer) -> None:
     assert got["none"] == ["none", {"allowed": False, "denied": False}]
     assert {"dns allowed", "dns denied"} <= set(got["events"]), got["events"]
     assert got["e2b"] == ["internet", {"allowed": True, "denied": True}]
+
+
+def test_a_job_reaches_its_allowlist_and_records_network_events(gw: GatewayServer) -> None:
+    urls = ["http://allowed.test/", "http://denied.test/", f"http://{fake.DENIED_V4}/"]
+    done = gw.corral("job", "submit", "--network", "allowlist", "--allow", "allowed.test",
+                     "--wait", "--", "python3", "-c", FETCH, *urls)  # fmt: skip
+    assert done.returncode == 0, done
+    job_id = done.stdout.split()[1]
+    result = fetched(gw.ok("job", "logs", job_id))
+    assert result.pop("http://allowed.test/") == "allowed.test"
+    assert all(r.startswith("URLError") for r in result.values()), result
+    # Every event of the job is stored before its end: no waiting here.
+    lines = gw.ok("job", "events", "-o", "json", job_id).splitlines()
+    network = [json.loads(line)["data"] for line in lines if '"network"' in line]
+    seen = {(e["kind"], e["decision"], e["name"] or e["address"], e["port"]) for e in network}
+    assert {
+        ("dns", "allowed", "allowed.test", 0),
+        ("dns", "denied", "denied.test", 0),
+        ("connect", "allowed", fake.ALLOWED_V4, 80),
+        ("connect", "denied", fake.DENIED_V4, 80),
+    } <= seen, network

@@ -172,7 +172,13 @@ import socket
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
     for i in range(30000):
         udp.sendto(b"x", ("192.0.2.1", 1 + i % 1000))
-    udp.sendto(b"x", ("192.0.2.1", 9999))
+"""
+MARKER = """
+import socket, time
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+    while True:
+        udp.sendto(b"x", ("192.0.2.1", 9999))
+        time.sleep(0.1)
 """
 
 
@@ -194,8 +200,36 @@ async def test_a_reader_that_falls_behind_counts_the_overrun_and_reads_on(netns:
                 if record.port == 9999:
                     return
 
-        await asyncio.wait_for(until_last(), 20)
+        # Each record is sent as it is logged, so the flood's last ones found the buffer
+        # full too: the records that follow are sent while the reader catches up.
+        marker = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", netns, sys.executable, "-c", MARKER
+        )
+
+        try:
+            await asyncio.wait_for(until_last(), 20)
+        finally:
+            marker.kill()
+            await marker.wait()
         assert reader.overruns >= 1
         assert received < 30001, "some records must have been dropped"
+    finally:
+        reader.close()
+
+
+def test_a_record_is_waiting_as_soon_as_its_packet_is_sent(netns: str) -> None:
+    """No batching: a sandbox that ends right after a connection has its record already
+    sent, which `pending` reads without waiting (the kernel's default holds records for
+    up to a second, and the sandbox's network would be gone by then)."""
+    reader = NflogReader.open(Path("/run/netns") / netns, GROUP)
+    try:
+        assert reader.pending() == []
+        send = (
+            "import socket\n"
+            "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('192.0.2.1', 4242))"
+        )
+        subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", send], check=True)
+        assert reader.pending() == [LogRecord("corral udp", "udp", "192.0.2.1", 4242)]
+        assert reader.pending() == []
     finally:
         reader.close()

@@ -155,10 +155,15 @@ class SandboxNetwork:
                 self._ahead[n] += missing
 
     async def close(self) -> None:
-        """Count what is left, then stop the log reader and the resolver."""
+        """Record the log lines already sent, count what is left, then stop the resolver.
+        (The kernel sends each log line as its packet is logged, so a connection made just
+        before the end is recorded as itself, not as a count.)"""
+        await stop_tasks(self._reader)
+        if self._nflog is not None:
+            for record in self._nflog.pending():
+                self.record_log(record.prefix, record.protocol, record.address, record.port)
         await stop_tasks(self._reconciling)
         await self.reconcile()
-        await stop_tasks(self._reader)
         if self._nflog is not None:
             self._nflog.close()
         if self._resolver is not None:

@@ -33,7 +33,7 @@ CLONE_NEWNET = 0x40000000
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = NFNL_SUBSYS_ULOG << 8 | 0
 NFULNL_MSG_CONFIG = NFNL_SUBSYS_ULOG << 8 | 1
-NFULA_CFG_CMD, NFULA_CFG_MODE = 1, 2
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH = 1, 2, 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_PAYLOAD, NFULA_PREFIX = 9, 10
@@ -119,11 +119,16 @@ def parse(data: bytes) -> Iterator[LogRecord]:
 
 
 def _configure(sock: socket.socket, group: int) -> None:
-    """Bind the socket to `group`, copying packets' first COPY_BYTES; raise what the
-    kernel refuses (EBUSY: another socket has the group)."""
+    """Bind the socket to `group`, copying packets' first COPY_BYTES, each record sent
+    as soon as it is logged; raise what the kernel refuses (EBUSY: another socket has
+    the group)."""
     requests = [
         _attribute(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])),
         _attribute(NFULA_CFG_MODE, struct.pack("!IBB", COPY_BYTES, NFULNL_COPY_PACKET, 0)),
+        # By default the kernel holds records until 100 are queued or a second passed: a
+        # sandbox ending within that second would lose its last connections' details.
+        # The log rules are rate limited, so one message per record costs little.
+        _attribute(NFULA_CFG_QTHRESH, struct.pack("!I", 1)),
     ]
     for seq, attribute in enumerate(requests, 1):
         body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, group) + attribute
@@ -212,6 +217,22 @@ class NflogReader:
                 continue
             for record in parse(data):
                 yield record
+
+    def pending(self) -> list[LogRecord]:
+        """The records the socket already holds, without waiting (for a last read once
+        the task reading `records` is stopped: a record is sent as its packet is logged)."""
+        found: list[LogRecord] = []
+        while True:
+            try:
+                data = self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return found
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overruns += 1
+                continue
+            found.extend(parse(data))
 
     def close(self) -> None:
         self._sock.close()
