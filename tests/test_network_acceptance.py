@@ -447,3 +447,63 @@ def test_a_job_reaches_its_allowlist_and_records_network_events(gw: GatewayServe
         ("connect", "allowed", fake.ALLOWED_V4, 80),
         ("connect", "denied", fake.DENIED_V4, 80),
     } <= seen, network
+
+
+def http_get(gw: GatewayServer, url: str, headers: dict[str, str] | None = None) -> str:
+    """GET `url` from the gateway (where the server listens): status and body."""
+    code = textwrap.dedent("""
+        import json, sys, urllib.request as u, urllib.error
+        request = u.Request(sys.argv[1], headers=json.loads(sys.argv[2]))
+        try:
+            with u.urlopen(request, timeout=10) as reply:
+                print(reply.status, reply.read().decode().strip())
+        except urllib.error.HTTPError as e:
+            print(e.code, e.read().decode().strip())
+    """)
+    argv = [sys.executable, "-c", code, url, json.dumps(headers or {})]
+    done = subprocess.run(gw.in_gateway(argv), capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+SERVE = "echo served-from-the-sandbox > index.html && exec python3 -m http.server 8000"
+
+
+def test_the_port_proxy_reaches_a_networked_sandbox(gw: GatewayServer) -> None:
+    sid = gw.ok("sandbox", "create", "--network", "internet").strip()
+    gw.ok("sandbox", "exec", "--background", sid, "--", "sh", "-c", SERVE)
+    url = gw.ok("sandbox", "url", sid, "8000").strip()
+    wait_until(lambda: http_get(gw, url).startswith("200"), "the sandbox's web server")
+    assert http_get(gw, url) == "200 served-from-the-sandbox"
+    # Its own network is unchanged by the proxy: the internet, and still no private host.
+    urls = ["http://allowed.test/", f"http://{fake.PRIVATE_V4}/"]
+    result = fetched(gw.ok("sandbox", "exec", sid, "--", "python3", "-c", FETCH, *urls))
+    assert result["http://allowed.test/"] == "allowed.test"
+    assert result[f"http://{fake.PRIVATE_V4}/"].startswith("URLError"), result
+    gw.ok("sandbox", "kill", sid)
+
+
+def test_e2b_style_sdk_internet_access_and_get_host(gw: GatewayServer) -> None:
+    got = gw.sdk(
+        SDK_FETCH
+        + textwrap.dedent("""
+        import time, urllib.request as u
+        with Sandbox.create(allow_internet_access=True, **opts) as sbx:
+            sbx.commands.run(["sh", "-c", SERVE], background=True)
+            host = sbx.get_host(8000)
+            # *.localhost is this machine: ask the server's address with that Host.
+            request = u.Request(opts["server"] + "/", headers={
+                "Host": host, "X-Corral-Traffic-Token": sbx.traffic_token})
+            for _ in range(100):
+                try:
+                    body = u.urlopen(request, timeout=5).read().decode().strip()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            print(json.dumps({"host": host, "id": sbx.sandbox_id, "body": body,
+                              "reach": reach(sbx)}))
+    """).replace("SERVE", repr(SERVE))
+    )
+    assert got["host"].startswith(f"8000-{got['id']}.")
+    assert got["body"] == "served-from-the-sandbox"
+    assert got["reach"] == {"allowed": True, "denied": True}
