@@ -447,6 +447,11 @@ def test_a_job_reaches_its_allowlist_and_records_network_events(gw: GatewayServe
         ("connect", "allowed", fake.ALLOWED_V4, 80),
         ("connect", "denied", fake.DENIED_V4, 80),
     } <= seen, network
+    table = gw.ok("job", "events", job_id)
+    lines = [line for line in table.splitlines() if "network:" in line]
+    assert len(lines) == len(network)
+    assert any(f"denied connect tcp {fake.DENIED_V4}:80" in line for line in lines), table
+    assert not any("answers=" in line for line in lines), table  # said once, not twice
 
 
 def http_get(gw: GatewayServer, url: str, headers: dict[str, str] | None = None) -> str:

@@ -288,7 +288,9 @@ def events(args: argparse.Namespace) -> None:
             else:
                 at = event.at.strftime("%H:%M:%S.%f")[:-3] if event.at else "-"
                 what = f"{event.type} {event.state}" if event.state else event.type
-                data = " ".join(f"{k}={v}" for k, v in event.data.items())
+                # A network event's reason already says what its data holds.
+                shown = {} if event.type == "network" else event.data
+                data = " ".join(f"{k}={v}" for k, v in shown.items())
                 line = f"{event.seq:>4}  {at}  #{event.attempt}  {what}: {event.reason}  {data}"
             sys.stdout.write(line.rstrip() + "\n")
             sys.stdout.flush()
