@@ -172,9 +172,15 @@ def wait_for_events(
 
 
 def test_run_none_reaches_nothing(gw: GatewayServer) -> None:
-    out = gw.ok("run", "--network", "none", "--", "python3", "-c", FETCH,
-                "http://allowed.test/", f"http://{fake.ALLOWED_V4}/")  # fmt: skip
-    assert all(r.startswith("URLError") for r in fetched(out).values()), out
+    for mode in ("none", "deny_all"):  # deny_all: Agent/krunvm's name for it
+        out = gw.ok("run", "--network", mode, "--", "python3", "-c", FETCH,
+                    "http://allowed.test/", f"http://{fake.ALLOWED_V4}/")  # fmt: skip
+        assert all(r.startswith("URLError") for r in fetched(out).values()), (mode, out)
+    # A sandbox made without a network cannot be given one: a clear refusal, exit 3.
+    sid = gw.ok("sandbox", "create").strip()
+    done = gw.corral("sandbox", "network", sid, "internet")
+    assert done.returncode == 3 and "create a new sandbox" in done.stderr, done
+    gw.ok("sandbox", "kill", sid)
 
 
 def test_run_allowlist_reaches_its_entry_only(gw: GatewayServer) -> None:
