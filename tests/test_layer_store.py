@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import InvalidLayer, InvalidRequest, LayerInUse, QuotaExceeded, UnknownLayer
-from corral.templates import LayerStore, tree_digest
+from corral.templates import LayerStore, overlay_options, tree_digest
 
 ROOT = os.geteuid() == 0
 
@@ -262,3 +262,17 @@ def test_import_dir_refuses_a_non_directory(store: LayerStore, tmp_path: Path) -
     with pytest.raises(InvalidRequest, match="not a directory"):
         store.import_dir(tmp_path / "file")
     assert_nothing_stored(store)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ([], "at least one layer"),
+        ([Path("relative")], "absolute path"),
+        ([Path("/a,upperdir=/etc")], "without ','"),
+        ([Path("/layers/" + "x" * 64)] * 80, "flatten the template"),
+    ],
+)
+def test_bad_overlay_requests_are_refused(layers: list[Path], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        overlay_options(layers, Path("/upper"), Path("/work"))
