@@ -276,3 +276,15 @@ def test_import_dir_refuses_a_non_directory(store: LayerStore, tmp_path: Path) -
 def test_bad_overlay_requests_are_refused(layers: list[Path], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         overlay_options(layers, Path("/upper"), Path("/work"))
+
+
+def test_deep_trees_import_and_overlong_names_are_refused(store: LayerStore) -> None:
+    deep = "/".join(["d"] * 1200)  # deeper than Python's recursion limit
+    layer = store.import_tar(make_tar((entry(f"{deep}/leaf"), b"x")))
+    assert (layer.path / deep / "leaf").read_bytes() == b"x"
+    assert tree_digest(layer.path) == layer.digest
+    for name in ("x" * 300, "/".join(["y" * 200] * 16)):  # one name past 255; past 3072
+        with pytest.raises(InvalidLayer, match=r"cannot be stored|longer than 3072"):
+            store.import_tar(make_tar((entry(name), b"x")))
+    assert store.layers() == [layer]
+

@@ -14,6 +14,7 @@ another name).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tarfile
@@ -26,8 +27,12 @@ from corral.errors import InvalidLayer, QuotaExceeded
 
 _XATTR = "SCHILY.xattr."
 _CHUNK = 1 << 20
+# What an entry itself can cause (a name too long, a link count past the limit).
+_ENTRY_ERRORS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EMLINK, errno.EEXIST})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _IS_ROOT = os.geteuid() == 0
+# A layer's paths stay well under PATH_MAX (4096) with the store's own prefix in front.
+MAX_PATH_BYTES = 3072
 
 
 @dataclass
@@ -46,6 +51,11 @@ def _parts(name: str, what: str) -> tuple[str, ...]:
         raise InvalidLayer(
             f"the layer's {what} {name!r} climbs out of the layer with '..'; "
             "archive paths must stay inside the root"
+        )
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise InvalidLayer(
+            f"the layer's {what} {name[:64]!r}... is longer than {MAX_PATH_BYTES} bytes; "
+            "Corral stores paths the host can still name (PATH_MAX)"
         )
     return parts
 
@@ -232,7 +242,14 @@ def unpack(stream: IO[bytes], root: Path, max_bytes: int | None = None) -> Unpac
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
-                    unpacker.member(tar, member)
+                    try:
+                        unpacker.member(tar, member)
+                    except OSError as exc:
+                        if exc.errno not in _ENTRY_ERRORS:
+                            raise  # the host's trouble (ENOSPC, EIO), not the archive's
+                        raise InvalidLayer(
+                            f"the layer's entry {member.name!r} cannot be stored: {exc.strerror}"
+                        ) from exc
         except tarfile.TarError as exc:
             raise InvalidLayer(f"the layer is not a readable tar archive: {exc}") from exc
         unpacker.finish_directories()
@@ -249,7 +266,7 @@ def write_canonical(root: Path, out: IO[bytes]) -> None:
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
     ) as tar:
         seen: dict[tuple[int, int], str] = {}
-        for path, name in _walk(root, "."):
+        for path, name in _walk(root):
             st = os.lstat(path)
             info = tarfile.TarInfo(name)
             info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
@@ -288,8 +305,13 @@ def write_canonical(root: Path, out: IO[bytes]) -> None:
                 tar.addfile(info)
 
 
-def _walk(path: Path, name: str) -> Iterator[tuple[Path, str]]:
-    yield path, name
-    if not path.is_symlink() and path.is_dir():
-        for child in sorted(os.listdir(path)):
-            yield from _walk(path / child, child if name == "." else f"{name}/{child}")
+def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every path under `root` (itself first, as "."), depth first, children sorted;
+    iterative, so a deep tree cannot exhaust Python's recursion limit."""
+    pending: list[tuple[Path, str]] = [(root, ".")]
+    while pending:
+        path, name = pending.pop()
+        yield path, name
+        if not path.is_symlink() and path.is_dir():
+            for child in sorted(os.listdir(path), reverse=True):
+                pending.append((path / child, child if name == "." else f"{name}/{child}"))

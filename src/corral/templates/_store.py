@@ -115,6 +115,8 @@ class LayerStore:
                     write_canonical(source, pipe)
             except BrokenPipeError:
                 pass  # the importer stopped reading: its own error is the one to report
+            except OSError as exc:
+                failure.append(InvalidRequest(f"could not read {source} as a layer: {exc}"))
             except BaseException as exc:  # reported by the importer's thread below
                 failure.append(exc)
 
