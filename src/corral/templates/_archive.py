@@ -31,8 +31,10 @@ _CHUNK = 1 << 20
 _ENTRY_ERRORS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EMLINK, errno.EEXIST})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _IS_ROOT = os.geteuid() == 0
-# A layer's paths stay well under PATH_MAX (4096) with the store's own prefix in front.
+# A layer's paths stay well under PATH_MAX (4096) with the store's own prefix in front, and
+# its depth under what recursive tree walkers (shutil.rmtree in Python 3.11) survive.
 MAX_PATH_BYTES = 3072
+MAX_DEPTH = 512
 
 
 @dataclass
@@ -51,6 +53,11 @@ def _parts(name: str, what: str) -> tuple[str, ...]:
         raise InvalidLayer(
             f"the layer's {what} {name!r} climbs out of the layer with '..'; "
             "archive paths must stay inside the root"
+        )
+    if len(parts) > MAX_DEPTH:
+        raise InvalidLayer(
+            f"the layer's {what} {name[:64]!r}... is nested {len(parts)} directories deep; "
+            f"Corral stores at most {MAX_DEPTH}"
         )
     if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
         raise InvalidLayer(
