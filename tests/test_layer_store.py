@@ -8,6 +8,7 @@ import io
 import os
 import stat
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,6 +108,19 @@ def test_same_content_in_another_order_and_compression_is_one_layer(store: Layer
     other = store.import_tar(make_tar(a, (entry("etc/hostname"), b"other\n")))
     assert other.digest != first.digest
     assert len(store.layers()) == 2
+
+
+def test_directories_an_archive_does_not_list_do_not_make_the_digest_depend_on_time(
+    tmp_path: Path,
+) -> None:
+    tar = make_tar((entry("usr/lib/python3/site.py"), b"pass\n")).getvalue()
+    first = LayerStore(tmp_path / "one").import_tar(io.BytesIO(tar))
+    time.sleep(1.1)  # a different second: mtimes are kept to the second
+    second = LayerStore(tmp_path / "two").import_tar(io.BytesIO(tar))
+    assert first.digest == second.digest
+    for path in (first.path, first.path / "usr", first.path / "usr" / "lib"):
+        st = path.stat()
+        assert (st.st_mtime, stat.S_IMODE(st.st_mode)) == (0, 0o755)
 
 
 @pytest.mark.skipif(not ROOT, reason="owners other than the importer's need root")

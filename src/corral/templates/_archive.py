@@ -37,6 +37,10 @@ MAX_PATH_BYTES = 3072
 MAX_DEPTH = 512
 
 
+_IMPLICIT_DIR = tarfile.TarInfo(".")
+_IMPLICIT_DIR.type, _IMPLICIT_DIR.mode, _IMPLICIT_DIR.mtime = tarfile.DIRTYPE, 0o755, 0
+
+
 @dataclass
 class Unpacked:
     """What an unpacked archive held, and what was changed on the way in."""
@@ -87,18 +91,22 @@ class _Unpacker:
         self.out = Unpacked()
         # Directories get their mode and mtime last: creating entries in them changes both.
         self.dirs: list[tuple[tuple[str, ...], tarfile.TarInfo, list[tuple[str, bytes]]]] = []
+        # Directories the archive does not list (its root, often; parents of its entries)
+        # get fixed metadata, never "now": the same archive must give the same tree.
+        self.implicit: list[tuple[str, ...]] = [()]
 
     @contextlib.contextmanager
     def parent(self, parts: tuple[str, ...], name: str) -> Iterator[int]:
         """The open directory that holds `parts`, creating missing directories on the way."""
         fd = os.dup(self.root_fd)
         try:
-            for part in parts[:-1]:
+            for depth, part in enumerate(parts[:-1]):
                 try:
                     child = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     os.mkdir(part, 0o755, dir_fd=fd)
                     child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    self.implicit.append(parts[: depth + 1])
                 except OSError as exc:  # ELOOP/ENOTDIR: a symlink or a file on the way
                     raise InvalidLayer(
                         f"the layer's entry {name!r} goes through {part!r}, which is not a "
@@ -226,7 +234,11 @@ class _Unpacker:
         self.dirs.append((parts, member, xattrs))
 
     def finish_directories(self) -> None:
-        for parts, member, xattrs in reversed(self.dirs):  # deepest (listed later) first
+        no_xattrs: list[tuple[str, bytes]] = []
+        unlisted = [(parts, _IMPLICIT_DIR, no_xattrs) for parts in reversed(self.implicit)]
+        # Unlisted first, so that a later entry for the same directory wins; then the
+        # listed ones, deepest (listed later) first.
+        for parts, member, xattrs in [*unlisted, *reversed(self.dirs)]:
             with contextlib.ExitStack() as stack:
                 fd, leaf = self.root_fd, "."  # the layer's own root
                 if parts:
