@@ -25,7 +25,7 @@ from typing import Any
 
 from common import print_report
 
-from corral.templates import LayerStore, mount_overlay, tree_digest, unmount_overlay
+from corral.images import LayerStore, mount_overlay, tree_digest, unmount_overlay
 
 ARCHIVE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 BWRAP = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]

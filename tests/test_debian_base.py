@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.templates import LayerStore, mount_overlay, unmount_overlay
+from corral.images import LayerStore, mount_overlay, unmount_overlay
 
 ARCHIVE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 

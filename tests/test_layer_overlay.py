@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.templates import LayerStore, mount_overlay, tree_digest, unmount_overlay
+from corral.images import LayerStore, mount_overlay, tree_digest, unmount_overlay
 
 pytestmark = [
     pytest.mark.integration,

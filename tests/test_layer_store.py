@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import InvalidLayer, InvalidRequest, LayerInUse, QuotaExceeded, UnknownLayer
-from corral.templates import LayerStore, overlay_options, tree_digest
+from corral.images import LayerStore, overlay_options, tree_digest
 
 ROOT = os.geteuid() == 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from corral.errors import InvalidRequest, LayerInUse, UnknownLayer
-from corral.templates._archive import Unpacked, unpack, write_canonical
+from corral.images._archive import Unpacked, unpack, write_canonical
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _HOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
