@@ -266,6 +266,7 @@ class NamespaceBackend(Backend):
             pass_fds=tuple(fds),
             exec_failure=b"bwrap: execvp ",
             netns=footprint.netns,
+            userns=footprint.userns,
         )
 
     def _shared_root(self) -> Path:

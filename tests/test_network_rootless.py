@@ -1,0 +1,207 @@
+"""Networked sandboxes made by a server that is not root: the holder's namespaces and a
+slirp4netns uplink (`corral.isolation.usernet`), with the same rules, resolver and events.
+
+The engine runs as `nobody` (uid 65534) inside the fake internet's gateway, as the root
+tests' does. This machine's /dev/net/tun is 0600 (a container); stock Debian has it 0666:
+the driver gets such a node in a mount namespace of its own (a tmpfs over /dev/net), so
+the host's device is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import Settings
+from corral.isolation.cgroups import CgroupDriver
+from tests.kit import internet as fake
+from tests.kit.internet import Internet
+from tests.kit.netdriver import Driver
+from tests.kit.polling import wait_until
+from tests.test_network_hostile import assert_code_cannot_change_its_network
+from tests.test_network_plumbing import PROBE
+
+pytestmark = [pytest.mark.integration, pytest.mark.sandbox]
+
+NOBODY = 65534
+TOOLS = ("slirp4netns", "unshare", "nsenter", "setpriv", "mknod")
+# In the driver's own mount namespace: a usable /dev/net/tun, as on stock Debian.
+_TUN = (
+    "mount -t tmpfs -o mode=0755,size=64k corral-test-tun /dev/net"
+    ' && mknod -m 0666 /dev/net/tun c 10 200 && exec "$@"'
+)
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    """A directory the unprivileged server owns (runtime and data dirs)."""
+    base = Path(tempfile.mkdtemp(prefix="corral-rootless-", dir="/tmp"))
+    base.chmod(0o755)
+    for name in ("run", "data"):
+        (base / name).mkdir()
+        os.chown(base / name, NOBODY, NOBODY)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def delegated(settings: Settings) -> Iterator[str]:
+    """A cgroup parent delegated to `nobody` (its directories and files theirs), as an
+    administrator gives a rootless Corral one; its name."""
+    parent = f"{settings.cgroup_parent}/rootless-{secrets.token_hex(4)}"
+    roots = set(CgroupDriver.detect(parent).mount_points().values())
+    made = [Path(root, parent) for root in roots]
+    for path in made:
+        path.mkdir(parents=True)
+        use_hierarchy = path / "memory.use_hierarchy"
+        if use_hierarchy.exists():
+            use_hierarchy.write_text("1")
+        for entry in [path, *path.iterdir()]:
+            os.chown(entry, NOBODY, NOBODY)
+    yield parent
+    for path in made:  # the sandboxes' own are gone with them
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+@pytest.fixture(scope="module")
+def rootless(internet: Internet, delegated: str, home: Path) -> Iterator[Driver]:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"rootless sandbox networks need {', '.join(missing)}")
+    config = {
+        "runtime_dir": str(home / "run"),
+        "data_dir": str(home / "data"),
+        "cgroup_parent": delegated,
+        "network_dns": f"{fake.DNS_V4},{fake.DNS_V6}",
+    }
+    argv = [
+        "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _TUN, "sh",
+        "nsenter", f"--net=/run/netns/{internet.netns(fake.GATEWAY)}", "--",
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+        sys.executable, "-m", "tests.kit.netdriver", json.dumps(config),
+    ]  # fmt: skip
+    driver = Driver(argv)
+    yield driver
+    driver.close()
+
+
+def create(driver: Driver, network: str, allow: list[str] | None = None) -> str:
+    return str(driver.ok(op="create", network=network, allow=allow or [])["id"])
+
+
+def probe(driver: Driver, sandbox: str, probes: list[tuple[str, str, int, str]]) -> list[str]:
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", PROBE, json.dumps(probes)])
+    assert done["exit_code"] == 0, done
+    lines: list[str] = done["stdout"].splitlines()
+    return lines
+
+
+def connects_until(driver: Driver, sandbox: str, wanted: set[tuple[str, str]]) -> list[Any]:
+    """The sandbox's events, taken until its connect events hold every (decision,
+    address) of `wanted` (the kernel's log comes in batches, up to a second late)."""
+    events: list[Any] = []
+
+    def seen() -> bool:
+        events.extend(driver.ok(op="events", id=sandbox))
+        decided = {(e["decision"], e["address"]) for e in events if e["kind"] == "connect"}
+        return wanted <= decided
+
+    wait_until(seen, f"connect events {wanted}")
+    return events
+
+
+def alive(pid: int, start: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return int(stat[stat.rindex(b")") + 2 :].split()[19]) == start
+
+
+def test_rootless_internet_reaches_public_hosts_only(rootless: Driver, internet: Internet) -> None:
+    sandbox = create(rootless, "internet")
+    path = "/" + secrets.token_hex(6)
+    probes = [
+        ("http", fake.ALLOWED_V4, 80, path),
+        ("http", fake.ALLOWED_V6, 8080, path),
+        ("http", fake.PRIVATE_V4, 80, path),
+        ("http", fake.METADATA_V4, 80, path),
+        ("http", f"::ffff:{fake.METADATA_V4}", 80, path),
+        # The host's own addresses (the server's sockets carry the sandbox's connections:
+        # they would be the host's) and slirp4netns's gateway and DNS.
+        ("http", fake.GATEWAY_V4, 80, path),
+        ("http", fake.GATEWAY_V6, 80, path),
+        ("http", "10.0.2.2", 80, path),
+        ("udp", "10.0.2.3", 53, path),
+        ("udp", fake.ALLOWED_V4, 7, path),
+        ("udp", fake.ALLOWED_V6, 7, path),
+    ]
+    got = probe(rootless, sandbox, probes)
+    connects_until(rootless, sandbox, {("denied", fake.METADATA_V4), ("denied", fake.GATEWAY_V4)})
+    rootless.ok(op="destroy", id=sandbox)
+    refused = ["err:ECONNREFUSED"] * 6
+    assert got == ["ok:allowed.test", "ok:allowed.test", *refused, "err:EPERM"] + [f"ok:{path}"] * 2
+    seen = {(e["address"], e["port"]) for e in internet.saw(service="http", path=path)}
+    assert seen == {(fake.ALLOWED_V4, 80), (fake.ALLOWED_V6, 8080)}
+
+
+def test_rootless_allowlist_by_name_through_the_resolver(
+    rootless: Driver, internet: Internet
+) -> None:
+    sandbox = create(rootless, "allowlist", ["allowed.test:80"])
+    code = textwrap.dedent("""
+        import socket, sys, urllib.request as u
+        for name in sys.argv[1:]:
+            try:
+                print(u.urlopen(f"http://{name}/", timeout=5).read().decode().strip())
+            except OSError as e:
+                print(type(getattr(e, "reason", e)).__name__)
+    """)
+    names = ["allowed.test", "denied.test", "rebind.test"]
+    done = rootless.ok(op="run", id=sandbox, argv=["python3", "-c", code, *names])
+    # Straight to the address denied.test has: no name of the list resolved to it.
+    direct = probe(rootless, sandbox, [("http", fake.DENIED_V4, 80, "/")])
+    wanted = {("allowed", fake.ALLOWED_V4), ("denied", fake.DENIED_V4)}
+    events = connects_until(rootless, sandbox, wanted)
+    rootless.ok(op="destroy", id=sandbox)
+    assert done["stdout"].split() == ["allowed.test", "gaierror", "gaierror"], done
+    assert direct == ["err:ECONNREFUSED"]
+    dns = {(e["name"], e["decision"]) for e in events if e["kind"] == "dns"}
+    assert {("allowed.test", "allowed"), ("denied.test", "denied")} <= dns, events
+
+
+def test_rootless_code_cannot_change_its_network(rootless: Driver, internet: Internet) -> None:
+    assert_code_cannot_change_its_network(rootless, internet, uplink="tap0")
+
+
+def test_rootless_teardown_leaves_nothing(rootless: Driver, home: Path) -> None:
+    sandbox = create(rootless, "internet")
+    footprint: dict[str, Any] = rootless.ok(op="footprint", id=sandbox)
+    processes = footprint["processes"]
+    assert len(processes) == 2  # the holder and slirp4netns
+    assert all(alive(pid, start) for pid, start in processes)
+    holder = processes[0][0]
+    netns = os.stat(f"/proc/{holder}/ns/net").st_ino
+    assert os.readlink(footprint["netns"]) == f"/proc/{holder}/ns/net"
+    rootless.ok(op="destroy", id=sandbox)
+    assert not any(alive(pid, start) for pid, start in processes)
+    assert not Path(footprint["path"]).exists()
+    # No process of the host is left in that namespace.
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                assert os.stat(entry / "ns/net").st_ino != netns, entry
+            except (FileNotFoundError, PermissionError, ProcessLookupError):
+                continue
