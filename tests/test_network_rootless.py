@@ -205,3 +205,33 @@ def test_rootless_teardown_leaves_nothing(rootless: Driver, home: Path) -> None:
                 assert os.stat(entry / "ns/net").st_ino != netns, entry
             except (FileNotFoundError, PermissionError, ProcessLookupError):
                 continue
+
+
+def test_rootless_policy_change_takes_effect(rootless: Driver) -> None:
+    sandbox = create(rootless, "allowlist", ["denied.test:80"])
+    path = "/" + secrets.token_hex(6)
+    assert probe(rootless, sandbox, [("http", fake.ALLOWED_V4, 80, path)]) == ["err:ECONNREFUSED"]
+    rootless.ok(op="set_network", id=sandbox, network="internet")
+    assert probe(rootless, sandbox, [("http", fake.ALLOWED_V4, 80, path)]) == ["ok:allowed.test"]
+    rootless.ok(op="destroy", id=sandbox)
+
+
+def test_rootless_sandbox_code_holds_no_capability(rootless: Driver) -> None:
+    # It runs in a child user namespace of the holder's, as uid 1000, with no capability
+    # in it (so none over the holder's network namespace either).
+    sandbox = create(rootless, "internet")
+    status = rootless.ok(op="run", id=sandbox, argv=["cat", "/proc/self/status"])["stdout"]
+    rootless.ok(op="destroy", id=sandbox)
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["Uid"].split()[0] == "1000"
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(fields[cap], 16) == 0, (cap, fields[cap])
+
+
+def test_rootless_bandwidth_cap_is_refused_and_says_why(rootless: Driver, home: Path) -> None:
+    before = set((home / "run" / "sandboxes").iterdir())
+    answer = rootless.call(op="create", network="internet", limits={"bandwidth_mbit": 10})
+    assert answer["error"] == "IsolationUnavailable", answer
+    assert "needs a server running as root" in answer["message"]
+    assert "set bandwidth_mbit to 0" in answer["message"]
+    assert set((home / "run" / "sandboxes").iterdir()) == before  # nothing left behind
