@@ -2,20 +2,15 @@
 slirp4netns uplink (`corral.isolation.usernet`), with the same rules, resolver and events.
 
 The engine runs as `nobody` (uid 65534) inside the fake internet's gateway, as the root
-tests' does. This machine's /dev/net/tun is 0600 (a container); stock Debian has it 0666:
-the driver gets such a node in a mount namespace of its own (a tmpfs over /dev/net), so
-the host's device is never touched.
+tests' does, with what an administrator gives a rootless Corral (`tests.kit.rootless`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +19,8 @@ from typing import Any
 import pytest
 
 from corral.config import Settings
-from corral.isolation.cgroups import CgroupDriver
 from tests.kit import internet as fake
+from tests.kit import rootless as rootless_kit
 from tests.kit.internet import Internet
 from tests.kit.netdriver import Driver
 from tests.kit.polling import wait_until
@@ -34,67 +29,39 @@ from tests.test_network_plumbing import PROBE
 
 pytestmark = [pytest.mark.integration, pytest.mark.sandbox]
 
-NOBODY = 65534
-TOOLS = ("slirp4netns", "unshare", "nsenter", "setpriv", "mknod")
-# In the driver's own mount namespace: a usable /dev/net/tun, as on stock Debian.
-_TUN = (
-    "mount -t tmpfs -o mode=0755,size=64k corral-test-tun /dev/net"
-    ' && mknod -m 0666 /dev/net/tun c 10 200 && exec "$@"'
-)
-
 
 @pytest.fixture(scope="module")
 def home() -> Iterator[Path]:
-    """A directory the unprivileged server owns (runtime and data dirs)."""
-    base = Path(tempfile.mkdtemp(prefix="corral-rootless-", dir="/tmp"))
-    base.chmod(0o755)
-    for name in ("run", "data"):
-        (base / name).mkdir()
-        os.chown(base / name, NOBODY, NOBODY)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+    with rootless_kit.home() as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def delegated(settings: Settings) -> Iterator[str]:
-    """A cgroup parent delegated to `nobody` (its directories and files theirs), as an
-    administrator gives a rootless Corral one; its name."""
-    parent = f"{settings.cgroup_parent}/rootless-{secrets.token_hex(4)}"
-    roots = set(CgroupDriver.detect(parent).mount_points().values())
-    made = [Path(root, parent) for root in roots]
-    for path in made:
-        path.mkdir(parents=True)
-        use_hierarchy = path / "memory.use_hierarchy"
-        if use_hierarchy.exists():
-            use_hierarchy.write_text("1")
-        for entry in [path, *path.iterdir()]:
-            os.chown(entry, NOBODY, NOBODY)
-    yield parent
-    for path in made:  # the sandboxes' own are gone with them
-        with contextlib.suppress(OSError):
-            path.rmdir()
+    if missing := rootless_kit.missing():
+        pytest.skip(f"rootless sandbox networks need {', '.join(missing)}")
+    with rootless_kit.delegated_cgroup(settings.cgroup_parent) as cgroup_parent:
+        yield cgroup_parent
+
+
+def start_driver(internet: Internet, home: Path, cgroup_parent: str) -> Driver:
+    config = {
+        "runtime_dir": str(home / "run"),
+        "data_dir": str(home / "data"),
+        "cgroup_parent": cgroup_parent,
+        "network_dns": f"{fake.DNS_V4},{fake.DNS_V6}",
+    }
+    command = [sys.executable, "-m", "tests.kit.netdriver", json.dumps(config)]
+    return Driver(rootless_kit.argv(internet.netns(fake.GATEWAY), command))
 
 
 @pytest.fixture(scope="module")
 def rootless(internet: Internet, delegated: str, home: Path) -> Iterator[Driver]:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"rootless sandbox networks need {', '.join(missing)}")
-    config = {
-        "runtime_dir": str(home / "run"),
-        "data_dir": str(home / "data"),
-        "cgroup_parent": delegated,
-        "network_dns": f"{fake.DNS_V4},{fake.DNS_V6}",
-    }
-    argv = [
-        "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _TUN, "sh",
-        "nsenter", f"--net=/run/netns/{internet.netns(fake.GATEWAY)}", "--",
-        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
-        sys.executable, "-m", "tests.kit.netdriver", json.dumps(config),
-    ]  # fmt: skip
-    driver = Driver(argv)
-    yield driver
-    driver.close()
+    driver = start_driver(internet, home, delegated)
+    try:
+        yield driver
+    finally:
+        driver.close()
 
 
 def create(driver: Driver, network: str, allow: list[str] | None = None) -> str:
@@ -205,6 +172,30 @@ def test_rootless_teardown_leaves_nothing(rootless: Driver, home: Path) -> None:
                 assert os.stat(entry / "ns/net").st_ino != netns, entry
             except (FileNotFoundError, PermissionError, ProcessLookupError):
                 continue
+
+
+def test_a_killed_rootless_server_leaves_no_holder_nor_uplink(
+    internet: Internet, delegated: str, home: Path
+) -> None:
+    # SIGKILL: no cleanup code runs. The holder ends at the end of its socket pair,
+    # slirp4netns when its exit pipe closes (and the sandbox with its parent).
+    driver = start_driver(internet, home, delegated)
+    sandbox = create(driver, "internet")
+    processes = driver.ok(op="footprint", id=sandbox)["processes"]
+    assert all(alive(pid, start) for pid, start in processes)
+    driver.process.kill()
+    driver.process.wait()
+    wait_until(
+        lambda: not any(alive(pid, start) for pid, start in processes),
+        "the holder and slirp4netns to end with their server",
+    )
+    # The next server's reaper removes the sandbox's record.
+    driver = start_driver(internet, home, delegated)
+    driver.close()
+    wait_until(
+        lambda: not (home / "run" / "sandboxes" / sandbox).exists(),
+        "the reaper to remove the dead server's sandbox",
+    )
 
 
 def test_rootless_policy_change_takes_effect(rootless: Driver) -> None:
