@@ -84,7 +84,8 @@ class SandboxNetwork:
 
     def reserve(self) -> None:
         """Record the namespace, veth and address slot in the footprint (before the
-        sandbox's launch is planned: the plan joins that namespace)."""
+        sandbox's launch is planned: the plan joins that namespace). Without root: start
+        the namespace's holder, recorded so."""
         if not self._rootless:
             self._addresses = netns.reserve(self._footprint, self._settings.runtime_dir)
         elif self._limits.bandwidth_mbit:
@@ -92,16 +93,14 @@ class SandboxNetwork:
                 "a bandwidth cap needs a server running as root (it shapes the sandbox's "
                 "veth uplink); without root, set bandwidth_mbit to 0"
             )
-        else:
-            usernet.reserve(self._footprint)
+        else:  # its holder starts now, while the launch is prepared
+            self._usernet = usernet.start(self._footprint, str(self._settings.guest_python))
 
     async def make(self) -> None:
         """The namespace, uplink and rules, then the log reader and the resolver."""
         script = self._ruleset(self.policy, fresh=True)
-        if self._rootless:
-            self._usernet = await asyncio.to_thread(
-                usernet.build, self._footprint, script, str(self._settings.guest_python)
-            )
+        if self._usernet is not None:
+            await asyncio.to_thread(usernet.build, self._usernet, self._footprint, script)
         else:
             assert self._addresses is not None, "reserve first"
             await asyncio.to_thread(

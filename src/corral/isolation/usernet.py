@@ -26,6 +26,7 @@ when its exit pipe closes.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import os
@@ -102,24 +103,16 @@ class UserNet:
                 process.wait()
 
 
-def reserve(footprint: Footprint) -> None:
-    """Record where the namespaces will be named (two symbolic links in the sandbox's
-    directory, to the holder's /proc entries) before anything exists."""
-    footprint.netns = str(footprint.path / "netns")
-    footprint.userns = str(footprint.path / "userns")
-    footprint.save()
-
-
-def build(footprint: Footprint, script: str, python: str) -> UserNet:
-    """Start the holder (stdlib-only: the guest agent's `python` runs it, a system one
-    outside any virtualenv, which the holder's user namespace may not be able to read),
-    load `script` (the sandbox's nft rules) in it, then attach slirp4netns. Blocking. The
-    caller `close`s what it returns."""
-    assert footprint.netns is not None and footprint.userns is not None
+def start(footprint: Footprint, python: str) -> UserNet:
+    """Start the sandbox's holder and return at once (its interpreter starts while the
+    sandbox's launch is prepared); record it, and name its namespaces in the footprint
+    (two symbolic links in the sandbox's directory, to the holder's /proc entries). The
+    holder is stdlib-only: the guest agent's `python` runs it, a system one outside any
+    virtualenv (which the holder's user namespace may not be allowed to read). The
+    caller `close`s what it returns, whatever happens next."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    log = footprint.path / "holder.log"
     try:
-        with open(log, "wb") as stderr:
+        with open(footprint.path / "holder.log", "wb") as stderr:
             process = subprocess.Popen(
                 [
                     shutil.which("unshare") or "unshare",
@@ -129,27 +122,41 @@ def build(footprint: Footprint, script: str, python: str) -> UserNet:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 pass_fds=(theirs.fileno(),), start_new_session=True,
             )  # fmt: skip
+    except BaseException:
+        ours.close()
+        raise
     finally:
         theirs.close()
     net = UserNet(nsholder.HolderClient(ours), process)
     try:
         _record(footprint, process.pid)
-        try:
-            net.holder.nft(script)
-        except (OSError, nsholder.NftError) as exc:
-            process.wait(_READY_TIMEOUT)
-            said = log.read_text(errors="replace").strip()
-            raise SandboxStartFailed(
-                f"could not make the sandbox's network namespace: {exc} {said}".strip()
-            ) from exc
-        for name in ("netns", "userns"):
-            os.symlink(f"/proc/{process.pid}/ns/{name[:-2]}", footprint.path / name)
-        _attach(footprint, net, process.pid)
-        net.holder.ipv6("tap0", SANDBOX_V6, 64, GATEWAY_V6)
+        for name in ("net", "user"):
+            os.symlink(f"/proc/{process.pid}/ns/{name}", footprint.path / f"{name}ns")
+        footprint.netns = str(footprint.path / "netns")
+        footprint.userns = str(footprint.path / "userns")
+        footprint.save()
     except BaseException:
         net.close()
         raise
     return net
+
+
+def build(net: UserNet, footprint: Footprint, script: str) -> None:
+    """Load `script` (the sandbox's nft rules) in `net`'s holder, then attach
+    slirp4netns and give the uplink its IPv6 address. Blocking."""
+    try:
+        net.holder.nft(script)
+    except nsholder.NftError as exc:
+        raise SandboxStartFailed(f"loading the sandbox's network rules failed: {exc}") from exc
+    except OSError as exc:  # the holder is gone: what did it say?
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            net.holder_process.wait(_READY_TIMEOUT)
+        said = (footprint.path / "holder.log").read_text(errors="replace").strip()
+        raise SandboxStartFailed(
+            f"could not make the sandbox's network namespace: {exc} {said}".strip()
+        ) from exc
+    _attach(footprint, net, net.holder_process.pid)
+    net.holder.ipv6("tap0", SANDBOX_V6, 64, GATEWAY_V6)
 
 
 def _attach(footprint: Footprint, net: UserNet, pid: int) -> None:
