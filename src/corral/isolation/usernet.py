@@ -15,6 +15,10 @@ anyway) would be the host's loopback without `--disable-host-loopback`, and ever
 address of the host's interfaces is reached as the host itself: they go in the deny sets
 (`host_networks`). DNS goes only to the sandbox's resolver, on its loopback.
 
+slirp4netns parses every packet the sandbox sends: it runs with its own seccomp filter
+(`--enable-seccomp`). (Its `--enable-sandbox` fails in a user namespace made this way:
+"setegid(0)", slirp4netns 1.2.0.)
+
 Why slirp4netns (docs/network-plan.md section 2): it attaches in ~4 ms against ~50 ms for
 Debian 12's pasta, and carries IPv6 with `--enable-ipv6`.
 
@@ -169,6 +173,7 @@ def _attach(footprint: Footprint, net: UserNet, pid: int) -> None:
                 [
                     shutil.which("slirp4netns") or "slirp4netns",
                     "--configure", "--mtu=65520", "--disable-host-loopback",
+                    "--enable-seccomp",
                     "--enable-ipv6", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
                     f"--userns-path=/proc/{pid}/ns/user", "--netns-type=path",
                     f"/proc/{pid}/ns/net", "tap0",
