@@ -7,9 +7,11 @@ tests' does, with what an administrator gives a rootless Corral (`tests.kit.root
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,3 +254,28 @@ def test_rootless_bandwidth_cap_is_refused_and_says_why(rootless: Driver, home: 
     assert "needs a server running as root" in answer["message"]
     assert "set bandwidth_mbit to 0" in answer["message"]
     assert set((home / "run" / "sandboxes").iterdir()) == before  # nothing left behind
+
+
+def test_without_slirp4netns_the_rootless_tier_offers_none_and_says_what_to_install(
+    internet: Internet, delegated: str, home: Path
+) -> None:
+    bindir = home / "bin"  # unshare and nsenter, not slirp4netns
+    bindir.mkdir(exist_ok=True)
+    for tool in ("unshare", "nsenter"):
+        with contextlib.suppress(FileExistsError):
+            (bindir / tool).symlink_to(str(shutil.which(tool)))
+    code = textwrap.dedent("""
+        import os, sys
+        from pathlib import Path
+        os.environ["PATH"] = sys.argv[2]
+        from corral.config import Settings
+        from corral.isolation.namespace import NamespaceBackend
+        backend = NamespaceBackend(Settings(runtime_dir=Path(sys.argv[1])))
+        print(sorted(backend.network_modes()))
+        print(NamespaceBackend.probe(backend.settings).details["network_needs"])
+    """)
+    command = [sys.executable, "-c", code, str(home / "run"), str(bindir)]
+    argv = rootless_kit.argv(internet.netns(fake.GATEWAY), command)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['none']", "slirp4netns: apt-get install slirp4netns"]
