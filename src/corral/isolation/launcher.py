@@ -155,13 +155,13 @@ async def launch(
     ready: Awaitable[None] | None = None,
 ) -> Launcher:
     """Start `argv` in a new session with piped stdio, joined to the cgroup whose procs
-        files are `cgroup_procs`, with rlimits on open files and file size (bytes) and no
-        core dumps, as `uid`/`gid` (no supplementary groups) when given, in the network
-        namespace bind-mounted at `netns` when given (joined before the uid is dropped; with
-    `userns`, the user namespace owning it, first). The
-        gate opens once `ready` (the network namespace being made meanwhile) is done.
+    files are `cgroup_procs`, with rlimits on open files and file size (bytes) and no
+    core dumps, as `uid`/`gid` (no supplementary groups) when given, in the network
+    namespace bind-mounted at `netns` when given (joined before the uid is dropped; with
+    `userns`, the user namespace that owns it, joined first, as its root). The gate opens
+    once `ready` (the network namespace being made meanwhile) is done.
 
-        Raises OSError/SubprocessError.
+    Raises OSError/SubprocessError.
     """
     command = ["/bin/sh", "-c", _GATE, "corral-launch", str(open_files), str(file_size // 512)]
     if userns is not None:  # rootless: the owner of `netns` first, as its root
