@@ -16,7 +16,13 @@ attached to the same gateway by a veth, with no rules, no NAT and no sandbox.
 - `rootless`: the same for an engine running as `nobody` (a slirp4netns uplink instead
   of a veth, `corral.isolation.usernet`), given a delegated cgroup and a usable
   /dev/net/tun in a mount namespace of its own (`tests.kit.rootless`), its ratios
-  against the same bare path.
+  against the same bare path;
+- `proxy`: an exposed port through the server's port proxy against the same GET over the
+  sandbox's own loopback (`benchmarks/ports.py`, run here too, so one run has every
+  figure the issue asks for).
+
+Targets (`targets`): the network adds <= 10 ms p50 to a start, the download from a sandbox
+is >= 0.8x the bare path's, and the proxy adds <= 1 ms p50 to a GET.
 
 Prints one JSON object; times in ms (p50/p95), with the 1-minute load average before and
 after (other benchmarks and tests may share the machine).
@@ -39,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' kit
 
+import ports
 from engine import percentiles
 
 from tests.kit import internet as fake
@@ -177,6 +184,12 @@ def main() -> None:
     finally:
         net.close()
         shutil.rmtree(runtime, ignore_errors=True)
+    result["proxy"] = ports.main(quick=args.rounds < 20)
+    result["targets"] = {
+        "start_added_p50_ms_at_most": 10,
+        "download_ratio_at_least": 0.8,
+        "proxy_get_overhead_p50_ms_at_most": 1.0,
+    }
     result["load_after"] = os.getloadavg()[0]
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
