@@ -5,9 +5,14 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 # nftables, passt (pasta) and slirp4netns: the sandboxes' network (issue 12) and its tests.
 DEBIAN_PACKAGES := bubblewrap python3 iproute2 util-linux nftables passt slirp4netns
+# mmdebstrap, dpkg-dev (dpkg-scanpackages) and apt-utils (apt-ftparchive): templates' Debian
+# bases and the local archive tests bootstrap them from (issue 13).
+DEBIAN_PACKAGES += mmdebstrap dpkg-dev apt-utils
+# The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.
+DEBIAN_ARCHIVE := .cache/debian
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages python-env test test-unit test-integration test-acceptance lint bench run doctor proto clean
+.PHONY: help setup system-packages python-env debian-archive test test-unit test-integration test-acceptance lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
@@ -17,7 +22,7 @@ help:
 	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
 	@echo "make proto  - regenerate src/corral/v1/ from proto/corral/v1/*.proto"
 
-setup: system-packages python-env
+setup: system-packages python-env debian-archive
 
 # Debian packages the engine needs; installed when missing (as root), else explained.
 system-packages:
@@ -33,6 +38,13 @@ system-packages:
 	    echo "run: sudo apt-get install -y $${missing[*]}   (or run make as root)"; exit 1; \
 	  fi; \
 	fi
+
+# Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot);
+# without root the template tests that need it skip and say so. Delete the dir to refresh.
+debian-archive: system-packages
+	@if [ -f $(DEBIAN_ARCHIVE)/Release ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then scripts/debian_archive.sh $(DEBIAN_ARCHIVE); \
+	else echo "no local Debian archive in $(DEBIAN_ARCHIVE): run make setup as root once (template tests skip until then)"; fi
 
 python-env:
 	@$(UV) --version >/dev/null 2>&1 || { echo "installing uv from PyPI"; \

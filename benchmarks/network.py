@@ -12,7 +12,17 @@ attached to the same gateway by a veth, with no rules, no NAT and no sandbox.
   the start costs the network adds is `internet`/`allowlist` minus `none`);
 - `first_get_ms`: one HTTP GET on a new connection to the fake `allowed.test`, by address,
   from an `internet` sandbox and from the bare namespace;
-- `download_mb_s`: a 100 MB download from it (median of 3), both ways, and their ratio.
+- `download_mb_s`: a 100 MB download from it (median of 3), both ways, and their ratio;
+- `rootless`: the same for an engine running as `nobody` (a slirp4netns uplink instead
+  of a veth, `corral.isolation.usernet`), given a delegated cgroup and a usable
+  /dev/net/tun in a mount namespace of its own (`tests.kit.rootless`), its ratios
+  against the same bare path;
+- `proxy`: an exposed port through the server's port proxy against the same GET over the
+  sandbox's own loopback (`benchmarks/ports.py`, run here too, so one run has every
+  figure the issue asks for).
+
+Targets (`targets`): the network adds <= 10 ms p50 to a start, the download from a sandbox
+is >= 0.8x the bare path's, and the proxy adds <= 1 ms p50 to a GET.
 
 Prints one JSON object; times in ms (p50/p95), with the 1-minute load average before and
 after (other benchmarks and tests may share the machine).
@@ -35,9 +45,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' kit
 
+import ports
 from engine import percentiles
 
 from tests.kit import internet as fake
+from tests.kit import rootless
 
 DOWNLOAD_BYTES = 100_000_000
 GET = (
@@ -54,7 +66,7 @@ DOWNLOAD = (
 ALLOWLIST = ["allowed.test:80", f"{fake.ALLOWED_V4}/32"]
 
 
-async def inside(runtime_dir: str, rounds: int) -> dict[str, Any]:
+async def inside(runtime_dir: str, rounds: int, cgroup_parent: str | None) -> dict[str, Any]:
     """The engine's side, run in the gateway namespace."""
     from corral.config import Settings
     from corral.isolation import Engine, Entrypoint
@@ -64,6 +76,7 @@ async def inside(runtime_dir: str, rounds: int) -> dict[str, Any]:
         runtime_dir=Path(runtime_dir),
         data_dir=Path(runtime_dir) / "data",
         network_dns=f"{fake.DNS_V4},{fake.DNS_V6}",
+        **({"cgroup_parent": cgroup_parent} if cgroup_parent else {}),
     )
     policies = {
         "none": NetworkPolicy.parse("none"),
@@ -100,14 +113,23 @@ async def inside(runtime_dir: str, rounds: int) -> dict[str, Any]:
     }
 
 
+def engine_side(argv: list[str]) -> dict[str, Any]:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"network: the engine's side failed: {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # the engine's side
+    parser.add_argument("--cgroup-parent", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
-        print(json.dumps(asyncio.run(inside(args.inside, args.rounds))))
+        print(json.dumps(asyncio.run(inside(args.inside, args.rounds, args.cgroup_parent))))
         return
     if reason := fake.unavailable():
         sys.exit(f"network: {reason}")
@@ -115,14 +137,14 @@ def main() -> None:
     net = fake.build()
     runtime = tempfile.mkdtemp(prefix="corral-bench-")
     try:
-        argv = [
-            "nsenter", f"--net=/run/netns/{net.netns(fake.GATEWAY)}", "--",
-            sys.executable, __file__, "--inside", runtime, "--rounds", str(args.rounds),
-        ]  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            sys.exit(f"network: the engine's side failed: {done.stderr.strip()}")
-        sandbox = json.loads(done.stdout)
+        engine = [sys.executable, __file__, "--rounds", str(args.rounds), "--inside"]
+        gateway = net.netns(fake.GATEWAY)
+        sandbox = engine_side(["nsenter", f"--net=/run/netns/{gateway}", "--", *engine, runtime])
+        without_root: dict[str, Any] | None = None
+        if not rootless.missing():
+            with rootless.home() as home, rootless.delegated_cgroup("corral") as parent:
+                command = [*engine, str(home / "run"), "--cgroup-parent", parent]
+                without_root = engine_side(rootless.argv(gateway, command))
         bare = net.attach("bare")
 
         def bare_python(code: str) -> float:
@@ -147,9 +169,27 @@ def main() -> None:
                 "ratio": round(sandbox["download_mb_s"] / statistics.median(rates), 2),
             },
         )
+        if without_root is not None:
+            starts = without_root["start_ms"]
+            result["rootless"] = {
+                "start_ms": starts,
+                "start_added_p50_ms": {
+                    name: round(starts[name]["p50"] - starts["none"]["p50"], 2)
+                    for name in ("internet", "allowlist")
+                },
+                "first_get_ms": without_root["first_get_ms"],
+                "download_mb_s": without_root["download_mb_s"],
+                "ratio": round(without_root["download_mb_s"] / statistics.median(rates), 2),
+            }
     finally:
         net.close()
         shutil.rmtree(runtime, ignore_errors=True)
+    result["proxy"] = ports.main(quick=args.rounds < 20)
+    result["targets"] = {
+        "start_added_p50_ms_at_most": 10,
+        "download_ratio_at_least": 0.8,
+        "proxy_get_overhead_p50_ms_at_most": 1.0,
+    }
     result["load_after"] = os.getloadavg()[0]
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 

@@ -64,6 +64,7 @@ def test_the_tree_keeps_every_contract() -> None:
         ("isolation", "import httpx", "Isolation (and the guest agent) knows no HTTP"),
         ("isolation", "from corral.store import Store", "Isolation (and the guest agent)"),
         ("store", "from corral.isolation import Engine", "The store knows nothing"),
+        ("images", "from corral.store import Store", "The template store"),
         ("sandboxes", "from corral.server import app", "Layers: clients"),
     ],
 )

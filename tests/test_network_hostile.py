@@ -109,11 +109,21 @@ def fetch(driver: Driver, sandbox: str, address: str) -> str:
 
 
 def test_code_in_the_sandbox_cannot_change_its_network(driver: Driver, internet: Internet) -> None:
+    assert_code_cannot_change_its_network(driver, internet)
+
+
+def assert_code_cannot_change_its_network(
+    driver: Driver, internet: Internet, uplink: str = "eth0"
+) -> None:
+    """Every attempt of `SHELL_ATTEMPTS` (on the sandbox's `uplink` interface) and of
+    `NETLINK_AND_SOCKETS` fails in a new `internet` sandbox of `driver`, and changes
+    nothing. Also run by the rootless tests."""
     sandbox = driver.ok(op="create", network="internet")["id"]
     path = driver.ok(op="footprint", id=sandbox)["netns"]
     before = state(path)
     failed = {}
     for label, command in SHELL_ATTEMPTS.items():
+        command = command.replace("eth0", uplink)
         done = driver.ok(op="run", id=sandbox, argv=["sh", "-c", command])
         failed[label] = done["exit_code"] != 0
     done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", NETLINK_AND_SOCKETS])

@@ -5,8 +5,11 @@
     │   ├── UnknownTemplate
     │   ├── UnknownBackend
     │   ├── InvalidLimits
+    │   ├── InvalidLayer          a layer archive holds a `..` path or a link out of the layer
     │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
+    │   └── UnknownLayer          no stored layer has that digest
+    ├── LayerInUse                a template or sandbox still uses the layer
     ├── IdempotencyConflict       an idempotency key already names a job with another spec
     ├── AuthError
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
@@ -66,6 +69,11 @@ class InvalidLimits(InvalidRequest):
     """A resource limit is out of range."""
 
 
+class InvalidLayer(InvalidRequest):
+    """The layer's archive holds an entry Corral refuses (a `..` path, a hard link out of
+    the layer, a write through a symlink); fix the archive and import it again."""
+
+
 class CallbackRefused(InvalidRequest):
     """The server's callback policy refuses this callback URL; use a public address, or
     ask the operator to allow it (CORRAL_CALLBACK_ALLOW)."""
@@ -73,6 +81,14 @@ class CallbackRefused(InvalidRequest):
 
 class NotFound(CorralError):
     """No such sandbox; check the id with `corral sandbox list`."""
+
+
+class UnknownLayer(NotFound):
+    """No stored layer has that digest."""
+
+
+class LayerInUse(CorralError):
+    """A template or sandbox still uses the layer; remove them first."""
 
 
 class IdempotencyConflict(CorralError):

@@ -135,6 +135,8 @@ class LaunchPlan:
     exec_failure: bytes | None = None
     # The network namespace (a bind-mounted nsfs file) the launcher joins before exec.
     netns: str | None = None
+    # Without root, the user namespace that owns `netns`, joined with it.
+    userns: str | None = None
 
 
 class Backend(ABC):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -69,6 +70,10 @@ class Footprint:
     veth: str | None = None
     net_slot: int | None = None
     net_slots_dir: str | None = None
+    # Without root: the user namespace owning `netns` (`corral.isolation.usernet`), and
+    # the processes that hold and feed them (holder, slirp4netns), as [pid, start time].
+    userns: str | None = None
+    processes: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -155,6 +160,10 @@ class Footprint:
                 errno.ENOENT,
             ):
                 log.warning("could not unmount %s: %s", target, os.strerror(ctypes.get_errno()))
+        for pid, start in self.processes:
+            if process_alive(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if self.netns or self.veth:
             try:
                 netns.remove(self.netns, self.veth)

@@ -151,18 +151,23 @@ async def launch(
     uid: int | None,
     gid: int | None,
     netns: str | None = None,
+    userns: str | None = None,
     ready: Awaitable[None] | None = None,
 ) -> Launcher:
     """Start `argv` in a new session with piped stdio, joined to the cgroup whose procs
     files are `cgroup_procs`, with rlimits on open files and file size (bytes) and no
     core dumps, as `uid`/`gid` (no supplementary groups) when given, in the network
-    namespace bind-mounted at `netns` when given (joined before the uid is dropped). The
-    gate opens once `ready` (the network namespace being made meanwhile) is done.
+    namespace bind-mounted at `netns` when given (joined before the uid is dropped; with
+    `userns`, the user namespace that owns it, joined first, as its root). The gate opens
+    once `ready` (the network namespace being made meanwhile) is done.
 
     Raises OSError/SubprocessError.
     """
     command = ["/bin/sh", "-c", _GATE, "corral-launch", str(open_files), str(file_size // 512)]
-    if netns is not None:
+    if userns is not None:  # rootless: the owner of `netns` first, as its root
+        command += [nsenter(), f"--user={userns}", f"--net={netns}", "--preserve-credentials"]
+        command += ["--"]
+    elif netns is not None:
         command += [nsenter(), f"--net={netns}", "--"]
     if uid is not None or gid is not None:
         tool = setpriv()

@@ -7,7 +7,8 @@ command — sees:
   sandbox's disk limit, kept under its memory limit (`Limits.storage_bytes`) (when Corral
   runs as root; otherwise each is its own bounded tmpfs);
 - no network but loopback (network `none`), or its own network namespace made by
-  `corral.isolation.netns` with the policy's rules loaded before it starts;
+  `corral.isolation.netns` (without root: `corral.isolation.usernet`) with the policy's
+  rules loaded before it starts;
 - its own pid, ipc, uts and cgroup namespaces; a user namespace in which it is uid 1000
   with no capabilities and may create no further user namespaces;
 - the seccomp filter of `corral.isolation.seccomp`.
@@ -266,6 +267,7 @@ class NamespaceBackend(Backend):
             pass_fds=tuple(fds),
             exec_failure=b"bwrap: execvp ",
             netns=footprint.netns,
+            userns=footprint.userns,
         )
 
     def _shared_root(self) -> Path:

@@ -11,7 +11,7 @@ The uplink, as root: a veth pair, the host end `crl<12 hex>` in the host's names
 sandbox, slot n, allocated through the runtime dir like uid slots), a default route
 through the host end, and one host table `inet corral_host` that masquerades the pool,
 keeps sandboxes from each other and keeps them from opening connections to the host
-itself. Without root there is no uplink here (the tier then offers only `none`).
+itself. Without root the uplink is slirp4netns instead (`corral.isolation.usernet`).
 
 Everything is recorded in the sandbox's `Footprint` before it is made, so `release` (and
 the reaper, after a crash) removes it: the namespace's bind mount, the veth, the slot.
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.errors import SandboxStartFailed
-from corral.isolation import rtnetlink
+from corral.isolation import nsholder, rtnetlink
 from corral.limits import Limits
 from corral.network import nftables
 from corral.network.setns import CLONE_NEWNET, call_in_netns
@@ -48,7 +48,6 @@ HOST_TABLE = "corral_host"
 VETH_PREFIX = "crl"
 
 _MS_BIND = 4096
-_NFT_CTX_OUTPUT_JSON = 1 << 4
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -78,14 +77,26 @@ class Addresses:
 
 @functools.cache
 def tools_missing() -> tuple[str, ...]:
-    """What this host lacks to give sandboxes a network, as install hints."""
+    """What this host lacks to give sandboxes a network, as install hints: as root a veth
+    uplink (here), without root a user-mode one (`corral.isolation.usernet`)."""
     missing = []
-    if os.geteuid() != 0:
-        missing.append("root (sandbox uplinks are veth pairs; rootless networking is not done)")
-    for tool, package in (("tc", "iproute2"), ("nsenter", "util-linux")):
+    if os.geteuid() == 0:
+        tools = [("tc", "iproute2"), ("nsenter", "util-linux")]
+    else:
+        tools = [
+            ("slirp4netns", "slirp4netns"),
+            ("unshare", "util-linux"),
+            ("nsenter", "util-linux"),
+        ]
+        if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+            missing.append(
+                "/dev/net/tun usable by this user (slirp4netns needs it; stock Debian has "
+                "it 0666: chmod 0666 /dev/net/tun), or run as root"
+            )
+    for tool, package in tools:
         if shutil.which(tool) is None:
             missing.append(f"{tool}: apt-get install {package}")
-    if _libnftables() is None:
+    if not nsholder.libnftables_present():
         missing.append("libnftables: apt-get install nftables")
     return tuple(missing)
 
@@ -143,11 +154,6 @@ def build(footprint: Footprint, addresses: Addresses, limits: Limits, script: st
     call_in_netns(str(path), configure)
 
 
-def load(netns_path: str, script: str) -> None:
-    """Load nft `script` inside the namespace at `netns_path` (one atomic transaction)."""
-    call_in_netns(netns_path, lambda: nft(script))
-
-
 def remove(netns_path: str | None, veth: str | None) -> None:
     """Remove a sandbox's uplink and namespace; quiet about what is already gone."""
     if veth:
@@ -157,7 +163,9 @@ def remove(netns_path: str | None, veth: str | None) -> None:
         except OSError as exc:
             if exc.errno != errno.ENODEV:
                 raise
-    if netns_path:
+    if netns_path and Path(netns_path).is_symlink():  # rootless: its holder keeps it
+        Path(netns_path).unlink(missing_ok=True)
+    elif netns_path:
         if _libc.umount2(netns_path.encode(), _MNT_DETACH) and ctypes.get_errno() not in (
             errno.EINVAL,
             errno.ENOENT,
@@ -212,52 +220,24 @@ def host_table() -> str:
 def nft(script: str, *, json_output: bool = False) -> str:
     """Run an nft script in the calling thread's network namespace, as one transaction;
     its output. Through libnftables in-process: an `nft -f` exec costs ~4 ms more."""
-    lib = _libnftables()
-    if lib is None:
-        raise SandboxStartFailed("libnftables is missing: apt-get install nftables")
-    ctx = lib.nft_ctx_new(0)
-    if not ctx:
-        raise SandboxStartFailed("libnftables could not make a context")
     try:
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        if json_output:
-            lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
-        if lib.nft_run_cmd_from_buffer(ctx, script.encode()) != 0:
-            error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
-            raise SandboxStartFailed(f"loading the sandbox's network rules failed: {error}")
-        return (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-    finally:
-        lib.nft_ctx_free(ctx)
+        return nsholder.run_nft(script, json_output=json_output)
+    except nsholder.NftError as exc:
+        raise SandboxStartFailed(f"loading the sandbox's network rules failed: {exc}") from exc
+    except OSError as exc:
+        raise SandboxStartFailed(str(exc)) from exc
 
 
-def counters(netns_path: str) -> dict[str, int]:
-    """The packets each named counter of the sandbox's table holds, by name."""
-    listing = f"list counters table inet {nftables.TABLE}"
-    output = call_in_netns(netns_path, lambda: nft(listing, json_output=True))
+COUNTERS = f"list counters table inet {nftables.TABLE}"
+
+
+def parse_counters(output: str) -> dict[str, int]:
+    """`COUNTERS`' JSON listing as packets by counter name."""
     return {
         item["counter"]["name"]: int(item["counter"]["packets"])
         for item in json.loads(output)["nftables"]
         if "counter" in item
     }
-
-
-@functools.cache
-def _libnftables() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL("libnftables.so.1")
-    except OSError:
-        return None
-    lib.nft_ctx_new.restype = ctypes.c_void_p
-    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-    for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error", "nft_ctx_free"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p]
-    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    for name in ("nft_ctx_get_error_buffer", "nft_ctx_get_output_buffer"):
-        getattr(lib, name).restype = ctypes.c_char_p
-        getattr(lib, name).argtypes = [ctypes.c_void_p]
-    lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-    return lib
 
 
 def _shape(device: str, mbit: int) -> str:

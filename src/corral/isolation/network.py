@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections import Counter
 
 from corral._aio import stop_tasks
 from corral.config import Settings
-from corral.isolation import netns
+from corral.errors import IsolationUnavailable, SandboxStartFailed
+from corral.isolation import netns, nsholder, usernet
 from corral.isolation.footprint import Footprint
 from corral.limits import Limits
 from corral.network import nftables, resolver
 from corral.network.events import NetworkEvent, NetworkEventLog
-from corral.network.nflog import NflogReader
-from corral.network.policy import INTERNET, NetworkPolicy, Rule
+from corral.network.nflog import NETLINK_NETFILTER, NflogReader
+from corral.network.policy import DNS_PORT, INTERNET, NetworkPolicy, Rule
+from corral.network.setns import call_in_netns
 
 log = logging.getLogger("corral.isolation")
 
@@ -58,6 +62,11 @@ class SandboxNetwork:
         self._events = events
         self._labels = nftables.labels(policy)
         self._addresses: netns.Addresses | None = None
+        # Without root: the holder and slirp4netns uplink (`corral.isolation.usernet`),
+        # and the host's own addresses, which such a sandbox must never reach.
+        self._rootless = os.geteuid() != 0
+        self._usernet: usernet.UserNet | None = None
+        self._host_networks = usernet.host_networks() if self._rootless else []
         self._resolver: resolver.SandboxResolver | None = None
         self._nflog: NflogReader | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -75,17 +84,30 @@ class SandboxNetwork:
 
     def reserve(self) -> None:
         """Record the namespace, veth and address slot in the footprint (before the
-        sandbox's launch is planned: the plan joins that namespace)."""
-        self._addresses = netns.reserve(self._footprint, self._settings.runtime_dir)
+        sandbox's launch is planned: the plan joins that namespace). Without root: start
+        the namespace's holder, recorded so."""
+        if not self._rootless:
+            self._addresses = netns.reserve(self._footprint, self._settings.runtime_dir)
+        elif self._limits.bandwidth_mbit:
+            raise IsolationUnavailable(
+                "a bandwidth cap needs a server running as root (it shapes the sandbox's "
+                "veth uplink); without root, set bandwidth_mbit to 0"
+            )
+        else:  # its holder starts now, while the launch is prepared
+            self._usernet = usernet.start(self._footprint, str(self._settings.guest_python))
 
     async def make(self) -> None:
         """The namespace, uplink and rules, then the log reader and the resolver."""
-        addresses = self._addresses
-        assert addresses is not None, "reserve first"
         script = self._ruleset(self.policy, fresh=True)
-        await asyncio.to_thread(netns.build, self._footprint, addresses, self._limits, script)
+        if self._usernet is not None:
+            await asyncio.to_thread(usernet.build, self._usernet, self._footprint, script)
+        else:
+            assert self._addresses is not None, "reserve first"
+            await asyncio.to_thread(
+                netns.build, self._footprint, self._addresses, self._limits, script
+            )
         # Listening before the sandbox's first packet: the kernel keeps no log for later.
-        self._nflog = await asyncio.to_thread(NflogReader.open, self.path, NFLOG_GROUP)
+        self._nflog = await asyncio.to_thread(self._open_nflog)
         self._reader = asyncio.create_task(self._read_log(self._nflog))
         upstream = [s for s in self._settings.network_dns.split(",") if s.strip()]
         upstream = upstream or resolver.host_nameservers()
@@ -97,13 +119,39 @@ class SandboxNetwork:
             )
             return
         self._resolver = resolver.SandboxResolver(self.policy, upstream, self._events, self.allow)
-        await self._resolver.start(self.path)
+        if self._usernet is None:
+            await self._resolver.start(self.path)
+        else:  # the holder makes its sockets: this process may not enter the namespace
+            holder, where = self._usernet.holder, (resolver.ADDRESS, DNS_PORT)
+            udp = await asyncio.to_thread(
+                holder.socket, socket.AF_INET, socket.SOCK_DGRAM, bind=where
+            )
+            tcp = await asyncio.to_thread(
+                holder.socket, socket.AF_INET, socket.SOCK_STREAM, bind=where, listen=64
+            )
+            await self._resolver.serve(udp, tcp)
+
+    def _open_nflog(self) -> NflogReader:
+        if self._usernet is None:
+            return NflogReader.open(self.path, NFLOG_GROUP)
+        sock = self._usernet.holder.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        return NflogReader.adopt(sock, NFLOG_GROUP)
+
+    def _nft(self, script: str, *, json_output: bool = False) -> str:
+        """Run `script` in the sandbox's namespace (as root, entering it; without root,
+        through its holder)."""
+        if self._usernet is None:
+            return call_in_netns(self.path, lambda: netns.nft(script, json_output=json_output))
+        try:
+            return self._usernet.holder.nft(script, json_output=json_output)
+        except nsholder.NftError as exc:
+            raise SandboxStartFailed(f"loading the sandbox's network rules failed: {exc}") from exc
 
     async def set_policy(self, policy: NetworkPolicy) -> None:
         """Swap the rules for `policy`'s in one transaction; open connections stay."""
         async with self._lock:
             await self.reconcile()
-            await asyncio.to_thread(netns.load, self.path, self._ruleset(policy))
+            await asyncio.to_thread(self._nft, self._ruleset(policy))
             self.policy, self._labels = policy, nftables.labels(policy)
             self._accounted.clear()
             self._ahead.clear()
@@ -118,7 +166,7 @@ class SandboxNetwork:
         async with self._lock:  # not while the rules (and their chains) are swapped
             if rule in self.policy.allow:  # else a policy change took it away meanwhile
                 script = nftables.allow_elements(rule, addresses, ttl, self.policy)
-                await asyncio.to_thread(netns.load, self.path, script)
+                await asyncio.to_thread(self._nft, script)
 
     def record_log(self, prefix: str, protocol: str, address: str, port: int) -> None:
         """Record the connection a kernel log line reports, as a network event."""
@@ -137,7 +185,8 @@ class SandboxNetwork:
     async def reconcile(self) -> None:
         """Record what the counters saw and the log did not, as "suppressed" events."""
         try:
-            counted = await asyncio.to_thread(netns.counters, self.path)
+            listing = await asyncio.to_thread(self._nft, netns.COUNTERS, json_output=True)
+            counted = netns.parse_counters(listing)
         except Exception as exc:  # the namespace is going: nothing more to count
             log.debug("could not read the network counters", extra={"error": str(exc)})
             return
@@ -168,6 +217,8 @@ class SandboxNetwork:
             self._nflog.close()
         if self._resolver is not None:
             await self._resolver.close()
+        if self._usernet is not None:
+            await asyncio.to_thread(self._usernet.close)
 
     async def _reconcile_soon(self) -> None:
         await asyncio.sleep(RECONCILE_DELAY)
@@ -182,7 +233,7 @@ class SandboxNetwork:
         return nftables.render(
             policy,
             resolver=resolver.ADDRESS,
-            also_denied=(netns.POOL4, netns.POOL6),
+            also_denied=(netns.POOL4, netns.POOL6, *self._host_networks),
             limits=self._limits,
             log_group=NFLOG_GROUP,
             fresh=fresh,

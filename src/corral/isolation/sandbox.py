@@ -175,6 +175,7 @@ class Sandbox:
                 uid=plan.uid,
                 gid=plan.gid,
                 netns=plan.netns,
+                userns=plan.userns,
                 ready=network,
             )
         except (OSError, subprocess.SubprocessError) as exc:

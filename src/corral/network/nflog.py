@@ -152,8 +152,14 @@ def _open_in(netns: Path, group: int) -> socket.socket:
         if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"cannot enter network namespace {netns}: {os.strerror(code)}")
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    return _prepare(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER), group)
+
+
+def _prepare(sock: socket.socket, group: int) -> socket.socket:
+    """`sock`, a NETLINK_NETFILTER socket, bound to `group` and made non-blocking; closed
+    if that fails."""
     try:
+        sock.setblocking(True)
         sock.bind((0, 0))
         _configure(sock, group)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -202,6 +208,12 @@ class NflogReader:
         if isinstance(made, BaseException):
             raise made
         return cls(made, group)
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, group: int) -> NflogReader:
+        """Bind to `group` with `sock`, a NETLINK_NETFILTER socket made inside the
+        namespace by a process allowed to (a rootless sandbox's holder); it is then ours."""
+        return cls(_prepare(sock, group), group)
 
     async def records(self) -> AsyncIterator[LogRecord]:
         """Every record from now on, as the kernel sends them, until cancelled."""

@@ -7,9 +7,10 @@ the host's. Python 3.11 has no `os.setns`, so this calls libc's through ctypes. 
 is per thread, so it happens in a fresh thread that ends with the call: no thread of a
 pool (the event loop's executor, say) is ever left in a sandbox's namespace.
 
-Entering a namespace needs CAP_SYS_ADMIN over it: the server as root can, a rootless
-server cannot enter a namespace its user namespace's child owns; there the sandbox's
-launcher makes the sockets and passes them back.
+Entering a namespace needs CAP_SYS_ADMIN over it and in the caller's own user namespace:
+the server as root can; a rootless server cannot (and, being multithreaded, may not join
+the user namespace that owns it either), so there the namespace's holder makes the
+sockets and passes them back (`corral.isolation.nsholder`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,219 @@
+"""The layer store: content-addressed, read-only root filesystem layers under one directory.
+
+    ROOT/layers/sha256/HEX/        the unpacked tree (sandboxes mount it as an overlay lower)
+    ROOT/layers/sha256/HEX.json    its size, entry count and what import neutralised
+    ROOT/refs/HEX/HOLDER           who uses it (a template, a sandbox): removal is refused
+    ROOT/staging/                  imports and removals in progress
+    ROOT/lock                      flock: imports, references and removals do not interleave
+
+A layer's digest is the sha256 of its canonical tar (see `_archive.write_canonical`) taken
+from the tree as stored, so two imports of the same content are one layer, whatever order
+or compression their archives had. ROOT is 0700: the trees keep their owners and modes for
+the sandboxes, and no host user other than Corral's may walk into them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from corral.errors import InvalidRequest, LayerInUse, UnknownLayer
+from corral.images._archive import Unpacked, unpack, write_canonical
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_HOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One stored layer. `neutralised` lists what import changed (setuid bits cleared,
+    device nodes and privileged xattrs dropped), one line per entry."""
+
+    digest: str
+    path: Path
+    size_bytes: int
+    entries: int
+    neutralised: tuple[str, ...]
+
+
+class _Sha256Sink:
+    """A write-only file that only hashes what it is given."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return len(data)
+
+
+def tree_digest(root: Path) -> str:
+    """The digest a tree has as a layer: sha256 of its canonical tar."""
+    sink = _Sha256Sink()
+    write_canonical(root, sink)  # type: ignore[arg-type]  # tarfile needs only write()
+    return "sha256:" + sink.hash.hexdigest()
+
+
+class LayerStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._layers = root / "layers" / "sha256"
+        self._refs = root / "refs"
+        self._staging = root / "staging"
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
+        for path in (self._layers, self._refs, self._staging):
+            path.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    # -- import -------------------------------------------------------------------------
+
+    def import_tar(self, stream: IO[bytes], *, max_bytes: int | None = None) -> Layer:
+        """Store the root filesystem in the tar read from `stream` (gzip, xz, bzip2 or plain)
+        as a layer. Refuses `..` paths and writes through symlinks (InvalidLayer, nothing
+        stored); neutralises device nodes, setuid bits and privileged xattrs; stops with
+        QuotaExceeded past `max_bytes` of file data (a decompression bomb stops there)."""
+        staging = Path(tempfile.mkdtemp(dir=self._staging))
+        try:
+            tree = staging / "tree"
+            tree.mkdir(mode=0o755)
+            unpacked = unpack(stream, tree, max_bytes)
+            return self._commit(staging, tree, unpacked)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def import_dir(self, source: Path, *, max_bytes: int | None = None) -> Layer:
+        """Store a copy of the directory `source` (a bootstrapped rootfs, a sandbox's upper
+        dir) as a layer: its canonical tar, streamed through the same checks as any tar."""
+        if not source.is_dir() or source.is_symlink():
+            raise InvalidRequest(f"{source} is not a directory; give the root of a filesystem")
+        read_fd, write_fd = os.pipe()
+        failure: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with open(write_fd, "wb") as pipe:
+                    write_canonical(source, pipe)
+            except BrokenPipeError:
+                pass  # the importer stopped reading: its own error is the one to report
+            except OSError as exc:
+                failure.append(InvalidRequest(f"could not read {source} as a layer: {exc}"))
+            except BaseException as exc:  # reported by the importer's thread below
+                failure.append(exc)
+
+        producer = threading.Thread(target=produce, name="corral-layer-tar", daemon=True)
+        producer.start()
+        try:
+            with open(read_fd, "rb") as pipe:
+                layer = self.import_tar(pipe, max_bytes=max_bytes)
+        finally:
+            producer.join()
+        if failure:
+            raise failure[0]
+        return layer
+
+    def _commit(self, staging: Path, tree: Path, unpacked: Unpacked) -> Layer:
+        digest = tree_digest(tree)
+        hex_digest = digest.removeprefix("sha256:")
+        meta = {
+            "digest": digest,
+            "size_bytes": unpacked.size_bytes,
+            "entries": unpacked.entries,
+            "neutralised": unpacked.neutralised,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+        with self._locked():
+            target = self._layers / hex_digest
+            if not target.exists():  # else: the same content is stored already
+                # Metadata first: a tree without its .json is never listed as a layer.
+                os.replace(staging / "meta.json", self._layers / f"{hex_digest}.json")
+                os.rename(tree, target)
+        return self.get(digest)
+
+    # -- queries ------------------------------------------------------------------------
+
+    def _hex(self, digest: str) -> str:
+        match = _DIGEST.fullmatch(digest)
+        if match is None:
+            raise InvalidRequest(f"{digest!r} is not a layer digest; expected sha256:<64 hex>")
+        return match.group(1)
+
+    def get(self, digest: str) -> Layer:
+        hex_digest = self._hex(digest)
+        path = self._layers / hex_digest
+        try:
+            meta = json.loads((self._layers / f"{hex_digest}.json").read_text())
+        except FileNotFoundError:
+            raise UnknownLayer(f"no stored layer has the digest {digest}") from None
+        if not path.is_dir():
+            raise UnknownLayer(f"no stored layer has the digest {digest}")
+        return Layer(
+            digest=digest,
+            path=path,
+            size_bytes=meta["size_bytes"],
+            entries=meta["entries"],
+            neutralised=tuple(meta["neutralised"]),
+        )
+
+    def layers(self) -> list[Layer]:
+        return [
+            self.get(f"sha256:{meta.stem}")
+            for meta in sorted(self._layers.glob("*.json"))
+            if (self._layers / meta.stem).is_dir()
+        ]
+
+    # -- references and removal ---------------------------------------------------------
+
+    def reference(self, digest: str, holder: str) -> None:
+        """Record that `holder` (a template name, a sandbox id) uses the layer."""
+        hex_digest = self._hex(digest)
+        if _HOLDER.fullmatch(holder) is None:
+            raise InvalidRequest(
+                f"{holder!r} cannot name a layer's user; use letters, digits, '.', '_', '-'"
+            )
+        with self._locked():
+            self.get(digest)
+            (self._refs / hex_digest).mkdir(exist_ok=True)
+            (self._refs / hex_digest / holder).touch()
+
+    def release(self, digest: str, holder: str) -> None:
+        with self._locked():
+            (self._refs / self._hex(digest) / holder).unlink(missing_ok=True)
+
+    def holders(self, digest: str) -> list[str]:
+        refs = self._refs / self._hex(digest)
+        return sorted(p.name for p in refs.iterdir()) if refs.is_dir() else []
+
+    def remove(self, digest: str) -> None:
+        """Delete the layer; refused (LayerInUse, nothing changed) while anything uses it."""
+        hex_digest = self._hex(digest)
+        with self._locked():
+            self.get(digest)
+            if users := self.holders(digest):
+                raise LayerInUse(f"layer {digest} is used by {', '.join(users)}; remove them first")
+            # Out of the listing first (atomic), then the slow delete of the tree.
+            (self._layers / f"{hex_digest}.json").unlink()
+            doomed = Path(tempfile.mkdtemp(dir=self._staging))
+            os.rename(self._layers / hex_digest, doomed / "tree")
+            with contextlib.suppress(FileNotFoundError):
+                (self._refs / hex_digest).rmdir()
+        shutil.rmtree(doomed)
