@@ -107,9 +107,11 @@ def test_the_kernel_parser_accepts_every_mode(policy: NetworkPolicy) -> None:
         policy,
         resolver="127.0.0.53",
         also_denied=[ipaddress.ip_network("192.0.2.1/32")],
-        limits=Limits(connections=8),
+        limits=Limits(connections=8, bandwidth_mbit=16),
         log_group=3,
+        police=True,  # the rootless bandwidth cap's chains parse too
     )
+    assert "limit rate over 2000 kbytes/second" in script
     for rule in policy.allow:
         if rule.network is None:
             script += nftables.allow_elements(rule, ["192.0.2.10", "2001:db8::10"], 30, policy)

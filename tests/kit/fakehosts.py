@@ -74,6 +74,24 @@ class _HTTPHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:
+        """Takes a body (an upload) and says how many bytes came."""
+        address, port = self.server.server_address[:2]
+        size = int(self.headers.get("Content-Length") or 0)
+        received = 0
+        while received < size:
+            chunk = self.rfile.read(min(65536, size - received))
+            if not chunk:
+                break
+            received += len(chunk)
+        report(service="http", address=address, port=port, client=self.client_address[0],
+               method="POST", path=self.path, received=received)  # fmt: skip
+        body = f"{received}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _send_bytes(self, size: int) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")

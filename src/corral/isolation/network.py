@@ -24,7 +24,7 @@ from collections import Counter
 
 from corral._aio import stop_tasks
 from corral.config import Settings
-from corral.errors import IsolationUnavailable, SandboxStartFailed
+from corral.errors import SandboxStartFailed
 from corral.isolation import netns, nsholder, usernet
 from corral.isolation.footprint import Footprint
 from corral.limits import Limits
@@ -88,11 +88,6 @@ class SandboxNetwork:
         the namespace's holder, recorded so."""
         if not self._rootless:
             self._addresses = netns.reserve(self._footprint, self._settings.runtime_dir)
-        elif self._limits.bandwidth_mbit:
-            raise IsolationUnavailable(
-                "a bandwidth cap needs a server running as root (it shapes the sandbox's "
-                "veth uplink); without root, set bandwidth_mbit to 0"
-            )
         else:  # its holder starts now, while the launch is prepared
             self._usernet = usernet.start(self._footprint, str(self._settings.guest_python))
 
@@ -237,4 +232,5 @@ class SandboxNetwork:
             limits=self._limits,
             log_group=NFLOG_GROUP,
             fresh=fresh,
+            police=self._rootless,
         )

@@ -100,12 +100,16 @@ def render(
     limits: Limits | None = None,
     log_group: int = 0,
     fresh: bool = False,
+    police: bool = False,
 ) -> str:
     """The `nft -f` script that makes table `inet corral` enforce `policy` (see the
     module docstring). `resolver` is the sandbox's DNS resolver, on its loopback;
     `also_denied` the host's networks (the sandbox pool); `log_group` the NFLOG group.
     `fresh`: for a namespace that has no such table yet; the script then only creates
-    it (deleting even an empty table costs the kernel a grace period, ~10 ms)."""
+    it (deleting even an empty table costs the kernel a grace period, ~10 ms).
+    `police`: enforce `limits.bandwidth_mbit` here, dropping what goes over it each way,
+    where no uplink of the host's can be shaped (slirp4netns: tc in a user namespace can
+    queue what leaves but cannot load the modules that limit what comes in)."""
     limits = limits or Limits()
     found = labels(policy)
     index = {label: n for n, label in enumerate(found)}
@@ -196,8 +200,23 @@ def render(
         '    iifname "lo" accept',
         "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept",
         "  }",
-        "}",
     ]
+    if police and limits.bandwidth_mbit:
+        rate = limits.bandwidth_mbit * 125  # kbytes/second
+        burst = max(rate // 50, 64)  # ~20 ms of traffic, at least a few full packets
+        over = f"limit rate over {rate} kbytes/second burst {burst} kbytes drop"
+        for chain, hook, device in (
+            ("police_out", "output", "oifname"),
+            ("police_in", "input", "iifname"),
+        ):
+            lines += [
+                f"  chain {chain} {{",
+                f"    type filter hook {hook} priority -10; policy accept;",
+                f'    {device} "lo" accept',
+                f"    {over}",
+                "  }",
+            ]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
