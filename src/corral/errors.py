@@ -6,6 +6,7 @@
     │   ├── UnknownBackend
     │   ├── InvalidLimits
     │   ├── InvalidLayer          a layer archive holds a `..` path or a link out of the layer
+    │   ├── InvalidBuild          a Dockerfile, recipe or E2B template Corral cannot build
     │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
     │   └── UnknownLayer          no stored layer has that digest
@@ -72,6 +73,11 @@ class InvalidLimits(InvalidRequest):
 class InvalidLayer(InvalidRequest):
     """The layer's archive holds an entry Corral refuses (a `..` path, a hard link out of
     the layer, a write through a symlink); fix the archive and import it again."""
+
+
+class InvalidBuild(InvalidRequest):
+    """The build file holds something Corral cannot build; the message names the line and
+    what to write instead."""
 
 
 class CallbackRefused(InvalidRequest):
