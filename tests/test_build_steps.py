@@ -635,3 +635,26 @@ def test_bad_e2b_templates(template: dict[str, object], words: str) -> None:
 
 def test_step_describe() -> None:
     assert BuildStep("workdir", ("/app",), 3).describe() == "WORKDIR /app"
+
+
+def test_ignore_everything_but_one_directory(tmp_path: Path) -> None:
+    ctx = _files(tmp_path, {".dockerignore": "*\n!src\n", "src/a.py": "", "secret.txt": ""})
+    plan = parse_dockerfile("FROM a\nCOPY . /app/\n", ctx)
+    assert [f.dest for f in plan.steps[0].files] == ["/app", "/app/src", "/app/src/a.py"]
+
+
+def test_dockerignore_leading_out_of_the_context_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "rules").write_text("*\n")
+    (tmp_path / "ctx").mkdir()
+    os.symlink(outside / "rules", tmp_path / "ctx/.dockerignore")
+    with pytest.raises(InvalidBuild, match="leads out of the build context"):
+        BuildContext(tmp_path / "ctx")
+    with pytest.raises(InvalidBuild, match="is not a directory"):
+        BuildContext(tmp_path / "nowhere")
+
+
+def test_args_before_from_see_each_other() -> None:
+    plan = parse_dockerfile("ARG REPO=library\nARG IMAGE=$REPO/debian\nFROM $IMAGE:12\n")
+    assert plan.base == Base("image", "library/debian:12")

@@ -90,11 +90,19 @@ class BuildContext:
         if not self.root.is_dir():
             raise InvalidBuild(f"the build context {root} is not a directory")
         ignore = self.root / ".dockerignore"
-        self._rules = _rules(ignore.read_text()) if ignore.is_file() else []
+        self._rules: list[_Rule] = []
+        if os.path.lexists(ignore):
+            real = self._inside(".dockerignore", ".dockerignore")
+            if not real.is_file():
+                raise InvalidBuild(".dockerignore is not a file; make it a text file of patterns")
+            self._rules = _rules(real.read_text())
         self._has_exceptions = any(r.exception for r in self._rules)
 
     def ignored(self, rel: str) -> bool:
-        """Whether `.dockerignore` excludes `rel` (or a directory above it)."""
+        """Whether `.dockerignore` excludes `rel` (or a directory above it); never the
+        context itself (`*` then `!src` still lets `COPY . /app` copy src)."""
+        if rel == ".":
+            return False
         parts = rel.split("/")
         prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
         excluded = False

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from corral.errors import InvalidBuild
 from corral.images._context import BuildContext
 from corral.images._steps import Base, BuildPlan, BuildStep
+from corral.images._words import NAME, words
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIRECTIVE = re.compile(r"#\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(.*?)\s*$")
 _HEREDOC = re.compile(r"(?:^|\s)<<-?\s*[\"']?[A-Za-z_]")
 _PORT = re.compile(r"\d{1,5}(-\d{1,5})?(/(tcp|udp|sctp))?", re.IGNORECASE)
@@ -107,9 +107,9 @@ class _Parser:
 
     def arg(self, line: int, rest: str) -> None:
         scope = self.args if self.base is not None else self.global_args
-        for word in self.words(line, rest, {**self.args, **self.env}):
+        for word in self.words(line, rest, {**scope, **self.env}):
             name, has_default, default = word.partition("=")
-            if not _NAME.fullmatch(name):
+            if not NAME.fullmatch(name):
                 raise self.fail(line, f"ARG {name!r} is not a valid name (letters, digits, _)")
             self.declared.add(name)
             if name in self.build_args:
@@ -291,10 +291,12 @@ class _Parser:
         return {**self.args, **self.env}
 
     def words(self, line: int, text: str, env: Mapping[str, str]) -> list[str]:
-        return _Lexer(text, env, self.escape, self, line).words(split=True)
+        return words(text, env, self.escape, lambda m: self.fail(line, m), split=True)
 
     def word(self, line: int, text: str) -> str:
-        return "".join(_Lexer(text, self.scope(), self.escape, self, line).words(split=False))
+        return "".join(
+            words(text, self.scope(), self.escape, lambda m: self.fail(line, m), split=False)
+        )
 
     def pairs(self, line: int, op: str, rest: str) -> list[tuple[str, str]]:
         first = rest.split(None, 1)[0]
@@ -310,7 +312,7 @@ class _Parser:
             name, eq, value = word.partition("=")
             if not eq or not name:
                 raise self.fail(line, f"{op} takes NAME=VALUE pairs; {word!r} has no name or no =")
-            if op == "ENV" and not _NAME.fullmatch(name):
+            if op == "ENV" and not NAME.fullmatch(name):
                 raise self.fail(
                     line, f"ENV {name!r} is not a valid variable name (letters, digits, _)"
                 )
@@ -452,116 +454,3 @@ def _exec_form(text: str) -> tuple[str, ...] | None:
 
 def _flat(pairs: list[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(x for pair in pairs for x in pair)
-
-
-class _Lexer:
-    """Docker's word processing: quotes, the escape character and variable substitution
-    (`$V`, `${V}`, `${V:-word}`, `${V-word}`, `${V:+word}`, `${V+word}`, `${V:?msg}`);
-    an unset variable is empty; substituted values are never split into more words."""
-
-    def __init__(
-        self, text: str, env: Mapping[str, str], escape: str, parser: _Parser, line: int
-    ) -> None:
-        self.text, self.env, self.escape = text, env, escape
-        self.parser, self.line = parser, line
-        self.i = 0
-
-    def words(self, split: bool) -> list[str]:
-        words: list[str] = []
-        cur: list[str] | None = None
-        text = self.text
-        while self.i < len(text):
-            c = text[self.i]
-            if split and c.isspace():
-                if cur is not None:
-                    words.append("".join(cur))
-                    cur = None
-                self.i += 1
-                continue
-            cur = [] if cur is None else cur
-            if c == self.escape and self.i + 1 < len(text):
-                cur.append(text[self.i + 1])
-                self.i += 2
-            elif c == "'":
-                end = text.find("'", self.i + 1)
-                if end < 0:
-                    raise self.parser.fail(self.line, "a ' quote is not closed")
-                cur.append(text[self.i + 1 : end])
-                self.i = end + 1
-            elif c == '"':
-                self.i += 1
-                self.double_quoted(cur)
-            elif c == "$":
-                cur.append(self.dollar())
-            else:
-                cur.append(c)
-                self.i += 1
-        if cur is not None:
-            words.append("".join(cur))
-        return words
-
-    def double_quoted(self, cur: list[str]) -> None:
-        text = self.text
-        while self.i < len(text):
-            c = text[self.i]
-            if c == '"':
-                self.i += 1
-                return
-            if (
-                c == self.escape
-                and self.i + 1 < len(text)
-                and text[self.i + 1] in ('"', "$", self.escape)
-            ):
-                cur.append(text[self.i + 1])
-                self.i += 2
-            elif c == "$":
-                cur.append(self.dollar())
-            else:
-                cur.append(c)
-                self.i += 1
-        raise self.parser.fail(self.line, 'a " quote is not closed')
-
-    def dollar(self) -> str:
-        text, start = self.text, self.i
-        if text.startswith("${", start):
-            depth, j = 1, start + 2
-            while j < len(text) and depth:
-                if text.startswith("${", j):
-                    depth, j = depth + 1, j + 2
-                    continue
-                depth -= text[j] == "}"
-                j += 1
-            if depth:
-                raise self.parser.fail(self.line, f"{text[start:]} has no closing }}")
-            self.i = j
-            return self.braced(text[start + 2 : j - 1])
-        m = _NAME.match(text, start + 1)
-        if m is None:
-            self.i += 1
-            return "$"
-        self.i = m.end()
-        return self.env.get(m.group(), "")
-
-    def braced(self, inner: str) -> str:
-        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-+?])(.*))?", inner, re.DOTALL)
-        if m is None:
-            raise self.parser.fail(
-                self.line,
-                f"${{{inner}}} is not a substitution Corral knows: "
-                "use ${V}, ${V:-default} or ${V:+value}",
-            )
-        name, op, word = m.group(1), m.group(2), m.group(3) or ""
-        value = self.env.get(name)
-        if op is None:
-            return value or ""
-        expanded = "".join(
-            _Lexer(word, self.env, self.escape, self.parser, self.line).words(split=False)
-        )
-        is_set = value is not None and (bool(value) or not op.startswith(":"))
-        if op.endswith("-"):
-            return value if is_set and value is not None else expanded
-        if op.endswith("+"):
-            return expanded if is_set else ""
-        if not is_set:
-            raise self.parser.fail(self.line, f"{name}: {expanded or 'is not set'}")
-        return value or ""

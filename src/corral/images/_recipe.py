@@ -33,6 +33,7 @@ import yaml
 from corral.errors import InvalidBuild
 from corral.images._context import BuildContext
 from corral.images._steps import Base, BuildPlan, BuildStep
+from corral.images._words import NAME
 
 _SHELL = ("/bin/sh", "-c")
 _RECIPE_KEYS = {"from", "template", "steps", "start", "ready", "healthcheck"}
@@ -238,7 +239,7 @@ class _Builder:
 
     def env(self, pairs: Sequence[tuple[str, str]], line: int) -> None:
         for key, _ in pairs:
-            if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            if not NAME.fullmatch(key):
                 raise self.fail(line, f"env name {key!r} is not valid (letters, digits, _)")
         self.steps.append(BuildStep("env", tuple(x for p in pairs for x in p), line))
 
