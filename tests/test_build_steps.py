@@ -662,3 +662,12 @@ def test_dockerignore_leading_out_of_the_context_is_refused(tmp_path: Path) -> N
 def test_args_before_from_see_each_other() -> None:
     plan = parse_dockerfile("ARG REPO=library\nARG IMAGE=$REPO/debian\nFROM $IMAGE:12\n")
     assert plan.base == Base("image", "library/debian:12")
+
+
+def test_copy_to_dot_goes_into_the_workdir(tmp_path: Path) -> None:
+    ctx = _files(tmp_path, {"requirements.txt": "flask\n", "a.py": "", "b.py": ""})
+    text = "FROM a\nWORKDIR /app\nCOPY requirements.txt .\nCOPY *.py .\nRUN\tpip install x\n"
+    plan = parse_dockerfile(text, ctx)
+    assert [f.dest for f in plan.steps[1].files] == ["/app/requirements.txt"]
+    assert [f.dest for f in plan.steps[2].files] == ["/app/a.py", "/app/b.py"]
+    assert plan.steps[3].args == (*SH, "pip install x")  # a tab separates words too

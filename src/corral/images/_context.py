@@ -247,5 +247,11 @@ class BuildContext:
         return real
 
 
+def names_directory(dest: str) -> bool:
+    """Whether a COPY destination says it is a directory (`/app/`, `.`, `sub/..`); the
+    builder also copies a file into a destination that is a directory in the image."""
+    return dest.endswith("/") or posixpath.basename(dest) in (".", "..")
+
+
 def _mode(st_mode: int, chmod: int | None) -> int:
     return stat.S_IMODE(st_mode) if chmod is None else chmod

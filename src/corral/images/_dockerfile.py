@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from corral.errors import InvalidBuild
-from corral.images._context import BuildContext
+from corral.images._context import BuildContext, names_directory
 from corral.images._steps import Base, BuildPlan, BuildStep
 from corral.images._words import NAME, words
 
@@ -66,8 +66,8 @@ class _Parser:
     # -- the instructions ------------------------------------------------------------------
 
     def instruction(self, line: int, text: str) -> None:
-        word, _, rest = text.partition(" ")
-        rest = rest.strip()
+        word, *more = text.split(None, 1)
+        rest = more[0].strip() if more else ""
         op = word.upper()
         if self.base is None and op not in ("FROM", "ARG"):
             raise self.fail(
@@ -265,13 +265,13 @@ class _Parser:
         where = f"{self.name} line {line}"
         matches = [m for src in sources for m in self.context.match(src, where)]
         many = len(matches) > 1 or len(sources) > 1 or any(re.search(r"[*?\[]", s) for s in sources)
-        if many and not dest.endswith("/"):
+        into_dir = names_directory(dest)
+        if many and not into_dir:
             raise self.fail(
                 line,
                 f"{op} of several files needs a directory destination ending in /, like {dest}/",
             )
         target = posixpath.normpath(posixpath.join(self.workdir, dest))
-        into_dir = dest.endswith("/")
         plain: list[str] = []
         for rel in matches:
             if op == "ADD" and self.context.is_archive(rel, where):

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from corral.errors import InvalidBuild
-from corral.images._context import BuildContext
+from corral.images._context import BuildContext, names_directory
 from corral.images._steps import Base, BuildPlan, BuildStep
 from corral.images._words import NAME
 
@@ -280,7 +280,7 @@ class _Builder:
         matches = [m for src in srcs for m in self.context.match(src, where)]
         # E2B's copy("folder/*", "folder") puts each match into the folder.
         into_dir = (
-            dest.endswith("/") or len(matches) > 1 or (e2b and any(c in srcs[0] for c in "*?["))
+            names_directory(dest) or len(matches) > 1 or (e2b and any(c in srcs[0] for c in "*?["))
         )
         # E2B copies a symlink it is given as a link (its resolveSymlinks defaults to
         # False and is not sent to the build API); a Dockerfile follows it.

@@ -9,7 +9,8 @@ What each kind's `args` hold:
 
     run        argv (shell forms are already `[*shell, text]`); option `user` overrides
                the user in effect for this step only (E2B's `run_cmd(user=)`)
-    copy       (dest,); `files` are the context files and where each goes; options
+    copy       (dest,); `files` are the context files and where each goes (a file whose
+               `dest` is a directory in the image goes inside it, as in Docker); options
                `chown`, `chmod`; with no context (E2B uploads) option `files_hash`
     extract    (dest dir,); `files` is one local archive to unpack there (Dockerfile ADD)
     env        (name, value, name, value, ...): stays in the template
