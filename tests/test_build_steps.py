@@ -474,6 +474,7 @@ def test_recipe_compiles_to_the_dockerfile_plan(app: BuildContext) -> None:
         ),
         ("from: a\nsteps:\n  - env: {1X: y}\n", "recipe line 3: env name '1X'"),
         ("from: a\nsteps:\n  - workdir: ''\n", "recipe line 3: workdir takes one string"),
+        ("from: a\nsteps:\n  - env: {A: [1]}\n", "recipe line 3: env values are strings"),
         ("from: a\nsteps:\n  - run: [1, 2]\n", "recipe line 3: run is a shell command"),
         ("from: a\n\nstart: 5\n", "recipe line 3: start is a shell command"),
         ("from: a\nsteps: run\n", "recipe line 2: `steps` is a list"),
@@ -629,6 +630,9 @@ def test_e2b_from_template_and_copy_options(tmp_path: Path) -> None:
             "needs a build context",
         ),
         ({"fromImage": "a", "steps": ["RUN x"]}, "step 1: a step is {type, args}"),
+        ({"fromImage": "a", "steps": 5}, "steps is a list"),
+        ({"fromImage": 5}, "fromImage is a string"),
+        ({"fromImage": "a", "fromImageRegistry": "x"}, "'x' is not supported"),
     ],
 )
 def test_bad_e2b_templates(template: dict[str, object], words: str) -> None:

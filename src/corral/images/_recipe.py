@@ -87,25 +87,31 @@ def parse_e2b_template(
     `file_context_path`) COPY sources are read from it; without, COPY keeps E2B's
     `filesHash` (the files come in an upload named by it)."""
     name = "E2B template"
-    if "fromImageRegistry" in template:
-        registry = template["fromImageRegistry"] or {}
-        if registry.get("type") != "registry":
-            raise InvalidBuild(
-                f"{name}: fromImageRegistry of type {registry.get('type')!r} is not supported; "
-                "pass username and password (from_image(image, username=, password=))"
-            )
+    if not isinstance(template, Mapping):
+        raise InvalidBuild(f"{name}: a template is a JSON object (TemplateBase.to_json)")
+    for key in ("fromImage", "fromTemplate", "startCmd", "readyCmd"):
+        if not isinstance(template.get(key) or "", str):
+            raise InvalidBuild(f"{name}: {key} is a string")
+    registry = template.get("fromImageRegistry") or {}
+    if not isinstance(registry, Mapping) or registry.get("type", "registry") != "registry":
+        kind = registry.get("type") if isinstance(registry, Mapping) else registry
+        raise InvalidBuild(
+            f"{name}: fromImageRegistry of type {kind!r} is not supported; "
+            "pass username and password (from_image(image, username=, password=))"
+        )
+    if not isinstance(template.get("steps") or [], list):
+        raise InvalidBuild(f"{name}: steps is a list")
     if template.get("fromImage") and template.get("fromTemplate"):
         raise InvalidBuild(f"{name}: give fromImage or fromTemplate, not both")
     if template.get("fromImage"):
-        registry = template.get("fromImageRegistry") or {}
         base = Base(
             "image",
-            str(template["fromImage"]),
-            str(registry.get("username", "")),
-            str(registry.get("password", "")),
+            template["fromImage"],
+            str(registry.get("username") or ""),
+            str(registry.get("password") or ""),
         )
     elif template.get("fromTemplate"):
-        base = Base("template", str(template["fromTemplate"]))
+        base = Base("template", template["fromTemplate"])
     else:
         raise InvalidBuild(f"{name}: no base; start with from_image(...) or from_template(...)")
     build = _Builder(name, context)
@@ -191,6 +197,8 @@ class _Builder:
         elif kind == "env":
             if not isinstance(value, dict) or not value:
                 raise self.fail(line, "env takes a mapping of NAME: VALUE")
+            if not all(isinstance(v, str | int | float) or v is None for v in value.values()):
+                raise self.fail(line, "env values are strings (quote lists and mappings)")
             self.env([(str(k), "" if v is None else str(v)) for k, v in value.items()], line)
         elif kind in ("workdir", "user"):
             if not isinstance(value, str) or not value.strip():
