@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import tarfile
 from pathlib import Path
 
@@ -675,3 +676,35 @@ def test_copy_to_dot_goes_into_the_workdir(tmp_path: Path) -> None:
     assert [f.dest for f in plan.steps[1].files] == ["/app/requirements.txt"]
     assert [f.dest for f in plan.steps[2].files] == ["/app/a.py", "/app/b.py"]
     assert plan.steps[3].args == (*SH, "pip install x")  # a tab separates words too
+
+
+def test_mangled_files_fail_only_with_invalid_build(app: BuildContext) -> None:
+    """Seeded mutations of the files above (syntax characters inserted, deleted, replaced):
+    each parses or is refused with InvalidBuild, never another exception."""
+    rng = random.Random(13)
+    alphabet = [*"\\`$ {}[]\"'=:-+?#\n\t/*.<>", "${", "\\\n", "--", "ARG ", "COPY ", "- "]
+    outcomes = {"parsed": 0, "refused": 0}
+    for _ in range(3000):
+        source = rng.choice([EVERY_INSTRUCTION, SAME_AS_RECIPE, RECIPE])
+        chars = list(source)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(chars))
+            roll = rng.random()
+            if roll < 0.4:
+                del chars[at]
+            elif roll < 0.8:
+                chars.insert(at, rng.choice(alphabet))
+            else:
+                chars[at] = rng.choice(alphabet)
+        text = "".join(chars)
+        try:
+            if source is RECIPE:
+                parse_recipe(text, app)
+            else:
+                parse_dockerfile(
+                    text, app, {"VERSION": "2"} if source is EVERY_INSTRUCTION else None
+                )
+            outcomes["parsed"] += 1
+        except InvalidBuild:
+            outcomes["refused"] += 1
+    assert outcomes["parsed"] > 100 and outcomes["refused"] > 100  # both paths were taken
