@@ -708,3 +708,10 @@ def test_mangled_files_fail_only_with_invalid_build(app: BuildContext) -> None:
         except InvalidBuild:
             outcomes["refused"] += 1
     assert outcomes["parsed"] > 100 and outcomes["refused"] > 100  # both paths were taken
+
+
+def test_a_context_too_deep_for_a_layer_is_refused(tmp_path: Path) -> None:
+    # Past the layer store's depth limit (and pytest can still remove it: < ~1000).
+    os.makedirs(tmp_path / "d" / "/".join(["x"] * 600))
+    with pytest.raises(InvalidBuild, match="deeper than 512 directories"):
+        parse_dockerfile("FROM a\nCOPY d /d/\n", BuildContext(tmp_path))

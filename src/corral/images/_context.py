@@ -20,6 +20,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from corral.errors import InvalidBuild
+from corral.images._archive import MAX_DEPTH, MAX_PATH_BYTES
 from corral.images._steps import ContextFile
 
 _MAGIC = re.compile(r"[*?\[]")
@@ -202,6 +203,11 @@ class BuildContext:
         for name in sorted(os.listdir(here)):
             child = posixpath.normpath(posixpath.join(rel, name))
             target = posixpath.join(dest, name)
+            if target.count("/") > MAX_DEPTH or len(os.fsencode(target)) > MAX_PATH_BYTES:
+                raise InvalidBuild(
+                    f"{where}: {child[:64]}... would land deeper than {MAX_DEPTH} directories "
+                    f"or past {MAX_PATH_BYTES} bytes in the image; Corral stores neither"
+                )
             if self.ignored(child):
                 if (
                     self._has_exceptions
