@@ -309,6 +309,9 @@ def test_bad_context_sources(app: BuildContext, tmp_path: Path, copy: str, words
     with pytest.raises(InvalidBuild, match=r"^Dockerfile line 2: ") as info:
         parse_dockerfile(f"FROM a\n{copy}\n", BuildContext(tmp_path))
     assert words in str(info.value)
+    assert str(tmp_path.parent) not in str(info.value)  # no host path goes back to the client
+    if "missing" in copy:  # absent, not excluded: .dockerignore is not blamed
+        assert ".dockerignore" not in str(info.value)
 
 
 def test_context_symlinks_inside_are_kept_or_followed(tmp_path: Path) -> None:

@@ -134,13 +134,13 @@ class BuildContext:
                 elif os.path.lexists(self.root / parent / part):
                     nxt.append(posixpath.join(parent, part))
             found = nxt
-        found = [p for p in found if not self.ignored(p)]
-        if not found:
+        kept = [p for p in found if not self.ignored(p)]
+        if not kept:
             raise InvalidBuild(
                 f"{where}: {source} names no file in the build context"
-                + (" (.dockerignore excludes what it names)" if self._rules else "")
+                + (" (.dockerignore excludes what it names)" if found else "")
             )
-        return found
+        return kept
 
     def files(
         self,
@@ -246,9 +246,9 @@ class BuildContext:
         real = Path(os.path.realpath(path))
         if real != self.root and self.root not in real.parents:
             raise InvalidBuild(
-                f"{where}: {rel} leads out of the build context through a symlink "
-                f"(to {real}); a build reads only files inside the context: copy the "
-                "file into the context, or make the link point inside it"
+                f"{where}: {rel} leads out of the build context through a symlink; a "
+                "build reads only files inside the context: copy the file into the "
+                "context, or make the link point inside it"
             )
         return real
 
