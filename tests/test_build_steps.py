@@ -479,6 +479,12 @@ def test_recipe_compiles_to_the_dockerfile_plan(app: BuildContext) -> None:
         ("from: a\nsteps:\n  - env: {1X: y}\n", "recipe line 3: env name '1X'"),
         ("from: a\nsteps:\n  - workdir: ''\n", "recipe line 3: workdir takes one string"),
         ("from: a\nsteps:\n  - env: {A: [1]}\n", "recipe line 3: env values are strings"),
+        (
+            "from: a\nsteps:\n  - copy: {src: [], dest: /x}\n",
+            "recipe line 3: copy src names nothing",
+        ),
+        ("from: a\nsteps:\n  - copy: {src: a, dest: /x, chmod: 0755}\n", 'quote it: "0755"'),
+        ("from: a\nready: x\nhealthcheck: y\n", "not both"),
         ("from: a\nsteps:\n  - run: [1, 2]\n", "recipe line 3: run is a shell command"),
         ("from: a\n\nstart: 5\n", "recipe line 3: start is a shell command"),
         ("from: a\nsteps: run\n", "recipe line 2: `steps` is a list"),

@@ -61,6 +61,8 @@ def parse_recipe(text: str, context: BuildContext | None = None, name: str = "re
             f"{name}: unknown key {unknown[0]!r}; a recipe has {', '.join(sorted(_RECIPE_KEYS))}"
         )
     lines = {str(k.value): (k.start_mark.line + 1, v) for k, v in node.value}
+    if doc.get("ready") is not None and doc.get("healthcheck") is not None:
+        raise InvalidBuild(f"{name}: give `ready:` or `healthcheck:` (the same thing), not both")
     base = _recipe_base(doc, name)
     build = _Builder(name, context)
     steps = doc.get("steps") or []
@@ -187,6 +189,8 @@ class _Builder:
                     line, "copy takes {src: PATH or [PATHS], dest: PATH, chown: USER, chmod: MODE}"
                 )
             srcs = value["src"] if isinstance(value["src"], list) else [value["src"]]
+            if not srcs:
+                raise self.fail(line, "copy src names nothing; give a path or a list of paths")
             self.copy(
                 [str(s) for s in srcs],
                 str(value["dest"]),
@@ -272,7 +276,9 @@ class _Builder:
         mode = None
         if chmod:
             if not chmod.isdigit() or any(c > "7" for c in chmod) or len(chmod) > 4:
-                raise self.fail(line, f"chmod {chmod} is not an octal mode like 755")
+                raise self.fail(
+                    line, f'chmod {chmod} is not an octal mode like 755 (in YAML, quote it: "0755")'
+                )
             mode = int(chmod, 8)
             options.append(("chmod", chmod.zfill(4)))
         target = posixpath.normpath(posixpath.join(self.workdir, dest))
