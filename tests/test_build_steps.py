@@ -724,3 +724,19 @@ def test_a_context_too_deep_for_a_layer_is_refused(tmp_path: Path) -> None:
     os.makedirs(tmp_path / "d" / "/".join(["x"] * 600))
     with pytest.raises(InvalidBuild, match="deeper than 512 directories"):
         parse_dockerfile("FROM a\nCOPY d /d/\n", BuildContext(tmp_path))
+
+
+def test_e2b_from_dockerfile_examples(tmp_path: Path) -> None:
+    # The Dockerfiles of E2B's test_from_dockerfile, through Corral's parser.
+    ctx = _files(tmp_path, {"package.json": "{}", **{f"file{i}.txt": str(i) for i in (1, 2, 3)}})
+    text = (
+        "FROM node:24\nWORKDIR /app\nCOPY package.json .\nRUN npm install\n"
+        'ENTRYPOINT ["sleep", "20"]'
+    )
+    plan = parse_dockerfile(text, ctx)
+    assert plan.base == Base("image", "node:24")
+    assert [f.dest for f in plan.steps[1].files] == ["/app/package.json"]
+    assert plan.steps[2].args == (*SH, "npm install")
+    assert plan.metadata.start == ("sleep", "20")
+    multi = parse_dockerfile("FROM node:24\nCOPY file1.txt file2.txt file3.txt /dest/", ctx)
+    assert [f.dest for f in multi.steps[0].files] == [f"/dest/file{i}.txt" for i in (1, 2, 3)]
