@@ -21,6 +21,9 @@ R = TypeVar("R")
 A = TypeVar("A")
 W = TypeVar("W")
 
+# Seconds the portal waits at exit for its HTTP transport's threads to go quiet.
+_SETTLE = 0.05
+
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
@@ -61,6 +64,11 @@ def _shutdown() -> None:
         import pyqwest
 
         await pyqwest.get_default_transport().aclose()
+        # Requests cancelled above end on the transport's threads a moment later, each
+        # reporting to this loop; one that reports once the interpreter is finalizing
+        # takes a GIL that no longer exists and aborts the process (SIGABRT, 1 exit in
+        # ~20 of tests/test_sdk_exit.py's script). Let them report now.
+        await asyncio.sleep(_SETTLE)
 
     with contextlib.suppress(Exception):
         asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=5)
