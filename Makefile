@@ -8,6 +8,9 @@ DEBIAN_PACKAGES := bubblewrap python3 iproute2 util-linux nftables passt slirp4n
 # mmdebstrap, dpkg-dev (dpkg-scanpackages) and apt-utils (apt-ftparchive): templates' Debian
 # bases and the local archive tests bootstrap them from (issue 13).
 DEBIAN_PACKAGES += mmdebstrap dpkg-dev apt-utils
+# skopeo fetches OCI images (zstd for zstd layers); docker-registry and apache2-utils
+# (htpasswd) give the OCI tests a registry on loopback (issue 13).
+DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.
 DEBIAN_ARCHIVE := .cache/debian
 PYTEST_ARGS ?=

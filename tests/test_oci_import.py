@@ -1,0 +1,504 @@
+"""OCI images into the layer store: images built here (a layout written by hand, archives
+and registry pushes made from it with skopeo), pulled by every transport from files and
+from Debian's docker-registry on a loopback port; whiteouts; hostile layers and images."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from corral.errors import ImagePullFailed, InvalidImage, InvalidLayer, InvalidRequest, QuotaExceeded
+from corral.images import LayerStore, mount_overlay, oci, unmount_overlay
+from tests.conftest import free_port
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts as trusted xattrs need root"),
+    pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is missing: make setup"),
+]
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
+CONFIG = {
+    "Env": ["PATH=/usr/bin:/bin", "GREETING=hello"],
+    "WorkingDir": "/srv",
+    "User": "1000:1000",
+    "Entrypoint": ["/usr/bin/hello"],
+    "Cmd": ["--loud"],
+    "Labels": {"org.example.team": "corral"},
+}
+
+
+# -- building images ------------------------------------------------------------------------
+
+
+def member(name: str, data: bytes = b"", **attrs: Any) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    if info.type != tarfile.REGTYPE:
+        info.size = 0
+    return info, data
+
+
+def directory(name: str, mode: int = 0o755) -> tuple[tarfile.TarInfo, bytes]:
+    return member(name, type=tarfile.DIRTYPE, mode=mode)
+
+
+def layer(*members: tuple[tarfile.TarInfo, bytes], compress: bool = True) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return gzip.compress(raw.getvalue(), mtime=0) if compress else raw.getvalue()
+
+
+def write_layout(root: Path, layers: list[bytes], config: dict[str, Any] = CONFIG) -> Path:
+    """An OCI image layout, as the image spec describes it, tagged `1`."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes, media_type: str) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    diff_ids = [f"sha256:{hashlib.sha256(gzip.decompress(blob)).hexdigest()}" for blob in layers]
+    image_config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST,
+        "config": put(
+            json.dumps(image_config).encode(), "application/vnd.oci.image.config.v1+json"
+        ),
+        "layers": [put(blob, "application/vnd.oci.image.layer.v1.tar+gzip") for blob in layers],
+    }
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                **put(json.dumps(manifest).encode(), MANIFEST),
+                "annotations": {"org.opencontainers.image.ref.name": "1"},
+            }
+        ],
+    }
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return root
+
+
+def base_layer() -> bytes:
+    """A small root filesystem: files, directories, relative and absolute symlinks, a hard
+    link, and what the next layer deletes."""
+    return layer(
+        directory("usr"),
+        directory("usr/bin"),
+        member("usr/bin/hello", b"#!/bin/sh\necho hello\n", mode=0o755),
+        member("usr/bin/hello-again", type=tarfile.LNKTYPE, linkname="usr/bin/hello"),
+        member("usr/bin/hi", type=tarfile.SYMTYPE, linkname="hello"),
+        member("bin", type=tarfile.SYMTYPE, linkname="/usr/bin"),
+        directory("etc"),
+        member("etc/motd", b"base\n"),
+        member("etc/obsolete", b"deleted by the next layer\n"),
+        directory("var"),
+        directory("var/cache"),
+        member("var/cache/a", b"a\n"),
+        member("var/cache/b", b"b\n"),
+        directory("srv", mode=0o750),
+    )
+
+
+def top_layer() -> bytes:
+    """Deletes a file (whiteout), empties a directory (opaque) and changes a file."""
+    return layer(
+        directory("etc"),
+        member("etc/.wh.obsolete"),
+        member("etc/motd", b"top\n"),
+        directory("var/cache"),
+        member("var/cache/.wh..wh..opq"),
+        member("var/cache/new", b"new\n"),
+    )
+
+
+def skopeo_copy(source: str, destination: str, *options: str) -> None:
+    subprocess.run(
+        ["skopeo", "--insecure-policy", "copy", "--quiet", *options, source, destination],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+# -- a registry on loopback ---------------------------------------------------------------
+
+
+@dataclass
+class Registry:
+    host: str
+    auth: tuple[str, str] | None
+
+    def push(self, layout: Path, name: str) -> str:
+        options = ["--dest-tls-verify=false"]
+        if self.auth is not None:
+            options.append("--dest-creds=" + ":".join(self.auth))
+        skopeo_copy(f"oci:{layout}:1", f"docker://{self.host}/{name}", *options)
+        return f"docker://{self.host}/{name}"
+
+
+def start_registry(tmp_path: Path, auth: tuple[str, str] | None) -> Iterator[Registry]:
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is missing: make setup")
+    port = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "error"},
+        "storage": {"filesystem": {"rootdirectory": str(tmp_path / "registry")}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
+    if auth is not None:
+        hashed = subprocess.run(
+            ["htpasswd", "-Bbn", *auth], check=True, capture_output=True, text=True
+        ).stdout
+        (tmp_path / "htpasswd").write_text(hashed)
+        config["auth"] = {"htpasswd": {"realm": "corral-test", "path": str(tmp_path / "htpasswd")}}
+    # YAML is a superset of JSON: no YAML writer needed.
+    (tmp_path / "registry.yml").write_text(json.dumps(config))
+    log = (tmp_path / "registry.log").open("wb")
+    process = subprocess.Popen(
+        ["docker-registry", "serve", str(tmp_path / "registry.yml")], stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/").status_code in (200, 401):
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, (tmp_path / "registry.log").read_text()
+            assert time.monotonic() < deadline, "the registry did not answer in 30 s"
+            time.sleep(0.05)
+        yield Registry(f"127.0.0.1:{port}", auth)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    yield from start_registry(tmp_path, None)
+
+
+@pytest.fixture
+def private_registry(tmp_path: Path) -> Iterator[Registry]:
+    yield from start_registry(tmp_path, ("corral", "s3cret-pass"))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LayerStore:
+    return LayerStore(tmp_path / "store")
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return write_layout(tmp_path / "image", [base_layer(), top_layer()])
+
+
+def staging_of(store: LayerStore) -> list[str]:
+    return os.listdir(store.root / "staging")
+
+
+# -- pulls --------------------------------------------------------------------------------
+
+
+def test_a_layout_pulls_as_one_stored_layer_per_image_layer(
+    store: LayerStore, image: Path, tmp_path: Path
+) -> None:
+    pulled = oci.pull(f"oci:{image}:1", store)
+    assert pulled.config == oci.ImageConfig(
+        env=("PATH=/usr/bin:/bin", "GREETING=hello"),
+        working_dir="/srv",
+        user="1000:1000",
+        entrypoint=("/usr/bin/hello",),
+        cmd=("--loud",),
+        labels={"org.example.team": "corral"},
+    )
+    assert len(pulled.layers) == 2 and pulled.digest.startswith("sha256:")
+    base, top = (store.get(digest).path for digest in pulled.layers)
+
+    hello = base / "usr/bin/hello"
+    assert hello.read_text() == "#!/bin/sh\necho hello\n"
+    assert stat.S_IMODE(hello.stat().st_mode) == 0o755
+    assert os.stat(base / "usr/bin/hello-again").st_ino == hello.stat().st_ino
+    assert os.readlink(base / "usr/bin/hi") == "hello"
+    assert os.readlink(base / "bin") == "/usr/bin"  # kept verbatim, never followed
+    assert stat.S_IMODE((base / "srv").stat().st_mode) == 0o750
+
+    # The importer's own whiteouts: a char 0/0 device and the opaque xattr.
+    gone = os.lstat(top / "etc/obsolete")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == os.makedev(0, 0)
+    assert not (top / "etc/.wh.obsolete").exists()
+    assert os.getxattr(top / "var/cache", "trusted.overlay.opaque") == b"y"
+    assert sorted(os.listdir(top / "var/cache")) == ["new"]
+    # Making them kept the archive's directory times: the digest does not depend on "now".
+    assert os.stat(top / "etc").st_mtime == os.stat(top / "var/cache").st_mtime == 1_700_000_000
+
+    # Stacked as overlay lower dirs, they show the image's filesystem.
+    upper, work, root = tmp_path / "upper", tmp_path / "work", tmp_path / "root"
+    for path in (upper, work, root):
+        path.mkdir()
+    mount_overlay([base, top], upper, work, root)
+    try:
+        assert not (root / "etc/obsolete").exists()
+        assert (root / "etc/motd").read_text() == "top\n"
+        assert sorted(os.listdir(root / "var/cache")) == ["new"]
+        assert (root / "usr/bin/hi").read_text().startswith("#!/bin/sh")
+    finally:
+        unmount_overlay(root)
+    assert staging_of(store) == []
+
+
+def test_every_transport_gives_the_same_layers(
+    store: LayerStore, image: Path, tmp_path: Path, registry: Registry
+) -> None:
+    skopeo_copy(f"oci:{image}:1", f"oci-archive:{tmp_path / 'image.oci.tar'}")
+    skopeo_copy(f"oci:{image}:1", f"docker-archive:{tmp_path / 'image.docker.tar'}:corral/t:1")
+    pushed = registry.push(image, "corral/test:1")
+
+    first = oci.pull(f"oci:{image}:1", store)
+    for reference in (
+        f"oci-archive:{tmp_path / 'image.oci.tar'}",
+        f"docker-archive:{tmp_path / 'image.docker.tar'}",  # uncompressed layers
+        pushed,
+    ):
+        again = oci.pull(reference, store)
+        assert again.layers == first.layers, reference
+        assert again.config == first.config, reference
+    # Content addressed: four imports of the same two layers are two layers.
+    assert sorted(layer.digest for layer in store.layers()) == sorted(first.layers)
+    assert staging_of(store) == []
+
+
+def test_a_shared_base_layer_is_stored_once(store: LayerStore, tmp_path: Path) -> None:
+    one = oci.pull(f"oci:{write_layout(tmp_path / 'one', [base_layer()])}:1", store)
+    two = oci.pull(f"oci:{write_layout(tmp_path / 'two', [base_layer(), top_layer()])}:1", store)
+    assert two.layers[0] == one.layers[0]
+    assert len(store.layers()) == 2
+
+
+def test_a_registry_with_basic_auth(
+    store: LayerStore, image: Path, private_registry: Registry
+) -> None:
+    reference = private_registry.push(image, "corral/private:1")
+    with pytest.raises(ImagePullFailed, match="skopeo could not fetch"):
+        oci.pull(reference, store)
+    with pytest.raises(ImagePullFailed):
+        oci.pull(reference, store, auth=("corral", "wrong"))
+    assert store.layers() == [] and staging_of(store) == []
+
+    pulled = oci.pull(reference, store, auth=("corral", "s3cret-pass"))
+    assert len(pulled.layers) == 2 and pulled.config.cmd == ("--loud",)
+    assert staging_of(store) == []
+
+
+def test_a_missing_image_in_the_registry_is_refused(store: LayerStore, registry: Registry) -> None:
+    with pytest.raises(ImagePullFailed):
+        oci.pull(f"docker://{registry.host}/corral/nothing:1", store)
+    assert store.layers() == [] and staging_of(store) == []
+
+
+@pytest.mark.parametrize(
+    ("reference", "says"),
+    [
+        ("dir:/tmp", "not an image Corral imports"),
+        ("docker-daemon:x:1", "not an image Corral imports"),
+        ("docker://debian:12", "names no registry host"),
+        ("oci:/no/such/layout", "does not exist"),
+        ("--src-creds=a:b", "not an image Corral imports"),
+        ("oci:/tmp\n", "not an image reference"),
+    ],
+)
+def test_bad_references_are_refused(store: LayerStore, reference: str, says: str) -> None:
+    with pytest.raises(InvalidRequest, match=says):
+        oci.pull(reference, store)
+    assert staging_of(store) == []
+
+
+def test_bad_platform_and_credentials_for_a_file_are_refused(
+    store: LayerStore, image: Path
+) -> None:
+    with pytest.raises(InvalidRequest, match="OS/ARCH"):
+        oci.pull(f"oci:{image}:1", store, platform="linux;amd64")
+    with pytest.raises(InvalidRequest, match="takes no credentials"):
+        oci.pull(f"oci:{image}:1", store, auth=("a", "b"))
+    assert store.layers() == [] and staging_of(store) == []
+
+
+# -- hostile images -----------------------------------------------------------------------
+
+
+def test_a_layer_climbing_out_is_refused(store: LayerStore, tmp_path: Path) -> None:
+    evil = layer(member("../../escaped", b"x"))
+    image = write_layout(tmp_path / "image", [base_layer(), evil])
+    with pytest.raises(InvalidLayer, match=r"layer 2 .*climbs out"):
+        oci.pull(f"oci:{image}:1", store)
+    assert not (tmp_path / "escaped").exists() and not (store.root / "escaped").exists()
+    assert staging_of(store) == []
+
+
+def test_absolute_symlinks_never_carry_writes_to_the_host(
+    store: LayerStore, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    links = layer(member("evil", type=tarfile.SYMTYPE, linkname=str(outside)))
+    through = layer(directory("evil"), member("evil/pwned", b"x"))
+    pulled = oci.pull(f"oci:{write_layout(tmp_path / 'a', [links, through])}:1", store)
+    lower, upper = (store.get(digest).path for digest in pulled.layers)
+    assert os.readlink(lower / "evil") == str(outside)
+    assert (upper / "evil" / "pwned").is_file() and not (upper / "evil").is_symlink()
+    assert os.listdir(outside) == []
+
+    same_layer = layer(
+        member("evil", type=tarfile.SYMTYPE, linkname=str(outside)), member("evil/pwned", b"x")
+    )
+    with pytest.raises(InvalidLayer, match="not a directory"):
+        oci.pull(f"oci:{write_layout(tmp_path / 'b', [same_layer])}:1", store)
+    assert os.listdir(outside) == [] and staging_of(store) == []
+
+
+def test_devices_setuid_and_forged_whiteouts_are_neutralised(
+    store: LayerStore, tmp_path: Path
+) -> None:
+    hostile = layer(
+        member("dev-sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0),
+        member("forged-whiteout", type=tarfile.CHRTYPE, devmajor=0, devminor=0),
+        member("su", b"\x7fELF", mode=0o4755),
+        member(
+            "opaque",
+            type=tarfile.DIRTYPE,
+            mode=0o755,
+            pax_headers={"SCHILY.xattr.trusted.overlay.opaque": "y"},
+        ),
+        member(".wh..wh.plnk", b""),  # AUFS metadata, not a whiteout
+    )
+    pulled = oci.pull(f"oci:{write_layout(tmp_path / 'image', [base_layer(), hostile])}:1", store)
+    tree = store.get(pulled.layers[1]).path
+    assert sorted(os.listdir(tree)) == ["opaque", "su"]
+    assert stat.S_IMODE((tree / "su").stat().st_mode) == 0o755
+    assert "trusted.overlay.opaque" not in os.listxattr(tree / "opaque")
+    said = "\n".join(pulled.neutralised)
+    for what in ("device node dropped", "setuid", "xattr trusted.overlay.opaque", "AUFS"):
+        assert what in said
+
+
+@pytest.mark.parametrize("name", ["etc/.wh.", "etc/.wh..wh..opq/x"])
+def test_malformed_whiteouts_are_refused(store: LayerStore, tmp_path: Path, name: str) -> None:
+    bad = layer(member(name, b""))
+    with pytest.raises(InvalidLayer, match="whiteout"):
+        oci.pull(f"oci:{write_layout(tmp_path / 'image', [bad])}:1", store)
+    assert store.layers() == [] and staging_of(store) == []
+
+
+def test_a_decompression_bomb_stops_at_the_quota(store: LayerStore, tmp_path: Path) -> None:
+    bomb = layer(member("zeros", bytes(64 << 20)))
+    assert len(bomb) < 1 << 20
+    image = write_layout(tmp_path / "image", [bomb])
+    with pytest.raises(QuotaExceeded, match="more than 8388608 bytes"):
+        oci.pull(f"oci:{image}:1", store, max_bytes=8 << 20)
+    assert store.layers() == [] and staging_of(store) == []
+
+
+def test_the_quota_counts_every_layer(store: LayerStore, tmp_path: Path) -> None:
+    three_mib = [layer(member(f"data{n}", os.urandom(3 << 20))) for n in range(2)]
+    image = write_layout(tmp_path / "image", three_mib)
+    with pytest.raises(QuotaExceeded, match="use a smaller image"):
+        oci.pull(f"oci:{image}:1", store, max_bytes=5 << 20)
+    assert staging_of(store) == []
+    assert oci.pull(f"oci:{image}:1", store, max_bytes=7 << 20).size_bytes == 6 << 20
+
+
+def test_a_manifest_naming_a_missing_blob_is_refused(store: LayerStore, image: Path) -> None:
+    manifest = json.loads((image / "index.json").read_text())["manifests"][0]["digest"]
+    blobs = image / "blobs" / "sha256"
+    layer_digest = json.loads((blobs / manifest.split(":")[1]).read_text())["layers"][1]["digest"]
+    (blobs / layer_digest.split(":")[1]).unlink()
+    with pytest.raises(ImagePullFailed):
+        oci.pull(f"oci:{image}:1", store)
+    assert store.layers() == [] and staging_of(store) == []
+
+
+def test_a_blob_that_does_not_match_its_digest_is_refused(store: LayerStore, image: Path) -> None:
+    manifest = json.loads((image / "index.json").read_text())["manifests"][0]["digest"]
+    blobs = image / "blobs" / "sha256"
+    layer_digest = json.loads((blobs / manifest.split(":")[1]).read_text())["layers"][0]["digest"]
+    tampered = layer(member("usr/bin/hello", b"#!/bin/sh\nrm -rf /\n", mode=0o755))
+    (blobs / layer_digest.split(":")[1]).write_bytes(tampered)
+    with pytest.raises(ImagePullFailed, match=r"[Dd]igest"):
+        oci.pull(f"oci:{image}:1", store)
+    assert store.layers() == [] and staging_of(store) == []
+
+
+def test_the_importer_checks_digests_itself(store: LayerStore, image: Path) -> None:
+    """skopeo verifies what it copies; the importer does not rely on it: a layout whose
+    blob was changed after skopeo wrote it is refused by our own check."""
+    manifest = json.loads((image / "index.json").read_text())["manifests"][0]["digest"]
+    blobs = image / "blobs" / "sha256"
+    layer_digest = json.loads((blobs / manifest.split(":")[1]).read_text())["layers"][0]["digest"]
+    (blobs / layer_digest.split(":")[1]).write_bytes(layer(member("x", b"tampered")))
+    with pytest.raises(InvalidImage, match="does not match its digest"):
+        oci._import_layout(image, store, "test", None)
+    (blobs / layer_digest.split(":")[1]).unlink()
+    with pytest.raises(InvalidImage, match="which the image lacks"):
+        oci._import_layout(image, store, "test", None)
+    assert store.layers() == [] and staging_of(store) == []
+
+
+def test_registry_credentials_stay_off_the_command_line(
+    store: LayerStore, image: Path, private_registry: Registry
+) -> None:
+    """The authfile is how skopeo gets the password: what `ps` shows of skopeo never holds
+    it (checked by a fake skopeo first on PATH that records its argv and environment)."""
+    reference = private_registry.push(image, "corral/private:1")
+    fake = store.root.parent / "fakebin"
+    fake.mkdir()
+    record = store.root.parent / "argv.json"
+    (fake / "skopeo").write_text(
+        "#!/usr/bin/python3\nimport json, os, sys\n"
+        f"open({str(record)!r}, 'w').write(json.dumps([sys.argv, dict(os.environ)]))\n"
+        f"os.execv({shutil.which('skopeo')!r}, ['skopeo', *sys.argv[1:]])\n"
+    )
+    (fake / "skopeo").chmod(0o755)
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{fake}:{old_path}"
+    try:
+        oci.pull(reference, store, auth=("corral", "s3cret-pass"))
+    finally:
+        os.environ["PATH"] = old_path
+    argv, env = json.loads(record.read_text())
+    token = base64.b64encode(b"corral:s3cret-pass").decode()
+    assert "--src-authfile" in argv and "--src-tls-verify=false" in argv
+    assert not any("s3cret" in arg or token in arg for arg in [*argv, *env.values()])
