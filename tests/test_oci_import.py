@@ -502,3 +502,36 @@ def test_registry_credentials_stay_off_the_command_line(
     token = base64.b64encode(b"corral:s3cret-pass").decode()
     assert "--src-authfile" in argv and "--src-tls-verify=false" in argv
     assert not any("s3cret" in arg or token in arg for arg in [*argv, *env.values()])
+
+
+def test_zstd_layers_give_the_same_layers_as_gzip(
+    store: LayerStore, image: Path, tmp_path: Path
+) -> None:
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is missing: make setup")
+    zstd_image = tmp_path / "zstd"
+    skopeo_copy(
+        f"oci:{image}:1", f"oci:{zstd_image}:1", "--dest-compress", "--dest-compress-format=zstd"
+    )
+    manifest = json.loads((zstd_image / "index.json").read_text())["manifests"][0]["digest"]
+    layers = json.loads((zstd_image / "blobs/sha256" / manifest.split(":")[1]).read_text())
+    assert {d["mediaType"] for d in layers["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    }
+    assert oci.pull(f"oci:{zstd_image}:1", store).layers == oci.pull(f"oci:{image}:1", store).layers
+    assert len(store.layers()) == 2 and staging_of(store) == []
+
+
+def test_a_zstd_bomb_stops_at_the_quota(store: LayerStore, tmp_path: Path) -> None:
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is missing: make setup")
+    bomb = write_layout(tmp_path / "bomb", [layer(member("zeros", bytes(64 << 20)))])
+    skopeo_copy(
+        f"oci:{bomb}:1",
+        f"oci:{tmp_path / 'zstd'}:1",
+        "--dest-compress-format=zstd",
+        "--dest-compress",
+    )
+    with pytest.raises(QuotaExceeded, match="more than 8388608 bytes"):
+        oci.pull(f"oci:{tmp_path / 'zstd'}:1", store, max_bytes=8 << 20)
+    assert store.layers() == [] and staging_of(store) == []

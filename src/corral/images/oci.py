@@ -318,12 +318,12 @@ def _import_layer(store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int 
         )
     except FileNotFoundError:
         raise ImagePullFailed("the image has zstd layers: install zstd (Debian: zstd)") from None
-    try:
-        assert zstd.stdout is not None
-        return store.import_tar(zstd.stdout, max_bytes=max_bytes, finish=overlay_whiteouts)
-    finally:
-        zstd.kill()  # done or refused: it has nothing more to give
-        zstd.wait()
+    with zstd:
+        try:
+            assert zstd.stdout is not None
+            return store.import_tar(zstd.stdout, max_bytes=max_bytes, finish=overlay_whiteouts)
+        finally:
+            zstd.kill()  # done or refused: it has nothing more to give
 
 
 def _import_layout(layout: Path, store: LayerStore, reference: str, max_bytes: int | None) -> Image:
