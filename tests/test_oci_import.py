@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,15 +22,18 @@ from tests.kit.oci_images import (
     HAVE_REGISTRY,
     Registry,
     base_layer,
+    busybox_rootfs,
     directory,
     layer,
     member,
     skopeo_copy,
     start_registry,
+    tar_tree,
     top_layer,
     write_layout,
 )
 
+ARCHIVE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts as trusted xattrs need root"),
@@ -371,3 +375,37 @@ def test_a_zstd_bomb_stops_at_the_quota(store: LayerStore, tmp_path: Path) -> No
     with pytest.raises(QuotaExceeded, match="more than 8388608 bytes"):
         oci.pull(f"oci:{tmp_path / 'zstd'}:1", store, max_bytes=8 << 20)
     assert store.layers() == [] and staging_of(store) == []
+
+
+def test_a_busybox_image_from_the_registry_runs_on_its_layers(
+    store: LayerStore, tmp_path: Path, registry: Registry
+) -> None:
+    """Debian's busybox-static as a two-layer image (the second deletes a file), pushed to
+    the loopback registry and pulled back: its shell runs on the overlay of its layers."""
+    debs = sorted((ARCHIVE / "pool").glob("busybox-static_*.deb"))
+    if not debs:
+        pytest.skip(f"no busybox-static in {ARCHIVE}: run make setup as root")
+    base = tar_tree(busybox_rootfs(debs[-1], tmp_path / "rootfs"))
+    top = layer(directory("etc"), member("etc/.wh.motd"), member("etc/hostname", b"corral\n"))
+    config = {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin:/usr/bin"]}
+    pushed = registry.push(write_layout(tmp_path / "image", [base, top], config), "corral/bb:1")
+
+    pulled = oci.pull(pushed, store)
+    assert pulled.config.cmd == ("/bin/sh",) and len(pulled.layers) == 2
+    upper, work, root = tmp_path / "upper", tmp_path / "work", tmp_path / "root"
+    for path in (upper, work, root):
+        path.mkdir()
+    mount_overlay([store.get(digest).path for digest in pulled.layers], upper, work, root)
+    try:
+        script = "cat /etc/hostname; ls /etc; echo written > /tmp/out"
+        ran = subprocess.run(
+            ["unshare", "--net", "chroot", str(root), "/bin/sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        unmount_overlay(root)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "corral\nhostname\n"
+    assert (upper / "tmp" / "out").read_text() == "written\n"  # the layers stay unchanged

@@ -204,3 +204,16 @@ def start_registry(tmp_path: Path, auth: tuple[str, str] | None) -> Iterator[Reg
 
 
 HAVE_REGISTRY = shutil.which("docker-registry") is not None
+
+
+def busybox_rootfs(deb: Path, root: Path) -> Path:
+    """A root filesystem of Debian's busybox-static: the .deb's files, the applets a shell
+    script needs as symlinks, an /etc and a /tmp."""
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    binary = next(root.glob("*bin/busybox"))
+    for applet in ("sh", "ls", "cat", "echo", "id"):
+        (binary.parent / applet).symlink_to("busybox")
+    (root / "etc").mkdir()
+    (root / "etc" / "motd").write_text("from busybox\n")
+    (root / "tmp").mkdir(mode=0o1777)
+    return root
