@@ -12,6 +12,7 @@ import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -317,31 +318,76 @@ def test_the_importer_checks_digests_itself(store: LayerStore, image: Path) -> N
     assert store.layers() == [] and staging_of(store) == []
 
 
-def test_registry_credentials_stay_off_the_command_line(
-    store: LayerStore, image: Path, private_registry: Registry
-) -> None:
-    """The authfile is how skopeo gets the password: what `ps` shows of skopeo never holds
-    it (checked by a fake skopeo first on PATH that records its argv and environment)."""
-    reference = private_registry.push(image, "corral/private:1")
-    fake = store.root.parent / "fakebin"
+@dataclass
+class RecordingSkopeo:
+    """skopeo first on PATH: records its argv and environment, then runs the real one (or,
+    with `fail`, exits 1: for registries no test may reach)."""
+
+    record: Path
+
+    def calls(self) -> tuple[list[str], dict[str, str]]:
+        argv, env = json.loads(self.record.read_text())
+        return argv, env
+
+
+@pytest.fixture
+def recording_skopeo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RecordingSkopeo:
+    fake = tmp_path / "fakebin"
     fake.mkdir()
-    record = store.root.parent / "argv.json"
+    record = tmp_path / "skopeo-call.json"
     (fake / "skopeo").write_text(
         "#!/usr/bin/python3\nimport json, os, sys\n"
         f"open({str(record)!r}, 'w').write(json.dumps([sys.argv, dict(os.environ)]))\n"
+        f"if os.path.exists({str(tmp_path / 'fail')!r}): sys.exit(1)\n"
         f"os.execv({shutil.which('skopeo')!r}, ['skopeo', *sys.argv[1:]])\n"
     )
     (fake / "skopeo").chmod(0o755)
-    old_path = os.environ["PATH"]
-    os.environ["PATH"] = f"{fake}:{old_path}"
-    try:
-        oci.pull(reference, store, auth=("corral", "s3cret-pass"))
-    finally:
-        os.environ["PATH"] = old_path
-    argv, env = json.loads(record.read_text())
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    return RecordingSkopeo(record)
+
+
+def test_registry_credentials_stay_off_the_command_line(
+    store: LayerStore,
+    image: Path,
+    private_registry: Registry,
+    recording_skopeo: RecordingSkopeo,
+) -> None:
+    """The authfile is how skopeo gets the password: what `ps` shows of skopeo never holds
+    it, nor does its environment."""
+    reference = private_registry.push(image, "corral/private:1")
+    oci.pull(reference, store, auth=("corral", "s3cret-pass"))
+    argv, env = recording_skopeo.calls()
     token = base64.b64encode(b"corral:s3cret-pass").decode()
     assert "--src-authfile" in argv and "--src-tls-verify=false" in argv
     assert not any("s3cret" in arg or token in arg for arg in [*argv, *env.values()])
+    assert env["HOME"].startswith(str(store.root / "staging"))  # not the host user's config
+
+
+def test_tls_is_verified_except_for_loopback_or_insecure(
+    store: LayerStore, tmp_path: Path, recording_skopeo: RecordingSkopeo
+) -> None:
+    (tmp_path / "fail").touch()  # the fake stops before any traffic: no test leaves loopback
+    for insecure in (False, True):
+        with pytest.raises(ImagePullFailed):
+            oci.pull("docker://registry.example.com/team/image:1", store, insecure=insecure)
+        argv, _ = recording_skopeo.calls()
+        assert ("--src-tls-verify=false" in argv) is insecure
+        assert (
+            argv[-1].startswith("oci:") and argv[-2] == "docker://registry.example.com/team/image:1"
+        )
+    for loopback in ("localhost:5000", "127.0.0.2:5000", "[::1]:5000"):
+        with pytest.raises(ImagePullFailed):
+            oci.pull(f"docker://{loopback}/team/image:1", store)
+        assert "--src-tls-verify=false" in recording_skopeo.calls()[0]
+    assert staging_of(store) == []
+
+
+def test_an_image_for_another_platform_is_refused(store: LayerStore, tmp_path: Path) -> None:
+    image = write_layout(tmp_path / "image", [base_layer()], arch="arm64")
+    with pytest.raises(InvalidImage, match="built for linux/arm64, not linux/amd64"):
+        oci.pull(f"oci:{image}:1", store)
+    assert store.layers() == [] and staging_of(store) == []
+    assert len(oci.pull(f"oci:{image}:1", store, platform="linux/arm64").layers) == 1
 
 
 def test_zstd_layers_give_the_same_layers_as_gzip(

@@ -60,7 +60,9 @@ def layer(*members: tuple[tarfile.TarInfo, bytes], compress: bool = True) -> byt
     return gzip.compress(raw.getvalue(), mtime=0) if compress else raw.getvalue()
 
 
-def write_layout(root: Path, layers: list[bytes], config: dict[str, Any] = CONFIG) -> Path:
+def write_layout(
+    root: Path, layers: list[bytes], config: dict[str, Any] = CONFIG, arch: str = "amd64"
+) -> Path:
     """An OCI image layout, as the image spec describes it, tagged `1`."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -72,7 +74,7 @@ def write_layout(root: Path, layers: list[bytes], config: dict[str, Any] = CONFI
 
     diff_ids = [f"sha256:{hashlib.sha256(gzip.decompress(blob)).hexdigest()}" for blob in layers]
     image_config = {
-        "architecture": "amd64",
+        "architecture": arch,
         "os": "linux",
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},

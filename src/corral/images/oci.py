@@ -161,14 +161,27 @@ def _source(reference: str) -> tuple[str, str | None]:
     )
 
 
-def _platform(platform: str) -> list[str]:
-    parts = platform.split("/")
+def _platform(platform: str) -> tuple[str, ...]:
+    parts = tuple(platform.split("/"))
     if len(parts) not in (2, 3) or not all(p.isalnum() for p in parts):
         raise InvalidRequest(
             f"{platform!r} is not a platform; use OS/ARCH[/VARIANT], e.g. linux/amd64"
         )
-    flags = ["--override-os", parts[0], "--override-arch", parts[1]]
-    return flags + (["--override-variant", parts[2]] if len(parts) == 3 else [])
+    return parts
+
+
+def _check_platform(raw_config: Any, platform: tuple[str, ...]) -> None:
+    """skopeo picks the platform out of a multi-platform index, but copies a single-platform
+    image whatever it is built for: refuse one built for another platform."""
+    keys = ("os", "architecture", "variant")
+    found = tuple(raw_config.get(key) if isinstance(raw_config, dict) else None for key in keys)
+    for wanted, got in zip(platform, found, strict=False):
+        if got is not None and got != wanted:
+            built = "/".join(str(part) for part in found if part is not None)
+            raise InvalidImage(
+                f"the image is built for {built}, not {'/'.join(platform)}; "
+                "pull an image (or a platform of it) this host runs"
+            )
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -215,7 +228,9 @@ def pull(
     verified except for a loopback registry or `insecure=True`. QuotaExceeded past
     `max_bytes` of file data in all layers; nothing is left in staging on any failure."""
     source, host = _source(reference)
-    args = _platform(platform)
+    wanted = _platform(platform)
+    args = ["--override-os", wanted[0], "--override-arch", wanted[1]]
+    args += ["--override-variant", wanted[2]] if len(wanted) == 3 else []
     with store.staging() as work:
         args += ["copy", "--quiet"]
         if host is not None:
@@ -230,7 +245,7 @@ def pull(
         elif auth is not None:
             raise InvalidRequest(f"{reference!r} is a local archive: it takes no credentials")
         _skopeo([*args, "--", source, f"oci:{work / 'image'}:pulled"], work, timeout)
-        return _import_layout(work / "image", store, reference, max_bytes)
+        return _import_layout(work / "image", store, reference, max_bytes, wanted)
 
 
 # -- the layout skopeo wrote --------------------------------------------------------------
@@ -326,7 +341,13 @@ def _import_layer(store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int 
             zstd.kill()  # done or refused: it has nothing more to give
 
 
-def _import_layout(layout: Path, store: LayerStore, reference: str, max_bytes: int | None) -> Image:
+def _import_layout(
+    layout: Path,
+    store: LayerStore,
+    reference: str,
+    max_bytes: int | None,
+    platform: tuple[str, ...] = ("linux", "amd64"),
+) -> Image:
     try:
         index = json.loads((layout / "index.json").read_bytes()[:_MAX_JSON])
     except (OSError, ValueError) as exc:
@@ -337,6 +358,7 @@ def _import_layout(layout: Path, store: LayerStore, reference: str, max_bytes: i
     manifest = _json_blob(layout, manifests[0], "manifest")
     raw_config = _json_blob(layout, _field(manifest, "config", dict, "manifest"), "config")
     descriptors = _field(manifest, "layers", list, "manifest")
+    _check_platform(raw_config, platform)
     rootfs = raw_config.get("rootfs") if isinstance(raw_config, dict) else None
     if len(_field(rootfs, "diff_ids", list, "config's rootfs")) != len(descriptors):
         raise InvalidImage("the image's config and manifest list different numbers of layers")
