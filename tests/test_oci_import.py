@@ -455,3 +455,16 @@ def test_a_busybox_image_from_the_registry_runs_on_its_layers(
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == "corral\nhostname\n"
     assert (upper / "tmp" / "out").read_text() == "written\n"  # the layers stay unchanged
+
+
+def test_a_registry_image_too_big_to_download_is_stopped(
+    store: LayerStore, tmp_path: Path, registry: Registry
+) -> None:
+    """From a registry, `max_bytes` bounds the blobs skopeo downloads too: a registry
+    cannot fill the host's disk before the unpack quota applies."""
+    random = layer(member("random", os.urandom(6 << 20)))
+    pushed = registry.push(write_layout(tmp_path / "image", [random]), "corral/big:1")
+    with pytest.raises(QuotaExceeded, match="blobs are more than 4194304 bytes to download"):
+        oci.pull(pushed, store, max_bytes=4 << 20)
+    assert store.layers() == [] and staging_of(store) == []
+    assert oci.pull(pushed, store, max_bytes=8 << 20).size_bytes == 6 << 20

@@ -23,6 +23,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,26 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _skopeo(args: list[str], work: Path, timeout: float) -> None:
+def _bytes_under(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # skopeo renames as it goes
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _too_big(max_download: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"the image's blobs are more than {max_download} bytes to download; "
+        "use a smaller image or ask for a larger template quota"
+    )
+
+
+def _skopeo(args: list[str], work: Path, timeout: float, max_download: int | None) -> None:
+    """Run skopeo in `work`, stopping it past `timeout` seconds or once what it wrote
+    there passes `max_download` bytes (checked every 0.1 s: a bound with that much slack,
+    so that a registry cannot fill the host's disk before the unpack quota applies)."""
     env = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
     # Nothing of the host user's container config applies: our own (empty) files.
     env |= {"HOME": str(work), "XDG_RUNTIME_DIR": str(work), "TMPDIR": str(work)}
@@ -199,17 +219,34 @@ def _skopeo(args: list[str], work: Path, timeout: float) -> None:
     # Digests are verified; signatures are not part of this import (yet).
     (work / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
     command = ["skopeo", "--policy", str(work / "policy.json"), *args]
-    try:
-        done = subprocess.run(
-            command, env=env, cwd=work, capture_output=True, text=True, timeout=timeout
-        )
-    except FileNotFoundError:
-        raise ImagePullFailed("skopeo is not installed; run make setup (Debian: skopeo)") from None
-    except subprocess.TimeoutExpired:
-        raise ImagePullFailed(f"skopeo took more than {timeout:g} s to fetch the image") from None
-    if done.returncode != 0:
-        tail = " ".join(done.stderr.strip().splitlines()[-3:])
-        raise ImagePullFailed(f"skopeo could not fetch the image: {tail}")
+    deadline = time.monotonic() + timeout
+    with open(work / "skopeo.log", "w+") as log:
+        try:
+            skopeo = subprocess.Popen(
+                command, env=env, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        except FileNotFoundError:
+            raise ImagePullFailed(
+                "skopeo is not installed; run make setup (Debian: skopeo)"
+            ) from None
+        with skopeo:
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    skopeo.wait(timeout=0.1)
+                    break
+                if time.monotonic() > deadline:
+                    skopeo.kill()
+                    raise ImagePullFailed(f"skopeo took more than {timeout:g} s to fetch the image")
+                if max_download is not None and _bytes_under(work) > max_download:
+                    skopeo.kill()
+                    raise _too_big(max_download)
+        if skopeo.returncode != 0:
+            log.seek(0)
+            tail = " ".join(log.read().strip().splitlines()[-3:])
+            raise ImagePullFailed(f"skopeo could not fetch the image: {tail}")
+    # It may have finished between two checks: the bound holds all the same.
+    if max_download is not None and _bytes_under(work / "image" / "blobs") > max_download:
+        raise _too_big(max_download)
 
 
 def pull(
@@ -226,7 +263,8 @@ def pull(
     oci-archive:PATH, oci:DIR[:TAG]) into `store`. `auth` is (user, password) for the
     registry, handed to skopeo in a private file (never on its command line). TLS is
     verified except for a loopback registry or `insecure=True`. QuotaExceeded past
-    `max_bytes` of file data in all layers; nothing is left in staging on any failure."""
+    `max_bytes` of file data in all layers, and (from a registry) past `max_bytes` of
+    blobs downloaded; nothing is left in staging on any failure."""
     source, host = _source(reference)
     wanted = _platform(platform)
     args = ["--override-os", wanted[0], "--override-arch", wanted[1]]
@@ -244,7 +282,9 @@ def pull(
                 args.append("--src-tls-verify=false")
         elif auth is not None:
             raise InvalidRequest(f"{reference!r} is a local archive: it takes no credentials")
-        _skopeo([*args, "--", source, f"oci:{work / 'image'}:pulled"], work, timeout)
+        # A local archive is on disk already; a registry's blobs are what could fill it.
+        max_download = max_bytes if host is not None else None
+        _skopeo([*args, "--", source, f"oci:{work / 'image'}:pulled"], work, timeout, max_download)
         return _import_layout(work / "image", store, reference, max_bytes, wanted)
 
 
