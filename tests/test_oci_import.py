@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 
 from corral.errors import ImagePullFailed, InvalidImage, InvalidLayer, InvalidRequest, QuotaExceeded
 from corral.images import LayerStore, mount_overlay, oci, unmount_overlay
+from tests.kit import rootless
 from tests.kit.oci_images import (
     HAVE_REGISTRY,
     Registry,
@@ -468,3 +470,58 @@ def test_a_registry_image_too_big_to_download_is_stopped(
         oci.pull(pushed, store, max_bytes=4 << 20)
     assert store.layers() == [] and staging_of(store) == []
     assert oci.pull(pushed, store, max_bytes=8 << 20).size_bytes == 6 << 20
+
+
+PULL_AS_USER = """
+import json, sys
+from pathlib import Path
+from corral.images import LayerStore, oci
+store = LayerStore(Path(sys.argv[1]))
+print(json.dumps([store.get(d).path.as_posix() for d in oci.pull(sys.argv[2], store).layers]))
+"""
+
+
+def test_rootless_whiteouts_are_user_xattrs_an_unprivileged_overlay_honours(
+    tmp_path: Path,
+) -> None:
+    """Without root, the importer writes `user.overlay.opaque` (a rootless overlay mounts
+    with `userxattr`) and char 0/0 whiteouts (any user may make those): an overlay that
+    nobody mounts in its own user namespace shows the image's filesystem."""
+    if rootless.missing():
+        pytest.skip(f"missing {', '.join(rootless.missing())}")
+    with rootless.home() as home:
+        image = write_layout(home / "image", [base_layer(), top_layer()])
+        subprocess.run(
+            ["chown", "-R", f"{rootless.NOBODY}:{rootless.NOBODY}", str(image)], check=True
+        )
+        as_nobody = ["setpriv", f"--reuid={rootless.NOBODY}", f"--regid={rootless.NOBODY}"]
+        as_nobody += ["--clear-groups"]
+        pulled = subprocess.run(
+            [*as_nobody, sys.executable, "-c", PULL_AS_USER, str(home / "data"), f"oci:{image}:1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=home,
+        )
+        assert pulled.returncode == 0, pulled.stderr
+        base, top = json.loads(pulled.stdout)
+        assert os.getxattr(f"{top}/var/cache", "user.overlay.opaque") == b"y"
+        assert "trusted.overlay.opaque" not in os.listxattr(f"{top}/var/cache")
+        gone = os.lstat(f"{top}/etc/obsolete")
+        assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+
+        for part in ("upper", "work", "root"):
+            (home / part).mkdir()
+            os.chown(home / part, rootless.NOBODY, rootless.NOBODY)
+        options = f"userxattr,lowerdir={top}:{base},upperdir={home}/upper,workdir={home}/work"
+        root = home / "root"
+        script = f"mount -t overlay -o {options} overlay {root} && ls {root}/var/cache"
+        script += f" && cat {root}/etc/motd && ! test -e {root}/etc/obsolete"
+        seen = subprocess.run(
+            [*as_nobody, "unshare", "-Urm", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert seen.returncode == 0, seen.stderr
+        assert seen.stdout == "new\ntop\n"
