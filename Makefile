@@ -8,6 +8,9 @@ DEBIAN_PACKAGES := bubblewrap python3 iproute2 util-linux nftables passt slirp4n
 # mmdebstrap, dpkg-dev (dpkg-scanpackages) and apt-utils (apt-ftparchive): templates' Debian
 # bases and the local archive tests bootstrap them from (issue 13).
 DEBIAN_PACKAGES += mmdebstrap dpkg-dev apt-utils
+# skopeo fetches OCI images (zstd for zstd layers); docker-registry and apache2-utils
+# (htpasswd) give the OCI tests a registry on loopback (issue 13).
+DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.
 DEBIAN_ARCHIVE := .cache/debian
 PYTEST_ARGS ?=
@@ -42,8 +45,8 @@ system-packages:
 # Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot);
 # without root the template tests that need it skip and say so. Delete the dir to refresh.
 debian-archive: system-packages
-	@if [ -f $(DEBIAN_ARCHIVE)/Release ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then scripts/debian_archive.sh $(DEBIAN_ARCHIVE); \
+	@if [ "$$(id -u)" = 0 ]; then scripts/debian_archive.sh $(DEBIAN_ARCHIVE); \
+	elif [ -f $(DEBIAN_ARCHIVE)/Release ]; then :; \
 	else echo "no local Debian archive in $(DEBIAN_ARCHIVE): run make setup as root once (template tests skip until then)"; fi
 
 python-env:

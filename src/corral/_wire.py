@@ -37,6 +37,7 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.SandboxNotRunning, "failed_precondition"),
     (errors.PortClosed, "failed_precondition"),
     (errors.LayerInUse, "failed_precondition"),
+    (errors.ImagePullFailed, "failed_precondition"),
     (errors.CommandError, "failed_precondition"),
     (errors.FileExists, "already_exists"),
     (errors.IdempotencyConflict, "already_exists"),

@@ -7,10 +7,12 @@
     │   ├── InvalidLimits
     │   ├── InvalidLayer          a layer archive holds a `..` path or a link out of the layer
     │   ├── InvalidBuild          a Dockerfile, recipe or E2B template Corral cannot build
+    │   ├── InvalidImage          an OCI image's manifest, config or blobs are not valid
     │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
     │   └── UnknownLayer          no stored layer has that digest
     ├── LayerInUse                a template or sandbox still uses the layer
+    ├── ImagePullFailed           skopeo could not fetch the image (registry, auth, archive)
     ├── IdempotencyConflict       an idempotency key already names a job with another spec
     ├── AuthError
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
@@ -80,6 +82,11 @@ class InvalidBuild(InvalidRequest):
     what to write instead."""
 
 
+class InvalidImage(InvalidRequest):
+    """The OCI image's index, manifest, config or a blob is missing, malformed or does not
+    match its digest; fix the image (or its archive) and import it again."""
+
+
 class CallbackRefused(InvalidRequest):
     """The server's callback policy refuses this callback URL; use a public address, or
     ask the operator to allow it (CORRAL_CALLBACK_ALLOW)."""
@@ -95,6 +102,11 @@ class UnknownLayer(NotFound):
 
 class LayerInUse(CorralError):
     """A template or sandbox still uses the layer; remove them first."""
+
+
+class ImagePullFailed(CorralError):
+    """skopeo could not fetch the image: check the reference, the registry's address and
+    credentials, or the archive's path."""
 
 
 class IdempotencyConflict(CorralError):

@@ -5,5 +5,6 @@ concept a module: `polling` (wait until a condition holds), `http` (loopback HTT
 servers: the callback receiver and its misbehaving kin), `connect` (the API as raw Connect
 JSON over httpx), `claimers` (threads racing for the store's job claims), `processes` (no
 spawned process outlives its test), `internet` (a fake internet of network namespaces for
-the network tests, with its hosts' servers in `fakehosts`).
+the network tests, with its hosts' servers in `fakehosts`), `oci_images` (OCI images built
+by hand, and a loopback registry to push them to).
 """

@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -87,19 +87,36 @@ class LayerStore:
 
     # -- import -------------------------------------------------------------------------
 
-    def import_tar(self, stream: IO[bytes], *, max_bytes: int | None = None) -> Layer:
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private scratch directory on the store's filesystem, removed on exit (an
+        importer's downloads land here, so a failed import leaves nothing behind)."""
+        staging = Path(tempfile.mkdtemp(dir=self._staging))
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def import_tar(
+        self,
+        stream: IO[bytes],
+        *,
+        max_bytes: int | None = None,
+        finish: Callable[[Path, Unpacked], None] | None = None,
+    ) -> Layer:
         """Store the root filesystem in the tar read from `stream` (gzip, xz, bzip2 or plain)
         as a layer. Refuses `..` paths and writes through symlinks (InvalidLayer, nothing
         stored); neutralises device nodes, setuid bits and privileged xattrs; stops with
-        QuotaExceeded past `max_bytes` of file data (a decompression bomb stops there)."""
-        staging = Path(tempfile.mkdtemp(dir=self._staging))
-        try:
+        QuotaExceeded past `max_bytes` of file data (a decompression bomb stops there).
+        `finish(tree, unpacked)` runs on the checked tree before it is digested: the OCI
+        importer turns `.wh.` entries into overlay whiteouts there."""
+        with self.staging() as staging:
             tree = staging / "tree"
             tree.mkdir(mode=0o755)
             unpacked = unpack(stream, tree, max_bytes)
+            if finish is not None:
+                finish(tree, unpacked)
             return self._commit(staging, tree, unpacked)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def import_dir(self, source: Path, *, max_bytes: int | None = None) -> Layer:
         """Store a copy of the directory `source` (a bootstrapped rootfs, a sandbox's upper
