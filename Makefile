@@ -39,11 +39,12 @@ system-packages:
 	  fi; \
 	fi
 
-# Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot);
-# without root the template tests that need it skip and say so. Delete the dir to refresh.
+# Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot),
+# again when the script's package list changes; without root the template tests that need
+# it skip and say so. Delete the dir to refresh.
 debian-archive: system-packages
-	@if [ -f $(DEBIAN_ARCHIVE)/Release ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then scripts/debian_archive.sh $(DEBIAN_ARCHIVE); \
+	@if [ "$$(id -u)" = 0 ]; then scripts/debian_archive.sh $(DEBIAN_ARCHIVE); \
+	elif [ -f $(DEBIAN_ARCHIVE)/Release ]; then :; \
 	else echo "no local Debian archive in $(DEBIAN_ARCHIVE): run make setup as root once (template tests skip until then)"; fi
 
 python-env:

@@ -1,6 +1,7 @@
 #!/bin/bash
 # A local Debian archive for tests: the .debs a minimal base needs (mmdebstrap's essential
-# set + apt + python3-minimal), downloaded once from this host's own apt sources and
+# set + apt + python3: the guest agent needs the standard library python3-minimal lacks,
+# json and ctypes), downloaded once from this host's own apt sources and
 # indexed as a flat file:// repository. Tests bootstrap root filesystems from it offline
 # (the network rule: no test reaches the real archive).
 #
@@ -10,12 +11,13 @@
 #                       "deb [trusted=yes] file://DIR ./"
 # Run as root (mmdebstrap's root mode resolves the package set by installing it into a
 # throw-away chroot whose apt cache we keep). Idempotent: does nothing when DIR/Release
-# exists; delete DIR to refresh.
+# exists and DIR/packages.list names the same packages (a changed list rebuilds it);
+# delete DIR to refresh.
 set -euo pipefail
 
 dir=$(realpath -m "${1:?usage: $0 DIR}")
-packages="apt,python3-minimal"
-if [ -f "$dir/Release" ]; then
+packages="apt,python3-minimal,python3"
+if [ -f "$dir/Release" ] && [ "$(cat "$dir/packages.list" 2>/dev/null)" = "$packages" ]; then
   exit 0
 fi
 for tool in mmdebstrap dpkg-scanpackages apt-ftparchive; do
@@ -41,6 +43,7 @@ mmdebstrap --quiet --mode=root --variant=apt --include="$packages" \
   --customize-hook="sync-out /var/cache/apt/archives $dir.partial/pool" \
   "$suite" /dev/null "$sources" </dev/null
 rm -rf "$dir.partial/pool/partial" "$dir.partial/pool/lock"
+echo "$packages" > "$dir.partial/packages.list"
 (
   cd "$dir.partial"
   dpkg-scanpackages --multiversion pool /dev/null 2>/dev/null > Packages

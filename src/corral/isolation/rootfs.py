@@ -1,0 +1,200 @@
+"""The `/` of a sandbox of a layer template: its own disk, its template's layers, an overlay.
+
+Per sandbox, each piece recorded in its footprint before it is made (a crash is undone by
+the reaper):
+1. its disk: a sparse ext4 image of `disk_mib` under the data dir (never the runtime
+   dir's tmpfs: writes must not be memory), loop-mounted nosuid,nodev. It holds the
+   overlay's upper/ and work/ and /dev/shm; ENOSPC at its size is the loop fs's own, the
+   host's fs only sees the sparse file grow.
+2. each layer bind-mounted read-only and *idmapped*: what the layer stores as owned by
+   root (0) appears owned by the sandbox's host uid, so the sandbox user (uid 1000 in its
+   user namespace, that host uid outside) may write anywhere in `/` — `/etc/x`, a
+   `pip install` into /usr/local — and every write is copied up to its own disk. The
+   layer itself is never written (read-only lower of an overlay, read-only mount).
+3. overlayfs of those layers under the disk's upper dir: the tree bubblewrap binds at `/`.
+
+What is missing for root *inside* (apt-get as uid 0): a 65536-id range per uid slot and a
+user namespace mapping it (docs/templates-plan.md, section 3).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from pathlib import Path
+
+from corral.errors import SandboxStartFailed
+from corral.images import mount_overlay
+from corral.isolation.footprint import Footprint
+from corral.isolation.templates import LayerTemplate
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# x86_64 and arm64 share these numbers (new syscalls are numbered alike everywhere).
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_OPEN_TREE_CLONE, _AT_EMPTY_PATH, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 0x4
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_MOUNT_ATTR_IDMAP = 0x100000
+_AT_FDCWD = -100
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise SandboxStartFailed(
+            f"could not {what}: {os.strerror(err)} (a layer template needs Linux 5.19+ "
+            "with idmapped mounts on the layer store's file system)"
+        )
+    return result
+
+
+def make_root(
+    footprint: Footprint, template: LayerTemplate, disk: Path, disk_bytes: int, uid: int, gid: int
+) -> Path:
+    """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
+    mounted root, with /workspace, /tmp and the user's home made writable by `uid`."""
+    footprint.record_disk(str(disk))
+    disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, disk_bytes)  # sparse: the host's fs holds only what is written
+    finally:
+        os.close(fd)
+    _run(
+        # No journal: a sandbox's disk does not outlive a host crash. Lazy inode tables:
+        # mkfs writes almost nothing. No reserved blocks: the whole size is the sandbox's.
+        ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
+         "-E", f"lazy_itable_init=1,root_owner={uid}:{gid}", str(disk)],
+        "format the sandbox's disk",
+    )  # fmt: skip
+    mnt = footprint.path / "disk"
+    mnt.mkdir(mode=0o700)
+    footprint.record_mount(str(mnt))
+    _run(["mount", "-o", "loop,nosuid,nodev", str(disk), str(mnt)], "mount the sandbox's disk")
+    for name, mode in (("upper", 0o755), ("work", 0o700), ("shm", 0o1777)):
+        (mnt / name).mkdir()
+        os.chmod(mnt / name, mode)
+        os.chown(mnt / name, uid, gid)
+
+    userns = _userns_mapping_root_to(uid, gid)
+    lowers = footprint.path / "layers"
+    lowers.mkdir(mode=0o700)
+    try:
+        paths = []
+        for i, layer in enumerate(template.layers):
+            target = lowers / str(i)
+            target.mkdir()
+            footprint.record_mount(str(target))
+            _bind_idmapped(layer, target, userns)
+            paths.append(target)
+    finally:
+        os.close(userns)
+    root = footprint.path / "root"
+    root.mkdir(mode=0o755)
+    footprint.record_mount(str(root))
+    mount_overlay(paths, mnt / "upper", mnt / "work", root)
+    # The sandbox's places, made here (copied up as the host's root, then given to it).
+    for path, mode in (("workspace", 0o755), ("home/user", 0o755), ("tmp", 0o1777)):
+        (root / path).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / path, mode)
+        os.chown(root / path, uid, gid)
+    return root
+
+
+def shm_dir(footprint: Footprint) -> Path:
+    """The sandbox's /dev/shm, on its disk."""
+    return footprint.path / "disk" / "shm"
+
+
+def _run(argv: list[str], what: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise SandboxStartFailed(f"could not {what}: {done.stderr.strip()[-300:]}")
+
+
+def _userns_mapping_root_to(uid: int, gid: int) -> int:
+    """A user namespace fd in which 0 is host `uid`/`gid` (and nothing else is mapped),
+    for `MOUNT_ATTR_IDMAP`: a short-lived `unshare --user` child gives its namespace."""
+    with subprocess.Popen(
+        ["unshare", "--user", "sh", "-c", "echo; read x"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as child:
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            child.stdout.readline()  # in its namespace now
+            with open(f"/proc/{child.pid}/uid_map", "w") as f:
+                f.write(f"0 {uid} 1\n")
+            with open(f"/proc/{child.pid}/gid_map", "w") as f:
+                f.write(f"0 {gid} 1\n")
+            return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SandboxStartFailed(f"could not make the layers' id mapping: {exc}") from exc
+        finally:
+            child.stdin.close()  # it exits; leaving `with` waits for it
+
+
+def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
+    """Bind `source` at `target`, read-only, nosuid, nodev, owners mapped through `userns`."""
+    syscall = _libc.syscall
+    tree = _check(
+        syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(source).encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC),
+        f"clone the layer {source}",
+    )
+    try:
+        attr = _MountAttr(
+            _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
+            0,
+            0,
+            userns,
+        )
+        _check(
+            syscall(
+                _SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
+                ctypes.sizeof(attr),
+            ),
+            f"idmap the layer {source}",
+        )  # fmt: skip
+        _check(
+            syscall(
+                _SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, str(target).encode(),
+                _MOVE_MOUNT_F_EMPTY_PATH,
+            ),
+            f"mount the layer {source}",
+        )  # fmt: skip
+    finally:
+        os.close(tree)
+
+
+def guest_python_missing(root: Path, python: str) -> bool:
+    """Whether `python` (a path as the sandbox sees it) is not an executable file in
+    `root`: symlinks are followed inside `root`, never out to the host's files."""
+    pending, done, hops = [p for p in python.split("/") if p], list[str](), 0
+    while pending:
+        part = pending.pop(0)
+        if part in (".", ".."):
+            if part == ".." and done:
+                done.pop()
+            continue
+        candidate = root.joinpath(*done, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                return True
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                done = []
+            pending = [p for p in target.split("/") if p] + pending
+            continue
+        done.append(part)
+    found = root.joinpath(*done)
+    return not found.is_file() or not os.access(found, os.X_OK)
