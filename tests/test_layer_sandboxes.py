@@ -254,3 +254,27 @@ def test_the_reaper_removes_the_disk_and_mounts_of_a_sigkilled_owner(
     wait_until(lambda: leftovers(settings, sandbox_id) == [], "the reaper", timeout=10)
     assert json.dumps(leftovers(settings, sandbox_id)) == "[]"
     assert tree_digest(layer.path) == layer.digest
+
+
+async def test_disks_are_formatted_ahead_and_taken_whole(
+    engine_debian: Engine, settings: Settings
+) -> None:
+    from corral.limits import Limits
+
+    limits = Limits(disk_mib=48)
+    spares = settings.data_dir / "disks" / "spare" / str(48 << 20)
+    first = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
+    await first.destroy()
+    ready = wait_until(lambda: len(list(spares.glob("*.img"))) >= 2 or None, "two spare disks")
+    assert ready
+    inodes = {p.stat().st_ino for p in spares.glob("*.img")}
+    second = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
+    try:
+        disk = settings.data_dir / "disks" / f"{second.id}.img"
+        assert disk.stat().st_ino in inodes  # a spare, renamed into place
+        ran = await second.run(["sh", "-c", "df -k / | tail -1"])
+        assert ran.exit_code == 0, ran.stderr
+        assert 40 << 10 < int(ran.stdout.split()[1]) <= 48 << 10  # its `/` is its disk
+    finally:
+        await second.destroy()
+    assert leftovers(settings, second.id) == []

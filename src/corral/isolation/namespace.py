@@ -38,6 +38,7 @@ from corral.isolation import netns, seccomp
 from corral.isolation.agent_install import agent_command, install_agent
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
+from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
 from corral.isolation.rootfs import guest_python_missing, make_root, shm_dir
@@ -117,6 +118,8 @@ class NamespaceBackend(Backend):
         super().__init__(settings)
         self._shared: Path | None = None
         self._release_shared: weakref.finalize[[], NamespaceBackend] | None = None
+        # Layer templates' sandbox disks, a few formatted ahead.
+        self._disks = DiskSpares(settings.data_dir / "disks")
 
     def network_modes(self) -> frozenset[str]:
         if netns.tools_missing():
@@ -186,7 +189,7 @@ class NamespaceBackend(Backend):
         if layered is not None:
             assert uid is not None and gid is not None
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
-            root = make_root(footprint, layered, disk, limits.disk_bytes, uid, gid)
+            root = make_root(footprint, layered, self._disks, disk, limits.disk_bytes, uid, gid)
             if guest_python_missing(root, self.settings.guest_python) and entrypoint is None:
                 raise SandboxStartFailed(
                     f"the template {layered.name!r} has no {self.settings.guest_python} for "

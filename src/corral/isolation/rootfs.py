@@ -2,8 +2,9 @@
 
 Per sandbox, each piece recorded in its footprint before it is made (a crash is undone by
 the reaper):
-1. its disk: a sparse ext4 image of `disk_mib` under the data dir (never the runtime
-   dir's tmpfs: writes must not be memory), loop-mounted nosuid,nodev. It holds the
+1. its disk (`corral.isolation.disks`): a sparse ext4 image of `disk_mib` under the data
+   dir (never the runtime dir's tmpfs: writes must not be memory), loop-mounted
+   nosuid,nodev. It holds the
    overlay's upper/ and work/ and /dev/shm; ENOSPC at its size is the loop fs's own, the
    host's fs only sees the sparse file grow.
 2. each layer bind-mounted read-only and *idmapped*: what the layer stores as owned by
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from corral.errors import SandboxStartFailed
 from corral.images import mount_overlay
+from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.templates import LayerTemplate
 
@@ -68,24 +70,18 @@ def _check(result: int, what: str) -> int:
 
 
 def make_root(
-    footprint: Footprint, template: LayerTemplate, disk: Path, disk_bytes: int, uid: int, gid: int
+    footprint: Footprint,
+    template: LayerTemplate,
+    disks: DiskSpares,
+    disk: Path,
+    disk_bytes: int,
+    uid: int,
+    gid: int,
 ) -> Path:
     """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
     mounted root, with /workspace, /tmp and the user's home made writable by `uid`."""
     footprint.record_disk(str(disk))
-    disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, disk_bytes)  # sparse: the host's fs holds only what is written
-    finally:
-        os.close(fd)
-    _run(
-        # No journal: a sandbox's disk does not outlive a host crash. Lazy inode tables:
-        # mkfs writes almost nothing. No reserved blocks: the whole size is the sandbox's.
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-         "-E", f"lazy_itable_init=1,root_owner={uid}:{gid}", str(disk)],
-        "format the sandbox's disk",
-    )  # fmt: skip
+    disks.take(disk, disk_bytes)
     mnt = footprint.path / "disk"
     mnt.mkdir(mode=0o700)
     footprint.record_mount(str(mnt))
