@@ -137,6 +137,11 @@ async def test_guest_agent_runs_in_the_debian_base_and_writes_anywhere_in_root(
         await box.write_file("/workspace/hello.txt", b"hi\n")
         assert await box.read_bytes("/workspace/hello.txt") == b"hi\n"
         assert await box.read_bytes("/etc/x") == b"written\n"
+        # Its mount table names no host path (no runtime dir, no data dir).
+        mountinfo = (await box.read_bytes("/proc/self/mountinfo")).decode()
+        assert " / / " in mountinfo
+        for host_path in (str(settings.runtime_dir), str(settings.data_dir)):
+            assert host_path not in mountinfo
     finally:
         await box.destroy()
     assert leftovers(settings, box.id) == []

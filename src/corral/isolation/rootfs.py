@@ -107,7 +107,16 @@ def make_root(
     root = footprint.path / "root"
     root.mkdir(mode=0o755)
     footprint.record_mount(str(root))
-    mount_overlay(paths, mnt / "upper", mnt / "work", root)
+    # The sandbox reads its `/`'s mount options in /proc/self/mountinfo: name the layers
+    # and the upper dir through a file descriptor, not by host paths (they would name the
+    # runtime dir, see `namespace._shared_root`).
+    here = os.open(footprint.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        via = Path(f"/proc/self/fd/{here}")
+        lowers_via = [via / path.relative_to(footprint.path) for path in paths]
+        mount_overlay(lowers_via, via / "disk" / "upper", via / "disk" / "work", root)
+    finally:
+        os.close(here)
     # The sandbox's places, made here (copied up as the host's root, then given to it).
     for path, mode in (("workspace", 0o755), ("home/user", 0o755), ("tmp", 0o1777)):
         (root / path).mkdir(parents=True, exist_ok=True)
