@@ -283,3 +283,37 @@ async def test_disks_are_formatted_ahead_and_taken_whole(
     finally:
         await second.destroy()
     assert leftovers(settings, second.id) == []
+
+
+@pytest.mark.parametrize("place", ["tmp", "home"])
+async def test_a_layer_symlink_out_of_the_root_does_not_give_the_sandbox_a_host_dir(
+    engine: Engine, settings: Settings, tmp_path: Path, place: str
+) -> None:
+    """The host (root) makes /workspace, /home/user and /tmp in the sandbox's root: a
+    layer whose /tmp or /home is a symlink to a host directory must not make the host
+    chown or chmod that directory to the sandbox."""
+    require_backend(settings, "namespace")
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    before = victim.stat()
+    store = LayerStore(settings.data_dir / "templates")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo(place)
+        info.type, info.linkname = tarfile.SYMTYPE, str(victim)
+        tar.addfile(info)
+    raw.seek(0)
+    hostile = store.import_tar(raw)
+    engine.templates.add("hostile", store, [hostile.digest])
+    try:
+        with pytest.raises(SandboxStartFailed, match=f"the template's /{place}"):
+            await engine.create(template="hostile", isolation="namespace")
+    finally:
+        engine.templates.remove("hostile")
+    after = victim.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+    assert list(victim.iterdir()) == []

@@ -41,7 +41,7 @@ from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
-from corral.isolation.rootfs import guest_python_missing, make_root, shm_dir
+from corral.isolation.rootfs import has_program, make_root, shm_dir
 from corral.isolation.templates import Template, get_template
 from corral.network import resolver
 
@@ -190,7 +190,7 @@ class NamespaceBackend(Backend):
             assert uid is not None and gid is not None
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             root = make_root(footprint, layered, self._disks, disk, limits.disk_bytes, uid, gid)
-            if guest_python_missing(root, self.settings.guest_python) and entrypoint is None:
+            if entrypoint is None and not has_program(root, self.settings.guest_python):
                 raise SandboxStartFailed(
                     f"the template {layered.name!r} has no {self.settings.guest_python} for "
                     "the guest agent; add python3 to the template (a self-contained agent "
@@ -336,8 +336,9 @@ class NamespaceBackend(Backend):
 
 def _shell(root: Path | None) -> str:
     """bash if the sandbox's root (`None`: the host's) has it, else sh."""
-    bash = (root or Path("/")) / "bin" / "bash"
-    return "/bin/bash" if os.path.lexists(bash) else "/bin/sh"
+    if root is None:
+        return "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    return "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"
 
 
 def _copy_once(source: Path, target: Path) -> Path:

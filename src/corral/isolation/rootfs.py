@@ -20,6 +20,7 @@ user namespace mapping it (docs/templates-plan.md, section 3).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -119,10 +120,34 @@ def make_root(
         os.close(here)
     # The sandbox's places, made here (copied up as the host's root, then given to it).
     for path, mode in (("workspace", 0o755), ("home/user", 0o755), ("tmp", 0o1777)):
-        (root / path).mkdir(parents=True, exist_ok=True)
-        os.chmod(root / path, mode)
-        os.chown(root / path, uid, gid)
+        _own_dir(root, path, mode, uid, gid)
     return root
+
+
+def _own_dir(root: Path, path: str, mode: int, uid: int, gid: int) -> None:
+    """Make `root`/`path` a directory of `uid` with `mode`, never following a symlink:
+    the tree is the template's, and this runs as the host's root (a layer's `/tmp ->
+    /etc` must not make the host's /etc the sandbox's)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in path.split("/"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                child = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as exc:
+                raise SandboxStartFailed(
+                    f"the template's /{path} is not a directory (a symlink or a file): "
+                    "fix the template"
+                ) from exc
+            os.close(fd)
+            fd = child
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def shm_dir(footprint: Footprint) -> Path:
@@ -248,10 +273,10 @@ def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
         os.close(tree)
 
 
-def guest_python_missing(root: Path, python: str) -> bool:
-    """Whether `python` (a path as the sandbox sees it) is not an executable file in
-    `root`: symlinks are followed inside `root`, never out to the host's files."""
-    pending, done, hops = [p for p in python.split("/") if p], list[str](), 0
+def resolve_in(root: Path, path: str) -> Path | None:
+    """`path` (as the sandbox sees it) in the tree `root`, its symlinks followed inside
+    `root`, never out to the host's files; None past 40 symlinks."""
+    pending, done, hops = [p for p in path.split("/") if p], list[str](), 0
     while pending:
         part = pending.pop(0)
         if part in (".", ".."):
@@ -262,12 +287,17 @@ def guest_python_missing(root: Path, python: str) -> bool:
         if candidate.is_symlink():
             hops += 1
             if hops > 40:
-                return True
+                return None
             target = os.readlink(candidate)
             if target.startswith("/"):
                 done = []
             pending = [p for p in target.split("/") if p] + pending
             continue
         done.append(part)
-    found = root.joinpath(*done)
-    return not found.is_file() or not os.access(found, os.X_OK)
+    return root.joinpath(*done)
+
+
+def has_program(root: Path, path: str) -> bool:
+    """Whether `path` (as the sandbox sees it) is an executable file in `root`."""
+    found = resolve_in(root, path)
+    return found is not None and found.is_file() and os.access(found, os.X_OK)
