@@ -29,6 +29,7 @@ import struct
 import subprocess
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from corral.errors import SandboxStartFailed
@@ -81,18 +82,23 @@ def make_root(
 ) -> Path:
     """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
     mounted root, with /workspace, /tmp and the user's home made writable by `uid`."""
-    footprint.record_disk(str(disk))
-    disks.take(disk, disk_bytes)
-    mnt = footprint.path / "disk"
-    mnt.mkdir(mode=0o700)
-    footprint.record_mount(str(mnt))
-    _mount_loop(disk, mnt)
-    for name, mode in (("upper", 0o755), ("work", 0o700), ("shm", 0o1777)):
-        (mnt / name).mkdir()
-        os.chmod(mnt / name, mode)
-        os.chown(mnt / name, uid, gid)
-
-    userns = _userns_mapping_root_to(uid, gid)
+    userns_of = _userns_mapping_root_to(uid, gid)  # meanwhile, the disk
+    try:
+        footprint.record_disk(str(disk))
+        disks.take(disk, disk_bytes)
+        mnt = footprint.path / "disk"
+        mnt.mkdir(mode=0o700)
+        footprint.record_mount(str(mnt))
+        _mount_loop(disk, mnt)
+        for name, mode in (("upper", 0o755), ("work", 0o700), ("shm", 0o1777)):
+            (mnt / name).mkdir()
+            os.chmod(mnt / name, mode)
+            os.chown(mnt / name, uid, gid)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            os.close(userns_of())  # its child waited for
+        raise
+    userns = userns_of()
     lowers = footprint.path / "layers"
     lowers.mkdir(mode=0o700)
     try:
@@ -204,29 +210,38 @@ _userns_lock = threading.Lock()
 _USERNS_KEPT = 256
 
 
-def _userns_mapping_root_to(uid: int, gid: int) -> int:
-    """A user namespace fd in which 0 is host `uid`/`gid` (and nothing else is mapped),
-    for `MOUNT_ATTR_IDMAP`; the caller closes it. Kept for the next sandbox of that uid."""
+def _userns_mapping_root_to(uid: int, gid: int) -> Callable[[], int]:
+    """Start getting a user namespace in which 0 is host `uid`/`gid` (and nothing else is
+    mapped), for `MOUNT_ATTR_IDMAP`; the function returned waits for it and gives an fd
+    the caller closes. Made by a child process (~2-5 ms, done while the caller mounts the
+    disk), and kept for the next sandbox of that uid."""
     with _userns_lock:
         if (fd := _userns.get((uid, gid))) is not None:
             _userns.move_to_end((uid, gid))
-            return os.dup(fd)
-    fd = _new_userns(uid, gid)
-    with _userns_lock:
-        if (kept := _userns.setdefault((uid, gid), fd)) != fd:
-            os.close(fd)  # another thread made one meanwhile
-        while len(_userns) > _USERNS_KEPT:
-            os.close(_userns.popitem(last=False)[1])
-        return os.dup(kept)
-
-
-def _new_userns(uid: int, gid: int) -> int:
-    """A short-lived `unshare --user` child gives its namespace, mapped by us (root)."""
-    with subprocess.Popen(
+            kept = os.dup(fd)
+            return lambda: kept
+    child = subprocess.Popen(
         ["unshare", "--user", "sh", "-c", "echo; read x"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-    ) as child:
+    )
+
+    def finish() -> int:
+        fd = _map_userns(child, uid, gid)
+        with _userns_lock:
+            if (kept := _userns.setdefault((uid, gid), fd)) != fd:
+                os.close(fd)  # another thread made one meanwhile
+            while len(_userns) > _USERNS_KEPT:
+                os.close(_userns.popitem(last=False)[1])
+            return os.dup(kept)
+
+    return finish
+
+
+def _map_userns(child: subprocess.Popen[bytes], uid: int, gid: int) -> int:
+    """Map 0 to `uid`/`gid` in the namespace of `child` (an `unshare --user` that prints a
+    line once in it, then waits for its stdin to close); its fd."""
+    with child:
         assert child.stdin is not None and child.stdout is not None
         try:
             child.stdout.readline()  # in its namespace now
