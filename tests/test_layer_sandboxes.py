@@ -118,11 +118,14 @@ async def test_guest_agent_runs_in_the_debian_base_and_writes_anywhere_in_root(
     box = await engine_debian.create(template="debian", isolation="namespace")
     try:
         # Its own /etc (the layer's, not the host's), its template's environment.
-        ran = await box.run(
-            ["sh", "-c", ". /etc/os-release; echo $ID $VERSION_CODENAME $TEMPLATE; id -u; pwd"]
-        )
+        script = ". /etc/os-release; echo $ID $VERSION_CODENAME $TEMPLATE; id -u; id -un; pwd"
+        ran = await box.run(["sh", "-c", script])
         assert ran.exit_code == 0, ran.stderr
-        assert ran.stdout.decode().split() == ["debian", suite(), "debian", "1000", "/workspace"]
+        expected = ["debian", suite(), "debian", "1000", "user", "/workspace"]
+        assert ran.stdout.decode().split() == expected
+        # Its account is in the template's files, which it may edit (on its disk).
+        ran = await box.run(["sh", "-c", "echo extra:x:1001:1001::/:/bin/sh >> /etc/passwd"])
+        assert ran.exit_code == 0, ran.stderr
         # Root-owned places of the template are writable: copies on its own disk.
         script = (
             "mkdir -p /usr/local/lib/python3/dist-packages/pkg && "

@@ -41,12 +41,11 @@ from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
-from corral.isolation.rootfs import has_program, make_root, shm_dir
-from corral.isolation.templates import Template, get_template
+from corral.isolation.rootfs import add_account, has_program, make_root, shm_dir
+from corral.isolation.templates import SANDBOX_USER, Template, get_template
 from corral.network import resolver
 
 SANDBOX_UID = 1000
-SANDBOX_USER = "user"
 HOME = f"/home/{SANDBOX_USER}"
 WORKSPACE = "/workspace"
 AGENT_DIR = "/.corral"
@@ -196,6 +195,15 @@ class NamespaceBackend(Backend):
                     "the guest agent; add python3 to the template (a self-contained agent "
                     "is to come: docs/templates-plan.md, section 6)"
                 )
+            # Its user has a name (`id -un`, prompts), in files it may edit (copied up).
+            shell = _shell(root)
+            add_account(
+                root,
+                "passwd",
+                SANDBOX_UID,
+                f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n",
+            )
+            add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
             # First: the other mounts go on top of it. Writable: bounded by its disk.
             options += ["--bind", str(root), "/"]
         options += ["--proc", "/proc", "--dev", "/dev"]

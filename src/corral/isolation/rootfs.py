@@ -25,6 +25,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import struct
 import subprocess
 import threading
@@ -286,6 +287,38 @@ def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
         )  # fmt: skip
     finally:
         os.close(tree)
+
+
+def add_account(root: Path, name: str, number: int, line: str) -> None:
+    """Append `line` to the root's /etc/`name` (passwd, group) unless an entry has id
+    `number`; nothing when it is missing or not a regular file. Never follows a symlink
+    (this runs as the host's root); opening it for writing copies it up to the disk."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    top = os.open(root, flags)
+    try:
+        etc = os.open("etc", flags, dir_fd=top)
+    except OSError:
+        return
+    finally:
+        os.close(top)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=etc)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return
+            with os.fdopen(os.dup(fd), "rb") as f:
+                text = f.read(1 << 20).decode(errors="replace")
+        finally:
+            os.close(fd)
+        if any(entry.split(":")[2:3] == [str(number)] for entry in text.splitlines()):
+            return
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=etc)
+        with os.fdopen(fd, "ab") as f:
+            f.write((("" if not text or text.endswith("\n") else "\n") + line).encode())
+    except OSError:
+        return
+    finally:
+        os.close(etc)
 
 
 def resolve_in(root: Path, path: str) -> Path | None:
