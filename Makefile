@@ -42,8 +42,9 @@ system-packages:
 	  fi; \
 	fi
 
-# Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot);
-# without root the template tests that need it skip and say so. Delete the dir to refresh.
+# Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot),
+# again when the script's package list changes; without root the template tests that need
+# it skip and say so. Delete the dir to refresh.
 debian-archive: system-packages
 	@if [ "$$(id -u)" = 0 ]; then scripts/debian_archive.sh $(DEBIAN_ARCHIVE); \
 	elif [ -f $(DEBIAN_ARCHIVE)/Release ]; then :; \

@@ -18,6 +18,7 @@ from typing import ClassVar
 from corral.config import Settings
 from corral.errors import InvalidRequest, IsolationUnavailable
 from corral.isolation.footprint import Footprint
+from corral.isolation.templates import LayerTemplate
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 
@@ -51,6 +52,8 @@ class SandboxSpec:
     limits: Limits = field(default_factory=Limits)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     env: Mapping[str, str] = field(default_factory=dict)
+    # The layer template `template` names (the engine resolves it); None for `host`.
+    rootfs: LayerTemplate | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.network, NetworkPolicy):
@@ -145,6 +148,8 @@ class Backend(ABC):
     name: ClassVar[str]
     # Whether `plan` can start an `Entrypoint` in place of the agent.
     entrypoints: ClassVar[bool] = False
+    # Whether `plan` can start a sandbox of a layer template (`SandboxSpec.rootfs`).
+    layer_templates: ClassVar[bool] = False
 
     def network_modes(self) -> frozenset[str]:
         """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""

@@ -36,7 +36,7 @@ from corral.isolation.backend import Backend, Capabilities, Entrypoint, SandboxS
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint, orphans
 from corral.isolation.sandbox import Sandbox, SandboxState
-from corral.isolation.templates import get_template
+from corral.isolation.templates import LayerTemplate, Templates
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 
@@ -71,6 +71,8 @@ class Engine:
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
         self.memory_capacity = MemoryCapacity.of_host(self.settings)
         self._spares: list[Spares] = []  # the warm pools
+        # `host` and the layer templates registered here (by the services, or a caller).
+        self.templates = Templates()
         self._reaper: asyncio.Task[None] | None = None
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.settings.runtime_dir, 0o711)  # sandboxes' uids traverse it
@@ -166,13 +168,22 @@ class Engine:
         a one-shot sandbox: it runs that command (`sandbox.entry`) instead of a guest
         agent, where the tier can (`Backend.entrypoints`).
         """
-        spec = SandboxSpec(template, limits or Limits(), NetworkPolicy.of(network), dict(env or {}))
+        # An unknown template is refused before anything is created.
+        resolved = self.templates.get(template)
+        rootfs = resolved if isinstance(resolved, LayerTemplate) else None
+        spec = SandboxSpec(
+            template, limits or Limits(), NetworkPolicy.of(network), dict(env or {}), rootfs
+        )
         spec.limits.check_host()
         backend = self.backend(isolation)
         if entrypoint is not None and not backend.entrypoints:
             raise InvalidRequest(f"the {backend.name} tier cannot start one-shot sandboxes")
+        if rootfs is not None and not backend.layer_templates:
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot start sandboxes of the layer template "
+                f"{template!r}; use the namespace tier"
+            )
         backend.check_network(spec.network)
-        get_template(spec.template)  # refuse an unknown template before creating anything
         driver = self.cgroups()
         if driver is None and backend.name != "process":
             raise IsolationUnavailable(

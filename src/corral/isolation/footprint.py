@@ -74,6 +74,8 @@ class Footprint:
     # the processes that hold and feed them (holder, slirp4netns), as [pid, start time].
     userns: str | None = None
     processes: list[list[int]] = field(default_factory=list)
+    # The image file of its disk (a layer template's sandbox, `corral.isolation.rootfs`).
+    disk: str | None = None
 
     @classmethod
     def create(
@@ -131,12 +133,21 @@ class Footprint:
     ) -> None:
         """A size-bounded tmpfs owned by `uid`: the sandbox's whole writable storage."""
         target.mkdir(mode=0o700, exist_ok=True)
-        self.mounts.append(str(target))
-        self.save()  # recorded first: a crash right after mounting still gets unmounted
+        self.record_mount(str(target))  # first: a crash right after mounting still unmounts
         options = f"size={size_bytes},mode={mode:o},uid={uid},gid={gid}".encode()
         if _libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options):
             err = ctypes.get_errno()
             raise SandboxStartFailed(f"could not mount the sandbox's storage: {os.strerror(err)}")
+
+    def record_mount(self, target: str) -> None:
+        """Record a mount about to be made at `target`: release unmounts it (last first)."""
+        self.mounts.append(target)
+        self.save()
+
+    def record_disk(self, image: str) -> None:
+        """Record a disk image about to be made: release removes it after the unmounts."""
+        self.disk = image
+        self.save()
 
     def claim_uid_slot(self, slots_dir: Path, count: int) -> int:
         """Take a free slot in [0, count): one unprivileged host uid per live sandbox."""
@@ -160,6 +171,10 @@ class Footprint:
                 errno.ENOENT,
             ):
                 log.warning("could not unmount %s: %s", target, os.strerror(ctypes.get_errno()))
+        if self.disk is not None:
+            # Unmounted (lazily) above; the loop device lets go of it with its last user.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.disk)
         for pid, start in self.processes:
             if process_alive(pid, start):
                 with contextlib.suppress(ProcessLookupError):

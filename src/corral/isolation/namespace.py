@@ -33,18 +33,19 @@ import weakref
 from pathlib import Path
 
 from corral.config import Settings
-from corral.errors import IsolationUnavailable
+from corral.errors import IsolationUnavailable, SandboxStartFailed
 from corral.isolation import netns, seccomp
 from corral.isolation.agent_install import agent_command, install_agent
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
+from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
-from corral.isolation.templates import Template, get_template
+from corral.isolation.rootfs import add_account, has_program, make_root, shm_dir
+from corral.isolation.templates import SANDBOX_USER, Template, get_template
 from corral.network import resolver
 
 SANDBOX_UID = 1000
-SANDBOX_USER = "user"
 HOME = f"/home/{SANDBOX_USER}"
 WORKSPACE = "/workspace"
 AGENT_DIR = "/.corral"
@@ -110,11 +111,14 @@ def _userns_works(bwrap: str) -> str | None:
 class NamespaceBackend(Backend):
     name = "namespace"
     entrypoints = True
+    layer_templates = True
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._shared: Path | None = None
         self._release_shared: weakref.finalize[[], NamespaceBackend] | None = None
+        # Layer templates' sandbox disks, a few formatted ahead.
+        self._disks = DiskSpares(settings.data_dir / "disks")
 
     def network_modes(self) -> frozenset[str]:
         if netns.tools_missing():
@@ -159,7 +163,13 @@ class NamespaceBackend(Backend):
     def plan(
         self, footprint: Footprint, spec: SandboxSpec, entrypoint: Entrypoint | None = None
     ) -> LaunchPlan:
-        template = get_template(spec.template)
+        layered = spec.rootfs
+        template = get_template(spec.template) if layered is None else None
+        if layered is not None and os.geteuid() != 0:
+            raise IsolationUnavailable(
+                f"sandboxes of the layer template {layered.name!r} need Corral to run as "
+                "root for now (their disk and overlay are mounted by the host)"
+            )
         limits = spec.limits
         options = [
             "--unshare-user", "--unshare-pid", "--unshare-ipc",
@@ -167,8 +177,36 @@ class NamespaceBackend(Backend):
             "--disable-userns", "--die-with-parent", "--new-session",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--hostname", footprint.id.replace("_", "-"),
-            "--proc", "/proc", "--dev", "/dev",
         ]  # fmt: skip
+        root = None
+        uid = gid = None
+        if os.geteuid() == 0:
+            slot = footprint.claim_uid_slot(
+                self.settings.runtime_dir / "uids", self.settings.uid_count
+            )
+            uid = gid = self.settings.uid_base + slot
+        if layered is not None:
+            assert uid is not None and gid is not None
+            disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
+            root = make_root(footprint, layered, self._disks, disk, limits.disk_bytes, uid, gid)
+            if entrypoint is None and not has_program(root, self.settings.guest_python):
+                raise SandboxStartFailed(
+                    f"the template {layered.name!r} has no {self.settings.guest_python} for "
+                    "the guest agent; add python3 to the template (a self-contained agent "
+                    "is to come: docs/templates-plan.md, section 6)"
+                )
+            # Its user has a name (`id -un`, prompts), in files it may edit (copied up).
+            shell = _shell(root)
+            add_account(
+                root,
+                "passwd",
+                SANDBOX_UID,
+                f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n",
+            )
+            add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
+            # First: the other mounts go on top of it. Writable: bounded by its disk.
+            options += ["--bind", str(root), "/"]
+        options += ["--proc", "/proc", "--dev", "/dev"]
         if footprint.netns is None:
             options.append("--unshare-net")  # loopback only
         # Else the launcher joins the namespace made for it, rules loaded (`netns`).
@@ -181,17 +219,16 @@ class NamespaceBackend(Backend):
         # seccomp, no capabilities): it reaps orphans, and when the command exits it
         # exits too, which ends every process left in the namespace.
         options += _proc_masks()
-        for host_path, path in template.ro_binds:
-            options += ["--ro-bind", host_path, path]
-        for target, path in template.symlinks:
-            options += ["--symlink", target, path]
+        if template is not None:
+            for host_path, path in template.ro_binds:
+                options += ["--ro-bind", host_path, path]
+            for target, path in template.symlinks:
+                options += ["--symlink", target, path]
 
-        uid = gid = None
-        if os.geteuid() == 0:
-            slot = footprint.claim_uid_slot(
-                self.settings.runtime_dir / "uids", self.settings.uid_count
-            )
-            uid = gid = self.settings.uid_base + slot
+        if layered is not None:
+            # /workspace, /tmp and the home are in its root already, on its disk.
+            options += ["--bind", str(shm_dir(footprint)), "/dev/shm"]
+        elif uid is not None and gid is not None:
             storage = footprint.path / "rw"
             footprint.mount_tmpfs(storage, limits.storage_bytes, uid, gid)
             for name, path, mode in _WRITABLE:
@@ -206,18 +243,20 @@ class NamespaceBackend(Backend):
                 options += ["--tmpfs", path]
 
         shared = self._shared_root()
-        options += ["--ro-bind", str(_shared_etc(shared, template)), "/etc"]
+        if template is not None:  # a layer template's /etc is its own
+            options += ["--ro-bind", str(_shared_etc(shared, template)), "/etc"]
         if entrypoint is None:
             agent_dir = install_agent(self.settings.runtime_dir, self.settings.guest_python)
             if shared != self.settings.runtime_dir:
                 agent_dir = _copy_once(agent_dir, shared / "guest" / agent_dir.name)
             options += ["--ro-bind", str(agent_dir), AGENT_DIR]
-            command = agent_command(AGENT_DIR, self.settings.guest_python, WORKSPACE)
-            workdir = WORKSPACE
+            workdir = (layered.workdir if layered else None) or WORKSPACE
+            command = agent_command(AGENT_DIR, self.settings.guest_python, workdir)
         else:
             command = list(entrypoint.argv)
-            workdir = entrypoint.cwd or WORKSPACE
-        options += ["--symlink", "/tmp", "/var/tmp"]  # programs expect it; same bounded storage
+            workdir = entrypoint.cwd or (layered.workdir if layered else None) or WORKSPACE
+        if template is not None:  # programs expect it; same bounded storage
+            options += ["--symlink", "/tmp", "/var/tmp"]
 
         env = {
             "PATH": PATH,
@@ -226,7 +265,8 @@ class NamespaceBackend(Backend):
             "LOGNAME": SANDBOX_USER,
             "LANG": "C.UTF-8",
             "TMPDIR": "/tmp",
-            "SHELL": "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh",
+            "SHELL": _shell(root),
+            **(layered.env if layered else {}),
             **spec.env,
             **(entrypoint.env if entrypoint else {}),
         }
@@ -244,7 +284,8 @@ class NamespaceBackend(Backend):
                 options += ["--dir", workdir]
             # bubblewrap's /dev is a tmpfs of its own, unbounded: read-only, so that all
             # the sandbox can write is its storage (/dev/shm included), within disk_mib.
-            options += ["--remount-ro", "/", "--remount-ro", "/dev"]
+            # A layer template's `/` stays writable: its writes go to its disk.
+            options += ([] if layered else ["--remount-ro", "/"]) + ["--remount-ro", "/dev"]
             fds.append(seccomp.filter_fd())
             options += ["--seccomp", str(fds[-1])]
             options += ["--clearenv"]
@@ -299,6 +340,13 @@ class NamespaceBackend(Backend):
         if self._release_shared is not None:
             self._release_shared()
         self._shared = self._release_shared = None
+
+
+def _shell(root: Path | None) -> str:
+    """bash if the sandbox's root (`None`: the host's) has it, else sh."""
+    if root is None:
+        return "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    return "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"
 
 
 def _copy_once(source: Path, target: Path) -> Path:

@@ -1,18 +1,25 @@
 """Templates: the read-only root filesystems sandboxes start from.
 
-This issue ships one, `host`: the host's /usr (read-only, no build, instant) and the few
-files under /etc that programs need to run — never the host's secrets (/etc/shadow,
-ssh keys), /root, /home or /var.
+Two kinds:
+- `host`, built in: the host's /usr (read-only, no build, instant) and the few files under
+  /etc that programs need to run — never the host's secrets (/etc/shadow, ssh keys),
+  /root, /home or /var.
+- layer templates (`LayerTemplate`), registered in an engine's `Templates`: `/` is an
+  overlay of stored layers (`corral.images`), each sandbox writing to a disk of its own
+  (`corral.isolation.rootfs`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from corral.errors import UnknownTemplate
+from corral.errors import InvalidRequest, UnknownTemplate
+from corral.images import LayerStore
 
 # /etc entries a shell, the dynamic linker, Python and TLS clients need. Everything else
 # under the host's /etc stays invisible; passwd/group/hosts are written per sandbox.
@@ -67,6 +74,9 @@ def _host_template() -> Template:
 
 
 TEMPLATE_NAMES = ("host",)
+# The only user a sandbox runs as for now (uid 1000 in its user namespace; see `namespace`).
+SANDBOX_USER = "user"
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def get_template(name: str) -> Template:
@@ -75,3 +85,88 @@ def get_template(name: str) -> Template:
     raise UnknownTemplate(
         f"unknown template {name!r}; available templates: {', '.join(TEMPLATE_NAMES)}"
     )
+
+
+@dataclass(frozen=True)
+class LayerTemplate:
+    """A root filesystem made of stored layers (bottom first) and what sandboxes of it
+    start with: environment, working directory (None: /workspace) and user."""
+
+    name: str
+    layers: tuple[Path, ...]
+    digests: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    user: str = SANDBOX_USER
+
+
+class Templates:
+    """The templates an engine can start sandboxes from: `host` and the layer templates
+    added to it (the services fill it from the SQL store). A template holds a reference
+    on each of its layers in the store, so the store refuses to remove them."""
+
+    def __init__(self) -> None:
+        self._layered: dict[str, tuple[LayerStore, LayerTemplate]] = {}
+
+    def names(self) -> list[str]:
+        return [*TEMPLATE_NAMES, *sorted(self._layered)]
+
+    def add(
+        self,
+        name: str,
+        store: LayerStore,
+        digests: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str = SANDBOX_USER,
+    ) -> LayerTemplate:
+        """Register (or replace) the layer template `name`; its layers must be in `store`."""
+        if _NAME.fullmatch(name) is None or name in TEMPLATE_NAMES:
+            raise InvalidRequest(
+                f"template name {name!r} is invalid or reserved: use 1-64 lower-case "
+                "letters, digits, '.', '_', '-' (not 'host')"
+            )
+        if not digests:
+            raise InvalidRequest(f"template {name!r} needs at least one layer")
+        if user != SANDBOX_USER:
+            raise InvalidRequest(
+                f"template {name!r} asks for user {user!r}; sandboxes run as {SANDBOX_USER!r} "
+                "only for now: leave the user out"
+            )
+        if workdir is not None and (not workdir.startswith("/") or "\0" in workdir):
+            raise InvalidRequest(f"workdir {workdir!r} must be an absolute path")
+        for key, value in (env or {}).items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidRequest(f"environment variable {key!r} is invalid")
+        layers = tuple(store.get(digest).path for digest in digests)  # UnknownLayer if not
+        template = LayerTemplate(name, layers, tuple(digests), dict(env or {}), workdir, user)
+        holder = f"template.{name}"
+        for digest in digests:
+            store.reference(digest, holder)
+        if (old := self._layered.get(name)) is not None:
+            for digest in set(old[1].digests) - set(digests):
+                old[0].release(digest, holder)
+        self._layered[name] = (store, template)
+        return template
+
+    def remove(self, name: str) -> None:
+        """Forget the layer template `name` and release its layers (sandboxes started
+        from it keep running: their root is mounted)."""
+        store, template = self._entry(name)
+        for digest in template.digests:
+            store.release(digest, f"template.{name}")
+        del self._layered[name]
+
+    def get(self, name: str) -> Template | LayerTemplate:
+        if name in TEMPLATE_NAMES:
+            return get_template(name)
+        return self._entry(name)[1]
+
+    def _entry(self, name: str) -> tuple[LayerStore, LayerTemplate]:
+        try:
+            return self._layered[name]
+        except KeyError:
+            raise UnknownTemplate(
+                f"unknown template {name!r}; available templates: {', '.join(self.names())}"
+            ) from None

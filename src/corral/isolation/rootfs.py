@@ -1,0 +1,351 @@
+"""The `/` of a sandbox of a layer template: its own disk, its template's layers, an overlay.
+
+Per sandbox, each piece recorded in its footprint before it is made (a crash is undone by
+the reaper):
+1. its disk (`corral.isolation.disks`): a sparse ext4 image of `disk_mib` under the data
+   dir (never the runtime dir's tmpfs: writes must not be memory), loop-mounted
+   nosuid,nodev. It holds the
+   overlay's upper/ and work/ and /dev/shm; ENOSPC at its size is the loop fs's own, the
+   host's fs only sees the sparse file grow.
+2. each layer bind-mounted read-only and *idmapped*: what the layer stores as owned by
+   root (0) appears owned by the sandbox's host uid, so the sandbox user (uid 1000 in its
+   user namespace, that host uid outside) may write anywhere in `/` — `/etc/x`, a
+   `pip install` into /usr/local — and every write is copied up to its own disk. The
+   layer itself is never written (read-only lower of an overlay, read-only mount).
+3. overlayfs of those layers under the disk's upper dir: the tree bubblewrap binds at `/`.
+
+What is missing for root *inside* (apt-get as uid 0): a 65536-id range per uid slot and a
+user namespace mapping it (docs/templates-plan.md, section 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+import subprocess
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from corral.errors import SandboxStartFailed
+from corral.images import mount_overlay
+from corral.isolation.disks import DiskSpares
+from corral.isolation.footprint import Footprint
+from corral.isolation.templates import LayerTemplate
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# x86_64 and arm64 share these numbers (new syscalls are numbered alike everywhere).
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_OPEN_TREE_CLONE, _AT_EMPTY_PATH, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 0x4
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_MOUNT_ATTR_IDMAP = 0x100000
+_AT_FDCWD = -100
+_MS_NOSUID, _MS_NODEV = 0x2, 0x4
+_LOOP_CTL_GET_FREE, _LOOP_CONFIGURE, _LO_FLAGS_AUTOCLEAR = 0x4C82, 0x4C0A, 4
+# struct loop_config: fd, block_size, struct loop_info64 (lo_flags at byte 52 of its 232),
+# 8 reserved u64s.
+_LOOP_CONFIG = struct.Struct("=II52xI176x64x")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise SandboxStartFailed(
+            f"could not {what}: {os.strerror(err)} (a layer template needs Linux 5.19+ "
+            "with idmapped mounts on the layer store's file system)"
+        )
+    return result
+
+
+def make_root(
+    footprint: Footprint,
+    template: LayerTemplate,
+    disks: DiskSpares,
+    disk: Path,
+    disk_bytes: int,
+    uid: int,
+    gid: int,
+) -> Path:
+    """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
+    mounted root, with /workspace, /tmp and the user's home made writable by `uid`."""
+    userns_of = _userns_mapping_root_to(uid, gid)  # meanwhile, the disk
+    try:
+        footprint.record_disk(str(disk))
+        disks.take(disk, disk_bytes)
+        mnt = footprint.path / "disk"
+        mnt.mkdir(mode=0o700)
+        footprint.record_mount(str(mnt))
+        _mount_loop(disk, mnt)
+        for name, mode in (("upper", 0o755), ("work", 0o700), ("shm", 0o1777)):
+            (mnt / name).mkdir()
+            os.chmod(mnt / name, mode)
+            os.chown(mnt / name, uid, gid)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            os.close(userns_of())  # its child waited for
+        raise
+    userns = userns_of()
+    lowers = footprint.path / "layers"
+    lowers.mkdir(mode=0o700)
+    try:
+        paths = []
+        for i, layer in enumerate(template.layers):
+            target = lowers / str(i)
+            target.mkdir()
+            footprint.record_mount(str(target))
+            _bind_idmapped(layer, target, userns)
+            paths.append(target)
+    finally:
+        os.close(userns)
+    root = footprint.path / "root"
+    root.mkdir(mode=0o755)
+    footprint.record_mount(str(root))
+    # The sandbox reads its `/`'s mount options in /proc/self/mountinfo: name the layers
+    # and the upper dir through a file descriptor, not by host paths (they would name the
+    # runtime dir, see `namespace._shared_root`).
+    here = os.open(footprint.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        via = Path(f"/proc/self/fd/{here}")
+        lowers_via = [via / path.relative_to(footprint.path) for path in paths]
+        mount_overlay(lowers_via, via / "disk" / "upper", via / "disk" / "work", root)
+    finally:
+        os.close(here)
+    # The sandbox's places, made here (copied up as the host's root, then given to it).
+    for path, mode in (("workspace", 0o755), ("home/user", 0o755), ("tmp", 0o1777)):
+        _own_dir(root, path, mode, uid, gid)
+    return root
+
+
+def _own_dir(root: Path, path: str, mode: int, uid: int, gid: int) -> None:
+    """Make `root`/`path` a directory of `uid` with `mode`, never following a symlink:
+    the tree is the template's, and this runs as the host's root (a layer's `/tmp ->
+    /etc` must not make the host's /etc the sandbox's)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in path.split("/"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                child = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as exc:
+                raise SandboxStartFailed(
+                    f"the template's /{path} is not a directory (a symlink or a file): "
+                    "fix the template"
+                ) from exc
+            os.close(fd)
+            fd = child
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def shm_dir(footprint: Footprint) -> Path:
+    """The sandbox's /dev/shm, on its disk."""
+    return footprint.path / "disk" / "shm"
+
+
+def _run(argv: list[str], what: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise SandboxStartFailed(f"could not {what}: {done.stderr.strip()[-300:]}")
+
+
+def _mount_loop(image: Path, target: Path) -> None:
+    """Mount the ext4 `image` at `target` (nosuid, nodev) through a free loop device that
+    detaches itself once unmounted (autoclear). In-process: `mount -o loop` costs ~10 ms."""
+    image_fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(64):  # another process may take the free device first
+                number = fcntl.ioctl(control, _LOOP_CTL_GET_FREE)
+                loop = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    config = _LOOP_CONFIG.pack(image_fd, 0, _LO_FLAGS_AUTOCLEAR)
+                    try:
+                        fcntl.ioctl(loop, _LOOP_CONFIGURE, config)
+                    except OSError as exc:
+                        if exc.errno == errno.EBUSY:
+                            continue
+                        raise
+                    if _libc.mount(
+                        f"/dev/loop{number}".encode(), str(target).encode(), b"ext4",
+                        _MS_NOSUID | _MS_NODEV, None,
+                    ):  # fmt: skip
+                        err = ctypes.get_errno()
+                        raise OSError(err, os.strerror(err))
+                    return  # closing `loop` leaves the mount its only user
+                finally:
+                    os.close(loop)
+            raise OSError(errno.EBUSY, "no free loop device")
+        finally:
+            os.close(control)
+    except OSError as exc:
+        raise SandboxStartFailed(f"could not mount the sandbox's disk: {exc}") from exc
+    finally:
+        os.close(image_fd)
+
+
+# Namespaces mapping 0 to a host uid, by uid: each costs a process to make (~2-5 ms), and
+# a uid slot is reused by later sandboxes. Bounded; an evicted one is closed.
+_userns: OrderedDict[tuple[int, int], int] = OrderedDict()
+_userns_lock = threading.Lock()
+_USERNS_KEPT = 256
+
+
+def _userns_mapping_root_to(uid: int, gid: int) -> Callable[[], int]:
+    """Start getting a user namespace in which 0 is host `uid`/`gid` (and nothing else is
+    mapped), for `MOUNT_ATTR_IDMAP`; the function returned waits for it and gives an fd
+    the caller closes. Made by a child process (~2-5 ms, done while the caller mounts the
+    disk), and kept for the next sandbox of that uid."""
+    with _userns_lock:
+        if (fd := _userns.get((uid, gid))) is not None:
+            _userns.move_to_end((uid, gid))
+            kept = os.dup(fd)
+            return lambda: kept
+    child = subprocess.Popen(
+        ["unshare", "--user", "sh", "-c", "echo; read x"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+
+    def finish() -> int:
+        fd = _map_userns(child, uid, gid)
+        with _userns_lock:
+            if (kept := _userns.setdefault((uid, gid), fd)) != fd:
+                os.close(fd)  # another thread made one meanwhile
+            while len(_userns) > _USERNS_KEPT:
+                os.close(_userns.popitem(last=False)[1])
+            return os.dup(kept)
+
+    return finish
+
+
+def _map_userns(child: subprocess.Popen[bytes], uid: int, gid: int) -> int:
+    """Map 0 to `uid`/`gid` in the namespace of `child` (an `unshare --user` that prints a
+    line once in it, then waits for its stdin to close); its fd."""
+    with child:
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            child.stdout.readline()  # in its namespace now
+            with open(f"/proc/{child.pid}/uid_map", "w") as f:
+                f.write(f"0 {uid} 1\n")
+            with open(f"/proc/{child.pid}/gid_map", "w") as f:
+                f.write(f"0 {gid} 1\n")
+            return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SandboxStartFailed(f"could not make the layers' id mapping: {exc}") from exc
+        finally:
+            child.stdin.close()  # it exits; leaving `with` waits for it
+
+
+def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
+    """Bind `source` at `target`, read-only, nosuid, nodev, owners mapped through `userns`."""
+    syscall = _libc.syscall
+    tree = _check(
+        syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(source).encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC),
+        f"clone the layer {source}",
+    )
+    try:
+        attr = _MountAttr(
+            _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
+            0,
+            0,
+            userns,
+        )
+        _check(
+            syscall(
+                _SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
+                ctypes.sizeof(attr),
+            ),
+            f"idmap the layer {source}",
+        )  # fmt: skip
+        _check(
+            syscall(
+                _SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, str(target).encode(),
+                _MOVE_MOUNT_F_EMPTY_PATH,
+            ),
+            f"mount the layer {source}",
+        )  # fmt: skip
+    finally:
+        os.close(tree)
+
+
+def add_account(root: Path, name: str, number: int, line: str) -> None:
+    """Append `line` to the root's /etc/`name` (passwd, group) unless an entry has id
+    `number`; nothing when it is missing or not a regular file. Never follows a symlink
+    (this runs as the host's root); opening it for writing copies it up to the disk."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    top = os.open(root, flags)
+    try:
+        etc = os.open("etc", flags, dir_fd=top)
+    except OSError:
+        return
+    finally:
+        os.close(top)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=etc)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return
+            with os.fdopen(os.dup(fd), "rb") as f:
+                text = f.read(1 << 20).decode(errors="replace")
+        finally:
+            os.close(fd)
+        if any(entry.split(":")[2:3] == [str(number)] for entry in text.splitlines()):
+            return
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=etc)
+        with os.fdopen(fd, "ab") as f:
+            f.write((("" if not text or text.endswith("\n") else "\n") + line).encode())
+    except OSError:
+        return
+    finally:
+        os.close(etc)
+
+
+def resolve_in(root: Path, path: str) -> Path | None:
+    """`path` (as the sandbox sees it) in the tree `root`, its symlinks followed inside
+    `root`, never out to the host's files; None past 40 symlinks."""
+    pending, done, hops = [p for p in path.split("/") if p], list[str](), 0
+    while pending:
+        part = pending.pop(0)
+        if part in (".", ".."):
+            if part == ".." and done:
+                done.pop()
+            continue
+        candidate = root.joinpath(*done, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                done = []
+            pending = [p for p in target.split("/") if p] + pending
+            continue
+        done.append(part)
+    return root.joinpath(*done)
+
+
+def has_program(root: Path, path: str) -> bool:
+    """Whether `path` (as the sandbox sees it) is an executable file in `root`."""
+    found = resolve_in(root, path)
+    return found is not None and found.is_file() and os.access(found, os.X_OK)

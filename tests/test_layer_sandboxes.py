@@ -1,0 +1,322 @@
+"""Sandboxes whose `/` is a layer template: the Debian base (bootstrapped offline from the
+local archive, as tests/test_debian_base.py does) overlaid under a disk of each sandbox's
+own. The guest agent runs in it; the sandbox writes anywhere in `/`, bounded by its disk;
+two sandboxes do not see each other's writes; the layer never changes; nothing is left
+after destroy, nor after its owner is SIGKILLed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.config import Settings
+from corral.errors import SandboxStartFailed
+from corral.images import Layer, LayerStore, tree_digest
+from corral.isolation import Engine
+from tests.conftest import require_backend
+from tests.kit.polling import wait_until
+
+# `make setup`'s; another one (a worktree's own, while the script's list changes) by name.
+ARCHIVE = Path(
+    os.environ.get("CORRAL_TEST_DEBIAN_ARCHIVE")
+    or Path(__file__).resolve().parent.parent / ".cache" / "debian"
+)
+
+
+def archive_has_python3() -> bool:
+    packages = ARCHIVE / "Packages"
+    return packages.is_file() and "\nPackage: python3\n" in "\n" + packages.read_text()
+
+
+pytestmark = [
+    pytest.mark.sandbox,
+    pytest.mark.skipif(os.geteuid() != 0, reason="layer templates need root for now"),
+    pytest.mark.skipif(
+        not archive_has_python3(),
+        reason=f"no local Debian archive with python3 in {ARCHIVE}: run `make setup` as root",
+    ),
+    pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap: make setup"),
+]
+
+
+def suite() -> str:
+    for line in (ARCHIVE / "Release").read_text().splitlines():
+        if line.startswith("Codename:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"{ARCHIVE}/Release names no codename")
+
+
+def bootstrap_debian_base(target: Path) -> None:
+    """The Debian base (apt + python3: the agent needs json and ctypes), offline: copy://
+    of the local archive, in a network namespace with loopback only."""
+    subprocess.run(
+        [
+            "unshare", "--net", "mmdebstrap", "--quiet", "--mode=root", "--variant=apt",
+            "--include=python3", suite(), str(target),
+            f"deb [trusted=yes] copy://{ARCHIVE} ./",
+        ],
+        stdin=subprocess.DEVNULL,
+        check=True,
+        timeout=540,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def debian_base(settings: Settings) -> Iterator[tuple[LayerStore, Layer]]:
+    """A layer store (in the session's data dir) holding the Debian base as one layer."""
+    store = LayerStore(settings.data_dir / "templates")
+    rootfs = settings.data_dir / "debian-rootfs"
+    bootstrap_debian_base(rootfs)
+    try:
+        layer = store.import_dir(rootfs)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+    yield store, layer
+
+
+@pytest.fixture
+def engine_debian(
+    engine: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> Engine:
+    require_backend(settings, "namespace")
+    store, layer = debian_base
+    engine.templates.add("debian", store, [layer.digest], env={"TEMPLATE": "debian"})
+    return engine
+
+
+def leftovers(settings: Settings, sandbox_id: str) -> list[str]:
+    """What of sandbox `sandbox_id` is still on the host: mounts, its disk image, a loop
+    device backed by it, its footprint directory."""
+    left = [
+        line for line in Path("/proc/self/mounts").read_text().splitlines() if sandbox_id in line
+    ]
+    disk = settings.data_dir / "disks" / f"{sandbox_id}.img"
+    if disk.exists():
+        left.append(f"disk image {disk}")
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if sandbox_id in backing.read_text():
+            left.append(f"loop device {backing.parent.parent.name}")
+    if (settings.runtime_dir / "sandboxes" / sandbox_id).exists():
+        left.append("footprint directory")
+    return left
+
+
+async def test_guest_agent_runs_in_the_debian_base_and_writes_anywhere_in_root(
+    engine_debian: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    _, layer = debian_base
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    try:
+        # Its own /etc (the layer's, not the host's), its template's environment.
+        script = ". /etc/os-release; echo $ID $VERSION_CODENAME $TEMPLATE; id -u; id -un; pwd"
+        ran = await box.run(["sh", "-c", script])
+        assert ran.exit_code == 0, ran.stderr
+        expected = ["debian", suite(), "debian", "1000", "user", "/workspace"]
+        assert ran.stdout.decode().split() == expected
+        # Its account is in the template's files, which it may edit (on its disk).
+        ran = await box.run(["sh", "-c", "echo extra:x:1001:1001::/:/bin/sh >> /etc/passwd"])
+        assert ran.exit_code == 0, ran.stderr
+        # Root-owned places of the template are writable: copies on its own disk.
+        script = (
+            "mkdir -p /usr/local/lib/python3/dist-packages/pkg && "
+            "echo 'print(42)' > /usr/local/lib/python3/dist-packages/pkg/mod.py && "
+            "echo written > /etc/x && echo appended >> /etc/os-release && "
+            "python3 /usr/local/lib/python3/dist-packages/pkg/mod.py && cat /etc/x"
+        )
+        ran = await box.run(["sh", "-c", script])
+        assert ran.exit_code == 0, ran.stderr
+        assert ran.stdout.decode().split() == ["42", "written"]
+        # File operations through the agent, in the workspace and in /etc.
+        await box.write_file("/workspace/hello.txt", b"hi\n")
+        assert await box.read_bytes("/workspace/hello.txt") == b"hi\n"
+        assert await box.read_bytes("/etc/x") == b"written\n"
+        # Its mount table names no host path (no runtime dir, no data dir).
+        mountinfo = (await box.read_bytes("/proc/self/mountinfo")).decode()
+        assert " / / " in mountinfo
+        for host_path in (str(settings.runtime_dir), str(settings.data_dir)):
+            assert host_path not in mountinfo
+    finally:
+        await box.destroy()
+    assert leftovers(settings, box.id) == []
+    assert not (layer.path / "etc" / "x").exists()
+    assert tree_digest(layer.path) == layer.digest
+
+
+async def test_two_sandboxes_of_a_template_do_not_see_each_others_writes(
+    engine_debian: Engine,
+) -> None:
+    first = await engine_debian.create(template="debian", isolation="namespace")
+    second = await engine_debian.create(template="debian", isolation="namespace")
+    try:
+        ran = await first.run(
+            ["sh", "-c", "echo first > /etc/mine && echo first > /usr/local/mine"]
+        )
+        assert ran.exit_code == 0, ran.stderr
+        ran = await second.run(["sh", "-c", "ls /etc/mine /usr/local/mine"])
+        assert ran.exit_code != 0
+        assert "No such file" in ran.stderr.decode()
+    finally:
+        await first.destroy()
+        await second.destroy()
+
+
+async def test_disk_limit_is_enospc_inside_and_the_host_is_untouched(
+    engine_debian: Engine, settings: Settings
+) -> None:
+    from corral.limits import Limits
+
+    box = await engine_debian.create(
+        template="debian", isolation="namespace", limits=Limits(disk_mib=64)
+    )
+    disk = settings.data_dir / "disks" / f"{box.id}.img"
+    try:
+        assert disk.stat().st_size == 64 << 20
+        # More than the disk holds, written into the template's /usr.
+        ran = await box.run(
+            ["sh", "-c", "dd if=/dev/zero of=/usr/big bs=1M count=200 2>&1; echo rc=$?"]
+        )
+        assert "No space left on device" in ran.stdout.decode()
+        assert "rc=1" in ran.stdout.decode()
+        # The host's file system holds at most the disk's size for it.
+        assert disk.stat().st_blocks * 512 <= 64 << 20
+        # It still works after: deleting frees its space.
+        ran = await box.run(["sh", "-c", "rm /usr/big && echo ok > /etc/after && cat /etc/after"])
+        assert ran.stdout.decode().strip() == "ok", ran.stderr
+    finally:
+        await box.destroy()
+    assert leftovers(settings, box.id) == []
+
+
+async def test_a_template_without_python_is_refused_with_a_clear_error(
+    engine: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    require_backend(settings, "namespace")
+    store, _ = debian_base
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("bin/sh")
+        info.size, info.mode = 3, 0o755
+        tar.addfile(info, io.BytesIO(b"#!\n"))
+    raw.seek(0)
+    bare = store.import_tar(raw)
+    engine.templates.add("bare", store, [bare.digest])
+    with pytest.raises(SandboxStartFailed, match="no /usr/bin/python3 for the guest agent"):
+        await engine.create(template="bare", isolation="namespace")
+    assert not list((settings.data_dir / "disks").glob("*.img")) or all(
+        leftovers(settings, p.stem) == [] for p in (settings.data_dir / "disks").glob("*.img")
+    )
+
+
+_OWNER = """
+import asyncio, sys
+from pathlib import Path
+from corral.config import Settings
+from corral.images import LayerStore
+from corral.isolation import Engine
+
+async def main():
+    settings = Settings(**{k: Path(v) if k.endswith("dir") else v for k, v in %r.items()})
+    engine = Engine(settings)
+    engine.templates.add("debian", LayerStore(Path(%r)), [%r])
+    box = await engine.create(template="debian", isolation="namespace")
+    await box.run(["sh", "-c", "echo x > /etc/owned"])
+    print(box.id, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_the_reaper_removes_the_disk_and_mounts_of_a_sigkilled_owner(
+    settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    require_backend(settings, "namespace")
+    store, layer = debian_base
+    fields = {
+        "data_dir": str(settings.data_dir),
+        "runtime_dir": str(settings.runtime_dir),
+        "cgroup_parent": settings.cgroup_parent,
+        "allow_process_backend": True,
+    }
+    with subprocess.Popen(
+        [sys.executable, "-c", _OWNER % (fields, str(store.root), layer.digest)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as owner:
+        assert owner.stdout is not None
+        sandbox_id = owner.stdout.readline().strip()
+        assert sandbox_id.startswith("sb_"), sandbox_id
+        assert leftovers(settings, sandbox_id) != []
+        owner.send_signal(signal.SIGKILL)
+    Engine(settings)  # reaps at its start
+    wait_until(lambda: leftovers(settings, sandbox_id) == [], "the reaper", timeout=10)
+    assert json.dumps(leftovers(settings, sandbox_id)) == "[]"
+    assert tree_digest(layer.path) == layer.digest
+
+
+async def test_disks_are_formatted_ahead_and_taken_whole(
+    engine_debian: Engine, settings: Settings
+) -> None:
+    from corral.limits import Limits
+
+    limits = Limits(disk_mib=48)
+    spares = settings.data_dir / "disks" / "spare" / str(48 << 20)
+    first = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
+    await first.destroy()
+    ready = wait_until(lambda: len(list(spares.glob("*.img"))) >= 2 or None, "two spare disks")
+    assert ready
+    inodes = {p.stat().st_ino for p in spares.glob("*.img")}
+    second = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
+    try:
+        disk = settings.data_dir / "disks" / f"{second.id}.img"
+        assert disk.stat().st_ino in inodes  # a spare, renamed into place
+        ran = await second.run(["sh", "-c", "df -k / | tail -1"])
+        assert ran.exit_code == 0, ran.stderr
+        assert 40 << 10 < int(ran.stdout.split()[1]) <= 48 << 10  # its `/` is its disk
+    finally:
+        await second.destroy()
+    assert leftovers(settings, second.id) == []
+
+
+@pytest.mark.parametrize("place", ["tmp", "home"])
+async def test_a_layer_symlink_out_of_the_root_does_not_give_the_sandbox_a_host_dir(
+    engine: Engine, settings: Settings, tmp_path: Path, place: str
+) -> None:
+    """The host (root) makes /workspace, /home/user and /tmp in the sandbox's root: a
+    layer whose /tmp or /home is a symlink to a host directory must not make the host
+    chown or chmod that directory to the sandbox."""
+    require_backend(settings, "namespace")
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    before = victim.stat()
+    store = LayerStore(settings.data_dir / "templates")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo(place)
+        info.type, info.linkname = tarfile.SYMTYPE, str(victim)
+        tar.addfile(info)
+    raw.seek(0)
+    hostile = store.import_tar(raw)
+    engine.templates.add("hostile", store, [hostile.digest])
+    try:
+        with pytest.raises(SandboxStartFailed, match=f"the template's /{place}"):
+            await engine.create(template="hostile", isolation="namespace")
+    finally:
+        engine.templates.remove("hostile")
+    after = victim.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+    assert list(victim.iterdir()) == []
