@@ -36,6 +36,10 @@ system-packages:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages: $${missing[*]}"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$${missing[@]}" >/dev/null; \
+	    if [[ " $${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then \
+	      systemctl disable --now docker-registry >/dev/null 2>&1 || true; \
+	      echo "docker-registry is installed for the tests only: its service is disabled"; \
+	    fi; \
 	  else \
 	    echo "missing Debian packages: $${missing[*]}"; \
 	    echo "run: sudo apt-get install -y $${missing[*]}   (or run make as root)"; exit 1; \

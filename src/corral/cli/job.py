@@ -368,13 +368,13 @@ def add_commands(commands: Commands) -> None:
         "-f", "--follow", action="store_true", help="until the job ends; exit with its code"
     )
     p.add_argument(
-        "--offset", type=whole(), default=0, help="the first chunk: 0, or a chunk's seq + 1"
+        "--offset", type=whole(0), default=0, help="the first chunk: 0, or a chunk's seq + 1"
     )
 
     p = with_id("events", events)
     p.add_argument("-f", "--follow", action="store_true", help="until the job ends")
     p.add_argument(
-        "--offset", type=whole(), default=0, help="the first event: 0, or an event's seq + 1"
+        "--offset", type=whole(0), default=0, help="the first event: 0, or an event's seq + 1"
     )
     add_output(p)
 
