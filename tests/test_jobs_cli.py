@@ -235,7 +235,8 @@ def test_bad_input_gets_a_clear_line_and_the_right_code(server: LiveServer, tmp_
         (("submit", "--retries", "99", "--", "true"), None, "retries: 99 is out of range"),
         (("submit", "-l", "novalue", "--", "true"), None, "--label 'novalue' is not KEY=VALUE"),
         (("list", "--state", "done"), None, "unknown job state 'done'"),
-        (("logs", "j1", "--offset", "-1"), None, "offset=-1"),
+        (("logs", "j1", "--offset", "-1"), None, "--offset: use 0 or more"),  # before any call
+        (("events", "j1", "--offset", "-1"), None, "--offset: use 0 or more"),
     ]
     for args, stdin, message in cases:
         done = server.corral("job", *args, input=stdin)
