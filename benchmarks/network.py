@@ -47,22 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' kit
 
 import ports
 from engine import percentiles
+from network_paths import DOWNLOAD, DOWNLOAD_BYTES, GET
 
 from tests.kit import internet as fake
 from tests.kit import rootless
 
-DOWNLOAD_BYTES = 100_000_000
-GET = (
-    "import time, urllib.request as u\n"
-    "t = time.perf_counter(); u.urlopen('http://{host}/', timeout=10).read()\n"
-    "print((time.perf_counter() - t) * 1000)\n"
-)
-DOWNLOAD = (
-    "import time, urllib.request as u\n"
-    "t = time.perf_counter(); r = u.urlopen('http://{host}/bytes/{size}', timeout=60); n = 0\n"
-    "while chunk := r.read(1 << 20): n += len(chunk)\n"
-    "print(n / (time.perf_counter() - t) / 1e6)\n"
-)
 ALLOWLIST = ["allowed.test:80", f"{fake.ALLOWED_V4}/32"]
 
 

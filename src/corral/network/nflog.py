@@ -14,7 +14,6 @@ made in, and the thread (whose namespace changed) ends with the call.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -26,10 +25,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.network.setns import enter_netns
+
 log = logging.getLogger("corral.network")
 
 NETLINK_NETFILTER = 12
-CLONE_NEWNET = 0x40000000
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = NFNL_SUBSYS_ULOG << 8 | 0
 NFULNL_MSG_CONFIG = NFNL_SUBSYS_ULOG << 8 | 1
@@ -147,11 +147,7 @@ def _configure(sock: socket.socket, group: int) -> None:
 def _open_in(netns: Path, group: int) -> socket.socket:
     """A bound NFLOG socket made inside the network namespace at `netns` (runs in a thread
     of its own: setns changes the calling thread)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(netns, "rb") as ns:
-        if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"cannot enter network namespace {netns}: {os.strerror(code)}")
+    enter_netns(str(netns))
     return _prepare(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER), group)
 
 
