@@ -16,7 +16,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from engine import idle_cost, percentiles, run_cli
 
 from corral.config import Settings
 from corral.images import LayerStore
+from corral.images.debian import bootstrap
 from corral.isolation import Engine
 
 ARCHIVE = Path(
@@ -59,15 +59,8 @@ async def main(quick: bool) -> dict[str, Any]:
     report: dict[str, Any] = {"load_1min_before": os.getloadavg()[0]}
     try:
         rootfs = scratch / "rootfs"
-        subprocess.run(
-            [
-                "unshare", "--net", "mmdebstrap", "--quiet", "--mode=root", "--variant=apt",
-                "--include=python3", suite(), str(rootfs),
-                f"deb [trusted=yes] copy://{ARCHIVE} ./",
-            ],
-            check=True,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        mirror = f"deb [trusted=yes] copy://{ARCHIVE} ./"
+        bootstrap(suite(), rootfs, mirror=mirror, include=["python3"])
         store = LayerStore(scratch / "data" / "templates")
         layer = store.import_dir(rootfs)
         shutil.rmtree(rootfs)

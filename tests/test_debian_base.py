@@ -5,50 +5,26 @@ its writes landing in the upper dir only."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from corral.errors import InvalidRequest
 from corral.images import LayerStore, mount_overlay, unmount_overlay
+from corral.images.debian import bootstrap
+from tests.kit.debian import MIRROR, needs_archive, suite
 
-ARCHIVE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
-
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="mmdebstrap's root mode and mounts need root"),
-    pytest.mark.skipif(
-        not (ARCHIVE / "Release").is_file(),
-        reason=f"no local Debian archive in {ARCHIVE}: run `make setup` as root once",
-    ),
-    pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap: make setup"),
-]
-
-
-def suite() -> str:
-    for line in (ARCHIVE / "Release").read_text().splitlines():
-        if line.startswith("Codename:"):
-            return line.split(":", 1)[1].strip()
-    raise AssertionError(f"{ARCHIVE}/Release names no codename")
+pytestmark = [pytest.mark.integration, *needs_archive("python3-minimal")]
 
 
 @pytest.mark.timeout(600)
 def test_bootstrap_offline_import_and_run_on_an_overlay(tmp_path: Path) -> None:
     rootfs = tmp_path / "rootfs"
-    # unshare --net: the bootstrap cannot reach any network, so it must use the local
-    # archive only (copy:// because the chroot cannot see the host's paths).
-    subprocess.run(
-        [
-            "unshare", "--net", "mmdebstrap", "--quiet", "--mode=root", "--variant=apt",
-            "--include=python3-minimal", suite(), str(rootfs),
-            f"deb [trusted=yes] copy://{ARCHIVE} ./",
-        ],
-        stdin=subprocess.DEVNULL,
-        check=True,
-        timeout=540,
-    )  # fmt: skip
+    # A local mirror: bootstrap() runs mmdebstrap in a network namespace with loopback only,
+    # so it must use the local archive only (copy:// because the chroot cannot see the
+    # host's paths).
+    bootstrap(suite(), rootfs, mirror=MIRROR, include=["python3-minimal"])
     assert (rootfs / "usr" / "bin" / "python3").exists()
 
     store = LayerStore(tmp_path / "store")
@@ -78,3 +54,15 @@ def test_bootstrap_offline_import_and_run_on_an_overlay(tmp_path: Path) -> None:
     assert ran.stdout.strip() == "3"
     assert (upper / "etc" / "written").read_text() == "x"
     assert not (layer.path / "etc" / "written").exists()
+
+
+@pytest.mark.parametrize(
+    ("suite_name", "include", "variant"),
+    [("Bookworm", [], "apt"), ("bookworm", ["python3; rm -rf /"], "apt"), ("bookworm", [], "x")],
+)
+def test_bad_bootstrap_input_is_refused_before_mmdebstrap_runs(
+    tmp_path: Path, suite_name: str, include: list[str], variant: str
+) -> None:
+    with pytest.raises(InvalidRequest):
+        bootstrap(suite_name, tmp_path / "rootfs", mirror=MIRROR, include=include, variant=variant)
+    assert not (tmp_path / "rootfs").exists()

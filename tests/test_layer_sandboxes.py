@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,63 +22,17 @@ from corral.errors import SandboxStartFailed
 from corral.images import Layer, LayerStore, tree_digest
 from corral.isolation import Engine
 from tests.conftest import require_backend
+from tests.kit.debian import base_layer, needs_archive, suite
 from tests.kit.polling import wait_until
 
-# `make setup`'s; another one (a worktree's own, while the script's list changes) by name.
-ARCHIVE = Path(
-    os.environ.get("CORRAL_TEST_DEBIAN_ARCHIVE")
-    or Path(__file__).resolve().parent.parent / ".cache" / "debian"
-)
-
-
-def archive_has_python3() -> bool:
-    packages = ARCHIVE / "Packages"
-    return packages.is_file() and "\nPackage: python3\n" in "\n" + packages.read_text()
-
-
-pytestmark = [
-    pytest.mark.sandbox,
-    pytest.mark.skipif(os.geteuid() != 0, reason="layer templates need root for now"),
-    pytest.mark.skipif(
-        not archive_has_python3(),
-        reason=f"no local Debian archive with python3 in {ARCHIVE}: run `make setup` as root",
-    ),
-    pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap: make setup"),
-]
-
-
-def suite() -> str:
-    for line in (ARCHIVE / "Release").read_text().splitlines():
-        if line.startswith("Codename:"):
-            return line.split(":", 1)[1].strip()
-    raise AssertionError(f"{ARCHIVE}/Release names no codename")
-
-
-def bootstrap_debian_base(target: Path) -> None:
-    """The Debian base (apt + python3: the agent needs json and ctypes), offline: copy://
-    of the local archive, in a network namespace with loopback only."""
-    subprocess.run(
-        [
-            "unshare", "--net", "mmdebstrap", "--quiet", "--mode=root", "--variant=apt",
-            "--include=python3", suite(), str(target),
-            f"deb [trusted=yes] copy://{ARCHIVE} ./",
-        ],
-        stdin=subprocess.DEVNULL,
-        check=True,
-        timeout=540,
-    )  # fmt: skip
+pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
 
 
 @pytest.fixture(scope="session")
 def debian_base(settings: Settings) -> Iterator[tuple[LayerStore, Layer]]:
     """A layer store (in the session's data dir) holding the Debian base as one layer."""
     store = LayerStore(settings.data_dir / "templates")
-    rootfs = settings.data_dir / "debian-rootfs"
-    bootstrap_debian_base(rootfs)
-    try:
-        layer = store.import_dir(rootfs)
-    finally:
-        shutil.rmtree(rootfs, ignore_errors=True)
+    layer = base_layer(store, ["python3"])
     yield store, layer
 
 

@@ -21,6 +21,7 @@ import pytest
 from corral.errors import ImagePullFailed, InvalidImage, InvalidLayer, InvalidRequest, QuotaExceeded
 from corral.images import LayerStore, mount_overlay, oci, unmount_overlay
 from tests.kit import rootless
+from tests.kit.debian import deb
 from tests.kit.oci_images import (
     HAVE_REGISTRY,
     Registry,
@@ -36,7 +37,6 @@ from tests.kit.oci_images import (
     write_layout,
 )
 
-ARCHIVE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts as trusted xattrs need root"),
@@ -430,10 +430,7 @@ def test_a_busybox_image_from_the_registry_runs_on_its_layers(
 ) -> None:
     """Debian's busybox-static as a two-layer image (the second deletes a file), pushed to
     the loopback registry and pulled back: its shell runs on the overlay of its layers."""
-    debs = sorted((ARCHIVE / "pool").glob("busybox-static_*.deb"))
-    if not debs:
-        pytest.skip(f"no busybox-static in {ARCHIVE}: run make setup as root")
-    base = tar_tree(busybox_rootfs(debs[-1], tmp_path / "rootfs"))
+    base = tar_tree(busybox_rootfs(deb("busybox-static"), tmp_path / "rootfs"))
     top = layer(directory("etc"), member("etc/.wh.motd"), member("etc/hostname", b"corral\n"))
     config = {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin:/usr/bin"]}
     pushed = registry.push(write_layout(tmp_path / "image", [base, top], config), "corral/bb:1")
