@@ -10,8 +10,11 @@
     │   ├── InvalidImage          an OCI image's manifest, config or blobs are not valid
     │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
-    │   └── UnknownLayer          no stored layer has that digest
+    │   ├── UnknownLayer          no stored layer has that digest
+    │   └── UnknownVolume         the team has no volume of that name
     ├── LayerInUse                a template or sandbox still uses the layer
+    ├── VolumeInUse               a running sandbox has the volume mounted
+    ├── VolumeExists              the team has a volume of that name already
     ├── ImagePullFailed           skopeo could not fetch the image (registry, auth, archive)
     ├── IdempotencyConflict       an idempotency key already names a job with another spec
     ├── AuthError
@@ -98,6 +101,18 @@ class NotFound(CorralError):
 
 class UnknownLayer(NotFound):
     """No stored layer has that digest."""
+
+
+class UnknownVolume(NotFound):
+    """The team has no volume of that name; `corral volume list` shows its volumes."""
+
+
+class VolumeInUse(CorralError):
+    """A running sandbox has the volume mounted; kill it first, then delete the volume."""
+
+
+class VolumeExists(CorralError):
+    """The team has a volume of that name already; choose another name or delete it."""
 
 
 class LayerInUse(CorralError):

@@ -19,6 +19,7 @@ from corral.config import Settings
 from corral.errors import InvalidRequest, IsolationUnavailable
 from corral.isolation.footprint import Footprint
 from corral.isolation.templates import LayerTemplate
+from corral.isolation.volumes import VolumeMount, check_mounts
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 
@@ -54,11 +55,14 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     # The layer template `template` names (the engine resolves it); None for `host`.
     rootfs: LayerTemplate | None = None
+    # Named volumes mounted at paths of the sandbox (`corral.isolation.volumes`).
+    volumes: tuple[VolumeMount, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.network, NetworkPolicy):
             raise InvalidRequest(f"network must be a NetworkPolicy, got {self.network!r}")
         _check_env(self.env)
+        object.__setattr__(self, "volumes", check_mounts(self.volumes))
 
 
 def _check_env(env: Mapping[str, str]) -> None:
@@ -150,6 +154,8 @@ class Backend(ABC):
     entrypoints: ClassVar[bool] = False
     # Whether `plan` can start a sandbox of a layer template (`SandboxSpec.rootfs`).
     layer_templates: ClassVar[bool] = False
+    # Whether `plan` mounts the spec's volumes.
+    volumes: ClassVar[bool] = False
 
     def network_modes(self) -> frozenset[str]:
         """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""

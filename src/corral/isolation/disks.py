@@ -24,8 +24,9 @@ from corral.errors import SandboxStartFailed
 log = logging.getLogger("corral.isolation")
 
 
-def format_disk(image: Path, size_bytes: int) -> None:
-    """Make `image` (it must not exist): a sparse ext4 file system of `size_bytes`."""
+def format_disk(image: Path, size_bytes: int, *, journal: bool = False) -> None:
+    """Make `image` (it must not exist): a sparse ext4 file system of `size_bytes`, with a
+    journal only when it must survive a crash of the host (a volume's)."""
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size_bytes)
@@ -33,8 +34,8 @@ def format_disk(image: Path, size_bytes: int) -> None:
         os.close(fd)
     done = subprocess.run(
         # -m 0: no reserved blocks, the whole size is the sandbox's.
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-         "-E", "lazy_itable_init=1,nodiscard", str(image)],
+        ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "has_journal" if journal else "^has_journal",
+         "-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", str(image)],
         capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     if done.returncode != 0:

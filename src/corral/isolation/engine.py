@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Protocol
 
@@ -37,6 +37,7 @@ from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.footprint import Footprint, orphans
 from corral.isolation.sandbox import Sandbox, SandboxState
 from corral.isolation.templates import LayerTemplate, Templates
+from corral.isolation.volumes import VolumeMount
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 
@@ -155,6 +156,7 @@ class Engine:
         sandbox_id: str | None = None,
         entrypoint: Entrypoint | None = None,
         make_room: bool = True,
+        volumes: Sequence[VolumeMount] = (),
     ) -> Sandbox:
         """Start a sandbox; the caller owns it and must `destroy` it.
 
@@ -172,7 +174,12 @@ class Engine:
         resolved = self.templates.get(template)
         rootfs = resolved if isinstance(resolved, LayerTemplate) else None
         spec = SandboxSpec(
-            template, limits or Limits(), NetworkPolicy.of(network), dict(env or {}), rootfs
+            template,
+            limits or Limits(),
+            NetworkPolicy.of(network),
+            dict(env or {}),
+            rootfs,
+            tuple(volumes),
         )
         spec.limits.check_host()
         backend = self.backend(isolation)
@@ -182,6 +189,10 @@ class Engine:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot start sandboxes of the layer template "
                 f"{template!r}; use the namespace tier"
+            )
+        if spec.volumes and not backend.volumes:
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot mount volumes; use the namespace tier"
             )
         backend.check_network(spec.network)
         driver = self.cgroups()

@@ -43,6 +43,7 @@ from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
 from corral.isolation.rootfs import add_account, has_program, make_root, shm_dir
 from corral.isolation.templates import SANDBOX_USER, Template, get_template
+from corral.isolation.volumes import attach as attach_volume
 from corral.network import resolver
 
 SANDBOX_UID = 1000
@@ -112,6 +113,7 @@ class NamespaceBackend(Backend):
     name = "namespace"
     entrypoints = True
     layer_templates = True
+    volumes = True
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -257,6 +259,15 @@ class NamespaceBackend(Backend):
             workdir = entrypoint.cwd or (layered.workdir if layered else None) or WORKSPACE
         if template is not None:  # programs expect it; same bounded storage
             options += ["--symlink", "/tmp", "/var/tmp"]
+        # Last: a volume may go inside /workspace or the home.
+        for index, volume in enumerate(spec.volumes):
+            if uid is None or gid is None:
+                raise IsolationUnavailable(
+                    "volumes need Corral to run as root (each is a loop-mounted ext4 image "
+                    "with a size bound); run the server as root or leave volumes out"
+                )
+            mount = attach_volume(footprint, index, volume, uid, gid)
+            options += ["--ro-bind" if volume.read_only else "--bind", str(mount), volume.path]
 
         env = {
             "PATH": PATH,

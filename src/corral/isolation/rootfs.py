@@ -257,8 +257,9 @@ def _map_userns(child: subprocess.Popen[bytes], uid: int, gid: int) -> int:
             child.stdin.close()  # it exits; leaving `with` waits for it
 
 
-def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
-    """Bind `source` at `target`, read-only, nosuid, nodev, owners mapped through `userns`."""
+def _bind_idmapped(source: Path, target: Path, userns: int, *, read_only: bool = True) -> None:
+    """Bind `source` at `target`, nosuid, nodev, read-only unless asked (a volume), owners
+    mapped through `userns`."""
     syscall = _libc.syscall
     tree = _check(
         syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(source).encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC),
@@ -266,7 +267,10 @@ def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
     )
     try:
         attr = _MountAttr(
-            _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
+            _MOUNT_ATTR_IDMAP
+            | (_MOUNT_ATTR_RDONLY if read_only else 0)
+            | _MOUNT_ATTR_NOSUID
+            | _MOUNT_ATTR_NODEV,
             0,
             0,
             userns,

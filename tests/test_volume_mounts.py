@@ -1,0 +1,142 @@
+"""Volumes at the engine: an ext4 image mounted into sandboxes of any uid slot, bounded,
+read-only when asked, one file system however many sandboxes share it, nothing left on the
+host after the last user goes, and symlinks written in it harmless to the host."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.config import Settings
+from corral.errors import InvalidRequest, VolumeInUse
+from corral.isolation import Engine
+from corral.isolation.volumes import VolumeMount, create_image, delete_image, in_use
+from tests.conftest import require_backend
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture
+def image(settings: Settings, tmp_path: Path) -> Iterator[Path]:
+    require_backend(settings, "namespace")
+    path = settings.data_dir / "volumes" / "test" / f"{tmp_path.name[-40:]}.img"
+    create_image(path, 64 << 20)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def loops_of(image: Path) -> list[str]:
+    return [
+        backing.parent.parent.name
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file")
+        if backing.read_text().strip() == str(image)
+    ]
+
+
+async def test_data_outlives_the_sandbox_and_any_uid_slot_owns_it(
+    engine: Engine, image: Path
+) -> None:
+    first = await engine.create(isolation="namespace", volumes=[VolumeMount("v", image, "/data")])
+    second = await engine.create(
+        isolation="namespace", volumes=[VolumeMount("v", image, "/workspace/shared")]
+    )
+    try:
+        ran = await first.run(["sh", "-c", "mkdir /data/d && echo hello > /data/d/f && id -u"])
+        assert ran.exit_code == 0, ran.stderr
+        # Both at once, from different host uids: one file system, each owns every file.
+        assert first.footprint.uid_slot != second.footprint.uid_slot
+        ran = await second.run(
+            ["sh", "-c", "cat shared/d/f && echo more >> shared/d/f && stat -c %u shared/d/f"]
+        )
+        assert ran.exit_code == 0, ran.stderr
+        assert ran.stdout.decode().split() == ["hello", "1000"]
+        assert len(loops_of(image)) == 1
+        assert in_use(image)
+        with pytest.raises(VolumeInUse):
+            delete_image(image)
+    finally:
+        await first.destroy()
+        await second.destroy()
+    third = await engine.create(isolation="namespace", volumes=[VolumeMount("v", image, "/data")])
+    try:
+        ran = await third.run(["sh", "-c", "cat /data/d/f; touch /data/d/g"])
+        assert ran.exit_code == 0, ran.stderr
+        assert ran.stdout.decode().split() == ["hello", "more"]
+    finally:
+        await third.destroy()
+    # No mount, no loop device once the last user is gone; then it may be deleted.
+    assert not in_use(image)
+    assert str(image) not in Path("/proc/self/mounts").read_text()
+    delete_image(image)
+    assert not image.exists()
+
+
+async def test_read_only_mount_refuses_writes(engine: Engine, image: Path) -> None:
+    box = await engine.create(
+        isolation="namespace", volumes=[VolumeMount("v", image, "/data", read_only=True)]
+    )
+    try:
+        ran = await box.run(["sh", "-c", "ls /data && touch /data/x"])
+        assert ran.exit_code != 0
+        assert "Read-only file system" in ran.stderr.decode()
+    finally:
+        await box.destroy()
+
+
+async def test_size_bound_is_enospc_inside(engine: Engine, image: Path) -> None:
+    box = await engine.create(isolation="namespace", volumes=[VolumeMount("v", image, "/data")])
+    try:
+        ran = await box.run(["sh", "-c", "dd if=/dev/zero of=/data/big bs=1M count=200"])
+        assert ran.exit_code != 0
+        assert "No space left on device" in ran.stderr.decode()
+    finally:
+        await box.destroy()
+    # The image never grows past its size on the host.
+    assert image.stat().st_size == 64 << 20
+    assert image.stat().st_blocks * 512 <= 64 << 20
+
+
+async def test_symlinks_in_a_volume_resolve_inside_the_sandbox(
+    engine: Engine, image: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "host-secret"
+    secret.write_text("host only\n")
+    box = await engine.create(isolation="namespace", volumes=[VolumeMount("v", image, "/data")])
+    try:
+        ran = await box.run(
+            ["sh", "-c", f"ln -s {secret} /data/link && ln -s /etc/shadow /data/shadow && "
+             "cat /data/link; echo ---; echo pwned > /data/link"]
+        )  # fmt: skip
+        assert "host only" not in ran.stdout.decode()
+    finally:
+        await box.destroy()
+    assert secret.read_text() == "host only\n"
+    # A later sandbox follows it inside its own tree too.
+    box = await engine.create(isolation="namespace", volumes=[VolumeMount("v", image, "/data")])
+    try:
+        ran = await box.run(["sh", "-c", "readlink /data/link; cat /data/link"])
+        assert "host only" not in ran.stdout.decode()
+    finally:
+        await box.destroy()
+    assert secret.read_text() == "host only\n"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["data", "/", "/proc/x", "/dev", "/sys/fs", "/.corral/agent", "/etc/passwd", "/a/../etc",
+     "/a//b", "/a/", "/a/./b"],
+)  # fmt: skip
+async def test_bad_mount_paths_are_refused_before_anything_starts(
+    engine: Engine, image: Path, path: str
+) -> None:
+    with pytest.raises(InvalidRequest, match="mount path"):
+        await engine.create(isolation="namespace", volumes=[VolumeMount("v", image, path)])
+    assert not loops_of(image)
+
+
+async def test_overlapping_paths_are_refused(engine: Engine, image: Path) -> None:
+    mounts = [VolumeMount("a", image, "/data"), VolumeMount("b", image, "/data/inner")]
+    with pytest.raises(InvalidRequest, match="overlaps"):
+        await engine.create(isolation="namespace", volumes=mounts)
