@@ -21,6 +21,7 @@ if _typing.TYPE_CHECKING:
         AsyncCommandHandle,
         AsyncJobs,
         AsyncSandbox,
+        AsyncVolume,
         CallbackStatus,
         CommandHandle,
         CommandResult,
@@ -37,11 +38,18 @@ if _typing.TYPE_CHECKING:
         ProcessInfo,
         Sandbox,
         SandboxInfo,
+        Volume,
+        VolumeInfo,
+        VolumeSpec,
         WriteEntry,
     )
     from corral.errors import CorralError
 
 _LAZY = {
+    "VolumeSpec": "corral.client",
+    "VolumeInfo": "corral.client",
+    "Volume": "corral.client",
+    "AsyncVolume": "corral.client",
     "AsyncCommandHandle": "corral.client",
     "AsyncJobs": "corral.client",
     "AsyncSandbox": "corral.client",
@@ -69,6 +77,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncJobs",
     "AsyncSandbox",
+    "AsyncVolume",
     "CallbackStatus",
     "CommandHandle",
     "CommandResult",
@@ -86,6 +95,9 @@ __all__ = [
     "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
+    "Volume",
+    "VolumeInfo",
+    "VolumeSpec",
     "WriteEntry",
     "__version__",
 ]

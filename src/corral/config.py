@@ -119,6 +119,10 @@ class Settings:
     # Network events kept per sandbox (DNS answers, connections allowed and denied); past
     # this the oldest are deleted, and the count deleted is shown with the rest.
     network_events_max: int = 10_000
+    # Named volumes: how many a team may have and how many MiB their sizes add up to (a
+    # volume's size is its bound; the host's disk holds only what is written).
+    volume_max_count: int = 20
+    volume_max_mib: int = 10_240
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -196,6 +196,18 @@ def add_network_options(parser: argparse.ArgumentParser, *, env: bool = True) ->
     )
 
 
+def add_volume_option(parser: argparse.ArgumentParser) -> None:
+    """--volume of a command that makes a sandbox (`run`, `sandbox create`, `job submit`)."""
+    parser.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="NAME:/PATH[:ro]",
+        help="mount your team's volume NAME at PATH (read-only with :ro); repeatable",
+    )
+
+
 def add_allow(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow",
@@ -362,8 +374,8 @@ def cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
-    if isinstance(value, list):
-        return " ".join(map(str, value))
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value)) or "-"
     if isinstance(value, float):
         # Two decimals at most (a CPU percentage, not its 17 digits), no trailing zeros.
         return f"{value:.2f}".rstrip("0").rstrip(".")

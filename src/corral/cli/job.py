@@ -29,6 +29,7 @@ from corral.cli._common import (
     add_network_options,
     add_output,
     add_pairs,
+    add_volume_option,
     cell,
     command,
     connect_kwargs,
@@ -204,6 +205,9 @@ def submit(args: argparse.Namespace) -> int:
     spec.update({k: v for k, v in options.items() if v is not None})
     if network := network_choice(args):
         spec["network"], spec["network_allow"] = network
+    if args.volume:
+        in_file = spec.get("volumes")
+        spec["volumes"] = [*(in_file if isinstance(in_file, list) else []), *args.volume]
     given = {"bandwidth_mbit": args.bandwidth_mbit, "connections": args.connections}
     if any(v is not None for v in given.values()):
         limits = spec.get("limits")
@@ -330,6 +334,7 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--template", help="the sandbox's template")
     p.add_argument("--isolation", help="auto, namespace, …")
     add_network_options(p, env=False)
+    add_volume_option(p)
     p.add_argument("--priority", type=whole(), help="higher runs first, among the team's own jobs")
     p.add_argument(
         "--idempotency-key", default="", help="submitting the same key again returns the first job"

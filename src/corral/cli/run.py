@@ -12,6 +12,7 @@ from corral.cli._common import (
     add_network_options,
     add_pairs,
     add_sandbox_choice,
+    add_volume_option,
     command,
     connect_kwargs,
     env_option,
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=lifetime,
             limits=Limits(bandwidth_mbit=args.bandwidth_mbit, connections=args.connections),
             network={"mode": network[0], "allow": network[1]} if network else None,
+            volumes=args.volume,
             **connect_kwargs(args),
         ) as box,
     ):
@@ -112,6 +114,7 @@ def add_commands(commands: Commands) -> None:
     )
     add_pairs(p, "-m", "--metadata", help="a metadata entry; repeatable")
     add_network_options(p)
+    add_volume_option(p)
     add_stdin_option(p)
     p.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments"

@@ -17,6 +17,7 @@ from corral.cli._common import (
     add_output,
     add_pairs,
     add_sandbox_choice,
+    add_volume_option,
     command,
     connect_kwargs,
     env_option,
@@ -87,6 +88,7 @@ def create(args: argparse.Namespace) -> None:
         ),
         network={"mode": network[0], "allow": network[1]} if network else None,
         public_ports=args.public_ports,
+        volumes=args.volume,
         **connect_kwargs(args),
     )
     box.close()
@@ -111,7 +113,7 @@ def list_(args: argparse.Namespace) -> None:
 def get(args: argparse.Namespace) -> None:
     """One sandbox, whatever its state."""
     with _sandbox(args) as box:
-        show(args.output, [box.info], (*SANDBOX_COLUMNS, "metadata"), single=True)
+        show(args.output, [box.info], (*SANDBOX_COLUMNS, "metadata", "volumes"), single=True)
 
 
 def kill(args: argparse.Namespace) -> None:
@@ -328,6 +330,7 @@ def add_commands(commands: Commands) -> None:
         help="CPU cores; default: the server's",
     )
     add_network_options(p)
+    add_volume_option(p)
     p.add_argument(
         "--public-ports",
         action="store_true",

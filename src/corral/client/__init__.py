@@ -35,6 +35,7 @@ if _typing.TYPE_CHECKING:
         NetworkEvent,
         ProcessInfo,
         SandboxInfo,
+        VolumeInfo,
         WriteEntry,
     )
     from corral.client._sandbox import AsyncSandbox
@@ -44,9 +45,16 @@ if _typing.TYPE_CHECKING:
         Files,
         Jobs,
         Sandbox,
+        Volume,
     )
+    from corral.client._volumes import AsyncVolume
+    from corral.volumes import VolumeSpec
 
 _LAZY = {
+    "VolumeSpec": "corral.volumes",
+    "VolumeInfo": "corral.client._models",
+    "Volume": "corral.client._sync",
+    "AsyncVolume": "corral.client._volumes",
     "AsyncCommandHandle": "corral.client._commands",
     "AsyncCommands": "corral.client._commands",
     "AsyncFiles": "corral.client._files",
@@ -82,6 +90,7 @@ __all__ = [
     "AsyncFiles",
     "AsyncJobs",
     "AsyncSandbox",
+    "AsyncVolume",
     "CallbackStatus",
     "ClientSettings",
     "CommandHandle",
@@ -103,6 +112,9 @@ __all__ = [
     "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
+    "Volume",
+    "VolumeInfo",
+    "VolumeSpec",
     "WriteEntry",
 ]
 

@@ -15,6 +15,8 @@ from corral.network.policy import NetworkPolicy
 from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as jobs_pb
 from corral.v1 import sandbox_pb2 as pb
+from corral.v1 import volumes_pb2 as volumes_pb
+from corral.volumes import VolumeSpec
 
 FileType = Literal["file", "dir", "symlink", "other"]
 _FILE_TYPES: dict[int, FileType] = {
@@ -126,6 +128,8 @@ class SandboxInfo:
     traffic_token: str = ""
     public_ports: bool = False
     ports_domain: str = ""
+    # Its named volumes and where they are mounted.
+    volumes: tuple[VolumeSpec, ...] = ()
 
     @classmethod
     def from_proto(cls, sandbox: pb.Sandbox) -> SandboxInfo:
@@ -153,7 +157,36 @@ class SandboxInfo:
             traffic_token=sandbox.traffic_access_token,
             public_ports=sandbox.public_ports,
             ports_domain=sandbox.ports_domain,
+            volumes=tuple(VolumeSpec(v.name, v.path, v.read_only) for v in sandbox.volumes),
         )
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A named volume as the server last described it."""
+
+    name: str
+    size_mib: int
+    created_at: datetime | None
+    # What its data took on the server's disk when it last looked.
+    used_bytes: int
+
+    @classmethod
+    def from_proto(cls, volume: volumes_pb.Volume) -> VolumeInfo:
+        return cls(
+            name=volume.name,
+            size_mib=volume.size_mib,
+            created_at=_time(volume.created_at, volume.HasField("created_at")),
+            used_bytes=volume.used_bytes,
+        )
+
+
+def volume_mounts(volumes: Iterable[object] | None) -> list[volumes_pb.VolumeMount]:
+    """`volumes=` of a create: VolumeSpecs, "NAME:/path[:ro]" strings or mappings."""
+    if isinstance(volumes, str | bytes):
+        raise InvalidRequest(f"volumes must be a list, e.g. ['cache:/data'], not {volumes!r}")
+    specs = [VolumeSpec.of(v) for v in volumes or ()]
+    return [volumes_pb.VolumeMount(name=v.name, path=v.path, read_only=v.read_only) for v in specs]
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,18 @@ from corral.client._connection import Connection
 from corral.client._files import AsyncFiles
 from corral.client._hybrid import hybridmethod
 from corral.client._listing import list_request
-from corral.client._models import Limits, MetricPoint, Network, NetworkEvent, SandboxInfo
+from corral.client._models import (
+    Limits,
+    MetricPoint,
+    Network,
+    NetworkEvent,
+    SandboxInfo,
+    volume_mounts,
+)
 from corral.client._ports import port_host, port_url
 from corral.errors import InvalidRequest, NotFound, SandboxNotRunning
 from corral.v1 import sandbox_pb2 as pb
+from corral.volumes import VolumeSpec
 
 MetricsRange = Literal["10m", "2h", "24h"]
 _RANGES = {"10m": pb.METRICS_RANGE_10M, "2h": pb.METRICS_RANGE_2H, "24h": pb.METRICS_RANGE_24H}
@@ -170,6 +178,7 @@ class AsyncSandbox:
         network: Network | str | Mapping[str, Any] | None = None,
         allow_internet_access: bool | None = None,
         public_ports: bool = False,
+        volumes: Sequence[VolumeSpec | str | Mapping[str, Any]] | None = None,
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
@@ -183,11 +192,13 @@ class AsyncSandbox:
         {"mode": "allowlist", "allow": ["pypi.org", "*.example.com:443", "203.0.113.0/24"]};
         E2B's `allow_internet_access=True` is "internet", False is "none". Its ports are
         reached through the server (`get_url`) with its `traffic_token`, or by anyone
-        with `public_ports=True`.
+        with `public_ports=True`. `volumes` mounts your team's named volumes
+        (`Volume.create`): ["cache:/data", "models:/models:ro"], or VolumeSpecs.
         """
         if on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={on_idle!r}: use 'pause' or 'kill'")
         policy = _network(network, allow_internet_access)
+        mounts = volume_mounts(volumes)
         connection = _connect(server, api_key, context, request_timeout)
         request = pb.CreateRequest(
             template=template,
@@ -200,6 +211,7 @@ class AsyncSandbox:
             on_idle=pb.IDLE_ACTION_KILL if on_idle == "kill" else pb.IDLE_ACTION_PAUSE,
             network=policy.to_proto(),
             public_ports=bool(public_ports),
+            volumes=mounts,
         )
         try:
             reply = await connection.call(connection.rpc.create, request)

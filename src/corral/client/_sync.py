@@ -20,6 +20,7 @@ from corral.client._listing import list_sandboxes
 from corral.client._models import CommandResult, Network, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
 from corral.client._sandbox import AsyncSandbox, kill_by_id
+from corral.client._volumes import AsyncVolume
 from corral.errors import InvalidRequest
 
 P = ParamSpec("P")
@@ -276,3 +277,24 @@ class Jobs:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Volume:
+    """Your team's named volumes (sync API; `AsyncVolume` for asyncio).
+
+    Volume.create("cache", size_mib=512)
+    with Sandbox.create(volumes=["cache:/data"]) as sbx:
+        sbx.commands.run("echo kept > /data/note")
+    Volume.delete("cache")
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise InvalidRequest(
+            "Volume has no instances: use Volume.create(name, size_mib=N), .get(name), "
+            ".list() or .delete(name)"
+        )
+
+    create = staticmethod(bridge_factory(AsyncVolume.create, lambda info: info))
+    get = staticmethod(bridge_factory(AsyncVolume.get, lambda info: info))
+    list = staticmethod(bridge_factory(AsyncVolume.list, lambda infos: infos))
+    delete = staticmethod(bridge_factory(AsyncVolume.delete, lambda none: none))

@@ -29,6 +29,7 @@ from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.records import JobRecord
 from corral.jobs.spec import JobSpec, check_labels
 from corral.limits import Limits
+from corral.sandboxes.volumes import Volumes
 from corral.states import JOB_STATES
 from corral.store import Store, Team
 from corral.store.job_logs import LogChunkRow
@@ -162,6 +163,8 @@ class JobQueue:
                 "what is missing, or submit with another isolation"
             )
         self.network_cap.check(spec.network_policy, team.name)
+        # The team's volumes at valid paths, or refused now rather than at each attempt.
+        Volumes(self.settings, self.store).mounts(team.id, spec.volumes)
         if spec.callback_url:
             await self.callback_policy.check(spec.callback_url)  # CallbackRefused names the rule
         now = datetime.now(UTC)

@@ -14,13 +14,14 @@ import asyncio
 import logging
 import posixpath
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from corral import logs
-from corral.errors import CapacityExceeded, CorralError, Forbidden
+from corral.errors import CapacityExceeded, CorralError, Forbidden, IsolationUnavailable
 from corral.isolation import Entrypoint, Limits, SeedFile
+from corral.isolation.volumes import VolumeMount
 from corral.job_lifecycle import StopReason
 from corral.jobs.queue import JobSignals
 from corral.jobs.sandbox import JobSandbox, JobSandboxes, source_path
@@ -29,6 +30,7 @@ from corral.network.policy import NetworkPolicy
 from corral.sandboxes.network_events import NetworkEventPump
 from corral.store import Store
 from corral.store.job_rows import Attempt, NewEvent
+from corral.volumes import VolumeSpec
 
 log = logging.getLogger("corral.jobs")
 R = TypeVar("R")
@@ -153,8 +155,12 @@ class AttemptRunner:
         spec: JobSpec,
         sandboxes: JobSandboxes,
         stop: Stop,
+        volumes: Callable[[Sequence[VolumeSpec]], tuple[VolumeMount, ...]] | None = None,
     ) -> None:
         self.store = store
+        # The engine's mounts of the spec's volumes (its team's; resolved at each attempt:
+        # one deleted since the submit fails the attempt with UnknownVolume).
+        self.volumes = volumes
         self.signals = signals
         self.policy = policy
         self.attempt = attempt
@@ -233,6 +239,16 @@ class AttemptRunner:
                 f"the job asks for {more}, more than this worker allows (network "
                 f"{self.policy.network}); submit it with less, or to workers that allow it"
             )
+        mounts: tuple[VolumeMount, ...] = ()
+        if self.spec.volumes:
+            if self.volumes is None:
+                self.sandboxes.forget(self.attempt.job_id)
+                raise IsolationUnavailable("this worker cannot mount volumes")
+            try:
+                mounts = self.volumes(self.spec.volumes)
+            except BaseException:
+                self.sandboxes.forget(self.attempt.job_id)
+                raise
         return self.sandboxes.open(
             self.attempt.job_id,
             template=self.spec.template or self.policy.template,
@@ -240,6 +256,7 @@ class AttemptRunner:
             limits=self.policy.limits_for(self.spec),
             network=network,
             entrypoint=self._entrypoint(deadline),
+            volumes=mounts,
         )
 
     def _entrypoint(self, deadline: float) -> Entrypoint | None:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from corral.errors import CorralError
 from corral.isolation import Command, Engine, Entrypoint, Limits, Sandbox
+from corral.isolation.volumes import VolumeMount
 from corral.jobs.queue import never_fits
 from corral.jobs.spec import LANGUAGES, JobFile, Step
 from corral.network.policy import NetworkPolicy
@@ -113,11 +114,14 @@ class JobSandboxes:
         limits: Limits,
         network: NetworkPolicy,
         entrypoint: Entrypoint | None,
+        volumes: tuple[VolumeMount, ...] = (),
     ) -> JobSandbox:
         """A sandbox as asked: a warm one from the pool when one is ready and fits; else
         one-shot, running `entrypoint`, where the tier can; else a new one."""
         try:
-            return JobSandbox(await self._acquire(template, isolation, limits, network, entrypoint))
+            return JobSandbox(
+                await self._acquire(template, isolation, limits, network, entrypoint, volumes)
+            )
         finally:  # in the ledger now (or refused): counted there, not here
             self.forget(job_id)
 
@@ -128,12 +132,17 @@ class JobSandboxes:
         limits: Limits,
         network: NetworkPolicy,
         entrypoint: Entrypoint | None,
+        volumes: tuple[VolumeMount, ...],
     ) -> Sandbox:
         if (too_big := never_fits(limits.memory_mib, self.engine.memory_capacity)) is not None:
             raise too_big  # before the engine destroys warm spares to make room in vain
         backend = self.engine.backend(isolation)
-        # Pooled sandboxes have no network: a job with one starts its own.
-        if network.mode == "none" and self.pool.fits(template, backend.name, limits):
+        # Pooled sandboxes have no network and no volumes: a job with either starts its own.
+        if (
+            network.mode == "none"
+            and not volumes
+            and self.pool.fits(template, backend.name, limits)
+        ):
             pooled = self.pool.claim()
             if pooled is not None:
                 try:
@@ -148,4 +157,5 @@ class JobSandboxes:
             network=network,
             isolation=isolation,
             entrypoint=entrypoint if backend.entrypoints else None,
+            volumes=volumes,
         )

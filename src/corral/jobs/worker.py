@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -44,6 +45,7 @@ from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
 from corral.jobs.sandbox import JobSandboxes
 from corral.jobs.spec import JobSpec
 from corral.sandboxes.pool import WarmPool
+from corral.sandboxes.volumes import Volumes
 from corral.store import Store
 from corral.store.job_rows import Attempt, JobRow
 
@@ -109,6 +111,7 @@ class Worker:
             may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
         )
         self.sandboxes = JobSandboxes(engine, self.pool)
+        self.volumes = Volumes(settings, store)
         self.isolations = self._isolations()
         self._running: dict[str, Stop] = {}
         # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
@@ -250,7 +253,14 @@ class Worker:
                 stop.set("cancel")
             spec = JobSpec.from_dict(row.spec)
             runner = AttemptRunner(
-                self.store, self.signals, self.policy, attempt, spec, self.sandboxes, stop
+                self.store,
+                self.signals,
+                self.policy,
+                attempt,
+                spec,
+                self.sandboxes,
+                stop,
+                functools.partial(self.volumes.mounts, row.team_id),
             )
             outcome = await runner.run()
             freed = outcome.state != "no_room"

@@ -38,6 +38,7 @@ from corral.errors import (
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
+from corral.isolation.volumes import VolumeMount
 from corral.network.policy import NetworkPolicy
 from corral.sandboxes import network_events
 from corral.sandboxes.commands import SandboxCommands
@@ -55,6 +56,7 @@ from corral.sandboxes.options import (
     network_json,
 )
 from corral.sandboxes.pool import WarmPool
+from corral.sandboxes.volumes import Volumes
 from corral.states import LIVE_SANDBOX_STATES, SANDBOX_STATES
 from corral.store import MetricPoint, SandboxRow, Store, Team
 from corral.store.network_events import NetworkEventRow
@@ -92,6 +94,7 @@ class SandboxManager:
         self._closing = False
         self._owner = owner_identity()
         self.network_cap = settings.network_cap()
+        self.volumes = Volumes(settings, store)
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -137,8 +140,13 @@ class SandboxManager:
         self.network_cap.check(options.network, team.name)
         get_template(options.template)
         backend = self.engine.backend(options.isolation).name
-        # Pooled sandboxes have no network: one with a network starts cold.
-        fits = options.network.mode == "none" and self.pool.fits(options.template, backend, limits)
+        mounts = self.volumes.mounts(team.id, options.volumes)
+        # Pooled sandboxes have no network and no volumes: one with either starts cold.
+        fits = (
+            options.network.mode == "none"
+            and not mounts
+            and self.pool.fits(options.template, backend, limits)
+        )
         pooled = self.pool.claim() if fits else None
         try:
             # Refused for room before its row is written; the engine checks again.
@@ -172,6 +180,7 @@ class SandboxManager:
             network=network_json(options.network),
             traffic_token=token,
             public_ports=options.public_ports,
+            volumes=[volume.to_json() for volume in options.volumes],
         )
         logs.bind(sandbox_id=row.id)
         try:
@@ -196,7 +205,7 @@ class SandboxManager:
         self._live.add(entry)
         async with entry.lock:
             try:
-                sandbox, warm = await self._start(row.id, options, pooled)
+                sandbox, warm = await self._start(row.id, options, pooled, mounts)
             except BaseException as exc:
                 entry.state = "failed"
                 self._live.discard(row.id)
@@ -221,7 +230,11 @@ class SandboxManager:
         return self._record(created)
 
     async def _start(
-        self, sandbox_id: str, options: CreateOptions, pooled: Sandbox | None
+        self,
+        sandbox_id: str,
+        options: CreateOptions,
+        pooled: Sandbox | None,
+        mounts: tuple[VolumeMount, ...],
     ) -> tuple[Sandbox, bool]:
         """The engine sandbox for a new row: the pooled one with the asked limits, or a
         cold one; and whether it came from the pool."""
@@ -245,6 +258,7 @@ class SandboxManager:
             env=options.envs,
             isolation=options.isolation,
             sandbox_id=sandbox_id,
+            volumes=mounts,
         )
         return cold, False
 

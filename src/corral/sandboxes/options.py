@@ -13,6 +13,7 @@ from corral.isolation import Limits, SandboxSpec
 from corral.network.policy import NetworkPolicy
 from corral.states import SandboxState
 from corral.store import SandboxRow
+from corral.volumes import VolumeSpec
 
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MAX_METADATA = 64
@@ -71,6 +72,8 @@ class CreateOptions:
     # Port exposure: anyone may reach the sandbox's ports through the port proxy (True),
     # or only callers with its traffic access token (False).
     public_ports: bool = False
+    # Named volumes of the team, mounted at paths of the sandbox.
+    volumes: tuple[VolumeSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, Limits):
@@ -89,6 +92,7 @@ class CreateOptions:
             raise InvalidRequest(f"on_idle={self.on_idle!r}: use 'pause' or 'kill'")
         if not isinstance(self.public_ports, bool):
             raise InvalidRequest(f"public_ports={self.public_ports!r}: use True or False")
+        object.__setattr__(self, "volumes", tuple(VolumeSpec.of(v) for v in self.volumes))
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class SandboxRecord:
     traffic_token: str = ""
     public_ports: bool = False
     ports_domain: str = ""
+    volumes: tuple[VolumeSpec, ...] = ()
 
     @classmethod
     def from_row(
@@ -138,6 +143,7 @@ class SandboxRecord:
             traffic_token=row.traffic_token,
             public_ports=row.public_ports,
             ports_domain=ports_domain,
+            volumes=tuple(VolumeSpec.of(v) for v in row.volumes),
         )
 
 

@@ -39,9 +39,11 @@ from corral.server.requests import (
     strict_codecs,
 )
 from corral.server.service import HealthService, SandboxService
+from corral.server.volumes import VolumeService
 from corral.v1.health_connect import HealthServiceASGIApplication
 from corral.v1.jobs_connect import JobServiceASGIApplication
 from corral.v1.sandbox_connect import SandboxServiceASGIApplication
+from corral.v1.volumes_connect import VolumeServiceASGIApplication
 
 if TYPE_CHECKING:
     from corral.jobs.runtime import JobRuntime
@@ -55,7 +57,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _SANDBOX_PREFIX = "/corral.v1.SandboxService/"
 _HEALTH_PREFIX = "/corral.v1.HealthService/"
 _JOB_PREFIX = "/corral.v1.JobService/"
-_API_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _HEALTH_PREFIX)
+_VOLUME_PREFIX = "/corral.v1.VolumeService/"
+_API_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX, _HEALTH_PREFIX)
 
 
 _NO_GRPC = {
@@ -112,6 +115,12 @@ class CorralApp:
             read_max_bytes=max_message_bytes,
             compressions=gzip,
         )
+        self._volume_app: ASGIApp = VolumeServiceASGIApplication(
+            VolumeService(self.services),
+            interceptors=interceptors,
+            read_max_bytes=max_message_bytes,
+            compressions=gzip,
+        )
         self._health_app: ASGIApp = HealthServiceASGIApplication(
             HealthService(),
             interceptors=interceptors,
@@ -133,7 +142,7 @@ class CorralApp:
             await _send_json(send, 415, _NO_GRPC)
         elif path.startswith(_API_PREFIXES) and (problem := header_problem(scope["headers"])):
             await _send_json(send, 400, {"code": "invalid_argument", "message": problem})
-        elif path.startswith((_SANDBOX_PREFIX, _JOB_PREFIX)):
+        elif path.startswith((_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX)):
             headers = dict(scope.get("headers", ()))
             refusal = self._refusal(headers)
             if refusal is not None:
@@ -141,7 +150,13 @@ class CorralApp:
             else:
                 receive = limit_size(receive, headers, self._max_message_bytes)
                 scope, receive = inflate(scope, receive, self._max_message_bytes)
-            app = self._sandbox_app if path.startswith(_SANDBOX_PREFIX) else self._job_app
+            app = (
+                self._sandbox_app
+                if path.startswith(_SANDBOX_PREFIX)
+                else self._volume_app
+                if path.startswith(_VOLUME_PREFIX)
+                else self._job_app
+            )
             await app(scope, disconnect.watch(receive), send)
         elif path.startswith(_HEALTH_PREFIX):
             headers = dict(scope.get("headers", ()))

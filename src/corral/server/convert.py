@@ -17,11 +17,14 @@ from corral.errors import InvalidRequest
 from corral.isolation import Limits
 from corral.network.policy import NetworkPolicy
 from corral.v1 import sandbox_pb2 as pb
+from corral.v1 import volumes_pb2
+from corral.volumes import VolumeSpec
 
 if TYPE_CHECKING:
     from corral.guest import EntryInfo, ProcessInfo
     from corral.sandboxes import MetricPoint, SandboxRecord
     from corral.store.network_events import NetworkEventRow
+    from corral.store.volumes import VolumeRow
 
 _MAX_PATH = 4096
 _MAX_ID = 64
@@ -86,6 +89,24 @@ def sandbox(record: SandboxRecord) -> pb.Sandbox:
         traffic_access_token=record.traffic_token,
         public_ports=record.public_ports,
         ports_domain=record.ports_domain,
+        volumes=[volume_mount(v) for v in record.volumes],
+    )
+
+
+def volume_mount(spec: VolumeSpec) -> volumes_pb2.VolumeMount:
+    return volumes_pb2.VolumeMount(name=spec.name, path=spec.path, read_only=spec.read_only)
+
+
+def volume_specs(values: Iterable[volumes_pb2.VolumeMount]) -> tuple[VolumeSpec, ...]:
+    return tuple(VolumeSpec(v.name, v.path, v.read_only) for v in values)
+
+
+def volume(row: VolumeRow) -> volumes_pb2.Volume:
+    return volumes_pb2.Volume(
+        name=row.name,
+        size_mib=row.size_mib,
+        created_at=timestamp(row.created_at),
+        used_bytes=row.used_bytes,
     )
 
 

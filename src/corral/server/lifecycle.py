@@ -36,6 +36,7 @@ class LifecycleHandlers(Handlers):
             on_idle=cast(Literal["pause", "kill"], convert.IDLE_ACTION_NAMES[request.on_idle]),
             network=convert.network(request.network),
             public_ports=request.public_ports,
+            volumes=convert.volume_specs(request.volumes),
         )
         record = await self._manager.create(team, options)
         return pb.CreateResponse(sandbox=convert.sandbox(record))

@@ -47,6 +47,8 @@ class SandboxRow:
     # Port exposure: the traffic access token, or public ports (and an empty token).
     traffic_token: str = ""
     public_ports: bool = False
+    # Its volumes: [{"name", "path", "read_only"}].
+    volumes: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

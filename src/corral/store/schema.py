@@ -121,6 +121,8 @@ sandboxes = sa.Table(
     # Port exposure: the token the port proxy asks for (empty when the ports are public).
     sa.Column("traffic_token", sa.String(64), nullable=False, server_default=""),
     sa.Column("public_ports", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Its volumes: [{"name", "path", "read_only"}].
+    sa.Column("volumes", JSON, nullable=False, server_default="[]"),
     sa.CheckConstraint(sa.column("state").in_(SANDBOX_STATES), name="state"),
     sa.CheckConstraint(sa.column("on_idle").in_(("pause", "kill")), name="on_idle"),
     # List pages: a team's sandboxes in creation order, filtered by state.
@@ -293,4 +295,17 @@ network_events = sa.Table(
     sa.Column("answers", JSON, nullable=False),
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Index(None, "job_id", "job_seq"),
+)
+
+# Named volumes: a team's persistent directories (`corral.sandboxes.volumes`); the data is
+# an image file under the data dir named by team and name.
+volumes = sa.Table(
+    "volumes",
+    metadata,
+    sa.Column("team_id", ID, sa.ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("size_mib", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    # What its image took on the host's disk when last looked at (Get, List).
+    sa.Column("used_bytes", sa.BigInteger, nullable=False),
 )

@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from corral.v1 import sandbox_pb2 as _sandbox_pb2
+from corral.v1 import volumes_pb2 as _volumes_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -80,7 +81,7 @@ class JobStep(_message.Message):
     def __init__(self, name: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., run: _Optional[str] = ..., shell: _Optional[str] = ..., code: _Optional[str] = ..., language: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., continue_on_error: _Optional[bool] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("kind", "command", "run", "shell", "code", "language", "steps", "template", "isolation", "limits", "network", "network_allow", "env", "files", "workdir", "timeout_seconds", "retries", "retry_backoff_seconds", "priority", "labels", "metadata", "callback_url")
+    __slots__ = ("kind", "command", "run", "shell", "code", "language", "steps", "template", "isolation", "limits", "network", "network_allow", "env", "files", "workdir", "volumes", "timeout_seconds", "retries", "retry_backoff_seconds", "priority", "labels", "metadata", "callback_url")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +118,7 @@ class JobSpec(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     RETRY_BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +141,7 @@ class JobSpec(_message.Message):
     env: _containers.ScalarMap[str, str]
     files: _containers.RepeatedCompositeFieldContainer[JobFile]
     workdir: str
+    volumes: _containers.RepeatedCompositeFieldContainer[_volumes_pb2.VolumeMount]
     timeout_seconds: int
     retries: int
     retry_backoff_seconds: float
@@ -146,7 +149,7 @@ class JobSpec(_message.Message):
     labels: _containers.ScalarMap[str, str]
     metadata: _containers.ScalarMap[str, str]
     callback_url: str
-    def __init__(self, kind: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., run: _Optional[str] = ..., shell: _Optional[str] = ..., code: _Optional[str] = ..., language: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[JobStep, _Mapping]]] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[_sandbox_pb2.Limits, _Mapping]] = ..., network: _Optional[str] = ..., network_allow: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[JobFile, _Mapping]]] = ..., workdir: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., retries: _Optional[int] = ..., retry_backoff_seconds: _Optional[float] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., callback_url: _Optional[str] = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., run: _Optional[str] = ..., shell: _Optional[str] = ..., code: _Optional[str] = ..., language: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[JobStep, _Mapping]]] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[_sandbox_pb2.Limits, _Mapping]] = ..., network: _Optional[str] = ..., network_allow: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[JobFile, _Mapping]]] = ..., workdir: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[_volumes_pb2.VolumeMount, _Mapping]]] = ..., timeout_seconds: _Optional[int] = ..., retries: _Optional[int] = ..., retry_backoff_seconds: _Optional[float] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class CallbackStatus(_message.Message):
     __slots__ = ("url", "delivered", "pending", "failed", "last_error")

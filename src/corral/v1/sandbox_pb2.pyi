@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from corral.v1 import volumes_pb2 as _volumes_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -83,7 +84,7 @@ class NetworkPolicy(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "template", "isolation", "state", "state_reason", "metadata", "limits", "created_at", "expires_at", "idle_timeout_seconds", "on_idle", "last_activity_at", "network", "traffic_access_token", "public_ports", "ports_domain")
+    __slots__ = ("id", "template", "isolation", "state", "state_reason", "metadata", "limits", "created_at", "expires_at", "idle_timeout_seconds", "on_idle", "last_activity_at", "network", "traffic_access_token", "public_ports", "ports_domain", "volumes")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +108,7 @@ class Sandbox(_message.Message):
     TRAFFIC_ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_PORTS_FIELD_NUMBER: _ClassVar[int]
     PORTS_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
     id: str
     template: str
     isolation: str
@@ -123,10 +125,11 @@ class Sandbox(_message.Message):
     traffic_access_token: str
     public_ports: bool
     ports_domain: str
-    def __init__(self, id: _Optional[str] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., state_reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., traffic_access_token: _Optional[str] = ..., public_ports: _Optional[bool] = ..., ports_domain: _Optional[str] = ...) -> None: ...
+    volumes: _containers.RepeatedCompositeFieldContainer[_volumes_pb2.VolumeMount]
+    def __init__(self, id: _Optional[str] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., state_reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., traffic_access_token: _Optional[str] = ..., public_ports: _Optional[bool] = ..., ports_domain: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[_volumes_pb2.VolumeMount, _Mapping]]] = ...) -> None: ...
 
 class CreateRequest(_message.Message):
-    __slots__ = ("template", "isolation", "limits", "envs", "metadata", "timeout_seconds", "idle_timeout_seconds", "on_idle", "network", "public_ports")
+    __slots__ = ("template", "isolation", "limits", "envs", "metadata", "timeout_seconds", "idle_timeout_seconds", "on_idle", "network", "public_ports", "volumes")
     class EnvsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +154,7 @@ class CreateRequest(_message.Message):
     ON_IDLE_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_PORTS_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
     template: str
     isolation: str
     limits: Limits
@@ -161,7 +165,8 @@ class CreateRequest(_message.Message):
     on_idle: IdleAction
     network: NetworkPolicy
     public_ports: bool
-    def __init__(self, template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., envs: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., public_ports: _Optional[bool] = ...) -> None: ...
+    volumes: _containers.RepeatedCompositeFieldContainer[_volumes_pb2.VolumeMount]
+    def __init__(self, template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., envs: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., public_ports: _Optional[bool] = ..., volumes: _Optional[_Iterable[_Union[_volumes_pb2.VolumeMount, _Mapping]]] = ...) -> None: ...
 
 class CreateResponse(_message.Message):
     __slots__ = ("sandbox",)

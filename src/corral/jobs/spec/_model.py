@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.errors import InvalidRequest
 from corral.jobs.spec._checks import (
     ISOLATIONS,
     KINDS,
@@ -44,6 +45,7 @@ from corral.jobs.spec._checks import (
 from corral.jobs.spec._wire import proto_to_dict, spec_to_dict, spec_to_proto
 from corral.network.policy import NetworkPolicy
 from corral.v1 import jobs_pb2
+from corral.volumes import VolumeSpec
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ FIELDS = (
     "env",
     "files",
     "workdir",
+    "volumes",
     "timeout",
     "retries",
     "retry_backoff",
@@ -222,6 +225,8 @@ class JobSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     files: tuple[JobFile, ...] = ()
     workdir: str | None = None
+    # Named volumes of the team, mounted into the job's sandbox.
+    volumes: tuple[VolumeSpec, ...] = ()
     timeout: int | None = None
     retries: int = 0
     retry_backoff: float | None = None
@@ -286,6 +291,7 @@ class JobSpec:
             env=strings("env", data.get("env") or {}, limit=MAX_ENV, names=True),
             files=_files(data.get("files") or ()),
             workdir=check_workdir(data.get("workdir")),
+            volumes=_volumes(data.get("volumes") or ()),
             timeout=whole("timeout", data["timeout"], 1, MAX_TIMEOUT)
             if data.get("timeout")
             else None,
@@ -311,6 +317,15 @@ class JobSpec:
 
     def to_proto(self) -> jobs_pb2.JobSpec:
         return spec_to_proto(self)
+
+
+def _volumes(raw: object) -> tuple[VolumeSpec, ...]:
+    if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
+        raise fail("volumes", "must be a list of NAME:/path[:ro] or {name, path, read_only}")
+    try:
+        return tuple(VolumeSpec.of(v) for v in raw)
+    except InvalidRequest as exc:
+        raise fail("volumes", str(exc)) from None
 
 
 def _infer_kind(data: Mapping[str, Any]) -> str:

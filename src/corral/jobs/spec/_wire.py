@@ -34,6 +34,8 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         if value not in (None, 0, {}, ()):
             if isinstance(value, Mapping):
                 value = dict(value)
+            if f.name == "volumes":
+                value = tuple(volume.to_json() for volume in value)
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -60,6 +62,8 @@ def spec_to_proto(spec: JobSpec) -> jobs_pb2.JobSpec:
     message.network_allow.extend(spec.network_allow)
     message.env.update(spec.env)
     message.workdir = spec.workdir or ""
+    for volume in spec.volumes:
+        message.volumes.add(name=volume.name, path=volume.path, read_only=volume.read_only)
     message.timeout_seconds = spec.timeout or 0
     message.retries = spec.retries
     message.retry_backoff_seconds = spec.retry_backoff or 0.0
@@ -147,6 +151,9 @@ def proto_to_dict(message: jobs_pb2.JobSpec) -> dict[str, Any]:
         "env": dict(message.env),
         "files": [{"path": f.path, "content": f.content, "mode": f.mode} for f in message.files],
         "workdir": message.workdir,
+        "volumes": [
+            {"name": v.name, "path": v.path, "read_only": v.read_only} for v in message.volumes
+        ],
         "timeout": message.timeout_seconds,
         "retries": message.retries,
         "retry_backoff": message.retry_backoff_seconds,
