@@ -4,6 +4,9 @@ host after the last user goes, and symlinks written in it harmless to the host."
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +14,12 @@ import pytest
 
 from corral.config import Settings
 from corral.errors import InvalidRequest, VolumeInUse
+from corral.images import LayerStore, tree_digest
 from corral.isolation import Engine
 from corral.isolation.volumes import VolumeMount, create_image, delete_image, in_use
 from tests.conftest import require_backend
+from tests.kit.debian import base_layer, needs_archive
+from tests.kit.polling import wait_until
 
 pytestmark = pytest.mark.sandbox
 
@@ -140,3 +146,74 @@ async def test_overlapping_paths_are_refused(engine: Engine, image: Path) -> Non
     mounts = [VolumeMount("a", image, "/data"), VolumeMount("b", image, "/data/inner")]
     with pytest.raises(InvalidRequest, match="overlaps"):
         await engine.create(isolation="namespace", volumes=mounts)
+
+
+_OWNER = """
+import asyncio
+from pathlib import Path
+from corral.config import Settings
+from corral.images import LayerStore, tree_digest
+from corral.isolation import Engine
+from corral.isolation.volumes import VolumeMount
+
+async def main():
+    settings = Settings(**{k: Path(v) if k.endswith("dir") else v for k, v in %r.items()})
+    engine = Engine(settings)
+    box = await engine.create(
+        isolation="namespace", volumes=[VolumeMount("v", Path(%r), "/data")]
+    )
+    await box.run(["sh", "-c", "echo x > /data/x"])
+    print(box.id, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_the_reaper_unmounts_the_volume_of_a_sigkilled_owner(
+    settings: Settings, image: Path
+) -> None:
+    fields = {
+        "data_dir": str(settings.data_dir),
+        "runtime_dir": str(settings.runtime_dir),
+        "cgroup_parent": settings.cgroup_parent,
+    }
+    with subprocess.Popen(
+        [sys.executable, "-c", _OWNER % (fields, str(image))], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        assert owner.stdout is not None
+        sandbox_id = owner.stdout.readline().strip()
+        assert sandbox_id.startswith("sb_"), sandbox_id
+        assert in_use(image)
+        owner.send_signal(signal.SIGKILL)
+    Engine(settings)  # reaps at its start
+    wait_until(lambda: not in_use(image) and not loops_of(image), "the reaper", timeout=10)
+    delete_image(image)  # no longer refused
+
+
+async def test_a_layer_template_sandbox_mounts_volumes_too(
+    engine: Engine, settings: Settings, image: Path
+) -> None:
+    store = LayerStore(settings.data_dir / "templates")
+    layer = base_layer(store, ["python3"])
+    engine.templates.add("debian-vol", store, [layer.digest])
+    try:
+        box = await engine.create(
+            template="debian-vol", isolation="namespace",
+            volumes=[VolumeMount("v", image, "/srv/data"), VolumeMount("v", image, "/ro", True)],
+        )  # fmt: skip
+        try:
+            ran = await box.run(["sh", "-c", "echo deb > /srv/data/f && cat /ro/f && touch /ro/g"])
+            assert ran.stdout.decode() == "deb\n"
+            assert "Read-only file system" in ran.stderr.decode()
+        finally:
+            await box.destroy()
+        assert tree_digest(layer.path) == layer.digest  # the mount point is on its disk
+    finally:
+        engine.templates.remove("debian-vol")
+
+
+for _mark in needs_archive("python3"):
+    test_a_layer_template_sandbox_mounts_volumes_too = _mark(
+        test_a_layer_template_sandbox_mounts_volumes_too
+    )
