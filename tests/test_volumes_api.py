@@ -43,6 +43,8 @@ def test_data_written_by_one_sandbox_is_read_by_the_next(server: LiveServer, nam
     with Sandbox.create(volumes=[f"{name}:/data"], **opts(server)) as box:
         assert box.info.volumes == (VolumeSpec(name, "/data"),)
         assert Sandbox.connect(box.sandbox_id, **opts(server)).info.volumes == box.info.volumes
+        listed = {info.sandbox_id: info for info in Sandbox.list(**opts(server))}
+        assert listed[box.sandbox_id].volumes == box.info.volumes
         ran = box.commands.run("head -c 1000000 /dev/urandom > /data/blob; echo kept > /data/note")
         assert ran.exit_code == 0, ran.stderr
     with Sandbox.create(

@@ -33,9 +33,10 @@ def format_disk(image: Path, size_bytes: int, *, journal: bool = False) -> None:
     finally:
         os.close(fd)
     done = subprocess.run(
-        # -m 0: no reserved blocks, the whole size is the sandbox's.
+        # -m 0: no reserved blocks, the whole size is the sandbox's. Lazy inode tables and
+        # journal: the file is new and sparse, so what mkfs would zero reads as zeros.
         ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "has_journal" if journal else "^has_journal",
-         "-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", str(image)],
+         "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0", str(image)],
         capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     if done.returncode != 0:
