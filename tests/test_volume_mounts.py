@@ -18,6 +18,7 @@ from corral.images import LayerStore, tree_digest
 from corral.isolation import Engine
 from corral.isolation.volumes import VolumeMount, create_image, delete_image, in_use
 from tests.conftest import require_backend
+from tests.kit import rootless as rootless_kit
 from tests.kit.debian import base_layer, needs_archive
 from tests.kit.polling import wait_until
 
@@ -217,3 +218,52 @@ for _mark in needs_archive("python3"):
     test_a_layer_template_sandbox_mounts_volumes_too = _mark(
         test_a_layer_template_sandbox_mounts_volumes_too
     )
+
+
+_ROOTLESS = """
+import asyncio, sys
+from pathlib import Path
+from corral.config import Settings
+from corral.errors import CorralError
+from corral.isolation import Engine
+from corral.isolation.volumes import VolumeMount
+
+async def main():
+    settings = Settings(**{k: Path(v) if k.endswith("dir") else v for k, v in %r.items()})
+    async with Engine(settings) as engine:
+        try:
+            box = await engine.create(
+                isolation="namespace", volumes=[VolumeMount("v", Path(%r), "/data")]
+            )
+        except CorralError as exc:
+            print(type(exc).__name__, exc)
+        else:
+            await box.destroy()
+            print("created")
+        print(sorted(p.name for p in (settings.runtime_dir / "sandboxes").iterdir()))
+
+asyncio.run(main())
+"""
+
+
+def test_without_root_a_volume_is_refused_saying_why(settings: Settings, image: Path) -> None:
+    if missing := rootless_kit.missing():
+        pytest.skip(f"running an engine without root needs {', '.join(missing)}")
+    with (
+        rootless_kit.home() as home,
+        rootless_kit.delegated_cgroup(settings.cgroup_parent) as cgroup_parent,
+    ):
+        fields = {
+            "runtime_dir": str(home / "run"),
+            "data_dir": str(home / "data"),
+            "cgroup_parent": cgroup_parent,
+        }
+        done = subprocess.run(
+            ["setpriv", f"--reuid={rootless_kit.NOBODY}", f"--regid={rootless_kit.NOBODY}",
+             "--clear-groups", "--", sys.executable, "-c", _ROOTLESS % (fields, str(image))],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first, leftovers = done.stdout.splitlines()
+    assert first.startswith("IsolationUnavailable volumes need Corral to run as root"), first
+    assert leftovers == "[]"  # nothing of the refused sandbox stays

@@ -131,6 +131,8 @@ class NamespaceBackend(Backend):
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
         details: dict[str, object] = {"root": os.geteuid() == 0}
+        # Volumes are loop-mounted images: without root a sandbox asking for one is refused.
+        details["volumes"] = "yes" if os.geteuid() == 0 else "no (needs root)"
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             missing.append("bubblewrap: apt-get install bubblewrap")
