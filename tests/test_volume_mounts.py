@@ -16,7 +16,13 @@ from corral.config import Settings
 from corral.errors import InvalidRequest, VolumeInUse
 from corral.images import LayerStore, tree_digest
 from corral.isolation import Engine
-from corral.isolation.volumes import VolumeMount, create_image, delete_image, in_use
+from corral.isolation.volumes import (
+    VolumeMount,
+    create_image,
+    delete_image,
+    in_use,
+    used_bytes,
+)
 from tests.conftest import require_backend
 from tests.kit import rootless as rootless_kit
 from tests.kit.debian import base_layer, needs_archive
@@ -103,6 +109,19 @@ async def test_size_bound_is_enospc_inside(engine: Engine, image: Path) -> None:
     # The image never grows past its size on the host.
     assert image.stat().st_size == 64 << 20
     assert image.stat().st_blocks * 512 <= 64 << 20
+
+
+async def test_deleted_files_give_the_host_its_disk_back(engine: Engine, image: Path) -> None:
+    box = await engine.create(isolation="namespace", volumes=[VolumeMount("v", image, "/data")])
+    try:
+        ran = await box.run(["sh", "-c", "head -c 20000000 /dev/urandom > /data/f; sync"])
+        assert ran.exit_code == 0, ran.stderr
+        assert used_bytes(image) > 20_000_000
+        ran = await box.run(["sh", "-c", "rm /data/f; sync"])
+        assert ran.exit_code == 0, ran.stderr
+        wait_until(lambda: used_bytes(image) < 4_000_000, "the image's blocks to be freed")
+    finally:
+        await box.destroy()
 
 
 async def test_symlinks_in_a_volume_resolve_inside_the_sandbox(

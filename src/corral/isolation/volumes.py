@@ -49,7 +49,7 @@ from corral.isolation.footprint import Footprint
 from corral.isolation.rootfs import _bind_idmapped, _mount_loop, _userns_mapping_root_to
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_MS_NOSUID, _MS_NODEV = 0x2, 0x4
+_MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 0x2, 0x4, 0x20
 _MNT_DETACH = 2
 _LOOP_GET_STATUS64 = 0x4C05
 # struct loop_info64 (232 bytes): lo_device and lo_inode first.
@@ -236,6 +236,13 @@ def _mount(fd: int, image: Path, target: Path) -> None:
         device = _loop_of(fd)
         if device is None:
             _mount_loop(image, target)
+            # Deleting files gives their blocks back to the host's disk (the loop device
+            # punches holes in the image): what a volume takes is what it holds now.
+            if _libc.mount(None, str(target).encode(), None,
+                           _MS_REMOUNT | _MS_NOSUID | _MS_NODEV, b"discard"):  # fmt: skip
+                err = ctypes.get_errno()
+                _libc.umount2(str(target).encode(), _MNT_DETACH)
+                raise SandboxStartFailed(f"could not mount the volume: {os.strerror(err)}")
             return
         if not _libc.mount(device.encode(), str(target).encode(), b"ext4",
                            _MS_NOSUID | _MS_NODEV, None):  # fmt: skip
