@@ -211,6 +211,35 @@ def test_the_reaper_unmounts_the_volume_of_a_sigkilled_owner(
     delete_image(image)  # no longer refused
 
 
+def test_processes_attaching_at_once_share_one_loop_device(settings: Settings, image: Path) -> None:
+    """Two loop devices on one image would be two ext4 file systems writing the same
+    blocks: every process finds the one that backs it, under the image's lock."""
+    fields = {
+        "data_dir": str(settings.data_dir),
+        "runtime_dir": str(settings.runtime_dir),
+        "cgroup_parent": settings.cgroup_parent,
+    }
+    owners = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OWNER % (fields, str(image))], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    try:
+        for owner in owners:
+            assert owner.stdout is not None
+            assert owner.stdout.readline().startswith("sb_")
+        assert len(loops_of(image)) == 1
+    finally:
+        for owner in owners:
+            owner.kill()
+            owner.wait()
+            if owner.stdout is not None:
+                owner.stdout.close()
+    Engine(settings)  # reaps at its start
+    wait_until(lambda: not in_use(image) and not loops_of(image), "the reaper", timeout=10)
+
+
 async def test_a_layer_template_sandbox_mounts_volumes_too(
     engine: Engine, settings: Settings, image: Path
 ) -> None:
