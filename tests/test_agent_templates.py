@@ -175,6 +175,10 @@ async def test_programs_of_a_musl_template_run_with_its_libc(engine_images: Engi
         # Its shell runs shell commands, exit codes and stderr included.
         ran = await box.run("echo $((6 * 7)); echo oops >&2; exit 7")
         assert (ran.stdout, ran.stderr, ran.exit_code) == (b"42\n", b"oops\n", 7)
+        # The agent and the host's interpreter under /.corral are read-only to its code.
+        for target in ("/.corral/agent.py", "/.corral/usr/bin/evil"):
+            ran = await box.run(f"echo x > {target}")
+            assert ran.exit_code != 0 and b"Read-only file system" in ran.stderr, target
     finally:
         await box.destroy()
 
