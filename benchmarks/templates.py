@@ -8,6 +8,12 @@ as a template, then times, alternating the two so the load hits both alike, the 
 call to the result of `true` in the new sandbox for `host` and for the layer template
 (its disk: sparse ext4 + loop mount, its idmapped layer, its overlay). Issue 13's target:
 the ratio ≤ 1.2. Also the idle memory of a layer-template sandbox and the load average.
+
+The layer template's agent is self-contained (the host's Python through the host's loader,
+from /.corral: `corral.isolation.agent_install.GuestRuntime`); the third column,
+`debian_template_python`, runs it the way it ran before, with the template's own
+/usr/bin/python3 (this script swaps the runtime for that column only), and
+`guest_runtime_check_ms` is the one-time check of the host's interpreter per process.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from engine import idle_cost, percentiles, run_cli
 from corral.config import Settings
 from corral.images import LayerStore
 from corral.images.debian import bootstrap
-from corral.isolation import Engine
+from corral.isolation import Engine, agent_install, namespace
+from corral.isolation.agent_install import GuestRuntime
 
 ARCHIVE = Path(
     os.environ.get("CORRAL_TEST_DEBIAN_ARCHIVE")
@@ -41,9 +48,18 @@ def suite() -> str:
     raise SystemExit(f"{ARCHIVE}/Release names no codename")
 
 
-async def first_output(engine: Engine, template: str) -> float:
-    start = time.perf_counter()
-    sandbox = await engine.create(template=template, isolation="namespace")
+# The agent as it ran before it was self-contained: the template's own Python.
+TEMPLATE_PYTHON = GuestRuntime("/usr/bin/python3", None, (), ("/usr/bin/python3",))
+
+
+async def first_output(engine: Engine, template: str, template_python: bool = False) -> float:
+    if template_python:
+        namespace.guest_runtime = lambda python: TEMPLATE_PYTHON  # type: ignore[attr-defined,assignment]
+    try:
+        start = time.perf_counter()
+        sandbox = await engine.create(template=template, isolation="namespace")
+    finally:
+        namespace.guest_runtime = agent_install.guest_runtime  # type: ignore[attr-defined]
     result = await sandbox.run(["true"])
     elapsed = (time.perf_counter() - start) * 1000
     assert result.ok, result
@@ -68,15 +84,20 @@ async def main(quick: bool) -> dict[str, Any]:
             data_dir=scratch / "data", runtime_dir=scratch / "run", cgroup_parent="corral-bench"
         )
         runs = 10 if quick else 40
+        start = time.perf_counter()
+        agent_install.guest_runtime(settings.guest_python)
+        check_ms = (time.perf_counter() - start) * 1000
         async with Engine(settings) as engine:
             engine.templates.add("debian", store, [layer.digest])
             host: list[float] = []
             debian: list[float] = []
-            for name in ("host", "debian"):  # warm caches (agent install, probes)
-                await first_output(engine, name)
+            own_python: list[float] = []
+            for name, own in (("host", False), ("debian", False), ("debian", True)):
+                await first_output(engine, name, own)  # warm caches (agent install, probes)
             for _ in range(runs):
                 host.append(await first_output(engine, "host"))
                 debian.append(await first_output(engine, "debian"))
+                own_python.append(await first_output(engine, "debian", template_python=True))
             sandbox = await engine.create(template="debian", isolation="namespace")
             await sandbox.run(["true"])
             await asyncio.sleep(0.5)
@@ -87,7 +108,15 @@ async def main(quick: bool) -> dict[str, Any]:
             {
                 "create_to_first_output_host_ms": {**percentiles(host, 50, 90), "n": runs},
                 "create_to_first_output_debian_ms": {**percentiles(debian, 50, 90), "n": runs},
+                "create_to_first_output_debian_template_python_ms": {
+                    **percentiles(own_python, 50, 90),
+                    "n": runs,
+                },
                 "debian_vs_host_ratio": round(ratio, 2),
+                "self_contained_vs_template_python_ratio": round(
+                    statistics.median(debian) / statistics.median(own_python), 2
+                ),
+                "guest_runtime_check_ms": round(check_ms, 1),
                 "target_ratio": 1.2,
                 "layer_bytes": layer.size_bytes,
                 **idle,

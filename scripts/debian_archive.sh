@@ -1,8 +1,9 @@
 #!/bin/bash
 # A local Debian archive for tests: the .debs a minimal base needs (mmdebstrap's essential
 # set + apt + python3, whose standard library the guest agent needs: json and ctypes,
-# which python3-minimal lacks) and busybox-static (the OCI tests build a small image
-# from it), downloaded once from this host's own apt sources and
+# which python3-minimal lacks), busybox-static (the OCI tests build a small image
+# from it) and musl (with it, a musl-based image: the self-contained guest agent's
+# tests), downloaded once from this host's own apt sources and
 # indexed as a flat file:// repository. Tests bootstrap root filesystems from it offline
 # (the network rule: no test reaches the real archive).
 #
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 dir=$(realpath -m "${1:?usage: $0 DIR}")
-packages="apt,python3-minimal,python3,busybox-static"
+packages="apt,python3-minimal,python3,busybox-static,musl"
 if [ -f "$dir/Release" ] && [ "$(cat "$dir/packages" 2>/dev/null)" = "$packages" ]; then
   exit 0
 fi

@@ -149,26 +149,6 @@ async def test_disk_limit_is_enospc_inside_and_the_host_is_untouched(
     assert leftovers(settings, box.id) == []
 
 
-async def test_a_template_without_python_is_refused_with_a_clear_error(
-    engine: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
-) -> None:
-    require_backend(settings, "namespace")
-    store, _ = debian_base
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        info = tarfile.TarInfo("bin/sh")
-        info.size, info.mode = 3, 0o755
-        tar.addfile(info, io.BytesIO(b"#!\n"))
-    raw.seek(0)
-    bare = store.import_tar(raw)
-    engine.templates.add("bare", store, [bare.digest])
-    with pytest.raises(SandboxStartFailed, match="no /usr/bin/python3 for the guest agent"):
-        await engine.create(template="bare", isolation="namespace")
-    assert not list((settings.data_dir / "disks").glob("*.img")) or all(
-        leftovers(settings, p.stem) == [] for p in (settings.data_dir / "disks").glob("*.img")
-    )
-
-
 _OWNER = """
 import asyncio, sys
 from pathlib import Path

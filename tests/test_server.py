@@ -18,6 +18,7 @@ import pytest
 
 from corral import Sandbox
 from corral.config import Settings
+from corral.errors import InvalidRequest
 from tests.conftest import LiveServer, free_port, start_server
 from tests.kit import processes
 from tests.kit.polling import wait_until
@@ -87,6 +88,25 @@ def test_sigterm_drains_and_kills_the_sandboxes(settings: Settings) -> None:
     assert "server stopped" in live.log.read_text()
     state, reason = info_after_restart(settings, live, box.sandbox_id)
     assert state == "killed" and "shut down" in reason
+
+
+def test_a_closed_sdk_sandbox_leaves_no_stream_for_the_drain_to_wait_on(
+    settings: Settings,
+) -> None:
+    """`close()` stops following a background command: its output stream ends, so a
+    SIGTERM drains at once instead of waiting the whole grace (it waited it before)."""
+    live = start_server(
+        settings,
+        settings.runtime_dir / f"data-{secrets.token_hex(4)}",
+        extra_env={"CORRAL_SHUTDOWN_GRACE": "300"},
+    )
+    box = Sandbox.create(server=live.url, api_key=live.key)
+    handle = box.commands.run("sleep 600", background=True)
+    box.close()
+    with pytest.raises(InvalidRequest, match="no longer followed"):
+        handle.wait()
+    assert live.stop(signal.SIGTERM, timeout=120) == 0  # not 300 s: nothing left to drain
+    assert "forced exit" not in live.log.read_text()
 
 
 def test_a_second_signal_forces_the_exit(settings: Settings) -> None:

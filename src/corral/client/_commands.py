@@ -171,11 +171,18 @@ class AsyncCommandHandle:
     def _read_in_background(self) -> None:
         self._reader = asyncio.create_task(self._read_to_end(), name=f"corral-pid-{self.pid}")
         self._reader.add_done_callback(_seen)
+        self._connection.follow(self._reader)
 
     async def wait(self) -> CommandResult:
         """Wait for the end; a non-zero exit code is a result, not an error."""
         if self._reader is None:
             return await self._read_to_end()
+        if self._reader.cancelled():
+            raise InvalidRequest(
+                f"process {self.pid} is no longer followed (its sandbox's connection was "
+                "closed, or `disconnect` was called): it may still run; connect to the "
+                "sandbox again and check `commands.list()`"
+            )
         return await asyncio.shield(self._reader)
 
     async def _feed(self, source: Input) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from corral._aio import stop_tasks
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
 from corral.v1.jobs_connect import JobServiceClient
@@ -50,6 +51,9 @@ class Connection:
         self._timeout_ms = int(settings.timeout * 1000)
         self._jobs: JobServiceClient | None = None
         self._volumes: VolumeServiceClient | None = None
+        # Readers of background commands' output: `aclose` stops them, or their open
+        # streams would keep the server's graceful shutdown waiting its whole grace.
+        self._followers: set[asyncio.Task[Any]] = set()
 
     @property
     def jobs(self) -> JobServiceClient:
@@ -101,7 +105,13 @@ class Connection:
         except ConnectError as exc:
             raise _translate(exc, self.settings.server) from None
 
+    def follow(self, task: asyncio.Task[Any]) -> None:
+        """Own `task`, a background reader of a stream: `aclose` stops it."""
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
     async def aclose(self) -> None:
+        await stop_tasks(*self._followers)
         await self.rpc.close()
         if self._jobs is not None:
             await self._jobs.close()

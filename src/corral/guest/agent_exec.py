@@ -121,6 +121,11 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
                 env[key] = value
             else:
                 raise Refusal("invalid_argument", f"env value of {key} must be a string")
+    if cmd is not None and not os.path.exists(argv[0]):
+        # A template without a shell (distroless): say so, not just "not found".
+        error = "this sandbox has no /bin/sh to run a shell command; run the program as argv"
+        not_started(agent, channel, argv[0], 127, error)
+        return
     program = find_program(argv[0], env.get("PATH", DEFAULT_PATH), cwd)
     if isinstance(program, int):
         not_started(agent, channel, argv[0], program)
@@ -191,10 +196,11 @@ def spawn_inheriting_score(
     return pid, {out_r: protocol.OUT, err_r: protocol.ERR}, in_w
 
 
-def not_started(agent: Agent, channel: int, name: str, code: int) -> None:
+def not_started(agent: Agent, channel: int, name: str, code: int, error: str | None = None) -> None:
     """Report a missing or unexecutable program the way a shell would."""
-    what = "command not found" if code == 127 else "command not executable"
-    error = f"{what}: {name}"
+    if error is None:
+        what = "command not found" if code == 127 else "command not executable"
+        error = f"{what}: {name}"
     agent.send_json(protocol.EVENT, channel, {"pid": None})
     agent.send(protocol.ERR, channel, f"corral: {error}\n".encode())
     result = {"ok": True, "exit_code": code, "signal": None, "reason": "exited"}

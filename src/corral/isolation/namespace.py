@@ -33,9 +33,14 @@ import weakref
 from pathlib import Path
 
 from corral.config import Settings
-from corral.errors import IsolationUnavailable, SandboxStartFailed
+from corral.errors import IsolationUnavailable
 from corral.isolation import netns, seccomp
-from corral.isolation.agent_install import agent_command, install_agent
+from corral.isolation.agent_install import (
+    GUEST_DIR,
+    agent_command,
+    guest_runtime,
+    install_agent,
+)
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import DiskSpares
@@ -49,7 +54,7 @@ from corral.network import resolver
 SANDBOX_UID = 1000
 HOME = f"/home/{SANDBOX_USER}"
 WORKSPACE = "/workspace"
-AGENT_DIR = "/.corral"
+AGENT_DIR = GUEST_DIR
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Writable directories inside the sandbox: (name in the storage tmpfs, sandbox path, mode).
@@ -153,6 +158,12 @@ class NamespaceBackend(Backend):
             missing.append("setpriv (each sandbox runs as its own uid): apt-get install util-linux")
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
+        else:
+            try:
+                runtime = guest_runtime(settings.guest_python).describe()
+            except IsolationUnavailable as exc:
+                runtime = f"unavailable: {exc}"
+            details["guest_agent"] = f"{settings.guest_python} (layer templates: {runtime})"
         try:
             seccomp.build_filter()
             details["seccomp"] = "on"
@@ -174,6 +185,11 @@ class NamespaceBackend(Backend):
                 f"sandboxes of the layer template {layered.name!r} need Corral to run as "
                 "root for now (their disk and overlay are mounted by the host)"
             )
+        # A layer template may have no Python, shell or glibc: its agent is the host's
+        # interpreter, bound under /.corral (checked before anything is made for it).
+        runtime = None
+        if layered is not None and entrypoint is None:
+            runtime = guest_runtime(self.settings.guest_python)
         limits = spec.limits
         options = [
             "--unshare-user", "--unshare-pid", "--unshare-ipc",
@@ -193,12 +209,6 @@ class NamespaceBackend(Backend):
             assert uid is not None and gid is not None
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             root = make_root(footprint, layered, self._disks, disk, limits.disk_bytes, uid, gid)
-            if entrypoint is None and not has_program(root, self.settings.guest_python):
-                raise SandboxStartFailed(
-                    f"the template {layered.name!r} has no {self.settings.guest_python} for "
-                    "the guest agent; add python3 to the template (a self-contained agent "
-                    "is to come: docs/templates-plan.md, section 6)"
-                )
             # Its user has a name (`id -un`, prompts), in files it may edit (copied up).
             shell = _shell(root)
             add_account(
@@ -254,8 +264,11 @@ class NamespaceBackend(Backend):
             if shared != self.settings.runtime_dir:
                 agent_dir = _copy_once(agent_dir, shared / "guest" / agent_dir.name)
             options += ["--ro-bind", str(agent_dir), AGENT_DIR]
+            for tree in runtime.trees if runtime else ():  # onto the agent's empty dirs
+                options += ["--ro-bind", f"/{tree}", f"{AGENT_DIR}/{tree}"]
             workdir = (layered.workdir if layered else None) or WORKSPACE
-            command = agent_command(AGENT_DIR, self.settings.guest_python, workdir)
+            python = runtime.argv if runtime else self.settings.guest_python
+            command = agent_command(AGENT_DIR, python, workdir)
         else:
             command = list(entrypoint.argv)
             workdir = entrypoint.cwd or (layered.workdir if layered else None) or WORKSPACE
