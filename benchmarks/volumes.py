@@ -30,6 +30,13 @@ from corral.isolation import Engine
 from corral.isolation.volumes import VolumeMount, create_image, delete_image, used_bytes
 
 
+def scratch_settings(scratch: Path) -> Settings:
+    # The other benchmarks' cgroup parent: no new one left behind.
+    return Settings(
+        runtime_dir=scratch / "run", data_dir=scratch / "data", cgroup_parent="corral-bench"
+    )
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {
@@ -53,9 +60,7 @@ async def start_to_output(engine: Engine, volumes: list[VolumeMount]) -> float:
 
 async def bench(scratch: Path, runs: int) -> dict[str, Any]:
     report: dict[str, Any] = {"load_1min_before": os.getloadavg()[0]}
-    settings = Settings(
-        runtime_dir=scratch / "run", data_dir=scratch / "data", cgroup_parent="corral-bench-vol"
-    )
+    settings = scratch_settings(scratch)
     mkfs: list[float] = []
     for i in range(5):
         image = scratch / f"size-{i}.img"
@@ -102,9 +107,7 @@ def main() -> None:
     try:
         print_report(asyncio.run(bench(scratch, args.runs)), args.json)
     finally:
-        Engine(
-            Settings(runtime_dir=scratch / "run", data_dir=scratch / "data")
-        )  # reaps what a crash left
+        Engine(scratch_settings(scratch))  # reaps what a crash left
         shutil.rmtree(scratch, ignore_errors=True)
 
 
