@@ -1,6 +1,7 @@
 """One template build: a base, then the plan's steps, each layer step cached by its key.
 
-    base      `image` (oci.pull), `template` (the team's ready template), `debian`
+    base      `image` (oci.pull; a name of one of the team's templates is that template,
+              as Docker prefers a local image), `template` (the team's ready template), `debian`
               (mmdebstrap from CORRAL_DEBIAN_MIRROR, cached like a step) or `scratch`
     run       a sandbox of the layers so far (namespace tier, the build's network policy,
               the step's environment and working directory); its upper dir becomes the
@@ -198,8 +199,8 @@ class Builder:
         base = self.plan.base
         if base.kind == "scratch":
             return _Base([], {}, None, "scratch")
-        if base.kind == "template":
-            row = self.catalog.serving(self.row.team_id, base.ref)
+        row = self.catalog.base_template(self.row.team_id, base)
+        if row is not None:
             for digest in row.layers:
                 self._hold(digest)
             doc = {"template": row.layers, "env": row.env, "workdir": row.workdir}

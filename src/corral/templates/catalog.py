@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from corral.config import Settings
 from corral.errors import InvalidRequest, TemplateInUse, TemplateNotFound, UnknownLayer
-from corral.images import BuildPlan, LayerStore
+from corral.images import Base, BuildPlan, LayerStore
 from corral.isolation import Engine
 from corral.isolation.templates import TEMPLATE_NAMES
 from corral.network.policy import NetworkPolicy
@@ -267,14 +267,27 @@ class TemplateCatalog:
         return TemplateRecord.from_row(updated or row)
 
     def _check_base(self, team: str, plan: BuildPlan) -> None:
-        if plan.base.kind == "template":
-            if plan.base.ref in TEMPLATE_NAMES:
-                raise InvalidRequest(
-                    f"a build cannot start from {plan.base.ref!r}: it has no layers (it is "
-                    "the host's /usr); start from a Debian base, an image, another template "
-                    "or scratch"
-                )
-            self.serving(team, plan.base.ref)
+        if plan.base.kind == "template" and plan.base.ref in TEMPLATE_NAMES:
+            raise InvalidRequest(
+                f"a build cannot start from {plan.base.ref!r}: it has no layers (it is "
+                "the host's /usr); start from a Debian base, an image, another template "
+                "or scratch"
+            )
+        self.base_template(team, plan.base)
+
+    def base_template(self, team: str, base: Base) -> TemplateRow | None:
+        """The team's ready template a build starts from: a `template` base, or an
+        `image` base named like one of the team's templates (`FROM app` in a Dockerfile,
+        as Docker prefers a local image); None for any other base."""
+        if base.kind == "template":
+            return self.serving(team, base.ref)
+        if (
+            base.kind == "image"
+            and _NAME.fullmatch(base.ref)
+            and self.store.template_rows(team, base.ref)
+        ):
+            return self.serving(team, base.ref)
+        return None
 
     def _quotas(self) -> dict[str, int]:
         return {
