@@ -373,7 +373,7 @@ class Builder:
         root = self._context(label)
         uid, gid = _chown(step.option("chown"), label)
         for f in step.files:
-            target = _place(tree, f.dest)
+            target = _place(tree, f.dest, label)
             if f.kind == "dir":
                 target.mkdir(exist_ok=True)
                 os.chmod(target, f.mode)
@@ -391,7 +391,7 @@ class Builder:
         (archive,) = step.files
         source = _resolve(root, archive.path, label)
         _check_digest(source, archive, label)
-        target = _place(tree, step.args[0].rstrip("/") + "/.")
+        target = _place(tree, step.args[0], label)
         target.mkdir(exist_ok=True)
         with open(source, "rb") as stream:
             unpack(stream, target, self.settings.template_max_bytes)
@@ -444,13 +444,13 @@ def _as_layer_tree(upper: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(upper):
         here = Path(dirpath)
         if _has_opaque(here):
-            (here / _OPAQUE).touch(mode=0o600)
+            _marker(here / _OPAQUE)
         for name in (*dirnames, *filenames):
             path = here / name
             st = os.lstat(path)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 path.unlink()
-                (here / f"{_WHITEOUT}{name}").touch(mode=0o600)
+                _marker(here / f"{_WHITEOUT}{name}")
                 continue
             if st.st_uid == own.st_uid or st.st_gid == own.st_gid:
                 os.lchown(
@@ -459,6 +459,18 @@ def _as_layer_tree(upper: Path) -> None:
                     0 if st.st_gid == own.st_gid else st.st_gid,
                 )
     os.chown(upper, 0, 0)
+
+
+def _marker(path: Path) -> None:
+    """Create the empty whiteout marker `path`, never through a symlink the sandbox made:
+    a name the sandbox already used for a file of its own is refused."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        raise BuildFailed(
+            f"the step wrote a file named {path.name}, which layers use to mark deletions; "
+            "name it otherwise"
+        ) from None
 
 
 def _has_opaque(path: Path) -> bool:
@@ -494,11 +506,23 @@ def _resolve(root: Path, rel: str, label: str) -> Path:
     return root.joinpath(*done)
 
 
-def _place(tree: Path, dest: str) -> Path:
-    """The path of image path `dest` in `tree`, its parent directories made (0755)."""
+def _place(tree: Path, dest: str, label: str) -> Path:
+    """The path of image path `dest` in the staging `tree`, its parent directories made
+    (0755), never through a symlink an earlier entry of the step put there (that would
+    write on the host); an entry already at `dest` that is no directory is replaced."""
     rel = posixpath.normpath("/" + dest).lstrip("/")
-    target = tree / rel if rel else tree
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    parts = rel.split("/") if rel else []
+    target = tree
+    for part in parts[:-1]:
+        target = target / part
+        if target.is_symlink():
+            raise BuildFailed(f"{label}: {dest} would be written through a symlink")
+        if target.exists() and not target.is_dir():
+            raise BuildFailed(f"{label}: a parent of {dest} is not a directory")
+        target.mkdir(mode=0o755, exist_ok=True)
+    target = target / parts[-1] if parts else tree
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        target.unlink()
     return target
 
 
