@@ -347,9 +347,9 @@ async def test_a_step_cannot_make_the_host_write_through_its_symlinks(
     planted = f"rm /etc/issue; ln -s {outside}/created /etc/.wh.issue"
     recipe = f"template: debian\nsteps:\n  - run: {planted}\n"
     record, _ = await builds.build("plant", BuildRequest("plant", parse_recipe(recipe), "recipe"))
+    assert list(outside.iterdir()) == []
     assert record.state == "failed" and record.error is not None
     assert ".wh.issue" in record.error and "name it otherwise" in record.error
-    assert list(outside.iterdir()) == []
 
     context = tmp_path / "ctx"
     context.mkdir()
@@ -363,9 +363,9 @@ async def test_a_step_cannot_make_the_host_write_through_its_symlinks(
     record, _ = await builds.build(
         "through", BuildRequest("through", plan, "recipe", context=context_tar(context))
     )
+    assert list(outside.iterdir()) == []
     assert record.state == "failed" and record.error is not None
     assert "through a symlink" in record.error
-    assert list(outside.iterdir()) == []
 
 
 async def test_sandboxes_and_jobs_start_from_their_teams_template_by_name(
