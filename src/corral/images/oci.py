@@ -11,6 +11,13 @@ OCI whiteouts become overlayfs ones after those checks, made here and never take
 the archive (the unpacker drops device nodes and `*.overlay.*` xattrs): `DIR/.wh.NAME` is
 replaced by a char 0/0 device `DIR/NAME`, `DIR/.wh..wh..opq` by the `overlay.opaque` xattr
 on DIR, so the stored layers stack as overlay lower dirs exactly as the image's layers do.
+`oci_whiteouts` is the way back, for a sandbox's upper dir on its way to a layer (a
+snapshot): its overlay whiteouts leave as `.wh.` entries and come back through the same
+checks and `overlay_whiteouts`.
+
+A layer's `diff_id` (sha256 of its uncompressed tar) is computed while it is imported and
+recorded in the store: pulling an image again skips unpacking a layer already stored,
+once its blob is seen to hold that tar.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import os
 import stat
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +41,7 @@ from corral.errors import ImagePullFailed, InvalidImage, InvalidLayer, InvalidRe
 from corral.images._archive import Unpacked
 from corral.images._store import _DIGEST, Layer, LayerStore
 
-__all__ = ["Image", "ImageConfig", "overlay_whiteouts", "pull"]
+__all__ = ["Image", "ImageConfig", "oci_whiteouts", "overlay_whiteouts", "pull"]
 
 _LOCAL_TRANSPORTS = ("docker-archive:", "oci-archive:", "oci:")
 _MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -52,6 +60,10 @@ _WH = ".wh."
 _OPAQUE = ".wh..wh..opq"
 # Rootless overlay mounts use `userxattr`: the kernel reads user.overlay.* there.
 _OPAQUE_XATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+_OVERLAY_XATTRS = "SCHILY.xattr." + _OPAQUE_XATTR.removesuffix("opaque")
+# Upper-dir xattrs that say part of an entry lives in a lower layer (a renamed directory,
+# a file whose data was not copied up): an export of the upper dir alone would lose it.
+_ELSEWHERE = ("redirect", "metacopy")
 # What skopeo may see of our environment: no credentials store, no registries.conf
 # aliases, only a proxy the operator set.
 _PROXIES = ("http_proxy", "https_proxy", "no_proxy")
@@ -118,6 +130,32 @@ def overlay_whiteouts(tree: Path, unpacked: Unpacked) -> None:
         dirnames[:] = [d for d in dirnames if not d.startswith(_WH)]
         # Unlinking changed the directory's mtime: the digest must not depend on the clock.
         os.utime(here, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+
+
+def oci_whiteouts(info: tarfile.TarInfo) -> list[tarfile.TarInfo]:
+    """The inverse of `overlay_whiteouts`, entry by entry, for `write_canonical(adjust=)` of
+    an overlay upper dir: the whiteout (char 0/0) `DIR/NAME` leaves as the empty file
+    `DIR/.wh.NAME`, an opaque DIR as DIR plus `DIR/.wh..wh..opq`; overlayfs' bookkeeping
+    xattrs (origin, impure) are dropped. InvalidLayer for an entry that overlayfs keeps
+    partly in a lower layer (redirect_dir or metacopy mounts, which Corral does not make)."""
+    xattrs = {k: v for k, v in info.pax_headers.items() if k.startswith(_OVERLAY_XATTRS)}
+    info.pax_headers = {k: v for k, v in info.pax_headers.items() if k not in xattrs}
+    for key in xattrs:
+        if key.removeprefix(_OVERLAY_XATTRS) in _ELSEWHERE:
+            raise InvalidLayer(
+                f"{info.name!r} is partly in a lower layer ({key.removeprefix('SCHILY.xattr.')})"
+                "; mount overlays without redirect_dir and metacopy to snapshot them"
+            )
+    if info.ischr() and info.devmajor == info.devminor == 0:
+        head, _, name = info.name.rpartition("/")
+        whiteout = tarfile.TarInfo(f"{head}/{_WH}{name}" if head else f"{_WH}{name}")
+        whiteout.mode, whiteout.mtime = 0o644, info.mtime
+        return [whiteout]
+    if info.isdir() and xattrs.get(_OVERLAY_XATTRS + "opaque") == "y":
+        opaque = tarfile.TarInfo(_OPAQUE if info.name == "." else f"{info.name}/{_OPAQUE}")
+        opaque.mode, opaque.mtime = 0o644, info.mtime
+        return [info, opaque]
+    return [info]
 
 
 # -- references and skopeo ----------------------------------------------------------------
