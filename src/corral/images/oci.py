@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hashlib
 import ipaddress
 import json
@@ -32,6 +33,7 @@ import stat
 import subprocess
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,9 +404,35 @@ def _config(raw: Any) -> ImageConfig:
     )
 
 
-def _import_layer(store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int | None) -> Layer:
+class _Hashed:
+    """A layer's uncompressed tar as it is read, hashed on the way: its diff_id."""
+
+    def __init__(self, stream: IO[bytes] | gzip.GzipFile) -> None:
+        self.stream = stream
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.stream.read(size)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise InvalidLayer(f"the layer's gzip data is corrupt: {exc}") from None
+        self.hash.update(data)
+        return data
+
+    def diff_id(self) -> str:
+        """The sha256 of the whole tar: what tar readers leave unread (padding) included."""
+        while self.read(_CHUNK):
+            pass
+        return "sha256:" + self.hash.hexdigest()
+
+
+@contextlib.contextmanager
+def _uncompressed(blob: IO[bytes], kind: str) -> Iterator[_Hashed]:
     if kind == "tar":
-        return store.import_tar(blob, max_bytes=max_bytes, finish=overlay_whiteouts)
+        gzipped = blob.read(2) == b"\x1f\x8b"
+        blob.seek(0)
+        yield _Hashed(gzip.GzipFile(fileobj=blob, mode="rb") if gzipped else blob)
+        return
     try:
         zstd = subprocess.Popen(
             ["zstd", "-dcq"], stdin=blob, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -414,9 +442,41 @@ def _import_layer(store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int 
     with zstd:
         try:
             assert zstd.stdout is not None
-            return store.import_tar(zstd.stdout, max_bytes=max_bytes, finish=overlay_whiteouts)
+            yield _Hashed(zstd.stdout)
         finally:
             zstd.kill()  # done or refused: it has nothing more to give
+
+
+def _stored_layer(store: LayerStore, blob: IO[bytes], kind: str, diff_id: str) -> Layer | None:
+    """The stored layer of `diff_id`, once the blob is seen to be that tar (an image's
+    config is the image's word, and a digest known is not content owned: checking costs
+    a decompression, far less than the unpack and digest it saves)."""
+    layer = store.layer_of_diff_id(diff_id)
+    if layer is None:
+        return None
+    with _uncompressed(blob, kind) as stream:
+        seen = stream.diff_id()
+    blob.seek(0)
+    return layer if seen == diff_id else None
+
+
+def _import_layer(
+    store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int | None, diff_id: str
+) -> Layer:
+    with _uncompressed(blob, kind) as stream:
+
+        def finish(tree: Path, unpacked: Unpacked) -> None:
+            seen = stream.diff_id()
+            if seen != diff_id:  # before it is stored: a refused image changes nothing
+                raise InvalidImage(
+                    f"the layer's tar has the sha256 {seen}, not the diff_id {diff_id} the "
+                    "image's config names: the image is corrupt or was tampered with"
+                )
+            overlay_whiteouts(tree, unpacked)
+
+        layer = store.import_tar(stream, max_bytes=max_bytes, finish=finish)  # type: ignore[arg-type]
+    store.record_diff_id(diff_id, layer.digest)
+    return layer
 
 
 def _import_layout(
@@ -438,7 +498,8 @@ def _import_layout(
     descriptors = _field(manifest, "layers", list, "manifest")
     _check_platform(raw_config, platform)
     rootfs = raw_config.get("rootfs") if isinstance(raw_config, dict) else None
-    if len(_field(rootfs, "diff_ids", list, "config's rootfs")) != len(descriptors):
+    diff_ids = _field(rootfs, "diff_ids", list, "config's rootfs")
+    if len(diff_ids) != len(descriptors):
         raise InvalidImage("the image's config and manifest list different numbers of layers")
     digests: list[str] = []
     neutralised: list[str] = []
@@ -451,17 +512,27 @@ def _import_layout(
                 f"the image's {what} has the media type {descriptor['mediaType']!r}, "
                 "which is not a tar layer"
             )
+        diff_id = diff_ids[number - 1]
+        if not isinstance(diff_id, str) or _DIGEST.fullmatch(diff_id) is None:
+            raise InvalidImage(f"the image's config names no sha256 diff_id for its {what}")
         left = None if max_bytes is None else max_bytes - total
+        too_big = QuotaExceeded(
+            f"the image {reference} unpacks to more than {max_bytes} bytes; "
+            "use a smaller image or ask for a larger template quota"
+        )
         with _blob(layout, descriptor, what) as blob:
             try:
-                layer = _import_layer(store, blob, kind, left)
+                layer = _stored_layer(store, blob, kind, diff_id) or _import_layer(
+                    store, blob, kind, left, diff_id
+                )
             except QuotaExceeded:
-                raise QuotaExceeded(
-                    f"the image {reference} unpacks to more than {max_bytes} bytes; "
-                    "use a smaller image or ask for a larger template quota"
-                ) from None
+                raise too_big from None
             except InvalidLayer as exc:
                 raise InvalidLayer(f"{what} of {reference}: {exc}") from None
+            except InvalidImage as exc:
+                raise InvalidImage(f"{what} of {reference}: {exc}") from None
+        if left is not None and layer.size_bytes > left:  # a stored layer, not unpacked
+            raise too_big
         digests.append(layer.digest)
         neutralised += [f"{what}: {line}" for line in layer.neutralised]
         total += layer.size_bytes
