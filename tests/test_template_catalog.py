@@ -215,3 +215,22 @@ async def test_a_catalog_without_a_queue_refuses_builds(world: World) -> None:
     with pytest.raises(InvalidRequest, match="no job queue"):
         await catalog.build(world.a.id, BuildRequest("app", plan(), "dockerfile"))
     assert world.store.template_rows(world.a.id) == []
+
+
+async def test_collect_removes_the_layers_no_template_names(world: World) -> None:
+    """A deleted template's layers, and those of builds that ended without a template
+    (their cache entries with them), are collected; a ready template's stay."""
+    catalog = world.catalog
+    kept, dropped, orphan = (tiny_layer(catalog.layers, text) for text in ("k", "d", "o"))
+    catalog.add_layers(world.a.id, "kept", [kept.digest], source="debian")
+    catalog.add_layers(world.a.id, "dropped", [dropped.digest], source="debian")
+    world.store.cache_layer("sha256:" + "0" * 64, orphan.digest)  # a cancelled build's step
+    await catalog.delete(world.a.id, "dropped")
+    assert {layer.digest for layer in catalog.layers.layers()} == {
+        kept.digest,
+        dropped.digest,
+        orphan.digest,
+    }  # within the grace: a build may be about to use them
+    assert sorted(catalog.collect(min_age=0)) == sorted([dropped.digest, orphan.digest])
+    assert [layer.digest for layer in catalog.layers.layers()] == [kept.digest]
+    assert world.store.cache_entries() == {}

@@ -4,8 +4,8 @@
               as Docker prefers a local image), `template` (the team's ready template), `debian`
               (mmdebstrap from CORRAL_DEBIAN_MIRROR, cached like a step) or `scratch`
     run       a sandbox of the layers so far (namespace tier, the build's network policy,
-              the step's environment and working directory); its upper dir becomes the
-              step's layer (overlay whiteouts kept as whiteouts)
+              the step's environment and working directory); its snapshot's new layer
+              (`Sandbox.snapshot`: the upper dir, whiteouts kept) is the step's layer
     copy      the context files the plan names, checked against their digests, as a layer
     extract   a context archive unpacked (with the layer store's checks) under its dest
     others    change only the template's metadata
@@ -28,7 +28,6 @@ import json
 import os
 import posixpath
 import shutil
-import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,8 +47,6 @@ from corral.templates.catalog import TemplateCatalog, command_text
 STDOUT, STDERR = 1, 2
 TAIL_BYTES = 2048  # of a failing step's output, in the template's error
 _MAX_LINKS = 40
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
 
 
 class BuildReport(Protocol):
@@ -307,18 +304,11 @@ class Builder:
             tail = await self._exec(box, index, list(step.args), env, state.workdir, label)
             if tail is not None:
                 raise BuildFailed(tail)
-            upper = box.footprint.path / "disk" / "upper"
-            await box.pause()  # nothing writes while the layer is read
-            await asyncio.to_thread(_as_layer_tree, upper)
-            layer = await asyncio.to_thread(
-                self.layers.import_dir,
-                upper,
-                max_bytes=self.settings.template_max_bytes,
-                finish=oci.overlay_whiteouts,
-            )
+            # Its upper dir as one more layer (frozen while read; whiteouts kept).
+            made = await box.snapshot(self.layers, max_bytes=self.settings.template_max_bytes)
         finally:
             await box.destroy()
-        return layer.digest
+        return made[-1]
 
     async def _sandbox(self, layers: list[str], env: Mapping[str, str]) -> Sandbox:
         self.engine.templates.add(self.scratch, self.layers, layers, env=env)
@@ -433,51 +423,6 @@ class Builder:
 
 
 # -- files ------------------------------------------------------------------------------
-
-
-def _as_layer_tree(upper: Path) -> None:
-    """Turn a stopped sandbox's upper dir into what a layer import takes: overlay
-    whiteouts (char 0/0) and opaque directories as OCI `.wh.` entries (the import drops
-    device nodes and trusted xattrs, and `overlay_whiteouts` turns these back), and the
-    sandbox's own uid (the upper dir's owner) as root's."""
-    own = os.lstat(upper)
-    for dirpath, dirnames, filenames in os.walk(upper):
-        here = Path(dirpath)
-        if _has_opaque(here):
-            _marker(here / _OPAQUE)
-        for name in (*dirnames, *filenames):
-            path = here / name
-            st = os.lstat(path)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                path.unlink()
-                _marker(here / f"{_WHITEOUT}{name}")
-                continue
-            if st.st_uid == own.st_uid or st.st_gid == own.st_gid:
-                os.lchown(
-                    path,
-                    0 if st.st_uid == own.st_uid else st.st_uid,
-                    0 if st.st_gid == own.st_gid else st.st_gid,
-                )
-    os.chown(upper, 0, 0)
-
-
-def _marker(path: Path) -> None:
-    """Create the empty whiteout marker `path`, never through a symlink the sandbox made:
-    a name the sandbox already used for a file of its own is refused."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-    except FileExistsError:
-        raise BuildFailed(
-            f"the step wrote a file named {path.name}, which layers use to mark deletions; "
-            "name it otherwise"
-        ) from None
-
-
-def _has_opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 def _resolve(root: Path, rel: str, label: str) -> Path:

@@ -14,6 +14,7 @@ and ends the row through `finish_build`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -335,6 +336,7 @@ class TemplateCatalog:
             if row.state == "building" and row.build_job_id and self.queue is not None:
                 self.queue.cancel_build(row.build_job_id, f"template {name!r} was deleted")
         self.drop(self.store.delete_templates(team, name))
+        await asyncio.to_thread(self.collect)
 
     def users(self, team: str, name: str, rows: Sequence[TemplateRow]) -> Sequence[str]:
         """The live sandboxes (the team's, and any job's in this process) of `name`."""
@@ -343,9 +345,20 @@ class TemplateCatalog:
         users.update(s.id for s in self.engine.sandboxes.values() if s.spec.template in ids)
         return sorted(users)
 
+    def collect(self, *, min_age: float = 600.0) -> Sequence[str]:
+        """Remove the stored layers no template row names and nothing holds (a running
+        build or sandbox), stored more than `min_age` seconds ago: those of deleted,
+        replaced, failed and cancelled builds. The build cache forgets them (a later build
+        makes them again). The digests removed."""
+        removed = self.layers.collect(self.store.template_layers(), min_age=min_age)
+        if removed:
+            self.store.forget_cached(removed)
+            log.info("layers collected", extra={"count": len(removed)})
+        return removed
+
     def drop(self, rows: Sequence[TemplateRow]) -> None:
-        """Forget deleted or replaced rows: unregister them and release their layers.
-        (Layers no template uses stay stored until the layer collector removes them.)"""
+        """Forget deleted or replaced rows: unregister them and release their layers
+        (`collect` removes the layers no template uses any more)."""
         for row in rows:
             self._unregister(row)
             self.context_path(row.id).unlink(missing_ok=True)
