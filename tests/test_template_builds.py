@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.errors import TemplateInUse, TemplateNotFound
+from corral.errors import NotFound, TemplateInUse, TemplateNotFound
 from corral.images import (
     Base,
     BuildContext,
@@ -387,8 +387,22 @@ async def test_sandboxes_and_jobs_start_from_their_teams_template_by_name(
         assert sandbox.template == "named"
         with pytest.raises(TemplateInUse, match=sandbox.id):
             await builds.catalog.delete(builds.team.id, "named")
+        # A snapshot of it is a template of the team (another team cannot take one).
+        builds.catalog.manager = manager
+        engine_box = builds.engine.sandboxes[sandbox.id]
+        assert (await engine_box.run(["sh", "-c", "echo mine > /mine"])).exit_code == 0
+        with pytest.raises(NotFound):
+            await builds.catalog.snapshot(other.id, sandbox.id, "snap")
+        snap = await builds.catalog.snapshot(builds.team.id, sandbox.id, "snap")
+        assert snap.state == "ready" and snap.source == "snapshot" and len(snap.layers) == 3
     finally:
         await manager.kill(builds.team, sandbox.id)
+    from_snap = await manager.create(builds.team, CreateOptions(template="snap"))
+    try:
+        ran = await builds.engine.sandboxes[from_snap.id].run(["cat", "/built", "/mine"])
+        assert ran.stdout == b"built\nmine\n", ran.stderr
+    finally:
+        await manager.kill(builds.team, from_snap.id)
     # A job of the team: its worker starts its sandbox from the template.
     spec = JobSpec.from_dict({"command": ["cat", "/built"], "template": "named"})
     submitted, _, _ = await builds.runtime.queue.submit(builds.team, spec)

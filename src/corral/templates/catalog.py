@@ -32,6 +32,7 @@ from corral.images import Base, BuildPlan, LayerStore
 from corral.isolation import Engine
 from corral.isolation.templates import TEMPLATE_NAMES
 from corral.network.policy import NetworkPolicy
+from corral.sandboxes import SandboxManager
 from corral.store import Store
 from corral.store.templates import TemplateRow
 from corral.templates._plan import plan_to_dict
@@ -145,6 +146,8 @@ class TemplateCatalog:
         self.engine = engine
         self.layers = layers or LayerStore(settings.data_dir / "templates")
         self.queue = queue
+        # The sandboxes `snapshot` reads (the server's manager, set at its start).
+        self.manager: SandboxManager | None = None
         self.contexts = self.layers.root / "contexts"
         self.contexts.mkdir(mode=0o700, exist_ok=True)
 
@@ -369,9 +372,25 @@ class TemplateCatalog:
         )
 
     async def snapshot(self, team: str, sandbox_id: str, name: str) -> TemplateRecord:
-        raise InvalidRequest(
-            "snapshots of sandboxes are not available yet on this server; build a template "
-            "with `corral template build` instead"
+        """A ready template `name` of the team's live sandbox's `/` as it is now: its
+        template's layers and one of what it changed, with its template's environment and
+        working directory (replacing the team's template of that name)."""
+        check_name(name)
+        if self.manager is None:
+            raise InvalidRequest("this process runs no sandboxes to snapshot; ask the server")
+        digests, sandbox = await self.manager.snapshot(
+            team, sandbox_id, self.layers, self.settings.template_max_bytes
+        )
+        rootfs = sandbox.spec.rootfs
+        assert rootfs is not None  # Sandbox.snapshot refuses a sandbox of `host`
+        return await asyncio.to_thread(
+            self.add_layers,
+            team,
+            name,
+            digests,
+            source="snapshot",
+            env=rootfs.env,
+            workdir=rootfs.workdir,
         )
 
     # -- templates made of stored layers ----------------------------------------------------
