@@ -9,6 +9,7 @@ import io
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -234,3 +235,20 @@ async def test_collect_removes_the_layers_no_template_names(world: World) -> Non
     assert sorted(catalog.collect(min_age=0)) == sorted([dropped.digest, orphan.digest])
     assert [layer.digest for layer in catalog.layers.layers()] == [kept.digest]
     assert world.store.cache_entries() == {}
+
+
+async def test_a_build_whose_job_ended_without_it_is_not_left_building(world: World) -> None:
+    """Cancelling a build still queued (job cancel) leaves the template cancelled; a
+    build job gone (lost worker, deleted) leaves it failed, saying so."""
+    record = await world.catalog.build(world.a.id, BuildRequest("app", plan(), "dockerfile"))
+    assert record.build_job_id is not None
+    world.runtime.queue.cancel(world.a, record.build_job_id, "not now")
+    cancelled = await world.catalog.get(world.a.id, "app")
+    assert cancelled.state == "cancelled" and "not now" in (cancelled.error or "")
+    other = await world.catalog.build(world.a.id, BuildRequest("other", plan(), "dockerfile"))
+    assert other.build_job_id is not None
+    world.runtime.queue.cancel(world.a, other.build_job_id)
+    # Retention deletes the finished job before anyone looked at the template.
+    assert world.store.delete_finished_jobs(datetime.now(UTC) + timedelta(seconds=1), 10) == 2
+    (listed,) = [r for r in await world.catalog.list(world.a.id) if r.name == "other"]
+    assert listed.state == "failed" and "its build job is gone" in (listed.error or "")

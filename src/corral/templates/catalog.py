@@ -314,14 +314,27 @@ class TemplateCatalog:
         rows = self.store.template_rows(team, name) if isinstance(name, str) else []
         if not rows:
             raise self._not_found(name)
-        return TemplateRecord.from_row(rows[0])
+        return TemplateRecord.from_row(self._settled(rows[0]))
 
     async def list(self, team: str) -> list[TemplateRecord]:
         """The team's templates by name, each its newest build."""
         newest: dict[str, TemplateRow] = {}
         for row in self.store.template_rows(team):
             newest.setdefault(row.name, row)
-        return [TemplateRecord.from_row(newest[name]) for name in sorted(newest)]
+        return [TemplateRecord.from_row(self._settled(newest[name])) for name in sorted(newest)]
+
+    def _settled(self, row: TemplateRow) -> TemplateRow:
+        """`row`, failed now if it is building but its build job ended without ending it
+        (its worker died and the job was lost, or the job was deleted)."""
+        if row.state != "building" or row.build_job_id is None:
+            return row
+        job = self.store.job(row.build_job_id)
+        if job is not None and not job.final:
+            return row
+        why = f"its build job {job.state}: {job.state_reason}" if job else "its build job is gone"
+        state = "cancelled" if job is not None and job.state == "canceled" else "failed"
+        done, _ = self.finish(row.id, state, error=f"the build did not finish: {why}")
+        return done or self.store.template(row.id) or row
 
     async def delete(self, team: str, name: str) -> None:
         """Delete the team's template `name` (every build of it, a running build
