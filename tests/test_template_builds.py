@@ -35,7 +35,7 @@ from corral.sandboxes.options import CreateOptions
 from corral.store import Store, Team
 from corral.templates import BuildRequest, TemplateCatalog, TemplateRecord
 from tests.conftest import StartManager, private_runtime, require_backend
-from tests.kit.debian import base_layer, deb, needs_archive
+from tests.kit.debian import MIRROR, base_layer, deb, needs_archive, suite
 from tests.kit.oci_images import (
     busybox_rootfs,
     directory,
@@ -58,7 +58,8 @@ def build_settings(settings: Settings) -> Iterator[Settings]:
     job sandboxes, and the Debian base as a layer of its layer store."""
     require_backend(settings, "namespace")
     with private_runtime(settings) as own:
-        yield own.with_(job_pool=0)
+        # `debian:` bases from the local archive, offline.
+        yield own.with_(job_pool=0, debian_mirror=MIRROR)
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +413,26 @@ async def test_sandboxes_and_jobs_start_from_their_teams_template_by_name(
     with pytest.raises(TemplateNotFound):
         await builds.runtime.queue.submit(other, spec)
     await builds.catalog.delete(builds.team.id, "named")
+
+
+async def test_a_debian_base_is_bootstrapped_once_and_cached(builds: Builds) -> None:
+    """`debian:` in a recipe bootstraps from CORRAL_DEBIAN_MIRROR (the local archive here,
+    offline: 20-60 s); a second build of the same base takes it from the build cache."""
+    recipe = (
+        f"debian: {{suite: {suite()}, packages: [python3]}}\n"
+        "steps:\n  - run: python3 -c 'print(6 * 7)' > /answer\nready: test -s /answer\n"
+    )
+    first, job = await builds.build("deb", BuildRequest("deb", parse_recipe(recipe), "recipe"))
+    assert first.state == "ready", (job.state_reason, builds.logs(job.id))
+    assert any(kind == "bootstrap" for kind, _ in builds.events(job.id))
+    second, job = await builds.build("deb", BuildRequest("deb", parse_recipe(recipe), "recipe"))
+    assert second.state == "ready" and second.layers == first.layers
+    assert ("cached", f"Debian {suite()}: cached") in builds.events(job.id)
+    assert not any(kind == "bootstrap" for kind, _ in builds.events(job.id))
+    box = await builds.engine.create(
+        template=builds.catalog.resolve(builds.team.id, "deb"), isolation="namespace"
+    )
+    try:
+        assert (await box.run(["cat", "/answer"])).stdout == b"42\n"
+    finally:
+        await box.destroy()
