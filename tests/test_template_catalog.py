@@ -14,11 +14,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, NotFound, QuotaExceeded, TemplateNotFound
+from corral.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, TemplateNotFound
 from corral.images import Base, BuildPlan, BuildStep, Layer, LayerStore
 from corral.isolation import Engine
 from corral.jobs.runtime import JobRuntime
 from corral.jobs.spec import JobSpec
+from corral.network.policy import NetworkPolicy
 from corral.store import Store, Team
 from corral.templates import BuildRequest, TemplateCatalog
 
@@ -252,3 +253,17 @@ async def test_a_build_whose_job_ended_without_it_is_not_left_building(world: Wo
     assert world.store.delete_finished_jobs(datetime.now(UTC) + timedelta(seconds=1), 10) == 2
     (listed,) = [r for r in await world.catalog.list(world.a.id) if r.name == "other"]
     assert listed.state == "failed" and "its build job is gone" in (listed.error or "")
+
+
+async def test_a_builds_network_is_held_to_the_servers_cap(world: World) -> None:
+    """RUN steps' network is the server's to allow, per team name (CORRAL_NETWORK_*)."""
+    capped = world.settings.with_(network_internet_teams="beta")
+    catalog = TemplateCatalog(capped, world.store, world.engine, queue=world.runtime.queue)
+    internet = NetworkPolicy.parse("internet")
+    with pytest.raises(Forbidden, match="CORRAL_NETWORK_INTERNET_TEAMS"):
+        await catalog.build(world.a.id, BuildRequest("app", plan(), "dockerfile", network=internet))
+    assert world.store.template_rows(world.a.id) == []
+    allowed = await catalog.build(
+        world.b.id, BuildRequest("app", plan(), "dockerfile", network=internet)
+    )
+    assert allowed.state == "building"

@@ -228,7 +228,8 @@ class TemplateCatalog:
                 f"{MAX_READY_TIMEOUT:g}"
             )
         self._check_base(team, request.plan)
-        self.settings.network_cap().check(request.network, team)
+        # The team's name: the server's network cap names teams (CORRAL_NETWORK_*).
+        self.settings.network_cap().check(request.network, self.store.team_by_id(team).name)
         if self.queue is None:
             raise InvalidRequest("this process runs no job queue: builds go to `corral server`")
         now = datetime.now(UTC)
