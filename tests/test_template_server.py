@@ -51,5 +51,9 @@ def test_a_restarted_server_serves_its_teams_templates(own_runtime: Settings) ->
         other_key = server.new_team("others")
         with pytest.raises(NotFound, match="no template 'base'"):
             Sandbox.create("base", server=server.url, api_key=other_key)
+        # The CLI: a name the team lacks is not found (exit 4), in one line.
+        done = server.corral("run", "--template", "nope", "--", "true")
+        assert done.returncode == 4 and "no template 'nope'" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
     finally:
         server.stop()
