@@ -11,10 +11,13 @@
     │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
     │   ├── UnknownLayer          no stored layer has that digest
-    │   └── UnknownVolume         the team has no volume of that name
+    │   ├── UnknownVolume         the team has no volume of that name
+    │   └── TemplateNotFound      the caller's team has no template of that name
     ├── LayerInUse                a template or sandbox still uses the layer
     ├── VolumeInUse               a running sandbox has the volume mounted
     ├── VolumeExists              the team has a volume of that name already
+    ├── TemplateInUse             live sandboxes use the template: it cannot be deleted
+    ├── BuildFailed               a template build's step or ready check failed
     ├── ImagePullFailed           skopeo could not fetch the image (registry, auth, archive)
     ├── IdempotencyConflict       an idempotency key already names a job with another spec
     ├── AuthError
@@ -29,6 +32,7 @@
     │   ├── SandboxStartFailed
     │   ├── SandboxNotRunning     destroyed, or paused when the call needs it running
     │   ├── GuestError            the guest agent broke the protocol or died
+    │   ├── SnapshotUnavailable   the sandbox's root is not made of layers (template `host`)
     │   └── PortClosed            nothing listens on the port asked for inside the sandbox
     ├── CommandError              a command could not be started (bad cwd, bad user …)
     └── FileError                 a file operation inside the sandbox failed
@@ -115,8 +119,20 @@ class VolumeExists(CorralError):
     """The team has a volume of that name already; choose another name or delete it."""
 
 
+class TemplateNotFound(NotFound):
+    """Your team has no template of that name; list them with `corral template list`."""
+
+
 class LayerInUse(CorralError):
     """A template or sandbox still uses the layer; remove them first."""
+
+
+class TemplateInUse(CorralError):
+    """Live sandboxes use the template; kill them before deleting it."""
+
+
+class BuildFailed(CorralError):
+    """The template build failed; its error names the step and ends with its log."""
 
 
 class ImagePullFailed(CorralError):
@@ -174,6 +190,10 @@ class SandboxNotRunning(SandboxError):
 
 class GuestError(SandboxError):
     """The guest agent inside the sandbox stopped answering or broke the protocol."""
+
+
+class SnapshotUnavailable(SandboxError):
+    """The sandbox cannot be snapshotted: its root is not made of a template's layers."""
 
 
 class PortClosed(SandboxError):

@@ -35,6 +35,7 @@ from corral.errors import (
     SandboxNotRunning,
     Unauthenticated,
 )
+from corral.images import LayerStore
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
@@ -95,6 +96,9 @@ class SandboxManager:
         self._owner = owner_identity()
         self.network_cap = settings.network_cap()
         self.volumes = Volumes(settings, store)
+        # `template=NAME` -> the engine's name of the team's template (the template
+        # catalog's `resolve(team_id, name)`, given by the server); None: only `host`.
+        self.resolve_template: Callable[[str, str], str] | None = None
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -138,7 +142,7 @@ class SandboxManager:
         limits = options.limits
         limits.check_host()
         self.network_cap.check(options.network, team.name)
-        get_template(options.template)
+        engine_template = self._engine_template(team, options.template)
         backend = self.engine.backend(options.isolation).name
         mounts = self.volumes.mounts(team.id, options.volumes)
         # Pooled sandboxes have no network and no volumes: one with either starts cold.
@@ -205,7 +209,7 @@ class SandboxManager:
         self._live.add(entry)
         async with entry.lock:
             try:
-                sandbox, warm = await self._start(row.id, options, pooled, mounts)
+                sandbox, warm = await self._start(row.id, options, engine_template, pooled, mounts)
             except BaseException as exc:
                 entry.state = "failed"
                 self._live.discard(row.id)
@@ -229,10 +233,19 @@ class SandboxManager:
         )
         return self._record(created)
 
+    def _engine_template(self, team: Team, name: str) -> str:
+        """The engine's name of the team's template `name` (a team's templates are its
+        own: another team's is not found)."""
+        if self.resolve_template is None:
+            get_template(name)
+            return name
+        return self.resolve_template(team.id, name)
+
     async def _start(
         self,
         sandbox_id: str,
         options: CreateOptions,
+        template: str,
         pooled: Sandbox | None,
         mounts: tuple[VolumeMount, ...],
     ) -> tuple[Sandbox, bool]:
@@ -252,7 +265,7 @@ class SandboxManager:
                 if not isinstance(exc, CorralError):
                     raise
         cold = await self.engine.create(
-            template=options.template,
+            template=template,
             limits=options.limits,
             network=options.network,
             env=options.envs,
@@ -261,6 +274,19 @@ class SandboxManager:
             volumes=mounts,
         )
         return cold, False
+
+    async def snapshot(
+        self, team_id: str, sandbox_id: str, store: LayerStore, max_bytes: int | None
+    ) -> tuple[tuple[str, ...], Sandbox]:
+        """The layers of the team's running or paused sandbox's `/` as it is now (its
+        template's and one of its changes, `Sandbox.snapshot`), and the sandbox."""
+        entry = self._live.get(sandbox_id) if isinstance(sandbox_id, str) else None
+        if entry is None or entry.team_id != team_id:
+            raise NotFound(_not_found(sandbox_id) + " (a snapshot needs a live sandbox of yours)")
+        async with entry.lock:
+            if entry.sandbox is None or entry.state not in ("running", "paused"):
+                raise SandboxNotRunning(f"sandbox {sandbox_id} is {entry.state}")
+            return await entry.sandbox.snapshot(store, max_bytes=max_bytes), entry.sandbox
 
     async def get(self, team: Team, sandbox_id: str) -> SandboxRecord:
         return self._record(self._owned(team, sandbox_id))

@@ -6,12 +6,13 @@ from corral.store.jobs import JobStore
 from corral.store.metrics import MetricStore
 from corral.store.sandboxes import SandboxStore
 from corral.store.teams import TeamStore
+from corral.store.templates import TemplateStore
 from corral.store.volumes import VolumeStore
 
 
-class Store(TeamStore, SandboxStore, MetricStore, JobStore, VolumeStore):
+class Store(TeamStore, SandboxStore, MetricStore, JobStore, VolumeStore, TemplateStore):
     """Corral's durable state: teams and keys, sandboxes and their events, metrics, jobs,
-    volumes.
+    volumes, templates and the build cache.
 
     store = Store.open(settings)            # SQLite at <data_dir>/corral.db, migrated
     store = Store.open(settings, url="postgresql+psycopg://…")
