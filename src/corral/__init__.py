@@ -21,6 +21,8 @@ if _typing.TYPE_CHECKING:
         AsyncCommandHandle,
         AsyncJobs,
         AsyncSandbox,
+        AsyncTemplate,
+        BuildLog,
         CallbackStatus,
         CommandHandle,
         CommandResult,
@@ -37,6 +39,8 @@ if _typing.TYPE_CHECKING:
         ProcessInfo,
         Sandbox,
         SandboxInfo,
+        Template,
+        TemplateInfo,
         WriteEntry,
     )
     from corral.errors import CorralError
@@ -45,6 +49,8 @@ _LAZY = {
     "AsyncCommandHandle": "corral.client",
     "AsyncJobs": "corral.client",
     "AsyncSandbox": "corral.client",
+    "AsyncTemplate": "corral.client",
+    "BuildLog": "corral.client",
     "CallbackStatus": "corral.client",
     "CommandHandle": "corral.client",
     "CommandResult": "corral.client",
@@ -62,6 +68,8 @@ _LAZY = {
     "ProcessInfo": "corral.client",
     "Sandbox": "corral.client",
     "SandboxInfo": "corral.client",
+    "Template": "corral.client",
+    "TemplateInfo": "corral.client",
     "WriteEntry": "corral.client",
 }
 
@@ -69,6 +77,8 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncJobs",
     "AsyncSandbox",
+    "AsyncTemplate",
+    "BuildLog",
     "CallbackStatus",
     "CommandHandle",
     "CommandResult",
@@ -86,6 +96,8 @@ __all__ = [
     "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
+    "Template",
+    "TemplateInfo",
     "WriteEntry",
     "__version__",
 ]

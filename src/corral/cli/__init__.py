@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.cli import admin, context, job, run, sandbox
+from corral.cli import admin, context, job, run, sandbox, template
 from corral.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -60,6 +60,7 @@ def parser() -> Parser:
     _add_server_commands(commands)
     sandbox.add_commands(commands)
     job.add_commands(commands)
+    template.add_commands(commands)
     context.add_commands(commands)
     admin.add_commands(commands)
     return root

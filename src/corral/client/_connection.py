@@ -14,6 +14,7 @@ from corral._wire import from_connect
 from corral.client._config import ClientSettings
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
+from corral.v1.templates_connect import TemplateServiceClient
 
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
@@ -32,7 +33,8 @@ def _translate(exc: ConnectError, server: str) -> BaseException:
 class Connection:
     """One client of `corral.v1.SandboxService` with its key; shared by a sandbox's parts.
 
-    `jobs` is a client of `corral.v1.JobService` on the same server, made on first use.
+    `jobs` and `templates` are clients of `corral.v1.JobService` and
+    `corral.v1.TemplateService` on the same server, made on first use.
     """
 
     def __init__(self, settings: ClientSettings) -> None:
@@ -47,6 +49,7 @@ class Connection:
         )
         self._timeout_ms = int(settings.timeout * 1000)
         self._jobs: JobServiceClient | None = None
+        self._templates: TemplateServiceClient | None = None
 
     @property
     def jobs(self) -> JobServiceClient:
@@ -55,6 +58,14 @@ class Connection:
                 self.settings.server, accept_compression=(), send_compression=None
             )
         return self._jobs
+
+    @property
+    def templates(self) -> TemplateServiceClient:
+        if self._templates is None:
+            self._templates = TemplateServiceClient(
+                self.settings.server, accept_compression=(), send_compression=None
+            )
+        return self._templates
 
     async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:
         """A unary call, with the key and the timeout."""
@@ -94,3 +105,5 @@ class Connection:
         await self.rpc.close()
         if self._jobs is not None:
             await self._jobs.close()
+        if self._templates is not None:
+            await self._templates.close()

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from corral.jobs.queue import JobQueue
     from corral.sandboxes import SandboxManager
     from corral.store import Store, Team
+    from corral.templates import TemplateCatalog
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Services:
     store: Store | None = None
     manager: SandboxManager | None = None
     jobs: JobQueue | None = None
+    templates: TemplateCatalog | None = None
 
 
 class Handlers:
