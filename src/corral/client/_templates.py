@@ -253,7 +253,7 @@ class TemplateBuilder:
             request.e2b_template = self.to_json()
             if self._copies:
                 request.context = _tar(self._root, self._copies, self._ignore)
-        if self._ready_cmd:
+        if self._ready_cmd and not request.e2b_template:  # E2B's JSON has its own readyCmd
             request.ready_cmd = self._ready_cmd
         return request
 

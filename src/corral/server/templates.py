@@ -153,6 +153,24 @@ def parse_plan(request: pb.BuildTemplateRequest, scratch: Path) -> tuple[BuildPl
     return plan, _SOURCE_NAMES[which]
 
 
+def build_request(request: pb.BuildTemplateRequest) -> BuildRequest:
+    """The catalog's request for `request`: its source parsed, its options checked."""
+    from corral.templates import BuildRequest
+
+    if request.ready_timeout_seconds < 0:
+        raise InvalidRequest("ready_timeout_seconds must be >= 0 (0: 60 s)")
+    with tempfile.TemporaryDirectory(prefix="corral-context-") as scratch:
+        plan, source = parse_plan(request, Path(scratch))
+    return BuildRequest(
+        name=request.name,
+        plan=plan,
+        source=source,
+        context=request.context or None,
+        network=convert.network(request.network),
+        ready_timeout_s=request.ready_timeout_seconds or 60,
+    )
+
+
 def _debian_plan(debian: pb.DebianSource) -> BuildPlan:
     from corral.images.debian import debian_base
 
@@ -169,26 +187,11 @@ class TemplateHandlers(Handlers):
         return self._services.templates
 
     async def build(self, request: pb.BuildTemplateRequest, ctx: Ctx) -> pb.BuildTemplateResponse:
-        from corral.templates import BuildRequest
-
         team = self._team(ctx)
-        build = await asyncio.to_thread(self._parse, request, BuildRequest)
-        record = await self._catalog.build(team.id, build)
+        catalog = self._catalog
+        build = await asyncio.to_thread(build_request, request)
+        record = await catalog.build(team.id, build)
         return pb.BuildTemplateResponse(template=template_message(record))
-
-    def _parse(self, request: pb.BuildTemplateRequest, make: type[BuildRequest]) -> BuildRequest:
-        if request.ready_timeout_seconds < 0:
-            raise InvalidRequest("ready_timeout_seconds must be >= 0 (0: 60 s)")
-        with tempfile.TemporaryDirectory(prefix="corral-context-") as scratch:
-            plan, source = parse_plan(request, Path(scratch))
-        return make(
-            name=request.name,
-            plan=plan,
-            source=source,
-            context=request.context or None,
-            network=convert.network(request.network),
-            ready_timeout_s=request.ready_timeout_seconds or 60,
-        )
 
     async def get(self, request: pb.GetTemplateRequest, ctx: Ctx) -> pb.GetTemplateResponse:
         team = self._team(ctx)
