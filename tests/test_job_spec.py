@@ -157,7 +157,7 @@ def test_an_unknown_or_missing_language_is_refused() -> None:
     assert "'language'" in refused({"run": "x", "language": "python"})
 
 
-@pytest.mark.parametrize("kind", ["agent", "build", "governed"])
+@pytest.mark.parametrize("kind", ["agent", "governed"])
 def test_later_kinds_are_refused_as_not_built_yet(kind: str) -> None:
     message = refused({"kind": kind})
     assert message.startswith("kind: ") and "not built yet" in message and repr(kind) in message

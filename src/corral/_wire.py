@@ -37,6 +37,8 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.SandboxNotRunning, "failed_precondition"),
     (errors.PortClosed, "failed_precondition"),
     (errors.LayerInUse, "failed_precondition"),
+    (errors.TemplateInUse, "failed_precondition"),
+    (errors.BuildFailed, "failed_precondition"),
     (errors.ImagePullFailed, "failed_precondition"),
     (errors.CommandError, "failed_precondition"),
     (errors.FileExists, "already_exists"),

@@ -119,6 +119,14 @@ class Settings:
     # Network events kept per sandbox (DNS answers, connections allowed and denied); past
     # this the oldest are deleted, and the count deleted is shown with the rest.
     network_events_max: int = 10_000
+    # Templates: per team, at most this many template names and this many bytes of
+    # file data in its ready templates' layers; the Debian mirror of `debian` build bases
+    # (a URL or a whole sources.list line).
+    template_max_count: int = 50
+    # A template build (a job) stops after this many seconds.
+    build_timeout: int = 3600
+    template_max_bytes: int = 20 * 1024**3
+    debian_mirror: str = "http://deb.debian.org/debian"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

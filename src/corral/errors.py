@@ -10,8 +10,11 @@
     │   ├── InvalidImage          an OCI image's manifest, config or blobs are not valid
     │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
-    │   └── UnknownLayer          no stored layer has that digest
+    │   ├── UnknownLayer          no stored layer has that digest
+    │   └── TemplateNotFound      the caller's team has no template of that name
     ├── LayerInUse                a template or sandbox still uses the layer
+    ├── TemplateInUse             live sandboxes use the template: it cannot be deleted
+    ├── BuildFailed               a template build's step or ready check failed
     ├── ImagePullFailed           skopeo could not fetch the image (registry, auth, archive)
     ├── IdempotencyConflict       an idempotency key already names a job with another spec
     ├── BuildFailed               a template build failed or was cancelled (its step, its log)
@@ -101,8 +104,20 @@ class UnknownLayer(NotFound):
     """No stored layer has that digest."""
 
 
+class TemplateNotFound(NotFound):
+    """Your team has no template of that name; list them with `corral template list`."""
+
+
 class LayerInUse(CorralError):
     """A template or sandbox still uses the layer; remove them first."""
+
+
+class TemplateInUse(CorralError):
+    """Live sandboxes use the template; kill them before deleting it."""
+
+
+class BuildFailed(CorralError):
+    """The template build failed; its error names the step and ends with its log."""
 
 
 class ImagePullFailed(CorralError):

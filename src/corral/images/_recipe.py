@@ -3,7 +3,9 @@
 A recipe is wrenn's list of shell commands, grown into a template (each step a one-key
 mapping, or a bare string for a shell command):
 
-    from: debian:bookworm          # an image; or `template: NAME` for a Corral template
+    from: debian:bookworm          # an image; or `template: NAME` for a Corral template,
+                                   # or `debian: {suite: bookworm, variant: apt,
+                                   # packages: [python3]}` for a Debian base (mmdebstrap)
     steps:
       - apt-get update             # a shell command, as in wrenn's recipes
       - run: pip install flask     # the same; a list is an exec-form argv
@@ -36,7 +38,7 @@ from corral.images._steps import Base, BuildPlan, BuildStep
 from corral.images._words import NAME
 
 _SHELL = ("/bin/sh", "-c")
-_RECIPE_KEYS = {"from", "template", "steps", "start", "ready", "healthcheck"}
+_RECIPE_KEYS = {"from", "template", "debian", "steps", "start", "ready", "healthcheck"}
 
 
 def parse_recipe(text: str, context: BuildContext | None = None, name: str = "recipe") -> BuildPlan:
@@ -131,15 +133,39 @@ def parse_e2b_template(
 
 
 def _recipe_base(doc: Mapping[str, Any], name: str) -> Base:
-    if doc.get("from") and doc.get("template"):
+    if len([key for key in ("from", "template", "debian") if doc.get(key)]) > 1:
         raise InvalidBuild(
-            f"{name}: give `from:` (an image) or `template:` (a Corral template), not both"
+            f"{name}: give one of `from:` (an image), `template:` (a Corral template) or "
+            "`debian:` (a Debian base), not both"
         )
+    if doc.get("debian"):
+        return _debian_base(doc["debian"], name)
     if isinstance(doc.get("from"), str) and doc["from"]:
         return Base("scratch") if doc["from"] == "scratch" else Base("image", doc["from"])
     if isinstance(doc.get("template"), str) and doc["template"]:
         return Base("template", doc["template"])
-    raise InvalidBuild(f"{name}: no base; add `from: IMAGE` or `template: NAME`")
+    raise InvalidBuild(
+        f"{name}: no base; add `from: IMAGE`, `template: NAME` or `debian: {{suite: SUITE}}`"
+    )
+
+
+def _debian_base(spec: object, name: str) -> Base:
+    """`debian: bookworm`, or `debian: {suite: bookworm, variant: apt, packages: [..]}`
+    (the names are checked again by `corral.images.debian` when it bootstraps)."""
+    if isinstance(spec, str):
+        spec = {"suite": spec}
+    if not isinstance(spec, Mapping) or set(spec) - {"suite", "variant", "packages"}:
+        raise InvalidBuild(
+            f"{name}: `debian:` is a suite name or a mapping of suite, variant and packages"
+        )
+    suite, variant, packages = spec.get("suite"), spec.get("variant") or "", spec.get("packages")
+    if not isinstance(suite, str) or not suite or not isinstance(variant, str):
+        raise InvalidBuild(f"{name}: `debian:` needs `suite:` (bookworm); variant is a name")
+    if packages is None:
+        packages = []
+    if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
+        raise InvalidBuild(f"{name}: `debian: packages:` is a list of package names")
+    return Base("debian", suite, variant=variant, packages=tuple(packages))
 
 
 class _Builder:

@@ -88,12 +88,15 @@ class BuildStep:
 @dataclass(frozen=True)
 class Base:
     """What the first step starts from: an OCI image reference, a Corral template by
-    name, or nothing (`FROM scratch`)."""
+    name, a Debian base (`ref` is its suite, bootstrapped by mmdebstrap with `variant`
+    and `packages` from the server's mirror), or nothing (`FROM scratch`)."""
 
-    kind: Literal["image", "template", "scratch"]
+    kind: Literal["image", "template", "scratch", "debian"]
     ref: str = ""
     username: str = ""  # registry credentials for `image` (E2B's from_image(username=))
     password: str = field(default="", repr=False)
+    variant: str = ""  # `debian`: mmdebstrap's variant ("": apt)
+    packages: tuple[str, ...] = ()  # `debian`: packages to include
 
 
 @dataclass(frozen=True)

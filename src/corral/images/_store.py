@@ -118,9 +118,16 @@ class LayerStore:
                 finish(tree, unpacked)
             return self._commit(staging, tree, unpacked)
 
-    def import_dir(self, source: Path, *, max_bytes: int | None = None) -> Layer:
+    def import_dir(
+        self,
+        source: Path,
+        *,
+        max_bytes: int | None = None,
+        finish: Callable[[Path, Unpacked], None] | None = None,
+    ) -> Layer:
         """Store a copy of the directory `source` (a bootstrapped rootfs, a sandbox's upper
-        dir) as a layer: its canonical tar, streamed through the same checks as any tar."""
+        dir) as a layer: its canonical tar, streamed through the same checks as any tar
+        (`finish` as in `import_tar`)."""
         if not source.is_dir() or source.is_symlink():
             raise InvalidRequest(f"{source} is not a directory; give the root of a filesystem")
         read_fd, write_fd = os.pipe()
@@ -141,7 +148,7 @@ class LayerStore:
         producer.start()
         try:
             with open(read_fd, "rb") as pipe:
-                layer = self.import_tar(pipe, max_bytes=max_bytes)
+                layer = self.import_tar(pipe, max_bytes=max_bytes, finish=finish)
         finally:
             producer.join()
         if failure:

@@ -27,7 +27,7 @@ from corral.isolation.templates import get_template
 from corral.job_lifecycle import may_retry_by_request
 from corral.jobs.callback_policy import CallbackPolicy
 from corral.jobs.records import JobRecord
-from corral.jobs.spec import JobSpec, check_labels
+from corral.jobs.spec import BUILD_KIND, JobSpec, check_labels
 from corral.limits import Limits
 from corral.states import JOB_STATES
 from corral.store import Store, Team
@@ -35,6 +35,7 @@ from corral.store.job_logs import LogChunkRow
 from corral.store.job_rows import JobEventRow, JobRow
 from corral.store.pages import check_page_size
 from corral.store.teams import check_totals
+from corral.templates import TemplateCatalog
 
 T = TypeVar("T", LogChunkRow, JobEventRow)
 
@@ -135,6 +136,9 @@ class JobQueue:
         # The memory this process's workers' host can give sandboxes; None: no workers
         # here (workers elsewhere may run on larger hosts, and refuse what never fits).
         self.capacity = capacity
+        # The template catalog `template=NAME` resolves in (set by the jobs runtime);
+        # None: only `host`.
+        self.templates: TemplateCatalog | None = None
 
     # -- requests -----------------------------------------------------------------------
 
@@ -142,13 +146,21 @@ class JobQueue:
         self, team: Team, spec: JobSpec, idempotency_key: str = ""
     ) -> tuple[JobRecord, bool, str]:
         """Queue a job: (the job, whether this call created it, its callback secret)."""
+        if spec.kind == BUILD_KIND:
+            raise InvalidRequest(
+                "a build job is started by `corral template build` (TemplateService.Build), "
+                "not submitted as a job"
+            )
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY or "\0" in idempotency_key:
             raise InvalidRequest(
                 f"idempotency_key is {len(idempotency_key)} characters; "
                 f"use at most {MAX_IDEMPOTENCY_KEY} printable ones"
             )
         template = spec.template or "host"
-        get_template(template)
+        if self.templates is not None:
+            self.templates.resolve(team.id, template)  # TemplateNotFound: not the team's
+        else:
+            get_template(template)
         limits = Limits(**{**asdict(Limits()), **spec.limits})
         check_totals(team, asdict(limits))  # the job's sandbox alone must fit the quotas
         limits.check_host()
@@ -186,6 +198,43 @@ class JobQueue:
         if created:
             self.signals.queued()
         return self._record(stored), created, (secret or "") if created else ""
+
+    async def submit_build(self, team_id: str, template_id: str, name: str) -> str:
+        """Queue the build job of the template row `template_id` (the template catalog's
+        call); the job's id. Its sandboxes are the builder's own, started per step."""
+        spec = JobSpec(
+            kind=BUILD_KIND,
+            build=template_id,
+            timeout=self.settings.build_timeout,
+            labels={"template": name},
+        )
+        row = JobRow.queued(
+            id=new_job_id(),
+            team_id=team_id,
+            idempotency_key=None,
+            kind=BUILD_KIND,
+            template=name,
+            isolation="auto",
+            memory_mib=Limits().memory_mib,
+            spec=spec.to_dict(),
+            labels=dict(spec.labels),
+            priority=0,
+            max_attempts=1,
+            callback_url=None,
+            callback_secret=None,
+            now=datetime.now(UTC),
+        )
+        stored, _ = self.store.insert_job(row)
+        self.signals.queued()
+        return stored.id
+
+    def cancel_build(self, job_id: str, reason: str) -> None:
+        """Cancel a build job (its template was deleted)."""
+        row = self.store.job(job_id)
+        if row is not None and not row.final:
+            self.store.cancel_job(job_id, reason[:500])
+            self.signals.cancel(job_id)
+            self.signals.changed(job_id)
 
     def get(self, team: Team, job_id: str) -> JobRecord:
         return self._record(self._row(team, job_id))

@@ -16,6 +16,7 @@ from corral.jobs.retention import Retention
 from corral.jobs.worker import Worker
 from corral.store import Store
 from corral.store.job_rows import JobRow
+from corral.templates import TemplateCatalog
 
 
 class JobRuntime:
@@ -59,11 +60,17 @@ class JobRuntime:
             capacity=engine.memory_capacity if here else None,
         )
 
+        # The team's templates: `template=NAME` of jobs resolves there, builds run there.
+        self.templates = TemplateCatalog(settings, store, engine, queue=self.queue)
+        self.queue.templates = self.templates
+        self.worker.templates = self.templates
+
     def _ended(self, row: JobRow) -> None:
         if row.callback_url:
             self.callbacks.wake()  # the `done`/`error` POST goes out now, not at the next poll
 
     async def start(self) -> None:
+        self.templates.load()
         await self.worker.start()
         self.callbacks.start()
         self.retention.start()

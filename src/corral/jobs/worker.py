@@ -31,21 +31,25 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
+from corral.errors import InvalidRequest
 from corral.isolation import Engine
 from corral.isolation.footprint import process_start_time
 from corral.job_lifecycle import MAX_LOST, retries, retry_delay, room_wait
+from corral.jobs.build import BuildRunner
 from corral.jobs.queue import POLL_SECONDS, JobSignals, never_fits
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
 from corral.jobs.sandbox import JobSandboxes
-from corral.jobs.spec import JobSpec
+from corral.jobs.spec import BUILD_KIND, JobSpec
 from corral.sandboxes.pool import WarmPool
 from corral.store import Store
 from corral.store.job_rows import Attempt, JobRow
+from corral.templates import TemplateCatalog
 
 log = logging.getLogger("corral.jobs")
 
@@ -117,6 +121,9 @@ class Worker:
         self._runs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closing = False
+        # Where `template=NAME` resolves and builds run (set by the jobs runtime); None:
+        # only `host`, no builds.
+        self.templates: TemplateCatalog | None = None
 
     def _isolations(self) -> tuple[str, ...]:
         """The isolation names this worker can give: "auto" and each usable tier."""
@@ -249,9 +256,23 @@ class Worker:
             if row.cancel_reason is not None:  # canceled between the claim and now
                 stop.set("cancel")
             spec = JobSpec.from_dict(row.spec)
-            runner = AttemptRunner(
-                self.store, self.signals, self.policy, attempt, spec, self.sandboxes, stop
-            )
+            runner: AttemptRunner | BuildRunner
+            if spec.kind == BUILD_KIND:
+                if self.templates is None:
+                    raise InvalidRequest("this worker has no template catalog to build with")
+                self.sandboxes.forget(row.id)  # the builder's sandboxes are admitted as made
+                runner = BuildRunner(
+                    self.store, self.signals, self.policy, attempt, spec, self.templates, stop
+                )
+            else:
+                if spec.template and self.templates is not None:
+                    # The team's template of that name (TemplateNotFound when gone since).
+                    spec = replace(
+                        spec, template=self.templates.resolve(row.team_id, spec.template)
+                    )
+                runner = AttemptRunner(
+                    self.store, self.signals, self.policy, attempt, spec, self.sandboxes, stop
+                )
             outcome = await runner.run()
             freed = outcome.state != "no_room"
             ended = self._end(row, spec, attempt, outcome)

@@ -92,6 +92,9 @@ class SandboxManager:
         self._closing = False
         self._owner = owner_identity()
         self.network_cap = settings.network_cap()
+        # `template=NAME` -> the engine's name of the team's template (the template
+        # catalog's `resolve(team_id, name)`, given by the server); None: only `host`.
+        self.resolve_template: Callable[[str, str], str] | None = None
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -135,7 +138,7 @@ class SandboxManager:
         limits = options.limits
         limits.check_host()
         self.network_cap.check(options.network, team.name)
-        get_template(options.template)
+        engine_template = self._engine_template(team, options.template)
         backend = self.engine.backend(options.isolation).name
         # Pooled sandboxes have no network: one with a network starts cold.
         fits = options.network.mode == "none" and self.pool.fits(options.template, backend, limits)
@@ -196,7 +199,7 @@ class SandboxManager:
         self._live.add(entry)
         async with entry.lock:
             try:
-                sandbox, warm = await self._start(row.id, options, pooled)
+                sandbox, warm = await self._start(row.id, options, engine_template, pooled)
             except BaseException as exc:
                 entry.state = "failed"
                 self._live.discard(row.id)
@@ -220,8 +223,16 @@ class SandboxManager:
         )
         return self._record(created)
 
+    def _engine_template(self, team: Team, name: str) -> str:
+        """The engine's name of the team's template `name` (a team's templates are its
+        own: another team's is not found)."""
+        if self.resolve_template is None:
+            get_template(name)
+            return name
+        return self.resolve_template(team.id, name)
+
     async def _start(
-        self, sandbox_id: str, options: CreateOptions, pooled: Sandbox | None
+        self, sandbox_id: str, options: CreateOptions, template: str, pooled: Sandbox | None
     ) -> tuple[Sandbox, bool]:
         """The engine sandbox for a new row: the pooled one with the asked limits, or a
         cold one; and whether it came from the pool."""
@@ -239,7 +250,7 @@ class SandboxManager:
                 if not isinstance(exc, CorralError):
                     raise
         cold = await self.engine.create(
-            template=options.template,
+            template=template,
             limits=options.limits,
             network=options.network,
             env=options.envs,

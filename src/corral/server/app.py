@@ -235,6 +235,7 @@ class CorralApp:
             await manager.start()
             try:
                 jobs = JobRuntime(self.settings, store, manager.engine)
+                manager.resolve_template = jobs.templates.resolve
                 await jobs.start()
             except BaseException:
                 await manager.aclose()
@@ -245,6 +246,7 @@ class CorralApp:
         self.services.store = store
         self.services.manager = manager
         self.services.jobs = jobs.queue
+        self.services.templates = jobs.templates
         self._jobs = jobs
         log.info(
             "server started",
@@ -262,6 +264,7 @@ class CorralApp:
         self.ports.close()
         self.services.manager = None
         self.services.jobs = None
+        self.services.templates = None
         if self._jobs is not None:
             try:
                 # Before the manager: the workers' sandboxes are on the manager's engine.

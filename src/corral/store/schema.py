@@ -294,3 +294,48 @@ network_events = sa.Table(
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Index(None, "job_id", "job_seq"),
 )
+
+# Templates (corral.templates): one row per build of a team's template name. A name's
+# sandboxes start from its newest `ready` row; a rebuild adds a `building` row and the
+# old ready one serves until the new one is ready, then goes. `layers` are digests bottom
+# first; `request` is what the build job reads (its plan, network policy, ready timeout),
+# emptied when the build ends (it may hold registry credentials).
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("team_id", ID, sa.ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("layers", JSON, nullable=False),
+    sa.Column("env", JSON, nullable=False),
+    sa.Column("workdir", sa.Text, nullable=True),
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("start_cmd", sa.Text, nullable=True),
+    sa.Column("ready_cmd", sa.Text, nullable=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("build_job_id", ID, nullable=True),
+    sa.Column("steps_total", sa.Integer, nullable=False),
+    sa.Column("steps_cached", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("request", JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint(
+        sa.column("state").in_(("building", "ready", "failed", "cancelled")), name="state"
+    ),
+    sa.Index(None, "team_id", "name", "created_at"),
+    sa.Index(None, "build_job_id"),
+)
+
+# The build step cache: a step's cache key (corral.images.cache_key) -> the layer it made.
+build_cache = sa.Table(
+    "build_cache",
+    metadata,
+    sa.Column("key", sa.String(80), primary_key=True),
+    sa.Column("layer", sa.String(80), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_used_at", UTCDateTime, nullable=False),
+    sa.Index(None, "layer"),
+)

@@ -6,10 +6,12 @@ from corral.store.jobs import JobStore
 from corral.store.metrics import MetricStore
 from corral.store.sandboxes import SandboxStore
 from corral.store.teams import TeamStore
+from corral.store.templates import TemplateStore
 
 
-class Store(TeamStore, SandboxStore, MetricStore, JobStore):
-    """Corral's durable state: teams and keys, sandboxes and their events, metrics, jobs.
+class Store(TeamStore, SandboxStore, MetricStore, JobStore, TemplateStore):
+    """Corral's durable state: teams and keys, sandboxes and their events, metrics, jobs,
+    templates and the build cache.
 
     store = Store.open(settings)            # SQLite at <data_dir>/corral.db, migrated
     store = Store.open(settings, url="postgresql+psycopg://…")

@@ -28,6 +28,7 @@ stays light.
 """
 
 from corral.jobs.spec._checks import (
+    BUILD_KIND,
     KINDS,
     LANGUAGES,
     MAX_ENV,
@@ -40,6 +41,7 @@ from corral.jobs.spec._model import JobFile, JobSpec, Step, Workload
 from corral.jobs.spec._wire import proto_to_dict
 
 __all__ = [
+    "BUILD_KIND",
     "KINDS",
     "LANGUAGES",
     "MAX_ENV",

@@ -15,8 +15,10 @@ from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 
 KINDS = ("command", "shell", "code", "workflow")
+# A template build: only the template service submits one (`corral template build`).
+BUILD_KIND = "build"
 # Kinds the design has and this version does not run yet: refused by name.
-LATER_KINDS = ("agent", "build", "governed")
+LATER_KINDS = ("agent", "governed")
 SHELLS = ("sh", "bash")
 # Interpreter argv per language; the source file's path is appended.
 LANGUAGES: dict[str, tuple[str, str]] = {

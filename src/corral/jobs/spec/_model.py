@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.jobs.spec._checks import (
+    BUILD_KIND,
     ISOLATIONS,
     KINDS,
     LANGUAGES,
@@ -205,6 +206,7 @@ FIELDS = (
     "metadata",
     "callback_url",
 )
+BUILD_FIELDS = ("kind", "build", "timeout", "labels")
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ class JobSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
     callback_url: str | None = None
+    build: str = ""  # kind build: the id of the template row it builds
 
     @property
     def max_attempts(self) -> int:
@@ -251,6 +254,8 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
         """Validate a spec given as a mapping (YAML, JSON); the errors name the field."""
+        if isinstance(data, Mapping) and data.get("kind") == BUILD_KIND:
+            return cls._build(data)
         check_fields("job spec", data, FIELDS)
         kind = data.get("kind") or _infer_kind(data)
         if not isinstance(kind, str) or kind not in KINDS:
@@ -297,6 +302,24 @@ class JobSpec:
             callback_url=check_url(data.get("callback_url")),
         )
         return spec
+
+    @classmethod
+    def _build(cls, data: Mapping[str, Any]) -> JobSpec:
+        """A template build's job, as the template service makes it."""
+        check_fields("build job spec", data, BUILD_FIELDS)
+        build = text("build", data.get("build") or "", empty=True, limit=32)
+        if not build:
+            raise fail(
+                "kind", "a build job is started by `corral template build` (TemplateService)"
+            )
+        return cls(
+            kind=BUILD_KIND,
+            build=build,
+            timeout=whole("timeout", data["timeout"], 1, MAX_TIMEOUT)
+            if data.get("timeout")
+            else None,
+            labels=check_labels(data.get("labels") or {}),
+        )
 
     @classmethod
     def from_proto(cls, message: jobs_pb2.JobSpec) -> JobSpec:

@@ -28,7 +28,9 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     if spec.files:
         out["files"] = [_file_dict(f) for f in spec.files]
     for f in fields(spec):
-        if f.name in ("kind", "workload", "steps", "files"):
+        if f.name in ("kind", "workload", "steps", "files") or (
+            f.name == "build" and not spec.build
+        ):
             continue
         value = getattr(spec, f.name)
         if value not in (None, 0, {}, ()):
