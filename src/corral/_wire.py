@@ -43,7 +43,6 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.CommandError, "failed_precondition"),
     (errors.FileExists, "already_exists"),
     (errors.IdempotencyConflict, "already_exists"),
-    (errors.BuildFailed, "failed_precondition"),
     (errors.FileError, "failed_precondition"),
     (errors.ServerUnavailable, "unavailable"),
     (errors.IsolationUnavailable, "failed_precondition"),  # retrying will not help

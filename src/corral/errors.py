@@ -17,7 +17,6 @@
     ├── BuildFailed               a template build's step or ready check failed
     ├── ImagePullFailed           skopeo could not fetch the image (registry, auth, archive)
     ├── IdempotencyConflict       an idempotency key already names a job with another spec
-    ├── BuildFailed               a template build failed or was cancelled (its step, its log)
     ├── AuthError
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
     │   └── Forbidden             the key may not do that
@@ -127,10 +126,6 @@ class ImagePullFailed(CorralError):
 
 class IdempotencyConflict(CorralError):
     """That idempotency key was already used for a job with another spec; use a new key."""
-
-
-class BuildFailed(CorralError):
-    """The template build failed or was cancelled; `corral template logs NAME` shows why."""
 
 
 class AuthError(CorralError):

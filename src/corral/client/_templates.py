@@ -405,7 +405,7 @@ class AsyncTemplate(TemplateBuilder):
         api_key: str | None = None,
         context: str | None = None,
     ) -> None:
-        """Remove a template; refused (LayerInUse, TemplateInUse) while a sandbox uses it."""
+        """Remove a template; refused (TemplateInUse) while a sandbox uses it."""
         connection = _connect(server, api_key, context)
         try:
             await connection.call(connection.templates.delete, pb.DeleteTemplateRequest(name=name))

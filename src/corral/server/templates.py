@@ -172,9 +172,15 @@ def build_request(request: pb.BuildTemplateRequest) -> BuildRequest:
 
 
 def _debian_plan(debian: pb.DebianSource) -> BuildPlan:
-    from corral.images.debian import debian_base
+    """A Debian base; suite, variant and packages are checked by the builder's bootstrap
+    (corral.images.debian) before mmdebstrap runs, and here first, so a typo is refused
+    before anything is made."""
+    from corral.images.debian import DEFAULT_MIRROR, _check
 
-    return BuildPlan(debian_base(debian.suite, debian.variant, list(debian.packages)), ())
+    variant = debian.variant or "apt"
+    _check(debian.suite, variant, list(debian.packages), DEFAULT_MIRROR)  # the mirror: ours
+    base = Base("debian", debian.suite, variant=variant, packages=tuple(debian.packages))
+    return BuildPlan(base, ())
 
 
 class TemplateHandlers(Handlers):
@@ -320,8 +326,8 @@ class _BuildStream:
 
     def _learn(self, rows: list[JobEventRow]) -> None:
         for row in rows:
-            if row.type == "step_start" and "step" in row.data:
-                self._labels[int(row.data["step"])] = str(row.data.get("name") or "")
+            if row.type == "step_start" and "step" in row.data:  # reason: "step i/N RUN …"
+                self._labels[int(row.data["step"])] = row.reason
 
     def _label(self, step: int) -> str:
         """The step's name; a chunk can come before its step's event has been followed
