@@ -84,9 +84,10 @@ def test_sdk_builds_a_dockerfile_and_sandboxes_start_from_it(
     assert info.state == "ready" and info.source == "dockerfile"
     assert info.env.get("MODE") == "prod" and info.workdir == "/app"
     # Progress events (step i/N …) and the RUN step's output, labelled with its step.
-    assert any(str(e).startswith("step 2/5 RUN") for e in seen if e.event)
+    events = [str(e) for e in seen if e.event]
+    assert "step 2/4 RUN /bin/sh -c python3 -c" in "\n".join(events), events
     output = [e for e in seen if e.chunk and b"ran-the-step" in e.chunk.data]
-    assert output and output[0].label.startswith("step 3/5 RUN")
+    assert output and output[0].label.startswith("step 2/4 RUN"), output
 
     with Sandbox.create("dock", **opts(tserver)) as sbx:
         ran = sbx.commands.run("cat /built.txt /app/hello.txt; echo $MODE")
@@ -130,7 +131,9 @@ def test_cli_build_progress_exit_codes_and_logs(
     lines = done.stdout.splitlines()
     assert "\r" not in done.stdout and "\033" not in done.stdout  # plain lines in a pipe
     assert any(line.startswith("step 1/1 RUN") for line in lines), lines
-    assert "[step 1/1 RUN echo first-line && echo second-line] second-line" in lines
+    assert any(
+        line.startswith("[step 1/1 RUN") and line.endswith("] second-line") for line in lines
+    ), lines
     assert "ready" in done.stderr
 
     # A rebuild takes the step from the cache and says so.

@@ -151,21 +151,22 @@ def _source(args: argparse.Namespace) -> Any:
         )
     if args.package and args.debian is None:
         raise InvalidRequest("--package goes with --debian SUITE")
-    if args.context_dir is not None and (args.image or args.debian):
-        raise InvalidRequest("a CONTEXT directory goes with -f or --recipe")
     if args.build_arg and args.file is None:
         raise InvalidRequest("--build-arg sets a Dockerfile's ARG: it goes with -f")
     if args.image is not None:
         return Template().from_image(args.image, args.username, args.password)
     if args.debian is not None:
         return Template().from_debian(args.debian, args.package, args.variant)
-    path = args.file if args.file is not None else args.recipe
+    flag, words = ("-f", args.file) if args.file is not None else ("--recipe", args.recipe)
+    if len(words) > 2:
+        raise InvalidRequest(f"{flag} takes a file and at most one CONTEXT directory")
+    path, context = words[0], (words[1:] or ["."])[0]
     try:
         text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise InvalidRequest(f"cannot read {path}: {reason}") from None
-    builder = Template(file_context_path=args.context_dir or ".")
+    builder = Template(file_context_path=context)
     return builder.from_dockerfile(text) if args.file is not None else builder.from_recipe(text)
 
 
@@ -278,13 +279,20 @@ def add_commands(commands: Commands) -> None:
         return p
 
     p = with_name("build", build)
-    p.add_argument("-f", "--file", metavar="DOCKERFILE", help="a Dockerfile; - reads stdin")
-    p.add_argument("--recipe", metavar="FILE", help="a YAML recipe; - reads stdin")
+    # `-f DOCKERFILE [CONTEXT]`: the context is the option's second word (argparse matches
+    # an optional positional at once with NAME, so it could not follow the options).
     p.add_argument(
-        "context_dir",
-        nargs="?",
-        metavar="CONTEXT",
-        help="with -f or --recipe: the directory COPY reads (default: .)",
+        "-f",
+        "--file",
+        nargs="+",
+        metavar=("DOCKERFILE", "CONTEXT"),
+        help="a Dockerfile (- reads stdin) and the directory COPY reads (default: .)",
+    )
+    p.add_argument(
+        "--recipe",
+        nargs="+",
+        metavar=("FILE", "CONTEXT"),
+        help="a YAML recipe (- reads stdin) and the directory its copy steps read",
     )
     p.add_argument("--image", metavar="REF", help="an OCI image: registry/name:tag")
     p.add_argument("--username", help="--image: the registry's user")
