@@ -5,6 +5,7 @@ started from the result."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections.abc import AsyncIterator, Iterator
@@ -14,15 +15,36 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.errors import TemplateInUse
-from corral.images import BuildContext, Layer, LayerStore, parse_dockerfile, parse_recipe
-from corral.isolation import Engine
+from corral.errors import NotFound, TemplateInUse, TemplateNotFound
+from corral.images import (
+    Base,
+    BuildContext,
+    BuildPlan,
+    BuildStep,
+    ContextFile,
+    Layer,
+    LayerStore,
+    parse_dockerfile,
+    parse_recipe,
+)
+from corral.isolation import Engine, Entrypoint
 from corral.jobs.records import JobRecord
 from corral.jobs.runtime import JobRuntime
+from corral.jobs.spec import JobSpec
+from corral.sandboxes.options import CreateOptions
 from corral.store import Store, Team
 from corral.templates import BuildRequest, TemplateCatalog, TemplateRecord
-from tests.conftest import private_runtime, require_backend
-from tests.kit.debian import base_layer, needs_archive
+from tests.conftest import StartManager, private_runtime, require_backend
+from tests.kit.debian import MIRROR, base_layer, deb, needs_archive, suite
+from tests.kit.oci_images import (
+    busybox_rootfs,
+    directory,
+    layer,
+    member,
+    skopeo_copy,
+    tar_tree,
+    write_layout,
+)
 from tests.kit.polling import until
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
@@ -36,7 +58,8 @@ def build_settings(settings: Settings) -> Iterator[Settings]:
     job sandboxes, and the Debian base as a layer of its layer store."""
     require_backend(settings, "namespace")
     with private_runtime(settings) as own:
-        yield own.with_(job_pool=0)
+        # `debian:` bases from the local archive, offline.
+        yield own.with_(job_pool=0, debian_mirror=MIRROR)
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +257,6 @@ async def test_a_failing_step_fails_the_build_with_its_name_and_log_tail(
     assert "step 2/2 RUN" in record.error and "exited with code 3" in record.error
     assert "broken-output" in record.error
     assert "broken-output" in builds.logs(job.id)
-    from corral.errors import TemplateNotFound
-
     with pytest.raises(TemplateNotFound, match="failed"):
         builds.catalog.resolve(builds.team.id, "broken")
 
@@ -276,3 +297,142 @@ async def test_a_cancelled_build_leaves_no_template(builds: Builds) -> None:
     assert cancelled.state == "cancelled" and cancelled.layers == ()
     assert not [n for n in builds.engine.templates.names() if n.endswith("-build")]
     assert not builds.engine.sandboxes
+
+
+async def test_an_oci_image_base_from_an_oci_archive(builds: Builds, tmp_path: Path) -> None:
+    """FROM an oci-archive made in the test (Debian's busybox-static, two layers, the
+    second deleting a file): the image's layers, then the COPY's; its config's Env and
+    WorkingDir under the Dockerfile's. Busybox has no Python for the guest agent, so the
+    template is checked with a one-shot sandbox (its command in place of the agent)."""
+    rootfs = busybox_rootfs(deb("busybox-static"), tmp_path / "rootfs")
+    top = layer(directory("etc"), member("etc/.wh.motd"), member("etc/top", b"corral\n"))
+    config = {"Env": ["PATH=/bin:/usr/bin", "GREETING=hello"], "WorkingDir": "/srv"}
+    layout = write_layout(tmp_path / "image", [tar_tree(rootfs), top], config)
+    archive = tmp_path / "image.oci.tar"
+    skopeo_copy(f"oci:{layout}:1", f"oci-archive:{archive}")
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "greeting.txt").write_text("copied\n")
+    text = f"FROM oci-archive:{archive}\nCOPY greeting.txt /etc/greeting\nENV EXTRA=1\n"
+    plan = parse_dockerfile(text, BuildContext(context))
+    request = BuildRequest("bb", plan, "dockerfile", context=context_tar(context))
+    record, job = await builds.build("bb", request)
+    assert record.state == "ready", (job.state_reason, builds.logs(job.id))
+    assert len(record.layers) == 3 and record.workdir == "/srv"
+    assert record.env == {"PATH": "/bin:/usr/bin", "GREETING": "hello", "EXTRA": "1"}
+    assert any(kind == "pulled" for kind, _ in builds.events(job.id))
+    script = "cat /etc/top /etc/greeting; ls /etc; echo $GREETING$EXTRA"
+    box = await builds.engine.create(
+        template=builds.catalog.resolve(builds.team.id, "bb"),
+        isolation="namespace",
+        entrypoint=Entrypoint(["/bin/sh", "-c", script]),
+    )
+    try:
+        assert box.entry is not None
+        ran = await box.entry.collect()
+    finally:
+        await box.destroy()
+    assert ran.exit_code == 0, ran.stderr
+    lines = ran.stdout.decode().split()
+    assert lines[:2] == ["corral", "copied"] and "motd" not in lines and lines[-1] == "hello1"
+
+
+async def test_a_step_cannot_make_the_host_write_through_its_symlinks(
+    builds: Builds, tmp_path: Path
+) -> None:
+    """A RUN that deletes a file (a whiteout in its upper dir) and plants a symlink where
+    an OCI deletion marker would go (the snapshot makes markers in its tar, never on the
+    host), and a COPY whose second entry would go through a
+    symlink its first made: both fail, the host path they aim at stays untouched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = f"rm /etc/issue; ln -s {outside}/created /etc/.wh.issue"
+    recipe = f"template: debian\nsteps:\n  - run: {planted}\n"
+    record, _ = await builds.build("plant", BuildRequest("plant", parse_recipe(recipe), "recipe"))
+    assert list(outside.iterdir()) == []  # whatever the layer makes of the name
+    assert record.state in ("ready", "failed")
+
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "evil").write_text("evil\n")
+    digest = "sha256:" + hashlib.sha256(b"evil\n").hexdigest()
+    files = (
+        ContextFile("link", "/x", "symlink", 0o777, "", target=str(outside)),
+        ContextFile("evil", "/x/evil", "file", 0o644, digest),
+    )
+    plan = BuildPlan(Base("template", "debian"), (BuildStep("copy", ("/x",), 2, files=files),))
+    record, _ = await builds.build(
+        "through", BuildRequest("through", plan, "recipe", context=context_tar(context))
+    )
+    assert list(outside.iterdir()) == []
+    assert record.state == "failed" and record.error is not None
+    assert "through a symlink" in record.error
+
+
+async def test_sandboxes_and_jobs_start_from_their_teams_template_by_name(
+    builds: Builds, managers: StartManager
+) -> None:
+    """`template=NAME` through the sandbox manager and the job queue resolves in the
+    caller's team; another team's is not found; a live sandbox's template is not deleted."""
+    recipe = "template: debian\nsteps:\n  - run: echo built > /built\n"
+    record, job = await builds.build("named", BuildRequest("named", parse_recipe(recipe), "recipe"))
+    assert record.state == "ready", builds.logs(job.id)
+    # The manager of a server: the engine and the store its catalog serves.
+    manager = await managers(builds.settings, engine=builds.engine)
+    manager.resolve_template = builds.catalog.resolve
+    other = builds.store.create_team("others")
+    with pytest.raises(TemplateNotFound):
+        await manager.create(other, CreateOptions(template="named"))
+    sandbox = await manager.create(builds.team, CreateOptions(template="named"))
+    try:
+        assert sandbox.template == "named"
+        with pytest.raises(TemplateInUse, match=sandbox.id):
+            await builds.catalog.delete(builds.team.id, "named")
+        # A snapshot of it is a template of the team (another team cannot take one).
+        builds.catalog.manager = manager
+        engine_box = builds.engine.sandboxes[sandbox.id]
+        assert (await engine_box.run(["sh", "-c", "echo mine > /mine"])).exit_code == 0
+        with pytest.raises(NotFound):
+            await builds.catalog.snapshot(other.id, sandbox.id, "snap")
+        snap = await builds.catalog.snapshot(builds.team.id, sandbox.id, "snap")
+        assert snap.state == "ready" and snap.source == "snapshot" and len(snap.layers) == 3
+    finally:
+        await manager.kill(builds.team, sandbox.id)
+    from_snap = await manager.create(builds.team, CreateOptions(template="snap"))
+    try:
+        ran = await builds.engine.sandboxes[from_snap.id].run(["cat", "/built", "/mine"])
+        assert ran.stdout == b"built\nmine\n", ran.stderr
+    finally:
+        await manager.kill(builds.team, from_snap.id)
+    # A job of the team: its worker starts its sandbox from the template.
+    spec = JobSpec.from_dict({"command": ["cat", "/built"], "template": "named"})
+    submitted, _, _ = await builds.runtime.queue.submit(builds.team, spec)
+    done = await builds.runtime.queue.wait_final(submitted.id, BUILD_WAIT)
+    assert done.state == "succeeded", done.state_reason
+    assert builds.logs(submitted.id) == "built\n"
+    with pytest.raises(TemplateNotFound):
+        await builds.runtime.queue.submit(other, spec)
+    await builds.catalog.delete(builds.team.id, "named")
+
+
+async def test_a_debian_base_is_bootstrapped_once_and_cached(builds: Builds) -> None:
+    """`debian:` in a recipe bootstraps from CORRAL_DEBIAN_MIRROR (the local archive here,
+    offline: 20-60 s); a second build of the same base takes it from the build cache."""
+    recipe = (
+        f"debian: {{suite: {suite()}, packages: [python3]}}\n"
+        "steps:\n  - run: python3 -c 'print(6 * 7)' > /answer\nready: test -s /answer\n"
+    )
+    first, job = await builds.build("deb", BuildRequest("deb", parse_recipe(recipe), "recipe"))
+    assert first.state == "ready", (job.state_reason, builds.logs(job.id))
+    assert any(kind == "bootstrap" for kind, _ in builds.events(job.id))
+    second, job = await builds.build("deb", BuildRequest("deb", parse_recipe(recipe), "recipe"))
+    assert second.state == "ready" and second.layers == first.layers
+    assert ("cached", f"Debian {suite()}: cached") in builds.events(job.id)
+    assert not any(kind == "bootstrap" for kind, _ in builds.events(job.id))
+    box = await builds.engine.create(
+        template=builds.catalog.resolve(builds.team.id, "deb"), isolation="namespace"
+    )
+    try:
+        assert (await box.run(["cat", "/answer"])).stdout == b"42\n"
+    finally:
+        await box.destroy()

@@ -9,15 +9,17 @@ import io
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, NotFound, QuotaExceeded, TemplateNotFound
+from corral.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, TemplateNotFound
 from corral.images import Base, BuildPlan, BuildStep, Layer, LayerStore
 from corral.isolation import Engine
 from corral.jobs.runtime import JobRuntime
 from corral.jobs.spec import JobSpec
+from corral.network.policy import NetworkPolicy
 from corral.store import Store, Team
 from corral.templates import BuildRequest, TemplateCatalog
 
@@ -215,3 +217,53 @@ async def test_a_catalog_without_a_queue_refuses_builds(world: World) -> None:
     with pytest.raises(InvalidRequest, match="no job queue"):
         await catalog.build(world.a.id, BuildRequest("app", plan(), "dockerfile"))
     assert world.store.template_rows(world.a.id) == []
+
+
+async def test_collect_removes_the_layers_no_template_names(world: World) -> None:
+    """A deleted template's layers, and those of builds that ended without a template
+    (their cache entries with them), are collected; a ready template's stay."""
+    catalog = world.catalog
+    kept, dropped, orphan = (tiny_layer(catalog.layers, text) for text in ("k", "d", "o"))
+    catalog.add_layers(world.a.id, "kept", [kept.digest], source="debian")
+    catalog.add_layers(world.a.id, "dropped", [dropped.digest], source="debian")
+    world.store.cache_layer("sha256:" + "0" * 64, orphan.digest)  # a cancelled build's step
+    await catalog.delete(world.a.id, "dropped")
+    assert {layer.digest for layer in catalog.layers.layers()} == {
+        kept.digest,
+        dropped.digest,
+        orphan.digest,
+    }  # within the grace: a build may be about to use them
+    assert sorted(catalog.collect(min_age=0)) == sorted([dropped.digest, orphan.digest])
+    assert [layer.digest for layer in catalog.layers.layers()] == [kept.digest]
+    assert world.store.cache_entries() == {}
+
+
+async def test_a_build_whose_job_ended_without_it_is_not_left_building(world: World) -> None:
+    """Cancelling a build still queued (job cancel) leaves the template cancelled; a
+    build job gone (lost worker, deleted) leaves it failed, saying so."""
+    record = await world.catalog.build(world.a.id, BuildRequest("app", plan(), "dockerfile"))
+    assert record.build_job_id is not None
+    world.runtime.queue.cancel(world.a, record.build_job_id, "not now")
+    cancelled = await world.catalog.get(world.a.id, "app")
+    assert cancelled.state == "cancelled" and "not now" in (cancelled.error or "")
+    other = await world.catalog.build(world.a.id, BuildRequest("other", plan(), "dockerfile"))
+    assert other.build_job_id is not None
+    world.runtime.queue.cancel(world.a, other.build_job_id)
+    # Retention deletes the finished job before anyone looked at the template.
+    assert world.store.delete_finished_jobs(datetime.now(UTC) + timedelta(seconds=1), 10) == 2
+    (listed,) = [r for r in await world.catalog.list(world.a.id) if r.name == "other"]
+    assert listed.state == "failed" and "its build job is gone" in (listed.error or "")
+
+
+async def test_a_builds_network_is_held_to_the_servers_cap(world: World) -> None:
+    """RUN steps' network is the server's to allow, per team name (CORRAL_NETWORK_*)."""
+    capped = world.settings.with_(network_internet_teams="beta")
+    catalog = TemplateCatalog(capped, world.store, world.engine, queue=world.runtime.queue)
+    internet = NetworkPolicy.parse("internet")
+    with pytest.raises(Forbidden, match="CORRAL_NETWORK_INTERNET_TEAMS"):
+        await catalog.build(world.a.id, BuildRequest("app", plan(), "dockerfile", network=internet))
+    assert world.store.template_rows(world.a.id) == []
+    allowed = await catalog.build(
+        world.b.id, BuildRequest("app", plan(), "dockerfile", network=internet)
+    )
+    assert allowed.state == "building"

@@ -36,6 +36,7 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.NoSpace, "resource_exhausted"),
     (errors.SandboxNotRunning, "failed_precondition"),
     (errors.PortClosed, "failed_precondition"),
+    (errors.SnapshotUnavailable, "failed_precondition"),
     (errors.LayerInUse, "failed_precondition"),
     (errors.TemplateInUse, "failed_precondition"),
     (errors.BuildFailed, "failed_precondition"),

@@ -29,6 +29,7 @@
     │   ├── SandboxStartFailed
     │   ├── SandboxNotRunning     destroyed, or paused when the call needs it running
     │   ├── GuestError            the guest agent broke the protocol or died
+    │   ├── SnapshotUnavailable   the sandbox's root is not made of layers (template `host`)
     │   └── PortClosed            nothing listens on the port asked for inside the sandbox
     ├── CommandError              a command could not be started (bad cwd, bad user …)
     └── FileError                 a file operation inside the sandbox failed
@@ -174,6 +175,10 @@ class SandboxNotRunning(SandboxError):
 
 class GuestError(SandboxError):
     """The guest agent inside the sandbox stopped answering or broke the protocol."""
+
+
+class SnapshotUnavailable(SandboxError):
+    """The sandbox cannot be snapshotted: its root is not made of a template's layers."""
 
 
 class PortClosed(SandboxError):

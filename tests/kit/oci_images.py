@@ -61,9 +61,14 @@ def layer(*members: tuple[tarfile.TarInfo, bytes], compress: bool = True) -> byt
 
 
 def write_layout(
-    root: Path, layers: list[bytes], config: dict[str, Any] = CONFIG, arch: str = "amd64"
+    root: Path,
+    layers: list[bytes],
+    config: dict[str, Any] = CONFIG,
+    arch: str = "amd64",
+    diff_ids: list[str] | None = None,
 ) -> Path:
-    """An OCI image layout, as the image spec describes it, tagged `1`."""
+    """An OCI image layout, as the image spec describes it, tagged `1`; its config's
+    `diff_ids` are the layers' own unless given (a lying image)."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -72,7 +77,9 @@ def write_layout(
         (blobs / digest).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
-    diff_ids = [f"sha256:{hashlib.sha256(gzip.decompress(blob)).hexdigest()}" for blob in layers]
+    diff_ids = diff_ids or [
+        f"sha256:{hashlib.sha256(gzip.decompress(blob)).hexdigest()}" for blob in layers
+    ]
     image_config = {
         "architecture": arch,
         "os": "linux",

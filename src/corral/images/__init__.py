@@ -2,12 +2,13 @@
 overlay mount that gives a sandbox one as `/` with its own writable layer on top, and
 build plans compiled from Dockerfiles, YAML recipes and E2B's Template builder.
 
-Not wired into sandboxes or the API yet; docs/templates-plan.md says what comes next.
+`flatten` merges a stack of layers into one.
 """
 
 from corral.images._context import BuildContext
 from corral.images._dockerfile import parse_dockerfile
-from corral.images._overlay import mount_overlay, overlay_options, unmount_overlay
+from corral.images._flatten import flatten
+from corral.images._overlay import mount_merged, mount_overlay, overlay_options, unmount_overlay
 from corral.images._recipe import parse_e2b_template, parse_recipe
 from corral.images._steps import (
     Base,
@@ -33,6 +34,8 @@ __all__ = [
     "TemplateMetadata",
     "cache_key",
     "cache_keys",
+    "flatten",
+    "mount_merged",
     "mount_overlay",
     "overlay_options",
     "parse_dockerfile",

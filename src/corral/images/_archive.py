@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -277,10 +277,16 @@ def unpack(stream: IO[bytes], root: Path, max_bytes: int | None = None) -> Unpac
     return unpacker.out
 
 
-def write_canonical(root: Path, out: IO[bytes]) -> None:
+# Rewrites one entry of a tree being archived into the entries to write in its place (none
+# drops it); a regular file's data goes with the entry that is the one given.
+Adjust = Callable[[tarfile.TarInfo], list[tarfile.TarInfo]]
+
+
+def write_canonical(root: Path, out: IO[bytes], adjust: Adjust | None = None) -> None:
     """Write the tree under `root` as a canonical tar: entries sorted by path, PAX format,
     whole-second mtimes, numeric owners only, xattrs sorted, a hard link pointing at the
-    first path (in that order) of its inode. Equal trees give equal bytes."""
+    first path (in that order) of its inode. Equal trees give equal bytes. `adjust`
+    rewrites entries on the way (a snapshot's whiteouts and owners)."""
     with tarfile.open(
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
     ) as tar:
@@ -316,12 +322,13 @@ def write_canonical(root: Path, out: IO[bytes]) -> None:
                     )
                     for xname in sorted(os.listxattr(path, follow_symlinks=False))
                 }
-            if info.type == tarfile.REGTYPE:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                with os.fdopen(fd, "rb") as data:
-                    tar.addfile(info, data)
-            else:
-                tar.addfile(info)
+            for entry in [info] if adjust is None else adjust(info):
+                if entry is info and info.type == tarfile.REGTYPE:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with os.fdopen(fd, "rb") as data:
+                        tar.addfile(info, data)
+                else:
+                    tar.addfile(entry)
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, str]]:

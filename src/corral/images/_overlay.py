@@ -16,7 +16,8 @@ from pathlib import Path
 from corral.errors import InvalidRequest, SandboxStartFailed
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_MS_NOSUID, _MS_NODEV = 0x2, 0x4
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV = 0x1, 0x2, 0x4
+_MNT_DETACH = 0x2
 # Characters overlayfs' option parser treats as separators or escapes.
 _UNSAFE = (",", ":", "\\")
 
@@ -32,28 +33,45 @@ def _option_path(path: Path, what: str) -> str:
 
 def overlay_options(layers: Sequence[Path], upper: Path, work: Path) -> str:
     """The mount data for `layers` (bottom first, as an image lists them) under `upper`."""
+    return _checked(
+        f"{_lowerdir(layers)},upperdir={_option_path(upper, 'upper dir')},"
+        f"workdir={_option_path(work, 'work dir')}",
+        len(layers),
+    )
+
+
+def _lowerdir(layers: Sequence[Path]) -> str:
     if not layers:
         raise InvalidRequest("an overlay needs at least one layer")
     # overlayfs lists lower dirs top first.
-    lower = ":".join(_option_path(layer, "layer") for layer in reversed(layers))
-    options = (
-        f"lowerdir={lower},upperdir={_option_path(upper, 'upper dir')},"
-        f"workdir={_option_path(work, 'work dir')}"
-    )
+    return "lowerdir=" + ":".join(_option_path(layer, "layer") for layer in reversed(layers))
+
+
+def _checked(options: str, count: int) -> str:
     # The whole string must fit in one page (the mount(2) data argument).
     if len(options) >= resource.getpagesize():
         raise InvalidRequest(
-            f"{len(layers)} layers are too many to overlay in one mount; flatten the template"
+            f"{count} layers are too many to overlay in one mount; flatten the template"
         )
     return options
 
 
 def mount_overlay(layers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
     """Mount `layers` with `upper` on top at `target` (nosuid, nodev)."""
-    options = overlay_options(layers, upper, work)
+    _mount(overlay_options(layers, upper, work), target, 0)
+
+
+def mount_merged(layers: Sequence[Path], target: Path) -> None:
+    """Mount `layers` read-only at `target` without an upper dir: their merged tree, in
+    which whiteouts and opaque directories have done their work and show no more."""
+    _mount(_checked(_lowerdir(layers), len(layers)), target, _MS_RDONLY)
+
+
+def _mount(options: str, target: Path, flags: int) -> None:
     if _libc.mount(
-        b"overlay", str(target).encode(), b"overlay", _MS_NOSUID | _MS_NODEV, options.encode()
-    ):
+        b"overlay", str(target).encode(), b"overlay", _MS_NOSUID | _MS_NODEV | flags,
+        options.encode(),
+    ):  # fmt: skip
         err = ctypes.get_errno()
         raise SandboxStartFailed(
             f"could not mount the template's layers at {target}: {os.strerror(err)} "
@@ -61,7 +79,8 @@ def mount_overlay(layers: Sequence[Path], upper: Path, work: Path, target: Path)
         )
 
 
-def unmount_overlay(target: Path) -> None:
-    if _libc.umount2(str(target).encode(), 0):
+def unmount_overlay(target: Path, *, lazy: bool = False) -> None:
+    """Unmount `target`; `lazy`: detach it now, the kernel ends it with its last user."""
+    if _libc.umount2(str(target).encode(), _MNT_DETACH if lazy else 0):
         err = ctypes.get_errno()
         raise SandboxStartFailed(f"could not unmount {target}: {os.strerror(err)}")

@@ -3,6 +3,8 @@
     ROOT/layers/sha256/HEX/        the unpacked tree (sandboxes mount it as an overlay lower)
     ROOT/layers/sha256/HEX.json    its size, entry count and what import neutralised
     ROOT/refs/HEX/HOLDER           who uses it (a template, a sandbox): removal is refused
+    ROOT/diff_ids/HEX              the layer whose uncompressed tar has that sha256 (an OCI
+                                   image's `diff_id`): a re-pull skips unpacking it
     ROOT/staging/                  imports and removals in progress
     ROOT/lock                      flock: imports, references and removals do not interleave
 
@@ -23,13 +25,14 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from corral.errors import InvalidRequest, LayerInUse, UnknownLayer
-from corral.images._archive import Unpacked, unpack, write_canonical
+from corral.errors import CorralError, InvalidRequest, LayerInUse, UnknownLayer
+from corral.images._archive import Adjust, Unpacked, unpack, write_canonical
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _HOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -71,9 +74,10 @@ class LayerStore:
         self._layers = root / "layers" / "sha256"
         self._refs = root / "refs"
         self._staging = root / "staging"
+        self._diff_ids = root / "diff_ids"
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o700)
-        for path in (self._layers, self._refs, self._staging):
+        for path in (self._layers, self._refs, self._staging, self._diff_ids):
             path.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
@@ -123,11 +127,14 @@ class LayerStore:
         source: Path,
         *,
         max_bytes: int | None = None,
+        adjust: Adjust | None = None,
         finish: Callable[[Path, Unpacked], None] | None = None,
     ) -> Layer:
         """Store a copy of the directory `source` (a bootstrapped rootfs, a sandbox's upper
-        dir) as a layer: its canonical tar, streamed through the same checks as any tar
-        (`finish` as in `import_tar`)."""
+        dir) as a layer: its canonical tar, streamed through the same checks as any tar.
+        `adjust` rewrites the tar's entries on the way out of `source` and `finish` the
+        checked tree (see `import_tar`): a snapshot turns overlay whiteouts into OCI ones
+        and back there."""
         if not source.is_dir() or source.is_symlink():
             raise InvalidRequest(f"{source} is not a directory; give the root of a filesystem")
         read_fd, write_fd = os.pipe()
@@ -136,7 +143,7 @@ class LayerStore:
         def produce() -> None:
             try:
                 with open(write_fd, "wb") as pipe:
-                    write_canonical(source, pipe)
+                    write_canonical(source, pipe, adjust)
             except BrokenPipeError:
                 pass  # the importer stopped reading: its own error is the one to report
             except OSError as exc:
@@ -144,16 +151,27 @@ class LayerStore:
             except BaseException as exc:  # reported by the importer's thread below
                 failure.append(exc)
 
+        def produced(tree: Path, unpacked: Unpacked) -> None:
+            # The tar ended: the producer wrote all it will. A tar cut short by its failure
+            # may still read as a whole one: never store it.
+            producer.join()
+            if failure:
+                raise failure[0]
+            if finish is not None:
+                finish(tree, unpacked)
+
         producer = threading.Thread(target=produce, name="corral-layer-tar", daemon=True)
         producer.start()
         try:
             with open(read_fd, "rb") as pipe:
-                layer = self.import_tar(pipe, max_bytes=max_bytes, finish=finish)
+                return self.import_tar(pipe, max_bytes=max_bytes, finish=produced)
+        except CorralError:
+            producer.join()
+            if failure:  # the cause, not the importer's view of a cut tar
+                raise failure[0] from None
+            raise
         finally:
             producer.join()
-        if failure:
-            raise failure[0]
-        return layer
 
     def _commit(self, staging: Path, tree: Path, unpacked: Unpacked) -> Layer:
         digest = tree_digest(tree)
@@ -167,10 +185,12 @@ class LayerStore:
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         with self._locked():
             target = self._layers / hex_digest
-            if not target.exists():  # else: the same content is stored already
+            if not target.exists():
                 # Metadata first: a tree without its .json is never listed as a layer.
                 os.replace(staging / "meta.json", self._layers / f"{hex_digest}.json")
                 os.rename(tree, target)
+            else:  # the same content is stored already: new again for `collect`'s grace
+                os.utime(self._layers / f"{hex_digest}.json")
         return self.get(digest)
 
     # -- queries ------------------------------------------------------------------------
@@ -234,10 +254,70 @@ class LayerStore:
             self.get(digest)
             if users := self.holders(digest):
                 raise LayerInUse(f"layer {digest} is used by {', '.join(users)}; remove them first")
-            # Out of the listing first (atomic), then the slow delete of the tree.
-            (self._layers / f"{hex_digest}.json").unlink()
-            doomed = Path(tempfile.mkdtemp(dir=self._staging))
-            os.rename(self._layers / hex_digest, doomed / "tree")
-            with contextlib.suppress(FileNotFoundError):
-                (self._refs / hex_digest).rmdir()
+            doomed = self._unlist(hex_digest)
         shutil.rmtree(doomed)
+
+    def collect(self, keep: set[str], *, min_age: float = 600.0) -> list[str]:
+        """Remove every layer that is not in `keep`, that nothing holds (refs/) and that was
+        not stored (or imported again) in the last `min_age` seconds; the digests removed.
+
+        The grace is what keeps an import safe: its caller gets the layer before it can
+        reference it (or record it in `keep`'s source, the SQL store), and an import of
+        content already stored makes that layer new again. `keep` is what the caller's
+        records use (templates, builds' cache); the refs cover live users."""
+        hexes = {self._hex(digest) for digest in keep}
+        removed: list[tuple[str, Path]] = []
+        for meta in sorted(self._layers.glob("*.json")):
+            if meta.stem in hexes:
+                continue
+            with self._locked():
+                try:
+                    age = time.time() - meta.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                if age < min_age or self.holders(f"sha256:{meta.stem}"):
+                    continue
+                removed.append((f"sha256:{meta.stem}", self._unlist(meta.stem)))
+        with self._locked():  # index entries of layers no longer stored
+            for entry in self._diff_ids.iterdir():
+                if not (
+                    self._layers / f"{entry.read_text().removeprefix('sha256:')}.json"
+                ).exists():
+                    entry.unlink()
+        for _, doomed in removed:
+            shutil.rmtree(doomed)
+        return [digest for digest, _ in removed]
+
+    def _unlist(self, hex_digest: str) -> Path:
+        """Take the layer out of the listing (atomic; under the lock) and move its tree into
+        staging; the caller deletes what is returned (slow) after the lock."""
+        (self._layers / f"{hex_digest}.json").unlink()
+        doomed = Path(tempfile.mkdtemp(dir=self._staging))
+        os.rename(self._layers / hex_digest, doomed / "tree")
+        with contextlib.suppress(FileNotFoundError):
+            (self._refs / hex_digest).rmdir()
+        return doomed
+
+    # -- OCI diff_ids -------------------------------------------------------------------
+
+    def record_diff_id(self, diff_id: str, digest: str) -> None:
+        """Record that the uncompressed tar with sha256 `diff_id` (as computed by the
+        importer, never as an image claims it) unpacked into the layer `digest`."""
+        entry = self._diff_ids / self._hex(diff_id)
+        with self._locked():
+            self.get(digest)
+            tmp = entry.with_suffix(".tmp")
+            tmp.write_text(digest)
+            os.replace(tmp, entry)
+            os.utime(self._layers / f"{self._hex(digest)}.json")  # new again (see collect)
+
+    def layer_of_diff_id(self, diff_id: str) -> Layer | None:
+        """The stored layer recorded for `diff_id`, None when there is none (any more)."""
+        try:
+            digest = (self._diff_ids / self._hex(diff_id)).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return self.get(digest)
+        except UnknownLayer:
+            return None

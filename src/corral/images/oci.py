@@ -11,19 +11,29 @@ OCI whiteouts become overlayfs ones after those checks, made here and never take
 the archive (the unpacker drops device nodes and `*.overlay.*` xattrs): `DIR/.wh.NAME` is
 replaced by a char 0/0 device `DIR/NAME`, `DIR/.wh..wh..opq` by the `overlay.opaque` xattr
 on DIR, so the stored layers stack as overlay lower dirs exactly as the image's layers do.
+`oci_whiteouts` is the way back, for a sandbox's upper dir on its way to a layer (a
+snapshot): its overlay whiteouts leave as `.wh.` entries and come back through the same
+checks and `overlay_whiteouts`.
+
+A layer's `diff_id` (sha256 of its uncompressed tar) is computed while it is imported and
+recorded in the store: pulling an image again skips unpacking a layer already stored,
+once its blob is seen to hold that tar.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hashlib
 import ipaddress
 import json
 import os
 import stat
 import subprocess
+import tarfile
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +43,7 @@ from corral.errors import ImagePullFailed, InvalidImage, InvalidLayer, InvalidRe
 from corral.images._archive import Unpacked
 from corral.images._store import _DIGEST, Layer, LayerStore
 
-__all__ = ["Image", "ImageConfig", "overlay_whiteouts", "pull"]
+__all__ = ["Image", "ImageConfig", "oci_whiteouts", "overlay_whiteouts", "pull"]
 
 _LOCAL_TRANSPORTS = ("docker-archive:", "oci-archive:", "oci:")
 _MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -52,6 +62,10 @@ _WH = ".wh."
 _OPAQUE = ".wh..wh..opq"
 # Rootless overlay mounts use `userxattr`: the kernel reads user.overlay.* there.
 _OPAQUE_XATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+_OVERLAY_XATTRS = "SCHILY.xattr." + _OPAQUE_XATTR.removesuffix("opaque")
+# Upper-dir xattrs that say part of an entry lives in a lower layer (a renamed directory,
+# a file whose data was not copied up): an export of the upper dir alone would lose it.
+_ELSEWHERE = ("redirect", "metacopy")
 # What skopeo may see of our environment: no credentials store, no registries.conf
 # aliases, only a proxy the operator set.
 _PROXIES = ("http_proxy", "https_proxy", "no_proxy")
@@ -118,6 +132,32 @@ def overlay_whiteouts(tree: Path, unpacked: Unpacked) -> None:
         dirnames[:] = [d for d in dirnames if not d.startswith(_WH)]
         # Unlinking changed the directory's mtime: the digest must not depend on the clock.
         os.utime(here, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+
+
+def oci_whiteouts(info: tarfile.TarInfo) -> list[tarfile.TarInfo]:
+    """The inverse of `overlay_whiteouts`, entry by entry, for `write_canonical(adjust=)` of
+    an overlay upper dir: the whiteout (char 0/0) `DIR/NAME` leaves as the empty file
+    `DIR/.wh.NAME`, an opaque DIR as DIR plus `DIR/.wh..wh..opq`; overlayfs' bookkeeping
+    xattrs (origin, impure) are dropped. InvalidLayer for an entry that overlayfs keeps
+    partly in a lower layer (redirect_dir or metacopy mounts, which Corral does not make)."""
+    xattrs = {k: v for k, v in info.pax_headers.items() if k.startswith(_OVERLAY_XATTRS)}
+    info.pax_headers = {k: v for k, v in info.pax_headers.items() if k not in xattrs}
+    for key in xattrs:
+        if key.removeprefix(_OVERLAY_XATTRS) in _ELSEWHERE:
+            raise InvalidLayer(
+                f"{info.name!r} is partly in a lower layer ({key.removeprefix('SCHILY.xattr.')})"
+                "; mount overlays without redirect_dir and metacopy to snapshot them"
+            )
+    if info.ischr() and info.devmajor == info.devminor == 0:
+        head, _, name = info.name.rpartition("/")
+        whiteout = tarfile.TarInfo(f"{head}/{_WH}{name}" if head else f"{_WH}{name}")
+        whiteout.mode, whiteout.mtime = 0o644, info.mtime
+        return [whiteout]
+    if info.isdir() and xattrs.get(_OVERLAY_XATTRS + "opaque") == "y":
+        opaque = tarfile.TarInfo(_OPAQUE if info.name == "." else f"{info.name}/{_OPAQUE}")
+        opaque.mode, opaque.mtime = 0o644, info.mtime
+        return [info, opaque]
+    return [info]
 
 
 # -- references and skopeo ----------------------------------------------------------------
@@ -364,9 +404,35 @@ def _config(raw: Any) -> ImageConfig:
     )
 
 
-def _import_layer(store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int | None) -> Layer:
+class _Hashed:
+    """A layer's uncompressed tar as it is read, hashed on the way: its diff_id."""
+
+    def __init__(self, stream: IO[bytes] | gzip.GzipFile) -> None:
+        self.stream = stream
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.stream.read(size)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise InvalidLayer(f"the layer's gzip data is corrupt: {exc}") from None
+        self.hash.update(data)
+        return data
+
+    def diff_id(self) -> str:
+        """The sha256 of the whole tar: what tar readers leave unread (padding) included."""
+        while self.read(_CHUNK):
+            pass
+        return "sha256:" + self.hash.hexdigest()
+
+
+@contextlib.contextmanager
+def _uncompressed(blob: IO[bytes], kind: str) -> Iterator[_Hashed]:
     if kind == "tar":
-        return store.import_tar(blob, max_bytes=max_bytes, finish=overlay_whiteouts)
+        gzipped = blob.read(2) == b"\x1f\x8b"
+        blob.seek(0)
+        yield _Hashed(gzip.GzipFile(fileobj=blob, mode="rb") if gzipped else blob)
+        return
     try:
         zstd = subprocess.Popen(
             ["zstd", "-dcq"], stdin=blob, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -376,9 +442,41 @@ def _import_layer(store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int 
     with zstd:
         try:
             assert zstd.stdout is not None
-            return store.import_tar(zstd.stdout, max_bytes=max_bytes, finish=overlay_whiteouts)
+            yield _Hashed(zstd.stdout)
         finally:
             zstd.kill()  # done or refused: it has nothing more to give
+
+
+def _stored_layer(store: LayerStore, blob: IO[bytes], kind: str, diff_id: str) -> Layer | None:
+    """The stored layer of `diff_id`, once the blob is seen to be that tar (an image's
+    config is the image's word, and a digest known is not content owned: checking costs
+    a decompression, far less than the unpack and digest it saves)."""
+    layer = store.layer_of_diff_id(diff_id)
+    if layer is None:
+        return None
+    with _uncompressed(blob, kind) as stream:
+        seen = stream.diff_id()
+    blob.seek(0)
+    return layer if seen == diff_id else None
+
+
+def _import_layer(
+    store: LayerStore, blob: IO[bytes], kind: str, max_bytes: int | None, diff_id: str
+) -> Layer:
+    with _uncompressed(blob, kind) as stream:
+
+        def finish(tree: Path, unpacked: Unpacked) -> None:
+            seen = stream.diff_id()
+            if seen != diff_id:  # before it is stored: a refused image changes nothing
+                raise InvalidImage(
+                    f"the layer's tar has the sha256 {seen}, not the diff_id {diff_id} the "
+                    "image's config names: the image is corrupt or was tampered with"
+                )
+            overlay_whiteouts(tree, unpacked)
+
+        layer = store.import_tar(stream, max_bytes=max_bytes, finish=finish)  # type: ignore[arg-type]
+    store.record_diff_id(diff_id, layer.digest)
+    return layer
 
 
 def _import_layout(
@@ -400,7 +498,8 @@ def _import_layout(
     descriptors = _field(manifest, "layers", list, "manifest")
     _check_platform(raw_config, platform)
     rootfs = raw_config.get("rootfs") if isinstance(raw_config, dict) else None
-    if len(_field(rootfs, "diff_ids", list, "config's rootfs")) != len(descriptors):
+    diff_ids = _field(rootfs, "diff_ids", list, "config's rootfs")
+    if len(diff_ids) != len(descriptors):
         raise InvalidImage("the image's config and manifest list different numbers of layers")
     digests: list[str] = []
     neutralised: list[str] = []
@@ -413,17 +512,27 @@ def _import_layout(
                 f"the image's {what} has the media type {descriptor['mediaType']!r}, "
                 "which is not a tar layer"
             )
+        diff_id = diff_ids[number - 1]
+        if not isinstance(diff_id, str) or _DIGEST.fullmatch(diff_id) is None:
+            raise InvalidImage(f"the image's config names no sha256 diff_id for its {what}")
         left = None if max_bytes is None else max_bytes - total
+        too_big = QuotaExceeded(
+            f"the image {reference} unpacks to more than {max_bytes} bytes; "
+            "use a smaller image or ask for a larger template quota"
+        )
         with _blob(layout, descriptor, what) as blob:
             try:
-                layer = _import_layer(store, blob, kind, left)
+                layer = _stored_layer(store, blob, kind, diff_id) or _import_layer(
+                    store, blob, kind, left, diff_id
+                )
             except QuotaExceeded:
-                raise QuotaExceeded(
-                    f"the image {reference} unpacks to more than {max_bytes} bytes; "
-                    "use a smaller image or ask for a larger template quota"
-                ) from None
+                raise too_big from None
             except InvalidLayer as exc:
                 raise InvalidLayer(f"{what} of {reference}: {exc}") from None
+            except InvalidImage as exc:
+                raise InvalidImage(f"{what} of {reference}: {exc}") from None
+        if left is not None and layer.size_bytes > left:  # a stored layer, not unpacked
+            raise too_big
         digests.append(layer.digest)
         neutralised += [f"{what}: {line}" for line in layer.neutralised]
         total += layer.size_bytes

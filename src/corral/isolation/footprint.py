@@ -76,6 +76,9 @@ class Footprint:
     processes: list[list[int]] = field(default_factory=list)
     # The image file of its disk (a layer template's sandbox, `corral.isolation.rootfs`).
     disk: str | None = None
+    # Its layers' id mapping, [host uid, host gid, count]: an id x < count stored in a layer
+    # is host id uid+x (gid+x) on its disk and its idmapped layers (a snapshot maps back).
+    layer_ids: list[int] | None = None
 
     @classmethod
     def create(

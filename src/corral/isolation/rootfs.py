@@ -85,6 +85,7 @@ def make_root(
     mounted root, with /workspace, /tmp and the user's home made writable by `uid`."""
     userns_of = _userns_mapping_root_to(uid, gid)  # meanwhile, the disk
     try:
+        footprint.layer_ids = [uid, gid, 1]  # what _userns_mapping_root_to maps; saved next
         footprint.record_disk(str(disk))
         disks.take(disk, disk_bytes)
         mnt = footprint.path / "disk"
@@ -160,6 +161,11 @@ def _own_dir(root: Path, path: str, mode: int, uid: int, gid: int) -> None:
 def shm_dir(footprint: Footprint) -> Path:
     """The sandbox's /dev/shm, on its disk."""
     return footprint.path / "disk" / "shm"
+
+
+def upper_dir(footprint: Footprint) -> Path:
+    """Everything the sandbox changed in its `/` (overlayfs' upper dir), on its disk."""
+    return footprint.path / "disk" / "upper"
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -30,9 +30,11 @@ from corral.errors import (
     IsolationUnavailable,
     SandboxNotRunning,
     SandboxStartFailed,
+    SnapshotUnavailable,
 )
 from corral.guest import EntryInfo, GuestConnection
 from corral.guest import ProcessInfo as ProcessInfo
+from corral.images import LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.command import Command, CommandResult
@@ -42,6 +44,8 @@ from corral.isolation.guest_socket import bridge
 from corral.isolation.launcher import Launcher, launch
 from corral.isolation.network import SandboxNetwork
 from corral.isolation.port_socket import connect_port, open_netns
+from corral.isolation.rootfs import upper_dir
+from corral.isolation.snapshots import upper_layer
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy, Rule
@@ -87,6 +91,8 @@ class Sandbox:
         self._stderr_tail = b""
         self._stderr_task: asyncio.Task[None] | None = None
         self._destroy_lock = asyncio.Lock()
+        # Pause, resume and snapshot: a snapshot's thaw must not undo a pause meanwhile.
+        self._freezer = asyncio.Lock()
         # Connections relayed by the guest agent (`open_port` without root), ended on destroy.
         self._relays: set[asyncio.Task[None]] = set()
         self.workdir = ""
@@ -221,15 +227,56 @@ class Sandbox:
 
     async def pause(self) -> None:
         """Freeze every process: they stop using CPU until `resume`."""
-        self._require(SandboxState.RUNNING)
-        cgroup = self._require_cgroup("pause")
-        await asyncio.to_thread(cgroup.freeze)
-        self.state = SandboxState.PAUSED
+        async with self._freezer:
+            self._require(SandboxState.RUNNING)
+            cgroup = self._require_cgroup("pause")
+            await asyncio.to_thread(cgroup.freeze)
+            self.state = SandboxState.PAUSED
 
     async def resume(self) -> None:
-        self._require(SandboxState.PAUSED)
-        await asyncio.to_thread(self._require_cgroup("resume").thaw)
-        self.state = SandboxState.RUNNING
+        async with self._freezer:
+            self._require(SandboxState.PAUSED)
+            await asyncio.to_thread(self._require_cgroup("resume").thaw)
+            self.state = SandboxState.RUNNING
+
+    async def snapshot(self, store: LayerStore, *, max_bytes: int | None = None) -> tuple[str, ...]:
+        """The layers (bottom first, in `store`) of a root that is this sandbox's `/` as it
+        is now: its template's layers and one new layer of what it changed. The sandbox is
+        frozen while its changes are read and resumes after, unless it was paused.
+
+        SnapshotUnavailable for a sandbox of `host` (its root is the host's /usr, not
+        layers; its writable dirs alone would make no template); QuotaExceeded past
+        `max_bytes` of file data, with nothing stored."""
+        template = self.spec.rootfs
+        if template is None:
+            raise SnapshotUnavailable(
+                f"sandbox {self.id} runs the template {self.spec.template!r}, whose root is "
+                "the host's, not layers: snapshot sandboxes of a layer template"
+            )
+        for digest in template.digests:
+            store.get(digest)  # UnknownLayer: the template's layers are in another store
+        ids = self.footprint.layer_ids
+        assert ids is not None  # recorded by rootfs.make_root with the layers' idmap
+        async with self._freezer:
+            if self.state is SandboxState.DESTROYED:
+                raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
+            cgroup = self._require_cgroup("snapshot")
+            paused = self.state is SandboxState.PAUSED
+            if not paused:
+                await asyncio.to_thread(cgroup.freeze)
+            try:
+                layer = await asyncio.to_thread(
+                    upper_layer,
+                    store,
+                    upper_dir(self.footprint),
+                    (ids[0], ids[1], ids[2]),
+                    max_bytes,
+                )
+            finally:
+                # Not if destroyed meanwhile: destroy thawed it and removed its cgroup.
+                if not paused and not self._destroyed():
+                    await asyncio.to_thread(cgroup.thaw)
+        return (*template.digests, layer.digest)
 
     async def destroy(self) -> None:
         """Kill every process and remove every trace: cgroup, mounts, files. Idempotent."""
@@ -482,6 +529,9 @@ class Sandbox:
         return self._cgroup.oom_kills()
 
     # -- guards -----------------------------------------------------------------------
+
+    def _destroyed(self) -> bool:
+        return self.state is SandboxState.DESTROYED or self._destroy_lock.locked()
 
     def _require(self, state: SandboxState) -> None:
         if self.state is not state:

@@ -113,12 +113,20 @@ class BuildRunner:
         if done is None:
             return Outcome("canceled", "canceled: its template was deleted meanwhile")
         self.logs.flush()
+        self._collect()
         return Outcome(
             "succeeded",
             f"template {name!r} is ready ({len(result.layers)} layers, "
             f"{result.steps_cached} steps cached)",
             0,
         )
+
+    def _collect(self) -> None:
+        """What the replaced version used (past the collector's grace) goes now."""
+        try:
+            self.catalog.collect()
+        except Exception:  # the next build or delete collects them
+            log.exception("collecting unused layers failed")
 
     def _end(self, template_id: str, state: str, error: str) -> Outcome:
         self.catalog.finish(template_id, state, error=error[:16384])

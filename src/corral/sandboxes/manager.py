@@ -35,6 +35,7 @@ from corral.errors import (
     SandboxNotRunning,
     Unauthenticated,
 )
+from corral.images import LayerStore
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
@@ -258,6 +259,19 @@ class SandboxManager:
             sandbox_id=sandbox_id,
         )
         return cold, False
+
+    async def snapshot(
+        self, team_id: str, sandbox_id: str, store: LayerStore, max_bytes: int | None
+    ) -> tuple[tuple[str, ...], Sandbox]:
+        """The layers of the team's running or paused sandbox's `/` as it is now (its
+        template's and one of its changes, `Sandbox.snapshot`), and the sandbox."""
+        entry = self._live.get(sandbox_id) if isinstance(sandbox_id, str) else None
+        if entry is None or entry.team_id != team_id:
+            raise NotFound(_not_found(sandbox_id) + " (a snapshot needs a live sandbox of yours)")
+        async with entry.lock:
+            if entry.sandbox is None or entry.state not in ("running", "paused"):
+                raise SandboxNotRunning(f"sandbox {sandbox_id} is {entry.state}")
+            return await entry.sandbox.snapshot(store, max_bytes=max_bytes), entry.sandbox
 
     async def get(self, team: Team, sandbox_id: str) -> SandboxRecord:
         return self._record(self._owned(team, sandbox_id))

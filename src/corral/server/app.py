@@ -236,6 +236,7 @@ class CorralApp:
             try:
                 jobs = JobRuntime(self.settings, store, manager.engine)
                 manager.resolve_template = jobs.templates.resolve
+                jobs.templates.manager = manager
                 await jobs.start()
             except BaseException:
                 await manager.aclose()

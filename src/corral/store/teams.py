@@ -195,6 +195,13 @@ class TeamStore(Database):
             )
         return _team(row)
 
+    def team_by_id(self, team_id: str) -> Team:
+        with self._read() as conn:
+            row = conn.execute(sa.select(*_TEAM_COLUMNS).where(teams.c.id == team_id)).first()
+        if row is None:
+            raise NotFound(f"no team with id {team_id!r}")
+        return _team(row)
+
     def teams(self) -> list[Team]:
         with self._read() as conn:
             rows = conn.execute(sa.select(*_TEAM_COLUMNS).order_by(teams.c.name)).all()

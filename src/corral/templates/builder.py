@@ -4,8 +4,8 @@
               as Docker prefers a local image), `template` (the team's ready template), `debian`
               (mmdebstrap from CORRAL_DEBIAN_MIRROR, cached like a step) or `scratch`
     run       a sandbox of the layers so far (namespace tier, the build's network policy,
-              the step's environment and working directory); its upper dir becomes the
-              step's layer (overlay whiteouts kept as whiteouts)
+              the step's environment and working directory); its snapshot's new layer
+              (`Sandbox.snapshot`: the upper dir, whiteouts kept) is the step's layer
     copy      the context files the plan names, checked against their digests, as a layer
     extract   a context archive unpacked (with the layer store's checks) under its dest
     others    change only the template's metadata
@@ -28,7 +28,6 @@ import json
 import os
 import posixpath
 import shutil
-import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,8 +47,6 @@ from corral.templates.catalog import TemplateCatalog, command_text
 STDOUT, STDERR = 1, 2
 TAIL_BYTES = 2048  # of a failing step's output, in the template's error
 _MAX_LINKS = 40
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
 
 
 class BuildReport(Protocol):
@@ -307,18 +304,11 @@ class Builder:
             tail = await self._exec(box, index, list(step.args), env, state.workdir, label)
             if tail is not None:
                 raise BuildFailed(tail)
-            upper = box.footprint.path / "disk" / "upper"
-            await box.pause()  # nothing writes while the layer is read
-            await asyncio.to_thread(_as_layer_tree, upper)
-            layer = await asyncio.to_thread(
-                self.layers.import_dir,
-                upper,
-                max_bytes=self.settings.template_max_bytes,
-                finish=oci.overlay_whiteouts,
-            )
+            # Its upper dir as one more layer (frozen while read; whiteouts kept).
+            made = await box.snapshot(self.layers, max_bytes=self.settings.template_max_bytes)
         finally:
             await box.destroy()
-        return layer.digest
+        return made[-1]
 
     async def _sandbox(self, layers: list[str], env: Mapping[str, str]) -> Sandbox:
         self.engine.templates.add(self.scratch, self.layers, layers, env=env)
@@ -373,7 +363,7 @@ class Builder:
         root = self._context(label)
         uid, gid = _chown(step.option("chown"), label)
         for f in step.files:
-            target = _place(tree, f.dest)
+            target = _place(tree, f.dest, label)
             if f.kind == "dir":
                 target.mkdir(exist_ok=True)
                 os.chmod(target, f.mode)
@@ -391,7 +381,7 @@ class Builder:
         (archive,) = step.files
         source = _resolve(root, archive.path, label)
         _check_digest(source, archive, label)
-        target = _place(tree, step.args[0].rstrip("/") + "/.")
+        target = _place(tree, step.args[0], label)
         target.mkdir(exist_ok=True)
         with open(source, "rb") as stream:
             unpack(stream, target, self.settings.template_max_bytes)
@@ -435,39 +425,6 @@ class Builder:
 # -- files ------------------------------------------------------------------------------
 
 
-def _as_layer_tree(upper: Path) -> None:
-    """Turn a stopped sandbox's upper dir into what a layer import takes: overlay
-    whiteouts (char 0/0) and opaque directories as OCI `.wh.` entries (the import drops
-    device nodes and trusted xattrs, and `overlay_whiteouts` turns these back), and the
-    sandbox's own uid (the upper dir's owner) as root's."""
-    own = os.lstat(upper)
-    for dirpath, dirnames, filenames in os.walk(upper):
-        here = Path(dirpath)
-        if _has_opaque(here):
-            (here / _OPAQUE).touch(mode=0o600)
-        for name in (*dirnames, *filenames):
-            path = here / name
-            st = os.lstat(path)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                path.unlink()
-                (here / f"{_WHITEOUT}{name}").touch(mode=0o600)
-                continue
-            if st.st_uid == own.st_uid or st.st_gid == own.st_gid:
-                os.lchown(
-                    path,
-                    0 if st.st_uid == own.st_uid else st.st_uid,
-                    0 if st.st_gid == own.st_gid else st.st_gid,
-                )
-    os.chown(upper, 0, 0)
-
-
-def _has_opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
-
-
 def _resolve(root: Path, rel: str, label: str) -> Path:
     """`rel` inside the context tree `root`, its symlinks resolved as if `root` were `/`
     (an absolute or `..` link never leaves it): the host's files are never read."""
@@ -494,11 +451,23 @@ def _resolve(root: Path, rel: str, label: str) -> Path:
     return root.joinpath(*done)
 
 
-def _place(tree: Path, dest: str) -> Path:
-    """The path of image path `dest` in `tree`, its parent directories made (0755)."""
+def _place(tree: Path, dest: str, label: str) -> Path:
+    """The path of image path `dest` in the staging `tree`, its parent directories made
+    (0755), never through a symlink an earlier entry of the step put there (that would
+    write on the host); an entry already at `dest` that is no directory is replaced."""
     rel = posixpath.normpath("/" + dest).lstrip("/")
-    target = tree / rel if rel else tree
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    parts = rel.split("/") if rel else []
+    target = tree
+    for part in parts[:-1]:
+        target = target / part
+        if target.is_symlink():
+            raise BuildFailed(f"{label}: {dest} would be written through a symlink")
+        if target.exists() and not target.is_dir():
+            raise BuildFailed(f"{label}: a parent of {dest} is not a directory")
+        target.mkdir(mode=0o755, exist_ok=True)
+    target = target / parts[-1] if parts else tree
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        target.unlink()
     return target
 
 

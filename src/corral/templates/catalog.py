@@ -14,6 +14,7 @@ and ends the row through `finish_build`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ from corral.images import Base, BuildPlan, LayerStore
 from corral.isolation import Engine
 from corral.isolation.templates import TEMPLATE_NAMES
 from corral.network.policy import NetworkPolicy
+from corral.sandboxes import SandboxManager
 from corral.store import Store
 from corral.store.templates import TemplateRow
 from corral.templates._plan import plan_to_dict
@@ -144,6 +146,8 @@ class TemplateCatalog:
         self.engine = engine
         self.layers = layers or LayerStore(settings.data_dir / "templates")
         self.queue = queue
+        # The sandboxes `snapshot` reads (the server's manager, set at its start).
+        self.manager: SandboxManager | None = None
         self.contexts = self.layers.root / "contexts"
         self.contexts.mkdir(mode=0o700, exist_ok=True)
 
@@ -224,7 +228,8 @@ class TemplateCatalog:
                 f"{MAX_READY_TIMEOUT:g}"
             )
         self._check_base(team, request.plan)
-        self.settings.network_cap().check(request.network, team)
+        # The team's name: the server's network cap names teams (CORRAL_NETWORK_*).
+        self.settings.network_cap().check(request.network, self.store.team_by_id(team).name)
         if self.queue is None:
             raise InvalidRequest("this process runs no job queue: builds go to `corral server`")
         now = datetime.now(UTC)
@@ -310,14 +315,27 @@ class TemplateCatalog:
         rows = self.store.template_rows(team, name) if isinstance(name, str) else []
         if not rows:
             raise self._not_found(name)
-        return TemplateRecord.from_row(rows[0])
+        return TemplateRecord.from_row(self._settled(rows[0]))
 
     async def list(self, team: str) -> list[TemplateRecord]:
         """The team's templates by name, each its newest build."""
         newest: dict[str, TemplateRow] = {}
         for row in self.store.template_rows(team):
             newest.setdefault(row.name, row)
-        return [TemplateRecord.from_row(newest[name]) for name in sorted(newest)]
+        return [TemplateRecord.from_row(self._settled(newest[name])) for name in sorted(newest)]
+
+    def _settled(self, row: TemplateRow) -> TemplateRow:
+        """`row`, failed now if it is building but its build job ended without ending it
+        (its worker died and the job was lost, or the job was deleted)."""
+        if row.state != "building" or row.build_job_id is None:
+            return row
+        job = self.store.job(row.build_job_id)
+        if job is not None and not job.final:
+            return row
+        why = f"its build job {job.state}: {job.state_reason}" if job else "its build job is gone"
+        state = "cancelled" if job is not None and job.state == "canceled" else "failed"
+        done, _ = self.finish(row.id, state, error=f"the build did not finish: {why}")
+        return done or self.store.template(row.id) or row
 
     async def delete(self, team: str, name: str) -> None:
         """Delete the team's template `name` (every build of it, a running build
@@ -335,6 +353,7 @@ class TemplateCatalog:
             if row.state == "building" and row.build_job_id and self.queue is not None:
                 self.queue.cancel_build(row.build_job_id, f"template {name!r} was deleted")
         self.drop(self.store.delete_templates(team, name))
+        await asyncio.to_thread(self.collect)
 
     def users(self, team: str, name: str, rows: Sequence[TemplateRow]) -> Sequence[str]:
         """The live sandboxes (the team's, and any job's in this process) of `name`."""
@@ -343,9 +362,20 @@ class TemplateCatalog:
         users.update(s.id for s in self.engine.sandboxes.values() if s.spec.template in ids)
         return sorted(users)
 
+    def collect(self, *, min_age: float = 600.0) -> Sequence[str]:
+        """Remove the stored layers no template row names and nothing holds (a running
+        build or sandbox), stored more than `min_age` seconds ago: those of deleted,
+        replaced, failed and cancelled builds. The build cache forgets them (a later build
+        makes them again). The digests removed."""
+        removed = self.layers.collect(self.store.template_layers(), min_age=min_age)
+        if removed:
+            self.store.forget_cached(removed)
+            log.info("layers collected", extra={"count": len(removed)})
+        return removed
+
     def drop(self, rows: Sequence[TemplateRow]) -> None:
-        """Forget deleted or replaced rows: unregister them and release their layers.
-        (Layers no template uses stay stored until the layer collector removes them.)"""
+        """Forget deleted or replaced rows: unregister them and release their layers
+        (`collect` removes the layers no template uses any more)."""
         for row in rows:
             self._unregister(row)
             self.context_path(row.id).unlink(missing_ok=True)
@@ -356,9 +386,25 @@ class TemplateCatalog:
         )
 
     async def snapshot(self, team: str, sandbox_id: str, name: str) -> TemplateRecord:
-        raise InvalidRequest(
-            "snapshots of sandboxes are not available yet on this server; build a template "
-            "with `corral template build` instead"
+        """A ready template `name` of the team's live sandbox's `/` as it is now: its
+        template's layers and one of what it changed, with its template's environment and
+        working directory (replacing the team's template of that name)."""
+        check_name(name)
+        if self.manager is None:
+            raise InvalidRequest("this process runs no sandboxes to snapshot; ask the server")
+        digests, sandbox = await self.manager.snapshot(
+            team, sandbox_id, self.layers, self.settings.template_max_bytes
+        )
+        rootfs = sandbox.spec.rootfs
+        assert rootfs is not None  # Sandbox.snapshot refuses a sandbox of `host`
+        return await asyncio.to_thread(
+            self.add_layers,
+            team,
+            name,
+            digests,
+            source="snapshot",
+            env=rootfs.env,
+            workdir=rootfs.workdir,
         )
 
     # -- templates made of stored layers ----------------------------------------------------
