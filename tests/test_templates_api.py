@@ -253,3 +253,25 @@ def test_cancel_stops_a_running_build(tserver: LiveServer, base: str, tmp_path: 
     assert follow.returncode == 125, follow.stderr
     with pytest.raises(NotFound):
         Sandbox.create("cancelled", **opts(tserver))
+
+
+def test_a_sandbox_snapshot_is_a_template(tserver: LiveServer, base: str) -> None:
+    with Sandbox.create(base, **opts(tserver)) as sbx:
+        wrote = sbx.commands.run("echo kept > /opt/kept.txt")
+        assert wrote.exit_code == 0, wrote.stderr
+        done = cli(tserver, "sandbox", "snapshot", sbx.sandbox_id, "--name", "snap", "-o", "json")
+        assert done.returncode == 0, done.stderr
+        made = json.loads(done.stdout)
+        assert made["state"] == "ready" and made["source"] == "snapshot"
+        # The SDK's twin: a second snapshot after another write.
+        sbx.commands.run("echo more > /opt/more.txt")
+        info = sbx.snapshot("snap-sdk")
+        assert info.state == "ready" and len(info.layers) == len(made["layers"])
+    with Sandbox.create("snap-sdk", **opts(tserver)) as sbx:
+        assert sbx.commands.run("cat /opt/kept.txt /opt/more.txt").stdout.split() == [
+            "kept",
+            "more",
+        ]
+    # A snapshot has no build: its logs end at once, with its state.
+    logs = cli(tserver, "template", "logs", "snap", "--follow", timeout=60)
+    assert logs.returncode == 0, logs.stderr
