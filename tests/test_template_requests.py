@@ -145,3 +145,28 @@ def test_the_builder_refuses_what_it_cannot_send(tmp_path: Path) -> None:
         Template(file_context_path=tmp_path).from_template("a").copy("../etc/passwd", "/")
     with pytest.raises(InvalidRequest, match="nothing of that name"):
         Template(file_context_path=tmp_path).from_template("a").copy("nope", "/").to_request("x")
+
+
+def test_progress_on_a_terminal_keeps_the_latest_step_on_the_last_line() -> None:
+    from corral.cli.template import Progress
+    from corral.client import BuildLog, JobEvent, LogChunk
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    progress = Progress(screen)
+    step = JobEvent(1, "step_start", None, 1, "", "step 1/2 RUN make", {"step": 0})
+    progress(BuildLog(event=step))
+    progress(BuildLog("step 1/2 RUN make", chunk=LogChunk(0, "stdout", b"compil", 1, 0, None)))
+    progress(BuildLog("step 1/2 RUN make", chunk=LogChunk(1, "stdout", b"ing\nhalf", 1, 0, None)))
+    progress.close()
+    text = screen.getvalue()
+    assert "[step 1/2 RUN make] compiling\n" in text  # a line split across chunks, joined
+    assert "[step 1/2 RUN make] half\n" in text  # the unfinished tail, on close
+    # The step's line is redrawn (bold) under the output, once per line written, and
+    # cleared before each line and at the end.
+    assert text.count("\033[1mstep 1/2 RUN make\033[0m") == 2
+    assert text.count("\033[1m") == text.count("\r\033[K")
+    assert text.endswith("] half\n")

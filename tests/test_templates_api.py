@@ -275,3 +275,25 @@ def test_a_sandbox_snapshot_is_a_template(tserver: LiveServer, base: str) -> Non
     # A snapshot has no build: its logs end at once, with its state.
     logs = cli(tserver, "template", "logs", "snap", "--follow", timeout=60)
     assert logs.returncode == 0, logs.stderr
+
+
+async def test_async_template_builds_with_an_async_callback(tserver: LiveServer, base: str) -> None:
+    from corral.client import AsyncSandbox, AsyncTemplate
+
+    steps: list[str] = []
+
+    async def on_build_logs(entry: BuildLog) -> None:
+        if entry.event is not None and entry.event.type == "step_start":
+            steps.append(entry.event.reason)
+
+    template = AsyncTemplate().from_template(base).run_cmd("echo async > /async.txt")
+    info = await AsyncTemplate.build(
+        template, "async-built", on_build_logs=on_build_logs, **opts(tserver)
+    )
+    assert info.state == "ready" and steps == ["step 1/1 RUN /bin/sh -c echo async > /async.txt"]
+    assert "async-built" in {t.name for t in await AsyncTemplate.list(**opts(tserver))}
+    async with await AsyncSandbox.create("async-built", **opts(tserver)) as sbx:
+        assert (await sbx.commands.run("cat /async.txt")).stdout == "async\n"
+    await AsyncTemplate.delete("async-built", **opts(tserver))
+    with pytest.raises(NotFound):
+        await AsyncTemplate.get("async-built", **opts(tserver))

@@ -81,8 +81,9 @@ class Progress:
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.status = ""
-        self.partial: dict[int, str] = {}  # a step's output up to its next newline
+        self.status = ""  # the latest event, shown on the last line of a terminal
+        self.shown = False  # whether the last line holds it now
+        self.partial: dict[int, tuple[str, str]] = {}  # step: (label, output up to a newline)
 
     def __call__(self, entry: BuildLog) -> None:
         if entry.event is not None:
@@ -92,30 +93,35 @@ class Progress:
                 self.status = text
         elif entry.chunk is not None:
             step = entry.chunk.step
-            text = self.partial.pop(step, "") + entry.chunk.data.decode(errors="replace")
-            *lines, rest = text.split("\n")
+            label = entry.label or f"step {step}"
+            _, before = self.partial.pop(step, ("", ""))
+            *lines, rest = (before + entry.chunk.data.decode(errors="replace")).split("\n")
             if rest:
-                self.partial[step] = rest
+                self.partial[step] = (label, rest)
             for line in lines:
-                self._line(f"[{entry.label or step}] {line}")
+                self._line(f"[{label}] {line}")
         self._redraw()
 
     def close(self) -> None:
-        for step, rest in sorted(self.partial.items()):
-            self._line(f"[step {step}] {rest}")
+        for label, rest in self.partial.values():
+            self._line(f"[{label}] {rest}")
         self.partial.clear()
-        if self.tty and self.status:
-            self.stream.write("\r\033[K")
+        self._clear()
         self.stream.flush()
 
-    def _line(self, text: str) -> None:
-        if self.tty:
+    def _clear(self) -> None:
+        if self.shown:
             self.stream.write("\r\033[K")
+            self.shown = False
+
+    def _line(self, text: str) -> None:
+        self._clear()
         self.stream.write(text.rstrip() + "\n")
 
     def _redraw(self) -> None:
-        if self.tty and self.status:
+        if self.tty and self.status and not self.shown:
             self.stream.write(f"\033[1m{self.status}\033[0m")
+            self.shown = True
         self.stream.flush()
 
 
