@@ -1,4 +1,5 @@
-"""Layer templates: create → first output of a sandbox of the Debian base vs `host`, idle cost.
+"""Layer templates: create → first output of a sandbox of the Debian base vs `host`, idle
+cost, and a template build fresh vs rebuilt from the step cache.
 
     uv run python benchmarks/templates.py --json      # as root, after `make setup`
 
@@ -8,11 +9,17 @@ as a template, then times, alternating the two so the load hits both alike, the 
 call to the result of `true` in the new sandbox for `host` and for the layer template
 (its disk: sparse ext4 + loop mount, its idmapped layer, its overlay). Issue 13's target:
 the ratio ≤ 1.2. Also the idle memory of a layer-template sandbox and the load average.
+
+Builds: a recipe of BUILD_STEPS RUN steps on that base, built as a `build` job (a real
+queue, worker and SQLite store) from `TemplateCatalog.build` to the job's end: fresh (its
+first step changed each time, so no step is cached) then again unchanged (every step from
+the cache), alternating; medians of a few.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -24,9 +31,19 @@ from typing import Any
 from engine import idle_cost, percentiles, run_cli
 
 from corral.config import Settings
-from corral.images import LayerStore
+from corral.images import Layer, LayerStore, parse_recipe
 from corral.images.debian import bootstrap
 from corral.isolation import Engine
+from corral.jobs.runtime import JobRuntime
+from corral.store import Store
+from corral.templates import BuildRequest
+
+BUILD_STEPS = (
+    "echo {token} > /token",
+    'python3 -c \'import json; json.dump(list(range(1000)), open("/numbers.json", "w"))\'',
+    "mkdir -p /srv/app && seq 1 2000 > /srv/app/lines",
+    "head -c 4000000 /dev/zero > /srv/app/blob",
+)
 
 ARCHIVE = Path(
     os.environ.get("CORRAL_TEST_DEBIAN_ARCHIVE")
@@ -82,6 +99,7 @@ async def main(quick: bool) -> dict[str, Any]:
             await asyncio.sleep(0.5)
             idle = idle_cost(sandbox)
             await sandbox.destroy()
+            builds = await build_times(settings, engine, layer, 3 if quick else 5)
         ratio = statistics.median(debian) / statistics.median(host)
         report.update(
             {
@@ -91,12 +109,62 @@ async def main(quick: bool) -> dict[str, Any]:
                 "target_ratio": 1.2,
                 "layer_bytes": layer.size_bytes,
                 **idle,
+                **builds,
                 "load_1min_after": os.getloadavg()[0],
             }
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report
+
+
+def _recipe(token: str) -> str:
+    steps = "".join(f"  - run: {json.dumps(step.format(token=token))}\n" for step in BUILD_STEPS)
+    return f"template: debian\nsteps:\n{steps}"
+
+
+async def build_times(settings: Settings, engine: Engine, base: Layer, runs: int) -> dict[str, Any]:
+    """Seconds from `build` to the build job's end: fresh, then the same recipe again."""
+    store = Store.open(settings)
+    runtime = JobRuntime(settings.with_(job_pool=0), store, engine, workers=1)
+    fresh: list[float] = []
+    cached: list[float] = []
+    try:
+        await runtime.start()
+        team = store.create_team("bench")
+        runtime.templates.add_layers(team.id, "debian", [base.digest], source="debian")
+
+        async def build(recipe: str) -> tuple[float, int]:
+            start = time.perf_counter()
+            request = BuildRequest("bench", parse_recipe(recipe), "recipe")
+            record = await runtime.templates.build(team.id, request)
+            assert record.build_job_id is not None
+            job = await runtime.queue.wait_final(record.build_job_id, 600)
+            elapsed = time.perf_counter() - start
+            done = await runtime.templates.get(team.id, "bench")
+            assert job.state == "succeeded" and done.state == "ready", (
+                job.state_reason,
+                done.error,
+            )
+            return elapsed, done.steps_cached
+
+        for i in range(runs):
+            recipe = _recipe(f"run-{i}-{time.time_ns()}")
+            seconds, hits = await build(recipe)
+            assert hits == 0
+            fresh.append(seconds)
+            seconds, hits = await build(recipe)
+            assert hits == len(BUILD_STEPS)
+            cached.append(seconds)
+    finally:
+        await runtime.aclose()
+        store.close()
+    return {
+        "build_steps": len(BUILD_STEPS),
+        "build_fresh_s": {**percentiles(fresh, 50, 90), "n": runs},
+        "build_cached_s": {**percentiles(cached, 50, 90), "n": runs},
+        "build_cached_vs_fresh": round(statistics.median(cached) / statistics.median(fresh), 3),
+    }
 
 
 if __name__ == "__main__":

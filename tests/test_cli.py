@@ -41,9 +41,9 @@ def test_run_uploads_files_first(server: LiveServer, tmp_path: Path) -> None:
 
 
 def test_bad_input_gets_one_clear_line_and_exit_2(server: LiveServer) -> None:
-    done = server.corral("run", "--template", "nope", "--", "true")
+    done = server.corral("run", "--isolation", "nope", "--", "true")
     assert done.returncode == 2
-    assert "unknown template 'nope'" in done.stderr
+    assert "'nope'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     done = server.corral("run", "-e", "NOEQUALS", "--", "true")
     assert done.returncode == 2 and "KEY=VALUE" in done.stderr

@@ -838,7 +838,6 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"command": ["x"], "workdir": "relative/dir"}, "workdir"),
     ({"command": ["x"], "callbackUrl": "file:///etc/passwd"}, "callback_url"),
     ({"command": ["x"], "isolation": "docker"}, "isolation"),
-    ({"command": ["x"], "template": "no-such-template"}, "no-such-template"),
     ({"steps": [{"run": "a", "code": "b"}]}, "steps[0]"),
     ({"steps": [{"run": "a", "shell": "zsh"}]}, "steps[0].shell"),
 ]
@@ -851,6 +850,14 @@ async def test_a_bad_spec_is_refused_naming_the_problem(
     before = await count(team_api)
     message = await refused(team_api.submit(data), Code.INVALID_ARGUMENT)
     assert named in message
+    assert await count(team_api) == before
+
+
+async def test_a_template_the_team_does_not_have_is_not_found(team_api: JobApi) -> None:
+    """Names are per team: one the team lacks is not found, whoever else has one."""
+    before = await count(team_api)
+    call = team_api.submit({"command": ["x"], "template": "no-such-template"})
+    assert "no template 'no-such-template'" in await refused(call, Code.NOT_FOUND)
     assert await count(team_api) == before
 
 
