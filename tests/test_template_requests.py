@@ -170,3 +170,22 @@ def test_progress_on_a_terminal_keeps_the_latest_step_on_the_last_line() -> None
     assert text.count("\033[1mstep 1/2 RUN make\033[0m") == 2
     assert text.count("\033[1m") == text.count("\r\033[K")
     assert text.endswith("] half\n")
+
+
+def test_image_credentials_reach_the_plan(tmp_path: Path) -> None:
+    template = Template().from_image("registry.test:5000/app:1", username="u", password="p")
+    plan, source = parse_plan(template.to_request("img"), tmp_path)
+    assert source == "e2b"
+    assert (plan.base.kind, plan.base.ref, plan.base.username, plan.base.password) == (
+        "image",
+        "registry.test:5000/app:1",
+        "u",
+        "p",
+    )
+    assert "password" not in repr(plan.base)
+
+    request = pb.BuildTemplateRequest(
+        name="img", image=pb.ImageSource(reference="registry.test:5000/app:1", username="u")
+    )
+    plan, source = parse_plan(request, tmp_path)
+    assert source == "image" and plan.base.username == "u" and plan.steps == ()
