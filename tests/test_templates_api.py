@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -297,3 +298,38 @@ async def test_async_template_builds_with_an_async_callback(tserver: LiveServer,
     await AsyncTemplate.delete("async-built", **opts(tserver))
     with pytest.raises(NotFound):
         await AsyncTemplate.get("async-built", **opts(tserver))
+
+
+def test_the_readme_examples_run_as_written(tserver: LiveServer, base: str, tmp_path: Path) -> None:
+    from tests.test_readme_examples import readme_block
+
+    after = "## Templates"
+    shell = readme_block(after, "sh").splitlines()
+    made_base = shell[0].split("#")[0].split()[3:]  # after `uv run corral`
+    assert made_base[:3] == ["template", "build", "python-base"]
+    made_base[made_base.index("--debian") + 1] = suite()  # the local archive's suite
+    done = cli(tserver, *made_base)
+    assert done.returncode == 0, done.stderr
+    assert ": cached" in done.stdout  # the same Debian base as `base`: from the build cache
+
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "serve.py").write_text("import time\ntime.sleep(3600)\n")
+    (tmp_path / "Dockerfile").write_text(readme_block(after, "dockerfile"))
+    done = cli(
+        tserver, "template", "build", "app", "-f", str(tmp_path / "Dockerfile"), str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+
+    env = {**tserver.env, "CORRAL_SERVER": tserver.url, "CORRAL_API_KEY": tserver.key}
+    ran = subprocess.run(
+        [sys.executable, "-c", readme_block(after, "python")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "built" in ran.stdout.splitlines(), ran.stdout  # the sandbox's cat
+    assert "step 1/6 RUN /bin/sh -c echo built > /built.txt" in ran.stdout  # on_build_logs
+    assert {"app", "app-after", "python-base"} <= names(tserver)
