@@ -333,3 +333,28 @@ def test_the_readme_examples_run_as_written(tserver: LiveServer, base: str, tmp_
     assert "built" in ran.stdout.splitlines(), ran.stdout  # the sandbox's cat
     assert "step 1/6 RUN /bin/sh -c echo built > /built.txt" in ran.stdout  # on_build_logs
     assert {"app", "app-after", "python-base"} <= names(tserver)
+
+
+def test_cli_builds_a_recipe_with_its_context(
+    tserver: LiveServer, base: str, tmp_path: Path
+) -> None:
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "note.txt").write_text("from the context\n")
+    (tmp_path / "recipe.yaml").write_text(
+        f"template: {base}\n"
+        "steps:\n"
+        "  - echo from-recipe > /r.txt\n"
+        "  - copy: {src: note.txt, dest: /opt/note.txt}\n"
+        "ready: test -s /r.txt\n"
+    )
+    done = cli(
+        tserver, "template", "build", "recipe", "--recipe", str(tmp_path / "recipe.yaml"),
+        str(tmp_path / "ctx"), "-o", "json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    made = json.loads(done.stdout)
+    assert made["source"] == "recipe" and made["ready_cmd"] == "test -s /r.txt"
+    with Sandbox.create("recipe", **opts(tserver)) as sbx:
+        assert sbx.commands.run("cat /r.txt /opt/note.txt").stdout.split() == [
+            "from-recipe", "from", "the", "context",
+        ]  # fmt: skip

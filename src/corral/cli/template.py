@@ -196,7 +196,8 @@ def build(args: argparse.Namespace) -> int:
         show_template(args.output, info)
         return 0
     err(f"building template {info.name} (job {info.build_job_id})")
-    progress = Progress()
+    # With -o json, stdout holds only the template's JSON: the progress goes to stderr.
+    progress = Progress(sys.stderr if args.output == "json" else None)
     with interruptible():
         try:
             for entry in Template.logs(args.name, follow=True, **connect_kwargs(args)):
