@@ -267,3 +267,22 @@ async def test_a_builds_network_is_held_to_the_servers_cap(world: World) -> None
         world.b.id, BuildRequest("app", plan(), "dockerfile", network=internet)
     )
     assert allowed.state == "building"
+
+
+async def test_a_version_another_process_replaced_is_let_go_on_next_use(world: World) -> None:
+    """Two processes (catalogs with engines of their own) on one store: when one replaces
+    a template, the other serves the new version from its next use and releases the old."""
+    catalog = world.catalog
+    first, second = tiny_layer(catalog.layers, "v1"), tiny_layer(catalog.layers, "v2")
+    catalog.add_layers(world.a.id, "base", [first.digest], source="debian")
+    engine = Engine(world.settings)
+    try:
+        elsewhere = TemplateCatalog(world.settings, world.store, engine)
+        old = elsewhere.resolve(world.a.id, "base")
+        assert f"template.{old}" in catalog.layers.holders(first.digest)
+        catalog.add_layers(world.a.id, "base", [second.digest], source="debian")
+        new = elsewhere.resolve(world.a.id, "base")
+        assert new != old and old not in engine.templates.names()
+        assert catalog.layers.holders(first.digest) == []
+    finally:
+        await engine.aclose()

@@ -150,6 +150,8 @@ class TemplateCatalog:
         self.manager: SandboxManager | None = None
         self.contexts = self.layers.root / "contexts"
         self.contexts.mkdir(mode=0o700, exist_ok=True)
+        # The row each (team, name) this process serves is registered as.
+        self._serving_ids: dict[tuple[str, str], str] = {}
 
     # -- the engine's registry ------------------------------------------------------------
 
@@ -179,6 +181,11 @@ class TemplateCatalog:
             self.engine.templates.add(
                 row.id, self.layers, row.layers, env=row.env, workdir=row.workdir
             )
+        # A version another process replaced (its row is gone) is let go here too.
+        old = self._serving_ids.get((row.team_id, row.name))
+        if old is not None and old != row.id and old in self.engine.templates.names():
+            self.engine.templates.remove(old)
+        self._serving_ids[(row.team_id, row.name)] = row.id
 
     def _unregister(self, row: TemplateRow) -> None:
         if row.id in self.engine.templates.names():
@@ -480,6 +487,8 @@ class TemplateCatalog:
             raise
         if done is None or done.state != "ready":
             self._forget(template_id)
+        else:
+            self._serving_ids[(done.team_id, done.name)] = done.id
         self.context_path(template_id).unlink(missing_ok=True)
         self.drop(old)
         return done, old
