@@ -17,6 +17,7 @@ from corral.errors import (
     NotFound,
     SandboxNotRunning,
     ServerUnavailable,
+    TemplateNotFound,
     Unauthenticated,
 )
 from tests.conftest import LiveServer, free_port, opts
@@ -124,8 +125,10 @@ def test_errors_are_corral_errors(server: LiveServer) -> None:
         Sandbox.connect("sb_0123456789abcdef0123", **opts(server))
     with pytest.raises(Unauthenticated, match="API key"):
         Sandbox.list(server=server.url, api_key="crl_" + "y" * 32)
-    with pytest.raises(InvalidRequest, match="nope"):
+    with pytest.raises(TemplateNotFound, match="nope"):
         Sandbox.create("nope", **opts(server))
+    with pytest.raises(InvalidRequest, match="isolation"):
+        Sandbox.create(isolation="nope", **opts(server))
     with pytest.raises(ServerUnavailable, match="did not answer"):
         Sandbox.list(server=f"http://127.0.0.1:{free_port()}", api_key=server.key)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TypeVar, cast
 
-from corral.states import JOB_STATES, SANDBOX_STATES
-from corral.v1 import jobs_pb2, sandbox_pb2
+from corral.states import JOB_STATES, SANDBOX_STATES, TEMPLATE_STATES
+from corral.v1 import jobs_pb2, sandbox_pb2, templates_pb2
 
-E = TypeVar("E", sandbox_pb2.SandboxState, jobs_pb2.JobState)
+E = TypeVar("E", sandbox_pb2.SandboxState, jobs_pb2.JobState, templates_pb2.TemplateState)
 
 
 def _numbers(enum: type[E], prefix: str, names: Iterable[str]) -> dict[str, E]:
@@ -26,3 +26,5 @@ SANDBOX_STATE_NUMBERS = _numbers(sandbox_pb2.SandboxState, "SANDBOX_STATE", SAND
 SANDBOX_STATE_NAMES = {number: name for name, number in SANDBOX_STATE_NUMBERS.items()}
 JOB_STATE_NUMBERS = _numbers(jobs_pb2.JobState, "JOB_STATE", JOB_STATES)
 JOB_STATE_NAMES = {number: name for name, number in JOB_STATE_NUMBERS.items()}
+TEMPLATE_STATE_NUMBERS = _numbers(templates_pb2.TemplateState, "TEMPLATE_STATE", TEMPLATE_STATES)
+TEMPLATE_STATE_NAMES = {number: name for name, number in TEMPLATE_STATE_NUMBERS.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from corral.errors import InvalidLimits
+from corral.errors import InvalidBuild, InvalidLimits
 
 MIB = 1024 * 1024
 # Memory kept free of tmpfs storage for the agent and a command (see Limits.storage_bytes).
@@ -98,3 +98,20 @@ class Limits:
 def host_memory_mib() -> int:
     """This host's physical memory."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB
+
+
+# A template build's context (the files COPY and ADD take) travels in the Build request,
+# whose message is bounded (corral.server.requests.MAX_MESSAGE_BYTES, 8 MiB): the context
+# gets most of it, the Dockerfile and the rest of the request the remainder.
+BUILD_CONTEXT_MAX_BYTES = 6 * MIB
+
+
+def check_build_context(size: int) -> None:
+    """Refuse a build context (a tar) over the bound, saying what to do instead; the SDK
+    checks before it sends, the server again for any other client."""
+    if size > BUILD_CONTEXT_MAX_BYTES:
+        raise InvalidBuild(
+            f"the build context is {size} bytes as a tar, over the limit of "
+            f"{BUILD_CONTEXT_MAX_BYTES // MIB} MiB: leave large files out (.dockerignore), "
+            "or fetch them in a RUN step, or start FROM a template that has them"
+        )

@@ -27,3 +27,6 @@ JOB_STATES: tuple[JobState, ...] = (
 )
 # A job in one of these is done: nothing changes it again but a retry by request.
 JOB_FINAL_STATES: tuple[JobState, ...] = ("succeeded", "failed", "timed_out", "canceled", "lost")
+
+TemplateState = Literal["building", "ready", "failed", "cancelled"]
+TEMPLATE_STATES: tuple[TemplateState, ...] = ("building", "ready", "failed", "cancelled")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.cli import admin, context, job, run, sandbox, volume
+from corral.cli import admin, context, job, run, sandbox, template, volume
 from corral.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -61,6 +61,7 @@ def parser() -> Parser:
     sandbox.add_commands(commands)
     job.add_commands(commands)
     volume.add_commands(commands)
+    template.add_commands(commands)
     context.add_commands(commands)
     admin.add_commands(commands)
     return root

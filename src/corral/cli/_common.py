@@ -56,6 +56,7 @@ _EXIT_CODES: tuple[tuple[type[errors.CorralError], int], ...] = (
     (errors.NoSpace, EXIT_QUOTA),
     (errors.ServerUnavailable, EXIT_UNREACHABLE),
     (errors.SandboxNotRunning, EXIT_STATE),
+    (errors.TemplateInUse, EXIT_STATE),
     (errors.CommandError, EXIT_STATE),
     (errors.FileError, EXIT_STATE),
 )

@@ -130,6 +130,15 @@ def pause(args: argparse.Namespace) -> None:
     out(f"{args.sandbox_id} {info.state}")
 
 
+def snapshot(args: argparse.Namespace) -> None:
+    """Save a sandbox's file system as a template of your team (`--template NAME` starts
+    sandboxes from it)."""
+    from corral.cli.template import show_template
+
+    with _sandbox(args) as box:
+        show_template(args.output, box.snapshot(args.name))
+
+
 def resume(args: argparse.Namespace) -> None:
     """Thaw a paused sandbox: its processes go on where they stopped."""
     with _sandbox(args) as box:
@@ -347,6 +356,9 @@ def add_commands(commands: Commands) -> None:
     with_id("kill", kill)
     with_id("pause", pause)
     with_id("resume", resume)
+    p = with_id("snapshot", snapshot)
+    p.add_argument("--name", required=True, help="the template to make")
+    add_output(p)
     p = with_id("network", network)
     p.add_argument("network", metavar="MODE", help="none, internet (alias allow_all) or allowlist")
     add_allow(p)

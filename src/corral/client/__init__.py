@@ -1,5 +1,5 @@
-"""The Python SDK: `Sandbox` and `Jobs` (sync), `AsyncSandbox` and `AsyncJobs`, one
-implementation (see `_portal`).
+"""The Python SDK: `Sandbox`, `Jobs` and `Template` (sync), `AsyncSandbox`, `AsyncJobs`
+and `AsyncTemplate`, one implementation (see `_portal`).
 
 Each name is imported on first use, so that a light module of the SDK (`_listing`, which
 the CLI uses to list sandboxes) loads without the rest (asyncio, the RPC runtime).
@@ -22,6 +22,7 @@ if _typing.TYPE_CHECKING:
     from corral.client._files import AsyncFiles
     from corral.client._jobs import AsyncJobs
     from corral.client._models import (
+        BuildLog,
         CallbackStatus,
         CommandResult,
         EntryInfo,
@@ -35,6 +36,7 @@ if _typing.TYPE_CHECKING:
         NetworkEvent,
         ProcessInfo,
         SandboxInfo,
+        TemplateInfo,
         VolumeInfo,
         WriteEntry,
     )
@@ -45,8 +47,10 @@ if _typing.TYPE_CHECKING:
         Files,
         Jobs,
         Sandbox,
+        Template,
         Volume,
     )
+    from corral.client._templates import AsyncTemplate
     from corral.client._volumes import AsyncVolume
     from corral.volumes import VolumeSpec
 
@@ -60,6 +64,8 @@ _LAZY = {
     "AsyncFiles": "corral.client._files",
     "AsyncJobs": "corral.client._jobs",
     "AsyncSandbox": "corral.client._sandbox",
+    "AsyncTemplate": "corral.client._templates",
+    "BuildLog": "corral.client._models",
     "CallbackStatus": "corral.client._models",
     "ClientSettings": "corral.client._config",
     "CommandHandle": "corral.client._sync",
@@ -81,6 +87,8 @@ _LAZY = {
     "ProcessInfo": "corral.client._models",
     "Sandbox": "corral.client._sync",
     "SandboxInfo": "corral.client._models",
+    "Template": "corral.client._sync",
+    "TemplateInfo": "corral.client._models",
     "WriteEntry": "corral.client._models",
 }
 
@@ -90,7 +98,9 @@ __all__ = [
     "AsyncFiles",
     "AsyncJobs",
     "AsyncSandbox",
+    "AsyncTemplate",
     "AsyncVolume",
+    "BuildLog",
     "CallbackStatus",
     "ClientSettings",
     "CommandHandle",
@@ -112,6 +122,8 @@ __all__ = [
     "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
+    "Template",
+    "TemplateInfo",
     "Volume",
     "VolumeInfo",
     "VolumeSpec",

@@ -15,6 +15,7 @@ from corral._wire import from_connect
 from corral.client._config import ClientSettings
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
+from corral.v1.templates_connect import TemplateServiceClient
 from corral.v1.volumes_connect import VolumeServiceClient
 
 REQ = TypeVar("REQ")
@@ -34,8 +35,8 @@ def _translate(exc: ConnectError, server: str) -> BaseException:
 class Connection:
     """One client of `corral.v1.SandboxService` with its key; shared by a sandbox's parts.
 
-    `jobs` and `volumes` are clients of `corral.v1.JobService` and `VolumeService` on the
-    same server, each made on first use.
+    `jobs`, `volumes` and `templates` are clients of `corral.v1.JobService`,
+    `VolumeService` and `TemplateService` on the same server, each made on first use.
     """
 
     def __init__(self, settings: ClientSettings) -> None:
@@ -50,6 +51,7 @@ class Connection:
         )
         self._timeout_ms = int(settings.timeout * 1000)
         self._jobs: JobServiceClient | None = None
+        self._templates: TemplateServiceClient | None = None
         self._volumes: VolumeServiceClient | None = None
         # Readers of background commands' output: `aclose` stops them, or their open
         # streams would keep the server's graceful shutdown waiting its whole grace.
@@ -70,6 +72,14 @@ class Connection:
                 self.settings.server, accept_compression=(), send_compression=None
             )
         return self._volumes
+
+    @property
+    def templates(self) -> TemplateServiceClient:
+        if self._templates is None:
+            self._templates = TemplateServiceClient(
+                self.settings.server, accept_compression=(), send_compression=None
+            )
+        return self._templates
 
     async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:
         """A unary call, with the key and the timeout."""
@@ -117,3 +127,5 @@ class Connection:
             await self._jobs.close()
         if self._volumes is not None:
             await self._volumes.close()
+        if self._templates is not None:
+            await self._templates.close()

@@ -9,12 +9,13 @@ from typing import Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from corral._state_enums import JOB_STATE_NAMES, SANDBOX_STATE_NAMES
+from corral._state_enums import JOB_STATE_NAMES, SANDBOX_STATE_NAMES, TEMPLATE_STATE_NAMES
 from corral.errors import InvalidRequest
 from corral.network.policy import NetworkPolicy
 from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as jobs_pb
 from corral.v1 import sandbox_pb2 as pb
+from corral.v1 import templates_pb2 as templates_pb
 from corral.v1 import volumes_pb2 as volumes_pb
 from corral.volumes import VolumeSpec
 
@@ -496,3 +497,64 @@ def _plain_numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain_numbers(v) for v in value]
     return value
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A template of your team: `state` is building, ready, failed or cancelled; a
+    failed one's `error` names the step that failed and ends with its log."""
+
+    name: str
+    state: str
+    source: str  # dockerfile | recipe | e2b | image | debian | snapshot
+    layers: tuple[str, ...]
+    env: dict[str, str]
+    workdir: str
+    user: str
+    start_cmd: str
+    ready_cmd: str
+    size_bytes: int
+    build_job_id: str
+    steps_total: int
+    steps_cached: int
+    error: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, template: templates_pb.Template) -> TemplateInfo:
+        return cls(
+            name=template.name,
+            state=TEMPLATE_STATE_NAMES.get(template.state, "building"),
+            source=template.source,
+            layers=tuple(template.layers),
+            env=dict(template.env),
+            workdir=template.workdir,
+            user=template.user,
+            start_cmd=template.start_cmd,
+            ready_cmd=template.ready_cmd,
+            size_bytes=template.size_bytes,
+            build_job_id=template.build_job_id,
+            steps_total=template.steps_total,
+            steps_cached=template.steps_cached,
+            error=template.error,
+            created_at=_time(template.created_at, template.HasField("created_at")),
+            updated_at=_time(template.updated_at, template.HasField("updated_at")),
+        )
+
+
+@dataclass(frozen=True)
+class BuildLog:
+    """One item of a build's progress, in order: a chunk of a step's output (`chunk`,
+    with the step's `label`) or an event (`event`: step i/N, cached, pulled, state)."""
+
+    label: str = ""
+    chunk: LogChunk | None = None
+    event: JobEvent | None = None
+
+    def __str__(self) -> str:
+        if self.chunk is not None:
+            return self.chunk.data.decode(errors="replace")
+        if self.event is not None:
+            return self.event.reason or self.event.type
+        return ""

@@ -26,6 +26,7 @@ from corral.client._models import (
     Network,
     NetworkEvent,
     SandboxInfo,
+    TemplateInfo,
     volume_mounts,
 )
 from corral.client._ports import port_host, port_url
@@ -365,6 +366,16 @@ class AsyncSandbox:
         async for message in self._connection.stream(self._connection.rpc.stream_events, request):
             for event in message.events:
                 yield NetworkEvent.from_proto(event)
+
+    async def snapshot(self, name: str) -> TemplateInfo:
+        """Save this sandbox's file system (its template and what it wrote) as the
+        template `name` of your team; sandboxes started from it see the same files."""
+        from corral.v1 import templates_pb2
+
+        request = templates_pb2.SnapshotSandboxRequest(sandbox_id=self.sandbox_id, name=name)
+        connection = self._connection
+        reply = await connection.call(connection.templates.snapshot, request)
+        return TemplateInfo.from_proto(reply.template)
 
     async def aclose(self) -> None:
         """Close the connection; the sandbox goes on (see `kill`)."""

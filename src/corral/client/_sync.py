@@ -17,9 +17,10 @@ from corral.client._files import AsyncFiles, ReadFormat, check_format
 from corral.client._hybrid import hybridmethod
 from corral.client._jobs import DEFAULT_RECONNECT_TIMEOUT, AsyncJobs
 from corral.client._listing import list_sandboxes
-from corral.client._models import CommandResult, Network, SandboxInfo
+from corral.client._models import BuildLog, CommandResult, Network, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
 from corral.client._sandbox import AsyncSandbox, kill_by_id
+from corral.client._templates import AsyncTemplate, TemplateBuilder
 from corral.client._volumes import AsyncVolume
 from corral.errors import InvalidRequest
 
@@ -219,6 +220,7 @@ class Sandbox:
     ping = bridge(AsyncSandbox.ping)
     get_metrics = bridge(AsyncSandbox.get_metrics)
     events = _bridge_iterator(AsyncSandbox.events)
+    snapshot = bridge(AsyncSandbox.snapshot)
     close = bridge(AsyncSandbox.aclose)
 
     def __enter__(self) -> Sandbox:
@@ -298,3 +300,29 @@ class Volume:
     get = staticmethod(bridge_factory(AsyncVolume.get, lambda info: info))
     list = staticmethod(bridge_factory(AsyncVolume.list, lambda infos: infos))
     delete = staticmethod(bridge_factory(AsyncVolume.delete, lambda none: none))
+
+
+def _same(value: R) -> R:
+    return value
+
+
+class Template(TemplateBuilder):
+    """A template to build, with E2B's builder vocabulary, and your team's templates
+    (sync API; `AsyncTemplate` for asyncio):
+
+        template = Template().from_template("debian").pip_install(["numpy"])
+        info = Template.build(template, "numpy", on_build_logs=print)
+        Template.list(); Template.get("numpy"); Template.delete("numpy")
+    """
+
+    build = staticmethod(bridge_factory(AsyncTemplate.build, _same))
+    build_in_background = staticmethod(bridge_factory(AsyncTemplate.build_in_background, _same))
+    get = staticmethod(bridge_factory(AsyncTemplate.get, _same))
+    list = staticmethod(bridge_factory(AsyncTemplate.list, _same))
+    delete = staticmethod(bridge_factory(AsyncTemplate.delete, _same))
+    cancel = staticmethod(bridge_factory(AsyncTemplate.cancel, _same))
+
+    @staticmethod
+    def logs(name: str, **options: Any) -> Iterator[BuildLog]:
+        """The build's logs and events (`AsyncTemplate.logs`)."""
+        return _iterate(AsyncTemplate.logs(name, **options))

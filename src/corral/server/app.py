@@ -1,4 +1,5 @@
-"""The ASGI app: Connect services for SandboxService, JobService and HealthService,
+"""The ASGI app: Connect services for SandboxService, JobService, TemplateService and
+HealthService,
 `GET /healthz`, and the port proxy to sandboxes' ports (`corral.server.ports`).
 
     app = create_app(Settings.from_env())     # serve it with uvicorn (`corral server`)
@@ -39,10 +40,12 @@ from corral.server.requests import (
     strict_codecs,
 )
 from corral.server.service import HealthService, SandboxService
+from corral.server.templates import TemplateHandlers
 from corral.server.volumes import VolumeService
 from corral.v1.health_connect import HealthServiceASGIApplication
 from corral.v1.jobs_connect import JobServiceASGIApplication
 from corral.v1.sandbox_connect import SandboxServiceASGIApplication
+from corral.v1.templates_connect import TemplateServiceASGIApplication
 from corral.v1.volumes_connect import VolumeServiceASGIApplication
 
 if TYPE_CHECKING:
@@ -58,7 +61,10 @@ _SANDBOX_PREFIX = "/corral.v1.SandboxService/"
 _HEALTH_PREFIX = "/corral.v1.HealthService/"
 _JOB_PREFIX = "/corral.v1.JobService/"
 _VOLUME_PREFIX = "/corral.v1.VolumeService/"
-_API_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX, _HEALTH_PREFIX)
+_TEMPLATE_PREFIX = "/corral.v1.TemplateService/"
+# The services that need an API key (HealthService does not).
+_KEYED_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX, _TEMPLATE_PREFIX)
+_API_PREFIXES = (*_KEYED_PREFIXES, _HEALTH_PREFIX)
 
 
 _NO_GRPC = {
@@ -121,6 +127,12 @@ class CorralApp:
             read_max_bytes=max_message_bytes,
             compressions=gzip,
         )
+        self._template_app: ASGIApp = TemplateServiceASGIApplication(
+            TemplateHandlers(self.services),
+            interceptors=interceptors,
+            read_max_bytes=max_message_bytes,
+            compressions=gzip,
+        )
         self._health_app: ASGIApp = HealthServiceASGIApplication(
             HealthService(),
             interceptors=interceptors,
@@ -142,7 +154,7 @@ class CorralApp:
             await _send_json(send, 415, _NO_GRPC)
         elif path.startswith(_API_PREFIXES) and (problem := header_problem(scope["headers"])):
             await _send_json(send, 400, {"code": "invalid_argument", "message": problem})
-        elif path.startswith((_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX)):
+        elif path.startswith(_KEYED_PREFIXES):
             headers = dict(scope.get("headers", ()))
             refusal = self._refusal(headers)
             if refusal is not None:
@@ -150,13 +162,14 @@ class CorralApp:
             else:
                 receive = limit_size(receive, headers, self._max_message_bytes)
                 scope, receive = inflate(scope, receive, self._max_message_bytes)
-            app = (
-                self._sandbox_app
-                if path.startswith(_SANDBOX_PREFIX)
-                else self._volume_app
-                if path.startswith(_VOLUME_PREFIX)
-                else self._job_app
-            )
+            if path.startswith(_SANDBOX_PREFIX):
+                app = self._sandbox_app
+            elif path.startswith(_JOB_PREFIX):
+                app = self._job_app
+            elif path.startswith(_VOLUME_PREFIX):
+                app = self._volume_app
+            else:
+                app = self._template_app
             await app(scope, disconnect.watch(receive), send)
         elif path.startswith(_HEALTH_PREFIX):
             headers = dict(scope.get("headers", ()))
@@ -176,8 +189,9 @@ class CorralApp:
                 404,
                 {
                     "code": "not_found",
-                    "message": f"no endpoint {path}; the API is /corral.v1.SandboxService/<Method> "
-                    "and /corral.v1.JobService/<Method>",
+                    "message": f"no endpoint {path}; the API is "
+                    "/corral.v1.SandboxService/<Method>, /corral.v1.JobService/<Method> "
+                    "and /corral.v1.TemplateService/<Method>",
                 },
             )
 

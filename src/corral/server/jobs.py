@@ -82,7 +82,7 @@ async def _messages(
             yield out
 
 
-def _chunk(row: LogChunkRow) -> pb.LogChunk:
+def chunk_message(row: LogChunkRow) -> pb.LogChunk:
     return pb.LogChunk(
         seq=row.seq,
         stream=row.stream,  # type: ignore[arg-type]  # 1/2 are the LogStream numbers
@@ -93,7 +93,7 @@ def _chunk(row: LogChunkRow) -> pb.LogChunk:
     )
 
 
-def _event(row: JobEventRow) -> pb.JobEvent:
+def event_message(row: JobEventRow) -> pb.JobEvent:
     data = Struct()
     data.update(row.data)
     return pb.JobEvent(
@@ -156,7 +156,8 @@ class JobHandlers(Handlers):
             stop=disconnect.current(),  # an abandoned follow ends with its client
         )
         messages = _messages(
-            batches, lambda rows: pb.StreamJobLogsResponse(chunks=[_chunk(r) for r in rows])
+            batches,
+            lambda rows: pb.StreamJobLogsResponse(chunks=[chunk_message(r) for r in rows]),
         )
         async for message in messages:
             yield message
@@ -172,7 +173,8 @@ class JobHandlers(Handlers):
             stop=disconnect.current(),
         )
         messages = _messages(
-            batches, lambda rows: pb.StreamJobEventsResponse(events=[_event(r) for r in rows])
+            batches,
+            lambda rows: pb.StreamJobEventsResponse(events=[event_message(r) for r in rows]),
         )
         async for message in messages:
             yield message
