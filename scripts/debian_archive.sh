@@ -17,7 +17,7 @@
 set -euo pipefail
 
 dir=$(realpath -m "${1:?usage: $0 DIR}")
-packages="apt,python3-minimal,python3,busybox-static"
+packages="apt,python3-minimal,python3,busybox-static,nodejs,ruby,golang-go"
 if [ -f "$dir/Release" ] && [ "$(cat "$dir/packages" 2>/dev/null)" = "$packages" ]; then
   exit 0
 fi
