@@ -9,6 +9,7 @@ symlinks to host paths) is neutralised or harmless in the layer."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from corral.isolation.rootfs import upper_dir
 from corral.isolation.sandbox import SandboxState
 from tests.conftest import require_backend
 from tests.kit.debian import base_layer, needs_archive
+from tests.test_layer_sandboxes import leftovers
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
 
@@ -260,3 +262,40 @@ async def test_what_a_hostile_sandbox_plants_in_its_upper_dir_is_neutralised(
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+async def test_a_sandbox_destroyed_during_its_snapshot_stays_frozen_until_it_is_read(
+    engine_debian: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    """Destroy thaws a sandbox to kill it: it waits for the snapshot's reader first, so the
+    sandbox never runs while the host reads its upper dir."""
+    store, _ = debian_base
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    # Read first (paths in order), so the reader is still at work when destroy comes.
+    await _sh(box, "mkdir /0 && head -c 67108864 /dev/urandom > /0/big && echo x > /workspace/x")
+    snapshot = asyncio.create_task(box.snapshot(store))
+    await asyncio.sleep(0.05)  # it has the sandbox frozen and is reading
+    await box.destroy()
+    digests = await snapshot
+    layer = store.get(digests[-1])
+    assert (layer.path / "0" / "big").stat().st_size == 64 << 20
+    assert (layer.path / "workspace" / "x").read_text() == "x\n"
+    assert leftovers(settings, box.id) == []
+
+
+async def test_a_cancelled_snapshot_thaws_the_sandbox_once_its_read_ends(
+    engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    store, _ = debian_base
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    try:
+        await _sh(box, "head -c 67108864 /dev/urandom > /workspace/big")
+        snapshot = asyncio.create_task(box.snapshot(store))
+        await asyncio.sleep(0.05)
+        snapshot.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await snapshot
+        assert box.state is SandboxState.RUNNING
+        assert await _sh(box, "echo alive") == "alive\n"
+    finally:
+        await box.destroy()
