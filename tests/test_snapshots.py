@@ -299,3 +299,27 @@ async def test_a_cancelled_snapshot_thaws_the_sandbox_once_its_read_ends(
         assert await _sh(box, "echo alive") == "alive\n"
     finally:
         await box.destroy()
+
+
+async def test_a_running_sandbox_holds_its_layers_against_the_gc(
+    engine_debian: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    """A template removed while its sandbox runs leaves the layers held by the sandbox: a
+    collection spares them until it is destroyed."""
+    store, _ = debian_base
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    await _sh(box, "echo mine > /workspace/mine")
+    extra = await box.snapshot(store)
+    engine_debian.templates.add("short-lived", store, extra)
+    other = await engine_debian.create(template="short-lived", isolation="namespace")
+    await box.destroy()
+    engine_debian.templates.remove("short-lived")
+    try:
+        assert store.holders(extra[-1]) == [other.id]
+        keep = {layer.digest for layer in store.layers()} - {extra[-1]}
+        assert store.collect(keep, min_age=0) == []
+        assert await _sh(other, "cat /workspace/mine") == "mine\n"
+    finally:
+        await other.destroy()
+    assert store.holders(extra[-1]) == []
+    assert store.collect(keep, min_age=0) == [extra[-1]]
