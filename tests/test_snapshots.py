@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.errors import InvalidLayer, QuotaExceeded, SnapshotUnavailable
+from corral.errors import InvalidLayer, InvalidRequest, QuotaExceeded, SnapshotUnavailable
 from corral.images import Layer, LayerStore, flatten, tree_digest
 from corral.isolation import Engine, Sandbox
 from corral.isolation.rootfs import upper_dir
@@ -175,6 +175,10 @@ async def test_a_snapshot_over_its_quota_is_refused_and_stores_nothing(
     try:
         await _sh(box, "head -c 4194304 /dev/urandom > /workspace/big")
         before = {layer.digest for layer in store.layers()}
+        with pytest.raises(InvalidRequest, match="max_bytes=-1 must be"):
+            await box.snapshot(store, max_bytes=-1)
+        with pytest.raises(InvalidRequest, match="max_bytes=-1 must be"):
+            flatten(store, [store.layers()[0].digest], max_bytes=-1)
         with pytest.raises(QuotaExceeded, match="more than 1048576 bytes"):
             await box.snapshot(store, max_bytes=1 << 20)
         assert {layer.digest for layer in store.layers()} == before

@@ -254,6 +254,8 @@ class Sandbox:
                 f"sandbox {self.id} runs the template {self.spec.template!r}, whose root is "
                 "the host's, not layers: snapshot sandboxes of a layer template"
             )
+        if max_bytes is not None and max_bytes < 0:
+            raise InvalidRequest(f"max_bytes={max_bytes} must be a number of bytes, 0 or more")
         for digest in template.digests:
             store.get(digest)  # UnknownLayer: the template's layers are in another store
         ids = self.footprint.layer_ids
