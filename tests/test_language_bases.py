@@ -33,7 +33,7 @@ async def test_a_language_base_runs_its_hello_world(
     require_backend(settings, "namespace")
     base = language_base(language)
     store = LayerStore(settings.data_dir / "templates")
-    layer = base_layer(store, [*base.packages, *AGENT])
+    layer = base_layer(store, sorted({*base.packages, *AGENT}))  # one cached tar per set
     engine.templates.add(language, store, [layer.digest])
     box = await engine.create(
         template=language, isolation="namespace", limits=Limits(memory_mib=1024)
