@@ -8,9 +8,9 @@ layer with a whiteout), writes it as an OCI layout, a docker-archive (uncompress
 layers) and a push to Debian's docker-registry on a loopback port, then times
 `corral.images.oci.pull` of each into a fresh store (cold) and once more into the same
 store (warm: the layers exist; each blob is verified and decompressed to check its
-diff_id, but not unpacked or digested again), and skopeo's own copy from the registry to a layout (the
-part of a pull that is not Corral's). Medians of --runs; the 1-minute load average
-around it.
+diff_id, but not unpacked or digested again), and skopeo's own copy from the registry
+to a layout (the part of a pull that is not Corral's). Medians of --runs; the 1-minute
+load average around it.
 """
 
 from __future__ import annotations
