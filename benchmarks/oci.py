@@ -7,10 +7,10 @@ Builds a two-layer image from this host's Debian files (its Python standard libr
 layer with a whiteout), writes it as an OCI layout, a docker-archive (uncompressed
 layers) and a push to Debian's docker-registry on a loopback port, then times
 `corral.images.oci.pull` of each into a fresh store (cold) and once more into the same
-store (warm: the layers exist, yet the blobs are still verified, unpacked and digested;
-only the rename is skipped), and skopeo's own copy from the registry to a layout (the
-part of a pull that is not Corral's). Medians of --runs; the 1-minute load average
-around it.
+store (warm: the layers exist; each blob is verified and decompressed to check its
+diff_id, but not unpacked or digested again), and skopeo's own copy from the registry
+to a layout (the part of a pull that is not Corral's). Medians of --runs; the 1-minute
+load average around it.
 """
 
 from __future__ import annotations

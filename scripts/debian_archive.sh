@@ -18,7 +18,7 @@
 set -euo pipefail
 
 dir=$(realpath -m "${1:?usage: $0 DIR}")
-packages="apt,python3-minimal,python3,busybox-static,musl"
+packages="apt,python3-minimal,python3,busybox-static,musl,nodejs,ruby,golang-go"
 if [ -f "$dir/Release" ] && [ "$(cat "$dir/packages" 2>/dev/null)" = "$packages" ]; then
   exit 0
 fi

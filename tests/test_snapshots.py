@@ -9,6 +9,7 @@ symlinks to host paths) is neutralised or harmless in the layer."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections.abc import Iterator
@@ -17,13 +18,15 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.errors import InvalidLayer, QuotaExceeded, SnapshotUnavailable
+from corral.errors import InvalidLayer, InvalidRequest, QuotaExceeded, SnapshotUnavailable
 from corral.images import Layer, LayerStore, flatten, tree_digest
 from corral.isolation import Engine, Sandbox
 from corral.isolation.rootfs import upper_dir
 from corral.isolation.sandbox import SandboxState
 from tests.conftest import require_backend
 from tests.kit.debian import base_layer, needs_archive
+from tests.kit.polling import until
+from tests.test_layer_sandboxes import leftovers
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
 
@@ -173,6 +176,10 @@ async def test_a_snapshot_over_its_quota_is_refused_and_stores_nothing(
     try:
         await _sh(box, "head -c 4194304 /dev/urandom > /workspace/big")
         before = {layer.digest for layer in store.layers()}
+        with pytest.raises(InvalidRequest, match="max_bytes=-1 must be"):
+            await box.snapshot(store, max_bytes=-1)
+        with pytest.raises(InvalidRequest, match="max_bytes=-1 must be"):
+            flatten(store, [store.layers()[0].digest], max_bytes=-1)
         with pytest.raises(QuotaExceeded, match="more than 1048576 bytes"):
             await box.snapshot(store, max_bytes=1 << 20)
         assert {layer.digest for layer in store.layers()} == before
@@ -260,3 +267,65 @@ async def test_what_a_hostile_sandbox_plants_in_its_upper_dir_is_neutralised(
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+async def test_a_sandbox_destroyed_during_its_snapshot_stays_frozen_until_it_is_read(
+    engine_debian: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    """Destroy thaws a sandbox to kill it: it waits for the snapshot's reader first, so the
+    sandbox never runs while the host reads its upper dir."""
+    store, _ = debian_base
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    # Read first (paths in order), so the reader is still at work when destroy comes.
+    await _sh(box, "mkdir /0 && head -c 67108864 /dev/urandom > /0/big && echo x > /workspace/x")
+    snapshot = asyncio.create_task(box.snapshot(store))
+    await asyncio.sleep(0.05)  # it has the sandbox frozen and is reading
+    await box.destroy()
+    digests = await snapshot
+    layer = store.get(digests[-1])
+    assert (layer.path / "0" / "big").stat().st_size == 64 << 20
+    assert (layer.path / "workspace" / "x").read_text() == "x\n"
+    # The kernel ends the lazily detached disk after writing its 64 MB back: not at once.
+    await until(lambda: leftovers(settings, box.id) == [], "the sandbox's disk to go", timeout=30)
+
+
+async def test_a_cancelled_snapshot_thaws_the_sandbox_once_its_read_ends(
+    engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    store, _ = debian_base
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    try:
+        await _sh(box, "head -c 67108864 /dev/urandom > /workspace/big")
+        snapshot = asyncio.create_task(box.snapshot(store))
+        await asyncio.sleep(0.05)
+        snapshot.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await snapshot
+        assert box.state is SandboxState.RUNNING
+        assert await _sh(box, "echo alive") == "alive\n"
+    finally:
+        await box.destroy()
+
+
+async def test_a_running_sandbox_holds_its_layers_against_the_gc(
+    engine_debian: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    """A template removed while its sandbox runs leaves the layers held by the sandbox: a
+    collection spares them until it is destroyed."""
+    store, _ = debian_base
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    await _sh(box, "echo mine > /workspace/mine")
+    extra = await box.snapshot(store)
+    engine_debian.templates.add("short-lived", store, extra)
+    other = await engine_debian.create(template="short-lived", isolation="namespace")
+    await box.destroy()
+    engine_debian.templates.remove("short-lived")
+    try:
+        assert store.holders(extra[-1]) == [other.id]
+        keep = {layer.digest for layer in store.layers()} - {extra[-1]}
+        assert store.collect(keep, min_age=0) == []
+        assert await _sh(other, "cat /workspace/mine") == "mine\n"
+    finally:
+        await other.destroy()
+    assert store.holders(extra[-1]) == []
+    assert store.collect(keep, min_age=0) == [extra[-1]]

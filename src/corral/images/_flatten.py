@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from corral.errors import QuotaExceeded
+from corral.errors import InvalidRequest, QuotaExceeded
 from corral.images._overlay import mount_merged, unmount_overlay
 from corral.images._store import Layer, LayerStore
 
@@ -19,6 +19,8 @@ from corral.images._store import Layer, LayerStore
 def flatten(store: LayerStore, digests: Sequence[str], *, max_bytes: int | None = None) -> Layer:
     """Store the merged tree of the layers `digests` (bottom first, all in `store`) as one
     layer. QuotaExceeded past `max_bytes` of file data, with nothing stored."""
+    if max_bytes is not None and max_bytes < 0:
+        raise InvalidRequest(f"max_bytes={max_bytes} must be a number of bytes, 0 or more")
     layers = [store.get(digest).path for digest in digests]  # UnknownLayer, InvalidRequest
     with store.staging() as scratch:
         merged = scratch / "merged"

@@ -217,6 +217,12 @@ class Engine:
         except BaseException:
             os.unlink(entry)
             raise
+        if rootfs is not None and rootfs.store is not None:
+            try:  # UnknownLayer if the template's layers were removed since
+                footprint.hold_layers(rootfs.store, rootfs.digests)
+            except BaseException:
+                footprint.release()
+                raise
         sandbox = await Sandbox.launch(backend, spec, footprint, driver, entrypoint)
         self._sandboxes[sandbox.id] = sandbox
         return sandbox

@@ -19,11 +19,12 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from corral.errors import SandboxStartFailed
+from corral.images import LayerStore
 from corral.isolation import netns
 
 log = logging.getLogger("corral.isolation")
@@ -79,6 +80,10 @@ class Footprint:
     # Its layers' id mapping, [host uid, host gid, count]: an id x < count stored in a layer
     # is host id uid+x (gid+x) on its disk and its idmapped layers (a snapshot maps back).
     layer_ids: list[int] | None = None
+    # The layer store whose layers its root is made of, and their digests: it holds them
+    # there (refs/) until released, so a layer GC never takes a mounted layer.
+    layer_store: str | None = None
+    layer_digests: list[str] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -152,6 +157,14 @@ class Footprint:
         self.disk = image
         self.save()
 
+    def hold_layers(self, store: LayerStore, digests: Sequence[str]) -> None:
+        """Hold the layers `digests` of `store` for this sandbox (recorded first: release
+        lets go of them, even after a crash)."""
+        self.layer_store, self.layer_digests = str(store.root), list(digests)
+        self.save()
+        for digest in digests:
+            store.reference(digest, self.id)
+
     def claim_uid_slot(self, slots_dir: Path, count: int) -> int:
         """Take a free slot in [0, count): one unprivileged host uid per live sandbox."""
         slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_COUNT")
@@ -195,6 +208,11 @@ class Footprint:
         if self.memory_entry is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.memory_entry)
+        if self.layer_store is not None and os.path.isdir(self.layer_store):
+            store = LayerStore(Path(self.layer_store))
+            for digest in self.layer_digests:
+                with contextlib.suppress(OSError):
+                    store.release(digest, self.id)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

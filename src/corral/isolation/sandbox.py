@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from corral._aio import stop_tasks
 from corral.errors import (
+    CorralError,
     GuestError,
     InvalidLimits,
     InvalidRequest,
@@ -253,6 +254,8 @@ class Sandbox:
                 f"sandbox {self.id} runs the template {self.spec.template!r}, whose root is "
                 "the host's, not layers: snapshot sandboxes of a layer template"
             )
+        if max_bytes is not None and max_bytes < 0:
+            raise InvalidRequest(f"max_bytes={max_bytes} must be a number of bytes, 0 or more")
         for digest in template.digests:
             store.get(digest)  # UnknownLayer: the template's layers are in another store
         ids = self.footprint.layer_ids
@@ -264,16 +267,29 @@ class Sandbox:
             paused = self.state is SandboxState.PAUSED
             if not paused:
                 await asyncio.to_thread(cgroup.freeze)
-            try:
-                layer = await asyncio.to_thread(
+            reading = asyncio.ensure_future(
+                asyncio.to_thread(
                     upper_layer,
                     store,
                     upper_dir(self.footprint),
                     (ids[0], ids[1], ids[2]),
                     max_bytes,
                 )
+            )
+            try:
+                layer = await asyncio.shield(reading)
+            except CorralError as exc:
+                if self._destroyed():  # its disk went away under the reader
+                    raise SandboxNotRunning(f"sandbox {self.id} was destroyed") from exc
+                raise
             finally:
-                # Not if destroyed meanwhile: destroy thawed it and removed its cgroup.
+                # Never thawed while the host reads its upper dir (a cancelled caller
+                # included): a running sandbox could swap a directory for a symlink to a
+                # host path under the reader.
+                while not reading.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({reading})
+                # Not if destroyed meanwhile: destroy thaws it to kill it.
                 if not paused and not self._destroyed():
                     await asyncio.to_thread(cgroup.thaw)
         return (*template.digests, layer.digest)
@@ -286,7 +302,10 @@ class Sandbox:
             self.state = SandboxState.DESTROYED
             if self._guest is not None:  # before the agent dies: its death is no failure
                 self._guest.abort(f"sandbox {self.id} was killed")
-            await self._stop_launcher()
+            # A snapshot in flight reads its upper dir first: thawed to be killed, the
+            # sandbox could race the reader (see `snapshot`).
+            async with self._freezer:
+                await self._stop_launcher()
             if self._network is not None:
                 await self._network.close()
             if self._entry is not None:

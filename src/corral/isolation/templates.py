@@ -98,6 +98,8 @@ class LayerTemplate:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
     user: str = SANDBOX_USER
+    # The store holding the layers: each sandbox of the template holds them there too.
+    store: LayerStore | None = field(default=None, compare=False, repr=False)
 
 
 class Templates:
@@ -140,7 +142,9 @@ class Templates:
             if not key or "=" in key or "\0" in key or "\0" in value:
                 raise InvalidRequest(f"environment variable {key!r} is invalid")
         layers = tuple(store.get(digest).path for digest in digests)  # UnknownLayer if not
-        template = LayerTemplate(name, layers, tuple(digests), dict(env or {}), workdir, user)
+        template = LayerTemplate(
+            name, layers, tuple(digests), dict(env or {}), workdir, user, store
+        )
         holder = f"template.{name}"
         for digest in digests:
             store.reference(digest, holder)
