@@ -268,11 +268,22 @@ def test_a_sandbox_snapshot_is_a_template(tserver: LiveServer, base: str) -> Non
         sbx.commands.run("echo more > /opt/more.txt")
         info = sbx.snapshot("snap-sdk")
         assert info.state == "ready" and len(info.layers) == len(made["layers"])
-    with Sandbox.create("snap-sdk", **opts(tserver)) as sbx:
-        assert sbx.commands.run("cat /opt/kept.txt /opt/more.txt").stdout.split() == [
-            "kept",
-            "more",
-        ]
+        # Flattened (wrenn's FlattenRootfs): one layer, the same tree, a deletion kept.
+        assert sbx.commands.run("rm /etc/debian_version").exit_code == 0
+        done = cli(
+            tserver, "sandbox", "snapshot", sbx.sandbox_id, "--name", "snap-flat", "--flatten",
+            "-o", "json", timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert len(json.loads(done.stdout)["layers"]) == 1
+    for name in ("snap-sdk", "snap-flat"):
+        with Sandbox.create(name, **opts(tserver)) as sbx:
+            assert sbx.commands.run("cat /opt/kept.txt /opt/more.txt").stdout.split() == [
+                "kept",
+                "more",
+            ]
+            gone = sbx.commands.run("test -e /etc/debian_version").exit_code
+            assert gone == (1 if name == "snap-flat" else 0)
     # A snapshot has no build: its logs end at once, with its state.
     logs = cli(tserver, "template", "logs", "snap", "--follow", timeout=60)
     assert logs.returncode == 0, logs.stderr

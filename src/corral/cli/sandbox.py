@@ -136,7 +136,7 @@ def snapshot(args: argparse.Namespace) -> None:
     from corral.cli.template import show_template
 
     with _sandbox(args) as box:
-        show_template(args.output, box.snapshot(args.name))
+        show_template(args.output, box.snapshot(args.name, flatten=args.flatten))
 
 
 def resume(args: argparse.Namespace) -> None:
@@ -358,6 +358,11 @@ def add_commands(commands: Commands) -> None:
     with_id("resume", resume)
     p = with_id("snapshot", snapshot)
     p.add_argument("--name", required=True, help="the template to make")
+    p.add_argument(
+        "--flatten",
+        action="store_true",
+        help="merge its layers into one (slower to make; independent of its template's)",
+    )
     add_output(p)
     p = with_id("network", network)
     p.add_argument("network", metavar="MODE", help="none, internet (alias allow_all) or allowlist")

@@ -367,12 +367,15 @@ class AsyncSandbox:
             for event in message.events:
                 yield NetworkEvent.from_proto(event)
 
-    async def snapshot(self, name: str) -> TemplateInfo:
+    async def snapshot(self, name: str, *, flatten: bool = False) -> TemplateInfo:
         """Save this sandbox's file system (its template and what it wrote) as the
-        template `name` of your team; sandboxes started from it see the same files."""
+        template `name` of your team; sandboxes started from it see the same files.
+        `flatten` merges it all into one layer (wrenn's FlattenRootfs)."""
         from corral.v1 import templates_pb2
 
-        request = templates_pb2.SnapshotSandboxRequest(sandbox_id=self.sandbox_id, name=name)
+        request = templates_pb2.SnapshotSandboxRequest(
+            sandbox_id=self.sandbox_id, name=name, flatten=flatten
+        )
         connection = self._connection
         reply = await connection.call(connection.templates.snapshot, request)
         return TemplateInfo.from_proto(reply.template)

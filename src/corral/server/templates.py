@@ -220,7 +220,9 @@ class TemplateHandlers(Handlers):
         self, request: pb.SnapshotSandboxRequest, ctx: Ctx
     ) -> pb.SnapshotSandboxResponse:
         team = self._team(ctx)
-        record = await self._catalog.snapshot(team.id, request.sandbox_id, request.name)
+        record = await self._catalog.snapshot(
+            team.id, request.sandbox_id, request.name, flatten=request.flatten
+        )
         return pb.SnapshotSandboxResponse(template=template_message(record))
 
     async def cancel(self, request: pb.CancelBuildRequest, ctx: Ctx) -> pb.CancelBuildResponse:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from corral.config import Settings
 from corral.errors import InvalidRequest, TemplateInUse, TemplateNotFound, UnknownLayer
 from corral.images import Base, BuildPlan, LayerStore
+from corral.images import flatten as flatten_layers
 from corral.isolation import Engine
 from corral.isolation.templates import TEMPLATE_NAMES
 from corral.network.policy import NetworkPolicy
@@ -392,10 +393,13 @@ class TemplateCatalog:
             f"your team has no template {name!r}; list them with `corral template list`"
         )
 
-    async def snapshot(self, team: str, sandbox_id: str, name: str) -> TemplateRecord:
+    async def snapshot(
+        self, team: str, sandbox_id: str, name: str, *, flatten: bool = False
+    ) -> TemplateRecord:
         """A ready template `name` of the team's live sandbox's `/` as it is now: its
-        template's layers and one of what it changed, with its template's environment and
-        working directory (replacing the team's template of that name)."""
+        template's layers and one of what it changed (or, with `flatten`, all of it merged
+        into one layer), with its template's environment and working directory (replacing
+        the team's template of that name)."""
         check_name(name)
         if self.manager is None:
             raise InvalidRequest("this process runs no sandboxes to snapshot; ask the server")
@@ -404,6 +408,12 @@ class TemplateCatalog:
         )
         rootfs = sandbox.spec.rootfs
         assert rootfs is not None  # Sandbox.snapshot refuses a sandbox of `host`
+        if flatten:
+            # The snapshot's own top layer is left for `collect`: no row names it.
+            merged = await asyncio.to_thread(
+                flatten_layers, self.layers, digests, max_bytes=self.settings.template_max_bytes
+            )
+            digests = (merged.digest,)
         return await asyncio.to_thread(
             self.add_layers,
             team,

@@ -193,12 +193,14 @@ class StreamBuildLogsResponse(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[_jobs_pb2.LogChunk, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_jobs_pb2.JobEvent, _Mapping]]] = ..., step_labels: _Optional[_Mapping[int, str]] = ..., final_state: _Optional[_Union[TemplateState, str]] = ...) -> None: ...
 
 class SnapshotSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "name")
+    __slots__ = ("sandbox_id", "name", "flatten")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FLATTEN_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     name: str
-    def __init__(self, sandbox_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    flatten: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., name: _Optional[str] = ..., flatten: _Optional[bool] = ...) -> None: ...
 
 class SnapshotSandboxResponse(_message.Message):
     __slots__ = ("template",)
