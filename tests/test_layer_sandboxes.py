@@ -75,17 +75,19 @@ async def test_guest_agent_runs_in_the_debian_base_and_writes_anywhere_in_root(
         assert ran.exit_code == 0, ran.stderr
         expected = ["debian", suite(), "debian", "1000", "user", "/workspace"]
         assert ran.stdout.decode().split() == expected
-        # Its account is in the template's files, which it may edit (on its disk).
-        ran = await box.run(["sh", "-c", "echo extra:x:1001:1001::/:/bin/sh >> /etc/passwd"])
+        # Its account is in the template's files, which its root may edit (on its disk).
+        ran = await box.run(
+            ["sh", "-c", "echo extra:x:1001:1001::/:/bin/sh >> /etc/passwd"], user="root"
+        )
         assert ran.exit_code == 0, ran.stderr
-        # Root-owned places of the template are writable: copies on its own disk.
+        # Root-owned places of the template are writable by its root: copies on its disk.
         script = (
             "mkdir -p /usr/local/lib/python3/dist-packages/pkg && "
             "echo 'print(42)' > /usr/local/lib/python3/dist-packages/pkg/mod.py && "
             "echo written > /etc/x && echo appended >> /etc/os-release && "
             "python3 /usr/local/lib/python3/dist-packages/pkg/mod.py && cat /etc/x"
         )
-        ran = await box.run(["sh", "-c", script])
+        ran = await box.run(["sh", "-c", script], user="root")
         assert ran.exit_code == 0, ran.stderr
         assert ran.stdout.decode().split() == ["42", "written"]
         # File operations through the agent, in the workspace and in /etc.
@@ -111,7 +113,7 @@ async def test_two_sandboxes_of_a_template_do_not_see_each_others_writes(
     second = await engine_debian.create(template="debian", isolation="namespace")
     try:
         ran = await first.run(
-            ["sh", "-c", "echo first > /etc/mine && echo first > /usr/local/mine"]
+            ["sh", "-c", "echo first > /etc/mine && echo first > /usr/local/mine"], user="root"
         )
         assert ran.exit_code == 0, ran.stderr
         ran = await second.run(["sh", "-c", "ls /etc/mine /usr/local/mine"])
@@ -135,14 +137,16 @@ async def test_disk_limit_is_enospc_inside_and_the_host_is_untouched(
         assert disk.stat().st_size == 64 << 20
         # More than the disk holds, written into the template's /usr.
         ran = await box.run(
-            ["sh", "-c", "dd if=/dev/zero of=/usr/big bs=1M count=200 2>&1; echo rc=$?"]
+            ["sh", "-c", "dd if=/dev/zero of=/usr/big bs=1M count=200 2>&1; echo rc=$?"],
+            user="root",
         )
         assert "No space left on device" in ran.stdout.decode()
         assert "rc=1" in ran.stdout.decode()
         # The host's file system holds at most the disk's size for it.
         assert disk.stat().st_blocks * 512 <= 64 << 20
         # It still works after: deleting frees its space.
-        ran = await box.run(["sh", "-c", "rm /usr/big && echo ok > /etc/after && cat /etc/after"])
+        script = "rm /usr/big && echo ok > /etc/after && cat /etc/after"
+        ran = await box.run(["sh", "-c", script], user="root")
         assert ran.stdout.decode().strip() == "ok", ran.stderr
     finally:
         await box.destroy()
@@ -181,7 +185,7 @@ async def main():
     engine = Engine(settings)
     engine.templates.add("debian", LayerStore(Path(%r)), [%r])
     box = await engine.create(template="debian", isolation="namespace")
-    await box.run(["sh", "-c", "echo x > /etc/owned"])
+    await box.run(["sh", "-c", "echo x > /etc/owned"], user="root")
     print(box.id, flush=True)
     await asyncio.sleep(3600)
 

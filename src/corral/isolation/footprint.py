@@ -150,8 +150,9 @@ class Footprint:
         self.save()
 
     def claim_uid_slot(self, slots_dir: Path, count: int) -> int:
-        """Take a free slot in [0, count): one unprivileged host uid per live sandbox."""
-        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_COUNT")
+        """Take a free slot in [0, count): one range of unprivileged host ids per live
+        sandbox."""
+        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_SLOTS")
         self.uid_slot, self.uid_slots_dir = slot, str(slots_dir)
         self.save()
         return slot

@@ -7,15 +7,13 @@ the reaper):
    nosuid,nodev. It holds the
    overlay's upper/ and work/ and /dev/shm; ENOSPC at its size is the loop fs's own, the
    host's fs only sees the sparse file grow.
-2. each layer bind-mounted read-only and *idmapped*: what the layer stores as owned by
-   root (0) appears owned by the sandbox's host uid, so the sandbox user (uid 1000 in its
-   user namespace, that host uid outside) may write anywhere in `/` — `/etc/x`, a
-   `pip install` into /usr/local — and every write is copied up to its own disk. The
-   layer itself is never written (read-only lower of an overlay, read-only mount).
+2. each layer bind-mounted read-only and *idmapped* with the sandbox's id range: what the
+   layer stores as owned by uid N appears owned by host id FIRST+N, which is uid N in the
+   sandbox's user namespace, so root, _apt or postgres keep their identity inside, and
+   the sandbox's root (dpkg, apt-get) writes anywhere in `/` as the image's owners do.
+   Every write is copied up to its own disk, owned by ids of its range. The layer itself
+   is never written (read-only lower of an overlay, read-only mount).
 3. overlayfs of those layers under the disk's upper dir: the tree bubblewrap binds at `/`.
-
-What is missing for root *inside* (apt-get as uid 0): a 65536-id range per uid slot and a
-user namespace mapping it (docs/templates-plan.md, section 3).
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ import os
 import stat
 import struct
 import subprocess
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +33,7 @@ from corral.errors import SandboxStartFailed
 from corral.images import mount_overlay
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
-from corral.isolation.templates import LayerTemplate
+from corral.isolation.templates import SANDBOX_UID, LayerTemplate
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # x86_64 and arm64 share these numbers (new syscalls are numbered alike everywhere).
@@ -78,12 +74,13 @@ def make_root(
     disks: DiskSpares,
     disk: Path,
     disk_bytes: int,
-    uid: int,
-    gid: int,
+    first: int,
+    userns_of: Callable[[], int],
 ) -> Path:
     """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
-    mounted root, with /workspace, /tmp and the user's home made writable by `uid`."""
-    userns_of = _userns_mapping_root_to(uid, gid)  # meanwhile, the disk
+    mounted root. `first` is the host id of the sandbox's uid 0 and `userns_of` gives the
+    user namespace mapping its range (`corral.isolation.idrange`): the layers' owners keep
+    their identity inside, and what the sandbox's root writes is `first`'s on its disk."""
     try:
         footprint.record_disk(str(disk))
         disks.take(disk, disk_bytes)
@@ -94,7 +91,7 @@ def make_root(
         for name, mode in (("upper", 0o755), ("work", 0o700), ("shm", 0o1777)):
             (mnt / name).mkdir()
             os.chmod(mnt / name, mode)
-            os.chown(mnt / name, uid, gid)
+            os.chown(mnt / name, first, first)
     except BaseException:
         with contextlib.suppress(Exception):
             os.close(userns_of())  # its child waited for
@@ -125,10 +122,35 @@ def make_root(
         mount_overlay(lowers_via, via / "disk" / "upper", via / "disk" / "work", root)
     finally:
         os.close(here)
-    # The sandbox's places, made here (copied up as the host's root, then given to it).
-    for path, mode in (("workspace", 0o755), ("home/user", 0o755), ("tmp", 0o1777)):
-        _own_dir(root, path, mode, uid, gid)
     return root
+
+
+def make_places(root: Path, first: int, owner: tuple[int, int]) -> None:
+    """The sandbox's /workspace (of `owner`, its default user's uid and gid inside),
+    /home/user (of `user`, 1000) and /tmp, made here as the host's root (copied up)."""
+    user = first + SANDBOX_UID
+    _own_dir(root, "workspace", 0o755, first + owner[0], first + owner[1])
+    _own_dir(root, "home/user", 0o755, user, user)
+    _own_dir(root, "tmp", 0o1777, first, first)
+
+
+def lookup_user(root: Path, name: str) -> tuple[int, int, str] | None:
+    """The uid, gid and home of `name` (a user name or a number) in the root's
+    /etc/passwd; None when it has no such user. A number missing from passwd is taken as
+    is (its gid the same, home /), as `docker run --user 1234` does."""
+    found = resolve_in(root, "/etc/passwd")
+    entries: list[list[str]] = []
+    if found is not None and found.is_file():
+        with found.open("rb") as f:
+            text = f.read(1 << 20).decode(errors="replace")
+        entries = [line.split(":") for line in text.splitlines() if line.count(":") >= 3]
+    for entry in entries:
+        ids = entry[2:4]
+        if name in entry[0:3:2] and all(i.isdigit() and int(i) < 65536 for i in ids):
+            return int(ids[0]), int(ids[1]), (entry[5:6] or ["/"])[0] or "/"
+    if name.isdigit() and int(name) < 65536:
+        return int(name), int(name), "/"
+    return None
 
 
 def _own_dir(root: Path, path: str, mode: int, uid: int, gid: int) -> None:
@@ -202,59 +224,6 @@ def _mount_loop(image: Path, target: Path) -> None:
         raise SandboxStartFailed(f"could not mount the sandbox's disk: {exc}") from exc
     finally:
         os.close(image_fd)
-
-
-# Namespaces mapping 0 to a host uid, by uid: each costs a process to make (~2-5 ms), and
-# a uid slot is reused by later sandboxes. Bounded; an evicted one is closed.
-_userns: OrderedDict[tuple[int, int], int] = OrderedDict()
-_userns_lock = threading.Lock()
-_USERNS_KEPT = 256
-
-
-def _userns_mapping_root_to(uid: int, gid: int) -> Callable[[], int]:
-    """Start getting a user namespace in which 0 is host `uid`/`gid` (and nothing else is
-    mapped), for `MOUNT_ATTR_IDMAP`; the function returned waits for it and gives an fd
-    the caller closes. Made by a child process (~2-5 ms, done while the caller mounts the
-    disk), and kept for the next sandbox of that uid."""
-    with _userns_lock:
-        if (fd := _userns.get((uid, gid))) is not None:
-            _userns.move_to_end((uid, gid))
-            kept = os.dup(fd)
-            return lambda: kept
-    child = subprocess.Popen(
-        ["unshare", "--user", "sh", "-c", "echo; read x"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-
-    def finish() -> int:
-        fd = _map_userns(child, uid, gid)
-        with _userns_lock:
-            if (kept := _userns.setdefault((uid, gid), fd)) != fd:
-                os.close(fd)  # another thread made one meanwhile
-            while len(_userns) > _USERNS_KEPT:
-                os.close(_userns.popitem(last=False)[1])
-            return os.dup(kept)
-
-    return finish
-
-
-def _map_userns(child: subprocess.Popen[bytes], uid: int, gid: int) -> int:
-    """Map 0 to `uid`/`gid` in the namespace of `child` (an `unshare --user` that prints a
-    line once in it, then waits for its stdin to close); its fd."""
-    with child:
-        assert child.stdin is not None and child.stdout is not None
-        try:
-            child.stdout.readline()  # in its namespace now
-            with open(f"/proc/{child.pid}/uid_map", "w") as f:
-                f.write(f"0 {uid} 1\n")
-            with open(f"/proc/{child.pid}/gid_map", "w") as f:
-                f.write(f"0 {gid} 1\n")
-            return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SandboxStartFailed(f"could not make the layers' id mapping: {exc}") from exc
-        finally:
-            child.stdin.close()  # it exits; leaving `with` waits for it
 
 
 def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
