@@ -6,6 +6,7 @@ user unless they name another one."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from corral.errors import CommandError, InvalidRequest
 from corral.images import Layer, LayerStore, tree_digest
 from corral.isolation import Engine, Sandbox
 from corral.isolation.namespace import ROOT_CAPS
-from tests.conftest import host_processes_of_uid, require_backend, slot_ids
+from tests.conftest import LiveServer, host_processes_of_uid, require_backend, slot_ids
 from tests.kit.debian import ARCHIVE, base_layer, deb, needs_archive
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3", "busybox-static")]
@@ -254,3 +255,21 @@ async def test_host_template_root_sees_host_files_as_nobody_and_cannot_change_th
         assert await sh(box, "stat -c %U /workspace/by-root") == "user\n"
     finally:
         await box.destroy()
+
+
+def test_the_api_and_cli_run_a_command_as_root_or_another_user(server: LiveServer) -> None:
+    """ExecRequest.user through the real server: `corral sandbox exec --user`."""
+    if os.geteuid() != 0:
+        pytest.skip("root inside a sandbox needs Corral to run as root")
+    created = server.corral("sandbox", "create", "--output", "json")
+    assert created.returncode == 0, created.stderr
+    sandbox_id = json.loads(created.stdout)["sandbox_id"]
+    try:
+        done = server.corral("sandbox", "exec", "--user", "root", sandbox_id, "--", "id", "-un")
+        assert (done.returncode, done.stdout) == (0, "root\n"), done.stderr
+        done = server.corral("sandbox", "exec", sandbox_id, "--", "id", "-un")
+        assert (done.returncode, done.stdout) == (0, "user\n"), done.stderr
+        done = server.corral("sandbox", "exec", "--user", "ghost", sandbox_id, "--", "true")
+        assert done.returncode != 0 and "user 'ghost' does not exist" in done.stderr
+    finally:
+        server.corral("sandbox", "kill", sandbox_id)
