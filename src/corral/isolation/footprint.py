@@ -13,13 +13,14 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -149,10 +150,10 @@ class Footprint:
         self.disk = image
         self.save()
 
-    def claim_uid_slot(self, slots_dir: Path, count: int) -> int:
-        """Take a free slot in [0, count): one range of unprivileged host ids per live
-        sandbox."""
-        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_SLOTS")
+    def claim_uid_slot(self, slots_dir: Path, count: int, preferred: Sequence[int] = ()) -> int:
+        """Take a free slot in [0, count), one of `preferred` if one is free: one range
+        of unprivileged host ids per live sandbox."""
+        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_SLOTS", preferred)
         self.uid_slot, self.uid_slots_dir = slot, str(slots_dir)
         self.save()
         return slot
@@ -196,13 +197,16 @@ class Footprint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _claim_slot(slots_dir: Path, count: int, what: str, setting: str) -> int:
+def _claim_slot(
+    slots_dir: Path, count: int, what: str, setting: str, preferred: Sequence[int] = ()
+) -> int:
     """A free slot in [0, count) of `slots_dir` (a directory per slot taken: mkdir is
-    atomic across processes), tried from a random start."""
+    atomic across processes): one of `preferred` if free, else tried from a random start."""
     slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     start = int.from_bytes(os.urandom(4), "big") % count
-    for i in range(count):
-        slot = (start + i) % count
+    for slot in itertools.chain(
+        (p for p in preferred if 0 <= p < count), ((start + i) % count for i in range(count))
+    ):
         try:
             (slots_dir / str(slot)).mkdir()
         except FileExistsError:

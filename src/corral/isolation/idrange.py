@@ -26,8 +26,9 @@ from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import SandboxStartFailed
 from corral.isolation.launcher import nsenter, setpriv
 
-# Namespaces by (first id, owner): each costs two processes to make (~5-10 ms) and a slot
-# is reused by later sandboxes. Bounded; an evicted one is closed.
+# Namespaces by (first id, owner): each costs three processes to make (~5-10 ms), and a
+# slot is reused by later sandboxes (`kept_slots`: they prefer these). Bounded; an evicted
+# one is closed. Reusing one is no new sharing: a slot's sandboxes share its host ids.
 _kept: OrderedDict[tuple[int, int], int] = OrderedDict()
 _lock = threading.Lock()
 _KEPT = 256
@@ -36,6 +37,15 @@ _KEPT = 256
 def first_id(settings: Settings, slot: int) -> int:
     """The host id that is uid and gid 0 of the sandbox in uid slot `slot`."""
     return settings.uid_base + slot * IDS_PER_SLOT
+
+
+def kept_slots(settings: Settings) -> list[int]:
+    """The uid slots whose namespace (for the agent: owner 0) this process keeps, most
+    recently used first: a sandbox that takes one of them skips making it."""
+    with _lock:
+        firsts = [first for first, owner in reversed(_kept) if owner == 0]
+    offsets = (first - settings.uid_base for first in firsts)
+    return [offset // IDS_PER_SLOT for offset in offsets if offset % IDS_PER_SLOT == 0]
 
 
 def range_userns(first: int, owner: int) -> Callable[[], int]:

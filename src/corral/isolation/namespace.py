@@ -204,7 +204,9 @@ class NamespaceBackend(Backend):
         first = 0
         if os.geteuid() == 0:
             slot = footprint.claim_uid_slot(
-                self.settings.runtime_dir / "uids", self.settings.uid_slots
+                self.settings.runtime_dir / "uids",
+                self.settings.uid_slots,
+                idrange.kept_slots(self.settings),
             )
             first = idrange.first_id(self.settings, slot)
             userns = idrange.range_userns(first, 0)  # made meanwhile
