@@ -53,11 +53,17 @@ def range_userns(first: int, owner: int) -> Callable[[], int]:
     host id `first + owner`; the function returned waits for it and gives an fd the
     caller closes (a new one at each call). Kept for the next sandbox of that slot."""
     key = (first, owner)
+
+    def kept() -> int:  # a new fd of the kept one (or of a new one, if evicted meanwhile)
+        with _lock:
+            if (fd := _kept.get(key)) is not None:
+                return os.dup(fd)
+        return range_userns(first, owner)()
+
     with _lock:
-        if (fd := _kept.get(key)) is not None:
+        if key in _kept:
             _kept.move_to_end(key)
-            kept = os.dup(fd)
-            return lambda: kept
+            return kept
     tool = setpriv() or "setpriv"
     host = str(first + owner)
     child = subprocess.Popen(
@@ -71,16 +77,16 @@ def range_userns(first: int, owner: int) -> Callable[[], int]:
 
     def finish() -> int:
         nonlocal waited
-        if waited:  # made already: the kept one (or a new one, if evicted meanwhile)
-            return range_userns(first, owner)()
+        if waited:
+            return kept()
         waited = True
         fd = _map(child, first)
         with _lock:
-            if (kept := _kept.setdefault(key, fd)) != fd:
+            if (made := _kept.setdefault(key, fd)) != fd:
                 os.close(fd)  # another thread made one meanwhile
             while len(_kept) > _KEPT:
                 os.close(_kept.popitem(last=False)[1])
-            return os.dup(kept)
+            return os.dup(made)
 
     return finish
 
