@@ -9,11 +9,14 @@ command — sees:
 - no network but loopback (network `none`), or its own network namespace made by
   `corral.isolation.netns` (without root: `corral.isolation.usernet`) with the policy's
   rules loaded before it starts;
-- its own pid, ipc, uts and cgroup namespaces; a user namespace in which it is uid 1000
-  with no capabilities and may create no further user namespaces;
+- its own pid, ipc, uts and cgroup namespaces; a user namespace in which code runs as
+  uid 1000 (`user`) with no capabilities, and which may hold no further user namespaces;
 - the seccomp filter of `corral.isolation.seccomp`.
-As root, each sandbox also runs as its own unprivileged host uid, so even a kernel escape
-from the namespaces lands in an identity that owns nothing on the host.
+As root, each sandbox owns a range of 65536 unprivileged host ids (`idrange`), so even a
+kernel escape from the namespaces lands in an identity that owns nothing on the host, and
+it has a `root` too: the guest agent runs as it, with `ROOT_CAPS` only, and starts each
+command as its user (the template's by default). Without root, bubblewrap maps one id:
+`user` is the only user.
 
 What the sandbox can read of the host through /proc is trimmed: the /proc files that tell
 about the host's hardware and kernel (`_PROC_MASKED`) are covered, and as root nothing it
