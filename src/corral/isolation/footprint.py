@@ -145,6 +145,14 @@ class Footprint:
         self.mounts.append(target)
         self.save()
 
+    def record_mounts(self, targets: Sequence[str], disk: str | None = None) -> None:
+        """Record mounts about to be made, in the order they will be (and a disk image
+        with them), in one write: unmounting one not made yet is harmless."""
+        self.mounts.extend(targets)
+        if disk is not None:
+            self.disk = disk
+        self.save()
+
     def record_disk(self, image: str) -> None:
         """Record a disk image about to be made: release removes it after the unmounts."""
         self.disk = image
