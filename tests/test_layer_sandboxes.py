@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -168,8 +169,8 @@ async def test_a_template_without_python_is_refused_with_a_clear_error(
     engine.templates.add("bare", store, [bare.digest])
     with pytest.raises(SandboxStartFailed, match="no /usr/bin/python3 for the guest agent"):
         await engine.create(template="bare", isolation="namespace")
-    assert not list((settings.data_dir / "disks").glob("*.img")) or all(
-        leftovers(settings, p.stem) == [] for p in (settings.data_dir / "disks").glob("*.img")
+    assert all(
+        leftovers(settings, p.stem) == [] for p in (settings.data_dir / "disks").glob("sb_*.img")
     )
 
 
@@ -213,25 +214,39 @@ def test_the_reaper_removes_the_disk_and_mounts_of_a_sigkilled_owner(
         sandbox_id = owner.stdout.readline().strip()
         assert sandbox_id.startswith("sb_"), sandbox_id
         assert leftovers(settings, sandbox_id) != []
+        # Its spare disks too (mounted ahead, in footprints of their own).
+        spares = wait_until(lambda: spare_disks(settings, owner.pid) or None, "a spare disk")
+        assert spares
         owner.send_signal(signal.SIGKILL)
     Engine(settings)  # reaps at its start
     wait_until(lambda: leftovers(settings, sandbox_id) == [], "the reaper", timeout=10)
     assert json.dumps(leftovers(settings, sandbox_id)) == "[]"
+    mounts = Path("/proc/self/mounts").read_text()
+    for image, mount in spares.items():
+        assert mount not in mounts and not Path(image).exists()
     assert tree_digest(layer.path) == layer.digest
 
 
-async def test_disks_are_formatted_ahead_and_taken_whole(
+async def test_disks_are_formatted_and_mounted_ahead_and_taken_whole(
     engine_debian: Engine, settings: Settings
 ) -> None:
     from corral.limits import Limits
 
     limits = Limits(disk_mib=48)
-    spares = settings.data_dir / "disks" / "spare" / str(48 << 20)
     first = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
     await first.destroy()
-    ready = wait_until(lambda: len(list(spares.glob("*.img"))) >= 2 or None, "two spare disks")
+    ready = wait_until(lambda: len(spare_disks(settings)) >= 2 or None, "two spare disks")
     assert ready
-    inodes = {p.stat().st_ino for p in spares.glob("*.img")}
+    spares = spare_disks(settings)
+    for mount in spares.values():  # mounted, with the overlay's directories made
+        assert f" {mount} " in Path("/proc/self/mounts").read_text()
+        assert sorted(p.name for p in Path(mount).iterdir()) == [
+            "lost+found",
+            "shm",
+            "upper",
+            "work",
+        ]
+    inodes = {Path(image).stat().st_ino for image in spares}
     second = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
     try:
         disk = settings.data_dir / "disks" / f"{second.id}.img"
@@ -242,6 +257,25 @@ async def test_disks_are_formatted_ahead_and_taken_whole(
     finally:
         await second.destroy()
     assert leftovers(settings, second.id) == []
+    # Closing the engine unmounts and removes its spares.
+    await engine_debian.aclose()
+    mounts = Path("/proc/self/mounts").read_text()
+    for mount in spares.values():
+        assert mount not in mounts
+    assert not [i for i in spare_disks(settings) if Path(i).stat().st_ino in inodes]
+
+
+def spare_disks(settings: Settings, owner: int | None = None) -> dict[str, str]:
+    """The spare disks (image: mount point) of the process `owner` (default: this one)."""
+    found = {}
+    for state in (settings.runtime_dir / "sandboxes").glob("spare_*/state.json"):
+        try:
+            record = json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue
+        if record["owner_pid"] == (owner or os.getpid()) and record["disk"] and record["mounts"]:
+            found[record["disk"]] = record["mounts"][0]
+    return found
 
 
 @pytest.mark.parametrize("place", ["tmp", "home"])

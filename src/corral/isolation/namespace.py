@@ -141,7 +141,7 @@ class NamespaceBackend(Backend):
         self._shared: Path | None = None
         self._release_shared: weakref.finalize[[], NamespaceBackend] | None = None
         # Layer templates' sandbox disks, a few formatted ahead.
-        self._disks = DiskSpares(settings.data_dir / "disks")
+        self._disks = DiskSpares(settings.data_dir / "disks", settings.runtime_dir)
 
     def network_modes(self) -> frozenset[str]:
         if netns.tools_missing():
@@ -402,6 +402,7 @@ class NamespaceBackend(Backend):
         return self._shared
 
     def close(self) -> None:
+        self._disks.close()
         if self._release_shared is not None:
             self._release_shared()
         self._shared = self._release_shared = None

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import os
 import stat
-import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from corral.errors import SandboxStartFailed
 from corral.images import mount_overlay
-from corral.isolation.disks import DiskSpares
+from corral.isolation.disks import DISK_DIRS, DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.templates import SANDBOX_UID, LayerTemplate
 
@@ -42,11 +39,6 @@ _OPEN_TREE_CLONE, _AT_EMPTY_PATH, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 0x4
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 _MOUNT_ATTR_IDMAP = 0x100000
 _AT_FDCWD = -100
-_MS_NOSUID, _MS_NODEV = 0x2, 0x4
-_LOOP_CTL_GET_FREE, _LOOP_CONFIGURE, _LO_FLAGS_AUTOCLEAR = 0x4C82, 0x4C0A, 4
-# struct loop_config: fd, block_size, struct loop_info64 (lo_flags at byte 52 of its 232),
-# 8 reserved u64s.
-_LOOP_CONFIG = struct.Struct("=II52xI176x64x")
 
 
 class _MountAttr(ctypes.Structure):
@@ -86,12 +78,9 @@ def make_root(
     # All recorded at once: each record is a file write (~1-2 ms on a busy disk).
     footprint.record_mounts([str(p) for p in (mnt, *targets, root)], disk=str(disk))
     try:
-        disks.take(disk, disk_bytes)
         mnt.mkdir(mode=0o700)
-        _mount_loop(disk, mnt)
-        for name, mode in (("upper", 0o755), ("work", 0o700), ("shm", 0o1777)):
-            (mnt / name).mkdir()
-            os.chmod(mnt / name, mode)
+        disks.take(disk, disk_bytes, mnt)
+        for name, _mode in DISK_DIRS:
             os.chown(mnt / name, first, first)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -182,42 +171,6 @@ def _run(argv: list[str], what: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise SandboxStartFailed(f"could not {what}: {done.stderr.strip()[-300:]}")
-
-
-def _mount_loop(image: Path, target: Path) -> None:
-    """Mount the ext4 `image` at `target` (nosuid, nodev) through a free loop device that
-    detaches itself once unmounted (autoclear). In-process: `mount -o loop` costs ~10 ms."""
-    image_fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for _ in range(64):  # another process may take the free device first
-                number = fcntl.ioctl(control, _LOOP_CTL_GET_FREE)
-                loop = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    config = _LOOP_CONFIG.pack(image_fd, 0, _LO_FLAGS_AUTOCLEAR)
-                    try:
-                        fcntl.ioctl(loop, _LOOP_CONFIGURE, config)
-                    except OSError as exc:
-                        if exc.errno == errno.EBUSY:
-                            continue
-                        raise
-                    if _libc.mount(
-                        f"/dev/loop{number}".encode(), str(target).encode(), b"ext4",
-                        _MS_NOSUID | _MS_NODEV, None,
-                    ):  # fmt: skip
-                        err = ctypes.get_errno()
-                        raise OSError(err, os.strerror(err))
-                    return  # closing `loop` leaves the mount its only user
-                finally:
-                    os.close(loop)
-            raise OSError(errno.EBUSY, "no free loop device")
-        finally:
-            os.close(control)
-    except OSError as exc:
-        raise SandboxStartFailed(f"could not mount the sandbox's disk: {exc}") from exc
-    finally:
-        os.close(image_fd)
 
 
 def _bind_idmapped(source: Path, target: Path, userns: int) -> None:
