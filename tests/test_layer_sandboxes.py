@@ -266,14 +266,18 @@ async def test_disks_are_formatted_and_mounted_ahead_and_taken_whole(
 
 
 def spare_disks(settings: Settings, owner: int | None = None) -> dict[str, str]:
-    """The spare disks (image: mount point) of the process `owner` (default: this one)."""
+    """The mounted spare disks (image: mount point) of the process `owner` (default: this
+    one); not those being made (or released by a closed engine's filler) meanwhile."""
+    mounts = Path("/proc/self/mounts").read_text()
     found = {}
     for state in (settings.runtime_dir / "sandboxes").glob("spare_*/state.json"):
         try:
             record = json.loads(state.read_text())
         except (OSError, ValueError):
             continue
-        if record["owner_pid"] == (owner or os.getpid()) and record["disk"] and record["mounts"]:
+        if record["owner_pid"] != (owner or os.getpid()) or not record["disk"]:
+            continue
+        if record["mounts"] and f" {record['mounts'][0]} " in mounts:
             found[record["disk"]] = record["mounts"][0]
     return found
 

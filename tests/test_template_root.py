@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -273,3 +274,31 @@ def test_the_api_and_cli_run_a_command_as_root_or_another_user(server: LiveServe
         assert done.returncode != 0 and "user 'ghost' does not exist" in done.stderr
     finally:
         server.corral("sandbox", "kill", sandbox_id)
+
+
+async def test_user_comes_from_a_kept_layer_after_the_first_sandbox(
+    engine_debian: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    """The first sandbox of a template adds `user` to its /etc/passwd and /etc/group
+    (copied up to its disk); later ones find them in a small layer kept for the template,
+    with the template's modes and owners, and copy nothing up until they write."""
+    store, layer = debian_base
+    engine_debian.templates.add("debian-accounts", store, [layer.digest])
+    shutil.rmtree(settings.data_dir / "accounts", ignore_errors=True)  # earlier tests'
+    seen = []
+    for _ in range(2):
+        box = await engine_debian.create(template="debian-accounts", isolation="namespace")
+        try:
+            upper = box.footprint.path / "disk" / "upper" / "etc"
+            seen.append(sorted(p.name for p in upper.iterdir()) if upper.is_dir() else [])
+            script = "id -un; stat -c '%a %U:%G' /etc /etc/passwd /etc/group; getent group user"
+            out = (await sh(box, script)).split("\n")
+            assert out[:4] == ["user", "755 root:root", "644 root:root", "644 root:root"]
+            assert out[4].startswith("user:x:1000:")
+            # Root still edits them (copied up from the layer).
+            await sh(box, "echo extra:x:1001:1001::/:/bin/sh >> /etc/passwd", user="root")
+            assert (await sh(box, "id -u extra")).strip() == "1001"
+        finally:
+            await box.destroy()
+    assert "passwd" in seen[0] and "group" in seen[0]
+    assert "passwd" not in seen[1] and "group" not in seen[1]

@@ -47,6 +47,7 @@ from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
 from corral.isolation.rootfs import (
+    Accounts,
     add_account,
     has_program,
     lookup_user,
@@ -142,6 +143,7 @@ class NamespaceBackend(Backend):
         self._release_shared: weakref.finalize[[], NamespaceBackend] | None = None
         # Layer templates' sandbox disks, a few formatted ahead.
         self._disks = DiskSpares(settings.data_dir / "disks", settings.runtime_dir)
+        self._accounts = Accounts(settings.data_dir / "accounts")
 
     def network_modes(self) -> frozenset[str]:
         if netns.tools_missing():
@@ -217,16 +219,18 @@ class NamespaceBackend(Backend):
             assert userns is not None
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             size = limits.disk_bytes
-            root = make_root(footprint, layered, self._disks, disk, size, first, userns)
-            # `user` has a name (`id -un`, prompts), in files it may edit (copied up).
-            shell = _shell(root)
-            add_account(
-                root,
-                "passwd",
-                SANDBOX_UID,
-                f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n",
-            )
-            add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
+            accounts = self._accounts.layer(layered)
+            root = make_root(footprint, layered, self._disks, disk, size, first, userns, accounts)
+            if accounts is None:
+                # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
+                # kept as a layer for the template's next sandboxes.
+                shell = _shell(root)
+                line = (
+                    f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n"
+                )
+                add_account(root, "passwd", SANDBOX_UID, line)
+                add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
+                self._accounts.keep(layered, root, first)
             # root and user exist in every sandbox, with or without an /etc/passwd.
             known = {"root": (0, 0, "/root"), SANDBOX_USER: (SANDBOX_UID, SANDBOX_UID, HOME)}
             found = lookup_user(root, layered.user) or known.get(layered.user)
