@@ -78,6 +78,7 @@ class DiskSpares:
         self._lock = threading.Lock()
         self._filling: set[int] = set()
         self._ready: dict[int, list[Footprint]] = {}
+        self._retired: list[Footprint] = []  # taken: their own mounts to release
         self._closed = False
 
     def take(self, image: Path, size_bytes: int, target: Path) -> None:
@@ -98,17 +99,22 @@ class DiskSpares:
                 os.rename(spare.disk, image)
                 spare.disk = None  # the sandbox's now: its footprint removes it
                 _bind(spare.path / "disk", target)
-            finally:
-                spare.release()  # unmounts its own mount: the sandbox's bind stays
-        if self._keep > 0:
-            self._refill(size_bytes)
+            except BaseException:
+                spare.release()
+                raise
+            # Its own mount goes (the sandbox's bind stays) in the background, with the
+            # next spare's making: an unmount and a directory removal off the start.
+            with self._lock:
+                self._retired.append(spare)
+        self._refill(size_bytes)
 
     def close(self) -> None:
         """Unmount and remove the spares (and make no more)."""
         with self._lock:
             self._closed = True
-            spares = [fp for ready in self._ready.values() for fp in ready]
+            spares = [fp for ready in self._ready.values() for fp in ready] + self._retired
             self._ready.clear()
+            self._retired.clear()
         for spare in spares:
             spare.release()
 
@@ -124,6 +130,10 @@ class DiskSpares:
     def _fill(self, size_bytes: int) -> None:
         try:
             while True:
+                with self._lock:
+                    retired, self._retired = self._retired, []
+                for spare in retired:
+                    spare.release()
                 with self._lock:
                     if self._closed or len(self._ready.get(size_bytes, ())) >= self._keep:
                         return
