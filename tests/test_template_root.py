@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import IDS_PER_SLOT, Settings
-from corral.errors import CommandError, InvalidRequest
+from corral.errors import CommandError, InvalidRequest, PermissionDenied
 from corral.images import Layer, LayerStore, tree_digest
 from corral.isolation import Engine, Sandbox
 from corral.isolation.namespace import ROOT_CAPS
@@ -302,3 +302,24 @@ async def test_user_comes_from_a_kept_layer_after_the_first_sandbox(
             await box.destroy()
     assert "passwd" in seen[0] and "group" in seen[0]
     assert "passwd" not in seen[1] and "group" not in seen[1]
+
+
+async def test_files_are_read_and_written_as_the_default_user(engine_debian: Engine) -> None:
+    """The agent is root, but its file calls act as the template's user: the kernel checks
+    that user's permissions and new files are its own."""
+    box = await engine_debian.create(template="debian", isolation="namespace")
+    try:
+        await box.write_file("/workspace/mine.txt", b"hi\n")
+        assert (await sh(box, "stat -c %U:%G /workspace/mine.txt")).strip() == "user:user"
+        with pytest.raises(PermissionDenied):
+            await box.write_file("/etc/evil", b"x")
+        with pytest.raises(PermissionDenied):
+            await box.read_bytes("/etc/shadow")
+    finally:
+        await box.destroy()
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
+    try:  # a template whose user is root: its file calls are root's
+        await box.write_file("/etc/by-root", b"x")
+        assert (await sh(box, "stat -c %U /etc/by-root")).strip() == "root"
+    finally:
+        await box.destroy()
