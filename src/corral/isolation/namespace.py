@@ -206,6 +206,7 @@ class NamespaceBackend(Backend):
         inner = (SANDBOX_UID, SANDBOX_UID)  # the default user's uid and gid inside
         home = HOME
         userns: Callable[[], int] | None = None
+        userns_fd: int | None = None
         first = 0
         if os.geteuid() == 0:
             slot = footprint.claim_uid_slot(
@@ -262,6 +263,8 @@ class NamespaceBackend(Backend):
                 with contextlib.suppress(Exception):
                     os.close(userns())
                 userns = idrange.range_userns(first, runs_as[0])
+            # Waited for now: its maker must not be left waiting if what follows fails.
+            userns_fd = userns()
             options += ["--uid", str(runs_as[0]), "--gid", str(runs_as[1])]
             if runs_as[0] == 0:
                 for cap in ROOT_CAPS:
@@ -338,9 +341,9 @@ class NamespaceBackend(Backend):
         }
         fds: list[int] = []
         try:
-            if userns is not None:
-                fds.append(userns())
-                options += ["--userns", str(fds[-1])]
+            if userns_fd is not None:
+                fds.append(userns_fd)
+                options += ["--userns", str(userns_fd)]
             # What names this sandbox (its hostname), from memory: no file to clean up.
             for name, text in _host_files(footprint.id, footprint.netns is not None).items():
                 fds.append(data_fd("corral-etc", text.encode()))
