@@ -21,6 +21,9 @@ from corral.isolation import Engine, Sandbox
 from corral.isolation.namespace import ROOT_CAPS
 from tests.conftest import LiveServer, host_processes_of_uid, require_backend, slot_ids
 from tests.kit.debian import ARCHIVE, base_layer, deb, needs_archive
+from tests.kit.netdriver import Driver
+from tests.test_network_rootless import create as rootless_create
+from tests.test_network_rootless import delegated, home, rootless  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3", "busybox-static")]
 
@@ -323,3 +326,16 @@ async def test_files_are_read_and_written_as_the_default_user(engine_debian: Eng
         assert (await sh(box, "stat -c %U /etc/by-root")).strip() == "root"
     finally:
         await box.destroy()
+
+
+def test_rootless_has_one_user_and_refuses_root_saying_why(rootless: Driver) -> None:  # noqa: F811
+    """Without root, Corral has one host id per sandbox: `user` only."""
+    sandbox = rootless_create(rootless, "none")
+    try:
+        done = rootless.ok(op="run", id=sandbox, argv=["id", "-un"])
+        assert done["stdout"] == "user\n"
+        answer = rootless.call(op="run", id=sandbox, argv=["id", "-u"], user="root")
+        assert answer.get("error") == "CommandError", answer  # FAILED_PRECONDITION
+        assert "server runs as root" in answer["message"]
+    finally:
+        rootless.ok(op="destroy", id=sandbox)
