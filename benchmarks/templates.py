@@ -7,7 +7,8 @@ Bootstraps a Debian base (apt + python3) offline from the local archive (.cache/
 CORRAL_TEST_DEBIAN_ARCHIVE) inside `unshare --net`, imports it as one layer, registers it
 as a template, then times, alternating the two so the load hits both alike, the create
 call to the result of `true` in the new sandbox for `host` and for the layer template
-(its disk: sparse ext4 + loop mount, its idmapped layer, its overlay). Issue 13's target:
+(its disk: a spare sparse ext4 mounted ahead, its layer idmapped with the sandbox's id
+range, the template's accounts layer after the first, its overlay). Issue 13's target:
 the ratio ≤ 1.2. Also the idle memory of a layer-template sandbox and the load average.
 
 The layer template's agent is self-contained (the host's Python through the host's loader,
@@ -20,6 +21,8 @@ Builds: a recipe of BUILD_STEPS RUN steps on that base, built as a `build` job (
 queue, worker and SQLite store) from `TemplateCatalog.build` to the job's end: fresh (its
 first step changed each time, so no step is cached) then again unchanged (every step from
 the cache), alternating; medians of a few.
+
+The machine's load moves the ratio by ±0.15 from run to run: compare medians of runs.
 """
 
 from __future__ import annotations

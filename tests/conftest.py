@@ -213,8 +213,9 @@ def cgroup_dirs(sandbox_id: str) -> list[Path]:
     return [d for top in ("", "*/") for d in root.glob(f"{top}{TEST_CGROUP_PARENT}/{sandbox_id}")]
 
 
-def host_processes_of_uid(uid: int) -> list[int]:
-    """Live host processes running as `uid`.
+def host_processes_of_uid(uid: int, count: int = 1) -> list[int]:
+    """Live host processes running as `uid` (or any of the `count` ids from it: a
+    sandbox's range, see `slot_ids`).
 
     Zombies are left out: they are dead and hold nothing but a pid. After a host process is
     SIGKILLed its sandboxes' dead processes are re-parented to the host's pid 1, whose job
@@ -224,7 +225,7 @@ def host_processes_of_uid(uid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
+                if not uid <= os.stat(f"/proc/{entry}").st_uid < uid + count:
                     continue
                 with open(f"/proc/{entry}/stat", "rb") as f:
                     state = f.read().rsplit(b")", 1)[1].split()[0]
@@ -233,6 +234,14 @@ def host_processes_of_uid(uid: int) -> list[int]:
             if state != b"Z":
                 found.append(int(entry))
     return found
+
+
+def slot_ids(settings: Settings, slot: int | str) -> tuple[int, int]:
+    """The host ids of uid slot `slot`, as (first, count) for `host_processes_of_uid`."""
+    from corral.config import IDS_PER_SLOT
+    from corral.isolation.idrange import first_id
+
+    return first_id(settings, int(slot)), IDS_PER_SLOT
 
 
 @pytest.fixture(scope="session")

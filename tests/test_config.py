@@ -15,19 +15,20 @@ def test_settings_read_the_corral_environment() -> None:
     settings = Settings.from_env(
         {
             "CORRAL_RUNTIME_DIR": "/x/run",
-            "CORRAL_UID_COUNT": "10",
+            "CORRAL_UID_SLOTS": "10",
             "CORRAL_ALLOW_PROCESS_BACKEND": "1",
         }
     )
     assert settings.runtime_dir == Path("/x/run")
-    assert settings.uid_count == 10
+    assert settings.uid_slots == 10
     assert settings.allow_process_backend is True
 
 
 @pytest.mark.parametrize(
     ("var", "value", "message"),
     [
-        ("CORRAL_UID_COUNT", "many", "not an integer"),
+        ("CORRAL_UID_SLOTS", "many", "not an integer"),
+        ("CORRAL_UID_SLOTS", "40000", "passes the largest uid"),
         ("CORRAL_ALLOW_PROCESS_BACKEND", "maybe", "1 or 0"),
     ],
 )

@@ -29,7 +29,13 @@ from corral.errors import (
     UnknownTemplate,
 )
 from corral.isolation import Engine, Limits, Sandbox
-from tests.conftest import TEST_CGROUP_PARENT, cgroup_dirs, host_processes_of_uid, require_backend
+from tests.conftest import (
+    TEST_CGROUP_PARENT,
+    cgroup_dirs,
+    host_processes_of_uid,
+    require_backend,
+    slot_ids,
+)
 from tests.kit import processes
 
 pytestmark = pytest.mark.sandbox
@@ -194,7 +200,7 @@ async def test_destroy_leaves_nothing(engine: Engine, settings: Settings) -> Non
     assert not cgroup_dirs(box.id)
     assert str(fp.path) not in Path("/proc/self/mounts").read_text()
     if fp.uid_slot is not None:
-        assert host_processes_of_uid(settings.uid_base + fp.uid_slot) == []
+        assert host_processes_of_uid(*slot_ids(settings, fp.uid_slot)) == []
 
 
 async def test_reaper_cleans_up_after_a_killed_host_process(settings: Settings) -> None:
@@ -224,7 +230,7 @@ async def test_reaper_cleans_up_after_a_killed_host_process(settings: Settings) 
     assert not (settings.runtime_dir / "sandboxes" / sandbox_id).exists()
     assert not cgroup_dirs(sandbox_id)
     if slot != "None":
-        assert host_processes_of_uid(settings.uid_base + int(slot)) == []
+        assert host_processes_of_uid(*slot_ids(settings, slot)) == []
 
 
 def test_the_reaper_spares_a_sandbox_another_process_is_creating(settings: Settings) -> None:

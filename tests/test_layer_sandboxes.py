@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -75,17 +76,19 @@ async def test_guest_agent_runs_in_the_debian_base_and_writes_anywhere_in_root(
         assert ran.exit_code == 0, ran.stderr
         expected = ["debian", suite(), "debian", "1000", "user", "/workspace"]
         assert ran.stdout.decode().split() == expected
-        # Its account is in the template's files, which it may edit (on its disk).
-        ran = await box.run(["sh", "-c", "echo extra:x:1001:1001::/:/bin/sh >> /etc/passwd"])
+        # Its account is in the template's files, which its root may edit (on its disk).
+        ran = await box.run(
+            ["sh", "-c", "echo extra:x:1001:1001::/:/bin/sh >> /etc/passwd"], user="root"
+        )
         assert ran.exit_code == 0, ran.stderr
-        # Root-owned places of the template are writable: copies on its own disk.
+        # Root-owned places of the template are writable by its root: copies on its disk.
         script = (
             "mkdir -p /usr/local/lib/python3/dist-packages/pkg && "
             "echo 'print(42)' > /usr/local/lib/python3/dist-packages/pkg/mod.py && "
             "echo written > /etc/x && echo appended >> /etc/os-release && "
             "python3 /usr/local/lib/python3/dist-packages/pkg/mod.py && cat /etc/x"
         )
-        ran = await box.run(["sh", "-c", script])
+        ran = await box.run(["sh", "-c", script], user="root")
         assert ran.exit_code == 0, ran.stderr
         assert ran.stdout.decode().split() == ["42", "written"]
         # File operations through the agent, in the workspace and in /etc.
@@ -111,7 +114,7 @@ async def test_two_sandboxes_of_a_template_do_not_see_each_others_writes(
     second = await engine_debian.create(template="debian", isolation="namespace")
     try:
         ran = await first.run(
-            ["sh", "-c", "echo first > /etc/mine && echo first > /usr/local/mine"]
+            ["sh", "-c", "echo first > /etc/mine && echo first > /usr/local/mine"], user="root"
         )
         assert ran.exit_code == 0, ran.stderr
         ran = await second.run(["sh", "-c", "ls /etc/mine /usr/local/mine"])
@@ -135,14 +138,16 @@ async def test_disk_limit_is_enospc_inside_and_the_host_is_untouched(
         assert disk.stat().st_size == 64 << 20
         # More than the disk holds, written into the template's /usr.
         ran = await box.run(
-            ["sh", "-c", "dd if=/dev/zero of=/usr/big bs=1M count=200 2>&1; echo rc=$?"]
+            ["sh", "-c", "dd if=/dev/zero of=/usr/big bs=1M count=200 2>&1; echo rc=$?"],
+            user="root",
         )
         assert "No space left on device" in ran.stdout.decode()
         assert "rc=1" in ran.stdout.decode()
         # The host's file system holds at most the disk's size for it.
         assert disk.stat().st_blocks * 512 <= 64 << 20
         # It still works after: deleting frees its space.
-        ran = await box.run(["sh", "-c", "rm /usr/big && echo ok > /etc/after && cat /etc/after"])
+        script = "rm /usr/big && echo ok > /etc/after && cat /etc/after"
+        ran = await box.run(["sh", "-c", script], user="root")
         assert ran.stdout.decode().strip() == "ok", ran.stderr
     finally:
         await box.destroy()
@@ -161,7 +166,7 @@ async def main():
     engine = Engine(settings)
     engine.templates.add("debian", LayerStore(Path(%r)), [%r])
     box = await engine.create(template="debian", isolation="namespace")
-    await box.run(["sh", "-c", "echo x > /etc/owned"])
+    await box.run(["sh", "-c", "echo x > /etc/owned"], user="root")
     print(box.id, flush=True)
     await asyncio.sleep(3600)
 
@@ -189,25 +194,39 @@ def test_the_reaper_removes_the_disk_and_mounts_of_a_sigkilled_owner(
         sandbox_id = owner.stdout.readline().strip()
         assert sandbox_id.startswith("sb_"), sandbox_id
         assert leftovers(settings, sandbox_id) != []
+        # Its spare disks too (mounted ahead, in footprints of their own).
+        spares = wait_until(lambda: spare_disks(settings, owner.pid) or None, "a spare disk")
+        assert spares
         owner.send_signal(signal.SIGKILL)
     Engine(settings)  # reaps at its start
     wait_until(lambda: leftovers(settings, sandbox_id) == [], "the reaper", timeout=10)
     assert json.dumps(leftovers(settings, sandbox_id)) == "[]"
+    mounts = Path("/proc/self/mounts").read_text()
+    for image, mount in spares.items():
+        assert mount not in mounts and not Path(image).exists()
     assert tree_digest(layer.path) == layer.digest
 
 
-async def test_disks_are_formatted_ahead_and_taken_whole(
+async def test_disks_are_formatted_and_mounted_ahead_and_taken_whole(
     engine_debian: Engine, settings: Settings
 ) -> None:
     from corral.limits import Limits
 
     limits = Limits(disk_mib=48)
-    spares = settings.data_dir / "disks" / "spare" / str(48 << 20)
     first = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
     await first.destroy()
-    ready = wait_until(lambda: len(list(spares.glob("*.img"))) >= 2 or None, "two spare disks")
+    ready = wait_until(lambda: len(spare_disks(settings)) >= 2 or None, "two spare disks")
     assert ready
-    inodes = {p.stat().st_ino for p in spares.glob("*.img")}
+    spares = spare_disks(settings)
+    for mount in spares.values():  # mounted, with the overlay's directories made
+        assert f" {mount} " in Path("/proc/self/mounts").read_text()
+        assert sorted(p.name for p in Path(mount).iterdir()) == [
+            "lost+found",
+            "shm",
+            "upper",
+            "work",
+        ]
+    inodes = {Path(image).stat().st_ino for image in spares}
     second = await engine_debian.create(template="debian", isolation="namespace", limits=limits)
     try:
         disk = settings.data_dir / "disks" / f"{second.id}.img"
@@ -218,6 +237,29 @@ async def test_disks_are_formatted_ahead_and_taken_whole(
     finally:
         await second.destroy()
     assert leftovers(settings, second.id) == []
+    # Closing the engine unmounts and removes its spares.
+    await engine_debian.aclose()
+    mounts = Path("/proc/self/mounts").read_text()
+    for mount in spares.values():
+        assert mount not in mounts
+    assert not [i for i in spare_disks(settings) if Path(i).stat().st_ino in inodes]
+
+
+def spare_disks(settings: Settings, owner: int | None = None) -> dict[str, str]:
+    """The mounted spare disks (image: mount point) of the process `owner` (default: this
+    one); not those being made (or released by a closed engine's filler) meanwhile."""
+    mounts = Path("/proc/self/mounts").read_text()
+    found = {}
+    for state in (settings.runtime_dir / "sandboxes").glob("spare_*/state.json"):
+        try:
+            record = json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue
+        if record["owner_pid"] != (owner or os.getpid()) or not record["disk"]:
+            continue
+        if record["mounts"] and f" {record['mounts'][0]} " in mounts:
+            found[record["disk"]] = record["mounts"][0]
+    return found
 
 
 @pytest.mark.parametrize("place", ["tmp", "home"])

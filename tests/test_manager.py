@@ -35,6 +35,7 @@ from tests.conftest import (
     cgroup_dirs,
     host_processes_of_uid,
     new_sandbox_row,
+    slot_ids,
 )
 from tests.kit import processes
 from tests.kit.polling import until
@@ -445,7 +446,7 @@ async def test_restart_after_sigkill_fails_orphans_and_leaves_nothing(
                 assert sandbox_id not in Path("/proc/self/mountinfo").read_text()
             for slot in slots:
                 if slot != "None":
-                    assert host_processes_of_uid(msettings.uid_base + int(slot)) == []
+                    assert host_processes_of_uid(*slot_ids(msettings, slot)) == []
             assert _state(store, "sb_" + "0" * 20)[0] == "running"
             with pytest.raises(SandboxNotRunning, match="failed"):
                 await manager.running(team, running_id)

@@ -18,7 +18,7 @@ import pytest
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation import CommandResult, Engine, Entrypoint, Limits, Sandbox, SeedFile
-from tests.conftest import cgroup_dirs, host_processes_of_uid, require_backend
+from tests.conftest import cgroup_dirs, host_processes_of_uid, require_backend, slot_ids
 from tests.kit import processes
 from tests.kit.polling import until
 
@@ -78,10 +78,10 @@ def launcher_pid(box: Sandbox) -> int:
     return box._launcher.pid
 
 
-def sandbox_uid(box: Sandbox, settings: Settings) -> int | None:
-    """The host uid the sandbox runs as, when it has its own (as root)."""
+def sandbox_uid(box: Sandbox, settings: Settings) -> tuple[int, int] | None:
+    """The host ids the sandbox runs as, when it has its own (as root): (first, count)."""
     slot = box.footprint.uid_slot
-    return None if os.geteuid() != 0 or slot is None else settings.uid_base + slot
+    return None if os.geteuid() != 0 or slot is None else slot_ids(settings, slot)
 
 
 def cgroup_of(pid: int) -> str:
@@ -263,12 +263,12 @@ async def test_daemons_do_not_outlive_the_command(ns_engine: Engine, settings: S
         # members themselves.
         await until(lambda: cgroup_members(box) == [], "an empty cgroup")
         if uid is not None:
-            await until(lambda: host_processes_of_uid(uid) == [], f"no process of uid {uid}")
+            await until(lambda: host_processes_of_uid(*uid) == [], f"no process of uid {uid}")
     finally:
         await box.destroy()
     assert not fp.path.exists()
     if uid is not None:
-        assert host_processes_of_uid(uid) == []
+        assert host_processes_of_uid(*uid) == []
 
 
 async def test_many_at_once(ns_engine: Engine, settings: Settings) -> None:
@@ -507,5 +507,5 @@ async def test_fork_bomb_ends_at_its_timeout(ns_engine: Engine, settings: Settin
     finally:
         await box.destroy()
     if uid is not None:
-        assert host_processes_of_uid(uid) == []
+        assert host_processes_of_uid(*uid) == []
     assert os.getloadavg()[0] < 50  # the host is fine

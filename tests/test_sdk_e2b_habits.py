@@ -6,6 +6,7 @@ error says why and what to do instead.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import pytest
 
 from corral import AsyncSandbox, Limits, Sandbox, WriteEntry
-from corral.errors import InvalidRequest
+from corral.errors import CommandError, InvalidRequest
 from tests.conftest import LiveServer, opts
 
 pytestmark = pytest.mark.usefixtures("sandbox_host")
@@ -60,12 +61,18 @@ def test_sync_constructor_starts_a_sandbox_like_create(server: LiveServer) -> No
         Sandbox(sbx._async)  # type: ignore[arg-type]
 
 
-def test_sync_user_root_is_refused_with_the_reason_and_user_works(server: LiveServer) -> None:
+def test_sync_user_root_runs_as_root_when_the_server_is_root_and_user_works(
+    server: LiveServer,
+) -> None:
     with Sandbox.create(timeout=120, **opts(server)) as sbx:
-        with pytest.raises(InvalidRequest, match=r"no root.*pip install --user"):
-            sbx.commands.run("id -u", user="root")
-        assert sbx.commands.list() == []  # nothing was started
+        if os.geteuid() == 0:
+            assert sbx.commands.run("id -u", user="root").stdout == "0\n"
+        else:  # rootless: one id per sandbox
+            with pytest.raises(CommandError, match="server runs as root"):
+                sbx.commands.run("id -u", user="root")
+            assert sbx.commands.list() == []  # nothing was started
         assert sbx.commands.run("whoami", user="user").stdout == "user\n"
+        assert sbx.commands.run("whoami").stdout == "user\n"
 
 
 def test_sync_read_formats_and_write_entries(server: LiveServer) -> None:
@@ -96,8 +103,8 @@ async def test_async_kill_by_id_constructor_and_user(server: LiveServer) -> None
         AsyncSandbox()
     sbx = await AsyncSandbox.create(timeout=120, **opts(server))
     try:
-        with pytest.raises(InvalidRequest, match="no root"):
-            await sbx.commands.run("id -u", user="root")
+        if os.geteuid() == 0:
+            assert (await sbx.commands.run("whoami", user="root")).stdout == "root\n"
         assert (await sbx.commands.run("whoami", user="user")).stdout == "user\n"
         assert await AsyncSandbox.kill(sbx.sandbox_id, **opts(server)) is True
         assert (await sbx.get_info()).state == "killed"

@@ -18,6 +18,8 @@ from corral.network.policy import NetworkCap
 
 ENV_PREFIX = "CORRAL_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Host ids per uid slot (root mode): a sandbox's uids 0-65535, as on any Linux system.
+IDS_PER_SLOT = 65536
 
 
 def _default_data_dir() -> Path:
@@ -55,10 +57,12 @@ class Settings:
     database_url: str = ""
     # Sandboxes' cgroups go under this name in every hierarchy (v1) or the unified tree (v2).
     cgroup_parent: str = "corral"
-    # When Corral runs as root, each sandbox runs as its own unprivileged host uid taken
-    # from [uid_base, uid_base + uid_count), so two sandboxes never share a host identity.
+    # When Corral runs as root, each live sandbox owns one of `uid_slots` ranges of
+    # 65536 host ids (slot N: [uid_base + N*65536, +65536)), its uids 0-65535 inside, so
+    # two sandboxes never share a host identity and none is the host's root. The last id
+    # must stay below 2**32 - 1 (checked at start).
     uid_base: int = 1_700_000_000
-    uid_count: int = 65_536
+    uid_slots: int = 4096
     # The interpreter that runs the guest agent inside `host`-template sandboxes.
     guest_python: str = "/usr/bin/python3"
     # The API server (`corral server`): where it listens, how many started sandboxes it
@@ -164,6 +168,17 @@ class Settings:
             raise InvalidRequest(
                 f"CORRAL_NETWORK_EVENTS_MAX={self.network_events_max} keeps no event: use 1 "
                 "or more (the default keeps 10000 per sandbox)"
+            )
+        if self.uid_slots < 1 or self.uid_base < 65536:
+            raise InvalidRequest(
+                f"CORRAL_UID_BASE={self.uid_base} and CORRAL_UID_SLOTS={self.uid_slots}: "
+                "use a base of 65536 or more (ids no host user has) and at least one slot"
+            )
+        if self.uid_base + self.uid_slots * IDS_PER_SLOT > 2**32 - 1:
+            raise InvalidRequest(
+                f"CORRAL_UID_BASE={self.uid_base} + CORRAL_UID_SLOTS={self.uid_slots} x "
+                f"{IDS_PER_SLOT} ids passes the largest uid (2**32 - 2): lower the base or "
+                f"the slots (at most {(2**32 - 1 - self.uid_base) // IDS_PER_SLOT} with this base)"
             )
         self.network_cap()
 

@@ -6,7 +6,8 @@ only routes lead into the fake internet; the test process stays outside and send
 JSON request a line, getting one JSON answer a line:
 
     {"op": "create", "network": "allowlist", "allow": ["192.0.2.0/24:80"], "limits": {...}}
-    {"op": "run", "id": ..., "argv": [...], "timeout": 30}     -> exit_code, stdout, stderr
+    {"op": "run", "id": ..., "argv": [...], "timeout": 30, "user": None}
+                                                               -> exit_code, stdout, stderr
     {"op": "set_network", "id": ..., "network": ..., "allow": [...]}
     {"op": "footprint", "id": ...}                             -> the sandbox's host record
     {"op": "spawn", "id": ..., "argv": [...], "key": "k"}  then  {"op": "collect", "key": "k"}
@@ -75,7 +76,9 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
         }
     sandbox = sandboxes[request["id"]]
     if op == "run":
-        result = await sandbox.run(request["argv"], timeout=request.get("timeout", 60))
+        result = await sandbox.run(
+            request["argv"], user=request.get("user"), timeout=request.get("timeout", 60)
+        )
         return {
             "exit_code": result.exit_code,
             "stdout": result.stdout.decode(errors="replace"),

@@ -169,6 +169,7 @@ def exec_(args: argparse.Namespace) -> int:
         usage_error("say what to run: `corral sandbox exec ID -- COMMAND ARGS…`")
     options: dict[str, Any] = {
         "cwd": args.cwd or "",
+        "user": args.user or "",
         "envs": parse_pairs(args.env, "-e"),
         "timeout": args.timeout,
     }
@@ -372,6 +373,9 @@ def add_commands(commands: Commands) -> None:
 
     p = with_id("exec", exec_)
     p.add_argument("--cwd", help="the working directory; default /workspace")
+    p.add_argument(
+        "--user", help="who runs it: root, user or a user of the template; default its user"
+    )
     add_pairs(p, "-e", "--env", help="an environment variable; repeatable")
     env_option(
         p,

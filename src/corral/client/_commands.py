@@ -34,7 +34,9 @@ class RunOptions(TypedDict, total=False):
 
     envs: Mapping[str, str]  # on top of the sandbox's own
     cwd: str  # default /workspace
-    user: str  # only the sandbox's own user, "user" (there is no root)
+    # Who runs it: "root", "user" or a user of the sandbox's template; default the
+    # template's user. Users other than "user" need a server that runs as root.
+    user: str
     # Seconds before it is killed with reason "timeout"; default 60, None or 0 for none.
     timeout: float | None
     on_stdout: OutputCallback  # called with each line of output, without its newline
@@ -86,17 +88,6 @@ class _Output:
     @property
     def text(self) -> str:
         return "".join(self._parts)
-
-
-def _check_user(user: str | None) -> None:
-    """E2B habit: `user="root"`. A Corral sandbox has one unprivileged user, on purpose."""
-    if user in ("root", "0"):
-        raise InvalidRequest(
-            f"user={user!r}: a Corral sandbox has no root; its commands run as its one "
-            "unprivileged user, 'user', so the code in it gets no privileges. Leave `user` "
-            "out; install Python packages with `pip install --user` (or in a venv under "
-            "/workspace); system packages come from the sandbox's template"
-        )
 
 
 def _seen(task: asyncio.Task[CommandResult]) -> None:
@@ -275,7 +266,6 @@ class AsyncCommands:
         `background=True`, returns a handle at once; the command goes on if this client
         goes away.
         """
-        _check_user(options.get("user"))
         timeout = options.get("timeout", DEFAULT_TIMEOUT)
         stdin = options.get("stdin")
         source = options.get("input")

@@ -73,7 +73,14 @@ OUTPUT_HIGH_WATER = 1 << 20  # stop pumping files to the host while this much is
 class Agent:
     """The agent's event loop: frames in on `rfd`, frames out on `wfd`, children between."""
 
-    def __init__(self, rfd: int, wfd: int, workdir: str, oom: agent_exec.OomScore) -> None:
+    def __init__(
+        self,
+        rfd: int,
+        wfd: int,
+        workdir: str,
+        oom: agent_exec.OomScore,
+        users: agent_exec.Users | None = None,
+    ) -> None:
         hide_inherited_fds()
         if wfd == rfd:  # a socket: watch each direction on its own descriptor
             wfd = os.dup(rfd)
@@ -91,7 +98,7 @@ class Agent:
         self.downloads: list[agent_files.FileDownload] = []
         self.moves: list[agent_move.Move] = []
         self.base_env = dict(os.environ)
-        self.user_name: str | None = None
+        self.users = users or agent_exec.Users(None)
         self.exit_code: int | None = None
         self.oom = oom
         self.wake_r, self.wake_w = os.pipe()
@@ -334,14 +341,8 @@ class Agent:
         return os.path.normpath(os.path.join(self.workdir, value))
 
     def user(self) -> str:
-        if self.user_name is None:
-            import pwd
-
-            try:
-                self.user_name = pwd.getpwuid(os.getuid()).pw_name
-            except KeyError:
-                self.user_name = str(os.getuid())
-        return self.user_name
+        """The user commands run as by default."""
+        return self.users.default.name
 
 
 def op_ping(agent: Agent, channel: int, args: Args) -> None:
@@ -351,7 +352,7 @@ def op_ping(agent: Agent, channel: int, args: Args) -> None:
             "ok": True,
             "version": protocol.VERSION,
             "pid": os.getpid(),
-            "uid": os.getuid(),
+            "uid": agent.users.default.uid,
             "user": agent.user(),
             "workdir": agent.workdir,
         },
@@ -402,11 +403,15 @@ def hide_inherited_fds() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     workdir = os.getcwd()
+    default: tuple[int, int] | None = None  # run as root: the commands' default uid, gid
     for i, arg in enumerate(args):
         if arg == "--workdir" and i + 1 < len(args):
             workdir = args[i + 1]
         elif arg.startswith("--workdir="):
             workdir = arg.split("=", 1)[1]
+        elif arg == "--user" and i + 1 < len(args):
+            uid, _, gid = args[i + 1].partition(":")
+            default = (int(uid), int(gid or uid))
     workdir = os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -424,7 +429,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     _refuse_inspection()
-    sys.exit(Agent(0, 1, workdir, oom).run())
+    try:
+        users = agent_exec.Users(default)
+    except (OSError, KeyError) as exc:
+        os.write(2, f"corral-agent: cannot take the default user: {exc}\n".encode())
+        sys.exit(2)
+    sys.exit(Agent(0, 1, workdir, oom, users).run())
 
 
 def _refuse_inspection() -> None:

@@ -96,12 +96,7 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
     tag = args.get("tag")
     if tag is not None and not isinstance(tag, str):
         raise Refusal("invalid_argument", "tag must be a string")
-    user = args.get("user")
-    if user is not None and user not in (agent.user(), os.getuid(), str(os.getuid())):
-        raise Refusal(
-            "invalid_argument",
-            f"user {user} does not exist in this sandbox; only {agent.user()!r} is available",
-        )
+    ids = agent.users.lookup(args.get("user"))
     cwd = agent.workdir if args.get("cwd") is None else agent.path(args, "cwd")
     if not os.path.isdir(cwd):
         if os.path.exists(cwd):
@@ -112,6 +107,8 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
             "create it first or pass an existing cwd",
         )
     env = agent.base_env
+    if ids is not agent.users.default:  # its own HOME, USER and LOGNAME, under what it sets
+        env = {**env, "HOME": ids.home, "USER": ids.name, "LOGNAME": ids.name}
     if args.get("env"):
         env = dict(env)
         for key, value in args["env"].items():
@@ -130,7 +127,11 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
     if isinstance(program, int):
         not_started(agent, channel, argv[0], program)
         return
-    pid, pipes, stdin_fd = spawn(agent.oom, program, argv, env, cwd, bool(args.get("stdin")))
+    agent.users.before_spawn(ids)
+    try:
+        pid, pipes, stdin_fd = spawn(agent.oom, program, argv, env, cwd, bool(args.get("stdin")))
+    finally:
+        agent.users.after_spawn()
     if pid < 0:
         not_started(agent, channel, argv[0], -pid)
         return
@@ -175,6 +176,7 @@ def spawn_inheriting_score(
             file_actions=actions,
             setsid=True,
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores both
+            resetids=True,  # the command's ids (`Users.spawning`): the real ones
         )
     except OSError as exc:
         for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
@@ -194,6 +196,107 @@ def spawn_inheriting_score(
     if in_w is not None:
         os.set_blocking(in_w, False)
     return pid, {out_r: protocol.OUT, err_r: protocol.ERR}, in_w
+
+
+class Identity:
+    """A user commands run as (no NamedTuple: importing typing slows the agent's start)."""
+
+    __slots__ = ("gid", "groups", "home", "name", "uid")
+
+    def __init__(self, uid: int, gid: int, groups: list[int], name: str, home: str) -> None:
+        self.uid, self.gid, self.groups, self.name, self.home = uid, gid, groups, name, home
+
+
+class Users:
+    """Who commands run as, and as whom the agent touches files.
+
+    In a root-mode sandbox the agent is the sandbox's root (its own user namespace, a
+    few capabilities: `corral.isolation.namespace.ROOT_CAPS`) and each command runs as
+    the user it names, the template's default user otherwise. Files are read and written
+    as the default user: the agent's file-system ids (fsuid, fsgid) are that user's, so
+    the kernel checks its permissions and new files are its own. posix_spawn cannot
+    switch users in the child, but it can reset the effective ids to the real ones:
+    `spawning` sets the real and saved ids to the command's (effective stays root), the
+    child's reset then leaves root behind and its capabilities with it (all its ids
+    non-zero), and the agent takes its ids back. The inherited ambient capabilities
+    are cleared at start, so a command of `user` starts with none at all.
+
+    Elsewhere (rootless Corral, or an agent not started as root) the agent has one id:
+    its own user is the only one.
+    """
+
+    def __init__(self, default: tuple[int, int] | None) -> None:
+        self.root = default is not None and os.getuid() == 0
+        self._libc: Any = None
+        if self.root:
+            assert default is not None
+            import ctypes
+
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            if self._libc.prctl(47, 4, 0, 0, 0) != 0:  # PR_CAP_AMBIENT, CLEAR_ALL
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAP_AMBIENT_CLEAR_ALL) failed")
+            self.default = self._identity(str(default[0]), default[1])
+            self._files_as_default()
+        else:
+            self.default = self._identity(str(os.getuid()), os.getgid())
+
+    def lookup(self, user: object) -> Identity:
+        """The identity a command asks for (a name or a uid; None: the default)."""
+        if user is None or user in (self.default.name, self.default.uid, str(self.default.uid)):
+            return self.default
+        if not isinstance(user, (str, int)) or isinstance(user, bool) or user == "":
+            raise Refusal("invalid_argument", "user must be a user name or a uid")
+        if not self.root:
+            raise Refusal(
+                "needs_root",
+                f"user {user!r} does not exist here: only {self.default.name!r} is available "
+                "(a sandbox has root and other users when Corral's server runs as root)",
+            )
+        try:
+            return self._identity(str(user), None)
+        except KeyError:
+            raise Refusal(
+                "invalid_argument",
+                f"user {user!r} does not exist in this sandbox (its /etc/passwd); use "
+                f"root, {self.default.name!r} or a user the template has",
+            ) from None
+
+    def _identity(self, user: str, gid: int | None) -> Identity:
+        import pwd
+
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            if not user.isdigit() or gid is None:
+                raise
+            return Identity(int(user), gid, [gid], user, "/")
+        gid = entry.pw_gid if gid is None else gid
+        try:
+            groups = os.getgrouplist(entry.pw_name, gid)
+        except OSError:
+            groups = [gid]
+        return Identity(entry.pw_uid, gid, groups, entry.pw_name, entry.pw_dir or "/")
+
+    def _files_as_default(self) -> None:
+        ids = self.default
+        if ids.uid == 0 or self._libc is None:
+            return
+        os.setgroups(ids.groups)
+        self._libc.setfsgid(ids.gid)
+        self._libc.setfsuid(ids.uid)
+
+    def before_spawn(self, ids: Identity) -> None:
+        """Before a posix_spawn with `resetids`: the child runs as `ids`."""
+        if self.root:
+            os.setgroups(ids.groups)
+            os.setresgid(ids.gid, 0, ids.gid)
+            os.setresuid(ids.uid, 0, ids.uid)
+
+    def after_spawn(self) -> None:
+        if self.root:
+            os.setresuid(0, 0, 0)
+            os.setresgid(0, 0, 0)
+            self._files_as_default()
 
 
 def not_started(agent: Agent, channel: int, name: str, code: int, error: str | None = None) -> None:

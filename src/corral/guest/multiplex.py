@@ -27,6 +27,7 @@ from corral.errors import (
     GuestError,
     InvalidRequest,
     IsADirectory,
+    IsolationUnavailable,
     NoSpace,
     NotADirectory,
     PermissionDenied,
@@ -54,6 +55,7 @@ _ERRORS: dict[str, type[CorralError]] = {
     "invalid_argument": InvalidRequest,
     "not_running": CommandError,
     "refused": PortClosed,
+    "needs_root": IsolationUnavailable,
 }
 
 

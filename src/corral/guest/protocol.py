@@ -123,6 +123,7 @@ ERROR_TYPES = (
     "not_running",
     "refused",
     "unsupported",
+    "needs_root",
     "internal",
 )
 

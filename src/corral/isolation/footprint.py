@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -152,6 +153,14 @@ class Footprint:
         self.mounts.append(target)
         self.save()
 
+    def record_mounts(self, targets: Sequence[str], disk: str | None = None) -> None:
+        """Record mounts about to be made, in the order they will be (and a disk image
+        with them), in one write: unmounting one not made yet is harmless."""
+        self.mounts.extend(targets)
+        if disk is not None:
+            self.disk = disk
+        self.save()
+
     def record_disk(self, image: str) -> None:
         """Record a disk image about to be made: release removes it after the unmounts."""
         self.disk = image
@@ -165,9 +174,10 @@ class Footprint:
         for digest in digests:
             store.reference(digest, self.id)
 
-    def claim_uid_slot(self, slots_dir: Path, count: int) -> int:
-        """Take a free slot in [0, count): one unprivileged host uid per live sandbox."""
-        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_COUNT")
+    def claim_uid_slot(self, slots_dir: Path, count: int, preferred: Sequence[int] = ()) -> int:
+        """Take a free slot in [0, count), one of `preferred` if one is free: one range
+        of unprivileged host ids per live sandbox."""
+        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_SLOTS", preferred)
         self.uid_slot, self.uid_slots_dir = slot, str(slots_dir)
         self.save()
         return slot
@@ -216,13 +226,16 @@ class Footprint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _claim_slot(slots_dir: Path, count: int, what: str, setting: str) -> int:
+def _claim_slot(
+    slots_dir: Path, count: int, what: str, setting: str, preferred: Sequence[int] = ()
+) -> int:
     """A free slot in [0, count) of `slots_dir` (a directory per slot taken: mkdir is
-    atomic across processes), tried from a random start."""
+    atomic across processes): one of `preferred` if free, else tried from a random start."""
     slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     start = int.from_bytes(os.urandom(4), "big") % count
-    for i in range(count):
-        slot = (start + i) % count
+    for slot in itertools.chain(
+        (p for p in preferred if 0 <= p < count), ((start + i) % count for i in range(count))
+    ):
         try:
             (slots_dir / str(slot)).mkdir()
         except FileExistsError:

@@ -9,11 +9,14 @@ command — sees:
 - no network but loopback (network `none`), or its own network namespace made by
   `corral.isolation.netns` (without root: `corral.isolation.usernet`) with the policy's
   rules loaded before it starts;
-- its own pid, ipc, uts and cgroup namespaces; a user namespace in which it is uid 1000
-  with no capabilities and may create no further user namespaces;
+- its own pid, ipc, uts and cgroup namespaces; a user namespace in which code runs as
+  uid 1000 (`user`) with no capabilities, and which may hold no further user namespaces;
 - the seccomp filter of `corral.isolation.seccomp`.
-As root, each sandbox also runs as its own unprivileged host uid, so even a kernel escape
-from the namespaces lands in an identity that owns nothing on the host.
+As root, each sandbox owns a range of 65536 unprivileged host ids (`idrange`), so even a
+kernel escape from the namespaces lands in an identity that owns nothing on the host, and
+it has a `root` too: the guest agent runs as it, with `ROOT_CAPS` only, and starts each
+command as its user (the template's by default). Without root, bubblewrap maps one id:
+`user` is the only user.
 
 What the sandbox can read of the host through /proc is trimmed: the /proc files that tell
 about the host's hardware and kernel (`_PROC_MASKED`) are covered, and as root nothing it
@@ -22,6 +25,7 @@ binds comes from a path that names the host's runtime dir (see `_shared_root`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -30,11 +34,12 @@ import shutil
 import subprocess
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from corral.config import Settings
-from corral.errors import IsolationUnavailable
-from corral.isolation import netns, seccomp
+from corral.errors import InvalidRequest, IsolationUnavailable
+from corral.isolation import idrange, netns, seccomp
 from corral.isolation.agent_install import (
     GUEST_DIR,
     agent_command,
@@ -46,16 +51,35 @@ from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
-from corral.isolation.rootfs import add_account, has_program, make_root, shm_dir
-from corral.isolation.templates import SANDBOX_USER, Template, get_template
+from corral.isolation.rootfs import (
+    Accounts,
+    add_account,
+    has_program,
+    lookup_user,
+    make_places,
+    make_root,
+    shm_dir,
+)
+from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, Template, get_template
 from corral.isolation.volumes import attach as attach_volume
 from corral.network import resolver
 
-SANDBOX_UID = 1000
 HOME = f"/home/{SANDBOX_USER}"
 WORKSPACE = "/workspace"
 AGENT_DIR = GUEST_DIR
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# What the sandbox's root keeps of its capabilities (in its own user namespace only):
+# what dpkg and apt-get need — own and chown files, bypass file modes, keep set-id bits,
+# switch users (apt's _apt, a service's account), signal its own processes — and binding
+# ports under 1024 in its own network namespace. Each acts only on files and processes
+# whose ids are in the sandbox's range (the kernel checks the ids are mapped there):
+# host files bound in appear as nobody, other sandboxes have other ranges. Never
+# CAP_SYS_ADMIN (mount, setns), CAP_SYS_PTRACE, CAP_SYS_MODULE, CAP_NET_ADMIN, CAP_MKNOD.
+ROOT_CAPS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
+)  # fmt: skip
 
 # Writable directories inside the sandbox: (name in the storage tmpfs, sandbox path, mode).
 _WRITABLE = (
@@ -125,7 +149,8 @@ class NamespaceBackend(Backend):
         self._shared: Path | None = None
         self._release_shared: weakref.finalize[[], NamespaceBackend] | None = None
         # Layer templates' sandbox disks, a few formatted ahead.
-        self._disks = DiskSpares(settings.data_dir / "disks")
+        self._disks = DiskSpares(settings.data_dir / "disks", settings.runtime_dir)
+        self._accounts = Accounts(settings.data_dir / "accounts")
 
     def network_modes(self) -> frozenset[str]:
         if netns.tools_missing():
@@ -192,34 +217,72 @@ class NamespaceBackend(Backend):
             runtime = guest_runtime(self.settings.guest_python)
         limits = spec.limits
         options = [
-            "--unshare-user", "--unshare-pid", "--unshare-ipc",
-            "--unshare-uts", "--unshare-cgroup",
-            "--disable-userns", "--die-with-parent", "--new-session",
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
+            "--die-with-parent", "--new-session",
             "--hostname", footprint.id.replace("_", "-"),
         ]  # fmt: skip
         root = None
-        uid = gid = None
+        uid = gid = None  # the launcher's host ids
+        inner = (SANDBOX_UID, SANDBOX_UID)  # the default user's uid and gid inside
+        home = HOME
+        userns: Callable[[], int] | None = None
+        userns_fd: int | None = None
+        first = 0
         if os.geteuid() == 0:
             slot = footprint.claim_uid_slot(
-                self.settings.runtime_dir / "uids", self.settings.uid_count
+                self.settings.runtime_dir / "uids",
+                self.settings.uid_slots,
+                idrange.kept_slots(self.settings),
             )
-            uid = gid = self.settings.uid_base + slot
+            first = idrange.first_id(self.settings, slot)
+            userns = idrange.range_userns(first, 0)  # made meanwhile
         if layered is not None:
-            assert uid is not None and gid is not None
+            assert userns is not None
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
-            root = make_root(footprint, layered, self._disks, disk, limits.disk_bytes, uid, gid)
-            # Its user has a name (`id -un`, prompts), in files it may edit (copied up).
-            shell = _shell(root)
-            add_account(
-                root,
-                "passwd",
-                SANDBOX_UID,
-                f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n",
-            )
-            add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
+            size = limits.disk_bytes
+            accounts = self._accounts.layer(layered)
+            root = make_root(footprint, layered, self._disks, disk, size, first, userns, accounts)
+            if accounts is None:
+                # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
+                # kept as a layer for the template's next sandboxes.
+                shell = _shell(root)
+                line = (
+                    f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n"
+                )
+                add_account(root, "passwd", SANDBOX_UID, line)
+                add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
+                self._accounts.keep(layered, root, first)
+            # root and user exist in every sandbox, with or without an /etc/passwd.
+            known = {"root": (0, 0, "/root"), SANDBOX_USER: (SANDBOX_UID, SANDBOX_UID, HOME)}
+            found = lookup_user(root, layered.user) or known.get(layered.user)
+            if found is None:
+                raise InvalidRequest(
+                    f"the template {layered.name!r} runs as user {layered.user!r}, which its "
+                    "/etc/passwd does not have: add the user in the template, or use root or user"
+                )
+            inner, home = found[:2], found[2]
+            make_places(root, first, inner)
             # First: the other mounts go on top of it. Writable: bounded by its disk.
             options += ["--bind", str(root), "/"]
+        if userns is None:  # rootless: bubblewrap maps the one id there is
+            options += ["--unshare-user", "--disable-userns"]
+            options += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+        else:
+            # The agent runs as the sandbox's root (it drops to each command's user); a
+            # one-shot command as the default user. The launcher runs as that user's host
+            # id, the owner of the namespace it enters (`idrange`).
+            runs_as = (0, 0) if entrypoint is None else inner
+            uid, gid = first + runs_as[0], first + runs_as[1]
+            if entrypoint is not None and runs_as[0] != 0:
+                with contextlib.suppress(Exception):
+                    os.close(userns())
+                userns = idrange.range_userns(first, runs_as[0])
+            # Waited for now: its maker must not be left waiting if what follows fails.
+            userns_fd = userns()
+            options += ["--uid", str(runs_as[0]), "--gid", str(runs_as[1])]
+            if runs_as[0] == 0:
+                for cap in ROOT_CAPS:
+                    options += ["--cap-add", cap]
         options += ["--proc", "/proc", "--dev", "/dev"]
         if footprint.netns is None:
             options.append("--unshare-net")  # loopback only
@@ -242,13 +305,16 @@ class NamespaceBackend(Backend):
         if layered is not None:
             # /workspace, /tmp and the home are in its root already, on its disk.
             options += ["--bind", str(shm_dir(footprint)), "/dev/shm"]
-        elif uid is not None and gid is not None:
+        elif userns is not None:
+            # bubblewrap, the sandbox's root here, would make the parents 0700.
+            options += ["--perms", "0755", "--dir", "/home", "--perms", "0755", "--dir", "/var"]
             storage = footprint.path / "rw"
-            footprint.mount_tmpfs(storage, limits.storage_bytes, uid, gid)
+            owner = (first + inner[0], first + inner[1])
+            footprint.mount_tmpfs(storage, limits.storage_bytes, *owner)
             for name, path, mode in _WRITABLE:
                 (storage / name).mkdir(mode=mode)
                 os.chmod(storage / name, mode)
-                os.chown(storage / name, uid, gid)
+                os.chown(storage / name, *owner)
                 options += ["--bind", str(storage / name), path]
         else:
             # Without root there is no shared tmpfs to mount: bound each directory alone.
@@ -269,6 +335,8 @@ class NamespaceBackend(Backend):
             workdir = (layered.workdir if layered else None) or WORKSPACE
             python = runtime.argv if runtime else self.settings.guest_python
             command = agent_command(AGENT_DIR, python, workdir)
+            if userns is not None:  # it runs as root: who the commands run as by default
+                command += ["--user", f"{inner[0]}:{inner[1]}"]
         else:
             command = list(entrypoint.argv)
             workdir = entrypoint.cwd or (layered.workdir if layered else None) or WORKSPACE
@@ -281,14 +349,15 @@ class NamespaceBackend(Backend):
                     "volumes need Corral to run as root (each is a loop-mounted ext4 image "
                     "with a size bound); run the server as root or leave volumes out"
                 )
-            mount = attach_volume(footprint, index, volume, uid, gid)
+            mount = attach_volume(footprint, index, volume, first)
             options += ["--ro-bind" if volume.read_only else "--bind", str(mount), volume.path]
 
+        user_name = layered.user if layered and not layered.user.isdigit() else SANDBOX_USER
         env = {
             "PATH": PATH,
-            "HOME": HOME,
-            "USER": SANDBOX_USER,
-            "LOGNAME": SANDBOX_USER,
+            "HOME": home,
+            "USER": user_name,
+            "LOGNAME": user_name,
             "LANG": "C.UTF-8",
             "TMPDIR": "/tmp",
             "SHELL": _shell(root),
@@ -298,6 +367,9 @@ class NamespaceBackend(Backend):
         }
         fds: list[int] = []
         try:
+            if userns_fd is not None:
+                fds.append(userns_fd)
+                options += ["--userns", str(userns_fd)]
             # What names this sandbox (its hostname), from memory: no file to clean up.
             for name, text in _host_files(footprint.id, footprint.netns is not None).items():
                 fds.append(data_fd("corral-etc", text.encode()))
@@ -363,6 +435,7 @@ class NamespaceBackend(Backend):
         return self._shared
 
     def close(self) -> None:
+        self._disks.close()
         if self._release_shared is not None:
             self._release_shared()
         self._shared = self._release_shared = None

@@ -7,38 +7,37 @@ the reaper):
    nosuid,nodev. It holds the
    overlay's upper/ and work/ and /dev/shm; ENOSPC at its size is the loop fs's own, the
    host's fs only sees the sparse file grow.
-2. each layer bind-mounted read-only and *idmapped*: what the layer stores as owned by
-   root (0) appears owned by the sandbox's host uid, so the sandbox user (uid 1000 in its
-   user namespace, that host uid outside) may write anywhere in `/` — `/etc/x`, a
-   `pip install` into /usr/local — and every write is copied up to its own disk. The
-   layer itself is never written (read-only lower of an overlay, read-only mount).
+2. each layer bind-mounted read-only and *idmapped* with the sandbox's id range: what the
+   layer stores as owned by uid N appears owned by host id FIRST+N, which is uid N in the
+   sandbox's user namespace, so root, _apt or postgres keep their identity inside, and
+   the sandbox's root (dpkg, apt-get) writes anywhere in `/` as the image's owners do.
+   Every write is copied up to its own disk, owned by ids of its range. The layer itself
+   is never written (read-only lower of an overlay, read-only mount).
 3. overlayfs of those layers under the disk's upper dir: the tree bubblewrap binds at `/`.
-
-What is missing for root *inside* (apt-get as uid 0): a 65536-id range per uid slot and a
-user namespace mapping it (docs/templates-plan.md, section 3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
+import hashlib
+import logging
 import os
+import shutil
 import stat
-import struct
 import subprocess
-import threading
-from collections import OrderedDict
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from corral.config import IDS_PER_SLOT
 from corral.errors import SandboxStartFailed
 from corral.images import mount_overlay
-from corral.isolation.disks import DiskSpares
+from corral.isolation.disks import DISK_DIRS, DiskSpares
 from corral.isolation.footprint import Footprint
-from corral.isolation.templates import LayerTemplate
+from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, LayerTemplate
 
+log = logging.getLogger("corral.isolation")
 _libc = ctypes.CDLL(None, use_errno=True)
 # x86_64 and arm64 share these numbers (new syscalls are numbered alike everywhere).
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
@@ -46,11 +45,6 @@ _OPEN_TREE_CLONE, _AT_EMPTY_PATH, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 0x4
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 _MOUNT_ATTR_IDMAP = 0x100000
 _AT_FDCWD = -100
-_MS_NOSUID, _MS_NODEV = 0x2, 0x4
-_LOOP_CTL_GET_FREE, _LOOP_CONFIGURE, _LO_FLAGS_AUTOCLEAR = 0x4C82, 0x4C0A, 4
-# struct loop_config: fd, block_size, struct loop_info64 (lo_flags at byte 52 of its 232),
-# 8 reserved u64s.
-_LOOP_CONFIG = struct.Struct("=II52xI176x64x")
 
 
 class _MountAttr(ctypes.Structure):
@@ -78,58 +72,144 @@ def make_root(
     disks: DiskSpares,
     disk: Path,
     disk_bytes: int,
-    uid: int,
-    gid: int,
+    first: int,
+    userns_of: Callable[[], int],
+    accounts: Path | None = None,
 ) -> Path:
     """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
-    mounted root, with /workspace, /tmp and the user's home made writable by `uid`."""
-    userns_of = _userns_mapping_root_to(uid, gid)  # meanwhile, the disk
+    mounted root. `first` is the host id of the sandbox's uid 0 and `userns_of` gives the
+    user namespace mapping its range (`corral.isolation.idrange`): the layers' owners keep
+    their identity inside, and what the sandbox's root writes is `first`'s on its disk.
+    `accounts` (`Accounts.layer`) goes on top of the template's layers."""
+    layers = [*template.layers, *([accounts] if accounts else [])]
+    mnt, lowers, root = footprint.path / "disk", footprint.path / "layers", footprint.path / "root"
+    targets = [lowers / str(i) for i in range(len(layers))]
+    # The layers' idmap, for a snapshot to map the upper dir's owners back (`snapshots`).
+    footprint.layer_ids = [first, first, IDS_PER_SLOT]
+    # All recorded at once: each record is a file write (~1-2 ms on a busy disk).
+    footprint.record_mounts([str(p) for p in (mnt, *targets, root)], disk=str(disk))
     try:
-        footprint.layer_ids = [uid, gid, 1]  # what _userns_mapping_root_to maps; saved next
-        footprint.record_disk(str(disk))
-        disks.take(disk, disk_bytes)
-        mnt = footprint.path / "disk"
         mnt.mkdir(mode=0o700)
-        footprint.record_mount(str(mnt))
-        _mount_loop(disk, mnt)
-        for name, mode in (("upper", 0o755), ("work", 0o700), ("shm", 0o1777)):
-            (mnt / name).mkdir()
-            os.chmod(mnt / name, mode)
-            os.chown(mnt / name, uid, gid)
+        disks.take(disk, disk_bytes, mnt)
+        for name, _mode in DISK_DIRS:
+            os.chown(mnt / name, first, first)
     except BaseException:
         with contextlib.suppress(Exception):
             os.close(userns_of())  # its child waited for
         raise
     userns = userns_of()
-    lowers = footprint.path / "layers"
     lowers.mkdir(mode=0o700)
     try:
-        paths = []
-        for i, layer in enumerate(template.layers):
-            target = lowers / str(i)
+        for layer, target in zip(layers, targets, strict=True):
             target.mkdir()
-            footprint.record_mount(str(target))
             _bind_idmapped(layer, target, userns)
-            paths.append(target)
     finally:
         os.close(userns)
-    root = footprint.path / "root"
     root.mkdir(mode=0o755)
-    footprint.record_mount(str(root))
     # The sandbox reads its `/`'s mount options in /proc/self/mountinfo: name the layers
     # and the upper dir through a file descriptor, not by host paths (they would name the
     # runtime dir, see `namespace._shared_root`).
     here = os.open(footprint.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         via = Path(f"/proc/self/fd/{here}")
-        lowers_via = [via / path.relative_to(footprint.path) for path in paths]
+        lowers_via = [via / path.relative_to(footprint.path) for path in targets]
         mount_overlay(lowers_via, via / "disk" / "upper", via / "disk" / "work", root)
     finally:
         os.close(here)
-    # The sandbox's places, made here (copied up as the host's root, then given to it).
-    for path, mode in (("workspace", 0o755), ("home/user", 0o755), ("tmp", 0o1777)):
-        _own_dir(root, path, mode, uid, gid)
     return root
+
+
+class Accounts:
+    """A small layer per template, on top of its own, whose /etc/passwd and /etc/group
+    are the template's with `user` added: made from the first sandbox's (after
+    `add_account`), so later sandboxes start with `user` without copying both files up to
+    their disk (~1-3 ms). Kept under `directory` by the template's layer digests (its
+    content never changes); none when the template's /etc or those files are not plain
+    (a symlinked /etc would be hidden by the layer's directory)."""
+
+    FILES = ("passwd", "group")
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def _path(self, template: LayerTemplate) -> Path:
+        key = hashlib.sha256("\0".join([SANDBOX_USER, *template.digests]).encode())
+        return self._directory / key.hexdigest()[:32]
+
+    def layer(self, template: LayerTemplate) -> Path | None:
+        path = self._path(template)
+        return path if path.is_dir() else None
+
+    def keep(self, template: LayerTemplate, root: Path, first: int) -> None:
+        """Make the layer of `template` from `root` (a sandbox's, whose ids start at host
+        id `first`), unless made or not possible; failing is harmless."""
+        target = self._path(template)
+        if target.is_dir():
+            return
+        try:
+            etc = os.lstat(root / "etc")
+            files = {name: os.lstat(root / "etc" / name) for name in self.FILES}
+            kinds = [stat.S_ISDIR(etc.st_mode)] + [stat.S_ISREG(f.st_mode) for f in files.values()]
+            if not all(kinds) or any(f.st_size > 1 << 20 for f in files.values()):
+                return
+            self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=self._directory))
+            try:
+                # Its owners as the sandbox sees them: the layer is idmapped like the rest.
+                _copy_attrs(etc, staging / "etc", first, make=True)
+                for name, st in files.items():
+                    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                    fd = os.open(root / "etc" / name, flags)
+                    with os.fdopen(fd, "rb") as f:
+                        (staging / "etc" / name).write_bytes(f.read(1 << 20))
+                    _copy_attrs(st, staging / "etc" / name, first)
+                staging.chmod(0o755)
+                staging.rename(target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        except (OSError, ValueError):
+            log.debug("no accounts layer for template %s", template.name, exc_info=True)
+
+
+def _copy_attrs(st: os.stat_result, path: Path, first: int, make: bool = False) -> None:
+    """Give `path` (made as a directory if `make`) the mode of `st` and its owners as the
+    sandbox sees them (host ids less `first`); ValueError when they are not in its range."""
+    uid, gid = st.st_uid - first, st.st_gid - first
+    if not (0 <= uid < 65536 and 0 <= gid < 65536):
+        raise ValueError("owner outside the sandbox's range")
+    if make:
+        path.mkdir()
+    os.chown(path, uid, gid, follow_symlinks=False)
+    os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
+def make_places(root: Path, first: int, owner: tuple[int, int]) -> None:
+    """The sandbox's /workspace (of `owner`, its default user's uid and gid inside),
+    /home/user (of `user`, 1000) and /tmp, made here as the host's root (copied up)."""
+    user = first + SANDBOX_UID
+    _own_dir(root, "workspace", 0o755, first + owner[0], first + owner[1])
+    _own_dir(root, "home/user", 0o755, user, user)
+    _own_dir(root, "tmp", 0o1777, first, first)
+
+
+def lookup_user(root: Path, name: str) -> tuple[int, int, str] | None:
+    """The uid, gid and home of `name` (a user name or a number) in the root's
+    /etc/passwd; None when it has no such user. A number missing from passwd is taken as
+    is (its gid the same, home /), as `docker run --user 1234` does."""
+    found = resolve_in(root, "/etc/passwd")
+    entries: list[list[str]] = []
+    if found is not None and found.is_file():
+        with found.open("rb") as f:
+            text = f.read(1 << 20).decode(errors="replace")
+        entries = [line.split(":") for line in text.splitlines() if line.count(":") >= 3]
+    for entry in entries:
+        ids = entry[2:4]
+        if name in entry[0:3:2] and all(i.isdigit() and int(i) < 65536 for i in ids):
+            return int(ids[0]), int(ids[1]), (entry[5:6] or ["/"])[0] or "/"
+    if name.isdigit() and int(name) < 65536:
+        return int(name), int(name), "/"
+    return None
 
 
 def _own_dir(root: Path, path: str, mode: int, uid: int, gid: int) -> None:
@@ -172,95 +252,6 @@ def _run(argv: list[str], what: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise SandboxStartFailed(f"could not {what}: {done.stderr.strip()[-300:]}")
-
-
-def _mount_loop(image: Path, target: Path) -> None:
-    """Mount the ext4 `image` at `target` (nosuid, nodev) through a free loop device that
-    detaches itself once unmounted (autoclear). In-process: `mount -o loop` costs ~10 ms."""
-    image_fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for _ in range(64):  # another process may take the free device first
-                number = fcntl.ioctl(control, _LOOP_CTL_GET_FREE)
-                loop = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    config = _LOOP_CONFIG.pack(image_fd, 0, _LO_FLAGS_AUTOCLEAR)
-                    try:
-                        fcntl.ioctl(loop, _LOOP_CONFIGURE, config)
-                    except OSError as exc:
-                        if exc.errno == errno.EBUSY:
-                            continue
-                        raise
-                    if _libc.mount(
-                        f"/dev/loop{number}".encode(), str(target).encode(), b"ext4",
-                        _MS_NOSUID | _MS_NODEV, None,
-                    ):  # fmt: skip
-                        err = ctypes.get_errno()
-                        raise OSError(err, os.strerror(err))
-                    return  # closing `loop` leaves the mount its only user
-                finally:
-                    os.close(loop)
-            raise OSError(errno.EBUSY, "no free loop device")
-        finally:
-            os.close(control)
-    except OSError as exc:
-        raise SandboxStartFailed(f"could not mount the sandbox's disk: {exc}") from exc
-    finally:
-        os.close(image_fd)
-
-
-# Namespaces mapping 0 to a host uid, by uid: each costs a process to make (~2-5 ms), and
-# a uid slot is reused by later sandboxes. Bounded; an evicted one is closed.
-_userns: OrderedDict[tuple[int, int], int] = OrderedDict()
-_userns_lock = threading.Lock()
-_USERNS_KEPT = 256
-
-
-def _userns_mapping_root_to(uid: int, gid: int) -> Callable[[], int]:
-    """Start getting a user namespace in which 0 is host `uid`/`gid` (and nothing else is
-    mapped), for `MOUNT_ATTR_IDMAP`; the function returned waits for it and gives an fd
-    the caller closes. Made by a child process (~2-5 ms, done while the caller mounts the
-    disk), and kept for the next sandbox of that uid."""
-    with _userns_lock:
-        if (fd := _userns.get((uid, gid))) is not None:
-            _userns.move_to_end((uid, gid))
-            kept = os.dup(fd)
-            return lambda: kept
-    child = subprocess.Popen(
-        ["unshare", "--user", "sh", "-c", "echo; read x"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-
-    def finish() -> int:
-        fd = _map_userns(child, uid, gid)
-        with _userns_lock:
-            if (kept := _userns.setdefault((uid, gid), fd)) != fd:
-                os.close(fd)  # another thread made one meanwhile
-            while len(_userns) > _USERNS_KEPT:
-                os.close(_userns.popitem(last=False)[1])
-            return os.dup(kept)
-
-    return finish
-
-
-def _map_userns(child: subprocess.Popen[bytes], uid: int, gid: int) -> int:
-    """Map 0 to `uid`/`gid` in the namespace of `child` (an `unshare --user` that prints a
-    line once in it, then waits for its stdin to close); its fd."""
-    with child:
-        assert child.stdin is not None and child.stdout is not None
-        try:
-            child.stdout.readline()  # in its namespace now
-            with open(f"/proc/{child.pid}/uid_map", "w") as f:
-                f.write(f"0 {uid} 1\n")
-            with open(f"/proc/{child.pid}/gid_map", "w") as f:
-                f.write(f"0 {gid} 1\n")
-            return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SandboxStartFailed(f"could not make the layers' id mapping: {exc}") from exc
-        finally:
-            child.stdin.close()  # it exits; leaving `with` waits for it
 
 
 def _bind_idmapped(source: Path, target: Path, userns: int, *, read_only: bool = True) -> None:

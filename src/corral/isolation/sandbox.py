@@ -395,11 +395,15 @@ class Sandbox:
         *,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
         timeout: float | None = None,
         output_limit: int | None = None,
     ) -> CommandResult:
-        """Run a command to its end and return its whole output."""
-        cmd = await self.exec(command, env=env, cwd=cwd, timeout=timeout, output_limit=output_limit)
+        """Run a command to its end and return its whole output (as `user`: a name or
+        uid of the sandbox, its template's default user if None)."""
+        cmd = await self.exec(
+            command, env=env, cwd=cwd, user=user, timeout=timeout, output_limit=output_limit
+        )
         return await cmd.collect()
 
     async def attach(self, pid: int) -> Command:

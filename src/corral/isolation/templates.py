@@ -74,9 +74,13 @@ def _host_template() -> Template:
 
 
 TEMPLATE_NAMES = ("host",)
-# The only user a sandbox runs as for now (uid 1000 in its user namespace; see `namespace`).
+# The unprivileged user every sandbox has (uid 1000 in its user namespace): the default
+# one commands run as. As root, a sandbox also has `root` (see `namespace`, `idrange`).
 SANDBOX_USER = "user"
+SANDBOX_UID = 1000
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# A user as a template names it: a name as useradd takes one, or a uid of the sandbox.
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}|[0-9]{1,5}")
 
 
 def get_template(name: str) -> Template:
@@ -90,7 +94,9 @@ def get_template(name: str) -> Template:
 @dataclass(frozen=True)
 class LayerTemplate:
     """A root filesystem made of stored layers (bottom first) and what sandboxes of it
-    start with: environment, working directory (None: /workspace) and user."""
+    start with: environment, working directory (None: /workspace) and the user commands
+    run as by default (`root`, `user`, or a name or uid of its own /etc/passwd, looked up
+    when a sandbox starts)."""
 
     name: str
     layers: tuple[Path, ...]
@@ -131,10 +137,10 @@ class Templates:
             )
         if not digests:
             raise InvalidRequest(f"template {name!r} needs at least one layer")
-        if user != SANDBOX_USER:
+        if _USER.fullmatch(user) is None or (user.isdigit() and int(user) > 65535):
             raise InvalidRequest(
-                f"template {name!r} asks for user {user!r}; sandboxes run as {SANDBOX_USER!r} "
-                "only for now: leave the user out"
+                f"template {name!r} asks for user {user!r}: use root, user, a user name of "
+                "the template's /etc/passwd, or a uid from 0 to 65535"
             )
         if workdir is not None and (not workdir.startswith("/") or "\0" in workdir):
             raise InvalidRequest(f"workdir {workdir!r} must be an absolute path")

@@ -14,11 +14,12 @@ Attaching it to a sandbox (`attach`, as root):
    crashed process's mounts are unmounted by the reaper (each one is in its footprint),
    so no count of our own can drift.
 2. Mounted (nosuid, nodev) at a place of the sandbox's footprint, then bound *idmapped*
-   beside it and the first mount dropped: what the volume stores as owned by 0 appears
-   owned by the sandbox's host uid, and what that uid writes is stored as 0. So every
-   sandbox, whatever its uid slot, owns every file of the volume, even two at once,
-   without a chown of the tree on each attach (which would be slow, racy between two
-   sandboxes, and would follow the sandbox's symlinks as the host's root).
+   beside it with the sandbox's id range (`idrange`) and the first mount dropped: the
+   volume stores the ids as the sandbox sees them (its top directory is `user`'s, 1000),
+   like a template's layers. So every sandbox, whatever its uid slot, sees the same
+   owners — `user` owns what any sandbox's `user` wrote, even two at once — without a
+   chown of the tree on each attach (which would be slow, racy between two sandboxes,
+   and would follow the sandbox's symlinks as the host's root).
 3. bubblewrap binds that mount at the sandbox's path (`ro`: the mount is read-only too).
 
 `in_use` tells whether any sandbox still has it mounted (a mounted block device refuses
@@ -44,9 +45,11 @@ from corral.errors import (
     SandboxStartFailed,
     VolumeInUse,
 )
-from corral.isolation.disks import format_disk
+from corral.isolation import idrange
+from corral.isolation.disks import format_disk, mount_loop
 from corral.isolation.footprint import Footprint
-from corral.isolation.rootfs import _bind_idmapped, _mount_loop, _userns_mapping_root_to
+from corral.isolation.rootfs import _bind_idmapped
+from corral.isolation.templates import SANDBOX_UID
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 0x2, 0x4, 0x20
@@ -118,7 +121,7 @@ def _within(path: str, parent: str) -> bool:
 def create_image(image: Path, size_bytes: int) -> None:
     """Make the volume's image (it must not exist): an empty ext4 file system."""
     image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    format_disk(image, size_bytes, journal=True)
+    format_disk(image, size_bytes, journal=True, root_owner=SANDBOX_UID)
 
 
 def delete_image(image: Path) -> None:
@@ -148,9 +151,10 @@ def used_bytes(image: Path) -> int:
         return 0
 
 
-def attach(footprint: Footprint, index: int, volume: VolumeMount, uid: int, gid: int) -> Path:
-    """Mount `volume` for the sandbox of `footprint` (host uid `uid`); the mount to bind."""
-    userns_of = _userns_mapping_root_to(uid, gid)
+def attach(footprint: Footprint, index: int, volume: VolumeMount, first: int) -> Path:
+    """Mount `volume` for the sandbox of `footprint` (its ids start at host id `first`);
+    the mount to bind."""
+    userns_of = idrange.range_userns(first, 0)
     places = footprint.path / "volumes"
     places.mkdir(mode=0o711, exist_ok=True)  # bubblewrap runs as the sandbox uid
     raw, target = places / f"{index}.raw", places / str(index)
@@ -235,7 +239,7 @@ def _mount(fd: int, image: Path, target: Path) -> None:
     for _ in range(50):
         device = _loop_of(fd)
         if device is None:
-            _mount_loop(image, target)
+            mount_loop(image, target)
             # Deleting files gives their blocks back to the host's disk (the loop device
             # punches holes in the image): what a volume takes is what it holds now.
             if _libc.mount(None, str(target).encode(), None,
