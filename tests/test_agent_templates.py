@@ -152,16 +152,16 @@ async def test_the_agent_serves_every_call_in_a_template_without_python(
         ended = await sleeper.wait()
         assert (ended.reason, ended.signal) == ("killed", signal.SIGKILL)
         # Files: write, read, stat, list, mkdir, move, remove.
-        await box.write_file("/srv/in/data.bin", b"\x00bytes\xff")
-        assert await box.read_bytes("/srv/in/data.bin") == b"\x00bytes\xff"
-        assert (await box.stat("/srv/in/data.bin")).size == 7
-        assert await box.make_dir("/srv/out")
-        await box.rename("/srv/in/data.bin", "/srv/out/moved.bin")
-        assert [e.name for e in await box.list_dir("/srv/out")] == ["moved.bin"]
-        ran = await box.run([*bb, "cat", "/srv/out/moved.bin"])  # written by the agent
+        await box.write_file("/workspace/in/data.bin", b"\x00bytes\xff")
+        assert await box.read_bytes("/workspace/in/data.bin") == b"\x00bytes\xff"
+        assert (await box.stat("/workspace/in/data.bin")).size == 7
+        assert await box.make_dir("/workspace/out")
+        await box.rename("/workspace/in/data.bin", "/workspace/out/moved.bin")
+        assert [e.name for e in await box.list_dir("/workspace/out")] == ["moved.bin"]
+        ran = await box.run([*bb, "cat", "/workspace/out/moved.bin"])  # written by the agent
         assert ran.stdout == b"\x00bytes\xff"
-        await box.remove("/srv/out", recursive=True)
-        assert (await box.run([*bb, "ls", "/srv/out"])).exit_code == 1
+        await box.remove("/workspace/out", recursive=True)
+        assert (await box.run([*bb, "ls", "/workspace/out"])).exit_code == 1
     finally:
         await box.destroy()
 

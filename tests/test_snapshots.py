@@ -57,7 +57,7 @@ def engine_debian(
 ) -> Engine:
     require_backend(settings, "namespace")
     store, layer = debian_base
-    engine.templates.add("debian", store, [layer.digest])
+    engine.templates.add("debian", store, [layer.digest], user="root")
     return engine
 
 
@@ -98,7 +98,7 @@ async def test_a_snapshot_starts_sandboxes_that_see_the_changes_and_the_sandbox_
     # Owners are the ids inside the sandbox's user namespace, never host ids.
     assert all(st.st_uid < 65536 and st.st_gid < 65536 for _, st in _tree(layer.path))
 
-    engine_debian.templates.add("snap", store, digests)
+    engine_debian.templates.add("snap", store, digests, user="root")
     second = await engine_debian.create(template="snap", isolation="namespace")
     try:
         assert await _sh(second, "tool") == "tool ran\n"
@@ -157,7 +157,7 @@ async def test_a_flattened_snapshot_is_one_layer_with_the_same_tree(
     listing = "find / -xdev -printf '%p %y %m %U %G %s %l\\n' | sort"
     seen = []
     for name, layers in (("layered", digests), ("flat", (flat.digest,))):
-        engine_debian.templates.add(name, store, layers)
+        engine_debian.templates.add(name, store, layers, user="root")
         box = await engine_debian.create(template=name, isolation="namespace")
         try:
             seen.append(await _sh(box, listing))
@@ -252,7 +252,7 @@ async def test_what_a_hostile_sandbox_plants_in_its_upper_dir_is_neutralised(
     assert any("setuid" in line for line in layer.neutralised)
     assert any("trusted.evil" in line for line in layer.neutralised)
     # In a sandbox of it, the links lead into its own root, not the host's.
-    engine_debian.templates.add("planted", store, digests)
+    engine_debian.templates.add("planted", store, digests, user="root")
     other = await engine_debian.create(template="planted", isolation="namespace")
     try:
         assert (
@@ -316,7 +316,7 @@ async def test_a_running_sandbox_holds_its_layers_against_the_gc(
     box = await engine_debian.create(template="debian", isolation="namespace")
     await _sh(box, "echo mine > /workspace/mine")
     extra = await box.snapshot(store)
-    engine_debian.templates.add("short-lived", store, extra)
+    engine_debian.templates.add("short-lived", store, extra, user="root")
     other = await engine_debian.create(template="short-lived", isolation="namespace")
     await box.destroy()
     engine_debian.templates.remove("short-lived")

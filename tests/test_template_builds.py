@@ -144,7 +144,10 @@ COPY app/ ./
 COPY --chmod=0755 tool.sh /usr/local/bin/tool
 ADD bundle.tar.gz /opt/bundle/
 RUN echo "$GREETING $COLOUR" > built.txt && rm /etc/issue && tool > /srv/tool.out
-USER root
+RUN id -un > /srv/build-user && echo app:x:1500:1500::/srv/app:/bin/sh >> /etc/passwd \
+    && echo app:x:1500: >> /etc/group && chown 1500:1500 /srv/app
+USER app
+RUN id -un > whoami.txt
 EXPOSE 8080/tcp
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=1s CMD test -f /tmp/started
@@ -162,12 +165,12 @@ async def test_a_dockerfile_with_every_instruction_builds_a_template_sandboxes_s
     assert job.state == "succeeded", (job.state_reason, builds.logs(job.id))
     assert record.state == "ready" and record.error is None
     assert record.env == {"GREETING": "hello world", "MODE": "plain"}
-    assert (record.workdir, record.user) == ("/srv/app", "root")
+    assert (record.workdir, record.user) == ("/srv/app", "app")
     assert record.start_cmd == "touch /tmp/started; sleep 600"
     assert record.ready_cmd == "test -f /tmp/started"
     assert record.steps_total == len(plan.steps) and record.steps_cached == 0
     # The Debian base, then one layer per COPY, ADD and RUN.
-    assert len(record.layers) == 5 and record.size_bytes > 0
+    assert len(record.layers) == 7 and record.size_bytes > 0
     events = builds.events(job.id)
     assert ("step_start", f"step 2/{len(plan.steps)} ARG COLOUR blue") in events
     assert any(kind == "step_end" and "ready check" in reason for kind, reason in events)
@@ -178,7 +181,9 @@ async def test_a_dockerfile_with_every_instruction_builds_a_template_sandboxes_s
         script = (
             "pwd; cat built.txt hello.txt data/n.txt /opt/bundle/extracted.txt /srv/tool.out;"
             " echo $GREETING/$MODE; test -e /etc/issue || echo issue-gone;"
-            " test -x /usr/local/bin/tool && echo tool-executable; tool"
+            " test -x /usr/local/bin/tool && echo tool-executable; tool;"
+            # RUN as root until USER app; the sandboxes run as the last USER.
+            " cat /srv/build-user whoami.txt; id -un; echo x >> /etc/passwd || echo not-root"
         )
         ran = await box.run(["sh", "-c", script])
         assert ran.exit_code == 0, ran.stderr
@@ -193,6 +198,10 @@ async def test_a_dockerfile_with_every_instruction_builds_a_template_sandboxes_s
             "issue-gone",
             "tool-executable",
             "tool ran",
+            "root",
+            "app",
+            "app",
+            "not-root",
         ]
         # A live sandbox holds the template: it is not deleted under it.
         with pytest.raises(TemplateInUse, match=box.id):

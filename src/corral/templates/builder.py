@@ -15,9 +15,9 @@ build cache reuses its layer; editing step 5 changes the keys from 5 on, so 1-4 
 ready check (the plan's, with its start command running) must pass in a sandbox of the
 result within the request's ready timeout.
 
-RUN runs as the sandbox user (uid 1000 inside, the sandbox's own uid outside): it may
-write anywhere in `/`, and what it writes is stored as root's. Root inside template
-sandboxes needs a uid range per sandbox (not yet); then `USER` takes effect.
+RUN runs as the USER in effect (root unless the plan says otherwise, as in Docker): root
+of the sandbox's own id range, confined to it (`corral.isolation.idrange`); what it writes
+is stored with the ids it has inside. The template's sandboxes run as its last USER.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from corral.isolation import Sandbox
 from corral.network.policy import NetworkPolicy
 from corral.store.templates import TemplateRow
 from corral.templates._plan import plan_from_dict
-from corral.templates.catalog import TemplateCatalog, command_text
+from corral.templates.catalog import TemplateCatalog, account, command_text
 
 STDOUT, STDERR = 1, 2
 TAIL_BYTES = 2048  # of a failing step's output, in the template's error
@@ -159,7 +159,7 @@ class Builder:
                 "image, a template or a Debian base, or COPY files in)"
             )
         if meta.ready:
-            await self._ready_check(layers, env, workdir, meta.start, meta.ready)
+            await self._ready_check(layers, env, workdir, meta.user, meta.start, meta.ready)
         return BuildResult(
             layers=layers,
             env=env,
@@ -297,7 +297,7 @@ class Builder:
                 "has none (COPY one in first, or start from an image, a template or Debian)"
             )
         env = {**base_env, **state.env}
-        box = await self._sandbox(layers, env)
+        box = await self._sandbox(layers, env, state.user)
         try:
             if state.workdir != "/":
                 await box.make_dir(state.workdir)
@@ -310,8 +310,9 @@ class Builder:
             await box.destroy()
         return made[-1]
 
-    async def _sandbox(self, layers: list[str], env: Mapping[str, str]) -> Sandbox:
-        self.engine.templates.add(self.scratch, self.layers, layers, env=env)
+    async def _sandbox(self, layers: list[str], env: Mapping[str, str], user: str) -> Sandbox:
+        """A sandbox of `layers` whose commands and file calls run as `user` (USER)."""
+        self.engine.templates.add(self.scratch, self.layers, layers, env=env, user=account(user))
         return await self.engine.create(
             template=self.scratch, network=self.network, isolation="namespace"
         )
@@ -393,6 +394,7 @@ class Builder:
         layers: list[str],
         env: Mapping[str, str],
         workdir: str | None,
+        user: str,
         start: tuple[str, ...],
         ready: tuple[str, ...],
     ) -> None:
@@ -402,7 +404,7 @@ class Builder:
         label = f"ready check {command_text(ready)}"
         self.report.event("step_start", label, step=index, name="ready check", total=self.total)
         deadline = time.monotonic() + self.ready_timeout
-        box = await self._sandbox(layers, env)
+        box = await self._sandbox(layers, env, user)
         try:
             cwd = workdir or "/workspace"
             if start:

@@ -177,10 +177,13 @@ class TemplateCatalog:
 
     def _register(self, row: TemplateRow) -> None:
         if row.id not in self.engine.templates.names():
-            # Sandboxes run as the sandbox user whatever USER the build ended with (the
-            # row keeps it); root inside template sandboxes comes with uid ranges.
             self.engine.templates.add(
-                row.id, self.layers, row.layers, env=row.env, workdir=row.workdir
+                row.id,
+                self.layers,
+                row.layers,
+                env=row.env,
+                workdir=row.workdir,
+                user=account(row.user),
             )
         # A version another process replaced (its row is gone) is let go here too.
         old = self._serving_ids.get((row.team_id, row.name))
@@ -489,6 +492,7 @@ class TemplateCatalog:
                     layers,
                     env=changes.get("env", row.env),
                     workdir=changes.get("workdir", row.workdir),
+                    user=account(str(changes.get("user", row.user))),
                 )
         try:
             done, old = self.store.finish_template(template_id, state, **self._quotas(), **changes)
@@ -506,6 +510,11 @@ class TemplateCatalog:
     def _forget(self, template_id: str) -> None:
         if template_id in self.engine.templates.names():
             self.engine.templates.remove(template_id)
+
+
+def account(user: str) -> str:
+    """The account a USER value names for a sandbox (`app:app` -> `app`; empty: root)."""
+    return user.partition(":")[0] or "root"
 
 
 def command_text(argv: Sequence[str]) -> str | None:
