@@ -218,16 +218,17 @@ class AsyncVm:
     async def hello(
         name: str,
         *,
+        timeout: float | None = 120,
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
     ) -> CommandResult:
-        """Run the vm's language's hello world (it prints `hello`)."""
+        """Run the vm's language's hello world (it prints `hello`; Go's builds it first,
+        hence the longer `timeout`)."""
         info = await AsyncVm.get(name, server=server, api_key=api_key, context=context)
         command = language_base(info.language).hello
-        return await AsyncVm.run(
-            name, command, cwd="/tmp", server=server, api_key=api_key, context=context
-        )
+        connect = _connect(server, api_key, context)
+        return await AsyncVm.run(name, command, cwd="/tmp", timeout=timeout, **connect)
 
     @staticmethod
     async def download(
