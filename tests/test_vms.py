@@ -149,3 +149,11 @@ def test_a_name_taken_is_refused_and_another_team_sees_no_vm(vserver: LiveServer
         with pytest.raises(UnknownVm):
             call(py, **other)
     assert Vm.get(py, **opts(vserver)).name == py  # untouched
+
+
+def test_a_volume_refused_leaves_no_vm_and_starts_no_build(vserver: LiveServer) -> None:
+    # Past CORRAL_VOLUME_MAX_MIB: refused by the volumes after the vm's row was written.
+    with pytest.raises(InvalidRequest, match="CORRAL_VOLUME_MAX_MIB"):
+        Vm.create("big", language="ruby", persist=True, persist_mib=1 << 20, **opts(vserver))
+    assert "big" not in {v.name for v in Vm.list(all=True, **opts(vserver))}
+    assert "lang-ruby" not in {t.name for t in Template.list(**opts(vserver))}

@@ -96,16 +96,23 @@ class VmHandlers(Handlers):
         manager.network_cap.check(spec.network_policy(), team.name)
         store = manager.store
         store.insert_vm(self._row(team, spec))  # VmExists for a name the team has
+        made_volume = False
         try:
-            await self._ensure_template(team, spec)
+            # The volume first: refused (its quota), no template build has started.
             if spec.volume is not None:
-                # One kept by `vm clean --keep-persist`: the new vm has its data back.
-                with contextlib.suppress(VolumeExists):
+                try:
                     await asyncio.to_thread(
                         manager.volumes.create, team, spec.volume, spec.persist_mib
                     )
+                    made_volume = True
+                except VolumeExists:
+                    pass  # kept by `vm clean --keep-persist`: the new vm has its data back
+            await self._ensure_template(team, spec)
         except BaseException:
-            store.delete_vm(team.id, spec.name)  # refused: nothing is left of it
+            # Refused: nothing is left of it.
+            if made_volume and spec.volume is not None:
+                await asyncio.to_thread(manager.volumes.delete, team, spec.volume)
+            store.delete_vm(team.id, spec.name)
             raise
         return pb.CreateVmResponse(vm=await self._message(team, store.vm(team.id, spec.name)))
 
