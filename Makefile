@@ -13,13 +13,16 @@ DEBIAN_PACKAGES += mmdebstrap dpkg-dev apt-utils
 DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.
 DEBIAN_ARCHIVE := .cache/debian
-PYTEST_ARGS ?=
+# `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help setup system-packages python-env debian-archive test test-unit test-integration test-acceptance lint bench run doctor proto clean
+.PHONY: help setup system-packages python-env debian-archive test test-unit test-integration test-acceptance test-slow lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
-	@echo "make test   - set up, then run the whole test suite (all three tiers)"
+	@echo "make test   - set up, then run the whole test suite (all three tiers) but the slow tests"
+	@echo "make test-slow - only the slow tests (pytest -m slow: the vm languages other than"
+	@echo "              python, whose first template builds take minutes each)"
 	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
 	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
 	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
@@ -65,13 +68,16 @@ test: setup
 
 # The tiers (assigned in tests/conftest.py): unit is pure logic and needs no system packages.
 test-unit: python-env
-	@$(UV) run --frozen pytest -m unit $(PYTEST_ARGS)
+	@$(UV) run --frozen pytest $(PYTEST_ARGS) -m "unit and not slow"
 
 test-integration: setup
-	@$(UV) run --frozen pytest -m integration $(PYTEST_ARGS)
+	@$(UV) run --frozen pytest $(PYTEST_ARGS) -m "integration and not slow"
 
 test-acceptance: setup
-	@$(UV) run --frozen pytest -m acceptance $(PYTEST_ARGS)
+	@$(UV) run --frozen pytest $(PYTEST_ARGS) -m "acceptance and not slow"
+
+test-slow: setup
+	@$(UV) run --frozen pytest -m slow
 
 lint: python-env
 	@$(UV) run --frozen ruff check src tests benchmarks scripts && \

@@ -22,6 +22,7 @@ if _typing.TYPE_CHECKING:
         AsyncJobs,
         AsyncSandbox,
         AsyncTemplate,
+        AsyncVm,
         AsyncVolume,
         BuildLog,
         CallbackStatus,
@@ -42,6 +43,8 @@ if _typing.TYPE_CHECKING:
         SandboxInfo,
         Template,
         TemplateInfo,
+        Vm,
+        VmInfo,
         Volume,
         VolumeInfo,
         VolumeSpec,
@@ -50,6 +53,9 @@ if _typing.TYPE_CHECKING:
     from corral.errors import CorralError
 
 _LAZY = {
+    "Vm": "corral.client",
+    "VmInfo": "corral.client",
+    "AsyncVm": "corral.client",
     "VolumeSpec": "corral.client",
     "VolumeInfo": "corral.client",
     "Volume": "corral.client",
@@ -86,6 +92,7 @@ __all__ = [
     "AsyncJobs",
     "AsyncSandbox",
     "AsyncTemplate",
+    "AsyncVm",
     "AsyncVolume",
     "BuildLog",
     "CallbackStatus",
@@ -107,6 +114,8 @@ __all__ = [
     "SandboxInfo",
     "Template",
     "TemplateInfo",
+    "Vm",
+    "VmInfo",
     "Volume",
     "VolumeInfo",
     "VolumeSpec",

@@ -12,10 +12,13 @@
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
     │   ├── UnknownLayer          no stored layer has that digest
     │   ├── UnknownVolume         the team has no volume of that name
-    │   └── TemplateNotFound      the caller's team has no template of that name
+    │   ├── TemplateNotFound      the caller's team has no template of that name
+    │   └── UnknownVm             the team has no vm of that name
     ├── LayerInUse                a template or sandbox still uses the layer
     ├── VolumeInUse               a running sandbox has the volume mounted
     ├── VolumeExists              the team has a volume of that name already
+    ├── VmExists                  the team has a vm of that name already
+    ├── VmNotReady                the vm's language template is building or failed
     ├── TemplateInUse             live sandboxes use the template: it cannot be deleted
     ├── BuildFailed               a template build's step or ready check failed
     ├── ImagePullFailed           skopeo could not fetch the image (registry, auth, archive)
@@ -121,6 +124,18 @@ class VolumeExists(CorralError):
 
 class TemplateNotFound(NotFound):
     """Your team has no template of that name; list them with `corral template list`."""
+
+
+class UnknownVm(NotFound):
+    """The team has no vm of that name; `corral vm list --all` shows its vms."""
+
+
+class VmExists(CorralError):
+    """The team has a vm of that name already; choose another name or clean it."""
+
+
+class VmNotReady(CorralError):
+    """The vm's language template is not ready: wait for its build, or create it again."""
 
 
 class LayerInUse(CorralError):

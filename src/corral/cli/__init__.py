@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.cli import admin, context, job, run, sandbox, template, volume
+from corral.cli import admin, context, job, run, sandbox, template, vm, volume
 from corral.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -62,6 +62,7 @@ def parser() -> Parser:
     job.add_commands(commands)
     volume.add_commands(commands)
     template.add_commands(commands)
+    vm.add_commands(commands)
     context.add_commands(commands)
     admin.add_commands(commands)
     return root

@@ -37,6 +37,7 @@ if _typing.TYPE_CHECKING:
         ProcessInfo,
         SandboxInfo,
         TemplateInfo,
+        VmInfo,
         VolumeInfo,
         WriteEntry,
     )
@@ -48,13 +49,18 @@ if _typing.TYPE_CHECKING:
         Jobs,
         Sandbox,
         Template,
+        Vm,
         Volume,
     )
     from corral.client._templates import AsyncTemplate
+    from corral.client._vms import AsyncVm
     from corral.client._volumes import AsyncVolume
     from corral.volumes import VolumeSpec
 
 _LAZY = {
+    "Vm": "corral.client._sync",
+    "VmInfo": "corral.client._models",
+    "AsyncVm": "corral.client._vms",
     "VolumeSpec": "corral.volumes",
     "VolumeInfo": "corral.client._models",
     "Volume": "corral.client._sync",
@@ -99,6 +105,7 @@ __all__ = [
     "AsyncJobs",
     "AsyncSandbox",
     "AsyncTemplate",
+    "AsyncVm",
     "AsyncVolume",
     "BuildLog",
     "CallbackStatus",
@@ -124,6 +131,8 @@ __all__ = [
     "SandboxInfo",
     "Template",
     "TemplateInfo",
+    "Vm",
+    "VmInfo",
     "Volume",
     "VolumeInfo",
     "VolumeSpec",

@@ -16,6 +16,7 @@ from corral.client._config import ClientSettings
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 from corral.v1.templates_connect import TemplateServiceClient
+from corral.v1.vms_connect import VmServiceClient
 from corral.v1.volumes_connect import VolumeServiceClient
 
 REQ = TypeVar("REQ")
@@ -53,6 +54,7 @@ class Connection:
         self._jobs: JobServiceClient | None = None
         self._templates: TemplateServiceClient | None = None
         self._volumes: VolumeServiceClient | None = None
+        self._vms: VmServiceClient | None = None
         # Readers of background commands' output: `aclose` stops them, or their open
         # streams would keep the server's graceful shutdown waiting its whole grace.
         self._followers: set[asyncio.Task[Any]] = set()
@@ -72,6 +74,14 @@ class Connection:
                 self.settings.server, accept_compression=(), send_compression=None
             )
         return self._volumes
+
+    @property
+    def vms(self) -> VmServiceClient:
+        if self._vms is None:
+            self._vms = VmServiceClient(
+                self.settings.server, accept_compression=(), send_compression=None
+            )
+        return self._vms
 
     @property
     def templates(self) -> TemplateServiceClient:
@@ -127,5 +137,7 @@ class Connection:
             await self._jobs.close()
         if self._volumes is not None:
             await self._volumes.close()
+        if self._vms is not None:
+            await self._vms.close()
         if self._templates is not None:
             await self._templates.close()

@@ -16,6 +16,7 @@ from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as jobs_pb
 from corral.v1 import sandbox_pb2 as pb
 from corral.v1 import templates_pb2 as templates_pb
+from corral.v1 import vms_pb2 as vms_pb
 from corral.v1 import volumes_pb2 as volumes_pb
 from corral.volumes import VolumeSpec
 
@@ -179,6 +180,43 @@ class VolumeInfo:
             size_mib=volume.size_mib,
             created_at=_time(volume.created_at, volume.HasField("created_at")),
             used_bytes=volume.used_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A vm (`corral vm`) as the server last described it. `state` is building (its
+    language template builds), failed (that build failed: `error`), stopped or running
+    (its sandbox is `sandbox_id`)."""
+
+    name: str
+    language: str
+    cpu: float
+    memory_mib: int
+    network: str
+    persist: bool
+    created_at: datetime | None
+    state: str
+    sandbox_id: str | None
+    template: str
+    volume: str | None
+    error: str | None
+
+    @classmethod
+    def from_proto(cls, vm: vms_pb.Vm) -> VmInfo:
+        return cls(
+            name=vm.name,
+            language=vm.language,
+            cpu=vm.cpu,
+            memory_mib=vm.memory_mib,
+            network=vm.network,
+            persist=vm.persist,
+            created_at=_time(vm.created_at, vm.HasField("created_at")),
+            state=vm.state,
+            sandbox_id=vm.sandbox_id or None,
+            template=vm.template,
+            volume=vm.volume or None,
+            error=vm.error or None,
         )
 
 

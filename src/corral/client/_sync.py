@@ -21,6 +21,7 @@ from corral.client._models import BuildLog, CommandResult, Network, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
 from corral.client._sandbox import AsyncSandbox, kill_by_id
 from corral.client._templates import AsyncTemplate, TemplateBuilder
+from corral.client._vms import AsyncVm
 from corral.client._volumes import AsyncVolume
 from corral.errors import InvalidRequest
 
@@ -304,6 +305,31 @@ class Volume:
 
 def _same(value: R) -> R:
     return value
+
+
+class Vm:
+    """Your team's vms (sync API; `AsyncVm` for asyncio).
+
+    Vm.create("py", language="python", persist=True)      # waits for its template
+    print(Vm.run("py", "python3 main.py", files=["main.py"]).stdout)   # run in /in
+    Vm.stop("py"); Vm.delete("py", keep_persist=True)
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise InvalidRequest(
+            "Vm has no instances: use Vm.create(name, language=...), .get, .list, .start, "
+            ".stop, .delete, .run or .hello"
+        )
+
+    create = staticmethod(bridge_factory(AsyncVm.create, _same))
+    get = staticmethod(bridge_factory(AsyncVm.get, _same))
+    list = staticmethod(bridge_factory(AsyncVm.list, _same))
+    start = staticmethod(bridge_factory(AsyncVm.start, _same))
+    stop = staticmethod(bridge_factory(AsyncVm.stop, _same))
+    delete = staticmethod(bridge_factory(AsyncVm.delete, _same))
+    run = staticmethod(bridge_factory(AsyncVm.run, _same))
+    hello = staticmethod(bridge_factory(AsyncVm.hello, _same))
+    download = staticmethod(bridge_factory(AsyncVm.download, _same))
 
 
 class Template(TemplateBuilder):

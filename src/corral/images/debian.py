@@ -17,7 +17,7 @@ from pathlib import Path
 from corral.errors import ImagePullFailed, InvalidRequest
 from corral.images._store import Layer, LayerStore
 
-__all__ = ["DEFAULT_MIRROR", "VARIANTS", "bootstrap", "bootstrap_layer"]
+__all__ = ["DEFAULT_MIRROR", "VARIANTS", "bootstrap", "bootstrap_layer", "host_suite"]
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # mmdebstrap's variants that give a usable system (`extract`/`custom` give no dpkg state).
@@ -25,6 +25,24 @@ VARIANTS = ("essential", "apt", "minbase", "buildd", "required", "important", "s
 _SUITE = re.compile(r"[a-z][a-z0-9.-]{0,31}")
 _PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]{0,127}(=[A-Za-z0-9.+~:-]{1,64})?")
 _LOCAL_MIRROR = ("copy://", "file://")
+
+
+def host_suite(os_release: Path = Path("/etc/os-release")) -> str:
+    """The host's Debian or Ubuntu suite (VERSION_CODENAME): the suite of bases built
+    for the host's own use (`corral vm`'s language templates), so that its mirror serves
+    them. InvalidRequest on a host that names none."""
+    try:
+        lines = os_release.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key == "VERSION_CODENAME" and _SUITE.fullmatch(value.strip().strip('"')):
+            return value.strip().strip('"')
+    raise InvalidRequest(
+        f"{os_release} names no Debian or Ubuntu suite (VERSION_CODENAME): language "
+        "bases are built for the host's suite"
+    )
 
 
 def _check(suite: str, variant: str, include: Sequence[str], mirror: str) -> None:

@@ -41,11 +41,13 @@ from corral.server.requests import (
 )
 from corral.server.service import HealthService, SandboxService
 from corral.server.templates import TemplateHandlers
+from corral.server.vms import VmHandlers
 from corral.server.volumes import VolumeService
 from corral.v1.health_connect import HealthServiceASGIApplication
 from corral.v1.jobs_connect import JobServiceASGIApplication
 from corral.v1.sandbox_connect import SandboxServiceASGIApplication
 from corral.v1.templates_connect import TemplateServiceASGIApplication
+from corral.v1.vms_connect import VmServiceASGIApplication
 from corral.v1.volumes_connect import VolumeServiceASGIApplication
 
 if TYPE_CHECKING:
@@ -62,8 +64,9 @@ _HEALTH_PREFIX = "/corral.v1.HealthService/"
 _JOB_PREFIX = "/corral.v1.JobService/"
 _VOLUME_PREFIX = "/corral.v1.VolumeService/"
 _TEMPLATE_PREFIX = "/corral.v1.TemplateService/"
+_VM_PREFIX = "/corral.v1.VmService/"
 # The services that need an API key (HealthService does not).
-_KEYED_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX, _TEMPLATE_PREFIX)
+_KEYED_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX, _TEMPLATE_PREFIX, _VM_PREFIX)
 _API_PREFIXES = (*_KEYED_PREFIXES, _HEALTH_PREFIX)
 
 
@@ -133,6 +136,12 @@ class CorralApp:
             read_max_bytes=max_message_bytes,
             compressions=gzip,
         )
+        self._vm_app: ASGIApp = VmServiceASGIApplication(
+            VmHandlers(self.services),
+            interceptors=interceptors,
+            read_max_bytes=max_message_bytes,
+            compressions=gzip,
+        )
         self._health_app: ASGIApp = HealthServiceASGIApplication(
             HealthService(),
             interceptors=interceptors,
@@ -168,6 +177,8 @@ class CorralApp:
                 app = self._job_app
             elif path.startswith(_VOLUME_PREFIX):
                 app = self._volume_app
+            elif path.startswith(_VM_PREFIX):
+                app = self._vm_app
             else:
                 app = self._template_app
             await app(scope, disconnect.watch(receive), send)

@@ -354,3 +354,19 @@ build_cache = sa.Table(
     sa.Column("last_used_at", UTCDateTime, nullable=False),
     sa.Index(None, "layer"),
 )
+
+# Vms (`corral vm`): a team's named sandbox definitions. `sandbox_id` is the sandbox the
+# vm last started (running while that sandbox is); its /persist volume is `vm-<name>`.
+vms = sa.Table(
+    "vms",
+    metadata,
+    sa.Column("team_id", ID, sa.ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("language", sa.String(16), nullable=False),
+    sa.Column("cpu", sa.Float, nullable=False),
+    sa.Column("memory_mib", sa.Integer, nullable=False),
+    sa.Column("network", sa.String(16), nullable=False),
+    sa.Column("persist", sa.Boolean, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("sandbox_id", ID, nullable=True),
+)

@@ -7,12 +7,13 @@ from corral.store.metrics import MetricStore
 from corral.store.sandboxes import SandboxStore
 from corral.store.teams import TeamStore
 from corral.store.templates import TemplateStore
+from corral.store.vms import VmStore
 from corral.store.volumes import VolumeStore
 
 
-class Store(TeamStore, SandboxStore, MetricStore, JobStore, VolumeStore, TemplateStore):
+class Store(TeamStore, SandboxStore, MetricStore, JobStore, VolumeStore, TemplateStore, VmStore):
     """Corral's durable state: teams and keys, sandboxes and their events, metrics, jobs,
-    volumes, templates and the build cache.
+    volumes, templates and the build cache, vms.
 
     store = Store.open(settings)            # SQLite at <data_dir>/corral.db, migrated
     store = Store.open(settings, url="postgresql+psycopg://…")
