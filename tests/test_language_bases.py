@@ -14,16 +14,20 @@ from corral.limits import Limits
 from tests.conftest import require_backend
 from tests.kit.debian import base_layer, needs_archive
 
-# The guest agent needs python3 in every template until it is self-contained.
-AGENT = ("python3",)
-
 
 @pytest.mark.sandbox
 @pytest.mark.timeout(600)  # a first bootstrap of each base: 20-90 s on the shared cores
 @pytest.mark.parametrize(
     "language",
     [
-        pytest.param(name, marks=needs_archive(*base.packages, *AGENT))
+        # python in `make test`; the others bootstrap 30-130 s each: `make test-slow`.
+        pytest.param(
+            name,
+            marks=[
+                *needs_archive(*base.packages),
+                *([] if name == "python" else [pytest.mark.slow]),
+            ],
+        )
         for name, base in LANGUAGES.items()
     ],
 )
@@ -33,7 +37,7 @@ async def test_a_language_base_runs_its_hello_world(
     require_backend(settings, "namespace")
     base = language_base(language)
     store = LayerStore(settings.data_dir / "templates")
-    layer = base_layer(store, sorted({*base.packages, *AGENT}))  # one cached tar per set
+    layer = base_layer(store, base.packages)  # one cached tar per package set
     engine.templates.add(language, store, [layer.digest])
     box = await engine.create(
         template=language, isolation="namespace", limits=Limits(memory_mib=1024)
