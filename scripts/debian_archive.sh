@@ -2,8 +2,9 @@
 # A local Debian archive for tests: the .debs a minimal base needs (mmdebstrap's essential
 # set + apt + python3, whose standard library the guest agent needs: json and ctypes,
 # which python3-minimal lacks), busybox-static (the OCI tests build a small image
-# from it) and musl (with it, a musl-based image: the self-contained guest agent's
-# tests), downloaded once from this host's own apt sources and
+# from it), musl (with it, a musl-based image: the self-contained guest agent's
+# tests) and python3-numpy + python3-pandas (the data-science template's test makes its
+# image offline from them), downloaded once from this host's own apt sources and
 # indexed as a flat file:// repository. Tests bootstrap root filesystems from it offline
 # (the network rule: no test reaches the real archive).
 #
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 dir=$(realpath -m "${1:?usage: $0 DIR}")
-packages="apt,python3-minimal,python3,busybox-static,musl,nodejs,ruby,golang-go"
+packages="apt,python3-minimal,python3,busybox-static,musl,nodejs,ruby,golang-go,python3-numpy,python3-pandas"
 if [ -f "$dir/Release" ] && [ "$(cat "$dir/packages" 2>/dev/null)" = "$packages" ]; then
   exit 0
 fi

@@ -401,8 +401,8 @@ class TemplateCatalog:
     ) -> TemplateRecord:
         """A ready template `name` of the team's live sandbox's `/` as it is now: its
         template's layers and one of what it changed (or, with `flatten`, all of it merged
-        into one layer), with its template's environment and working directory (replacing
-        the team's template of that name)."""
+        into one layer), with its template's environment, working directory and user
+        (replacing the team's template of that name)."""
         check_name(name)
         if self.manager is None:
             raise InvalidRequest("this process runs no sandboxes to snapshot; ask the server")
@@ -425,6 +425,7 @@ class TemplateCatalog:
             source="snapshot",
             env=rootfs.env,
             workdir=rootfs.workdir,
+            user=rootfs.user,  # a USER's template snapshots as that user, not as root
         )
 
     # -- templates made of stored layers ----------------------------------------------------
@@ -438,9 +439,11 @@ class TemplateCatalog:
         source: str,
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
+        user: str = "root",
     ) -> TemplateRecord:
         """Record a ready template of layers already in the store (a Debian base, a
-        snapshot), replacing the team's template of that name."""
+        snapshot), replacing the team's template of that name; its sandboxes run as
+        `user`."""
         check_name(name)
         if source not in SOURCES:
             raise InvalidRequest(f"source {source!r} is unknown; use one of {', '.join(SOURCES)}")
@@ -455,7 +458,7 @@ class TemplateCatalog:
             layers=list(digests),
             env=dict(env or {}),
             workdir=workdir,
-            user="root",
+            user=user,
             start_cmd=None,
             ready_cmd=None,
             size_bytes=size,
