@@ -28,6 +28,7 @@ from corral.client import Sandbox
 from corral.config import Settings
 from tests.conftest import LiveServer, opts, require_backend, start_server
 from tests.kit.debian import base_tar, needs_archive
+from tests.kit.oci_images import HAVE_REGISTRY, base_layer, start_registry, write_layout
 
 PACKAGES = ("python3", "python3-numpy", "python3-pandas")
 pytestmark = [
@@ -206,3 +207,30 @@ def test_a_failing_build_time_check_fails_the_build(
     assert "step 2/2 RUN" in done.stderr and "No module named 'sklearn'" in done.stderr
     got = json.loads(dserver.corral("template", "get", "ds-broken", "-o", "json").stdout)
     assert got["state"] == "failed" and "sklearn" in got["error"]
+
+
+@pytest.mark.skipif(not HAVE_REGISTRY, reason="docker-registry: make setup")
+def test_from_in_docker_form_pulls_from_that_registry(dserver: LiveServer, tmp_path: Path) -> None:
+    """`FROM HOST/NAME:TAG`, as Dockerfiles write it (docker.io/library/python:3.12-slim),
+    is that registry's image; a name without a host is refused before anything is
+    fetched, saying how to write it."""
+    layout = write_layout(tmp_path / "layout", [base_layer()])
+    with start_registry(tmp_path, None) as registry:
+        registry.push(layout, "corral/tiny:1")
+        (tmp_path / "Dockerfile").write_text(f"FROM {registry.host}/corral/tiny:1\nENV A=1\n")
+        done = dserver.corral(
+            "template", "build", "tiny", "-f", str(tmp_path / "Dockerfile"), str(tmp_path),
+            timeout=BUILD_TIMEOUT,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"pulling {registry.host}/corral/tiny:1" in done.stdout
+    info = json.loads(dserver.corral("template", "get", "tiny", "-o", "json").stdout)
+    assert info["state"] == "ready" and len(info["layers"]) == 1 and info["env"]["A"] == "1"
+
+    (tmp_path / "Dockerfile").write_text("FROM python:3.12-slim\n")
+    done = dserver.corral(
+        "template", "build", "hostless", "-f", str(tmp_path / "Dockerfile"), str(tmp_path),
+        timeout=BUILD_TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "docker.io/library/python:3.12-slim" in done.stderr, done.stderr

@@ -29,6 +29,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -46,6 +47,13 @@ from corral.images._store import _DIGEST, Layer, LayerStore
 __all__ = ["Image", "ImageConfig", "oci_whiteouts", "overlay_whiteouts", "pull"]
 
 _LOCAL_TRANSPORTS = ("docker-archive:", "oci-archive:", "oci:")
+# A repository path, tag and digest as Docker's reference grammar spells them (what
+# follows the registry host in `FROM docker.io/library/python:3.12-slim`).
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOCKER_NAME = re.compile(
+    rf"{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+    r"(?:@sha256:[0-9a-f]{64})?"
+)
 _MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _LAYER_TYPES = {
     "application/vnd.oci.image.layer.v1.tar": "tar",
@@ -174,13 +182,38 @@ def _is_loopback(hostport: str) -> bool:
         return False
 
 
+_HOSTPORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d+)?")
+
+
+def _is_registry_host(hostport: str) -> bool:
+    """Docker's rule: the first part of a name is a registry host when it has a dot or a
+    port, or is localhost."""
+    return ("." in hostport or ":" in hostport or hostport == "localhost") and bool(
+        _HOSTPORT.fullmatch(hostport)
+    )
+
+
 def _source(reference: str) -> tuple[str, str | None]:
-    """skopeo's source argument for `reference`, and its registry host for docker://."""
+    """skopeo's source argument for `reference`, and its registry host for docker://.
+    Docker's form with its registry host (`docker.io/library/python:3.12`, what a
+    Dockerfile's FROM says) is the docker:// one; without a host it is refused, as
+    docker:// without one is: Corral never guesses a registry."""
     if not reference.isprintable() or reference != reference.strip():
         raise InvalidRequest(f"{reference!r} is not an image reference")
+    if not reference.startswith(("docker://", *_LOCAL_TRANSPORTS)):
+        hostport, slash, name = reference.partition("/")
+        if slash and _is_registry_host(hostport) and _DOCKER_NAME.fullmatch(name):
+            reference = f"docker://{reference}"
+        elif _DOCKER_NAME.fullmatch(reference):
+            library = "" if "/" in reference else "library/"
+            raise InvalidRequest(
+                f"{reference!r} names no registry host; write it in full, e.g. "
+                f"docker.io/{library}{reference} (Docker Hub), or name one of your "
+                "team's templates"
+            )
     if reference.startswith("docker://"):
         hostport, slash, _name = reference.removeprefix("docker://").partition("/")
-        if not slash or not ("." in hostport or ":" in hostport or hostport == "localhost"):
+        if not slash or not _is_registry_host(hostport):
             raise InvalidRequest(
                 f"{reference!r} names no registry host; write it in full, "
                 "e.g. docker://registry.example.com/team/image:tag"
@@ -197,8 +230,8 @@ def _source(reference: str) -> tuple[str, str | None]:
             # Absolute, so no path can read as one of skopeo's options.
             return f"{transport}{os.path.abspath(path)}{colon}{rest}", None
     raise InvalidRequest(
-        f"{reference!r} is not an image Corral imports; use docker://HOST/NAME:TAG, "
-        "docker-archive:PATH, oci-archive:PATH or oci:DIR[:TAG]"
+        f"{reference!r} is not an image Corral imports; use HOST/NAME:TAG (or "
+        "docker://HOST/NAME:TAG), docker-archive:PATH, oci-archive:PATH or oci:DIR[:TAG]"
     )
 
 
@@ -299,10 +332,10 @@ def pull(
     max_bytes: int | None = None,
     timeout: float = 600.0,
 ) -> Image:
-    """Import the image `reference` (docker://HOST/NAME[:TAG|@DIGEST], docker-archive:PATH,
-    oci-archive:PATH, oci:DIR[:TAG]) into `store`. `auth` is (user, password) for the
-    registry, handed to skopeo in a private file (never on its command line). TLS is
-    verified except for a loopback registry or `insecure=True`. QuotaExceeded past
+    """Import the image `reference` ([docker://]HOST/NAME[:TAG|@DIGEST],
+    docker-archive:PATH, oci-archive:PATH, oci:DIR[:TAG]) into `store`. `auth` is (user,
+    password) for the registry, handed to skopeo in a private file (never on its command
+    line). TLS is verified except for a loopback registry or `insecure=True`. QuotaExceeded past
     `max_bytes` of file data in all layers, and (from a registry) past `max_bytes` of
     blobs downloaded; nothing is left in staging on any failure."""
     source, host = _source(reference)
