@@ -22,6 +22,12 @@ queue, worker and SQLite store) from `TemplateCatalog.build` to the job's end: f
 first step changed each time, so no step is cached) then again unchanged (every step from
 the cache), alternating; medians of a few.
 
+The data-science template (issue 13's "done means"), when the archive has python3-numpy
+and python3-pandas (scripts/debian_archive.sh lists them): a Debian base with both, timed
+in the same alternation from the create call to the result of `true` and to the output of
+`python3 -c "import pandas"` (numpy and pandas loaded: the first useful output), and the
+idle memory of such a sandbox.
+
 The machine's load moves the ratio by ±0.15 from run to run: compare medians of runs.
 """
 
@@ -59,6 +65,14 @@ ARCHIVE = Path(
     os.environ.get("CORRAL_TEST_DEBIAN_ARCHIVE")
     or Path(__file__).resolve().parent.parent / ".cache" / "debian"
 )
+DATA_SCIENCE = ("python3", "python3-numpy", "python3-pandas")
+IMPORT_PANDAS = ["python3", "-c", "import pandas; print(pandas.__version__)"]
+
+
+def archive_has(packages: tuple[str, ...]) -> bool:
+    listed = (ARCHIVE / "Packages").read_text().splitlines()
+    have = {line.split(":", 1)[1].strip() for line in listed if line.startswith("Package:")}
+    return set(packages) <= have
 
 
 def suite() -> str:
@@ -72,7 +86,9 @@ def suite() -> str:
 TEMPLATE_PYTHON = GuestRuntime("/usr/bin/python3", None, (), ("/usr/bin/python3",))
 
 
-async def first_output(engine: Engine, template: str, template_python: bool = False) -> float:
+async def first_output(
+    engine: Engine, template: str, template_python: bool = False, argv: tuple[str, ...] = ("true",)
+) -> float:
     if template_python:
         namespace.guest_runtime = lambda python: TEMPLATE_PYTHON  # type: ignore[attr-defined,assignment]
     try:
@@ -80,7 +96,7 @@ async def first_output(engine: Engine, template: str, template_python: bool = Fa
         sandbox = await engine.create(template=template, isolation="namespace")
     finally:
         namespace.guest_runtime = agent_install.guest_runtime  # type: ignore[attr-defined]
-    result = await sandbox.run(["true"])
+    result = await sandbox.run(list(argv))
     elapsed = (time.perf_counter() - start) * 1000
     assert result.ok, result
     await sandbox.destroy()
@@ -100,6 +116,11 @@ async def main(quick: bool) -> dict[str, Any]:
         store = LayerStore(scratch / "data" / "templates")
         layer = store.import_dir(rootfs)
         shutil.rmtree(rootfs)
+        ds_layer: Layer | None = None
+        if archive_has(DATA_SCIENCE):
+            bootstrap(suite(), rootfs, mirror=mirror, include=DATA_SCIENCE)
+            ds_layer = store.import_dir(rootfs)
+            shutil.rmtree(rootfs)
         settings = Settings(
             data_dir=scratch / "data", runtime_dir=scratch / "run", cgroup_parent="corral-bench"
         )
@@ -109,20 +130,50 @@ async def main(quick: bool) -> dict[str, Any]:
         check_ms = (time.perf_counter() - start) * 1000
         async with Engine(settings) as engine:
             engine.templates.add("debian", store, [layer.digest])
+            if ds_layer is not None:
+                engine.templates.add("data-science", store, [ds_layer.digest])
+            ds_true: list[float] = []
+            ds_pandas: list[float] = []
             host: list[float] = []
             debian: list[float] = []
             own_python: list[float] = []
             for name, own in (("host", False), ("debian", False), ("debian", True)):
                 await first_output(engine, name, own)  # warm caches (agent install, probes)
+            if ds_layer is not None:  # and pandas' files in the page cache
+                await first_output(engine, "data-science", argv=tuple(IMPORT_PANDAS))
             for _ in range(runs):
                 host.append(await first_output(engine, "host"))
                 debian.append(await first_output(engine, "debian"))
                 own_python.append(await first_output(engine, "debian", template_python=True))
+                if ds_layer is not None:
+                    ds_true.append(await first_output(engine, "data-science"))
+                    ds_pandas.append(
+                        await first_output(engine, "data-science", argv=tuple(IMPORT_PANDAS))
+                    )
             sandbox = await engine.create(template="debian", isolation="namespace")
             await sandbox.run(["true"])
             await asyncio.sleep(0.5)
             idle = idle_cost(sandbox)
             await sandbox.destroy()
+            data_science: dict[str, Any] = {"data_science": "the archive lacks numpy/pandas"}
+            if ds_layer is not None:
+                sandbox = await engine.create(template="data-science", isolation="namespace")
+                await sandbox.run(["true"])
+                await asyncio.sleep(0.5)
+                ds_idle = idle_cost(sandbox)
+                await sandbox.destroy()
+                data_science = {
+                    "create_to_first_output_data_science_ms": {
+                        **percentiles(ds_true, 50, 90),
+                        "n": runs,
+                    },
+                    "create_to_import_pandas_ms": {**percentiles(ds_pandas, 50, 90), "n": runs},
+                    "data_science_vs_host_ratio": round(
+                        statistics.median(ds_true) / statistics.median(host), 2
+                    ),
+                    "data_science_layer_bytes": ds_layer.size_bytes,
+                    **{f"data_science_{k}": v for k, v in ds_idle.items()},
+                }
             builds = await build_times(settings, engine, layer, 3 if quick else 5)
         ratio = statistics.median(debian) / statistics.median(host)
         report.update(
@@ -141,6 +192,7 @@ async def main(quick: bool) -> dict[str, Any]:
                 "target_ratio": 1.2,
                 "layer_bytes": layer.size_bytes,
                 **idle,
+                **data_science,
                 **builds,
                 "load_1min_after": os.getloadavg()[0],
             }
