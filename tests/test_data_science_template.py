@@ -113,10 +113,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dserver(settings: Settings) -> Iterator[LiveServer]:
+def dserver(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     require_backend(settings, "namespace")
     data = settings.runtime_dir / f"ds-template-{secrets.token_hex(4)}"
-    live = start_server(settings, data, pool_size=0)
+    # The operator lets builds read image archives from where the test makes them.
+    archives = {"CORRAL_IMAGE_ARCHIVE_DIRS": str(tmp_path_factory.getbasetemp())}
+    live = start_server(settings, data, pool_size=0, extra_env=archives)
     try:
         yield live
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.errors import NotFound, TemplateInUse, TemplateNotFound
+from corral.errors import Forbidden, NotFound, TemplateInUse, TemplateNotFound
 from corral.images import (
     Base,
     BuildContext,
@@ -53,13 +53,16 @@ BUILD_WAIT = 300.0
 
 
 @pytest.fixture(scope="module")
-def build_settings(settings: Settings) -> Iterator[Settings]:
+def build_settings(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
     """A runtime of its own (its admission counts only these builds' sandboxes), no warm
     job sandboxes, and the Debian base as a layer of its layer store."""
     require_backend(settings, "namespace")
     with private_runtime(settings) as own:
-        # `debian:` bases from the local archive, offline.
-        yield own.with_(job_pool=0, debian_mirror=MIRROR)
+        # `debian:` bases from the local archive, offline; image archives the tests make.
+        archives = str(tmp_path_factory.getbasetemp())
+        yield own.with_(job_pool=0, debian_mirror=MIRROR, image_archive_dirs=archives)
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +311,21 @@ async def test_a_cancelled_build_leaves_no_template(builds: Builds) -> None:
     assert cancelled.state == "cancelled" and cancelled.layers == ()
     assert not [n for n in builds.engine.templates.names() if n.endswith("-build")]
     assert not builds.engine.sandboxes
+
+
+async def test_a_local_image_archive_outside_the_operators_dirs_is_refused(
+    builds: Builds, tmp_path: Path
+) -> None:
+    """An API caller names paths of the server's disk in FROM: only the directories of
+    CORRAL_IMAGE_ARCHIVE_DIRS may be read, and a refusal does not say whether a path
+    exists; nothing is recorded."""
+    refs = ("docker-archive:/etc/shadow", "oci:/var/lib/x:1", "oci-archive:relative.tar")
+    for ref in refs:
+        plan = parse_dockerfile(f"FROM {ref}\n", BuildContext(tmp_path))
+        request = BuildRequest("outside", plan, "dockerfile")
+        with pytest.raises(Forbidden, match="CORRAL_IMAGE_ARCHIVE_DIRS"):
+            await builds.catalog.build(builds.team.id, request)
+    assert builds.store.template_rows(builds.team.id, "outside") == []
 
 
 async def test_an_oci_image_base_from_an_oci_archive(builds: Builds, tmp_path: Path) -> None:

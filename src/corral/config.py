@@ -120,6 +120,10 @@ class Settings:
     network_internet_teams: str = "*"
     network_allow_cap: str = ""
     network_private_allow: str = ""
+    # Directories (a comma list) on this server's disk from which template builds may
+    # import local image archives (FROM docker-archive:PATH, oci-archive:PATH, oci:DIR);
+    # empty: none. An API caller otherwise names paths of the server's file system.
+    image_archive_dirs: str = ""
     # Network events kept per sandbox (DNS answers, connections allowed and denied); past
     # this the oldest are deleted, and the count deleted is shown with the rest.
     network_events_max: int = 10_000

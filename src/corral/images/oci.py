@@ -44,9 +44,16 @@ from corral.errors import ImagePullFailed, InvalidImage, InvalidLayer, InvalidRe
 from corral.images._archive import Unpacked
 from corral.images._store import _DIGEST, Layer, LayerStore
 
-__all__ = ["Image", "ImageConfig", "oci_whiteouts", "overlay_whiteouts", "pull"]
+__all__ = [
+    "LOCAL_TRANSPORTS",
+    "Image",
+    "ImageConfig",
+    "oci_whiteouts",
+    "overlay_whiteouts",
+    "pull",
+]
 
-_LOCAL_TRANSPORTS = ("docker-archive:", "oci-archive:", "oci:")
+LOCAL_TRANSPORTS = ("docker-archive:", "oci-archive:", "oci:")
 # A repository path, tag and digest as Docker's reference grammar spells them (what
 # follows the registry host in `FROM docker.io/library/python:3.12-slim`).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -200,7 +207,7 @@ def _source(reference: str) -> tuple[str, str | None]:
     docker:// without one is: Corral never guesses a registry."""
     if not reference.isprintable() or reference != reference.strip():
         raise InvalidRequest(f"{reference!r} is not an image reference")
-    if not reference.startswith(("docker://", *_LOCAL_TRANSPORTS)):
+    if not reference.startswith(("docker://", *LOCAL_TRANSPORTS)):
         hostport, slash, name = reference.partition("/")
         if slash and _is_registry_host(hostport) and _DOCKER_NAME.fullmatch(name):
             reference = f"docker://{reference}"
@@ -219,7 +226,7 @@ def _source(reference: str) -> tuple[str, str | None]:
                 "e.g. docker://registry.example.com/team/image:tag"
             )
         return reference, hostport
-    for transport in _LOCAL_TRANSPORTS:
+    for transport in LOCAL_TRANSPORTS:
         if reference.startswith(transport):
             path, colon, rest = reference.removeprefix(transport).partition(":")
             if not path or not os.path.exists(path):

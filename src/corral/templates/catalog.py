@@ -27,9 +27,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, TemplateInUse, TemplateNotFound, UnknownLayer
+from corral.errors import (
+    Forbidden,
+    InvalidRequest,
+    TemplateInUse,
+    TemplateNotFound,
+    UnknownLayer,
+)
 from corral.images import Base, BuildPlan, LayerStore
 from corral.images import flatten as flatten_layers
+from corral.images.oci import LOCAL_TRANSPORTS
 from corral.isolation import Engine
 from corral.isolation.templates import TEMPLATE_NAMES
 from corral.network.policy import NetworkPolicy
@@ -289,7 +296,26 @@ class TemplateCatalog:
                 "the host's /usr); start from a Debian base, an image, another template "
                 "or scratch"
             )
+        if plan.base.kind == "image" and plan.base.ref.startswith(LOCAL_TRANSPORTS):
+            self._check_archive_path(plan.base.ref)
         self.base_template(team, plan.base)
+
+    def _check_archive_path(self, reference: str) -> None:
+        """Refuse a local image archive outside the operator's CORRAL_IMAGE_ARCHIVE_DIRS
+        (before anything says whether the path exists)."""
+        transport = next(t for t in LOCAL_TRANSPORTS if reference.startswith(t))
+        path = reference.removeprefix(transport).partition(":")[0]
+        dirs = [d.strip() for d in self.settings.image_archive_dirs.split(",") if d.strip()]
+        allowed = [Path(os.path.realpath(d)) for d in dirs]
+        real = Path(os.path.realpath(path)) if path.startswith("/") else None
+        if real is None or not any(real.is_relative_to(d) for d in allowed):
+            where = ", ".join(map(str, allowed)) or "none"
+            raise Forbidden(
+                f"{reference!r}: builds import local image archives only from the "
+                f"directories the server's operator lists in CORRAL_IMAGE_ARCHIVE_DIRS "
+                f"(now: {where}), by absolute path; or push the image to a registry and "
+                "use HOST/NAME:TAG"
+            )
 
     def base_template(self, team: str, base: Base) -> TemplateRow | None:
         """The team's ready template a build starts from: a `template` base, or an
