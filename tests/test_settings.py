@@ -44,6 +44,8 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
     raw, parsed = _SAMPLES[kind]
     if name == "database_url":
         raw, parsed = "sqlite:////x/corral.db", "sqlite:////x/corral.db"
+    if name == "uid_base":  # checked: no host user's ids
+        raw, parsed = "100000", 100000
     if name in ("network_modes", "network_private_allow"):  # checked as modes, CIDRs
         raw = parsed = {"network_modes": "none,allowlist"}.get(name, "10.99.0.0/16")
     settings = Settings.from_env({ENV_PREFIX + name.upper(): raw})

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from connectrpc.request import RequestContext
 
 from corral.errors import (
+    FileError,
     NotFound,
     ServerUnavailable,
     TemplateNotFound,
@@ -198,13 +199,13 @@ class VmHandlers(Handlers):
         )
         record = await manager.create(team, options)
         try:
-            box = await manager.running(team, record.id)
-            made = await box.run(["mkdir", "-p", IN_DIR, OUT_DIR], timeout=30)
-            if made.exit_code != 0:
-                raise VmNotReady(
-                    f"vm {row.name!r}: its template cannot make {IN_DIR} and {OUT_DIR}: "
-                    + made.stderr.decode(errors="replace").strip()
-                )
+            for place in (IN_DIR, OUT_DIR):
+                try:
+                    await manager.files.make_dir(team, record.id, place)
+                except FileError as exc:
+                    raise VmNotReady(
+                        f"vm {row.name!r}: its template cannot make {place}: {exc}"
+                    ) from exc
         except BaseException:
             await manager.kill(team, record.id)
             raise
