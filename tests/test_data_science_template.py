@@ -117,7 +117,10 @@ def dserver(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
     require_backend(settings, "namespace")
     data = settings.runtime_dir / f"ds-template-{secrets.token_hex(4)}"
     # The operator lets builds read image archives from where the test makes them.
-    archives = {"CORRAL_IMAGE_ARCHIVE_DIRS": str(tmp_path_factory.getbasetemp())}
+    archives = {
+        "CORRAL_IMAGE_ARCHIVE_DIRS": str(tmp_path_factory.getbasetemp()),
+        "CORRAL_REGISTRY_ALLOW": "127.0.0.1/32",  # the test's loopback registry
+    }
     live = start_server(settings, data, pool_size=0, extra_env=archives)
     try:
         yield live
@@ -246,5 +249,7 @@ def test_from_in_docker_form_pulls_from_that_registry(dserver: LiveServer, tmp_p
         "template", "build", "hostless", "-f", str(tmp_path / "Dockerfile"), str(tmp_path),
         timeout=BUILD_TIMEOUT,
     )  # fmt: skip
-    assert done.returncode == 1, done.stdout + done.stderr
+    # Refused with the request (exit 2), so no failed template is left behind.
+    assert done.returncode == 2, done.stdout + done.stderr
     assert "docker.io/library/python:3.12-slim" in done.stderr, done.stderr
+    assert dserver.corral("template", "get", "hostless").returncode == 4

@@ -219,6 +219,15 @@ def test_bad_input_is_refused_and_nothing_is_made(
 
     done = cli(tserver, "template", "build", "two", "-f", str(dockerfile), "--image", "r/x")
     assert done.returncode == 2 and "once" in done.stderr
+
+    # The server pulls images from its own network: not from what only it can reach
+    # (refused before any connection: literal addresses are not even resolved).
+    for image in ("127.0.0.1:5000/a/b:1", "10.1.2.3/a/b:1", "[fd00::1]:443/a:1"):
+        done = cli(tserver, "template", "build", "internal", "--image", image)
+        assert done.returncode == 2 and "CORRAL_REGISTRY_ALLOW" in done.stderr, done.stderr
+    dockerfile.write_text("FROM 169.254.169.254/latest/meta:1\n")
+    done = cli(tserver, "template", "build", "meta", "-f", str(dockerfile), str(tmp_path))
+    assert done.returncode == 2 and "link-local" in done.stderr, done.stderr
     assert names(tserver) == before
 
 

@@ -124,6 +124,9 @@ class Settings:
     # import local image archives (FROM docker-archive:PATH, oci-archive:PATH, oci:DIR);
     # empty: none. An API caller otherwise names paths of the server's file system.
     image_archive_dirs: str = ""
+    # Registries a template build may pull from although they are not public (loopback,
+    # private, link-local ...): CIDRs and host names, comma-separated, as CALLBACK_ALLOW.
+    registry_allow: str = ""
     # Network events kept per sandbox (DNS answers, connections allowed and denied); past
     # this the oldest are deleted, and the count deleted is shown with the rest.
     network_events_max: int = 10_000

@@ -51,6 +51,7 @@ __all__ = [
     "oci_whiteouts",
     "overlay_whiteouts",
     "pull",
+    "registry_host",
 ]
 
 LOCAL_TRANSPORTS = ("docker-archive:", "oci-archive:", "oci:")
@@ -198,6 +199,14 @@ def _is_registry_host(hostport: str) -> bool:
     return ("." in hostport or ":" in hostport or hostport == "localhost") and bool(
         _HOSTPORT.fullmatch(hostport)
     )
+
+
+def registry_host(reference: str) -> str | None:
+    """The registry (HOST[:PORT]) `pull` would fetch `reference` from; None for a local
+    archive. InvalidRequest as `pull` gives it."""
+    if reference.startswith(LOCAL_TRANSPORTS):
+        return None
+    return _source(reference)[1]
 
 
 def _source(reference: str) -> tuple[str, str | None]:

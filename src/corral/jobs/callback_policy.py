@@ -113,20 +113,35 @@ def destination(url: str) -> str:
 
 
 class CallbackPolicy:
-    """Public addresses, plus what the operator allows (networks and host names)."""
+    """Public addresses, plus what the operator allows (networks and host names).
+
+    Also the policy of other requests the server makes for a tenant (a template build's
+    registry pull): `setting` names the operator's variable and `field` what the tenant
+    gave, in refusals."""
 
     def __init__(
         self,
         networks: Iterable[IPNetwork] = (),
         names: Iterable[str] = (),
         resolver: Resolver | None = None,
+        *,
+        setting: str = ALLOW_SETTING,
+        field: str = "callback_url",
     ) -> None:
         self.networks = tuple(networks)
         self.names = frozenset(n.lower().rstrip(".") for n in names)
         self.resolver: Resolver = resolver or SystemResolver()
+        self.setting, self.field = setting, field
 
     @classmethod
-    def parse(cls, allow: str, resolver: Resolver | None = None) -> CallbackPolicy:
+    def parse(
+        cls,
+        allow: str,
+        resolver: Resolver | None = None,
+        *,
+        setting: str = ALLOW_SETTING,
+        field: str = "callback_url",
+    ) -> CallbackPolicy:
         """The policy of a `CORRAL_CALLBACK_ALLOW` value, e.g. "10.1.0.0/16, hooks.corp"."""
         networks: list[IPNetwork] = []
         names: list[str] = []
@@ -140,16 +155,16 @@ class CallbackPolicy:
             except ValueError as exc:
                 if "/" in entry or _literal(entry) is not None:
                     raise InvalidRequest(
-                        f"{ALLOW_SETTING}: {entry!r} is not a network ({exc}); write a "
+                        f"{setting}: {entry!r} is not a network ({exc}); write a "
                         "CIDR such as 10.1.0.0/16, an address, or a host name"
                     ) from None
             if not _HOST_NAME.fullmatch(entry.rstrip(".")):
                 raise InvalidRequest(
-                    f"{ALLOW_SETTING}: {entry!r} is neither a CIDR, an address nor a host "
+                    f"{setting}: {entry!r} is neither a CIDR, an address nor a host "
                     "name; separate entries with commas"
                 )
             names.append(entry)
-        return cls(networks, names, resolver)
+        return cls(networks, names, resolver, setting=setting, field=field)
 
     async def check(self, url: str) -> CallbackTarget:
         """Resolve the URL's host once and check every address; CallbackRefused names
@@ -159,10 +174,10 @@ class CallbackPolicy:
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
-            raise CallbackRefused(f"callback_url: {exc}") from None
+            raise CallbackRefused(f"{self.field}: {exc}") from None
         host = parsed.host
         if parsed.scheme not in ("http", "https") or not host:
-            raise CallbackRefused("callback_url: must be an http:// or https:// URL")
+            raise CallbackRefused(f"{self.field}: must be an http:// or https:// URL")
         literal = _literal(host)
         if literal is not None:
             addresses = [literal]
@@ -173,11 +188,11 @@ class CallbackPolicy:
                 addresses = [unmapped(ipaddress.ip_address(a)) for a in answers]
             except (OSError, ValueError) as exc:  # TimeoutError is an OSError
                 raise CallbackRefused(
-                    f"callback_url: host {host!r} does not resolve from this server "
+                    f"{self.field}: host {host!r} does not resolve from this server "
                     f"({str(exc) or 'no answer in time'})"
                 ) from None
             if not addresses:
-                raise CallbackRefused(f"callback_url: host {host!r} has no address")
+                raise CallbackRefused(f"{self.field}: host {host!r} has no address")
         addresses = list(dict.fromkeys(addresses))
         named = host.lower().rstrip(".") in self.names
         public = True
@@ -190,8 +205,8 @@ class CallbackPolicy:
                 continue
             what = f"{address} is" if literal is not None else f"host {host!r} resolves to"
             raise CallbackRefused(
-                f"callback_url: {what} {rule} address, which this server does not call "
-                f"back by default; its operator can allow it with {ALLOW_SETTING}"
+                f"{self.field}: {what} {rule} address, which this server does not reach "
+                f"for you by default; its operator can allow it with {self.setting}"
             )
         return CallbackTarget(url, host, _port(parsed), tuple(addresses), public)
 

@@ -38,6 +38,8 @@ from corral.images import (
     parse_recipe,
 )
 from corral.images._archive import unpack
+from corral.images.oci import registry_host
+from corral.jobs.callback_policy import CallbackPolicy
 from corral.limits import BUILD_CONTEXT_MAX_BYTES, check_build_context
 from corral.server import convert, disconnect
 from corral.server.base import Handlers
@@ -196,8 +198,20 @@ class TemplateHandlers(Handlers):
         team = self._team(ctx)
         catalog = self._catalog
         build = await asyncio.to_thread(build_request, request)
+        await self._check_registry(team.id, build.plan.base)
         record = await catalog.build(team.id, build)
         return pb.BuildTemplateResponse(template=template_message(record))
+
+    async def _check_registry(self, team_id: str, base: Base) -> None:
+        """A build's image comes from a public registry, or one the operator allows: the
+        server fetches it from its own network (no SSRF through FROM)."""
+        if base.kind != "image" or self._catalog.base_template(team_id, base) is not None:
+            return
+        host = registry_host(base.ref)
+        if host is not None:
+            allow = self._catalog.settings.registry_allow
+            policy = CallbackPolicy.parse(allow, setting="CORRAL_REGISTRY_ALLOW", field="image")
+            await policy.check(f"https://{host}/")
 
     async def get(self, request: pb.GetTemplateRequest, ctx: Ctx) -> pb.GetTemplateResponse:
         team = self._team(ctx)
