@@ -114,6 +114,18 @@ def test_sdk_builds_with_e2b_builder_vocabulary(
         ran = sbx.commands.run("cat /e2b.txt f.txt; echo $FROM_E2B")
         assert ran.stdout.split() == ["e2b", "second", "copied", "yes"]
 
+    # A start command runs in every sandbox of the template, which is handed out once
+    # its ready check passes (E2B's set_start_cmd; a Dockerfile's CMD and HEALTHCHECK).
+    serving = (
+        Template()
+        .from_template(base)
+        .set_start_cmd("echo $$ > /tmp/started; exec sleep 600", "test -s /tmp/started")
+    )
+    Template.build(serving, "serving", **opts(tserver))
+    with Sandbox.create("serving", **opts(tserver)) as sbx:
+        assert sbx.commands.run("test -s /tmp/started").exit_code == 0  # ready at create
+        assert [p.tag for p in sbx.commands.list()] == ["start"]
+
     # A failing ready check fails the build: BuildFailed names it.
     failing = Template().from_template(base).set_ready_cmd("exit 7")
     with pytest.raises(BuildFailed, match="ready"):

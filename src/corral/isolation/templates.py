@@ -104,6 +104,10 @@ class LayerTemplate:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
     user: str = SANDBOX_USER
+    # Started in the background when a sandbox of it starts (shell text, `sh -c`), and
+    # what must then exit 0 before the sandbox is handed out (`corral.sandboxes.startup`).
+    start: str | None = None
+    ready: str | None = None
     # The store holding the layers: each sandbox of the template holds them there too.
     store: LayerStore | None = field(default=None, compare=False, repr=False)
 
@@ -128,6 +132,8 @@ class Templates:
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
         user: str = SANDBOX_USER,
+        start: str | None = None,
+        ready: str | None = None,
     ) -> LayerTemplate:
         """Register (or replace) the layer template `name`; its layers must be in `store`."""
         if _NAME.fullmatch(name) is None or name in TEMPLATE_NAMES:
@@ -148,8 +154,11 @@ class Templates:
             if not key or "=" in key or "\0" in key or "\0" in value:
                 raise InvalidRequest(f"environment variable {key!r} is invalid")
         layers = tuple(store.get(digest).path for digest in digests)  # UnknownLayer if not
+        for what, command in (("start", start), ("ready", ready)):
+            if command is not None and (not command.strip() or "\0" in command):
+                raise InvalidRequest(f"template {name!r}: its {what} command is empty or invalid")
         template = LayerTemplate(
-            name, layers, tuple(digests), dict(env or {}), workdir, user, store
+            name, layers, tuple(digests), dict(env or {}), workdir, user, start, ready, store
         )
         holder = f"template.{name}"
         for digest in digests:

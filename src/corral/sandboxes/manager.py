@@ -57,6 +57,7 @@ from corral.sandboxes.options import (
     network_json,
 )
 from corral.sandboxes.pool import WarmPool
+from corral.sandboxes.startup import start_template_command
 from corral.sandboxes.volumes import Volumes
 from corral.states import LIVE_SANDBOX_STATES, SANDBOX_STATES
 from corral.store import MetricPoint, SandboxRow, Store, Team
@@ -273,6 +274,11 @@ class SandboxManager:
             sandbox_id=sandbox_id,
             volumes=mounts,
         )
+        try:
+            await start_template_command(cold, options.envs)
+        except BaseException:
+            await cold.destroy()
+            raise
         return cold, False
 
     async def snapshot(

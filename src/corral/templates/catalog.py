@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from corral.config import Settings
 from corral.errors import (
@@ -191,6 +191,8 @@ class TemplateCatalog:
                 env=row.env,
                 workdir=row.workdir,
                 user=account(row.user),
+                start=row.start_cmd,
+                ready=row.ready_cmd,
             )
         # A version another process replaced (its row is gone) is let go here too.
         old = self._serving_ids.get((row.team_id, row.name))
@@ -522,6 +524,8 @@ class TemplateCatalog:
                     env=changes.get("env", row.env),
                     workdir=changes.get("workdir", row.workdir),
                     user=account(str(changes.get("user", row.user))),
+                    start=cast("str | None", changes.get("start_cmd", row.start_cmd)),
+                    ready=cast("str | None", changes.get("ready_cmd", row.ready_cmd)),
                 )
         try:
             done, old = self.store.finish_template(template_id, state, **self._quotas(), **changes)
