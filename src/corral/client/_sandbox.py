@@ -76,9 +76,11 @@ async def kill_by_id(
 
 def _network(
     network: Network | str | Mapping[str, Any] | None, allow_internet_access: bool | None
-) -> Network:
+) -> Network | None:
+    """The policy asked for; None when neither names one (the template's default, else
+    `none`, applies)."""
     if allow_internet_access is None:
-        return Network.of(network)
+        return None if network is None else Network.of(network)
     if network is not None:
         raise InvalidRequest(
             "give network or allow_internet_access, not both (allow_internet_access=True "
@@ -189,7 +191,8 @@ class AsyncSandbox:
 
         `idle_timeout` seconds without activity (commands, files, pings) pause it, or
         kill it with `on_idle="kill"`. `envs` apply to every command run in it.
-        `network` is what it may reach: "none" (the default), "internet", or
+        `network` is what it may reach: "none" (the default, unless the template
+        has one), "internet", or
         {"mode": "allowlist", "allow": ["pypi.org", "*.example.com:443", "203.0.113.0/24"]};
         E2B's `allow_internet_access=True` is "internet", False is "none". Its ports are
         reached through the server (`get_url`) with its `traffic_token`, or by anyone
@@ -210,7 +213,7 @@ class AsyncSandbox:
             timeout_seconds=timeout or 0,
             idle_timeout_seconds=idle_timeout or 0,
             on_idle=pb.IDLE_ACTION_KILL if on_idle == "kill" else pb.IDLE_ACTION_PAUSE,
-            network=policy.to_proto(),
+            network=policy.to_proto() if policy is not None else None,
             public_ports=bool(public_ports),
             volumes=mounts,
         )

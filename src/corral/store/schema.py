@@ -337,6 +337,10 @@ templates = sa.Table(
     sa.Column("request", JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Its sandboxes' defaults (corral.templates.defaults): the limit fields it sets, and a
+    # network policy or null.
+    sa.Column("sandbox_limits", JSON, nullable=False, server_default="{}"),
+    sa.Column("sandbox_network", JSON, nullable=True),
     sa.CheckConstraint(
         sa.column("state").in_(("building", "ready", "failed", "cancelled")), name="state"
     ),
