@@ -17,8 +17,9 @@ from corral.client import Jobs, Limits, Network, Sandbox, Template
 from corral.config import Settings
 from corral.errors import Forbidden, InvalidRequest, QuotaExceeded
 from corral.limits import host_memory_mib
-from tests.conftest import LiveServer, cgroup_dirs, opts, require_backend, start_server
+from tests.conftest import LiveServer, opts, require_backend, start_server
 from tests.kit.debian import MIRROR, needs_archive, suite
+from tests.kit.memcg import memory_limit, shmem
 
 pytestmark = [pytest.mark.sandbox, *needs_archive()]
 
@@ -192,13 +193,22 @@ def test_a_snapshot_inherits_its_templates_defaults(dserver: LiveServer, base: s
         assert sbx.commands.run("cat /kept").stdout == "kept\n"
 
 
-def memory_limit(sandbox_id: str) -> int:
-    """The memory limit the kernel holds the sandbox to (its cgroup, v1 or v2)."""
-    for directory in cgroup_dirs(sandbox_id):
-        for name in ("memory.max", "memory.limit_in_bytes"):
-            if (directory / name).exists():
-                return int((directory / name).read_text())
-    raise AssertionError(f"no memory cgroup of {sandbox_id}")
+def test_a_ram_disk_asked_through_the_api_holds_writes_in_memory(
+    dserver: LiveServer, base: str
+) -> None:
+    small = Limits(memory_mib=256)
+    with Sandbox.create(base, ram_disk=True, limits=small, network="none", **opts(dserver)) as sbx:
+        assert sbx.get_info().ram_disk
+        held = shmem(sbx.sandbox_id)
+        ran = sbx.commands.run("dd if=/dev/zero of=/tmp/f bs=1M count=64 conv=fsync")
+        assert ran.exit_code == 0, ran.stderr
+        assert shmem(sbx.sandbox_id) - held >= 60 * 1024 * 1024
+    # A `host` sandbox's storage is a tmpfs already: the flag is accepted (and shown).
+    done = dserver.corral("sandbox", "create", "--ram-disk", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["ram_disk"] is True
+    assert dserver.corral("sandbox", "kill", shown["sandbox_id"]).returncode == 0
 
 
 # Last (it stops the module's server): the same store under a server that allows no

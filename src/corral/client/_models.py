@@ -133,6 +133,8 @@ class SandboxInfo:
     ports_domain: str = ""
     # Its named volumes and where they are mounted.
     volumes: tuple[VolumeSpec, ...] = ()
+    # Its writable layer is a tmpfs: what it writes counts against its memory.
+    ram_disk: bool = False
 
     @classmethod
     def from_proto(cls, sandbox: pb.Sandbox) -> SandboxInfo:
@@ -161,6 +163,7 @@ class SandboxInfo:
             public_ports=sandbox.public_ports,
             ports_domain=sandbox.ports_domain,
             volumes=tuple(VolumeSpec(v.name, v.path, v.read_only) for v in sandbox.volumes),
+            ram_disk=sandbox.ram_disk,
         )
 
 

@@ -182,6 +182,7 @@ class AsyncSandbox:
         allow_internet_access: bool | None = None,
         public_ports: bool = False,
         volumes: Sequence[VolumeSpec | str | Mapping[str, Any]] | None = None,
+        ram_disk: bool = False,
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
@@ -198,7 +199,12 @@ class AsyncSandbox:
         reached through the server (`get_url`) with its `traffic_token`, or by anyone
         with `public_ports=True`. `volumes` mounts your team's named volumes
         (`Volume.create`): ["cache:/data", "models:/models:ro"], or VolumeSpecs.
+        `ram_disk=True` keeps what a template's sandbox writes in memory (a tmpfs of its
+        disk limit, less headroom), counted against its memory limit, instead of on a
+        disk (a `host` sandbox's storage is a tmpfs anyway).
         """
+        if not isinstance(ram_disk, bool):
+            raise InvalidRequest(f"ram_disk={ram_disk!r}: use True or False")
         if on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={on_idle!r}: use 'pause' or 'kill'")
         policy = _network(network, allow_internet_access)
@@ -216,6 +222,7 @@ class AsyncSandbox:
             network=policy.to_proto() if policy is not None else None,
             public_ports=bool(public_ports),
             volumes=mounts,
+            ram_disk=ram_disk,
         )
         try:
             reply = await connection.call(connection.rpc.create, request)

@@ -85,6 +85,7 @@ def sandbox(record: SandboxRecord) -> pb.Sandbox:
         public_ports=record.public_ports,
         ports_domain=record.ports_domain,
         volumes=[volume_mount(v) for v in record.volumes],
+        ram_disk=record.ram_disk,
     )
 
 

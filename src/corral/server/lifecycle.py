@@ -42,6 +42,7 @@ class LifecycleHandlers(Handlers):
             network=defaults.network_for(convert.given_network(request.network)),
             public_ports=request.public_ports,
             volumes=convert.volume_specs(request.volumes),
+            ram_disk=request.ram_disk,
         )
         record = await self._manager.create(team, options)
         return pb.CreateResponse(sandbox=convert.sandbox(record))

@@ -123,6 +123,8 @@ sandboxes = sa.Table(
     sa.Column("public_ports", sa.Boolean, nullable=False, server_default=sa.false()),
     # Its volumes: [{"name", "path", "read_only"}].
     sa.Column("volumes", JSON, nullable=False, server_default="[]"),
+    # Its writable layer is a tmpfs (its writes are memory), not a disk.
+    sa.Column("ram_disk", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint(sa.column("state").in_(SANDBOX_STATES), name="state"),
     sa.CheckConstraint(sa.column("on_idle").in_(("pause", "kill")), name="on_idle"),
     # List pages: a team's sandboxes in creation order, filtered by state.

@@ -1,5 +1,6 @@
 """A template's defaults for its sandboxes: `templates.sandbox_limits` (the limit fields
-it sets, by name) and `templates.sandbox_network` (a policy, or null for none).
+it sets, by name) and `templates.sandbox_network` (a policy, or null for none); and
+`sandboxes.ram_disk` (its writable layer is a tmpfs).
 
 Revision ID: 0013
 Revises: 0012
@@ -27,9 +28,15 @@ def upgrade() -> None:
     with op.batch_alter_table("templates") as batch:
         batch.add_column(sa.Column("sandbox_limits", JSON, nullable=False, server_default="{}"))
         batch.add_column(sa.Column("sandbox_network", JSON, nullable=True))
+    with op.batch_alter_table("sandboxes") as batch:
+        batch.add_column(
+            sa.Column("ram_disk", sa.Boolean, nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("sandboxes") as batch:
+        batch.drop_column("ram_disk")
     with op.batch_alter_table("templates") as batch:
         batch.drop_column("sandbox_network")
         batch.drop_column("sandbox_limits")
