@@ -14,6 +14,9 @@ from corral.errors import InvalidBuild, InvalidLimits
 MIB = 1024 * 1024
 # Memory kept free of tmpfs storage for the agent and a command (see Limits.storage_bytes).
 STORAGE_HEADROOM_MIB = 64
+# The limits a request (the API's `Limits` message, a job spec, a template's defaults) sets;
+# the others are the server's.
+REQUEST_LIMITS = ("memory_mib", "cpu", "pids", "disk_mib", "bandwidth_mbit", "connections")
 
 # (minimum, maximum) accepted for each limit; the maximum is a sanity bound, the host's
 # own capacity is checked separately by `check_host`.

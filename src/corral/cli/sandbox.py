@@ -89,6 +89,7 @@ def create(args: argparse.Namespace) -> None:
         network={"mode": network[0], "allow": network[1]} if network else None,
         public_ports=args.public_ports,
         volumes=args.volume,
+        ram_disk=args.ram_disk,
         **connect_kwargs(args),
     )
     box.close()
@@ -345,6 +346,11 @@ def add_commands(commands: Commands) -> None:
         "--public-ports",
         action="store_true",
         help="anyone may reach its ports through the server (default: with its token)",
+    )
+    p.add_argument(
+        "--ram-disk",
+        action="store_true",
+        help="what it writes stays in memory (counted against --memory-mib), not on a disk",
     )
     add_output(p)
 

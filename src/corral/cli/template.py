@@ -32,6 +32,7 @@ from corral.cli._common import (
     group,
     interruptible,
     network_choice,
+    number,
     parse_pairs,
     plain,
     print_table,
@@ -65,12 +66,21 @@ def show_template(output: str, info: TemplateInfo) -> None:
         ("start", info.start_cmd or "-"),
         ("ready check", info.ready_cmd or "-"),
         ("build job", info.build_job_id or "-"),
+        ("sandbox limits", _limits_text(info) or "-"),
+        ("sandbox network", str(info.sandbox_network or "-")),
         ("created", info.created_at),
         ("updated", info.updated_at),
     ]
     if info.error:
         fields.append(("error", info.error))
     print_table([[name, cell(value)] for name, value in fields])
+
+
+def _limits_text(info: TemplateInfo) -> str:
+    limits = info.sandbox_limits
+    return ", ".join(
+        f"{name}={value:g}" for name, value in vars(limits).items() if value is not None
+    )
 
 
 class Progress:
@@ -191,6 +201,7 @@ def build(args: argparse.Namespace) -> int:
     }
     if network := network_choice(args):
         options["network"] = {"mode": network[0], "allow": network[1]}
+    _sandbox_defaults(template, args)
     info = Template.build_in_background(template, args.name, **options)
     if args.no_follow:
         show_template(args.output, info)
@@ -212,6 +223,25 @@ def build(args: argparse.Namespace) -> int:
     else:
         err(f"template {info.name} ready: {info.size_bytes} bytes")
     return EXIT_FOR_STATE.get(info.state, EXIT_ERROR)
+
+
+def _sandbox_defaults(template: Any, args: argparse.Namespace) -> None:
+    """The template's defaults for its sandboxes, from the --sandbox-* options."""
+    limits = {
+        name: getattr(args, "sandbox_" + name)
+        for name in ("memory_mib", "cpu", "disk_mib", "pids")
+        if getattr(args, "sandbox_" + name) is not None
+    }
+    if limits:
+        template.set_limits(**limits)
+    if args.sandbox_network is not None or args.sandbox_allow:
+        from corral.network.policy import NetworkPolicy
+
+        try:
+            policy = NetworkPolicy.parse(args.sandbox_network or "allowlist", args.sandbox_allow)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"--sandbox-network/--sandbox-allow: {exc}") from None
+        template.set_network({"mode": policy.mode, "allow": list(policy.entries)})
 
 
 def list_(args: argparse.Namespace) -> None:
@@ -321,6 +351,26 @@ def add_commands(commands: Commands) -> None:
         help="what RUN steps may reach: none (the default), internet or allowlist",
     )
     add_allow(p)
+    # The template's defaults for its sandboxes and jobs (what a create leaves unset).
+    p.add_argument(
+        "--sandbox-memory-mib", type=whole(1), help="its sandboxes' default memory limit"
+    )
+    p.add_argument(
+        "--sandbox-cpu", type=number(float, minimum=0.01), help="its sandboxes' default CPU cores"
+    )
+    p.add_argument("--sandbox-disk-mib", type=whole(1), help="its sandboxes' default disk")
+    p.add_argument("--sandbox-pids", type=whole(1), help="its sandboxes' default process cap")
+    p.add_argument(
+        "--sandbox-network",
+        help="what its sandboxes reach when they name no network: none, internet, allowlist",
+    )
+    p.add_argument(
+        "--sandbox-allow",
+        action="append",
+        default=[],
+        metavar="ENTRY",
+        help="an allowlist entry of --sandbox-network; repeatable",
+    )
     p.add_argument("--ready-cmd", metavar="CMD", help="must succeed before the template is ready")
     p.add_argument(
         "--ready-timeout", type=whole(1), default=60, help="seconds the ready check may take"

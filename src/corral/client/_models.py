@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from corral._state_enums import JOB_STATE_NAMES, SANDBOX_STATE_NAMES, TEMPLATE_STATE_NAMES
 from corral.errors import InvalidRequest
+from corral.limits import REQUEST_LIMITS
 from corral.network.policy import NetworkPolicy
 from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as jobs_pb
@@ -132,6 +133,8 @@ class SandboxInfo:
     ports_domain: str = ""
     # Its named volumes and where they are mounted.
     volumes: tuple[VolumeSpec, ...] = ()
+    # Its writable layer is a tmpfs: what it writes counts against its memory.
+    ram_disk: bool = False
 
     @classmethod
     def from_proto(cls, sandbox: pb.Sandbox) -> SandboxInfo:
@@ -160,6 +163,7 @@ class SandboxInfo:
             public_ports=sandbox.public_ports,
             ports_domain=sandbox.ports_domain,
             volumes=tuple(VolumeSpec(v.name, v.path, v.read_only) for v in sandbox.volumes),
+            ram_disk=sandbox.ram_disk,
         )
 
 
@@ -558,6 +562,10 @@ class TemplateInfo:
     error: str
     created_at: datetime | None
     updated_at: datetime | None
+    # What its sandboxes and jobs get for what their request leaves unset (a None field:
+    # the server's default; network None: `none`).
+    sandbox_limits: Limits = Limits()
+    sandbox_network: Network | None = None
 
     @classmethod
     def from_proto(cls, template: templates_pb.Template) -> TemplateInfo:
@@ -578,6 +586,14 @@ class TemplateInfo:
             error=template.error,
             created_at=_time(template.created_at, template.HasField("created_at")),
             updated_at=_time(template.updated_at, template.HasField("updated_at")),
+            sandbox_limits=Limits(
+                **{n: getattr(template.sandbox_limits, n) or None for n in REQUEST_LIMITS}
+            ),
+            sandbox_network=(
+                Network.from_proto(template.sandbox_network)
+                if template.HasField("sandbox_network")
+                else None
+            ),
         )
 
 

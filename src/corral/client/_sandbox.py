@@ -76,9 +76,11 @@ async def kill_by_id(
 
 def _network(
     network: Network | str | Mapping[str, Any] | None, allow_internet_access: bool | None
-) -> Network:
+) -> Network | None:
+    """The policy asked for; None when neither names one (the template's default, else
+    `none`, applies)."""
     if allow_internet_access is None:
-        return Network.of(network)
+        return None if network is None else Network.of(network)
     if network is not None:
         raise InvalidRequest(
             "give network or allow_internet_access, not both (allow_internet_access=True "
@@ -180,6 +182,7 @@ class AsyncSandbox:
         allow_internet_access: bool | None = None,
         public_ports: bool = False,
         volumes: Sequence[VolumeSpec | str | Mapping[str, Any]] | None = None,
+        ram_disk: bool = False,
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
@@ -189,13 +192,19 @@ class AsyncSandbox:
 
         `idle_timeout` seconds without activity (commands, files, pings) pause it, or
         kill it with `on_idle="kill"`. `envs` apply to every command run in it.
-        `network` is what it may reach: "none" (the default), "internet", or
+        `network` is what it may reach: "none" (the default, unless the template
+        has one), "internet", or
         {"mode": "allowlist", "allow": ["pypi.org", "*.example.com:443", "203.0.113.0/24"]};
         E2B's `allow_internet_access=True` is "internet", False is "none". Its ports are
         reached through the server (`get_url`) with its `traffic_token`, or by anyone
         with `public_ports=True`. `volumes` mounts your team's named volumes
         (`Volume.create`): ["cache:/data", "models:/models:ro"], or VolumeSpecs.
+        `ram_disk=True` keeps what a template's sandbox writes in memory (a tmpfs of its
+        disk limit, less headroom), counted against its memory limit, instead of on a
+        disk (a `host` sandbox's storage is a tmpfs anyway).
         """
+        if not isinstance(ram_disk, bool):
+            raise InvalidRequest(f"ram_disk={ram_disk!r}: use True or False")
         if on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={on_idle!r}: use 'pause' or 'kill'")
         policy = _network(network, allow_internet_access)
@@ -210,9 +219,10 @@ class AsyncSandbox:
             timeout_seconds=timeout or 0,
             idle_timeout_seconds=idle_timeout or 0,
             on_idle=pb.IDLE_ACTION_KILL if on_idle == "kill" else pb.IDLE_ACTION_PAUSE,
-            network=policy.to_proto(),
+            network=policy.to_proto() if policy is not None else None,
             public_ports=bool(public_ports),
             volumes=mounts,
+            ram_disk=ram_disk,
         )
         try:
             reply = await connection.call(connection.rpc.create, request)

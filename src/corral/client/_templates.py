@@ -32,7 +32,7 @@ from typing import Any, Self
 
 from corral.client._config import ClientSettings
 from corral.client._connection import Connection
-from corral.client._models import BuildLog, JobEvent, LogChunk, Network, TemplateInfo
+from corral.client._models import BuildLog, JobEvent, Limits, LogChunk, Network, TemplateInfo
 from corral.errors import BuildFailed, InvalidRequest
 from corral.limits import check_build_context
 from corral.v1 import templates_pb2 as pb
@@ -68,6 +68,9 @@ class TemplateBuilder:
         # A Dockerfile or recipe: (kind, its text, its directory when read from a file).
         self._source: tuple[str, str, Path | None] | None = None
         self._debian: pb.DebianSource | None = None
+        # The template's defaults for its sandboxes (not the build's RUN steps).
+        self._limits: Limits | None = None
+        self._network: Network | None = None
 
     # -- bases ------------------------------------------------------------------------------
 
@@ -215,6 +218,24 @@ class TemplateBuilder:
         self._ready_cmd = ready_cmd
         return self
 
+    def set_limits(self, limits: Limits | None = None, **fields: float) -> Self:
+        """The template's default limits: a sandbox or job started from it takes each
+        one its request leaves unset (`set_limits(memory_mib=1024, cpu=2)`)."""
+        if limits is not None and fields:
+            raise InvalidRequest("set_limits takes a Limits or fields (memory_mib=...), not both")
+        try:
+            self._limits = limits if limits is not None else Limits(**fields)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise InvalidRequest(f"set_limits: {exc}") from None
+        self._limits.to_proto()  # checked now, as it would be when sent
+        return self
+
+    def set_network(self, network: Network | str | Mapping[str, Any]) -> Self:
+        """The template's default network policy: a sandbox or job started from it that
+        names none gets this one (the build's RUN steps get `build(..., network=)`)."""
+        self._network = Network.of(network)
+        return self
+
     # -- what is sent -----------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -255,6 +276,10 @@ class TemplateBuilder:
                 request.context = _tar(self._root, self._copies, self._ignore)
         if self._ready_cmd and not request.e2b_template:  # E2B's JSON has its own readyCmd
             request.ready_cmd = self._ready_cmd
+        if self._limits is not None:
+            request.sandbox_limits.CopyFrom(self._limits.to_proto())
+        if self._network is not None:
+            request.sandbox_network.CopyFrom(self._network.to_proto())
         return request
 
 

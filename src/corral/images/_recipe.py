@@ -15,6 +15,8 @@ mapping, or a bare string for a shell command):
       - user: app
     start: python3 app.py          # a shell command or an argv list
     ready: curl -fs localhost:8000 # wrenn calls it `healthcheck`; either name works
+    limits: {memory_mib: 1024, cpu: 2}  # its sandboxes' defaults (what a request leaves 0)
+    sandbox_network: internet      # or {mode: allowlist, allow: [pypi.org]}; not RUN's
 
 E2B's builder (`Template().from_image(...).apt_install(...)...`) is read as its SDK sends
 it to the build API (`TemplateBase.to_json`): `fromImage`/`fromTemplate`, `steps` of
@@ -39,6 +41,8 @@ from corral.images._words import NAME
 
 _SHELL = ("/bin/sh", "-c")
 _RECIPE_KEYS = {"from", "template", "debian", "steps", "start", "ready", "healthcheck"}
+# The template's defaults for its sandboxes, not build steps (BuildPlan.sandbox).
+_SANDBOX_KEYS = {"limits", "sandbox_network"}
 
 
 def parse_recipe(text: str, context: BuildContext | None = None, name: str = "recipe") -> BuildPlan:
@@ -57,11 +61,10 @@ def parse_recipe(text: str, context: BuildContext | None = None, name: str = "re
     if not isinstance(doc, dict):
         raise InvalidBuild(f"{name}: a recipe is a mapping with `from:` and `steps:`")
     assert isinstance(node, yaml.MappingNode)
-    unknown = sorted(set(map(str, doc)) - _RECIPE_KEYS)
+    unknown = sorted(set(map(str, doc)) - _RECIPE_KEYS - _SANDBOX_KEYS)
     if unknown:
-        raise InvalidBuild(
-            f"{name}: unknown key {unknown[0]!r}; a recipe has {', '.join(sorted(_RECIPE_KEYS))}"
-        )
+        keys = ", ".join(sorted(_RECIPE_KEYS | _SANDBOX_KEYS))
+        raise InvalidBuild(f"{name}: unknown key {unknown[0]!r}; a recipe has {keys}")
     lines = {str(k.value): (k.start_mark.line + 1, v) for k, v in node.value}
     if doc.get("ready") is not None and doc.get("healthcheck") is not None:
         raise InvalidBuild(f"{name}: give `ready:` or `healthcheck:` (the same thing), not both")
@@ -81,7 +84,8 @@ def parse_recipe(text: str, context: BuildContext | None = None, name: str = "re
                 build.steps.append(BuildStep("start", argv, line))
             else:
                 build.steps.append(BuildStep("ready", argv, line))
-    return BuildPlan(base, tuple(build.steps))
+    sandbox = {key: doc[key] for key in _SANDBOX_KEYS if doc.get(key) is not None}
+    return BuildPlan(base, tuple(build.steps), sandbox=sandbox)
 
 
 def parse_e2b_template(

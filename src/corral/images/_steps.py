@@ -31,7 +31,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 StepKind = Literal[
     "run",
@@ -129,6 +129,9 @@ class BuildPlan:
     base: Base
     steps: tuple[BuildStep, ...]
     notes: tuple[str, ...] = ()  # what was ignored on purpose, for the build log
+    # A recipe's defaults for the template's sandboxes, as written (`limits`,
+    # `sandbox_network`); checked by the service (corral.templates.defaults), not a step.
+    sandbox: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def states(self) -> Iterator[tuple[BuildStep, BuildState]]:
         """Each step with the state in effect when it runs (before it applies)."""

@@ -57,8 +57,13 @@ class SandboxSpec:
     rootfs: LayerTemplate | None = None
     # Named volumes mounted at paths of the sandbox (`corral.isolation.volumes`).
     volumes: tuple[VolumeMount, ...] = ()
+    # A layer template's writable layer on a tmpfs (its writes count against its memory)
+    # instead of a disk; a `host` sandbox's storage is a tmpfs anyway.
+    ram_disk: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ram_disk, bool):
+            raise InvalidRequest(f"ram_disk={self.ram_disk!r}: use True or False")
         if not isinstance(self.network, NetworkPolicy):
             raise InvalidRequest(f"network must be a NetworkPolicy, got {self.network!r}")
         _check_env(self.env)

@@ -70,6 +70,11 @@ def prepare_disk(image: Path, target: Path) -> None:
     """Mount the formatted `image` at `target` (an empty directory) and make its
     directories (`DISK_DIRS`), owned by the host's root until a sandbox takes it."""
     mount_loop(image, target)
+    make_disk_dirs(target)
+
+
+def make_disk_dirs(target: Path) -> None:
+    """The directories of a sandbox's disk (`DISK_DIRS`) in the file system at `target`."""
     for name, mode in DISK_DIRS:
         (target / name).mkdir()
         os.chmod(target / name, mode)

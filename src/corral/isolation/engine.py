@@ -157,6 +157,7 @@ class Engine:
         entrypoint: Entrypoint | None = None,
         make_room: bool = True,
         volumes: Sequence[VolumeMount] = (),
+        ram_disk: bool = False,
     ) -> Sandbox:
         """Start a sandbox; the caller owns it and must `destroy` it.
 
@@ -168,7 +169,8 @@ class Engine:
         `sandbox_id` lets a caller that records the sandbox before it exists (the sandbox
         manager) choose the id; it must come from `new_sandbox_id()`. With `entrypoint`,
         a one-shot sandbox: it runs that command (`sandbox.entry`) instead of a guest
-        agent, where the tier can (`Backend.entrypoints`).
+        agent, where the tier can (`Backend.entrypoints`). `ram_disk` puts a layer
+        template's writable layer on a tmpfs (`SandboxSpec.ram_disk`).
         """
         # An unknown template is refused before anything is created.
         resolved = self.templates.get(template)
@@ -180,6 +182,7 @@ class Engine:
             dict(env or {}),
             rootfs,
             tuple(volumes),
+            ram_disk,
         )
         spec.limits.check_host()
         backend = self.backend(isolation)

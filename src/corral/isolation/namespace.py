@@ -239,9 +239,14 @@ class NamespaceBackend(Backend):
         if layered is not None:
             assert userns is not None
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
-            size = limits.disk_bytes
+            # A RAM disk is bounded like a `host` sandbox's tmpfs storage: memory is left
+            # for the agent when it is full (`Limits.storage_bytes`).
+            size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
             accounts = self._accounts.layer(layered)
-            root = make_root(footprint, layered, self._disks, disk, size, first, userns, accounts)
+            root = make_root(
+                footprint, layered, self._disks, disk, size, first, userns, accounts,
+                ram_disk=spec.ram_disk,
+            )  # fmt: skip
             if accounts is None:
                 # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
                 # kept as a layer for the template's next sandboxes.

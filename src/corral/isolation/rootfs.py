@@ -6,7 +6,9 @@ the reaper):
    dir (never the runtime dir's tmpfs: writes must not be memory), loop-mounted
    nosuid,nodev. It holds the
    overlay's upper/ and work/ and /dev/shm; ENOSPC at its size is the loop fs's own, the
-   host's fs only sees the sparse file grow.
+   host's fs only sees the sparse file grow. With `ram_disk` it is a tmpfs of the
+   storage size instead (`Limits.storage_bytes`): what the sandbox writes is memory,
+   charged to its cgroup.
 2. each layer bind-mounted read-only and *idmapped* with the sandbox's id range: what the
    layer stores as owned by uid N appears owned by host id FIRST+N, which is uid N in the
    sandbox's user namespace, so root, _apt or postgres keep their identity inside, and
@@ -33,7 +35,7 @@ from pathlib import Path
 from corral.config import IDS_PER_SLOT
 from corral.errors import SandboxStartFailed
 from corral.images import mount_overlay
-from corral.isolation.disks import DISK_DIRS, DiskSpares
+from corral.isolation.disks import DISK_DIRS, DiskSpares, make_disk_dirs
 from corral.isolation.footprint import Footprint
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, LayerTemplate
 
@@ -45,6 +47,7 @@ _OPEN_TREE_CLONE, _AT_EMPTY_PATH, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 0x4
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 _MOUNT_ATTR_IDMAP = 0x100000
 _AT_FDCWD = -100
+_MS_NOSUID, _MS_NODEV = 0x2, 0x4
 
 
 class _MountAttr(ctypes.Structure):
@@ -75,22 +78,30 @@ def make_root(
     first: int,
     userns_of: Callable[[], int],
     accounts: Path | None = None,
+    *,
+    ram_disk: bool = False,
 ) -> Path:
     """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
     mounted root. `first` is the host id of the sandbox's uid 0 and `userns_of` gives the
     user namespace mapping its range (`corral.isolation.idrange`): the layers' owners keep
     their identity inside, and what the sandbox's root writes is `first`'s on its disk.
-    `accounts` (`Accounts.layer`) goes on top of the template's layers."""
+    `accounts` (`Accounts.layer`) goes on top of the template's layers. With `ram_disk`
+    the disk is a tmpfs of `disk_bytes` instead (no image): its pages are charged to the
+    sandbox's memory, like a `host` sandbox's storage."""
     layers = [*template.layers, *([accounts] if accounts else [])]
     mnt, lowers, root = footprint.path / "disk", footprint.path / "layers", footprint.path / "root"
     targets = [lowers / str(i) for i in range(len(layers))]
     # The layers' idmap, for a snapshot to map the upper dir's owners back (`snapshots`).
     footprint.layer_ids = [first, first, IDS_PER_SLOT]
     # All recorded at once: each record is a file write (~1-2 ms on a busy disk).
-    footprint.record_mounts([str(p) for p in (mnt, *targets, root)], disk=str(disk))
+    image = None if ram_disk else str(disk)
+    footprint.record_mounts([str(p) for p in (mnt, *targets, root)], disk=image)
     try:
         mnt.mkdir(mode=0o700)
-        disks.take(disk, disk_bytes, mnt)
+        if ram_disk:
+            _mount_tmpfs(mnt, disk_bytes)
+        else:
+            disks.take(disk, disk_bytes, mnt)
         for name, _mode in DISK_DIRS:
             os.chown(mnt / name, first, first)
     except BaseException:
@@ -117,6 +128,15 @@ def make_root(
     finally:
         os.close(here)
     return root
+
+
+def _mount_tmpfs(target: Path, size_bytes: int) -> None:
+    """A RAM disk at `target` (recorded by the caller) with the directories of a disk."""
+    options = f"size={size_bytes},mode=755".encode()  # as an ext4 disk's top directory
+    if _libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options):
+        err = ctypes.get_errno()
+        raise SandboxStartFailed(f"could not mount the sandbox's RAM disk: {os.strerror(err)}")
+    make_disk_dirs(target)
 
 
 class Accounts:

@@ -16,7 +16,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
@@ -37,6 +37,7 @@ from corral.store.job_rows import JobEventRow, JobRow
 from corral.store.pages import check_page_size
 from corral.store.teams import check_totals
 from corral.templates import TemplateCatalog
+from corral.templates.defaults import SandboxDefaults
 
 T = TypeVar("T", LogChunkRow, JobEventRow)
 
@@ -107,6 +108,16 @@ def never_fits(memory_mib: int, capacity: MemoryCapacity) -> CapacityExceeded | 
     )
 
 
+def with_defaults(spec: JobSpec, defaults: SandboxDefaults) -> JobSpec:
+    """`spec` with its template's defaults in what it leaves unset (each limit, and a
+    network when it names none), so the stored spec says what every attempt gets."""
+    limits = {**defaults.limits, **spec.limits}
+    if spec.network is not None or defaults.network is None:
+        return replace(spec, limits=limits)
+    network = defaults.network
+    return replace(spec, limits=limits, network=network.mode, network_allow=network.entries)
+
+
 def new_job_id() -> str:
     return "j" + secrets.token_hex(10)
 
@@ -160,6 +171,7 @@ class JobQueue:
         template = spec.template or "host"
         if self.templates is not None:
             self.templates.resolve(team.id, template)  # TemplateNotFound: not the team's
+            spec = with_defaults(spec, self.templates.defaults(team.id, template))
         else:
             get_template(template)
         limits = Limits(**{**asdict(Limits()), **spec.limits})

@@ -146,10 +146,11 @@ class SandboxManager:
         engine_template = self._engine_template(team, options.template)
         backend = self.engine.backend(options.isolation).name
         mounts = self.volumes.mounts(team.id, options.volumes)
-        # Pooled sandboxes have no network and no volumes: one with either starts cold.
+        # Pooled sandboxes have no network, no volumes and a disk: others start cold.
         fits = (
             options.network.mode == "none"
             and not mounts
+            and not options.ram_disk
             and self.pool.fits(options.template, backend, limits)
         )
         pooled = self.pool.claim() if fits else None
@@ -186,6 +187,7 @@ class SandboxManager:
             traffic_token=token,
             public_ports=options.public_ports,
             volumes=[volume.to_json() for volume in options.volumes],
+            ram_disk=options.ram_disk,
         )
         logs.bind(sandbox_id=row.id)
         try:
@@ -273,6 +275,7 @@ class SandboxManager:
             isolation=options.isolation,
             sandbox_id=sandbox_id,
             volumes=mounts,
+            ram_disk=options.ram_disk,
         )
         try:
             await start_template_command(cold, options.envs)

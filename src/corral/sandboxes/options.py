@@ -74,8 +74,14 @@ class CreateOptions:
     public_ports: bool = False
     # Named volumes of the team, mounted at paths of the sandbox.
     volumes: tuple[VolumeSpec, ...] = ()
+    # A layer template's writable layer (everything it writes in `/`) on a tmpfs of its
+    # storage size (`Limits.storage_bytes`), so its writes count against its memory;
+    # `host` sandboxes' storage is a tmpfs already.
+    ram_disk: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ram_disk, bool):
+            raise InvalidRequest(f"ram_disk={self.ram_disk!r}: use True or False")
         if not isinstance(self.limits, Limits):
             raise InvalidRequest(f"limits must be a corral.isolation.Limits, got {self.limits!r}")
         if not isinstance(self.network, NetworkPolicy):
@@ -120,6 +126,7 @@ class SandboxRecord:
     public_ports: bool = False
     ports_domain: str = ""
     volumes: tuple[VolumeSpec, ...] = ()
+    ram_disk: bool = False
 
     @classmethod
     def from_row(
@@ -144,6 +151,7 @@ class SandboxRecord:
             public_ports=row.public_ports,
             ports_domain=ports_domain,
             volumes=tuple(VolumeSpec.of(v) for v in row.volumes),
+            ram_disk=row.ram_disk,
         )
 
 

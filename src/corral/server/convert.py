@@ -7,6 +7,7 @@ path, a negative timeout) is here, so each bad input gets one clear `InvalidRequ
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
@@ -14,8 +15,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from corral._state_enums import SANDBOX_STATE_NUMBERS
 from corral.errors import InvalidRequest
-from corral.isolation import Limits
+from corral.limits import REQUEST_LIMITS
 from corral.network.policy import NetworkPolicy
+from corral.templates.defaults import given_limits as given
 from corral.v1 import sandbox_pb2 as pb
 from corral.v1 import volumes_pb2
 from corral.volumes import VolumeSpec
@@ -72,14 +74,7 @@ def sandbox(record: SandboxRecord) -> pb.Sandbox:
         state=SANDBOX_STATE_NUMBERS.get(record.state, pb.SANDBOX_STATE_UNSPECIFIED),
         state_reason=record.state_reason,
         metadata=record.metadata,
-        limits=pb.Limits(
-            memory_mib=limits.memory_mib,
-            cpu=limits.cpu,
-            pids=limits.pids,
-            disk_mib=limits.disk_mib,
-            bandwidth_mbit=limits.bandwidth_mbit,
-            connections=limits.connections,
-        ),
+        limits=limits_message(asdict(limits)),
         created_at=timestamp(record.created_at),
         expires_at=timestamp(record.expires_at),
         idle_timeout_seconds=record.idle_timeout_seconds,
@@ -90,7 +85,13 @@ def sandbox(record: SandboxRecord) -> pb.Sandbox:
         public_ports=record.public_ports,
         ports_domain=record.ports_domain,
         volumes=[volume_mount(v) for v in record.volumes],
+        ram_disk=record.ram_disk,
     )
+
+
+def limits_message(values: Mapping[str, int | float]) -> pb.Limits:
+    """The request limits among `values` as the wire's message (absent ones 0)."""
+    return pb.Limits(**{name: values[name] for name in REQUEST_LIMITS if name in values})  # type: ignore[arg-type]
 
 
 def volume_mount(spec: VolumeSpec) -> volumes_pb2.VolumeMount:
@@ -215,22 +216,22 @@ def strings(values: dict[str, str], field: str) -> dict[str, str]:
     return dict(values)
 
 
-def limits(value: pb.Limits) -> Limits:
-    """The limits asked for, zero fields taking the defaults; range errors say which."""
-    defaults = Limits()
-    names = ("memory_mib", "cpu", "pids", "disk_mib", "bandwidth_mbit", "connections")
-    for name in names:
-        not_negative(getattr(value, name), f"limits.{name}")
-    return Limits(
-        memory_mib=value.memory_mib or defaults.memory_mib,
-        cpu=value.cpu or defaults.cpu,
-        pids=value.pids or defaults.pids,
-        disk_mib=value.disk_mib or defaults.disk_mib,
-        bandwidth_mbit=value.bandwidth_mbit or defaults.bandwidth_mbit,
-        connections=value.connections or defaults.connections,
-    )
+def given_limits(value: pb.Limits, field: str = "limits") -> dict[str, int | float]:
+    """The limit fields a request set (zero fields are unset: the template's defaults,
+    else the server's, fill them); range errors say which."""
+    for name in REQUEST_LIMITS:
+        not_negative(getattr(value, name), f"{field}.{name}")
+    return given({name: getattr(value, name) for name in REQUEST_LIMITS}, field)
 
 
 def network(value: pb.NetworkPolicy) -> NetworkPolicy:
     """The policy asked for; an unset message (or mode "") is `none`."""
     return NetworkPolicy.parse(value.mode, list(value.allow))
+
+
+def given_network(value: pb.NetworkPolicy) -> NetworkPolicy | None:
+    """The policy a request named, or None when it named none (unset, or mode "" with no
+    entries): the template's default, else `none`, applies."""
+    if not value.mode and not value.allow:
+        return None
+    return network(value)

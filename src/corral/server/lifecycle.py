@@ -13,6 +13,7 @@ from corral.errors import InvalidRequest
 from corral.sandboxes import CreateOptions
 from corral.server import convert, disconnect
 from corral.server.base import Handlers
+from corral.templates.defaults import SandboxDefaults
 from corral.v1 import sandbox_pb2 as pb
 
 Ctx = RequestContext[Any, Any]
@@ -25,21 +26,34 @@ class LifecycleHandlers(Handlers):
         convert.not_negative(request.idle_timeout_seconds, "idle_timeout_seconds")
         if request.on_idle not in convert.IDLE_ACTION_NAMES:
             raise InvalidRequest(f"on_idle={request.on_idle} is not an IdleAction")
+        template = request.template or "host"
+        # What the request leaves unset takes the template's defaults; the manager checks
+        # the result against the server's caps like any request.
+        defaults = self._template_defaults(team.id, template)
         options = CreateOptions(
-            template=request.template or "host",
+            template=template,
             isolation=request.isolation or "auto",
-            limits=convert.limits(request.limits),
+            limits=defaults.limits_for(convert.given_limits(request.limits)),
             envs=convert.strings(dict(request.envs), "envs"),
             metadata=convert.strings(dict(request.metadata), "metadata"),
             timeout_seconds=request.timeout_seconds or 300,
             idle_timeout_seconds=request.idle_timeout_seconds,
             on_idle=cast(Literal["pause", "kill"], convert.IDLE_ACTION_NAMES[request.on_idle]),
-            network=convert.network(request.network),
+            network=defaults.network_for(convert.given_network(request.network)),
             public_ports=request.public_ports,
             volumes=convert.volume_specs(request.volumes),
+            ram_disk=request.ram_disk,
         )
         record = await self._manager.create(team, options)
         return pb.CreateResponse(sandbox=convert.sandbox(record))
+
+    def _template_defaults(self, team_id: str, template: str) -> SandboxDefaults:
+        """The defaults of the team's template (none for `host`, or a server without a
+        catalog, whose manager serves only `host`)."""
+        catalog = self._services.templates
+        if catalog is None or template == "host":
+            return SandboxDefaults()
+        return catalog.defaults(team_id, template)  # TemplateNotFound: not the team's
 
     async def get(self, request: pb.GetRequest, ctx: Ctx) -> pb.GetResponse:
         team = self._team(ctx)

@@ -85,6 +85,10 @@ def template_message(record: TemplateRecord) -> pb.Template:
         error=record.error or "",
         created_at=convert.timestamp(record.created_at),
         updated_at=convert.timestamp(record.updated_at),
+        sandbox_limits=convert.limits_message(record.defaults.limits),
+        sandbox_network=(
+            convert.network_message(record.defaults.network) if record.defaults.network else None
+        ),
     )
 
 
@@ -158,11 +162,17 @@ def parse_plan(request: pb.BuildTemplateRequest, scratch: Path) -> tuple[BuildPl
 def build_request(request: pb.BuildTemplateRequest) -> BuildRequest:
     """The catalog's request for `request`: its source parsed, its options checked."""
     from corral.templates import BuildRequest
+    from corral.templates.defaults import SandboxDefaults
 
     if request.ready_timeout_seconds < 0:
         raise InvalidRequest("ready_timeout_seconds must be >= 0 (0: 60 s)")
     with tempfile.TemporaryDirectory(prefix="corral-context-") as scratch:
         plan, source = parse_plan(request, Path(scratch))
+    # The request's fields win over the recipe's keys, each on its own.
+    asked = SandboxDefaults(
+        convert.given_limits(request.sandbox_limits, "sandbox_limits"),
+        convert.given_network(request.sandbox_network),
+    )
     return BuildRequest(
         name=request.name,
         plan=plan,
@@ -170,6 +180,7 @@ def build_request(request: pb.BuildTemplateRequest) -> BuildRequest:
         context=request.context or None,
         network=convert.network(request.network),
         ready_timeout_s=request.ready_timeout_seconds or 60,
+        defaults=asked.over(SandboxDefaults.from_recipe(plan.sandbox)),
     )
 
 

@@ -49,6 +49,8 @@ class SandboxRow:
     public_ports: bool = False
     # Its volumes: [{"name", "path", "read_only"}].
     volumes: list[dict[str, Any]] = field(default_factory=list)
+    # Its writable layer is a tmpfs (its writes are memory), not a disk.
+    ram_disk: bool = False
 
 
 @dataclass(frozen=True)

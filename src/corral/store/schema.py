@@ -123,6 +123,8 @@ sandboxes = sa.Table(
     sa.Column("public_ports", sa.Boolean, nullable=False, server_default=sa.false()),
     # Its volumes: [{"name", "path", "read_only"}].
     sa.Column("volumes", JSON, nullable=False, server_default="[]"),
+    # Its writable layer is a tmpfs (its writes are memory), not a disk.
+    sa.Column("ram_disk", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint(sa.column("state").in_(SANDBOX_STATES), name="state"),
     sa.CheckConstraint(sa.column("on_idle").in_(("pause", "kill")), name="on_idle"),
     # List pages: a team's sandboxes in creation order, filtered by state.
@@ -337,6 +339,10 @@ templates = sa.Table(
     sa.Column("request", JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Its sandboxes' defaults (corral.templates.defaults): the limit fields it sets, and a
+    # network policy or null.
+    sa.Column("sandbox_limits", JSON, nullable=False, server_default="{}"),
+    sa.Column("sandbox_network", JSON, nullable=True),
     sa.CheckConstraint(
         sa.column("state").in_(("building", "ready", "failed", "cancelled")), name="state"
     ),

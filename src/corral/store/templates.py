@@ -48,6 +48,9 @@ class TemplateRow:
     created_at: datetime
     updated_at: datetime
     request: dict[str, Any] = field(default_factory=dict)
+    # Its sandboxes' defaults (corral.templates.defaults.SandboxDefaults as JSON).
+    sandbox_limits: dict[str, int | float] = field(default_factory=dict)
+    sandbox_network: dict[str, Any] | None = None
 
 
 def _row(row: sa.Row[Any]) -> TemplateRow:

@@ -44,6 +44,7 @@ from corral.sandboxes import SandboxManager
 from corral.store import Store
 from corral.store.templates import TemplateRow
 from corral.templates._plan import plan_to_dict
+from corral.templates.defaults import SandboxDefaults
 
 log = logging.getLogger("corral.templates")
 
@@ -81,6 +82,8 @@ class TemplateRecord:
     error: str | None
     created_at: float
     updated_at: float
+    # What its sandboxes and jobs get for the limits and network their request leaves unset.
+    defaults: SandboxDefaults = field(default_factory=SandboxDefaults)
 
     @classmethod
     def from_row(cls, row: TemplateRow) -> TemplateRecord:
@@ -102,6 +105,7 @@ class TemplateRecord:
             error=row.error,
             created_at=row.created_at.timestamp(),
             updated_at=row.updated_at.timestamp(),
+            defaults=row_defaults(row),
         )
 
 
@@ -109,7 +113,7 @@ class TemplateRecord:
 class BuildRequest:
     """What to build: `plan` is parsed by the caller (the server, with corral.images'
     parsers); `context` is a tar of the files COPY and ADD take; `network` is the policy
-    of RUN steps."""
+    of RUN steps; `defaults` are the template's sandboxes'."""
 
     name: str
     plan: BuildPlan
@@ -117,6 +121,7 @@ class BuildRequest:
     context: bytes | None = None
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     ready_timeout_s: float = 60
+    defaults: SandboxDefaults = field(default_factory=SandboxDefaults)
 
 
 class BuildQueue(Protocol):
@@ -214,6 +219,13 @@ class TemplateCatalog:
         self._register(row)
         return row.id
 
+    def defaults(self, team_id: str, name: str) -> SandboxDefaults:
+        """What the team's ready template `name` gives a sandbox or job for what its
+        request leaves unset (`host`: nothing). TemplateNotFound as `resolve`."""
+        if name in TEMPLATE_NAMES:
+            return SandboxDefaults()
+        return row_defaults(self.serving(team_id, name))
+
     def serving(self, team_id: str, name: str) -> TemplateRow:
         rows = self.store.template_rows(team_id, name) if isinstance(name, str) else []
         for row in rows:
@@ -249,7 +261,9 @@ class TemplateCatalog:
             )
         self._check_base(team, request.plan)
         # The team's name: the server's network cap names teams (CORRAL_NETWORK_*).
-        self.settings.network_cap().check(request.network, self.store.team_by_id(team).name)
+        team_name = self.store.team_by_id(team).name
+        self.settings.network_cap().check(request.network, team_name)
+        request.defaults.check(self.settings.network_cap(), team_name)
         if self.queue is None:
             raise InvalidRequest("this process runs no job queue: builds go to `corral server`")
         now = datetime.now(UTC)
@@ -278,6 +292,8 @@ class TemplateCatalog:
                 "ready_timeout_s": float(timeout),
                 "context": request.context is not None,
             },
+            sandbox_limits=request.defaults.limits_json(),
+            sandbox_network=request.defaults.network_json(),
         )
         self.store.insert_template(row, **self._quotas())  # QuotaExceeded names the setting
         try:
@@ -439,6 +455,10 @@ class TemplateCatalog:
         )
         rootfs = sandbox.spec.rootfs
         assert rootfs is not None  # Sandbox.snapshot refuses a sandbox of `host`
+        # The defaults of the build the sandbox started from (its row, even if replaced
+        # since, is in the engine under its id; gone from the store: none).
+        source = self.store.template(sandbox.spec.template)
+        defaults = row_defaults(source) if source is not None else SandboxDefaults()
         if flatten:
             # The snapshot's own top layer is left for `collect`: no row names it.
             merged = await asyncio.to_thread(
@@ -454,6 +474,9 @@ class TemplateCatalog:
             env=rootfs.env,
             workdir=rootfs.workdir,
             user=rootfs.user,  # a USER's template snapshots as that user, not as root
+            defaults=defaults,
+            start=rootfs.start,  # its sandboxes start what the sandbox's template did
+            ready=rootfs.ready,
         )
 
     # -- templates made of stored layers ----------------------------------------------------
@@ -468,6 +491,9 @@ class TemplateCatalog:
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
         user: str = "root",
+        defaults: SandboxDefaults | None = None,
+        start: str | None = None,
+        ready: str | None = None,
     ) -> TemplateRecord:
         """Record a ready template of layers already in the store (a Debian base, a
         snapshot), replacing the team's template of that name; its sandboxes run as
@@ -487,8 +513,8 @@ class TemplateCatalog:
             env=dict(env or {}),
             workdir=workdir,
             user=user,
-            start_cmd=None,
-            ready_cmd=None,
+            start_cmd=start,
+            ready_cmd=ready,
             size_bytes=size,
             build_job_id=None,
             steps_total=0,
@@ -496,15 +522,17 @@ class TemplateCatalog:
             error=None,
             created_at=now,
             updated_at=now,
+            sandbox_limits=defaults.limits_json() if defaults else {},
+            sandbox_network=defaults.network_json() if defaults else None,
         )
         self.store.insert_template(row, **self._quotas())  # QuotaExceeded names the setting
         try:
-            ready, _ = self.finish(row.id, "ready")
+            made, _ = self.finish(row.id, "ready")
         except BaseException:
             self.store.delete_templates(team, name, only=row.id)
             raise
-        assert ready is not None
-        return TemplateRecord.from_row(ready)
+        assert made is not None
+        return TemplateRecord.from_row(made)
 
     def finish(
         self, template_id: str, state: str, **changes: Any
@@ -543,6 +571,10 @@ class TemplateCatalog:
     def _forget(self, template_id: str) -> None:
         if template_id in self.engine.templates.names():
             self.engine.templates.remove(template_id)
+
+
+def row_defaults(row: TemplateRow) -> SandboxDefaults:
+    return SandboxDefaults.from_json(row.sandbox_limits, row.sandbox_network)
 
 
 def account(user: str) -> str:

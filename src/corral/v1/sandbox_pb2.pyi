@@ -84,7 +84,7 @@ class NetworkPolicy(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "template", "isolation", "state", "state_reason", "metadata", "limits", "created_at", "expires_at", "idle_timeout_seconds", "on_idle", "last_activity_at", "network", "traffic_access_token", "public_ports", "ports_domain", "volumes")
+    __slots__ = ("id", "template", "isolation", "state", "state_reason", "metadata", "limits", "created_at", "expires_at", "idle_timeout_seconds", "on_idle", "last_activity_at", "network", "traffic_access_token", "public_ports", "ports_domain", "volumes", "ram_disk")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class Sandbox(_message.Message):
     PUBLIC_PORTS_FIELD_NUMBER: _ClassVar[int]
     PORTS_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    RAM_DISK_FIELD_NUMBER: _ClassVar[int]
     id: str
     template: str
     isolation: str
@@ -126,10 +127,11 @@ class Sandbox(_message.Message):
     public_ports: bool
     ports_domain: str
     volumes: _containers.RepeatedCompositeFieldContainer[_volumes_pb2.VolumeMount]
-    def __init__(self, id: _Optional[str] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., state_reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., traffic_access_token: _Optional[str] = ..., public_ports: _Optional[bool] = ..., ports_domain: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[_volumes_pb2.VolumeMount, _Mapping]]] = ...) -> None: ...
+    ram_disk: bool
+    def __init__(self, id: _Optional[str] = ..., template: _Optional[str] = ..., isolation: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., state_reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., traffic_access_token: _Optional[str] = ..., public_ports: _Optional[bool] = ..., ports_domain: _Optional[str] = ..., volumes: _Optional[_Iterable[_Union[_volumes_pb2.VolumeMount, _Mapping]]] = ..., ram_disk: _Optional[bool] = ...) -> None: ...
 
 class CreateRequest(_message.Message):
-    __slots__ = ("template", "isolation", "limits", "envs", "metadata", "timeout_seconds", "idle_timeout_seconds", "on_idle", "network", "public_ports", "volumes")
+    __slots__ = ("template", "isolation", "limits", "envs", "metadata", "timeout_seconds", "idle_timeout_seconds", "on_idle", "network", "public_ports", "volumes", "ram_disk")
     class EnvsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,7 @@ class CreateRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_PORTS_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    RAM_DISK_FIELD_NUMBER: _ClassVar[int]
     template: str
     isolation: str
     limits: Limits
@@ -166,7 +169,8 @@ class CreateRequest(_message.Message):
     network: NetworkPolicy
     public_ports: bool
     volumes: _containers.RepeatedCompositeFieldContainer[_volumes_pb2.VolumeMount]
-    def __init__(self, template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., envs: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., public_ports: _Optional[bool] = ..., volumes: _Optional[_Iterable[_Union[_volumes_pb2.VolumeMount, _Mapping]]] = ...) -> None: ...
+    ram_disk: bool
+    def __init__(self, template: _Optional[str] = ..., isolation: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., envs: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., idle_timeout_seconds: _Optional[int] = ..., on_idle: _Optional[_Union[IdleAction, str]] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., public_ports: _Optional[bool] = ..., volumes: _Optional[_Iterable[_Union[_volumes_pb2.VolumeMount, _Mapping]]] = ..., ram_disk: _Optional[bool] = ...) -> None: ...
 
 class CreateResponse(_message.Message):
     __slots__ = ("sandbox",)

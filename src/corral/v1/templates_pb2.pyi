@@ -26,7 +26,7 @@ TEMPLATE_STATE_FAILED: TemplateState
 TEMPLATE_STATE_CANCELLED: TemplateState
 
 class Template(_message.Message):
-    __slots__ = ("team", "name", "state", "source", "layers", "env", "workdir", "user", "start_cmd", "ready_cmd", "size_bytes", "build_job_id", "steps_total", "steps_cached", "error", "created_at", "updated_at")
+    __slots__ = ("team", "name", "state", "source", "layers", "env", "workdir", "user", "start_cmd", "ready_cmd", "size_bytes", "build_job_id", "steps_total", "steps_cached", "error", "created_at", "updated_at", "sandbox_limits", "sandbox_network")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class Template(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_NETWORK_FIELD_NUMBER: _ClassVar[int]
     team: str
     name: str
     state: TemplateState
@@ -68,7 +70,9 @@ class Template(_message.Message):
     error: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, team: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TemplateState, str]] = ..., source: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., start_cmd: _Optional[str] = ..., ready_cmd: _Optional[str] = ..., size_bytes: _Optional[int] = ..., build_job_id: _Optional[str] = ..., steps_total: _Optional[int] = ..., steps_cached: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    sandbox_limits: _sandbox_pb2.Limits
+    sandbox_network: _sandbox_pb2.NetworkPolicy
+    def __init__(self, team: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TemplateState, str]] = ..., source: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., start_cmd: _Optional[str] = ..., ready_cmd: _Optional[str] = ..., size_bytes: _Optional[int] = ..., build_job_id: _Optional[str] = ..., steps_total: _Optional[int] = ..., steps_cached: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sandbox_limits: _Optional[_Union[_sandbox_pb2.Limits, _Mapping]] = ..., sandbox_network: _Optional[_Union[_sandbox_pb2.NetworkPolicy, _Mapping]] = ...) -> None: ...
 
 class ImageSource(_message.Message):
     __slots__ = ("reference", "username", "password")
@@ -91,7 +95,7 @@ class DebianSource(_message.Message):
     def __init__(self, suite: _Optional[str] = ..., variant: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BuildTemplateRequest(_message.Message):
-    __slots__ = ("name", "dockerfile", "recipe", "e2b_template", "image", "debian", "context", "build_args", "network", "ready_cmd", "ready_timeout_seconds")
+    __slots__ = ("name", "dockerfile", "recipe", "e2b_template", "image", "debian", "context", "build_args", "network", "ready_cmd", "ready_timeout_seconds", "sandbox_limits", "sandbox_network")
     class BuildArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +114,8 @@ class BuildTemplateRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     READY_CMD_FIELD_NUMBER: _ClassVar[int]
     READY_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_NETWORK_FIELD_NUMBER: _ClassVar[int]
     name: str
     dockerfile: str
     recipe: str
@@ -121,7 +127,9 @@ class BuildTemplateRequest(_message.Message):
     network: _sandbox_pb2.NetworkPolicy
     ready_cmd: str
     ready_timeout_seconds: float
-    def __init__(self, name: _Optional[str] = ..., dockerfile: _Optional[str] = ..., recipe: _Optional[str] = ..., e2b_template: _Optional[str] = ..., image: _Optional[_Union[ImageSource, _Mapping]] = ..., debian: _Optional[_Union[DebianSource, _Mapping]] = ..., context: _Optional[bytes] = ..., build_args: _Optional[_Mapping[str, str]] = ..., network: _Optional[_Union[_sandbox_pb2.NetworkPolicy, _Mapping]] = ..., ready_cmd: _Optional[str] = ..., ready_timeout_seconds: _Optional[float] = ...) -> None: ...
+    sandbox_limits: _sandbox_pb2.Limits
+    sandbox_network: _sandbox_pb2.NetworkPolicy
+    def __init__(self, name: _Optional[str] = ..., dockerfile: _Optional[str] = ..., recipe: _Optional[str] = ..., e2b_template: _Optional[str] = ..., image: _Optional[_Union[ImageSource, _Mapping]] = ..., debian: _Optional[_Union[DebianSource, _Mapping]] = ..., context: _Optional[bytes] = ..., build_args: _Optional[_Mapping[str, str]] = ..., network: _Optional[_Union[_sandbox_pb2.NetworkPolicy, _Mapping]] = ..., ready_cmd: _Optional[str] = ..., ready_timeout_seconds: _Optional[float] = ..., sandbox_limits: _Optional[_Union[_sandbox_pb2.Limits, _Mapping]] = ..., sandbox_network: _Optional[_Union[_sandbox_pb2.NetworkPolicy, _Mapping]] = ...) -> None: ...
 
 class BuildTemplateResponse(_message.Message):
     __slots__ = ("template",)

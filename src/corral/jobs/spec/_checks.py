@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from corral.errors import InvalidLimits, InvalidRequest
-from corral.limits import Limits
+from corral.limits import REQUEST_LIMITS, Limits
 from corral.network.policy import NetworkPolicy
 
 KINDS = ("command", "shell", "code", "workflow")
@@ -42,7 +42,7 @@ MAX_PRIORITY = 1000
 MAX_LABELS = 64
 MAX_LABEL_TEXT = 512
 MAX_URL = 2048
-LIMIT_FIELDS = ("memory_mib", "cpu", "pids", "disk_mib", "bandwidth_mbit", "connections")
+LIMIT_FIELDS = REQUEST_LIMITS
 _LABEL_KEY = re.compile(r"[ !#-\[\]-~]{1,128}")
 
 
