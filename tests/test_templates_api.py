@@ -121,9 +121,13 @@ def test_sdk_builds_with_e2b_builder_vocabulary(
         .from_template(base)
         .set_start_cmd("echo $$ > /tmp/started; exec sleep 600", "test -s /tmp/started")
     )
-    Template.build(serving, "serving", **opts(tserver))
+    info = Template.build(serving, "serving", **opts(tserver))
     with Sandbox.create("serving", **opts(tserver)) as sbx:
         assert sbx.commands.run("test -s /tmp/started").exit_code == 0  # ready at create
+        assert [p.tag for p in sbx.commands.list()] == ["start"]
+        snap = sbx.snapshot("serving-snap")  # its sandboxes start the same way
+    assert (snap.start_cmd, snap.ready_cmd) == (info.start_cmd, info.ready_cmd) != ("", "")
+    with Sandbox.create("serving-snap", **opts(tserver)) as sbx:
         assert [p.tag for p in sbx.commands.list()] == ["start"]
 
     # A failing ready check fails the build: BuildFailed names it.
