@@ -141,3 +141,17 @@ class Connection:
             await self._vms.close()
         if self._templates is not None:
             await self._templates.close()
+
+
+async def call_once(
+    method: Callable[[Connection], Callable[..., Awaitable[RES]]],
+    request: object,
+    settings: ClientSettings,
+) -> RES:
+    """One unary call (`method` of a connection: `lambda c: c.templates.get`) on a
+    connection of its own, closed after: the resources' static methods."""
+    connection = Connection(settings)
+    try:
+        return await connection.call(method(connection), request)
+    finally:
+        await connection.aclose()

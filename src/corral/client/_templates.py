@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from corral.client._config import ClientSettings
-from corral.client._connection import Connection
+from corral.client._connection import Connection, call_once
 from corral.client._models import BuildLog, JobEvent, Limits, LogChunk, Network, TemplateInfo
 from corral.errors import BuildFailed, InvalidRequest
 from corral.limits import check_build_context
@@ -320,8 +320,12 @@ def _tar(root: Path, sources: Iterable[str], ignore: Sequence[str]) -> bytes:
     return buffer.getvalue()
 
 
+def _settings(server: str | None, api_key: str | None, context: str | None) -> ClientSettings:
+    return ClientSettings.resolve(server=server, api_key=api_key, context=context)
+
+
 def _connect(server: str | None, api_key: str | None, context: str | None) -> Connection:
-    return Connection(ClientSettings.resolve(server=server, api_key=api_key, context=context))
+    return Connection(_settings(server, api_key, context))
 
 
 class AsyncTemplate(TemplateBuilder):
@@ -387,11 +391,9 @@ class AsyncTemplate(TemplateBuilder):
         if not ready_timeout > 0:
             raise InvalidRequest(f"ready_timeout={ready_timeout!r}: give seconds > 0")
         request.ready_timeout_seconds = ready_timeout
-        connection = _connect(server, api_key, context)
-        try:
-            reply = await connection.call(connection.templates.build, request)
-        finally:
-            await connection.aclose()
+        reply = await call_once(
+            lambda c: c.templates.build, request, _settings(server, api_key, context)
+        )
         return TemplateInfo.from_proto(reply.template)
 
     @staticmethod
@@ -402,24 +404,20 @@ class AsyncTemplate(TemplateBuilder):
         api_key: str | None = None,
         context: str | None = None,
     ) -> TemplateInfo:
-        connection = _connect(server, api_key, context)
-        try:
-            reply = await connection.call(
-                connection.templates.get, pb.GetTemplateRequest(name=name)
-            )
-        finally:
-            await connection.aclose()
+        request = pb.GetTemplateRequest(name=name)
+        reply = await call_once(
+            lambda c: c.templates.get, request, _settings(server, api_key, context)
+        )
         return TemplateInfo.from_proto(reply.template)
 
     @staticmethod
     async def list(
         *, server: str | None = None, api_key: str | None = None, context: str | None = None
     ) -> builtins.list[TemplateInfo]:
-        connection = _connect(server, api_key, context)
-        try:
-            reply = await connection.call(connection.templates.list, pb.ListTemplatesRequest())
-        finally:
-            await connection.aclose()
+        request = pb.ListTemplatesRequest()
+        reply = await call_once(
+            lambda c: c.templates.list, request, _settings(server, api_key, context)
+        )
         return [TemplateInfo.from_proto(t) for t in reply.templates]
 
     @staticmethod
@@ -431,11 +429,8 @@ class AsyncTemplate(TemplateBuilder):
         context: str | None = None,
     ) -> None:
         """Remove a template; refused (TemplateInUse) while a sandbox uses it."""
-        connection = _connect(server, api_key, context)
-        try:
-            await connection.call(connection.templates.delete, pb.DeleteTemplateRequest(name=name))
-        finally:
-            await connection.aclose()
+        request = pb.DeleteTemplateRequest(name=name)
+        await call_once(lambda c: c.templates.delete, request, _settings(server, api_key, context))
 
     @staticmethod
     async def cancel(
@@ -446,13 +441,10 @@ class AsyncTemplate(TemplateBuilder):
         context: str | None = None,
     ) -> TemplateInfo:
         """Stop the template's build; a finished template is returned as it is."""
-        connection = _connect(server, api_key, context)
-        try:
-            reply = await connection.call(
-                connection.templates.cancel, pb.CancelBuildRequest(name=name)
-            )
-        finally:
-            await connection.aclose()
+        request = pb.CancelBuildRequest(name=name)
+        reply = await call_once(
+            lambda c: c.templates.cancel, request, _settings(server, api_key, context)
+        )
         return TemplateInfo.from_proto(reply.template)
 
     @staticmethod

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from corral.client._commands import OutputCallback, RunOptions
 from corral.client._config import ClientSettings
-from corral.client._connection import Connection
+from corral.client._connection import Connection, call_once
 from corral.client._models import CommandResult, VmInfo
 from corral.client._sandbox import AsyncSandbox
 from corral.client._templates import AsyncTemplate, BuildLogCallback
@@ -38,11 +38,7 @@ async def _call(
     request: object,
     connect: dict[str, Any],
 ) -> R:
-    connection = Connection(ClientSettings.resolve(**connect))
-    try:
-        return await connection.call(method(connection), request)
-    finally:
-        await connection.aclose()
+    return await call_once(method, request, ClientSettings.resolve(**connect))
 
 
 def _connect(server: str | None, api_key: str | None, context: str | None) -> dict[str, Any]:

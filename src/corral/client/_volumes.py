@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from corral.client._config import ClientSettings
-from corral.client._connection import Connection
+from corral.client._connection import Connection, call_once
 from corral.client._models import VolumeInfo
 from corral.errors import InvalidRequest
 from corral.v1 import volumes_pb2 as pb
@@ -31,15 +31,10 @@ async def _call(
     context: str | None,
     request_timeout: float | None,
 ) -> R:
-    connection = Connection(
-        ClientSettings.resolve(
-            server=server, api_key=api_key, context=context, timeout=request_timeout
-        )
+    settings = ClientSettings.resolve(
+        server=server, api_key=api_key, context=context, timeout=request_timeout
     )
-    try:
-        return await connection.call(method(connection), request)
-    finally:
-        await connection.aclose()
+    return await call_once(method, request, settings)
 
 
 def _name(name: object) -> str:
