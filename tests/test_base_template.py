@@ -16,7 +16,7 @@ from corral.isolation import Engine
 from corral.store import Store
 from corral.templates import TemplateCatalog
 from corral.templates import base as server_base
-from tests.conftest import LiveServer, opts, start_server
+from tests.conftest import LiveServer, opts
 from tests.kit import e2b_base
 from tests.kit.polling import wait_until
 from tests.test_template_catalog import tiny_layer
@@ -26,13 +26,8 @@ pytestmark = [pytest.mark.sandbox, *e2b_base.needs_base()]
 
 @pytest.fixture(scope="module")
 def base_server(settings: Settings) -> Iterator[LiveServer]:
-    data = settings.runtime_dir / "base-server-data"
-    e2b_base.install(data)
-    server = start_server(settings, data, pool_size=0)
-    try:
+    with e2b_base.server_with_base(settings, "base-server-data") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def run(sbx: Sandbox, line: str, user: str = "") -> str:
