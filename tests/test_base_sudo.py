@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from corral import Sandbox
 from corral.config import Settings
+from corral.errors import CommandError
 from corral.guest import agent_source_dir
 from tests.conftest import LiveServer, opts
 from tests.kit import e2b_base
 from tests.kit.polling import wait_until
+from tests.test_guest import running_agent
 
 pytestmark = [pytest.mark.sandbox, *e2b_base.needs_base()]
 
@@ -139,13 +141,17 @@ def test_sudo_root_is_the_sandboxs_root_and_no_more(
         assert "sleep 4343" not in bash(sbx, "sudo ps -eo args")[1]
 
 
-def test_without_the_agents_socket_sudo_says_there_is_one_user() -> None:
-    # On the host (a network namespace without the agent's socket), as in a sandbox of a
-    # server that does not run as root.
-    done = subprocess.run(
-        [sys.executable, "-I", str(agent_source_dir() / "sudo.py"), "true"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 1
-    assert "one user only" in done.stderr and "without sudo" in done.stderr
+async def test_an_agent_without_root_has_one_user_and_no_sudo(tmp_path: Path) -> None:
+    # As a rootless server's sandboxes: the agent has one id, so there is no root to
+    # become, and it does not listen for sudo (the client, here in the host's network
+    # namespace, finds no socket).
+    async with running_agent(tmp_path) as agent:
+        me = str((await agent.guest.ping())["user"])
+        with pytest.raises(CommandError, match=f"only '{me}' is available.*runs as root"):
+            # (this agent's one user is the test's own, root itself when tests run as root)
+            await agent.guest.exec(["true"], user="nobody" if me == "root" else "root")
+        client = str(agent_source_dir() / "sudo.py")
+        sudo = await agent.guest.exec([sys.executable, "-I", client, "id"])
+        _, err, result = await sudo.collect()
+        assert result.exit_code == 1
+        assert b"one user only" in err and b"without sudo" in err
