@@ -78,3 +78,12 @@ def server_with_base(settings: Settings, name: str) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+if __name__ == "__main__":
+    # `python -m tests.kit.e2b_base DATA_DIR`: a server's base for a process that cannot
+    # import this kit (the tests/e2b_sdk environment), before it starts that server.
+    import sys
+
+    made = install(Path(sys.argv[1]))
+    print(made.template_id)
