@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +57,13 @@ def base_tar() -> Path:
             with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
                 tar.add(rootfs, arcname=".")
             partial.rename(cached)
+        for old in cached.parent.glob(f"{suite()}-e2b-base-*"):
+            if old.stem != cached.stem and old.stat().st_mtime < time.time() - 7 * 86400:
+                # bases of archives or recipes long replaced: the tar, its store, its lock
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
     return cached
 
 
