@@ -107,6 +107,7 @@ async def test_the_server_base_resolves_for_teams_without_their_own(
         team = store.create_team("alpha").id
         name = catalog.resolve(team, "base")
         assert name == record.template_id
+        assert server_base.ensure_base(catalog) == record  # there: nothing to build
         assert engine.templates.get(name).user == "user"  # type: ignore[union-attr]
         assert engine.templates.get(name).workdir == "/home/user"  # type: ignore[union-attr]
         # Its layers survive a collect: no row names them, the record does.
@@ -135,6 +136,13 @@ async def test_without_a_base_off_is_not_found_and_first_use_starts_a_build(
         catalog.server_base = server_base.ServerBase(catalog.layers, missing, "first-use")
         with pytest.raises(TemplateNotReady, match="try again shortly"):
             catalog.resolve(team, "base")
+        assert catalog.server_base.wait(120) is None
+        with pytest.raises(TemplateNotReady, match="could not be built"):
+            catalog.resolve(team, "base")
+        # `start`: loading the catalog starts the build (here failing again, offline).
+        catalog.server_base = server_base.ServerBase(catalog.layers, missing, "start")
+        catalog.settings = catalog.settings.with_(base_template="start")
+        catalog.load()
         assert catalog.server_base.wait(120) is None
         with pytest.raises(TemplateNotReady, match="could not be built"):
             catalog.resolve(team, "base")
