@@ -4,6 +4,8 @@ whose base comes from the cached tar (tests/kit/e2b_base.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,7 @@ from corral.store import Store
 from corral.templates import TemplateCatalog
 from corral.templates import base as server_base
 from tests.conftest import LiveServer, opts
-from tests.kit import e2b_base
+from tests.kit import e2b_base, rootless
 from tests.kit.polling import wait_until
 from tests.test_template_catalog import tiny_layer
 
@@ -191,3 +193,21 @@ def test_a_layer_adopted_from_another_store_shares_its_files(tmp_path: Path) -> 
     assert second.adopt(layer) == adopted  # stored already: nothing again
     with pytest.raises(InvalidRequest, match="not a layer digest"):
         second.adopt(replace(layer, digest="sha256:nope"))
+
+
+def test_a_rootless_server_says_it_cannot_make_base() -> None:
+    # As nobody: a rootless server's catalog (layer templates need root).
+    with rootless.home() as home:
+        script = (
+            "from pathlib import Path; from corral.images import LayerStore; "
+            "from corral.templates.base import ServerBase; "
+            f"store = LayerStore(Path({str(home / 'data')!r}))\n"
+            "print(ServerBase(store, 'x', 'first-use').missing())"
+        )
+        done = subprocess.run(
+            ["setpriv", f"--reuid={rootless.NOBODY}", f"--regid={rootless.NOBODY}",
+             "--clear-groups", sys.executable, "-c", script],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "layer templates need Corral to run as root; use 'host'" in done.stdout
