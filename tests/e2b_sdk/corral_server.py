@@ -7,11 +7,18 @@ the standard library only. The server is root's `corral server` on a free loopba
 with a data and runtime directory of its own (under /tmp: the sandboxes' unprivileged uids
 must be able to traverse it), and a `base` template, E2B's default, made from the local
 Debian archive (`make setup`) so that no test reaches the network.
+
+Nothing here may reach a real address (E2B's own tests curl 1.1.1.1 and 8.8.8.8 from their
+sandboxes, expecting a deny rule to stop them): `isolate_network()` moves the caller into a
+network namespace of its own whose only interface is loopback, before it starts the server,
+and `start` refuses to run anywhere else. The server, its sandboxes' uplinks and the SDK
+all live in that namespace, where every address but loopback is unreachable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -19,6 +26,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -91,6 +99,26 @@ class CorralServer:
         _reap(self.runtime, self.env)
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def isolate_network() -> None:
+    """Move this process, and every process it starts from now on, into a new network
+    namespace with loopback only (as root; before any thread starts: a namespace change
+    moves the calling thread alone)."""
+    if threading.active_count() != 1:
+        raise RuntimeError("isolate_network() must run before any thread starts")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"unshare(CLONE_NEWNET): {os.strerror(error)} (run as root)")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def _isolated() -> bool:
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,6 +128,11 @@ def free_port() -> int:
 def start(*, pool_size: int = 2, extra_env: Mapping[str, str] | None = None) -> CorralServer:
     """A `corral server` on a free loopback port, answering, with its `base` template ready
     and a key for the E2B SDK."""
+    if not _isolated():
+        raise RuntimeError(
+            "this process can reach networks other than loopback: call "
+            "corral_server.isolate_network() first (nothing here may reach a real address)"
+        )
     if not CORRAL.exists():
         raise RuntimeError(f"{CORRAL} is missing: run `make setup` (uv sync) at {ROOT} first")
     runtime = Path(tempfile.mkdtemp(prefix="corral-e2b-"))

@@ -3,7 +3,9 @@ server, and the server has E2B's default template."""
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 
 import httpx
 from corral_server import CorralServer
@@ -22,3 +24,11 @@ def test_the_base_template_is_ready(corral: CorralServer) -> None:
     listed = corral.corral("template", "get", "base", "-o", "json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["state"] == "ready"
+
+
+def test_the_session_reaches_loopback_only() -> None:
+    """E2B's tests curl public addresses from their sandboxes: the session (server, its
+    sandboxes' uplinks, the SDK) lives in a network namespace with loopback alone."""
+    assert [name for _, name in socket.if_nameindex()] == ["lo"]
+    with socket.socket() as probe:
+        assert probe.connect_ex(("192.0.2.1", 80)) == errno.ENETUNREACH
