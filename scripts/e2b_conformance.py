@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "E2B_SANDBOX_URL": f"http://127.0.0.1:{corral_server.free_port()}",
             "E2B_API_KEY": "e2b_" + "0" * 40,
             "E2B_DOMAIN": "localhost",
+            # A refused connection fails at once, not after three retries with backoff
+            # (~2 s a test); no test of the suites run here reads this setting.
+            "E2B_CONNECTION_RETRIES": "0",
         }
         say("pass 1: without a server (offline tests)", args.json)
         offline = run_suite(sdk, offline_env, work / "offline.json", args, skip=None)
