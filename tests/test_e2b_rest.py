@@ -180,6 +180,14 @@ def test_v1_create_and_the_e2b_defaults(e2b: E2b) -> None:
     assert abs((_at(info["endAt"]) - _at(info["startedAt"])).total_seconds() - 300) < 2
 
 
+def test_base_is_the_default_template(refused: E2b) -> None:
+    # This server has no `base` (tests install it where they need it): a create that
+    # names no template is refused naming it, and creates nothing. (tests/e2b_sdk create
+    # from a `base` the harness builds.)
+    response = refused.rest("POST", "/v2/sandboxes", {"timeout": 60})
+    assert response.status_code == 404 and "'base'" in response.json()["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [
