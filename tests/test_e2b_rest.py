@@ -440,6 +440,22 @@ def test_envd_reaches_a_corral_sandbox_only_with_its_teams_key(
     assert sandbox_id in e2b.ids()  # E2B's list shows the team's Corral sandboxes too
 
 
+def test_envd_by_e2bs_host_form(e2b: E2b) -> None:
+    """`49983-<id>.<ports domain>` (where E2B_DOMAIN sends the SDK) is envd, not a
+    sandbox port to proxy, with the same checks as the header form."""
+    created = e2b.create(secure=True, envVars={"WHERE": "host form"})
+    sandbox_id, token = created["sandboxID"], created["envdAccessToken"]
+    port = e2b.server.url.rsplit(":", 1)[1]
+
+    def get(path: str, name: str, **headers: str) -> httpx.Response:
+        return e2b.http.get(path, headers={"Host": f"49983-{name}.localhost:{port}", **headers})
+
+    assert get("/health", sandbox_id, **{"X-Access-Token": token}).status_code == 204
+    assert get("/envs", sandbox_id, **{"X-Access-Token": token}).json() == {"WHERE": "host form"}
+    assert get("/health", sandbox_id).status_code == 401
+    assert get("/health", "sbx_unknown").status_code == 502
+
+
 def test_envd_refusals(e2b: E2b) -> None:
     sandbox_id = e2b.create()["sandboxID"]
     unknown = e2b.envd("/health", "sbx_unknown")
