@@ -86,8 +86,8 @@ def basic_user(authorization: str) -> str | None:
 def resolve(services: Services, sandbox_id: str, headers: dict[str, str]) -> EnvdCall:
     """The call of an envd request for `sandbox_id` with these (lower-case) headers, or
     the error to answer: 502 not running, 401 wrong token, 404 another team's."""
-    store, manager = services.store, services.manager
-    if store is None or manager is None:
+    store = services.store
+    if store is None or services.manager is None:
         raise ServerUnavailable("the Corral server is starting or stopping; try again")
     target = store.envd_target(sandbox_id) if isinstance(sandbox_id, str) else None
     if target is None:
@@ -117,7 +117,7 @@ def resolve(services: Services, sandbox_id: str, headers: dict[str, str]) -> Env
         )
     # The live state first: a sandbox being killed is still "running" in the store until
     # its end is recorded, and /health must say 502 (the SDK probes it as the end nears).
-    state = manager.live_state(sandbox_id) or target.state
+    state = services.manager.live_state(sandbox_id) or target.state
     if state != "running":
         raise not_running(sandbox_id, state)
     user = basic_user(headers.get("authorization", ""))
