@@ -117,7 +117,8 @@ def test_e2b_keys_have_e2bs_shape_and_work_as_corral_keys(store: Store) -> None:
 
 
 def test_rest_needs_a_valid_key_and_says_how_to_get_one(server: LiveServer) -> None:
-    key = _team_key(server)
+    key = _team_key(server)  # `corral admin key create --e2b`
+    assert re.fullmatch(r"e2b_[0-9a-f]{40}", key)
     for headers in ({}, {"X-API-KEY": "e2b_" + "0" * 40}, {"X-API-KEY": key[:-1]}):
         response = httpx.get(server.url + "/v2/sandboxes", headers=headers)
         assert response.status_code == 401
