@@ -12,6 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -368,6 +369,19 @@ def test_pause_then_connect_resumes(e2b: E2b) -> None:
     assert e2b.rest("POST", f"/sandboxes/{sandbox_id}/pause").status_code == 204
     resumed = e2b.rest("POST", f"/sandboxes/{sandbox_id}/resume", {"timeout": 60})
     assert resumed.status_code == 201 and e2b.info(sandbox_id)["state"] == "running"
+
+
+def test_concurrent_pauses_and_connects_agree(e2b: E2b) -> None:
+    sandbox_id = e2b.create()["sandboxID"]
+    with ThreadPoolExecutor(2) as pool:
+        pauses = pool.map(lambda _: e2b.rest("POST", f"/sandboxes/{sandbox_id}/pause"), [1, 2])
+        assert sorted(r.status_code for r in pauses) == [204, 409]
+        body = {"timeout": 60}
+        connects = pool.map(
+            lambda _: e2b.rest("POST", f"/sandboxes/{sandbox_id}/connect", body), [1, 2]
+        )
+        assert sorted(r.status_code for r in connects) == [200, 201]
+    assert e2b.info(sandbox_id)["state"] == "running"
 
 
 def test_auto_pause_pauses_at_the_deadline_and_keeps_it_paused(e2b: E2b) -> None:
