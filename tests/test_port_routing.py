@@ -95,7 +95,6 @@ def test_requests_for_the_api_are_not_routed() -> None:
         b"/sandboxes/sb_1/ports/65536/",
         b"/sandboxes/sb_1/ports/%38%30/",
         b"/sandboxes/sb_1/ports/\xd9\xa1/",  # a digit, but not an ASCII one
-        b"/sandboxes/sb_1/port/80/",
         b"/sandboxes//ports/80/",
         b"/sandboxes/sb_1/ports//",
     ],
@@ -103,6 +102,14 @@ def test_requests_for_the_api_are_not_routed() -> None:
 def test_malformed_port_urls_are_refused(path: bytes) -> None:
     with pytest.raises(InvalidRequest):
         route(scope(path), "localhost")
+
+
+@pytest.mark.parametrize(
+    "path", [b"/sandboxes/sb_1/snapshots", b"/sandboxes/sb_1/metrics", b"/sandboxes/sb_1/port/80/"]
+)
+def test_other_sandbox_paths_are_left_to_the_api(path: bytes) -> None:
+    """E2B's REST API has routes under /sandboxes/<id>/ too: only `ports/` is the proxy's."""
+    assert route(scope(path), "localhost") is None
 
 
 def test_forwarded_headers_drop_the_token_hop_by_hop_and_spoofed_forwarding() -> None:
