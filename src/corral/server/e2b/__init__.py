@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from corral.server.disconnect import Receive
-from corral.server.e2b import lifecycle, snapshots, templates
+from corral.server.e2b import lifecycle, metrics, network, snapshots, templates
 from corral.server.e2b.envd import EnvdApp
 from corral.server.e2b.rest import RestApp, Route
 from corral.server.e2b.routing import is_envd, is_rest
@@ -25,7 +25,13 @@ if TYPE_CHECKING:
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-ROUTES: list[Route] = [*lifecycle.ROUTES, *snapshots.ROUTES, *templates.ROUTES]
+ROUTES: list[Route] = [
+    *lifecycle.ROUTES,
+    *snapshots.ROUTES,
+    *templates.ROUTES,
+    *metrics.ROUTES,
+    *network.ROUTES,
+]
 
 
 class E2bApp:

@@ -1,0 +1,317 @@
+"""E2B's snapshots, forks, template aliases and builds, metrics and network options, on the
+wire (httpx against a real `corral server`, its sandboxes real, on a Debian template of
+the local archive). The official SDK's view of the same routes is in tests/e2b_sdk.
+
+Sandboxes are made with Corral's own SDK where the route under test is not E2B's create,
+so each test needs only the routes it is about."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from corral import Sandbox
+from corral.config import Settings
+from corral.errors import InvalidRequest
+from corral.server.e2b.network import network_body, network_policy
+from tests.conftest import LiveServer, opts, require_backend, start_server
+from tests.kit.debian import needs_archive
+from tests.kit.polling import wait_until
+from tests.test_template_server import add_template
+
+pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
+
+TEMPLATE = "deb"
+
+
+@pytest.fixture(scope="module")
+def eserver(settings: Settings) -> Iterator[LiveServer]:
+    """A server whose default team has the template `deb` (Debian with python3), and
+    whose sandboxes reach no network."""
+    require_backend(settings, "namespace")
+    data = settings.runtime_dir / f"e2b-more-{secrets.token_hex(4)}"
+    start_server(settings, data, pool_size=0).stop()  # makes the store and its team
+    add_template(settings.with_(data_dir=data), TEMPLATE)
+    # No uplinks in the host's namespace: sandboxes and builds get no network here (the
+    # network options are proven in the fake internet, below).
+    live = start_server(settings, data, pool_size=0, extra_env={"CORRAL_NETWORK_MODES": "none"})
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@pytest.fixture(scope="module")
+def other_key(eserver: LiveServer) -> str:
+    return eserver.new_team(f"other-{secrets.token_hex(3)}")
+
+
+@pytest.fixture
+def api(eserver: LiveServer) -> Iterator[httpx.Client]:
+    """E2B's REST API as the default team."""
+    headers = {"X-API-KEY": eserver.key}
+    with httpx.Client(base_url=eserver.url, headers=headers, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def other(eserver: LiveServer, other_key: str) -> Iterator[httpx.Client]:
+    """E2B's REST API as another team."""
+    headers = {"X-API-KEY": other_key}
+    with httpx.Client(base_url=eserver.url, headers=headers, timeout=120) as client:
+        yield client
+
+
+def refused(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == status and words in body["message"], body
+
+
+def run(sbx: Sandbox, script: str) -> str:
+    ran = sbx.commands.run(script)
+    assert ran.exit_code == 0, ran.stderr
+    return ran.stdout
+
+
+# -- snapshots ------------------------------------------------------------------------------
+
+
+def test_snapshots_boot_independent_sandboxes_list_by_source_and_name_and_delete(
+    eserver: LiveServer, api: httpx.Client, other: httpx.Client
+) -> None:
+    with Sandbox.create(TEMPLATE, timeout=300, **opts(eserver)) as sbx:
+        run(sbx, "echo original > /opt/state.txt")
+        made = api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={"name": "snap-one"})
+        assert made.status_code == 201, made.text
+        assert made.json() == {"snapshotID": "snap-one", "names": ["snap-one"]}
+        unnamed = api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={})
+        assert unnamed.status_code == 201, unnamed.text
+        second = unnamed.json()["snapshotID"]
+        assert second.startswith("snapshot-") and unnamed.json()["names"] == [second]
+
+        # Bad input changes nothing; another team sees neither the sandbox nor them.
+        bad = api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={"name": "Bad Name!"})
+        refused(bad, 400, "invalid")
+        refused(api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={"name": 3}), 400, "string")
+        refused(other.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={}), 404, "no sandbox")
+        assert other.get("/snapshots").json() == []
+
+        listed = api.get("/snapshots", params={"sandboxID": sbx.sandbox_id})
+        assert listed.status_code == 200, listed.text
+        assert [s["snapshotID"] for s in listed.json()] == [second, "snap-one"]  # newest first
+        for name in ("snap-one", "team/snap-one:default"):
+            assert api.get("/snapshots", params={"name": name}).json() == [made.json()]
+        assert api.get("/snapshots", params={"name": "snap-none"}).json() == []
+        assert api.get("/snapshots", params={"sandboxID": "sbx-unknown"}).json() == []
+        page = api.get("/snapshots", params={"sandboxID": sbx.sandbox_id, "limit": 1})
+        assert len(page.json()) == 1 and page.headers["x-next-token"]
+        rest_page = api.get(
+            "/snapshots",
+            params={"sandboxID": sbx.sandbox_id, "limit": 1,
+                    "nextToken": page.headers["x-next-token"]},
+        )  # fmt: skip
+        assert [s["snapshotID"] for s in rest_page.json()] == ["snap-one"]
+        assert "x-next-token" not in rest_page.headers
+        refused(api.get("/snapshots", params={"limit": 0}), 400, "limit")
+        refused(api.get("/snapshots", params={"nextToken": "abc"}), 400, "nextToken")
+
+        run(sbx, "echo changed-after > /opt/state.txt")  # the snapshot keeps what was
+
+    # Siblings from one snapshot see its files and never each other's writes.
+    with (
+        Sandbox.create("snap-one", timeout=120, **opts(eserver)) as one,
+        Sandbox.create("snap-one", timeout=120, **opts(eserver)) as two,
+    ):
+        assert run(one, "cat /opt/state.txt") == "original\n"
+        run(one, "echo mine > /opt/state.txt")
+        assert run(two, "cat /opt/state.txt") == "original\n"
+        refused(api.delete("/templates/snap-one"), 409, "kill them first")
+    refused(other.delete("/templates/snap-one"), 404, "no template")
+    assert api.delete("/templates/snap-one").status_code == 204
+    refused(api.delete("/templates/snap-one"), 404, "no template")
+    assert api.delete(f"/templates/{second}").status_code == 204
+    assert api.get("/snapshots").json() == []
+    # A sandbox that is gone cannot be snapshotted.
+    refused(api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={}), 404, "no sandbox")
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def test_metrics_cover_the_sandbox_and_a_range_before_it_is_empty(
+    eserver: LiveServer, api: httpx.Client, other: httpx.Client
+) -> None:
+    started = int(time.time())
+    with Sandbox.create(TEMPLATE, timeout=120, **opts(eserver)) as sbx:
+        path = f"/sandboxes/{sbx.sandbox_id}/metrics"
+        found: list[dict[str, Any]] = []
+
+        def sampled() -> bool:
+            response = api.get(path)
+            assert response.status_code == 200, response.text
+            found[:] = response.json()
+            return bool(found)
+
+        wait_until(sampled, "a first metrics sample", timeout=30)
+        point = found[0]
+        assert point["cpuCount"] == 1 and point["memTotal"] == 512 * 1024 * 1024
+        assert point["diskTotal"] == 1024 * 1024 * 1024 and point["memUsed"] > 0
+        assert 0 <= point["cpuUsedPct"] <= 100 and point["timestamp"].endswith("Z")
+        assert point["timestampUnix"] >= started - 1
+        now = int(time.time())
+        ranged = api.get(path, params={"start": started, "end": now}).json()
+        assert ranged and all(started <= p["timestampUnix"] <= now for p in ranged)
+        before = api.get(path, params={"start": started - 3600, "end": started - 1800})
+        assert before.status_code == 200 and before.json() == []
+        refused(api.get(path, params={"start": now, "end": now - 10}), 400, "after end")
+        refused(api.get(path, params={"start": "yesterday"}), 400, "Unix time")
+        refused(other.get(path), 404, "no sandbox")
+    refused(api.get("/sandboxes/sbx-unknown/metrics"), 404, "no sandbox")
+
+
+# -- templates: aliases, listing, builds -------------------------------------------------------
+
+
+def test_aliases_name_the_teams_templates_only(api: httpx.Client, other: httpx.Client) -> None:
+    found = api.get(f"/templates/aliases/{TEMPLATE}")
+    assert found.status_code == 200, found.text
+    assert found.json() == {"templateID": TEMPLATE, "public": False}
+    refused(api.get("/templates/aliases/nothing-here"), 404, "no template")
+    refused(other.get(f"/templates/aliases/{TEMPLATE}"), 404, "no template")
+    listed = api.get("/templates")
+    assert listed.status_code == 200
+    mine = next(t for t in listed.json() if t["templateID"] == TEMPLATE)
+    assert mine["buildStatus"] == "ready" and mine["names"] == [TEMPLATE]
+    assert other.get("/templates").json() == []
+
+
+def _wait_build(api: httpx.Client, name: str, build_id: str) -> tuple[dict[str, Any], str]:
+    """The final status of the build and every log line it gave, read as the SDK does
+    (logsOffset advanced by the entries of each answer)."""
+    offset, lines, status = 0, [], {}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        response = api.get(
+            f"/templates/{name}/builds/{build_id}/status", params={"logsOffset": offset}
+        )
+        assert response.status_code == 200, response.text
+        status = response.json()
+        offset += len(status["logEntries"])
+        lines += [entry["message"] for entry in status["logEntries"]]
+        if status["status"] in ("ready", "error") and not status["logEntries"]:
+            return status, "".join(lines)
+        time.sleep(0.3)
+    raise AssertionError(f"build {name} did not finish: {status}")
+
+
+def test_builder_calls_build_a_template_from_another_with_logs(
+    eserver: LiveServer, api: httpx.Client
+) -> None:
+    asked = api.post("/v3/templates", json={"name": "built:v1", "cpuCount": 1, "memoryMB": 256})
+    assert asked.status_code == 202, asked.text
+    ids = asked.json()
+    assert ids["templateID"] == "built" and ids["buildID"] and ids["names"] == ["built"]
+    template = {
+        "fromTemplate": TEMPLATE,
+        "steps": [
+            {"type": "RUN", "args": ["echo built-by-e2b > /opt/built.txt; echo step-says-hi"]},
+            {"type": "ENV", "args": ["GREETING", "hello"]},
+        ],
+        "force": False,
+    }
+    started = api.post(f"/v2/templates/built/builds/{ids['buildID']}", json=template)
+    assert started.status_code == 202, started.text
+    status, logs = _wait_build(api, "built", ids["buildID"])
+    assert status["status"] == "ready", status
+    assert "step-says-hi" in logs
+    with Sandbox.create("built", timeout=120, **opts(eserver)) as sbx:
+        assert run(sbx, "cat /opt/built.txt; echo $GREETING") == "built-by-e2b\nhello\n"
+
+    # A failing step: error, with the reason the SDK raises.
+    failing = {"fromTemplate": TEMPLATE, "steps": [{"type": "RUN", "args": ["echo boom; exit 3"]}]}
+    assert api.post("/v2/templates/broken/builds/b1", json=failing).status_code == 202
+    status, logs = _wait_build(api, "broken", "b1")
+    assert status["status"] == "error" and status["reason"]["message"], status
+    assert "boom" in logs
+
+    # Refused before anything is made.
+    copy = {"fromTemplate": TEMPLATE, "steps": [{"type": "COPY", "args": ["a", "/a"]}]}
+    refused(api.post("/v2/templates/copied/builds/b2", json=copy), 400, "COPY")
+    refused(api.post("/v2/templates/nobase/builds/b3", json={"steps": []}), 400, "no base")
+    refused(api.post("/v3/templates", json={"name": "Not Valid!"}), 400, "invalid")
+    refused(api.post("/v3/templates", json={}), 400, "name the template")
+    refused(api.get("/templates/copied/builds/b2/status"), 404, "no template")
+    names = {t["templateID"] for t in api.get("/templates").json()}
+    assert "copied" not in names and "nobase" not in names
+
+
+# -- network options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "mode", "entries"),
+    [
+        ({}, "internet", ()),
+        ({"allow_internet_access": True}, "internet", ()),
+        ({"allow_internet_access": False}, "none", ()),
+        ({"network": {"denyOut": ["0.0.0.0/0"]}}, "none", ()),
+        (
+            {"network": {"denyOut": ["0.0.0.0/0"], "allowOut": ["192.0.2.10", "pypi.org"]}},
+            "allowlist",
+            ("192.0.2.10/32", "pypi.org"),
+        ),
+        ({"allow_internet_access": False, "network": {"allowOut": ["1.1.1.1"]}},
+         "allowlist", ("1.1.1.1/32",)),
+        ({"network": {"denyOut": ["10.0.0.0/8"]}}, "internet", ()),  # always denied anyway
+        ({"network": {"allowOut": ["10.99.0.0/24"]}}, "internet", ("10.99.0.0/24",)),
+    ],
+)  # fmt: skip
+def test_e2b_network_options_map_onto_a_policy(
+    body: dict[str, Any], mode: str, entries: tuple[str, ...]
+) -> None:
+    policy = network_policy(body)
+    assert (policy.mode, policy.entries) == (mode, entries)
+    # And back: a fork asks for what its source has.
+    assert network_policy(network_body(policy, True)) == policy
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"network": {"denyOut": ["8.8.8.8"]}}, "cannot deny one public range"),
+        ({"network": {"denyOut": ["example.com"]}}, "is a name"),
+        ({"network": {"maskRequestHost": "x.test"}}, "maskRequestHost is not supported"),
+        ({"network": {"rules": {"a.test": []}}}, "rules is not supported"),
+        ({"network": {"allowOut": "1.1.1.1"}}, "list of strings"),
+        ({"allow_internet_access": "no"}, "true or false"),
+        ({"network": {"allowPublicTraffic": "yes"}}, None),
+    ],
+)
+def test_e2b_network_options_corral_cannot_honour_are_refused(
+    body: dict[str, Any], words: str | None
+) -> None:
+    from corral.server.e2b.network import public_traffic
+
+    with pytest.raises(InvalidRequest) as caught:
+        network_policy(body)
+        public_traffic(body)
+    if words:
+        assert words in str(caught.value)
+
+
+def test_update_network_is_checked_against_the_servers_cap(
+    eserver: LiveServer, api: httpx.Client, other: httpx.Client
+) -> None:
+    with Sandbox.create(TEMPLATE, timeout=120, **opts(eserver)) as sbx:
+        path = f"/sandboxes/{sbx.sandbox_id}/network"
+        refused(api.put(path, json={}), 403, "internet")  # {}: internet, past the cap
+        refused(api.put(path, json={"denyOut": ["8.8.8.8"]}), 400, "cannot deny")
+        refused(other.put(path, json={"allow_internet_access": False}), 404, "no sandbox")
+        assert sbx.get_info().network.mode == "none"  # unchanged
+        assert api.put(path, json={"allow_internet_access": False}).status_code == 204
