@@ -7,7 +7,9 @@ so each test needs only the routes it is about."""
 
 from __future__ import annotations
 
+import io
 import secrets
+import tarfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -242,13 +244,66 @@ def test_builder_calls_build_a_template_from_another_with_logs(
 
     # Refused before anything is made.
     copy = {"fromTemplate": TEMPLATE, "steps": [{"type": "COPY", "args": ["a", "/a"]}]}
-    refused(api.post("/v2/templates/copied/builds/b2", json=copy), 400, "COPY")
+    refused(api.post("/v2/templates/copied/builds/b2", json=copy), 400, "filesHash")
+    copy["steps"][0]["filesHash"] = "f" * 64  # type: ignore[index]
+    refused(api.post("/v2/templates/copied/builds/b2", json=copy), 400, "were not uploaded")
     refused(api.post("/v2/templates/nobase/builds/b3", json={"steps": []}), 400, "no base")
     refused(api.post("/v3/templates", json={"name": "Not Valid!"}), 400, "invalid")
     refused(api.post("/v3/templates", json={}), 400, "name the template")
     refused(api.get("/templates/copied/builds/b2/status"), 404, "no template")
     names = {t["templateID"] for t in api.get("/templates").json()}
     assert "copied" not in names and "nobase" not in names
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_copy_steps_build_from_files_uploaded_to_one_use_links(
+    eserver: LiveServer, api: httpx.Client
+) -> None:
+    files_hash = secrets.token_hex(32)
+    link = api.get(f"/templates/copier/files/{files_hash}")
+    assert link.status_code == 201, link.text
+    assert link.json()["present"] is False
+    url = link.json()["url"]
+    assert url.startswith(eserver.url + "/templates/copier/files/")
+    upload = _tar({"app/hello.txt": b"copied\n", "app/sub/more.txt": b"more\n"})
+    with httpx.Client() as anonymous:  # the link is the credential, as the SDK uses it
+        assert anonymous.put(url, content=upload).status_code == 200
+        refused(anonymous.put(url, content=upload), 403, "not valid")  # one use
+        forged = url.rpartition("uploadToken=")[0] + "uploadToken=guess"
+        refused(anonymous.put(forged, content=upload), 403, "not valid")
+    assert api.get(f"/templates/copier/files/{files_hash}").json()["present"] is True
+    refused(api.get("/templates/copier/files/not-hex"), 400, "hex digest")
+    template = {
+        "fromTemplate": TEMPLATE,
+        "steps": [
+            {"type": "COPY", "args": ["app/hello.txt", "/opt/hello.txt"], "filesHash": files_hash},
+            {"type": "COPY", "args": ["app/sub", "/opt/sub"], "filesHash": files_hash},
+        ],
+    }
+    assert api.post("/v2/templates/copier/builds/c1", json=template).status_code == 202
+    status, _ = _wait_build(api, "copier", "c1")
+    assert status["status"] == "ready", status
+    with Sandbox.create("copier", timeout=120, **opts(eserver)) as sbx:
+        assert run(sbx, "cat /opt/hello.txt /opt/sub/more.txt") == "copied\nmore\n"
+
+    # An upload that climbs out of its context is refused before anything runs.
+    evil_hash = secrets.token_hex(32)
+    evil = api.get(f"/templates/evil/files/{evil_hash}").json()["url"]
+    with httpx.Client() as anonymous:
+        assert anonymous.put(evil, content=_tar({"../../etc/x": b"x"})).status_code == 200
+    step = {"type": "COPY", "args": ["etc", "/opt/x"], "filesHash": evil_hash}
+    bad = api.post("/v2/templates/evil/builds/e1", json={"fromTemplate": TEMPLATE, "steps": [step]})
+    refused(bad, 400, "build context")
+    assert "evil" not in {t["templateID"] for t in api.get("/templates").json()}
 
 
 # -- network options ---------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def template_message(record: TemplateRecord) -> pb.Template:
 # -- parsing a build request ---------------------------------------------------------------
 
 
-def _context(data: bytes, scratch: Path) -> BuildContext:
+def unpack_context(data: bytes, scratch: Path) -> BuildContext:
     """The context tar unpacked under `scratch`, with the checks of a layer (no `..`, no
     writes through symlinks, devices dropped): a context is as untrusted as an image."""
     check_build_context(len(data))
@@ -138,7 +138,7 @@ def parse_plan(request: pb.BuildTemplateRequest, scratch: Path) -> tuple[BuildPl
     takes_context = which in ("dockerfile", "recipe", "e2b_template")
     if request.context and not takes_context:
         raise InvalidRequest(f"a build from {which} has no COPY steps: send no context")
-    context = _context(request.context, scratch) if request.context else None
+    context = unpack_context(request.context, scratch) if request.context else None
     if which == "dockerfile":
         plan = parse_dockerfile(request.dockerfile, context, dict(request.build_args))
     elif which == "recipe":

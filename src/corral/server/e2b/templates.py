@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError, InvalidBuild, InvalidRequest, ServerUnavailable
-from corral.images import parse_e2b_template
+from corral.images import BuildPlan, parse_e2b_template
 from corral.network.policy import NetworkPolicy
+from corral.server.e2b import uploads
 from corral.server.e2b.rest import RestRequest, RestResponse, Route
-from corral.server.templates import check_registry
+from corral.server.templates import check_registry, unpack_context
 from corral.templates.catalog import check_name
 from corral.templates.defaults import SandboxDefaults
 
@@ -162,14 +165,12 @@ async def start_build(services: Services, req: RestRequest) -> RestResponse:
     body = req.json_object()
     if body.get("fromImageRegistry") and not body.get("fromImage"):
         raise InvalidRequest("fromImageRegistry goes with fromImage")
-    for number, step in enumerate(body.get("steps") or [], start=1):
-        if isinstance(step, dict) and str(step.get("type", "")).upper() == "COPY":
-            raise InvalidBuild(
-                f"E2B template step {number}: COPY is not supported over E2B's build API "
-                "yet; build with `corral template build --e2b` (it sends the files), or "
-                "write the files in a RUN step"
-            )
-    plan = parse_e2b_template(body)
+    steps = body.get("steps") or []
+    if not isinstance(steps, list):
+        raise InvalidBuild("E2B template: steps is a list")
+    hashes = uploads.copy_hashes(steps)
+    context = await asyncio.to_thread(uploads.build_context, services, req.team.id, hashes)
+    plan = await asyncio.to_thread(_plan, body, context)
     await check_registry(catalog, req.team.id, plan.base)
     team_name = catalog.store.team_by_id(req.team.id).name
     internet = NetworkPolicy.parse("internet")
@@ -182,11 +183,21 @@ async def start_build(services: Services, req: RestRequest) -> RestResponse:
         name=name,
         plan=plan,
         source="e2b",
+        context=context,
         network=network,
         defaults=_defaults(body),
     )
     await catalog.build(req.team.id, request)
+    uploads.forget(services, req.team.id, hashes)
     return RestResponse(202)
+
+
+def _plan(body: dict[str, Any], context: bytes | None) -> BuildPlan:
+    """The build plan of a builder template, its COPY sources checked in `context`."""
+    if context is None:
+        return parse_e2b_template(body)
+    with tempfile.TemporaryDirectory(prefix="corral-context-") as scratch:
+        return parse_e2b_template(body, unpack_context(context, Path(scratch)))
 
 
 def _newest(services: Services, team_id: str, name: str) -> TemplateRow:
@@ -242,6 +253,7 @@ ROUTES = [
     Route("GET", "/templates", list_templates),
     Route("DELETE", "/templates/{templateID}", delete_template),
     Route("POST", "/v3/templates", request_build),
+    Route("GET", "/templates/{templateID}/files/{hash}", uploads.upload_link),
     Route("POST", "/v2/templates/{templateID}/builds/{buildID}", start_build),
     Route("GET", "/templates/{templateID}/builds/{buildID}/status", build_status),
 ]
