@@ -360,6 +360,19 @@ def test_e2b_network_options_corral_cannot_honour_are_refused(
         assert words in str(caught.value)
 
 
+def test_a_body_that_asks_nothing_gets_internet_where_the_cap_allows_it() -> None:
+    from corral.network.policy import NetworkCap
+    from corral.server.e2b.network import create_policy
+
+    open_cap, closed = NetworkCap.parse(), NetworkCap.parse(modes="none")
+    assert create_policy({}, open_cap, "acme").mode == "internet"
+    assert create_policy({}, closed, "acme").mode == "none"
+    # What a body asks is kept, for the caller to check (and refuse) against the cap.
+    asked = {"allow_internet_access": True}
+    assert create_policy(asked, closed, "acme").mode == "internet"
+    assert create_policy({"allow_internet_access": False}, open_cap, "acme").mode == "none"
+
+
 def test_update_network_is_checked_against_the_servers_cap(
     eserver: LiveServer, api: httpx.Client, other: httpx.Client
 ) -> None:

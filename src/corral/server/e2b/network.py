@@ -14,6 +14,9 @@ over a mode, enforced by the kernel in the sandbox's network namespace, so:
                                    denies (private, link-local, …), where they change
                                    nothing: Corral cannot carve a hole out of `internet`.
 
+A body that says nothing about the network gets `internet` where the server's cap
+allows it, else `none` (`create_policy`); what a body asks is checked against the cap.
+
 `allowPublicTraffic` (default true) is Corral's `public_ports`: false makes the port
 proxy ask for the sandbox's traffic access token. `maskRequestHost` (rewriting the Host
 header of proxied requests) and per-domain `rules` (header injection by an egress proxy)
@@ -25,8 +28,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import InvalidRequest, ServerUnavailable
-from corral.network.policy import NetworkPolicy, Rule
+from corral.errors import CorralError, InvalidRequest, ServerUnavailable
+from corral.network.policy import NetworkCap, NetworkPolicy, Rule
 from corral.server.e2b.rest import RestRequest, RestResponse, Route
 
 if TYPE_CHECKING:
@@ -91,6 +94,22 @@ def network_policy(body: dict[str, Any]) -> NetworkPolicy:
     if deny_all:
         return NetworkPolicy.parse("allowlist" if allow else "none", allow)
     return NetworkPolicy.parse("internet", allow)
+
+
+def create_policy(body: dict[str, Any], cap: NetworkCap, team: str) -> NetworkPolicy:
+    """The policy of a new sandbox: what its body asks (`network_policy`), checked by the
+    caller against the server's cap; a body that asks nothing gets E2B's default,
+    `internet`, where the server's cap gives it to the team, else `none` (a server that
+    lets no sandbox out still serves E2B's default sandboxes)."""
+    asked = network_policy(body)
+    says = ("allow_internet_access", "allowInternetAccess", "network")
+    if any(body.get(key) is not None for key in says):
+        return asked
+    try:
+        cap.check(asked, team)
+    except CorralError:
+        return NetworkPolicy()
+    return asked
 
 
 def public_traffic(body: dict[str, Any]) -> bool:
