@@ -12,9 +12,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from e2b import AsyncSandbox, AsyncTemplate, Sandbox, Template
-
 from conftest import SANDBOX_TIMEOUT, TEMPLATE
+from e2b import AsyncSandbox, AsyncTemplate, Sandbox, Template
 
 
 def test_metrics_come_within_seconds_and_none_before_the_sandbox(sandbox: Sandbox) -> None:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from conftest import SANDBOX_TIMEOUT, TEMPLATE
 from e2b import AsyncSandbox, Sandbox
 from e2b.exceptions import SandboxNotFoundException
-
-from conftest import SANDBOX_TIMEOUT, TEMPLATE
 
 
 def test_a_snapshot_boots_independent_sandboxes_and_is_deleted_once(sandbox: Sandbox) -> None:
