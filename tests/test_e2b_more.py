@@ -22,11 +22,14 @@ from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.server.e2b.network import network_body, network_policy
 from tests.conftest import LiveServer, opts, require_backend, start_server
+from tests.kit import e2b_base
 from tests.kit.debian import needs_archive
 from tests.kit.polling import wait_until
 from tests.test_template_server import add_template
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
+# The server's `base` (E2B's default template) needs more of the local archive.
+BASE = e2b_base.needs_base()
 
 TEMPLATE = "deb"
 
@@ -39,6 +42,8 @@ def eserver(settings: Settings) -> Iterator[LiveServer]:
     data = settings.runtime_dir / f"e2b-more-{secrets.token_hex(4)}"
     start_server(settings, data, pool_size=0).stop()  # makes the store and its team
     add_template(settings.with_(data_dir=data), TEMPLATE)
+    if not any(mark.args[0] for mark in BASE):
+        e2b_base.install(data)  # the server's `base`, every team's
     # No uplinks in the host's namespace: sandboxes and builds get no network here (the
     # network options are proven in the fake internet, below).
     live = start_server(settings, data, pool_size=0, extra_env={"CORRAL_NETWORK_MODES": "none"})
@@ -191,6 +196,17 @@ def test_aliases_name_the_teams_templates_only(api: httpx.Client, other: httpx.C
     mine = next(t for t in listed.json() if t["templateID"] == TEMPLATE)
     assert mine["buildStatus"] == "ready" and mine["names"] == [TEMPLATE]
     assert other.get("/templates").json() == []
+
+
+@pytest.mark.parametrize("name", [pytest.param("base", marks=BASE)])
+def test_the_servers_base_is_every_teams_public_alias(
+    name: str, api: httpx.Client, other: httpx.Client
+) -> None:
+    for client in (api, other):
+        assert client.get(f"/templates/aliases/{name}").json() == {
+            "templateID": name,
+            "public": True,
+        }
 
 
 def _wait_build(api: httpx.Client, name: str, build_id: str) -> tuple[dict[str, Any], str]:
