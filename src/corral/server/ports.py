@@ -109,7 +109,7 @@ def route(scope: Scope, domain: str) -> PortRoute | None:
         sandbox_id_b, _, rest = raw_path[len(_PATH_PREFIX) :].partition(b"/")
         ports, _, rest = rest.partition(b"/")
         if ports != b"ports":
-            return None  # E2B's API: /sandboxes/<id>/snapshots, /metrics, ...
+            return None  # the API's: E2B's /sandboxes/<id>, /sandboxes/<id>/timeout …
         port_b, slash, rest = rest.partition(b"/")
         if not sandbox_id_b or not port_b:
             raise InvalidRequest(
