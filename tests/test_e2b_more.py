@@ -20,6 +20,7 @@ import pytest
 from corral import Sandbox
 from corral.config import Settings
 from corral.errors import InvalidRequest
+from corral.network.policy import NetworkPolicy
 from corral.server.e2b.network import network_body, network_policy
 from tests.conftest import LiveServer, opts, require_backend, start_server
 from tests.kit import e2b_base
@@ -146,6 +147,46 @@ def test_snapshots_boot_independent_sandboxes_list_by_source_and_name_and_delete
     assert api.get("/snapshots").json() == []
     # A sandbox that is gone cannot be snapshotted.
     refused(api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={}), 404, "no sandbox")
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+
+def test_fork_copies_the_filesystem_and_settings_into_independent_sandboxes(
+    eserver: LiveServer, api: httpx.Client, other: httpx.Client
+) -> None:
+    create = {"templateID": TEMPLATE, "timeout": 120, "metadata": {"k": "v"},
+              "envVars": {"FROM_CREATE": "yes"}, "secure": True}  # fmt: skip
+    made = api.post("/sandboxes", json=create)
+    assert made.status_code == 201, made.text
+    source_id = made.json()["sandboxID"]
+    forks: list[str] = []
+    try:
+        with Sandbox.connect(source_id, **opts(eserver)) as source:
+            run(source, "echo before > /opt/state.txt")
+            refused(api.post(f"/sandboxes/{source_id}/fork", json={"count": 0}), 400, "count")
+            refused(api.post(f"/sandboxes/{source_id}/fork", json={"count": 17}), 400, "count")
+            refused(other.post(f"/sandboxes/{source_id}/fork", json={}), 404, "no sandbox")
+            forked = api.post(f"/sandboxes/{source_id}/fork", json={"count": 2, "timeout": 60})
+            assert forked.status_code == 201, forked.text
+            entries = forked.json()
+            assert len(entries) == 2 and all("sandbox" in e for e in entries), entries
+            forks = [e["sandbox"]["sandboxID"] for e in entries]
+            assert len({source_id, *forks}) == 3
+            assert all(e["sandbox"]["envdAccessToken"] for e in entries)  # secure as the source
+            for fork_id in forks:
+                assert api.get(f"/sandboxes/{fork_id}").json()["metadata"] == {"k": "v"}
+                with Sandbox.connect(fork_id, **opts(eserver)) as fork:
+                    assert run(fork, "cat /opt/state.txt; echo $FROM_CREATE") == "before\nyes\n"
+                    run(fork, "echo mine > /opt/state.txt")
+            assert run(source, "cat /opt/state.txt") == "before\n"
+        # The fork's template was only a means: nothing of it is listed.
+        assert api.get("/snapshots").json() == []
+        assert not [t for t in api.get("/templates").json() if t["templateID"].startswith("fork")]
+    finally:
+        for sandbox_id in (source_id, *forks):
+            api.delete(f"/sandboxes/{sandbox_id}")
+    refused(api.post(f"/sandboxes/{source_id}/fork", json={}), 404, "")
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -376,17 +417,23 @@ def test_e2b_network_options_corral_cannot_honour_are_refused(
         assert words in str(caught.value)
 
 
-def test_a_body_that_asks_nothing_gets_internet_where_the_cap_allows_it() -> None:
-    from corral.network.policy import NetworkCap
+def test_a_body_that_asks_nothing_narrower_gets_the_template_or_server_default() -> None:
     from corral.server.e2b.network import create_policy
+    from corral.templates.defaults import SandboxDefaults
 
-    open_cap, closed = NetworkCap.parse(), NetworkCap.parse(modes="none")
-    assert create_policy({}, open_cap, "acme").mode == "internet"
-    assert create_policy({}, closed, "acme").mode == "none"
-    # What a body asks is kept, for the caller to check (and refuse) against the cap.
-    asked = {"allow_internet_access": True}
-    assert create_policy(asked, closed, "acme").mode == "internet"
-    assert create_policy({"allow_internet_access": False}, open_cap, "acme").mode == "none"
+    plain = SandboxDefaults()
+    allowlisted = SandboxDefaults(network=NetworkPolicy.parse("allowlist", ["pypi.org"]))
+    for body in ({}, {"allow_internet_access": True}, {"network": {"allowPublicTraffic": False}}):
+        assert create_policy(body, plain, "none").mode == "none"
+        assert create_policy(body, plain, "internet").mode == "internet"
+        assert create_policy(body, allowlisted, "internet") == allowlisted.network
+    # What a body asks is its policy, for the server's cap to check (and maybe refuse).
+    off = {"allow_internet_access": False}
+    assert create_policy(off, allowlisted, "internet").mode == "none"
+    only = {"network": {"denyOut": ["0.0.0.0/0"], "allowOut": ["192.0.2.10"]}}
+    assert create_policy(only, plain, "none").entries == ("192.0.2.10/32",)
+    with pytest.raises(InvalidRequest, match="maskRequestHost"):
+        create_policy({"network": {"maskRequestHost": "x"}}, plain, "none")
 
 
 def test_update_network_is_checked_against_the_servers_cap(

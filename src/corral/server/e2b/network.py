@@ -14,8 +14,10 @@ over a mode, enforced by the kernel in the sandbox's network namespace, so:
                                    denies (private, link-local, …), where they change
                                    nothing: Corral cannot carve a hole out of `internet`.
 
-A body that says nothing about the network gets `internet` where the server's cap
-allows it, else `none` (`create_policy`); what a body asks is checked against the cap.
+A create body that asks nothing narrower than `allow_internet_access: true` (the SDK
+always sends it) gets its template's default network, else CORRAL_E2B_NETWORK (`none` by
+default, Corral's fail-closed default that keeps the warm pool; `internet` is E2B's);
+what a body asks is checked against the server's cap like any policy.
 
 `allowPublicTraffic` (default true) is Corral's `public_ports`: false makes the port
 proxy ask for the sandbox's traffic access token. `maskRequestHost` (rewriting the Host
@@ -28,12 +30,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import CorralError, InvalidRequest, ServerUnavailable
-from corral.network.policy import NetworkCap, NetworkPolicy, Rule
+from corral.errors import InvalidRequest, ServerUnavailable
+from corral.network.policy import NetworkPolicy, Rule
 from corral.server.e2b.rest import RestRequest, RestResponse, Route
 
 if TYPE_CHECKING:
     from corral.server.base import Services
+    from corral.templates.defaults import SandboxDefaults
 
 _EVERYTHING = ("0.0.0.0/0", "::/0")
 
@@ -96,20 +99,20 @@ def network_policy(body: dict[str, Any]) -> NetworkPolicy:
     return NetworkPolicy.parse("internet", allow)
 
 
-def create_policy(body: dict[str, Any], cap: NetworkCap, team: str) -> NetworkPolicy:
-    """The policy of a new sandbox: what its body asks (`network_policy`), checked by the
-    caller against the server's cap; a body that asks nothing gets E2B's default,
-    `internet`, where the server's cap gives it to the team, else `none` (a server that
-    lets no sandbox out still serves E2B's default sandboxes)."""
-    asked = network_policy(body)
-    says = ("allow_internet_access", "allowInternetAccess", "network")
-    if any(body.get(key) is not None for key in says):
+def create_policy(
+    body: dict[str, Any], defaults: SandboxDefaults, default_mode: str
+) -> NetworkPolicy:
+    """The policy of a new sandbox (its create body, `NewSandbox`). What the body asks
+    (internet access off, allowOut/denyOut) is that policy, for the server's cap to
+    check; a body that asks nothing narrower (`allow_internet_access` true, the SDK's
+    default) gets its template's default network, else `default_mode`
+    (CORRAL_E2B_NETWORK: `none`, or E2B's `internet`)."""
+    asked = network_policy(body)  # every field checked, whatever is used
+    network = _network(body)
+    internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
+    if internet is False or _entries(network, "allowOut") or _entries(network, "denyOut"):
         return asked
-    try:
-        cap.check(asked, team)
-    except CorralError:
-        return NetworkPolicy()
-    return asked
+    return defaults.network or NetworkPolicy.parse(default_mode)
 
 
 def public_traffic(body: dict[str, Any]) -> bool:

@@ -31,6 +31,7 @@ from corral.images import BuildPlan, parse_e2b_template
 from corral.network.policy import NetworkPolicy
 from corral.server.e2b import uploads
 from corral.server.e2b.rest import RestRequest, RestResponse, Route
+from corral.server.e2b.sandboxes import ENVD_VERSION
 from corral.server.templates import check_registry, unpack_context
 from corral.templates.catalog import check_name
 from corral.templates.defaults import SandboxDefaults
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
     from corral.store.templates import TemplateRow
     from corral.templates import TemplateCatalog
 
-# What envd version templates report (the SDK gates features on it; see lifecycle).
-ENVD_VERSION = "0.6.2"
 _STATUS = {"building": "building", "ready": "ready", "failed": "error", "cancelled": "error"}
 MAX_LOG_ENTRIES = 100
 
