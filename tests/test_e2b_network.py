@@ -65,3 +65,35 @@ def test_network_updates_in_e2b_terms_change_what_the_sandbox_reaches(gw: Gatewa
         assert reach(gw, sid) == {ALLOWED: True, DENIED: True}
     finally:
         gw.ok("sandbox", "kill", sid)
+
+
+@pytest.mark.parametrize(
+    ("body", "reached"),
+    [
+        ({"allow_internet_access": False}, {ALLOWED: False, DENIED: False}),
+        # The SDK's default: the template's network, else CORRAL_E2B_NETWORK (none).
+        ({"allow_internet_access": True}, {ALLOWED: False, DENIED: False}),
+        (
+            {"network": {"denyOut": ["0.0.0.0/0"], "allowOut": [fake.ALLOWED_V4]}},
+            {ALLOWED: True, DENIED: False},
+        ),
+        ({"network": {"allowOut": [fake.ALLOWED_V4]}}, {ALLOWED: True, DENIED: True}),
+    ],
+)
+def test_network_options_on_create_decide_what_the_sandbox_reaches(
+    gw: GatewayServer, body: dict[str, Any], reached: dict[str, bool]
+) -> None:
+    status, made = e2b(gw, "POST", "/sandboxes", {"templateID": "host", "timeout": 60, **body})
+    assert status == 201, made
+    try:
+        assert reach(gw, made["sandboxID"]) == reached
+    finally:
+        e2b(gw, "DELETE", f"/sandboxes/{made['sandboxID']}")
+
+
+def test_a_public_deny_on_create_is_refused_and_nothing_is_made(gw: GatewayServer) -> None:
+    before = e2b(gw, "GET", "/v2/sandboxes")[1]
+    body = {"templateID": "host", "network": {"denyOut": [fake.DENIED_V4]}}
+    status, answer = e2b(gw, "POST", "/sandboxes", body)
+    assert status == 400 and "cannot deny one public range" in answer["message"]
+    assert e2b(gw, "GET", "/v2/sandboxes")[1] == before
