@@ -108,6 +108,9 @@ def test_snapshots_boot_independent_sandboxes_list_by_source_and_name_and_delete
         refused(bad, 400, "invalid")
         refused(api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={"name": 3}), 400, "string")
         refused(other.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={}), 404, "no sandbox")
+        for taken in (TEMPLATE, "base"):  # a snapshot never replaces a template
+            again = api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={"name": taken})
+            refused(again, 409, "names a template")
         assert other.get("/snapshots").json() == []
 
         listed = api.get("/snapshots", params={"sandboxID": sbx.sandbox_id})

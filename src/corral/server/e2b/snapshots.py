@@ -18,10 +18,11 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError, InvalidRequest, ServerUnavailable
-from corral.server.e2b.errors import rest_status
+from corral.server.e2b.errors import E2bError, rest_status
 from corral.server.e2b.network import network_body
 from corral.server.e2b.rest import Handler, RestRequest, RestResponse, Route
 from corral.server.e2b.templates import catalog_of, corral_name
+from corral.templates import base as server_base
 
 if TYPE_CHECKING:
     from corral.server.base import Services
@@ -56,6 +57,12 @@ async def create_snapshot(services: Services, req: RestRequest) -> RestResponse:
     catalog = catalog_of(services)
     asked = _text(req.json_object(), "name")
     name = corral_name(asked) if asked else _unnamed("snapshot")
+    # A name moves to the newest snapshot, as E2B's do; it never replaces a template.
+    rows = catalog.store.template_rows(req.team.id, name)
+    if (rows and rows[0].source != "snapshot") or name == server_base.NAME:
+        raise E2bError(
+            409, f"{name!r} names a template, not a snapshot: give the snapshot another name"
+        )
     await catalog.snapshot(req.team.id, req.params["sandboxID"], name)
     return RestResponse(201, {"snapshotID": name, "names": [name]})
 
