@@ -366,6 +366,24 @@ def test_copy_steps_build_from_files_uploaded_to_one_use_links(
     assert "evil" not in {t["templateID"] for t in api.get("/templates").json()}
 
 
+def test_uploads_waiting_for_builds_are_bounded_per_team(
+    eserver: LiveServer, other: httpx.Client
+) -> None:
+    from corral.server.e2b.uploads import MAX_UPLOADS
+
+    small = _tar({"f.txt": b"x"})
+    with httpx.Client() as anonymous:
+        for _ in range(MAX_UPLOADS):
+            url = other.get(f"/templates/filler/files/{secrets.token_hex(32)}").json()["url"]
+            assert anonymous.put(url, content=small).status_code == 200
+        one_more = other.get(f"/templates/filler/files/{secrets.token_hex(32)}")
+        refused(one_more, 429, "wait for a build")
+        # An upload's team is only what its URL says: an unknown one makes nothing.
+        forged = f"{eserver.url}/templates/x/files/{'a' * 64}?team=nobody&uploadToken=t"
+        refused(anonymous.put(forged, content=small), 403, "not valid")
+    assert not (eserver.data_dir / "e2b-uploads" / "nobody").exists()
+
+
 # -- network options ---------------------------------------------------------------------------
 
 

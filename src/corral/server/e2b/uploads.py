@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
-from corral.errors import CorralError, InvalidBuild, InvalidRequest, ServerUnavailable
+from corral.errors import (
+    CorralError,
+    InvalidBuild,
+    InvalidRequest,
+    QuotaExceeded,
+    ServerUnavailable,
+)
 from corral.limits import BUILD_CONTEXT_MAX_BYTES, check_build_context
 from corral.server.disconnect import Receive
 from corral.server.e2b.errors import E2bError, rest_status
@@ -44,16 +50,29 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _HASH = re.compile(r"[0-9a-f]{16,128}")
 _UPLOAD_PATH = re.compile(r"/templates/([^/]+)/files/([^/]+)")
 _TEAM = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_UPLOADS = 64
 
 
-def _folder(services: Services, team_id: str) -> Path:
+def _folder(services: Services, team_id: str, *, create: bool = True) -> Path:
+    """The team's uploads; made for a team that asks for a link (authenticated), never
+    for an upload (whose team is only what its URL says)."""
     if services.templates is None:
         raise ServerUnavailable("the Corral server is starting or stopping; try again")
-    if not _TEAM.fullmatch(team_id):
-        raise E2bError(404, "no such upload link")
     folder = services.templates.settings.data_dir / "e2b-uploads" / team_id
+    if not _TEAM.fullmatch(team_id) or not (create or folder.is_dir()):
+        raise E2bError(403, "this upload link is not valid (used already, or never given)")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
+
+
+def _check_room(folder: Path) -> None:
+    """At most MAX_UPLOADS uploads wait for builds per team (each is at most a build
+    context's size): a team cannot fill the server's disk with them."""
+    if len(list(folder.glob("*.tar"))) >= MAX_UPLOADS:
+        raise QuotaExceeded(
+            f"{MAX_UPLOADS} uploads of COPY files already wait for a build: start the "
+            "builds that use them (a build takes its uploads), then upload more"
+        )
 
 
 def check_hash(files_hash: object, where: str = "the files hash") -> str:
@@ -67,6 +86,9 @@ async def upload_link(services: Services, req: RestRequest) -> RestResponse:
     the step's files (present: an upload of that hash waits for a build already)."""
     files_hash = check_hash(req.params["hash"])
     folder = _folder(services, req.team.id)
+    present = (folder / f"{files_hash}.tar").is_file()
+    if not present:
+        _check_room(folder)
     token = secrets.token_urlsafe(24)
     path = folder / f"{files_hash}.token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -76,7 +98,6 @@ async def upload_link(services: Services, req: RestRequest) -> RestResponse:
     scheme = "https" if req.headers.get("x-forwarded-proto") == "https" else "http"
     query = urlencode({"team": req.team.id, "uploadToken": token})
     url = f"{scheme}://{host}/templates/{req.params['templateID']}/files/{files_hash}?{query}"
-    present = (folder / f"{files_hash}.tar").is_file()
     return RestResponse(201, {"present": present, "url": url})
 
 
@@ -101,7 +122,7 @@ async def _store_upload(services: Services, scope: Scope, receive: Receive) -> N
     assert found is not None
     files_hash = check_hash(found.group(2))
     query = dict(parse_qsl(bytes(scope.get("query_string", b"")).decode("latin-1")))
-    folder = _folder(services, query.get("team", ""))
+    folder = _folder(services, query.get("team", ""), create=False)
     token_path = folder / f"{files_hash}.token"
     try:
         expected = token_path.read_text()
@@ -110,8 +131,10 @@ async def _store_upload(services: Services, scope: Scope, receive: Receive) -> N
     given = query.get("uploadToken", "")
     if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         raise E2bError(403, "this upload link is not valid (used already, or never given)")
+    token_path.unlink(missing_ok=True)  # one use, even if the upload is refused
+    if not (folder / f"{files_hash}.tar").is_file():
+        _check_room(folder)
     data = await read_body(receive, BUILD_CONTEXT_MAX_BYTES)
-    token_path.unlink(missing_ok=True)
     partial = folder / f"{files_hash}.tar.part"
     partial.write_bytes(data)
     partial.replace(folder / f"{files_hash}.tar")
