@@ -115,6 +115,14 @@ def test_malformed_port_urls_are_refused(path: bytes) -> None:
         route(scope(path), "localhost")
 
 
+@pytest.mark.parametrize(
+    "path", [b"/sandboxes/sb_1/snapshots", b"/sandboxes/sb_1/metrics", b"/sandboxes/sb_1/port/80/"]
+)
+def test_other_sandbox_paths_are_left_to_the_api(path: bytes) -> None:
+    """E2B's REST API has routes under /sandboxes/<id>/ too: only `ports/` is the proxy's."""
+    assert route(scope(path), "localhost") is None
+
+
 def test_forwarded_headers_drop_the_token_hop_by_hop_and_spoofed_forwarding() -> None:
     request = scope(
         b"/sandboxes/sb_1/ports/80/",
