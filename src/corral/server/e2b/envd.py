@@ -1,7 +1,7 @@
 """E2B's envd, for every sandbox at one URL: resolve the call (`call.resolve`), then hand
 the request to the service that answers it.
 
-    /process.Process/*        process.ProcessHandlers   (generated ProcessService app)
+    /process.Process/*        process.ProcessHandlers   (generated ProcessASGIApplication)
     /filesystem.Filesystem/*  filesystem.FilesystemHandlers
     /files                    files.serve(call, scope, receive, send)
     /health                   204 while the sandbox runs (502 otherwise, like every route)
@@ -27,6 +27,7 @@ from corral.errors import CorralError
 from corral.server import disconnect
 from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
+from corral.server.e2b.broken import breakable
 from corral.server.e2b.call import EnvdCall, resolve, set_current
 from corral.server.e2b.errors import E2bError, rest_status
 from corral.server.e2b.rest import error_body, send_json
@@ -51,13 +52,13 @@ _SERVICES = {
         "corral.server.e2b.process",
         "ProcessHandlers",
         "corral.envd.process_connect",
-        "ProcessServiceASGIApplication",
+        "ProcessASGIApplication",
     ),
     _FILESYSTEM: (
         "corral.server.e2b.filesystem",
         "FilesystemHandlers",
         "corral.envd.filesystem_connect",
-        "FilesystemServiceASGIApplication",
+        "FilesystemASGIApplication",
     ),
 }
 
@@ -84,7 +85,7 @@ def _service_app(services: Services, prefix: str) -> ASGIApp | None:
         read_max_bytes=MAX_MESSAGE_BYTES,
         compressions=[BoundedGzip(MAX_MESSAGE_BYTES)],
     )
-    return app
+    return breakable(app)  # a stream whose sandbox dies breaks as a transport failure
 
 
 class EnvdApp:
