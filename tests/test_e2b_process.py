@@ -167,6 +167,18 @@ def test_stdin_is_written_and_closed(server: LiveServer, box: str) -> None:
         assert s.rest()[-1] == {"end": {"exited": True, "status": "exit status 0"}}
 
 
+def test_input_to_a_process_without_stdin_is_refused(server: LiveServer, box: str) -> None:
+    with stream(server, box, "Start", bash("sleep 30")) as s:  # stdin false, as the SDK sends
+        selector = {"process": {"pid": started(s)}}
+        sent = unary(server, box, "SendInput", {**selector, "input": {"stdin": "aGk="}})
+        assert sent.status_code == 400 and sent.json()["code"] == "failed_precondition"
+        assert "started without stdin" in sent.json()["message"]
+        closed = unary(server, box, "CloseStdin", selector)
+        assert closed.status_code == 400 and "started without stdin" in closed.json()["message"]
+        ok(unary(server, box, "SendSignal", {**selector, "signal": "SIGNAL_SIGTERM"}))
+        assert s.rest()[-1]["end"] == {"exitCode": -1, "status": "signal: terminated"}
+
+
 def test_a_dropped_start_stream_leaves_the_process_to_connect_list_and_kill(
     server: LiveServer, box: str
 ) -> None:

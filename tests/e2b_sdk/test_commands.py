@@ -71,7 +71,8 @@ def test_background_commands_are_listed_connected_and_killed(sandbox: Sandbox) -
     second = sandbox.commands.run("sleep 30", background=True)
     listed = {p.pid: p for p in sandbox.commands.list()}
     assert {first.pid, second.pid} <= set(listed)
-    assert (listed[first.pid].cmd, listed[first.pid].args) == ("/bin/bash", ["-l", "-c", "sleep 30"])
+    mine = listed[first.pid]
+    assert (mine.cmd, mine.args) == ("/bin/bash", ["-l", "-c", "sleep 30"])
     assert sandbox.commands.connect(first.pid).pid == first.pid
     assert sandbox.commands.kill(first.pid)
     with pytest.raises(CommandExitException):

@@ -56,6 +56,8 @@ def _launch(request: pb.StartRequest) -> Launch:
         cwd=convert.path(config.cwd, "process.cwd") if config.HasField("cwd") else None,
         tag=request.tag if request.HasField("tag") else None,
         pty=pty,
+        # Unset means true (older SDKs do not send it); a terminal always reads input.
+        stdin=pty or not request.HasField("stdin") or request.stdin,
     )
 
 
@@ -131,8 +133,7 @@ class ProcessHandlers(Handlers):
             envs=launch.envs,
             cwd=launch.cwd,
             user=call.user,
-            # Unset means true (older SDKs do not send it); a terminal always reads input.
-            stdin=launch.pty or not request.HasField("stdin") or request.stdin,
+            stdin=launch.stdin,
             background=True,  # it outlives this stream, as in envd
             tag=launch.tag,
             pty=size,
@@ -245,6 +246,7 @@ class ProcessHandlers(Handlers):
     async def close_stdin(self, request: pb.CloseStdinRequest, ctx: Ctx) -> pb.CloseStdinResponse:
         call = current_call()
         pid = await self._pid(call, request.process)
+        self._check_stdin(call, pid)
         await self._manager.commands.close_input(call.team, call.sandbox_id, pid)
         return pb.CloseStdinResponse()
 
@@ -297,11 +299,20 @@ class ProcessHandlers(Handlers):
             raise NotFound(f"no running process has the tag {selector.tag!r}")
         raise InvalidRequest("process names no process: pass a pid or a tag")
 
+    def _check_stdin(self, call: EnvdCall, pid: int) -> None:
+        followed = self.hub.find(call.sandbox_id, pid)
+        if followed is not None and followed.launch is not None and not followed.launch.stdin:
+            raise CommandError(
+                f"process {pid} was started without stdin (stdin false): start it with "
+                "stdin true to send it input"
+            )
+
     async def _write(self, call: EnvdCall, pid: int, data: pb.ProcessInput) -> None:
         kind = data.WhichOneof("input")
         if kind is None:
             raise InvalidRequest("input is empty: pass stdin or pty bytes")
         payload: bytes = getattr(data, kind)
+        self._check_stdin(call, pid)
         if payload:
             await self._manager.commands.send_input(call.team, call.sandbox_id, pid, payload)
 

@@ -46,6 +46,7 @@ class Launch:
     cwd: str | None
     tag: str | None
     pty: bool
+    stdin: bool
 
 
 class Follower:
@@ -160,9 +161,3 @@ class ProcessHub:
             if self._processes.get(key) is followed:
                 del self._processes[key]
         await followed.publish(last)
-
-    async def aclose(self) -> None:
-        """Stop every pump (the processes go on: they were started in the background)."""
-        for pump in list(self._pumps):
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
