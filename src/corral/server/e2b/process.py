@@ -11,6 +11,7 @@ stream whose sandbox dies breaks as a transport failure (`broken.break_stream`).
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -104,13 +105,16 @@ def _event(item: Started | OutputChunk | ExecResult, pty: bool) -> pb.ProcessEve
 
 
 def _keepalive_seconds(ctx: Ctx) -> float:
+    """The client's `Keepalive-Ping-Interval` in seconds, within `KEEPALIVE_RANGE`."""
     value = ctx.request_headers().get("keepalive-ping-interval")
     try:
         seconds = float(value) if value else KEEPALIVE_SECONDS
     except ValueError:
-        seconds = KEEPALIVE_SECONDS
+        return KEEPALIVE_SECONDS
+    if math.isnan(seconds):
+        return KEEPALIVE_SECONDS
     low, high = KEEPALIVE_RANGE
-    return min(max(seconds, low), high) if seconds == seconds else KEEPALIVE_SECONDS
+    return min(max(seconds, low), high)
 
 
 class ProcessHandlers(Handlers):
@@ -173,28 +177,36 @@ class ProcessHandlers(Handlers):
         """The events of one stream: start, then output and keepalives, then the end."""
         pty = followed.launch is not None and followed.launch.pty
         keepalive = _keepalive_seconds(ctx)
+        loop = asyncio.get_running_loop()
+        # Connect-Timeout-Ms bounds the stream (not the process). Checked around each wait
+        # rather than with a timeout around the yields: a cancellation landing while the
+        # caller sends an event would be connect-python's, not ours.
         timeout_ms = ctx.timeout_ms()
+        deadline = None if timeout_ms is None else loop.time() + timeout_ms / 1000
         try:
             yield _event(Started(followed.pid), pty)
-            async with asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000):
-                while True:
-                    try:
-                        item = await asyncio.wait_for(follower.next(), keepalive)
-                    except TimeoutError:
+            while True:
+                wait = keepalive
+                if deadline is not None:
+                    if (left := deadline - loop.time()) <= 0:
+                        raise ConnectError(
+                            Code.DEADLINE_EXCEEDED,
+                            f"the stream of process {followed.pid} reached its "
+                            "Connect-Timeout-Ms; the process goes on: Connect to follow it",
+                        )
+                    wait = min(wait, left)
+                try:
+                    item = await asyncio.wait_for(follower.next(), wait)
+                except TimeoutError:
+                    if deadline is None or loop.time() < deadline:
                         yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
-                        continue
-                    if isinstance(item, Broken):
-                        break_stream()
-                        raise item.error
-                    yield _event(item, pty)
-                    if isinstance(item, ExecResult):
-                        return
-        except TimeoutError:
-            raise ConnectError(
-                Code.DEADLINE_EXCEEDED,
-                f"the stream of process {followed.pid} reached its Connect-Timeout-Ms; the "
-                "process goes on: connect to it again to follow it",
-            ) from None
+                    continue
+                if isinstance(item, Broken):
+                    break_stream()
+                    raise item.error
+                yield _event(item, pty)
+                if isinstance(item, ExecResult):
+                    return
         finally:
             followed.unfollow(follower)
 
