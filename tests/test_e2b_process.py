@@ -167,6 +167,31 @@ def test_stdin_is_written_and_closed(server: LiveServer, box: str) -> None:
         assert s.rest()[-1] == {"end": {"exited": True, "status": "exit status 0"}}
 
 
+def test_stream_input_writes_in_order(server: LiveServer, box: str) -> None:
+    with stream(server, box, "Start", {**bash("cat"), "stdin": True}) as s:
+        pid = started(s)
+        messages = [
+            {"start": {"process": {"pid": pid}}},
+            *(
+                {"data": {"input": {"stdin": base64.b64encode(part).decode()}}}
+                for part in (b"a", b"b")
+            ),
+            {"keepalive": {}},
+        ]
+        body = b"".join(
+            struct.pack(">BI", 0, len(m)) + m for m in (json.dumps(x).encode() for x in messages)
+        )
+        response = httpx.post(
+            f"{server.url}/process.Process/StreamInput",
+            content=body,
+            headers=_headers(server, box, **{"Content-Type": "application/connect+json"}),
+            timeout=30,
+        )
+        assert response.status_code == 200 and response.content.endswith(b"{}"), response.content
+        ok(unary(server, box, "CloseStdin", {"process": {"pid": pid}}))
+        assert output(s.rest()) == b"ab"
+
+
 def test_input_to_a_process_without_stdin_is_refused(server: LiveServer, box: str) -> None:
     with stream(server, box, "Start", bash("sleep 30")) as s:  # stdin false, as the SDK sends
         selector = {"process": {"pid": started(s)}}
