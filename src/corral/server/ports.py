@@ -108,8 +108,10 @@ def route(scope: Scope, domain: str) -> PortRoute | None:
     elif raw_path.startswith(_PATH_PREFIX):
         sandbox_id_b, _, rest = raw_path[len(_PATH_PREFIX) :].partition(b"/")
         ports, _, rest = rest.partition(b"/")
+        if ports != b"ports":
+            return None  # the API's: E2B's /sandboxes/<id>, /sandboxes/<id>/timeout …
         port_b, slash, rest = rest.partition(b"/")
-        if ports != b"ports" or not sandbox_id_b or not port_b:
+        if not sandbox_id_b or not port_b:
             raise InvalidRequest(
                 "a sandbox port's URL is /sandboxes/<sandbox id>/ports/<port>/<path>"
             )
