@@ -124,7 +124,7 @@ def output(events: list[Message], name: str = "stdout") -> bytes:
 
 def started(s: Stream) -> int:
     first = s.event()
-    assert first is not None and "start" in first, first
+    assert first is not None and "start" in first, (first, s.end)
     pid: int = first["start"]["pid"]
     assert pid > 0
     return pid
@@ -153,6 +153,19 @@ def test_bytes_pass_raw_and_envs_are_per_command(server: LiveServer, box: str) -
     with stream(server, box, "Start", bash('echo "[$FOO]"; pwd', cwd="/tmp")) as s:
         started(s)
         assert output(s.rest()) == b"[]\n/tmp\n"
+
+
+def test_commands_start_in_their_users_home_and_resolve_cwd_from_it(
+    server: LiveServer, box: str
+) -> None:
+    # Not the workdir (/workspace): envd starts commands in the user's home.
+    with stream(server, box, "Start", bash('mkdir -p sub; pwd; echo "$HOME"')) as s:
+        started(s)
+        here, home = output(s.rest()).decode().split()
+    assert here == home != "/workspace"
+    with stream(server, box, "Start", bash("pwd", cwd="sub")) as s:
+        started(s)
+        assert output(s.rest()).decode() == f"{home}/sub\n"
 
 
 def test_stdin_is_written_and_closed(server: LiveServer, box: str) -> None:

@@ -97,7 +97,13 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
     if tag is not None and not isinstance(tag, str):
         raise Refusal("invalid_argument", "tag must be a string")
     ids = agent.users.lookup(args.get("user"))
-    cwd = agent.workdir if args.get("cwd") is None else agent.path(args, "cwd")
+    home = ids.home if args.get("home") else None  # E2B's envd: cwd is the user's home
+    if args.get("cwd") is None:
+        cwd = home or agent.workdir
+    else:
+        cwd = agent.path(args, "cwd")
+        if home is not None and not os.path.isabs(args["cwd"]):
+            cwd = os.path.normpath(os.path.join(home, args["cwd"]))
     if not os.path.isdir(cwd):
         if os.path.exists(cwd):
             raise Refusal("not_a_directory", f"working directory {cwd} is not a directory")

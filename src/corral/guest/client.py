@@ -239,6 +239,7 @@ class GuestConnection(Multiplexer):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | int | None = None,
+        home: bool = False,
         timeout: float | None = None,
         output_limit: int | None = None,
         stdin: bool = False,
@@ -256,6 +257,8 @@ class GuestConnection(Multiplexer):
         options: dict[str, Any] = {"env": dict(env) if env else None, "cwd": cwd, "user": user}
         options.update(timeout=timeout, output_limit=output_limit, tag=tag)
         args.update((key, value) for key, value in options.items() if value is not None)
+        if home:
+            args["home"] = True
         if stdin:
             args["stdin"] = True
         if background:

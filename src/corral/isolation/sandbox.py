@@ -366,13 +366,15 @@ class Sandbox:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        home: bool = False,
         timeout: float | None = None,
         output_limit: int | None = None,
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
     ) -> Command:
-        """Start a command; iterate the result for output, `wait()` for its end."""
+        """Start a command; iterate the result for output, `wait()` for its end. With
+        `home` it starts in its user's home, which a relative `cwd` is resolved from."""
         check_command_timeout(timeout)
         guest = self._running_guest()
         before = self.oom_kills()
@@ -381,6 +383,7 @@ class Sandbox:
             env=env,
             cwd=cwd,
             user=user,
+            home=home,
             timeout=timeout,
             output_limit=output_limit or self.spec.limits.output_bytes,
             stdin=stdin,

@@ -94,6 +94,7 @@ class SandboxCommands:
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        home: bool = False,
         timeout: float | None = None,
         output_limit: int | None = None,
         stdin: bool = False,
@@ -107,7 +108,8 @@ class SandboxCommands:
         Close the stream (`contextlib.aclosing`) when done with it: a command that has not
         ended is then killed, unless `background`, and detached. When `client_gone` is set
         meanwhile (the caller's client went away while the command printed nothing), a
-        foreground command is killed at once and a background one left running.
+        foreground command is killed at once and a background one left running. With
+        `home` it starts in its user's home, which a relative `cwd` is resolved from.
         """
         if pty is not None:
             raise InvalidRequest("pty is not supported yet: run the command without a pty")
@@ -117,6 +119,7 @@ class SandboxCommands:
             env={**self._manager.envs(sandbox_id), **(envs or {})},
             cwd=cwd,
             user=user,
+            home=home,
             timeout=timeout,
             output_limit=output_limit,
             stdin=stdin,

@@ -137,6 +137,7 @@ class ProcessHandlers(Handlers):
             envs=launch.envs,
             cwd=launch.cwd,
             user=call.user,
+            home=True,  # envd's cwd: the user's home, and relative paths from it
             stdin=launch.stdin,
             background=True,  # it outlives this stream, as in envd
             tag=launch.tag,
