@@ -116,7 +116,10 @@ def resolve(services: Services, sandbox_id: str, headers: dict[str, str]) -> Env
             f"sandbox {sandbox_id} was not created through E2B's API: send its team's API "
             "key as the header X-API-KEY"
         )
-    if row.state != "running":
-        raise not_running(sandbox_id, row.state)
+    # The live state first: a sandbox being killed is still "running" in the store until
+    # its end is recorded, and /health must say 502 (the SDK probes it as the end nears).
+    state = manager.live_state(sandbox_id) or row.state
+    if state != "running":
+        raise not_running(sandbox_id, state)
     user = basic_user(headers.get("authorization", ""))
     return EnvdCall(team=team, sandbox_id=sandbox_id, user=user, secure=bool(token))
