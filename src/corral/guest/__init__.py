@@ -18,6 +18,7 @@ from corral.guest.client import (
     GuestStream,
     OutputChunk,
     ProcessInfo,
+    PtySize,
 )
 
 # Every file the agent imports: a sandbox has these and the standard library, nothing else.
@@ -29,6 +30,7 @@ AGENT_FILES = (
     "agent_exec.py",
     "agent_files.py",
     "agent_move.py",
+    "agent_pty.py",
     "protocol.py",
 )
 
@@ -48,5 +50,6 @@ __all__ = [
     "GuestStream",
     "OutputChunk",
     "ProcessInfo",
+    "PtySize",
     "agent_source_dir",
 ]

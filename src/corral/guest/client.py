@@ -62,7 +62,7 @@ class EntryInfo:
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """A process the agent started that is still running."""
+    """A process the agent started that is still running (`envs`: those its exec set)."""
 
     pid: int
     argv: list[str] | None
@@ -70,6 +70,23 @@ class ProcessInfo:
     tag: str | None
     background: bool
     started_at: float
+    cwd: str | None = None
+    envs: dict[str, str] | None = None
+    pty: bool = False
+
+
+@dataclass(frozen=True)
+class PtySize:
+    """A terminal's size in character cells. A command given one runs on a
+    pseudo-terminal: its output is one stream (stdout), its input goes to the terminal."""
+
+    cols: int
+    rows: int
+
+    def __post_init__(self) -> None:
+        for name, value in (("cols", self.cols), ("rows", self.rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 65535:
+                raise InvalidRequest(f"pty {name}={value!r}: a terminal size is 1..65535 cells")
 
 
 def _entry(value: Any) -> EntryInfo:
@@ -244,8 +261,10 @@ class GuestConnection(Multiplexer):
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
     ) -> GuestProcess:
-        """Start a command: argv (a sequence) or a shell string run with /bin/sh -c."""
+        """Start a command: argv (a sequence) or a shell string run with /bin/sh -c; on a
+        terminal of that size with `pty` (it then always takes input)."""
         args: dict[str, Any] = {}
         if isinstance(command, str):
             args["cmd"] = command
@@ -260,6 +279,8 @@ class GuestConnection(Multiplexer):
             args["stdin"] = True
         if background:
             args["background"] = True
+        if pty is not None:
+            args["pty"] = {"cols": pty.cols, "rows": pty.rows}
         return await self._process("exec", args)
 
     async def attach(self, pid: int) -> GuestProcess:
@@ -281,6 +302,10 @@ class GuestConnection(Multiplexer):
         """Send a signal to a process the agent started (to its whole group if asked)."""
         await self.request("signal", pid=pid, signal=int(signum), group=group)
 
+    async def resize(self, pid: int, size: PtySize) -> None:
+        """Set the size of the terminal a command runs on (its foreground job gets SIGWINCH)."""
+        await self.request("resize", pid=pid, cols=size.cols, rows=size.rows)
+
     async def processes(self) -> list[ProcessInfo]:
         reply = await self.request("ps")
         return [
@@ -291,6 +316,9 @@ class GuestConnection(Multiplexer):
                 tag=p.get("tag"),
                 background=bool(p.get("background")),
                 started_at=float(p["started_at"]),
+                cwd=p.get("cwd"),
+                envs={k: v for k, v in (p.get("env") or {}).items() if v is not None},
+                pty=bool(p.get("pty")),
             )
             for p in reply["processes"]
         ]

@@ -33,7 +33,7 @@ from corral.errors import (
     SandboxStartFailed,
     SnapshotUnavailable,
 )
-from corral.guest import EntryInfo, GuestConnection
+from corral.guest import EntryInfo, GuestConnection, PtySize
 from corral.guest import ProcessInfo as ProcessInfo
 from corral.images import LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
@@ -371,6 +371,7 @@ class Sandbox:
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
     ) -> Command:
         """Start a command; iterate the result for output, `wait()` for its end."""
         check_command_timeout(timeout)
@@ -386,6 +387,7 @@ class Sandbox:
             stdin=stdin,
             background=background,
             tag=tag,
+            pty=pty,
         )
         return Command(process, self.oom_kills, before)
 
@@ -415,6 +417,9 @@ class Sandbox:
 
     async def signal(self, pid: int, signum: int, *, group: bool = False) -> None:
         await self._running_guest().signal(pid, signum, group=group)
+
+    async def resize(self, pid: int, size: PtySize) -> None:
+        await self._running_guest().resize(pid, size)
 
     # -- files ------------------------------------------------------------------------
 
