@@ -19,11 +19,12 @@ import pytest
 
 from corral import errors
 from corral.config import Settings
-from corral.guest import ExecResult, GuestConnection, GuestProcess, OutputChunk, PtySize
+from corral.guest import ExecResult, GuestConnection, GuestProcess, OutputChunk
 from corral.isolation import Command, Engine, Sandbox
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.commands import ExecEvent, Started
 from corral.store import Store, Team
+from corral.terminal import PtySize
 from tests.conftest import require_backend
 from tests.kit.polling import until
 from tests.test_guest import running_agent
@@ -165,7 +166,7 @@ async def test_resize_refuses_a_command_without_a_terminal_and_an_unknown_pid(
     await process.wait()
     with pytest.raises(errors.CommandError, match="not running"):
         await guest.resize(process.pid, PtySize(80, 24))
-    with pytest.raises(errors.InvalidRequest, match=r"terminal size is 1\.\.65535"):
+    with pytest.raises(errors.InvalidRequest, match=r"terminal size is 1\.\.65535 cells"):
         PtySize(0, 24)
 
 

@@ -18,7 +18,6 @@ from corral.guest.client import (
     GuestStream,
     OutputChunk,
     ProcessInfo,
-    PtySize,
 )
 
 # Every file the agent imports: a sandbox has these and the standard library, nothing else.
@@ -50,6 +49,5 @@ __all__ = [
     "GuestStream",
     "OutputChunk",
     "ProcessInfo",
-    "PtySize",
     "agent_source_dir",
 ]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from corral.errors import CommandError, GuestError, InvalidRequest, SandboxNotRunning
 from corral.guest import protocol
 from corral.guest.multiplex import Channel, ChannelEnded, Multiplexer
+from corral.terminal import PtySize
 
 # How a sandbox's end kills its commands (with the agent, pid 1 of their namespace).
 _SIGKILL = 9
@@ -73,20 +74,6 @@ class ProcessInfo:
     cwd: str | None = None
     envs: dict[str, str] | None = None
     pty: bool = False
-
-
-@dataclass(frozen=True)
-class PtySize:
-    """A terminal's size in character cells. A command given one runs on a
-    pseudo-terminal: its output is one stream (stdout), its input goes to the terminal."""
-
-    cols: int
-    rows: int
-
-    def __post_init__(self) -> None:
-        for name, value in (("cols", self.cols), ("rows", self.rows)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 65535:
-                raise InvalidRequest(f"pty {name}={value!r}: a terminal size is 1..65535 cells")
 
 
 def _entry(value: Any) -> EntryInfo:

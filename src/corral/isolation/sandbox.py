@@ -33,7 +33,7 @@ from corral.errors import (
     SandboxStartFailed,
     SnapshotUnavailable,
 )
-from corral.guest import EntryInfo, GuestConnection, PtySize
+from corral.guest import EntryInfo, GuestConnection
 from corral.guest import ProcessInfo as ProcessInfo
 from corral.images import LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
@@ -50,6 +50,7 @@ from corral.isolation.snapshots import upper_layer
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy, Rule
+from corral.terminal import PtySize
 
 log = logging.getLogger("corral.isolation")
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from corral.errors import CommandError, NotFound
-from corral.guest import ExecResult, OutputChunk, ProcessInfo, PtySize
+from corral.guest import ExecResult, OutputChunk, ProcessInfo
 from corral.isolation import Command
+from corral.terminal import PtySize
 
 if TYPE_CHECKING:
     from corral.sandboxes.manager import SandboxManager
