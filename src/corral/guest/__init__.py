@@ -29,6 +29,7 @@ AGENT_FILES = (
     "agent_exec.py",
     "agent_files.py",
     "agent_move.py",
+    "agent_pty.py",
     "protocol.py",
 )
 

@@ -9,9 +9,10 @@ Standard library only, Python 3.9 syntax, and quick to start: it is on the criti
 of every sandbox creation, so it avoids ``subprocess``, ``selectors``, ``json``, ``signal``
 (all pull in ``re`` or ``enum``) and uses ``posix_spawn``, ``epoll`` and ``_signal``.
 
-The agent is six modules beside this one, copied into each sandbox together
+The agent is seven modules beside this one, copied into each sandbox together
 (`corral.guest.AGENT_FILES`): `agent_channels` (what every call shares), `agent_exec`
-(exec, attach, signal, ps) and `agent_command` (one running command), `agent_files` (read,
+(exec, attach, signal, resize, ps), `agent_command` (one running command),
+`agent_pty` (the terminal of a PTY command), `agent_files` (read,
 write, list, stat, mkdir, remove), `agent_move` (rename) and `agent_connect` (connect).
 This module is the loop: frames in, dispatch to the calls, frames out, timers and reaping.
 
@@ -365,6 +366,7 @@ OPS: dict[str, Op] = {
     "exec": agent_exec.op_exec,
     "attach": agent_exec.op_attach,
     "signal": agent_exec.op_signal,
+    "resize": agent_exec.op_resize,
     "ps": agent_exec.op_ps,
     "read": agent_files.op_read,
     "write": agent_files.op_write,

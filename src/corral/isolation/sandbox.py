@@ -50,6 +50,7 @@ from corral.isolation.snapshots import upper_layer
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy, Rule
+from corral.terminal import PtySize
 
 log = logging.getLogger("corral.isolation")
 
@@ -372,6 +373,7 @@ class Sandbox:
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
     ) -> Command:
         """Start a command; iterate the result for output, `wait()` for its end. With
         `home` it starts in its user's home, which a relative `cwd` is resolved from."""
@@ -389,6 +391,7 @@ class Sandbox:
             stdin=stdin,
             background=background,
             tag=tag,
+            pty=pty,
         )
         return Command(process, self.oom_kills, before)
 
@@ -418,6 +421,9 @@ class Sandbox:
 
     async def signal(self, pid: int, signum: int, *, group: bool = False) -> None:
         await self._running_guest().signal(pid, signum, group=group)
+
+    async def resize(self, pid: int, size: PtySize) -> None:
+        await self._running_guest().resize(pid, size)
 
     # -- files ------------------------------------------------------------------------
 
