@@ -16,7 +16,7 @@ from corral.isolation import Engine
 from corral.store import Store
 from corral.templates import TemplateCatalog
 from corral.templates import base as server_base
-from tests.conftest import LiveServer, opts, start_server
+from tests.conftest import LiveServer, opts
 from tests.kit import e2b_base
 from tests.kit.polling import wait_until
 from tests.test_template_catalog import tiny_layer
@@ -26,13 +26,8 @@ pytestmark = [pytest.mark.sandbox, *e2b_base.needs_base()]
 
 @pytest.fixture(scope="module")
 def base_server(settings: Settings) -> Iterator[LiveServer]:
-    data = settings.runtime_dir / "base-server-data"
-    e2b_base.install(data)
-    server = start_server(settings, data, pool_size=0)
-    try:
+    with e2b_base.server_with_base(settings, "base-server-data") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def run(sbx: Sandbox, line: str, user: str = "") -> str:
@@ -150,3 +145,26 @@ async def test_without_a_base_off_is_not_found_and_first_use_starts_a_build(
 def test_settings_refuse_an_unknown_base_mode() -> None:
     with pytest.raises(Exception, match="CORRAL_BASE_TEMPLATE='always' is unknown"):
         Settings.from_env({"CORRAL_BASE_TEMPLATE": "always"})
+
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def test_boot_id_is_the_sandboxs_own_kept_across_a_pause_new_at_each_start(
+    base_server: LiveServer,
+) -> None:
+    host = Path(BOOT_ID).read_text()
+    with Sandbox.create("base", timeout=120, **opts(base_server)) as sbx:
+        first = sbx.files.read(BOOT_ID)
+        assert first != host and len(first.strip()) == 36 and first.count("-") == 4
+        assert run(sbx, f"cat {BOOT_ID}") == first  # the same for commands and files
+        code = sbx.commands.run(f"echo x > {BOOT_ID}", user="root").exit_code
+        assert code != 0  # read-only, even for root
+        sbx.pause()
+        sbx.resume()
+        assert sbx.files.read(BOOT_ID) == first
+        with Sandbox.create("base", timeout=120, **opts(base_server)) as other:
+            assert other.files.read(BOOT_ID) not in (first, host)
+        snapshot = sbx.snapshot("booted")
+    with Sandbox.create(snapshot.name, timeout=120, **opts(base_server)) as started:
+        assert started.files.read(BOOT_ID) not in (first, host)

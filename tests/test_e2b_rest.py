@@ -180,6 +180,14 @@ def test_v1_create_and_the_e2b_defaults(e2b: E2b) -> None:
     assert abs((_at(info["endAt"]) - _at(info["startedAt"])).total_seconds() - 300) < 2
 
 
+def test_base_is_the_default_template(refused: E2b) -> None:
+    # This server has no `base` (tests install it where they need it): a create that
+    # names no template is refused naming it, and creates nothing. (tests/e2b_sdk create
+    # from a `base` the harness builds.)
+    response = refused.rest("POST", "/v2/sandboxes", {"timeout": 60})
+    assert response.status_code == 404 and "'base'" in response.json()["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [
@@ -430,6 +438,22 @@ def test_envd_reaches_a_corral_sandbox_only_with_its_teams_key(
     assert e2b.envd("/health", sandbox_id, **{"X-API-KEY": e2b.key}).status_code == 204
     assert e2b.envd("/health", sandbox_id, **{"X-API-KEY": server.key}).status_code == 404
     assert sandbox_id in e2b.ids()  # E2B's list shows the team's Corral sandboxes too
+
+
+def test_envd_by_e2bs_host_form(e2b: E2b) -> None:
+    """`49983-<id>.<ports domain>` (where E2B_DOMAIN sends the SDK) is envd, not a
+    sandbox port to proxy, with the same checks as the header form."""
+    created = e2b.create(secure=True, envVars={"WHERE": "host form"})
+    sandbox_id, token = created["sandboxID"], created["envdAccessToken"]
+    port = e2b.server.url.rsplit(":", 1)[1]
+
+    def get(path: str, name: str, **headers: str) -> httpx.Response:
+        return e2b.http.get(path, headers={"Host": f"49983-{name}.localhost:{port}", **headers})
+
+    assert get("/health", sandbox_id, **{"X-Access-Token": token}).status_code == 204
+    assert get("/envs", sandbox_id, **{"X-Access-Token": token}).json() == {"WHERE": "host form"}
+    assert get("/health", sandbox_id).status_code == 401
+    assert get("/health", "sbx_unknown").status_code == 502
 
 
 def test_envd_refusals(e2b: E2b) -> None:

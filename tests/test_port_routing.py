@@ -95,6 +95,8 @@ def test_requests_for_the_api_are_not_routed() -> None:
     )
     for path in paths:
         assert route(scope(path, host="127.0.0.1:7878"), "localhost") is None
+    # E2B's envd port in the host form is the server's own envd, never proxied.
+    assert route(scope(b"/health", host="49983-sb_1.localhost:7878"), "localhost") is None
 
 
 @pytest.mark.parametrize(

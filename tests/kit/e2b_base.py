@@ -15,13 +15,20 @@ import hashlib
 import inspect
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from corral.images import LayerStore
 from corral.templates import base
 from tests.kit.debian import _CACHE, ARCHIVE, MIRROR, _locked, needs_archive, suite
+
+if TYPE_CHECKING:
+    from corral.config import Settings
+    from tests.conftest import LiveServer
 
 
 def needs_base() -> list[pytest.MarkDecorator]:
@@ -57,3 +64,17 @@ def install(data_dir: Path) -> base.BaseRecord:
     with open(base_tar(), "rb") as stream:
         layer = store.import_tar(stream)
     return base.write_record(store, [layer.digest], suite())
+
+
+@contextmanager
+def server_with_base(settings: Settings, name: str) -> Iterator[LiveServer]:
+    """A `corral server` (no warm pool) whose base is installed, data under `name`."""
+    from tests.conftest import start_server
+
+    data = settings.runtime_dir / name
+    install(data)
+    server = start_server(settings, data, pool_size=0)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -9,12 +9,13 @@ Standard library only, Python 3.9 syntax, and quick to start: it is on the criti
 of every sandbox creation, so it avoids ``subprocess``, ``selectors``, ``json``, ``signal``
 (all pull in ``re`` or ``enum``) and uses ``posix_spawn``, ``epoll`` and ``_signal``.
 
-The agent is seven modules beside this one, copied into each sandbox together
+The agent is the modules beside this one, copied into each sandbox together
 (`corral.guest.AGENT_FILES`): `agent_channels` (what every call shares), `agent_exec`
-(exec, attach, signal, resize, ps), `agent_command` (one running command),
-`agent_pty` (the terminal of a PTY command), `agent_files` (read,
-write, list, stat, mkdir, remove), `agent_move` (rename) and `agent_connect` (connect).
-This module is the loop: frames in, dispatch to the calls, frames out, timers and reaping.
+(exec, attach, signal, resize, ps), `agent_command` (one running command), `agent_pty`
+(the terminal of a PTY command), `agent_files` (read, write, list, stat, mkdir, remove),
+`agent_move` (rename), `agent_connect` (connect) and `agent_sudo` (sudo for the
+sandbox's own processes, over a unix socket). This module is the loop: frames in,
+dispatch to the calls, frames out, timers and reaping.
 
 Choices worth knowing (the modules of the calls say theirs):
 
@@ -44,7 +45,14 @@ if TYPE_CHECKING:
     Op = Callable[["Agent", int, Args], None]
 
 try:
-    from corral.guest import agent_connect, agent_exec, agent_files, agent_move, protocol
+    from corral.guest import (
+        agent_connect,
+        agent_exec,
+        agent_files,
+        agent_move,
+        agent_sudo,
+        protocol,
+    )
     from corral.guest.agent_channels import (
         EPOLLIN,
         EPOLLOUT,
@@ -57,6 +65,7 @@ except ImportError:  # run in a sandbox, beside this file
     import agent_exec  # type: ignore[no-redef,import-not-found]
     import agent_files  # type: ignore[no-redef,import-not-found]
     import agent_move  # type: ignore[no-redef,import-not-found]
+    import agent_sudo  # type: ignore[no-redef,import-not-found]
     import protocol  # type: ignore[no-redef,import-not-found]
     from agent_channels import (  # type: ignore[no-redef,import-not-found]
         EPOLLIN,
@@ -114,6 +123,13 @@ class Agent:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         self.watch(self.wake_r, EPOLLIN, self.on_children)
         self.watch(rfd, EPOLLIN, self.on_input)
+        # sudo for the sandbox's processes, where there is a root to become.
+        self.sudo: agent_sudo.SudoServer | None = None
+        if self.users.root:
+            try:
+                self.sudo = agent_sudo.SudoServer(self)
+            except OSError as exc:
+                os.write(2, f"corral-agent: no sudo in this sandbox: {exc}\n".encode())
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -209,6 +225,8 @@ class Agent:
             command = self.commands.get(pid)
             if command is not None:
                 command.exited(status)
+            elif self.sudo is not None:
+                self.sudo.exited(pid, status)
 
     # -- frames in --------------------------------------------------------------------
 
