@@ -5,13 +5,15 @@ whose base comes from the cached tar (tests/kit/e2b_base.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from corral import Sandbox
 from corral.config import Settings
-from corral.errors import TemplateNotFound, TemplateNotReady
+from corral.errors import InvalidRequest, TemplateNotFound, TemplateNotReady
+from corral.images import LayerStore, tree_digest
 from corral.isolation import Engine
 from corral.store import Store
 from corral.templates import TemplateCatalog
@@ -168,3 +170,16 @@ def test_boot_id_is_the_sandboxs_own_kept_across_a_pause_new_at_each_start(
         snapshot = sbx.snapshot("booted")
     with Sandbox.create(snapshot.name, timeout=120, **opts(base_server)) as started:
         assert started.files.read(BOOT_ID) not in (first, host)
+
+
+def test_a_layer_adopted_from_another_store_shares_its_files(tmp_path: Path) -> None:
+    first, second = LayerStore(tmp_path / "a"), LayerStore(tmp_path / "b")
+    layer = tiny_layer(first, "shared")
+    adopted = second.adopt(layer)
+    assert (adopted.digest, adopted.size_bytes) == (layer.digest, layer.size_bytes)
+    assert adopted.path != layer.path and tree_digest(adopted.path) == layer.digest
+    here, there = layer.path / "etc" / "greeting", adopted.path / "etc" / "greeting"
+    assert here.stat().st_ino == there.stat().st_ino  # linked, not copied
+    assert second.adopt(layer) == adopted  # stored already: nothing again
+    with pytest.raises(InvalidRequest, match="not a layer digest"):
+        second.adopt(replace(layer, digest="sha256:nope"))

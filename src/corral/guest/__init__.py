@@ -30,8 +30,8 @@ AGENT_FILES = (
     "agent_files.py",
     "agent_move.py",
     "agent_pty.py",
-    "agent_sudo.py",
     "protocol.py",
+    "agent_sudo.py",
     "sudo.py",  # not the agent's: the `base` template's /usr/bin/sudo runs it
 )
 

@@ -25,6 +25,8 @@ Choices worth knowing (the modules of the calls say theirs):
 * The agent reaps every child with ``waitpid(-1)``, so it can serve as PID 1.
 * File operations never block the loop, and a rename across mounts is a copy made a slice
   of time per turn of the loop (`agent_move`).
+* Where it is the sandbox's root, it also serves sudo to the sandbox's own processes
+  over a unix socket (`agent_sudo`, one more of its modules).
 """
 
 from __future__ import annotations
@@ -45,14 +47,7 @@ if TYPE_CHECKING:
     Op = Callable[["Agent", int, Args], None]
 
 try:
-    from corral.guest import (
-        agent_connect,
-        agent_exec,
-        agent_files,
-        agent_move,
-        agent_sudo,
-        protocol,
-    )
+    from corral.guest import agent_connect, agent_exec, agent_files, agent_move, protocol
     from corral.guest.agent_channels import (
         EPOLLIN,
         EPOLLOUT,
@@ -65,7 +60,6 @@ except ImportError:  # run in a sandbox, beside this file
     import agent_exec  # type: ignore[no-redef,import-not-found]
     import agent_files  # type: ignore[no-redef,import-not-found]
     import agent_move  # type: ignore[no-redef,import-not-found]
-    import agent_sudo  # type: ignore[no-redef,import-not-found]
     import protocol  # type: ignore[no-redef,import-not-found]
     from agent_channels import (  # type: ignore[no-redef,import-not-found]
         EPOLLIN,
@@ -74,6 +68,10 @@ except ImportError:  # run in a sandbox, beside this file
         refusal_from_os_error,
         signal,
     )
+try:
+    from corral.guest import agent_sudo
+except ImportError:  # run in a sandbox, beside this file
+    import agent_sudo  # type: ignore[no-redef,import-not-found]
 
 # How many times a killed process group is swept again before the agent gives up (~10 s).
 SWEEP_ATTEMPTS = 30
