@@ -317,3 +317,38 @@ def test_a_killed_sandbox_breaks_the_stream_as_a_transport_failure(server: LiveS
     # A reset, which E2B's SDK counts as a transport failure (a polite close it does not).
     assert failure and isinstance(failure[0], httpx.ReadError), failure
     assert health == [502]
+
+
+def pty_output(s: Stream, until: bytes) -> bytes:
+    """A terminal's output (data.pty events) until it shows `until`."""
+    seen = b""
+    while until not in seen:
+        event = s.event()
+        assert event is not None and "end" not in event, (event, seen)
+        seen += base64.b64decode(event["data"]["pty"])
+    return seen
+
+
+def type_in(server: LiveServer, box: str, pid: int, text: bytes) -> None:
+    data = base64.b64encode(text).decode()
+    ok(unary(server, box, "SendInput", {"process": {"pid": pid}, "input": {"pty": data}}))
+
+
+def test_a_pty_runs_a_shell_resizes_and_is_reconnected(server: LiveServer, box: str) -> None:
+    start = {
+        "process": {"cmd": "/bin/bash", "args": ["-i", "-l"], "envs": {"FOO": "bar"}},
+        "pty": {"size": {"cols": 80, "rows": 24}},
+    }
+    with stream(server, box, "Start", start) as s:
+        pid = started(s)
+        type_in(server, box, pid, b"stty size; echo $TERM-$FOO\n")
+        assert b"24 80" in pty_output(s, b"xterm-256color-bar")
+        resize = {"process": {"pid": pid}, "pty": {"size": {"cols": 100, "rows": 30}}}
+        ok(unary(server, box, "Update", resize))
+    # The terminal outlives its stream (the SDK's disconnect); Connect follows it again.
+    with stream(server, box, "Connect", {"process": {"pid": pid}}) as s:
+        assert started(s) == pid
+        type_in(server, box, pid, b"stty size\n")
+        assert b"30 100" in pty_output(s, b"30 100")
+        type_in(server, box, pid, b"exit\n")
+        assert s.rest()[-1]["end"]["status"] == "exit status 0"
