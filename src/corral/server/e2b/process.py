@@ -196,7 +196,6 @@ class ProcessHandlers(Handlers):
         # caller sends an event would be connect-python's, not ours.
         timeout_ms = ctx.timeout_ms()
         deadline = None if timeout_ms is None else loop.time() + timeout_ms / 1000
-        pid = 0
         async with contextlib.aclosing(events):
             started = await anext(events)
             assert isinstance(started, Started)
@@ -227,6 +226,8 @@ class ProcessHandlers(Handlers):
                         continue
                     try:
                         event = following.result()
+                    except StopAsyncIteration:  # its client went away: nothing more to say
+                        return
                     except CorralError:
                         if await self._gone(call):  # its agent died with the sandbox
                             break_stream()
