@@ -12,6 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -117,7 +118,8 @@ def test_e2b_keys_have_e2bs_shape_and_work_as_corral_keys(store: Store) -> None:
 
 
 def test_rest_needs_a_valid_key_and_says_how_to_get_one(server: LiveServer) -> None:
-    key = _team_key(server)
+    key = _team_key(server)  # `corral admin key create --e2b`
+    assert re.fullmatch(r"e2b_[0-9a-f]{40}", key)
     for headers in ({}, {"X-API-KEY": "e2b_" + "0" * 40}, {"X-API-KEY": key[:-1]}):
         response = httpx.get(server.url + "/v2/sandboxes", headers=headers)
         assert response.status_code == 401
@@ -367,6 +369,19 @@ def test_pause_then_connect_resumes(e2b: E2b) -> None:
     assert e2b.rest("POST", f"/sandboxes/{sandbox_id}/pause").status_code == 204
     resumed = e2b.rest("POST", f"/sandboxes/{sandbox_id}/resume", {"timeout": 60})
     assert resumed.status_code == 201 and e2b.info(sandbox_id)["state"] == "running"
+
+
+def test_concurrent_pauses_and_connects_agree(e2b: E2b) -> None:
+    sandbox_id = e2b.create()["sandboxID"]
+    with ThreadPoolExecutor(2) as pool:
+        pauses = pool.map(lambda _: e2b.rest("POST", f"/sandboxes/{sandbox_id}/pause"), [1, 2])
+        assert sorted(r.status_code for r in pauses) == [204, 409]
+        body = {"timeout": 60}
+        connects = pool.map(
+            lambda _: e2b.rest("POST", f"/sandboxes/{sandbox_id}/connect", body), [1, 2]
+        )
+        assert sorted(r.status_code for r in connects) == [200, 201]
+    assert e2b.info(sandbox_id)["state"] == "running"
 
 
 def test_auto_pause_pauses_at_the_deadline_and_keeps_it_paused(e2b: E2b) -> None:

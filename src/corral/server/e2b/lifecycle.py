@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
-from corral.errors import NotFound, SandboxNotRunning, ServerUnavailable
+from corral.errors import InvalidRequest, NotFound, SandboxNotRunning, ServerUnavailable
 from corral.network.policy import NetworkPolicy
 from corral.sandboxes import CreateOptions
 from corral.sandboxes.options import check_timeout
@@ -283,9 +283,13 @@ async def pause(services: Services, req: RestRequest) -> RestResponse:
     manager, _ = _manager(services)
     _bool(req.json_object(), "memory", True)  # Corral's pause always keeps memory
     record = await _live(services, req.team, req.params["sandboxID"])
+    already = E2bError(409, f"sandbox {record.id} is paused already")
     if record.state == "paused":
-        raise E2bError(409, f"sandbox {record.id} is paused already")
-    await manager.pause(req.team, record.id)
+        raise already
+    try:
+        await manager.pause(req.team, record.id)
+    except InvalidRequest:  # paused by another request meanwhile
+        raise already from None
     return RestResponse(204)
 
 
@@ -310,14 +314,15 @@ async def _wake(
     if record.state == "paused":
         # The deadline first: a paused sandbox past it must not be ended as it wakes.
         await manager.set_timeout(req.team, record.id, seconds)
-        record = await manager.resume(req.team, record.id)
-        status = 201
-    elif resume_only:
+        try:
+            record = await manager.resume(req.team, record.id)
+            return RestResponse(201, sandbox_body(record, _row(services, record.id)))
+        except InvalidRequest:  # another request resumed it meanwhile: it runs
+            record = await _live(services, req.team, record.id)
+    if resume_only:
         raise E2bError(409, f"sandbox {record.id} is running already; connect to it instead")
-    else:
-        record = await _extend(manager, req.team, record, seconds)
-        status = 200
-    return RestResponse(status, sandbox_body(record, _row(services, record.id)))
+    record = await _extend(manager, req.team, record, seconds)
+    return RestResponse(200, sandbox_body(record, _row(services, record.id)))
 
 
 async def _extend(
