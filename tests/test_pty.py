@@ -21,6 +21,7 @@ from corral import errors
 from corral.config import Settings
 from corral.guest import ExecResult, GuestConnection, GuestProcess, OutputChunk
 from corral.isolation import Command, Engine, Sandbox
+from corral.limits import Limits
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.commands import ExecEvent, Started
 from corral.store import Store, Team
@@ -213,6 +214,24 @@ async def test_a_pty_shell_in_a_sandbox_as_its_user_and_as_root(
         await screen.close()
         with contextlib.suppress(errors.CorralError):
             await command.kill()
+
+
+@pytest.mark.sandbox
+async def test_a_terminal_has_no_default_output_limit(engine: Engine, settings: Settings) -> None:
+    """The sandbox's output cap is for collected output; a terminal session streams."""
+    require_backend(settings, "namespace")
+    box = await engine.create(isolation="namespace", limits=Limits(output_bytes=1000))
+    try:
+        script = "head -c 3000 /dev/zero | tr '\\0' x; echo"
+        piped = await box.exec(["sh", "-c", script])
+        assert (await piped.collect()).reason == "output_limit"
+        command = await box.exec(["sh", "-c", script], pty=PtySize(80, 24))
+        result = await command.collect()
+        assert (result.reason, result.stdout.count(b"x")) == ("exited", 3000)
+        capped = await box.exec(["sh", "-c", script], pty=PtySize(80, 24), output_limit=100)
+        assert (await capped.collect()).reason == "output_limit"
+    finally:
+        await box.destroy()
 
 
 # -- the sandbox service: exec with a pty, attach -------------------------------------------

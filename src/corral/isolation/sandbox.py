@@ -376,7 +376,12 @@ class Sandbox:
         pty: PtySize | None = None,
     ) -> Command:
         """Start a command; iterate the result for output, `wait()` for its end. With
-        `home` it starts in its user's home, which a relative `cwd` is resolved from."""
+        `home` it starts in its user's home, which a relative `cwd` is resolved from.
+
+        The sandbox's default output limit is for output a caller collects; a terminal
+        (`pty`) is a stream someone watches for as long as it runs, so it has none unless
+        `output_limit` says so.
+        """
         check_command_timeout(timeout)
         guest = self._running_guest()
         before = self.oom_kills()
@@ -387,7 +392,7 @@ class Sandbox:
             user=user,
             home=home,
             timeout=timeout,
-            output_limit=output_limit or self.spec.limits.output_bytes,
+            output_limit=output_limit or (None if pty else self.spec.limits.output_bytes),
             stdin=stdin,
             background=background,
             tag=tag,
