@@ -8,14 +8,17 @@ tests/e2b_sdk pins (2.45.1); its `packages/python-sdk/tests/{sync,shared,async}`
 their own pytest.ini, in tests/e2b_sdk's environment (the pinned `e2b` from PyPI), never
 copied here. As root (sandboxes need it), in a network namespace with loopback only.
 
-Two passes. First with no server at all (E2B_API_URL pointing at a closed loopback port):
-the tests that pass there never needed a server (mocked volumes and secrets, payload
-builders, …); they are reported as "offline" and not counted. Then against a real Corral
+Two passes. First with no server at all (E2B_API_URL pointing at a closed loopback port,
+E2B_SANDBOX_URL unset as in a plain install): the tests that pass there never needed a
+server (mocked volumes and secrets, payload builders, …); they are reported as "offline"
+and not counted, nor are those the suite itself skips there (a platform, a missing
+feature of the SDK). Then against a real Corral
 server (tests/e2b_sdk/corral_server.py, the launcher the SDK tests use too): every other
 test, but the cloud-only ones (wildcard DNS and public TLS hosts, egress to the internet,
 builds from registry images: tests/e2b_sdk/e2b_conformance_plugin.py lists each with its
 reason), which are deselected and named. The report: passed/counted per area, sync and
-async, and every test that did not pass with a one-line reason.
+async, and every test that did not pass with a one-line reason, marked when it failed the
+same way with no server at all (then it is the SDK's, not the server's).
 """
 
 from __future__ import annotations
@@ -73,9 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="e2b-conformance-") as scratch:
         work = Path(scratch)
+        # No E2B_SANDBOX_URL: a few unit tests check the SDK's default envd routing (with
+        # E2B_DOMAIN=localhost, what is not mocked goes to loopback and is refused).
         offline_env = {
             "E2B_API_URL": f"http://127.0.0.1:{corral_server.free_port()}",  # nothing there
-            "E2B_SANDBOX_URL": f"http://127.0.0.1:{corral_server.free_port()}",
             "E2B_API_KEY": "e2b_" + "0" * 40,
             "E2B_DOMAIN": "localhost",
             # A refused connection fails at once, not after three retries with backoff
@@ -84,13 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         say("pass 1: without a server (offline tests)", args.json)
         offline = run_suite(sdk, offline_env, work / "offline.json", args, skip=None)
-        offline_passed = sorted(n for n, r in offline.items() if r["outcome"] == "passed")
+        set_aside = sorted(n for n, r in offline.items() if r["outcome"] in ("passed", "skipped"))
         skip = work / "skip.json"
-        skip.write_text(json.dumps(offline_passed))
+        skip.write_text(json.dumps(set_aside))
         say("pass 2: against a Corral server", args.json)
         with corral_server.running() as server:
             online = run_suite(sdk, server.e2b_env, work / "online.json", args, skip=skip)
-    report = summarize(sdk, offline_passed, online, args, time.monotonic() - started)
+    report = summarize(sdk, offline, online, args, time.monotonic() - started)
     text = render(report)
     if args.markdown:
         args.markdown.write_text(text)
@@ -152,7 +156,7 @@ def run_suite(
 
 def summarize(
     sdk: Path,
-    offline: list[str],
+    offline: dict[str, dict[str, Any]],
     online: dict[str, dict[str, Any]],
     args: argparse.Namespace,
     seconds: float,
@@ -171,7 +175,17 @@ def summarize(
         }
         for side in SIDES
     }
-    offline_by_side = {side: sum(side_of(n) == side for n in offline) for side in SIDES}
+
+    def count(outcome: str) -> dict[str, int]:
+        return {
+            side: sum(side_of(n) == side and r["outcome"] == outcome for n, r in offline.items())
+            for side in SIDES
+        }
+
+    def same_offline(nodeid: str, result: dict[str, Any]) -> bool:
+        before = offline.get(nodeid)
+        return before is not None and before["reason"] == result["reason"]
+
     commit = subprocess.run(
         ["git", "-C", str(sdk), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -183,14 +197,25 @@ def summarize(
         "seconds": round(seconds),
         "areas": {name: areas[name] for name in (*AREA_NAMES, "other") if name in areas},
         "totals": totals,
-        "offline": offline_by_side,
+        "offline": count("passed"),
+        "skipped_by_the_suite": [
+            {"nodeid": n, "reason": r["reason"]}
+            for n, r in sorted(offline.items())
+            if r["outcome"] == "skipped"
+        ],
         "cloud_only": [
             {"nodeid": n, "reason": r}
             for n, r in sorted(CLOUD_ONLY.items())
             if not args.area or area_of(n) in args.area
         ],
         "not_passed": [
-            {"nodeid": n, "area": area_of(n), "outcome": r["outcome"], "reason": r["reason"]}
+            {
+                "nodeid": n,
+                "area": area_of(n),
+                "outcome": r["outcome"],
+                "reason": r["reason"],
+                "same_without_a_server": same_offline(n, r),
+            }
             for n, r in sorted(online.items(), key=lambda item: (area_of(item[0]), item[0]))
             if r["outcome"] != "passed"
         ],
@@ -224,13 +249,17 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Not counted: {report['offline']['sync']} sync and {report['offline']['async']} "
         "async tests pass with no server at all (offline unit tests, mocked volumes and "
-        f"secrets); {len(report['cloud_only'])} cloud-only tests were deselected:",
+        f"secrets); {len(report['skipped_by_the_suite'])} the suite skips by itself "
+        f"(listed below); {len(report['cloud_only'])} cloud-only tests were deselected:",
         "",
     ]
     lines += [f"- `{c['nodeid']}`: {c['reason']}" for c in report["cloud_only"]]
+    lines += ["", "Skipped by the suite itself:", ""]
+    lines += [f"- `{t['nodeid']}`: {t['reason']}" for t in report["skipped_by_the_suite"]]
     lines += ["", f"## Not passed ({len(report['not_passed'])})", ""]
     lines += [
         f"- [{t['area']}] `{t['nodeid']}` {t['outcome']}: {t['reason']}"
+        + (" (fails the same with no server: the SDK's)" if t["same_without_a_server"] else "")
         for t in report["not_passed"]
     ]
     return "\n".join(lines) + "\n"
