@@ -236,6 +236,17 @@ def test_a_dropped_start_stream_leaves_the_process_to_connect_list_and_kill(
     assert pid not in running_pids(server, box)
 
 
+def test_output_beyond_the_sandboxs_collect_limit_does_not_kill_a_process(
+    server: LiveServer, box: str
+) -> None:
+    # 65 MiB, over the default 64 MiB a caller may collect; nobody follows it meanwhile.
+    with stream(server, box, "Start", bash("head -c 68157440 /dev/zero; sleep 3")) as s:
+        pid = started(s)
+    with stream(server, box, "Connect", {"process": {"pid": pid}}) as s:
+        assert started(s) == pid
+        assert s.rest()[-1] == {"end": {"exited": True, "status": "exit status 0"}}
+
+
 def test_two_streams_follow_one_process(server: LiveServer, box: str) -> None:
     with stream(server, box, "Start", {**bash("cat"), "stdin": True}) as first:
         pid = started(first)

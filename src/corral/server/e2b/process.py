@@ -46,6 +46,10 @@ PTY_ENVS = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 # (`Keepalive-Ping-Interval`, which E2B's SDK sends as 50), and the range it may name.
 KEEPALIVE_SECONDS = 50.0
 KEEPALIVE_RANGE = (1.0, 300.0)
+# E2B streams a process's output and never collects it, so the sandbox's cap on collected
+# output (64 MiB by default) would kill a long-running server for its logs: the largest
+# limit the sandbox's limits allow instead (as Corral's terminals have none).
+OUTPUT_LIMIT = 1 << 40
 _SIGNALS = {pb.SIGNAL_SIGKILL: signal.SIGKILL, pb.SIGNAL_SIGTERM: signal.SIGTERM}
 _MAX_PTY_CELLS = 10_000
 
@@ -163,6 +167,7 @@ class ProcessHandlers(Handlers):
             cwd=launch.cwd,
             user=call.user,
             home=True,  # envd's cwd: the user's home, and relative paths from it
+            output_limit=OUTPUT_LIMIT,
             stdin=launch.stdin,
             background=True,  # it outlives this stream, as in envd
             tag=launch.tag,
