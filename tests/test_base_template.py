@@ -4,20 +4,24 @@ whose base comes from the cached tar (tests/kit/e2b_base.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from corral import Sandbox
 from corral.config import Settings
-from corral.errors import TemplateNotFound, TemplateNotReady
+from corral.errors import InvalidRequest, TemplateNotFound, TemplateNotReady
+from corral.images import LayerStore, tree_digest
 from corral.isolation import Engine
 from corral.store import Store
 from corral.templates import TemplateCatalog
 from corral.templates import base as server_base
 from tests.conftest import LiveServer, opts
-from tests.kit import e2b_base
+from tests.kit import e2b_base, rootless
 from tests.kit.polling import wait_until
 from tests.test_template_catalog import tiny_layer
 
@@ -105,6 +109,7 @@ async def test_the_server_base_resolves_for_teams_without_their_own(
         team = store.create_team("alpha").id
         name = catalog.resolve(team, "base")
         assert name == record.template_id
+        assert server_base.ensure_base(catalog) == record  # there: nothing to build
         assert engine.templates.get(name).user == "user"  # type: ignore[union-attr]
         assert engine.templates.get(name).workdir == "/home/user"  # type: ignore[union-attr]
         # Its layers survive a collect: no row names them, the record does.
@@ -133,6 +138,13 @@ async def test_without_a_base_off_is_not_found_and_first_use_starts_a_build(
         catalog.server_base = server_base.ServerBase(catalog.layers, missing, "first-use")
         with pytest.raises(TemplateNotReady, match="try again shortly"):
             catalog.resolve(team, "base")
+        assert catalog.server_base.wait(120) is None
+        with pytest.raises(TemplateNotReady, match="could not be built"):
+            catalog.resolve(team, "base")
+        # `start`: loading the catalog starts the build (here failing again, offline).
+        catalog.server_base = server_base.ServerBase(catalog.layers, missing, "start")
+        catalog.settings = catalog.settings.with_(base_template="start")
+        catalog.load()
         assert catalog.server_base.wait(120) is None
         with pytest.raises(TemplateNotReady, match="could not be built"):
             catalog.resolve(team, "base")
@@ -168,3 +180,34 @@ def test_boot_id_is_the_sandboxs_own_kept_across_a_pause_new_at_each_start(
         snapshot = sbx.snapshot("booted")
     with Sandbox.create(snapshot.name, timeout=120, **opts(base_server)) as started:
         assert started.files.read(BOOT_ID) not in (first, host)
+
+
+def test_a_layer_adopted_from_another_store_shares_its_files(tmp_path: Path) -> None:
+    first, second = LayerStore(tmp_path / "a"), LayerStore(tmp_path / "b")
+    layer = tiny_layer(first, "shared")
+    adopted = second.adopt(layer)
+    assert (adopted.digest, adopted.size_bytes) == (layer.digest, layer.size_bytes)
+    assert adopted.path != layer.path and tree_digest(adopted.path) == layer.digest
+    here, there = layer.path / "etc" / "greeting", adopted.path / "etc" / "greeting"
+    assert here.stat().st_ino == there.stat().st_ino  # linked, not copied
+    assert second.adopt(layer) == adopted  # stored already: nothing again
+    with pytest.raises(InvalidRequest, match="not a layer digest"):
+        second.adopt(replace(layer, digest="sha256:nope"))
+
+
+def test_a_rootless_server_says_it_cannot_make_base() -> None:
+    # As nobody: a rootless server's catalog (layer templates need root).
+    with rootless.home() as home:
+        script = (
+            "from pathlib import Path; from corral.images import LayerStore; "
+            "from corral.templates.base import ServerBase; "
+            f"store = LayerStore(Path({str(home / 'data')!r}))\n"
+            "print(ServerBase(store, 'x', 'first-use').missing())"
+        )
+        done = subprocess.run(
+            ["setpriv", f"--reuid={rootless.NOBODY}", f"--regid={rootless.NOBODY}",
+             "--clear-groups", sys.executable, "-c", script],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "layer templates need Corral to run as root; use 'host'" in done.stdout

@@ -29,8 +29,9 @@ AGENT_FILES = (
     "agent_exec.py",
     "agent_files.py",
     "agent_move.py",
-    "agent_sudo.py",
+    "agent_pty.py",
     "protocol.py",
+    "agent_sudo.py",
     "sudo.py",  # not the agent's: the `base` template's /usr/bin/sudo runs it
 )
 

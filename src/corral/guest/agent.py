@@ -9,12 +9,13 @@ Standard library only, Python 3.9 syntax, and quick to start: it is on the criti
 of every sandbox creation, so it avoids ``subprocess``, ``selectors``, ``json``, ``signal``
 (all pull in ``re`` or ``enum``) and uses ``posix_spawn``, ``epoll`` and ``_signal``.
 
-The agent is seven modules beside this one, copied into each sandbox together
+The agent is the modules beside this one, copied into each sandbox together
 (`corral.guest.AGENT_FILES`): `agent_channels` (what every call shares), `agent_exec`
-(exec, attach, signal, ps) and `agent_command` (one running command), `agent_files` (read,
-write, list, stat, mkdir, remove), `agent_move` (rename), `agent_connect` (connect) and
-`agent_sudo` (sudo for the sandbox's own processes, over a unix socket). This module is
-the loop: frames in, dispatch to the calls, frames out, timers and reaping.
+(exec, attach, signal, resize, ps), `agent_command` (one running command), `agent_pty`
+(the terminal of a PTY command), `agent_files` (read, write, list, stat, mkdir, remove),
+`agent_move` (rename), `agent_connect` (connect) and `agent_sudo` (sudo for the
+sandbox's own processes, over a unix socket). This module is the loop: frames in,
+dispatch to the calls, frames out, timers and reaping.
 
 Choices worth knowing (the modules of the calls say theirs):
 
@@ -24,6 +25,8 @@ Choices worth knowing (the modules of the calls say theirs):
 * The agent reaps every child with ``waitpid(-1)``, so it can serve as PID 1.
 * File operations never block the loop, and a rename across mounts is a copy made a slice
   of time per turn of the loop (`agent_move`).
+* Where it is the sandbox's root, it also serves sudo to the sandbox's own processes
+  over a unix socket (`agent_sudo`, one more of its modules).
 """
 
 from __future__ import annotations
@@ -44,14 +47,7 @@ if TYPE_CHECKING:
     Op = Callable[["Agent", int, Args], None]
 
 try:
-    from corral.guest import (
-        agent_connect,
-        agent_exec,
-        agent_files,
-        agent_move,
-        agent_sudo,
-        protocol,
-    )
+    from corral.guest import agent_connect, agent_exec, agent_files, agent_move, protocol
     from corral.guest.agent_channels import (
         EPOLLIN,
         EPOLLOUT,
@@ -64,7 +60,6 @@ except ImportError:  # run in a sandbox, beside this file
     import agent_exec  # type: ignore[no-redef,import-not-found]
     import agent_files  # type: ignore[no-redef,import-not-found]
     import agent_move  # type: ignore[no-redef,import-not-found]
-    import agent_sudo  # type: ignore[no-redef,import-not-found]
     import protocol  # type: ignore[no-redef,import-not-found]
     from agent_channels import (  # type: ignore[no-redef,import-not-found]
         EPOLLIN,
@@ -73,6 +68,10 @@ except ImportError:  # run in a sandbox, beside this file
         refusal_from_os_error,
         signal,
     )
+try:
+    from corral.guest import agent_sudo
+except ImportError:  # run in a sandbox, beside this file
+    import agent_sudo  # type: ignore[no-redef,import-not-found]
 
 # How many times a killed process group is swept again before the agent gives up (~10 s).
 SWEEP_ATTEMPTS = 30
@@ -383,6 +382,7 @@ OPS: dict[str, Op] = {
     "exec": agent_exec.op_exec,
     "attach": agent_exec.op_attach,
     "signal": agent_exec.op_signal,
+    "resize": agent_exec.op_resize,
     "ps": agent_exec.op_ps,
     "read": agent_files.op_read,
     "write": agent_files.op_write,

@@ -174,8 +174,7 @@ class SudoCall:
             finally:
                 agent.oom.restore()
         finally:
-            users.after_spawn()
-            os.chdir(agent.workdir)
+            users.after_spawn()  # (the agent's own cwd does not matter: `agent_exec.spawn`)
         self.pid = pid
         self.server.children[pid] = self
         self.send({"pid": pid})

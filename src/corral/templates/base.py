@@ -243,6 +243,11 @@ class ServerBase:
                 "your team has no template 'base', and this server builds none for every "
                 "team (CORRAL_BASE_TEMPLATE=off): build one, or use 'host'"
             )
+        if os.geteuid() != 0:  # no build could succeed: say so rather than retry
+            return TemplateNotFound(
+                "your team has no template 'base', and this server cannot make one for "
+                "every team: layer templates need Corral to run as root; use 'host'"
+            )
         failed = self._error
         self.start_build()
         if failed is not None:
