@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from corral.errors import NotFound
+from corral.errors import InvalidRequest, NotFound
 from corral.guest import ExecResult, OutputChunk, ProcessInfo
 from corral.isolation import Command
 
@@ -34,6 +34,15 @@ class Started:
 
 # What `SandboxCommands.exec` streams: Started, then output chunks, then how it ended.
 ExecEvent = Started | OutputChunk | ExecResult
+
+
+@dataclass(frozen=True)
+class PtySize:
+    """A terminal's size in character cells: a command given one runs on a pseudo-terminal
+    (its output is one stream, stdout; its input goes through `send_input`)."""
+
+    cols: int
+    rows: int
 
 
 class AttachedCommands:
@@ -90,6 +99,7 @@ class SandboxCommands:
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
         client_gone: asyncio.Event | None = None,
     ) -> AsyncGenerator[ExecEvent]:
         """Start a command and stream it: `Started`, its output chunks, its `ExecResult`.
@@ -99,6 +109,8 @@ class SandboxCommands:
         meanwhile (the caller's client went away while the command printed nothing), a
         foreground command is killed at once and a background one left running.
         """
+        if pty is not None:
+            raise InvalidRequest("pty is not supported yet: run the command without a pty")
         box = await self._manager.running(team, sandbox_id)
         process = await box.exec(
             command,
@@ -156,6 +168,20 @@ class SandboxCommands:
             await command.signal(signum, group=group)
         else:
             await box.signal(pid, signum, group=group)
+
+    async def resize(self, team: Team, sandbox_id: str, pid: int, cols: int, rows: int) -> None:
+        """Set the terminal size of a command started with a `pty`."""
+        await self._manager.running(team, sandbox_id)
+        raise InvalidRequest("resize is not supported yet: no command runs on a pty")
+
+    async def attach(self, team: Team, sandbox_id: str, pid: int) -> AsyncGenerator[ExecEvent]:
+        """Follow a running command: `Started`, its output from now on, its `ExecResult`.
+
+        Raises NotFound for a pid that is unknown or has ended.
+        """
+        await self._manager.running(team, sandbox_id)
+        raise InvalidRequest("attach is not supported yet")
+        yield Started(pid)  # pragma: no cover - makes this an async generator
 
     async def processes(self, team: Team, sandbox_id: str) -> list[ProcessInfo]:
         box = await self._manager.running(team, sandbox_id)

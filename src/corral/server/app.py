@@ -1,6 +1,7 @@
 """The ASGI app: Connect services for SandboxService, JobService, TemplateService and
 HealthService,
-`GET /healthz`, and the port proxy to sandboxes' ports (`corral.server.ports`).
+`GET /healthz`, the port proxy to sandboxes' ports (`corral.server.ports`), and E2B's
+REST API and envd (`corral.server.e2b`).
 
     app = create_app(Settings.from_env())     # serve it with uvicorn (`corral server`)
 
@@ -28,6 +29,7 @@ from corral.server.auth import authenticate_headers
 from corral.server.base import Services
 from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
+from corral.server.e2b import E2bApp
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
 from corral.server.port_http import PortProxy
@@ -110,6 +112,7 @@ class CorralApp:
         self._jobs: JobRuntime | None = None
         self._max_message_bytes = max_message_bytes
         self.ports = PortProxy(self.services, settings.ports_domain)
+        self.e2b = E2bApp(self.services, settings)
         interceptors = [ErrorInterceptor()]
         gzip = [BoundedGzip(max_message_bytes)]
         self._sandbox_app: ASGIApp = SandboxServiceASGIApplication(
@@ -159,6 +162,8 @@ class CorralApp:
         path: str = scope["path"]
         if await self.ports.serve(scope, receive, send):
             return  # it was for a sandbox's port
+        if await self.e2b.serve(scope, receive, send):
+            return  # E2B's REST API or envd (`corral.server.e2b`)
         if path.startswith(_API_PREFIXES) and _needs_trailers(scope):
             await _send_json(send, 415, _NO_GRPC)
         elif path.startswith(_API_PREFIXES) and (problem := header_problem(scope["headers"])):

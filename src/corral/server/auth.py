@@ -1,4 +1,5 @@
-"""Who is calling: the API key of `Authorization: Bearer <key>`, resolved to a team.
+"""Who is calling: the API key of `Authorization: Bearer <key>` (or E2B's `X-API-KEY`
+header), resolved to a team.
 
 The app authenticates a request from its headers before it reads the body
 (`authenticate_headers`); the handler's `authenticate` then takes that team, from the
@@ -36,10 +37,31 @@ def bearer_key(authorization: str) -> str:
     return key.strip()
 
 
+_E2B_KEY = (
+    "send the header `X-API-KEY: <key>` (the e2b SDK sends E2B_API_KEY); an admin "
+    "creates one with `corral admin key create --team TEAM --e2b`"
+)
+
+
 def authenticate_headers(store: Store, authorization: str) -> Team:
     """The team of an `Authorization` header's value, remembered for this request."""
     _caller.set(None)
-    team = store.authenticate(bearer_key(authorization))
+    return _remember(store.authenticate(bearer_key(authorization)))
+
+
+def authenticate_e2b(store: Store, api_key: str | None, authorization: str) -> Team:
+    """The team of an E2B request: its `X-API-KEY` header, else `Authorization: Bearer`."""
+    _caller.set(None)
+    if api_key is None and not authorization.strip():
+        raise Unauthenticated("no API key: " + _E2B_KEY)
+    try:
+        key = api_key.strip() if api_key is not None else bearer_key(authorization)
+        return _remember(store.authenticate(key))
+    except Unauthenticated:
+        raise Unauthenticated("unknown or revoked API key: " + _E2B_KEY) from None
+
+
+def _remember(team: Team) -> Team:
     _caller.set(team)
     logs.bind(team_id=team.id)
     return team

@@ -376,3 +376,21 @@ vms = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("sandbox_id", ID, nullable=True),
 )
+
+# E2B compatibility (`corral.server.e2b`): what E2B's API says about a sandbox created
+# through it, beside Corral's own row. `envd_access_token` is the credential of its envd
+# routes ("" for a sandbox created with secure=false: reached by its id, as on E2B).
+e2b_sandboxes = sa.Table(
+    "e2b_sandboxes",
+    metadata,
+    sa.Column(
+        "sandbox_id", ID, sa.ForeignKey("sandboxes.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("envd_access_token", sa.String(64), nullable=False),
+    sa.Column("client_id", sa.String(64), nullable=False),
+    # The template as the caller named it (its alias).
+    sa.Column("alias", sa.String(128), nullable=False),
+    # On its timeout it is paused, not killed.
+    sa.Column("auto_pause", sa.Boolean, nullable=False),
+    sa.Column("envs", JSON, nullable=False),
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from corral.store.e2b import E2bStore
 from corral.store.jobs import JobStore
 from corral.store.metrics import MetricStore
 from corral.store.sandboxes import SandboxStore
@@ -11,9 +12,18 @@ from corral.store.vms import VmStore
 from corral.store.volumes import VolumeStore
 
 
-class Store(TeamStore, SandboxStore, MetricStore, JobStore, VolumeStore, TemplateStore, VmStore):
+class Store(
+    TeamStore,
+    SandboxStore,
+    MetricStore,
+    JobStore,
+    VolumeStore,
+    TemplateStore,
+    VmStore,
+    E2bStore,
+):
     """Corral's durable state: teams and keys, sandboxes and their events, metrics, jobs,
-    volumes, templates and the build cache, vms.
+    volumes, templates and the build cache, vms, E2B's sandbox rows.
 
     store = Store.open(settings)            # SQLite at <data_dir>/corral.db, migrated
     store = Store.open(settings, url="postgresql+psycopg://…")
