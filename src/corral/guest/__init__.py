@@ -16,8 +16,10 @@ from corral.guest.client import (
     GuestConnection,
     GuestProcess,
     GuestStream,
+    GuestWatch,
     OutputChunk,
     ProcessInfo,
+    WatchEvent,
 )
 
 # Every file the agent imports: a sandbox has these and the standard library, nothing else.
@@ -29,6 +31,7 @@ AGENT_FILES = (
     "agent_exec.py",
     "agent_files.py",
     "agent_move.py",
+    "agent_watch.py",
     "protocol.py",
 )
 
@@ -46,7 +49,9 @@ __all__ = [
     "GuestConnection",
     "GuestProcess",
     "GuestStream",
+    "GuestWatch",
     "OutputChunk",
     "ProcessInfo",
+    "WatchEvent",
     "agent_source_dir",
 ]
