@@ -307,6 +307,11 @@ class GuestWatch:
             self._pending.append(WatchEvent(str(event["name"]), str(event["type"]), entry_info))
         self._arrived.set()
 
+    @property
+    def ended(self) -> bool:
+        """The watch ended (closed, or its sandbox's agent is gone): no more events."""
+        return self._failure is not None
+
     def take(self) -> list[WatchEvent]:
         """The events that arrived and were not taken yet (waits for nothing)."""
         while (frame := self._channel.take_nowait()) is not None:
