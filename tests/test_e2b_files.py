@@ -159,7 +159,7 @@ def test_overwrite_and_bad_uploads_change_nothing(envd: Envd) -> None:
                              headers={"Content-Type": "application/octet-stream"})  # fmt: skip
     assert no_path.status_code == 400 and "?path=" in no_path.json()["message"]
     bad_meta = envd.http.post("/files", params={"path": name}, files={"file": (name, b"third")},
-                              headers={"X-Metadata-Bad": "caf\u00e9".encode()})  # fmt: skip
+                              headers={b"X-Metadata-Bad": "caf\u00e9".encode()})  # fmt: skip
     assert bad_meta.status_code == 400
     assert envd.download(name).content == b"second"
 
