@@ -16,11 +16,13 @@ DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help setup system-packages python-env debian-archive test test-unit test-integration test-acceptance test-slow lint bench run doctor proto clean
+.PHONY: help setup system-packages python-env debian-archive test test-e2b test-unit test-integration test-acceptance test-slow lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
-	@echo "make test   - set up, then run the whole test suite (all three tiers) but the slow tests"
+	@echo "make test   - set up, then run the whole test suite (all three tiers) but the slow tests,"
+	@echo "              then the official e2b SDK's tests (tests/e2b_sdk)"
+	@echo "make test-e2b - only the official e2b SDK against a Corral server (tests/e2b_sdk)"
 	@echo "make test-slow - only the slow tests (pytest -m slow: the vm languages other than"
 	@echo "              python, whose first template builds take minutes each)"
 	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
@@ -62,9 +64,16 @@ python-env:
 	  python3 -m pip install --quiet uv 2>/dev/null || \
 	  python3 -m pip install --quiet --user --break-system-packages uv; }
 	@$(UV) sync --quiet --frozen
+	@$(UV) sync --quiet --frozen --project tests/e2b_sdk
 
 test: setup
 	@$(UV) run --frozen pytest $(PYTEST_ARGS)
+	@$(UV) run --project tests/e2b_sdk --frozen pytest tests/e2b_sdk
+
+# The official e2b SDK (its own uv project: it cannot share Corral's venv) against a real
+# Corral server, with the `base` template made from the local Debian archive.
+test-e2b: setup
+	@$(UV) run --project tests/e2b_sdk --frozen pytest tests/e2b_sdk
 
 # The tiers (assigned in tests/conftest.py): unit is pure logic and needs no system packages.
 test-unit: python-env

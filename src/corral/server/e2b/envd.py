@@ -1,7 +1,7 @@
 """E2B's envd, for every sandbox at one URL: resolve the call (`call.resolve`), then hand
 the request to the service that answers it.
 
-    /process.Process/*        process.ProcessHandlers   (generated ProcessService app)
+    /process.Process/*        process.ProcessHandlers   (generated ProcessASGIApplication)
     /filesystem.Filesystem/*  filesystem.FilesystemHandlers
     /files                    files.serve(call, scope, receive, send)
     /health                   204 while the sandbox runs (502 otherwise, like every route)
