@@ -27,6 +27,7 @@ from corral.errors import CorralError
 from corral.server import disconnect
 from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
+from corral.server.e2b.broken import breakable
 from corral.server.e2b.call import EnvdCall, resolve, set_current
 from corral.server.e2b.errors import E2bError, rest_status
 from corral.server.e2b.rest import error_body, send_json
@@ -84,7 +85,7 @@ def _service_app(services: Services, prefix: str) -> ASGIApp | None:
         read_max_bytes=MAX_MESSAGE_BYTES,
         compressions=[BoundedGzip(MAX_MESSAGE_BYTES)],
     )
-    return app
+    return breakable(app)  # a stream whose sandbox dies breaks as a transport failure
 
 
 class EnvdApp:
