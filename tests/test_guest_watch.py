@@ -118,3 +118,14 @@ async def test_home_resolves_relative_paths_from_the_users_home(guest: GuestConn
     home = pwd.getpwuid(os.getuid()).pw_dir
     info = await guest.stat(".", home=True)
     assert info.path == os.path.normpath(home)
+
+
+async def test_in_place_overwrite_keeps_the_files_mode(
+    guest: GuestConnection, tmp_path: Path
+) -> None:
+    (tmp_path / "kept").write_bytes(b"old content")
+    os.chmod(tmp_path / "kept", 0o600)
+    info = await guest.write_file("kept", b"new", in_place=True, mode=0o644)
+    assert (info.mode, (tmp_path / "kept").read_bytes()) == (0o600, b"new")
+    fresh = await guest.write_file("fresh", b"x", in_place=True, mode=0o640)
+    assert fresh.mode == 0o640

@@ -298,11 +298,16 @@ class FileUpload(Channel):
         self.ids = agent.acting
         self.written = 0
         self.temp: str | None = None
-        if append or in_place:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-            self.fd = open_regular(path, flags, mode)[0]
-            if in_place:  # now, so a failed write still leaves the asked-for mode
-                self.finish_attributes()
+        if append:
+            self.fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)[0]
+        elif in_place:
+            try:  # a new file gets `mode` (whatever the umask); an existing one keeps its own
+                self.fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)[0]
+                created = True
+            except FileExistsError:
+                self.fd = open_regular(path, os.O_WRONLY | os.O_TRUNC)[0]
+                created = False
+            self.finish_attributes(chmod=created)  # now, as envd: before the data
         else:
             directory, name = os.path.split(path)
             self.temp = os.path.join(directory, f".{name}.corral-{os.getpid()}-{channel}.tmp")
@@ -313,9 +318,10 @@ class FileUpload(Channel):
                 exc.filename = path
                 raise
 
-    def finish_attributes(self) -> None:
+    def finish_attributes(self, chmod: bool = True) -> None:
         try:
-            os.fchmod(self.fd, self.mode)
+            if chmod:
+                os.fchmod(self.fd, self.mode)
             if self.metadata is not None:
                 replace_metadata(self.fd, self.metadata, self.path)
         except BaseException:
