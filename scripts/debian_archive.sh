@@ -4,7 +4,9 @@
 # which python3-minimal lacks), busybox-static (the OCI tests build a small image
 # from it), musl (with it, a musl-based image: the self-contained guest agent's
 # tests) and python3-numpy + python3-pandas (the data-science template's test makes its
-# image offline from them), downloaded once from this host's own apt sources and
+# image offline from them), and what the E2B-compatible `base` template holds
+# (corral.templates.base: git, curl, ca-certificates, procps, passwd for useradd;
+# bash, coreutils and ncurses-bin's tput are essential), downloaded once from this host's own apt sources and
 # indexed as a flat file:// repository. Tests bootstrap root filesystems from it offline
 # (the network rule: no test reaches the real archive).
 #
@@ -19,7 +21,7 @@
 set -euo pipefail
 
 dir=$(realpath -m "${1:?usage: $0 DIR}")
-packages="apt,python3-minimal,python3,busybox-static,musl,nodejs,ruby,golang-go,python3-numpy,python3-pandas"
+packages="apt,python3-minimal,python3,busybox-static,musl,nodejs,ruby,golang-go,python3-numpy,python3-pandas,git,curl,ca-certificates,procps,passwd"
 if [ -f "$dir/Release" ] && [ "$(cat "$dir/packages" 2>/dev/null)" = "$packages" ]; then
   exit 0
 fi

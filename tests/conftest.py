@@ -114,6 +114,7 @@ def settings() -> Iterator[Settings]:
         runtime_dir=runtime,
         cgroup_parent=TEST_CGROUP_PARENT,
         allow_process_backend=True,
+        base_template="off",  # never built from the internet: tests/kit/e2b_base.py installs it
     )
     yield session
     from corral.isolation import Engine
@@ -127,7 +128,7 @@ def settings() -> Iterator[Settings]:
 @pytest.fixture
 def store_settings(tmp_path: Path) -> Settings:
     """Settings of a store of its own (SQLite in the test's tmp_path), for store tests."""
-    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run")
+    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run", base_template="off")
 
 
 @pytest.fixture
@@ -349,6 +350,7 @@ def start_server(
         "CORRAL_ALLOW_PROCESS_BACKEND": "1",
         "CORRAL_CONFIG": str(data_dir.parent / f"config-{port}"),  # never ~/.corral
         "CORRAL_POOL_SIZE": str(pool_size),
+        "CORRAL_BASE_TEMPLATE": "off",  # tests/kit/e2b_base.py installs it, offline
         **(extra_env or {}),
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT"):

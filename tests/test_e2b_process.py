@@ -20,7 +20,6 @@ import pytest
 
 from tests.conftest import LiveServer
 from tests.kit.connect import call
-from tests.kit.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.sandbox]
 
@@ -124,7 +123,7 @@ def output(events: list[Message], name: str = "stdout") -> bytes:
 
 def started(s: Stream) -> int:
     first = s.event()
-    assert first is not None and "start" in first, first
+    assert first is not None and "start" in first, (first, s.end)
     pid: int = first["start"]["pid"]
     assert pid > 0
     return pid
@@ -153,6 +152,19 @@ def test_bytes_pass_raw_and_envs_are_per_command(server: LiveServer, box: str) -
     with stream(server, box, "Start", bash('echo "[$FOO]"; pwd', cwd="/tmp")) as s:
         started(s)
         assert output(s.rest()) == b"[]\n/tmp\n"
+
+
+def test_commands_start_in_their_users_home_and_resolve_cwd_from_it(
+    server: LiveServer, box: str
+) -> None:
+    # Not the workdir (/workspace): envd starts commands in the user's home.
+    with stream(server, box, "Start", bash('mkdir -p sub; pwd; echo "$HOME"')) as s:
+        started(s)
+        here, home = output(s.rest()).decode().split()
+    assert here == home != "/workspace"
+    with stream(server, box, "Start", bash("pwd", cwd="sub")) as s:
+        started(s)
+        assert output(s.rest()).decode() == f"{home}/sub\n"
 
 
 def test_stdin_is_written_and_closed(server: LiveServer, box: str) -> None:
@@ -282,6 +294,7 @@ def test_a_killed_sandbox_breaks_the_stream_as_a_transport_failure(server: LiveS
     assert created.status_code == 200, created.text
     box = created.json()["sandbox"]["id"]
     failure: list[BaseException] = []
+    health: list[int] = []
     with stream(server, box, "Start", bash("sleep 60")) as s:
         started(s)
 
@@ -290,6 +303,10 @@ def test_a_killed_sandbox_breaks_the_stream_as_a_transport_failure(server: LiveS
                 s.rest()
             except BaseException as exc:  # what E2B's SDK sees: the body breaks off
                 failure.append(exc)
+                # What the SDK does next, at once (its async handle does not wait for the
+                # kill call to return): probe /health, which must already say 502.
+                probe = httpx.get(f"{server.url}/health", headers=_headers(server, box))
+                health.append(probe.status_code)
 
         reader = threading.Thread(target=read_to_the_end)
         reader.start()
@@ -299,10 +316,39 @@ def test_a_killed_sandbox_breaks_the_stream_as_a_transport_failure(server: LiveS
     assert s.end is None, s.end  # no end envelope, clean or with an error
     # A reset, which E2B's SDK counts as a transport failure (a polite close it does not).
     assert failure and isinstance(failure[0], httpx.ReadError), failure
+    assert health == [502]
 
-    def health() -> int:
-        return httpx.get(
-            f"{server.url}/health", headers=_headers(server, box), timeout=10
-        ).status_code
 
-    wait_until(lambda: health() == 502, "the killed sandbox's /health to answer 502")
+def pty_output(s: Stream, until: bytes) -> bytes:
+    """A terminal's output (data.pty events) until it shows `until`."""
+    seen = b""
+    while until not in seen:
+        event = s.event()
+        assert event is not None and "end" not in event, (event, seen)
+        seen += base64.b64decode(event["data"]["pty"])
+    return seen
+
+
+def type_in(server: LiveServer, box: str, pid: int, text: bytes) -> None:
+    data = base64.b64encode(text).decode()
+    ok(unary(server, box, "SendInput", {"process": {"pid": pid}, "input": {"pty": data}}))
+
+
+def test_a_pty_runs_a_shell_resizes_and_is_reconnected(server: LiveServer, box: str) -> None:
+    start = {
+        "process": {"cmd": "/bin/bash", "args": ["-i", "-l"], "envs": {"FOO": "bar"}},
+        "pty": {"size": {"cols": 80, "rows": 24}},
+    }
+    with stream(server, box, "Start", start) as s:
+        pid = started(s)
+        type_in(server, box, pid, b"stty size; echo $TERM-$FOO\n")
+        assert b"24 80" in pty_output(s, b"xterm-256color-bar")
+        resize = {"process": {"pid": pid}, "pty": {"size": {"cols": 100, "rows": 30}}}
+        ok(unary(server, box, "Update", resize))
+    # The terminal outlives its stream (the SDK's disconnect); Connect follows it again.
+    with stream(server, box, "Connect", {"process": {"pid": pid}}) as s:
+        assert started(s) == pid
+        type_in(server, box, pid, b"stty size\n")
+        assert b"30 100" in pty_output(s, b"30 100")
+        type_in(server, box, pid, b"exit\n")
+        assert s.rest()[-1]["end"]["status"] == "exit status 0"

@@ -84,8 +84,19 @@ def test_the_host_form_keeps_the_path_and_a_header_token_wins() -> None:
 
 
 def test_requests_for_the_api_are_not_routed() -> None:
-    for path in (b"/healthz", b"/corral.v1.SandboxService/Get", b"/sandboxes"):
+    paths = (
+        b"/healthz",
+        b"/corral.v1.SandboxService/Get",
+        b"/sandboxes",
+        # E2B's REST API shares the prefix: only /sandboxes/<id>/ports/ is the proxy's.
+        b"/sandboxes/sb_1",
+        b"/sandboxes/sb_1/timeout",
+        b"/sandboxes/sb_1/port/80/",
+    )
+    for path in paths:
         assert route(scope(path, host="127.0.0.1:7878"), "localhost") is None
+    # E2B's envd port in the host form is the server's own envd, never proxied.
+    assert route(scope(b"/health", host="49983-sb_1.localhost:7878"), "localhost") is None
 
 
 @pytest.mark.parametrize(
@@ -95,7 +106,6 @@ def test_requests_for_the_api_are_not_routed() -> None:
         b"/sandboxes/sb_1/ports/65536/",
         b"/sandboxes/sb_1/ports/%38%30/",
         b"/sandboxes/sb_1/ports/\xd9\xa1/",  # a digit, but not an ASCII one
-        b"/sandboxes/sb_1/port/80/",
         b"/sandboxes//ports/80/",
         b"/sandboxes/sb_1/ports//",
     ],

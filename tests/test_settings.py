@@ -48,6 +48,8 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
         raw, parsed = "100000", 100000
     if name in ("network_modes", "network_private_allow"):  # checked as modes, CIDRs
         raw = parsed = {"network_modes": "none,allowlist"}.get(name, "10.99.0.0/16")
+    if name in ("e2b_network", "base_template"):  # one of a few words
+        raw = parsed = {"e2b_network": "internet"}.get(name, "off")
     settings = Settings.from_env({ENV_PREFIX + name.upper(): raw})
     assert getattr(settings, name) == parsed
 

@@ -50,6 +50,7 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.IdempotencyConflict, "already_exists"),
     (errors.FileError, "failed_precondition"),
     (errors.ServerUnavailable, "unavailable"),
+    (errors.TemplateNotReady, "unavailable"),  # it is being built: retrying will help
     (errors.IsolationUnavailable, "failed_precondition"),  # retrying will not help
     (errors.CorralError, "internal"),
 )

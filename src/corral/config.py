@@ -142,6 +142,10 @@ class Settings:
     build_timeout: int = 3600
     template_max_bytes: int = 20 * 1024**3
     debian_mirror: str = "http://deb.debian.org/debian"
+    # The server's `base` template (E2B's default, every team's unless it has its own):
+    # built from `debian_mirror` on its first use (`first-use`), when the server starts
+    # (`start`), or never (`off`). See corral.templates.base.
+    base_template: str = "first-use"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -170,6 +174,11 @@ class Settings:
                 f"CORRAL_PORTS_DOMAIN={self.ports_domain!r} is not a domain name: use one like "
                 "sandboxes.example.com (its wildcard record pointing at this server), or "
                 "localhost (the default)"
+            )
+        if self.base_template not in ("first-use", "start", "off"):
+            raise InvalidRequest(
+                f"CORRAL_BASE_TEMPLATE={self.base_template!r} is unknown: use first-use "
+                "(the default), start or off"
             )
         if self.network_events_max < 1:
             raise InvalidRequest(

@@ -19,6 +19,7 @@
     ├── VolumeExists              the team has a volume of that name already
     ├── VmExists                  the team has a vm of that name already
     ├── VmNotReady                the vm's language template is building or failed
+    ├── TemplateNotReady          the server's base template is being built: try again
     ├── TemplateInUse             live sandboxes use the template: it cannot be deleted
     ├── BuildFailed               a template build's step or ready check failed
     ├── ImagePullFailed           skopeo could not fetch the image (registry, auth, archive)
@@ -132,6 +133,10 @@ class UnknownVm(NotFound):
 
 class VmExists(CorralError):
     """The team has a vm of that name already; choose another name or clean it."""
+
+
+class TemplateNotReady(CorralError):
+    """The server is building that template (its `base`): try again in a minute or two."""
 
 
 class VmNotReady(CorralError):

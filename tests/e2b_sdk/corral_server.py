@@ -5,20 +5,27 @@ It runs in the E2B environment (tests/e2b_sdk's own venv), which cannot import `
 (see pyproject.toml), so it drives the main venv's `corral` CLI as subprocesses and uses
 the standard library only. The server is root's `corral server` on a free loopback port,
 with a data and runtime directory of its own (under /tmp: the sandboxes' unprivileged uids
-must be able to traverse it), and a `base` template, E2B's default, made from the local
-Debian archive (`make setup`) so that no test reaches the network.
+must be able to traverse it), the `base` template (E2B's default) installed from the local
+Debian archive (`make setup`) so that no test reaches the network, and an `e2b_` key.
+
+Nothing here may reach a real address (E2B's own tests curl 1.1.1.1 and 8.8.8.8 from their
+sandboxes, expecting a deny rule to stop them): `isolate_network()` moves the caller into a
+network namespace of its own whose only interface is loopback, before it starts the server,
+and `start` refuses to run anywhere else. The server, its sandboxes' uplinks and the SDK
+all live in that namespace, where every address but loopback is unreachable.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -32,8 +39,6 @@ CORRAL_PYTHON = ROOT / ".venv" / "bin" / "python"
 ARCHIVE = Path(os.environ.get("CORRAL_TEST_DEBIAN_ARCHIVE") or ROOT / ".cache" / "debian")
 CGROUP_PARENT = "corral-e2b-test"
 STARTUP_SECONDS = 120.0
-# What the `base` template holds: what E2B's base image offers that its tests use.
-BASE_PACKAGES = ("python3",)
 
 
 @dataclass
@@ -50,17 +55,13 @@ class CorralServer:
     @property
     def e2b_env(self) -> dict[str, str]:
         """The environment that points the unmodified `e2b` SDK at this server: REST and
-        envd share its one port. The SDK checks a key's format (`e2b_<hex>`) before any
-        request; a Corral key of another shape needs that check turned off."""
-        env = {
+        envd share its one port; the key is E2B-shaped (`e2b_<hex>`)."""
+        return {
             "E2B_API_URL": self.url,
             "E2B_SANDBOX_URL": self.url,
             "E2B_API_KEY": self.key,
             "E2B_DOMAIN": "localhost",  # never e2b.app: nothing may reach E2B's cloud
         }
-        if not self.key.startswith("e2b_"):
-            env["E2B_VALIDATE_API_KEY"] = "false"
-        return env
 
     def corral(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """The main venv's `corral` CLI pointed at this server with its key."""
@@ -91,6 +92,26 @@ class CorralServer:
         _reap(self.runtime, self.env)
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def isolate_network() -> None:
+    """Move this process, and every process it starts from now on, into a new network
+    namespace with loopback only (as root; before any thread starts: a namespace change
+    moves the calling thread alone)."""
+    if threading.active_count() != 1:
+        raise RuntimeError("isolate_network() must run before any thread starts")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"unshare(CLONE_NEWNET): {os.strerror(error)} (run as root)")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def _isolated() -> bool:
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,6 +121,11 @@ def free_port() -> int:
 def start(*, pool_size: int = 2, extra_env: Mapping[str, str] | None = None) -> CorralServer:
     """A `corral server` on a free loopback port, answering, with its `base` template ready
     and a key for the E2B SDK."""
+    if not _isolated():
+        raise RuntimeError(
+            "this process can reach networks other than loopback: call "
+            "corral_server.isolate_network() first (nothing here may reach a real address)"
+        )
     if not CORRAL.exists():
         raise RuntimeError(f"{CORRAL} is missing: run `make setup` (uv sync) at {ROOT} first")
     runtime = Path(tempfile.mkdtemp(prefix="corral-e2b-"))
@@ -114,10 +140,12 @@ def start(*, pool_size: int = 2, extra_env: Mapping[str, str] | None = None) -> 
         "CORRAL_POOL_SIZE": str(pool_size),
         "CORRAL_HOST": "127.0.0.1",
         "CORRAL_DEBIAN_MIRROR": f"deb [trusted=yes] copy://{ARCHIVE} ./",
+        "CORRAL_BASE_TEMPLATE": "off",  # installed below, offline
         **(extra_env or {}),
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT", "VIRTUAL_ENV"):
         env.pop(name, None)
+    _install_base(runtime / "data", env)
     log = runtime / "server.log"
     with log.open("ab") as sink:
         process = subprocess.Popen(
@@ -131,7 +159,6 @@ def start(*, pool_size: int = 2, extra_env: Mapping[str, str] | None = None) -> 
     server = CorralServer(url, "", runtime, env, process, log)
     try:
         _wait_answering(server)
-        _ensure_base(server)
         server.key = _e2b_key(server)
     except BaseException:
         server.stop()
@@ -167,25 +194,38 @@ def _wait_answering(server: CorralServer) -> None:
     raise RuntimeError(f"corral server did not answer in {STARTUP_SECONDS}s: {server.log}")
 
 
-def _ensure_base(server: CorralServer) -> None:
-    """The `base` template, built once per server from the local Debian archive."""
+def _install_base(data_dir: Path, env: Mapping[str, str]) -> None:
+    """The server's `base` template (E2B's default), installed before it starts from the
+    tar tests/kit/e2b_base.py bootstraps once from the local Debian archive (seconds when
+    cached): the server itself never builds it (CORRAL_BASE_TEMPLATE=off)."""
     if not (ARCHIVE / "Release").is_file():
         raise RuntimeError(f"no local Debian archive at {ARCHIVE}: run `make setup` as root")
-    listed = server.corral("template", "list", "-o", "json")
-    if listed.returncode == 0 and any(
-        item.get("name") == "base" and item.get("state") in ("ready", "READY")
-        for item in _json_items(listed.stdout)
-    ):
-        return
-    packages = [arg for package in BASE_PACKAGES for arg in ("--package", package)]
-    built = server.corral("template", "build", "base", "--debian", _suite(), *packages)
-    if built.returncode != 0:
-        raise RuntimeError(f"building the base template failed:\n{built.stdout}{built.stderr}")
+    installed = subprocess.run(
+        [
+            str(CORRAL_PYTHON),
+            "-c",
+            "import sys; from pathlib import Path; from tests.kit.e2b_base import install; "
+            "install(Path(sys.argv[1]))",
+            str(data_dir),
+        ],
+        cwd=ROOT,
+        env={**env, "CORRAL_TEST_DEBIAN_ARCHIVE": str(ARCHIVE)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if installed.returncode != 0:
+        raise RuntimeError(
+            f"installing the base template from {ARCHIVE} failed (its packages must be in "
+            "the archive: run `make setup` as root, or point CORRAL_TEST_DEBIAN_ARCHIVE at "
+            f"an archive scripts/debian_archive.sh made):\n{installed.stderr[-3000:]}"
+        )
 
 
 def _e2b_key(server: CorralServer) -> str:
-    """A key in E2B's `e2b_<hex>` shape for the default team when the server issues them
-    (`corral admin key create --e2b`), else the default Corral key."""
+    """A key in E2B's `e2b_<hex>` shape for the default team, as a user would make one."""
     created = subprocess.run(
         [str(CORRAL), "admin", "key", "create", "--team", "default", "--e2b"],
         env=server.env,
@@ -193,27 +233,11 @@ def _e2b_key(server: CorralServer) -> str:
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
-    if created.returncode == 0 and created.stdout.strip():
-        return created.stdout.strip().splitlines()[-1]
-    return server.default_key
-
-
-def _json_items(text: str) -> list[dict[str, object]]:
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        return []
-    if isinstance(parsed, dict):
-        parsed = next((value for value in parsed.values() if isinstance(value, list)), [])
-    return [item for item in parsed if isinstance(item, dict)]
-
-
-def _suite() -> str:
-    for line in (ARCHIVE / "Release").read_text().splitlines():
-        if line.startswith("Codename:"):
-            return line.split(":", 1)[1].strip()
-    raise RuntimeError(f"{ARCHIVE}/Release names no codename")
+    if created.returncode != 0:
+        raise RuntimeError(f"corral admin key create --e2b failed: {created.stderr}")
+    return created.stdout.strip().splitlines()[-1]
 
 
 def _reap(runtime: Path, env: Mapping[str, str]) -> None:

@@ -38,6 +38,9 @@ def test_envs_are_per_command_and_home_is_the_cwd(sandbox: Sandbox) -> None:
     assert sandbox.commands.run(python, envs={"FOO": "py"}).stdout == "py\n"
     assert sandbox.commands.run("pwd").stdout == "/home/user\n"
     assert sandbox.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+    assert sandbox.commands.run("mkdir -p sub && pwd", cwd=".").stdout == "/home/user\n"
+    assert sandbox.commands.run("pwd", cwd="sub").stdout == "/home/user/sub\n"
+    assert sandbox.commands.run("pwd; whoami", user="root").stdout == "/root\nroot\n"
 
 
 def test_sandbox_envs_reach_every_command() -> None:

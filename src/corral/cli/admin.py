@@ -97,7 +97,7 @@ def team_list(args: argparse.Namespace) -> None:
 def key_create(args: argparse.Namespace) -> None:
     """Create an API key; it is printed once, on the last line, and never shown again."""
     with _store(args) as store:
-        key = store.create_api_key(args.team)
+        key = store.create_api_key(args.team, e2b=args.e2b)
     out(f"API key for team {args.team} (store it now; it is not shown again):")
     out(key)
 
@@ -139,5 +139,11 @@ def add_commands(commands: Commands) -> None:
 
     p = in_store(keys, "create", key_create)
     p.add_argument("--team", required=True, help="the team the key acts for")
+    p.add_argument(
+        "--e2b",
+        action="store_true",
+        help="in E2B's shape (e2b_ and 40 hex digits), which the e2b SDK accepts as "
+        "E2B_API_KEY; it works with Corral's SDK and CLI too",
+    )
     p = in_store(keys, "revoke", key_revoke)
     p.add_argument("key", metavar="KEY", help="the whole key, or its first 12 characters")

@@ -31,8 +31,11 @@ AGENT_FILES = (
     "agent_exec.py",
     "agent_files.py",
     "agent_move.py",
+    "agent_pty.py",
     "agent_watch.py",
     "protocol.py",
+    "agent_sudo.py",
+    "sudo.py",  # not the agent's: the `base` template's /usr/bin/sudo runs it
 )
 
 

@@ -9,11 +9,13 @@ Standard library only, Python 3.9 syntax, and quick to start: it is on the criti
 of every sandbox creation, so it avoids ``subprocess``, ``selectors``, ``json``, ``signal``
 (all pull in ``re`` or ``enum``) and uses ``posix_spawn``, ``epoll`` and ``_signal``.
 
-The agent is six modules beside this one, copied into each sandbox together
+The agent is the modules beside this one, copied into each sandbox together
 (`corral.guest.AGENT_FILES`): `agent_channels` (what every call shares), `agent_exec`
-(exec, attach, signal, ps) and `agent_command` (one running command), `agent_files` (read,
-write, list, stat, mkdir, remove), `agent_move` (rename) and `agent_connect` (connect).
-This module is the loop: frames in, dispatch to the calls, frames out, timers and reaping.
+(exec, attach, signal, resize, ps), `agent_command` (one running command), `agent_pty`
+(the terminal of a PTY command), `agent_files` (read, write, list, stat, mkdir, remove),
+`agent_move` (rename), `agent_connect` (connect) and `agent_sudo` (sudo for the
+sandbox's own processes, over a unix socket). This module is the loop: frames in,
+dispatch to the calls, frames out, timers and reaping.
 
 Choices worth knowing (the modules of the calls say theirs):
 
@@ -23,6 +25,8 @@ Choices worth knowing (the modules of the calls say theirs):
 * The agent reaps every child with ``waitpid(-1)``, so it can serve as PID 1.
 * File operations never block the loop, and a rename across mounts is a copy made a slice
   of time per turn of the loop (`agent_move`).
+* Where it is the sandbox's root, it also serves sudo to the sandbox's own processes
+  over a unix socket (`agent_sudo`, one more of its modules).
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ except ImportError:  # run in a sandbox, beside this file
         refusal_from_os_error,
         signal,
     )
+try:
+    from corral.guest import agent_sudo
+except ImportError:  # run in a sandbox, beside this file
+    import agent_sudo  # type: ignore[no-redef,import-not-found]
 
 # How many times a killed process group is swept again before the agent gives up (~10 s).
 SWEEP_ATTEMPTS = 30
@@ -124,6 +132,13 @@ class Agent:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         self.watch(self.wake_r, EPOLLIN, self.on_children)
         self.watch(rfd, EPOLLIN, self.on_input)
+        # sudo for the sandbox's processes, where there is a root to become.
+        self.sudo: agent_sudo.SudoServer | None = None
+        if self.users.root:
+            try:
+                self.sudo = agent_sudo.SudoServer(self)
+            except OSError as exc:
+                os.write(2, f"corral-agent: no sudo in this sandbox: {exc}\n".encode())
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -219,6 +234,8 @@ class Agent:
             command = self.commands.get(pid)
             if command is not None:
                 command.exited(status)
+            elif self.sudo is not None:
+                self.sudo.exited(pid, status)
 
     # -- frames in --------------------------------------------------------------------
 
@@ -398,6 +415,7 @@ OPS: dict[str, Op] = {
     "exec": agent_exec.op_exec,
     "attach": agent_exec.op_attach,
     "signal": agent_exec.op_signal,
+    "resize": agent_exec.op_resize,
     "ps": agent_exec.op_ps,
     "read": agent_files.op_read,
     "write": agent_files.op_write,

@@ -18,6 +18,7 @@ from corral._aio import stop_tasks
 from corral.errors import CommandError, GuestError, InvalidRequest, SandboxNotRunning
 from corral.guest import protocol
 from corral.guest.multiplex import Channel, ChannelEnded, Multiplexer
+from corral.terminal import PtySize
 
 # How a sandbox's end kills its commands (with the agent, pid 1 of their namespace).
 _SIGKILL = 9
@@ -89,7 +90,7 @@ class WatchEvent:
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """A process the agent started that is still running."""
+    """A process the agent started that is still running (`envs`: those its exec set)."""
 
     pid: int
     argv: list[str] | None
@@ -97,6 +98,9 @@ class ProcessInfo:
     tag: str | None
     background: bool
     started_at: float
+    cwd: str | None = None
+    envs: dict[str, str] | None = None
+    pty: bool = False
 
 
 def _entry(value: Any) -> EntryInfo:
@@ -351,13 +355,16 @@ class GuestConnection(Multiplexer):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | int | None = None,
+        home: bool = False,
         timeout: float | None = None,
         output_limit: int | None = None,
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
     ) -> GuestProcess:
-        """Start a command: argv (a sequence) or a shell string run with /bin/sh -c."""
+        """Start a command: argv (a sequence) or a shell string run with /bin/sh -c; on a
+        terminal of that size with `pty` (it then always takes input)."""
         args: dict[str, Any] = {}
         if isinstance(command, str):
             args["cmd"] = command
@@ -368,10 +375,14 @@ class GuestConnection(Multiplexer):
         options: dict[str, Any] = {"env": dict(env) if env else None, "cwd": cwd, "user": user}
         options.update(timeout=timeout, output_limit=output_limit, tag=tag)
         args.update((key, value) for key, value in options.items() if value is not None)
+        if home:
+            args["home"] = True
         if stdin:
             args["stdin"] = True
         if background:
             args["background"] = True
+        if pty is not None:
+            args["pty"] = {"cols": pty.cols, "rows": pty.rows}
         return await self._process("exec", args)
 
     async def attach(self, pid: int) -> GuestProcess:
@@ -393,6 +404,10 @@ class GuestConnection(Multiplexer):
         """Send a signal to a process the agent started (to its whole group if asked)."""
         await self.request("signal", pid=pid, signal=int(signum), group=group)
 
+    async def resize(self, pid: int, size: PtySize) -> None:
+        """Set the size of the terminal a command runs on (its foreground job gets SIGWINCH)."""
+        await self.request("resize", pid=pid, cols=size.cols, rows=size.rows)
+
     async def processes(self) -> list[ProcessInfo]:
         reply = await self.request("ps")
         return [
@@ -403,6 +418,9 @@ class GuestConnection(Multiplexer):
                 tag=p.get("tag"),
                 background=bool(p.get("background")),
                 started_at=float(p["started_at"]),
+                cwd=p.get("cwd"),
+                envs={k: v for k, v in (p.get("env") or {}).items() if v is not None},
+                pty=bool(p.get("pty")),
             )
             for p in reply["processes"]
         ]

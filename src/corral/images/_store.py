@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -172,6 +173,34 @@ class LayerStore:
             raise
         finally:
             producer.join()
+
+    def adopt(self, layer: Layer) -> Layer:
+        """Store `layer`, a layer of another store on the same file system, by hard links
+        (`cp -al`): a layer's files are never written, so the stores can share them, and
+        nothing is unpacked or digested again (the other store checked it). Seconds less
+        per copy of a big base, for tests that give each server its own store."""
+        hex_digest = self._hex(layer.digest)
+        if (self._layers / hex_digest).is_dir():
+            return self.get(layer.digest)
+        with self.staging() as staging:
+            tree = staging / "tree"
+            done = subprocess.run(
+                ["cp", "-a", "--link", "--", str(layer.path), str(tree)],
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+            )
+            if done.returncode != 0:
+                raise InvalidRequest(
+                    f"could not link the layer {layer.digest} from {layer.path} (another "
+                    f"file system?): {done.stderr.strip()[-200:]}"
+                )
+            shutil.copyfile(layer.path.parent / f"{hex_digest}.json", staging / "meta.json")
+            with self._locked():
+                if not (self._layers / hex_digest).exists():
+                    os.replace(staging / "meta.json", self._layers / f"{hex_digest}.json")
+                    os.rename(tree, self._layers / hex_digest)
+        return self.get(layer.digest)
 
     def _commit(self, staging: Path, tree: Path, unpacked: Unpacked) -> Layer:
         digest = tree_digest(tree)

@@ -33,6 +33,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,7 @@ HOME = f"/home/{SANDBOX_USER}"
 WORKSPACE = "/workspace"
 AGENT_DIR = GUEST_DIR
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 # What the sandbox's root keeps of its capabilities (in its own user namespace only):
 # what dpkg and apt-get need — own and chown files, bypass file modes, keep set-id bits,
@@ -379,6 +381,10 @@ class NamespaceBackend(Backend):
             for name, text in _host_files(footprint.id, footprint.netns is not None).items():
                 fds.append(data_fd("corral-etc", text.encode()))
                 options += ["--perms", "0644", "--ro-bind-data", str(fds[-1]), f"/etc/{name}"]
+            # A boot of its own: new at each start (a snapshot's sandbox, a restart), the
+            # same while it lives (a pause freezes it), never the host's.
+            fds.append(data_fd("corral-boot-id", f"{uuid.uuid4()}\n".encode()))
+            options += ["--perms", "0444", "--ro-bind-data", str(fds[-1]), BOOT_ID]
             if entrypoint is not None:
                 # Files are copied in by bubblewrap as the sandbox user, parents created.
                 for f in entrypoint.files:

@@ -50,6 +50,7 @@ from corral.isolation.snapshots import upper_layer
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy, Rule
+from corral.terminal import PtySize
 
 log = logging.getLogger("corral.isolation")
 
@@ -366,13 +367,21 @@ class Sandbox:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        home: bool = False,
         timeout: float | None = None,
         output_limit: int | None = None,
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
     ) -> Command:
-        """Start a command; iterate the result for output, `wait()` for its end."""
+        """Start a command; iterate the result for output, `wait()` for its end. With
+        `home` it starts in its user's home, which a relative `cwd` is resolved from.
+
+        The sandbox's default output limit is for output a caller collects; a terminal
+        (`pty`) is a stream someone watches for as long as it runs, so it has none unless
+        `output_limit` says so.
+        """
         check_command_timeout(timeout)
         guest = self._running_guest()
         before = self.oom_kills()
@@ -381,11 +390,13 @@ class Sandbox:
             env=env,
             cwd=cwd,
             user=user,
+            home=home,
             timeout=timeout,
-            output_limit=output_limit or self.spec.limits.output_bytes,
+            output_limit=output_limit or (None if pty else self.spec.limits.output_bytes),
             stdin=stdin,
             background=background,
             tag=tag,
+            pty=pty,
         )
         return Command(process, self.oom_kills, before)
 
@@ -415,6 +426,9 @@ class Sandbox:
 
     async def signal(self, pid: int, signum: int, *, group: bool = False) -> None:
         await self._running_guest().signal(pid, signum, group=group)
+
+    async def resize(self, pid: int, size: PtySize) -> None:
+        await self._running_guest().resize(pid, size)
 
     # -- files ------------------------------------------------------------------------
 

@@ -195,7 +195,8 @@ class LiveSandboxes:
                         "could not pause idle sandbox",
                         extra={"sandbox_id": entry.id, "error": str(exc)},
                     )
-                    reason = f"killed: idle for {entry.idle_timeout}s (could not pause: {exc})"
+                    why = reason.partition(": ")[2]  # "idle for 300s", "timeout"
+                    reason = f"killed: {why} (could not pause: {exc})"
             await self._end_locked(entry, "killed", reason)
 
     def save_activity(self) -> None:

@@ -36,6 +36,8 @@ class LiveSandbox:
     idle_timeout: int
     on_idle: Action
     last_activity: float
+    # What the deadline does; a sandbox it paused outlives it, paused, until resumed.
+    on_timeout: Action = "kill"
     # Port exposure, checked by the port proxy on every connection without a query.
     traffic_token: str = ""
     public_ports: bool = False
@@ -57,6 +59,8 @@ class LiveSandbox:
         if self.state not in ("running", "paused"):
             return None
         if now >= self.expires_at:
+            if self.on_timeout == "pause":
+                return ("pause", "paused: timeout") if self.state == "running" else None
             return "kill", "killed: timeout"
         if (
             self.state == "running"

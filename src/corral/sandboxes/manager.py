@@ -21,6 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Literal
 
 from corral import logs
@@ -204,6 +205,7 @@ class SandboxManager:
             expires_at=now + options.timeout_seconds,
             idle_timeout=options.idle_timeout_seconds,
             on_idle=options.on_idle,
+            on_timeout=options.on_timeout,
             last_activity=now,
             saved_activity=now,
             traffic_token=token,
@@ -318,9 +320,12 @@ class SandboxManager:
         assert row is not None
         return self._record(row)
 
-    async def set_timeout(self, team: Team, sandbox_id: str, seconds: int) -> SandboxRecord:
-        """Kill the sandbox `seconds` from now instead of at its current deadline."""
-        check_timeout(seconds)
+    async def set_timeout(
+        self, team: Team, sandbox_id: str, seconds: int, *, zero_ok: bool = False
+    ) -> SandboxRecord:
+        """Kill the sandbox `seconds` from now instead of at its current deadline (with
+        `zero_ok`, 0 is now: E2B's set_timeout(0) ends it at the next tick)."""
+        check_timeout(seconds, zero_ok=zero_ok)
         entry = self._entry(team, sandbox_id)
         expires = time.time() + seconds
         self.store.update_sandbox(sandbox_id, expires_at=utc(expires), timeout_seconds=seconds)
@@ -372,6 +377,12 @@ class SandboxManager:
         entry = self._live.get(sandbox_id)
         if entry is not None:
             entry.touch(time.time())
+
+    def live_state(self, sandbox_id: str) -> str | None:
+        """The state of a sandbox this server runs (None: it runs none of that id). It
+        leaves "running" as soon as an end begins, before the store records the end."""
+        entry = self._live.get(sandbox_id)
+        return None if entry is None else entry.state
 
     def envs(self, sandbox_id: str) -> dict[str, str]:
         """The sandbox's environment, to merge under each command's own."""
@@ -481,8 +492,12 @@ class SandboxManager:
         metadata: Mapping[str, str] | None = None,
         page_size: int = 100,
         page_token: str = "",
+        newest_first: bool = False,
+        created_after: datetime | None = None,
+        template: str | None = None,
     ) -> tuple[list[SandboxRecord], str]:
-        """A page of the team's sandboxes, oldest first, and the next page's token ("": last)."""
+        """A page of the team's sandboxes, oldest first (or newest first), and the next
+        page's token ("": last); `created_after` is inclusive."""
         unknown = [s for s in states if s not in SANDBOX_STATES]
         if unknown:
             raise InvalidRequest(
@@ -494,6 +509,9 @@ class SandboxManager:
             metadata=check_metadata(metadata or {}),
             page_size=check_page_size(page_size),
             page_token=page_token,
+            newest_first=newest_first,
+            created_after=created_after,
+            template=template,
         )
         return [self._record(row) for row in rows], token
 

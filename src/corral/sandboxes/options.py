@@ -64,6 +64,9 @@ class CreateOptions:
     metadata: Mapping[str, str] = field(default_factory=dict)
     # Lifetime: the sandbox is killed this long after creation unless set_timeout moves it.
     timeout_seconds: int = 300
+    # What its deadline does: kill it, or pause it (E2B's autoPause); a sandbox paused
+    # this way stays paused past its deadline until it is resumed or killed.
+    on_timeout: Literal["kill", "pause"] = "kill"
     # Inactivity TTL: 0 means none.
     idle_timeout_seconds: int = 0
     on_idle: Literal["pause", "kill"] = "pause"
@@ -96,6 +99,8 @@ class CreateOptions:
         check_timeout(self.idle_timeout_seconds, "idle_timeout_seconds", zero_ok=True)
         if self.on_idle not in ("pause", "kill"):
             raise InvalidRequest(f"on_idle={self.on_idle!r}: use 'pause' or 'kill'")
+        if self.on_timeout not in ("pause", "kill"):
+            raise InvalidRequest(f"on_timeout={self.on_timeout!r}: use 'pause' or 'kill'")
         if not isinstance(self.public_ports, bool):
             raise InvalidRequest(f"public_ports={self.public_ports!r}: use True or False")
         object.__setattr__(self, "volumes", tuple(VolumeSpec.of(v) for v in self.volumes))

@@ -12,11 +12,20 @@ from corral._state_enums import SANDBOX_STATE_NAMES
 from corral.errors import InvalidRequest
 from corral.sandboxes import CreateOptions
 from corral.server import convert, disconnect
-from corral.server.base import Handlers
+from corral.server.base import Handlers, Services
 from corral.templates.defaults import SandboxDefaults
 from corral.v1 import sandbox_pb2 as pb
 
 Ctx = RequestContext[Any, Any]
+
+
+def template_defaults(services: Services, team_id: str, template: str) -> SandboxDefaults:
+    """The defaults of the team's template (none for `host`, or a server without a
+    catalog, whose manager serves only `host`)."""
+    catalog = services.templates
+    if catalog is None or template == "host":
+        return SandboxDefaults()
+    return catalog.defaults(team_id, template)  # TemplateNotFound: not the team's
 
 
 class LifecycleHandlers(Handlers):
@@ -29,7 +38,7 @@ class LifecycleHandlers(Handlers):
         template = request.template or "host"
         # What the request leaves unset takes the template's defaults; the manager checks
         # the result against the server's caps like any request.
-        defaults = self._template_defaults(team.id, template)
+        defaults = template_defaults(self._services, team.id, template)
         options = CreateOptions(
             template=template,
             isolation=request.isolation or "auto",
@@ -46,14 +55,6 @@ class LifecycleHandlers(Handlers):
         )
         record = await self._manager.create(team, options)
         return pb.CreateResponse(sandbox=convert.sandbox(record))
-
-    def _template_defaults(self, team_id: str, template: str) -> SandboxDefaults:
-        """The defaults of the team's template (none for `host`, or a server without a
-        catalog, whose manager serves only `host`)."""
-        catalog = self._services.templates
-        if catalog is None or template == "host":
-            return SandboxDefaults()
-        return catalog.defaults(team_id, template)  # TemplateNotFound: not the team's
 
     async def get(self, request: pb.GetRequest, ctx: Ctx) -> pb.GetResponse:
         team = self._team(ctx)

@@ -179,25 +179,33 @@ class SandboxStore(Database):
         metadata: Mapping[str, str] | None = None,
         page_size: int = 100,
         page_token: str = "",
+        newest_first: bool = False,
+        created_after: datetime | None = None,
+        template: str | None = None,
     ) -> tuple[list[SandboxRow], str]:
-        """A page of a team's sandboxes, oldest first, and the token of the next page."""
+        """A page of a team's sandboxes, oldest first (or newest first), and the token of
+        the next page; `created_after` is inclusive, `template` the name it was asked by."""
+        created, ident = sandboxes.c.created_at, sandboxes.c.id
         query = (
             sa.select(sandboxes)
             .where(sandboxes.c.team_id == team_id)
             .where(sandboxes.c.state.in_(states))
-            .order_by(sandboxes.c.created_at, sandboxes.c.id)
+            .order_by(*((created.desc(), ident.desc()) if newest_first else (created, ident)))
             .limit(page_size + 1)
         )
         for key, value in (metadata or {}).items():
             query = query.where(sandboxes.c.metadata[key].as_string() == value)
+        if created_after is not None:
+            query = query.where(created >= created_after)
+        if template is not None:
+            query = query.where(sandboxes.c.template == template)
         if page_token:
             at, last_id = decode_token(page_token)
-            query = query.where(
-                sa.or_(
-                    sandboxes.c.created_at > at,
-                    sa.and_(sandboxes.c.created_at == at, sandboxes.c.id > last_id),
-                )
-            )
+            if newest_first:
+                after = sa.or_(created < at, sa.and_(created == at, ident < last_id))
+            else:
+                after = sa.or_(created > at, sa.and_(created == at, ident > last_id))
+            query = query.where(after)
         with self._read() as conn:
             rows = [_row(r) for r in conn.execute(query)]
         if len(rows) > page_size:

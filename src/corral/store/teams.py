@@ -26,9 +26,12 @@ from corral.store.schema import api_keys, teams
 log = logging.getLogger("corral.store")
 
 KEY_PREFIX = "crl_"
-# "crl_" and 32 url-safe characters (192 random bits).
-_KEY = re.compile(r"crl_[A-Za-z0-9_-]{32}")
-# Shown in listings and accepted by revoke: "crl_" and the next 8 characters.
+# E2B's key shape, which the e2b SDK checks before it sends one (E2B_VALIDATE_API_KEY).
+E2B_KEY_PREFIX = "e2b_"
+# "crl_" and 32 url-safe characters (192 random bits), or "e2b_" and 40 lower-case hex
+# digits (160 bits).
+_KEY = re.compile(r"crl_[A-Za-z0-9_-]{32}|e2b_[0-9a-f]{40}")
+# Shown in listings and accepted by revoke: the prefix and the next 8 characters.
 DISPLAY_PREFIX_LENGTH = 12
 _TEAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT_TEAM = "default"
@@ -207,10 +210,14 @@ class TeamStore(Database):
             rows = conn.execute(sa.select(*_TEAM_COLUMNS).order_by(teams.c.name)).all()
         return [_team(row) for row in rows]
 
-    def create_api_key(self, team_name: str) -> str:
-        """A new key for the team; the plaintext is returned here and never again."""
+    def create_api_key(self, team_name: str, *, e2b: bool = False) -> str:
+        """A new key for the team; the plaintext is returned here and never again.
+        With `e2b`, in E2B's shape (`e2b_` and hex): the same key to Corral."""
         team = self.team(team_name)
-        key = KEY_PREFIX + secrets.token_urlsafe(24)
+        if e2b:
+            key = E2B_KEY_PREFIX + secrets.token_hex(20)
+        else:
+            key = KEY_PREFIX + secrets.token_urlsafe(24)
         with self._write() as conn:
             conn.execute(
                 api_keys.insert().values(

@@ -43,6 +43,7 @@ from corral.network.policy import NetworkPolicy
 from corral.sandboxes import SandboxManager
 from corral.store import Store
 from corral.store.templates import TemplateRow
+from corral.templates import base as server_base
 from corral.templates._plan import plan_to_dict
 from corral.templates.defaults import SandboxDefaults
 
@@ -165,6 +166,10 @@ class TemplateCatalog:
         self.contexts.mkdir(mode=0o700, exist_ok=True)
         # The row each (team, name) this process serves is registered as.
         self._serving_ids: dict[tuple[str, str], str] = {}
+        # `base` for the teams that have none of their own (corral.templates.base).
+        self.server_base = server_base.ServerBase(
+            self.layers, settings.debian_mirror, settings.base_template
+        )
 
     # -- the engine's registry ------------------------------------------------------------
 
@@ -185,9 +190,12 @@ class TemplateCatalog:
                     extra={"template": row.name, "team_id": row.team_id, "error": str(exc)},
                 )
         log.info("templates loaded", extra={"count": count})
+        if self.settings.base_template == "start" and self.server_base.record() is None:
+            self.server_base.start_build()
         return count
 
     def _register(self, row: TemplateRow) -> None:
+        shared = row.id.startswith(server_base.ID_PREFIX)  # the server's base: no team's
         if row.id not in self.engine.templates.names():
             self.engine.templates.add(
                 row.id,
@@ -199,6 +207,8 @@ class TemplateCatalog:
                 start=row.start_cmd,
                 ready=row.ready_cmd,
             )
+        if shared:
+            return
         # A version another process replaced (its row is gone) is let go here too.
         old = self._serving_ids.get((row.team_id, row.name))
         if old is not None and old != row.id and old in self.engine.templates.names():
@@ -236,9 +246,40 @@ class TemplateCatalog:
                 f"template {name!r} is {rows[0].state}, not ready yet: wait for its build "
                 f"(`corral template logs {name}`), or build it again"
             )
+        if name == server_base.NAME:
+            return self._server_base_row(team_id)
         raise TemplateNotFound(
             f"your team has no template {name!r}; list them with `corral template list`, "
             "or use 'host'"
+        )
+
+    def _server_base_row(self, team_id: str) -> TemplateRow:
+        """The server's base as a ready row of the team's (never stored): what builds
+        `FROM base` and sandboxes of `base` read. TemplateNotReady (its build started)
+        until it is built."""
+        record = self.server_base.record()
+        if record is None:
+            raise self.server_base.missing()
+        built = datetime.fromtimestamp(record.built_at, UTC)
+        return TemplateRow(
+            id=record.template_id,
+            team_id=team_id,
+            name=server_base.NAME,
+            state="ready",
+            source="debian",
+            layers=list(record.layers),
+            env={},
+            workdir=server_base.HOME,
+            user=server_base.USER,
+            start_cmd=None,
+            ready_cmd=None,
+            size_bytes=sum(self.layers.get(d).size_bytes for d in record.layers),
+            build_job_id=None,
+            steps_total=0,
+            steps_cached=0,
+            error=None,
+            created_at=built,
+            updated_at=built,
         )
 
     # -- the service ------------------------------------------------------------------------
@@ -422,7 +463,10 @@ class TemplateCatalog:
         build or sandbox), stored more than `min_age` seconds ago: those of deleted,
         replaced, failed and cancelled builds. The build cache forgets them (a later build
         makes them again). The digests removed."""
-        removed = self.layers.collect(self.store.template_layers(), min_age=min_age)
+        keep = self.store.template_layers()
+        if (record := self.server_base.record()) is not None:
+            keep |= set(record.layers)
+        removed = self.layers.collect(keep, min_age=min_age)
         if removed:
             self.store.forget_cached(removed)
             log.info("layers collected", extra={"count": len(removed)})

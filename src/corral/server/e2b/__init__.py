@@ -34,11 +34,11 @@ class E2bApp:
     def __init__(self, services: Services, settings: Settings) -> None:
         self.settings = settings
         self.rest = RestApp(services, ROUTES)
-        self.envd = EnvdApp(services)
+        self.envd = EnvdApp(services, settings.ports_domain)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer the request if it is E2B's (True), else leave it alone (False)."""
-        if is_envd(scope):
+        if is_envd(scope, self.settings.ports_domain):
             await self.envd(scope, receive, send)
             return True
         if is_rest(scope):

@@ -31,7 +31,7 @@ from corral.server.e2b.broken import breakable
 from corral.server.e2b.call import EnvdCall, resolve, set_current
 from corral.server.e2b.errors import E2bError, rest_status
 from corral.server.e2b.rest import error_body, send_json
-from corral.server.e2b.routing import SANDBOX_ID_HEADER, header
+from corral.server.e2b.routing import sandbox_of
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.requests import MAX_MESSAGE_BYTES, limit_size
 
@@ -91,8 +91,9 @@ def _service_app(services: Services, prefix: str) -> ASGIApp | None:
 class EnvdApp:
     """Answers envd requests of every sandbox."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, domain: str) -> None:
         self.services = services
+        self.domain = domain  # of E2B's host form `49983-<id>.<domain>`
         self._apps: dict[str, ASGIApp | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,7 +124,7 @@ class EnvdApp:
             bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
             for k, v in scope.get("headers", ())
         }
-        sandbox_id = header(scope, SANDBOX_ID_HEADER)
+        sandbox_id = sandbox_of(scope, self.domain)
         if sandbox_id is None:
             if scope["path"] == "/files":
                 resolve_signed = optional("corral.server.e2b.signing", "resolve_signed")
@@ -133,9 +134,10 @@ class EnvdApp:
             raise E2bError(
                 400,
                 "envd requests name their sandbox with the header E2b-Sandbox-Id (the SDK "
-                "sends it when E2B_SANDBOX_URL points at this server)",
+                "sends it when E2B_SANDBOX_URL points at this server) or the host "
+                f"49983-<sandbox id>.{self.domain}",
             )
-        return resolve(self.services, sandbox_id.strip(), headers)
+        return resolve(self.services, sandbox_id, headers)
 
     async def _service(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         prefix = _PROCESS if path.startswith(_PROCESS) else _FILESYSTEM

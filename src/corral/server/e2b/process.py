@@ -3,17 +3,20 @@
 Each call works on the sandbox `current_call()` names, as its user, through
 `manager.commands` like Corral's own Exec (`corral.server.commands`). What differs is
 E2B's model of a process: every process outlives the stream that started it (so it runs
-as a background command), any number of streams follow it (`processes.ProcessHub`),
-`status` reads like Go's `ProcessState` ("exit status 1", "signal: killed"), and a
-stream whose sandbox dies breaks as a transport failure (`broken.break_stream`).
+as a background command, and `Connect` attaches to it: the manager hands its output to
+every stream that follows it), commands start in the user's home, `status` reads like
+Go's `ProcessState` ("exit status 1", "signal: killed"), idle streams get keepalives,
+and a stream whose sandbox dies breaks as a transport failure (`broken.break_stream`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from connectrpc.code import Code
@@ -21,14 +24,19 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from corral.envd import process_pb2 as pb
-from corral.errors import CommandError, InvalidRequest, NotFound, SandboxNotRunning
+from corral.errors import (
+    CommandError,
+    CorralError,
+    InvalidRequest,
+    NotFound,
+    SandboxNotRunning,
+)
 from corral.guest import ExecResult, OutputChunk
-from corral.sandboxes.commands import PtySize, Started
-from corral.server import convert
+from corral.sandboxes.commands import ExecEvent, PtySize, Started
+from corral.server import convert, disconnect
 from corral.server.base import Handlers, Services
 from corral.server.e2b.broken import break_stream
 from corral.server.e2b.call import EnvdCall, current_call
-from corral.server.e2b.processes import Broken, Followed, Follower, Launch, ProcessHub
 
 Ctx = RequestContext[Any, Any]
 
@@ -40,6 +48,20 @@ KEEPALIVE_SECONDS = 50.0
 KEEPALIVE_RANGE = (1.0, 300.0)
 _SIGNALS = {pb.SIGNAL_SIGKILL: signal.SIGKILL, pb.SIGNAL_SIGTERM: signal.SIGTERM}
 _MAX_PTY_CELLS = 10_000
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a process was started through E2B: what `List` reports, how its output and
+    input go (a terminal's output is `pty` data; without stdin, input is refused)."""
+
+    cmd: str
+    args: list[str]
+    envs: dict[str, str]
+    cwd: str | None
+    tag: str | None
+    pty: bool
+    stdin: bool
 
 
 def _launch(request: pb.StartRequest) -> Launch:
@@ -122,7 +144,9 @@ class ProcessHandlers(Handlers):
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
-        self.hub = ProcessHub()
+        # The processes started here, by (sandbox, pid), until they are seen to end (or
+        # their sandbox is: `_forget_ended`).
+        self._launches: dict[tuple[str, int], Launch] = {}
 
     # -- streams ------------------------------------------------------------------------
 
@@ -130,6 +154,7 @@ class ProcessHandlers(Handlers):
         call = current_call()
         launch = _launch(request)
         size = _pty_size(request.pty) if launch.pty else None
+        self._forget_ended()
         events = self._manager.commands.exec(
             call.team,
             call.sandbox_id,
@@ -137,17 +162,14 @@ class ProcessHandlers(Handlers):
             envs=launch.envs,
             cwd=launch.cwd,
             user=call.user,
+            home=True,  # envd's cwd: the user's home, and relative paths from it
             stdin=launch.stdin,
             background=True,  # it outlives this stream, as in envd
             tag=launch.tag,
             pty=size,
+            client_gone=disconnect.current(),
         )
-        started = await anext(events)
-        assert isinstance(started, Started)
-        followed, follower = self.hub.adopt(
-            call.sandbox_id, started, events, launch, lambda: self._gone(call)
-        )
-        async for event in self._follow(followed, follower, ctx):
+        async for event in self._follow(call, events, launch, ctx):
             yield pb.StartResponse(event=event)
 
     async def connect(
@@ -155,27 +177,18 @@ class ProcessHandlers(Handlers):
     ) -> AsyncIterator[pb.ConnectResponse]:
         call = current_call()
         pid = await self._pid(call, request.process)
-        followed = self.hub.find(call.sandbox_id, pid)
-        if followed is None:  # started through Corral's API, or before a restart
-            running = await self._manager.commands.processes(call.team, call.sandbox_id)
-            if all(info.pid != pid for info in running):
-                raise _no_process(pid)
-            events = self._manager.commands.attach(call.team, call.sandbox_id, pid)
-            started = await anext(events)
-            assert isinstance(started, Started)
-            followed, follower = self.hub.adopt(
-                call.sandbox_id, started, events, None, lambda: self._gone(call)
-            )
-        else:
-            follower = followed.follow()
-        async for event in self._follow(followed, follower, ctx):
+        events = self._manager.commands.attach(
+            call.team, call.sandbox_id, pid, client_gone=disconnect.current()
+        )
+        launch = self._launches.get((call.sandbox_id, pid))
+        async for event in self._follow(call, events, launch, ctx):
             yield pb.ConnectResponse(event=event)
 
     async def _follow(
-        self, followed: Followed, follower: Follower, ctx: Ctx
+        self, call: EnvdCall, events: AsyncGenerator[ExecEvent], launch: Launch | None, ctx: Ctx
     ) -> AsyncIterator[pb.ProcessEvent]:
         """The events of one stream: start, then output and keepalives, then the end."""
-        pty = followed.launch is not None and followed.launch.pty
+        pty = launch is not None and launch.pty
         keepalive = _keepalive_seconds(ctx)
         loop = asyncio.get_running_loop()
         # Connect-Timeout-Ms bounds the stream (not the process). Checked around each wait
@@ -183,42 +196,66 @@ class ProcessHandlers(Handlers):
         # caller sends an event would be connect-python's, not ours.
         timeout_ms = ctx.timeout_ms()
         deadline = None if timeout_ms is None else loop.time() + timeout_ms / 1000
-        try:
-            yield _event(Started(followed.pid), pty)
-            while True:
-                wait = keepalive
-                if deadline is not None:
-                    if (left := deadline - loop.time()) <= 0:
-                        raise ConnectError(
-                            Code.DEADLINE_EXCEEDED,
-                            f"the stream of process {followed.pid} reached its "
-                            "Connect-Timeout-Ms; the process goes on: Connect to follow it",
-                        )
-                    wait = min(wait, left)
-                try:
-                    item = await asyncio.wait_for(follower.next(), wait)
-                except TimeoutError:
-                    if deadline is None or loop.time() < deadline:
-                        yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
-                    continue
-                if isinstance(item, Broken):
-                    break_stream()
-                    raise item.error
-                yield _event(item, pty)
-                if isinstance(item, ExecResult):
-                    return
-        finally:
-            followed.unfollow(follower)
+        async with contextlib.aclosing(events):
+            started = await anext(events)
+            assert isinstance(started, Started)
+            pid = started.pid
+            if launch is not None:
+                self._launches[(call.sandbox_id, pid)] = launch
+            yield _event(started, pty)
+            # The next event is awaited in a task of its own: waiting with a timeout
+            # (for a keepalive) must not cancel the stream under it.
+            following: asyncio.Task[ExecEvent] | None = None
+            try:
+                while True:
+                    wait = keepalive
+                    if deadline is not None:
+                        if (left := deadline - loop.time()) <= 0:
+                            raise ConnectError(
+                                Code.DEADLINE_EXCEEDED,
+                                f"the stream of process {pid} reached its Connect-Timeout-Ms; "
+                                "the process goes on: Connect to follow it",
+                            )
+                        wait = min(wait, left)
+                    if following is None:
+                        following = asyncio.ensure_future(anext(events))
+                    done, _ = await asyncio.wait({following}, timeout=wait)
+                    if not done:
+                        if deadline is None or loop.time() < deadline:
+                            yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
+                        continue
+                    try:
+                        event = following.result()
+                    except StopAsyncIteration:  # its client went away: nothing more to say
+                        return
+                    except CorralError:
+                        if await self._gone(call):  # its agent died with the sandbox
+                            break_stream()
+                        raise
+                    following = None
+                    if isinstance(event, ExecResult):
+                        self._launches.pop((call.sandbox_id, pid), None)
+                        # The engine ends a killed sandbox's commands as "killed"; for E2B
+                        # that is the connection breaking, not the process's end.
+                        if event.reason == "killed" and await self._gone(call):
+                            break_stream()
+                            raise SandboxNotRunning(event.error or "the sandbox has ended")
+                    yield _event(event, pty)
+                    if isinstance(event, ExecResult):
+                        return
+            finally:
+                if following is not None:
+                    following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
 
     # -- unary --------------------------------------------------------------------------
 
     async def list(self, request: pb.ListRequest, ctx: Ctx) -> pb.ListResponse:
         call = current_call()
         running = await self._manager.commands.processes(call.team, call.sandbox_id)
-        launches = self.hub.launches(call.sandbox_id)
         processes = []
         for info in running:
-            launch = launches.get(info.pid)
+            launch = self._launches.get((call.sandbox_id, info.pid))
             if launch is not None:
                 config = pb.ProcessConfig(cmd=launch.cmd, args=launch.args, envs=launch.envs)
                 if launch.cwd is not None:
@@ -303,17 +340,23 @@ class ProcessHandlers(Handlers):
             return selector.pid
         if kind == "tag":
             running = await self._manager.commands.processes(call.team, call.sandbox_id)
-            launches = self.hub.launches(call.sandbox_id)
             for info in running:
-                launch = launches.get(info.pid)
+                launch = self._launches.get((call.sandbox_id, info.pid))
                 if (launch.tag if launch is not None else info.tag) == selector.tag:
                     return info.pid
             raise NotFound(f"no running process has the tag {selector.tag!r}")
         raise InvalidRequest("process names no process: pass a pid or a tag")
 
+    def _forget_ended(self) -> None:
+        """Drop the launches of sandboxes that have ended (their streams may not have
+        seen their processes end)."""
+        manager = self._manager
+        for key in [k for k in self._launches if manager.live_state(k[0]) is None]:
+            del self._launches[key]
+
     def _check_stdin(self, call: EnvdCall, pid: int) -> None:
-        followed = self.hub.find(call.sandbox_id, pid)
-        if followed is not None and followed.launch is not None and not followed.launch.stdin:
+        launch = self._launches.get((call.sandbox_id, pid))
+        if launch is not None and not launch.stdin:
             raise CommandError(
                 f"process {pid} was started without stdin (stdin false): start it with "
                 "stdin true to send it input"
