@@ -342,8 +342,12 @@ class Users:
         return Identity(entry.pw_uid, gid, groups, entry.pw_name, entry.pw_dir or "/")
 
     def _files_as_default(self) -> None:
-        ids = self.default
-        if ids.uid == 0 or self._libc is None:
+        if self.default.uid != 0:
+            self.files_as(self.default)
+
+    def files_as(self, ids: Identity) -> None:
+        """Touch files as `ids` from now on (`Agent.as_user`); one identity: nothing."""
+        if self._libc is None:
             return
         os.setgroups(ids.groups)
         self._libc.setfsgid(ids.gid)

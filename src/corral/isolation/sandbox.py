@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from corral._aio import stop_tasks
@@ -33,7 +33,7 @@ from corral.errors import (
     SandboxStartFailed,
     SnapshotUnavailable,
 )
-from corral.guest import EntryInfo, GuestConnection
+from corral.guest import EntryInfo, GuestConnection, GuestWatch
 from corral.guest import ProcessInfo as ProcessInfo
 from corral.images import LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
@@ -432,10 +432,21 @@ class Sandbox:
 
     # -- files ------------------------------------------------------------------------
 
+    # Each file call acts as `user` (None: the template's default user) and, with `home`,
+    # resolves relative paths from that user's home directory (see GuestConnection).
+
     def read_file(
-        self, path: str, *, offset: int = 0, length: int | None = None
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> AsyncIterator[bytes]:
-        return self._running_guest().read_file(path, offset=offset, length=length)
+        return self._running_guest().read_file(
+            path, offset=offset, length=length, user=user, home=home
+        )
 
     async def read_bytes(self, path: str) -> bytes:
         return await self._running_guest().read_bytes(path)
@@ -447,23 +458,67 @@ class Sandbox:
         *,
         mode: int = 0o644,
         append: bool = False,
+        in_place: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> EntryInfo:
-        return await self._running_guest().write_file(path, data, mode=mode, append=append)
+        return await self._running_guest().write_file(
+            path,
+            data,
+            mode=mode,
+            append=append,
+            in_place=in_place,
+            metadata=metadata,
+            user=user,
+            home=home,
+        )
 
-    async def list_dir(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
-        return await self._running_guest().list_dir(path, depth=depth)
+    async def list_dir(
+        self, path: str, *, depth: int = 1, user: str | None = None, home: bool = False
+    ) -> list[EntryInfo]:
+        return await self._running_guest().list_dir(path, depth=depth, user=user, home=home)
 
-    async def stat(self, path: str) -> EntryInfo:
-        return await self._running_guest().stat(path)
+    async def stat(self, path: str, *, user: str | None = None, home: bool = False) -> EntryInfo:
+        return await self._running_guest().stat(path, user=user, home=home)
 
-    async def make_dir(self, path: str) -> bool:
-        return await self._running_guest().make_dir(path)
+    async def make_dir(self, path: str, *, user: str | None = None, home: bool = False) -> bool:
+        return await self._running_guest().make_dir(path, user=user, home=home)
 
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._running_guest().remove(path, recursive=recursive)
+    async def remove(
+        self, path: str, *, recursive: bool = False, user: str | None = None, home: bool = False
+    ) -> None:
+        await self._running_guest().remove(path, recursive=recursive, user=user, home=home)
 
-    async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> EntryInfo | None:
-        return await self._running_guest().rename(src, dst, overwrite=overwrite)
+    async def rename(
+        self,
+        src: str,
+        dst: str,
+        *,
+        overwrite: bool = True,
+        user: str | None = None,
+        home: bool = False,
+    ) -> EntryInfo | None:
+        return await self._running_guest().rename(
+            src, dst, overwrite=overwrite, user=user, home=home
+        )
+
+    async def watch(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        entries: bool = False,
+        user: str | None = None,
+        home: bool = False,
+    ) -> GuestWatch:
+        return await self._running_guest().watch(
+            path, recursive=recursive, entries=entries, user=user, home=home
+        )
+
+    async def sync(self) -> None:
+        """Wait until every watch event of changes made before now has arrived."""
+        await self._running_guest().sync()
 
     # -- ports ------------------------------------------------------------------------
 

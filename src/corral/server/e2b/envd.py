@@ -107,7 +107,7 @@ class EnvdApp:
                 serve_files = optional("corral.server.e2b.files", "serve")
                 if serve_files is None:
                     raise E2bError(501, "envd's /files is not built into this server yet")
-                await serve_files(call, scope, disconnect.watch(receive), send)
+                await serve_files(self.services, call, scope, disconnect.watch(receive), send)
             elif path == "/health":
                 await send_json(send, 204, None)
             elif path == "/envs":
