@@ -104,6 +104,7 @@ bench: setup
 	@$(UV) run --frozen python benchmarks/api.py --json
 	@$(UV) run --frozen python benchmarks/jobs.py --json
 	@$(UV) run --frozen python benchmarks/cli.py --json
+	@$(UV) run --frozen python benchmarks/terminals.py --json
 
 doctor: setup
 	@$(UV) run --frozen corral doctor

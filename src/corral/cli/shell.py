@@ -40,18 +40,19 @@ def shell(args: argparse.Namespace) -> int:
     words = _command(args)
     box = Sandbox.connect(args.sandbox_id, resume=False, **connect_kwargs(args))
     try:
-        cols, rows = _window_size()
-        handle = box.pty.create(
-            cols,
-            rows,
-            on_data=lambda data: _write_all(stdout, data),
-            cmd=words,
-            envs=parse_pairs(args.env, "-e"),
-            cwd=args.cwd,
-            user=args.user,
-            background=False,
-        )
+        envs = parse_pairs(args.env, "-e")
+        # Raw before the start: what the shell first prints, and keys typed meanwhile,
+        # already see the terminal as it will be.
         with _raw(stdin), _wakeups() as wake:
+            handle = box.pty.create(
+                *_window_size(),
+                on_data=lambda data: _write_all(stdout, data),
+                cmd=words,
+                envs=envs,
+                cwd=args.cwd,
+                user=args.user,
+                background=False,
+            )
             result = _session(box, handle, stdin, wake)
     finally:
         box.close()
