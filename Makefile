@@ -28,7 +28,7 @@ help:
 	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
 	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
 	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
-	@echo "make proto  - regenerate src/corral/v1/ from proto/corral/v1/*.proto"
+	@echo "make proto  - regenerate src/corral/v1/ and src/corral/envd/ from proto/corral/*/*.proto"
 
 setup: system-packages python-env debian-archive
 
@@ -104,6 +104,7 @@ bench: setup
 	@$(UV) run --frozen python benchmarks/api.py --json
 	@$(UV) run --frozen python benchmarks/jobs.py --json
 	@$(UV) run --frozen python benchmarks/cli.py --json
+	@$(UV) run --frozen python benchmarks/terminals.py --json
 
 doctor: setup
 	@$(UV) run --frozen corral doctor

@@ -1,7 +1,10 @@
-"""Generate the Python code of the API from proto/corral/v1/*.proto (`make proto`).
+"""Generate the Python code of the protos (`make proto`).
 
-    uv run python scripts/protogen.py           # regenerate src/corral/v1/
+    uv run python scripts/protogen.py           # regenerate src/corral/v1/ and src/corral/envd/
     uv run python scripts/protogen.py --check   # fail if the checked-in code is stale
+
+Two packages: proto/corral/v1 is Corral's API; proto/corral/envd reproduces E2B envd's
+process and filesystem services (for the official `e2b` SDK).
 
 The tools are pinned dev dependencies (grpcio-tools ships protoc; the Connect plugin is
 protoc-gen-connect-python), so the output is byte-for-byte reproducible.
@@ -19,18 +22,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-PACKAGE = Path("corral") / "v1"
+PACKAGES = (Path("corral") / "v1", Path("corral") / "envd")
 OUT_DIR = ROOT / "src"
-INIT = '''"""Code generated from proto/corral/v1/*.proto by `make proto`. DO NOT EDIT."""
-'''
 
 
-def generate(out: Path) -> Path:
-    """Generate into `out`; returns the package directory written."""
+def init_text(package: Path) -> str:
+    return f'"""Code generated from proto/{package}/*.proto by `make proto`. DO NOT EDIT."""\n'
+
+
+def generate(out: Path, package: Path) -> Path:
+    """Generate `package` into `out`; returns the package directory written."""
     plugin = shutil.which("protoc-gen-connect-python", path=str(Path(sys.executable).parent))
     if plugin is None:
         sys.exit("protoc-gen-connect-python is missing: run `uv sync` (it is a dev dependency)")
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / PACKAGE).glob("*.proto"))
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / package).glob("*.proto"))
     subprocess.run(
         [
             sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
@@ -40,8 +45,8 @@ def generate(out: Path) -> Path:
         check=True,
         cwd=PROTO_DIR,
     )  # fmt: skip
-    (out / PACKAGE / "__init__.py").write_text(INIT)
-    return out / PACKAGE
+    (out / package / "__init__.py").write_text(init_text(package))
+    return out / package
 
 
 def stale(generated: Path, checked_in: Path) -> list[str]:
@@ -61,19 +66,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; change nothing")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        generated = generate(Path(tmp))
-        target = OUT_DIR / PACKAGE
-        if args.check:
-            if differ := stale(generated, target):
-                print(f"generated code is stale ({', '.join(differ)}): run `make proto`")
-                return 1
-            return 0
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(generated, target)
-    print(f"generated {target.relative_to(ROOT)}")
-    return 0
+    failed = False
+    for package in PACKAGES:
+        with tempfile.TemporaryDirectory() as tmp:
+            generated = generate(Path(tmp), package)
+            target = OUT_DIR / package
+            if args.check:
+                if differ := stale(generated, target):
+                    names = ", ".join(differ)
+                    print(f"{package}: generated code is stale ({names}): run `make proto`")
+                    failed = True
+                continue
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(generated, target)
+        print(f"generated {target.relative_to(ROOT)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

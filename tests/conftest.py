@@ -33,6 +33,7 @@ from tests.kit.http import CallbackReceiver
 from tests.kit.polling import wait_until
 
 if TYPE_CHECKING:
+    from corral.images import Layer, LayerStore
     from corral.isolation import Engine, Sandbox
     from corral.jobs.callbacks import CallbackDispatcher
     from corral.sandboxes import SandboxManager
@@ -243,6 +244,31 @@ def slot_ids(settings: Settings, slot: int | str) -> tuple[int, int]:
     from corral.isolation.idrange import first_id
 
     return first_id(settings, int(slot)), IDS_PER_SLOT
+
+
+@pytest.fixture(scope="session")
+def debian_base(settings: Settings) -> tuple[LayerStore, Layer]:
+    """The layer store of the session's engines and a Debian base with python3 in it (a
+    cached offline bootstrap: tests/kit/debian.py). Tests using it mark themselves with
+    `needs_archive("python3")`."""
+    from corral.images import LayerStore
+    from tests.kit.debian import base_layer
+
+    store = LayerStore(settings.data_dir / "templates")
+    return store, base_layer(store, ["python3"])
+
+
+@pytest.fixture
+def engine_debian(
+    engine: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> Engine:
+    """The engine with the Debian base as the templates `debian` (commands run as the
+    default user) and `debian-root` (as root inside)."""
+    require_backend(settings, "namespace")
+    store, layer = debian_base
+    engine.templates.add("debian", store, [layer.digest])
+    engine.templates.add("debian-root", store, [layer.digest], user="root")
+    return engine
 
 
 @pytest.fixture(scope="session")

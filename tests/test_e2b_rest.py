@@ -12,6 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -117,7 +118,8 @@ def test_e2b_keys_have_e2bs_shape_and_work_as_corral_keys(store: Store) -> None:
 
 
 def test_rest_needs_a_valid_key_and_says_how_to_get_one(server: LiveServer) -> None:
-    key = _team_key(server)
+    key = _team_key(server)  # `corral admin key create --e2b`
+    assert re.fullmatch(r"e2b_[0-9a-f]{40}", key)
     for headers in ({}, {"X-API-KEY": "e2b_" + "0" * 40}, {"X-API-KEY": key[:-1]}):
         response = httpx.get(server.url + "/v2/sandboxes", headers=headers)
         assert response.status_code == 401
@@ -178,6 +180,14 @@ def test_v1_create_and_the_e2b_defaults(e2b: E2b) -> None:
     assert e2b.envd("/health", created["sandboxID"]).status_code == 204
     info = e2b.info(created["sandboxID"])
     assert abs((_at(info["endAt"]) - _at(info["startedAt"])).total_seconds() - 300) < 2
+
+
+def test_base_is_the_default_template(refused: E2b) -> None:
+    # This server has no `base` (tests install it where they need it): a create that
+    # names no template is refused naming it, and creates nothing. (tests/e2b_sdk create
+    # from a `base` the harness builds.)
+    response = refused.rest("POST", "/v2/sandboxes", {"timeout": 60})
+    assert response.status_code == 404 and "'base'" in response.json()["message"]
 
 
 @pytest.mark.parametrize(
@@ -361,6 +371,19 @@ def test_pause_then_connect_resumes(e2b: E2b) -> None:
     assert resumed.status_code == 201 and e2b.info(sandbox_id)["state"] == "running"
 
 
+def test_concurrent_pauses_and_connects_agree(e2b: E2b) -> None:
+    sandbox_id = e2b.create()["sandboxID"]
+    with ThreadPoolExecutor(2) as pool:
+        pauses = pool.map(lambda _: e2b.rest("POST", f"/sandboxes/{sandbox_id}/pause"), [1, 2])
+        assert sorted(r.status_code for r in pauses) == [204, 409]
+        body = {"timeout": 60}
+        connects = pool.map(
+            lambda _: e2b.rest("POST", f"/sandboxes/{sandbox_id}/connect", body), [1, 2]
+        )
+        assert sorted(r.status_code for r in connects) == [200, 201]
+    assert e2b.info(sandbox_id)["state"] == "running"
+
+
 def test_auto_pause_pauses_at_the_deadline_and_keeps_it_paused(e2b: E2b) -> None:
     created = e2b.create(timeout=1, autoPause=True)
     sandbox_id = created["sandboxID"]
@@ -430,6 +453,22 @@ def test_envd_reaches_a_corral_sandbox_only_with_its_teams_key(
     assert e2b.envd("/health", sandbox_id, **{"X-API-KEY": e2b.key}).status_code == 204
     assert e2b.envd("/health", sandbox_id, **{"X-API-KEY": server.key}).status_code == 404
     assert sandbox_id in e2b.ids()  # E2B's list shows the team's Corral sandboxes too
+
+
+def test_envd_by_e2bs_host_form(e2b: E2b) -> None:
+    """`49983-<id>.<ports domain>` (where E2B_DOMAIN sends the SDK) is envd, not a
+    sandbox port to proxy, with the same checks as the header form."""
+    created = e2b.create(secure=True, envVars={"WHERE": "host form"})
+    sandbox_id, token = created["sandboxID"], created["envdAccessToken"]
+    port = e2b.server.url.rsplit(":", 1)[1]
+
+    def get(path: str, name: str, **headers: str) -> httpx.Response:
+        return e2b.http.get(path, headers={"Host": f"49983-{name}.localhost:{port}", **headers})
+
+    assert get("/health", sandbox_id, **{"X-Access-Token": token}).status_code == 204
+    assert get("/envs", sandbox_id, **{"X-Access-Token": token}).json() == {"WHERE": "host form"}
+    assert get("/health", sandbox_id).status_code == 401
+    assert get("/health", "sbx_unknown").status_code == 502
 
 
 def test_envd_refusals(e2b: E2b) -> None:

@@ -95,6 +95,8 @@ def test_requests_for_the_api_are_not_routed() -> None:
     )
     for path in paths:
         assert route(scope(path, host="127.0.0.1:7878"), "localhost") is None
+    # E2B's envd port in the host form is the server's own envd, never proxied.
+    assert route(scope(b"/health", host="49983-sb_1.localhost:7878"), "localhost") is None
 
 
 @pytest.mark.parametrize(
@@ -111,6 +113,14 @@ def test_requests_for_the_api_are_not_routed() -> None:
 def test_malformed_port_urls_are_refused(path: bytes) -> None:
     with pytest.raises(InvalidRequest):
         route(scope(path), "localhost")
+
+
+@pytest.mark.parametrize(
+    "path", [b"/sandboxes/sb_1/snapshots", b"/sandboxes/sb_1/metrics", b"/sandboxes/sb_1/port/80/"]
+)
+def test_other_sandbox_paths_are_left_to_the_api(path: bytes) -> None:
+    """E2B's REST API has routes under /sandboxes/<id>/ too: only `ports/` is the proxy's."""
+    assert route(scope(path), "localhost") is None
 
 
 def test_forwarded_headers_drop_the_token_hop_by_hop_and_spoofed_forwarding() -> None:

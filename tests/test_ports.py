@@ -203,7 +203,9 @@ def test_unknown_sandbox_closed_port_and_bad_ports(server: LiveServer, web: Sand
     # A host name under the domain that names no port is the API's.
     api_host = {"Host": f"corral-dev.localhost:{urlsplit(server.url).port}"}
     assert httpx.get(f"{server.url}/healthz", headers=api_host).json()["status"] == "serving"
-    refusal(httpx.get(f"{server.url}/sandboxes/{web.sandbox_id}/nope/8000/"), 400, "/ports/")
+    # Other paths under /sandboxes/<id>/ are E2B's API (corral.server.e2b), which knows
+    # no such one and says what a port's URL is.
+    refusal(httpx.get(f"{server.url}/sandboxes/{web.sandbox_id}/nope/8000/"), 404, "/ports/")
     # The API is still the API (a host that is not a port's, a path not under /sandboxes/).
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "serving"
 

@@ -6,36 +6,15 @@ not count against its memory: a file larger than the memory limit is written."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from corral.config import Settings
-from corral.images import Layer, LayerStore
 from corral.isolation import Engine, Limits, Sandbox
-from tests.conftest import require_backend
-from tests.kit.debian import base_layer, needs_archive
+from tests.kit.debian import needs_archive
 from tests.kit.memcg import shmem
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def debian_base(settings: Settings) -> Iterator[tuple[LayerStore, Layer]]:
-    store = LayerStore(settings.data_dir / "templates")
-    yield store, base_layer(store, ["python3"])
-
-
-@pytest.fixture
-def engine_debian(
-    engine: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
-) -> Engine:
-    require_backend(settings, "namespace")
-    store, layer = debian_base
-    engine.templates.add("debian", store, [layer.digest])
-    return engine
 
 
 async def write(box: Sandbox, path: str, mib: int) -> tuple[int, str]:

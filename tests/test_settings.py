@@ -62,6 +62,7 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
         ("CORRAL_ALLOW_PROCESS_BACKEND", "maybe", "use 1 or 0"),
         ("CORRAL_MEMORY_OVERCOMMIT", "nan", "is not a number"),
         ("CORRAL_LOG_LEVEL", "loud", "CORRAL_LOG_LEVEL='loud' is unknown: use debug, info"),
+        ("CORRAL_E2B_NETWORK", "all", "CORRAL_E2B_NETWORK='all' is unknown: use none"),
         ("CORRAL_DATABASE_URL", "corral.db", "is not a database URL: use e.g. sqlite:"),
         ("CORRAL_DATABASE_URL", "me:secret@db/corral", r"URL='…@db/corral' is not a database"),
     ],

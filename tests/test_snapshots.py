@@ -24,7 +24,7 @@ from corral.isolation import Engine, Sandbox
 from corral.isolation.rootfs import upper_dir
 from corral.isolation.sandbox import SandboxState
 from tests.conftest import require_backend
-from tests.kit.debian import base_layer, needs_archive
+from tests.kit.debian import needs_archive
 from tests.kit.polling import until
 from tests.test_layer_sandboxes import leftovers
 
@@ -45,22 +45,6 @@ _CHANGES = (
 )
 
 
-@pytest.fixture(scope="session")
-def debian_base(settings: Settings) -> Iterator[tuple[LayerStore, Layer]]:
-    store = LayerStore(settings.data_dir / "templates")
-    yield store, base_layer(store, ["python3"])
-
-
-@pytest.fixture
-def engine_debian(
-    engine: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
-) -> Engine:
-    require_backend(settings, "namespace")
-    store, layer = debian_base
-    engine.templates.add("debian", store, [layer.digest], user="root")
-    return engine
-
-
 async def _sh(box: Sandbox, script: str) -> str:
     ran = await box.run(["sh", "-c", script])
     assert ran.exit_code == 0, ran.stderr.decode()
@@ -78,7 +62,7 @@ async def test_a_snapshot_starts_sandboxes_that_see_the_changes_and_the_sandbox_
     engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
 ) -> None:
     store, base = debian_base
-    first = await engine_debian.create(template="debian", isolation="namespace")
+    first = await engine_debian.create(template="debian-root", isolation="namespace")
     try:
         await _sh(first, _CHANGES)
         digests = await first.snapshot(store)
@@ -121,7 +105,7 @@ async def test_a_paused_sandbox_is_snapshotted_and_stays_paused(
     engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
 ) -> None:
     store, _ = debian_base
-    box = await engine_debian.create(template="debian", isolation="namespace")
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
     try:
         await _sh(box, "echo paused > /workspace/p.txt")
         await box.pause()
@@ -138,7 +122,7 @@ async def test_a_flattened_snapshot_is_one_layer_with_the_same_tree(
     engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
 ) -> None:
     store, _ = debian_base
-    box = await engine_debian.create(template="debian", isolation="namespace")
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
     try:
         await _sh(box, _CHANGES)
         digests = await box.snapshot(store)
@@ -172,7 +156,7 @@ async def test_a_snapshot_over_its_quota_is_refused_and_stores_nothing(
     engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
 ) -> None:
     store, _ = debian_base
-    box = await engine_debian.create(template="debian", isolation="namespace")
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
     try:
         await _sh(box, "head -c 4194304 /dev/urandom > /workspace/big")
         before = {layer.digest for layer in store.layers()}
@@ -210,7 +194,7 @@ async def test_what_a_hostile_sandbox_plants_in_its_upper_dir_is_neutralised(
     engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
 ) -> None:
     store, _ = debian_base
-    box = await engine_debian.create(template="debian", isolation="namespace")
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
     try:
         plant = """if True:
             import os
@@ -275,7 +259,7 @@ async def test_a_sandbox_destroyed_during_its_snapshot_stays_frozen_until_it_is_
     """Destroy thaws a sandbox to kill it: it waits for the snapshot's reader first, so the
     sandbox never runs while the host reads its upper dir."""
     store, _ = debian_base
-    box = await engine_debian.create(template="debian", isolation="namespace")
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
     # Read first (paths in order), so the reader is still at work when destroy comes.
     await _sh(box, "mkdir /0 && head -c 67108864 /dev/urandom > /0/big && echo x > /workspace/x")
     snapshot = asyncio.create_task(box.snapshot(store))
@@ -293,7 +277,7 @@ async def test_a_cancelled_snapshot_thaws_the_sandbox_once_its_read_ends(
     engine_debian: Engine, debian_base: tuple[LayerStore, Layer]
 ) -> None:
     store, _ = debian_base
-    box = await engine_debian.create(template="debian", isolation="namespace")
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
     try:
         await _sh(box, "head -c 67108864 /dev/urandom > /workspace/big")
         snapshot = asyncio.create_task(box.snapshot(store))
@@ -313,7 +297,7 @@ async def test_a_running_sandbox_holds_its_layers_against_the_gc(
     """A template removed while its sandbox runs leaves the layers held by the sandbox: a
     collection spares them until it is destroyed."""
     store, _ = debian_base
-    box = await engine_debian.create(template="debian", isolation="namespace")
+    box = await engine_debian.create(template="debian-root", isolation="namespace")
     await _sh(box, "echo mine > /workspace/mine")
     extra = await box.snapshot(store)
     engine_debian.templates.add("short-lived", store, extra, user="root")

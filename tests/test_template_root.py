@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from corral.images import Layer, LayerStore, tree_digest
 from corral.isolation import Engine, Sandbox
 from corral.isolation.namespace import ROOT_CAPS
 from tests.conftest import LiveServer, host_processes_of_uid, require_backend, slot_ids
-from tests.kit.debian import ARCHIVE, base_layer, deb, needs_archive
+from tests.kit.debian import ARCHIVE, deb, needs_archive
 from tests.kit.netdriver import Driver
 from tests.test_network_rootless import create as rootless_create
 from tests.test_network_rootless import delegated, home, rootless  # noqa: F401 (fixtures)
@@ -34,23 +33,12 @@ _CAP_NUMBERS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def debian_base(settings: Settings) -> Iterator[tuple[LayerStore, Layer]]:
-    store = LayerStore(settings.data_dir / "templates")
-    yield store, base_layer(store, ["python3"])
-
-
 @pytest.fixture
-def engine_debian(
-    engine: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer]
-) -> Engine:
-    require_backend(settings, "namespace")
+def engine_debian(engine_debian: Engine) -> Engine:
+    """The shared fixture's engine, for a root server only."""
     if os.geteuid() != 0:
         pytest.skip("root inside a sandbox needs Corral to run as root")
-    store, layer = debian_base
-    engine.templates.add("debian", store, [layer.digest])
-    engine.templates.add("debian-root", store, [layer.digest], user="root")
-    return engine
+    return engine_debian
 
 
 def first_id(box: Sandbox, settings: Settings) -> int:

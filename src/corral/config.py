@@ -120,6 +120,10 @@ class Settings:
     network_internet_teams: str = "*"
     network_allow_cap: str = ""
     network_private_allow: str = ""
+    # The network of a sandbox created through E2B's API that asks for nothing narrower
+    # (E2B's `allow_internet_access=True`, its SDK's default) and whose template names
+    # none: `none` (Corral's default: fail closed, warm pool) or `internet` (E2B's).
+    e2b_network: str = "none"
     # Directories (a comma list) on this server's disk from which template builds may
     # import local image archives (FROM docker-archive:PATH, oci-archive:PATH, oci:DIR);
     # empty: none. An API caller otherwise names paths of the server's file system.
@@ -179,6 +183,11 @@ class Settings:
             raise InvalidRequest(
                 f"CORRAL_BASE_TEMPLATE={self.base_template!r} is unknown: use first-use "
                 "(the default), start or off"
+            )
+        if self.e2b_network not in ("none", "internet"):
+            raise InvalidRequest(
+                f"CORRAL_E2B_NETWORK={self.e2b_network!r} is unknown: use none (the default) "
+                "or internet"
             )
         if self.network_events_max < 1:
             raise InvalidRequest(

@@ -36,6 +36,7 @@ from corral.cli._common import (
     words_after_dashes,
 )
 from corral.cli._stdin import add_stdin_option, stdin_source
+from corral.cli.shell import add_shell_options, shell
 from corral.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -395,6 +396,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the program and its arguments"
     )
+
+    add_shell_options(with_id("shell", shell))
 
     add_output(with_id("ps", ps))
     p = with_id("ls", ls)

@@ -41,12 +41,14 @@ if _typing.TYPE_CHECKING:
         VolumeInfo,
         WriteEntry,
     )
+    from corral.client._pty import AsyncPty
     from corral.client._sandbox import AsyncSandbox
     from corral.client._sync import (
         CommandHandle,
         Commands,
         Files,
         Jobs,
+        Pty,
         Sandbox,
         Template,
         Vm,
@@ -69,6 +71,7 @@ _LAZY = {
     "AsyncCommands": "corral.client._commands",
     "AsyncFiles": "corral.client._files",
     "AsyncJobs": "corral.client._jobs",
+    "AsyncPty": "corral.client._pty",
     "AsyncSandbox": "corral.client._sandbox",
     "AsyncTemplate": "corral.client._templates",
     "BuildLog": "corral.client._models",
@@ -91,6 +94,7 @@ _LAZY = {
     "Network": "corral.client._models",
     "NetworkEvent": "corral.client._models",
     "ProcessInfo": "corral.client._models",
+    "Pty": "corral.client._sync",
     "Sandbox": "corral.client._sync",
     "SandboxInfo": "corral.client._models",
     "Template": "corral.client._sync",
@@ -103,6 +107,7 @@ __all__ = [
     "AsyncCommands",
     "AsyncFiles",
     "AsyncJobs",
+    "AsyncPty",
     "AsyncSandbox",
     "AsyncTemplate",
     "AsyncVm",
@@ -127,6 +132,7 @@ __all__ = [
     "Network",
     "NetworkEvent",
     "ProcessInfo",
+    "Pty",
     "Sandbox",
     "SandboxInfo",
     "Template",

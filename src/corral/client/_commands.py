@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import signal
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from typing import Literal, TypedDict, Unpack, overload
+from typing import Literal, TypedDict, TypeVar, Unpack, overload
 
 from corral._aio import stop_tasks
 from corral.client._connection import Connection
@@ -25,7 +25,9 @@ from corral.client._models import CommandResult, ProcessInfo
 from corral.errors import InvalidRequest, NotFound, ServerUnavailable
 from corral.v1 import sandbox_pb2 as pb
 
+T = TypeVar("T")
 OutputCallback = Callable[[str], object]
+DataCallback = Callable[[bytes], object]  # a terminal's output, as it comes
 DEFAULT_TIMEOUT = 60.0
 
 
@@ -81,13 +83,18 @@ class _Output:
 
     async def _call(self, text: str) -> None:
         assert self._callback is not None
-        result = self._callback(text)
-        if inspect.isawaitable(result):
-            await result
+        await _call(self._callback, text)
 
     @property
     def text(self) -> str:
         return "".join(self._parts)
+
+
+async def _call(callback: Callable[[T], object], value: T) -> None:
+    """Call a user's callback, plain or async."""
+    result = callback(value)
+    if inspect.isawaitable(result):
+        await result
 
 
 def _seen(task: asyncio.Task[CommandResult]) -> None:
@@ -108,6 +115,7 @@ class AsyncCommandHandle:
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
         raw_output: bool = False,
+        on_data: DataCallback | None = None,
     ) -> None:
         self.pid = pid
         self.sandbox_id = sandbox_id
@@ -115,6 +123,7 @@ class AsyncCommandHandle:
         self._events = events
         self._stdout = _Output(on_stdout, raw=raw_output)
         self._stderr = _Output(on_stderr, raw=raw_output)
+        self._on_data = on_data
         self._reader: asyncio.Task[CommandResult] | None = None
 
     @property
@@ -138,6 +147,8 @@ class AsyncCommandHandle:
                 kind = event.WhichOneof("event")
                 if kind == "stdout":
                     await self._stdout.add(event.stdout)
+                    if self._on_data is not None:
+                        await _call(self._on_data, event.stdout)
                 elif kind == "stderr":
                     await self._stderr.add(event.stderr)
                 elif kind == "end":
@@ -290,23 +301,40 @@ class AsyncCommands:
             request.cmd = cmd
         else:
             request.argv.extend(cmd)
-        events = self._connection.stream(self._connection.rpc.exec, request)
-        first = await anext(events, None)
-        if first is None or first.WhichOneof("event") != "start":
-            raise ServerUnavailable("the Corral server did not start the command; try again")
-        handle = AsyncCommandHandle(
+        handle = await open_handle(
             self._connection,
             self._sandbox_id,
-            first.start.pid,
-            events,
-            options.get("on_stdout"),
-            options.get("on_stderr"),
-            options.get("raw_output", False),
+            self._connection.stream(self._connection.rpc.exec, request),
+            on_stdout=options.get("on_stdout"),
+            on_stderr=options.get("on_stderr"),
+            raw_output=options.get("raw_output", False),
         )
         if not background:
             if source is not None:
                 return await handle._wait_feeding(source)
             return await handle.wait()
+        handle._read_in_background()
+        return handle
+
+    async def connect(
+        self,
+        pid: int,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        raw_output: bool = False,
+    ) -> AsyncCommandHandle:
+        """Follow a running command (started by anyone): its output from now on and its
+        end. `disconnect` stops following it and leaves it running."""
+        request = pb.AttachRequest(sandbox_id=self._sandbox_id, pid=pid)
+        handle = await open_handle(
+            self._connection,
+            self._sandbox_id,
+            self._connection.stream(self._connection.rpc.attach, request),
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            raw_output=raw_output,
+        )
         handle._read_in_background()
         return handle
 
@@ -327,3 +355,27 @@ class AsyncCommands:
         raw = data.encode() if isinstance(data, str) else data
         request = pb.SendInputRequest(sandbox_id=self._sandbox_id, pid=pid, data=raw)
         await self._connection.call(self._connection.rpc.send_input, request)
+
+
+async def open_handle(
+    connection: Connection,
+    sandbox_id: str,
+    events: AsyncGenerator[pb.ExecResponse, None],
+    *,
+    on_stdout: OutputCallback | None = None,
+    on_stderr: OutputCallback | None = None,
+    raw_output: bool = False,
+    on_data: DataCallback | None = None,
+) -> AsyncCommandHandle:
+    """The handle on the command an Exec or Attach stream follows, once it has started."""
+    try:
+        first = await anext(events, None)
+    except BaseException:
+        await events.aclose()
+        raise
+    if first is None or first.WhichOneof("event") != "start":
+        await events.aclose()
+        raise ServerUnavailable("the Corral server did not start the command; try again")
+    return AsyncCommandHandle(
+        connection, sandbox_id, first.start.pid, events, on_stdout, on_stderr, raw_output, on_data
+    )

@@ -296,6 +296,9 @@ class ProcessInfo:
     tag: str = ""
     background: bool = False
     started_at: datetime | None = None
+    cwd: str = ""
+    envs: dict[str, str] = field(default_factory=dict)  # those its start set
+    pty: bool = False  # it runs on a terminal (`sandbox.pty`)
 
     @classmethod
     def from_proto(cls, info: pb.ProcessInfo) -> ProcessInfo:
@@ -306,6 +309,9 @@ class ProcessInfo:
             tag=info.tag,
             background=info.background,
             started_at=_time(info.started_at, info.HasField("started_at")),
+            cwd=info.cwd,
+            envs=dict(info.envs),
+            pty=info.pty,
         )
 
 

@@ -30,6 +30,7 @@ from corral.client._models import (
     volume_mounts,
 )
 from corral.client._ports import port_host, port_url
+from corral.client._pty import AsyncPty
 from corral.errors import InvalidRequest, NotFound, SandboxNotRunning
 from corral.v1 import sandbox_pb2 as pb
 from corral.volumes import VolumeSpec
@@ -119,12 +120,14 @@ class AsyncSandbox:
         sandbox._info = info
         sandbox._connection = connection
         sandbox.commands = AsyncCommands(connection, info.sandbox_id)
+        sandbox.pty = AsyncPty(connection, info.sandbox_id)
         sandbox.files = AsyncFiles(connection, info.sandbox_id)
         return sandbox
 
     _info: SandboxInfo
     _connection: Connection
     commands: AsyncCommands
+    pty: AsyncPty
     files: AsyncFiles
 
     @property

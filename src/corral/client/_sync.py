@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
 
-from corral.client._commands import AsyncCommandHandle, AsyncCommands, RunOptions
+from corral.client._commands import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    DataCallback,
+    OutputCallback,
+    RunOptions,
+)
 from corral.client._files import AsyncFiles, ReadFormat, check_format
 from corral.client._hybrid import hybridmethod
 from corral.client._jobs import DEFAULT_RECONNECT_TIMEOUT, AsyncJobs
 from corral.client._listing import list_sandboxes
 from corral.client._models import BuildLog, CommandResult, Network, SandboxInfo
 from corral.client._portal import bridge, bridge_factory, run
+from corral.client._pty import AsyncPty
 from corral.client._sandbox import AsyncSandbox, kill_by_id
 from corral.client._templates import AsyncTemplate, TemplateBuilder
 from corral.client._vms import AsyncVm
@@ -113,9 +120,68 @@ class Commands:
 
     run.__doc__ = AsyncCommands.run.__doc__
 
+    def connect(
+        self,
+        pid: int,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        raw_output: bool = False,
+    ) -> CommandHandle:
+        handle = self._async.connect(
+            pid, on_stdout=on_stdout, on_stderr=on_stderr, raw_output=raw_output
+        )
+        return CommandHandle(run(handle))
+
+    connect.__doc__ = AsyncCommands.connect.__doc__
+
     list = bridge(AsyncCommands.list)
     kill = bridge(AsyncCommands.kill)
     send_stdin = bridge(AsyncCommands.send_stdin)
+
+
+class Pty:
+    __doc__ = AsyncPty.__doc__
+
+    def __init__(self, pty: AsyncPty) -> None:
+        self._async = pty
+
+    def create(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        on_data: DataCallback | None = None,
+        cmd: str | Sequence[str] | None = None,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        background: bool = True,
+    ) -> CommandHandle:
+        handle = self._async.create(
+            cols,
+            rows,
+            on_data=on_data,
+            cmd=cmd,
+            envs=envs,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            background=background,
+        )
+        return CommandHandle(run(handle))
+
+    create.__doc__ = AsyncPty.create.__doc__
+
+    def connect(self, pid: int, *, on_data: DataCallback | None = None) -> CommandHandle:
+        return CommandHandle(run(self._async.connect(pid, on_data=on_data)))
+
+    connect.__doc__ = AsyncPty.connect.__doc__
+
+    send_stdin = bridge(AsyncPty.send_stdin)
+    resize = bridge(AsyncPty.resize)
+    kill = bridge(AsyncPty.kill)
 
 
 class Files:
@@ -172,6 +238,7 @@ class Sandbox:
     def _bind(self, sandbox: AsyncSandbox) -> None:
         self._async = sandbox
         self.commands = Commands(sandbox.commands)
+        self.pty = Pty(sandbox.pty)
         self.files = Files(sandbox.files)
 
     @classmethod

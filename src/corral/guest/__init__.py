@@ -16,8 +16,10 @@ from corral.guest.client import (
     GuestConnection,
     GuestProcess,
     GuestStream,
+    GuestWatch,
     OutputChunk,
     ProcessInfo,
+    WatchEvent,
 )
 
 # Every file the agent imports: a sandbox has these and the standard library, nothing else.
@@ -29,6 +31,8 @@ AGENT_FILES = (
     "agent_exec.py",
     "agent_files.py",
     "agent_move.py",
+    "agent_pty.py",
+    "agent_watch.py",
     "protocol.py",
     "agent_sudo.py",
     "sudo.py",  # not the agent's: the `base` template's /usr/bin/sudo runs it
@@ -48,7 +52,9 @@ __all__ = [
     "GuestConnection",
     "GuestProcess",
     "GuestStream",
+    "GuestWatch",
     "OutputChunk",
     "ProcessInfo",
+    "WatchEvent",
     "agent_source_dir",
 ]

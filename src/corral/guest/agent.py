@@ -9,11 +9,13 @@ Standard library only, Python 3.9 syntax, and quick to start: it is on the criti
 of every sandbox creation, so it avoids ``subprocess``, ``selectors``, ``json``, ``signal``
 (all pull in ``re`` or ``enum``) and uses ``posix_spawn``, ``epoll`` and ``_signal``.
 
-The agent is six modules beside this one, copied into each sandbox together
+The agent is the modules beside this one, copied into each sandbox together
 (`corral.guest.AGENT_FILES`): `agent_channels` (what every call shares), `agent_exec`
-(exec, attach, signal, ps) and `agent_command` (one running command), `agent_files` (read,
-write, list, stat, mkdir, remove), `agent_move` (rename) and `agent_connect` (connect).
-This module is the loop: frames in, dispatch to the calls, frames out, timers and reaping.
+(exec, attach, signal, resize, ps), `agent_command` (one running command), `agent_pty`
+(the terminal of a PTY command), `agent_files` (read, write, list, stat, mkdir, remove),
+`agent_move` (rename), `agent_connect` (connect) and `agent_sudo` (sudo for the
+sandbox's own processes, over a unix socket). This module is the loop: frames in,
+dispatch to the calls, frames out, timers and reaping.
 
 Choices worth knowing (the modules of the calls say theirs):
 
@@ -45,7 +47,14 @@ if TYPE_CHECKING:
     Op = Callable[["Agent", int, Args], None]
 
 try:
-    from corral.guest import agent_connect, agent_exec, agent_files, agent_move, protocol
+    from corral.guest import (
+        agent_connect,
+        agent_exec,
+        agent_files,
+        agent_move,
+        agent_watch,
+        protocol,
+    )
     from corral.guest.agent_channels import (
         EPOLLIN,
         EPOLLOUT,
@@ -58,6 +67,7 @@ except ImportError:  # run in a sandbox, beside this file
     import agent_exec  # type: ignore[no-redef,import-not-found]
     import agent_files  # type: ignore[no-redef,import-not-found]
     import agent_move  # type: ignore[no-redef,import-not-found]
+    import agent_watch  # type: ignore[no-redef,import-not-found]
     import protocol  # type: ignore[no-redef,import-not-found]
     from agent_channels import (  # type: ignore[no-redef,import-not-found]
         EPOLLIN,
@@ -103,8 +113,11 @@ class Agent:
         self.sweeps: dict[int, tuple[float, int]] = {}
         self.downloads: list[agent_files.FileDownload] = []
         self.moves: list[agent_move.Move] = []
+        self.watches: list[agent_watch.Watch] = []
         self.base_env = dict(os.environ)
         self.users = users or agent_exec.Users(None)
+        # Whom file operations act as now: the default user, or the user a call names.
+        self.acting = self.users.default
         self.exit_code: int | None = None
         self.oom = oom
         self.wake_r, self.wake_w = os.pipe()
@@ -140,7 +153,7 @@ class Agent:
                 for download in [d for d in self.downloads if d.ready]:
                     download.pump()
             for move in list(self.moves):
-                move.pump()
+                self.as_user(move.ids, move.pump)
             self.flush()
         for command in list(self.commands.values()):
             if not command.background:
@@ -284,7 +297,12 @@ class Agent:
                     f"unknown op {op!r}: this agent (protocol {protocol.VERSION}) knows {known}",
                     unknown_op=str(op),
                 )
-            handler(self, channel, args)
+            if self.watches:  # changes made before this call are reported before its reply
+                agent_watch.drain_all(self)
+            if op in FILE_OPS and args.get("user") is not None:
+                self.as_user(self.users.lookup(args["user"]), handler, self, channel, args)
+            else:
+                handler(self, channel, args)
         except Refusal as refusal:
             self.reply_error(channel, refusal)
         except OSError as exc:
@@ -348,12 +366,29 @@ class Agent:
     # -- arguments --------------------------------------------------------------------
 
     def path(self, args: Args, key: str = "path") -> str:
+        """An absolute path: relative ones from the workdir, or with ``home`` from the
+        home directory of the user the call acts as."""
         value = args.get(key)
         if not isinstance(value, str) or not value:
             raise Refusal("invalid_argument", f"{key} must be a non-empty string")
         if "\0" in value:
             raise Refusal("invalid_argument", f"{key} {value!r} contains a NUL byte")
-        return os.path.normpath(os.path.join(self.workdir, value))
+        base = self.acting.home if args.get("home") else self.workdir
+        return os.path.normpath(os.path.join(base, value))
+
+    def as_user(self, ids: agent_exec.Identity, work: Callable[..., Any], *args: Any) -> Any:
+        """Run `work` with the file-system ids of `ids`: the kernel checks that user's
+        permissions and what it creates is its own. The ids in force before come back."""
+        previous = self.acting
+        if ids is previous:
+            return work(*args)
+        self.acting = ids
+        self.users.files_as(ids)
+        try:
+            return work(*args)
+        finally:
+            self.acting = previous
+            self.users.files_as(previous)
 
     def user(self) -> str:
         """The user commands run as by default."""
@@ -380,6 +415,7 @@ OPS: dict[str, Op] = {
     "exec": agent_exec.op_exec,
     "attach": agent_exec.op_attach,
     "signal": agent_exec.op_signal,
+    "resize": agent_exec.op_resize,
     "ps": agent_exec.op_ps,
     "read": agent_files.op_read,
     "write": agent_files.op_write,
@@ -389,7 +425,10 @@ OPS: dict[str, Op] = {
     "remove": agent_files.op_remove,
     "rename": agent_move.op_rename,
     "connect": agent_connect.op_connect,
+    "watch": agent_watch.op_watch,
 }
+# The calls that touch files: ``user`` makes them act as that user (`Agent.as_user`).
+FILE_OPS = frozenset(("read", "write", "list", "stat", "mkdir", "remove", "rename", "watch"))
 
 
 def _wake(signum: int, frame: object) -> None:

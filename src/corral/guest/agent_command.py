@@ -64,6 +64,9 @@ class Command(Channel):
         self.past_grace = False
         self.kill_reason: str | None = None
         self.attached = True
+        self.cwd: str | None = None
+        self.env: dict[str, str | None] | None = args.get("env")
+        self.tty: int | None = None  # the master of its terminal (`agent_pty`), if on one
 
     @property
     def running(self) -> bool:
@@ -132,6 +135,8 @@ class Command(Channel):
             self.watched.discard(fd)
         del self.pipes[fd]
         os.close(fd)
+        if fd == self.tty:
+            self.tty = -1  # on a terminal still, but one that is gone: no resize
 
     def on_credit(self, amount: int) -> None:
         self.credit += amount
@@ -209,11 +214,12 @@ class Command(Channel):
             self.agent.sweep(self.pid)
 
     def on_close(self) -> None:
-        """The host stopped listening: a foreground command dies, a background one goes on."""
+        """The host stopped listening: a foreground command dies, a background one goes on
+        with its stdin open, for whoever attaches to it next."""
         self.attached = False
         if not self.background:
             self.kill(None)
-        self.close_stdin()
+            self.close_stdin()
         self.update_watches()
 
     def attach(self, channel: int) -> None:
@@ -260,4 +266,7 @@ class Command(Channel):
             "tag": self.tag,
             "background": self.background,
             "started_at": self.started_at,
+            "cwd": self.cwd,
+            "env": self.env,
+            "pty": self.tty is not None,
         }

@@ -29,10 +29,17 @@ try:
     from corral.guest import protocol
     from corral.guest.agent_channels import Refusal, signal
     from corral.guest.agent_command import Command
+    from corral.guest.agent_pty import DEFAULT_TERM, open_terminal, set_size, terminal_size
 except ImportError:  # run in a sandbox, beside this file
     import protocol  # type: ignore[no-redef,import-not-found]
     from agent_channels import Refusal, signal  # type: ignore[no-redef,import-not-found]
     from agent_command import Command  # type: ignore[no-redef,import-not-found]
+    from agent_pty import (  # type: ignore[no-redef,import-not-found]
+        DEFAULT_TERM,
+        open_terminal,
+        set_size,
+        terminal_size,
+    )
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 COMMAND_OOM_SCORE = b"1000"  # the OOM killer's first choice: commands, never the agent
@@ -96,8 +103,15 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
     tag = args.get("tag")
     if tag is not None and not isinstance(tag, str):
         raise Refusal("invalid_argument", "tag must be a string")
+    pty = None if args.get("pty") is None else terminal_size(args["pty"])
     ids = agent.users.lookup(args.get("user"))
-    cwd = agent.workdir if args.get("cwd") is None else agent.path(args, "cwd")
+    home = ids.home if args.get("home") else None  # E2B's envd: cwd is the user's home
+    if args.get("cwd") is None:
+        cwd = home or agent.workdir
+    else:
+        cwd = agent.path(args, "cwd")
+        if home is not None and not os.path.isabs(args["cwd"]):
+            cwd = os.path.normpath(os.path.join(home, args["cwd"]))
     if not os.path.isdir(cwd):
         if os.path.exists(cwd):
             raise Refusal("not_a_directory", f"working directory {cwd} is not a directory")
@@ -109,6 +123,8 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
     env = agent.base_env
     if ids is not agent.users.default:  # its own HOME, USER and LOGNAME, under what it sets
         env = {**env, "HOME": ids.home, "USER": ids.name, "LOGNAME": ids.name}
+    if pty is not None:  # what a terminal is, unless the command's env says otherwise
+        env = {**env, "TERM": DEFAULT_TERM}
     if args.get("env"):
         env = dict(env)
         for key, value in args["env"].items():
@@ -127,31 +143,96 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
     if isinstance(program, int):
         not_started(agent, channel, argv[0], program)
         return
+    terminal = None if pty is None else open_terminal(pty, agent.users, ids)
     agent.users.before_spawn(ids)
     try:
-        pid, pipes, stdin_fd = spawn(agent.oom, program, argv, env, cwd, bool(args.get("stdin")))
+        pid, pipes, stdin_fd = spawn(
+            agent.oom, program, argv, env, cwd, bool(args.get("stdin")), terminal
+        )
     finally:
         agent.users.after_spawn()
+        if terminal is not None:
+            os.close(terminal[1])  # the command holds the slave now (or failed to start)
     if pid < 0:
         not_started(agent, channel, argv[0], -pid)
         return
     command = Command(agent, channel, pid, args, pipes)
+    command.cwd = cwd
     command.stdin_fd = stdin_fd
+    if terminal is not None:
+        command.tty = terminal[0]
     agent.commands[pid] = command
     agent.channels[channel] = command
     command.start()
 
 
 def spawn(
-    oom: OomScore, program: str, argv: list[str], env: dict[str, str], cwd: str, stdin: bool
+    oom: OomScore,
+    program: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    stdin: bool,
+    terminal: tuple[int, int, str] | None = None,
 ) -> tuple[int, dict[int, int], int | None]:
-    """posix_spawn a command in its own session; pid < 0 is -(exit code) of a failure."""
+    """posix_spawn a command in its own session; pid < 0 is -(exit code) of a failure.
+
+    With a `terminal` (master, slave, slave's path: `open_terminal`) the command runs on
+    it, which takes the master (closed here if the command could not start).
+    """
     os.chdir(cwd)  # posix_spawn has no chdir action; the agent's own cwd does not matter
     oom.raise_for_spawn()
     try:
+        if terminal is not None:
+            return spawn_on_terminal(program, argv, env, terminal)
         return spawn_inheriting_score(program, argv, env, stdin)
     finally:
         oom.restore()
+
+
+def spawn_on_terminal(
+    program: str, argv: list[str], env: dict[str, str], terminal: tuple[int, int, str]
+) -> tuple[int, dict[int, int], int | None]:
+    """`spawn` on a terminal: output and input both go through its master."""
+    master, _slave, path = terminal
+    actions: list[tuple[Any, ...]] = [
+        # Opened after setsid, without O_NOCTTY: the controlling terminal (agent_pty).
+        (os.POSIX_SPAWN_OPEN, 0, path, os.O_RDWR, 0),
+        (os.POSIX_SPAWN_DUP2, 0, 1),
+        (os.POSIX_SPAWN_DUP2, 0, 2),
+    ]
+    pid = posix_spawn(program, argv, env, actions, (master,))
+    if pid < 0:
+        return pid, {}, None
+    # Input through its own descriptor, so ending it (close_stdin) leaves the output open.
+    return pid, {master: protocol.OUT}, os.dup(master)
+
+
+def posix_spawn(
+    program: str, argv: list[str], env: dict[str, str], actions: list[Any], fds: Any
+) -> int:
+    """posix_spawn in a new session; on failure, closes `fds` and returns -(exit code) a
+    shell would give (127 not found, 126 not executable)."""
+    try:
+        return os.posix_spawn(
+            program,
+            argv,
+            env,
+            file_actions=actions,
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores both
+            resetids=True,  # the command's ids (`Users.spawning`): the real ones
+        )
+    except OSError as exc:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+        if exc.errno == errno.ENOENT:
+            return -127
+        if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM):
+            return -126
+        reason = exc.strerror or str(exc)
+        raise Refusal("internal", f"could not start {argv[0]}: {reason}") from None
 
 
 def spawn_inheriting_score(
@@ -168,26 +249,9 @@ def spawn_inheriting_score(
         if in_r is not None
         else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
     ]
-    try:
-        pid = os.posix_spawn(
-            program,
-            argv,
-            env,
-            file_actions=actions,
-            setsid=True,
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores both
-            resetids=True,  # the command's ids (`Users.spawning`): the real ones
-        )
-    except OSError as exc:
-        for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
-            if fd is not None:
-                os.close(fd)
-        if exc.errno == errno.ENOENT:
-            return -127, {}, None
-        if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM):
-            return -126, {}, None
-        reason = exc.strerror or str(exc)
-        raise Refusal("internal", f"could not start {argv[0]}: {reason}") from None
+    pid = posix_spawn(program, argv, env, actions, (out_r, out_w, err_r, err_w, in_r, in_w))
+    if pid < 0:
+        return pid, {}, None
     for fd in (out_w, err_w, in_r):
         if fd is not None:
             os.close(fd)
@@ -278,8 +342,12 @@ class Users:
         return Identity(entry.pw_uid, gid, groups, entry.pw_name, entry.pw_dir or "/")
 
     def _files_as_default(self) -> None:
-        ids = self.default
-        if ids.uid == 0 or self._libc is None:
+        if self.default.uid != 0:
+            self.files_as(self.default)
+
+    def files_as(self, ids: Identity) -> None:
+        """Touch files as `ids` from now on (`Agent.as_user`); one identity: nothing."""
+        if self._libc is None:
             return
         os.setgroups(ids.groups)
         self._libc.setfsgid(ids.gid)
@@ -291,6 +359,17 @@ class Users:
             os.setgroups(ids.groups)
             os.setresgid(ids.gid, 0, ids.gid)
             os.setresuid(ids.uid, 0, ids.uid)
+
+    def give_terminal(self, slave: int, ids: Identity) -> None:
+        """Make a new terminal's slave the command's user's, who opens it at spawn."""
+        if self.root and ids.uid != self.default.uid:
+            # The agent's fsuid (the default user's) leaves it without CAP_CHOWN: chown
+            # as root, then back.
+            self._libc.setfsuid(0)
+            try:
+                os.fchown(slave, ids.uid, -1)
+            finally:
+                self._files_as_default()
 
     def after_spawn(self) -> None:
         if self.root:
@@ -346,6 +425,23 @@ def op_signal(agent: Agent, channel: int, args: Args) -> None:
         else:
             os.kill(command.pid, signum)
     except ProcessLookupError:
+        raise Refusal("not_running", f"process {command.pid} is not running") from None
+    agent.reply(channel, {"ok": True})
+
+
+def op_resize(agent: Agent, channel: int, args: Args) -> None:
+    command = running_command(agent, args)
+    cols, rows = terminal_size(args)
+    if command.tty is None:
+        raise Refusal(
+            "invalid_argument",
+            f"process {command.pid} has no terminal to resize: start it with a pty",
+        )
+    if command.tty < 0:
+        raise Refusal("not_running", f"process {command.pid} is ending; its terminal is gone")
+    try:
+        set_size(command.tty, cols, rows)
+    except OSError:  # the terminal closed as the command ended
         raise Refusal("not_running", f"process {command.pid} is not running") from None
     agent.reply(channel, {"ok": True})
 

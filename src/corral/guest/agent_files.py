@@ -74,18 +74,16 @@ def special_kind(mode: int) -> str:
 
 
 def entry_of(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
-    """The JSON entry of one file, with lstat semantics."""
+    """The JSON entry of one file, with lstat semantics.
+
+    Besides what lstat says: the owner's and group's names, the file's `metadata` (its
+    ``user.e2b.*`` extended attributes, E2B's convention) when it has any, and for a
+    symlink its raw target, the absolute path it resolves to and that path's type.
+    """
     if st is None:
         st = os.lstat(path)
     mode = st.st_mode
-    if stat.S_ISREG(mode):
-        kind = "file"
-    elif stat.S_ISDIR(mode):
-        kind = "dir"
-    elif stat.S_ISLNK(mode):
-        kind = "symlink"
-    else:
-        kind = "other"
+    kind = kind_of(mode)
     entry = {
         "name": os.path.basename(path) or path,
         "path": path,
@@ -93,10 +91,122 @@ def entry_of(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
         "size": st.st_size,
         "mode": stat.S_IMODE(mode),
         "mtime": st.st_mtime,
+        "owner": user_name(st.st_uid),
+        "group": group_name(st.st_gid),
     }
     if kind == "symlink":
         entry["symlink_target"] = os.readlink(path)
+        resolved = os.path.realpath(path)
+        entry["resolved"] = resolved
+        try:
+            entry["resolved_type"] = kind_of(os.stat(resolved).st_mode)
+        except OSError:  # a dangling link
+            entry["resolved_type"] = None
+    elif kind in ("file", "dir"):
+        metadata = read_metadata(path)
+        if metadata:
+            entry["metadata"] = metadata
     return entry
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+_user_names: dict[int, str] = {}
+_group_names: dict[int, str] = {}
+
+
+def user_name(uid: int) -> str:
+    """The sandbox's name for a uid (its /etc/passwd), or the number."""
+    name = _user_names.get(uid)
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        _user_names[uid] = name
+    return name
+
+
+def group_name(gid: int) -> str:
+    name = _group_names.get(gid)
+    if name is None:
+        import grp
+
+        try:
+            name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            name = str(gid)
+        _group_names[gid] = name
+    return name
+
+
+# A file's metadata: its extended attributes in this namespace, the prefix left out.
+METADATA_PREFIX = "user.e2b."
+METADATA_MAX_BYTES = 4096  # all names (with the prefix) and values: one inode's budget
+
+
+def read_metadata(target: str | int) -> dict[str, str]:
+    """The metadata of a path or an open file; {} when it has none or may not be read."""
+    try:
+        names = [n for n in os.listxattr(target) if n.startswith(METADATA_PREFIX)]
+        return {
+            n[len(METADATA_PREFIX) :]: os.getxattr(target, n).decode("utf-8", "replace")
+            for n in names
+        }
+    except OSError:  # no xattr support, or not readable by the acting user
+        return {}
+
+
+def replace_metadata(fd: int, metadata: dict[str, str], path: str) -> None:
+    """Make `metadata` the open file's whole metadata (an empty dict clears it)."""
+    for name in os.listxattr(fd):
+        if name.startswith(METADATA_PREFIX) and name[len(METADATA_PREFIX) :] not in metadata:
+            os.removexattr(fd, name)
+    for key, value in metadata.items():
+        try:
+            os.setxattr(fd, METADATA_PREFIX + key, value.encode())
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise Refusal(
+                    "unsupported",
+                    f"{path} is on a file system without user extended attributes, so it "
+                    "cannot carry metadata; write it elsewhere (/tmp, the home directory) "
+                    "or without metadata",
+                ) from None
+            raise
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise Refusal("invalid_argument", "metadata must be an object of strings")
+    size = 0
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise Refusal("invalid_argument", "metadata keys and values must be strings")
+        if not all(" " < c <= "~" for c in key) or not all(" " <= c <= "~" for c in value):
+            raise Refusal(
+                "invalid_argument",
+                f"metadata {key!r} must be printable ASCII (keys without spaces)",
+            )
+        size += len(METADATA_PREFIX) + len(key) + len(value)
+    if size > METADATA_MAX_BYTES:
+        raise Refusal(
+            "invalid_argument",
+            f"metadata takes {size} bytes; at most {METADATA_MAX_BYTES} fit on one file",
+        )
+    return metadata
 
 
 def remove_tree(top: str) -> None:
@@ -163,16 +273,41 @@ class FileDownload(Channel):
 
 
 class FileUpload(Channel):
-    """A ``write``: IN chunks to a temporary file, renamed into place on EOF."""
+    """A ``write``: IN chunks to a temporary file, renamed into place on EOF.
 
-    def __init__(self, agent: Agent, channel: int, path: str, mode: int, append: bool):
+    With ``in_place`` the file itself is truncated and written, as E2B's envd does: a
+    watcher sees its events (create, chmod, write) rather than a temporary file's, and
+    a failed upload leaves what was written. ``metadata`` (when not None) replaces the
+    file's metadata. The whole upload acts as the user the call named (`Agent.as_user`).
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        channel: int,
+        path: str,
+        mode: int,
+        append: bool,
+        in_place: bool = False,
+        metadata: dict[str, str] | None = None,
+    ):
         super().__init__(agent, channel)
         self.path = path
         self.mode = mode
+        self.metadata = metadata
+        self.ids = agent.acting
         self.written = 0
+        self.temp: str | None = None
         if append:
-            self.temp = None
             self.fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)[0]
+        elif in_place:
+            try:  # a new file gets `mode` (whatever the umask); an existing one keeps its own
+                self.fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)[0]
+                created = True
+            except FileExistsError:
+                self.fd = open_regular(path, os.O_WRONLY | os.O_TRUNC)[0]
+                created = False
+            self.finish_attributes(chmod=created)  # now, as envd: before the data
         else:
             directory, name = os.path.split(path)
             self.temp = os.path.join(directory, f".{name}.corral-{os.getpid()}-{channel}.tmp")
@@ -182,6 +317,16 @@ class FileUpload(Channel):
             except OSError as exc:
                 exc.filename = path
                 raise
+
+    def finish_attributes(self, chmod: bool = True) -> None:
+        try:
+            if chmod:
+                os.fchmod(self.fd, self.mode)
+            if self.metadata is not None:
+                replace_metadata(self.fd, self.metadata, self.path)
+        except BaseException:
+            self.on_close()
+            raise
 
     def on_in(self, data: bytes) -> None:
         try:
@@ -196,15 +341,21 @@ class FileUpload(Channel):
         self.agent.grant(self.channel, len(data))
 
     def on_eof(self) -> None:
+        self.agent.as_user(self.ids, self.finish)
+
+    def finish(self) -> None:
         try:
             if self.temp is not None:
-                os.fchmod(self.fd, self.mode)
+                self.finish_attributes()
             os.close(self.fd)
             self.fd = -1
             if self.temp is not None:
                 os.replace(self.temp, self.path)
                 self.temp = None
             entry = entry_of(self.path)
+        except Refusal as refusal:
+            self.fail(refusal)
+            return
         except OSError as exc:
             exc.filename, exc.filename2 = self.path, None
             self.fail(refusal_from_os_error(exc))
@@ -248,11 +399,13 @@ def op_write(agent: Agent, channel: int, args: Args) -> None:
     mode = args.get("mode", 0o644)
     if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
         raise Refusal("invalid_argument", f"mode must be an integer 0..0o7777, not {mode!r}")
+    metadata = check_metadata(args.get("metadata"))
     if args.get("make_parents", True):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.isdir(path):
         raise Refusal("is_a_directory", f"{path} is a directory; write to a file path")
-    upload = FileUpload(agent, channel, path, mode, bool(args.get("append")))
+    append, in_place = bool(args.get("append")), bool(args.get("in_place"))
+    upload = FileUpload(agent, channel, path, mode, append, in_place, metadata)
     agent.channels[channel] = upload
 
 

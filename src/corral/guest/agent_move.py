@@ -39,6 +39,7 @@ class Move(Channel):
         self.src = src
         self.dst = dst
         self.overwrite = overwrite
+        self.ids = agent.acting  # each slice of the copy acts as the user the call named
         top = os.lstat(src)
         self.device = top.st_dev
         self.src_is_dir = stat.S_ISDIR(top.st_mode)

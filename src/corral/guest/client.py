@@ -7,14 +7,18 @@ channels they run on, their back-pressure and the translation of the agent's err
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from corral._aio import stop_tasks
 from corral.errors import CommandError, GuestError, InvalidRequest, SandboxNotRunning
 from corral.guest import protocol
 from corral.guest.multiplex import Channel, ChannelEnded, Multiplexer
+from corral.terminal import PtySize
 
 # How a sandbox's end kills its commands (with the agent, pid 1 of their namespace).
 _SIGKILL = 9
@@ -47,22 +51,46 @@ class OutputChunk:
     data: bytes
 
 
+FileKind = Literal["file", "dir", "symlink", "other"]
+
+
 @dataclass(frozen=True)
 class EntryInfo:
-    """One file, directory or symlink in the sandbox (lstat: symlinks are not followed)."""
+    """One file, directory or symlink in the sandbox (lstat: symlinks are not followed).
+
+    `owner` and `group` are names in the sandbox ("" from an older agent); `metadata` is
+    the file's ``user.e2b.*`` extended attributes (E2B's file metadata), prefix left out.
+    A symlink has its raw `symlink_target`, the absolute path it `resolved` to and that
+    path's type (None when it dangles).
+    """
 
     name: str
     path: str
-    type: Literal["file", "dir", "symlink", "other"]
+    type: FileKind
     size: int
     mode: int
     mtime: float
     symlink_target: str | None = None
+    owner: str = ""
+    group: str = ""
+    metadata: dict[str, str] | None = None
+    resolved: str | None = None
+    resolved_type: FileKind | None = None
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """A change under a watched directory: `name` relative to it, `type` one of create,
+    write, remove, rename, chmod; `entry` when asked for and the path still exists."""
+
+    name: str
+    type: str
+    entry: EntryInfo | None = None
 
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """A process the agent started that is still running."""
+    """A process the agent started that is still running (`envs`: those its exec set)."""
 
     pid: int
     argv: list[str] | None
@@ -70,10 +98,15 @@ class ProcessInfo:
     tag: str | None
     background: bool
     started_at: float
+    cwd: str | None = None
+    envs: dict[str, str] | None = None
+    pty: bool = False
 
 
 def _entry(value: Any) -> EntryInfo:
     target = value.get("symlink_target")
+    metadata = value.get("metadata")
+    resolved = value.get("resolved")
     return EntryInfo(
         name=str(value["name"]),
         path=str(value["path"]),
@@ -82,7 +115,23 @@ def _entry(value: Any) -> EntryInfo:
         mode=int(value["mode"]),
         mtime=float(value["mtime"]),
         symlink_target=None if target is None else str(target),
+        owner=str(value.get("owner") or ""),
+        group=str(value.get("group") or ""),
+        metadata={str(k): str(v) for k, v in metadata.items()} if metadata else None,
+        resolved=None if resolved is None else str(resolved),
+        resolved_type=value.get("resolved_type"),
     )
+
+
+def _acting(user: str | None, home: bool) -> dict[str, Any]:
+    """The arguments that make a file call act as `user` (None: the default user) and
+    resolve relative paths from that user's home (`home`) instead of the workdir."""
+    args: dict[str, Any] = {}
+    if user is not None:
+        args["user"] = user
+    if home:
+        args["home"] = True
+    return args
 
 
 class CommandOutput(ABC):
@@ -223,6 +272,73 @@ class GuestStream:
         )
 
 
+class GuestWatch:
+    """A directory being watched (`GuestConnection.watch`): its events as they come.
+
+    A task takes the agent's events as they arrive and keeps the newest `MAX_PENDING`
+    not yet taken (older ones are dropped), so a watch nobody reads costs bounded memory.
+    """
+
+    MAX_PENDING = 10_000
+
+    def __init__(self, connection: GuestConnection, channel: Channel) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._pending: deque[WatchEvent] = deque(maxlen=self.MAX_PENDING)
+        self._arrived = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._task = asyncio.create_task(self._pump(), name="corral-guest-watch")
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                self._take(*await self._channel.next())
+        except Exception as exc:  # the connection ended, or the watch was closed
+            self._failure = exc
+            self._arrived.set()
+
+    def _take(self, kind: int, payload: bytes) -> None:
+        if kind == protocol.REPLY:
+            self._connection._check_reply("watch", payload)
+            raise GuestError("the guest agent ended a watch")
+        if kind != protocol.EVENT:
+            return
+        for event in protocol.decode_json(payload).get("events", ()):
+            if event.get("type") == "overflow":
+                continue  # the kernel's queue overflowed: those events are lost
+            entry = event.get("entry")
+            entry_info = None if entry is None else _entry(entry)
+            self._pending.append(WatchEvent(str(event["name"]), str(event["type"]), entry_info))
+        self._arrived.set()
+
+    @property
+    def ended(self) -> bool:
+        """The watch ended (closed, or its sandbox's agent is gone): no more events."""
+        return self._failure is not None
+
+    def take(self) -> list[WatchEvent]:
+        """The events that arrived and were not taken yet (waits for nothing)."""
+        while (frame := self._channel.take_nowait()) is not None:
+            self._take(*frame)
+        events = list(self._pending)
+        self._pending.clear()
+        self._arrived.clear()
+        return events
+
+    async def wait(self) -> list[WatchEvent]:
+        """The next events: wait until there are some; raise once the watch has ended."""
+        while True:
+            if events := self.take():
+                return events
+            if self._failure is not None:
+                raise self._failure
+            await self._arrived.wait()
+
+    async def aclose(self) -> None:
+        self._connection._close_channel(self._channel, InvalidRequest("the watch was closed"))
+        await stop_tasks(self._task)
+
+
 class GuestConnection(Multiplexer):
     """A connection to one guest agent over a byte stream (its stdin and stdout)."""
 
@@ -239,13 +355,16 @@ class GuestConnection(Multiplexer):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | int | None = None,
+        home: bool = False,
         timeout: float | None = None,
         output_limit: int | None = None,
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
     ) -> GuestProcess:
-        """Start a command: argv (a sequence) or a shell string run with /bin/sh -c."""
+        """Start a command: argv (a sequence) or a shell string run with /bin/sh -c; on a
+        terminal of that size with `pty` (it then always takes input)."""
         args: dict[str, Any] = {}
         if isinstance(command, str):
             args["cmd"] = command
@@ -256,10 +375,14 @@ class GuestConnection(Multiplexer):
         options: dict[str, Any] = {"env": dict(env) if env else None, "cwd": cwd, "user": user}
         options.update(timeout=timeout, output_limit=output_limit, tag=tag)
         args.update((key, value) for key, value in options.items() if value is not None)
+        if home:
+            args["home"] = True
         if stdin:
             args["stdin"] = True
         if background:
             args["background"] = True
+        if pty is not None:
+            args["pty"] = {"cols": pty.cols, "rows": pty.rows}
         return await self._process("exec", args)
 
     async def attach(self, pid: int) -> GuestProcess:
@@ -281,6 +404,10 @@ class GuestConnection(Multiplexer):
         """Send a signal to a process the agent started (to its whole group if asked)."""
         await self.request("signal", pid=pid, signal=int(signum), group=group)
 
+    async def resize(self, pid: int, size: PtySize) -> None:
+        """Set the size of the terminal a command runs on (its foreground job gets SIGWINCH)."""
+        await self.request("resize", pid=pid, cols=size.cols, rows=size.rows)
+
     async def processes(self) -> list[ProcessInfo]:
         reply = await self.request("ps")
         return [
@@ -291,6 +418,9 @@ class GuestConnection(Multiplexer):
                 tag=p.get("tag"),
                 background=bool(p.get("background")),
                 started_at=float(p["started_at"]),
+                cwd=p.get("cwd"),
+                envs={k: v for k, v in (p.get("env") or {}).items() if v is not None},
+                pty=bool(p.get("pty")),
             )
             for p in reply["processes"]
         ]
@@ -312,10 +442,21 @@ class GuestConnection(Multiplexer):
     # -- files ------------------------------------------------------------------------
 
     async def read_file(
-        self, path: str, *, offset: int = 0, length: int | None = None
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> AsyncIterator[bytes]:
-        """The content of a file, streamed in chunks of at most 64 KiB."""
-        args: dict[str, Any] = {"path": path, "offset": offset}
+        """The content of a file, streamed in chunks of at most 64 KiB.
+
+        Every file call takes `user` (act as that user of the sandbox: its permissions,
+        new files its own; None: the default user) and `home` (relative paths from that
+        user's home directory rather than the workdir).
+        """
+        args: dict[str, Any] = {"path": path, "offset": offset, **_acting(user, home)}
         if length is not None:
             args["length"] = length
         channel = await self._open_channel("read", args)
@@ -342,9 +483,23 @@ class GuestConnection(Multiplexer):
         *,
         mode: int = 0o644,
         append: bool = False,
+        in_place: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> EntryInfo:
-        """Write a file (creating its parents); it appears whole, on success only."""
-        channel = await self._open_channel("write", {"path": path, "mode": mode, "append": append})
+        """Write a file (creating its parents); it appears whole, on success only.
+
+        `in_place` truncates and writes the file itself (E2B's way: watchers see the
+        file's own events; a failed write leaves part of it). `metadata`, when given,
+        replaces the file's metadata (``user.e2b.*`` extended attributes).
+        """
+        args: dict[str, Any] = {"path": path, "mode": mode, "append": append}
+        if in_place:
+            args["in_place"] = True
+        if metadata is not None:
+            args["metadata"] = dict(metadata)
+        channel = await self._open_channel("write", {**args, **_acting(user, home)})
         try:
             if isinstance(data, (bytes, bytearray, memoryview)):
                 await channel.send_data(bytes(data))
@@ -364,9 +519,12 @@ class GuestConnection(Multiplexer):
         reply = await channel.reply("write")
         return _entry(reply["entry"])
 
-    async def list_dir(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
+    async def list_dir(
+        self, path: str, *, depth: int = 1, user: str | None = None, home: bool = False
+    ) -> list[EntryInfo]:
         """The entries under a directory, `depth` levels deep (symlinks not followed)."""
-        channel = await self._open_channel("list", {"path": path, "depth": depth})
+        args = {"path": path, "depth": depth, **_acting(user, home)}
+        channel = await self._open_channel("list", args)
         entries: list[EntryInfo] = []
         while True:
             kind, payload = await channel.next()
@@ -377,18 +535,53 @@ class GuestConnection(Multiplexer):
                 entries.extend(_entry(e) for e in reply["entries"])
                 return entries
 
-    async def stat(self, path: str) -> EntryInfo:
-        return _entry((await self.request("stat", path=path))["entry"])
+    async def stat(self, path: str, *, user: str | None = None, home: bool = False) -> EntryInfo:
+        return _entry((await self.request("stat", path=path, **_acting(user, home)))["entry"])
 
-    async def make_dir(self, path: str) -> bool:
+    async def make_dir(self, path: str, *, user: str | None = None, home: bool = False) -> bool:
         """Create a directory and its parents; False if it already existed."""
-        return bool((await self.request("mkdir", path=path))["created"])
+        reply = await self.request("mkdir", path=path, **_acting(user, home))
+        return bool(reply["created"])
 
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self.request("remove", path=path, recursive=recursive)
+    async def remove(
+        self, path: str, *, recursive: bool = False, user: str | None = None, home: bool = False
+    ) -> None:
+        await self.request("remove", path=path, recursive=recursive, **_acting(user, home))
 
-    async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> EntryInfo | None:
+    async def rename(
+        self,
+        src: str,
+        dst: str,
+        *,
+        overwrite: bool = True,
+        user: str | None = None,
+        home: bool = False,
+    ) -> EntryInfo | None:
         """Move `src` to `dst`; the entry now at `dst`."""
-        reply = await self.request("rename", src=src, dst=dst, overwrite=overwrite)
+        args = {"src": src, "dst": dst, "overwrite": overwrite, **_acting(user, home)}
+        reply = await self.request("rename", **args)
         entry = reply.get("entry")
         return None if entry is None else _entry(entry)
+
+    async def watch(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        entries: bool = False,
+        user: str | None = None,
+        home: bool = False,
+    ) -> GuestWatch:
+        """Watch a directory's changes (inotify inside the sandbox) until closed."""
+        args = {"path": path, "recursive": recursive, "entries": entries, **_acting(user, home)}
+        channel = await self._open_channel("watch", args)
+        kind, payload = await channel.next()
+        if kind == protocol.REPLY:
+            self._check_reply("watch", payload)  # raises the refusal
+            raise GuestError("the guest agent ended a watch without watching")
+        return GuestWatch(self, channel)
+
+    async def sync(self) -> None:
+        """Wait until everything the agent saw before now has arrived (a round trip: the
+        agent reads its watches before it answers any call)."""
+        await self.request("ping")

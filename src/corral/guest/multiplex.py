@@ -142,6 +142,15 @@ class Channel:
             self.backlog -= len(payload) + protocol.HEADER_SIZE
         return kind, payload
 
+    def take_nowait(self) -> tuple[int, bytes] | None:
+        """The next frame if one is in the inbox (no waiting, no failure raised)."""
+        if not self.inbox:
+            return None
+        kind, payload = self.inbox.popleft()
+        if kind not in (protocol.OUT, protocol.ERR):
+            self.backlog -= len(payload) + protocol.HEADER_SIZE
+        return kind, payload
+
     async def reply(self, op: str) -> dict[str, Any]:
         """Wait for the REPLY (skipping anything else) and raise the error it carries."""
         while True:

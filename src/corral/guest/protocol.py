@@ -42,7 +42,9 @@ Ops (CALL payloads; paths are absolute or relative to the workdir, never with NU
 
 ``ping``
     REPLY ``{version, pid, uid, user, workdir}``.
-``exec {argv | cmd, env, cwd, user, timeout, output_limit, stdin, background, tag}``
+``exec {argv | cmd, env, cwd, user, home, timeout, output_limit, stdin, background, tag}``
+    With ``home`` the command starts in its user's home directory, and a relative
+    ``cwd`` is resolved from there rather than from the workdir.
     EVENT ``{pid}`` (``null`` if the program could not be started), then OUT/ERR, IN/EOF
     for stdin, then REPLY ``{exit_code, signal, reason, output_bytes, error?}`` with
     reason ``exited``, ``killed``, ``timeout`` or ``output_limit``. A missing program is

@@ -99,6 +99,11 @@ class Engine:
         name = name or self.settings.default_isolation
         if name not in self._backends:
             backend = registry.resolve(name, self.settings)
+            # One instance per tier, whichever name ("auto" or its own) asked first: a
+            # second one would hold spare disks that aclose never releases.
+            if (first := self._backends.get(backend.name)) is not None:
+                backend.close()
+                backend = first
             self._backends[name] = self._backends[backend.name] = backend
         return self._backends[name]
 

@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from corral._aio import stop_tasks
@@ -33,7 +33,7 @@ from corral.errors import (
     SandboxStartFailed,
     SnapshotUnavailable,
 )
-from corral.guest import EntryInfo, GuestConnection
+from corral.guest import EntryInfo, GuestConnection, GuestWatch
 from corral.guest import ProcessInfo as ProcessInfo
 from corral.images import LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
@@ -50,6 +50,7 @@ from corral.isolation.snapshots import upper_layer
 from corral.limits import MIB, Limits
 from corral.network.events import NetworkEventLog
 from corral.network.policy import NetworkPolicy, Rule
+from corral.terminal import PtySize
 
 log = logging.getLogger("corral.isolation")
 
@@ -366,13 +367,21 @@ class Sandbox:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        home: bool = False,
         timeout: float | None = None,
         output_limit: int | None = None,
         stdin: bool = False,
         background: bool = False,
         tag: str | None = None,
+        pty: PtySize | None = None,
     ) -> Command:
-        """Start a command; iterate the result for output, `wait()` for its end."""
+        """Start a command; iterate the result for output, `wait()` for its end. With
+        `home` it starts in its user's home, which a relative `cwd` is resolved from.
+
+        The sandbox's default output limit is for output a caller collects; a terminal
+        (`pty`) is a stream someone watches for as long as it runs, so it has none unless
+        `output_limit` says so.
+        """
         check_command_timeout(timeout)
         guest = self._running_guest()
         before = self.oom_kills()
@@ -381,11 +390,13 @@ class Sandbox:
             env=env,
             cwd=cwd,
             user=user,
+            home=home,
             timeout=timeout,
-            output_limit=output_limit or self.spec.limits.output_bytes,
+            output_limit=output_limit or (None if pty else self.spec.limits.output_bytes),
             stdin=stdin,
             background=background,
             tag=tag,
+            pty=pty,
         )
         return Command(process, self.oom_kills, before)
 
@@ -416,12 +427,26 @@ class Sandbox:
     async def signal(self, pid: int, signum: int, *, group: bool = False) -> None:
         await self._running_guest().signal(pid, signum, group=group)
 
+    async def resize(self, pid: int, size: PtySize) -> None:
+        await self._running_guest().resize(pid, size)
+
     # -- files ------------------------------------------------------------------------
 
+    # Each file call acts as `user` (None: the template's default user) and, with `home`,
+    # resolves relative paths from that user's home directory (see GuestConnection).
+
     def read_file(
-        self, path: str, *, offset: int = 0, length: int | None = None
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> AsyncIterator[bytes]:
-        return self._running_guest().read_file(path, offset=offset, length=length)
+        return self._running_guest().read_file(
+            path, offset=offset, length=length, user=user, home=home
+        )
 
     async def read_bytes(self, path: str) -> bytes:
         return await self._running_guest().read_bytes(path)
@@ -433,23 +458,67 @@ class Sandbox:
         *,
         mode: int = 0o644,
         append: bool = False,
+        in_place: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> EntryInfo:
-        return await self._running_guest().write_file(path, data, mode=mode, append=append)
+        return await self._running_guest().write_file(
+            path,
+            data,
+            mode=mode,
+            append=append,
+            in_place=in_place,
+            metadata=metadata,
+            user=user,
+            home=home,
+        )
 
-    async def list_dir(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
-        return await self._running_guest().list_dir(path, depth=depth)
+    async def list_dir(
+        self, path: str, *, depth: int = 1, user: str | None = None, home: bool = False
+    ) -> list[EntryInfo]:
+        return await self._running_guest().list_dir(path, depth=depth, user=user, home=home)
 
-    async def stat(self, path: str) -> EntryInfo:
-        return await self._running_guest().stat(path)
+    async def stat(self, path: str, *, user: str | None = None, home: bool = False) -> EntryInfo:
+        return await self._running_guest().stat(path, user=user, home=home)
 
-    async def make_dir(self, path: str) -> bool:
-        return await self._running_guest().make_dir(path)
+    async def make_dir(self, path: str, *, user: str | None = None, home: bool = False) -> bool:
+        return await self._running_guest().make_dir(path, user=user, home=home)
 
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._running_guest().remove(path, recursive=recursive)
+    async def remove(
+        self, path: str, *, recursive: bool = False, user: str | None = None, home: bool = False
+    ) -> None:
+        await self._running_guest().remove(path, recursive=recursive, user=user, home=home)
 
-    async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> EntryInfo | None:
-        return await self._running_guest().rename(src, dst, overwrite=overwrite)
+    async def rename(
+        self,
+        src: str,
+        dst: str,
+        *,
+        overwrite: bool = True,
+        user: str | None = None,
+        home: bool = False,
+    ) -> EntryInfo | None:
+        return await self._running_guest().rename(
+            src, dst, overwrite=overwrite, user=user, home=home
+        )
+
+    async def watch(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        entries: bool = False,
+        user: str | None = None,
+        home: bool = False,
+    ) -> GuestWatch:
+        return await self._running_guest().watch(
+            path, recursive=recursive, entries=entries, user=user, home=home
+        )
+
+    async def sync(self) -> None:
+        """Wait until every watch event of changes made before now has arrived."""
+        await self._running_guest().sync()
 
     # -- ports ------------------------------------------------------------------------
 

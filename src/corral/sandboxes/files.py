@@ -7,10 +7,10 @@ sandbox's idle timer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
-from corral.guest import EntryInfo
+from corral.guest import EntryInfo, GuestWatch
 
 if TYPE_CHECKING:
     from corral.sandboxes.manager import SandboxManager
@@ -23,12 +23,24 @@ class SandboxFiles:
     def __init__(self, manager: SandboxManager) -> None:
         self._manager = manager
 
+    # Each call acts as `user` (None: the template's default) and, with `home`, resolves
+    # relative paths from that user's home directory (E2B's rule) instead of /workspace.
+
     async def read_file(
-        self, team: Team, sandbox_id: str, path: str, *, offset: int = 0, length: int | None = None
+        self,
+        team: Team,
+        sandbox_id: str,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> AsyncGenerator[bytes]:
         """The file's bytes from `offset` (`length` of them; None: to its end), in chunks."""
         box = await self._manager.running(team, sandbox_id)
-        async for chunk in box.read_file(path, offset=offset, length=length):
+        chunks = box.read_file(path, offset=offset, length=length, user=user, home=home)
+        async for chunk in chunks:
             self._manager.touch(sandbox_id)
             yield chunk
 
@@ -41,7 +53,12 @@ class SandboxFiles:
         *,
         mode: int = 0o644,
         append: bool = False,
+        in_place: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        user: str | None = None,
+        home: bool = False,
     ) -> EntryInfo:
+        """Write a file; `in_place` and `metadata` as `GuestConnection.write_file`."""
         box = await self._manager.running(team, sandbox_id)
 
         async def counted() -> AsyncIterator[bytes]:
@@ -49,31 +66,86 @@ class SandboxFiles:
                 self._manager.touch(sandbox_id)
                 yield chunk
 
-        return await box.write_file(path, counted(), mode=mode, append=append)
+        return await box.write_file(
+            path,
+            counted(),
+            mode=mode,
+            append=append,
+            in_place=in_place,
+            metadata=metadata,
+            user=user,
+            home=home,
+        )
 
     async def list_dir(
-        self, team: Team, sandbox_id: str, path: str, *, depth: int = 1
+        self,
+        team: Team,
+        sandbox_id: str,
+        path: str,
+        *,
+        depth: int = 1,
+        user: str | None = None,
+        home: bool = False,
     ) -> list[EntryInfo]:
         box = await self._manager.running(team, sandbox_id)
-        return await box.list_dir(path, depth=depth)
+        return await box.list_dir(path, depth=depth, user=user, home=home)
 
-    async def stat(self, team: Team, sandbox_id: str, path: str) -> EntryInfo:
+    async def stat(
+        self, team: Team, sandbox_id: str, path: str, *, user: str | None = None, home: bool = False
+    ) -> EntryInfo:
         box = await self._manager.running(team, sandbox_id)
-        return await box.stat(path)
+        return await box.stat(path, user=user, home=home)
 
-    async def make_dir(self, team: Team, sandbox_id: str, path: str) -> bool:
+    async def make_dir(
+        self, team: Team, sandbox_id: str, path: str, *, user: str | None = None, home: bool = False
+    ) -> bool:
         """Create the directory and its parents; False if it existed."""
         box = await self._manager.running(team, sandbox_id)
-        return await box.make_dir(path)
+        return await box.make_dir(path, user=user, home=home)
 
     async def remove(
-        self, team: Team, sandbox_id: str, path: str, *, recursive: bool = False
+        self,
+        team: Team,
+        sandbox_id: str,
+        path: str,
+        *,
+        recursive: bool = False,
+        user: str | None = None,
+        home: bool = False,
     ) -> None:
         box = await self._manager.running(team, sandbox_id)
-        await box.remove(path, recursive=recursive)
+        await box.remove(path, recursive=recursive, user=user, home=home)
 
     async def move(
-        self, team: Team, sandbox_id: str, source: str, destination: str, *, overwrite: bool = True
+        self,
+        team: Team,
+        sandbox_id: str,
+        source: str,
+        destination: str,
+        *,
+        overwrite: bool = True,
+        user: str | None = None,
+        home: bool = False,
     ) -> EntryInfo | None:
         box = await self._manager.running(team, sandbox_id)
-        return await box.rename(source, destination, overwrite=overwrite)
+        return await box.rename(source, destination, overwrite=overwrite, user=user, home=home)
+
+    async def watch(
+        self,
+        team: Team,
+        sandbox_id: str,
+        path: str,
+        *,
+        recursive: bool = False,
+        entries: bool = False,
+        user: str | None = None,
+        home: bool = False,
+    ) -> GuestWatch:
+        """Watch a directory's changes until the watch is closed (`GuestWatch.aclose`)."""
+        box = await self._manager.running(team, sandbox_id)
+        return await box.watch(path, recursive=recursive, entries=entries, user=user, home=home)
+
+    async def sync(self, team: Team, sandbox_id: str) -> None:
+        """Wait until watch events of every change made before now have arrived."""
+        box = await self._manager.running(team, sandbox_id)
+        await box.sync()

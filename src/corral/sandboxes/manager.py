@@ -378,6 +378,12 @@ class SandboxManager:
         if entry is not None:
             entry.touch(time.time())
 
+    def live_state(self, sandbox_id: str) -> str | None:
+        """The state of a sandbox this server runs (None: it runs none of that id). It
+        leaves "running" as soon as an end begins, before the store records the end."""
+        entry = self._live.get(sandbox_id)
+        return None if entry is None else entry.state
+
     def envs(self, sandbox_id: str) -> dict[str, str]:
         """The sandbox's environment, to merge under each command's own."""
         entry = self._live.get(sandbox_id)

@@ -1,10 +1,11 @@
-"""SandboxService RPCs of commands: Exec (streamed), stdin, signals, the process list."""
+"""SandboxService RPCs of commands: Exec and Attach (streamed), input, signals, terminal
+size, the process list."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from connectrpc.request import RequestContext
@@ -15,6 +16,7 @@ from corral.isolation.backend import check_command_timeout
 from corral.sandboxes.commands import ExecEvent, Started
 from corral.server import convert, disconnect
 from corral.server.base import Handlers
+from corral.terminal import PtySize
 from corral.v1 import sandbox_pb2 as pb
 
 Ctx = RequestContext[Any, Any]
@@ -37,6 +39,16 @@ def _pid(value: int) -> int:
     if value <= 0:
         raise InvalidRequest(f"pid={value} is not a process id; `corral sandbox ps` lists them")
     return value
+
+
+def _pty_size(size: pb.PtySize) -> PtySize:
+    return PtySize(size.cols, size.rows)  # which says what a size may be
+
+
+async def _responses(events: AsyncGenerator[ExecEvent]) -> AsyncIterator[pb.ExecResponse]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield _exec_response(event)
 
 
 def _exec_response(event: ExecEvent) -> pb.ExecResponse:
@@ -75,11 +87,20 @@ class CommandHandlers(Handlers):
             stdin=request.stdin,
             background=request.background,
             tag=request.tag or None,
+            pty=_pty_size(request.pty) if request.HasField("pty") else None,
             client_gone=disconnect.current(),
         )
-        async with contextlib.aclosing(events):
-            async for event in events:
-                yield _exec_response(event)
+        async for response in _responses(events):
+            yield response
+
+    async def attach(self, request: pb.AttachRequest, ctx: Ctx) -> AsyncIterator[pb.ExecResponse]:
+        team = self._team(ctx)
+        sandbox_id = convert.sandbox_id(request.sandbox_id)
+        events = self._manager.commands.attach(
+            team, sandbox_id, _pid(request.pid), client_gone=disconnect.current()
+        )
+        async for response in _responses(events):
+            yield response
 
     async def send_input(self, request: pb.SendInputRequest, ctx: Ctx) -> pb.SendInputResponse:
         team = self._team(ctx)
@@ -103,6 +124,13 @@ class CommandHandlers(Handlers):
             team, sandbox_id, pid, request.signal, group=request.group
         )
         return pb.SignalResponse()
+
+    async def resize(self, request: pb.ResizeRequest, ctx: Ctx) -> pb.ResizeResponse:
+        team = self._team(ctx)
+        sandbox_id = convert.sandbox_id(request.sandbox_id)
+        pid, size = _pid(request.pid), _pty_size(request.size)
+        await self._manager.commands.resize(team, sandbox_id, pid, size.cols, size.rows)
+        return pb.ResizeResponse()
 
     async def list_processes(
         self, request: pb.ListProcessesRequest, ctx: Ctx

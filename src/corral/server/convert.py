@@ -161,6 +161,9 @@ def process(info: ProcessInfo) -> pb.ProcessInfo:
         tag=info.tag or "",
         background=info.background,
         started_at=timestamp(info.started_at),
+        cwd=info.cwd or "",
+        envs=info.envs or {},
+        pty=info.pty,
     )
 
 

@@ -30,6 +30,9 @@ Scope = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
 
 TOKEN_HEADERS = (b"x-corral-traffic-token", b"e2b-traffic-access-token")
+# The port E2B's SDK reaches a sandbox's envd at (`49983-<id>.<domain>`): the server
+# answers for envd itself (corral.server.e2b), so that host is never proxied.
+ENVD_PORT = "49983"
 TOKEN_PARAM = b"corral_token"
 _PATH_PREFIX = b"/sandboxes/"
 # Headers of one hop only (RFC 9110 7.6.1), never forwarded; nor are those `Connection`
@@ -104,6 +107,8 @@ def route(scope: Scope, domain: str) -> PortRoute | None:
     prefix = b""
     if by_host is not None:
         port_text, sandbox_id = by_host
+        if port_text == ENVD_PORT:
+            return None
         path = raw_path
     elif raw_path.startswith(_PATH_PREFIX):
         sandbox_id_b, _, rest = raw_path[len(_PATH_PREFIX) :].partition(b"/")

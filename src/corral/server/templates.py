@@ -95,7 +95,7 @@ def template_message(record: TemplateRecord) -> pb.Template:
 # -- parsing a build request ---------------------------------------------------------------
 
 
-def _context(data: bytes, scratch: Path) -> BuildContext:
+def unpack_context(data: bytes, scratch: Path) -> BuildContext:
     """The context tar unpacked under `scratch`, with the checks of a layer (no `..`, no
     writes through symlinks, devices dropped): a context is as untrusted as an image."""
     check_build_context(len(data))
@@ -138,7 +138,7 @@ def parse_plan(request: pb.BuildTemplateRequest, scratch: Path) -> tuple[BuildPl
     takes_context = which in ("dockerfile", "recipe", "e2b_template")
     if request.context and not takes_context:
         raise InvalidRequest(f"a build from {which} has no COPY steps: send no context")
-    context = _context(request.context, scratch) if request.context else None
+    context = unpack_context(request.context, scratch) if request.context else None
     if which == "dockerfile":
         plan = parse_dockerfile(request.dockerfile, context, dict(request.build_args))
     elif which == "recipe":
@@ -196,6 +196,18 @@ def _debian_plan(debian: pb.DebianSource) -> BuildPlan:
     return BuildPlan(base, ())
 
 
+async def check_registry(catalog: TemplateCatalog, team_id: str, base: Base) -> None:
+    """A build's image comes from a public registry, or one the operator allows: the
+    server fetches it from its own network (no SSRF through FROM)."""
+    if base.kind != "image" or catalog.base_template(team_id, base) is not None:
+        return
+    host = registry_host(base.ref)
+    if host is not None:
+        allow = catalog.settings.registry_allow
+        policy = CallbackPolicy.parse(allow, setting="CORRAL_REGISTRY_ALLOW", field="image")
+        await policy.check(f"https://{host}/")
+
+
 class TemplateHandlers(Handlers):
     """Every RPC of `corral.v1.TemplateService`."""
 
@@ -209,20 +221,9 @@ class TemplateHandlers(Handlers):
         team = self._team(ctx)
         catalog = self._catalog
         build = await asyncio.to_thread(build_request, request)
-        await self._check_registry(team.id, build.plan.base)
+        await check_registry(catalog, team.id, build.plan.base)
         record = await catalog.build(team.id, build)
         return pb.BuildTemplateResponse(template=template_message(record))
-
-    async def _check_registry(self, team_id: str, base: Base) -> None:
-        """A build's image comes from a public registry, or one the operator allows: the
-        server fetches it from its own network (no SSRF through FROM)."""
-        if base.kind != "image" or self._catalog.base_template(team_id, base) is not None:
-            return
-        host = registry_host(base.ref)
-        if host is not None:
-            allow = self._catalog.settings.registry_allow
-            policy = CallbackPolicy.parse(allow, setting="CORRAL_REGISTRY_ALLOW", field="image")
-            await policy.check(f"https://{host}/")
 
     async def get(self, request: pb.GetTemplateRequest, ctx: Ctx) -> pb.GetTemplateResponse:
         team = self._team(ctx)

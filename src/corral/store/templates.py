@@ -190,7 +190,8 @@ class TemplateStore(Database):
             conn.execute(
                 templates.update()
                 .where(templates.c.id == template_id)
-                .values(state=state, updated_at=now, request={}, **changes)
+                # A build's request is spent; a snapshot's names its source (`changes`).
+                .values(**{"state": state, "updated_at": now, "request": {}, **changes})
             )
             found = conn.execute(sa.select(templates).where(templates.c.id == template_id)).one()
         return _row(found), old

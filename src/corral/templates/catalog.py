@@ -490,7 +490,8 @@ class TemplateCatalog:
         """A ready template `name` of the team's live sandbox's `/` as it is now: its
         template's layers and one of what it changed (or, with `flatten`, all of it merged
         into one layer), with its template's environment, working directory and user
-        (replacing the team's template of that name)."""
+        (replacing the team's template of that name). Its row's `request` names the
+        sandbox (`{"sandbox_id": …}`), so snapshots can be listed by their source."""
         check_name(name)
         if self.manager is None:
             raise InvalidRequest("this process runs no sandboxes to snapshot; ask the server")
@@ -521,6 +522,7 @@ class TemplateCatalog:
             defaults=defaults,
             start=rootfs.start,  # its sandboxes start what the sandbox's template did
             ready=rootfs.ready,
+            request={"sandbox_id": sandbox_id},
         )
 
     # -- templates made of stored layers ----------------------------------------------------
@@ -538,10 +540,11 @@ class TemplateCatalog:
         defaults: SandboxDefaults | None = None,
         start: str | None = None,
         ready: str | None = None,
+        request: Mapping[str, Any] | None = None,
     ) -> TemplateRecord:
         """Record a ready template of layers already in the store (a Debian base, a
         snapshot), replacing the team's template of that name; its sandboxes run as
-        `user`."""
+        `user`. `request` is kept in its row: where it came from."""
         check_name(name)
         if source not in SOURCES:
             raise InvalidRequest(f"source {source!r} is unknown; use one of {', '.join(SOURCES)}")
@@ -571,7 +574,7 @@ class TemplateCatalog:
         )
         self.store.insert_template(row, **self._quotas())  # QuotaExceeded names the setting
         try:
-            made, _ = self.finish(row.id, "ready")
+            made, _ = self.finish(row.id, "ready", request=dict(request or {}))
         except BaseException:
             self.store.delete_templates(team, name, only=row.id)
             raise

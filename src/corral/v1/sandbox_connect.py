@@ -44,6 +44,9 @@ class SandboxService(Protocol):
     def exec(self, request: corral_dot_v1_dot_sandbox__pb2.ExecRequest, ctx: RequestContext) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.ExecResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    def attach(self, request: corral_dot_v1_dot_sandbox__pb2.AttachRequest, ctx: RequestContext) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.ExecResponse]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
     async def send_input(self, request: corral_dot_v1_dot_sandbox__pb2.SendInputRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.SendInputResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
@@ -51,6 +54,9 @@ class SandboxService(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
     async def signal(self, request: corral_dot_v1_dot_sandbox__pb2.SignalRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.SignalResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def resize(self, request: corral_dot_v1_dot_sandbox__pb2.ResizeRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.ResizeResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
     async def list_processes(self, request: corral_dot_v1_dot_sandbox__pb2.ListProcessesRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.ListProcessesResponse:
@@ -182,6 +188,16 @@ class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
                     ),
                     function=svc.exec,
                 ),
+                "/corral.v1.SandboxService/Attach": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="Attach",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.AttachRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.ExecResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.attach,
+                ),
                 "/corral.v1.SandboxService/SendInput": Endpoint.unary(
                     method=MethodInfo(
                         name="SendInput",
@@ -211,6 +227,16 @@ class SandboxServiceASGIApplication(ConnectASGIApplication[SandboxService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.signal,
+                ),
+                "/corral.v1.SandboxService/Resize": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Resize",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.ResizeRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.ResizeResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.resize,
                 ),
                 "/corral.v1.SandboxService/ListProcesses": Endpoint.unary(
                     method=MethodInfo(
@@ -515,6 +541,26 @@ class SandboxServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    def attach(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.AttachRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[corral_dot_v1_dot_sandbox__pb2.ExecResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Attach",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.AttachRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.ExecResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
     async def send_input(
         self,
         request: corral_dot_v1_dot_sandbox__pb2.SendInputRequest,
@@ -569,6 +615,26 @@ class SandboxServiceClient(ConnectClient):
                 service_name="corral.v1.SandboxService",
                 input=corral_dot_v1_dot_sandbox__pb2.SignalRequest,
                 output=corral_dot_v1_dot_sandbox__pb2.SignalResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def resize(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.ResizeRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> corral_dot_v1_dot_sandbox__pb2.ResizeResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Resize",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.ResizeRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.ResizeResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
@@ -815,11 +881,15 @@ class SandboxServiceSync(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def exec(self, request: corral_dot_v1_dot_sandbox__pb2.ExecRequest, ctx: RequestContext) -> Iterator[corral_dot_v1_dot_sandbox__pb2.ExecResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def attach(self, request: corral_dot_v1_dot_sandbox__pb2.AttachRequest, ctx: RequestContext) -> Iterator[corral_dot_v1_dot_sandbox__pb2.ExecResponse]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def send_input(self, request: corral_dot_v1_dot_sandbox__pb2.SendInputRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.SendInputResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def close_input(self, request: corral_dot_v1_dot_sandbox__pb2.CloseInputRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.CloseInputResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def signal(self, request: corral_dot_v1_dot_sandbox__pb2.SignalRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.SignalResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def resize(self, request: corral_dot_v1_dot_sandbox__pb2.ResizeRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.ResizeResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def list_processes(self, request: corral_dot_v1_dot_sandbox__pb2.ListProcessesRequest, ctx: RequestContext) -> corral_dot_v1_dot_sandbox__pb2.ListProcessesResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
@@ -939,6 +1009,16 @@ class SandboxServiceWSGIApplication(ConnectWSGIApplication):
                     ),
                     function=service.exec,
                 ),
+                "/corral.v1.SandboxService/Attach": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="Attach",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.AttachRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.ExecResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.attach,
+                ),
                 "/corral.v1.SandboxService/SendInput": EndpointSync.unary(
                     method=MethodInfo(
                         name="SendInput",
@@ -968,6 +1048,16 @@ class SandboxServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.signal,
+                ),
+                "/corral.v1.SandboxService/Resize": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Resize",
+                        service_name="corral.v1.SandboxService",
+                        input=corral_dot_v1_dot_sandbox__pb2.ResizeRequest,
+                        output=corral_dot_v1_dot_sandbox__pb2.ResizeResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.resize,
                 ),
                 "/corral.v1.SandboxService/ListProcesses": EndpointSync.unary(
                     method=MethodInfo(
@@ -1272,6 +1362,26 @@ class SandboxServiceClientSync(ConnectClientSync):
             timeout_ms=timeout_ms,
         )
 
+    def attach(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.AttachRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Iterator[corral_dot_v1_dot_sandbox__pb2.ExecResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Attach",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.AttachRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.ExecResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
     def send_input(
         self,
         request: corral_dot_v1_dot_sandbox__pb2.SendInputRequest,
@@ -1326,6 +1436,26 @@ class SandboxServiceClientSync(ConnectClientSync):
                 service_name="corral.v1.SandboxService",
                 input=corral_dot_v1_dot_sandbox__pb2.SignalRequest,
                 output=corral_dot_v1_dot_sandbox__pb2.SignalResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def resize(
+        self,
+        request: corral_dot_v1_dot_sandbox__pb2.ResizeRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> corral_dot_v1_dot_sandbox__pb2.ResizeResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Resize",
+                service_name="corral.v1.SandboxService",
+                input=corral_dot_v1_dot_sandbox__pb2.ResizeRequest,
+                output=corral_dot_v1_dot_sandbox__pb2.ResizeResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

@@ -276,7 +276,7 @@ class PingResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("sandbox_id", "argv", "cmd", "envs", "cwd", "user", "timeout_seconds", "stdin", "background", "tag", "output_limit")
+    __slots__ = ("sandbox_id", "argv", "cmd", "envs", "cwd", "user", "timeout_seconds", "stdin", "background", "tag", "output_limit", "pty")
     class EnvsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,7 @@ class ExecRequest(_message.Message):
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PTY_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     cmd: str
@@ -306,7 +307,16 @@ class ExecRequest(_message.Message):
     background: bool
     tag: str
     output_limit: int
-    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cmd: _Optional[str] = ..., envs: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., user: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., background: _Optional[bool] = ..., tag: _Optional[str] = ..., output_limit: _Optional[int] = ...) -> None: ...
+    pty: PtySize
+    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cmd: _Optional[str] = ..., envs: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., user: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., background: _Optional[bool] = ..., tag: _Optional[str] = ..., output_limit: _Optional[int] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ...) -> None: ...
+
+class PtySize(_message.Message):
+    __slots__ = ("cols", "rows")
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    cols: int
+    rows: int
+    def __init__(self, cols: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("start", "stdout", "stderr", "end")
@@ -339,6 +349,14 @@ class ExecEnd(_message.Message):
     error: str
     output_bytes: int
     def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., output_bytes: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("sandbox_id", "pid")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    pid: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class SendInputRequest(_message.Message):
     __slots__ = ("sandbox_id", "pid", "data")
@@ -382,21 +400,48 @@ class SignalResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ResizeRequest(_message.Message):
+    __slots__ = ("sandbox_id", "pid", "size")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    pid: int
+    size: PtySize
+    def __init__(self, sandbox_id: _Optional[str] = ..., pid: _Optional[int] = ..., size: _Optional[_Union[PtySize, _Mapping]] = ...) -> None: ...
+
+class ResizeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ProcessInfo(_message.Message):
-    __slots__ = ("pid", "argv", "cmd", "tag", "background", "started_at")
+    __slots__ = ("pid", "argv", "cmd", "tag", "background", "started_at", "cwd", "envs", "pty")
+    class EnvsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PID_FIELD_NUMBER: _ClassVar[int]
     ARGV_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    ENVS_FIELD_NUMBER: _ClassVar[int]
+    PTY_FIELD_NUMBER: _ClassVar[int]
     pid: int
     argv: _containers.RepeatedScalarFieldContainer[str]
     cmd: str
     tag: str
     background: bool
     started_at: _timestamp_pb2.Timestamp
-    def __init__(self, pid: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., cmd: _Optional[str] = ..., tag: _Optional[str] = ..., background: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    cwd: str
+    envs: _containers.ScalarMap[str, str]
+    pty: bool
+    def __init__(self, pid: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., cmd: _Optional[str] = ..., tag: _Optional[str] = ..., background: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cwd: _Optional[str] = ..., envs: _Optional[_Mapping[str, str]] = ..., pty: _Optional[bool] = ...) -> None: ...
 
 class ListProcessesRequest(_message.Message):
     __slots__ = ("sandbox_id",)

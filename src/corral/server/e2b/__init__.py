@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from corral.server.disconnect import Receive
-from corral.server.e2b import lifecycle, snapshots, templates
+from corral.server.e2b import lifecycle, metrics, network, snapshots, templates, uploads
 from corral.server.e2b.envd import EnvdApp
 from corral.server.e2b.rest import RestApp, Route
 from corral.server.e2b.routing import is_envd, is_rest
@@ -25,7 +25,13 @@ if TYPE_CHECKING:
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-ROUTES: list[Route] = [*lifecycle.ROUTES, *snapshots.ROUTES, *templates.ROUTES]
+ROUTES: list[Route] = [
+    *lifecycle.ROUTES,
+    *snapshots.ROUTES,
+    *templates.ROUTES,
+    *metrics.ROUTES,
+    *network.ROUTES,
+]
 
 
 class E2bApp:
@@ -34,12 +40,15 @@ class E2bApp:
     def __init__(self, services: Services, settings: Settings) -> None:
         self.settings = settings
         self.rest = RestApp(services, ROUTES)
-        self.envd = EnvdApp(services)
+        self.envd = EnvdApp(services, settings.ports_domain)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer the request if it is E2B's (True), else leave it alone (False)."""
-        if is_envd(scope):
+        if is_envd(scope, self.settings.ports_domain):
             await self.envd(scope, receive, send)
+            return True
+        if uploads.is_upload(scope):  # a COPY step's files: the link is the credential
+            await uploads.serve_upload(self.rest.services, scope, receive, send)
             return True
         if is_rest(scope):
             await self.rest(scope, receive, send)

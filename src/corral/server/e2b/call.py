@@ -86,13 +86,13 @@ def basic_user(authorization: str) -> str | None:
 def resolve(services: Services, sandbox_id: str, headers: dict[str, str]) -> EnvdCall:
     """The call of an envd request for `sandbox_id` with these (lower-case) headers, or
     the error to answer: 502 not running, 401 wrong token, 404 another team's."""
-    store, manager = services.store, services.manager
-    if store is None or manager is None:
+    store = services.store
+    if store is None or services.manager is None:
         raise ServerUnavailable("the Corral server is starting or stopping; try again")
-    row = store.sandbox(sandbox_id)
-    if row is None:
+    target = store.envd_target(sandbox_id) if isinstance(sandbox_id, str) else None
+    if target is None:
         raise not_running(sandbox_id)
-    team = store.team_by_id(row.team_id)
+    team = target.team
     api_key = headers.get("x-api-key")
     if api_key is not None:
         try:
@@ -101,8 +101,7 @@ def resolve(services: Services, sandbox_id: str, headers: dict[str, str]) -> Env
             caller = None
         if caller is None or caller.id != team.id:
             raise E2bError(404, f"no sandbox {sandbox_id!r}; check the id (Sandbox.list)")
-    e2b = store.e2b_sandbox(sandbox_id)
-    token = e2b.envd_access_token if e2b is not None else ""
+    token = target.envd_access_token or ""
     if token:
         sent = headers.get("x-access-token", "")
         if not hmac.compare_digest(sent.encode(), token.encode()):
@@ -111,12 +110,15 @@ def resolve(services: Services, sandbox_id: str, headers: dict[str, str]) -> Env
                 f"sandbox {sandbox_id} is secure: send its envdAccessToken (from create or "
                 "connect) as the header X-Access-Token",
             )
-    elif e2b is None and api_key is None:
+    elif target.envd_access_token is None and api_key is None:
         raise Unauthenticated(
             f"sandbox {sandbox_id} was not created through E2B's API: send its team's API "
             "key as the header X-API-KEY"
         )
-    if row.state != "running":
-        raise not_running(sandbox_id, row.state)
+    # The live state first: a sandbox being killed is still "running" in the store until
+    # its end is recorded, and /health must say 502 (the SDK probes it as the end nears).
+    state = services.manager.live_state(sandbox_id) or target.state
+    if state != "running":
+        raise not_running(sandbox_id, state)
     user = basic_user(headers.get("authorization", ""))
     return EnvdCall(team=team, sandbox_id=sandbox_id, user=user, secure=bool(token))

@@ -27,10 +27,11 @@ from corral.errors import CorralError
 from corral.server import disconnect
 from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
+from corral.server.e2b.broken import breakable
 from corral.server.e2b.call import EnvdCall, resolve, set_current
 from corral.server.e2b.errors import E2bError, rest_status
 from corral.server.e2b.rest import error_body, send_json
-from corral.server.e2b.routing import SANDBOX_ID_HEADER, header
+from corral.server.e2b.routing import sandbox_of
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.requests import MAX_MESSAGE_BYTES, limit_size
 
@@ -84,14 +85,15 @@ def _service_app(services: Services, prefix: str) -> ASGIApp | None:
         read_max_bytes=MAX_MESSAGE_BYTES,
         compressions=[BoundedGzip(MAX_MESSAGE_BYTES)],
     )
-    return app
+    return breakable(app)  # a stream whose sandbox dies breaks as a transport failure
 
 
 class EnvdApp:
     """Answers envd requests of every sandbox."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, domain: str) -> None:
         self.services = services
+        self.domain = domain  # of E2B's host form `49983-<id>.<domain>`
         self._apps: dict[str, ASGIApp | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,7 +107,7 @@ class EnvdApp:
                 serve_files = optional("corral.server.e2b.files", "serve")
                 if serve_files is None:
                     raise E2bError(501, "envd's /files is not built into this server yet")
-                await serve_files(call, scope, disconnect.watch(receive), send)
+                await serve_files(self.services, call, scope, disconnect.watch(receive), send)
             elif path == "/health":
                 await send_json(send, 204, None)
             elif path == "/envs":
@@ -122,7 +124,7 @@ class EnvdApp:
             bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
             for k, v in scope.get("headers", ())
         }
-        sandbox_id = header(scope, SANDBOX_ID_HEADER)
+        sandbox_id = sandbox_of(scope, self.domain)
         if sandbox_id is None:
             if scope["path"] == "/files":
                 resolve_signed = optional("corral.server.e2b.signing", "resolve_signed")
@@ -132,9 +134,10 @@ class EnvdApp:
             raise E2bError(
                 400,
                 "envd requests name their sandbox with the header E2b-Sandbox-Id (the SDK "
-                "sends it when E2B_SANDBOX_URL points at this server)",
+                "sends it when E2B_SANDBOX_URL points at this server) or the host "
+                f"49983-<sandbox id>.{self.domain}",
             )
-        return resolve(self.services, sandbox_id.strip(), headers)
+        return resolve(self.services, sandbox_id, headers)
 
     async def _service(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         prefix = _PROCESS if path.startswith(_PROCESS) else _FILESYSTEM

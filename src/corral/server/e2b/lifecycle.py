@@ -16,10 +16,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
-from corral.errors import NotFound, SandboxNotRunning, ServerUnavailable
-from corral.network.policy import NetworkPolicy
+from corral.errors import InvalidRequest, NotFound, SandboxNotRunning, ServerUnavailable
 from corral.sandboxes import CreateOptions
 from corral.sandboxes.options import check_timeout
+from corral.server.e2b import network
 from corral.server.e2b.errors import E2bError
 from corral.server.e2b.rest import RestRequest, RestResponse, Route
 from corral.server.e2b.sandboxes import detail, listed, new_row, sandbox_body
@@ -37,24 +37,6 @@ DEFAULT_TIMEOUT = 300  # the SDK's default; also when a connect names none
 REFRESH_SECONDS = 15  # E2B's default keep-alive of a refresh without a duration
 MAX_LIST_LIMIT = 100
 _E2B_STATES = ("running", "paused")
-
-
-# -- hooks for the network options (helper G's) ---------------------------------------------
-
-
-def network_policy(body: dict[str, Any]) -> NetworkPolicy | None:
-    """The network policy a create body asks for; None: the template's (or Corral's)
-    default. `allow_internet_access: false` is no network at all."""
-    if _bool(body, "allow_internet_access", True) is False:
-        return NetworkPolicy()
-    return None
-
-
-def public_traffic(body: dict[str, Any]) -> bool:
-    """Whether anyone may reach the sandbox's ports (E2B's default), or only callers
-    with its traffic access token (`network.allowPublicTraffic: false`)."""
-    network = _object(body, "network")
-    return _bool(network, "allowPublicTraffic", True, "network.allowPublicTraffic")
 
 
 # -- reading bodies ----------------------------------------------------------------------------
@@ -154,8 +136,8 @@ async def create(services: Services, req: RestRequest) -> RestResponse:
         metadata=_strings(body, "metadata"),
         timeout_seconds=_seconds(body, "timeout", DEFAULT_TIMEOUT),
         on_timeout="pause" if auto_pause else "kill",
-        network=defaults.network_for(network_policy(body)),
-        public_ports=public_traffic(body),
+        network=network.create_policy(body, defaults, manager.settings.e2b_network),
+        public_ports=network.public_traffic(body),
         volumes=tuple(VolumeSpec.of(mount) for mount in mounts),
     )
     secure = _bool(body, "secure", False)
@@ -283,9 +265,13 @@ async def pause(services: Services, req: RestRequest) -> RestResponse:
     manager, _ = _manager(services)
     _bool(req.json_object(), "memory", True)  # Corral's pause always keeps memory
     record = await _live(services, req.team, req.params["sandboxID"])
+    already = E2bError(409, f"sandbox {record.id} is paused already")
     if record.state == "paused":
-        raise E2bError(409, f"sandbox {record.id} is paused already")
-    await manager.pause(req.team, record.id)
+        raise already
+    try:
+        await manager.pause(req.team, record.id)
+    except InvalidRequest:  # paused by another request meanwhile
+        raise already from None
     return RestResponse(204)
 
 
@@ -310,14 +296,15 @@ async def _wake(
     if record.state == "paused":
         # The deadline first: a paused sandbox past it must not be ended as it wakes.
         await manager.set_timeout(req.team, record.id, seconds)
-        record = await manager.resume(req.team, record.id)
-        status = 201
-    elif resume_only:
+        try:
+            record = await manager.resume(req.team, record.id)
+            return RestResponse(201, sandbox_body(record, _row(services, record.id)))
+        except InvalidRequest:  # another request resumed it meanwhile: it runs
+            record = await _live(services, req.team, record.id)
+    if resume_only:
         raise E2bError(409, f"sandbox {record.id} is running already; connect to it instead")
-    else:
-        record = await _extend(manager, req.team, record, seconds)
-        status = 200
-    return RestResponse(status, sandbox_body(record, _row(services, record.id)))
+    record = await _extend(manager, req.team, record, seconds)
+    return RestResponse(200, sandbox_body(record, _row(services, record.id)))
 
 
 async def _extend(

@@ -153,29 +153,35 @@ class RestApp:
         store = self.services.store
         if store is None:
             raise ServerUnavailable("the Corral server is starting or stopping; try again")
+        path: str = scope["path"].rstrip("/") or "/"
+        method: str = scope["method"]
+        route, params = self._route(method, path)  # the routes are public: before the key
         headers = {
             bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
             for k, v in scope.get("headers", ())
         }
         team = authenticate_e2b(store, headers.get("x-api-key"), headers.get("authorization", ""))
-        path: str = scope["path"].rstrip("/") or "/"
-        method: str = scope["method"]
+        raw = await read_body(receive)
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError as exc:
+            raise E2bError(400, f"the request body is not valid JSON: {exc}") from None
+        query = parse_qsl(bytes(scope.get("query_string", b"")).decode("latin-1"), True)
+        req = RestRequest(team, method, params, query, body, headers)
+        return await route.handler(self.services, req)
+
+    def _route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed: list[str] = []
         for route in self.routes:
             params = route.match(path)
             if params is None:
                 continue
-            if route.method != method:
-                allowed.append(route.method)
-                continue
-            raw = await read_body(receive)
-            try:
-                body = json.loads(raw) if raw.strip() else None
-            except ValueError as exc:
-                raise E2bError(400, f"the request body is not valid JSON: {exc}") from None
-            query = parse_qsl(bytes(scope.get("query_string", b"")).decode("latin-1"), True)
-            req = RestRequest(team, method, params, query, body, headers)
-            return await route.handler(self.services, req)
+            if route.method == method:
+                return route, params
+            allowed.append(route.method)
         if allowed:
             raise E2bError(405, f"{method} {path} is not allowed; use {', '.join(allowed)}")
-        raise E2bError(404, f"no E2B endpoint {method} {path}")
+        hint = ""
+        if path.startswith("/sandboxes/"):
+            hint = " (a sandbox port's URL is /sandboxes/<sandbox id>/ports/<port>/<path>)"
+        raise E2bError(404, f"no E2B endpoint {method} {path}{hint}")

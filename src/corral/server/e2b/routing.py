@@ -1,7 +1,8 @@
 """Which requests are E2B's: the envd daemon's (one per sandbox upstream, one URL here)
 and the control plane's REST API. Corral's own API and port proxy paths never match.
 
-    envd   header `E2b-Sandbox-Id`, or /process.Process/…, /filesystem.Filesystem/…,
+    envd   header `E2b-Sandbox-Id`, or the host `49983-<id>.<ports domain>` (E2B's
+           host form, for E2B_DOMAIN), or /process.Process/…, /filesystem.Filesystem/…,
            /files, /health, /envs
     REST   /sandboxes…, /v2/sandboxes…, /snapshots…, /templates…, /v2/templates…,
            /v3/templates…
@@ -10,6 +11,8 @@ and the control plane's REST API. Corral's own API and port proxy paths never ma
 from __future__ import annotations
 
 from typing import Any
+
+from corral.server.ports import ENVD_PORT, parse_host
 
 Scope = dict[str, Any]
 
@@ -34,10 +37,22 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def is_envd(scope: Scope) -> bool:
+def sandbox_of(scope: Scope, domain: str) -> str | None:
+    """The sandbox an envd request names: its `E2b-Sandbox-Id` header, else its host
+    `49983-<id>.<domain>`; None when it names none."""
+    named = header(scope, SANDBOX_ID_HEADER)
+    if named is not None:
+        return named.strip()
+    by_host = parse_host(header(scope, b"host") or "", domain)
+    if by_host is not None and by_host[0] == ENVD_PORT:
+        return by_host[1]
+    return None
+
+
+def is_envd(scope: Scope, domain: str) -> bool:
     path: str = scope["path"]
     return (
-        header(scope, SANDBOX_ID_HEADER) is not None
+        sandbox_of(scope, domain) is not None
         or path.startswith(_ENVD_PREFIXES)
         or path in _ENVD_PATHS
     )
