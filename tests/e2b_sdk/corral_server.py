@@ -154,7 +154,11 @@ def start(*, pool_size: int = 2, extra_env: Mapping[str, str] | None = None) -> 
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT", "VIRTUAL_ENV"):
         env.pop(name, None)
-    _install_base(runtime / "data", env)
+    try:
+        _install_base(runtime / "data", env)
+    except BaseException:
+        shutil.rmtree(runtime, ignore_errors=True)  # nothing ran there: no mount, no sandbox
+        raise
     log = runtime / "server.log"
     with log.open("ab") as sink:
         process = subprocess.Popen(
