@@ -138,8 +138,9 @@ def test_octet_stream_gzip_both_ways_and_big_files_stream(envd: Envd) -> None:
     with envd.http.stream(
         "GET", "/files", params={"path": name}, headers={"Accept-Encoding": "gzip"}
     ) as streamed:
-        assert streamed.headers["content-encoding"] == "gzip"
-        assert b"".join(streamed.iter_bytes()) == data  # httpx decodes it
+        # It starts random: gzip would not pay, so it comes as it is (test_e2b_files_gzip).
+        assert streamed.headers.get("content-encoding") is None
+        assert b"".join(streamed.iter_bytes()) == data
     empty = unique("empty")
     envd.http.post("/files", params={"path": empty}, content=b"",
                    headers={"Content-Type": "application/octet-stream"})  # fmt: skip
