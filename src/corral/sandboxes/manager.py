@@ -90,6 +90,15 @@ class SandboxManager:
         self.tick = tick
         self.metrics_interval = metrics_interval
         self.pool = WarmPool(self.engine, pool_size, "host", settings.default_isolation)
+        self._pool_size = pool_size
+        # Warm pools of layer templates, by engine name, made on a template's first
+        # create when `poolable` says so (the first create is cold: it registers the
+        # template with the engine, and a template nobody asks for holds no memory).
+        self._template_pools: dict[str, WarmPool] = {}
+        # Whether an engine template may be pooled: one with no start command (a pooled
+        # sandbox never runs one) that is common enough to be worth the memory. Given by
+        # the server (the server's `base`, E2B's default); None: only `host` is pooled.
+        self.poolable: Callable[[str], bool] | None = None
         self._live = LiveSandboxes(store, metrics_interval)
         self.commands = SandboxCommands(self)
         self.files = SandboxFiles(self)
@@ -133,6 +142,9 @@ class SandboxManager:
                     extra={"sandbox_id": entry.id, "error": repr(result)},
                 )
         await self.pool.aclose()
+        pools, self._template_pools = list(self._template_pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
         if self._own_engine:
             await self.engine.aclose()
 
@@ -148,19 +160,20 @@ class SandboxManager:
         backend = self.engine.backend(options.isolation).name
         mounts = self.volumes.mounts(team.id, options.volumes)
         # Pooled sandboxes have no network, no volumes and a disk: others start cold.
+        pool = self._pool_of(engine_template)
         fits = (
             options.network.mode == "none"
             and not mounts
             and not options.ram_disk
-            and self.pool.fits(options.template, backend, limits)
+            and pool.fits(engine_template, backend, limits)
         )
-        pooled = self.pool.claim() if fits else None
+        pooled = pool.claim() if fits else None
         try:
             # Refused for room before its row is written; the engine checks again.
             self.engine.check_room(limits.memory_mib, resizing=pooled)
         except BaseException:
             if pooled is not None:
-                self.pool.give_back(pooled)
+                pool.give_back(pooled)
             raise
         now = time.time()
         token = "" if options.public_ports else secrets.token_urlsafe(24)
@@ -195,7 +208,7 @@ class SandboxManager:
             self.store.insert_sandbox(row)  # within the team's quotas, or QuotaExceeded
         except BaseException:
             if pooled is not None:
-                self.pool.give_back(pooled)
+                pool.give_back(pooled)
             raise
         entry = LiveSandbox(
             id=row.id,
@@ -237,6 +250,23 @@ class SandboxManager:
             extra={"sandbox_id": row.id, "team_id": team.id, "warm": warm},
         )
         return self._record(created)
+
+    def _pool_of(self, engine_template: str) -> WarmPool:
+        """The warm pool for sandboxes of `engine_template` (started now if the template
+        is poolable and has none yet); the host pool, whose `fits` refuses, otherwise."""
+        pool = self._template_pools.get(engine_template)
+        if (
+            pool is None
+            and engine_template != self.pool.template
+            and not self._closing
+            and self.poolable is not None
+            and self.poolable(engine_template)
+        ):
+            isolation = self.settings.default_isolation
+            pool = WarmPool(self.engine, self._pool_size, engine_template, isolation)
+            self._template_pools[engine_template] = pool
+            pool.start()
+        return pool or self.pool
 
     def _engine_template(self, team: Team, name: str) -> str:
         """The engine's name of the team's template `name` (a team's templates are its

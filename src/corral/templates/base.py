@@ -206,6 +206,11 @@ class ServerBase:
             self._record = read_record(self.store)
         return self._record
 
+    def is_base(self, engine_template: str) -> bool:
+        """Whether `engine_template` (an engine's template name) is this base."""
+        record = self.record()
+        return record is not None and record.template_id == engine_template
+
     def start_build(self) -> None:
         """Start building it in the background unless built, building, or `off`."""
         with self._lock:
