@@ -4,8 +4,8 @@
 
 One Corral server (tests/e2b_sdk/corral_server.py: `base` installed, an `e2b_` key, in a
 network namespace with loopback only) serves both clients, one after the other, the same
-operations on the same template: `base` (E2B's default, which no warm pool holds: each
-create starts a sandbox) and `host` (the server's warm pool: a create claims one):
+operations on the same template: `base` (E2B's default) and `host`, both warm-pooled
+(base's pool starts with its first create; the three warm-up cycles cover that):
 
 - create → `commands.run("echo hi")` → kill, 100 times in sequence: the whole cycle, and
   create → first output (the echo's result), p50/p95/p99;
@@ -35,7 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 E2B_ENV = ROOT / "tests" / "e2b_sdk"
-# base: E2B's default, started per create; host: what the server's warm pool holds.
+# base: E2B's default (its pool starts on its first create); host: Corral's default.
 TEMPLATES = ("base", "host")
 FILE_BYTES = 10 * 1024 * 1024
 FILE_PATH = "/tmp/corral-bench-10mb.bin"
