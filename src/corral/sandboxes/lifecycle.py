@@ -46,6 +46,9 @@ class LiveSandboxes:
         self.metrics_interval = metrics_interval
         self._entries: dict[str, LiveSandbox] = {}
         self._activity_saved = time.monotonic()
+        # The manager's pause to disk (it needs the engine and the layer store), for
+        # the timers of a sandbox whose timer pauses keep no memory.
+        self.pause_to_disk: Change | None = None
 
     def get(self, sandbox_id: str) -> LiveSandbox | None:
         return self._entries.get(sandbox_id)
@@ -151,6 +154,9 @@ class LiveSandboxes:
             except Exception as exc:
                 log.exception("could not destroy sandbox", extra={"sandbox_id": entry.id})
                 state, reason = "failed", f"failed: could not destroy it: {exc}"
+        if entry.disk is not None:  # paused to disk: its filesystem goes with it
+            entry.disk.drop()
+            entry.disk = None
         if entry.network is not None:
             await entry.network.stop()  # what it recorded up to its end
         self.discard(entry.id)
@@ -187,8 +193,12 @@ class LiveSandboxes:
             action, reason = due
             log.info("sandbox timer fired", extra={"sandbox_id": entry.id, "reason": reason})
             if action == "pause":
+                pause: Change = self.pause
+                if not entry.pause_keeps_memory and self.pause_to_disk is not None:
+                    pause = self.pause_to_disk
+                    reason = "paused to disk" + reason.removeprefix("paused")
                 try:
-                    await self.pause(entry, reason)
+                    await pause(entry, reason)
                     return
                 except CorralError as exc:  # e.g. a tier without a freezer: kill instead
                     log.warning(

@@ -34,6 +34,7 @@ from corral.errors import (
     InvalidRequest,
     NotFound,
     SandboxNotRunning,
+    SnapshotUnavailable,
     Unauthenticated,
 )
 from corral.images import LayerStore
@@ -42,7 +43,7 @@ from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
 from corral.isolation.volumes import VolumeMount
 from corral.network.policy import NetworkPolicy
-from corral.sandboxes import network_events
+from corral.sandboxes import disk_pause, network_events
 from corral.sandboxes.commands import SandboxCommands
 from corral.sandboxes.files import SandboxFiles
 from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
@@ -101,6 +102,10 @@ class SandboxManager:
         # `template=NAME` -> the engine's name of the team's template (the template
         # catalog's `resolve(team_id, name)`, given by the server); None: only `host`.
         self.resolve_template: Callable[[str, str], str] | None = None
+        # Where a pause to disk keeps a sandbox's filesystem (the template catalog's
+        # layer store, given by the server); None: no pause to disk.
+        self.layers: LayerStore | None = None
+        self._live.pause_to_disk = self._pause_to_disk
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -206,6 +211,7 @@ class SandboxManager:
             idle_timeout=options.idle_timeout_seconds,
             on_idle=options.on_idle,
             on_timeout=options.on_timeout,
+            pause_keeps_memory=options.pause_keeps_memory,
             last_activity=now,
             saved_activity=now,
             traffic_token=token,
@@ -269,6 +275,17 @@ class SandboxManager:
                 await pooled.destroy()
                 if not isinstance(exc, CorralError):
                     raise
+        cold = await self._boot(sandbox_id, template, options, mounts)
+        return cold, False
+
+    async def _boot(
+        self,
+        sandbox_id: str,
+        template: str,
+        options: CreateOptions,
+        mounts: tuple[VolumeMount, ...],
+    ) -> Sandbox:
+        """A cold engine sandbox of `template` as `options` ask, its start command run."""
         cold = await self.engine.create(
             template=template,
             limits=options.limits,
@@ -284,7 +301,7 @@ class SandboxManager:
         except BaseException:
             await cold.destroy()
             raise
-        return cold, False
+        return cold
 
     async def snapshot(
         self, team_id: str, sandbox_id: str, store: LayerStore, max_bytes: int | None
@@ -307,18 +324,94 @@ class SandboxManager:
         await self._live.locked(entry, ("running", "paused"), "kill")
         await self._live.end(entry, "killed", "killed: by request")
 
-    async def pause(self, team: Team, sandbox_id: str) -> SandboxRecord:
+    async def pause(
+        self, team: Team, sandbox_id: str, *, keep_memory: bool = True
+    ) -> SandboxRecord:
+        """Freeze the sandbox's processes (`keep_memory`), or pause it to disk: keep its
+        filesystem only, its processes ended and its memory released (`disk_pause`)."""
         entry = self._entry(team, sandbox_id)
         live = self._live
-        row = await live.locked(entry, ("running",), "pause", live.pause, "paused: by request")
+        if keep_memory:
+            row = await live.locked(entry, ("running",), "pause", live.pause, "paused: by request")
+        else:
+            row = await live.locked(
+                entry, ("running",), "pause", self._pause_to_disk, "paused to disk: by request"
+            )
         assert row is not None
         return self._record(row)
 
     async def resume(self, team: Team, sandbox_id: str) -> SandboxRecord:
+        """Thaw a frozen sandbox, or boot one paused to disk from its filesystem."""
         entry = self._entry(team, sandbox_id)
-        row = await self._live.locked(entry, ("paused",), "resume", self._live.resume, "resumed")
+        row = await self._live.locked(entry, ("paused",), "resume", self._resume, "resumed")
         assert row is not None
         return self._record(row)
+
+    async def _pause_to_disk(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
+        sandbox = entry.sandbox
+        assert sandbox is not None
+        if self.layers is None:
+            raise SnapshotUnavailable(
+                "this server process keeps no template layers, so it cannot pause to disk; "
+                "pause with the memory kept (keep_memory=true)"
+            )
+        self._live.flush(entry, final=False)
+        disk = await disk_pause.save(
+            sandbox, self.engine.templates, self.layers, self.settings.template_max_bytes
+        )
+        # From here on its filesystem is the template: the engine sandbox goes.
+        entry.disk, entry.sandbox, entry.state = disk, None, "paused"
+        entry.rings.baseline(None, 0.0)
+        if entry.network is not None:
+            await entry.network.stop()
+            entry.network = None
+        try:
+            await sandbox.destroy()
+        except Exception:
+            log.exception(
+                "could not destroy a paused-to-disk sandbox", extra={"sandbox_id": entry.id}
+            )
+        return self.store.transition(
+            entry.id,
+            "paused",
+            reason,
+            from_states=("running",),
+            last_activity_at=utc(entry.last_activity),
+        )
+
+    async def _resume(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
+        disk = entry.disk
+        if disk is None:
+            return await self._live.resume(entry, reason)
+        # Booted as it was created, with what its row says now (its network may have
+        # changed while it was paused); its filesystem is the template's.
+        row = self.store.sandbox(entry.id)
+        assert row is not None  # a live sandbox's row stays until it ends
+        record = self._record(row)
+        options = CreateOptions(
+            template=record.template,
+            isolation=record.isolation,
+            limits=record.limits,
+            envs=dict(entry.envs),
+            network=record.network,
+            volumes=record.volumes,
+            ram_disk=record.ram_disk,
+        )
+        mounts = self.volumes.mounts(entry.team_id, options.volumes)
+        sandbox = await self._boot(entry.id, disk.template, options, mounts)
+        disk.drop()  # the new sandbox holds the layers it started from
+        entry.disk, entry.sandbox = None, sandbox
+        entry.network = NetworkEventPump(self.store, sandbox)
+        entry.state = "running"
+        entry.touch(time.time())
+        self._live.baseline(entry)
+        return self.store.transition(
+            entry.id,
+            "running",
+            reason + " (booted from its filesystem: its processes were not kept)",
+            from_states=("paused",),
+            last_activity_at=utc(entry.last_activity),
+        )
 
     async def set_timeout(
         self, team: Team, sandbox_id: str, seconds: int, *, zero_ok: bool = False
@@ -341,8 +434,8 @@ class SandboxManager:
         entry = self._entry(team, sandbox_id)
 
         async def change(entry: LiveSandbox, reason: str) -> None:
-            assert entry.sandbox is not None
-            await entry.sandbox.set_network(policy)
+            if entry.sandbox is not None:  # paused to disk: its resume reads the row
+                await entry.sandbox.set_network(policy)
             self.store.update_sandbox(sandbox_id, network=network_json(policy))
 
         await self._live.locked(entry, ("running", "paused"), "change the network of", change)

@@ -263,6 +263,7 @@ class CorralApp:
             try:
                 jobs = JobRuntime(self.settings, store, manager.engine)
                 manager.resolve_template = jobs.templates.resolve
+                manager.layers = jobs.templates.layers
                 jobs.templates.manager = manager
                 await jobs.start()
             except BaseException:
