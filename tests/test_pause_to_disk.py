@@ -1,10 +1,12 @@
 """A pause to disk (`pause(keep_memory=False)`, E2B's filesystem-only pause): the
 sandbox's files are kept, its processes end, its memory is released (its cgroup is
 gone), and resume boots it afresh (a new boot id) with what it wrote; it is kept past
-its deadline. Through a real server whose `base` comes from the cached tar."""
+its deadline and outlives its server (a restart adopts it, still paused). Through a
+real server whose `base` comes from the cached tar."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from corral import Sandbox
 from corral.config import Settings
 from corral.errors import CorralError
-from tests.conftest import LiveServer, cgroup_dirs, opts
+from tests.conftest import LiveServer, cgroup_dirs, opts, start_server
 from tests.kit import e2b_base
 from tests.kit.polling import wait_until
 
@@ -107,3 +109,37 @@ def test_a_host_sandbox_cannot_pause_to_disk_and_runs_on(server: LiveServer) -> 
         assert _sh(sbx, "cat /tmp/f") == "x\n"
         sbx.pause()  # a frozen pause still works
         sbx.resume()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])
+def test_a_sandbox_paused_to_disk_survives_a_server_restart(
+    settings: Settings, stop: signal.Signals
+) -> None:
+    data = settings.runtime_dir / f"pause-to-disk-restart-{stop.name}"
+    e2b_base.install(data)
+    first = start_server(settings, data, pool_size=0)
+    try:
+        sbx = Sandbox.create("base", timeout=120, **opts(first))
+        _sh(sbx, "echo kept > /home/user/note")
+        running = Sandbox.create("base", timeout=120, **opts(first))  # not paused: ends
+        sbx.pause(keep_memory=False)
+    finally:
+        first.stop(stop)
+    second = start_server(settings, data, pool_size=0)
+    try:
+        assert Sandbox.connect(running.sandbox_id, resume=False, **opts(second)).info.state in (
+            "killed",
+            "failed",
+        )
+        again = Sandbox.connect(sbx.sandbox_id, resume=False, **opts(second))
+        assert again.info.state == "paused"
+        held = f"*/paused.{sbx.sandbox_id}"  # its layers, held in the layer store
+        assert list((data / "templates" / "refs").glob(held))
+        again = Sandbox.connect(sbx.sandbox_id, **opts(second))  # resumes it
+        assert again.info.state == "running"
+        assert again.files.read("/home/user/note") == "kept\n"
+        again.kill()
+        assert not list((data / "paused").iterdir())  # its image is gone with it
+        assert not list((data / "templates" / "refs").glob(held))
+    finally:
+        second.stop()

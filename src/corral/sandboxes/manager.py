@@ -45,6 +45,7 @@ from corral.isolation.volumes import VolumeMount
 from corral.network.policy import NetworkPolicy
 from corral.sandboxes import disk_pause, network_events
 from corral.sandboxes.commands import SandboxCommands
+from corral.sandboxes.disk_pause import DiskImage
 from corral.sandboxes.files import SandboxFiles
 from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
 from corral.sandboxes.live import LiveSandbox, utc
@@ -106,6 +107,7 @@ class SandboxManager:
         # layer store, given by the server); None: no pause to disk.
         self.layers: LayerStore | None = None
         self._live.pause_to_disk = self._pause_to_disk
+        self._live.drop_disk = self._drop_disk
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class SandboxManager:
         """Clean up after a crashed predecessor, then start the background loops."""
         self.engine.reap()
         self.engine.start_reaper()
-        self._live.fail_orphans(self._owner)
+        self._live.fail_orphans(self._owner, adopt=self._adopt)
         self.pool.start()
         self._tasks = [
             asyncio.create_task(_every(self.tick, self._live.enforce_timers), name="timers"),
@@ -127,7 +129,8 @@ class SandboxManager:
         self._closing = True
         await stop_tasks(*self._tasks)
         self._tasks = []
-        live = list(self._live)
+        # One paused to disk holds nothing here: it stays paused, for the next server.
+        live = [entry for entry in self._live if entry.disk is None]
         ends = [self._live.end(entry, "killed", SHUT_DOWN) for entry in live]
         for entry, result in zip(
             live, await asyncio.gather(*ends, return_exceptions=True), strict=True
@@ -357,9 +360,14 @@ class SandboxManager:
             )
         self._live.flush(entry, final=False)
         disk = await disk_pause.save(
-            sandbox, self.engine.templates, self.layers, self.settings.template_max_bytes
+            sandbox,
+            self.layers,
+            self.settings.data_dir,
+            self.settings.template_max_bytes,
+            on_timeout=entry.on_timeout,
+            pause_keeps_memory=entry.pause_keeps_memory,
         )
-        # From here on its filesystem is the template: the engine sandbox goes.
+        # From here on its filesystem is the image: the engine sandbox goes.
         entry.disk, entry.sandbox, entry.state = disk, None, "paused"
         entry.rings.baseline(None, 0.0)
         if entry.network is not None:
@@ -383,8 +391,13 @@ class SandboxManager:
         disk = entry.disk
         if disk is None:
             return await self._live.resume(entry, reason)
+        if self.layers is None:
+            raise SnapshotUnavailable(
+                f"sandbox {entry.id} is paused to disk and this server process keeps no "
+                "template layers to boot it from; resume it through the server"
+            )
         # Booted as it was created, with what its row says now (its network may have
-        # changed while it was paused); its filesystem is the template's.
+        # changed while it was paused); its filesystem is the image's.
         row = self.store.sandbox(entry.id)
         assert row is not None  # a live sandbox's row stays until it ends
         record = self._record(row)
@@ -398,8 +411,12 @@ class SandboxManager:
             ram_disk=record.ram_disk,
         )
         mounts = self.volumes.mounts(entry.team_id, options.volumes)
-        sandbox = await self._boot(entry.id, disk.template, options, mounts)
-        disk.drop()  # the new sandbox holds the layers it started from
+
+        async def start(template: str) -> Sandbox:
+            return await self._boot(entry.id, template, options, mounts)
+
+        sandbox = await disk.boot(self.engine.templates, self.layers, start)
+        self._drop_disk(disk)  # the new sandbox holds the layers it started from
         entry.disk, entry.sandbox = None, sandbox
         entry.network = NetworkEventPump(self.store, sandbox)
         entry.state = "running"
@@ -412,6 +429,41 @@ class SandboxManager:
             from_states=("paused",),
             last_activity_at=utc(entry.last_activity),
         )
+
+    def _drop_disk(self, disk: DiskImage) -> None:
+        disk.drop(self.layers, self.settings.data_dir)
+
+    def _adopt(self, row: SandboxRow) -> bool:
+        """Take on a sandbox a server that stopped left paused to disk (its image is
+        still here): it stays paused, now this process's. False: not one of those."""
+        if row.state != "paused":
+            return False
+        disk = DiskImage.read(self.settings.data_dir, row.id)
+        if disk is None:
+            return False
+        host, pid, start = self._owner
+        self.store.update_sandbox(row.id, owner_host=host, owner_pid=pid, owner_start=start)
+        self._live.add(
+            LiveSandbox(
+                id=row.id,
+                team_id=row.team_id,
+                envs=dict(row.envs),
+                rings=MetricRings(self.metrics_interval),
+                expires_at=row.expires_at.timestamp(),
+                idle_timeout=row.idle_timeout_seconds,
+                on_idle="kill" if row.on_idle == "kill" else "pause",
+                on_timeout="pause" if disk.on_timeout == "pause" else "kill",
+                pause_keeps_memory=disk.pause_keeps_memory,
+                last_activity=row.last_activity_at.timestamp(),
+                saved_activity=row.last_activity_at.timestamp(),
+                traffic_token=row.traffic_token,
+                public_ports=row.public_ports,
+                state="paused",
+                disk=disk,
+            )
+        )
+        log.info("sandbox paused to disk adopted", extra={"sandbox_id": row.id})
+        return True
 
     async def set_timeout(
         self, team: Team, sandbox_id: str, seconds: int, *, zero_ok: bool = False
