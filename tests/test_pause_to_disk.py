@@ -143,3 +143,12 @@ def test_a_sandbox_paused_to_disk_survives_a_server_restart(
         assert not list((data / "templates" / "refs").glob(held))
     finally:
         second.stop()
+
+
+def test_the_cli_pauses_to_disk(server: LiveServer) -> None:
+    with Sandbox.create("base", timeout=120, **opts(server)) as sbx:
+        done = server.corral("sandbox", "pause", "--to-disk", sbx.sandbox_id)
+        assert done.returncode == 0 and "paused" in done.stdout, done.stderr
+        assert sbx.get_info().state_reason == "paused to disk: by request"
+        assert server.corral("sandbox", "resume", sbx.sandbox_id).returncode == 0
+        assert sbx.get_info().state == "running"
