@@ -4,7 +4,8 @@
 
 One Corral server (tests/e2b_sdk/corral_server.py: `base` installed, an `e2b_` key, in a
 network namespace with loopback only) serves both clients, one after the other, the same
-operations on the same template (`base`, E2B's default):
+operations on the same template: `base` (E2B's default, which no warm pool holds: each
+create starts a sandbox) and `host` (the server's warm pool: a create claims one):
 
 - create → `commands.run("echo hi")` → kill, 100 times in sequence: the whole cycle, and
   create → first output (the echo's result), p50/p95/p99;
@@ -34,12 +35,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 E2B_ENV = ROOT / "tests" / "e2b_sdk"
-TEMPLATE = "base"
+# base: E2B's default, started per create; host: what the server's warm pool holds.
+TEMPLATES = ("base", "host")
 FILE_BYTES = 10 * 1024 * 1024
 FILE_PATH = "/tmp/corral-bench-10mb.bin"
 
 
-async def samples(sdk: str, cycles: int, roundtrips: int, file_reps: int) -> dict[str, Any]:
+async def samples(
+    sdk: str, template: str, cycles: int, roundtrips: int, file_reps: int
+) -> dict[str, Any]:
     """The raw samples (ms) of one SDK; the E2B SDK reads its server from E2B_* variables,
     Corral's from CORRAL_SERVER and CORRAL_API_KEY."""
     if sdk == "e2b":
@@ -60,7 +64,7 @@ async def samples(sdk: str, cycles: int, roundtrips: int, file_reps: int) -> dic
     for index in range(cycles + 3):  # the first three warm the client and the server up
         try:
             started = time.perf_counter()
-            sandbox = await sandbox_class.create(TEMPLATE, timeout=60)
+            sandbox = await sandbox_class.create(template, timeout=60)
             result = await sandbox.commands.run("echo hi")
             first = time.perf_counter()
             await close(sandbox)
@@ -76,7 +80,7 @@ async def samples(sdk: str, cycles: int, roundtrips: int, file_reps: int) -> dic
 
     out |= {"roundtrip": [], "write_10mb": [], "read_10mb": []}
     try:
-        sandbox = await sandbox_class.create(TEMPLATE, timeout=300)
+        sandbox = await sandbox_class.create(template, timeout=300)
     except Exception as exc:
         out["errors"].append(f"create: {type(exc).__name__}: {exc}"[:300])
         return out
@@ -104,7 +108,9 @@ async def samples(sdk: str, cycles: int, roundtrips: int, file_reps: int) -> dic
     return out
 
 
-def e2b_samples(e2b_env: dict[str, str], sizes: tuple[int, int, int]) -> dict[str, Any]:
+def e2b_samples(
+    e2b_env: dict[str, str], template: str, sizes: tuple[int, int, int]
+) -> dict[str, Any]:
     """This file with `--sdk e2b`, in tests/e2b_sdk's environment: its samples."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "VIRTUAL_ENV"))}
     done = subprocess.run(
@@ -118,6 +124,8 @@ def e2b_samples(e2b_env: dict[str, str], sizes: tuple[int, int, int]) -> dict[st
             __file__,
             "--sdk",
             "e2b",
+            "--template",
+            template,
             "--sizes",
             ",".join(map(str, sizes)),
         ],
@@ -158,21 +166,20 @@ def main(quick: bool) -> dict[str, Any]:
     sizes = (20, 100, 3) if quick else (100, 500, 10)
     load_before = os.getloadavg()
     corral_server.isolate_network()
+    report: dict[str, Any] = {}
     with corral_server.running(pool_size=2) as server:
         os.environ["CORRAL_SERVER"], os.environ["CORRAL_API_KEY"] = server.url, server.key
-        corral_raw = asyncio.run(samples("corral", *sizes))
-        e2b_raw = e2b_samples(server.e2b_env, sizes)
-    corral, e2b = reduce(corral_raw), reduce(e2b_raw)
-    ratios = {
-        name: round(e2b[name]["p50"] / corral[name]["p50"], 2)
-        for name in corral
-        if name.endswith("_ms") and "p50" in corral[name] and "p50" in e2b.get(name, {})
-    }
+        for template in TEMPLATES:
+            corral = reduce(asyncio.run(samples("corral", template, *sizes)))
+            e2b = reduce(e2b_samples(server.e2b_env, template, sizes))
+            ratios = {
+                name: round(e2b[name]["p50"] / corral[name]["p50"], 2)
+                for name in corral
+                if name.endswith("_ms") and "p50" in corral[name] and "p50" in e2b.get(name, {})
+            }
+            report[template] = {"e2b_sdk": e2b, "corral_sdk": corral, "e2b_over_corral_p50": ratios}
     return {
-        "template": TEMPLATE,
-        "e2b_sdk": e2b,
-        "corral_sdk": corral,
-        "e2b_over_corral_p50": ratios,
+        **report,
         "cycles": sizes[0],
         "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
@@ -181,13 +188,15 @@ def main(quick: bool) -> dict[str, Any]:
 
 
 def driver() -> None:
-    """`--sdk e2b --sizes C,R,F`: print one SDK's raw samples as JSON."""
+    """`--sdk e2b --template T --sizes C,R,F`: print one SDK's raw samples as JSON."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--sdk", choices=("e2b", "corral"), required=True)
+    parser.add_argument("--template", required=True)
     parser.add_argument("--sizes", required=True)
     args = parser.parse_args()
     cycles, roundtrips, file_reps = (int(x) for x in args.sizes.split(","))
-    print(json.dumps(asyncio.run(samples(args.sdk, cycles, roundtrips, file_reps))), flush=True)
+    raw = asyncio.run(samples(args.sdk, args.template, cycles, roundtrips, file_reps))
+    print(json.dumps(raw), flush=True)
     # The SDK's HTTP client (pyqwest) keeps native threads that abort the interpreter's
     # shutdown ("PyGILState_Release ... finalizing"); the samples are out, so skip it.
     os._exit(0)

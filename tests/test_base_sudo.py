@@ -66,6 +66,8 @@ def test_sudo_runs_as_root_with_the_callers_env_cwd_stdin_and_exit_code(sbx: San
     assert bash(sbx, "sudo -u user id -un; sudo -n -u root true")[1] == "user\n"
     assert bash(sbx, "sudo -i pwd; sudo -i sh -c 'echo $0' ")[1].split()[0] == "/root"
     assert bash(sbx, "sudo -s id -u")[1] == "0\n"
+    # -i and -s give the shell the command's words escaped, as sudo does.
+    assert bash(sbx, """sudo -i echo 'a  b' "it's" '*'""")[1] == "a  b it's *\n"
     # Output order and stderr are the command's own.
     assert bash(sbx, "sudo sh -c 'echo out; echo err >&2'")[1:] == ("out\n", "err\n")
     # As root, sudo -u user drops to user; a file root makes is root's.

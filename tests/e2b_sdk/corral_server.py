@@ -108,6 +108,15 @@ def isolate_network() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the server's child process: SIGTERM it when its parent dies, so a test session
+    killed outright (SIGKILL, a CI timeout) does not leave a server and its sandboxes."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _isolated() -> bool:
     return [name for _, name in socket.if_nameindex()] == ["lo"]
 
@@ -145,7 +154,11 @@ def start(*, pool_size: int = 2, extra_env: Mapping[str, str] | None = None) -> 
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT", "VIRTUAL_ENV"):
         env.pop(name, None)
-    _install_base(runtime / "data", env)
+    try:
+        _install_base(runtime / "data", env)
+    except BaseException:
+        shutil.rmtree(runtime, ignore_errors=True)  # nothing ran there: no mount, no sandbox
+        raise
     log = runtime / "server.log"
     with log.open("ab") as sink:
         process = subprocess.Popen(
@@ -154,6 +167,7 @@ def start(*, pool_size: int = 2, extra_env: Mapping[str, str] | None = None) -> 
             stdout=sink,
             stderr=sink,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
     url = f"http://127.0.0.1:{port}"
     server = CorralServer(url, "", runtime, env, process, log)

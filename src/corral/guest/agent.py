@@ -25,8 +25,6 @@ Choices worth knowing (the modules of the calls say theirs):
 * The agent reaps every child with ``waitpid(-1)``, so it can serve as PID 1.
 * File operations never block the loop, and a rename across mounts is a copy made a slice
   of time per turn of the loop (`agent_move`).
-* Where it is the sandbox's root, it also serves sudo to the sandbox's own processes
-  over a unix socket (`agent_sudo`, one more of its modules).
 """
 
 from __future__ import annotations

@@ -7,22 +7,35 @@ use: -u USER, -E / --preserve-env[=LIST], -H, -i, -s, -n, -S, -k, -K, -v, -l, -V
 `NAME=value` assignments before the command; anything else is refused, saying so. There
 is never a password: the sandbox's `sudo` group may sudo, as E2B's `user` does.
 
-Standard library only, Python 3.9 syntax; not imported by Corral itself.
+Standard library only, Python 3.9 syntax; not imported by Corral itself. It is on the
+path of every `sudo`, so it imports what the agent does (`_socket`, `_signal`, the
+agent's `protocol` for JSON), not `socket`, `signal`, `json` or `shlex` (they pull in
+`enum` and `re`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import _socket as socket
 import os
 import pwd
-import shlex
-import signal
-import socket
 import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+else:
+    import _signal as signal  # the C module: `signal` itself imports enum
+
+try:
+    from corral.guest.protocol import decode_json, encode_json
+except ImportError:  # in a sandbox, beside the agent's files (-I leaves their dir off the path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from protocol import decode_json, encode_json  # type: ignore[no-redef,import-not-found]
 
 SOCKET = "\0corral-sudo"  # the agent's (agent_sudo.SOCKET)
 SECURE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Characters a -i/-s command's words keep unescaped (sudo backslash-escapes the rest).
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-$")
 # What sudo's env_reset keeps of the caller's environment (the rest is dropped).
 KEPT = ("TERM", "COLORTERM", "DISPLAY", "XAUTHORITY", "LANG", "LANGUAGE", "TZ", "COLORS",
         "LS_COLORS")  # fmt: skip
@@ -149,6 +162,12 @@ def find(program: str, path: str) -> str:
     raise Refused(f"{program}: command not found")
 
 
+def shell_words(words: list[str]) -> str:
+    """A command for `shell -c`, as sudo -i and -s pass it: each character but letters,
+    digits, `_`, `-` and `$` backslash-escaped, words joined by spaces."""
+    return " ".join("".join(c if c in _PLAIN else "\\" + c for c in word) for word in words)
+
+
 def request(opts: dict[str, object]) -> dict[str, object]:
     """What to ask the agent for."""
     user = target(str(opts["user"]))
@@ -157,16 +176,16 @@ def request(opts: dict[str, object]) -> dict[str, object]:
     shell = user.pw_shell or "/bin/sh"
     cwd = os.getcwd()
     if opts["mode"] == "login":
-        argv = [shell, "-l"] + (["-c", shlex.join(command)] if command else [])
+        argv = [shell, "-l"] + (["-c", shell_words(command)] if command else [])
         cwd = user.pw_dir
     elif opts["mode"] == "shell":
         shell = os.environ.get("SHELL") or shell
-        argv = [shell] + (["-c", shlex.join(command)] if command else [])
+        argv = [shell] + (["-c", shell_words(command)] if command else [])
     elif not command:
         raise Refused(USAGE)
     else:
         argv = list(command)
-    env = environment(opts, user, shlex.join(argv))
+    env = environment(opts, user, " ".join(argv))  # sudo's SUDO_COMMAND: words and spaces
     return {
         "program": find(argv[0], env["PATH"]),
         "argv": argv,
@@ -177,7 +196,7 @@ def request(opts: dict[str, object]) -> dict[str, object]:
 
 
 def run(ask: dict[str, object]) -> int:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         conn.connect(SOCKET)
     except OSError:
@@ -192,12 +211,14 @@ def run(ask: dict[str, object]) -> int:
             fds.append(fd)
         except OSError:  # closed: the command gets /dev/null there
             fds.append(os.open(os.devnull, os.O_RDWR))
-    conn.sendmsg([json.dumps(ask).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(
-        b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)))])  # fmt: skip
+    rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+    conn.sendmsg([encode_json(ask)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
 
     def relay(signum: int, frame: object) -> None:
-        with contextlib.suppress(OSError):  # the agent is gone: recv says so
-            conn.send(json.dumps({"signal": signum}).encode())
+        try:  # noqa: SIM105 (contextlib would slow sudo's start)
+            conn.send(encode_json({"signal": signum}))
+        except OSError:  # the agent is gone: recv says so
+            pass
 
     for signum in RELAYED:
         signal.signal(signum, relay)
@@ -205,7 +226,7 @@ def run(ask: dict[str, object]) -> int:
         data = conn.recv(1 << 16)
         if not data:
             raise Refused("the guest agent ended the command without its exit status")
-        answer = json.loads(data)
+        answer = decode_json(data)
         if "error" in answer:
             raise Refused(answer["error"])
         if "exit" in answer:
