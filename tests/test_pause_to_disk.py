@@ -6,6 +6,7 @@ real server whose `base` comes from the cached tar."""
 
 from __future__ import annotations
 
+import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from corral import Sandbox
+from corral import Limits, Sandbox, Volume, VolumeSpec
 from corral.config import Settings
 from corral.errors import CorralError
 from tests.conftest import LiveServer, cgroup_dirs, opts, start_server
 from tests.kit import e2b_base
+from tests.kit.memcg import memory_limit
 from tests.kit.polling import wait_until
 
 pytestmark = [pytest.mark.sandbox, *e2b_base.needs_base()]
@@ -152,3 +154,26 @@ def test_the_cli_pauses_to_disk(server: LiveServer) -> None:
         assert sbx.get_info().state_reason == "paused to disk: by request"
         assert server.corral("sandbox", "resume", sbx.sandbox_id).returncode == 0
         assert sbx.get_info().state == "running"
+
+
+def test_resume_boots_with_the_same_limits_envs_and_volumes(server: LiveServer) -> None:
+    volume = f"v-{secrets.token_hex(4)}"
+    Volume.create(volume, size_mib=64, **opts(server))
+    try:
+        with Sandbox.create(
+            "base",
+            timeout=120,
+            envs={"KEPT": "yes"},
+            limits=Limits(memory_mib=384),
+            volumes=[f"{volume}:/data"],
+            **opts(server),
+        ) as sbx:
+            _sh(sbx, "echo on-volume > /data/note")
+            sbx.pause(keep_memory=False)
+            info = sbx.resume()
+            assert info.limits.memory_mib == 384
+            assert info.volumes == (VolumeSpec(volume, "/data"),)
+            assert memory_limit(sbx.sandbox_id) == 384 * 1024 * 1024
+            assert _sh(sbx, "echo $KEPT; cat /data/note") == "yes\non-volume\n"
+    finally:
+        Volume.delete(volume, **opts(server))
