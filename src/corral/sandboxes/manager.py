@@ -4,7 +4,9 @@
         │           │            │
         └──► failed └──► killed ◄┘        (and running/paused ──► failed on a crash)
 
-Every change of state is written with its event before the call returns. A team sees
+A pause freezes the sandbox (memory kept) or saves it to disk (`disk_pause`: files kept,
+processes and memory let go; resume boots it afresh; it outlives its deadline and this
+process). Every change of state is written with its event before the call returns. A team sees
 only its own sandboxes: another team's id gets the same NotFound as an unknown one.
 The manager is the only door to a live sandbox: its commands go through
 `manager.commands`, its files through `manager.files`, each a check of the team and the
