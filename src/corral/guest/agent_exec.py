@@ -322,10 +322,18 @@ class Users:
             return self._identity(str(user), None)
         except KeyError:
             raise Refusal(
-                "invalid_argument",
-                f"user {user!r} does not exist in this sandbox (its /etc/passwd); use "
-                f"root, {self.default.name!r} or a user the template has",
+                "unknown_user",
+                f"user {user!r} does not exist in this sandbox; its users are "
+                f"{', '.join(self.names())} (and the system accounts of its /etc/passwd)",
             ) from None
+
+    @staticmethod
+    def names() -> list[str]:
+        """The sandbox's people: root and the regular users (uid 1000 up, not nobody)."""
+        import pwd
+
+        users = sorted(pwd.getpwall(), key=lambda entry: entry.pw_uid)
+        return [u.pw_name for u in users if u.pw_uid == 0 or 1000 <= u.pw_uid < 65534]
 
     def _identity(self, user: str, gid: int | None) -> Identity:
         import pwd

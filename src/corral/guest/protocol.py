@@ -131,6 +131,7 @@ ERROR_TYPES = (
     "refused",
     "unsupported",
     "needs_root",
+    "unknown_user",
     "internal",
 )
 
