@@ -263,7 +263,7 @@ class Command(Channel):
 
     def on_close(self) -> None:
         """The host stopped listening: a foreground command dies, a background one goes on
-        with its stdin open, for whoever attaches to it next."""
+        with its stdin open (`input` by pid still reaches it), for whoever attaches next."""
         self.attached = False
         if not self.background:
             self.kill(None)
