@@ -128,8 +128,43 @@ async def test_an_attached_command_takes_stdin_until_it_ends(
         await manager.commands.close_input(team, record.id, start.pid)
         end = await anext(stream)
         assert isinstance(end, ExecResult) and end.exit_code == 0
-    with pytest.raises(NotFound, match=f"no attached process {start.pid} in sandbox"):
+    with pytest.raises(NotFound, match=f"process {start.pid} is not running"):
         await manager.commands.send_input(team, record.id, start.pid, b"late\n")
+
+
+@pytest.mark.sandbox
+async def test_manager_input_reaches_a_command_no_stream_follows(
+    manager: SandboxManager, team: Team
+) -> None:
+    record = await manager.create(team, CreateOptions())
+    stream = manager.commands.exec(team, record.id, ["cat"], stdin=True, background=True)
+    async with contextlib.aclosing(stream):
+        start = await anext(stream)
+        assert isinstance(start, Started)
+    assert len(manager.commands.attached) == 0  # nothing follows it any more
+    await manager.commands.send_input(team, record.id, start.pid, b"kept\n")
+    attached = manager.commands.attach(team, record.id, start.pid)
+    async with contextlib.aclosing(attached):
+        assert isinstance(await anext(attached), Started)
+        await manager.commands.send_input(team, record.id, start.pid, b"after\n")
+        seen = b""
+        while not seen.endswith(b"after\n"):
+            echoed = await anext(attached)
+            assert isinstance(echoed, OutputChunk)
+            seen += echoed.data
+        # "kept" was echoed while nothing followed (dropped), unless cat was slower.
+        assert seen in (b"after\n", b"kept\nafter\n")
+    await manager.commands.close_input(team, record.id, start.pid)
+
+    async def gone() -> bool:
+        running = await manager.commands.processes(team, record.id)
+        return start.pid not in [p.pid for p in running]
+
+    await until(gone, "cat to end once its input is closed")
+    with pytest.raises(NotFound, match=f"process {start.pid} is not running"):
+        await manager.commands.send_input(team, record.id, start.pid, b"late\n")
+    with pytest.raises(NotFound, match=f"process {start.pid} is not running"):
+        await manager.commands.close_input(team, record.id, start.pid)
 
 
 @pytest.mark.sandbox

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import IDS_PER_SLOT, Settings
-from corral.errors import CommandError, InvalidRequest, PermissionDenied
+from corral.errors import InvalidRequest, PermissionDenied, UnknownUser
 from corral.images import Layer, LayerStore, tree_digest
 from corral.isolation import Engine, Sandbox
 from corral.isolation.namespace import ROOT_CAPS
@@ -132,7 +132,7 @@ async def test_the_template_names_the_default_user_and_commands_another(
         # A name or a uid of the template's own /etc/passwd, with its groups.
         assert (await sh(box, "id -u; id -Gn", user="_apt")).split() == ["42", "nogroup"]
         assert (await sh(box, "id -un", user="42")).split() == ["_apt"]
-        with pytest.raises(CommandError, match="does not exist in this sandbox"):
+        with pytest.raises(UnknownUser, match="does not exist in this sandbox; its users are root"):
             await box.run(["true"], user="nobody-here")
     finally:
         await box.destroy()

@@ -8,7 +8,8 @@
     │   ├── InvalidLayer          a layer archive holds a `..` path or a link out of the layer
     │   ├── InvalidBuild          a Dockerfile, recipe or E2B template Corral cannot build
     │   ├── InvalidImage          an OCI image's manifest, config or blobs are not valid
-    │   └── CallbackRefused       the server's callback policy refuses the URL (SSRF)
+    │   ├── CallbackRefused       the server's callback policy refuses the URL (SSRF)
+    │   └── UnknownUser           the sandbox has no user of that name or uid
     ├── NotFound                  no such sandbox (or not yours: teams never see each other's)
     │   ├── UnknownLayer          no stored layer has that digest
     │   ├── UnknownVolume         the team has no volume of that name
@@ -101,6 +102,10 @@ class InvalidImage(InvalidRequest):
 class CallbackRefused(InvalidRequest):
     """The server's callback policy refuses this callback URL; use a public address, or
     ask the operator to allow it (CORRAL_CALLBACK_ALLOW)."""
+
+
+class UnknownUser(InvalidRequest):
+    """The sandbox has no user of that name or uid; the message names the users it has."""
 
 
 class NotFound(CorralError):

@@ -126,9 +126,10 @@ def kill(args: argparse.Namespace) -> None:
 
 
 def pause(args: argparse.Namespace) -> None:
-    """Freeze a sandbox: its processes stop, its memory and files stay."""
+    """Freeze a sandbox: its processes stop, its memory and files stay (with --to-disk,
+    only its files stay: its processes end and its memory is released)."""
     with _sandbox(args) as box:
-        info = box.pause()
+        info = box.pause(keep_memory=not args.to_disk)
     out(f"{args.sandbox_id} {info.state}")
 
 
@@ -362,7 +363,12 @@ def add_commands(commands: Commands) -> None:
 
     add_output(with_id("get", get))
     with_id("kill", kill)
-    with_id("pause", pause)
+    p = with_id("pause", pause)
+    p.add_argument(
+        "--to-disk",
+        action="store_true",
+        help="keep only its files: its processes end, its memory is released, resume boots it",
+    )
     with_id("resume", resume)
     p = with_id("snapshot", snapshot)
     p.add_argument("--name", required=True, help="the template to make")

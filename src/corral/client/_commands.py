@@ -352,9 +352,15 @@ class AsyncCommands:
         await self._connection.call(self._connection.rpc.signal, request)
 
     async def send_stdin(self, pid: int, data: str | bytes) -> None:
+        """Write to the stdin of a running command by pid, followed or not."""
         raw = data.encode() if isinstance(data, str) else data
         request = pb.SendInputRequest(sandbox_id=self._sandbox_id, pid=pid, data=raw)
         await self._connection.call(self._connection.rpc.send_input, request)
+
+    async def close_stdin(self, pid: int) -> None:
+        """End the stdin of a running command by pid (it reads what was sent first)."""
+        request = pb.CloseInputRequest(sandbox_id=self._sandbox_id, pid=pid)
+        await self._connection.call(self._connection.rpc.close_input, request)
 
 
 async def open_handle(

@@ -322,10 +322,13 @@ class AsyncSandbox:
 
     kill = hybridmethod(_kill, kill_by_id)
 
-    async def pause(self) -> SandboxInfo:
-        """Freeze it: its processes stop; memory and files stay, until `resume`."""
+    async def pause(self, *, keep_memory: bool = True) -> SandboxInfo:
+        """Freeze it: its processes stop; memory and files stay, until `resume`. With
+        `keep_memory=False`, pause it to disk: only its files stay (its processes end, its
+        memory is released) and `resume` boots it afresh from them."""
         reply = await self._connection.call(
-            self._connection.rpc.pause, pb.PauseRequest(sandbox_id=self.sandbox_id)
+            self._connection.rpc.pause,
+            pb.PauseRequest(sandbox_id=self.sandbox_id, keep_memory=keep_memory),
         )
         self._info = SandboxInfo.from_proto(reply.sandbox)
         return self._info

@@ -138,6 +138,7 @@ class Commands:
     list = bridge(AsyncCommands.list)
     kill = bridge(AsyncCommands.kill)
     send_stdin = bridge(AsyncCommands.send_stdin)
+    close_stdin = bridge(AsyncCommands.close_stdin)
 
 
 class Pty:

@@ -413,6 +413,7 @@ OPS: dict[str, Op] = {
     "exec": agent_exec.op_exec,
     "attach": agent_exec.op_attach,
     "signal": agent_exec.op_signal,
+    "input": agent_exec.op_input,
     "resize": agent_exec.op_resize,
     "ps": agent_exec.op_ps,
     "read": agent_files.op_read,

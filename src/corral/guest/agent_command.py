@@ -57,7 +57,11 @@ class Command(Channel):
         self.pipes = pipes  # read end -> OUT or ERR
         self.watched: set[int] = set()
         self.stdin_fd: int | None = None
+        self.takes_input = False  # started with stdin or on a terminal (`agent_exec`)
         self.stdin_buffer = bytearray()
+        # Who queued the buffer's bytes, in order: [channel of an `input` call, or None for
+        # the channel following the command, bytes of it still in the buffer].
+        self.stdin_parts: list[list[int | None]] = []
         self.stdin_eof = False
         self.status: int | None = None
         self.grace_at: float | None = None  # when to stop waiting for EOF after the exit
@@ -161,10 +165,24 @@ class Command(Channel):
     # -- stdin ------------------------------------------------------------------------
 
     def on_in(self, data: bytes) -> None:
+        self.feed(data, None)
+
+    def feed(self, data: bytes, caller: int | None) -> None:
+        """Queue bytes for the command's stdin: from the channel following it (`caller`
+        None: its credit comes back as they are written) or from an `input` call on
+        channel `caller`, answered once they are all written."""
         if self.stdin_fd is None or self.stdin_eof:
-            self.agent.grant(self.channel, len(data))
+            if caller is None:
+                self.agent.grant(self.channel, len(data))
+            else:
+                self.answer_input(caller, len(data))
+            return
+        if not data:
+            if caller is not None:
+                self.answer_input(caller, 0)
             return
         self.stdin_buffer += data
+        self.stdin_parts.append([caller, len(data)])
         if len(self.stdin_buffer) == len(data):
             self.on_stdin_writable(self.stdin_fd)
 
@@ -178,17 +196,47 @@ class Command(Channel):
         except BlockingIOError:
             pass
         except OSError:  # the command closed its stdin: drop what it will never read
-            written += len(self.stdin_buffer)
-            self.stdin_buffer.clear()
+            self.settle(written)
             self.stdin_eof = True
-        if written and self.attached:
-            self.agent.grant(self.channel, written)
+            self.close_stdin()
+            return
+        self.settle(written)
         if self.stdin_buffer:
             self.agent.watch(fd, EPOLLOUT, self.on_stdin_writable)
         else:
             self.agent.unwatch(fd)
             if self.stdin_eof:
                 self.close_stdin()
+
+    def settle(self, count: int, dropped: bool = False) -> None:
+        """The first `count` bytes queued for stdin are gone (written, or `dropped`): give
+        the following channel its credit back, answer the `input` calls now done."""
+        own = 0
+        while count and self.stdin_parts:
+            part = self.stdin_parts[0]
+            n = min(count, part[1] or 0)
+            part[1] = (part[1] or 0) - n
+            count -= n
+            if part[0] is None:
+                own += n
+            if not part[1]:
+                del self.stdin_parts[0]
+                if part[0] is not None:
+                    self.answer_input(part[0], n if dropped else 0)
+        if own and self.attached:
+            self.agent.grant(self.channel, own)
+
+    def answer_input(self, channel: int, lost: int) -> None:
+        """Reply to an `input` call: done, or `lost` bytes never reached the command."""
+        if not lost:
+            self.agent.reply(channel, {"ok": True})
+            return
+        message = (
+            f"process {self.pid} has closed its stdin or ended; {lost} bytes of input "
+            "were not written"
+        )
+        error = {"type": "not_running", "message": message}
+        self.agent.reply(channel, {"ok": False, "error": error})
 
     def on_eof(self) -> None:
         self.stdin_eof = True
@@ -200,9 +248,9 @@ class Command(Channel):
             self.agent.unwatch(self.stdin_fd)
             os.close(self.stdin_fd)
             self.stdin_fd = None
-            if self.attached:  # bytes the command will never read: the host may move on
-                self.agent.grant(self.channel, len(self.stdin_buffer))
-            self.stdin_buffer.clear()
+        # Bytes the command will never read: the host may move on.
+        self.settle(len(self.stdin_buffer), dropped=True)
+        self.stdin_buffer.clear()
 
     # -- life and death ---------------------------------------------------------------
 
@@ -215,7 +263,7 @@ class Command(Channel):
 
     def on_close(self) -> None:
         """The host stopped listening: a foreground command dies, a background one goes on
-        with its stdin open, for whoever attaches to it next."""
+        with its stdin open (`input` by pid still reaches it), for whoever attaches next."""
         self.attached = False
         if not self.background:
             self.kill(None)

@@ -14,6 +14,7 @@ set the score refuses to start.
 
 from __future__ import annotations
 
+import binascii
 import errno
 import os
 import stat
@@ -159,6 +160,7 @@ def op_exec(agent: Agent, channel: int, args: Args) -> None:
     command = Command(agent, channel, pid, args, pipes)
     command.cwd = cwd
     command.stdin_fd = stdin_fd
+    command.takes_input = stdin_fd is not None
     if terminal is not None:
         command.tty = terminal[0]
     agent.commands[pid] = command
@@ -320,10 +322,18 @@ class Users:
             return self._identity(str(user), None)
         except KeyError:
             raise Refusal(
-                "invalid_argument",
-                f"user {user!r} does not exist in this sandbox (its /etc/passwd); use "
-                f"root, {self.default.name!r} or a user the template has",
+                "unknown_user",
+                f"user {user!r} does not exist in this sandbox; its users are "
+                f"{', '.join(self.names())} (and the system accounts of its /etc/passwd)",
             ) from None
+
+    @staticmethod
+    def names() -> list[str]:
+        """The sandbox's people: root and the regular users (uid 1000 up, not nobody)."""
+        import pwd
+
+        users = sorted(pwd.getpwall(), key=lambda entry: entry.pw_uid)
+        return [u.pw_name for u in users if u.pw_uid == 0 or 1000 <= u.pw_uid < 65534]
 
     def _identity(self, user: str, gid: int | None) -> Identity:
         import pwd
@@ -412,6 +422,30 @@ def op_attach(agent: Agent, channel: int, args: Args) -> None:
         )
     agent.channels[channel] = command
     command.attach(channel)
+
+
+def op_input(agent: Agent, channel: int, args: Args) -> None:
+    """Bytes (`data`, base64) for a running command's stdin, whether or not a channel
+    follows it; `close` then ends its stdin. Replied once the bytes are written."""
+    command = running_command(agent, args)
+    data = args.get("data", "")
+    if not isinstance(data, str):
+        raise Refusal("invalid_argument", "data must be a base64 string")
+    try:
+        raw = binascii.a2b_base64(data)
+    except binascii.Error:
+        raise Refusal("invalid_argument", "data is not valid base64") from None
+    if not command.takes_input:
+        raise Refusal(
+            "invalid_argument",
+            f"process {command.pid} was started without stdin; start it with stdin "
+            "(or on a pty) to write to it",
+        )
+    if command.stdin_fd is None or command.stdin_eof:
+        raise Refusal("not_running", f"the stdin of process {command.pid} is closed")
+    command.feed(raw, channel)
+    if args.get("close"):
+        command.on_eof()
 
 
 def op_signal(agent: Agent, channel: int, args: Args) -> None:

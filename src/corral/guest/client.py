@@ -8,6 +8,7 @@ channels they run on, their back-pressure and the translation of the agent's err
 from __future__ import annotations
 
 import asyncio
+import binascii
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
@@ -403,6 +404,17 @@ class GuestConnection(Multiplexer):
     async def signal(self, pid: int, signum: int, *, group: bool = False) -> None:
         """Send a signal to a process the agent started (to its whole group if asked)."""
         await self.request("signal", pid=pid, signal=int(signum), group=group)
+
+    async def write_input(self, pid: int, data: bytes) -> None:
+        """Write to the stdin of a running command (started with stdin or a pty), whether
+        or not a channel follows it; returns once the command's pipe took the bytes."""
+        for start in range(0, len(data), protocol.CHUNK):
+            piece = binascii.b2a_base64(data[start : start + protocol.CHUNK], newline=False)
+            await self.request("input", pid=pid, data=piece.decode())
+
+    async def close_input(self, pid: int) -> None:
+        """End the stdin of a running command, once what was written to it is read."""
+        await self.request("input", pid=pid, close=True)
 
     async def resize(self, pid: int, size: PtySize) -> None:
         """Set the size of the terminal a command runs on (its foreground job gets SIGWINCH)."""

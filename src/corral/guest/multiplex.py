@@ -33,6 +33,7 @@ from corral.errors import (
     PermissionDenied,
     PortClosed,
     SandboxNotRunning,
+    UnknownUser,
 )
 from corral.guest import protocol
 
@@ -56,6 +57,7 @@ _ERRORS: dict[str, type[CorralError]] = {
     "not_running": CommandError,
     "refused": PortClosed,
     "needs_root": IsolationUnavailable,
+    "unknown_user": UnknownUser,
 }
 
 
@@ -70,7 +72,7 @@ def _error_for(op: str, reply: Mapping[str, Any]) -> CorralError:
         if error.get("unknown_op") is not None:  # not the caller's doing: the versions differ
             return GuestError(f"{message}; the agent is older than this client")
         return InvalidRequest(message)  # a request this agent does not do: the caller's
-    if op == "exec":  # a bad cwd, user or environment: the command could not start
+    if op == "exec" and kind != "unknown_user":  # a bad cwd or environment: it could not start
         return CommandError(message)
     return _ERRORS.get(str(kind), GuestError)(message)
 

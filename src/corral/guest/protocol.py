@@ -52,6 +52,11 @@ Ops (CALL payloads; paths are absolute or relative to the workdir, never with NU
     kills a foreground command's process group; a background command goes on.
 ``attach {pid}``
     Follow a running background command again: EVENT ``{pid}``, OUT/ERR, REPLY as exec.
+``input {pid, data, close}``
+    Bytes (``data``, base64; the host sends at most ``CHUNK`` a call) for the stdin of a running
+    command started with stdin or a pty, followed by a channel or not; ``close`` then
+    ends its stdin. REPLY ``{}`` once they are written; ``not_running`` if its stdin
+    closed (or it ended) first.
 ``signal {pid, signal, group}``, ``ps``
     REPLY ``{}``; REPLY ``{processes: [{pid, argv, cmd, tag, background, started_at}]}``.
 ``read {path, offset, length}``
@@ -126,6 +131,7 @@ ERROR_TYPES = (
     "refused",
     "unsupported",
     "needs_root",
+    "unknown_user",
     "internal",
 )
 

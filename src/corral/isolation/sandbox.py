@@ -430,6 +430,12 @@ class Sandbox:
     async def resize(self, pid: int, size: PtySize) -> None:
         await self._running_guest().resize(pid, size)
 
+    async def write_input(self, pid: int, data: bytes) -> None:
+        await self._running_guest().write_input(pid, data)
+
+    async def close_input(self, pid: int) -> None:
+        await self._running_guest().close_input(pid)
+
     # -- files ------------------------------------------------------------------------
 
     # Each file call acts as `user` (None: the template's default user) and, with `home`,

@@ -5,11 +5,11 @@ Every exec runs under the sandbox's environment (the command's own envs on top) 
 output counts as activity for the sandbox's idle timer while someone streams it. The
 manager follows a command, by (sandbox, pid), while any stream watches it: one reader of
 the guest's output (`Followed`) hands each chunk to every watching stream (the exec that
-started it, and each `attach`), so `send_input`, `close_input`, `resize` and `signal`
-reach it through here (the guest takes stdin only on the channel that follows the
-command). When the last stream goes, a foreground command is killed; a background one is
-left running, its output discarded by the agent and its stdin kept open, until an
-`attach` follows it again.
+started it, and each `attach`); `signal` goes through it, so a kill is reported as
+"killed". Input (`send_input`, `close_input`) reaches a running command by pid, followed
+or not. When the last stream goes, a foreground command is killed; a background one is
+left running, its output discarded by the agent and its stdin kept open for input,
+until an `attach` follows it again.
 """
 
 from __future__ import annotations
@@ -154,15 +154,6 @@ class AttachedCommands:
     def find(self, sandbox_id: str, pid: int) -> Followed | None:
         return self._commands.get(sandbox_id, {}).get(pid)
 
-    def get(self, sandbox_id: str, pid: int) -> Followed:
-        followed = self.find(sandbox_id, pid)
-        if followed is None:
-            raise NotFound(
-                f"no attached process {pid} in sandbox {sandbox_id}: it has ended, or no "
-                "stream follows it; attach to it first (`corral sandbox ps` lists them)"
-            )
-        return followed
-
     def __len__(self) -> int:
         return sum(len(c) for c in self._commands.values())
 
@@ -296,14 +287,22 @@ class SandboxCommands:
                     await followed.stop_following()
 
     async def send_input(self, team: Team, sandbox_id: str, pid: int, data: bytes) -> None:
-        """Write to the input of a followed command (started with `stdin` or a `pty`)."""
-        await self._manager.running(team, sandbox_id)
-        await self.attached.get(sandbox_id, pid).command.write_stdin(data)
+        """Write to the input of a running command (started with `stdin` or a `pty`),
+        followed by a stream or not; returns once the command's pipe took the bytes."""
+        box = await self._manager.running(team, sandbox_id)
+        try:
+            await box.write_input(pid, data)
+        except CommandError as exc:
+            raise _not_running(sandbox_id, exc) from None
         self._manager.touch(sandbox_id)
 
     async def close_input(self, team: Team, sandbox_id: str, pid: int) -> None:
-        await self._manager.running(team, sandbox_id)
-        await self.attached.get(sandbox_id, pid).command.close_stdin()
+        """End the input of a running command, once it has read what was written."""
+        box = await self._manager.running(team, sandbox_id)
+        try:
+            await box.close_input(pid)
+        except CommandError as exc:
+            raise _not_running(sandbox_id, exc) from None
 
     async def resize(self, team: Team, sandbox_id: str, pid: int, cols: int, rows: int) -> None:
         """Set the terminal size of a command started with a `pty`."""
@@ -331,6 +330,11 @@ class SandboxCommands:
     async def processes(self, team: Team, sandbox_id: str) -> list[ProcessInfo]:
         box = await self._manager.running(team, sandbox_id)
         return await box.processes()
+
+
+def _not_running(sandbox_id: str, exc: CommandError) -> NotFound:
+    """The guest's refusal (the process ended, or its stdin is closed) as NotFound."""
+    return NotFound(f"sandbox {sandbox_id}: {exc}")
 
 
 async def _when_gone(

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from corral.errors import CorralError, InvalidRequest, SandboxNotRunning
 from corral.isolation.footprint import process_start_time
+from corral.sandboxes.disk_pause import DiskImage
 from corral.sandboxes.live import LiveSandbox, utc
 from corral.states import LIVE_SANDBOX_STATES
 from corral.store import SandboxRow, Store
@@ -46,6 +47,11 @@ class LiveSandboxes:
         self.metrics_interval = metrics_interval
         self._entries: dict[str, LiveSandbox] = {}
         self._activity_saved = time.monotonic()
+        # The manager's pause to disk (it needs the engine and the layer store), for
+        # the timers of a sandbox whose timer pauses keep no memory.
+        self.pause_to_disk: Change | None = None
+        # Lets the filesystem of a sandbox paused to disk go, when it ends.
+        self.drop_disk: Callable[[DiskImage], None] | None = None
 
     def get(self, sandbox_id: str) -> LiveSandbox | None:
         return self._entries.get(sandbox_id)
@@ -61,8 +67,11 @@ class LiveSandboxes:
 
     # -- crash recovery -----------------------------------------------------------------
 
-    def fail_orphans(self, owner: Owner) -> int:
-        """Mark failed the live rows whose server process is gone; leave live owners' alone.
+    def fail_orphans(
+        self, owner: Owner, *, adopt: Callable[[SandboxRow], bool] | None = None
+    ) -> int:
+        """Mark failed the live rows whose server process is gone; leave live owners' alone,
+        and those `adopt` takes on (sandboxes paused to disk, which need no process).
 
         `owner` is this process (see `owner_identity`): its rows are never orphans, nor
         are those of other hosts sharing the database, which only they can judge.
@@ -78,6 +87,8 @@ class LiveSandboxes:
                 continue
             if process_start_time(row.owner_pid) == row.owner_start:
                 continue  # another server, alive: its sandboxes are its business
+            if adopt is not None and adopt(row):
+                continue
             if self.store.transition(row.id, "failed", ORPHANED, from_states=LIVE_SANDBOX_STATES):
                 failed += 1
                 log.warning(
@@ -151,6 +162,9 @@ class LiveSandboxes:
             except Exception as exc:
                 log.exception("could not destroy sandbox", extra={"sandbox_id": entry.id})
                 state, reason = "failed", f"failed: could not destroy it: {exc}"
+        if entry.disk is not None and self.drop_disk is not None:
+            self.drop_disk(entry.disk)  # paused to disk: its filesystem goes with it
+            entry.disk = None
         if entry.network is not None:
             await entry.network.stop()  # what it recorded up to its end
         self.discard(entry.id)
@@ -187,8 +201,12 @@ class LiveSandboxes:
             action, reason = due
             log.info("sandbox timer fired", extra={"sandbox_id": entry.id, "reason": reason})
             if action == "pause":
+                pause: Change = self.pause
+                if not entry.pause_keeps_memory and self.pause_to_disk is not None:
+                    pause = self.pause_to_disk
+                    reason = "paused to disk" + reason.removeprefix("paused")
                 try:
-                    await self.pause(entry, reason)
+                    await pause(entry, reason)
                     return
                 except CorralError as exc:  # e.g. a tier without a freezer: kill instead
                     log.warning(

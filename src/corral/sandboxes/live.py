@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from corral.isolation import Sandbox
+from corral.sandboxes.disk_pause import DiskImage
 from corral.sandboxes.metrics import MetricRings
 from corral.sandboxes.network_events import NetworkEventPump
 
@@ -38,11 +39,16 @@ class LiveSandbox:
     last_activity: float
     # What the deadline does; a sandbox it paused outlives it, paused, until resumed.
     on_timeout: Action = "kill"
+    # Whether a pause by its timers keeps its memory (a frozen pause) or only its
+    # filesystem (a pause to disk, E2B's autoPauseMemory=false).
+    pause_keeps_memory: bool = True
     # Port exposure, checked by the port proxy on every connection without a query.
     traffic_token: str = ""
     public_ports: bool = False
     state: str = "creating"
     sandbox: Sandbox | None = None
+    # While it is paused to disk: its filesystem (it has no engine sandbox meanwhile).
+    disk: DiskImage | None = None
     # Stores its network events while it runs (from the end of its creation).
     network: NetworkEventPump | None = None
     # The last activity written to the store.
@@ -58,6 +64,8 @@ class LiveSandbox:
         """What its timers say must happen now, with the reason to record; None: nothing."""
         if self.state not in ("running", "paused"):
             return None
+        if self.disk is not None:
+            return None  # paused to disk, it holds no memory: kept until killed, as E2B's
         if now >= self.expires_at:
             if self.on_timeout == "pause":
                 return ("pause", "paused: timeout") if self.state == "running" else None

@@ -4,7 +4,9 @@
         │           │            │
         └──► failed └──► killed ◄┘        (and running/paused ──► failed on a crash)
 
-Every change of state is written with its event before the call returns. A team sees
+A pause freezes the sandbox (memory kept) or saves it to disk (`disk_pause`: files kept,
+processes and memory let go; resume boots it afresh; it outlives its deadline and this
+process). Every change of state is written with its event before the call returns. A team sees
 only its own sandboxes: another team's id gets the same NotFound as an unknown one.
 The manager is the only door to a live sandbox: its commands go through
 `manager.commands`, its files through `manager.files`, each a check of the team and the
@@ -34,6 +36,7 @@ from corral.errors import (
     InvalidRequest,
     NotFound,
     SandboxNotRunning,
+    SnapshotUnavailable,
     Unauthenticated,
 )
 from corral.images import LayerStore
@@ -42,8 +45,9 @@ from corral.isolation.engine import new_sandbox_id
 from corral.isolation.templates import get_template
 from corral.isolation.volumes import VolumeMount
 from corral.network.policy import NetworkPolicy
-from corral.sandboxes import network_events
+from corral.sandboxes import disk_pause, network_events
 from corral.sandboxes.commands import SandboxCommands
+from corral.sandboxes.disk_pause import DiskImage
 from corral.sandboxes.files import SandboxFiles
 from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
 from corral.sandboxes.live import LiveSandbox, utc
@@ -110,6 +114,11 @@ class SandboxManager:
         # `template=NAME` -> the engine's name of the team's template (the template
         # catalog's `resolve(team_id, name)`, given by the server); None: only `host`.
         self.resolve_template: Callable[[str, str], str] | None = None
+        # Where a pause to disk keeps a sandbox's filesystem (the template catalog's
+        # layer store, given by the server); None: no pause to disk.
+        self.layers: LayerStore | None = None
+        self._live.pause_to_disk = self._pause_to_disk
+        self._live.drop_disk = self._drop_disk
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -117,7 +126,7 @@ class SandboxManager:
         """Clean up after a crashed predecessor, then start the background loops."""
         self.engine.reap()
         self.engine.start_reaper()
-        self._live.fail_orphans(self._owner)
+        self._live.fail_orphans(self._owner, adopt=self._adopt)
         self.pool.start()
         self._tasks = [
             asyncio.create_task(_every(self.tick, self._live.enforce_timers), name="timers"),
@@ -131,7 +140,8 @@ class SandboxManager:
         self._closing = True
         await stop_tasks(*self._tasks)
         self._tasks = []
-        live = list(self._live)
+        # One paused to disk holds nothing here: it stays paused, for the next server.
+        live = [entry for entry in self._live if entry.disk is None]
         ends = [self._live.end(entry, "killed", SHUT_DOWN) for entry in live]
         for entry, result in zip(
             live, await asyncio.gather(*ends, return_exceptions=True), strict=True
@@ -219,6 +229,7 @@ class SandboxManager:
             idle_timeout=options.idle_timeout_seconds,
             on_idle=options.on_idle,
             on_timeout=options.on_timeout,
+            pause_keeps_memory=options.pause_keeps_memory,
             last_activity=now,
             saved_activity=now,
             traffic_token=token,
@@ -299,6 +310,17 @@ class SandboxManager:
                 await pooled.destroy()
                 if not isinstance(exc, CorralError):
                     raise
+        cold = await self._boot(sandbox_id, template, options, mounts)
+        return cold, False
+
+    async def _boot(
+        self,
+        sandbox_id: str,
+        template: str,
+        options: CreateOptions,
+        mounts: tuple[VolumeMount, ...],
+    ) -> Sandbox:
+        """A cold engine sandbox of `template` as `options` ask, its start command run."""
         cold = await self.engine.create(
             template=template,
             limits=options.limits,
@@ -314,7 +336,7 @@ class SandboxManager:
         except BaseException:
             await cold.destroy()
             raise
-        return cold, False
+        return cold
 
     async def snapshot(
         self, team_id: str, sandbox_id: str, store: LayerStore, max_bytes: int | None
@@ -337,18 +359,143 @@ class SandboxManager:
         await self._live.locked(entry, ("running", "paused"), "kill")
         await self._live.end(entry, "killed", "killed: by request")
 
-    async def pause(self, team: Team, sandbox_id: str) -> SandboxRecord:
+    async def pause(
+        self, team: Team, sandbox_id: str, *, keep_memory: bool = True
+    ) -> SandboxRecord:
+        """Freeze the sandbox's processes (`keep_memory`), or pause it to disk: keep its
+        filesystem only, its processes ended and its memory released (`disk_pause`)."""
         entry = self._entry(team, sandbox_id)
         live = self._live
-        row = await live.locked(entry, ("running",), "pause", live.pause, "paused: by request")
+        if keep_memory:
+            row = await live.locked(entry, ("running",), "pause", live.pause, "paused: by request")
+        else:
+            row = await live.locked(
+                entry, ("running",), "pause", self._pause_to_disk, "paused to disk: by request"
+            )
         assert row is not None
         return self._record(row)
 
     async def resume(self, team: Team, sandbox_id: str) -> SandboxRecord:
+        """Thaw a frozen sandbox, or boot one paused to disk from its filesystem."""
         entry = self._entry(team, sandbox_id)
-        row = await self._live.locked(entry, ("paused",), "resume", self._live.resume, "resumed")
+        row = await self._live.locked(entry, ("paused",), "resume", self._resume, "resumed")
         assert row is not None
         return self._record(row)
+
+    async def _pause_to_disk(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
+        sandbox = entry.sandbox
+        assert sandbox is not None
+        if self.layers is None:
+            raise SnapshotUnavailable(
+                "this server process keeps no template layers, so it cannot pause to disk; "
+                "pause with the memory kept (keep_memory=true)"
+            )
+        self._live.flush(entry, final=False)
+        disk = await disk_pause.save(
+            sandbox,
+            self.layers,
+            self.settings.data_dir,
+            self.settings.template_max_bytes,
+            on_timeout=entry.on_timeout,
+            pause_keeps_memory=entry.pause_keeps_memory,
+        )
+        # From here on its filesystem is the image: the engine sandbox goes.
+        entry.disk, entry.sandbox, entry.state = disk, None, "paused"
+        entry.rings.baseline(None, 0.0)
+        if entry.network is not None:
+            await entry.network.stop()
+            entry.network = None
+        try:
+            await sandbox.destroy()
+        except Exception:
+            log.exception(
+                "could not destroy a paused-to-disk sandbox", extra={"sandbox_id": entry.id}
+            )
+        return self.store.transition(
+            entry.id,
+            "paused",
+            reason,
+            from_states=("running",),
+            last_activity_at=utc(entry.last_activity),
+        )
+
+    async def _resume(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
+        disk = entry.disk
+        if disk is None:
+            return await self._live.resume(entry, reason)
+        if self.layers is None:
+            raise SnapshotUnavailable(
+                f"sandbox {entry.id} is paused to disk and this server process keeps no "
+                "template layers to boot it from; resume it through the server"
+            )
+        # Booted as it was created, with what its row says now (its network may have
+        # changed while it was paused); its filesystem is the image's.
+        row = self.store.sandbox(entry.id)
+        assert row is not None  # a live sandbox's row stays until it ends
+        record = self._record(row)
+        options = CreateOptions(
+            template=record.template,
+            isolation=record.isolation,
+            limits=record.limits,
+            envs=dict(entry.envs),
+            network=record.network,
+            volumes=record.volumes,
+            ram_disk=record.ram_disk,
+        )
+        mounts = self.volumes.mounts(entry.team_id, options.volumes)
+
+        async def start(template: str) -> Sandbox:
+            return await self._boot(entry.id, template, options, mounts)
+
+        sandbox = await disk.boot(self.engine.templates, self.layers, start)
+        self._drop_disk(disk)  # the new sandbox holds the layers it started from
+        entry.disk, entry.sandbox = None, sandbox
+        entry.network = NetworkEventPump(self.store, sandbox)
+        entry.state = "running"
+        entry.touch(time.time())
+        self._live.baseline(entry)
+        return self.store.transition(
+            entry.id,
+            "running",
+            reason + " (booted from its filesystem: its processes were not kept)",
+            from_states=("paused",),
+            last_activity_at=utc(entry.last_activity),
+        )
+
+    def _drop_disk(self, disk: DiskImage) -> None:
+        disk.drop(self.layers, self.settings.data_dir)
+
+    def _adopt(self, row: SandboxRow) -> bool:
+        """Take on a sandbox a server that stopped left paused to disk (its image is
+        still here): it stays paused, now this process's. False: not one of those."""
+        if row.state != "paused":
+            return False
+        disk = DiskImage.read(self.settings.data_dir, row.id)
+        if disk is None:
+            return False
+        host, pid, start = self._owner
+        self.store.update_sandbox(row.id, owner_host=host, owner_pid=pid, owner_start=start)
+        self._live.add(
+            LiveSandbox(
+                id=row.id,
+                team_id=row.team_id,
+                envs=dict(row.envs),
+                rings=MetricRings(self.metrics_interval),
+                expires_at=row.expires_at.timestamp(),
+                idle_timeout=row.idle_timeout_seconds,
+                on_idle="kill" if row.on_idle == "kill" else "pause",
+                on_timeout="pause" if disk.on_timeout == "pause" else "kill",
+                pause_keeps_memory=disk.pause_keeps_memory,
+                last_activity=row.last_activity_at.timestamp(),
+                saved_activity=row.last_activity_at.timestamp(),
+                traffic_token=row.traffic_token,
+                public_ports=row.public_ports,
+                state="paused",
+                disk=disk,
+            )
+        )
+        log.info("sandbox paused to disk adopted", extra={"sandbox_id": row.id})
+        return True
 
     async def set_timeout(
         self, team: Team, sandbox_id: str, seconds: int, *, zero_ok: bool = False
@@ -371,8 +518,8 @@ class SandboxManager:
         entry = self._entry(team, sandbox_id)
 
         async def change(entry: LiveSandbox, reason: str) -> None:
-            assert entry.sandbox is not None
-            await entry.sandbox.set_network(policy)
+            if entry.sandbox is not None:  # paused to disk: its resume reads the row
+                await entry.sandbox.set_network(policy)
             self.store.update_sandbox(sandbox_id, network=network_json(policy))
 
         await self._live.locked(entry, ("running", "paused"), "change the network of", change)

@@ -67,6 +67,9 @@ class CreateOptions:
     # What its deadline does: kill it, or pause it (E2B's autoPause); a sandbox paused
     # this way stays paused past its deadline until it is resumed or killed.
     on_timeout: Literal["kill", "pause"] = "kill"
+    # Whether a pause by its timers keeps its memory (frozen) or only its filesystem
+    # (paused to disk: see `corral.sandboxes.disk_pause`).
+    pause_keeps_memory: bool = True
     # Inactivity TTL: 0 means none.
     idle_timeout_seconds: int = 0
     on_idle: Literal["pause", "kill"] = "pause"

@@ -263,6 +263,7 @@ class CorralApp:
             try:
                 jobs = JobRuntime(self.settings, store, manager.engine)
                 manager.resolve_template = jobs.templates.resolve
+                manager.layers = jobs.templates.layers
                 # The server's base (E2B's default template) gets a warm pool too.
                 manager.poolable = jobs.templates.server_base.is_base
                 jobs.templates.manager = manager

@@ -48,7 +48,15 @@ def _translate(exc: Exception, ctx: RequestContext[Any, Any]) -> ConnectError:
 
 
 class ErrorInterceptor:
-    """Turns every exception of a handler into the Connect error the client should see."""
+    """Turns every exception of a handler into the Connect error the client should see;
+    `adapt`, when given, first replaces an exception with the one to send instead (E2B's
+    envd answers some of Corral's errors with other codes)."""
+
+    def __init__(self, adapt: Callable[[Exception], Exception] | None = None) -> None:
+        self._adapt = adapt
+
+    def _error(self, exc: Exception, ctx: RequestContext[Any, Any]) -> ConnectError:
+        return _translate(exc if self._adapt is None else self._adapt(exc), ctx)
 
     async def intercept_unary(
         self,
@@ -59,7 +67,7 @@ class ErrorInterceptor:
         try:
             return await call_next(request, ctx)
         except Exception as exc:
-            raise _translate(exc, ctx) from None
+            raise self._error(exc, ctx) from None
 
     async def intercept_client_stream(
         self,
@@ -70,7 +78,7 @@ class ErrorInterceptor:
         try:
             return await call_next(request, ctx)
         except Exception as exc:
-            raise _translate(exc, ctx) from None
+            raise self._error(exc, ctx) from None
 
     async def intercept_server_stream(
         self,
@@ -83,7 +91,7 @@ class ErrorInterceptor:
             async for message in stream:
                 yield message
         except Exception as exc:
-            raise _translate(exc, ctx) from None
+            raise self._error(exc, ctx) from None
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

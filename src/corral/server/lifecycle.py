@@ -83,7 +83,10 @@ class LifecycleHandlers(Handlers):
 
     async def pause(self, request: pb.PauseRequest, ctx: Ctx) -> pb.PauseResponse:
         team = self._team(ctx)
-        record = await self._manager.pause(team, convert.sandbox_id(request.sandbox_id))
+        keep_memory = not request.HasField("keep_memory") or request.keep_memory
+        record = await self._manager.pause(
+            team, convert.sandbox_id(request.sandbox_id), keep_memory=keep_memory
+        )
         return pb.PauseResponse(sandbox=convert.sandbox(record))
 
     async def resume(self, request: pb.ResumeRequest, ctx: Ctx) -> pb.ResumeResponse:

@@ -228,10 +228,12 @@ class KillResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PauseRequest(_message.Message):
-    __slots__ = ("sandbox_id",)
+    __slots__ = ("sandbox_id", "keep_memory")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_MEMORY_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
-    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+    keep_memory: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., keep_memory: _Optional[bool] = ...) -> None: ...
 
 class PauseResponse(_message.Message):
     __slots__ = ("sandbox",)

@@ -6,14 +6,18 @@ was killed or reached its end of life"), while a clean end envelope with an erro
 taken at its word, and so is a connection closed politely mid-body (its HTTP client calls
 that a protocol error, not a transport failure). connect-python always ends a stream
 with an envelope, so a handler that sees its sandbox die calls `break_stream()` and
-`breakable` keeps that last envelope from being sent: the ASGI server then closes the
-connection with the body unfinished (uvicorn logs one line, "ASGI callable returned
-without completing response"), and, under uvicorn, as a reset (`_reset_on_close`).
+`breakable` keeps that last envelope from being sent and, under uvicorn, closes the
+connection itself, as a reset (`_reset`), before the app returns: uvicorn then sees a
+connection that went away rather than an app that returned without completing its
+response (which it would log as an ERROR, once for every sandbox killed under a stream).
+Elsewhere the ASGI server closes the unfinished response its own way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -58,20 +62,33 @@ def breakable(app: ASGIApp) -> ASGIApp:
 
         await app(scope, receive, send_unless_broken)
         if request.broken:
-            _reset_on_close(send)
+            await _reset(send)
 
     return serve
 
 
-def _reset_on_close(send: Send) -> None:
-    """Make the connection's close a reset (RST), where the ASGI server lets us.
+# How long `_reset` waits for uvicorn to see the connection closed (it hears of it once
+# what the connection still had to send is written: at once, unless the client is slow).
+_CLOSE_WAIT = 1.0
 
-    ASGI gives no access to the connection; uvicorn's `send` is a method of its request
-    cycle, which holds the asyncio transport. Linger 0 turns the close uvicorn does for
-    an unfinished response into a reset. Elsewhere the close stays a FIN.
+
+async def _reset(send: Send) -> None:
+    """Close the connection with a reset (RST), where the ASGI server lets us, and wait
+    until the server has seen it close.
+
+    ASGI gives no access to the connection; uvicorn's `send` (under any wrappers made
+    with `functools.wraps`) is a method of its request cycle, which holds the asyncio
+    transport and sets `disconnected` when the transport reports the connection lost.
+    Linger 0 turns the close into a reset.
     """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    get_extra_info = getattr(transport, "get_extra_info", None)
-    sock = get_extra_info("socket") if get_extra_info is not None else None
+    cycle: Any = getattr(inspect.unwrap(send), "__self__", None)  # through wrappers
+    transport = getattr(cycle, "transport", None)
+    if transport is None or not hasattr(cycle, "disconnected"):
+        return
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.close()
+    deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT
+    while not cycle.disconnected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)

@@ -9,7 +9,9 @@ the request to the service that answers it.
 
 Refusals before the hand-over are E2B's edge's: `{"code": <status>, "message": …}`, 502
 for a sandbox that is not running (the SDK says "sandbox timeout"), 401 for a missing
-access token. The SDK maps such plain errors on Connect routes too.
+access token. The SDK maps such plain errors on Connect routes too. Any other failure
+before the response starts is logged with its traceback and answered as JSON 500, never
+as uvicorn's plain-text one.
 
 The process and filesystem services and `/files` are separate modules that register by
 existing: each is imported on first use, and answered 501 while it is missing (so the app
@@ -18,6 +20,7 @@ runs whichever parts are built). A module's own import errors are not hidden.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -29,7 +32,7 @@ from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
 from corral.server.e2b.broken import breakable
 from corral.server.e2b.call import EnvdCall, resolve, set_current
-from corral.server.e2b.errors import E2bError, rest_status
+from corral.server.e2b.errors import E2bError, as_envd, rest_status
 from corral.server.e2b.rest import error_body, send_json
 from corral.server.e2b.routing import sandbox_of
 from corral.server.interceptors import ErrorInterceptor
@@ -81,7 +84,7 @@ def _service_app(services: Services, prefix: str) -> ASGIApp | None:
         return None
     app: ASGIApp = application(
         handlers(services),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(as_envd)],
         read_max_bytes=MAX_MESSAGE_BYTES,
         compressions=[BoundedGzip(MAX_MESSAGE_BYTES)],
     )
@@ -98,6 +101,27 @@ class EnvdApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
+        started = False
+
+        @functools.wraps(send)  # `broken` unwraps it to reach uvicorn's connection
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._answer(scope, receive, tracked, path)
+        except Exception:
+            if started:  # too late for an answer: uvicorn logs it and drops the connection
+                raise
+            log.exception("envd request failed", extra={"path": path})
+            await send_json(
+                send,
+                500,
+                error_body(500, "internal error in the Corral server; its log has details"),
+            )
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         try:
             call = self._call(scope)
             set_current(call)

@@ -5,8 +5,12 @@ table (its Connect code), so this module only turns codes into HTTP statuses.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from corral._wire import code_for
-from corral.errors import CorralError
+from corral.errors import CorralError, Unauthenticated, UnknownUser
+
+E = TypeVar("E", bound=Exception)
 
 # The HTTP status of each Connect code, as E2B's API answers them.
 _STATUS_OF_CODE = {
@@ -45,11 +49,19 @@ def rest_status(exc: CorralError) -> int:
     """The HTTP status E2B's REST API answers `exc` with."""
     if isinstance(exc, E2bError):
         return exc.status
-    return _STATUS_OF_CODE.get(code_for(exc), 500)
+    return _STATUS_OF_CODE.get(code_for(as_envd(exc)), 500)
 
 
 def envd_code(exc: CorralError) -> str:
     """The Connect code name envd answers `exc` with."""
     if isinstance(exc, E2bError):
         return _CODE_OF_STATUS.get(exc.status, "internal" if exc.status >= 500 else "unknown")
-    return code_for(exc)
+    return code_for(as_envd(exc))
+
+
+def as_envd(exc: E) -> E | Unauthenticated:
+    """`exc` as envd answers it: an unknown user is 401 there (its authentication checks
+    the user a request names), a bad argument in Corral's own API."""
+    if isinstance(exc, UnknownUser):
+        return Unauthenticated(str(exc))
+    return exc

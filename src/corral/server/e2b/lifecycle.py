@@ -6,7 +6,10 @@ E2B's semantics where they differ from Corral's own API:
 - `timeout` 0 ends the sandbox at once; connect and refresh only extend its deadline;
 - `autoPause` pauses the sandbox at its deadline instead of killing it, and it stays
   paused until it is connected to (resumed) or killed;
-- pausing a paused sandbox is 409; connecting to a paused one resumes it (201).
+- pausing a paused sandbox is 409; connecting to a paused one resumes it (201);
+- `pause {"memory": false}` and `autoPauseMemory: false` pause to disk (files kept,
+  processes ended, memory released; the resume is a cold boot with a new boot id), and
+  a sandbox paused to disk is kept past its deadline until it is killed.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ async def create(services: Services, req: RestRequest) -> RestResponse:
             "traffic; resume it with Sandbox.connect",
         )
     auto_pause = _bool(body, "autoPause", False)
+    # false: its deadline pauses it to disk (a filesystem-only pause), not frozen
+    auto_pause_memory = _bool(body, "autoPauseMemory", True)
     envs = _strings(body, "envVars")
     mounts = body.get("volumeMounts") or []
     if not isinstance(mounts, list):
@@ -136,6 +141,7 @@ async def create(services: Services, req: RestRequest) -> RestResponse:
         metadata=_strings(body, "metadata"),
         timeout_seconds=_seconds(body, "timeout", DEFAULT_TIMEOUT),
         on_timeout="pause" if auto_pause else "kill",
+        pause_keeps_memory=auto_pause_memory,
         network=network.create_policy(body, defaults, manager.settings.e2b_network),
         public_ports=network.public_traffic(body),
         volumes=tuple(VolumeSpec.of(mount) for mount in mounts),
@@ -263,13 +269,13 @@ async def set_timeout(services: Services, req: RestRequest) -> RestResponse:
 
 async def pause(services: Services, req: RestRequest) -> RestResponse:
     manager, _ = _manager(services)
-    _bool(req.json_object(), "memory", True)  # Corral's pause always keeps memory
+    keep_memory = _bool(req.json_object(), "memory", True)  # false: pause to disk
     record = await _live(services, req.team, req.params["sandboxID"])
     already = E2bError(409, f"sandbox {record.id} is paused already")
     if record.state == "paused":
         raise already
     try:
-        await manager.pause(req.team, record.id)
+        await manager.pause(req.team, record.id, keep_memory=keep_memory)
     except InvalidRequest:  # paused by another request meanwhile
         raise already from None
     return RestResponse(204)
