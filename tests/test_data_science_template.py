@@ -35,6 +35,9 @@ from tests.kit.oci_images import HAVE_REGISTRY, base_layer, start_registry, writ
 PACKAGES = ("python3", "python3-numpy", "python3-pandas")
 pytestmark = [
     pytest.mark.sandbox,
+    # A cold first build bootstraps Debian with numpy and pandas: past the suite's 120 s
+    # default on a loaded machine (seen at load 8).
+    pytest.mark.timeout(600),
     pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo: make setup"),
 ]
 F = TypeVar("F", bound=Callable[..., None])
