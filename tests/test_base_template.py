@@ -84,6 +84,12 @@ def test_base_runs_as_user_in_its_home_with_umask_022(base_server: LiveServer) -
         modes = run(sbx, "umask; touch f; mkdir d; stat -c %a f d")
         assert modes.split() == ["0022", "644", "755"]
         assert run(sbx, "id -u; id -un", user="root").split() == ["0", "root"]
+        # A login shell's PATH is still Debian's for each (its profile asks bash's $EUID
+        # instead of forking `id -u`).
+        assert "/usr/sbin" not in run(sbx, "echo $PATH").strip().split(":")
+        assert "/usr/sbin" in run(sbx, "echo $PATH", user="root").strip().split(":")
+        profile = run(sbx, "cat /etc/profile")
+        assert '"${EUID:-$(id -u)}"' in profile and '[ "$(id -u)"' not in profile
 
 
 def test_every_team_gets_base_and_its_own_base_wins(base_server: LiveServer) -> None:
