@@ -122,6 +122,10 @@ class LiveSandboxes:
         assert entry.sandbox is not None
         self.flush(entry, final=False)
         await entry.sandbox.pause()
+        return self.record_paused(entry, reason)
+
+    def record_paused(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
+        """Mark a sandbox that has just stopped running (frozen or saved to disk) paused."""
         entry.state = "paused"
         entry.rings.baseline(None, 0.0)
         return self.store.transition(

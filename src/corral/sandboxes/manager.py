@@ -401,7 +401,6 @@ class SandboxManager:
         )
         # From here on its filesystem is the image: the engine sandbox goes.
         entry.disk, entry.sandbox, entry.state = disk, None, "paused"
-        entry.rings.baseline(None, 0.0)
         if entry.network is not None:
             await entry.network.stop()
             entry.network = None
@@ -411,13 +410,7 @@ class SandboxManager:
             log.exception(
                 "could not destroy a paused-to-disk sandbox", extra={"sandbox_id": entry.id}
             )
-        return self.store.transition(
-            entry.id,
-            "paused",
-            reason,
-            from_states=("running",),
-            last_activity_at=utc(entry.last_activity),
-        )
+        return self._live.record_paused(entry, reason)
 
     async def _resume(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
         disk = entry.disk
