@@ -51,6 +51,9 @@ KEEPALIVE_RANGE = (1.0, 300.0)
 # limit the sandbox's limits allow instead (as Corral's terminals have none).
 OUTPUT_LIMIT = 1 << 40
 _SIGNALS = {pb.SIGNAL_SIGKILL: signal.SIGKILL, pb.SIGNAL_SIGTERM: signal.SIGTERM}
+# How long a SIGKILL's answer waits for the agent to reap the process: E2B code checks
+# `kill -0 PID` right after `commands.kill(PID)`, which a zombie would still pass.
+_REAP_SECONDS = 2.0
 _MAX_PTY_CELLS = 10_000
 
 
@@ -314,6 +317,8 @@ class ProcessHandlers(Handlers):
             await self._manager.commands.signal(call.team, call.sandbox_id, pid, signum, group=True)
         except CommandError:  # the agent refuses a pid it does not run
             raise _no_process(pid) from None
+        if signum == signal.SIGKILL:
+            await self._reaped(call, pid)
         return pb.SendSignalResponse()
 
     async def update(self, request: pb.UpdateRequest, ctx: Ctx) -> pb.UpdateResponse:
@@ -327,6 +332,19 @@ class ProcessHandlers(Handlers):
         return pb.UpdateResponse()
 
     # -- helpers ------------------------------------------------------------------------
+
+    async def _reaped(self, call: EnvdCall, pid: int) -> None:
+        """Return once the agent no longer runs `pid` (or after _REAP_SECONDS)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _REAP_SECONDS
+        while loop.time() < deadline:
+            try:
+                running = await self._manager.commands.processes(call.team, call.sandbox_id)
+            except (SandboxNotRunning, NotFound):
+                return  # the sandbox ended: nothing of it runs
+            if all(process.pid != pid for process in running):
+                return
+            await asyncio.sleep(0.01)
 
     async def _gone(self, call: EnvdCall) -> bool:
         """Whether the call's sandbox has ended (killed, timed out) or is paused."""
