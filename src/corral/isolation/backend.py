@@ -206,9 +206,11 @@ class Backend(ABC):
         where it would start the agent, with the same isolation.
         """
 
-    def require_memory_snapshots(self, what: str) -> None:
-        """Raise IsolationUnavailable, saying `what` was asked, unless this tier has memory
-        snapshots: checked before anything of the sandbox changes."""
+    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
+        """Raise IsolationUnavailable, saying `what` was asked, unless a sandbox of `spec`
+        can be checkpointed (and so restored) on this tier; checked before anything of
+        the sandbox changes. A tier with `memory_snapshots` that cannot checkpoint some
+        sandboxes (a network it cannot save, say) refuses those here."""
         if not self.memory_snapshots:
             raise IsolationUnavailable(
                 f"the {self.name} tier has no memory snapshots, so it cannot {what}; "
@@ -223,10 +225,10 @@ class Backend(ABC):
         Run in a thread, after the guest agent has let go of every call (`detach`), with
         the sandbox running (not frozen). On success nothing of the sandbox runs any more
         (its launcher exits); the caller then destroys it, which releases the footprint.
-        On failure, raise (CorralError) and leave the sandbox running if the tier can.
+        On failure, raise (CorralError). `check_checkpoint` has passed for its spec.
         Only tiers with `memory_snapshots` override this.
         """
-        self.require_memory_snapshots("checkpoint a sandbox")
+        raise IsolationUnavailable(f"the {self.name} tier has no memory snapshots")
 
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

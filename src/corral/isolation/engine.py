@@ -215,7 +215,7 @@ class Engine:
         if entrypoint is not None and not backend.entrypoints:
             raise InvalidRequest(f"the {backend.name} tier cannot start one-shot sandboxes")
         if restore is not None:
-            backend.require_memory_snapshots("restore a sandbox from a checkpoint")
+            backend.check_checkpoint(spec, "restore a sandbox from a checkpoint")
             if entrypoint is not None:
                 raise InvalidRequest(
                     "a one-shot sandbox cannot be restored from a checkpoint: "

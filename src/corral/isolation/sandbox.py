@@ -305,12 +305,12 @@ class Sandbox:
         Its calls in flight end (SandboxNotRunning) and no command's stream survives the
         restore; its processes do, background commands included (attach to them by pid).
         A paused (frozen) sandbox is thawed for its agent to let go of its calls. Refused
-        before anything changes on a tier without memory snapshots (IsolationUnavailable),
-        for a one-shot sandbox, and when `image` exists or its parent does not
-        (InvalidRequest). Once its agent has let go, a failure destroys it too (and
-        removes `image`): it has no connection to go on with.
+        before anything changes where the tier cannot checkpoint it (IsolationUnavailable,
+        `Backend.check_checkpoint`), for a one-shot sandbox, and when `image` exists or
+        its parent does not (InvalidRequest). Once its agent has let go, a failure
+        destroys it too (and removes `image`): it has no connection to go on with.
         """
-        self._backend.require_memory_snapshots("checkpoint a sandbox")
+        self._backend.check_checkpoint(self.spec, "checkpoint a sandbox")
         if self.entry is not None:
             raise InvalidRequest(
                 f"sandbox {self.id} runs one command without a guest agent: it cannot be "
