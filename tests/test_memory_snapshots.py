@@ -4,13 +4,19 @@ its processes still going. A tier without them refuses before anything changes."
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from corral.errors import InvalidRequest, IsolationUnavailable
+from corral.config import Settings
+from corral.errors import InvalidRequest, IsolationUnavailable, SandboxNotRunning
 from corral.isolation import Engine, Sandbox
 from corral.isolation.sandbox import SandboxState
+from tests.conftest import cgroup_dirs, require_backend
+from tests.kit.polling import until
 
 pytestmark = pytest.mark.sandbox
 
@@ -41,3 +47,131 @@ async def test_restoring_from_what_is_not_a_directory_is_refused(
 ) -> None:
     with pytest.raises(InvalidRequest, match="is not a directory"):
         await engine.create(isolation="namespace", restore=tmp_path / "missing")
+
+
+# -- gvisor ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def gvisor(engine: Engine, settings: Settings) -> AsyncIterator[Sandbox]:
+    """A `gvisor` sandbox (network none); skips, saying why, where runsc does not work."""
+    require_backend(settings, "gvisor")
+    box = await engine.create(isolation="gvisor")
+    try:
+        yield box
+    finally:
+        await box.destroy()
+
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+
+
+async def _count(box: Sandbox) -> int:
+    done = await box.run(["cat", "/tmp/count"])
+    return int(done.stdout)
+
+
+def _runsc_processes(sandbox_id: str) -> list[int]:
+    """Host processes whose command line names the sandbox (runsc's sandbox, gofer)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and sandbox_id.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
+
+
+async def test_a_checkpoint_keeps_processes_and_files_and_frees_the_host(
+    engine: Engine, gvisor: Sandbox, tmp_path: Path
+) -> None:
+    box = gvisor
+    await box.run(["sh", "-c", "echo w > /workspace/w && echo h > /home/user/h && echo t > /tmp/t"])
+    counter = await box.exec(["sh", "-c", COUNTER], background=True, tag="counter")
+    await until(lambda: _count_or_none(box), "the counter to count")
+    foreground = await box.exec(["sleep", "600"])
+    committed = engine.committed_memory_mib()
+
+    image = tmp_path / "image"
+    await box.checkpoint(image)
+    assert box.state is SandboxState.DESTROYED
+    assert list(image.iterdir())  # runsc's state
+    assert cgroup_dirs(box.id) == []  # nothing runs, no memory charged
+    assert _runsc_processes(box.id) == []
+    assert engine.committed_memory_mib() == committed - box.spec.limits.memory_mib
+    assert (await foreground.wait()).reason == "killed"  # no command stream survives
+    with pytest.raises(SandboxNotRunning):
+        await box.run(["true"])
+
+    restored = await engine.create(isolation="gvisor", sandbox_id=box.id, restore=image)
+    try:
+        shutil.rmtree(image)  # the caller's to remove once it runs
+        listed = await restored.processes()
+        assert [p.pid for p in listed if p.tag == "counter"] == [counter.pid]
+        assert ["sleep", "600"] not in [p.argv for p in listed]  # the foreground command died
+        before = await _count(restored)
+        await until(
+            lambda: _count_above(restored, before), "the counter to go on after the restore"
+        )
+        done = await restored.run(["cat", "/workspace/w", "/home/user/h", "/tmp/t"])
+        assert done.stdout == b"w\nh\nt\n"
+        assert (await restored.run(["sh", "-c", "echo again > /tmp/t; cat /tmp/t"])).stdout == (
+            b"again\n"
+        )
+    finally:
+        await restored.destroy()
+
+
+async def test_a_paused_sandbox_can_be_checkpointed(
+    engine: Engine, gvisor: Sandbox, tmp_path: Path
+) -> None:
+    await gvisor.exec(["sh", "-c", COUNTER], background=True)
+    await until(lambda: _count_or_none(gvisor), "the counter to count")
+    await gvisor.pause()
+    await gvisor.checkpoint(tmp_path / "image")
+    restored = await engine.create(
+        isolation="gvisor", sandbox_id=gvisor.id, restore=tmp_path / "image"
+    )
+    try:
+        before = await _count(restored)
+        await until(lambda: _count_above(restored, before), "the counter to go on")
+    finally:
+        await restored.destroy()
+
+
+async def test_checkpointing_into_a_directory_that_exists_is_refused_and_changes_nothing(
+    gvisor: Sandbox, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidRequest, match="give a new directory"):
+        await gvisor.checkpoint(tmp_path)
+    with pytest.raises(InvalidRequest, match="give a new directory"):
+        await gvisor.checkpoint(tmp_path / "missing" / "image")
+    assert gvisor.state is SandboxState.RUNNING
+    assert (await gvisor.run(["echo", "ok"])).stdout == b"ok\n"
+
+
+async def test_a_gvisor_sandbox_with_a_network_cannot_be_checkpointed_or_restored(
+    engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    require_backend(settings, "gvisor")
+    with pytest.raises(IsolationUnavailable, match="runsc cannot checkpoint"):
+        await engine.create(isolation="gvisor", network="internet", restore=tmp_path)
+    assert not engine.sandboxes
+    if "internet" not in engine.backend("gvisor").network_modes():
+        return  # no network namespaces here: no live sandbox with a network to refuse
+    box = await engine.create(isolation="gvisor", network="internet")
+    try:
+        with pytest.raises(IsolationUnavailable, match="network 'none' to keep its memory"):
+            await box.checkpoint(tmp_path / "image")
+        assert not (tmp_path / "image").exists()
+        assert (await box.run(["echo", "ok"])).stdout == b"ok\n"
+    finally:
+        await box.destroy()
+
+
+async def _count_or_none(box: Sandbox) -> int | None:
+    done = await box.run(["cat", "/tmp/count"])
+    return int(done.stdout) if done.exit_code == 0 and done.stdout.strip() else None
+
+
+async def _count_above(box: Sandbox, floor: int) -> bool:
+    return (await _count_or_none(box) or 0) > floor

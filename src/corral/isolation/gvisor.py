@@ -31,10 +31,11 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from corral.config import GVISOR_PLATFORMS, Settings
-from corral.errors import IsolationUnavailable
+from corral.errors import IsolationUnavailable, SandboxError
 from corral.isolation import netns
 from corral.isolation.agent_install import GUEST_DIR, agent_command, install_agent
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
@@ -54,6 +55,10 @@ from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
 # A `kvm` probe that has not finished by then is taken as hanging (it does on hosts with a
 # /dev/kvm that cannot run guests) and killed.
 KVM_PROBE_TIMEOUT = 2.0
+# Where in a checkpoint directory runsc's state goes (`runsc checkpoint --image-path`).
+_IMAGE = "runsc"
+# A checkpoint writes the sandbox's memory: seconds for a large one on a slow disk.
+_CHECKPOINT_TIMEOUT = 300.0
 # Writable directories inside the sandbox, each a tmpfs: (sandbox path, mode, owner uid).
 _WRITABLE = (
     (WORKSPACE, 0o755, SANDBOX_UID),
@@ -148,6 +153,39 @@ def find_runsc(wanted: str) -> Runsc | None:
 
 class GvisorBackend(Backend):
     name = "gvisor"
+    memory_snapshots = True
+
+    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
+        super().check_checkpoint(spec, what)
+        if spec.network.mode != "none":
+            raise IsolationUnavailable(
+                f"the gvisor tier cannot {what} with network {spec.network.mode!r}: its "
+                "sockets are the host's (runsc --network=host), which runsc cannot "
+                "checkpoint; create the sandbox with network 'none' to keep its memory"
+            )
+
+    def checkpoint(self, footprint: Footprint, image: Path) -> None:
+        """`runsc checkpoint`: the sentry writes its whole state (the processes, their
+        memory, and the tmpfs mounts, which hold every file the sandbox wrote: its root
+        and template binds are read-only) to one file, then the container exits."""
+        runsc = find_runsc(self.settings.gvisor_platform)
+        assert runsc is not None  # it runs this sandbox
+        argv = [runsc.path, "--root", str(footprint.path / "runsc")]
+        argv += ["--log", str(footprint.path / "runsc-checkpoint.log")]
+        argv += ["checkpoint", "--image-path", str(image / _IMAGE), footprint.id]
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=_CHECKPOINT_TIMEOUT
+            )
+        except subprocess.TimeoutExpired:
+            raise SandboxError(
+                f"runsc did not checkpoint sandbox {footprint.id} in {_CHECKPOINT_TIMEOUT:g} s"
+            ) from None
+        if done.returncode != 0:
+            raise SandboxError(
+                f"runsc could not checkpoint sandbox {footprint.id}: "
+                f"{done.stderr.strip()[-500:] or f'exit status {done.returncode}'}"
+            )
 
     def network_modes(self) -> frozenset[str]:
         if netns.tools_missing():
@@ -272,8 +310,12 @@ class GvisorBackend(Backend):
             f"--network={network}",
             "--ignore-cgroups",
             "--log", str(footprint.path / "runsc.log"),
-            "run", "--bundle", str(bundle), footprint.id,
         ]  # fmt: skip
+        if spec.restore is None:
+            argv += ["run", "--bundle", str(bundle), footprint.id]
+        else:  # the same bundle, remade from the same spec: its mounts are the sandbox's
+            argv += ["restore", "--image-path", str(spec.restore / _IMAGE)]
+            argv += ["--bundle", str(bundle), footprint.id]
         return LaunchPlan(
             argv=argv,
             env={"PATH": PATH},
