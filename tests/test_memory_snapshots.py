@@ -14,10 +14,27 @@ import pytest
 
 from corral import Sandbox as SdkSandbox
 from corral.config import Settings
-from corral.errors import CorralError, InvalidRequest, IsolationUnavailable, SandboxNotRunning
+from corral.errors import (
+    CorralError,
+    InvalidRequest,
+    IsolationUnavailable,
+    SandboxError,
+    SandboxNotRunning,
+)
 from corral.isolation import Engine, Sandbox
+from corral.isolation.footprint import Footprint
+from corral.isolation.gvisor import GvisorBackend
 from corral.isolation.sandbox import SandboxState
-from tests.conftest import LiveServer, cgroup_dirs, opts, require_backend, start_server
+from corral.sandboxes import CreateOptions, disk_pause
+from corral.store import Store
+from tests.conftest import (
+    LiveServer,
+    StartManager,
+    cgroup_dirs,
+    opts,
+    require_backend,
+    start_server,
+)
 from tests.kit.polling import until, wait_until
 
 pytestmark = pytest.mark.sandbox
@@ -169,6 +186,51 @@ async def _count_or_none(box: Sandbox) -> int | None:
 
 async def _count_above(box: Sandbox, floor: int) -> bool:
     return (await _count_or_none(box) or 0) > floor
+
+
+class _CheckpointFails(GvisorBackend):
+    """The gvisor tier, but its checkpoint fails after the agent has let go of its calls
+    (as runsc's would on a full disk): a stand-in tier, the code under test unchanged."""
+
+    def checkpoint(self, footprint: Footprint, image: Path) -> None:
+        (image / "partial").write_bytes(b"half an image")
+        raise SandboxError("runsc could not checkpoint (the test's failing tier)")
+
+
+def _failing_gvisor(engine: Engine) -> None:
+    # The engine's one instance per tier, replaced before any sandbox uses it.
+    engine._backends["gvisor"] = _CheckpointFails(engine.settings)
+
+
+async def test_a_checkpoint_that_fails_midway_destroys_the_sandbox_and_keeps_nothing(
+    engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    require_backend(settings, "gvisor")
+    _failing_gvisor(engine)
+    box = await engine.create(isolation="gvisor")
+    committed = engine.committed_memory_mib()
+    with pytest.raises(SandboxError, match="could not checkpoint"):
+        await box.checkpoint(tmp_path / "image")
+    assert box.state is SandboxState.DESTROYED  # no connection left to go on with
+    assert not (tmp_path / "image").exists()
+    assert cgroup_dirs(box.id) == []
+    assert engine.committed_memory_mib() == committed - box.spec.limits.memory_mib
+
+
+async def test_a_pause_to_disk_that_fails_midway_marks_the_sandbox_failed(
+    engine: Engine, msettings: Settings, managers: StartManager, store: Store
+) -> None:
+    require_backend(msettings, "gvisor")
+    _failing_gvisor(engine)
+    manager = await managers(engine=engine)
+    team = store.create_team("acme")
+    record = await manager.create(team, CreateOptions(template="host", isolation="gvisor"))
+    with pytest.raises(SandboxError, match="could not checkpoint"):
+        await manager.pause(team, record.id, keep_memory=False)
+    row = store.sandbox(record.id)
+    assert row is not None and row.state == "failed"
+    assert "could not pause it to disk" in row.state_reason
+    assert not list(disk_pause.directory(msettings.data_dir).glob(f"{record.id}*"))
 
 
 # -- pause to disk through a real server -------------------------------------------------
