@@ -7,11 +7,16 @@ sentry's memory): `Sandbox.checkpoint` (the agent lets go, `runsc checkpoint` wr
 image, the sandbox is destroyed), `Engine.create(restore=...)` to the result of `true`
 (restore to first output), and the image's size; beside them the cold create to first
 output of the same tier, and the raw `runsc do true`, measured in the same run.
+Then what a memory template buys: a warmed interpreter (the host's python3 with
+cryptography, yaml, pygments, OpenSSL and a few standard modules imported, then
+waiting) started cold (create, start it, wait until it says it is ready) against
+restored, ready, from one checkpoint into new sandboxes.
 Latencies in milliseconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -27,6 +32,13 @@ from corral.isolation import Engine, Sandbox
 from corral.isolation.gvisor import find_runsc
 from corral.limits import Limits
 
+WARM = (
+    "import asyncio, email.parser, http.server, json, sqlite3, decimal, ssl, tarfile, "
+    "cryptography.x509, yaml, pygments.lexers, OpenSSL, jwt\n"
+    "open('/tmp/ready', 'w').close()\n"
+    "import time\n"
+    "while True: time.sleep(60)"
+)
 CASES = {"idle": None, "100MB_in_tmpfs": "head -c 104857600 /dev/urandom > /tmp/big"}
 
 
@@ -51,6 +63,39 @@ def _raw_runsc(runsc: str, platform: str, count: int) -> list[float]:
         samples.append((time.perf_counter() - start) * 1000)
         shutil.rmtree(state, ignore_errors=True)
     return samples
+
+
+async def _start_warm(engine: Engine, limits: Limits) -> Sandbox:
+    box = await engine.create(isolation="gvisor", limits=limits)
+    await (await box.exec(["python3", "-c", WARM], background=True, tag="warm")).detach()
+    while not (await box.run(["test", "-e", "/tmp/ready"])).ok:
+        await asyncio.sleep(0.01)
+    return box
+
+
+async def _warmed_python(
+    engine: Engine, limits: Limits, scratch: Path, runs: int
+) -> dict[str, Any]:
+    cold = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        box = await _start_warm(engine, limits)
+        cold.append((time.perf_counter() - start) * 1000)
+        await box.destroy()
+    image = scratch / "warm"
+    await (await _start_warm(engine, limits)).checkpoint(image)
+    restored = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        box = await engine.create(isolation="gvisor", limits=limits, restore=image)
+        assert (await box.run(["test", "-e", "/tmp/ready"])).ok
+        restored.append((time.perf_counter() - start) * 1000)
+        await box.destroy()
+    return {
+        "cold_to_ready_ms": {**percentiles(cold, 50), "n": runs},
+        "restored_to_ready_ms": {**percentiles(restored, 50), "n": runs},
+        "image_bytes": _du(image),
+    }
 
 
 async def main(quick: bool) -> dict[str, Any]:
@@ -101,6 +146,7 @@ async def main(quick: bool) -> dict[str, Any]:
                     "restore_to_first_output_ms": {**percentiles(restore, 50), "n": runs},
                     "image_bytes": sorted(sizes)[len(sizes) // 2],
                 }
+            report["warmed_python"] = await _warmed_python(engine, limits, scratch, runs)
         raw = _raw_runsc(runsc.path, runsc.platform, runs)
         report["raw_runsc_do_true_ms"] = {**percentiles(raw, 50), "n": runs}
     finally:
