@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import signal
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,54 @@ def test_a_gvisor_sandbox_paused_to_disk_survives_a_server_restart_with_its_proc
         assert not list((data / "paused").iterdir())  # its checkpoint is gone with it
     finally:
         second.stop()
+
+
+WARM = (
+    "import os, time\n"
+    "token = os.urandom(8).hex()\n"  # made once, before the checkpoint: in its memory
+    "i = 0\n"
+    "while True:\n"
+    "    i += 1\n"
+    "    open('/tmp/warm.tmp', 'w').write(f'{token} {i}')\n"
+    "    os.rename('/tmp/warm.tmp', '/tmp/warm')\n"
+    "    time.sleep(0.1)\n"
+)
+
+
+async def _warm_state(box: Sandbox) -> tuple[str, int] | None:
+    done = await box.run(["cat", "/tmp/warm"])
+    if done.exit_code != 0 or not done.stdout:
+        return None
+    token, count = done.stdout.decode().split()
+    return token, int(count)
+
+
+async def test_one_checkpoint_restores_into_many_new_sandboxes(
+    engine: Engine, gvisor: Sandbox, tmp_path: Path
+) -> None:
+    """What a memory template is made of: a process started once, its memory restored
+    into each new sandbox, each going on alone from there."""
+    warm = await gvisor.exec(["python3", "-c", WARM], background=True, tag="warm")
+    token, _ = await until(lambda: _warm_state(gvisor), "the warm process to start")
+    image = tmp_path / "image"
+    await gvisor.checkpoint(image)
+
+    first = await engine.create(isolation="gvisor", restore=image)
+    second = await engine.create(isolation="gvisor", restore=image)
+    try:
+        assert len({gvisor.id, first.id, second.id}) == 3
+        for box in (first, second):
+            assert [p.pid for p in await box.processes() if p.tag == "warm"] == [warm.pid]
+            state = await until(partial(_warm_state, box), "the warm process")
+            assert state[0] == token  # the same memory
+            await until(partial(_count_state_above, box, state[1]), "the warm process to go on")
+        await first.run(["sh", "-c", "echo mine > /tmp/own"])
+        assert (await second.run(["cat", "/tmp/own"])).exit_code != 0  # files apart
+    finally:
+        await first.destroy()
+        await second.destroy()
+
+
+async def _count_state_above(box: Sandbox, floor: int) -> bool:
+    state = await _warm_state(box)
+    return state is not None and state[1] > floor
