@@ -7,17 +7,20 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from corral.config import Settings
 from corral.errors import GuestError
-from corral.isolation import Engine, Limits, Sandbox
+from corral.isolation import Engine, Limits, Sandbox, netns
 from corral.isolation.gvisor import GvisorBackend
 from tests.conftest import cgroup_dirs, require_backend
+from tests.kit import internet as fake
 from tests.kit import processes
+from tests.kit.internet import Internet
+from tests.kit.netdriver import Driver
 from tests.kit.polling import until, wait_until
 
 pytestmark = [pytest.mark.sandbox]
@@ -202,3 +205,66 @@ def test_the_reaper_cleans_up_after_a_killed_owner(settings: Settings) -> None:
     assert not (settings.runtime_dir / "sandboxes" / sandbox_id).exists()
     assert not cgroup_dirs(sandbox_id)
     assert wait_until(lambda: not runsc_processes(sandbox_id), "runsc to be gone", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def driver(internet: Internet, settings: Settings) -> Iterator[Driver]:
+    """Sandboxes made inside the fake internet (`tests/kit/netdriver.py`)."""
+    require_backend(settings, "gvisor")
+    if netns.tools_missing():
+        pytest.skip(f"sandbox networks need {', '.join(netns.tools_missing())}")
+    driver = Driver.in_gateway(internet.netns(fake.GATEWAY), settings)
+    yield driver
+    driver.close()
+
+
+_FETCH = """
+import socket, sys, urllib.request
+for target in sys.argv[1:]:
+    try:
+        body = urllib.request.urlopen(f"http://{target}/", timeout=5).read().decode().strip()
+    except OSError as exc:
+        body = type(exc).__name__
+    print(target, body)
+"""
+
+
+def fetch_all(driver: Driver, sandbox: str, *targets: str) -> dict[str, str]:
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", _FETCH, *targets])
+    assert done["exit_code"] == 0, done
+    return dict(line.split(" ", 1) for line in done["stdout"].splitlines())
+
+
+def test_an_allowlist_holds_in_a_gvisor_sandbox(driver: Driver, internet: Internet) -> None:
+    # The sentry's sockets are host sockets in the sandbox's namespace: its rules apply.
+    before = len(internet.saw(service="http", address=fake.DENIED_V4))
+    sandbox = driver.ok(
+        op="create", network="allowlist", allow=["allowed.test:80"], isolation="gvisor"
+    )["id"]
+    reached = fetch_all(
+        driver, sandbox, "allowed.test", fake.DENIED_V4, fake.PRIVATE_V4, fake.METADATA_V4
+    )
+    assert reached == {
+        "allowed.test": "allowed.test",
+        fake.DENIED_V4: "URLError",
+        fake.PRIVATE_V4: "URLError",
+        fake.METADATA_V4: "URLError",
+    }
+    driver.ok(op="destroy", id=sandbox)
+    assert len(internet.saw(service="http", address=fake.DENIED_V4)) == before
+
+
+def test_internet_reaches_public_hosts_only(driver: Driver) -> None:
+    sandbox = driver.ok(op="create", network="internet", isolation="gvisor")["id"]
+    reached = fetch_all(driver, sandbox, fake.ALLOWED_V4, fake.DENIED_V4, fake.PRIVATE_V4)
+    assert reached == {
+        fake.ALLOWED_V4: "allowed.test",
+        fake.DENIED_V4: "denied.test",
+        fake.PRIVATE_V4: "URLError",
+    }
+    # Raw and packet sockets, which would bypass the rules, are refused by gVisor.
+    code = "import socket\ntry:\n socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+    code += " print('opened')\nexcept OSError as e:\n print(e.errno)"
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", code], user="root")
+    assert done["stdout"].strip() != "opened", done
+    driver.ok(op="destroy", id=sandbox)

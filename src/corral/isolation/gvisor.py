@@ -252,6 +252,9 @@ class GvisorBackend(Backend):
             **spec.env,
         }
         caps = list(ROOT_CAPS)
+        namespaces = ["pid", "ipc", "uts", "mount"]
+        if footprint.netns is None:
+            namespaces.append("network")
         config = {
             "ociVersion": "1.0.2",
             "process": {
@@ -272,9 +275,9 @@ class GvisorBackend(Backend):
             "hostname": footprint.id.replace("_", "-"),
             "mounts": mounts,
             "linux": {
-                "namespaces": [
-                    {"type": kind} for kind in ("pid", "ipc", "uts", "mount", "network")
-                ],
+                # With a network, the sentry stays in the namespace the launcher joined
+                # (`--network=host`); else runsc gives it an empty one of its own.
+                "namespaces": [{"type": kind} for kind in namespaces],
                 "cgroupsPath": f"/{self.settings.cgroup_parent}/{footprint.cgroup}",
             },
         }
