@@ -7,17 +7,22 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from corral.config import Settings
 from corral.errors import GuestError
-from corral.isolation import Engine, Limits, Sandbox
+from corral.isolation import Engine, Limits, Sandbox, netns
 from corral.isolation.gvisor import GvisorBackend
+from corral.isolation.volumes import VolumeMount, create_image, in_use
 from tests.conftest import cgroup_dirs, require_backend
+from tests.kit import internet as fake
 from tests.kit import processes
+from tests.kit.debian import needs_archive
+from tests.kit.internet import Internet
+from tests.kit.netdriver import Driver
 from tests.kit.polling import until, wait_until
 
 pytestmark = [pytest.mark.sandbox]
@@ -202,3 +207,134 @@ def test_the_reaper_cleans_up_after_a_killed_owner(settings: Settings) -> None:
     assert not (settings.runtime_dir / "sandboxes" / sandbox_id).exists()
     assert not cgroup_dirs(sandbox_id)
     assert wait_until(lambda: not runsc_processes(sandbox_id), "runsc to be gone", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def driver(internet: Internet, settings: Settings) -> Iterator[Driver]:
+    """Sandboxes made inside the fake internet (`tests/kit/netdriver.py`)."""
+    require_backend(settings, "gvisor")
+    if netns.tools_missing():
+        pytest.skip(f"sandbox networks need {', '.join(netns.tools_missing())}")
+    driver = Driver.in_gateway(internet.netns(fake.GATEWAY), settings)
+    yield driver
+    driver.close()
+
+
+_FETCH = """
+import socket, sys, urllib.request
+for target in sys.argv[1:]:
+    try:
+        body = urllib.request.urlopen(f"http://{target}/", timeout=5).read().decode().strip()
+    except OSError as exc:
+        body = type(exc).__name__
+    print(target, body)
+"""
+
+
+def fetch_all(driver: Driver, sandbox: str, *targets: str) -> dict[str, str]:
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", _FETCH, *targets])
+    assert done["exit_code"] == 0, done
+    return dict(line.split(" ", 1) for line in done["stdout"].splitlines())
+
+
+def test_an_allowlist_holds_in_a_gvisor_sandbox(driver: Driver, internet: Internet) -> None:
+    # The sentry's sockets are host sockets in the sandbox's namespace: its rules apply.
+    before = len(internet.saw(service="http", address=fake.DENIED_V4))
+    sandbox = driver.ok(
+        op="create", network="allowlist", allow=["allowed.test:80"], isolation="gvisor"
+    )["id"]
+    reached = fetch_all(
+        driver, sandbox, "allowed.test", fake.DENIED_V4, fake.PRIVATE_V4, fake.METADATA_V4
+    )
+    assert reached == {
+        "allowed.test": "allowed.test",
+        fake.DENIED_V4: "URLError",
+        fake.PRIVATE_V4: "URLError",
+        fake.METADATA_V4: "URLError",
+    }
+    driver.ok(op="destroy", id=sandbox)
+    assert len(internet.saw(service="http", address=fake.DENIED_V4)) == before
+
+
+def test_internet_reaches_public_hosts_only(driver: Driver) -> None:
+    sandbox = driver.ok(op="create", network="internet", isolation="gvisor")["id"]
+    reached = fetch_all(driver, sandbox, fake.ALLOWED_V4, fake.DENIED_V4, fake.PRIVATE_V4)
+    assert reached == {
+        fake.ALLOWED_V4: "allowed.test",
+        fake.DENIED_V4: "denied.test",
+        fake.PRIVATE_V4: "URLError",
+    }
+    # Raw and packet sockets, which would bypass the rules, are refused by gVisor.
+    code = "import socket\ntry:\n socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+    code += " print('opened')\nexcept OSError as e:\n print(e.errno)"
+    done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", code], user="root")
+    assert done["stdout"].strip() != "opened", done
+    driver.ok(op="destroy", id=sandbox)
+
+
+_OWNERS = """
+import os, sys
+for path in sys.argv[1:]:
+    st = os.stat(path)
+    print(path, st.st_uid, st.st_gid)
+"""
+
+
+@pytest.mark.parametrize("_archive", [pytest.param(None, marks=needs_archive("python3"))])
+async def test_a_layer_template_keeps_its_owners_and_users(
+    engine_debian: Engine, settings: Settings, _archive: None
+) -> None:
+    require_backend(settings, "gvisor")
+    async with await engine_debian.create(template="debian", isolation="gvisor") as box:
+        who = await box.run("id -un; id -u; pwd; echo $HOME")
+        assert who.stdout.decode().split() == ["user", "1000", "/workspace", "/home/user"], who
+        owners = await box.run(
+            ["python3", "-c", _OWNERS, "/", "/etc/passwd", "/usr/bin/python3", "/home/user"]
+        )
+        assert owners.stdout.decode().splitlines() == [
+            "/ 0 0",
+            "/etc/passwd 0 0",
+            "/usr/bin/python3 0 0",
+            "/home/user 1000 1000",
+        ], owners
+        # The root is writable for the sandbox's root (to its disk), not for its user.
+        denied = await box.run(["touch", "/usr/bin/mine"])
+        assert denied.exit_code != 0
+        made = await box.run(
+            ["sh", "-c", "echo hi > /usr/bin/mine && cat /usr/bin/mine"], user="root"
+        )
+        assert made.stdout == b"hi\n", made
+        assert (await box.run(["id", "-u"], user="root")).stdout == b"0\n"
+    async with await engine_debian.create(template="debian-root", isolation="gvisor") as box:
+        assert (await box.run(["id", "-un"])).stdout == b"root\n"
+        # Each sandbox has its own disk: the other one's write is not here.
+        assert (await box.run(["test", "-e", "/usr/bin/mine"])).exit_code == 1
+
+
+@pytest.fixture
+def volume(settings: Settings, tmp_path: Path) -> Iterator[Path]:
+    require_backend(settings, "gvisor")
+    path = settings.data_dir / "volumes" / "test" / f"{tmp_path.name[-40:]}.img"
+    create_image(path, 64 << 20)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+async def test_a_volume_is_shared_with_other_tiers_and_read_only_when_asked(
+    engine: Engine, settings: Settings, volume: Path
+) -> None:
+    mount = VolumeMount("v", volume, "/data")
+    async with await engine.create(isolation="gvisor", volumes=[mount]) as box:
+        ran = await box.run(["sh", "-c", "mkdir /data/d && echo hello > /data/d/f"])
+        assert ran.exit_code == 0, ran
+    # The same owners as a namespace sandbox's: the user owns what it wrote.
+    require_backend(settings, "namespace")
+    async with await engine.create(isolation="namespace", volumes=[mount]) as box:
+        ran = await box.run(["sh", "-c", "cat /data/d/f && stat -c %u /data/d/f"])
+        assert ran.stdout.decode().split() == ["hello", "1000"], ran
+    read_only = VolumeMount("v", volume, "/data", read_only=True)
+    async with await engine.create(isolation="gvisor", volumes=[read_only]) as box:
+        assert (await box.run(["cat", "/data/d/f"])).stdout == b"hello\n"
+        refused = await box.run(["sh", "-c", "echo x > /data/d/f"], user="root")
+        assert refused.exit_code != 0
+    assert not in_use(volume)

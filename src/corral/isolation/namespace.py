@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, IsolationUnavailable
+from corral.errors import IsolationUnavailable
 from corral.isolation import idrange, netns, seccomp
 from corral.isolation.agent_install import (
     GUEST_DIR,
@@ -52,15 +52,7 @@ from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import data_fd, setpriv
-from corral.isolation.rootfs import (
-    Accounts,
-    add_account,
-    has_program,
-    lookup_user,
-    make_places,
-    make_root,
-    shm_dir,
-)
+from corral.isolation.rootfs import Accounts, has_program, make_user_root, shm_dir
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, Template, get_template
 from corral.isolation.volumes import attach as attach_volume
 from corral.network import resolver
@@ -244,31 +236,11 @@ class NamespaceBackend(Backend):
             # A RAM disk is bounded like a `host` sandbox's tmpfs storage: memory is left
             # for the agent when it is full (`Limits.storage_bytes`).
             size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
-            accounts = self._accounts.layer(layered)
-            root = make_root(
-                footprint, layered, self._disks, disk, size, first, userns, accounts,
+            made = make_user_root(
+                footprint, layered, self._disks, self._accounts, disk, size, first, userns,
                 ram_disk=spec.ram_disk,
             )  # fmt: skip
-            if accounts is None:
-                # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
-                # kept as a layer for the template's next sandboxes.
-                shell = _shell(root)
-                line = (
-                    f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n"
-                )
-                add_account(root, "passwd", SANDBOX_UID, line)
-                add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
-                self._accounts.keep(layered, root, first)
-            # root and user exist in every sandbox, with or without an /etc/passwd.
-            known = {"root": (0, 0, "/root"), SANDBOX_USER: (SANDBOX_UID, SANDBOX_UID, HOME)}
-            found = lookup_user(root, layered.user) or known.get(layered.user)
-            if found is None:
-                raise InvalidRequest(
-                    f"the template {layered.name!r} runs as user {layered.user!r}, which its "
-                    "/etc/passwd does not have: add the user in the template, or use root or user"
-                )
-            inner, home = found[:2], found[2]
-            make_places(root, first, inner)
+            root, inner, home = made.path, (made.uid, made.gid), made.home
             # First: the other mounts go on top of it. Writable: bounded by its disk.
             options += ["--bind", str(root), "/"]
         if userns is None:  # rootless: bubblewrap maps the one id there is
