@@ -176,6 +176,12 @@ class GvisorBackend(Backend):
 
     def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
         super().check_checkpoint(spec, what)
+        if spec.rootfs is not None:
+            raise IsolationUnavailable(
+                f"the gvisor tier cannot {what} of the layer template {spec.template!r}: "
+                "its files are on a disk of the host's, which runsc's checkpoint does not "
+                "hold; memory snapshots on gvisor are for sandboxes of `host`"
+            )
         if spec.network.mode != "none":
             raise IsolationUnavailable(
                 f"the gvisor tier cannot {what} with network {spec.network.mode!r}: its "
@@ -185,8 +191,8 @@ class GvisorBackend(Backend):
 
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
         """`runsc checkpoint`: the sentry writes its whole state (the processes, their
-        memory, and the tmpfs mounts, which hold every file the sandbox wrote: its root
-        and template binds are read-only) to one file, then the container exits."""
+        memory, and the tmpfs mounts, which hold every file a `host` sandbox writes: its
+        root and template binds are read-only) to one file, then the container exits."""
         runsc = find_runsc(self.settings.gvisor_platform)
         assert runsc is not None  # it runs this sandbox
         argv = [runsc.path, "--root", str(footprint.path / "runsc")]
