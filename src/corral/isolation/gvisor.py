@@ -199,9 +199,7 @@ class GvisorBackend(Backend):
         argv += ["--log", str(footprint.path / "runsc-checkpoint.log")]
         argv += ["checkpoint", "--image-path", str(image / _IMAGE), footprint.id]
         try:
-            done = subprocess.run(
-                argv, capture_output=True, text=True, timeout=_CHECKPOINT_TIMEOUT
-            )
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=_CHECKPOINT_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise SandboxError(
                 f"runsc did not checkpoint sandbox {footprint.id} in {_CHECKPOINT_TIMEOUT:g} s"
