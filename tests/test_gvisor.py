@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -338,3 +339,53 @@ async def test_a_volume_is_shared_with_other_tiers_and_read_only_when_asked(
         refused = await box.run(["sh", "-c", "echo x > /data/d/f"], user="root")
         assert refused.exit_code != 0
     assert not in_use(volume)
+
+
+@pytest.fixture
+def host_secret() -> Iterator[Path]:
+    """A secret on the host, where no sandbox may see it."""
+    token = secrets.token_hex(16)
+    path = Path("/root" if os.geteuid() == 0 else Path.home()) / f"corral-secret-{token[:8]}"
+    path.write_text(token)
+    yield path
+    path.unlink()
+
+
+_HOST_VIEW = """
+import os, sys
+secret = sys.argv[1]
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+print("processes", len(pids))
+for path in (secret, f"/proc/1/root{secret}", "/root", "/var/lib", "/etc/shadow"):
+    try:
+        open(path).read() if not os.path.isdir(path) else os.listdir(path)
+        print(path, "readable")
+    except OSError as e:
+        print(path, type(e).__name__)
+"""
+
+
+async def test_the_guest_sees_no_host_process_or_file(gvisor: Sandbox, host_secret: Path) -> None:
+    await gvisor.exec(["sleep", "60"], background=True)
+    for user in (None, "root"):
+        seen = await gvisor.run(["python3", "-c", _HOST_VIEW, str(host_secret)], user=user)
+        lines = seen.stdout.decode().splitlines()
+        # Only the sandbox's own: the agent (pid 1), the sleep, this python.
+        count = int(lines[0].split()[1])
+        assert count <= 4, lines
+        assert all(line.endswith("Error") for line in lines[1:]), lines
+        assert host_secret.read_text() not in seen.stdout.decode()
+    # The kernel the guest talks to is gVisor's: the host's symbols and keys are not there.
+    kallsyms = await gvisor.run(["sh", "-c", "cat /proc/kallsyms /proc/keys | head -c 100"])
+    assert kallsyms.stdout == b""
+
+
+async def test_hostile_writes_to_the_read_only_tree_fail_even_as_root(gvisor: Sandbox) -> None:
+    for path in ("/usr/bin/python3", "/etc/passwd", "/.corral/agent.py", "/usr/new"):
+        done = await gvisor.run(["sh", "-c", f"echo pwned >> {path}"], user="root")
+        assert done.exit_code != 0, (path, done)
+    remount = await gvisor.run(["mount", "-o", "remount,rw", "/usr"], user="root")
+    assert remount.exit_code != 0
+    assert b"pwned" not in Path("/usr/bin/python3").read_bytes()[-64:]
+    # The agent's own files are out of reach: the sandbox's writes go to its tmpfs only.
+    assert (await gvisor.run(["touch", "/workspace/ok"])).exit_code == 0
