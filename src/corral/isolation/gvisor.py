@@ -46,14 +46,15 @@ from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPl
 from corral.isolation.cgroups import CgroupDriver, CgroupLimits
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
-from corral.isolation.namespace import (
+from corral.isolation.guest_view import (
     HOME,
     PATH,
     ROOT_CAPS,
     WORKSPACE,
-    _host_files,
-    _shared_etc,
-    _shell,
+    guest_env,
+    host_files,
+    login_shell,
+    shared_etc,
 )
 from corral.isolation.rootfs import Accounts, make_user_root
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
@@ -241,7 +242,7 @@ class GvisorBackend(Backend):
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
         ]
         writable: tuple[tuple[str, int, int], ...] = _WRITABLE
-        user, home, shell = (SANDBOX_UID, SANDBOX_UID), HOME, _shell(None)
+        user, home, shell = (SANDBOX_UID, SANDBOX_UID), HOME, login_shell(None)
         if layered is not None:
             # The sentry shows file owners as the gofer reads them on the host: the
             # layers keep their own ids (an identity idmap), the sandbox's root is uid 0
@@ -253,7 +254,12 @@ class GvisorBackend(Backend):
                 footprint, layered, self._disks, self._accounts, disk, size, 0,
                 idrange.range_userns(0, 0), ram_disk=spec.ram_disk,
             )  # fmt: skip
-            root, user, home, shell = made.path, (made.uid, made.gid), made.home, _shell(made.path)
+            root, user, home, shell = (
+                made.path,
+                (made.uid, made.gid),
+                made.home,
+                login_shell(made.path),
+            )
             writable = tuple(w for w in _WRITABLE if w[0] == "/dev/shm")  # the rest: its disk
         else:
             assert template is not None
@@ -265,11 +271,11 @@ class GvisorBackend(Backend):
                 os.symlink(target, root / path.lstrip("/"))
             for host_path, path in template.ro_binds:
                 mounts.append(_bind(host_path, path))
-            mounts.append(_bind(str(_shared_etc(self.settings.runtime_dir, template)), "/etc"))
+            mounts.append(_bind(str(shared_etc(self.settings.runtime_dir, template)), "/etc"))
         # What names this sandbox: files of its footprint, bound over its /etc's.
         etc = footprint.path / "etc"
         etc.mkdir(mode=0o755)
-        for name, text in _host_files(footprint.id, footprint.netns is not None).items():
+        for name, text in host_files(footprint.id, footprint.netns is not None).items():
             (etc / name).write_text(text)
             (etc / name).chmod(0o644)
             mounts.append(_bind(str(etc / name), f"/etc/{name}"))
@@ -290,17 +296,7 @@ class GvisorBackend(Backend):
             mount = attach_volume(footprint, index, volume, 0)
             mounts.append(_bind(str(mount), volume.path, read_only=volume.read_only))
         user_name = layered.user if layered and not layered.user.isdigit() else SANDBOX_USER
-        env = {
-            "PATH": PATH,
-            "HOME": home,
-            "USER": user_name,
-            "LOGNAME": user_name,
-            "LANG": "C.UTF-8",
-            "TMPDIR": "/tmp",
-            "SHELL": shell,
-            **(layered.env if layered else {}),
-            **spec.env,
-        }
+        env = guest_env(home, user_name, shell, layered.env if layered else {}, spec.env)
         caps = list(ROOT_CAPS)
         namespaces = ["pid", "ipc", "uts", "mount"]
         if footprint.netns is None:
