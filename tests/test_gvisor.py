@@ -21,6 +21,7 @@ from corral.isolation.volumes import VolumeMount, create_image, in_use
 from tests.conftest import cgroup_dirs, require_backend
 from tests.kit import internet as fake
 from tests.kit import processes
+from tests.kit import rootless as rootless_kit
 from tests.kit.debian import needs_archive
 from tests.kit.internet import Internet
 from tests.kit.netdriver import Driver
@@ -389,3 +390,57 @@ async def test_hostile_writes_to_the_read_only_tree_fail_even_as_root(gvisor: Sa
     assert b"pwned" not in Path("/usr/bin/python3").read_bytes()[-64:]
     # The agent's own files are out of reach: the sandbox's writes go to its tmpfs only.
     assert (await gvisor.run(["touch", "/workspace/ok"])).exit_code == 0
+
+
+_ROOTLESS = """
+import asyncio
+from pathlib import Path
+from corral.config import Settings
+from corral.errors import IsolationUnavailable
+from corral.isolation import Engine
+from corral.isolation.registry import backend_class
+
+async def main():
+    settings = Settings(**{k: (Path(v) if k.endswith("_dir") else v) for k, v in %r.items()})
+    caps = backend_class("gvisor").probe(settings)
+    if not caps.available:
+        print("unavailable", "; ".join(caps.missing))
+        return
+    async with Engine(settings) as engine:
+        async with await engine.create(isolation="gvisor") as box:
+            print((await box.run("id -un; id -u", user="root")).stdout.decode().split())
+            print((await box.run("id -un; pwd")).stdout.decode().split())
+        try:
+            await engine.create(isolation="gvisor", network="internet")
+        except IsolationUnavailable as exc:
+            print("refused", exc)
+    print(sorted(p.name for p in (settings.runtime_dir / "sandboxes").iterdir()))
+
+asyncio.run(main())
+"""
+
+
+def test_without_root_runsc_runs_rootless_with_network_none(settings: Settings) -> None:
+    require_backend(settings, "gvisor")
+    if missing := rootless_kit.missing():
+        pytest.skip(f"running an engine without root needs {', '.join(missing)}")
+    with (
+        rootless_kit.home() as home,
+        rootless_kit.delegated_cgroup(settings.cgroup_parent) as cgroup_parent,
+    ):
+        fields = {
+            "runtime_dir": str(home / "run"),
+            "data_dir": str(home / "data"),
+            "cgroup_parent": cgroup_parent,
+        }
+        done = subprocess.run(
+            ["setpriv", f"--reuid={rootless_kit.NOBODY}", f"--regid={rootless_kit.NOBODY}",
+             "--clear-groups", "--", sys.executable, "-c", _ROOTLESS % (fields,)],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "['root', '0']", lines
+    assert lines[1] == "['user', '/workspace']", lines
+    assert lines[2].startswith("refused the gvisor tier cannot enforce network mode 'internet'")
+    assert lines[3] == "[]"  # nothing left

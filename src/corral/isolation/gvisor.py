@@ -170,9 +170,7 @@ class GvisorBackend(Backend):
     volumes = True
 
     def network_modes(self) -> frozenset[str]:
-        if netns.tools_missing():
-            return frozenset({"none"})
-        return frozenset({"none", "internet", "allowlist"})
+        return _network_modes()
 
     def cgroup_limits(self, limits: Limits) -> CgroupLimits:
         """The guest's processes are the sentry's tasks, not host processes: the host
@@ -203,7 +201,10 @@ class GvisorBackend(Backend):
                     "set CORRAL_GVISOR_PLATFORM to one that does"
                 )
         if os.geteuid() != 0:
-            missing.append("runsc needs root here: run Corral as root for the gvisor tier")
+            details["rootless"] = (
+                "runsc --rootless: network none only, no layer templates or volumes, and "
+                "the guest sees the host's memory and CPUs (its limits still hold)"
+            )
         try:
             driver = CgroupDriver.detect(settings.cgroup_parent)
             details["cgroups"] = f"v{driver.version}"
@@ -211,8 +212,7 @@ class GvisorBackend(Backend):
             missing.append(f"cgroups: {exc}")
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
-        network_missing = netns.tools_missing()
-        details["network"] = "none" if network_missing else "none, internet, allowlist"
+        details["network"] = ", ".join(sorted(_network_modes()))
         return Capabilities(cls.name, not missing, tuple(missing), details)
 
     def __init__(self, settings: Settings) -> None:
@@ -232,6 +232,13 @@ class GvisorBackend(Backend):
         if runsc is None or runsc.platform is None:
             raise IsolationUnavailable("runsc is unavailable: run `corral doctor`")
         layered = spec.rootfs
+        rootless = os.geteuid() != 0
+        if rootless and (layered is not None or spec.volumes):
+            raise IsolationUnavailable(
+                "the gvisor tier needs Corral to run as root for layer templates and volumes "
+                "(their disks are mounted by the host); run the server as root, or use the "
+                "host template without volumes"
+            )
         template = get_template(spec.template) if layered is None else None
         # A layer template may have no Python: the agent is the host's interpreter,
         # bound under /.corral (checked before anything is made for it).
@@ -301,7 +308,7 @@ class GvisorBackend(Backend):
         namespaces = ["pid", "ipc", "uts", "mount"]
         if footprint.netns is None:
             namespaces.append("network")
-        config = {
+        config: dict[str, Any] = {
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": False,
@@ -325,9 +332,15 @@ class GvisorBackend(Backend):
                 # With a network, the sentry stays in the namespace the launcher joined
                 # (`--network=host`); else runsc gives it an empty one of its own.
                 "namespaces": [{"type": kind} for kind in namespaces],
-                "cgroupsPath": f"/{self.settings.cgroup_parent}/{footprint.cgroup}",
             },
         }
+        cgroups = ["--ignore-cgroups"]
+        if not rootless:
+            # runsc reads the limits of the cgroup the launcher joined (the guest's
+            # `free` and `nproc` show them); it changes none, and removes none it did
+            # not make. Without root it may not write there: it ignores cgroups.
+            config["linux"]["cgroupsPath"] = f"/{self.settings.cgroup_parent}/{footprint.cgroup}"
+            cgroups = ["--cpu-num-from-quota"]
         bundle = footprint.path / "bundle"
         bundle.mkdir(mode=0o700, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(config))
@@ -339,7 +352,8 @@ class GvisorBackend(Backend):
             "--root", str(state),
             f"--platform={runsc.platform}",
             f"--network={network}",
-            "--cpu-num-from-quota",
+            *cgroups,
+            *(["--rootless"] if rootless else []),
             "--log", str(footprint.path / "runsc.log"),
             "run", "--bundle", str(bundle), footprint.id,
         ]  # fmt: skip
@@ -351,6 +365,14 @@ class GvisorBackend(Backend):
             netns=footprint.netns,
             userns=footprint.userns,
         )
+
+
+def _network_modes() -> frozenset[str]:
+    # Without root, runsc makes the sentry's user namespace itself: it cannot join one
+    # made for the sandbox's network (`usernet`), so it has no network.
+    if netns.tools_missing() or os.geteuid() != 0:
+        return frozenset({"none"})
+    return frozenset({"none", "internet", "allowlist"})
 
 
 def _bind(source: str, destination: str, *, read_only: bool = True) -> dict[str, Any]:
