@@ -16,6 +16,7 @@ import pytest
 from corral.config import Settings
 from corral.errors import GuestError
 from corral.isolation import Engine, Limits, Sandbox, netns
+from corral.isolation.guest_view import BOOT_ID
 from corral.isolation.gvisor import GvisorBackend
 from corral.isolation.volumes import VolumeMount, create_image, in_use
 from tests.conftest import cgroup_dirs, require_backend
@@ -444,3 +445,25 @@ def test_without_root_runsc_runs_rootless_with_network_none(settings: Settings) 
     assert lines[1] == "['user', '/workspace']", lines
     assert lines[2].startswith("refused the gvisor tier cannot enforce network mode 'internet'")
     assert lines[3] == "[]"  # nothing left
+
+
+async def test_each_sandbox_has_a_boot_id_of_its_own(engine: Engine, settings: Settings) -> None:
+    require_backend(settings, "gvisor")
+    ids = []
+    for _ in range(2):
+        async with await engine.create(isolation="gvisor") as box:
+            ids.append((await box.read_bytes(BOOT_ID)).strip())
+    host = Path(BOOT_ID).read_bytes().strip()
+    assert len(set(ids)) == 2 and host not in ids and all(len(i) == 36 for i in ids), ids
+
+
+async def test_open_files_and_file_size_limits_hold_in_the_guest(
+    engine: Engine, settings: Settings
+) -> None:
+    require_backend(settings, "gvisor")
+    limits = Limits(file_size_mib=1, open_files=100)
+    async with await engine.create(isolation="gvisor", limits=limits) as box:
+        write = "head -c 2000000 /dev/zero > /tmp/big; wc -c < /tmp/big; ulimit -n"
+        done = await box.run(["sh", "-c", write])
+        assert done.stdout.split() == [b"1048576", b"100"], done
+        assert b"File size limit exceeded" in done.stderr

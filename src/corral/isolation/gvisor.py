@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -47,6 +48,7 @@ from corral.isolation.cgroups import CgroupDriver, CgroupLimits
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
 from corral.isolation.guest_view import (
+    BOOT_ID,
     HOME,
     PATH,
     ROOT_CAPS,
@@ -59,7 +61,7 @@ from corral.isolation.guest_view import (
 from corral.isolation.rootfs import Accounts, make_user_root
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
 from corral.isolation.volumes import attach as attach_volume
-from corral.limits import Limits
+from corral.limits import MIB, Limits
 
 # A `kvm` probe that has not finished by then is taken as hanging (it does on hosts with a
 # /dev/kvm that cannot run guests) and killed.
@@ -286,6 +288,10 @@ class GvisorBackend(Backend):
             (etc / name).write_text(text)
             (etc / name).chmod(0o644)
             mounts.append(_bind(str(etc / name), f"/etc/{name}"))
+        # A boot of its own (gVisor has no boot_id): new at each start, never the host's.
+        (etc / "boot_id").write_text(f"{uuid.uuid4()}\n")
+        (etc / "boot_id").chmod(0o444)
+        mounts.append(_bind(str(etc / "boot_id"), BOOT_ID))
         for path, mode, owner in writable:
             options = [f"size={limits.storage_bytes}", f"mode={mode:o}", "nosuid", "nodev"]
             uid, gid = (user[0], user[1]) if path == WORKSPACE else (owner, owner)
@@ -321,6 +327,7 @@ class GvisorBackend(Backend):
                 "rlimits": [
                     _rlimit("RLIMIT_NOFILE", limits.open_files),
                     _rlimit("RLIMIT_NPROC", limits.pids),
+                    _rlimit("RLIMIT_FSIZE", limits.file_size_mib * MIB),
                     _rlimit("RLIMIT_CORE", 0),
                 ],
             },
@@ -364,6 +371,7 @@ class GvisorBackend(Backend):
             host_cwd=str(bundle),
             netns=footprint.netns,
             userns=footprint.userns,
+            host_rlimits=False,  # the spec's rlimits (gVisor keeps them)
         )
 
 
