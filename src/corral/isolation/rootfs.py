@@ -163,7 +163,7 @@ def make_user_root(
     if layer is None:
         # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
         # kept as a layer for the template's next sandboxes.
-        shell = "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"
+        shell = login_shell(root)
         line = f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{home}:{shell}\n"
         add_account(root, "passwd", SANDBOX_UID, line)
         add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
@@ -420,3 +420,10 @@ def has_program(root: Path, path: str) -> bool:
     """Whether `path` (as the sandbox sees it) is an executable file in `root`."""
     found = resolve_in(root, path)
     return found is not None and found.is_file() and os.access(found, os.X_OK)
+
+
+def login_shell(root: Path | None) -> str:
+    """bash if the sandbox's root (`None`: the host's) has it, else sh."""
+    if root is None:
+        return "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    return "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"
