@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from functools import partial
 from pathlib import Path
@@ -36,6 +38,7 @@ from tests.conftest import (
     require_backend,
     start_server,
 )
+from tests.kit import rootless as rootless_kit
 from tests.kit.polling import until, wait_until
 
 pytestmark = pytest.mark.sandbox
@@ -275,6 +278,62 @@ async def test_an_idle_gvisor_sandbox_paused_to_disk_by_its_timer_keeps_its_proc
     restored = await manager.running(team, record.id)
     assert [p.pid for p in await restored.processes() if p.tag == "counter"] == [counter.pid]
     await until(lambda: _above(count(), before), "the counter to go on")
+
+
+_ROOTLESS = """
+import asyncio
+from pathlib import Path
+from corral.config import Settings
+from corral.errors import IsolationUnavailable
+from corral.isolation import Engine
+from corral.isolation.registry import backend_class
+
+async def main():
+    settings = Settings(**{k: (Path(v) if k.endswith("_dir") else v) for k, v in %r.items()})
+    caps = backend_class("gvisor").probe(settings)
+    if not caps.available:
+        print("unavailable", "; ".join(caps.missing))
+        return
+    async with Engine(settings) as engine:
+        async with await engine.create(isolation="gvisor") as box:
+            try:
+                await box.checkpoint(settings.data_dir / "image")
+            except IsolationUnavailable as exc:
+                print("refused", exc)
+            print((await box.run(["echo", "still running"])).stdout.decode().strip())
+            print((settings.data_dir / "image").exists())
+    print(sorted(p.name for p in (settings.runtime_dir / "sandboxes").iterdir()))
+
+asyncio.run(main())
+"""
+
+
+def test_without_root_a_gvisor_sandbox_is_not_checkpointed_and_runs_on(
+    settings: Settings,
+) -> None:
+    """runsc refuses `--rootless restore`: the checkpoint is refused before anything
+    changes, rather than written and never restorable."""
+    require_backend(settings, "gvisor")
+    if missing := rootless_kit.missing():
+        pytest.skip(f"running an engine without root needs {', '.join(missing)}")
+    with (
+        rootless_kit.home() as home,
+        rootless_kit.delegated_cgroup(settings.cgroup_parent) as cgroup_parent,
+    ):
+        fields = {
+            "runtime_dir": str(home / "run"),
+            "data_dir": str(home / "data"),
+            "cgroup_parent": cgroup_parent,
+        }
+        done = subprocess.run(
+            ["setpriv", f"--reuid={rootless_kit.NOBODY}", f"--regid={rootless_kit.NOBODY}",
+             "--clear-groups", "--", sys.executable, "-c", _ROOTLESS % (fields,)],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused the gvisor tier cannot checkpoint a sandbox without root")
+    assert lines[1:] == ["still running", "False", "[]"], lines
 
 
 # -- pause to disk through a real server -------------------------------------------------

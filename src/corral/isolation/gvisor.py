@@ -179,6 +179,12 @@ class GvisorBackend(Backend):
 
     def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
         super().check_checkpoint(spec, what)
+        if os.geteuid() != 0:
+            raise IsolationUnavailable(
+                f"the gvisor tier cannot {what} without root: runsc cannot restore a "
+                "rootless sandbox (`runsc --rootless restore` is refused); run Corral as "
+                "root to keep a sandbox's memory"
+            )
         if spec.rootfs is not None:
             raise IsolationUnavailable(
                 f"the gvisor tier cannot {what} of the layer template {spec.template!r}: "
