@@ -263,6 +263,11 @@ class GvisorBackend(Backend):
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
         details["network"] = ", ".join(sorted(_network_modes()))
+        details["memory snapshots"] = (
+            "sandboxes of host with network none (pause to disk keeps their processes)"
+            if os.geteuid() == 0
+            else "none without root (runsc cannot restore rootless)"
+        )
         return Capabilities(cls.name, not missing, tuple(missing), details)
 
     def __init__(self, settings: Settings) -> None:
