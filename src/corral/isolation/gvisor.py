@@ -59,7 +59,7 @@ from corral.isolation.guest_view import (
     login_shell,
     shared_etc,
 )
-from corral.isolation.rootfs import Accounts, make_user_root
+from corral.isolation.rootfs import Accounts, make_user_root, upper_dir
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
 from corral.isolation.volumes import attach as attach_volume
 from corral.limits import MIB, Limits
@@ -69,6 +69,8 @@ from corral.limits import MIB, Limits
 KVM_PROBE_TIMEOUT = 2.0
 # Where in a checkpoint directory runsc's state goes (`runsc checkpoint --image-path`).
 _IMAGE = "runsc"
+# And a layer template's sandbox's files (its overlay upper dir).
+_UPPER = "upper"
 # A checkpoint writes the sandbox's memory: seconds for a large one on a slow disk.
 _CHECKPOINT_TIMEOUT = 300.0
 # The host cgroup's pids limit of every gvisor sandbox. Guest tasks are not host tasks:
@@ -185,12 +187,6 @@ class GvisorBackend(Backend):
                 "rootless sandbox (`runsc --rootless restore` is refused); run Corral as "
                 "root to keep a sandbox's memory"
             )
-        if spec.rootfs is not None:
-            raise IsolationUnavailable(
-                f"the gvisor tier cannot {what} of the layer template {spec.template!r}: "
-                "its files are on a disk of the host's, which runsc's checkpoint does not "
-                "hold; memory snapshots on gvisor are for sandboxes of `host`"
-            )
         if spec.network.mode != "none":
             raise IsolationUnavailable(
                 f"the gvisor tier cannot {what} with network {spec.network.mode!r}: its "
@@ -201,7 +197,11 @@ class GvisorBackend(Backend):
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
         """`runsc checkpoint`: the sentry writes its whole state (the processes, their
         memory, and the tmpfs mounts, which hold every file a `host` sandbox writes: its
-        root and template binds are read-only) to one file, then the container exits."""
+        root and template binds are read-only) to one file, then the container exits.
+        A layer template's sandbox writes its `/` to its disk instead, through the gofer:
+        once nothing runs, its upper dir is copied beside (`cp -a`: owners, whiteouts,
+        xattrs), and its restore starts from a copy of that (`rootfs.make_root`), so the
+        gofer finds every file the sentry remembers at its path."""
         runsc = find_runsc(self.settings.gvisor_platform)
         assert runsc is not None  # it runs this sandbox
         argv = [runsc.path, "--root", str(footprint.path / "runsc")]
@@ -218,6 +218,16 @@ class GvisorBackend(Backend):
                 f"runsc could not checkpoint sandbox {footprint.id}: "
                 f"{done.stderr.strip()[-500:] or f'exit status {done.returncode}'}"
             )
+        upper = upper_dir(footprint)
+        if upper.is_dir():
+            copied = subprocess.run(
+                ["cp", "-a", str(upper), str(image / _UPPER)], capture_output=True, text=True
+            )
+            if copied.returncode != 0:
+                raise SandboxError(
+                    f"could not keep the files of sandbox {footprint.id}: "
+                    f"{copied.stderr.strip()[-500:]}"
+                )
 
     def network_modes(self) -> frozenset[str]:
         return _network_modes()
@@ -264,7 +274,7 @@ class GvisorBackend(Backend):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
         details["network"] = ", ".join(sorted(_network_modes()))
         details["memory snapshots"] = (
-            "sandboxes of host with network none (pause to disk keeps their processes)"
+            "sandboxes with network none (pause to disk keeps their processes)"
             if os.geteuid() == 0
             else "none without root (runsc cannot restore rootless)"
         )
@@ -312,9 +322,11 @@ class GvisorBackend(Backend):
             # namespaces of runsc's own).
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
+            # Restored: its files are the checkpoint's upper dir (see `checkpoint`).
+            upper = spec.restore / _UPPER if spec.restore is not None else None
             made = make_user_root(
                 footprint, layered, self._disks, self._accounts, disk, size, 0,
-                idrange.range_userns(0, 0), ram_disk=spec.ram_disk,
+                idrange.range_userns(0, 0), ram_disk=spec.ram_disk, upper=upper,
             )  # fmt: skip
             root, user, home, shell = (
                 made.path,
