@@ -5,11 +5,13 @@ Through a real server whose `base` comes from the cached tar."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from corral import Sandbox
 from corral.config import Settings
-from tests.conftest import opts, require_backend
+from tests.conftest import opts, require_backend, start_server
 from tests.kit import e2b_base
 from tests.kit.polling import wait_until
 
@@ -48,3 +50,31 @@ def test_a_gvisor_sandbox_of_a_layer_template_keeps_processes_and_files_paused_t
         assert sbx.files.read("/home/user/note") == "kept"
         assert sbx.commands.run(["test", "-e", "/etc/issue"]).exit_code == 1  # still deleted
         assert sbx.commands.run(["id", "-un"]).stdout == "user\n"
+
+
+def test_a_gvisor_sandbox_of_a_layer_template_paused_to_disk_survives_a_server_crash(
+    settings: Settings,
+) -> None:
+    require_backend(settings, "gvisor")
+    data = settings.runtime_dir / "memory-pause-layers-crash"
+    e2b_base.install(data)
+    first = start_server(settings, data, pool_size=0)
+    try:
+        sbx = Sandbox.create("base", isolation="gvisor", timeout=120, **opts(first))
+        sbx.files.write("/home/user/note", "kept")
+        sbx.commands.run(["sh", "-c", COUNTER], background=True, tag="counter")
+        wait_until(lambda: _count(sbx), "the counter to count")
+        sbx.pause(keep_memory=False)
+    finally:
+        first.stop(signal.SIGKILL)
+    second = start_server(settings, data, pool_size=0)
+    try:
+        again = Sandbox.connect(sbx.sandbox_id, **opts(second))  # resumes it
+        assert "restored with its memory" in again.info.state_reason
+        before = _count(again) or 0
+        wait_until(lambda: (_count(again) or 0) > before, "the counter to go on")
+        assert again.files.read("/home/user/note") == "kept"
+        again.kill()
+        assert not list((data / "paused").iterdir())
+    finally:
+        second.stop()
