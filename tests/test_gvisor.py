@@ -15,6 +15,7 @@ import pytest
 
 from corral.config import Settings
 from corral.errors import GuestError
+from corral.images import Layer, LayerStore
 from corral.isolation import Engine, Limits, Sandbox, netns
 from corral.isolation.guest_view import BOOT_ID
 from corral.isolation.gvisor import GvisorBackend
@@ -467,3 +468,20 @@ async def test_open_files_and_file_size_limits_hold_in_the_guest(
         done = await box.run(["sh", "-c", write])
         assert done.stdout.split() == [b"1048576", b"100"], done
         assert b"File size limit exceeded" in done.stderr
+
+
+@pytest.mark.parametrize("_archive", [pytest.param(None, marks=needs_archive("python3"))])
+async def test_a_snapshot_of_a_gvisor_sandbox_starts_a_namespace_one(
+    engine_debian: Engine, settings: Settings, debian_base: tuple[LayerStore, Layer], _archive: None
+) -> None:
+    require_backend(settings, "gvisor")
+    store, _ = debian_base
+    async with await engine_debian.create(template="debian", isolation="gvisor") as box:
+        made = "echo made > /etc/made && echo mine > /home/user/mine"
+        assert (await box.run(["sh", "-c", made], user="root")).exit_code == 0
+        await box.run(["sh", "-c", "echo theirs > /workspace/theirs"])
+        digests = await box.snapshot(store)
+    engine_debian.templates.add("gvisor-snap", store, digests)
+    async with await engine_debian.create(template="gvisor-snap", isolation="namespace") as box:
+        seen = await box.run(["sh", "-c", "cat /etc/made; stat -c %U /etc/made /workspace/theirs"])
+        assert seen.stdout.decode().split() == ["made", "root", "user"], seen
