@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
-from corral.errors import GuestError
+from corral.errors import GuestError, PortClosed
 from corral.images import Layer, LayerStore
 from corral.isolation import Engine, Limits, Sandbox, netns
 from corral.isolation.guest_view import BOOT_ID
@@ -485,3 +485,25 @@ async def test_a_snapshot_of_a_gvisor_sandbox_starts_a_namespace_one(
     async with await engine_debian.create(template="gvisor-snap", isolation="namespace") as box:
         seen = await box.run(["sh", "-c", "cat /etc/made; stat -c %U /etc/made /workspace/theirs"])
         assert seen.stdout.decode().split() == ["made", "root", "user"], seen
+
+
+async def test_the_host_reaches_a_port_of_a_sandbox_without_network(gvisor: Sandbox) -> None:
+    server = (
+        "import http.server as h; h.HTTPServer(('127.0.0.1', 8000), h.SimpleHTTPRequestHandler)"
+    )
+    await gvisor.exec(["python3", "-c", server + ".serve_forever()"], background=True)
+
+    async def fetched() -> bytes | None:
+        try:
+            sock = await gvisor.open_port(8000)
+        except PortClosed:
+            return None
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return answer
+
+    answer = await until(fetched, "the server in the sandbox to answer")
+    assert answer.startswith(b"HTTP/1.0 200 OK"), answer
