@@ -238,6 +238,11 @@ class GvisorBackend(Backend):
         guest is held to `limits.pids` by gVisor (RLIMIT_NPROC in the spec)."""
         return replace(super().cgroup_limits(limits), pids=_HOST_TASKS)
 
+    def host_reaches_ports(self, footprint: Footprint) -> bool:
+        # With network none the guest's sockets are in gVisor's own network stack, which
+        # no host namespace holds: the agent connects for the host.
+        return footprint.netns is not None
+
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
