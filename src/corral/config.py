@@ -65,6 +65,9 @@ class Settings:
     uid_slots: int = 4096
     # The interpreter that runs the guest agent inside `host`-template sandboxes.
     guest_python: str = "/usr/bin/python3"
+    # The microvm tier's guest kernel .debs (`corral.isolation.guest_kernel`): where
+    # `make setup` downloads them; empty: <data_dir>/guest-kernel.
+    guest_kernel_dir: str = ""
     # The API server (`corral server`): where it listens, how many started sandboxes it
     # keeps ready so that a create is instant, how long a shutdown waits for open calls.
     host: str = "127.0.0.1"

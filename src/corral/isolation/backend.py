@@ -161,6 +161,15 @@ class Backend(ABC):
     layer_templates: ClassVar[bool] = False
     # Whether `plan` mounts the spec's volumes.
     volumes: ClassVar[bool] = False
+    # Whether `plan` can start a sandbox of the `host` template (the host's /usr).
+    host_template: ClassVar[bool] = True
+    # How long the guest agent has to answer its first ping (a microVM boots a kernel).
+    start_timeout: ClassVar[float] = 30.0
+
+    def cgroup_memory_bytes(self, limits: Limits) -> int:
+        """The memory limit of a sandbox's cgroup: `limits.memory_bytes`, plus what the
+        tier's own processes need beside the sandbox's code (a VMM) where it has them."""
+        return limits.memory_bytes
 
     def network_modes(self) -> frozenset[str]:
         """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""

@@ -12,6 +12,7 @@ from corral.isolation.backend import Backend, Capabilities
 BACKENDS: dict[str, str] = {
     "namespace": "corral.isolation.namespace:NamespaceBackend",
     "process": "corral.isolation.process:ProcessBackend",
+    "microvm": "corral.isolation.microvm:MicrovmBackend",
 }
 # What `auto` tries, strongest isolation that is cheap first. Never `process`.
 AUTO_ORDER: tuple[str, ...] = ("namespace",)

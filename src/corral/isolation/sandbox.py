@@ -54,7 +54,6 @@ from corral.terminal import PtySize
 
 log = logging.getLogger("corral.isolation")
 
-_START_TIMEOUT = 30.0
 _STDERR_TAIL = 4096
 
 
@@ -120,7 +119,7 @@ class Sandbox:
                 cgroup = driver.create(
                     footprint.cgroup,
                     CgroupLimits(
-                        memory_bytes=spec.limits.memory_bytes,
+                        memory_bytes=backend.cgroup_memory_bytes(spec.limits),
                         cpu_quota=spec.limits.cpu,
                         pids=spec.limits.pids,
                     ),
@@ -204,7 +203,7 @@ class Sandbox:
         self._guest = GuestConnection(self._launcher.stdout, self._launcher.stdin)
         await self._guest.start()
         try:
-            await asyncio.wait_for(self._guest.ping(), _START_TIMEOUT)
+            await asyncio.wait_for(self._guest.ping(), self._backend.start_timeout)
         except (GuestError, TimeoutError) as exc:
             await self._launcher_gone()
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
