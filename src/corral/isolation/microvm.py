@@ -44,7 +44,7 @@ from corral.config import Settings
 from corral.errors import IsolationUnavailable, SandboxStartFailed
 from corral.guest import agent_source_dir
 from corral.images import mount_merged, unmount_overlay
-from corral.isolation import guest_kernel, idrange
+from corral.isolation import guest_kernel, idrange, microvm_snapshot
 from corral.isolation.agent_install import GUEST_DIR, guest_runtime, install_agent
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
@@ -113,6 +113,7 @@ class MicrovmBackend(Backend):
     name = "microvm"
     layer_templates = True
     host_template = False
+    memory_snapshots = True  # QEMU migration to a file: `corral.isolation.microvm_snapshot`
 
     start_timeout = START_TIMEOUT
 
@@ -179,16 +180,33 @@ class MicrovmBackend(Backend):
         disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         footprint.record_disk(str(disk))
         size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
-        format_disk(disk, size)
         workdir = layered.workdir or "/workspace"
-        config = footprint.path / "config.img"
-        config.write_bytes(_config(footprint.id, layered, spec, workdir))
+        config = footprint.path / microvm_snapshot.CONFIG_DISK
+        cpus = max(1, math.ceil(limits.cpu))
+        machine = microvm_snapshot.Machine(limits.memory_bytes >> 20, cpus, str(root), str(runtime))
+        if spec.restore is None:
+            format_disk(disk, size)
+            config.write_bytes(_config(footprint.id, layered, spec, workdir))
+        else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
+            machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
+        machine.record(footprint.path)
         console = footprint.path / "console.log"
         why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
         accel = ["-accel", "kvm", "-cpu", "host"] if why_not_kvm is None else [
             "-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max",
         ]  # fmt: skip
-        cpus = max(1, math.ceil(limits.cpu))
+        # Memory snapshots (`microvm_snapshot`): the writable disk as open files, which a
+        # migration can reopen; a restore reads the checkpoint's memory from another.
+        fds, disk_args = microvm_snapshot.writable_disk("corral-disk", disk)
+        incoming: list[str] = []
+        if spec.restore is not None:
+            try:
+                memory, incoming = microvm_snapshot.incoming(spec.restore)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            fds.append(memory)
         argv = [
             QEMU,
             "-M", "microvm,x-option-roms=off",
@@ -202,13 +220,15 @@ class MicrovmBackend(Backend):
             "-chardev", "stdio,id=agent,signal=off",
             "-device", "virtio-serial-device",
             "-device", "virtserialport,chardev=agent,name=corral.agent",
-            *_disk("corral-runtime", runtime, read_only=True),
+            *_disk("corral-runtime", Path(machine.runtime), read_only=True),
             *_disk("corral-root", root, read_only=True),
-            *_disk("corral-disk", disk, read_only=False),
+            *disk_args,
             *_disk("corral-config", config, read_only=True),
-            "-qmp", f"unix:{footprint.path / 'qmp.sock'},server=on,wait=off",
+            "-qmp", f"unix:{footprint.path / microvm_snapshot.QMP_SOCKET},server=on,wait=off",
             "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
             "-runas", f"{first}:{first}",
+            *microvm_snapshot.MIGRATION_ARGS,
+            *incoming,
         ]  # fmt: skip
         # If QEMU exits (a failed boot: the init stops the VM), its console says why: what
         # the init and the agent said (lines without the kernel's timestamp), then the
@@ -222,7 +242,11 @@ class MicrovmBackend(Backend):
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CORRAL_CONSOLE": str(console)},
             workdir=workdir,
             host_cwd=str(footprint.path),
+            pass_fds=tuple(fds),
         )
+
+    def checkpoint(self, footprint: Footprint, image: Path) -> None:
+        microvm_snapshot.checkpoint(footprint, image)
 
 
 def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:

@@ -47,6 +47,8 @@ CHECKPOINT_TIMEOUT = 300.0
 # (QEMU's default, 128 MiB/s, made a 256 MiB guest take 0.6 s instead of 0.13 s).
 _BANDWIDTH = 1 << 40
 _FD_NAME = "corral-checkpoint"
+# The fd set (`-add-fd`) of the writable disk.
+_FDSET = 1
 
 
 @dataclass(frozen=True)
@@ -175,3 +177,24 @@ def incoming(image: Path) -> tuple[int, list[str]]:
     and the QEMU arguments that restore the machine from it."""
     fd = os.open(image / _MEMORY, os.O_RDONLY | os.O_CLOEXEC)
     return fd, ["-incoming", f"fd:{fd}"]
+
+
+def writable_disk(serial: str, image: Path) -> tuple[list[int], list[str]]:
+    """Open files of the sandbox's writable disk `image` (for `LaunchPlan.pass_fds`) and
+    the QEMU arguments of a virtio-blk disk named `serial` made of them.
+
+    Files, not a path: a migration hands the disk over by reopening it (read-only when
+    the source lets go, read-write when the destination takes it), after QEMU has dropped
+    to the sandbox's uid (`-runas`), which cannot open a path under the data dir. QEMU
+    takes a reopened file from the fd set, one per access mode."""
+    fds = [os.open(image, os.O_RDWR | os.O_CLOEXEC)]
+    try:
+        fds.append(os.open(image, os.O_RDONLY | os.O_CLOEXEC))
+    except BaseException:
+        os.close(fds[0])
+        raise
+    fdset = _FDSET
+    argv = [arg for fd in fds for arg in ("-add-fd", f"fd={fd},set={fdset}")]
+    drive = f"if=none,id={serial},file=/dev/fdset/{fdset},format=raw,cache=unsafe"
+    argv += ["-drive", drive, "-device", f"virtio-blk-device,drive={serial},serial={serial}"]
+    return fds, argv
