@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from tests.conftest import (
     require_backend,
     start_server,
 )
+from tests.kit import rootless as rootless_kit
 from tests.kit.polling import until, wait_until
 
 pytestmark = pytest.mark.sandbox
@@ -180,6 +183,10 @@ async def test_a_gvisor_sandbox_with_a_network_cannot_be_restored(
     # one with an uplink needs the fake internet (tests/kit/netdriver.py), not used here.
 
 
+async def _above(value: Awaitable[int], floor: int) -> bool:
+    return await value > floor
+
+
 async def _count_or_none(box: Sandbox) -> int | None:
     done = await box.run(["cat", "/tmp/count"])
     return int(done.stdout) if done.exit_code == 0 and done.stdout.strip() else None
@@ -232,6 +239,101 @@ async def test_a_pause_to_disk_that_fails_midway_marks_the_sandbox_failed(
     assert row is not None and row.state == "failed"
     assert "could not pause it to disk" in row.state_reason
     assert not list(disk_pause.directory(msettings.data_dir).glob(f"{record.id}*"))
+
+
+async def test_an_idle_gvisor_sandbox_paused_to_disk_by_its_timer_keeps_its_processes(
+    engine: Engine, msettings: Settings, managers: StartManager, store: Store
+) -> None:
+    """E2B's autoPause with autoPauseMemory=false: the timer's pause to disk keeps the
+    memory where the tier can, and resume finds the processes going."""
+    require_backend(msettings, "gvisor")
+    manager = await managers(engine=engine)
+    team = store.create_team("acme")
+    options = CreateOptions(
+        template="host",
+        isolation="gvisor",
+        idle_timeout_seconds=2,
+        on_idle="pause",
+        pause_keeps_memory=False,
+    )
+    record = await manager.create(team, options)
+    sandbox = await manager.running(team, record.id)
+    counter = await sandbox.exec(["sh", "-c", COUNTER], background=True, tag="counter")
+    await counter.detach()
+
+    def paused() -> str | None:
+        row = store.sandbox(record.id)
+        return row.state_reason if row is not None and row.state == "paused" else None
+
+    reason = await until(paused, "the idle timer to pause it to disk")
+    assert reason == "paused to disk: idle for 2s"
+    assert cgroup_dirs(record.id) == []
+    resumed = await manager.resume(team, record.id)
+    assert "restored with its memory" in resumed.state_reason
+
+    async def count() -> int:  # through the manager: activity, so no idle pause meanwhile
+        return await _count(await manager.running(team, record.id))
+
+    before = await count()
+    restored = await manager.running(team, record.id)
+    assert [p.pid for p in await restored.processes() if p.tag == "counter"] == [counter.pid]
+    await until(lambda: _above(count(), before), "the counter to go on")
+
+
+_ROOTLESS = """
+import asyncio
+from pathlib import Path
+from corral.config import Settings
+from corral.errors import IsolationUnavailable
+from corral.isolation import Engine
+from corral.isolation.registry import backend_class
+
+async def main():
+    settings = Settings(**{k: (Path(v) if k.endswith("_dir") else v) for k, v in %r.items()})
+    caps = backend_class("gvisor").probe(settings)
+    if not caps.available:
+        print("unavailable", "; ".join(caps.missing))
+        return
+    async with Engine(settings) as engine:
+        async with await engine.create(isolation="gvisor") as box:
+            try:
+                await box.checkpoint(settings.data_dir / "image")
+            except IsolationUnavailable as exc:
+                print("refused", exc)
+            print((await box.run(["echo", "still running"])).stdout.decode().strip())
+            print((settings.data_dir / "image").exists())
+    print(sorted(p.name for p in (settings.runtime_dir / "sandboxes").iterdir()))
+
+asyncio.run(main())
+"""
+
+
+def test_without_root_a_gvisor_sandbox_is_not_checkpointed_and_runs_on(
+    settings: Settings,
+) -> None:
+    """runsc refuses `--rootless restore`: the checkpoint is refused before anything
+    changes, rather than written and never restorable."""
+    require_backend(settings, "gvisor")
+    if missing := rootless_kit.missing():
+        pytest.skip(f"running an engine without root needs {', '.join(missing)}")
+    with (
+        rootless_kit.home() as home,
+        rootless_kit.delegated_cgroup(settings.cgroup_parent) as cgroup_parent,
+    ):
+        fields = {
+            "runtime_dir": str(home / "run"),
+            "data_dir": str(home / "data"),
+            "cgroup_parent": cgroup_parent,
+        }
+        done = subprocess.run(
+            ["setpriv", f"--reuid={rootless_kit.NOBODY}", f"--regid={rootless_kit.NOBODY}",
+             "--clear-groups", "--", sys.executable, "-c", _ROOTLESS % (fields,)],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused the gvisor tier cannot checkpoint a sandbox without root")
+    assert lines[1:] == ["still running", "False", "[]"], lines
 
 
 # -- pause to disk through a real server -------------------------------------------------

@@ -160,6 +160,10 @@ class LaunchPlan:
     netns: str | None = None
     # Without root, the user namespace that owns `netns`, joined with it.
     userns: str | None = None
+    # False: the launcher keeps the server's open-files and file-size rlimits, for a tier
+    # that holds its guest to `Limits.open_files` and `file_size_mib` itself (gVisor's
+    # sentry needs host files and a memory file of its own, larger than the guest's).
+    host_rlimits: bool = True
 
 
 class Backend(ABC):
@@ -246,6 +250,11 @@ class Backend(ABC):
         Only tiers with `memory_snapshots` override this.
         """
         raise IsolationUnavailable(f"the {self.name} tier has no memory snapshots")
+
+    def host_reaches_ports(self, footprint: Footprint) -> bool:
+        """Whether the host reaches the sandbox's ports in the network namespace of its
+        launcher's child; else `Sandbox.open_port` asks the guest agent to connect."""
+        return True
 
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

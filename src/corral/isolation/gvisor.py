@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,25 +48,29 @@ from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPl
 from corral.isolation.cgroups import CgroupDriver, CgroupLimits
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
-from corral.isolation.namespace import (
+from corral.isolation.guest_view import (
+    BOOT_ID,
     HOME,
     PATH,
     ROOT_CAPS,
     WORKSPACE,
-    _host_files,
-    _shared_etc,
-    _shell,
+    guest_env,
+    host_files,
+    login_shell,
+    shared_etc,
 )
-from corral.isolation.rootfs import Accounts, make_user_root
+from corral.isolation.rootfs import Accounts, make_user_root, upper_dir
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
 from corral.isolation.volumes import attach as attach_volume
-from corral.limits import Limits
+from corral.limits import MIB, Limits
 
 # A `kvm` probe that has not finished by then is taken as hanging (it does on hosts with a
 # /dev/kvm that cannot run guests) and killed.
 KVM_PROBE_TIMEOUT = 2.0
 # Where in a checkpoint directory runsc's state goes (`runsc checkpoint --image-path`).
 _IMAGE = "runsc"
+# And a layer template's sandbox's files (its overlay upper dir).
+_UPPER = "upper"
 # A checkpoint writes the sandbox's memory: seconds for a large one on a slow disk.
 _CHECKPOINT_TIMEOUT = 300.0
 # The host cgroup's pids limit of every gvisor sandbox. Guest tasks are not host tasks:
@@ -176,6 +181,12 @@ class GvisorBackend(Backend):
 
     def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
         super().check_checkpoint(spec, what)
+        if os.geteuid() != 0:
+            raise IsolationUnavailable(
+                f"the gvisor tier cannot {what} without root: runsc cannot restore a "
+                "rootless sandbox (`runsc --rootless restore` is refused); run Corral as "
+                "root to keep a sandbox's memory"
+            )
         if spec.network.mode != "none":
             raise IsolationUnavailable(
                 f"the gvisor tier cannot {what} with network {spec.network.mode!r}: its "
@@ -185,17 +196,19 @@ class GvisorBackend(Backend):
 
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
         """`runsc checkpoint`: the sentry writes its whole state (the processes, their
-        memory, and the tmpfs mounts, which hold every file the sandbox wrote: its root
-        and template binds are read-only) to one file, then the container exits."""
+        memory, and the tmpfs mounts, which hold every file a `host` sandbox writes: its
+        root and template binds are read-only) to one file, then the container exits.
+        A layer template's sandbox writes its `/` to its disk instead, through the gofer:
+        once nothing runs, its upper dir is copied beside (`cp -a`: owners, whiteouts,
+        xattrs), and its restore starts from a copy of that (`rootfs.make_root`), so the
+        gofer finds every file the sentry remembers at its path."""
         runsc = find_runsc(self.settings.gvisor_platform)
         assert runsc is not None  # it runs this sandbox
         argv = [runsc.path, "--root", str(footprint.path / "runsc")]
         argv += ["--log", str(footprint.path / "runsc-checkpoint.log")]
         argv += ["checkpoint", "--image-path", str(image / _IMAGE), footprint.id]
         try:
-            done = subprocess.run(
-                argv, capture_output=True, text=True, timeout=_CHECKPOINT_TIMEOUT
-            )
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=_CHECKPOINT_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise SandboxError(
                 f"runsc did not checkpoint sandbox {footprint.id} in {_CHECKPOINT_TIMEOUT:g} s"
@@ -205,17 +218,30 @@ class GvisorBackend(Backend):
                 f"runsc could not checkpoint sandbox {footprint.id}: "
                 f"{done.stderr.strip()[-500:] or f'exit status {done.returncode}'}"
             )
+        upper = upper_dir(footprint)
+        if upper.is_dir():
+            copied = subprocess.run(
+                ["cp", "-a", str(upper), str(image / _UPPER)], capture_output=True, text=True
+            )
+            if copied.returncode != 0:
+                raise SandboxError(
+                    f"could not keep the files of sandbox {footprint.id}: "
+                    f"{copied.stderr.strip()[-500:]}"
+                )
 
     def network_modes(self) -> frozenset[str]:
-        if netns.tools_missing():
-            return frozenset({"none"})
-        return frozenset({"none", "internet", "allowlist"})
+        return _network_modes()
 
     def cgroup_limits(self, limits: Limits) -> CgroupLimits:
         """The guest's processes are the sentry's tasks, not host processes: the host
         cgroup's pids limit is a backstop for the sentry's threads (`_HOST_TASKS`), the
         guest is held to `limits.pids` by gVisor (RLIMIT_NPROC in the spec)."""
         return replace(super().cgroup_limits(limits), pids=_HOST_TASKS)
+
+    def host_reaches_ports(self, footprint: Footprint) -> bool:
+        # With network none the guest's sockets are in gVisor's own network stack, which
+        # no host namespace holds: the agent connects for the host.
+        return footprint.netns is not None
 
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
@@ -240,7 +266,10 @@ class GvisorBackend(Backend):
                     "set CORRAL_GVISOR_PLATFORM to one that does"
                 )
         if os.geteuid() != 0:
-            missing.append("runsc needs root here: run Corral as root for the gvisor tier")
+            details["rootless"] = (
+                "runsc --rootless: network none only, no layer templates or volumes, and "
+                "the guest sees the host's memory and CPUs (its limits still hold)"
+            )
         try:
             driver = CgroupDriver.detect(settings.cgroup_parent)
             details["cgroups"] = f"v{driver.version}"
@@ -248,8 +277,12 @@ class GvisorBackend(Backend):
             missing.append(f"cgroups: {exc}")
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
-        network_missing = netns.tools_missing()
-        details["network"] = "none" if network_missing else "none, internet, allowlist"
+        details["network"] = ", ".join(sorted(_network_modes()))
+        details["memory snapshots"] = (
+            "sandboxes with network none (pause to disk keeps their processes)"
+            if os.geteuid() == 0
+            else "none without root (runsc cannot restore rootless)"
+        )
         return Capabilities(cls.name, not missing, tuple(missing), details)
 
     def __init__(self, settings: Settings) -> None:
@@ -269,6 +302,13 @@ class GvisorBackend(Backend):
         if runsc is None or runsc.platform is None:
             raise IsolationUnavailable("runsc is unavailable: run `corral doctor`")
         layered = spec.rootfs
+        rootless = os.geteuid() != 0
+        if rootless and (layered is not None or spec.volumes):
+            raise IsolationUnavailable(
+                "the gvisor tier needs Corral to run as root for layer templates and volumes "
+                "(their disks are mounted by the host); run the server as root, or use the "
+                "host template without volumes"
+            )
         template = get_template(spec.template) if layered is None else None
         # A layer template may have no Python: the agent is the host's interpreter,
         # bound under /.corral (checked before anything is made for it).
@@ -279,7 +319,7 @@ class GvisorBackend(Backend):
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
         ]
         writable: tuple[tuple[str, int, int], ...] = _WRITABLE
-        user, home, shell = (SANDBOX_UID, SANDBOX_UID), HOME, _shell(None)
+        user, home, shell = (SANDBOX_UID, SANDBOX_UID), HOME, login_shell(None)
         if layered is not None:
             # The sentry shows file owners as the gofer reads them on the host: the
             # layers keep their own ids (an identity idmap), the sandbox's root is uid 0
@@ -287,11 +327,18 @@ class GvisorBackend(Backend):
             # namespaces of runsc's own).
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
+            # Restored: its files are the checkpoint's upper dir (see `checkpoint`).
+            upper = spec.restore / _UPPER if spec.restore is not None else None
             made = make_user_root(
                 footprint, layered, self._disks, self._accounts, disk, size, 0,
-                idrange.range_userns(0, 0), ram_disk=spec.ram_disk,
+                idrange.range_userns(0, 0), ram_disk=spec.ram_disk, upper=upper,
             )  # fmt: skip
-            root, user, home, shell = made.path, (made.uid, made.gid), made.home, _shell(made.path)
+            root, user, home, shell = (
+                made.path,
+                (made.uid, made.gid),
+                made.home,
+                login_shell(made.path),
+            )
             writable = tuple(w for w in _WRITABLE if w[0] == "/dev/shm")  # the rest: its disk
         else:
             assert template is not None
@@ -303,14 +350,18 @@ class GvisorBackend(Backend):
                 os.symlink(target, root / path.lstrip("/"))
             for host_path, path in template.ro_binds:
                 mounts.append(_bind(host_path, path))
-            mounts.append(_bind(str(_shared_etc(self.settings.runtime_dir, template)), "/etc"))
+            mounts.append(_bind(str(shared_etc(self.settings.runtime_dir, template)), "/etc"))
         # What names this sandbox: files of its footprint, bound over its /etc's.
         etc = footprint.path / "etc"
         etc.mkdir(mode=0o755)
-        for name, text in _host_files(footprint.id, footprint.netns is not None).items():
+        for name, text in host_files(footprint.id, footprint.netns is not None).items():
             (etc / name).write_text(text)
             (etc / name).chmod(0o644)
             mounts.append(_bind(str(etc / name), f"/etc/{name}"))
+        # A boot of its own (gVisor has no boot_id): new at each start, never the host's.
+        (etc / "boot_id").write_text(f"{uuid.uuid4()}\n")
+        (etc / "boot_id").chmod(0o444)
+        mounts.append(_bind(str(etc / "boot_id"), BOOT_ID))
         for path, mode, owner in writable:
             options = [f"size={limits.storage_bytes}", f"mode={mode:o}", "nosuid", "nodev"]
             uid, gid = (user[0], user[1]) if path == WORKSPACE else (owner, owner)
@@ -328,22 +379,12 @@ class GvisorBackend(Backend):
             mount = attach_volume(footprint, index, volume, 0)
             mounts.append(_bind(str(mount), volume.path, read_only=volume.read_only))
         user_name = layered.user if layered and not layered.user.isdigit() else SANDBOX_USER
-        env = {
-            "PATH": PATH,
-            "HOME": home,
-            "USER": user_name,
-            "LOGNAME": user_name,
-            "LANG": "C.UTF-8",
-            "TMPDIR": "/tmp",
-            "SHELL": shell,
-            **(layered.env if layered else {}),
-            **spec.env,
-        }
+        env = guest_env(home, user_name, shell, layered.env if layered else {}, spec.env)
         caps = list(ROOT_CAPS)
         namespaces = ["pid", "ipc", "uts", "mount"]
         if footprint.netns is None:
             namespaces.append("network")
-        config = {
+        config: dict[str, Any] = {
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": False,
@@ -356,6 +397,7 @@ class GvisorBackend(Backend):
                 "rlimits": [
                     _rlimit("RLIMIT_NOFILE", limits.open_files),
                     _rlimit("RLIMIT_NPROC", limits.pids),
+                    _rlimit("RLIMIT_FSIZE", limits.file_size_mib * MIB),
                     _rlimit("RLIMIT_CORE", 0),
                 ],
             },
@@ -367,9 +409,15 @@ class GvisorBackend(Backend):
                 # With a network, the sentry stays in the namespace the launcher joined
                 # (`--network=host`); else runsc gives it an empty one of its own.
                 "namespaces": [{"type": kind} for kind in namespaces],
-                "cgroupsPath": f"/{self.settings.cgroup_parent}/{footprint.cgroup}",
             },
         }
+        cgroups = ["--ignore-cgroups"]
+        if not rootless:
+            # runsc reads the limits of the cgroup the launcher joined (the guest's
+            # `free` and `nproc` show them); it changes none, and removes none it did
+            # not make. Without root it may not write there: it ignores cgroups.
+            config["linux"]["cgroupsPath"] = f"/{self.settings.cgroup_parent}/{footprint.cgroup}"
+            cgroups = ["--cpu-num-from-quota"]
         bundle = footprint.path / "bundle"
         bundle.mkdir(mode=0o700, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(config))
@@ -381,7 +429,8 @@ class GvisorBackend(Backend):
             "--root", str(state),
             f"--platform={runsc.platform}",
             f"--network={network}",
-            "--cpu-num-from-quota",
+            *cgroups,
+            *(["--rootless"] if rootless else []),
             "--log", str(footprint.path / "runsc.log"),
         ]  # fmt: skip
         if spec.restore is None:
@@ -396,7 +445,16 @@ class GvisorBackend(Backend):
             host_cwd=str(bundle),
             netns=footprint.netns,
             userns=footprint.userns,
+            host_rlimits=False,  # the spec's rlimits (gVisor keeps them)
         )
+
+
+def _network_modes() -> frozenset[str]:
+    # Without root, runsc makes the sentry's user namespace itself: it cannot join one
+    # made for the sandbox's network (`usernet`), so it has no network.
+    if netns.tools_missing() or os.geteuid() != 0:
+        return frozenset({"none"})
+    return frozenset({"none", "internet", "allowlist"})
 
 
 def _bind(source: str, destination: str, *, read_only: bool = True) -> dict[str, Any]:

@@ -81,6 +81,7 @@ def make_root(
     accounts: Path | None = None,
     *,
     ram_disk: bool = False,
+    upper: Path | None = None,
 ) -> Path:
     """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
     mounted root. `first` is the host id of the sandbox's uid 0 and `userns_of` gives the
@@ -88,7 +89,8 @@ def make_root(
     their identity inside, and what the sandbox's root writes is `first`'s on its disk.
     `accounts` (`Accounts.layer`) goes on top of the template's layers. With `ram_disk`
     the disk is a tmpfs of `disk_bytes` instead (no image): its pages are charged to the
-    sandbox's memory, like a `host` sandbox's storage."""
+    sandbox's memory, like a `host` sandbox's storage. `upper` is an upper dir to start
+    from (a checkpoint's: `gvisor`), copied onto the disk before the overlay is mounted."""
     layers = [*template.layers, *([accounts] if accounts else [])]
     mnt, lowers, root = footprint.path / "disk", footprint.path / "layers", footprint.path / "root"
     targets = [lowers / str(i) for i in range(len(layers))]
@@ -105,6 +107,8 @@ def make_root(
             disks.take(disk, disk_bytes, mnt)
         for name, _mode in DISK_DIRS:
             os.chown(mnt / name, first, first)
+        if upper is not None:  # owners, modes, whiteouts and xattrs as they were
+            _run(["cp", "-a", f"{upper}/.", str(mnt / "upper")], "restore the sandbox's files")
     except BaseException:
         with contextlib.suppress(Exception):
             os.close(userns_of())  # its child waited for
@@ -152,18 +156,28 @@ def make_user_root(
     userns_of: Callable[[], int],
     *,
     ram_disk: bool = False,
+    upper: Path | None = None,
 ) -> LayerRoot:
     """`make_root`, then the users every sandbox has (root, `user`), the template's
     user looked up (InvalidRequest when its /etc/passwd lacks it) and its places made."""
     layer = accounts.layer(template)
     root = make_root(
-        footprint, template, disks, disk, disk_bytes, first, userns_of, layer, ram_disk=ram_disk
+        footprint,
+        template,
+        disks,
+        disk,
+        disk_bytes,
+        first,
+        userns_of,
+        layer,
+        ram_disk=ram_disk,
+        upper=upper,
     )
     home = f"/home/{SANDBOX_USER}"
     if layer is None:
         # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
         # kept as a layer for the template's next sandboxes.
-        shell = "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"
+        shell = login_shell(root)
         line = f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{home}:{shell}\n"
         add_account(root, "passwd", SANDBOX_UID, line)
         add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
@@ -420,3 +434,10 @@ def has_program(root: Path, path: str) -> bool:
     """Whether `path` (as the sandbox sees it) is an executable file in `root`."""
     found = resolve_in(root, path)
     return found is not None and found.is_file() and os.access(found, os.X_OK)
+
+
+def login_shell(root: Path | None) -> str:
+    """bash if the sandbox's root (`None`: the host's) has it, else sh."""
+    if root is None:
+        return "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    return "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"

@@ -172,8 +172,8 @@ class Sandbox:
                 cwd=plan.host_cwd,
                 pass_fds=plan.pass_fds,
                 cgroup_procs=procs,
-                open_files=self.spec.limits.open_files,
-                file_size=self.spec.limits.file_size_mib * MIB,
+                open_files=self.spec.limits.open_files if plan.host_rlimits else None,
+                file_size=self.spec.limits.file_size_mib * MIB if plan.host_rlimits else None,
                 uid=plan.uid,
                 gid=plan.gid,
                 netns=plan.netns,
@@ -593,6 +593,8 @@ class Sandbox:
         launcher = self._launcher
         if launcher is None:
             raise SandboxNotRunning(f"sandbox {self.id} has not started")
+        if not self._backend.host_reaches_ports(self.footprint):
+            return await self.open_port_via_agent(port)
         # bubblewrap's child is the sandbox's init, in its namespaces; a tier without
         # one of its own (process) is in the launcher's, which is the host's.
         inside = (launcher.children() or [launcher.pid])[0]

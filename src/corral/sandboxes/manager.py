@@ -387,7 +387,7 @@ class SandboxManager:
     async def _pause_to_disk(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
         sandbox = entry.sandbox
         assert sandbox is not None
-        memory = self.engine.backend(sandbox.backend).memory_snapshots
+        memory = self._keeps_memory(sandbox)
         if self.layers is None and not memory:
             raise SnapshotUnavailable(
                 "this server process keeps no template layers, so it cannot pause to disk; "
@@ -431,6 +431,21 @@ class SandboxManager:
                 "could not destroy a paused-to-disk sandbox", extra={"sandbox_id": entry.id}
             )
         return self._live.record_paused(entry, reason)
+
+    def _keeps_memory(self, sandbox: Sandbox) -> bool:
+        """Whether a pause to disk of `sandbox` keeps its memory (a checkpoint). Where
+        its tier cannot checkpoint it, one of a layer template keeps its files alone,
+        as on a tier without memory snapshots; any other is refused by its checkpoint,
+        which says why."""
+        backend = self.engine.backend(sandbox.backend)
+        if not backend.memory_snapshots:
+            return False
+        if sandbox.spec.rootfs is not None:
+            try:
+                backend.check_checkpoint(sandbox.spec, "pause it to disk with its memory")
+            except IsolationUnavailable:
+                return False
+        return True
 
     async def _resume(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
         disk = entry.disk
