@@ -7,6 +7,7 @@ They skip, with the probe's reason, where QEMU or the guest kernel is missing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -101,6 +102,26 @@ async def test_files_and_commands_go_through_the_agent(vm: Sandbox) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_pause_freezes_the_whole_vm_and_resume_thaws_it(vm: Sandbox) -> None:
+    ticking = await vm.exec(["sh", "-c", "while :; do date +%s%N; sleep 0.2; done"])
+    await asyncio.sleep(1)
+    await vm.pause()
+    (pid,) = qemu_pids(vm.id)
+    cpu_before = _cpu_ticks(pid)
+    await asyncio.sleep(1.5)
+    assert _cpu_ticks(pid) == cpu_before  # no vCPU ran: QEMU is frozen in its cgroup
+    await vm.resume()
+    assert (await vm.run(["echo", "back"])).stdout == b"back\n"
+    await ticking.kill()
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_qemu_runs_unprivileged_in_the_sandbox_cgroup(vm: Sandbox) -> None:
     (pid,) = qemu_pids(vm.id)
     with open(f"/proc/{pid}/status") as f:
@@ -122,9 +143,18 @@ async def test_what_the_tier_cannot_do_is_refused_before_anything_is_made(
     before = set((vm_settings.runtime_dir / "sandboxes").iterdir())
     with pytest.raises(IsolationUnavailable, match="layer template such as `base`"):
         await vm_engine.create("host", isolation="microvm")
-    with pytest.raises(IsolationUnavailable, match="cannot enforce network mode 'internet'"):
+    with pytest.raises(IsolationUnavailable, match="network mode 'internet' yet"):
         await vm_engine.create("debian", isolation="microvm", network="internet")
     assert set((vm_settings.runtime_dir / "sandboxes").iterdir()) == before
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_layer_snapshot_is_refused_and_the_vm_keeps_running(
+    vm: Sandbox, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    with pytest.raises(IsolationUnavailable, match="cannot snapshot a sandbox's files"):
+        await vm.snapshot(debian_base[0])
+    assert (await vm.run(["true"])).exit_code == 0
 
 
 def test_kvm_is_used_where_it_runs_guests(vm_settings: Settings) -> None:

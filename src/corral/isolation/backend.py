@@ -203,5 +203,10 @@ class Backend(ABC):
         where it would start the agent, with the same isolation.
         """
 
+    def start_failure_detail(self, footprint: Footprint) -> str:
+        """What the tier knows of why a sandbox's agent did not answer (e.g. a guest
+        kernel's console), beside its launcher's stderr; "" when nothing."""
+        return ""
+
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

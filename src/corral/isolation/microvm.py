@@ -30,14 +30,18 @@ sandboxes are refused with a pointer to a layer template such as `base`. Network
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from corral.config import Settings
@@ -52,6 +56,7 @@ from corral.isolation.disks import format_disk
 from corral.isolation.footprint import Footprint
 from corral.isolation.templates import LayerTemplate
 from corral.limits import Limits
+from corral.network.policy import NetworkPolicy
 
 QEMU = "qemu-system-x86_64"
 # QEMU's memory beyond the guest's RAM, added to the sandbox's cgroup limit: measured
@@ -71,6 +76,7 @@ TCG_CMDLINE = "tsc_early_khz=2000000 tsc=reliable no_timer_check lpj=4000000"
 # A TCG boot takes seconds (several under load); the agent's first ping waits this long.
 START_TIMEOUT = 120.0
 _CONFIG_MAGIC = b"corral-vm-config\n"
+_KERNEL_LINE = re.compile(r"\[ *\d+\.\d+\]")
 # Parts of the standard library the agent never imports: left out of its image.
 _STDLIB_SKIP = {
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
@@ -119,6 +125,14 @@ class MicrovmBackend(Backend):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._images = settings.data_dir / "microvm"
+
+    def check_network(self, policy: NetworkPolicy) -> None:
+        if policy.mode != "none":
+            raise IsolationUnavailable(
+                f"the microvm tier cannot enforce network mode {policy.mode!r} yet: its "
+                "guests have no network device (a policy needs a tap in the sandbox's "
+                "network namespace, not built); use network none or the namespace tier"
+            )
 
     def cgroup_memory_bytes(self, limits: Limits) -> int:
         """The guest's RAM plus QEMU's own memory."""
@@ -185,19 +199,16 @@ class MicrovmBackend(Backend):
         config.write_bytes(_config(footprint.id, layered, spec, workdir))
         console = footprint.path / "console.log"
         why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
-        accel = ["-accel", "kvm", "-cpu", "host"] if why_not_kvm is None else [
-            "-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max",
-        ]  # fmt: skip
         cpus = max(1, math.ceil(limits.cpu))
         argv = [
             QEMU,
             "-M", "microvm,x-option-roms=off",
-            *accel,
+            *_accel(why_not_kvm),
             "-smp", str(cpus),
             "-m", str(limits.memory_bytes >> 20),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
-            "-append", KERNEL_CMDLINE + ("" if why_not_kvm is None else " " + TCG_CMDLINE),
+            "-append", _cmdline(why_not_kvm),
             "-serial", f"file:{console}",
             "-chardev", "stdio,id=agent,signal=off",
             "-device", "virtio-serial-device",
@@ -210,19 +221,53 @@ class MicrovmBackend(Backend):
             "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
             "-runas", f"{first}:{first}",
         ]  # fmt: skip
-        # If QEMU exits (a failed boot: the init stops the VM), its console says why: what
-        # the init and the agent said (lines without the kernel's timestamp), then the
-        # kernel's last words.
-        script = (
-            '"$@"; status=$?; { grep -av "^\\[ *[0-9]" "$CORRAL_CONSOLE" | tail -n 20; '
-            'grep -a "^\\[ *[0-9]" "$CORRAL_CONSOLE" | tail -n 3; } >&2; exit $status'
-        )
         return LaunchPlan(
-            argv=["/bin/sh", "-c", script, "corral-microvm", *argv],
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CORRAL_CONSOLE": str(console)},
+            argv=argv,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             workdir=workdir,
             host_cwd=str(footprint.path),
         )
+
+    def start_failure_detail(self, footprint: Footprint) -> str:
+        """The guest's console: what its init and agent said (lines without the kernel's
+        timestamp), then the kernel's last words."""
+        try:
+            with open(footprint.path / "console.log", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        kernel = [line for line in lines if _KERNEL_LINE.match(line)]
+        said = [line for line in lines if line.strip() and not _KERNEL_LINE.match(line)]
+        return "\n".join(["guest console:", *said[-20:], *kernel[-3:]])
+
+
+def bare_boot_argv(settings: Settings) -> list[str]:
+    """QEMU booting the tier's kernel and initramfs as a sandbox does, with the same
+    machine and accelerator, whose init prints `BARE_BOOT_LINE` on stdout and stops the
+    VM at once: the raw baseline of a boot (benchmarks)."""
+    kernel = guest_kernel.extract(kernel_dir(settings))
+    initramfs = guest_kernel.initramfs(kernel, settings.data_dir / "microvm")
+    why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
+    return [
+        QEMU, "-M", "microvm,x-option-roms=off", *_accel(why_not_kvm), "-smp", "1", "-m", "256",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
+        "-append", f"{_cmdline(why_not_kvm)} corral.bare", "-serial", "stdio",
+    ]  # fmt: skip
+
+
+BARE_BOOT_LINE = guest_kernel.BARE_BOOT_LINE
+
+
+def _accel(why_not_kvm: str | None) -> list[str]:
+    if why_not_kvm is None:
+        return ["-accel", "kvm", "-cpu", "host"]
+    return ["-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max"]
+
+
+def _cmdline(why_not_kvm: str | None) -> str:
+    return KERNEL_CMDLINE + ("" if why_not_kvm is None else " " + TCG_CMDLINE)
 
 
 def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:
@@ -264,13 +309,32 @@ def _mkfs(tree: Path, image: Path, extra_mib: int) -> None:
         raise SandboxStartFailed(f"could not make a guest disk image: {done.stderr[-300:]}")
 
 
+@contextlib.contextmanager
+def _building(image: Path) -> Iterator[bool]:
+    """Held while `image` is made (one maker across processes); True if it must be."""
+    image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(f"{image}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield not image.exists()
+    finally:
+        os.close(fd)
+
+
 def root_image(template: LayerTemplate, directory: Path) -> Path:
     """The ext4 image of `template`'s merged layers, made once (keyed by their digests)."""
     key = hashlib.sha256("\0".join(template.digests).encode()).hexdigest()[:32]
     image = directory / f"{key}.img"
     if image.exists():
         return image
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _building(image) as needed:
+        if needed:
+            _make_root_image(template, image)
+    return image
+
+
+def _make_root_image(template: LayerTemplate, image: Path) -> None:
+    directory = image.parent
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         if len(template.layers) == 1:  # overlayfs wants two lowers or an upper
             _mkfs(template.layers[0], Path(staging) / "root.img", 64)
@@ -284,7 +348,6 @@ def root_image(template: LayerTemplate, directory: Path) -> Path:
                 unmount_overlay(merged, lazy=True)
         os.chmod(Path(staging) / "root.img", 0o444)
         os.replace(Path(staging) / "root.img", image)
-    return image
 
 
 def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
@@ -299,8 +362,15 @@ def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
     image = directory / f"{digest.hexdigest()[:32]}.img"
     if image.exists():
         return image
+    with _building(image) as needed:
+        if needed:
+            _make_runtime_image(python, agent, boot, busybox, image)
+    return image
+
+
+def _make_runtime_image(python: str, agent: Path, boot: bytes, busybox: bytes, image: Path) -> None:
     runtime = guest_runtime(python)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = image.parent
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         tree = Path(staging) / "tree"
         shutil.copytree(agent, tree, symlinks=True)
@@ -313,7 +383,6 @@ def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
         _mkfs(tree, Path(staging) / "runtime.img", 16)
         os.chmod(Path(staging) / "runtime.img", 0o444)
         os.replace(Path(staging) / "runtime.img", image)
-    return image
 
 
 def _copy_runtime(python: str, loader: str | None, tree: Path) -> None:

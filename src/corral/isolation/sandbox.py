@@ -206,7 +206,9 @@ class Sandbox:
             await asyncio.wait_for(self._guest.ping(), self._backend.start_timeout)
         except (GuestError, TimeoutError) as exc:
             await self._launcher_gone()
-            detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            detail = self._stderr_tail.decode(errors="replace").strip()
+            said = self._backend.start_failure_detail(self.footprint)
+            detail = "\n".join(part for part in (detail, said) if part) or str(exc)
             raise SandboxStartFailed(f"sandbox {self.id} did not start: {detail}") from None
 
     async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
@@ -256,6 +258,11 @@ class Sandbox:
             )
         if max_bytes is not None and max_bytes < 0:
             raise InvalidRequest(f"max_bytes={max_bytes} must be a number of bytes, 0 or more")
+        if self.footprint.layer_ids is None:  # its root is not mounted on the host
+            raise IsolationUnavailable(
+                f"the {self.backend} tier cannot snapshot a sandbox's files yet (its disk "
+                "is the guest's); snapshot sandboxes of the namespace tier"
+            )
         for digest in template.digests:
             store.get(digest)  # UnknownLayer: the template's layers are in another store
         ids = self.footprint.layer_ids
