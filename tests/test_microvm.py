@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from corral.images import Layer, LayerStore
 from corral.isolation import Engine, Sandbox, guest_kernel
 from corral.isolation.microvm import MicrovmBackend, kernel_dir, kvm_reason
 from corral.limits import Limits
-from tests.conftest import cgroup_dirs
+from tests.conftest import cgroup_dirs, private_runtime
 from tests.kit.debian import needs_archive
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
@@ -99,6 +102,17 @@ async def test_files_and_commands_go_through_the_agent(vm: Sandbox) -> None:
     # The template's root is read-only underneath; writes land on the sandbox's disk.
     done = await vm.run(["sh", "-c", "echo x > /etc/changed && cat /etc/changed"], user="root")
     assert (done.exit_code, done.stdout) == (0, b"x\n")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_guest_out_of_memory_is_the_guests_own_and_the_vm_lives_on(vm: Sandbox) -> None:
+    # More than the guest's RAM: the guest's OOM killer ends the command; QEMU stays
+    # within its cgroup (guest RAM + VMM_OVERHEAD_MIB), so the host kills nothing.
+    hog = "chunks = []\nwhile True: chunks.append(b'x' * (8 << 20))"
+    done = await vm.run(["python3", "-c", hog], timeout=120)
+    assert done.exit_code in (1, 137)  # MemoryError, or SIGKILL by the guest's OOM killer
+    assert (await vm.run(["echo", "alive"])).stdout == b"alive\n"
+    assert vm.oom_kills() == 0  # the sandbox's cgroup: no kill on the host
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -202,3 +216,75 @@ async def test_destroy_stops_qemu_and_removes_its_disk(
 def test_a_bad_kernel_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IsolationUnavailable, match="no guest kernel"):
         guest_kernel.extract(tmp_path)
+
+
+@pytest.mark.hostile
+@pytest.mark.asyncio(loop_scope="module")
+async def test_guest_code_cannot_read_the_config_disk_nor_write_the_shared_images(
+    vm: Sandbox, vm_settings: Settings
+) -> None:
+    # The config disk (its environment) is root's in the guest; commands run as `user`.
+    find = "for d in /sys/block/vd*; do echo ${d##*/} $(cat $d/serial); done"
+    disks = dict(
+        line.split()[::-1]
+        for line in (await vm.run(["sh", "-c", find])).stdout.decode().splitlines()
+    )
+    config = f"/dev/{disks['corral-config']}"
+    done = await vm.run(["cat", config])
+    assert done.exit_code != 0 and b"Permission denied" in done.stderr
+    # Even the guest's root cannot write the template's or the agent's image: QEMU opened
+    # them read-only, shared by every VM of the template.
+    images = sorted((vm_settings.data_dir / "microvm").glob("*/*.img"))
+    before = [image.stat().st_mtime_ns for image in images]
+    for serial in ("corral-root", "corral-runtime"):
+        device = f"/dev/{disks[serial]}"
+        done = await vm.run(
+            ["sh", "-c", f"echo owned | dd of={device} conv=fsync 2>&1"], user="root"
+        )
+        assert done.exit_code != 0, done.stdout
+    assert [image.stat().st_mtime_ns for image in images] == before
+
+
+@pytest.mark.slow
+def test_a_killed_owner_leaves_its_vm_to_the_reaper(
+    vm_settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    """SIGKILL the process that owns a microVM: the next engine's reaper ends QEMU (the
+    cgroup) and removes the sandbox's disk and directory."""
+    store, layer = debian_base
+    with private_runtime(vm_settings) as own:
+        script = (
+            "import asyncio, sys, time\n"
+            "from pathlib import Path\n"
+            "from corral.config import Settings\n"
+            "from corral.images import LayerStore\n"
+            "from corral.isolation import Engine\n"
+            "async def main():\n"
+            "    settings = Settings(runtime_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2]),\n"
+            "        cgroup_parent=sys.argv[3], guest_kernel_dir=sys.argv[4])\n"
+            "    engine = Engine(settings)\n"
+            "    engine.templates.add('debian', LayerStore(Path(sys.argv[5])), [sys.argv[6]])\n"
+            "    box = await engine.create('debian', isolation='microvm')\n"
+            "    print(box.id, flush=True)\n"
+            "    time.sleep(600)\n"
+            "asyncio.run(main())\n"
+        )
+        owner = subprocess.Popen(
+            [sys.executable, "-c", script, str(own.runtime_dir), str(own.data_dir),
+             own.cgroup_parent, own.guest_kernel_dir, str(store.root), layer.digest],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert owner.stdout is not None
+            sandbox_id = owner.stdout.readline().strip()
+            assert sandbox_id and qemu_pids(sandbox_id)
+        finally:
+            owner.send_signal(signal.SIGKILL)
+            owner.wait()
+            if owner.stdout is not None:
+                owner.stdout.close()
+        assert qemu_pids(sandbox_id)  # orphaned, still running in its cgroup
+        Engine(own)  # its start reaps the dead owner's sandboxes
+        assert not qemu_pids(sandbox_id)
+        assert not (own.data_dir / "disks" / f"{sandbox_id}.img").exists()
+        assert not (own.runtime_dir / "sandboxes" / sandbox_id).exists()
