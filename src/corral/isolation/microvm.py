@@ -44,8 +44,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from corral.config import Settings
-from corral.errors import IsolationUnavailable, SandboxStartFailed
+from corral.config import IDS_PER_SLOT, Settings
+from corral.errors import IsolationUnavailable, SandboxStartFailed, SnapshotUnavailable
 from corral.guest import agent_source_dir
 from corral.images import mount_merged, unmount_overlay
 from corral.isolation import guest_kernel, idrange
@@ -190,6 +190,8 @@ class MicrovmBackend(Backend):
         )
         first = idrange.first_id(self.settings, slot)
         limits = spec.limits
+        # The guest stores its ids as they are (no idmap): a snapshot maps them 1:1.
+        footprint.layer_ids = [0, 0, IDS_PER_SLOT]
         disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
         disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         footprint.record_disk(str(disk))
@@ -228,6 +230,30 @@ class MicrovmBackend(Backend):
             workdir=workdir,
             host_cwd=str(footprint.path),
         )
+
+    def snapshot_flush(self) -> list[str] | None:
+        return [f"{GUEST_DIR}/busybox", "sync"]  # any template: the agent image's busybox
+
+    @contextlib.contextmanager
+    def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
+        """The sandbox's disk mounted read-only at `rootfs.upper_dir`'s parent while the
+        guest is frozen, its writes flushed (`snapshot_flush`); recorded for the reaper."""
+        assert footprint.disk is not None
+        target = footprint.path / "disk"
+        target.mkdir(mode=0o700, exist_ok=True)
+        if str(target) not in footprint.mounts:
+            footprint.record_mount(str(target))
+        done = subprocess.run(
+            ["mount", "-t", "ext4", "-o", "ro,noload,nosuid,nodev,loop", footprint.disk,
+             str(target)],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise SnapshotUnavailable(f"could not read the sandbox's disk: {done.stderr[-300:]}")
+        try:
+            yield
+        finally:
+            unmount_overlay(target, lazy=True)  # any mount: a lazy umount2
 
     def start_failure_detail(self, footprint: Footprint) -> str:
         """The guest's console: what its init and agent said (lines without the kernel's

@@ -35,7 +35,7 @@ from corral.errors import (
 )
 from corral.guest import EntryInfo, GuestConnection, GuestWatch
 from corral.guest import ProcessInfo as ProcessInfo
-from corral.images import LayerStore
+from corral.images import Layer, LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
 from corral.isolation.command import Command, CommandResult
@@ -258,11 +258,6 @@ class Sandbox:
             )
         if max_bytes is not None and max_bytes < 0:
             raise InvalidRequest(f"max_bytes={max_bytes} must be a number of bytes, 0 or more")
-        if self.footprint.layer_ids is None:  # its root is not mounted on the host
-            raise IsolationUnavailable(
-                f"the {self.backend} tier cannot snapshot a sandbox's files yet (its disk "
-                "is the guest's); snapshot sandboxes of the namespace tier"
-            )
         for digest in template.digests:
             store.get(digest)  # UnknownLayer: the template's layers are in another store
         ids = self.footprint.layer_ids
@@ -272,16 +267,18 @@ class Sandbox:
                 raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
             cgroup = self._require_cgroup("snapshot")
             paused = self.state is SandboxState.PAUSED
+            flush = self._backend.snapshot_flush()
+            if flush is not None:  # its files are in a guest kernel's cache until written
+                if paused:
+                    raise IsolationUnavailable(
+                        f"sandbox {self.id} is paused and its guest has not written its "
+                        "files out: resume it, then snapshot it"
+                    )
+                await (await self.exec(flush, user="root")).collect()
             if not paused:
                 await asyncio.to_thread(cgroup.freeze)
             reading = asyncio.ensure_future(
-                asyncio.to_thread(
-                    upper_layer,
-                    store,
-                    upper_dir(self.footprint),
-                    (ids[0], ids[1], ids[2]),
-                    max_bytes,
-                )
+                asyncio.to_thread(self._read_upper, store, (ids[0], ids[1], ids[2]), max_bytes)
             )
             try:
                 layer = await asyncio.shield(reading)
@@ -300,6 +297,12 @@ class Sandbox:
                 if not paused and not self._destroyed():
                     await asyncio.to_thread(cgroup.thaw)
         return (*template.digests, layer.digest)
+
+    def _read_upper(
+        self, store: LayerStore, ids: tuple[int, int, int], max_bytes: int | None
+    ) -> Layer:
+        with self._backend.snapshot_files(self.footprint):
+            return upper_layer(store, upper_dir(self.footprint), ids, max_bytes)
 
     async def destroy(self) -> None:
         """Kill every process and remove every trace: cgroup, mounts, files. Idempotent."""
