@@ -15,8 +15,9 @@ a spec with `restore` starts the sandbox from such a directory instead of bootin
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -255,6 +256,22 @@ class Backend(ABC):
         """Whether the host reaches the sandbox's ports in the network namespace of its
         launcher's child; else `Sandbox.open_port` asks the guest agent to connect."""
         return True
+
+    def start_failure_detail(self, footprint: Footprint) -> str:
+        """What the tier knows of why a sandbox's agent did not answer (e.g. a guest
+        kernel's console), beside its launcher's stderr; "" when nothing."""
+        return ""
+
+    def snapshot_flush(self) -> list[str] | None:
+        """A command the sandbox runs as root before a snapshot reads its files, when they
+        may still be in a guest kernel's cache (`sync`); None: they are the host's."""
+        return None
+
+    @contextlib.contextmanager
+    def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
+        """Held while the host reads a frozen sandbox's changes (`rootfs.upper_dir`): a
+        tier whose disk is not mounted on the host mounts it here, read-only."""
+        yield
 
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

@@ -35,6 +35,7 @@ PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = "/bin/busybox"
 # Loaded in this order (each after what it depends on).
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay")
+BARE_BOOT_LINE = "corral-bare-boot"
 _VERSIONED_DEB = re.compile(r"linux-image-(\d[^_]*)_[^_]+_amd64\.deb")
 
 # The guest's PID 1 until the agent takes over. Disks are found by their serial (the
@@ -46,6 +47,8 @@ INIT = r"""#!/bin/busybox sh
 export PATH=/bin
 fail() { echo "corral-init: $*" >&2; reboot -f; }
 mount -t proc proc /proc && mount -t sysfs sysfs /sys && mount -t devtmpfs dev /dev || fail mounts
+# A bare boot (the benchmark's baseline): the kernel and this init up, nothing more.
+case " $(cat /proc/cmdline) " in *" corral.bare "*) echo corral-bare-boot; reboot -f;; esac
 # The virtio-mmio devices are in QEMU's ACPI tables (this kernel has no command-line ones).
 for m in virtio_ring virtio virtio_mmio virtio_blk virtio_console overlay; do
   insmod /lib/modules/$m.ko || fail "module $m"

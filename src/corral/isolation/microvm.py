@@ -30,18 +30,22 @@ sandboxes are refused with a pointer to a layer template such as `base`. Network
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from corral.config import Settings
-from corral.errors import IsolationUnavailable, SandboxStartFailed
+from corral.config import IDS_PER_SLOT, Settings
+from corral.errors import IsolationUnavailable, SandboxStartFailed, SnapshotUnavailable
 from corral.guest import agent_source_dir
 from corral.images import mount_merged, unmount_overlay
 from corral.isolation import guest_kernel, idrange, microvm_snapshot
@@ -52,11 +56,13 @@ from corral.isolation.disks import format_disk
 from corral.isolation.footprint import Footprint
 from corral.isolation.templates import LayerTemplate
 from corral.limits import Limits
+from corral.network.policy import NetworkPolicy
 
 QEMU = "qemu-system-x86_64"
-# QEMU's memory beyond the guest's RAM, added to the sandbox's cgroup limit: measured
-# RSS of an idle TCG guest of 256 MiB was ~RAM + 45 MiB with a 32 MiB translation cache;
-# the rest is headroom for device buffers under I/O.
+# QEMU's memory beyond the guest's RAM, added to the sandbox's cgroup limit. Measured
+# (TCG, 32 MiB translation cache): a 256 MiB guest idle after boot, cgroup 198 MiB; the
+# same guest with all its memory touched (its own OOM killer acting), cgroup 326 MiB —
+# ~70 MiB over the guest's RAM, with the page cache of its disk writes (reclaimable).
 VMM_OVERHEAD_MIB = 128
 TCG_CACHE_MIB = 32
 # Trimmed: no probing of hardware a microvm does not have; a panic or a reboot stops the
@@ -71,6 +77,7 @@ TCG_CMDLINE = "tsc_early_khz=2000000 tsc=reliable no_timer_check lpj=4000000"
 # A TCG boot takes seconds (several under load); the agent's first ping waits this long.
 START_TIMEOUT = 120.0
 _CONFIG_MAGIC = b"corral-vm-config\n"
+_KERNEL_LINE = re.compile(r"\[ *\d+\.\d+\]")
 # Parts of the standard library the agent never imports: left out of its image.
 _STDLIB_SKIP = {
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
@@ -120,6 +127,14 @@ class MicrovmBackend(Backend):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._images = settings.data_dir / "microvm"
+
+    def check_network(self, policy: NetworkPolicy) -> None:
+        if policy.mode != "none":
+            raise IsolationUnavailable(
+                f"the microvm tier cannot enforce network mode {policy.mode!r} yet: its "
+                "guests have no network device (a policy needs a tap in the sandbox's "
+                "network namespace, not built); use network none or the namespace tier"
+            )
 
     def cgroup_memory_bytes(self, limits: Limits) -> int:
         """The guest's RAM plus QEMU's own memory."""
@@ -176,6 +191,8 @@ class MicrovmBackend(Backend):
         )
         first = idrange.first_id(self.settings, slot)
         limits = spec.limits
+        # The guest stores its ids as they are (no idmap): a snapshot maps them 1:1.
+        footprint.layer_ids = [0, 0, IDS_PER_SLOT]
         disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
         disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         footprint.record_disk(str(disk))
@@ -192,9 +209,6 @@ class MicrovmBackend(Backend):
         machine.record(footprint.path)
         console = footprint.path / "console.log"
         why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
-        accel = ["-accel", "kvm", "-cpu", "host"] if why_not_kvm is None else [
-            "-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max",
-        ]  # fmt: skip
         # Memory snapshots (`microvm_snapshot`): the writable disk as open files, which a
         # migration can reopen; a restore reads the checkpoint's memory from another.
         fds, disk_args = microvm_snapshot.writable_disk("corral-disk", disk)
@@ -210,12 +224,12 @@ class MicrovmBackend(Backend):
         argv = [
             QEMU,
             "-M", "microvm,x-option-roms=off",
-            *accel,
+            *_accel(why_not_kvm),
             "-smp", str(cpus),
             "-m", str(limits.memory_bytes >> 20),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
-            "-append", KERNEL_CMDLINE + ("" if why_not_kvm is None else " " + TCG_CMDLINE),
+            "-append", _cmdline(why_not_kvm),
             "-serial", f"file:{console}",
             "-chardev", "stdio,id=agent,signal=off",
             "-device", "virtio-serial-device",
@@ -230,16 +244,9 @@ class MicrovmBackend(Backend):
             *microvm_snapshot.MIGRATION_ARGS,
             *incoming,
         ]  # fmt: skip
-        # If QEMU exits (a failed boot: the init stops the VM), its console says why: what
-        # the init and the agent said (lines without the kernel's timestamp), then the
-        # kernel's last words.
-        script = (
-            '"$@"; status=$?; { grep -av "^\\[ *[0-9]" "$CORRAL_CONSOLE" | tail -n 20; '
-            'grep -a "^\\[ *[0-9]" "$CORRAL_CONSOLE" | tail -n 3; } >&2; exit $status'
-        )
         return LaunchPlan(
-            argv=["/bin/sh", "-c", script, "corral-microvm", *argv],
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CORRAL_CONSOLE": str(console)},
+            argv=argv,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             workdir=workdir,
             host_cwd=str(footprint.path),
             pass_fds=tuple(fds),
@@ -247,6 +254,71 @@ class MicrovmBackend(Backend):
 
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
         microvm_snapshot.checkpoint(footprint, image)
+
+    def snapshot_flush(self) -> list[str] | None:
+        return [f"{GUEST_DIR}/busybox", "sync"]  # any template: the agent image's busybox
+
+    @contextlib.contextmanager
+    def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
+        """The sandbox's disk mounted read-only at `rootfs.upper_dir`'s parent while the
+        guest is frozen, its writes flushed (`snapshot_flush`); recorded for the reaper."""
+        assert footprint.disk is not None
+        target = footprint.path / "disk"
+        target.mkdir(mode=0o700, exist_ok=True)
+        if str(target) not in footprint.mounts:
+            footprint.record_mount(str(target))
+        done = subprocess.run(
+            ["mount", "-t", "ext4", "-o", "ro,noload,nosuid,nodev,loop", footprint.disk,
+             str(target)],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise SnapshotUnavailable(f"could not read the sandbox's disk: {done.stderr[-300:]}")
+        try:
+            yield
+        finally:
+            unmount_overlay(target, lazy=True)  # any mount: a lazy umount2
+
+    def start_failure_detail(self, footprint: Footprint) -> str:
+        """The guest's console: what its init and agent said (lines without the kernel's
+        timestamp), then the kernel's last words."""
+        try:
+            with open(footprint.path / "console.log", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        kernel = [line for line in lines if _KERNEL_LINE.match(line)]
+        said = [line for line in lines if line.strip() and not _KERNEL_LINE.match(line)]
+        return "\n".join(["guest console:", *said[-20:], *kernel[-3:]])
+
+
+def bare_boot_argv(settings: Settings) -> list[str]:
+    """QEMU booting the tier's kernel and initramfs as a sandbox does, with the same
+    machine and accelerator, whose init prints `BARE_BOOT_LINE` on stdout and stops the
+    VM at once: the raw baseline of a boot (benchmarks)."""
+    kernel = guest_kernel.extract(kernel_dir(settings))
+    initramfs = guest_kernel.initramfs(kernel, settings.data_dir / "microvm")
+    why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
+    return [
+        QEMU, "-M", "microvm,x-option-roms=off", *_accel(why_not_kvm), "-smp", "1", "-m", "256",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
+        "-append", f"{_cmdline(why_not_kvm)} corral.bare", "-serial", "stdio",
+    ]  # fmt: skip
+
+
+BARE_BOOT_LINE = guest_kernel.BARE_BOOT_LINE
+
+
+def _accel(why_not_kvm: str | None) -> list[str]:
+    if why_not_kvm is None:
+        return ["-accel", "kvm", "-cpu", "host"]
+    return ["-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max"]
+
+
+def _cmdline(why_not_kvm: str | None) -> str:
+    return KERNEL_CMDLINE + ("" if why_not_kvm is None else " " + TCG_CMDLINE)
 
 
 def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:
@@ -288,13 +360,32 @@ def _mkfs(tree: Path, image: Path, extra_mib: int) -> None:
         raise SandboxStartFailed(f"could not make a guest disk image: {done.stderr[-300:]}")
 
 
+@contextlib.contextmanager
+def _building(image: Path) -> Iterator[bool]:
+    """Held while `image` is made (one maker across processes); True if it must be."""
+    image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(f"{image}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield not image.exists()
+    finally:
+        os.close(fd)
+
+
 def root_image(template: LayerTemplate, directory: Path) -> Path:
     """The ext4 image of `template`'s merged layers, made once (keyed by their digests)."""
     key = hashlib.sha256("\0".join(template.digests).encode()).hexdigest()[:32]
     image = directory / f"{key}.img"
     if image.exists():
         return image
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _building(image) as needed:
+        if needed:
+            _make_root_image(template, image)
+    return image
+
+
+def _make_root_image(template: LayerTemplate, image: Path) -> None:
+    directory = image.parent
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         if len(template.layers) == 1:  # overlayfs wants two lowers or an upper
             _mkfs(template.layers[0], Path(staging) / "root.img", 64)
@@ -308,7 +399,6 @@ def root_image(template: LayerTemplate, directory: Path) -> Path:
                 unmount_overlay(merged, lazy=True)
         os.chmod(Path(staging) / "root.img", 0o444)
         os.replace(Path(staging) / "root.img", image)
-    return image
 
 
 def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
@@ -323,8 +413,15 @@ def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
     image = directory / f"{digest.hexdigest()[:32]}.img"
     if image.exists():
         return image
+    with _building(image) as needed:
+        if needed:
+            _make_runtime_image(python, agent, boot, busybox, image)
+    return image
+
+
+def _make_runtime_image(python: str, agent: Path, boot: bytes, busybox: bytes, image: Path) -> None:
     runtime = guest_runtime(python)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = image.parent
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         tree = Path(staging) / "tree"
         shutil.copytree(agent, tree, symlinks=True)
@@ -337,7 +434,6 @@ def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
         _mkfs(tree, Path(staging) / "runtime.img", 16)
         os.chmod(Path(staging) / "runtime.img", 0o444)
         os.replace(Path(staging) / "runtime.img", image)
-    return image
 
 
 def _copy_runtime(python: str, loader: str | None, tree: Path) -> None:
