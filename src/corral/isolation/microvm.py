@@ -192,16 +192,21 @@ class MicrovmBackend(Backend):
         limits = spec.limits
         # The guest stores its ids as they are (no idmap): a snapshot maps them 1:1.
         footprint.layer_ids = [0, 0, IDS_PER_SLOT]
-        disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
-        disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        footprint.record_disk(str(disk))
-        size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
-        format_disk(disk, size)
+        why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
+        cmdline = _cmdline(why_not_kvm)
+        if spec.ram_disk:  # a tmpfs in the guest: its writes are the guest's RAM
+            cmdline += f" corral.ramdisk={limits.storage_bytes}"
+            disk_args: list[str] = []
+        else:
+            disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
+            disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            footprint.record_disk(str(disk))
+            format_disk(disk, limits.disk_bytes)
+            disk_args = _disk("corral-disk", disk, read_only=False)
         workdir = layered.workdir or "/workspace"
         config = footprint.path / "config.img"
         config.write_bytes(_config(footprint.id, layered, spec, workdir))
         console = footprint.path / "console.log"
-        why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
         cpus = max(1, math.ceil(limits.cpu))
         argv = [
             QEMU,
@@ -211,14 +216,14 @@ class MicrovmBackend(Backend):
             "-m", str(limits.memory_bytes >> 20),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
-            "-append", _cmdline(why_not_kvm),
+            "-append", cmdline,
             "-serial", f"file:{console}",
             "-chardev", "stdio,id=agent,signal=off",
             "-device", "virtio-serial-device",
             "-device", "virtserialport,chardev=agent,name=corral.agent",
             *_disk("corral-runtime", runtime, read_only=True),
             *_disk("corral-root", root, read_only=True),
-            *_disk("corral-disk", disk, read_only=False),
+            *disk_args,
             *_disk("corral-config", config, read_only=True),
             "-qmp", f"unix:{footprint.path / 'qmp.sock'},server=on,wait=off",
             "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
@@ -238,7 +243,11 @@ class MicrovmBackend(Backend):
     def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
         """The sandbox's disk mounted read-only at `rootfs.upper_dir`'s parent while the
         guest is frozen, its writes flushed (`snapshot_flush`); recorded for the reaper."""
-        assert footprint.disk is not None
+        if footprint.disk is None:
+            raise SnapshotUnavailable(
+                f"sandbox {footprint.id} keeps its files on a RAM disk, in its guest's "
+                "memory: snapshot a sandbox made without ram_disk"
+            )
         target = footprint.path / "disk"
         target.mkdir(mode=0o700, exist_ok=True)
         if str(target) not in footprint.mounts:
