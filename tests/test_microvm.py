@@ -28,18 +28,16 @@ from tests.conftest import cgroup_dirs, private_runtime
 from tests.kit.debian import needs_archive
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
-# Where `make setup` downloads the guest kernel (a worktree shares its checkout's).
-KERNELS = Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"
 LIMITS = Limits(cpu=2, memory_mib=384, disk_mib=256)
 
 
 @pytest.fixture(scope="module")
 def vm_settings(settings: Settings) -> Settings:
-    vm = settings.with_(guest_kernel_dir=str(KERNELS))
-    caps = MicrovmBackend.probe(vm)
+    # The session's: the guest kernel `make setup` downloads (tests/conftest.py).
+    caps = MicrovmBackend.probe(settings)
     if not caps.available:
         pytest.skip(f"microvm backend unavailable here: {'; '.join(caps.missing)}")
-    return vm
+    return settings
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
