@@ -116,6 +116,8 @@ def settings() -> Iterator[Settings]:
         cgroup_parent=TEST_CGROUP_PARENT,
         allow_process_backend=True,
         base_template="off",  # never built from the internet: tests/kit/e2b_base.py installs it
+        # The microvm tier's guest kernel, where `make setup` downloads it.
+        guest_kernel_dir=str(Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"),
     )
     yield session
     from corral.isolation import Engine

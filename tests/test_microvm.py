@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from corral.config import Settings
-from corral.errors import IsolationUnavailable, SandboxStartFailed
+from corral.errors import IsolationUnavailable, SandboxStartFailed, SnapshotUnavailable
 from corral.images import Layer, LayerStore
 from corral.isolation import Engine, Sandbox, guest_kernel
 from corral.isolation.microvm import MicrovmBackend, kernel_dir, kvm_reason
@@ -28,18 +28,16 @@ from tests.conftest import cgroup_dirs, private_runtime
 from tests.kit.debian import needs_archive
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
-# Where `make setup` downloads the guest kernel (a worktree shares its checkout's).
-KERNELS = Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"
 LIMITS = Limits(cpu=2, memory_mib=384, disk_mib=256)
 
 
 @pytest.fixture(scope="module")
 def vm_settings(settings: Settings) -> Settings:
-    vm = settings.with_(guest_kernel_dir=str(KERNELS))
-    caps = MicrovmBackend.probe(vm)
+    # The session's: the guest kernel `make setup` downloads (tests/conftest.py).
+    caps = MicrovmBackend.probe(settings)
     if not caps.available:
         pytest.skip(f"microvm backend unavailable here: {'; '.join(caps.missing)}")
-    return vm
+    return settings
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -224,6 +222,28 @@ async def test_a_failed_boot_says_why_and_leaves_nothing(
     with pytest.raises(SandboxStartFailed, match="runs as user 'ghost'"):
         await vm_engine.create("debian-nobody", isolation="microvm", limits=LIMITS)
     assert set((vm_settings.runtime_dir / "sandboxes").iterdir()) == before
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_ram_disk_is_the_guests_memory_bounded_by_its_storage_size(
+    vm_engine: Engine, vm_settings: Settings, debian_base: tuple[LayerStore, Layer]
+) -> None:
+    limits = Limits(memory_mib=256)
+    box = await vm_engine.create("debian", isolation="microvm", limits=limits, ram_disk=True)
+    try:
+        assert not (vm_settings.data_dir / "disks" / f"{box.id}.img").exists()
+        # Bounded by the storage size (memory less 64 MiB): ENOSPC, not an OOM.
+        fill = "dd if=/dev/zero of=/workspace/big bs=1M count=400 2>&1; echo $?"
+        done = await box.run(["sh", "-c", fill])
+        assert b"No space left on device" in done.stdout
+        written = int((await box.run(["stat", "-c", "%s", "/workspace/big"])).stdout)
+        assert written <= limits.storage_bytes
+        assert (await box.run(["echo", "alive"])).stdout == b"alive\n"
+        with pytest.raises(SnapshotUnavailable, match="RAM disk"):
+            await box.snapshot(debian_base[0])
+    finally:
+        await box.destroy()
 
 
 @pytest.mark.slow

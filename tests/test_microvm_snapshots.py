@@ -24,7 +24,6 @@ from corral.limits import Limits
 from tests.conftest import cgroup_dirs, opts, start_server
 from tests.kit.debian import needs_archive
 from tests.kit.polling import until, wait_until
-from tests.test_microvm import KERNELS
 from tests.test_template_server import add_template
 
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
@@ -35,13 +34,12 @@ LIMITS = Limits(memory_mib=256, cpu=1)
 
 
 def _vm_settings(settings: Settings) -> Settings:
-    """`settings` with the guest kernel `make setup` fetched; skips, saying why, where
+    """`settings` (with the guest kernel `make setup` fetched); skips, saying why, where
     the microvm tier is unavailable."""
-    vm = settings.with_(guest_kernel_dir=str(KERNELS))
-    caps = MicrovmBackend.probe(vm)
+    caps = MicrovmBackend.probe(settings)
     if not caps.available:
         pytest.skip(f"microvm backend unavailable here: {'; '.join(caps.missing)}")
-    return vm
+    return settings
 
 
 @pytest.fixture
@@ -157,6 +155,34 @@ async def test_restoring_a_microvm_with_other_limits_is_refused_and_leaves_nothi
     assert {p.name for p in image.iterdir()} >= {"memory", "disk.img"}  # still restorable
 
 
+async def test_a_microvm_with_a_ram_disk_keeps_its_files_in_the_checkpoint_memory(
+    engine_vm: Engine, tmp_path: Path
+) -> None:
+    box = await engine_vm.create("debian", limits=LIMITS, isolation="microvm", ram_disk=True)
+    await box.run(["sh", "-c", "echo in-ram > /workspace/w"])
+    image = tmp_path / "image"
+    await box.checkpoint(image)
+    assert "disk.img" not in {p.name for p in image.iterdir()}  # its files are its memory
+    with pytest.raises(InvalidRequest, match="ram_disk=True"):  # asked without: refused
+        await engine_vm.create("debian", limits=LIMITS, isolation="microvm", restore=image)
+    restored = await engine_vm.create(
+        "debian", limits=LIMITS, isolation="microvm", ram_disk=True, restore=image
+    )
+    try:
+        assert (await restored.run(["cat", "/workspace/w"])).stdout == b"in-ram\n"
+    finally:
+        await restored.destroy()
+
+
+async def test_restoring_a_microvm_from_what_is_no_checkpoint_is_refused_and_leaves_nothing(
+    engine_vm: Engine, tmp_path: Path, settings: Settings
+) -> None:
+    with pytest.raises(InvalidRequest, match="is not a microvm checkpoint"):
+        await engine_vm.create("debian", limits=LIMITS, isolation="microvm", restore=tmp_path)
+    assert not engine_vm.sandboxes
+    assert not list((settings.runtime_dir / "sandboxes").glob("*"))
+
+
 # -- pause to disk through a real server -------------------------------------------------
 
 
@@ -176,7 +202,7 @@ def test_a_microvm_paused_to_disk_survives_a_server_restart_with_its_processes(
 ) -> None:
     vm = _vm_settings(own_runtime)
     data = vm.data_dir
-    kernel = {"CORRAL_GUEST_KERNEL_DIR": str(KERNELS)}
+    kernel = {"CORRAL_GUEST_KERNEL_DIR": vm.guest_kernel_dir}
     start_server(vm, data, pool_size=0, extra_env=kernel).stop()  # makes the default team
     add_template(vm, "base")
     first = start_server(vm, data, pool_size=0, extra_env=kernel)

@@ -70,7 +70,19 @@ until [ -n "$(disk corral-config)" ] && [ -n "$(port)" ] && [ -e "$(port)" ]; do
 done
 mkdir -p /lower /rw /newroot
 mount -t ext4 -o ro,noload "$(disk corral-root)" /lower || fail "root image"
-mount -t ext4 -o nosuid,nodev "$(disk corral-disk)" /rw || fail "sandbox disk"
+# With a RAM disk (corral.ramdisk=BYTES) the sandbox's writes are the guest's memory.
+ramdisk=$(for arg in $(cat /proc/cmdline); do
+  case "$arg" in corral.ramdisk=*) echo "${arg#corral.ramdisk=}";; esac
+done)
+if [ -n "$ramdisk" ]; then
+  # Memory is left for the guest's kernel and agent: a full RAM disk is an ENOSPC for
+  # the writer, never an out-of-memory (as the namespace tier bounds its storage).
+  total=$(awk '/^MemTotal:/ { print $2 * 1024 }' /proc/meminfo)
+  [ "$ramdisk" -gt $((total - 100 * 1048576)) ] && ramdisk=$((total - 100 * 1048576))
+  mount -t tmpfs -o "nosuid,nodev,mode=755,size=$ramdisk" ram /rw || fail "RAM disk"
+else
+  mount -t ext4 -o nosuid,nodev "$(disk corral-disk)" /rw || fail "sandbox disk"
+fi
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \
   || fail overlay

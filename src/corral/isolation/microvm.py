@@ -193,22 +193,29 @@ class MicrovmBackend(Backend):
         limits = spec.limits
         # The guest stores its ids as they are (no idmap): a snapshot maps them 1:1.
         footprint.layer_ids = [0, 0, IDS_PER_SLOT]
-        disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
-        disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        footprint.record_disk(str(disk))
-        size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
+        why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
+        cmdline = _cmdline(why_not_kvm)
+        disk: Path | None = None
+        if spec.ram_disk:  # a tmpfs in the guest: its writes are the guest's RAM
+            cmdline += f" corral.ramdisk={limits.storage_bytes}"
+        else:
+            disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
+            disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            footprint.record_disk(str(disk))
         workdir = layered.workdir or "/workspace"
         config = footprint.path / microvm_snapshot.CONFIG_DISK
         cpus = max(1, math.ceil(limits.cpu))
-        machine = microvm_snapshot.Machine(limits.memory_bytes >> 20, cpus, str(root), str(runtime))
+        machine = microvm_snapshot.Machine(
+            limits.memory_bytes >> 20, cpus, str(root), str(runtime), ram_disk=disk is None
+        )
         if spec.restore is None:
-            format_disk(disk, size)
+            if disk is not None:
+                format_disk(disk, limits.disk_bytes)
             config.write_bytes(_config(footprint.id, layered, spec, workdir))
         else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
             machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
         machine.record(footprint.path)
         console = footprint.path / "console.log"
-        why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
         # Memory snapshots (`microvm_snapshot`): the writable disk as open files, which a
         # migration can reopen; a restore reads the checkpoint's memory from another.
         fds, disk_args = microvm_snapshot.writable_disk("corral-disk", disk)
@@ -229,7 +236,7 @@ class MicrovmBackend(Backend):
             "-m", str(limits.memory_bytes >> 20),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
-            "-append", _cmdline(why_not_kvm),
+            "-append", cmdline,
             "-serial", f"file:{console}",
             "-chardev", "stdio,id=agent,signal=off",
             "-device", "virtio-serial-device",
@@ -262,7 +269,11 @@ class MicrovmBackend(Backend):
     def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
         """The sandbox's disk mounted read-only at `rootfs.upper_dir`'s parent while the
         guest is frozen, its writes flushed (`snapshot_flush`); recorded for the reaper."""
-        assert footprint.disk is not None
+        if footprint.disk is None:
+            raise SnapshotUnavailable(
+                f"sandbox {footprint.id} keeps its files on a RAM disk, in its guest's "
+                "memory: snapshot a sandbox made without ram_disk"
+            )
         target = footprint.path / "disk"
         target.mkdir(mode=0o700, exist_ok=True)
         if str(target) not in footprint.mounts:

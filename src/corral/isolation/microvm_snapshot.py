@@ -60,6 +60,7 @@ class Machine:
     cpus: int
     root: str
     runtime: str
+    ram_disk: bool = False  # its writable files in its RAM (`SandboxSpec.ram_disk`): no disk
 
     def record(self, directory: Path) -> None:
         (directory / MACHINE).write_text(json.dumps(dataclasses.asdict(self)))
@@ -101,9 +102,8 @@ def checkpoint(footprint: Footprint, image: Path) -> None:
         # Its disks are consistent now (a completed migration flushes them); once QEMU is
         # gone they are only the checkpoint's.
         qmp.quit(timeout=30)
-    if footprint.disk is None:
-        raise SandboxError(f"sandbox {footprint.id} has no disk of its own to checkpoint")
-    _move(Path(footprint.disk), image / _DISK)
+    if footprint.disk is not None:  # else its files are in its memory (ram_disk)
+        _move(Path(footprint.disk), image / _DISK)
     _move(directory / CONFIG_DISK, image / CONFIG_DISK)
     Machine.read(directory).record(image)
 
@@ -149,25 +149,26 @@ def _copy(source: Path, target: Path) -> None:
     os.chmod(target, 0o600)
 
 
-def restore_files(image: Path, machine: Machine, disk: Path, config: Path) -> Machine:
+def restore_files(image: Path, machine: Machine, disk: Path | None, config: Path) -> Machine:
     """Check that the checkpoint `image` fits the machine a spec asks for (`machine`),
-    put copies of its disks at `disk` and `config`, and return the machine to start: the
-    checkpoint's, whose runtime image the guest has mounted."""
+    put copies of its disks at `disk` (None: a RAM disk) and `config`, and return the
+    machine to start: the checkpoint's, whose runtime image the guest has mounted."""
     saved = Machine.read(image)
-    asked = (machine.memory_mib, machine.cpus, machine.root)
-    if asked != (saved.memory_mib, saved.cpus, saved.root):
+    if dataclasses.replace(machine, runtime=saved.runtime) != saved:
         raise InvalidRequest(
-            f"the checkpoint {str(image)!r} is of a microvm with {saved.memory_mib} MiB and "
-            f"{saved.cpus} CPUs of another template or limits than asked ({machine.memory_mib} "
-            f"MiB, {machine.cpus} CPUs): restore it with the template and limits it was "
-            "created with"
+            f"the checkpoint {str(image)!r} is of a microvm with {saved.memory_mib} MiB, "
+            f"{saved.cpus} CPUs, ram_disk={saved.ram_disk} and its template's root image; "
+            f"asked: {machine.memory_mib} MiB, {machine.cpus} CPUs, ram_disk="
+            f"{machine.ram_disk}{'' if machine.root == saved.root else ', another template'}:"
+            " restore it with the template and limits it was created with"
         )
     if not Path(saved.runtime).is_file():
         raise SandboxStartFailed(
             f"the guest runtime image the checkpoint {str(image)!r} was made with is gone "
             f"({saved.runtime}); its sandbox cannot be restored"
         )
-    _copy(image / _DISK, disk)
+    if disk is not None:
+        _copy(image / _DISK, disk)
     _copy(image / CONFIG_DISK, config)
     return saved
 
@@ -179,14 +180,17 @@ def incoming(image: Path) -> tuple[int, list[str]]:
     return fd, ["-incoming", f"fd:{fd}"]
 
 
-def writable_disk(serial: str, image: Path) -> tuple[list[int], list[str]]:
+def writable_disk(serial: str, image: Path | None) -> tuple[list[int], list[str]]:
     """Open files of the sandbox's writable disk `image` (for `LaunchPlan.pass_fds`) and
-    the QEMU arguments of a virtio-blk disk named `serial` made of them.
+    the QEMU arguments of a virtio-blk disk named `serial` made of them; none without a
+    disk (a RAM disk).
 
     Files, not a path: a migration hands the disk over by reopening it (read-only when
     the source lets go, read-write when the destination takes it), after QEMU has dropped
     to the sandbox's uid (`-runas`), which cannot open a path under the data dir. QEMU
     takes a reopened file from the fd set, one per access mode."""
+    if image is None:
+        return [], []
     fds = [os.open(image, os.O_RDWR | os.O_CLOEXEC)]
     try:
         fds.append(os.open(image, os.O_RDONLY | os.O_CLOEXEC))
