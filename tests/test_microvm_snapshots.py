@@ -4,9 +4,11 @@ pause to disk through a server keeps them across a server restart."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from tests.test_template_server import add_template
 pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+# How long the first test keeps its sandbox on disk: the guest's clock must catch up.
+ON_DISK = 10.0
 # A small guest: TCG boots and migrates it in seconds.
 LIMITS = Limits(memory_mib=256, cpu=1)
 
@@ -105,12 +109,15 @@ async def test_a_microvm_checkpoint_keeps_processes_memory_and_disk_and_frees_th
     assert (await foreground.wait()).reason == "killed"  # no command stream survives
     with pytest.raises(SandboxNotRunning):
         await box.run(["true"])
+    await asyncio.sleep(ON_DISK)  # time the guest's own clock does not see pass
 
     restored = await engine.create(
         "debian", limits=LIMITS, isolation="microvm", sandbox_id=box.id, restore=image
     )
     try:
         shutil.rmtree(image)  # the caller's to remove once it runs
+        guest_now = float((await restored.run(["date", "+%s"])).stdout)
+        assert abs(guest_now - time.time()) < ON_DISK / 2  # its clock was set on restore
         listed = await restored.processes()
         assert [p.pid for p in listed if p.tag == "counter"] == [counter.pid]
         assert ["sleep", "600"] not in [p.argv for p in listed]

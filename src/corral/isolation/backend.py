@@ -262,6 +262,12 @@ class Backend(ABC):
         kernel's console), beside its launcher's stderr; "" when nothing."""
         return ""
 
+    def clock_command(self) -> list[str] | None:
+        """A command the sandbox runs as root once restored from a checkpoint, setting a
+        guest kernel's clock, which stood still while the sandbox was on disk (made when
+        called: it names the time); None where the guest reads the host's clock."""
+        return None
+
     def snapshot_flush(self) -> list[str] | None:
         """A command the sandbox runs as root before a snapshot reads its files, when they
         may still be in a guest kernel's cache (`sync`); None: they are the host's."""

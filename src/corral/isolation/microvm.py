@@ -262,6 +262,9 @@ class MicrovmBackend(Backend):
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
         microvm_snapshot.checkpoint(footprint, image)
 
+    def clock_command(self) -> list[str] | None:
+        return microvm_snapshot.clock_command(f"{GUEST_DIR}/busybox")
+
     def snapshot_flush(self) -> list[str] | None:
         return [f"{GUEST_DIR}/busybox", "sync"]  # any template: the agent image's busybox
 

@@ -202,3 +202,10 @@ def writable_disk(serial: str, image: Path | None) -> tuple[list[int], list[str]
     drive = f"if=none,id={serial},file=/dev/fdset/{fdset},format=raw,cache=unsafe"
     argv += ["-drive", drive, "-device", f"virtio-blk-device,drive={serial},serial={serial}"]
     return fds, argv
+
+
+def clock_command(busybox: str) -> list[str]:
+    """Set the guest's clock to the host's now: it stood still while the guest was on
+    disk (its kernel keeps its own time; no RTC is read after a restore). Busybox's
+    `date` (the agent image's), as any template may lack one."""
+    return [busybox, "date", "-u", "-s", f"@{round(time.time())}"]

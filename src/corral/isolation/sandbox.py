@@ -205,6 +205,13 @@ class Sandbox:
             said = self._backend.start_failure_detail(self.footprint)
             detail = "\n".join(part for part in (detail, said) if part) or str(exc)
             raise SandboxStartFailed(f"sandbox {self.id} did not start: {detail}") from None
+        if self.spec.restore is not None and (clock := self._backend.clock_command()):
+            done = await (await self.exec(clock, user="root")).collect()
+            if not done.ok:
+                log.warning(
+                    "could not set a restored sandbox's clock",
+                    extra={"sandbox_id": self.id, "stderr": done.stderr[-300:]},
+                )
 
     async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
         """Keep the tail of the launcher's stderr for error messages; log it too."""
