@@ -1,6 +1,7 @@
 """Memory snapshots of microvm sandboxes (QEMU migration to a file): a checkpoint keeps
-the guest's processes, memory and disk and frees the host; a restore goes on from there;
-pause to disk through a server keeps them across a server restart."""
+the guest's processes, memory and disk and frees the host; a restore goes on from there,
+its clock set; pause to disk through a server keeps them across a server restart.
+Each test boots its own VM (a checkpoint ends it): under TCG the variations are `slow`."""
 
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ async def test_a_microvm_checkpoint_keeps_processes_memory_and_disk_and_frees_th
     assert _qemu_processes(box.id) == []
 
 
+@pytest.mark.slow
 async def test_one_microvm_checkpoint_restores_into_two_sandboxes_with_their_own_disks(
     engine_vm: Engine, microvm: Sandbox, tmp_path: Path
 ) -> None:
@@ -149,6 +151,7 @@ async def test_one_microvm_checkpoint_restores_into_two_sandboxes_with_their_own
             await box.destroy()
 
 
+@pytest.mark.slow
 async def test_restoring_a_microvm_with_other_limits_is_refused_and_leaves_nothing(
     engine_vm: Engine, microvm: Sandbox, tmp_path: Path, settings: Settings
 ) -> None:
@@ -162,6 +165,7 @@ async def test_restoring_a_microvm_with_other_limits_is_refused_and_leaves_nothi
     assert {p.name for p in image.iterdir()} >= {"memory", "disk.img"}  # still restorable
 
 
+@pytest.mark.slow
 async def test_a_microvm_with_a_ram_disk_keeps_its_files_in_the_checkpoint_memory(
     engine_vm: Engine, tmp_path: Path
 ) -> None:
@@ -203,7 +207,13 @@ def _counter_pid(sbx: SdkSandbox) -> int:
     return pid
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])
+@pytest.mark.parametrize(
+    "stop",
+    [  # a crash is the harder case; a clean stop adds a minute of TCG: `make test-slow`
+        pytest.param(signal.SIGTERM, id="stopped", marks=pytest.mark.slow),
+        pytest.param(signal.SIGKILL, id="crashed"),
+    ],
+)
 def test_a_microvm_paused_to_disk_survives_a_server_restart_with_its_processes(
     own_runtime: Settings, stop: signal.Signals
 ) -> None:
