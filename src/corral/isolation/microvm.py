@@ -2,15 +2,16 @@
 
 The guest boots Debian's cloud kernel straight from QEMU (no firmware, no PCI; ACPI
 tables only to name the virtio-mmio devices, which this kernel cannot take from its
-command line)
-with Corral's initramfs (`corral.isolation.guest_kernel`), KVM when /dev/kvm can run a
-guest here, else TCG (emulation: slow to boot, but the same machine). Its disks, all
-virtio-blk, identified by serial:
+command line) with Corral's initramfs (`corral.isolation.guest_kernel`), KVM when
+/dev/kvm can run a guest here, else TCG (emulation: slow to boot, but the same
+machine). Its disks, all virtio-blk, identified by serial:
 - `corral-root`: the layer template's merged layers as an ext4 image, read-only, made
-  once per template (by its layer digests) under the data dir (`images`);
+  once per template (by its layer digests) under <data_dir>/microvm;
 - `corral-disk`: the sandbox's own sparse ext4 disk of `disk_mib`, the upper dir of the
   overlay the guest mounts as `/` (a block device, not a shared directory, so that a
-  QEMU migration carries the whole sandbox);
+  QEMU migration carries the whole sandbox); with `ram_disk`, no disk: a tmpfs in the
+  guest, its RAM. A snapshot reads it on the host (`snapshot_files`) once the guest has
+  synced and is frozen;
 - `corral-runtime`: the guest agent and the host's Python runtime it needs (interpreter,
   libraries, standard library), read-only at /.corral, made once per agent and Python;
 - `corral-config`: a raw disk with the sandbox's host name, user, workdir and
