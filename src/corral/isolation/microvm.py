@@ -158,7 +158,8 @@ class MicrovmBackend(Backend):
         except IsolationUnavailable as exc:
             missing.append(f"cgroups: {exc}")
         try:
-            details["guest_agent"] = guest_runtime(settings.guest_python).describe()
+            python = guest_runtime(settings.guest_python).python
+            details["guest_agent"] = f"{python}, copied with its libraries into the agent image"
         except IsolationUnavailable as exc:
             missing.append(str(exc))
         if not missing:
