@@ -379,6 +379,7 @@ def start_server(
         "CORRAL_CONFIG": str(data_dir.parent / f"config-{port}"),  # never ~/.corral
         "CORRAL_POOL_SIZE": str(pool_size),
         "CORRAL_BASE_TEMPLATE": "off",  # tests/kit/e2b_base.py installs it, offline
+        "CORRAL_GUEST_KERNEL_DIR": settings.guest_kernel_dir,
         **(extra_env or {}),
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT"):

@@ -219,10 +219,9 @@ def test_a_microvm_paused_to_disk_survives_a_server_restart_with_its_processes(
 ) -> None:
     vm = _vm_settings(own_runtime)
     data = vm.data_dir
-    kernel = {"CORRAL_GUEST_KERNEL_DIR": vm.guest_kernel_dir}
-    start_server(vm, data, pool_size=0, extra_env=kernel).stop()  # makes the default team
+    start_server(vm, data, pool_size=0).stop()  # makes the default team
     add_template(vm, "base")
-    first = start_server(vm, data, pool_size=0, extra_env=kernel)
+    first = start_server(vm, data, pool_size=0)
     try:
         sbx = SdkSandbox.create(
             "base",
@@ -241,7 +240,7 @@ def test_a_microvm_paused_to_disk_survives_a_server_restart_with_its_processes(
         assert _qemu_processes(sbx.sandbox_id) == []
     finally:
         first.stop(stop)
-    second = start_server(vm, data, pool_size=0, extra_env=kernel)
+    second = start_server(vm, data, pool_size=0)
     try:
         again = SdkSandbox.connect(sbx.sandbox_id, **opts(second))  # resumes it
         assert again.info.state == "running"

@@ -16,7 +16,6 @@ the digest of its content, so a change of any part makes a new one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -227,9 +226,12 @@ def _extract(deb: Path, version: str, target: Path) -> None:
         for name, data in found.items():
             (staging / "modules" / f"{name}.ko").write_bytes(data)
         (staging / "ready").touch()
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:  # another process extracted it first (or left an unfinished one)
+            if not (target / "ready").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
