@@ -116,6 +116,8 @@ def settings() -> Iterator[Settings]:
         cgroup_parent=TEST_CGROUP_PARENT,
         allow_process_backend=True,
         base_template="off",  # never built from the internet: tests/kit/e2b_base.py installs it
+        # The microvm tier's guest kernel, where `make setup` downloads it.
+        guest_kernel_dir=str(Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"),
     )
     yield session
     from corral.isolation import Engine
@@ -377,6 +379,7 @@ def start_server(
         "CORRAL_CONFIG": str(data_dir.parent / f"config-{port}"),  # never ~/.corral
         "CORRAL_POOL_SIZE": str(pool_size),
         "CORRAL_BASE_TEMPLATE": "off",  # tests/kit/e2b_base.py installs it, offline
+        "CORRAL_GUEST_KERNEL_DIR": settings.guest_kernel_dir,
         **(extra_env or {}),
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT"):

@@ -15,8 +15,9 @@ a spec with `restore` starts the sandbox from such a directory instead of bootin
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -178,6 +179,15 @@ class Backend(ABC):
     volumes: ClassVar[bool] = False
     # Whether `checkpoint` works and `plan` honours `SandboxSpec.restore`.
     memory_snapshots: ClassVar[bool] = False
+    # Whether `plan` can start a sandbox of the `host` template (the host's /usr).
+    host_template: ClassVar[bool] = True
+    # How long the guest agent has to answer its first ping (a microVM boots a kernel).
+    start_timeout: ClassVar[float] = 30.0
+
+    def cgroup_memory_bytes(self, limits: Limits) -> int:
+        """The memory limit of a sandbox's cgroup: `limits.memory_bytes`, plus what the
+        tier's own processes need beside the sandbox's code (a VMM) where it has them."""
+        return limits.memory_bytes
 
     def network_modes(self) -> frozenset[str]:
         """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""
@@ -198,9 +208,9 @@ class Backend(ABC):
 
     def cgroup_limits(self, limits: Limits) -> CgroupLimits:
         """What the sandbox's host cgroup holds it to, for `limits`: the same, on a tier
-        whose guest processes are host processes."""
+        whose guest processes are host processes (plus its VMM's memory, if it has one)."""
         return CgroupLimits(
-            memory_bytes=limits.memory_bytes, cpu_quota=limits.cpu, pids=limits.pids
+            memory_bytes=self.cgroup_memory_bytes(limits), cpu_quota=limits.cpu, pids=limits.pids
         )
 
     @classmethod
@@ -246,6 +256,28 @@ class Backend(ABC):
         """Whether the host reaches the sandbox's ports in the network namespace of its
         launcher's child; else `Sandbox.open_port` asks the guest agent to connect."""
         return True
+
+    def start_failure_detail(self, footprint: Footprint) -> str:
+        """What the tier knows of why a sandbox's agent did not answer (e.g. a guest
+        kernel's console), beside its launcher's stderr; "" when nothing."""
+        return ""
+
+    def clock_command(self) -> list[str] | None:
+        """A command the sandbox runs as root once restored from a checkpoint, setting a
+        guest kernel's clock, which stood still while the sandbox was on disk (made when
+        called: it names the time); None where the guest reads the host's clock."""
+        return None
+
+    def snapshot_flush(self) -> list[str] | None:
+        """A command the sandbox runs as root before a snapshot reads its files, when they
+        may still be in a guest kernel's cache (`sync`); None: they are the host's."""
+        return None
+
+    @contextlib.contextmanager
+    def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
+        """Held while the host reads a frozen sandbox's changes (`rootfs.upper_dir`): a
+        tier whose disk is not mounted on the host mounts it here, read-only."""
+        yield
 
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

@@ -37,7 +37,7 @@ from corral.errors import (
 )
 from corral.guest import EntryInfo, GuestConnection, GuestWatch
 from corral.guest import ProcessInfo as ProcessInfo
-from corral.images import LayerStore
+from corral.images import Layer, LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupUsage
 from corral.isolation.command import Command, CommandResult
@@ -56,7 +56,6 @@ from corral.terminal import PtySize
 
 log = logging.getLogger("corral.isolation")
 
-_START_TIMEOUT = 30.0
 _STDERR_TAIL = 4096
 
 
@@ -199,11 +198,20 @@ class Sandbox:
         self._guest = GuestConnection(self._launcher.stdout, self._launcher.stdin)
         await self._guest.start()
         try:
-            await asyncio.wait_for(self._guest.ping(), _START_TIMEOUT)
+            await asyncio.wait_for(self._guest.ping(), self._backend.start_timeout)
         except (GuestError, TimeoutError) as exc:
             await self._launcher_gone()
-            detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            detail = self._stderr_tail.decode(errors="replace").strip()
+            said = self._backend.start_failure_detail(self.footprint)
+            detail = "\n".join(part for part in (detail, said) if part) or str(exc)
             raise SandboxStartFailed(f"sandbox {self.id} did not start: {detail}") from None
+        if self.spec.restore is not None and (clock := self._backend.clock_command()):
+            done = await (await self.exec(clock, user="root")).collect()
+            if not done.ok:
+                log.warning(
+                    "could not set a restored sandbox's clock",
+                    extra={"sandbox_id": self.id, "stderr": done.stderr[-300:]},
+                )
 
     async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
         """Keep the tail of the launcher's stderr for error messages; log it too."""
@@ -261,16 +269,18 @@ class Sandbox:
                 raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
             cgroup = self._require_cgroup("snapshot")
             paused = self.state is SandboxState.PAUSED
+            flush = self._backend.snapshot_flush()
+            if flush is not None:  # its files are in a guest kernel's cache until written
+                if paused:
+                    raise IsolationUnavailable(
+                        f"sandbox {self.id} is paused and its guest has not written its "
+                        "files out: resume it, then snapshot it"
+                    )
+                await (await self.exec(flush, user="root")).collect()
             if not paused:
                 await asyncio.to_thread(cgroup.freeze)
             reading = asyncio.ensure_future(
-                asyncio.to_thread(
-                    upper_layer,
-                    store,
-                    upper_dir(self.footprint),
-                    (ids[0], ids[1], ids[2]),
-                    max_bytes,
-                )
+                asyncio.to_thread(self._read_upper, store, (ids[0], ids[1], ids[2]), max_bytes)
             )
             try:
                 layer = await asyncio.shield(reading)
@@ -338,7 +348,9 @@ class Sandbox:
         if self.state is SandboxState.PAUSED:
             await asyncio.to_thread(self._require_cgroup("checkpoint").thaw)
             self.state = SandboxState.RUNNING
-        await asyncio.wait_for(guest.detach(f"sandbox {self.id} was checkpointed"), _START_TIMEOUT)
+        await asyncio.wait_for(
+            guest.detach(f"sandbox {self.id} was checkpointed"), self._backend.start_timeout
+        )
         writing = asyncio.ensure_future(
             asyncio.to_thread(self._backend.checkpoint, self.footprint, image)
         )
@@ -350,6 +362,12 @@ class Sandbox:
             while not writing.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({writing})
+
+    def _read_upper(
+        self, store: LayerStore, ids: tuple[int, int, int], max_bytes: int | None
+    ) -> Layer:
+        with self._backend.snapshot_files(self.footprint):
+            return upper_layer(store, upper_dir(self.footprint), ids, max_bytes)
 
     async def destroy(self) -> None:
         """Kill every process and remove every trace: cgroup, mounts, files. Idempotent."""
