@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -96,6 +97,21 @@ async def test_the_guest_sees_its_limits_name_and_user(vm: Sandbox) -> None:
     assert 384 * 1024 - 64 * 1024 < total_kib <= 384 * 1024
     # Its own kernel, not the host's.
     assert (await vm.run(["uname", "-r"])).stdout.decode().strip() != os.uname().release
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_guests_clock_keeps_the_hosts_time(vm: Sandbox) -> None:
+    # Under TCG the guest's TSC ticks at the host's rate: told another frequency, its
+    # clock ran 1.29x fast and every sleep and timeout in it was short by as much.
+    async def guest_uptime() -> float:
+        done = await vm.run(["cat", "/proc/uptime"])
+        return float(done.stdout.split()[0])
+
+    host_start, guest_start = time.monotonic(), await guest_uptime()
+    await asyncio.sleep(4)
+    guest_elapsed = await guest_uptime() - guest_start
+    host_elapsed = time.monotonic() - host_start
+    assert 0.85 < guest_elapsed / host_elapsed < 1.15, (guest_elapsed, host_elapsed)
 
 
 @pytest.mark.asyncio(loop_scope="module")
