@@ -16,7 +16,7 @@ DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help setup system-packages python-env debian-archive test test-e2b test-unit test-integration test-acceptance test-slow lint bench run doctor proto clean
+.PHONY: help setup system-packages python-env debian-archive test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
@@ -25,6 +25,8 @@ help:
 	@echo "make test-e2b - only the official e2b SDK against a Corral server (tests/e2b_sdk)"
 	@echo "make test-slow - only the slow tests (pytest -m slow: the vm languages other than"
 	@echo "              python, whose first template builds take minutes each)"
+	@echo "make test-tiers - only the tests that run once per isolation tier (namespace, gvisor,"
+	@echo "              microvm), all of them on microvm too (make test runs a subset there: TCG)"
 	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
 	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
 	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
@@ -87,6 +89,11 @@ test-acceptance: setup
 
 test-slow: setup
 	@$(UV) run --frozen pytest -m slow
+
+# Every test marked to run on each isolation tier, on every tier this host offers (a tier it
+# lacks skips with the reason); `make test` leaves most of the microvm runs out (`slow`).
+test-tiers: setup
+	@$(UV) run --frozen pytest -m tiers
 
 lint: python-env
 	@$(UV) run --frozen ruff check src tests benchmarks scripts && \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -48,7 +49,7 @@ TIERS = ("unit", "integration", "acceptance")
 # of them (directly or through another fixture) is an integration test. `settings` is the
 # session's runtime dir for real engines and servers; unit tests use `store_settings`.
 INTEGRATION_FIXTURES = frozenset(
-    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime", "internet"}
+    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime", "internet", "tier"}
 )
 # Markers that already say a test needs a real sandbox.
 INTEGRATION_MARKERS = ("sandbox", "hostile")
@@ -103,6 +104,56 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tier = tier_of(item)
         if not item.get_closest_marker(tier):
             item.add_marker(tier)
+        mark_isolation_tier(item)
+
+
+# -- isolation tiers: one test on every tier the host offers ---------------------------------
+
+# The tiers a test marked `every_tier` (or using the `tier` fixture) runs on. `process` is
+# left out: it isolates nothing, so the isolation tests would not hold on it.
+ISOLATION_TIERS = ("namespace", "gvisor", "microvm")
+# microvm boots under TCG on hosts without KVM (seconds a sandbox): `make test` runs only
+# the tests marked `microvm_subset` on it; the rest are `slow` there (`make test-tiers`).
+SLOW_TIERS = ("microvm",)
+
+every_tier = pytest.mark.usefixtures("tier")
+
+
+@functools.cache
+def tier_unavailable(name: str, settings: Settings) -> str | None:
+    """Why the isolation tier `name` cannot run here (its probe's answer), or None."""
+    from corral.isolation.registry import BACKENDS, backend_class
+
+    if name not in BACKENDS:
+        return f"the {name} tier is not registered in corral.isolation.registry.BACKENDS"
+    caps = backend_class(name).probe(settings)
+    return None if caps.available else "; ".join(caps.missing)
+
+
+@pytest.fixture(params=ISOLATION_TIERS)
+def tier(request: pytest.FixtureRequest, settings: Settings) -> str:
+    """The isolation tier the test runs on: one run per tier; a tier the host lacks skips
+    with its probe's reason."""
+    name: str = request.param
+    if reason := tier_unavailable(name, settings):
+        pytest.skip(f"{name} tier unavailable here: {reason}")
+    return name
+
+
+def tier_param(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("tier") if callspec is not None else None
+
+
+def mark_isolation_tier(item: pytest.Item) -> None:
+    """A test run on every tier is `tiers` (`make test-tiers`); on a slow tier, it is also
+    `slow` unless it is in that tier's subset (`microvm_subset`)."""
+    name = tier_param(item)
+    if name is None:
+        return
+    item.add_marker("tiers")
+    if name in SLOW_TIERS and not item.get_closest_marker(f"{name}_subset"):
+        item.add_marker("slow")
 
 
 @pytest.fixture(scope="session")
@@ -197,11 +248,23 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
         await engine.aclose()
 
 
+def isolation_of(request: pytest.FixtureRequest) -> str:
+    """The tier a fixture's sandbox runs on: the test's `tier` when it runs on every tier
+    (`every_tier`), else namespace."""
+    if "tier" in request.fixturenames:
+        name: str = request.getfixturevalue("tier")
+        return name
+    return "namespace"
+
+
 @pytest.fixture
-async def sandbox(engine: Engine, settings: Settings) -> AsyncIterator[Sandbox]:
-    """A `namespace` sandbox with default limits."""
-    require_backend(settings, "namespace")
-    box = await engine.create(isolation="namespace")
+async def sandbox(
+    engine: Engine, settings: Settings, request: pytest.FixtureRequest
+) -> AsyncIterator[Sandbox]:
+    """A sandbox with default limits, on the test's tier (`isolation_of`)."""
+    isolation = isolation_of(request)
+    require_backend(settings, isolation)
+    box = await engine.create(isolation=isolation)
     try:
         yield box
     finally:

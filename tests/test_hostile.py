@@ -15,10 +15,11 @@ import pytest
 from corral.config import Settings
 from corral.errors import CommandError, FileError, FileNotFound, NoSpace, PermissionDenied
 from corral.isolation import Engine, Limits, Sandbox
-from tests.conftest import require_backend
+from tests.conftest import isolation_of, require_backend
 from tests.kit.polling import until
 
-pytestmark = [pytest.mark.sandbox, pytest.mark.hostile]
+# Every tier holds against the same attacks (the issue's "second wall" is in addition).
+pytestmark = [pytest.mark.sandbox, pytest.mark.hostile, pytest.mark.usefixtures("tier")]
 
 
 @pytest.fixture
@@ -32,11 +33,14 @@ def host_secret() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def small(engine: Engine, settings: Settings) -> AsyncIterator[Sandbox]:
-    """A sandbox with tight limits, for resource attacks."""
-    require_backend(settings, "namespace")
+async def small(
+    engine: Engine, settings: Settings, request: pytest.FixtureRequest
+) -> AsyncIterator[Sandbox]:
+    """A sandbox with tight limits, for resource attacks, on the test's tier."""
+    isolation = isolation_of(request)
+    require_backend(settings, isolation)
     limits = Limits(memory_mib=128, pids=64, disk_mib=32, output_bytes=1 << 20)
-    box = await engine.create(isolation="namespace", limits=limits)
+    box = await engine.create(isolation=isolation, limits=limits)
     yield box
     await box.destroy()
 
@@ -46,6 +50,7 @@ async def python(sandbox: Sandbox, code: str, timeout: float = 30) -> tuple[str,
     return result.stdout.decode(), result.stderr.decode(), result.reason
 
 
+@pytest.mark.microvm_subset
 async def test_host_secrets_are_not_visible(sandbox: Sandbox, host_secret: Path) -> None:
     for path in (str(host_secret), "/etc/shadow", "/root", "/home", "/var/lib", "/etc/ssh"):
         result = await sandbox.run(["cat", path])
@@ -105,6 +110,7 @@ async def test_cannot_see_or_signal_host_processes(sandbox: Sandbox) -> None:
     assert (await sandbox.run(["echo", "still serving"])).stdout == b"still serving\n"
 
 
+@pytest.mark.microvm_subset
 async def test_no_network_to_the_host_loopback(sandbox: Sandbox) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -205,6 +211,7 @@ async def test_fork_bomb_left_running_stays_contained(small: Sandbox) -> None:
     await small.destroy()  # and destroying the sandbox ends it
 
 
+@pytest.mark.microvm_subset
 async def test_memory_hog_is_oom_killed(small: Sandbox) -> None:
     result = await small.run(["python3", "-c", "b = bytearray(1 << 30); print('survived')"])
     assert result.reason == "oom_killed", result
