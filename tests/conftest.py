@@ -524,9 +524,11 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-def box(server: LiveServer, sandbox_host: None) -> Iterator[str]:
-    """A sandbox on the session's server, created and killed over the raw API: its id."""
-    response = call(server, "Create", {"timeoutSeconds": 120})
+def box(server: LiveServer, sandbox_host: None, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A sandbox on the session's server, created and killed over the raw API, on the
+    test's tier (`isolation_of`): its id."""
+    isolation = isolation_of(request)
+    response = call(server, "Create", {"timeoutSeconds": 120, "isolation": isolation})
     assert response.status_code == 200, response.text
     sandbox_id: str = response.json()["sandbox"]["id"]
     yield sandbox_id
