@@ -407,9 +407,21 @@ def op_ping(agent: Agent, channel: int, args: Args) -> None:
     )
 
 
+def op_detach(agent: Agent, channel: int, args: Args) -> None:
+    """The host is about to checkpoint the sandbox and will talk to this agent over a new
+    connection after a restore: let go of every other call as if the host had closed it
+    (a foreground command dies, a background one goes on for whoever attaches next),
+    so nothing of this connection is left in the new one. The host sends nothing after
+    this call, so its reply is the last frame of the connection."""
+    for number in [n for n in agent.channels if n != channel]:
+        agent.channels.pop(number).on_close()
+    agent.reply(channel, {"ok": True})
+
+
 # Every call the agent answers: op name -> function(agent, channel, args).
 OPS: dict[str, Op] = {
     "ping": op_ping,
+    "detach": op_detach,
     "exec": agent_exec.op_exec,
     "attach": agent_exec.op_attach,
     "signal": agent_exec.op_signal,

@@ -266,6 +266,27 @@ class Multiplexer:
             while await reader.read(1 << 16):
                 pass
 
+    async def detach(self, message: str) -> None:
+        """Before the sandbox is checkpointed: end every call here (`SandboxNotRunning`
+        with `message`, as `abort`) and have the agent let go of them too (`detach`), so
+        the connection made to it after a restore starts clean. The agent keeps running
+        and so do its background commands; nothing more is sent on this connection."""
+        self._fail(SandboxNotRunning(message))
+        number = 0xFFFFFFFF  # no call is open any more: any number is free
+        channel = self._channels[number] = Channel(self, number)
+        payload = protocol.encode_json({"op": "detach"})
+        self._writer.write(protocol.encode_header(protocol.CALL, number, len(payload)) + payload)
+        try:
+            await self._writer.drain()
+            kind, reply = await channel.next()
+        except (ConnectionError, OSError, CorralError) as exc:
+            raise GuestError(f"the guest agent did not let go of its calls: {exc}") from None
+        finally:
+            self._channels.pop(number, None)
+        if kind != protocol.REPLY:
+            raise GuestError("the guest agent answered detach with a stream, not a reply")
+        self._check_reply("detach", reply)
+
     def abort(self, message: str) -> None:
         """The host is ending the sandbox on purpose: the agent's death that follows is
         no fault. Calls in flight and later ones fail with `SandboxNotRunning` (a caller's

@@ -6,6 +6,11 @@ isolation, the host identity it runs as, and the workdir the agent sees.
 Everything common to all tiers — the footprint record, cgroups, rlimits, the guest agent
 connection, pause/resume/destroy — lives in `corral.isolation.sandbox` (commands in
 `corral.isolation.command`), once.
+
+Memory snapshots (a tier with `memory_snapshots`): `Backend.checkpoint` writes a live
+sandbox whole (memory, processes, writable filesystem) into a directory, and a plan for
+a spec with `restore` starts the sandbox from such a directory instead of booting it.
+`Sandbox.checkpoint` and `Engine.create(restore=...)` are the callers.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from corral.config import Settings
@@ -60,6 +66,10 @@ class SandboxSpec:
     # A layer template's writable layer on a tmpfs (its writes count against its memory)
     # instead of a disk; a `host` sandbox's storage is a tmpfs anyway.
     ram_disk: bool = False
+    # A checkpoint (`Backend.checkpoint`'s directory) to restore instead of booting: the
+    # sandbox goes on where it was checkpointed, processes and files, with a new agent
+    # connection. Only on a tier with `memory_snapshots`; the caller keeps the directory.
+    restore: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.ram_disk, bool):
@@ -161,6 +171,8 @@ class Backend(ABC):
     layer_templates: ClassVar[bool] = False
     # Whether `plan` mounts the spec's volumes.
     volumes: ClassVar[bool] = False
+    # Whether `checkpoint` works and `plan` honours `SandboxSpec.restore`.
+    memory_snapshots: ClassVar[bool] = False
 
     def network_modes(self) -> frozenset[str]:
         """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""
@@ -193,6 +205,28 @@ class Backend(ABC):
         With `entrypoint` (only when `entrypoints` is true), the plan starts that command
         where it would start the agent, with the same isolation.
         """
+
+    def require_memory_snapshots(self, what: str) -> None:
+        """Raise IsolationUnavailable, saying `what` was asked, unless this tier has memory
+        snapshots: checked before anything of the sandbox changes."""
+        if not self.memory_snapshots:
+            raise IsolationUnavailable(
+                f"the {self.name} tier has no memory snapshots, so it cannot {what}; "
+                "use a tier that has them (gvisor, microvm: `corral doctor` lists them)"
+            )
+
+    def checkpoint(self, footprint: Footprint, image: Path) -> None:
+        """Write the live sandbox of `footprint` whole into `image` (an empty directory the
+        caller made): its memory, processes and writable filesystem, and whatever else
+        `plan` needs to restore it on this host (`SandboxSpec.restore`).
+
+        Run in a thread, after the guest agent has let go of every call (`detach`), with
+        the sandbox running (not frozen). On success nothing of the sandbox runs any more
+        (its launcher exits); the caller then destroys it, which releases the footprint.
+        On failure, raise (CorralError) and leave the sandbox running if the tier can.
+        Only tiers with `memory_snapshots` override this.
+        """
+        self.require_memory_snapshots("checkpoint a sandbox")
 
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

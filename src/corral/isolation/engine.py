@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
 
@@ -60,6 +61,18 @@ class Spares(Protocol):
 
     def spare_mib(self) -> int:
         """The memory limits of the spares it holds."""
+
+
+def _checkpoint_dir(path: Path | None) -> Path | None:
+    """`path` made absolute if it is a directory (a checkpoint to restore), else an error."""
+    if path is None:
+        return None
+    if not isinstance(path, Path) or not path.is_dir():
+        raise InvalidRequest(
+            f"restore={path!r} is not a directory; give the directory a checkpoint was "
+            "written to (`Sandbox.checkpoint`)"
+        )
+    return path.resolve()
 
 
 class Engine:
@@ -163,6 +176,7 @@ class Engine:
         make_room: bool = True,
         volumes: Sequence[VolumeMount] = (),
         ram_disk: bool = False,
+        restore: Path | None = None,
     ) -> Sandbox:
         """Start a sandbox; the caller owns it and must `destroy` it.
 
@@ -176,6 +190,12 @@ class Engine:
         a one-shot sandbox: it runs that command (`sandbox.entry`) instead of a guest
         agent, where the tier can (`Backend.entrypoints`). `ram_disk` puts a layer
         template's writable layer on a tmpfs (`SandboxSpec.ram_disk`).
+
+        With `restore`, a directory `Sandbox.checkpoint` wrote, the sandbox is restored
+        from it rather than booted (`SandboxSpec.restore`), on a tier with memory
+        snapshots: its processes and files go on, its agent connection is new. Ask for
+        the template, tier, limits, network and volumes it was created with. The
+        directory stays the caller's (removing it once the sandbox runs is safe).
         """
         # An unknown template is refused before anything is created.
         resolved = self.templates.get(template)
@@ -188,11 +208,19 @@ class Engine:
             rootfs,
             tuple(volumes),
             ram_disk,
+            _checkpoint_dir(restore),
         )
         spec.limits.check_host()
         backend = self.backend(isolation)
         if entrypoint is not None and not backend.entrypoints:
             raise InvalidRequest(f"the {backend.name} tier cannot start one-shot sandboxes")
+        if restore is not None:
+            backend.require_memory_snapshots("restore a sandbox from a checkpoint")
+            if entrypoint is not None:
+                raise InvalidRequest(
+                    "a one-shot sandbox cannot be restored from a checkpoint: "
+                    "leave out the entrypoint"
+                )
         if rootfs is not None and not backend.layer_templates:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot start sandboxes of the layer template "

@@ -16,11 +16,13 @@ import contextlib
 import enum
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from corral._aio import stop_tasks
 from corral.errors import (
@@ -294,6 +296,67 @@ class Sandbox:
                 if not paused and not self._destroyed():
                     await asyncio.to_thread(cgroup.thaw)
         return (*template.digests, layer.digest)
+
+    async def checkpoint(self, image: Path) -> None:
+        """Write this sandbox whole (memory, processes, writable filesystem) into the new
+        directory `image`, then destroy it: nothing of it runs any more and its memory is
+        the host's again. `Engine.create(restore=image, ...)` brings it back.
+
+        Its calls in flight end (SandboxNotRunning) and no command's stream survives the
+        restore; its processes do, background commands included (attach to them by pid).
+        A paused (frozen) sandbox is thawed for its agent to let go of its calls. Refused
+        before anything changes on a tier without memory snapshots (IsolationUnavailable),
+        for a one-shot sandbox, and when `image` exists or its parent does not
+        (InvalidRequest). Once its agent has let go, a failure destroys it too (and
+        removes `image`): it has no connection to go on with.
+        """
+        self._backend.require_memory_snapshots("checkpoint a sandbox")
+        if self.entry is not None:
+            raise InvalidRequest(
+                f"sandbox {self.id} runs one command without a guest agent: it cannot be "
+                "checkpointed"
+            )
+        started = False
+        try:
+            async with self._freezer:
+                if self._destroyed():
+                    raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
+                guest = self._guest
+                if guest is None or guest.closed:
+                    raise GuestError(f"sandbox {self.id} has no working guest agent; destroy it")
+                try:
+                    image.mkdir(mode=0o700)
+                except (FileExistsError, FileNotFoundError) as exc:
+                    raise InvalidRequest(
+                        f"cannot checkpoint sandbox {self.id} into {str(image)!r}: "
+                        f"{exc.strerror}; give a new directory whose parent exists"
+                    ) from None
+                started = True
+                try:
+                    await self._write_checkpoint(guest, image)
+                except BaseException:
+                    shutil.rmtree(image, ignore_errors=True)
+                    raise
+        finally:
+            if started:
+                await self.destroy()
+
+    async def _write_checkpoint(self, guest: GuestConnection, image: Path) -> None:
+        if self.state is SandboxState.PAUSED:
+            await asyncio.to_thread(self._require_cgroup("checkpoint").thaw)
+            self.state = SandboxState.RUNNING
+        await asyncio.wait_for(guest.detach(f"sandbox {self.id} was checkpointed"), _START_TIMEOUT)
+        writing = asyncio.ensure_future(
+            asyncio.to_thread(self._backend.checkpoint, self.footprint, image)
+        )
+        try:
+            await asyncio.shield(writing)
+        finally:
+            # A cancelled caller: the tier is still at work in its thread, and destroying
+            # the sandbox under it would race its writer.
+            while not writing.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({writing})
 
     async def destroy(self) -> None:
         """Kill every process and remove every trace: cgroup, mounts, files. Idempotent."""
