@@ -121,13 +121,11 @@ every_tier = pytest.mark.usefixtures("tier")
 
 @functools.cache
 def tier_unavailable(name: str, settings: Settings) -> str | None:
-    """Why the isolation tier `name` cannot run here (its probe's answer), or None."""
-    from corral.isolation.registry import BACKENDS, backend_class
+    """Why the isolation tier `name` cannot run here (its probe's answer), or None; asked
+    once a session (a probe may start a process)."""
+    from corral.isolation.registry import unavailable
 
-    if name not in BACKENDS:
-        return f"the {name} tier is not registered in corral.isolation.registry.BACKENDS"
-    caps = backend_class(name).probe(settings)
-    return None if caps.available else "; ".join(caps.missing)
+    return unavailable(name, settings)
 
 
 @pytest.fixture(params=ISOLATION_TIERS)

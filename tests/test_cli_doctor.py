@@ -12,6 +12,7 @@ import pytest
 
 from corral.isolation import netns
 from corral.network.policy import MODES
+from tests.kit.hostpath import path_without
 
 
 def doctor_network(env: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
@@ -52,16 +53,7 @@ def test_doctor_says_every_mode_when_the_host_has_what_networking_needs() -> Non
 def test_doctor_says_what_to_install_for_the_modes_a_tier_lacks(tmp_path: Path) -> None:
     # A PATH holding every command this host has but `tc` and `nsenter`: the namespace
     # tier still works, with network `none` only, and doctor names the packages to add.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for directory in os.environ["PATH"].split(os.pathsep):
-        if not Path(directory).is_dir():
-            continue
-        for tool in Path(directory).iterdir():
-            link = bin_dir / tool.name
-            if tool.name not in ("tc", "nsenter") and not link.exists():
-                link.symlink_to(tool)
-    table = doctor_network({"PATH": str(bin_dir)})
+    table = doctor_network({"PATH": path_without(tmp_path / "bin", "tc", "nsenter")})
     modes, hint = table["namespace"]
     assert modes == "none"
     assert "tc: apt-get install iproute2" in hint or "nsenter" in hint, hint
