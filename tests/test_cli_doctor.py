@@ -107,5 +107,5 @@ def test_doctor_lists_every_tier_its_platform_and_why_with_no_corral_settings(
         # What is missing, each reason on its own line; else the probe's details.
         assert why == (list(caps.missing) if caps.missing else [why[0]]), name
     assert table["namespace"][1] == "bubblewrap"
-    available, _, why = table["process"]
-    assert available == "no" and "CORRAL_ALLOW_PROCESS_BACKEND=1" in why
+    available, _, reason = table["process"]
+    assert available == "no" and "CORRAL_ALLOW_PROCESS_BACKEND=1" in reason
