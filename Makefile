@@ -11,6 +11,8 @@ DEBIAN_PACKAGES += mmdebstrap dpkg-dev apt-utils
 # skopeo fetches OCI images (zstd for zstd layers); docker-registry and apache2-utils
 # (htpasswd) give the OCI tests a registry on loopback (issue 13).
 DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
+# runsc: gVisor, the `gvisor` isolation tier's kernel in user space (issue 15).
+DEBIAN_PACKAGES += runsc
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.
 DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.

@@ -20,6 +20,8 @@ ENV_PREFIX = "CORRAL_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Host ids per uid slot (root mode): a sandbox's uids 0-65535, as on any Linux system.
 IDS_PER_SLOT = 65536
+# runsc's platforms, best first after `auto` (see corral.isolation.gvisor).
+GVISOR_PLATFORMS = ("auto", "systrap", "kvm", "ptrace")
 
 
 def _default_data_dir() -> Path:
@@ -65,6 +67,9 @@ class Settings:
     uid_slots: int = 4096
     # The interpreter that runs the guest agent inside `host`-template sandboxes.
     guest_python: str = "/usr/bin/python3"
+    # The gvisor tier's runsc platform: auto (the best this host's runsc runs: systrap,
+    # then kvm, then ptrace), or one of them by name.
+    gvisor_platform: str = "auto"
     # The API server (`corral server`): where it listens, how many started sandboxes it
     # keeps ready so that a create is instant, how long a shutdown waits for open calls.
     host: str = "127.0.0.1"
@@ -183,6 +188,11 @@ class Settings:
             raise InvalidRequest(
                 f"CORRAL_BASE_TEMPLATE={self.base_template!r} is unknown: use first-use "
                 "(the default), start or off"
+            )
+        if self.gvisor_platform not in GVISOR_PLATFORMS:
+            raise InvalidRequest(
+                f"CORRAL_GVISOR_PLATFORM={self.gvisor_platform!r} is unknown: use "
+                f"{', '.join(GVISOR_PLATFORMS)} (auto, the default, picks the best that works)"
             )
         if self.e2b_network not in ("none", "internet"):
             raise InvalidRequest(

@@ -299,7 +299,9 @@ class Users:
             import ctypes
 
             self._libc = ctypes.CDLL(None, use_errno=True)
-            if self._libc.prctl(47, 4, 0, 0, 0) != 0:  # PR_CAP_AMBIENT, CLEAR_ALL
+            # EINVAL: a kernel without ambient capabilities (gVisor's sentry), so none
+            # were inherited.
+            if self._libc.prctl(47, 4, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
                 raise OSError(ctypes.get_errno(), "prctl(PR_CAP_AMBIENT_CLEAR_ALL) failed")
             self.default = self._identity(str(default[0]), default[1])
             self._files_as_default()

@@ -11,6 +11,7 @@ from corral.isolation.backend import Backend, Capabilities
 # name -> "module:Class"; a tier's heavy imports happen only when it is used.
 BACKENDS: dict[str, str] = {
     "namespace": "corral.isolation.namespace:NamespaceBackend",
+    "gvisor": "corral.isolation.gvisor:GvisorBackend",
     "process": "corral.isolation.process:ProcessBackend",
 }
 # What `auto` tries, strongest isolation that is cheap first. Never `process`.
