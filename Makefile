@@ -31,7 +31,7 @@ help:
 	@echo "              microvm), all of them on microvm too (make test runs a subset there: TCG)"
 	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
 	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
-	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
+	@echo "make bench  - the engine, API and isolation tiers benchmarks (one JSON object each)"
 	@echo "make proto  - regenerate src/corral/v1/ and src/corral/envd/ from proto/corral/*/*.proto"
 
 setup: system-packages python-env debian-archive
@@ -114,6 +114,7 @@ bench: setup
 	@$(UV) run --frozen python benchmarks/jobs.py --json
 	@$(UV) run --frozen python benchmarks/cli.py --json
 	@$(UV) run --frozen python benchmarks/terminals.py --json
+	@$(UV) run --frozen python benchmarks/tiers.py --json
 
 doctor: setup
 	@$(UV) run --frozen corral doctor
