@@ -62,6 +62,7 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
         sandbox = await engine.create(
             network=NetworkPolicy.parse(request.get("network", "none"), request.get("allow", [])),
             limits=Limits(**request.get("limits", {})),
+            isolation=request.get("isolation"),
         )
         sandboxes[sandbox.id] = sandbox
         return {"id": sandbox.id}
