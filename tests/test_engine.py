@@ -324,7 +324,7 @@ async def test_unknown_template_is_refused_and_creates_nothing(
 
 
 async def test_unknown_backend_is_refused(engine: Engine) -> None:
-    with pytest.raises(UnknownBackend, match="choose one of: auto, namespace, process"):
+    with pytest.raises(UnknownBackend, match="choose one of: auto, namespace, gvisor, process"):
         await engine.create(isolation="firecracker-please")
 
 

@@ -5,7 +5,8 @@ The network tests start this module in the fake internet's gateway namespace
 only routes lead into the fake internet; the test process stays outside and sends one
 JSON request a line, getting one JSON answer a line:
 
-    {"op": "create", "network": "allowlist", "allow": ["192.0.2.0/24:80"], "limits": {...}}
+    {"op": "create", "network": "allowlist", "allow": ["192.0.2.0/24:80"], "limits": {...},
+     "isolation": "gvisor"}
     {"op": "run", "id": ..., "argv": [...], "timeout": 30, "user": None}
                                                                -> exit_code, stdout, stderr
     {"op": "set_network", "id": ..., "network": ..., "allow": [...]}

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from corral.config import Settings
 from corral.errors import InvalidRequest, IsolationUnavailable
+from corral.isolation.cgroups import CgroupLimits
 from corral.isolation.footprint import Footprint
 from corral.isolation.templates import LayerTemplate
 from corral.isolation.volumes import VolumeMount, check_mounts
@@ -190,6 +191,13 @@ class Backend(ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+
+    def cgroup_limits(self, limits: Limits) -> CgroupLimits:
+        """What the sandbox's host cgroup holds it to, for `limits`: the same, on a tier
+        whose guest processes are host processes."""
+        return CgroupLimits(
+            memory_bytes=limits.memory_bytes, cpu_quota=limits.cpu, pids=limits.pids
+        )
 
     @classmethod
     @abstractmethod

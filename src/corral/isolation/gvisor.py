@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from corral.config import GVISOR_PLATFORMS, Settings
@@ -38,7 +38,7 @@ from corral.errors import IsolationUnavailable
 from corral.isolation import netns
 from corral.isolation.agent_install import GUEST_DIR, agent_command, install_agent
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
-from corral.isolation.cgroups import CgroupDriver
+from corral.isolation.cgroups import CgroupDriver, CgroupLimits
 from corral.isolation.footprint import Footprint
 from corral.isolation.namespace import (
     HOME,
@@ -50,10 +50,19 @@ from corral.isolation.namespace import (
     _shell,
 )
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
+from corral.limits import Limits
 
 # A `kvm` probe that has not finished by then is taken as hanging (it does on hosts with a
 # /dev/kvm that cannot run guests) and killed.
 KVM_PROBE_TIMEOUT = 2.0
+# The host cgroup's pids limit of every gvisor sandbox. Guest tasks are not host tasks:
+# runsc, the gofer and the sentry's threads are ~100 idle, then on the ptrace platform a
+# sentry thread and stub threads per guest task and address space it runs in (a fork
+# bomb held to 64 guest tasks peaked at 2,950-4,400 host tasks). The guest's own count,
+# `Limits.pids`, is RLIMIT_NPROC, which gVisor keeps; this is the host's backstop, a
+# quarter of a default pid_max (32768): past it the sentry cannot make a thread and the
+# sandbox ends.
+_HOST_TASKS = 8192
 # Writable directories inside the sandbox, each a tmpfs: (sandbox path, mode, owner uid).
 _WRITABLE = (
     (WORKSPACE, 0o755, SANDBOX_UID),
@@ -154,6 +163,12 @@ class GvisorBackend(Backend):
             return frozenset({"none"})
         return frozenset({"none", "internet", "allowlist"})
 
+    def cgroup_limits(self, limits: Limits) -> CgroupLimits:
+        """The guest's processes are the sentry's tasks, not host processes: the host
+        cgroup's pids limit is a backstop for the sentry's threads (`_HOST_TASKS`), the
+        guest is held to `limits.pids` by gVisor (RLIMIT_NPROC in the spec)."""
+        return replace(super().cgroup_limits(limits), pids=_HOST_TASKS)
+
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
@@ -237,6 +252,9 @@ class GvisorBackend(Backend):
             **spec.env,
         }
         caps = list(ROOT_CAPS)
+        namespaces = ["pid", "ipc", "uts", "mount"]
+        if footprint.netns is None:
+            namespaces.append("network")
         config = {
             "ociVersion": "1.0.2",
             "process": {
@@ -249,6 +267,7 @@ class GvisorBackend(Backend):
                 "noNewPrivileges": True,
                 "rlimits": [
                     _rlimit("RLIMIT_NOFILE", limits.open_files),
+                    _rlimit("RLIMIT_NPROC", limits.pids),
                     _rlimit("RLIMIT_CORE", 0),
                 ],
             },
@@ -256,9 +275,10 @@ class GvisorBackend(Backend):
             "hostname": footprint.id.replace("_", "-"),
             "mounts": mounts,
             "linux": {
-                "namespaces": [
-                    {"type": kind} for kind in ("pid", "ipc", "uts", "mount", "network")
-                ],
+                # With a network, the sentry stays in the namespace the launcher joined
+                # (`--network=host`); else runsc gives it an empty one of its own.
+                "namespaces": [{"type": kind} for kind in namespaces],
+                "cgroupsPath": f"/{self.settings.cgroup_parent}/{footprint.cgroup}",
             },
         }
         (bundle / "config.json").write_text(json.dumps(config))
@@ -270,7 +290,7 @@ class GvisorBackend(Backend):
             "--root", str(state),
             f"--platform={runsc.platform}",
             f"--network={network}",
-            "--ignore-cgroups",
+            "--cpu-num-from-quota",
             "--log", str(footprint.path / "runsc.log"),
             "run", "--bundle", str(bundle), footprint.id,
         ]  # fmt: skip

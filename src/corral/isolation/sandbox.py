@@ -39,7 +39,7 @@ from corral.guest import EntryInfo, GuestConnection, GuestWatch
 from corral.guest import ProcessInfo as ProcessInfo
 from corral.images import LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
-from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupLimits, CgroupUsage
+from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupUsage
 from corral.isolation.command import Command, CommandResult
 from corral.isolation.entry import EntryProcess
 from corral.isolation.footprint import Footprint
@@ -119,14 +119,7 @@ class Sandbox:
         # The footprint names the cgroup (recorded before it exists) when there is a driver.
         if driver is not None and footprint.cgroup is not None:
             try:
-                cgroup = driver.create(
-                    footprint.cgroup,
-                    CgroupLimits(
-                        memory_bytes=spec.limits.memory_bytes,
-                        cpu_quota=spec.limits.cpu,
-                        pids=spec.limits.pids,
-                    ),
-                )
+                cgroup = driver.create(footprint.cgroup, backend.cgroup_limits(spec.limits))
             except BaseException:
                 footprint.release()
                 raise
@@ -674,9 +667,7 @@ class Sandbox:
         self._require(SandboxState.RUNNING)
         if limits == self.spec.limits:
             return
-        self._require_cgroup("set_limits").set_limits(
-            CgroupLimits(memory_bytes=limits.memory_bytes, cpu_quota=limits.cpu, pids=limits.pids)
-        )
+        self._require_cgroup("set_limits").set_limits(self._backend.cgroup_limits(limits))
         self.spec = replace(self.spec, limits=limits)
 
     # -- usage ------------------------------------------------------------------------

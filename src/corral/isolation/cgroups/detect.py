@@ -44,6 +44,7 @@ def _find_drivers(
         raise IsolationUnavailable(f"cannot read {mounts_file}: {exc.strerror}") from exc
     v2: CgroupV2Driver | None = None
     hierarchies: dict[str, str] = {}
+    others: list[str] = []
     for mount in mounts:
         path = os.path.join(root, mount.path.lstrip("/"))
         if mount.fstype == "cgroup2":
@@ -54,7 +55,8 @@ def _find_drivers(
             for controller in V1_CONTROLLERS:
                 if controller in mount.options:
                     hierarchies.setdefault(controller, path)
-    return v2, CgroupV1Driver(hierarchies, parent, fs) if hierarchies else None
+            others.append(path)
+    return v2, CgroupV1Driver(hierarchies, parent, fs, others) if hierarchies else None
 
 
 def detect_driver(

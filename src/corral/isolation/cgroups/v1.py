@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 
 from corral.errors import IsolationUnavailable
 from corral.isolation.cgroups.cgroup import Cgroup, CgroupFS, _os_error
@@ -20,9 +21,14 @@ from corral.isolation.cgroups.values import (
 class CgroupV1(Cgroup):
     """A sandbox cgroup in v1: a directory of the same name in each controller hierarchy."""
 
-    def __init__(self, name: str, paths: Mapping[str, str], fs: CgroupFS) -> None:
+    def __init__(
+        self, name: str, paths: Mapping[str, str], fs: CgroupFS, others: Sequence[str] = ()
+    ) -> None:
         super().__init__(name, fs)
         self.paths = dict(paths)  # controller -> directory; co-mounted controllers share one
+        # Its directories in the hierarchies Corral does not use (blkio, devices, ...):
+        # runsc, told this is its container's cgroup, makes it there too.
+        self.others = list(others)
 
     def directories(self) -> list[str]:
         return list(dict.fromkeys(self.paths.values()))
@@ -46,6 +52,14 @@ class CgroupV1(Cgroup):
         # memory.oom_control reports oom_kill from Linux 4.13 on.
         control = parse_keyed(self._read(self._file("memory", "memory.oom_control")))
         return control.get("oom_kill", 0)
+
+    def destroy(self, timeout: float = 5.0) -> None:
+        super().destroy(timeout)
+        # Empty once the processes are gone (they are in the cgroup's own hierarchies too).
+        deadline = time.monotonic() + timeout
+        for top in self.others:
+            for directory in reversed(list(self._walk(top))):
+                self._rmdir(directory, deadline)
 
     def frozen(self) -> bool:
         # Reading freezer.state is also what moves FREEZING on to FROZEN.
@@ -76,11 +90,17 @@ class CgroupV1Driver(CgroupDriver):
     version = 1
 
     def __init__(
-        self, hierarchies: Mapping[str, str], parent: str = "corral", fs: CgroupFS | None = None
+        self,
+        hierarchies: Mapping[str, str],
+        parent: str = "corral",
+        fs: CgroupFS | None = None,
+        others: Sequence[str] = (),
     ) -> None:
         super().__init__(parent, fs)
         # controller -> mount point; co-mounted controllers ("cpu,cpuacct") share one
         self.hierarchies = {c: p for c, p in hierarchies.items() if c in V1_CONTROLLERS}
+        # The mount points of the other v1 hierarchies (`CgroupV1.others`).
+        self.others = [p for p in others if p not in self.hierarchies.values()]
 
     def missing(self) -> list[str]:
         return [c for c in V1_CONTROLLERS if c not in self.hierarchies]
@@ -109,7 +129,8 @@ class CgroupV1Driver(CgroupDriver):
 
     def _cgroup(self, name: str) -> Cgroup:
         paths = {c: os.path.join(p, self.parent, name) for c, p in self.hierarchies.items()}
-        return CgroupV1(name, paths, self._fs)
+        others = [os.path.join(p, self.parent, name) for p in self.others]
+        return CgroupV1(name, paths, self._fs, others)
 
     def _roots(self) -> list[str]:
         return list(dict.fromkeys(self.hierarchies.values()))
