@@ -30,7 +30,7 @@ from typing import Any
 
 from corral.config import Settings
 from corral.errors import CorralError
-from corral.isolation import Command, Engine, Sandbox
+from corral.isolation import Command, Engine, Sandbox, registry
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 from tests.kit import internet
@@ -69,6 +69,8 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
         return {"id": sandbox.id}
     if op == "exit":
         return {}
+    if op == "unavailable":  # why this process cannot run the tier (its user, its host)
+        return {"reason": registry.unavailable(request["tier"], engine.settings)}
     if op == "collect":
         result = await spawned.pop(request["key"]).collect()
         return {
