@@ -145,13 +145,20 @@ def tier_param(item: pytest.Item) -> str | None:
 
 def mark_isolation_tier(item: pytest.Item) -> None:
     """A test run on every tier is `tiers` (`make test-tiers`); on a slow tier, it is also
-    `slow` unless it is in that tier's subset (`microvm_subset`)."""
+    `slow` unless it is in that tier's subset (`microvm_subset`). A known gap of a tier
+    (`@pytest.mark.fails_on(tier, reason=...)`) is an xfail there, not strict: the run's
+    summary lists it (XPASS once the tier is fixed: then remove the mark)."""
     name = tier_param(item)
     if name is None:
         return
     item.add_marker("tiers")
     if name in SLOW_TIERS and not item.get_closest_marker(f"{name}_subset"):
         item.add_marker("slow")
+    for gap in item.iter_markers("fails_on"):
+        if name in gap.args:
+            item.add_marker(
+                pytest.mark.xfail(reason=f"{name}: {gap.kwargs['reason']}", strict=False)
+            )
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.sandbox
 
 @every_tier
 @pytest.mark.microvm_subset
+@pytest.mark.fails_on("gvisor", reason="the host template's root has no /var/tmp (touch: ENOENT)")
 async def test_runs_a_command_as_an_unprivileged_user(sandbox: Sandbox) -> None:
     result = await sandbox.run(["sh", "-c", "id -u; id -un; pwd; hostname; echo $HOME"])
     assert result.ok, result
@@ -267,6 +268,10 @@ def test_the_reaper_spares_a_sandbox_another_process_is_creating(settings: Setti
 
 @every_tier
 @pytest.mark.microvm_subset
+@pytest.mark.fails_on(
+    "gvisor",
+    reason="runsc does not start under memory 96 MiB / pids 40 (cannot read client sync file: EOF)",
+)
 async def test_limits_reach_the_kernel(engine: Engine, tier: str) -> None:
     limits = Limits(memory_mib=96, pids=40, open_files=256, cpu=0.5, file_size_mib=8)
     async with await engine.create(isolation=tier, limits=limits) as box:

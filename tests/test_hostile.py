@@ -51,6 +51,7 @@ async def python(sandbox: Sandbox, code: str, timeout: float = 30) -> tuple[str,
 
 
 @pytest.mark.microvm_subset
+@pytest.mark.fails_on("gvisor", reason="`ls /etc` fails with EINVAL in the host template")
 async def test_host_secrets_are_not_visible(sandbox: Sandbox, host_secret: Path) -> None:
     for path in (str(host_secret), "/etc/shadow", "/root", "/home", "/var/lib", "/etc/ssh"):
         result = await sandbox.run(["cat", path])
@@ -139,6 +140,9 @@ async def test_no_network_to_the_host_loopback(sandbox: Sandbox) -> None:
         server.close()
 
 
+@pytest.mark.fails_on(
+    "gvisor", reason="`unshare -r true` succeeds (user namespaces of gVisor's own kernel)"
+)
 async def test_mount_ptrace_and_unshare_tricks_fail(sandbox: Sandbox) -> None:
     for argv in (
         ["unshare", "-r", "true"],
@@ -167,6 +171,7 @@ async def test_mount_ptrace_and_unshare_tricks_fail(sandbox: Sandbox) -> None:
     assert ids == "1000 0000000000000000"  # no capabilities at all
 
 
+@pytest.mark.fails_on("gvisor", reason="the agent's /proc/1/environ opens (not undumpable)")
 async def test_sandbox_code_cannot_tamper_with_its_agent(sandbox: Sandbox) -> None:
     out, _, _ = await python(
         sandbox,
@@ -182,6 +187,7 @@ async def test_sandbox_code_cannot_tamper_with_its_agent(sandbox: Sandbox) -> No
     assert out.split() == ["refused", "13"] * 3  # EACCES: the agent is not dumpable
 
 
+@pytest.mark.fails_on("gvisor", reason="usage().pids counts the sentry's host threads (~1000)")
 async def test_fork_bomb_is_held_by_the_pids_limit(small: Sandbox) -> None:
     # The foreground shell stays (a builtin loop needs no fork) until the timeout.
     result = await small.run(["bash", "-c", ":(){ :|:& };:; while :; do :; done"], timeout=3)
@@ -199,6 +205,7 @@ async def test_fork_bomb_is_held_by_the_pids_limit(small: Sandbox) -> None:
     assert os.getloadavg()[0] < 50  # the host is fine
 
 
+@pytest.mark.fails_on("gvisor", reason="usage().pids counts the sentry's host threads (~1000)")
 async def test_fork_bomb_left_running_stays_contained(small: Sandbox) -> None:
     # The command exits at once; its bomb goes on in the background, as `cmd &` would.
     await small.run(["bash", "-c", ":(){ :|:& };:"])
@@ -212,6 +219,7 @@ async def test_fork_bomb_left_running_stays_contained(small: Sandbox) -> None:
 
 
 @pytest.mark.microvm_subset
+@pytest.mark.fails_on("gvisor", reason="an OOM ends the whole sandbox, agent included (GuestError)")
 async def test_memory_hog_is_oom_killed(small: Sandbox) -> None:
     result = await small.run(["python3", "-c", "b = bytearray(1 << 30); print('survived')"])
     assert result.reason == "oom_killed", result
@@ -221,6 +229,7 @@ async def test_memory_hog_is_oom_killed(small: Sandbox) -> None:
     assert after.stdout == b"alive\n"
 
 
+@pytest.mark.fails_on("gvisor", reason="no disk limit: 100 MB written past disk_mib=32")
 async def test_filling_the_disk_ends_in_enospc(small: Sandbox) -> None:
     result = await small.run(["sh", "-c", "dd if=/dev/zero of=/workspace/fill bs=1M count=100"])
     assert result.exit_code != 0

@@ -110,6 +110,10 @@ def fetch(driver: Driver, sandbox: str, address: str) -> str:
 
 
 @every_tier
+@pytest.mark.fails_on(
+    "gvisor",
+    reason="netlink answers -EACCES, a NETLINK_NETFILTER socket EPROTONOSUPPORT (not -EPERM)",
+)
 def test_code_in_the_sandbox_cannot_change_its_network(
     driver: Driver, internet: Internet, tier: str
 ) -> None:

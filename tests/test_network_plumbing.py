@@ -99,6 +99,7 @@ def token() -> str:
 
 
 @every_tier
+@pytest.mark.fails_on("gvisor", reason="network none answers EHOSTUNREACH, not ENETUNREACH")
 def test_none_reaches_nothing(driver: Driver, internet: Internet, tier: str) -> None:
     sandbox = create(driver, "none", isolation=tier)
     path = token()
