@@ -8,10 +8,12 @@ its probe's reason.
 from __future__ import annotations
 
 import json
+import secrets
 
 import pytest
 
 from corral import Jobs, Sandbox
+from corral.client import Volume
 from tests.conftest import LiveServer, opts
 from tests.kit.connect import call, stream
 
@@ -71,3 +73,17 @@ def test_a_job_runs_on_the_tier_it_asks_for(server: LiveServer, tier: str) -> No
         assert (done.state, done.exit_code) == ("failed", 2), done.state_reason
         output = b"".join(chunk.data for chunk in jobs.logs(job.id))
         assert output == b"job on sh\n"
+
+
+@pytest.mark.fails_on("gvisor", reason="no volumes yet (IsolationUnavailable)")
+def test_a_volume_outlives_its_sandbox_on_every_tier(server: LiveServer, tier: str) -> None:
+    name = f"v-{secrets.token_hex(4)}"
+    Volume.create(name, size_mib=16, **opts(server))
+    try:
+        mounted = {"isolation": tier, "volumes": [f"{name}:/data"], **opts(server)}
+        with Sandbox.create(**mounted) as sbx:
+            assert sbx.commands.run("echo kept > /data/note").exit_code == 0
+        with Sandbox.create(**mounted) as sbx:
+            assert sbx.commands.run("cat /data/note").stdout == "kept\n"
+    finally:
+        Volume.delete(name, **opts(server))
