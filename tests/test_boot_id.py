@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from corral.isolation import Sandbox
-from corral.isolation.namespace import BOOT_ID
+from corral.isolation.guest_view import BOOT_ID
 
 pytestmark = pytest.mark.sandbox
 

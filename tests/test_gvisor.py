@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -15,10 +16,14 @@ import pytest
 from corral.config import Settings
 from corral.errors import GuestError
 from corral.isolation import Engine, Limits, Sandbox, netns
+from corral.isolation.guest_view import BOOT_ID
 from corral.isolation.gvisor import GvisorBackend
+from corral.isolation.volumes import VolumeMount, create_image, in_use
 from tests.conftest import cgroup_dirs, require_backend
 from tests.kit import internet as fake
 from tests.kit import processes
+from tests.kit import rootless as rootless_kit
+from tests.kit.debian import needs_archive
 from tests.kit.internet import Internet
 from tests.kit.netdriver import Driver
 from tests.kit.polling import until, wait_until
@@ -268,3 +273,197 @@ def test_internet_reaches_public_hosts_only(driver: Driver) -> None:
     done = driver.ok(op="run", id=sandbox, argv=["python3", "-c", code], user="root")
     assert done["stdout"].strip() != "opened", done
     driver.ok(op="destroy", id=sandbox)
+
+
+_OWNERS = """
+import os, sys
+for path in sys.argv[1:]:
+    st = os.stat(path)
+    print(path, st.st_uid, st.st_gid)
+"""
+
+
+@pytest.mark.parametrize("_archive", [pytest.param(None, marks=needs_archive("python3"))])
+async def test_a_layer_template_keeps_its_owners_and_users(
+    engine_debian: Engine, settings: Settings, _archive: None
+) -> None:
+    require_backend(settings, "gvisor")
+    async with await engine_debian.create(template="debian", isolation="gvisor") as box:
+        who = await box.run("id -un; id -u; pwd; echo $HOME")
+        assert who.stdout.decode().split() == ["user", "1000", "/workspace", "/home/user"], who
+        owners = await box.run(
+            ["python3", "-c", _OWNERS, "/", "/etc/passwd", "/usr/bin/python3", "/home/user"]
+        )
+        assert owners.stdout.decode().splitlines() == [
+            "/ 0 0",
+            "/etc/passwd 0 0",
+            "/usr/bin/python3 0 0",
+            "/home/user 1000 1000",
+        ], owners
+        # The root is writable for the sandbox's root (to its disk), not for its user.
+        denied = await box.run(["touch", "/usr/bin/mine"])
+        assert denied.exit_code != 0
+        made = await box.run(
+            ["sh", "-c", "echo hi > /usr/bin/mine && cat /usr/bin/mine"], user="root"
+        )
+        assert made.stdout == b"hi\n", made
+        assert (await box.run(["id", "-u"], user="root")).stdout == b"0\n"
+    async with await engine_debian.create(template="debian-root", isolation="gvisor") as box:
+        assert (await box.run(["id", "-un"])).stdout == b"root\n"
+        # Each sandbox has its own disk: the other one's write is not here.
+        assert (await box.run(["test", "-e", "/usr/bin/mine"])).exit_code == 1
+
+
+@pytest.fixture
+def volume(settings: Settings, tmp_path: Path) -> Iterator[Path]:
+    require_backend(settings, "gvisor")
+    path = settings.data_dir / "volumes" / "test" / f"{tmp_path.name[-40:]}.img"
+    create_image(path, 64 << 20)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+async def test_a_volume_is_shared_with_other_tiers_and_read_only_when_asked(
+    engine: Engine, settings: Settings, volume: Path
+) -> None:
+    mount = VolumeMount("v", volume, "/data")
+    async with await engine.create(isolation="gvisor", volumes=[mount]) as box:
+        ran = await box.run(["sh", "-c", "mkdir /data/d && echo hello > /data/d/f"])
+        assert ran.exit_code == 0, ran
+    # The same owners as a namespace sandbox's: the user owns what it wrote.
+    require_backend(settings, "namespace")
+    async with await engine.create(isolation="namespace", volumes=[mount]) as box:
+        ran = await box.run(["sh", "-c", "cat /data/d/f && stat -c %u /data/d/f"])
+        assert ran.stdout.decode().split() == ["hello", "1000"], ran
+    read_only = VolumeMount("v", volume, "/data", read_only=True)
+    async with await engine.create(isolation="gvisor", volumes=[read_only]) as box:
+        assert (await box.run(["cat", "/data/d/f"])).stdout == b"hello\n"
+        refused = await box.run(["sh", "-c", "echo x > /data/d/f"], user="root")
+        assert refused.exit_code != 0
+    assert not in_use(volume)
+
+
+@pytest.fixture
+def host_secret() -> Iterator[Path]:
+    """A secret on the host, where no sandbox may see it."""
+    token = secrets.token_hex(16)
+    path = Path("/root" if os.geteuid() == 0 else Path.home()) / f"corral-secret-{token[:8]}"
+    path.write_text(token)
+    yield path
+    path.unlink()
+
+
+_HOST_VIEW = """
+import os, sys
+secret = sys.argv[1]
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+print("processes", len(pids))
+for path in (secret, f"/proc/1/root{secret}", "/root", "/var/lib", "/etc/shadow"):
+    try:
+        open(path).read() if not os.path.isdir(path) else os.listdir(path)
+        print(path, "readable")
+    except OSError as e:
+        print(path, type(e).__name__)
+"""
+
+
+async def test_the_guest_sees_no_host_process_or_file(gvisor: Sandbox, host_secret: Path) -> None:
+    await gvisor.exec(["sleep", "60"], background=True)
+    for user in (None, "root"):
+        seen = await gvisor.run(["python3", "-c", _HOST_VIEW, str(host_secret)], user=user)
+        lines = seen.stdout.decode().splitlines()
+        # Only the sandbox's own: the agent (pid 1), the sleep, this python.
+        count = int(lines[0].split()[1])
+        assert count <= 4, lines
+        assert all(line.endswith("Error") for line in lines[1:]), lines
+        assert host_secret.read_text() not in seen.stdout.decode()
+    # The kernel the guest talks to is gVisor's: the host's symbols and keys are not there.
+    kallsyms = await gvisor.run(["sh", "-c", "cat /proc/kallsyms /proc/keys | head -c 100"])
+    assert kallsyms.stdout == b""
+
+
+async def test_hostile_writes_to_the_read_only_tree_fail_even_as_root(gvisor: Sandbox) -> None:
+    for path in ("/usr/bin/python3", "/etc/passwd", "/.corral/agent.py", "/usr/new"):
+        done = await gvisor.run(["sh", "-c", f"echo pwned >> {path}"], user="root")
+        assert done.exit_code != 0, (path, done)
+    remount = await gvisor.run(["mount", "-o", "remount,rw", "/usr"], user="root")
+    assert remount.exit_code != 0
+    assert b"pwned" not in Path("/usr/bin/python3").read_bytes()[-64:]
+    # The agent's own files are out of reach: the sandbox's writes go to its tmpfs only.
+    assert (await gvisor.run(["touch", "/workspace/ok"])).exit_code == 0
+
+
+_ROOTLESS = """
+import asyncio
+from pathlib import Path
+from corral.config import Settings
+from corral.errors import IsolationUnavailable
+from corral.isolation import Engine
+from corral.isolation.registry import backend_class
+
+async def main():
+    settings = Settings(**{k: (Path(v) if k.endswith("_dir") else v) for k, v in %r.items()})
+    caps = backend_class("gvisor").probe(settings)
+    if not caps.available:
+        print("unavailable", "; ".join(caps.missing))
+        return
+    async with Engine(settings) as engine:
+        async with await engine.create(isolation="gvisor") as box:
+            print((await box.run("id -un; id -u", user="root")).stdout.decode().split())
+            print((await box.run("id -un; pwd")).stdout.decode().split())
+        try:
+            await engine.create(isolation="gvisor", network="internet")
+        except IsolationUnavailable as exc:
+            print("refused", exc)
+    print(sorted(p.name for p in (settings.runtime_dir / "sandboxes").iterdir()))
+
+asyncio.run(main())
+"""
+
+
+def test_without_root_runsc_runs_rootless_with_network_none(settings: Settings) -> None:
+    require_backend(settings, "gvisor")
+    if missing := rootless_kit.missing():
+        pytest.skip(f"running an engine without root needs {', '.join(missing)}")
+    with (
+        rootless_kit.home() as home,
+        rootless_kit.delegated_cgroup(settings.cgroup_parent) as cgroup_parent,
+    ):
+        fields = {
+            "runtime_dir": str(home / "run"),
+            "data_dir": str(home / "data"),
+            "cgroup_parent": cgroup_parent,
+        }
+        done = subprocess.run(
+            ["setpriv", f"--reuid={rootless_kit.NOBODY}", f"--regid={rootless_kit.NOBODY}",
+             "--clear-groups", "--", sys.executable, "-c", _ROOTLESS % (fields,)],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "['root', '0']", lines
+    assert lines[1] == "['user', '/workspace']", lines
+    assert lines[2].startswith("refused the gvisor tier cannot enforce network mode 'internet'")
+    assert lines[3] == "[]"  # nothing left
+
+
+async def test_each_sandbox_has_a_boot_id_of_its_own(engine: Engine, settings: Settings) -> None:
+    require_backend(settings, "gvisor")
+    ids = []
+    for _ in range(2):
+        async with await engine.create(isolation="gvisor") as box:
+            ids.append((await box.read_bytes(BOOT_ID)).strip())
+    host = Path(BOOT_ID).read_bytes().strip()
+    assert len(set(ids)) == 2 and host not in ids and all(len(i) == 36 for i in ids), ids
+
+
+async def test_open_files_and_file_size_limits_hold_in_the_guest(
+    engine: Engine, settings: Settings
+) -> None:
+    require_backend(settings, "gvisor")
+    limits = Limits(file_size_mib=1, open_files=100)
+    async with await engine.create(isolation="gvisor", limits=limits) as box:
+        write = "head -c 2000000 /dev/zero > /tmp/big; wc -c < /tmp/big; ulimit -n"
+        done = await box.run(["sh", "-c", write])
+        assert done.stdout.split() == [b"1048576", b"100"], done
+        assert b"File size limit exceeded" in done.stderr

@@ -17,7 +17,7 @@ from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import InvalidRequest, PermissionDenied, UnknownUser
 from corral.images import Layer, LayerStore, tree_digest
 from corral.isolation import Engine, Sandbox
-from corral.isolation.namespace import ROOT_CAPS
+from corral.isolation.guest_view import ROOT_CAPS
 from tests.conftest import LiveServer, host_processes_of_uid, require_backend, slot_ids
 from tests.kit.debian import ARCHIVE, deb, needs_archive
 from tests.kit.netdriver import Driver

@@ -160,6 +160,10 @@ class LaunchPlan:
     netns: str | None = None
     # Without root, the user namespace that owns `netns`, joined with it.
     userns: str | None = None
+    # False: the launcher keeps the server's open-files and file-size rlimits, for a tier
+    # that holds its guest to `Limits.open_files` and `file_size_mib` itself (gVisor's
+    # sentry needs host files and a memory file of its own, larger than the guest's).
+    host_rlimits: bool = True
 
 
 class Backend(ABC):

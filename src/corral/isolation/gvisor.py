@@ -29,28 +29,39 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from corral.config import GVISOR_PLATFORMS, Settings
 from corral.errors import IsolationUnavailable
-from corral.isolation import netns
-from corral.isolation.agent_install import GUEST_DIR, agent_command, install_agent
+from corral.isolation import idrange, netns
+from corral.isolation.agent_install import (
+    GUEST_DIR,
+    agent_command,
+    guest_runtime,
+    install_agent,
+)
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver, CgroupLimits
+from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
-from corral.isolation.namespace import (
+from corral.isolation.guest_view import (
+    BOOT_ID,
     HOME,
     PATH,
     ROOT_CAPS,
     WORKSPACE,
-    _host_files,
-    _shared_etc,
-    _shell,
+    guest_env,
+    host_files,
+    login_shell,
+    shared_etc,
 )
+from corral.isolation.rootfs import Accounts, make_user_root
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
-from corral.limits import Limits
+from corral.isolation.volumes import attach as attach_volume
+from corral.limits import MIB, Limits
 
 # A `kvm` probe that has not finished by then is taken as hanging (it does on hosts with a
 # /dev/kvm that cannot run guests) and killed.
@@ -157,11 +168,11 @@ def find_runsc(wanted: str) -> Runsc | None:
 
 class GvisorBackend(Backend):
     name = "gvisor"
+    layer_templates = True
+    volumes = True
 
     def network_modes(self) -> frozenset[str]:
-        if netns.tools_missing():
-            return frozenset({"none"})
-        return frozenset({"none", "internet", "allowlist"})
+        return _network_modes()
 
     def cgroup_limits(self, limits: Limits) -> CgroupLimits:
         """The guest's processes are the sentry's tasks, not host processes: the host
@@ -192,7 +203,10 @@ class GvisorBackend(Backend):
                     "set CORRAL_GVISOR_PLATFORM to one that does"
                 )
         if os.geteuid() != 0:
-            missing.append("runsc needs root here: run Corral as root for the gvisor tier")
+            details["rootless"] = (
+                "runsc --rootless: network none only, no layer templates or volumes, and "
+                "the guest sees the host's memory and CPUs (its limits still hold)"
+            )
         try:
             driver = CgroupDriver.detect(settings.cgroup_parent)
             details["cgroups"] = f"v{driver.version}"
@@ -200,9 +214,17 @@ class GvisorBackend(Backend):
             missing.append(f"cgroups: {exc}")
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
-        network_missing = netns.tools_missing()
-        details["network"] = "none" if network_missing else "none, internet, allowlist"
+        details["network"] = ", ".join(sorted(_network_modes()))
         return Capabilities(cls.name, not missing, tuple(missing), details)
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        # Layer templates' sandbox disks, a few formatted ahead (as `namespace` does).
+        self._disks = DiskSpares(settings.data_dir / "disks", settings.runtime_dir)
+        self._accounts = Accounts(settings.data_dir / "accounts")
+
+    def close(self) -> None:
+        self._disks.close()
 
     def plan(
         self, footprint: Footprint, spec: SandboxSpec, entrypoint: Entrypoint | None = None
@@ -211,51 +233,88 @@ class GvisorBackend(Backend):
         runsc = find_runsc(self.settings.gvisor_platform)
         if runsc is None or runsc.platform is None:
             raise IsolationUnavailable("runsc is unavailable: run `corral doctor`")
-        template = get_template(spec.template)
+        layered = spec.rootfs
+        rootless = os.geteuid() != 0
+        if rootless and (layered is not None or spec.volumes):
+            raise IsolationUnavailable(
+                "the gvisor tier needs Corral to run as root for layer templates and volumes "
+                "(their disks are mounted by the host); run the server as root, or use the "
+                "host template without volumes"
+            )
+        template = get_template(spec.template) if layered is None else None
+        # A layer template may have no Python: the agent is the host's interpreter,
+        # bound under /.corral (checked before anything is made for it).
+        runtime = guest_runtime(self.settings.guest_python) if layered is not None else None
         limits = spec.limits
-        bundle = footprint.path / "bundle"
-        root = bundle / "root"
-        root.mkdir(parents=True, mode=0o755)
-        # The host template's root is its symlinks (bin -> usr/bin ...); its binds are mounts.
-        for target, path in template.symlinks:
-            os.symlink(target, root / path.lstrip("/"))
         mounts: list[dict[str, Any]] = [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
         ]
-        for host_path, path in template.ro_binds:
-            mounts.append(_bind(host_path, path, read_only=True))
-        mounts.append(_bind(str(_shared_etc(self.settings.runtime_dir, template)), "/etc"))
+        writable: tuple[tuple[str, int, int], ...] = _WRITABLE
+        user, home, shell = (SANDBOX_UID, SANDBOX_UID), HOME, login_shell(None)
+        if layered is not None:
+            # The sentry shows file owners as the gofer reads them on the host: the
+            # layers keep their own ids (an identity idmap), the sandbox's root is uid 0
+            # of gVisor's kernel, never of the host's (the sentry and gofer run in user
+            # namespaces of runsc's own).
+            disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
+            size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
+            made = make_user_root(
+                footprint, layered, self._disks, self._accounts, disk, size, 0,
+                idrange.range_userns(0, 0), ram_disk=spec.ram_disk,
+            )  # fmt: skip
+            root, user, home, shell = (
+                made.path,
+                (made.uid, made.gid),
+                made.home,
+                login_shell(made.path),
+            )
+            writable = tuple(w for w in _WRITABLE if w[0] == "/dev/shm")  # the rest: its disk
+        else:
+            assert template is not None
+            root = footprint.path / "bundle" / "root"
+            root.mkdir(parents=True, mode=0o755)
+            # The host template's root holds its symlinks (bin -> usr/bin ...), its binds
+            # are mounts.
+            for target, path in template.symlinks:
+                os.symlink(target, root / path.lstrip("/"))
+            for host_path, path in template.ro_binds:
+                mounts.append(_bind(host_path, path))
+            mounts.append(_bind(str(shared_etc(self.settings.runtime_dir, template)), "/etc"))
+        # What names this sandbox: files of its footprint, bound over its /etc's.
         etc = footprint.path / "etc"
         etc.mkdir(mode=0o755)
-        for name, text in _host_files(footprint.id, footprint.netns is not None).items():
+        for name, text in host_files(footprint.id, footprint.netns is not None).items():
             (etc / name).write_text(text)
             (etc / name).chmod(0o644)
             mounts.append(_bind(str(etc / name), f"/etc/{name}"))
-        for path, mode, owner in _WRITABLE:
+        # A boot of its own (gVisor has no boot_id): new at each start, never the host's.
+        (etc / "boot_id").write_text(f"{uuid.uuid4()}\n")
+        (etc / "boot_id").chmod(0o444)
+        mounts.append(_bind(str(etc / "boot_id"), BOOT_ID))
+        for path, mode, owner in writable:
             options = [f"size={limits.storage_bytes}", f"mode={mode:o}", "nosuid", "nodev"]
-            options += [f"uid={owner}", f"gid={owner}"]
-            mounts.append(_tmpfs(path, options))
+            uid, gid = (user[0], user[1]) if path == WORKSPACE else (owner, owner)
+            mounts.append(_tmpfs(path, [*options, f"uid={uid}", f"gid={gid}"]))
         agent_dir = install_agent(self.settings.runtime_dir, self.settings.guest_python)
         mounts.append(_bind(str(agent_dir), GUEST_DIR))
-        workdir = WORKSPACE
-        command = agent_command(GUEST_DIR, self.settings.guest_python, workdir)
-        command += ["--user", f"{SANDBOX_UID}:{SANDBOX_UID}"]
-        env = {
-            "PATH": PATH,
-            "HOME": HOME,
-            "USER": SANDBOX_USER,
-            "LOGNAME": SANDBOX_USER,
-            "LANG": "C.UTF-8",
-            "TMPDIR": "/tmp",
-            "SHELL": _shell(None),
-            **spec.env,
-        }
+        for tree in runtime.trees if runtime else ():  # onto the agent's empty dirs
+            mounts.append(_bind(f"/{tree}", f"{GUEST_DIR}/{tree}"))
+        workdir = (layered.workdir if layered else None) or WORKSPACE
+        python = runtime.argv if runtime else self.settings.guest_python
+        command = agent_command(GUEST_DIR, python, workdir)
+        command += ["--user", f"{user[0]}:{user[1]}"]
+        # Last: a volume may go inside /workspace or the home.
+        for index, volume in enumerate(spec.volumes):
+            mount = attach_volume(footprint, index, volume, 0)
+            mounts.append(_bind(str(mount), volume.path, read_only=volume.read_only))
+        user_name = layered.user if layered and not layered.user.isdigit() else SANDBOX_USER
+        env = guest_env(home, user_name, shell, layered.env if layered else {}, spec.env)
         caps = list(ROOT_CAPS)
         namespaces = ["pid", "ipc", "uts", "mount"]
         if footprint.netns is None:
             namespaces.append("network")
-        config = {
+        config: dict[str, Any] = {
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": False,
@@ -268,19 +327,29 @@ class GvisorBackend(Backend):
                 "rlimits": [
                     _rlimit("RLIMIT_NOFILE", limits.open_files),
                     _rlimit("RLIMIT_NPROC", limits.pids),
+                    _rlimit("RLIMIT_FSIZE", limits.file_size_mib * MIB),
                     _rlimit("RLIMIT_CORE", 0),
                 ],
             },
-            "root": {"path": str(root), "readonly": True},
+            # A layer template's `/` is writable: its writes go to its disk.
+            "root": {"path": str(root), "readonly": layered is None},
             "hostname": footprint.id.replace("_", "-"),
             "mounts": mounts,
             "linux": {
                 # With a network, the sentry stays in the namespace the launcher joined
                 # (`--network=host`); else runsc gives it an empty one of its own.
                 "namespaces": [{"type": kind} for kind in namespaces],
-                "cgroupsPath": f"/{self.settings.cgroup_parent}/{footprint.cgroup}",
             },
         }
+        cgroups = ["--ignore-cgroups"]
+        if not rootless:
+            # runsc reads the limits of the cgroup the launcher joined (the guest's
+            # `free` and `nproc` show them); it changes none, and removes none it did
+            # not make. Without root it may not write there: it ignores cgroups.
+            config["linux"]["cgroupsPath"] = f"/{self.settings.cgroup_parent}/{footprint.cgroup}"
+            cgroups = ["--cpu-num-from-quota"]
+        bundle = footprint.path / "bundle"
+        bundle.mkdir(mode=0o700, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(config))
         state = footprint.path / "runsc"
         state.mkdir(mode=0o700)
@@ -290,7 +359,8 @@ class GvisorBackend(Backend):
             "--root", str(state),
             f"--platform={runsc.platform}",
             f"--network={network}",
-            "--cpu-num-from-quota",
+            *cgroups,
+            *(["--rootless"] if rootless else []),
             "--log", str(footprint.path / "runsc.log"),
             "run", "--bundle", str(bundle), footprint.id,
         ]  # fmt: skip
@@ -301,7 +371,16 @@ class GvisorBackend(Backend):
             host_cwd=str(bundle),
             netns=footprint.netns,
             userns=footprint.userns,
+            host_rlimits=False,  # the spec's rlimits (gVisor keeps them)
         )
+
+
+def _network_modes() -> frozenset[str]:
+    # Without root, runsc makes the sentry's user namespace itself: it cannot join one
+    # made for the sandbox's network (`usernet`), so it has no network.
+    if netns.tools_missing() or os.geteuid() != 0:
+        return frozenset({"none"})
+    return frozenset({"none", "internet", "allowlist"})
 
 
 def _bind(source: str, destination: str, *, read_only: bool = True) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,12 @@ def data_fd(name: str, data: bytes) -> int:
     return fd
 
 
+def _fsize_blocks() -> str:
+    """This process's RLIMIT_FSIZE in `ulimit -f` units (512-byte blocks)."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft // 512)
+
+
 def _join(pid: int, cgroup_procs: Sequence[str]) -> None:
     for path in cgroup_procs:
         fd = os.open(path, os.O_WRONLY)
@@ -146,8 +153,8 @@ async def launch(
     cwd: str | None,
     pass_fds: Sequence[int],
     cgroup_procs: Sequence[str],
-    open_files: int,
-    file_size: int,
+    open_files: int | None,
+    file_size: int | None,
     uid: int | None,
     gid: int | None,
     netns: str | None = None,
@@ -161,9 +168,16 @@ async def launch(
     `userns`, the user namespace that owns it, joined first, as its root). The gate opens
     once `ready` (the network namespace being made meanwhile) is done.
 
+    Both rlimits None: the launcher keeps this process's (a tier whose guest is not a
+    host process, like gVisor's, holds the guest to them itself).
+
     Raises OSError/SubprocessError.
     """
-    command = ["/bin/sh", "-c", _GATE, "corral-launch", str(open_files), str(file_size // 512)]
+    if open_files is None or file_size is None:  # the tier holds its guest to them
+        nofile, fsize = resource.getrlimit(resource.RLIMIT_NOFILE)[0], _fsize_blocks()
+    else:
+        nofile, fsize = open_files, str(file_size // 512)
+    command = ["/bin/sh", "-c", _GATE, "corral-launch", str(nofile), fsize]
     if userns is not None:  # rootless: the owner of `netns` first, as its root
         command += [nsenter(), f"--user={userns}", f"--net={netns}", "--preserve-credentials"]
         command += ["--"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import secrets
 import shutil
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from corral.config import Settings
-from corral.errors import InvalidRequest, IsolationUnavailable
+from corral.errors import IsolationUnavailable
 from corral.isolation import idrange, netns, seccomp
 from corral.isolation.agent_install import (
     GUEST_DIR,
@@ -51,37 +50,23 @@ from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPl
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import DiskSpares
 from corral.isolation.footprint import Footprint
-from corral.isolation.launcher import data_fd, setpriv
-from corral.isolation.rootfs import (
-    Accounts,
-    add_account,
-    has_program,
-    lookup_user,
-    make_places,
-    make_root,
-    shm_dir,
+from corral.isolation.guest_view import (
+    BOOT_ID,
+    HOME,
+    PATH,
+    ROOT_CAPS,
+    WORKSPACE,
+    guest_env,
+    host_files,
+    login_shell,
+    shared_etc,
 )
-from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, Template, get_template
+from corral.isolation.launcher import data_fd, setpriv
+from corral.isolation.rootfs import Accounts, make_user_root, shm_dir
+from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
 from corral.isolation.volumes import attach as attach_volume
-from corral.network import resolver
 
-HOME = f"/home/{SANDBOX_USER}"
-WORKSPACE = "/workspace"
 AGENT_DIR = GUEST_DIR
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-# What the sandbox's root keeps of its capabilities (in its own user namespace only):
-# what dpkg and apt-get need — own and chown files, bypass file modes, keep set-id bits,
-# switch users (apt's _apt, a service's account), signal its own processes — and binding
-# ports under 1024 in its own network namespace. Each acts only on files and processes
-# whose ids are in the sandbox's range (the kernel checks the ids are mapped there):
-# host files bound in appear as nobody, other sandboxes have other ranges. Never
-# CAP_SYS_ADMIN (mount, setns), CAP_SYS_PTRACE, CAP_SYS_MODULE, CAP_NET_ADMIN, CAP_MKNOD.
-ROOT_CAPS = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
-)  # fmt: skip
 
 # Writable directories inside the sandbox: (name in the storage tmpfs, sandbox path, mode).
 _WRITABLE = (
@@ -244,31 +229,11 @@ class NamespaceBackend(Backend):
             # A RAM disk is bounded like a `host` sandbox's tmpfs storage: memory is left
             # for the agent when it is full (`Limits.storage_bytes`).
             size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
-            accounts = self._accounts.layer(layered)
-            root = make_root(
-                footprint, layered, self._disks, disk, size, first, userns, accounts,
+            made = make_user_root(
+                footprint, layered, self._disks, self._accounts, disk, size, first, userns,
                 ram_disk=spec.ram_disk,
             )  # fmt: skip
-            if accounts is None:
-                # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
-                # kept as a layer for the template's next sandboxes.
-                shell = _shell(root)
-                line = (
-                    f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:{shell}\n"
-                )
-                add_account(root, "passwd", SANDBOX_UID, line)
-                add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
-                self._accounts.keep(layered, root, first)
-            # root and user exist in every sandbox, with or without an /etc/passwd.
-            known = {"root": (0, 0, "/root"), SANDBOX_USER: (SANDBOX_UID, SANDBOX_UID, HOME)}
-            found = lookup_user(root, layered.user) or known.get(layered.user)
-            if found is None:
-                raise InvalidRequest(
-                    f"the template {layered.name!r} runs as user {layered.user!r}, which its "
-                    "/etc/passwd does not have: add the user in the template, or use root or user"
-                )
-            inner, home = found[:2], found[2]
-            make_places(root, first, inner)
+            root, inner, home = made.path, (made.uid, made.gid), made.home
             # First: the other mounts go on top of it. Writable: bounded by its disk.
             options += ["--bind", str(root), "/"]
         if userns is None:  # rootless: bubblewrap maps the one id there is
@@ -331,7 +296,7 @@ class NamespaceBackend(Backend):
 
         shared = self._shared_root()
         if template is not None:  # a layer template's /etc is its own
-            options += ["--ro-bind", str(_shared_etc(shared, template)), "/etc"]
+            options += ["--ro-bind", str(shared_etc(shared, template)), "/etc"]
         if entrypoint is None:
             agent_dir = install_agent(self.settings.runtime_dir, self.settings.guest_python)
             if shared != self.settings.runtime_dir:
@@ -360,25 +325,21 @@ class NamespaceBackend(Backend):
             options += ["--ro-bind" if volume.read_only else "--bind", str(mount), volume.path]
 
         user_name = layered.user if layered and not layered.user.isdigit() else SANDBOX_USER
-        env = {
-            "PATH": PATH,
-            "HOME": home,
-            "USER": user_name,
-            "LOGNAME": user_name,
-            "LANG": "C.UTF-8",
-            "TMPDIR": "/tmp",
-            "SHELL": _shell(root),
-            **(layered.env if layered else {}),
-            **spec.env,
-            **(entrypoint.env if entrypoint else {}),
-        }
+        env = guest_env(
+            home,
+            user_name,
+            login_shell(root),
+            layered.env if layered else {},
+            spec.env,
+            entrypoint.env if entrypoint else {},
+        )
         fds: list[int] = []
         try:
             if userns_fd is not None:
                 fds.append(userns_fd)
                 options += ["--userns", str(userns_fd)]
             # What names this sandbox (its hostname), from memory: no file to clean up.
-            for name, text in _host_files(footprint.id, footprint.netns is not None).items():
+            for name, text in host_files(footprint.id, footprint.netns is not None).items():
                 fds.append(data_fd("corral-etc", text.encode()))
                 options += ["--perms", "0644", "--ro-bind-data", str(fds[-1]), f"/etc/{name}"]
             # A boot of its own: new at each start (a snapshot's sandbox, a restart), the
@@ -452,13 +413,6 @@ class NamespaceBackend(Backend):
         self._shared = self._release_shared = None
 
 
-def _shell(root: Path | None) -> str:
-    """bash if the sandbox's root (`None`: the host's) has it, else sh."""
-    if root is None:
-        return "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-    return "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"
-
-
 def _copy_once(source: Path, target: Path) -> Path:
     """`target`, a copy of the directory `source` unless it is there already."""
     if not target.is_dir():
@@ -467,61 +421,4 @@ def _copy_once(source: Path, target: Path) -> Path:
         staging.chmod(0o755)
         shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
         staging.rename(target)
-    return target
-
-
-def _host_files(sandbox_id: str, network: bool = False) -> dict[str, str]:
-    hostname = sandbox_id.replace("_", "-")
-    files = {
-        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n",
-        "hostname": f"{hostname}\n",
-    }
-    if network:  # names are resolved by the sandbox's own resolver, on its loopback
-        files["resolv.conf"] = f"nameserver {resolver.ADDRESS}\noptions edns0\n"
-    return files
-
-
-def _shared_etc(runtime_dir: Path, template: Template) -> Path:
-    """The /etc of every sandbox of `template`: copies of the host entries it names, the
-    sandbox user's passwd and group, and places for `_host_files`.
-
-    One bind of this directory replaces a bind per entry, each ~0.3 ms of every sandbox's
-    start. A fresh copy is made when an entry changes on the host (mtime or size).
-    """
-    signature = hashlib.sha256(b"resolv.conf")  # the places for `_host_files` changed
-    for entry in template.etc:
-        st = os.lstat(f"/etc/{entry}")
-        signature.update(f"{entry}:{st.st_mtime_ns}:{st.st_size}\0".encode())
-    target = runtime_dir / "etc" / f"{template.name}-{signature.hexdigest()[:16]}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent))
-    try:
-        staging.chmod(0o755)
-        # Copies keep the host's modes: what sandboxes could not read there, they can't here.
-        for entry in template.etc:
-            source, copy = Path("/etc", entry), staging / entry
-            copy.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            if source.is_dir() and not source.is_symlink():
-                shutil.copytree(source, copy, symlinks=True)
-            else:
-                shutil.copy2(source, copy, follow_symlinks=False)
-        files = {
-            "passwd": (
-                "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-                f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{HOME}:/bin/bash\n"
-                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-            ),
-            "group": f"root:x:0:\n{SANDBOX_USER}:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
-            **{name: "" for name in _host_files("", network=True)},
-        }
-        for name, text in files.items():
-            (staging / name).write_text(text)
-            (staging / name).chmod(0o644)
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not target.is_dir():  # not another process's copy made first: a real failure
-            raise
     return target

@@ -30,10 +30,11 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from corral.config import IDS_PER_SLOT
-from corral.errors import SandboxStartFailed
+from corral.errors import InvalidRequest, SandboxStartFailed
 from corral.images import mount_overlay
 from corral.isolation.disks import DISK_DIRS, DiskSpares, make_disk_dirs
 from corral.isolation.footprint import Footprint
@@ -128,6 +129,55 @@ def make_root(
     finally:
         os.close(here)
     return root
+
+
+@dataclass(frozen=True)
+class LayerRoot:
+    """A sandbox's mounted `/` (`make_root`) and the template's user in it."""
+
+    path: Path
+    uid: int
+    gid: int
+    home: str
+
+
+def make_user_root(
+    footprint: Footprint,
+    template: LayerTemplate,
+    disks: DiskSpares,
+    accounts: Accounts,
+    disk: Path,
+    disk_bytes: int,
+    first: int,
+    userns_of: Callable[[], int],
+    *,
+    ram_disk: bool = False,
+) -> LayerRoot:
+    """`make_root`, then the users every sandbox has (root, `user`), the template's
+    user looked up (InvalidRequest when its /etc/passwd lacks it) and its places made."""
+    layer = accounts.layer(template)
+    root = make_root(
+        footprint, template, disks, disk, disk_bytes, first, userns_of, layer, ram_disk=ram_disk
+    )
+    home = f"/home/{SANDBOX_USER}"
+    if layer is None:
+        # `user` has a name (`id -un`, prompts), in files root may edit (copied up);
+        # kept as a layer for the template's next sandboxes.
+        shell = login_shell(root)
+        line = f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{home}:{shell}\n"
+        add_account(root, "passwd", SANDBOX_UID, line)
+        add_account(root, "group", SANDBOX_UID, f"{SANDBOX_USER}:x:{SANDBOX_UID}:\n")
+        accounts.keep(template, root, first)
+    # root and user exist in every sandbox, with or without an /etc/passwd.
+    known = {"root": (0, 0, "/root"), SANDBOX_USER: (SANDBOX_UID, SANDBOX_UID, home)}
+    found = lookup_user(root, template.user) or known.get(template.user)
+    if found is None:
+        raise InvalidRequest(
+            f"the template {template.name!r} runs as user {template.user!r}, which its "
+            "/etc/passwd does not have: add the user in the template, or use root or user"
+        )
+    make_places(root, first, found[:2])
+    return LayerRoot(root, found[0], found[1], found[2])
 
 
 def _mount_tmpfs(target: Path, size_bytes: int) -> None:
@@ -370,3 +420,10 @@ def has_program(root: Path, path: str) -> bool:
     """Whether `path` (as the sandbox sees it) is an executable file in `root`."""
     found = resolve_in(root, path)
     return found is not None and found.is_file() and os.access(found, os.X_OK)
+
+
+def login_shell(root: Path | None) -> str:
+    """bash if the sandbox's root (`None`: the host's) has it, else sh."""
+    if root is None:
+        return "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    return "/bin/bash" if has_program(root, "/bin/bash") else "/bin/sh"
