@@ -13,12 +13,16 @@ DEBIAN_PACKAGES += mmdebstrap dpkg-dev apt-utils
 DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
 # runsc: gVisor, the `gvisor` isolation tier's kernel in user space (issue 15).
 DEBIAN_PACKAGES += runsc
+# The microvm tier (issue 15): QEMU, qemu-img, and busybox for the guest's initramfs.
+DEBIAN_PACKAGES += qemu-system-x86 qemu-utils busybox-static
+# Its guest kernel: Debian's cloud kernel .deb, fetched by `corral.isolation.guest_kernel`.
+GUEST_KERNEL_DIR := .cache/guest-kernel
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.
 DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help setup system-packages python-env debian-archive test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
+.PHONY: help setup system-packages python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
@@ -34,7 +38,7 @@ help:
 	@echo "make bench  - the engine, API and isolation tiers benchmarks (one JSON object each)"
 	@echo "make proto  - regenerate src/corral/v1/ and src/corral/envd/ from proto/corral/*/*.proto"
 
-setup: system-packages python-env debian-archive
+setup: system-packages python-env debian-archive guest-kernel
 
 # Debian packages the engine needs; installed when missing (as root), else explained.
 system-packages:
@@ -54,6 +58,11 @@ system-packages:
 	    echo "run: sudo apt-get install -y $${missing[*]}   (or run make as root)"; exit 1; \
 	  fi; \
 	fi
+
+# The microvm tier's guest kernel (apt-get download from the host's apt sources), once;
+# the tests use this copy (tests/test_microvm.py). Delete the dir to refresh.
+guest-kernel: system-packages python-env
+	@$(UV) run --frozen python -m corral.isolation.guest_kernel $(GUEST_KERNEL_DIR) >/dev/null
 
 # Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot),
 # again when the script's package list changes; without root the template tests that need

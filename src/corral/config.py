@@ -70,6 +70,9 @@ class Settings:
     # The gvisor tier's runsc platform: auto (the best this host's runsc runs: systrap,
     # then kvm, then ptrace), or one of them by name.
     gvisor_platform: str = "auto"
+    # The microvm tier's guest kernel .debs (`corral.isolation.guest_kernel`): where
+    # `make setup` downloads them; empty: <data_dir>/guest-kernel.
+    guest_kernel_dir: str = ""
     # The API server (`corral server`): where it listens, how many started sandboxes it
     # keeps ready so that a create is instant, how long a shutdown waits for open calls.
     host: str = "127.0.0.1"

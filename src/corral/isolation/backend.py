@@ -178,6 +178,15 @@ class Backend(ABC):
     volumes: ClassVar[bool] = False
     # Whether `checkpoint` works and `plan` honours `SandboxSpec.restore`.
     memory_snapshots: ClassVar[bool] = False
+    # Whether `plan` can start a sandbox of the `host` template (the host's /usr).
+    host_template: ClassVar[bool] = True
+    # How long the guest agent has to answer its first ping (a microVM boots a kernel).
+    start_timeout: ClassVar[float] = 30.0
+
+    def cgroup_memory_bytes(self, limits: Limits) -> int:
+        """The memory limit of a sandbox's cgroup: `limits.memory_bytes`, plus what the
+        tier's own processes need beside the sandbox's code (a VMM) where it has them."""
+        return limits.memory_bytes
 
     def network_modes(self) -> frozenset[str]:
         """The network modes (`NetworkPolicy.mode`) this tier can enforce on this host."""
@@ -198,9 +207,9 @@ class Backend(ABC):
 
     def cgroup_limits(self, limits: Limits) -> CgroupLimits:
         """What the sandbox's host cgroup holds it to, for `limits`: the same, on a tier
-        whose guest processes are host processes."""
+        whose guest processes are host processes (its memory: `cgroup_memory_bytes`)."""
         return CgroupLimits(
-            memory_bytes=limits.memory_bytes, cpu_quota=limits.cpu, pids=limits.pids
+            memory_bytes=self.cgroup_memory_bytes(limits), cpu_quota=limits.cpu, pids=limits.pids
         )
 
     @classmethod

@@ -212,6 +212,11 @@ class Engine:
                 f"the {backend.name} tier cannot start sandboxes of the layer template "
                 f"{template!r}; use the namespace tier"
             )
+        if rootfs is None and not backend.host_template:
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot run the template {template!r} (the host's "
+                "/usr, which it has no disk image of); use a layer template such as `base`"
+            )
         if spec.volumes and not backend.volumes:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot mount volumes; use the namespace tier"

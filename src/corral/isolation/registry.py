@@ -13,6 +13,7 @@ BACKENDS: dict[str, str] = {
     "namespace": "corral.isolation.namespace:NamespaceBackend",
     "gvisor": "corral.isolation.gvisor:GvisorBackend",
     "process": "corral.isolation.process:ProcessBackend",
+    "microvm": "corral.isolation.microvm:MicrovmBackend",
 }
 # What `auto` tries, strongest isolation that is cheap first. Never `process`.
 AUTO_ORDER: tuple[str, ...] = ("namespace",)

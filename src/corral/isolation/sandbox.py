@@ -56,7 +56,6 @@ from corral.terminal import PtySize
 
 log = logging.getLogger("corral.isolation")
 
-_START_TIMEOUT = 30.0
 _STDERR_TAIL = 4096
 
 
@@ -199,7 +198,7 @@ class Sandbox:
         self._guest = GuestConnection(self._launcher.stdout, self._launcher.stdin)
         await self._guest.start()
         try:
-            await asyncio.wait_for(self._guest.ping(), _START_TIMEOUT)
+            await asyncio.wait_for(self._guest.ping(), self._backend.start_timeout)
         except (GuestError, TimeoutError) as exc:
             await self._launcher_gone()
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
@@ -338,7 +337,9 @@ class Sandbox:
         if self.state is SandboxState.PAUSED:
             await asyncio.to_thread(self._require_cgroup("checkpoint").thaw)
             self.state = SandboxState.RUNNING
-        await asyncio.wait_for(guest.detach(f"sandbox {self.id} was checkpointed"), _START_TIMEOUT)
+        await asyncio.wait_for(
+            guest.detach(f"sandbox {self.id} was checkpointed"), self._backend.start_timeout
+        )
         writing = asyncio.ensure_future(
             asyncio.to_thread(self._backend.checkpoint, self.footprint, image)
         )
