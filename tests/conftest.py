@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from corral.sandboxes import SandboxManager
 
 TEST_CGROUP_PARENT = "corral-test"
+# The microvm tier's guest kernel, where `make setup` downloads it.
+GUEST_KERNELS = Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"
 
 
 # -- tiers: every test gets exactly one of unit, integration, acceptance ---------------------
@@ -172,6 +174,7 @@ def settings() -> Iterator[Settings]:
         cgroup_parent=TEST_CGROUP_PARENT,
         allow_process_backend=True,
         base_template="off",  # never built from the internet: tests/kit/e2b_base.py installs it
+        guest_kernel_dir=str(GUEST_KERNELS) if GUEST_KERNELS.is_dir() else "",
     )
     yield session
     from corral.isolation import Engine
@@ -253,6 +256,52 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
         await engine.aclose()
 
 
+def unmet(marks: list[pytest.MarkDecorator]) -> str | None:
+    """The reason of the first skipif mark whose condition holds (tests/kit/debian.py's
+    `needs_archive`), or None."""
+    return next((str(m.kwargs["reason"]) for m in marks if m.args[0]), None)
+
+
+def base_unavailable() -> str | None:
+    """Why this host cannot give a server the `base` template (tests/kit/e2b_base.py)."""
+    from tests.kit.e2b_base import needs_base
+
+    return unmet(needs_base())
+
+
+def has_host_template(tier: str) -> bool:
+    """Whether `tier` runs sandboxes of the `host` template (microvm: a kernel of its own
+    needs a disk image, so a layer template)."""
+    from corral.isolation.registry import backend_class
+
+    return backend_class(tier).host_template
+
+
+@pytest.fixture
+def tier_template(request: pytest.FixtureRequest, engine: Engine) -> str:
+    """The template an engine sandbox of the test's tier starts from: `host`, or on a tier
+    without it the Debian base, added to `engine` as `debian`."""
+    if has_host_template(isolation_of(request)):
+        return "host"
+    from tests.kit.debian import needs_archive
+
+    if reason := unmet(needs_archive("python3")):
+        pytest.skip(reason)
+    store, layer = request.getfixturevalue("debian_base")
+    engine.templates.add("debian", store, [layer.digest])
+    return "debian"
+
+
+def server_template(tier: str) -> str:
+    """The template a sandbox of the session's server on `tier` starts from: `host`, or
+    on a tier without it the server's `base` (skips, saying why, where it has none)."""
+    if has_host_template(tier):
+        return "host"
+    if reason := base_unavailable():
+        pytest.skip(reason)
+    return "base"
+
+
 def isolation_of(request: pytest.FixtureRequest) -> str:
     """The tier a fixture's sandbox runs on: the test's `tier` when it runs on every tier
     (`every_tier`), else namespace."""
@@ -269,7 +318,8 @@ async def sandbox(
     """A sandbox with default limits, on the test's tier (`isolation_of`)."""
     isolation = isolation_of(request)
     require_backend(settings, isolation)
-    box = await engine.create(isolation=isolation)
+    template = request.getfixturevalue("tier_template")
+    box = await engine.create(template, isolation=isolation)
     try:
         yield box
     finally:
@@ -445,6 +495,7 @@ def start_server(
         "CORRAL_CONFIG": str(data_dir.parent / f"config-{port}"),  # never ~/.corral
         "CORRAL_POOL_SIZE": str(pool_size),
         "CORRAL_BASE_TEMPLATE": "off",  # tests/kit/e2b_base.py installs it, offline
+        "CORRAL_GUEST_KERNEL_DIR": settings.guest_kernel_dir,
         **(extra_env or {}),
     }
     for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT"):
@@ -521,7 +572,12 @@ def server(settings: Settings) -> Iterator[LiveServer]:
     """One server for the session; tests that stop servers start their own. Its callbacks
     may go to receivers on loopback (the tests'), which a server refuses by default."""
     allow = {"CORRAL_CALLBACK_ALLOW": "127.0.0.1"}
-    live = start_server(settings, settings.runtime_dir / "server-data", extra_env=allow)
+    data = settings.runtime_dir / "server-data"
+    if base_unavailable() is None:  # `base`: a tier without the host template starts from it
+        from tests.kit import e2b_base
+
+        e2b_base.install(data)
+    live = start_server(settings, data, extra_env=allow)
     try:
         yield live
     finally:
@@ -533,7 +589,8 @@ def box(server: LiveServer, sandbox_host: None, request: pytest.FixtureRequest) 
     """A sandbox on the session's server, created and killed over the raw API, on the
     test's tier (`isolation_of`): its id."""
     isolation = isolation_of(request)
-    response = call(server, "Create", {"timeoutSeconds": 120, "isolation": isolation})
+    asked = {"timeoutSeconds": 120, "isolation": isolation, "template": server_template(isolation)}
+    response = call(server, "Create", asked)
     assert response.status_code == 200, response.text
     sandbox_id: str = response.json()["sandbox"]["id"]
     yield sandbox_id

@@ -208,8 +208,10 @@ async def test_usage_reports_cgroup_figures(sandbox: Sandbox) -> None:
 
 
 @every_tier
-async def test_destroy_leaves_nothing(engine: Engine, settings: Settings, tier: str) -> None:
-    box = await engine.create(isolation=tier)
+async def test_destroy_leaves_nothing(
+    engine: Engine, settings: Settings, tier: str, tier_template: str
+) -> None:
+    box = await engine.create(tier_template, isolation=tier)
     await box.exec(["sleep", "300"], background=True)
     fp = box.footprint
     assert cgroup_dirs(box.id) and fp.path.exists()
@@ -268,13 +270,9 @@ def test_the_reaper_spares_a_sandbox_another_process_is_creating(settings: Setti
 
 @every_tier
 @pytest.mark.microvm_subset
-@pytest.mark.fails_on(
-    "gvisor",
-    reason="runsc does not start under memory 96 MiB / pids 40 (cannot read client sync file: EOF)",
-)
-async def test_limits_reach_the_kernel(engine: Engine, tier: str) -> None:
+async def test_limits_reach_the_kernel(engine: Engine, tier: str, tier_template: str) -> None:
     limits = Limits(memory_mib=96, pids=40, open_files=256, cpu=0.5, file_size_mib=8)
-    async with await engine.create(isolation=tier, limits=limits) as box:
+    async with await engine.create(tier_template, isolation=tier, limits=limits) as box:
         result = await box.run(["bash", "-c", "ulimit -n; ulimit -c; ulimit -f"])
         assert result.stdout.split() == [b"256", b"0", b"8192"]
         too_big = await box.run(["python3", "-c", "open('f', 'wb').write(bytes(9 << 20))"])
@@ -285,10 +283,13 @@ async def test_limits_reach_the_kernel(engine: Engine, tier: str) -> None:
 
 
 @every_tier
-async def test_environment_is_clean_and_settable(engine: Engine, tier: str) -> None:
+async def test_environment_is_clean_and_settable(
+    engine: Engine, tier: str, tier_template: str
+) -> None:
     os.environ["CORRAL_TEST_HOST_SECRET"] = "leak"
     try:
-        async with await engine.create(isolation=tier, env={"GREETING": "hi"}) as box:
+        greeting = {"GREETING": "hi"}
+        async with await engine.create(tier_template, isolation=tier, env=greeting) as box:
             result = await box.run(["env"])
             assert b"GREETING=hi" in result.stdout
             assert b"CORRAL_TEST_HOST_SECRET" not in result.stdout

@@ -40,7 +40,8 @@ async def small(
     isolation = isolation_of(request)
     require_backend(settings, isolation)
     limits = Limits(memory_mib=128, pids=64, disk_mib=32, output_bytes=1 << 20)
-    box = await engine.create(isolation=isolation, limits=limits)
+    template = request.getfixturevalue("tier_template")
+    box = await engine.create(template, isolation=isolation, limits=limits)
     yield box
     await box.destroy()
 

@@ -99,7 +99,7 @@ def driver(rootless: Driver) -> Driver:
 @pytest.fixture(params=ISOLATION_TIERS)
 def tier(request: pytest.FixtureRequest, rootless: Driver) -> str:
     """The tier of the root path's tests imported above, as the rootless server sees it: a
-    tier it cannot run skips with its probe's reason there."""
+    tier it cannot run, or whose sandboxes it cannot network, skips saying why."""
     name: str = request.param
     if reason := rootless.ok(op="unavailable", tier=name)["reason"]:
         pytest.skip(f"{name} tier unavailable to a rootless server: {reason}")

@@ -14,13 +14,14 @@ import pytest
 
 from corral import Jobs, Sandbox
 from corral.client import Volume
-from tests.conftest import LiveServer, opts
+from tests.conftest import LiveServer, opts, server_template
 from tests.kit.connect import call, stream
 
 
 @pytest.mark.microvm_subset
 def test_the_sdk_runs_one_program_on_every_tier(server: LiveServer, tier: str) -> None:
-    with Sandbox.create(isolation=tier, timeout=120, **opts(server)) as sbx:
+    template = server_template(tier)
+    with Sandbox.create(template, isolation=tier, timeout=120, **opts(server)) as sbx:
         assert sbx.info.isolation == tier
         ran = sbx.commands.run("echo hello $WHO; nproc; exit 3", envs={"WHO": "tiers"})
         assert ran.stdout.splitlines()[0] == "hello tiers" and ran.exit_code == 3
@@ -37,9 +38,10 @@ def test_the_sdk_runs_one_program_on_every_tier(server: LiveServer, tier: str) -
 
 
 def test_the_cli_runs_one_program_on_every_tier(server: LiveServer, tier: str) -> None:
-    done = server.corral("run", "--isolation", tier, "--", "sh", "-c", "echo from $0; exit 4")
+    on_tier = ("--isolation", tier, "--template", server_template(tier))
+    done = server.corral("run", *on_tier, "--", "sh", "-c", "echo from $0; exit 4")
     assert (done.returncode, done.stdout) == (4, "from sh\n"), done.stderr
-    created = server.corral("sandbox", "create", "--isolation", tier, "-o", "json")
+    created = server.corral("sandbox", "create", *on_tier, "-o", "json")
     assert created.returncode == 0, created.stderr
     sandbox = json.loads(created.stdout)
     try:
@@ -52,7 +54,8 @@ def test_the_cli_runs_one_program_on_every_tier(server: LiveServer, tier: str) -
 
 
 def test_the_raw_api_names_the_tier_it_gave(server: LiveServer, tier: str) -> None:
-    response = call(server, "Create", {"timeoutSeconds": 60, "isolation": tier})
+    asked = {"timeoutSeconds": 60, "isolation": tier, "template": server_template(tier)}
+    response = call(server, "Create", asked)
     assert response.status_code == 200, response.text
     sandbox = response.json()["sandbox"]
     try:
@@ -67,7 +70,8 @@ def test_the_raw_api_names_the_tier_it_gave(server: LiveServer, tier: str) -> No
 
 def test_a_job_runs_on_the_tier_it_asks_for(server: LiveServer, tier: str) -> None:
     with Jobs(**opts(server)) as jobs:
-        job = jobs.submit(run="echo job on $0; exit 2", isolation=tier).job
+        template = server_template(tier)
+        job = jobs.submit(run="echo job on $0; exit 2", isolation=tier, template=template).job
         assert job.spec["isolation"] == tier
         done = jobs.wait(job.id, timeout=120)
         assert (done.state, done.exit_code) == ("failed", 2), done.state_reason
@@ -75,12 +79,16 @@ def test_a_job_runs_on_the_tier_it_asks_for(server: LiveServer, tier: str) -> No
         assert output == b"job on sh\n"
 
 
-@pytest.mark.fails_on("gvisor", reason="no volumes yet (IsolationUnavailable)")
 def test_a_volume_outlives_its_sandbox_on_every_tier(server: LiveServer, tier: str) -> None:
     name = f"v-{secrets.token_hex(4)}"
     Volume.create(name, size_mib=16, **opts(server))
     try:
-        mounted = {"isolation": tier, "volumes": [f"{name}:/data"], **opts(server)}
+        mounted = {
+            "template": server_template(tier),
+            "isolation": tier,
+            "volumes": [f"{name}:/data"],
+            **opts(server),
+        }
         with Sandbox.create(**mounted) as sbx:
             assert sbx.commands.run("echo kept > /data/note").exit_code == 0
         with Sandbox.create(**mounted) as sbx:

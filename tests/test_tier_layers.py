@@ -12,7 +12,6 @@ pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
 
 
 @pytest.mark.microvm_subset
-@pytest.mark.fails_on("gvisor", reason="no layer templates yet (IsolationUnavailable)")
 async def test_a_layer_template_runs_on_every_tier(engine_debian: Engine, tier: str) -> None:
     async with await engine_debian.create(template="debian", isolation=tier) as box:
         # Its own /etc (the template's, not the host's); its root may write there.

@@ -70,7 +70,13 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
     if op == "exit":
         return {}
     if op == "unavailable":  # why this process cannot run the tier (its user, its host)
-        return {"reason": registry.unavailable(request["tier"], engine.settings)}
+        name = request["tier"]
+        if reason := registry.unavailable(name, engine.settings):
+            return {"reason": reason}
+        modes = engine.backend(name).network_modes()
+        return {
+            "reason": None if len(modes) > 1 else f"it enforces network {', '.join(modes)} only"
+        }
     if op == "collect":
         result = await spawned.pop(request["key"]).collect()
         return {
