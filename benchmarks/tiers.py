@@ -18,6 +18,7 @@ throughput in MiB/s; the load average before and after says how busy the host wa
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import subprocess
@@ -28,10 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from engine import idle_cost, percentiles, run_cli
+from templates import ARCHIVE, suite
 
 from corral.config import Settings
+from corral.images import Layer, LayerStore
+from corral.images.debian import bootstrap
 from corral.isolation import Engine, Sandbox
-from corral.isolation.registry import unavailable
+from corral.isolation.registry import backend_class, unavailable
+from corral.limits import Limits
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.store import Store
 
@@ -39,6 +44,8 @@ TIERS = ("namespace", "gvisor", "microvm")
 # Samples per tier (full run, --quick): microvm boots under TCG on hosts without KVM.
 SAMPLES = {"namespace": (30, 5), "gvisor": (15, 5), "microvm": (5, 2)}
 MIB = 1 << 20
+# A layer template's store and layer (the Debian base), for a tier without `host`.
+Base = tuple[LayerStore, Layer]
 FILE_MIB = 100
 
 
@@ -50,10 +57,10 @@ def summary(samples: list[float]) -> dict[str, float]:
     return {**percentiles(samples, 50, 90), "n": len(samples)}
 
 
-async def first_output(engine: Engine, tier: str, **create: Any) -> float:
+async def first_output(engine: Engine, tier: str, template: str, **create: Any) -> float:
     """From the create call to the output of `echo` in the new sandbox (ms)."""
     start = time.perf_counter()
-    sandbox = await engine.create(isolation=tier, **create)
+    sandbox = await engine.create(template, isolation=tier, **create)
     result = await sandbox.run(["echo", "first"])
     elapsed = ms_since(start)
     assert result.stdout == b"first\n", result
@@ -95,35 +102,50 @@ async def file_throughput(sandbox: Sandbox) -> dict[str, float]:
     }
 
 
-async def snapshot_times(engine: Engine, tier: str, runs: int, scratch: Path) -> dict[str, Any]:
+async def snapshot_times(
+    engine: Engine, tier: str, template: str, runs: int, scratch: Path
+) -> dict[str, Any]:
     """Checkpoint of a sandbox with a process running, and restore to a first output."""
     checkpoint: list[float] = []
     restore: list[float] = []
     for i in range(runs):
-        box = await engine.create(isolation=tier)
+        box = await engine.create(template, isolation=tier)
         await box.exec(["sleep", "600"], background=True)
         image = scratch / f"checkpoint-{tier}-{i}"
         start = time.perf_counter()
         await box.checkpoint(image)
         checkpoint.append(ms_since(start))
-        restore.append(await first_output(engine, tier, restore=image))
+        restore.append(await first_output(engine, tier, template, restore=image))
         shutil.rmtree(image, ignore_errors=True)
     return {"checkpoint_ms": summary(checkpoint), "restore_to_first_output_ms": summary(restore)}
 
 
-async def warm_pool_first_output(settings: Settings, tier: str, runs: int) -> list[float]:
+async def warm_pool_first_output(
+    settings: Settings, tier: str, layer: Base | None, runs: int
+) -> list[float]:
     """create -> first output through a SandboxManager whose default tier is `tier`, with a
-    spare ready each time (its pool refills between samples)."""
+    spare ready each time (its pool refills between samples): of `host`, or of the layer
+    template `debian` (`layer`: a pool made at its first create, as the server's `base`)."""
     store = Store.open(settings)
     manager = SandboxManager(settings.with_(default_isolation=tier), store, pool_size=1, tick=0.1)
+    template = "host"
+    if layer is not None:
+        template = "debian"
+        manager.engine.templates.add(template, layer[0], [layer[1].digest])
+        manager.poolable = lambda name: name == "debian"
+        manager.resolve_template = lambda team_id, name: name
     samples: list[float] = []
     try:
         await manager.start()
         team = store.create_team(f"bench-{tier}")
+        options = CreateOptions(template=template, isolation=tier)
+        if layer is not None:  # its pool starts at the first create of the template
+            await manager.kill(team, (await manager.create(team, options)).id)
+        pool = manager.pool if layer is None else manager._template_pools[template]
         for _ in range(runs):
-            await until(lambda: manager.pool.ready == 1, timeout=300)
+            await until(lambda: pool.ready == 1, timeout=600)
             start = time.perf_counter()
-            record = await manager.create(team, CreateOptions(isolation=tier))
+            record = await manager.create(team, options)
             box = await manager.running(team, record.id)
             result = await box.run(["echo", "first"])
             samples.append(ms_since(start))
@@ -143,14 +165,22 @@ async def until(done: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def bench_tier(settings: Settings, tier: str, quick: bool, scratch: Path) -> dict[str, Any]:
+async def bench_tier(
+    settings: Settings, tier: str, quick: bool, scratch: Path, layer: Base | None
+) -> dict[str, Any]:
+    """The tier's figures, of `host` sandboxes, or of the Debian base (`layer`) on a tier
+    without the host template."""
     runs = SAMPLES[tier][1 if quick else 0]
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"template": "host" if layer is None else "debian (python3)"}
     async with Engine(settings) as engine:
-        await first_output(engine, tier)  # caches: the agent's install, the tier's probe
-        cold = [await first_output(engine, tier) for _ in range(runs)]
+        template = "host"
+        if layer is not None:
+            template = "debian"
+            engine.templates.add(template, layer[0], [layer[1].digest])
+        await first_output(engine, tier, template)  # caches: the agent, probes, images
+        cold = [await first_output(engine, tier, template) for _ in range(runs)]
         report["create_to_first_output_cold_ms"] = summary(cold)
-        box = await engine.create(isolation=tier)
+        box = await engine.create(template, isolation=tier)
         try:
             await exec_roundtrips(box, 20)
             report["exec_roundtrip_ms"] = summary(await exec_roundtrips(box, runs * 20))
@@ -160,7 +190,7 @@ async def bench_tier(settings: Settings, tier: str, quick: bool, scratch: Path) 
         finally:
             await box.destroy()
         if engine.backend(tier).memory_snapshots:
-            report.update(await snapshot_times(engine, tier, max(2, runs // 3), scratch))
+            report.update(await snapshot_times(engine, tier, template, max(2, runs // 3), scratch))
             ratio = (
                 report["restore_to_first_output_ms"]["p50"]
                 / report["create_to_first_output_cold_ms"]["p50"]
@@ -168,9 +198,22 @@ async def bench_tier(settings: Settings, tier: str, quick: bool, scratch: Path) 
             report["restore_vs_cold_ratio"] = round(ratio, 2)
         else:
             report["restore_to_first_output_ms"] = f"the {tier} tier has no memory snapshots"
-    warm = await warm_pool_first_output(settings, tier, runs)
+    warm = await warm_pool_first_output(settings, tier, layer, runs)
     report["create_to_first_output_warm_ms"] = summary(warm)
     return report
+
+
+def debian_base(settings: Settings) -> Base:
+    """The Debian base with python3, bootstrapped offline from the local archive (`make
+    setup`) into the run's layer store: the template of a tier without `host`."""
+    if os.geteuid() != 0 or not (ARCHIVE / "Release").is_file():
+        raise SystemExit("run as root after `make setup` (it makes the local Debian archive)")
+    rootfs = settings.data_dir / "debian-rootfs"
+    bootstrap(suite(), rootfs, mirror=f"deb [trusted=yes] copy://{ARCHIVE} ./", include=["python3"])
+    store = LayerStore(settings.data_dir / "templates")
+    layer = store.import_dir(rootfs)
+    shutil.rmtree(rootfs)
+    return store, layer
 
 
 def timed_runs(argv: list[str], runs: int, **options: Any) -> list[float]:
@@ -195,10 +238,35 @@ def runsc_baseline(settings: Settings, runs: int, scratch: Path) -> dict[str, An
 
 
 def qemu_baseline(settings: Settings, runs: int, scratch: Path) -> dict[str, Any]:
-    """A bare QEMU boot of the microvm tier's kernel and init to a first line of output."""
-    from corral.isolation.microvm import bare_boot_argv
+    """A bare QEMU boot of the microvm tier's kernel and initramfs, with its machine,
+    accelerator, CPU count, memory and kernel command line, to a first line of output:
+    busybox as init echoes one line (no modules, disks or agent), then the VM stops."""
+    from corral.isolation import guest_kernel
+    from corral.isolation.microvm import (
+        KERNEL_CMDLINE,
+        QEMU,
+        TCG_CACHE_MIB,
+        TCG_CMDLINE,
+        kernel_dir,
+        kvm_reason,
+    )
 
-    argv, first_line = bare_boot_argv(settings)
+    kernel = guest_kernel.extract(kernel_dir(settings))
+    initramfs = guest_kernel.initramfs(kernel, settings.data_dir / "microvm")
+    kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs)) is None
+    accel = ["-accel", "kvm", "-cpu", "host"] if kvm else [
+        "-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max",
+    ]  # fmt: skip
+    cmdline = KERNEL_CMDLINE.replace("rdinit=/init", "rdinit=/bin/busybox")
+    cmdline += ("" if kvm else " " + TCG_CMDLINE) + " -- echo corral-first-line"
+    limits = Limits()
+    argv = [
+        QEMU, "-M", "microvm,x-option-roms=off", *accel,
+        "-smp", str(max(1, math.ceil(limits.cpu))), "-m", str(limits.memory_mib),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
+        "-append", cmdline, "-serial", "stdio",
+    ]  # fmt: skip
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -206,14 +274,14 @@ def qemu_baseline(settings: Settings, runs: int, scratch: Path) -> dict[str, Any
             assert qemu.stdout is not None
             try:
                 for line in qemu.stdout:
-                    if first_line in line:
+                    if b"corral-first-line" in line:
                         samples.append(ms_since(start))
                         break
                 else:
-                    raise SystemExit(f"QEMU ended before printing {first_line!r}")
+                    raise SystemExit("QEMU ended before its init printed a line")
             finally:
                 qemu.kill()
-    return summary(samples)
+    return {"accel": "kvm" if kvm else "tcg", **summary(samples)}
 
 
 BASELINES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
@@ -236,7 +304,8 @@ async def main(quick: bool) -> dict[str, Any]:
             if reason := unavailable(tier, settings):
                 report[tier] = {"unavailable": reason}
                 continue
-            figures = await bench_tier(settings, tier, quick, scratch)
+            layer = None if backend_class(tier).host_template else debian_base(settings)
+            figures = await bench_tier(settings, tier, quick, scratch, layer)
             if tier in BASELINES:
                 key, baseline = BASELINES[tier]
                 runs = SAMPLES[tier][1 if quick else 0]
