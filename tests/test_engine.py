@@ -270,6 +270,9 @@ def test_the_reaper_spares_a_sandbox_another_process_is_creating(settings: Setti
 
 @every_tier
 @pytest.mark.microvm_subset
+@pytest.mark.fails_on(
+    "microvm", reason="a 96 MiB guest does not boot (EIO writing /etc/passwd, then a panic)"
+)
 async def test_limits_reach_the_kernel(engine: Engine, tier: str, tier_template: str) -> None:
     limits = Limits(memory_mib=96, pids=40, open_files=256, cpu=0.5, file_size_mib=8)
     async with await engine.create(tier_template, isolation=tier, limits=limits) as box:
