@@ -75,7 +75,7 @@ async def test_planted_symlink_resolves_inside_the_sandbox(
 ) -> None:
     await sandbox.run(["ln", "-s", str(host_secret), "/workspace/link"])
     await sandbox.run(["ln", "-s", "/usr/bin", "/workspace/bin-link"])
-    with pytest.raises(FileNotFound):
+    with pytest.raises((FileNotFound, PermissionDenied)):  # a layer template's /root
         await sandbox.read_bytes("/workspace/link")
     with pytest.raises(FileError):
         await sandbox.write_file("/workspace/bin-link/evil", b"#!/bin/sh\n")
@@ -96,6 +96,10 @@ async def test_cannot_write_outside_its_storage(sandbox: Sandbox) -> None:
     assert Path("/usr/bin/python3").read_bytes()[:4] == b"\x7fELF"
 
 
+@pytest.mark.fails_on(
+    "microvm",
+    reason="the guest's /proc lists its own kernel's threads (about 50): none is the host's",
+)
 async def test_cannot_see_or_signal_host_processes(sandbox: Sandbox) -> None:
     out, _, _ = await python(
         sandbox,
@@ -147,6 +151,9 @@ async def test_no_network_to_the_host_loopback(sandbox: Sandbox) -> None:
 @pytest.mark.fails_on(
     "gvisor", reason="`unshare -r true` succeeds (user namespaces of gVisor's own kernel)"
 )
+@pytest.mark.fails_on(
+    "microvm", reason="`unshare -r true` succeeds (user namespaces of the guest's own kernel)"
+)
 async def test_mount_ptrace_and_unshare_tricks_fail(sandbox: Sandbox) -> None:
     for argv in (
         ["unshare", "-r", "true"],
@@ -192,6 +199,10 @@ async def test_sandbox_code_cannot_tamper_with_its_agent(sandbox: Sandbox) -> No
 
 
 @pytest.mark.fails_on("gvisor", reason="usage().pids counts the sentry's host threads (~1000)")
+@pytest.mark.fails_on(
+    "microvm",
+    reason="the bomb's command ends killed, not timeout; usage().pids counts QEMU's threads",
+)
 async def test_fork_bomb_is_held_by_the_pids_limit(small: Sandbox) -> None:
     # The foreground shell stays (a builtin loop needs no fork) until the timeout.
     result = await small.run(["bash", "-c", ":(){ :|:& };:; while :; do :; done"], timeout=3)
@@ -210,6 +221,9 @@ async def test_fork_bomb_is_held_by_the_pids_limit(small: Sandbox) -> None:
 
 
 @pytest.mark.fails_on("gvisor", reason="usage().pids counts the sentry's host threads (~1000)")
+@pytest.mark.fails_on(
+    "microvm", reason="usage().pids counts QEMU's threads, not the guest's processes"
+)
 async def test_fork_bomb_left_running_stays_contained(small: Sandbox) -> None:
     # The command exits at once; its bomb goes on in the background, as `cmd &` would.
     await small.run(["bash", "-c", ":(){ :|:& };:"])
