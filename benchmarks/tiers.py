@@ -47,6 +47,7 @@ MIB = 1 << 20
 # A layer template's store and layer (the Debian base), for a tier without `host`.
 Base = tuple[LayerStore, Layer]
 FILE_MIB = 100
+GUEST_KERNELS = Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"
 
 
 def ms_since(start: float) -> float:
@@ -292,11 +293,14 @@ BASELINES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
 
 async def main(quick: bool) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    # The guest kernel: CORRAL_GUEST_KERNEL_DIR, else where `make setup` downloads it.
+    kernels = os.environ.get("CORRAL_GUEST_KERNEL_DIR") or str(GUEST_KERNELS)
     settings = Settings(
         data_dir=scratch / "data",
         runtime_dir=scratch,
         cgroup_parent="corral-bench",
         base_template="off",
+        guest_kernel_dir=kernels,
     )
     report: dict[str, Any] = {"cores": os.cpu_count(), "load_1min_before": os.getloadavg()[0]}
     try:
