@@ -249,5 +249,10 @@ class Backend(ABC):
         """
         self.require_memory_snapshots("checkpoint a sandbox")
 
+    def host_reaches_ports(self, footprint: Footprint) -> bool:
+        """Whether the host reaches the sandbox's ports in the network namespace of its
+        launcher's child; else `Sandbox.open_port` asks the guest agent to connect."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

@@ -10,15 +10,21 @@ runsc is told that cgroup is the container's (`linux.cgroupsPath`), so the guest
 view (`free`, `nproc`) follows the limits. The container's process is the guest agent,
 its stdin and stdout the launcher's pipes.
 
-What the sandbox sees, as on the `namespace` tier: the template's tree read-only (the
-`host` template's binds, or a layer template's root made by `rootfs.make_root`), /etc
-from `namespace`'s shared copies, /workspace, /home/user, /tmp and /dev/shm as tmpfs
-mounts bounded by the storage limit (gVisor keeps tmpfs in the sentry's memory, charged
-to the cgroup), a hostname, /etc/hosts, no network (`--network=none`) or the sandbox's
-own network namespace (`--network=host` inside it: the sentry's sockets are host sockets
-there, so the policy's nftables rules apply to them; never runsc's own netstack, whose
-raw socket would bypass them). The agent runs as the sandbox's root (gVisor is the
-wall), each command as the template's user.
+What the sandbox sees is `namespace`'s (`guest_view`): the `host` template's binds
+read-only with its shared /etc, or a layer template's root (`rootfs.make_user_root`,
+writable to its own disk); /workspace, /home/user, /tmp and /dev/shm as tmpfs mounts
+bounded by the storage limit (gVisor keeps tmpfs in the sentry's memory, charged to the
+cgroup); its hostname, /etc/hosts and a boot id; volumes as bind mounts; no network
+(`--network=none`: gVisor's own loopback) or the sandbox's own network namespace
+(`--network=host` inside it: the sentry's sockets are host sockets there, so the
+policy's nftables rules apply to them; never runsc's own netstack, whose raw socket
+would bypass them). The agent runs as the sandbox's root in gVisor's kernel (gVisor is
+the wall), each command as the template's user. Without root, runsc runs `--rootless`
+(network none, `host` template, no volumes).
+
+Known limits of runsc 2022 (Debian 12's): a sandbox past its memory limit ends whole
+(the host's OOM killer sees one sentry; gVisor keeps no memory limit of its own), and
+`statx` with AT_NO_AUTOMOUNT (coreutils 9's `ls -l`, `stat`) fails with EINVAL.
 """
 
 from __future__ import annotations
@@ -179,6 +185,11 @@ class GvisorBackend(Backend):
         cgroup's pids limit is a backstop for the sentry's threads (`_HOST_TASKS`), the
         guest is held to `limits.pids` by gVisor (RLIMIT_NPROC in the spec)."""
         return replace(super().cgroup_limits(limits), pids=_HOST_TASKS)
+
+    def host_reaches_ports(self, footprint: Footprint) -> bool:
+        # With network none the guest's sockets are in gVisor's own network stack, which
+        # no host namespace holds: the agent connects for the host.
+        return footprint.netns is not None
 
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:

@@ -593,6 +593,8 @@ class Sandbox:
         launcher = self._launcher
         if launcher is None:
             raise SandboxNotRunning(f"sandbox {self.id} has not started")
+        if not self._backend.host_reaches_ports(self.footprint):
+            return await self.open_port_via_agent(port)
         # bubblewrap's child is the sandbox's init, in its namespaces; a tier without
         # one of its own (process) is in the launcher's, which is the host's.
         inside = (launcher.children() or [launcher.pid])[0]
