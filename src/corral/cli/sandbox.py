@@ -127,7 +127,8 @@ def kill(args: argparse.Namespace) -> None:
 
 def pause(args: argparse.Namespace) -> None:
     """Freeze a sandbox: its processes stop, its memory and files stay (with --to-disk,
-    only its files stay: its processes end and its memory is released)."""
+    nothing of it runs and its memory is released: written to disk with its processes
+    on a tier with memory snapshots, else only its files stay)."""
     with _sandbox(args) as box:
         info = box.pause(keep_memory=not args.to_disk)
     out(f"{args.sandbox_id} {info.state}")
@@ -367,7 +368,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument(
         "--to-disk",
         action="store_true",
-        help="keep only its files: its processes end, its memory is released, resume boots it",
+        help="release its memory: kept on disk with its processes where the tier has memory "
+        "snapshots (gvisor), else only its files are kept and resume boots it",
     )
     with_id("resume", resume)
     p = with_id("snapshot", snapshot)

@@ -324,8 +324,10 @@ class AsyncSandbox:
 
     async def pause(self, *, keep_memory: bool = True) -> SandboxInfo:
         """Freeze it: its processes stop; memory and files stay, until `resume`. With
-        `keep_memory=False`, pause it to disk: only its files stay (its processes end, its
-        memory is released) and `resume` boots it afresh from them."""
+        `keep_memory=False`, pause it to disk: nothing of it runs and its memory is
+        released; on a tier with memory snapshots (`gvisor`, network `none`) its
+        memory is written to disk and `resume` restores it with its processes, elsewhere
+        only its files stay and `resume` boots it afresh from them."""
         reply = await self._connection.call(
             self._connection.rpc.pause,
             pb.PauseRequest(sandbox_id=self.sandbox_id, keep_memory=keep_memory),

@@ -25,6 +25,10 @@ Choices worth knowing (the modules of the calls say theirs):
 * The agent reaps every child with ``waitpid(-1)``, so it can serve as PID 1.
 * File operations never block the loop, and a rename across mounts is a copy made a slice
   of time per turn of the loop (`agent_move`).
+* After ``detach`` (the host checkpoints the sandbox next) the host's stream is waited on
+  with ``poll``, not epoll, until input comes: then on the new stream of a restore. An
+  epoll registration of a host descriptor made before gVisor's checkpoint never fires
+  after its restore; ``poll`` does, and so does a registration made anew.
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ class Agent:
         self.acting = self.users.default
         self.exit_code: int | None = None
         self.oom = oom
+        # After `detach`: a poll of the epoll and the host's stream (see the docstring).
+        self.detached: select.poll | None = None
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         os.set_blocking(self.wake_r, False)
@@ -142,7 +148,7 @@ class Agent:
 
     def run(self) -> int:
         while self.exit_code is None:
-            for fd, events in self.poller.poll(self.next_timeout()):
+            for fd, events in self.wait(self.next_timeout()):
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     handler(fd, events)
@@ -157,6 +163,23 @@ class Agent:
             if not command.background:
                 command.kill(None)
         return self.exit_code
+
+    def wait(self, timeout: float) -> list[tuple[int, int]]:
+        """The descriptors ready within `timeout` seconds (-1: no limit) and their events."""
+        if self.detached is not None:
+            ready = self.detached.poll(None if timeout < 0 else timeout * 1000)
+            if any(fd == self.rfd for fd, _events in ready):
+                self.detached = None  # a new connection: its stream in the epoll anew
+                self.watch(self.rfd, EPOLLIN, self.on_input)
+            timeout = 0
+        return self.poller.poll(timeout)
+
+    def detach(self) -> None:
+        """Wait on the host's stream with `poll` from now on (see the module docstring)."""
+        self.unwatch(self.rfd)
+        self.detached = select.poll()
+        self.detached.register(self.poller.fileno(), select.POLLIN)
+        self.detached.register(self.rfd, select.POLLIN)
 
     def next_timeout(self) -> float:
         if self.moves or (
@@ -416,6 +439,7 @@ def op_detach(agent: Agent, channel: int, args: Args) -> None:
     for number in [n for n in agent.channels if n != channel]:
         agent.channels.pop(number).on_close()
     agent.reply(channel, {"ok": True})
+    agent.detach()
 
 
 # Every call the agent answers: op name -> function(agent, channel, args).

@@ -15,8 +15,9 @@ a spec with `restore` starts the sandbox from such a directory instead of bootin
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -207,7 +208,7 @@ class Backend(ABC):
 
     def cgroup_limits(self, limits: Limits) -> CgroupLimits:
         """What the sandbox's host cgroup holds it to, for `limits`: the same, on a tier
-        whose guest processes are host processes (its memory: `cgroup_memory_bytes`)."""
+        whose guest processes are host processes (plus its VMM's memory, if it has one)."""
         return CgroupLimits(
             memory_bytes=self.cgroup_memory_bytes(limits), cpu_quota=limits.cpu, pids=limits.pids
         )
@@ -227,9 +228,11 @@ class Backend(ABC):
         where it would start the agent, with the same isolation.
         """
 
-    def require_memory_snapshots(self, what: str) -> None:
-        """Raise IsolationUnavailable, saying `what` was asked, unless this tier has memory
-        snapshots: checked before anything of the sandbox changes."""
+    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
+        """Raise IsolationUnavailable, saying `what` was asked, unless a sandbox of `spec`
+        can be checkpointed (and so restored) on this tier; checked before anything of
+        the sandbox changes. A tier with `memory_snapshots` that cannot checkpoint some
+        sandboxes (a network it cannot save, say) refuses those here."""
         if not self.memory_snapshots:
             raise IsolationUnavailable(
                 f"the {self.name} tier has no memory snapshots, so it cannot {what}; "
@@ -244,15 +247,37 @@ class Backend(ABC):
         Run in a thread, after the guest agent has let go of every call (`detach`), with
         the sandbox running (not frozen). On success nothing of the sandbox runs any more
         (its launcher exits); the caller then destroys it, which releases the footprint.
-        On failure, raise (CorralError) and leave the sandbox running if the tier can.
+        On failure, raise (CorralError). `check_checkpoint` has passed for its spec.
         Only tiers with `memory_snapshots` override this.
         """
-        self.require_memory_snapshots("checkpoint a sandbox")
+        raise IsolationUnavailable(f"the {self.name} tier has no memory snapshots")
 
     def host_reaches_ports(self, footprint: Footprint) -> bool:
         """Whether the host reaches the sandbox's ports in the network namespace of its
         launcher's child; else `Sandbox.open_port` asks the guest agent to connect."""
         return True
+
+    def start_failure_detail(self, footprint: Footprint) -> str:
+        """What the tier knows of why a sandbox's agent did not answer (e.g. a guest
+        kernel's console), beside its launcher's stderr; "" when nothing."""
+        return ""
+
+    def clock_command(self) -> list[str] | None:
+        """A command the sandbox runs as root once restored from a checkpoint, setting a
+        guest kernel's clock, which stood still while the sandbox was on disk (made when
+        called: it names the time); None where the guest reads the host's clock."""
+        return None
+
+    def snapshot_flush(self) -> list[str] | None:
+        """A command the sandbox runs as root before a snapshot reads its files, when they
+        may still be in a guest kernel's cache (`sync`); None: they are the host's."""
+        return None
+
+    @contextlib.contextmanager
+    def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
+        """Held while the host reads a frozen sandbox's changes (`rootfs.upper_dir`): a
+        tier whose disk is not mounted on the host mounts it here, read-only."""
+        yield
 
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing between sandboxes
         """Release what the tier holds for all its sandboxes, once they are destroyed."""

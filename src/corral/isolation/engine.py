@@ -201,7 +201,7 @@ class Engine:
                 "guest agent, or use the namespace tier"
             )
         if restore is not None:
-            backend.require_memory_snapshots("restore a sandbox from a checkpoint")
+            backend.check_checkpoint(spec, "restore a sandbox from a checkpoint")
             if entrypoint is not None:
                 raise InvalidRequest(
                     "a one-shot sandbox cannot be restored from a checkpoint: "

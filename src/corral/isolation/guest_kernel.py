@@ -16,7 +16,6 @@ the digest of its content, so a change of any part makes a new one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -35,6 +34,7 @@ PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = "/bin/busybox"
 # Loaded in this order (each after what it depends on).
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay")
+BARE_BOOT_LINE = "corral-bare-boot"
 _VERSIONED_DEB = re.compile(r"linux-image-(\d[^_]*)_[^_]+_amd64\.deb")
 
 # The guest's PID 1 until the agent takes over. Disks are found by their serial (the
@@ -46,6 +46,8 @@ INIT = r"""#!/bin/busybox sh
 export PATH=/bin
 fail() { echo "corral-init: $*" >&2; reboot -f; }
 mount -t proc proc /proc && mount -t sysfs sysfs /sys && mount -t devtmpfs dev /dev || fail mounts
+# A bare boot (the benchmark's baseline): the kernel and this init up, nothing more.
+case " $(cat /proc/cmdline) " in *" corral.bare "*) echo corral-bare-boot; reboot -f;; esac
 # The virtio-mmio devices are in QEMU's ACPI tables (this kernel has no command-line ones).
 for m in virtio_ring virtio virtio_mmio virtio_blk virtio_console overlay; do
   insmod /lib/modules/$m.ko || fail "module $m"
@@ -67,7 +69,19 @@ until [ -n "$(disk corral-config)" ] && [ -n "$(port)" ] && [ -e "$(port)" ]; do
 done
 mkdir -p /lower /rw /newroot
 mount -t ext4 -o ro,noload "$(disk corral-root)" /lower || fail "root image"
-mount -t ext4 -o nosuid,nodev "$(disk corral-disk)" /rw || fail "sandbox disk"
+# With a RAM disk (corral.ramdisk=BYTES) the sandbox's writes are the guest's memory.
+ramdisk=$(for arg in $(cat /proc/cmdline); do
+  case "$arg" in corral.ramdisk=*) echo "${arg#corral.ramdisk=}";; esac
+done)
+if [ -n "$ramdisk" ]; then
+  # Memory is left for the guest's kernel and agent: a full RAM disk is an ENOSPC for
+  # the writer, never an out-of-memory (as the namespace tier bounds its storage).
+  total=$(awk '/^MemTotal:/ { print $2 * 1024 }' /proc/meminfo)
+  [ "$ramdisk" -gt $((total - 100 * 1048576)) ] && ramdisk=$((total - 100 * 1048576))
+  mount -t tmpfs -o "nosuid,nodev,mode=755,size=$ramdisk" ram /rw || fail "RAM disk"
+else
+  mount -t ext4 -o nosuid,nodev "$(disk corral-disk)" /rw || fail "sandbox disk"
+fi
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \
   || fail overlay
@@ -212,9 +226,12 @@ def _extract(deb: Path, version: str, target: Path) -> None:
         for name, data in found.items():
             (staging / "modules" / f"{name}.ko").write_bytes(data)
         (staging / "ready").touch()
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:  # another process extracted it first (or left an unfinished one)
+            if not (target / "ready").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

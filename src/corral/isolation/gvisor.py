@@ -38,10 +38,11 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from corral.config import GVISOR_PLATFORMS, Settings
-from corral.errors import IsolationUnavailable
+from corral.errors import IsolationUnavailable, SandboxError
 from corral.isolation import idrange, netns
 from corral.isolation.agent_install import (
     GUEST_DIR,
@@ -64,7 +65,7 @@ from corral.isolation.guest_view import (
     login_shell,
     shared_etc,
 )
-from corral.isolation.rootfs import Accounts, make_user_root
+from corral.isolation.rootfs import Accounts, make_user_root, upper_dir
 from corral.isolation.templates import SANDBOX_UID, SANDBOX_USER, get_template
 from corral.isolation.volumes import attach as attach_volume
 from corral.limits import MIB, Limits
@@ -72,6 +73,12 @@ from corral.limits import MIB, Limits
 # A `kvm` probe that has not finished by then is taken as hanging (it does on hosts with a
 # /dev/kvm that cannot run guests) and killed.
 KVM_PROBE_TIMEOUT = 2.0
+# Where in a checkpoint directory runsc's state goes (`runsc checkpoint --image-path`).
+_IMAGE = "runsc"
+# And a layer template's sandbox's files (its overlay upper dir).
+_UPPER = "upper"
+# A checkpoint writes the sandbox's memory: seconds for a large one on a slow disk.
+_CHECKPOINT_TIMEOUT = 300.0
 # The host cgroup's pids limit of every gvisor sandbox. Guest tasks are not host tasks:
 # runsc, the gofer and the sentry's threads are ~100 idle, then on the ptrace platform a
 # sentry thread and stub threads per guest task and address space it runs in (a fork
@@ -176,6 +183,57 @@ class GvisorBackend(Backend):
     name = "gvisor"
     layer_templates = True
     volumes = True
+    memory_snapshots = True
+
+    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
+        super().check_checkpoint(spec, what)
+        if os.geteuid() != 0:
+            raise IsolationUnavailable(
+                f"the gvisor tier cannot {what} without root: runsc cannot restore a "
+                "rootless sandbox (`runsc --rootless restore` is refused); run Corral as "
+                "root to keep a sandbox's memory"
+            )
+        if spec.network.mode != "none":
+            raise IsolationUnavailable(
+                f"the gvisor tier cannot {what} with network {spec.network.mode!r}: its "
+                "sockets are the host's (runsc --network=host), which runsc cannot "
+                "checkpoint; create the sandbox with network 'none' to keep its memory"
+            )
+
+    def checkpoint(self, footprint: Footprint, image: Path) -> None:
+        """`runsc checkpoint`: the sentry writes its whole state (the processes, their
+        memory, and the tmpfs mounts, which hold every file a `host` sandbox writes: its
+        root and template binds are read-only) to one file, then the container exits.
+        A layer template's sandbox writes its `/` to its disk instead, through the gofer:
+        once nothing runs, its upper dir is copied beside (`cp -a`: owners, whiteouts,
+        xattrs), and its restore starts from a copy of that (`rootfs.make_root`), so the
+        gofer finds every file the sentry remembers at its path."""
+        runsc = find_runsc(self.settings.gvisor_platform)
+        assert runsc is not None  # it runs this sandbox
+        argv = [runsc.path, "--root", str(footprint.path / "runsc")]
+        argv += ["--log", str(footprint.path / "runsc-checkpoint.log")]
+        argv += ["checkpoint", "--image-path", str(image / _IMAGE), footprint.id]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=_CHECKPOINT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise SandboxError(
+                f"runsc did not checkpoint sandbox {footprint.id} in {_CHECKPOINT_TIMEOUT:g} s"
+            ) from None
+        if done.returncode != 0:
+            raise SandboxError(
+                f"runsc could not checkpoint sandbox {footprint.id}: "
+                f"{done.stderr.strip()[-500:] or f'exit status {done.returncode}'}"
+            )
+        upper = upper_dir(footprint)
+        if upper.is_dir():
+            copied = subprocess.run(
+                ["cp", "-a", str(upper), str(image / _UPPER)], capture_output=True, text=True
+            )
+            if copied.returncode != 0:
+                raise SandboxError(
+                    f"could not keep the files of sandbox {footprint.id}: "
+                    f"{copied.stderr.strip()[-500:]}"
+                )
 
     def network_modes(self) -> frozenset[str]:
         return _network_modes()
@@ -226,6 +284,11 @@ class GvisorBackend(Backend):
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
         details["network"] = ", ".join(sorted(_network_modes()))
+        details["memory snapshots"] = (
+            "sandboxes with network none (pause to disk keeps their processes)"
+            if os.geteuid() == 0
+            else "none without root (runsc cannot restore rootless)"
+        )
         return Capabilities(cls.name, not missing, tuple(missing), details)
 
     def __init__(self, settings: Settings) -> None:
@@ -270,9 +333,11 @@ class GvisorBackend(Backend):
             # namespaces of runsc's own).
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
+            # Restored: its files are the checkpoint's upper dir (see `checkpoint`).
+            upper = spec.restore / _UPPER if spec.restore is not None else None
             made = make_user_root(
                 footprint, layered, self._disks, self._accounts, disk, size, 0,
-                idrange.range_userns(0, 0), ram_disk=spec.ram_disk,
+                idrange.range_userns(0, 0), ram_disk=spec.ram_disk, upper=upper,
             )  # fmt: skip
             root, user, home, shell = (
                 made.path,
@@ -373,8 +438,12 @@ class GvisorBackend(Backend):
             *cgroups,
             *(["--rootless"] if rootless else []),
             "--log", str(footprint.path / "runsc.log"),
-            "run", "--bundle", str(bundle), footprint.id,
         ]  # fmt: skip
+        if spec.restore is None:
+            argv += ["run", "--bundle", str(bundle), footprint.id]
+        else:  # the same bundle, remade from the same spec: its mounts are the sandbox's
+            argv += ["restore", "--image-path", str(spec.restore / _IMAGE)]
+            argv += ["--bundle", str(bundle), footprint.id]
         return LaunchPlan(
             argv=argv,
             env={"PATH": PATH},

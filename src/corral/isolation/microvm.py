@@ -2,15 +2,16 @@
 
 The guest boots Debian's cloud kernel straight from QEMU (no firmware, no PCI; ACPI
 tables only to name the virtio-mmio devices, which this kernel cannot take from its
-command line)
-with Corral's initramfs (`corral.isolation.guest_kernel`), KVM when /dev/kvm can run a
-guest here, else TCG (emulation: slow to boot, but the same machine). Its disks, all
-virtio-blk, identified by serial:
+command line) with Corral's initramfs (`corral.isolation.guest_kernel`), KVM when
+/dev/kvm can run a guest here, else TCG (emulation: slow to boot, but the same
+machine). Its disks, all virtio-blk, identified by serial:
 - `corral-root`: the layer template's merged layers as an ext4 image, read-only, made
-  once per template (by its layer digests) under the data dir (`images`);
+  once per template (by its layer digests) under <data_dir>/microvm (`guest_images`);
 - `corral-disk`: the sandbox's own sparse ext4 disk of `disk_mib`, the upper dir of the
   overlay the guest mounts as `/` (a block device, not a shared directory, so that a
-  QEMU migration carries the whole sandbox);
+  QEMU migration carries the whole sandbox); with `ram_disk`, no disk: a tmpfs in the
+  guest, its RAM. A snapshot reads it on the host (`snapshot_files`) once the guest has
+  synced and is frozen;
 - `corral-runtime`: the guest agent and the host's Python runtime it needs (interpreter,
   libraries, standard library), read-only at /.corral, made once per agent and Python;
 - `corral-config`: a raw disk with the sandbox's host name, user, workdir and
@@ -30,33 +31,35 @@ sandboxes are refused with a pointer to a layer template such as `base`. Network
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import math
 import os
-import shlex
+import re
 import shutil
 import subprocess
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from corral.config import Settings
-from corral.errors import IsolationUnavailable, SandboxStartFailed
-from corral.guest import agent_source_dir
-from corral.images import mount_merged, unmount_overlay
-from corral.isolation import guest_kernel, idrange
-from corral.isolation.agent_install import GUEST_DIR, guest_runtime, install_agent
+from corral.config import IDS_PER_SLOT, Settings
+from corral.errors import IsolationUnavailable, SnapshotUnavailable
+from corral.images import unmount_overlay
+from corral.isolation import guest_kernel, idrange, microvm_snapshot
+from corral.isolation.agent_install import GUEST_DIR, guest_runtime
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import format_disk
 from corral.isolation.footprint import Footprint
+from corral.isolation.guest_images import root_image, runtime_image
 from corral.isolation.templates import LayerTemplate
 from corral.limits import Limits
+from corral.network.policy import NetworkPolicy
 
 QEMU = "qemu-system-x86_64"
-# QEMU's memory beyond the guest's RAM, added to the sandbox's cgroup limit: measured
-# RSS of an idle TCG guest of 256 MiB was ~RAM + 45 MiB with a 32 MiB translation cache;
-# the rest is headroom for device buffers under I/O.
+# QEMU's memory beyond the guest's RAM, added to the sandbox's cgroup limit. Measured
+# (TCG, 32 MiB translation cache): a 256 MiB guest idle after boot, cgroup 198 MiB; the
+# same guest with all its memory touched (its own OOM killer acting), cgroup 326 MiB —
+# ~70 MiB over the guest's RAM, with the page cache of its disk writes (reclaimable).
 VMM_OVERHEAD_MIB = 128
 TCG_CACHE_MIB = 32
 # Trimmed: no probing of hardware a microvm does not have; a panic or a reboot stops the
@@ -71,11 +74,7 @@ TCG_CMDLINE = "tsc_early_khz=2000000 tsc=reliable no_timer_check lpj=4000000"
 # A TCG boot takes seconds (several under load); the agent's first ping waits this long.
 START_TIMEOUT = 120.0
 _CONFIG_MAGIC = b"corral-vm-config\n"
-# Parts of the standard library the agent never imports: left out of its image.
-_STDLIB_SKIP = {
-    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-    "site-packages", "dist-packages", "config-3.11-x86_64-linux-gnu",
-}  # fmt: skip
+_KERNEL_LINE = re.compile(r"\[ *\d+\.\d+\]")
 
 
 def kernel_dir(settings: Settings) -> Path:
@@ -113,12 +112,21 @@ class MicrovmBackend(Backend):
     name = "microvm"
     layer_templates = True
     host_template = False
+    memory_snapshots = True  # QEMU migration to a file: `corral.isolation.microvm_snapshot`
 
     start_timeout = START_TIMEOUT
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._images = settings.data_dir / "microvm"
+
+    def check_network(self, policy: NetworkPolicy) -> None:
+        if policy.mode != "none":
+            raise IsolationUnavailable(
+                f"the microvm tier cannot enforce network mode {policy.mode!r} yet: its "
+                "guests have no network device (a policy needs a tap in the sandbox's "
+                "network namespace, not built); use network none or the namespace tier"
+            )
 
     def cgroup_memory_bytes(self, limits: Limits) -> int:
         """The guest's RAM plus QEMU's own memory."""
@@ -142,7 +150,8 @@ class MicrovmBackend(Backend):
         except IsolationUnavailable as exc:
             missing.append(f"cgroups: {exc}")
         try:
-            details["guest_agent"] = guest_runtime(settings.guest_python).describe()
+            python = guest_runtime(settings.guest_python).python
+            details["guest_agent"] = f"{python}, copied with its libraries into the agent image"
         except IsolationUnavailable as exc:
             missing.append(str(exc))
         if not missing:
@@ -175,54 +184,148 @@ class MicrovmBackend(Backend):
         )
         first = idrange.first_id(self.settings, slot)
         limits = spec.limits
-        disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
-        disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        footprint.record_disk(str(disk))
-        size = limits.storage_bytes if spec.ram_disk else limits.disk_bytes
-        format_disk(disk, size)
-        workdir = layered.workdir or "/workspace"
-        config = footprint.path / "config.img"
-        config.write_bytes(_config(footprint.id, layered, spec, workdir))
-        console = footprint.path / "console.log"
+        # The guest stores its ids as they are (no idmap): a snapshot maps them 1:1.
+        footprint.layer_ids = [0, 0, IDS_PER_SLOT]
         why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
-        accel = ["-accel", "kvm", "-cpu", "host"] if why_not_kvm is None else [
-            "-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max",
-        ]  # fmt: skip
+        cmdline = _cmdline(why_not_kvm)
+        disk: Path | None = None
+        if spec.ram_disk:  # a tmpfs in the guest: its writes are the guest's RAM
+            cmdline += f" corral.ramdisk={limits.storage_bytes}"
+        else:
+            disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
+            disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            footprint.record_disk(str(disk))
+        workdir = layered.workdir or "/workspace"
+        config = footprint.path / microvm_snapshot.CONFIG_DISK
         cpus = max(1, math.ceil(limits.cpu))
+        machine = microvm_snapshot.Machine(
+            limits.memory_bytes >> 20, cpus, str(root), str(runtime), ram_disk=disk is None
+        )
+        if spec.restore is None:
+            if disk is not None:
+                format_disk(disk, limits.disk_bytes)
+            config.write_bytes(_config(footprint.id, layered, spec, workdir))
+        else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
+            machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
+        machine.record(footprint.path)
+        console = footprint.path / "console.log"
+        # Memory snapshots (`microvm_snapshot`): the writable disk as open files, which a
+        # migration can reopen; a restore reads the checkpoint's memory from another.
+        fds, disk_args = microvm_snapshot.writable_disk("corral-disk", disk)
+        incoming: list[str] = []
+        if spec.restore is not None:
+            try:
+                memory, incoming = microvm_snapshot.incoming(spec.restore)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            fds.append(memory)
         argv = [
             QEMU,
             "-M", "microvm,x-option-roms=off",
-            *accel,
+            *_accel(why_not_kvm),
             "-smp", str(cpus),
             "-m", str(limits.memory_bytes >> 20),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
-            "-append", KERNEL_CMDLINE + ("" if why_not_kvm is None else " " + TCG_CMDLINE),
+            "-append", cmdline,
             "-serial", f"file:{console}",
             "-chardev", "stdio,id=agent,signal=off",
             "-device", "virtio-serial-device",
             "-device", "virtserialport,chardev=agent,name=corral.agent",
-            *_disk("corral-runtime", runtime, read_only=True),
+            *_disk("corral-runtime", Path(machine.runtime), read_only=True),
             *_disk("corral-root", root, read_only=True),
-            *_disk("corral-disk", disk, read_only=False),
+            *disk_args,
             *_disk("corral-config", config, read_only=True),
-            "-qmp", f"unix:{footprint.path / 'qmp.sock'},server=on,wait=off",
+            "-qmp", f"unix:{footprint.path / microvm_snapshot.QMP_SOCKET},server=on,wait=off",
             "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
             "-runas", f"{first}:{first}",
+            *microvm_snapshot.MIGRATION_ARGS,
+            *incoming,
         ]  # fmt: skip
-        # If QEMU exits (a failed boot: the init stops the VM), its console says why: what
-        # the init and the agent said (lines without the kernel's timestamp), then the
-        # kernel's last words.
-        script = (
-            '"$@"; status=$?; { grep -av "^\\[ *[0-9]" "$CORRAL_CONSOLE" | tail -n 20; '
-            'grep -a "^\\[ *[0-9]" "$CORRAL_CONSOLE" | tail -n 3; } >&2; exit $status'
-        )
         return LaunchPlan(
-            argv=["/bin/sh", "-c", script, "corral-microvm", *argv],
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CORRAL_CONSOLE": str(console)},
+            argv=argv,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             workdir=workdir,
             host_cwd=str(footprint.path),
+            pass_fds=tuple(fds),
         )
+
+    def checkpoint(self, footprint: Footprint, image: Path) -> None:
+        microvm_snapshot.checkpoint(footprint, image)
+
+    def clock_command(self) -> list[str] | None:
+        return microvm_snapshot.clock_command(f"{GUEST_DIR}/busybox")
+
+    def snapshot_flush(self) -> list[str] | None:
+        return [f"{GUEST_DIR}/busybox", "sync"]  # any template: the agent image's busybox
+
+    @contextlib.contextmanager
+    def snapshot_files(self, footprint: Footprint) -> Iterator[None]:
+        """The sandbox's disk mounted read-only at `rootfs.upper_dir`'s parent while the
+        guest is frozen, its writes flushed (`snapshot_flush`); recorded for the reaper."""
+        if footprint.disk is None:
+            raise SnapshotUnavailable(
+                f"sandbox {footprint.id} keeps its files on a RAM disk, in its guest's "
+                "memory: snapshot a sandbox made without ram_disk"
+            )
+        target = footprint.path / "disk"
+        target.mkdir(mode=0o700, exist_ok=True)
+        if str(target) not in footprint.mounts:
+            footprint.record_mount(str(target))
+        done = subprocess.run(
+            ["mount", "-t", "ext4", "-o", "ro,noload,nosuid,nodev,loop", footprint.disk,
+             str(target)],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise SnapshotUnavailable(f"could not read the sandbox's disk: {done.stderr[-300:]}")
+        try:
+            yield
+        finally:
+            unmount_overlay(target, lazy=True)  # any mount: a lazy umount2
+
+    def start_failure_detail(self, footprint: Footprint) -> str:
+        """The guest's console: what its init and agent said (lines without the kernel's
+        timestamp), then the kernel's last words."""
+        try:
+            with open(footprint.path / "console.log", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        kernel = [line for line in lines if _KERNEL_LINE.match(line)]
+        said = [line for line in lines if line.strip() and not _KERNEL_LINE.match(line)]
+        return "\n".join(["guest console:", *said[-20:], *kernel[-3:]])
+
+
+def bare_boot_argv(settings: Settings) -> list[str]:
+    """QEMU booting the tier's kernel and initramfs as a sandbox does, with the same
+    machine and accelerator, whose init prints `BARE_BOOT_LINE` on stdout and stops the
+    VM at once: the raw baseline of a boot (benchmarks)."""
+    kernel = guest_kernel.extract(kernel_dir(settings))
+    initramfs = guest_kernel.initramfs(kernel, settings.data_dir / "microvm")
+    why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
+    return [
+        QEMU, "-M", "microvm,x-option-roms=off", *_accel(why_not_kvm), "-smp", "1", "-m", "256",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
+        "-append", f"{_cmdline(why_not_kvm)} corral.bare", "-serial", "stdio",
+    ]  # fmt: skip
+
+
+BARE_BOOT_LINE = guest_kernel.BARE_BOOT_LINE
+
+
+def _accel(why_not_kvm: str | None) -> list[str]:
+    if why_not_kvm is None:
+        return ["-accel", "kvm", "-cpu", "host"]
+    return ["-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max"]
+
+
+def _cmdline(why_not_kvm: str | None) -> str:
+    return KERNEL_CMDLINE + ("" if why_not_kvm is None else " " + TCG_CMDLINE)
 
 
 def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:
@@ -246,111 +349,3 @@ def _config(sandbox_id: str, template: LayerTemplate, spec: SandboxSpec, workdir
     payload = "\0".join(fields).encode()
     data = _CONFIG_MAGIC + f"{len(payload)}\n".encode() + payload
     return data + b"\0" * (-len(data) % 512)
-
-
-def _mkfs(tree: Path, image: Path, extra_mib: int) -> None:
-    """An ext4 image of `tree` (owners and modes kept), sized for it plus `extra_mib`."""
-    used = subprocess.run(
-        ["du", "-s", "--block-size=1M", "-x", str(tree)], capture_output=True, text=True
-    )
-    mib = int(used.stdout.split()[0]) if used.returncode == 0 else 1024
-    size = int(mib * 1.15) + extra_mib
-    done = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-d", str(tree),
-         "-E", "root_owner=0:0", str(image), f"{size}M"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise SandboxStartFailed(f"could not make a guest disk image: {done.stderr[-300:]}")
-
-
-def root_image(template: LayerTemplate, directory: Path) -> Path:
-    """The ext4 image of `template`'s merged layers, made once (keyed by their digests)."""
-    key = hashlib.sha256("\0".join(template.digests).encode()).hexdigest()[:32]
-    image = directory / f"{key}.img"
-    if image.exists():
-        return image
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        if len(template.layers) == 1:  # overlayfs wants two lowers or an upper
-            _mkfs(template.layers[0], Path(staging) / "root.img", 64)
-        else:
-            merged = Path(staging) / "merged"
-            merged.mkdir()
-            mount_merged(list(template.layers), merged)
-            try:
-                _mkfs(merged, Path(staging) / "root.img", 64)
-            finally:
-                unmount_overlay(merged, lazy=True)
-        os.chmod(Path(staging) / "root.img", 0o444)
-        os.replace(Path(staging) / "root.img", image)
-    return image
-
-
-def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
-    """The image mounted at /.corral in the guest: the agent (`install_agent`), the
-    guest-side boot (`corral.guest.vm_boot`), busybox, and the host's `python` with the
-    libraries and standard library it needs, at their host paths under it (the argv of
-    `guest_runtime` then works there as it does in a namespace sandbox)."""
-    agent = install_agent(runtime_dir, python)
-    boot = (agent_source_dir() / "vm_boot.py").read_bytes()
-    busybox = Path(guest_kernel.BUSYBOX).read_bytes()
-    digest = hashlib.sha256(agent.name.encode() + boot + busybox)
-    image = directory / f"{digest.hexdigest()[:32]}.img"
-    if image.exists():
-        return image
-    runtime = guest_runtime(python)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        tree = Path(staging) / "tree"
-        shutil.copytree(agent, tree, symlinks=True)
-        (tree / "vm_boot.py").write_bytes(boot)
-        (tree / "busybox").write_bytes(busybox)
-        os.chmod(tree / "busybox", 0o755)
-        argv = " ".join(shlex.quote(a) for a in runtime.argv)
-        (tree / "start").write_text(f'exec {argv} -E -s -S {GUEST_DIR}/vm_boot.py "$1"\n')
-        _copy_runtime(runtime.python, runtime.loader, tree)
-        _mkfs(tree, Path(staging) / "runtime.img", 16)
-        os.chmod(Path(staging) / "runtime.img", 0o444)
-        os.replace(Path(staging) / "runtime.img", image)
-    return image
-
-
-def _copy_runtime(python: str, loader: str | None, tree: Path) -> None:
-    """Copy `python`, its loader, the shared libraries it and its extension modules
-    load (under the name the loader looks for, in the directory `guest_runtime` names)
-    and its standard library into `tree`, at their host paths."""
-    stdlib = subprocess.run(
-        [python, "-E", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    stdlib = os.path.realpath(stdlib)
-
-    def place(source: str, name: str | None = None) -> None:
-        real = os.path.realpath(source)
-        target = tree / (os.path.dirname(real).lstrip("/")) / (name or os.path.basename(real))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            shutil.copy2(real, target)
-
-    place(python)
-    shutil.copytree(
-        stdlib,
-        tree / stdlib.lstrip("/"),
-        symlinks=True,
-        ignore=lambda _d, names: [n for n in names if n in _STDLIB_SKIP],
-        dirs_exist_ok=True,
-    )
-    if loader is None:
-        return
-    place(loader)
-    objects = [python, *map(str, Path(stdlib, "lib-dynload").glob("*.so"))]
-    for obj in objects:
-        listed = subprocess.run(
-            [loader, "--inhibit-cache", "--list", obj], capture_output=True, text=True
-        )
-        for line in listed.stdout.splitlines():
-            if "=>" in line:
-                path = line.split("=>", 1)[1].split("(")[0].strip()
-                if path.startswith("/"):
-                    place(path, os.path.basename(path))

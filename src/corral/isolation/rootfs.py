@@ -81,6 +81,7 @@ def make_root(
     accounts: Path | None = None,
     *,
     ram_disk: bool = False,
+    upper: Path | None = None,
 ) -> Path:
     """Make the sandbox's disk (image file `disk`), idmapped layers and overlay; the
     mounted root. `first` is the host id of the sandbox's uid 0 and `userns_of` gives the
@@ -88,7 +89,8 @@ def make_root(
     their identity inside, and what the sandbox's root writes is `first`'s on its disk.
     `accounts` (`Accounts.layer`) goes on top of the template's layers. With `ram_disk`
     the disk is a tmpfs of `disk_bytes` instead (no image): its pages are charged to the
-    sandbox's memory, like a `host` sandbox's storage."""
+    sandbox's memory, like a `host` sandbox's storage. `upper` is an upper dir to start
+    from (a checkpoint's: `gvisor`), copied onto the disk before the overlay is mounted."""
     layers = [*template.layers, *([accounts] if accounts else [])]
     mnt, lowers, root = footprint.path / "disk", footprint.path / "layers", footprint.path / "root"
     targets = [lowers / str(i) for i in range(len(layers))]
@@ -105,6 +107,8 @@ def make_root(
             disks.take(disk, disk_bytes, mnt)
         for name, _mode in DISK_DIRS:
             os.chown(mnt / name, first, first)
+        if upper is not None:  # owners, modes, whiteouts and xattrs as they were
+            _run(["cp", "-a", f"{upper}/.", str(mnt / "upper")], "restore the sandbox's files")
     except BaseException:
         with contextlib.suppress(Exception):
             os.close(userns_of())  # its child waited for
@@ -152,12 +156,22 @@ def make_user_root(
     userns_of: Callable[[], int],
     *,
     ram_disk: bool = False,
+    upper: Path | None = None,
 ) -> LayerRoot:
     """`make_root`, then the users every sandbox has (root, `user`), the template's
     user looked up (InvalidRequest when its /etc/passwd lacks it) and its places made."""
     layer = accounts.layer(template)
     root = make_root(
-        footprint, template, disks, disk, disk_bytes, first, userns_of, layer, ram_disk=ram_disk
+        footprint,
+        template,
+        disks,
+        disk,
+        disk_bytes,
+        first,
+        userns_of,
+        layer,
+        ram_disk=ram_disk,
+        upper=upper,
     )
     home = f"/home/{SANDBOX_USER}"
     if layer is None:

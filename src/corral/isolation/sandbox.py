@@ -37,7 +37,7 @@ from corral.errors import (
 )
 from corral.guest import EntryInfo, GuestConnection, GuestWatch
 from corral.guest import ProcessInfo as ProcessInfo
-from corral.images import LayerStore
+from corral.images import Layer, LayerStore
 from corral.isolation.backend import Backend, Entrypoint, SandboxSpec, check_command_timeout
 from corral.isolation.cgroups import Cgroup, CgroupDriver, CgroupUsage
 from corral.isolation.command import Command, CommandResult
@@ -201,8 +201,17 @@ class Sandbox:
             await asyncio.wait_for(self._guest.ping(), self._backend.start_timeout)
         except (GuestError, TimeoutError) as exc:
             await self._launcher_gone()
-            detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            detail = self._stderr_tail.decode(errors="replace").strip()
+            said = self._backend.start_failure_detail(self.footprint)
+            detail = "\n".join(part for part in (detail, said) if part) or str(exc)
             raise SandboxStartFailed(f"sandbox {self.id} did not start: {detail}") from None
+        if self.spec.restore is not None and (clock := self._backend.clock_command()):
+            done = await (await self.exec(clock, user="root")).collect()
+            if not done.ok:
+                log.warning(
+                    "could not set a restored sandbox's clock",
+                    extra={"sandbox_id": self.id, "stderr": done.stderr[-300:]},
+                )
 
     async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
         """Keep the tail of the launcher's stderr for error messages; log it too."""
@@ -260,16 +269,18 @@ class Sandbox:
                 raise SandboxNotRunning(f"sandbox {self.id} is destroyed")
             cgroup = self._require_cgroup("snapshot")
             paused = self.state is SandboxState.PAUSED
+            flush = self._backend.snapshot_flush()
+            if flush is not None:  # its files are in a guest kernel's cache until written
+                if paused:
+                    raise IsolationUnavailable(
+                        f"sandbox {self.id} is paused and its guest has not written its "
+                        "files out: resume it, then snapshot it"
+                    )
+                await (await self.exec(flush, user="root")).collect()
             if not paused:
                 await asyncio.to_thread(cgroup.freeze)
             reading = asyncio.ensure_future(
-                asyncio.to_thread(
-                    upper_layer,
-                    store,
-                    upper_dir(self.footprint),
-                    (ids[0], ids[1], ids[2]),
-                    max_bytes,
-                )
+                asyncio.to_thread(self._read_upper, store, (ids[0], ids[1], ids[2]), max_bytes)
             )
             try:
                 layer = await asyncio.shield(reading)
@@ -297,12 +308,12 @@ class Sandbox:
         Its calls in flight end (SandboxNotRunning) and no command's stream survives the
         restore; its processes do, background commands included (attach to them by pid).
         A paused (frozen) sandbox is thawed for its agent to let go of its calls. Refused
-        before anything changes on a tier without memory snapshots (IsolationUnavailable),
-        for a one-shot sandbox, and when `image` exists or its parent does not
-        (InvalidRequest). Once its agent has let go, a failure destroys it too (and
-        removes `image`): it has no connection to go on with.
+        before anything changes where the tier cannot checkpoint it (IsolationUnavailable,
+        `Backend.check_checkpoint`), for a one-shot sandbox, and when `image` exists or
+        its parent does not (InvalidRequest). Once its agent has let go, a failure
+        destroys it too (and removes `image`): it has no connection to go on with.
         """
-        self._backend.require_memory_snapshots("checkpoint a sandbox")
+        self._backend.check_checkpoint(self.spec, "checkpoint a sandbox")
         if self.entry is not None:
             raise InvalidRequest(
                 f"sandbox {self.id} runs one command without a guest agent: it cannot be "
@@ -351,6 +362,12 @@ class Sandbox:
             while not writing.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({writing})
+
+    def _read_upper(
+        self, store: LayerStore, ids: tuple[int, int, int], max_bytes: int | None
+    ) -> Layer:
+        with self._backend.snapshot_files(self.footprint):
+            return upper_layer(store, upper_dir(self.footprint), ids, max_bytes)
 
     async def destroy(self) -> None:
         """Kill every process and remove every trace: cgroup, mounts, files. Idempotent."""

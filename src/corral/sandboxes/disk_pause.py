@@ -1,4 +1,10 @@
-"""Pausing a sandbox to disk: its filesystem kept, its processes and memory let go.
+"""Pausing a sandbox to disk: nothing of it runs and its memory is the host's again.
+
+On a tier with memory snapshots (gvisor, microvm) the whole sandbox is kept: `checkpoint`
+writes its memory, processes and files (`Sandbox.checkpoint`) to
+`<data_dir>/paused/<id>.checkpoint/`, and resuming restores it from there
+(`Engine.create(restore=...)`): its processes go on where they were, only the streams of
+commands running at the pause end. On other tiers only its filesystem is kept (`save`):
 
 A frozen pause (`Sandbox.pause`) keeps every process in memory. A pause to disk (E2B's
 `pause(keep_memory=False)`) instead snapshots the sandbox's `/` (`Sandbox.snapshot`: its
@@ -19,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +58,8 @@ class DiskImage:
     ready: str | None = None
     on_timeout: str = "kill"
     pause_keeps_memory: bool = True
+    # A checkpoint of the whole sandbox (`checkpoint_dir`), not its filesystem's layers.
+    memory: bool = False
 
     @property
     def holder(self) -> str:
@@ -58,6 +67,9 @@ class DiskImage:
 
     def path(self, data_dir: Path) -> Path:
         return directory(data_dir) / f"{self.sandbox_id}.json"
+
+    def checkpoint_dir(self, data_dir: Path) -> Path:
+        return directory(data_dir) / f"{self.sandbox_id}.checkpoint"
 
     def write(self, data_dir: Path) -> None:
         """Write it whole or not at all (a crash leaves the old file or none)."""
@@ -103,11 +115,14 @@ class DiskImage:
             templates.remove(name)  # a sandbox started holds its layers itself
 
     def drop(self, layers: LayerStore | None, data_dir: Path) -> None:
-        """Let its layers go and forget it (after a resume, or when it is killed)."""
+        """Let its layers (or checkpoint) go and forget it (after a resume, or when it is
+        killed)."""
         if layers is not None:
             for digest in self.digests:
                 layers.release(digest, self.holder)
         self.path(data_dir).unlink(missing_ok=True)
+        if self.memory:
+            shutil.rmtree(self.checkpoint_dir(data_dir), ignore_errors=True)
 
 
 async def save(
@@ -151,5 +166,27 @@ async def save(
             image.drop(layers, data_dir)
         with contextlib.suppress(Exception):
             await sandbox.resume()
+        raise
+    return image
+
+
+async def checkpoint(
+    sandbox: Sandbox, data_dir: Path, *, on_timeout: str, pause_keeps_memory: bool
+) -> DiskImage:
+    """Write `sandbox` whole under `data_dir` (`Sandbox.checkpoint`, which destroys it)
+    and keep it as a DiskImage. Refused before anything changes where its tier cannot
+    checkpoint it; once its agent has let go of its calls, a failure destroys it too."""
+    image = DiskImage(
+        sandbox.id, (), on_timeout=on_timeout, pause_keeps_memory=pause_keeps_memory, memory=True
+    )
+    path = image.checkpoint_dir(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Left by a server that died while checkpointing (the record is written after).
+    shutil.rmtree(path, ignore_errors=True)
+    await sandbox.checkpoint(path)
+    try:
+        image.write(data_dir)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
         raise
     return image

@@ -152,10 +152,11 @@ class LiveSandboxes:
 
     async def end(self, entry: LiveSandbox, state: str, reason: str) -> None:
         async with entry.lock:
-            await self._end_locked(entry, state, reason)
+            await self.end_locked(entry, state, reason)
 
-    async def _end_locked(self, entry: LiveSandbox, state: str, reason: str) -> None:
-        """Flush metrics, destroy the sandbox and record its end; a no-op if it has ended."""
+    async def end_locked(self, entry: LiveSandbox, state: str, reason: str) -> None:
+        """Flush metrics, destroy the sandbox and record its end; a no-op if it has ended.
+        The caller holds the sandbox's lock."""
         if entry.state not in ("running", "paused"):
             return
         entry.state = state  # from here on, `running()` refuses it
@@ -219,7 +220,7 @@ class LiveSandboxes:
                     )
                     why = reason.partition(": ")[2]  # "idle for 300s", "timeout"
                     reason = f"killed: {why} (could not pause: {exc})"
-            await self._end_locked(entry, "killed", reason)
+            await self.end_locked(entry, "killed", reason)
 
     def save_activity(self) -> None:
         self._activity_saved = time.monotonic()

@@ -34,6 +34,7 @@ from corral.errors import (
     CorralError,
     Forbidden,
     InvalidRequest,
+    IsolationUnavailable,
     NotFound,
     SandboxNotRunning,
     SnapshotUnavailable,
@@ -42,6 +43,7 @@ from corral.errors import (
 from corral.images import LayerStore
 from corral.isolation import Engine, Sandbox
 from corral.isolation.engine import new_sandbox_id
+from corral.isolation.sandbox import SandboxState
 from corral.isolation.templates import get_template
 from corral.isolation.volumes import VolumeMount
 from corral.network.policy import NetworkPolicy
@@ -166,7 +168,7 @@ class SandboxManager:
         limits = options.limits
         limits.check_host()
         self.network_cap.check(options.network, team.name)
-        engine_template = self._engine_template(team, options.template)
+        engine_template = self._engine_template(team.id, options.template)
         mounts = self.volumes.mounts(team.id, options.volumes)
         # A tier the host lacks, or a feature the tier lacks, is refused before the row.
         _, tier = self.engine.check(
@@ -289,13 +291,13 @@ class SandboxManager:
             pool.start()
         return pool or self.pool
 
-    def _engine_template(self, team: Team, name: str) -> str:
+    def _engine_template(self, team_id: str, name: str) -> str:
         """The engine's name of the team's template `name` (a team's templates are its
         own: another team's is not found)."""
         if self.resolve_template is None:
             get_template(name)
             return name
-        return self.resolve_template(team.id, name)
+        return self.resolve_template(team_id, name)
 
     async def _start(
         self,
@@ -395,21 +397,39 @@ class SandboxManager:
     async def _pause_to_disk(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
         sandbox = entry.sandbox
         assert sandbox is not None
-        if self.layers is None:
+        memory = self._keeps_memory(sandbox)
+        if self.layers is None and not memory:
             raise SnapshotUnavailable(
                 "this server process keeps no template layers, so it cannot pause to disk; "
                 "pause with the memory kept (keep_memory=true)"
             )
         self._live.flush(entry, final=False)
-        disk = await disk_pause.save(
-            sandbox,
-            self.layers,
-            self.settings.data_dir,
-            self.settings.template_max_bytes,
-            on_timeout=entry.on_timeout,
-            pause_keeps_memory=entry.pause_keeps_memory,
-        )
-        # From here on its filesystem is the image: the engine sandbox goes.
+        if memory:
+            try:
+                disk = await disk_pause.checkpoint(
+                    sandbox,
+                    self.settings.data_dir,
+                    on_timeout=entry.on_timeout,
+                    pause_keeps_memory=entry.pause_keeps_memory,
+                )
+            except BaseException as exc:
+                if sandbox.state is SandboxState.DESTROYED:  # lost in the attempt
+                    why = str(exc) if isinstance(exc, CorralError) else "cancelled"
+                    await self._live.end_locked(
+                        entry, "failed", f"failed: could not pause it to disk: {why}"
+                    )
+                raise
+        else:
+            assert self.layers is not None
+            disk = await disk_pause.save(
+                sandbox,
+                self.layers,
+                self.settings.data_dir,
+                self.settings.template_max_bytes,
+                on_timeout=entry.on_timeout,
+                pause_keeps_memory=entry.pause_keeps_memory,
+            )
+        # From here on the sandbox is the image: the engine sandbox goes.
         entry.disk, entry.sandbox, entry.state = disk, None, "paused"
         if entry.network is not None:
             await entry.network.stop()
@@ -422,17 +442,32 @@ class SandboxManager:
             )
         return self._live.record_paused(entry, reason)
 
+    def _keeps_memory(self, sandbox: Sandbox) -> bool:
+        """Whether a pause to disk of `sandbox` keeps its memory (a checkpoint). Where
+        its tier cannot checkpoint it, one of a layer template keeps its files alone,
+        as on a tier without memory snapshots; any other is refused by its checkpoint,
+        which says why."""
+        backend = self.engine.backend(sandbox.backend)
+        if not backend.memory_snapshots:
+            return False
+        if sandbox.spec.rootfs is not None:
+            try:
+                backend.check_checkpoint(sandbox.spec, "pause it to disk with its memory")
+            except IsolationUnavailable:
+                return False
+        return True
+
     async def _resume(self, entry: LiveSandbox, reason: str) -> SandboxRow | None:
         disk = entry.disk
         if disk is None:
             return await self._live.resume(entry, reason)
-        if self.layers is None:
+        if self.layers is None and not disk.memory:
             raise SnapshotUnavailable(
                 f"sandbox {entry.id} is paused to disk and this server process keeps no "
                 "template layers to boot it from; resume it through the server"
             )
-        # Booted as it was created, with what its row says now (its network may have
-        # changed while it was paused); its filesystem is the image's.
+        # Started as it was created, with what its row says now (its network may have
+        # changed while it was paused); its filesystem (and memory) the image's.
         row = self.store.sandbox(entry.id)
         assert row is not None  # a live sandbox's row stays until it ends
         record = self._record(row)
@@ -446,12 +481,28 @@ class SandboxManager:
             ram_disk=record.ram_disk,
         )
         mounts = self.volumes.mounts(entry.team_id, options.volumes)
+        if disk.memory:
+            sandbox = await self.engine.create(
+                template=self._engine_template(entry.team_id, options.template),
+                limits=options.limits,
+                network=options.network,
+                env=options.envs,
+                isolation=options.isolation,
+                sandbox_id=entry.id,
+                volumes=mounts,
+                ram_disk=options.ram_disk,
+                restore=disk.checkpoint_dir(self.settings.data_dir),
+            )
+            how = "restored with its memory: its processes go on"
+        else:
 
-        async def start(template: str) -> Sandbox:
-            return await self._boot(entry.id, template, options, mounts)
+            async def start(template: str) -> Sandbox:
+                return await self._boot(entry.id, template, options, mounts)
 
-        sandbox = await disk.boot(self.engine.templates, self.layers, start)
-        self._drop_disk(disk)  # the new sandbox holds the layers it started from
+            assert self.layers is not None
+            sandbox = await disk.boot(self.engine.templates, self.layers, start)
+            how = "booted from its filesystem: its processes were not kept"
+        self._drop_disk(disk)  # the new sandbox holds what it started from
         entry.disk, entry.sandbox = None, sandbox
         entry.network = NetworkEventPump(self.store, sandbox)
         entry.state = "running"
@@ -460,7 +511,7 @@ class SandboxManager:
         return self.store.transition(
             entry.id,
             "running",
-            reason + " (booted from its filesystem: its processes were not kept)",
+            f"{reason} ({how})",
             from_states=("paused",),
             last_activity_at=utc(entry.last_activity),
         )
@@ -523,6 +574,8 @@ class SandboxManager:
         async def change(entry: LiveSandbox, reason: str) -> None:
             if entry.sandbox is not None:  # paused to disk: its resume reads the row
                 await entry.sandbox.set_network(policy)
+            elif entry.disk is not None and entry.disk.memory:
+                _check_restored_network(entry.id, self._owned(team, sandbox_id), policy)
             self.store.update_sandbox(sandbox_id, network=network_json(policy))
 
         await self._live.locked(entry, ("running", "paused"), "change the network of", change)
@@ -694,6 +747,17 @@ class SandboxManager:
             template=template,
         )
         return [self._record(row) for row in rows], token
+
+
+def _check_restored_network(sandbox_id: str, row: SandboxRow, policy: NetworkPolicy) -> None:
+    """Refuse what a sandbox paused with its memory would refuse running: an uplink for
+    one made without (its restored processes live in a sandbox that has none)."""
+    if row.network.get("mode", "none") == "none" and policy.mode != "none":
+        raise IsolationUnavailable(
+            f"sandbox {sandbox_id} was created with network 'none' and has no uplink; "
+            "create a new sandbox with network 'internet' or 'allowlist' to change "
+            "its network later"
+        )
 
 
 def _not_found(sandbox_id: str) -> str:
