@@ -18,7 +18,6 @@ throughput in MiB/s; the load average before and after says how busy the host wa
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import shutil
 import subprocess
@@ -36,7 +35,6 @@ from corral.images import Layer, LayerStore
 from corral.images.debian import bootstrap
 from corral.isolation import Engine, Sandbox
 from corral.isolation.registry import backend_class, unavailable
-from corral.limits import Limits
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.store import Store
 
@@ -239,35 +237,11 @@ def runsc_baseline(settings: Settings, runs: int, scratch: Path) -> dict[str, An
 
 
 def qemu_baseline(settings: Settings, runs: int, scratch: Path) -> dict[str, Any]:
-    """A bare QEMU boot of the microvm tier's kernel and initramfs, with its machine,
-    accelerator, CPU count, memory and kernel command line, to a first line of output:
-    busybox as init echoes one line (no modules, disks or agent), then the VM stops."""
-    from corral.isolation import guest_kernel
-    from corral.isolation.microvm import (
-        KERNEL_CMDLINE,
-        QEMU,
-        TCG_CACHE_MIB,
-        TCG_CMDLINE,
-        kernel_dir,
-        kvm_reason,
-    )
+    """A bare QEMU boot of the microvm tier's kernel and init, its machine and accelerator
+    (`microvm.bare_boot_argv`), to the init's first line of output."""
+    from corral.isolation.microvm import BARE_BOOT_LINE, bare_boot_argv
 
-    kernel = guest_kernel.extract(kernel_dir(settings))
-    initramfs = guest_kernel.initramfs(kernel, settings.data_dir / "microvm")
-    kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs)) is None
-    accel = ["-accel", "kvm", "-cpu", "host"] if kvm else [
-        "-accel", f"tcg,tb-size={TCG_CACHE_MIB}", "-cpu", "max",
-    ]  # fmt: skip
-    cmdline = KERNEL_CMDLINE.replace("rdinit=/init", "rdinit=/bin/busybox")
-    cmdline += ("" if kvm else " " + TCG_CMDLINE) + " -- echo corral-first-line"
-    limits = Limits()
-    argv = [
-        QEMU, "-M", "microvm,x-option-roms=off", *accel,
-        "-smp", str(max(1, math.ceil(limits.cpu))), "-m", str(limits.memory_mib),
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
-        "-append", cmdline, "-serial", "stdio",
-    ]  # fmt: skip
+    argv = bare_boot_argv(settings)
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -275,14 +249,14 @@ def qemu_baseline(settings: Settings, runs: int, scratch: Path) -> dict[str, Any
             assert qemu.stdout is not None
             try:
                 for line in qemu.stdout:
-                    if b"corral-first-line" in line:
+                    if BARE_BOOT_LINE.encode() in line:
                         samples.append(ms_since(start))
                         break
                 else:
                     raise SystemExit("QEMU ended before its init printed a line")
             finally:
                 qemu.kill()
-    return {"accel": "kvm" if kvm else "tcg", **summary(samples)}
+    return {"accel": "tcg" if "tcg" in " ".join(argv) else "kvm", **summary(samples)}
 
 
 BASELINES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
