@@ -22,7 +22,7 @@ DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help setup system-packages python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow lint bench run doctor proto clean
+.PHONY: help setup system-packages python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
@@ -31,9 +31,11 @@ help:
 	@echo "make test-e2b - only the official e2b SDK against a Corral server (tests/e2b_sdk)"
 	@echo "make test-slow - only the slow tests (pytest -m slow: the vm languages other than"
 	@echo "              python, whose first template builds take minutes each)"
+	@echo "make test-tiers - only the tests that run once per isolation tier (namespace, gvisor,"
+	@echo "              microvm), all of them on microvm too (make test runs a subset there: TCG)"
 	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
 	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
-	@echo "make bench  - the engine and API benchmarks (one JSON object each)"
+	@echo "make bench  - the engine, API and isolation tiers benchmarks (one JSON object each)"
 	@echo "make proto  - regenerate src/corral/v1/ and src/corral/envd/ from proto/corral/*/*.proto"
 
 setup: system-packages python-env debian-archive guest-kernel
@@ -99,6 +101,11 @@ test-acceptance: setup
 test-slow: setup
 	@$(UV) run --frozen pytest -m slow
 
+# Every test marked to run on each isolation tier, on every tier this host offers (a tier it
+# lacks skips with the reason); `make test` leaves most of the microvm runs out (`slow`).
+test-tiers: setup
+	@$(UV) run --frozen pytest -m tiers
+
 lint: python-env
 	@$(UV) run --frozen ruff check src tests benchmarks scripts && \
 	$(UV) run --frozen ruff format --check src tests benchmarks scripts && \
@@ -116,6 +123,7 @@ bench: setup
 	@$(UV) run --frozen python benchmarks/jobs.py --json
 	@$(UV) run --frozen python benchmarks/cli.py --json
 	@$(UV) run --frozen python benchmarks/terminals.py --json
+	@$(UV) run --frozen python benchmarks/tiers.py --json
 
 doctor: setup
 	@$(UV) run --frozen corral doctor

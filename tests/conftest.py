@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from corral.sandboxes import SandboxManager
 
 TEST_CGROUP_PARENT = "corral-test"
+# The microvm tier's guest kernel, where `make setup` downloads it.
+GUEST_KERNELS = Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"
 
 
 # -- tiers: every test gets exactly one of unit, integration, acceptance ---------------------
@@ -48,7 +51,7 @@ TIERS = ("unit", "integration", "acceptance")
 # of them (directly or through another fixture) is an integration test. `settings` is the
 # session's runtime dir for real engines and servers; unit tests use `store_settings`.
 INTEGRATION_FIXTURES = frozenset(
-    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime", "internet"}
+    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime", "internet", "tier"}
 )
 # Markers that already say a test needs a real sandbox.
 INTEGRATION_MARKERS = ("sandbox", "hostile")
@@ -103,6 +106,61 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tier = tier_of(item)
         if not item.get_closest_marker(tier):
             item.add_marker(tier)
+        mark_isolation_tier(item)
+
+
+# -- isolation tiers: one test on every tier the host offers ---------------------------------
+
+# The tiers a test marked `every_tier` (or using the `tier` fixture) runs on. `process` is
+# left out: it isolates nothing, so the isolation tests would not hold on it.
+ISOLATION_TIERS = ("namespace", "gvisor", "microvm")
+# microvm boots under TCG on hosts without KVM (seconds a sandbox): `make test` runs only
+# the tests marked `microvm_subset` on it; the rest are `slow` there (`make test-tiers`).
+SLOW_TIERS = ("microvm",)
+
+every_tier = pytest.mark.usefixtures("tier")
+
+
+@functools.cache
+def tier_unavailable(name: str, settings: Settings) -> str | None:
+    """Why the isolation tier `name` cannot run here (its probe's answer), or None; asked
+    once a session (a probe may start a process)."""
+    from corral.isolation.registry import unavailable
+
+    return unavailable(name, settings)
+
+
+@pytest.fixture(params=ISOLATION_TIERS)
+def tier(request: pytest.FixtureRequest, settings: Settings) -> str:
+    """The isolation tier the test runs on: one run per tier; a tier the host lacks skips
+    with its probe's reason."""
+    name: str = request.param
+    if reason := tier_unavailable(name, settings):
+        pytest.skip(f"{name} tier unavailable here: {reason}")
+    return name
+
+
+def tier_param(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("tier") if callspec is not None else None
+
+
+def mark_isolation_tier(item: pytest.Item) -> None:
+    """A test run on every tier is `tiers` (`make test-tiers`); on a slow tier, it is also
+    `slow` unless it is in that tier's subset (`microvm_subset`). A known gap of a tier
+    (`@pytest.mark.fails_on(tier, reason=...)`) is an xfail there, not strict: the run's
+    summary lists it (XPASS once the tier is fixed: then remove the mark)."""
+    name = tier_param(item)
+    if name is None:
+        return
+    item.add_marker("tiers")
+    if name in SLOW_TIERS and not item.get_closest_marker(f"{name}_subset"):
+        item.add_marker("slow")
+    for gap in item.iter_markers("fails_on"):
+        if name in gap.args:
+            item.add_marker(
+                pytest.mark.xfail(reason=f"{name}: {gap.kwargs['reason']}", strict=False)
+            )
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +174,7 @@ def settings() -> Iterator[Settings]:
         cgroup_parent=TEST_CGROUP_PARENT,
         allow_process_backend=True,
         base_template="off",  # never built from the internet: tests/kit/e2b_base.py installs it
-        # The microvm tier's guest kernel, where `make setup` downloads it.
-        guest_kernel_dir=str(Path(__file__).resolve().parents[1] / ".cache" / "guest-kernel"),
+        guest_kernel_dir=str(GUEST_KERNELS) if GUEST_KERNELS.is_dir() else "",
     )
     yield session
     from corral.isolation import Engine
@@ -199,11 +256,70 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
         await engine.aclose()
 
 
+def unmet(marks: list[pytest.MarkDecorator]) -> str | None:
+    """The reason of the first skipif mark whose condition holds (tests/kit/debian.py's
+    `needs_archive`), or None."""
+    return next((str(m.kwargs["reason"]) for m in marks if m.args[0]), None)
+
+
+def base_unavailable() -> str | None:
+    """Why this host cannot give a server the `base` template (tests/kit/e2b_base.py)."""
+    from tests.kit.e2b_base import needs_base
+
+    return unmet(needs_base())
+
+
+def has_host_template(tier: str) -> bool:
+    """Whether `tier` runs sandboxes of the `host` template (microvm: a kernel of its own
+    needs a disk image, so a layer template)."""
+    from corral.isolation.registry import backend_class
+
+    return backend_class(tier).host_template
+
+
 @pytest.fixture
-async def sandbox(engine: Engine, settings: Settings) -> AsyncIterator[Sandbox]:
-    """A `namespace` sandbox with default limits."""
-    require_backend(settings, "namespace")
-    box = await engine.create(isolation="namespace")
+def tier_template(request: pytest.FixtureRequest, engine: Engine) -> str:
+    """The template an engine sandbox of the test's tier starts from: `host`, or on a tier
+    without it the Debian base, added to `engine` as `debian`."""
+    if has_host_template(isolation_of(request)):
+        return "host"
+    from tests.kit.debian import needs_archive
+
+    if reason := unmet(needs_archive("python3")):
+        pytest.skip(reason)
+    store, layer = request.getfixturevalue("debian_base")
+    engine.templates.add("debian", store, [layer.digest])
+    return "debian"
+
+
+def server_template(tier: str) -> str:
+    """The template a sandbox of the session's server on `tier` starts from: `host`, or
+    on a tier without it the server's `base` (skips, saying why, where it has none)."""
+    if has_host_template(tier):
+        return "host"
+    if reason := base_unavailable():
+        pytest.skip(reason)
+    return "base"
+
+
+def isolation_of(request: pytest.FixtureRequest) -> str:
+    """The tier a fixture's sandbox runs on: the test's `tier` when it runs on every tier
+    (`every_tier`), else namespace."""
+    if "tier" in request.fixturenames:
+        name: str = request.getfixturevalue("tier")
+        return name
+    return "namespace"
+
+
+@pytest.fixture
+async def sandbox(
+    engine: Engine, settings: Settings, request: pytest.FixtureRequest
+) -> AsyncIterator[Sandbox]:
+    """A sandbox with default limits, on the test's tier (`isolation_of`)."""
+    isolation = isolation_of(request)
+    require_backend(settings, isolation)
+    template = request.getfixturevalue("tier_template")
+    box = await engine.create(template, isolation=isolation)
     try:
         yield box
     finally:
@@ -456,7 +572,12 @@ def server(settings: Settings) -> Iterator[LiveServer]:
     """One server for the session; tests that stop servers start their own. Its callbacks
     may go to receivers on loopback (the tests'), which a server refuses by default."""
     allow = {"CORRAL_CALLBACK_ALLOW": "127.0.0.1"}
-    live = start_server(settings, settings.runtime_dir / "server-data", extra_env=allow)
+    data = settings.runtime_dir / "server-data"
+    if base_unavailable() is None:  # `base`: a tier without the host template starts from it
+        from tests.kit import e2b_base
+
+        e2b_base.install(data)
+    live = start_server(settings, data, extra_env=allow)
     try:
         yield live
     finally:
@@ -464,9 +585,12 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-def box(server: LiveServer, sandbox_host: None) -> Iterator[str]:
-    """A sandbox on the session's server, created and killed over the raw API: its id."""
-    response = call(server, "Create", {"timeoutSeconds": 120})
+def box(server: LiveServer, sandbox_host: None, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A sandbox on the session's server, created and killed over the raw API, on the
+    test's tier (`isolation_of`): its id."""
+    isolation = isolation_of(request)
+    asked = {"timeoutSeconds": 120, "isolation": isolation, "template": server_template(isolation)}
+    response = call(server, "Create", asked)
     assert response.status_code == 200, response.text
     sandbox_id: str = response.json()["sandbox"]["id"]
     yield sandbox_id

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, every_tier
 from tests.kit.connect import SERVICE, assert_serving, call, error, stream
 from tests.kit.polling import wait_until
 
@@ -71,6 +71,8 @@ def test_teams_never_see_each_others_sandboxes(server: LiveServer, box: str) -> 
 # -- the happy path in JSON ----------------------------------------------------------------
 
 
+@every_tier
+@pytest.mark.microvm_subset
 def test_exec_streams_start_output_and_end(server: LiveServer, box: str) -> None:
     messages, end = stream(
         server,
@@ -97,6 +99,7 @@ def test_binary_codec_works_too(server: LiveServer, box: str) -> None:
     assert pb.GetResponse.FromString(response.content).sandbox.id == box
 
 
+@every_tier
 def test_files_round_trip_and_dotdot_stays_inside(server: LiveServer, box: str) -> None:
     messages, _ = stream(
         server, "Exec", {"sandboxId": box, "cmd": "mkdir -p d && echo secret > d/f"}

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from corral.config import Settings
+from tests.conftest import ISOLATION_TIERS
 from tests.kit import internet as fake
 from tests.kit import rootless as rootless_kit
 from tests.kit.internet import Internet
@@ -93,6 +94,16 @@ def rootless(internet: Internet, delegated: str, home: Path) -> Iterator[Driver]
 def driver(rootless: Driver) -> Driver:
     """What the root path's tests imported above use: here, the rootless server."""
     return rootless
+
+
+@pytest.fixture(params=ISOLATION_TIERS)
+def tier(request: pytest.FixtureRequest, rootless: Driver) -> str:
+    """The tier of the root path's tests imported above, as the rootless server sees it: a
+    tier it cannot run, or whose sandboxes it cannot network, skips saying why."""
+    name: str = request.param
+    if reason := rootless.ok(op="unavailable", tier=name)["reason"]:
+        pytest.skip(f"{name} tier unavailable to a rootless server: {reason}")
+    return name
 
 
 def create(driver: Driver, network: str, allow: list[str] | None = None, **limits: Any) -> str:

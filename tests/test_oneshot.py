@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from corral.config import Settings
-from corral.errors import InvalidRequest
+from corral.errors import InvalidRequest, IsolationUnavailable
 from corral.isolation import CommandResult, Engine, Entrypoint, Limits, Sandbox, SeedFile
 from tests.conftest import cgroup_dirs, host_processes_of_uid, require_backend, slot_ids
 from tests.kit import processes
@@ -311,7 +311,8 @@ async def test_process_tier_cannot_start_one_shot_sandboxes(
 ) -> None:
     root = settings.runtime_dir / "sandboxes"
     before = set(root.iterdir()) if root.exists() else set()
-    with pytest.raises(InvalidRequest, match="process tier cannot"):
+    # FAILED_PRECONDITION on the wire, as every feature a tier lacks.
+    with pytest.raises(IsolationUnavailable, match="process tier cannot start one-shot"):
         await engine.create(isolation="process", entrypoint=Entrypoint(["true"]))
     assert (set(root.iterdir()) if root.exists() else set()) == before
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from corral.config import Settings
 from corral.errors import CorralError
-from corral.isolation import Command, Engine, Sandbox
+from corral.isolation import Command, Engine, Sandbox, registry
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 from tests.kit import internet
@@ -69,6 +69,14 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
         return {"id": sandbox.id}
     if op == "exit":
         return {}
+    if op == "unavailable":  # why this process cannot run the tier (its user, its host)
+        name = request["tier"]
+        if reason := registry.unavailable(name, engine.settings):
+            return {"reason": reason}
+        modes = engine.backend(name).network_modes()
+        return {
+            "reason": None if len(modes) > 1 else f"it enforces network {', '.join(modes)} only"
+        }
     if op == "collect":
         result = await spawned.pop(request["key"]).collect()
         return {

@@ -109,21 +109,25 @@ def _note_old_isolation() -> None:
 
 
 def doctor(args: argparse.Namespace) -> None:
-    """Say which isolation tiers this host offers, what is missing for the others, which
-    network modes each can enforce, and how much memory it admits sandboxes to."""
+    """Say which isolation tiers this host offers and on which platform, what is missing
+    for the others, which network modes each can enforce, and how much memory it admits
+    sandboxes to."""
     from corral import logs
     from corral.isolation import capabilities
     from corral.isolation.admission import MemoryCapacity
 
     settings = settings_from(args)
     logs.configure(settings.log_level)
-    tiers = capabilities(settings)
+    # `process` (no isolation) last: the tiers to pick from first.
+    tiers = dict(sorted(capabilities(settings).items(), key=lambda tier: tier[0] == "process"))
     rows = []
     for name, caps in tiers.items():
-        notes = caps.missing or [", ".join(f"{k}={v}" for k, v in caps.details.items())]
-        rows.append([name, "yes" if caps.available else "no", notes[0]])
-        rows.extend(["", "", note] for note in notes[1:])
-    print_table(rows, header=("backend", "available", "missing / details"))
+        details = {k: v for k, v in caps.details.items() if k != "platform"}
+        notes = caps.missing or [", ".join(f"{k}={v}" for k, v in details.items())]
+        platform = str(caps.details.get("platform", "-"))
+        rows.append([name, "yes" if caps.available else "no", platform, notes[0]])
+        rows.extend(["", "", "", note] for note in notes[1:])
+    print_table(rows, header=("backend", "available", "platform", "why not / details"))
     print()
     print_table(_network_rows(settings, tiers), header=("backend", "network", "for the others"))
     print(

@@ -164,6 +164,70 @@ class Engine:
         self._forget_destroyed()
         return MappingProxyType(self._sandboxes)
 
+    def check(
+        self,
+        template: str = "host",
+        limits: Limits | None = None,
+        network: NetworkPolicy | str = "none",
+        env: Mapping[str, str] | None = None,
+        isolation: str | None = None,
+        entrypoint: Entrypoint | None = None,
+        volumes: Sequence[VolumeMount] = (),
+        ram_disk: bool = False,
+        restore: Path | None = None,
+    ) -> tuple[SandboxSpec, Backend]:
+        """The spec and tier `create` would start with these arguments, or what it would
+        raise before creating anything: bad input (InvalidRequest), a tier the host lacks
+        or a feature the tier lacks (IsolationUnavailable, FAILED_PRECONDITION on the
+        wire). A caller with records to write (the sandbox manager) asks first."""
+        # An unknown template is refused before anything is created.
+        resolved = self.templates.get(template)
+        rootfs = resolved if isinstance(resolved, LayerTemplate) else None
+        spec = SandboxSpec(
+            template,
+            limits or Limits(),
+            NetworkPolicy.of(network),
+            dict(env or {}),
+            rootfs,
+            tuple(volumes),
+            ram_disk,
+            _checkpoint_dir(restore),
+        )
+        spec.limits.check_host()
+        backend = self.backend(isolation)
+        if entrypoint is not None and not backend.entrypoints:
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot start one-shot sandboxes; start one with a "
+                "guest agent, or use the namespace tier"
+            )
+        if restore is not None:
+            backend.check_checkpoint(spec, "restore a sandbox from a checkpoint")
+            if entrypoint is not None:
+                raise InvalidRequest(
+                    "a one-shot sandbox cannot be restored from a checkpoint: "
+                    "leave out the entrypoint"
+                )
+        if rootfs is not None and not backend.layer_templates:
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot start sandboxes of the layer template "
+                f"{template!r}; use the namespace tier"
+            )
+        if rootfs is None and not backend.host_template:
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot run the template {template!r} (the host's "
+                "/usr, which it has no disk image of); use a layer template such as `base`"
+            )
+        if spec.volumes and not backend.volumes:
+            raise IsolationUnavailable(
+                f"the {backend.name} tier cannot mount volumes; use the namespace tier"
+            )
+        backend.check_network(spec.network)
+        if self.cgroups() is None and backend.name != "process":
+            raise IsolationUnavailable(
+                f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
+            )
+        return spec, backend
+
     async def create(
         self,
         template: str = "host",
@@ -197,50 +261,10 @@ class Engine:
         the template, tier, limits, network and volumes it was created with. The
         directory stays the caller's (removing it once the sandbox runs is safe).
         """
-        # An unknown template is refused before anything is created.
-        resolved = self.templates.get(template)
-        rootfs = resolved if isinstance(resolved, LayerTemplate) else None
-        spec = SandboxSpec(
-            template,
-            limits or Limits(),
-            NetworkPolicy.of(network),
-            dict(env or {}),
-            rootfs,
-            tuple(volumes),
-            ram_disk,
-            _checkpoint_dir(restore),
+        spec, backend = self.check(
+            template, limits, network, env, isolation, entrypoint, volumes, ram_disk, restore
         )
-        spec.limits.check_host()
-        backend = self.backend(isolation)
-        if entrypoint is not None and not backend.entrypoints:
-            raise InvalidRequest(f"the {backend.name} tier cannot start one-shot sandboxes")
-        if restore is not None:
-            backend.check_checkpoint(spec, "restore a sandbox from a checkpoint")
-            if entrypoint is not None:
-                raise InvalidRequest(
-                    "a one-shot sandbox cannot be restored from a checkpoint: "
-                    "leave out the entrypoint"
-                )
-        if rootfs is not None and not backend.layer_templates:
-            raise IsolationUnavailable(
-                f"the {backend.name} tier cannot start sandboxes of the layer template "
-                f"{template!r}; use the namespace tier"
-            )
-        if rootfs is None and not backend.host_template:
-            raise IsolationUnavailable(
-                f"the {backend.name} tier cannot run the template {template!r} (the host's "
-                "/usr, which it has no disk image of); use a layer template such as `base`"
-            )
-        if spec.volumes and not backend.volumes:
-            raise IsolationUnavailable(
-                f"the {backend.name} tier cannot mount volumes; use the namespace tier"
-            )
-        backend.check_network(spec.network)
         driver = self.cgroups()
-        if driver is None and backend.name != "process":
-            raise IsolationUnavailable(
-                f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
-            )
         sandbox_id = sandbox_id or new_sandbox_id()
         if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in self.sandboxes:
             raise InvalidRequest(f"sandbox id {sandbox_id!r} is malformed or in use")
@@ -258,7 +282,7 @@ class Engine:
         except BaseException:
             os.unlink(entry)
             raise
-        if rootfs is not None and rootfs.store is not None:
+        if (rootfs := spec.rootfs) is not None and rootfs.store is not None:
             try:  # UnknownLayer if the template's layers were removed since
                 footprint.hold_layers(rootfs.store, rootfs.digests)
             except BaseException:

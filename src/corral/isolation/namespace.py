@@ -147,7 +147,7 @@ class NamespaceBackend(Backend):
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
-        details: dict[str, object] = {"root": os.geteuid() == 0}
+        details: dict[str, object] = {"platform": "bubblewrap", "root": os.geteuid() == 0}
         # Volumes are loop-mounted images: without root a sandbox asking for one is refused.
         details["volumes"] = "yes" if os.geteuid() == 0 else "no (needs root)"
         bwrap = shutil.which("bwrap")

@@ -28,7 +28,9 @@ class ProcessBackend(Backend):
             )
         if not os.access(settings.guest_python, os.X_OK):
             missing.append(f"{settings.guest_python} for the guest agent: apt-get install python3")
-        return Capabilities(cls.name, not missing, tuple(missing), {"isolation": "none"})
+        return Capabilities(
+            cls.name, not missing, tuple(missing), {"platform": "host", "isolation": "none"}
+        )
 
     def plan(
         self, footprint: Footprint, spec: SandboxSpec, entrypoint: Entrypoint | None = None

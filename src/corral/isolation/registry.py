@@ -37,6 +37,15 @@ def capabilities(settings: Settings) -> dict[str, Capabilities]:
     return {name: backend_class(name).probe(settings) for name in BACKENDS}
 
 
+def unavailable(name: str, settings: Settings) -> str | None:
+    """Why the tier `name` cannot run sandboxes on this host (what to install or set), or
+    None when it can."""
+    if name not in BACKENDS:
+        return f"no {name} tier is built into this Corral (it has: {', '.join(BACKENDS)})"
+    caps = backend_class(name).probe(settings)
+    return None if caps.available else "; ".join(caps.missing)
+
+
 def resolve(name: str, settings: Settings) -> Backend:
     """The backend for `name` ("auto" included), or an error saying what is missing."""
     if name == "auto":
@@ -50,9 +59,6 @@ def resolve(name: str, settings: Settings) -> Backend:
             "no isolation backend works on this host (" + " | ".join(reasons) + ")"
         )
     cls = backend_class(name)
-    caps = cls.probe(settings)
-    if not caps.available:
-        raise IsolationUnavailable(
-            f"isolation backend {name!r} is unavailable here: {'; '.join(caps.missing)}"
-        )
+    if reason := unavailable(name, settings):
+        raise IsolationUnavailable(f"isolation backend {name!r} is unavailable here: {reason}")
     return cls(settings)

@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 
 from corral.config import Settings
 from corral.errors import CapacityExceeded, InvalidRequest, IsolationUnavailable, NotFound
+from corral.isolation import registry
 from corral.isolation.admission import MemoryCapacity
 from corral.isolation.templates import get_template
 from corral.job_lifecycle import may_retry_by_request
@@ -181,10 +182,13 @@ class JobQueue:
             raise error
         isolation = spec.isolation or "auto"
         if self.isolations is not None and isolation not in self.isolations:
+            reason = registry.unavailable(isolation, self.settings)
             raise IsolationUnavailable(
                 f"isolation {isolation!r} is not available on this server's workers "
-                f"(they give {', '.join(self.isolations)}); run `corral doctor` to see "
-                "what is missing, or submit with another isolation"
+                f"(they give {', '.join(self.isolations)})"
+                + (f": {reason}" if reason else "")
+                + "; run `corral doctor` to see what is missing, or submit with another "
+                "isolation"
             )
         self.network_cap.check(spec.network_policy, team.name)
         # The team's volumes at valid paths, or refused now rather than at each attempt.

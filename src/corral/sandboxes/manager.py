@@ -169,8 +169,18 @@ class SandboxManager:
         limits.check_host()
         self.network_cap.check(options.network, team.name)
         engine_template = self._engine_template(team.id, options.template)
-        backend = self.engine.backend(options.isolation).name
         mounts = self.volumes.mounts(team.id, options.volumes)
+        # A tier the host lacks, or a feature the tier lacks, is refused before the row.
+        _, tier = self.engine.check(
+            engine_template,
+            limits,
+            options.network,
+            options.envs,
+            options.isolation,
+            volumes=mounts,
+            ram_disk=options.ram_disk,
+        )
+        backend = tier.name
         # Pooled sandboxes have no network, no volumes and a disk: others start cold.
         pool = self._pool_of(engine_template)
         fits = (

@@ -63,10 +63,19 @@ class WarmPool:
         if self.size <= 0:
             return
         try:
-            self.backend = self.engine.backend(self.isolation).name
+            backend = self.engine.backend(self.isolation)
         except CorralError as exc:
             log.warning("no warm pool: %s", exc, extra={"template": self.template})
             return
+        if self.template == "host" and not backend.host_template:
+            # Else it would retry for ever: pools of layer templates are its warm pools.
+            log.info(
+                "no warm pool of the host template: the %s tier cannot run it",
+                backend.name,
+                extra={"template": self.template},
+            )
+            return
+        self.backend = backend.name
         self.engine.add_spares(self)
         self._task = asyncio.create_task(self._fill(), name="corral-warm-pool")
 
