@@ -63,6 +63,8 @@ system-packages:
 # the tests use this copy (tests/test_microvm.py). Delete the dir to refresh.
 guest-kernel: system-packages python-env
 	@$(UV) run --frozen python -m corral.isolation.guest_kernel $(GUEST_KERNEL_DIR) >/dev/null
+	@# ...and where a server started with no CORRAL_* variables looks (its data dir).
+	@$(UV) run --frozen python -m corral.isolation.guest_kernel >/dev/null
 
 # Downloaded once (as root: mmdebstrap resolves the package set in a throw-away chroot),
 # again when the script's package list changes; without root the template tests that need

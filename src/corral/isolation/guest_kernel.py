@@ -2,7 +2,7 @@
 
 The kernel comes from Debian's archive as a .deb (`download`: `apt-get download` of
 `linux-image-cloud-amd64` and the versioned package it depends on, run by `make setup`
-or `python -m corral.isolation.guest_kernel DIR`). Its vmlinuz and the few modules a
+or `python -m corral.isolation.guest_kernel [DIR]`). Its vmlinuz and the few modules a
 microVM needs (`MODULES`: the cloud kernel builds virtio-mmio, virtio-blk, the virtio
 console and overlayfs as modules) are extracted once per .deb into the kernel directory.
 
@@ -284,6 +284,13 @@ def _cpio_entry(
 
 
 if __name__ == "__main__":  # `make setup`: fetch the guest kernel into a directory
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: {sys.argv[0]} DIRECTORY")
-    print(download(Path(sys.argv[1])))
+    if len(sys.argv) > 2:
+        sys.exit(f"usage: {sys.argv[0]} [DIRECTORY]  (default: the server's kernel directory)")
+    if len(sys.argv) == 2:
+        target = Path(sys.argv[1])
+    else:  # where a server with this environment looks (CORRAL_GUEST_KERNEL_DIR or data_dir)
+        from corral.config import Settings
+        from corral.isolation.microvm import kernel_dir
+
+        target = kernel_dir(Settings.from_env())
+    print(download(target))
