@@ -81,8 +81,9 @@ python-env:
 	@$(UV) sync --quiet --frozen
 	@$(UV) sync --quiet --frozen --project tests/e2b_sdk
 
+# The 30 slowest tests are listed at the end: what to look at when the suite grows slow.
 test: setup
-	@$(UV) run --frozen pytest $(PYTEST_ARGS)
+	@$(UV) run --frozen pytest --durations=30 $(PYTEST_ARGS)
 	@$(UV) run --project tests/e2b_sdk --frozen pytest tests/e2b_sdk
 
 # The official e2b SDK (its own uv project: it cannot share Corral's venv) against a real
