@@ -101,6 +101,15 @@ def _no_uplink_in_the_host_namespace() -> Iterator[None]:
         )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Started in the background by a shell without job control (a CI script's `cmd &`),
+    # the suite inherits SIGINT ignored, and so would every process it starts: an ignored
+    # signal stays ignored across exec, and Python then installs no KeyboardInterrupt.
+    # The Ctrl-C tests send SIGINT to the CLI as a terminal does; it must arrive.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = tier_of(item)
