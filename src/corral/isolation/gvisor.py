@@ -143,6 +143,10 @@ def _platform_runs(runsc: str, platform: str) -> str | None:
             timeout=KVM_PROBE_TIMEOUT,
             stdin=subprocess.DEVNULL,
             cwd="/",
+            # `runsc do` makes its bundle dir under $TMPDIR and leaves it when it is
+            # killed (the kvm trial here, every process that probes): inside `state`,
+            # removed below.
+            env={**os.environ, "TMPDIR": state},
         )
     except subprocess.TimeoutExpired:
         return f"`runsc --platform={platform} do true` did not finish in {KVM_PROBE_TIMEOUT:g} s"
