@@ -382,13 +382,12 @@ class SandboxManager:
                 if maker.state is not SandboxState.DESTROYED:
                     await maker.destroy()
 
-        try:
-            image, made = await self.memory_images.image(team_id, template, key, what, make)
-        except (CapacityExceeded, SandboxStartFailed):
-            raise  # a cold start would not fit, or its start command fails the same
-        except CorralError as exc:
-            log.warning("no memory image of the template; starting cold: %s", exc)
+        # A cold start would not fit either, or its start command would fail the same.
+        retry = (CapacityExceeded, SandboxStartFailed)
+        found = await self.memory_images.image(team_id, template, key, what, make, retry)
+        if found is None:
             return None
+        image, made = found
         try:
             sandbox = await self.engine.create(
                 template=template,

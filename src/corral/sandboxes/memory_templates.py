@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from corral.errors import CorralError
 from corral.limits import Limits
 
 log = logging.getLogger("corral.sandboxes")
@@ -112,6 +113,9 @@ class MemoryImages:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self._locks: dict[Path, asyncio.Lock] = {}
+        # Images whose making failed in this process (a checkpoint the tier refused
+        # midway): their creates start cold, without paying for another attempt.
+        self._unmakeable: set[Path] = set()
         self._sweep()
 
     def _sweep(self) -> None:
@@ -129,21 +133,32 @@ class MemoryImages:
         key: str,
         what: MemoryImage,
         make: Callable[[Path], Awaitable[None]],
-    ) -> tuple[Path, bool]:
+        retry: tuple[type[BaseException], ...] = (),
+    ) -> tuple[Path, bool] | None:
         """The image `key` (`image_key`) of the team's template row, made now by
         `make(directory)` (which checkpoints a sandbox into that new directory) if there
         is none yet, and recorded as `what`; and whether it was made now. Creates of the
-        same key wait for the one making it."""
+        same key wait for the one making it. None once making it failed in this process
+        but for the errors in `retry` (which are raised, and tried again next time)."""
         folder = template_dir(self.data_dir, team_id, template_id)
         path = folder / key
         lock = self._locks.setdefault(path, asyncio.Lock())
         async with lock:
             if path.is_dir():
                 return path, False
+            if path in self._unmakeable:
+                return None
             folder.mkdir(parents=True, exist_ok=True)
             partial = folder / f"{key}{_PARTIAL}{secrets.token_hex(4)}"
             try:
-                await make(partial)
+                try:
+                    await make(partial)
+                except retry:
+                    raise
+                except CorralError as exc:
+                    log.warning("no memory image of the template; its creates start cold: %s", exc)
+                    self._unmakeable.add(path)
+                    return None
                 size = await asyncio.to_thread(_size, partial)
                 record = MemoryImage(**{**asdict(what), "size_bytes": size})
                 meta = folder / f"{key}.json"
