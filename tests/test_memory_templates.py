@@ -8,6 +8,7 @@ template removes them; another team never gets them; a create a restore cannot h
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,9 @@ def test_two_sandboxes_restore_one_started_template_apart(gserver: LiveServer) -
         assert image.size_bytes > 0
         shown = gserver.corral("template", "get", "warm")
         assert shown.returncode == 0 and "gvisor (512 MiB" in shown.stdout, shown.stderr
+        shown = gserver.corral("template", "get", "warm", "--output", "json")
+        [listed] = json.loads(shown.stdout)["memory_images"]
+        assert (listed["isolation"], listed["memory_mib"]) == ("gvisor", 512)
         # Other limits are another image; a create's own environment starts cold (the
         # start command reads it).
         with Sandbox.create(
