@@ -4,7 +4,7 @@ create), instead of running the start command again. Through a real server whose
 comes from the cached tar: two sandboxes share the start command's process and memory but
 not their files; the template shows its images; a restart keeps them; deleting the
 template removes them; another team never gets them; a create a restore cannot honour
-(its own environment) starts cold."""
+(its own environment, a volume) starts cold."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from corral import Limits, Sandbox, Template
+from corral import Limits, Sandbox, Template, Volume
 from corral.config import Settings
 from tests.conftest import LiveServer, opts, require_backend, start_server
 from tests.kit import e2b_base
@@ -102,6 +102,17 @@ def test_two_sandboxes_restore_one_started_template_apart(gserver: LiveServer) -
             assert cold.info.state_reason == "created"
             assert _marker(cold)[1:] != (token, "-")
             assert _marker(cold)[2] == "hi"
+        # So does one with a volume (not in the image).
+        Volume.create("memory-templates-data", size_mib=16, **opts(gserver))
+        with Sandbox.create(
+            "warm",
+            isolation="gvisor",
+            volumes=["memory-templates-data:/data"],
+            timeout=60,
+            **opts(gserver),
+        ) as cold:
+            assert cold.info.state_reason == "created"
+            assert _marker(cold)[1] != token
     # A namespace sandbox has no memory snapshots: it starts as it always did.
     with Sandbox.create("warm", isolation="namespace", timeout=60, **opts(gserver)) as plain:
         assert plain.info.state_reason == "created"
