@@ -268,6 +268,13 @@ class Backend(ABC):
         called: it names the time); None where the guest reads the host's clock."""
         return None
 
+    def identity_command(self, hostname: str) -> list[str] | None:
+        """A command the sandbox runs as root once restored from a checkpoint, naming it
+        `hostname` where its guest kernel kept the name of the sandbox checkpointed (a
+        checkpoint restored into a new sandbox: a memory template); None where the host
+        gives it its names afresh, or nothing in it may change the kernel's."""
+        return None
+
     def snapshot_flush(self) -> list[str] | None:
         """A command the sandbox runs as root before a snapshot reads its files, when they
         may still be in a guest kernel's cache (`sync`); None: they are the host's."""

@@ -262,6 +262,9 @@ class MicrovmBackend(Backend):
     def clock_command(self) -> list[str] | None:
         return microvm_snapshot.clock_command(f"{GUEST_DIR}/busybox")
 
+    def identity_command(self, hostname: str) -> list[str] | None:
+        return microvm_snapshot.identity_command(f"{GUEST_DIR}/busybox", hostname)
+
     def snapshot_flush(self) -> list[str] | None:
         return [f"{GUEST_DIR}/busybox", "sync"]  # any template: the agent image's busybox
 

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from corral import logs
@@ -37,6 +38,7 @@ from corral.errors import (
     IsolationUnavailable,
     NotFound,
     SandboxNotRunning,
+    SandboxStartFailed,
     SnapshotUnavailable,
     Unauthenticated,
 )
@@ -47,7 +49,7 @@ from corral.isolation.sandbox import SandboxState
 from corral.isolation.templates import get_template
 from corral.isolation.volumes import VolumeMount
 from corral.network.policy import NetworkPolicy
-from corral.sandboxes import disk_pause, network_events
+from corral.sandboxes import disk_pause, memory_templates, network_events
 from corral.sandboxes.commands import SandboxCommands
 from corral.sandboxes.disk_pause import DiskImage
 from corral.sandboxes.files import SandboxFiles
@@ -121,6 +123,7 @@ class SandboxManager:
         self.layers: LayerStore | None = None
         self._live.pause_to_disk = self._pause_to_disk
         self._live.drop_disk = self._drop_disk
+        self.memory_images = memory_templates.MemoryImages(settings.data_dir)
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -250,7 +253,9 @@ class SandboxManager:
         self._live.add(entry)
         async with entry.lock:
             try:
-                sandbox, warm = await self._start(row.id, options, engine_template, pooled, mounts)
+                sandbox, how = await self._start(
+                    row.id, team.id, options, engine_template, pooled, mounts
+                )
             except BaseException as exc:
                 entry.state = "failed"
                 self._live.discard(row.id)
@@ -265,12 +270,12 @@ class SandboxManager:
             entry.sandbox, entry.state = sandbox, "running"
             entry.network = NetworkEventPump(self.store, sandbox)
             self._live.baseline(entry)
-            reason = "created from the warm pool" if warm else "created"
+            reason = _CREATED[how]
             created = self.store.transition(row.id, "running", reason, from_states=("creating",))
         assert created is not None  # only this call changes a creating row of this process
         log.info(
             "sandbox created",
-            extra={"sandbox_id": row.id, "team_id": team.id, "warm": warm},
+            extra={"sandbox_id": row.id, "team_id": team.id, "how": how},
         )
         return self._record(created)
 
@@ -302,17 +307,19 @@ class SandboxManager:
     async def _start(
         self,
         sandbox_id: str,
+        team_id: str,
         options: CreateOptions,
         template: str,
         pooled: Sandbox | None,
         mounts: tuple[VolumeMount, ...],
-    ) -> tuple[Sandbox, bool]:
-        """The engine sandbox for a new row: the pooled one with the asked limits, or a
-        cold one; and whether it came from the pool."""
+    ) -> tuple[Sandbox, str]:
+        """The engine sandbox for a new row: the pooled one with the asked limits, one
+        restored from its template's memory image, or a cold one; and which (a key of
+        `_CREATED`)."""
         if pooled is not None:
             try:
                 await self.engine.set_limits(pooled, options.limits)
-                return pooled, True
+                return pooled, "warm"
             except CapacityExceeded:
                 await pooled.destroy()  # a cold one would not fit either
                 raise
@@ -322,8 +329,81 @@ class SandboxManager:
                 await pooled.destroy()
                 if not isinstance(exc, CorralError):
                     raise
+        if not mounts and not options.envs:
+            restored = await self._restore_started(sandbox_id, team_id, template, options)
+            if restored is not None:
+                return restored
         cold = await self._boot(sandbox_id, template, options, mounts)
-        return cold, False
+        return cold, "cold"
+
+    async def _restore_started(
+        self, sandbox_id: str, team_id: str, template: str, options: CreateOptions
+    ) -> tuple[Sandbox, str] | None:
+        """A sandbox of `template` restored from its memory image (made now if it has
+        none for these options: `corral.sandboxes.memory_templates`), its start command
+        already run; None where a restore cannot give what `options` ask (the caller
+        leaves out creates with environment variables or volumes) or the image could not
+        be made or restored: the caller starts it cold."""
+        spec, backend = self.engine.check(
+            template, options.limits, options.network, {}, options.isolation,
+            ram_disk=options.ram_disk,
+        )  # fmt: skip
+        if spec.rootfs is None or not spec.rootfs.start or not backend.memory_snapshots:
+            return None
+        try:
+            backend.check_checkpoint(spec, "keep a memory image of the template")
+        except IsolationUnavailable:
+            return None  # e.g. a network the tier cannot checkpoint
+        mode = options.network.mode
+        key = memory_templates.image_key(backend.name, options.limits, mode, options.ram_disk)
+        what = memory_templates.MemoryImage(
+            tier=backend.name,
+            memory_mib=options.limits.memory_mib,
+            cpu=options.limits.cpu,
+            network=mode,
+            ram_disk=options.ram_disk,
+            limits=limits_json(options.limits),
+            created_at=time.time(),
+        )
+
+        async def make(image: Path) -> None:
+            # A neutral sandbox (an id of its own, the template's environment alone).
+            maker = await self.engine.create(
+                template=template,
+                limits=options.limits,
+                network=options.network,
+                isolation=backend.name,
+                ram_disk=options.ram_disk,
+            )
+            try:
+                await start_template_command(maker, {})
+                await maker.checkpoint(image)  # destroys it
+            finally:
+                if maker.state is not SandboxState.DESTROYED:
+                    await maker.destroy()
+
+        # A cold start would not fit either, or its start command would fail the same.
+        retry = (CapacityExceeded, SandboxStartFailed)
+        found = await self.memory_images.image(team_id, template, key, what, make, retry)
+        if found is None:
+            return None
+        image, made = found
+        try:
+            sandbox = await self.engine.create(
+                template=template,
+                limits=options.limits,
+                network=options.network,
+                isolation=backend.name,
+                sandbox_id=sandbox_id,
+                ram_disk=options.ram_disk,
+                restore=image,
+            )
+        except CapacityExceeded:
+            raise
+        except CorralError as exc:
+            log.warning("the template's memory image did not restore; starting cold: %s", exc)
+            return None
+        return sandbox, "made" if made else "restored"
 
     async def _boot(
         self,
@@ -747,6 +827,17 @@ class SandboxManager:
             template=template,
         )
         return [self._record(row) for row in rows], token
+
+
+_CREATED = {
+    "cold": "created",
+    "warm": "created from the warm pool",
+    "restored": "created from the template's memory image (its start command had run)",
+    "made": (
+        "created from the template's memory image, made now (its start command had run): "
+        "later creates restore it"
+    ),
+}
 
 
 def _check_restored_network(sandbox_id: str, row: SandboxRow, policy: NetworkPolicy) -> None:
