@@ -82,6 +82,8 @@ class Engine:
         self.settings = settings  # built by the entry point: the engine reads no environment
         self._sandboxes: dict[str, Sandbox] = {}
         self._backends: dict[str, Backend] = {}
+        self._loading: dict[str, asyncio.Future[Backend]] = {}  # `load`'s probes under way
+        self._probing: asyncio.Future[dict[str, Capabilities]] | None = None
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
         self.memory_capacity = MemoryCapacity.of_host(self.settings)
         self._spares: list[Spares] = []  # the warm pools
@@ -109,16 +111,47 @@ class Engine:
         return self._cgroups or None
 
     def backend(self, name: str | None = None) -> Backend:
+        """The tier `name` (default: the settings'), probed on first use. On an event
+        loop, `await load(name)` first: a first probe may take seconds (gvisor's and
+        microvm's kvm trials), and this one would run on the loop."""
         name = name or self.settings.default_isolation
         if name not in self._backends:
-            backend = registry.resolve(name, self.settings)
-            # One instance per tier, whichever name ("auto" or its own) asked first: a
-            # second one would hold spare disks that aclose never releases.
-            if (first := self._backends.get(backend.name)) is not None:
-                backend.close()
-                backend = first
-            self._backends[name] = self._backends[backend.name] = backend
+            self._register(name, registry.resolve(name, self.settings))
         return self._backends[name]
+
+    async def load(self, name: str | None = None) -> Backend:
+        """`backend(name)`, its first probe run in a thread, so that the event loop goes
+        on answering requests meanwhile; callers that ask at once share one probe."""
+        name = name or self.settings.default_isolation
+        if name in self._backends:
+            return self._backends[name]
+        loading = self._loading.get(name)
+        if loading is None:
+            probe = asyncio.to_thread(registry.resolve, name, self.settings)
+            loading = self._loading[name] = asyncio.ensure_future(probe)
+            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+        backend = await asyncio.shield(loading)
+        if name not in self._backends:
+            self._register(name, backend)
+        return self._backends[name]
+
+    async def load_capabilities(self) -> dict[str, Capabilities]:
+        """`capabilities()`, probed in a thread (see `load`); the probes are cached per
+        process, so the engine's later calls on the loop return at once."""
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(
+                asyncio.to_thread(registry.capabilities, self.settings)
+            )
+        return await asyncio.shield(self._probing)
+
+    def _register(self, name: str, backend: Backend) -> None:
+        # One instance per tier, whichever name ("auto" or its own) asked first: a
+        # second one would hold spare disks that aclose never releases.
+        if (first := self._backends.get(backend.name)) is not None:
+            if first is not backend:
+                backend.close()
+            backend = first
+        self._backends[name] = self._backends[backend.name] = backend
 
     def reap(self) -> int:
         """Remove what sandboxes of dead processes left: processes, cgroups, mounts, files."""
@@ -261,6 +294,7 @@ class Engine:
         the template, tier, limits, network and volumes it was created with. The
         directory stays the caller's (removing it once the sandbox runs is safe).
         """
+        await self.load(isolation)  # a first probe off the event loop
         spec, backend = self.check(
             template, limits, network, env, isolation, entrypoint, volumes, ram_disk, restore
         )
