@@ -240,26 +240,51 @@ class Engine:
                     "a one-shot sandbox cannot be restored from a checkpoint: "
                     "leave out the entrypoint"
                 )
-        if rootfs is not None and not backend.layer_templates:
+        self._check_features(
+            backend, template, layered=rootfs is not None, network=spec.network,
+            volumes=bool(spec.volumes),
+        )  # fmt: skip
+        return spec, backend
+
+    def check_tier(
+        self, isolation: str | None, template: str, network: NetworkPolicy, *, volumes: bool
+    ) -> Backend:
+        """What `check` says of the tier alone, for sandboxes of the layer template
+        `template` (which need not exist yet) with `network` and volumes or not: a
+        caller that records a definition before its template is built (`corral vm`)
+        refuses it as its sandboxes would be. `await load(isolation)` first."""
+        backend = self.backend(isolation)
+        self._check_features(backend, template, layered=True, network=network, volumes=volumes)
+        return backend
+
+    def _check_features(
+        self,
+        backend: Backend,
+        template: str,
+        *,
+        layered: bool,
+        network: NetworkPolicy,
+        volumes: bool,
+    ) -> None:
+        if layered and not backend.layer_templates:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot start sandboxes of the layer template "
                 f"{template!r}; use the namespace tier"
             )
-        if rootfs is None and not backend.host_template:
+        if not layered and not backend.host_template:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot run the template {template!r} (the host's "
                 "/usr, which it has no disk image of); use a layer template such as `base`"
             )
-        if spec.volumes and not backend.volumes:
+        if volumes and not backend.volumes:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot mount volumes; use the namespace tier"
             )
-        backend.check_network(spec.network)
+        backend.check_network(network)
         if self.cgroups() is None and backend.name != "process":
             raise IsolationUnavailable(
                 f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
             )
-        return spec, backend
 
     async def create(
         self,
