@@ -179,6 +179,8 @@ class SandboxManager:
         )
         for (tier, template), why in missing.items():
             log.warning("no warm pool of %s on %s: %s", template, tier, why)
+        pools = {f"{tier}:{template}": size for (tier, template), size in sizes.items()}
+        log.info("warm pools", extra={"pools": pools})
         return sizes
 
     def _start_pools(self, sizes: dict[tuple[str, str], int]) -> None:
