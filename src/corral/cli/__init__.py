@@ -186,6 +186,9 @@ def _add_server_commands(commands: Commands) -> None:
     setting_option(
         p, "--pool-size", setting="pool_size", type=whole(0), help="sandboxes kept ready"
     )
+    setting_option(
+        p, "--pools", setting="pools", help="more warm pools: TIER:TEMPLATE=SIZE,… (host or base)"
+    )
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")
     setting_option(
         p,

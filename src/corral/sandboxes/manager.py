@@ -12,7 +12,7 @@ The manager is the only door to a live sandbox: its commands go through
 `manager.commands`, its files through `manager.files`, each a check of the team and the
 state away from the engine's sandbox.
 Background loops enforce lifetimes and inactivity TTLs (every `tick`), sample metrics
-(every `metrics_interval`) and keep the warm pool full.
+(every `metrics_interval`) and keep the warm pools full (one per tier and template).
 """
 
 from __future__ import annotations
@@ -165,8 +165,6 @@ class SandboxManager:
         if self._own_engine:
             await self.engine.aclose()
 
-    # -- lifecycle of sandboxes ---------------------------------------------------------
-
     async def _plan_pools(self) -> dict[tuple[str, str], int]:
         """`Settings.pool_plan`: each warm pool's size by (tier, template); a pool whose
         tier the host lacks is left out, with a warning."""
@@ -185,7 +183,7 @@ class SandboxManager:
 
     def _start_pools(self, sizes: dict[tuple[str, str], int]) -> None:
         """Start the pools of `host` that `sizes` gives, and note the base's sizes."""
-        default_tier = self.engine_tier()
+        default_tier = self._default_tier()
         for (tier, template), size in sizes.items():
             if template != "host":
                 self._base_sizes[tier] = size
@@ -199,12 +197,14 @@ class SandboxManager:
         if self.pool not in self._pools.values():
             self.pool.start()  # its tier is missing: it says so and stays empty
 
-    def engine_tier(self) -> str | None:
+    def _default_tier(self) -> str | None:
         """The name of this server's default tier, or None where the host lacks it."""
         try:
             return self.engine.backend(self.settings.default_isolation).name
         except CorralError:
             return None
+
+    # -- lifecycle of sandboxes ---------------------------------------------------------
 
     async def create(self, team: Team, options: CreateOptions) -> SandboxRecord:
         if self._closing:
