@@ -5,20 +5,29 @@ only, and the pool refills; `corral doctor` lists the pools and a bad entry is r
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 
 import pytest
 
+from corral.client import Sandbox
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.images import Layer, LayerStore
 from corral.sandboxes import CreateOptions, SandboxManager
 from corral.sandboxes.pool import WarmPool
 from corral.store import Store
-from tests.conftest import StartManager, has_host_template, require_backend, unmet
+from tests.conftest import (
+    StartManager,
+    has_host_template,
+    opts,
+    require_backend,
+    start_server,
+    unmet,
+)
 from tests.kit.debian import needs_archive
-from tests.kit.polling import until
+from tests.kit.polling import until, wait_until
 
 pytestmark = pytest.mark.sandbox
 
@@ -138,3 +147,21 @@ def test_doctor_lists_each_pool() -> None:
     assert ("namespace", "base", "1") in rows  # CORRAL_POOLS's, in place of CORRAL_POOL_SIZE's
     assert ("gvisor", "base", "2") in rows
     assert "cannot run the host template" in rows[("microvm", "host", "1")]
+
+
+def test_a_server_keeps_the_pools_corral_pools_names(settings: Settings) -> None:
+    require_backend(settings, "gvisor")
+    data = settings.runtime_dir / f"pools-{secrets.token_hex(3)}"
+    env = {"CORRAL_POOLS": "gvisor:host=1", "CORRAL_LOG_LEVEL": "debug"}
+    server = start_server(settings, data, pool_size=0, extra_env=env)
+    try:
+        wait_until(lambda: "warm pool sandbox ready" in server.log.read_text(), "a gvisor spare")
+        box = Sandbox.create(isolation="gvisor", **opts(server))
+        try:
+            info = box.info
+            assert (info.isolation, info.state_reason) == ("gvisor", "created from the warm pool")
+            assert box.commands.run("echo warm").stdout == "warm\n"
+        finally:
+            box.kill()
+    finally:
+        server.stop()
