@@ -17,6 +17,7 @@ import httpx
 
 from corral.config import Settings
 from tests.conftest import start_server
+from tests.kit.connect import call
 from tests.kit.polling import wait_until
 
 # The fake's longest wait for the gate (runsc's --version is given 10 s by the probe).
@@ -53,8 +54,8 @@ def test_the_server_answers_while_a_tier_probe_runs(settings: Settings, tmp_path
         wait_until(lambda: (fake / "probe-started").exists(), "the server to probe its tiers")
         # Answered by the event loop, while the probe waits for the gate.
         assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
-        listed = server.corral("sandbox", "list", timeout=30)
-        assert listed.returncode == 0, listed.stderr
+        listed = call(server, "List", {})  # an API call: auth, the store
+        assert listed.status_code == 200, listed.text
         (fake / "gate").touch()
         wait_until(lambda: not _fake_running(runsc), "the probe to end", timeout=_WAIT + 10)
         assert (fake / "saw-gate").exists(), "the server answered only after the probe"
