@@ -152,7 +152,8 @@ def test_doctor_lists_each_pool() -> None:
 def test_a_server_keeps_the_pools_corral_pools_names(settings: Settings) -> None:
     require_backend(settings, "gvisor")
     data = settings.runtime_dir / f"pools-{secrets.token_hex(3)}"
-    env = {"CORRAL_POOLS": "gvisor:host=1", "CORRAL_LOG_LEVEL": "debug"}
+    # No job workers: their own pool (of the default tier) would log its spares too.
+    env = {"CORRAL_POOLS": "gvisor:host=1", "CORRAL_LOG_LEVEL": "debug", "CORRAL_JOB_WORKERS": "0"}
     server = start_server(settings, data, pool_size=0, extra_env=env)
     try:
         wait_until(lambda: "warm pool sandbox ready" in server.log.read_text(), "a gvisor spare")
