@@ -148,7 +148,14 @@ class WarmPool:
                     continue
                 delay, full = 0.5, False
                 self._ready.append(sandbox)
-                log.debug("warm pool sandbox ready", extra={"sandbox_id": sandbox.id})
+                log.debug(
+                    "warm pool sandbox ready",
+                    extra={
+                        "sandbox_id": sandbox.id,
+                        "isolation": self.backend,
+                        "template": self.template,
+                    },
+                )
             self._wake.clear()
             await self._wake.wait()
             # Let the claimer's first command run before the refill competes with it for
