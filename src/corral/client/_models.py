@@ -205,6 +205,7 @@ class VmInfo:
     template: str
     volume: str | None
     error: str | None
+    isolation: str = "auto"  # the tier of its sandboxes (auto: the server's default)
 
     @classmethod
     def from_proto(cls, vm: vms_pb.Vm) -> VmInfo:
@@ -221,6 +222,7 @@ class VmInfo:
             template=vm.template,
             volume=vm.volume or None,
             error=vm.error or None,
+            isolation=vm.isolation or "auto",
         )
 
 

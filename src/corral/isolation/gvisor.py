@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -157,10 +158,19 @@ def _platform_runs(runsc: str, platform: str) -> str | None:
     return None
 
 
-@functools.cache
 def find_runsc(wanted: str) -> Runsc | None:
     """The installed runsc and the platform to use (`wanted`: a CORRAL_GVISOR_PLATFORM
-    value); None when runsc is not installed. Probed once per process."""
+    value); None when runsc is not installed. Probed once per process: callers in other
+    threads at once (`Engine.load` probes off the event loop) wait for the one probe."""
+    with _PROBING:
+        return _find_runsc(wanted)
+
+
+_PROBING = threading.Lock()
+
+
+@functools.cache
+def _find_runsc(wanted: str) -> Runsc | None:
     path = runsc_path()
     if path is None:
         return None

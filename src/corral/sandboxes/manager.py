@@ -12,12 +12,13 @@ The manager is the only door to a live sandbox: its commands go through
 `manager.commands`, its files through `manager.files`, each a check of the team and the
 state away from the engine's sandbox.
 Background loops enforce lifetimes and inactivity TTLs (every `tick`), sample metrics
-(every `metrics_interval`) and keep the warm pool full.
+(every `metrics_interval`) and keep the warm pools full (one per tier and template).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -97,12 +98,15 @@ class SandboxManager:
         self.engine = engine or Engine(settings)
         self.tick = tick
         self.metrics_interval = metrics_interval
+        # The default tier's pool of `host` (`pool_size`, unless CORRAL_POOLS says).
         self.pool = WarmPool(self.engine, pool_size, "host", settings.default_isolation)
         self._pool_size = pool_size
-        # Warm pools of layer templates, by engine name, made on a template's first
-        # create when `poolable` says so (the first create is cold: it registers the
-        # template with the engine, and a template nobody asks for holds no memory).
-        self._template_pools: dict[str, WarmPool] = {}
+        # Every warm pool by (tier, engine template): those of `host` made at start, those
+        # of the server's base on its first create of a tier when `poolable` says so (the
+        # first create is cold: it registers the template with the engine, and a
+        # template nobody asks for holds no memory). Sizes: `Settings.pool_plan`.
+        self._pools: dict[tuple[str, str], WarmPool] = {}
+        self._base_sizes: dict[str, int] = {}  # tier -> its base pool's size
         # Whether an engine template may be pooled: one with no start command (a pooled
         # sandbox never runs one) that is common enough to be worth the memory. Given by
         # the server (the server's `base`, E2B's default); None: only `host` is pooled.
@@ -129,10 +133,11 @@ class SandboxManager:
 
     async def start(self) -> None:
         """Clean up after a crashed predecessor, then start the background loops."""
+        pools = await self._plan_pools()  # InvalidRequest before anything starts
         self.engine.reap()
         self.engine.start_reaper()
         self._live.fail_orphans(self._owner, adopt=self._adopt)
-        self.pool.start()
+        self._start_pools(pools)
         self._tasks = [
             asyncio.create_task(_every(self.tick, self._live.enforce_timers), name="timers"),
             asyncio.create_task(
@@ -156,18 +161,58 @@ class SandboxManager:
                     "could not end sandbox at shutdown",
                     extra={"sandbox_id": entry.id, "error": repr(result)},
                 )
-        await self.pool.aclose()
-        pools, self._template_pools = list(self._template_pools.values()), {}
+        pools = {id(p): p for p in (self.pool, *self._pools.values())}.values()
+        self._pools = {}
         for pool in pools:
             await pool.aclose()
         if self._own_engine:
             await self.engine.aclose()
+
+    async def _plan_pools(self) -> dict[tuple[str, str], int]:
+        """`Settings.pool_plan`: each warm pool's size by (tier, template); a pool whose
+        tier the host lacks is left out, with a warning."""
+        names = {pool.tier for pool in self.settings.warm_pools(self._pool_size)}
+        for name in names:
+            with contextlib.suppress(CorralError):  # pool_plan says why, below
+                await self.engine.load(name)  # probed off the event loop
+        sizes, missing = self.settings.pool_plan(
+            lambda name: self.engine.backend(name).name, self._pool_size
+        )
+        for (tier, template), why in missing.items():
+            log.warning("no warm pool of %s on %s: %s", template, tier, why)
+        pools = {f"{tier}:{template}": size for (tier, template), size in sizes.items()}
+        log.info("warm pools", extra={"pools": pools})
+        return sizes
+
+    def _start_pools(self, sizes: dict[tuple[str, str], int]) -> None:
+        """Start the pools of `host` that `sizes` gives, and note the base's sizes."""
+        default_tier = self._default_tier()
+        for (tier, template), size in sizes.items():
+            if template != "host":
+                self._base_sizes[tier] = size
+            elif tier == default_tier:
+                self.pool.size = size  # CORRAL_POOLS may say otherwise than pool_size
+                self._pools[(tier, template)] = self.pool
+            elif size > 0:
+                self._pools[(tier, template)] = WarmPool(self.engine, size, template, tier)
+        for pool in self._pools.values():
+            pool.start()
+        if self.pool not in self._pools.values():
+            self.pool.start()  # its tier is missing: it says so and stays empty
+
+    def _default_tier(self) -> str | None:
+        """The name of this server's default tier, or None where the host lacks it."""
+        try:
+            return self.engine.backend(self.settings.default_isolation).name
+        except CorralError:
+            return None
 
     # -- lifecycle of sandboxes ---------------------------------------------------------
 
     async def create(self, team: Team, options: CreateOptions) -> SandboxRecord:
         if self._closing:
             raise SandboxNotRunning("the server is shutting down; create the sandbox elsewhere")
+        await self.engine.load(options.isolation)  # a tier's first probe off the loop
         limits = options.limits
         limits.check_host()
         self.network_cap.check(options.network, team.name)
@@ -185,19 +230,20 @@ class SandboxManager:
         )
         backend = tier.name
         # Pooled sandboxes have no network, no volumes and a disk: others start cold.
-        pool = self._pool_of(engine_template)
+        pool = self._pool_of(engine_template, backend)
         fits = (
             options.network.mode == "none"
             and not mounts
             and not options.ram_disk
+            and pool is not None
             and pool.fits(engine_template, backend, limits)
         )
-        pooled = pool.claim() if fits else None
+        pooled = pool.claim() if fits and pool is not None else None
         try:
             # Refused for room before its row is written; the engine checks again.
             self.engine.check_room(limits.memory_mib, resizing=pooled)
         except BaseException:
-            if pooled is not None:
+            if pool is not None and pooled is not None:
                 pool.give_back(pooled)
             raise
         now = time.time()
@@ -232,7 +278,7 @@ class SandboxManager:
         try:
             self.store.insert_sandbox(row)  # within the team's quotas, or QuotaExceeded
         except BaseException:
-            if pooled is not None:
+            if pool is not None and pooled is not None:
                 pool.give_back(pooled)
             raise
         entry = LiveSandbox(
@@ -279,22 +325,29 @@ class SandboxManager:
         )
         return self._record(created)
 
-    def _pool_of(self, engine_template: str) -> WarmPool:
-        """The warm pool for sandboxes of `engine_template` (started now if the template
-        is poolable and has none yet); the host pool, whose `fits` refuses, otherwise."""
-        pool = self._template_pools.get(engine_template)
+    def _pool_of(self, engine_template: str, tier: str) -> WarmPool | None:
+        """The warm pool for sandboxes of `engine_template` on `tier` (started now if the
+        template is poolable, the plan gives its tier a base pool, and it has none yet);
+        None: they start cold."""
+        key = (tier, engine_template)
+        pool = self._pools.get(key)
+        size = self._base_sizes.get(tier, 0)
         if (
             pool is None
-            and engine_template != self.pool.template
+            and size > 0
+            and engine_template != "host"
             and not self._closing
             and self.poolable is not None
             and self.poolable(engine_template)
         ):
-            isolation = self.settings.default_isolation
-            pool = WarmPool(self.engine, self._pool_size, engine_template, isolation)
-            self._template_pools[engine_template] = pool
+            pool = self._pools[key] = WarmPool(self.engine, size, engine_template, tier)
             pool.start()
-        return pool or self.pool
+        return pool
+
+    @property
+    def pools(self) -> list[WarmPool]:
+        """Every warm pool of this manager (for metrics and tests)."""
+        return list(self._pools.values())
 
     def _engine_template(self, team_id: str, name: str) -> str:
         """The engine's name of the team's template `name` (a team's templates are its
