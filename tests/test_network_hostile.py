@@ -115,6 +115,7 @@ def fetch(driver: Driver, sandbox: str, address: str) -> str:
 
 
 @every_tier
+@pytest.mark.microvm_subset
 @pytest.mark.fails_on(
     "gvisor",
     reason="netlink answers -EACCES, a NETLINK_NETFILTER socket EPROTONOSUPPORT (not -EPERM)",

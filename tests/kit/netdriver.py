@@ -14,6 +14,8 @@ JSON request a line, getting one JSON answer a line:
     {"op": "spawn", "id": ..., "argv": [...], "key": "k"}  then  {"op": "collect", "key": "k"}
     {"op": "destroy", "id": ...}
     {"op": "events", "id": ...}                                -> its network events
+    {"op": "port", "id": ..., "port": 8000, "send": "ping"}    -> the answer, through
+                                                        `Sandbox.open_port` (the port proxy's way)
 
 An error comes back as {"error": class name, "message": ...}.
 """
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +107,19 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
     if op == "spawn":  # started now, its result read later with "collect"
         spawned[request["key"]] = await sandbox.exec(request["argv"], timeout=60)
         return {}
+    if op == "port":
+        sock = await sandbox.open_port(request["port"])
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(request["send"].encode())
+            writer.write_eof()
+            return {"reply": (await asyncio.wait_for(reader.read(), 20)).decode()}
+        finally:
+            writer.close()
+    if op == "checkpoint":  # into a fresh directory of the runtime dir, kept by the caller
+        image = Path(tempfile.mkdtemp(dir=engine.settings.runtime_dir)) / "image"
+        await sandbox.checkpoint(image)
+        return {"image": str(image)}
     if op == "set_network":
         policy = NetworkPolicy.parse(request["network"], request.get("allow", []))
         await sandbox.set_network(policy)
