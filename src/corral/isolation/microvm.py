@@ -149,6 +149,7 @@ class MicrovmBackend(Backend):
         missing: list[str] = []
         details: dict[str, object] = {
             "network": ", ".join(sorted(microvm_net.network_modes())),
+            "memory snapshots": "sandboxes with network none",
             "volumes": "no",
         }
         if shutil.which(QEMU) is None:
