@@ -37,6 +37,8 @@ from corral.network.policy import NetworkPolicy
 from corral.network.resolver import ADDRESS as RESOLVER
 from corral.network.setns import call_in_netns
 
+# The guest's link, the same in every sandbox. Private ranges (always denied unless an
+# operator allows them): the one destination a guest cannot reach is its own /30 and /64.
 GATEWAY4 = ipaddress.IPv4Address("10.0.2.1")
 GUEST4 = ipaddress.IPv4Address("10.0.2.2")
 PREFIX4 = 30
