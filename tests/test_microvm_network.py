@@ -5,7 +5,8 @@ network device: the rules that hold it are the host's, in the sandbox's namespac
 in the guest changes its address, claims another sandbox's, changes its MAC: nothing of
 it gets out, and the guest is back once it puts its own address back. The host reaches
 a guest's port as it reaches a namespace sandbox's (the port proxy's
-`Sandbox.open_port`), and never a port of the host's own instead. A sandbox with a
+`Sandbox.open_port`, through the guest agent), and never a port of the host's own
+instead; the server's port proxy serves a guest's web app. A sandbox with a
 network refuses a memory snapshot, saying why, before anything changes.
 
 All in the fake internet (tests/kit/internet.py), with one shared guest: a TCG boot is
@@ -21,16 +22,19 @@ import textwrap
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
+from corral import Sandbox
 from corral.config import Settings
 from corral.isolation import microvm_net, netns
-from tests.conftest import tier_unavailable
+from tests.conftest import LiveServer, opts, server_template, tier_unavailable
 from tests.kit import internet as fake
-from tests.kit import processes
+from tests.kit import processes, webapp
 from tests.kit.debian import needs_archive
 from tests.kit.internet import Internet
 from tests.kit.netdriver import Driver
+from tests.kit.polling import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -186,6 +190,20 @@ def test_the_host_reaches_a_guest_port_and_never_its_own(
             assert answer.get("error") == "PortClosed", answer
     finally:
         driver.ok(op="destroy", id=none)
+
+
+def test_the_servers_port_proxy_reaches_a_guests_web_app(
+    server: LiveServer, settings: Settings
+) -> None:
+    # The E2B port host's way: `<port>-<id>.<domain>` through the server to the agent.
+    if reason := tier_unavailable("microvm", settings):
+        pytest.skip(f"microvm tier unavailable here: {reason}")
+    template = server_template("microvm")
+    with Sandbox.create(template, isolation="microvm", timeout=120, **opts(server)) as sbx:
+        sbx.files.write("/tmp/webapp.py", webapp.SOURCE)
+        sbx.commands.run("python3 /tmp/webapp.py 8000", background=True)
+        url = sbx.get_url(8000)
+        wait_until(lambda: httpx.get(url).status_code == 200, "the guest's web app", timeout=60)
 
 
 def test_a_sandbox_with_a_network_refuses_a_memory_snapshot_saying_why(
