@@ -192,6 +192,7 @@ def test_the_host_reaches_a_guest_port_and_never_its_own(
         driver.ok(op="destroy", id=none)
 
 
+@pytest.mark.slow  # a boot through the server; the relay itself is the test above
 def test_the_servers_port_proxy_reaches_a_guests_web_app(
     server: LiveServer, settings: Settings
 ) -> None:
