@@ -2,7 +2,7 @@
 
 The guest has a kernel of its own, and root in it can set any address and MAC on its
 network device: the rules that hold it are the host's, in the sandbox's namespace. Root
-in the guest changes its address, claims another sandbox's, changes its MAC: nothing of
+in the guest claims another sandbox's address, or changes its MAC: nothing of
 it gets out, and the guest is back once it puts its own address back. The host reaches
 a guest's port as it reaches a namespace sandbox's (the port proxy's
 `Sandbox.open_port`, through the guest agent), and never a port of the host's own
@@ -51,7 +51,7 @@ FETCH = (
     "import socket, sys, urllib.request as u\n"
     "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x' * int(sys.argv[3]), "
     "(sys.argv[1], 7))\n"
-    "try: print(u.urlopen(f'http://{sys.argv[1]}{sys.argv[2]}', timeout=4).read().decode())\n"
+    "try: print(u.urlopen(f'http://{sys.argv[1]}{sys.argv[2]}', timeout=3).read().decode())\n"
     "except OSError as e: print(type(e).__name__)\n"
 )
 
@@ -100,9 +100,6 @@ def test_root_in_the_guest_cannot_spoof_an_address_or_a_mac_to_get_out(
     )
     another_sandbox = netns.Addresses(7).sandbox4
     spoofs = {
-        "another address on its link": f"{ip} -4 addr flush dev eth0 && "
-        f"{ip} addr add 10.0.2.3/30 dev eth0 && "
-        f"{ip} route replace default via {microvm_net.GATEWAY4}",
         "another sandbox's address": f"{ip} -4 addr flush dev eth0 && "
         f"{ip} addr add {another_sandbox}/16 dev eth0 && "
         f"{ip} route replace default via {microvm_net.GATEWAY4} dev eth0 onlink",
