@@ -252,6 +252,11 @@ class Backend(ABC):
         """
         raise IsolationUnavailable(f"the {self.name} tier has no memory snapshots")
 
+    def attach_network(self, footprint: Footprint) -> None:  # noqa: B027 - most need none
+        """Called in a thread once the sandbox's network namespace (`footprint.netns`) is
+        made with its rules, before its launcher starts: a tier whose guest needs a
+        device of its own there (microvm's tap) makes it, inside that namespace."""
+
     def host_reaches_ports(self, footprint: Footprint) -> bool:
         """Whether the host reaches the sandbox's ports in the network namespace of its
         launcher's child; else `Sandbox.open_port` asks the guest agent to connect."""

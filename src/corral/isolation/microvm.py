@@ -25,8 +25,10 @@ of the sandbox's unprivileged range (`-runas`), under its own seccomp filter (`-
 The guest sees `Limits.cpu` (rounded up) CPUs and `memory_mib` of RAM; QEMU's own memory
 (device emulation, TCG's translation cache) comes on top of that in the cgroup
 (`VMM_OVERHEAD_MIB`). The `host` template (the host's /usr, 5+ GB) has no image: its
-sandboxes are refused with a pointer to a layer template such as `base`. Network: mode
-`none` only (the guest has a loopback and no network device); volumes: none yet.
+sandboxes are refused with a pointer to a layer template such as `base`. Network: with
+`none` the guest has a loopback only; with `internet` or `allowlist` a virtio-net device
+on a tap in the sandbox's network namespace, behind the same rules as every tier's
+(`corral.isolation.microvm_net`). Volumes: none yet.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pathlib import Path
 from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import IsolationUnavailable, SnapshotUnavailable
 from corral.images import unmount_overlay
-from corral.isolation import guest_kernel, idrange, microvm_snapshot
+from corral.isolation import guest_kernel, idrange, microvm_net, microvm_snapshot
 from corral.isolation.agent_install import GUEST_DIR, guest_runtime
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
@@ -53,7 +55,6 @@ from corral.isolation.footprint import Footprint
 from corral.isolation.guest_images import root_image, runtime_image
 from corral.isolation.templates import LayerTemplate
 from corral.limits import Limits
-from corral.network.policy import NetworkPolicy
 
 QEMU = "qemu-system-x86_64"
 # QEMU's memory beyond the guest's RAM, added to the sandbox's cgroup limit. Measured
@@ -124,13 +125,20 @@ class MicrovmBackend(Backend):
         super().__init__(settings)
         self._images = settings.data_dir / "microvm"
 
-    def check_network(self, policy: NetworkPolicy) -> None:
-        if policy.mode != "none":
-            raise IsolationUnavailable(
-                f"the microvm tier cannot enforce network mode {policy.mode!r} yet: its "
-                "guests have no network device (a policy needs a tap in the sandbox's "
-                "network namespace, not built); use network none or the namespace tier"
-            )
+    def network_modes(self) -> frozenset[str]:
+        return microvm_net.network_modes()
+
+    def attach_network(self, footprint: Footprint) -> None:
+        assert footprint.netns is not None
+        microvm_net.attach(footprint.netns)
+
+    def host_reaches_ports(self, footprint: Footprint) -> bool:
+        # The guest's sockets are in its own kernel: the agent connects for the host.
+        return False
+
+    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
+        super().check_checkpoint(spec, what)
+        microvm_net.check_checkpoint(spec.network, what)
 
     def cgroup_memory_bytes(self, limits: Limits) -> int:
         """The guest's RAM plus QEMU's own memory."""
@@ -139,7 +147,11 @@ class MicrovmBackend(Backend):
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
-        details: dict[str, object] = {"network": "none", "volumes": "no"}
+        details: dict[str, object] = {
+            "network": ", ".join(sorted(microvm_net.network_modes())),
+            "memory snapshots": "sandboxes with network none",
+            "volumes": "no",
+        }
         if shutil.which(QEMU) is None:
             missing.append(f"{QEMU}: apt-get install qemu-system-x86")
         if shutil.which("mkfs.ext4") is None:
@@ -208,7 +220,7 @@ class MicrovmBackend(Backend):
         if spec.restore is None:
             if disk is not None:
                 format_disk(disk, limits.disk_bytes)
-            config.write_bytes(_config(footprint.id, layered, spec, workdir))
+            config.write_bytes(_config(footprint.id, layered, spec, workdir, footprint.netns))
         else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
             machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
         machine.record(footprint.path)
@@ -242,6 +254,7 @@ class MicrovmBackend(Backend):
             *_disk("corral-root", root, read_only=True),
             *disk_args,
             *_disk("corral-config", config, read_only=True),
+            *(microvm_net.qemu_args() if footprint.netns else []),
             "-qmp", f"unix:{footprint.path / microvm_snapshot.QMP_SOCKET},server=on,wait=off",
             "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
             "-runas", f"{first}:{first}",
@@ -254,6 +267,7 @@ class MicrovmBackend(Backend):
             workdir=workdir,
             host_cwd=str(footprint.path),
             pass_fds=tuple(fds),
+            netns=footprint.netns,  # QEMU opens the guest's tap there (`microvm_net`)
         )
 
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
@@ -357,8 +371,11 @@ def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:
     return ["-drive", drive, "-device", f"virtio-blk-device,drive={serial},serial={serial}"]
 
 
-def _config(sandbox_id: str, template: LayerTemplate, spec: SandboxSpec, workdir: str) -> bytes:
-    """The configuration disk `corral.guest.vm_boot` reads (padded to whole sectors)."""
+def _config(
+    sandbox_id: str, template: LayerTemplate, spec: SandboxSpec, workdir: str, netns: str | None
+) -> bytes:
+    """The configuration disk `corral.guest.vm_boot` reads (padded to whole sectors); with
+    a network (`netns`), the guest's addresses as a last field."""
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
@@ -368,6 +385,8 @@ def _config(sandbox_id: str, template: LayerTemplate, spec: SandboxSpec, workdir
     }
     fields = [sandbox_id.replace("_", "-"), template.user, workdir, "0"]
     fields += [f"{key}={value}" for key, value in env.items()]
+    if netns is not None:
+        fields.append(microvm_net.guest_config())
     payload = "\0".join(fields).encode()
     data = _CONFIG_MAGIC + f"{len(payload)}\n".encode() + payload
     return data + b"\0" * (-len(data) % 512)

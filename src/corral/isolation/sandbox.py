@@ -149,7 +149,7 @@ class Sandbox:
                 self.network_events,
             )
             self._network.reserve()
-            made = asyncio.ensure_future(self._network.make())
+            made = asyncio.ensure_future(self._make_network(self._network))
         try:
             await self._launch(entrypoint, made)
         except BaseException:
@@ -158,6 +158,10 @@ class Sandbox:
                 if not made.cancelled():
                     made.exception()  # seen: the error to report is the one raised
             raise
+
+    async def _make_network(self, network: SandboxNetwork) -> None:
+        await network.make()
+        await asyncio.to_thread(self._backend.attach_network, self.footprint)
 
     async def _launch(
         self, entrypoint: Entrypoint | None, network: asyncio.Future[None] | None
