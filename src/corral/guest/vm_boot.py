@@ -7,7 +7,8 @@ writes it): its host name, the template's default user, workdir, environment and
 agent's arguments. It does in the guest what the namespace tier does on the host for a
 layer template's sandbox — the host name and its /etc entries, the `user` account,
 /workspace, /home/user and /tmp — then runs the agent in this same process (one Python
-start, not two). Standard library only; the host's interpreter runs it from /.corral.
+start, not two). Standard library only; the host's interpreter runs it from /.corral,
+its bytecode compiled with the agent's (`corral.isolation.agent_install.python_options`).
 """
 
 from __future__ import annotations
@@ -89,8 +90,7 @@ def main() -> None:
     name = user if not user.isdigit() else SANDBOX_USER
     os.environ.clear()
     os.environ.update({"HOME": user_home, "USER": name, "LOGNAME": name, "SHELL": shell, **env})
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import agent  # type: ignore[import-not-found]  # beside this file in the guest
+    import agent  # type: ignore[import-not-found]  # beside this file (on the path)
 
     agent.main([*args, "--workdir", workdir, "--user", f"{uid}:{gid}"])
 

@@ -49,6 +49,13 @@ _PROBE = (
 def agent_command(agent_dir: str, python: str | Sequence[str], workdir: str) -> list[str]:
     """The argv that starts the agent from `agent_dir` (a path as the sandbox sees it)
     with `python` (a path, or a `GuestRuntime.argv`)."""
+    interpreter = [python] if isinstance(python, str) else list(python)
+    return [*interpreter, *python_options(agent_dir, "agent"), "--workdir", workdir]
+
+
+def python_options(agent_dir: str, module: str) -> list[str]:
+    """The interpreter's options that run `main()` of `module`, one of the agent's files
+    in `agent_dir` (the agent, or a microVM's boot: `corral.guest.vm_boot`)."""
     # -I -S: isolated (no environment, no user site-packages, and no working directory
     # on the module path: the sandbox's user writes the agent's, and a module planted
     # there must never be what the agent imports later, e.g. `termios` at its first
@@ -59,10 +66,9 @@ def agent_command(agent_dir: str, python: str | Sequence[str], workdir: str) -> 
     # syscalls, each a trap into gVisor's kernel).
     bootstrap = (
         f"import sys; sys.modules['corral'] = None; sys.path.insert(0, {agent_dir!r}); "
-        "import agent; agent.main()"
+        f"import {module}; {module}.main()"
     )
-    interpreter = [python] if isinstance(python, str) else list(python)
-    return [*interpreter, "-I", "-S", "-c", bootstrap, "--workdir", workdir]
+    return ["-I", "-S", "-c", bootstrap]
 
 
 @functools.cache
