@@ -7,8 +7,7 @@ writes it): its host name, the template's default user, workdir, environment and
 agent's arguments. It does in the guest what the namespace tier does on the host for a
 layer template's sandbox — the host name and its /etc entries, the `user` account,
 /workspace, /home/user and /tmp — then runs the agent in this same process (one Python
-start, not two). Standard library only; the host's interpreter runs it from /.corral,
-its bytecode compiled with the agent's (`corral.isolation.agent_install.python_options`).
+start, not two). Standard library only; the host's interpreter runs it from /.corral.
 """
 
 from __future__ import annotations
