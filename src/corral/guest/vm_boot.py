@@ -117,8 +117,7 @@ def main() -> None:
     name = user if not user.isdigit() else SANDBOX_USER
     os.environ.clear()
     os.environ.update({"HOME": user_home, "USER": name, "LOGNAME": name, "SHELL": shell, **env})
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import agent  # type: ignore[import-not-found]  # beside this file in the guest
+    import agent  # type: ignore[import-not-found]  # beside this file (on the path)
 
     agent.main([*args, "--workdir", workdir, "--user", f"{uid}:{gid}"])
 
