@@ -9,8 +9,6 @@ interpreter runs isolated (`-I`), with no working directory on its module path.
 
 from __future__ import annotations
 
-import pytest
-
 from corral.isolation import Sandbox
 from corral.terminal import PtySize
 from tests.conftest import every_tier
@@ -21,9 +19,6 @@ PLANTED = "open('/tmp/planted', 'w').write('imported by the agent')\nraise Syste
 
 
 @every_tier
-@pytest.mark.fails_on(
-    "gvisor", reason="a command on a terminal fails there: 'command not executable' (main too)"
-)
 async def test_a_module_planted_in_the_workdir_is_not_imported_by_the_agent(
     sandbox: Sandbox,
 ) -> None:

@@ -371,7 +371,9 @@ class Users:
 
     def give_terminal(self, slave: int, ids: Identity) -> None:
         """Make a new terminal's slave the command's user's, who opens it at spawn."""
-        if self.root and ids.uid != self.default.uid:
+        # Linux gives a new terminal the agent's file-system user (the default user);
+        # gVisor's sentry gives it the effective one (root): its owner is what counts.
+        if self.root and os.fstat(slave).st_uid != ids.uid:
             # The agent's fsuid (the default user's) leaves it without CAP_CHOWN: chown
             # as root, then back.
             self._libc.setfsuid(0)
