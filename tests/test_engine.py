@@ -44,7 +44,6 @@ pytestmark = pytest.mark.sandbox
 
 @every_tier
 @pytest.mark.microvm_subset
-@pytest.mark.fails_on("gvisor", reason="the host template's root has no /var/tmp (touch: ENOENT)")
 async def test_runs_a_command_as_an_unprivileged_user(sandbox: Sandbox) -> None:
     result = await sandbox.run(["sh", "-c", "id -u; id -un; pwd; hostname; echo $HOME"])
     assert result.ok, result

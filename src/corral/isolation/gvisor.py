@@ -368,6 +368,10 @@ class GvisorBackend(Backend):
             # are mounts.
             for target, path in template.symlinks:
                 os.symlink(target, root / path.lstrip("/"))
+            # As on namespace: programs expect /var/tmp; the same bounded storage as /tmp.
+            if not (root / "var").exists():
+                (root / "var").mkdir(mode=0o755)
+                os.symlink("/tmp", root / "var" / "tmp")
             for host_path, path in template.ro_binds:
                 mounts.append(_bind(host_path, path))
             mounts.append(_bind(str(shared_etc(self.settings.runtime_dir, template)), "/etc"))
