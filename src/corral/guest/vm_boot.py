@@ -68,11 +68,31 @@ def _user(name: str) -> tuple[int, int, str]:
         ) from None
 
 
+def _shares(fields: list[str]) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The host directories to mount (`corral.isolation.microvm_shares.mount_fields`:
+    a count, then tag, path and ro/rw of each) and the fields after them."""
+    count = int(fields[0]) if fields else 0
+    shares = [(fields[1 + 3 * i], fields[2 + 3 * i], fields[3 + 3 * i]) for i in range(count)]
+    return shares, fields[1 + 3 * count :]
+
+
+def _mount_share(tag: str, path: str, read_only: bool) -> None:
+    """Mount the virtio-fs share `tag` at `path` (made if missing), as the namespace tier
+    binds a volume: nosuid, nodev, read-only when asked."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    options = "nosuid,nodev" + (",ro" if read_only else "")
+    busybox = os.path.join(os.path.dirname(os.path.abspath(__file__)), "busybox")
+    argv = ["mount", "-t", "virtiofs", "-o", options, tag, path]
+    if os.spawnv(os.P_WAIT, busybox, argv) != 0:
+        raise SystemExit(f"corral-vm-boot: could not mount {tag} at {path}")
+
+
 def main() -> None:
     fields = read_config(sys.argv[1])
     hostname, user, workdir, count = fields[0], fields[1], fields[2], int(fields[3])
     args = fields[4 : 4 + count]
-    env = dict(entry.split("=", 1) for entry in fields[4 + count :] if "=" in entry)
+    shares, rest = _shares(fields[4 + count :])
+    env = dict(entry.split("=", 1) for entry in rest if "=" in entry)
     _socket.sethostname(hostname)  # not `socket`: it imports enum, ~0.1 s under TCG
     with open("/etc/hostname", "w") as f:
         f.write(hostname + "\n")
@@ -86,6 +106,8 @@ def main() -> None:
     _own_dir(home, 0o755, SANDBOX_UID, SANDBOX_UID)
     _own_dir("/workspace", 0o755, uid, gid)
     _own_dir("/tmp", 0o1777, 0, 0)
+    for tag, path, mode in shares:  # last: a volume may be inside /workspace or the home
+        _mount_share(tag, path, mode == "ro")
     name = user if not user.isdigit() else SANDBOX_USER
     os.environ.clear()
     os.environ.update({"HOME": user_home, "USER": name, "LOGNAME": name, "SHELL": shell, **env})

@@ -33,7 +33,10 @@ from corral.errors import IsolationUnavailable
 PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = "/bin/busybox"
 # Loaded in this order (each after what it depends on).
-MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay")
+MODULES = (
+    "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay",
+    "fuse", "virtiofs",  # only when the VM has shares (`corral.isolation.microvm_shares`)
+)  # fmt: skip
 BARE_BOOT_LINE = "corral-bare-boot"
 _VERSIONED_DEB = re.compile(r"linux-image-(\d[^_]*)_[^_]+_amd64\.deb")
 
@@ -52,6 +55,9 @@ case " $(cat /proc/cmdline) " in *" corral.bare "*) echo corral-bare-boot; reboo
 for m in virtio_ring virtio virtio_mmio virtio_blk virtio_console overlay; do
   insmod /lib/modules/$m.ko || fail "module $m"
 done
+case " $(cat /proc/cmdline) " in *" corral.virtiofs "*)
+  for m in fuse virtiofs; do insmod /lib/modules/$m.ko || fail "module $m"; done;;
+esac
 disk() {
   for d in /sys/block/vd*; do
     [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && { echo /dev/${d##*/}; return; }
@@ -177,7 +183,8 @@ def extract(directory: Path) -> GuestKernel:
     match = _VERSIONED_DEB.fullmatch(deb.name)
     assert match is not None
     version = match.group(1)
-    target = directory / version
+    # One directory per set of modules: a Corral that needs another extracts it again.
+    target = directory / f"{version}-{hashlib.sha256(' '.join(MODULES).encode()).hexdigest()[:8]}"
     if not (target / "ready").exists():
         _extract(deb, version, target)
     return GuestKernel(

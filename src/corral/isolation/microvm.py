@@ -26,7 +26,8 @@ The guest sees `Limits.cpu` (rounded up) CPUs and `memory_mib` of RAM; QEMU's ow
 (device emulation, TCG's translation cache) comes on top of that in the cgroup
 (`VMM_OVERHEAD_MIB`). The `host` template (the host's /usr, 5+ GB) has no image: its
 sandboxes are refused with a pointer to a layer template such as `base`. Network: mode
-`none` only (the guest has a loopback and no network device); volumes: none yet.
+`none` only (the guest has a loopback and no network device). Volumes are host
+directories the guest mounts over virtio-fs (`corral.isolation.microvm_shares`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pathlib import Path
 from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import IsolationUnavailable, SnapshotUnavailable
 from corral.images import unmount_overlay
-from corral.isolation import guest_kernel, idrange, microvm_snapshot
+from corral.isolation import guest_kernel, idrange, microvm_shares, microvm_snapshot
 from corral.isolation.agent_install import GUEST_DIR, guest_runtime
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
@@ -117,6 +118,7 @@ class MicrovmBackend(Backend):
     layer_templates = True
     host_template = False
     memory_snapshots = True  # QEMU migration to a file: `corral.isolation.microvm_snapshot`
+    volumes = True  # virtio-fs: `corral.isolation.microvm_shares`
 
     start_timeout = START_TIMEOUT
 
@@ -139,7 +141,11 @@ class MicrovmBackend(Backend):
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
-        details: dict[str, object] = {"network": "none", "volumes": "no"}
+        no_shares = microvm_shares.missing()
+        details: dict[str, object] = {
+            "network": "none",
+            "volumes": f"no: {no_shares}" if no_shares else "yes (virtio-fs)",
+        }
         if shutil.which(QEMU) is None:
             missing.append(f"{QEMU}: apt-get install qemu-system-x86")
         if shutil.which("mkfs.ext4") is None:
@@ -192,6 +198,9 @@ class MicrovmBackend(Backend):
         footprint.layer_ids = [0, 0, IDS_PER_SLOT]
         why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
         cmdline = _cmdline(why_not_kvm)
+        shares = microvm_shares.volume_shares(footprint, spec.volumes, first)
+        if shares:
+            cmdline += " corral.virtiofs"  # its init loads the driver
         disk: Path | None = None
         if spec.ram_disk:  # a tmpfs in the guest: its writes are the guest's RAM
             cmdline += f" corral.ramdisk={limits.storage_bytes}"
@@ -208,7 +217,7 @@ class MicrovmBackend(Backend):
         if spec.restore is None:
             if disk is not None:
                 format_disk(disk, limits.disk_bytes)
-            config.write_bytes(_config(footprint.id, layered, spec, workdir))
+            config.write_bytes(_config(footprint.id, layered, spec, workdir, shares))
         else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
             machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
         machine.record(footprint.path)
@@ -247,7 +256,15 @@ class MicrovmBackend(Backend):
             "-runas", f"{first}:{first}",
             *microvm_snapshot.MIGRATION_ARGS,
             *incoming,
+            *microvm_shares.qemu_args(footprint, shares, limits.memory_bytes >> 20),
         ]  # fmt: skip
+        try:
+            argv, shared = microvm_shares.launcher_argv(footprint, shares, first, argv)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        fds += shared
         return LaunchPlan(
             argv=argv,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
@@ -255,6 +272,15 @@ class MicrovmBackend(Backend):
             host_cwd=str(footprint.path),
             pass_fds=tuple(fds),
         )
+
+    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
+        super().check_checkpoint(spec, what)
+        if spec.volumes:
+            raise IsolationUnavailable(
+                f"the microvm tier cannot {what} for a sandbox with volumes: QEMU cannot "
+                "migrate their virtio-fs devices; leave the volumes out (copy the files in), "
+                "or use the gvisor tier"
+            )
 
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
         microvm_snapshot.checkpoint(footprint, image)
@@ -354,7 +380,13 @@ def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:
     return ["-drive", drive, "-device", f"virtio-blk-device,drive={serial},serial={serial}"]
 
 
-def _config(sandbox_id: str, template: LayerTemplate, spec: SandboxSpec, workdir: str) -> bytes:
+def _config(
+    sandbox_id: str,
+    template: LayerTemplate,
+    spec: SandboxSpec,
+    workdir: str,
+    shares: list[microvm_shares.Share],
+) -> bytes:
     """The configuration disk `corral.guest.vm_boot` reads (padded to whole sectors)."""
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -364,6 +396,7 @@ def _config(sandbox_id: str, template: LayerTemplate, spec: SandboxSpec, workdir
         **spec.env,
     }
     fields = [sandbox_id.replace("_", "-"), template.user, workdir, "0"]
+    fields += microvm_shares.mount_fields(shares)
     fields += [f"{key}={value}" for key, value in env.items()]
     payload = "\0".join(fields).encode()
     data = _CONFIG_MAGIC + f"{len(payload)}\n".encode() + payload
