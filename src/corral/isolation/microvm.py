@@ -45,7 +45,13 @@ from pathlib import Path
 from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import IsolationUnavailable, SnapshotUnavailable
 from corral.images import unmount_overlay
-from corral.isolation import guest_kernel, idrange, microvm_shares, microvm_snapshot
+from corral.isolation import (
+    guest_kernel,
+    idrange,
+    microvm_oneshot,
+    microvm_shares,
+    microvm_snapshot,
+)
 from corral.isolation.agent_install import GUEST_DIR, guest_runtime
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
@@ -79,6 +85,7 @@ _DEFAULT_TSC_KHZ = 2_000_000
 # A TCG boot takes seconds (several under load); the agent's first ping waits this long.
 START_TIMEOUT = 120.0
 _CONFIG_MAGIC = b"corral-vm-config\n"
+AGENT_CHARDEV = "stdio,id=agent,signal=off"
 _KERNEL_LINE = re.compile(r"\[ *\d+\.\d+\]")
 
 
@@ -119,6 +126,7 @@ class MicrovmBackend(Backend):
     host_template = False
     memory_snapshots = True  # QEMU migration to a file: `corral.isolation.microvm_snapshot`
     volumes = True  # virtio-fs: `corral.isolation.microvm_shares`
+    entrypoints = True  # the guest runs the command: `corral.isolation.microvm_oneshot`
 
     start_timeout = START_TIMEOUT
 
@@ -180,8 +188,8 @@ class MicrovmBackend(Backend):
         self, footprint: Footprint, spec: SandboxSpec, entrypoint: Entrypoint | None = None
     ) -> LaunchPlan:
         layered = spec.rootfs
-        # The engine refuses both before anything is made (`host_template`, `entrypoints`).
-        assert layered is not None and entrypoint is None
+        # The engine refuses it before anything is made (`host_template`).
+        assert layered is not None
         kernel = guest_kernel.extract(kernel_dir(self.settings))
         initramfs = guest_kernel.initramfs(kernel, self._images)
         root = root_image(layered, self._images / "roots")
@@ -208,7 +216,7 @@ class MicrovmBackend(Backend):
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             footprint.record_disk(str(disk))
-        workdir = layered.workdir or "/workspace"
+        workdir = (entrypoint.cwd if entrypoint else None) or layered.workdir or "/workspace"
         config = footprint.path / microvm_snapshot.CONFIG_DISK
         cpus = max(1, math.ceil(limits.cpu))
         machine = microvm_snapshot.Machine(
@@ -217,7 +225,7 @@ class MicrovmBackend(Backend):
         if spec.restore is None:
             if disk is not None:
                 format_disk(disk, limits.disk_bytes)
-            config.write_bytes(_config(footprint.id, layered, spec, workdir, shares))
+            config.write_bytes(_config(footprint.id, layered, spec, workdir, shares, entrypoint))
         else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
             machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
         machine.record(footprint.path)
@@ -244,7 +252,7 @@ class MicrovmBackend(Backend):
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
             "-append", cmdline,
             "-serial", f"file:{console}",
-            "-chardev", "stdio,id=agent,signal=off",
+            "-chardev", microvm_oneshot.STDOUT_CHARDEV if entrypoint else AGENT_CHARDEV,
             "-device", "virtio-serial-device",
             "-device", "virtserialport,chardev=agent,name=corral.agent",
             *_disk("corral-runtime", Path(machine.runtime), read_only=True),
@@ -257,9 +265,11 @@ class MicrovmBackend(Backend):
             *microvm_snapshot.MIGRATION_ARGS,
             *incoming,
             *microvm_shares.qemu_args(footprint, shares, limits.memory_bytes >> 20),
+            *(microvm_oneshot.qemu_args(footprint) if entrypoint else []),
         ]  # fmt: skip
+        exit_file = microvm_oneshot.exit_file(footprint) if entrypoint else None
         try:
-            argv, shared = microvm_shares.launcher_argv(footprint, shares, first, argv)
+            argv, shared = microvm_shares.launcher_argv(footprint, shares, first, argv, exit_file)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -271,6 +281,7 @@ class MicrovmBackend(Backend):
             workdir=workdir,
             host_cwd=str(footprint.path),
             pass_fds=tuple(fds),
+            exec_failure=microvm_oneshot.EXEC_FAILURE,
         )
 
     def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
@@ -386,6 +397,7 @@ def _config(
     spec: SandboxSpec,
     workdir: str,
     shares: list[microvm_shares.Share],
+    entrypoint: Entrypoint | None,
 ) -> bytes:
     """The configuration disk `corral.guest.vm_boot` reads (padded to whole sectors)."""
     env = {
@@ -394,9 +406,11 @@ def _config(
         "TMPDIR": "/tmp",
         **template.env,
         **spec.env,
+        **(entrypoint.env if entrypoint else {}),
     }
-    fields = [sandbox_id.replace("_", "-"), template.user, workdir, "0"]
-    fields += microvm_shares.mount_fields(shares)
+    argv, files = microvm_oneshot.fields(entrypoint)
+    fields = [sandbox_id.replace("_", "-"), template.user, workdir, str(len(argv)), *argv]
+    fields += microvm_shares.mount_fields(shares) + files
     fields += [f"{key}={value}" for key, value in env.items()]
     payload = "\0".join(fields).encode()
     data = _CONFIG_MAGIC + f"{len(payload)}\n".encode() + payload

@@ -150,7 +150,8 @@ def daemon_commands(
         ]  # fmt: skip
         log = footprint.path / f"{share.tag}.log"
         command = " ".join(shlex.quote(a) for a in argv)
-        lines.append(f"{command} </dev/null >/dev/null 2>{shlex.quote(str(log))} &")
+        # ({err}: the launcher's stderr, `launcher_script`'s, not theirs)
+        lines.append(f"{command} </dev/null >/dev/null 2>{shlex.quote(str(log))} {{err}}>&- &")
         lines.append('daemons="$daemons $!"')
     return lines
 
@@ -163,7 +164,9 @@ def launcher_script(
     when it exits). Its status is QEMU's, or with `exit_file` (a one-shot sandbox) the
     guest command's, which the guest wrote there: QEMU exits 0 when the guest stops."""
     closing = " ".join(f"{fd}<&-" for fd in close_fds)
-    lines = ["daemons=", *daemons, f"exec {closing}" if closing else ":", '"$@"', "status=$?"]
+    # bash's own stderr goes nowhere (it reports a killed QEMU there), QEMU's is the caller's.
+    lines = ["exec {err}>&2 2>/dev/null", "daemons=", *daemons]
+    lines += [f"exec {closing}" if closing else ":", '"$@" 2>&$err {err}>&-', "status=$?"]
     lines.append('[ -z "$daemons" ] || kill -9 $daemons 2>/dev/null')
     if exit_file is not None:
         lines += [
@@ -173,7 +176,7 @@ def launcher_script(
             '  [0-9] | [0-9][0-9] | [0-9][0-9][0-9]) exit "$code" ;;',
             "esac",
             "echo 'corral-vm: the guest stopped before its command ended' "
-            "'(its console says why)' >&2",
+            "'(its console says why)' >&$err",
             "exit 125",
         ]
     else:
