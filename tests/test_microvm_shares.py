@@ -1,8 +1,9 @@
-"""The microvm tier's host directories over virtio-fs: volumes (shared live with namespace
-sandboxes), read-only ones, and what a hostile guest can do with them.
+"""The microvm tier's host directories over virtio-fs: the `host` template's /usr, volumes
+(shared live with namespace sandboxes), read-only ones, and what a hostile guest can do
+with them.
 
-Under TCG a boot takes seconds: one VM with two volumes (one read-only) serves every
-check here, with one namespace sandbox beside it on the same volume.
+Under TCG a boot takes seconds: one VM of the `host` template with two volumes (one
+read-only) serves every check here, with one namespace sandbox beside it on a volume.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import pytest_asyncio
 
 from corral.config import Settings
 from corral.errors import IsolationUnavailable
-from corral.images import Layer, LayerStore
 from corral.isolation import Engine, Sandbox
 from corral.isolation.microvm import MicrovmBackend
 from corral.isolation.microvm_shares import VIRTIOFSD
 from corral.isolation.volumes import VolumeMount, create_image, in_use
 from corral.limits import Limits
-from tests.kit.debian import needs_archive
 
-pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
+pytestmark = pytest.mark.sandbox
 LIMITS = Limits(cpu=1, memory_mib=384, disk_mib=256)
 
 
@@ -44,19 +43,15 @@ def volume_images(settings: Settings) -> Iterator[tuple[Path, Path]]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def shared(
-    settings: Settings,
-    debian_base: tuple[LayerStore, Layer],
-    volume_images: tuple[Path, Path],
+    settings: Settings, volume_images: tuple[Path, Path]
 ) -> AsyncIterator[tuple[Engine, Sandbox, Sandbox]]:
     """A microvm and a namespace sandbox, both with the volume `rw` at /data; the VM also
     has `ro` read-only at /workspace/ro (a volume inside the workdir)."""
     rw, ro = volume_images
-    store, layer = debian_base
     engine = Engine(settings)
-    engine.templates.add("debian", store, [layer.digest])
     mounts = [VolumeMount("rw", rw, "/data"), VolumeMount("ro", ro, "/workspace/ro", True)]
     try:
-        vm = await engine.create("debian", isolation="microvm", limits=LIMITS, volumes=mounts)
+        vm = await engine.create("host", isolation="microvm", limits=LIMITS, volumes=mounts)
         try:
             box = await engine.create(isolation="namespace", volumes=mounts[:1])
             try:
@@ -140,6 +135,26 @@ async def test_the_guest_cannot_leave_the_shared_directory(
         assert os.stat(f"/proc/{pid}").st_uid >= settings.uid_base
 
 
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_host_template_is_the_hosts_usr_read_only_as_on_namespace(
+    shared: tuple[Engine, Sandbox, Sandbox],
+) -> None:
+    _, vm, box = shared
+    script = (
+        "python3 -c 'import sys; print(sys.version_info[0])'; echo $SHELL; "
+        "stat -c '%U %a' /usr /usr/bin/python3; readlink /bin; ls /etc/shadow"
+    )
+    on_vm, on_namespace = await run(vm, script), await run(box, script)
+    assert on_vm[:2] == on_namespace[:2]
+    assert on_vm[1].splitlines()[:2] == ["3", "/bin/bash"]
+    assert "No such file" in on_vm[2]  # the host's /etc is not there
+    # Not even the guest's root, after a remount, writes the host's /usr.
+    remount = "/.corral/busybox mount -o remount,rw /usr"
+    code, out, err = await run(vm, f"{remount} && echo rw && touch /usr/corral-x", user="root")
+    assert (out, code != 0, "Read-only" in err) == ("rw\n", True, True), err
+    assert not Path("/usr/corral-x").exists()
+
+
 def _cgroup_of(pid: str, name: str) -> bool:
     try:
         return name in Path(f"/proc/{pid}/cgroup").read_text()
@@ -163,7 +178,6 @@ async def test_a_sandbox_with_volumes_refuses_a_memory_snapshot(
         await vm.checkpoint(Path("/nonexistent"))
     with pytest.raises(IsolationUnavailable, match="virtio-fs"):
         await engine.create(
-            "debian",
             isolation="microvm",
             volumes=[VolumeMount("rw", volume_images[0], "/data")],
             restore=Path("/"),

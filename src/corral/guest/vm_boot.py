@@ -212,6 +212,9 @@ def main() -> None:
     shares, rest = _shares(fields[4 + count :])
     files, rest = _files(rest)
     env = dict(entry.split("=", 1) for entry in rest if "=" in entry)
+    for tag, path, mode in shares:  # the template's own tree (the host's /usr): first
+        if mode == "base":
+            _mount_share(tag, path, True)
     _socket.sethostname(hostname)  # not `socket`: it imports enum, ~0.1 s under TCG
     with open("/etc/hostname", "w") as f:
         f.write(hostname + "\n")
@@ -226,7 +229,8 @@ def main() -> None:
     _own_dir("/workspace", 0o755, uid, gid)
     _own_dir("/tmp", 0o1777, 0, 0)
     for tag, path, mode in shares:  # last: a volume may be inside /workspace or the home
-        _mount_share(tag, path, mode == "ro")
+        if mode != "base":
+            _mount_share(tag, path, mode == "ro")
     name = user if not user.isdigit() else SANDBOX_USER
     os.environ.clear()
     os.environ.update({"HOME": user_home, "USER": name, "LOGNAME": name, "SHELL": shell, **env})

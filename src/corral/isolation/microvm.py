@@ -39,7 +39,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from corral.config import IDS_PER_SLOT, Settings
@@ -57,8 +57,9 @@ from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPl
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import format_disk
 from corral.isolation.footprint import Footprint
-from corral.isolation.guest_images import root_image, runtime_image
-from corral.isolation.templates import LayerTemplate
+from corral.isolation.guest_images import host_root_image, root_image, runtime_image
+from corral.isolation.guest_view import shared_etc
+from corral.isolation.templates import SANDBOX_USER, get_template
 from corral.limits import Limits
 from corral.network.policy import NetworkPolicy
 
@@ -123,7 +124,7 @@ def kvm_reason(vmlinuz: str, initramfs: str) -> str | None:
 class MicrovmBackend(Backend):
     name = "microvm"
     layer_templates = True
-    host_template = False
+    host_template = True  # its /usr over virtio-fs: `corral.isolation.microvm_shares`
     memory_snapshots = True  # QEMU migration to a file: `corral.isolation.microvm_snapshot`
     volumes = True  # virtio-fs: `corral.isolation.microvm_shares`
     entrypoints = True  # the guest runs the command: `corral.isolation.microvm_oneshot`
@@ -188,11 +189,15 @@ class MicrovmBackend(Backend):
         self, footprint: Footprint, spec: SandboxSpec, entrypoint: Entrypoint | None = None
     ) -> LaunchPlan:
         layered = spec.rootfs
-        # The engine refuses it before anything is made (`host_template`).
-        assert layered is not None
+        host = get_template(spec.template) if layered is None else None
         kernel = guest_kernel.extract(kernel_dir(self.settings))
         initramfs = guest_kernel.initramfs(kernel, self._images)
-        root = root_image(layered, self._images / "roots")
+        if host is None:
+            assert layered is not None
+            root = root_image(layered, self._images / "roots")
+        else:  # its /etc and symlinks; the host's directories come over virtio-fs
+            etc = shared_etc(self.settings.runtime_dir, host)
+            root = host_root_image(host, etc, self._images / "roots")
         runtime = runtime_image(self.settings.guest_python, self.settings.runtime_dir,
                                 self._images / "runtime")  # fmt: skip
         slot = footprint.claim_uid_slot(
@@ -206,7 +211,8 @@ class MicrovmBackend(Backend):
         footprint.layer_ids = [0, 0, IDS_PER_SLOT]
         why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
         cmdline = _cmdline(why_not_kvm)
-        shares = microvm_shares.volume_shares(footprint, spec.volumes, first)
+        shares = microvm_shares.host_shares(footprint, host) if host else []
+        shares += microvm_shares.volume_shares(footprint, spec.volumes, first)
         if shares:
             cmdline += " corral.virtiofs"  # its init loads the driver
         disk: Path | None = None
@@ -216,7 +222,11 @@ class MicrovmBackend(Backend):
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             footprint.record_disk(str(disk))
-        workdir = (entrypoint.cwd if entrypoint else None) or layered.workdir or "/workspace"
+        workdir = (
+            (entrypoint.cwd if entrypoint else None)
+            or (layered.workdir if layered else None)
+            or "/workspace"
+        )
         config = footprint.path / microvm_snapshot.CONFIG_DISK
         cpus = max(1, math.ceil(limits.cpu))
         machine = microvm_snapshot.Machine(
@@ -225,7 +235,8 @@ class MicrovmBackend(Backend):
         if spec.restore is None:
             if disk is not None:
                 format_disk(disk, limits.disk_bytes)
-            config.write_bytes(_config(footprint.id, layered, spec, workdir, shares, entrypoint))
+            user, env = (layered.user, layered.env) if layered else (SANDBOX_USER, {})
+            config.write_bytes(_config(footprint.id, user, env, spec, workdir, shares, entrypoint))
         else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
             machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
         machine.record(footprint.path)
@@ -286,11 +297,12 @@ class MicrovmBackend(Backend):
 
     def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
         super().check_checkpoint(spec, what)
-        if spec.volumes:
+        if spec.volumes or spec.rootfs is None:
+            shared = "volumes" if spec.volumes else f"the template {spec.template!r}"
             raise IsolationUnavailable(
-                f"the microvm tier cannot {what} for a sandbox with volumes: QEMU cannot "
-                "migrate their virtio-fs devices; leave the volumes out (copy the files in), "
-                "or use the gvisor tier"
+                f"the microvm tier cannot {what} for a sandbox of {shared}: QEMU cannot "
+                "migrate their virtio-fs devices; use a layer template such as `base` "
+                "without volumes (copy the files in), or the gvisor tier"
             )
 
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
@@ -393,7 +405,8 @@ def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:
 
 def _config(
     sandbox_id: str,
-    template: LayerTemplate,
+    user: str,
+    template_env: Mapping[str, str],
     spec: SandboxSpec,
     workdir: str,
     shares: list[microvm_shares.Share],
@@ -404,12 +417,12 @@ def _config(
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
         "TMPDIR": "/tmp",
-        **template.env,
+        **template_env,
         **spec.env,
         **(entrypoint.env if entrypoint else {}),
     }
     argv, files = microvm_oneshot.fields(entrypoint)
-    fields = [sandbox_id.replace("_", "-"), template.user, workdir, str(len(argv)), *argv]
+    fields = [sandbox_id.replace("_", "-"), user, workdir, str(len(argv)), *argv]
     fields += microvm_shares.mount_fields(shares) + files
     fields += [f"{key}={value}" for key, value in env.items()]
     payload = "\0".join(fields).encode()

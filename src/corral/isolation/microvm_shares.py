@@ -34,6 +34,7 @@ memory snapshots (refused before anything changes: `check_checkpoint`).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import socket
@@ -45,10 +46,13 @@ from corral.errors import IsolationUnavailable
 from corral.isolation import idrange
 from corral.isolation.footprint import Footprint
 from corral.isolation.launcher import nsenter, setpriv
+from corral.isolation.templates import Template
 from corral.isolation.volumes import VolumeMount
 from corral.isolation.volumes import attach as attach_volume
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+_libc = ctypes.CDLL(None, use_errno=True)
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC = 1, 2, 4, 32, 4096, 16384
 # The guest's RAM as a shared memory file (vhost-user maps it in the daemons).
 MEMORY_ID = "corral-mem"
 
@@ -62,6 +66,9 @@ class Share:
     path: str
     read_only: bool
     cache: str  # virtiofsd's cache mode: "none" (shared live) or "always" (read-only)
+    # The template's own tree (the host's /usr): mounted first in the guest, before its
+    # boot looks for a shell; volumes last, over what the boot made.
+    base: bool = False
 
 
 def missing() -> str | None:
@@ -83,13 +90,42 @@ def volume_shares(footprint: Footprint, volumes: Sequence[VolumeMount], first: i
     return shares
 
 
+def host_shares(footprint: Footprint, template: Template) -> list[Share]:
+    """The host directories the namespace tier binds read-only for `template` (the
+    `host` template's /usr), each bound read-only, nosuid and nodev in the footprint
+    (recorded: released with it) for its daemon to serve: a daemon that cannot write
+    there whatever a bug makes it try, as the namespace tier's bind."""
+    if template.ro_binds and (why := missing()):
+        raise IsolationUnavailable(f"the microvm tier cannot run the host template here: {why}")
+    places = footprint.path / "host"
+    places.mkdir(mode=0o711, exist_ok=True)  # the daemons run as the sandbox's uid
+    shares = []
+    for index, (source, path) in enumerate(template.ro_binds):
+        target = places / str(index)
+        target.mkdir(mode=0o755)
+        footprint.record_mount(str(target))
+        flags = _MS_BIND | _MS_REC
+        if _libc.mount(source.encode(), str(target).encode(), None, flags, None) or _libc.mount(
+            None, str(target).encode(), None,
+            _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None,
+        ):  # fmt: skip
+            error = os.strerror(ctypes.get_errno())
+            raise IsolationUnavailable(f"could not bind {source} for the guest: {error}")
+        shares.append(Share(f"corral-host{index}", target, path, True, "always", base=True))
+    return shares
+
+
 def mount_fields(shares: Sequence[Share]) -> list[str]:
     """The shares as the guest's boot reads them (`corral.guest.vm_boot`): a count, then
-    tag, path and `ro`/`rw` of each."""
+    tag, path and `base` (the template's tree), `ro` or `rw` of each."""
     fields = [str(len(shares))]
     for share in shares:
-        fields += [share.tag, share.path, "ro" if share.read_only else "rw"]
+        fields += [share.tag, share.path, _mode(share)]
     return fields
+
+
+def _mode(share: Share) -> str:
+    return "base" if share.base else "ro" if share.read_only else "rw"
 
 
 def qemu_args(footprint: Footprint, shares: Sequence[Share], memory_mib: int) -> list[str]:
