@@ -9,6 +9,9 @@ read-only) serves every check here, with one namespace sandbox beside it on a vo
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from corral.isolation.microvm import MicrovmBackend
 from corral.isolation.microvm_shares import VIRTIOFSD
 from corral.isolation.volumes import VolumeMount, create_image, in_use
 from corral.limits import Limits
+from tests.kit.polling import wait_until
 
 pytestmark = pytest.mark.sandbox
 LIMITS = Limits(cpu=1, memory_mib=384, disk_mib=256)
@@ -125,12 +129,8 @@ async def test_the_guest_cannot_leave_the_shared_directory(
     assert err.count("No such file or directory") == 4, err
     assert set(out.splitlines()[2:]) >= {".corral", "workspace", "data"}
     # The daemons are the sandbox's unprivileged root, never the host's.
-    daemons = [
-        pid
-        for pid in os.listdir("/proc")
-        if pid.isdigit() and _cgroup_of(pid, vm.id) and _exe(pid) == VIRTIOFSD
-    ]
-    assert daemons
+    daemons = _daemons(vm.id)
+    assert len(daemons) >= 3  # the host's /usr and two volumes
     for pid in daemons:
         assert os.stat(f"/proc/{pid}").st_uid >= settings.uid_base
 
@@ -153,6 +153,15 @@ async def test_the_host_template_is_the_hosts_usr_read_only_as_on_namespace(
     code, out, err = await run(vm, f"{remount} && echo rw && touch /usr/corral-x", user="root")
     assert (out, code != 0, "Read-only" in err) == ("rw\n", True, True), err
     assert not Path("/usr/corral-x").exists()
+
+
+def _daemons(sandbox_id: str) -> list[str]:
+    """The pids of the virtiofsd processes in the sandbox's cgroup."""
+    return [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and _cgroup_of(pid, sandbox_id) and _exe(pid) == VIRTIOFSD
+    ]
 
 
 def _cgroup_of(pid: str, name: str) -> bool:
@@ -183,3 +192,49 @@ async def test_a_sandbox_with_volumes_refuses_a_memory_snapshot(
             restore=Path("/"),
         )
     assert in_use(volume_images[0])
+
+
+_OWNER = """
+import asyncio
+from pathlib import Path
+from corral.config import Settings
+from corral.isolation import Engine
+from corral.isolation.volumes import VolumeMount
+
+async def main():
+    settings = Settings(**{k: Path(v) if k.endswith("_dir") else v for k, v in %r.items()})
+    box = await Engine(settings).create(
+        isolation="microvm", volumes=[VolumeMount("v", Path(%r), "/data")]
+    )
+    print(box.id, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_the_reaper_stops_the_daemons_of_a_sigkilled_owner(
+    settings: Settings, volume_images: tuple[Path, Path]
+) -> None:
+    image = volume_images[0].with_name("reaped.img")  # the module's VM mounts the others
+    create_image(image, 16 << 20)
+    fields = {
+        "data_dir": str(settings.data_dir),
+        "runtime_dir": str(settings.runtime_dir),
+        "cgroup_parent": settings.cgroup_parent,
+        "guest_kernel_dir": settings.guest_kernel_dir,
+    }
+    with subprocess.Popen(
+        [sys.executable, "-c", _OWNER % (fields, str(image))], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        assert owner.stdout is not None
+        sandbox_id = owner.stdout.readline().strip()
+        assert sandbox_id.startswith("sb_"), sandbox_id
+        assert in_use(image) and _daemons(sandbox_id)
+        owner.send_signal(signal.SIGKILL)
+    Engine(settings)  # reaps at its start
+    wait_until(lambda: not _daemons(sandbox_id), "the reaper to stop the daemons", timeout=10)
+    wait_until(lambda: not in_use(image), "the reaper to unmount the volume", timeout=10)
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert sandbox_id not in mounts  # the host's /usr bind and the volume's mount
