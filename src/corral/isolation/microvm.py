@@ -24,10 +24,11 @@ of the sandbox's unprivileged range (`-runas`), under its own seccomp filter (`-
 
 The guest sees `Limits.cpu` (rounded up) CPUs and `memory_mib` of RAM; QEMU's own memory
 (device emulation, TCG's translation cache) comes on top of that in the cgroup
-(`VMM_OVERHEAD_MIB`). The `host` template (the host's /usr, 5+ GB) has no image: its
-sandboxes are refused with a pointer to a layer template such as `base`. Network: mode
-`none` only (the guest has a loopback and no network device). Volumes are host
-directories the guest mounts over virtio-fs (`corral.isolation.microvm_shares`).
+(`VMM_OVERHEAD_MIB`). The `host` template (the host's /usr, 5+ GB) has no image of
+it: its root is a small image of its /etc and symlinks, and the host's /usr, like
+volumes, a host directory the guest mounts over virtio-fs (`microvm_shares`). A
+one-shot sandbox's guest runs its command instead of the agent (`microvm_oneshot`).
+Network: mode `none` only (the guest has a loopback and no network device).
 """
 
 from __future__ import annotations
