@@ -7,6 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from corral.errors import GuestError, PortClosed
 from corral.images import Layer, LayerStore
 from corral.isolation import Engine, Limits, Sandbox, netns
 from corral.isolation.guest_view import BOOT_ID
-from corral.isolation.gvisor import GvisorBackend
+from corral.isolation.gvisor import GvisorBackend, _platform_runs, runsc_path
 from corral.isolation.volumes import VolumeMount, create_image, in_use
 from tests.conftest import cgroup_dirs, require_backend
 from tests.kit import internet as fake
@@ -507,3 +508,18 @@ async def test_the_host_reaches_a_port_of_a_sandbox_without_network(gvisor: Sand
 
     answer = await until(fetched, "the server in the sandbox to answer")
     assert answer.startswith(b"HTTP/1.0 200 OK"), answer
+
+
+@pytest.mark.parametrize("platform", ["ptrace", "kvm"])
+def test_a_platform_probe_leaves_nothing_in_the_temp_dir(
+    platform: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kvm trial is killed when it hangs (here): `runsc do` left its bundle dir in
+    $TMPDIR each time, 750 of them in /tmp after a day of tests."""
+    runsc = runsc_path()
+    if runsc is None:
+        pytest.skip("runsc is not installed")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
+    _platform_runs.__wrapped__(runsc, platform)
+    assert list(tmp_path.iterdir()) == []

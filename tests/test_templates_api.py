@@ -130,10 +130,10 @@ def test_sdk_builds_with_e2b_builder_vocabulary(
     with Sandbox.create("serving-snap", **opts(tserver)) as sbx:
         assert [p.tag for p in sbx.commands.list()] == ["start"]
 
-    # A failing ready check fails the build: BuildFailed names it.
+    # A failing ready check fails the build once its timeout passes: BuildFailed names it.
     failing = Template().from_template(base).set_ready_cmd("exit 7")
-    with pytest.raises(BuildFailed, match="ready"):
-        Template.build(failing, "never-ready", **opts(tserver))
+    with pytest.raises(BuildFailed, match="ready check did not pass within 2 s"):
+        Template.build(failing, "never-ready", ready_timeout=2, **opts(tserver))
     assert Template.get("never-ready", **opts(tserver)).state == "failed"
 
 

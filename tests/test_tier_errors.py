@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from corral import Jobs, Sandbox
-from corral.client import Volume
+from corral.client import Template, Vm, Volume
 from corral.config import Settings
 from corral.errors import IsolationUnavailable
 from corral.isolation import Engine
@@ -74,6 +74,18 @@ def test_the_cli_and_the_sdk_say_it_too(lacking: LiveServer, missing: str) -> No
     assert "install" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     with pytest.raises(IsolationUnavailable, match="install"):
         Sandbox.create(isolation=missing, **opts(lacking))
+
+
+def test_a_vm_on_it_is_refused_through_the_cli_and_the_sdk_with_nothing_made(
+    lacking: LiveServer, missing: str
+) -> None:
+    done = lacking.corral("vm", "create", "v", "--language", "python", "--isolation", missing)
+    assert done.returncode == 3, done.stderr  # EXIT_UNAVAILABLE
+    assert repr(missing) in done.stderr and "install" in done.stderr, done.stderr
+    with pytest.raises(IsolationUnavailable, match="install"):
+        Vm.create("v", language="python", isolation=missing, **opts(lacking))
+    assert Vm.list(all=True, **opts(lacking)) == []
+    assert "lang-python" not in {t.name for t in Template.list(**opts(lacking))}  # no build
 
 
 def test_the_job_queue_refuses_it_with_nothing_queued(lacking: LiveServer, missing: str) -> None:

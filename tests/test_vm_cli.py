@@ -118,3 +118,27 @@ def test_usage_errors_say_what_to_give(vserver: LiveServer) -> None:
     assert done.returncode == 2 and "say what to run" in done.stderr
     done = vserver.corral("vm", "run", "nope", "--", "true")
     assert done.returncode == 4 and "no vm named 'nope'" in done.stderr
+
+
+def test_create_isolation_runs_the_vm_on_that_tier(vserver: LiveServer, settings: Settings) -> None:
+    require_backend(settings, "gvisor")
+    made = vserver.corral(
+        "vm", "create", "g", "--language", "python", "--isolation", "gvisor", "-o", "json",
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["isolation"] == "gvisor"
+    try:
+        ran = vserver.corral("vm", "run", "g", "--", "true", timeout=TIMEOUT)
+        assert ran.returncode == 0, ran.stderr
+        sandbox_id = vms(vserver)["g"]["sandbox_id"]
+        listed = vserver.corral("sandbox", "list", "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        (sandbox,) = [s for s in json.loads(listed.stdout) if s["sandbox_id"] == sandbox_id]
+        assert sandbox["isolation"] == "gvisor"
+        # The env variable the CLI's other creates take, and a tier no Corral has.
+        unknown = vserver.corral("vm", "create", "h", "--language", "python", CORRAL_ISOLATION="x")
+        assert unknown.returncode != 0 and "unknown isolation backend 'x'" in unknown.stderr
+        assert "h" not in vms(vserver, "--all")
+    finally:
+        vserver.corral("vm", "clean", "g")

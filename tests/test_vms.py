@@ -14,12 +14,19 @@ from typing import Any
 
 import pytest
 
-from corral.client import Template, Vm, Volume
+from corral.client import Sandbox, Template, Vm, Volume
 from corral.client._config import ClientSettings
 from corral.client._connection import Connection
 from corral.client._portal import run
 from corral.config import Settings
-from corral.errors import InvalidLimits, InvalidRequest, UnknownVm, VmExists
+from corral.errors import (
+    InvalidLimits,
+    InvalidRequest,
+    IsolationUnavailable,
+    UnknownBackend,
+    UnknownVm,
+    VmExists,
+)
 from corral.v1 import vms_pb2 as pb
 from tests.conftest import LiveServer, opts, require_backend, start_server
 from tests.kit.debian import MIRROR, needs_archive
@@ -116,6 +123,10 @@ def test_a_second_vm_reuses_the_template_and_delete_keeps_persist_on_request(
         ({"memory_mib": 8}, InvalidLimits, "memory_mib"),
         ({"memory_mib": 1 << 20}, InvalidLimits, "memory_mib"),
         ({"network": "everything"}, InvalidRequest, "none, allow_all"),
+        ({"isolation": "gvisr"}, UnknownBackend, "unknown isolation backend 'gvisr'"),
+        # A tier without layer templates (this server allows `process`): refused as its
+        # sandboxes would be, FAILED_PRECONDITION.
+        ({"isolation": "process"}, IsolationUnavailable, "cannot start sandboxes of the layer"),
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_made(
@@ -157,3 +168,21 @@ def test_a_volume_refused_leaves_no_vm_and_starts_no_build(vserver: LiveServer) 
         Vm.create("big", language="ruby", persist=True, persist_mib=1 << 20, **opts(vserver))
     assert "big" not in {v.name for v in Vm.list(all=True, **opts(vserver))}
     assert "lang-ruby" not in {t.name for t in Template.list(**opts(vserver))}
+
+
+def test_a_vm_runs_on_the_tier_it_names_and_old_ones_on_the_default(
+    vserver: LiveServer, py: str, settings: Settings
+) -> None:
+    require_backend(settings, "gvisor")
+    assert Vm.get(py, **opts(vserver)).isolation == "auto"  # none named: the server's default
+    info = Vm.create("gv", language="python", isolation="gvisor", **opts(vserver))
+    assert (info.isolation, info.state) == ("gvisor", "stopped")  # lang-python reused
+    try:
+        hello = Vm.hello("gv", **opts(vserver))
+        assert hello.exit_code == 0 and hello.stdout == "hello\n", hello
+        running = Vm.get("gv", **opts(vserver))
+        assert running.isolation == "gvisor" and running.sandbox_id is not None
+        sandboxes = {s.sandbox_id: s for s in Sandbox.list(**opts(vserver))}
+        assert sandboxes[running.sandbox_id].isolation == "gvisor"
+    finally:
+        Vm.delete("gv", **opts(vserver))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from corral.errors import InvalidRequest
+from corral.errors import CorralError, InvalidRequest, UnknownBackend
 from corral.network.policy import NetworkCap
 
 ENV_PREFIX = "CORRAL_"
@@ -22,6 +22,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 IDS_PER_SLOT = 65536
 # runsc's platforms, best first after `auto` (see corral.isolation.gvisor).
 GVISOR_PLATFORMS = ("auto", "systrap", "kvm", "ptrace")
+# The templates a warm pool may hold: the host's /usr and the server's `base` (E2B's
+# default); a team's own templates start cold.
+POOL_TEMPLATES = ("host", "base")
 
 
 def _default_data_dir() -> Path:
@@ -78,6 +81,11 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7878
     pool_size: int = 2
+    # Warm pools per tier and template, beside `pool_size`'s (which keeps that many of
+    # `host` and of the server's `base` on `default_isolation`): a comma list of
+    # TIER:TEMPLATE=SIZE, TEMPLATE `host` or `base`, e.g. "gvisor:base=1,microvm:base=1";
+    # an entry for a pool `pool_size` makes too sets its size instead (0: none).
+    pools: str = ""
     shutdown_grace: int = 10
     log_level: str = "info"
     # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
@@ -219,6 +227,40 @@ class Settings:
                 f"the slots (at most {(2**32 - 1 - self.uid_base) // IDS_PER_SLOT} with this base)"
             )
         self.network_cap()
+        parse_pools(self.pools)
+
+    def warm_pools(self, pool_size: int | None = None) -> tuple[PoolSpec, ...]:
+        """The warm pools to keep: `pool_size` (default: this one's) of `host` and `base`
+        on the default tier, then CORRAL_POOLS's (a later one of the same tier and
+        template replaces an earlier one: see `pool_plan`)."""
+        size = self.pool_size if pool_size is None else pool_size
+        implied = tuple(
+            PoolSpec(self.default_isolation, template, size, implied=True)
+            for template in POOL_TEMPLATES
+        )
+        return implied + parse_pools(self.pools)
+
+    def pool_plan(
+        self, tier_of: Callable[[str], str], pool_size: int | None = None
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], str]]:
+        """The size of each warm pool by (tier, template), its tier named by `tier_of`
+        (`auto` -> the tier it stands for; CorralError where the host lacks it), and why
+        not for the pools whose tier the host lacks. A tier no Corral has is refused."""
+        sizes: dict[tuple[str, str], int] = {}
+        missing: dict[tuple[str, str], str] = {}
+        for pool in self.warm_pools(pool_size):
+            try:
+                tier = tier_of(pool.tier)
+            except UnknownBackend as exc:
+                if pool.implied:  # CORRAL_DEFAULT_ISOLATION's: every create says so
+                    missing[(pool.tier, pool.template)] = str(exc)
+                    continue
+                raise InvalidRequest(f"CORRAL_POOLS={self.pools!r}: {exc}") from None
+            except CorralError as exc:
+                missing[(pool.tier, pool.template)] = str(exc)
+                continue
+            sizes[(tier, pool.template)] = pool.size
+        return sizes, missing
 
     def network_cap(self) -> NetworkCap:
         """What this server lets its teams' sandboxes and jobs reach (CORRAL_NETWORK_*)."""
@@ -260,6 +302,34 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
     if type_name == "Path":
         return Path(raw)
     return raw
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One warm pool: `size` ready sandboxes of `template` on `tier` (a tier's name or
+    auto); `implied`: made by CORRAL_POOL_SIZE, not named in CORRAL_POOLS."""
+
+    tier: str
+    template: str
+    size: int
+    implied: bool = False
+
+
+def parse_pools(text: str) -> tuple[PoolSpec, ...]:
+    """CORRAL_POOLS's entries (TIER:TEMPLATE=SIZE, comma-separated), or InvalidRequest."""
+    pools = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        pool, _, size = entry.partition("=")
+        tier, _, template = pool.partition(":")
+        tier, template = tier.strip(), template.strip()
+        if not tier or template not in POOL_TEMPLATES or not size.strip().isdigit():
+            raise InvalidRequest(
+                f"CORRAL_POOLS entry {entry!r} is not TIER:TEMPLATE=SIZE with TEMPLATE "
+                f"{' or '.join(POOL_TEMPLATES)} and SIZE a whole number: use e.g. "
+                "gvisor:base=1,microvm:base=1"
+            )
+        pools.append(PoolSpec(tier, template, int(size)))
+    return tuple(pools)
 
 
 def check_database_url(url: str) -> None:

@@ -1,5 +1,5 @@
-"""What a vm is (`corral vm`, the Agent/krunvm seed): its name, language, limits, network
-and persist choice, checked the same way by the SDK, the CLI and the server.
+"""What a vm is (`corral vm`, the Agent/krunvm seed): its name, language, limits, network,
+persist choice and isolation tier, checked the same way by the SDK, the CLI and the server.
 
 A vm runs as a sandbox of its team's language template `lang-<language>` (a Debian base
 with the language's packages, `corral.images.languages`), with its volume `vm-<name>` at
@@ -66,6 +66,8 @@ class VmSpec:
     network: str = "none"
     persist: bool = False
     persist_mib: int = DEFAULT_PERSIST_MIB
+    # The tier of its sandboxes (`auto`: the server's default; the server checks the name).
+    isolation: str = "auto"
 
     def __post_init__(self) -> None:
         check_vm_name(self.name)
@@ -77,6 +79,10 @@ class VmSpec:
             )
         if not isinstance(self.persist, bool):
             raise InvalidRequest(f"persist={self.persist!r}: use True or False")
+        if not isinstance(self.isolation, str) or not self.isolation:
+            raise InvalidRequest(
+                f"vm isolation {self.isolation!r}: name a tier (auto, namespace, gvisor, microvm)"
+            )
         size = self.persist_mib
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise InvalidRequest(f"persist_mib={size!r}: give a whole number of MiB >= 1")

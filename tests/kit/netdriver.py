@@ -6,7 +6,7 @@ only routes lead into the fake internet; the test process stays outside and send
 JSON request a line, getting one JSON answer a line:
 
     {"op": "create", "network": "allowlist", "allow": ["192.0.2.0/24:80"], "limits": {...},
-     "isolation": "gvisor"}
+     "isolation": "gvisor"}      (a tier without the `host` template: the Debian base)
     {"op": "run", "id": ..., "argv": [...], "timeout": 30, "user": None}
                                                                -> exit_code, stdout, stderr
     {"op": "set_network", "id": ..., "network": ..., "allow": [...]}
@@ -14,6 +14,8 @@ JSON request a line, getting one JSON answer a line:
     {"op": "spawn", "id": ..., "argv": [...], "key": "k"}  then  {"op": "collect", "key": "k"}
     {"op": "destroy", "id": ...}
     {"op": "events", "id": ...}                                -> its network events
+    {"op": "port", "id": ..., "port": 8000, "send": "ping"}    -> the answer, through
+                                                        `Sandbox.open_port` (the port proxy's way)
 
 An error comes back as {"error": class name, "message": ...}.
 """
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +63,13 @@ spawned: dict[str, Command] = {}
 async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[str, Any]) -> Any:
     op = request["op"]
     if op == "create":
+        isolation = request.get("isolation")
+        template = "host" if engine.backend(isolation).host_template else _debian(engine)
         sandbox = await engine.create(
+            template,
             network=NetworkPolicy.parse(request.get("network", "none"), request.get("allow", [])),
             limits=Limits(**request.get("limits", {})),
-            isolation=request.get("isolation"),
+            isolation=isolation,
         )
         sandboxes[sandbox.id] = sandbox
         return {"id": sandbox.id}
@@ -101,6 +107,19 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
     if op == "spawn":  # started now, its result read later with "collect"
         spawned[request["key"]] = await sandbox.exec(request["argv"], timeout=60)
         return {}
+    if op == "port":
+        sock = await sandbox.open_port(request["port"])
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(request["send"].encode())
+            writer.write_eof()
+            return {"reply": (await asyncio.wait_for(reader.read(), 20)).decode()}
+        finally:
+            writer.close()
+    if op == "checkpoint":  # into a fresh directory of the runtime dir, kept by the caller
+        image = Path(tempfile.mkdtemp(dir=engine.settings.runtime_dir)) / "image"
+        await sandbox.checkpoint(image)
+        return {"image": str(image)}
     if op == "set_network":
         policy = NetworkPolicy.parse(request["network"], request.get("allow", []))
         await sandbox.set_network(policy)
@@ -117,6 +136,18 @@ async def handle(engine: Engine, sandboxes: dict[str, Sandbox], request: dict[st
     raise ValueError(f"unknown op {op!r}")
 
 
+def _debian(engine: Engine) -> str:
+    """The template `debian` (the cached Debian base with python3, tests/kit/debian.py),
+    added to `engine` once."""
+    from corral.images import LayerStore
+    from tests.kit.debian import base_layer
+
+    if "debian" not in engine.templates.names():
+        store = LayerStore(engine.settings.data_dir / "templates")
+        engine.templates.add("debian", store, [base_layer(store, ["python3"]).digest])
+    return "debian"
+
+
 if __name__ == "__main__":
     config = json.loads(sys.argv[1])
     asyncio.run(
@@ -126,6 +157,7 @@ if __name__ == "__main__":
                 data_dir=Path(config["data_dir"]),
                 cgroup_parent=config["cgroup_parent"],
                 network_dns=config.get("network_dns", ""),
+                guest_kernel_dir=config.get("guest_kernel_dir", ""),
             )
         )
     )
@@ -153,6 +185,7 @@ class Driver:
             "cgroup_parent": settings.cgroup_parent,
             # The fake internet's DNS: never the host's, which the gateway cannot reach.
             "network_dns": f"{internet.DNS_V4},{internet.DNS_V6}",
+            "guest_kernel_dir": settings.guest_kernel_dir,
         }
         argv = [
             "nsenter", f"--net=/run/netns/{gateway_netns}", "--",

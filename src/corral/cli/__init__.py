@@ -134,6 +134,8 @@ def doctor(args: argparse.Namespace) -> None:
         f"sandbox memory capacity per process: {MemoryCapacity.of_host(settings).describe()} "
         "(CORRAL_MEMORY_RESERVE_MIB, CORRAL_MEMORY_OVERCOMMIT)"
     )
+    print()
+    print_table(_pool_rows(settings), header=("warm pool", "template", "size", "kept"))
 
 
 def _network_rows(settings: Settings, tiers: dict[str, Capabilities]) -> list[list[str]]:
@@ -157,6 +159,25 @@ def _network_rows(settings: Settings, tiers: dict[str, Capabilities]) -> list[li
     return rows
 
 
+def _pool_rows(settings: Settings) -> list[list[str]]:
+    """The warm pools `corral server` keeps (CORRAL_POOL_SIZE, CORRAL_POOLS): per tier and
+    template its size, and whether it can be kept on this host."""
+    from corral.isolation.registry import backend_class, resolve
+
+    sizes, missing = settings.pool_plan(lambda name: resolve(name, settings).name)
+    rows = []
+    for (tier, kind), size in sizes.items():
+        if kind == "host" and not backend_class(tier).host_template:
+            kept = f"no: the {tier} tier cannot run the host template"
+        elif kind == "base":
+            kept = "yes, from the first create of the server's base on this tier"
+        else:
+            kept = "yes"
+        rows.append([tier, kind, str(size), kept if size else "no (size 0)"])
+    rows.extend([tier, kind, "-", f"no: {why}"] for (tier, kind), why in missing.items())
+    return rows
+
+
 def _add_server_commands(commands: Commands) -> None:
     p = command(commands, "server", server)
     setting_option(p, "--host", setting="host", help="address to listen on")
@@ -164,6 +185,9 @@ def _add_server_commands(commands: Commands) -> None:
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store and default key")
     setting_option(
         p, "--pool-size", setting="pool_size", type=whole(0), help="sandboxes kept ready"
+    )
+    setting_option(
+        p, "--pools", setting="pools", help="more warm pools: TIER:TEMPLATE=SIZE,… (host or base)"
     )
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")
     setting_option(

@@ -68,6 +68,7 @@ def show_template(output: str, info: TemplateInfo) -> None:
         ("build job", info.build_job_id or "-"),
         ("sandbox limits", _limits_text(info) or "-"),
         ("sandbox network", str(info.sandbox_network or "-")),
+        ("memory images", "; ".join(map(str, info.memory_images)) or "-"),
         ("created", info.created_at),
         ("updated", info.updated_at),
     ]

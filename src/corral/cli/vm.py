@@ -18,6 +18,7 @@ from corral.cli._common import (
     add_output,
     command,
     connect_kwargs,
+    env_option,
     err,
     fail,
     group,
@@ -35,7 +36,17 @@ if TYPE_CHECKING:
     from corral.cli._common import Commands
     from corral.client import VmInfo
 
-COLUMNS = ("name", "language", "state", "cpu", "memory_mib", "network", "persist", "sandbox_id")
+COLUMNS = (
+    "name",
+    "language",
+    "state",
+    "isolation",
+    "cpu",
+    "memory_mib",
+    "network",
+    "persist",
+    "sandbox_id",
+)
 
 
 def create(args: argparse.Namespace) -> int:
@@ -56,6 +67,7 @@ def create(args: argparse.Namespace) -> int:
                 network=args.network,
                 persist=args.persist,
                 persist_mib=args.persist_mib,
+                isolation=args.isolation,
                 on_build_logs=progress,
                 **connect_kwargs(args),
             )
@@ -268,6 +280,13 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--network", choices=("none", "allow_all"), default="none")
     p.add_argument("--persist", action="store_true", help="a volume vm-NAME at /persist")
     p.add_argument("--persist-mib", type=whole(1), default=1024, help="its size; default 1024")
+    env_option(
+        p,
+        "--isolation",
+        env="CORRAL_ISOLATION",
+        default="auto",
+        help="the tier of its sandboxes: auto (the server's default), namespace, gvisor, microvm",
+    )
     add_output(p)
 
     p = command(

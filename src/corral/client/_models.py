@@ -205,6 +205,7 @@ class VmInfo:
     template: str
     volume: str | None
     error: str | None
+    isolation: str = "auto"  # the tier of its sandboxes (auto: the server's default)
 
     @classmethod
     def from_proto(cls, vm: vms_pb.Vm) -> VmInfo:
@@ -221,6 +222,7 @@ class VmInfo:
             template=vm.template,
             volume=vm.volume or None,
             error=vm.error or None,
+            isolation=vm.isolation or "auto",
         )
 
 
@@ -572,6 +574,9 @@ class TemplateInfo:
     # the server's default; network None: `none`).
     sandbox_limits: Limits = Limits()
     sandbox_network: Network | None = None
+    # Its memory images (a sandbox of it whose start command had run, checkpointed): a
+    # create on that tier with the same options restores one instead of starting cold.
+    memory_images: tuple[MemoryImageInfo, ...] = ()
 
     @classmethod
     def from_proto(cls, template: templates_pb.Template) -> TemplateInfo:
@@ -600,6 +605,42 @@ class TemplateInfo:
                 if template.HasField("sandbox_network")
                 else None
             ),
+            memory_images=tuple(
+                MemoryImageInfo.from_proto(image) for image in template.memory_images
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class MemoryImageInfo:
+    """A template's memory image: for which tier (`isolation`), memory, CPUs, network
+    mode and RAM disk its sandboxes are restored from it."""
+
+    isolation: str
+    memory_mib: int
+    cpu: float
+    network: str
+    ram_disk: bool
+    size_bytes: int
+    created_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, image: templates_pb.MemoryImage) -> MemoryImageInfo:
+        return cls(
+            isolation=image.isolation,
+            memory_mib=image.memory_mib,
+            cpu=image.cpu,
+            network=image.network,
+            ram_disk=image.ram_disk,
+            size_bytes=image.size_bytes,
+            created_at=_time(image.created_at, image.HasField("created_at")),
+        )
+
+    def __str__(self) -> str:
+        disk = ", ram disk" if self.ram_disk else ""
+        return (
+            f"{self.isolation} ({self.memory_mib} MiB, {self.cpu:g} cpu, network "
+            f"{self.network}{disk}; {self.size_bytes} bytes)"
         )
 
 

@@ -65,6 +65,7 @@ class AsyncVm:
         network: str = "none",
         persist: bool = False,
         persist_mib: int = 1024,
+        isolation: str = "auto",
         wait: bool = True,
         on_build_logs: BuildLogCallback | None = None,
         server: str | None = None,
@@ -73,8 +74,11 @@ class AsyncVm:
     ) -> VmInfo:
         """Create a vm (not started). When your team has no template of its language
         yet, the server builds it (`lang-<language>`); with `wait` this waits for that
-        build, handing its logs to `on_build_logs`, and raises BuildFailed if it failed."""
-        spec = VmSpec(name, language, cpu, memory_mib, network, persist, persist_mib)
+        build, handing its logs to `on_build_logs`, and raises BuildFailed if it failed.
+        `isolation` is the tier of its sandboxes (auto: the server's default); a tier the
+        server lacks, or one that cannot give its network or /persist, is refused
+        (IsolationUnavailable, saying what to install) and nothing is made."""
+        spec = VmSpec(name, language, cpu, memory_mib, network, persist, persist_mib, isolation)
         request = pb.CreateVmRequest(
             name=spec.name,
             language=spec.language,
@@ -83,6 +87,7 @@ class AsyncVm:
             network=spec.network,
             persist=spec.persist,
             persist_mib=spec.persist_mib,
+            isolation=spec.isolation,
         )
         connect = _connect(server, api_key, context)
         reply = await _call(lambda c: c.vms.create, request, connect)

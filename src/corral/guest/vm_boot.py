@@ -6,7 +6,8 @@ the raw disk that holds the sandbox's configuration (`corral.isolation.microvm`
 writes it): its host name, the template's default user, workdir, environment and the
 agent's arguments. It does in the guest what the namespace tier does on the host for a
 layer template's sandbox — the host name and its /etc entries, the `user` account,
-/workspace, /home/user and /tmp — then runs the agent in this same process (one Python
+/workspace, /home/user and /tmp, and for a sandbox with a network its address, routes
+and resolver (`corral.isolation.microvm_net`) — then runs the agent in this same process (one Python
 start, not two). Standard library only; the host's interpreter runs it from /.corral.
 """
 
@@ -53,6 +54,30 @@ def _own_dir(path: str, mode: int, uid: int, gid: int) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
     os.chown(path, uid, gid)
     os.chmod(path, mode)
+
+
+def _network(field: str) -> None:
+    """Configure eth0 from the config disk's `net ADDR4 GATEWAY4 ADDR6 GATEWAY6` field
+    (with the agent image's busybox: the template may have no `ip`), and point the
+    resolver at the gateway, where the host redirects DNS to the sandbox's resolver."""
+    _, address4, gateway4, address6, gateway6 = field.split()
+    with open("/proc/sys/net/ipv6/conf/eth0/accept_dad", "w") as f:
+        f.write("0")  # the address is usable at once; the link has no one else
+    busybox = os.path.join(os.path.dirname(os.path.abspath(__file__)), "busybox")
+    for argv in (
+        ["ip", "link", "set", "eth0", "up"],
+        ["ip", "addr", "add", address4, "dev", "eth0"],
+        ["ip", "route", "add", "default", "via", gateway4],
+        ["ip", "-6", "addr", "add", address6, "dev", "eth0"],
+        ["ip", "-6", "route", "add", "default", "via", gateway6],
+    ):
+        pid = os.posix_spawn(busybox, [busybox, *argv], {})
+        if os.waitpid(pid, 0)[1] != 0:
+            raise SystemExit(f"corral-vm-boot: could not configure the network: {argv}")
+    if os.path.islink("/etc/resolv.conf"):  # a template's link to a resolver it lacks
+        os.unlink("/etc/resolv.conf")
+    with open("/etc/resolv.conf", "w") as f:
+        f.write(f"nameserver {gateway4}\noptions edns0\n")
 
 
 def _user(name: str) -> tuple[int, int, str]:
@@ -212,6 +237,9 @@ def main() -> None:
     shares, rest = _shares(fields[4 + count :])
     files, rest = _files(rest)
     env = dict(entry.split("=", 1) for entry in rest if "=" in entry)
+    for entry in rest:
+        if entry.startswith("net "):
+            _network(entry)
     for tag, path, mode in shares:  # the template's own tree (the host's /usr): first
         if mode == "base":
             _mount_share(tag, path, True)

@@ -252,6 +252,11 @@ class Backend(ABC):
         """
         raise IsolationUnavailable(f"the {self.name} tier has no memory snapshots")
 
+    def attach_network(self, footprint: Footprint) -> None:  # noqa: B027 - most need none
+        """Called in a thread once the sandbox's network namespace (`footprint.netns`) is
+        made with its rules, before its launcher starts: a tier whose guest needs a
+        device of its own there (microvm's tap) makes it, inside that namespace."""
+
     def host_reaches_ports(self, footprint: Footprint) -> bool:
         """Whether the host reaches the sandbox's ports in the network namespace of its
         launcher's child; else `Sandbox.open_port` asks the guest agent to connect."""
@@ -266,6 +271,13 @@ class Backend(ABC):
         """A command the sandbox runs as root once restored from a checkpoint, setting a
         guest kernel's clock, which stood still while the sandbox was on disk (made when
         called: it names the time); None where the guest reads the host's clock."""
+        return None
+
+    def identity_command(self, hostname: str) -> list[str] | None:
+        """A command the sandbox runs as root once restored from a checkpoint, naming it
+        `hostname` where its guest kernel kept the name of the sandbox checkpointed (a
+        checkpoint restored into a new sandbox: a memory template); None where the host
+        gives it its names afresh, or nothing in it may change the kernel's."""
         return None
 
     def snapshot_flush(self) -> list[str] | None:

@@ -82,6 +82,8 @@ class Engine:
         self.settings = settings  # built by the entry point: the engine reads no environment
         self._sandboxes: dict[str, Sandbox] = {}
         self._backends: dict[str, Backend] = {}
+        self._loading: dict[str, asyncio.Future[Backend]] = {}  # `load`'s probes under way
+        self._probing: asyncio.Future[dict[str, Capabilities]] | None = None
         self._cgroups: CgroupDriver | bool | None = False  # False: not probed yet
         self.memory_capacity = MemoryCapacity.of_host(self.settings)
         self._spares: list[Spares] = []  # the warm pools
@@ -109,16 +111,47 @@ class Engine:
         return self._cgroups or None
 
     def backend(self, name: str | None = None) -> Backend:
+        """The tier `name` (default: the settings'), probed on first use. On an event
+        loop, `await load(name)` first: a first probe may take seconds (gvisor's and
+        microvm's kvm trials), and this one would run on the loop."""
         name = name or self.settings.default_isolation
         if name not in self._backends:
-            backend = registry.resolve(name, self.settings)
-            # One instance per tier, whichever name ("auto" or its own) asked first: a
-            # second one would hold spare disks that aclose never releases.
-            if (first := self._backends.get(backend.name)) is not None:
-                backend.close()
-                backend = first
-            self._backends[name] = self._backends[backend.name] = backend
+            self._register(name, registry.resolve(name, self.settings))
         return self._backends[name]
+
+    async def load(self, name: str | None = None) -> Backend:
+        """`backend(name)`, its first probe run in a thread, so that the event loop goes
+        on answering requests meanwhile; callers that ask at once share one probe."""
+        name = name or self.settings.default_isolation
+        if name in self._backends:
+            return self._backends[name]
+        loading = self._loading.get(name)
+        if loading is None:
+            probe = asyncio.to_thread(registry.resolve, name, self.settings)
+            loading = self._loading[name] = asyncio.ensure_future(probe)
+            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+        backend = await asyncio.shield(loading)
+        if name not in self._backends:
+            self._register(name, backend)
+        return self._backends[name]
+
+    async def load_capabilities(self) -> dict[str, Capabilities]:
+        """`capabilities()`, probed in a thread (see `load`); the probes are cached per
+        process, so the engine's later calls on the loop return at once."""
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(
+                asyncio.to_thread(registry.capabilities, self.settings)
+            )
+        return await asyncio.shield(self._probing)
+
+    def _register(self, name: str, backend: Backend) -> None:
+        # One instance per tier, whichever name ("auto" or its own) asked first: a
+        # second one would hold spare disks that aclose never releases.
+        if (first := self._backends.get(backend.name)) is not None:
+            if first is not backend:
+                backend.close()
+            backend = first
+        self._backends[name] = self._backends[backend.name] = backend
 
     def reap(self) -> int:
         """Remove what sandboxes of dead processes left: processes, cgroups, mounts, files."""
@@ -207,26 +240,51 @@ class Engine:
                     "a one-shot sandbox cannot be restored from a checkpoint: "
                     "leave out the entrypoint"
                 )
-        if rootfs is not None and not backend.layer_templates:
+        self._check_features(
+            backend, template, layered=rootfs is not None, network=spec.network,
+            volumes=bool(spec.volumes),
+        )  # fmt: skip
+        return spec, backend
+
+    def check_tier(
+        self, isolation: str | None, template: str, network: NetworkPolicy, *, volumes: bool
+    ) -> Backend:
+        """What `check` says of the tier alone, for sandboxes of the layer template
+        `template` (which need not exist yet) with `network` and volumes or not: a
+        caller that records a definition before its template is built (`corral vm`)
+        refuses it as its sandboxes would be. `await load(isolation)` first."""
+        backend = self.backend(isolation)
+        self._check_features(backend, template, layered=True, network=network, volumes=volumes)
+        return backend
+
+    def _check_features(
+        self,
+        backend: Backend,
+        template: str,
+        *,
+        layered: bool,
+        network: NetworkPolicy,
+        volumes: bool,
+    ) -> None:
+        if layered and not backend.layer_templates:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot start sandboxes of the layer template "
                 f"{template!r}; use the namespace tier"
             )
-        if rootfs is None and not backend.host_template:
+        if not layered and not backend.host_template:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot run the template {template!r} (the host's "
                 "/usr, which it has no disk image of); use a layer template such as `base`"
             )
-        if spec.volumes and not backend.volumes:
+        if volumes and not backend.volumes:
             raise IsolationUnavailable(
                 f"the {backend.name} tier cannot mount volumes; use the namespace tier"
             )
-        backend.check_network(spec.network)
+        backend.check_network(network)
         if self.cgroups() is None and backend.name != "process":
             raise IsolationUnavailable(
                 f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
             )
-        return spec, backend
 
     async def create(
         self,
@@ -261,6 +319,7 @@ class Engine:
         the template, tier, limits, network and volumes it was created with. The
         directory stays the caller's (removing it once the sandbox runs is safe).
         """
+        await self.load(isolation)  # a first probe off the event loop
         spec, backend = self.check(
             template, limits, network, env, isolation, entrypoint, volumes, ram_disk, restore
         )

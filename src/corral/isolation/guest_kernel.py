@@ -4,7 +4,8 @@ The kernel comes from Debian's archive as a .deb (`download`: `apt-get download`
 `linux-image-cloud-amd64` and the versioned package it depends on, run by `make setup`
 or `python -m corral.isolation.guest_kernel [DIR]`). Its vmlinuz and the few modules a
 microVM needs (`MODULES`: the cloud kernel builds virtio-mmio, virtio-blk, the virtio
-console and overlayfs as modules) are extracted once per .deb into the kernel directory.
+console, overlayfs and virtio-net as modules) are extracted once per .deb and module set
+into the kernel directory.
 
 The initramfs is made by Corral: a cpio (newc) archive holding the host's static
 busybox (Debian's busybox-static), those modules and `INIT`, the shell script that loads
@@ -32,10 +33,12 @@ from corral.errors import IsolationUnavailable
 
 PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = "/bin/busybox"
-# Loaded in this order (each after what it depends on).
+# Loaded in this order (each after what it depends on). fuse and virtiofs only when the
+# VM has shares (`corral.isolation.microvm_shares`); the last three (virtio-net) only when
+# the guest has a network device (`corral.isolation.microvm_net`).
 MODULES = (
     "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay",
-    "fuse", "virtiofs",  # only when the VM has shares (`corral.isolation.microvm_shares`)
+    "fuse", "virtiofs", "failover", "net_failover", "virtio_net",
 )  # fmt: skip
 BARE_BOOT_LINE = "corral-bare-boot"
 _VERSIONED_DEB = re.compile(r"linux-image-(\d[^_]*)_[^_]+_amd64\.deb")
@@ -58,6 +61,12 @@ done
 case " $(cat /proc/cmdline) " in *" corral.virtiofs "*)
   for m in fuse virtiofs; do insmod /lib/modules/$m.ko || fail "module $m"; done;;
 esac
+# A network device (virtio id 1) only for a sandbox with a network.
+if grep -qx 0x0001 /sys/bus/virtio/devices/*/device 2>/dev/null; then
+  for m in failover net_failover virtio_net; do
+    insmod /lib/modules/$m.ko || fail "module $m"
+  done
+fi
 disk() {
   for d in /sys/block/vd*; do
     [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && { echo /dev/${d##*/}; return; }
@@ -183,7 +192,7 @@ def extract(directory: Path) -> GuestKernel:
     match = _VERSIONED_DEB.fullmatch(deb.name)
     assert match is not None
     version = match.group(1)
-    # One directory per set of modules: a Corral that needs another extracts it again.
+    # By module set too: a kernel extracted for fewer modules stays for who uses it.
     target = directory / f"{version}-{hashlib.sha256(' '.join(MODULES).encode()).hexdigest()[:8]}"
     if not (target / "ready").exists():
         _extract(deb, version, target)
@@ -214,7 +223,9 @@ def _extract(deb: Path, version: str, target: Path) -> None:
                     content = tar.extractfile(member)
                     assert content is not None
                     found["vmlinuz" if name.startswith("boot/") else base[:-3]] = content.read()
-        if dpkg.wait() != 0:
+        status = dpkg.wait()
+        dpkg.stdout.close()  # after the wait: dpkg may still write the archive's padding
+        if status != 0:
             raise IsolationUnavailable(f"dpkg-deb could not read {deb}: delete it and fetch again")
         missing = [n for n in ("vmlinuz", *MODULES) if n not in found]
         if missing:

@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -143,6 +144,10 @@ def _platform_runs(runsc: str, platform: str) -> str | None:
             timeout=KVM_PROBE_TIMEOUT,
             stdin=subprocess.DEVNULL,
             cwd="/",
+            # `runsc do` makes its bundle dir under $TMPDIR and leaves it when it is
+            # killed (the kvm trial here, every process that probes): inside `state`,
+            # removed below.
+            env={**os.environ, "TMPDIR": state},
         )
     except subprocess.TimeoutExpired:
         return f"`runsc --platform={platform} do true` did not finish in {KVM_PROBE_TIMEOUT:g} s"
@@ -153,10 +158,19 @@ def _platform_runs(runsc: str, platform: str) -> str | None:
     return None
 
 
-@functools.cache
 def find_runsc(wanted: str) -> Runsc | None:
     """The installed runsc and the platform to use (`wanted`: a CORRAL_GVISOR_PLATFORM
-    value); None when runsc is not installed. Probed once per process."""
+    value); None when runsc is not installed. Probed once per process: callers in other
+    threads at once (`Engine.load` probes off the event loop) wait for the one probe."""
+    with _PROBING:
+        return _find_runsc(wanted)
+
+
+_PROBING = threading.Lock()
+
+
+@functools.cache
+def _find_runsc(wanted: str) -> Runsc | None:
     path = runsc_path()
     if path is None:
         return None

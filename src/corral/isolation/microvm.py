@@ -28,7 +28,9 @@ The guest sees `Limits.cpu` (rounded up) CPUs and `memory_mib` of RAM; QEMU's ow
 it: its root is a small image of its /etc and symlinks, and the host's /usr, like
 volumes, a host directory the guest mounts over virtio-fs (`microvm_shares`). A
 one-shot sandbox's guest runs its command instead of the agent (`microvm_oneshot`).
-Network: mode `none` only (the guest has a loopback and no network device).
+Network: with `none` the guest has a loopback only; with `internet` or `allowlist` a
+virtio-net device on a tap in the sandbox's network namespace, behind the same rules as
+every tier's (`corral.isolation.microvm_net`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from corral.images import unmount_overlay
 from corral.isolation import (
     guest_kernel,
     idrange,
+    microvm_net,
     microvm_oneshot,
     microvm_shares,
     microvm_snapshot,
@@ -62,7 +65,6 @@ from corral.isolation.guest_images import host_root_image, root_image, runtime_i
 from corral.isolation.guest_view import shared_etc
 from corral.isolation.templates import SANDBOX_USER, get_template
 from corral.limits import Limits
-from corral.network.policy import NetworkPolicy
 
 QEMU = "qemu-system-x86_64"
 # QEMU's memory beyond the guest's RAM, added to the sandbox's cgroup limit. Measured
@@ -136,12 +138,26 @@ class MicrovmBackend(Backend):
         super().__init__(settings)
         self._images = settings.data_dir / "microvm"
 
-    def check_network(self, policy: NetworkPolicy) -> None:
-        if policy.mode != "none":
+    def network_modes(self) -> frozenset[str]:
+        return microvm_net.network_modes()
+
+    def attach_network(self, footprint: Footprint) -> None:
+        assert footprint.netns is not None
+        microvm_net.attach(footprint.netns)
+
+    def host_reaches_ports(self, footprint: Footprint) -> bool:
+        # The guest's sockets are in its own kernel: the agent connects for the host.
+        return False
+
+    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
+        super().check_checkpoint(spec, what)
+        microvm_net.check_checkpoint(spec.network, what)
+        if spec.volumes or spec.rootfs is None:
+            shared = "volumes" if spec.volumes else f"the template {spec.template!r}"
             raise IsolationUnavailable(
-                f"the microvm tier cannot enforce network mode {policy.mode!r} yet: its "
-                "guests have no network device (a policy needs a tap in the sandbox's "
-                "network namespace, not built); use network none or the namespace tier"
+                f"the microvm tier cannot {what} for a sandbox of {shared}: QEMU cannot "
+                "migrate their virtio-fs devices; use a layer template such as `base` "
+                "without volumes (copy the files in), or the gvisor tier"
             )
 
     def cgroup_memory_bytes(self, limits: Limits) -> int:
@@ -153,7 +169,8 @@ class MicrovmBackend(Backend):
         missing: list[str] = []
         no_shares = microvm_shares.missing()
         details: dict[str, object] = {
-            "network": "none",
+            "network": ", ".join(sorted(microvm_net.network_modes())),
+            "memory snapshots": "sandboxes with network none, no volumes, of a layer template",
             "volumes": f"no: {no_shares}" if no_shares else "yes (virtio-fs)",
         }
         if shutil.which(QEMU) is None:
@@ -237,7 +254,9 @@ class MicrovmBackend(Backend):
             if disk is not None:
                 format_disk(disk, limits.disk_bytes)
             user, env = (layered.user, layered.env) if layered else (SANDBOX_USER, {})
-            config.write_bytes(_config(footprint.id, user, env, spec, workdir, shares, entrypoint))
+            config.write_bytes(
+                _config(footprint.id, user, env, spec, workdir, shares, entrypoint, footprint.netns)
+            )
         else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
             machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
         machine.record(footprint.path)
@@ -271,6 +290,7 @@ class MicrovmBackend(Backend):
             *_disk("corral-root", root, read_only=True),
             *disk_args,
             *_disk("corral-config", config, read_only=True),
+            *(microvm_net.qemu_args() if footprint.netns else []),
             "-qmp", f"unix:{footprint.path / microvm_snapshot.QMP_SOCKET},server=on,wait=off",
             "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
             "-runas", f"{first}:{first}",
@@ -294,23 +314,17 @@ class MicrovmBackend(Backend):
             host_cwd=str(footprint.path),
             pass_fds=tuple(fds),
             exec_failure=microvm_oneshot.EXEC_FAILURE,
+            netns=footprint.netns,  # QEMU opens the guest's tap there (`microvm_net`)
         )
-
-    def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
-        super().check_checkpoint(spec, what)
-        if spec.volumes or spec.rootfs is None:
-            shared = "volumes" if spec.volumes else f"the template {spec.template!r}"
-            raise IsolationUnavailable(
-                f"the microvm tier cannot {what} for a sandbox of {shared}: QEMU cannot "
-                "migrate their virtio-fs devices; use a layer template such as `base` "
-                "without volumes (copy the files in), or the gvisor tier"
-            )
 
     def checkpoint(self, footprint: Footprint, image: Path) -> None:
         microvm_snapshot.checkpoint(footprint, image)
 
     def clock_command(self) -> list[str] | None:
         return microvm_snapshot.clock_command(f"{GUEST_DIR}/busybox")
+
+    def identity_command(self, hostname: str) -> list[str] | None:
+        return microvm_snapshot.identity_command(f"{GUEST_DIR}/busybox", hostname)
 
     def snapshot_flush(self) -> list[str] | None:
         return [f"{GUEST_DIR}/busybox", "sync"]  # any template: the agent image's busybox
@@ -412,8 +426,10 @@ def _config(
     workdir: str,
     shares: list[microvm_shares.Share],
     entrypoint: Entrypoint | None,
+    netns: str | None,
 ) -> bytes:
-    """The configuration disk `corral.guest.vm_boot` reads (padded to whole sectors)."""
+    """The configuration disk `corral.guest.vm_boot` reads (padded to whole sectors); with
+    a network (`netns`), the guest's addresses as a last field."""
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
@@ -426,6 +442,8 @@ def _config(
     fields = [sandbox_id.replace("_", "-"), user, workdir, str(len(argv)), *argv]
     fields += microvm_shares.mount_fields(shares) + files
     fields += [f"{key}={value}" for key, value in env.items()]
+    if netns is not None:
+        fields.append(microvm_net.guest_config())
     payload = "\0".join(fields).encode()
     data = _CONFIG_MAGIC + f"{len(payload)}\n".encode() + payload
     return data + b"\0" * (-len(data) % 512)

@@ -209,3 +209,14 @@ def clock_command(busybox: str) -> list[str]:
     disk (its kernel keeps its own time; no RTC is read after a restore). Busybox's
     `date` (the agent image's), as any template may lack one."""
     return [busybox, "date", "-u", "-s", f"@{round(time.time())}"]
+
+
+def identity_command(busybox: str, hostname: str) -> list[str]:
+    """Name the guest `hostname` as its boot did (`corral.guest.vm_boot`): the kernel's
+    host name, /etc/hostname and /etc/hosts, which a checkpoint restored into a new
+    sandbox has of the one checkpointed."""
+    script = (
+        '"$0" hostname "$1" && echo "$1" > /etc/hostname && '
+        "printf '127.0.0.1\\tlocalhost %s\\n::1\\tlocalhost\\n' \"$1\" > /etc/hosts"
+    )
+    return [busybox, "sh", "-c", script, busybox, hostname]

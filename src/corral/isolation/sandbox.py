@@ -149,7 +149,7 @@ class Sandbox:
                 self.network_events,
             )
             self._network.reserve()
-            made = asyncio.ensure_future(self._network.make())
+            made = asyncio.ensure_future(self._make_network(self._network))
         try:
             await self._launch(entrypoint, made)
         except BaseException:
@@ -158,6 +158,10 @@ class Sandbox:
                 if not made.cancelled():
                     made.exception()  # seen: the error to report is the one raised
             raise
+
+    async def _make_network(self, network: SandboxNetwork) -> None:
+        await network.make()
+        await asyncio.to_thread(self._backend.attach_network, self.footprint)
 
     async def _launch(
         self, entrypoint: Entrypoint | None, network: asyncio.Future[None] | None
@@ -205,11 +209,25 @@ class Sandbox:
             said = self._backend.start_failure_detail(self.footprint)
             detail = "\n".join(part for part in (detail, said) if part) or str(exc)
             raise SandboxStartFailed(f"sandbox {self.id} did not start: {detail}") from None
-        if self.spec.restore is not None and (clock := self._backend.clock_command()):
-            done = await (await self.exec(clock, user="root")).collect()
+        if self.spec.restore is not None:
+            await self._after_restore()
+
+    async def _after_restore(self) -> None:
+        """Set what a guest kernel kept of the checkpoint that no longer holds: its clock
+        (it stood still on disk) and its host name (the checkpointed sandbox's, when
+        restored into another)."""
+        hostname = self.id.replace("_", "-")
+        for what, argv in (
+            ("clock", self._backend.clock_command()),
+            ("host name", self._backend.identity_command(hostname)),
+        ):
+            if argv is None:
+                continue
+            done = await (await self.exec(argv, user="root")).collect()
             if not done.ok:
                 log.warning(
-                    "could not set a restored sandbox's clock",
+                    "could not set a restored sandbox's %s",
+                    what,
                     extra={"sandbox_id": self.id, "stderr": done.stderr[-300:]},
                 )
 

@@ -1,6 +1,6 @@
 """The job service: submit, read, cancel and retry a team's jobs; follow their output.
 
-    queue = JobQueue(store, settings, signals=signals, isolations=("auto", "namespace"))
+    queue = JobQueue(store, settings, signals=signals, isolations=worker.tiers)
     job, created, secret = await queue.submit(team, JobSpec.from_dict(data), idempotency_key="k1")
     async for chunks in queue.follow_logs(team, job.id, offset=0, follow=True): ...
 
@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
@@ -132,7 +132,7 @@ class JobQueue:
         settings: Settings,
         *,
         signals: JobSignals | None = None,
-        isolations: Sequence[str] | None = None,
+        isolations: Callable[[], Awaitable[Sequence[str]]] | None = None,
         callback_policy: CallbackPolicy | None = None,
         capacity: MemoryCapacity | None = None,
     ) -> None:
@@ -181,11 +181,13 @@ class JobQueue:
         if self.capacity is not None and (error := never_fits(limits.memory_mib, self.capacity)):
             raise error
         isolation = spec.isolation or "auto"
-        if self.isolations is not None and isolation not in self.isolations:
-            reason = registry.unavailable(isolation, self.settings)
+        given = None if self.isolations is None else await self.isolations()
+        if given is not None and isolation not in given:
+            # Probed in a thread: a tier's first probe may take seconds.
+            reason = await asyncio.to_thread(registry.unavailable, isolation, self.settings)
             raise IsolationUnavailable(
                 f"isolation {isolation!r} is not available on this server's workers "
-                f"(they give {', '.join(self.isolations)})"
+                f"(they give {', '.join(given)})"
                 + (f": {reason}" if reason else "")
                 + "; run `corral doctor` to see what is missing, or submit with another "
                 "isolation"

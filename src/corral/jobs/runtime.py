@@ -55,7 +55,7 @@ class JobRuntime:
             store,
             settings,
             signals=self.signals,
-            isolations=self.worker.isolations if here else None,
+            isolations=self.worker.tiers if here else None,
             callback_policy=policy,
             capacity=engine.memory_capacity if here else None,
         )

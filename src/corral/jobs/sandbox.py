@@ -136,7 +136,7 @@ class JobSandboxes:
     ) -> Sandbox:
         if (too_big := never_fits(limits.memory_mib, self.engine.memory_capacity)) is not None:
             raise too_big  # before the engine destroys warm spares to make room in vain
-        backend = self.engine.backend(isolation)
+        backend = await self.engine.load(isolation)  # a first probe off the loop
         # Pooled sandboxes have no network and no volumes: a job with either starts its own.
         if (
             network.mode == "none"

@@ -116,7 +116,8 @@ class Worker:
         )
         self.sandboxes = JobSandboxes(engine, self.pool)
         self.volumes = Volumes(settings, store)
-        self.isolations = self._isolations()
+        # The isolation names this worker can give, once its tiers are probed (`tiers`).
+        self.isolations: tuple[str, ...] | None = None
         self._running: dict[str, Stop] = {}
         # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
         self._waiting_for_room: dict[str, None] = {}
@@ -128,13 +129,17 @@ class Worker:
         # only `host`, no builds.
         self.templates: TemplateCatalog | None = None
 
-    def _isolations(self) -> tuple[str, ...]:
-        """The isolation names this worker can give: "auto" and each usable tier."""
-        names = ["auto"]
-        for name, caps in self.engine.capabilities().items():
-            if caps.available and (name != "process" or self.settings.allow_process_backend):
-                names.append(name)
-        return tuple(names)
+    async def tiers(self) -> tuple[str, ...]:
+        """The isolation names this worker can give: "auto" and each usable tier. Probed
+        off the event loop on first use (a tier's probe may take seconds), not when the
+        worker is made: the server answers requests meanwhile."""
+        if self.isolations is None:
+            names = ["auto"]
+            for name, caps in (await self.engine.load_capabilities()).items():
+                if caps.available and (name != "process" or self.settings.allow_process_backend):
+                    names.append(name)
+            self.isolations = tuple(names)
+        return self.isolations
 
     # -- process lifecycle --------------------------------------------------------------
 
@@ -172,6 +177,7 @@ class Worker:
     # -- loops --------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
+        isolations = await self.tiers()
         while True:
             free = self.concurrency - len(self._running)
             claimed: list[JobRow] = []
@@ -179,7 +185,7 @@ class Worker:
                 try:
                     claimed = self.store.claim_jobs(
                         self.name,
-                        self.isolations,
+                        isolations,
                         free,
                         self.lease,
                         room_mib=self.sandboxes.free_memory_mib(),

@@ -47,6 +47,10 @@ DNS = "dns: only the sandbox's resolver"
 CONNECTIONS = "too many connections (Limits.connections)"
 NOT_LISTED = "not on the allowlist"
 NONE = "none"
+# A microVM guest's tap in the sandbox's namespace (`corral.isolation.microvm_net`): its
+# DNS queries come in there, redirected to the resolver. Code in the sandbox cannot make
+# a link of that name (it holds no capability over the namespace).
+GUEST_LINK = "corral-vm"
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ def render(
         "    type filter hook input priority 0; policy drop;",
         "    ct state established,related accept",
         '    iifname "lo" accept',
+        f'    iifname "{GUEST_LINK}" ip daddr {resolver} meta l4proto {{ tcp, udp }} th dport 53'
+        " accept",
         "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept",
         "  }",
     ]

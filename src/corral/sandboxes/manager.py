@@ -12,18 +12,20 @@ The manager is the only door to a live sandbox: its commands go through
 `manager.commands`, its files through `manager.files`, each a check of the team and the
 state away from the engine's sandbox.
 Background loops enforce lifetimes and inactivity TTLs (every `tick`), sample metrics
-(every `metrics_interval`) and keep the warm pool full.
+(every `metrics_interval`) and keep the warm pools full (one per tier and template).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from corral import logs
@@ -37,6 +39,7 @@ from corral.errors import (
     IsolationUnavailable,
     NotFound,
     SandboxNotRunning,
+    SandboxStartFailed,
     SnapshotUnavailable,
     Unauthenticated,
 )
@@ -47,7 +50,7 @@ from corral.isolation.sandbox import SandboxState
 from corral.isolation.templates import get_template
 from corral.isolation.volumes import VolumeMount
 from corral.network.policy import NetworkPolicy
-from corral.sandboxes import disk_pause, network_events
+from corral.sandboxes import disk_pause, memory_templates, network_events
 from corral.sandboxes.commands import SandboxCommands
 from corral.sandboxes.disk_pause import DiskImage
 from corral.sandboxes.files import SandboxFiles
@@ -95,12 +98,15 @@ class SandboxManager:
         self.engine = engine or Engine(settings)
         self.tick = tick
         self.metrics_interval = metrics_interval
+        # The default tier's pool of `host` (`pool_size`, unless CORRAL_POOLS says).
         self.pool = WarmPool(self.engine, pool_size, "host", settings.default_isolation)
         self._pool_size = pool_size
-        # Warm pools of layer templates, by engine name, made on a template's first
-        # create when `poolable` says so (the first create is cold: it registers the
-        # template with the engine, and a template nobody asks for holds no memory).
-        self._template_pools: dict[str, WarmPool] = {}
+        # Every warm pool by (tier, engine template): those of `host` made at start, those
+        # of the server's base on its first create of a tier when `poolable` says so (the
+        # first create is cold: it registers the template with the engine, and a
+        # template nobody asks for holds no memory). Sizes: `Settings.pool_plan`.
+        self._pools: dict[tuple[str, str], WarmPool] = {}
+        self._base_sizes: dict[str, int] = {}  # tier -> its base pool's size
         # Whether an engine template may be pooled: one with no start command (a pooled
         # sandbox never runs one) that is common enough to be worth the memory. Given by
         # the server (the server's `base`, E2B's default); None: only `host` is pooled.
@@ -121,15 +127,17 @@ class SandboxManager:
         self.layers: LayerStore | None = None
         self._live.pause_to_disk = self._pause_to_disk
         self._live.drop_disk = self._drop_disk
+        self.memory_images = memory_templates.MemoryImages(settings.data_dir)
 
     # -- process lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
         """Clean up after a crashed predecessor, then start the background loops."""
+        pools = await self._plan_pools()  # InvalidRequest before anything starts
         self.engine.reap()
         self.engine.start_reaper()
         self._live.fail_orphans(self._owner, adopt=self._adopt)
-        self.pool.start()
+        self._start_pools(pools)
         self._tasks = [
             asyncio.create_task(_every(self.tick, self._live.enforce_timers), name="timers"),
             asyncio.create_task(
@@ -153,18 +161,58 @@ class SandboxManager:
                     "could not end sandbox at shutdown",
                     extra={"sandbox_id": entry.id, "error": repr(result)},
                 )
-        await self.pool.aclose()
-        pools, self._template_pools = list(self._template_pools.values()), {}
+        pools = {id(p): p for p in (self.pool, *self._pools.values())}.values()
+        self._pools = {}
         for pool in pools:
             await pool.aclose()
         if self._own_engine:
             await self.engine.aclose()
+
+    async def _plan_pools(self) -> dict[tuple[str, str], int]:
+        """`Settings.pool_plan`: each warm pool's size by (tier, template); a pool whose
+        tier the host lacks is left out, with a warning."""
+        names = {pool.tier for pool in self.settings.warm_pools(self._pool_size)}
+        for name in names:
+            with contextlib.suppress(CorralError):  # pool_plan says why, below
+                await self.engine.load(name)  # probed off the event loop
+        sizes, missing = self.settings.pool_plan(
+            lambda name: self.engine.backend(name).name, self._pool_size
+        )
+        for (tier, template), why in missing.items():
+            log.warning("no warm pool of %s on %s: %s", template, tier, why)
+        pools = {f"{tier}:{template}": size for (tier, template), size in sizes.items()}
+        log.info("warm pools", extra={"pools": pools})
+        return sizes
+
+    def _start_pools(self, sizes: dict[tuple[str, str], int]) -> None:
+        """Start the pools of `host` that `sizes` gives, and note the base's sizes."""
+        default_tier = self._default_tier()
+        for (tier, template), size in sizes.items():
+            if template != "host":
+                self._base_sizes[tier] = size
+            elif tier == default_tier:
+                self.pool.size = size  # CORRAL_POOLS may say otherwise than pool_size
+                self._pools[(tier, template)] = self.pool
+            elif size > 0:
+                self._pools[(tier, template)] = WarmPool(self.engine, size, template, tier)
+        for pool in self._pools.values():
+            pool.start()
+        if self.pool not in self._pools.values():
+            self.pool.start()  # its tier is missing: it says so and stays empty
+
+    def _default_tier(self) -> str | None:
+        """The name of this server's default tier, or None where the host lacks it."""
+        try:
+            return self.engine.backend(self.settings.default_isolation).name
+        except CorralError:
+            return None
 
     # -- lifecycle of sandboxes ---------------------------------------------------------
 
     async def create(self, team: Team, options: CreateOptions) -> SandboxRecord:
         if self._closing:
             raise SandboxNotRunning("the server is shutting down; create the sandbox elsewhere")
+        await self.engine.load(options.isolation)  # a tier's first probe off the loop
         limits = options.limits
         limits.check_host()
         self.network_cap.check(options.network, team.name)
@@ -182,19 +230,20 @@ class SandboxManager:
         )
         backend = tier.name
         # Pooled sandboxes have no network, no volumes and a disk: others start cold.
-        pool = self._pool_of(engine_template)
+        pool = self._pool_of(engine_template, backend)
         fits = (
             options.network.mode == "none"
             and not mounts
             and not options.ram_disk
+            and pool is not None
             and pool.fits(engine_template, backend, limits)
         )
-        pooled = pool.claim() if fits else None
+        pooled = pool.claim() if fits and pool is not None else None
         try:
             # Refused for room before its row is written; the engine checks again.
             self.engine.check_room(limits.memory_mib, resizing=pooled)
         except BaseException:
-            if pooled is not None:
+            if pool is not None and pooled is not None:
                 pool.give_back(pooled)
             raise
         now = time.time()
@@ -229,7 +278,7 @@ class SandboxManager:
         try:
             self.store.insert_sandbox(row)  # within the team's quotas, or QuotaExceeded
         except BaseException:
-            if pooled is not None:
+            if pool is not None and pooled is not None:
                 pool.give_back(pooled)
             raise
         entry = LiveSandbox(
@@ -250,7 +299,9 @@ class SandboxManager:
         self._live.add(entry)
         async with entry.lock:
             try:
-                sandbox, warm = await self._start(row.id, options, engine_template, pooled, mounts)
+                sandbox, how = await self._start(
+                    row.id, team.id, options, engine_template, pooled, mounts
+                )
             except BaseException as exc:
                 entry.state = "failed"
                 self._live.discard(row.id)
@@ -265,31 +316,38 @@ class SandboxManager:
             entry.sandbox, entry.state = sandbox, "running"
             entry.network = NetworkEventPump(self.store, sandbox)
             self._live.baseline(entry)
-            reason = "created from the warm pool" if warm else "created"
+            reason = _CREATED[how]
             created = self.store.transition(row.id, "running", reason, from_states=("creating",))
         assert created is not None  # only this call changes a creating row of this process
         log.info(
             "sandbox created",
-            extra={"sandbox_id": row.id, "team_id": team.id, "warm": warm},
+            extra={"sandbox_id": row.id, "team_id": team.id, "how": how},
         )
         return self._record(created)
 
-    def _pool_of(self, engine_template: str) -> WarmPool:
-        """The warm pool for sandboxes of `engine_template` (started now if the template
-        is poolable and has none yet); the host pool, whose `fits` refuses, otherwise."""
-        pool = self._template_pools.get(engine_template)
+    def _pool_of(self, engine_template: str, tier: str) -> WarmPool | None:
+        """The warm pool for sandboxes of `engine_template` on `tier` (started now if the
+        template is poolable, the plan gives its tier a base pool, and it has none yet);
+        None: they start cold."""
+        key = (tier, engine_template)
+        pool = self._pools.get(key)
+        size = self._base_sizes.get(tier, 0)
         if (
             pool is None
-            and engine_template != self.pool.template
+            and size > 0
+            and engine_template != "host"
             and not self._closing
             and self.poolable is not None
             and self.poolable(engine_template)
         ):
-            isolation = self.settings.default_isolation
-            pool = WarmPool(self.engine, self._pool_size, engine_template, isolation)
-            self._template_pools[engine_template] = pool
+            pool = self._pools[key] = WarmPool(self.engine, size, engine_template, tier)
             pool.start()
-        return pool or self.pool
+        return pool
+
+    @property
+    def pools(self) -> list[WarmPool]:
+        """Every warm pool of this manager (for metrics and tests)."""
+        return list(self._pools.values())
 
     def _engine_template(self, team_id: str, name: str) -> str:
         """The engine's name of the team's template `name` (a team's templates are its
@@ -302,17 +360,19 @@ class SandboxManager:
     async def _start(
         self,
         sandbox_id: str,
+        team_id: str,
         options: CreateOptions,
         template: str,
         pooled: Sandbox | None,
         mounts: tuple[VolumeMount, ...],
-    ) -> tuple[Sandbox, bool]:
-        """The engine sandbox for a new row: the pooled one with the asked limits, or a
-        cold one; and whether it came from the pool."""
+    ) -> tuple[Sandbox, str]:
+        """The engine sandbox for a new row: the pooled one with the asked limits, one
+        restored from its template's memory image, or a cold one; and which (a key of
+        `_CREATED`)."""
         if pooled is not None:
             try:
                 await self.engine.set_limits(pooled, options.limits)
-                return pooled, True
+                return pooled, "warm"
             except CapacityExceeded:
                 await pooled.destroy()  # a cold one would not fit either
                 raise
@@ -322,8 +382,81 @@ class SandboxManager:
                 await pooled.destroy()
                 if not isinstance(exc, CorralError):
                     raise
+        if not mounts and not options.envs:
+            restored = await self._restore_started(sandbox_id, team_id, template, options)
+            if restored is not None:
+                return restored
         cold = await self._boot(sandbox_id, template, options, mounts)
-        return cold, False
+        return cold, "cold"
+
+    async def _restore_started(
+        self, sandbox_id: str, team_id: str, template: str, options: CreateOptions
+    ) -> tuple[Sandbox, str] | None:
+        """A sandbox of `template` restored from its memory image (made now if it has
+        none for these options: `corral.sandboxes.memory_templates`), its start command
+        already run; None where a restore cannot give what `options` ask (the caller
+        leaves out creates with environment variables or volumes) or the image could not
+        be made or restored: the caller starts it cold."""
+        spec, backend = self.engine.check(
+            template, options.limits, options.network, {}, options.isolation,
+            ram_disk=options.ram_disk,
+        )  # fmt: skip
+        if spec.rootfs is None or not spec.rootfs.start or not backend.memory_snapshots:
+            return None
+        try:
+            backend.check_checkpoint(spec, "keep a memory image of the template")
+        except IsolationUnavailable:
+            return None  # e.g. a network the tier cannot checkpoint
+        mode = options.network.mode
+        key = memory_templates.image_key(backend.name, options.limits, mode, options.ram_disk)
+        what = memory_templates.MemoryImage(
+            tier=backend.name,
+            memory_mib=options.limits.memory_mib,
+            cpu=options.limits.cpu,
+            network=mode,
+            ram_disk=options.ram_disk,
+            limits=limits_json(options.limits),
+            created_at=time.time(),
+        )
+
+        async def make(image: Path) -> None:
+            # A neutral sandbox (an id of its own, the template's environment alone).
+            maker = await self.engine.create(
+                template=template,
+                limits=options.limits,
+                network=options.network,
+                isolation=backend.name,
+                ram_disk=options.ram_disk,
+            )
+            try:
+                await start_template_command(maker, {})
+                await maker.checkpoint(image)  # destroys it
+            finally:
+                if maker.state is not SandboxState.DESTROYED:
+                    await maker.destroy()
+
+        # A cold start would not fit either, or its start command would fail the same.
+        retry = (CapacityExceeded, SandboxStartFailed)
+        found = await self.memory_images.image(team_id, template, key, what, make, retry)
+        if found is None:
+            return None
+        image, made = found
+        try:
+            sandbox = await self.engine.create(
+                template=template,
+                limits=options.limits,
+                network=options.network,
+                isolation=backend.name,
+                sandbox_id=sandbox_id,
+                ram_disk=options.ram_disk,
+                restore=image,
+            )
+        except CapacityExceeded:
+            raise
+        except CorralError as exc:
+            log.warning("the template's memory image did not restore; starting cold: %s", exc)
+            return None
+        return sandbox, "made" if made else "restored"
 
     async def _boot(
         self,
@@ -747,6 +880,17 @@ class SandboxManager:
             template=template,
         )
         return [self._record(row) for row in rows], token
+
+
+_CREATED = {
+    "cold": "created",
+    "warm": "created from the warm pool",
+    "restored": "created from the template's memory image (its start command had run)",
+    "made": (
+        "created from the template's memory image, made now (its start command had run): "
+        "later creates restore it"
+    ),
+}
 
 
 def _check_restored_network(sandbox_id: str, row: SandboxRow, policy: NetworkPolicy) -> None:

@@ -60,10 +60,13 @@ class WarmPool:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self.size <= 0:
-            return
+        if self.size > 0:
+            self._task = asyncio.create_task(self._run(), name="corral-warm-pool")
+
+    async def _run(self) -> None:
         try:
-            backend = self.engine.backend(self.isolation)
+            # Probed off the event loop: a tier's first probe may take seconds.
+            backend = await self.engine.load(self.isolation)
         except CorralError as exc:
             log.warning("no warm pool: %s", exc, extra={"template": self.template})
             return
@@ -77,7 +80,7 @@ class WarmPool:
             return
         self.backend = backend.name
         self.engine.add_spares(self)
-        self._task = asyncio.create_task(self._fill(), name="corral-warm-pool")
+        await self._fill()
 
     @property
     def ready(self) -> int:
@@ -145,7 +148,14 @@ class WarmPool:
                     continue
                 delay, full = 0.5, False
                 self._ready.append(sandbox)
-                log.debug("warm pool sandbox ready", extra={"sandbox_id": sandbox.id})
+                log.debug(
+                    "warm pool sandbox ready",
+                    extra={
+                        "sandbox_id": sandbox.id,
+                        "isolation": self.backend,
+                        "template": self.template,
+                    },
+                )
             self._wake.clear()
             await self._wake.wait()
             # Let the claimer's first command run before the refill competes with it for

@@ -89,6 +89,18 @@ def template_message(record: TemplateRecord) -> pb.Template:
         sandbox_network=(
             convert.network_message(record.defaults.network) if record.defaults.network else None
         ),
+        memory_images=[
+            pb.MemoryImage(
+                isolation=image.tier,
+                memory_mib=image.memory_mib,
+                cpu=image.cpu,
+                network=image.network,
+                ram_disk=image.ram_disk,
+                size_bytes=image.size_bytes,
+                created_at=convert.timestamp(image.created_at),
+            )
+            for image in record.memory_images
+        ],
     )
 
 

@@ -61,6 +61,7 @@ def _spec(row: VmRow) -> VmSpec:
         memory_mib=row.memory_mib,
         network=row.network,
         persist=row.persist,
+        isolation=row.isolation,
     )
 
 
@@ -91,10 +92,17 @@ class VmHandlers(Handlers):
             network=request.network or "none",
             persist=request.persist,
             persist_mib=request.persist_mib or 1024,
+            isolation=request.isolation or "auto",
         )
         spec.limits().check_host()
         manager = self._manager
         manager.network_cap.check(spec.network_policy(), team.name)
+        # A tier the host lacks, or one that cannot give the vm's network or /persist, is
+        # refused as its sandboxes would be, before anything is made.
+        await manager.engine.load(spec.isolation)  # a tier's first probe off the loop
+        manager.engine.check_tier(
+            spec.isolation, spec.template, spec.network_policy(), volumes=spec.persist
+        )
         store = manager.store
         store.insert_vm(self._row(team, spec))  # VmExists for a name the team has
         made_volume = False
@@ -127,6 +135,7 @@ class VmHandlers(Handlers):
             network=spec.network,
             persist=spec.persist,
             created_at=datetime.now(UTC),
+            isolation=spec.isolation,
         )
 
     async def _ensure_template(self, team: Team, spec: VmSpec) -> None:
@@ -194,6 +203,7 @@ class VmHandlers(Handlers):
             # A vm runs until stopped; a sandbox lives at most this long, after which
             # the vm is stopped and its next Start makes a new one.
             timeout_seconds=MAX_TIMEOUT_SECONDS,
+            isolation=spec.isolation,
             metadata={"corral.vm": row.name},
             volumes=(VolumeSpec(volume_name(row.name), PERSIST_PATH),) if row.persist else (),
         )
@@ -261,6 +271,7 @@ class VmHandlers(Handlers):
             created_at=convert.timestamp(row.created_at),
             template=template,
             volume=volume_name(row.name) if row.persist else "",
+            isolation=row.isolation,
         )
         sandbox_id = self._live_sandbox(team, row)
         if sandbox_id is not None:

@@ -375,6 +375,7 @@ vms = sa.Table(
     sa.Column("persist", sa.Boolean, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("sandbox_id", ID, nullable=True),
+    sa.Column("isolation", sa.String(16), nullable=False, server_default="auto"),
 )
 
 # E2B compatibility (`corral.server.e2b`): what E2B's API says about a sandbox created

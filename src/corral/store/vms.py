@@ -26,6 +26,7 @@ class VmRow:
     persist: bool
     created_at: datetime
     sandbox_id: str | None = None
+    isolation: str = "auto"  # the tier of its sandboxes (rows before it: auto)
 
 
 def _row(row: sa.Row[Any]) -> VmRow:

@@ -15,6 +15,7 @@ and ends the row through `finish_build`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -40,7 +41,8 @@ from corral.images.oci import LOCAL_TRANSPORTS
 from corral.isolation import Engine
 from corral.isolation.templates import TEMPLATE_NAMES
 from corral.network.policy import NetworkPolicy
-from corral.sandboxes import SandboxManager
+from corral.sandboxes import SandboxManager, memory_templates
+from corral.sandboxes.memory_templates import MemoryImage
 from corral.store import Store
 from corral.store.templates import TemplateRow
 from corral.templates import base as server_base
@@ -85,6 +87,9 @@ class TemplateRecord:
     updated_at: float
     # What its sandboxes and jobs get for the limits and network their request leaves unset.
     defaults: SandboxDefaults = field(default_factory=SandboxDefaults)
+    # Its version's memory images, one per tier and options its creates asked for
+    # (`corral.sandboxes.memory_templates`): those creates restore its started sandbox.
+    memory_images: tuple[MemoryImage, ...] = ()
 
     @classmethod
     def from_row(cls, row: TemplateRow) -> TemplateRecord:
@@ -411,14 +416,24 @@ class TemplateCatalog:
         rows = self.store.template_rows(team, name) if isinstance(name, str) else []
         if not rows:
             raise self._not_found(name)
-        return TemplateRecord.from_row(self._settled(rows[0]))
+        return self._record(self._settled(rows[0]))
 
     async def list(self, team: str) -> list[TemplateRecord]:
         """The team's templates by name, each its newest build."""
         newest: dict[str, TemplateRow] = {}
         for row in self.store.template_rows(team):
             newest.setdefault(row.name, row)
-        return [TemplateRecord.from_row(self._settled(newest[name])) for name in sorted(newest)]
+        return [self._record(self._settled(newest[name])) for name in sorted(newest)]
+
+    def _record(self, row: TemplateRow) -> TemplateRecord:
+        """`row` as the service shows it, with the memory images of the version that
+        serves its name (a newer build still building has none yet)."""
+        serving = row
+        if row.state != "ready":
+            rows = self.store.template_rows(row.team_id, row.name)
+            serving = next((r for r in rows if r.state == "ready"), row)
+        found = memory_templates.images(self.settings.data_dir, row.team_id, serving.id)
+        return dataclasses.replace(TemplateRecord.from_row(row), memory_images=tuple(found))
 
     def _settled(self, row: TemplateRow) -> TemplateRow:
         """`row`, failed now if it is building but its build job ended without ending it
@@ -478,6 +493,7 @@ class TemplateCatalog:
         for row in rows:
             self._unregister(row)
             self.context_path(row.id).unlink(missing_ok=True)
+            memory_templates.remove(self.settings.data_dir, row.id)
 
     def _not_found(self, name: str) -> TemplateNotFound:
         return TemplateNotFound(

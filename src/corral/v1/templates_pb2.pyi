@@ -26,7 +26,7 @@ TEMPLATE_STATE_FAILED: TemplateState
 TEMPLATE_STATE_CANCELLED: TemplateState
 
 class Template(_message.Message):
-    __slots__ = ("team", "name", "state", "source", "layers", "env", "workdir", "user", "start_cmd", "ready_cmd", "size_bytes", "build_job_id", "steps_total", "steps_cached", "error", "created_at", "updated_at", "sandbox_limits", "sandbox_network")
+    __slots__ = ("team", "name", "state", "source", "layers", "env", "workdir", "user", "start_cmd", "ready_cmd", "size_bytes", "build_job_id", "steps_total", "steps_cached", "error", "created_at", "updated_at", "sandbox_limits", "sandbox_network", "memory_images")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Template(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_LIMITS_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_NETWORK_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_IMAGES_FIELD_NUMBER: _ClassVar[int]
     team: str
     name: str
     state: TemplateState
@@ -72,7 +73,26 @@ class Template(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     sandbox_limits: _sandbox_pb2.Limits
     sandbox_network: _sandbox_pb2.NetworkPolicy
-    def __init__(self, team: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TemplateState, str]] = ..., source: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., start_cmd: _Optional[str] = ..., ready_cmd: _Optional[str] = ..., size_bytes: _Optional[int] = ..., build_job_id: _Optional[str] = ..., steps_total: _Optional[int] = ..., steps_cached: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sandbox_limits: _Optional[_Union[_sandbox_pb2.Limits, _Mapping]] = ..., sandbox_network: _Optional[_Union[_sandbox_pb2.NetworkPolicy, _Mapping]] = ...) -> None: ...
+    memory_images: _containers.RepeatedCompositeFieldContainer[MemoryImage]
+    def __init__(self, team: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TemplateState, str]] = ..., source: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., start_cmd: _Optional[str] = ..., ready_cmd: _Optional[str] = ..., size_bytes: _Optional[int] = ..., build_job_id: _Optional[str] = ..., steps_total: _Optional[int] = ..., steps_cached: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sandbox_limits: _Optional[_Union[_sandbox_pb2.Limits, _Mapping]] = ..., sandbox_network: _Optional[_Union[_sandbox_pb2.NetworkPolicy, _Mapping]] = ..., memory_images: _Optional[_Iterable[_Union[MemoryImage, _Mapping]]] = ...) -> None: ...
+
+class MemoryImage(_message.Message):
+    __slots__ = ("isolation", "memory_mib", "cpu", "network", "ram_disk", "size_bytes", "created_at")
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    RAM_DISK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    isolation: str
+    memory_mib: int
+    cpu: float
+    network: str
+    ram_disk: bool
+    size_bytes: int
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, isolation: _Optional[str] = ..., memory_mib: _Optional[int] = ..., cpu: _Optional[float] = ..., network: _Optional[str] = ..., ram_disk: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ImageSource(_message.Message):
     __slots__ = ("reference", "username", "password")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63orral/v1/vms.proto\x12\tcorral.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\x02Vm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0b\n\x03\x63pu\x18\x03 \x01(\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\x05\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x0f\n\x07persist\x18\x06 \x01(\x08\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x08 \x01(\t\x12\x12\n\nsandbox_id\x18\t \x01(\t\x12\x10\n\x08template\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0e\n\x06volume\x18\x0c \x01(\t\"\x89\x01\n\x0f\x43reateVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0b\n\x03\x63pu\x18\x03 \x01(\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\x05\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x0f\n\x07persist\x18\x06 \x01(\x08\x12\x13\n\x0bpersist_mib\x18\x07 \x01(\x05\"-\n\x10\x43reateVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"*\n\rGetVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"\x1d\n\x0eListVmsRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"-\n\x0fListVmsResponse\x12\x1a\n\x03vms\x18\x01 \x03(\x0b\x32\r.corral.v1.Vm\"\x1e\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x0fStartVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"\x1d\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"+\n\x0eStopVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"5\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ckeep_persist\x18\x02 \x01(\x08\"\x12\n\x10\x44\x65leteVmResponse2\x87\x03\n\tVmService\x12\x41\n\x06\x43reate\x12\x1a.corral.v1.CreateVmRequest\x1a\x1b.corral.v1.CreateVmResponse\x12\x38\n\x03Get\x12\x17.corral.v1.GetVmRequest\x1a\x18.corral.v1.GetVmResponse\x12=\n\x04List\x12\x19.corral.v1.ListVmsRequest\x1a\x1a.corral.v1.ListVmsResponse\x12>\n\x05Start\x12\x19.corral.v1.StartVmRequest\x1a\x1a.corral.v1.StartVmResponse\x12;\n\x04Stop\x12\x18.corral.v1.StopVmRequest\x1a\x19.corral.v1.StopVmResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.corral.v1.DeleteVmRequest\x1a\x1b.corral.v1.DeleteVmResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63orral/v1/vms.proto\x12\tcorral.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x02Vm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0b\n\x03\x63pu\x18\x03 \x01(\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\x05\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x0f\n\x07persist\x18\x06 \x01(\x08\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x08 \x01(\t\x12\x12\n\nsandbox_id\x18\t \x01(\t\x12\x10\n\x08template\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0e\n\x06volume\x18\x0c \x01(\t\x12\x11\n\tisolation\x18\r \x01(\t\"\x9c\x01\n\x0f\x43reateVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0b\n\x03\x63pu\x18\x03 \x01(\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\x05\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x0f\n\x07persist\x18\x06 \x01(\x08\x12\x13\n\x0bpersist_mib\x18\x07 \x01(\x05\x12\x11\n\tisolation\x18\x08 \x01(\t\"-\n\x10\x43reateVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"*\n\rGetVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"\x1d\n\x0eListVmsRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"-\n\x0fListVmsResponse\x12\x1a\n\x03vms\x18\x01 \x03(\x0b\x32\r.corral.v1.Vm\"\x1e\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x0fStartVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"\x1d\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"+\n\x0eStopVmResponse\x12\x19\n\x02vm\x18\x01 \x01(\x0b\x32\r.corral.v1.Vm\"5\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ckeep_persist\x18\x02 \x01(\x08\"\x12\n\x10\x44\x65leteVmResponse2\x87\x03\n\tVmService\x12\x41\n\x06\x43reate\x12\x1a.corral.v1.CreateVmRequest\x1a\x1b.corral.v1.CreateVmResponse\x12\x38\n\x03Get\x12\x17.corral.v1.GetVmRequest\x1a\x18.corral.v1.GetVmResponse\x12=\n\x04List\x12\x19.corral.v1.ListVmsRequest\x1a\x1a.corral.v1.ListVmsResponse\x12>\n\x05Start\x12\x19.corral.v1.StartVmRequest\x1a\x1a.corral.v1.StartVmResponse\x12;\n\x04Stop\x12\x18.corral.v1.StopVmRequest\x1a\x19.corral.v1.StopVmResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.corral.v1.DeleteVmRequest\x1a\x1b.corral.v1.DeleteVmResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.v1.vms_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VM']._serialized_start=68
-  _globals['_VM']._serialized_end=303
-  _globals['_CREATEVMREQUEST']._serialized_start=306
-  _globals['_CREATEVMREQUEST']._serialized_end=443
-  _globals['_CREATEVMRESPONSE']._serialized_start=445
-  _globals['_CREATEVMRESPONSE']._serialized_end=490
-  _globals['_GETVMREQUEST']._serialized_start=492
-  _globals['_GETVMREQUEST']._serialized_end=520
-  _globals['_GETVMRESPONSE']._serialized_start=522
-  _globals['_GETVMRESPONSE']._serialized_end=564
-  _globals['_LISTVMSREQUEST']._serialized_start=566
-  _globals['_LISTVMSREQUEST']._serialized_end=595
-  _globals['_LISTVMSRESPONSE']._serialized_start=597
-  _globals['_LISTVMSRESPONSE']._serialized_end=642
-  _globals['_STARTVMREQUEST']._serialized_start=644
-  _globals['_STARTVMREQUEST']._serialized_end=674
-  _globals['_STARTVMRESPONSE']._serialized_start=676
-  _globals['_STARTVMRESPONSE']._serialized_end=720
-  _globals['_STOPVMREQUEST']._serialized_start=722
-  _globals['_STOPVMREQUEST']._serialized_end=751
-  _globals['_STOPVMRESPONSE']._serialized_start=753
-  _globals['_STOPVMRESPONSE']._serialized_end=796
-  _globals['_DELETEVMREQUEST']._serialized_start=798
-  _globals['_DELETEVMREQUEST']._serialized_end=851
-  _globals['_DELETEVMRESPONSE']._serialized_start=853
-  _globals['_DELETEVMRESPONSE']._serialized_end=871
-  _globals['_VMSERVICE']._serialized_start=874
-  _globals['_VMSERVICE']._serialized_end=1265
+  _globals['_VM']._serialized_end=322
+  _globals['_CREATEVMREQUEST']._serialized_start=325
+  _globals['_CREATEVMREQUEST']._serialized_end=481
+  _globals['_CREATEVMRESPONSE']._serialized_start=483
+  _globals['_CREATEVMRESPONSE']._serialized_end=528
+  _globals['_GETVMREQUEST']._serialized_start=530
+  _globals['_GETVMREQUEST']._serialized_end=558
+  _globals['_GETVMRESPONSE']._serialized_start=560
+  _globals['_GETVMRESPONSE']._serialized_end=602
+  _globals['_LISTVMSREQUEST']._serialized_start=604
+  _globals['_LISTVMSREQUEST']._serialized_end=633
+  _globals['_LISTVMSRESPONSE']._serialized_start=635
+  _globals['_LISTVMSRESPONSE']._serialized_end=680
+  _globals['_STARTVMREQUEST']._serialized_start=682
+  _globals['_STARTVMREQUEST']._serialized_end=712
+  _globals['_STARTVMRESPONSE']._serialized_start=714
+  _globals['_STARTVMRESPONSE']._serialized_end=758
+  _globals['_STOPVMREQUEST']._serialized_start=760
+  _globals['_STOPVMREQUEST']._serialized_end=789
+  _globals['_STOPVMRESPONSE']._serialized_start=791
+  _globals['_STOPVMRESPONSE']._serialized_end=834
+  _globals['_DELETEVMREQUEST']._serialized_start=836
+  _globals['_DELETEVMREQUEST']._serialized_end=889
+  _globals['_DELETEVMRESPONSE']._serialized_start=891
+  _globals['_DELETEVMRESPONSE']._serialized_end=909
+  _globals['_VMSERVICE']._serialized_start=912
+  _globals['_VMSERVICE']._serialized_end=1303
 # @@protoc_insertion_point(module_scope)

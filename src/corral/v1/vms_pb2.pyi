@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vm(_message.Message):
-    __slots__ = ("name", "language", "cpu", "memory_mib", "network", "persist", "created_at", "state", "sandbox_id", "template", "error", "volume")
+    __slots__ = ("name", "language", "cpu", "memory_mib", "network", "persist", "created_at", "state", "sandbox_id", "template", "error", "volume", "isolation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Vm(_message.Message):
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     language: str
     cpu: float
@@ -35,10 +36,11 @@ class Vm(_message.Message):
     template: str
     error: str
     volume: str
-    def __init__(self, name: _Optional[str] = ..., language: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., network: _Optional[str] = ..., persist: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., template: _Optional[str] = ..., error: _Optional[str] = ..., volume: _Optional[str] = ...) -> None: ...
+    isolation: str
+    def __init__(self, name: _Optional[str] = ..., language: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., network: _Optional[str] = ..., persist: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., template: _Optional[str] = ..., error: _Optional[str] = ..., volume: _Optional[str] = ..., isolation: _Optional[str] = ...) -> None: ...
 
 class CreateVmRequest(_message.Message):
-    __slots__ = ("name", "language", "cpu", "memory_mib", "network", "persist", "persist_mib")
+    __slots__ = ("name", "language", "cpu", "memory_mib", "network", "persist", "persist_mib", "isolation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +48,7 @@ class CreateVmRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     PERSIST_FIELD_NUMBER: _ClassVar[int]
     PERSIST_MIB_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     language: str
     cpu: float
@@ -53,7 +56,8 @@ class CreateVmRequest(_message.Message):
     network: str
     persist: bool
     persist_mib: int
-    def __init__(self, name: _Optional[str] = ..., language: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., network: _Optional[str] = ..., persist: _Optional[bool] = ..., persist_mib: _Optional[int] = ...) -> None: ...
+    isolation: str
+    def __init__(self, name: _Optional[str] = ..., language: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., network: _Optional[str] = ..., persist: _Optional[bool] = ..., persist_mib: _Optional[int] = ..., isolation: _Optional[str] = ...) -> None: ...
 
 class CreateVmResponse(_message.Message):
     __slots__ = ("vm",)
