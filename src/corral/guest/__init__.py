@@ -36,6 +36,7 @@ AGENT_FILES = (
     "protocol.py",
     "agent_sudo.py",
     "sudo.py",  # not the agent's: the `base` template's /usr/bin/sudo runs it
+    "vm_boot.py",  # a microVM's boot, which then runs the agent in its process
 )
 
 

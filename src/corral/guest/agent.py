@@ -1,6 +1,6 @@
 """The guest agent: runs inside every sandbox and serves the host over one framed stream.
 
-Started by the host as ``python3 -E -s -S agent.py --workdir /workspace`` (or by importing
+Started by the host as ``python3 -I -S agent.py --workdir /workspace`` (or by importing
 this module and calling `main`). It reads frames from stdin, writes frames to stdout
 (see `protocol` for the wire format) and keeps stderr for diagnostics. `Agent` takes two
 file descriptors, so another transport (vsock) only needs another `main`.
@@ -43,45 +43,33 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from corral.guest import agent_files, agent_move, agent_sudo, agent_watch
     from corral.guest.agent_channels import Args, Channel
     from corral.guest.agent_command import Command
 
     Op = Callable[["Agent", int, Args], None]
 
 try:
-    from corral.guest import (
-        agent_connect,
-        agent_exec,
-        agent_files,
-        agent_move,
-        agent_watch,
-        protocol,
-    )
+    from corral.guest import agent_exec, protocol
     from corral.guest.agent_channels import (
         EPOLLIN,
         EPOLLOUT,
         Refusal,
+        guest_module,
         refusal_from_os_error,
         signal,
     )
 except ImportError:  # run in a sandbox, beside this file
-    import agent_connect  # type: ignore[no-redef,import-not-found]
     import agent_exec  # type: ignore[no-redef,import-not-found]
-    import agent_files  # type: ignore[no-redef,import-not-found]
-    import agent_move  # type: ignore[no-redef,import-not-found]
-    import agent_watch  # type: ignore[no-redef,import-not-found]
     import protocol  # type: ignore[no-redef,import-not-found]
     from agent_channels import (  # type: ignore[no-redef,import-not-found]
         EPOLLIN,
         EPOLLOUT,
         Refusal,
+        guest_module,
         refusal_from_os_error,
         signal,
     )
-try:
-    from corral.guest import agent_sudo
-except ImportError:  # run in a sandbox, beside this file
-    import agent_sudo  # type: ignore[no-redef,import-not-found]
 
 # How many times a killed process group is swept again before the agent gives up (~10 s).
 SWEEP_ATTEMPTS = 30
@@ -140,7 +128,7 @@ class Agent:
         self.sudo: agent_sudo.SudoServer | None = None
         if self.users.root:
             try:
-                self.sudo = agent_sudo.SudoServer(self)
+                self.sudo = guest_module("agent_sudo").SudoServer(self)
             except OSError as exc:
                 os.write(2, f"corral-agent: no sudo in this sandbox: {exc}\n".encode())
 
@@ -310,16 +298,16 @@ class Agent:
             if not isinstance(args, dict):
                 raise Refusal("invalid_argument", "CALL payload must be a JSON object")
             op = args.get("op")
-            handler = OPS.get(op) if isinstance(op, str) else None
+            handler = find_op(op) if isinstance(op, str) else None
             if handler is None:
-                known = ", ".join(sorted(OPS))
+                known = ", ".join(sorted([*OPS, *LATER_OPS]))
                 raise Refusal(
                     "unsupported",
                     f"unknown op {op!r}: this agent (protocol {protocol.VERSION}) knows {known}",
                     unknown_op=str(op),
                 )
             if self.watches:  # changes made before this call are reported before its reply
-                agent_watch.drain_all(self)
+                guest_module("agent_watch").drain_all(self)
             if op in FILE_OPS and args.get("user") is not None:
                 self.as_user(self.users.lookup(args["user"]), handler, self, channel, args)
             else:
@@ -452,18 +440,31 @@ OPS: dict[str, Op] = {
     "input": agent_exec.op_input,
     "resize": agent_exec.op_resize,
     "ps": agent_exec.op_ps,
-    "read": agent_files.op_read,
-    "write": agent_files.op_write,
-    "list": agent_files.op_list,
-    "stat": agent_files.op_stat,
-    "mkdir": agent_files.op_mkdir,
-    "remove": agent_files.op_remove,
-    "rename": agent_move.op_rename,
-    "connect": agent_connect.op_connect,
-    "watch": agent_watch.op_watch,
+}
+# And the calls whose module (op name -> the module's name, which has `op_<name>`) is
+# imported at the first of them (`find_op`): none is a new sandbox's first call, so the
+# agent's start, on the critical path of every creation, does without them.
+LATER_OPS = {
+    "read": "agent_files",
+    "write": "agent_files",
+    "list": "agent_files",
+    "stat": "agent_files",
+    "mkdir": "agent_files",
+    "remove": "agent_files",
+    "rename": "agent_move",
+    "connect": "agent_connect",
+    "watch": "agent_watch",
 }
 # The calls that touch files: ``user`` makes them act as that user (`Agent.as_user`).
 FILE_OPS = frozenset(("read", "write", "list", "stat", "mkdir", "remove", "rename", "watch"))
+
+
+def find_op(op: str) -> Op | None:
+    """The function answering the call `op`, importing its module at its first call."""
+    handler = OPS.get(op)
+    if handler is None and op in LATER_OPS:
+        handler = OPS[op] = getattr(guest_module(LATER_OPS[op]), f"op_{op}")
+    return handler
 
 
 def _wake(signum: int, frame: object) -> None:

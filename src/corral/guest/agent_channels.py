@@ -58,6 +58,18 @@ _HINTS = {
 }
 
 
+def guest_module(name: str) -> Any:
+    """The agent's module `name` (e.g. "agent_files"), imported at its first use.
+
+    In a sandbox, beside this file: its bootstrap marks the package `corral` missing
+    (`corral.isolation.agent_install.agent_command`), so the import of
+    ``corral.guest.<name>`` fails at once instead of searching every path first."""
+    try:
+        return __import__(f"corral.guest.{name}", fromlist=["_"])
+    except ImportError:  # run in a sandbox, beside this file
+        return __import__(name)
+
+
 class Refusal(Exception):
     """A CALL the agent answers with an error REPLY of this type."""
 

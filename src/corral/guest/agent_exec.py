@@ -347,11 +347,8 @@ class Users:
                 raise
             return Identity(int(user), gid, [gid], user, "/")
         gid = entry.pw_gid if gid is None else gid
-        try:
-            groups = os.getgrouplist(entry.pw_name, gid)
-        except OSError:
-            groups = [gid]
-        return Identity(entry.pw_uid, gid, groups, entry.pw_name, entry.pw_dir or "/")
+        return Identity(entry.pw_uid, gid, groups_of(entry.pw_name, gid), entry.pw_name,
+                        entry.pw_dir or "/")  # fmt: skip
 
     def _files_as_default(self) -> None:
         if self.default.uid != 0:
@@ -374,7 +371,9 @@ class Users:
 
     def give_terminal(self, slave: int, ids: Identity) -> None:
         """Make a new terminal's slave the command's user's, who opens it at spawn."""
-        if self.root and ids.uid != self.default.uid:
+        # Linux gives a new terminal the agent's file-system user (the default user);
+        # gVisor's sentry gives it the effective one (root): its owner is what counts.
+        if self.root and os.fstat(slave).st_uid != ids.uid:
             # The agent's fsuid (the default user's) leaves it without CAP_CHOWN: chown
             # as root, then back.
             self._libc.setfsuid(0)
@@ -388,6 +387,26 @@ class Users:
             os.setresuid(0, 0, 0)
             os.setresgid(0, 0, 0)
             self._files_as_default()
+
+
+def groups_of(name: str, gid: int) -> list[int]:
+    """The groups of the user `name` whose own group is `gid`: `gid` and those whose
+    members /etc/group lists. A sandbox's accounts are files (Corral writes them), so
+    this is ``os.getgrouplist`` without loading the NSS modules the template's
+    nsswitch.conf names (Debian's systemd module: ~170 syscalls, each a trap into
+    gVisor's kernel, and ~0.1 s of an emulated microVM's start), none of which can reach
+    its service from inside a sandbox."""
+    groups = [gid]  # may repeat below: setgroups takes a list with duplicates
+    try:
+        with open("/etc/group", "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return groups
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) == 4 and fields[2].isdigit() and name in fields[3].split(","):
+            groups.append(int(fields[2]))
+    return groups
 
 
 def not_started(agent: Agent, channel: int, name: str, code: int, error: str | None = None) -> None:

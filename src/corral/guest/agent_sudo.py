@@ -35,9 +35,11 @@ if TYPE_CHECKING:
 try:
     from corral.guest import protocol
     from corral.guest.agent_channels import EPOLLIN, Refusal, signal
+    from corral.guest.agent_exec import groups_of
 except ImportError:  # run in a sandbox, beside this file
     import protocol  # type: ignore[no-redef,import-not-found]
     from agent_channels import EPOLLIN, Refusal, signal  # type: ignore[no-redef,import-not-found]
+    from agent_exec import groups_of  # type: ignore[no-redef,import-not-found]
 
 SOCKET = b"\0corral-sudo"  # abstract: scoped to the sandbox's network namespace
 GROUP = "sudo"
@@ -194,7 +196,7 @@ class SudoCall:
             return
         try:
             name = pwd.getpwuid(uid).pw_name
-            allowed = grp.getgrnam(GROUP).gr_gid in os.getgrouplist(name, gid)
+            allowed = grp.getgrnam(GROUP).gr_gid in groups_of(name, gid)
         except (KeyError, OSError):
             name, allowed = str(uid), False
         if not allowed:

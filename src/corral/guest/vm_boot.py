@@ -264,8 +264,7 @@ def main() -> None:
     os.environ.update({"HOME": user_home, "USER": name, "LOGNAME": name, "SHELL": shell, **env})
     if args:  # a one-shot sandbox: its command, not the agent
         _one_shot(args, workdir, files, uid, gid)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import agent  # type: ignore[import-not-found]  # beside this file in the guest
+    import agent  # type: ignore[import-not-found]  # beside this file (on the path)
 
     agent.main([*args, "--workdir", workdir, "--user", f"{uid}:{gid}"])
 

@@ -49,11 +49,26 @@ _PROBE = (
 def agent_command(agent_dir: str, python: str | Sequence[str], workdir: str) -> list[str]:
     """The argv that starts the agent from `agent_dir` (a path as the sandbox sees it)
     with `python` (a path, or a `GuestRuntime.argv`)."""
-    # -E -s -S: no environment, no site-packages, no site module — fast and hermetic.
-    # Importing (rather than running the file) uses the precompiled bytecode.
-    bootstrap = f"import sys; sys.path.insert(0, {agent_dir!r}); import agent; agent.main()"
     interpreter = [python] if isinstance(python, str) else list(python)
-    return [*interpreter, "-E", "-s", "-S", "-c", bootstrap, "--workdir", workdir]
+    return [*interpreter, *python_options(agent_dir, "agent"), "--workdir", workdir]
+
+
+def python_options(agent_dir: str, module: str) -> list[str]:
+    """The interpreter's options that run `main()` of `module`, one of the agent's files
+    in `agent_dir` (the agent, or a microVM's boot: `corral.guest.vm_boot`)."""
+    # -I -S: isolated (no environment, no user site-packages, and no working directory
+    # on the module path: the sandbox's user writes the agent's, and a module planted
+    # there must never be what the agent imports later, e.g. `termios` at its first
+    # terminal), no site module — fast and hermetic.
+    # Importing (rather than running the file) uses the precompiled bytecode. `corral` is
+    # marked missing: each agent module tries `corral.guest.<name>` first (as the host
+    # imports it), which then fails at once instead of searching every path (~100
+    # syscalls, each a trap into gVisor's kernel).
+    bootstrap = (
+        f"import sys; sys.modules['corral'] = None; sys.path.insert(0, {agent_dir!r}); "
+        f"import {module}; {module}.main()"
+    )
+    return ["-I", "-S", "-c", bootstrap]
 
 
 @functools.cache

@@ -24,10 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from corral.errors import SandboxStartFailed
-from corral.guest import agent_source_dir
 from corral.images import mount_merged, unmount_overlay
 from corral.isolation import guest_kernel
-from corral.isolation.agent_install import GUEST_DIR, guest_runtime, install_agent
+from corral.isolation.agent_install import (
+    GUEST_DIR,
+    guest_runtime,
+    install_agent,
+    python_options,
+)
 from corral.isolation.templates import LayerTemplate, Template
 
 # Parts of the standard library the agent never imports: left out of its image.
@@ -99,30 +103,29 @@ def runtime_image(python: str, runtime_dir: Path, directory: Path) -> Path:
     guest-side boot (`corral.guest.vm_boot`), busybox, and the host's `python` with the
     libraries and standard library it needs, at their host paths under it (the argv of
     `guest_runtime` then works there as it does in a namespace sandbox)."""
-    agent = install_agent(runtime_dir, python)
-    boot = (agent_source_dir() / "vm_boot.py").read_bytes()
+    agent = install_agent(runtime_dir, python)  # with the boot, vm_boot.py
     busybox = Path(guest_kernel.BUSYBOX).read_bytes()
-    digest = hashlib.sha256(agent.name.encode() + boot + busybox)
+    digest = hashlib.sha256(agent.name.encode() + busybox)
     image = directory / f"{digest.hexdigest()[:32]}.img"
     if image.exists():
         return image
     with _building(image) as needed:
         if needed:
-            _make_runtime_image(python, agent, boot, busybox, image)
+            _make_runtime_image(python, agent, busybox, image)
     return image
 
 
-def _make_runtime_image(python: str, agent: Path, boot: bytes, busybox: bytes, image: Path) -> None:
+def _make_runtime_image(python: str, agent: Path, busybox: bytes, image: Path) -> None:
     runtime = guest_runtime(python)
     directory = image.parent
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         tree = Path(staging) / "tree"
         shutil.copytree(agent, tree, symlinks=True)
-        (tree / "vm_boot.py").write_bytes(boot)
         (tree / "busybox").write_bytes(busybox)
         os.chmod(tree / "busybox", 0o755)
-        argv = " ".join(shlex.quote(a) for a in runtime.argv)
-        (tree / "start").write_text(f'exec {argv} -E -s -S {GUEST_DIR}/vm_boot.py "$1"\n')
+        argv = [*runtime.argv, *python_options(GUEST_DIR, "vm_boot")]  # its bytecode
+        argv_text = " ".join(shlex.quote(a) for a in argv)
+        (tree / "start").write_text(f'exec {argv_text} "$1"\n')
         _copy_runtime(runtime.python, runtime.loader, tree)
         _mkfs(tree, Path(staging) / "runtime.img", 16)
         os.chmod(Path(staging) / "runtime.img", 0o444)

@@ -68,13 +68,15 @@ if grep -qx 0x0001 /sys/bus/virtio/devices/*/device 2>/dev/null; then
   done
 fi
 disk() {
-  for d in /sys/block/vd*; do
-    [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && { echo /dev/${d##*/}; return; }
+  for d in /sys/block/vd*; do  # `read`, not `$(cat ...)`: a process costs ~20 ms in TCG
+    s=; read -r s 2>/dev/null <$d/serial
+    [ "$s" = "$1" ] && { echo /dev/${d##*/}; return; }
   done
 }
 port() {
   for p in /sys/class/virtio-ports/*; do
-    [ "$(cat $p/name 2>/dev/null)" = corral.agent ] && { echo /dev/${p##*/}; return; }
+    s=; read -r s 2>/dev/null <$p/name
+    [ "$s" = corral.agent ] && { echo /dev/${p##*/}; return; }
   done
 }
 n=0
