@@ -14,6 +14,8 @@ DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
 # runsc: gVisor, the `gvisor` isolation tier's kernel in user space (issue 15).
 DEBIAN_PACKAGES += runsc
 # The microvm tier (issue 15): QEMU, qemu-img, and busybox for the guest's initramfs.
+# (virtiofsd, which serves volumes and the host's /usr to its guests, comes with
+# qemu-system-x86: /usr/lib/qemu/virtiofsd, in qemu-system-common.)
 DEBIAN_PACKAGES += qemu-system-x86 qemu-utils busybox-static
 # Its guest kernel: Debian's cloud kernel .deb, fetched by `corral.isolation.guest_kernel`.
 GUEST_KERNEL_DIR := .cache/guest-kernel

@@ -279,8 +279,8 @@ def base_unavailable() -> str | None:
 
 
 def has_host_template(tier: str) -> bool:
-    """Whether `tier` runs sandboxes of the `host` template (microvm: a kernel of its own
-    needs a disk image, so a layer template)."""
+    """Whether `tier` runs sandboxes of the `host` template (all three isolation tiers do
+    now; a tier that cannot takes a layer template)."""
     from corral.isolation.registry import backend_class
 
     return backend_class(tier).host_template

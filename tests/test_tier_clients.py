@@ -79,7 +79,6 @@ def test_a_job_runs_on_the_tier_it_asks_for(server: LiveServer, tier: str) -> No
         assert output == b"job on sh\n"
 
 
-@pytest.mark.fails_on("microvm", reason="no volumes (IsolationUnavailable)")
 def test_a_volume_outlives_its_sandbox_on_every_tier(server: LiveServer, tier: str) -> None:
     name = f"v-{secrets.token_hex(4)}"
     Volume.create(name, size_mib=16, **opts(server))

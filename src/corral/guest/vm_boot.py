@@ -93,14 +93,156 @@ def _user(name: str) -> tuple[int, int, str]:
         ) from None
 
 
+def _shares(fields: list[str]) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The host directories to mount (`corral.isolation.microvm_shares.mount_fields`:
+    a count, then tag, path and ro/rw of each) and the fields after them."""
+    count = int(fields[0]) if fields else 0
+    shares = [(fields[1 + 3 * i], fields[2 + 3 * i], fields[3 + 3 * i]) for i in range(count)]
+    return shares, fields[1 + 3 * count :]
+
+
+def _files(fields: list[str]) -> tuple[list[tuple[str, int, bytes]], list[str]]:
+    """A one-shot sandbox's seed files (`corral.isolation.microvm_oneshot.fields`: a
+    count, then path, octal mode and hex content of each) and the fields after them."""
+    count = int(fields[0]) if fields else 0
+    files = [
+        (fields[1 + 3 * i], int(fields[2 + 3 * i], 8), bytes.fromhex(fields[3 + 3 * i]))
+        for i in range(count)
+    ]
+    return files, fields[1 + 3 * count :]
+
+
+def _port(name: str) -> int:
+    """The virtio-serial port `name`, open for writing."""
+    for entry in os.listdir("/sys/class/virtio-ports"):
+        with open(f"/sys/class/virtio-ports/{entry}/name") as f:
+            if f.read().strip() == name:
+                return os.open(f"/dev/{entry}", os.O_WRONLY)
+    raise SystemExit(f"corral-vm-boot: no port {name}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _one_shot(
+    argv: list[str], workdir: str, files: list[tuple[str, int, bytes]], uid: int, gid: int
+) -> None:
+    """Run the command as the sandbox's user (seed files written and workdir made as it,
+    as bubblewrap does on the namespace tier), copy its output to the ports, write its
+    status on `corral.exit` and stop the VM. Never returns."""
+    import select  # here: the agent's boot does not pay for it
+
+    # The directories that are missing are made the user's, as bubblewrap makes them: a
+    # file's parents with its mode, plus the owner's bits and search where it is readable.
+    dirs = [(os.path.dirname(path), _parent_mode(mode)) for path, mode, _ in files]
+    for path, mode in [*dirs, (workdir, 0o755)]:
+        made = ""
+        for part in path.strip("/").split("/"):
+            made += "/" + part
+            if part and not os.path.lexists(made):
+                os.mkdir(made)
+                os.chown(made, uid, gid)
+                os.chmod(made, mode)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setsid()
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            for path, mode, content in files:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+                _write_all(fd, content)
+                os.fchmod(fd, mode)
+                os.close(fd)
+            os.chdir(workdir)
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            for fd in (null, out_r, out_w, err_r, err_w):
+                os.close(fd)
+        except OSError as exc:
+            os.write(2, f"corral-vm: could not prepare the command: {exc}\n".encode())
+            os._exit(1)
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            os.write(2, f"corral-vm: execvp {argv[0]}: {exc.strerror}\n".encode())
+        os._exit(1)
+    os.close(out_w)
+    os.close(err_w)
+    ports = {out_r: 1, err_r: _port("corral.stderr")}
+    done = os.pidfd_open(child)
+    status = None
+    while ports and status is None:
+        for fd in select.select([*ports, done], [], [])[0]:
+            if fd == done:
+                status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+            elif data := os.read(fd, 65536):
+                _write_all(ports[fd], data)
+            else:
+                del ports[fd]
+    if status is None:  # it closed both pipes before it ended
+        status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    # It ended: what its pipes hold is the rest of its output (processes it left that
+    # still hold them end with the VM, as on namespace with the sandbox's init).
+    for fd, port in ports.items():
+        os.set_blocking(fd, False)
+        while data := _read_now(fd):
+            _write_all(port, data)
+    code = 128 - status if status < 0 else status
+    exit_port = _port("corral.exit")
+    _write_all(exit_port, f"{code}\n".encode())
+    os.close(exit_port)
+    busybox = os.path.join(os.path.dirname(os.path.abspath(__file__)), "busybox")
+    os.execv(busybox, ["reboot", "-f"])  # QEMU runs with -no-reboot: the VM stops
+
+
+def _parent_mode(mode: int) -> int:
+    """bubblewrap's mode for the directories it makes above a file of `mode`."""
+    parent = (mode & 0o777) | 0o700
+    parent |= 0o010 if parent & 0o040 else 0
+    parent |= 0o001 if parent & 0o004 else 0
+    return parent
+
+
+def _read_now(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b""
+
+
+def _mount_share(tag: str, path: str, read_only: bool) -> None:
+    """Mount the virtio-fs share `tag` at `path` (made if missing), as the namespace tier
+    binds a volume: nosuid, nodev, read-only when asked."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    options = "nosuid,nodev" + (",ro" if read_only else "")
+    busybox = os.path.join(os.path.dirname(os.path.abspath(__file__)), "busybox")
+    argv = ["mount", "-t", "virtiofs", "-o", options, tag, path]
+    if os.spawnv(os.P_WAIT, busybox, argv) != 0:
+        raise SystemExit(f"corral-vm-boot: could not mount {tag} at {path}")
+
+
 def main() -> None:
     fields = read_config(sys.argv[1])
     hostname, user, workdir, count = fields[0], fields[1], fields[2], int(fields[3])
     args = fields[4 : 4 + count]
-    env = dict(entry.split("=", 1) for entry in fields[4 + count :] if "=" in entry)
-    for entry in fields[4 + count :]:
+    shares, rest = _shares(fields[4 + count :])
+    files, rest = _files(rest)
+    env = dict(entry.split("=", 1) for entry in rest if "=" in entry)
+    for entry in rest:
         if entry.startswith("net "):
             _network(entry)
+    for tag, path, mode in shares:  # the template's own tree (the host's /usr): first
+        if mode == "base":
+            _mount_share(tag, path, True)
     _socket.sethostname(hostname)  # not `socket`: it imports enum, ~0.1 s under TCG
     with open("/etc/hostname", "w") as f:
         f.write(hostname + "\n")
@@ -114,9 +256,14 @@ def main() -> None:
     _own_dir(home, 0o755, SANDBOX_UID, SANDBOX_UID)
     _own_dir("/workspace", 0o755, uid, gid)
     _own_dir("/tmp", 0o1777, 0, 0)
+    for tag, path, mode in shares:  # last: a volume may be inside /workspace or the home
+        if mode != "base":
+            _mount_share(tag, path, mode == "ro")
     name = user if not user.isdigit() else SANDBOX_USER
     os.environ.clear()
     os.environ.update({"HOME": user_home, "USER": name, "LOGNAME": name, "SHELL": shell, **env})
+    if args:  # a one-shot sandbox: its command, not the agent
+        _one_shot(args, workdir, files, uid, gid)
     import agent  # type: ignore[import-not-found]  # beside this file (on the path)
 
     agent.main([*args, "--workdir", workdir, "--user", f"{uid}:{gid}"])

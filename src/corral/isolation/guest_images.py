@@ -32,7 +32,7 @@ from corral.isolation.agent_install import (
     install_agent,
     python_options,
 )
-from corral.isolation.templates import LayerTemplate
+from corral.isolation.templates import LayerTemplate, Template
 
 # Parts of the standard library the agent never imports: left out of its image.
 _STDLIB_SKIP = {
@@ -170,3 +170,32 @@ def _copy_runtime(python: str, loader: str | None, tree: Path) -> None:
                 path = line.split("=>", 1)[1].split("(")[0].strip()
                 if path.startswith("/"):
                     place(path, os.path.basename(path))
+
+
+def host_root_image(template: Template, etc: Path, directory: Path) -> Path:
+    """The root of a `template` sandbox (the `host` template) as an ext4 image: its /etc
+    (`etc`, `guest_view.shared_etc`'s copy), its symlinks and empty places for the host
+    directories the guest mounts over virtio-fs (`microvm_shares.host_shares`) and for
+    the sandbox's own directories. Small; made once per /etc copy."""
+    key = hashlib.sha256(repr((etc.name, template.ro_binds, template.symlinks)).encode())
+    image = directory / f"{template.name}-{key.hexdigest()[:32]}.img"
+    if image.exists():
+        return image
+    with _building(image) as needed:
+        if needed:
+            with tempfile.TemporaryDirectory(dir=directory) as staging:
+                tree = Path(staging) / "tree"
+                shutil.copytree(etc, tree / "etc", symlinks=True)
+                places = [path for _, path in template.ro_binds]
+                places += ["/workspace", "/home", "/tmp", "/var", "/root", "/proc", "/sys"]
+                for place in [*places, "/dev", GUEST_DIR]:
+                    (tree / place.lstrip("/")).mkdir(mode=0o755, parents=True, exist_ok=True)
+                os.chmod(tree / "tmp", 0o1777)
+                os.chmod(tree / "root", 0o700)
+                for target, path in template.symlinks:
+                    (tree / path.lstrip("/")).symlink_to(target)
+                (tree / "var" / "tmp").symlink_to("/tmp")  # as the namespace tier has it
+                _mkfs(tree, Path(staging) / "root.img", 16)
+                os.chmod(Path(staging) / "root.img", 0o444)
+                os.replace(Path(staging) / "root.img", image)
+    return image

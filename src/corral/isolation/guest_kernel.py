@@ -33,11 +33,12 @@ from corral.errors import IsolationUnavailable
 
 PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = "/bin/busybox"
-# Loaded in this order (each after what it depends on). The last three (virtio-net) only
-# when the guest has a network device (`corral.isolation.microvm_net`).
+# Loaded in this order (each after what it depends on). fuse and virtiofs only when the
+# VM has shares (`corral.isolation.microvm_shares`); the last three (virtio-net) only when
+# the guest has a network device (`corral.isolation.microvm_net`).
 MODULES = (
     "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay",
-    "failover", "net_failover", "virtio_net",
+    "fuse", "virtiofs", "failover", "net_failover", "virtio_net",
 )  # fmt: skip
 BARE_BOOT_LINE = "corral-bare-boot"
 _VERSIONED_DEB = re.compile(r"linux-image-(\d[^_]*)_[^_]+_amd64\.deb")
@@ -57,6 +58,9 @@ case " $(cat /proc/cmdline) " in *" corral.bare "*) echo corral-bare-boot; reboo
 for m in virtio_ring virtio virtio_mmio virtio_blk virtio_console overlay; do
   insmod /lib/modules/$m.ko || fail "module $m"
 done
+case " $(cat /proc/cmdline) " in *" corral.virtiofs "*)
+  for m in fuse virtiofs; do insmod /lib/modules/$m.ko || fail "module $m"; done;;
+esac
 # A network device (virtio id 1) only for a sandbox with a network.
 if grep -qx 0x0001 /sys/bus/virtio/devices/*/device 2>/dev/null; then
   for m in failover net_failover virtio_net; do

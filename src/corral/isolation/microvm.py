@@ -24,11 +24,13 @@ of the sandbox's unprivileged range (`-runas`), under its own seccomp filter (`-
 
 The guest sees `Limits.cpu` (rounded up) CPUs and `memory_mib` of RAM; QEMU's own memory
 (device emulation, TCG's translation cache) comes on top of that in the cgroup
-(`VMM_OVERHEAD_MIB`). The `host` template (the host's /usr, 5+ GB) has no image: its
-sandboxes are refused with a pointer to a layer template such as `base`. Network: with
-`none` the guest has a loopback only; with `internet` or `allowlist` a virtio-net device
-on a tap in the sandbox's network namespace, behind the same rules as every tier's
-(`corral.isolation.microvm_net`). Volumes: none yet.
+(`VMM_OVERHEAD_MIB`). The `host` template (the host's /usr, 5+ GB) has no image of
+it: its root is a small image of its /etc and symlinks, and the host's /usr, like
+volumes, a host directory the guest mounts over virtio-fs (`microvm_shares`). A
+one-shot sandbox's guest runs its command instead of the agent (`microvm_oneshot`).
+Network: with `none` the guest has a loopback only; with `internet` or `allowlist` a
+virtio-net device on a tap in the sandbox's network namespace, behind the same rules as
+every tier's (`corral.isolation.microvm_net`).
 """
 
 from __future__ import annotations
@@ -40,20 +42,28 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import IsolationUnavailable, SnapshotUnavailable
 from corral.images import unmount_overlay
-from corral.isolation import guest_kernel, idrange, microvm_net, microvm_snapshot
+from corral.isolation import (
+    guest_kernel,
+    idrange,
+    microvm_net,
+    microvm_oneshot,
+    microvm_shares,
+    microvm_snapshot,
+)
 from corral.isolation.agent_install import GUEST_DIR, guest_runtime
 from corral.isolation.backend import Backend, Capabilities, Entrypoint, LaunchPlan, SandboxSpec
 from corral.isolation.cgroups import CgroupDriver
 from corral.isolation.disks import format_disk
 from corral.isolation.footprint import Footprint
-from corral.isolation.guest_images import root_image, runtime_image
-from corral.isolation.templates import LayerTemplate
+from corral.isolation.guest_images import host_root_image, root_image, runtime_image
+from corral.isolation.guest_view import shared_etc
+from corral.isolation.templates import SANDBOX_USER, get_template
 from corral.limits import Limits
 
 QEMU = "qemu-system-x86_64"
@@ -79,6 +89,7 @@ _DEFAULT_TSC_KHZ = 2_000_000
 # A TCG boot takes seconds (several under load); the agent's first ping waits this long.
 START_TIMEOUT = 120.0
 _CONFIG_MAGIC = b"corral-vm-config\n"
+AGENT_CHARDEV = "stdio,id=agent,signal=off"
 _KERNEL_LINE = re.compile(r"\[ *\d+\.\d+\]")
 
 
@@ -116,8 +127,10 @@ def kvm_reason(vmlinuz: str, initramfs: str) -> str | None:
 class MicrovmBackend(Backend):
     name = "microvm"
     layer_templates = True
-    host_template = False
+    host_template = True  # its /usr over virtio-fs: `corral.isolation.microvm_shares`
     memory_snapshots = True  # QEMU migration to a file: `corral.isolation.microvm_snapshot`
+    volumes = True  # virtio-fs: `corral.isolation.microvm_shares`
+    entrypoints = True  # the guest runs the command: `corral.isolation.microvm_oneshot`
 
     start_timeout = START_TIMEOUT
 
@@ -139,6 +152,13 @@ class MicrovmBackend(Backend):
     def check_checkpoint(self, spec: SandboxSpec, what: str) -> None:
         super().check_checkpoint(spec, what)
         microvm_net.check_checkpoint(spec.network, what)
+        if spec.volumes or spec.rootfs is None:
+            shared = "volumes" if spec.volumes else f"the template {spec.template!r}"
+            raise IsolationUnavailable(
+                f"the microvm tier cannot {what} for a sandbox of {shared}: QEMU cannot "
+                "migrate their virtio-fs devices; use a layer template such as `base` "
+                "without volumes (copy the files in), or the gvisor tier"
+            )
 
     def cgroup_memory_bytes(self, limits: Limits) -> int:
         """The guest's RAM plus QEMU's own memory."""
@@ -147,10 +167,11 @@ class MicrovmBackend(Backend):
     @classmethod
     def probe(cls, settings: Settings) -> Capabilities:
         missing: list[str] = []
+        no_shares = microvm_shares.missing()
         details: dict[str, object] = {
             "network": ", ".join(sorted(microvm_net.network_modes())),
-            "memory snapshots": "sandboxes with network none",
-            "volumes": "no",
+            "memory snapshots": "sandboxes with network none, no volumes, of a layer template",
+            "volumes": f"no: {no_shares}" if no_shares else "yes (virtio-fs)",
         }
         if shutil.which(QEMU) is None:
             missing.append(f"{QEMU}: apt-get install qemu-system-x86")
@@ -186,11 +207,15 @@ class MicrovmBackend(Backend):
         self, footprint: Footprint, spec: SandboxSpec, entrypoint: Entrypoint | None = None
     ) -> LaunchPlan:
         layered = spec.rootfs
-        # The engine refuses both before anything is made (`host_template`, `entrypoints`).
-        assert layered is not None and entrypoint is None
+        host = get_template(spec.template) if layered is None else None
         kernel = guest_kernel.extract(kernel_dir(self.settings))
         initramfs = guest_kernel.initramfs(kernel, self._images)
-        root = root_image(layered, self._images / "roots")
+        if host is None:
+            assert layered is not None
+            root = root_image(layered, self._images / "roots")
+        else:  # its /etc and symlinks; the host's directories come over virtio-fs
+            etc = shared_etc(self.settings.runtime_dir, host)
+            root = host_root_image(host, etc, self._images / "roots")
         runtime = runtime_image(self.settings.guest_python, self.settings.runtime_dir,
                                 self._images / "runtime")  # fmt: skip
         slot = footprint.claim_uid_slot(
@@ -204,6 +229,10 @@ class MicrovmBackend(Backend):
         footprint.layer_ids = [0, 0, IDS_PER_SLOT]
         why_not_kvm = kvm_reason(str(kernel.vmlinuz), str(initramfs))
         cmdline = _cmdline(why_not_kvm)
+        shares = microvm_shares.host_shares(footprint, host) if host else []
+        shares += microvm_shares.volume_shares(footprint, spec.volumes, first)
+        if shares:
+            cmdline += " corral.virtiofs"  # its init loads the driver
         disk: Path | None = None
         if spec.ram_disk:  # a tmpfs in the guest: its writes are the guest's RAM
             cmdline += f" corral.ramdisk={limits.storage_bytes}"
@@ -211,7 +240,11 @@ class MicrovmBackend(Backend):
             disk = self.settings.data_dir / "disks" / f"{footprint.id}.img"
             disk.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             footprint.record_disk(str(disk))
-        workdir = layered.workdir or "/workspace"
+        workdir = (
+            (entrypoint.cwd if entrypoint else None)
+            or (layered.workdir if layered else None)
+            or "/workspace"
+        )
         config = footprint.path / microvm_snapshot.CONFIG_DISK
         cpus = max(1, math.ceil(limits.cpu))
         machine = microvm_snapshot.Machine(
@@ -220,7 +253,10 @@ class MicrovmBackend(Backend):
         if spec.restore is None:
             if disk is not None:
                 format_disk(disk, limits.disk_bytes)
-            config.write_bytes(_config(footprint.id, layered, spec, workdir, footprint.netns))
+            user, env = (layered.user, layered.env) if layered else (SANDBOX_USER, {})
+            config.write_bytes(
+                _config(footprint.id, user, env, spec, workdir, shares, entrypoint, footprint.netns)
+            )
         else:  # the checkpoint's disks, and its runtime image: the guest has it mounted
             machine = microvm_snapshot.restore_files(spec.restore, machine, disk, config)
         machine.record(footprint.path)
@@ -247,7 +283,7 @@ class MicrovmBackend(Backend):
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
             "-append", cmdline,
             "-serial", f"file:{console}",
-            "-chardev", "stdio,id=agent,signal=off",
+            "-chardev", microvm_oneshot.STDOUT_CHARDEV if entrypoint else AGENT_CHARDEV,
             "-device", "virtio-serial-device",
             "-device", "virtserialport,chardev=agent,name=corral.agent",
             *_disk("corral-runtime", Path(machine.runtime), read_only=True),
@@ -260,13 +296,24 @@ class MicrovmBackend(Backend):
             "-runas", f"{first}:{first}",
             *microvm_snapshot.MIGRATION_ARGS,
             *incoming,
+            *microvm_shares.qemu_args(footprint, shares, limits.memory_bytes >> 20),
+            *(microvm_oneshot.qemu_args(footprint) if entrypoint else []),
         ]  # fmt: skip
+        exit_file = microvm_oneshot.exit_file(footprint) if entrypoint else None
+        try:
+            argv, shared = microvm_shares.launcher_argv(footprint, shares, first, argv, exit_file)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        fds += shared
         return LaunchPlan(
             argv=argv,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             workdir=workdir,
             host_cwd=str(footprint.path),
             pass_fds=tuple(fds),
+            exec_failure=microvm_oneshot.EXEC_FAILURE,
             netns=footprint.netns,  # QEMU opens the guest's tap there (`microvm_net`)
         )
 
@@ -372,7 +419,14 @@ def _disk(serial: str, image: Path, *, read_only: bool) -> list[str]:
 
 
 def _config(
-    sandbox_id: str, template: LayerTemplate, spec: SandboxSpec, workdir: str, netns: str | None
+    sandbox_id: str,
+    user: str,
+    template_env: Mapping[str, str],
+    spec: SandboxSpec,
+    workdir: str,
+    shares: list[microvm_shares.Share],
+    entrypoint: Entrypoint | None,
+    netns: str | None,
 ) -> bytes:
     """The configuration disk `corral.guest.vm_boot` reads (padded to whole sectors); with
     a network (`netns`), the guest's addresses as a last field."""
@@ -380,10 +434,13 @@ def _config(
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
         "TMPDIR": "/tmp",
-        **template.env,
+        **template_env,
         **spec.env,
+        **(entrypoint.env if entrypoint else {}),
     }
-    fields = [sandbox_id.replace("_", "-"), template.user, workdir, "0"]
+    argv, files = microvm_oneshot.fields(entrypoint)
+    fields = [sandbox_id.replace("_", "-"), user, workdir, str(len(argv)), *argv]
+    fields += microvm_shares.mount_fields(shares) + files
     fields += [f"{key}={value}" for key, value in env.items()]
     if netns is not None:
         fields.append(microvm_net.guest_config())
