@@ -11,7 +11,8 @@ DEBIAN_PACKAGES += mmdebstrap dpkg-dev apt-utils
 # skopeo fetches OCI images (zstd for zstd layers); docker-registry and apache2-utils
 # (htpasswd) give the OCI tests a registry on loopback (issue 13).
 DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
-# runsc: gVisor, the `gvisor` isolation tier's kernel in user space (issue 15).
+# runsc: gVisor, the `gvisor` isolation tier's kernel in user space (issue 15). On Debian 12
+# it comes from bookworm-backports (`gvisor-runsc` below): bookworm's own is from 2022.
 DEBIAN_PACKAGES += runsc
 # The microvm tier (issue 15): QEMU, qemu-img, and busybox for the guest's initramfs.
 # (virtiofsd, which serves volumes and the host's /usr to its guests, comes with
@@ -24,7 +25,7 @@ DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help setup system-packages python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
+.PHONY: help setup system-packages gvisor-runsc python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
@@ -40,7 +41,7 @@ help:
 	@echo "make bench  - the engine, API and isolation tiers benchmarks (one JSON object each)"
 	@echo "make proto  - regenerate src/corral/v1/ and src/corral/envd/ from proto/corral/*/*.proto"
 
-setup: system-packages python-env debian-archive guest-kernel
+setup: system-packages gvisor-runsc python-env debian-archive guest-kernel
 
 # Debian packages the engine needs; installed when missing (as root), else explained.
 system-packages:
@@ -60,6 +61,26 @@ system-packages:
 	    echo "run: sudo apt-get install -y $${missing[*]}   (or run make as root)"; exit 1; \
 	  fi; \
 	fi
+
+# Debian 12's runsc (0.0~20221219) has no systrap platform (ptrace only where KVM cannot
+# run guests: slow) and fails coreutils' statx (`ls -l`: EINVAL). bookworm-backports, an
+# official Debian suite, has runsc 0.0~20240729 with both fixed: as root, its source is
+# added (when no backports source is) and runsc is taken from there. Other releases keep
+# their own runsc.
+BACKPORTS_LIST := /etc/apt/sources.list.d/corral-bookworm-backports.list
+gvisor-runsc: system-packages
+	@. /etc/os-release; [ "$${VERSION_CODENAME:-}" = bookworm ] || exit 0; \
+	version=$$(dpkg-query -W -f='$${Version}' runsc 2>/dev/null); \
+	case "$$version" in 0.0~2022*) ;; *) exit 0;; esac; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "runsc $$version is Debian 12's (ptrace only, no statx): as root, install runsc from bookworm-backports"; exit 0; \
+	fi; \
+	if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then \
+	  echo "deb http://deb.debian.org/debian bookworm-backports main" > $(BACKPORTS_LIST); \
+	  echo "added the bookworm-backports source ($(BACKPORTS_LIST))"; \
+	fi; \
+	echo "installing runsc from bookworm-backports (Debian 12's is from 2022)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports runsc >/dev/null
 
 # The microvm tier's guest kernel (apt-get download from the host's apt sources), once;
 # the tests use this copy (tests/test_microvm.py). Delete the dir to refresh.

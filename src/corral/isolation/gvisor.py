@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -106,6 +107,8 @@ class Runsc:
     version: str
     platform: str | None
     passed_over: Mapping[str, str]
+    # Its command-line flags (`runsc flags`): they differ between the versions Debian ships.
+    flags: frozenset[str] = frozenset()
 
 
 def runsc_path() -> str | None:
@@ -113,8 +116,8 @@ def runsc_path() -> str | None:
 
 
 @functools.cache
-def _version(runsc: str) -> tuple[str, frozenset[str]]:
-    """runsc's version and the platforms it knows (`runsc help platforms`)."""
+def _version(runsc: str) -> tuple[str, frozenset[str], frozenset[str]]:
+    """runsc's version, the platforms it knows (`runsc help platforms`) and its flags."""
     done = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=10)
     first = done.stdout.splitlines()[0] if done.stdout else ""
     version = first.removeprefix("runsc version ").strip() or "unknown"
@@ -122,7 +125,10 @@ def _version(runsc: str) -> tuple[str, frozenset[str]]:
         [runsc, "help", "platforms"], capture_output=True, text=True, timeout=10
     )
     platforms = frozenset(line.strip() for line in listed.stdout.splitlines() if line.strip())
-    return version, platforms
+    flags = subprocess.run([runsc, "flags"], capture_output=True, text=True, timeout=10)
+    # Each flag's line is `  -name [type]`, its help on the lines after it.
+    names = frozenset(re.findall(r"^\s+-([a-z0-9-]+)", flags.stdout + flags.stderr, re.M))
+    return version, platforms, names
 
 
 @functools.cache
@@ -174,7 +180,7 @@ def _find_runsc(wanted: str) -> Runsc | None:
     path = runsc_path()
     if path is None:
         return None
-    version, known = _version(path)
+    version, known, flags = _version(path)
     passed_over: dict[str, str] = {}
     chosen = None
     candidates = [p for p in GVISOR_PLATFORMS if p != "auto"] if wanted == "auto" else [wanted]
@@ -190,7 +196,7 @@ def _find_runsc(wanted: str) -> Runsc | None:
             chosen = platform
         else:
             passed_over[platform] = reason
-    return Runsc(path, version, chosen, passed_over)
+    return Runsc(path, version, chosen, passed_over, flags)
 
 
 class GvisorBackend(Backend):
@@ -455,6 +461,10 @@ class GvisorBackend(Backend):
             f"--network={network}",
             *cgroups,
             *(["--rootless"] if rootless else []),
+            # runsc since 2023 wraps the root in an overlay of its own by default, its
+            # writes in a file it puts in the root (a layer's upper dir): the sandbox's
+            # writes go to its own disk, as on the other tiers.
+            *(["--overlay2=none"] if "overlay2" in runsc.flags else []),
             "--log", str(footprint.path / "runsc.log"),
         ]  # fmt: skip
         if spec.restore is None:
