@@ -5,6 +5,7 @@ rest `slow`."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -94,3 +95,40 @@ async def test_failures_and_limits_are_reported_as_on_namespace(engine_debian: E
         assert on_vm[2:] == on_namespace[2:], entrypoint
         if entrypoint.output_limit:
             assert on_vm[0] == on_namespace[0]
+
+
+async def signalled(engine: Engine, isolation: str) -> tuple[bytes, int | None]:
+    """A one-shot command that reports the signals it gets: USR1 to it, then TERM to its
+    group; its output and status."""
+    script = (
+        "trap 'echo got-usr1' USR1; trap 'echo got-term; exit 3' TERM; echo ready; "
+        "while :; do sleep 0.1; done"
+    )
+    entrypoint = Entrypoint(["sh", "-c", script], timeout=300)
+    box = await engine.create("debian", isolation=isolation, limits=LIMITS, entrypoint=entrypoint)
+    try:
+        command = box.entry
+        assert command is not None
+        seen = b""
+        sent = False
+        async for chunk in command:
+            # stderr may differ: a shell may report its `sleep` the group's TERM ended.
+            seen += chunk.data if chunk.stream == "stdout" else b""
+            if b"ready" in seen and not sent:
+                await command.signal(signal.SIGUSR1)
+                sent = True
+            if b"got-usr1" in seen and b"got-term" not in seen:
+                await command.signal(signal.SIGTERM, group=True)
+        result = await command.wait()
+        return seen, result.exit_code
+    finally:
+        await box.destroy()
+
+
+async def test_signals_reach_a_one_shot_vms_command_as_on_namespace(
+    engine_debian: Engine,
+) -> None:
+    """A signal to the command, then to its group (on namespace, that one was sent to a
+    group the command does not lead, and reached nobody)."""
+    results = {tier: await signalled(engine_debian, tier) for tier in TIERS}
+    assert results["microvm"] == results["namespace"] == (b"ready\ngot-usr1\ngot-term\n", 3)

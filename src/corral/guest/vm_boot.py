@@ -112,12 +112,12 @@ def _files(fields: list[str]) -> tuple[list[tuple[str, int, bytes]], list[str]]:
     return files, fields[1 + 3 * count :]
 
 
-def _port(name: str) -> int:
-    """The virtio-serial port `name`, open for writing."""
+def _port(name: str, flags: int = os.O_WRONLY) -> int:
+    """The virtio-serial port `name`, open for writing (or as `flags` say)."""
     for entry in os.listdir("/sys/class/virtio-ports"):
         with open(f"/sys/class/virtio-ports/{entry}/name") as f:
             if f.read().strip() == name:
-                return os.open(f"/dev/{entry}", os.O_WRONLY)
+                return os.open(f"/dev/{entry}", flags)
     raise SystemExit(f"corral-vm-boot: no port {name}")
 
 
@@ -178,12 +178,15 @@ def _one_shot(
     os.close(out_w)
     os.close(err_w)
     ports = {out_r: 1, err_r: _port("corral.stderr")}
+    signals = _port("corral.signal", os.O_RDONLY | os.O_NONBLOCK)
     done = os.pidfd_open(child)
     status = None
     while ports and status is None:
-        for fd in select.select([*ports, done], [], [])[0]:
+        for fd in select.select([*ports, done, signals], [], [])[0]:
             if fd == done:
                 status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+            elif fd == signals:
+                _forward_signals(signals, child)
             elif data := os.read(fd, 65536):
                 _write_all(ports[fd], data)
             else:
@@ -202,6 +205,17 @@ def _one_shot(
     os.close(exit_port)
     busybox = os.path.join(os.path.dirname(os.path.abspath(__file__)), "busybox")
     os.execv(busybox, ["reboot", "-f"])  # QEMU runs with -no-reboot: the VM stops
+
+
+def _forward_signals(port: int, child: int) -> None:
+    """Send the command (or, with GROUP 1, its session's group: it leads it) the signals
+    the host wrote on the port, one `SIGNUM GROUP` line each."""
+    for line in _read_now(port).decode(errors="replace").splitlines():
+        try:
+            signum, group = (int(word) for word in line.split())
+            (os.killpg if group else os.kill)(child, signum)
+        except (ValueError, OSError):  # a malformed line, or the command is gone
+            continue
 
 
 def _parent_mode(mode: int) -> int:

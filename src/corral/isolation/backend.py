@@ -159,6 +159,9 @@ class LaunchPlan:
     exec_failure: bytes | None = None
     # The network namespace (a bind-mounted nsfs file) the launcher joins before exec.
     netns: str | None = None
+    # Where an entrypoint's signals go when its command is no host process (a microVM's
+    # guest): a FIFO taking `SIGNUM GROUP` lines.
+    signal_fifo: str | None = None
     # Without root, the user namespace that owns `netns`, joined with it.
     userns: str | None = None
     # False: the launcher keeps the server's open-files and file-size rlimits, for a tier

@@ -35,12 +35,14 @@ class EntryProcess(CommandOutput):
         timeout: float | None,
         output_limit: int,
         exec_failure: bytes | None,
+        signal_fifo: str | None = None,
     ) -> None:
         self.pid = launcher.pid  # a host pid: the launcher's
         self._launcher = launcher
         self._timeout = timeout
         self._output_limit = output_limit
         self._exec_failure = exec_failure
+        self._signal_fifo = signal_fifo
         self._kill_reason: str | None = None
         self._stderr_head = b""
         self._output_bytes = 0
@@ -132,14 +134,32 @@ class EntryProcess(CommandOutput):
         if signum == signal.SIGKILL and group:
             self._kill_now("killed")
             return
+        if self._signal_fifo is not None:
+            await self._signal_guest(signum, group)
+            return
         for init in self._launcher.children():
             # The init's first child is the command; orphans it adopts come after.
             for pid in children(init)[:1]:
                 with contextlib.suppress(ProcessLookupError):
-                    if group:  # the command leads its own session (bwrap --new-session)
-                        os.killpg(pid, signum)
+                    # The command's group is the session bwrap's init made (--new-session,
+                    # the init leads it), or one the command made itself: the group it
+                    # is in now. The init ignores the signal: a namespace's init takes
+                    # from outside only the signals it handles.
+                    if group:
+                        os.killpg(os.getpgid(pid), signum)
                     else:
                         os.kill(pid, signum)
+
+    async def _signal_guest(self, signum: int, group: bool) -> None:
+        """Hand the signal to the guest's PID 1, which sends it to the command (a command
+        that already ended, or a guest gone, takes it as a process that is gone would)."""
+        assert self._signal_fifo is not None
+        with contextlib.suppress(OSError):  # ENXIO: no reader, the VM is gone
+            fd = os.open(self._signal_fifo, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(fd, f"{signum} {int(group)}\n".encode())  # < PIPE_BUF: whole
+            finally:
+                os.close(fd)
 
     async def write_stdin(self, data: bytes) -> None:
         raise CommandError("a one-shot sandbox's command reads no stdin")

@@ -314,6 +314,7 @@ class MicrovmBackend(Backend):
             host_cwd=str(footprint.path),
             pass_fds=tuple(fds),
             exec_failure=microvm_oneshot.EXEC_FAILURE,
+            signal_fifo=microvm_oneshot.signal_fifo(footprint) if entrypoint else None,
             netns=footprint.netns,  # QEMU opens the guest's tap there (`microvm_net`)
         )
 

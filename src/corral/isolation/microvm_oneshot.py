@@ -14,12 +14,14 @@ as its exit code.
 Writes to a port return once QEMU has handed the data to the host (virtio-console waits
 for the buffer back), so nothing written before the status is lost when the guest stops.
 A timeout, an output limit or a kill stops QEMU itself (the launcher's child), and every
-process of the guest with it. What a one-shot microvm cannot do: signals other than a
-kill do not reach the guest's command (`EntryProcess.signal` finds no host process).
+process of the guest with it. Other signals go to the guest: `EntryProcess.signal` writes
+them to a FIFO of the footprint that QEMU reads (`signal_fifo`) into the port
+`corral.signal`, where the guest's PID 1 reads them and signals the command or its group.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from corral.isolation.backend import Entrypoint
@@ -47,13 +49,26 @@ def fields(entrypoint: Entrypoint | None) -> tuple[list[str], list[str]]:
 
 
 def qemu_args(footprint: Footprint) -> list[str]:
-    """The ports of the command's stderr (QEMU's) and of its status (a footprint file)."""
+    """The ports of the command's stderr (QEMU's), of its status (a footprint file) and of
+    the signals sent to it (`signal_fifo`, made here)."""
+    os.mkfifo(signal_fifo(footprint), 0o600)
     return [
         "-chardev", "file,id=corral-stderr,path=/dev/stderr",
         "-device", "virtserialport,chardev=corral-stderr,name=corral.stderr",
         "-chardev", f"file,id=corral-exit,path={exit_file(footprint)}",
         "-device", "virtserialport,chardev=corral-exit,name=corral.exit",
+        "-chardev", f"pipe,id=corral-signal,path={signal_fifo(footprint)}",
+        "-device", "virtserialport,chardev=corral-signal,name=corral.signal",
     ]  # fmt: skip
+
+
+def signal_fifo(footprint: Footprint) -> str:
+    """Where `EntryProcess.signal` writes `SIGNUM GROUP` lines: the guest's PID 1 reads
+    them on its port `corral.signal` and signals the command (its group with GROUP 1).
+    A FIFO that QEMU holds open both ways (its `pipe` chardev), so the port is always
+    connected: a socket's port hangs up while no client is there, and the guest's
+    select() would spin on it."""
+    return str(footprint.path / "signal")
 
 
 def exit_file(footprint: Footprint) -> Path:

@@ -195,6 +195,7 @@ class Sandbox:
                 entrypoint.timeout,
                 entrypoint.output_limit or self.spec.limits.output_bytes,
                 plan.exec_failure,
+                plan.signal_fifo,
             )
             self.entry = Command(self._entry, self.oom_kills, 0)
             return
