@@ -273,6 +273,8 @@ class MicrovmBackend(Backend):
                     os.close(fd)
                 raise
             fds.append(memory)
+        if entrypoint is not None:
+            microvm_oneshot.make_signal_fifo(footprint)
         argv = [
             QEMU,
             "-M", "microvm,x-option-roms=off",

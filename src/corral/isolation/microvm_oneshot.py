@@ -50,8 +50,7 @@ def fields(entrypoint: Entrypoint | None) -> tuple[list[str], list[str]]:
 
 def qemu_args(footprint: Footprint) -> list[str]:
     """The ports of the command's stderr (QEMU's), of its status (a footprint file) and of
-    the signals sent to it (`signal_fifo`, made here)."""
-    os.mkfifo(signal_fifo(footprint), 0o600)
+    the signals sent to it (`signal_fifo`, which must exist: `make_signal_fifo`)."""
     return [
         "-chardev", "file,id=corral-stderr,path=/dev/stderr",
         "-device", "virtserialport,chardev=corral-stderr,name=corral.stderr",
@@ -60,6 +59,10 @@ def qemu_args(footprint: Footprint) -> list[str]:
         "-chardev", f"pipe,id=corral-signal,path={signal_fifo(footprint)}",
         "-device", "virtserialport,chardev=corral-signal,name=corral.signal",
     ]  # fmt: skip
+
+
+def make_signal_fifo(footprint: Footprint) -> None:
+    os.mkfifo(signal_fifo(footprint), 0o600)
 
 
 def signal_fifo(footprint: Footprint) -> str:
