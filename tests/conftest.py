@@ -207,7 +207,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     store_level = "store" in names and not INTEGRATION_FIXTURES & names
     if metafunc.definition.get_closest_marker("sqlite_only"):
         return
-    asks = "database" in inspect.signature(metafunc.function).parameters
+    used = [m.args for m in metafunc.definition.iter_markers("usefixtures")]
+    asks = "database" in inspect.signature(metafunc.function).parameters or any(
+        "database" in args for args in used
+    )
+    if any("database" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")):
+        return  # the test picks its databases itself
     if "database" in names and (store_level or asks):
         metafunc.parametrize("database", DATABASES, indirect=True)
 
