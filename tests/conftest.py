@@ -728,10 +728,12 @@ def own_runtime(settings: Settings) -> Iterator[Settings]:
 @pytest.fixture
 def msettings(own_runtime: Settings, store_settings: Settings) -> Settings:
     """Settings for the test's own SandboxManagers: a private runtime dir (the host's
-    admission counts every sandbox of one), the data dir of `store`; skips (saying why)
-    where the host cannot run namespace sandboxes."""
+    admission counts every sandbox of one), the data dir and database of `store`; skips
+    (saying why) where the host cannot run namespace sandboxes."""
     require_backend(own_runtime, "namespace")
-    return own_runtime.with_(data_dir=store_settings.data_dir)
+    return own_runtime.with_(
+        data_dir=store_settings.data_dir, database_url=store_settings.database_url
+    )
 
 
 StartManager = Callable[..., Awaitable["SandboxManager"]]
