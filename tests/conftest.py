@@ -232,12 +232,18 @@ def postgres() -> Iterator[kit_postgres.Cluster]:
     """The session's PostgreSQL cluster, its template database migrated to the head."""
     if reason := kit_postgres.unavailable():
         pytest.skip(reason)
-    with kit_postgres.cluster() as cluster:
+    try:
+        cluster = kit_postgres.start()
+    except kit_postgres.ClusterFailed as exc:
+        pytest.skip(f"PostgreSQL's throwaway cluster did not start: {exc}")
+    try:
         migrated = Store.open(
             Settings(data_dir=Path("/nonexistent")), url=cluster.url(kit_postgres.MIGRATED)
         )
         migrated.close()
         yield cluster
+    finally:
+        cluster.destroy()
 
 
 @pytest.fixture
