@@ -138,9 +138,11 @@ def start() -> Cluster:
         for path in (root, pwfile):
             os.chown(path, entry.pw_uid, entry.pw_gid)
     data = str(root / "data")
+    # Its sessions' time zone is far from UTC (+13:45): the store must not depend on it.
     options = (
         f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {root} "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 "
+        "-c timezone=Pacific/Chatham"
     )
     try:
         pg._run("initdb", "-D", data, "-U", USER, "--pwfile", str(pwfile),
