@@ -105,6 +105,22 @@ def no_answer(server: str, cause: str) -> ServerUnavailable:
     )
 
 
+def untrusted(server: str, cause: str) -> errors.ServerUntrusted:
+    """The error for an https server whose certificate this client could not verify."""
+    return errors.ServerUntrusted(
+        f"the server at {server} presented a TLS certificate this client cannot verify "
+        f"({cause}); nothing was sent. If it is your server, trust its certificate or CA "
+        "with --ca-file FILE, CORRAL_CA_FILE or a context's caFile (`corral context set "
+        "NAME --ca-file FILE`); `corral server --tls-self-signed` logs its certificate's "
+        "path and fingerprint as it starts"
+    )
+
+
+# How the HTTP clients under the SDK say that a certificate did not verify: rustls
+# (pyqwest, the async SDK) and OpenSSL (the ssl module, the CLI's fast path).
+_UNVERIFIED = ("invalid peer certificate", "certificate verify failed")
+
+
 def error_for(code: str, message: str, detail_types: Iterable[str], server: str) -> CorralError:
     """The Corral error a client raises for a Connect error from `server`.
 
@@ -121,6 +137,9 @@ def error_for(code: str, message: str, detail_types: Iterable[str], server: str)
     if cls is ServerUnavailable and not named:
         # No detail: the transport failed before any Corral server answered. Its message
         # may be a chain of wrapped errors; the last link is the cause (connection refused).
+        for marker in _UNVERIFIED:
+            if marker in message:
+                return untrusted(server, message[message.index(marker) :])
         return no_answer(server, message.rsplit(": ", 1)[-1] or code)
     if cls is ServerUnavailable and not message.startswith("the Corral server"):
         message = f"the Corral server did not answer ({message or code})"

@@ -88,6 +88,12 @@ class Settings:
     pools: str = ""
     shutdown_grace: int = 10
     log_level: str = "info"
+    # HTTPS on the server's port (corral.server.tls): a PEM certificate (then its chain)
+    # and its unencrypted key, or a self-signed pair for development made in
+    # <data_dir>/tls and reused across restarts. Neither: plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_self_signed: bool = False
     # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
     # followed by this domain (E2B's form; point a wildcard DNS record at the server), as
     # well as paths `/sandboxes/<id>/ports/<port>/`. "localhost": `*.localhost` is

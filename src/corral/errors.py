@@ -32,6 +32,7 @@
     ├── CapacityExceeded          the host has no room for it (memory committed)
     ├── IsolationUnavailable      the host cannot give the isolation asked for
     ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
+    │   └── ServerUntrusted       its TLS certificate did not verify (no CA file trusts it)
     ├── WaitTimedOut              a wait ran out of time (also a TimeoutError)
     ├── SandboxError
     │   ├── SandboxStartFailed
@@ -195,6 +196,10 @@ class IsolationUnavailable(CorralError):
 
 class ServerUnavailable(CorralError):
     """The Corral server did not answer; is `corral server` running at that address?"""
+
+
+class ServerUntrusted(ServerUnavailable):
+    """The server's TLS certificate could not be verified; trust its CA with --ca-file."""
 
 
 class WaitTimedOut(CorralError, TimeoutError):

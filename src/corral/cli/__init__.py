@@ -52,6 +52,13 @@ def parser() -> Parser:
     env_option(root, "--server", env="CORRAL_SERVER", help="the API server, http://HOST:PORT")
     env_option(root, "--api-key", env="CORRAL_API_KEY", help="your team's API key")
     env_option(root, "--context", env="CORRAL_CONTEXT", help="a context of `corral context list`")
+    env_option(
+        root,
+        "--ca-file",
+        env="CORRAL_CA_FILE",
+        metavar="FILE",
+        help="PEM CA certificate(s) to verify an https server with (default: the system's)",
+    )
     root.add_argument(
         "--version", action=_Version, nargs=0, default=None, help="print the version and exit"
     )
@@ -197,6 +204,20 @@ def _add_server_commands(commands: Commands) -> None:
         type=whole(0),
         help="jobs run at once in this process (0: none)",
     )
+    setting_option(
+        p, "--tls-cert", setting="tls_cert", metavar="FILE", help="serve HTTPS: PEM certificate"
+    )
+    setting_option(
+        p, "--tls-key", setting="tls_key", metavar="FILE", help="the certificate's PEM key"
+    )
+    setting_option(
+        p,
+        "--tls-self-signed",
+        setting="tls_self_signed",
+        action="store_const",
+        const=True,
+        help="serve HTTPS with a development pair made in DATA_DIR/tls (its fingerprint is logged)",
+    )
     p.add_argument(
         "--demo",
         action=argparse.BooleanOptionalAction,
@@ -218,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     code: int | str | None = EXIT_OK
     try:
         args = parser().parse_args(argv)
+        if getattr(args, "ca_file", None):
+            # The SDK reads it where it reads CORRAL_SERVER's siblings: one resolution
+            # (ClientSettings.resolve) for every command, flag or variable alike.
+            os.environ["CORRAL_CA_FILE"] = args.ca_file
         code = args.handler(args)
     except SystemExit as exc:
         code = exc.code

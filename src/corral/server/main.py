@@ -26,6 +26,7 @@ from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
+from corral.server import tls
 from corral.server.app import CorralApp
 from corral.server.port_websocket import relay_protocol
 
@@ -84,19 +85,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def local_url(host: str, port: int) -> str:
+def local_url(host: str, port: int, *, https: bool = False) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if https else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def _run(
-    server: _Server, sock: socket.socket, app: CorralApp, companion: Companion | None
-) -> None:
+async def _run(server: _Server, sock: socket.socket, url: str, companion: Companion | None) -> None:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     beside = None
     if companion is not None:
-        url = local_url(app.settings.host, app.settings.port)
         beside = asyncio.create_task(companion(url))
     await serving
     await stop_tasks(beside)
@@ -105,6 +104,7 @@ async def _run(
 def serve(settings: Settings, *, companion: Companion | None = None) -> int:
     """Run the API server until a signal; the process's exit code."""
     logs.configure(settings.log_level)
+    pair = tls.load(settings)  # before the port: a bad file changes nothing
     sock = bind(settings.host, settings.port)
     app = CorralApp(settings)
     config = uvicorn.Config(
@@ -116,10 +116,15 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
         timeout_keep_alive=30,
         # WebSocket upgrades: relayed to sandboxes' ports, byte for byte.
         ws=relay_protocol(app.ports),
+        ssl_certfile=pair.cert if pair else None,
+        ssl_keyfile=pair.key if pair else None,
     )
     server = _Server(config)
-    log.info("listening", extra={"url": local_url(settings.host, settings.port)})
-    asyncio.run(_run(server, sock, app, companion))
+    url = local_url(settings.host, settings.port, https=pair is not None)
+    if pair is not None:
+        _log_tls(pair)
+    log.info("listening", extra={"url": url})
+    asyncio.run(_run(server, sock, url, companion))
     if server.force_exit:
         log.warning("forced exit: sandboxes die with this process")
         logging.shutdown()
@@ -127,3 +132,13 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
     if not server.started:
         return 1
     return 0
+
+
+def _log_tls(pair: tls.TlsPair) -> None:
+    """Say which certificate the server presents, and how a client comes to trust it."""
+    fields = {"cert": str(pair.cert), "sha256_fingerprint": pair.fingerprint}
+    if pair.self_signed:
+        fields["trust"] = tls.TRUST_HINT.format(cert=pair.cert)
+        log.info("serving HTTPS with a self-signed development certificate", extra=fields)
+    else:
+        log.info("serving HTTPS", extra=fields)
