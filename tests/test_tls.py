@@ -5,11 +5,13 @@ server (the system's CAs, or a CA file) and never fall back to plain HTTP."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,12 +96,14 @@ def test_the_self_signed_pair_is_made_once_names_the_host_and_keeps_its_key_priv
     assert {"127.0.0.1", "::1"} <= names
     assert "localhost" in san.get_values_for_type(x509.DNSName)
     assert first.fingerprint == cert.fingerprint(hashes.SHA256()).hex(":").upper()
-    # Listening on another address: a pair that names it too (the old one would not do).
-    moved = tls.self_signed(tmp_path / "tls", "192.0.2.7")
+    # Listening on another address, with a ports domain: a pair that names them (the old
+    # one would not do), the domain as a wildcard for `<port>-<id>.<domain>` host names.
+    moved = tls.self_signed(tmp_path / "tls", "192.0.2.7", "sandboxes.example.test")
     assert moved.fingerprint != first.fingerprint
     cert = x509.load_pem_x509_certificate(moved.cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "192.0.2.7" in {str(n) for n in san.get_values_for_type(x509.IPAddress)}
+    assert "*.sandboxes.example.test" in san.get_values_for_type(x509.DNSName)
 
 
 @pytest.fixture
@@ -236,6 +240,33 @@ def test_the_cli_verifies_the_server_with_its_ca_file(server: LiveServer) -> Non
         assert "presented a TLS certificate this client cannot verify" in refused.stderr
         assert "--ca-file FILE" in refused.stderr
         assert refused.stdout == ""
+
+
+def test_a_url_of_the_wrong_scheme_is_named_never_switched(server: LiveServer) -> None:
+    plain_url = server.url.replace("https:", "http:")
+    for command in (("sandbox", "list"), ("volume", "list")):  # ssl, then pyqwest
+        done = server.corral(*command, CORRAL_SERVER=plain_url)
+        assert done.returncode == EXIT_UNREACHABLE
+        assert "if it serves HTTPS, use its https:// URL" in done.stderr
+    # An https URL of a plain HTTP server: said so, and nothing sent in the clear.
+    heard: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            heard.append(self.path)
+
+    plain = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{plain.server_address[1]}"
+        for command in (("sandbox", "list"), ("volume", "list")):
+            done = server.corral(*command, CORRAL_SERVER=url)
+            assert done.returncode == EXIT_UNREACHABLE
+            assert f"the server at {url} answered in plain HTTP, not HTTPS" in done.stderr
+    finally:
+        plain.shutdown()
+        plain.server_close()
+    assert heard == []
 
 
 def test_a_context_carries_its_ca_file(server: LiveServer) -> None:

@@ -96,12 +96,28 @@ def to_connect(exc: BaseException) -> ConnectError:
     )
 
 
+# What an https client hears from a plain HTTP server: rustls (pyqwest), OpenSSL (ssl).
+_PLAIN_ANSWER = ("InvalidContentType", "WRONG_VERSION_NUMBER")
+# What an http client hears from an HTTPS server (which closes on a plain request); a
+# server that died mid-call says the same, hence only a hint.
+_CLOSED = ("connection closed before message completed", "closed connection without response")
+
+
 def no_answer(server: str, cause: str) -> ServerUnavailable:
     """The error for a server that did not answer: which URL, why, and how to start one."""
+    if server.startswith("https:") and any(marker in cause for marker in _PLAIN_ANSWER):
+        return ServerUnavailable(
+            f"the server at {server} answered in plain HTTP, not HTTPS ({cause}): use its "
+            "http:// URL, or start it serving HTTPS (`corral server --tls-cert FILE "
+            "--tls-key FILE`, or --tls-self-signed)"
+        )
+    hint = ""
+    if server.startswith("http:") and any(marker in cause for marker in _CLOSED):
+        hint = "; if it serves HTTPS, use its https:// URL"
     return ServerUnavailable(
         f"the Corral server at {server} did not answer ({cause}); start one with"
         " `corral server` (`make run` in a clone), or name yours with --server,"
-        " CORRAL_SERVER or `corral context use`"
+        f" CORRAL_SERVER or `corral context use`{hint}"
     )
 
 

@@ -83,11 +83,19 @@ def server(args: argparse.Namespace) -> int:
     import functools
 
     from corral.cli.demo import show
-    from corral.server import serve
+    from corral.server import serve, tls
 
     _note_old_isolation()
     settings = settings_from(args)
-    demo = functools.partial(show, settings.data_dir / "default.key") if args.demo else None
+    demo = None
+    if args.demo:
+        if settings.tls_self_signed and "CORRAL_CA_FILE" not in os.environ:
+            # The demo's client trusts the development certificate the server makes
+            # before it starts the demo; the SDK reads it from here.
+            cert = settings.data_dir / "tls" / tls.SELF_SIGNED_CERT
+            os.environ["CORRAL_CA_FILE"] = str(cert)
+        key_file = settings.data_dir / "default.key"
+        demo = functools.partial(show, key_file, os.environ.get("CORRAL_CA_FILE"))
     return serve(settings, companion=demo)
 
 

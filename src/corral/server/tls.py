@@ -70,7 +70,7 @@ def load(settings: Settings) -> TlsPair | None:
                 "--tls-self-signed makes its own pair: drop --tls-cert/--tls-key "
                 "(CORRAL_TLS_CERT/CORRAL_TLS_KEY), or drop --tls-self-signed to serve yours"
             )
-        return self_signed(settings.data_dir / "tls", settings.host)
+        return self_signed(settings.data_dir / "tls", settings.host, settings.ports_domain)
     if not cert and not key:
         return None
     if not cert or not key:
@@ -166,11 +166,11 @@ def _public_der(public_key: CertificatePublicKeyTypes) -> bytes:
     )
 
 
-def self_signed(directory: Path, host: str) -> TlsPair:
-    """The development pair in `directory`: reused while it is valid and names `host`,
-    else made (and written, the key readable by its owner only)."""
+def self_signed(directory: Path, host: str, ports_domain: str = "localhost") -> TlsPair:
+    """The development pair in `directory`: reused while it is valid and names `host` and
+    `ports_domain`, else made (and written, the key readable by its owner only)."""
     cert, key = directory / SELF_SIGNED_CERT, directory / SELF_SIGNED_KEY
-    names = _names(host)
+    names = _names(host, ports_domain)
     if cert.exists() and key.exists():
         try:
             certificate = check_pair(cert, key)
@@ -183,14 +183,17 @@ def self_signed(directory: Path, host: str) -> TlsPair:
     return TlsPair(cert, key, fingerprint(certificate), self_signed=True)
 
 
-def _names(host: str) -> list[str]:
-    """What the development certificate names: this machine's loopback names, and the
-    address the server listens on (for every address: the machine's host name)."""
+def _names(host: str, ports_domain: str) -> list[str]:
+    """What the development certificate names: this machine's loopback names, the address
+    the server listens on (for every address: the machine's host name), and the host
+    names of sandboxes' ports (`<port>-<id>.<ports domain>`, corral.client._ports)."""
     names = ["localhost", "127.0.0.1", "::1"]
     extra = socket.gethostname() if host in _WILDCARD_HOSTS else host
-    if extra and extra not in names:
-        names.append(extra)
-    return names
+    names.append(extra)
+    domain = ports_domain.strip(".")
+    if "." in domain:  # clients refuse a wildcard of one label (*.localhost)
+        names.append("*." + domain)
+    return list(dict.fromkeys(filter(None, names)))
 
 
 def _san(name: str) -> x509.GeneralName:
