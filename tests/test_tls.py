@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -267,6 +268,19 @@ def test_a_url_of_the_wrong_scheme_is_named_never_switched(server: LiveServer) -
         plain.shutdown()
         plain.server_close()
     assert heard == []
+
+
+def test_e2bs_api_on_the_same_port_links_uploads_over_https(server: LiveServer) -> None:
+    """The official e2b SDK PUTs a template's COPY files to the link the server gives: an
+    https link when the server serves TLS itself (it said http, which the port refuses)."""
+    tls_context = ssl.create_default_context(cafile=_ca(server))
+    headers = {"X-API-KEY": server.key}
+    with httpx.Client(base_url=server.url, headers=headers, verify=tls_context) as api:
+        link = api.get(f"/templates/copier/files/{'ab' * 32}")
+        assert link.status_code == 201, link.text
+        url = link.json()["url"]
+        assert url.startswith(f"{server.url}/templates/copier/files/"), url
+        assert api.put(url, content=b"not a tar, but stored").status_code == 200
 
 
 def test_a_context_carries_its_ca_file(server: LiveServer) -> None:

@@ -48,6 +48,9 @@ class RestRequest:
     query: list[tuple[str, str]]  # in order, repeats kept
     body: Any  # parsed JSON, or None for an empty body
     headers: dict[str, str]  # names in lower case
+    # How the client reached this server: "https" when it serves TLS itself (`corral
+    # server --tls-…`) or a proxy in front says so (X-Forwarded-Proto), else "http".
+    scheme: str = "http"
 
     def arg(self, name: str) -> str | None:
         """The last value of query parameter `name`, or None."""
@@ -167,7 +170,8 @@ class RestApp:
         except ValueError as exc:
             raise E2bError(400, f"the request body is not valid JSON: {exc}") from None
         query = parse_qsl(bytes(scope.get("query_string", b"")).decode("latin-1"), True)
-        req = RestRequest(team, method, params, query, body, headers)
+        secure = scope.get("scheme") == "https" or headers.get("x-forwarded-proto") == "https"
+        req = RestRequest(team, method, params, query, body, headers, "https" if secure else "http")
         return await route.handler(self.services, req)
 
     def _route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
