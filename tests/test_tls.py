@@ -319,6 +319,11 @@ def test_a_server_serves_the_operators_pair_and_clients_trust_its_ca(
         for command in (("sandbox", "list"), ("volume", "list")):  # ssl, then pyqwest
             done = live.corral("--ca-file", str(ca_file), *command)
             assert done.returncode == 0, done.stderr
+            # The certificate names 127.0.0.1 only: trusted, but not for another name.
+            other_name = live.url.replace("127.0.0.1", "localhost")
+            done = live.corral("--ca-file", str(ca_file), *command, CORRAL_SERVER=other_name)
+            assert done.returncode == EXIT_UNREACHABLE
+            assert "presented a TLS certificate for another name" in done.stderr
     finally:
         live.stop()
     assert not (tmp_path / "data" / "tls").exists()  # no development pair made

@@ -123,6 +123,12 @@ def no_answer(server: str, cause: str) -> ServerUnavailable:
 
 def untrusted(server: str, cause: str) -> errors.ServerUntrusted:
     """The error for an https server whose certificate this client could not verify."""
+    if any(marker in cause for marker in _OTHER_NAME):
+        return errors.ServerUntrusted(
+            f"the server at {server} presented a TLS certificate for another name ({cause});"
+            " nothing was sent. Use a URL whose host the certificate names (`corral server "
+            "--tls-self-signed` names localhost, 127.0.0.1, ::1 and the address it listens on)"
+        )
     return errors.ServerUntrusted(
         f"the server at {server} presented a TLS certificate this client cannot verify "
         f"({cause}); nothing was sent. If it is your server, trust its certificate or CA "
@@ -135,6 +141,7 @@ def untrusted(server: str, cause: str) -> errors.ServerUntrusted:
 # How the HTTP clients under the SDK say that a certificate did not verify: rustls
 # (pyqwest, the async SDK) and OpenSSL (the ssl module, the CLI's fast path).
 _UNVERIFIED = ("invalid peer certificate", "certificate verify failed")
+_OTHER_NAME = ("not valid for name", "Hostname mismatch")
 
 
 def error_for(code: str, message: str, detail_types: Iterable[str], server: str) -> CorralError:
