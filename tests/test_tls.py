@@ -29,6 +29,7 @@ from corral.config import Settings
 from corral.errors import InvalidRequest, ServerUntrusted
 from corral.server import tls
 from tests.conftest import LiveServer, start_server
+from tests.kit.polling import wait_until
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -210,6 +211,7 @@ def test_the_logged_fingerprint_is_the_certificates_the_server_presents(
     assert presented == ssl.PEM_cert_to_DER_cert(_ca(server).read_text())
 
 
+@pytest.mark.usefixtures("sandbox_host")
 async def test_the_sdk_verifies_the_server_with_its_ca_file_on_every_channel(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,6 +221,18 @@ async def test_the_sdk_verifies_the_server_with_its_ca_file_on_every_channel(
         assert result.stdout == "over tls\n"
         await sbx.files.write("/tmp/f.txt", b"x" * 300_000)  # an upload (client stream)
         assert await sbx.files.read("/tmp/f.txt", format="bytes") == b"x" * 300_000
+        # A port of the sandbox, through the server's proxy: an https URL on its port.
+        await sbx.commands.run("cd /tmp && python3 -m http.server 8000", background=True)
+        url = sbx.get_url(8000, "/f.txt")
+        assert url.startswith(server.url + "/")
+        tls_context = ssl.create_default_context(cafile=_ca(server))
+        with httpx.Client(verify=tls_context) as http:
+
+            def served() -> bytes | None:
+                page = http.get(url)
+                return page.content if page.status_code == 200 else None
+
+            assert wait_until(served, "the sandbox's port 8000") == b"x" * 300_000
 
 
 async def test_the_sdk_refuses_a_server_it_cannot_verify(
