@@ -76,12 +76,13 @@ def server(args: argparse.Namespace) -> int:
     import functools
 
     from corral.cli.demo import show
+    from corral.reload import Reloader
     from corral.server import serve
 
     _note_old_isolation()
     settings = settings_from(args)
     demo = functools.partial(show, settings.data_dir / "default.key") if args.demo else None
-    return serve(settings, companion=demo)
+    return serve(settings, companion=demo, reloader=Reloader(settings, lambda: settings_from(args)))
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -89,11 +90,12 @@ def worker(args: argparse.Namespace) -> int:
     (Ctrl-C stops it: its running jobs go back to the queue)."""
     from corral import logs
     from corral.jobs.daemon import run_worker
+    from corral.reload import Reloader
 
     _note_old_isolation()
     settings = settings_from(args)
     logs.configure(settings.log_level)
-    return run_worker(settings)
+    return run_worker(settings, reloader=Reloader(settings, lambda: settings_from(args)))
 
 
 def _note_old_isolation() -> None:
@@ -178,8 +180,18 @@ def _pool_rows(settings: Settings) -> list[list[str]]:
     return rows
 
 
+def _env_file_option(parser: argparse.ArgumentParser) -> None:
+    setting_option(
+        parser,
+        "--env-file",
+        setting="env_file",
+        help="CORRAL_*=VALUE lines over the environment's, read again on SIGHUP",
+    )
+
+
 def _add_server_commands(commands: Commands) -> None:
     p = command(commands, "server", server)
+    _env_file_option(p)
     setting_option(p, "--host", setting="host", help="address to listen on")
     setting_option(p, "--port", setting="port", type=whole(0), help="port to listen on")
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store and default key")
@@ -205,6 +217,7 @@ def _add_server_commands(commands: Commands) -> None:
     )
 
     p = command(commands, "worker", worker)
+    _env_file_option(p)
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store the server uses")
     setting_option(p, "--workers", setting="job_workers", type=whole(0), help="jobs run at once")
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")

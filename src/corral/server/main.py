@@ -3,7 +3,8 @@
 SIGINT or SIGTERM stops accepting connections, lets open calls finish (for at most
 `shutdown_grace` seconds), then stops the sandbox manager, which kills every sandbox.
 A second signal exits at once; the sandboxes die with the process and the next start
-marks their rows failed.
+marks their rows failed. SIGHUP reloads the configuration (`corral.reload`) between two
+steps of the event loop: requests in flight carry on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
+from corral.reload import Reloader
 from corral.server.app import CorralApp
 from corral.server.port_websocket import relay_protocol
 
@@ -45,10 +47,22 @@ class _Server(uvicorn.Server):
 
     _first_signal = 0.0
 
+    def __init__(self, config: uvicorn.Config, reloader: Reloader | None = None) -> None:
+        super().__init__(config)
+        self.reloader = reloader
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         handled = (signal.SIGINT, signal.SIGTERM)
         original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        if self.reloader is not None:
+            # Run by the event loop, not in the signal handler: reloading logs, and the
+            # handler may have interrupted a log call holding the handler's lock.
+            loop = asyncio.get_running_loop()
+            reload = self.reloader.reload
+            original[signal.SIGHUP] = signal.signal(
+                signal.SIGHUP, lambda sig, frame: loop.call_soon_threadsafe(reload)
+            )
         try:
             yield
         finally:
@@ -102,8 +116,10 @@ async def _run(
     await stop_tasks(beside)
 
 
-def serve(settings: Settings, *, companion: Companion | None = None) -> int:
-    """Run the API server until a signal; the process's exit code."""
+def serve(
+    settings: Settings, *, companion: Companion | None = None, reloader: Reloader | None = None
+) -> int:
+    """Run the API server until a signal (SIGHUP: `reloader` reloads); its exit code."""
     logs.configure(settings.log_level)
     sock = bind(settings.host, settings.port)
     app = CorralApp(settings)
@@ -117,7 +133,7 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
         # WebSocket upgrades: relayed to sandboxes' ports, byte for byte.
         ws=relay_protocol(app.ports),
     )
-    server = _Server(config)
+    server = _Server(config, reloader)
     log.info("listening", extra={"url": local_url(settings.host, settings.port)})
     asyncio.run(_run(server, sock, app, companion))
     if server.force_exit:
