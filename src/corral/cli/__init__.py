@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.cli import admin, context, job, run, sandbox, template, vm, volume
+from corral.cli import admin, context, install, job, run, sandbox, template, vm, volume
 from corral.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -65,6 +65,7 @@ def parser() -> Parser:
     vm.add_commands(commands)
     context.add_commands(commands)
     admin.add_commands(commands)
+    install.add_commands(commands)
     return root
 
 
