@@ -149,15 +149,15 @@ def test_sighup_refuses_an_invalid_file_and_keeps_the_running_configuration(
     assert "CORRAL_LOG_LEVEL='loud' is unknown: use debug, info" in refused["error"]
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
-    # A change that needs a restart is said, not applied; the log level still is.
+    # A change that needs a restart is said, not applied; the live ones still are.
     seen = len(log_lines(server.log))
-    env_file.write_text("CORRAL_LOG_LEVEL=warning\nCORRAL_POOL_SIZE=3\n")
+    env_file.write_text("CORRAL_LOG_LEVEL=warning\nCORRAL_POOL_SIZE=3\nCORRAL_SHUTDOWN_GRACE=5\n")
     server.process.send_signal(signal.SIGHUP)
     restart = wait_for(server.log, "changed settings that take effect only at the next start: "
                        "restart to apply", seen)  # fmt: skip
     assert restart["settings"] == "pool_size"
     reloaded = wait_for(server.log, "configuration reloaded", seen)
-    assert reloaded["applied"] == "log_level=warning"
+    assert reloaded["applied"] == "shutdown_grace=5, log_level=warning"
     assert reloaded["restart_needed"] == "pool_size"
     assert server.process.poll() is None
 

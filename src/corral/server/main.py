@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -134,6 +135,11 @@ def serve(
         ws=relay_protocol(app.ports),
     )
     server = _Server(config, reloader)
+    if reloader is not None:
+        # uvicorn reads it when it shuts down: a new value holds for the next shutdown.
+        reloader.live["shutdown_grace"] = functools.partial(
+            setattr, config, "timeout_graceful_shutdown"
+        )
     log.info("listening", extra={"url": local_url(settings.host, settings.port)})
     asyncio.run(_run(server, sock, app, companion))
     if server.force_exit:
