@@ -8,6 +8,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,3 +177,19 @@ def test_a_worker_reloads_on_sighup(reloading: tuple[LiveServer, Path], tmp_path
         assert worker.process.poll() is None
     finally:
         assert worker.stop() == 0
+
+
+def test_a_sighup_while_starting_is_ignored_but_not_by_the_programs_started() -> None:
+    code = (
+        "import os, signal, subprocess, sys\n"
+        "from corral import logs\n"
+        "from corral.reload import hold_sighup\n"
+        "logs.configure('info')\n"
+        "hold_sighup()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "child = subprocess.run(['sh', '-c', 'kill -HUP $$; echo survived'])\n"
+        "print('alive', child.returncode)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout == f"alive {-signal.SIGHUP}\n"  # the child died of it, as it should
+    assert "reload asked for while starting: ignored" in done.stderr

@@ -12,6 +12,7 @@ behaving as one configuration, never half of two.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import Any
@@ -72,3 +73,13 @@ class Reloader:
 
 def _level(name: str) -> int:
     return int(logging.getLevelName(name.upper()))
+
+
+def hold_sighup() -> None:
+    """Until the process installs its reload, a SIGHUP (`systemctl reload` right after a
+    start) is logged and ignored rather than ending it. A handler, not SIG_IGN: an
+    ignored signal would stay ignored in every program the process starts."""
+    signal.signal(
+        signal.SIGHUP,
+        lambda sig, frame: log.warning("reload asked for while starting: ignored, send it again"),
+    )

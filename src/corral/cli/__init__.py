@@ -77,9 +77,10 @@ def server(args: argparse.Namespace) -> int:
     import functools
 
     from corral.cli.demo import show
-    from corral.reload import Reloader
+    from corral.reload import Reloader, hold_sighup
     from corral.server import serve
 
+    hold_sighup()
     _note_old_isolation()
     settings = settings_from(args)
     demo = functools.partial(show, settings.data_dir / "default.key") if args.demo else None
@@ -91,8 +92,9 @@ def worker(args: argparse.Namespace) -> int:
     (Ctrl-C stops it: its running jobs go back to the queue)."""
     from corral import logs
     from corral.jobs.daemon import run_worker
-    from corral.reload import Reloader
+    from corral.reload import Reloader, hold_sighup
 
+    hold_sighup()
     _note_old_isolation()
     settings = settings_from(args)
     logs.configure(settings.log_level)
