@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -86,6 +87,21 @@ def test_the_env_file_wins_over_the_environment_and_a_flag_over_both(tmp_path: P
     env = {"CORRAL_ENV_FILE": str(path), "CORRAL_PORT": "8000", "CORRAL_POOL_SIZE": "5"}
     settings = Settings.load(env, log_level="error")
     assert (settings.port, settings.log_level, settings.pool_size) == (9000, "error", 5)
+
+
+def test_admin_reads_the_servers_env_file(tmp_path: Path) -> None:
+    """`corral admin … --env-file /etc/corral/corral.env` works on the store the service uses."""
+    path = tmp_path / "corral.env"
+    path.write_text(f"CORRAL_DATA_DIR={tmp_path / 'data'}\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "admin", "team", "list", "--env-file", str(path)],
+        capture_output=True,
+        text=True,
+        env=environ,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"store: sqlite:///{tmp_path / 'data' / 'corral.db'}" in done.stderr
 
 
 # -- a live server and worker ------------------------------------------------------------

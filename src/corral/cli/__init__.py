@@ -20,6 +20,7 @@ from corral.cli._common import (
     EXIT_OK,
     Parser,
     command,
+    env_file_option,
     env_option,
     err,
     fail,
@@ -183,18 +184,9 @@ def _pool_rows(settings: Settings) -> list[list[str]]:
     return rows
 
 
-def _env_file_option(parser: argparse.ArgumentParser) -> None:
-    setting_option(
-        parser,
-        "--env-file",
-        setting="env_file",
-        help="CORRAL_*=VALUE lines over the environment's, read again on SIGHUP",
-    )
-
-
 def _add_server_commands(commands: Commands) -> None:
     p = command(commands, "server", server)
-    _env_file_option(p)
+    env_file_option(p)
     setting_option(p, "--host", setting="host", help="address to listen on")
     setting_option(p, "--port", setting="port", type=whole(0), help="port to listen on")
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store and default key")
@@ -220,7 +212,7 @@ def _add_server_commands(commands: Commands) -> None:
     )
 
     p = command(commands, "worker", worker)
-    _env_file_option(p)
+    env_file_option(p)
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store the server uses")
     setting_option(p, "--workers", setting="job_workers", type=whole(0), help="jobs run at once")
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")

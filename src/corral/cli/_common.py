@@ -245,6 +245,16 @@ def setting_option(
     )
 
 
+def env_file_option(parser: argparse.ArgumentParser) -> None:
+    """--env-file of a command that runs Corral here: a file of settings (`Settings.load`)."""
+    setting_option(
+        parser,
+        "--env-file",
+        setting="env_file",
+        help="CORRAL_*=VALUE lines over the environment's (server, worker: read again on SIGHUP)",
+    )
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """The Settings of the environment and its env file (CORRAL_ENV_FILE, --env-file), with
     the `setting_option`s given on the command line."""
