@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,12 +33,13 @@ ENV_FILE = "corral.env"
 MANIFEST = "installed"
 
 
-@dataclass(frozen=True)
 class Layout:
-    """Where a system or user install puts its files, under `root` (/ unless --root)."""
+    """Where a system or user install puts its files, under `root` (/ unless --root).
+    (A plain class: `corral --help` loads this module, and no more than it needs.)"""
 
-    user: bool
-    root: Path
+    def __init__(self, user: bool, root: Path) -> None:
+        self.user = user
+        self.root = root
 
     @property
     def units_dir(self) -> Path:
@@ -74,6 +72,8 @@ class Layout:
         return self.root == Path("/") and Path("/run/systemd/system").is_dir()
 
     def systemctl(self, *args: str) -> None:
+        import subprocess
+
         argv = ["systemctl", *(["--user"] if self.user else []), *args]
         done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
@@ -245,6 +245,8 @@ def env_text(values: dict[str, str]) -> str:
 
 def _settings(given: list[str]) -> dict[str, str]:
     """--set NAME=VALUE options as CORRAL_NAME=VALUE, each checked as the server would."""
+    from dataclasses import fields
+
     from corral.config import ENV_PREFIX, Settings
 
     names = {f.name.upper() for f in fields(Settings)} - {"ENV_FILE"}
@@ -265,6 +267,8 @@ def _settings(given: list[str]) -> dict[str, str]:
 def _executable(path: str | None) -> Path:
     """The corral command the units run: --exec, else the one beside this interpreter."""
     if path is None:
+        import shutil
+
         beside = Path(sys.executable).with_name("corral")
         found = beside if beside.exists() else shutil.which("corral")
         if found is None:
