@@ -75,10 +75,14 @@ def test_a_bad_env_file_line_is_refused_by_its_number(
         Settings.load({"CORRAL_ENV_FILE": str(path)})
 
 
-def test_a_missing_env_file_is_refused(tmp_path: Path) -> None:
+def test_a_missing_or_binary_env_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.env"
     with pytest.raises(InvalidRequest, match=r"CORRAL_ENV_FILE='.*nowhere.env' cannot be read"):
         Settings.load({}, env_file=str(missing))
+    binary = tmp_path / "binary.env"
+    binary.write_bytes(b"CORRAL_PORT=\xff\xfe\n")
+    with pytest.raises(InvalidRequest, match=r"binary.env' is not UTF-8 text"):
+        Settings.load({}, env_file=str(binary))
 
 
 def test_the_env_file_wins_over_the_environment_and_a_flag_over_both(tmp_path: Path) -> None:

@@ -304,6 +304,11 @@ def read_env_file(path: Path) -> dict[str, str]:
             f"CORRAL_ENV_FILE={str(path)!r} cannot be read ({exc.strerror}): fix the path "
             "or the file's permissions"
         ) from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            f"CORRAL_ENV_FILE={str(path)!r} is not UTF-8 text: write it as CORRAL_<SETTING>=VALUE "
+            "lines"
+        ) from None
     names = {ENV_PREFIX + f.name.upper() for f in fields(Settings)} - {ENV_PREFIX + "ENV_FILE"}
     values: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
