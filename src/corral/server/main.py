@@ -57,8 +57,8 @@ class _Server(uvicorn.Server):
         handled = (signal.SIGINT, signal.SIGTERM)
         original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
         if self.reloader is not None:
-            # Run by the event loop, not in the signal handler: reloading logs, and the
-            # handler may have interrupted a log call holding the handler's lock.
+            # Run by the event loop, not in the signal handler: a handler runs between any
+            # two bytecodes of the main thread, in the middle of whatever it was doing.
             loop = asyncio.get_running_loop()
             reload = self.reloader.reload
             original[signal.SIGHUP] = signal.signal(
