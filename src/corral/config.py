@@ -172,6 +172,21 @@ class Settings:
     # built from `debian_mirror` on its first use (`first-use`), when the server starts
     # (`start`), or never (`off`). See corral.templates.base.
     base_template: str = "first-use"
+    # A file of CORRAL_<FIELD>=VALUE lines (systemd's EnvironmentFile form) that
+    # `corral server` and `corral worker` read at start and again on SIGHUP; its values win
+    # over the process's environment, a command-line flag wins over both. `corral install`
+    # writes /etc/corral/corral.env and points the units at it.
+    env_file: str = ""
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """`from_env` with the values of the env file (`env_file`, given in `overrides` or
+        the environment) over the environment's."""
+        env = os.environ if environ is None else environ
+        path = overrides.get("env_file") or env.get(ENV_PREFIX + "ENV_FILE")
+        if path:
+            env = {**env, **read_env_file(Path(path))}
+        return cls.from_env(env, **overrides)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -279,6 +294,44 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The CORRAL_<FIELD>=VALUE lines of an env file, or InvalidRequest naming the line.
+
+    The form systemd's EnvironmentFile= reads: blank lines and lines starting with # or ;
+    are skipped, a value may be quoted with " or '. Every name must be a setting's (a
+    misspelt one would otherwise be silently ignored: its setting kept as it was).
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidRequest(
+            f"CORRAL_ENV_FILE={str(path)!r} cannot be read ({exc.strerror}): fix the path "
+            "or the file's permissions"
+        ) from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            f"CORRAL_ENV_FILE={str(path)!r} is not UTF-8 text: write it as CORRAL_<SETTING>=VALUE "
+            "lines"
+        ) from None
+    names = {ENV_PREFIX + f.name.upper() for f in fields(Settings)} - {ENV_PREFIX + "ENV_FILE"}
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or name not in names:
+            raise InvalidRequest(
+                f"{path}:{number}: {line[:80]!r} is not CORRAL_<SETTING>=VALUE with a setting "
+                "of `corral server` (see the README's settings)"
+            )
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[name] = value
+    return values
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:

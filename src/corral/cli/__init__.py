@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.cli import admin, context, job, run, sandbox, template, vm, volume
+from corral.cli import admin, context, install, job, run, sandbox, template, vm, volume
 from corral.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     Parser,
     command,
+    env_file_option,
     env_option,
     err,
     fail,
@@ -72,6 +73,7 @@ def parser() -> Parser:
     vm.add_commands(commands)
     context.add_commands(commands)
     admin.add_commands(commands)
+    install.add_commands(commands)
     return root
 
 
@@ -83,8 +85,10 @@ def server(args: argparse.Namespace) -> int:
     import functools
 
     from corral.cli.demo import show
+    from corral.reload import Reloader, hold_sighup
     from corral.server import serve, tls
 
+    hold_sighup()
     _note_old_isolation()
     settings = settings_from(args)
     demo = None
@@ -96,7 +100,7 @@ def server(args: argparse.Namespace) -> int:
             os.environ["CORRAL_CA_FILE"] = str(cert)
         key_file = settings.data_dir / "default.key"
         demo = functools.partial(show, key_file, os.environ.get("CORRAL_CA_FILE"))
-    return serve(settings, companion=demo)
+    return serve(settings, companion=demo, reloader=Reloader(settings, lambda: settings_from(args)))
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -104,11 +108,13 @@ def worker(args: argparse.Namespace) -> int:
     (Ctrl-C stops it: its running jobs go back to the queue)."""
     from corral import logs
     from corral.jobs.daemon import run_worker
+    from corral.reload import Reloader, hold_sighup
 
+    hold_sighup()
     _note_old_isolation()
     settings = settings_from(args)
     logs.configure(settings.log_level)
-    return run_worker(settings)
+    return run_worker(settings, reloader=Reloader(settings, lambda: settings_from(args)))
 
 
 def _note_old_isolation() -> None:
@@ -195,6 +201,7 @@ def _pool_rows(settings: Settings) -> list[list[str]]:
 
 def _add_server_commands(commands: Commands) -> None:
     p = command(commands, "server", server)
+    env_file_option(p)
     setting_option(p, "--host", setting="host", help="address to listen on")
     setting_option(p, "--port", setting="port", type=whole(0), help="port to listen on")
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store and default key")
@@ -234,6 +241,7 @@ def _add_server_commands(commands: Commands) -> None:
     )
 
     p = command(commands, "worker", worker)
+    env_file_option(p)
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store the server uses")
     setting_option(p, "--workers", setting="job_workers", type=whole(0), help="jobs run at once")
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")

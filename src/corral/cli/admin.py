@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from corral.cli._common import (
     add_output,
     command,
+    env_file_option,
     err,
     group,
     number,
@@ -124,6 +125,7 @@ def add_commands(commands: Commands) -> None:
             help="the server's data directory (its store); default: the server's,"
             " /var/lib/corral as root, else ~/.local/share/corral",
         )
+        env_file_option(p)  # the server's (/etc/corral/corral.env): its store, its database
         return p
 
     for name, handler in (("create", team_create), ("set", team_set)):

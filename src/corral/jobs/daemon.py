@@ -2,7 +2,7 @@
 
 SIGINT or SIGTERM stops claiming, stops the running jobs and queues them again (they
 run again from the start elsewhere); a second signal exits at once, and the jobs are
-requeued when their leases expire.
+requeued when their leases expire. SIGHUP reloads the configuration (`corral.reload`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import signal
 from corral.config import Settings
 from corral.isolation import Engine
 from corral.jobs.runtime import JobRuntime
+from corral.reload import Reloader
 from corral.store import Store
 
 log = logging.getLogger("corral.jobs")
@@ -34,8 +35,8 @@ async def _run(settings: Settings, store: Store, stop: asyncio.Event) -> None:
         await engine.aclose()
 
 
-def run_worker(settings: Settings, url: str | None = None) -> int:
-    """Run a worker until a signal; the process's exit code."""
+def run_worker(settings: Settings, url: str | None = None, reloader: Reloader | None = None) -> int:
+    """Run a worker until a signal (SIGHUP: `reloader` reloads); the process's exit code."""
     store = Store.open(settings, url)
 
     async def main() -> None:
@@ -54,6 +55,8 @@ def run_worker(settings: Settings, url: str | None = None) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        if reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload)
         await _run(settings, store, stop)
 
     try:

@@ -3,7 +3,8 @@
 SIGINT or SIGTERM stops accepting connections, lets open calls finish (for at most
 `shutdown_grace` seconds), then stops the sandbox manager, which kills every sandbox.
 A second signal exits at once; the sandboxes die with the process and the next start
-marks their rows failed.
+marks their rows failed. SIGHUP reloads the configuration (`corral.reload`) between two
+steps of the event loop: requests in flight carry on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -26,6 +28,7 @@ from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
+from corral.reload import Reloader
 from corral.server import tls
 from corral.server.app import CorralApp
 from corral.server.port_websocket import relay_protocol
@@ -46,10 +49,22 @@ class _Server(uvicorn.Server):
 
     _first_signal = 0.0
 
+    def __init__(self, config: uvicorn.Config, reloader: Reloader | None = None) -> None:
+        super().__init__(config)
+        self.reloader = reloader
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         handled = (signal.SIGINT, signal.SIGTERM)
         original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        if self.reloader is not None:
+            # Run by the event loop, not in the signal handler: a handler runs between any
+            # two bytecodes of the main thread, in the middle of whatever it was doing.
+            loop = asyncio.get_running_loop()
+            reload = self.reloader.reload
+            original[signal.SIGHUP] = signal.signal(
+                signal.SIGHUP, lambda sig, frame: loop.call_soon_threadsafe(reload)
+            )
         try:
             yield
         finally:
@@ -101,8 +116,10 @@ async def _run(server: _Server, sock: socket.socket, url: str, companion: Compan
     await stop_tasks(beside)
 
 
-def serve(settings: Settings, *, companion: Companion | None = None) -> int:
-    """Run the API server until a signal; the process's exit code."""
+def serve(
+    settings: Settings, *, companion: Companion | None = None, reloader: Reloader | None = None
+) -> int:
+    """Run the API server until a signal (SIGHUP: `reloader` reloads); its exit code."""
     logs.configure(settings.log_level)
     pair = tls.load(settings)  # before the port: a bad file changes nothing
     sock = bind(settings.host, settings.port)
@@ -119,7 +136,12 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
         ssl_certfile=pair.cert if pair else None,
         ssl_keyfile=pair.key if pair else None,
     )
-    server = _Server(config)
+    server = _Server(config, reloader)
+    if reloader is not None:
+        # uvicorn reads it when it shuts down: a new value holds for the next shutdown.
+        reloader.live["shutdown_grace"] = functools.partial(
+            setattr, config, "timeout_graceful_shutdown"
+        )
     url = local_url(settings.host, settings.port, https=pair is not None)
     if pair is not None:
         _log_tls(pair)
