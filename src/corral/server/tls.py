@@ -70,7 +70,8 @@ def load(settings: Settings) -> TlsPair | None:
                 "--tls-self-signed makes its own pair: drop --tls-cert/--tls-key "
                 "(CORRAL_TLS_CERT/CORRAL_TLS_KEY), or drop --tls-self-signed to serve yours"
             )
-        return self_signed(settings.data_dir / "tls", settings.host, settings.ports_domain)
+        directory = settings.data_dir.absolute() / "tls"
+        return self_signed(directory, settings.host, settings.ports_domain)
     if not cert and not key:
         return None
     if not cert or not key:
@@ -79,7 +80,8 @@ def load(settings: Settings) -> TlsPair | None:
             f"HTTPS needs a certificate and its key: give {missing} too, or use "
             "--tls-self-signed for development"
         )
-    cert_path, key_path = Path(cert), Path(key)
+    # Absolute: the HTTP server may read them from another directory (pyvoy's Envoy).
+    cert_path, key_path = Path(cert).absolute(), Path(key).absolute()
     certificate = check_pair(cert_path, key_path)
     return TlsPair(cert_path, key_path, fingerprint(certificate), self_signed=False)
 
