@@ -28,7 +28,7 @@ from corral.client import AsyncSandbox
 from corral.config import Settings
 from corral.errors import InvalidRequest, ServerUntrusted
 from corral.server import tls
-from tests.conftest import LiveServer, start_server
+from tests.conftest import LiveServer, free_port, start_server
 from tests.kit.polling import wait_until
 
 
@@ -164,7 +164,7 @@ def test_a_server_with_a_bad_pair_stops_at_start_saying_so(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     pair = ("--tls-cert", str(files["cert"]), "--tls-key", str(files["other_key"]))
     done = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "server", "--port", "1", *pair],
+        [sys.executable, "-m", "corral.cli", "server", "--port", str(free_port()), *pair],
         env={**env, "CORRAL_DATA_DIR": str(tmp_path / "data")},
         capture_output=True,
         text=True,
