@@ -215,11 +215,10 @@ class CorralApp:
         """Why a request must be refused before its body is read: no valid key. An
         anonymous caller costs no body reading and no decompression; the handler gets the
         team found here (`auth.authenticate`)."""
-        store = self.services.store
-        if store is None:  # starting or stopping: the handler says so
+        if self.services.store is None:  # starting or stopping: the handler says so
             return None
         try:
-            authenticate_headers(store, headers.get(b"authorization", b"").decode())
+            authenticate_headers(self.services, headers.get(b"authorization", b"").decode())
         except Exception as exc:  # Unauthenticated; anything else is logged as internal
             return to_connect(exc)
         return None

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from connectrpc.request import RequestContext
 
 from corral.errors import ServerUnavailable
-from corral.server.auth import authenticate
+from corral.server.auth import KeyCache, authenticate
 
 if TYPE_CHECKING:
     from corral.jobs.queue import JobQueue
@@ -25,6 +25,8 @@ class Services:
     manager: SandboxManager | None = None
     jobs: JobQueue | None = None
     templates: TemplateCatalog | None = None
+    # API keys' teams, remembered briefly (`corral.server.auth`).
+    keys: KeyCache = field(default_factory=KeyCache)
 
 
 class Handlers:
@@ -38,6 +40,4 @@ class Handlers:
         return self._services.manager
 
     def _team(self, ctx: RequestContext[Any, Any]) -> Team:
-        if self._services.store is None:
-            raise ServerUnavailable("the Corral server is starting or stopping; try again")
-        return authenticate(self._services.store, ctx)
+        return authenticate(self._services, ctx)

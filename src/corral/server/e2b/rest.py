@@ -160,7 +160,9 @@ class RestApp:
             bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
             for k, v in scope.get("headers", ())
         }
-        team = authenticate_e2b(store, headers.get("x-api-key"), headers.get("authorization", ""))
+        team = authenticate_e2b(
+            self.services, headers.get("x-api-key"), headers.get("authorization", "")
+        )
         raw = await read_body(receive)
         try:
             body = json.loads(raw) if raw.strip() else None
