@@ -9,6 +9,7 @@ from connectrpc.request import RequestContext
 
 from corral.errors import ServerUnavailable
 from corral.server.auth import KeyCache, authenticate
+from corral.server.ratelimit import RateLimits
 
 if TYPE_CHECKING:
     from corral.jobs.queue import JobQueue
@@ -27,6 +28,8 @@ class Services:
     templates: TemplateCatalog | None = None
     # API keys' teams, remembered briefly (`corral.server.auth`).
     keys: KeyCache = field(default_factory=KeyCache)
+    # Requests and streams per API key (none unless the app sets its settings' limits).
+    limits: RateLimits = field(default_factory=RateLimits)
 
 
 class Handlers:
