@@ -106,6 +106,14 @@ class Settings:
     # Finished jobs are deleted, with their events and logs, this many seconds after they
     # end (by a sweep in every server and worker process); 0 keeps them forever.
     job_retention: int = 7 * 24 * 3600
+    # Retention of the rest (`corral.jobs.retention`, by the same sweep; 0 keeps them):
+    # ended sandboxes' rows, with their events and metric points, this many seconds after
+    # they end; any sandbox's state and network events older than `event_retention`; and
+    # metric points older than `metric_retention` (keep it at least a day, the span of
+    # the longest metrics ring, or live sandboxes' 24h graphs lose their start).
+    sandbox_retention: int = 7 * 24 * 3600
+    event_retention: int = 30 * 24 * 3600
+    metric_retention: int = 2 * 24 * 3600
     # Rate limits per API key, per server process (`corral.server.ratelimit`): requests a
     # second (a token bucket refilled at this rate; 0: no limit), the burst a key may send
     # at once, and its streams open at once (exec, attach, file transfers, log and event
