@@ -20,6 +20,7 @@ from corral._wire import from_connect, to_connect
 from corral.config import Settings
 from corral.errors import InvalidRequest, RateLimited
 from corral.server.ratelimit import RateLimits
+from corral.store import Store, Team
 from corral.v1.errors_pb2 import ErrorDetail
 from tests.conftest import LiveServer, start_server
 from tests.kit.polling import wait_until
@@ -65,6 +66,24 @@ def test_streams_past_the_cap_are_refused_until_one_ends() -> None:
     limits.close_stream("a")
     limits.open_stream("a")
     assert limits.open_streams("a") == 2
+
+
+def test_a_teams_own_limits_replace_the_servers() -> None:
+    limits = RateLimits(rate=100, burst=100, streams=100, clock=Clock())
+    slow = Team("team_slow", "slow", max_api_rate=1.0, max_api_streams=1)
+    for _ in range(2):  # its burst: twice its rate
+        limits.take("slow-key", slow)
+    with pytest.raises(RateLimited, match="the team's max_api_rate"):
+        limits.take("slow-key", slow)
+    limits.open_stream("slow-key", slow)
+    with pytest.raises(RateLimited, match="the team's max_api_streams"):
+        limits.open_stream("slow-key", slow)
+    # A team with 0 (the default) gets the server's.
+    other = Team("team_other", "other")
+    for _ in range(100):
+        limits.take("other-key", other)
+    with pytest.raises(RateLimited, match="CORRAL_API_RATE"):
+        limits.take("other-key", other)
 
 
 def test_zero_turns_the_limits_off() -> None:
@@ -114,6 +133,17 @@ def limited(settings: Settings) -> Iterator[LiveServer]:
         live.stop()
 
 
+def team_key(server: LiveServer, name: str) -> str:
+    """A new team in the server's store and its key (in this process: quicker than
+    `corral admin`, which the override test uses)."""
+    store = Store.open(Settings(data_dir=server.data_dir, base_template="off"))
+    try:
+        store.create_team(name)
+        return store.create_api_key(name)
+    finally:
+        store.close()
+
+
 def post(
     server: LiveServer, method: str, body: Any, key: str, client: httpx.Client | None = None
 ) -> httpx.Response:
@@ -155,7 +185,7 @@ def retry_seconds(error: dict[str, Any]) -> float:
 def test_a_burst_is_refused_with_a_retry_hint_and_another_key_is_not(
     limited: LiveServer,
 ) -> None:
-    key, other = limited.new_team("bursty"), limited.new_team("calm")
+    key, other = team_key(limited, "bursty"), team_key(limited, "calm")
     with httpx.Client(timeout=30) as client:
         answers = [post(limited, "List", {}, key, client) for _ in range(BURST + 10)]
     statuses = [a.status_code for a in answers]
@@ -178,7 +208,7 @@ def test_a_burst_is_refused_with_a_retry_hint_and_another_key_is_not(
 def test_streams_past_the_cap_are_refused_and_freed_when_one_ends(
     limited: LiveServer,
 ) -> None:
-    key = limited.new_team("streamer")
+    key = team_key(limited, "streamer")
     submitted = post(limited, "Submit", {"spec": {"command": ["true"]}}, key)
     assert submitted.status_code == 200, submitted.text
     job = submitted.json()["job"]["id"]
@@ -204,3 +234,22 @@ def test_streams_past_the_cap_are_refused_and_freed_when_one_ends(
         return "error" not in end_of_stream(answer.content)
 
     wait_until(opened, "a stream to open after the other ended", timeout=10, interval=0.6)
+
+
+def test_a_team_set_to_its_own_rate_is_held_to_it(limited: LiveServer) -> None:
+    key = team_key(limited, "tight")
+    done = limited.corral(
+        "admin", "team", "set", "tight", "--max-api-rate", "0.5", "--max-api-streams", "3"
+    )
+    assert done.returncode == 0 and "max_api_rate=0.5, max_api_streams=3" in done.stdout
+
+    # Within the key cache's half second the server holds the team to 0.5 a second,
+    # bursts of 1, instead of the server's burst of 20.
+    def held() -> bool:
+        with httpx.Client(timeout=30) as client:
+            answers = [post(limited, "List", {}, key, client).status_code for _ in range(3)]
+        return 429 in answers
+
+    wait_until(held, "the team's own rate to apply", timeout=5, interval=0.5)
+    refused = post(limited, "List", {}, key)
+    assert refused.status_code == 429 and "max_api_rate" in refused.json()["message"]

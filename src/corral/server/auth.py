@@ -89,9 +89,11 @@ _E2B_KEY = (
 )
 
 
-def caller_key() -> str | None:
-    """The digest of the API key of the request being handled (None: none was checked)."""
-    return _caller_key.get()
+def caller() -> tuple[str, Team] | None:
+    """The digest of the API key of the request being handled and its team (None: no
+    key was checked)."""
+    key, team = _caller_key.get(), _caller.get()
+    return None if key is None or team is None else (key, team)
 
 
 def authenticate_headers(services: Services, authorization: str) -> Team:

@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from connectrpc.request import RequestContext
 
 from corral.errors import RateLimited
-from corral.server.auth import caller_key
+from corral.server.auth import caller
+
+if TYPE_CHECKING:
+    from corral.store import Team
 
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
@@ -40,7 +43,24 @@ MAX_KEYS = 10_000
 class _Usage:
     tokens: float
     at: float  # when `tokens` was counted (the clock's seconds)
+    rate: float  # the key's limits when last counted (its team's may differ)
+    burst: int
     streams: int = 0
+
+    def refill(self, now: float) -> None:
+        if self.rate > 0:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+
+@dataclass(frozen=True)
+class _Limits:
+    rate: float
+    burst: int
+    streams: int
+    # Where they come from, for the refusal's message.
+    rate_source: str = "the server's CORRAL_API_RATE and CORRAL_API_BURST"
+    streams_source: str = "the server's CORRAL_API_STREAMS"
 
 
 def retry_headers(exc: Exception) -> dict[str, str]:
@@ -53,7 +73,8 @@ def retry_headers(exc: Exception) -> dict[str, str]:
 
 class RateLimits:
     """The request rate and open streams of each API key, against the server's limits
-    (`Settings.api_rate`, `api_burst`, `api_streams`, checked there; 0: no limit)."""
+    (`Settings.api_rate`, `api_burst`, `api_streams`, checked there; 0: no limit) or its
+    team's own (`Team.max_api_rate`, bursts of twice that, and `max_api_streams`)."""
 
     def __init__(
         self,
@@ -68,54 +89,73 @@ class RateLimits:
         self._clock = clock
         self._usage: dict[str, _Usage] = {}
 
-    def _of(self, key: str, now: float) -> _Usage:
+    def _limits(self, team: Team | None) -> _Limits:
+        limits = _Limits(self.rate, self.burst, self.streams)
+        if team is not None and team.max_api_rate > 0:
+            burst = max(1, math.ceil(2 * team.max_api_rate))
+            limits = replace(
+                limits, rate=team.max_api_rate, burst=burst, rate_source="the team's max_api_rate"
+            )
+        if team is not None and team.max_api_streams > 0:
+            limits = replace(
+                limits,
+                streams=team.max_api_streams,
+                streams_source="the team's max_api_streams",
+            )
+        return limits
+
+    def _of(self, key: str, limits: _Limits) -> _Usage:
+        now = self._clock()
         usage = self._usage.get(key)
         if usage is None:
             if len(self._usage) >= MAX_KEYS:
                 self._forget_idle(now)
-            usage = self._usage[key] = _Usage(float(self.burst), now)
-        elif self.rate > 0:
-            usage.tokens = min(float(self.burst), usage.tokens + (now - usage.at) * self.rate)
-            usage.at = now
+            usage = self._usage[key] = _Usage(float(limits.burst), now, limits.rate, limits.burst)
+        usage.refill(now)
+        usage.rate, usage.burst = limits.rate, limits.burst
+        usage.tokens = min(usage.tokens, float(limits.burst))
         return usage
 
     def _forget_idle(self, now: float) -> None:
         def idle(usage: _Usage) -> bool:
-            full = self.rate <= 0 or usage.tokens + (now - usage.at) * self.rate >= self.burst
-            return full and usage.streams == 0
+            usage.refill(now)
+            return (usage.rate <= 0 or usage.tokens >= usage.burst) and usage.streams == 0
 
         self._usage = {key: usage for key, usage in self._usage.items() if not idle(usage)}
 
     def take_caller(self) -> None:
         """`take` for the key the request being handled was authenticated with."""
-        key = caller_key()
-        if key is not None:
-            self.take(key)
+        found = caller()
+        if found is not None:
+            self.take(*found)
 
-    def take(self, key: str) -> None:
-        """Count one request of `key`, or refuse it (RateLimited) when its bucket is empty."""
-        if self.rate <= 0:
+    def take(self, key: str, team: Team | None = None) -> None:
+        """Count one request of `key` (of `team`), or refuse it (RateLimited) when its
+        bucket is empty."""
+        limits = self._limits(team)
+        if limits.rate <= 0:
             return
-        usage = self._of(key, self._clock())
+        usage = self._of(key, limits)
         if usage.tokens < 1:
-            wait = (1 - usage.tokens) / self.rate
+            wait = (1 - usage.tokens) / limits.rate
             raise RateLimited(
-                f"too many requests with this API key: the server allows {self.rate:g} a "
-                f"second (bursts of {self.burst}, CORRAL_API_RATE and CORRAL_API_BURST); "
-                f"try again in {wait:.2f} s",
+                f"too many requests with this API key: {limits.rate:g} a second are allowed "
+                f"(bursts of {limits.burst}; {limits.rate_source}); try again "
+                f"in {wait:.2f} s",
                 retry_after=wait,
             )
         usage.tokens -= 1
 
-    def open_stream(self, key: str) -> None:
-        """Count a stream of `key` as open, or refuse it (RateLimited) at the limit; the
-        caller calls `close_stream` when it ends."""
-        usage = self._of(key, self._clock())
-        if self.streams > 0 and usage.streams >= self.streams:
+    def open_stream(self, key: str, team: Team | None = None) -> None:
+        """Count a stream of `key` (of `team`) as open, or refuse it (RateLimited) at the
+        limit; the caller calls `close_stream` when it ends."""
+        limits = self._limits(team)
+        usage = self._of(key, limits)
+        if limits.streams > 0 and usage.streams >= limits.streams:
             raise RateLimited(
                 f"this API key has {usage.streams} streams open (exec, attach, file "
-                f"transfers, log follows) and the server allows {self.streams} at once "
-                "(CORRAL_API_STREAMS); end one, or try again later",
+                f"transfers, log follows) and {limits.streams} are allowed at once "
+                f"({limits.streams_source}); end one, or try again later",
                 retry_after=STREAM_RETRY_SECONDS,
             )
         usage.streams += 1
@@ -132,7 +172,7 @@ class RateLimits:
 
 class StreamLimitInterceptor:
     """Counts each streaming RPC against its caller's key while it is open (the app has
-    authenticated the caller before: `auth.caller_key`). Listed after `ErrorInterceptor`,
+    authenticated the caller before: `auth.caller`). Listed after `ErrorInterceptor`,
     so its refusal leaves as RESOURCE_EXHAUSTED like any Corral error."""
 
     def __init__(self, limits: RateLimits) -> None:
@@ -144,12 +184,13 @@ class StreamLimitInterceptor:
         request: REQ,
         ctx: RequestContext[Any, Any],
     ) -> AsyncIterator[RES]:
-        key = caller_key()
-        if key is None:
+        found = caller()
+        if found is None:
             async for message in call_next(request, ctx):
                 yield message
             return
-        self._limits.open_stream(key)
+        key, team = found
+        self._limits.open_stream(key, team)
         try:
             async for message in call_next(request, ctx):
                 yield message
@@ -162,10 +203,11 @@ class StreamLimitInterceptor:
         request: AsyncIterator[REQ],
         ctx: RequestContext[Any, Any],
     ) -> RES:
-        key = caller_key()
-        if key is None:
+        found = caller()
+        if found is None:
             return await call_next(request, ctx)
-        self._limits.open_stream(key)
+        key, team = found
+        self._limits.open_stream(key, team)
         try:
             return await call_next(request, ctx)
         finally:
