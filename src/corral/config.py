@@ -106,6 +106,22 @@ class Settings:
     # Finished jobs are deleted, with their events and logs, this many seconds after they
     # end (by a sweep in every server and worker process); 0 keeps them forever.
     job_retention: int = 7 * 24 * 3600
+    # Retention of the rest (`corral.jobs.retention`, by the same sweep; 0 keeps them):
+    # ended sandboxes' rows, with their events and metric points, this many seconds after
+    # they end; any sandbox's state and network events older than `event_retention`; and
+    # metric points older than `metric_retention` (keep it at least a day, the span of
+    # the longest metrics ring, or live sandboxes' 24h graphs lose their start).
+    sandbox_retention: int = 7 * 24 * 3600
+    event_retention: int = 30 * 24 * 3600
+    metric_retention: int = 2 * 24 * 3600
+    # Rate limits per API key, per server process (`corral.server.ratelimit`): requests a
+    # second (a token bucket refilled at this rate; 0: no limit), the burst a key may send
+    # at once, and its streams open at once (exec, attach, file transfers, log and event
+    # follows; 0: no limit). A request past them is refused with RESOURCE_EXHAUSTED (429)
+    # and the seconds to wait.
+    api_rate: float = 1000.0
+    api_burst: int = 2000
+    api_streams: int = 128
     # Job callbacks: internal receivers the server may POST to (comma-separated CIDRs,
     # addresses and host names; by default only public addresses are called back), and
     # how many POSTs a process has in flight at once: in all, to one host:port, per team.
@@ -224,6 +240,11 @@ class Settings:
             raise InvalidRequest(
                 f"CORRAL_E2B_NETWORK={self.e2b_network!r} is unknown: use none (the default) "
                 "or internet"
+            )
+        if self.api_rate < 0 or (self.api_rate > 0 and self.api_burst < 1):
+            raise InvalidRequest(
+                f"CORRAL_API_RATE={self.api_rate:g} and CORRAL_API_BURST={self.api_burst}: use "
+                "a rate of 0 (no limit) or more, and a burst of at least 1 with a rate"
             )
         if self.network_events_max < 1:
             raise InvalidRequest(
