@@ -22,6 +22,8 @@ from corral.isolation import Engine
 from corral.sandboxes.observe import failure_reason, how_created
 from corral.sandboxes.pool import WarmPool
 from corral.server.app import CorralApp
+from corral.server.base import Services
+from corral.server.metrics import MetricsEndpoint
 from corral.store import Store
 from tests.conftest import (
     LiveServer,
@@ -225,6 +227,25 @@ def test_the_listener_serves_the_registry_without_a_key() -> None:
         assert value(samples, "process_resident_memory_bytes") > 0
     finally:
         listener.close()
+
+
+def test_a_servers_metrics_port_serves_its_store_gauges_without_a_key(
+    store_settings: Settings, store: Store
+) -> None:
+    services = Services()
+    services.store = store
+    endpoint = MetricsEndpoint(store_settings.with_(metrics_port=free_port()), services)
+    endpoint.start()
+    try:
+        url = f"http://127.0.0.1:{endpoint.port}/metrics"
+        samples = scrape(url)
+        assert value(samples, "corral_jobs", state="queued") == 0
+        assert {"state": "running"} in series(samples, "corral_jobs")
+        assert value(samples, "process_resident_memory_bytes") > 0
+    finally:
+        endpoint.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url, timeout=5)
 
 
 def test_store_transactions_are_timed_as_reads_and_writes(store: Store) -> None:

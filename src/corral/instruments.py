@@ -9,8 +9,9 @@ Names start with `corral_` and carry their unit (`_seconds`, `_total`); labels t
 few values each (tiers, states, outcomes, error classes), never a sandbox, job or team
 id, so the number of series stays bounded however many sandboxes run. The values are
 this process's: counters start at zero when it starts. Gauges read from elsewhere at
-scrape time (the store's counts, the warm pools) are collectors registered by their
-owners (`corral.server.metrics`, `corral.sandboxes.observe`).
+scrape time are collectors: the warm pools' (`corral.sandboxes.observe`) are in the
+registry; a server's store gauges (`corral.server.metrics`) are added to what that
+server serves (`registry_with`).
 
 This module imports nothing of Corral's but its errors, so any layer may record into it.
 """
@@ -18,6 +19,7 @@ This module imports nothing of Corral's but its errors, so any layer may record 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
@@ -32,6 +34,8 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from corral.errors import InvalidRequest
 
@@ -49,6 +53,7 @@ __all__ = [
     "STORE_TRANSACTION",
     "MetricsListener",
     "exposition",
+    "registry_with",
 ]
 
 # No `<name>_created` series beside each counter and histogram: they double what a scrape
@@ -138,9 +143,25 @@ STORE_TRANSACTION: Final = Histogram(
 )
 
 
-def exposition() -> tuple[bytes, str]:
+class _Instruments(Collector):
+    """The process's instruments, as one collector of another registry."""
+
+    def collect(self) -> Iterable[Metric]:
+        return REGISTRY.collect()
+
+
+def registry_with(*collectors: Collector) -> CollectorRegistry:
+    """A registry of the process's instruments and `collectors` (an app's own gauges,
+    read at scrape time), leaving the process's registry as it is."""
+    registry = CollectorRegistry()
+    for collector in (_Instruments(), *collectors):
+        registry.register(collector)
+    return registry
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
     """The registry in Prometheus's text format, and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class MetricsListener:
@@ -148,11 +169,11 @@ class MetricsListener:
     `corral worker` (which has no HTTP server) and a server whose API port is public
     expose to a Prometheus on a private network."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
         self._server: WSGIServer
         self._thread: threading.Thread
         try:
-            self._server, self._thread = start_http_server(port, host, registry=REGISTRY)
+            self._server, self._thread = start_http_server(port, host, registry=registry)
         except OSError as exc:
             raise InvalidRequest(
                 f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): pass "

@@ -258,6 +258,8 @@ class CorralApp:
         from corral.sandboxes import SandboxManager
         from corral.store import Store
 
+        # First: a metrics port in use is refused before there is anything to undo.
+        self.metrics.start()
         store = Store.open(self.settings)
         try:
             team, new_key = store.ensure_default_team()
@@ -284,7 +286,6 @@ class CorralApp:
         self.services.jobs = jobs.queue
         self.services.templates = jobs.templates
         self._jobs = jobs
-        self.metrics.start()
         log.info(
             "server started",
             extra={

@@ -12,8 +12,8 @@ of its own (loopback by default), for a Prometheus that should not hold an API k
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,8 @@ from corral.store.teams import DEFAULT_TEAM
 
 if TYPE_CHECKING:
     from corral.server.app import Scope, Send
+
+log = logging.getLogger("corral.server")
 
 PATH = "/metrics"
 
@@ -63,32 +65,31 @@ class StoreCollector(Collector):
 
 
 class MetricsEndpoint:
-    """`/metrics` of one app: registers its store's gauges while the app runs."""
+    """`/metrics` of one app: the process's instruments and the app's store gauges."""
 
     def __init__(self, settings: Settings, services: Services) -> None:
         self._settings = settings
         self._services = services
-        self._collector = StoreCollector(services)
+        self._registry = instruments.registry_with(StoreCollector(services))
         self._listener: instruments.MetricsListener | None = None
 
     def start(self) -> None:
-        """Add the store's gauges to the registry; open the listener if one is asked."""
-        instruments.REGISTRY.register(self._collector)
+        """Open the metrics listener, if one is asked for."""
         if self._settings.metrics_port:
-            try:
-                self._listener = instruments.MetricsListener(
-                    self._settings.metrics_host, self._settings.metrics_port
-                )
-            except BaseException:
-                instruments.REGISTRY.unregister(self._collector)
-                raise
+            host, port = self._settings.metrics_host, self._settings.metrics_port
+            self._listener = instruments.MetricsListener(host, port, self._registry)
+            url = f"http://{host}:{self._listener.port}/metrics"
+            log.info("metrics served", extra={"url": url})
+
+    @property
+    def port(self) -> int | None:
+        """The metrics listener's port (None: none is open)."""
+        return None if self._listener is None else self._listener.port
 
     def stop(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        with contextlib.suppress(KeyError):  # never started
-            instruments.REGISTRY.unregister(self._collector)
 
     async def serve(self, scope: Scope, send: Send) -> None:
         mode = self._settings.metrics
@@ -103,7 +104,7 @@ class MetricsEndpoint:
             if refusal is not None:
                 await _send(send, *refusal)
                 return
-        body, content_type = instruments.exposition()
+        body, content_type = instruments.exposition(self._registry)
         await _send(send, 200, body, content_type)
 
     def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, bytes] | None:
