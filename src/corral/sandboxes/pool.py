@@ -66,7 +66,6 @@ class WarmPool:
     def start(self) -> None:
         if self.size > 0:
             self._task = asyncio.create_task(self._run(), name="corral-warm-pool")
-            observe.pool_started(self)
 
     async def _run(self) -> None:
         try:
@@ -85,6 +84,7 @@ class WarmPool:
             return
         self.backend = backend.name
         self.engine.add_spares(self)
+        observe.pool_started(self)  # counted from here: its tier is known, it fills
         await self._fill()
 
     @property
