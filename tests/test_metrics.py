@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,6 +20,8 @@ from corral import instruments
 from corral.config import Settings
 from corral.errors import InvalidRequest, UnknownBackend, UnknownTemplate
 from corral.isolation import Engine
+from corral.jobs.callback_policy import CallbackPolicy
+from corral.jobs.callbacks import CallbackDispatcher
 from corral.sandboxes.observe import failure_reason, how_created
 from corral.sandboxes.pool import WarmPool
 from corral.server.app import CorralApp
@@ -34,9 +37,11 @@ from tests.conftest import (
 )
 from tests.kit.connect import call, error, stream
 from tests.kit.http import CallbackReceiver
-from tests.kit.polling import wait_until
+from tests.kit.polling import until, wait_until
+from tests.test_callbacks import run_job
 
 Samples = list[Sample]
+CALLBACKS = "corral_callback_deliveries_total"
 
 
 def parse(text: str) -> Samples:
@@ -274,6 +279,28 @@ def test_store_transactions_are_timed_as_reads_and_writes(store: Store) -> None:
     assert store.queue_counts() == {"queued": 0, "running": 0}  # a read
     assert count("write") >= writes + 1
     assert count("read") >= reads + 1
+
+
+async def test_callback_deliveries_are_counted_by_outcome(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    def count(outcome: str) -> float:
+        labels = {"outcome": outcome}
+        return instruments.REGISTRY.get_sample_value(CALLBACKS, labels) or 0.0
+
+    before = {outcome: count(outcome) for outcome in ("delivered", "retry", "refused")}
+    receiver.fail_first = 1  # each critical event (step_end, done) fails once
+    ok = run_job(store, receiver.url)
+    allowing = dispatchers()
+    allowing.start()
+    await until(lambda: store.callback_counts([ok])[ok].delivered == 6, "the deliveries")
+    await allowing.aclose()
+    assert count("delivered") == before["delivered"] + 6
+    assert count("retry") == before["retry"] + 2
+    # The default policy refuses a loopback receiver.
+    run_job(store, receiver.url)
+    dispatchers(CallbackPolicy.parse("")).start()
+    await until(lambda: count("refused") > before["refused"], "a refusal to be counted")
 
 
 def test_a_claim_of_an_empty_pool_is_a_miss(store_settings: Settings) -> None:
