@@ -25,6 +25,8 @@ GVISOR_PLATFORMS = ("auto", "systrap", "kvm", "ptrace")
 # The templates a warm pool may hold: the host's /usr and the server's `base` (E2B's
 # default); a team's own templates start cold.
 POOL_TEMPLATES = ("host", "base")
+# CORRAL_METRICS: what `GET /metrics` on the API port asks for (see `Settings.metrics`).
+METRICS_MODES = ("auth", "on", "off")
 
 
 def _default_data_dir() -> Path:
@@ -93,6 +95,15 @@ class Settings:
     # well as paths `/sandboxes/<id>/ports/<port>/`. "localhost": `*.localhost` is
     # loopback, so `8000-<id>.localhost:<server port>` works on the server's own machine.
     ports_domain: str = "localhost"
+    # Prometheus metrics (docs/metrics.md). `GET /metrics` on the API port: `auth` (the
+    # default) asks for a key of the default team (the operator's: a tenant's key would
+    # show it every team's aggregate activity), `on` asks for none (a private API port),
+    # `off` serves none. `metrics_port` (0: none) serves them without a key on a port of
+    # their own, at `metrics_host`: how `corral worker` exposes its metrics, and how a
+    # server with a public API port exposes them to a Prometheus on a private network.
+    metrics: str = "auth"
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # Jobs: how many a process's worker pool runs at once (`corral server` runs one pool;
     # 0 leaves jobs to `corral worker` processes), how many warm sandboxes it keeps for
     # them (at most one per worker; 0: every job of one command starts a one-shot
@@ -235,6 +246,16 @@ class Settings:
             raise InvalidRequest(
                 f"CORRAL_GVISOR_PLATFORM={self.gvisor_platform!r} is unknown: use "
                 f"{', '.join(GVISOR_PLATFORMS)} (auto, the default, picks the best that works)"
+            )
+        if self.metrics not in METRICS_MODES:
+            raise InvalidRequest(
+                f"CORRAL_METRICS={self.metrics!r} is unknown: use auth (the default: the "
+                "default team's key), on (no key) or off (no /metrics on the API port)"
+            )
+        if self.metrics_port > 65535:
+            raise InvalidRequest(
+                f"CORRAL_METRICS_PORT={self.metrics_port} is not a port: use 1-65535, or 0 "
+                "(the default) for no metrics listener"
             )
         if self.e2b_network not in ("none", "internet"):
             raise InvalidRequest(

@@ -1,7 +1,7 @@
 """The ASGI app: Connect services for SandboxService, JobService, TemplateService and
 HealthService,
-`GET /healthz`, the port proxy to sandboxes' ports (`corral.server.ports`), and E2B's
-REST API and envd (`corral.server.e2b`).
+`GET /healthz`, `GET /metrics` (`corral.server.metrics`), the port proxy to sandboxes'
+ports (`corral.server.ports`), and E2B's REST API and envd (`corral.server.e2b`).
 
     app = create_app(Settings.from_env())     # serve it with uvicorn (`corral server`)
 
@@ -34,6 +34,8 @@ from corral.server.disconnect import Receive
 from corral.server.e2b import E2bApp
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
+from corral.server.metrics import PATH as METRICS_PATH
+from corral.server.metrics import MetricsEndpoint
 from corral.server.port_http import PortProxy
 from corral.server.ratelimit import RateLimits, StreamLimitInterceptor, retry_headers
 from corral.server.requests import (
@@ -132,6 +134,7 @@ class CorralApp:
         self._max_message_bytes = max_message_bytes
         self.ports = PortProxy(self.services, settings.ports_domain)
         self.e2b = E2bApp(self.services, settings)
+        self.metrics = MetricsEndpoint(settings, self.services)
         # In this order: the stream limit's refusal leaves as any Corral error does.
         interceptors: list[Interceptor] = [
             ErrorInterceptor(),
@@ -216,6 +219,8 @@ class CorralApp:
             receive = limit_size(receive, headers, HEALTH_MESSAGE_BYTES)
             scope, receive = inflate(scope, receive, HEALTH_MESSAGE_BYTES)
             await self._health_app(scope, receive, send)
+        elif path == METRICS_PATH:
+            await self.metrics.serve(scope, send)
         elif path == "/healthz":
             started = self.services.manager is not None
             await _send_json(
@@ -277,6 +282,8 @@ class CorralApp:
         from corral.sandboxes import SandboxManager
         from corral.store import Store
 
+        # First: a metrics port in use is refused before there is anything to undo.
+        self.metrics.start()
         store = Store.open(self.settings)
         try:
             team, new_key = store.ensure_default_team()
@@ -317,6 +324,7 @@ class CorralApp:
     async def stop(self) -> None:
         manager, store = self.services.manager, self.services.store
         self.ports.close()
+        self.metrics.stop()
         self.services.manager = None
         self.services.jobs = None
         self.services.templates = None

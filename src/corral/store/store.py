@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from corral.store.census import CensusStore
 from corral.store.e2b import E2bStore
 from corral.store.jobs import JobStore
 from corral.store.metrics import MetricStore
@@ -23,6 +24,7 @@ class Store(
     VmStore,
     E2bStore,
     RetentionStore,
+    CensusStore,
 ):
     """Corral's durable state: teams and keys, sandboxes and their events, metrics, jobs,
     volumes, templates and the build cache, vms, E2B's sandbox rows; old rows pruned.
