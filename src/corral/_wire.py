@@ -32,6 +32,7 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.PermissionDenied, "permission_denied"),
     (errors.AuthError, "unauthenticated"),
     (errors.QuotaExceeded, "resource_exhausted"),
+    (errors.RateLimited, "resource_exhausted"),
     (errors.CapacityExceeded, "resource_exhausted"),
     (errors.NoSpace, "resource_exhausted"),
     (errors.SandboxNotRunning, "failed_precondition"),
@@ -87,6 +88,8 @@ def to_connect(exc: BaseException) -> ConnectError:
         return exc
     if isinstance(exc, CorralError):
         detail = ErrorDetail(type=type(exc).__name__)
+        if isinstance(exc, errors.RateLimited):
+            detail.retry_after_seconds = exc.retry_after
         return ConnectError(Code(code_for(exc)), str(exc), details=[detail])
     logging.getLogger("corral.server").error("internal error", exc_info=exc)
     return ConnectError(
@@ -144,17 +147,19 @@ _UNVERIFIED = ("invalid peer certificate", "certificate verify failed")
 _OTHER_NAME = ("not valid for name", "Hostname mismatch")
 
 
-def error_for(code: str, message: str, detail_types: Iterable[str], server: str) -> CorralError:
+def error_for(code: str, message: str, details: Iterable[ErrorDetail], server: str) -> CorralError:
     """The Corral error a client raises for a Connect error from `server`.
 
-    `code` is the Connect code's wire name, `detail_types` the `type` of each ErrorDetail
-    the error carried (the class the server raised).
+    `code` is the Connect code's wire name, `details` the ErrorDetails the error carried
+    (the class the server raised, and a RateLimited's seconds to wait).
     """
     cls: type[CorralError] | None = None
     named = False
-    for name in detail_types:
+    retry_after = 0.0
+    for detail in details:
         named = True
-        cls = _CLASSES.get(name)
+        cls = _CLASSES.get(detail.type)
+        retry_after = detail.retry_after_seconds
     if cls is None:
         cls = _DEFAULT_FOR_CODE.get(code, CorralError)
     if cls is ServerUnavailable and not named:
@@ -166,14 +171,16 @@ def error_for(code: str, message: str, detail_types: Iterable[str], server: str)
         return no_answer(server, message.rsplit(": ", 1)[-1] or code)
     if cls is ServerUnavailable and not message.startswith("the Corral server"):
         message = f"the Corral server did not answer ({message or code})"
+    if cls is errors.RateLimited:
+        return errors.RateLimited(message or None, retry_after or 1.0)
     return cls(message or None)
 
 
 def from_connect(exc: ConnectError, server: str) -> CorralError:
     """The Corral error a client raises for a `ConnectError` (the async SDK's calls)."""
-    detail_types = []
+    details = []
     for any_detail in exc.details:
         detail = ErrorDetail()
         if any_detail.Unpack(detail):
-            detail_types.append(detail.type)
-    return error_for(exc.code.value, exc.message, detail_types, server)
+            details.append(detail)
+    return error_for(exc.code.value, exc.message, details, server)

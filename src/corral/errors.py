@@ -29,6 +29,7 @@
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
     │   └── Forbidden             the key may not do that
     ├── QuotaExceeded             the team's quota refuses it
+    ├── RateLimited               the API key's request rate or open streams are at its limit
     ├── CapacityExceeded          the host has no room for it (memory committed)
     ├── IsolationUnavailable      the host cannot give the isolation asked for
     ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
@@ -184,6 +185,14 @@ class Forbidden(AuthError):
 
 class QuotaExceeded(CorralError):
     """The team's quota does not allow this; destroy sandboxes or ask for a larger quota."""
+
+
+class RateLimited(CorralError):
+    """Too many requests with this API key: wait `retry_after` seconds and try again."""
+
+    def __init__(self, message: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CapacityExceeded(CorralError):

@@ -233,6 +233,7 @@ def _add_server_commands(commands: Commands) -> None:
         const=True,
         help="serve HTTPS with a development pair made in DATA_DIR/tls (its fingerprint is logged)",
     )
+    _metrics_options(p)
     p.add_argument(
         "--demo",
         action=argparse.BooleanOptionalAction,
@@ -245,8 +246,20 @@ def _add_server_commands(commands: Commands) -> None:
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store the server uses")
     setting_option(p, "--workers", setting="job_workers", type=whole(0), help="jobs run at once")
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")
+    _metrics_options(p)
 
     command(commands, "doctor", doctor)
+
+
+def _metrics_options(p: argparse.ArgumentParser) -> None:
+    setting_option(
+        p,
+        "--metrics-port",
+        setting="metrics_port",
+        type=whole(0),
+        help="serve Prometheus metrics on this port, without a key (0: none)",
+    )
+    setting_option(p, "--metrics-host", setting="metrics_host", help="address of the metrics port")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

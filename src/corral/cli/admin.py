@@ -35,6 +35,12 @@ QUOTA_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("--max-disk-mib", whole(0), "writable storage of its live sandboxes, in total"),
     ("--max-running-jobs", whole(0), "its jobs running at once"),
     ("--max-log-mib", whole(0), "its stored job logs"),
+    (
+        "--max-api-rate",
+        number(float, minimum=0),
+        "requests a second per API key (0: the server's CORRAL_API_RATE)",
+    ),
+    ("--max-api-streams", whole(0), "streams open at once per API key (0: the server's)"),
 )
 
 if TYPE_CHECKING:

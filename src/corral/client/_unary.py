@@ -111,21 +111,21 @@ def _error(server: str, status: int, body: bytes) -> CorralError:
     return error_for(
         code if isinstance(code, str) and code else _CODE_FOR_STATUS.get(status, "unknown"),
         message if isinstance(message, str) else "",
-        _detail_types(data),
+        _details(data),
         server,
     )
 
 
-def _detail_types(data: dict[str, Any]) -> list[str]:
-    """The class names the error's ErrorDetails carry; other or malformed details skipped."""
-    names = []
+def _details(data: dict[str, Any]) -> list[ErrorDetail]:
+    """The ErrorDetails the error carries; other or malformed details skipped."""
+    found = []
     details = data.get("details")
     for detail in details if isinstance(details, list) else ():
         if not isinstance(detail, dict) or detail.get("type") != _DETAIL_TYPE:
             continue
         try:
             value = b64decode(str(detail.get("value", "")) + "===")
-            names.append(ErrorDetail.FromString(value).type)
+            found.append(ErrorDetail.FromString(value))
         except (binascii.Error, DecodeError):
             continue
-    return names
+    return found

@@ -25,6 +25,7 @@ from corral.errors import CorralError, ServerUnavailable
 from corral.server.auth import authenticate_e2b
 from corral.server.disconnect import Receive
 from corral.server.e2b.errors import E2bError, rest_status
+from corral.server.ratelimit import retry_headers
 
 if TYPE_CHECKING:
     from corral.server.base import Services
@@ -144,7 +145,7 @@ class RestApp:
             status = rest_status(exc)
             level = logging.WARNING if status >= 500 else logging.DEBUG
             log.log(level, "e2b request refused", extra={"status": status, "error": str(exc)})
-            response = RestResponse(status, error_body(status, str(exc)))
+            response = RestResponse(status, error_body(status, str(exc)), retry_headers(exc))
         except Exception:
             log.exception("e2b request failed")
             response = RestResponse(
@@ -163,7 +164,10 @@ class RestApp:
             bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
             for k, v in scope.get("headers", ())
         }
-        team = authenticate_e2b(store, headers.get("x-api-key"), headers.get("authorization", ""))
+        team = authenticate_e2b(
+            self.services, headers.get("x-api-key"), headers.get("authorization", "")
+        )
+        self.services.limits.take_caller()
         raw = await read_body(receive)
         try:
             body = json.loads(raw) if raw.strip() else None
