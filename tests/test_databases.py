@@ -16,17 +16,18 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from corral.config import Settings
 from corral.errors import SchemaTooNew
 from corral.store import Store, Team
-from corral.store.database import alembic_config
+from corral.store.database import MIGRATIONS, alembic_config
 from corral.store.schema import jobs, metadata, teams
 from tests.conftest import DATABASES, TEST_CGROUP_PARENT
 from tests.kit.postgres import Cluster
 from tests.test_job_store import ISOLATIONS, submit
 
-HEAD = "0015"
+HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
 @pytest.fixture(params=DATABASES)

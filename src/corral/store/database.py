@@ -23,10 +23,11 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from corral.config import Settings, check_database_url
+from corral.errors import InvalidRequest, SchemaTooNew
+from corral.store.timing import time_transactions
 
 if TYPE_CHECKING:
     from alembic.config import Config
-from corral.errors import InvalidRequest, SchemaTooNew
 
 log = logging.getLogger("corral.store")
 
@@ -187,6 +188,7 @@ class Database:
             os.close(os.open(settings.data_dir / "corral.db", os.O_RDWR | os.O_CREAT, 0o600))
             url = sqlite_url(settings)
         db = _engine(url)
+        time_transactions(db, write_option=_IMMEDIATE)
         store = cls(db, settings)
         try:
             _reach(db)
