@@ -87,12 +87,13 @@ def server(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     """Run jobs from the server's store in this process, beside the server's own workers
     (Ctrl-C stops it: its running jobs go back to the queue)."""
-    from corral import logs
+    from corral import logs, tracing
     from corral.jobs.daemon import run_worker
 
     _note_old_isolation()
     settings = settings_from(args)
     logs.configure(settings.log_level)
+    tracing.configure(settings, "corral-worker")
     return run_worker(settings)
 
 

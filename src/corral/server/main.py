@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from corral import logs
+from corral import logs, tracing
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
@@ -105,6 +105,7 @@ async def _run(
 def serve(settings: Settings, *, companion: Companion | None = None) -> int:
     """Run the API server until a signal; the process's exit code."""
     logs.configure(settings.log_level)
+    tracing.configure(settings, "corral-server")
     sock = bind(settings.host, settings.port)
     app = CorralApp(settings)
     config = uvicorn.Config(

@@ -1,0 +1,166 @@
+"""OpenTelemetry traces: the spans Corral's layers open, and their export when asked for.
+
+Every layer opens its spans through `span` (OpenTelemetry's API alone, a no-op until a
+tracer provider is installed): the server one per request (`server_span`), the sandbox
+manager one per operation, the engine one per step of a sandbox's start, the host side
+of the guest agent one per call. Nested calls nest their spans, so one request is one
+trace.
+
+Nothing is recorded unless an entry point (`corral server`, `corral worker`) calls
+`configure` with ``CORRAL_OTEL=on``: then the SDK (the `otel` extra) exports them over
+OTLP/HTTP, configured by the standard ``OTEL_*`` variables, which the SDK reads itself
+(``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``, ``OTEL_SDK_DISABLED`` ...). A process run under
+another provider (``opentelemetry-instrument``) records into that one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ParamSpec, TypeVar
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+from corral.config import Settings
+from corral.errors import InvalidRequest
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Attribute = str | int | float | bool
+Attributes = Mapping[str, Attribute | None]
+
+_tracer = trace.get_tracer("corral")
+
+# Attributes of Corral's spans (beside OpenTelemetry's semantic conventions').
+SANDBOX_ID = "corral.sandbox.id"
+
+
+@contextmanager
+def span(
+    name: str,
+    attributes: Attributes | None = None,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    parent: context.Context | None = None,
+    links: Iterable[Link] = (),
+) -> Iterator[Span]:
+    """A span named `name`, current while the block runs (a child of the current one, or of
+    `parent`); None attributes are left out. An exception that leaves the block is recorded
+    on it and marks it failed (OpenTelemetry's default)."""
+    with _tracer.start_as_current_span(
+        name, context=parent, kind=kind, attributes=_given(attributes), links=list(links)
+    ) as current:
+        yield current
+
+
+@contextmanager
+def lasting(name: str, attributes: Attributes | None = None) -> Iterator[Span]:
+    """A span for the whole life of an async generator (a command's stream), ended when the
+    block ends, yet not current: a generator's yields would leave it current in its
+    consumer's context. Make it current around the generator's own awaits with `within`."""
+    current = _tracer.start_span(name, attributes=_given(attributes))
+    try:
+        yield current
+    except GeneratorExit:  # its consumer stopped reading: not a failure
+        raise
+    except BaseException as exc:
+        current.record_exception(exc)
+        fail(current, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        current.end()
+
+
+def within(current: Span) -> AbstractContextManager[Span]:
+    """`current` made the current span while the block runs (a `lasting` span's part)."""
+    return trace.use_span(current, record_exception=False, set_status_on_exception=False)
+
+
+def traced(
+    name: str,
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """Runs an async function in a span named `name`."""
+
+    def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(function)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with span(name):
+                return await function(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+def annotate(attributes: Attributes) -> None:
+    """Add attributes to the current span (an id known only once the work has begun)."""
+    trace.get_current_span().set_attributes(_given(attributes))
+
+
+def _given(attributes: Attributes | None) -> dict[str, Attribute]:
+    return {k: v for k, v in (attributes or {}).items() if v is not None}
+
+
+# -- propagation ------------------------------------------------------------------------
+
+
+def extract(headers: Iterable[tuple[bytes, bytes]]) -> context.Context:
+    """The trace context a caller sent (``traceparent``, ``tracestate``), if any."""
+    carrier = {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in headers
+        if name in (b"traceparent", b"tracestate", b"baggage")
+    }
+    return propagate.extract(carrier) if carrier else context.Context()
+
+
+def carrier() -> dict[str, str]:
+    """The current trace context as headers (``traceparent``): empty when there is none,
+    e.g. to store with a job so that its run links back to the request that submitted it."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers
+
+
+def link_to(headers: Mapping[str, str] | None) -> list[Link]:
+    """A link to the span whose context `headers` carry (`carrier`'s), if they carry one."""
+    if not headers:
+        return []
+    linked = trace.get_current_span(propagate.extract(dict(headers))).get_span_context()
+    return [Link(linked)] if linked.is_valid else []
+
+
+def fail(current: Span, message: str) -> None:
+    current.set_status(Status(StatusCode.ERROR, message))
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+def configure(settings: Settings, service: str) -> None:
+    """At an entry point: with ``CORRAL_OTEL=on``, install the SDK's tracer provider,
+    exporting in batches over OTLP/HTTP as the ``OTEL_*`` variables say; `service` is the
+    service name unless ``OTEL_SERVICE_NAME`` gives one."""
+    if not settings.otel:
+        return
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        raise InvalidRequest(
+            f"CORRAL_OTEL=on needs the OpenTelemetry SDK ({exc.name} is missing): install "
+            "Corral with its `otel` extra (`uv sync --extra otel`, `pip install corral[otel]`) "
+            "or set CORRAL_OTEL=off"
+        ) from None
+    # The standard variables win over Corral's name for the service.
+    resource = Resource.create({"service.name": service}).merge(OTELResourceDetector().detect())
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)

@@ -1,0 +1,170 @@
+"""OpenTelemetry traces: a server with CORRAL_OTEL=on exports one trace per request, its
+server span the parent of the manager's, engine's and guest agent's spans, continuing a
+caller's `traceparent`; a server without it exports nothing.
+
+The servers export over OTLP/HTTP (the standard OTEL_* variables) to a receiver the test
+runs on loopback (`tests.kit.otlp`), as they would to a collector.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from corral.config import Settings
+from tests.conftest import LiveServer, require_backend, start_server
+from tests.kit.connect import call, stream
+from tests.kit.otlp import OtlpReceiver, Span
+from tests.kit.polling import wait_until
+
+pytestmark = pytest.mark.integration
+
+SERVER_KIND = 2  # opentelemetry.proto Span.SpanKind.SPAN_KIND_SERVER
+
+
+def _env(receiver: OtlpReceiver, **more: str) -> dict[str, str]:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",  # ms: export at once, not every 5 s
+        **more,
+    }
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+@pytest.fixture(scope="module")
+def traced(settings: Settings, receiver: OtlpReceiver) -> Iterator[LiveServer]:
+    """A server with traces on and no warm pool: every create starts a sandbox cold, so
+    its engine's spans are the request's."""
+    require_backend(settings, "namespace")
+    data = settings.runtime_dir / f"traces-{secrets.token_hex(4)}"
+    live = start_server(settings, data, pool_size=0, extra_env=_env(receiver, CORRAL_OTEL="on"))
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def _trace(receiver: OtlpReceiver, trace_id: str, *names: str) -> dict[str, Span]:
+    """The spans of trace `trace_id` by name, once every one of `names` has arrived."""
+
+    def arrived() -> dict[str, Span] | None:
+        spans = {s.name: s for s in receiver.spans() if s.trace_id == trace_id}
+        return spans if set(names) <= set(spans) else None
+
+    return wait_until(arrived, f"the spans {names} of trace {trace_id}")
+
+
+def _traceparent() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def test_a_create_and_exec_are_one_trace_through_manager_engine_and_agent(
+    traced: LiveServer, receiver: OtlpReceiver
+) -> None:
+    header, trace_id, caller_span = _traceparent()
+    headers = {"traceparent": header}
+    created = call(traced, "Create", {"template": "host", "timeoutSeconds": 60}, headers=headers)
+    assert created.status_code == 200, created.text
+    sandbox_id = created.json()["sandbox"]["id"]
+    try:
+        _, end = stream(
+            traced, "Exec", {"sandboxId": sandbox_id, "cmd": "echo hi"}, headers=headers
+        )
+        assert end.get("error") is None, end
+    finally:
+        call(traced, "Kill", {"sandboxId": sandbox_id})
+
+    spans = _trace(
+        receiver,
+        trace_id,
+        *("corral.v1.SandboxService/Create", "sandbox.create", "engine.create"),
+        *("engine.admit", "engine.cgroup", "engine.start", "engine.plan", "engine.launch"),
+        *("agent.ping", "corral.v1.SandboxService/Exec", "sandbox.exec", "agent.exec"),
+    )
+
+    def parent(name: str) -> str:
+        by_id = {s.span_id: s.name for s in spans.values()}
+        return by_id.get(spans[name].parent_id, spans[name].parent_id)
+
+    # The caller's span is the parent of both requests' server spans: its trace goes on.
+    for rpc in ("Create", "Exec"):
+        server = spans[f"corral.v1.SandboxService/{rpc}"]
+        assert server.parent_id == caller_span and server.kind == SERVER_KIND
+        assert server.service == "corral-server"
+        assert server.attributes["rpc.method"] == rpc
+        assert server.attributes["http.response.status_code"] == 200
+    assert parent("sandbox.create") == "corral.v1.SandboxService/Create"
+    assert parent("engine.create") == "sandbox.create"
+    for step in ("engine.admit", "engine.cgroup", "engine.start"):
+        assert parent(step) == "engine.create"
+    for step in ("engine.plan", "engine.launch", "agent.ping"):
+        assert parent(step) == "engine.start"
+    assert parent("sandbox.exec") == "corral.v1.SandboxService/Exec"
+    assert parent("agent.exec") == "sandbox.exec"
+    for name in ("sandbox.create", "engine.create", "sandbox.exec"):
+        assert spans[name].attributes["corral.sandbox.id"] == sandbox_id
+    assert spans["sandbox.create"].attributes["corral.sandbox.start"] == "cold"
+    assert spans["sandbox.exec"].attributes["corral.exec.exit_code"] == 0
+
+
+def test_a_request_without_traceparent_starts_a_trace_and_a_failure_is_recorded(
+    traced: LiveServer, receiver: OtlpReceiver
+) -> None:
+    # The caller's error (no such sandbox): the code on the span, not a server failure.
+    refused = call(traced, "Get", {"sandboxId": "sbx_" + "0" * 16})
+    assert refused.status_code == 404, refused.text
+
+    def server_span() -> Span | None:
+        spans = [
+            s
+            for s in receiver.spans()
+            if s.name == "corral.v1.SandboxService/Get" and s.parent_id == ""
+        ]
+        return spans[0] if spans else None
+
+    span = wait_until(server_span, "the server span of Get")
+    assert span.attributes["rpc.connect_rpc.error_code"] == "not_found"
+    assert span.attributes["http.response.status_code"] == 404
+    assert span.status != 2  # the caller's fault: not an error of the server
+
+
+def test_e2b_rest_spans_are_named_by_route(traced: LiveServer, receiver: OtlpReceiver) -> None:
+    header, trace_id, _ = _traceparent()
+    listed = httpx.get(
+        traced.url + "/sandboxes",
+        headers={"X-API-KEY": traced.key, "traceparent": header},
+        timeout=30,
+    )
+    assert listed.status_code == 200, listed.text
+    span = _trace(receiver, trace_id, "GET /sandboxes")["GET /sandboxes"]
+    assert span.kind == SERVER_KIND and span.attributes["http.route"] == "/sandboxes"
+
+
+def test_a_server_without_corral_otel_exports_nothing(settings: Settings) -> None:
+    """Traces are opt-in: the standard endpoint variable alone turns nothing on."""
+    require_backend(settings, "namespace")
+    quiet = OtlpReceiver()
+    data = settings.runtime_dir / f"untraced-{secrets.token_hex(4)}"
+    live = start_server(settings, data, pool_size=0, extra_env=_env(quiet))
+    try:
+        created = call(live, "Create", {"template": "host", "timeoutSeconds": 60})
+        assert created.status_code == 200, created.text
+        _, end = stream(live, "Exec", {"sandboxId": created.json()["sandbox"]["id"], "cmd": "true"})
+        assert end.get("error") is None, end
+    finally:
+        # A traced server exports what it holds as it exits: after its exit, all is in.
+        assert live.stop() == 0
+        quiet.close()
+    assert quiet.spans() == []
