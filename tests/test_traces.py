@@ -168,3 +168,32 @@ def test_a_server_without_corral_otel_exports_nothing(settings: Settings) -> Non
         assert live.stop() == 0
         quiet.close()
     assert quiet.spans() == []
+
+
+def test_a_job_run_is_a_trace_of_its_own_named_by_the_submit(
+    traced: LiveServer, receiver: OtlpReceiver
+) -> None:
+    header, trace_id, _ = _traceparent()
+    submitted = httpx.post(
+        traced.url + "/corral.v1.JobService/Submit",
+        json={"spec": {"command": ["true"]}},
+        headers={"Authorization": f"Bearer {traced.key}", "traceparent": header},
+        timeout=30,
+    )
+    assert submitted.status_code == 200, submitted.text
+    job_id = submitted.json()["job"]["id"]
+    submit = _trace(receiver, trace_id, "corral.v1.JobService/Submit")
+    assert submit["corral.v1.JobService/Submit"].attributes["corral.job.id"] == job_id
+
+    def run() -> list[Span] | None:
+        spans = receiver.spans()
+        runs = [s for s in spans if s.name == "job.run" and s.attributes["corral.job.id"] == job_id]
+        if not runs:
+            return None
+        inside = [s for s in spans if s.trace_id == runs[0].trace_id]
+        return inside if any(s.name == "agent.exec" for s in inside) else None
+
+    spans = wait_until(run, f"the spans of job {job_id}'s run")
+    job = next(s for s in spans if s.name == "job.run")
+    assert job.parent_id == "" and job.trace_id != trace_id
+    assert job.attributes["corral.job.outcome"] == "succeeded"

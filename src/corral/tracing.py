@@ -36,6 +36,9 @@ Attributes = Mapping[str, Attribute | None]
 
 _tracer = trace.get_tracer("corral")
 
+# The `parent` of a span that starts a trace of its own (a job's run, not its claimer's).
+NEW_TRACE = context.Context()
+
 # Attributes of Corral's spans (beside OpenTelemetry's semantic conventions').
 SANDBOX_ID = "corral.sandbox.id"
 
