@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from corral.config import Settings
-from tests.conftest import LiveServer, require_backend, start_server
+from tests.conftest import LiveServer, opts, require_backend, start_server
 from tests.kit.connect import call, stream
 from tests.kit.otlp import OtlpReceiver, Span
 from tests.kit.polling import wait_until
@@ -117,6 +117,36 @@ def test_a_create_and_exec_are_one_trace_through_manager_engine_and_agent(
         assert spans[name].attributes["corral.sandbox.id"] == sandbox_id
     assert spans["sandbox.create"].attributes["corral.sandbox.start"] == "cold"
     assert spans["sandbox.exec"].attributes["corral.exec.exit_code"] == 0
+
+
+def test_the_sdk_continues_the_applications_current_span(
+    traced: LiveServer, receiver: OtlpReceiver
+) -> None:
+    """An application that traces (its own tracer provider, here not even the global one)
+    and calls the SDK under a span: the server's spans are that span's children."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from corral import Sandbox
+
+    tracer = TracerProvider().get_tracer("the application")
+    with (
+        tracer.start_as_current_span("work") as work,
+        Sandbox.create(template="host", timeout=60, **opts(traced)) as sbx,
+    ):
+        assert sbx.commands.run("true").exit_code == 0
+        assert sbx.sandbox_id in [info.sandbox_id for info in Sandbox.list(**opts(traced))]
+    context = work.get_span_context()
+    trace_id, span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
+    spans = _trace(
+        receiver,
+        trace_id,
+        "corral.v1.SandboxService/Create",
+        "corral.v1.SandboxService/Exec",
+        "corral.v1.SandboxService/Kill",
+        "corral.v1.SandboxService/List",  # a plain HTTP call, not the RPC client's
+    )
+    for name in ("Create", "Exec", "Kill", "List"):
+        assert spans[f"corral.v1.SandboxService/{name}"].parent_id == span_id
 
 
 def test_a_request_without_traceparent_starts_a_trace_and_a_failure_is_recorded(

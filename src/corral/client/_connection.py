@@ -13,7 +13,6 @@ from connectrpc.errors import ConnectError
 from corral._aio import stop_tasks
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
-from corral.client._tracecontext import trace_headers
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 from corral.v1.templates_connect import TemplateServiceClient
@@ -92,15 +91,10 @@ class Connection:
             )
         return self._templates
 
-    def headers(self) -> dict[str, str]:
-        """A call's headers: the key, and the caller's trace context (``traceparent``) when
-        the application traces with OpenTelemetry and has a current span."""
-        return {**self._headers, **trace_headers()}
-
     async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:
         """A unary call, with the key and the timeout."""
         try:
-            return await method(request, headers=self.headers(), timeout_ms=self._timeout_ms)
+            return await method(request, headers=self._headers, timeout_ms=self._timeout_ms)
         except ConnectError as exc:
             raise _translate(exc, self.settings.server) from None
 
@@ -111,7 +105,7 @@ class Connection:
         # Closed here, in the task that reads it, when the reader stops early (a command's
         # end, a cancel): left to the garbage collector or the loop's shutdown, the RPC's
         # own generator is closed from another task and prints a traceback at exit.
-        messages = method(request, headers=self.headers())
+        messages = method(request, headers=self._headers)
         try:
             async for message in messages:
                 yield message
@@ -127,7 +121,7 @@ class Connection:
     ) -> RES:
         """A client-streaming call (no timeout: it lasts as long as the upload)."""
         try:
-            return await method(requests, headers=self.headers())
+            return await method(requests, headers=self._headers)
         except ConnectError as exc:
             raise _translate(exc, self.settings.server) from None
 

@@ -1,6 +1,7 @@
-"""The caller's trace context for the SDK's calls: W3C ``traceparent`` (and
-``tracestate``) when the application traces with OpenTelemetry and has a current span,
-so the server's spans continue its trace.
+"""The caller's trace context for the SDK's plain HTTP calls (`_unary`): W3C
+``traceparent`` (and ``tracestate``) when the application traces with OpenTelemetry and has
+a current span, so the server's spans continue its trace. (The RPC client's transport,
+pyqwest, sends it on its own calls.)
 
 Only an application that has loaded OpenTelemetry can have a current span: the SDK never
 loads it itself, so the CLI and applications that do not trace pay nothing for this.
