@@ -1,0 +1,105 @@
+"""Traces benchmark: what CORRAL_OTEL=on costs the API, beside the same server with it off.
+
+    uv run python benchmarks/traces.py --json
+
+The figures of `benchmarks/api.py` (warm and cold time to first command, the warm exec
+round trip through the SDK) against a server with traces off and one with traces on,
+exporting every span (the default sampler) over OTLP/HTTP to a loopback receiver that
+answers at once, as a collector beside the server would. The two servers take turns
+(off, on, off, on ...), so that the load of the machine weighs on both alike. Prints one
+JSON object; latencies in milliseconds, `on_vs_off` the ratio of the p50s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from api import WARM_PACE, api_roundtrips, running_server, summary, ttfc
+from engine import percentiles, run_cli
+
+ROUNDS = 3
+
+
+class _Sink(BaseHTTPRequestHandler):
+    """A collector that takes every export and answers 200 at once."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def otlp_sink() -> Iterator[str]:
+    """A loopback OTLP/HTTP endpoint (for OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def measure(root: Path, name: str, env: dict[str, str], quick: bool) -> dict[str, list[Any]]:
+    count, burst = (10, 5) if quick else (30, 10)
+    with running_server(root, f"{name}-warm", pool_size=4, extra_env=env) as (url, key):
+        warm = asyncio.run(ttfc(url, key, count, burst, WARM_PACE))
+        rt = asyncio.run(api_roundtrips(url, key, 100 if quick else 300))
+    with running_server(root, f"{name}-cold", pool_size=0, extra_env=env) as (url, key):
+        cold = asyncio.run(ttfc(url, key, count, 0, 0))
+    return {"warm": warm["sequential"], "cold": cold["sequential"], "exec": list(rt)}
+
+
+def main(quick: bool) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="corral-bench-traces-"))
+    os.chmod(root, 0o711)
+    samples: dict[str, dict[str, list[Any]]] = {
+        mode: {"warm": [], "cold": [], "exec": []} for mode in ("off", "on")
+    }
+    try:
+        with otlp_sink() as endpoint:
+            modes = {
+                "off": {"CORRAL_OTEL": "off"},
+                "on": {"CORRAL_OTEL": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+            }
+            for round_ in range(1 if quick else ROUNDS):
+                for mode, env in modes.items():
+                    got = measure(root, f"{mode}{round_}", env, quick)
+                    for figure, values in got.items():
+                        samples[mode][figure] += values
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report: dict[str, Any] = {}
+    for mode, of_mode in samples.items():
+        report[f"ttfc_warm_ms_{mode}"] = summary(of_mode["warm"])
+        report[f"ttfc_cold_ms_{mode}"] = summary(of_mode["cold"])
+        rt = of_mode["exec"]
+        report[f"exec_roundtrip_ms_{mode}"] = {**percentiles(rt, 50, 95, 99), "n": len(rt)}
+    report["on_vs_off"] = {
+        figure: round(report[f"{figure}_on"]["p50"] / report[f"{figure}_off"]["p50"], 3)
+        for figure in ("ttfc_warm_ms", "ttfc_cold_ms", "exec_roundtrip_ms")
+        if "p50" in report[f"{figure}_on"] and "p50" in report[f"{figure}_off"]
+    }
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(__doc__, main)
