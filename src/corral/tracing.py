@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import context, propagate, trace
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from corral.config import Settings
 from corral.errors import InvalidRequest
@@ -43,22 +43,27 @@ NEW_TRACE = context.Context()
 SANDBOX_ID = "corral.sandbox.id"
 
 
-@contextmanager
+def _off() -> bool:
+    """No tracer provider is installed: every span would be a no-op, so none is made (the
+    API's no-op spans still cost microseconds each, on every exec and file call)."""
+    return isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def span(
     name: str,
     attributes: Attributes | None = None,
     *,
     kind: SpanKind = SpanKind.INTERNAL,
     parent: context.Context | None = None,
-    links: Iterable[Link] = (),
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """A span named `name`, current while the block runs (a child of the current one, or of
     `parent`); None attributes are left out. An exception that leaves the block is recorded
     on it and marks it failed (OpenTelemetry's default)."""
-    with _tracer.start_as_current_span(
-        name, context=parent, kind=kind, attributes=_given(attributes), links=list(links)
-    ) as current:
-        yield current
+    if _off():
+        return nullcontext(trace.INVALID_SPAN)
+    return _tracer.start_as_current_span(
+        name, context=parent, kind=kind, attributes=_given(attributes)
+    )
 
 
 @contextmanager
@@ -66,6 +71,9 @@ def lasting(name: str, attributes: Attributes | None = None) -> Iterator[Span]:
     """A span for the whole life of an async generator (a command's stream), ended when the
     block ends, yet not current: a generator's yields would leave it current in its
     consumer's context. Make it current around the generator's own awaits with `within`."""
+    if _off():
+        yield trace.INVALID_SPAN
+        return
     current = _tracer.start_span(name, attributes=_given(attributes))
     try:
         yield current
@@ -81,6 +89,8 @@ def lasting(name: str, attributes: Attributes | None = None) -> Iterator[Span]:
 
 def within(current: Span) -> AbstractContextManager[Span]:
     """`current` made the current span while the block runs (a `lasting` span's part)."""
+    if not current.is_recording():
+        return nullcontext(current)
     return trace.use_span(current, record_exception=False, set_status_on_exception=False)
 
 
@@ -102,7 +112,9 @@ def traced(
 
 def annotate(attributes: Attributes) -> None:
     """Add attributes to the current span (an id known only once the work has begun)."""
-    trace.get_current_span().set_attributes(_given(attributes))
+    current = trace.get_current_span()
+    if current.is_recording():
+        current.set_attributes(_given(attributes))
 
 
 def _given(attributes: Attributes | None) -> dict[str, Attribute]:
@@ -120,22 +132,6 @@ def extract(headers: Iterable[tuple[bytes, bytes]]) -> context.Context:
         if name in (b"traceparent", b"tracestate", b"baggage")
     }
     return propagate.extract(carrier) if carrier else context.Context()
-
-
-def carrier() -> dict[str, str]:
-    """The current trace context as headers (``traceparent``): empty when there is none,
-    e.g. to store with a job so that its run links back to the request that submitted it."""
-    headers: dict[str, str] = {}
-    propagate.inject(headers)
-    return headers
-
-
-def link_to(headers: Mapping[str, str] | None) -> list[Link]:
-    """A link to the span whose context `headers` carry (`carrier`'s), if they carry one."""
-    if not headers:
-        return []
-    linked = trace.get_current_span(propagate.extract(dict(headers))).get_span_context()
-    return [Link(linked)] if linked.is_valid else []
 
 
 def fail(current: Span, message: str) -> None:
