@@ -1,10 +1,10 @@
 """OpenTelemetry traces: the spans Corral's layers open, and their export when asked for.
 
-Every layer opens its spans through `span` (OpenTelemetry's API alone, a no-op until a
-tracer provider is installed): the server one per request (`server_span`), the sandbox
-manager one per operation, the engine one per step of a sandbox's start, the host side
-of the guest agent one per call. Nested calls nest their spans, so one request is one
-trace.
+Every layer opens its spans here (OpenTelemetry's API alone): the server one per request
+(`corral.server.tracing`), the sandbox manager one per operation, the engine one per step
+of a sandbox's start, the host side of the guest agent one per call, a job worker one per
+run. Nested calls nest their spans, so one request is one trace. Until a tracer provider
+is installed no span is made at all.
 
 Nothing is recorded unless an entry point (`corral server`, `corral worker`) calls
 `configure` with ``CORRAL_OTEL=on``: then the SDK (the `otel` extra) exports them over
