@@ -3,11 +3,11 @@
     uv run python benchmarks/traces.py --json
 
 The figures of `benchmarks/api.py` (warm and cold time to first command, the warm exec
-round trip through the SDK) against a server with traces off and one with traces on,
+round trip through the SDK) against servers with traces off and servers with traces on,
 exporting every span (the default sampler) over OTLP/HTTP to a loopback receiver that
-answers at once, as a collector beside the server would. The two servers take turns
-(off, on, off, on ...), so that the load of the machine weighs on both alike. Prints one
-JSON object; latencies in milliseconds, `on_vs_off` the ratio of the p50s.
+answers at once, as a collector beside the server would. Off and on take turns, round
+after round, so that the load of the machine weighs on both alike. Prints one JSON
+object; latencies in milliseconds, `on_vs_off` the ratio of the p50s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -58,33 +58,39 @@ def otlp_sink() -> Iterator[str]:
         server.server_close()
 
 
-def measure(root: Path, name: str, env: dict[str, str], quick: bool) -> dict[str, list[Any]]:
-    count, burst = (10, 5) if quick else (30, 10)
-    with running_server(root, f"{name}-warm", pool_size=4, extra_env=env) as (url, key):
-        warm = asyncio.run(ttfc(url, key, count, burst, WARM_PACE))
-        rt = asyncio.run(api_roundtrips(url, key, 100 if quick else 300))
-    with running_server(root, f"{name}-cold", pool_size=0, extra_env=env) as (url, key):
-        cold = asyncio.run(ttfc(url, key, count, 0, 0))
-    return {"warm": warm["sequential"], "cold": cold["sequential"], "exec": list(rt)}
-
-
 def main(quick: bool) -> dict[str, Any]:
+    count, burst = (10, 5) if quick else (30, 10)
     root = Path(tempfile.mkdtemp(prefix="corral-bench-traces-"))
     os.chmod(root, 0o711)
     samples: dict[str, dict[str, list[Any]]] = {
         mode: {"warm": [], "cold": [], "exec": []} for mode in ("off", "on")
     }
     try:
-        with otlp_sink() as endpoint:
+        with otlp_sink() as endpoint, ExitStack() as servers:
             modes = {
                 "off": {"CORRAL_OTEL": "off"},
                 "on": {"CORRAL_OTEL": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
             }
-            for round_ in range(1 if quick else ROUNDS):
-                for mode, env in modes.items():
-                    got = measure(root, f"{mode}{round_}", env, quick)
-                    for figure, values in got.items():
-                        samples[mode][figure] += values
+            # Four servers started once (a start takes seconds on a loaded machine), then
+            # measured in turns.
+            warm = {
+                mode: servers.enter_context(running_server(root, f"{mode}-warm", 4, env))
+                for mode, env in modes.items()
+            }
+            cold = {
+                mode: servers.enter_context(running_server(root, f"{mode}-cold", 0, env))
+                for mode, env in modes.items()
+            }
+            for _ in range(1 if quick else ROUNDS):
+                for mode in modes:
+                    url, key = warm[mode]
+                    got = asyncio.run(ttfc(url, key, count, burst, WARM_PACE))
+                    samples[mode]["warm"] += got["sequential"]
+                    samples[mode]["exec"] += asyncio.run(
+                        api_roundtrips(url, key, 100 if quick else 300)
+                    )
+                    url, key = cold[mode]
+                    samples[mode]["cold"] += asyncio.run(ttfc(url, key, count, 0, 0))["sequential"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report: dict[str, Any] = {}
