@@ -60,6 +60,10 @@ system-packages:
 	      systemctl disable --now docker-registry >/dev/null 2>&1 || true; \
 	      echo "docker-registry is installed for the tests only: its service is disabled"; \
 	    fi; \
+	    if [[ " $${missing[*]} " == *" postgresql "* ]] && command -v systemctl >/dev/null; then \
+	      systemctl disable --now postgresql >/dev/null 2>&1 || pg_ctlcluster --mode fast $$(ls /usr/lib/postgresql | sort -V | tail -1) main stop >/dev/null 2>&1 || true; \
+	      echo "postgresql is installed for the tests' throwaway clusters: its own service is disabled (systemctl enable --now postgresql to run one)"; \
+	    fi; \
 	  else \
 	    echo "missing Debian packages: $${missing[*]}"; \
 	    echo "run: sudo apt-get install -y $${missing[*]}   (or run make as root)"; exit 1; \

@@ -168,3 +168,14 @@ def test_the_store_is_the_database_it_was_asked_for(store: Store, database: str)
     """The parametrized `store` really runs on each database (not SQLite twice)."""
     assert store._db.dialect.name == ("postgresql" if database else "sqlite")
     assert isinstance(store.create_team("acme"), Team)
+
+
+def test_a_migration_that_rebuilds_a_table_keeps_the_rows_that_refer_to_it(store: Store) -> None:
+    # 0016's downgrade rebuilds `teams` on SQLite (a batch copy): with foreign keys on in
+    # the migration's transaction, dropping the old table deleted every API key.
+    key = store.create_api_key(store.create_team("keepers").name)
+    with store.migrating() as conn:
+        command.downgrade(alembic_config(conn), "0015")
+    with store.migrating() as conn:
+        command.upgrade(alembic_config(conn), "head")
+    assert store.authenticate(key).name == "keepers"

@@ -91,6 +91,12 @@ def _engine(url: str) -> sa.Engine:
         ) from None
 
 
+def _sqlite_pragma(conn: sa.Connection, pragma: str) -> None:
+    """Run a PRAGMA on the driver's connection, outside any transaction (SQLAlchemy's own
+    execute would begin one first, and some pragmas are ignored inside one)."""
+    conn.connection.driver_connection.execute(f"PRAGMA {pragma}")  # type: ignore[union-attr]
+
+
 def _reach(db: sa.Engine) -> None:
     """Connect once: a database that cannot be reached says so, with what to check."""
     try:
@@ -192,7 +198,7 @@ class Database:
         store = cls(db, settings)
         try:
             _reach(db)
-            with store._write() as conn:
+            with store.migrating() as conn:
                 store.schema = migrate(conn)
         except BaseException:
             db.dispose()
@@ -206,6 +212,27 @@ class Database:
     @property
     def url(self) -> str:
         return self._db.url.render_as_string(hide_password=True)
+
+    @contextmanager
+    def migrating(self) -> Iterator[sa.Connection]:
+        """The write transaction migrations run in: on SQLite, with foreign keys off.
+
+        SQLite alters a table by copying it and dropping the old one (Alembic's batch mode);
+        with foreign keys on, that drop would cascade to the rows that refer to the table
+        (a rebuilt `teams` would take every API key with it). The pragma is set outside
+        the transaction, where SQLite honours it, and set back before the connection
+        returns to the pool."""
+        with self._db.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                _sqlite_pragma(conn, "foreign_keys=OFF")
+            try:
+                conn.execution_options(**{_IMMEDIATE: True})
+                with conn.begin():
+                    yield conn
+            finally:
+                if sqlite:
+                    _sqlite_pragma(conn, "foreign_keys=ON")
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
