@@ -23,6 +23,7 @@ from sqlalchemy import event
 
 from corral.config import Settings, check_database_url
 from corral.errors import InvalidRequest
+from corral.store.notifications import Notifications
 
 log = logging.getLogger("corral.store")
 
@@ -60,14 +61,24 @@ def _sqlite_engine(url: str) -> sa.Engine:
     return db
 
 
-def _engine(url: str) -> sa.Engine:
-    """The SQLAlchemy engine of `url`; a URL it cannot use says what to do instead."""
+def _engine(url: str, settings: Settings) -> sa.Engine:
+    """The SQLAlchemy engine of `url`; a URL it cannot use says what to do instead.
+
+    A server database (PostgreSQL) is reached through a pool of
+    `database_pool_size` connections kept open, and up to `database_pool_overflow` more
+    opened under load; each is checked before use (pre-ping), so one the server dropped
+    (a restart, an idle timeout) is replaced rather than failing a request."""
     check_database_url(url)
     try:
         dialect = sa.engine.make_url(url).get_backend_name()
         if dialect == "sqlite":
             return _sqlite_engine(url)
-        return sa.create_engine(url)
+        return sa.create_engine(
+            url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_pool_overflow,
+            pool_pre_ping=True,
+        )
     except sa.exc.NoSuchModuleError:
         raise InvalidRequest(
             f"CORRAL_DATABASE_URL={_shown(url)} names a database SQLAlchemy does not know: "
@@ -108,6 +119,7 @@ class Database:
     def __init__(self, db: sa.Engine, settings: Settings) -> None:
         self._db = db
         self.settings = settings
+        self.notifications = Notifications(db.url)
 
     @classmethod
     def open(cls, settings: Settings, url: str | None = None) -> Self:
@@ -120,7 +132,7 @@ class Database:
             # the mode): it holds sandboxes' environments.
             os.close(os.open(settings.data_dir / "corral.db", os.O_RDWR | os.O_CREAT, 0o600))
             url = sqlite_url(settings)
-        db = _engine(url)
+        db = _engine(url, settings)
         store = cls(db, settings)
         try:
             with store._write() as conn:
@@ -132,19 +144,28 @@ class Database:
         return store
 
     def close(self) -> None:
+        self.notifications.close()
         self._db.dispose()
 
     @property
     def url(self) -> str:
         return self._db.url.render_as_string(hide_password=True)
 
+    def notify(self, conn: sa.Connection, channel: str, payload: str = "") -> None:
+        """Wake other processes' waiters on `channel` once this write commits."""
+        self.notifications.notify(conn, channel, payload)
+
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
         """A transaction that will write: it holds the write lock from its start."""
         with self._db.connect() as conn:
             conn.execution_options(**{_IMMEDIATE: True})
-            with conn.begin():
-                yield conn
+            try:
+                with conn.begin():
+                    yield conn
+                    self.notifications.send(conn)
+            finally:
+                self.notifications.discard(conn)
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
