@@ -18,6 +18,9 @@ DEBIAN_PACKAGES += runsc
 # (virtiofsd, which serves volumes and the host's /usr to its guests, comes with
 # qemu-system-x86: /usr/lib/qemu/virtiofsd, in qemu-system-common.)
 DEBIAN_PACKAGES += qemu-system-x86 qemu-utils busybox-static
+# PostgreSQL (issue 16): the tests start a throwaway cluster of it (tests/kit/postgres.py) and
+# run the store, queue and API tests on it as on SQLite; the driver is psycopg's wheel.
+DEBIAN_PACKAGES += postgresql
 # Its guest kernel: Debian's cloud kernel .deb, fetched by `corral.isolation.guest_kernel`.
 GUEST_KERNEL_DIR := .cache/guest-kernel
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.

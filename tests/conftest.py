@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import secrets
 import shutil
@@ -28,6 +29,7 @@ from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.store.sandboxes import SandboxRow
 from tests.kit import internet as fake_internet
+from tests.kit import postgres as kit_postgres
 from tests.kit import processes
 from tests.kit.connect import call
 from tests.kit.http import CallbackReceiver
@@ -194,10 +196,57 @@ def settings() -> Iterator[Settings]:
     shutil.rmtree(runtime, ignore_errors=True)
 
 
+# -- the databases: SQLite, and PostgreSQL on a throwaway cluster -----------------------------
+
+DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A unit test on the `store` runs on every database; so does a test using `database`."""
+    names = set(metafunc.fixturenames)
+    store_level = "store" in names and not INTEGRATION_FIXTURES & names
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        return
+    asks = "database" in inspect.signature(metafunc.function).parameters
+    if "database" in names and (store_level or asks):
+        metafunc.parametrize("database", DATABASES, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[kit_postgres.Cluster]:
+    """The session's PostgreSQL cluster, its template database migrated to the head."""
+    if reason := kit_postgres.unavailable():
+        pytest.skip(reason)
+    with kit_postgres.cluster() as cluster:
+        migrated = Store.open(
+            Settings(data_dir=Path("/nonexistent")), url=cluster.url(kit_postgres.MIGRATED)
+        )
+        migrated.close()
+        yield cluster
+
+
 @pytest.fixture
-def store_settings(tmp_path: Path) -> Settings:
-    """Settings of a store of its own (SQLite in the test's tmp_path), for store tests."""
-    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run", base_template="off")
+def database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The test's database URL: "" (SQLite in its data dir) unless the test runs on
+    PostgreSQL (`DATABASES`), then a fresh database, migrated, of its own."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield ""
+        return
+    cluster: kit_postgres.Cluster = request.getfixturevalue("postgres")
+    with cluster.database(template=kit_postgres.MIGRATED) as url:
+        yield url
+
+
+@pytest.fixture
+def store_settings(tmp_path: Path, database: str) -> Settings:
+    """Settings of a store of its own, for store tests: SQLite in the test's tmp_path, or
+    the test's PostgreSQL database when it runs on that (`database`)."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        runtime_dir=tmp_path / "run",
+        base_template="off",
+        database_url=database,
+    )
 
 
 @pytest.fixture
