@@ -138,7 +138,7 @@ class Notifications:
                     self._fan_out(RECHECK, "")
                     delay = self.reconnect_delay
                     while not self._closed.is_set():
-                        for note in conn.notifies(timeout=1.0):
+                        for note in conn.notifies(timeout=0.5):
                             self._heard(note.payload)
             except psycopg.Error as exc:
                 self.listening.clear()
