@@ -218,6 +218,7 @@ async def _follow_as_written(reader: Store, writer: Store, team: Team, queue: Jo
         chunks, ended = await asyncio.wait_for(anext(batches), CEILING)
         got.extend(c.data for c in chunks)
         assert ended is None
+        assert reader.connections_in_use == 0  # a stream holds no connection between reads
     writer.end_attempt(attempt, "succeeded", "exit 0", exit_code=0)
     chunks, ended = await asyncio.wait_for(anext(batches), CEILING)
     assert got == [b"one\n", b"two\n", b"three\n"] and not chunks

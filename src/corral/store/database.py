@@ -120,6 +120,7 @@ class Database:
         self._db = db
         self.settings = settings
         self.notifications = Notifications(db.url)
+        self._autocommit_reads = db.dialect.name == "postgresql"
 
     @classmethod
     def open(cls, settings: Settings, url: str | None = None) -> Self:
@@ -148,6 +149,12 @@ class Database:
         self._db.dispose()
 
     @property
+    def connections_in_use(self) -> int:
+        """Connections taken from the pool now (a waiting follower holds none)."""
+        pool = self._db.pool
+        return pool.checkedout() if isinstance(pool, sa.pool.QueuePool) else 0
+
+    @property
     def url(self) -> str:
         return self._db.url.render_as_string(hide_password=True)
 
@@ -169,5 +176,12 @@ class Database:
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
-        with self._db.connect() as conn, conn.begin():
-            yield conn
+        """A read. On PostgreSQL without a transaction: at READ COMMITTED each statement
+        sees its own snapshot either way, and BEGIN and ROLLBACK would be two more round
+        trips per read; SQLite's read transaction keeps one snapshot for all of them."""
+        with self._db.connect() as conn:
+            if self._autocommit_reads:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+                return
+            with conn.begin():
+                yield conn
