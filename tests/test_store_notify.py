@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
+from corral.errors import InvalidRequest
 from corral.isolation import Engine
 from corral.jobs.queue import JobQueue, JobSignals
 from corral.jobs.worker import Worker
@@ -225,3 +226,10 @@ async def _follow_as_written(reader: Store, writer: Store, team: Team, queue: Jo
     assert ended is not None and ended.state == "succeeded"
     with pytest.raises(StopAsyncIteration):  # the follow ended with the job
         await anext(batches)
+
+
+def test_a_pool_with_no_connection_is_refused_naming_its_variable() -> None:
+    with pytest.raises(InvalidRequest, match="CORRAL_DATABASE_POOL_SIZE=0"):
+        Settings.from_env({"CORRAL_DATABASE_POOL_SIZE": "0"})
+    with pytest.raises(InvalidRequest, match="CORRAL_DATABASE_POOL_OVERFLOW"):
+        Settings.from_env({"CORRAL_DATABASE_POOL_OVERFLOW": "-1"})
