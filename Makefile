@@ -14,13 +14,13 @@ DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
 # runsc: gVisor, the `gvisor` isolation tier's kernel in user space (issue 15). On Debian 12
 # it comes from bookworm-backports (`gvisor-runsc` below): bookworm's own is from 2022.
 DEBIAN_PACKAGES += runsc
+# PostgreSQL (issue 16): the tests start a throwaway cluster of it (tests/kit/postgres.py) and
+# run the store, queue and API tests on it as on SQLite; the driver is psycopg's wheel.
+DEBIAN_PACKAGES += postgresql
 # The microvm tier (issue 15): QEMU, qemu-img, and busybox for the guest's initramfs.
 # (virtiofsd, which serves volumes and the host's /usr to its guests, comes with
 # qemu-system-x86: /usr/lib/qemu/virtiofsd, in qemu-system-common.)
 DEBIAN_PACKAGES += qemu-system-x86 qemu-utils busybox-static
-# PostgreSQL (issue 16): the tests start a throwaway cluster of it (tests/kit/postgres.py) and
-# run the store, queue and API tests on it as on SQLite; the driver is psycopg's wheel.
-DEBIAN_PACKAGES += postgresql
 # Its guest kernel: Debian's cloud kernel .deb, fetched by `corral.isolation.guest_kernel`.
 GUEST_KERNEL_DIR := .cache/guest-kernel
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.

@@ -53,7 +53,17 @@ TIERS = ("unit", "integration", "acceptance")
 # of them (directly or through another fixture) is an integration test. `settings` is the
 # session's runtime dir for real engines and servers; unit tests use `store_settings`.
 INTEGRATION_FIXTURES = frozenset(
-    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime", "internet", "tier"}
+    {
+        "settings",
+        "engine",
+        "sandbox",
+        "sandbox_host",
+        "server",
+        "db_server",
+        "own_runtime",
+        "internet",
+        "tier",
+    }
 )
 # Markers that already say a test needs a real sandbox.
 INTEGRATION_MARKERS = ("sandbox", "hostile")
@@ -207,7 +217,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     store_level = "store" in names and not INTEGRATION_FIXTURES & names
     if metafunc.definition.get_closest_marker("sqlite_only"):
         return
-    asks = "database" in inspect.signature(metafunc.function).parameters
+    used = [m.args for m in metafunc.definition.iter_markers("usefixtures")]
+    asks = "database" in inspect.signature(metafunc.function).parameters or any(
+        "database" in args for args in used
+    )
+    if any("database" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")):
+        return  # the test picks its databases itself
     if "database" in names and (store_level or asks):
         metafunc.parametrize("database", DATABASES, indirect=True)
 
@@ -625,21 +640,58 @@ def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
     return LiveWorker(process, log)
 
 
-@pytest.fixture(scope="session")
-def server(settings: Settings) -> Iterator[LiveServer]:
-    """One server for the session; tests that stop servers start their own. Its callbacks
-    may go to receivers on loopback (the tests'), which a server refuses by default."""
-    allow = {"CORRAL_CALLBACK_ALLOW": "127.0.0.1"}
-    data = settings.runtime_dir / "server-data"
+def session_server(settings: Settings, name: str, database_url: str = "") -> LiveServer:
+    """A server for the session, data under `name`, its store at `database_url` (else
+    SQLite in its data dir). Its callbacks may go to receivers on loopback (the tests'),
+    which a server refuses by default."""
+    env = {"CORRAL_CALLBACK_ALLOW": "127.0.0.1", "CORRAL_DATABASE_URL": database_url}
+    data = settings.runtime_dir / name
     if base_unavailable() is None:  # `base`: a tier without the host template starts from it
         from tests.kit import e2b_base
 
         e2b_base.install(data)
-    live = start_server(settings, data, extra_env=allow)
+    return start_server(settings, data, extra_env=env)
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings) -> Iterator[LiveServer]:
+    """One server for the session; tests that stop servers start their own."""
+    live = session_server(settings, "server-data")
     try:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(settings: Settings, postgres: kit_postgres.Cluster) -> Iterator[LiveServer]:
+    """`server`'s twin on PostgreSQL: a database of its own on the session's cluster."""
+    with postgres.database(template=kit_postgres.MIGRATED) as url:
+        live = session_server(settings, "pg-server-data", url)
+        try:
+            yield live
+        finally:
+            live.stop()
+
+
+@pytest.fixture(scope="session", params=DATABASES)
+def db_server(request: pytest.FixtureRequest) -> LiveServer:
+    """The session's server on each database in turn: `server`, then `pg_server`. An API
+    test whose outcome is the store's takes it instead of `server`."""
+    name = "server" if request.param == "sqlite" else "pg_server"
+    live: LiveServer = request.getfixturevalue(name)
+    return live
+
+
+def database_url(request: pytest.FixtureRequest) -> str:
+    """For a fixture parametrized over DATABASES that starts its own server: "" (SQLite in
+    its data dir) or a fresh database on the session's cluster, dropped after the test."""
+    if request.param == "sqlite":
+        return ""
+    cluster: kit_postgres.Cluster = request.getfixturevalue("postgres")
+    name = cluster.create_database(template=kit_postgres.MIGRATED)
+    request.addfinalizer(lambda: cluster.drop_database(name))
+    return cluster.url(name)
 
 
 @pytest.fixture
@@ -676,10 +728,12 @@ def own_runtime(settings: Settings) -> Iterator[Settings]:
 @pytest.fixture
 def msettings(own_runtime: Settings, store_settings: Settings) -> Settings:
     """Settings for the test's own SandboxManagers: a private runtime dir (the host's
-    admission counts every sandbox of one), the data dir of `store`; skips (saying why)
-    where the host cannot run namespace sandboxes."""
+    admission counts every sandbox of one), the data dir and database of `store`; skips
+    (saying why) where the host cannot run namespace sandboxes."""
     require_backend(own_runtime, "namespace")
-    return own_runtime.with_(data_dir=store_settings.data_dir)
+    return own_runtime.with_(
+        data_dir=store_settings.data_dir, database_url=store_settings.database_url
+    )
 
 
 StartManager = Callable[..., Awaitable["SandboxManager"]]

@@ -31,6 +31,7 @@
     ├── QuotaExceeded             the team's quota refuses it
     ├── CapacityExceeded          the host has no room for it (memory committed)
     ├── IsolationUnavailable      the host cannot give the isolation asked for
+    ├── SchemaTooNew              the database was migrated by a newer Corral than this one
     ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
     ├── WaitTimedOut              a wait ran out of time (also a TimeoutError)
     ├── SandboxError
@@ -191,6 +192,10 @@ class CapacityExceeded(CorralError):
 
 class IsolationUnavailable(CorralError):
     """The host cannot provide the isolation asked for; run `corral doctor`."""
+
+
+class SchemaTooNew(CorralError):
+    """The database's schema is newer than this Corral knows: upgrade Corral."""
 
 
 class ServerUnavailable(CorralError):
