@@ -133,10 +133,16 @@ async def test_a_cancel_from_another_process_stops_a_running_job_at_once(
     other = open_store(settings, pg_url)
     try:
         team = store.create_team("stopped")
-        spec = {"kind": "command", "command": ["sleep", "600"]}
-        async with listening_worker(settings, store) as worker:
+        spec = {"kind": "command", "command": ["sh", "-c", "echo up; exec sleep 600"]}
+        async with listening_worker(settings, store):
             row, _ = other.insert_job(new_job_row(team, spec=spec))
-            await until(lambda: worker.running == 1, "the job to run", timeout=CEILING)
+
+            def printed() -> bool:
+                found = store.job(row.id)
+                return found is not None and found.next_log_seq > 0
+
+            # Its command runs (a cancel while its sandbox starts is another path).
+            await until(printed, "the job to print", timeout=CEILING)
             other.cancel_job(row.id, "by a test")
             ended = await final(store, row.id)
         assert ended.state == "canceled", ended
