@@ -16,17 +16,18 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from corral.config import Settings
 from corral.errors import SchemaTooNew
 from corral.store import Store, Team
-from corral.store.database import alembic_config
+from corral.store.database import MIGRATIONS, alembic_config
 from corral.store.schema import jobs, metadata, teams
-from tests.conftest import DATABASES
+from tests.conftest import DATABASES, TEST_CGROUP_PARENT
 from tests.kit.postgres import Cluster
 from tests.test_job_store import ISOLATIONS, submit
 
-HEAD = "0015"
+HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
 @pytest.fixture(params=DATABASES)
@@ -66,25 +67,34 @@ def test_every_migration_runs_from_empty_down_to_empty_and_up_again(
         store.close()
 
 
-def corral_admin(url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`corral admin ARGS` on the database at `url`, as an operator runs it."""
+def corral(url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`corral ARGS` on the database at `url`, as an operator runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     return subprocess.run(
-        [sys.executable, "-m", "corral.cli", "admin", *args],
-        env={**env, "CORRAL_DATA_DIR": str(data_dir), "CORRAL_DATABASE_URL": url},
+        [sys.executable, "-m", "corral.cli", *args],
+        env={
+            **env,
+            "CORRAL_DATA_DIR": str(data_dir),
+            "CORRAL_DATABASE_URL": url,
+            # A server's own, never the machine's (it is refused before it uses them).
+            "CORRAL_RUNTIME_DIR": str(data_dir / "run"),
+            "CORRAL_CONFIG": str(data_dir / "config"),
+            "CORRAL_CGROUP_PARENT": TEST_CGROUP_PARENT,
+        },
         capture_output=True,
         text=True,
         timeout=60,
     )
 
 
+@pytest.mark.acceptance  # the CLI as an operator runs it
 def test_admin_migrate_says_what_it_did_and_a_newer_schema_is_refused(
     empty_url: str, tmp_path: Path
 ) -> None:
-    done = corral_admin(empty_url, tmp_path, "migrate")
+    done = corral(empty_url, tmp_path, "admin", "migrate")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"schema migrated from revision (empty) to {HEAD}\n"
-    done = corral_admin(empty_url, tmp_path, "migrate")
+    done = corral(empty_url, tmp_path, "admin", "migrate")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"schema at revision {HEAD}: up to date\n"
 
@@ -96,8 +106,8 @@ def test_admin_migrate_says_what_it_did_and_a_newer_schema_is_refused(
     store.close()
     with pytest.raises(SchemaTooNew, match=f"revision 0099, which this Corral .schema {HEAD}"):
         Store.open(Settings(data_dir=tmp_path), url=empty_url)
-    for args in (("migrate",), ("team", "list")):  # and so the server and workers
-        done = corral_admin(empty_url, tmp_path, *args)
+    for args in (("admin", "migrate"), ("admin", "team", "list"), ("server", "--port", "0")):
+        done = corral(empty_url, tmp_path, *args)
         assert done.returncode != 0
         assert "is at schema revision 0099" in done.stderr
         assert "Upgrade Corral" in done.stderr

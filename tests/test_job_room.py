@@ -106,12 +106,16 @@ def test_the_migration_fills_memory_from_the_specs_limits(store_settings: Settin
     """Jobs queued before revision 0006 get their memory from their spec, else 512 MiB."""
     store = Store.open(store_settings)
     team = store.create_team("a")
-    with store._write() as conn:
+    # On the store's database, but not through its connections: SQLite's would have foreign
+    # keys on, and the downgrades' table copies (batch mode) would then cascade-delete rows.
+    db = sa.create_engine(store._db.url)
+    with db.begin() as conn:
         command.downgrade(alembic_config(conn), "0005")
         for spec in ({"command": ["true"]}, {"command": ["true"], "limits": {"memory_mib": 64}}):
             row = asdict(new_job_row(team, spec=spec))
             del row["memory_mib"]
             conn.execute(jobs.insert().values(**row))
+    db.dispose()
     store.close()
     store = Store.open(store_settings)  # migrates to the head again
     try:

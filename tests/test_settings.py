@@ -48,7 +48,7 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
         raw, parsed = "100000", 100000
     if name in ("network_modes", "network_private_allow"):  # checked as modes, CIDRs
         raw = parsed = {"network_modes": "none,allowlist"}.get(name, "10.99.0.0/16")
-    if name in ("e2b_network", "base_template", "gvisor_platform"):  # one of a few words
+    if name in ("e2b_network", "base_template", "gvisor_platform", "metrics"):  # a few words
         raw = parsed = {"e2b_network": "internet", "gvisor_platform": "ptrace"}.get(name, "off")
     if name == "pools":  # checked as TIER:TEMPLATE=SIZE entries
         raw = parsed = "gvisor:base=1,microvm:host=0"
@@ -67,6 +67,8 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
         ("CORRAL_E2B_NETWORK", "all", "CORRAL_E2B_NETWORK='all' is unknown: use none"),
         ("CORRAL_GVISOR_PLATFORM", "fast", "='fast' is unknown: use auto, systrap, kvm, ptrace"),
         ("CORRAL_POOLS", "gvisor=1", "entry 'gvisor=1' is not TIER:TEMPLATE=SIZE"),
+        ("CORRAL_METRICS", "yes", "CORRAL_METRICS='yes' is unknown: use auth"),
+        ("CORRAL_METRICS_PORT", "70000", "CORRAL_METRICS_PORT=70000 is not a port"),
         ("CORRAL_DATABASE_URL", "corral.db", "is not a database URL: use e.g. sqlite:"),
         ("CORRAL_DATABASE_URL", "me:secret@db/corral", r"URL='…@db/corral' is not a database"),
     ],

@@ -110,62 +110,48 @@ class Cluster:
             command = ["runuser", "-u", self.owner, "--", *command]
         done = subprocess.run(command, capture_output=True, text=True, cwd=self.root)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {done.stdout}{done.stderr}")
+            raise ClusterFailed(f"{' '.join(command)} failed: {done.stdout}{done.stderr}")
 
-    def stop(self) -> None:
-        self._run("pg_ctl", "stop", "-D", str(self.root / "data"), "-m", "immediate", "-w")
+    def destroy(self) -> None:
+        """Stop the cluster (at once: nothing in it is kept) and delete its files."""
+        try:
+            self._run("pg_ctl", "stop", "-D", str(self.root / "data"), "-m", "immediate", "-w")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
-@contextmanager
-def cluster() -> Iterator[Cluster]:
-    """Start a cluster (see the module's docstring); stop and delete it after."""
+class ClusterFailed(RuntimeError):
+    """initdb or pg_ctl failed (the message holds their output)."""
+
+
+def start() -> Cluster:
+    """Start a cluster (see the module's docstring); `Cluster.destroy` stops and deletes it."""
     found = bin_dir()
     assert found is not None, unavailable()
     root = Path(tempfile.mkdtemp(prefix="corral-pg-"))
     owner = "postgres" if os.geteuid() == 0 else None
+    pwfile = root / "pwfile"
+    pg = Cluster(found, root, _free_port(), secrets.token_hex(16), owner)
+    pwfile.write_text(pg.password + "\n")
     if owner:
         entry = pwd.getpwnam(owner)
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-    password = secrets.token_hex(16)
-    pg = Cluster(found, root, _free_port(), password, owner)
-    pwfile = root / "pwfile"
-    pwfile.write_text(password + "\n")
-    if owner:
-        os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+        for path in (root, pwfile):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    data = str(root / "data")
+    # Its sessions' time zone is far from UTC (+13:45): the store must not depend on it.
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {root} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 "
+        "-c timezone=Pacific/Chatham"
+    )
     try:
-        pg._run(
-            "initdb",
-            "-D",
-            str(root / "data"),
-            "-U",
-            USER,
-            "--pwfile",
-            str(pwfile),
-            "--auth=scram-sha-256",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-sync",
-        )
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {root} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=300"
-        )
-        pg._run(
-            "pg_ctl",
-            "start",
-            "-D",
-            str(root / "data"),
-            "-w",
-            "-l",
-            str(root / "log"),
-            "-o",
-            options,
-        )
-        try:
-            pg.sql(f'CREATE DATABASE "{MIGRATED}"')
-            yield pg
-        finally:
-            pg.stop()
-    finally:
+        pg._run("initdb", "-D", data, "-U", USER, "--pwfile", str(pwfile),
+                "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-sync")  # fmt: skip
+        pg._run("pg_ctl", "start", "-D", data, "-w", "-l", str(root / "log"), "-o", options)
+    except ClusterFailed as exc:
+        log = root / "log"
+        message = f"{exc}{log.read_text() if log.exists() else ''}"
         shutil.rmtree(root, ignore_errors=True)
+        raise ClusterFailed(message) from None
+    pg.sql(f'CREATE DATABASE "{MIGRATED}"')
+    return pg

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from corral.cli._common import (
     add_output,
     command,
+    env_file_option,
     err,
     group,
     number,
@@ -35,6 +36,12 @@ QUOTA_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("--max-disk-mib", whole(0), "writable storage of its live sandboxes, in total"),
     ("--max-running-jobs", whole(0), "its jobs running at once"),
     ("--max-log-mib", whole(0), "its stored job logs"),
+    (
+        "--max-api-rate",
+        number(float, minimum=0),
+        "requests a second per API key (0: the server's CORRAL_API_RATE)",
+    ),
+    ("--max-api-streams", whole(0), "streams open at once per API key (0: the server's)"),
 )
 
 if TYPE_CHECKING:
@@ -146,6 +153,7 @@ def add_commands(commands: Commands) -> None:
             help="the server's database when not SQLite in the data directory, e.g."
             " postgresql://USER:PASSWORD@HOST/DB",
         )
+        env_file_option(p)  # the server's (/etc/corral/corral.env): its store, its database
         return p
 
     in_store(admin, "migrate", migrate)

@@ -13,6 +13,7 @@ from connectrpc.errors import ConnectError
 from corral._aio import stop_tasks
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
+from corral.client._tls import http_client
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 from corral.v1.templates_connect import TemplateServiceClient
@@ -42,10 +43,13 @@ class Connection:
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
+        # https: verified with the settings' CA file, else the system's CAs (never not).
+        self._http = http_client(settings.ca_file)
         self.rpc = SandboxServiceClient(
             settings.server,
             accept_compression=(),  # loopback and LANs: compression costs more than it saves
             send_compression=None,
+            http_client=self._http,
         )
         self._headers: Mapping[str, str] = (
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
@@ -63,7 +67,10 @@ class Connection:
     def jobs(self) -> JobServiceClient:
         if self._jobs is None:
             self._jobs = JobServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
+                self.settings.server,
+                accept_compression=(),
+                send_compression=None,
+                http_client=self._http,
             )
         return self._jobs
 
@@ -71,7 +78,10 @@ class Connection:
     def volumes(self) -> VolumeServiceClient:
         if self._volumes is None:
             self._volumes = VolumeServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
+                self.settings.server,
+                accept_compression=(),
+                send_compression=None,
+                http_client=self._http,
             )
         return self._volumes
 
@@ -79,7 +89,10 @@ class Connection:
     def vms(self) -> VmServiceClient:
         if self._vms is None:
             self._vms = VmServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
+                self.settings.server,
+                accept_compression=(),
+                send_compression=None,
+                http_client=self._http,
             )
         return self._vms
 
@@ -87,7 +100,10 @@ class Connection:
     def templates(self) -> TemplateServiceClient:
         if self._templates is None:
             self._templates = TemplateServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
+                self.settings.server,
+                accept_compression=(),
+                send_compression=None,
+                http_client=self._http,
             )
         return self._templates
 

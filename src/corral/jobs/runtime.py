@@ -34,7 +34,7 @@ class JobRuntime:
         self.store = store
         self.signals = JobSignals()
         self._unlisten: Callable[[], None] | None = None
-        self.retention = Retention(store, settings.job_retention)
+        self.retention = Retention.from_settings(store, settings)
         # One policy for both ends: what Submit accepts and where deliveries may go.
         policy = CallbackPolicy.parse(settings.callback_allow)
         self.callbacks = CallbackDispatcher(

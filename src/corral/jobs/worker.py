@@ -31,11 +31,12 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from corral import logs
+from corral import instruments, logs, tracing
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
@@ -115,6 +116,7 @@ class Worker:
             self.policy.template,
             self.policy.isolation,
             may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
+            role="jobs",
         )
         self.sandboxes = JobSandboxes(engine, self.pool)
         self.volumes = Volumes(settings, store)
@@ -273,8 +275,19 @@ class Worker:
 
     async def _run(self, row: JobRow, stop: Stop) -> None:
         logs.start(job_id=row.id, team_id=row.team_id)  # this task runs this job only
+        # A trace of its own per attempt (the submit's request has the job's id too).
+        job: tracing.Attributes = {
+            "corral.job.id": row.id,
+            "corral.job.kind": row.kind,
+            "corral.job.attempt": row.attempt,
+        }
+        with tracing.span("job.run", job, parent=tracing.NEW_TRACE):
+            await self._attempt(row, stop)
+
+    async def _attempt(self, row: JobRow, stop: Stop) -> None:
         attempt = Attempt(row.id, self.name, row.attempt)
         self.signals.changed(row.id)
+        began = time.perf_counter()
         freed = False  # whether the attempt had (or may have had) a sandbox, now gone
         try:
             if row.cancel_reason is not None:  # canceled between the claim and now
@@ -305,11 +318,13 @@ class Worker:
                     functools.partial(self.volumes.mounts, row.team_id),
                 )
             outcome = await runner.run()
+            _observe_attempt(spec.kind, outcome.state, time.perf_counter() - began)
             freed = outcome.state != "no_room"
             ended = self._end(row, spec, attempt, outcome)
             if ended is not None and self.on_end is not None:
                 self.on_end(ended)
         except Exception as exc:
+            _observe_attempt(str(row.spec.get("kind", "")), "error", time.perf_counter() - began)
             log.exception("running a job failed", extra={"job_id": row.id})
             with contextlib.suppress(Exception):
                 self.store.end_attempt(attempt, "failed", f"failed: {exc}", exit_code=None)
@@ -324,6 +339,7 @@ class Worker:
             self.pool.wake()
 
     def _end(self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome) -> JobRow | None:
+        tracing.annotate({"corral.job.outcome": outcome.state})
         if outcome.state == "lost":
             log.warning("job lost its lease mid-run; left to the queue", extra={"job_id": row.id})
             return None
@@ -388,3 +404,10 @@ class Worker:
             self.store.make_due(job_id)
         except Exception:  # it is claimed at its run_after instead
             log.exception("waking a job that waits for room failed", extra={"job_id": job_id})
+
+
+def _observe_attempt(kind: str, outcome: str, seconds: float) -> None:
+    """Count and time a job attempt that ended (`outcome`: its state, or "error" when
+    running it failed)."""
+    instruments.JOB_ATTEMPTS.labels(kind=kind, outcome=outcome).inc()
+    instruments.JOB_DURATION.labels(kind=kind, outcome=outcome).observe(seconds)

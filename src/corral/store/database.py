@@ -25,6 +25,7 @@ from sqlalchemy import event
 from corral.config import Settings, check_database_url
 from corral.errors import InvalidRequest, SchemaTooNew
 from corral.store.notifications import Notifications
+from corral.store.timing import time_transactions
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -200,6 +201,7 @@ class Database:
             os.close(os.open(settings.data_dir / "corral.db", os.O_RDWR | os.O_CREAT, 0o600))
             url = sqlite_url(settings)
         db = _engine(url, settings)
+        time_transactions(db, write_option=_IMMEDIATE)
         store = cls(db, settings)
         try:
             _reach(db)
@@ -247,8 +249,7 @@ class Database:
         sees its own snapshot either way, and BEGIN and ROLLBACK would be two more round
         trips per read; SQLite's read transaction keeps one snapshot for all of them."""
         with self._db.connect() as conn:
-            if self._autocommit_reads:
-                yield conn.execution_options(isolation_level="AUTOCOMMIT")
-                return
+            if self._autocommit_reads:  # begin and commit then send nothing (still timed)
+                conn.execution_options(isolation_level="AUTOCOMMIT")
             with conn.begin():
                 yield conn
