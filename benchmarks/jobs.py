@@ -170,8 +170,11 @@ def database(name: str) -> Iterator[str]:
 
     if reason := postgres.unavailable():
         raise SystemExit(f"--database postgresql: {reason}")
-    with postgres.cluster() as cluster:
+    cluster = postgres.start()
+    try:
         yield cluster.url(postgres.MIGRATED)
+    finally:
+        cluster.destroy()
 
 
 async def main(quick: bool, database_name: str = "sqlite") -> dict[str, Any]:
