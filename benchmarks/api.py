@@ -50,11 +50,16 @@ def running_server(
     pool_size: int,
     extra_env: dict[str, str] | None = None,
     runtime_dir: Path | None = None,
+    database_url: str = "",
 ) -> Iterator[tuple[str, str]]:
-    """A `corral server` subprocess; yields (url, API key of a team with room for bursts)."""
+    """A `corral server` subprocess; yields (url, API key of a team with room for bursts).
+    Its store is SQLite in its data dir, or the database at `database_url`."""
     data = root / name
     settings = Settings(
-        data_dir=data, runtime_dir=runtime_dir or root / "run", cgroup_parent=CGROUP_PARENT
+        data_dir=data,
+        runtime_dir=runtime_dir or root / "run",
+        cgroup_parent=CGROUP_PARENT,
+        database_url=database_url,
     )
     store = Store.open(settings)
     try:
@@ -80,6 +85,7 @@ def running_server(
         # A burst of 50 sandboxes of 512 MiB passes a small host's capacity; each runs
         # `echo hi` and uses a few MiB, so the bench may promise more than the host has.
         "CORRAL_MEMORY_OVERCOMMIT": "8",
+        "CORRAL_DATABASE_URL": database_url,
         **(extra_env or {}),
     }
     process = subprocess.Popen(

@@ -1,6 +1,11 @@
 """Jobs benchmark: throughput and queue latency of sandboxed jobs through the API.
 
     uv run python benchmarks/jobs.py --json
+    uv run python benchmarks/jobs.py --json --database postgresql
+
+The store is SQLite in the server's data dir, or with `--database postgresql` a
+throwaway PostgreSQL cluster started for the run (as the tests start theirs:
+`tests/kit/postgres.py`), stopped and deleted after.
 
 Against a real `corral server` with its default worker pool (CORRAL_JOB_WORKERS), every
 job in a fresh sandbox:
@@ -17,16 +22,21 @@ p50 <= 25.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.kit
 
 from api import running_server
 from engine import create_to_first_output, percentiles, raw_bwrap, run_cli
@@ -149,7 +159,25 @@ def _tmpfs_dir() -> Path | None:
     return None
 
 
-async def main(quick: bool) -> dict[str, Any]:
+@contextmanager
+def database(name: str) -> Iterator[str]:
+    """The store's URL: "" (SQLite in the server's data dir), or a PostgreSQL database on
+    a cluster of its own for the run."""
+    if name == "sqlite":
+        yield ""
+        return
+    from tests.kit import postgres
+
+    if reason := postgres.unavailable():
+        raise SystemExit(f"--database postgresql: {reason}")
+    cluster = postgres.start()
+    try:
+        yield cluster.url(postgres.MIGRATED)
+    finally:
+        cluster.destroy()
+
+
+async def main(quick: bool, database_name: str = "sqlite") -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="corral-bench-jobs-", dir="/var/tmp"))
     root.chmod(0o755)
     # Sandboxes' runtime files on tmpfs, as with the default runtime dir (/run/corral as
@@ -158,9 +186,18 @@ async def main(quick: bool) -> dict[str, Any]:
     runtime = Path(tempfile.mkdtemp(prefix="corral-bench-jobs-", dir=tmpfs))
     runtime.chmod(0o755)
     workers = Settings.from_env().job_workers
-    report: dict[str, Any] = {"job_workers": workers, "runtime_dir": str(tmpfs)}
+    report: dict[str, Any] = {
+        "database": database_name,
+        "job_workers": workers,
+        "runtime_dir": str(tmpfs),
+    }
     try:
-        with running_server(root, "jobs", pool_size=0, runtime_dir=runtime) as (url, key):
+        with (
+            database(database_name) as database_url,
+            running_server(
+                root, "jobs", pool_size=0, runtime_dir=runtime, database_url=database_url
+            ) as (url, key),
+        ):
             await throughput(url, key, 20)  # warm up (agent install, caches, pool)
             await asyncio.sleep(0.5)
             lat = await latency(url, key, 30 if quick else 100, pace=0.05)
@@ -195,4 +232,8 @@ async def main(quick: bool) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_cli(__doc__, main)
+    # --database is this benchmark's own option; run_cli reads the common ones.
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
+    options, sys.argv[1:] = own.parse_known_args()
+    run_cli(__doc__, functools.partial(main, database_name=options.database))

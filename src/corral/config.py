@@ -62,6 +62,10 @@ class Settings:
     allow_process_backend: bool = False
     # The store: any SQLAlchemy URL; empty means SQLite at <data_dir>/corral.db.
     database_url: str = ""
+    # PostgreSQL's connections per process: kept open, and opened beyond them under load
+    # (each process also holds one more, outside the pool, that LISTENs for wake-ups).
+    database_pool_size: int = 5
+    database_pool_overflow: int = 10
     # Sandboxes' cgroups go under this name in every hierarchy (v1) or the unified tree (v2).
     cgroup_parent: str = "corral"
     # When Corral runs as root, each live sandbox owns one of `uid_slots` ranges of
@@ -240,6 +244,12 @@ class Settings:
             )
         if self.database_url:
             check_database_url(self.database_url)
+        if self.database_pool_size < 1 or self.database_pool_overflow < 0:
+            raise InvalidRequest(
+                f"CORRAL_DATABASE_POOL_SIZE={self.database_pool_size} and "
+                f"CORRAL_DATABASE_POOL_OVERFLOW={self.database_pool_overflow}: keep at least "
+                "one connection open (size >= 1) and allow 0 or more beyond it (overflow)"
+            )
         domain = self.ports_domain.strip(".")
         if not domain or not all(c.isascii() and (c.isalnum() or c in ".-") for c in domain):
             raise InvalidRequest(

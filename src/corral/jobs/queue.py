@@ -6,7 +6,8 @@
 
 Everything a reader sees comes from the store, so a reader never sees output that a
 crash could take back. Readers in the process that runs the job are woken at once
-(`JobSignals`); readers of jobs that other processes run poll the store.
+(`JobSignals`); readers of jobs that other processes run are woken by the store's
+notifications on PostgreSQL (`corral.store.notifications`), and poll the store on SQLite.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from corral.sandboxes.volumes import Volumes
 from corral.states import JOB_STATES
 from corral.store import Store, Team
 from corral.store.job_logs import LogChunkRow
-from corral.store.job_rows import JobEventRow, JobRow
+from corral.store.job_rows import JOB_CANCELED, JOB_CHANGED, JOBS_QUEUED, JobEventRow, JobRow
+from corral.store.notifications import RECHECK, SAFETY_POLL_SECONDS, Notifications
 from corral.store.pages import check_page_size
 from corral.store.teams import check_totals
 from corral.templates import TemplateCatalog
@@ -48,8 +50,9 @@ class _Reader(Protocol[T]):
     def __call__(self, job_id: str, offset: int) -> list[T]: ...
 
 
-# How often a follower re-reads the store when no in-process signal can wake it (the
-# job runs in another process), and how many rows (and bytes of logs) one read returns.
+# How often a follower or a worker re-reads the store when nothing can wake it (the job
+# runs, or is queued, in another process, on SQLite), and how many rows (and bytes of
+# logs) one read returns.
 POLL_SECONDS = 0.25
 PAGE_ROWS = 500
 PAGE_BYTES = 1024 * 1024
@@ -57,13 +60,37 @@ MAX_IDEMPOTENCY_KEY = 255
 
 
 class JobSignals:
-    """In-process wake-ups between the API and the workers of one process."""
+    """Wake-ups of the API's followers and the workers: from this process directly, and
+    from other processes through the store's notifications once `listen`ing."""
 
     def __init__(self) -> None:
         self._queued = asyncio.Event()
         self._changed: dict[str, asyncio.Event] = {}
         # Running jobs of this process's workers: what stops each at once on a cancel.
         self.cancels: dict[str, Callable[[], None]] = {}
+        # How long a waiter sleeps before it reads the store again regardless.
+        self.poll = POLL_SECONDS
+
+    def listen(self, notifications: Notifications) -> Callable[[], None]:
+        """Wake on the changes other processes commit too; returns the call that stops.
+        Where they do wake us (PostgreSQL), polling is only a slow safety net."""
+        if notifications.cross_process:
+            self.poll = SAFETY_POLL_SECONDS
+        return notifications.subscribe(self._heard)
+
+    def _heard(self, channel: str, payload: str) -> None:
+        if channel == JOBS_QUEUED:
+            self.queued()
+        elif channel == JOB_CHANGED:
+            self.changed(payload)
+        elif channel == JOB_CANCELED:
+            self.cancel(payload)
+        elif channel == RECHECK:
+            # Changes may have gone unheard: every waiter reads the store again (a cancel
+            # missed meanwhile reaches its worker at the next heartbeat).
+            self.queued()
+            for job_id in list(self._changed):
+                self.changed(job_id)
 
     def queued(self) -> None:
         """A job was queued: wake the workers."""
@@ -325,7 +352,7 @@ class JobQueue:
             if row.final or left <= 0:
                 return self._record(row)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), min(left, POLL_SECONDS))
+                await asyncio.wait_for(wake.wait(), min(left, self.signals.poll))
 
     def retry(self, team: Team, job_id: str) -> JobRecord:
         row = self._row(team, job_id)
@@ -363,7 +390,7 @@ class JobQueue:
     ) -> AsyncIterator[tuple[list[LogChunkRow], JobRecord | None]]:
         """Batches of log chunks from `offset`; the last batch carries the finished job
         when the stream ended because the job did (always with `follow`). A follow also
-        ends, within a poll, once `stop` is set (its reader went away)."""
+        ends once `stop` is set (its reader went away)."""
 
         def read(job_id: str, offset: int) -> list[LogChunkRow]:
             return self.store.job_logs(job_id, offset, PAGE_ROWS, max_bytes=PAGE_BYTES)
@@ -428,5 +455,14 @@ class JobQueue:
                 return
             if rows:
                 yield rows, None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), POLL_SECONDS)
+            await _first(wake, stop, self.signals.poll)
+
+
+async def _first(wake: asyncio.Event, stop: asyncio.Event | None, timeout: float) -> None:
+    """Until `wake` or `stop` is set, or `timeout` seconds pass."""
+    waits = [asyncio.ensure_future(e.wait()) for e in (wake, stop) if e is not None]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()

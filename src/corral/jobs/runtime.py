@@ -7,6 +7,8 @@ runs one alone against the same store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from corral.config import Settings
 from corral.isolation import Engine
 from corral.jobs.callback_policy import CallbackPolicy
@@ -29,7 +31,9 @@ class JobRuntime:
         workers: int | None = None,
         lease: float | None = None,
     ) -> None:
+        self.store = store
         self.signals = JobSignals()
+        self._unlisten: Callable[[], None] | None = None
         self.retention = Retention.from_settings(store, settings)
         # One policy for both ends: what Submit accepts and where deliveries may go.
         policy = CallbackPolicy.parse(settings.callback_allow)
@@ -70,6 +74,8 @@ class JobRuntime:
             self.callbacks.wake()  # the `done`/`error` POST goes out now, not at the next poll
 
     async def start(self) -> None:
+        # Before the worker's first claim: a job queued elsewhere after it wakes it.
+        self._unlisten = self.signals.listen(self.store.notifications)
         self.templates.load()
         await self.worker.start()
         self.callbacks.start()
@@ -79,3 +85,5 @@ class JobRuntime:
         await self.retention.aclose()
         await self.worker.aclose()
         await self.callbacks.aclose()
+        if self._unlisten is not None:
+            self._unlisten()

@@ -44,7 +44,7 @@ from corral.isolation import Engine
 from corral.isolation.footprint import process_start_time
 from corral.job_lifecycle import MAX_LOST, retries, retry_delay, room_wait
 from corral.jobs.build import BuildRunner
-from corral.jobs.queue import POLL_SECONDS, JobSignals, never_fits
+from corral.jobs.queue import JobSignals, never_fits
 from corral.jobs.runner import AttemptRunner, Outcome, Policy, Stop
 from corral.jobs.sandbox import JobSandboxes
 from corral.jobs.spec import BUILD_KIND, JobSpec
@@ -87,7 +87,7 @@ class Worker:
         concurrency: int | None = None,
         policy: Policy | None = None,
         lease: float | None = None,
-        poll: float = POLL_SECONDS,
+        poll: float | None = None,
         pool_size: int | None = None,
         on_end: Callable[[JobRow], None] | None = None,
     ) -> None:
@@ -102,6 +102,8 @@ class Worker:
             log_limit=settings.job_log_limit,
         )
         self.lease = float(lease or settings.job_lease)
+        # Between claims when nothing wakes the worker; None: its signals' (short on
+        # SQLite, a slow safety net where other processes' changes wake it).
         self.poll = poll
         self.name = worker_name()
         self.on_end = on_end
@@ -200,7 +202,20 @@ class Worker:
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)  # let the runs start before claiming more
                 continue
-            await self._sleep(self.poll)
+            await self._sleep(self._until_next_claim(isolations))
+
+    def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
+        """The poll, or less when a queued job comes due sooner (a retry's backoff, a
+        wait for room): nothing notifies that moment."""
+        poll = self.signals.poll if self.poll is None else self.poll
+        try:
+            due = self.store.next_run_after(isolations)
+        except Exception:
+            log.exception("reading when the next job is due failed")
+            return min(poll, 1.0)
+        if due is None:
+            return poll
+        return max(0.0, min(poll, (due - datetime.now(UTC)).total_seconds()))
 
     async def _sleep(self, seconds: float) -> None:
         """Until a job is queued in this process, a run ends, or `seconds` pass."""

@@ -223,6 +223,17 @@ class JobClaims(JobRows):
 
     # -- leases -------------------------------------------------------------------------
 
+    def next_run_after(self, isolations: Sequence[str]) -> datetime | None:
+        """When the next queued job with one of `isolations` that is not yet due is."""
+        with self._read() as conn:
+            found: datetime | None = conn.execute(
+                sa.select(sa.func.min(jobs.c.run_after))
+                .where(jobs.c.state == "queued")
+                .where(jobs.c.run_after > utcnow())
+                .where(jobs.c.isolation.in_(list(isolations)))
+            ).scalar_one()
+        return found
+
     def heartbeat(self, worker: str, job_ids: Iterable[str], lease: float) -> dict[str, StopReason]:
         """Extend the lease of this worker's running jobs. Returns the jobs it must stop,
         with why: a cancel was asked, or the job is no longer this worker's."""

@@ -24,6 +24,7 @@ from sqlalchemy import event
 
 from corral.config import Settings, check_database_url
 from corral.errors import InvalidRequest, SchemaTooNew
+from corral.store.notifications import Notifications
 from corral.store.timing import time_transactions
 
 if TYPE_CHECKING:
@@ -65,8 +66,13 @@ def _sqlite_engine(url: str) -> sa.Engine:
     return db
 
 
-def _engine(url: str) -> sa.Engine:
-    """The SQLAlchemy engine of `url`; a URL it cannot use says what to do instead."""
+def _engine(url: str, settings: Settings) -> sa.Engine:
+    """The SQLAlchemy engine of `url`; a URL it cannot use says what to do instead.
+
+    A server database (PostgreSQL) is reached through a pool of
+    `database_pool_size` connections kept open, and up to `database_pool_overflow` more
+    opened under load; each is checked before use (pre-ping), so one the server dropped
+    (a restart, an idle timeout) is replaced rather than failing a request."""
     check_database_url(url)
     try:
         parsed = sa.engine.make_url(url)
@@ -75,7 +81,12 @@ def _engine(url: str) -> sa.Engine:
         if parsed.drivername == "postgresql":
             # psycopg 3, the driver Corral installs (SQLAlchemy's default is psycopg2).
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return sa.create_engine(parsed)
+        return sa.create_engine(
+            parsed,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_pool_overflow,
+            pool_pre_ping=True,
+        )
     except sa.exc.NoSuchModuleError:
         raise InvalidRequest(
             f"CORRAL_DATABASE_URL={_shown(url)} names a database SQLAlchemy does not know: "
@@ -181,6 +192,8 @@ class Database:
     def __init__(self, db: sa.Engine, settings: Settings) -> None:
         self._db = db
         self.settings = settings
+        self.notifications = Notifications(db.url)
+        self._autocommit_reads = db.dialect.name == "postgresql"
 
     @classmethod
     def open(cls, settings: Settings, url: str | None = None) -> Self:
@@ -193,7 +206,7 @@ class Database:
             # the mode): it holds sandboxes' environments.
             os.close(os.open(settings.data_dir / "corral.db", os.O_RDWR | os.O_CREAT, 0o600))
             url = sqlite_url(settings)
-        db = _engine(url)
+        db = _engine(url, settings)
         time_transactions(db, write_option=_IMMEDIATE)
         store = cls(db, settings)
         try:
@@ -207,11 +220,22 @@ class Database:
         return store
 
     def close(self) -> None:
+        self.notifications.close()
         self._db.dispose()
+
+    @property
+    def connections_in_use(self) -> int:
+        """Connections taken from the pool now (a waiting follower holds none)."""
+        pool = self._db.pool
+        return pool.checkedout() if isinstance(pool, sa.pool.QueuePool) else 0
 
     @property
     def url(self) -> str:
         return self._db.url.render_as_string(hide_password=True)
+
+    def notify(self, conn: sa.Connection, channel: str, payload: str = "") -> None:
+        """Wake other processes' waiters on `channel` once this write commits."""
+        self.notifications.notify(conn, channel, payload)
 
     @contextmanager
     def migrating(self) -> Iterator[sa.Connection]:
@@ -239,10 +263,20 @@ class Database:
         """A transaction that will write: it holds the write lock from its start."""
         with self._db.connect() as conn:
             conn.execution_options(**{_IMMEDIATE: True})
-            with conn.begin():
-                yield conn
+            try:
+                with conn.begin():
+                    yield conn
+                    self.notifications.send(conn)
+            finally:
+                self.notifications.discard(conn)
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
-        with self._db.connect() as conn, conn.begin():
-            yield conn
+        """A read. On PostgreSQL without a transaction: at READ COMMITTED each statement
+        sees its own snapshot either way, and BEGIN and ROLLBACK would be two more round
+        trips per read; SQLite's read transaction keeps one snapshot for all of them."""
+        with self._db.connect() as conn:
+            if self._autocommit_reads:  # begin and commit then send nothing (still timed)
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+            with conn.begin():
+                yield conn

@@ -22,6 +22,13 @@ from corral.store.callback_outbox import deliveries
 from corral.store.database import Database
 from corral.store.schema import job_callbacks, job_events, jobs
 
+# What a job's changes say to other processes' waiters (`corral.store.notifications`),
+# sent by the transactions below, so no change can forget its wake-up.
+# A job is queued or due now, or one ended (a slot of its team's is free): workers claim.
+JOBS_QUEUED = "queued"
+JOB_CHANGED = "changed"  # payload: the job's id; it has new logs, events or state
+JOB_CANCELED = "cancel"  # payload: the job's id; its cancel was asked (its worker stops it)
+
 
 @dataclass(frozen=True)
 class JobRow:
@@ -175,9 +182,14 @@ def owns(row: JobRow, attempt: Attempt) -> bool:
 class JobRows(Database):
     """What the job store's parts share: a job's row under lock, its update, its events."""
 
-    @staticmethod
-    def _update(conn: sa.Connection, job_id: str, **values: Any) -> None:
+    def _update(self, conn: sa.Connection, job_id: str, **values: Any) -> None:
         conn.execute(_UPDATE_JOB, {**values, "job_id": job_id})
+        self.notify(conn, JOB_CHANGED, job_id)
+        state = values.get("state")
+        if state == "queued" or (state is not None and is_final(state)):
+            self.notify(conn, JOBS_QUEUED)
+        if values.get("cancel_reason"):
+            self.notify(conn, JOB_CANCELED, job_id)
 
     def _locked(self, conn: sa.Connection, job_id: str) -> JobRow | None:
         found = conn.execute(_LOCK_JOB, {"job_id": job_id}).first()
@@ -214,6 +226,7 @@ class JobRows(Database):
                 owed.extend(deliveries(row.id, values[-1]))
             seq += 1
         conn.execute(_INSERT_EVENTS, values)
+        self.notify(conn, JOB_CHANGED, row.id)
         if owed:
             conn.execute(_INSERT_CALLBACKS, owed)
         return seq

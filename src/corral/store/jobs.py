@@ -31,6 +31,7 @@ from corral.store.callback_outbox import CallbackOutbox
 from corral.store.claims import JobClaims
 from corral.store.job_logs import ADD_TEAM_LOGS, JobLogStore
 from corral.store.job_rows import (
+    JOBS_QUEUED,
     SELECT_JOB,
     Attempt,
     JobEventRow,
@@ -79,6 +80,7 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox, NetworkEventStore):
             inserted = replace(row, next_event_seq=row.next_event_seq + 1)
             conn.execute(_INSERT_JOB, asdict(inserted))
             self._add_events(conn, row, row.attempt, [NewEvent("state", reason, row.state)])
+            self.notify(conn, JOBS_QUEUED)
             return inserted, True
 
     def job(self, job_id: str) -> JobRow | None:
@@ -243,6 +245,7 @@ class JobStore(JobClaims, JobLogStore, CallbackOutbox, NetworkEventStore):
                 .where(jobs.c.run_after > now)
                 .values(run_after=now)
             )
+            self.notify(conn, JOBS_QUEUED)
 
     def count_events(self, job_id: str, type: str) -> int:
         """How many events of `type` the job has (e.g. how often it waited for room)."""
