@@ -34,12 +34,12 @@ from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
 from corral.server.port_http import PortProxy
 from corral.server.requests import (
+    CODECS,
     HEALTH_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
     header_problem,
     limit_size,
     refuse,
-    strict_codecs,
 )
 from corral.server.service import HealthService, SandboxService
 from corral.server.templates import TemplateHandlers
@@ -105,7 +105,6 @@ class CorralApp:
     """One ASGI application for the whole API."""
 
     def __init__(self, settings: Settings, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        strict_codecs()
         self.settings = settings
         self.services = Services()
         self.default_key: str | None = None  # the key of the default team, after start-up
@@ -120,36 +119,42 @@ class CorralApp:
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._job_app: ASGIApp = JobServiceASGIApplication(
             JobHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._volume_app: ASGIApp = VolumeServiceASGIApplication(
             VolumeService(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._template_app: ASGIApp = TemplateServiceASGIApplication(
             TemplateHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._vm_app: ASGIApp = VmServiceASGIApplication(
             VmHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._health_app: ASGIApp = HealthServiceASGIApplication(
             HealthService(),
             interceptors=interceptors,
             read_max_bytes=HEALTH_MESSAGE_BYTES,
             compressions=[BoundedGzip(HEALTH_MESSAGE_BYTES)],
+            codecs=CODECS,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

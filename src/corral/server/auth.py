@@ -73,6 +73,6 @@ def authenticate(store: Store, ctx: RequestContext[Any, Any]) -> Team:
     team = _caller.get()
     if team is not None:
         return team
-    team = store.authenticate(bearer_key(ctx.request_headers().get("authorization", "")))
+    team = store.authenticate(bearer_key(ctx.request_headers.get("authorization", "")))
     logs.bind(team_id=team.id)
     return team

@@ -37,7 +37,7 @@ _CALLER_CODES = {
 
 def _translate(exc: Exception, ctx: RequestContext[Any, Any]) -> ConnectError:
     error = to_connect(exc)
-    method = ctx.method().name
+    method = ctx.method.name
     level = logging.DEBUG if error.code in _CALLER_CODES else logging.WARNING
     log.log(
         level,
