@@ -17,6 +17,7 @@ from corral.errors import CorralError, InvalidRequest, UnknownBackend
 from corral.network.policy import NetworkCap
 
 ENV_PREFIX = "CORRAL_"
+HTTP_SERVERS = ("auto", "pyvoy", "uvicorn")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Host ids per uid slot (root mode): a sandbox's uids 0-65535, as on any Linux system.
 IDS_PER_SLOT = 65536
@@ -87,6 +88,10 @@ class Settings:
     # an entry for a pool `pool_size` makes too sets its size instead (0: none).
     pools: str = ""
     shutdown_grace: int = 10
+    # The HTTP server: `pyvoy` (Envoy: HTTP/1.1 and HTTP/2, so native gRPC beside Connect
+    # and gRPC-Web), `uvicorn` (HTTP/1.1: Connect and gRPC-Web only), or `auto`: pyvoy
+    # when it is installed.
+    http_server: str = "uvicorn"
     log_level: str = "info"
     # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
     # followed by this domain (E2B's form; point a wildcard DNS record at the server), as
@@ -188,6 +193,10 @@ class Settings:
             )
         if self.database_url:
             check_database_url(self.database_url)
+        if self.http_server not in HTTP_SERVERS:
+            raise InvalidRequest(
+                f"CORRAL_HTTP_SERVER={self.http_server!r} is unknown: use {', '.join(HTTP_SERVERS)}"
+            )
         domain = self.ports_domain.strip(".")
         if not domain or not all(c.isascii() and (c.isalnum() or c in ".-") for c in domain):
             raise InvalidRequest(
@@ -270,6 +279,16 @@ class Settings:
             self.network_allow_cap,
             self.network_private_allow,
         )
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the variables `from_env` reads back: for a server process
+        started by this one (pyvoy's Envoy)."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            env[ENV_PREFIX + f.name.upper()] = text
+        return env
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -1,5 +1,5 @@
 """The ASGI app: Connect services for SandboxService, JobService, TemplateService and
-HealthService,
+HealthService, the standard gRPC health and reflection services (`grpc_std`),
 `GET /healthz`, the port proxy to sandboxes' ports (`corral.server.ports`), and E2B's
 REST API and envd (`corral.server.e2b`).
 
@@ -30,6 +30,13 @@ from corral.server.base import Services
 from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
 from corral.server.e2b import E2bApp
+from corral.server.grpc_std import (
+    HEALTH_PREFIX,
+    REFLECTION_PREFIXES,
+    GrpcHealth,
+    GrpcHealthASGIApplication,
+    reflection_apps,
+)
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
 from corral.server.port_http import PortProxy
@@ -45,6 +52,7 @@ from corral.server.service import HealthService, SandboxService
 from corral.server.templates import TemplateHandlers
 from corral.server.vms import VmHandlers
 from corral.server.volumes import VolumeService
+from corral.v1 import health_pb2, jobs_pb2, sandbox_pb2, templates_pb2, vms_pb2, volumes_pb2
 from corral.v1.health_connect import HealthServiceASGIApplication
 from corral.v1.jobs_connect import JobServiceASGIApplication
 from corral.v1.sandbox_connect import SandboxServiceASGIApplication
@@ -69,7 +77,11 @@ _TEMPLATE_PREFIX = "/corral.v1.TemplateService/"
 _VM_PREFIX = "/corral.v1.VmService/"
 # The services that need an API key (HealthService does not).
 _KEYED_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX, _TEMPLATE_PREFIX, _VM_PREFIX)
-_API_PREFIXES = (*_KEYED_PREFIXES, _HEALTH_PREFIX)
+# The standard gRPC services (`corral.server.grpc_std`): no key either.
+_OPEN_PREFIXES = (_HEALTH_PREFIX, HEALTH_PREFIX, *REFLECTION_PREFIXES)
+_API_PREFIXES = (*_KEYED_PREFIXES, *_OPEN_PREFIXES)
+# The files whose services reflection lists.
+_API_FILES = (sandbox_pb2, jobs_pb2, volumes_pb2, templates_pb2, vms_pb2, health_pb2)
 
 
 _NO_GRPC = {
@@ -156,6 +168,25 @@ class CorralApp:
             compressions=[BoundedGzip(HEALTH_MESSAGE_BYTES)],
             codecs=CODECS,
         )
+        self._open_apps: dict[str, ASGIApp] = {
+            _HEALTH_PREFIX: self._health_app,
+            HEALTH_PREFIX: GrpcHealthASGIApplication(
+                GrpcHealth(lambda: self.services.manager is not None, self._service_names()),
+                read_max_bytes=HEALTH_MESSAGE_BYTES,
+            ),
+        }
+        for prefix, app in zip(
+            REFLECTION_PREFIXES,
+            reflection_apps([m.DESCRIPTOR for m in _API_FILES]),
+            strict=True,
+        ):
+            self._open_apps[prefix] = app
+
+    @staticmethod
+    def _service_names() -> tuple[str, ...]:
+        return tuple(
+            s.full_name for m in _API_FILES for s in m.DESCRIPTOR.services_by_name.values()
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -192,11 +223,12 @@ class CorralApp:
             else:
                 app = self._template_app
             await app(scope, disconnect.watch(receive), send)
-        elif path.startswith(_HEALTH_PREFIX):
+        elif path.startswith(_OPEN_PREFIXES):
             headers = dict(scope.get("headers", ()))
             receive = limit_size(receive, headers, HEALTH_MESSAGE_BYTES)
             scope, receive = inflate(scope, receive, HEALTH_MESSAGE_BYTES)
-            await self._health_app(scope, receive, send)
+            prefix = "/" + path.split("/")[1] + "/"
+            await self._open_apps[prefix](scope, receive, send)
         elif path == "/healthz":
             started = self.services.manager is not None
             await _send_json(

@@ -1,4 +1,5 @@
-"""Running the server in the foreground: uvicorn, JSON logs, graceful shutdown.
+"""Running the server in the foreground: uvicorn or pyvoy (`corral.server.envoy`), JSON
+logs, graceful shutdown.
 
 SIGINT or SIGTERM stops accepting connections, lets open calls finish (for at most
 `shutdown_grace` seconds), then stops the sandbox manager, which kills every sandbox.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib.util
 import logging
 import os
 import signal
@@ -102,10 +104,27 @@ async def _run(
     await stop_tasks(beside)
 
 
+def http_server(settings: Settings) -> str:
+    """The HTTP server `settings` ask for: pyvoy or uvicorn (`auto`: pyvoy if installed)."""
+    installed = importlib.util.find_spec("pyvoy") is not None
+    if settings.http_server == "auto":
+        return "pyvoy" if installed else "uvicorn"
+    if settings.http_server == "pyvoy" and not installed:
+        raise InvalidRequest(
+            "CORRAL_HTTP_SERVER=pyvoy, but pyvoy is not installed: install it "
+            "(`uv sync`, `pip install pyvoy`) or use uvicorn"
+        )
+    return settings.http_server
+
+
 def serve(settings: Settings, *, companion: Companion | None = None) -> int:
     """Run the API server until a signal; the process's exit code."""
     logs.configure(settings.log_level)
     sock = bind(settings.host, settings.port)
+    if http_server(settings) == "pyvoy":
+        port = sock.getsockname()[1]
+        sock.close()  # Envoy listens on it itself (`corral.server.envoy`)
+        return _serve_pyvoy(settings, port, companion)
     app = CorralApp(settings)
     config = uvicorn.Config(
         app,
@@ -118,7 +137,10 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
         ws=relay_protocol(app.ports),
     )
     server = _Server(config)
-    log.info("listening", extra={"url": local_url(settings.host, settings.port)})
+    log.info(
+        "listening",
+        extra={"url": local_url(settings.host, settings.port), "http_server": "uvicorn"},
+    )
     asyncio.run(_run(server, sock, app, companion))
     if server.force_exit:
         log.warning("forced exit: sandboxes die with this process")
@@ -127,3 +149,26 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
     if not server.started:
         return 1
     return 0
+
+
+def _serve_pyvoy(settings: Settings, port: int, companion: Companion | None) -> int:
+    from corral.server.envoy import Supervisor
+
+    supervisor = Supervisor(settings, port)
+    url = local_url(settings.host, port)
+    log.info("listening", extra={"url": url, "http_server": "pyvoy"})
+
+    async def run() -> int:
+        serving = asyncio.create_task(supervisor.run())
+        beside = None if companion is None else asyncio.create_task(companion(url))
+        try:
+            return await serving
+        finally:
+            await stop_tasks(beside)
+
+    status = asyncio.run(run())
+    if supervisor.forced:
+        log.warning("forced exit: sandboxes die with this process")
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
+    return 0 if status == 0 else 1
