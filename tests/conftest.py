@@ -492,6 +492,7 @@ def start_server(
     *,
     pool_size: int = 2,
     extra_env: Mapping[str, str] | None = None,
+    ready_timeout: float = 30,
 ) -> LiveServer:
     """A `corral server` on a free port; `extra_env` adds settings (e.g. CORRAL_JOB_LEASE)."""
     port = free_port()
@@ -511,12 +512,14 @@ def start_server(
         env.pop(name, None)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
-    process = serve(port, env, log)
+    process = serve(port, env, log, ready_timeout)
     key = (data_dir / "default.key").read_text().strip()
     return LiveServer(f"http://127.0.0.1:{port}", key, data_dir, env, process, log)
 
 
-def serve(port: int, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+def serve(
+    port: int, env: Mapping[str, str], log: Path, ready_timeout: float = 30
+) -> subprocess.Popen[bytes]:
     """`corral server --port port` with `env`, its output appended to `log`, once it answers
     /healthz (also how a test restarts a server on the same address)."""
     with log.open("ab") as sink:
@@ -536,7 +539,7 @@ def serve(port: int, env: Mapping[str, str], log: Path) -> subprocess.Popen[byte
             return False
 
     try:
-        wait_until(answering, "the corral server to answer /healthz")
+        wait_until(answering, "the corral server to answer /healthz", timeout=ready_timeout)
     except AssertionError as error:
         processes.stop(process, signal.SIGKILL)
         raise RuntimeError(f"{error}: {log.read_text()}") from None

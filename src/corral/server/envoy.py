@@ -44,6 +44,8 @@ APP = "corral.server.asgi:app"
 # builds would inherit them: a sandbox cannot even open the preloaded library.
 ENVOY_VARIABLES = ("LD_PRELOAD", "PYTHONPATH", "PYTHONHOME")
 INHERITED = "_CORRAL_ENVOY_INHERITED"
+# The pid of `corral server`, with which Envoy dies (`corral.server.asgi`).
+SUPERVISOR = "_CORRAL_ENVOY_SUPERVISOR"
 # How often the drain looks at the number of open requests.
 _POLL = 0.1
 # A signal this soon after the first is the same one arriving twice (see main._SAME_SIGNAL).
@@ -96,7 +98,8 @@ class Supervisor:
             worker_threads=1,
             lifespan=True,
             log_level="warning",
-            env=settings.to_env() | {"CORRAL_PORT": str(port), INHERITED: _inherited()},
+            env=settings.to_env()
+            | {"CORRAL_PORT": str(port), INHERITED: _inherited(), SUPERVISOR: str(os.getpid())},
             stdout=None,
             stderr=None,
         )

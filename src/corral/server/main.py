@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -28,8 +28,9 @@ from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
-from corral.server.app import CorralApp
-from corral.server.port_websocket import relay_protocol
+
+if TYPE_CHECKING:  # imported where uvicorn serves: under pyvoy, Envoy loads the app
+    from corral.server.app import CorralApp
 
 log = logging.getLogger("corral.server")
 
@@ -125,6 +126,9 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
         port = sock.getsockname()[1]
         sock.close()  # Envoy listens on it itself (`corral.server.envoy`)
         return _serve_pyvoy(settings, port, companion)
+    from corral.server.app import CorralApp
+    from corral.server.port_websocket import relay_protocol
+
     app = CorralApp(settings)
     config = uvicorn.Config(
         app,
