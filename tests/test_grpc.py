@@ -22,7 +22,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from corral import AsyncSandbox
+from corral.client._config import ClientSettings
 from corral.config import Settings
+from corral.errors import InvalidRequest
 from corral.v1 import (
     errors_pb2,
     jobs_pb2,
@@ -275,3 +278,19 @@ def test_sigterm_lets_an_open_stream_finish_then_stops(settings: Settings) -> No
     finally:
         if live.process.poll() is None:
             live.stop(signal.SIGKILL)
+
+
+async def test_the_sdk_speaks_native_grpc(
+    grpc_server: LiveServer, sandbox_host: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_PROTOCOL", "grpc")
+    assert ClientSettings.resolve(server=grpc_server.url).protocol == "grpc"
+    async with await AsyncSandbox.create(server=grpc_server.url, api_key=grpc_server.key) as box:
+        assert (await box.commands.run("echo over-grpc")).stdout == "over-grpc\n"
+        await box.files.write("/tmp/up", b"z" * 300_000)  # a client stream
+        assert await box.files.read("/tmp/up", format="bytes") == b"z" * 300_000
+
+
+def test_an_unknown_protocol_is_refused_naming_the_variable() -> None:
+    with pytest.raises(InvalidRequest, match="CORRAL_PROTOCOL='h3' is unknown: use connect"):
+        ClientSettings.resolve(server="http://127.0.0.1:1", environ={"CORRAL_PROTOCOL": "h3"})

@@ -128,13 +128,18 @@ class ConfigFile:
         return self.contexts.get(self.current) if self.current else None
 
 
+PROTOCOLS = ("connect", "grpc")
+
+
 @dataclass(frozen=True)
 class ClientSettings:
-    """Where to send calls and with which key."""
+    """Where to send calls and with which key; `protocol` (CORRAL_PROTOCOL): `connect`
+    (any server) or `grpc` (native gRPC over HTTP/2: a server on pyvoy)."""
 
     server: str
     api_key: str | None
     timeout: float
+    protocol: str = "connect"
 
     @classmethod
     def resolve(
@@ -155,7 +160,13 @@ class ClientSettings:
             api_key = _local_default_key(env)
         if timeout is None:
             timeout = (ctx.timeout_seconds if ctx else None) or DEFAULT_TIMEOUT
-        return cls(server, api_key or None, timeout)
+        protocol = env.get("CORRAL_PROTOCOL") or "connect"
+        if protocol not in PROTOCOLS:
+            raise InvalidRequest(
+                f"CORRAL_PROTOCOL={protocol!r} is unknown: use connect (any Corral server) or "
+                "grpc (native gRPC: a server run with --http-server pyvoy)"
+            )
+        return cls(server, api_key or None, timeout, protocol)
 
 
 def _local_default_key(environ: Mapping[str, str]) -> str | None:

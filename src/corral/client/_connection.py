@@ -7,8 +7,10 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import pyqwest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
 
 from corral._aio import stop_tasks
 from corral._wire import from_connect
@@ -19,6 +21,7 @@ from corral.v1.templates_connect import TemplateServiceClient
 from corral.v1.vms_connect import VmServiceClient
 from corral.v1.volumes_connect import VolumeServiceClient
 
+C = TypeVar("C")
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
 
@@ -42,11 +45,14 @@ class Connection:
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
-        self.rpc = SandboxServiceClient(
-            settings.server,
-            accept_compression=(),  # loopback and LANs: compression costs more than it saves
-            send_compression=None,
-        )
+        # Native gRPC needs HTTP/2, which pyqwest speaks in clear text only when told to:
+        # a client of our own, closed with the connection.
+        self._http2: pyqwest.Client | None = None
+        self._transport: pyqwest.HTTPTransport | None = None
+        if settings.protocol == "grpc":
+            self._transport = pyqwest.HTTPTransport(http_version=pyqwest.HTTPVersion.HTTP2)
+            self._http2 = pyqwest.Client(self._transport)
+        self.rpc = self._client(SandboxServiceClient)
         self._headers: Mapping[str, str] = (
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         )
@@ -62,34 +68,41 @@ class Connection:
     @property
     def jobs(self) -> JobServiceClient:
         if self._jobs is None:
-            self._jobs = JobServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
-            )
+            self._jobs = self._client(JobServiceClient)
         return self._jobs
 
     @property
     def volumes(self) -> VolumeServiceClient:
         if self._volumes is None:
-            self._volumes = VolumeServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
-            )
+            self._volumes = self._client(VolumeServiceClient)
         return self._volumes
 
     @property
     def vms(self) -> VmServiceClient:
         if self._vms is None:
-            self._vms = VmServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
-            )
+            self._vms = self._client(VmServiceClient)
         return self._vms
 
     @property
     def templates(self) -> TemplateServiceClient:
         if self._templates is None:
-            self._templates = TemplateServiceClient(
-                self.settings.server, accept_compression=(), send_compression=None
-            )
+            self._templates = self._client(TemplateServiceClient)
         return self._templates
+
+    def _client(self, cls: Callable[..., C]) -> C:
+        if self._http2 is None:
+            return cls(
+                self.settings.server,
+                accept_compression=(),  # loopback and LANs: compression costs more than it saves
+                send_compression=None,
+            )
+        return cls(
+            self.settings.server,
+            accept_compression=(),
+            send_compression=None,
+            protocol=ProtocolType.GRPC,
+            http_client=self._http2,
+        )
 
     async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:
         """A unary call, with the key and the timeout."""
@@ -141,6 +154,8 @@ class Connection:
             await self._vms.close()
         if self._templates is not None:
             await self._templates.close()
+        if self._transport is not None:
+            await self._transport.aclose()
 
 
 async def call_once(
