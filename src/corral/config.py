@@ -88,9 +88,9 @@ class Settings:
     # an entry for a pool `pool_size` makes too sets its size instead (0: none).
     pools: str = ""
     shutdown_grace: int = 10
-    # The HTTP server: `pyvoy` (Envoy: HTTP/1.1 and HTTP/2, so native gRPC beside Connect
-    # and gRPC-Web), `uvicorn` (HTTP/1.1: Connect and gRPC-Web only), or `auto`: pyvoy
-    # when it is installed.
+    # The HTTP server: `uvicorn` (HTTP/1.1: Connect and gRPC-Web), `pyvoy` (Envoy: HTTP/1.1
+    # and HTTP/2, so native gRPC too; no WebSocket relay to sandbox ports yet), or `auto`:
+    # pyvoy when it is installed. uvicorn is the default: see `corral.server.envoy`.
     http_server: str = "uvicorn"
     log_level: str = "info"
     # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
