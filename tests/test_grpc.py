@@ -294,3 +294,10 @@ async def test_the_sdk_speaks_native_grpc(
 def test_an_unknown_protocol_is_refused_naming_the_variable() -> None:
     with pytest.raises(InvalidRequest, match="CORRAL_PROTOCOL='h3' is unknown: use connect"):
         ClientSettings.resolve(server="http://127.0.0.1:1", environ={"CORRAL_PROTOCOL": "h3"})
+
+
+def test_the_log_has_no_error_from_pyvoys_cancelled_receives(grpc_server: LiveServer) -> None:
+    """Last in the module: after every call above, the server's log has none of the
+    asyncio errors pyvoy causes on nearly every request (`corral.server.asgi`)."""
+    log = grpc_server.log.read_text()
+    assert "RecvFutureExecutor" not in log and '"level": "error"' not in log
