@@ -25,7 +25,7 @@ DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help setup system-packages gvisor-runsc python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
+.PHONY: help install uninstall setup system-packages gvisor-runsc python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
@@ -39,6 +39,7 @@ help:
 	@echo "make test-unit / test-integration / test-acceptance - one tier (pytest -m <tier>)"
 	@echo "make lint   - ruff, mypy (strict), the layers (import-linter), and a fresh generated API"
 	@echo "make bench  - the engine, API and isolation tiers benchmarks (one JSON object each)"
+	@echo "make install - systemd units for the server and workers (corral install; INSTALL_ARGS=...)"
 	@echo "make proto  - regenerate src/corral/v1/ and src/corral/envd/ from proto/corral/*/*.proto"
 
 setup: system-packages gvisor-runsc python-env debian-archive guest-kernel
@@ -158,6 +159,14 @@ doctor: setup
 # the data dir); once it answers, a first command runs through the API. Ctrl-C stops it.
 run: setup
 	@$(UV) run --frozen corral server --demo
+
+# systemd units running this checkout's `corral` (README, "Running it as a service"), e.g.
+# make install INSTALL_ARGS="--set host=0.0.0.0"; `make uninstall` removes them.
+install: system-packages gvisor-runsc python-env guest-kernel
+	@$(UV) run --frozen corral install $(INSTALL_ARGS)
+
+uninstall: python-env
+	@$(UV) run --frozen corral uninstall $(INSTALL_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -8,6 +8,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -492,9 +493,13 @@ def start_server(
     *,
     pool_size: int = 2,
     extra_env: Mapping[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    ca_file: Path | None = None,
     ready_timeout: float = 30,
 ) -> LiveServer:
-    """A `corral server` on a free port; `extra_env` adds settings (e.g. CORRAL_JOB_LEASE)."""
+    """A `corral server` on a free port; `extra_env` adds settings (e.g. CORRAL_JOB_LEASE),
+    `args` options; with `ca_file` (which the server may write: --tls-self-signed) it
+    serves HTTPS and is reached through that CA."""
     port = free_port()
     env = {
         **os.environ,
@@ -512,19 +517,26 @@ def start_server(
         env.pop(name, None)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
-    process = serve(port, env, log, ready_timeout)
+    process = serve(port, env, log, args, ca_file, ready_timeout)
     key = (data_dir / "default.key").read_text().strip()
-    return LiveServer(f"http://127.0.0.1:{port}", key, data_dir, env, process, log)
+    scheme = "http" if ca_file is None else "https"
+    return LiveServer(f"{scheme}://127.0.0.1:{port}", key, data_dir, env, process, log)
 
 
 def serve(
-    port: int, env: Mapping[str, str], log: Path, ready_timeout: float = 30
+    port: int,
+    env: Mapping[str, str],
+    log: Path,
+    args: tuple[str, ...] = (),
+    ca_file: Path | None = None,
+    ready_timeout: float = 30,
 ) -> subprocess.Popen[bytes]:
     """`corral server --port port` with `env`, its output appended to `log`, once it answers
-    /healthz (also how a test restarts a server on the same address)."""
+    /healthz (also how a test restarts a server on the same address); over HTTPS, verified
+    with `ca_file`, if given."""
     with log.open("ab") as sink:
         process = processes.spawn(
-            [sys.executable, "-m", "corral.cli", "server", "--port", str(port)],
+            [sys.executable, "-m", "corral.cli", "server", "--port", str(port), *args],
             env=env,
             stdout=sink,
             stderr=sink,
@@ -534,7 +546,14 @@ def serve(
         if process.poll() is not None:
             raise RuntimeError(f"corral server exited {process.returncode}: {log.read_text()}")
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            if ca_file is None:
+                reply = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            else:
+                if not ca_file.exists():  # a self-signed server writes it as it starts
+                    return False
+                tls = ssl.create_default_context(cafile=ca_file)
+                reply = httpx.get(f"https://127.0.0.1:{port}/healthz", timeout=1, verify=tls)
+            return reply.status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -36,11 +36,18 @@ def test_no_key_or_a_bad_key_is_unauthenticated(server: LiveServer) -> None:
     assert_serving(server)
 
 
-def test_a_revoked_key_stops_working_at_once(server: LiveServer) -> None:
+def test_a_revoked_key_stops_working_within_a_second(server: LiveServer) -> None:
     key = server.new_team("revokers")
-    assert call(server, "List", key=key).status_code == 200
+    assert call(server, "List", key=key).status_code == 200  # now in the server's key cache
     assert server.corral("admin", "key", "revoke", key).returncode == 0
-    error(call(server, "List", key=key), 401, "unauthenticated")
+    # Polled, not slept: the server's cache forgets a key after KEY_CACHE_SECONDS.
+
+    def refused() -> httpx.Response | None:
+        answer = call(server, "List", key=key)
+        return answer if answer.status_code == 401 else None
+
+    answer = wait_until(refused, "the revoked key to be refused", timeout=1.0, interval=0.05)
+    error(answer, 401, "unauthenticated")
 
 
 def test_teams_never_see_each_others_sandboxes(server: LiveServer, box: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from corral.config import Settings
 from tests.conftest import LiveServer, free_port
+from tests.kit.polling import wait_until
 
 pytestmark = pytest.mark.acceptance
 
@@ -132,7 +133,12 @@ def test_admin_keys_work_until_revoked(server: LiveServer) -> None:
     assert key.startswith("crl_")
     assert server.corral("sandbox", "list", CORRAL_API_KEY=key).returncode == 0
     assert server.corral("admin", "key", "revoke", key[:12]).returncode == 0
-    assert server.corral("sandbox", "list", CORRAL_API_KEY=key).returncode == 5
+    # The server remembers a key's team for half a second (server/auth.py KeyCache).
+    wait_until(
+        lambda: server.corral("sandbox", "list", CORRAL_API_KEY=key).returncode == 5,
+        "the revoked key to be refused",
+        timeout=5,  # each try is a CLI process of its own
+    )
     teams = json.loads(server.corral("admin", "team", "list", "-o", "json").stdout)
     assert "cli-team" in [t["name"] for t in teams]
 

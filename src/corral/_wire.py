@@ -38,6 +38,7 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.PermissionDenied, "permission_denied"),
     (errors.AuthError, "unauthenticated"),
     (errors.QuotaExceeded, "resource_exhausted"),
+    (errors.RateLimited, "resource_exhausted"),
     (errors.CapacityExceeded, "resource_exhausted"),
     (errors.NoSpace, "resource_exhausted"),
     (errors.SandboxNotRunning, "failed_precondition"),
@@ -92,61 +93,110 @@ def to_connect(exc: BaseException) -> ConnectError:
     if isinstance(exc, ConnectError):
         return exc
     if isinstance(exc, CorralError):
-        return ConnectError(Code(code_for(exc)), str(exc), details=[_detail(type(exc).__name__)])
+        detail = ErrorDetail(type=type(exc).__name__)
+        if isinstance(exc, errors.RateLimited):
+            detail.retry_after_seconds = exc.retry_after
+        return ConnectError(Code(code_for(exc)), str(exc), details=[_packed(detail)])
     logging.getLogger("corral.server").error("internal error", exc_info=exc)
     return ConnectError(
         Code.INTERNAL,
         "internal error in the Corral server; the server log has the details",
-        details=[_detail("CorralError")],
+        details=[_packed(ErrorDetail(type="CorralError"))],
     )
 
 
-def _detail(name: str) -> connectrpc.errors.ErrorDetail:
-    """An `ErrorDetail` naming the class `name`, packed by hand: connectrpc packs only its
-    own protobuf-py messages, and ours are Google protobuf's."""
+def _packed(detail: ErrorDetail) -> connectrpc.errors.ErrorDetail:
+    """`detail` as connectrpc sends it, packed by hand: connectrpc packs only its own
+    protobuf-py messages, and ours are Google protobuf's."""
     from connectrpc.errors import ErrorDetail as Detail
     from protobuf.wkt import Any
 
-    value = ErrorDetail(type=name).SerializeToString()
+    value = detail.SerializeToString()
     return Detail(Any(type_url=f"type.googleapis.com/{_DETAIL_TYPE}", value=value))
+
+
+# What an https client hears from a plain HTTP server: rustls (pyqwest), OpenSSL (ssl).
+_PLAIN_ANSWER = ("InvalidContentType", "WRONG_VERSION_NUMBER")
+# What an http client hears from an HTTPS server (which closes on a plain request); a
+# server that died mid-call says the same, hence only a hint.
+_CLOSED = ("connection closed before message completed", "closed connection without response")
 
 
 def no_answer(server: str, cause: str) -> ServerUnavailable:
     """The error for a server that did not answer: which URL, why, and how to start one."""
+    if server.startswith("https:") and any(marker in cause for marker in _PLAIN_ANSWER):
+        return ServerUnavailable(
+            f"the server at {server} answered in plain HTTP, not HTTPS ({cause}): use its "
+            "http:// URL, or start it serving HTTPS (`corral server --tls-cert FILE "
+            "--tls-key FILE`, or --tls-self-signed)"
+        )
+    hint = ""
+    if server.startswith("http:") and any(marker in cause for marker in _CLOSED):
+        hint = "; if it serves HTTPS, use its https:// URL"
     return ServerUnavailable(
         f"the Corral server at {server} did not answer ({cause}); start one with"
         " `corral server` (`make run` in a clone), or name yours with --server,"
-        " CORRAL_SERVER or `corral context use`"
+        f" CORRAL_SERVER or `corral context use`{hint}"
     )
 
 
-def error_for(code: str, message: str, detail_types: Iterable[str], server: str) -> CorralError:
+def untrusted(server: str, cause: str) -> errors.ServerUntrusted:
+    """The error for an https server whose certificate this client could not verify."""
+    if any(marker in cause for marker in _OTHER_NAME):
+        return errors.ServerUntrusted(
+            f"the server at {server} presented a TLS certificate for another name ({cause});"
+            " nothing was sent. Use a URL whose host the certificate names (`corral server "
+            "--tls-self-signed` names localhost, 127.0.0.1, ::1 and the address it listens on)"
+        )
+    return errors.ServerUntrusted(
+        f"the server at {server} presented a TLS certificate this client cannot verify "
+        f"({cause}); nothing was sent. If it is your server, trust its certificate or CA "
+        "with --ca-file FILE, CORRAL_CA_FILE or a context's caFile (`corral context set "
+        "NAME --ca-file FILE`); `corral server --tls-self-signed` logs its certificate's "
+        "path and fingerprint as it starts"
+    )
+
+
+# How the HTTP clients under the SDK say that a certificate did not verify: rustls
+# (pyqwest, the async SDK) and OpenSSL (the ssl module, the CLI's fast path).
+_UNVERIFIED = ("invalid peer certificate", "certificate verify failed")
+_OTHER_NAME = ("not valid for name", "Hostname mismatch")
+
+
+def error_for(code: str, message: str, details: Iterable[ErrorDetail], server: str) -> CorralError:
     """The Corral error a client raises for a Connect error from `server`.
 
-    `code` is the Connect code's wire name, `detail_types` the `type` of each ErrorDetail
-    the error carried (the class the server raised).
+    `code` is the Connect code's wire name, `details` the ErrorDetails the error carried
+    (the class the server raised, and a RateLimited's seconds to wait).
     """
     cls: type[CorralError] | None = None
     named = False
-    for name in detail_types:
+    retry_after = 0.0
+    for detail in details:
         named = True
-        cls = _CLASSES.get(name)
+        cls = _CLASSES.get(detail.type)
+        retry_after = detail.retry_after_seconds
     if cls is None:
         cls = _DEFAULT_FOR_CODE.get(code, CorralError)
     if cls is ServerUnavailable and not named:
         # No detail: the transport failed before any Corral server answered. Its message
         # may be a chain of wrapped errors; the last link is the cause (connection refused).
+        for marker in _UNVERIFIED:
+            if marker in message:
+                return untrusted(server, message[message.index(marker) :])
         return no_answer(server, message.rsplit(": ", 1)[-1] or code)
     if cls is ServerUnavailable and not message.startswith("the Corral server"):
         message = f"the Corral server did not answer ({message or code})"
+    if cls is errors.RateLimited:
+        return errors.RateLimited(message or None, retry_after or 1.0)
     return cls(message or None)
 
 
 def from_connect(exc: ConnectError, server: str) -> CorralError:
     """The Corral error a client raises for a `ConnectError` (the async SDK's calls)."""
-    detail_types = []
+    details = []
     for detail in exc.details:
         if detail.type_name == _DETAIL_TYPE:
             with contextlib.suppress(DecodeError):
-                detail_types.append(ErrorDetail.FromString(detail.message_bytes).type)
-    return error_for(exc.code.value, exc.message, detail_types, server)
+                details.append(ErrorDetail.FromString(detail.message_bytes))
+    return error_for(exc.code.value, exc.message, details, server)

@@ -26,6 +26,8 @@ GVISOR_PLATFORMS = ("auto", "systrap", "kvm", "ptrace")
 # The templates a warm pool may hold: the host's /usr and the server's `base` (E2B's
 # default); a team's own templates start cold.
 POOL_TEMPLATES = ("host", "base")
+# CORRAL_METRICS: what `GET /metrics` on the API port asks for (see `Settings.metrics`).
+METRICS_MODES = ("auth", "on", "off")
 
 
 def _default_data_dir() -> Path:
@@ -93,11 +95,26 @@ class Settings:
     # pyvoy when it is installed. uvicorn is the default: see `corral.server.envoy`.
     http_server: str = "uvicorn"
     log_level: str = "info"
+    # HTTPS on the server's port (corral.server.tls): a PEM certificate (then its chain)
+    # and its unencrypted key, or a self-signed pair for development made in
+    # <data_dir>/tls and reused across restarts. Neither: plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_self_signed: bool = False
     # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
     # followed by this domain (E2B's form; point a wildcard DNS record at the server), as
     # well as paths `/sandboxes/<id>/ports/<port>/`. "localhost": `*.localhost` is
     # loopback, so `8000-<id>.localhost:<server port>` works on the server's own machine.
     ports_domain: str = "localhost"
+    # Prometheus metrics (docs/metrics.md). `GET /metrics` on the API port: `auth` (the
+    # default) asks for a key of the default team (the operator's: a tenant's key would
+    # show it every team's aggregate activity), `on` asks for none (a private API port),
+    # `off` serves none. `metrics_port` (0: none) serves them without a key on a port of
+    # their own, at `metrics_host`: how `corral worker` exposes its metrics, and how a
+    # server with a public API port exposes them to a Prometheus on a private network.
+    metrics: str = "auth"
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # Jobs: how many a process's worker pool runs at once (`corral server` runs one pool;
     # 0 leaves jobs to `corral worker` processes), how many warm sandboxes it keeps for
     # them (at most one per worker; 0: every job of one command starts a one-shot
@@ -111,6 +128,22 @@ class Settings:
     # Finished jobs are deleted, with their events and logs, this many seconds after they
     # end (by a sweep in every server and worker process); 0 keeps them forever.
     job_retention: int = 7 * 24 * 3600
+    # Retention of the rest (`corral.jobs.retention`, by the same sweep; 0 keeps them):
+    # ended sandboxes' rows, with their events and metric points, this many seconds after
+    # they end; any sandbox's state and network events older than `event_retention`; and
+    # metric points older than `metric_retention` (keep it at least a day, the span of
+    # the longest metrics ring, or live sandboxes' 24h graphs lose their start).
+    sandbox_retention: int = 7 * 24 * 3600
+    event_retention: int = 30 * 24 * 3600
+    metric_retention: int = 2 * 24 * 3600
+    # Rate limits per API key, per server process (`corral.server.ratelimit`): requests a
+    # second (a token bucket refilled at this rate; 0: no limit), the burst a key may send
+    # at once, and its streams open at once (exec, attach, file transfers, log and event
+    # follows; 0: no limit). A request past them is refused with RESOURCE_EXHAUSTED (429)
+    # and the seconds to wait.
+    api_rate: float = 1000.0
+    api_burst: int = 2000
+    api_streams: int = 128
     # Job callbacks: internal receivers the server may POST to (comma-separated CIDRs,
     # addresses and host names; by default only public addresses are called back), and
     # how many POSTs a process has in flight at once: in all, to one host:port, per team.
@@ -171,6 +204,21 @@ class Settings:
     # built from `debian_mirror` on its first use (`first-use`), when the server starts
     # (`start`), or never (`off`). See corral.templates.base.
     base_template: str = "first-use"
+    # A file of CORRAL_<FIELD>=VALUE lines (systemd's EnvironmentFile form) that
+    # `corral server` and `corral worker` read at start and again on SIGHUP; its values win
+    # over the process's environment, a command-line flag wins over both. `corral install`
+    # writes /etc/corral/corral.env and points the units at it.
+    env_file: str = ""
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """`from_env` with the values of the env file (`env_file`, given in `overrides` or
+        the environment) over the environment's."""
+        env = os.environ if environ is None else environ
+        path = overrides.get("env_file") or env.get(ENV_PREFIX + "ENV_FILE")
+        if path:
+            env = {**env, **read_env_file(Path(path))}
+        return cls.from_env(env, **overrides)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -214,10 +262,25 @@ class Settings:
                 f"CORRAL_GVISOR_PLATFORM={self.gvisor_platform!r} is unknown: use "
                 f"{', '.join(GVISOR_PLATFORMS)} (auto, the default, picks the best that works)"
             )
+        if self.metrics not in METRICS_MODES:
+            raise InvalidRequest(
+                f"CORRAL_METRICS={self.metrics!r} is unknown: use auth (the default: the "
+                "default team's key), on (no key) or off (no /metrics on the API port)"
+            )
+        if self.metrics_port > 65535:
+            raise InvalidRequest(
+                f"CORRAL_METRICS_PORT={self.metrics_port} is not a port: use 1-65535, or 0 "
+                "(the default) for no metrics listener"
+            )
         if self.e2b_network not in ("none", "internet"):
             raise InvalidRequest(
                 f"CORRAL_E2B_NETWORK={self.e2b_network!r} is unknown: use none (the default) "
                 "or internet"
+            )
+        if self.api_rate < 0 or (self.api_rate > 0 and self.api_burst < 1):
+            raise InvalidRequest(
+                f"CORRAL_API_RATE={self.api_rate:g} and CORRAL_API_BURST={self.api_burst}: use "
+                "a rate of 0 (no limit) or more, and a burst of at least 1 with a rate"
             )
         if self.network_events_max < 1:
             raise InvalidRequest(
@@ -292,6 +355,44 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The CORRAL_<FIELD>=VALUE lines of an env file, or InvalidRequest naming the line.
+
+    The form systemd's EnvironmentFile= reads: blank lines and lines starting with # or ;
+    are skipped, a value may be quoted with " or '. Every name must be a setting's (a
+    misspelt one would otherwise be silently ignored: its setting kept as it was).
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidRequest(
+            f"CORRAL_ENV_FILE={str(path)!r} cannot be read ({exc.strerror}): fix the path "
+            "or the file's permissions"
+        ) from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            f"CORRAL_ENV_FILE={str(path)!r} is not UTF-8 text: write it as CORRAL_<SETTING>=VALUE "
+            "lines"
+        ) from None
+    names = {ENV_PREFIX + f.name.upper() for f in fields(Settings)} - {ENV_PREFIX + "ENV_FILE"}
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or name not in names:
+            raise InvalidRequest(
+                f"{path}:{number}: {line[:80]!r} is not CORRAL_<SETTING>=VALUE with a setting "
+                "of `corral server` (see the README's settings)"
+            )
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[name] = value
+    return values
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:

@@ -29,9 +29,11 @@
     │   ├── Unauthenticated       no API key, or an unknown or revoked one
     │   └── Forbidden             the key may not do that
     ├── QuotaExceeded             the team's quota refuses it
+    ├── RateLimited               the API key's request rate or open streams are at its limit
     ├── CapacityExceeded          the host has no room for it (memory committed)
     ├── IsolationUnavailable      the host cannot give the isolation asked for
     ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
+    │   └── ServerUntrusted       its TLS certificate did not verify (no CA file trusts it)
     ├── WaitTimedOut              a wait ran out of time (also a TimeoutError)
     ├── SandboxError
     │   ├── SandboxStartFailed
@@ -185,6 +187,14 @@ class QuotaExceeded(CorralError):
     """The team's quota does not allow this; destroy sandboxes or ask for a larger quota."""
 
 
+class RateLimited(CorralError):
+    """Too many requests with this API key: wait `retry_after` seconds and try again."""
+
+    def __init__(self, message: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class CapacityExceeded(CorralError):
     """This host cannot hold the sandbox: its memory is committed to live sandboxes."""
 
@@ -195,6 +205,10 @@ class IsolationUnavailable(CorralError):
 
 class ServerUnavailable(CorralError):
     """The Corral server did not answer; is `corral server` running at that address?"""
+
+
+class ServerUntrusted(ServerUnavailable):
+    """The server's TLS certificate could not be verified; trust its CA with --ca-file."""
 
 
 class WaitTimedOut(CorralError, TimeoutError):

@@ -92,21 +92,26 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str = "info", stream: IO[str] | None = None) -> None:
     """Send every logger (Corral's and uvicorn's) to `stream` (stderr) as JSON lines."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(_ContextIds())
+    set_level(level)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+
+
+def set_level(level: str) -> None:
+    """Log records of `level` and above from now on (at start, and on a reload)."""
     if level.lower() not in LOG_LEVELS:
         from corral.errors import InvalidRequest
 
         raise InvalidRequest(f"log level {level!r} is unknown: use {', '.join(LOG_LEVELS)}")
     numeric = logging.getLevelName(level.upper())
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(_ContextIds())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(numeric)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
+    logging.getLogger().setLevel(numeric)
     # Migrations say what they do at info, every start, and httpx logs every request it
     # sends (callback deliveries, the demo's health poll): only their warnings matter here.
     for name in ("alembic", "httpx"):

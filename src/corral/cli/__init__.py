@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.cli import admin, context, job, run, sandbox, template, vm, volume
+from corral.cli import admin, context, install, job, run, sandbox, template, vm, volume
 from corral.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     Parser,
     command,
+    env_file_option,
     env_option,
     err,
     fail,
@@ -52,6 +53,13 @@ def parser() -> Parser:
     env_option(root, "--server", env="CORRAL_SERVER", help="the API server, http://HOST:PORT")
     env_option(root, "--api-key", env="CORRAL_API_KEY", help="your team's API key")
     env_option(root, "--context", env="CORRAL_CONTEXT", help="a context of `corral context list`")
+    env_option(
+        root,
+        "--ca-file",
+        env="CORRAL_CA_FILE",
+        metavar="FILE",
+        help="PEM CA certificate(s) to verify an https server with (default: the system's)",
+    )
     root.add_argument(
         "--version", action=_Version, nargs=0, default=None, help="print the version and exit"
     )
@@ -65,6 +73,7 @@ def parser() -> Parser:
     vm.add_commands(commands)
     context.add_commands(commands)
     admin.add_commands(commands)
+    install.add_commands(commands)
     return root
 
 
@@ -76,12 +85,22 @@ def server(args: argparse.Namespace) -> int:
     import functools
 
     from corral.cli.demo import show
-    from corral.server import serve
+    from corral.reload import Reloader, hold_sighup
+    from corral.server import serve, tls
 
+    hold_sighup()
     _note_old_isolation()
     settings = settings_from(args)
-    demo = functools.partial(show, settings.data_dir / "default.key") if args.demo else None
-    return serve(settings, companion=demo)
+    demo = None
+    if args.demo:
+        if settings.tls_self_signed and "CORRAL_CA_FILE" not in os.environ:
+            # The demo's client trusts the development certificate the server makes
+            # before it starts the demo; the SDK reads it from here.
+            cert = settings.data_dir / "tls" / tls.SELF_SIGNED_CERT
+            os.environ["CORRAL_CA_FILE"] = str(cert)
+        key_file = settings.data_dir / "default.key"
+        demo = functools.partial(show, key_file, os.environ.get("CORRAL_CA_FILE"))
+    return serve(settings, companion=demo, reloader=Reloader(settings, lambda: settings_from(args)))
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -89,11 +108,13 @@ def worker(args: argparse.Namespace) -> int:
     (Ctrl-C stops it: its running jobs go back to the queue)."""
     from corral import logs
     from corral.jobs.daemon import run_worker
+    from corral.reload import Reloader, hold_sighup
 
+    hold_sighup()
     _note_old_isolation()
     settings = settings_from(args)
     logs.configure(settings.log_level)
-    return run_worker(settings)
+    return run_worker(settings, reloader=Reloader(settings, lambda: settings_from(args)))
 
 
 def _note_old_isolation() -> None:
@@ -180,6 +201,7 @@ def _pool_rows(settings: Settings) -> list[list[str]]:
 
 def _add_server_commands(commands: Commands) -> None:
     p = command(commands, "server", server)
+    env_file_option(p)
     setting_option(p, "--host", setting="host", help="address to listen on")
     setting_option(p, "--port", setting="port", type=whole(0), help="port to listen on")
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store and default key")
@@ -203,6 +225,21 @@ def _add_server_commands(commands: Commands) -> None:
         type=whole(0),
         help="jobs run at once in this process (0: none)",
     )
+    setting_option(
+        p, "--tls-cert", setting="tls_cert", metavar="FILE", help="serve HTTPS: PEM certificate"
+    )
+    setting_option(
+        p, "--tls-key", setting="tls_key", metavar="FILE", help="the certificate's PEM key"
+    )
+    setting_option(
+        p,
+        "--tls-self-signed",
+        setting="tls_self_signed",
+        action="store_const",
+        const=True,
+        help="serve HTTPS with a development pair made in DATA_DIR/tls (its fingerprint is logged)",
+    )
+    _metrics_options(p)
     p.add_argument(
         "--demo",
         action=argparse.BooleanOptionalAction,
@@ -211,11 +248,24 @@ def _add_server_commands(commands: Commands) -> None:
     )
 
     p = command(commands, "worker", worker)
+    env_file_option(p)
     setting_option(p, "--data-dir", setting="data_dir", type=Path, help="the store the server uses")
     setting_option(p, "--workers", setting="job_workers", type=whole(0), help="jobs run at once")
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")
+    _metrics_options(p)
 
     command(commands, "doctor", doctor)
+
+
+def _metrics_options(p: argparse.ArgumentParser) -> None:
+    setting_option(
+        p,
+        "--metrics-port",
+        setting="metrics_port",
+        type=whole(0),
+        help="serve Prometheus metrics on this port, without a key (0: none)",
+    )
+    setting_option(p, "--metrics-host", setting="metrics_host", help="address of the metrics port")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -224,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     code: int | str | None = EXIT_OK
     try:
         args = parser().parse_args(argv)
+        if getattr(args, "ca_file", None):
+            # The SDK reads it where it reads CORRAL_SERVER's siblings: one resolution
+            # (ClientSettings.resolve) for every command, flag or variable alike.
+            os.environ["CORRAL_CA_FILE"] = args.ca_file
         code = args.handler(args)
     except SystemExit as exc:
         code = exc.code

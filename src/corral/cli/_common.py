@@ -237,7 +237,7 @@ def setting_option(
     parser: argparse.ArgumentParser, *flags: str, setting: str, help: str, **kwargs: Any
 ) -> None:
     """An option of a command that runs Corral here (server, worker, admin): it overrides
-    the `Settings` field `setting`, whose variable `Settings.from_env` reads (not argparse:
+    the `Settings` field `setting`, whose variable `Settings.load` reads (not argparse:
     each variable is read, and checked, in one place)."""
     variable = "CORRAL_" + setting.upper()
     parser.add_argument(
@@ -245,14 +245,25 @@ def setting_option(
     )
 
 
+def env_file_option(parser: argparse.ArgumentParser) -> None:
+    """--env-file of a command that runs Corral here: a file of settings (`Settings.load`)."""
+    setting_option(
+        parser,
+        "--env-file",
+        setting="env_file",
+        help="CORRAL_*=VALUE lines over the environment's (server, worker: read again on SIGHUP)",
+    )
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    """The Settings of the environment, with the `setting_option`s given on the command line."""
+    """The Settings of the environment and its env file (CORRAL_ENV_FILE, --env-file), with
+    the `setting_option`s given on the command line."""
     from dataclasses import fields
 
     from corral.config import Settings
 
     given = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
-    return Settings.from_env(None, **{k: v for k, v in given.items() if v is not None})
+    return Settings.load(None, **{k: v for k, v in given.items() if v is not None})
 
 
 def number(

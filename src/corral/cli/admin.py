@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from corral.cli._common import (
     add_output,
     command,
+    env_file_option,
     err,
     group,
     number,
@@ -34,6 +35,12 @@ QUOTA_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("--max-disk-mib", whole(0), "writable storage of its live sandboxes, in total"),
     ("--max-running-jobs", whole(0), "its jobs running at once"),
     ("--max-log-mib", whole(0), "its stored job logs"),
+    (
+        "--max-api-rate",
+        number(float, minimum=0),
+        "requests a second per API key (0: the server's CORRAL_API_RATE)",
+    ),
+    ("--max-api-streams", whole(0), "streams open at once per API key (0: the server's)"),
 )
 
 if TYPE_CHECKING:
@@ -124,6 +131,7 @@ def add_commands(commands: Commands) -> None:
             help="the server's data directory (its store); default: the server's,"
             " /var/lib/corral as root, else ~/.local/share/corral",
         )
+        env_file_option(p)  # the server's (/etc/corral/corral.env): its store, its database
         return p
 
     for name, handler in (("create", team_create), ("set", team_set)):

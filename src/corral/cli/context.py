@@ -40,6 +40,7 @@ def use(args: argparse.Namespace) -> None:
 def set_(args: argparse.Namespace) -> None:
     """Add a context or change its fields (the file is readable by you only)."""
     from corral.client._config import ConfigFile, Context, normalize_server
+    from corral.client._tls import check_ca_file
 
     config = ConfigFile.load()
     name = args.name
@@ -54,6 +55,8 @@ def set_(args: argparse.Namespace) -> None:
         ctx.api_key = args.api_key or None
     if args.timeout is not None:
         ctx.timeout_seconds = args.timeout
+    if args.ca_file is not None:  # "" clears it
+        ctx.ca_file = check_ca_file(args.ca_file) if args.ca_file else None
     if args.use or config.current is None:
         config.current = name
     config.save()
@@ -70,4 +73,5 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--server", help="http://HOST:PORT")
     p.add_argument("--api-key", help="the team's API key")
     p.add_argument("--timeout", type=number(float, minimum=0), help="seconds per call")
+    p.add_argument("--ca-file", metavar="FILE", help="https: PEM CA file to verify the server with")
     p.add_argument("--use", action="store_true", help="also make it current")

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from corral.client import AsyncSandbox
+from corral.client._tls import ssl_context
 from corral.errors import CorralError
 
 _COMMAND = 'echo "hello from $(hostname) as $(id -un), pid $$"; uname -sr'
@@ -24,9 +25,9 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def _wait_healthy(url: str) -> None:
+async def _wait_healthy(url: str, ca_file: str | None) -> None:
     # Until it answers; if the server never does, it stops and cancels this wait.
-    async with httpx.AsyncClient(timeout=2) as http:
+    async with httpx.AsyncClient(timeout=2, verify=ssl_context(ca_file)) as http:
         while True:
             try:
                 if (await http.get(f"{url}/healthz")).status_code == 200:
@@ -36,10 +37,12 @@ async def _wait_healthy(url: str) -> None:
             await asyncio.sleep(0.05)
 
 
-async def show(key_file: Path, url: str) -> None:
+async def show(key_file: Path, ca_file: str | None, url: str) -> None:
     """Wait for the server at `url`, run a first command there with the default team's
-    API key (which the server writes to `key_file` as it starts), say what to try next."""
-    await _wait_healthy(url)
+    API key (which the server writes to `key_file` as it starts), say what to try next.
+
+    `ca_file` verifies an https server (the SDK reads it as CORRAL_CA_FILE)."""
+    await _wait_healthy(url, ca_file)
     api_key = key_file.read_text().strip()
     _say(f"corral server is up at {url} (Ctrl-C stops it)")
     _say(f"the default team's API key is in {key_file}")
@@ -61,12 +64,16 @@ async def show(key_file: Path, url: str) -> None:
         return
     _say()
     _say("next, in another terminal (this server keeps running):")
+    if url.startswith("https:"):
+        trust = f" CORRAL_CA_FILE={ca_file}" if ca_file else ""
+        _say(f"  export CORRAL_SERVER={url}{trust}")
     _say("  uv run corral run -- python3 -c 'print(6 * 7)'")
     _say("  uv run corral sandbox create      then   uv run corral sandbox exec ID -- ls -la")
     _say("  uv run corral sandbox list --output json")
     _say(
         f"  curl -H 'Content-Type: application/json' "
         f'-H "Authorization: Bearer $(cat {key_file})" '
-        f"-d '{{}}' {url}/corral.v1.SandboxService/List"
+        f"-d '{{}}' {f'--cacert {ca_file} ' if ca_file else ''}"
+        f"{url}/corral.v1.SandboxService/List"
     )
     _say("  uv run python -c 'from corral import Sandbox; print(Sandbox.list())'")

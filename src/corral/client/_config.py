@@ -8,10 +8,11 @@ kubectl-style contexts live in `~/.corral/config` (or `$CORRAL_CONFIG`):
         server: http://127.0.0.1:7878
         apiKey: crl_…
         timeoutSeconds: 60
+        caFile: /etc/corral/ca.pem     # https only: the CAs to verify it with
 
 Each setting is taken from the first of: an explicit argument, `CORRAL_SERVER` /
-`CORRAL_API_KEY`, the context named by the argument or `CORRAL_CONTEXT` or
-`currentContext`. With no server anywhere, the local default `http://127.0.0.1:7878`;
+`CORRAL_API_KEY` / `CORRAL_CA_FILE`, the context named by the argument or
+`CORRAL_CONTEXT` or `currentContext`. With no server anywhere, the local default `http://127.0.0.1:7878`;
 with no key anywhere and a server on this machine, the key a local server wrote for
 its default team (`<data dir>/default.key`).
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from corral.client._tls import check_ca_file
 from corral.config import Settings
 from corral.errors import InvalidRequest, NotFound
 
@@ -53,6 +55,7 @@ class Context:
     server: str
     api_key: str | None = None
     timeout_seconds: float | None = None
+    ca_file: str | None = None
 
     def to_yaml(self) -> dict[str, Any]:
         data: dict[str, Any] = {"server": self.server}
@@ -60,6 +63,8 @@ class Context:
             data["apiKey"] = self.api_key
         if self.timeout_seconds is not None:
             data["timeoutSeconds"] = self.timeout_seconds
+        if self.ca_file:
+            data["caFile"] = self.ca_file
         return data
 
 
@@ -92,11 +97,12 @@ class ConfigFile:
         for name, value in (data.get("contexts") or {}).items():
             if not isinstance(value, dict) or not isinstance(value.get("server"), str):
                 raise InvalidRequest(f"{path}: context {name!r} needs a server")
-            timeout = value.get("timeoutSeconds")
+            timeout, ca_file = value.get("timeoutSeconds"), value.get("caFile")
             contexts[str(name)] = Context(
                 server=value["server"],
                 api_key=value.get("apiKey"),
                 timeout_seconds=None if timeout is None else float(timeout),
+                ca_file=None if ca_file is None else str(ca_file),
             )
         current = data.get("currentContext")
         return cls(path, None if current is None else str(current), contexts)
@@ -133,12 +139,15 @@ PROTOCOLS = ("connect", "grpc")
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """Where to send calls and with which key; `protocol` (CORRAL_PROTOCOL): `connect`
-    (any server) or `grpc` (native gRPC over HTTP/2: a server on pyvoy)."""
+    """Where to send calls, with which key, (https) which CAs verify the server, and
+    `protocol` (CORRAL_PROTOCOL): `connect` (any server) or `grpc` (native gRPC over HTTP/2:
+    a server on pyvoy)."""
 
     server: str
     api_key: str | None
     timeout: float
+    # A PEM file of CA certificates (absolute path) in place of the system's; None: those.
+    ca_file: str | None = None
     protocol: str = "connect"
 
     @classmethod
@@ -149,6 +158,7 @@ class ClientSettings:
         api_key: str | None = None,
         context: str | None = None,
         timeout: float | None = None,
+        ca_file: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> ClientSettings:
         env = os.environ if environ is None else environ
@@ -160,13 +170,16 @@ class ClientSettings:
             api_key = _local_default_key(env)
         if timeout is None:
             timeout = (ctx.timeout_seconds if ctx else None) or DEFAULT_TIMEOUT
+        ca_file = ca_file or env.get("CORRAL_CA_FILE") or (ctx.ca_file if ctx else None)
+        https = urlsplit(server).scheme == "https"  # plain http: nothing to verify
+        ca_file = check_ca_file(ca_file) if ca_file and https else None
         protocol = env.get("CORRAL_PROTOCOL") or "connect"
         if protocol not in PROTOCOLS:
             raise InvalidRequest(
                 f"CORRAL_PROTOCOL={protocol!r} is unknown: use connect (any Corral server) or "
                 "grpc (native gRPC: a server run with --http-server pyvoy)"
             )
-        return cls(server, api_key or None, timeout, protocol)
+        return cls(server, api_key or None, timeout, ca_file, protocol)
 
 
 def _local_default_key(environ: Mapping[str, str]) -> str | None:

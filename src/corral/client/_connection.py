@@ -15,6 +15,7 @@ from connectrpc.protocol import ProtocolType
 from corral._aio import stop_tasks
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
+from corral.client._tls import http_client, read_ca
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 from corral.v1.templates_connect import TemplateServiceClient
@@ -45,13 +46,18 @@ class Connection:
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
+        # https: verified with the settings' CA file, else the system's CAs (never not).
+        self._http = http_client(settings.ca_file)
         # Native gRPC needs HTTP/2, which pyqwest speaks in clear text only when told to:
-        # a client of our own, closed with the connection.
-        self._http2: pyqwest.Client | None = None
+        # a transport of our own (with the CA file), closed with the connection.
         self._transport: pyqwest.HTTPTransport | None = None
         if settings.protocol == "grpc":
-            self._transport = pyqwest.HTTPTransport(http_version=pyqwest.HTTPVersion.HTTP2)
-            self._http2 = pyqwest.Client(self._transport)
+            self._transport = pyqwest.HTTPTransport(
+                http_version=pyqwest.HTTPVersion.HTTP2,
+                tls_ca_cert=read_ca(settings.ca_file) if settings.ca_file else None,
+                tls_include_system_certs=settings.ca_file is None,
+            )
+            self._http = pyqwest.Client(self._transport)
         self.rpc = self._client(SandboxServiceClient)
         self._headers: Mapping[str, str] = (
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
@@ -90,18 +96,13 @@ class Connection:
         return self._templates
 
     def _client(self, cls: Callable[..., C]) -> C:
-        if self._http2 is None:
-            return cls(
-                self.settings.server,
-                accept_compression=(),  # loopback and LANs: compression costs more than it saves
-                send_compression=None,
-            )
+        grpc = self.settings.protocol == "grpc"
         return cls(
             self.settings.server,
-            accept_compression=(),
+            accept_compression=(),  # loopback and LANs: compression costs more than it saves
             send_compression=None,
-            protocol=ProtocolType.GRPC,
-            http_client=self._http2,
+            protocol=ProtocolType.GRPC if grpc else ProtocolType.CONNECT,
+            http_client=self._http,
         )
 
     async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:

@@ -63,7 +63,10 @@ def _shutdown() -> None:
         # aborts the process. Closed, it has nothing left in flight.
         import pyqwest
 
+        from corral.client._tls import aclose_transports
+
         await pyqwest.get_default_transport().aclose()
+        await aclose_transports()
         # Requests cancelled above end on the transport's threads a moment later, each
         # reporting to this loop; one that reports once the interpreter is finalizing
         # takes a GIL that no longer exists and aborts the process (SIGABRT, 1 exit in

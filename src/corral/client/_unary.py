@@ -13,14 +13,16 @@ from __future__ import annotations
 import binascii
 import http.client
 import json
+import ssl  # http.client imports it already
 from base64 import b64decode
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from google.protobuf.message import DecodeError, Message
 
-from corral._wire import error_for, no_answer
+from corral._wire import error_for, no_answer, untrusted
 from corral.client._config import ClientSettings
+from corral.client._tls import ssl_context
 from corral.errors import CorralError
 from corral.v1.errors_pb2 import ErrorDetail
 
@@ -52,7 +54,7 @@ def call(settings: ClientSettings, method: str, request: Message, reply_type: ty
     }
     if settings.api_key:
         headers["authorization"] = f"Bearer {settings.api_key}"
-    connection = _connection(url.scheme, url.hostname or "", url.port, settings.timeout)
+    connection = _connection(url.scheme, url.hostname or "", url.port, settings)
     try:
         connection.request("POST", url.path, body=request.SerializeToString(), headers=headers)
         response = connection.getresponse()
@@ -79,18 +81,17 @@ def call(settings: ClientSettings, method: str, request: Message, reply_type: ty
 
 
 def _connection(
-    scheme: str, host: str, port: int | None, timeout: float
+    scheme: str, host: str, port: int | None, settings: ClientSettings
 ) -> http.client.HTTPConnection:
     if scheme == "https":
-        import ssl  # only for https (http.client may have loaded it already)
-
-        return http.client.HTTPSConnection(
-            host, port, timeout=timeout, context=ssl.create_default_context()
-        )
-    return http.client.HTTPConnection(host, port, timeout=timeout)
+        context = ssl_context(settings.ca_file)
+        return http.client.HTTPSConnection(host, port, timeout=settings.timeout, context=context)
+    return http.client.HTTPConnection(host, port, timeout=settings.timeout)
 
 
 def _unreachable(server: str, exc: BaseException) -> CorralError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return untrusted(server, f"certificate verify failed: {exc.verify_message}")
     # "Connection refused", "timed out", "Remote end closed connection without response"
     cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return no_answer(server, cause or type(exc).__name__)
@@ -110,21 +111,21 @@ def _error(server: str, status: int, body: bytes) -> CorralError:
     return error_for(
         code if isinstance(code, str) and code else _CODE_FOR_STATUS.get(status, "unknown"),
         message if isinstance(message, str) else "",
-        _detail_types(data),
+        _details(data),
         server,
     )
 
 
-def _detail_types(data: dict[str, Any]) -> list[str]:
-    """The class names the error's ErrorDetails carry; other or malformed details skipped."""
-    names = []
+def _details(data: dict[str, Any]) -> list[ErrorDetail]:
+    """The ErrorDetails the error carries; other or malformed details skipped."""
+    found = []
     details = data.get("details")
     for detail in details if isinstance(details, list) else ():
         if not isinstance(detail, dict) or detail.get("type") != _DETAIL_TYPE:
             continue
         try:
             value = b64decode(str(detail.get("value", "")) + "===")
-            names.append(ErrorDetail.FromString(value).type)
+            found.append(ErrorDetail.FromString(value))
         except (binascii.Error, DecodeError):
             continue
-    return names
+    return found

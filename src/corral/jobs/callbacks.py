@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from corral import __version__
+from corral import __version__, instruments
 from corral.errors import CallbackRefused
 from corral.jobs.callback_policy import CallbackPolicy, CallbackTarget, destination
 from corral.jobs.signing import sign
@@ -322,6 +322,7 @@ class CallbackDispatcher:
         }
         if error is None:
             self.store.callback_done(row.id, error=None, retry_at=None)
+            instruments.CALLBACK_DELIVERIES.labels(outcome="delivered").inc()
             log.debug("callback delivered", extra=extra)
             return
         retry_at = None
@@ -329,6 +330,8 @@ class CallbackDispatcher:
             delay = min(self._max_backoff, self._backoff * 2**row.attempts)
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
         self.store.callback_done(row.id, error=error, retry_at=retry_at)
+        outcome = "refused" if error == REFUSED else "retry" if retry_at else "failed"
+        instruments.CALLBACK_DELIVERIES.labels(outcome=outcome).inc()
         if retry_at is None:
             log.warning("callback failed for good: %s", error, extra=extra)
         else:

@@ -30,7 +30,7 @@ class JobRuntime:
         lease: float | None = None,
     ) -> None:
         self.signals = JobSignals()
-        self.retention = Retention(store, settings.job_retention)
+        self.retention = Retention.from_settings(store, settings)
         # One policy for both ends: what Submit accepts and where deliveries may go.
         policy = CallbackPolicy.parse(settings.callback_allow)
         self.callbacks = CallbackDispatcher(

@@ -31,11 +31,12 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from corral import logs
+from corral import instruments, logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
@@ -113,6 +114,7 @@ class Worker:
             self.policy.template,
             self.policy.isolation,
             may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
+            role="jobs",
         )
         self.sandboxes = JobSandboxes(engine, self.pool)
         self.volumes = Volumes(settings, store)
@@ -260,6 +262,7 @@ class Worker:
         logs.start(job_id=row.id, team_id=row.team_id)  # this task runs this job only
         attempt = Attempt(row.id, self.name, row.attempt)
         self.signals.changed(row.id)
+        began = time.perf_counter()
         freed = False  # whether the attempt had (or may have had) a sandbox, now gone
         try:
             if row.cancel_reason is not None:  # canceled between the claim and now
@@ -290,11 +293,13 @@ class Worker:
                     functools.partial(self.volumes.mounts, row.team_id),
                 )
             outcome = await runner.run()
+            _observe_attempt(spec.kind, outcome.state, time.perf_counter() - began)
             freed = outcome.state != "no_room"
             ended = self._end(row, spec, attempt, outcome)
             if ended is not None and self.on_end is not None:
                 self.on_end(ended)
         except Exception as exc:
+            _observe_attempt(str(row.spec.get("kind", "")), "error", time.perf_counter() - began)
             log.exception("running a job failed", extra={"job_id": row.id})
             with contextlib.suppress(Exception):
                 self.store.end_attempt(attempt, "failed", f"failed: {exc}", exit_code=None)
@@ -373,3 +378,10 @@ class Worker:
             self.store.make_due(job_id)
         except Exception:  # it is claimed at its run_after instead
             log.exception("waking a job that waits for room failed", extra={"job_id": job_id})
+
+
+def _observe_attempt(kind: str, outcome: str, seconds: float) -> None:
+    """Count and time a job attempt that ended (`outcome`: its state, or "error" when
+    running it failed)."""
+    instruments.JOB_ATTEMPTS.labels(kind=kind, outcome=outcome).inc()
+    instruments.JOB_DURATION.labels(kind=kind, outcome=outcome).observe(seconds)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from corral.errors import CommandError, NotFound
 from corral.guest import ExecResult, OutputChunk, ProcessInfo
 from corral.isolation import Command
+from corral.sandboxes.observe import observed_exec
 from corral.terminal import PtySize
 
 if TYPE_CHECKING:
@@ -166,6 +167,7 @@ class SandboxCommands:
         self.attached = AttachedCommands()
         self._attaching = asyncio.Lock()  # one guest attach at a time: no double follow
 
+    @observed_exec
     async def exec(
         self,
         team: Team,

@@ -58,6 +58,7 @@ from corral.sandboxes.lifecycle import LiveSandboxes, owner_identity
 from corral.sandboxes.live import LiveSandbox, utc
 from corral.sandboxes.metrics import MetricRings, check_range, stored_series
 from corral.sandboxes.network_events import NetworkEventPump
+from corral.sandboxes.observe import observed_create
 from corral.sandboxes.options import (
     CreateOptions,
     SandboxRecord,
@@ -209,6 +210,7 @@ class SandboxManager:
 
     # -- lifecycle of sandboxes ---------------------------------------------------------
 
+    @observed_create
     async def create(self, team: Team, options: CreateOptions) -> SandboxRecord:
         if self._closing:
             raise SandboxNotRunning("the server is shutting down; create the sandbox elsewhere")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from corral._aio import stop_tasks
 from corral.errors import CapacityExceeded, CorralError
 from corral.isolation import Engine, Limits, Sandbox, SandboxState
+from corral.sandboxes import observe
 
 log = logging.getLogger("corral.sandboxes")
 
@@ -46,6 +47,7 @@ class WarmPool:
         isolation: str,
         *,
         may_fill: Callable[[], bool] | None = None,
+        role: str = "sandboxes",
     ) -> None:
         self.engine = engine
         self.size = size
@@ -54,6 +56,8 @@ class WarmPool:
         # When given, the pool starts sandboxes only while this says so (and after
         # `wake`): a busy job worker keeps its CPU for the jobs it runs.
         self.may_fill = may_fill
+        # Whose spares these are, for metrics: "sandboxes" (the API's) or "jobs".
+        self.role = role
         self.backend: str | None = None  # resolved when the pool starts
         self._ready: deque[Sandbox] = deque()
         self._wake = asyncio.Event()
@@ -80,6 +84,7 @@ class WarmPool:
             return
         self.backend = backend.name
         self.engine.add_spares(self)
+        observe.pool_started(self)  # counted from here: its tier is known, it fills
         await self._fill()
 
     @property
@@ -101,7 +106,9 @@ class WarmPool:
             sandbox = self._ready.popleft()
             self._wake.set()
             if sandbox.state is SandboxState.RUNNING:
+                observe.pool_claimed(self, hit=True)
                 return sandbox
+        observe.pool_claimed(self, hit=False)
         return None
 
     def surrender(self) -> Sandbox | None:
@@ -165,6 +172,7 @@ class WarmPool:
     async def aclose(self) -> None:
         """Stop filling and destroy every ready sandbox."""
         await stop_tasks(self._task)
+        observe.pool_closed(self)
         self.engine.remove_spares(self)
         ready, self._ready = list(self._ready), deque()
         await asyncio.gather(*(s.destroy() for s in ready), return_exceptions=True)

@@ -1,7 +1,7 @@
 """The ASGI app: Connect services for SandboxService, JobService, TemplateService and
 HealthService, the standard gRPC health and reflection services (`grpc_std`),
-`GET /healthz`, the port proxy to sandboxes' ports (`corral.server.ports`), and E2B's
-REST API and envd (`corral.server.e2b`).
+`GET /healthz`, `GET /metrics` (`corral.server.metrics`), the port proxy to sandboxes'
+ports (`corral.server.ports`), and E2B's REST API and envd (`corral.server.e2b`).
 
     app = create_app(Settings.from_env())     # serve it with uvicorn (`corral server`)
 
@@ -21,6 +21,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from connectrpc.interceptor import Interceptor
+
 from corral import __version__, logs
 from corral._wire import to_connect
 from corral.config import Settings
@@ -39,7 +41,10 @@ from corral.server.grpc_std import (
 )
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
+from corral.server.metrics import PATH as METRICS_PATH
+from corral.server.metrics import MetricsEndpoint
 from corral.server.port_http import PortProxy
+from corral.server.ratelimit import RateLimits, StreamLimitInterceptor, retry_headers
 from corral.server.requests import (
     CODECS,
     HEALTH_MESSAGE_BYTES,
@@ -113,18 +118,39 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
+def _with_headers(send: Send, headers: dict[str, str]) -> Send:
+    """`send` with `headers` added to the response's start."""
+    if not headers:
+        return send
+    extra = [(name.encode(), value.encode()) for name, value in headers.items()]
+
+    async def send_with_headers(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return send_with_headers
+
+
 class CorralApp:
     """One ASGI application for the whole API."""
 
     def __init__(self, settings: Settings, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.settings = settings
-        self.services = Services()
+        self.services = Services(
+            limits=RateLimits(settings.api_rate, settings.api_burst, settings.api_streams)
+        )
         self.default_key: str | None = None  # the key of the default team, after start-up
         self._jobs: JobRuntime | None = None
         self._max_message_bytes = max_message_bytes
         self.ports = PortProxy(self.services, settings.ports_domain)
         self.e2b = E2bApp(self.services, settings)
-        interceptors = [ErrorInterceptor()]
+        self.metrics = MetricsEndpoint(settings, self.services)
+        # In this order: the stream limit's refusal leaves as any Corral error does.
+        interceptors: list[Interceptor] = [
+            ErrorInterceptor(),
+            StreamLimitInterceptor(self.services.limits),
+        ]
         gzip = [BoundedGzip(max_message_bytes)]
         self._sandbox_app: ASGIApp = SandboxServiceASGIApplication(
             SandboxService(self.services),
@@ -208,7 +234,8 @@ class CorralApp:
             headers = dict(scope.get("headers", ()))
             refusal = self._refusal(headers)
             if refusal is not None:
-                receive = refuse(refusal)
+                receive = refuse(to_connect(refusal))
+                send = _with_headers(send, retry_headers(refusal))
             else:
                 receive = limit_size(receive, headers, self._max_message_bytes)
                 scope, receive = inflate(scope, receive, self._max_message_bytes)
@@ -229,6 +256,8 @@ class CorralApp:
             scope, receive = inflate(scope, receive, HEALTH_MESSAGE_BYTES)
             prefix = "/" + path.split("/")[1] + "/"
             await self._open_apps[prefix](scope, receive, send)
+        elif path == METRICS_PATH:
+            await self.metrics.serve(scope, send)
         elif path == "/healthz":
             started = self.services.manager is not None
             await _send_json(
@@ -249,16 +278,16 @@ class CorralApp:
             )
 
     def _refusal(self, headers: dict[bytes, bytes]) -> Exception | None:
-        """Why a request must be refused before its body is read: no valid key. An
-        anonymous caller costs no body reading and no decompression; the handler gets the
-        team found here (`auth.authenticate`)."""
-        store = self.services.store
-        if store is None:  # starting or stopping: the handler says so
+        """Why a request must be refused before its body is read: no valid key, or its
+        key's rate limit. An anonymous or limited caller costs no body reading and no
+        decompression; the handler gets the team found here (`auth.authenticate`)."""
+        if self.services.store is None:  # starting or stopping: the handler says so
             return None
         try:
-            authenticate_headers(store, headers.get(b"authorization", b"").decode())
-        except Exception as exc:  # Unauthenticated; anything else is logged as internal
-            return to_connect(exc)
+            authenticate_headers(self.services, headers.get(b"authorization", b"").decode())
+            self.services.limits.take_caller()
+        except Exception as exc:  # Unauthenticated, RateLimited; else logged as internal
+            return exc
         return None
 
     # -- lifespan -------------------------------------------------------------------------
@@ -290,6 +319,8 @@ class CorralApp:
         from corral.sandboxes import SandboxManager
         from corral.store import Store
 
+        # First: a metrics port in use is refused before there is anything to undo.
+        self.metrics.start()
         store = Store.open(self.settings)
         try:
             team, new_key = store.ensure_default_team()
@@ -330,6 +361,7 @@ class CorralApp:
     async def stop(self) -> None:
         manager, store = self.services.manager, self.services.store
         self.ports.close()
+        self.metrics.stop()
         self.services.manager = None
         self.services.jobs = None
         self.services.templates = None

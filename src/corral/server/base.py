@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from connectrpc.request import RequestContext
 
 from corral.errors import ServerUnavailable
-from corral.server.auth import authenticate
+from corral.server.auth import KeyCache, authenticate
+from corral.server.ratelimit import RateLimits
 
 if TYPE_CHECKING:
     from corral.jobs.queue import JobQueue
@@ -25,6 +26,10 @@ class Services:
     manager: SandboxManager | None = None
     jobs: JobQueue | None = None
     templates: TemplateCatalog | None = None
+    # API keys' teams, remembered briefly (`corral.server.auth`).
+    keys: KeyCache = field(default_factory=KeyCache)
+    # Requests and streams per API key (none unless the app sets its settings' limits).
+    limits: RateLimits = field(default_factory=RateLimits)
 
 
 class Handlers:
@@ -38,6 +43,4 @@ class Handlers:
         return self._services.manager
 
     def _team(self, ctx: RequestContext[Any, Any]) -> Team:
-        if self._services.store is None:
-            raise ServerUnavailable("the Corral server is starting or stopping; try again")
-        return authenticate(self._services.store, ctx)
+        return authenticate(self._services, ctx)

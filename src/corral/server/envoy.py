@@ -15,6 +15,8 @@ only supervises it:
   Envoy at once; the sandboxes die with it, as under uvicorn.
 - Envoy's own log goes to stderr at warning; the app's JSON log is the same as under
   uvicorn.
+- TLS (`corral.server.tls`'s pair) is Envoy's, on the same port, HTTP/2 by ALPN.
+- SIGHUP does not reload (the settings live in Envoy's process): it is logged and ignored.
 
 Envoy's default `stream_idle_timeout` (5 minutes) would reset an Exec or Logs stream
 that is quiet that long: it is off here, as uvicorn has none.
@@ -35,6 +37,7 @@ from pyvoy import PyvoyServer
 
 from corral._aio import stop_tasks
 from corral.config import Settings
+from corral.server.tls import TlsPair
 
 log = logging.getLogger("corral.server")
 
@@ -86,15 +89,26 @@ class _Envoy(PyvoyServer):
         return sum(int(s["value"]) for s in stats.get("stats", ()) if "value" in s)
 
 
+def _no_reload() -> None:
+    log.warning(
+        "SIGHUP ignored: under pyvoy the app runs in Envoy's process, which does not reload "
+        "its configuration; restart the server (or run it on uvicorn) to apply a change"
+    )
+
+
 class Supervisor:
     """Runs Envoy until a signal; `forced` once a second signal killed it."""
 
-    def __init__(self, settings: Settings, port: int) -> None:
+    def __init__(self, settings: Settings, port: int, pair: TlsPair | None = None) -> None:
         self.settings = settings
         self.envoy = _Envoy(
             APP,
             address=settings.host,
             port=port,
+            # TLS on the same port (ALPN: h2, then http/1.1); no HTTP/3 (a UDP port more).
+            tls_cert=pair.cert if pair else None,
+            tls_key=pair.key if pair else None,
+            tls_enable_http3=False,
             worker_threads=1,
             lifespan=True,
             log_level="warning",
@@ -139,11 +153,12 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal)
+        loop.add_signal_handler(signal.SIGHUP, _no_reload)
         try:
             await self.envoy.start()
             status = await self.envoy.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await stop_tasks(self._stopping)
         return 1 if status is None else status

@@ -4,7 +4,8 @@ logs, graceful shutdown.
 SIGINT or SIGTERM stops accepting connections, lets open calls finish (for at most
 `shutdown_grace` seconds), then stops the sandbox manager, which kills every sandbox.
 A second signal exits at once; the sandboxes die with the process and the next start
-marks their rows failed.
+marks their rows failed. SIGHUP reloads the configuration (`corral.reload`) between two
+steps of the event loop: requests in flight carry on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import importlib.util
 import logging
 import os
@@ -28,9 +30,11 @@ from corral import logs
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
+from corral.reload import Reloader
+from corral.server import tls
 
 if TYPE_CHECKING:  # imported where uvicorn serves: under pyvoy, Envoy loads the app
-    from corral.server.app import CorralApp
+    pass
 
 log = logging.getLogger("corral.server")
 
@@ -48,10 +52,22 @@ class _Server(uvicorn.Server):
 
     _first_signal = 0.0
 
+    def __init__(self, config: uvicorn.Config, reloader: Reloader | None = None) -> None:
+        super().__init__(config)
+        self.reloader = reloader
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         handled = (signal.SIGINT, signal.SIGTERM)
         original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        if self.reloader is not None:
+            # Run by the event loop, not in the signal handler: a handler runs between any
+            # two bytecodes of the main thread, in the middle of whatever it was doing.
+            loop = asyncio.get_running_loop()
+            reload = self.reloader.reload
+            original[signal.SIGHUP] = signal.signal(
+                signal.SIGHUP, lambda sig, frame: loop.call_soon_threadsafe(reload)
+            )
         try:
             yield
         finally:
@@ -87,19 +103,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def local_url(host: str, port: int) -> str:
+def local_url(host: str, port: int, *, https: bool = False) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if https else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def _run(
-    server: _Server, sock: socket.socket, app: CorralApp, companion: Companion | None
-) -> None:
+async def _run(server: _Server, sock: socket.socket, url: str, companion: Companion | None) -> None:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     beside = None
     if companion is not None:
-        url = local_url(app.settings.host, app.settings.port)
         beside = asyncio.create_task(companion(url))
     await serving
     await stop_tasks(beside)
@@ -118,14 +132,17 @@ def http_server(settings: Settings) -> str:
     return settings.http_server
 
 
-def serve(settings: Settings, *, companion: Companion | None = None) -> int:
-    """Run the API server until a signal; the process's exit code."""
+def serve(
+    settings: Settings, *, companion: Companion | None = None, reloader: Reloader | None = None
+) -> int:
+    """Run the API server until a signal (SIGHUP: `reloader` reloads); its exit code."""
     logs.configure(settings.log_level)
+    pair = tls.load(settings)  # before the port: a bad file changes nothing
     sock = bind(settings.host, settings.port)
     if http_server(settings) == "pyvoy":
         port = sock.getsockname()[1]
         sock.close()  # Envoy listens on it itself (`corral.server.envoy`)
-        return _serve_pyvoy(settings, port, companion)
+        return _serve_pyvoy(settings, port, pair, companion)
     from corral.server.app import CorralApp
     from corral.server.port_websocket import relay_protocol
 
@@ -139,13 +156,20 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
         timeout_keep_alive=30,
         # WebSocket upgrades: relayed to sandboxes' ports, byte for byte.
         ws=relay_protocol(app.ports),
+        ssl_certfile=pair.cert if pair else None,
+        ssl_keyfile=pair.key if pair else None,
     )
-    server = _Server(config)
-    log.info(
-        "listening",
-        extra={"url": local_url(settings.host, settings.port), "http_server": "uvicorn"},
-    )
-    asyncio.run(_run(server, sock, app, companion))
+    server = _Server(config, reloader)
+    if reloader is not None:
+        # uvicorn reads it when it shuts down: a new value holds for the next shutdown.
+        reloader.live["shutdown_grace"] = functools.partial(
+            setattr, config, "timeout_graceful_shutdown"
+        )
+    url = local_url(settings.host, settings.port, https=pair is not None)
+    if pair is not None:
+        _log_tls(pair)
+    log.info("listening", extra={"url": url, "http_server": "uvicorn"})
+    asyncio.run(_run(server, sock, url, companion))
     if server.force_exit:
         log.warning("forced exit: sandboxes die with this process")
         logging.shutdown()
@@ -155,11 +179,25 @@ def serve(settings: Settings, *, companion: Companion | None = None) -> int:
     return 0
 
 
-def _serve_pyvoy(settings: Settings, port: int, companion: Companion | None) -> int:
+def _log_tls(pair: tls.TlsPair) -> None:
+    """Say which certificate the server presents, and how a client comes to trust it."""
+    fields = {"cert": str(pair.cert), "sha256_fingerprint": pair.fingerprint}
+    if pair.self_signed:
+        fields["trust"] = tls.TRUST_HINT.format(cert=pair.cert)
+        log.info("serving HTTPS with a self-signed development certificate", extra=fields)
+    else:
+        log.info("serving HTTPS", extra=fields)
+
+
+def _serve_pyvoy(
+    settings: Settings, port: int, pair: tls.TlsPair | None, companion: Companion | None
+) -> int:
     from corral.server.envoy import Supervisor
 
-    supervisor = Supervisor(settings, port)
-    url = local_url(settings.host, port)
+    supervisor = Supervisor(settings, port, pair)
+    url = local_url(settings.host, port, https=pair is not None)
+    if pair is not None:
+        _log_tls(pair)
     log.info("listening", extra={"url": url, "http_server": "pyvoy"})
 
     async def run() -> int:

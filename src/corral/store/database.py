@@ -23,6 +23,7 @@ from sqlalchemy import event
 
 from corral.config import Settings, check_database_url
 from corral.errors import InvalidRequest
+from corral.store.timing import time_transactions
 
 log = logging.getLogger("corral.store")
 
@@ -121,6 +122,7 @@ class Database:
             os.close(os.open(settings.data_dir / "corral.db", os.O_RDWR | os.O_CREAT, 0o600))
             url = sqlite_url(settings)
         db = _engine(url)
+        time_transactions(db, write_option=_IMMEDIATE)
         store = cls(db, settings)
         try:
             with store._write() as conn:

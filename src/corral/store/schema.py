@@ -74,6 +74,10 @@ teams = sa.Table(
     # Bytes of job logs the team's jobs keep (the sum of their `log_bytes`), kept up to
     # date with every log write and deletion, so the quota check reads one row.
     sa.Column("log_bytes", sa.BigInteger, nullable=False, server_default="0"),
+    # Rate limits of each of the team's API keys (`corral.server.ratelimit`): requests a
+    # second and streams open at once; 0: the server's (CORRAL_API_RATE, _STREAMS).
+    sa.Column("max_api_rate", sa.Float, nullable=False, server_default="0"),
+    sa.Column("max_api_streams", sa.Integer, nullable=False, server_default="0"),
 )
 
 api_keys = sa.Table(

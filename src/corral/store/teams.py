@@ -46,7 +46,9 @@ class Team:
     keep their memory) number at most `max_sandboxes` and together hold at most
     `max_memory_mib`, `max_cpu` cores and `max_disk_mib` of writable storage; a job's
     sandbox must fit in these totals too. At most `max_running_jobs` of its jobs run at
-    once, and its stored job logs take at most `max_log_mib`.
+    once, and its stored job logs take at most `max_log_mib`. Each of its API keys may
+    send `max_api_rate` requests a second (bursts of twice that) and hold
+    `max_api_streams` streams open; 0 means the server's limits.
     """
 
     id: str
@@ -57,6 +59,8 @@ class Team:
     max_disk_mib: int = 20480
     max_running_jobs: int = 8
     max_log_mib: int = 1024
+    max_api_rate: float = 0.0
+    max_api_streams: int = 0
 
 
 # (field, lowest accepted value) of every quota, in the order of Team's fields.
@@ -67,7 +71,10 @@ QUOTAS: tuple[tuple[str, float], ...] = (
     ("max_disk_mib", 1),
     ("max_running_jobs", 1),
     ("max_log_mib", 1),
+    ("max_api_rate", 0),
+    ("max_api_streams", 0),
 )
+_FLOAT_QUOTAS = ("max_cpu", "max_api_rate")
 DEFAULT_QUOTAS: dict[str, Any] = {name: getattr(Team, name) for name, _ in QUOTAS}
 
 
@@ -119,7 +126,7 @@ def _checked_quotas(quotas: Mapping[str, Any]) -> dict[str, Any]:
         if field not in quotas:
             continue
         value = quotas[field]
-        kind = float if field == "max_cpu" else int
+        kind = float if field in _FLOAT_QUOTAS else int
         numeric = isinstance(value, int | kind) and not isinstance(value, bool)
         if not numeric or value < low:
             raise InvalidRequest(

@@ -96,7 +96,7 @@ def resolve(services: Services, sandbox_id: str, headers: dict[str, str]) -> Env
     api_key = headers.get("x-api-key")
     if api_key is not None:
         try:
-            caller = authenticate_e2b(store, api_key, "")
+            caller = authenticate_e2b(services, api_key, "")
         except CorralError:
             caller = None
         if caller is None or caller.id != team.id:

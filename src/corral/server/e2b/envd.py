@@ -36,6 +36,7 @@ from corral.server.e2b.errors import E2bError, as_envd, rest_status
 from corral.server.e2b.rest import error_body, send_json
 from corral.server.e2b.routing import sandbox_of
 from corral.server.interceptors import ErrorInterceptor
+from corral.server.ratelimit import StreamLimitInterceptor, retry_headers
 from corral.server.requests import CODECS, MAX_MESSAGE_BYTES, limit_size
 
 if TYPE_CHECKING:
@@ -84,7 +85,9 @@ def _service_app(services: Services, prefix: str) -> ASGIApp | None:
         return None
     app: ASGIApp = application(
         handlers(services),
-        interceptors=[ErrorInterceptor(as_envd)],
+        # The stream limit counts callers that sent an API key (X-API-KEY); a sandbox's
+        # access token is not a key.
+        interceptors=[ErrorInterceptor(as_envd), StreamLimitInterceptor(services.limits)],
         read_max_bytes=MAX_MESSAGE_BYTES,
         compressions=[BoundedGzip(MAX_MESSAGE_BYTES)],
         codecs=CODECS,
@@ -125,6 +128,7 @@ class EnvdApp:
     async def _answer(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         try:
             call = self._call(scope)
+            self.services.limits.take_caller()  # when it came with an API key
             set_current(call)
             if path.startswith((_PROCESS, _FILESYSTEM)):
                 await self._service(scope, receive, send, path)
@@ -142,7 +146,7 @@ class EnvdApp:
         except CorralError as exc:
             status = rest_status(exc)
             log.debug("envd request refused", extra={"status": status, "error": str(exc)})
-            await send_json(send, status, error_body(status, str(exc)))
+            await send_json(send, status, error_body(status, str(exc)), retry_headers(exc))
 
     def _call(self, scope: Scope) -> EnvdCall:
         headers = {

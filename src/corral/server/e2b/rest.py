@@ -25,6 +25,7 @@ from corral.errors import CorralError, ServerUnavailable
 from corral.server.auth import authenticate_e2b
 from corral.server.disconnect import Receive
 from corral.server.e2b.errors import E2bError, rest_status
+from corral.server.ratelimit import retry_headers
 
 if TYPE_CHECKING:
     from corral.server.base import Services
@@ -48,6 +49,9 @@ class RestRequest:
     query: list[tuple[str, str]]  # in order, repeats kept
     body: Any  # parsed JSON, or None for an empty body
     headers: dict[str, str]  # names in lower case
+    # How the client reached this server: "https" when it serves TLS itself (`corral
+    # server --tls-…`) or a proxy in front says so (X-Forwarded-Proto), else "http".
+    scheme: str = "http"
 
     def arg(self, name: str) -> str | None:
         """The last value of query parameter `name`, or None."""
@@ -141,7 +145,7 @@ class RestApp:
             status = rest_status(exc)
             level = logging.WARNING if status >= 500 else logging.DEBUG
             log.log(level, "e2b request refused", extra={"status": status, "error": str(exc)})
-            response = RestResponse(status, error_body(status, str(exc)))
+            response = RestResponse(status, error_body(status, str(exc)), retry_headers(exc))
         except Exception:
             log.exception("e2b request failed")
             response = RestResponse(
@@ -160,14 +164,18 @@ class RestApp:
             bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
             for k, v in scope.get("headers", ())
         }
-        team = authenticate_e2b(store, headers.get("x-api-key"), headers.get("authorization", ""))
+        team = authenticate_e2b(
+            self.services, headers.get("x-api-key"), headers.get("authorization", "")
+        )
+        self.services.limits.take_caller()
         raw = await read_body(receive)
         try:
             body = json.loads(raw) if raw.strip() else None
         except ValueError as exc:
             raise E2bError(400, f"the request body is not valid JSON: {exc}") from None
         query = parse_qsl(bytes(scope.get("query_string", b"")).decode("latin-1"), True)
-        req = RestRequest(team, method, params, query, body, headers)
+        secure = scope.get("scheme") == "https" or headers.get("x-forwarded-proto") == "https"
+        req = RestRequest(team, method, params, query, body, headers, "https" if secure else "http")
         return await route.handler(self.services, req)
 
     def _route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:

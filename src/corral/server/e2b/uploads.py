@@ -95,9 +95,8 @@ async def upload_link(services: Services, req: RestRequest) -> RestResponse:
     with open(fd, "w") as out:
         out.write(token)
     host = req.headers.get("host") or "127.0.0.1"
-    scheme = "https" if req.headers.get("x-forwarded-proto") == "https" else "http"
     query = urlencode({"team": req.team.id, "uploadToken": token})
-    url = f"{scheme}://{host}/templates/{req.params['templateID']}/files/{files_hash}?{query}"
+    url = f"{req.scheme}://{host}/templates/{req.params['templateID']}/files/{files_hash}?{query}"
     return RestResponse(201, {"present": present, "url": url})
 
 
