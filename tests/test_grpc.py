@@ -26,6 +26,7 @@ from corral import AsyncSandbox
 from corral.client._config import ClientSettings
 from corral.config import Settings
 from corral.errors import InvalidRequest
+from corral.server import tls
 from corral.v1 import (
     errors_pb2,
     jobs_pb2,
@@ -253,16 +254,29 @@ def test_grpc_web_and_connect_over_http1_still_work(grpc_server: LiveServer) -> 
     assert connect.status_code == 200 and connect.json() == {"status": "SERVING"}
 
 
-def test_sigterm_lets_an_open_stream_finish_then_stops(settings: Settings) -> None:
+def test_tls_on_pyvoy_then_sigterm_lets_an_open_stream_finish(settings: Settings) -> None:
+    """One more server (TLS, self-signed): gRPC and Connect over HTTP/2 (ALPN) on its
+    port, then a SIGTERM while a stream is open: it finishes, the server stops."""
+    data = settings.runtime_dir / "grpc-tls"
+    ca = data / "tls" / tls.SELF_SIGNED_CERT
     live = start_server(
-        settings,
-        settings.runtime_dir / "grpc-stop",
-        pool_size=0,
-        extra_env=PYVOY,
-        ready_timeout=READY,
-    )
+        settings, data, pool_size=0, extra_env=PYVOY, ready_timeout=READY,
+        args=("--tls-self-signed",), ca_file=ca,
+    )  # fmt: skip
     try:
-        with grpc.insecure_channel(live.url.removeprefix("http://")) as ch:
+        assert live.url.startswith("https://")
+        curl = subprocess.run(
+            ["curl", "-sS", "--http2", "--cacert", str(ca), "-w", "\n%{http_version}",
+             "-H", "content-type: application/json", "-d", "{}",
+             live.url + "/grpc.health.v1.Health/Check"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert curl.stdout.split("\n") == ['{"status":"SERVING"}', "2"]
+        credentials = grpc.ssl_channel_credentials(ca.read_bytes())
+        with grpc.secure_channel(live.url.removeprefix("https://"), credentials) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == serving
             api = Api(ch, live.key)
             create = sandbox_pb2.CreateRequest(template="host", isolation="process")
             box = api.unary("SandboxService/Create", create, sandbox_pb2.CreateResponse).sandbox.id
