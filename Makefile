@@ -14,6 +14,9 @@ DEBIAN_PACKAGES += skopeo zstd docker-registry apache2-utils
 # runsc: gVisor, the `gvisor` isolation tier's kernel in user space (issue 15). On Debian 12
 # it comes from bookworm-backports (`gvisor-runsc` below): bookworm's own is from 2022.
 DEBIAN_PACKAGES += runsc
+# PostgreSQL (issue 16): the tests start a throwaway cluster of it (tests/kit/postgres.py) and
+# run the store, queue and API tests on it as on SQLite; the driver is psycopg's wheel.
+DEBIAN_PACKAGES += postgresql
 # The microvm tier (issue 15): QEMU, qemu-img, and busybox for the guest's initramfs.
 # (virtiofsd, which serves volumes and the host's /usr to its guests, comes with
 # qemu-system-x86: /usr/lib/qemu/virtiofsd, in qemu-system-common.)
@@ -56,6 +59,10 @@ system-packages:
 	    if [[ " $${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then \
 	      systemctl disable --now docker-registry >/dev/null 2>&1 || true; \
 	      echo "docker-registry is installed for the tests only: its service is disabled"; \
+	    fi; \
+	    if [[ " $${missing[*]} " == *" postgresql "* ]] && command -v systemctl >/dev/null; then \
+	      systemctl disable --now postgresql >/dev/null 2>&1 || pg_ctlcluster --mode fast $$(ls /usr/lib/postgresql | sort -V | tail -1) main stop >/dev/null 2>&1 || true; \
+	      echo "postgresql is installed for the tests' throwaway clusters: its own service is disabled (systemctl enable --now postgresql to run one)"; \
 	    fi; \
 	  else \
 	    echo "missing Debian packages: $${missing[*]}"; \

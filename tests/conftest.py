@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ from corral.store import Store, Team
 from corral.store.job_rows import JobRow
 from corral.store.sandboxes import SandboxRow
 from tests.kit import internet as fake_internet
+from tests.kit import postgres as kit_postgres
 from tests.kit import processes
 from tests.kit.connect import call
 from tests.kit.http import CallbackReceiver
@@ -52,7 +54,17 @@ TIERS = ("unit", "integration", "acceptance")
 # of them (directly or through another fixture) is an integration test. `settings` is the
 # session's runtime dir for real engines and servers; unit tests use `store_settings`.
 INTEGRATION_FIXTURES = frozenset(
-    {"settings", "engine", "sandbox", "sandbox_host", "server", "own_runtime", "internet", "tier"}
+    {
+        "settings",
+        "engine",
+        "sandbox",
+        "sandbox_host",
+        "server",
+        "db_server",
+        "own_runtime",
+        "internet",
+        "tier",
+    }
 )
 # Markers that already say a test needs a real sandbox.
 INTEGRATION_MARKERS = ("sandbox", "hostile")
@@ -195,10 +207,68 @@ def settings() -> Iterator[Settings]:
     shutil.rmtree(runtime, ignore_errors=True)
 
 
+# -- the databases: SQLite, and PostgreSQL on a throwaway cluster -----------------------------
+
+DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A unit test on the `store` runs on every database; so does a test using `database`."""
+    names = set(metafunc.fixturenames)
+    store_level = "store" in names and not INTEGRATION_FIXTURES & names
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        return
+    used = [m.args for m in metafunc.definition.iter_markers("usefixtures")]
+    asks = "database" in inspect.signature(metafunc.function).parameters or any(
+        "database" in args for args in used
+    )
+    if any("database" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")):
+        return  # the test picks its databases itself
+    if "database" in names and (store_level or asks):
+        metafunc.parametrize("database", DATABASES, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[kit_postgres.Cluster]:
+    """The session's PostgreSQL cluster, its template database migrated to the head."""
+    if reason := kit_postgres.unavailable():
+        pytest.skip(reason)
+    try:
+        cluster = kit_postgres.start()
+    except kit_postgres.ClusterFailed as exc:
+        pytest.skip(f"PostgreSQL's throwaway cluster did not start: {exc}")
+    try:
+        migrated = Store.open(
+            Settings(data_dir=Path("/nonexistent")), url=cluster.url(kit_postgres.MIGRATED)
+        )
+        migrated.close()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
 @pytest.fixture
-def store_settings(tmp_path: Path) -> Settings:
-    """Settings of a store of its own (SQLite in the test's tmp_path), for store tests."""
-    return Settings(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run", base_template="off")
+def database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The test's database URL: "" (SQLite in its data dir) unless the test runs on
+    PostgreSQL (`DATABASES`), then a fresh database, migrated, of its own."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield ""
+        return
+    cluster: kit_postgres.Cluster = request.getfixturevalue("postgres")
+    with cluster.database(template=kit_postgres.MIGRATED) as url:
+        yield url
+
+
+@pytest.fixture
+def store_settings(tmp_path: Path, database: str) -> Settings:
+    """Settings of a store of its own, for store tests: SQLite in the test's tmp_path, or
+    the test's PostgreSQL database when it runs on that (`database`)."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        runtime_dir=tmp_path / "run",
+        base_template="off",
+        database_url=database,
+    )
 
 
 @pytest.fixture
@@ -598,21 +668,58 @@ def start_worker(server: LiveServer, **extra_env: str) -> LiveWorker:
     return LiveWorker(process, log)
 
 
-@pytest.fixture(scope="session")
-def server(settings: Settings) -> Iterator[LiveServer]:
-    """One server for the session; tests that stop servers start their own. Its callbacks
-    may go to receivers on loopback (the tests'), which a server refuses by default."""
-    allow = {"CORRAL_CALLBACK_ALLOW": "127.0.0.1"}
-    data = settings.runtime_dir / "server-data"
+def session_server(settings: Settings, name: str, database_url: str = "") -> LiveServer:
+    """A server for the session, data under `name`, its store at `database_url` (else
+    SQLite in its data dir). Its callbacks may go to receivers on loopback (the tests'),
+    which a server refuses by default."""
+    env = {"CORRAL_CALLBACK_ALLOW": "127.0.0.1", "CORRAL_DATABASE_URL": database_url}
+    data = settings.runtime_dir / name
     if base_unavailable() is None:  # `base`: a tier without the host template starts from it
         from tests.kit import e2b_base
 
         e2b_base.install(data)
-    live = start_server(settings, data, extra_env=allow)
+    return start_server(settings, data, extra_env=env)
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings) -> Iterator[LiveServer]:
+    """One server for the session; tests that stop servers start their own."""
+    live = session_server(settings, "server-data")
     try:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(settings: Settings, postgres: kit_postgres.Cluster) -> Iterator[LiveServer]:
+    """`server`'s twin on PostgreSQL: a database of its own on the session's cluster."""
+    with postgres.database(template=kit_postgres.MIGRATED) as url:
+        live = session_server(settings, "pg-server-data", url)
+        try:
+            yield live
+        finally:
+            live.stop()
+
+
+@pytest.fixture(scope="session", params=DATABASES)
+def db_server(request: pytest.FixtureRequest) -> LiveServer:
+    """The session's server on each database in turn: `server`, then `pg_server`. An API
+    test whose outcome is the store's takes it instead of `server`."""
+    name = "server" if request.param == "sqlite" else "pg_server"
+    live: LiveServer = request.getfixturevalue(name)
+    return live
+
+
+def database_url(request: pytest.FixtureRequest) -> str:
+    """For a fixture parametrized over DATABASES that starts its own server: "" (SQLite in
+    its data dir) or a fresh database on the session's cluster, dropped after the test."""
+    if request.param == "sqlite":
+        return ""
+    cluster: kit_postgres.Cluster = request.getfixturevalue("postgres")
+    name = cluster.create_database(template=kit_postgres.MIGRATED)
+    request.addfinalizer(lambda: cluster.drop_database(name))
+    return cluster.url(name)
 
 
 @pytest.fixture
@@ -649,10 +756,12 @@ def own_runtime(settings: Settings) -> Iterator[Settings]:
 @pytest.fixture
 def msettings(own_runtime: Settings, store_settings: Settings) -> Settings:
     """Settings for the test's own SandboxManagers: a private runtime dir (the host's
-    admission counts every sandbox of one), the data dir of `store`; skips (saying why)
-    where the host cannot run namespace sandboxes."""
+    admission counts every sandbox of one), the data dir and database of `store`; skips
+    (saying why) where the host cannot run namespace sandboxes."""
     require_backend(own_runtime, "namespace")
-    return own_runtime.with_(data_dir=store_settings.data_dir)
+    return own_runtime.with_(
+        data_dir=store_settings.data_dir, database_url=store_settings.database_url
+    )
 
 
 StartManager = Callable[..., Awaitable["SandboxManager"]]

@@ -36,7 +36,8 @@ def test_no_key_or_a_bad_key_is_unauthenticated(server: LiveServer) -> None:
     assert_serving(server)
 
 
-def test_a_revoked_key_stops_working_within_a_second(server: LiveServer) -> None:
+def test_a_revoked_key_stops_working_within_a_second(db_server: LiveServer) -> None:
+    server = db_server
     key = server.new_team("revokers")
     assert call(server, "List", key=key).status_code == 200  # now in the server's key cache
     assert server.corral("admin", "key", "revoke", key).returncode == 0
@@ -217,7 +218,8 @@ def in_state(server: LiveServer, sandbox_id: str, state: str) -> dict[str, Any]:
     return wait_until(got, f"{sandbox_id} in {state}", timeout=10)
 
 
-def test_timeout_kills_and_idle_pauses(server: LiveServer, sandbox_host: None) -> None:
+def test_timeout_kills_and_idle_pauses(db_server: LiveServer, sandbox_host: None) -> None:
+    server = db_server
     short = call(server, "Create", {"timeoutSeconds": 1}).json()["sandbox"]["id"]
     idle = call(
         server,

@@ -102,6 +102,7 @@ def test_the_per_job_limit_still_names_itself(store: Store) -> None:
     assert event.data == {"limit_bytes": 20} and "log limit of 20 bytes" in event.reason
 
 
+@pytest.mark.sqlite_only  # logs in files beside SQLite (PostgreSQL keeps them in rows)
 def test_retention_gives_the_team_its_quota_back(store: Store, store_settings: Settings) -> None:
     team = store.create_team("acme", max_log_mib=1)
     old, old_attempt = running(store, team)
@@ -182,6 +183,7 @@ def test_a_bad_retention_is_refused_saying_what_to_use(store: Store, seconds: An
         Retention(store, seconds)
 
 
+@pytest.mark.sqlite_only  # logs in files beside SQLite (PostgreSQL keeps them in rows)
 def test_logs_whose_file_is_gone_read_as_deleted_not_as_an_error(
     store: Store, store_settings: Settings
 ) -> None:
@@ -197,6 +199,7 @@ def test_logs_whose_file_is_gone_read_as_deleted_not_as_an_error(
 # -- logs outside the database ---------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # logs in files beside SQLite (PostgreSQL keeps them in rows)
 def test_logs_read_in_order_from_any_seq_across_the_file_boundary(
     store: Store, store_settings: Settings
 ) -> None:
@@ -228,6 +231,7 @@ def test_logs_read_in_order_from_any_seq_across_the_file_boundary(
     assert [c.seq for c in store.job_logs(row.id, 39, max_bytes=1)] == [39]
 
 
+@pytest.mark.sqlite_only  # logs in files beside SQLite (PostgreSQL keeps them in rows)
 def test_bytes_of_a_write_that_never_committed_are_skipped(
     store: Store, store_settings: Settings
 ) -> None:

@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config
 
 from corral.config import Settings
 from corral.isolation import Engine
@@ -28,7 +28,7 @@ from corral.jobs.queue import JobQueue
 from corral.jobs.spec import JobSpec
 from corral.store import Store
 from corral.store.claims import ROOM_RESERVE_SECONDS
-from corral.store.database import MIGRATIONS
+from corral.store.database import alembic_config
 from corral.store.job_rows import JobRow
 from corral.store.schema import jobs
 from tests.conftest import new_job_row
@@ -101,22 +101,22 @@ async def test_submit_records_the_memory_of_the_jobs_sandbox(store: Store) -> No
     assert (job(store, default.id).memory_mib, job(store, sized.id).memory_mib) == (512, 64)
 
 
+@pytest.mark.usefixtures("database")  # on SQLite and PostgreSQL
 def test_the_migration_fills_memory_from_the_specs_limits(store_settings: Settings) -> None:
     """Jobs queued before revision 0006 get their memory from their spec, else 512 MiB."""
     store = Store.open(store_settings)
     team = store.create_team("a")
-    store.close()
-    engine = sa.create_engine(f"sqlite:///{store_settings.data_dir / 'corral.db'}")
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0005")
+    # On the store's database, but not through its connections: SQLite's would have foreign
+    # keys on, and the downgrades' table copies (batch mode) would then cascade-delete rows.
+    db = sa.create_engine(store._db.url)
+    with db.begin() as conn:
+        command.downgrade(alembic_config(conn), "0005")
         for spec in ({"command": ["true"]}, {"command": ["true"], "limits": {"memory_mib": 64}}):
             row = asdict(new_job_row(team, spec=spec))
             del row["memory_mib"]
             conn.execute(jobs.insert().values(**row))
-    engine.dispose()
+    db.dispose()
+    store.close()
     store = Store.open(store_settings)  # migrates to the head again
     try:
         with store._read() as conn:

@@ -1,5 +1,5 @@
-"""The job queue in SQL, on real SQLite files: claims, leases, owned writes, requeues,
-cancels and retries, the log cap, the callback outbox and List pages."""
+"""The job queue in SQL, on real SQLite files and PostgreSQL: claims, leases, owned writes,
+requeues, cancels and retries, the log cap, the callback outbox and List pages."""
 
 from __future__ import annotations
 

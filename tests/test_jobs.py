@@ -1,6 +1,7 @@
 """Jobs end to end: real `corral server` and `corral worker` processes, real sandboxes,
-a real SQLite store. Workers and servers are killed for real (SIGKILL, SIGTERM) and the
-queue must neither lose an acknowledged log line nor run a job twice at once."""
+a real store (SQLite, and PostgreSQL: `db_server`, `remote_server`). Workers and servers
+are killed for real (SIGKILL, SIGTERM) and the queue must neither lose an acknowledged log
+line nor run a job twice at once."""
 
 from __future__ import annotations
 
@@ -29,7 +30,14 @@ from corral.jobs.signing import verify
 from corral.states import JOB_FINAL_STATES
 from corral.v1 import jobs_pb2 as pb
 from corral.v1.jobs_connect import JobServiceClient
-from tests.conftest import LiveServer, LiveWorker, start_server, start_worker
+from tests.conftest import (
+    DATABASES,
+    LiveServer,
+    LiveWorker,
+    database_url,
+    start_server,
+    start_worker,
+)
 from tests.kit.http import CallbackReceiver
 from tests.kit.polling import until
 
@@ -153,8 +161,9 @@ class JobApi:
 
 
 @pytest.fixture
-async def api(server: LiveServer) -> AsyncIterator[JobApi]:
-    client = JobApi(server.url, server.key)
+async def api(db_server: LiveServer) -> AsyncIterator[JobApi]:
+    """A client of the session's server, on SQLite and on PostgreSQL."""
+    client = JobApi(db_server.url, db_server.key)
     yield client
     await client.aclose()
 
@@ -243,8 +252,10 @@ class Remote:
         return worker
 
 
-@pytest.fixture(scope="module")
-def remote_server(settings: Settings) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=DATABASES)
+def remote_server(settings: Settings, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """A server and its workers' store: on SQLite, and on PostgreSQL (workers in other
+    processes claiming there, as in a deployment)."""
     live = start_server(
         settings,
         settings.runtime_dir / f"remote-{secrets.token_hex(4)}",
@@ -253,6 +264,7 @@ def remote_server(settings: Settings) -> Iterator[LiveServer]:
             "CORRAL_JOB_WORKERS": "0",
             "CORRAL_JOB_LEASE": LEASE,
             "CORRAL_JOB_LOG_LIMIT": "65536",
+            "CORRAL_DATABASE_URL": database_url(request),
         },
     )
     yield live
@@ -805,14 +817,14 @@ async def test_callbacks_are_signed_retried_and_delivered(
 
 
 @pytest.fixture(scope="module")
-def team_key(server: LiveServer) -> str:
+def team_key(db_server: LiveServer) -> str:
     """The key of a team of this module's own, whose List shows only what it queued."""
-    return server.new_team(f"jobs-{secrets.token_hex(3)}")
+    return db_server.new_team(f"jobs-{secrets.token_hex(3)}")
 
 
 @pytest.fixture
-async def team_api(server: LiveServer, team_key: str) -> AsyncIterator[JobApi]:
-    client = JobApi(server.url, team_key)
+async def team_api(db_server: LiveServer, team_key: str) -> AsyncIterator[JobApi]:
+    client = JobApi(db_server.url, team_key)
     yield client
     await client.aclose()
 
@@ -880,7 +892,8 @@ def post_json(server: LiveServer, method: str, body: Any, key: str | None = None
     )
 
 
-async def test_an_unknown_json_field_is_named(server: LiveServer, team_api: JobApi) -> None:
+async def test_an_unknown_json_field_is_named(db_server: LiveServer, team_api: JobApi) -> None:
+    server = db_server
     before = await count(team_api)
     response = post_json(server, "Submit", {"spec": {"kind": "command", "bogus": 1}}, team_api.key)
     assert response.status_code == 400, response.text
@@ -952,7 +965,8 @@ async def test_bad_list_and_stream_requests_are_refused(api: JobApi) -> None:
     await refused(api.logs(submitted.job.id, offset=-1), Code.INVALID_ARGUMENT)
 
 
-def test_unauthenticated_calls_are_refused(server: LiveServer) -> None:
+def test_unauthenticated_calls_are_refused(db_server: LiveServer) -> None:
+    server = db_server
     response = post_json(server, "List", {}, key="not-a-key")
     assert response.status_code == 401, response.text
     response = httpx.post(

@@ -109,6 +109,7 @@ def test_totals_count_memory_cpu_disk_and_sandboxes(store: Store) -> None:
     assert len(store.live_sandboxes()) == 3
 
 
+@pytest.mark.usefixtures("database")  # on SQLite and PostgreSQL (its row locks)
 def test_concurrent_creates_cannot_pass_the_quota(msettings: Settings, store: Store) -> None:
     """Eight processes' worth of stores insert at once; the quota lets exactly three in."""
     team = store.create_team("racy", max_memory_mib=3 * 512)

@@ -131,6 +131,7 @@ async def test_a_backlog_goes_in_batches_while_the_store_answers_others(store: S
     assert len(store.teams()) == made + 1
 
 
+@pytest.mark.sqlite_only  # logs in files beside SQLite (PostgreSQL keeps them in rows)
 async def test_a_sweep_removes_finished_jobs_log_files_with_their_rows(
     store: Store, store_settings: Settings
 ) -> None:

@@ -184,7 +184,9 @@ def test_without_a_database_url_the_store_is_sqlite_in_the_data_dir(tmp_path: Pa
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql://corral:secret@db.example/corral", "needs the Python package 'psycopg"),
+        ("postgresql+psycopg2://corral:secret@127.0.0.1/c", "needs the Python package 'psycopg2"),
+        # Nothing listens on port 1 of loopback.
+        ("postgresql://corral:secret@127.0.0.1:1/corral", "cannot be reached: .*check that"),
         ("nosuchdb://x/y", "names a database SQLAlchemy does not know"),
     ],
 )
@@ -201,7 +203,9 @@ def test_a_database_url_the_store_cannot_use_is_refused_clearly(
 
 
 def test_corral_admin_says_what_is_wrong_with_the_database_url(tmp_path: Path) -> None:
-    url = "postgresql://db.example/corral"
+    url = "postgresql://corral@127.0.0.1:1/corral"  # nothing listens on port 1 of loopback
     done = corral_here(tmp_path, "admin", "team", "list", CORRAL_DATABASE_URL=url)
     assert done.returncode == 2
-    assert "CORRAL_DATABASE_URL='postgresql://db.example/corral' needs" in done.stderr
+    assert "CORRAL_DATABASE_URL='postgresql+psycopg://corral@127.0.0.1:1/corral' cannot" in (
+        done.stderr
+    )

@@ -1,4 +1,5 @@
-"""The store on real SQLite files: migrations, teams and keys, sandbox rows, metric points."""
+"""The store on real SQLite files and PostgreSQL (`database` in tests/conftest.py):
+migrations, teams and keys, sandbox rows, metric points."""
 
 from __future__ import annotations
 
@@ -55,11 +56,9 @@ def test_migrations_create_the_schema_on_a_fresh_file(store_settings: Settings) 
     assert stat.S_IMODE(store_settings.data_dir.stat().st_mode) == 0o700
 
 
-def test_migrations_match_the_tables_in_code(store: Store, store_settings: Settings) -> None:
-    engine = sa.create_engine(f"sqlite:///{store_settings.data_dir / 'corral.db'}")
-    with engine.connect() as conn:
+def test_migrations_match_the_tables_in_code(store: Store) -> None:
+    with store._read() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
-    engine.dispose()
     assert diff == []
 
 
@@ -75,6 +74,7 @@ def test_migrations_are_idempotent_and_keep_data(store_settings: Settings) -> No
         assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(store: Store, store_settings: Settings) -> None:
     with sqlite3.connect(store_settings.data_dir / "corral.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -134,6 +134,7 @@ def test_unknown_team_says_how_to_create_it(store: Store) -> None:
         store.create_api_key("ghost")
 
 
+@pytest.mark.sqlite_only  # it reads the database's files
 def test_api_key_is_stored_hashed_and_authenticates(store: Store, store_settings: Settings) -> None:
     team = store.create_team("acme")
     key = store.create_api_key("acme")

@@ -199,15 +199,17 @@ async def test_templates_are_registered_again_after_a_restart(
     await world.engine.aclose()
     # A new process: a new engine knows no layer template until the catalog loads.
     engine = Engine(world.settings)
+    reopened = Store.open(store_settings)
     try:
         assert engine.templates.names() == ["host"]
-        again = TemplateCatalog(world.settings, Store.open(store_settings), engine)
+        again = TemplateCatalog(world.settings, reopened, engine)
         assert again.load() == 1
         registered = engine.templates.get(name)
         assert registered.digests == (layer.digest,)  # type: ignore[union-attr]
         assert registered.env == {"A": "1"}  # type: ignore[union-attr]
         assert again.resolve(world.a.id, "base") == name
     finally:
+        reopened.close()  # (PostgreSQL's connections warn when collected open)
         await engine.aclose()
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config
 
 from corral.config import Settings
 from corral.store import Store
-from corral.store.database import MIGRATIONS
+from corral.store.database import alembic_config
 from corral.store.vms import VmRow
 
 
@@ -29,22 +29,22 @@ def vm(team_id: str, name: str, isolation: str) -> VmRow:
     )
 
 
+@pytest.mark.usefixtures("database")  # on SQLite and PostgreSQL
 def test_a_vm_from_before_the_column_reads_as_auto(store_settings: Settings) -> None:
     store = Store.open(store_settings)
     team = store.create_team("vms")
     store.insert_vm(vm(team.id, "old", "gvisor"))
-    store.close()
 
     # Back to the schema before 0015 (the column and what it held are gone), and up again.
-    db = sa.create_engine(f"sqlite:///{store_settings.data_dir / 'corral.db'}")
+    # On the store's database, but not through its connections: SQLite's would have foreign
+    # keys on, and the downgrades' table copies (batch mode) would then cascade-delete rows.
+    db = sa.create_engine(store._db.url)
     with db.begin() as conn:
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0014")
+        command.downgrade(alembic_config(conn), "0014")
         columns = {c["name"] for c in sa.inspect(conn).get_columns("vms")}
         assert "isolation" not in columns
     db.dispose()
+    store.close()
 
     store = Store.open(store_settings)
     try:

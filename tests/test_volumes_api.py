@@ -29,15 +29,20 @@ pytestmark = pytest.mark.sandbox
 
 
 @pytest.fixture
-def name(server: LiveServer, sandbox_host: None) -> Iterator[str]:
-    """A fresh volume name on the session's server (deleted after the test if left)."""
+def name(request: pytest.FixtureRequest, sandbox_host: None) -> Iterator[str]:
+    """A fresh volume name on the session's server, the test's `db_server` when it runs on
+    each database (deleted after the test if left)."""
+    server: LiveServer = request.getfixturevalue(
+        "db_server" if "db_server" in request.fixturenames else "server"
+    )
     fresh = f"v-{secrets.token_hex(4)}"
     yield fresh
     with contextlib.suppress(UnknownVolume):
         Volume.delete(fresh, **opts(server))
 
 
-def test_data_written_by_one_sandbox_is_read_by_the_next(server: LiveServer, name: str) -> None:
+def test_data_written_by_one_sandbox_is_read_by_the_next(db_server: LiveServer, name: str) -> None:
+    server = db_server
     created = Volume.create(name, size_mib=64, **opts(server))
     assert (created.name, created.size_mib) == (name, 64)
     with Sandbox.create(volumes=[f"{name}:/data"], **opts(server)) as box:
@@ -86,7 +91,8 @@ def test_the_size_bound_is_enospc_inside(server: LiveServer, name: str) -> None:
     assert image.stat().st_blocks * 512 <= 16 << 20
 
 
-def test_another_team_can_neither_see_nor_mount_it(server: LiveServer, name: str) -> None:
+def test_another_team_can_neither_see_nor_mount_it(db_server: LiveServer, name: str) -> None:
+    server = db_server
     Volume.create(name, size_mib=16, **opts(server))
     other: dict[str, Any] = {
         "server": server.url,

@@ -59,6 +59,7 @@ _TABLE: tuple[tuple[type[CorralError], str], ...] = (
     (errors.ServerUnavailable, "unavailable"),
     (errors.TemplateNotReady, "unavailable"),  # it is being built: retrying will help
     (errors.IsolationUnavailable, "failed_precondition"),  # retrying will not help
+    (errors.SchemaTooNew, "failed_precondition"),
     (errors.CorralError, "internal"),
 )
 

@@ -101,6 +101,10 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_self_signed: bool = False
+    # OpenTelemetry traces of the server's requests and the workers' jobs (`corral.tracing`):
+    # off, or on to export them over OTLP/HTTP as the standard OTEL_* variables say
+    # (OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4318). Needs the `otel` extra.
+    otel: bool = False
     # Port exposure: the server's port proxy answers host names `<port>-<sandbox id>.`
     # followed by this domain (E2B's form; point a wildcard DNS record at the server), as
     # well as paths `/sandboxes/<id>/ports/<port>/`. "localhost": `*.localhost` is

@@ -32,6 +32,7 @@
     ├── RateLimited               the API key's request rate or open streams are at its limit
     ├── CapacityExceeded          the host has no room for it (memory committed)
     ├── IsolationUnavailable      the host cannot give the isolation asked for
+    ├── SchemaTooNew              the database was migrated by a newer Corral than this one
     ├── ServerUnavailable         the SDK or CLI could not reach the Corral server
     │   └── ServerUntrusted       its TLS certificate did not verify (no CA file trusts it)
     ├── WaitTimedOut              a wait ran out of time (also a TimeoutError)
@@ -201,6 +202,10 @@ class CapacityExceeded(CorralError):
 
 class IsolationUnavailable(CorralError):
     """The host cannot provide the isolation asked for; run `corral doctor`."""
+
+
+class SchemaTooNew(CorralError):
+    """The database's schema is newer than this Corral knows: upgrade Corral."""
 
 
 class ServerUnavailable(CorralError):

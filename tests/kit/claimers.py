@@ -10,6 +10,10 @@ from corral.config import Settings
 from corral.store import Store
 from corral.store.job_rows import JobRow
 
+# On PostgreSQL a claim skips a team another claimer holds (SKIP LOCKED): one empty claim
+# does not yet mean that nothing is left.
+EMPTY_CLAIMS = 5
+
 
 def race_claims(
     store: Store,
@@ -21,9 +25,9 @@ def race_claims(
     lease: float = 60,
 ) -> dict[str, list[JobRow]]:
     """What each of `threads` claimers (workers w0, w1, ...) claimed, `limit` jobs a claim,
-    until a claim came back empty. They alternate between `store` and a second store that
-    `settings` opens on the same file (two workers' processes) and start together; a thread's
-    error is raised here."""
+    until claims came back empty `EMPTY_CLAIMS` times in a row. They alternate between
+    `store` and a second store that `settings` opens on the same database (two workers'
+    processes) and start together; a thread's error is raised here."""
     other = Store.open(settings)
     claims: dict[str, list[JobRow]] = {}
     errors: list[BaseException] = []
@@ -33,9 +37,13 @@ def race_claims(
         got: list[JobRow] = []
         try:
             start.wait()
-            while rows := on.claim_jobs(name, isolations, limit, lease):
+            empty = 0
+            while empty < EMPTY_CLAIMS:
+                rows = on.claim_jobs(name, isolations, limit, lease)
                 got.extend(rows)
-                time.sleep(0.001)  # a worker between claims: the others get their turn
+                empty = 0 if rows else empty + 1
+                # A worker between claims: the others get their turn.
+                time.sleep(0.001 if rows else 0.02)
         except BaseException as exc:
             errors.append(exc)
         claims[name] = got

@@ -25,8 +25,9 @@ def call(
     *,
     key: str | None = "",
     raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> httpx.Response:
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     key = server.key if key == "" else key
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
@@ -35,7 +36,11 @@ def call(
 
 
 def stream(
-    server: LiveServer, method: str, body: dict[str, Any], key: str | None = None
+    server: LiveServer,
+    method: str,
+    body: dict[str, Any],
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A server-streaming call with the Connect JSON envelopes: (messages, end message)."""
     payload = json.dumps(body).encode()
@@ -45,6 +50,7 @@ def stream(
         headers={
             "Content-Type": "application/connect+json",
             "Authorization": f"Bearer {key or server.key}",
+            **(headers or {}),
         },
         timeout=30,
     )

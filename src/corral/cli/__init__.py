@@ -106,7 +106,7 @@ def server(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     """Run jobs from the server's store in this process, beside the server's own workers
     (Ctrl-C stops it: its running jobs go back to the queue)."""
-    from corral import logs
+    from corral import logs, tracing
     from corral.jobs.daemon import run_worker
     from corral.reload import Reloader, hold_sighup
 
@@ -114,6 +114,7 @@ def worker(args: argparse.Namespace) -> int:
     _note_old_isolation()
     settings = settings_from(args)
     logs.configure(settings.log_level)
+    tracing.configure(settings, "corral-worker")
     return run_worker(settings, reloader=Reloader(settings, lambda: settings_from(args)))
 
 

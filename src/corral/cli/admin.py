@@ -1,4 +1,5 @@
-"""`corral admin …`: teams and API keys, straight in the local store (not through the API).
+"""`corral admin …`: teams and API keys, and the schema's migration, straight in the store
+(not through the API).
 
 Run it on the server's machine with the server's data directory; it is safe while the
 server runs (the store is SQLite in WAL mode, or PostgreSQL).
@@ -116,8 +117,22 @@ def key_revoke(args: argparse.Namespace) -> None:
     out(f"revoked {args.key[:12]}…")
 
 
+def migrate(args: argparse.Namespace) -> None:
+    """Bring the store's schema to this Corral's newest revision (the server and workers
+    do it when they start too: this does it first, e.g. before they are upgraded).
+
+    A database a newer Corral migrated is refused, changed in nothing.
+    """
+    with _store(args) as store:
+        schema = store.schema
+    if schema.before == schema.after:
+        out(f"schema at revision {schema.after}: up to date")
+    else:
+        out(f"schema migrated from revision {schema.before or '(empty)'} to {schema.after}")
+
+
 def add_commands(commands: Commands) -> None:
-    admin = group(commands, "admin", "Manage teams and API keys (local store).")
+    admin = group(commands, "admin", "Manage teams, API keys and the schema (local store).")
     teams = group(admin, "team", "Teams: tenants with quotas.")
     keys = group(admin, "key", "API keys: each belongs to one team.")
 
@@ -131,8 +146,17 @@ def add_commands(commands: Commands) -> None:
             help="the server's data directory (its store); default: the server's,"
             " /var/lib/corral as root, else ~/.local/share/corral",
         )
+        setting_option(
+            p,
+            "--database-url",
+            setting="database_url",
+            help="the server's database when not SQLite in the data directory, e.g."
+            " postgresql://USER:PASSWORD@HOST/DB",
+        )
         env_file_option(p)  # the server's (/etc/corral/corral.env): its store, its database
         return p
+
+    in_store(admin, "migrate", migrate)
 
     for name, handler in (("create", team_create), ("set", team_set)):
         p = in_store(teams, name, handler)

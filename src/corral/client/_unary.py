@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError, Message
 from corral._wire import error_for, no_answer, untrusted
 from corral.client._config import ClientSettings
 from corral.client._tls import ssl_context
+from corral.client._tracecontext import trace_headers
 from corral.errors import CorralError
 from corral.v1.errors_pb2 import ErrorDetail
 
@@ -54,6 +55,7 @@ def call(settings: ClientSettings, method: str, request: Message, reply_type: ty
     }
     if settings.api_key:
         headers["authorization"] = f"Bearer {settings.api_key}"
+    headers.update(trace_headers())  # the caller's trace, if it has a current span
     connection = _connection(url.scheme, url.hostname or "", url.port, settings)
     try:
         connection.request("POST", url.path, body=request.SerializeToString(), headers=headers)

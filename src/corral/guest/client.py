@@ -15,6 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Seq
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from corral import tracing
 from corral._aio import stop_tasks
 from corral.errors import CommandError, GuestError, InvalidRequest, SandboxNotRunning
 from corral.guest import protocol
@@ -391,15 +392,17 @@ class GuestConnection(Multiplexer):
         return await self._process("attach", {"pid": pid})
 
     async def _process(self, op: str, args: dict[str, Any]) -> GuestProcess:
-        channel = await self._open_channel(op, args)
-        kind, payload = await channel.next()
-        if kind == protocol.REPLY:
-            self._check_reply(op, payload)
-        if kind != protocol.EVENT:
-            self._close_channel(channel, GuestError(f"unexpected frame for {op}"))
-            raise GuestError(f"the guest agent answered {op} with {protocol.KIND_NAMES[kind]}")
-        pid = protocol.decode_json(payload).get("pid")
-        return GuestProcess(self, channel, int(pid or 0))
+        with tracing.span(f"agent.{op}"):  # until the agent said it started (its pid)
+            channel = await self._open_channel(op, args)
+            kind, payload = await channel.next()
+            if kind == protocol.REPLY:
+                self._check_reply(op, payload)
+            if kind != protocol.EVENT:
+                self._close_channel(channel, GuestError(f"unexpected frame for {op}"))
+                raise GuestError(f"the guest agent answered {op} with {protocol.KIND_NAMES[kind]}")
+            pid = protocol.decode_json(payload).get("pid")
+            tracing.annotate({"corral.exec.pid": pid})
+            return GuestProcess(self, channel, int(pid or 0))
 
     async def signal(self, pid: int, signum: int, *, group: bool = False) -> None:
         """Send a signal to a process the agent started (to its whole group if asked)."""
@@ -488,6 +491,7 @@ class GuestConnection(Multiplexer):
     async def read_bytes(self, path: str) -> bytes:
         return b"".join([chunk async for chunk in self.read_file(path)])
 
+    @tracing.traced("agent.write")
     async def write_file(
         self,
         path: str,
@@ -531,6 +535,7 @@ class GuestConnection(Multiplexer):
         reply = await channel.reply("write")
         return _entry(reply["entry"])
 
+    @tracing.traced("agent.list")
     async def list_dir(
         self, path: str, *, depth: int = 1, user: str | None = None, home: bool = False
     ) -> list[EntryInfo]:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from corral import tracing
 from corral._aio import stop_tasks
 from corral.errors import (
     CommandError,
@@ -351,5 +352,6 @@ class Multiplexer:
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """One CALL and its REPLY; the raw form of every typed call."""
-        channel = await self._open_channel(op, args)
-        return await channel.reply(op)
+        with tracing.span(f"agent.{op}"):  # the host's side of the call: its round trip
+            channel = await self._open_channel(op, args)
+            return await channel.reply(op)

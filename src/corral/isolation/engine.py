@@ -22,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
 
+from corral import tracing
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import (
@@ -286,6 +287,7 @@ class Engine:
                 f"the {backend.name} backend needs cgroups for its limits; run `corral doctor`"
             )
 
+    @tracing.traced("engine.create")
     async def create(
         self,
         template: str = "host",
@@ -327,7 +329,16 @@ class Engine:
         sandbox_id = sandbox_id or new_sandbox_id()
         if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in self.sandboxes:
             raise InvalidRequest(f"sandbox id {sandbox_id!r} is malformed or in use")
-        entry = await self._admit(sandbox_id, spec.limits.memory_mib, make_room=make_room)
+        tracing.annotate(
+            {
+                tracing.SANDBOX_ID: sandbox_id,
+                "corral.sandbox.tier": backend.name,
+                "corral.sandbox.template": template,
+                "corral.sandbox.restore": restore is not None,
+            }
+        )
+        with tracing.span("engine.admit", {"corral.sandbox.memory_mib": spec.limits.memory_mib}):
+            entry = await self._admit(sandbox_id, spec.limits.memory_mib, make_room=make_room)
         # No await since the admission: its ledger entry is in the footprint before this
         # task can be cancelled, and releasing the footprint gives the memory back.
         try:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Seq
 from dataclasses import replace
 from pathlib import Path
 
+from corral import tracing
 from corral._aio import stop_tasks
 from corral.errors import (
     CorralError,
@@ -118,13 +119,15 @@ class Sandbox:
         # The footprint names the cgroup (recorded before it exists) when there is a driver.
         if driver is not None and footprint.cgroup is not None:
             try:
-                cgroup = driver.create(footprint.cgroup, backend.cgroup_limits(spec.limits))
+                with tracing.span("engine.cgroup"):
+                    cgroup = driver.create(footprint.cgroup, backend.cgroup_limits(spec.limits))
             except BaseException:
                 footprint.release()
                 raise
         sandbox = cls(spec, backend, footprint, cgroup)
         try:
-            await sandbox._start(entrypoint)
+            with tracing.span("engine.start"):
+                await sandbox._start(entrypoint)
         except BaseException:
             await sandbox.destroy()
             raise
@@ -160,30 +163,33 @@ class Sandbox:
             raise
 
     async def _make_network(self, network: SandboxNetwork) -> None:
-        await network.make()
-        await asyncio.to_thread(self._backend.attach_network, self.footprint)
+        with tracing.span("engine.network", {"corral.network.mode": self.spec.network.mode}):
+            await network.make()
+            await asyncio.to_thread(self._backend.attach_network, self.footprint)
 
     async def _launch(
         self, entrypoint: Entrypoint | None, network: asyncio.Future[None] | None
     ) -> None:
-        plan = self._backend.plan(self.footprint, self.spec, entrypoint)
+        with tracing.span("engine.plan"):  # its root file system, devices, arguments
+            plan = self._backend.plan(self.footprint, self.spec, entrypoint)
         self.workdir = plan.workdir
         procs = self._cgroup.procs_files() if self._cgroup else []
         try:
-            self._launcher = await launch(
-                plan.argv,
-                env=plan.env,
-                cwd=plan.host_cwd,
-                pass_fds=plan.pass_fds,
-                cgroup_procs=procs,
-                open_files=self.spec.limits.open_files if plan.host_rlimits else None,
-                file_size=self.spec.limits.file_size_mib * MIB if plan.host_rlimits else None,
-                uid=plan.uid,
-                gid=plan.gid,
-                netns=plan.netns,
-                userns=plan.userns,
-                ready=network,
-            )
+            with tracing.span("engine.launch"):
+                self._launcher = await launch(
+                    plan.argv,
+                    env=plan.env,
+                    cwd=plan.host_cwd,
+                    pass_fds=plan.pass_fds,
+                    cgroup_procs=procs,
+                    open_files=self.spec.limits.open_files if plan.host_rlimits else None,
+                    file_size=self.spec.limits.file_size_mib * MIB if plan.host_rlimits else None,
+                    uid=plan.uid,
+                    gid=plan.gid,
+                    netns=plan.netns,
+                    userns=plan.userns,
+                    ready=network,
+                )
         except (OSError, subprocess.SubprocessError) as exc:
             raise SandboxStartFailed(f"sandbox {self.id} could not be launched: {exc}") from exc
         finally:

@@ -20,6 +20,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
+from corral import tracing
 from corral.config import Settings
 from corral.errors import CapacityExceeded, InvalidRequest, IsolationUnavailable, NotFound
 from corral.isolation import registry
@@ -216,6 +217,7 @@ class JobQueue:
             now=now,
         )
         stored, created = self.store.insert_job(row)
+        tracing.annotate({"corral.job.id": stored.id})  # the request's span: find its runs
         if created:
             self.signals.queued()
         return self._record(stored), created, (secret or "") if created else ""

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from corral import instruments, logs
+from corral import instruments, logs, tracing
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
@@ -260,6 +260,16 @@ class Worker:
 
     async def _run(self, row: JobRow, stop: Stop) -> None:
         logs.start(job_id=row.id, team_id=row.team_id)  # this task runs this job only
+        # A trace of its own per attempt (the submit's request has the job's id too).
+        job: tracing.Attributes = {
+            "corral.job.id": row.id,
+            "corral.job.kind": row.kind,
+            "corral.job.attempt": row.attempt,
+        }
+        with tracing.span("job.run", job, parent=tracing.NEW_TRACE):
+            await self._attempt(row, stop)
+
+    async def _attempt(self, row: JobRow, stop: Stop) -> None:
         attempt = Attempt(row.id, self.name, row.attempt)
         self.signals.changed(row.id)
         began = time.perf_counter()
@@ -314,6 +324,7 @@ class Worker:
             self.pool.wake()
 
     def _end(self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome) -> JobRow | None:
+        tracing.annotate({"corral.job.outcome": outcome.state})
         if outcome.state == "lost":
             log.warning("job lost its lease mid-run; left to the queue", extra={"job_id": row.id})
             return None

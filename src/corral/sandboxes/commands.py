@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from corral import tracing
 from corral.errors import CommandError, NotFound
 from corral.guest import ExecResult, OutputChunk, ProcessInfo
 from corral.isolation import Command
@@ -196,25 +197,38 @@ class SandboxCommands:
         foreground command is killed at once and a background one left running. With
         `home` it starts in its user's home, which a relative `cwd` is resolved from.
         """
-        box = await self._manager.running(team, sandbox_id)
-        process = await box.exec(
-            command,
-            env={**self._manager.envs(sandbox_id), **(envs or {})},
-            cwd=cwd,
-            user=user,
-            home=home,
-            timeout=timeout,
-            output_limit=output_limit,
-            stdin=stdin,
-            background=background,
-            tag=tag,
-            pty=pty,
-        )
-        followed = self._follow(sandbox_id, process, background=background)
-        stream = self._stream(sandbox_id, followed, client_gone, owner=True)
-        async with contextlib.aclosing(stream):
-            async for event in stream:
-                yield event
+        # One span from the start to the end of the command (or of its stream).
+        with tracing.lasting(
+            "sandbox.exec", {tracing.SANDBOX_ID: sandbox_id, "corral.exec.pty": pty is not None}
+        ) as span:
+            with tracing.within(span):
+                box = await self._manager.running(team, sandbox_id)
+                process = await box.exec(
+                    command,
+                    env={**self._manager.envs(sandbox_id), **(envs or {})},
+                    cwd=cwd,
+                    user=user,
+                    home=home,
+                    timeout=timeout,
+                    output_limit=output_limit,
+                    stdin=stdin,
+                    background=background,
+                    tag=tag,
+                    pty=pty,
+                )
+            span.set_attribute("corral.exec.pid", process.pid)
+            followed = self._follow(sandbox_id, process, background=background)
+            stream = self._stream(sandbox_id, followed, client_gone, owner=True)
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    if isinstance(event, ExecResult):
+                        span.set_attributes(
+                            {
+                                "corral.exec.exit_code": event.exit_code,
+                                "corral.exec.end": event.reason,
+                            }
+                        )
+                    yield event
 
     async def attach(
         self, team: Team, sandbox_id: str, pid: int, *, client_gone: asyncio.Event | None = None

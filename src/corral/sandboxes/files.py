@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
+from corral import tracing
 from corral.guest import EntryInfo, GuestWatch
 
 if TYPE_CHECKING:
@@ -38,12 +39,15 @@ class SandboxFiles:
         home: bool = False,
     ) -> AsyncGenerator[bytes]:
         """The file's bytes from `offset` (`length` of them; None: to its end), in chunks."""
-        box = await self._manager.running(team, sandbox_id)
-        chunks = box.read_file(path, offset=offset, length=length, user=user, home=home)
-        async for chunk in chunks:
-            self._manager.touch(sandbox_id)
-            yield chunk
+        with tracing.lasting("sandbox.files.read", {tracing.SANDBOX_ID: sandbox_id}) as span:
+            with tracing.within(span):
+                box = await self._manager.running(team, sandbox_id)
+            chunks = box.read_file(path, offset=offset, length=length, user=user, home=home)
+            async for chunk in chunks:
+                self._manager.touch(sandbox_id)
+                yield chunk
 
+    @tracing.traced("sandbox.files.write")
     async def write_file(
         self,
         team: Team,
@@ -77,6 +81,7 @@ class SandboxFiles:
             home=home,
         )
 
+    @tracing.traced("sandbox.files.list")
     async def list_dir(
         self,
         team: Team,
@@ -90,12 +95,14 @@ class SandboxFiles:
         box = await self._manager.running(team, sandbox_id)
         return await box.list_dir(path, depth=depth, user=user, home=home)
 
+    @tracing.traced("sandbox.files.stat")
     async def stat(
         self, team: Team, sandbox_id: str, path: str, *, user: str | None = None, home: bool = False
     ) -> EntryInfo:
         box = await self._manager.running(team, sandbox_id)
         return await box.stat(path, user=user, home=home)
 
+    @tracing.traced("sandbox.files.make_dir")
     async def make_dir(
         self, team: Team, sandbox_id: str, path: str, *, user: str | None = None, home: bool = False
     ) -> bool:
@@ -103,6 +110,7 @@ class SandboxFiles:
         box = await self._manager.running(team, sandbox_id)
         return await box.make_dir(path, user=user, home=home)
 
+    @tracing.traced("sandbox.files.remove")
     async def remove(
         self,
         team: Team,
@@ -116,6 +124,7 @@ class SandboxFiles:
         box = await self._manager.running(team, sandbox_id)
         await box.remove(path, recursive=recursive, user=user, home=home)
 
+    @tracing.traced("sandbox.files.move")
     async def move(
         self,
         team: Team,
@@ -130,6 +139,7 @@ class SandboxFiles:
         box = await self._manager.running(team, sandbox_id)
         return await box.rename(source, destination, overwrite=overwrite, user=user, home=home)
 
+    @tracing.traced("sandbox.files.watch")
     async def watch(
         self,
         team: Team,
@@ -145,6 +155,7 @@ class SandboxFiles:
         box = await self._manager.running(team, sandbox_id)
         return await box.watch(path, recursive=recursive, entries=entries, user=user, home=home)
 
+    @tracing.traced("sandbox.files.sync")
     async def sync(self, team: Team, sandbox_id: str) -> None:
         """Wait until watch events of every change made before now have arrived."""
         box = await self._manager.running(team, sandbox_id)

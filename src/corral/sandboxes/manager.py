@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from corral import logs
+from corral import logs, tracing
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import (
@@ -210,6 +210,7 @@ class SandboxManager:
 
     # -- lifecycle of sandboxes ---------------------------------------------------------
 
+    @tracing.traced("sandbox.create")
     @observed_create
     async def create(self, team: Team, options: CreateOptions) -> SandboxRecord:
         if self._closing:
@@ -277,6 +278,7 @@ class SandboxManager:
             ram_disk=options.ram_disk,
         )
         logs.bind(sandbox_id=row.id)
+        tracing.annotate({tracing.SANDBOX_ID: row.id, "corral.sandbox.tier": backend})
         try:
             self.store.insert_sandbox(row)  # within the team's quotas, or QuotaExceeded
         except BaseException:
@@ -315,6 +317,7 @@ class SandboxManager:
                 reason = f"failed: {exc}" if isinstance(exc, CorralError) else "failed: cancelled"
                 self.store.transition(row.id, "failed", reason, from_states=("creating",))
                 raise
+            tracing.annotate({"corral.sandbox.start": how})
             entry.sandbox, entry.state = sandbox, "running"
             entry.network = NetworkEventPump(self.store, sandbox)
             self._live.baseline(entry)
@@ -485,6 +488,7 @@ class SandboxManager:
             raise
         return cold
 
+    @tracing.traced("sandbox.snapshot")
     async def snapshot(
         self, team_id: str, sandbox_id: str, store: LayerStore, max_bytes: int | None
     ) -> tuple[tuple[str, ...], Sandbox]:
@@ -501,11 +505,13 @@ class SandboxManager:
     async def get(self, team: Team, sandbox_id: str) -> SandboxRecord:
         return self._record(self._owned(team, sandbox_id))
 
+    @tracing.traced("sandbox.kill")
     async def kill(self, team: Team, sandbox_id: str) -> None:
         entry = self._entry(team, sandbox_id)
         await self._live.locked(entry, ("running", "paused"), "kill")
         await self._live.end(entry, "killed", "killed: by request")
 
+    @tracing.traced("sandbox.pause")
     async def pause(
         self, team: Team, sandbox_id: str, *, keep_memory: bool = True
     ) -> SandboxRecord:
@@ -522,6 +528,7 @@ class SandboxManager:
         assert row is not None
         return self._record(row)
 
+    @tracing.traced("sandbox.resume")
     async def resume(self, team: Team, sandbox_id: str) -> SandboxRecord:
         """Thaw a frozen sandbox, or boot one paused to disk from its filesystem."""
         entry = self._entry(team, sandbox_id)
@@ -698,6 +705,7 @@ class SandboxManager:
         entry.expires_at = expires
         return await self.get(team, sandbox_id)
 
+    @tracing.traced("sandbox.update_network")
     async def update_network(
         self, team: Team, sandbox_id: str, policy: NetworkPolicy
     ) -> SandboxRecord:
@@ -834,6 +842,7 @@ class SandboxManager:
     def _entry(self, team: Team, sandbox_id: str) -> LiveSandbox:
         """The team's live sandbox, or the error that says why there is none."""
         logs.bind(sandbox_id=sandbox_id)
+        tracing.annotate({tracing.SANDBOX_ID: sandbox_id})  # the span of the operation on it
         entry = self._live.get(sandbox_id)
         if entry is not None and entry.team_id == team.id:
             return entry

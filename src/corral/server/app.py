@@ -55,6 +55,7 @@ from corral.server.requests import (
 )
 from corral.server.service import HealthService, SandboxService
 from corral.server.templates import TemplateHandlers
+from corral.server.tracing import request_span
 from corral.server.vms import VmHandlers
 from corral.server.volumes import VolumeService
 from corral.v1 import health_pb2, jobs_pb2, sandbox_pb2, templates_pb2, vms_pb2, volumes_pb2
@@ -221,9 +222,13 @@ class CorralApp:
         if scope["type"] != "http":  # websockets: not spoken here
             return
         logs.start(request_id=logs.new_request_id())
-        path: str = scope["path"]
         if await self.ports.serve(scope, receive, send):
-            return  # it was for a sandbox's port
+            return  # it was for a sandbox's port: its traffic, not the API's
+        with request_span(scope, send) as send:
+            await self._serve_api(scope, receive, send)
+
+    async def _serve_api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
         if await self.e2b.serve(scope, receive, send):
             return  # E2B's REST API or envd (`corral.server.e2b`)
         if path.startswith(_API_PREFIXES) and _needs_trailers(scope):

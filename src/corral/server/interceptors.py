@@ -16,6 +16,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from corral._wire import to_connect
+from corral.server.tracing import rpc_failed
 
 log = logging.getLogger("corral.server")
 
@@ -38,7 +39,9 @@ _CALLER_CODES = {
 def _translate(exc: Exception, ctx: RequestContext[Any, Any]) -> ConnectError:
     error = to_connect(exc)
     method = ctx.method.name
-    level = logging.DEBUG if error.code in _CALLER_CODES else logging.WARNING
+    callers_fault = error.code in _CALLER_CODES
+    rpc_failed(error.code.value, error.message, callers_fault=callers_fault)
+    level = logging.DEBUG if callers_fault else logging.WARNING
     log.log(
         level,
         "rpc failed",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from corral import logs
+from corral import logs, tracing
 from corral._aio import stop_tasks
 from corral.config import Settings
 from corral.errors import InvalidRequest
@@ -137,6 +137,7 @@ def serve(
 ) -> int:
     """Run the API server until a signal (SIGHUP: `reloader` reloads); its exit code."""
     logs.configure(settings.log_level)
+    tracing.configure(settings, "corral-server")
     pair = tls.load(settings)  # before the port: a bad file changes nothing
     sock = bind(settings.host, settings.port)
     if http_server(settings) == "pyvoy":

@@ -15,15 +15,19 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
 from corral.config import Settings, check_database_url
-from corral.errors import InvalidRequest
+from corral.errors import InvalidRequest, SchemaTooNew
 from corral.store.timing import time_transactions
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger("corral.store")
 
@@ -65,14 +69,17 @@ def _engine(url: str) -> sa.Engine:
     """The SQLAlchemy engine of `url`; a URL it cannot use says what to do instead."""
     check_database_url(url)
     try:
-        dialect = sa.engine.make_url(url).get_backend_name()
-        if dialect == "sqlite":
+        parsed = sa.engine.make_url(url)
+        if parsed.get_backend_name() == "sqlite":
             return _sqlite_engine(url)
-        return sa.create_engine(url)
+        if parsed.drivername == "postgresql":
+            # psycopg 3, the driver Corral installs (SQLAlchemy's default is psycopg2).
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return sa.create_engine(parsed)
     except sa.exc.NoSuchModuleError:
         raise InvalidRequest(
             f"CORRAL_DATABASE_URL={_shown(url)} names a database SQLAlchemy does not know: "
-            "use sqlite:///PATH (or postgresql://…, once its driver is installed)"
+            "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB"
         ) from None
     except sa.exc.ArgumentError as exc:
         raise InvalidRequest(f"CORRAL_DATABASE_URL={_shown(url)} is not usable: {exc}") from None
@@ -84,6 +91,26 @@ def _engine(url: str) -> sa.Engine:
         ) from None
 
 
+def _sqlite_pragma(conn: sa.Connection, pragma: str) -> None:
+    """Run a PRAGMA on the driver's connection, outside any transaction (SQLAlchemy's own
+    execute would begin one first, and some pragmas are ignored inside one)."""
+    conn.connection.driver_connection.execute(f"PRAGMA {pragma}")  # type: ignore[union-attr]
+
+
+def _reach(db: sa.Engine) -> None:
+    """Connect once: a database that cannot be reached says so, with what to check."""
+    try:
+        db.connect().close()
+    except sa.exc.OperationalError as exc:
+        url = db.url.render_as_string(hide_password=False)
+        why = " ".join(str(exc.orig).split())  # psycopg's message spans lines
+        raise InvalidRequest(
+            f"CORRAL_DATABASE_URL={_shown(url)} cannot be reached: {why}; "
+            "check that the database runs and the URL's host, port, user, password and "
+            "database name"
+        ) from None
+
+
 def _shown(url: str) -> str:
     """The URL as a message may show it: without its password."""
     try:
@@ -92,19 +119,64 @@ def _shown(url: str) -> str:
         return "(unparsable)"
 
 
-def migrate(conn: sa.Connection) -> None:
-    """Bring the schema to the newest revision (a no-op when it is there already)."""
-    from alembic import command
+# Store.open on PostgreSQL migrates under this transaction-scoped advisory lock, so that a
+# server and its workers starting together on an empty database do not both create the
+# tables (SQLite's BEGIN IMMEDIATE queues them already). Any constant: "corral" in ASCII.
+_MIGRATION_LOCK = 0x636F7272616C
+
+
+@dataclass(frozen=True)
+class SchemaRevisions:
+    """What a migration did: the revision it found (None: an empty database) and the
+    revision it left (the code's head)."""
+
+    before: str | None
+    after: str
+
+
+def alembic_config(conn: sa.Connection) -> Config:
+    """Alembic's configuration for Corral's migrations, run on `conn`."""
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = conn
+    return config
+
+
+def migrate(conn: sa.Connection) -> SchemaRevisions:
+    """Bring the schema to the newest revision (a no-op when it is there already).
+
+    A database migrated by a newer Corral (a revision this code does not have) is left
+    alone: SchemaTooNew says which revision and to upgrade Corral."""
+    from alembic import command
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+    config = alembic_config(conn)
+    script = ScriptDirectory.from_config(config)
+    head = script.get_current_head()
+    assert head is not None, "the migrations have one head"
+    known = {revision.revision for revision in script.walk_revisions()}
+    before = MigrationContext.configure(conn).get_current_heads()
+    if unknown := [revision for revision in before if revision not in known]:
+        raise SchemaTooNew(
+            f"the database {_shown(conn.engine.url.render_as_string(hide_password=False))} is "
+            f"at schema revision {', '.join(unknown)}, which this Corral (schema {head}) does "
+            "not know: a newer Corral migrated it. Upgrade Corral to that version or later; "
+            "nothing was changed"
+        )
     command.upgrade(config, "head")
+    return SchemaRevisions(before[0] if before else None, head)
 
 
 class Database:
     """An open database: connections and transactions for the store's parts."""
+
+    # What opening it migrated (`migrate`): set by `open`.
+    schema: SchemaRevisions
 
     def __init__(self, db: sa.Engine, settings: Settings) -> None:
         self._db = db
@@ -125,8 +197,9 @@ class Database:
         time_transactions(db, write_option=_IMMEDIATE)
         store = cls(db, settings)
         try:
-            with store._write() as conn:
-                migrate(conn)
+            _reach(db)
+            with store.migrating() as conn:
+                store.schema = migrate(conn)
         except BaseException:
             db.dispose()
             raise
@@ -139,6 +212,27 @@ class Database:
     @property
     def url(self) -> str:
         return self._db.url.render_as_string(hide_password=True)
+
+    @contextmanager
+    def migrating(self) -> Iterator[sa.Connection]:
+        """The write transaction migrations run in: on SQLite, with foreign keys off.
+
+        SQLite alters a table by copying it and dropping the old one (Alembic's batch mode);
+        with foreign keys on, that drop would cascade to the rows that refer to the table
+        (a rebuilt `teams` would take every API key with it). The pragma is set outside
+        the transaction, where SQLite honours it, and set back before the connection
+        returns to the pool."""
+        with self._db.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                _sqlite_pragma(conn, "foreign_keys=OFF")
+            try:
+                conn.execution_options(**{_IMMEDIATE: True})
+                with conn.begin():
+                    yield conn
+            finally:
+                if sqlite:
+                    _sqlite_pragma(conn, "foreign_keys=ON")
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:

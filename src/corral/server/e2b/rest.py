@@ -26,6 +26,7 @@ from corral.server.auth import authenticate_e2b
 from corral.server.disconnect import Receive
 from corral.server.e2b.errors import E2bError, rest_status
 from corral.server.ratelimit import retry_headers
+from corral.server.tracing import name_route
 
 if TYPE_CHECKING:
     from corral.server.base import Services
@@ -160,6 +161,7 @@ class RestApp:
         path: str = scope["path"].rstrip("/") or "/"
         method: str = scope["method"]
         route, params = self._route(method, path)  # the routes are public: before the key
+        name_route(method, route.pattern)
         headers = {
             bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
             for k, v in scope.get("headers", ())
