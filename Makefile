@@ -147,7 +147,7 @@ lint: python-env
 	$(UV) run --frozen lint-imports --no-logo --no-cache && \
 	$(UV) run --frozen python scripts/protogen.py --check
 
-# Pinned generators (dev dependencies): protoc from grpcio-tools, protoc-gen-connect-python.
+# Pinned generators (dev dependencies): protoc from grpcio-tools, protoc-gen-connectrpc.
 proto: python-env
 	@$(UV) run --frozen python scripts/protogen.py
 

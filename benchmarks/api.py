@@ -9,6 +9,10 @@ against a server with a warm pool and one without; then the warm exec round trip
 the API, and the engine's own figures (`benchmarks/engine.py`) in the same run. Prints one
 JSON object; latencies in milliseconds. Targets (2 cores): warm TTFC p50 <= 15 ms and
 p99 <= 50 ms, exec round trip p50 <= 5 ms.
+
+`protocols` compares the HTTP servers and wire protocols side by side, each on a warm
+server of its own, through the SDK: Connect on uvicorn (HTTP/1.1), Connect on pyvoy
+(HTTP/1.1 to Envoy) and native gRPC on pyvoy (HTTP/2, the SDK's CORRAL_PROTOCOL=grpc).
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ CGROUP_PARENT = "corral-bench"
 # (one takes ~100 ms), so each create finds a warm sandbox, as a client sending fewer than
 # ~8 creates a second would. The burst shows what happens past that rate.
 WARM_PACE = 0.1
+# name: (the server's CORRAL_HTTP_SERVER, the SDK's CORRAL_PROTOCOL)
+PROTOCOLS = {
+    "connect_uvicorn": ("uvicorn", "connect"),
+    "connect_pyvoy": ("pyvoy", "connect"),
+    "grpc_pyvoy": ("pyvoy", "grpc"),
+}
 
 
 @contextmanager
@@ -95,7 +105,8 @@ def running_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_answering(url, process, f"the {name} server", timeout=30)
+        # pyvoy starts two Pythons in turn (corral server, then the app in Envoy)
+        wait_answering(url, process, f"the {name} server", timeout=90)
         time.sleep(1.0 if pool_size else 0)  # let the pool fill
         yield url, key
     finally:
@@ -159,6 +170,26 @@ async def engine_figures(root: Path, quick: bool) -> dict[str, Any]:
     }
 
 
+def protocol_figures(root: Path, quick: bool) -> dict[str, Any]:
+    """Warm TTFC and exec round trip for each of PROTOCOLS, one server each, in turn."""
+    count, roundtrips = (20, 200) if quick else (100, 1000)
+    figures: dict[str, Any] = {}
+    for name, (http_server, protocol) in PROTOCOLS.items():
+        env = {"CORRAL_HTTP_SERVER": http_server}
+        with running_server(root, name, pool_size=4, extra_env=env) as (url, key):
+            os.environ["CORRAL_PROTOCOL"] = protocol  # read by the SDK's ClientSettings
+            try:
+                warm = asyncio.run(ttfc(url, key, count, 0, WARM_PACE))
+                rt = asyncio.run(api_roundtrips(url, key, roundtrips))
+            finally:
+                del os.environ["CORRAL_PROTOCOL"]
+        figures[name] = {
+            "ttfc_warm_ms": summary(warm["sequential"]),
+            "exec_roundtrip_ms": {**percentiles(rt, 50, 95, 99), "n": len(rt)},
+        }
+    return figures
+
+
 def summary(samples: list[float | None]) -> dict[str, Any]:
     ok = [s for s in samples if s is not None]
     figures: dict[str, Any] = percentiles(ok, 50, 95, 99) if ok else {}
@@ -188,6 +219,7 @@ def main(quick: bool) -> dict[str, Any]:
         report["success_rate"] = round(
             sum(s is not None for s in all_samples) / len(all_samples), 4
         )
+        report["protocols"] = protocol_figures(root, quick)
         report.update(asyncio.run(engine_figures(root, quick)))
     finally:
         shutil.rmtree(root, ignore_errors=True)

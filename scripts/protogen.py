@@ -7,7 +7,9 @@ Two packages: proto/corral/v1 is Corral's API; proto/corral/envd reproduces E2B 
 process and filesystem services (for the official `e2b` SDK).
 
 The tools are pinned dev dependencies (grpcio-tools ships protoc; the Connect plugin is
-protoc-gen-connect-python), so the output is byte-for-byte reproducible.
+protoc-gen-connectrpc), so the output is byte-for-byte reproducible. The messages stay
+Google's `protobuf` (the plugin's `protobuf=google` option), not connectrpc's default
+protobuf-py.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ def init_text(package: Path) -> str:
 
 def generate(out: Path, package: Path) -> Path:
     """Generate `package` into `out`; returns the package directory written."""
-    plugin = shutil.which("protoc-gen-connect-python", path=str(Path(sys.executable).parent))
+    plugin = shutil.which("protoc-gen-connectrpc", path=str(Path(sys.executable).parent))
     if plugin is None:
-        sys.exit("protoc-gen-connect-python is missing: run `uv sync` (it is a dev dependency)")
+        sys.exit("protoc-gen-connectrpc is missing: run `uv sync` (it is a dev dependency)")
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / package).glob("*.proto"))
     subprocess.run(
         [
             sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
-            f"--python_out={out}", f"--pyi_out={out}", f"--connect-python_out={out}",
-            f"--plugin=protoc-gen-connect-python={plugin}", *protos,
+            f"--python_out={out}", f"--pyi_out={out}", f"--connectrpc_out={out}",
+            "--connectrpc_opt=protobuf=google", f"--plugin=protoc-gen-connectrpc={plugin}",
+            *protos,
         ],
         check=True,
         cwd=PROTO_DIR,

@@ -565,6 +565,7 @@ def start_server(
     extra_env: Mapping[str, str] | None = None,
     args: tuple[str, ...] = (),
     ca_file: Path | None = None,
+    ready_timeout: float = 30,
 ) -> LiveServer:
     """A `corral server` on a free port; `extra_env` adds settings (e.g. CORRAL_JOB_LEASE),
     `args` options; with `ca_file` (which the server may write: --tls-self-signed) it
@@ -586,7 +587,7 @@ def start_server(
         env.pop(name, None)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
-    process = serve(port, env, log, args, ca_file)
+    process = serve(port, env, log, args, ca_file, ready_timeout)
     key = (data_dir / "default.key").read_text().strip()
     scheme = "http" if ca_file is None else "https"
     return LiveServer(f"{scheme}://127.0.0.1:{port}", key, data_dir, env, process, log)
@@ -598,6 +599,7 @@ def serve(
     log: Path,
     args: tuple[str, ...] = (),
     ca_file: Path | None = None,
+    ready_timeout: float = 30,
 ) -> subprocess.Popen[bytes]:
     """`corral server --port port` with `env`, its output appended to `log`, once it answers
     /healthz (also how a test restarts a server on the same address); over HTTPS, verified
@@ -626,7 +628,7 @@ def serve(
             return False
 
     try:
-        wait_until(answering, "the corral server to answer /healthz")
+        wait_until(answering, "the corral server to answer /healthz", timeout=ready_timeout)
     except AssertionError as error:
         processes.stop(process, signal.SIGKILL)
         raise RuntimeError(f"{error}: {log.read_text()}") from None

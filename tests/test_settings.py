@@ -48,8 +48,12 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
         raw, parsed = "100000", 100000
     if name in ("network_modes", "network_private_allow"):  # checked as modes, CIDRs
         raw = parsed = {"network_modes": "none,allowlist"}.get(name, "10.99.0.0/16")
-    if name in ("e2b_network", "base_template", "gvisor_platform", "metrics"):  # a few words
-        raw = parsed = {"e2b_network": "internet", "gvisor_platform": "ptrace"}.get(name, "off")
+    if name in ("e2b_network", "base_template", "gvisor_platform", "metrics", "http_server"):
+        raw = parsed = {
+            "e2b_network": "internet",
+            "gvisor_platform": "ptrace",
+            "http_server": "uvicorn",
+        }.get(name, "off")  # one of a few words
     if name == "pools":  # checked as TIER:TEMPLATE=SIZE entries
         raw = parsed = "gvisor:base=1,microvm:host=0"
     settings = Settings.from_env({ENV_PREFIX + name.upper(): raw})
@@ -66,6 +70,7 @@ def test_every_setting_is_read_from_its_variable(name: str) -> None:
         ("CORRAL_LOG_LEVEL", "loud", "CORRAL_LOG_LEVEL='loud' is unknown: use debug, info"),
         ("CORRAL_E2B_NETWORK", "all", "CORRAL_E2B_NETWORK='all' is unknown: use none"),
         ("CORRAL_GVISOR_PLATFORM", "fast", "='fast' is unknown: use auto, systrap, kvm, ptrace"),
+        ("CORRAL_HTTP_SERVER", "nginx", "='nginx' is unknown: use auto, pyvoy, uvicorn"),
         ("CORRAL_POOLS", "gvisor=1", "entry 'gvisor=1' is not TIER:TEMPLATE=SIZE"),
         ("CORRAL_METRICS", "yes", "CORRAL_METRICS='yes' is unknown: use auth"),
         ("CORRAL_METRICS_PORT", "70000", "CORRAL_METRICS_PORT=70000 is not a port"),

@@ -11,15 +11,21 @@ without importing connectrpc (the CLI's fast path, `corral.client._unary`, does)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+from google.protobuf.message import DecodeError
 
 from corral import errors
 from corral.errors import CorralError, ServerUnavailable
 from corral.v1.errors_pb2 import ErrorDetail
 
 if TYPE_CHECKING:
+    import connectrpc.errors
     from connectrpc.errors import ConnectError
+
+_DETAIL_TYPE = ErrorDetail.DESCRIPTOR.full_name
 
 # Most specific first: a class is sent as the code of the first entry it is a subclass of.
 # For a code, the first class listed is what a client raises when no detail names one.
@@ -91,13 +97,23 @@ def to_connect(exc: BaseException) -> ConnectError:
         detail = ErrorDetail(type=type(exc).__name__)
         if isinstance(exc, errors.RateLimited):
             detail.retry_after_seconds = exc.retry_after
-        return ConnectError(Code(code_for(exc)), str(exc), details=[detail])
+        return ConnectError(Code(code_for(exc)), str(exc), details=[_packed(detail)])
     logging.getLogger("corral.server").error("internal error", exc_info=exc)
     return ConnectError(
         Code.INTERNAL,
         "internal error in the Corral server; the server log has the details",
-        details=[ErrorDetail(type="CorralError")],
+        details=[_packed(ErrorDetail(type="CorralError"))],
     )
+
+
+def _packed(detail: ErrorDetail) -> connectrpc.errors.ErrorDetail:
+    """`detail` as connectrpc sends it, packed by hand: connectrpc packs only its own
+    protobuf-py messages, and ours are Google protobuf's."""
+    from connectrpc.errors import ErrorDetail as Detail
+    from protobuf.wkt import Any
+
+    value = detail.SerializeToString()
+    return Detail(Any(type_url=f"type.googleapis.com/{_DETAIL_TYPE}", value=value))
 
 
 # What an https client hears from a plain HTTP server: rustls (pyqwest), OpenSSL (ssl).
@@ -180,8 +196,8 @@ def error_for(code: str, message: str, details: Iterable[ErrorDetail], server: s
 def from_connect(exc: ConnectError, server: str) -> CorralError:
     """The Corral error a client raises for a `ConnectError` (the async SDK's calls)."""
     details = []
-    for any_detail in exc.details:
-        detail = ErrorDetail()
-        if any_detail.Unpack(detail):
-            details.append(detail)
+    for detail in exc.details:
+        if detail.type_name == _DETAIL_TYPE:
+            with contextlib.suppress(DecodeError):
+                details.append(ErrorDetail.FromString(detail.message_bytes))
     return error_for(exc.code.value, exc.message, details, server)

@@ -17,6 +17,7 @@ from corral.errors import CorralError, InvalidRequest, UnknownBackend
 from corral.network.policy import NetworkCap
 
 ENV_PREFIX = "CORRAL_"
+HTTP_SERVERS = ("auto", "pyvoy", "uvicorn")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Host ids per uid slot (root mode): a sandbox's uids 0-65535, as on any Linux system.
 IDS_PER_SLOT = 65536
@@ -93,6 +94,10 @@ class Settings:
     # an entry for a pool `pool_size` makes too sets its size instead (0: none).
     pools: str = ""
     shutdown_grace: int = 10
+    # The HTTP server: `uvicorn` (HTTP/1.1: Connect and gRPC-Web), `pyvoy` (Envoy: HTTP/1.1
+    # and HTTP/2, so native gRPC too; no WebSocket relay to sandbox ports yet), or `auto`:
+    # pyvoy when it is installed. uvicorn is the default: see `corral.server.envoy`.
+    http_server: str = "uvicorn"
     log_level: str = "info"
     # HTTPS on the server's port (corral.server.tls): a PEM certificate (then its chain)
     # and its unencrypted key, or a self-signed pair for development made in
@@ -250,6 +255,10 @@ class Settings:
                 f"CORRAL_DATABASE_POOL_OVERFLOW={self.database_pool_overflow}: keep at least "
                 "one connection open (size >= 1) and allow 0 or more beyond it (overflow)"
             )
+        if self.http_server not in HTTP_SERVERS:
+            raise InvalidRequest(
+                f"CORRAL_HTTP_SERVER={self.http_server!r} is unknown: use {', '.join(HTTP_SERVERS)}"
+            )
         domain = self.ports_domain.strip(".")
         if not domain or not all(c.isascii() and (c.isalnum() or c in ".-") for c in domain):
             raise InvalidRequest(
@@ -347,6 +356,16 @@ class Settings:
             self.network_allow_cap,
             self.network_private_allow,
         )
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the variables `from_env` reads back: for a server process
+        started by this one (pyvoy's Envoy)."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            env[ENV_PREFIX + f.name.upper()] = text
+        return env
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -212,6 +212,12 @@ def _add_server_commands(commands: Commands) -> None:
     setting_option(
         p, "--pools", setting="pools", help="more warm pools: TIER:TEMPLATE=SIZE,… (host or base)"
     )
+    setting_option(
+        p,
+        "--http-server",
+        setting="http_server",
+        help="auto, pyvoy (native gRPC too) or uvicorn (Connect and gRPC-Web only)",
+    )
     setting_option(p, "--log-level", setting="log_level", help="debug, info, warning or error")
     setting_option(
         p,

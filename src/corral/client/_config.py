@@ -134,15 +134,21 @@ class ConfigFile:
         return self.contexts.get(self.current) if self.current else None
 
 
+PROTOCOLS = ("connect", "grpc")
+
+
 @dataclass(frozen=True)
 class ClientSettings:
-    """Where to send calls, with which key, and (https) which CAs verify the server."""
+    """Where to send calls, with which key, (https) which CAs verify the server, and
+    `protocol` (CORRAL_PROTOCOL): `connect` (any server) or `grpc` (native gRPC over HTTP/2:
+    a server on pyvoy)."""
 
     server: str
     api_key: str | None
     timeout: float
     # A PEM file of CA certificates (absolute path) in place of the system's; None: those.
     ca_file: str | None = None
+    protocol: str = "connect"
 
     @classmethod
     def resolve(
@@ -167,7 +173,13 @@ class ClientSettings:
         ca_file = ca_file or env.get("CORRAL_CA_FILE") or (ctx.ca_file if ctx else None)
         https = urlsplit(server).scheme == "https"  # plain http: nothing to verify
         ca_file = check_ca_file(ca_file) if ca_file and https else None
-        return cls(server, api_key or None, timeout, ca_file)
+        protocol = env.get("CORRAL_PROTOCOL") or "connect"
+        if protocol not in PROTOCOLS:
+            raise InvalidRequest(
+                f"CORRAL_PROTOCOL={protocol!r} is unknown: use connect (any Corral server) or "
+                "grpc (native gRPC: a server run with --http-server pyvoy)"
+            )
+        return cls(server, api_key or None, timeout, ca_file, protocol)
 
 
 def _local_default_key(environ: Mapping[str, str]) -> str | None:

@@ -7,19 +7,22 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import pyqwest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
 
 from corral._aio import stop_tasks
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
-from corral.client._tls import http_client
+from corral.client._tls import http_client, read_ca
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 from corral.v1.templates_connect import TemplateServiceClient
 from corral.v1.vms_connect import VmServiceClient
 from corral.v1.volumes_connect import VolumeServiceClient
 
+C = TypeVar("C")
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
 
@@ -45,12 +48,17 @@ class Connection:
         self.settings = settings
         # https: verified with the settings' CA file, else the system's CAs (never not).
         self._http = http_client(settings.ca_file)
-        self.rpc = SandboxServiceClient(
-            settings.server,
-            accept_compression=(),  # loopback and LANs: compression costs more than it saves
-            send_compression=None,
-            http_client=self._http,
-        )
+        # Native gRPC needs HTTP/2, which pyqwest speaks in clear text only when told to:
+        # a transport of our own (with the CA file), closed with the connection.
+        self._transport: pyqwest.HTTPTransport | None = None
+        if settings.protocol == "grpc":
+            self._transport = pyqwest.HTTPTransport(
+                http_version=pyqwest.HTTPVersion.HTTP2,
+                tls_ca_cert=read_ca(settings.ca_file) if settings.ca_file else None,
+                tls_include_system_certs=settings.ca_file is None,
+            )
+            self._http = pyqwest.Client(self._transport)
+        self.rpc = self._client(SandboxServiceClient)
         self._headers: Mapping[str, str] = (
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         )
@@ -66,46 +74,36 @@ class Connection:
     @property
     def jobs(self) -> JobServiceClient:
         if self._jobs is None:
-            self._jobs = JobServiceClient(
-                self.settings.server,
-                accept_compression=(),
-                send_compression=None,
-                http_client=self._http,
-            )
+            self._jobs = self._client(JobServiceClient)
         return self._jobs
 
     @property
     def volumes(self) -> VolumeServiceClient:
         if self._volumes is None:
-            self._volumes = VolumeServiceClient(
-                self.settings.server,
-                accept_compression=(),
-                send_compression=None,
-                http_client=self._http,
-            )
+            self._volumes = self._client(VolumeServiceClient)
         return self._volumes
 
     @property
     def vms(self) -> VmServiceClient:
         if self._vms is None:
-            self._vms = VmServiceClient(
-                self.settings.server,
-                accept_compression=(),
-                send_compression=None,
-                http_client=self._http,
-            )
+            self._vms = self._client(VmServiceClient)
         return self._vms
 
     @property
     def templates(self) -> TemplateServiceClient:
         if self._templates is None:
-            self._templates = TemplateServiceClient(
-                self.settings.server,
-                accept_compression=(),
-                send_compression=None,
-                http_client=self._http,
-            )
+            self._templates = self._client(TemplateServiceClient)
         return self._templates
+
+    def _client(self, cls: Callable[..., C]) -> C:
+        grpc = self.settings.protocol == "grpc"
+        return cls(
+            self.settings.server,
+            accept_compression=(),  # loopback and LANs: compression costs more than it saves
+            send_compression=None,
+            protocol=ProtocolType.GRPC if grpc else ProtocolType.CONNECT,
+            http_client=self._http,
+        )
 
     async def call(self, method: Callable[..., Awaitable[RES]], request: object) -> RES:
         """A unary call, with the key and the timeout."""
@@ -157,6 +155,8 @@ class Connection:
             await self._vms.close()
         if self._templates is not None:
             await self._templates.close()
+        if self._transport is not None:
+            await self._transport.aclose()
 
 
 async def call_once(

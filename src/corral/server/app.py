@@ -1,5 +1,5 @@
 """The ASGI app: Connect services for SandboxService, JobService, TemplateService and
-HealthService,
+HealthService, the standard gRPC health and reflection services (`grpc_std`),
 `GET /healthz`, `GET /metrics` (`corral.server.metrics`), the port proxy to sandboxes'
 ports (`corral.server.ports`), and E2B's REST API and envd (`corral.server.e2b`).
 
@@ -32,6 +32,13 @@ from corral.server.base import Services
 from corral.server.compression import BoundedGzip, inflate
 from corral.server.disconnect import Receive
 from corral.server.e2b import E2bApp
+from corral.server.grpc_std import (
+    HEALTH_PREFIX,
+    REFLECTION_PREFIXES,
+    GrpcHealth,
+    GrpcHealthASGIApplication,
+    reflection_apps,
+)
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.jobs import JobHandlers
 from corral.server.metrics import PATH as METRICS_PATH
@@ -39,18 +46,19 @@ from corral.server.metrics import MetricsEndpoint
 from corral.server.port_http import PortProxy
 from corral.server.ratelimit import RateLimits, StreamLimitInterceptor, retry_headers
 from corral.server.requests import (
+    CODECS,
     HEALTH_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
     header_problem,
     limit_size,
     refuse,
-    strict_codecs,
 )
 from corral.server.service import HealthService, SandboxService
 from corral.server.templates import TemplateHandlers
 from corral.server.tracing import request_span
 from corral.server.vms import VmHandlers
 from corral.server.volumes import VolumeService
+from corral.v1 import health_pb2, jobs_pb2, sandbox_pb2, templates_pb2, vms_pb2, volumes_pb2
 from corral.v1.health_connect import HealthServiceASGIApplication
 from corral.v1.jobs_connect import JobServiceASGIApplication
 from corral.v1.sandbox_connect import SandboxServiceASGIApplication
@@ -75,7 +83,11 @@ _TEMPLATE_PREFIX = "/corral.v1.TemplateService/"
 _VM_PREFIX = "/corral.v1.VmService/"
 # The services that need an API key (HealthService does not).
 _KEYED_PREFIXES = (_SANDBOX_PREFIX, _JOB_PREFIX, _VOLUME_PREFIX, _TEMPLATE_PREFIX, _VM_PREFIX)
-_API_PREFIXES = (*_KEYED_PREFIXES, _HEALTH_PREFIX)
+# The standard gRPC services (`corral.server.grpc_std`): no key either.
+_OPEN_PREFIXES = (_HEALTH_PREFIX, HEALTH_PREFIX, *REFLECTION_PREFIXES)
+_API_PREFIXES = (*_KEYED_PREFIXES, *_OPEN_PREFIXES)
+# The files whose services reflection lists.
+_API_FILES = (sandbox_pb2, jobs_pb2, volumes_pb2, templates_pb2, vms_pb2, health_pb2)
 
 
 _NO_GRPC = {
@@ -125,7 +137,6 @@ class CorralApp:
     """One ASGI application for the whole API."""
 
     def __init__(self, settings: Settings, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        strict_codecs()
         self.settings = settings
         self.services = Services(
             limits=RateLimits(settings.api_rate, settings.api_burst, settings.api_streams)
@@ -147,36 +158,61 @@ class CorralApp:
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._job_app: ASGIApp = JobServiceASGIApplication(
             JobHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._volume_app: ASGIApp = VolumeServiceASGIApplication(
             VolumeService(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._template_app: ASGIApp = TemplateServiceASGIApplication(
             TemplateHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._vm_app: ASGIApp = VmServiceASGIApplication(
             VmHandlers(self.services),
             interceptors=interceptors,
             read_max_bytes=max_message_bytes,
             compressions=gzip,
+            codecs=CODECS,
         )
         self._health_app: ASGIApp = HealthServiceASGIApplication(
             HealthService(),
             interceptors=interceptors,
             read_max_bytes=HEALTH_MESSAGE_BYTES,
             compressions=[BoundedGzip(HEALTH_MESSAGE_BYTES)],
+            codecs=CODECS,
+        )
+        self._open_apps: dict[str, ASGIApp] = {
+            _HEALTH_PREFIX: self._health_app,
+            HEALTH_PREFIX: GrpcHealthASGIApplication(
+                GrpcHealth(lambda: self.services.manager is not None, self._service_names()),
+                read_max_bytes=HEALTH_MESSAGE_BYTES,
+            ),
+        }
+        for prefix, app in zip(
+            REFLECTION_PREFIXES,
+            reflection_apps([m.DESCRIPTOR for m in _API_FILES]),
+            strict=True,
+        ):
+            self._open_apps[prefix] = app
+
+    @staticmethod
+    def _service_names() -> tuple[str, ...]:
+        return tuple(
+            s.full_name for m in _API_FILES for s in m.DESCRIPTOR.services_by_name.values()
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -219,11 +255,12 @@ class CorralApp:
             else:
                 app = self._template_app
             await app(scope, disconnect.watch(receive), send)
-        elif path.startswith(_HEALTH_PREFIX):
+        elif path.startswith(_OPEN_PREFIXES):
             headers = dict(scope.get("headers", ()))
             receive = limit_size(receive, headers, HEALTH_MESSAGE_BYTES)
             scope, receive = inflate(scope, receive, HEALTH_MESSAGE_BYTES)
-            await self._health_app(scope, receive, send)
+            prefix = "/" + path.split("/")[1] + "/"
+            await self._open_apps[prefix](scope, receive, send)
         elif path == METRICS_PATH:
             await self.metrics.serve(scope, send)
         elif path == "/healthz":

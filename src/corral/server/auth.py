@@ -136,4 +136,4 @@ def authenticate(services: Services, ctx: RequestContext[Any, Any]) -> Team:
     team = _caller.get()
     if team is not None:
         return team
-    return _remember(services, bearer_key(ctx.request_headers().get("authorization", "")))
+    return _remember(services, bearer_key(ctx.request_headers.get("authorization", "")))

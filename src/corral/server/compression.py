@@ -55,18 +55,21 @@ class BoundedGzip:
     def compress(self, data: bytes | bytearray | memoryview) -> bytes:
         return gzip.compress(data, compresslevel=6)
 
-    def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
+    def decompress(
+        self, data: bytes | bytearray | memoryview, read_max_bytes: int | None = None
+    ) -> bytes:
+        limit = self._limit if read_max_bytes is None else min(self._limit, read_max_bytes)
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
         try:
-            out = inflater.decompress(data, self._limit + 1)
+            out = inflater.decompress(data, limit + 1)
         except zlib.error as exc:
             raise to_connect(
                 InvalidRequest(f"malformed gzip request body ({exc}); send valid gzip or none")
             ) from None
-        if len(out) > self._limit:
+        if len(out) > limit:
             raise ConnectError(
                 Code.RESOURCE_EXHAUSTED,
-                f"request message decompresses to more than the limit of {self._limit} bytes; "
+                f"request message decompresses to more than the limit of {limit} bytes; "
                 "send large files with WriteFile in chunks",
             )
         if not inflater.eof:

@@ -38,7 +38,7 @@ _CALLER_CODES = {
 
 def _translate(exc: Exception, ctx: RequestContext[Any, Any]) -> ConnectError:
     error = to_connect(exc)
-    method = ctx.method().name
+    method = ctx.method.name
     callers_fault = error.code in _CALLER_CODES
     rpc_failed(error.code.value, error.message, callers_fault=callers_fault)
     level = logging.DEBUG if callers_fault else logging.WARNING

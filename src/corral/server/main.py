@@ -1,4 +1,5 @@
-"""Running the server in the foreground: uvicorn, JSON logs, graceful shutdown.
+"""Running the server in the foreground: uvicorn or pyvoy (`corral.server.envoy`), JSON
+logs, graceful shutdown.
 
 SIGINT or SIGTERM stops accepting connections, lets open calls finish (for at most
 `shutdown_grace` seconds), then stops the sandbox manager, which kills every sandbox.
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import importlib.util
 import logging
 import os
 import signal
@@ -20,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -30,8 +32,9 @@ from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.reload import Reloader
 from corral.server import tls
-from corral.server.app import CorralApp
-from corral.server.port_websocket import relay_protocol
+
+if TYPE_CHECKING:  # imported where uvicorn serves: under pyvoy, Envoy loads the app
+    pass
 
 log = logging.getLogger("corral.server")
 
@@ -116,6 +119,19 @@ async def _run(server: _Server, sock: socket.socket, url: str, companion: Compan
     await stop_tasks(beside)
 
 
+def http_server(settings: Settings) -> str:
+    """The HTTP server `settings` ask for: pyvoy or uvicorn (`auto`: pyvoy if installed)."""
+    installed = importlib.util.find_spec("pyvoy") is not None
+    if settings.http_server == "auto":
+        return "pyvoy" if installed else "uvicorn"
+    if settings.http_server == "pyvoy" and not installed:
+        raise InvalidRequest(
+            "CORRAL_HTTP_SERVER=pyvoy, but pyvoy is not installed: install it "
+            "(`uv sync`, `pip install pyvoy`) or use uvicorn"
+        )
+    return settings.http_server
+
+
 def serve(
     settings: Settings, *, companion: Companion | None = None, reloader: Reloader | None = None
 ) -> int:
@@ -124,6 +140,13 @@ def serve(
     tracing.configure(settings, "corral-server")
     pair = tls.load(settings)  # before the port: a bad file changes nothing
     sock = bind(settings.host, settings.port)
+    if http_server(settings) == "pyvoy":
+        port = sock.getsockname()[1]
+        sock.close()  # Envoy listens on it itself (`corral.server.envoy`)
+        return _serve_pyvoy(settings, port, pair, companion)
+    from corral.server.app import CorralApp
+    from corral.server.port_websocket import relay_protocol
+
     app = CorralApp(settings)
     config = uvicorn.Config(
         app,
@@ -146,7 +169,7 @@ def serve(
     url = local_url(settings.host, settings.port, https=pair is not None)
     if pair is not None:
         _log_tls(pair)
-    log.info("listening", extra={"url": url})
+    log.info("listening", extra={"url": url, "http_server": "uvicorn"})
     asyncio.run(_run(server, sock, url, companion))
     if server.force_exit:
         log.warning("forced exit: sandboxes die with this process")
@@ -165,3 +188,30 @@ def _log_tls(pair: tls.TlsPair) -> None:
         log.info("serving HTTPS with a self-signed development certificate", extra=fields)
     else:
         log.info("serving HTTPS", extra=fields)
+
+
+def _serve_pyvoy(
+    settings: Settings, port: int, pair: tls.TlsPair | None, companion: Companion | None
+) -> int:
+    from corral.server.envoy import Supervisor
+
+    supervisor = Supervisor(settings, port, pair)
+    url = local_url(settings.host, port, https=pair is not None)
+    if pair is not None:
+        _log_tls(pair)
+    log.info("listening", extra={"url": url, "http_server": "pyvoy"})
+
+    async def run() -> int:
+        serving = asyncio.create_task(supervisor.run())
+        beside = None if companion is None else asyncio.create_task(companion(url))
+        try:
+            return await serving
+        finally:
+            await stop_tasks(beside)
+
+    status = asyncio.run(run())
+    if supervisor.forced:
+        log.warning("forced exit: sandboxes die with this process")
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
+    return 0 if status == 0 else 1

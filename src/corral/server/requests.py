@@ -14,22 +14,22 @@ Compression (inflating is `corral.server.compression`'s): a compressed flag on a
 message of a request that declared no compression is `invalid_argument` (connect-python
 calls it `internal`).
 
-Malformed: connect-python reports a body it cannot decode as `unknown`, an internal
-error; `strict_codecs` makes that `invalid_argument`, with the decoder's own words.
-Headers it would fail on the same way (not UTF-8, a gRPC timeout it cannot parse) are
-refused by `header_problem` first.
+Malformed: connectrpc (0.13) answers a body its codec cannot decode `invalid_argument`,
+with the decoder's own words; `CODECS` are Google protobuf's, the JSON one refusing
+fields the message does not have (a misspelt field is a mistake to report, not to drop).
+Headers connectrpc would fail on as `unknown` (not UTF-8, a gRPC timeout it cannot
+parse) are refused by `header_problem` first.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
 
-from connectrpc import _codec  # the codec registry has no public hook in 0.9.0
 from connectrpc.code import Code
+from connectrpc.codec import Codec
+from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.errors import ConnectError
-from google.protobuf.message import Message
 
 from corral._wire import to_connect
 from corral.errors import InvalidRequest
@@ -41,6 +41,10 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 HEALTH_MESSAGE_BYTES = 64 * 1024  # a CheckRequest is empty
 _STREAM_TYPES = ("application/connect+", "application/grpc")
 _GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
+CODECS: list[Codec] = [
+    google_protobuf_binary_codec(),
+    google_protobuf_json_codec(ignore_unknown_fields=False),
+]
 
 
 def _too_large(size: int, limit: int) -> Exception:
@@ -155,32 +159,3 @@ def limit_size(receive: Receive, headers: dict[bytes, bytes], limit: int) -> Rec
         return message
 
     return receive_unary
-
-
-class _StrictCodec:
-    """A codec whose decoding errors are the client's fault (`invalid_argument`)."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def name(self) -> str:
-        return str(self._inner.name())
-
-    def encode(self, message: Message) -> bytes:
-        return bytes(self._inner.encode(message))
-
-    def decode(self, data: bytes | bytearray, message: Message) -> Message:
-        try:
-            return self._inner.decode(data, message)  # type: ignore[no-any-return]
-        except Exception as exc:
-            what = "JSON" if self.name() == "json" else "protobuf"
-            raise to_connect(
-                InvalidRequest(f"malformed {what} request for {type(message).__name__}: {exc}")
-            ) from None
-
-
-def strict_codecs() -> None:
-    """Make every registered codec strict; idempotent."""
-    for name, codec in list(_codec._codecs.items()):
-        if not isinstance(codec, _StrictCodec):
-            _codec._codecs[name] = _StrictCodec(codec)

@@ -9,6 +9,7 @@ method, which E2B's router refines to the route (``POST /sandboxes``, `name_rout
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -44,7 +45,9 @@ def request_span(scope: Scope, send: Send) -> Iterator[Send]:
         name = method
     parent = tracing.extract(scope.get("headers", ()))
     with tracing.span(name, attributes, kind=SpanKind.SERVER, parent=parent) as current:
-
+        # wraps: the E2B adapter unwraps `send` to reach uvicorn's connection and reset it
+        # (corral.server.e2b.broken); without it a killed sandbox's stream ended cleanly.
+        @functools.wraps(send)
         async def recorded(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status = int(message["status"])

@@ -37,7 +37,7 @@ from corral.server.e2b.rest import error_body, send_json
 from corral.server.e2b.routing import sandbox_of
 from corral.server.interceptors import ErrorInterceptor
 from corral.server.ratelimit import StreamLimitInterceptor, retry_headers
-from corral.server.requests import MAX_MESSAGE_BYTES, limit_size
+from corral.server.requests import CODECS, MAX_MESSAGE_BYTES, limit_size
 
 if TYPE_CHECKING:
     from corral.server.base import Services
@@ -90,6 +90,7 @@ def _service_app(services: Services, prefix: str) -> ASGIApp | None:
         interceptors=[ErrorInterceptor(as_envd), StreamLimitInterceptor(services.limits)],
         read_max_bytes=MAX_MESSAGE_BYTES,
         compressions=[BoundedGzip(MAX_MESSAGE_BYTES)],
+        codecs=CODECS,
     )
     return breakable(app)  # a stream whose sandbox dies breaks as a transport failure
 

@@ -144,7 +144,7 @@ class FilesystemHandlers(Handlers):
 
 def keepalive_interval(ctx: Ctx) -> float:
     """Seconds between WatchDir keepalives: the client's `Keepalive-Ping-Interval`."""
-    value = ctx.request_headers().get(_KEEPALIVE_HEADER)
+    value = ctx.request_headers.get(_KEEPALIVE_HEADER)
     try:
         seconds = float(value) if value else _DEFAULT_KEEPALIVE
     except ValueError:

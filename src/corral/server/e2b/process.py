@@ -135,7 +135,7 @@ def _event(item: Started | OutputChunk | ExecResult, pty: bool) -> pb.ProcessEve
 
 def _keepalive_seconds(ctx: Ctx) -> float:
     """The client's `Keepalive-Ping-Interval` in seconds, within `KEEPALIVE_RANGE`."""
-    value = ctx.request_headers().get("keepalive-ping-interval")
+    value = ctx.request_headers.get("keepalive-ping-interval")
     try:
         seconds = float(value) if value else KEEPALIVE_SECONDS
     except ValueError:
@@ -202,7 +202,7 @@ class ProcessHandlers(Handlers):
         # Connect-Timeout-Ms bounds the stream (not the process). Checked around each wait
         # rather than with a timeout around the yields: a cancellation landing while the
         # caller sends an event would be connect-python's, not ours.
-        timeout_ms = ctx.timeout_ms()
+        timeout_ms = ctx.timeout_ms
         deadline = None if timeout_ms is None else loop.time() + timeout_ms / 1000
         async with contextlib.aclosing(events):
             started = await anext(events)

@@ -1,0 +1,169 @@
+"""Serving the app with pyvoy: Envoy in a child process, the app inside it.
+
+Envoy speaks HTTP/1.1 and HTTP/2 (cleartext, prior knowledge or upgrade) on one port with
+HTTP/2 trailers, so native gRPC works beside Connect and gRPC-Web. pyvoy embeds Python in
+Envoy: the app runs in Envoy's process (`corral.server.asgi`), on one Python thread (a
+second would start a second app: a second store and sandbox manager), and this process
+only supervises it:
+
+- Before Envoy starts, the address is bound here once, so that a port in use is the same
+  clear error as under uvicorn; Envoy then listens on it itself (a port taken in between
+  makes Envoy fail to start, reported as such).
+- SIGINT or SIGTERM: Envoy stops accepting connections (admin `drain_listeners`), open
+  calls get up to `shutdown_grace` seconds to finish, then Envoy gets SIGTERM, which runs
+  the app's shutdown (the sandbox manager kills its sandboxes). A second signal kills
+  Envoy at once; the sandboxes die with it, as under uvicorn.
+- Envoy's own log goes to stderr at warning; the app's JSON log is the same as under
+  uvicorn.
+- TLS (`corral.server.tls`'s pair) is Envoy's, on the same port, HTTP/2 by ALPN.
+- SIGHUP does not reload (the settings live in Envoy's process): it is logged and ignored.
+
+Envoy's default `stream_idle_timeout` (5 minutes) would reset an Exec or Logs stream
+that is quiet that long: it is off here, as uvicorn has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+import urllib.request
+from typing import Any
+
+from pyvoy import PyvoyServer
+
+from corral._aio import stop_tasks
+from corral.config import Settings
+from corral.server.tls import TlsPair
+
+log = logging.getLogger("corral.server")
+
+APP = "corral.server.asgi:app"
+# pyvoy sets these for Envoy (its Python's path and home, libpython preloaded); the app
+# puts back this process's values (passed in INHERITED), or sandboxes, commands and
+# builds would inherit them: a sandbox cannot even open the preloaded library.
+ENVOY_VARIABLES = ("LD_PRELOAD", "PYTHONPATH", "PYTHONHOME")
+INHERITED = "_CORRAL_ENVOY_INHERITED"
+# The pid of `corral server`, with which Envoy dies (`corral.server.asgi`).
+SUPERVISOR = "_CORRAL_ENVOY_SUPERVISOR"
+# How often the drain looks at the number of open requests.
+_POLL = 0.1
+# A signal this soon after the first is the same one arriving twice (see main._SAME_SIGNAL).
+_SAME_SIGNAL = 0.5
+
+
+def _inherited() -> str:
+    """This process's values of the variables pyvoy sets for Envoy (None: unset)."""
+    return json.dumps({name: os.environ.get(name) for name in ENVOY_VARIABLES})
+
+
+class _Envoy(PyvoyServer):
+    """pyvoy's server with no idle timeout on streams, and its admin API reachable."""
+
+    def get_envoy_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_envoy_config()
+        for listener in config["static_resources"]["listeners"]:
+            for chain in listener.get("filter_chains", ()):
+                for network_filter in chain.get("filters", ()):
+                    typed = network_filter.get("typed_config", {})
+                    if "HttpConnectionManager" in typed.get("@type", ""):
+                        typed["stream_idle_timeout"] = "0s"
+        return config
+
+    def admin(self, path: str, method: str = "GET") -> bytes:
+        address = self._admin_address
+        if address is None:
+            raise RuntimeError("Envoy has no admin address yet")
+        request = urllib.request.Request(f"http://{address}{path}", method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body: bytes = response.read()
+            return body
+
+    def active_requests(self) -> int:
+        """Requests open on the API's listener (the admin's own are not counted)."""
+        path = "/stats?format=json&filter=^http\\.ingress_http\\.downstream_rq_active$"
+        stats = json.loads(self.admin(path))
+        return sum(int(s["value"]) for s in stats.get("stats", ()) if "value" in s)
+
+
+def _no_reload() -> None:
+    log.warning(
+        "SIGHUP ignored: under pyvoy the app runs in Envoy's process, which does not reload "
+        "its configuration; restart the server (or run it on uvicorn) to apply a change"
+    )
+
+
+class Supervisor:
+    """Runs Envoy until a signal; `forced` once a second signal killed it."""
+
+    def __init__(self, settings: Settings, port: int, pair: TlsPair | None = None) -> None:
+        self.settings = settings
+        self.envoy = _Envoy(
+            APP,
+            address=settings.host,
+            port=port,
+            # TLS on the same port (ALPN: h2, then http/1.1); no HTTP/3 (a UDP port more).
+            tls_cert=pair.cert if pair else None,
+            tls_key=pair.key if pair else None,
+            tls_enable_http3=False,
+            worker_threads=1,
+            lifespan=True,
+            log_level="warning",
+            env=settings.to_env()
+            | {"CORRAL_PORT": str(port), INHERITED: _inherited(), SUPERVISOR: str(os.getpid())},
+            stdout=None,
+            stderr=None,
+        )
+        self.forced = False
+        self._stopping: asyncio.Task[None] | None = None
+        self._first_signal = 0.0
+
+    def on_signal(self) -> None:
+        now = time.monotonic()
+        if self._stopping is None:
+            self._first_signal = now
+            self._stopping = asyncio.create_task(self._drain_and_stop())
+        elif now - self._first_signal > _SAME_SIGNAL and not self.forced:
+            self.forced = True
+            process = self.envoy._process
+            if process is not None and process.returncode is None:
+                process.kill()
+
+    async def _drain_and_stop(self) -> None:
+        """Stop taking connections, let open calls finish (for at most the grace), stop."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(self.envoy.admin, "/drain_listeners", "POST")
+            deadline = loop.time() + self.settings.shutdown_grace
+            while loop.time() < deadline:
+                if await asyncio.to_thread(self.envoy.active_requests) == 0:
+                    break
+                await asyncio.sleep(_POLL)
+        except OSError as exc:  # Envoy's admin is gone: it is stopping already
+            log.debug("draining Envoy failed", extra={"error": str(exc)})
+        process = self.envoy._process
+        if process is not None and process.returncode is None:
+            process.terminate()  # Envoy's SIGTERM: the app's lifespan shutdown runs
+
+    async def run(self) -> int:
+        """Envoy's exit status (None: it never started)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.on_signal)
+        loop.add_signal_handler(signal.SIGHUP, _no_reload)
+        try:
+            await self.envoy.start()
+            status = await self.envoy.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await stop_tasks(self._stopping)
+        return 1 if status is None else status
+
+    def url(self) -> str:
+        from corral.server.main import local_url
+
+        return local_url(self.settings.host, self.envoy.listener_port)
