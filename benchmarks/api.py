@@ -13,6 +13,9 @@ p99 <= 50 ms, exec round trip p50 <= 5 ms.
 `protocols` compares the HTTP servers and wire protocols side by side, each on a warm
 server of its own, through the SDK: Connect on uvicorn (HTTP/1.1), Connect on pyvoy
 (HTTP/1.1 to Envoy) and native gRPC on pyvoy (HTTP/2, the SDK's CORRAL_PROTOCOL=grpc).
+`databases` compares the stores the same way: warm TTFC and exec round trip on a server
+whose store is SQLite, and on one whose store is PostgreSQL (a throwaway cluster of the
+run's own, as the tests start: tests/kit/postgres.py).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, wait_answering
+from common import database, free_port, wait_answering
 from engine import create_to_first_output, exec_roundtrips, percentiles, raw_bwrap, run_cli
 
 from corral import AsyncSandbox
@@ -190,6 +193,27 @@ def protocol_figures(root: Path, quick: bool) -> dict[str, Any]:
     return figures
 
 
+def database_figures(root: Path, quick: bool) -> dict[str, Any]:
+    """Warm TTFC and exec round trip with each store, one server each, in turn."""
+    count, roundtrips = (20, 200) if quick else (100, 1000)
+    figures: dict[str, Any] = {}
+    for name in ("sqlite", "postgresql"):
+        with (
+            database(name) as database_url,
+            running_server(root, f"db-{name}", pool_size=4, database_url=database_url) as (
+                url,
+                key,
+            ),
+        ):
+            warm = asyncio.run(ttfc(url, key, count, 0, WARM_PACE))
+            rt = asyncio.run(api_roundtrips(url, key, roundtrips))
+        figures[name] = {
+            "ttfc_warm_ms": summary(warm["sequential"]),
+            "exec_roundtrip_ms": {**percentiles(rt, 50, 95, 99), "n": len(rt)},
+        }
+    return figures
+
+
 def summary(samples: list[float | None]) -> dict[str, Any]:
     ok = [s for s in samples if s is not None]
     figures: dict[str, Any] = percentiles(ok, 50, 95, 99) if ok else {}
@@ -220,6 +244,7 @@ def main(quick: bool) -> dict[str, Any]:
             sum(s is not None for s in all_samples) / len(all_samples), 4
         )
         report["protocols"] = protocol_figures(root, quick)
+        report["databases"] = database_figures(root, quick)
         report.update(asyncio.run(engine_figures(root, quick)))
     finally:
         shutil.rmtree(root, ignore_errors=True)

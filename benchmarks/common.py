@@ -1,7 +1,8 @@
 """What the benchmark scripts share that needs nothing of Corral's: a free port, waiting
-for a server to answer, printing the report.
+for a server to answer, printing the report, the database a run's server uses.
 
-No `corral` import here, so that bomb.py can measure another checkout's server with it.
+No `corral` import here (the PostgreSQL cluster's helper is imported only when one is
+asked for), so that bomb.py can measure another checkout's server with it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -44,3 +47,21 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
     else:
         json.dump(report, sys.stdout, indent=2)
         print()
+
+
+@contextmanager
+def database(name: str) -> Iterator[str]:
+    """The store's URL: "" (SQLite in the server's data dir), or a PostgreSQL database on
+    a cluster of its own for the run."""
+    if name == "sqlite":
+        yield ""
+        return
+    from tests.kit import postgres
+
+    if reason := postgres.unavailable():
+        raise SystemExit(f"--database postgresql: {reason}")
+    cluster = postgres.start()
+    try:
+        yield cluster.url(postgres.MIGRATED)
+    finally:
+        cluster.destroy()

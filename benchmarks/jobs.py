@@ -30,8 +30,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.kit
 
 from api import running_server
+from common import database
 from engine import create_to_first_output, percentiles, raw_bwrap, run_cli
 
 from corral._state_enums import JOB_STATE_NUMBERS
@@ -157,24 +156,6 @@ def _tmpfs_dir() -> Path | None:
         if mounts.get(candidate) == "tmpfs" and os.access(candidate, os.W_OK):
             return Path(candidate)
     return None
-
-
-@contextmanager
-def database(name: str) -> Iterator[str]:
-    """The store's URL: "" (SQLite in the server's data dir), or a PostgreSQL database on
-    a cluster of its own for the run."""
-    if name == "sqlite":
-        yield ""
-        return
-    from tests.kit import postgres
-
-    if reason := postgres.unavailable():
-        raise SystemExit(f"--database postgresql: {reason}")
-    cluster = postgres.start()
-    try:
-        yield cluster.url(postgres.MIGRATED)
-    finally:
-        cluster.destroy()
 
 
 async def main(quick: bool, database_name: str = "sqlite") -> dict[str, Any]:
