@@ -118,9 +118,13 @@ def test_a_scrape_shows_what_the_server_did(
     wait_until(job_done, "the job to succeed")
 
     def delivered() -> Samples | None:
+        # Delivered now against delivered before: the other outcomes (an earlier test's
+        # retries and failures on this shared server) are no baseline for this one.
         now = scrape(metrics, server.key)
-        moved = value(now, "corral_callback_deliveries_total", outcome="delivered")
-        return now if moved > value(before, "corral_callback_deliveries_total") else None
+        moved = value(now, CALLBACKS, outcome="delivered") - value(
+            before, CALLBACKS, outcome="delivered"
+        )
+        return now if moved > 0 else None
 
     after = wait_until(delivered, "the job's callbacks to be counted")
 
