@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.kit
 
 from common import database, free_port, wait_answering
 from engine import create_to_first_output, exec_roundtrips, percentiles, raw_bwrap, run_cli
