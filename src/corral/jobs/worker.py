@@ -187,14 +187,7 @@ class Worker:
             claimed: list[JobRow] = []
             if free > 0:
                 try:
-                    claimed = self.store.claim_jobs(
-                        self.name,
-                        isolations,
-                        free,
-                        self.lease,
-                        room_mib=self.sandboxes.free_memory_mib(),
-                        capacity_mib=self.engine.memory_capacity.mib,
-                    )
+                    claimed = await self._claim(isolations, free)
                 except Exception:
                     log.exception("claiming jobs failed; trying again")
                 for row in claimed:
@@ -203,6 +196,30 @@ class Worker:
                 await asyncio.sleep(0)  # let the runs start before claiming more
                 continue
             await self._sleep(self._until_next_claim(isolations))
+
+    async def _claim(self, isolations: tuple[str, ...], free: int) -> list[JobRow]:
+        """Claim up to `free` jobs, in a thread: the claim's round trips to the database
+        would otherwise stall every running job's output and end. Should the worker stop
+        meanwhile, the claim still completes and its jobs start, to be given back by the
+        shutdown like any running job (never left claimed by no one until the lease ends)."""
+        claiming = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.store.claim_jobs,
+                self.name,
+                isolations,
+                free,
+                self.lease,
+                room_mib=self.sandboxes.free_memory_mib(),
+                capacity_mib=self.engine.memory_capacity.mib,
+            )
+        )
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                for row in await claiming:
+                    self._start_run(row)
+            raise
 
     def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
         """The poll, or less when a queued job comes due sooner (a retry's backoff, a
@@ -320,7 +337,7 @@ class Worker:
             outcome = await runner.run()
             _observe_attempt(spec.kind, outcome.state, time.perf_counter() - began)
             freed = outcome.state != "no_room"
-            ended = self._end(row, spec, attempt, outcome)
+            ended = await self._end(row, spec, attempt, outcome)
             if ended is not None and self.on_end is not None:
                 self.on_end(ended)
         except Exception as exc:
@@ -338,7 +355,9 @@ class Worker:
             self._wake.set()
             self.pool.wake()
 
-    def _end(self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome) -> JobRow | None:
+    async def _end(
+        self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome
+    ) -> JobRow | None:
         tracing.annotate({"corral.job.outcome": outcome.state})
         if outcome.state == "lost":
             log.warning("job lost its lease mid-run; left to the queue", extra={"job_id": row.id})
@@ -351,8 +370,16 @@ class Worker:
         if retries(outcome.state, row.attempt, row.max_attempts):
             delay = retry_delay(spec.retry_backoff, row.attempt)
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
-        ended = self.store.end_attempt(
-            attempt, outcome.state, outcome.reason, exit_code=outcome.exit_code, retry_at=retry_at
+        # In a thread, as the claim: the other jobs' output and ends go on meanwhile.
+        ended = await asyncio.to_thread(
+            functools.partial(
+                self.store.end_attempt,
+                attempt,
+                outcome.state,
+                outcome.reason,
+                exit_code=outcome.exit_code,
+                retry_at=retry_at,
+            )
         )
         log.info(
             "job attempt ended",
