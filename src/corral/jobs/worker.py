@@ -195,7 +195,7 @@ class Worker:
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)  # let the runs start before claiming more
                 continue
-            await self._sleep(self._until_next_claim(isolations))
+            await self._sleep(await self._until_next_claim(isolations))
 
     async def _claim(self, isolations: tuple[str, ...], free: int) -> list[JobRow]:
         """Claim up to `free` jobs, in a thread: the claim's round trips to the database
@@ -221,12 +221,12 @@ class Worker:
                     self._start_run(row)
             raise
 
-    def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
+    async def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
         """The poll, or less when a queued job comes due sooner (a retry's backoff, a
-        wait for room): nothing notifies that moment."""
+        wait for room): nothing notifies that moment. Read in a thread, as the claim."""
         poll = self.signals.poll if self.poll is None else self.poll
         try:
-            due = self.store.next_run_after(isolations)
+            due = await asyncio.to_thread(self.store.next_run_after, isolations)
         except Exception:
             log.exception("reading when the next job is due failed")
             return min(poll, 1.0)
