@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from corral import instruments, logs, tracing
 from corral._aio import stop_tasks
@@ -53,6 +54,8 @@ from corral.sandboxes.volumes import Volumes
 from corral.store import Store
 from corral.store.job_rows import Attempt, JobRow
 from corral.templates import TemplateCatalog
+
+R = TypeVar("R")
 
 log = logging.getLogger("corral.jobs")
 
@@ -197,20 +200,29 @@ class Worker:
                 continue
             await self._sleep(await self._until_next_claim(isolations))
 
+    async def _off_loop(self, call: Callable[[], R]) -> R:
+        """`call` (a store call) in a thread when the store is a database server: its
+        round trips would otherwise stall every running job's output and end. On SQLite,
+        here: its calls are work in this process that a thread would only slow."""
+        if not self.store.networked:
+            return call()
+        return await asyncio.to_thread(call)
+
     async def _claim(self, isolations: tuple[str, ...], free: int) -> list[JobRow]:
-        """Claim up to `free` jobs, in a thread: the claim's round trips to the database
-        would otherwise stall every running job's output and end. Should the worker stop
+        """Claim up to `free` jobs, off the event loop (`_off_loop`). Should the worker stop
         meanwhile, the claim still completes and its jobs start, to be given back by the
         shutdown like any running job (never left claimed by no one until the lease ends)."""
         claiming = asyncio.ensure_future(
-            asyncio.to_thread(
-                self.store.claim_jobs,
-                self.name,
-                isolations,
-                free,
-                self.lease,
-                room_mib=self.sandboxes.free_memory_mib(),
-                capacity_mib=self.engine.memory_capacity.mib,
+            self._off_loop(
+                functools.partial(
+                    self.store.claim_jobs,
+                    self.name,
+                    isolations,
+                    free,
+                    self.lease,
+                    room_mib=self.sandboxes.free_memory_mib(),
+                    capacity_mib=self.engine.memory_capacity.mib,
+                )
             )
         )
         try:
@@ -223,10 +235,10 @@ class Worker:
 
     async def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
         """The poll, or less when a queued job comes due sooner (a retry's backoff, a
-        wait for room): nothing notifies that moment. Read in a thread, as the claim."""
+        wait for room): nothing notifies that moment. Read off the event loop, as the claim."""
         poll = self.signals.poll if self.poll is None else self.poll
         try:
-            due = await asyncio.to_thread(self.store.next_run_after, isolations)
+            due = await self._off_loop(functools.partial(self.store.next_run_after, isolations))
         except Exception:
             log.exception("reading when the next job is due failed")
             return min(poll, 1.0)
@@ -370,8 +382,8 @@ class Worker:
         if retries(outcome.state, row.attempt, row.max_attempts):
             delay = retry_delay(spec.retry_backoff, row.attempt)
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
-        # In a thread, as the claim: the other jobs' output and ends go on meanwhile.
-        ended = await asyncio.to_thread(
+        # Off the event loop, as the claim: the other jobs' output and ends go on meanwhile.
+        ended = await self._off_loop(
             functools.partial(
                 self.store.end_attempt,
                 attempt,

@@ -244,6 +244,13 @@ class Database:
         return pool.checkedout() if isinstance(pool, sa.pool.QueuePool) else 0
 
     @property
+    def networked(self) -> bool:
+        """Whether a call waits on a database server (PostgreSQL), so that an event loop
+        gains by making it in a thread; SQLite's calls are work in this process, which a
+        thread only slows (hand-offs of the GIL)."""
+        return self._autocommit_reads
+
+    @property
     def url(self) -> str:
         return self._db.url.render_as_string(hide_password=True)
 
