@@ -52,7 +52,8 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
 @contextmanager
 def database(name: str) -> Iterator[str]:
     """The store's URL: "" (SQLite in the server's data dir), or a PostgreSQL database on
-    a cluster of its own for the run."""
+    a cluster of its own for the run, reached over its Unix socket (as a server on the
+    database's own host would)."""
     if name == "sqlite":
         yield ""
         return
@@ -62,6 +63,6 @@ def database(name: str) -> Iterator[str]:
         raise SystemExit(f"--database postgresql: {reason}")
     cluster = postgres.start()
     try:
-        yield cluster.url(postgres.MIGRATED)
+        yield cluster.url(postgres.MIGRATED, unix=True)
     finally:
         cluster.destroy()

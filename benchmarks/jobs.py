@@ -5,7 +5,8 @@
 
 The store is SQLite in the server's data dir, or with `--database postgresql` a
 throwaway PostgreSQL cluster started for the run (as the tests start theirs:
-`tests/kit/postgres.py`), stopped and deleted after.
+`tests/kit/postgres.py`), stopped and deleted after; the server reaches it over its Unix
+socket, as a single-host deployment would (TCP on loopback costs more per round trip).
 
 Against a real `corral server` with its default worker pool (CORRAL_JOB_WORKERS), every
 job in a fresh sandbox:

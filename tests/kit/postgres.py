@@ -70,14 +70,17 @@ class Cluster:
     password: str
     owner: str | None  # the user it runs as, when not us
 
-    def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
+    def url(self, database: str, driver: str = "postgresql+psycopg", *, unix: bool = False) -> str:
+        """Over TCP on loopback; with `unix`, over the cluster's Unix socket (as a server
+        on the database's own host would connect)."""
         return URL.create(
             driver,
             username=USER,
             password=self.password,
-            host="127.0.0.1",
+            host=None if unix else "127.0.0.1",
             port=self.port,
             database=database,
+            query={"host": str(self.root)} if unix else {},
         ).render_as_string(hide_password=False)
 
     def sql(self, statement: str, database: str = "postgres") -> None:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from corral import instruments, logs, tracing
 from corral._aio import stop_tasks
@@ -53,6 +54,8 @@ from corral.sandboxes.volumes import Volumes
 from corral.store import Store
 from corral.store.job_rows import Attempt, JobRow
 from corral.templates import TemplateCatalog
+
+R = TypeVar("R")
 
 log = logging.getLogger("corral.jobs")
 
@@ -187,14 +190,7 @@ class Worker:
             claimed: list[JobRow] = []
             if free > 0:
                 try:
-                    claimed = self.store.claim_jobs(
-                        self.name,
-                        isolations,
-                        free,
-                        self.lease,
-                        room_mib=self.sandboxes.free_memory_mib(),
-                        capacity_mib=self.engine.memory_capacity.mib,
-                    )
+                    claimed = await self._claim(isolations, free)
                 except Exception:
                     log.exception("claiming jobs failed; trying again")
                 for row in claimed:
@@ -202,14 +198,47 @@ class Worker:
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)  # let the runs start before claiming more
                 continue
-            await self._sleep(self._until_next_claim(isolations))
+            await self._sleep(await self._until_next_claim(isolations))
 
-    def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
+    async def _off_loop(self, call: Callable[[], R]) -> R:
+        """`call` (a store call) in a thread when the store is a database server: its
+        round trips would otherwise stall every running job's output and end. On SQLite,
+        here: its calls are work in this process that a thread would only slow."""
+        if not self.store.networked:
+            return call()
+        return await asyncio.to_thread(call)
+
+    async def _claim(self, isolations: tuple[str, ...], free: int) -> list[JobRow]:
+        """Claim up to `free` jobs, off the event loop (`_off_loop`). Should the worker stop
+        meanwhile, the claim still completes and its jobs start, to be given back by the
+        shutdown like any running job (never left claimed by no one until the lease ends)."""
+        claiming = asyncio.ensure_future(
+            self._off_loop(
+                functools.partial(
+                    self.store.claim_jobs,
+                    self.name,
+                    isolations,
+                    free,
+                    self.lease,
+                    room_mib=self.sandboxes.free_memory_mib(),
+                    capacity_mib=self.engine.memory_capacity.mib,
+                )
+            )
+        )
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                for row in await claiming:
+                    self._start_run(row)
+            raise
+
+    async def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
         """The poll, or less when a queued job comes due sooner (a retry's backoff, a
-        wait for room): nothing notifies that moment."""
+        wait for room): nothing notifies that moment. Read off the event loop, as the claim."""
         poll = self.signals.poll if self.poll is None else self.poll
         try:
-            due = self.store.next_run_after(isolations)
+            due = await self._off_loop(functools.partial(self.store.next_run_after, isolations))
         except Exception:
             log.exception("reading when the next job is due failed")
             return min(poll, 1.0)
@@ -320,7 +349,7 @@ class Worker:
             outcome = await runner.run()
             _observe_attempt(spec.kind, outcome.state, time.perf_counter() - began)
             freed = outcome.state != "no_room"
-            ended = self._end(row, spec, attempt, outcome)
+            ended = await self._end(row, spec, attempt, outcome)
             if ended is not None and self.on_end is not None:
                 self.on_end(ended)
         except Exception as exc:
@@ -338,7 +367,9 @@ class Worker:
             self._wake.set()
             self.pool.wake()
 
-    def _end(self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome) -> JobRow | None:
+    async def _end(
+        self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome
+    ) -> JobRow | None:
         tracing.annotate({"corral.job.outcome": outcome.state})
         if outcome.state == "lost":
             log.warning("job lost its lease mid-run; left to the queue", extra={"job_id": row.id})
@@ -351,8 +382,16 @@ class Worker:
         if retries(outcome.state, row.attempt, row.max_attempts):
             delay = retry_delay(spec.retry_backoff, row.attempt)
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
-        ended = self.store.end_attempt(
-            attempt, outcome.state, outcome.reason, exit_code=outcome.exit_code, retry_at=retry_at
+        # Off the event loop, as the claim: the other jobs' output and ends go on meanwhile.
+        ended = await self._off_loop(
+            functools.partial(
+                self.store.end_attempt,
+                attempt,
+                outcome.state,
+                outcome.reason,
+                exit_code=outcome.exit_code,
+                retry_at=retry_at,
+            )
         )
         log.info(
             "job attempt ended",
