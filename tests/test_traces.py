@@ -24,8 +24,6 @@ from tests.kit.connect import call, stream
 from tests.kit.otlp import OtlpReceiver, Span
 from tests.kit.polling import wait_until
 
-pytestmark = pytest.mark.integration
-
 SERVER_KIND = 2  # opentelemetry.proto Span.SpanKind.SPAN_KIND_SERVER
 
 
@@ -186,7 +184,6 @@ def test_e2b_rest_spans_are_named_by_route(traced: LiveServer, receiver: OtlpRec
     assert span.kind == SERVER_KIND and span.attributes["http.route"] == "/sandboxes"
 
 
-@pytest.mark.unit
 def test_without_corral_otel_nothing_is_recorded() -> None:
     """Traces are opt-in: the standard endpoint variable alone turns nothing on, and no
     span is made (not even the API's no-op one)."""
