@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
 
@@ -42,6 +42,7 @@ EXIT_FORCED = 130
 # A client run beside the server (`corral server --demo`), given the server's URL; it is
 # cancelled when the server stops.
 Companion = Callable[[str], Coroutine[Any, Any, None]]
+T = TypeVar("T")
 # A signal this soon after the first is the same one arriving twice (a terminal's Ctrl-C
 # reaches `uv run` and its child; `timeout` signals its whole group), not a second one.
 _SAME_SIGNAL = 0.5
@@ -110,13 +111,14 @@ def local_url(host: str, port: int, *, https: bool = False) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def _run(server: _Server, sock: socket.socket, url: str, companion: Companion | None) -> None:
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    beside = None
-    if companion is not None:
-        beside = asyncio.create_task(companion(url))
-    await serving
-    await stop_tasks(beside)
+async def _run(serving: Coroutine[Any, Any, T], url: str, companion: Companion | None) -> T:
+    """Serve until `serving` ends, with the companion (the demo) beside it; its result."""
+    served = asyncio.create_task(serving)
+    beside = None if companion is None else asyncio.create_task(companion(url))
+    try:
+        return await served
+    finally:
+        await stop_tasks(beside)
 
 
 def http_server(settings: Settings) -> str:
@@ -166,18 +168,28 @@ def serve(
         reloader.live["shutdown_grace"] = functools.partial(
             setattr, config, "timeout_graceful_shutdown"
         )
-    url = local_url(settings.host, settings.port, https=pair is not None)
-    if pair is not None:
-        _log_tls(pair)
-    log.info("listening", extra={"url": url, "http_server": "uvicorn"})
-    asyncio.run(_run(server, sock, url, companion))
+    url = _announce(settings.host, settings.port, pair, "uvicorn")
+    asyncio.run(_run(server.serve(sockets=[sock]), url, companion))
     if server.force_exit:
-        log.warning("forced exit: sandboxes die with this process")
-        logging.shutdown()
-        os._exit(EXIT_FORCED)
+        _exit_forced()
     if not server.started:
         return 1
     return 0
+
+
+def _announce(host: str, port: int, pair: tls.TlsPair | None, http_server: str) -> str:
+    """Log where the server listens (and its certificate); its local URL."""
+    url = local_url(host, port, https=pair is not None)
+    if pair is not None:
+        _log_tls(pair)
+    log.info("listening", extra={"url": url, "http_server": http_server})
+    return url
+
+
+def _exit_forced() -> None:
+    log.warning("forced exit: sandboxes die with this process")
+    logging.shutdown()
+    os._exit(EXIT_FORCED)
 
 
 def _log_tls(pair: tls.TlsPair) -> None:
@@ -196,22 +208,8 @@ def _serve_pyvoy(
     from corral.server.envoy import Supervisor
 
     supervisor = Supervisor(settings, port, pair)
-    url = local_url(settings.host, port, https=pair is not None)
-    if pair is not None:
-        _log_tls(pair)
-    log.info("listening", extra={"url": url, "http_server": "pyvoy"})
-
-    async def run() -> int:
-        serving = asyncio.create_task(supervisor.run())
-        beside = None if companion is None else asyncio.create_task(companion(url))
-        try:
-            return await serving
-        finally:
-            await stop_tasks(beside)
-
-    status = asyncio.run(run())
+    url = _announce(settings.host, port, pair, "pyvoy")
+    status = asyncio.run(_run(supervisor.run(), url, companion))
     if supervisor.forced:
-        log.warning("forced exit: sandboxes die with this process")
-        logging.shutdown()
-        os._exit(EXIT_FORCED)
+        _exit_forced()
     return 0 if status == 0 else 1
