@@ -82,12 +82,22 @@ def test_a_live_server_reaps_what_a_killed_worker_left(own_runtime: Settings, po
         assert leftovers(records, own_runtime)  # all there while the worker lives
 
         worker.stop(signal.SIGKILL)
-        wait_until(
-            lambda: leftovers(records, own_runtime) == [],
-            "the live server to reap what the killed worker left",
-            timeout=10 * REAP_INTERVAL + 10,
-            interval=0.2,
-        )
+        left: list[str] = []
+
+        def reaped() -> bool:
+            left[:] = leftovers(records, own_runtime)
+            return not left
+
+        try:
+            wait_until(
+                reaped,
+                "the live server to reap what the killed worker left",
+                timeout=10 * REAP_INTERVAL + 10,
+                interval=0.2,
+            )
+        except AssertionError as exc:
+            log_tail = "".join(server.log.read_text().splitlines(keepends=True)[-20:])
+            raise AssertionError(f"{exc}; still there: {left}; server log:\n{log_tail}") from None
         assert server.process.poll() is None  # the same server, never restarted
         assert "reaped sandbox" in server.log.read_text()
     finally:
