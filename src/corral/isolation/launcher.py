@@ -199,6 +199,8 @@ async def launch(
         start_new_session=True,
     )
     assert popen.stdin and popen.stdout and popen.stderr
+    loop = asyncio.get_running_loop()
+    transports: list[asyncio.BaseTransport] = []
     try:
         # In a thread: on cgroup v1 the kernel may wait a whole RCU grace period (~10 ms)
         # before a process can move, and the event loop has better things to do.
@@ -207,24 +209,30 @@ async def launch(
             await ready
         popen.stdin.write(b"\n")  # open the gate: the pipe is empty, this never blocks
         popen.stdin.flush()
+        # Still inside the try: a cancel (a job cancelled while its sandbox starts) may
+        # land on any of these awaits, and must not leave the launcher running unowned.
+        stdout = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), popen.stdout
+        )
+        transports.append(transport)
+        stderr = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stderr, loop=loop), popen.stderr
+        )
+        transports.append(transport)
+        writer, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), loop=loop),
+            popen.stdin,
+        )
+        transports.append(writer)
     except BaseException:
         popen.kill()
         popen.wait()
+        for made in transports:
+            made.close()
         for pipe in (popen.stdin, popen.stdout, popen.stderr):
             pipe.close()
         raise
-    loop = asyncio.get_running_loop()
-    stdout = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), popen.stdout
-    )
-    stderr = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(stderr, loop=loop), popen.stderr
-    )
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), loop=loop),
-        popen.stdin,
-    )
-    stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+    stdin = asyncio.StreamWriter(writer, protocol, None, loop)
     return Launcher(popen, stdin, stdout, stderr)
