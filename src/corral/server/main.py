@@ -49,8 +49,6 @@ T = TypeVar("T")
 # A signal this soon after the first is the same one arriving twice (a terminal's Ctrl-C
 # reaches `uv run` and its child; `timeout` signals its whole group), not a second one.
 _SAME_SIGNAL = 0.5
-# The settings a reload reads the files of again (`tls.ServedCertificate`).
-TLS_FILES = ("tls_cert", "tls_key")
 
 
 class _Server(uvicorn.Server):
@@ -150,7 +148,7 @@ def serve(
     if http_server(settings) == "pyvoy":
         port = sock.getsockname()[1]
         sock.close()  # Envoy listens on it itself (`corral.server.envoy`)
-        return _serve_pyvoy(settings, port, pair, companion)
+        return _serve_pyvoy(settings, port, pair, companion, reloader)
     from corral.server.app import CorralApp
     from corral.server.port_websocket import relay_protocol
 
@@ -178,7 +176,7 @@ def serve(
             setattr, config, "timeout_graceful_shutdown"
         )
         if certificate is not None:
-            reloader.reread[TLS_FILES] = functools.partial(_reload_tls, certificate)
+            reloader.reread[tls.PAIR_SETTINGS] = functools.partial(_reload_tls, certificate.reload)
     url = _announce(settings.host, settings.port, pair, "uvicorn")
     asyncio.run(_run(server.serve(sockets=[sock]), url, companion))
     if server.force_exit:
@@ -202,9 +200,9 @@ def _uvicorn_context(config: uvicorn.Config, pair: tls.TlsPair) -> ssl.SSLContex
     )
 
 
-def _reload_tls(certificate: tls.ServedCertificate, settings: Settings) -> None:
-    certificate.reload(settings)
-    _log_tls(certificate.pair, "TLS certificate reloaded: new connections get it")
+def _reload_tls(serve: Callable[[Settings], tls.TlsPair], settings: Settings) -> None:
+    """Serve the pair `settings` name with `serve` (uvicorn's or Envoy's), and say so."""
+    _log_tls(serve(settings), "TLS certificate reloaded: new connections get it")
 
 
 def _announce(host: str, port: int, pair: tls.TlsPair | None, http_server: str) -> str:
@@ -232,11 +230,23 @@ def _log_tls(pair: tls.TlsPair, msg: str) -> None:
 
 
 def _serve_pyvoy(
-    settings: Settings, port: int, pair: tls.TlsPair | None, companion: Companion | None
+    settings: Settings,
+    port: int,
+    pair: tls.TlsPair | None,
+    companion: Companion | None,
+    reloader: Reloader | None,
 ) -> int:
     from corral.server.envoy import Supervisor
 
-    supervisor = Supervisor(settings, port, pair)
+    supervisor = Supervisor(settings, port, pair, reloader)
+    if reloader is not None:
+        # The app, its log level included, lives in Envoy's process, which does not reload
+        # it: only the TLS pair changes live, every other change is said to need a restart.
+        reloader.live.clear()
+        if pair is not None:
+            reloader.reread[tls.PAIR_SETTINGS] = functools.partial(
+                _reload_tls, supervisor.reload_tls
+            )
     url = _announce(settings.host, port, pair, "pyvoy")
     status = asyncio.run(_run(supervisor.run(), url, companion))
     if supervisor.forced:
