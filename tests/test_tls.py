@@ -26,8 +26,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from corral import Jobs, Sandbox, Template, Volume
 from corral.cli._common import EXIT_UNREACHABLE
 from corral.client import AsyncSandbox
+from corral.client._config import ConfigFile, Context
 from corral.config import Settings
 from corral.errors import InvalidRequest, ServerUntrusted
 from corral.server import tls
@@ -260,6 +262,35 @@ def test_the_cli_verifies_the_server_with_its_ca_file(server: LiveServer) -> Non
         assert "presented a TLS certificate this client cannot verify" in refused.stderr
         assert "--ca-file FILE" in refused.stderr
         assert refused.stdout == ""
+
+
+def test_the_sdk_takes_a_ca_file_argument_over_the_environment_and_the_context(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca, wrong = _ca(server), tls.self_signed(tmp_path / "other", "127.0.0.1").cert
+    config = ConfigFile(tmp_path / "config", "tls", {"tls": Context(server.url, server.key)})
+    config.contexts["tls"].ca_file = str(wrong)
+    config.save()
+    monkeypatch.setenv("CORRAL_CONFIG", str(config.path))
+    for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT", "CORRAL_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ServerUntrusted):
+        Template.list()  # the context's CA file: not the server's
+    # The argument wins over the context: on both HTTP stacks (pyqwest; the ssl module).
+    assert isinstance(Template.list(ca_file=ca), list)
+    assert isinstance(Sandbox.list(ca_file=str(ca)), list)
+    # ... and over the environment.
+    monkeypatch.setenv("CORRAL_CA_FILE", str(wrong))
+    with pytest.raises(ServerUntrusted):
+        Sandbox.list()
+    with Jobs(ca_file=ca) as jobs:
+        assert isinstance(list(jobs.list()), list)
+    assert isinstance(Volume.list(ca_file=ca), list)
+    # A bad one is refused by name before anything is sent.
+    with pytest.raises(InvalidRequest, match=f"the CA file {server.log} holds no PEM"):
+        Sandbox.list(ca_file=server.log)
+    with pytest.raises(InvalidRequest, match=r"cannot read the CA file .*nowhere.pem"):
+        Template.list(ca_file=tmp_path / "nowhere.pem")
 
 
 def test_a_url_of_the_wrong_scheme_is_named_never_switched(server: LiveServer) -> None:
