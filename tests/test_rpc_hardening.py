@@ -126,7 +126,7 @@ def test_headers_connectrpc_cannot_read_are_invalid_argument(own_server: LiveSer
         odd = client.post(
             HEALTH,
             content=b"{}",
-            headers=[("Content-Type", "application/json"), ("X-Odd", b"\xff\xfe")],
+            headers=[(b"Content-Type", b"application/json"), (b"X-Odd", b"\xff\xfe")],
         )
         message = error(odd, 400, "invalid_argument")
         assert "the value of header 'x-odd' is not UTF-8" in message
