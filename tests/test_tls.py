@@ -463,6 +463,7 @@ def test_sighup_serves_a_renewed_pair_to_new_connections_and_refuses_a_bad_one(
             "CORRAL_HTTP_SERVER": http_server,
         },
         ca_file=ca_file,
+        ready_timeout=90 if http_server == "pyvoy" else 30,  # two Pythons start (test_grpc)
     )
     opened = _Connection(live.url, ca_file)
     try:
