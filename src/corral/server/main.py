@@ -155,6 +155,8 @@ def serve(
     app = CorralApp(settings)
     certificate = None
     if pair is not None:
+        # Its contexts are made as uvicorn makes its own, from `config` (below), once
+        # uvicorn loads it and on each reload.
         certificate = tls.ServedCertificate(pair, lambda pair: _uvicorn_context(config, pair))
     config = uvicorn.Config(
         app,
