@@ -16,7 +16,7 @@ only supervises it:
 - Envoy's own log goes to stderr at warning; the app's JSON log is the same as under
   uvicorn.
 - TLS (`corral.server.tls`'s pair) is Envoy's, on the same port, HTTP/2 by ALPN. Envoy
-  takes the pair from a file-based SDS secret that names the files and that it watches:
+  takes the pair from a file-based SDS secret (`<data dir>/envoy/`) that it watches:
   SIGHUP checks the pair (`corral.reload`), then renames a new secret over the old, and
   new connections get the renewed certificate; open ones keep theirs. The other settings
   live in Envoy's process, which does not reload them: a change is logged as needing a
@@ -33,9 +33,7 @@ import base64
 import json
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -208,8 +206,10 @@ class Supervisor:
         """Envoy's exit status (None: it never started)."""
         loop = asyncio.get_running_loop()
         if self._pair is not None:
-            # A directory of its own: Envoy watches the secret file's directory.
-            secrets = Path(tempfile.mkdtemp(prefix="corral-envoy-"))
+            # A directory of the secret's own (Envoy watches the secret file's directory),
+            # the same at every start: a killed server leaves nothing more behind.
+            secrets = self.settings.data_dir.absolute() / "envoy"
+            secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.envoy.secret_file = secrets / SECRET_FILE
             tls.write_whole(self.envoy.secret_file, _secret(self._pair), 0o600)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -223,8 +223,6 @@ class Supervisor:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await stop_tasks(self._stopping)
-            if self.envoy.secret_file is not None:
-                shutil.rmtree(self.envoy.secret_file.parent, ignore_errors=True)
         return 1 if status is None else status
 
     def url(self) -> str:
