@@ -102,7 +102,7 @@ def test_corrupt_gzip_is_invalid_argument(own_server: LiveServer, body: bytes, w
 
 
 def test_a_compressed_flag_without_an_encoding_is_invalid_argument(own_server: LiveServer) -> None:
-    """connect-python answered `internal`: a protocol error of the client's."""
+    """connectrpc answers `internal`: a protocol error of the client's."""
     payload = gzip.compress(json.dumps({"sandboxId": "sb_x", "path": "/etc/hostname"}).encode())
     response = post(
         own_server,
@@ -117,6 +117,32 @@ def test_a_compressed_flag_without_an_encoding_is_invalid_argument(own_server: L
     end = json.loads(response.content[5:])
     assert end["error"]["code"] == "invalid_argument", end
     assert "compressed flag" in end["error"]["message"]
+
+
+def test_headers_connectrpc_cannot_read_are_invalid_argument(own_server: LiveServer) -> None:
+    """A header value that is not UTF-8 (connectrpc raises out of the app: a bare 500),
+    and a gRPC-Web timeout that is not one (connectrpc 0.13 answers it itself)."""
+    with httpx.Client(base_url=own_server.url, timeout=60) as client:
+        odd = client.post(
+            HEALTH,
+            content=b"{}",
+            headers=[(b"Content-Type", b"application/json"), (b"X-Odd", b"\xff\xfe")],
+        )
+        message = error(odd, 400, "invalid_argument")
+        assert "the value of header 'x-odd' is not UTF-8" in message
+        for timeout in ("abc", "1X", "999999999H"):
+            web = client.post(
+                SANDBOX + "List",
+                content=struct.pack(">BI", 0, 0),
+                headers={
+                    "Content-Type": "application/grpc-web+proto",
+                    "Authorization": f"Bearer {own_server.key}",
+                    "grpc-timeout": timeout,
+                },
+            )
+            assert web.status_code == 200  # gRPC-Web: the status is in the headers
+            assert web.headers["grpc-status"] == "3", (timeout, web.headers)  # invalid_argument
+            assert "timeout" in web.headers["grpc-message"]
 
 
 def test_a_body_ending_inside_a_streamed_message_is_invalid_argument(

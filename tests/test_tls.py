@@ -1,13 +1,16 @@
 """TLS: `corral server` serves HTTPS with an operator's pair or a self-signed development
-pair (its fingerprint logged), refuses bad files at start, and the SDK and CLI verify the
-server (the system's CAs, or a CA file) and never fall back to plain HTTP."""
+pair (its fingerprint logged), refuses bad files at start, serves a renewed pair after
+SIGHUP (a bad one refused), and the SDK and CLI verify the server (the system's CAs, or a
+CA file) and never fall back to plain HTTP."""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import http.server
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -20,16 +23,20 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from corral import Jobs, Sandbox, Template, Volume
 from corral.cli._common import EXIT_UNREACHABLE
 from corral.client import AsyncSandbox
+from corral.client._config import ConfigFile, Context
 from corral.config import Settings
 from corral.errors import InvalidRequest, ServerUntrusted
 from corral.server import tls
 from tests.conftest import LiveServer, free_port, start_server
 from tests.kit.polling import wait_until
+
+Key = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -38,9 +45,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 def _cert(
     subject: str,
-    key: ec.EllipticCurvePrivateKey,
+    key: Key,
     *,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    issuer: tuple[x509.Certificate, Key] | None = None,
     days: float = 30,
     ca: bool = False,
 ) -> x509.Certificate:
@@ -70,7 +77,7 @@ def _write_cert(path: Path, *certs: x509.Certificate) -> Path:
     return path
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> Path:
+def _write_key(path: Path, key: Key, password: bytes | None = None) -> Path:
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(password)
         if password
@@ -257,6 +264,35 @@ def test_the_cli_verifies_the_server_with_its_ca_file(server: LiveServer) -> Non
         assert refused.stdout == ""
 
 
+def test_the_sdk_takes_a_ca_file_argument_over_the_environment_and_the_context(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca, wrong = _ca(server), tls.self_signed(tmp_path / "other", "127.0.0.1").cert
+    config = ConfigFile(tmp_path / "config", "tls", {"tls": Context(server.url, server.key)})
+    config.contexts["tls"].ca_file = str(wrong)
+    config.save()
+    monkeypatch.setenv("CORRAL_CONFIG", str(config.path))
+    for name in ("CORRAL_SERVER", "CORRAL_API_KEY", "CORRAL_CONTEXT", "CORRAL_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ServerUntrusted):
+        Template.list()  # the context's CA file: not the server's
+    # The argument wins over the context: on both HTTP stacks (pyqwest; the ssl module).
+    assert isinstance(Template.list(ca_file=ca), list)
+    assert isinstance(Sandbox.list(ca_file=str(ca)), list)
+    # ... and over the environment.
+    monkeypatch.setenv("CORRAL_CA_FILE", str(wrong))
+    with pytest.raises(ServerUntrusted):
+        Sandbox.list()
+    with Jobs(ca_file=ca) as jobs:
+        assert isinstance(list(jobs.list()), list)
+    assert isinstance(Volume.list(ca_file=ca), list)
+    # A bad one is refused by name before anything is sent.
+    with pytest.raises(InvalidRequest, match=f"the CA file {server.log} holds no PEM"):
+        Sandbox.list(ca_file=server.log)
+    with pytest.raises(InvalidRequest, match=r"cannot read the CA file .*nowhere.pem"):
+        Template.list(ca_file=tmp_path / "nowhere.pem")
+
+
 def test_a_url_of_the_wrong_scheme_is_named_never_switched(server: LiveServer) -> None:
     plain_url = server.url.replace("https:", "http:")
     for command in (("sandbox", "list"), ("volume", "list")):  # ssl, then pyqwest
@@ -341,3 +377,146 @@ def test_a_server_serves_the_operators_pair_and_clients_trust_its_ca(
     finally:
         live.stop()
     assert not (tmp_path / "data" / "tls").exists()  # no development pair made
+
+
+# -- a renewed pair, on SIGHUP ---------------------------------------------------------------
+
+
+def _fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+class _Connection:
+    """A kept-alive HTTPS connection to a server, verified with `ca_file`; an IP address,
+    so the client sends no SNI."""
+
+    def __init__(self, url: str, ca_file: Path) -> None:
+        port = int(url.rsplit(":", 1)[1])
+        context = ssl.create_default_context(cafile=ca_file)
+        self.http = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+        self.http.connect()
+        self.tls = self.http.sock
+        der = self.tls.getpeercert(binary_form=True)
+        assert der is not None
+        self.fingerprint = _fingerprint(der)
+
+    def healthz(self) -> int:
+        """/healthz's status, over this same connection."""
+        self.http.request("GET", "/healthz")
+        reply = self.http.getresponse()
+        reply.read()
+        assert self.http.sock is self.tls, "the connection was made again"
+        return reply.status
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _lines(log: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def _logged(log: Path, msg: str, after: int) -> dict[str, str]:
+    def said() -> dict[str, str] | None:
+        return next((line for line in _lines(log)[after:] if line["msg"] == msg), None)
+
+    return wait_until(said, f"{msg!r} in {log}")
+
+
+def _presented(url: str, ca_file: Path, fingerprint: str) -> None:
+    """Wait until a new connection is presented the certificate of `fingerprint` (Envoy
+    reads its secret a moment after the rename), and call over it."""
+
+    def presented() -> bool:
+        fresh = _Connection(url, ca_file)
+        try:
+            return fresh.fingerprint == fingerprint and fresh.healthz() == 200
+        finally:
+            fresh.close()
+
+    wait_until(presented, f"a new connection presented {fingerprint}")
+
+
+@pytest.mark.parametrize("http_server", ["uvicorn", "pyvoy"])
+def test_sighup_serves_a_renewed_pair_to_new_connections_and_refuses_a_bad_one(
+    settings: Settings, tmp_path: Path, http_server: str
+) -> None:
+    """certbot's way: new files at the same paths, then SIGHUP. New connections get the
+    new certificate (an RSA one after an ECDSA one), open ones keep theirs; a pair that
+    does not match is refused and the running one kept."""
+    ca_key = _key()
+    ca_cert = _cert("test CA", ca_key, ca=True, days=365)
+    ca_file = _write_cert(tmp_path / "ca.pem", ca_cert)
+    first_key: Key = _key()
+    first = _cert("first", first_key, issuer=(ca_cert, ca_key))
+    cert_file = _write_cert(tmp_path / "chain.pem", first)
+    key_file = _write_key(tmp_path / "key.pem", first_key)
+    env_file = tmp_path / "corral.env"
+    env_file.write_text(f"CORRAL_TLS_CERT={cert_file}\nCORRAL_TLS_KEY={key_file}\n")
+    live = start_server(
+        settings,
+        tmp_path / "data",
+        pool_size=0,
+        extra_env={
+            "CORRAL_JOB_WORKERS": "0",
+            "CORRAL_ENV_FILE": str(env_file),
+            "CORRAL_HTTP_SERVER": http_server,
+        },
+        ca_file=ca_file,
+        ready_timeout=90 if http_server == "pyvoy" else 30,  # two Pythons start (test_grpc)
+    )
+    opened = _Connection(live.url, ca_file)
+    try:
+        assert opened.fingerprint == _fingerprint(first.public_bytes(serialization.Encoding.DER))
+        assert opened.healthz() == 200
+
+        # Renewed in place, with another key type.
+        renewed_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        renewed = _cert("renewed", renewed_key, issuer=(ca_cert, ca_key))
+        _write_cert(cert_file, renewed, ca_cert)
+        _write_key(key_file, renewed_key)
+        seen = len(_lines(live.log))
+        live.process.send_signal(signal.SIGHUP)
+        line = _logged(live.log, "TLS certificate reloaded: new connections get it", seen)
+        renewed_fingerprint = _fingerprint(renewed.public_bytes(serialization.Encoding.DER))
+        assert line["sha256_fingerprint"].replace(":", "").lower() == renewed_fingerprint
+        assert _logged(live.log, "configuration reloaded", seen)["restart_needed"] == "-"
+        _presented(live.url, ca_file, renewed_fingerprint)
+        assert opened.healthz() == 200  # the open one carries on, as it was
+
+        # New paths, whose key is not the certificate's: refused, the renewed pair kept.
+        other_cert = _write_cert(
+            tmp_path / "other.pem", _cert("other", _key(), issuer=(ca_cert, ca_key))
+        )
+        env_file.write_text(f"CORRAL_TLS_CERT={other_cert}\nCORRAL_TLS_KEY={key_file}\n")
+        seen = len(_lines(live.log))
+        live.process.send_signal(signal.SIGHUP)
+        refused = _logged(live.log, "files not reloaded: the running ones are kept", seen)
+        assert refused["level"] == "error"
+        assert refused["settings"] == "tls_cert, tls_key"
+        assert (
+            f"the TLS key {key_file} is not the key of the certificate {other_cert}"
+            in (refused["error"])
+        )
+        reloaded = _logged(live.log, "configuration reloaded", seen)
+        assert (reloaded["applied"], reloaded["restart_needed"]) == ("-", "-")
+        again = _Connection(live.url, ca_file)
+        assert again.fingerprint == renewed_fingerprint
+        assert again.healthz() == 200
+        again.close()
+
+        # The same paths, fixed: taken, and said as applied.
+        other_key = _key()
+        _write_cert(other_cert, _cert("other", other_key, issuer=(ca_cert, ca_key)))
+        moved_key = _write_key(tmp_path / "other.key", other_key)
+        env_file.write_text(f"CORRAL_TLS_CERT={other_cert}\nCORRAL_TLS_KEY={moved_key}\n")
+        seen = len(_lines(live.log))
+        live.process.send_signal(signal.SIGHUP)
+        reloaded = _logged(live.log, "configuration reloaded", seen)
+        assert reloaded["applied"] == f"tls_cert={other_cert}, tls_key={moved_key}"
+        moved = _fingerprint(ssl.PEM_cert_to_DER_cert(other_cert.read_text()))
+        _presented(live.url, ca_file, moved)
+        assert live.process.poll() is None
+    finally:
+        opened.close()
+        live.stop()

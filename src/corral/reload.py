@@ -7,6 +7,10 @@ refused with a logged error and the running one kept. Of what changed, the setti
 `Reloader.live` take effect at once (the log level; an entry point may add its own); every
 other change is logged as needing a restart and is not applied, so the process keeps
 behaving as one configuration, never half of two.
+
+Some settings name files whose contents change under the same name (a renewed TLS
+certificate): those in `Reloader.reread` are read again on every reload, changed or not,
+and what refuses them keeps their running values, the old files' contents included.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class Reloader:
         self._load = load
         # Setting name -> what applies its new value in this process.
         self.live: dict[str, Callable[[Any], None]] = {"log_level": logs.set_level}
+        # Setting names -> what reads their files again and serves them, given the running
+        # settings with those names' new values; it raises CorralError to keep the old.
+        self.reread: dict[tuple[str, ...], Callable[[Settings], None]] = {}
 
     def reload(self) -> bool:
         """Read the configuration and apply its live changes; False when it is refused."""
@@ -47,8 +54,19 @@ class Reloader:
             for f in fields(Settings)
             if getattr(new, f.name) != getattr(self.running, f.name)
         }
-        applied = {name: value for name, value in changed.items() if name in self.live}
-        restart = sorted(name for name in changed if name not in self.live)
+        for names, serve in self.reread.items():
+            try:
+                serve(replace(self.running, **{name: getattr(new, name) for name in names}))
+            except CorralError as exc:
+                log.error(
+                    "files not reloaded: the running ones are kept",
+                    extra={"settings": ", ".join(names), "error": str(exc)},
+                )
+                for name in names:
+                    changed.pop(name, None)
+        served = {name for names in self.reread for name in names}
+        applied = {n: value for n, value in changed.items() if n in self.live or n in served}
+        restart = sorted(name for name in changed if name not in applied)
         report = {
             "applied": ", ".join(f"{name}={value}" for name, value in applied.items()) or "-",
             "restart_needed": ", ".join(restart) or "-",
@@ -59,7 +77,8 @@ class Reloader:
         if not lowers:
             log.info("configuration reloaded", extra=report)
         for name, value in applied.items():
-            self.live[name](value)
+            if name in self.live:
+                self.live[name](value)
         self.running = replace(self.running, **applied)
         if lowers:
             log.info("configuration reloaded", extra=report)

@@ -158,7 +158,7 @@ class ClientSettings:
         api_key: str | None = None,
         context: str | None = None,
         timeout: float | None = None,
-        ca_file: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> ClientSettings:
         env = os.environ if environ is None else environ
@@ -170,16 +170,17 @@ class ClientSettings:
             api_key = _local_default_key(env)
         if timeout is None:
             timeout = (ctx.timeout_seconds if ctx else None) or DEFAULT_TIMEOUT
-        ca_file = ca_file or env.get("CORRAL_CA_FILE") or (ctx.ca_file if ctx else None)
+        given = None if ca_file is None else os.fspath(ca_file)
+        ca = given or env.get("CORRAL_CA_FILE") or (ctx.ca_file if ctx else None)
         https = urlsplit(server).scheme == "https"  # plain http: nothing to verify
-        ca_file = check_ca_file(ca_file) if ca_file and https else None
+        ca = check_ca_file(ca) if ca and https else None
         protocol = env.get("CORRAL_PROTOCOL") or "connect"
         if protocol not in PROTOCOLS:
             raise InvalidRequest(
                 f"CORRAL_PROTOCOL={protocol!r} is unknown: use connect (any Corral server) or "
                 "grpc (native gRPC: a server run with --http-server pyvoy)"
             )
-        return cls(server, api_key or None, timeout, ca_file, protocol)
+        return cls(server, api_key or None, timeout, ca, protocol)
 
 
 def _local_default_key(environ: Mapping[str, str]) -> str | None:

@@ -15,6 +15,7 @@ to `reconnect_timeout` seconds, so nothing is lost or shown twice.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -78,11 +79,16 @@ class AsyncJobs:
         api_key: str | None = None,
         context: str | None = None,
         *,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
         settings = ClientSettings.resolve(
-            server=server, api_key=api_key, context=context, timeout=request_timeout
+            server=server,
+            api_key=api_key,
+            context=context,
+            ca_file=ca_file,
+            timeout=request_timeout,
         )
         self._connection = Connection(settings)
         self.reconnect_timeout = reconnect_timeout

@@ -7,6 +7,7 @@ it from here, not through `corral.client`, to keep it that way.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 from corral._state_enums import SANDBOX_STATE_NUMBERS as STATE_NUMBERS
@@ -38,12 +39,13 @@ def list_sandboxes(
     api_key: str | None = None,
     server: str | None = None,
     context: str | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
     request_timeout: float | None = None,
 ) -> list[SandboxInfo]:
     """Your team's sandboxes (by default every one not killed or failed), all pages."""
     request = list_request(states, metadata)
     settings = ClientSettings.resolve(
-        server=server, api_key=api_key, context=context, timeout=request_timeout
+        server=server, api_key=api_key, context=context, ca_file=ca_file, timeout=request_timeout
     )
     found: list[SandboxInfo] = []
     while True:

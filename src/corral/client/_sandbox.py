@@ -11,6 +11,7 @@ The server and API key come from the arguments, else `CORRAL_SERVER` and
 from __future__ import annotations
 
 import builtins
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -40,11 +41,19 @@ _RANGES = {"10m": pb.METRICS_RANGE_10M, "2h": pb.METRICS_RANGE_2H, "24h": pb.MET
 
 
 def _connect(
-    server: str | None, api_key: str | None, context: str | None, request_timeout: float | None
+    server: str | None,
+    api_key: str | None,
+    context: str | None,
+    ca_file: str | os.PathLike[str] | None,
+    request_timeout: float | None,
 ) -> Connection:
     return Connection(
         ClientSettings.resolve(
-            server=server, api_key=api_key, context=context, timeout=request_timeout
+            server=server,
+            api_key=api_key,
+            context=context,
+            ca_file=ca_file,
+            timeout=request_timeout,
         )
     )
 
@@ -55,6 +64,7 @@ async def kill_by_id(
     api_key: str | None = None,
     server: str | None = None,
     context: str | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
     request_timeout: float | None = None,
 ) -> bool:
     """Kill a sandbox by id: True if it was running or paused, False if already gone."""
@@ -62,7 +72,7 @@ async def kill_by_id(
         raise InvalidRequest(
             f"kill(sandbox_id) takes the sandbox id as a str, not {type(sandbox_id).__name__}"
         )
-    connection = _connect(server, api_key, context, request_timeout)
+    connection = _connect(server, api_key, context, ca_file, request_timeout)
     try:
         reply = await connection.call(connection.rpc.get, pb.GetRequest(sandbox_id=sandbox_id))
         if SandboxInfo.from_proto(reply.sandbox).state in ("killed", "failed"):
@@ -189,6 +199,7 @@ class AsyncSandbox:
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox; it lives `timeout` seconds (server default 300) unless moved.
@@ -212,7 +223,7 @@ class AsyncSandbox:
             raise InvalidRequest(f"on_idle={on_idle!r}: use 'pause' or 'kill'")
         policy = _network(network, allow_internet_access)
         mounts = volume_mounts(volumes)
-        connection = _connect(server, api_key, context, request_timeout)
+        connection = _connect(server, api_key, context, ca_file, request_timeout)
         request = pb.CreateRequest(
             template=template,
             isolation=isolation,
@@ -243,13 +254,14 @@ class AsyncSandbox:
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
     ) -> AsyncSandbox:
         """An existing sandbox of your team, resumed if it was paused.
 
         With `resume=False` it is left as it is, even killed (to read its `info`).
         """
-        connection = _connect(server, api_key, context, request_timeout)
+        connection = _connect(server, api_key, context, ca_file, request_timeout)
         try:
             reply = await connection.call(connection.rpc.get, pb.GetRequest(sandbox_id=sandbox_id))
             info = SandboxInfo.from_proto(reply.sandbox)
@@ -276,11 +288,12 @@ class AsyncSandbox:
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
     ) -> list[SandboxInfo]:
         """Your team's sandboxes (by default every one not killed or failed), all pages."""
         request = list_request(states, metadata)
-        connection = _connect(server, api_key, context, request_timeout)
+        connection = _connect(server, api_key, context, ca_file, request_timeout)
         found: list[SandboxInfo] = []
         try:
             while True:

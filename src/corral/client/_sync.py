@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
 
@@ -315,6 +316,7 @@ class Jobs:
         api_key: str | None = None,
         context: str | None = None,
         *,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
@@ -322,6 +324,7 @@ class Jobs:
             server,
             api_key,
             context,
+            ca_file=ca_file,
             request_timeout=request_timeout,
             reconnect_timeout=reconnect_timeout,
         )

@@ -320,12 +320,22 @@ def _tar(root: Path, sources: Iterable[str], ignore: Sequence[str]) -> bytes:
     return buffer.getvalue()
 
 
-def _settings(server: str | None, api_key: str | None, context: str | None) -> ClientSettings:
-    return ClientSettings.resolve(server=server, api_key=api_key, context=context)
+def _settings(
+    server: str | None,
+    api_key: str | None,
+    context: str | None,
+    ca_file: str | os.PathLike[str] | None,
+) -> ClientSettings:
+    return ClientSettings.resolve(server=server, api_key=api_key, context=context, ca_file=ca_file)
 
 
-def _connect(server: str | None, api_key: str | None, context: str | None) -> Connection:
-    return Connection(_settings(server, api_key, context))
+def _connect(
+    server: str | None,
+    api_key: str | None,
+    context: str | None,
+    ca_file: str | os.PathLike[str] | None,
+) -> Connection:
+    return Connection(_settings(server, api_key, context, ca_file))
 
 
 class AsyncTemplate(TemplateBuilder):
@@ -345,22 +355,25 @@ class AsyncTemplate(TemplateBuilder):
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> TemplateInfo:
         """Build `template` as `name` and wait for the end, handing each log chunk and
         progress event to `on_build_logs`. Returns the ready template; raises BuildFailed
         (with the failed step and its log tail) if it failed or was cancelled."""
         info = await AsyncTemplate.build_in_background(
-            template, name, build_args=build_args, network=network,
-            ready_timeout=ready_timeout, server=server, api_key=api_key, context=context,
+            template, name, build_args=build_args, network=network, ready_timeout=ready_timeout,
+            server=server, api_key=api_key, context=context, ca_file=ca_file,
         )  # fmt: skip
         async for entry in AsyncTemplate.logs(
-            name, follow=True, server=server, api_key=api_key, context=context
+            name, follow=True, server=server, api_key=api_key, context=context, ca_file=ca_file
         ):
             if on_build_logs is not None:
                 result = on_build_logs(entry)
                 if result is not None:
                     await result
-        info = await AsyncTemplate.get(name, server=server, api_key=api_key, context=context)
+        info = await AsyncTemplate.get(
+            name, server=server, api_key=api_key, context=context, ca_file=ca_file
+        )
         if info.state != "ready":
             raise BuildFailed(
                 f"template {name} {info.state}: {info.error or 'see its logs'} "
@@ -379,6 +392,7 @@ class AsyncTemplate(TemplateBuilder):
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> TemplateInfo:
         """Start the build and return the template, `building`."""
         if not isinstance(template, TemplateBuilder):
@@ -392,7 +406,7 @@ class AsyncTemplate(TemplateBuilder):
             raise InvalidRequest(f"ready_timeout={ready_timeout!r}: give seconds > 0")
         request.ready_timeout_seconds = ready_timeout
         reply = await call_once(
-            lambda c: c.templates.build, request, _settings(server, api_key, context)
+            lambda c: c.templates.build, request, _settings(server, api_key, context, ca_file)
         )
         return TemplateInfo.from_proto(reply.template)
 
@@ -403,20 +417,25 @@ class AsyncTemplate(TemplateBuilder):
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> TemplateInfo:
         request = pb.GetTemplateRequest(name=name)
         reply = await call_once(
-            lambda c: c.templates.get, request, _settings(server, api_key, context)
+            lambda c: c.templates.get, request, _settings(server, api_key, context, ca_file)
         )
         return TemplateInfo.from_proto(reply.template)
 
     @staticmethod
     async def list(
-        *, server: str | None = None, api_key: str | None = None, context: str | None = None
+        *,
+        server: str | None = None,
+        api_key: str | None = None,
+        context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> builtins.list[TemplateInfo]:
         request = pb.ListTemplatesRequest()
         reply = await call_once(
-            lambda c: c.templates.list, request, _settings(server, api_key, context)
+            lambda c: c.templates.list, request, _settings(server, api_key, context, ca_file)
         )
         return [TemplateInfo.from_proto(t) for t in reply.templates]
 
@@ -427,10 +446,13 @@ class AsyncTemplate(TemplateBuilder):
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         """Remove a template; refused (TemplateInUse) while a sandbox uses it."""
         request = pb.DeleteTemplateRequest(name=name)
-        await call_once(lambda c: c.templates.delete, request, _settings(server, api_key, context))
+        await call_once(
+            lambda c: c.templates.delete, request, _settings(server, api_key, context, ca_file)
+        )
 
     @staticmethod
     async def cancel(
@@ -439,11 +461,12 @@ class AsyncTemplate(TemplateBuilder):
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> TemplateInfo:
         """Stop the template's build; a finished template is returned as it is."""
         request = pb.CancelBuildRequest(name=name)
         reply = await call_once(
-            lambda c: c.templates.cancel, request, _settings(server, api_key, context)
+            lambda c: c.templates.cancel, request, _settings(server, api_key, context, ca_file)
         )
         return TemplateInfo.from_proto(reply.template)
 
@@ -457,13 +480,14 @@ class AsyncTemplate(TemplateBuilder):
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> AsyncIterator[BuildLog]:
         """The build's log chunks (from chunk `offset`) and events (from `event_offset`),
         in the order they came; with `follow`, until the build ends."""
         for value, what in ((offset, "offset"), (event_offset, "event_offset")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidRequest(f"{what}={value!r} must be a whole number >= 0")
-        connection = _connect(server, api_key, context)
+        connection = _connect(server, api_key, context, ca_file)
         request = pb.StreamBuildLogsRequest(
             name=name, offset=offset, event_offset=event_offset, follow=follow
         )

@@ -41,8 +41,13 @@ async def _call(
     return await call_once(method, request, ClientSettings.resolve(**connect))
 
 
-def _connect(server: str | None, api_key: str | None, context: str | None) -> dict[str, Any]:
-    return {"server": server, "api_key": api_key, "context": context}
+def _connect(
+    server: str | None,
+    api_key: str | None,
+    context: str | None,
+    ca_file: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    return {"server": server, "api_key": api_key, "context": context, "ca_file": ca_file}
 
 
 class AsyncVm:
@@ -71,6 +76,7 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> VmInfo:
         """Create a vm (not started). When your team has no template of its language
         yet, the server builds it (`lang-<language>`); with `wait` this waits for that
@@ -89,7 +95,7 @@ class AsyncVm:
             persist_mib=spec.persist_mib,
             isolation=spec.isolation,
         )
-        connect = _connect(server, api_key, context)
+        connect = _connect(server, api_key, context, ca_file)
         reply = await _call(lambda c: c.vms.create, request, connect)
         info = VmInfo.from_proto(reply.vm)
         if wait and info.state == "building":
@@ -113,10 +119,13 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> VmInfo:
         """The vm `name` of your team (UnknownVm if it has none)."""
         request = pb.GetVmRequest(name=check_vm_name(name))
-        reply = await _call(lambda c: c.vms.get, request, _connect(server, api_key, context))
+        reply = await _call(
+            lambda c: c.vms.get, request, _connect(server, api_key, context, ca_file)
+        )
         return VmInfo.from_proto(reply.vm)
 
     @staticmethod
@@ -126,10 +135,13 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> builtins.list[VmInfo]:
         """Your team's running vms by name; with `all`, the stopped ones too."""
         request = pb.ListVmsRequest(all=all)
-        reply = await _call(lambda c: c.vms.list, request, _connect(server, api_key, context))
+        reply = await _call(
+            lambda c: c.vms.list, request, _connect(server, api_key, context, ca_file)
+        )
         return [VmInfo.from_proto(vm) for vm in reply.vms]
 
     @staticmethod
@@ -139,10 +151,13 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> VmInfo:
         """Run the vm's sandbox (a running vm is returned as it is)."""
         request = pb.StartVmRequest(name=check_vm_name(name))
-        reply = await _call(lambda c: c.vms.start, request, _connect(server, api_key, context))
+        reply = await _call(
+            lambda c: c.vms.start, request, _connect(server, api_key, context, ca_file)
+        )
         return VmInfo.from_proto(reply.vm)
 
     @staticmethod
@@ -152,10 +167,13 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> VmInfo:
         """Kill the vm's sandbox; /persist stays, the rest of what it wrote goes."""
         request = pb.StopVmRequest(name=check_vm_name(name))
-        reply = await _call(lambda c: c.vms.stop, request, _connect(server, api_key, context))
+        reply = await _call(
+            lambda c: c.vms.stop, request, _connect(server, api_key, context, ca_file)
+        )
         return VmInfo.from_proto(reply.vm)
 
     @staticmethod
@@ -166,11 +184,12 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         """Stop the vm and forget it, with its /persist volume unless `keep_persist`
         (a vm created again by that name with persist=True gets it back)."""
         request = pb.DeleteVmRequest(name=check_vm_name(name), keep_persist=keep_persist)
-        await _call(lambda c: c.vms.delete, request, _connect(server, api_key, context))
+        await _call(lambda c: c.vms.delete, request, _connect(server, api_key, context, ca_file))
 
     @staticmethod
     async def run(
@@ -187,6 +206,7 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> CommandResult:
         """Run `command` in the vm (started if it is stopped) from `cwd`: the local
         `files` are uploaded to /in first, and with `out_dir` the files the vm has in
@@ -196,7 +216,7 @@ class AsyncVm:
         for path in paths:
             if not path.is_file():
                 raise InvalidRequest(f"--file {path}: no such local file")
-        connect = _connect(server, api_key, context)
+        connect = _connect(server, api_key, context, ca_file)
         info = await AsyncVm.start(name, **connect)
         assert info.sandbox_id is not None
         box = await AsyncSandbox.connect(info.sandbox_id, **connect)
@@ -223,12 +243,15 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> CommandResult:
         """Run the vm's language's hello world (it prints `hello`; Go's builds it first,
         hence the longer `timeout`)."""
-        info = await AsyncVm.get(name, server=server, api_key=api_key, context=context)
+        info = await AsyncVm.get(
+            name, server=server, api_key=api_key, context=context, ca_file=ca_file
+        )
         command = language_base(info.language).hello
-        connect = _connect(server, api_key, context)
+        connect = _connect(server, api_key, context, ca_file)
         return await AsyncVm.run(name, command, cwd="/tmp", timeout=timeout, **connect)
 
     @staticmethod
@@ -239,10 +262,11 @@ class AsyncVm:
         server: str | None = None,
         api_key: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> builtins.list[Path]:
         """Download the files the running vm has in /out into `out_dir`; the paths
         written."""
-        connect = _connect(server, api_key, context)
+        connect = _connect(server, api_key, context, ca_file)
         info = await AsyncVm.get(name, **connect)
         if info.sandbox_id is None:
             raise InvalidRequest(f"vm {name} is {info.state}: its /out went with its sandbox")

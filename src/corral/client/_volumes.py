@@ -11,6 +11,7 @@ The server and API key come from the arguments, else `CORRAL_SERVER` and
 from __future__ import annotations
 
 import builtins
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -29,10 +30,11 @@ async def _call(
     server: str | None,
     api_key: str | None,
     context: str | None,
+    ca_file: str | os.PathLike[str] | None,
     request_timeout: float | None,
 ) -> R:
     settings = ClientSettings.resolve(
-        server=server, api_key=api_key, context=context, timeout=request_timeout
+        server=server, api_key=api_key, context=context, ca_file=ca_file, timeout=request_timeout
     )
     return await call_once(method, request, settings)
 
@@ -61,6 +63,7 @@ class AsyncVolume:
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
     ) -> VolumeInfo:
         """Create an empty volume of at most `size_mib` MiB (writes past it: ENOSPC)."""
@@ -68,7 +71,7 @@ class AsyncVolume:
             raise InvalidRequest(f"size_mib must be a whole number of MiB, not {size_mib!r}")
         request = pb.CreateVolumeRequest(name=_name(name), size_mib=size_mib)
         reply = await _call(
-            lambda c: c.volumes.create, request, server, api_key, context, request_timeout
+            lambda c: c.volumes.create, request, server, api_key, context, ca_file, request_timeout
         )
         return VolumeInfo.from_proto(reply.volume)
 
@@ -79,12 +82,13 @@ class AsyncVolume:
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
     ) -> VolumeInfo:
         """The volume `name` of your team (UnknownVolume if it has none)."""
         request = pb.GetVolumeRequest(name=_name(name))
         reply = await _call(
-            lambda c: c.volumes.get, request, server, api_key, context, request_timeout
+            lambda c: c.volumes.get, request, server, api_key, context, ca_file, request_timeout
         )
         return VolumeInfo.from_proto(reply.volume)
 
@@ -94,6 +98,7 @@ class AsyncVolume:
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
     ) -> builtins.list[VolumeInfo]:
         """Your team's volumes, by name."""
@@ -103,6 +108,7 @@ class AsyncVolume:
             server,
             api_key,
             context,
+            ca_file,
             request_timeout,
         )
         return [VolumeInfo.from_proto(v) for v in reply.volumes]
@@ -114,8 +120,11 @@ class AsyncVolume:
         api_key: str | None = None,
         server: str | None = None,
         context: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         request_timeout: float | None = None,
     ) -> None:
         """Delete the volume and its data; VolumeInUse while a sandbox has it mounted."""
         request = pb.DeleteVolumeRequest(name=_name(name))
-        await _call(lambda c: c.volumes.delete, request, server, api_key, context, request_timeout)
+        await _call(
+            lambda c: c.volumes.delete, request, server, api_key, context, ca_file, request_timeout
+        )

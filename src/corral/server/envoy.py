@@ -15,8 +15,12 @@ only supervises it:
   Envoy at once; the sandboxes die with it, as under uvicorn.
 - Envoy's own log goes to stderr at warning; the app's JSON log is the same as under
   uvicorn.
-- TLS (`corral.server.tls`'s pair) is Envoy's, on the same port, HTTP/2 by ALPN.
-- SIGHUP does not reload (the settings live in Envoy's process): it is logged and ignored.
+- TLS (`corral.server.tls`'s pair) is Envoy's, on the same port, HTTP/2 by ALPN. Envoy
+  takes the pair from a file-based SDS secret (`<data dir>/envoy/`) that it watches:
+  SIGHUP checks the pair (`corral.reload`), then renames a new secret over the old, and
+  new connections get the renewed certificate; open ones keep theirs. The other settings
+  live in Envoy's process, which does not reload them: a change is logged as needing a
+  restart.
 
 Envoy's default `stream_idle_timeout` (5 minutes) would reset an Exec or Logs stream
 that is quiet that long: it is off here, as uvicorn has none.
@@ -25,19 +29,22 @@ that is quiet that long: it is off here, as uvicorn has none.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import signal
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from pyvoy import PyvoyServer
 
 from corral._aio import stop_tasks
 from corral.config import Settings
-from corral.server.tls import TlsPair
+from corral.reload import Reloader
+from corral.server import tls
 
 log = logging.getLogger("corral.server")
 
@@ -53,6 +60,9 @@ SUPERVISOR = "_CORRAL_ENVOY_SUPERVISOR"
 _POLL = 0.1
 # A signal this soon after the first is the same one arriving twice (see main._SAME_SIGNAL).
 _SAME_SIGNAL = 0.5
+# The name of the TLS pair's SDS secret, and the file Envoy watches for it.
+SECRET = "corral_server_tls"
+SECRET_FILE = "tls-secret.json"
 
 
 def _inherited() -> str:
@@ -60,8 +70,28 @@ def _inherited() -> str:
     return json.dumps({name: os.environ.get(name) for name in ENVOY_VARIABLES})
 
 
+def _secret(pair: tls.TlsPair) -> bytes:
+    """The SDS secret (a DiscoveryResponse, in JSON) of `pair`: the certificate chain
+    itself, the key by its file's name (no copy of it on disk). Envoy skips an update
+    whose secret is unchanged, files unread: a renewed chain at the same path must show."""
+    secret = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        "name": SECRET,
+        "tls_certificate": {
+            "certificate_chain": {
+                "inline_bytes": base64.b64encode(tls.read_chain(pair.cert)).decode()
+            },
+            "private_key": {"filename": str(pair.key)},
+        },
+    }
+    return json.dumps({"resources": [secret]}).encode()
+
+
 class _Envoy(PyvoyServer):
-    """pyvoy's server with no idle timeout on streams, and its admin API reachable."""
+    """pyvoy's server with no idle timeout on streams, its admin API reachable, and its
+    TLS pair from `secret_file` (an SDS secret Envoy watches) when given."""
+
+    secret_file: Path | None = None
 
     def get_envoy_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_envoy_config()
@@ -71,6 +101,16 @@ class _Envoy(PyvoyServer):
                     typed = network_filter.get("typed_config", {})
                     if "HttpConnectionManager" in typed.get("@type", ""):
                         typed["stream_idle_timeout"] = "0s"
+                transport = chain.get("transport_socket")
+                if transport is not None and self.secret_file is not None:
+                    common = transport["typed_config"]["common_tls_context"]
+                    del common["tls_certificates"]
+                    source = {"path_config_source": {"path": str(self.secret_file)}}
+                    common["tls_certificate_sds_secret_configs"] = [
+                        {"name": SECRET, "sds_config": {**source, "resource_api_version": "V3"}}
+                    ]
+                    # Envoy asks any SDS source with a node's name, even a file.
+                    config["node"] = {"id": "corral-server", "cluster": "corral"}
         return config
 
     def admin(self, path: str, method: str = "GET") -> bytes:
@@ -90,17 +130,21 @@ class _Envoy(PyvoyServer):
 
 
 def _no_reload() -> None:
-    log.warning(
-        "SIGHUP ignored: under pyvoy the app runs in Envoy's process, which does not reload "
-        "its configuration; restart the server (or run it on uvicorn) to apply a change"
-    )
+    log.warning("SIGHUP ignored: this server was started without a configuration to reload")
 
 
 class Supervisor:
     """Runs Envoy until a signal; `forced` once a second signal killed it."""
 
-    def __init__(self, settings: Settings, port: int, pair: TlsPair | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        port: int,
+        pair: tls.TlsPair | None = None,
+        reloader: Reloader | None = None,
+    ) -> None:
         self.settings = settings
+        self.reloader = reloader
         self.envoy = _Envoy(
             APP,
             address=settings.host,
@@ -120,6 +164,16 @@ class Supervisor:
         self.forced = False
         self._stopping: asyncio.Task[None] | None = None
         self._first_signal = 0.0
+        self._pair = pair
+
+    def reload_tls(self, settings: Settings) -> tls.TlsPair:
+        """Have Envoy serve the pair `settings` name to new connections, once it passes
+        the checks made at start (else InvalidRequest, and the running pair is kept)."""
+        pair = tls.load_again(settings)
+        if self.envoy.secret_file is None:
+            raise RuntimeError("Envoy was started without TLS")
+        tls.write_whole(self.envoy.secret_file, _secret(pair), 0o600)  # Envoy sees the rename
+        return pair
 
     def on_signal(self) -> None:
         now = time.monotonic()
@@ -151,9 +205,17 @@ class Supervisor:
     async def run(self) -> int:
         """Envoy's exit status (None: it never started)."""
         loop = asyncio.get_running_loop()
+        if self._pair is not None:
+            # A directory of the secret's own (Envoy watches the secret file's directory),
+            # the same at every start: a killed server leaves nothing more behind.
+            secrets = self.settings.data_dir.absolute() / "envoy"
+            secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.envoy.secret_file = secrets / SECRET_FILE
+            tls.write_whole(self.envoy.secret_file, _secret(self._pair), 0o600)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal)
-        loop.add_signal_handler(signal.SIGHUP, _no_reload)
+        reload = _no_reload if self.reloader is None else self.reloader.reload
+        loop.add_signal_handler(signal.SIGHUP, reload)
         try:
             await self.envoy.start()
             status = await self.envoy.wait()

@@ -5,7 +5,9 @@ SIGINT or SIGTERM stops accepting connections, lets open calls finish (for at mo
 `shutdown_grace` seconds), then stops the sandbox manager, which kills every sandbox.
 A second signal exits at once; the sandboxes die with the process and the next start
 marks their rows failed. SIGHUP reloads the configuration (`corral.reload`) between two
-steps of the event loop: requests in flight carry on.
+steps of the event loop: requests in flight carry on. It reads the TLS pair's files again
+too (`tls.ServedCertificate`): new connections get a renewed certificate, open ones keep
+theirs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
@@ -145,11 +148,16 @@ def serve(
     if http_server(settings) == "pyvoy":
         port = sock.getsockname()[1]
         sock.close()  # Envoy listens on it itself (`corral.server.envoy`)
-        return _serve_pyvoy(settings, port, pair, companion)
+        return _serve_pyvoy(settings, port, pair, companion, reloader)
     from corral.server.app import CorralApp
     from corral.server.port_websocket import relay_protocol
 
     app = CorralApp(settings)
+    certificate = None
+    if pair is not None:
+        # Its contexts are made as uvicorn makes its own, from `config` (below), once
+        # uvicorn loads it and on each reload.
+        certificate = tls.ServedCertificate(pair, lambda pair: _uvicorn_context(config, pair))
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -161,6 +169,7 @@ def serve(
         ws=relay_protocol(app.ports),
         ssl_certfile=pair.cert if pair else None,
         ssl_keyfile=pair.key if pair else None,
+        ssl_context_factory=None if certificate is None else lambda *_: certificate.listening(),
     )
     server = _Server(config, reloader)
     if reloader is not None:
@@ -168,6 +177,8 @@ def serve(
         reloader.live["shutdown_grace"] = functools.partial(
             setattr, config, "timeout_graceful_shutdown"
         )
+        if certificate is not None:
+            reloader.reread[tls.PAIR_SETTINGS] = functools.partial(_reload_tls, certificate.reload)
     url = _announce(settings.host, settings.port, pair, "uvicorn")
     asyncio.run(_run(server.serve(sockets=[sock]), url, companion))
     if server.force_exit:
@@ -177,11 +188,30 @@ def serve(
     return 0
 
 
+def _uvicorn_context(config: uvicorn.Config, pair: tls.TlsPair) -> ssl.SSLContext:
+    """The context uvicorn would make for `pair` (`Config.load`'s default)."""
+    return uvicorn.config.create_ssl_context(
+        certfile=pair.cert,
+        keyfile=pair.key,
+        password=None,
+        ssl_version=config.ssl_version,
+        cert_reqs=config.ssl_cert_reqs,
+        ca_certs=config.ssl_ca_certs,
+        ciphers=config.ssl_ciphers,
+        alpn_protocols=getattr(config.http_protocol_class, "alpn_protocols", None),
+    )
+
+
+def _reload_tls(serve: Callable[[Settings], tls.TlsPair], settings: Settings) -> None:
+    """Serve the pair `settings` name with `serve` (uvicorn's or Envoy's), and say so."""
+    _log_tls(serve(settings), "TLS certificate reloaded: new connections get it")
+
+
 def _announce(host: str, port: int, pair: tls.TlsPair | None, http_server: str) -> str:
     """Log where the server listens (and its certificate); its local URL."""
     url = local_url(host, port, https=pair is not None)
     if pair is not None:
-        _log_tls(pair)
+        _log_tls(pair, "serving HTTPS")
     log.info("listening", extra={"url": url, "http_server": http_server})
     return url
 
@@ -192,22 +222,33 @@ def _exit_forced() -> None:
     os._exit(EXIT_FORCED)
 
 
-def _log_tls(pair: tls.TlsPair) -> None:
+def _log_tls(pair: tls.TlsPair, msg: str) -> None:
     """Say which certificate the server presents, and how a client comes to trust it."""
     fields = {"cert": str(pair.cert), "sha256_fingerprint": pair.fingerprint}
     if pair.self_signed:
         fields["trust"] = tls.TRUST_HINT.format(cert=pair.cert)
-        log.info("serving HTTPS with a self-signed development certificate", extra=fields)
-    else:
-        log.info("serving HTTPS", extra=fields)
+        msg += " (a self-signed development certificate)"
+    log.info(msg, extra=fields)
 
 
 def _serve_pyvoy(
-    settings: Settings, port: int, pair: tls.TlsPair | None, companion: Companion | None
+    settings: Settings,
+    port: int,
+    pair: tls.TlsPair | None,
+    companion: Companion | None,
+    reloader: Reloader | None,
 ) -> int:
     from corral.server.envoy import Supervisor
 
-    supervisor = Supervisor(settings, port, pair)
+    supervisor = Supervisor(settings, port, pair, reloader)
+    if reloader is not None:
+        # The app, its log level included, lives in Envoy's process, which does not reload
+        # it: only the TLS pair changes live, every other change is said to need a restart.
+        reloader.live.clear()
+        if pair is not None:
+            reloader.reread[tls.PAIR_SETTINGS] = functools.partial(
+                _reload_tls, supervisor.reload_tls
+            )
     url = _announce(settings.host, port, pair, "pyvoy")
     status = asyncio.run(_run(supervisor.run(), url, companion))
     if supervisor.forced:

@@ -5,25 +5,28 @@ Key: a Sandbox or Job RPC from a caller without a valid API key is refused befor
 byte of its body is read (`refuse`), so an anonymous client cannot make the server buffer
 or decompress anything. HealthService needs no key; its messages are limited to 64 KiB.
 
-Size: connect-python buffers a whole unary body, or a whole streamed message, before it
-checks `read_max_bytes`; a client declaring a 4 GiB message would have it buffer 4 GiB.
-`limit_size` counts bytes as they arrive (and reads the length prefix of each streamed
-envelope) and refuses the request at the first byte past the limit.
+Size: connectrpc (0.13) counts a unary body as it arrives and reads each streamed
+message's length prefix before buffering it, refusing past `read_max_bytes`; but it sees
+the request only after `corral.server.compression.inflate`, which buffers a whole gzip
+body, or a whole compressed message, before inflating it. So `limit_size` counts the bytes
+on the wire, ahead of both: a declared Content-Length or a length prefix over the limit is
+refused before the message is read, an undeclared body at its first byte past the limit,
+with what to send instead.
 
 Compression (inflating is `corral.server.compression`'s): a compressed flag on a streamed
-message of a request that declared no compression is `invalid_argument` (connect-python
-calls it `internal`).
+message of a request that declared no compression is `invalid_argument` (connectrpc
+answers `internal`).
 
-Malformed: connectrpc (0.13) answers a body its codec cannot decode `invalid_argument`,
-with the decoder's own words; `CODECS` are Google protobuf's, the JSON one refusing
-fields the message does not have (a misspelt field is a mistake to report, not to drop).
-Headers connectrpc would fail on as `unknown` (not UTF-8, a gRPC timeout it cannot
-parse) are refused by `header_problem` first.
+Malformed: connectrpc answers a body its codec cannot decode `invalid_argument`, with the
+decoder's own words; `CODECS` are Google protobuf's, the JSON one refusing fields the
+message does not have (a misspelt field is a mistake to report, not to drop). A header
+value that is not UTF-8 makes connectrpc raise out of the app (the HTTP server's bare 500):
+`header_problem` refuses it first. (A gRPC timeout it cannot parse, it answers
+`invalid_argument` itself.)
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from connectrpc.code import Code
@@ -40,7 +43,6 @@ from corral.server.disconnect import Receive
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 HEALTH_MESSAGE_BYTES = 64 * 1024  # a CheckRequest is empty
 _STREAM_TYPES = ("application/connect+", "application/grpc")
-_GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
 CODECS: list[Codec] = [
     google_protobuf_binary_codec(),
     google_protobuf_json_codec(ignore_unknown_fields=False),
@@ -58,23 +60,18 @@ def _too_large(size: int, limit: int) -> Exception:
 
 
 def header_problem(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """What is wrong with a request's headers that connect-python would call `unknown`
-    (an internal error): a value that is not UTF-8, a gRPC timeout it cannot parse."""
+    """What is wrong with a request's headers that connectrpc would fail on with an
+    internal error: a value that is not UTF-8."""
     for name, value in headers:
         try:
             value.decode()
         except UnicodeDecodeError:
             return f"the value of header {name.decode('latin-1')!r} is not UTF-8"
-        if name == b"grpc-timeout" and not _GRPC_TIMEOUT.fullmatch(value):
-            return (
-                f"grpc-timeout {value.decode()!r} is not a timeout: up to 8 digits and a "
-                "unit (H, M, S, m, u or n), e.g. 30S"
-            )
     return None
 
 
 def refuse(error: Exception) -> Receive:
-    """A `receive` that raises `error` at once: connect-python answers it in the form the
+    """A `receive` that raises `error` at once: connectrpc answers it in the form the
     request's protocol expects, without reading the body."""
 
     async def receive_refused() -> AsgiMessage:

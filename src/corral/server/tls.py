@@ -6,6 +6,10 @@
 are checked here, at start, so that a bad file is refused with its name and what to do
 rather than by the HTTP server's first handshake. `load` returns the files' paths, which
 is what every HTTP server (uvicorn, pyvoy) takes.
+
+A renewed pair (certbot, cert-manager: new files, often at the same paths) is served
+without a restart on SIGHUP: `ServedCertificate` under uvicorn, `corral.server.envoy`
+under pyvoy. A pair that fails the same checks is refused and the old one kept.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ipaddress
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +38,8 @@ RENEW = timedelta(days=7)
 SELF_SIGNED_CERT = "self-signed.crt"
 SELF_SIGNED_KEY = "self-signed.key"
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# The settings whose files a running server reads again on SIGHUP (`corral.reload`).
+PAIR_SETTINGS = ("tls_cert", "tls_key")
 # What a client is told to do with a certificate no public CA signed.
 TRUST_HINT = "clients trust it with --ca-file {cert} or CORRAL_CA_FILE={cert}"
 # The keys a TLS server can sign its handshakes with.
@@ -86,6 +93,61 @@ def load(settings: Settings) -> TlsPair | None:
     return TlsPair(cert_path, key_path, fingerprint(certificate), self_signed=False)
 
 
+class ServedCertificate:
+    """The pair a running server presents, which a reload replaces for new connections.
+
+    The server listens with one context whose SNI callback hands every new handshake the
+    context of the newest pair. OpenSSL calls it for every ClientHello, with a server name
+    or without one (a client dialling an IP address sends none), before it picks the
+    certificate; connections already open keep theirs. A new pair gets a whole new
+    context: loading it into the listening one would keep the old certificate beside it
+    when the key type differs (OpenSSL goes on presenting an ECDSA certificate after an
+    RSA one is loaded), and a load that fails half-way would leave it broken.
+    """
+
+    def __init__(self, pair: TlsPair, make: Callable[[TlsPair], ssl.SSLContext]) -> None:
+        self.pair = pair
+        self._make = make  # the HTTP server's context for a pair
+        self._current: ssl.SSLContext | None = None
+
+    def listening(self) -> ssl.SSLContext:
+        """The context to listen with (the first pair's)."""
+        context = self._current = self._make(self.pair)
+        context.sni_callback = self._hand_over
+        return context
+
+    def _hand_over(
+        self, connection: ssl.SSLObject, server_name: str | None, listening: ssl.SSLContext
+    ) -> None:
+        if self._current is not None and self._current is not listening:
+            connection.context = self._current
+
+    def reload(self, settings: Settings) -> TlsPair:
+        """Present the pair `settings` name (its files read again) from the next handshake
+        on; InvalidRequest, the running pair kept, if it cannot be served."""
+        pair = load_again(settings)
+        try:
+            context = self._make(pair)
+        except (OSError, ssl.SSLError) as exc:  # the files changed since `load` checked them
+            raise InvalidRequest(
+                f"the TLS certificate {pair.cert} and key {pair.key} cannot be served ({exc}):"
+                " give a PEM certificate and its unencrypted PEM key"
+            ) from None
+        self._current, self.pair = context, pair
+        return pair
+
+
+def load_again(settings: Settings) -> TlsPair:
+    """The pair `settings` name, for a server that serves HTTPS already and reloads."""
+    pair = load(settings)
+    if pair is None:
+        raise InvalidRequest(
+            "serving plain HTTP in place of HTTPS needs a restart: give --tls-cert and "
+            "--tls-key (CORRAL_TLS_CERT, CORRAL_TLS_KEY) again, or restart the server"
+        )
+    return pair
+
+
 def fingerprint(certificate: x509.Certificate) -> str:
     return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
 
@@ -129,8 +191,13 @@ def _read(path: Path, what: str, flag: str) -> bytes:
         ) from None
 
 
+def read_chain(path: Path) -> bytes:
+    """The certificate file's bytes, or InvalidRequest naming it."""
+    return _read(path, "certificate", "--tls-cert (CORRAL_TLS_CERT)")
+
+
 def _read_cert(path: Path) -> x509.Certificate:
-    data = _read(path, "certificate", "--tls-cert (CORRAL_TLS_CERT)")
+    data = read_chain(path)
     try:
         return x509.load_pem_x509_certificates(data)[0]
     except ValueError:
@@ -240,13 +307,14 @@ def _generate(directory: Path, cert: Path, key: Path, names: list[str]) -> x509.
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(key, key_pem, 0o600)
-    _write(cert, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_whole(key, key_pem, 0o600)
+    write_whole(cert, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
     return certificate
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write `path` whole (a temporary file renamed), created with `mode`."""
+def write_whole(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` whole (a temporary file renamed over it: a reader, or a watcher of
+    renames, never sees half), created with `mode`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
