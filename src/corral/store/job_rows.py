@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from corral.job_lifecycle import is_final
-from corral.store.callback_outbox import deliveries
+from corral.store.callback_outbox import CALLBACKS_DUE, deliveries
 from corral.store.database import Database
 from corral.store.schema import job_callbacks, job_events, jobs
 
@@ -229,6 +229,7 @@ class JobRows(Database):
         self.notify(conn, JOB_CHANGED, row.id)
         if owed:
             conn.execute(_INSERT_CALLBACKS, owed)
+            self.notify(conn, CALLBACKS_DUE)
         return seq
 
     def _from_seq(
