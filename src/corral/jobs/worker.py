@@ -300,13 +300,13 @@ class Worker:
 
     async def _run(self, row: JobRow, stop: Stop) -> None:
         logs.start(job_id=row.id, team_id=row.team_id)  # this task runs this job only
-        # A trace of its own per attempt (the submit's request has the job's id too).
+        # Each attempt a child of the span that submitted the job (see tracing.resumed).
         job: tracing.Attributes = {
             "corral.job.id": row.id,
             "corral.job.kind": row.kind,
             "corral.job.attempt": row.attempt,
         }
-        with tracing.span("job.run", job, parent=tracing.NEW_TRACE):
+        with tracing.span("job.run", job, parent=tracing.resumed(row.traceparent)):
             await self._attempt(row, stop)
 
     async def _attempt(self, row: JobRow, stop: Stop) -> None:

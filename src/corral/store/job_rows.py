@@ -64,6 +64,7 @@ class JobRow:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    traceparent: str | None
 
     @property
     def final(self) -> bool:
@@ -87,6 +88,7 @@ class JobRow:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
+        traceparent: str | None = None,
     ) -> JobRow:
         """A job as it is first stored: queued now, no attempt yet, nothing logged."""
         return cls(
@@ -120,6 +122,7 @@ class JobRow:
             updated_at=now,
             started_at=None,
             finished_at=None,
+            traceparent=traceparent,
         )
 
 
