@@ -94,22 +94,27 @@ async def test_a_job_queued_by_another_process_wakes_a_worker_at_once(
     try:
         team = store.create_team("woken")
         async with listening_worker(settings, store):
-            queued = subprocess.run(
-                [sys.executable, "-c", SUBMIT, pg_url, team.name, str(tmp_path)],
-                cwd=Path(__file__).parent.parent,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout.strip()
-            row = await final(store, queued)
+            row = await final(store, submit_elsewhere(pg_url, team, tmp_path))
         assert row.state == "succeeded", row
         assert states(store, row.id) == ["queued", "running", "succeeded"]
     finally:
         store.close()
 
 
-# Another process queues a job, as `corral` on another host would: straight into the store.
+def submit_elsewhere(url: str, team: Team, tmp_path: Path, callback_url: str = "") -> str:
+    """Another process queues a job (with `callback_url`, its `queued` event owes a POST),
+    as `corral` on another host would: straight into the store. The job's id."""
+    return subprocess.run(
+        [sys.executable, "-c", SUBMIT, url, team.name, str(tmp_path)],
+        cwd=Path(__file__).parent.parent,
+        input=callback_url,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+
+
 SUBMIT = textwrap.dedent(
     """
     import sys
@@ -119,9 +124,10 @@ SUBMIT = textwrap.dedent(
     from tests.conftest import new_job_row
 
     url, team, tmp = sys.argv[1:]
+    hook = sys.stdin.read() or None
     store = Store.open(Settings(data_dir=Path(tmp) / "other"), url=url)
-    team = store.team(team)
-    row, _ = store.insert_job(new_job_row(team))
+    row = new_job_row(store.team(team), callback_url=hook, callback_secret=hook and "s")
+    store.insert_job(row)
     store.close()
     print(row.id)
     """
@@ -261,46 +267,19 @@ def delivered(store: Store, job_id: str) -> int:
 async def test_a_callback_owed_by_another_process_is_sent_at_once(
     settings: Settings, tmp_path: Path, pg_url: str, receiver: CallbackReceiver
 ) -> None:
-    """Another process submits a job with a callback URL (its `queued` event owes a POST);
-    this process's dispatcher, polling once an hour, sends it."""
+    """Another process submits a job with a callback URL; this process's dispatcher,
+    polling once an hour, sends what its `queued` event owes."""
     store = open_store(settings, pg_url)
     try:
         team = store.create_team("called")
         async with listening_dispatcher(store, HOUR):
-            job_id = subprocess.run(
-                [sys.executable, "-c", SUBMIT_WITH_CALLBACK, pg_url, team.name, str(tmp_path)],
-                cwd=Path(__file__).parent.parent,
-                input=receiver.url,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout.strip()
+            job_id = submit_elsewhere(pg_url, team, tmp_path, receiver.url)
             await until(lambda: delivered(store, job_id) == 1, "the delivery", timeout=CEILING)
         (request,) = receiver.requests()
         assert request.headers["x-corral-job"] == job_id
         assert request.payload["state"] == "queued"
     finally:
         store.close()
-
-
-SUBMIT_WITH_CALLBACK = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    from corral.config import Settings
-    from corral.store import Store
-    from tests.conftest import new_job_row
-
-    url, team, tmp = sys.argv[1:]
-    store = Store.open(Settings(data_dir=Path(tmp) / "other"), url=url)
-    hook = sys.stdin.read()
-    row = new_job_row(store.team(team), callback_url=hook, callback_secret="s")
-    store.insert_job(row)
-    store.close()
-    print(row.id)
-    """
-)
 
 
 async def test_a_killed_listen_connection_comes_back_and_misses_no_callback(
