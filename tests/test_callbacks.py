@@ -15,7 +15,7 @@ import pytest
 from corral.jobs.callbacks import INTERNAL_FAILED, CallbackDispatcher
 from corral.jobs.signing import sign, verify
 from corral.store import Store, Team
-from corral.store.callback_outbox import CALLBACK_ATTEMPTS
+from corral.store.callback_outbox import CALLBACK_ATTEMPTS, CallbackCounts
 from corral.store.job_rows import Attempt, NewEvent
 from tests.conftest import new_job_row
 from tests.kit.http import CallbackReceiver, EndlessReplies, SilentReceiver
@@ -82,11 +82,10 @@ async def test_every_event_is_posted_once_in_order_and_signed(
     failed = run_job(store, receiver.url, ok=False)
     ok = submit(store, receiver.url)
     attempt = start(store, ok)
-    dispatcher = dispatchers(interval=3600)  # only the first pass and wake() send anything
+    dispatcher = dispatchers(interval=3600)  # the store's wake-ups send, not its poll
     dispatcher.start()
     await until(lambda: len(receiver.requests()) == 6 + 2, "the first pass")
     finish(store, attempt)
-    dispatcher.wake()
     await until(lambda: len(receiver.requests()) == 6 + 6, "the woken pass")
 
     requests = receiver.requests()
@@ -121,6 +120,38 @@ async def test_every_event_is_posted_once_in_order_and_signed(
     counts = store.callback_counts([ok, failed])
     assert counts[ok].pending == counts[failed].pending == 0
     assert counts[ok].last_error == ""
+
+
+async def test_deliveries_owed_in_this_process_wake_its_dispatcher_at_once(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    """No poll within the test (an hour) and no wake(): each commit that owes deliveries
+    wakes the dispatcher of its own process, on either database."""
+    dispatchers(interval=3600).start()
+    job_id = submit(store, receiver.url)
+    await until(
+        lambda: store.callback_counts([job_id]).get(job_id, CallbackCounts()).delivered == 1,
+        "the queued event's delivery",
+    )
+    attempt = start(store, job_id)  # the dispatcher is idle again: only a wake-up sends
+    await until(lambda: len(receiver.requests()) == 2, "the running event's POST")
+    finish(store, attempt)
+    await until(lambda: store.callback_counts([job_id])[job_id].delivered == 6, "deliveries")
+    assert [r.payload["type"] for r in receiver.requests()] == OK_TYPES
+
+
+async def test_a_retry_goes_out_when_it_comes_due_not_at_the_next_poll(
+    store: Store, receiver: CallbackReceiver, dispatchers: Callable[..., CallbackDispatcher]
+) -> None:
+    """Nothing announces a backoff's end: the dispatcher sleeps until the first pending
+    delivery comes due (its poll, an hour, never comes within the test)."""
+    receiver.fail_first = 1
+    job_id = run_job(store, receiver.url)
+    dispatchers(interval=3600, backoff=0.5, max_backoff=0.5).start()
+    await until(lambda: store.callback_counts([job_id])[job_id].delivered == 6, "the retries")
+    by_type = {r.payload["type"]: r.delivery for r in receiver.requests()}
+    tries = receiver.tries()
+    assert tries[by_type["step_end"]] == tries[by_type["done"]] == 2
 
 
 async def test_critical_events_are_retried_until_the_receiver_takes_them(

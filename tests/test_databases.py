@@ -172,10 +172,16 @@ def test_the_store_is_the_database_it_was_asked_for(store: Store, database: str)
 
 def test_a_migration_that_rebuilds_a_table_keeps_the_rows_that_refer_to_it(store: Store) -> None:
     # 0016's downgrade rebuilds `teams` on SQLite (a batch copy): with foreign keys on in
-    # the migration's transaction, dropping the old table deleted every API key.
-    key = store.create_api_key(store.create_team("keepers").name)
+    # the migration's transaction, dropping the old table deleted every API key. 0017's
+    # rebuilds `jobs`, which job events refer to.
+    team = store.create_team("keepers")
+    key = store.create_api_key(team.name)
+    job = submit(store, team, traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
     with store.migrating() as conn:
         command.downgrade(alembic_config(conn), "0015")
     with store.migrating() as conn:
         command.upgrade(alembic_config(conn), "head")
     assert store.authenticate(key).name == "keepers"
+    kept = store.job(job.id)
+    assert kept is not None and kept.traceparent is None  # the column came back empty
+    assert [e.state for e in store.job_events(job.id)] == ["queued"]

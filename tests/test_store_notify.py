@@ -2,8 +2,9 @@
 log follower in one process is woken by what another process commits, with no polling
 (each waits with a poll of an hour, so only a wake-up can move it within the test's
 ceiling); a LISTEN connection killed by the server comes back and re-reads, so a job
-queued while it was down is still claimed. On SQLite other processes' changes are seen
-by polling, as before."""
+queued while it was down is still claimed. The same goes for the callback outbox: a
+delivery another process owes is sent by this one's dispatcher at once. On SQLite other
+processes' changes are seen by polling, as before."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ import pytest
 from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation import Engine
+from corral.jobs.callback_policy import CallbackPolicy
+from corral.jobs.callbacks import CallbackDispatcher
 from corral.jobs.queue import JobQueue, JobSignals
 from corral.jobs.worker import Worker
 from corral.store import Store, Team
 from corral.store.job_rows import Attempt, JobRow
-from tests.conftest import new_job_row
+from tests.conftest import LOOPBACK_ALLOW, new_job_row
 from tests.kit import postgres as kit_postgres
+from tests.kit.http import CallbackReceiver
 from tests.kit.polling import until
 
 HOUR = 3600.0
@@ -90,22 +94,27 @@ async def test_a_job_queued_by_another_process_wakes_a_worker_at_once(
     try:
         team = store.create_team("woken")
         async with listening_worker(settings, store):
-            queued = subprocess.run(
-                [sys.executable, "-c", SUBMIT, pg_url, team.name, str(tmp_path)],
-                cwd=Path(__file__).parent.parent,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout.strip()
-            row = await final(store, queued)
+            row = await final(store, submit_elsewhere(pg_url, team, tmp_path))
         assert row.state == "succeeded", row
         assert states(store, row.id) == ["queued", "running", "succeeded"]
     finally:
         store.close()
 
 
-# Another process queues a job, as `corral` on another host would: straight into the store.
+def submit_elsewhere(url: str, team: Team, tmp_path: Path, callback_url: str = "") -> str:
+    """Another process queues a job (with `callback_url`, its `queued` event owes a POST),
+    as `corral` on another host would: straight into the store. The job's id."""
+    return subprocess.run(
+        [sys.executable, "-c", SUBMIT, url, team.name, str(tmp_path)],
+        cwd=Path(__file__).parent.parent,
+        input=callback_url,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+
+
 SUBMIT = textwrap.dedent(
     """
     import sys
@@ -115,9 +124,10 @@ SUBMIT = textwrap.dedent(
     from tests.conftest import new_job_row
 
     url, team, tmp = sys.argv[1:]
+    hook = sys.stdin.read() or None
     store = Store.open(Settings(data_dir=Path(tmp) / "other"), url=url)
-    team = store.team(team)
-    row, _ = store.insert_job(new_job_row(team))
+    row = new_job_row(store.team(team), callback_url=hook, callback_secret=hook and "s")
+    store.insert_job(row)
     store.close()
     print(row.id)
     """
@@ -232,6 +242,93 @@ async def _follow_as_written(reader: Store, writer: Store, team: Team, queue: Jo
     assert ended is not None and ended.state == "succeeded"
     with pytest.raises(StopAsyncIteration):  # the follow ended with the job
         await anext(batches)
+
+
+# -- the callback outbox -----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def listening_dispatcher(store: Store, interval: float) -> AsyncIterator[None]:
+    """A callback dispatcher on `store` polling every `interval`, once its LISTEN is up."""
+    dispatcher = CallbackDispatcher(store, CallbackPolicy.parse(LOOPBACK_ALLOW), interval=interval)
+    dispatcher.start()
+    try:
+        await until(store.notifications.listening.is_set, "the store to LISTEN")
+        yield
+    finally:
+        await dispatcher.aclose()
+
+
+def delivered(store: Store, job_id: str) -> int:
+    counts = store.callback_counts([job_id]).get(job_id)
+    return 0 if counts is None else counts.delivered
+
+
+async def test_a_callback_owed_by_another_process_is_sent_at_once(
+    settings: Settings, tmp_path: Path, pg_url: str, receiver: CallbackReceiver
+) -> None:
+    """Another process submits a job with a callback URL; this process's dispatcher,
+    polling once an hour, sends what its `queued` event owes."""
+    store = open_store(settings, pg_url)
+    try:
+        team = store.create_team("called")
+        async with listening_dispatcher(store, HOUR):
+            job_id = submit_elsewhere(pg_url, team, tmp_path, receiver.url)
+            await until(lambda: delivered(store, job_id) == 1, "the delivery", timeout=CEILING)
+        (request,) = receiver.requests()
+        assert request.headers["x-corral-job"] == job_id
+        assert request.payload["state"] == "queued"
+    finally:
+        store.close()
+
+
+async def test_a_killed_listen_connection_comes_back_and_misses_no_callback(
+    settings: Settings, pg_url: str, postgres: kit_postgres.Cluster, receiver: CallbackReceiver
+) -> None:
+    """A delivery owed while the dispatcher's LISTEN connection is down (its NOTIFY heard
+    by no one) is sent once it listens again: the re-check after every connect."""
+    store = open_store(settings, pg_url)
+    other = open_store(settings, pg_url)  # another process's store: its own origin
+    try:
+        team = store.create_team("recalled")
+        store.notifications.reconnect_delay = 1.0  # room to owe one while it is down
+        async with listening_dispatcher(store, HOUR):
+            killed = store.notifications.backend_pid
+            assert killed is not None
+            postgres.sql(f"SELECT pg_terminate_backend({int(killed)})")
+            await until(lambda: not store.notifications.listening.is_set(), "the LISTEN to drop")
+            row, _ = other.insert_job(
+                new_job_row(team, callback_url=receiver.url, callback_secret="s")
+            )
+            assert not store.notifications.listening.is_set()  # its NOTIFY was unheard
+            await until(lambda: delivered(store, row.id) == 1, "the delivery", timeout=CEILING)
+        assert store.notifications.backend_pid not in (None, killed)
+    finally:
+        other.close()
+        store.close()
+
+
+async def test_a_callback_owed_by_another_process_on_sqlite_is_found_by_polling(
+    store_settings: Settings, receiver: CallbackReceiver
+) -> None:
+    """SQLite has no channel between processes: the dispatcher's default short poll finds
+    what another store (another process) owes."""
+    store, other = Store.open(store_settings), Store.open(store_settings)
+    try:
+        assert not store.notifications.cross_process
+        team = store.create_team("polled")
+        dispatcher = CallbackDispatcher(store, CallbackPolicy.parse(LOOPBACK_ALLOW))
+        dispatcher.start()
+        try:
+            row, _ = other.insert_job(
+                new_job_row(team, callback_url=receiver.url, callback_secret="s")
+            )
+            await until(lambda: delivered(store, row.id) == 1, "the delivery", timeout=CEILING)
+        finally:
+            await dispatcher.aclose()
+    finally:
+        other.close()
+        store.close()
 
 
 def test_a_pool_with_no_connection_is_refused_naming_its_variable() -> None:

@@ -1,6 +1,7 @@
 """OpenTelemetry traces: a server with CORRAL_OTEL=on exports one trace per request, its
 server span the parent of the manager's, engine's and guest agent's spans, continuing a
-caller's `traceparent`; without it nothing is recorded.
+caller's `traceparent`; a job's runs are children of its Submit's span (through the
+traceparent stored with the job); without it nothing is recorded, nor stored.
 
 The servers export over OTLP/HTTP (the standard OTEL_* variables) to a receiver the test
 runs on loopback (`tests.kit.otlp`), as they would to a collector.
@@ -17,9 +18,14 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from opentelemetry import trace
 
+from corral import tracing
 from corral.config import Settings
-from tests.conftest import LiveServer, opts, require_backend, start_server
+from corral.jobs.queue import JobQueue
+from corral.jobs.spec import JobSpec
+from corral.store import Store
+from tests.conftest import LiveServer, new_job_row, opts, require_backend, start_server
 from tests.kit.connect import call, stream
 from tests.kit.otlp import OtlpReceiver, Span
 from tests.kit.polling import wait_until
@@ -199,10 +205,10 @@ def test_without_corral_otel_nothing_is_recorded() -> None:
         assert span is trace.INVALID_SPAN and not span.is_recording()
 
 
-def test_a_job_run_is_a_trace_of_its_own_named_by_the_submit(
+def test_a_job_run_is_a_child_of_its_submits_span(
     traced: LiveServer, receiver: OtlpReceiver
 ) -> None:
-    header, trace_id, _ = _traceparent()
+    header, trace_id, caller_span = _traceparent()
     submitted = httpx.post(
         traced.url + "/corral.v1.JobService/Submit",
         json={"spec": {"command": ["true"]}},
@@ -211,18 +217,44 @@ def test_a_job_run_is_a_trace_of_its_own_named_by_the_submit(
     )
     assert submitted.status_code == 200, submitted.text
     job_id = submitted.json()["job"]["id"]
-    submit = _trace(receiver, trace_id, "corral.v1.JobService/Submit")
-    assert submit["corral.v1.JobService/Submit"].attributes["corral.job.id"] == job_id
-
-    def run() -> list[Span] | None:
-        spans = receiver.spans()
-        runs = [s for s in spans if s.name == "job.run" and s.attributes["corral.job.id"] == job_id]
-        if not runs:
-            return None
-        inside = [s for s in spans if s.trace_id == runs[0].trace_id]
-        return inside if any(s.name == "agent.exec" for s in inside) else None
-
-    spans = wait_until(run, f"the spans of job {job_id}'s run")
-    job = next(s for s in spans if s.name == "job.run")
-    assert job.parent_id == "" and job.trace_id != trace_id
+    # The run, and what it did, are in the caller's trace: under the Submit's server span.
+    spans = _trace(receiver, trace_id, "corral.v1.JobService/Submit", "job.run", "agent.exec")
+    submit, job = spans["corral.v1.JobService/Submit"], spans["job.run"]
+    assert submit.parent_id == caller_span
+    assert submit.attributes["corral.job.id"] == job_id
+    assert job.parent_id == submit.span_id
+    assert job.attributes["corral.job.id"] == job_id
+    assert job.attributes["corral.job.attempt"] == 1
     assert job.attributes["corral.job.outcome"] == "succeeded"
+    by_id = {s.span_id: s for s in receiver.spans() if s.trace_id == trace_id}
+    ancestor = spans["agent.exec"]
+    while ancestor.parent_id in by_id and ancestor.name != "job.run":
+        ancestor = by_id[ancestor.parent_id]
+    assert ancestor == job  # the run's own spans nest under it
+
+
+def test_a_stored_traceparent_resumes_its_span() -> None:
+    header, trace_id, span_id = _traceparent()
+    parent = trace.get_current_span(tracing.resumed(header)).get_span_context()
+    assert (f"{parent.trace_id:032x}", f"{parent.span_id:016x}") == (trace_id, span_id)
+    assert parent.is_remote and parent.trace_flags.sampled
+    # A job stored without one (traces off when submitted, or before revision 0017).
+    assert tracing.resumed(None) is tracing.NEW_TRACE
+    assert not trace.get_current_span(tracing.resumed(None)).get_span_context().is_valid
+
+
+async def test_with_traces_off_a_submit_stores_no_traceparent(store: Store) -> None:
+    assert tracing.traceparent() is None  # no tracer provider in the tests' process
+    team = store.create_team("untraced")
+    record, _, _ = await JobQueue(store, store.settings).submit(
+        team, JobSpec.from_dict({"command": ["true"]})
+    )
+    stored = store.job(record.id)
+    assert stored is not None and stored.traceparent is None
+
+
+def test_a_jobs_traceparent_is_stored_as_given(store: Store) -> None:
+    header, _, _ = _traceparent()
+    row, _ = store.insert_job(new_job_row(store.create_team("traced"), traceparent=header))
+    stored = store.job(row.id)
+    assert stored is not None and stored.traceparent == header

@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from corral.config import Settings
 from corral.errors import InvalidRequest
@@ -38,6 +39,9 @@ _tracer = trace.get_tracer("corral")
 
 # The `parent` of a span that starts a trace of its own (a job's run, not its claimer's).
 NEW_TRACE = context.Context()
+# What a span stored for later is written as: W3C's, whatever OTEL_PROPAGATORS says for
+# requests.
+_W3C = TraceContextTextMapPropagator()
 
 # Attributes of Corral's spans (beside OpenTelemetry's semantic conventions').
 SANDBOX_ID = "corral.sandbox.id"
@@ -132,6 +136,27 @@ def extract(headers: Iterable[tuple[bytes, bytes]]) -> context.Context:
         if name in (b"traceparent", b"tracestate", b"baggage")
     }
     return propagate.extract(carrier) if carrier else context.Context()
+
+
+def traceparent() -> str | None:
+    """The current span's W3C `traceparent`, to store with work that runs later (a job);
+    None with traces off."""
+    if _off():
+        return None
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def resumed(traceparent: str | None) -> context.Context:
+    """The `parent` of a span under the one `traceparent` names (stored by `traceparent()`
+    when the work was asked for); without one, a trace of its own.
+
+    A child, not a span of a new trace with an OTel link to it (the messaging conventions'
+    way for consumers of batches): a job is one message, a child is what Jaeger and Tempo
+    show inside the submitter's trace (a link is a reference to follow by hand), and the
+    submit's sampling decision carries over to its runs."""
+    return _W3C.extract({"traceparent": traceparent}) if traceparent else NEW_TRACE
 
 
 def fail(current: Span, message: str) -> None:

@@ -2,6 +2,11 @@
 
 The store writes each delivery into the `job_callbacks` outbox in the same transaction
 as its event; `CallbackDispatcher` claims due rows, POSTs them and records the outcome.
+It runs a pass when the store says deliveries are owed (`CALLBACKS_DUE`: from this
+process's commits, and on PostgreSQL from every other's), when the first pending one
+comes due later (a retry's backoff, a claim's hold running out), and otherwise polls:
+every 0.2 s on SQLite, whose other processes cannot wake it, and every 5 s on PostgreSQL,
+only as a safety net.
 Delivery is at least once: a row whose POST was cut short (the process stopped, the
 reply never came) stays pending and is sent again once its claim's hold runs out, so a
 receiver dedupes on `X-Corral-Delivery` and orders on the payload's `seq`.
@@ -21,7 +26,7 @@ import logging
 import ssl
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,8 +36,9 @@ from corral import __version__, instruments
 from corral.errors import CallbackRefused
 from corral.jobs.callback_policy import CallbackPolicy, CallbackTarget, destination
 from corral.jobs.signing import sign
-from corral.store.callback_outbox import CALLBACK_ATTEMPTS, CallbackRow
+from corral.store.callback_outbox import CALLBACK_ATTEMPTS, CALLBACKS_DUE, CallbackRow
 from corral.store.jobs import JobStore
+from corral.store.notifications import RECHECK, SAFETY_POLL_SECONDS
 
 __all__ = ["INTERNAL_FAILED", "REFUSED", "CallbackDispatcher"]
 
@@ -47,6 +53,9 @@ INTERNAL_FAILED = "delivery failed (the server's log has the details)"
 
 # How many due jobs a pass looks at to find ones whose limits have room.
 _SCAN = 10_000
+# Between passes when nothing wakes the dispatcher and no delivery comes due, where other
+# processes' deliveries cannot wake it (SQLite).
+POLL_SECONDS = 0.2
 
 
 class _Failed(Exception):
@@ -62,8 +71,7 @@ class CallbackDispatcher:
     """Delivers due outbox rows in the background of a server or worker process.
 
         dispatcher = CallbackDispatcher(store, CallbackPolicy.parse(settings.callback_allow))
-        dispatcher.start()
-        dispatcher.wake()          # a job ended: send its `done` now, not next tick
+        dispatcher.start()         # wakes when the store says deliveries are owed
         await dispatcher.aclose()
 
     Each job's rows go one after another, in outbox (event) order; jobs go at once, up to
@@ -83,7 +91,7 @@ class CallbackDispatcher:
         store: JobStore,
         policy: CallbackPolicy | None = None,
         *,
-        interval: float = 0.2,
+        interval: float | None = None,
         connect_timeout: float = 5.0,
         timeout: float = 10.0,
         backoff: float = 1.0,
@@ -106,6 +114,9 @@ class CallbackDispatcher:
             )
         self.store = store
         self.policy = policy or CallbackPolicy()
+        # None: a short poll where other processes cannot wake it, else a safety net.
+        if interval is None:
+            interval = SAFETY_POLL_SECONDS if store.notifications.cross_process else POLL_SECONDS
         self._interval = interval
         self._timeout = timeout
         self._backoff = backoff
@@ -131,6 +142,7 @@ class CallbackDispatcher:
         )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
         self._flights: dict[str, asyncio.Task[int]] = {}  # job id -> its deliveries
         self._busy: Counter[str] = Counter()  # "team <id>" / "host:port" -> flights
 
@@ -138,16 +150,28 @@ class CallbackDispatcher:
         if self._client.is_closed:
             raise RuntimeError("a closed CallbackDispatcher cannot start again")
         if self._task is None:
+            # Before the first pass: what is owed after it wakes the next.
+            self._unsubscribe = self.store.notifications.subscribe(
+                self._heard, own=(CALLBACKS_DUE,)
+            )
             self._task = asyncio.create_task(self._run(), name="corral-callbacks")
 
     def wake(self) -> None:
         """Run a pass now rather than at the next tick."""
         self._wake.set()
 
+    def _heard(self, channel: str, _payload: str) -> None:
+        # RECHECK: the LISTEN connection (re)connected, what was said meanwhile unheard.
+        if channel in (CALLBACKS_DUE, RECHECK):
+            self._wake.set()
+
     async def aclose(self) -> None:
         """Stop the loop. POSTs in flight are cut short: their rows stay pending and are
         sent again once their hold runs out."""
         task, self._task = self._task, None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         tasks = [t for t in (task, *self._flights.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -169,12 +193,19 @@ class CallbackDispatcher:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            wait = self._interval
             try:
+                began = datetime.now(UTC)
                 self._start_due()
+                # A row due later is not announced: sleep until then at most. (One due by
+                # `began` and not started waits for its job's flight, or for a slot.)
+                due = self.store.next_callback_due(after=began)
+                if due is not None:
+                    wait = min(wait, max(0.0, (due - datetime.now(UTC)).total_seconds()))
             except Exception:
                 log.exception("callback pass failed; trying again next tick")
             try:
-                async with asyncio.timeout(self._interval):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass

@@ -242,9 +242,10 @@ class JobQueue:
             callback_url=spec.callback_url,
             callback_secret=secret,
             now=now,
+            traceparent=tracing.traceparent(),  # the request's span: its runs' parent
         )
         stored, created = self.store.insert_job(row)
-        tracing.annotate({"corral.job.id": stored.id})  # the request's span: find its runs
+        tracing.annotate({"corral.job.id": stored.id})
         if created:
             self.signals.queued()
         return self._record(stored), created, (secret or "") if created else ""
@@ -273,6 +274,7 @@ class JobQueue:
             callback_url=None,
             callback_secret=None,
             now=datetime.now(UTC),
+            traceparent=tracing.traceparent(),  # the build's request, if any
         )
         stored, _ = self.store.insert_job(row)
         self.signals.queued()

@@ -17,7 +17,6 @@ from corral.jobs.queue import JobQueue, JobSignals
 from corral.jobs.retention import Retention
 from corral.jobs.worker import Worker
 from corral.store import Store
-from corral.store.job_rows import JobRow
 from corral.templates import TemplateCatalog
 
 
@@ -51,7 +50,6 @@ class JobRuntime:
             signals=self.signals,
             concurrency=workers,
             lease=lease,
-            on_end=self._ended,
         )
         # With no workers here, any isolation and size is accepted for workers elsewhere.
         here = self.worker.concurrency > 0
@@ -68,10 +66,6 @@ class JobRuntime:
         self.templates = TemplateCatalog(settings, store, engine, queue=self.queue)
         self.queue.templates = self.templates
         self.worker.templates = self.templates
-
-    def _ended(self, row: JobRow) -> None:
-        if row.callback_url:
-            self.callbacks.wake()  # the `done`/`error` POST goes out now, not at the next poll
 
     async def start(self) -> None:
         # Before the worker's first claim: a job queued elsewhere after it wakes it.

@@ -92,7 +92,6 @@ class Worker:
         lease: float | None = None,
         poll: float | None = None,
         pool_size: int | None = None,
-        on_end: Callable[[JobRow], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -109,7 +108,6 @@ class Worker:
         # SQLite, a slow safety net where other processes' changes wake it).
         self.poll = poll
         self.name = worker_name()
-        self.on_end = on_end
         # Warm sandboxes give the lowest latency, one-shot ones the lowest cost: a job takes
         # a warm one when one is ready, and the pool refills only while a slot is free, so
         # a busy worker runs one-shot sandboxes and spends nothing on refills.
@@ -287,8 +285,6 @@ class Worker:
             self.signals.changed(row.id)
             if not row.final:  # queued again
                 self.signals.queued()
-            elif self.on_end is not None:
-                self.on_end(row)
 
     # -- one job ------------------------------------------------------------------------
 
@@ -304,13 +300,13 @@ class Worker:
 
     async def _run(self, row: JobRow, stop: Stop) -> None:
         logs.start(job_id=row.id, team_id=row.team_id)  # this task runs this job only
-        # A trace of its own per attempt (the submit's request has the job's id too).
+        # Each attempt a child of the span that submitted the job (see tracing.resumed).
         job: tracing.Attributes = {
             "corral.job.id": row.id,
             "corral.job.kind": row.kind,
             "corral.job.attempt": row.attempt,
         }
-        with tracing.span("job.run", job, parent=tracing.NEW_TRACE):
+        with tracing.span("job.run", job, parent=tracing.resumed(row.traceparent)):
             await self._attempt(row, stop)
 
     async def _attempt(self, row: JobRow, stop: Stop) -> None:
@@ -349,9 +345,7 @@ class Worker:
             outcome = await runner.run()
             _observe_attempt(spec.kind, outcome.state, time.perf_counter() - began)
             freed = outcome.state != "no_room"
-            ended = await self._end(row, spec, attempt, outcome)
-            if ended is not None and self.on_end is not None:
-                self.on_end(ended)
+            await self._end(row, spec, attempt, outcome)
         except Exception as exc:
             _observe_attempt(str(row.spec.get("kind", "")), "error", time.perf_counter() - began)
             log.exception("running a job failed", extra={"job_id": row.id})

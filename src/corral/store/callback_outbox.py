@@ -2,8 +2,9 @@
 
 A delivery row is written in the transaction of the event it carries
 (`deliveries`, called by `corral.store.job_rows`), so an event a reader sees has its
-callback owed; the dispatcher (`corral.jobs.callbacks`) claims due rows for a while,
-sends them, and records each attempt here.
+callback owed, and says so on `CALLBACKS_DUE` (`corral.store.notifications`); the
+dispatcher (`corral.jobs.callbacks`) claims due rows for a while, sends them, and records
+each attempt here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from corral.store.schema import job_callbacks, jobs
 # Events whose callback is retried (up to CALLBACK_ATTEMPTS); others are tried once.
 CRITICAL_EVENTS = ("done", "error", "step_end")
 CALLBACK_ATTEMPTS = 10
+# What a transaction that owes deliveries says on commit: to this process's dispatcher and,
+# on PostgreSQL, to every other's.
+CALLBACKS_DUE = "callbacks"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,16 @@ class CallbackOutbox(Database):
             query = query.where(job_callbacks.c.job_id.not_in(list(exclude)))
         with self._read() as conn:
             return [DueCallbacks(r.job_id, r.team_id, r.callback_url) for r in conn.execute(query)]
+
+    def next_callback_due(self, after: datetime) -> datetime | None:
+        """When the first pending delivery due later than `after` comes due (a retry's
+        backoff, a claim's hold running out): what no notification announces."""
+        with self._read() as conn:
+            return conn.execute(
+                sa.select(sa.func.min(job_callbacks.c.next_attempt_at))
+                .where(job_callbacks.c.state == "pending")
+                .where(job_callbacks.c.next_attempt_at > after)
+            ).scalar()
 
     def due_callbacks(
         self, limit: int, hold: float, job_ids: Sequence[str] | None = None

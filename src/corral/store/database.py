@@ -288,6 +288,7 @@ class Database:
                 with conn.begin():
                     yield conn
                     self.notifications.send(conn)
+                self.notifications.committed(conn)
             finally:
                 self.notifications.discard(conn)
 

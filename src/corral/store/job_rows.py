@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from corral.job_lifecycle import is_final
-from corral.store.callback_outbox import deliveries
+from corral.store.callback_outbox import CALLBACKS_DUE, deliveries
 from corral.store.database import Database
 from corral.store.schema import job_callbacks, job_events, jobs
 
@@ -64,6 +64,7 @@ class JobRow:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    traceparent: str | None
 
     @property
     def final(self) -> bool:
@@ -87,6 +88,7 @@ class JobRow:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
+        traceparent: str | None = None,
     ) -> JobRow:
         """A job as it is first stored: queued now, no attempt yet, nothing logged."""
         return cls(
@@ -120,6 +122,7 @@ class JobRow:
             updated_at=now,
             started_at=None,
             finished_at=None,
+            traceparent=traceparent,
         )
 
 
@@ -229,6 +232,7 @@ class JobRows(Database):
         self.notify(conn, JOB_CHANGED, row.id)
         if owed:
             conn.execute(_INSERT_CALLBACKS, owed)
+            self.notify(conn, CALLBACKS_DUE)
         return seq
 
     def _from_seq(

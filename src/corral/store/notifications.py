@@ -2,6 +2,7 @@
 
     store.notify(conn, JOBS_QUEUED)             # in a write transaction: sent on commit
     stop = store.notifications.subscribe(on)    # on(channel, payload) in this event loop
+    stop = store.notifications.subscribe(on, own={CALLBACKS_DUE})  # this process's too
     stop()
 
 A write names what it changed inside its transaction, so a wake-up goes out only with a
@@ -13,8 +14,11 @@ commit, never for a rolled-back change, and never before a reader could see the 
 - SQLite has no such channel: waiters in other processes keep polling the store
   (`cross_process` is False, and their poll stays short).
 
-Waiters in the process that made a change are woken by that process's own code at once
-(`corral.jobs.queue.JobSignals`), so a process skips its own notifications here.
+Waiters in the process that made a change are mostly woken by that process's own code at
+once (`corral.jobs.queue.JobSignals`), so a process skips its own notifications here,
+except on the channels a subscriber names as `own`: those reach it from this process's
+commits too, on both databases, once the transaction has committed (the callback outbox:
+any of a process's writes may owe a delivery, and no code of its own is at hand to say so).
 
 Nothing committed is missed: while the listening connection is down (a restart of the
 server, `pg_terminate_backend`), notifications are lost, so once it listens again every
@@ -30,7 +34,8 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
@@ -51,6 +56,13 @@ _RECONNECT_MAX = 5.0
 Subscriber = Callable[[str, str], None]
 
 
+@dataclass(frozen=True)
+class _Subscription:
+    loop: asyncio.AbstractEventLoop
+    callback: Subscriber
+    own: frozenset[str]  # channels on which this process's own commits reach it too
+
+
 class Notifications:
     """One process's end of the store's wake-ups (see the module docstring)."""
 
@@ -59,7 +71,9 @@ class Notifications:
         # psycopg's own URL: SQLAlchemy's without the "+driver".
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._origin = secrets.token_hex(6)
-        self._subscribers: dict[int, tuple[asyncio.AbstractEventLoop, Subscriber]] = {}
+        self._subscribers: dict[int, _Subscription] = {}
+        # Every subscriber's `own` channels: what a transaction keeps for after its commit.
+        self._own: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -72,17 +86,26 @@ class Notifications:
 
     def notify(self, conn: sa.Connection, channel: str, payload: str = "") -> None:
         """Say `channel` (with `payload`) when `conn`'s transaction commits."""
-        if self.cross_process:
+        if self.cross_process or channel in self._own:
             conn.info.setdefault(_PENDING, {})[(channel, payload)] = None
 
     def send(self, conn: sa.Connection) -> None:
-        """Issue the transaction's notifications, once each (its last statements)."""
-        pending = conn.info.pop(_PENDING, None)
-        if pending:
+        """Issue the transaction's notifications to other processes, once each (its last
+        statements)."""
+        pending = conn.info.get(_PENDING)
+        if pending and self.cross_process:
             conn.execute(
                 sa.text("SELECT pg_notify(:c, :p)"),
                 [{"c": PG_CHANNEL, "p": f"{self._origin} {ch} {arg}"} for ch, arg in pending],
             )
+
+    def committed(self, conn: sa.Connection) -> None:
+        """The transaction committed: hand what it said on `own` channels to this
+        process's subscribers of them."""
+        pending = conn.info.pop(_PENDING, None)
+        for channel, payload in pending or ():
+            if channel in self._own:
+                self._fan_out(channel, payload, own=True)
 
     @staticmethod
     def discard(conn: sa.Connection) -> None:
@@ -91,13 +114,15 @@ class Notifications:
 
     # -- waiters --------------------------------------------------------------------------
 
-    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+    def subscribe(self, callback: Subscriber, *, own: Collection[str] = ()) -> Callable[[], None]:
         """Call `callback(channel, payload)` in the running event loop for each change
-        other processes commit (and `RECHECK`); returns the call that stops it."""
-        loop = asyncio.get_running_loop()
-        key = id(callback)
+        other processes commit (and `RECHECK`), and for those this process commits on the
+        channels `own`; returns the call that stops it."""
+        subscription = _Subscription(asyncio.get_running_loop(), callback, frozenset(own))
+        key = id(subscription)
         with self._lock:
-            self._subscribers[key] = (loop, callback)
+            self._subscribers[key] = subscription
+            self._own = self._own | subscription.own
             if self.cross_process and self._thread is None and not self._closed.is_set():
                 self._thread = threading.Thread(
                     target=self._listen, name="corral-listen", daemon=True
@@ -107,6 +132,7 @@ class Notifications:
         def unsubscribe() -> None:
             with self._lock:
                 self._subscribers.pop(key, None)
+                self._own = frozenset().union(*(s.own for s in self._subscribers.values()))
 
         return unsubscribe
 
@@ -116,12 +142,14 @@ class Notifications:
         if thread is not None:
             thread.join(timeout=5)
 
-    def _fan_out(self, channel: str, payload: str) -> None:
+    def _fan_out(self, channel: str, payload: str, *, own: bool = False) -> None:
         with self._lock:
             subscribers = list(self._subscribers.values())
-        for loop, callback in subscribers:
+        for s in subscribers:
+            if own and channel not in s.own:
+                continue
             with contextlib.suppress(RuntimeError):  # its loop has closed
-                loop.call_soon_threadsafe(callback, channel, payload)
+                s.loop.call_soon_threadsafe(s.callback, channel, payload)
 
     def _listen(self) -> None:
         """The LISTEN connection's thread: (re)connect, tell subscribers to re-read, then

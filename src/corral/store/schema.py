@@ -206,6 +206,9 @@ jobs = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=True),
     sa.Column("finished_at", UTCDateTime, nullable=True),
+    # The W3C traceparent of the span that submitted it (traces on, else NULL): each
+    # attempt's `job.run` span is that span's child.
+    sa.Column("traceparent", sa.String(55), nullable=True),
     sa.CheckConstraint(sa.column("state").in_(JOB_STATES), name="state"),
     sa.UniqueConstraint("team_id", "idempotency_key"),
     # Claims: when a team's last job started (teams served longest ago go first).
