@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _exit(code: int | str | None) -> None:
     """Leave without finalizing the interpreter.
 
-    The HTTP client's Rust runtime (pyqwest, under connect-python) keeps worker threads
+    The HTTP client's Rust runtime (pyqwest, under connectrpc) keeps worker threads
     that can panic while Python tears itself down, aborting about one short-lived process
     in twenty with SIGABRT after all work is done. A CLI has nothing left to finalize once
     its output is flushed, so it exits directly with its code.

@@ -32,7 +32,7 @@ Unary = Callable[..., Awaitable[RES]]
 def _translate(exc: ConnectError, server: str) -> BaseException:
     task = asyncio.current_task()
     if exc.code is Code.CANCELED and task is not None and task.cancelling():
-        # connect-python turns our own cancellation into an error; give it back.
+        # connectrpc turns our own cancellation into an error; give it back.
         return asyncio.CancelledError()
     return from_connect(exc, server)
 

@@ -1,6 +1,6 @@
 """Telling a handler that its client went away, while it waits for something else.
 
-connect-python notices a disconnect only when a streaming handler yields its next
+connectrpc notices a disconnect only when a streaming handler yields its next
 message; a command that prints nothing for an hour would keep running for a client long
 gone. The app wraps each request's `receive` so the `http.disconnect` message also sets
 an event the handler can watch (`current()`), in the request's own context.

@@ -4,7 +4,7 @@ E2B's SDK tells "the sandbox died under this stream" from an error envd answered
 the stream ends: a connection reset mid-body makes it probe `/health` (502: "the sandbox
 was killed or reached its end of life"), while a clean end envelope with an error code is
 taken at its word, and so is a connection closed politely mid-body (its HTTP client calls
-that a protocol error, not a transport failure). connect-python always ends a stream
+that a protocol error, not a transport failure). connectrpc always ends a stream
 with an envelope, so a handler that sees its sandbox die calls `break_stream()` and
 `breakable` keeps that last envelope from being sent and, under uvicorn, closes the
 connection itself, as a reset (`_reset`), before the app returns: uvicorn then sees a

@@ -201,7 +201,7 @@ class ProcessHandlers(Handlers):
         loop = asyncio.get_running_loop()
         # Connect-Timeout-Ms bounds the stream (not the process). Checked around each wait
         # rather than with a timeout around the yields: a cancellation landing while the
-        # caller sends an event would be connect-python's, not ours.
+        # caller sends an event would be connectrpc's, not ours.
         timeout_ms = ctx.timeout_ms
         deadline = None if timeout_ms is None else loop.time() + timeout_ms / 1000
         async with contextlib.aclosing(events):
