@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -89,6 +89,7 @@ def _engine(url: str, settings: Settings) -> sa.Engine:
             max_overflow=settings.database_pool_overflow,
         )
         event.listen(db, "checkout", _drop_hung_up)
+        event.listen(db, "after_cursor_execute", _await_rows)
         return db
     except sa.exc.NoSuchModuleError:
         raise InvalidRequest(
@@ -114,6 +115,41 @@ def _drop_hung_up(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     so a connection with bytes to read, or closed, is one to drop: found with no round trip."""
     if dbapi_connection.closed or select.select([dbapi_connection.fileno()], [], [], 0)[0]:
         raise sa.exc.DisconnectionError("the database closed this connection")
+
+
+# conn.info's key for the psycopg pipeline a write transaction runs in (`Database._write`).
+_PIPELINE = "corral_pipeline"
+# The execution option of a statement whose result (rows, rowcount) nobody reads.
+_UNREAD = "corral_unread"
+
+Executable = TypeVar("Executable", bound=sa.Executable)
+
+
+def unread(statement: Executable) -> Executable:
+    """`statement`, marked as one whose result its callers never read (an INSERT or
+    UPDATE without RETURNING whose rowcount is not looked at): in a write on PostgreSQL
+    it is not waited for, but goes to the server with the next statement that is, or
+    with the COMMIT (`Database._pipelined`)."""
+    return statement.execution_options(**{_UNREAD: True})
+
+
+def _await_rows(
+    conn: sa.Connection,
+    _cursor: Any,
+    _statement: str,
+    _parameters: Any,
+    context: sa.engine.ExecutionContext,
+    _executemany: bool,
+) -> None:
+    """In a pipelined write, fetch a statement's result before SQLAlchemy reads it,
+    unless the statement is `unread`.
+
+    In pipeline mode psycopg sends a statement and returns before its result comes back;
+    SQLAlchemy looks at the cursor right after this hook. An error of an earlier unread
+    statement is raised here, or at the commit: the transaction fails either way."""
+    pipeline = conn.info.get(_PIPELINE)
+    if pipeline is not None and not context.execution_options.get(_UNREAD):
+        pipeline.sync()
 
 
 def _sqlite_pragma(conn: sa.Connection, pragma: str) -> None:
@@ -281,15 +317,33 @@ class Database:
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        """A transaction that will write: it holds the write lock from its start."""
+        """A transaction that will write: it holds the write lock from its start.
+
+        On PostgreSQL it runs in psycopg's pipeline mode (`_pipelined`), so that its round
+        trips are only the reads it waits on, and one for its writes and commit together."""
         with self._db.connect() as conn:
             conn.execution_options(**{_IMMEDIATE: True})
             try:
-                with conn.begin():
+                with self._pipelined(conn), conn.begin():
                     yield conn
                     self.notifications.send(conn)
             finally:
                 self.notifications.discard(conn)
+
+    @contextmanager
+    def _pipelined(self, conn: sa.Connection) -> Iterator[None]:
+        """`conn` in pipeline mode on PostgreSQL: BEGIN goes with the first statement,
+        and statements whose result nobody reads (`unread` ones, the notifications) go
+        with the next one that is read, or with the COMMIT (`_await_rows`)."""
+        if not self.networked:
+            yield
+            return
+        with conn.connection.driver_connection.pipeline() as pipeline:  # type: ignore[union-attr]
+            conn.info[_PIPELINE] = pipeline
+            try:
+                yield
+            finally:
+                del conn.info[_PIPELINE]
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:

@@ -79,9 +79,11 @@ class Notifications:
         """Issue the transaction's notifications, once each (its last statements)."""
         pending = conn.info.pop(_PENDING, None)
         if pending:
-            conn.execute(
-                sa.text("SELECT pg_notify(:c, :p)"),
-                [{"c": PG_CHANNEL, "p": f"{self._origin} {ch} {arg}"} for ch, arg in pending],
+            # One statement for all, on psycopg itself: in a pipelined write (the store's
+            # writes on PostgreSQL) its result is never read, so it goes with the COMMIT.
+            payloads = [f"{self._origin} {ch} {arg}" for ch, arg in pending]
+            conn.connection.driver_connection.execute(  # type: ignore[union-attr]
+                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (PG_CHANNEL, payloads)
             )
 
     @staticmethod
