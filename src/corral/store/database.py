@@ -317,33 +317,49 @@ class Database:
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        """A transaction that will write: it holds the write lock from its start.
-
-        On PostgreSQL it runs in psycopg's pipeline mode (`_pipelined`), so that its round
-        trips are only the reads it waits on, and one for its writes and commit together."""
+        """A transaction that will write: it holds the write lock from its start (SQLite);
+        on PostgreSQL it is `_pipelined`."""
         with self._db.connect() as conn:
             conn.execution_options(**{_IMMEDIATE: True})
             try:
-                with self._pipelined(conn), conn.begin():
-                    yield conn
-                    self.notifications.send(conn)
+                if self.networked:
+                    with self._pipelined(conn):
+                        yield conn
+                else:
+                    with conn.begin():
+                        yield conn
             finally:
                 self.notifications.discard(conn)
 
     @contextmanager
     def _pipelined(self, conn: sa.Connection) -> Iterator[None]:
-        """`conn` in pipeline mode on PostgreSQL: BEGIN goes with the first statement,
-        and statements whose result nobody reads (`unread` ones, the notifications) go
-        with the next one that is read, or with the COMMIT (`_await_rows`)."""
-        if not self.networked:
-            yield
-            return
-        with conn.connection.driver_connection.pipeline() as pipeline:  # type: ignore[union-attr]
-            conn.info[_PIPELINE] = pipeline
+        """A PostgreSQL write transaction in psycopg's pipeline mode, whose round trips are
+        only the reads it waits on and one at its end.
+
+        psycopg would send its own BEGIN and wait for it (a round trip of its own), so the
+        connection is in autocommit and the transaction's BEGIN and COMMIT are statements
+        of the pipeline: BEGIN goes with the first read (`_await_rows` syncs each statement
+        whose result is read), and the statements nobody reads (`unread` ones, the
+        notifications) go with the COMMIT, whose result is awaited before this returns.
+        On an error SQLAlchemy's rollback has psycopg roll back what the server holds."""
+        import psycopg
+
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        with conn.begin():  # SQLAlchemy's: timed (`time_transactions`), rolled back on error
             try:
-                yield
-            finally:
-                del conn.info[_PIPELINE]
+                with driver.pipeline() as pipeline:
+                    conn.info[_PIPELINE] = pipeline
+                    try:
+                        driver.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
+                        yield
+                        self.notifications.send(conn)
+                        driver.execute(b"COMMIT")
+                    finally:
+                        del conn.info[_PIPELINE]
+            except psycopg.Error as exc:  # of an unread statement, or the COMMIT
+                raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
