@@ -362,9 +362,11 @@ class Worker:
         finally:
             self._vacate(row.id, freed)
             self.signals.changed(row.id)
-            # Again now that its end is written: a claim made meanwhile found the job
-            # still running, which may have held its team at max_running_jobs.
-            self._wake.set()
+            # Again now that its end is written, if a slot is still free: a claim made
+            # meanwhile found the job still running, which may have held its team at its
+            # max_running_jobs. (With every slot taken, the next end wakes the claims.)
+            if len(self._running) < self.concurrency:
+                self._wake.set()
 
     def _vacate(self, job_id: str, freed: bool) -> None:
         """Give up the attempt's slot and memory (once): it has no sandbox any more, or
