@@ -1,15 +1,21 @@
 """The store on both its databases, SQLite and PostgreSQL: every migration from an empty
-database and back, `corral admin migrate`, the refusal of a schema newer than the code, and
-PostgreSQL's claims skipping what another transaction holds (FOR UPDATE SKIP LOCKED)."""
+database and back, `corral admin migrate`, the refusal of a schema newer than the code,
+PostgreSQL's claims skipping what another transaction holds (FOR UPDATE SKIP LOCKED), and
+its pipelined writes: atomic, and as few round trips as they read."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,7 +27,8 @@ from alembic.script import ScriptDirectory
 from corral.config import Settings
 from corral.errors import SchemaTooNew
 from corral.store import Store, Team
-from corral.store.database import MIGRATIONS, alembic_config
+from corral.store.database import MIGRATIONS, alembic_config, unread
+from corral.store.job_rows import Attempt, JobRow
 from corral.store.schema import jobs, metadata, teams
 from tests.conftest import DATABASES, TEST_CGROUP_PARENT
 from tests.kit.postgres import Cluster
@@ -185,3 +192,68 @@ def test_a_migration_that_rebuilds_a_table_keeps_the_rows_that_refer_to_it(store
     kept = store.job(job.id)
     assert kept is not None and kept.traceparent is None  # the column came back empty
     assert [e.state for e in store.job_events(job.id)] == ["queued"]
+
+
+# -- PostgreSQL's pipelined writes (`Database._pipelined`) -----------------------------------
+
+
+def test_a_write_whose_unread_statement_fails_changes_nothing(store: Store) -> None:
+    """An `unread` statement's error comes back only with the COMMIT on PostgreSQL: the
+    whole write still fails, as SQLAlchemy's IntegrityError, and keeps none of its changes."""
+    acme = store.create_team("acme")
+    job = submit(store, acme)
+    raise_quota = unread(teams.update().where(teams.c.id == acme.id).values(max_cpu=99))
+    with pytest.raises(sa.exc.IntegrityError), store._write() as conn:
+        conn.execute(raise_quota)
+        conn.execute(unread(jobs.insert()), asdict(job))  # the same id again
+    assert store.team("acme").max_cpu == acme.max_cpu
+    assert submit(store, acme).state == "queued"  # the connection went back to the pool clean
+
+
+def test_a_write_that_raises_midway_changes_nothing(store: Store) -> None:
+    acme = store.create_team("acme")
+    with pytest.raises(RuntimeError), store._write() as conn:
+        conn.execute(unread(teams.update().where(teams.c.id == acme.id).values(max_cpu=99)))
+        assert conn.execute(sa.select(teams.c.max_cpu)).scalar_one() == 99  # its own write
+        raise RuntimeError("midway")
+    assert store.team("acme").max_cpu == acme.max_cpu
+
+
+def round_trips(store: Store, call: Callable[[], object]) -> int:
+    """How often `call` waits on the server: its exchanges (the client's messages, then the
+    server's) in libpq's trace of the connections it takes from the pool."""
+    traced: list[Any] = []
+
+    def trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_connection.pgconn.trace(log.fileno())
+        traced.append(dbapi_connection.pgconn)
+
+    with tempfile.TemporaryFile("w+") as log:
+        sa.event.listen(store._db, "checkout", trace)
+        try:
+            call()
+        finally:
+            sa.event.remove(store._db, "checkout", trace)
+            for pgconn in traced:
+                pgconn.untrace()
+        log.seek(0)
+        senders = [line.split("\t")[1] for line in log if line.count("\t") >= 2]
+    return sum(1 for a, b in itertools.pairwise(["B", *senders]) if (a, b) == ("B", "F"))
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_jobs_writes_wait_only_for_what_they_read_and_their_commit(store: Store) -> None:
+    """A submit waits once (its INSERTs and COMMIT go together); a claim for its four reads
+    (teams with due jobs, the team's lock, its running count, its due jobs) and its end; an
+    output write and an attempt's end twice (the job's row under lock, then the rest)."""
+    acme = store.create_team("acme")
+    assert round_trips(store, lambda: submit(store, acme)) == 1
+    claims: list[JobRow] = []
+    assert round_trips(store, lambda: claims.extend(store.claim_jobs("w1", ISOLATIONS, 1, 60))) == 5
+    (claimed,) = claims
+    attempt = Attempt(claimed.id, "w1", claimed.attempt)
+    assert round_trips(store, lambda: store.append_logs(attempt, [(0, 1, b"hi\n")], 1 << 20)) == 2
+    end = functools.partial(store.end_attempt, attempt, "succeeded", "done", exit_code=0)
+    assert round_trips(store, end) == 2
+    assert store.job(claimed.id).state == "succeeded"  # type: ignore[union-attr]
+    assert [c.data for c in store.job_logs(claimed.id)] == [b"hi\n"]

@@ -345,6 +345,8 @@ class Worker:
             outcome = await runner.run()
             _observe_attempt(spec.kind, outcome.state, time.perf_counter() - began)
             freed = outcome.state != "no_room"
+            # Its sandbox is gone: the next job may start while this one's end is written.
+            self._vacate(row.id, freed)
             await self._end(row, spec, attempt, outcome)
         except Exception as exc:
             _observe_attempt(str(row.spec.get("kind", "")), "error", time.perf_counter() - began)
@@ -352,14 +354,25 @@ class Worker:
             with contextlib.suppress(Exception):
                 self.store.end_attempt(attempt, "failed", f"failed: {exc}", exit_code=None)
         finally:
-            self._running.pop(row.id, None)
-            self.sandboxes.forget(row.id)
-            self.signals.cancels.pop(row.id, None)
+            self._vacate(row.id, freed)
             self.signals.changed(row.id)
-            if freed:
-                self._room_freed()
-            self._wake.set()
-            self.pool.wake()
+            # Again now that its end is written, if a slot is still free: a claim made
+            # meanwhile found the job still running, which may have held its team at its
+            # max_running_jobs. (With every slot taken, the next end wakes the claims.)
+            if len(self._running) < self.concurrency:
+                self._wake.set()
+
+    def _vacate(self, job_id: str, freed: bool) -> None:
+        """Give up the attempt's slot and memory (once): it has no sandbox any more, or
+        (`freed`) may have had one that is gone now."""
+        if self._running.pop(job_id, None) is None:
+            return
+        self.sandboxes.forget(job_id)
+        self.signals.cancels.pop(job_id, None)
+        if freed:
+            self._room_freed()
+        self._wake.set()
+        self.pool.wake()
 
     async def _end(
         self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome

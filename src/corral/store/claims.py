@@ -33,6 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from corral.job_lifecycle import StopReason, heartbeat_stop, on_lease_expiry, unspent
+from corral.store.database import unread
 from corral.store.job_rows import JobRow, JobRows, NewEvent, job_row, utcnow
 from corral.store.schema import jobs, teams
 
@@ -159,7 +160,7 @@ class JobClaims(JobRows):
                 updated_at=now,
             )
             conn.execute(
-                jobs.update()
+                unread(jobs.update())
                 .where(jobs.c.id.in_([row.id for row in due]))
                 .values(
                     attempt=jobs.c.attempt + 1,

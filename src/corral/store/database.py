@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -89,6 +89,7 @@ def _engine(url: str, settings: Settings) -> sa.Engine:
             max_overflow=settings.database_pool_overflow,
         )
         event.listen(db, "checkout", _drop_hung_up)
+        event.listen(db, "after_cursor_execute", _await_rows)
         return db
     except sa.exc.NoSuchModuleError:
         raise InvalidRequest(
@@ -114,6 +115,41 @@ def _drop_hung_up(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     so a connection with bytes to read, or closed, is one to drop: found with no round trip."""
     if dbapi_connection.closed or select.select([dbapi_connection.fileno()], [], [], 0)[0]:
         raise sa.exc.DisconnectionError("the database closed this connection")
+
+
+# conn.info's key for the psycopg pipeline a write transaction runs in (`Database._write`).
+_PIPELINE = "corral_pipeline"
+# The execution option of a statement whose result (rows, rowcount) nobody reads.
+_UNREAD = "corral_unread"
+
+Executable = TypeVar("Executable", bound=sa.Executable)
+
+
+def unread(statement: Executable) -> Executable:
+    """`statement`, marked as one whose result its callers never read (an INSERT or
+    UPDATE without RETURNING whose rowcount is not looked at): in a write on PostgreSQL
+    it is not waited for, but goes to the server with the next statement that is, or
+    with the COMMIT (`Database._pipelined`)."""
+    return statement.execution_options(**{_UNREAD: True})
+
+
+def _await_rows(
+    conn: sa.Connection,
+    _cursor: Any,
+    _statement: str,
+    _parameters: Any,
+    context: sa.engine.ExecutionContext,
+    _executemany: bool,
+) -> None:
+    """In a pipelined write, fetch a statement's result before SQLAlchemy reads it,
+    unless the statement is `unread`.
+
+    In pipeline mode psycopg sends a statement and returns before its result comes back;
+    SQLAlchemy looks at the cursor right after this hook. An error of an earlier unread
+    statement is raised here, or at the commit: the transaction fails either way."""
+    pipeline = conn.info.get(_PIPELINE)
+    if pipeline is not None and not context.execution_options.get(_UNREAD):
+        pipeline.sync()
 
 
 def _sqlite_pragma(conn: sa.Connection, pragma: str) -> None:
@@ -281,16 +317,51 @@ class Database:
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        """A transaction that will write: it holds the write lock from its start."""
+        """A transaction that will write: it holds the write lock from its start (SQLite);
+        on PostgreSQL it is `_pipelined`."""
         with self._db.connect() as conn:
             conn.execution_options(**{_IMMEDIATE: True})
             try:
-                with conn.begin():
-                    yield conn
-                    self.notifications.send(conn)
+                if self.networked:
+                    with self._pipelined(conn):  # it sends the notifications
+                        yield conn
+                else:
+                    with conn.begin():
+                        yield conn
+                        self.notifications.send(conn)
                 self.notifications.committed(conn)
             finally:
                 self.notifications.discard(conn)
+
+    @contextmanager
+    def _pipelined(self, conn: sa.Connection) -> Iterator[None]:
+        """A PostgreSQL write transaction in psycopg's pipeline mode, whose round trips are
+        only the reads it waits on and one at its end.
+
+        psycopg would send its own BEGIN and wait for it (a round trip of its own), so the
+        connection is in autocommit and the transaction's BEGIN and COMMIT are statements
+        of the pipeline: BEGIN goes with the first read (`_await_rows` syncs each statement
+        whose result is read), and the statements nobody reads (`unread` ones, the
+        notifications) go with the COMMIT, whose result is awaited before this returns.
+        On an error SQLAlchemy's rollback has psycopg roll back what the server holds."""
+        import psycopg
+
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        with conn.begin():  # SQLAlchemy's: timed (`time_transactions`), rolled back on error
+            try:
+                with driver.pipeline() as pipeline:
+                    conn.info[_PIPELINE] = pipeline
+                    try:
+                        driver.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
+                        yield
+                        self.notifications.send(conn)
+                        driver.execute(b"COMMIT")
+                    finally:
+                        del conn.info[_PIPELINE]
+            except psycopg.Error as exc:  # of an unread statement, or the COMMIT
+                raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:

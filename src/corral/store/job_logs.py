@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from corral.errors import NotFound
+from corral.store.database import unread
 from corral.store.job_rows import Attempt, JobRow, JobRows, NewEvent, owns, utcnow
 from corral.store.logfiles import LogFiles
 from corral.store.schema import job_logs, jobs, teams
@@ -39,7 +40,7 @@ class LogChunkRow:
     at: datetime
 
 
-_INSERT_LOGS = job_logs.insert()
+_INSERT_LOGS = unread(job_logs.insert())
 # A log write reads (and locks) the job with its team's quota and total in one statement.
 _LOCK_JOB_AND_TEAM_LOGS = (
     sa.select(jobs, teams.c.max_log_mib, teams.c.log_bytes.label("team_log_bytes"))
@@ -47,7 +48,7 @@ _LOCK_JOB_AND_TEAM_LOGS = (
     .where(jobs.c.id == sa.bindparam("job_id"))
     .with_for_update()
 )
-ADD_TEAM_LOGS = (
+ADD_TEAM_LOGS = unread(
     teams.update()
     .where(teams.c.id == sa.bindparam("team_id"))
     .values(log_bytes=teams.c.log_bytes + sa.bindparam("added"))

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from corral.job_lifecycle import is_final
 from corral.store.callback_outbox import CALLBACKS_DUE, deliveries
-from corral.store.database import Database
+from corral.store.database import Database, unread
 from corral.store.schema import job_callbacks, job_events, jobs
 
 # What a job's changes say to other processes' waiters (`corral.store.notifications`),
@@ -166,8 +166,9 @@ def utcnow() -> datetime:
 # and keying a statement costs SQLAlchemy ~60 µs, five times what SQLite takes to run it.
 SELECT_JOB = sa.select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
 _LOCK_JOB = SELECT_JOB.with_for_update()
-_UPDATE_JOB = jobs.update().where(jobs.c.id == sa.bindparam("job_id"))  # SET: the params
-_INSERT_EVENTS = job_events.insert()
+# Their writes are `unread`: on PostgreSQL they go to the server with the commit.
+_UPDATE_JOB = unread(jobs.update().where(jobs.c.id == sa.bindparam("job_id")))  # SET: params
+_INSERT_EVENTS = unread(job_events.insert())
 _INSERT_CALLBACKS = job_callbacks.insert()
 
 

@@ -29,6 +29,7 @@ from corral.job_lifecycle import (
 from corral.states import JOB_FINAL_STATES
 from corral.store.callback_outbox import CallbackOutbox
 from corral.store.claims import JobClaims
+from corral.store.database import unread
 from corral.store.job_logs import ADD_TEAM_LOGS, JobLogStore
 from corral.store.job_rows import (
     JOBS_QUEUED,
@@ -44,7 +45,7 @@ from corral.store.network_events import NetworkEventStore
 from corral.store.pages import decode_token, encode_token
 from corral.store.schema import job_callbacks, job_events, job_logs, jobs, network_events
 
-_INSERT_JOB = jobs.insert()
+_INSERT_JOB = unread(jobs.insert())
 
 
 def _canonical(spec: Mapping[str, Any]) -> str:

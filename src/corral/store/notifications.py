@@ -90,13 +90,15 @@ class Notifications:
             conn.info.setdefault(_PENDING, {})[(channel, payload)] = None
 
     def send(self, conn: sa.Connection) -> None:
-        """Issue the transaction's notifications to other processes, once each (its last
-        statements)."""
+        """Issue the transaction's notifications to other processes, once each, in one
+        statement (its last before the COMMIT)."""
         pending = conn.info.get(_PENDING)
         if pending and self.cross_process:
-            conn.execute(
-                sa.text("SELECT pg_notify(:c, :p)"),
-                [{"c": PG_CHANNEL, "p": f"{self._origin} {ch} {arg}"} for ch, arg in pending],
+            # On psycopg itself: in a pipelined write (the store's writes on PostgreSQL)
+            # its result is never read, so it goes with the COMMIT.
+            payloads = [f"{self._origin} {ch} {arg}" for ch, arg in pending]
+            conn.connection.driver_connection.execute(  # type: ignore[union-attr]
+                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (PG_CHANNEL, payloads)
             )
 
     def committed(self, conn: sa.Connection) -> None:
