@@ -13,6 +13,9 @@ p99 <= 50 ms, exec round trip p50 <= 5 ms.
 `protocols` compares the HTTP servers and wire protocols side by side, each on a warm
 server of its own, through the SDK: Connect on uvicorn (HTTP/1.1), Connect on pyvoy
 (HTTP/1.1 to Envoy) and native gRPC on pyvoy (HTTP/2, the SDK's CORRAL_PROTOCOL=grpc).
+The three servers run at once and are measured in alternating rounds, so that a noisy
+host's load falls on each alike; `vs_connect_uvicorn` gives each p50 as a ratio of
+Connect on uvicorn's, and `load` the host's load average before and after.
 `databases` compares the stores the same way: warm TTFC and exec round trip on a server
 whose store is SQLite, and on one whose store is PostgreSQL (a throwaway cluster of the
 run's own, as the tests start: tests/kit/postgres.py).
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,8 @@ CGROUP_PARENT = "corral-bench"
 # (one takes ~100 ms), so each create finds a warm sandbox, as a client sending fewer than
 # ~8 creates a second would. The burst shows what happens past that rate.
 WARM_PACE = 0.1
+# Rounds of the side-by-side protocol comparison (each protocol gets a block per round).
+PROTOCOL_ROUNDS = 5
 # name: (the server's CORRAL_HTTP_SERVER, the SDK's CORRAL_PROTOCOL)
 PROTOCOLS = {
     "connect_uvicorn": ("uvicorn", "connect"),
@@ -118,6 +123,19 @@ def running_server(
         process.wait(30)
 
 
+def start(
+    servers: ExitStack, root: Path, name: str, pool_size: int, env: dict[str, str]
+) -> tuple[str, str]:
+    """A server kept running until `servers` closes; (url, key). Tried twice: a start may
+    take longer than the 30 s `running_server` allows on a loaded machine."""
+    for attempt in range(2):
+        try:
+            return servers.enter_context(running_server(root, f"{name}{attempt}", pool_size, env))
+        except SystemExit as exc:
+            print(f"{exc}; trying again", file=sys.stderr)
+    raise SystemExit(f"the {name} server did not start twice")
+
+
 async def first_command(url: str, key: str) -> float | None:
     """ms from create to the result of `echo hi`; None if anything failed."""
     started = time.perf_counter()
@@ -140,7 +158,8 @@ async def ttfc(url: str, key: str, count: int, burst: int, pace: float) -> dict[
     for _ in range(count):
         sequential.append(await first_command(url, key))
         await asyncio.sleep(pace)
-    await asyncio.sleep(1.0)  # refill before the burst
+    if burst:
+        await asyncio.sleep(1.0)  # refill before the burst
     bursted = await asyncio.gather(*(first_command(url, key) for _ in range(burst)))
     return {"sequential": sequential, "burst": list(bursted)}
 
@@ -175,22 +194,46 @@ async def engine_figures(root: Path, quick: bool) -> dict[str, Any]:
 
 
 def protocol_figures(root: Path, quick: bool) -> dict[str, Any]:
-    """Warm TTFC and exec round trip for each of PROTOCOLS, one server each, in turn."""
-    count, roundtrips = (20, 200) if quick else (100, 1000)
+    """Warm TTFC and exec round trip for each of PROTOCOLS, side by side: a server each,
+    all running at once, measured in alternating rounds."""
+    rounds = 2 if quick else PROTOCOL_ROUNDS
+    count, roundtrips = (20, 200) if quick else (100, 1000)  # per protocol, over the rounds
+    samples: dict[str, dict[str, list[Any]]] = {n: {"warm": [], "exec": []} for n in PROTOCOLS}
+    load_before = os.getloadavg()
+    with ExitStack() as servers:
+        urls = {
+            name: start(servers, root, name, 4, {"CORRAL_HTTP_SERVER": http_server})
+            for name, (http_server, _) in PROTOCOLS.items()
+        }
+        time.sleep(1.0)  # let the pools fill
+        for _ in range(rounds):
+            for name, (_, protocol) in PROTOCOLS.items():
+                url, key = urls[name]
+                os.environ["CORRAL_PROTOCOL"] = protocol  # read by the SDK's ClientSettings
+                try:
+                    got = asyncio.run(ttfc(url, key, count // rounds, 0, WARM_PACE))
+                    samples[name]["warm"] += got["sequential"]
+                    rt = asyncio.run(api_roundtrips(url, key, roundtrips // rounds))
+                    samples[name]["exec"] += rt
+                finally:
+                    del os.environ["CORRAL_PROTOCOL"]
     figures: dict[str, Any] = {}
-    for name, (http_server, protocol) in PROTOCOLS.items():
-        env = {"CORRAL_HTTP_SERVER": http_server}
-        with running_server(root, name, pool_size=4, extra_env=env) as (url, key):
-            os.environ["CORRAL_PROTOCOL"] = protocol  # read by the SDK's ClientSettings
-            try:
-                warm = asyncio.run(ttfc(url, key, count, 0, WARM_PACE))
-                rt = asyncio.run(api_roundtrips(url, key, roundtrips))
-            finally:
-                del os.environ["CORRAL_PROTOCOL"]
+    for name, of_name in samples.items():
+        rt = of_name["exec"]
         figures[name] = {
-            "ttfc_warm_ms": summary(warm["sequential"]),
+            "ttfc_warm_ms": summary(of_name["warm"]),
             "exec_roundtrip_ms": {**percentiles(rt, 50, 95, 99), "n": len(rt)},
         }
+    base = figures["connect_uvicorn"]
+    figures["vs_connect_uvicorn"] = {
+        name: {
+            figure: round(figures[name][figure]["p50"] / base[figure]["p50"], 3)
+            for figure in ("ttfc_warm_ms", "exec_roundtrip_ms")
+            if "p50" in figures[name][figure] and "p50" in base[figure]
+        }
+        for name in PROTOCOLS
+    }
+    figures["load"] = {"before": load_before, "after": os.getloadavg()}
     return figures
 
 

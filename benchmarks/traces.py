@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from api import WARM_PACE, api_roundtrips, running_server, summary, ttfc
+from api import WARM_PACE, api_roundtrips, start, summary, ttfc
 from engine import percentiles, run_cli
 
 ROUNDS = 3
@@ -56,19 +56,6 @@ def otlp_sink() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def start(
-    servers: ExitStack, root: Path, name: str, pool_size: int, env: dict[str, str]
-) -> tuple[str, str]:
-    """A server kept running until `servers` closes; (url, key). Tried twice: a start may
-    take longer than the 30 s `running_server` allows on a loaded machine."""
-    for attempt in range(2):
-        try:
-            return servers.enter_context(running_server(root, f"{name}{attempt}", pool_size, env))
-        except SystemExit as exc:
-            print(f"{exc}; trying again", file=sys.stderr)
-    raise SystemExit(f"the {name} server did not start twice")
 
 
 def main(quick: bool) -> dict[str, Any]:

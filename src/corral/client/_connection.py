@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-import pyqwest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
@@ -15,7 +14,7 @@ from connectrpc.protocol import ProtocolType
 from corral._aio import stop_tasks
 from corral._wire import from_connect
 from corral.client._config import ClientSettings
-from corral.client._tls import http_client, read_ca
+from corral.client._tls import http_client
 from corral.v1.jobs_connect import JobServiceClient
 from corral.v1.sandbox_connect import SandboxServiceClient
 from corral.v1.templates_connect import TemplateServiceClient
@@ -47,17 +46,9 @@ class Connection:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         # https: verified with the settings' CA file, else the system's CAs (never not).
-        self._http = http_client(settings.ca_file)
-        # Native gRPC needs HTTP/2, which pyqwest speaks in clear text only when told to:
-        # a transport of our own (with the CA file), closed with the connection.
-        self._transport: pyqwest.HTTPTransport | None = None
-        if settings.protocol == "grpc":
-            self._transport = pyqwest.HTTPTransport(
-                http_version=pyqwest.HTTPVersion.HTTP2,
-                tls_ca_cert=read_ca(settings.ca_file) if settings.ca_file else None,
-                tls_include_system_certs=settings.ca_file is None,
-            )
-            self._http = pyqwest.Client(self._transport)
+        # Native gRPC needs HTTP/2, which pyqwest speaks in clear text only when told to.
+        # Either way the transport is the process's, shared by every connection.
+        self._http = http_client(settings.ca_file, http2=settings.protocol == "grpc")
         self.rpc = self._client(SandboxServiceClient)
         self._headers: Mapping[str, str] = (
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
@@ -155,8 +146,6 @@ class Connection:
             await self._vms.close()
         if self._templates is not None:
             await self._templates.close()
-        if self._transport is not None:
-            await self._transport.aclose()
 
 
 async def call_once(

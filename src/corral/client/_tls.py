@@ -21,9 +21,12 @@ if TYPE_CHECKING:
     import pyqwest
 
 _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
-# One transport per CA file, for the process's life, as pyqwest's default one (which
-# trusts the system's CAs) is: connections are pooled across clients.
-_transports: dict[str, pyqwest.HTTPTransport] = {}
+# One transport per (CA file, HTTP/2 or not), for the process's life, as pyqwest's default
+# one is: connections are pooled across clients, so a sandbox's create does not open one
+# of its own, and the CAs are loaded once. (A transport's first request loads them, even
+# for a plain-http server: the system's take ~7 ms of CPU, which a gRPC transport per
+# `Connection` added to each create's time to first command.)
+_transports: dict[tuple[str | None, bool], pyqwest.HTTPTransport] = {}
 
 
 def check_ca_file(path: str) -> str:
@@ -65,16 +68,25 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
         ) from None
 
 
-def http_client(ca_file: str | None) -> pyqwest.Client | None:
+def http_client(ca_file: str | None, http2: bool = False) -> pyqwest.Client | None:
     """The pyqwest client of the Connect clients: None (pyqwest's default transport,
-    the system's CAs) without a CA file."""
-    if ca_file is None:
+    the system's CAs) without a CA file or HTTP/2.
+
+    `http2`: HTTP/2 always, in clear text too (prior knowledge), as native gRPC needs;
+    else HTTP/1.1 in clear text and the version ALPN picks over TLS.
+    """
+    if ca_file is None and not http2:
         return None
     import pyqwest
 
-    transport = _transports.get(ca_file)
+    key = (ca_file, http2)
+    transport = _transports.get(key)
     if transport is None:
-        transport = _transports[ca_file] = pyqwest.HTTPTransport(tls_ca_cert=read_ca(ca_file))
+        transport = _transports[key] = pyqwest.HTTPTransport(
+            tls_ca_cert=read_ca(ca_file) if ca_file else None,
+            tls_include_system_certs=ca_file is None,
+            http_version=pyqwest.HTTPVersion.HTTP2 if http2 else None,
+        )
     return pyqwest.Client(transport)
 
 
