@@ -32,7 +32,7 @@ DEBIAN_ARCHIVE := .cache/debian
 # `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: help install uninstall setup system-packages gvisor-runsc python-env debian-archive guest-kernel test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
+.PHONY: help install uninstall setup system-packages gvisor-runsc python-env debian-archive guest-kernel test-caches test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
 
 help:
 	@echo "make run    - set up, start the API server, run a first command through it"
@@ -116,8 +116,16 @@ python-env:
 	@$(UV) sync --quiet --frozen
 	@$(UV) sync --quiet --frozen --project tests/e2b_sdk
 
+# The Debian bases the tests share (tests/kit/caches.py), built before pytest: a first
+# bootstrap inside a test would run under its 120 s timeout (minutes on a loaded machine).
+test-caches: setup
+	@$(UV) run --frozen python -m tests.kit.caches
+
 # The 30 slowest tests are listed at the end: what to look at when the suite grows slow.
-test: setup
+# pytest-xdist is installed: PYTEST_ARGS='-m "not slow" -n 2 --dist loadfile' splits the run
+# over two workers by test file; not the default until it passes twice in a row (its first
+# run, on a machine at load 15-19, timed out in server starts and first bootstraps).
+test: test-caches
 	@$(UV) run --frozen pytest --durations=30 $(PYTEST_ARGS)
 	@$(UV) run --project tests/e2b_sdk --frozen pytest tests/e2b_sdk
 
@@ -130,18 +138,18 @@ test-e2b: setup
 test-unit: python-env
 	@$(UV) run --frozen pytest $(PYTEST_ARGS) -m "unit and not slow"
 
-test-integration: setup
+test-integration: test-caches
 	@$(UV) run --frozen pytest $(PYTEST_ARGS) -m "integration and not slow"
 
-test-acceptance: setup
+test-acceptance: test-caches
 	@$(UV) run --frozen pytest $(PYTEST_ARGS) -m "acceptance and not slow"
 
-test-slow: setup
+test-slow: test-caches
 	@$(UV) run --frozen pytest -m slow
 
 # Every test marked to run on each isolation tier, on every tier this host offers (a tier it
 # lacks skips with the reason); `make test` leaves most of the microvm runs out (`slow`).
-test-tiers: setup
+test-tiers: test-caches
 	@$(UV) run --frozen pytest -m tiers
 
 lint: python-env
