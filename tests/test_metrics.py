@@ -40,6 +40,10 @@ from tests.kit.http import CallbackReceiver
 from tests.kit.polling import until, wait_until
 from tests.test_callbacks import run_job
 
+# Queue depths, job outcomes and store gauges come from the store: on SQLite and on
+# PostgreSQL.
+pytestmark = pytest.mark.every_database
+
 Samples = list[Sample]
 CALLBACKS = "corral_callback_deliveries_total"
 
