@@ -550,6 +550,12 @@ class LiveServer:
             text=True,
         )
 
+    def store(self) -> Store:
+        """This server's store, opened beside it: SQLite in its data dir, or its
+        PostgreSQL database (CORRAL_DATABASE_URL). The caller closes it."""
+        url = self.env.get("CORRAL_DATABASE_URL", "")
+        return Store.open(Settings(data_dir=self.data_dir, database_url=url))
+
     def new_team(self, name: str) -> str:
         """Create a team in this server's store; its new API key."""
         done = self.corral("admin", "team", "create", name)

@@ -37,8 +37,7 @@ class BuildCache:
 
     def save(self, server: LiveServer) -> None:
         """What `server` has built so far: its build cache (read while it runs)."""
-        url = server.env.get("CORRAL_DATABASE_URL", "")
-        store = Store.open(Settings(data_dir=server.data_dir, database_url=url))
+        store = server.store()
         try:
             entries = dict(store.cache_entries())
         finally:
