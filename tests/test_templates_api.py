@@ -24,9 +24,15 @@ from tests.kit.build_cache import BuildCache, build_server
 from tests.kit.debian import needs_archive, suite
 from tests.kit.polling import wait_until
 
-pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
-
 BUILD_TIMEOUT = 600
+
+# The module's first test waits for its `base` fixture's Debian bootstrap: minutes on a
+# busy machine, past the suite's default 120 s.
+pytestmark = [
+    pytest.mark.sandbox,
+    pytest.mark.timeout(BUILD_TIMEOUT),
+    *needs_archive("python3"),
+]
 
 
 @pytest.fixture(scope="module", params=DATABASES)
