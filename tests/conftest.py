@@ -32,6 +32,7 @@ from corral.store.sandboxes import SandboxRow
 from tests.kit import internet as fake_internet
 from tests.kit import postgres as kit_postgres
 from tests.kit import processes
+from tests.kit.build_cache import BuildCache
 from tests.kit.connect import call
 from tests.kit.http import CallbackReceiver
 from tests.kit.polling import wait_until
@@ -60,7 +61,6 @@ INTEGRATION_FIXTURES = frozenset(
         "sandbox",
         "sandbox_host",
         "server",
-        "db_server",
         "own_runtime",
         "internet",
         "tier",
@@ -213,18 +213,28 @@ DATABASES = ("sqlite", "postgresql")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A unit test on the `store` runs on every database; so does a test using `database`."""
-    names = set(metafunc.fixturenames)
-    store_level = "store" in names and not INTEGRATION_FIXTURES & names
-    if metafunc.definition.get_closest_marker("sqlite_only"):
+    """A unit test on the `store` runs on every database; so does a test using `database`,
+    and a test marked `every_database` (its `store` and the session's `server`)."""
+    definition = metafunc.definition
+    if definition.get_closest_marker("sqlite_only"):
         return
-    used = [m.args for m in metafunc.definition.iter_markers("usefixtures")]
+    names = set(metafunc.fixturenames)
+    on_every = definition.get_closest_marker("every_database") is not None
+    # Not with `tier` too: such a test's subject is the isolation tier, and tiers times
+    # databases would multiply the slowest tests for nothing.
+    if on_every and "server" in names and "tier" not in names:
+        # Module scope: the module's tests are grouped by database, so what its fixtures
+        # make on `server` (a sandbox, a team) is made once per database, not per test.
+        metafunc.parametrize("server", DATABASES, indirect=True, scope="module")
+        return
+    store_level = "store" in names and not INTEGRATION_FIXTURES & names
+    used = [m.args for m in definition.iter_markers("usefixtures")]
     asks = "database" in inspect.signature(metafunc.function).parameters or any(
         "database" in args for args in used
     )
-    if any("database" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")):
+    if any("database" in m.args[0] for m in definition.iter_markers("parametrize")):
         return  # the test picks its databases itself
-    if "database" in names and (store_level or asks):
+    if "database" in names and (store_level or asks or on_every):
         metafunc.parametrize("database", DATABASES, indirect=True)
 
 
@@ -540,6 +550,12 @@ class LiveServer:
             text=True,
         )
 
+    def store(self) -> Store:
+        """This server's store, opened beside it: SQLite in its data dir, or its
+        PostgreSQL database (CORRAL_DATABASE_URL). The caller closes it."""
+        url = self.env.get("CORRAL_DATABASE_URL", "")
+        return Store.open(Settings(data_dir=self.data_dir, database_url=url))
+
     def new_team(self, name: str) -> str:
         """Create a team in this server's store; its new API key."""
         done = self.corral("admin", "team", "create", name)
@@ -682,8 +698,8 @@ def session_server(settings: Settings, name: str, database_url: str = "") -> Liv
 
 
 @pytest.fixture(scope="session")
-def server(settings: Settings) -> Iterator[LiveServer]:
-    """One server for the session; tests that stop servers start their own."""
+def sqlite_server(settings: Settings) -> Iterator[LiveServer]:
+    """The session's server on SQLite (tests take it as `server`)."""
     live = session_server(settings, "server-data")
     try:
         yield live
@@ -693,7 +709,8 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def pg_server(settings: Settings, postgres: kit_postgres.Cluster) -> Iterator[LiveServer]:
-    """`server`'s twin on PostgreSQL: a database of its own on the session's cluster."""
+    """`sqlite_server`'s twin on PostgreSQL: a database of its own on the session's cluster
+    (tests marked `every_database` take it as `server`)."""
     with postgres.database(template=kit_postgres.MIGRATED) as url:
         live = session_server(settings, "pg-server-data", url)
         try:
@@ -702,13 +719,23 @@ def pg_server(settings: Settings, postgres: kit_postgres.Cluster) -> Iterator[Li
             live.stop()
 
 
-@pytest.fixture(scope="session", params=DATABASES)
-def db_server(request: pytest.FixtureRequest) -> LiveServer:
-    """The session's server on each database in turn: `server`, then `pg_server`. An API
-    test whose outcome is the store's takes it instead of `server`."""
-    name = "server" if request.param == "sqlite" else "pg_server"
-    live: LiveServer = request.getfixturevalue(name)
+@pytest.fixture(scope="session")
+def server(request: pytest.FixtureRequest) -> LiveServer:
+    """One server for the session, on SQLite; a test marked `every_database` runs on each
+    database in turn (`pg_server` too). Each is started once a session: choosing one is
+    free. Tests that stop servers start their own."""
+    on = getattr(request, "param", "sqlite")
+    live: LiveServer = request.getfixturevalue(
+        "pg_server" if on == "postgresql" else "sqlite_server"
+    )
     return live
+
+
+@pytest.fixture(scope="module")
+def build_cache() -> BuildCache:
+    """What a module's template-building servers built, for the next one it starts (on
+    another database): each template is built once a module (tests/kit/build_cache.py)."""
+    return BuildCache()
 
 
 def database_url(request: pytest.FixtureRequest) -> str:

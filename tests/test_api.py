@@ -14,6 +14,9 @@ from tests.conftest import LiveServer, every_tier
 from tests.kit.connect import SERVICE, assert_serving, call, error, stream
 from tests.kit.polling import wait_until
 
+# Keys, teams, timeouts and states are the store's: on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.every_database
+
 # -- health and auth -----------------------------------------------------------------------
 
 
@@ -36,8 +39,7 @@ def test_no_key_or_a_bad_key_is_unauthenticated(server: LiveServer) -> None:
     assert_serving(server)
 
 
-def test_a_revoked_key_stops_working_within_a_second(db_server: LiveServer) -> None:
-    server = db_server
+def test_a_revoked_key_stops_working_within_a_second(server: LiveServer) -> None:
     key = server.new_team("revokers")
     assert call(server, "List", key=key).status_code == 200  # now in the server's key cache
     assert server.corral("admin", "key", "revoke", key).returncode == 0
@@ -218,8 +220,7 @@ def in_state(server: LiveServer, sandbox_id: str, state: str) -> dict[str, Any]:
     return wait_until(got, f"{sandbox_id} in {state}", timeout=10)
 
 
-def test_timeout_kills_and_idle_pauses(db_server: LiveServer, sandbox_host: None) -> None:
-    server = db_server
+def test_timeout_kills_and_idle_pauses(server: LiveServer, sandbox_host: None) -> None:
     short = call(server, "Create", {"timeoutSeconds": 1}).json()["sandbox"]["id"]
     idle = call(
         server,

@@ -22,7 +22,14 @@ from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.network.policy import NetworkPolicy
 from corral.server.e2b.network import network_body, network_policy
-from tests.conftest import LiveServer, opts, require_backend, start_server
+from tests.conftest import (
+    DATABASES,
+    LiveServer,
+    database_url,
+    opts,
+    require_backend,
+    start_server,
+)
 from tests.kit import e2b_base
 from tests.kit.debian import needs_archive
 from tests.kit.polling import wait_until
@@ -35,19 +42,23 @@ BASE = e2b_base.needs_base()
 TEMPLATE = "deb"
 
 
-@pytest.fixture(scope="module")
-def eserver(settings: Settings) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=DATABASES)
+def eserver(settings: Settings, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
     """A server whose default team has the template `deb` (Debian with python3), and
-    whose sandboxes reach no network."""
+    whose sandboxes reach no network; on SQLite, and on PostgreSQL (snapshots, aliases and
+    builds are the store's)."""
     require_backend(settings, "namespace")
     data = settings.runtime_dir / f"e2b-more-{secrets.token_hex(4)}"
-    start_server(settings, data, pool_size=0).stop()  # makes the store and its team
-    add_template(settings.with_(data_dir=data), TEMPLATE)
+    url = database_url(request)
+    env = {"CORRAL_DATABASE_URL": url}
+    start_server(settings, data, pool_size=0, extra_env=env).stop()  # its store and team
+    add_template(settings.with_(data_dir=data, database_url=url), TEMPLATE)
     if not any(mark.args[0] for mark in BASE):
         e2b_base.install(data)  # the server's `base`, every team's
     # No uplinks in the host's namespace: sandboxes and builds get no network here (the
     # network options are proven in the fake internet, below).
-    live = start_server(settings, data, pool_size=0, extra_env={"CORRAL_NETWORK_MODES": "none"})
+    env["CORRAL_NETWORK_MODES"] = "none"
+    live = start_server(settings, data, pool_size=0, extra_env=env)
     try:
         yield live
     finally:

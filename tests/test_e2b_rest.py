@@ -26,7 +26,8 @@ from tests.conftest import LiveServer, base_unavailable
 from tests.kit.connect import call
 from tests.kit.polling import wait_until
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+# Keys, lists, deadlines and pauses are the store's: on SQLite and on PostgreSQL.
+pytestmark = [pytest.mark.usefixtures("sandbox_host"), pytest.mark.every_database]
 
 
 class E2b:
@@ -82,12 +83,8 @@ def _team_key(server: LiveServer, *, e2b: bool = True) -> str:
 
 
 @pytest.fixture
-def e2b(request: pytest.FixtureRequest) -> Iterator[E2b]:
-    """A new team's client on the session's server (the test's `db_server` when it runs on
-    each database); its sandboxes are killed afterwards."""
-    server: LiveServer = request.getfixturevalue(
-        "db_server" if "db_server" in request.fixturenames else "server"
-    )
+def e2b(server: LiveServer) -> Iterator[E2b]:
+    """A new team's client on the session's server; its sandboxes are killed afterwards."""
     client = E2b(server, _team_key(server))
     yield client
     for sandbox_id in client.ids(state="running,paused"):
@@ -241,7 +238,6 @@ def test_a_body_that_is_not_json_is_refused(refused: E2b) -> None:
 # -- list --------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("db_server")
 def test_list_filters_orders_and_pages(e2b: E2b) -> None:
     tag = "odd key & = %"  # the SDK quotes keys and values, then urlencodes them
     ids = []
@@ -361,7 +357,6 @@ def test_connect_only_extends_and_returns_the_same_token(e2b: E2b) -> None:
 # -- pause, resume, auto-pause -------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("db_server")
 def test_pause_then_connect_resumes(e2b: E2b) -> None:
     created = e2b.create(secure=True)
     sandbox_id, token = created["sandboxID"], created["envdAccessToken"]

@@ -1,5 +1,5 @@
 """Jobs end to end: real `corral server` and `corral worker` processes, real sandboxes,
-a real store (SQLite, and PostgreSQL: `db_server`, `remote_server`). Workers and servers
+a real store (SQLite, and PostgreSQL: `every_database`, `remote_server`). Workers and servers
 are killed for real (SIGKILL, SIGTERM) and the queue must neither lose an acknowledged log
 line nor run a job twice at once."""
 
@@ -41,7 +41,11 @@ from tests.conftest import (
 from tests.kit.http import CallbackReceiver
 from tests.kit.polling import until
 
-pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
+pytestmark = [
+    pytest.mark.sandbox,
+    pytest.mark.usefixtures("sandbox_host"),
+    pytest.mark.every_database,
+]
 
 FINAL = {JOB_STATE_NUMBERS[state] for state in JOB_FINAL_STATES}
 LEASE = "2"
@@ -161,9 +165,9 @@ class JobApi:
 
 
 @pytest.fixture
-async def api(db_server: LiveServer) -> AsyncIterator[JobApi]:
+async def api(server: LiveServer) -> AsyncIterator[JobApi]:
     """A client of the session's server, on SQLite and on PostgreSQL."""
-    client = JobApi(db_server.url, db_server.key)
+    client = JobApi(server.url, server.key)
     yield client
     await client.aclose()
 
@@ -180,11 +184,15 @@ def oneshot_server(settings: Settings) -> Iterator[LiveServer]:
 
 @pytest.fixture(params=["warm", "one-shot"])
 async def run_api(
-    request: pytest.FixtureRequest, server: LiveServer, oneshot_server: LiveServer
+    request: pytest.FixtureRequest, oneshot_server: LiveServer
 ) -> AsyncIterator[JobApi]:
     """A client of a server running jobs in warm sandboxes when it can, or of one running
-    them in one-shot sandboxes: the two must not differ in what a job sees or does."""
-    live = server if request.param == "warm" else oneshot_server
+    them in one-shot sandboxes: the two must not differ in what a job sees or does. Both
+    on SQLite: the subject is the sandboxes (the session's `server` is asked for only when
+    warm, so these tests are not run once per database too)."""
+    live: LiveServer = (
+        request.getfixturevalue("server") if request.param == "warm" else oneshot_server
+    )
     client = JobApi(live.url, live.key)
     yield client
     await client.aclose()
@@ -817,14 +825,14 @@ async def test_callbacks_are_signed_retried_and_delivered(
 
 
 @pytest.fixture(scope="module")
-def team_key(db_server: LiveServer) -> str:
+def team_key(server: LiveServer) -> str:
     """The key of a team of this module's own, whose List shows only what it queued."""
-    return db_server.new_team(f"jobs-{secrets.token_hex(3)}")
+    return server.new_team(f"jobs-{secrets.token_hex(3)}")
 
 
 @pytest.fixture
-async def team_api(db_server: LiveServer, team_key: str) -> AsyncIterator[JobApi]:
-    client = JobApi(db_server.url, team_key)
+async def team_api(server: LiveServer, team_key: str) -> AsyncIterator[JobApi]:
+    client = JobApi(server.url, team_key)
     yield client
     await client.aclose()
 
@@ -892,8 +900,7 @@ def post_json(server: LiveServer, method: str, body: Any, key: str | None = None
     )
 
 
-async def test_an_unknown_json_field_is_named(db_server: LiveServer, team_api: JobApi) -> None:
-    server = db_server
+async def test_an_unknown_json_field_is_named(server: LiveServer, team_api: JobApi) -> None:
     before = await count(team_api)
     response = post_json(server, "Submit", {"spec": {"kind": "command", "bogus": 1}}, team_api.key)
     assert response.status_code == 400, response.text
@@ -965,8 +972,7 @@ async def test_bad_list_and_stream_requests_are_refused(api: JobApi) -> None:
     await refused(api.logs(submitted.job.id, offset=-1), Code.INVALID_ARGUMENT)
 
 
-def test_unauthenticated_calls_are_refused(db_server: LiveServer) -> None:
-    server = db_server
+def test_unauthenticated_calls_are_refused(server: LiveServer) -> None:
     response = post_json(server, "List", {}, key="not-a-key")
     assert response.status_code == 401, response.text
     response = httpx.post(

@@ -15,7 +15,8 @@ from corral.states import JOB_FINAL_STATES
 from tests.conftest import LiveServer, free_port, opts
 from tests.kit.polling import wait_until
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+# The queue, its events and logs are the store's: on SQLite and on PostgreSQL.
+pytestmark = [pytest.mark.usefixtures("sandbox_host"), pytest.mark.every_database]
 
 
 def tag() -> dict[str, str]:

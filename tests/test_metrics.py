@@ -40,6 +40,10 @@ from tests.kit.http import CallbackReceiver
 from tests.kit.polling import until, wait_until
 from tests.test_callbacks import run_job
 
+# Queue depths, job outcomes and store gauges come from the store: on SQLite and on
+# PostgreSQL.
+pytestmark = pytest.mark.every_database
+
 Samples = list[Sample]
 CALLBACKS = "corral_callback_deliveries_total"
 
@@ -154,16 +158,14 @@ def test_a_scrape_shows_what_the_server_did(
     assert not [s for s in after if ids & set(s.labels.values())]
 
 
-def test_metrics_on_the_api_port_take_the_default_teams_key(
-    server: LiveServer, store_settings: Settings
-) -> None:
+def test_metrics_on_the_api_port_take_the_default_teams_key(server: LiveServer) -> None:
     metrics = server.url + "/metrics"
     message = error(httpx.get(metrics, timeout=30), 401, "unauthenticated")
     assert "default.key" in message and "CORRAL_METRICS=on" in message
     bad = httpx.get(metrics, headers={"Authorization": "Bearer nope"}, timeout=30)
     error(bad, 401, "unauthenticated")
     # The team is made in the server's store directly: faster than `corral admin` twice.
-    store = Store.open(store_settings.with_(data_dir=server.data_dir))
+    store = server.store()
     try:
         store.create_team("metrics-tenant")
         tenant = store.create_api_key("metrics-tenant")

@@ -1,5 +1,5 @@
 """The network policy through the API: the server's caps, sandboxes' stored and changed
-policies, jobs' network fields, and the SDK (real server, real SQLite)."""
+policies, jobs' network fields, and the SDK (real server, on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,15 @@ from corral.sandboxes.options import SandboxRecord, network_json
 from corral.server import convert
 from corral.store import Store
 from corral.store.job_rows import JobRow
-from tests.conftest import LiveServer, new_sandbox_row, opts, private_runtime, start_server
+from tests.conftest import (
+    DATABASES,
+    LiveServer,
+    database_url,
+    new_sandbox_row,
+    opts,
+    private_runtime,
+    start_server,
+)
 from tests.kit.connect import call, error
 from tests.kit.polling import until
 
@@ -138,15 +146,19 @@ def test_a_worker_ceiling_is_never_exceeded() -> None:
 # -- sandboxes over the API (a real server; its own caps) -------------------------------------
 
 
-@pytest.fixture(scope="module")
-def capped(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=DATABASES)
+def capped(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[LiveServer]:
     """A server where only team `ops` may use `internet` and an allowlist may name
-    10.99.0.0/16 of the private ranges."""
+    10.99.0.0/16 of the private ranges; on SQLite, and on PostgreSQL (the policies are
+    stored with the sandboxes and jobs)."""
     live = start_server(
         settings,
         tmp_path_factory.mktemp("capped") / "data",
         pool_size=0,
         extra_env={
+            "CORRAL_DATABASE_URL": database_url(request),
             "CORRAL_NETWORK_INTERNET_TEAMS": "ops",
             "CORRAL_NETWORK_PRIVATE_ALLOW": "10.99.0.0/16",
             # Its jobs stay queued: a networked one would get an uplink in the host's

@@ -23,7 +23,8 @@ from corral.errors import (
 from tests.conftest import LiveServer, free_port, opts
 from tests.kit.polling import until
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+# What the SDK lists, connects to and kills is the store's: on SQLite and on PostgreSQL.
+pytestmark = [pytest.mark.usefixtures("sandbox_host"), pytest.mark.every_database]
 
 
 def test_public_names_are_exactly_all() -> None:

@@ -33,7 +33,8 @@ from corral.errors import (
 )
 from tests.conftest import LiveServer, free_port, opts
 
-pytestmark = pytest.mark.usefixtures("sandbox_host")
+# Lists (filters, states, pages) are the store's: on SQLite and on PostgreSQL.
+pytestmark = [pytest.mark.usefixtures("sandbox_host"), pytest.mark.every_database]
 
 
 def comparable(infos: list[SandboxInfo]) -> list[SandboxInfo]:

@@ -19,29 +19,38 @@ from corral.client import BuildLog, Sandbox, Template
 from corral.config import Settings
 from corral.errors import BuildFailed, NotFound
 from corral.limits import BUILD_CONTEXT_MAX_BYTES
-from tests.conftest import LiveServer, opts, require_backend, start_server
-from tests.kit.debian import MIRROR, needs_archive, suite
+from tests.conftest import DATABASES, LiveServer, database_url, opts, require_backend
+from tests.kit.build_cache import BuildCache, build_server
+from tests.kit.debian import needs_archive, suite
 from tests.kit.polling import wait_until
-
-pytestmark = [pytest.mark.sandbox, *needs_archive("python3")]
 
 BUILD_TIMEOUT = 600
 
+# The module's first test waits for its `base` fixture's Debian bootstrap: minutes on a
+# busy machine, past the suite's default 120 s.
+pytestmark = [
+    pytest.mark.sandbox,
+    pytest.mark.timeout(BUILD_TIMEOUT),
+    *needs_archive("python3"),
+]
 
-@pytest.fixture(scope="module")
-def tserver(settings: Settings) -> Iterator[LiveServer]:
+
+@pytest.fixture(scope="module", params=DATABASES)
+def tserver(
+    settings: Settings, build_cache: BuildCache, request: pytest.FixtureRequest
+) -> Iterator[LiveServer]:
+    """On SQLite, and on PostgreSQL (templates and their builds are the store's); the second
+    builds nothing the first did (`build_cache`)."""
     require_backend(settings, "namespace")
-    data = settings.runtime_dir / f"templates-api-{secrets.token_hex(4)}"
-    live = start_server(settings, data, pool_size=0, extra_env={"CORRAL_DEBIAN_MIRROR": MIRROR})
-    try:
+    with build_server(settings, "templates-api", database_url(request), build_cache) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(scope="module")
-def base(tserver: LiveServer) -> str:
-    """A Debian base with python3, built through the API (a `debian` source)."""
+def base(tserver: LiveServer, build_cache: BuildCache) -> str:
+    """A Debian base with python3, built through the API (a `debian` source): bootstrapped
+    by the module's first server, from the cache it saved on the next."""
+    said = f"Debian {suite()}: cached" if build_cache.entries else "bootstrapping Debian"
     seen: list[BuildLog] = []
     info = Template.build(
         Template().from_debian(suite(), ["python3"]),
@@ -50,7 +59,8 @@ def base(tserver: LiveServer) -> str:
         **opts(tserver),
     )
     assert info.state == "ready" and info.source == "debian" and info.layers
-    assert any("bootstrapping Debian" in str(e) for e in seen if e.event)
+    assert any(said in str(e) for e in seen if e.event), seen
+    build_cache.save(tserver)
     return "base"
 
 

@@ -7,30 +7,30 @@ with a clear message and nothing made."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from corral.config import Settings
-from tests.conftest import LiveServer, require_backend, start_server
-from tests.kit.debian import MIRROR, needs_archive
+from tests.conftest import DATABASES, LiveServer, database_url, require_backend
+from tests.kit.build_cache import BuildCache, build_server
+from tests.kit.debian import needs_archive
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(600), *needs_archive("python3")]
 
 TIMEOUT = 300
 
 
-@pytest.fixture(scope="module")
-def vserver(settings: Settings) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=DATABASES)
+def vserver(
+    settings: Settings, build_cache: BuildCache, request: pytest.FixtureRequest
+) -> Iterator[LiveServer]:
+    """On SQLite, and on PostgreSQL (vms, their templates and volumes are the store's); the second
+    builds nothing the first did (`build_cache`)."""
     require_backend(settings, "namespace")
-    data = settings.runtime_dir / f"vm-cli-{secrets.token_hex(4)}"
-    live = start_server(settings, data, pool_size=0, extra_env={"CORRAL_DEBIAN_MIRROR": MIRROR})
-    try:
+    with build_server(settings, "vm-cli", database_url(request), build_cache) as live:
         yield live
-    finally:
-        live.stop()
 
 
 def vms(server: LiveServer, *flags: str) -> dict[str, dict[str, object]]:

@@ -7,7 +7,6 @@ tests/test_vm_languages.py (slow)."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,32 +27,35 @@ from corral.errors import (
     VmExists,
 )
 from corral.v1 import vms_pb2 as pb
-from tests.conftest import LiveServer, opts, require_backend, start_server
-from tests.kit.debian import MIRROR, needs_archive
+from tests.conftest import DATABASES, LiveServer, database_url, opts, require_backend
+from tests.kit.build_cache import BuildCache, build_server
+from tests.kit.debian import needs_archive
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(600), *needs_archive("python3")]
 
 
-@pytest.fixture(scope="module")
-def vserver(settings: Settings) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=DATABASES)
+def vserver(
+    settings: Settings, build_cache: BuildCache, request: pytest.FixtureRequest
+) -> Iterator[LiveServer]:
+    """On SQLite, and on PostgreSQL (vms, their templates and volumes are the store's); the second
+    builds nothing the first did (`build_cache`)."""
     require_backend(settings, "namespace")
-    data = settings.runtime_dir / f"vms-{secrets.token_hex(4)}"
-    live = start_server(settings, data, pool_size=0, extra_env={"CORRAL_DEBIAN_MIRROR": MIRROR})
-    try:
+    with build_server(settings, "vms", database_url(request), build_cache) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(scope="module")
-def py(vserver: LiveServer) -> str:
-    """A python vm with /persist; its create waits for the team's `lang-python`."""
+def py(vserver: LiveServer, build_cache: BuildCache) -> str:
+    """A python vm with /persist; its create waits for the team's `lang-python` (built
+    once a module: the next server's build hits what the first saved)."""
     seen: list[object] = []
     info = Vm.create(
         "py", language="python", persist=True, on_build_logs=seen.append, **opts(vserver)
     )
     assert info.state == "stopped" and info.template == "lang-python", info
     assert info.volume == "vm-py" and seen  # the build's progress came through
+    build_cache.save(vserver)
     return "py"
 
 

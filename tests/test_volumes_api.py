@@ -25,24 +25,20 @@ from corral.errors import (
 from corral.volumes import VolumeSpec
 from tests.conftest import LiveServer, opts, serve, start_server
 
-pytestmark = pytest.mark.sandbox
+# Volumes, their mounts, owners and quotas are the store's: on SQLite and on PostgreSQL.
+pytestmark = [pytest.mark.sandbox, pytest.mark.every_database]
 
 
 @pytest.fixture
-def name(request: pytest.FixtureRequest, sandbox_host: None) -> Iterator[str]:
-    """A fresh volume name on the session's server, the test's `db_server` when it runs on
-    each database (deleted after the test if left)."""
-    server: LiveServer = request.getfixturevalue(
-        "db_server" if "db_server" in request.fixturenames else "server"
-    )
+def name(server: LiveServer, sandbox_host: None) -> Iterator[str]:
+    """A fresh volume name on the session's server (deleted after the test if left)."""
     fresh = f"v-{secrets.token_hex(4)}"
     yield fresh
     with contextlib.suppress(UnknownVolume):
         Volume.delete(fresh, **opts(server))
 
 
-def test_data_written_by_one_sandbox_is_read_by_the_next(db_server: LiveServer, name: str) -> None:
-    server = db_server
+def test_data_written_by_one_sandbox_is_read_by_the_next(server: LiveServer, name: str) -> None:
     created = Volume.create(name, size_mib=64, **opts(server))
     assert (created.name, created.size_mib) == (name, 64)
     with Sandbox.create(volumes=[f"{name}:/data"], **opts(server)) as box:
@@ -91,8 +87,7 @@ def test_the_size_bound_is_enospc_inside(server: LiveServer, name: str) -> None:
     assert image.stat().st_blocks * 512 <= 16 << 20
 
 
-def test_another_team_can_neither_see_nor_mount_it(db_server: LiveServer, name: str) -> None:
-    server = db_server
+def test_another_team_can_neither_see_nor_mount_it(server: LiveServer, name: str) -> None:
     Volume.create(name, size_mib=16, **opts(server))
     other: dict[str, Any] = {
         "server": server.url,
@@ -209,13 +204,14 @@ def test_a_job_writes_to_a_volume(server: LiveServer, name: str, tmp_path: Path)
 
 
 def test_volumes_survive_a_server_restart_and_count_against_quotas(
-    settings: Settings, sandbox_host: None, tmp_path: Path
+    settings: Settings, sandbox_host: None, tmp_path: Path, database: str
 ) -> None:
+    limits = {"CORRAL_VOLUME_MAX_COUNT": "2", "CORRAL_VOLUME_MAX_MIB": "100"}
     live = start_server(
         settings,
         tmp_path / "data",
         pool_size=0,
-        extra_env={"CORRAL_VOLUME_MAX_COUNT": "2", "CORRAL_VOLUME_MAX_MIB": "100"},
+        extra_env={**limits, "CORRAL_DATABASE_URL": database},
     )
     try:
         Volume.create("keep", size_mib=60, **opts(live))
