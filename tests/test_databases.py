@@ -243,13 +243,13 @@ def round_trips(store: Store, call: Callable[[], object]) -> int:
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_a_jobs_writes_wait_only_for_what_they_read_and_their_commit(store: Store) -> None:
-    """A submit waits once (its INSERTs and COMMIT go together); a claim for its four reads
-    (teams with due jobs, the team's lock, its running count, its due jobs) and its end; an
+    """A submit waits once (its INSERTs and COMMIT go together); a claim for its three reads
+    (teams with due jobs, the team's lock, its due jobs with its running count) and its end; an
     output write and an attempt's end twice (the job's row under lock, then the rest)."""
     acme = store.create_team("acme")
     assert round_trips(store, lambda: submit(store, acme)) == 1
     claims: list[JobRow] = []
-    assert round_trips(store, lambda: claims.extend(store.claim_jobs("w1", ISOLATIONS, 1, 60))) == 5
+    assert round_trips(store, lambda: claims.extend(store.claim_jobs("w1", ISOLATIONS, 1, 60))) == 4
     (claimed,) = claims
     attempt = Attempt(claimed.id, "w1", claimed.attempt)
     assert round_trips(store, lambda: store.append_logs(attempt, [(0, 1, b"hi\n")], 1 << 20)) == 2

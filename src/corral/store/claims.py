@@ -66,7 +66,9 @@ def _running(team_id: sa.ColumnElement[Any]) -> sa.Select[Any]:
 
 _TEAM: sa.BindParameter[str] = sa.bindparam("team_id")
 # Teams with a due job: cap, running count, last start. Each is one lookup in an index
-# (the claim index, or team_id + started_at): no scan of the queue.
+# (the partial indexes of queued and of running jobs, or team_id + started_at): no scan
+# of the queue. The OFFSET keeps it so on PostgreSQL: without it the planner may turn the
+# EXISTS into a join that reads every queued job of every team.
 _TEAMS_DUE = sa.select(
     teams.c.id,
     teams.c.max_running_jobs,
@@ -75,16 +77,25 @@ _TEAMS_DUE = sa.select(
     .where(jobs.c.team_id == teams.c.id)
     .scalar_subquery()
     .label("last_start"),
-).where(_due(teams.c.id).with_only_columns(jobs.c.id).exists())
+).where(_due(teams.c.id).with_only_columns(jobs.c.id).offset(0).exists())
 _LOCK_TEAM = sa.select(teams.c.id).where(teams.c.id == _TEAM).with_for_update(skip_locked=True)
-_TEAM_RUNNING = _running(_TEAM)
+# The team's best `n` due jobs, locked, each with the team's running count (read by this
+# statement, which starts after the team's lock is held).
 _TEAM_DUE = (
     _due(_TEAM)
+    .add_columns(_running(_TEAM).scalar_subquery().label("team_running"))
     .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
     .limit(sa.bindparam("n"))
     .with_for_update(skip_locked=True)
 )
 _NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def _job(row: sa.Row[Any]) -> JobRow:
+    """The job of a `_TEAM_DUE` row (without its team's count)."""
+    columns = row._asdict()
+    del columns["team_running"]
+    return JobRow(**columns)
 
 
 @dataclass
@@ -216,11 +227,13 @@ class JobClaims(JobRows):
         team = {"team_id": turn.team_id}
         if conn.execute(_LOCK_TEAM, team).first() is None:
             return []
-        turn.running = conn.execute(_TEAM_RUNNING, team).scalar_one()
-        room = min(room, turn.cap - turn.running)
-        if room <= 0:
+        rows = conn.execute(_TEAM_DUE, {**params, **team, "n": min(room, turn.cap)}).all()
+        if not rows:
             return []
-        return [job_row(r) for r in conn.execute(_TEAM_DUE, {**params, **team, "n": room})]
+        # Counted and looked up in one statement (one round trip): the jobs beyond the
+        # team's cap were locked too, and are let go at the commit, unchanged.
+        turn.running = rows[0].team_running
+        return [_job(r) for r in rows[: max(0, turn.cap - turn.running)]]
 
     # -- leases -------------------------------------------------------------------------
 

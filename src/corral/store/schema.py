@@ -210,7 +210,6 @@ jobs = sa.Table(
     # attempt's `job.run` span is that span's child.
     sa.Column("traceparent", sa.String(55), nullable=True),
     sa.CheckConstraint(sa.column("state").in_(JOB_STATES), name="state"),
-    sa.UniqueConstraint("team_id", "idempotency_key"),
     # Claims: when a team's last job started (teams served longest ago go first).
     sa.Index(None, "team_id", "started_at"),
     # List pages: a team's jobs, newest first.
@@ -220,9 +219,38 @@ jobs = sa.Table(
     # Retention: finished jobs, oldest first (only final jobs have a finished_at).
     sa.Index(None, "finished_at"),
 )
-# Claims (corral.store.claims): a team's queued jobs in its own priority order, and the
-# count of its running ones.
-sa.Index(None, jobs.c.team_id, jobs.c.state, jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+
+
+def _where_state(state: str) -> dict[str, Any]:
+    """The options of an index of the jobs in `state` only (a partial index)."""
+    where = jobs.c.state == state
+    return {"postgresql_where": where, "sqlite_where": where}
+
+
+# The indexes a claim reads (corral.store.claims) hold only the jobs it looks at: a team's
+# queued jobs in its own priority order, and its running ones (counted). Being partial,
+# they are the planner's obvious choice even before it has statistics (a new database, a
+# queue that grew a thousandfold within the minute before autovacuum's next ANALYZE):
+# with stale statistics PostgreSQL took any index on team_id, and sorted all of the
+# team's jobs at each claim. For the same reason the idempotency keys' index holds only
+# the jobs that have one.
+sa.Index(
+    "ix_jobs_queued_team_id_priority_created_at_id",
+    jobs.c.team_id,
+    jobs.c.priority.desc(),
+    jobs.c.created_at,
+    jobs.c.id,
+    **_where_state("queued"),
+)
+sa.Index("ix_jobs_running_team_id", jobs.c.team_id, **_where_state("running"))
+sa.Index(
+    "uq_jobs_team_id_idempotency_key",
+    jobs.c.team_id,
+    jobs.c.idempotency_key,
+    unique=True,
+    postgresql_where=jobs.c.idempotency_key.is_not(None),
+    sqlite_where=jobs.c.idempotency_key.is_not(None),
+)
 
 job_events = sa.Table(
     "job_events",
