@@ -109,14 +109,14 @@ class Worker:
         self.poll = poll
         self.name = worker_name()
         # Warm sandboxes give the lowest latency, one-shot ones the lowest cost: a job takes
-        # a warm one when one is ready, and the pool refills only while a slot is free, so
-        # a busy worker runs one-shot sandboxes and spends nothing on refills.
+        # a warm one when one is ready, and the pool refills only while the worker is idle
+        # (`_idle`), so a busy worker runs one-shot sandboxes and spends nothing on refills.
         self.pool = WarmPool(
             engine,
             min(settings.job_pool, self.concurrency) if pool_size is None else pool_size,
             self.policy.template,
             self.policy.isolation,
-            may_fill=lambda: not self._closing and len(self._running) < self.concurrency,
+            may_fill=self._idle,
             role="jobs",
         )
         self.sandboxes = JobSandboxes(engine, self.pool)
@@ -130,6 +130,9 @@ class Worker:
         self._runs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closing = False
+        # Whether the last claim found fewer jobs than it had slots for: the queue has
+        # nothing more for this worker now.
+        self._drained = True
         # Where `template=NAME` resolves and builds run (set by the jobs runtime); None:
         # only `host`, no builds.
         self.templates: TemplateCatalog | None = None
@@ -179,21 +182,33 @@ class Worker:
     def running(self) -> int:
         return len(self._running)
 
+    def _idle(self) -> bool:
+        """Whether a refill of the pool takes nothing from the jobs: a slot is free and
+        the queue had no job for it. (A slot is free for a moment after each job while a
+        busy worker claims the next; a refill started then would compete with that job.)"""
+        return not self._closing and len(self._running) < self.concurrency and self._drained
+
     # -- loops --------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
         isolations = await self.tiers()
         while True:
             free = self.concurrency - len(self._running)
+            if free == 0:  # only a run's end frees a slot, and it wakes this loop
+                await self._sleep(self._poll())
+                continue
             claimed: list[JobRow] = []
-            if free > 0:
-                try:
-                    claimed = await self._claim(isolations, free)
-                except Exception:
-                    log.exception("claiming jobs failed; trying again")
-                for row in claimed:
-                    self._start_run(row)
-            if claimed and len(claimed) == free:
+            try:
+                claimed = await self._claim(isolations, free)
+            except Exception:
+                log.exception("claiming jobs failed; trying again")
+            for row in claimed:
+                self._start_run(row)
+            drained = len(claimed) < free
+            if drained and not self._drained:
+                self.pool.wake()  # idle now: the pool may refill
+            self._drained = drained
+            if not drained:
                 await asyncio.sleep(0)  # let the runs start before claiming more
                 continue
             await self._sleep(await self._until_next_claim(isolations))
@@ -234,7 +249,7 @@ class Worker:
     async def _until_next_claim(self, isolations: tuple[str, ...]) -> float:
         """The poll, or less when a queued job comes due sooner (a retry's backoff, a
         wait for room): nothing notifies that moment. Read off the event loop, as the claim."""
-        poll = self.signals.poll if self.poll is None else self.poll
+        poll = self._poll()
         try:
             due = await self._off_loop(functools.partial(self.store.next_run_after, isolations))
         except Exception:
@@ -243,6 +258,9 @@ class Worker:
         if due is None:
             return poll
         return max(0.0, min(poll, (due - datetime.now(UTC)).total_seconds()))
+
+    def _poll(self) -> float:
+        return self.signals.poll if self.poll is None else self.poll
 
     async def _sleep(self, seconds: float) -> None:
         """Until a job is queued in this process, a run ends, or `seconds` pass."""
