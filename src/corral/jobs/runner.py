@@ -156,8 +156,11 @@ class AttemptRunner:
         sandboxes: JobSandboxes,
         stop: Stop,
         volumes: Callable[[Sequence[VolumeSpec]], tuple[VolumeMount, ...]] | None = None,
+        commands_over: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        # Called once the attempt's last command is over, before its sandbox is destroyed.
+        self.commands_over = commands_over
         # The engine's mounts of the spec's volumes (its team's; resolved at each attempt:
         # one deleted since the submit fails the attempt with UnknownVolume).
         self.volumes = volumes
@@ -192,7 +195,10 @@ class AttemptRunner:
                 on_stored=lambda: self.signals.changed(self.attempt.job_id),
             )
             await sandbox.place_files(self.workdir, self.spec.files, bool(self.spec.workdir))
-            return await self._steps(sandbox, deadline)
+            outcome = await self._steps(sandbox, deadline)
+            if self.commands_over is not None:
+                self.commands_over()
+            return outcome
         except AttemptLost:
             return Outcome("lost", "the job's lease was lost")
         except CorralError as exc:

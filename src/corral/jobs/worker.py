@@ -78,7 +78,8 @@ def _dead_local_worker(name: str) -> bool:
 
 
 class Worker:
-    """Runs up to `concurrency` jobs at once from the store's queue."""
+    """Runs up to `concurrency` jobs at once from the store's queue. A job's slot takes
+    the next job once its last command is over, while its sandbox is destroyed."""
 
     def __init__(
         self,
@@ -123,7 +124,10 @@ class Worker:
         self.volumes = Volumes(settings, store)
         # The isolation names this worker can give, once its tiers are probed (`tiers`).
         self.isolations: tuple[str, ...] | None = None
+        # The jobs that hold a slot, and those that gave theirs up as their commands ended
+        # and whose sandbox is being destroyed (`_release`).
         self._running: dict[str, Stop] = {}
+        self._tearing_down: set[str] = set()
         # Jobs this worker sent back to wait for room, oldest first (see `_wait_for_room`).
         self._waiting_for_room: dict[str, None] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -359,6 +363,7 @@ class Worker:
                     self.sandboxes,
                     stop,
                     functools.partial(self.volumes.mounts, row.team_id),
+                    commands_over=functools.partial(self._release, row.id),
                 )
             outcome = await runner.run()
             _observe_attempt(spec.kind, outcome.state, time.perf_counter() - began)
@@ -380,11 +385,23 @@ class Worker:
             if len(self._running) < self.concurrency:
                 self._wake.set()
 
-    def _vacate(self, job_id: str, freed: bool) -> None:
-        """Give up the attempt's slot and memory (once): it has no sandbox any more, or
-        (`freed`) may have had one that is gone now."""
+    def _release(self, job_id: str) -> None:
+        """The attempt's commands are over: its slot takes the next job while its sandbox
+        is destroyed (the sandbox's memory stays counted by the engine until it is gone,
+        and `_vacate` then wakes the claims again)."""
         if self._running.pop(job_id, None) is None:
             return
+        self._tearing_down.add(job_id)
+        self.signals.cancels.pop(job_id, None)  # nothing is left to cancel
+        self._wake.set()
+
+    def _vacate(self, job_id: str, freed: bool) -> None:
+        """Give up the attempt's slot, if it still holds one, and memory (once): it has no
+        sandbox any more, or (`freed`) may have had one that is gone now."""
+        if self._running.pop(job_id, None) is None:
+            if job_id not in self._tearing_down:
+                return
+            self._tearing_down.discard(job_id)
         self.sandboxes.forget(job_id)
         self.signals.cancels.pop(job_id, None)
         if freed:
