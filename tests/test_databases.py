@@ -210,6 +210,20 @@ def test_a_write_whose_unread_statement_fails_changes_nothing(store: Store) -> N
     assert submit(store, acme).state == "queued"  # the connection went back to the pool clean
 
 
+def test_only_a_statement_whose_result_is_not_there_to_read_may_be_unread() -> None:
+    """An unread statement's rows would read as none on PostgreSQL (they come back with
+    the COMMIT): one that returns rows is refused where it is marked, on both databases."""
+    for returns_rows in (
+        sa.select(teams.c.id),
+        teams.update().values(max_cpu=1).returning(teams.c.id),
+        jobs.insert().returning(jobs.c.id),
+    ):
+        with pytest.raises(TypeError, match="without RETURNING"):
+            unread(returns_rows)
+    for statement in (teams.update().values(max_cpu=1), jobs.insert(), jobs.delete()):
+        unread(statement)
+
+
 def test_a_write_that_raises_midway_changes_nothing(store: Store) -> None:
     acme = store.create_team("acme")
     with pytest.raises(RuntimeError), store._write() as conn:

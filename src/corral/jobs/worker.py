@@ -409,23 +409,23 @@ class Worker:
         self._wake.set()
         self.pool.wake()
 
-    async def _end(
-        self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome
-    ) -> JobRow | None:
+    async def _end(self, row: JobRow, spec: JobSpec, attempt: Attempt, outcome: Outcome) -> None:
         tracing.annotate({"corral.job.outcome": outcome.state})
         if outcome.state == "lost":
             log.warning("job lost its lease mid-run; left to the queue", extra={"job_id": row.id})
-            return None
+            return
         if outcome.state == "shutdown":
-            return self.store.release_attempt(attempt, SHUT_DOWN)
+            self.store.release_attempt(attempt, SHUT_DOWN)
+            return
         if outcome.state == "no_room":
-            return self._wait_for_room(row, spec, attempt, outcome.reason)
+            self._wait_for_room(row, spec, attempt, outcome.reason)
+            return
         retry_at = None
         if retries(outcome.state, row.attempt, row.max_attempts):
             delay = retry_delay(spec.retry_backoff, row.attempt)
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
         # Off the event loop, as the claim: the other jobs' output and ends go on meanwhile.
-        ended = await self._off_loop(
+        await self._off_loop(
             functools.partial(
                 self.store.end_attempt,
                 attempt,
@@ -439,17 +439,15 @@ class Worker:
             "job attempt ended",
             extra={"job_id": row.id, "state": outcome.state, "attempt": row.attempt},
         )
-        return ended
 
-    def _wait_for_room(
-        self, row: JobRow, spec: JobSpec, attempt: Attempt, why: str
-    ) -> JobRow | None:
+    def _wait_for_room(self, row: JobRow, spec: JobSpec, attempt: Attempt, why: str) -> None:
         """The host refused the job's sandbox (`why`): back to the queue for a later try,
         neither a retry nor a lost worker spent; or, when it could never fit, failed now."""
         memory_mib = self.policy.limits_for(spec).memory_mib
         capacity = self.engine.memory_capacity
         if never_fits(memory_mib, capacity) is not None:
-            return self.store.end_attempt(attempt, "failed", f"failed: {why}", exit_code=None)
+            self.store.end_attempt(attempt, "failed", f"failed: {why}", exit_code=None)
+            return
         waits = self.store.count_events(row.id, "requeued")
         delay = room_wait(waits)
         run_after = datetime.now(UTC) + timedelta(seconds=delay)
@@ -471,7 +469,6 @@ class Worker:
         )
         if released is not None and not released.final:
             self._waiting_for_room[row.id] = None
-        return released
 
     def _room_freed(self) -> None:
         """A job's sandbox is gone: the oldest job this worker sent to wait for room may

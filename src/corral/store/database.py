@@ -126,10 +126,18 @@ Executable = TypeVar("Executable", bound=sa.Executable)
 
 
 def unread(statement: Executable) -> Executable:
-    """`statement`, marked as one whose result its callers never read (an INSERT or
-    UPDATE without RETURNING whose rowcount is not looked at): in a write on PostgreSQL
+    """`statement`, marked as one whose result its callers never read (an INSERT, UPDATE
+    or DELETE without RETURNING whose rowcount is not looked at): in a write on PostgreSQL
     it is not waited for, but goes to the server with the next statement that is, or
-    with the COMMIT (`Database._pipelined`)."""
+    with the COMMIT (`Database._pipelined`).
+
+    Its result is not there yet when `execute` returns: rows would read as none, and a
+    rowcount as -1. So a statement that returns rows is refused here (TypeError); the
+    rowcount is the caller's promise."""
+    if not isinstance(statement, sa.UpdateBase) or statement.exported_columns:
+        raise TypeError(
+            f"only an INSERT, UPDATE or DELETE without RETURNING may be unread: {statement}"
+        )
     return statement.execution_options(**{_UNREAD: True})
 
 
@@ -325,10 +333,9 @@ class Database:
                 if self.networked:
                     with self._pipelined(conn):  # it sends the notifications
                         yield conn
-                else:
+                else:  # SQLite: no other process hears; `committed` tells this one's
                     with conn.begin():
                         yield conn
-                        self.notifications.send(conn)
                 self.notifications.committed(conn)
             finally:
                 self.notifications.discard(conn)
