@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
+import itertools
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,6 +269,41 @@ def test_the_reaper_spares_a_sandbox_another_process_is_creating(settings: Setti
     Engine(settings)  # reaps at start
     assert fresh.exists() and not stale.exists()
     fresh.rmdir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs needs root")
+def test_the_namespace_probe_holds_while_other_sandboxes_mounts_come_and_go(
+    tmp_path: Path,
+) -> None:
+    """A busy host mounts and unmounts sandboxes' directories all the time; the probe of
+    the namespace tier must not mistake that for a host without user namespaces (it bound
+    the whole host and failed ~1 time in 70 when a mount under it went meanwhile, and the
+    tier was then unusable until restart: seen as a CLI's "no isolation backend works")."""
+    from corral.isolation.namespace import _bwrap, _userns_works
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = threading.Event()
+
+    def churn(worker: int) -> None:  # a sandbox's rw dir: made, mounted, unmounted, removed
+        for n in itertools.count():
+            if done.is_set():
+                return
+            rw = tmp_path / f"sb_{worker}_{n}" / "rw"
+            rw.mkdir(parents=True)
+            assert libc.mount(b"tmpfs", bytes(rw), b"tmpfs", 0, None) == 0, ctypes.get_errno()
+            libc.umount2(bytes(rw), 2)  # MNT_DETACH, as Footprint.release
+            shutil.rmtree(rw.parent)
+
+    churners = [threading.Thread(target=churn, args=(k,)) for k in range(3)]
+    for thread in churners:
+        thread.start()
+    try:
+        failures = [why for _ in range(400) if (why := _userns_works.__wrapped__(_bwrap()))]
+    finally:
+        done.set()
+        for thread in churners:
+            thread.join()
+    assert failures == []
 
 
 @every_tier

@@ -114,14 +114,26 @@ def _bwrap() -> str:
     return shutil.which("bwrap") or "bwrap"
 
 
+# What `true` needs in the probe's namespace: the host's /usr and its neighbours (links to
+# it where /usr is merged, directories where it is not).
+_PROBE_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
 @functools.cache
 def _userns_works(bwrap: str) -> str | None:
-    """None when bwrap can create a user namespace here, else the reason it can't."""
-    probe = subprocess.run(
-        [bwrap, "--unshare-user", "--ro-bind", "/", "/", "true"],
-        capture_output=True,
-        text=True,
-    )
+    """None when bwrap can create a user namespace here, else the reason it can't.
+
+    The probe binds only the trees `true` needs. A bind of the whole host (`/`) made bwrap
+    remount every mount under it, one at a time, and another sandbox's mount unmounted
+    meanwhile (its teardown, on a busy host) failed the probe: the namespace tier was then
+    reported unusable for the life of the process."""
+    argv = [bwrap, "--unshare-user"]
+    for tree in _PROBE_TREES:
+        if os.path.islink(tree):
+            argv += ["--symlink", os.readlink(tree), tree]
+        elif os.path.isdir(tree):
+            argv += ["--ro-bind", tree, tree]
+    probe = subprocess.run([*argv, "true"], capture_output=True, text=True)
     return None if probe.returncode == 0 else probe.stderr.strip() or "bwrap failed"
 
 
