@@ -29,8 +29,11 @@ DEBIAN_PACKAGES += qemu-system-x86 qemu-utils busybox-static
 GUEST_KERNEL_DIR := .cache/guest-kernel
 # The .debs of a minimal Debian base, as a file:// repository: tests bootstrap from it offline.
 DEBIAN_ARCHIVE := .cache/debian
-# `make test` leaves out the slow tests (`make test-slow` runs them); PYTEST_ARGS= runs all.
-PYTEST_ARGS ?= -m "not slow"
+# `make test` leaves out the slow tests (`make test-slow` runs them), and runs the rest on
+# two pytest-xdist workers, a test file each at a time (most tests wait on servers and
+# sandboxes: two halve the run on two cores). PYTEST_ARGS='-m "not slow"' runs them in
+# one process, PYTEST_ARGS= runs everything.
+PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile
 
 .PHONY: help install uninstall setup system-packages gvisor-runsc python-env debian-archive guest-kernel test-caches test test-e2b test-unit test-integration test-acceptance test-slow test-tiers lint bench run doctor proto clean
 
@@ -122,9 +125,6 @@ test-caches: setup
 	@$(UV) run --frozen python -m tests.kit.caches
 
 # The 30 slowest tests are listed at the end: what to look at when the suite grows slow.
-# pytest-xdist is installed: PYTEST_ARGS='-m "not slow" -n 2 --dist loadfile' splits the run
-# over two workers by test file; not the default until it passes twice in a row (its first
-# run, on a machine at load 15-19, timed out in server starts and first bootstraps).
 test: test-caches
 	@$(UV) run --frozen pytest --durations=30 $(PYTEST_ARGS)
 	@$(UV) run --project tests/e2b_sdk --frozen pytest tests/e2b_sdk
