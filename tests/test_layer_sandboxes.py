@@ -50,6 +50,15 @@ def engine_debian(
 def leftovers(settings: Settings, sandbox_id: str) -> list[str]:
     """What of sandbox `sandbox_id` is still on the host: mounts, its disk image, a loop
     device backed by it, its footprint directory."""
+    left = _on_host(settings, sandbox_id)
+    if left and all(item.startswith("loop device") for item in left):
+        # The disk is unmounted lazily and its loop device lets go of it when the kernel
+        # drops the last reference: soon, not at once (seconds on a loaded host).
+        wait_until(lambda: not _on_host(settings, sandbox_id), "the loop device to go")
+    return _on_host(settings, sandbox_id)
+
+
+def _on_host(settings: Settings, sandbox_id: str) -> list[str]:
     left = [
         line for line in Path("/proc/self/mounts").read_text().splitlines() if sandbox_id in line
     ]

@@ -133,7 +133,9 @@ def _userns_works(bwrap: str) -> str | None:
             argv += ["--symlink", os.readlink(tree), tree]
         elif os.path.isdir(tree):
             argv += ["--ro-bind", tree, tree]
-    probe = subprocess.run([*argv, "true"], capture_output=True, text=True)
+    # By its path: the caller's PATH may name directories the namespace does not have.
+    true = next((t for t in ("/usr/bin/true", "/bin/true") if os.path.exists(t)), "true")
+    probe = subprocess.run([*argv, true], capture_output=True, text=True)
     return None if probe.returncode == 0 else probe.stderr.strip() or "bwrap failed"
 
 
