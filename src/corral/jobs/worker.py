@@ -398,10 +398,11 @@ class Worker:
     def _vacate(self, job_id: str, freed: bool) -> None:
         """Give up the attempt's slot, if it still holds one, and memory (once): it has no
         sandbox any more, or (`freed`) may have had one that is gone now."""
-        if self._running.pop(job_id, None) is None:
-            if job_id not in self._tearing_down:
-                return
-            self._tearing_down.discard(job_id)
+        held = self._running.pop(job_id, None) is not None
+        torn_down = job_id in self._tearing_down
+        self._tearing_down.discard(job_id)
+        if not (held or torn_down):
+            return
         self.sandboxes.forget(job_id)
         self.signals.cancels.pop(job_id, None)
         if freed:

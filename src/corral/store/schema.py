@@ -221,9 +221,8 @@ jobs = sa.Table(
 )
 
 
-def _where_state(state: str) -> dict[str, Any]:
-    """The options of an index of the jobs in `state` only (a partial index)."""
-    where = jobs.c.state == state
+def _partial(where: sa.ColumnElement[bool]) -> dict[str, Any]:
+    """The options of an index of only the rows `where` holds for, on both databases."""
     return {"postgresql_where": where, "sqlite_where": where}
 
 
@@ -240,16 +239,15 @@ sa.Index(
     jobs.c.priority.desc(),
     jobs.c.created_at,
     jobs.c.id,
-    **_where_state("queued"),
+    **_partial(jobs.c.state == "queued"),
 )
-sa.Index("ix_jobs_running_team_id", jobs.c.team_id, **_where_state("running"))
+sa.Index("ix_jobs_running_team_id", jobs.c.team_id, **_partial(jobs.c.state == "running"))
 sa.Index(
     "uq_jobs_team_id_idempotency_key",
     jobs.c.team_id,
     jobs.c.idempotency_key,
     unique=True,
-    postgresql_where=jobs.c.idempotency_key.is_not(None),
-    sqlite_where=jobs.c.idempotency_key.is_not(None),
+    **_partial(jobs.c.idempotency_key.is_not(None)),
 )
 
 job_events = sa.Table(
