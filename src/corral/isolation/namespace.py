@@ -114,25 +114,21 @@ def _bwrap() -> str:
     return shutil.which("bwrap") or "bwrap"
 
 
-# What `true` needs in the probe's namespace: the host's /usr and its neighbours (links to
-# it where /usr is merged, directories where it is not).
-_PROBE_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-
-
 @functools.cache
 def _userns_works(bwrap: str) -> str | None:
     """None when bwrap can create a user namespace here, else the reason it can't.
 
-    The probe binds only the trees `true` needs. A bind of the whole host (`/`) made bwrap
-    remount every mount under it, one at a time, and another sandbox's mount unmounted
-    meanwhile (its teardown, on a busy host) failed the probe: the namespace tier was then
-    reported unusable for the life of the process."""
+    The probe binds only the host template's trees (/usr and its neighbours), which `true`
+    needs. A bind of the whole host (`/`) made bwrap remount every mount under it, one at
+    a time, and another sandbox's mount unmounted meanwhile (its teardown, on a busy host)
+    failed the probe: the namespace tier was then reported unusable for the life of the
+    process."""
+    host = get_template("host")
     argv = [bwrap, "--unshare-user"]
-    for tree in _PROBE_TREES:
-        if os.path.islink(tree):
-            argv += ["--symlink", os.readlink(tree), tree]
-        elif os.path.isdir(tree):
-            argv += ["--ro-bind", tree, tree]
+    for source, target in host.ro_binds:
+        argv += ["--ro-bind", source, target]
+    for link, target in host.symlinks:
+        argv += ["--symlink", link, target]
     # By its path: the caller's PATH may name directories the namespace does not have.
     true = next((t for t in ("/usr/bin/true", "/bin/true") if os.path.exists(t)), "true")
     probe = subprocess.run([*argv, true], capture_output=True, text=True)
