@@ -28,7 +28,7 @@ from corral.isolation import microvm_net, netns
 from corral.network import nftables
 from corral.network.addresses import DENIED
 from corral.network.policy import NetworkPolicy
-from tests.conftest import every_tier
+from tests.conftest import every_tier, holds_slot
 from tests.kit import internet as fake
 from tests.kit import processes
 from tests.kit.internet import Internet
@@ -405,7 +405,7 @@ def left_behind(record: dict[str, Any], gateway: str) -> list[str]:
         found.append(f"netns mount {record['netns']}")
     if Path(record["netns"]).exists():
         found.append(f"netns file {record['netns']}")
-    if (Path(record["net_slots_dir"]) / str(record["net_slot"])).exists():
+    if holds_slot(record, "net"):
         found.append(f"address slot {record['net_slot']}")
     return found
 

@@ -15,7 +15,13 @@ from corral.config import Settings
 from corral.errors import InvalidRequest
 from corral.isolation import Engine
 from corral.isolation.cgroups import CgroupDriver
-from tests.conftest import host_processes_of_uid, slot_ids, start_server, start_worker
+from tests.conftest import (
+    holds_slot,
+    host_processes_of_uid,
+    slot_ids,
+    start_server,
+    start_worker,
+)
 from tests.kit.polling import wait_until
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox_host")]
@@ -50,7 +56,7 @@ def leftovers(records: list[dict[str, Any]], settings: Settings) -> list[str]:
         if record["cgroup"] and driver.open(record["cgroup"]) is not None:
             left.append(f"cgroup {record['cgroup']}")
         if record["uid_slot"] is not None:
-            if (Path(record["uid_slots_dir"]) / str(record["uid_slot"])).exists():
+            if holds_slot(record, "uid"):
                 left.append(f"uid slot {record['uid_slot']}")
             ids = slot_ids(settings, record["uid_slot"])
             left += [f"process {pid} of uid slot {ids}" for pid in host_processes_of_uid(*ids)]

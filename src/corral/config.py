@@ -71,8 +71,10 @@ class Settings:
     cgroup_parent: str = "corral"
     # When Corral runs as root, each live sandbox owns one of `uid_slots` ranges of
     # 65536 host ids (slot N: [uid_base + N*65536, +65536)), its uids 0-65535 inside, so
-    # two sandboxes never share a host identity and none is the host's root. The last id
-    # must stay below 2**32 - 1 (checked at start).
+    # two sandboxes never share a host identity and none is the host's root: slots are
+    # taken in a registry per base under /run/corral/host-slots, so this holds across
+    # runtime dirs and installs on one host; two installs with different bases must keep
+    # their ranges apart. The last id must stay below 2**32 - 1 (checked at start).
     uid_base: int = 1_700_000_000
     uid_slots: int = 4096
     # The interpreter that runs the guest agent inside `host`-template sandboxes.

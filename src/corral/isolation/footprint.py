@@ -174,17 +174,24 @@ class Footprint:
         for digest in digests:
             store.reference(digest, self.id)
 
-    def claim_uid_slot(self, slots_dir: Path, count: int, preferred: Sequence[int] = ()) -> int:
-        """Take a free slot in [0, count), one of `preferred` if one is free: one range
-        of unprivileged host ids per live sandbox."""
-        slot = _claim_slot(slots_dir, count, "sandbox uids", "CORRAL_UID_SLOTS", preferred)
+    def claim_uid_slot(
+        self, runtime_dir: Path, uid_base: int, count: int, preferred: Sequence[int] = ()
+    ) -> int:
+        """Take a free slot in [0, count) of the ranges from `uid_base`, one of `preferred`
+        if one is free: one range of unprivileged host ids per live sandbox. Installs that
+        share a base share its registry, so none hands out another's range."""
+        slots_dir = _host_slots(runtime_dir, f"uids-{uid_base}")
+        slot = _claim_slot(
+            slots_dir, count, self.path, "sandbox uids", "CORRAL_UID_SLOTS", preferred
+        )
         self.uid_slot, self.uid_slots_dir = slot, str(slots_dir)
         self.save()
         return slot
 
-    def claim_net_slot(self, slots_dir: Path, count: int) -> int:
+    def claim_net_slot(self, runtime_dir: Path, count: int) -> int:
         """Take a free slot in [0, count) of the sandboxes' address pool."""
-        slot = _claim_slot(slots_dir, count, "sandbox network addresses", "")
+        slots_dir = _host_slots(runtime_dir, "net")
+        slot = _claim_slot(slots_dir, count, self.path, "sandbox network addresses", "")
         self.net_slot, self.net_slots_dir = slot, str(slots_dir)
         self.save()
         return slot
@@ -213,8 +220,7 @@ class Footprint:
         slots = ((self.uid_slot, self.uid_slots_dir), (self.net_slot, self.net_slots_dir))
         for slot, slots_dir in slots:
             if slot is not None and slots_dir:
-                with contextlib.suppress(FileNotFoundError):
-                    os.rmdir(Path(slots_dir) / str(slot))
+                _free_slot(Path(slots_dir) / str(slot), self.path)
         if self.memory_entry is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.memory_entry)
@@ -226,25 +232,88 @@ class Footprint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _host_slots(runtime_dir: Path, name: str) -> Path:
+    """The registry of slots `name` of a resource every sandbox on this host draws from:
+    as root, host uid ranges and the uplink's address pool are the host's, so one registry
+    under /run serves every runtime dir (two installs, a test's servers); without root the
+    runtime dir's own, as neither is the host's then (nor is /run writable)."""
+    return (Path("/run/corral/host-slots") if os.geteuid() == 0 else runtime_dir) / name
+
+
 def _claim_slot(
-    slots_dir: Path, count: int, what: str, setting: str, preferred: Sequence[int] = ()
+    slots_dir: Path,
+    count: int,
+    owner: Path,
+    what: str,
+    setting: str,
+    preferred: Sequence[int] = (),
 ) -> int:
-    """A free slot in [0, count) of `slots_dir` (a directory per slot taken: mkdir is
-    atomic across processes): one of `preferred` if free, else tried from a random start."""
+    """A free slot in [0, count) of `slots_dir`: one of `preferred` if free, else tried
+    from a random start. A slot taken is a symlink to its owner's footprint directory
+    (atomic across processes, and it names who holds it): a slot whose owner's directory
+    is gone was left by a runtime dir removed with its footprints, and is taken over."""
     slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    holder = str(owner.absolute())
     start = int.from_bytes(os.urandom(4), "big") % count
     for slot in itertools.chain(
         (p for p in preferred if 0 <= p < count), ((start + i) % count for i in range(count))
     ):
+        entry = slots_dir / str(slot)
         try:
-            (slots_dir / str(slot)).mkdir()
+            os.symlink(holder, entry)
         except FileExistsError:
-            continue
+            if not _take_over(entry, holder):
+                continue
         return slot
     raise SandboxStartFailed(
         f"all {count} {what} are in use; destroy sandboxes"
         + (f" or raise {setting}" if setting else "")
     )
+
+
+def _take_over(entry: Path, holder: str) -> bool:
+    """Give `entry` to `holder` if its owner's directory is gone. A footprint's directory
+    goes only after its release freed its slots, so a slot outliving it has no owner left
+    to free it. One taker at a time (the registry's lock): two that both saw it stale must
+    not both replace it."""
+    owner = _holder(entry)
+    if not owner or os.path.isdir(owner):
+        return False
+    with try_lock(entry.parent / ".lock", os.O_CREAT) as locked:
+        if not locked or _holder(entry) != owner:  # no owner's directory comes back
+            return False
+        log.warning("uid or address slot %s was left by %s, which is gone: reused", entry, owner)
+        os.unlink(entry)
+        try:
+            os.symlink(holder, entry)
+        except FileExistsError:  # a claim without the lock was quicker: it is its slot
+            return False
+        return True
+
+
+def _holder(entry: Path) -> str | None:
+    """Whom slot `entry` names: None if it is free, "" if it is not a symlink (the
+    directory an older Corral made per slot, freed by its footprint)."""
+    try:
+        return os.readlink(entry)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return ""
+        raise
+
+
+def _free_slot(entry: Path, owner: Path) -> None:
+    """Free slot `entry` if `owner` holds it (a released footprint's slot may be
+    someone else's by now)."""
+    holder = _holder(entry)
+    if holder == str(owner.absolute()):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry)
+    elif holder == "":
+        with contextlib.suppress(OSError):
+            os.rmdir(entry)
 
 
 # A sandbox directory gets its record within milliseconds of being made.

@@ -21,10 +21,14 @@ import subprocess
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import SandboxStartFailed
 from corral.isolation.launcher import nsenter, setpriv
+
+if TYPE_CHECKING:
+    from corral.isolation.footprint import Footprint
 
 # Namespaces by (first id, owner): each costs three processes to make (~5-10 ms), and a
 # slot is reused by later sandboxes (`kept_slots`: they prefer these). Bounded; an evicted
@@ -32,6 +36,15 @@ from corral.isolation.launcher import nsenter, setpriv
 _kept: OrderedDict[tuple[int, int], int] = OrderedDict()
 _lock = threading.Lock()
 _KEPT = 256
+
+
+def claim(settings: Settings, footprint: Footprint) -> int:
+    """Take a uid slot for the sandbox of `footprint` (one this process keeps a namespace
+    for, if free) and give its first host id."""
+    slot = footprint.claim_uid_slot(
+        settings.runtime_dir, settings.uid_base, settings.uid_slots, kept_slots(settings)
+    )
+    return first_id(settings, slot)
 
 
 def first_id(settings: Settings, slot: int) -> int:

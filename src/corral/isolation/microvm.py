@@ -218,12 +218,7 @@ class MicrovmBackend(Backend):
             root = host_root_image(host, etc, self._images / "roots")
         runtime = runtime_image(self.settings.guest_python, self.settings.runtime_dir,
                                 self._images / "runtime")  # fmt: skip
-        slot = footprint.claim_uid_slot(
-            self.settings.runtime_dir / "uids",
-            self.settings.uid_slots,
-            idrange.kept_slots(self.settings),
-        )
-        first = idrange.first_id(self.settings, slot)
+        first = idrange.claim(self.settings, footprint)
         limits = spec.limits
         # The guest stores its ids as they are (no idmap): a snapshot maps them 1:1.
         footprint.layer_ids = [0, 0, IDS_PER_SLOT]

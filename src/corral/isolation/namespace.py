@@ -226,12 +226,7 @@ class NamespaceBackend(Backend):
         userns_fd: int | None = None
         first = 0
         if os.geteuid() == 0:
-            slot = footprint.claim_uid_slot(
-                self.settings.runtime_dir / "uids",
-                self.settings.uid_slots,
-                idrange.kept_slots(self.settings),
-            )
-            first = idrange.first_id(self.settings, slot)
+            first = idrange.claim(self.settings, footprint)
             userns = idrange.range_userns(first, 0)  # made meanwhile
         if layered is not None:
             assert userns is not None

@@ -8,7 +8,7 @@ namespace its user namespace does not own.
 
 The uplink, as root: a veth pair, the host end `crl<12 hex>` in the host's namespace and
 `eth0` inside, with addresses from a pool (a /30 of `POOL4` and a /64 of `POOL6` per
-sandbox, slot n, allocated through the runtime dir like uid slots), a default route
+sandbox, slot n, allocated host-wide like uid slots), a default route
 through the host end, and one host table `inet corral_host` that masquerades the pool,
 keeps sandboxes from each other and keeps them from opening connections to the host
 itself. Without root the uplink is slirp4netns instead (`corral.isolation.usernet`).
@@ -104,7 +104,7 @@ def tools_missing() -> tuple[str, ...]:
 def reserve(footprint: Footprint, runtime_dir: Path) -> Addresses:
     """Take an address slot and record the namespace and veth `build` will make, in
     `footprint`, before anything exists: a crash from here on leaves nothing unrecorded."""
-    slot = footprint.claim_net_slot(runtime_dir / "netslots", SLOTS)
+    slot = footprint.claim_net_slot(runtime_dir, SLOTS)
     footprint.netns = str(footprint.path / "netns")
     footprint.veth = VETH_PREFIX + footprint.id[-12:]
     footprint.save()
