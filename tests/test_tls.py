@@ -182,6 +182,37 @@ def test_a_server_with_a_bad_pair_stops_at_start_saying_so(
     assert "Traceback" not in done.stderr
 
 
+def test_a_pyvoy_server_whose_pair_envoy_refuses_stops_at_start_saying_so(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A pair our checks take and Envoy's BoringSSL refuses (a key on secp256k1): Envoy
+    would listen and fail every handshake, so the server stops, naming the pair."""
+    key = ec.generate_private_key(ec.SECP256K1())
+    cert = _write_cert(tmp_path / "k1.pem", _cert("127.0.0.1", key))
+    key_file = _write_key(tmp_path / "k1.key", key)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "server", "--port", str(free_port()),
+         "--tls-cert", str(cert), "--tls-key", str(key_file)],
+        env={
+            **env,
+            "CORRAL_DATA_DIR": str(tmp_path / "data"),
+            "CORRAL_RUNTIME_DIR": str(settings.runtime_dir),
+            "CORRAL_CGROUP_PARENT": settings.cgroup_parent,
+            "CORRAL_HTTP_SERVER": "pyvoy",
+            "CORRAL_POOL_SIZE": "0",
+            "CORRAL_JOB_WORKERS": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,  # two Pythons start (test_grpc)
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"Envoy refused the TLS pair {cert} and {key_file}" in done.stderr
+    assert "the server stops" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # -- a self-signed server: the SDK and CLI with and without its certificate ------------------
 
 
@@ -504,6 +535,26 @@ def test_sighup_serves_a_renewed_pair_to_new_connections_and_refuses_a_bad_one(
         assert again.fingerprint == renewed_fingerprint
         assert again.healthz() == 200
         again.close()
+
+        if http_server == "pyvoy":
+            # A pair our checks (OpenSSL's) take and Envoy's BoringSSL refuses, a key on
+            # secp256k1: the reload says Envoy refused it, and the running pair stays.
+            k1_key = ec.generate_private_key(ec.SECP256K1())
+            k1_cert = _write_cert(
+                tmp_path / "k1.pem", _cert("k1", k1_key, issuer=(ca_cert, ca_key))
+            )
+            k1_file = _write_key(tmp_path / "k1.key", k1_key)
+            env_file.write_text(f"CORRAL_TLS_CERT={k1_cert}\nCORRAL_TLS_KEY={k1_file}\n")
+            seen = len(_lines(live.log))
+            live.process.send_signal(signal.SIGHUP)
+            refused = _logged(live.log, "files not reloaded: the running ones are kept", seen)
+            assert f"Envoy refused the TLS pair {k1_cert} and {k1_file}" in refused["error"]
+            reloaded = _logged(live.log, "configuration reloaded", seen)
+            assert (reloaded["applied"], reloaded["restart_needed"]) == ("-", "-")
+            again = _Connection(live.url, ca_file)
+            assert again.fingerprint == renewed_fingerprint
+            assert again.healthz() == 200
+            again.close()
 
         # The same paths, fixed: taken, and said as applied.
         other_key = _key()

@@ -18,7 +18,8 @@ only supervises it:
 - TLS (`corral.server.tls`'s pair) is Envoy's, on the same port, HTTP/2 by ALPN. Envoy
   takes the pair from a file-based SDS secret (`<data dir>/envoy/`) that it watches:
   SIGHUP checks the pair (`corral.reload`), then renames a new secret over the old, and
-  new connections get the renewed certificate; open ones keep theirs. The other settings
+  new connections get the renewed certificate; open ones keep theirs. A pair Envoy refuses
+  (its counters say so) is reported as not reloaded, the running one kept. The other settings
   live in Envoy's process, which does not reload them: a change is logged as needing a
   restart.
 
@@ -43,6 +44,7 @@ from pyvoy import PyvoyServer
 
 from corral._aio import stop_tasks
 from corral.config import Settings
+from corral.errors import InvalidRequest
 from corral.reload import Reloader
 from corral.server import tls
 
@@ -58,6 +60,10 @@ INHERITED = "_CORRAL_ENVOY_INHERITED"
 SUPERVISOR = "_CORRAL_ENVOY_SUPERVISOR"
 # How often the drain looks at the number of open requests.
 _POLL = 0.1
+# How long a reload waits for Envoy to read a new TLS secret (it watches the file: it
+# reads it within milliseconds), and how often it asks.
+_SECRET_PATIENCE = 10.0
+_SECRET_POLL = 0.02
 # A signal this soon after the first is the same one arriving twice (see main._SAME_SIGNAL).
 _SAME_SIGNAL = 0.5
 # The name of the TLS pair's SDS secret, and the file Envoy watches for it.
@@ -122,11 +128,31 @@ class _Envoy(PyvoyServer):
             body: bytes = response.read()
             return body
 
+    def secret_updates(self) -> dict[str, int]:
+        """Envoy's counts of its reads of the TLS secret: attempt, success, rejected,
+        failure (a file it could not read)."""
+        path = f"/stats?format=json&filter=^sds\\.{SECRET}\\.update_"
+        stats = json.loads(self.admin(path))
+        prefix = f"sds.{SECRET}.update_"
+        return {
+            s["name"].removeprefix(prefix): int(s["value"])
+            for s in stats.get("stats", ())
+            if "value" in s and s["name"].startswith(prefix)
+        }
+
     def active_requests(self) -> int:
         """Requests open on the API's listener (the admin's own are not counted)."""
         path = "/stats?format=json&filter=^http\\.ingress_http\\.downstream_rq_active$"
         stats = json.loads(self.admin(path))
         return sum(int(s["value"]) for s in stats.get("stats", ()) if "value" in s)
+
+
+def _refused(pair: tls.TlsPair) -> str:
+    return (
+        f"Envoy refused the TLS pair {pair.cert} and {pair.key} (its own log, on the "
+        "server's stderr, says why; Envoy takes RSA keys of 2048 bits or more and ECDSA "
+        "keys on P-256, P-384 or P-521)"
+    )
 
 
 def _no_reload() -> None:
@@ -168,12 +194,36 @@ class Supervisor:
 
     def reload_tls(self, settings: Settings) -> tls.TlsPair:
         """Have Envoy serve the pair `settings` name to new connections, once it passes
-        the checks made at start (else InvalidRequest, and the running pair is kept)."""
+        the checks made at start and Envoy took it (else InvalidRequest, and the running
+        pair is kept). Envoy is waited for here, for at most `_SECRET_PATIENCE`."""
         pair = tls.load_again(settings)
-        if self.envoy.secret_file is None:
+        if self.envoy.secret_file is None or self._pair is None:
             raise RuntimeError("Envoy was started without TLS")
-        tls.write_whole(self.envoy.secret_file, _secret(pair), 0o600)  # Envoy sees the rename
+        if not self._serve_secret(pair):
+            self._serve_secret(self._pair)  # the file says again what Envoy serves
+            raise InvalidRequest(_refused(pair) + ": the running pair is kept")
+        self._pair = pair
         return pair
+
+    def _serve_secret(self, pair: tls.TlsPair) -> bool:
+        """Write `pair` as Envoy's secret (Envoy sees the rename); whether it took it."""
+        assert self.envoy.secret_file is not None
+        before = self.envoy.secret_updates()
+        tls.write_whole(self.envoy.secret_file, _secret(pair), 0o600)
+        return self._secret_taken(before)
+
+    def _secret_taken(self, before: dict[str, int]) -> bool:
+        """Whether Envoy's next read of its secret after its counts `before` took it:
+        only its counters say so (its BoringSSL refuses some pairs that our checks, with
+        Python's OpenSSL, take: a key on the secp256k1 curve for one)."""
+        deadline = time.monotonic() + _SECRET_PATIENCE
+        while time.monotonic() < deadline:
+            now = self.envoy.secret_updates()
+            if now.get("attempt", 0) > before.get("attempt", 0):
+                refused = ("rejected", "failure")
+                return not any(now.get(n, 0) > before.get(n, 0) for n in refused)
+            time.sleep(_SECRET_POLL)
+        return False
 
     def on_signal(self) -> None:
         now = time.monotonic()
@@ -218,6 +268,11 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, reload)
         try:
             await self.envoy.start()
+            if self._pair is not None and not await asyncio.to_thread(self._secret_taken, {}):
+                # Its TLS port would take connections and fail every handshake.
+                log.error(_refused(self._pair) + ": the server stops")
+                await self.envoy.stop()
+                return 1
             status = await self.envoy.wait()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
