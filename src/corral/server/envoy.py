@@ -199,9 +199,14 @@ class Supervisor:
         pair = tls.load_again(settings)
         if self.envoy.secret_file is None or self._pair is None:
             raise RuntimeError("Envoy was started without TLS")
-        if not self._serve_secret(pair):
-            self._serve_secret(self._pair)  # the file says again what Envoy serves
-            raise InvalidRequest(_refused(pair) + ": the running pair is kept")
+        try:
+            if not self._serve_secret(pair):
+                self._serve_secret(self._pair)  # the file says again what Envoy serves
+                raise InvalidRequest(_refused(pair) + ": the running pair is kept")
+        except OSError as exc:  # its admin API is gone: Envoy is stopping
+            raise InvalidRequest(
+                f"could not ask Envoy whether it took the TLS pair: {exc}"
+            ) from exc
         self._pair = pair
         return pair
 
