@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import logging
 import os
@@ -218,35 +217,29 @@ class Worker:
                 continue
             await self._sleep(await self._until_next_claim(isolations))
 
-    def _off_loop(self, call: Callable[[], R]) -> asyncio.Future[R]:
+    async def _off_loop(self, call: Callable[[], R]) -> R:
         """`call` (a store call) in a thread when the store is a database server: its
         round trips would otherwise stall every running job's output and end. On SQLite,
-        here and now: its calls are work in this process that a thread would only slow.
-        Started before this returns (a coroutine would start at the loop's next turn, a
-        wait of its own under load): its future is the call's outcome."""
-        loop = asyncio.get_running_loop()
-        if self.store.networked:  # as asyncio.to_thread, with the caller's context
-            return loop.run_in_executor(None, contextvars.copy_context().run, call)
-        done: asyncio.Future[R] = loop.create_future()
-        try:
-            done.set_result(call())
-        except Exception as exc:
-            done.set_exception(exc)
-        return done
+        here: its calls are work in this process that a thread would only slow."""
+        if not self.store.networked:
+            return call()
+        return await asyncio.to_thread(call)
 
     async def _claim(self, isolations: tuple[str, ...], free: int) -> list[JobRow]:
         """Claim up to `free` jobs, off the event loop (`_off_loop`). Should the worker stop
         meanwhile, the claim still completes and its jobs start, to be given back by the
         shutdown like any running job (never left claimed by no one until the lease ends)."""
-        claiming = self._off_loop(
-            functools.partial(
-                self.store.claim_jobs,
-                self.name,
-                isolations,
-                free,
-                self.lease,
-                room_mib=self.sandboxes.free_memory_mib(),
-                capacity_mib=self.engine.memory_capacity.mib,
+        claiming = asyncio.ensure_future(
+            self._off_loop(
+                functools.partial(
+                    self.store.claim_jobs,
+                    self.name,
+                    isolations,
+                    free,
+                    self.lease,
+                    room_mib=self.sandboxes.free_memory_mib(),
+                    capacity_mib=self.engine.memory_capacity.mib,
+                )
             )
         )
         try:
