@@ -449,11 +449,10 @@ def host_processes_of_uid(uid: int, count: int = 1) -> list[int]:
 def holds_slot(record: dict[str, Any], kind: str) -> bool:
     """Whether the sandbox of footprint `record` still holds its `kind` slot ("uid" or
     "net"): the slot's entry names its footprint (another sandbox may have it by now)."""
+    from corral.isolation.footprint import slot_holder
+
     entry = Path(record[f"{kind}_slots_dir"]) / str(record[f"{kind}_slot"])
-    try:
-        return os.readlink(entry) == str(Path(record["path"]).absolute())
-    except OSError:
-        return False
+    return slot_holder(entry) == str(Path(record["path"]).absolute())
 
 
 def slot_ids(settings: Settings, slot: int | str) -> tuple[int, int]:

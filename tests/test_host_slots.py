@@ -17,18 +17,18 @@ import pytest
 from corral.config import IDS_PER_SLOT, Settings
 from corral.errors import SandboxStartFailed
 from corral.isolation import Engine
-from corral.isolation.footprint import Footprint
+from corral.isolation.footprint import Footprint, slot_holder, uid_slots_dir
 from tests.conftest import require_backend
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="uid slots are root mode's")
 
 
 @pytest.fixture
-def uid_base() -> Iterator[int]:
+def uid_base(settings: Settings) -> Iterator[int]:
     """A base of its own (its registry too), so no other sandbox on the host takes these."""
     base = 1_000_000_000 + secrets.randbelow(2000) * 4 * IDS_PER_SLOT
     yield base
-    shutil.rmtree(f"/run/corral/host-slots/uids-{base}", ignore_errors=True)
+    shutil.rmtree(uid_slots_dir(settings.runtime_dir, base), ignore_errors=True)
 
 
 @pytest.fixture
@@ -82,9 +82,9 @@ def test_a_slot_left_by_a_removed_runtime_dir_is_taken_over(
     shutil.rmtree(gone)  # never released: its slot names a directory that is gone
     assert taker.claim_uid_slot(live, uid_base, 1) == 0
     entry = Path(taker.uid_slots_dir or "") / "0"
-    assert os.readlink(entry) == str(taker.path.absolute())
+    assert slot_holder(entry) == str(taker.path.absolute())
     taker.release()
-    assert not os.path.lexists(entry)
+    assert slot_holder(entry) is None
 
 
 def test_a_footprint_released_twice_frees_only_its_own_slot(
@@ -96,7 +96,7 @@ def test_a_footprint_released_twice_frees_only_its_own_slot(
     then.claim_uid_slot(runtime_dirs[1], uid_base, 1)
     first.release()  # idempotent: the slot is the other's now, and stays so
     entry = Path(then.uid_slots_dir or "") / "0"
-    assert os.readlink(entry) == str(then.path.absolute())
+    assert slot_holder(entry) == str(then.path.absolute())
     then.release()
 
 
@@ -106,7 +106,7 @@ def test_a_slot_in_the_old_form_is_held_and_freed_by_its_footprint(
     """An older Corral took a slot as a directory; a footprint it recorded still frees it,
     and no claim takes it meanwhile."""
     old = footprint(runtime_dirs[0])
-    registry = Path(f"/run/corral/host-slots/uids-{uid_base}")
+    registry = uid_slots_dir(runtime_dirs[0], uid_base)
     (registry / "0").mkdir(parents=True)
     old.uid_slot, old.uid_slots_dir = 0, str(registry)
     old.save()

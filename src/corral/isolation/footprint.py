@@ -180,7 +180,7 @@ class Footprint:
         """Take a free slot in [0, count) of the ranges from `uid_base`, one of `preferred`
         if one is free: one range of unprivileged host ids per live sandbox. Installs that
         share a base share its registry, so none hands out another's range."""
-        slots_dir = _host_slots(runtime_dir, f"uids-{uid_base}")
+        slots_dir = uid_slots_dir(runtime_dir, uid_base)
         slot = _claim_slot(
             slots_dir, count, self.path, "sandbox uids", "CORRAL_UID_SLOTS", preferred
         )
@@ -232,6 +232,11 @@ class Footprint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def uid_slots_dir(runtime_dir: Path, uid_base: int) -> Path:
+    """The registry of the uid ranges from `uid_base` (`_host_slots`)."""
+    return _host_slots(runtime_dir, f"uids-{uid_base}")
+
+
 def _host_slots(runtime_dir: Path, name: str) -> Path:
     """The registry of slots `name` of a resource every sandbox on this host draws from:
     as root, host uid ranges and the uplink's address pool are the host's, so one registry
@@ -276,11 +281,11 @@ def _take_over(entry: Path, holder: str) -> bool:
     goes only after its release freed its slots, so a slot outliving it has no owner left
     to free it. One taker at a time (the registry's lock): two that both saw it stale must
     not both replace it."""
-    owner = _holder(entry)
+    owner = slot_holder(entry)
     if not owner or os.path.isdir(owner):
         return False
     with try_lock(entry.parent / ".lock", os.O_CREAT) as locked:
-        if not locked or _holder(entry) != owner:  # no owner's directory comes back
+        if not locked or slot_holder(entry) != owner:  # no owner's directory comes back
             return False
         log.warning("uid or address slot %s was left by %s, which is gone: reused", entry, owner)
         os.unlink(entry)
@@ -291,9 +296,10 @@ def _take_over(entry: Path, holder: str) -> bool:
         return True
 
 
-def _holder(entry: Path) -> str | None:
-    """Whom slot `entry` names: None if it is free, "" if it is not a symlink (the
-    directory an older Corral made per slot, freed by its footprint)."""
+def slot_holder(entry: Path) -> str | None:
+    """The footprint directory (absolute) that slot `entry` names: None if it is free,
+    "" if it is not a symlink (the directory an older Corral made per slot, freed by its
+    footprint)."""
     try:
         return os.readlink(entry)
     except FileNotFoundError:
@@ -307,7 +313,7 @@ def _holder(entry: Path) -> str | None:
 def _free_slot(entry: Path, owner: Path) -> None:
     """Free slot `entry` if `owner` holds it (a released footprint's slot may be
     someone else's by now)."""
-    holder = _holder(entry)
+    holder = slot_holder(entry)
     if holder == str(owner.absolute()):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry)
